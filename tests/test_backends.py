@@ -1,0 +1,47 @@
+"""Backend selection: one place, visible reasons, clear errors."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vit_kernels import flash_attention, last_decision, qkv_attention
+
+
+def test_auto_on_cpu_takes_torch_and_says_why():
+    q = torch.randn(1, 2, 5, 16)
+    flash_attention(q, q, q)
+    d = last_decision("flash_attention")
+    assert d.backend == "torch" and d.requested == "auto"
+    assert "CPU" in d.reasons["triton"] and "CPU" in d.reasons["cuda"]
+    assert "triton not taken" in str(d)
+
+
+def test_unknown_backend_is_rejected_naming_the_argument():
+    q = torch.randn(1, 2, 5, 16)
+    with pytest.raises(ValueError, match=r"backend: expected one of .* got 'tpu'"):
+        flash_attention(q, q, q, backend="tpu")
+
+
+def test_gradients_route_to_torch_and_the_decision_says_so():
+    x = torch.randn(1, 5, 32, requires_grad=True)
+    w = torch.randn(96, 32)
+    out = qkv_attention(x, w, num_heads=2, backend="triton")
+    out.sum().backward()
+    d = last_decision("qkv_attention")
+    assert d.backend == "torch" and "gradients are required" in d.reasons["triton"]
+    assert x.grad is not None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error; a GPU runs Triton natively")
+def test_triton_on_cpu_without_interpreter_says_how_to_enable_it():
+    code = ("import torch, vit_kernels as vk\n"
+            "q = torch.randn(1, 1, 4, 16)\n"
+            "try:\n"
+            "    vk.flash_attention(q, q, q, backend='triton')\n"
+            "except RuntimeError as e:\n"
+            "    print(e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr

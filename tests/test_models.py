@@ -1,0 +1,99 @@
+"""The reference ViT: the paper's sizes, its options, and its backends against the oracle."""
+import pytest
+import torch
+
+from vit_kernels import last_decision
+from vit_kernels.models import create_model, model_names, resample_pos_embed
+from vit_kernels.nn import set_backend
+from vit_kernels.testing import assert_close
+
+
+def count_params(name, **kw):
+    with torch.device("meta"):
+        return sum(p.numel() for p in create_model(name, **kw).parameters())
+
+
+@pytest.mark.parametrize("name, paper", [("vit_base_patch16_224", 86e6), ("vit_large_patch16_224", 307e6),
+                                         ("vit_huge_patch14_224", 632e6)])
+def test_parameter_counts_match_the_paper(name, paper):
+    n = count_params(name)
+    assert abs(n - paper) / paper < 0.015, f"{name}: {n / 1e6:.1f}M parameters, paper {paper / 1e6:.0f}M"
+
+
+def test_every_named_config_builds():
+    names = model_names()
+    assert len(names) == 15 and "vit_tiny_patch16_224" in names
+    for name in names:
+        assert count_params(name) > 5e6
+
+
+def test_create_model_rejects_bad_names():
+    with pytest.raises(ValueError, match="name: expected"):
+        create_model("vit_gigantic_patch16_224")
+
+
+def small(**kw):
+    cfg = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=7)
+    cfg.update(kw)
+    return create_model("vit_tiny_patch16_224", **cfg).eval()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(pool="mean", class_token=False), dict(reg_tokens=4),
+                                dict(init_values=0.1, qkv_bias=False), dict(approximate="tanh"),
+                                dict(pool="mean", reg_tokens=2)])
+def test_torch_backend_matches_oracle(kw):
+    model = small(**kw)
+    images = torch.randn(3, 3, 32, 32)
+    oracle = set_backend(small(**kw), "reference")
+    oracle.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        want = oracle.double()(images.double())
+        got = set_backend(model, "torch")(images)
+        base = got  # the torch backend is the plain PyTorch baseline itself
+    assert got.shape == (3, 7)
+    assert_close(got, want, base, name="logits")
+    assert last_decision("qkv_attention").backend == "torch"
+
+
+def test_dynamic_img_size_resamples_pos_embed():
+    model = small(dynamic_img_size=True)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 48, 40))
+    assert out.shape == (1, 7)
+    with pytest.raises(ValueError, match="images: expected 32x32"):
+        small()(torch.randn(1, 3, 48, 48))
+
+
+def test_resample_pos_embed_identity_and_shape():
+    pe = torch.randn(1, 1 + 16, 8)
+    assert resample_pos_embed(pe, (4, 4), (4, 4)) is pe
+    out = resample_pos_embed(pe, (6, 5), (4, 4))
+    assert out.shape == (1, 31, 8) and torch.equal(out[:, :1], pe[:, :1])
+
+
+def test_hybrid_patch1_on_feature_map():
+    """The paper's hybrid: patch size 1 over a CNN feature map (here 14x14 with 32 channels)."""
+    model = create_model("vit_tiny_patch16_224", img_size=14, patch_size=1, in_chans=32, depth=1,
+                         embed_dim=64, num_heads=2, num_classes=3).eval()
+    oracle = set_backend(create_model("vit_tiny_patch16_224", img_size=14, patch_size=1, in_chans=32, depth=1,
+                                      embed_dim=64, num_heads=2, num_classes=3), "reference")
+    oracle.load_state_dict(model.state_dict())
+    fmap = torch.randn(2, 32, 14, 14)
+    with torch.no_grad():
+        assert_close(model(fmap), oracle.double()(fmap.double()), model(fmap))
+
+
+def test_dropout_is_identity_in_eval_and_active_in_training():
+    model = small(drop_rate=0.5, attn_drop_rate=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+        model.train()
+        assert not torch.equal(model(x), model(x))
+
+
+def test_model_rejects_bad_options():
+    with pytest.raises(ValueError, match="pool"):
+        small(pool="max")
+    with pytest.raises(ValueError, match="backend"):
+        small(backend="tpu")

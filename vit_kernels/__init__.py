@@ -1,0 +1,19 @@
+"""vit_kernels: fused Triton and CUDA kernels for Vision Transformers.
+
+Public API:
+- ops: flash_attention, qkv_attention, layernorm_gelu_mlp, patch_embed, linear
+- modules: vit_kernels.nn.FusedAttention, FusedMlp, FusedPatchEmbed
+- models: vit_kernels.models.create_model, VisionTransformer
+- fuse / verify: swap fused modules into a ViT and check it against the original
+- backends: last_decision(op) says which backend an op took and why the others were not
+"""
+from . import models, nn, ops, reference
+from .backends import BACKENDS, Decision, last_decision
+from .ops import flash_attention, layernorm_gelu_mlp, linear, patch_embed, qkv_attention
+from .swap import fuse
+from .verify import verify
+
+__version__ = "0.1.0"
+
+__all__ = ["flash_attention", "qkv_attention", "layernorm_gelu_mlp", "patch_embed", "linear",
+           "fuse", "verify", "last_decision", "Decision", "BACKENDS", "models", "nn", "ops", "reference"]

@@ -1,0 +1,215 @@
+"""Backend selection, written out in one place.
+
+Every fused op and module takes ``backend="auto" | "triton" | "cuda" | "torch"``.
+:func:`resolve` turns that request plus the tensors into a :class:`Decision` that says
+which backend runs and, when a fused path is not taken, why. The last decision of each op
+is kept so callers can ask (:func:`last_decision`), and every "not taken" reason is logged
+at INFO on the ``vit_kernels`` logger.
+
+Rules:
+- ``torch``: plain PyTorch (SDPA, F.layer_norm, addmm). Always available, autograd-capable.
+- ``triton``: the Triton kernels. On CUDA tensors it needs triton importable; on CPU tensors it
+  runs in Triton's interpreter, which must be enabled with ``TRITON_INTERPRET=1`` before
+  triton is imported, otherwise an error says how to enable it.
+- ``cuda``: the csrc extension. On CUDA tensors the GPU build; on CPU tensors the
+  host-emulation build (slow; for verification).
+- ``auto``: on CUDA tensors the first available of triton, cuda, torch; on CPU tensors torch
+  (the interpreter and the emulator are for verification, never picked implicitly).
+- The fused kernels are forward-only: when autograd needs gradients of any input, every
+  request routes to ``torch`` and the decision says so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import logging
+import os
+from typing import Dict, Iterable, Mapping, Optional
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
+logger = logging.getLogger("vit_kernels")
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """Which backend an op call used, and why the others were not taken.
+
+    op: the op name; backend: "triton" | "cuda" | "torch"; path: an op-specific detail filled
+    by the op (for example "single_kernel" or "split" for qkv_attention); requested: what the
+    caller asked for; reasons: backend -> why it was not taken.
+    """
+
+    op: str
+    backend: str
+    requested: str
+    reasons: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    path: str = ""
+
+    def with_path(self, path: str) -> "Decision":
+        d = dataclasses.replace(self, path=path)
+        _LAST[self.op] = d
+        return d
+
+    def __str__(self) -> str:
+        s = f"{self.op}: backend={self.backend}"
+        if self.path:
+            s += f" path={self.path}"
+        if self.reasons:
+            s += " (" + "; ".join(f"{b} not taken: {r}" for b, r in self.reasons.items()) + ")"
+        return s
+
+
+_LAST: Dict[str, Decision] = {}
+
+
+def last_decision(op: Optional[str] = None):
+    """The last :class:`Decision` of ``op``, or a dict of all ops' last decisions."""
+    if op is None:
+        return dict(_LAST)
+    return _LAST.get(op)
+
+
+def check_backend(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton's interpreter is on (TRITON_INTERPRET=1 in the environment)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> Optional[str]:
+    """None when triton can be imported, else the reason it cannot."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton; Linux only)"
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the install
+        return f"triton failed to import: {e}"
+    return None
+
+
+def triton_unavailable(device: torch.device) -> Optional[str]:
+    """None when Triton kernels can run on ``device``, else the reason."""
+    why = triton_importable()
+    if why:
+        return why
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if interpreter_enabled():
+            return None
+        return ("tensors are on the CPU and Triton's interpreter is off: set TRITON_INTERPRET=1 "
+                "in the environment before triton is imported, or move the tensors to a CUDA device")
+    return f"Triton kernels do not run on device type {device.type!r}"
+
+
+def cuda_unavailable(device: torch.device) -> Optional[str]:
+    """None when the csrc extension can run on ``device`` (GPU build or host emulation)."""
+    try:
+        from . import cuda as _cuda
+    except Exception as e:  # pragma: no cover
+        return f"vit_kernels.cuda failed to import: {e}"
+    fn = getattr(_cuda, "unavailable_reason", None)
+    if fn is None:
+        return "the CUDA backend is not built into this version of vit_kernels"
+    return fn(device)
+
+
+def _needs_grad(tensors: Iterable[Optional[torch.Tensor]]) -> bool:
+    return torch.is_grad_enabled() and any(
+        t is not None and isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def resolve(op: str, backend: str, tensors: Iterable[Optional[torch.Tensor]],
+            unsupported: Optional[Mapping[str, Optional[str]]] = None,
+            has_backward: Iterable[str] = ()) -> Decision:
+    """Choose the backend for one call of ``op``.
+
+    tensors: the op's tensor arguments (None entries are ignored); the device of the first one
+    decides. unsupported: backend -> reason this call's shapes/dtypes are not supported by
+    that backend (None when supported). has_backward: backends whose kernels have a backward
+    pass; others route to torch when gradients are needed.
+
+    An explicit request for a backend that cannot serve the call raises ValueError or
+    RuntimeError naming why; "auto" moves on and records the reason.
+    """
+    check_backend(backend)
+    tensors = [t for t in tensors if t is not None]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    unsupported = dict(unsupported or {})
+    reasons: Dict[str, str] = {}
+
+    if _needs_grad(tensors):
+        candidates = ["triton", "cuda"] if backend == "auto" else ([backend] if backend != "torch" else [])
+        for b in candidates:
+            if b not in has_backward:
+                reasons[b] = "gradients are required and its kernels are forward-only: torch autograd path"
+        if backend != "auto" and backend in reasons:
+            d = Decision(op, "torch", backend, reasons)
+            _log_once(d)
+            _LAST[op] = d
+            return d
+
+    def why_not(b: str) -> Optional[str]:
+        if b in reasons:
+            return reasons[b]
+        if b == "triton":
+            r = triton_unavailable(device)
+        elif b == "cuda":
+            r = cuda_unavailable(device)
+        else:
+            r = None
+        return r or unsupported.get(b)
+
+    if backend == "auto":
+        if device.type == "cuda":
+            order = ["triton", "cuda"]
+        else:
+            order = []
+            reasons.setdefault("triton", "auto does not pick the Triton interpreter on CPU tensors "
+                                         "(it is for verification; ask for backend='triton')")
+            reasons.setdefault("cuda", "auto does not pick the CUDA host emulator on CPU tensors "
+                                       "(it is for verification; ask for backend='cuda')")
+        chosen = "torch"
+        for b in order:
+            r = why_not(b)
+            if r is None:
+                chosen = b
+                break
+            reasons[b] = r
+        d = Decision(op, chosen, backend, reasons)
+        if reasons and chosen == "torch" and device.type == "cuda":
+            _log_once(d)
+        _LAST[op] = d
+        return d
+
+    if backend == "torch":
+        d = Decision(op, "torch", backend, {})
+        _LAST[op] = d
+        return d
+
+    r = why_not(backend)
+    if r is not None:
+        if backend in unsupported and unsupported[backend] == r:
+            raise ValueError(f"{op}: backend={backend!r} cannot run this call: {r}")
+        raise RuntimeError(f"{op}: backend={backend!r} is not available: {r}")
+    d = Decision(op, backend, backend, {})
+    _LAST[op] = d
+    return d
+
+
+_LOGGED = set()
+
+
+def _log_once(d: Decision) -> None:
+    key = (d.op, d.backend, tuple(sorted(d.reasons.items())))
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        logger.info("%s", d)

@@ -1,0 +1,157 @@
+"""Drop-in modules over the fused ops. Each holds the parameters of the modules it replaces,
+under the same names (``norm``, ``qkv``, ``proj``, ``fc1``, ``fc2``, LayerScale ``gamma``).
+
+Every module has a ``backend`` attribute: "auto" | "triton" | "cuda" | "torch" pick the op
+backend (see :mod:`vit_kernels.backends`); "reference" runs the eager oracle
+(:mod:`vit_kernels.reference`), which is what the other backends are verified against.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops, reference
+from .backends import BACKENDS
+
+MODULE_BACKENDS = BACKENDS + ("reference",)
+
+
+def _check_module_backend(backend: str) -> str:
+    if backend not in MODULE_BACKENDS:
+        raise ValueError(f"backend: expected one of {MODULE_BACKENDS}, got {backend!r}")
+    return backend
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale ``gamma`` (dim,), as timm's LayerScale."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class _Fused(nn.Module):
+    def __init__(self, backend: str):
+        super().__init__()
+        self.backend = _check_module_backend(backend)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+class FusedAttention(_Fused):
+    """Pre-norm attention branch with its residual: x + ls * proj(attention(qkv(norm(x)))).
+
+    x: (batch, tokens, dim) -> (batch, tokens, dim). Parameters: norm (LayerNorm), qkv
+    (Linear dim -> 3*dim, rows [q; k; v]), proj (Linear), ls.gamma when init_values is set.
+    Dropout (attn_drop, proj_drop) is identity in eval mode; in training with p > 0 the module
+    runs the unfused torch path so that dropout is applied.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True,
+                 eps: float = 1e-6, init_values: Optional[float] = None, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0, backend: str = "auto"):
+        super().__init__(backend)
+        if dim % num_heads:
+            raise ValueError(f"num_heads: dim={dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.ls = LayerScale(dim, init_values) if init_values is not None else None
+        self.attn_drop = attn_drop
+        self.proj_drop = proj_drop
+
+    def forward(self, x: Tensor) -> Tensor:
+        gamma = self.ls.gamma if self.ls is not None else None
+        norm = self.norm
+        if self.backend == "reference":
+            o = reference.qkv_attention(x, self.qkv.weight, self.qkv.bias, num_heads=self.num_heads,
+                                        norm_weight=norm.weight, norm_bias=norm.bias, eps=norm.eps)
+            return reference.linear(o, self.proj.weight, self.proj.bias, residual=x, layer_scale=gamma)
+        if self.training and (self.attn_drop > 0 or self.proj_drop > 0):
+            return self._forward_with_dropout(x, gamma)
+        o = ops.qkv_attention(x, self.qkv.weight, self.qkv.bias, num_heads=self.num_heads,
+                              norm_weight=norm.weight, norm_bias=norm.bias, eps=norm.eps,
+                              backend=self.backend)
+        return ops.linear(o, self.proj.weight, self.proj.bias, residual=x, layer_scale=gamma,
+                          backend=self.backend)
+
+    def _forward_with_dropout(self, x: Tensor, gamma: Optional[Tensor]) -> Tensor:
+        B, N, C = x.shape
+        h = self.norm(x)
+        q, k, v = self.qkv(h).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop)
+        o = F.dropout(self.proj(o.transpose(1, 2).reshape(B, N, C)), self.proj_drop, True)
+        return x + (o * gamma if gamma is not None else o)
+
+
+class FusedMlp(_Fused):
+    """Pre-norm MLP branch with its residual: x + ls * fc2(gelu(fc1(norm(x)))).
+
+    x: (..., dim) -> (..., dim). Parameters: norm (LayerNorm), fc1 (Linear dim -> hidden),
+    fc2 (Linear hidden -> dim), ls.gamma when init_values is set. approximate: "none" (erf)
+    or "tanh". Dropout behaves as in :class:`FusedAttention`.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = True, eps: float = 1e-6,
+                 approximate: str = "none", init_values: Optional[float] = None, drop: float = 0.0,
+                 backend: str = "auto"):
+        super().__init__(backend)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=bias)
+        self.ls = LayerScale(dim, init_values) if init_values is not None else None
+        self.approximate = approximate
+        self.drop = drop
+
+    def forward(self, x: Tensor) -> Tensor:
+        gamma = self.ls.gamma if self.ls is not None else None
+        args = (x, self.norm.weight, self.norm.bias, self.fc1.weight, self.fc1.bias,
+                self.fc2.weight, self.fc2.bias)
+        kw = dict(eps=self.norm.eps, approximate=self.approximate, residual=x, layer_scale=gamma)
+        if self.backend == "reference":
+            return reference.layernorm_gelu_mlp(*args, **kw)
+        if self.training and self.drop > 0:
+            h = F.dropout(F.gelu(self.fc1(self.norm(x)), approximate=self.approximate), self.drop, True)
+            h = F.dropout(self.fc2(h), self.drop, True)
+            return x + (h * gamma if gamma is not None else h)
+        return ops.layernorm_gelu_mlp(*args, **kw, backend=self.backend)
+
+
+class FusedPatchEmbed(_Fused):
+    """Patchify + projection: images (batch, in_chans, H, W) -> (batch, prefix + patches, dim).
+
+    Parameters: proj (Conv2d with kernel = stride = patch_size). ``forward`` takes the model's
+    pos_embed and cls_token so that the token buffer comes out of one launch.
+    patch_size=1 embeds a CNN feature map (the paper's hybrid input).
+    """
+
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, bias: bool = True,
+                 backend: str = "auto"):
+        super().__init__(backend)
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+
+    def forward(self, images: Tensor, pos_embed: Optional[Tensor] = None,
+                cls_token: Optional[Tensor] = None) -> Tensor:
+        kw = dict(patch_size=self.patch_size, pos_embed=pos_embed, cls_token=cls_token)
+        if self.backend == "reference":
+            return reference.patch_embed(images, self.proj.weight, self.proj.bias, **kw)
+        return ops.patch_embed(images, self.proj.weight, self.proj.bias, **kw, backend=self.backend)
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Set ``backend`` on every vit_kernels module inside ``model``; returns the model."""
+    _check_module_backend(backend)
+    for m in model.modules():
+        if isinstance(m, _Fused):
+            m.backend = backend
+    return model

@@ -1,0 +1,43 @@
+"""flash_attention: softmax(q k^T * scale) v, non-causal. Checks, dispatch, torch path."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import checks
+from ..backends import resolve
+
+
+def check_head_dim(name: str, head_dim: int) -> Optional[str]:
+    """None when the fused kernels support head_dim, else why not (multiples of 8, 16..256)."""
+    if head_dim % 8 != 0 or not 16 <= head_dim <= 256:
+        return f"{name}={head_dim} is not supported by the fused kernels (expected a multiple of 8 from 16 to 256)"
+    return None
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
+                    backend: str = "auto") -> Tensor:
+    """Non-causal scaled dot-product attention.
+
+    q: (batch, heads, q_tokens, head_dim); k, v: (batch, heads, kv_tokens, head_dim).
+    Returns (batch, heads, q_tokens, head_dim). scale defaults to head_dim ** -0.5.
+    """
+    checks.tensor("q", q, ndim=4)
+    B, H, N, D = q.shape
+    checks.tensor("k", k, shape=(B, H, None, D), dtype=q.dtype, device=q.device)
+    checks.tensor("v", v, shape=(B, H, k.shape[2], D), dtype=q.dtype, device=q.device)
+    if scale is None:
+        scale = D ** -0.5
+    d = resolve("flash_attention", backend, (q, k, v),
+                unsupported={"triton": check_head_dim("head_dim", D),
+                             "cuda": check_head_dim("head_dim", D)})
+    if d.backend == "triton":
+        from ..triton import attention as triton_attention
+        return triton_attention.flash_attention_forward(q, k, v, scale)
+    if d.backend == "cuda":
+        from ..cuda import ops as cuda_ops
+        return cuda_ops.flash_attention(q, k, v, scale)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)

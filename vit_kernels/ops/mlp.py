@@ -1,0 +1,79 @@
+"""layernorm_gelu_mlp: fc2(gelu(fc1(LayerNorm(x)))) [+ residual, layer scale]."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import checks
+from ..backends import resolve
+
+
+def check_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+              approximate, residual, layer_scale):
+    checks.tensor("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x: expected a tensor of at least 2 dims (..., dim), got shape {tuple(x.shape)}")
+    dim = x.shape[-1]
+    kw = dict(dtype=x.dtype, device=x.device)
+    checks.tensor("norm_weight", norm_weight, shape=(dim,), optional=True, **kw)
+    checks.tensor("norm_bias", norm_bias, shape=(dim,), optional=True, **kw)
+    checks.tensor("fc1_weight", fc1_weight, ndim=2, **kw)
+    if fc1_weight.shape[1] != dim:
+        raise ValueError(f"fc1_weight: expected shape (hidden, {dim}) for x of dim {dim}, got {tuple(fc1_weight.shape)}")
+    hidden = fc1_weight.shape[0]
+    checks.tensor("fc1_bias", fc1_bias, shape=(hidden,), optional=True, **kw)
+    checks.tensor("fc2_weight", fc2_weight, ndim=2, **kw)
+    if fc2_weight.shape[1] != hidden:
+        raise ValueError(f"fc2_weight: expected shape (out, {hidden}) for fc1 of {hidden} outputs, "
+                         f"got {tuple(fc2_weight.shape)}")
+    out = fc2_weight.shape[0]
+    checks.tensor("fc2_bias", fc2_bias, shape=(out,), optional=True, **kw)
+    checks.choice("approximate", approximate, ("none", "tanh"))
+    checks.tensor("residual", residual, shape=tuple(x.shape[:-1]) + (out,), optional=True, **kw)
+    checks.tensor("layer_scale", layer_scale, shape=(out,), optional=True, **kw)
+    if layer_scale is not None and residual is None:
+        raise ValueError("layer_scale: given without residual; layer scale is applied to the branch "
+                         "that is added to the residual")
+
+
+def layernorm_gelu_mlp(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                       fc1_weight: Tensor, fc1_bias: Optional[Tensor],
+                       fc2_weight: Tensor, fc2_bias: Optional[Tensor], *, eps: float = 1e-6,
+                       approximate: str = "none", residual: Optional[Tensor] = None,
+                       layer_scale: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """Fused LayerNorm + GELU MLP.
+
+    x: (..., dim); norm_weight, norm_bias: (dim,) or None (None weight skips the LayerNorm);
+    fc1_weight: (hidden, dim); fc1_bias: (hidden,); fc2_weight: (out, hidden); fc2_bias: (out,);
+    residual: (..., out); layer_scale: (out,). GELU is exact (erf) unless approximate="tanh".
+    Returns (..., out) = [residual +] [layer_scale *] fc2(gelu(fc1(LN(x)))).
+    """
+    check_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+              approximate, residual, layer_scale)
+    tensors = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale)
+    d = resolve("layernorm_gelu_mlp", backend, tensors)
+    args = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    kw = dict(eps=eps, approximate=approximate, residual=residual, layer_scale=layer_scale)
+    if d.backend == "triton":
+        from ..triton import mlp as triton_mlp
+        return triton_mlp.layernorm_gelu_mlp_forward(*args, **kw)
+    if d.backend == "cuda":
+        from ..cuda import ops as cuda_ops
+        return cuda_ops.layernorm_gelu_mlp(*args, **kw)
+    return layernorm_gelu_mlp_torch(*args, **kw)
+
+
+def layernorm_gelu_mlp_torch(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *,
+                             eps, approximate, residual, layer_scale):
+    """Plain PyTorch path. Differentiable."""
+    h = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps) if norm_weight is not None else x
+    h = F.gelu(F.linear(h, fc1_weight, fc1_bias), approximate=approximate)
+    y = F.linear(h, fc2_weight, fc2_bias)
+    if layer_scale is not None:
+        y = y * layer_scale
+    if residual is not None:
+        y = residual + y
+    return y

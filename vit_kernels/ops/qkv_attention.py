@@ -1,0 +1,81 @@
+"""qkv_attention: [LayerNorm ->] QKV projection -> multi-head attention, heads concatenated."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import checks
+from ..backends import resolve
+from .flash_attention import check_head_dim
+
+
+def check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bias):
+    """Validate the arguments of :func:`qkv_attention`; returns (inner, head_dim)."""
+    checks.tensor("x", x, ndim=3)
+    dim = x.shape[-1]
+    checks.positive_int("num_heads", num_heads)
+    checks.tensor("qkv_weight", qkv_weight, ndim=2, dtype=x.dtype, device=x.device)
+    if qkv_weight.shape[1] != dim or qkv_weight.shape[0] % 3 != 0:
+        raise ValueError(f"qkv_weight: expected shape (3*inner, {dim}) for x of dim {dim}, "
+                         f"got {tuple(qkv_weight.shape)}")
+    inner = qkv_weight.shape[0] // 3
+    if inner % num_heads != 0:
+        raise ValueError(f"num_heads: inner dim {inner} (qkv_weight.shape[0] // 3) is not divisible "
+                         f"by num_heads={num_heads}")
+    checks.tensor("qkv_bias", qkv_bias, shape=(3 * inner,), dtype=x.dtype, device=x.device, optional=True)
+    checks.tensor("norm_weight", norm_weight, shape=(dim,), dtype=x.dtype, device=x.device, optional=True)
+    checks.tensor("norm_bias", norm_bias, shape=(dim,), dtype=x.dtype, device=x.device, optional=True)
+    if norm_bias is not None and norm_weight is None:
+        raise ValueError("norm_bias: given without norm_weight; pass norm_weight to apply LayerNorm")
+    return inner, inner // num_heads
+
+
+def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = None, *,
+                  num_heads: int, scale: Optional[float] = None,
+                  norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
+                  eps: float = 1e-6, backend: str = "auto") -> Tensor:
+    """Fused [LayerNorm ->] QKV projection -> attention.
+
+    x: (batch, tokens, dim); qkv_weight: (3*inner, dim), rows [q; k; v], each head-major (timm's
+    ``qkv.weight``, ``nn.MultiheadAttention.in_proj_weight``); qkv_bias: (3*inner,);
+    norm_weight, norm_bias: (dim,) applies LayerNorm(x, eps) first.
+    Returns (batch, tokens, inner): attention output before the output projection.
+    ``vit_kernels.last_decision("qkv_attention").path`` says which kernel path ran.
+    """
+    inner, head_dim = check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bias)
+    if scale is None:
+        scale = head_dim ** -0.5
+    tensors = (x, qkv_weight, qkv_bias, norm_weight, norm_bias)
+    d = resolve("qkv_attention", backend, tensors,
+                unsupported={"triton": check_head_dim("head_dim", head_dim),
+                             "cuda": check_head_dim("head_dim", head_dim)})
+    if d.backend == "triton":
+        from ..triton import qkv_attention as triton_qkv
+        path = triton_qkv.choose_path(x, num_heads, head_dim)
+        d.with_path(path)
+        return triton_qkv.qkv_attention_forward(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
+                                                norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
+                                                path=path)
+    if d.backend == "cuda":
+        from ..cuda import ops as cuda_ops
+        d.with_path("split")
+        return cuda_ops.qkv_attention(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
+                                      norm_weight=norm_weight, norm_bias=norm_bias, eps=eps)
+    d.with_path("torch")
+    return qkv_attention_torch(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
+                               norm_weight=norm_weight, norm_bias=norm_bias, eps=eps)
+
+
+def qkv_attention_torch(x, qkv_weight, qkv_bias, *, num_heads, scale, norm_weight, norm_bias, eps):
+    """Plain PyTorch path: F.layer_norm, F.linear, SDPA. Differentiable."""
+    B, N, dim = x.shape
+    inner = qkv_weight.shape[0] // 3
+    if norm_weight is not None:
+        x = F.layer_norm(x, (dim,), norm_weight, norm_bias, eps)
+    qkv = F.linear(x, qkv_weight, qkv_bias).reshape(B, N, 3, num_heads, inner // num_heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return o.transpose(1, 2).reshape(B, N, inner)
