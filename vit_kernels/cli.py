@@ -12,7 +12,10 @@ import sys
 COMMANDS = {
     "verify": "vit_kernels.commands.verify",
     "info": "vit_kernels.commands.info",
+    "inspect": "vit_kernels.commands.inspect",
 }
+# commands that compile or time kernels and must not run in Triton's interpreter
+NO_INTERPRETER = {"inspect"}
 
 
 def _enable_interpreter_without_gpu() -> None:
@@ -35,5 +38,6 @@ def main(argv=None) -> int:
         modules[name].add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    _enable_interpreter_without_gpu()
+    if args.command not in NO_INTERPRETER:
+        _enable_interpreter_without_gpu()
     return int(modules[args.command].run(args) or 0)
