@@ -185,7 +185,7 @@ def resolve(op: str, backend: str, tensors: Iterable[Optional[torch.Tensor]],
                 break
             reasons[b] = r
         d = Decision(op, chosen, backend, reasons)
-        if reasons and chosen == "torch" and device.type == "cuda":
+        if reasons:
             _log_once(d)
         _LAST[op] = d
         return d
