@@ -35,7 +35,7 @@ bool strides_multiple_of(const int64_t (&stride)[4], const int64_t (&size)[4], i
 bool aligned(const void* ptr, int64_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
 
 template <typename T, int kHeadDim>
-void launch(const FlashFwdParams& p, CUstream_st* stream) {
+void launch(const FlashFwdParams& p, vk::stream_t stream) {
   using Tr = FlashFwdTraits<T, kHeadDim>;
   const FlashFwdArgs& a = p.args;
   const int64_t m_blocks = (a.q_tokens + Tr::kBlockM - 1) / Tr::kBlockM;
@@ -44,16 +44,13 @@ void launch(const FlashFwdParams& p, CUstream_st* stream) {
                                 std::to_string(65535LL * Tr::kBlockM) + " tokens");
   dim3 grid((unsigned)(a.batch * a.heads), (unsigned)m_blocks, 1);
   dim3 block(Tr::kThreads, 1, 1);
-  auto kernel = flash_fwd_kernel<T, kHeadDim>;
-#ifndef VK_EMULATE
-  if (Tr::kSmemBytes > 48 * 1024)
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
-#endif
-  VK_LAUNCH(kernel, grid, block, Tr::kSmemBytes, stream, p);
+  auto kernel = flash_fwd_kernel<T, kHeadDim>;  // (a macro argument cannot hold the template's comma)
+  VK_LAUNCH(kernel, grid, block, Tr::kSmemBytes, stream, p);  // opts in above 48 KiB of shared memory
+  vk::check_launch("flash_attention_forward");
 }
 
 template <typename T>
-void launch_head_dim(int instance, const FlashFwdParams& p, CUstream_st* stream) {
+void launch_head_dim(int instance, const FlashFwdParams& p, vk::stream_t stream) {
   switch (instance) {
 #define VK_ATTN_CASE(HD) \
   case HD:               \
@@ -100,7 +97,7 @@ int64_t flash_attention_smem_bytes(Dtype dtype, int instance) {
   return -1;
 }
 
-void flash_attention_forward(const FlashFwdArgs& a, CUstream_st* stream) {
+void flash_attention_forward(const FlashFwdArgs& a, vk::stream_t stream) {
   const int instance = head_dim_instance(a.head_dim);
   if (instance < 0)
     throw std::invalid_argument("head_dim: expected a multiple of 8 no larger than the largest compiled head dim (" +

@@ -162,8 +162,7 @@ flash_fwd_kernel(const FlashFwdParams p) {
   using M = typename Tr::MmaT;
   constexpr int kParts = Tr::kParts, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kPitch = Tr::kPitch;
 
-  extern __shared__ unsigned char vk_attn_smem[];
-  M* sQ = reinterpret_cast<M*>(vk_attn_smem);  // [kParts][kBlockM][kPitch]
+  VK_DYNAMIC_SHARED(M, sQ);                    // [kParts][kBlockM][kPitch]
   M* sK = sQ + Tr::kQElems;                    // [kStages][kParts][kBlockN][kPitch]
   M* sV = sK + Tr::kStages * Tr::kKVElems;     // [kStages][kParts][kBlockN][kPitch]
 

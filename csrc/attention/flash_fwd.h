@@ -1,13 +1,12 @@
 // Flash-attention forward: the launcher's declaration and its arguments.
 //
-// Included by csrc/bindings.cpp (torch side) and by flash_fwd.cu (kernel side); it needs
-// neither torch nor CUDA headers. The kernel itself is in flash_fwd.cuh, the instantiations
+// Included by csrc/bindings.cpp (torch side) and by flash_fwd.cu (kernel side); no torch types. The kernel itself is in flash_fwd.cuh, the instantiations
 // and the launcher in flash_fwd.cu.
 #pragma once
 
 #include <cstdint>
 
-struct CUstream_st;  // cudaStream_t is `CUstream_st*` on the GPU; the host emulator ignores it
+#include "vk/port.h"  // vk::stream_t: cudaStream_t on the GPU, ignored by the host emulator
 
 namespace vk {
 namespace attn {
@@ -48,7 +47,7 @@ int head_dim_instance(int64_t head_dim);
 // Launch on `stream`. Throws std::invalid_argument (naming the argument) for a head_dim no
 // instantiation holds, sizes past the kernel's limits, or a missing pointer. Sizes of zero
 // launch nothing (kv_tokens == 0 with q_tokens > 0 is rejected: softmax over no keys).
-void flash_attention_forward(const FlashFwdArgs& args, CUstream_st* stream);
+void flash_attention_forward(const FlashFwdArgs& args, vk::stream_t stream);
 
 // Dynamic shared memory and threads per block of one instantiation (for reports and tests).
 int64_t flash_attention_smem_bytes(Dtype dtype, int head_dim_instance);
