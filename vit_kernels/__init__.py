@@ -10,10 +10,10 @@ Public API:
 from . import models, nn, ops, reference
 from .backends import BACKENDS, Decision, last_decision
 from .ops import flash_attention, layernorm_gelu_mlp, linear, patch_embed, qkv_attention
-from .swap import fuse
+from .swap import fuse, fuse_report, unfuse
 from .verify import verify
 
 __version__ = "0.1.0"
 
 __all__ = ["flash_attention", "qkv_attention", "layernorm_gelu_mlp", "patch_embed", "linear",
-           "fuse", "verify", "last_decision", "Decision", "BACKENDS", "models", "nn", "ops", "reference"]
+           "fuse", "unfuse", "fuse_report", "verify", "last_decision", "Decision", "BACKENDS", "models", "nn", "ops", "reference"]

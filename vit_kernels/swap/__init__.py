@@ -1,18 +1,156 @@
-"""fuse / unfuse / fuse_report: swap fused modules into existing ViTs, one adapter per family."""
+"""fuse / unfuse / fuse_report: swap fused modules into existing ViTs, one adapter per family.
+
+- :mod:`.timm`: timm VisionTransformer and models reusing its Block / Attention / Mlp / PatchEmbed.
+- :mod:`.torchvision`: torchvision vit_b_16, vit_b_32, vit_l_16, vit_l_32, vit_h_14.
+- :mod:`.hf`: Hugging Face transformers ViT (5.x and 4.x module layouts).
+- :mod:`.vit_pytorch`: lucidrains' vit-pytorch ``ViT`` (the current release and the older PreNorm one).
+- vit_kernels' own models are fused already; ``fuse`` sets their backend.
+
+Each adapter lists candidates (modules it can replace and, per op, fused or the reason it is
+left); ``fuse`` replaces them by wrappers that share the original parameters (see
+:mod:`.base`). The dispatch below is the whole of it.
+"""
 from __future__ import annotations
 
-from typing import Iterable
+import logging
+from typing import Iterable, List, Optional, Tuple
 
 from torch import nn
 
-from ..nn import set_backend
+from ..backends import check_backend
+from ..nn import _Fused, set_backend
+from . import hf, timm, torchvision, vit_pytorch
+from .base import OPS, Candidate, FuseReport, ReportEntry, SwapWrapper
+
+logger = logging.getLogger("vit_kernels")
+
+ADAPTERS = (timm, torchvision, hf, vit_pytorch)
+
+__all__ = ["fuse", "unfuse", "fuse_report", "FuseReport", "ReportEntry", "SwapWrapper", "OPS"]
+
+
+def _check_ops(ops: Iterable[str]) -> Tuple[str, ...]:
+    if isinstance(ops, str):
+        raise TypeError(f"ops: expected a sequence of op names from {OPS}, got the string {ops!r}")
+    ops = tuple(ops)
+    for op in ops:
+        if op not in OPS:
+            raise ValueError(f"ops: expected names from {OPS}, got {op!r}")
+    return ops
+
+
+def _candidates(model: nn.Module, backend: str, ops: Tuple[str, ...]) -> List[Candidate]:
+    out: List[Candidate] = []
+    for adapter in ADAPTERS:
+        out += adapter.candidates(model, backend, ops)
+    return out
+
+
+def _native_entries(model: nn.Module, ops: Tuple[str, ...]) -> List[ReportEntry]:
+    """vit_kernels' own modules: fused by construction."""
+    from ..nn import FusedAttention, FusedMlp, FusedPatchEmbed
+    kinds = ((FusedAttention, "attention"), (FusedMlp, "mlp"), (FusedPatchEmbed, "patch_embed"))
+    out = []
+    for path, m in model.named_modules():
+        for cls, op in kinds:
+            if isinstance(m, cls):
+                if op in ops:
+                    out.append(ReportEntry(path, op, "vit_kernels", True, "", (f"backend={m.backend!r}",)))
+                else:
+                    out.append(ReportEntry(path, op, "vit_kernels", False,
+                                           "not requested (ops); runs backend='torch'"))
+    return out
+
+
+def _set(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    parent._modules[name] = new  # the same slot: keeps the key order of the parent's children
 
 
 def fuse(model: nn.Module, *, backend: str = "auto",
-         ops: Iterable[str] = ("patch_embed", "attention", "mlp")) -> nn.Module:
-    """Fuse ``model`` in place and return it. For vit_kernels models this sets the backend;
-    adapters for timm, torchvision, transformers and vit-pytorch live beside this file."""
-    from ..models.vit import VisionTransformer
-    if isinstance(model, VisionTransformer):
-        return set_backend(model, backend)
-    raise NotImplementedError(f"model: no fuse adapter for {type(model).__module__}.{type(model).__name__} yet")
+         ops: Iterable[str] = OPS) -> nn.Module:
+    """Replace, in place, the attention (with the LayerNorm and QKV projection before it), the
+    LayerNorm + GELU MLP and the patch embedding of every ViT found in ``model`` by modules that
+    run the fused ops and share the original Parameters; return ``model``.
+
+    backend: "auto" | "triton" | "cuda" | "torch" (see :mod:`vit_kernels.backends`); ops: which of
+    "patch_embed", "attention", "mlp" to fuse. What was fused and what was left (and why) is
+    logged at INFO on the ``vit_kernels`` logger; :func:`fuse_report` returns it. Calling fuse on
+    a fused model sets the backend of the fused modules and fuses whatever is new.
+    ``unfuse`` puts the original modules back.
+    """
+    check_backend(backend)
+    ops = _check_ops(ops)
+    for m in model.modules():
+        if isinstance(m, SwapWrapper):
+            m.backend = backend
+    native = [m for m in model.modules() if isinstance(m, _Fused)]
+    if native:
+        set_backend(model, backend)
+        # ops not asked for run the plain PyTorch path
+        from ..nn import FusedAttention, FusedMlp, FusedPatchEmbed
+        kinds = {FusedAttention: "attention", FusedMlp: "mlp", FusedPatchEmbed: "patch_embed"}
+        for m in native:
+            if kinds.get(type(m)) not in ops:
+                m.backend = "torch"
+    for c in _candidates(model, backend, ops):
+        if c.build is None:
+            continue
+        if c.path == "":
+            for e in c.entries:
+                if e.fused:
+                    e.fused, e.reason, e.notes = False, ("it is the model itself: fuse replaces submodules in "
+                                                         "place; pass the module that holds it"), ()
+            continue
+        _set(model, c.path, c.build())
+    report = fuse_report(model, backend=backend, ops=ops)
+    logger.info("%s", report)
+    return model
+
+
+def unfuse(model: nn.Module) -> nn.Module:
+    """Put the original modules back (with the wrappers' current parameters); return ``model``.
+    vit_kernels' own models get backend="torch" (the plain PyTorch path)."""
+    wrappers = [(p, m) for p, m in model.named_modules() if isinstance(m, SwapWrapper)]
+    for path, w in sorted(wrappers, key=lambda pm: -pm[0].count(".")):
+        if path == "":
+            raise ValueError("model: is itself a fused wrapper; call unfuse on the model that holds it")
+        _set(model, path, w.restore())
+    if any(isinstance(m, _Fused) for m in model.modules()):
+        set_backend(model, "torch")
+    return model
+
+
+def fuse_report(model: nn.Module, *, backend: Optional[str] = None, ops: Iterable[str] = OPS) -> FuseReport:
+    """What is fused in ``model`` and what is left, and why. On a model that was not fused it says
+    what :func:`fuse` would do (with ``backend``, default "auto"). Fused parts carry notes on
+    runtime behaviour (dropout in training, autograd) as of now."""
+    ops = _check_ops(ops)
+    wrappers = [m for m in model.modules() if isinstance(m, SwapWrapper)]
+    if backend is None:
+        backends = {w.backend for w in wrappers} | {m.backend for m in model.modules() if isinstance(m, _Fused)}
+        backend = backends.pop() if len(backends) == 1 else "auto"
+    entries: List[ReportEntry] = []
+    for w in wrappers:
+        entries += w.report_entries()
+    for c in _candidates(model, backend, ops):
+        for e in c.entries:
+            if not e.fused:
+                entries.append(e)
+            elif c.path == "":
+                entries.append(ReportEntry(e.path, e.op, e.family, False,
+                                           "it is the model itself: fuse replaces submodules in place"))
+            else:  # a part fuse() would fuse: not fused now
+                entries.append(ReportEntry(e.path, e.op, e.family, False, "not fused yet (fuse() would fuse it)"))
+    entries += _native_entries(model, ops)
+    if not entries:
+        entries.append(ReportEntry("", "-", "unknown", False,
+                                   f"no ViT part of a known family (timm, torchvision, transformers, vit-pytorch, "
+                                   f"vit_kernels) was found in {type(model).__name__}"))
+    entries.sort(key=lambda e: _path_key(e.path))
+    return FuseReport(entries, backend)
+
+
+def _path_key(path: str):
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split(".")]

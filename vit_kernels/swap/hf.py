@@ -1,0 +1,269 @@
+"""Hugging Face transformers ViT (ViTModel, ViTForImageClassification, ...).
+
+Two module layouts, read from what is there:
+- 5.x: ``layers[i]`` = ViTLayer(layernorm_before, attention=ViTAttention(q_proj, k_proj, v_proj,
+  o_proj), layernorm_after, mlp=ViTMLP(fc1, activation_fn, fc2), dropout);
+  ``forward(hidden_states, attention_mask=None, **kwargs) -> Tensor``.
+- 4.x (4.57): ``encoder.layer[i]`` = ViTLayer(layernorm_before, attention=ViTAttention(
+  attention=ViTSelfAttention(query, key, value), output=ViTSelfOutput(dense, dropout)),
+  layernorm_after, intermediate=ViTIntermediate(dense, intermediate_act_fn),
+  output=ViTOutput(dense, dropout)); ``forward(hidden_states, head_mask=None) -> Tensor``.
+  Older 4.x layers that take ``output_attentions`` and return tuples are left (reported).
+
+Each layer is replaced by a fused layer that holds its children under the same names and is also
+an instance of the layer's own class (a subclass made per class), so transformers' output
+capturing (``output_hidden_states``: hooks installed by class, lazily, or before fuse and then
+shared) and gradient checkpointing find it as they find a ViTLayer.
+It runs ``x = linear(qkv_attention(x, [Wq; Wk; Wv], layernorm_before), o_proj, residual=x)`` and
+``x = layernorm_gelu_mlp(x, layernorm_after, fc1, fc2, residual=x)``.
+
+The separate q/k/v Linears feed the fused projection through a concatenated copy
+``[Wq; Wk; Wv]`` (and biases) that is NOT a parameter: the stored parameters do not change. The
+copy is cached and rebuilt when any of the six tensors changes: the cache key holds each
+tensor's ``data_ptr()``, ``_version`` counter (bumped by in-place updates: optimizer steps,
+``load_state_dict``, ``copy_`` under no_grad), dtype, device and shape. In-place writes through
+``.data`` bypass the version counter and are not seen. Under autograd (a parameter requires grad
+and grad mode is on) the concatenation is recomputed every call so gradients reach q/k/v.
+
+A call with an attention mask / head mask, while attention weights are being captured
+(``output_attentions``), or in training mode with dropout p > 0 runs the layer's own forward.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from .base import (Candidate, ReportEntry, SwapWrapper, bypassed_hooks, dropout_p, dropout_reason,
+                   first_reason, gelu_approximate, head_dim_reason, join, layernorm_reason,
+                   linear_reason, overrides_load_state_dict)
+
+FAMILY = "transformers"
+
+# Layer classes whose forward is known to be the ViTLayer forward of one of the two layouts above.
+# Other classes copied from ViTLayer (DeiTLayer, ViTMAELayer, ...) can be appended by a user who
+# has checked that their forward is the same; only ViTLayer is tested.
+EXTRA_LAYER_CLASSES: List[type] = []
+
+_IGNORABLE_KWARGS = ("output_hidden_states", "output_attentions", "return_dict")
+
+
+def _layer_classes() -> Tuple[type, ...]:
+    classes = list(EXTRA_LAYER_CLASSES)
+    try:
+        from transformers.models.vit.modeling_vit import ViTLayer
+        classes.append(ViTLayer)
+    except Exception:
+        pass
+    return tuple(classes)
+
+
+def _layout(layer: nn.Module) -> Optional[str]:
+    a = getattr(layer, "attention", None)
+    if a is not None and all(hasattr(a, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) \
+            and hasattr(getattr(layer, "mlp", None), "fc1"):
+        return "5.x"
+    if a is not None and all(hasattr(getattr(a, "attention", None), n) for n in ("query", "key", "value")) \
+            and hasattr(getattr(a, "output", None), "dense") and hasattr(getattr(layer, "intermediate", None), "dense") \
+            and hasattr(getattr(layer, "output", None), "dense"):
+        return "4.x"
+    return None
+
+
+class _Parts:
+    """The tensors and modules of one layer, named the same for both layouts."""
+
+    def __init__(self, layer: nn.Module, layout: str):
+        if layout == "5.x":
+            a = layer.attention
+            self.q, self.k, self.v, self.o = a.q_proj, a.k_proj, a.v_proj, a.o_proj
+            self.self_attn = a
+            self.num_heads, self.head_dim = a.num_attention_heads, a.head_dim
+            self.scale = getattr(a, "scaling", self.head_dim ** -0.5)
+            self.attn_p = float(a.attention_dropout)
+            self.fc1, self.act, self.fc2 = layer.mlp.fc1, layer.mlp.activation_fn, layer.mlp.fc2
+            self.drops = {"dropout": layer.dropout}
+            self.attn_modules = {"attention": a}
+            self.mlp_modules = {"mlp": layer.mlp}
+        else:
+            sa = layer.attention.attention
+            self.q, self.k, self.v, self.o = sa.query, sa.key, sa.value, layer.attention.output.dense
+            self.self_attn = sa
+            self.num_heads, self.head_dim = sa.num_attention_heads, sa.attention_head_size
+            self.scale = getattr(sa, "scaling", self.head_dim ** -0.5)
+            self.attn_p = float(getattr(sa, "dropout_prob", dropout_p(getattr(sa, "dropout", None))))
+            self.fc1, self.act, self.fc2 = layer.intermediate.dense, layer.intermediate.intermediate_act_fn, layer.output.dense
+            self.drops = {"attention.output.dropout": layer.attention.output.dropout, "output.dropout": layer.output.dropout}
+            self.attn_modules = {"attention": layer.attention}
+            self.mlp_modules = {"intermediate": layer.intermediate, "output": layer.output}
+
+
+def _capturing_attentions(self_attn: nn.Module) -> bool:
+    """True while transformers is collecting attention weights (they need the unfused path)."""
+    if "forward" in self_attn.__dict__:  # 4.x: check_model_inputs patches module.forward per call
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except Exception:
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and "attentions" in collected
+
+
+def _is_capture_hook(fn) -> bool:
+    return getattr(fn, "__name__", "") == "output_capturing_hook"
+
+
+class FusedHFLayer(SwapWrapper):
+    """A transformers ViTLayer running fused ops; see the module docstring. Instances are also
+    instances of the replaced layer's class. hidden_states: (batch, tokens, dim) -> same."""
+
+    family = FAMILY
+
+    def _parts(self) -> _Parts:
+        return _Parts(self, self.vk_layout)
+
+    def dropouts(self):
+        p = self._parts()
+        out = []
+        if self.fused_ops.get("attention"):
+            out.append(("attention dropout", p.attn_p))
+        out += [(n, dropout_p(m)) for n, m in p.drops.items()]
+        return out
+
+    def qkv_weights(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """[Wq; Wk; Wv] (3*inner, dim) and [bq; bk; bv] (or None): cached unless under autograd."""
+        p = self._parts()
+        ws = (p.q.weight, p.k.weight, p.v.weight)
+        bs = (p.q.bias, p.k.bias, p.v.bias)
+        tensors = ws + tuple(b for b in bs if b is not None)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return torch.cat(ws), (torch.cat(bs) if bs[0] is not None else None)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors)
+        cache = self.__dict__.get("_vk_qkv_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                w = torch.cat(ws)
+                b = torch.cat(bs) if bs[0] is not None else None
+            cache = (key, w, b)
+            self.__dict__["_vk_qkv_cache"] = cache
+        return cache[1], cache[2]
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):
+        p = self._parts()
+        extra = [a for a in args if a is not None and a is not False]
+        extra += [v for k, v in kwargs.items() if k not in _IGNORABLE_KWARGS and v is not None and v is not False]
+        if extra or kwargs.get("output_attentions") or self.dropout_active() or \
+                hidden_states.dim() != 3 or _capturing_attentions(p.self_attn):
+            return self.original_forward(hidden_states, *args, **kwargs)
+        x = hidden_states
+        if self.fused_ops.get("attention"):
+            w, b = self.qkv_weights()
+            n = self.layernorm_before
+            o = ops.qkv_attention(x, w, b, num_heads=p.num_heads, scale=p.scale, norm_weight=n.weight,
+                                  norm_bias=n.bias, eps=n.eps, backend=self.backend)
+            x = ops.linear(o, p.o.weight, p.o.bias, residual=x, backend=self.backend)
+        elif self.vk_layout == "5.x":
+            h, _ = self.attention(self.layernorm_before(x), None)
+            x = self.dropout(h) + x
+        else:
+            x = self.attention(self.layernorm_before(x), None) + x
+        if self.fused_ops.get("mlp"):
+            n = self.layernorm_after
+            return ops.layernorm_gelu_mlp(x, n.weight, n.bias, p.fc1.weight, p.fc1.bias, p.fc2.weight, p.fc2.bias,
+                                          eps=n.eps, approximate=self.approximate, residual=x,
+                                          backend=self.backend)
+        if self.vk_layout == "5.x":
+            return self.dropout(self.mlp(self.layernorm_after(x))) + x
+        return self.output(self.intermediate(self.layernorm_after(x)), x)
+
+
+_FUSED_CLASSES: Dict[type, type] = {}
+
+
+def _fused_class(cls: type) -> type:
+    """FusedHFLayer + the layer's own class, so isinstance(fused, ViTLayer) holds."""
+    if cls not in _FUSED_CLASSES:
+        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (FusedHFLayer, cls), {"__module__": __name__})
+    return _FUSED_CLASSES[cls]
+
+
+def _attention_reason(path: str, layer: nn.Module, p: _Parts, backend: str):
+    why = first_reason(layernorm_reason(join(path, "layernorm_before"), layer.layernorm_before),
+                       *(linear_reason(join(path, n), m) for n, m in (("q", p.q), ("k", p.k), ("v", p.v), ("o", p.o))))
+    if why:
+        return why, None
+    dim = layer.layernorm_before.normalized_shape[0]
+    shapes = {tuple(m.weight.shape) for m in (p.q, p.k, p.v)}
+    if len(shapes) != 1 or p.q.in_features != dim or p.o.out_features != dim:
+        return f"q/k/v/o shapes do not form a self-attention over dim {dim}", None
+    if len({m.bias is None for m in (p.q, p.k, p.v)}) != 1:
+        return "some of q/k/v have a bias and some do not", None
+    if p.q.out_features != p.num_heads * p.head_dim:
+        return f"q projects to {p.q.out_features} features, not num_heads*head_dim={p.num_heads * p.head_dim}", None
+    why = first_reason(*(dropout_reason(join(path, n), m) for n, m in p.drops.items()))
+    if why:
+        return why, None
+    why, note = head_dim_reason(backend, p.head_dim)
+    mods = {join(path, "layernorm_before"): layer.layernorm_before}
+    mods.update({join(path, n): m for n, m in p.attn_modules.items()})
+    return why or bypassed_hooks(mods, ignore=_is_capture_hook), note
+
+
+def _mlp_reason(path: str, layer: nn.Module, p: _Parts):
+    approx, why = gelu_approximate(p.act)
+    dim = layer.layernorm_after.normalized_shape[0] if isinstance(layer.layernorm_after, nn.LayerNorm) else None
+    why = first_reason(why, layernorm_reason(join(path, "layernorm_after"), layer.layernorm_after),
+                       linear_reason(join(path, "fc1"), p.fc1), linear_reason(join(path, "fc2"), p.fc2),
+                       *(dropout_reason(join(path, n), m) for n, m in p.drops.items()))
+    if why:
+        return why, None
+    if p.fc1.in_features != dim or p.fc2.out_features != dim:
+        return f"fc1/fc2 do not map dim {dim} -> hidden -> {dim}", None
+    mods = {join(path, "layernorm_after"): layer.layernorm_after}
+    mods.update({join(path, n): m for n, m in p.mlp_modules.items()})
+    return bypassed_hooks(mods, ignore=_is_capture_hook), approx
+
+
+def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
+    classes = _layer_classes()
+    if not classes:
+        return []
+    out: List[Candidate] = []
+    layers = [(path, m) for path, m in root.named_modules()
+              if not isinstance(m, SwapWrapper) and isinstance(m, classes)]
+    for path, m in layers:
+        layout = _layout(m)
+        base_why = None
+        if layout is None:
+            base_why = f"{type(m).__name__} has neither the 5.x nor the 4.x ViT layer layout"
+        elif "output_attentions" in inspect.signature(type(m).forward).parameters:
+            base_why = f"{type(m).__name__}.forward takes output_attentions and returns tuples (transformers < 4.54)"
+        base_why = base_why or overrides_load_state_dict(m)
+        parts = None if base_why else _Parts(m, layout)
+        names = ("attention", "mlp") if layout == "5.x" else ("attention", "intermediate")
+        note = approx = None
+        if "attention" not in ops_:
+            why = "not requested (ops)"
+        else:
+            why, note = (base_why, None) if base_why else _attention_reason(path, m, parts, backend)
+        notes = ("q/k/v weights concatenated into a cached copy (rebuilt when they change)",) + ((note,) if note else ())
+        entries = [ReportEntry(join(path, names[0]), "attention", FAMILY, why is None, why or "",
+                               notes if why is None else ())]
+        if "mlp" not in ops_:
+            why = "not requested (ops)"
+        else:
+            why, approx = (base_why, None) if base_why else _mlp_reason(path, m, parts)
+        entries.append(ReportEntry(join(path, names[1]), "mlp", FAMILY, why is None, why or ""))
+        build = None
+        if any(e.fused for e in entries):
+            def build(m=m, entries=entries, approx=approx, layout=layout):
+                w = _fused_class(type(m))(m, backend, entries)
+                w.vk_layout = layout
+                w.approximate = approx
+                return w
+        out.append(Candidate(path, m, entries, build))
+    return out
