@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .. import checks
 from ..backends import resolve
+from ..cuda.ops import attention_unsupported as cuda_attention_unsupported
 
 
 def check_head_dim(name: str, head_dim: int) -> Optional[str]:
@@ -33,7 +34,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] =
         scale = D ** -0.5
     d = resolve("flash_attention", backend, (q, k, v),
                 unsupported={"triton": check_head_dim("head_dim", D),
-                             "cuda": check_head_dim("head_dim", D)})
+                             "cuda": check_head_dim("head_dim", D)
+                                     or cuda_attention_unsupported(D, q.dtype)})
     if d.backend == "triton":
         from ..triton import attention as triton_attention
         return triton_attention.flash_attention_forward(q, k, v, scale)

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .. import checks
 from ..backends import resolve
+from ..cuda.ops import attention_unsupported as cuda_attention_unsupported
 from .flash_attention import check_head_dim
 
 
@@ -51,7 +52,8 @@ def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = No
     tensors = (x, qkv_weight, qkv_bias, norm_weight, norm_bias)
     d = resolve("qkv_attention", backend, tensors,
                 unsupported={"triton": check_head_dim("head_dim", head_dim),
-                             "cuda": check_head_dim("head_dim", head_dim)})
+                             "cuda": check_head_dim("head_dim", head_dim)
+                                     or cuda_attention_unsupported(head_dim, x.dtype)})
     if d.backend == "triton":
         from ..triton import qkv_attention as triton_qkv
         path = triton_qkv.choose_path(x, num_heads, head_dim)

@@ -1,0 +1,212 @@
+"""The CUDA C++ attention kernel (csrc/attention), through the host emulator on CPU tensors (or the
+GPU build on CUDA tensors): against the float64 oracle under the tolerance rule, outputs poisoned
+with NaN before every launch."""
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vit_kernels as vk
+from vit_kernels import reference
+from vit_kernels.cuda import ops as cuda_ops
+from vit_kernels.testing import assert_close
+
+from conftest import DEVICE
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    monkeypatch.setattr(cuda_ops, "_poison", True)
+
+
+def rand(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=DEVICE, dtype=dtype)
+
+
+def check_attention(out, q, k, v, scale, name="output"):
+    """out vs the float64 oracle; baseline: plain PyTorch (SDPA) at the inputs' dtype."""
+    oracle = reference.flash_attention(q.double(), k.double(), v.double(), scale=scale)
+    baseline = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    assert not torch.isnan(out).any(), f"{name}: NaN left in the output (an element was not written)"
+    return assert_close(out, oracle, baseline, name=name)
+
+
+# -------------------------------------------------------------------------------- flash_attention
+# A covering subset by default: every token count x head dim x dtype once, batch alternating.
+DEFAULT = [(1 if (i + j) % 2 else 3, n, d, dt)
+           for i, n in enumerate([1, 50, 197, 257]) for j, d in enumerate([64, 72, 80]) for dt in DTYPES]
+SLOW = [(b, n, d, dt) for b in (1, 3) for n in (1, 50, 197, 257, 577) for d in (64, 72, 80) for dt in DTYPES]
+SLOW = [c for c in SLOW if c not in DEFAULT]
+
+
+def _id(c):
+    return f"b{c[0]}-n{c[1]}-hd{c[2]}-{str(c[3]).split('.')[-1]}"
+
+
+def run_flash(batch, tokens, head_dim, dtype, heads=2):
+    q, k, v = (rand(batch, heads, tokens, head_dim, dtype=dtype) for _ in range(3))
+    scale = head_dim ** -0.5
+    out = vk.flash_attention(q, k, v, backend="cuda")
+    assert vk.last_decision("flash_attention").backend == "cuda"
+    assert out.shape == q.shape and out.dtype == dtype
+    check_attention(out, q, k, v, scale)
+
+
+@pytest.mark.parametrize("case", DEFAULT, ids=_id)
+def test_flash_attention(case):
+    run_flash(*case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SLOW, ids=_id)
+def test_flash_attention_full(case):
+    run_flash(*case)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lse(dtype):
+    """The row log-sum-exp (B, H, N) fp32, natural log, kept for a backward pass."""
+    B, H, N, D = 1, 3, 70, 64
+    q, k, v = (rand(B, H, N, D, dtype=dtype) for _ in range(3))
+    scale = D ** -0.5
+    lse = torch.full((B, H, N), float("nan"), device=DEVICE)
+    out, lse_out = cuda_ops.flash_attention_forward(q, k, v, scale, lse=lse)
+    assert lse_out is lse
+    check_attention(out, q, k, v, scale)
+    oracle = torch.logsumexp((q.double() @ k.double().transpose(-2, -1)) * scale, dim=-1)
+    baseline = torch.logsumexp((q @ k.transpose(-2, -1)).float() * scale, dim=-1) if dtype != torch.float32 else \
+        torch.logsumexp((q @ k.transpose(-2, -1)) * scale, dim=-1)
+    assert_close(lse, oracle, baseline, floor=1e-5, name="lse")
+
+
+def layouts(B, H, N, D, dtype):
+    """(name, q, k, v): the same attention read from different memory layouts, without copies."""
+    packed = rand(3, B, H, N, D, dtype=dtype)                            # the QKV projection's output
+    yield "packed_3bhnd", packed[0], packed[1], packed[2]
+    bnhd = rand(B, N, 3, H, D, dtype=dtype)                              # timm's reshape before permute
+    yield "bn3hd_transposed", bnhd[:, :, 0].transpose(1, 2), bnhd[:, :, 1].transpose(1, 2), bnhd[:, :, 2].transpose(1, 2)
+    wide = rand(B, H, N, 2 * D, dtype=dtype)                             # channel stride 2: element-wise loads
+    yield "channel_stride_2", wide[..., ::2], wide[..., 1::2], rand(B, H, N, D, dtype=dtype)
+    flat = rand(B * H * N * D + 1, dtype=dtype)                          # rows not 16-byte aligned
+    shifted = flat[1:].view(B, H, N, D)
+    yield "unaligned", shifted, rand(B, H, N, D, dtype=dtype), rand(B, H, N, D, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layouts_and_concatenated_output(dtype):
+    """Strided inputs are read in place; the output goes straight into (B, N, H*hd)."""
+    B, H, N, D = 3, 2, 45, 72
+    scale = D ** -0.5
+    for name, q, k, v in layouts(B, H, N, D, dtype):
+        out = vk.flash_attention(q, k, v, backend="cuda")
+        check_attention(out, q, k, v, scale, name=name)
+        o = torch.full((B, N, H * D), float("nan"), dtype=dtype, device=DEVICE)
+        cuda_ops.flash_attention_forward(q, k, v, scale, out=o.view(B, N, H, D).transpose(1, 2))
+        check_attention(o.view(B, N, H, D).transpose(1, 2), q, k, v, scale, name=name + "->(B,N,H*hd)")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cross_attention_token_counts(dtype):
+    """q_tokens != kv_tokens, a single key, and an explicit scale."""
+    for nq, nk in [(33, 130), (65, 1), (1, 257)]:
+        q = rand(1, 2, nq, 64, dtype=dtype)
+        k, v = rand(1, 2, nk, 64, dtype=dtype), rand(1, 2, nk, 64, dtype=dtype)
+        out = vk.flash_attention(q, k, v, scale=0.3, backend="cuda")
+        check_attention(out, q, k, v, 0.3, name=f"nq={nq} nk={nk}")
+
+
+@pytest.mark.parametrize("head_dim", [8, 16, 40, 104, 128])
+def test_head_dims_run_padded_in_the_next_instantiation(head_dim):
+    """Head dims not in the compiled list run in the next one, the extra columns masked."""
+    for dtype in (torch.float16, torch.float32):
+        q, k, v = (rand(1, 2, 37, head_dim, dtype=dtype) for _ in range(3))
+        out = cuda_ops.flash_attention(q, k, v, head_dim ** -0.5)
+        check_attention(out, q, k, v, head_dim ** -0.5, name=f"head_dim={head_dim} {dtype}")
+
+
+@pytest.mark.parametrize("magnitude", [1e-6, 3e4, 1e6])
+def test_float32_split_scaling(magnitude):
+    """fp32 runs as scaled fp16 hi/lo pairs: values far outside fp16's range stay accurate."""
+    D = 64
+    q = rand(1, 2, 50, D, dtype=torch.float32, scale=1.0 / 256)
+    k = rand(1, 2, 50, D, dtype=torch.float32, scale=256.0)
+    v = rand(1, 2, 50, D, dtype=torch.float32, scale=magnitude)
+    out = vk.flash_attention(q, k, v, backend="cuda")
+    check_attention(out, q, k, v, D ** -0.5, name=f"|v|~{magnitude:g}")
+    # and relative to the output's own size (the floor of assert_close is absolute)
+    oracle = reference.flash_attention(q.double(), k.double(), v.double())
+    assert (out.double() - oracle).abs().max() <= 1e-5 * oracle.abs().max()
+
+
+def test_head_dim_list_agrees_with_python():
+    dims = cuda_ops.module_for(DEVICE).flash_attention_head_dims()
+    assert dims == sorted(dims) and dims[-1] == cuda_ops.MAX_HEAD_DIM
+    assert {64, 72, 80} <= set(dims)
+
+
+def test_bad_input_is_named_before_launch():
+    q = rand(1, 2, 5, 136, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"head_dim=136 is not supported by the CUDA attention kernel"):
+        vk.flash_attention(q, q, q, backend="cuda")
+    q64 = rand(1, 2, 5, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"dtype torch.float64 is not supported by the CUDA attention kernel"):
+        vk.flash_attention(q64, q64, q64, backend="cuda")
+    mod = cuda_ops.module_for(DEVICE)
+    q = rand(1, 2, 5, 12, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=r"head_dim: expected a multiple of 8 .*compiled: 32, 64.*got 12"):
+        mod.flash_attention_forward(q, q, q, torch.empty_like(q), None, None, 1.0)
+    q = rand(1, 2, 5, 16, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=r"out: expected shape \(1, 2, 5, 16\)"):
+        mod.flash_attention_forward(q, q, q, torch.empty(1, 2, 4, 16, dtype=q.dtype), None, None, 1.0)
+    with pytest.raises(RuntimeError, match=r"k: kv_tokens must be at least 1"):
+        mod.flash_attention_forward(q, q[:, :, :0], q[:, :, :0], torch.empty_like(q), None, None, 1.0)
+    qf = q.float()
+    with pytest.raises(RuntimeError, match=r"amax: required for float32"):
+        mod.flash_attention_forward(qf, qf, qf, torch.empty_like(qf), None, None, 1.0)
+    with pytest.raises(RuntimeError, match=r"lse: expected shape \(1, 2, 5\)"):
+        mod.flash_attention_forward(q, q, q, torch.empty_like(q), torch.empty(1, 2, 4, device=DEVICE), None, 1.0)
+
+
+def test_no_query_tokens_launches_nothing():
+    q = rand(2, 2, 0, 64, dtype=torch.float16)
+    k = rand(2, 2, 7, 64, dtype=torch.float16)
+    assert cuda_ops.flash_attention(q, k, k, 0.125).shape == (2, 2, 0, 64)
+
+
+# ------------------------------------------------------------------ sm_80 / sm_90: no spills
+def _resource_usage(arch):
+    nvcc = shutil.which("nvcc")
+    src = CSRC / "attention" / "flash_fwd.cu"
+    p = subprocess.run([nvcc, "-std=c++17", f"-arch=sm_{arch}", "-O3", "--expt-relaxed-constexpr",
+                        "-I", str(CSRC / "include"), "-c", str(src), "-o", "/dev/null", "--resource-usage"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    kernels = {}
+    current = None
+    for line in (p.stdout + p.stderr).splitlines():
+        m = re.search(r"Function properties for (\S*flash_fwd_kernel\S*)", line)
+        if m:
+            current = m.group(1)
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and current:
+            kernels[current] = tuple(int(x) for x in m.groups())
+            current = None
+    return kernels
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+@pytest.mark.parametrize("arch", [80, 90])
+def test_nvcc_no_spills(arch):
+    kernels = _resource_usage(arch)
+    n_dims = len(cuda_ops.module_for(DEVICE).flash_attention_head_dims())
+    assert len(kernels) == 3 * n_dims, f"expected {3 * n_dims} instantiations, found {sorted(kernels)}"
+    bad = {k: v for k, v in kernels.items() if any(v)}
+    assert not bad, f"sm_{arch}: stack frame / spills (stack, spill stores, spill loads): {bad}"
