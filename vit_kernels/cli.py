@@ -13,9 +13,11 @@ COMMANDS = {
     "verify": "vit_kernels.commands.verify",
     "info": "vit_kernels.commands.info",
     "inspect": "vit_kernels.commands.inspect",
+    "bench": "vit_kernels.commands.bench",
+    "profile-attention": "vit_kernels.commands.profile_attention",
 }
 # commands that compile or time kernels and must not run in Triton's interpreter
-NO_INTERPRETER = {"inspect"}
+NO_INTERPRETER = {"inspect", "bench", "profile-attention"}
 
 
 def _enable_interpreter_without_gpu() -> None:

@@ -1,0 +1,258 @@
+"""Attention across sequence lengths: the vit_kernels kernels, SDPA with each of its backends,
+and eager matmul-softmax-matmul, on the same inputs.
+
+FLOPs are the forward's 4*B*H*N^2*d (plus 2*B*N*D*3D for the providers that also project Q, K
+and V); bytes are the fewest the op must move (cost model); TFLOP/s and GB/s follow from the
+median time. A provider that cannot run a case (SDPA backend constraints, no GPU, out of
+memory) gets a row that says why, never a number.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import warnings
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .cost import attention_cost, dtype_bytes, qkv_attention_cost
+from .peaks import Peak
+from .timer import L2Flush, measure
+
+PROVIDERS = {
+    "vk_flash:triton": "vit_kernels.flash_attention, backend='triton'",
+    "vk_flash:cuda": "vit_kernels.flash_attention, backend='cuda'",
+    "vk_qkv:triton": "vit_kernels.qkv_attention (LayerNorm + QKV projection + attention), backend='triton'",
+    "vk_qkv:cuda": "vit_kernels.qkv_attention, backend='cuda'",
+    "qkv:torch": "LayerNorm + QKV linear + SDPA in PyTorch (what vk_qkv replaces)",
+    "sdpa:flash": "F.scaled_dot_product_attention, flash backend only",
+    "sdpa:efficient": "SDPA, memory-efficient backend only",
+    "sdpa:cudnn": "SDPA, cuDNN backend only",
+    "sdpa:math": "SDPA, math backend only",
+    "eager": "(q @ k^T * scale).softmax(-1) @ v as separate ops",
+}
+SDPA_BACKENDS = {"sdpa:flash": "FLASH_ATTENTION", "sdpa:efficient": "EFFICIENT_ATTENTION",
+                 "sdpa:cudnn": "CUDNN_ATTENTION", "sdpa:math": "MATH"}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnCase:
+    batch: int
+    heads: int
+    tokens: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def dim(self) -> int:
+        return self.heads * self.head_dim
+
+
+def tokens_from_images(img_sizes: Sequence[int], patch: int, prefix: int = 1) -> List[int]:
+    """Tokens of square images: (img / patch)^2 + prefix (class token) each."""
+    out = []
+    for s in img_sizes:
+        if s <= 0 or s % patch:
+            raise ValueError(f"img_size: expected positive multiples of patch_size={patch}, got {s}")
+        out.append((s // patch) ** 2 + prefix)
+    return out
+
+
+def batch_for(tokens: int, total_tokens: int) -> int:
+    """A batch that keeps batch * tokens near ``total_tokens`` (as FlashAttention's benchmarks do)."""
+    return max(1, total_tokens // tokens)
+
+
+def is_qkv(provider: str) -> bool:
+    return provider.startswith("vk_qkv") or provider == "qkv:torch"
+
+
+def flops(provider: str, c: AttnCase) -> float:
+    f = 4.0 * c.batch * c.heads * c.tokens ** 2 * c.head_dim
+    if is_qkv(provider):
+        f += 2.0 * c.batch * c.tokens * c.dim * 3 * c.dim
+    return f
+
+
+def min_bytes(provider: str, c: AttnCase) -> float:
+    e = dtype_bytes(c.dtype)
+    if is_qkv(provider):
+        return qkv_attention_cost(c.batch, c.tokens, c.dim, c.heads, e).min_bytes
+    return attention_cost(c.batch, c.heads, c.tokens, c.head_dim, e).min_bytes
+
+
+def static_reason(provider: str, device: torch.device, interpreter: Optional[bool] = None) -> Optional[str]:
+    """Why ``provider`` cannot be timed on ``device``, decided before any input is made."""
+    from ..backends import cuda_unavailable, interpreter_enabled, triton_importable
+    from torch.nn.attention import SDPBackend
+    if provider not in PROVIDERS:
+        raise ValueError(f"providers: expected names from {tuple(PROVIDERS)}, got {provider!r}")
+    interpreter = interpreter_enabled() if interpreter is None else interpreter
+    if provider.endswith(":triton"):
+        if device.type != "cuda":
+            return ("the Triton kernels need a CUDA GPU; on the CPU they run only in Triton's interpreter, "
+                    "which is for verification, not timing")
+        if interpreter:
+            return "TRITON_INTERPRET=1 is set: Triton would run in its interpreter, which is not a timing"
+        return triton_importable()
+    if provider.endswith(":cuda"):
+        if device.type != "cuda":
+            return ("the CUDA C++ kernels need a CUDA GPU; on the CPU they run only in the host emulation "
+                    "build, which is for verification, not timing")
+        return cuda_unavailable(device)
+    if provider in SDPA_BACKENDS:
+        if not hasattr(SDPBackend, SDPA_BACKENDS[provider]):
+            return f"this torch ({torch.__version__}) has no SDPA backend {SDPA_BACKENDS[provider]}"
+        if device.type != "cuda" and provider in ("sdpa:efficient", "sdpa:cudnn"):
+            return f"SDPA's {provider.split(':')[1]} backend runs on CUDA devices only"
+    return None
+
+
+def make_fn(provider: str, c: AttnCase, device: torch.device):
+    """The callable to time, on fresh random inputs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from .. import ops
+    g = dict(device=device, dtype=c.dtype)
+    if is_qkv(provider):
+        x = torch.randn(c.batch, c.tokens, c.dim, **g)
+        w = torch.randn(3 * c.dim, c.dim, **g) * c.dim ** -0.5
+        b = torch.randn(3 * c.dim, **g) * 0.02
+        nw, nb = 1 + 0.1 * torch.randn(c.dim, **g), 0.1 * torch.randn(c.dim, **g)
+        backend = provider.split(":")[1]
+        return lambda: ops.qkv_attention(x, w, b, num_heads=c.heads, norm_weight=nw, norm_bias=nb, backend=backend)
+    q, k, v = (torch.randn(c.batch, c.heads, c.tokens, c.head_dim, **g) for _ in range(3))
+    if provider.startswith("vk_flash"):
+        backend = provider.split(":")[1]
+        return lambda: ops.flash_attention(q, k, v, backend=backend)
+    if provider in SDPA_BACKENDS:
+        be = getattr(SDPBackend, SDPA_BACKENDS[provider])
+
+        def fn():
+            with sdpa_kernel([be]):
+                return F.scaled_dot_product_attention(q, k, v)
+        return fn
+    scale = c.head_dim ** -0.5
+    return lambda: torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1) @ v
+
+
+@dataclasses.dataclass
+class AttnConfig:
+    providers: Sequence[str]
+    cases: Sequence[AttnCase]
+    device: torch.device
+    warmup: int = 10
+    repeats: int = 30
+    min_repeat_ms: float = 1.0
+    peak: Optional[Peak] = None
+    flush_l2: bool = True
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_case(provider: str, c: AttnCase, cfg: AttnConfig) -> Dict:
+    device = cfg.device
+    row: Dict = {"provider": provider, "batch": c.batch, "heads": c.heads, "tokens": c.tokens,
+                 "head_dim": c.head_dim, "dtype": str(c.dtype).replace("torch.", ""), "status": "ok", "note": ""}
+    why = static_reason(provider, device)
+    if why is None and provider == "eager" and device.type == "cuda":
+        need = 3 * c.batch * c.heads * c.tokens ** 2 * dtype_bytes(c.dtype)  # scores, probabilities, softmax temp
+        free = torch.cuda.mem_get_info(device)[0]
+        if need > free:
+            why = f"out of memory: eager needs ~{need / 2**30:.1f} GiB for the scores, {free / 2**30:.1f} GiB free"
+    if why:
+        row.update(status="not measured", note=why)
+        return row
+    _free(device)
+    from ..backends import last_decision
+    fn = make_fn(provider, c, device)
+    before = dict(last_decision())
+    mem0 = 0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        mem0 = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            out = fn()
+        except RuntimeError as e:
+            if provider in SDPA_BACKENDS and "No available kernel" in str(e):
+                reasons = "; ".join(str(w.message).splitlines()[0] for w in caught)
+                row.update(status="not measured", note=f"SDPA's {provider.split(':')[1]} backend cannot run "
+                           f"this case" + (f": {reasons}" if reasons else ""))
+                return row
+            raise
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        row["mem_mib"] = (torch.cuda.max_memory_allocated(device) - mem0) / 2**20
+    del out
+    if provider.startswith("vk_"):
+        op = "qkv_attention" if is_qkv(provider) else "flash_attention"
+        d = last_decision(op)
+        want = provider.split(":")[1]
+        if d is None or d is before.get(op):
+            row.update(status="fallback", note=f"{op} recorded no decision")
+        elif d.backend != want:
+            row.update(status="fallback", note=f"FALLBACK {op} ran {d.backend}: " + "; ".join(d.reasons.values()))
+        elif d.path:
+            row["note"] = f"path={d.path}"
+    flush = L2Flush(device) if (cfg.flush_l2 and device.type == "cuda") else None
+    m = measure(fn, device=device, warmup=max(0, cfg.warmup - 1), repeats=cfg.repeats,
+                min_repeat_ms=cfg.min_repeat_ms, before_repeat=flush)
+    st = m.stats
+    f, nb = flops(provider, c), min_bytes(provider, c)
+    row.update(ms=st.median, ms_p20=st.p20, ms_p80=st.p80, spread_pct=100 * st.spread, repeats=st.n, inner=m.inner,
+               gflop=f / 1e9, tflops=f / (st.median * 1e-3) / 1e12, gbs=nb / (st.median * 1e-3) / 1e9)
+    add_peak_columns(row, c.dtype, cfg.peak, measured_on_gpu=device.type == "cuda")
+    return row
+
+
+def add_peak_columns(row: Dict, dtype: torch.dtype, peak: Optional[Peak], measured_on_gpu: bool) -> None:
+    """% of the GPU's peak FLOP/s and bandwidth, the roofline bound and measured / bound. Pure."""
+    if peak is None or "ms" not in row:
+        return
+    tf = peak.tflops(dtype)
+    f, nb = row["gflop"] * 1e9, row["gbs"] * 1e9 * row["ms"] * 1e-3
+    if tf:
+        row["bound_ms"] = max(f / (tf * 1e12), nb / (peak.bandwidth_gbs * 1e9)) * 1e3
+    if measured_on_gpu:
+        if tf:
+            row["pct_peak_flops"] = 100 * row["tflops"] / tf
+            row["x_bound"] = row["ms"] / row["bound_ms"]
+        row["pct_peak_bw"] = 100 * row["gbs"] / peak.bandwidth_gbs
+
+
+def run(cfg: AttnConfig, progress=None) -> List[Dict]:
+    rows = []
+    for c in cfg.cases:
+        for p in cfg.providers:
+            label = f"{p} N={c.tokens} B={c.batch} d={c.head_dim} {str(c.dtype).replace('torch.', '')}"
+            if progress is not None:
+                progress.describe(label)
+            try:
+                row = run_case(p, c, cfg)
+            except torch.cuda.OutOfMemoryError as e:
+                row = {"provider": p, "batch": c.batch, "heads": c.heads, "tokens": c.tokens, "head_dim": c.head_dim,
+                       "dtype": str(c.dtype).replace("torch.", ""), "status": "not measured",
+                       "note": "out of memory: " + str(e).splitlines()[0]}
+                _free(cfg.device)
+            except Exception as e:
+                row = {"provider": p, "batch": c.batch, "heads": c.heads, "tokens": c.tokens, "head_dim": c.head_dim,
+                       "dtype": str(c.dtype).replace("torch.", ""), "status": "error",
+                       "note": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+                _free(cfg.device)
+            rows.append(row)
+            if progress is not None:
+                progress.advance(label)
+    return rows
+
+
+TABLE_COLUMNS = [("tokens", "tokens"), ("batch", "batch"), ("head_dim", "d"), ("dtype", "dtype"),
+                 ("provider", "provider"), ("status", "status"), ("ms", "ms"), ("spread_pct", "±%"),
+                 ("tflops", "TFLOP/s"), ("gbs", "GB/s"), ("pct_peak_flops", "%peak FLOP"),
+                 ("pct_peak_bw", "%peak BW"), ("mem_mib", "alloc MiB"), ("x_bound", "x bound")]

@@ -1,0 +1,263 @@
+"""Writers: the environment record, a text table, CSV, JSON, PNG plots, and a progress bar.
+
+matplotlib and rich are optional: without matplotlib no PNG is written and the command says
+so; without rich the progress is printed as plain lines.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+
+def _version(mod: str) -> Optional[str]:
+    try:
+        from importlib.metadata import version
+        return version(mod)
+    except Exception:
+        return None
+
+
+def git_commit(path: Optional[Path] = None) -> Dict[str, object]:
+    """The commit of the checkout that holds vit_kernels (and whether it has local changes)."""
+    path = path or Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return {"commit": None, "dirty": None}
+        dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "dirty": None}
+
+
+def environment(device: torch.device) -> Dict[str, object]:
+    """Device name, versions and commit: what a benchmark result must carry to be comparable."""
+    from .. import __version__
+    env: Dict[str, object] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "vit_kernels": __version__,
+        "triton": _version("triton"),
+        "timm": _version("timm"),
+        "torchvision": _version("torchvision"),
+        "transformers": _version("transformers"),
+        "torch_threads": torch.get_num_threads(),
+        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(device_name=props.name, capability=f"sm_{props.major}{props.minor}",
+                   sm_count=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1),
+                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                   tf32_matmul=bool(torch.backends.cuda.matmul.allow_tf32))
+    else:
+        env.update(device_name=platform.processor() or platform.machine(), cpu_count=os.cpu_count())
+    env.update(git_commit())
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def fmt(v, digits: int = 3) -> str:
+    """A cell: None -> '-', floats to ``digits`` significant figures (no exponent below 1e6)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        mag = math.floor(math.log10(abs(v)))
+        return f"{v:.{max(0, digits - 1 - mag)}f}" if abs(v) < 1e6 else f"{v:.3g}"
+    return str(v)
+
+
+def format_table(rows: Sequence[Dict], columns: Sequence[tuple]) -> str:
+    """A plain text table. columns: (key, header) or (key, header, formatter)."""
+    cells = [[c[1] for c in columns]]
+    for r in rows:
+        cells.append([(c[2] if len(c) > 2 else fmt)(r.get(c[0])) for c in columns])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = []
+    for j, row in enumerate(cells):
+        lines.append("  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: Sequence[Dict], columns: Optional[Sequence[str]] = None) -> Path:
+    """One row per result; the columns are the union of the rows' keys (first-seen order)."""
+    if columns is None:
+        columns = []
+        for r in rows:
+            columns += [k for k in r if k not in columns]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    return path
+
+
+def write_json(path: Path, payload: Dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+        f.write("\n")
+    return path
+
+
+def matplotlib_missing() -> Optional[str]:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib): no PNG written"
+    return None
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_bars(path: Path, groups: Sequence[str], series: Dict[str, Sequence[Optional[float]]],
+              ylabel: str, title: str) -> Path:
+    """Grouped bars: one group per configuration, one bar per provider; None bars are marked
+    'not measured'."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * max(1, len(series)) / 3), 4.5))
+    n = max(1, len(series))
+    width = 0.8 / n
+    for i, (name, values) in enumerate(series.items()):
+        xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
+        ys = [v if v is not None else 0 for v in values]
+        bars = ax.bar(xs, ys, width, label=name)
+        for b, v in zip(bars, values):
+            if v is None:
+                ax.text(b.get_x() + b.get_width() / 2, 0, "not measured", rotation=90, ha="center",
+                        va="bottom", fontsize=7)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_lines(path: Path, x: Sequence[float], series: Dict[str, Sequence[Optional[float]]], xlabel: str,
+               ylabel: str, title: str, hline: Optional[float] = None, hline_label: str = "") -> Path:
+    """Lines over x (log scale), one per provider; None points are left out and providers with
+    no point at all are named under the plot as not measured."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, ys in series.items():
+        pts = [(a, b) for a, b in zip(x, ys) if b is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    if hline:
+        ax.axhline(hline, color="gray", linestyle="--", linewidth=1, label=hline_label)
+    ax.set_xscale("log")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels([str(int(v)) for v in x], fontsize=8)
+    ax.minorticks_off()
+    missing = [n for n, ys in series.items() if all(v is None for v in ys)]
+    if missing:
+        fig.text(0.01, 0.01, "not measured: " + ", ".join(missing), fontsize=7, color="gray")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class _PlainProgress:
+    def __init__(self, total: int, stream):
+        self.total, self.done, self.stream = total, 0, stream
+
+    def advance(self, label: str) -> None:
+        self.done += 1
+        print(f"[{self.done}/{self.total}] {label}", file=self.stream, flush=True)
+
+    def describe(self, label: str) -> None:
+        pass
+
+
+class _RichProgress:
+    def __init__(self, progress, task):
+        self.progress, self.task = progress, task
+
+    def describe(self, label: str) -> None:
+        self.progress.update(self.task, description=label)
+
+    def advance(self, label: str) -> None:
+        self.progress.update(self.task, advance=1, description=label)
+
+
+@contextlib.contextmanager
+def progress(total: int, title: str, enabled: bool = True):
+    """A progress bar on stderr (rich when installed and stderr is a terminal, else a line per
+    step). Yields an object with describe(label) and advance(label)."""
+    if not enabled:
+        yield _PlainProgress(total, open(os.devnull, "w"))
+        return
+    try:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError:
+        rich_ok = False
+    else:
+        rich_ok = sys.stderr.isatty()
+    if not rich_ok:
+        yield _PlainProgress(total, sys.stderr)
+        return
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=True) as p:
+        task = p.add_task(title, total=total)
+        yield _RichProgress(p, task)
+
+
+def write_all(out: Path, stem: str, rows: List[Dict], meta: Dict, extra: Optional[Dict] = None) -> List[Path]:
+    """<stem>.csv and <stem>.json (rows + environment + anything in ``extra``) under ``out``."""
+    paths = [write_csv(out / f"{stem}.csv", rows)]
+    payload = {"environment": meta, "results": rows}
+    payload.update(extra or {})
+    paths.append(write_json(out / f"{stem}.json", payload))
+    return paths
+
+
+def unique(seq: Iterable) -> List:
+    out: List = []
+    for x in seq:
+        if x not in out:
+            out.append(x)
+    return out

@@ -1,0 +1,294 @@
+"""Model throughput: providers side by side on the same model, inputs and settings.
+
+Providers (``PROVIDERS``):
+- ``eager``: attention as separate matmul, softmax, matmul ops (see bench.models);
+- ``sdpa``: eager PyTorch with F.scaled_dot_product_attention (each library's default);
+- ``compile``: torch.compile of the sdpa model (``compile_mode``);
+- ``triton`` / ``cuda``: the vit_kernels fused ops with backend="triton" / "cuda" (the reference
+  ViT directly; other families through ``vit_kernels.fuse``).
+
+A provider that cannot be timed here gets a row that says "not measured" and why; it is never
+estimated. The Triton and CUDA kernels are timed only on a CUDA GPU: on the CPU they would run
+in Triton's interpreter or the host emulator, which are for verification, not timing. After
+the first call of a fused provider, ``vit_kernels.last_decision`` is read: a row that asked for
+triton but ran torch for some op says so (status "fallback").
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import models as bmodels
+from .cost import model_cost, training_flops
+from .peaks import Peak
+from .timer import cuda_graph, measure
+
+PROVIDERS = {
+    "eager": "attention as separate matmul/softmax/matmul ops",
+    "sdpa": "eager PyTorch + F.scaled_dot_product_attention",
+    "compile": "torch.compile of the sdpa model",
+    "triton": "vit_kernels fused ops, backend='triton'",
+    "cuda": "vit_kernels fused ops, backend='cuda' (csrc)",
+}
+FUSED = ("triton", "cuda")
+MODES = ("inference", "train")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    models: Sequence[str]
+    providers: Sequence[str]
+    device: torch.device
+    batch_size: int
+    dtype: torch.dtype = torch.float32
+    precision: str = "pure"  # "pure": weights and inputs in dtype; "autocast": fp32 weights + autocast
+    modes: Sequence[str] = ("inference",)
+    img_size: Optional[int] = None
+    depth: Optional[int] = None
+    warmup: int = 10
+    repeats: int = 30
+    min_repeat_ms: float = 0.0
+    compile_mode: str = "default"
+    cuda_graphs: bool = False
+    peak: Optional[Peak] = None  # the GPU whose roofline bounds are reported
+
+
+def check_config(cfg: BenchConfig) -> None:
+    """Validate before anything is built; errors name the argument."""
+    for p in cfg.providers:
+        if p not in PROVIDERS:
+            raise ValueError(f"providers: expected names from {tuple(PROVIDERS)}, got {p!r}")
+    for m in cfg.modes:
+        if m not in MODES:
+            raise ValueError(f"mode: expected names from {MODES}, got {m!r}")
+    if cfg.precision not in ("pure", "autocast"):
+        raise ValueError(f"precision: expected 'pure' or 'autocast', got {cfg.precision!r}")
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode: expected one of {COMPILE_MODES}, got {cfg.compile_mode!r}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {cfg.batch_size}")
+    if cfg.repeats < 1 or cfg.warmup < 1:
+        raise ValueError(f"repeats/warmup: expected >= 1, got repeats={cfg.repeats}, warmup={cfg.warmup}")
+    for m in cfg.models:
+        bmodels.parse(m)
+
+
+def static_reason(provider: str, device: torch.device, *, graphs: bool = False, mode: str = "inference",
+                  interpreter: Optional[bool] = None) -> Optional[str]:
+    """Why ``provider`` cannot be timed on ``device`` (None when it can be tried). Pure: decided
+    from the device and the settings, before any model is built."""
+    from ..backends import cuda_unavailable, interpreter_enabled, triton_importable
+    interpreter = interpreter_enabled() if interpreter is None else interpreter
+    if graphs:
+        if device.type != "cuda":
+            return "CUDA graphs need a CUDA GPU"
+        if mode != "inference":
+            return "CUDA graphs are captured for the inference step only"
+    if provider == "triton":
+        if device.type != "cuda":
+            return ("the Triton kernels need a CUDA GPU; on the CPU they run only in Triton's "
+                    "interpreter, which is for verification, not timing")
+        if interpreter:
+            return "TRITON_INTERPRET=1 is set: Triton would run in its interpreter, which is not a timing"
+        return triton_importable()
+    if provider == "cuda":
+        if device.type != "cuda":
+            return ("the CUDA C++ kernels need a CUDA GPU; on the CPU they run only in the host "
+                    "emulation build, which is for verification, not timing")
+        return cuda_unavailable(device)
+    return None
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _fallbacks(before: Dict, requested: str) -> List[str]:
+    """Ops whose decision changed since ``before`` and did not run ``requested``; and paths."""
+    from ..backends import last_decision
+    notes = []
+    for op, d in last_decision().items():
+        if before.get(op) is d:
+            continue
+        if d.backend != requested:
+            why = "; ".join(f"{r}" for r in d.reasons.values()) or "no reason recorded"
+            notes.append(f"FALLBACK {op} ran {d.backend}: {why}")
+        elif d.path:
+            notes.append(f"{op} path={d.path}")
+    return notes
+
+
+def run_case(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool = False) -> Dict:
+    """Build, warm up and time one (model, provider, mode). Returns a result row."""
+    name = provider + ("+graphs" if graphs else "")
+    row: Dict = {"model": spec, "provider": name, "mode": mode, "dtype": str(cfg.dtype).replace("torch.", ""),
+                 "precision": cfg.precision, "batch": cfg.batch_size, "status": "ok", "note": ""}
+    why = static_reason(provider, cfg.device, graphs=graphs, mode=mode)
+    if why is not None:
+        row.update(status="not measured", note=why)
+        return row
+    device = cfg.device
+    _free(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    family, _ = bmodels.parse(spec)
+    torch.manual_seed(0)
+    model = bmodels.build(spec, img_size=cfg.img_size, depth=cfg.depth,
+                          attention="eager" if provider == "eager" else "sdpa")
+    chans, img = bmodels.input_size(model)
+    row["img_size"] = img
+    model = model.to(device)
+    if cfg.precision == "pure":
+        model = model.to(cfg.dtype)
+    if provider in FUSED:
+        if family == "vit_kernels":
+            from ..nn import set_backend
+            set_backend(model, provider)
+        else:
+            from .. import fuse
+            try:
+                fuse(model, backend=provider)
+            except NotImplementedError as e:
+                row.update(status="not measured", note=f"vit_kernels.fuse cannot fuse this model yet: {e}")
+                return row
+    shape = bmodels.shape_of(model, cfg.batch_size, cfg.dtype)
+    in_dtype = cfg.dtype if cfg.precision == "pure" else torch.float32
+    images = torch.randn(cfg.batch_size, chans, img, img, device=device, dtype=in_dtype)
+    def amp():
+        if cfg.precision == "autocast":
+            return torch.autocast(device.type, dtype=cfg.dtype)
+        return contextlib.nullcontext()
+    attn_ctx = lambda: bmodels.attention_context("eager" if provider == "eager" else "sdpa")  # noqa: E731
+
+    if mode == "train":  # the number of classes, from the model before it is compiled
+        n_cls = bmodels.logits(_probe_out(model, images[:1], attn_ctx, amp)).shape[-1]
+        labels = torch.randint(0, n_cls, (cfg.batch_size,), device=device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        model.train()
+    if provider == "compile":
+        model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+
+    if mode == "inference":
+
+        def step():
+            with torch.inference_mode(), attn_ctx(), amp():
+                return model(images)
+    else:
+        def step():
+            with attn_ctx(), amp():
+                loss = F.cross_entropy(bmodels.logits(model(images)).float(), labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    from ..backends import last_decision
+    before = last_decision()
+    t0 = time.perf_counter()
+    step()  # first call: compilation, autotuning, lazy init
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    first_s = time.perf_counter() - t0
+    if provider == "compile":
+        row["compile_s"] = round(first_s, 2)
+    notes = _fallbacks(before, provider) if provider in FUSED else []
+    if any(n.startswith("FALLBACK") for n in notes):
+        row["status"] = "fallback"
+    fn = cuda_graph(step) if graphs else step
+    m = measure(fn, device=device, warmup=max(0, cfg.warmup - 1), repeats=cfg.repeats,
+                min_repeat_ms=cfg.min_repeat_ms)
+    st = m.stats
+    row.update(ms=st.median, ms_p20=st.p20, ms_p80=st.p80, ms_min=st.min, ms_max=st.max,
+               spread_pct=100 * st.spread, repeats=st.n, inner=m.inner,
+               img_per_s=cfg.batch_size * 1e3 / st.median)
+    if device.type == "cuda":
+        row["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if shape is not None:
+        mc = model_cost(shape)
+        flops = mc.flops if mode == "inference" else training_flops(mc.flops)
+        row["gflop_per_img"] = flops / cfg.batch_size / 1e9
+        row["tflops"] = flops / (st.median * 1e-3) / 1e12
+        if cfg.peak is not None:
+            if mode == "inference":
+                b = mc.bound_seconds(cfg.peak, cfg.dtype, "min")
+            else:
+                tf = cfg.peak.tflops(cfg.dtype)
+                b = flops / (tf * 1e12) if tf else None
+            if b is not None:
+                row["bound_ms"] = b * 1e3
+                if device.type == "cuda":
+                    row["x_bound"] = st.median / row["bound_ms"]
+    row["note"] = "; ".join(notes)
+    del model, images, fn, step
+    _free(device)
+    return row
+
+
+def _probe_out(model, images, attn_ctx, amp):
+    with torch.no_grad(), attn_ctx(), amp():
+        return model(images)
+
+
+def cases(cfg: BenchConfig) -> List[tuple]:
+    """(model, provider, mode, graphs) in the order they run."""
+    out = []
+    for spec in cfg.models:
+        for mode in cfg.modes:
+            for p in cfg.providers:
+                out.append((spec, p, mode, False))
+                if cfg.cuda_graphs and p != "compile":
+                    out.append((spec, p, mode, True))
+    return out
+
+
+def add_speedups(rows: List[Dict]) -> None:
+    """speedup = eager's median ms / the row's, within each (model, mode)."""
+    base = {(r["model"], r["mode"]): r["ms"] for r in rows if r["provider"] == "eager" and "ms" in r}
+    for r in rows:
+        b = base.get((r["model"], r["mode"]))
+        if b is not None and "ms" in r:
+            r["speedup"] = b / r["ms"]
+
+
+def run(cfg: BenchConfig, progress=None) -> List[Dict]:
+    check_config(cfg)
+    rows = []
+    todo = cases(cfg)
+    for spec, p, mode, graphs in todo:
+        label = f"{spec} {mode} {p}{'+graphs' if graphs else ''}"
+        if progress is not None:
+            progress.describe(label)
+        try:
+            row = run_case(spec, p, mode, cfg, graphs)
+        except torch.cuda.OutOfMemoryError as e:
+            row = _error_row(spec, p, mode, cfg, graphs, "out of memory: " + str(e).splitlines()[0])
+            _free(cfg.device)
+        except Exception as e:  # reported in the row and by the exit status, never hidden
+            row = _error_row(spec, p, mode, cfg, graphs, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            _free(cfg.device)
+        rows.append(row)
+        if progress is not None:
+            progress.advance(label)
+    add_speedups(rows)
+    return rows
+
+
+def _error_row(spec, p, mode, cfg, graphs, msg):
+    return {"model": spec, "provider": p + ("+graphs" if graphs else ""), "mode": mode,
+            "dtype": str(cfg.dtype).replace("torch.", ""), "precision": cfg.precision,
+            "batch": cfg.batch_size, "status": "error", "note": msg}
+
+
+TABLE_COLUMNS = [("model", "model"), ("mode", "mode"), ("provider", "provider"), ("status", "status"),
+                 ("ms", "ms/step"), ("spread_pct", "±%"), ("img_per_s", "img/s"),
+                 ("peak_mem_mib", "peak MiB"), ("speedup", "x eager"), ("tflops", "TFLOP/s"),
+                 ("bound_ms", "bound ms"), ("x_bound", "x bound")]

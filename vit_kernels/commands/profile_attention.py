@@ -1,0 +1,209 @@
+"""``python -m vit_kernels profile-attention``: attention across sequence lengths, then where the
+time of one ViT block goes.
+
+Sweeps tokens (--tokens, or --img-size with --patch-size) x head dims x dtypes over the
+providers, and writes attention.csv/json/png (TFLOP/s against tokens) under --out. Then
+profiles one block stage by stage (torch.profiler + record_function + NVTX ranges) and writes
+block_breakdown.csv/json and block_trace.json (open it in https://ui.perfetto.dev). Defaults
+depend on the device: on a CUDA GPU tokens 50..4097 with batch * tokens ~ 65536 in bf16; on a
+CPU tokens 50,197,257,577 at batch 1 in fp32, where the vit_kernels providers are reported as
+not measured (their kernels need a CUDA GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from ..bench import attention as batt
+from ..bench import peaks as bpeaks
+from .bench import resolve_device
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+GPU_DEFAULTS = dict(tokens="50,197,257,577,1025,2305,4097", dtype="bf16", warmup=10, repeats=30,
+                    min_repeat_ms=1.0, breakdown_batch=256)
+CPU_DEFAULTS = dict(tokens="50,197,257,577", dtype="fp32", warmup=2, repeats=5, min_repeat_ms=20.0,
+                    breakdown_batch=2)
+DEFAULT_PROVIDERS = ",".join(batt.PROVIDERS)
+
+
+def _ints(name: str, text: str):
+    try:
+        vals = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise SystemExit(f"{name}: expected a comma list of integers, got {text!r}")
+    if not vals or any(v < 1 for v in vals):
+        raise SystemExit(f"{name}: expected positive integers, got {text!r}")
+    return vals
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("profile-attention", help="attention TFLOP/s across sequence lengths, and a per-stage "
+                       "profile of one ViT block", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="providers:\n" + "\n".join(f"  {k:<16}{v}" for k, v in batt.PROVIDERS.items())
+                       + "\n\nGPU peaks (--gpu KEY; dense TFLOP/s, GB/s):\n" + bpeaks.table_text())
+    p.add_argument("--tokens", default=None, help="comma list (default 50,...,4097 on a GPU; 50,197,257,577 on a CPU)")
+    p.add_argument("--img-size", default=None, help="comma list of image sizes; tokens = (img/patch)^2 + 1")
+    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--head-dim", default="64", help="comma list (default 64)")
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="fixed batch (default: batch * tokens ~ --total-tokens on a GPU, 1 on a CPU)")
+    p.add_argument("--total-tokens", type=int, default=65536)
+    p.add_argument("--dtype", default=None, help="comma list of fp32,fp16,bf16 (default bf16 GPU / fp32 CPU)")
+    p.add_argument("--providers", default=DEFAULT_PROVIDERS, help="comma list (default: all)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--min-repeat-ms", type=float, default=None)
+    p.add_argument("--no-l2-flush", action="store_true", help="do not flush the GPU's L2 between repeats")
+    p.add_argument("--gpu", default=None, help="GPU for %% of peak and bounds (default: this device)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--out", default="bench_out")
+    p.add_argument("--no-breakdown", action="store_true", help="skip the per-stage block profile")
+    p.add_argument("--breakdown-tokens", type=int, default=197)
+    p.add_argument("--breakdown-batch", type=int, default=None, help="default 256 on a GPU, 2 on a CPU")
+    p.add_argument("--breakdown-dim", type=int, default=768)
+    p.add_argument("--breakdown-backend", choices=["auto", "triton", "cuda", "torch"], default=None,
+                   help="backend of the fused block (default: triton on a GPU, torch on a CPU)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def make_config(args):
+    device = resolve_device(args.device)
+    gpu = device.type == "cuda"
+    d = GPU_DEFAULTS if gpu else CPU_DEFAULTS
+    notes = []
+    if args.img_size:
+        if args.tokens:
+            raise SystemExit("tokens: give --tokens or --img-size, not both")
+        try:
+            tokens = batt.tokens_from_images(_ints("img_size", args.img_size), args.patch_size)
+        except ValueError as e:
+            raise SystemExit(str(e))
+    else:
+        tokens = _ints("tokens", args.tokens or d["tokens"])
+    head_dims = _ints("head_dim", args.head_dim)
+    dtypes = []
+    for t in (args.dtype or d["dtype"]).split(","):
+        if t.strip() not in DTYPES:
+            raise SystemExit(f"dtype: expected a comma list of {sorted(DTYPES)}, got {args.dtype!r}")
+        dtypes.append(DTYPES[t.strip()])
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    for p in providers:
+        if p not in batt.PROVIDERS:
+            raise SystemExit(f"providers: expected names from {list(batt.PROVIDERS)}, got {p!r}")
+    if args.heads < 1:
+        raise SystemExit(f"heads: expected >= 1, got {args.heads}")
+    cases = []
+    for dt in dtypes:
+        for hd in head_dims:
+            for n in tokens:
+                b = args.batch_size or (batt.batch_for(n, args.total_tokens) if gpu else 1)
+                cases.append(batt.AttnCase(b, args.heads, n, hd, dt))
+    peak = None
+    if args.gpu:
+        try:
+            peak = bpeaks.by_key(args.gpu)
+        except ValueError as e:
+            raise SystemExit(str(e))
+    elif gpu:
+        peak = bpeaks.for_device(device)
+        if peak is None:
+            notes.append(f"{torch.cuda.get_device_name(device)} is not in the peaks table: no % of peak "
+                         f"(pass --gpu KEY)")
+    if peak is not None and not gpu:
+        notes.append(f"bounds are for {peak.name}; times were measured on the CPU, so no % of peak is given")
+    get = lambda k: getattr(args, k) if getattr(args, k) is not None else d[k]  # noqa: E731
+    cfg = batt.AttnConfig(providers, cases, device, warmup=get("warmup"), repeats=get("repeats"),
+                          min_repeat_ms=get("min_repeat_ms"), peak=peak, flush_l2=not args.no_l2_flush)
+    if cfg.warmup < 1 or cfg.repeats < 1:
+        raise SystemExit(f"warmup/repeats: expected >= 1, got {cfg.warmup}/{cfg.repeats}")
+    return cfg, notes
+
+
+def run(args) -> int:
+    from ..bench import report
+    from ..bench.profile import TABLE_COLUMNS as BD_COLUMNS, breakdown
+    cfg, notes = make_config(args)
+    gpu = cfg.device.type == "cuda"
+    meta = report.environment(cfg.device)
+    print(f"vit_kernels profile-attention on {meta['device_name']} ({cfg.device}), torch {meta['torch']}, "
+          f"commit {str(meta.get('commit'))[:10]}{' (modified)' if meta.get('dirty') else ''}")
+    print(f"heads {args.heads}, {len(cfg.cases)} shapes x {len(cfg.providers)} providers; warm-up {cfg.warmup}, "
+          f"repeats {cfg.repeats}, timer {'CUDA events' if gpu else 'perf_counter'}"
+          + (", L2 flushed between repeats" if gpu and cfg.flush_l2 else ""))
+    for n in notes:
+        print("note: " + n)
+    if not gpu:
+        print("note: no CUDA GPU here: the torch providers are timed on the CPU; the Triton and CUDA kernels need "
+              "a CUDA GPU and their rows are marked not measured")
+    with report.progress(len(cfg.cases) * len(cfg.providers), "attention", enabled=not args.no_progress) as prog:
+        rows = batt.run(cfg, prog)
+    for r in rows:
+        r["device"] = meta["device_name"]
+    print()
+    print(report.format_table(rows, batt.TABLE_COLUMNS))
+    seen = set()
+    for r in rows:
+        key = (r["provider"], r.get("note"))
+        if r.get("note") and key not in seen:
+            seen.add(key)
+            print(f"  {r['provider']}: {r['note']}")
+    out = Path(args.out)
+    extra = {"config": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+             "providers": batt.PROVIDERS, "gpu_for_bounds": cfg.peak.name if cfg.peak else None,
+             "flops": "forward: 4*B*H*N^2*d (+ 2*B*N*D*3D for the qkv providers)"}
+    paths = report.write_all(out, "attention", rows, meta, extra)
+    plot_ok = not args.no_plot and report.matplotlib_missing() is None
+    if not args.no_plot and not plot_ok:
+        print("note: " + report.matplotlib_missing())
+    if plot_ok:
+        for dt in report.unique(r["dtype"] for r in rows):
+            for hd in report.unique(r["head_dim"] for r in rows):
+                sel = [r for r in rows if r["dtype"] == dt and r["head_dim"] == hd]
+                xs = report.unique(r["tokens"] for r in sel)
+                series = {p: [next((r.get("tflops") for r in sel if r["provider"] == p and r["tokens"] == n), None)
+                              for n in xs] for p in report.unique(r["provider"] for r in sel)}
+                peak_tf = cfg.peak.tflops(DTYPES[dt]) if (cfg.peak is not None and gpu) else None
+                suffix = "" if len(rows) == len(sel) else f"_{dt}_d{hd}"
+                paths.append(report.plot_lines(
+                    out / f"attention{suffix}.png", xs, series, "tokens", "TFLOP/s (forward)",
+                    f"attention on {meta['device_name']}: {dt}, head_dim {hd}, {args.heads} heads",
+                    hline=peak_tf, hline_label=f"{cfg.peak.name} peak" if peak_tf else ""))
+    status = 0
+    if not args.no_breakdown:
+        backend = args.breakdown_backend or ("triton" if gpu else "torch")
+        bb = args.breakdown_batch or (GPU_DEFAULTS if gpu else CPU_DEFAULTS)["breakdown_batch"]
+        dt = DTYPES[(args.dtype or (GPU_DEFAULTS if gpu else CPU_DEFAULTS)["dtype"]).split(",")[0].strip()]
+        if not gpu and backend in ("triton", "cuda"):
+            print(f"note: the fused block with backend {backend} needs a CUDA GPU to be timed; profiling the eager "
+                  f"block only")
+            backend = None
+        print(f"\none block: dim {args.breakdown_dim}, {args.heads} heads, {args.breakdown_tokens} tokens, batch {bb}, "
+              f"{str(dt).replace('torch.', '')}; {'device' if gpu else 'CPU'} time per stage from torch.profiler")
+        try:
+            bd = breakdown(dim=args.breakdown_dim, heads=args.heads, tokens=args.breakdown_tokens, batch=bb, dtype=dt,
+                           device=cfg.device, fused_backend=backend, peak=cfg.peak,
+                           trace_path=out / "block_trace.json", iters=5 if gpu else 3, warmup=3 if gpu else 1)
+        except Exception as e:
+            print(f"block breakdown failed: {type(e).__name__}: {e}", file=sys.stderr)
+            status = 1
+        else:
+            print(report.format_table(bd, BD_COLUMNS))
+            from ..backends import last_decision
+            if backend not in (None, "torch"):
+                for op in ("qkv_attention", "linear", "layernorm_gelu_mlp"):
+                    d = last_decision(op)
+                    if d is not None and d.backend != backend:
+                        print(f"  FALLBACK: {d}")
+            paths += report.write_all(out, "block_breakdown", bd, meta)
+            paths.append(out / "block_trace.json")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    if any(r["status"] == "error" for r in rows):
+        print("some rows failed with an error (see the notes above)", file=sys.stderr)
+        status = 1
+    return status
