@@ -13,6 +13,7 @@ left); ``fuse`` replaces them by wrappers that share the original parameters (se
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Iterable, List, Optional, Tuple
 
 from torch import nn
@@ -25,6 +26,9 @@ from .base import OPS, Candidate, FuseReport, ReportEntry, SwapWrapper
 logger = logging.getLogger("vit_kernels")
 
 ADAPTERS = (timm, torchvision, hf, vit_pytorch)
+
+# model -> the ops its last fuse call asked for (what fuse_report assumes by default)
+_FUSE_OPS: "weakref.WeakKeyDictionary[nn.Module, Tuple[str, ...]]" = weakref.WeakKeyDictionary()
 
 __all__ = ["fuse", "unfuse", "fuse_report", "FuseReport", "ReportEntry", "SwapWrapper", "OPS"]
 
@@ -46,19 +50,19 @@ def _candidates(model: nn.Module, backend: str, ops: Tuple[str, ...]) -> List[Ca
     return out
 
 
-def _native_entries(model: nn.Module, ops: Tuple[str, ...]) -> List[ReportEntry]:
-    """vit_kernels' own modules: fused by construction."""
+def _native_entries(model: nn.Module) -> List[ReportEntry]:
+    """vit_kernels' own modules: fused by construction (unless fuse left their op out)."""
     from ..nn import FusedAttention, FusedMlp, FusedPatchEmbed
     kinds = ((FusedAttention, "attention"), (FusedMlp, "mlp"), (FusedPatchEmbed, "patch_embed"))
     out = []
     for path, m in model.named_modules():
         for cls, op in kinds:
             if isinstance(m, cls):
-                if op in ops:
+                if not getattr(m, "vk_fuse_excluded", False):
                     out.append(ReportEntry(path, op, "vit_kernels", True, "", (f"backend={m.backend!r}",)))
                 else:
                     out.append(ReportEntry(path, op, "vit_kernels", False,
-                                           "not requested (ops); runs backend='torch'"))
+                                           "not requested (ops) in fuse; runs backend='torch'"))
     return out
 
 
@@ -92,7 +96,9 @@ def fuse(model: nn.Module, *, backend: str = "auto",
         from ..nn import FusedAttention, FusedMlp, FusedPatchEmbed
         kinds = {FusedAttention: "attention", FusedMlp: "mlp", FusedPatchEmbed: "patch_embed"}
         for m in native:
-            if kinds.get(type(m)) not in ops:
+            excluded = kinds.get(type(m)) not in ops
+            m.vk_fuse_excluded = excluded
+            if excluded:
                 m.backend = "torch"
     for c in _candidates(model, backend, ops):
         if c.build is None:
@@ -104,6 +110,7 @@ def fuse(model: nn.Module, *, backend: str = "auto",
                                                          "place; pass the module that holds it"), ()
             continue
         _set(model, c.path, c.build())
+    _FUSE_OPS[model] = ops
     report = fuse_report(model, backend=backend, ops=ops)
     logger.info("%s", report)
     return model
@@ -117,16 +124,22 @@ def unfuse(model: nn.Module) -> nn.Module:
         if path == "":
             raise ValueError("model: is itself a fused wrapper; call unfuse on the model that holds it")
         _set(model, path, w.restore())
+    _FUSE_OPS.pop(model, None)
     if any(isinstance(m, _Fused) for m in model.modules()):
         set_backend(model, "torch")
+        for m in model.modules():
+            if isinstance(m, _Fused):
+                m.vk_fuse_excluded = True
     return model
 
 
-def fuse_report(model: nn.Module, *, backend: Optional[str] = None, ops: Iterable[str] = OPS) -> FuseReport:
+def fuse_report(model: nn.Module, *, backend: Optional[str] = None,
+                ops: Optional[Iterable[str]] = None) -> FuseReport:
     """What is fused in ``model`` and what is left, and why. On a model that was not fused it says
-    what :func:`fuse` would do (with ``backend``, default "auto"). Fused parts carry notes on
-    runtime behaviour (dropout in training, autograd) as of now."""
-    ops = _check_ops(ops)
+    what :func:`fuse` would do (with ``backend``, default "auto", and ``ops``, default: those of
+    the last fuse call on this model, else all). Fused parts carry notes on runtime behaviour
+    (dropout in training, autograd) as of now."""
+    ops = _check_ops(ops if ops is not None else _FUSE_OPS.get(model, OPS))
     wrappers = [m for m in model.modules() if isinstance(m, SwapWrapper)]
     if backend is None:
         backends = {w.backend for w in wrappers} | {m.backend for m in model.modules() if isinstance(m, _Fused)}
@@ -143,7 +156,7 @@ def fuse_report(model: nn.Module, *, backend: Optional[str] = None, ops: Iterabl
                                            "it is the model itself: fuse replaces submodules in place"))
             else:  # a part fuse() would fuse: not fused now
                 entries.append(ReportEntry(e.path, e.op, e.family, False, "not fused yet (fuse() would fuse it)"))
-    entries += _native_entries(model, ops)
+    entries += _native_entries(model)
     if not entries:
         entries.append(ReportEntry("", "-", "unknown", False,
                                    f"no ViT part of a known family (timm, torchvision, transformers, vit-pytorch, "

@@ -1,0 +1,142 @@
+"""Shared acceptance check for the swap adapters (used by tests/test_swap_*.py), and tests of the
+family-independent parts of fuse / unfuse / fuse_report."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import vit_kernels as vk
+from vit_kernels.swap import SwapWrapper
+from vit_kernels.testing import assert_close
+
+
+def _logits(y):
+    if isinstance(y, torch.Tensor):
+        return y
+    for attr in ("logits", "last_hidden_state"):
+        if hasattr(y, attr):
+            return getattr(y, attr)
+    raise TypeError(f"no tensor output in {type(y)}")
+
+
+def snapshot(model):
+    """state_dict keys, data_ptrs and values (cloned) and the Parameter objects."""
+    sd = model.state_dict()
+    return {k: (v.data_ptr(), v.detach().clone()) for k, v in sd.items()}, [id(p) for p in model.parameters()]
+
+
+def assert_same_state(model, snap):
+    sd_before, params_before = snap
+    sd = model.state_dict()
+    assert list(sd) == list(sd_before), "state_dict keys changed"
+    for k, (ptr, val) in sd_before.items():
+        assert sd[k].data_ptr() == ptr, f"{k}: data_ptr changed (a copy)"
+        assert torch.equal(sd[k], val), f"{k}: value changed"
+    assert [id(p) for p in model.parameters()] == params_before, "the Parameter objects changed"
+
+
+def check_fuse(model, images, *, backend, dtype=torch.float32, expect_fused=None, expect_left=(), **call_kw):
+    """The acceptance rule for one model: fused output within tolerance of the float64 original,
+    parameters shared, state_dict identical before fuse / after fuse / after unfuse, the report
+    lists what was fused and what was left. Returns the fuse report."""
+    model = model.eval()
+    oracle = copy.deepcopy(model).to(torch.float64)
+    model = model.to(dtype)
+    images = images.to(dtype)
+    with torch.no_grad():
+        want = _logits(oracle(images.to(torch.float64), **call_kw))
+        base = _logits(model(images, **call_kw))
+    snap = snapshot(model)
+
+    assert vk.fuse(model, backend=backend) is model
+    assert_same_state(model, snap)
+    report = vk.fuse_report(model)
+    fused_ops = sorted(e.op for e in report.fused)
+    if expect_fused is not None:
+        assert fused_ops == sorted(expect_fused), str(report)
+    for needle in expect_left:
+        assert any(needle in e.reason for e in report.left), f"no left entry says {needle!r}:\n{report}"
+    assert any(isinstance(m, SwapWrapper) for m in model.modules()) == bool(report.fused) or \
+        any(e.family == "vit_kernels" for e in report.fused)
+
+    with torch.no_grad():
+        got = _logits(model(torch.full_like(images, float("nan")), **call_kw))  # every element is written
+        assert torch.isnan(got).all()
+        got = _logits(model(images, **call_kw))
+    assert_close(got, want, base, name=f"fused {type(model).__name__} ({backend}, {dtype})")
+
+    vk.unfuse(model)
+    assert not any(isinstance(m, SwapWrapper) for m in model.modules())
+    assert_same_state(model, snap)
+    with torch.no_grad():
+        again = _logits(model(images, **call_kw))
+    assert torch.equal(again, base), "unfuse did not restore the original computation"
+    return report
+
+
+def check_load_state_dict(model, images, **call_kw):
+    """load_state_dict on the fused model reaches the parameters the fused path uses."""
+    model = model.eval()
+    other = copy.deepcopy(model)
+    for p in other.parameters():
+        p.data.normal_(0, 0.05)
+    vk.fuse(model, backend="torch")
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        got = _logits(model(images, **call_kw))
+        want = _logits(other(images, **call_kw))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def check_grad(model, images, **call_kw):
+    """Under autograd a fused model asked for backend='triton' takes the torch path (the decision
+    says why) and its gradients match the original's."""
+    model = model.train()
+    ref = copy.deepcopy(model)
+    vk.fuse(model, backend="triton")
+    out = _logits(model(images, **call_kw)).square().sum()
+    out.backward()
+    d = vk.last_decision("qkv_attention")
+    assert d.backend == "torch" and "gradients are required" in d.reasons.get("triton", ""), d
+    _logits(ref(images, **call_kw)).square().sum().backward()
+    named = dict(ref.named_parameters())
+    n = 0
+    for name, p in model.named_parameters():
+        if p.grad is None and named[name].grad is None:
+            continue
+        torch.testing.assert_close(p.grad, named[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+        n += 1
+    assert n > 0
+    report = vk.fuse_report(model)
+    assert any("require grad" in note for e in report.fused for note in e.notes), str(report)
+
+
+# --- family-independent behaviour -------------------------------------------------------------
+
+def test_bad_arguments_are_named():
+    m = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="backend"):
+        vk.fuse(m, backend="fast")
+    with pytest.raises(ValueError, match="ops"):
+        vk.fuse(m, ops=("attention", "softmax"))
+    with pytest.raises(TypeError, match="ops"):
+        vk.fuse(m, ops="attention")
+
+
+def test_unknown_model_is_reported_and_untouched():
+    m = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4))
+    snap = snapshot(m)
+    assert vk.fuse(m) is m
+    assert_same_state(m, snap)
+    report = vk.fuse_report(m)
+    assert not report.fused and "no ViT part" in report.left[0].reason
+
+
+def test_vit_kernels_models_fuse_by_backend():
+    m = vk.models.create_model("vit_tiny_patch16_224", depth=1, img_size=32, embed_dim=64, num_heads=2).eval()
+    vk.fuse(m, backend="torch", ops=("attention", "mlp"))
+    assert m.blocks[0].attn.backend == "torch" and m.patch_embed.backend == "torch"
+    report = vk.fuse_report(m)
+    assert sorted(e.op for e in report.fused) == ["attention", "mlp"]
+    assert [e.op for e in report.left] == ["patch_embed"]

@@ -1,0 +1,159 @@
+"""fuse / unfuse on timm VisionTransformer variants (small configs)."""
+import copy
+
+import pytest
+import torch
+
+import vit_kernels as vk
+from test_swap_helpers import check_fuse, check_grad, check_load_state_dict, snapshot, assert_same_state
+
+timm = pytest.importorskip("timm")
+
+BACKENDS = ["torch"]  # "triton" joins once vit_kernels/triton/{qkv_attention,mlp,patch_embed}.py exist
+SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+ALL = ["attention", "attention", "mlp", "mlp", "patch_embed"]
+
+
+def make(**kw):
+    cfg = dict(SMALL)
+    cfg.update(kw)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **cfg)
+
+
+VARIANTS = {
+    "default": dict(),
+    "no_qkv_bias_layerscale": dict(qkv_bias=False, init_values=0.1),
+    "registers": dict(reg_tokens=4, init_values=0.5),
+    "no_embed_class_avg_fc_norm": dict(no_embed_class=True, global_pool="avg", fc_norm=True),
+    "no_pos_embed_no_class_token": dict(pos_embed="none", class_token=False, global_pool="avg"),
+    "gelu_tanh": dict(act_layer="gelu_tanh"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variants_match(variant, backend):
+    model = make(**VARIANTS[variant])
+    check_fuse(model, torch.randn(3, 3, 32, 32), backend=backend, expect_fused=ALL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision(dtype, backend):
+    check_fuse(make(init_values=0.1), torch.randn(2, 3, 32, 32), backend=backend, dtype=dtype, expect_fused=ALL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dynamic_img_size_resamples_pos_embed(backend):
+    model = make(dynamic_img_size=True)
+    check_fuse(model, torch.randn(2, 3, 48, 40), backend=backend, expect_fused=ALL)
+
+
+def test_head_dim_80_and_deit():
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=16,
+                              embed_dim=160, depth=1, num_heads=2, num_classes=5)
+    check_fuse(model, torch.randn(1, 3, 32, 32), backend="torch", expect_fused=["attention", "mlp", "patch_embed"])
+
+
+def test_qk_norm_is_left_and_model_still_matches():
+    model = make(qk_norm=True)
+    report = check_fuse(model, torch.randn(2, 3, 32, 32), backend="torch",
+                        expect_fused=["mlp", "mlp", "patch_embed"], expect_left=["qk_norm"])
+    assert len(report.left) == 2
+
+
+def test_non_gelu_activation_is_left():
+    check_fuse(make(act_layer="relu"), torch.randn(2, 3, 32, 32), backend="torch",
+               expect_fused=["attention", "attention", "patch_embed"], expect_left=["not GELU"])
+
+
+def test_ops_selection():
+    model = make().eval()
+    vk.fuse(model, backend="torch", ops=("mlp",))
+    report = vk.fuse_report(model)
+    assert sorted(e.op for e in report.fused) == ["mlp", "mlp"]
+    assert all(e.reason == "not requested (ops)" for e in report.left)
+
+
+def test_unsupported_head_dim_for_an_explicit_triton_request_is_left():
+    model = make(embed_dim=48, num_heads=4).eval()  # head_dim 12
+    report = vk.fuse_report(model, backend="triton")
+    left = [e for e in report.left if e.op == "attention"]
+    assert len(left) == 2 and all("head_dim=12" in e.reason for e in left)
+    auto = vk.fuse_report(model, backend="auto")
+    assert not [e for e in auto.left if "head_dim" in e.reason]
+
+
+def test_attn_mask_runs_the_original_block():
+    model = make().eval()
+    block = copy.deepcopy(model.blocks[0])
+    vk.fuse(model, backend="torch")
+    x = torch.randn(2, 17, 64)
+    mask = torch.randn(2, 1, 17, 17)
+    with torch.no_grad():
+        torch.testing.assert_close(model.blocks[0](x, attn_mask=mask), block(x, attn_mask=mask), rtol=0, atol=0)
+        assert not torch.allclose(model.blocks[0](x), block(x, attn_mask=mask))
+
+
+def test_dropout_in_training_runs_the_original_modules():
+    model = make(proj_drop_rate=0.2, drop_path_rate=0.1)
+    ref = copy.deepcopy(model).train()
+    vk.fuse(model.train(), backend="torch")
+    report = vk.fuse_report(model)
+    assert any("active now" in n for e in report.fused for n in e.notes), str(report)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        got = model(x)
+        torch.manual_seed(1)
+        want = ref(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_gradients_take_the_torch_path():
+    check_grad(make(init_values=0.1), torch.randn(2, 3, 32, 32))
+
+
+def test_load_state_dict_after_fuse():
+    check_load_state_dict(make(init_values=0.1), torch.randn(2, 3, 32, 32))
+
+
+def test_optimizer_built_before_fuse_keeps_working():
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref = copy.deepcopy(model)
+    vk.fuse(model, backend="torch")
+    x = torch.randn(2, 3, 32, 32)
+    model(x).square().sum().backward()
+    opt.step()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    ref(x).square().sum().backward()
+    ref_opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), ref.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_hooks():
+    model = make().eval()
+    calls = []
+    model.blocks[0].register_forward_hook(lambda m, i, o: calls.append("block"))
+    model.blocks[1].attn.qkv.register_forward_hook(lambda m, i, o: calls.append("qkv"))
+    vk.fuse(model, backend="torch")
+    report = vk.fuse_report(model)
+    left = [e for e in report.left if e.path == "blocks.1.attn"]
+    assert left and "hooks" in left[0].reason
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert calls.count("block") == 1 and calls.count("qkv") == 1
+
+
+def test_fuse_twice_and_report_before_fuse():
+    model = make().eval()
+    dry = vk.fuse_report(model)
+    assert not dry.fused and all("fuse() would" in e.reason for e in dry.left)
+    snap = snapshot(model)
+    vk.fuse(model, backend="torch")
+    vk.fuse(model, backend="auto")
+    assert {e.op for e in vk.fuse_report(model).fused} == {"attention", "mlp", "patch_embed"}
+    assert all(m.backend == "auto" for m in model.modules() if isinstance(m, vk.swap.SwapWrapper))
+    assert_same_state(model, snap)
