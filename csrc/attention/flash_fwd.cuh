@@ -6,7 +6,8 @@
 // One thread block = 4 warps = 64 query rows (16 per warp); it walks the keys in tiles of
 // kBlockN, keeping a running row max m and row sum l (online softmax in the log2 domain, exp2f).
 //   - Q, K, V tiles go global -> shared with cp.async (16 bytes, zero-filled past the last token
-//     and past head_dim), K/V double-buffered so the next tile loads while this one computes.
+//     and past head_dim) in FlashAttention-2's order: V_j loads while S_j = Q K_j^T computes,
+//     K_{j+1} loads while P_j V_j computes. One K buffer; V reuses Q's buffer (Q stays in registers).
 //     Inputs whose rows are not 16-byte aligned or whose channels are strided take a plain
 //     element-wise load into the same shared tiles (no copy of the tensor is made).
 //   - S = Q K^T and O += P V run on tensor cores: mma.sync m16n8k16, fp32 accumulation, operands
@@ -25,7 +26,7 @@
 // largest |x * 2^e| lies in [2^13, 2^14): nothing overflows fp16 and nothing normal underflows;
 // P (in [0, 1]) is scaled by 2^12 the same way. The scales are undone exactly in fp32. Each
 // operand keeps ~22 significant bits, so the result is within a few fp32 ulps of an fp32 FMA
-// computation, at 3x the tensor-core work and twice the shared memory (K/V single-buffered).
+// computation, at 3x the tensor-core work and twice the shared memory (hi and lo tiles).
 #pragma once
 
 #include <cstdint>
@@ -58,10 +59,11 @@ struct FlashFwdTraits {
   static constexpr int kPitch = kHeadDimPad + 8;  // shared row pitch in elements: +16 bytes makes
                                                   // the 8 rows of every ldmatrix hit distinct banks
   static constexpr int kParts = kSplit ? 2 : 1;   // hi (and lo) copy of each shared tile
-  static constexpr int kStages = kSplit ? 1 : 2;  // K/V buffers (the split path loads synchronously)
   static constexpr int kQElems = kParts * kBlockM * kPitch;
   static constexpr int kKVElems = kParts * kBlockN * kPitch;      // one K or V buffer
-  static constexpr int kSmemBytes = (int)sizeof(MmaT) * (kQElems + 2 * kStages * kKVElems);
+  // V's buffer reuses Q's: Q lives in registers once the first K tile has landed.
+  static_assert(kKVElems <= kQElems, "V's tile must fit in Q's");
+  static constexpr int kSmemBytes = (int)sizeof(MmaT) * (kQElems + kKVElems);
   static constexpr int kPExp = 12;                // split path: P is multiplied by 2^kPExp
 };
 
@@ -163,8 +165,8 @@ flash_fwd_kernel(const FlashFwdParams p) {
   constexpr int kParts = Tr::kParts, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kPitch = Tr::kPitch;
 
   VK_DYNAMIC_SHARED(M, sQ);                    // [kParts][kBlockM][kPitch]
-  M* sK = sQ + Tr::kQElems;                    // [kStages][kParts][kBlockN][kPitch]
-  M* sV = sK + Tr::kStages * Tr::kKVElems;     // [kStages][kParts][kBlockN][kPitch]
+  M* sK = sQ + Tr::kQElems;                    // [kParts][kBlockN][kPitch]
+  M* sV = sQ;  // [kParts][kBlockN][kPitch]: Q's tile, free once Q's fragments are in registers
 
   const FlashFwdArgs& a = p.args;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -190,21 +192,20 @@ flash_fwd_kernel(const FlashFwdParams p) {
     out_mul = ldexpf(1.f, -(ev + Tr::kPExp));
   }
 
-  auto load_kv = [&](int tile, int stage) {
-    const int n0 = tile * kBlockN;
-    load_tile<Tr, kBlockN>(sK + stage * Tr::kKVElems, k, a.k_stride[2], a.k_stride[3], n0, kv_n, hd,
-                           p.in_vec, k_pow2);
-    load_tile<Tr, kBlockN>(sV + stage * Tr::kKVElems, v, a.v_stride[2], a.v_stride[3], n0, kv_n, hd,
-                           p.in_vec, v_pow2);
+  auto load_k = [&](int tile) {
+    load_tile<Tr, kBlockN>(sK, k, a.k_stride[2], a.k_stride[3], tile * kBlockN, kv_n, hd, p.in_vec, k_pow2);
+  };
+  auto load_v = [&](int tile) {
+    load_tile<Tr, kBlockN>(sV, v, a.v_stride[2], a.v_stride[3], tile * kBlockN, kv_n, hd, p.in_vec, v_pow2);
   };
 
-  // Prologue: Q (and the first K/V tile) in flight, then Q's A fragments into registers.
+  // Prologue: Q and the first K tile, then Q's A fragments into registers; from then on Q's shared
+  // tile holds V (its first load is issued after the next barrier, which every warp reaches after
+  // its ldmatrix of Q).
   load_tile<Tr, kBlockM>(sQ, q, a.q_stride[2], a.q_stride[3], m0, q_n, hd, p.in_vec, q_pow2);
+  load_k(0);
   vk::cp_async_commit();
-  const int n_tiles = (kv_n + kBlockN - 1) / kBlockN;
-  if constexpr (Tr::kStages == 2) load_kv(0, 0);
-  vk::cp_async_commit();
-  vk::cp_async_wait<1>();
+  vk::cp_async_wait<0>();
   __syncthreads();
 
   uint32_t qf[Tr::kKSteps][kParts][4];
@@ -223,23 +224,17 @@ flash_fwd_kernel(const FlashFwdParams p) {
   float m_row[2] = {-INFINITY, -INFINITY};  // running max (log2 domain) of rows g and g + 8
   float l_row[2] = {0.f, 0.f};              // running sum of exp2(s - m) over this thread's columns
 
+  // One K and one V buffer, FlashAttention-2's order: V_j loads while S_j computes, K_{j+1} loads
+  // while P_j V_j computes. (Synchronous loads, fp32 or unaligned inputs, take the same steps.)
+  const int n_tiles = (kv_n + kBlockN - 1) / kBlockN;
   for (int j = 0; j < n_tiles; ++j) {
     const int n0 = j * kBlockN;
-    int stage = 0;
-    if constexpr (Tr::kStages == 1) {
-      __syncthreads();  // every warp is done reading tile j - 1
-      load_kv(j, 0);
-    } else {
-      stage = j & 1;
-    }
     vk::cp_async_wait<0>();
-    __syncthreads();  // tile j is in shared memory for every thread; nobody reads tile j - 1 any more
-    if constexpr (Tr::kStages == 2) {
-      if (j + 1 < n_tiles) load_kv(j + 1, (j + 1) & 1);
-      vk::cp_async_commit();
-    }
-    const M* k_s = sK + stage * Tr::kKVElems;
-    const M* v_s = sV + stage * Tr::kKVElems;
+    __syncthreads();  // K_j landed for every thread; every warp is done reading V_{j-1}
+    load_v(j);
+    vk::cp_async_commit();
+    const M* k_s = sK;
+    const M* v_s = sV;
 
     // S = Q K^T: 16 rows x kBlockN keys per warp, fp32.
     float s[Tr::kNTilesS][4];
@@ -307,6 +302,11 @@ flash_fwd_kernel(const FlashFwdParams p) {
       acc_o[nt][2] *= alpha[1];
       acc_o[nt][3] *= alpha[1];
     }
+
+    vk::cp_async_wait<0>();
+    __syncthreads();  // V_j landed for every thread; every warp is done reading K_j
+    if (j + 1 < n_tiles) load_k(j + 1);
+    vk::cp_async_commit();
 
     // O += P V. The S accumulators of n-tiles 2kk, 2kk + 1 are exactly the A fragment of k-step kk.
 #pragma unroll
