@@ -39,6 +39,29 @@ def _patch_interpreter_bf16_dot() -> None:
     create_dot._vit_kernels_patched = True
     builder_cls.create_dot = create_dot
 
+    # Second flaw: the interpreter's fp32 -> bf16 cast truncates the mantissa (and its "rtne"
+    # path loses the carry), where the GPU rounds to nearest even. Round like the GPU does.
+    original_cast, original_fp_to_fp = builder_cls.cast_impl, builder_cls.create_fp_to_fp
+
+    def to_bf16(src):
+        f32 = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+        bits = f32.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return interp.TensorHandle(bits.copy(), interp.tl.bfloat16)
+
+    def is_f32_to_bf16(src, dst_type):
+        return src.dtype.scalar == interp.tl.float32 and dst_type.scalar == interp.tl.bfloat16
+
+    def cast_impl(self, src, dst_type):
+        return to_bf16(src) if is_f32_to_bf16(src, dst_type) else original_cast(self, src, dst_type)
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if is_f32_to_bf16(src, dst_type):
+            return to_bf16(src)
+        return original_fp_to_fp(self, src, dst_type, rounding_mode)
+
+    builder_cls.cast_impl = cast_impl
+    builder_cls.create_fp_to_fp = create_fp_to_fp
+
 
 try:
     _patch_interpreter_bf16_dot()

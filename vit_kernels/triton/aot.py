@@ -14,7 +14,9 @@ class AotSpec:
     Triton type string ("*fp16", "*fp32", "*bf16", "i32", "i64", "fp32", or "constexpr");
     constexprs: constexpr argument name -> value; config: a short label such as
     "BLOCK_M=64,BLOCK_N=64,fp16"; has_dot: whether the kernel has a tl.dot (tensor cores expected);
-    archs: the compute capabilities this configuration is launched on.
+    archs: the compute capabilities this configuration is launched on; divisible_by_16: argument
+    names (pointers, ints) compiled as multiples of 16, as Triton's launcher specializes them for
+    aligned tensors and 16-multiple strides (without it loads cannot vectorize nor pipeline).
     """
 
     kernel: str
@@ -26,6 +28,7 @@ class AotSpec:
     config: str
     has_dot: bool
     archs: Tuple[int, ...] = (80, 90)
+    divisible_by_16: Tuple[str, ...] = ()
 
 
 TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
@@ -82,7 +85,8 @@ def compile_spec(spec: AotSpec, arch: int) -> Dict[str, Any]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+    attrs = {(spec.fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in spec.divisible_by_16}
+    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     facts = cubin_facts(compiled.asm["cubin"], spec.kernel)

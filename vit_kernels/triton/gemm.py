@@ -1,0 +1,414 @@
+"""The one GEMM of vit_kernels' Triton backend: out = epilogue(loader(A) @ W^T).
+
+Every projection of a ViT is this kernel with different tl.constexpr flags:
+
+| use | A loader | epilogue |
+|---|---|---|
+| QKV projection | dense, LayerNorm on load (``NORM``) | bias, Q * scale, head-split write (``OUT_MODE=1``) |
+| out projection, fc2 | dense | bias, layer scale, residual |
+| fc1 | dense, LayerNorm on load | bias, GELU erf or tanh (``ACT``) |
+| patch embedding | patch gather from the image (``A_MODE=1``) | bias, class token, position embedding |
+
+Rows. A row m of A (and of the output, the residual, the LayerNorm statistics) is addressed as
+(b, t) = (m // T, m % T) with strides (s_b, s_t): an x of shape (batch, tokens, dim) is read with
+its own strides, no reshape copy. All row offsets are int64 (batch * tokens * dim may pass 2^31).
+
+Precision. Operands are loaded at the input dtype, accumulated in fp32; the epilogue runs in
+fp32 and rounds once on the store. fp32 inputs use ``input_precision="tf32x3"`` (three tf32
+tensor-core products, ~1e-6 relative; plain tf32 would be ~1e-3). LayerNorm-on-load computes
+(x - mean) * rstd * w + b in fp32 and rounds to the input dtype before the dot, as an eager
+LayerNorm followed by a Linear does.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .aot import AotSpec, ptr_type
+from .layernorm import as_rows, row_stats, rows_per_batch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FP32_DOT_PRECISION = "tf32x3"
+
+# Block configs: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per input dtype. One config
+# each, so what `inspect` compiles is what runs.
+CONFIGS: Dict[torch.dtype, Tuple[int, int, int, int, int]] = {
+    torch.float16: (128, 128, 64, 8, 3),
+    torch.bfloat16: (128, 128, 64, 8, 3),
+    torch.float32: (128, 64, 32, 8, 3),      # tf32x3 needs registers for the hi/lo splits
+}
+GROUP_M = 8
+
+# ACT values (fc1's activation)
+ACT_NONE, ACT_GELU_ERF, ACT_GELU_TANH = 0, 1, 2
+ACTIVATIONS = {"none": ACT_GELU_ERF, "tanh": ACT_GELU_TANH}   # GELU's `approximate` -> ACT
+# NORM values (LayerNorm on load)
+NORM_NONE, NORM_AFFINE, NORM_WEIGHT_ONLY = 0, 1, 2
+# OUT_MODE values
+OUT_ROWS, OUT_QKV = 0, 1
+# A_MODE values
+A_DENSE, A_PATCHES = 0, 1
+
+
+@triton.jit
+def _gemm_kernel(
+    a_ptr,            # dense: A rows (M, K) as (b, t, k) with strides (s_ab, s_at, s_ak);
+                      # patches: the image (B, C, H, W) with strides (s_ab, s_ac, s_ah, s_aw)
+    w_ptr,            # weight (N, K); patches: (N, C, P, P) with strides (s_wn, s_wc, s_wr, s_ws)
+    out_ptr,          # OUT_ROWS: (M, N) as (b, t, n) strides (s_ob, s_ot, s_on);
+                      # OUT_QKV: (3, B, H, T, HEAD_DIM) strides (s_o3, s_ob, s_oh, s_ot, s_on)
+    bias_ptr,         # (N,)                       [HAS_BIAS]
+    mean_ptr,         # (M,) fp32 row means        [NORM]
+    rstd_ptr,         # (M,) fp32 row 1/std        [NORM]
+    lnw_ptr,          # (K,) LayerNorm weight      [NORM]
+    lnb_ptr,          # (K,) LayerNorm bias        [NORM == NORM_AFFINE]
+    res_ptr,          # (M, N) residual, strides (s_rb, s_rt, s_rn)   [HAS_RES]
+    ls_ptr,           # (N,) layer scale           [HAS_LS]
+    pos_ptr,          # (T, N) position embedding, strides (s_pt, s_pn)  [HAS_POS]
+    cls_ptr,          # (N,) class token, stride s_cls  [PREFIX == 1]
+    M, N, K, T,       # rows, output features, reduction length, rows per batch
+    s_ab, s_at, s_ak, s_ac, s_ah, s_aw,
+    s_wn, s_wk, s_wc, s_wr, s_ws,
+    s_o3, s_ob, s_oh, s_ot, s_on,
+    s_rb, s_rt, s_rn,
+    s_pt, s_pn, s_cls,
+    P, GW, INNER, HEAD_DIM,   # patch size, patch-grid width; QKV: heads * head_dim, head_dim
+    q_scale,                  # fp32: QKV scales the Q columns (n < INNER) by this
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    A_MODE: tl.constexpr, NORM: tl.constexpr, PREFIX: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_LS: tl.constexpr, HAS_RES: tl.constexpr,
+    HAS_POS: tl.constexpr, OUT_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row tiles share the weight tiles while they are in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_size
+    pid_n = (pid % group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k0 = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    b = (offs_m // T).to(tl.int64)
+    t = offs_m % T
+
+    # ---- A loader: per-row part of the offsets ----
+    if A_MODE == 0:
+        a_row = b * s_ab + t.to(tl.int64) * s_at
+        a_rmask = m_mask
+    else:
+        patch = tl.maximum(t - PREFIX, 0)        # class-token rows (t < PREFIX) load nothing
+        py = (patch // GW).to(tl.int64)
+        px = (patch % GW).to(tl.int64)
+        a_row = b * s_ab + py * P * s_ah + px * P * s_aw
+        a_rmask = m_mask & (t >= PREFIX)
+    if NORM != 0:
+        mean = tl.load(mean_ptr + offs_m, mask=m_mask, other=0.0)
+        rstd = tl.load(rstd_ptr + offs_m, mask=m_mask, other=0.0)
+    w_col = offs_n.to(tl.int64) * s_wn
+    if A_MODE == 0:   # dense: pointers advance by BLOCK_K columns per step
+        a_ptrs = a_ptr + a_row[:, None] + offs_k0.to(tl.int64)[None, :] * s_ak
+        w_ptrs = w_ptr + w_col[None, :] + offs_k0.to(tl.int64)[:, None] * s_wk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k0
+        k_mask = ks < K
+        if A_MODE == 1:   # patches: column k of A is (channel, row, col) of a patch
+            c = (ks // (P * P)).to(tl.int64)
+            r = ((ks // P) % P).to(tl.int64)
+            s = (ks % P).to(tl.int64)
+            a_ptrs = a_ptr + a_row[:, None] + (c * s_ac + r * s_ah + s * s_aw)[None, :]
+            w_ptrs = w_ptr + w_col[None, :] + (c * s_wc + r * s_wr + s * s_ws)[:, None]
+        a = tl.load(a_ptrs, mask=a_rmask[:, None] & k_mask[None, :], other=0.0)
+        if NORM != 0:
+            g = tl.load(lnw_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
+            xn = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :]
+            if NORM == 1:
+                xn += tl.load(lnb_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            a = xn.to(w_ptr.dtype.element_ty)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        if A_MODE == 0:
+            a_ptrs += BLOCK_K * s_ak
+            w_ptrs += BLOCK_K * s_wk
+
+    # ---- epilogue, in fp32 ----
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if ACT == 1:      # GELU, exact: x * Phi(x)
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    elif ACT == 2:    # GELU, tanh approximation: 0.5x(1 + tanh(u)) = x / (1 + exp(-2u))
+        u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+        acc = acc / (1.0 + tl.exp(-2.0 * u))
+    if PREFIX == 1:   # the class-token row of each image: cls (no bias), then position embedding
+        cls = tl.load(cls_ptr + offs_n.to(tl.int64) * s_cls, mask=n_mask, other=0.0).to(tl.float32)
+        acc = tl.where((t < PREFIX)[:, None], cls[None, :], acc)
+    if HAS_POS:
+        pos = tl.load(pos_ptr + t.to(tl.int64)[:, None] * s_pt + offs_n.to(tl.int64)[None, :] * s_pn,
+                      mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        acc += pos.to(tl.float32)
+    if HAS_LS:
+        acc *= tl.load(ls_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RES:
+        res = tl.load(res_ptr + (b * s_rb + t.to(tl.int64) * s_rt)[:, None]
+                      + offs_n.to(tl.int64)[None, :] * s_rn, mask=mask, other=0.0)
+        acc += res.to(tl.float32)
+    row_out = b * s_ob + t.to(tl.int64) * s_ot
+    if OUT_MODE == 0:
+        out_off = row_out[:, None] + offs_n.to(tl.int64)[None, :] * s_on
+        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Head split: column n = which * INNER + head * HEAD_DIM + d goes to out[which, b, head, t, d].
+        # HEAD_DIM % 8 == 0 and a contiguous out (both checked by the launcher) make the offsets
+        # runs of 8 contiguous elements starting at multiples of 8: the hint lets the store vectorize.
+        which = offs_n // INNER
+        col = (which.to(tl.int64) * s_o3 + ((offs_n % INNER) // HEAD_DIM).to(tl.int64) * s_oh
+               + (offs_n % HEAD_DIM) * s_on)
+        col = tl.max_contiguous(tl.multiple_of(col, 8), 8)
+        acc *= tl.where(which == 0, q_scale, 1.0)[None, :]
+        tl.store(out_ptr + row_out[:, None] + col[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# The generic launcher
+# ---------------------------------------------------------------------------------------------
+
+_INT_ARGS = ("M", "N", "K", "T", "s_ab", "s_at", "s_ak", "s_ac", "s_ah", "s_aw",
+             "s_wn", "s_wk", "s_wc", "s_wr", "s_ws", "s_o3", "s_ob", "s_oh", "s_ot", "s_on",
+             "s_rb", "s_rt", "s_rn", "s_pt", "s_pn", "s_cls", "P", "GW", "INNER", "HEAD_DIM")
+_PTR_ARGS = ("a_ptr", "w_ptr", "out_ptr", "bias_ptr", "mean_ptr", "rstd_ptr", "lnw_ptr", "lnb_ptr",
+             "res_ptr", "ls_ptr", "pos_ptr", "cls_ptr")
+_FP32_PTRS = ("mean_ptr", "rstd_ptr")
+
+
+def block_config(dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for input ``dtype``."""
+    if dtype not in CONFIGS:
+        raise TypeError(f"the Triton GEMM supports float32, float16 and bfloat16 inputs, got {dtype}")
+    return CONFIGS[dtype]
+
+
+def _flags(*, a_mode=A_DENSE, norm=NORM_NONE, prefix=0, has_bias=False, act=ACT_NONE, has_ls=False,
+           has_res=False, has_pos=False, out_mode=OUT_ROWS) -> Dict[str, object]:
+    return dict(A_MODE=a_mode, NORM=norm, PREFIX=prefix, HAS_BIAS=bool(has_bias), ACT=act,
+                HAS_LS=bool(has_ls), HAS_RES=bool(has_res), HAS_POS=bool(has_pos), OUT_MODE=out_mode)
+
+
+def launch_gemm(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K: int, T: int,
+                a_strides: Tuple[int, ...], w_strides: Tuple[int, ...], out_strides: Tuple[int, ...],
+                bias: Optional[Tensor] = None, stats: Optional[Tuple[Tensor, Tensor]] = None,
+                norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
+                residual: Optional[Tensor] = None, res_strides: Tuple[int, int, int] = (0, 0, 0),
+                layer_scale: Optional[Tensor] = None, act: int = ACT_NONE,
+                pos: Optional[Tensor] = None, pos_strides: Tuple[int, int] = (0, 0),
+                cls: Optional[Tensor] = None, patch: Optional[Tuple[int, int]] = None,
+                qkv: Optional[Tuple[int, int, float]] = None) -> Tensor:
+    """Launch :func:`_gemm_kernel` once; every argument already checked by the caller.
+
+    a: A rows (a_strides = (s_b, s_t, s_k)) or, with ``patch=(P, GW)``, the image (a_strides =
+    (s_b, s_c, s_h, s_w)); weight: (N, K) (w_strides = (s_n, s_k)) or (N, C, P, P) with patch
+    (4 strides); out: written through out_strides (3 for rows, 5 for qkv=(INNER, HEAD_DIM,
+    q_scale) into (3, B, H, T, HEAD_DIM)); stats: (mean, rstd) fp32 (M,) for LayerNorm on load
+    with norm_weight (K,) and optional norm_bias; residual through res_strides; pos: (T, N)
+    through pos_strides; cls: (N,) contiguous-or-strided 1-D, makes row t == 0 the class token.
+    """
+    if M == 0 or N == 0:
+        return out
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = block_config(a.dtype)
+    gather = patch is not None
+    norm = NORM_NONE if norm_weight is None else (NORM_AFFINE if norm_bias is not None else NORM_WEIGHT_ONLY)
+    flags = _flags(a_mode=A_PATCHES if gather else A_DENSE, norm=norm, prefix=int(cls is not None),
+                   has_bias=bias is not None, act=act, has_ls=layer_scale is not None,
+                   has_res=residual is not None, has_pos=pos is not None,
+                   out_mode=OUT_QKV if qkv is not None else OUT_ROWS)
+    s = dict.fromkeys(_INT_ARGS, 0)
+    s.update(M=M, N=N, K=K, T=T)
+    if gather:
+        s.update(P=patch[0], GW=patch[1])
+        s.update(zip(("s_ab", "s_ac", "s_ah", "s_aw"), a_strides))
+        s.update(zip(("s_wn", "s_wc", "s_wr", "s_ws"), w_strides))
+    else:
+        s.update(zip(("s_ab", "s_at", "s_ak"), a_strides))
+        s.update(zip(("s_wn", "s_wk"), w_strides))
+    if qkv is not None:
+        s.update(zip(("s_o3", "s_ob", "s_oh", "s_ot", "s_on"), out_strides))
+        s.update(INNER=qkv[0], HEAD_DIM=qkv[1])
+        q_scale = float(qkv[2])
+    else:
+        s.update(zip(("s_ob", "s_ot", "s_on"), out_strides))
+        q_scale = 1.0
+    s.update(zip(("s_rb", "s_rt", "s_rn"), res_strides))
+    s.update(zip(("s_pt", "s_pn"), pos_strides))
+    if cls is not None:
+        s["s_cls"] = cls.stride(0)
+    # Absent optional operands get a placeholder pointer of the same type (never read: the
+    # matching constexpr flag is off), so the kernel signature does not change with them.
+    fp32_dummy = stats[0] if stats is not None else torch.empty(1, device=a.device, dtype=torch.float32)
+    mean, rstd = stats if stats is not None else (fp32_dummy, fp32_dummy)
+    ptrs = [a, weight, out, _or(bias, weight), mean, rstd, _or(norm_weight, weight), _or(norm_bias, weight),
+            _or(residual, weight), _or(layer_scale, weight), _or(pos, weight), _or(cls, weight)]
+    grid = (triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N),)
+    _gemm_kernel[grid](*ptrs, *(s[k] for k in _INT_ARGS), q_scale,
+                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
+                       DOT_PRECISION=_precision(a.dtype), num_warps=num_warps, num_stages=num_stages,
+                       **flags)
+    return out
+
+
+def _or(t: Optional[Tensor], placeholder: Tensor) -> Tensor:
+    return placeholder if t is None else t
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return FP32_DOT_PRECISION if dtype == torch.float32 else "tf32"
+
+
+def _check_out(out: Optional[Tensor], shape, like: Tensor) -> Tensor:
+    """The caller's ``out`` (checked: shape, dtype, device) or a new empty tensor."""
+    shape = tuple(shape)
+    if out is None:
+        return torch.empty(shape, device=like.device, dtype=like.dtype)
+    if tuple(out.shape) != shape or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"out: expected a {like.dtype} tensor of shape {shape} on {like.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    return out
+
+
+def _check_dtype(name: str, t: Tensor) -> None:
+    if t.dtype not in DTYPES:
+        raise TypeError(f"{name}: the Triton GEMM supports float32, float16 and bfloat16, got {t.dtype}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Public launchers
+# ---------------------------------------------------------------------------------------------
+
+def dense_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+                  norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
+                  eps: float = 1e-6, stats: Optional[Tuple[Tensor, Tensor]] = None, act: int = ACT_NONE,
+                  residual: Optional[Tensor] = None, layer_scale: Optional[Tensor] = None,
+                  out: Optional[Tensor] = None) -> Tensor:
+    """[LayerNorm ->] x @ weight^T [+ bias] [-> GELU] [* layer_scale] [+ residual], one launch.
+
+    x: (..., K); weight: (N, K); bias, layer_scale: (N,); norm_weight, norm_bias: (K,) applies
+    LayerNorm(x, eps) as x loads (row statistics from :func:`row_stats`, or ``stats`` given);
+    act: ACT_NONE / ACT_GELU_ERF / ACT_GELU_TANH; residual: (..., N). Returns (..., N).
+    """
+    _check_dtype("x", x)
+    K = x.shape[-1]
+    N = weight.shape[0]
+    T = rows_per_batch(x)
+    M = x.numel() // K if K else math.prod(x.shape[:-1])
+    out = _check_out(out, tuple(x.shape[:-1]) + (N,), x)
+    if norm_weight is not None and stats is None and M:
+        stats = row_stats(x, eps)
+    return launch_gemm(
+        x, weight, out, M=M, N=N, K=K, T=T, a_strides=as_rows("x", x, T), w_strides=weight.stride(),
+        out_strides=as_rows("out", out, T), bias=bias, stats=stats if norm_weight is not None else None,
+        norm_weight=norm_weight, norm_bias=norm_bias, act=act,
+        residual=residual, res_strides=as_rows("residual", residual, T) if residual is not None else (0, 0, 0),
+        layer_scale=layer_scale)
+
+
+def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+                   residual: Optional[Tensor] = None, layer_scale: Optional[Tensor] = None,
+                   out: Optional[Tensor] = None) -> Tensor:
+    """The output projection of a block: residual + layer_scale * (x @ weight^T + bias).
+
+    x: (..., in); weight: (out_features, in); bias, layer_scale: (out_features,) or None;
+    residual: (..., out_features) or None; out: optional (..., out_features) to write into.
+    Returns (..., out_features) in x's dtype. One launch; the epilogue does bias, scale, residual.
+    """
+    return dense_forward(x, weight, bias, residual=residual, layer_scale=layer_scale, out=out)
+
+
+def qkv_projection_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = None, *,
+                           num_heads: int, scale: float, norm_weight: Optional[Tensor] = None,
+                           norm_bias: Optional[Tensor] = None, eps: float = 1e-6,
+                           out: Optional[Tensor] = None) -> Tensor:
+    """[LayerNorm ->] QKV projection written straight into the attention layout.
+
+    x: (B, N, dim), any strides; qkv_weight: (3*inner, dim), rows [q; k; v], each head-major;
+    qkv_bias: (3*inner,) or None; norm_weight, norm_bias: (dim,) apply LayerNorm(x, eps) as x
+    loads (norm_weight None: no LayerNorm); scale multiplies Q (after the bias).
+    Returns qkv: (3, B, H, N, head_dim), contiguous, H = num_heads, head_dim = inner // H;
+    qkv[0] = scale * q, qkv[1] = k, qkv[2] = v. No reshape, permute or copy of the result.
+    """
+    _check_dtype("x", x)
+    if x.dim() != 3:
+        raise ValueError(f"x: expected (B, N, dim), got shape {tuple(x.shape)}")
+    B, Ntok, dim = x.shape
+    if qkv_weight.dim() != 2 or qkv_weight.shape[1] != dim or qkv_weight.shape[0] % (3 * num_heads):
+        raise ValueError(f"qkv_weight: expected (3*inner, {dim}) with inner divisible by num_heads={num_heads}, "
+                         f"got {tuple(qkv_weight.shape)}")
+    inner = qkv_weight.shape[0] // 3
+    head_dim = inner // num_heads
+    if head_dim % 8:
+        raise ValueError(f"num_heads: head_dim = {inner} // {num_heads} = {head_dim} is not a multiple of 8, "
+                         f"which the head-split epilogue needs")
+    out = _check_out(out, (3, B, num_heads, Ntok, head_dim), x)
+    if not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous (3, B, H, N, head_dim) tensor, got strides {out.stride()}")
+    M = B * Ntok
+    stats = row_stats(x, eps) if norm_weight is not None and M else None
+    return launch_gemm(
+        x, qkv_weight, out, M=M, N=3 * inner, K=dim, T=Ntok, a_strides=x.stride(),
+        w_strides=qkv_weight.stride(), out_strides=out.stride(), bias=qkv_bias, stats=stats,
+        norm_weight=norm_weight, norm_bias=norm_bias, qkv=(inner, head_dim, scale))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time specs
+# ---------------------------------------------------------------------------------------------
+
+# What Triton's launcher specializes for the usual call: strides equal to 1 become constants, and
+# aligned pointers and 16-multiple strides/sizes are compiled as such (ViT dims are multiples of 16;
+# odd dims or strides compile another specialization at run time, with the same tiles).
+UNIT_STRIDES_ROWS = ("s_ak", "s_wk", "s_on", "s_rn")
+DIVISIBLE_ROWS = _PTR_ARGS + ("N", "K", "s_ab", "s_at", "s_wn", "s_o3", "s_ob", "s_oh", "s_ot", "s_rb", "s_rt",
+                              "s_pt", "INNER", "HEAD_DIM")
+
+
+def aot_spec(name: str, dtype: torch.dtype, *, unit_strides=UNIT_STRIDES_ROWS, divisible=DIVISIBLE_ROWS,
+             **flags) -> AotSpec:
+    """The AotSpec of one flag combination (keyword names as in :func:`_flags`) for ``dtype``;
+    ``unit_strides`` are compiled as the constant 1, ``divisible`` as multiples of 16."""
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = block_config(dtype)
+    p = ptr_type(dtype)
+    sig = {k: ("*fp32" if k in _FP32_PTRS else p) for k in _PTR_ARGS}
+    sig.update({k: "i32" for k in _INT_ARGS})
+    sig["q_scale"] = "fp32"
+    constexprs = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
+                      DOT_PRECISION=_precision(dtype), **_flags(**flags))
+    constexprs.update({k: 1 for k in unit_strides})
+    sig.update({k: "constexpr" for k in constexprs})
+    dt = str(dtype).replace("torch.", "")
+    on = ",".join(f"{k}={int(v)}" for k, v in _flags(**flags).items() if v)
+    label = f"BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},BLOCK_K={BLOCK_K},{dt}" + (f",{on}" if on else "")
+    return AotSpec(name, _gemm_kernel, sig, constexprs, num_warps, num_stages, label, True,
+                   divisible_by_16=tuple(d for d in divisible if d not in unit_strides))
+
+
+def aot_specs() -> List[AotSpec]:
+    """linear_forward: bias x (none | residual | residual + layer scale); qkv_projection_forward:
+    LayerNorm (none | affine | weight only) x bias; per dtype."""
+    specs = []
+    for dtype in DTYPES:
+        for has_bias in (False, True):
+            for has_res, has_ls in ((False, False), (True, False), (True, True)):
+                specs.append(aot_spec("gemm_linear", dtype, has_bias=has_bias, has_res=has_res, has_ls=has_ls))
+            for norm in (NORM_NONE, NORM_AFFINE, NORM_WEIGHT_ONLY):
+                specs.append(aot_spec("gemm_qkv", dtype, norm=norm, has_bias=has_bias, out_mode=OUT_QKV))
+    return specs

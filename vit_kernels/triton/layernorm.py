@@ -1,0 +1,117 @@
+"""LayerNorm row statistics: mean and 1/std of every row, in fp32.
+
+The fused GEMMs (QKV projection, fc1) apply LayerNorm while they load x; they need each row's
+mean and rstd first. This small pass reads x once (twice from cache: the variance is taken
+around the mean, not as E[x^2] - mean^2, so large means do not cancel) and writes 8 bytes a row.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .aot import AotSpec, ptr_type
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCK_R, BLOCK_D, NUM_WARPS = 8, 256, 4
+
+
+@triton.jit
+def _row_stats_kernel(
+    x_ptr,            # x viewed as (batch, T, D) with strides (s_b, s_t, s_d)
+    mean_ptr,         # (M,) fp32 out, M = batch * T
+    rstd_ptr,         # (M,) fp32 out
+    M, D, T,          # rows, row width, rows per batch
+    s_b, s_t, s_d,
+    eps,              # fp32
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < M
+    row_off = (rows // T).to(tl.int64) * s_b + (rows % T).to(tl.int64) * s_t
+    cols0 = tl.arange(0, BLOCK_D)
+
+    total = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + cols0
+        mask = rmask[:, None] & (cols < D)[None, :]
+        x = tl.load(x_ptr + row_off[:, None] + cols.to(tl.int64)[None, :] * s_d, mask=mask, other=0.0)
+        total += x.to(tl.float32)
+    mean = tl.sum(total, axis=1) / D
+
+    sq = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + cols0
+        mask = rmask[:, None] & (cols < D)[None, :]
+        x = tl.load(x_ptr + row_off[:, None] + cols.to(tl.int64)[None, :] * s_d, mask=mask, other=0.0)
+        diff = tl.where(mask, x.to(tl.float32) - mean[:, None], 0.0)
+        sq += diff * diff
+    var = tl.sum(sq, axis=1) / D
+    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    tl.store(mean_ptr + rows, mean, mask=rmask)
+    tl.store(rstd_ptr + rows, rstd, mask=rmask)
+
+
+def as_rows(name: str, t: Tensor, T: int) -> Tuple[int, int, int]:
+    """Strides (s_b, s_t, s_c) that address ``t`` (..., C) as (-1, T, C) without a copy.
+
+    Raises ValueError naming ``name`` when the leading dims cannot be addressed that way (a
+    layout no view can express); the caller then decides to make it contiguous, visibly.
+    """
+    C = t.shape[-1]
+    try:
+        v = t.view(-1, T, C) if t.numel() else t.reshape(-1, T, C)
+    except RuntimeError:
+        raise ValueError(f"{name}: shape {tuple(t.shape)} with strides {t.stride()} cannot be addressed as "
+                         f"(-1, {T}, {C}) rows without a copy; pass {name}.contiguous()") from None
+    return v.stride(0), v.stride(1), v.stride(2)
+
+
+def rows_per_batch(x: Tensor) -> int:
+    """T, the row count of x's second-to-last dim (x's leading dims are addressed as (-1, T))."""
+    return x.shape[-2] if x.dim() >= 2 else 1
+
+
+def row_stats(x2d: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """Per-row LayerNorm statistics.
+
+    x2d: (..., D), any strides that address it as (-1, T, D) with T = x2d.shape[-2] (a 2-D
+    tensor is one batch of rows); float32/float16/bfloat16. eps: added to the variance.
+    Returns (mean, rstd), each fp32 (M,) with M = x2d.numel() // D: rstd = 1/sqrt(var + eps),
+    var the biased variance over the last dim.
+    """
+    if x2d.dtype not in DTYPES:
+        raise TypeError(f"x2d: expected float32, float16 or bfloat16, got {x2d.dtype}")
+    if x2d.dim() < 2:
+        raise ValueError(f"x2d: expected at least 2 dims (rows, D), got shape {tuple(x2d.shape)}")
+    D = x2d.shape[-1]
+    M = x2d.numel() // D if D else 0
+    mean = torch.empty(M, device=x2d.device, dtype=torch.float32)
+    rstd = torch.empty(M, device=x2d.device, dtype=torch.float32)
+    if M == 0:
+        return mean, rstd
+    T = rows_per_batch(x2d)
+    s_b, s_t, s_d = as_rows("x2d", x2d, T)
+    grid = (triton.cdiv(M, BLOCK_R),)
+    _row_stats_kernel[grid](x2d, mean, rstd, M, D, T, s_b, s_t, s_d, float(eps),
+                            BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
+    return mean, rstd
+
+
+def aot_specs() -> List[AotSpec]:
+    """The configurations row_stats launches: one block config per input dtype."""
+    specs = []
+    for dtype in DTYPES:
+        sig = {"x_ptr": ptr_type(dtype), "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+               "M": "i32", "D": "i32", "T": "i32", "s_b": "i32", "s_t": "i32", "s_d": "i32", "eps": "fp32",
+               "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"}
+        dt = str(dtype).replace("torch.", "")
+        sig["s_d"] = "constexpr"   # a contiguous last dim: Triton's launcher makes stride 1 a constant
+        specs.append(AotSpec("row_stats", _row_stats_kernel, sig,
+                             {"BLOCK_R": BLOCK_R, "BLOCK_D": BLOCK_D, "s_d": 1},
+                             NUM_WARPS, 1, f"BLOCK_R={BLOCK_R},BLOCK_D={BLOCK_D},{dt}", False,
+                             divisible_by_16=("x_ptr", "mean_ptr", "rstd_ptr", "D", "s_b", "s_t")))
+    return specs
