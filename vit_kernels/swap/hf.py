@@ -16,6 +16,9 @@ capturing (``output_hidden_states``: hooks installed by class, lazily, or before
 shared) and gradient checkpointing find it as they find a ViTLayer.
 It runs ``x = linear(qkv_attention(x, [Wq; Wk; Wv], layernorm_before), o_proj, residual=x)`` and
 ``x = layernorm_gelu_mlp(x, layernorm_after, fc1, fc2, residual=x)``.
+``ViTPatchEmbeddings.projection`` (Conv2d) is replaced by
+:class:`~vit_kernels.swap.patch.FusedPatchConv`; class token, position embedding (and its
+interpolation) stay in ``ViTEmbeddings``.
 
 The separate q/k/v Linears feed the fused projection through a concatenated copy
 ``[Wq; Wk; Wv]`` (and biases) that is NOT a parameter: the stored parameters do not change. The
@@ -40,6 +43,7 @@ from .. import ops
 from .base import (Candidate, ReportEntry, SwapWrapper, bypassed_hooks, dropout_p, dropout_reason,
                    first_reason, gelu_approximate, head_dim_reason, join, layernorm_reason,
                    linear_reason, overrides_load_state_dict)
+from .patch import patch_conv_candidate
 
 FAMILY = "transformers"
 
@@ -228,11 +232,24 @@ def _mlp_reason(path: str, layer: nn.Module, p: _Parts):
     return bypassed_hooks(mods, ignore=_is_capture_hook), approx
 
 
+def _patch_classes() -> Tuple[type, ...]:
+    try:
+        from transformers.models.vit.modeling_vit import ViTPatchEmbeddings
+        return (ViTPatchEmbeddings,)
+    except Exception:
+        return ()
+
+
 def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
     classes = _layer_classes()
     if not classes:
         return []
     out: List[Candidate] = []
+    patch_classes = _patch_classes()
+    for path, m in root.named_modules():
+        if patch_classes and isinstance(m, patch_classes) and "projection" in m._modules:
+            c = patch_conv_candidate(join(path, "projection"), m.projection, FAMILY, backend, "patch_embed" in ops_)
+            out += [c] if c else []
     layers = [(path, m) for path, m in root.named_modules()
               if not isinstance(m, SwapWrapper) and isinstance(m, classes)]
     for path, m in layers:

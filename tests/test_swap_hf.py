@@ -1,0 +1,247 @@
+"""fuse / unfuse on Hugging Face transformers ViT.
+
+The installed transformers (5.x) is tested on ViTModel and ViTForImageClassification built from a
+small ViTConfig (nothing is downloaded). The 4.x module layout (encoder.layer[i] with
+attention.attention.query/key/value, attention.output.dense, intermediate.dense, output.dense)
+cannot be installed beside 5.x in this venv, so it is tested on a hand-built module tree whose
+classes copy the structure and forward of transformers 4.57.6's ViTSelfAttention, ViTSelfOutput,
+ViTAttention, ViTIntermediate, ViTOutput and ViTLayer (eager attention, no head mask), registered
+with the adapter through ``vit_kernels.swap.hf.EXTRA_LAYER_CLASSES``.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import vit_kernels as vk
+from test_swap_helpers import check_fuse, check_grad, check_load_state_dict
+from vit_kernels.swap import hf as hf_adapter
+
+transformers = pytest.importorskip("transformers")
+from transformers import ViTConfig, ViTForImageClassification, ViTModel  # noqa: E402
+
+BACKENDS = ["torch"]  # "triton" joins once vit_kernels/triton/{qkv_attention,mlp,patch_embed}.py exist
+ALL = ["attention", "attention", "mlp", "mlp", "patch_embed"]
+
+
+def config(**kw):
+    cfg = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
+               patch_size=8, num_labels=10)
+    cfg.update(kw)
+    return ViTConfig(**cfg)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", ["classifier", "model"])
+def test_vit_matches(cls, backend):
+    model = ViTForImageClassification(config()) if cls == "classifier" else ViTModel(config())
+    check_fuse(model, torch.randn(3, 3, 32, 32), backend=backend, expect_fused=ALL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_low_precision_no_qkv_bias_tanh_gelu(dtype, backend):
+    model = ViTForImageClassification(config(qkv_bias=False, hidden_act="gelu_pytorch_tanh"))
+    check_fuse(model, torch.randn(2, 3, 32, 32), backend=backend, dtype=dtype, expect_fused=ALL)
+
+
+def test_head_dim_80_and_eager_attention():
+    model = ViTForImageClassification(config(hidden_size=160, intermediate_size=320, num_hidden_layers=1,
+                                             attn_implementation="eager"))
+    check_fuse(model, torch.randn(2, 3, 32, 32), backend="torch", expect_fused=["attention", "mlp", "patch_embed"])
+
+
+def test_non_gelu_activation_is_left():
+    model = ViTForImageClassification(config(hidden_act="relu"))
+    check_fuse(model, torch.randn(2, 3, 32, 32), backend="torch",
+               expect_fused=["attention", "attention", "patch_embed"], expect_left=["not GELU"])
+
+
+def test_qkv_cache_follows_parameter_changes():
+    model = ViTForImageClassification(config()).eval()
+    vk.fuse(model, backend="torch")
+    x = torch.randn(2, 3, 32, 32)
+    layer = model.vit.layers[0]
+    with torch.no_grad():
+        model(x)
+        w1, _ = layer.qkv_weights()
+        assert layer.qkv_weights()[0] is w1  # cached
+        model.vit.layers[0].attention.k_proj.weight.mul_(2.0)  # in place: bumps _version
+        w2, b2 = layer.qkv_weights()
+        assert w2 is not w1
+        torch.testing.assert_close(w2[64:128], layer.attention.k_proj.weight, rtol=0, atol=0)
+        got = model(x).logits
+        want = vk.unfuse(copy.deepcopy(model))(x).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the stored parameters are unchanged in kind: no qkv parameter appeared
+    assert not any("qkv" in k for k in model.state_dict())
+
+
+def test_output_hidden_states_and_attentions():
+    model = ViTForImageClassification(config(attn_implementation="eager")).eval()
+    ref = copy.deepcopy(model)
+    vk.fuse(model, backend="torch")  # before any capture hook was installed: they come lazily
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = model(x, output_hidden_states=True, output_attentions=True)
+        want = ref(x, output_hidden_states=True, output_attentions=True)
+        got2 = model(x, output_hidden_states=True)
+    assert len(got.hidden_states) == len(want.hidden_states) == 3
+    assert len(got.attentions) == len(want.attentions) == 2
+    for g, w in zip(got.hidden_states + got.attentions, want.hidden_states + want.attentions):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert len(got2.hidden_states) == 3
+    for g, w in zip(got2.hidden_states, want.hidden_states):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_hidden_states_hooks_installed_before_fuse_fire_once():
+    model = ViTModel(config()).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x, output_hidden_states=True).hidden_states
+        vk.fuse(model, backend="torch")
+        got = model(x, output_hidden_states=True).hidden_states
+    assert len(got) == len(want) == 3
+
+
+def test_gradients_take_the_torch_path():
+    check_grad(ViTForImageClassification(config()), torch.randn(2, 3, 32, 32))
+
+
+def test_load_state_dict_after_fuse():
+    check_load_state_dict(ViTForImageClassification(config()), torch.randn(2, 3, 32, 32))
+
+
+# --- the transformers 4.x layout (4.57.6), hand-built ------------------------------------------
+
+class ViTSelfAttention4(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.num_attention_heads = c.num_attention_heads
+        self.attention_head_size = c.hidden_size // c.num_attention_heads
+        self.all_head_size = self.num_attention_heads * self.attention_head_size
+        self.dropout_prob = c.attention_probs_dropout_prob
+        self.scaling = self.attention_head_size ** -0.5
+        self.query = nn.Linear(c.hidden_size, self.all_head_size, bias=c.qkv_bias)
+        self.key = nn.Linear(c.hidden_size, self.all_head_size, bias=c.qkv_bias)
+        self.value = nn.Linear(c.hidden_size, self.all_head_size, bias=c.qkv_bias)
+
+    def forward(self, hidden_states, head_mask=None):
+        b = hidden_states.shape[0]
+        shape = b, -1, self.num_attention_heads, self.attention_head_size
+        k = self.key(hidden_states).view(*shape).transpose(1, 2)
+        v = self.value(hidden_states).view(*shape).transpose(1, 2)
+        q = self.query(hidden_states).view(*shape).transpose(1, 2)
+        w = torch.softmax(q @ k.transpose(2, 3) * self.scaling, dim=-1)
+        w = nn.functional.dropout(w, p=self.dropout_prob if self.training else 0.0, training=self.training)
+        if head_mask is not None:
+            w = w * head_mask
+        ctx = (w @ v).transpose(1, 2).contiguous()
+        return ctx.reshape(ctx.shape[:-2] + (self.all_head_size,)), w
+
+
+class ViTSelfOutput4(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.dense = nn.Linear(c.hidden_size, c.hidden_size)
+        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+
+    def forward(self, hidden_states, input_tensor):
+        return self.dropout(self.dense(hidden_states))
+
+
+class ViTAttention4(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.attention = ViTSelfAttention4(c)
+        self.output = ViTSelfOutput4(c)
+
+    def forward(self, hidden_states, head_mask=None):
+        out, _ = self.attention(hidden_states, head_mask)
+        return self.output(out, hidden_states)
+
+
+class ViTIntermediate4(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.dense = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.intermediate_act_fn = transformers.activations.ACT2FN[c.hidden_act]
+
+    def forward(self, hidden_states):
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class ViTOutput4(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.dense = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+
+    def forward(self, hidden_states, input_tensor):
+        return self.dropout(self.dense(hidden_states)) + input_tensor
+
+
+class ViTLayer4(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.attention = ViTAttention4(c)
+        self.intermediate = ViTIntermediate4(c)
+        self.output = ViTOutput4(c)
+        self.layernorm_before = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.layernorm_after = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, hidden_states, head_mask=None):
+        attention_output = self.attention(self.layernorm_before(hidden_states), head_mask)
+        hidden_states = attention_output + hidden_states
+        layer_output = self.intermediate(self.layernorm_after(hidden_states))
+        return self.output(layer_output, hidden_states)
+
+
+class Encoder4(nn.Module):
+    """ViTEncoder's layer list and a final norm: (batch, tokens, dim) -> (batch, tokens, dim)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.layer = nn.ModuleList([ViTLayer4(c) for _ in range(c.num_hidden_layers)])
+        self.layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, x, head_mask=None):
+        for i, layer in enumerate(self.layer):
+            x = layer(x, head_mask[i] if head_mask is not None else None)
+        return self.layernorm(x)
+
+
+@pytest.fixture
+def layout4(monkeypatch):
+    monkeypatch.setattr(hf_adapter, "EXTRA_LAYER_CLASSES", [ViTLayer4])
+
+
+def _init(m):
+    for p in m.parameters():
+        p.data.normal_(0, 0.2)
+    return m
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_4x_layout_matches(layout4, backend):
+    enc = _init(Encoder4(config(qkv_bias=True)))
+    report = check_fuse(enc, torch.randn(3, 17, 64), backend=backend, expect_fused=["attention", "attention", "mlp", "mlp"])
+    assert [e.path for e in report.fused] == ["layer.0.attention", "layer.0.intermediate",
+                                               "layer.1.attention", "layer.1.intermediate"]
+
+
+def test_4x_layout_head_mask_runs_the_original(layout4):
+    enc = _init(Encoder4(config())).eval()
+    ref = copy.deepcopy(enc)
+    vk.fuse(enc, backend="torch")
+    x = torch.randn(2, 5, 64)
+    mask = torch.rand(2, 2, 1, 1)  # per layer, per head
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x, head_mask=mask), ref(x, head_mask=mask), rtol=0, atol=0)
+
+
+def test_4x_layout_grads_and_load_state_dict(layout4):
+    check_grad(_init(Encoder4(config())), torch.randn(2, 5, 64))
+    check_load_state_dict(_init(Encoder4(config())), torch.randn(2, 5, 64))
