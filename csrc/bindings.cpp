@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include "vk/gemm.h"
 #include "vk/kernels.h"
 #include "attention/flash_fwd.h"
 
@@ -119,6 +120,163 @@ std::vector<at::Tensor> selftest_warp(const at::Tensor& x) {
 }
 
 // ------------------------------------------------------- LayerNorm statistics + GEMM (CUDA-core)
+// vit_kernels/cuda/ops.py checks shapes and allocates outputs; these are the second line of checks.
+
+vk::DType dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return vk::DType::f32;
+    case at::kHalf: return vk::DType::f16;
+    case at::kBFloat16: return vk::DType::bf16;
+    default: TORCH_CHECK(false, name, ": expected float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  return vk::DType::f32;
+}
+
+// A (rows, cols) matrix whose rows have unit column stride (any row stride).
+void check_rows(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  check(t, name, like.scalar_type(), false);
+  TORCH_CHECK(t.dim() == 2, name, ": expected a 2-D (rows, cols) tensor, got ", t.dim(), "-D");
+  TORCH_CHECK(t.stride(1) == 1 || t.size(1) == 1, name, ": expected unit stride along the last dim, got strides ",
+              t.strides());
+  TORCH_CHECK(t.size(0) < (int64_t(1) << 31) && t.size(1) < (int64_t(1) << 31), name, ": too large");
+}
+
+void check_vec(const c10::optional<at::Tensor>& t, const char* name, const at::Tensor& like, int64_t n) {
+  if (!t.has_value()) return;
+  check(*t, name, like.scalar_type());
+  TORCH_CHECK(t->numel() == n, name, ": expected ", n, " elements, got ", t->numel());
+}
+
+std::vector<at::Tensor> layernorm_stats(const at::Tensor& x, double eps) {
+  check_rows(x, "x", x);
+  DeviceGuard g(x);
+  auto opts = x.options().dtype(at::kFloat);
+  auto mean = at::empty({x.size(0)}, opts), rstd = at::empty({x.size(0)}, opts);
+  vk::layernorm_stats(dtype_of(x, "x"), x.data_ptr(), x.size(0), (int)x.size(1), x.stride(0), (float)eps,
+                      ptr<float>(mean), ptr<float>(rstd), stream_of(x));
+  return {mean, rstd};
+}
+
+// The A-operand part shared by gemm_rows and gemm_qkv: dense x, or LayerNorm(x) when mean/rstd given.
+vk::ALoad set_a(vk::GemmParams& p, const at::Tensor& x, const c10::optional<at::Tensor>& mean,
+                const c10::optional<at::Tensor>& rstd, const c10::optional<at::Tensor>& ln_weight,
+                const c10::optional<at::Tensor>& ln_bias) {
+  p.a = x.data_ptr();
+  p.lda = x.stride(0);
+  if (!mean.has_value()) {
+    TORCH_CHECK(!ln_weight.has_value() && !ln_bias.has_value(), "ln_weight/ln_bias: given without statistics");
+    return vk::ALoad::dense;
+  }
+  TORCH_CHECK(rstd.has_value(), "rstd: expected with mean");
+  check(*mean, "mean", at::kFloat);
+  check(*rstd, "rstd", at::kFloat);
+  TORCH_CHECK(mean->numel() == x.size(0) && rstd->numel() == x.size(0), "mean/rstd: expected ", x.size(0), " rows");
+  check_vec(ln_weight, "ln_weight", x, x.size(1));
+  check_vec(ln_bias, "ln_bias", x, x.size(1));
+  p.ln_mean = ptr<float>(*mean);
+  p.ln_rstd = ptr<float>(*rstd);
+  p.ln_weight = cptr<void>(ln_weight);
+  p.ln_bias = cptr<void>(ln_bias);
+  return vk::ALoad::layernorm;
+}
+
+void set_w(vk::GemmParams& p, const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  check_rows(w, "weight", x);
+  TORCH_CHECK(w.size(1) == p.K, "weight: expected (N, ", p.K, "), got ", w.sizes());
+  p.N = (int)w.size(0);
+  p.w = w.data_ptr();
+  p.ldw = w.stride(0);
+  check_vec(bias, "bias", x, p.N);
+  p.bias = cptr<void>(bias);
+}
+
+// out (M, N) = [residual +] [layer_scale *] act(LN?(x) @ w^T + bias); act: 0 none, 1 gelu erf, 2 gelu tanh.
+void gemm_rows(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+               const c10::optional<at::Tensor>& mean, const c10::optional<at::Tensor>& rstd,
+               const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias, int64_t act,
+               const c10::optional<at::Tensor>& layer_scale, const c10::optional<at::Tensor>& residual,
+               at::Tensor& out, int64_t config) {
+  check_rows(x, "x", x);
+  vk::GemmParams p;
+  p.M = (int)x.size(0);
+  p.K = (int)x.size(1);
+  const vk::ALoad loader = set_a(p, x, mean, rstd, ln_weight, ln_bias);
+  set_w(p, x, w, bias);
+  TORCH_CHECK(act >= 0 && act <= 2, "act: expected 0, 1 or 2");
+  p.act = static_cast<vk::Act>(act);
+  check_vec(layer_scale, "layer_scale", x, p.N);
+  p.layer_scale = cptr<void>(layer_scale);
+  if (residual.has_value()) {
+    check_rows(*residual, "residual", x);
+    TORCH_CHECK(residual->size(0) == p.M && residual->size(1) == p.N, "residual: expected (", p.M, ", ", p.N, ")");
+    p.residual = residual->data_ptr();
+    p.ldr = residual->stride(0);
+  }
+  check_rows(out, "out", x);
+  TORCH_CHECK(out.size(0) == p.M && out.size(1) == p.N, "out: expected (", p.M, ", ", p.N, ")");
+  p.out = out.data_ptr();
+  p.ldo = out.stride(0);
+  DeviceGuard g(x);
+  vk::gemm(p, dtype_of(x, "x"), loader, vk::Epi::rows, (int)config, stream_of(x));
+}
+
+// out (3, B, H, tokens, head_dim) contiguous = head split of LN?(x) @ w^T + bias, q scaled.
+void gemm_qkv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+              const c10::optional<at::Tensor>& mean, const c10::optional<at::Tensor>& rstd,
+              const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias, int64_t tokens,
+              int64_t heads, int64_t head_dim, double q_scale, at::Tensor& out, int64_t config) {
+  check_rows(x, "x", x);
+  vk::GemmParams p;
+  p.M = (int)x.size(0);
+  p.K = (int)x.size(1);
+  const vk::ALoad loader = set_a(p, x, mean, rstd, ln_weight, ln_bias);
+  set_w(p, x, w, bias);
+  TORCH_CHECK(tokens > 0 && p.M % tokens == 0, "tokens: expected a divisor of the ", p.M, " rows of x");
+  TORCH_CHECK(p.N == 3 * heads * head_dim, "weight: expected 3 * heads * head_dim = ", 3 * heads * head_dim, " rows");
+  check(out, "out", x.scalar_type());
+  TORCH_CHECK(out.dim() == 5 && out.size(0) == 3 && out.size(1) == p.M / tokens && out.size(2) == heads &&
+                  out.size(3) == tokens && out.size(4) == head_dim,
+              "out: expected (3, ", p.M / tokens, ", ", heads, ", ", tokens, ", ", head_dim, "), got ", out.sizes());
+  p.tokens = (int)tokens;
+  p.heads = (int)heads;
+  p.head_dim = (int)head_dim;
+  p.q_scale = (float)q_scale;
+  p.out = out.data_ptr();
+  DeviceGuard g(x);
+  vk::gemm(p, dtype_of(x, "x"), loader, vk::Epi::qkv, (int)config, stream_of(x));
+}
+
+// images (B, C, H, W) with any strides; w (dim, C * p * p); out (B, prefix + P, dim) contiguous.
+void gemm_patch(const at::Tensor& images, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                int64_t patch, const c10::optional<at::Tensor>& pos_embed, const c10::optional<at::Tensor>& cls_token,
+                at::Tensor& out, int64_t config) {
+  check(images, "images", images.scalar_type(), false);
+  TORCH_CHECK(images.dim() == 4, "images: expected (B, C, H, W)");
+  const int64_t B = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3);
+  TORCH_CHECK(patch > 0 && H % patch == 0 && W % patch == 0, "patch: expected a divisor of H and W");
+  vk::GemmParams p;
+  p.patch = (int)patch;
+  p.grid_h = (int)(H / patch);
+  p.grid_w = (int)(W / patch);
+  const int64_t P = int64_t(p.grid_h) * p.grid_w;
+  TORCH_CHECK(B * P < (int64_t(1) << 31), "images: too many patches");
+  p.M = (int)(B * P);
+  p.K = (int)(C * patch * patch);
+  p.a = images.data_ptr();
+  for (int i = 0; i < 4; ++i) p.img_stride[i] = images.stride(i);
+  set_w(p, images, w, bias);
+  const int64_t prefix = cls_token.has_value() ? 1 : 0;
+  check_vec(cls_token, "cls_token", images, p.N);
+  check_vec(pos_embed, "pos_embed", images, (prefix + P) * p.N);
+  p.cls_token = cptr<void>(cls_token);
+  p.pos_embed = cptr<void>(pos_embed);
+  check(out, "out", images.scalar_type());
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == B && out.size(1) == prefix + P && out.size(2) == p.N,
+              "out: expected (", B, ", ", prefix + P, ", ", p.N, "), got ", out.sizes());
+  p.out = out.data_ptr();
+  DeviceGuard g(images);
+  vk::gemm(p, dtype_of(images, "images"), vk::ALoad::patch, vk::Epi::patch, (int)config, stream_of(images));
+}
 
 // ----------------------------------------------------------------- attention (CUDA-attention)
 // flash_attention_forward(q, k, v, out, lse, amax, scale): softmax(scale q k^T) v into `out`.
@@ -219,6 +377,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("selftest_block_sum", &selftest_block_sum, "shared-memory tree sum per block, with or without barriers");
   m.def("selftest_warp", &selftest_warp, "warp shuffles, votes and atomicAdd");
   // --- CUDA-core: LayerNorm statistics + GEMM
+  m.def("layernorm_stats", &layernorm_stats, "per-row mean and rstd (float32) of x: (rows, dim)", py::arg("x"),
+        py::arg("eps"));
+  m.def("gemm_rows", &gemm_rows, "out = [residual +] [layer_scale *] act(LN?(x) @ w^T + bias)", py::arg("x"),
+        py::arg("w"), py::arg("bias"), py::arg("mean"), py::arg("rstd"), py::arg("ln_weight"), py::arg("ln_bias"),
+        py::arg("act"), py::arg("layer_scale"), py::arg("residual"), py::arg("out"), py::arg("config") = -1);
+  m.def("gemm_qkv", &gemm_qkv, "QKV projection with head split into (3, B, H, tokens, head_dim), q scaled",
+        py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("mean"), py::arg("rstd"), py::arg("ln_weight"),
+        py::arg("ln_bias"), py::arg("tokens"), py::arg("heads"), py::arg("head_dim"), py::arg("q_scale"),
+        py::arg("out"), py::arg("config") = -1);
+  m.def("gemm_patch", &gemm_patch, "patch embedding: gather GEMM + bias + position embedding + class token",
+        py::arg("images"), py::arg("w"), py::arg("bias"), py::arg("patch"), py::arg("pos_embed"),
+        py::arg("cls_token"), py::arg("out"), py::arg("config") = -1);
   // --- CUDA-attention: attention
   m.def("flash_attention_forward", &flash_attention_forward, "flash attention forward into out (and lse)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("amax"), py::arg("scale"));

@@ -36,7 +36,7 @@ import torch
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 DEFAULT_ARCH_LIST = "8.0;9.0"
-EMULATOR_CFLAGS = ["-O2", "-g0", "-DVK_EMULATE", "-Wno-unknown-pragmas"]
+EMULATOR_CFLAGS = ["-O2", "-g0", "-DVK_EMULATE", "-fno-strict-aliasing", "-Wno-unknown-pragmas"]
 GPU_CUDA_CFLAGS = ["-O3", "-g0", "-lineinfo", "--expt-relaxed-constexpr"]
 
 

@@ -105,3 +105,155 @@ def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = No
     out = _empty((B, N, inner), x.dtype, x.device)
     flash_attention_forward(qkv[0], qkv[1], qkv[2], 1.0, out=out.view(B, N, num_heads, hd).transpose(1, 2))
     return out
+
+
+# ------------------------------------------------------------------ GEMMs and LayerNorm statistics
+# One GEMM template (csrc/gemm/gemm.cuh) with an A-operand loader (dense | LayerNorm applied on load |
+# patch gather) and an epilogue (bias, GELU, layer scale + residual | QKV head split | position
+# embedding + class token). float16/bfloat16 run on tensor cores (mma.sync), float32 on an fp32 FMA
+# path with the same tiling (exact fp32, no TF32). `config`: -1 picks the tile by size, 0 forces the
+# 64x64 tile, 1 the 128x128 tile (for tests).
+
+GEMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ACT = {"none": 1, "tanh": 2}  # GELU variants for the fc1 epilogue (0 = no activation)
+
+
+def gemm_unsupported(dtype: torch.dtype) -> Optional[str]:
+    """None when the CUDA GEMM runs this dtype, else why not."""
+    if dtype not in GEMM_DTYPES:
+        return f"dtype {dtype} is not supported by the CUDA GEMM (float32, float16, bfloat16)"
+    return None
+
+
+def _check_dtype(name: str, t: Tensor) -> None:
+    why = gemm_unsupported(t.dtype)
+    if why:
+        raise TypeError(f"{name}: {why}")
+
+
+def _rows(name: str, t: Tensor) -> Tensor:
+    """t: (..., n) as a (rows, n) view with unit column stride; never copies (raises instead)."""
+    if t.shape[-1] != 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name}: the CUDA backend reads rows in place and needs unit stride along the last "
+                         f"dim, got strides {tuple(t.stride())} (call .contiguous() first)")
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        raise ValueError(f"{name}: the CUDA backend needs the leading dims of shape {tuple(t.shape)} to "
+                         f"flatten without a copy, got strides {tuple(t.stride())} (call .contiguous() first)")
+
+
+def _vec(name: str, t: Optional[Tensor]) -> Optional[Tensor]:
+    """A parameter vector (bias, layer scale, LayerNorm weight, class token ...) read as contiguous."""
+    if t is None:
+        return None
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: the CUDA backend expects a contiguous tensor, got strides {tuple(t.stride())}")
+    return t.view(-1)
+
+
+def layernorm_stats(x: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """Per-row LayerNorm statistics. x: (..., dim) -> (mean, rstd), each (rows,) float32,
+    rstd = 1 / sqrt(biased var + eps)."""
+    _check_dtype("x", x)
+    mean, rstd = module_for(x.device).layernorm_stats(_rows("x", x), float(eps))
+    return mean, rstd
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, residual: Optional[Tensor] = None,
+           layer_scale: Optional[Tensor] = None, config: int = -1) -> Tensor:
+    """x: (..., in); weight: (out, in); bias, layer_scale: (out,); residual: (..., out).
+    Returns (..., out) = [residual +] [layer_scale *] (x @ weight^T [+ bias]), one kernel."""
+    _check_dtype("x", x)
+    x2 = _rows("x", x)
+    w = _rows("weight", weight)
+    out = _empty(tuple(x.shape[:-1]) + (weight.shape[0],), x.dtype, x.device)
+    res2 = _rows("residual", residual) if residual is not None else None
+    module_for(x.device).gemm_rows(x2, w, _vec("bias", bias), None, None, None, None, 0,
+                                   _vec("layer_scale", layer_scale), res2, out.view(-1, weight.shape[0]), config)
+    return out
+
+
+def layernorm_gelu_mlp(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                       fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
+                       fc2_bias: Optional[Tensor], *, eps: float, approximate: str,
+                       residual: Optional[Tensor] = None, layer_scale: Optional[Tensor] = None,
+                       config: int = -1) -> Tensor:
+    """x: (..., dim) -> (..., out) = [residual +] [layer_scale *] fc2(gelu(fc1(LN(x)))).
+
+    Three kernels: row statistics of x (when norm_weight is given; None skips the LayerNorm, as the
+    op's torch path does); fc1 with LayerNorm applied as x loads and bias + GELU in the epilogue,
+    writing h: (rows, hidden) in x's dtype; fc2 with bias, layer scale and residual in the epilogue.
+    """
+    _check_dtype("x", x)
+    if approximate not in _ACT:
+        raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
+    ext = module_for(x.device)
+    x2 = _rows("x", x)
+    mean = rstd = None
+    if norm_weight is not None:
+        mean, rstd = ext.layernorm_stats(x2, float(eps))
+    hidden, out_dim = fc1_weight.shape[0], fc2_weight.shape[0]
+    h = _empty((x2.shape[0], hidden), x.dtype, x.device)
+    ext.gemm_rows(x2, _rows("fc1_weight", fc1_weight), _vec("fc1_bias", fc1_bias), mean, rstd,
+                  _vec("norm_weight", norm_weight) if mean is not None else None,
+                  _vec("norm_bias", norm_bias) if mean is not None else None,
+                  _ACT[approximate], None, None, h, config)
+    out = _empty(tuple(x.shape[:-1]) + (out_dim,), x.dtype, x.device)
+    res2 = _rows("residual", residual) if residual is not None else None
+    ext.gemm_rows(h, _rows("fc2_weight", fc2_weight), _vec("fc2_bias", fc2_bias), None, None, None, None, 0,
+                  _vec("layer_scale", layer_scale), res2, out.view(-1, out_dim), config)
+    return out
+
+
+def qkv_projection(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = None, *, num_heads: int,
+                   scale: float, norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
+                   eps: float = 1e-6, config: int = -1) -> Tensor:
+    """[LayerNorm ->] QKV projection with a head-split epilogue.
+
+    x: (batch, tokens, dim); qkv_weight: (3*inner, dim), rows [q; k; v], head-major; qkv_bias:
+    (3*inner,); norm_weight, norm_bias: (dim,) apply LayerNorm(x, eps) as x loads.
+    Returns a contiguous (3, batch, heads, tokens, head_dim) buffer; Q (index 0) is multiplied by
+    ``scale`` in the epilogue, K and V are not.
+    """
+    _check_dtype("x", x)
+    B, N, dim = x.shape
+    inner = qkv_weight.shape[0] // 3
+    hd = inner // num_heads
+    ext = module_for(x.device)
+    x2 = _rows("x", x)
+    mean = rstd = None
+    if norm_weight is not None:
+        mean, rstd = ext.layernorm_stats(x2, float(eps))
+    elif norm_bias is not None:
+        raise ValueError("norm_bias: given without norm_weight; pass norm_weight to apply LayerNorm")
+    out = _empty((3, B, num_heads, N, hd), x.dtype, x.device)
+    ext.gemm_qkv(x2, _rows("qkv_weight", qkv_weight), _vec("qkv_bias", qkv_bias), mean, rstd,
+                 _vec("norm_weight", norm_weight) if mean is not None else None,
+                 _vec("norm_bias", norm_bias) if mean is not None else None,
+                 N, num_heads, hd, float(scale), out, config)
+    return out
+
+
+def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, patch_size: int,
+                pos_embed: Optional[Tensor] = None, cls_token: Optional[Tensor] = None,
+                config: int = -1) -> Tensor:
+    """Patch embedding as one implicit GEMM.
+
+    images: (batch, channels, H, W) read in place through its strides: NCHW (16-byte gathers when
+    the patch width allows) or channels_last (element gathers; no copy is made); weight: (dim,
+    channels, p, p) contiguous; bias: (dim,); cls_token: (dim,) elements; pos_embed: (prefix +
+    patches, dim) elements. Returns a contiguous (batch, prefix + patches, dim).
+    """
+    _check_dtype("images", images)
+    B, C, H, W = images.shape
+    dim = weight.shape[0]
+    if not weight.is_contiguous():
+        raise ValueError(f"weight: the CUDA backend expects a contiguous (dim, C, p, p) Conv2d weight, got strides "
+                         f"{tuple(weight.stride())}")
+    prefix = 1 if cls_token is not None else 0
+    P = (H // patch_size) * (W // patch_size)
+    out = _empty((B, prefix + P, dim), images.dtype, images.device)
+    module_for(images.device).gemm_patch(images, weight.view(dim, -1), _vec("bias", bias), patch_size,
+                                         _vec("pos_embed", pos_embed), _vec("cls_token", cls_token), out, config)
+    return out

@@ -1,0 +1,2 @@
+// Host-emulation build of csrc/gemm/gemm.cu.
+#include "../gemm/gemm.cu"
