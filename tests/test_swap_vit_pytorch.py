@@ -1,0 +1,166 @@
+"""fuse / unfuse on vit-pytorch's ViT: the installed release and the older PreNorm release quoted in
+the project's ViT notes (its classes are copied below, as published, and registered with the
+adapter through EXTRA_TRANSFORMER_CLASSES / EXTRA_VIT_CLASSES)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import vit_kernels as vk
+from test_swap_helpers import check_fuse, check_grad, check_load_state_dict
+from vit_kernels.swap import vit_pytorch as vp_adapter
+
+vit_pytorch = pytest.importorskip("vit_pytorch")
+from einops import rearrange, repeat  # noqa: E402
+from einops.layers.torch import Rearrange  # noqa: E402
+
+BACKENDS = ["torch"]  # "triton" joins once vit_kernels/triton/{qkv_attention,mlp,patch_embed}.py exist
+
+
+def make(**kw):
+    cfg = dict(image_size=32, patch_size=8, num_classes=10, dim=64, depth=2, heads=2, dim_head=32, mlp_dim=128)
+    cfg.update(kw)
+    return vit_pytorch.ViT(**cfg)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_current_release_matches_patch_embed_left(dtype, backend):
+    report = check_fuse(make(), torch.randn(3, 3, 32, 32), backend=backend, dtype=dtype,
+                        expect_fused=["attention", "attention", "mlp", "mlp"], expect_left=["pre-LayerNorm"])
+    assert [e.path for e in report.left] == ["to_patch_embedding"]
+
+
+def test_mean_pool_and_single_head_without_out_projection():
+    # heads=1, dim_head == dim: vit-pytorch drops to_out (Identity)
+    model = make(heads=1, dim_head=64, pool="mean")
+    assert isinstance(model.transformer.layers[0][0].to_out, nn.Identity)
+    check_fuse(model, torch.randn(2, 3, 32, 32), backend="torch", expect_fused=["attention", "attention", "mlp", "mlp"])
+
+
+def test_dropout_in_training_runs_the_original():
+    model = make(dropout=0.2)
+    ref = copy.deepcopy(model).train()
+    vk.fuse(model.train(), backend="torch")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        got = model(x)
+        torch.manual_seed(5)
+        want = ref(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_gradients_and_load_state_dict():
+    check_grad(make(), torch.randn(2, 3, 32, 32))
+    check_load_state_dict(make(), torch.randn(2, 3, 32, 32))
+
+
+# --- the older release (PreNorm; patch embedding = Rearrange + Linear) -------------------------
+
+class PreNorm(nn.Module):
+    def __init__(self, dim, fn):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fn = fn
+
+    def forward(self, x, **kwargs):
+        return self.fn(self.norm(x), **kwargs)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, hidden_dim, dropout=0.):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden_dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads=8, dim_head=64, dropout=0.):
+        super().__init__()
+        inner_dim = dim_head * heads
+        project_out = not (heads == 1 and dim_head == dim)
+        self.heads = heads
+        self.scale = dim_head ** -0.5
+        self.attend = nn.Softmax(dim=-1)
+        self.dropout = nn.Dropout(dropout)
+        self.to_qkv = nn.Linear(dim, inner_dim * 3, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, dim), nn.Dropout(dropout)) if project_out else nn.Identity()
+
+    def forward(self, x):
+        qkv = self.to_qkv(x).chunk(3, dim=-1)
+        q, k, v = map(lambda t: rearrange(t, 'b n (h d) -> b h n d', h=self.heads), qkv)
+        dots = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        attn = self.dropout(self.attend(dots))
+        out = rearrange(torch.matmul(attn, v), 'b h n d -> b n (h d)')
+        return self.to_out(out)
+
+
+class Transformer(nn.Module):
+    def __init__(self, dim, depth, heads, dim_head, mlp_dim, dropout=0.):
+        super().__init__()
+        self.layers = nn.ModuleList([])
+        for _ in range(depth):
+            self.layers.append(nn.ModuleList([
+                PreNorm(dim, Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout)),
+                PreNorm(dim, FeedForward(dim, mlp_dim, dropout=dropout))]))
+
+    def forward(self, x):
+        for attn, ff in self.layers:
+            x = attn(x) + x
+            x = ff(x) + x
+        return x
+
+
+class SeedViT(nn.Module):
+    def __init__(self, *, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, pool='cls', channels=3,
+                 dim_head=64, dropout=0., emb_dropout=0.):
+        super().__init__()
+        num_patches = (image_size // patch_size) ** 2
+        patch_dim = channels * patch_size * patch_size
+        self.to_patch_embedding = nn.Sequential(
+            Rearrange('b c (h p1) (w p2) -> b (h w) (p1 p2 c)', p1=patch_size, p2=patch_size),
+            nn.Linear(patch_dim, dim))
+        self.pos_embedding = nn.Parameter(torch.randn(1, num_patches + 1, dim))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.dropout = nn.Dropout(emb_dropout)
+        self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout)
+        self.pool = pool
+        self.to_latent = nn.Identity()
+        self.mlp_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
+
+    def forward(self, img):
+        x = self.to_patch_embedding(img)
+        b, n, _ = x.shape
+        cls_tokens = repeat(self.cls_token, '1 n d -> b n d', b=b)
+        x = torch.cat((cls_tokens, x), dim=1)
+        x += self.pos_embedding[:, :(n + 1)]
+        x = self.dropout(x)
+        x = self.transformer(x)
+        x = x.mean(dim=1) if self.pool == 'mean' else x[:, 0]
+        return self.mlp_head(self.to_latent(x))
+
+
+@pytest.fixture
+def seed_classes(monkeypatch):
+    monkeypatch.setattr(vp_adapter, "EXTRA_TRANSFORMER_CLASSES", [Transformer])
+    monkeypatch.setattr(vp_adapter, "EXTRA_VIT_CLASSES", [SeedViT])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels", [3, 1])
+def test_prenorm_release_matches_with_patch_embed_fused(seed_classes, channels, backend):
+    model = SeedViT(image_size=32, patch_size=8, num_classes=10, dim=64, depth=2, heads=2, dim_head=32,
+                    mlp_dim=128, channels=channels)
+    report = check_fuse(model, torch.randn(3, channels, 32, 32), backend=backend,
+                        expect_fused=["attention", "attention", "mlp", "mlp", "patch_embed"])
+    assert not report.left
+
+
+def test_prenorm_release_grads(seed_classes):
+    model = SeedViT(image_size=32, patch_size=8, num_classes=10, dim=64, depth=1, heads=2, dim_head=32, mlp_dim=128)
+    check_grad(model, torch.randn(2, 3, 32, 32))

@@ -1,0 +1,120 @@
+"""vit_kernels.verify and the ``verify`` command across families (small configs, torch backend)."""
+import argparse
+import copy
+import os
+
+import pytest
+import torch
+
+import vit_kernels as vk
+from vit_kernels.commands import verify as verify_cmd
+from vit_kernels.swap import SwapWrapper
+
+
+def parse(argv):
+    p = argparse.ArgumentParser()
+    verify_cmd.add_parser(p.add_subparsers(dest="command"))
+    return p.parse_args(["verify"] + argv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_verify_timm_default_fused_copy(dtype):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
+                              depth=1, num_heads=2, num_classes=10).eval()
+    before = copy.deepcopy(model.state_dict())
+    report = vk.verify(model, dtype=dtype, backend="torch")
+    assert report.ok, str(report)
+    assert [c.name for c in report.comparisons] == ["output"]
+    assert report.dtype == dtype and "qkv_attention" in report.decisions
+    assert len(report.fuse_report.fused) == 3
+    # the original is untouched: not fused, same dtype and values
+    assert not any(isinstance(m, SwapWrapper) for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_verify_hf_named_outputs_and_in_place_fused_original():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
+                                 image_size=32, patch_size=8)
+    model = transformers.ViTModel(cfg).eval()
+    vk.fuse(model, backend="torch")  # the original itself is fused: verify compares against an unfused copy
+    report = vk.verify(model, model, torch.randn(2, 3, 32, 32))
+    assert report.ok, str(report)
+    assert [c.name for c in report.comparisons] == ["last_hidden_state", "pooler_output"]
+
+
+def test_verify_catches_a_wrong_fused_model():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
+                              depth=1, num_heads=2, num_classes=10).eval()
+    fused = vk.fuse(copy.deepcopy(model), backend="torch")
+    with torch.no_grad():
+        fused.blocks[0].norm1.weight.mul_(1.01)  # a wrong number somewhere in the fused path
+    report = vk.verify(model, fused)
+    assert not report.ok and "FAILED" in str(report)
+
+
+def test_verify_flags_an_identically_zero_output():
+    tv = pytest.importorskip("torchvision.models.vision_transformer")
+    model = tv.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32,
+                                 mlp_dim=64, num_classes=4).eval()  # torchvision zero-initialises the head
+    report = vk.verify(model, backend="torch")
+    assert not report.ok and "identically zero" in str(report)
+
+
+@pytest.mark.parametrize("spec", ["timm:vit_tiny_patch16_224", "torchvision:vit_b_16", "hf:google/vit-base-patch16-224",
+                                  "vit_pytorch:vit_tiny_patch16_224", "vit_kernels:vit_tiny_patch16_224"])
+def test_command_builds_each_family_locally(spec, capsys):
+    args = parse([spec, "--depth", "1", "--img-size", "32", "--backend", "torch", "--batch-size", "2"])
+    assert verify_cmd.run(args) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "fuse report" in out
+
+
+def test_command_hf_local_config(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
+                                 image_size=32, patch_size=8)
+    cfg.save_pretrained(tmp_path)
+    assert verify_cmd.run(parse([f"hf:{tmp_path}", "--backend", "torch"])) == 0
+    with pytest.raises(SystemExit, match="nothing is downloaded"):
+        verify_cmd.run(parse(["hf:someone/not-a-known-name", "--backend", "torch"]))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_command_loads_a_checkpoint(fmt, tmp_path, capsys, monkeypatch):
+    args = parse(["timm:vit_tiny_patch16_224", "--depth", "1", "--img-size", "32", "--backend", "torch"])
+    model = verify_cmd.build(args.model, args)
+    sd = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    path = os.path.join(tmp_path, f"w.{fmt}")
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+        save_file(sd, path)
+    else:
+        torch.save({"state_dict": sd}, path)
+    loaded = {}
+    real_verify = vk.verify
+
+    def spy(original, fused, inputs, **kw):
+        loaded.update(original.state_dict())
+        return real_verify(original, fused, inputs, **kw)
+
+    monkeypatch.setattr(vk, "verify", spy)
+    assert verify_cmd.run(parse(["timm:vit_tiny_patch16_224", "--depth", "1", "--img-size", "32",
+                                 "--backend", "torch", "--checkpoint", path])) == 0
+    assert all(torch.equal(loaded[k], sd[k]) for k in sd)
+
+
+class _NotATensor:
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_checkpoint_never_unpickles_arbitrary_objects(tmp_path):
+    path = os.path.join(tmp_path, "evil.pt")
+    torch.save({"w": _NotATensor()}, path)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        verify_cmd.load_checkpoint(model, path)
