@@ -1,0 +1,111 @@
+"""``python -m vit_kernels bench`` and ``profile-attention`` end to end at tiny sizes on this
+machine: rows, files, honest "not measured" rows for the GPU-only providers, argument errors.
+Nothing about speed is asserted."""
+import csv
+import json
+
+import pytest
+import torch
+
+from vit_kernels import cli
+from vit_kernels.bench import report
+
+TINY = ["--depth", "1", "--img-size", "32", "--batch-size", "2", "--warmup", "1", "--repeats", "2", "--no-progress"]
+GPU = torch.cuda.is_available()
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.skipif(GPU, reason="checks the CPU behaviour")
+def test_bench_cpu_defaults_measure_torch_and_mark_fused_not_measured(tmp_path, capsys):
+    assert cli.main(["bench", *TINY, "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "need a CUDA GPU" in text and "not measured" in text
+    rows = {r["provider"]: r for r in _rows(tmp_path / "bench.csv")}
+    assert set(rows) == {"eager", "sdpa", "triton", "cuda"}
+    for p in ("eager", "sdpa"):
+        assert rows[p]["status"] == "ok" and float(rows[p]["ms"]) > 0 and float(rows[p]["img_per_s"]) > 0
+    for p in ("triton", "cuda"):
+        assert rows[p]["status"] == "not measured" and rows[p]["ms"] == "" and "CUDA GPU" in rows[p]["note"]
+    assert float(rows["eager"]["speedup"]) == 1.0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    env = data["environment"]
+    assert env["torch"] == torch.__version__ and "commit" in env and env["device"] == "cpu"
+    assert data["cost"]["vit_tiny_patch16_224"]["gmacs_per_image"] > 0
+    if report.matplotlib_missing() is None:
+        assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_bench_other_families_and_training(tmp_path):
+    common = ["--img-size", "32", "--batch-size", "2", "--warmup", "1", "--repeats", "1", "--no-progress",
+              "--providers", "sdpa,triton", "--no-plot"]
+    assert cli.main(["bench", "timm:vit_tiny_patch16_224", "hf:vit_tiny_patch16_224", "--depth", "1", *common,
+                     "--mode", "inference,train", "--out", str(tmp_path / "a")]) == 0
+    assert cli.main(["bench", "torchvision:vit_b_16", *common, "--out", str(tmp_path / "b")]) == 0
+    rows = _rows(tmp_path / "a" / "bench.csv") + _rows(tmp_path / "b" / "bench.csv")
+    assert len(rows) == 2 * 2 * 2 + 2
+    for r in rows:
+        if r["provider"] == "sdpa":
+            assert r["status"] == "ok" and float(r["ms"]) > 0, r
+        else:
+            assert r["status"] in ("not measured", "ok", "fallback"), r
+            if r["status"] == "not measured":
+                assert r["note"], r
+
+
+def test_bench_cost_only_reproduces_the_design_accounting(capsys):
+    assert cli.main(["bench", "vit_base_patch16_224", "--batch-size", "256", "--dtype", "bf16", "--gpu", "h100",
+                     "--cost-only", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "17.56 GMACs per image" in out
+    assert "38.18A" in out and "17.18A" in out and "roofline bound on H100 SXM" in out
+
+
+@pytest.mark.skipif(GPU, reason="checks the CPU behaviour")
+def test_bench_cuda_graphs_on_cpu_are_not_measured(tmp_path):
+    assert cli.main(["bench", *TINY, "--providers", "sdpa", "--cuda-graphs", "--no-plot", "--out", str(tmp_path)]) == 0
+    rows = {r["provider"]: r for r in _rows(tmp_path / "bench.csv")}
+    assert rows["sdpa"]["status"] == "ok"
+    assert rows["sdpa+graphs"]["status"] == "not measured" and "CUDA GPU" in rows["sdpa+graphs"]["note"]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["bench", "--providers", "eager,fast"], "providers"),
+    (["bench", "--mode", "serve"], "mode"),
+    (["bench", "--gpu", "tpu"], "gpu"),
+    (["bench", "resnet50"], "model"),
+    (["profile-attention", "--tokens", "50,x"], "tokens"),
+    (["profile-attention", "--providers", "sdpa:turbo"], "providers"),
+    (["profile-attention", "--img-size", "100"], "img_size"),
+    (["profile-attention", "--dtype", "fp8"], "dtype"),
+])
+def test_argument_errors_name_the_argument(argv, match, tmp_path):
+    with pytest.raises(SystemExit, match=match):
+        cli.main([*argv, "--out", str(tmp_path)])
+
+
+@pytest.mark.skipif(GPU, reason="checks the CPU behaviour")
+def test_profile_attention_small(tmp_path, capsys):
+    assert cli.main(["profile-attention", "--img-size", "32,64", "--heads", "2", "--head-dim", "32", "--warmup", "1",
+                     "--repeats", "2", "--min-repeat-ms", "0", "--breakdown-dim", "64", "--breakdown-tokens", "17",
+                     "--no-progress", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = _rows(tmp_path / "attention.csv")
+    assert sorted({int(r["tokens"]) for r in rows}) == [5, 17]
+    by = {(r["provider"], int(r["tokens"])): r for r in rows}
+    for n in (5, 17):
+        for p in ("sdpa:flash", "sdpa:math", "eager", "qkv:torch"):
+            r = by[(p, n)]
+            assert r["status"] == "ok" and float(r["tflops"]) > 0 and float(r["gbs"]) > 0, r
+        for p in ("vk_flash:triton", "vk_flash:cuda", "vk_qkv:triton", "vk_qkv:cuda", "sdpa:efficient", "sdpa:cudnn"):
+            assert by[(p, n)]["status"] == "not measured" and by[(p, n)]["ms"] == ""
+    bd = _rows(tmp_path / "block_breakdown.csv")
+    assert [r["stage"] for r in bd if r["variant"] == "eager"][:3] == ["ln1", "qkv", "attention"]
+    assert any(r["variant"] == "fused (torch)" for r in bd)
+    assert sum(float(r["ms"]) for r in bd if r["variant"] == "eager") > 0
+    assert (tmp_path / "block_trace.json").exists() and "one block" in out
+    if report.matplotlib_missing() is None:
+        assert (tmp_path / "attention.png").stat().st_size > 1000
