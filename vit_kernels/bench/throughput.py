@@ -128,15 +128,17 @@ def _fallbacks(before: Dict, requested: str) -> List[str]:
     return notes
 
 
-def run_case(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool = False) -> Dict:
-    """Build, warm up and time one (model, provider, mode). Returns a result row."""
+def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool = False):
+    """Build one (model, provider, mode) and run its step once (compilation, autotuning, lazy
+    init; the backend decisions are read here). Returns (row, step, shape): step is None when the
+    provider cannot be timed here, and the row says why."""
     name = provider + ("+graphs" if graphs else "")
     row: Dict = {"model": spec, "provider": name, "mode": mode, "dtype": str(cfg.dtype).replace("torch.", ""),
                  "precision": cfg.precision, "batch": cfg.batch_size, "status": "ok", "note": ""}
     why = static_reason(provider, cfg.device, graphs=graphs, mode=mode)
     if why is not None:
         row.update(status="not measured", note=why)
-        return row
+        return row, None, None
     device = cfg.device
     _free(device)
     if device.type == "cuda":
@@ -150,20 +152,29 @@ def run_case(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool
     model = model.to(device)
     if cfg.precision == "pure":
         model = model.to(cfg.dtype)
+    fuse_note = ""
     if provider in FUSED:
         if family == "vit_kernels":
             from ..nn import set_backend
             set_backend(model, provider)
         else:
-            from .. import fuse
+            from ..swap import fuse, fuse_report
             try:
                 fuse(model, backend=provider)
             except NotImplementedError as e:
-                row.update(status="not measured", note=f"vit_kernels.fuse cannot fuse this model yet: {e}")
-                return row
+                row.update(status="not measured", note=f"vit_kernels.fuse cannot fuse this model: {e}")
+                return row, None, None
+            rep = fuse_report(model, backend=provider)
+            if not rep.fused:
+                row.update(status="not measured", note=f"vit_kernels.fuse found nothing to fuse: {rep}")
+                return row, None, None
+            if rep.left:
+                fuse_note = (f"fuse: {len(rep.fused)} parts fused, {len(rep.left)} left ("
+                             + "; ".join(sorted({e.reason for e in rep.left})) + ")")
     shape = bmodels.shape_of(model, cfg.batch_size, cfg.dtype)
     in_dtype = cfg.dtype if cfg.precision == "pure" else torch.float32
     images = torch.randn(cfg.batch_size, chans, img, img, device=device, dtype=in_dtype)
+
     def amp():
         if cfg.precision == "autocast":
             return torch.autocast(device.type, dtype=cfg.dtype)
@@ -201,9 +212,20 @@ def run_case(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool
     if provider == "compile":
         row["compile_s"] = round(first_s, 2)
     notes = _fallbacks(before, provider) if provider in FUSED else []
+    if fuse_note:
+        notes.append(fuse_note)
     if any(n.startswith("FALLBACK") for n in notes):
         row["status"] = "fallback"
-    fn = cuda_graph(step) if graphs else step
+    row["note"] = "; ".join(notes)
+    return row, (cuda_graph(step) if graphs else step), shape
+
+
+def run_case(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool = False) -> Dict:
+    """Build, warm up and time one (model, provider, mode). Returns a result row."""
+    row, fn, shape = prepare(spec, provider, mode, cfg, graphs)
+    if fn is None:
+        return row
+    device = cfg.device
     m = measure(fn, device=device, warmup=max(0, cfg.warmup - 1), repeats=cfg.repeats,
                 min_repeat_ms=cfg.min_repeat_ms)
     st = m.stats
@@ -227,8 +249,7 @@ def run_case(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool
                 row["bound_ms"] = b * 1e3
                 if device.type == "cuda":
                     row["x_bound"] = st.median / row["bound_ms"]
-    row["note"] = "; ".join(notes)
-    del model, images, fn, step
+    del fn
     _free(device)
     return row
 
