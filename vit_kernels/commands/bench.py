@@ -148,7 +148,7 @@ def run(args) -> int:
           f"{'CUDA events' if cfg.device.type == 'cuda' else 'perf_counter'}")
     for n in notes:
         print("note: " + n)
-    if cfg.device.type != "cuda":
+    if cfg.device.type != "cuda" and not args.cost_only:
         print("note: no CUDA GPU here: the torch paths are timed on the CPU; the Triton and CUDA kernels need a "
               "CUDA GPU and their rows are marked not measured")
     cost_report, cost_json = cost_text(cfg)
