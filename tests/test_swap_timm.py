@@ -157,3 +157,14 @@ def test_fuse_twice_and_report_before_fuse():
     assert {e.op for e in vk.fuse_report(model).fused} == {"attention", "mlp", "patch_embed"}
     assert all(m.backend == "auto" for m in model.modules() if isinstance(m, vk.swap.SwapWrapper))
     assert_same_state(model, snap)
+
+
+def test_autocast_runs_the_original_modules():
+    model = make(init_values=0.1).eval()
+    ref = copy.deepcopy(model)
+    vk.fuse(model, backend="torch")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = model(x), ref(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -11,8 +11,9 @@ How a swap keeps the model intact:
 - Plain attributes the wrapper lacks (``num_heads``, ``grid_size``, ...) are read from the
   original. ``unfuse`` puts the original module back with whatever children, parameters and
   buffers the wrapper holds then (``.to()``/``load_state_dict`` after fuse are kept).
-- Anything a fused path cannot do exactly (attention masks, dropout active in training, ...)
-  runs the original module's own ``forward`` at that call: never a wrong number.
+- Anything a fused path cannot do exactly (attention masks, dropout active in training,
+  torch.autocast, ...) runs the original module's own ``forward`` at that call: never a wrong
+  number.
 """
 from __future__ import annotations
 
@@ -157,12 +158,19 @@ class SwapWrapper(nn.Module):
     def dropout_active(self) -> bool:
         return self.training and any(p > 0 for _, p in self.dropouts())
 
+    def run_original(self, x: torch.Tensor) -> bool:
+        """True when this call must run the original modules: dropout active in training, or
+        torch.autocast on (the fused ops take all tensors at one dtype: use model.to(dtype))."""
+        return self.dropout_active() or _autocast_on(x)
+
     def runtime_notes(self) -> List[str]:
         notes = []
         active = [f"{n} p={p:g}" for n, p in self.dropouts() if p > 0]
         if active:
             state = "active now: the model is in training mode" if self.training else "inactive in eval mode"
             notes.append(f"dropout {', '.join(active)} ({state}); while training, calls run the original modules")
+        notes.append("under torch.autocast, calls run the original modules (the fused ops take one dtype: "
+                     "use model.to(dtype))")
         if any(p.requires_grad for p in self.parameters()):
             notes.append("parameters require grad: under autograd the ops take the torch path (forward-only "
                          "kernels); run under torch.no_grad() / torch.inference_mode() for the fused kernels")
@@ -175,6 +183,15 @@ class SwapWrapper(nn.Module):
     def extra_repr(self) -> str:
         ops = ", ".join(op for op, f in self.fused_ops.items() if f)
         return f"fused={ops or 'nothing'}, backend={self.backend!r}, original={type(self.original).__name__}"
+
+
+def _autocast_on(x) -> bool:
+    if not isinstance(x, torch.Tensor):
+        return False
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except TypeError:  # torch < 2.4: one flag for CUDA, one for CPU
+        return torch.is_autocast_enabled() if x.is_cuda else torch.is_autocast_cpu_enabled()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -160,7 +160,7 @@ class FusedHFLayer(SwapWrapper):
         p = self._parts()
         extra = [a for a in args if a is not None and a is not False]
         extra += [v for k, v in kwargs.items() if k not in _IGNORABLE_KWARGS and v is not None and v is not False]
-        if extra or kwargs.get("output_attentions") or self.dropout_active() or \
+        if extra or kwargs.get("output_attentions") or self.run_original(hidden_states) or \
                 hidden_states.dim() != 3 or _capturing_attentions(p.self_attn):
             return self.original_forward(hidden_states, *args, **kwargs)
         x = hidden_states

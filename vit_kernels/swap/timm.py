@@ -71,7 +71,7 @@ class FusedTimmBlock(SwapWrapper):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         # attn_mask / is_causal (positionally or by name) or active dropout: the Block's own forward
         if any(a is not None and a is not False for a in args) or \
-                any(v is not None and v is not False for v in kwargs.values()) or self.dropout_active():
+                any(v is not None and v is not False for v in kwargs.values()) or self.run_original(x):
             return self.original_forward(x, *args, **kwargs)
         if self.fused_ops.get("attention"):
             a, n = self.attn, self.norm1

@@ -49,7 +49,7 @@ class FusedEncoderBlock(SwapWrapper):
         return out
 
     def forward(self, input: Tensor) -> Tensor:
-        if input.dim() != 3 or self.dropout_active():
+        if input.dim() != 3 or self.run_original(input):
             return self.original_forward(input)
         if self.fused_ops.get("attention"):
             a, n = self.self_attention, self.ln_1

@@ -145,7 +145,7 @@ class FusedVitPytorchTransformer(SwapWrapper):
         return out
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.dropout_active() or x.dim() != 3:
+        if self.run_original(x) or x.dim() != 3:
             return self.original_forward(x)
         for i, (attn, ff) in enumerate(self.layers):
             fuse_attn, approx = self.vk_plan[i]
@@ -181,7 +181,8 @@ class FusedVitPytorchPatchEmbed(SwapWrapper):
     def forward(self, images: Tensor) -> Tensor:
         lin = self[1]
         p = self.vk_patch
-        if images.dim() != 4 or images.shape[1] * p * p != lin.in_features or images.shape[-2] % p or images.shape[-1] % p:
+        if images.dim() != 4 or images.shape[1] * p * p != lin.in_features or images.shape[-2] % p or \
+                images.shape[-1] % p or self.run_original(images):
             return self.original_forward(images)
         w = lin.weight.view(lin.out_features, p, p, images.shape[1]).permute(0, 3, 1, 2)
         return ops.patch_embed(images, w, lin.bias, patch_size=p, backend=self.backend)
