@@ -44,8 +44,8 @@ void launch(const FlashFwdParams& p, vk::stream_t stream) {
                                 std::to_string(65535LL * Tr::kBlockM) + " tokens");
   dim3 grid((unsigned)(a.batch * a.heads), (unsigned)m_blocks, 1);
   dim3 block(Tr::kThreads, 1, 1);
-  auto kernel = flash_fwd_kernel<T, kHeadDim>;  // (a macro argument cannot hold the template's comma)
-  VK_LAUNCH(kernel, grid, block, Tr::kSmemBytes, stream, p);  // opts in above 48 KiB of shared memory
+  auto flash_fwd = flash_fwd_kernel<T, kHeadDim>;  // (a macro argument cannot hold the template's comma)
+  VK_LAUNCH(flash_fwd, grid, block, Tr::kSmemBytes, stream, p);  // opts in above 48 KiB of shared memory
   vk::check_launch("flash_attention_forward");
 }
 
