@@ -1,0 +1,235 @@
+"""Flash attention forward (non-causal) in Triton, and its plain host launcher.
+
+One program computes BLOCK_M query rows of one (batch, head): it streams the keys and values in
+tiles of BLOCK_N rows with an online softmax in base 2 (log2(e) is folded into the scale, so the
+exponentials are ``exp2``), never materialising the tokens x tokens matrix. Any token count works
+by masking (no padded copies of the tensors); head_dim is any multiple of 8 from 16 to 256, padded
+inside the kernel to the next power of two by masking the loads and stores.
+
+fp32 inputs: both dots run with ``input_precision="tf32x3"`` (three TF32 tensor-core products,
+about fp32 accuracy). Plain TF32 (Triton's default) would miss the 1e-4 relative accuracy the
+tests ask for against float64; "ieee" would leave the tensor cores unused.
+
+The row log-sum-exp (natural log, of ``scale * q . k``) can be kept for a backward pass.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .aot import AotSpec, ptr_type
+
+LOG2E = 1.4426950408889634
+# The dot precision used for fp32 inputs (fp16/bf16 dots ignore it). Asserted by the tests.
+FP32_DOT_PRECISION = "tf32x3"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)   # BLOCK_D: next power of two of head_dim
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,                       # Q: (B, H, NQ, D); K, V: (B, H, NKV, D); O: (B, H, NQ, D); LSE: (B, H, NQ) fp32
+    stride_qb, stride_qh, stride_qn,       # strides in elements; the last dim of Q, K, V, O has stride 1
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    H, NQ, NKV,                            # heads, query tokens, key/value tokens
+    qk_scale,                              # scale * log2(e), fp32
+    HEAD_DIM: tl.constexpr,                # D
+    BLOCK_D: tl.constexpr,                 # next power of two >= D
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,         # dot precision for fp32 inputs ("tf32x3")
+):
+    pid_bh = tl.program_id(0)              # batch * heads on axis 0 (up to 2**31 - 1 programs)
+    pid_m = tl.program_id(1)
+    # int64 offsets: batch * heads * tokens * head_dim can pass 2**31.
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < NQ
+    mask_d = offs_d < HEAD_DIM
+    q_mask = mask_m[:, None] & mask_d[None, :]
+
+    # The launcher guarantees 16-byte aligned data pointers and strides that are multiples of 8
+    # elements (as head_dim is): the hints let every row load as vectors whatever the JIT sees.
+    q_base = tl.multiple_of(Q + b * stride_qb + h * stride_qh, 16)
+    k_base = tl.multiple_of(K + b * stride_kb + h * stride_kh, 16)
+    v_base = tl.multiple_of(V + b * stride_vb + h * stride_vh, 16)
+    o_base = tl.multiple_of(O + b * stride_ob + h * stride_oh, 16)
+    q_rows = tl.multiple_of(offs_m.to(tl.int64) * stride_qn, 8)
+    q = tl.load(q_base + q_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)   # running row max (log2 domain)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                  # running row sum of exp2
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Every tile is masked the same way (a separate unmasked loop for the full tiles doubled the
+    # code and made ptxas spill).
+    for start_n in range(0, NKV, BLOCK_N):
+        rows = start_n + offs_n
+        mask_n = rows < NKV
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + tl.multiple_of(rows.to(tl.int64) * stride_kn, 8)[:, None] + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + tl.multiple_of(rows.to(tl.int64) * stride_vn, 8)[:, None] + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    o_ptrs = o_base + tl.multiple_of(offs_m.to(tl.int64) * stride_on, 8)[:, None] + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=q_mask)
+    if STORE_LSE:
+        # natural-log log-sum-exp of scale * q . k: (m + log2(l)) / log2(e)
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        tl.store(LSE + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=mask_m)
+
+
+# (is fp32, BLOCK_D) -> (BLOCK_M, BLOCK_N, num_warps, num_stages). Checked by AOT compilation for
+# sm_80 and sm_90 (no spills, shared memory within the per-block limit): see aot_specs().
+_CONFIGS = {
+    (False, 16): (128, 64, 8, 3),
+    (False, 32): (128, 64, 8, 3),
+    (False, 64): (128, 64, 8, 3),
+    (False, 128): (128, 64, 8, 3),
+    (False, 256): (64, 64, 8, 2),
+    # fp32 with tf32x3 splits every operand in two (big + small): smaller tiles, no pipelining.
+    (True, 16): (32, 32, 4, 2),
+    (True, 32): (32, 32, 4, 2),
+    (True, 64): (32, 32, 4, 2),
+    (True, 128): (32, 32, 8, 1),
+    (True, 256): (16, 32, 8, 1),
+}
+
+
+def block_d(head_dim: int) -> int:
+    """The padded head dim the kernel computes with: the next power of two >= head_dim (>= 16)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def kernel_config(dtype: torch.dtype, head_dim: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for inputs of ``dtype`` and ``head_dim``."""
+    return _CONFIGS[(dtype == torch.float32, block_d(head_dim))]
+
+
+def check_head_dim(head_dim: int) -> None:
+    if head_dim % 8 != 0 or not 16 <= head_dim <= 256:
+        raise ValueError(f"head_dim: expected a multiple of 8 from 16 to 256, got {head_dim}")
+
+
+def _check_operand(name: str, t: Tensor, ref: Tensor) -> None:
+    if t.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D tensor (batch, heads, tokens, head_dim), got shape {tuple(t.shape)}")
+    if t.dtype not in DTYPES:
+        raise TypeError(f"{name}: expected float32, float16 or bfloat16, got {t.dtype}")
+    if t.dtype != ref.dtype or t.device != ref.device:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} on {ref.device} (those of q), got {t.dtype} on {t.device}")
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name}: expected a unit stride in the last dim (head_dim), got strides {t.stride()}")
+    check_aligned(name, t)
+
+
+def check_aligned(name: str, t: Tensor) -> None:
+    """The kernels load rows as 16-byte vectors: the data pointer must be 16-byte aligned and every
+    stride but the last a multiple of 8 elements (true of any contiguous tensor, or view of one,
+    whose last dim is a multiple of 8). Rejected, not copied: call .contiguous() to pass."""
+    bad = [s for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1 and s % 8 != 0]
+    if bad or t.data_ptr() % 16 != 0:
+        raise ValueError(f"{name}: expected a 16-byte aligned data pointer and strides that are multiples of 8 "
+                         f"elements (except the last), got strides {t.stride()} and data_ptr % 16 = "
+                         f"{t.data_ptr() % 16}; pass {name}.contiguous()")
+
+
+def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, *, out: Optional[Tensor] = None,
+                            return_lse: bool = False):
+    """softmax(scale * q k^T) v, non-causal, with the Triton kernel.
+
+    q: (batch, heads, q_tokens, head_dim); k, v: (batch, heads, kv_tokens, head_dim); any strides
+    with a unit stride in the last dim (no copies are made). scale: the softmax scale.
+    out: optional (batch, heads, q_tokens, head_dim) tensor of q's dtype written in place, any
+    strides with a unit last-dim stride, e.g. a (batch, tokens, heads * head_dim) buffer viewed as
+    ``buf.view(B, N, H, D).transpose(1, 2)``.
+    Returns out (and, with return_lse, the row log-sum-exp (batch, heads, q_tokens) fp32, natural log).
+    """
+    if q.dim() != 4:
+        raise ValueError(f"q: expected a 4-D tensor (batch, heads, tokens, head_dim), got shape {tuple(q.shape)}")
+    check_head_dim(q.shape[-1])
+    _check_operand("q", q, q)
+    _check_operand("k", k, q)
+    _check_operand("v", v, q)
+    B, H, NQ, D = q.shape
+    NKV = k.shape[2]
+    if k.shape != (B, H, NKV, D) or v.shape != (B, H, NKV, D):
+        raise ValueError(f"k, v: expected shape ({B}, {H}, kv_tokens, {D}), got {tuple(k.shape)} and {tuple(v.shape)}")
+    if NKV == 0 and NQ > 0:
+        raise ValueError("k: expected at least one key/value token, got kv_tokens=0")
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    else:
+        _check_operand("out", out, q)
+        if out.shape != q.shape:
+            raise ValueError(f"out: expected shape {tuple(q.shape)}, got {tuple(out.shape)}")
+    lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device) if return_lse else None
+    if out.numel() > 0:
+        BLOCK_M, BLOCK_N, num_warps, num_stages = kernel_config(q.dtype, D)
+        grid = (B * H, triton.cdiv(NQ, BLOCK_M))
+        _attn_fwd_kernel[grid](
+            q, k, v, out, lse if return_lse else out,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            H, NQ, NKV, float(scale) * LOG2E,
+            HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            STORE_LSE=return_lse, INPUT_PRECISION=FP32_DOT_PRECISION,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    return (out, lse) if return_lse else out
+
+
+def aot_spec(dtype: torch.dtype, head_dim: int, store_lse: bool = False) -> AotSpec:
+    """The configuration the launcher uses for ``dtype`` and ``head_dim``."""
+    BLOCK_M, BLOCK_N, num_warps, num_stages = kernel_config(dtype, head_dim)
+    p = ptr_type(dtype)
+    sig = {"Q": p, "K": p, "V": p, "O": p, "LSE": "*fp32" if store_lse else p}
+    for t in "qkvo":
+        for s in "bhn":
+            sig[f"stride_{t}{s}"] = "i32"
+    sig.update({"H": "i32", "NQ": "i32", "NKV": "i32", "qk_scale": "fp32"})
+    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N,
+                  "STORE_LSE": store_lse, "INPUT_PRECISION": FP32_DOT_PRECISION}
+    for name in constexprs:
+        sig[name] = "constexpr"
+    dt = str(dtype).replace("torch.", "")
+    label = (f"head_dim={head_dim},BLOCK_D={block_d(head_dim)},BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},"
+             f"{dt},lse={int(store_lse)}")
+    return AotSpec("flash_attention_fwd", _attn_fwd_kernel, sig, constexprs, num_warps, num_stages, label, True)
+
+
+# head_dim values aot_specs() compiles: each BLOCK_D bucket's power of two plus the non powers of
+# two the tests and ViTs use. head_dim only changes the masks inside a bucket; tile shapes, shared
+# memory and the register budget follow BLOCK_D.
+AOT_HEAD_DIMS = (16, 24, 32, 48, 64, 72, 80, 128, 256)
+
+
+def aot_specs() -> List[AotSpec]:
+    """The configurations flash_attention_forward launches: dtype x head_dim (AOT_HEAD_DIMS, which
+    covers every BLOCK_D bucket, i.e. every block config) x LSE kept or not."""
+    return [aot_spec(dtype, hd, store_lse) for dtype in DTYPES for hd in AOT_HEAD_DIMS
+            for store_lse in (False, True)]
