@@ -12,7 +12,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from .. import __version__
-    from ..backends import cuda_unavailable, interpreter_enabled, triton_unavailable
+    from ..backends import interpreter_enabled, triton_unavailable
     print(f"vit_kernels {__version__}, torch {torch.__version__}, python {platform.python_version()}")
     try:
         import triton
@@ -25,8 +25,11 @@ def run(args) -> int:
     else:
         dev = torch.device("cpu")
         print("device: no CUDA device; CPU only" + (" (Triton interpreter on)" if interpreter_enabled() else ""))
-    for name, fn in (("triton", triton_unavailable), ("cuda", cuda_unavailable)):
-        why = fn(dev)
-        print(f"backend {name}: {'available' if why is None else 'unavailable: ' + why}")
+    why = triton_unavailable(dev)
+    print(f"backend triton: {'available' if why is None else 'unavailable: ' + why}")
+    from .. import cuda as vk_cuda  # describes the CUDA backend without building it
+    print(f"backend cuda: {vk_cuda.availability(dev)}")
+    for line in vk_cuda.describe():
+        print("  " + line)
     print("backend torch: available")
     return 0

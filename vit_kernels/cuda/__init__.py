@@ -37,7 +37,7 @@ import torch
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 DEFAULT_ARCH_LIST = "8.0;9.0"
 EMULATOR_CFLAGS = ["-O2", "-g0", "-DVK_EMULATE", "-fno-strict-aliasing", "-Wno-unknown-pragmas"]
-GPU_CUDA_CFLAGS = ["-O3", "-g0", "-lineinfo", "--expt-relaxed-constexpr"]
+GPU_CUDA_CFLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
 
 
 class BuildError(RuntimeError):
@@ -165,6 +165,21 @@ def _load(kind: str):
         return mod
 
 
+def _variant_dir_for(kind: str) -> Path:
+    if kind == "emulator":
+        return _variant_dir("emulator", EMULATOR_CFLAGS)
+    return _variant_dir("gpu", ["-O2"] + GPU_CUDA_CFLAGS + gencode_flags(arch_list()))
+
+
+def _cached_build(kind: str) -> Optional[Path]:
+    """The folder of this variant's JIT build when a built library is there, else None."""
+    try:
+        d = _variant_dir_for(kind)
+    except BuildError:
+        return None
+    return d if any(d.glob("*.so")) else None
+
+
 def _build_emulator():
     why = sources_present()
     if why:
@@ -195,6 +210,7 @@ def _build_gpu():
     os.environ["CUDA_HOME"] = root
     cpp_extension.CUDA_HOME = root
     flags = GPU_CUDA_CFLAGS + gencode_flags(arch_list())
+    # keep in step with _variant_dir_for("gpu")
     return _jit_load("gpu", "vit_kernels_gpu", [CSRC / "bindings.cpp", *cu_sources()], ["-O2"], flags)
 
 
@@ -234,6 +250,41 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return None
 
 
+def availability(device: torch.device) -> str:
+    """One line for ``info``: whether the CUDA backend can run on ``device``, without building anything."""
+    if os.environ.get("VIT_KERNELS_DISABLE_CUDA_BACKEND"):
+        return "unavailable: disabled by VIT_KERNELS_DISABLE_CUDA_BACKEND"
+    if device.type not in ("cuda", "cpu"):
+        return f"unavailable: the CUDA C++ backend does not run on device type {device.type!r}"
+    kind = "gpu" if device.type == "cuda" else "emulator"
+    what = "GPU build" if kind == "gpu" else "host-emulation build (CPU tensors; slow, for verification)"
+    if kind in _MODULES:
+        return f"available ({what}, loaded)"
+    if kind in _FAILURES:
+        return f"unavailable: {_FAILURES[kind].splitlines()[0]}"
+    if kind == "gpu":
+        try:
+            from .. import _C  # noqa: F401
+            return "available (GPU build: prebuilt vit_kernels._C)"
+        except ImportError:
+            pass
+    why = sources_present()
+    if why:
+        return f"unavailable: {why}"
+    if kind == "gpu":
+        if not torch.version.cuda:
+            return f"unavailable: this torch ({torch.__version__}) is not a CUDA build"
+        root, how = toolkit_root()
+        if root is None:
+            return f"unavailable: no CUDA toolkit found: {how}"
+    elif shutil.which(os.environ.get("CXX", "c++")) is None:
+        return f"unavailable: no host C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH"
+    cached = _cached_build(kind)
+    if cached:
+        return f"available ({what}, cached at {cached}; ninja rebuilds what changed)"
+    return f"available once built ({what}: JIT-built with ninja on first use, a minute or more)"
+
+
 def describe() -> List[str]:
     """Lines for ``python -m vit_kernels info``: what is built or buildable, and why not. Builds nothing."""
     lines = []
@@ -258,11 +309,18 @@ def describe() -> List[str]:
         elif kind in _FAILURES:
             lines.append(f"cuda: {kind} build: failed: {_FAILURES[kind].splitlines()[0]}")
         else:
-            built = [p for p in cache_dir().glob(f"{kind}-*/*.so")] if cache_dir().is_dir() else []
-            lines.append(f"cuda: {kind} build: " + (f"cached at {built[0].parent}" if built
+            built = _cached_build(kind)
+            lines.append(f"cuda: {kind} build: " + (f"cached at {built}" if built
                                                       else "not built yet (built on first use)"))
     return lines
 
 
-__all__ = ["BuildError", "cache_dir", "toolkit_root", "arch_list", "emulator_module", "gpu_module",
-           "module_for", "unavailable_reason", "describe"]
+def resource_usage(arch: str = "sm_80", *, refresh: bool = False) -> List[dict]:
+    """Registers, spills, shared memory and tensor-core instruction counts of every csrc kernel compiled
+    for ``arch`` (nvcc + cuobjdump, no GPU); see :func:`vit_kernels.cuda.resources.resource_usage`."""
+    from .resources import resource_usage as _resource_usage
+    return _resource_usage(arch, refresh=refresh)
+
+
+__all__ = ["BuildError", "resource_usage", "cache_dir", "toolkit_root", "arch_list", "emulator_module", "gpu_module",
+           "module_for", "unavailable_reason", "availability", "describe"]
