@@ -221,6 +221,8 @@ _TTIR_SCRIPT = textwrap.dedent("""
     from vit_kernels.triton import gemm
     specs = [gemm.aot_spec("rows", torch.float16, norm=1, has_bias=True, has_res=True, has_ls=True),
              gemm.aot_spec("qkv", torch.bfloat16, norm=1, has_bias=True, out_mode=gemm.OUT_QKV)]
+    from vit_kernels.triton import patch_embed
+    specs += [s for s in patch_embed.aot_specs() if s.constexprs["PREFIX"] and s.constexprs["HAS_POS"]][:1]
     for s in specs:
         k = triton.compile(ASTSource(fn=s.fn, signature=s.signature, constexprs=s.constexprs),
                            target=GPUTarget("cuda", 90, 32),
@@ -242,7 +244,7 @@ def test_offsets_are_int64_in_compiled_kernel():
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
-    for name in ("rows", "qkv"):
+    for name in ("rows", "qkv", "gemm_patch_embed"):
         tiles = [ln for ln in lines if ln.startswith(name) and re.search(r"tensor<\d+x\d+x!tt.ptr", ln)]  # 2-D
         assert len(tiles) >= 4, f"{name}: expected the A, W, output pointer tiles, got {tiles}"
         # The only 32-bit 2-D offsets allowed: the K loop's constant per-step advance (%cst).

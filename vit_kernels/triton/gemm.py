@@ -42,6 +42,13 @@ CONFIGS: Dict[torch.dtype, Tuple[int, int, int, int, int]] = {
     torch.bfloat16: (128, 128, 64, 8, 3),
     torch.float32: (128, 64, 32, 8, 3),      # tf32x3 needs registers for the hi/lo splits
 }
+# The patch-gather loader recomputes its (BLOCK_M, BLOCK_K) offsets every step: a shorter BLOCK_K
+# keeps it within the registers of sm_80 (no spills).
+PATCH_CONFIGS: Dict[torch.dtype, Tuple[int, int, int, int, int]] = {
+    torch.float16: (128, 128, 32, 8, 3),
+    torch.bfloat16: (128, 128, 32, 8, 3),
+    torch.float32: (128, 64, 16, 8, 3),
+}
 GROUP_M = 8
 
 # ACT values (fc1's activation)
@@ -193,11 +200,11 @@ _PTR_ARGS = ("a_ptr", "w_ptr", "out_ptr", "bias_ptr", "mean_ptr", "rstd_ptr", "l
 _FP32_PTRS = ("mean_ptr", "rstd_ptr")
 
 
-def block_config(dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for input ``dtype``."""
+def block_config(dtype: torch.dtype, a_mode: int = A_DENSE) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for input ``dtype`` and A loader."""
     if dtype not in CONFIGS:
         raise TypeError(f"the Triton GEMM supports float32, float16 and bfloat16 inputs, got {dtype}")
-    return CONFIGS[dtype]
+    return (PATCH_CONFIGS if a_mode == A_PATCHES else CONFIGS)[dtype]
 
 
 def _flags(*, a_mode=A_DENSE, norm=NORM_NONE, prefix=0, has_bias=False, act=ACT_NONE, has_ls=False,
@@ -226,8 +233,8 @@ def launch_gemm(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K: in
     """
     if M == 0 or N == 0:
         return out
-    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = block_config(a.dtype)
     gather = patch is not None
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = block_config(a.dtype, A_PATCHES if gather else A_DENSE)
     norm = NORM_NONE if norm_weight is None else (NORM_AFFINE if norm_bias is not None else NORM_WEIGHT_ONLY)
     flags = _flags(a_mode=A_PATCHES if gather else A_DENSE, norm=norm, prefix=int(cls is not None),
                    has_bias=bias is not None, act=act, has_ls=layer_scale is not None,
@@ -385,7 +392,7 @@ def aot_spec(name: str, dtype: torch.dtype, *, unit_strides=UNIT_STRIDES_ROWS, d
              **flags) -> AotSpec:
     """The AotSpec of one flag combination (keyword names as in :func:`_flags`) for ``dtype``;
     ``unit_strides`` are compiled as the constant 1, ``divisible`` as multiples of 16."""
-    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = block_config(dtype)
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = block_config(dtype, flags.get("a_mode", A_DENSE))
     p = ptr_type(dtype)
     sig = {k: ("*fp32" if k in _FP32_PTRS else p) for k in _PTR_ARGS}
     sig.update({k: "i32" for k in _INT_ARGS})
