@@ -9,6 +9,17 @@ from torch import Tensor
 
 from .. import checks
 from ..backends import resolve
+from ..cuda.ops import gemm_unsupported as cuda_gemm_unsupported
+
+
+TRITON_GEMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_gemm_unsupported(dtype: torch.dtype) -> Optional[str]:
+    """None when the Triton GEMM (linear, layernorm_gelu_mlp, patch_embed) runs this dtype, else why not."""
+    if dtype not in TRITON_GEMM_DTYPES:
+        return f"dtype {dtype} is not supported by the Triton GEMM (float32, float16, bfloat16)"
+    return None
 
 
 def check_linear(x, weight, bias, residual, layer_scale):
@@ -38,7 +49,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     Returns (..., out) = [residual +] [layer_scale *] (x @ weight^T [+ bias]).
     """
     check_linear(x, weight, bias, residual, layer_scale)
-    d = resolve("linear", backend, (x, weight, bias, residual, layer_scale))
+    d = resolve("linear", backend, (x, weight, bias, residual, layer_scale),
+                unsupported={"triton": triton_gemm_unsupported(x.dtype), "cuda": cuda_gemm_unsupported(x.dtype)})
     if d.backend == "triton":
         from ..triton import gemm as triton_gemm
         return triton_gemm.linear_forward(x, weight, bias, residual=residual, layer_scale=layer_scale)

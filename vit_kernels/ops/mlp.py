@@ -9,6 +9,8 @@ from torch import Tensor
 
 from .. import checks
 from ..backends import resolve
+from ..cuda.ops import gemm_unsupported as cuda_gemm_unsupported
+from .linear import triton_gemm_unsupported
 
 
 def check_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
@@ -54,7 +56,8 @@ def layernorm_gelu_mlp(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Opti
     check_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
               approximate, residual, layer_scale)
     tensors = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale)
-    d = resolve("layernorm_gelu_mlp", backend, tensors)
+    d = resolve("layernorm_gelu_mlp", backend, tensors, unsupported={"triton": triton_gemm_unsupported(x.dtype),
+                                                               "cuda": cuda_gemm_unsupported(x.dtype)})
     args = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     kw = dict(eps=eps, approximate=approximate, residual=residual, layer_scale=layer_scale)
     if d.backend == "triton":

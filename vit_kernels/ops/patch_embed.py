@@ -9,6 +9,8 @@ from torch import Tensor
 
 from .. import checks
 from ..backends import resolve
+from ..cuda.ops import gemm_unsupported as cuda_gemm_unsupported
+from .linear import triton_gemm_unsupported
 
 
 def check_patch_embed(images, weight, bias, patch_size, pos_embed, cls_token):
@@ -51,7 +53,9 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
     Returns (batch, prefix + (H/p)*(W/p), dim), prefix = 1 with cls_token else 0.
     """
     check_patch_embed(images, weight, bias, patch_size, pos_embed, cls_token)
-    d = resolve("patch_embed", backend, (images, weight, bias, pos_embed, cls_token))
+    d = resolve("patch_embed", backend, (images, weight, bias, pos_embed, cls_token),
+                unsupported={"triton": triton_gemm_unsupported(images.dtype),
+                             "cuda": cuda_gemm_unsupported(images.dtype)})
     kw = dict(patch_size=patch_size, pos_embed=pos_embed, cls_token=cls_token)
     if d.backend == "triton":
         from ..triton import patch_embed as triton_pe
