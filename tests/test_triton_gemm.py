@@ -252,3 +252,15 @@ def test_offsets_are_int64_in_compiled_kernel():
         assert not bad, f"{name}: pointer tiles with 32-bit offsets: {bad}"
         rows = [ln for ln in lines if ln.startswith(name) and "x1x!tt.ptr" in ln]   # per-row offsets
         assert rows and all("xi64>" in ln for ln in rows), rows
+
+
+def test_float64_refused_before_launch():
+    """float64 passes the ops' checks but not the Triton GEMM: backend='triton' names the dtype."""
+    x, w = torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"dtype torch.float64 is not supported by the Triton GEMM"):
+        vk.linear(x, w, backend="triton")
+    with pytest.raises(ValueError, match=r"dtype torch.float64 is not supported by the Triton GEMM"):
+        vk.layernorm_gelu_mlp(x, None, None, w, None, w.t().contiguous(), None, backend="triton")
+    with pytest.raises(ValueError, match=r"dtype torch.float64 is not supported by the Triton GEMM"):
+        vk.patch_embed(torch.randn(1, 2, 4, 4, dtype=torch.float64), torch.randn(3, 2, 2, 2, dtype=torch.float64),
+                       patch_size=2, backend="triton")
