@@ -109,3 +109,27 @@ def test_profile_attention_small(tmp_path, capsys):
     assert (tmp_path / "block_trace.json").exists() and "one block" in out
     if report.matplotlib_missing() is None:
         assert (tmp_path / "attention.png").stat().st_size > 1000
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA device")
+def test_bench_and_profile_on_a_gpu(tmp_path):
+    """On a GPU: CUDA events, peak memory, CUDA graphs, SDPA backends, % of peak where the GPU is
+    in the peaks table, and fused rows that either ran their backend or say why not."""
+    from vit_kernels.bench import peaks
+    assert cli.main(["bench", *TINY, "--dtype", "bf16", "--mode", "inference", "--providers", "eager,sdpa,triton",
+                     "--cuda-graphs", "--no-plot", "--out", str(tmp_path)]) in (0, 1)
+    rows = {r["provider"]: r for r in _rows(tmp_path / "bench.csv")}
+    for p in ("eager", "sdpa", "sdpa+graphs"):
+        assert rows[p]["status"] == "ok" and float(rows[p]["ms"]) > 0 and float(rows[p]["peak_mem_mib"]) > 0, rows[p]
+    known = peaks.for_device(torch.device("cuda")) is not None
+    assert (rows["sdpa"]["x_bound"] != "") == known
+    assert rows["triton"]["status"] in ("ok", "fallback", "not measured", "error")
+    if rows["triton"]["status"] != "ok":
+        assert rows["triton"]["note"]
+    assert cli.main(["profile-attention", "--tokens", "197", "--batch-size", "4", "--dtype", "bf16", "--warmup", "2",
+                     "--repeats", "3", "--breakdown-batch", "4", "--no-plot", "--no-progress",
+                     "--out", str(tmp_path)]) in (0, 1)
+    arows = {r["provider"]: r for r in _rows(tmp_path / "attention.csv")}
+    assert arows["sdpa:flash"]["status"] == "ok" and float(arows["sdpa:flash"]["mem_mib"]) >= 0
+    assert (arows["sdpa:flash"]["pct_peak_flops"] != "") == known
