@@ -46,7 +46,7 @@ def _tool(root: str, name: str) -> str:
 
 def _sources_key(arch: str, flags: List[str]) -> str:
     h = hashlib.sha256()
-    h.update(("\n".join(["format 2", arch, *flags])).encode())
+    h.update(("\n".join(["format 3", arch, *flags])).encode())
     for p in sorted(CSRC.rglob("*")):
         if p.is_file() and p.suffix in (".cu", ".cuh", ".h"):
             h.update(str(p.relative_to(CSRC)).encode())
@@ -111,6 +111,19 @@ def _gemm_dynamic_smem(name: str) -> Optional[int]:
     size = 4 if m.group(1).strip() == "float" else 2
     bm, bn, bk, stages = (int(m.group(i)) for i in (2, 3, 4, 5))
     return (bm + bn) * (bk + 16 // size) * size * stages
+
+
+def _strip_params(name: str) -> str:
+    """A demangled function name without its trailing parameter list."""
+    if not name.endswith(")"):
+        return name
+    depth = 0
+    for i in range(len(name) - 1, -1, -1):
+        depth += name[i] == ")"
+        depth -= name[i] == "("
+        if depth == 0:
+            return name[:i]
+    return name
 
 
 def _config_of(name: str) -> str:
@@ -200,7 +213,7 @@ def resource_usage(arch: str = "sm_80", *, refresh: bool = False) -> List[dict]:
             name = name[len("void "):]
         name = name.replace("(anonymous namespace)::", "")
         dyn = _gemm_dynamic_smem(name)
-        head = name.split("(", 1)[0]
+        head = _strip_params(name)
         base = head.split("<", 1)[0]
         out.append({"kernel": base, "config": _pretty_config(_config_of(head)), "arch": arch,
                     "source": r["source"], "regs": r["regs"], "spill_bytes": r["spill_bytes"],
