@@ -82,9 +82,10 @@ def layernorm_gelu_mlp(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Opti
                        layer_scale: Optional[Tensor] = None) -> Tensor:
     """x: (..., dim); fc1_weight: (hidden, dim); fc2_weight: (out, hidden) -> (..., out).
 
-    fc2(gelu(fc1(LN(x)))); with residual: residual + layer_scale * that.
+    fc2(gelu(fc1(LN(x)))); with residual: residual + layer_scale * that. norm_weight None
+    skips the LayerNorm (as the op does).
     """
-    h = layer_norm(x, norm_weight, norm_bias, eps)
+    h = layer_norm(x, norm_weight, norm_bias, eps) if norm_weight is not None else x
     h = gelu(linear(h, fc1_weight, fc1_bias), approximate)
     return linear(h, fc2_weight, fc2_bias, residual=residual, layer_scale=layer_scale)
 
