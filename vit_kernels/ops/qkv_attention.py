@@ -37,7 +37,7 @@ def check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bi
 def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = None, *,
                   num_heads: int, scale: Optional[float] = None,
                   norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
-                  eps: float = 1e-6, backend: str = "auto") -> Tensor:
+                  eps: float = 1e-6, backend: str = "auto", path: Optional[str] = None) -> Tensor:
     """Fused [LayerNorm ->] QKV projection -> attention.
 
     x: (batch, tokens, dim); qkv_weight: (3*inner, dim), rows [q; k; v], each head-major (timm's
@@ -45,8 +45,11 @@ def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = No
     norm_weight, norm_bias: (dim,) applies LayerNorm(x, eps) first.
     Returns (batch, tokens, inner): attention output before the output projection.
     ``vit_kernels.last_decision("qkv_attention").path`` says which kernel path ran.
+    path: None (chosen per shape and architecture), "single_kernel" or "split" forces the fused
+    path of the triton backend (the cuda backend has "split" only; torch ignores it).
     """
     inner, head_dim = check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bias)
+    checks.choice("path", path, (None, "single_kernel", "split"))
     if scale is None:
         scale = head_dim ** -0.5
     tensors = (x, qkv_weight, qkv_bias, norm_weight, norm_bias)
@@ -56,13 +59,16 @@ def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = No
                                      or cuda_attention_unsupported(head_dim, x.dtype)})
     if d.backend == "triton":
         from ..triton import qkv_attention as triton_qkv
-        path = triton_qkv.choose_path(x, num_heads, head_dim)
+        if path is None:
+            path = triton_qkv.choose_path(x, num_heads, head_dim)
         d.with_path(path)
         return triton_qkv.qkv_attention_forward(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
                                                 norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
                                                 path=path)
     if d.backend == "cuda":
         from ..cuda import ops as cuda_ops
+        if path == "single_kernel":
+            raise ValueError("path: 'single_kernel' is not available on the cuda backend (it has 'split')")
         d.with_path("split")
         return cuda_ops.qkv_attention(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
                                       norm_weight=norm_weight, norm_bias=norm_bias, eps=eps)

@@ -1,0 +1,133 @@
+"""The Triton [LayerNorm ->] QKV -> attention op, both paths, against the float64 oracle."""
+import itertools
+
+import pytest
+import torch
+
+import vit_kernels as vk
+from vit_kernels import reference
+from vit_kernels.ops.qkv_attention import qkv_attention_torch
+from vit_kernels.testing import assert_close
+
+from conftest import DEVICE  # noqa: E402
+from test_triton_attention import compile_ttir, stride_args_widened  # noqa: E402
+
+qkv_mod = pytest.importorskip("vit_kernels.triton.qkv_attention")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# (batch, tokens, head_dim, dtype, layernorm, bias, path); heads = 2, dim = 80 (not a multiple
+# of the kernel's 32-wide reduction chunk). Every value of each axis appears at least once.
+DEFAULT_CASES = [
+    (1, 1, 64, "fp32", True, True, "single_kernel"),
+    (3, 50, 80, "bf16", False, True, "single_kernel"),
+    (1, 197, 72, "fp16", True, False, "single_kernel"),
+    (3, 197, 64, "bf16", True, True, "single_kernel"),
+    (1, 257, 80, "fp32", True, True, "split"),
+    (1, 577, 64, "fp16", False, False, "split"),
+    (3, 50, 72, "fp32", True, False, "split"),
+    (3, 1, 80, "bf16", False, True, "split"),
+]
+SLOW_CASES = [c for c in itertools.product((1, 3), (1, 50, 197, 257, 577), (64, 72, 80), DTYPES,
+                                           (False, True), (False, True), ("single_kernel", "split"))
+              if c[-1] == "split" or qkv_mod.single_kernel_fits(DTYPES[c[3]], c[1], c[2], 90)]
+
+
+def make_args(B, N, head_dim, dtype, norm, bias, heads=2, dim=80):
+    inner = heads * head_dim
+    f64 = dict(dtype=torch.float64, device=DEVICE)
+    x = torch.randn(B, N, dim, **f64) * 2 + 0.5
+    w = torch.randn(3 * inner, dim, **f64) * dim ** -0.5
+    args = dict(qkv_bias=torch.randn(3 * inner, **f64) * 0.5 if bias else None,
+                norm_weight=1 + 0.3 * torch.randn(dim, **f64) if norm else None,
+                norm_bias=0.2 * torch.randn(dim, **f64) if norm else None)
+    cast = {k: (v.to(DTYPES[dtype]) if v is not None else None) for k, v in args.items()}
+    return x.to(DTYPES[dtype]), w.to(DTYPES[dtype]), cast
+
+
+def check_qkv(B, N, head_dim, dtype, norm, bias, path, heads=2):
+    x, w, kw = make_args(B, N, head_dim, dtype, norm, bias, heads)
+    scale = head_dim ** -0.5
+    out = torch.full((B, N, heads * head_dim), float("nan"), dtype=x.dtype, device=x.device)
+    got = qkv_mod.qkv_attention_forward(x, w, kw["qkv_bias"], num_heads=heads, scale=scale,
+                                        norm_weight=kw["norm_weight"], norm_bias=kw["norm_bias"], eps=1e-6,
+                                        path=path, out=out)
+    assert got is out
+    d64 = {k: (v.double() if v is not None else None) for k, v in kw.items()}
+    oracle = reference.qkv_attention(x.double(), w.double(), d64["qkv_bias"], num_heads=heads, scale=scale,
+                                     norm_weight=d64["norm_weight"], norm_bias=d64["norm_bias"], eps=1e-6)
+    baseline = qkv_attention_torch(x, w, kw["qkv_bias"], num_heads=heads, scale=scale,
+                                   norm_weight=kw["norm_weight"], norm_bias=kw["norm_bias"], eps=1e-6)
+    c = assert_close(got, oracle, baseline)
+    if x.dtype == torch.float32:   # fp32 must be accurate to 1e-4 relative to float64
+        assert c.max_abs_err <= 1e-4 * oracle.abs().max().item(), str(c)
+
+
+@pytest.mark.parametrize("B,N,head_dim,dtype,norm,bias,path", DEFAULT_CASES)
+def test_qkv_attention(B, N, head_dim, dtype, norm, bias, path):
+    check_qkv(B, N, head_dim, dtype, norm, bias, path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("B,N,head_dim,dtype,norm,bias,path", SLOW_CASES)
+def test_qkv_attention_full(B, N, head_dim, dtype, norm, bias, path):
+    check_qkv(B, N, head_dim, dtype, norm, bias, path)
+
+
+def test_op_records_the_path_it_chose():
+    for N, expected in ((50, "single_kernel"), (257, "split")):
+        x, w, kw = make_args(1, N, 64, "fp16", True, True)
+        out = vk.qkv_attention(x, w, kw["qkv_bias"], num_heads=2, norm_weight=kw["norm_weight"],
+                               norm_bias=kw["norm_bias"], backend="triton")
+        d = vk.last_decision("qkv_attention")
+        assert (d.backend, d.path) == ("triton", expected)
+        assert_close(out, reference.qkv_attention(x.double(), w.double(), kw["qkv_bias"].double(), num_heads=2,
+                                                  norm_weight=kw["norm_weight"].double(),
+                                                  norm_bias=kw["norm_bias"].double()),
+                     qkv_attention_torch(x, w, kw["qkv_bias"], num_heads=2, scale=64 ** -0.5,
+                                         norm_weight=kw["norm_weight"], norm_bias=kw["norm_bias"], eps=1e-6))
+    x, w, kw = make_args(1, 50, 64, "fp16", False, False)
+    vk.qkv_attention(x, w, num_heads=2, backend="triton", path="split")
+    assert vk.last_decision("qkv_attention").path == "split"
+
+
+def test_choose_path_rule():
+    def path(N, hd, dtype):
+        return qkv_mod.choose_path(torch.empty(1, N, 8, dtype=dtype), 2, hd)
+    # CPU tensors follow sm_90's rule.
+    assert path(197, 64, torch.float16) == "single_kernel"      # K + V: 2 * 256 * 64 * 2 = 64 KB
+    assert path(197, 80, torch.bfloat16) == "single_kernel"     # 2 * 256 * 128 * 2 = 128 KB
+    assert path(257, 64, torch.float16) == "split"              # N_PAD 512 > 256
+    assert path(577, 64, torch.float16) == "split"
+    assert path(197, 64, torch.float32) == "split"              # fp32 counts twice: 256 KB
+    assert path(50, 64, torch.float32) == "single_kernel"
+    assert path(197, 256, torch.float16) == "split"
+    assert qkv_mod.single_kernel_fits(torch.float16, 197, 64, 80)
+    assert not qkv_mod.single_kernel_fits(torch.float16, 197, 64, 75)
+
+
+def test_bad_input_before_launch():
+    x, w, kw = make_args(1, 577, 64, "fp16", False, False)
+    with pytest.raises(ValueError, match=r"path: expected one of"):
+        vk.qkv_attention(x, w, num_heads=2, backend="triton", path="fused")
+    with pytest.raises(ValueError, match=r"path: 'single_kernel' cannot hold K and V of 577 tokens"):
+        vk.qkv_attention(x, w, num_heads=2, backend="triton", path="single_kernel")
+    x = torch.randn(1, 5, 24, device=DEVICE)
+    with pytest.raises(ValueError, match=r"head_dim=12 is not supported"):
+        vk.qkv_attention(x, torch.randn(72, 24, device=DEVICE), num_heads=2, backend="triton")
+    with pytest.raises(ValueError, match=r"head_dim: expected a multiple of 8 from 16 to 256, got 12"):
+        qkv_mod.qkv_attention_forward(x, torch.randn(72, 24, device=DEVICE), None, num_heads=2, scale=1.0)
+    with pytest.raises(ValueError, match=r"x: expected a 16-byte aligned data pointer"):
+        x_odd = torch.randn(1, 5, 27, device=DEVICE)[..., :24]
+        qkv_mod.qkv_attention_forward(x_odd, torch.randn(96, 24, device=DEVICE), None, num_heads=2, scale=1.0,
+                                      path="single_kernel")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_aot_ttir_int64_offsets_and_fp32_precision(dtype):
+    ttir = compile_ttir("vit_kernels.triton.qkv_attention", f"m.aot_spec(torch.{str(dtype)[6:]}, 80, 128)")
+    stride_args_widened(ttir, ["stride_xb", "stride_xn", "stride_wn", "stride_ob", "stride_on"])
+    dots = [line for line in ttir.splitlines() if "tt.dot" in line]
+    assert len(dots) == 5   # Q, K, V projections, q k^T, p v
+    if dtype == torch.float32:
+        assert all("inputPrecision = tf32x3" in line for line in dots), dots

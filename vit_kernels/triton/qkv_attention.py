@@ -1,0 +1,305 @@
+"""[LayerNorm ->] QKV projection -> multi-head attention, in Triton: two paths behind one launcher.
+
+single_kernel: one program per (batch, head). LayerNorm is applied as x loads; that head's K and V
+for the whole sequence are computed into on-chip tiles of a constexpr padded size N_PAD (the next
+power of two of the token count, masked), once per program; then the program walks its query
+tiles: Q tile from x and the weights, scores against all of K at once (the whole row is on chip,
+so the online softmax of the flash kernel is a single step), softmax with exp2, P @ V, and the
+output written as (batch, tokens, heads * head_dim). Q, K, V never reach global memory: the kernel
+reads x and the weights and writes the output.
+
+split: for longer sequences. ``vit_kernels.triton.gemm.qkv_projection_forward`` computes Q, K, V
+(LayerNorm as operands load, bias, softmax scale folded into Q) straight into a (3, B, H, N, head_dim)
+buffer, then the flash attention kernel (vit_kernels.triton.attention) reads it and writes the
+(batch, tokens, heads * head_dim) output through a strided view.
+
+:func:`choose_path` picks per shape and architecture (see its docstring).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import attention
+from .aot import AotSpec, ptr_type
+
+LOG2E = 1.4426950408889634
+PATHS = ("single_kernel", "split")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _ln_stats(x_base, rows, row_mask, stride_xn, DIM, eps,
+              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Mean and 1/std over the last dim of x rows ``rows`` (BLOCK_R,), two passes in fp32."""
+    offs_k = tl.arange(0, BLOCK_K)
+    row_off = tl.multiple_of(rows.to(tl.int64) * stride_xn, 8)
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, DIM, BLOCK_K):
+        cols = k0 + offs_k
+        m = row_mask[:, None] & (cols < DIM)[None, :]
+        acc += tl.load(x_base + row_off[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    mean = tl.sum(acc, axis=1) / DIM
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, DIM, BLOCK_K):
+        cols = k0 + offs_k
+        m = row_mask[:, None] & (cols < DIM)[None, :]
+        xk = tl.load(x_base + row_off[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        xk = tl.where(m, xk - mean[:, None], 0.0)
+        acc += xk * xk
+    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / DIM + eps)
+    return mean, rstd
+
+
+@triton.jit
+def _project(x_base, rows, row_mask, stride_xn, w_base, stride_wn, b_base, mean, rstd, NW, NB, DIM,
+             HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+             HAS_NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
+             INPUT_PRECISION: tl.constexpr):
+    """[LayerNorm(x rows)] @ w^T (+ bias) for one head's HEAD_DIM rows of the weight at w_base:
+    (BLOCK_R, BLOCK_D) fp32, LayerNorm applied as x loads (mean, rstd from _ln_stats)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    row_off = tl.multiple_of(rows.to(tl.int64) * stride_xn, 8)
+    w_off = tl.multiple_of(offs_d.to(tl.int64) * stride_wn, 8)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for k0 in range(0, DIM, BLOCK_K):
+        cols = k0 + offs_k
+        mask_k = cols < DIM
+        xk = tl.load(x_base + row_off[:, None] + cols[None, :], mask=row_mask[:, None] & mask_k[None, :], other=0.0)
+        if HAS_NORM:
+            xn = (xk.to(tl.float32) - mean[:, None]) * rstd[:, None]
+            xn = xn * tl.load(NW + cols, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+            if HAS_NORM_BIAS:
+                xn = xn + tl.load(NB + cols, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+            xk = xn.to(xk.dtype)   # LayerNorm's output in the input dtype, as F.layer_norm gives it
+        # (BLOCK_K, BLOCK_D) tile of w^T: w is (rows, DIM) row-major
+        wk = tl.load(w_base + w_off[None, :] + cols[:, None], mask=mask_k[:, None] & mask_d[None, :], other=0.0)
+        acc = tl.dot(xk, wk, acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_base + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _qkv_attn_kernel(
+    X, W, Bias, NW, NB, O,          # X: (B, N, DIM); W: (3*INNER, DIM); Bias: (3*INNER,); NW, NB: (DIM,); O: (B, N, INNER)
+    stride_xb, stride_xn,           # strides of X in elements (last dim stride 1)
+    stride_wn,                      # row stride of W (last dim stride 1)
+    stride_ob, stride_on,           # strides of O (last dim stride 1)
+    H, N, DIM, INNER,               # heads, tokens, model dim, heads * head_dim
+    eps, qk_scale,                  # LayerNorm eps; softmax scale * log2(e)
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,   # head_dim and its next power of two
+    N_PAD: tl.constexpr,            # next power of two >= N: K and V tiles held on chip
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,    # query tile rows; reduction chunk over DIM
+    HAS_NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # dot precision for fp32 inputs ("tf32x3")
+):
+    pid = tl.program_id(0)
+    b = (pid // H).to(tl.int64)     # int64 offsets: B * N * DIM can pass 2**31
+    h = pid % H
+    x_base = tl.multiple_of(X + b * stride_xb, 16)
+    wq_base = tl.multiple_of(W + (h * HEAD_DIM).to(tl.int64) * stride_wn, 16)
+    wk_base = tl.multiple_of(W + (INNER + h * HEAD_DIM).to(tl.int64) * stride_wn, 16)
+    wv_base = tl.multiple_of(W + (2 * INNER + h * HEAD_DIM).to(tl.int64) * stride_wn, 16)
+    bq_base = Bias + h * HEAD_DIM
+    bk_base = Bias + INNER + h * HEAD_DIM
+    bv_base = Bias + 2 * INNER + h * HEAD_DIM
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+
+    # K and V of this head for the whole sequence, on chip (rows >= N are masked below).
+    kv_rows = tl.arange(0, N_PAD)
+    kv_mask = kv_rows < N
+    if HAS_NORM:
+        mean, rstd = _ln_stats(x_base, kv_rows, kv_mask, stride_xn, DIM, eps, N_PAD, BLOCK_K)
+    else:
+        mean = tl.zeros([N_PAD], dtype=tl.float32)
+        rstd = mean
+    k = _project(x_base, kv_rows, kv_mask, stride_xn, wk_base, stride_wn, bk_base, mean, rstd, NW, NB, DIM,
+                 HEAD_DIM, N_PAD, BLOCK_D, BLOCK_K, HAS_NORM, HAS_NORM_BIAS, HAS_BIAS,
+                 INPUT_PRECISION).to(X.dtype.element_ty)
+    v = _project(x_base, kv_rows, kv_mask, stride_xn, wv_base, stride_wn, bv_base, mean, rstd, NW, NB, DIM,
+                 HEAD_DIM, N_PAD, BLOCK_D, BLOCK_K, HAS_NORM, HAS_NORM_BIAS, HAS_BIAS,
+                 INPUT_PRECISION).to(X.dtype.element_ty)
+
+    o_base = tl.multiple_of(O + b * stride_ob + h * HEAD_DIM, 16)
+    for m0 in range(0, N, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < N
+        if HAS_NORM:
+            mean_q, rstd_q = _ln_stats(x_base, rows, row_mask, stride_xn, DIM, eps, BLOCK_M, BLOCK_K)
+        else:
+            mean_q = tl.zeros([BLOCK_M], dtype=tl.float32)
+            rstd_q = mean_q
+        q = _project(x_base, rows, row_mask, stride_xn, wq_base, stride_wn, bq_base, mean_q, rstd_q, NW, NB,
+                     DIM, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_K, HAS_NORM, HAS_NORM_BIAS, HAS_BIAS,
+                     INPUT_PRECISION).to(X.dtype.element_ty)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        s = tl.where(kv_mask[None, :], s, float("-inf"))
+        m = tl.max(s, axis=1)
+        p = tl.math.exp2(s - m[:, None])
+        l = tl.sum(p, axis=1)
+        o = tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION) / l[:, None]
+        o_ptrs = o_base + tl.multiple_of(rows.to(tl.int64) * stride_on, 8)[:, None] + offs_d[None, :]
+        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_mask[:, None] & mask_d[None, :])
+
+
+# Per-block shared memory (bytes) of the architectures the kernels are built for.
+SMEM_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# Shared memory the single kernel needs beside K and V (x and weight chunks, the Q and P tiles).
+SMEM_HEADROOM = 32 * 1024
+# Largest on-chip K + V footprint the single kernel was verified to compile for without spills
+# (AOT for sm_80 and sm_90): the K and V accumulators pass through registers before they settle
+# in shared memory, which caps them below the shared-memory limit.
+MAX_ONCHIP_BYTES = 128 * 1024
+MIN_N_PAD, MAX_N_PAD = 64, 256       # the token tiles (N_PAD) the single kernel is built for
+# (dtype, BLOCK_D, N_PAD) within the budget that ptxas still spilled on (AOT for sm_80/sm_90 with
+# SINGLE_KERNEL_CONFIG): these shapes take the split path.
+SPILLING = {(torch.float32, 16, 256), (torch.bfloat16, 32, 256)}
+# The single kernel's one block config: (BLOCK_M, BLOCK_K, num_warps, num_stages).
+SINGLE_KERNEL_CONFIG = (16, 32, 8, 1)
+
+
+def n_pad(tokens: int) -> int:
+    """The single kernel's on-chip token tile: the next power of two >= tokens (at least 64)."""
+    return max(MIN_N_PAD, triton.next_power_of_2(tokens))
+
+
+def onchip_bytes(dtype: torch.dtype, tokens: int, head_dim: int) -> int:
+    """Bytes of one head's K and V as the single kernel holds them: two N_PAD x BLOCK_D tiles in
+    x's dtype; fp32 counts twice, as its tf32x3 dots keep a high and a low TF32 part of each."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return 2 * n_pad(tokens) * attention.block_d(head_dim) * size * (2 if dtype == torch.float32 else 1)
+
+
+def device_arch(device: torch.device) -> int:
+    """Compute capability as an int (90 for sm_90). On CPU (the interpreter) sm_90's rule applies."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
+
+
+def single_kernel_fits(dtype: torch.dtype, tokens: int, head_dim: int, arch: int) -> bool:
+    """Whether one head's K and V fit on chip for the single kernel on sm_<arch>."""
+    smem = SMEM_PER_BLOCK.get(arch, 99 * 1024 if arch >= 80 else 48 * 1024)
+    budget = min(MAX_ONCHIP_BYTES, smem - SMEM_HEADROOM)
+    return (n_pad(tokens) <= MAX_N_PAD and onchip_bytes(dtype, tokens, head_dim) <= budget
+            and (dtype, attention.block_d(head_dim), n_pad(tokens)) not in SPILLING)
+
+
+def choose_path(x: Tensor, num_heads: int, head_dim: int) -> str:
+    """"single_kernel" where one head's K and V fit on chip (:func:`onchip_bytes` within the
+    per-block shared memory of x's device architecture less SMEM_HEADROOM, capped at
+    MAX_ONCHIP_BYTES, and at most MAX_N_PAD tokens), else "split". On CPU tensors (Triton's
+    interpreter) sm_90's rule is used, so the path taken matches an H100's. The few shapes in
+    SPILLING (ptxas spilled on them) take the split path too.
+    E.g. fp16/bf16, head_dim 64: up to 256 tokens (197: 64 KB); 257 and 577 tokens: split."""
+    return "single_kernel" if single_kernel_fits(x.dtype, x.shape[1], head_dim, device_arch(x.device)) else "split"
+
+
+def qkv_attention_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = None, *,
+                          num_heads: int, scale: float, norm_weight: Optional[Tensor] = None,
+                          norm_bias: Optional[Tensor] = None, eps: float = 1e-6,
+                          path: Optional[str] = None, out: Optional[Tensor] = None) -> Tensor:
+    """[LayerNorm ->] QKV projection -> attention, heads concatenated.
+
+    x: (batch, tokens, dim), unit last-dim stride; qkv_weight: (3*inner, dim), rows [q; k; v], each
+    head-major, unit last-dim stride; qkv_bias: (3*inner,) or None; norm_weight, norm_bias: (dim,)
+    apply LayerNorm(x, eps) first (as x loads). scale: the softmax scale. path: "single_kernel",
+    "split" or None (:func:`choose_path`). out: optional (batch, tokens, inner) output.
+    Returns (batch, tokens, inner).
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x: expected (batch, tokens, dim), got shape {tuple(x.shape)}")
+    B, N, dim = x.shape
+    inner = qkv_weight.shape[0] // 3
+    if inner % num_heads != 0:
+        raise ValueError(f"num_heads: inner dim {inner} is not divisible by num_heads={num_heads}")
+    head_dim = inner // num_heads
+    attention.check_head_dim(head_dim)
+    if path is None:
+        path = choose_path(x, num_heads, head_dim)
+    if path not in PATHS:
+        raise ValueError(f"path: expected one of {PATHS} or None, got {path!r}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"x: expected float32, float16 or bfloat16, got {x.dtype}")
+    if out is None:
+        out = torch.empty((B, N, inner), dtype=x.dtype, device=x.device)
+    elif out.shape != (B, N, inner) or out.dtype != x.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out: expected a ({B}, {N}, {inner}) {x.dtype} tensor with unit last-dim stride, got "
+                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
+
+    if path == "split":
+        from .gemm import qkv_projection_forward
+        qkv = qkv_projection_forward(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
+                                     norm_weight=norm_weight, norm_bias=norm_bias, eps=eps)
+        # Q is already scaled: softmax(q' k^T) with scale 1.
+        attention.flash_attention_forward(qkv[0], qkv[1], qkv[2], 1.0,
+                                          out=out.view(B, N, num_heads, head_dim).transpose(1, 2))
+        return out
+
+    arch = device_arch(x.device)
+    if not single_kernel_fits(x.dtype, N, head_dim, arch):
+        raise ValueError(f"path: 'single_kernel' cannot hold K and V of {N} tokens at head_dim {head_dim} in "
+                         f"{x.dtype} on chip on sm_{arch} ({onchip_bytes(x.dtype, N, head_dim)} bytes, at most "
+                         f"{MAX_N_PAD} tokens); use path='split' or None")
+    for name, t in (("x", x), ("qkv_weight", qkv_weight), ("out", out)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}: expected a unit stride in the last dim, got strides {t.stride()}")
+        attention.check_aligned(name, t)
+    if N == 0 or B == 0:
+        return out
+    BLOCK_M, BLOCK_K, num_warps, num_stages = SINGLE_KERNEL_CONFIG
+    _qkv_attn_kernel[(B * num_heads,)](
+        x, qkv_weight, qkv_bias if qkv_bias is not None else x,
+        norm_weight if norm_weight is not None else x, norm_bias if norm_bias is not None else x, out,
+        x.stride(0), x.stride(1), qkv_weight.stride(0), out.stride(0), out.stride(1),
+        num_heads, N, dim, inner, float(eps), float(scale) * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=attention.block_d(head_dim), N_PAD=n_pad(N), BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+        HAS_NORM=norm_weight is not None, HAS_NORM_BIAS=norm_bias is not None, HAS_BIAS=qkv_bias is not None,
+        INPUT_PRECISION=attention.FP32_DOT_PRECISION, num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def aot_spec(dtype: torch.dtype, head_dim: int, npad: int, has_norm: bool = True, has_bias: bool = True) -> AotSpec:
+    BLOCK_M, BLOCK_K, num_warps, num_stages = SINGLE_KERNEL_CONFIG
+    p = ptr_type(dtype)
+    sig = {"X": p, "W": p, "Bias": p, "NW": p, "NB": p, "O": p,
+           "stride_xb": "i32", "stride_xn": "i32", "stride_wn": "i32", "stride_ob": "i32", "stride_on": "i32",
+           "H": "i32", "N": "i32", "DIM": "i32", "INNER": "i32", "eps": "fp32", "qk_scale": "fp32"}
+    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": attention.block_d(head_dim), "N_PAD": npad,
+                  "BLOCK_M": BLOCK_M, "BLOCK_K": BLOCK_K, "HAS_NORM": has_norm, "HAS_NORM_BIAS": has_norm,
+                  "HAS_BIAS": has_bias, "INPUT_PRECISION": attention.FP32_DOT_PRECISION}
+    for name in constexprs:
+        sig[name] = "constexpr"
+    dt = str(dtype).replace("torch.", "")
+    label = (f"head_dim={head_dim},N_PAD={npad},BLOCK_M={BLOCK_M},BLOCK_K={BLOCK_K},{dt},"
+             f"norm={int(has_norm)},bias={int(has_bias)}")
+    archs = tuple(a for a in (80, 90) if single_kernel_fits(dtype, npad, head_dim, a))
+    return AotSpec("qkv_attention_single", _qkv_attn_kernel, sig, constexprs, num_warps, num_stages, label, True,
+                   archs)
+
+
+def aot_specs() -> List[AotSpec]:
+    """Every configuration the single kernel launches: dtype x BLOCK_D bucket (its power-of-two
+    head_dim, plus 80 for the masked case) x N_PAD, where single_kernel_fits, each with LayerNorm
+    and bias (the variants without them only drop loads). The split path launches the GEMM
+    (vit_kernels.triton.gemm.aot_specs) and the flash kernel (attention.aot_specs)."""
+    specs = []
+    for dtype in DTYPES:
+        for hd in (16, 32, 64, 80, 128, 256):
+            npad = MIN_N_PAD
+            while npad <= MAX_N_PAD:
+                spec = aot_spec(dtype, hd, npad)
+                if spec.archs:
+                    specs.append(spec)
+                npad *= 2
+    return specs
