@@ -70,15 +70,25 @@ def test_mlp(case, dtype):
               bias=i % 4 != 3, residual=RESIDUALS[(i // 2) % 3])
 
 
+EPILOGUES = [(True, "res+ls"), (False, "none"), (True, "res"), (False, "res+ls")]   # (bias, residual)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("residual", RESIDUALS)
-@pytest.mark.parametrize("shape", SHAPES + [(3, 577, 384, 1536), (1, 1025, 192, 768)], ids=str)
-def test_mlp_full(shape, residual, bias, norm, approximate, dtype):
-    check_mlp(*shape, dtype, approximate, norm, bias, residual)
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_mlp_full(shape, epilogue, norm, approximate, dtype):
+    check_mlp(*shape, dtype, approximate, norm, *epilogue)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape", [(3, 577, 384, 1536), (1, 1025, 192, 768)], ids=str)
+def test_mlp_large(shape, approximate, dtype):
+    check_mlp(*shape, dtype, approximate, "affine", True, "res+ls")
 
 
 def test_mlp_op_dispatches_to_triton_and_strided_x():
