@@ -263,32 +263,4 @@ def test_vit_b_patch_embed_and_mlp_shapes(dtype, config):
     assert_close(y, want, base)
     assert math.isfinite(y.float().abs().max().item())
 
-
-# --------------------------------------------------------------------------- acceptance: a whole model
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_two_layer_vit_on_the_cuda_backend(dtype):
-    """The reference ViT with backend="cuda" (emulated on CPU tensors) against the float64 oracle:
-    2 layers at odd sizes (70 px, patch 14 -> 25 patches + class token + 1 register token, head_dim
-    80, LayerScale, tanh GELU, mean pooling). Every fused op must have run on the cuda backend."""
-    import copy
-
-    from vit_kernels import last_decision
-    from vit_kernels.models import create_model
-    from vit_kernels.nn import set_backend
-
-    model = create_model("vit_tiny_patch16_224", img_size=70, patch_size=14, embed_dim=160, depth=2,
-                         num_heads=2, mlp_ratio=3.0, reg_tokens=1, init_values=0.5, pool="mean",
-                         approximate="tanh", num_classes=10)
-    images = torch.randn(3, 3, 70, 70)
-
-    def logits(backend, dt):
-        m = set_backend(copy.deepcopy(model), backend).to(dt).to(DEVICE).eval()
-        with torch.no_grad():
-            return m(images.to(dt).to(DEVICE))
-
-    want = logits("reference", torch.float64)
-    base = logits("torch", dtype)
-    got = logits("cuda", dtype)
-    for op in ("qkv_attention", "linear", "layernorm_gelu_mlp", "patch_embed"):
-        assert last_decision(op).backend == "cuda", str(last_decision(op))
-    assert_close(got, want, base, name=f"logits (cuda, {dtype})")
+# The whole-model acceptance (2-layer ViT on backend="cuda") lives in tests/test_vit_backends.py.
