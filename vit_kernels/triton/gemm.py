@@ -159,7 +159,7 @@ def _gemm_kernel(
         acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
     elif ACT == 2:    # GELU, tanh approximation: 0.5x(1 + tanh(u)) = x / (1 + exp(-2u))
         u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
-        acc = acc / (1.0 + tl.exp(-2.0 * u))
+        acc = acc / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))   # capped: no inf for very negative x
     if PREFIX == 1:   # the class-token row of each image: cls (no bias), then position embedding
         cls = tl.load(cls_ptr + offs_n.to(tl.int64) * s_cls, mask=n_mask, other=0.0).to(tl.float32)
         acc = tl.where((t < PREFIX)[:, None], cls[None, :], acc)
