@@ -41,8 +41,8 @@ def test_every_kernel_compiles_without_spills(arch):
     assert any(r["config"] == "fp16, tile 128x128x32 warp 64x32 stages 3, layernorm, qkv" for r in gemms)
     for r in gemms:
         uses_tc = not r["config"].startswith("fp32")
-        assert (r["tensor_core_instructions"] > 0) == uses_tc, r  # fp32 runs on the FMA path
-    assert all(r["tensor_core_instructions"] > 0 for r in rows if "flash" in r["kernel"]), "attention without HMMA"
+        assert bool(r["tensor_core_instructions"]) == uses_tc == r["has_dot"], r  # fp32 runs on the FMA path
+    assert all(r["tensor_core_instructions"] for r in rows if "flash" in r["kernel"]), "attention without HMMA"
     fields = {"kernel", "config", "arch", "regs", "spill_bytes", "shared_bytes", "tensor_core_instructions"}
     assert fields <= set(rows[0]) and all(r["arch"] == arch for r in rows)
 

@@ -46,7 +46,7 @@ def _tool(root: str, name: str) -> str:
 
 def _sources_key(arch: str, flags: List[str]) -> str:
     h = hashlib.sha256()
-    h.update(("\n".join(["format 3", arch, *flags])).encode())
+    h.update(("\n".join(["format 4", arch, *flags])).encode())
     for p in sorted(CSRC.rglob("*")):
         if p.is_file() and p.suffix in (".cu", ".cuh", ".h"):
             h.update(str(p.relative_to(CSRC)).encode())
@@ -89,18 +89,41 @@ def _parse_ptxas(text: str) -> Dict[str, dict]:
     return kernels
 
 
-def _count_tensor_core(sass: str) -> Dict[str, int]:
-    counts: Dict[str, int] = {}
+def _count_tensor_core(sass: str) -> Dict[str, List[str]]:
+    """mangled kernel name -> the distinct tensor-core mnemonics in its SASS (e.g. HMMA.16816.F32)."""
+    found: Dict[str, set] = {}
     cur = None
     for line in sass.splitlines():
         m = re.search(r"Function : (\S+)", line)
         if m:
             cur = m.group(1)
-            counts.setdefault(cur, 0)
+            found.setdefault(cur, set())
             continue
-        if cur and re.search(r"\b(HMMA|HGMMA)\b", line):
-            counts[cur] += 1
-    return counts
+        m = re.search(r"\b((?:HMMA|HGMMA)[.\w]*)", line)
+        if cur and m:
+            found[cur].add(m.group(1))
+    return {k: sorted(v) for k, v in found.items()}
+
+
+def _attention_dynamic_smem(config: str) -> Optional[int]:
+    """Dynamic shared memory of a flash_fwd_kernel instantiation ("fp16, 64"), read from the
+    kernel's own traits through the extension (the host-emulation build: same constexprs)."""
+    m = re.fullmatch(r"(fp16|bf16|fp32), (\d+)", config)
+    if not m:
+        return None
+    import torch
+
+    from . import module_for
+    dtype = {"fp16": 0, "bf16": 1, "fp32": 2}[m.group(1)]  # the binding's dtype codes
+    return int(module_for(torch.device("cpu")).flash_attention_smem_bytes(dtype, int(m.group(2))))
+
+
+def _expects_tensor_cores(kernel: str, config: str) -> bool:
+    """GEMMs on 16-bit inputs and every attention instantiation (fp32 runs as split fp16 pairs)
+    use mma.sync; the fp32 GEMM is an FMA path and the statistics kernels have no matmul."""
+    if "flash_fwd_kernel" in kernel or "selftest_mma" in kernel:
+        return True
+    return "gemm_kernel" in kernel and not config.startswith("fp32")
 
 
 def _gemm_dynamic_smem(name: str) -> Optional[int]:
@@ -166,7 +189,7 @@ def _compile_one(src: Path, arch: str, flags: List[str], nvcc: str, cuobjdump: s
     sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True).stdout
     tc = _count_tensor_core(sass)
     for k in kernels.values():
-        k["tensor_core_instructions"] = tc.get(k["mangled"], 0)
+        k["tensor_core_instructions"] = tc.get(k["mangled"], [])
         k["source"] = str(src.relative_to(CSRC))
     return list(kernels.values())
 
@@ -177,8 +200,8 @@ def resource_usage(arch: str = "sm_80", *, refresh: bool = False) -> List[dict]:
     Returns a list of dicts: kernel (demangled name without template arguments), config (its template
     arguments), arch, source, regs, spill_bytes (spill stores + loads), stack_bytes, shared_bytes
     (static; plus the dynamic amount where it follows from the template, see dynamic_shared_bytes),
-    dynamic_shared_bytes (None when set at launch by other means), tensor_core_instructions (HMMA /
-    HGMMA in the SASS). Needs nvcc and cuobjdump (the toolkit found by
+    dynamic_shared_bytes (None when set at launch by other means), tensor_core_instructions (the
+    distinct HMMA / HGMMA mnemonics in the SASS), has_dot (whether tensor cores are expected). Needs nvcc and cuobjdump (the toolkit found by
     :func:`vit_kernels.cuda.toolkit_root`); no GPU. Raises :class:`BuildError` when they fail.
     """
     arch = str(arch)
@@ -212,10 +235,14 @@ def resource_usage(arch: str = "sm_80", *, refresh: bool = False) -> List[dict]:
         if name.startswith("void "):
             name = name[len("void "):]
         name = name.replace("(anonymous namespace)::", "")
-        dyn = _gemm_dynamic_smem(name)
         head = _strip_params(name)
         base = head.split("<", 1)[0]
-        out.append({"kernel": base, "config": _pretty_config(_config_of(head)), "arch": arch,
+        config = _pretty_config(_config_of(head))
+        dyn = _gemm_dynamic_smem(name)
+        if dyn is None and "flash_fwd_kernel" in base:
+            dyn = _attention_dynamic_smem(config)
+        out.append({"kernel": base, "config": config, "arch": arch, "backend": "cuda",
+                    "has_dot": _expects_tensor_cores(base, config),
                     "source": r["source"], "regs": r["regs"], "spill_bytes": r["spill_bytes"],
                     "stack_bytes": r["stack_bytes"], "shared_bytes": r["shared_bytes"] + (dyn or 0),
                     "dynamic_shared_bytes": dyn, "tensor_core_instructions": r["tensor_core_instructions"]})
