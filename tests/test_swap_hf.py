@@ -21,7 +21,7 @@ from vit_kernels.swap import hf as hf_adapter
 transformers = pytest.importorskip("transformers")
 from transformers import ViTConfig, ViTForImageClassification, ViTModel  # noqa: E402
 
-BACKENDS = ["torch"]  # "triton" joins once vit_kernels/triton/{qkv_attention,mlp,patch_embed}.py exist
+BACKENDS = ["torch", "triton"]
 ALL = ["attention", "attention", "mlp", "mlp", "patch_embed"]
 
 

@@ -9,7 +9,7 @@ from test_swap_helpers import check_fuse, check_grad, check_load_state_dict, sna
 
 timm = pytest.importorskip("timm")
 
-BACKENDS = ["torch"]  # "triton" joins once vit_kernels/triton/{qkv_attention,mlp,patch_embed}.py exist
+BACKENDS = ["torch", "triton"]
 SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
 ALL = ["attention", "attention", "mlp", "mlp", "patch_embed"]
 

@@ -9,7 +9,7 @@ from test_swap_helpers import check_fuse, check_grad, check_load_state_dict
 
 tv = pytest.importorskip("torchvision.models.vision_transformer")
 
-BACKENDS = ["torch"]  # "triton" joins once vit_kernels/triton/{qkv_attention,mlp,patch_embed}.py exist
+BACKENDS = ["torch", "triton"]
 
 
 def make(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128, **kw):

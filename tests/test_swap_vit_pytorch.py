@@ -15,7 +15,7 @@ vit_pytorch = pytest.importorskip("vit_pytorch")
 from einops import rearrange, repeat  # noqa: E402
 from einops.layers.torch import Rearrange  # noqa: E402
 
-BACKENDS = ["torch"]  # "triton" joins once vit_kernels/triton/{qkv_attention,mlp,patch_embed}.py exist
+BACKENDS = ["torch", "triton"]
 
 
 def make(**kw):
