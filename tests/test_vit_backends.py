@@ -63,3 +63,16 @@ def test_triton_and_cuda_backends_agree(dtype):
     bound = compare(tri, want, base).bound
     diff = (tri.double() - cu.double()).abs().max().item()
     assert diff <= bound, f"triton and cuda differ by {diff:.3e} > {bound:.3e}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_runs_the_fused_ops_at_the_autocast_dtype(backend):
+    model, images = odd_two_layer(), torch.randn(2, 3, 70, 70)
+    want = logits(model, images, "reference", torch.float64)
+    m = set_backend(copy.deepcopy(model), backend).eval()
+    with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        got = m(images.to(DEVICE))
+        assert last_decision("layernorm_gelu_mlp").backend == backend
+    with torch.no_grad():
+        base = logits(model, images, "torch", torch.bfloat16)  # plain PyTorch, pure bf16
+    assert_close(got, want, base, name=f"logits under autocast ({backend})")

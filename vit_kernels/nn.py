@@ -4,6 +4,9 @@ under the same names (``norm``, ``qkv``, ``proj``, ``fc1``, ``fc2``, LayerScale 
 Every module has a ``backend`` attribute: "auto" | "triton" | "cuda" | "torch" pick the op
 backend (see :mod:`vit_kernels.backends`); "reference" runs the eager oracle
 (:mod:`vit_kernels.reference`), which is what the other backends are verified against.
+
+Under ``torch.autocast`` the fused ops run at the autocast dtype (inputs and parameters cast, as
+autocast does for F.linear) and each module returns its input's dtype.
 """
 from __future__ import annotations
 
@@ -17,6 +20,30 @@ from . import ops, reference
 from .backends import BACKENDS
 
 MODULE_BACKENDS = BACKENDS + ("reference",)
+
+
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype when torch.autocast is on for x's device and would lower x, else None."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return None
+    dt = torch.get_autocast_dtype(dev)
+    return dt if dt != x.dtype else None
+
+
+def _run_autocast(fn, x: Tensor, params, **kw) -> Tensor:
+    """Run ``fn(x, *params, **kw)``; under torch.autocast at the autocast dtype, as autocast runs
+    F.linear: x, the parameters and tensor keywords are cast (the copies autocast makes too), and
+    the result is cast back to x's dtype so the residual stream keeps its dtype as in eager."""
+    dt = _autocast_dtype(x)
+    if dt is None:
+        return fn(x, *params, **kw)
+
+    def cast(t):
+        return t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t
+    with torch.autocast(x.device.type, enabled=False):
+        out = fn(cast(x), *[cast(p) for p in params], **{k: cast(v) for k, v in kw.items()})
+    return out.to(x.dtype)
 
 
 def _check_module_backend(backend: str) -> str:
@@ -78,11 +105,14 @@ class FusedAttention(_Fused):
             return reference.linear(o, self.proj.weight, self.proj.bias, residual=x, layer_scale=gamma)
         if self.training and (self.attn_drop > 0 or self.proj_drop > 0):
             return self._forward_with_dropout(x, gamma)
-        o = ops.qkv_attention(x, self.qkv.weight, self.qkv.bias, num_heads=self.num_heads,
-                              norm_weight=norm.weight, norm_bias=norm.bias, eps=norm.eps,
-                              backend=self.backend)
-        return ops.linear(o, self.proj.weight, self.proj.bias, residual=x, layer_scale=gamma,
-                          backend=self.backend)
+        params = (self.qkv.weight, self.qkv.bias, norm.weight, norm.bias, self.proj.weight,
+                  self.proj.bias, gamma)
+        return _run_autocast(self._fused, x, params)
+
+    def _fused(self, x, qkv_w, qkv_b, norm_w, norm_b, proj_w, proj_b, gamma):
+        o = ops.qkv_attention(x, qkv_w, qkv_b, num_heads=self.num_heads, norm_weight=norm_w,
+                              norm_bias=norm_b, eps=self.norm.eps, backend=self.backend)
+        return ops.linear(o, proj_w, proj_b, residual=x, layer_scale=gamma, backend=self.backend)
 
     def _forward_with_dropout(self, x: Tensor, gamma: Optional[Tensor]) -> Tensor:
         B, N, C = x.shape
@@ -123,7 +153,7 @@ class FusedMlp(_Fused):
             h = F.dropout(F.gelu(self.fc1(self.norm(x)), approximate=self.approximate), self.drop, True)
             h = F.dropout(self.fc2(h), self.drop, True)
             return x + (h * gamma if gamma is not None else h)
-        return ops.layernorm_gelu_mlp(*args, **kw, backend=self.backend)
+        return _run_autocast(ops.layernorm_gelu_mlp, x, args[1:], **kw, backend=self.backend)
 
 
 class FusedPatchEmbed(_Fused):
@@ -145,7 +175,8 @@ class FusedPatchEmbed(_Fused):
         kw = dict(patch_size=self.patch_size, pos_embed=pos_embed, cls_token=cls_token)
         if self.backend == "reference":
             return reference.patch_embed(images, self.proj.weight, self.proj.bias, **kw)
-        return ops.patch_embed(images, self.proj.weight, self.proj.bias, **kw, backend=self.backend)
+        return _run_autocast(ops.patch_embed, images, (self.proj.weight, self.proj.bias), **kw,
+                             backend=self.backend)
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
