@@ -72,16 +72,14 @@ def make_config(args) -> tuple:
         notes.append(f"defaults for {'a CUDA GPU' if device.type == 'cuda' else 'the CPU'}: "
                      + ", ".join(f"{k}={d[k]}" for k in defaulted))
     get = lambda k: used[k] if used[k] not in (None, []) else d[k]  # noqa: E731
-    peak, peak_src = None, None
+    peak = None
     if args.gpu:
         try:
             peak = bpeaks.by_key(args.gpu)
         except ValueError as e:
             raise SystemExit(str(e))
-        peak_src = "--gpu"
     elif device.type == "cuda":
         peak = bpeaks.for_device(device)
-        peak_src = "device"
         if peak is None:
             notes.append(f"{torch.cuda.get_device_name(device)} is not in the peaks table: no roofline bounds "
                          f"(pass --gpu KEY to use a known GPU's peaks)")

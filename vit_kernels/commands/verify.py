@@ -20,7 +20,6 @@ import copy
 import json
 import os
 import time
-from typing import Optional
 
 import torch
 

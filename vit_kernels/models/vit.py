@@ -8,7 +8,6 @@ replace each one; ``backend`` sets them all (``set_backend`` changes it later).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch

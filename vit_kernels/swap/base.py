@@ -93,6 +93,36 @@ class Candidate:
     build: Optional[Callable[[], "SwapWrapper"]]
 
 
+def block_candidate(path: str, block: nn.Module, family: str, ops_: tuple, base_why: Optional[str],
+                    attn_path: str, attention_reason: Callable[[], tuple], mlp_path: str,
+                    mlp_reason: Callable[[], tuple], wrapper: Callable, backend: str) -> "Candidate":
+    """The candidate for one pre-norm encoder block (attention branch + MLP branch).
+
+    base_why: why the whole block is left (None when it can be fused); attention_reason() ->
+    (why, note) and mlp_reason() -> (why, approximate) judge each branch; wrapper(block, backend,
+    entries) builds the fused block, whose ``approximate`` is set to the MLP's GELU flavour.
+    """
+    if "attention" not in ops_:
+        why, note = "not requested (ops)", None
+    else:
+        why, note = (base_why, None) if base_why else attention_reason()
+    entries = [ReportEntry(attn_path, "attention", family, why is None, why or "",
+                           (note,) if note and why is None else ())]
+    approx = None
+    if "mlp" not in ops_:
+        why = "not requested (ops)"
+    else:
+        why, approx = (base_why, None) if base_why else mlp_reason()
+    entries.append(ReportEntry(mlp_path, "mlp", family, why is None, why or ""))
+    build = None
+    if any(e.fused for e in entries):
+        def build():
+            w = wrapper(block, backend, entries)
+            w.approximate = approx
+            return w
+    return Candidate(path, block, entries, build)
+
+
 class SwapWrapper(nn.Module):
     """Takes ``original``'s place in the model, holding its children, parameters, buffers and hooks
     (the same objects, under the same names). Subclasses implement ``forward`` with the fused ops

@@ -23,7 +23,7 @@ from typing import List
 from torch import Tensor, nn
 
 from .. import ops
-from .base import (Candidate, ReportEntry, SwapWrapper, bypassed_hooks, dropout_p, dropout_reason,
+from .base import (Candidate, SwapWrapper, block_candidate, bypassed_hooks, dropout_p, dropout_reason,
                    first_reason, gelu_approximate, head_dim_reason, join, layernorm_reason,
                    linear_reason, overrides_load_state_dict)
 from .patch import patch_conv_candidate
@@ -152,30 +152,15 @@ def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
         if isinstance(m, SwapWrapper):
             continue
         if isinstance(m, Block):
-            entries = []
             base_why = None
             if type(m).forward is not Block.forward:
                 base_why = f"{type(m).__name__} overrides Block.forward"
             base_why = base_why or overrides_load_state_dict(m)
-            if "attention" in ops_:
-                why, note = (base_why, None) if base_why else _attention_reason(path, m, Attention, LayerScale, backend)
-            else:
-                why, note = "not requested (ops)", None
-            entries.append(ReportEntry(join(path, "attn"), "attention", FAMILY, why is None, why or "",
-                                       (note,) if note and why is None else ()))
-            approx = None
-            if "mlp" in ops_:
-                why, approx = (base_why, None) if base_why else _mlp_reason(path, m, Mlp, LayerScale)
-            else:
-                why = "not requested (ops)"
-            entries.append(ReportEntry(join(path, "mlp"), "mlp", FAMILY, why is None, why or ""))
-            build = None
-            if any(e.fused for e in entries):
-                def build(m=m, entries=entries, approx=approx):
-                    w = FusedTimmBlock(m, backend, entries)
-                    w.approximate = approx
-                    return w
-            out.append(Candidate(path, m, entries, build))
+            out.append(block_candidate(
+                path, m, FAMILY, ops_, base_why,
+                join(path, "attn"), lambda p=path, m=m: _attention_reason(p, m, Attention, LayerScale, backend),
+                join(path, "mlp"), lambda p=path, m=m: _mlp_reason(p, m, Mlp, LayerScale),
+                FusedTimmBlock, backend))
         elif isinstance(m, PatchEmbed) and "proj" in m._modules:
             c = patch_conv_candidate(join(path, "proj"), m.proj, FAMILY, backend, "patch_embed" in ops_)
             out += [c] if c else []

@@ -19,7 +19,7 @@ from typing import List
 from torch import Tensor, nn
 
 from .. import ops
-from .base import (Candidate, ReportEntry, SwapWrapper, bypassed_hooks, dropout_p, dropout_reason,
+from .base import (Candidate, SwapWrapper, block_candidate, bypassed_hooks, dropout_p, dropout_reason,
                    first_reason, gelu_approximate, head_dim_reason, join, layernorm_reason,
                    linear_reason, overrides_load_state_dict)
 from .patch import patch_conv_candidate
@@ -113,26 +113,11 @@ def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
         if isinstance(m, EncoderBlock):
             base_why = (f"{type(m).__name__} overrides EncoderBlock.forward"
                         if type(m).forward is not EncoderBlock.forward else overrides_load_state_dict(m))
-            note = None
-            if "attention" not in ops_:
-                why = "not requested (ops)"
-            else:
-                why, note = (base_why, None) if base_why else _attention_reason(path, m, backend)
-            entries = [ReportEntry(join(path, "self_attention"), "attention", FAMILY, why is None, why or "",
-                                   (note,) if note and why is None else ())]
-            approx = None
-            if "mlp" not in ops_:
-                why = "not requested (ops)"
-            else:
-                why, approx = (base_why, None) if base_why else _mlp_reason(path, m)
-            entries.append(ReportEntry(join(path, "mlp"), "mlp", FAMILY, why is None, why or ""))
-            build = None
-            if any(e.fused for e in entries):
-                def build(m=m, entries=entries, approx=approx):
-                    w = FusedEncoderBlock(m, backend, entries)
-                    w.approximate = approx
-                    return w
-            out.append(Candidate(path, m, entries, build))
+            out.append(block_candidate(
+                path, m, FAMILY, ops_, base_why,
+                join(path, "self_attention"), lambda p=path, m=m: _attention_reason(p, m, backend),
+                join(path, "mlp"), lambda p=path, m=m: _mlp_reason(p, m),
+                FusedEncoderBlock, backend))
         elif isinstance(m, VisionTransformer) and "conv_proj" in m._modules:
             c = patch_conv_candidate(join(path, "conv_proj"), m.conv_proj, FAMILY, backend, "patch_embed" in ops_)
             out += [c] if c else []

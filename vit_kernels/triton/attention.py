@@ -14,7 +14,6 @@ The row log-sum-exp (natural log, of ``scale * q . k``) can be kept for a backwa
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Tuple
 
 import torch

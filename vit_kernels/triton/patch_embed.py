@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-import torch
 from torch import Tensor
 
 from .aot import AotSpec
