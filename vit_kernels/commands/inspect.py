@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import multiprocessing
+import os
 import sys
 from typing import Dict, List
 
@@ -21,6 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON list of objects")
     p.add_argument("--backend", choices=["triton", "cuda", "all"], default="all")
     p.add_argument("--kernel", default=None, help="only kernels whose name contains this")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
 
 
 def triton_specs():
@@ -39,20 +42,29 @@ def triton_specs():
     return specs
 
 
-def collect(archs: List[int], backend: str = "all", kernel_filter=None) -> List[Dict]:
+_SPECS: list = []  # the specs being compiled, inherited by forked workers
+
+
+def _compile_one(job) -> Dict:
+    from ..triton.aot import compile_spec
+    i, arch = job
+    return compile_spec(_SPECS[i], arch)
+
+
+def collect(archs: List[int], backend: str = "all", kernel_filter=None, jobs: int = 1) -> List[Dict]:
     from ..backends import interpreter_enabled
     rows: List[Dict] = []
     if backend in ("triton", "all"):
         if interpreter_enabled():
             raise SystemExit("inspect: compiles Triton kernels ahead of time, which Triton's interpreter "
                              "prevents: unset TRITON_INTERPRET and run again")
-        from ..triton.aot import compile_spec
-        for spec in triton_specs():
-            if kernel_filter and kernel_filter not in spec.kernel:
-                continue
-            for arch in archs:
-                if arch in spec.archs:
-                    rows.append(compile_spec(spec, arch))
+        _SPECS[:] = [s for s in triton_specs() if not kernel_filter or kernel_filter in s.kernel]
+        work = [(i, arch) for i, s in enumerate(_SPECS) for arch in archs if arch in s.archs]
+        if jobs > 1 and len(work) > 1:
+            with multiprocessing.get_context("fork").Pool(jobs) as pool:
+                rows.extend(pool.map(_compile_one, work, chunksize=1))
+        else:
+            rows.extend(map(_compile_one, work))
     if backend in ("cuda", "all"):
         from .. import cuda
         usage = getattr(cuda, "resource_usage", None)
@@ -80,7 +92,7 @@ def problems(row: Dict) -> List[str]:
 
 def run(args) -> int:
     archs = [ARCHS[a] for a in (args.arch or sorted(ARCHS))]
-    rows = collect(archs, args.backend, args.kernel)
+    rows = collect(archs, args.backend, args.kernel, max(1, args.jobs))
     keys = ("kernel", "arch", "config", "regs", "spill_bytes", "shared_bytes", "tensor_core_instructions")
     bad = [(r, problems(r)) for r in rows if problems(r)]
     if args.json:
