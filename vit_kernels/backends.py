@@ -95,18 +95,21 @@ def triton_importable() -> Optional[str]:
     return None
 
 
-def triton_unavailable(device: torch.device) -> Optional[str]:
-    """None when Triton kernels can run on ``device``, else the reason."""
+def triton_unavailable(device: torch.device, dtypes: Iterable[torch.dtype] = ()) -> Optional[str]:
+    """None when Triton kernels can run on ``device`` for tensors of ``dtypes``, else the reason."""
     why = triton_importable()
     if why:
         return why
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        if interpreter_enabled():
-            return None
-        return ("tensors are on the CPU and Triton's interpreter is off: set TRITON_INTERPRET=1 "
-                "in the environment before triton is imported, or move the tensors to a CUDA device")
+        if not interpreter_enabled():
+            return ("tensors are on the CPU and Triton's interpreter is off: set TRITON_INTERPRET=1 "
+                    "in the environment before triton is imported, or move the tensors to a CUDA device")
+        if torch.bfloat16 in set(dtypes):
+            from .triton.interpreter import bf16_flaw
+            return bf16_flaw()
+        return None
     return f"Triton kernels do not run on device type {device.type!r}"
 
 
@@ -161,7 +164,7 @@ def resolve(op: str, backend: str, tensors: Iterable[Optional[torch.Tensor]],
         if b in reasons:
             return reasons[b]
         if b == "triton":
-            r = triton_unavailable(device)
+            r = triton_unavailable(device, [t.dtype for t in tensors])
         elif b == "cuda":
             r = cuda_unavailable(device)
         else:

@@ -42,4 +42,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if args.command not in NO_INTERPRETER:
         _enable_interpreter_without_gpu()
-    return int(modules[args.command].run(args) or 0)
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except (ValueError, TypeError, RuntimeError) as e:
+        if args.verbose:
+            raise
+        print(f"error: {e}  (run with -v for the traceback)", file=sys.stderr)
+        return 2
