@@ -25,10 +25,15 @@ DEFAULT_CASES = [
     (3, 197, 64, "bf16", True, True, "single_kernel"),
     (1, 257, 80, "fp32", True, True, "split"),
     (1, 577, 64, "fp16", False, False, "split"),
+    # Beyond 256 tokens the single kernel holds K and V as a main plus a tail tile.
+    (1, 257, 64, "fp16", True, True, "single_kernel"),      # 256 + 64 rows
+    (3, 257, 80, "bf16", False, True, "single_kernel"),     # 256 + 64 rows, head_dim padded to 128
+    (1, 577, 64, "bf16", True, True, "single_kernel"),      # 512 + 128 rows
+    (1, 257, 32, "fp32", True, True, "single_kernel"),      # 256 + 64 rows in fp32
     (3, 50, 72, "fp32", True, False, "split"),
     (3, 1, 80, "bf16", False, True, "split"),
 ]
-SLOW_CASES = [c for c in itertools.product((1, 3), (1, 50, 197, 257, 577), (64, 72, 80), DTYPES,
+SLOW_CASES = [c for c in itertools.product((1, 3), (1, 50, 197, 257, 385, 512, 577, 768), (64, 72, 80), DTYPES,
                                            (False, True), (False, True), ("single_kernel", "split"))
               if c[-1] == "split" or qkv_mod.single_kernel_fits(DTYPES[c[3]], c[1], c[2], 90)]
 
@@ -75,8 +80,9 @@ def test_qkv_attention_full(B, N, head_dim, dtype, norm, bias, path):
 
 
 def test_op_records_the_path_it_chose():
-    for N, expected in ((50, "single_kernel"), (257, "split")):
-        x, w, kw = make_args(1, N, 64, "fp16", True, True)
+    for N, dtype, expected in ((50, "fp16", "single_kernel"), (577, "fp16", "single_kernel"),
+                               (257, "fp32", "split")):
+        x, w, kw = make_args(1, N, 64, dtype, True, True)
         out = vk.qkv_attention(x, w, kw["qkv_bias"], num_heads=2, norm_weight=kw["norm_weight"],
                                norm_bias=kw["norm_bias"], backend="triton")
         d = vk.last_decision("qkv_attention")
@@ -97,20 +103,49 @@ def test_choose_path_rule():
     # CPU tensors follow sm_90's rule.
     assert path(197, 64, torch.float16) == "single_kernel"      # K + V: 2 * 256 * 64 * 2 = 64 KB
     assert path(197, 80, torch.bfloat16) == "single_kernel"     # 2 * 256 * 128 * 2 = 128 KB
-    assert path(257, 64, torch.float16) == "split"              # N_PAD 512 > 256
-    assert path(577, 64, torch.float16) == "split"
+    assert path(257, 64, torch.float16) == "single_kernel"      # 2 * (256 + 64) * 64 * 2 = 80 KB
+    assert path(577, 64, torch.bfloat16) == "single_kernel"     # 2 * (512 + 128) * 64 * 2 = 160 KB
+    assert path(768, 64, torch.float16) == "single_kernel"      # 512 + 256 rows: 192 KB
+    assert path(769, 64, torch.float16) == "split"              # 512 + 512 rows: 256 KB
+    assert path(384, 80, torch.float16) == "single_kernel"      # 2 * (256 + 128) * 128 * 2 = 192 KB
+    assert path(385, 80, torch.float16) == "split"
+    assert path(257, 16, torch.float16) == "split"              # BLOCK_D 16 spilled beyond 256 tokens
     assert path(197, 64, torch.float32) == "split"              # fp32 counts twice: 256 KB
     assert path(50, 64, torch.float32) == "single_kernel"
     assert path(197, 256, torch.float16) == "split"
+    assert path(1025, 64, torch.float16) == "split"
     assert qkv_mod.single_kernel_fits(torch.float16, 197, 64, 80)
+    assert qkv_mod.single_kernel_fits(torch.float16, 512, 64, 80)       # 128 KB within sm_80's 163 KB
+    assert not qkv_mod.single_kernel_fits(torch.float16, 577, 64, 80)  # 160 KB + headroom: too much
     assert not qkv_mod.single_kernel_fits(torch.float16, 197, 64, 75)
+    assert [qkv_mod.kv_layout(t) for t in (1, 197, 256, 257, 320, 321, 385, 512, 513, 577, 768)] == [
+        (64, 0), (256, 0), (256, 0), (256, 64), (256, 64), (256, 128), (256, 256), (512, 0), (512, 64),
+        (512, 128), (512, 256)]
+
+
+def test_aot_specs_cover_every_admitted_layout():
+    """Every (dtype, BLOCK_D, kv_layout, block config, arch) single_kernel_fits admits is compiled by
+    `inspect` (aot_specs), so its zero-spill check covers whatever choose_path can launch."""
+    from vit_kernels.triton.attention import block_d
+    compiled = {(s.signature["X"], s.constexprs["BLOCK_D"], s.constexprs["N_MAIN"], s.constexprs["N_TAIL"],
+                 s.constexprs["BLOCK_K"], s.num_warps, arch) for s in qkv_mod.aot_specs() for arch in s.archs}
+    admitted = set()
+    for dtype in qkv_mod.DTYPES:
+        for hd in range(16, 257, 8):
+            for tokens in range(1, 1100):
+                for arch in (80, 90):
+                    if qkv_mod.single_kernel_fits(dtype, tokens, hd, arch):
+                        _, bk, nw, _ = qkv_mod.kernel_config(tokens)
+                        admitted.add((qkv_mod.ptr_type(dtype), block_d(hd), *qkv_mod.kv_layout(tokens), bk, nw, arch))
+    assert admitted - compiled == set()
+    assert {a[2:4] for a in admitted} >= {(256, 64), (512, 128)}
 
 
 def test_bad_input_before_launch():
-    x, w, kw = make_args(1, 577, 64, "fp16", False, False)
+    x, w, kw = make_args(1, 1025, 64, "fp16", False, False)
     with pytest.raises(ValueError, match=r"path: expected one of"):
         vk.qkv_attention(x, w, num_heads=2, backend="triton", path="fused")
-    with pytest.raises(ValueError, match=r"path: 'single_kernel' cannot hold K and V of 577 tokens"):
+    with pytest.raises(ValueError, match=r"path: 'single_kernel' cannot hold K and V of 1025 tokens"):
         vk.qkv_attention(x, w, num_heads=2, backend="triton", path="single_kernel")
     x = torch.randn(1, 5, 24, device=DEVICE)
     with pytest.raises(ValueError, match=r"head_dim=12 is not supported"):
@@ -123,11 +158,16 @@ def test_bad_input_before_launch():
                                       path="single_kernel")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_aot_ttir_int64_offsets_and_fp32_precision(dtype):
-    ttir = compile_ttir("vit_kernels.triton.qkv_attention", f"m.aot_spec(torch.{str(dtype)[6:]}, 80, 128)")
+@pytest.mark.parametrize("dtype,head_dim,tokens,n_dots", [
+    (torch.float32, 80, 128, 5),     # Q, K, V projections, q k^T, p v
+    (torch.bfloat16, 80, 128, 5),
+    (torch.float32, 32, 257, 9),     # with a tail tile: its K and V projections, q k_t^T, p_t v_t
+])
+def test_aot_ttir_int64_offsets_and_fp32_precision(dtype, head_dim, tokens, n_dots):
+    ttir = compile_ttir("vit_kernels.triton.qkv_attention",
+                        f"m.aot_spec(torch.{str(dtype)[6:]}, {head_dim}, {tokens})")
     stride_args_widened(ttir, ["stride_xb", "stride_xn", "stride_wn", "stride_ob", "stride_on"])
     dots = [line for line in ttir.splitlines() if "tt.dot" in line]
-    assert len(dots) == 5   # Q, K, V projections, q k^T, p v
+    assert len(dots) == n_dots
     if dtype == torch.float32:
         assert all("inputPrecision = tf32x3" in line for line in dots), dots

@@ -1,14 +1,17 @@
 """[LayerNorm ->] QKV projection -> multi-head attention, in Triton: two paths behind one launcher.
 
 single_kernel: one program per (batch, head). LayerNorm is applied as x loads; that head's K and V
-for the whole sequence are computed into on-chip tiles of a constexpr padded size N_PAD (the next
-power of two of the token count, masked), once per program; then the program walks its query
-tiles: Q tile from x and the weights, scores against all of K at once (the whole row is on chip,
-so the online softmax of the flash kernel is a single step), softmax with exp2, P @ V, and the
+for the whole sequence are computed into on-chip tiles, once per program: up to 256 tokens one tile
+of the next power of two of the token count (masked); longer sequences a main tile (the largest
+power of two <= tokens) plus a tail tile (a power of two >= the rest), as Triton tiles must be
+powers of two: 577 tokens take 512 + 128 rows instead of 1024 (:func:`kv_layout`). Then the
+program walks its query tiles: Q tile from x and the weights, scores against all of K at once (the
+whole row is on chip, so the online softmax of the flash kernel is a single step, its max and sum
+taken over both tiles), softmax with exp2, P @ V (+ P_tail @ V_tail), and the
 output written as (batch, tokens, heads * head_dim). Q, K, V never reach global memory: the kernel
 reads x and the weights and writes the output.
 
-split: for longer sequences. ``vit_kernels.triton.gemm.qkv_projection_forward`` computes Q, K, V
+split: where K and V do not fit on chip. ``vit_kernels.triton.gemm.qkv_projection_forward`` computes Q, K, V
 (LayerNorm as operands load, bias, softmax scale folded into Q) straight into a (3, B, H, N, head_dim)
 buffer, then the flash attention kernel (vit_kernels.triton.attention) reads it and writes the
 (batch, tokens, heads * head_dim) output through a strided view.
@@ -17,7 +20,7 @@ buffer, then the flash attention kernel (vit_kernels.triton.attention) reads it 
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -87,6 +90,29 @@ def _project(x_base, rows, row_mask, stride_xn, w_base, stride_wn, b_base, mean,
 
 
 @triton.jit
+def _kv_tile(x_base, row0, N, stride_xn, wk_base, wv_base, stride_wn, bk_base, bv_base, NW, NB, DIM, eps,
+             HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+             HAS_NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
+             INPUT_PRECISION: tl.constexpr):
+    """K and V of token rows [row0, row0 + ROWS) in x's dtype, (ROWS, BLOCK_D) each, and the row mask
+    (rows < N)."""
+    kv_rows = row0 + tl.arange(0, ROWS)
+    kv_mask = kv_rows < N
+    if HAS_NORM:
+        mean, rstd = _ln_stats(x_base, kv_rows, kv_mask, stride_xn, DIM, eps, ROWS, BLOCK_K)
+    else:
+        mean = tl.zeros([ROWS], dtype=tl.float32)
+        rstd = mean
+    k = _project(x_base, kv_rows, kv_mask, stride_xn, wk_base, stride_wn, bk_base, mean, rstd, NW, NB, DIM,
+                 HEAD_DIM, ROWS, BLOCK_D, BLOCK_K, HAS_NORM, HAS_NORM_BIAS, HAS_BIAS,
+                 INPUT_PRECISION).to(x_base.dtype.element_ty)   # cast now: one fp32 accumulator live at a time
+    v = _project(x_base, kv_rows, kv_mask, stride_xn, wv_base, stride_wn, bv_base, mean, rstd, NW, NB, DIM,
+                 HEAD_DIM, ROWS, BLOCK_D, BLOCK_K, HAS_NORM, HAS_NORM_BIAS, HAS_BIAS,
+                 INPUT_PRECISION).to(x_base.dtype.element_ty)
+    return k, v, kv_mask
+
+
+@triton.jit
 def _qkv_attn_kernel(
     X, W, Bias, NW, NB, O,          # X: (B, N, DIM); W: (3*INNER, DIM); Bias: (3*INNER,); NW, NB: (DIM,); O: (B, N, INNER)
     stride_xb, stride_xn,           # strides of X in elements (last dim stride 1)
@@ -95,7 +121,7 @@ def _qkv_attn_kernel(
     H, N, DIM, INNER,               # heads, tokens, model dim, heads * head_dim
     eps, qk_scale,                  # LayerNorm eps; softmax scale * log2(e)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,   # head_dim and its next power of two
-    N_PAD: tl.constexpr,            # next power of two >= N: K and V tiles held on chip
+    N_MAIN: tl.constexpr, N_TAIL: tl.constexpr,      # rows of the main and the tail K/V tile (0: no tail)
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,    # query tile rows; reduction chunk over DIM
     HAS_NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # dot precision for fp32 inputs ("tf32x3")
@@ -113,20 +139,16 @@ def _qkv_attn_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
 
-    # K and V of this head for the whole sequence, on chip (rows >= N are masked below).
-    kv_rows = tl.arange(0, N_PAD)
-    kv_mask = kv_rows < N
-    if HAS_NORM:
-        mean, rstd = _ln_stats(x_base, kv_rows, kv_mask, stride_xn, DIM, eps, N_PAD, BLOCK_K)
-    else:
-        mean = tl.zeros([N_PAD], dtype=tl.float32)
-        rstd = mean
-    k = _project(x_base, kv_rows, kv_mask, stride_xn, wk_base, stride_wn, bk_base, mean, rstd, NW, NB, DIM,
-                 HEAD_DIM, N_PAD, BLOCK_D, BLOCK_K, HAS_NORM, HAS_NORM_BIAS, HAS_BIAS,
-                 INPUT_PRECISION).to(X.dtype.element_ty)
-    v = _project(x_base, kv_rows, kv_mask, stride_xn, wv_base, stride_wn, bv_base, mean, rstd, NW, NB, DIM,
-                 HEAD_DIM, N_PAD, BLOCK_D, BLOCK_K, HAS_NORM, HAS_NORM_BIAS, HAS_BIAS,
-                 INPUT_PRECISION).to(X.dtype.element_ty)
+    # K and V of this head for the whole sequence, on chip: a main tile of rows [0, N_MAIN) and, past
+    # 256 tokens unless N is a power of two, a tail tile of rows [N_MAIN, N_MAIN + N_TAIL) (rows >= N
+    # are masked below). Two power-of-two tiles hold 577 tokens in 512 + 128 rows instead of 1024.
+    k, v, kv_mask = _kv_tile(x_base, 0, N, stride_xn, wk_base, wv_base, stride_wn, bk_base, bv_base, NW, NB, DIM,
+                             eps, HEAD_DIM, N_MAIN, BLOCK_D, BLOCK_K, HAS_NORM, HAS_NORM_BIAS, HAS_BIAS,
+                             INPUT_PRECISION)
+    if N_TAIL > 0:
+        k_t, v_t, kv_mask_t = _kv_tile(x_base, N_MAIN, N, stride_xn, wk_base, wv_base, stride_wn, bk_base, bv_base,
+                                       NW, NB, DIM, eps, HEAD_DIM, N_TAIL, BLOCK_D, BLOCK_K, HAS_NORM,
+                                       HAS_NORM_BIAS, HAS_BIAS, INPUT_PRECISION)
 
     o_base = tl.multiple_of(O + b * stride_ob + h * HEAD_DIM, 16)
     for m0 in range(0, N, BLOCK_M):
@@ -140,12 +162,23 @@ def _qkv_attn_kernel(
         q = _project(x_base, rows, row_mask, stride_xn, wq_base, stride_wn, bq_base, mean_q, rstd_q, NW, NB,
                      DIM, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_K, HAS_NORM, HAS_NORM_BIAS, HAS_BIAS,
                      INPUT_PRECISION).to(X.dtype.element_ty)
+        # The whole score row is on chip, so the softmax is exact in one step: its max and sum run
+        # over the main and the tail tile together.
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         s = tl.where(kv_mask[None, :], s, float("-inf"))
         m = tl.max(s, axis=1)
+        if N_TAIL > 0:
+            s_t = tl.dot(q, tl.trans(k_t), input_precision=INPUT_PRECISION) * qk_scale
+            s_t = tl.where(kv_mask_t[None, :], s_t, float("-inf"))
+            m = tl.maximum(m, tl.max(s_t, axis=1))
         p = tl.math.exp2(s - m[:, None])
         l = tl.sum(p, axis=1)
-        o = tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION) / l[:, None]
+        o = tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        if N_TAIL > 0:
+            p_t = tl.math.exp2(s_t - m[:, None])
+            l += tl.sum(p_t, axis=1)
+            o = tl.dot(p_t.to(v_t.dtype), v_t, o, input_precision=INPUT_PRECISION)
+        o = o / l[:, None]
         o_ptrs = o_base + tl.multiple_of(rows.to(tl.int64) * stride_on, 8)[:, None] + offs_d[None, :]
         tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_mask[:, None] & mask_d[None, :])
 
@@ -154,25 +187,49 @@ def _qkv_attn_kernel(
 SMEM_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 # Shared memory the single kernel needs beside K and V (x and weight chunks, the Q and P tiles).
 SMEM_HEADROOM = 32 * 1024
-# Largest on-chip K + V footprint the single kernel was verified to compile for without spills
-# (AOT for sm_80 and sm_90): the K and V accumulators pass through registers before they settle
-# in shared memory, which caps them below the shared-memory limit.
-MAX_ONCHIP_BYTES = 128 * 1024
-MIN_N_PAD, MAX_N_PAD = 64, 256       # the token tiles (N_PAD) the single kernel is built for
-# (dtype, BLOCK_D, N_PAD) within the budget that ptxas still spilled on (AOT for sm_80/sm_90 with
-# SINGLE_KERNEL_CONFIG): these shapes take the split path.
-SPILLING = {(torch.float32, 16, 256), (torch.bfloat16, 32, 256)}
-# The single kernel's one block config: (BLOCK_M, BLOCK_K, num_warps, num_stages).
+# Largest fp32 projection accumulator (rows x BLOCK_D x 4 bytes) of one K/V tile the single kernel
+# was verified to compile for without spills (AOT for sm_80 and sm_90): each tile's K and V pass
+# through registers before they settle in shared memory, which caps a tile, not the whole sequence.
+MAX_TILE_ACC_BYTES = 128 * 1024
+MIN_N_PAD, MAX_N_PAD = 64, 256   # one-tile layouts: N_MAIN = next power of two of tokens in [64, 256]
+MAX_N_MAIN, MAX_N_TAIL = 512, 256   # longer sequences: a main tile of up to 512 rows plus a tail tile
+# ... for head dims padded to at least 32: with BLOCK_D 16 every layout beyond 256 tokens spilled
+# (8 to 10104 bytes, fp32/fp16/bf16, sm_80/sm_90).
+MIN_LONG_BLOCK_D = 32
+# (dtype, BLOCK_D, N_MAIN, N_TAIL) within the budgets that ptxas still spilled on (AOT for
+# sm_80/sm_90 with kernel_config): these shapes take the split path.
+SPILLING = {(torch.float32, 16, 256, 0), (torch.bfloat16, 32, 256, 0)}
+# The single kernel's block configs: (BLOCK_M, BLOCK_K, num_warps, num_stages). Beyond MAX_N_PAD
+# tokens the reduction chunk over DIM is 16: the x chunk of a 512-row main tile then leaves ptxas
+# enough registers (BLOCK_K 32 spilled 24 bytes at 577 tokens, head_dim 64, fp16, sm_90).
 SINGLE_KERNEL_CONFIG = (16, 32, 8, 1)
+LONG_KERNEL_CONFIG = (16, 16, 8, 1)
+
+
+def kv_layout(tokens: int) -> Tuple[int, int]:
+    """(N_MAIN, N_TAIL): the rows of the single kernel's main and tail K/V tiles, powers of two.
+    Up to 256 tokens one tile, the next power of two (at least 64), no tail; longer sequences the
+    largest power of two <= tokens plus a tail of the next power of two >= the rest (at least 64),
+    or none when tokens is a power of two. 257 -> (256, 64), 577 -> (512, 128), 512 -> (512, 0)."""
+    if tokens <= MAX_N_PAD:
+        return max(MIN_N_PAD, triton.next_power_of_2(tokens)), 0
+    main = 1 << (tokens.bit_length() - 1)
+    rest = tokens - main
+    return main, (max(MIN_N_PAD, triton.next_power_of_2(rest)) if rest else 0)
 
 
 def n_pad(tokens: int) -> int:
-    """The single kernel's on-chip token tile: the next power of two >= tokens (at least 64)."""
-    return max(MIN_N_PAD, triton.next_power_of_2(tokens))
+    """Rows of K (and of V) the single kernel holds on chip: N_MAIN + N_TAIL of :func:`kv_layout`."""
+    return sum(kv_layout(tokens))
+
+
+def kernel_config(tokens: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps, num_stages) of the single kernel for ``tokens``."""
+    return LONG_KERNEL_CONFIG if tokens > MAX_N_PAD else SINGLE_KERNEL_CONFIG
 
 
 def onchip_bytes(dtype: torch.dtype, tokens: int, head_dim: int) -> int:
-    """Bytes of one head's K and V as the single kernel holds them: two N_PAD x BLOCK_D tiles in
+    """Bytes of one head's K and V as the single kernel holds them: two n_pad x BLOCK_D tiles in
     x's dtype; fp32 counts twice, as its tf32x3 dots keep a high and a low TF32 part of each."""
     size = torch.empty((), dtype=dtype).element_size()
     return 2 * n_pad(tokens) * attention.block_d(head_dim) * size * (2 if dtype == torch.float32 else 1)
@@ -189,18 +246,25 @@ def device_arch(device: torch.device) -> int:
 def single_kernel_fits(dtype: torch.dtype, tokens: int, head_dim: int, arch: int) -> bool:
     """Whether one head's K and V fit on chip for the single kernel on sm_<arch>."""
     smem = SMEM_PER_BLOCK.get(arch, 99 * 1024 if arch >= 80 else 48 * 1024)
-    budget = min(MAX_ONCHIP_BYTES, smem - SMEM_HEADROOM)
-    return (n_pad(tokens) <= MAX_N_PAD and onchip_bytes(dtype, tokens, head_dim) <= budget
-            and (dtype, attention.block_d(head_dim), n_pad(tokens)) not in SPILLING)
+    main, tail = kv_layout(tokens)
+    bd = attention.block_d(head_dim)
+    return (main <= MAX_N_MAIN and tail <= MAX_N_TAIL and main * bd * 4 <= MAX_TILE_ACC_BYTES
+            and (tokens <= MAX_N_PAD or bd >= MIN_LONG_BLOCK_D)
+            and onchip_bytes(dtype, tokens, head_dim) <= smem - SMEM_HEADROOM
+            and (dtype, bd, main, tail) not in SPILLING)
 
 
 def choose_path(x: Tensor, num_heads: int, head_dim: int) -> str:
-    """"single_kernel" where one head's K and V fit on chip (:func:`onchip_bytes` within the
-    per-block shared memory of x's device architecture less SMEM_HEADROOM, capped at
-    MAX_ONCHIP_BYTES, and at most MAX_N_PAD tokens), else "split". On CPU tensors (Triton's
-    interpreter) sm_90's rule is used, so the path taken matches an H100's. The few shapes in
-    SPILLING (ptxas spilled on them) take the split path too.
-    E.g. fp16/bf16, head_dim 64: up to 256 tokens (197: 64 KB); 257 and 577 tokens: split."""
+    """"single_kernel" where one head's K and V fit on chip: :func:`onchip_bytes` (the main and
+    tail tiles of :func:`kv_layout`) within the per-block shared memory of x's device architecture
+    less SMEM_HEADROOM, a main tile of at most MAX_N_MAIN rows whose fp32 accumulator is at most
+    MAX_TILE_ACC_BYTES, a tail of at most MAX_N_TAIL rows, beyond 256 tokens a head_dim padded to
+    at least MIN_LONG_BLOCK_D, and not in SPILLING (ptxas spilled on those); else "split". On CPU tensors (Triton's interpreter) sm_90's
+    rule is used, so the path taken matches an H100's.
+    E.g. fp16/bf16, head_dim 64: single kernel up to 768 tokens on sm_90 (197: 64 KB, 257: 80 KB,
+    577: 160 KB), up to 512 on sm_80 (163 KB per block); head_dim 80 (padded to 128): up to 384
+    tokens on sm_90, 256 on sm_80; fp32, head_dim 64: up to 128 tokens; fp32, head_dim 32: up to
+    384 tokens on sm_90, 256 on sm_80."""
     return "single_kernel" if single_kernel_fits(x.dtype, x.shape[1], head_dim, device_arch(x.device)) else "split"
 
 
@@ -248,58 +312,65 @@ def qkv_attention_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
     arch = device_arch(x.device)
     if not single_kernel_fits(x.dtype, N, head_dim, arch):
         raise ValueError(f"path: 'single_kernel' cannot hold K and V of {N} tokens at head_dim {head_dim} in "
-                         f"{x.dtype} on chip on sm_{arch} ({onchip_bytes(x.dtype, N, head_dim)} bytes, at most "
-                         f"{MAX_N_PAD} tokens); use path='split' or None")
+                         f"{x.dtype} on chip on sm_{arch} ({onchip_bytes(x.dtype, N, head_dim)} bytes in tiles of "
+                         f"{kv_layout(N)} rows); use path='split' or None")
     for name, t in (("x", x), ("qkv_weight", qkv_weight), ("out", out)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name}: expected a unit stride in the last dim, got strides {t.stride()}")
         attention.check_aligned(name, t)
     if N == 0 or B == 0:
         return out
-    BLOCK_M, BLOCK_K, num_warps, num_stages = SINGLE_KERNEL_CONFIG
+    BLOCK_M, BLOCK_K, num_warps, num_stages = kernel_config(N)
+    n_main, n_tail = kv_layout(N)
     _qkv_attn_kernel[(B * num_heads,)](
         x, qkv_weight, qkv_bias if qkv_bias is not None else x,
         norm_weight if norm_weight is not None else x, norm_bias if norm_bias is not None else x, out,
         x.stride(0), x.stride(1), qkv_weight.stride(0), out.stride(0), out.stride(1),
         num_heads, N, dim, inner, float(eps), float(scale) * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=attention.block_d(head_dim), N_PAD=n_pad(N), BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+        HEAD_DIM=head_dim, BLOCK_D=attention.block_d(head_dim), N_MAIN=n_main, N_TAIL=n_tail,
+        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
         HAS_NORM=norm_weight is not None, HAS_NORM_BIAS=norm_bias is not None, HAS_BIAS=qkv_bias is not None,
         INPUT_PRECISION=attention.FP32_DOT_PRECISION, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
 
-def aot_spec(dtype: torch.dtype, head_dim: int, npad: int, has_norm: bool = True, has_bias: bool = True) -> AotSpec:
-    BLOCK_M, BLOCK_K, num_warps, num_stages = SINGLE_KERNEL_CONFIG
+def aot_spec(dtype: torch.dtype, head_dim: int, tokens: int, has_norm: bool = True,
+             has_bias: bool = True) -> AotSpec:
+    """The single kernel's configuration for ``tokens`` (its kv_layout and kernel_config)."""
+    BLOCK_M, BLOCK_K, num_warps, num_stages = kernel_config(tokens)
+    n_main, n_tail = kv_layout(tokens)
     p = ptr_type(dtype)
     sig = {"X": p, "W": p, "Bias": p, "NW": p, "NB": p, "O": p,
            "stride_xb": "i32", "stride_xn": "i32", "stride_wn": "i32", "stride_ob": "i32", "stride_on": "i32",
            "H": "i32", "N": "i32", "DIM": "i32", "INNER": "i32", "eps": "fp32", "qk_scale": "fp32"}
-    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": attention.block_d(head_dim), "N_PAD": npad,
+    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": attention.block_d(head_dim), "N_MAIN": n_main, "N_TAIL": n_tail,
                   "BLOCK_M": BLOCK_M, "BLOCK_K": BLOCK_K, "HAS_NORM": has_norm, "HAS_NORM_BIAS": has_norm,
                   "HAS_BIAS": has_bias, "INPUT_PRECISION": attention.FP32_DOT_PRECISION}
     for name in constexprs:
         sig[name] = "constexpr"
     dt = str(dtype).replace("torch.", "")
-    label = (f"head_dim={head_dim},N_PAD={npad},BLOCK_M={BLOCK_M},BLOCK_K={BLOCK_K},{dt},"
+    label = (f"head_dim={head_dim},N_MAIN={n_main},N_TAIL={n_tail},BLOCK_M={BLOCK_M},BLOCK_K={BLOCK_K},{dt},"
              f"norm={int(has_norm)},bias={int(has_bias)}")
-    archs = tuple(a for a in (80, 90) if single_kernel_fits(dtype, npad, head_dim, a))
+    archs = tuple(a for a in (80, 90) if single_kernel_fits(dtype, tokens, head_dim, a))
     return AotSpec("qkv_attention_single", _qkv_attn_kernel, sig, constexprs, num_warps, num_stages, label, True,
                    archs)
 
 
+# One token count per layout kv_layout gives, up to MAX_N_MAIN plus a tail of 256 rows.
+LAYOUT_TOKENS = (64, 128, 256, 257, 321, 385, 512, 513, 577, 641)
+
+
 def aot_specs() -> List[AotSpec]:
     """Every configuration the single kernel launches: dtype x BLOCK_D bucket (its power-of-two
-    head_dim, plus 80 for the masked case) x N_PAD, where single_kernel_fits, each with LayerNorm
-    and bias (the variants without them only drop loads). The split path launches the GEMM
-    (vit_kernels.triton.gemm.aot_specs) and the flash kernel (attention.aot_specs)."""
+    head_dim, plus 80 for the masked case) x (N_MAIN, N_TAIL) layout, where single_kernel_fits,
+    each with LayerNorm and bias (the variants without them only drop loads). The split path
+    launches the GEMM (vit_kernels.triton.gemm.aot_specs) and the flash kernel (attention.aot_specs)."""
     specs = []
     for dtype in DTYPES:
         for hd in (16, 32, 64, 80, 128, 256):
-            npad = MIN_N_PAD
-            while npad <= MAX_N_PAD:
-                spec = aot_spec(dtype, hd, npad)
+            for tokens in LAYOUT_TOKENS:
+                spec = aot_spec(dtype, hd, tokens)
                 if spec.archs:
                     specs.append(spec)
-                npad *= 2
     return specs
