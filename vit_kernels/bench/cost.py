@@ -104,7 +104,9 @@ def attention_cost(batch: int, heads: int, tokens: int, head_dim: int, elem: int
 
 
 def kv_fits_on_chip(tokens: int, head_dim: int, elem: int, smem: int = SMEM_PER_BLOCK) -> bool:
-    """DESIGN.md's rule for the one-kernel QKV + attention: K and V of one head fit in shared memory."""
+    """DESIGN.md's rule for the one-kernel QKV + attention: K and V of one head fit in shared memory.
+    The ideal the cost model counts; the Triton kernel's own choice (power-of-two tiles, register
+    limits) is vit_kernels.triton.qkv_attention.single_kernel_fits."""
     return 2 * tokens * head_dim * elem <= smem
 
 
