@@ -101,6 +101,27 @@ def for_device(device: torch.device) -> Optional[Peak]:
     return lookup(torch.cuda.get_device_name(device))
 
 
+def choose(key: Optional[str], device: torch.device, notes: list, what: str) -> Optional[Peak]:
+    """The peaks to compare against: ``--gpu KEY`` when given, else the device's own (None on a CPU
+    or a GPU not in the table). Appends to ``notes`` what a user should know; ``what`` names what
+    is lost without peaks (e.g. "roofline bounds")."""
+    if key:
+        try:
+            peak = by_key(key)
+        except ValueError as e:
+            raise SystemExit(str(e))
+    elif device.type == "cuda":
+        peak = for_device(device)
+        if peak is None:
+            notes.append(f"{torch.cuda.get_device_name(device)} is not in the peaks table: no {what} "
+                         f"(pass --gpu KEY to use a known GPU's peaks)")
+    else:
+        peak = None
+    if peak is not None and device.type != "cuda":
+        notes.append(f"bounds are for {peak.name}; times were measured on the CPU, so no {what} is given")
+    return peak
+
+
 def table_text() -> str:
     """The table as text (for --help and the docs)."""
     rows = [f"{'key':<16}{'GPU':<18}{'bf16':>7}{'fp16':>7}{'tf32':>7}{'fp32':>7}{'GB/s':>7}"]

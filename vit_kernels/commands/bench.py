@@ -72,19 +72,7 @@ def make_config(args) -> tuple:
         notes.append(f"defaults for {'a CUDA GPU' if device.type == 'cuda' else 'the CPU'}: "
                      + ", ".join(f"{k}={d[k]}" for k in defaulted))
     get = lambda k: used[k] if used[k] not in (None, []) else d[k]  # noqa: E731
-    peak = None
-    if args.gpu:
-        try:
-            peak = bpeaks.by_key(args.gpu)
-        except ValueError as e:
-            raise SystemExit(str(e))
-    elif device.type == "cuda":
-        peak = bpeaks.for_device(device)
-        if peak is None:
-            notes.append(f"{torch.cuda.get_device_name(device)} is not in the peaks table: no roofline bounds "
-                         f"(pass --gpu KEY to use a known GPU's peaks)")
-    if peak is not None and device.type != "cuda":
-        notes.append(f"bounds are for {peak.name}; times were measured on the CPU, so no ratio is given")
+    peak = bpeaks.choose(args.gpu, device, notes, "time/bound ratio")
     cfg = tp.BenchConfig(
         models=list(get("models")), providers=[p.strip() for p in get("providers").split(",") if p.strip()],
         device=device, batch_size=get("batch_size"), dtype=tp.DTYPES[get("dtype")], precision=args.precision,

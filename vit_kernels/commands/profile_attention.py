@@ -104,19 +104,7 @@ def make_config(args):
             for n in tokens:
                 b = args.batch_size or (batt.batch_for(n, args.total_tokens) if gpu else 1)
                 cases.append(batt.AttnCase(b, args.heads, n, hd, dt))
-    peak = None
-    if args.gpu:
-        try:
-            peak = bpeaks.by_key(args.gpu)
-        except ValueError as e:
-            raise SystemExit(str(e))
-    elif gpu:
-        peak = bpeaks.for_device(device)
-        if peak is None:
-            notes.append(f"{torch.cuda.get_device_name(device)} is not in the peaks table: no % of peak "
-                         f"(pass --gpu KEY)")
-    if peak is not None and not gpu:
-        notes.append(f"bounds are for {peak.name}; times were measured on the CPU, so no % of peak is given")
+    peak = bpeaks.choose(args.gpu, device, notes, "% of peak")
     get = lambda k: getattr(args, k) if getattr(args, k) is not None else d[k]  # noqa: E731
     cfg = batt.AttnConfig(providers, cases, device, warmup=get("warmup"), repeats=get("repeats"),
                           min_repeat_ms=get("min_repeat_ms"), peak=peak, flush_l2=not args.no_l2_flush)
