@@ -190,18 +190,28 @@ void set_w(vk::GemmParams& p, const at::Tensor& x, const at::Tensor& w, const c1
   p.bias = cptr<void>(bias);
 }
 
+// The operands of gemm_rows and gemm_qkv: x (M, K) rows (LayerNorm on load when mean/rstd are
+// given) and w (N, K) with its bias; returns the loader.
+vk::ALoad set_operands(vk::GemmParams& p, const at::Tensor& x, const at::Tensor& w,
+                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mean,
+                       const c10::optional<at::Tensor>& rstd, const c10::optional<at::Tensor>& ln_weight,
+                       const c10::optional<at::Tensor>& ln_bias) {
+  check_rows(x, "x", x);
+  p.M = (int)x.size(0);
+  p.K = (int)x.size(1);
+  const vk::ALoad loader = set_a(p, x, mean, rstd, ln_weight, ln_bias);
+  set_w(p, x, w, bias);
+  return loader;
+}
+
 // out (M, N) = [residual +] [layer_scale *] act(LN?(x) @ w^T + bias); act: 0 none, 1 gelu erf, 2 gelu tanh.
 void gemm_rows(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                const c10::optional<at::Tensor>& mean, const c10::optional<at::Tensor>& rstd,
                const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias, int64_t act,
                const c10::optional<at::Tensor>& layer_scale, const c10::optional<at::Tensor>& residual,
                at::Tensor& out, int64_t config) {
-  check_rows(x, "x", x);
   vk::GemmParams p;
-  p.M = (int)x.size(0);
-  p.K = (int)x.size(1);
-  const vk::ALoad loader = set_a(p, x, mean, rstd, ln_weight, ln_bias);
-  set_w(p, x, w, bias);
+  const vk::ALoad loader = set_operands(p, x, w, bias, mean, rstd, ln_weight, ln_bias);
   TORCH_CHECK(act >= 0 && act <= 2, "act: expected 0, 1 or 2");
   p.act = static_cast<vk::Act>(act);
   check_vec(layer_scale, "layer_scale", x, p.N);
@@ -225,12 +235,8 @@ void gemm_qkv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::
               const c10::optional<at::Tensor>& mean, const c10::optional<at::Tensor>& rstd,
               const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias, int64_t tokens,
               int64_t heads, int64_t head_dim, double q_scale, at::Tensor& out, int64_t config) {
-  check_rows(x, "x", x);
   vk::GemmParams p;
-  p.M = (int)x.size(0);
-  p.K = (int)x.size(1);
-  const vk::ALoad loader = set_a(p, x, mean, rstd, ln_weight, ln_bias);
-  set_w(p, x, w, bias);
+  const vk::ALoad loader = set_operands(p, x, w, bias, mean, rstd, ln_weight, ln_bias);
   TORCH_CHECK(tokens > 0 && p.M % tokens == 0, "tokens: expected a divisor of the ", p.M, " rows of x");
   TORCH_CHECK(p.N == 3 * heads * head_dim, "weight: expected 3 * heads * head_dim = ", 3 * heads * head_dim, " rows");
   check(out, "out", x.scalar_type());

@@ -112,6 +112,20 @@ def check_grad(model, images, **call_kw):
     assert any("require grad" in note for e in report.fused for note in e.notes), str(report)
 
 
+def check_dropout_runs_original(model, images):
+    """With dropout active in training, a fused model runs the original modules: bit-identical
+    outputs for the same seed. Returns the fuse report."""
+    ref = copy.deepcopy(model).train()
+    vk.fuse(model.train(), backend="torch")
+    with torch.no_grad():
+        torch.manual_seed(1)
+        got = _logits(model(images))
+        torch.manual_seed(1)
+        want = _logits(ref(images))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    return vk.fuse_report(model)
+
+
 # --- family-independent behaviour -------------------------------------------------------------
 
 def test_bad_arguments_are_named():

@@ -1,11 +1,10 @@
 """fuse / unfuse on torchvision's VisionTransformer (small configs built with its class)."""
-import copy
 
 import pytest
 import torch
 
 import vit_kernels as vk
-from test_swap_helpers import check_fuse, check_grad, check_load_state_dict
+from test_swap_helpers import check_dropout_runs_original, check_fuse, check_grad, check_load_state_dict
 
 tv = pytest.importorskip("torchvision.models.vision_transformer")
 
@@ -47,17 +46,8 @@ def test_conv_stem_is_left():
     assert [e.op for e in report.left] == ["patch_embed"]
 
 
-def test_encoder_block_returns_what_callers_expect_and_dropout_trains_unfused():
-    m = make(dropout=0.1, attention_dropout=0.1)
-    ref = copy.deepcopy(m).train()
-    vk.fuse(m.train(), backend="torch")
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.manual_seed(3)
-        got = m(x)
-        torch.manual_seed(3)
-        want = ref(x)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+def test_dropout_in_training_runs_the_original():
+    check_dropout_runs_original(make(dropout=0.1, attention_dropout=0.1), torch.randn(2, 3, 32, 32))
 
 
 def test_gradients_take_the_torch_path():

@@ -37,24 +37,29 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _ln_stats(x_base, rows, row_mask, stride_xn, DIM, eps,
-              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Mean and 1/std over the last dim of x rows ``rows`` (BLOCK_R,), two passes in fp32."""
-    offs_k = tl.arange(0, BLOCK_K)
-    row_off = tl.multiple_of(rows.to(tl.int64) * stride_xn, 8)
-    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, DIM, BLOCK_K):
-        cols = k0 + offs_k
-        m = row_mask[:, None] & (cols < DIM)[None, :]
-        acc += tl.load(x_base + row_off[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    mean = tl.sum(acc, axis=1) / DIM
-    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, DIM, BLOCK_K):
-        cols = k0 + offs_k
-        m = row_mask[:, None] & (cols < DIM)[None, :]
-        xk = tl.load(x_base + row_off[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        xk = tl.where(m, xk - mean[:, None], 0.0)
-        acc += xk * xk
-    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / DIM + eps)
+              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, HAS_NORM: tl.constexpr):
+    """Mean and 1/std over the last dim of x rows ``rows`` (BLOCK_R,), two passes in fp32
+    (zeros, unused by _project, without a LayerNorm)."""
+    if HAS_NORM:
+        offs_k = tl.arange(0, BLOCK_K)
+        row_off = tl.multiple_of(rows.to(tl.int64) * stride_xn, 8)
+        acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, DIM, BLOCK_K):
+            cols = k0 + offs_k
+            m = row_mask[:, None] & (cols < DIM)[None, :]
+            acc += tl.load(x_base + row_off[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        mean = tl.sum(acc, axis=1) / DIM
+        acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, DIM, BLOCK_K):
+            cols = k0 + offs_k
+            m = row_mask[:, None] & (cols < DIM)[None, :]
+            xk = tl.load(x_base + row_off[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            xk = tl.where(m, xk - mean[:, None], 0.0)
+            acc += xk * xk
+        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / DIM + eps)
+    else:
+        mean = tl.zeros([BLOCK_R], dtype=tl.float32)
+        rstd = mean
     return mean, rstd
 
 
@@ -98,11 +103,7 @@ def _kv_tile(x_base, row0, N, stride_xn, wk_base, wv_base, stride_wn, bk_base, b
     (rows < N)."""
     kv_rows = row0 + tl.arange(0, ROWS)
     kv_mask = kv_rows < N
-    if HAS_NORM:
-        mean, rstd = _ln_stats(x_base, kv_rows, kv_mask, stride_xn, DIM, eps, ROWS, BLOCK_K)
-    else:
-        mean = tl.zeros([ROWS], dtype=tl.float32)
-        rstd = mean
+    mean, rstd = _ln_stats(x_base, kv_rows, kv_mask, stride_xn, DIM, eps, ROWS, BLOCK_K, HAS_NORM)
     k = _project(x_base, kv_rows, kv_mask, stride_xn, wk_base, stride_wn, bk_base, mean, rstd, NW, NB, DIM,
                  HEAD_DIM, ROWS, BLOCK_D, BLOCK_K, HAS_NORM, HAS_NORM_BIAS, HAS_BIAS,
                  INPUT_PRECISION).to(x_base.dtype.element_ty)   # cast now: one fp32 accumulator live at a time
@@ -154,11 +155,7 @@ def _qkv_attn_kernel(
     for m0 in range(0, N, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < N
-        if HAS_NORM:
-            mean_q, rstd_q = _ln_stats(x_base, rows, row_mask, stride_xn, DIM, eps, BLOCK_M, BLOCK_K)
-        else:
-            mean_q = tl.zeros([BLOCK_M], dtype=tl.float32)
-            rstd_q = mean_q
+        mean_q, rstd_q = _ln_stats(x_base, rows, row_mask, stride_xn, DIM, eps, BLOCK_M, BLOCK_K, HAS_NORM)
         q = _project(x_base, rows, row_mask, stride_xn, wq_base, stride_wn, bq_base, mean_q, rstd_q, NW, NB,
                      DIM, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_K, HAS_NORM, HAS_NORM_BIAS, HAS_BIAS,
                      INPUT_PRECISION).to(X.dtype.element_ty)
