@@ -138,11 +138,13 @@ def test_bad_arguments_are_named():
         vk.fuse(m, ops="attention")
 
 
-def test_unknown_model_is_reported_and_untouched():
+def test_unknown_model_is_refused_reported_and_untouched():
     m = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4))
     snap = snapshot(m)
-    assert vk.fuse(m) is m
+    with pytest.raises(ValueError, match="model: expected a ViT .* got Sequential, which holds none"):
+        vk.fuse(m)
     assert_same_state(m, snap)
+    assert not any(isinstance(x, SwapWrapper) for x in m.modules())
     report = vk.fuse_report(m)
     assert not report.fused and "no ViT part" in report.left[0].reason
 

@@ -5,10 +5,11 @@ Public API:
 - modules: vit_kernels.nn.FusedAttention, FusedMlp, FusedPatchEmbed
 - models: vit_kernels.models.create_model, VisionTransformer
 - fuse / verify: swap fused modules into a ViT and check it against the original
-- backends: last_decision(op) says which backend an op took and why the others were not
+- backends: last_decision(op) says which backend an op took and why the others were not;
+  record_decisions() collects the decision of every call in a block
 """
 from . import models, nn, ops, reference
-from .backends import BACKENDS, Decision, last_decision
+from .backends import BACKENDS, Decision, last_decision, record_decisions
 from .ops import flash_attention, layernorm_gelu_mlp, linear, patch_embed, qkv_attention
 from .swap import fuse, fuse_report, unfuse
 from .verify import verify
@@ -16,4 +17,4 @@ from .verify import verify
 __version__ = "0.1.0"
 
 __all__ = ["flash_attention", "qkv_attention", "layernorm_gelu_mlp", "patch_embed", "linear",
-           "fuse", "unfuse", "fuse_report", "verify", "last_decision", "Decision", "BACKENDS", "models", "nn", "ops", "reference"]
+           "fuse", "unfuse", "fuse_report", "verify", "last_decision", "record_decisions", "Decision", "BACKENDS", "models", "nn", "ops", "reference"]

@@ -3,8 +3,9 @@
 Every fused op and module takes ``backend="auto" | "triton" | "cuda" | "torch"``.
 :func:`resolve` turns that request plus the tensors into a :class:`Decision` that says
 which backend runs and, when a fused path is not taken, why. The last decision of each op
-is kept so callers can ask (:func:`last_decision`), and every "not taken" reason is logged
-at INFO on the ``vit_kernels`` logger.
+is kept so callers can ask (:func:`last_decision`; :func:`record_decisions` collects every call's
+decision in the calling thread), and every "not taken" reason is logged once at INFO on the
+``vit_kernels`` logger. The memo tables are safe to use from several threads.
 
 Rules:
 - ``torch``: plain PyTorch (SDPA, F.layer_norm, addmm). Always available, autograd-capable.
@@ -20,11 +21,13 @@ Rules:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
 import logging
 import os
+import threading
 from typing import Dict, Iterable, Mapping, Optional
 
 import torch
@@ -62,17 +65,53 @@ class Decision:
         return s
 
 
-_LAST: Dict[str, Decision] = {}
+_LOCK = threading.Lock()  # guards _LAST and _LOGGED
+_RECORDING = threading.local()  # .lists: the open record_decisions() lists of this thread
+
+
+class _Memo(dict):
+    """op -> its last :class:`Decision`. Every write takes the lock and is appended to the lists
+    that :func:`record_decisions` has open in the writing thread; ``d.with_path(p)`` replaces the
+    entry of the same call rather than adding one."""
+
+    def __setitem__(self, op: str, d: Decision) -> None:
+        with _LOCK:
+            dict.__setitem__(self, op, d)
+        for rec in getattr(_RECORDING, "lists", ()):
+            if d.path and rec and rec[-1].op == d.op and not rec[-1].path and \
+                    dataclasses.replace(rec[-1], path=d.path) == d:
+                rec[-1] = d
+            else:
+                rec.append(d)
+
+
+_LAST: Dict[str, Decision] = _Memo()
 
 
 def last_decision(op: Optional[str] = None):
-    """The last :class:`Decision` of ``op``, or a dict of all ops' last decisions."""
-    if op is None:
-        return dict(_LAST)
-    return _LAST.get(op)
+    """The last :class:`Decision` of ``op`` (in any thread), or a dict of all ops' last decisions."""
+    with _LOCK:
+        if op is None:
+            return dict(_LAST)
+        return _LAST.get(op)
+
+
+@contextlib.contextmanager
+def record_decisions():
+    """``with record_decisions() as calls:`` collects the :class:`Decision` of every op call made
+    in this thread inside the block, in order (path included), into the list ``calls``."""
+    calls = []
+    lists = _RECORDING.__dict__.setdefault("lists", [])
+    lists.append(calls)
+    try:
+        yield calls
+    finally:
+        lists.remove(calls)
 
 
 def check_backend(backend) -> str:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected one of {BACKENDS} (a string), got {type(backend).__name__} {backend!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     return backend
@@ -213,6 +252,8 @@ _LOGGED = set()
 
 def _log_once(d: Decision) -> None:
     key = (d.op, d.backend, tuple(sorted(d.reasons.items())))
-    if key not in _LOGGED:
+    with _LOCK:
+        new = key not in _LOGGED
         _LOGGED.add(key)
+    if new:
         logger.info("%s", d)

@@ -7,6 +7,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 
 # command name -> module with add_parser(subparsers) and run(args)
 COMMANDS = {
@@ -30,22 +31,61 @@ def _enable_interpreter_without_gpu() -> None:
               "(TRITON_INTERPRET=1; for verification, not speed)", file=sys.stderr)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vit_kernels", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log backend decisions (INFO)")
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (``prog: error: argument --depth: expected ...``, exit 2).
+    Sub-command parsers are of this class too (add_subparsers uses the parent's class)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser():
+    """The parser of every command; ``-v`` is accepted before or after the command name."""
+    parser = Parser(prog="python -m vit_kernels", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log backend decisions (INFO) and print the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, mod in COMMANDS.items():
         modules[name] = importlib.import_module(mod)
         modules[name].add_parser(sub)
-    args = parser.parse_args(argv)
+    for p in sub.choices.values():  # -v after the command: SUPPRESS keeps a -v given before it
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="log backend decisions (INFO) and print the traceback of an error")
+    return parser, modules
+
+
+# What a command raises for bad input or an unusable environment: one line, exit code 2. Anything
+# else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, RuntimeError, OSError, ImportError)
+
+
+def main(argv=None) -> int:
+    """Run one command; returns the exit code (0 ok, 1 a check failed, 2 bad input or an error)."""
+    parser, modules = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2): argparse printed it
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if args.command not in NO_INTERPRETER:
         _enable_interpreter_without_gpu()
+    prog = f"{parser.prog} {args.command}"
     try:
         return int(modules[args.command].run(args) or 0)
-    except (ValueError, TypeError, RuntimeError) as e:
-        if args.verbose:
-            raise
-        print(f"error: {e}  (run with -v for the traceback)", file=sys.stderr)
-        return 2
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        return _error(prog, str(e.code), args.verbose)
+    except USER_ERRORS as e:
+        return _error(prog, str(e) or type(e).__name__, args.verbose)
+
+
+def _error(prog: str, message: str, verbose: bool) -> int:
+    """Print the error in one line (the traceback first with -v); exit code 2."""
+    if verbose:
+        traceback.print_exc()
+        print(f"{prog}: error: {message}", file=sys.stderr)
+    else:
+        print(f"{prog}: error: {message}  (run with -v for the traceback)", file=sys.stderr)
+    return 2

@@ -15,6 +15,7 @@ import torch
 
 from ..bench import peaks as bpeaks
 from ..bench import throughput as tp
+from .arguments import out_folder, positive_int
 
 GPU_DEFAULTS = dict(models=["vit_base_patch16_224"], batch_size=256, dtype="bf16", mode="inference,train",
                     providers="eager,sdpa,compile,triton,cuda", warmup=10, repeats=30)
@@ -30,23 +31,23 @@ def add_parser(sub) -> None:
     p.add_argument("models", nargs="*", help="reference names (vit_base_patch16_224) or timm:NAME, "
                    "torchvision:NAME, hf:NAME (default: vit_base_patch16_224 on a GPU, vit_tiny_patch16_224 on a CPU)")
     p.add_argument("--providers", default=None, help="comma list from: " + ",".join(tp.PROVIDERS))
-    p.add_argument("--batch-size", type=int, default=None, help="default 256 on a GPU, 4 on a CPU")
-    p.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
-    p.add_argument("--depth", type=int, default=None, help="override the number of blocks (quick runs)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="default 256 on a GPU, 4 on a CPU")
+    p.add_argument("--img-size", type=positive_int, default=None, help="image size (default: the model's)")
+    p.add_argument("--depth", type=positive_int, default=None, help="override the number of blocks (quick runs)")
     p.add_argument("--dtype", choices=sorted(tp.DTYPES), default=None, help="default bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--precision", choices=["pure", "autocast"], default="pure",
                    help="pure: weights and inputs in --dtype; autocast: fp32 weights under torch.autocast")
     p.add_argument("--mode", default=None, help="comma list of inference,train (default: both on a GPU, "
                    "inference on a CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="calls before timing (default 10 GPU / 2 CPU)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 30 GPU / 5 CPU)")
+    p.add_argument("--warmup", type=positive_int, default=None, help="calls before timing (default 10 GPU / 2 CPU)")
+    p.add_argument("--repeats", type=positive_int, default=None, help="timed repeats (default 30 GPU / 5 CPU)")
     p.add_argument("--min-repeat-ms", type=float, default=0.0,
                    help="run calls back to back until a repeat lasts this long (default 0: one call per repeat)")
     p.add_argument("--compile-mode", choices=tp.COMPILE_MODES, default="default")
     p.add_argument("--cuda-graphs", action="store_true", help="also time each inference step replayed from a CUDA graph")
     p.add_argument("--gpu", default=None, help="GPU for roofline bounds (a key of the peaks table; default: this device)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    p.add_argument("--out", default="bench_out", help="folder for bench.csv/json/png (default bench_out)")
+    p.add_argument("--out", type=out_folder, default="bench_out", help="folder for bench.csv/json/png (default bench_out)")
     p.add_argument("--cost", action="store_true", help="print the cost model of one block of each model")
     p.add_argument("--cost-only", action="store_true", help="print the cost model and exit (nothing is timed)")
     p.add_argument("--no-plot", action="store_true")

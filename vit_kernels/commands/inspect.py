@@ -10,6 +10,8 @@ import os
 import sys
 from typing import Dict, List
 
+from .arguments import positive_int
+
 # The Triton modules whose aot_specs() list their launchable configurations.
 TRITON_MODULES = ("attention", "qkv_attention", "layernorm", "gemm", "mlp", "patch_embed")
 ARCHS = {"sm_80": 80, "sm_90": 90}
@@ -23,7 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON list of objects")
     p.add_argument("--backend", choices=["triton", "cuda", "all"], default="all")
     p.add_argument("--kernel", default=None, help="only kernels whose name contains this")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
+    p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="compile in this many processes")
 
 
 def triton_specs():
@@ -54,11 +56,16 @@ def _compile_one(job) -> Dict:
 def collect(archs: List[int], backend: str = "all", kernel_filter=None, jobs: int = 1) -> List[Dict]:
     from ..backends import interpreter_enabled
     rows: List[Dict] = []
+    names: List[str] = []  # every kernel name seen, for the message when --kernel matches none
     if backend in ("triton", "all"):
+        specs = triton_specs()
+        names += [s.kernel for s in specs]
+        _SPECS[:] = [s for s in specs if not kernel_filter or kernel_filter in s.kernel]
+        if backend == "triton" and not _SPECS:
+            no_match(kernel_filter, names)
         if interpreter_enabled():
             raise SystemExit("inspect: compiles Triton kernels ahead of time, which Triton's interpreter "
                              "prevents: unset TRITON_INTERPRET and run again")
-        _SPECS[:] = [s for s in triton_specs() if not kernel_filter or kernel_filter in s.kernel]
         work = [(i, arch) for i, s in enumerate(_SPECS) for arch in archs if arch in s.archs]
         if jobs > 1 and len(work) > 1:
             with multiprocessing.get_context("fork").Pool(jobs) as pool:
@@ -73,8 +80,19 @@ def collect(archs: List[int], backend: str = "all", kernel_filter=None, jobs: in
                   file=sys.stderr)
         else:
             for arch in archs:
-                rows.extend(r for r in usage(arch) if not kernel_filter or kernel_filter in r["kernel"])
+                found = usage(arch)
+                names += [r["kernel"] for r in found]
+                rows.extend(r for r in found if not kernel_filter or kernel_filter in r["kernel"])
+            if kernel_filter and not rows:
+                no_match(kernel_filter, names)
     return rows
+
+
+def no_match(kernel_filter: str, names: List[str]) -> None:
+    """--kernel matched nothing: say so with the names it could have matched."""
+    names = sorted(set(names))
+    raise SystemExit(f"kernel: expected part of a kernel name ({', '.join(names) or 'none found'}), "
+                     f"got {kernel_filter!r}, which matches none")
 
 
 def problems(row: Dict) -> List[str]:
@@ -92,7 +110,7 @@ def problems(row: Dict) -> List[str]:
 
 def run(args) -> int:
     archs = [ARCHS[a] for a in (args.arch or sorted(ARCHS))]
-    rows = collect(archs, args.backend, args.kernel, max(1, args.jobs))
+    rows = collect(archs, args.backend, args.kernel, args.jobs)
     keys = ("kernel", "arch", "config", "regs", "spill_bytes", "shared_bytes", "tensor_core_instructions")
     bad = [(r, problems(r)) for r in rows if problems(r)]
     if args.json:

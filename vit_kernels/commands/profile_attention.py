@@ -19,6 +19,7 @@ import torch
 
 from ..bench import attention as batt
 from ..bench import peaks as bpeaks
+from .arguments import out_folder, positive_int
 from .bench import resolve_device
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -47,25 +48,25 @@ def add_parser(sub) -> None:
                        + "\n\nGPU peaks (--gpu KEY; dense TFLOP/s, GB/s):\n" + bpeaks.table_text())
     p.add_argument("--tokens", default=None, help="comma list (default 50,...,4097 on a GPU; 50,197,257,577 on a CPU)")
     p.add_argument("--img-size", default=None, help="comma list of image sizes; tokens = (img/patch)^2 + 1")
-    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--patch-size", type=positive_int, default=16)
     p.add_argument("--head-dim", default="64", help="comma list (default 64)")
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--heads", type=positive_int, default=12)
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="fixed batch (default: batch * tokens ~ --total-tokens on a GPU, 1 on a CPU)")
-    p.add_argument("--total-tokens", type=int, default=65536)
+    p.add_argument("--total-tokens", type=positive_int, default=65536)
     p.add_argument("--dtype", default=None, help="comma list of fp32,fp16,bf16 (default bf16 GPU / fp32 CPU)")
     p.add_argument("--providers", default=DEFAULT_PROVIDERS, help="comma list (default: all)")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--warmup", type=positive_int, default=None)
+    p.add_argument("--repeats", type=positive_int, default=None)
     p.add_argument("--min-repeat-ms", type=float, default=None)
     p.add_argument("--no-l2-flush", action="store_true", help="do not flush the GPU's L2 between repeats")
     p.add_argument("--gpu", default=None, help="GPU for %% of peak and bounds (default: this device)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    p.add_argument("--out", default="bench_out")
+    p.add_argument("--out", type=out_folder, default="bench_out")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-stage block profile")
-    p.add_argument("--breakdown-tokens", type=int, default=197)
-    p.add_argument("--breakdown-batch", type=int, default=None, help="default 256 on a GPU, 2 on a CPU")
-    p.add_argument("--breakdown-dim", type=int, default=768)
+    p.add_argument("--breakdown-tokens", type=positive_int, default=197)
+    p.add_argument("--breakdown-batch", type=positive_int, default=None, help="default 256 on a GPU, 2 on a CPU")
+    p.add_argument("--breakdown-dim", type=positive_int, default=768)
     p.add_argument("--breakdown-backend", choices=["auto", "triton", "cuda", "torch"], default=None,
                    help="backend of the fused block (default: triton on a GPU, torch on a CPU)")
     p.add_argument("--no-plot", action="store_true")

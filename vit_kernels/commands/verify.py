@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from .arguments import positive_int
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 FAMILIES = ("vit_kernels", "timm", "torchvision", "hf", "vit_pytorch")
 
@@ -47,6 +49,9 @@ HF_NAMES = {
     "google/vit-large-patch16-224-in21k": dict(size="large", patch=16, img=224, labels=0),
     "google/vit-huge-patch14-224-in21k": dict(size="huge", patch=14, img=224, labels=0),
 }
+# the keys a local config.json must hold (transformers would fill in ViT-Base for a missing one)
+HF_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
+               "patch_size")
 
 
 def add_parser(sub) -> None:
@@ -56,9 +61,9 @@ def add_parser(sub) -> None:
                                  "torchvision:vit_b_16, hf:google/vit-base-patch16-224, vit_pytorch:vit_base_patch16_224")
     p.add_argument("--backend", default="triton", choices=["auto", "triton", "cuda", "torch"])
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
-    p.add_argument("--depth", type=int, default=None, help="override the number of blocks (faster checks)")
+    p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--img-size", type=positive_int, default=None, help="image size (default: the model's)")
+    p.add_argument("--depth", type=positive_int, default=None, help="override the number of blocks (faster checks)")
     p.add_argument("--checkpoint", default=None, help="local weights: .safetensors or a torch.save state_dict")
     p.add_argument("--seed", type=int, default=0)
 
@@ -85,13 +90,37 @@ def _hf_config(name: str, args):
         return cfg, bool(h["labels"])
     path = os.path.join(name, "config.json") if os.path.isdir(name) else name
     if not os.path.isfile(path):
-        raise SystemExit(f"model: hf:{name} is neither a known name ({', '.join(HF_NAMES)}) nor a local "
-                         f"config.json or a folder holding one (nothing is downloaded)")
-    with open(path) as f:
-        d = json.load(f)
+        where = f"the folder {name!r} holds no config.json" if os.path.isdir(name) else \
+            f"{name!r} is neither a known name ({', '.join(HF_NAMES)}) nor a local config.json or a folder holding one"
+        raise SystemExit(f"model: expected hf:<known name or local config>, got hf:{name}: {where} "
+                         f"(nothing is downloaded)")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"model: expected a JSON ViT config in {path}, got a file that does not parse: "
+                         f"{str(e).splitlines()[0]}")
+    if not isinstance(d, dict):
+        raise SystemExit(f"model: expected a JSON object (a ViT config) in {path}, got a {type(d).__name__}")
     if d.get("model_type", "vit") != "vit":
         raise SystemExit(f"model: {path} has model_type={d.get('model_type')!r}; only 'vit' is supported")
-    cfg = ViTConfig.from_dict(d)
+    absent = [k for k in HF_REQUIRED if k not in d]
+    if absent:
+        raise SystemExit(f"model: expected a ViT config.json with {', '.join(HF_REQUIRED)} in {path}, got one "
+                         f"without {', '.join(absent)}")
+    try:
+        cfg = ViTConfig.from_dict(d)
+    except Exception as e:  # transformers raises its own validation errors
+        raise SystemExit(f"model: expected a ViT config in {path}, got one transformers refuses: "
+                         f"{' '.join(str(e).split())}")
+    for key in HF_REQUIRED + ("num_channels",):
+        v = getattr(cfg, key, None)
+        v = v[0] if isinstance(v, (list, tuple)) and v else v
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise SystemExit(f"model: expected {key} >= 1 (an integer) in {path}, got {v!r}")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise SystemExit(f"model: expected hidden_size divisible by num_attention_heads in {path}, got "
+                         f"{cfg.hidden_size} and {cfg.num_attention_heads}")
     return cfg, bool(d.get("id2label") or d.get("num_labels"))
 
 
@@ -134,18 +163,38 @@ def build(spec: str, args):
 
 
 def load_checkpoint(model: torch.nn.Module, path: str) -> None:
-    """Load local weights without unpickling arbitrary objects."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        sd = load_file(path)
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+    """Load local weights without unpickling arbitrary objects. A missing, unreadable or mismatched
+    file is refused in one line (SystemExit) that says what was expected and what was found."""
+    want = "a .safetensors file or a torch.save file of a state_dict"
+    if not os.path.isfile(path):
+        raise SystemExit(f"checkpoint: expected {want}, got {path!r}: "
+                         f"{'a folder' if os.path.isdir(path) else 'no such file'}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors, pickle and zip errors have no common base class
+        reader = "safetensors" if path.endswith(".safetensors") else "torch.load(weights_only=True)"
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"checkpoint: expected {want}, got {path!r}, which {reader} cannot read ({first})")
     for key in ("state_dict", "model", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict) and \
                 not any(isinstance(v, torch.Tensor) for v in sd.values()):
             sd = sd[key]
-    if not isinstance(sd, dict):
-        raise SystemExit(f"checkpoint: expected a state_dict (a dict of tensors) in {path}, got {type(sd).__name__}")
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        what = type(sd).__name__ if not isinstance(sd, dict) else "a dict holding non-tensor values"
+        raise SystemExit(f"checkpoint: expected a state_dict (a dict of tensors) in {path!r}, got {what}")
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    reshaped = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or reshaped:
+        parts = [f"{len(keys)} {what} (e.g. {keys[0]!r})" for keys, what in
+                 ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape")) if keys]
+        raise SystemExit(f"checkpoint: expected the {len(own)} tensors of {type(model).__name__}'s state_dict, "
+                         f"got {path!r} with {', '.join(parts)}")
     model.load_state_dict(sd)
 
 

@@ -30,7 +30,7 @@ ADAPTERS = (timm, torchvision, hf, vit_pytorch)
 # model -> the ops its last fuse call asked for (what fuse_report assumes by default)
 _FUSE_OPS: "weakref.WeakKeyDictionary[nn.Module, Tuple[str, ...]]" = weakref.WeakKeyDictionary()
 
-__all__ = ["fuse", "unfuse", "fuse_report", "FuseReport", "ReportEntry", "SwapWrapper", "OPS"]
+__all__ = ["fuse", "unfuse", "fuse_report", "check_model", "FuseReport", "ReportEntry", "SwapWrapper", "OPS"]
 
 
 def _check_ops(ops: Iterable[str]) -> Tuple[str, ...]:
@@ -41,6 +41,22 @@ def _check_ops(ops: Iterable[str]) -> Tuple[str, ...]:
         if op not in OPS:
             raise ValueError(f"ops: expected names from {OPS}, got {op!r}")
     return ops
+
+
+def check_model(model, name: str = "model") -> nn.Module:
+    """``model`` must be a torch.nn.Module (a ViT or a module holding one)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name}: expected a torch.nn.Module (a ViT or a module holding one), got "
+                        f"{type(model).__name__}")
+    return model
+
+
+def _no_vit_error(model: nn.Module, candidates: List[Candidate]) -> Optional[ValueError]:
+    """The error for a model holding no ViT part of a known family (None when it holds one)."""
+    if candidates or any(isinstance(m, (SwapWrapper, _Fused)) for m in model.modules()):
+        return None
+    return ValueError(f"model: expected a ViT of a known family (timm, torchvision, transformers, vit-pytorch, "
+                      f"vit_kernels) or a module holding one, got {type(model).__name__}, which holds none")
 
 
 def _candidates(model: nn.Module, backend: str, ops: Tuple[str, ...]) -> List[Candidate]:
@@ -84,8 +100,13 @@ def fuse(model: nn.Module, *, backend: str = "auto",
     a fused model sets the backend of the fused modules and fuses whatever is new.
     ``unfuse`` puts the original modules back.
     """
+    check_model(model)
     check_backend(backend)
     ops = _check_ops(ops)
+    candidates = _candidates(model, backend, ops)
+    error = _no_vit_error(model, candidates)
+    if error:
+        raise error
     for m in model.modules():
         if isinstance(m, SwapWrapper):
             m.backend = backend
@@ -100,7 +121,7 @@ def fuse(model: nn.Module, *, backend: str = "auto",
             m.vk_fuse_excluded = excluded
             if excluded:
                 m.backend = "torch"
-    for c in _candidates(model, backend, ops):
+    for c in candidates:
         if c.build is None:
             continue
         if c.path == "":
@@ -118,7 +139,12 @@ def fuse(model: nn.Module, *, backend: str = "auto",
 
 def unfuse(model: nn.Module) -> nn.Module:
     """Put the original modules back (with the wrappers' current parameters); return ``model``.
-    vit_kernels' own models get backend="torch" (the plain PyTorch path)."""
+    vit_kernels' own models get backend="torch" (the plain PyTorch path). A model that holds no
+    ViT of a known family is refused (ValueError)."""
+    check_model(model)
+    error = _no_vit_error(model, _candidates(model, "torch", OPS))
+    if error:
+        raise error
     wrappers = [(p, m) for p, m in model.named_modules() if isinstance(m, SwapWrapper)]
     for path, w in sorted(wrappers, key=lambda pm: -pm[0].count(".")):
         if path == "":
@@ -138,7 +164,11 @@ def fuse_report(model: nn.Module, *, backend: Optional[str] = None,
     """What is fused in ``model`` and what is left, and why. On a model that was not fused it says
     what :func:`fuse` would do (with ``backend``, default "auto", and ``ops``, default: those of
     the last fuse call on this model, else all). Fused parts carry notes on runtime behaviour
-    (dropout in training, autograd) as of now."""
+    (dropout in training, autograd) as of now. A model with no ViT part of a known family gets a
+    report that says so."""
+    check_model(model)
+    if backend is not None:
+        check_backend(backend)
     ops = _check_ops(ops if ops is not None else _FUSE_OPS.get(model, OPS))
     wrappers = [m for m in model.modules() if isinstance(m, SwapWrapper)]
     if backend is None:

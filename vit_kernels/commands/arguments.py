@@ -1,0 +1,31 @@
+"""Argument types shared by the CLI commands. Each refuses a bad value while the command line is
+parsed, before anything is built: argparse then prints one line naming the option, what was
+expected and what was received, and the command exits with code 2."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (depth, batch size, image size, tokens, jobs, repeats, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def out_folder(text: str) -> str:
+    """A folder to write into: it may not exist yet (it is created), but neither it nor any folder
+    above it may be a file."""
+    path = Path(text).expanduser()
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "which is a file" if p == path else f"but {p} is a file"
+                raise argparse.ArgumentTypeError(f"expected a folder (created when missing), got {text!r}, {what}")
+            break
+    return text
