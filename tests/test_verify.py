@@ -1,6 +1,7 @@
 """vit_kernels.verify and the ``verify`` command across families (small configs, torch backend)."""
 import argparse
 import copy
+import importlib
 import os
 
 import pytest
@@ -118,3 +119,63 @@ def test_checkpoint_never_unpickles_arbitrary_objects(tmp_path):
     model = torch.nn.Linear(2, 2)
     with pytest.raises(SystemExit, match="checkpoint: .*[Ww]eights only"):
         verify_cmd.load_checkpoint(model, path)
+
+
+def _timm_tiny(depth=2):
+    timm = pytest.importorskip("timm")
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
+                             depth=depth, num_heads=2, num_classes=10).eval()
+
+
+def test_verify_checks_the_backend_the_model_was_fused_with():
+    """A model fused with backend="triton" is checked on triton (it used to be re-fused with auto,
+    which takes the torch path on CPU tensors, and printed PASS)."""
+    model = vk.fuse(_timm_tiny(), backend="triton")
+    report = vk.verify(model)
+    assert report.status == "PASS", str(report)
+    assert sorted(p.op for p in report.parts) == ["attention", "attention", "mlp", "mlp", "patch_embed"]
+    for p in report.parts:
+        assert p.status == "checked" and p.backend == "triton" and p.ran, str(report)
+        assert all(d.backend == "triton" for d in p.ran), str(report)
+    attn = [p for p in report.parts if p.op == "attention"]
+    assert all({d.op for d in p.ran} == {"qkv_attention", "linear"} for p in attn)
+    assert "qkv_attention triton/single_kernel" in str(report)
+    # the model itself was not changed, and a backend asked for re-fuses a copy with it
+    assert all(w.backend == "triton" for w in model.modules() if isinstance(w, SwapWrapper))
+    report = vk.verify(model, backend="torch")
+    assert report.ok and {d.backend for p in report.parts for d in p.ran} == {"torch"}
+
+
+def test_verify_fails_a_part_that_quietly_took_another_backend(monkeypatch):
+    """A fused op that runs torch where triton was asked (a silent fallback) makes verify FAIL."""
+    linear_op = importlib.import_module("vit_kernels.ops.linear")
+    real = linear_op.resolve
+
+    def falls_back(op, backend, *args, **kwargs):  # takes torch whatever was asked
+        return real(op, "torch", *args, **kwargs)
+
+    model = vk.fuse(_timm_tiny(depth=1), backend="triton")
+    monkeypatch.setattr(linear_op, "resolve", falls_back)
+    report = vk.verify(model)
+    assert report.status == "FAIL" and all(c.ok for c in report.comparisons), str(report)
+    bad = [p for p in report.parts if p.status == "FAIL"]
+    assert [p.op for p in bad] == ["attention"] and "linear: backend=torch" in bad[0].why
+
+
+def test_verify_says_not_checked_when_a_part_runs_the_original(monkeypatch):
+    from vit_kernels.swap.timm import FusedTimmBlock
+    model = vk.fuse(_timm_tiny(depth=1), backend="triton")
+    monkeypatch.setattr(FusedTimmBlock, "run_original", lambda self, x: True)
+    report = vk.verify(model)
+    assert report.status == "NOT CHECKED" and not report.ok, str(report)
+    assert {p.op: p.status for p in report.parts} == {"attention": "NOT CHECKED", "mlp": "NOT CHECKED",
+                                                      "patch_embed": "checked"}
+    assert "ran the original module" in str(report)
+
+
+def test_verify_a_vit_kernels_model_keeps_its_backend():
+    model = vk.models.create_model("vit_tiny_patch16_224", depth=1, img_size=32, patch_size=8, embed_dim=64,
+                                   num_heads=2, backend="triton").eval()
+    report = vk.verify(model)
+    assert report.ok, str(report)
+    assert {d.backend for p in report.parts for d in p.ran} == {"triton"} and len(report.parts) == 3
