@@ -7,6 +7,9 @@ Nothing is built at import. The first call that needs a build (:func:`gpu_module
 by the user: ``$VIT_KERNELS_CACHE`` or ``~/.cache/vit_kernels`` (``$XDG_CACHE_HOME`` respected),
 one sub-folder per variant keyed by a hash of the compiler flags, torch and Python versions. Source
 changes are picked up by ninja's own dependency tracking (headers included) in that folder.
+Threads of one process build once (a lock); processes started together build once too: each
+takes a file lock in the variant's folder (``build.lock``, released by the OS if its holder dies)
+around the build, and the ones that come after find it built.
 
 * Emulator build: ``csrc/bindings.cpp`` + ``csrc/emulation/*.cpp``, host C++ compiler, ``-O2
   -DVK_EMULATE``. No CUDA toolkit needed.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import platform
 import re
@@ -36,6 +40,7 @@ import torch
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 DEFAULT_ARCH_LIST = "8.0;9.0"
+logger = logging.getLogger("vit_kernels")
 EMULATOR_CFLAGS = ["-O2", "-g0", "-DVK_EMULATE", "-fno-strict-aliasing", "-Wno-unknown-pragmas"]
 GPU_CUDA_CFLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
 
@@ -128,7 +133,7 @@ def _variant_dir(kind: str, flags: List[str]) -> Path:
 
 
 # --------------------------------------------------------------------------- builds
-_LOCK = threading.Lock()
+_LOCK = threading.Lock()  # threads wait for one build per kind; processes wait on a file lock (_jit_load)
 _MODULES = {}     # kind -> module
 _FAILURES = {}    # kind -> reason
 
@@ -136,18 +141,23 @@ _FAILURES = {}    # kind -> reason
 def _jit_load(kind: str, name: str, sources: List[Path], cflags: List[str], cuda_cflags: List[str]):
     from torch.utils import cpp_extension
 
+    from filelock import FileLock  # a dependency of torch
+
     build_dir = _variant_dir(kind, cflags + cuda_cflags)
     build_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        return cpp_extension.load(
-            name=name, sources=[str(s) for s in sources], extra_cflags=cflags,
-            extra_cuda_cflags=cuda_cflags or None, extra_include_paths=[str(CSRC / "include")],
-            build_directory=str(build_dir), verbose=bool(os.environ.get("VIT_KERNELS_VERBOSE_BUILD")),
-            with_cuda=bool(cuda_cflags))
-    except Exception as e:
-        msg = str(e)
-        tail = "\n".join(msg.strip().splitlines()[-40:])
-        raise BuildError(f"building the {kind} extension in {build_dir} failed:\n{tail}") from e
+    with FileLock(str(build_dir / "build.lock")):  # other processes building this variant wait here
+        if not any(build_dir.glob(f"{name}*.so")):
+            logger.info("building the %s extension in %s (a minute or more)", kind, build_dir)
+        try:
+            return cpp_extension.load(
+                name=name, sources=[str(s) for s in sources], extra_cflags=cflags,
+                extra_cuda_cflags=cuda_cflags or None, extra_include_paths=[str(CSRC / "include")],
+                build_directory=str(build_dir), verbose=bool(os.environ.get("VIT_KERNELS_VERBOSE_BUILD")),
+                with_cuda=bool(cuda_cflags))
+        except Exception as e:
+            msg = str(e)
+            tail = "\n".join(msg.strip().splitlines()[-40:])
+            raise BuildError(f"building the {kind} extension in {build_dir} failed:\n{tail}") from e
 
 
 def _load(kind: str):

@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -248,5 +249,7 @@ def resource_usage(arch: str = "sm_80", *, refresh: bool = False) -> List[dict]:
                     "dynamic_shared_bytes": dyn, "tensor_core_instructions": r["tensor_core_instructions"]})
     out.sort(key=lambda r: (r["source"], r["kernel"], r["config"]))
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(out, indent=1))
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    os.replace(tmp, cache)  # atomic: a reader in another process sees the old file or the whole new one
     return out

@@ -1,14 +1,21 @@
-"""Checks of Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) before it is trusted with bf16.
+"""Triton's interpreter (TRITON_INTERPRET=1, CPU tensors): what vit_kernels checks and guards.
 
-Triton 3.x's interpreter keeps bf16 as numpy uint16: its ``tl.dot`` multiplies those integers
-(garbage results) and its fp32 -> bf16 cast truncates instead of rounding to nearest even. A tiny
-probe kernel shows whether the running Triton has these flaws, so a bf16 call on the interpreter
-is refused with the reason rather than answered wrongly. (The test suite patches both flaws,
-test-only, in tests/conftest.py; a Triton that fixes them passes the probe.)
+- bf16: Triton 3.x's interpreter keeps bf16 as numpy uint16: its ``tl.dot`` multiplies those
+  integers (garbage results) and its fp32 -> bf16 cast truncates instead of rounding to nearest
+  even. A tiny probe kernel shows whether the running Triton has these flaws, so a bf16 call on the
+  interpreter is refused with the reason rather than answered wrongly. (The test suite patches both
+  flaws, test-only, in tests/conftest.py; a Triton that fixes them passes the probe.)
+- threads: the interpreter keeps the running program's grid index and its patched ``tl``
+  functions in module globals, so two threads launching at once corrupt each other's launch
+  (seen with Triton 3.8: "x >= grid_dim[0]", "Did you forget to add @triton.jit ?").
+  :func:`serialize_launches` makes interpreter launches in this process take one lock
+  (vit_kernels.triton does it on import when the interpreter is on); GPU launches are untouched.
 """
 from __future__ import annotations
 
 import functools
+import os
+import threading
 from typing import Optional
 
 import torch
@@ -26,10 +33,41 @@ def _bf16_probe_kernel(a_ptr, b_ptr, x_ptr, dot_ptr, cast_ptr, N: tl.constexpr):
     tl.store(cast_ptr + i, tl.load(x_ptr + i).to(tl.bfloat16))
 
 
-@functools.lru_cache(maxsize=None)
+LAUNCH_LOCK = threading.RLock()  # held by every interpreter launch (see serialize_launches)
+_PROBE_LOCK = threading.Lock()
+
+
+def serialize_launches() -> None:
+    """When Triton's interpreter is on, make every launch in this process take :data:`LAUNCH_LOCK`
+    (the interpreter is not thread-safe, see above). Idempotent; nothing changes without the
+    interpreter."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return
+    from triton.runtime import interpreter
+    with LAUNCH_LOCK:
+        run = interpreter.InterpretedFunction.run
+        if getattr(run, "_vit_kernels_serialized", False):
+            return
+
+        def locked_run(self, *args, **kwargs):
+            with LAUNCH_LOCK:
+                return run(self, *args, **kwargs)
+
+        locked_run._vit_kernels_serialized = True
+        interpreter.InterpretedFunction.run = locked_run
+
+
 def bf16_flaw() -> Optional[str]:
     """None when the interpreter computes a bf16 dot and an fp32 -> bf16 cast like a GPU, else
-    what it gets wrong. Runs one 16x16 probe launch on CPU tensors (the interpreter must be on)."""
+    what it gets wrong. Runs one 16x16 probe launch on CPU tensors (the interpreter must be on),
+    once per process: threads asking at the same time wait for the first probe."""
+    with _PROBE_LOCK:
+        return _bf16_probe()
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_probe() -> Optional[str]:
+    serialize_launches()
     n = 16
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(torch.bfloat16)
