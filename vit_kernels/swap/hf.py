@@ -190,8 +190,8 @@ _FUSED_CLASSES: Dict[type, type] = {}
 
 def _fused_class(cls: type) -> type:
     """FusedHFLayer + the layer's own class, so isinstance(fused, ViTLayer) holds."""
-    if cls not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (FusedHFLayer, cls), {"__module__": __name__})
+    if cls not in _FUSED_CLASSES:  # setdefault: threads fusing at once all get the first class made
+        _FUSED_CLASSES.setdefault(cls, type(f"Fused{cls.__name__}", (FusedHFLayer, cls), {"__module__": __name__}))
     return _FUSED_CLASSES[cls]
 
 
