@@ -43,20 +43,17 @@ def _check_ops(ops: Iterable[str]) -> Tuple[str, ...]:
     return ops
 
 
-def check_model(model, name: str = "model") -> nn.Module:
-    """``model`` must be a torch.nn.Module (a ViT or a module holding one)."""
+def check_model(model, name: str = "model", *, vit: bool = True) -> nn.Module:
+    """``model`` must be a torch.nn.Module and, with ``vit``, hold a ViT of a known family (or
+    fused parts); raises TypeError / ValueError naming ``name`` otherwise."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name}: expected a torch.nn.Module (a ViT or a module holding one), got "
                         f"{type(model).__name__}")
+    if vit and not any(isinstance(m, (SwapWrapper, _Fused)) for m in model.modules()) and \
+            not _candidates(model, "auto", OPS):
+        raise ValueError(f"{name}: expected a ViT of a known family (timm, torchvision, transformers, vit-pytorch, "
+                         f"vit_kernels) or a module holding one, got {type(model).__name__}, which holds none")
     return model
-
-
-def _no_vit_error(model: nn.Module, candidates: List[Candidate]) -> Optional[ValueError]:
-    """The error for a model holding no ViT part of a known family (None when it holds one)."""
-    if candidates or any(isinstance(m, (SwapWrapper, _Fused)) for m in model.modules()):
-        return None
-    return ValueError(f"model: expected a ViT of a known family (timm, torchvision, transformers, vit-pytorch, "
-                      f"vit_kernels) or a module holding one, got {type(model).__name__}, which holds none")
 
 
 def _candidates(model: nn.Module, backend: str, ops: Tuple[str, ...]) -> List[Candidate]:
@@ -100,13 +97,11 @@ def fuse(model: nn.Module, *, backend: str = "auto",
     a fused model sets the backend of the fused modules and fuses whatever is new.
     ``unfuse`` puts the original modules back.
     """
-    check_model(model)
+    check_model(model, vit=False)
     check_backend(backend)
     ops = _check_ops(ops)
+    check_model(model)
     candidates = _candidates(model, backend, ops)
-    error = _no_vit_error(model, candidates)
-    if error:
-        raise error
     for m in model.modules():
         if isinstance(m, SwapWrapper):
             m.backend = backend
@@ -142,9 +137,6 @@ def unfuse(model: nn.Module) -> nn.Module:
     vit_kernels' own models get backend="torch" (the plain PyTorch path). A model that holds no
     ViT of a known family is refused (ValueError)."""
     check_model(model)
-    error = _no_vit_error(model, _candidates(model, "torch", OPS))
-    if error:
-        raise error
     wrappers = [(p, m) for p, m in model.named_modules() if isinstance(m, SwapWrapper)]
     for path, w in sorted(wrappers, key=lambda pm: -pm[0].count(".")):
         if path == "":
@@ -166,7 +158,7 @@ def fuse_report(model: nn.Module, *, backend: Optional[str] = None,
     the last fuse call on this model, else all). Fused parts carry notes on runtime behaviour
     (dropout in training, autograd) as of now. A model with no ViT part of a known family gets a
     report that says so."""
-    check_model(model)
+    check_model(model, vit=False)
     if backend is not None:
         check_backend(backend)
     ops = _check_ops(ops if ops is not None else _FUSE_OPS.get(model, OPS))
