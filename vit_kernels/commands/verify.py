@@ -137,12 +137,15 @@ def build(spec: str, args):
     if family == "timm":
         import timm
         kw = {k: v for k, v in (("depth", depth), ("img_size", img)) if v is not None}
+        if not timm.is_model(name):
+            raise SystemExit(f"model: expected a timm model name (timm.list_models('vit_*')), got {name!r}")
         return timm.create_model(name, pretrained=False, **kw)
     if family == "torchvision":
         from torchvision.models.vision_transformer import VisionTransformer
         if name not in TORCHVISION:
             raise SystemExit(f"model: torchvision names are {tuple(TORCHVISION)}, got {name!r}")
         p, layers, heads, hidden, mlp = TORCHVISION[name]
+        _check_img(img, p)
         m = VisionTransformer(image_size=img or 224, patch_size=p, num_layers=depth or layers, num_heads=heads,
                               hidden_dim=hidden, mlp_dim=mlp)
         # torchvision initialises the head to zeros: logits would be 0 whatever the encoder computes
@@ -158,8 +161,14 @@ def build(spec: str, args):
         return ViTForImageClassification(cfg) if classifier else ViTModel(cfg)
     from vit_pytorch import ViT
     (dim, layers, heads, mlp), p, size = _size(name)
+    _check_img(img, p)
     return ViT(image_size=img or size, patch_size=p, num_classes=1000, dim=dim, depth=depth or layers, heads=heads,
                dim_head=dim // heads, mlp_dim=mlp)
+
+
+def _check_img(img, patch: int) -> None:
+    if img is not None and img % patch:
+        raise SystemExit(f"img_size: expected a multiple of patch_size={patch}, got {img}")
 
 
 def load_checkpoint(model: torch.nn.Module, path: str) -> None:
@@ -200,9 +209,11 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
 
 def run(args) -> int:
     from .. import fuse, verify
+    from ..swap import check_model
     from ..verify import default_inputs
     torch.manual_seed(args.seed)
     model = build(args.model, args).eval()
+    check_model(model, f"model {args.model}")
     if args.checkpoint:
         load_checkpoint(model, args.checkpoint)
     images = default_inputs(model, args.batch_size, args.img_size)
