@@ -135,13 +135,15 @@ def test_malformed_hf_config_folder(config, said, tmp_path, capsys):
 @pytest.mark.parametrize("argv,lib,said", [
     (["timm:vit_nope_patch16_224"], "timm", "model: expected a timm model name"),
     (["timm:resnet18"], "timm", "model timm:resnet18: expected a ViT of a known family"),
-    (["torchvision:vit_b_16", "--img-size", "30"], "torchvision", "img_size: expected a multiple of patch_size=16"),
-    (["vit_pytorch:vit_tiny_patch16_224", "--img-size", "30"], "vit_pytorch",
+    (["timm:resnet18", "--depth", "2"], "timm", "model: expected a timm model that takes depth, got 'resnet18'"),
+    (["torchvision:vit_b_16", "--depth", "1", "--img-size", "30"], "torchvision",
+     "img_size: expected a multiple of patch_size=16"),
+    (["vit_pytorch:vit_tiny_patch16_224", "--depth", "1", "--img-size", "30"], "vit_pytorch",
      "img_size: expected a multiple of patch_size=16, got 30"),
 ])
 def test_models_verify_cannot_build(argv, lib, said, capsys):
     pytest.importorskip(lib)
-    assert_one_line_error(cli.main(["verify", *argv, "--depth", "1", "--backend", "torch"]), capsys, said)
+    assert_one_line_error(cli.main(["verify", *argv, "--backend", "torch"]), capsys, said)
 
 
 def test_inspect_kernel_that_matches_nothing(capsys):

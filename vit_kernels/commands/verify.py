@@ -139,7 +139,10 @@ def build(spec: str, args):
         kw = {k: v for k, v in (("depth", depth), ("img_size", img)) if v is not None}
         if not timm.is_model(name):
             raise SystemExit(f"model: expected a timm model name (timm.list_models('vit_*')), got {name!r}")
-        return timm.create_model(name, pretrained=False, **kw)
+        try:
+            return timm.create_model(name, pretrained=False, **kw)
+        except TypeError as e:  # a model class that takes no depth / img_size
+            raise SystemExit(f"model: expected a timm model that takes {', '.join(kw)}, got {name!r} ({e})")
     if family == "torchvision":
         from torchvision.models.vision_transformer import VisionTransformer
         if name not in TORCHVISION:
