@@ -154,6 +154,23 @@ def test_forward_is_bitwise_repeatable_over_10_runs(backend):
 
 
 # --------------------------------------------------------------------------------------- the JIT build
+def test_threads_asking_for_the_emulator_build_it_once(monkeypatch):
+    from vit_kernels import cuda as vk_cuda
+    monkeypatch.setattr(vk_cuda, "_MODULES", {})
+    monkeypatch.setattr(vk_cuda, "_FAILURES", {})
+    builds = []
+
+    def slow_build():
+        builds.append(threading.get_ident())
+        time.sleep(0.2)
+        return object()
+
+    monkeypatch.setattr(vk_cuda, "_build_emulator", slow_build)
+    modules = []
+    _run_threads([lambda: modules.append(vk_cuda.emulator_module())] * 8)
+    assert len(builds) == 1 and len(modules) == 8 and len({id(m) for m in modules}) == 1
+
+
 _FAKE_BUILD = textwrap.dedent('''
     import os, sys, time
     from pathlib import Path
