@@ -139,13 +139,14 @@ _FAILURES = {}    # kind -> reason
 
 
 def _jit_load(kind: str, name: str, sources: List[Path], cflags: List[str], cuda_cflags: List[str]):
-    from torch.utils import cpp_extension
-
     from filelock import FileLock  # a dependency of torch
+    from torch.utils import cpp_extension
 
     build_dir = _variant_dir(kind, cflags + cuda_cflags)
     build_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(build_dir / "build.lock")):  # other processes building this variant wait here
+    # Other processes building this variant wait here. (torch 2.14's load() also locks its folder;
+    # older torch used a lock file that a killed build left behind, blocking every later build.)
+    with FileLock(str(build_dir / "build.lock")):
         if not any(build_dir.glob(f"{name}*.so")):
             logger.info("building the %s extension in %s (a minute or more)", kind, build_dir)
         try:

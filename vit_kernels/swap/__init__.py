@@ -101,7 +101,6 @@ def fuse(model: nn.Module, *, backend: str = "auto",
     check_backend(backend)
     ops = _check_ops(ops)
     check_model(model)
-    candidates = _candidates(model, backend, ops)
     for m in model.modules():
         if isinstance(m, SwapWrapper):
             m.backend = backend
@@ -116,7 +115,7 @@ def fuse(model: nn.Module, *, backend: str = "auto",
             m.vk_fuse_excluded = excluded
             if excluded:
                 m.backend = "torch"
-    for c in candidates:
+    for c in _candidates(model, backend, ops):
         if c.build is None:
             continue
         if c.path == "":
