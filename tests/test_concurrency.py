@@ -128,6 +128,27 @@ def test_ops_from_8_threads_mixing_backends(threads_per_backend):
         assert vk.last_decision(op).backend in set(backends)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_one_fused_model_shared_by_8_threads(autocast):
+    """Eight threads running one fused model (under autocast its wrappers run the original modules,
+    which they hand their parameters on every call) get the one-thread result every time."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
+                              depth=2, num_heads=2, num_classes=10).eval()
+    vk.fuse(model, backend="torch")
+    x = torch.randn(2, 3, 32, 32)
+
+    def forward():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return model(x)
+    want = forward()
+
+    def job():
+        for _ in range(20):
+            assert torch.equal(forward(), want)
+    _run_threads([job] * 8)
+
+
 def test_interpreter_probe_runs_once_for_8_threads():
     """Eight threads asking at once whether the interpreter mishandles bf16 share one probe launch."""
     if DEVICE.type != "cpu" or not vk.backends.interpreter_enabled():

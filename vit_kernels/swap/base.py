@@ -166,9 +166,12 @@ class SwapWrapper(nn.Module):
         """Give the original whatever the wrapper holds now (children, parameters, buffers, mode)."""
         o = self.original
         for name in ("_parameters", "_buffers", "_modules"):
-            d = getattr(o, name)
-            d.clear()
-            d.update(getattr(self, name))
+            d, mine = getattr(o, name), getattr(self, name)
+            # never emptied on the way (another thread may be running the original's forward):
+            # drop what the wrapper no longer holds, then (re)set the rest
+            for k in [k for k in d if k not in mine]:
+                del d[k]
+            d.update(mine)
         o._non_persistent_buffers_set = set(self._non_persistent_buffers_set)
         o.training = self.training
         return o
