@@ -16,7 +16,8 @@ split: where K and V do not fit on chip. ``vit_kernels.triton.gemm.qkv_projectio
 buffer, then the flash attention kernel (vit_kernels.triton.attention) reads it and writes the
 (batch, tokens, heads * head_dim) output through a strided view.
 
-:func:`choose_path` picks per shape and architecture (see its docstring).
+:func:`choose_path` is the untimed default ("split", see its docstring); :func:`single_kernel_fits` says
+where the single kernel may run when asked for or chosen by measurement (vit_kernels.tuning).
 """
 from __future__ import annotations
 
@@ -252,17 +253,23 @@ def single_kernel_fits(dtype: torch.dtype, tokens: int, head_dim: int, arch: int
 
 
 def choose_path(x: Tensor, num_heads: int, head_dim: int) -> str:
-    """"single_kernel" where one head's K and V fit on chip: :func:`onchip_bytes` (the main and
-    tail tiles of :func:`kv_layout`) within the per-block shared memory of x's device architecture
-    less SMEM_HEADROOM, a main tile of at most MAX_N_MAIN rows whose fp32 accumulator is at most
-    MAX_TILE_ACC_BYTES, a tail of at most MAX_N_TAIL rows, beyond 256 tokens a head_dim padded to
-    at least MIN_LONG_BLOCK_D, and not in SPILLING (ptxas spilled on those); else "split". On CPU tensors (Triton's interpreter) sm_90's
-    rule is used, so the path taken matches an H100's.
-    E.g. fp16/bf16, head_dim 64: single kernel up to 768 tokens on sm_90 (197: 64 KB, 257: 80 KB,
-    577: 160 KB), up to 512 on sm_80 (163 KB per block); head_dim 80 (padded to 128): up to 384
-    tokens on sm_90, 256 on sm_80; fp32, head_dim 64: up to 128 tokens; fp32, head_dim 32: up to
-    384 tokens on sm_90, 256 on sm_80."""
-    return "single_kernel" if single_kernel_fits(x.dtype, x.shape[1], head_dim, device_arch(x.device)) else "split"
+    """The path taken when nothing was timed (tuning off or cache-only without an entry, no GPU,
+    CPU tensors): always "split". The single kernel runs only when the caller asks for it
+    (``path="single_kernel"``) or when a measurement on the device chose it
+    (:mod:`vit_kernels.tuning` times both paths and keeps the faster).
+
+    Why not the single kernel where it fits: a static read of its sm_90 code (no GPU has timed it;
+    shared/DESIGN.md, issue 10) says it is latency-bound. Each program owns one (batch, head)
+    and walks 16-row query tiles with no software pipelining (num_stages=1), and it re-reads its
+    image's x and recomputes the LayerNorm per head (about 7 reads of x per program, ~84 per ViT-B
+    layer), so a ViT-B layer at batch 256 is estimated at 2-5 ms against ~0.5 ms for LayerNorm +
+    cuBLAS QKV + SDPA. The split path (a tiled QKV GEMM writing (3, B, H, N, head_dim), then flash
+    attention) reads x once and is estimated near parity with eager. The most the single kernel
+    can save is the Q, K, V round trip (~0.14 ms per ViT-B layer), so only a measurement may pick
+    it. Where it may run at all is :func:`single_kernel_fits` (for example fp16/bf16, head_dim 64:
+    up to 768 tokens on sm_90, 512 on sm_80). x, num_heads and head_dim are kept so a rule per
+    shape can come back once timings exist."""
+    return "split"
 
 
 def qkv_attention_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = None, *,
