@@ -275,14 +275,17 @@ def choose_path(x: Tensor, num_heads: int, head_dim: int) -> str:
 def qkv_attention_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = None, *,
                           num_heads: int, scale: float, norm_weight: Optional[Tensor] = None,
                           norm_bias: Optional[Tensor] = None, eps: float = 1e-6,
-                          path: Optional[str] = None, out: Optional[Tensor] = None) -> Tensor:
+                          path: Optional[str] = None, out: Optional[Tensor] = None,
+                          gemm_config: Optional[Tuple[int, ...]] = None,
+                          attention_config: Optional[Tuple[int, ...]] = None) -> Tensor:
     """[LayerNorm ->] QKV projection -> attention, heads concatenated.
 
     x: (batch, tokens, dim), unit last-dim stride; qkv_weight: (3*inner, dim), rows [q; k; v], each
     head-major, unit last-dim stride; qkv_bias: (3*inner,) or None; norm_weight, norm_bias: (dim,)
     apply LayerNorm(x, eps) first (as x loads). scale: the softmax scale. path: "single_kernel",
     "split" or None (:func:`choose_path`). out: optional (batch, tokens, inner) output.
-    Returns (batch, tokens, inner).
+    gemm_config, attention_config: the split path's QKV GEMM and flash attention tiles (None: their
+    defaults; the tuner passes alternatives). Returns (batch, tokens, inner).
     """
     if x.dim() != 3:
         raise ValueError(f"x: expected (batch, tokens, dim), got shape {tuple(x.shape)}")
@@ -307,10 +310,11 @@ def qkv_attention_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
     if path == "split":
         from .gemm import qkv_projection_forward
         qkv = qkv_projection_forward(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
-                                     norm_weight=norm_weight, norm_bias=norm_bias, eps=eps)
+                                     norm_weight=norm_weight, norm_bias=norm_bias, eps=eps, gemm_config=gemm_config)
         # Q is already scaled: softmax(q' k^T) with scale 1.
         attention.flash_attention_forward(qkv[0], qkv[1], qkv[2], 1.0,
-                                          out=out.view(B, N, num_heads, head_dim).transpose(1, 2))
+                                          out=out.view(B, N, num_heads, head_dim).transpose(1, 2),
+                                          attention_config=attention_config)
         return out
 
     arch = device_arch(x.device)
