@@ -2,6 +2,7 @@
 candidate wins, dropped candidates and their reasons, the cache (memory, file, versions, a
 corrupt file), threads, and the tune mode. The candidates really run (Triton's interpreter on the
 CPU) and are checked against the float64 oracle; only the clock is fake."""
+import copy
 import json
 import threading
 import warnings
@@ -323,3 +324,51 @@ def test_tuned_configs_are_compiled_by_inspect():
             for hd in (16, 32, 64, 128, 256):
                 for cfg in attention.tune_configs(dtype, hd, arch):
                     assert (attention.ptr_type(dtype), attention.block_d(hd), cfg, arch) in att
+
+
+def tiny_vit(backend="auto"):
+    from vit_kernels.models import VisionTransformer
+    return VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=10,
+                             backend=backend).eval()
+
+
+def test_tune_model_fused_faster_reports_both_and_the_parts():
+    model = tiny_vit()
+    images = torch.randn(2, 3, 32, 32, device=DEVICE)
+    timer = FakeTimer({"triton": 0.2, "triton:split": 0.2, "model:fused": 1.0, "model:unfused": 2.0})
+    with tuning.use_tuner(make_tuner(timer, candidate_list=paths_only)):
+        result = vk.tune(model, images)
+        with tuning.mode("cache-only"), torch.no_grad():
+            out = model(images)
+        printed = vk.tune_report(print_it=False)
+    assert (result.fused_ms, result.unfused_ms, result.fell_back) == (1.0, 2.0, [])
+    assert "2.00x faster" in str(result)
+    assert {e.op for e in result.entries} == {"patch_embed", "qkv_attention", "linear", "layernorm_gelu_mlp"}
+    assert len(printed) == 4 and all(e.winner.backend == "triton" for e in printed)
+    assert vk.last_decision("qkv_attention").path == "split"
+    report = str(vk.fuse_report(model))
+    assert "tuned: qkv_attention: triton split, measured 5.00x the torch path" in report
+    assert "tuned: layernorm_gelu_mlp: triton, measured 5.00x" in report
+    oracle_model = vk.nn.set_backend(copy.deepcopy(model).double(), "reference")
+    torch_model = vk.nn.set_backend(copy.deepcopy(model), "torch")
+    with torch.no_grad():
+        assert_close(out, oracle_model(images.double()), torch_model(images))
+
+
+def test_tune_model_not_faster_falls_back_to_torch_unless_explicit():
+    model = tiny_vit()
+    model.blocks[1].mlp.backend = "triton"          # asked for explicitly: kept
+    images = torch.randn(2, 3, 32, 32, device=DEVICE)
+    timer = FakeTimer({"model:fused": 3.0, "model:unfused": 2.0})
+    with tuning.use_tuner(make_tuner(timer, candidate_list=paths_only)):
+        result = vk.tune(model, images)
+    assert "NOT faster" in result.message and "3 ms" in result.message and "2 ms" in result.message
+    assert "blocks.1.mlp (backend='triton')" in result.message
+    assert model.blocks[0].attn.backend == "torch" and model.patch_embed.backend == "torch"
+    assert model.blocks[1].mlp.backend == "triton"
+    assert "blocks.1.mlp" not in result.fell_back and "blocks.0.attn" in result.fell_back
+    assert "this part runs the torch path" in str(vk.fuse_report(model))
+    timer.ms["model:fused"] = 1.0                   # tuning again lets the parts compete again
+    with tuning.use_tuner(make_tuner(timer, candidate_list=paths_only)):
+        result = vk.tune(model, images)
+    assert result.fell_back == [] and model.blocks[0].attn.backend == "auto"
