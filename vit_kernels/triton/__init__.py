@@ -2,3 +2,15 @@
 
 Importing a module here imports triton: on CPU tensors set TRITON_INTERPRET=1 first.
 """
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code: ``triton.cdiv`` is a ConstexprFunction that costs microseconds
+    per host call, which every launch would pay (issue 10's host-time budget)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (0 for n <= 0, as triton.next_power_of_2), for host code
+    (see :func:`cdiv`)."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import cdiv, next_power_of_2
 from .aot import AotSpec, ptr_type
 
 LOG2E = 1.4426950408889634
@@ -131,7 +132,7 @@ def tune_configs(dtype: torch.dtype, head_dim: int, arch: int) -> Tuple[Tuple[in
 
 def block_d(head_dim: int) -> int:
     """The padded head dim the kernel computes with: the next power of two >= head_dim (>= 16)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def kernel_config(dtype: torch.dtype, head_dim: int) -> Tuple[int, int, int, int]:
@@ -201,7 +202,7 @@ def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, *, ou
     lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device) if return_lse else None
     if out.numel() > 0:
         BLOCK_M, BLOCK_N, num_warps, num_stages = attention_config or kernel_config(q.dtype, D)
-        grid = (B * H, triton.cdiv(NQ, BLOCK_M))
+        grid = (B * H, cdiv(NQ, BLOCK_M))
         _attn_fwd_kernel[grid](
             q, k, v, out, lse if return_lse else out,
             q.stride(0), q.stride(1), q.stride(2),

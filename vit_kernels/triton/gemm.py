@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import cdiv
 from .aot import AotSpec, ptr_type
 from .layernorm import as_rows, row_stats, rows_per_batch
 
@@ -284,16 +285,28 @@ def launch_gemm(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K: in
         s["s_cls"] = cls.stride(0)
     # Absent optional operands get a placeholder pointer of the same type (never read: the
     # matching constexpr flag is off), so the kernel signature does not change with them.
-    fp32_dummy = stats[0] if stats is not None else torch.empty(1, device=a.device, dtype=torch.float32)
+    fp32_dummy = stats[0] if stats is not None else _fp32_placeholder(a.device)
     mean, rstd = stats if stats is not None else (fp32_dummy, fp32_dummy)
     ptrs = [a, weight, out, _or(bias, weight), mean, rstd, _or(norm_weight, weight), _or(norm_bias, weight),
             _or(residual, weight), _or(layer_scale, weight), _or(pos, weight), _or(cls, weight)]
-    grid = (triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N),)
+    grid = (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)
     _gemm_kernel[grid](*ptrs, *(s[k] for k in _INT_ARGS), q_scale,
                        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
                        DOT_PRECISION=_precision(a.dtype), num_warps=num_warps, num_stages=num_stages,
                        **flags)
     return out
+
+
+_FP32_PLACEHOLDERS: Dict[torch.device, Tensor] = {}
+
+
+def _fp32_placeholder(device: torch.device) -> Tensor:
+    """One fp32 element per device for the mean/rstd pointers without a LayerNorm (never read),
+    made once: no allocation per launch."""
+    t = _FP32_PLACEHOLDERS.get(device)
+    if t is None:
+        t = _FP32_PLACEHOLDERS[device] = torch.empty(1, device=device, dtype=torch.float32)
+    return t
 
 
 def _or(t: Optional[Tensor], placeholder: Tensor) -> Tensor:

@@ -29,6 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import attention
+from . import next_power_of_2
 from .aot import AotSpec, ptr_type
 
 LOG2E = 1.4426950408889634
@@ -210,10 +211,10 @@ def kv_layout(tokens: int) -> Tuple[int, int]:
     largest power of two <= tokens plus a tail of the next power of two >= the rest (at least 64),
     or none when tokens is a power of two. 257 -> (256, 64), 577 -> (512, 128), 512 -> (512, 0)."""
     if tokens <= MAX_N_PAD:
-        return max(MIN_N_PAD, triton.next_power_of_2(tokens)), 0
+        return max(MIN_N_PAD, next_power_of_2(tokens)), 0
     main = 1 << (tokens.bit_length() - 1)
     rest = tokens - main
-    return main, (max(MIN_N_PAD, triton.next_power_of_2(rest)) if rest else 0)
+    return main, (max(MIN_N_PAD, next_power_of_2(rest)) if rest else 0)
 
 
 def n_pad(tokens: int) -> int:
