@@ -372,3 +372,19 @@ def test_tune_model_not_faster_falls_back_to_torch_unless_explicit():
     with tuning.use_tuner(make_tuner(timer, candidate_list=paths_only)):
         result = vk.tune(model, images)
     assert result.fell_back == [] and model.blocks[0].attn.backend == "auto"
+
+
+def test_bench_tuned_provider_tunes_and_keeps_the_table(monkeypatch):
+    """The bench's `tuned` row: vk.tune on the benchmarked model, its summary and table in the row
+    (the device check is lifted here: on a real CPU run the row is 'not measured')."""
+    from vit_kernels.bench import throughput as tp
+    monkeypatch.setattr(tp, "static_reason", lambda *a, **k: None)
+    cfg = tp.BenchConfig(models=["vit_tiny_patch16_224"], providers=["tuned"], device=torch.device("cpu"),
+                         batch_size=1, img_size=32, depth=1, warmup=1, repeats=1)
+    timer = FakeTimer({"torch": 0.1, "model:fused": 1.0, "model:unfused": 2.0})
+    with tuning.use_tuner(make_tuner(timer, candidate_list=paths_only)):
+        row, step, _ = tp.prepare("vit_tiny_patch16_224", "tuned", "inference", cfg)
+        assert step is not None and step().shape[0] == 1
+    assert "fused is 2.00x faster" in row["note"] and row["status"] == "ok"
+    assert len(row["tuning_entries"]) == 4 and all("winner: torch" in t for t in row["tuning_entries"])
+    assert "qkv_attention: torch" in row["tuning"]
