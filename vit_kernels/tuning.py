@@ -163,6 +163,9 @@ FAMILIES: Tuple[Family, ...] = (
     Family("qkv_attention", "split", "attention_config", _attention_configs),
 )
 ATTENTION_OPS = ("flash_attention", "qkv_attention")
+# The path an op records for a candidate without one (qkv_attention's torch path says "torch"), set
+# on the cached Decision so the op does not replace it on every call.
+DECISION_PATHS = {("qkv_attention", "torch"): "torch", ("qkv_attention", "cuda"): "split"}
 SDPA_PATHS = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
 
 
@@ -424,7 +427,8 @@ class Tuner:
     def _decision(op: str, entry: Entry):
         from .backends import Decision
         w = entry.winner
-        return Decision(op, w.backend, "auto", entry.reasons(), w.path, w.config, entry)
+        path = w.path or DECISION_PATHS.get((op, w.backend), "")
+        return Decision(op, w.backend, "auto", entry.reasons(), path, w.config, entry)
 
     # -- tuning ------------------------------------------------------------------------------
     def _tune_and_save(self, op, sig, device, arch, tensors, key_extra, available, run, args) -> Entry:
