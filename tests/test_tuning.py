@@ -388,3 +388,9 @@ def test_bench_tuned_provider_tunes_and_keeps_the_table(monkeypatch):
     assert "fused is 2.00x faster" in row["note"] and row["status"] == "ok"
     assert len(row["tuning_entries"]) == 4 and all("winner: torch" in t for t in row["tuning_entries"])
     assert "qkv_attention: torch" in row["tuning"]
+
+
+def test_bad_tune_argument_names_it():
+    x, w, b, r = linear_args()
+    with pytest.raises(ValueError, match=r"tune: expected one of \('on', 'off', 'cache-only'\), got 'maybe'"):
+        vk.linear(x, w, b, tune="maybe")

@@ -167,6 +167,8 @@ def resolve(op: str, backend: str, tensors: Iterable[Optional[torch.Tensor]],
     RuntimeError naming why; "auto" moves on and records the reason.
     """
     check_backend(backend)
+    if tune is not None:
+        tuning.check_mode(tune)
     all_tensors = tuple(tensors)            # with None entries: the tuning signature counts them
     tensors = [t for t in all_tensors if t is not None]
     device = tensors[0].device if tensors else torch.device("cpu")

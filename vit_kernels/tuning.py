@@ -129,9 +129,13 @@ class Facts:
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """Alternative tile configs of one Triton kernel for one op: candidates
-    ``Candidate("triton", path, ((keyword, cfg),))`` for every cfg of ``configs(facts)``
-    (the launcher's default excluded: the default candidate covers it)."""
+    """Tile configs of one Triton kernel for one op: a candidate
+    ``Candidate("triton", path, ((keyword, cfg),))`` for every cfg of ``configs(facts)`` (return
+    () for an architecture the kernel does not run on). For the existing kernels the lists hold the
+    alternatives only (the default tiles are the plain "triton" candidate). A new kernel family
+    (e.g. an sm_90 GEMM) is one more entry with its own path, plus a branch on that path in the
+    op's ``_launch`` that passes ``keyword=cfg`` to its launcher; its configs belong in its
+    ``aot_specs`` so that ``inspect`` compiles them."""
 
     op: str
     path: str
