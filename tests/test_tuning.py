@@ -394,3 +394,51 @@ def test_bad_tune_argument_names_it():
     x, w, b, r = linear_args()
     with pytest.raises(ValueError, match=r"tune: expected one of \('on', 'off', 'cache-only'\), got 'maybe'"):
         vk.linear(x, w, b, tune="maybe")
+
+
+CHILD = r"""
+import os, sys, time, torch, vit_kernels as vk
+from vit_kernels import tuning
+timed = []
+def timer(c, fn):
+    timed.append(c.name)
+    time.sleep(0.5)          # a slow timing: the other process arrives while this one tunes
+    return 1.0 if c.backend == "torch" else 0.5
+def cands(op, facts, available, device_type):
+    return [tuning.Candidate("torch"), tuning.Candidate("triton")]
+t = tuning.Tuner(timer=timer, tunable=lambda d: None, device_facts=lambda d: ("fake-gpu", 90),
+                 versions={"vit_kernels": "test", "torch": torch.__version__, "triton": "test"},
+                 path=sys.argv[1], candidate_list=cands)
+torch.manual_seed(0)
+x, w = torch.randn(2, 8, 32), torch.randn(48, 32)
+open(sys.argv[2], "w").close()               # ready; start together when the parent says go
+while not os.path.exists(sys.argv[3]):
+    time.sleep(0.01)
+with tuning.use_tuner(t):
+    vk.linear(x, w)
+print("TIMED", len(timed), vk.last_decision("linear").backend)
+"""
+
+
+def test_two_processes_started_together_time_a_signature_once(tmp_path):
+    """The file lock is held while a signature is tuned: the second process reads the first's choice."""
+    import os
+    import subprocess
+    import sys
+    path = str(tmp_path / "tuning.json")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    import time
+    ready, go = [str(tmp_path / f"ready{i}") for i in range(2)], str(tmp_path / "go")
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, path, ready[i], go], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    deadline = time.time() + 300
+    while not all(os.path.exists(r) for r in ready) and time.time() < deadline:
+        time.sleep(0.05)
+    open(go, "w").close()
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    lines = [next(line for line in out.splitlines() if line.startswith("TIMED")) for out, _ in outs]
+    assert sorted(int(line.split()[1]) for line in lines) == [0, 2]
+    assert all(line.split()[2] == "triton" for line in lines)
+    assert len(json.load(open(path))["entries"]) == 1
