@@ -120,7 +120,7 @@ _CONFIGS = {
 
 # Alternative tiles vit_kernels.tuning times beside _CONFIGS, per architecture: (is fp32, BLOCK_D) ->
 # ((BLOCK_M, BLOCK_N, num_warps, num_stages), ...). aot_specs() lists each, so `inspect` compiles them.
-_HALF_TUNE = ((64, 64, 4, 3), (128, 32, 8, 2))
+_HALF_TUNE = ((64, 64, 4, 3),)
 TUNE_CONFIGS: Dict[int, Dict[Tuple[bool, int], Tuple[Tuple[int, int, int, int], ...]]] = {
     arch: {(False, bd): _HALF_TUNE for bd in (16, 32, 64, 128)} for arch in (80, 90)}
 
