@@ -5,7 +5,6 @@ CPU) and are checked against the float64 oracle; only the clock is fake."""
 import copy
 import json
 import threading
-import warnings
 
 import pytest
 import torch

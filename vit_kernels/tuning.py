@@ -508,9 +508,9 @@ class Tuner:
             return
         if (not isinstance(data, dict) or data.get("format") != FORMAT or data.get("versions") != self.versions
                 or not isinstance(data.get("entries"), dict)):
-            found = data.get("versions") if isinstance(data, dict) else None
-            self._warn(f"{self.path} was written by another version (format {data.get('format') if isinstance(data, dict) else None}, "
-                       f"versions {found}; this is format {FORMAT}, {self.versions})")
+            head = data if isinstance(data, dict) else {}
+            self._warn(f"{self.path} was written by another version (format {head.get('format')}, versions "
+                       f"{head.get('versions')}; this is format {FORMAT}, {self.versions})")
             return
         for sig, rec in data["entries"].items():
             if sig not in self._entries:
