@@ -49,6 +49,8 @@ MODES = ("on", "off", "cache-only")
 ENV_MODE = "VIT_KERNELS_TUNE"
 FORMAT = 1      # the cache file's layout; a file of another format is ignored and rebuilt
 
+CACHE_ONLY_MISS = "cache-only and no cached choice for this signature: untimed rules"
+
 _MODE: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("vit_kernels_tune", default=None)
 
 
@@ -370,6 +372,7 @@ class Tuner:
         self._warned = False
         self._lock = threading.Lock()
         self._key_locks: Dict[tuple, threading.Lock] = {}
+        self._misses: set = set()       # fast keys cache-only found no choice for (not looked up again)
         self._facts_cache: Dict[torch.device, Tuple[str, int]] = {}
         self.timed = 0        # candidates timed by this tuner (tests read it)
 
@@ -397,6 +400,9 @@ class Tuner:
         hit = self._mem.get(key)
         if hit is not None:
             return hit[1]
+        if m == "cache-only" and key in self._misses:   # looked up before: not in the cache
+            reasons["tuning"] = CACHE_ONLY_MISS
+            return None
         with self._lock:
             klock = self._key_locks.setdefault(key, threading.Lock())
         with klock:
@@ -406,7 +412,8 @@ class Tuner:
             sig, arch = self._signature(op, device, tensors, key_extra)
             entry = self._lookup(sig)
             if entry is None and m == "cache-only":
-                reasons["tuning"] = "cache-only and no cached choice for this signature: untimed rules"
+                self._misses.add(key)
+                reasons["tuning"] = CACHE_ONLY_MISS
                 return None
             if entry is None:
                 entry = self._tune_and_save(op, sig, device, arch, tensors, key_extra, available(), run, args)
