@@ -441,3 +441,19 @@ def test_two_processes_started_together_time_a_signature_once(tmp_path):
     assert sorted(int(line.split()[1]) for line in lines) == [0, 2]
     assert all(line.split()[2] == "triton" for line in lines)
     assert len(json.load(open(path))["entries"]) == 1
+
+
+def test_oracle_out_of_memory_keeps_only_the_torch_path():
+    """Unchecked candidates are never kept: when the float64 oracle does not fit, only torch competes."""
+    from vit_kernels.ops.linear import _launch
+    x, w, b, r = linear_args()
+
+    def run(d, *args):
+        if d.backend == "reference":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+        return _launch(d, *args)
+    timer = FakeTimer({"triton": 0.01})
+    entry = make_tuner(timer).tune_signature("linear", "sig", [Candidate("torch"), Candidate("triton")], run,
+                                             (x, w, b, r, None))
+    assert entry.winner == Candidate("torch") and timer.calls == ["torch"]
+    assert "float64 oracle ran out of memory" in entry.results[1].dropped
