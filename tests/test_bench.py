@@ -131,6 +131,9 @@ def test_fused_providers_are_never_timed_without_a_gpu():
         assert batt.static_reason(f"vk_flash:{p}", CPU, interpreter=True) is not None
         assert batt.static_reason(f"vk_qkv:{p}", CPU, interpreter=False) is not None
     assert "TRITON_INTERPRET" in tp.static_reason("triton", CUDA, interpreter=True)
+    assert "CUDA GPU" in tp.static_reason("tuned", CPU, interpreter=True)
+    assert "TRITON_INTERPRET" in tp.static_reason("tuned", CUDA, interpreter=True)
+    assert tp.static_reason("tuned", CUDA, interpreter=False) is None
     assert "TRITON_INTERPRET" in batt.static_reason("vk_flash:triton", CUDA, interpreter=True)
     for p in ("eager", "sdpa", "compile"):
         assert tp.static_reason(p, CPU) is None

@@ -25,10 +25,10 @@ def test_bench_cpu_defaults_measure_torch_and_mark_fused_not_measured(tmp_path, 
     text = capsys.readouterr().out
     assert "need a CUDA GPU" in text and "not measured" in text
     rows = {r["provider"]: r for r in _rows(tmp_path / "bench.csv")}
-    assert set(rows) == {"eager", "sdpa", "triton", "cuda"}
+    assert set(rows) == {"eager", "sdpa", "triton", "cuda", "tuned"}
     for p in ("eager", "sdpa"):
         assert rows[p]["status"] == "ok" and float(rows[p]["ms"]) > 0 and float(rows[p]["img_per_s"]) > 0
-    for p in ("triton", "cuda"):
+    for p in ("triton", "cuda", "tuned"):
         assert rows[p]["status"] == "not measured" and rows[p]["ms"] == "" and "CUDA GPU" in rows[p]["note"]
     assert float(rows["eager"]["speedup"]) == 1.0
     data = json.loads((tmp_path / "bench.json").read_text())

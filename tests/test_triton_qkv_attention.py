@@ -80,11 +80,13 @@ def test_qkv_attention_full(B, N, head_dim, dtype, norm, bias, path):
 
 
 def test_op_records_the_path_it_chose():
-    for N, dtype, expected in ((50, "fp16", "single_kernel"), (577, "fp16", "single_kernel"),
-                               (257, "fp32", "split")):
+    """Untimed (CPU tensors), the op takes the split path even where the single kernel fits;
+    path="single_kernel" runs the single kernel."""
+    for N, dtype, path, expected in ((50, "fp16", None, "split"), (577, "fp16", None, "split"),
+                                     (257, "fp32", None, "split"), (50, "fp16", "single_kernel", "single_kernel")):
         x, w, kw = make_args(1, N, 64, dtype, True, True)
         out = vk.qkv_attention(x, w, kw["qkv_bias"], num_heads=2, norm_weight=kw["norm_weight"],
-                               norm_bias=kw["norm_bias"], backend="triton")
+                               norm_bias=kw["norm_bias"], backend="triton", path=path)
         d = vk.last_decision("qkv_attention")
         assert (d.backend, d.path) == ("triton", expected)
         assert_close(out, reference.qkv_attention(x.double(), w.double(), kw["qkv_bias"].double(), num_heads=2,
@@ -97,27 +99,33 @@ def test_op_records_the_path_it_chose():
     assert vk.last_decision("qkv_attention").path == "split"
 
 
-def test_choose_path_rule():
-    def path(N, hd, dtype):
-        return qkv_mod.choose_path(torch.empty(1, N, 8, dtype=dtype), 2, hd)
-    # CPU tensors follow sm_90's rule.
-    assert path(197, 64, torch.float16) == "single_kernel"      # K + V: 2 * 256 * 64 * 2 = 64 KB
-    assert path(197, 80, torch.bfloat16) == "single_kernel"     # 2 * 256 * 128 * 2 = 128 KB
-    assert path(257, 64, torch.float16) == "single_kernel"      # 2 * (256 + 64) * 64 * 2 = 80 KB
-    assert path(577, 64, torch.bfloat16) == "single_kernel"     # 2 * (512 + 128) * 64 * 2 = 160 KB
-    assert path(768, 64, torch.float16) == "single_kernel"      # 512 + 256 rows: 192 KB
-    assert path(769, 64, torch.float16) == "split"              # 512 + 512 rows: 256 KB
-    assert path(384, 80, torch.float16) == "single_kernel"      # 2 * (256 + 128) * 128 * 2 = 192 KB
-    assert path(385, 80, torch.float16) == "split"
-    assert path(257, 16, torch.float16) == "split"              # BLOCK_D 16 spilled beyond 256 tokens
-    assert path(197, 64, torch.float32) == "split"              # fp32 counts twice: 256 KB
-    assert path(50, 64, torch.float32) == "single_kernel"
-    assert path(197, 256, torch.float16) == "split"
-    assert path(1025, 64, torch.float16) == "split"
-    assert qkv_mod.single_kernel_fits(torch.float16, 197, 64, 80)
-    assert qkv_mod.single_kernel_fits(torch.float16, 512, 64, 80)       # 128 KB within sm_80's 163 KB
-    assert not qkv_mod.single_kernel_fits(torch.float16, 577, 64, 80)  # 160 KB + headroom: too much
-    assert not qkv_mod.single_kernel_fits(torch.float16, 197, 64, 75)
+def test_choose_path_is_split_untimed():
+    """choose_path is the untimed default: split, also where the single kernel fits."""
+    for N, hd, dtype in ((50, 64, torch.float16), (197, 64, torch.bfloat16), (577, 64, torch.float16),
+                         (1025, 64, torch.float16), (197, 64, torch.float32)):
+        assert qkv_mod.choose_path(torch.empty(1, N, 8, dtype=dtype), 2, hd) == "split"
+
+
+def test_single_kernel_fits_rule():
+    def fits(N, hd, dtype, arch=90):
+        return qkv_mod.single_kernel_fits(dtype, N, hd, arch)
+    assert fits(197, 64, torch.float16)          # K + V: 2 * 256 * 64 * 2 = 64 KB
+    assert fits(197, 80, torch.bfloat16)         # 2 * 256 * 128 * 2 = 128 KB
+    assert fits(257, 64, torch.float16)          # 2 * (256 + 64) * 64 * 2 = 80 KB
+    assert fits(577, 64, torch.bfloat16)         # 2 * (512 + 128) * 64 * 2 = 160 KB
+    assert fits(768, 64, torch.float16)          # 512 + 256 rows: 192 KB
+    assert not fits(769, 64, torch.float16)      # 512 + 512 rows: 256 KB
+    assert fits(384, 80, torch.float16)          # 2 * (256 + 128) * 128 * 2 = 192 KB
+    assert not fits(385, 80, torch.float16)
+    assert not fits(257, 16, torch.float16)      # BLOCK_D 16 spilled beyond 256 tokens
+    assert not fits(197, 64, torch.float32)      # fp32 counts twice: 256 KB
+    assert fits(50, 64, torch.float32)
+    assert not fits(197, 256, torch.float16)
+    assert not fits(1025, 64, torch.float16)
+    assert fits(197, 64, torch.float16, 80)
+    assert fits(512, 64, torch.float16, 80)          # 128 KB within sm_80's 163 KB
+    assert not fits(577, 64, torch.float16, 80)      # 160 KB + headroom: too much
+    assert not fits(197, 64, torch.float16, 75)
     assert [qkv_mod.kv_layout(t) for t in (1, 197, 256, 257, 320, 321, 385, 512, 513, 577, 768)] == [
         (64, 0), (256, 0), (256, 0), (256, 64), (256, 64), (256, 128), (256, 256), (512, 0), (512, 64),
         (512, 128), (512, 256)]
@@ -125,7 +133,7 @@ def test_choose_path_rule():
 
 def test_aot_specs_cover_every_admitted_layout():
     """Every (dtype, BLOCK_D, kv_layout, block config, arch) single_kernel_fits admits is compiled by
-    `inspect` (aot_specs), so its zero-spill check covers whatever choose_path can launch."""
+    `inspect` (aot_specs), so its zero-spill check covers whatever the single kernel can launch."""
     from vit_kernels.triton.attention import block_d
     compiled = {(s.signature["X"], s.constexprs["BLOCK_D"], s.constexprs["N_MAIN"], s.constexprs["N_TAIL"],
                  s.constexprs["BLOCK_K"], s.num_warps, arch) for s in qkv_mod.aot_specs() for arch in s.archs}

@@ -139,7 +139,7 @@ def test_verify_checks_the_backend_the_model_was_fused_with():
         assert all(d.backend == "triton" for d in p.ran), str(report)
     attn = [p for p in report.parts if p.op == "attention"]
     assert all({d.op for d in p.ran} == {"qkv_attention", "linear"} for p in attn)
-    assert "qkv_attention triton/single_kernel" in str(report)
+    assert "qkv_attention triton/split" in str(report)
     # the model itself was not changed, and a backend asked for re-fuses a copy with it
     assert all(w.backend == "triton" for w in model.modules() if isinstance(w, SwapWrapper))
     report = vk.verify(model, backend="torch")

@@ -14,8 +14,12 @@ Rules:
   triton is imported, otherwise an error says how to enable it.
 - ``cuda``: the csrc extension. On CUDA tensors the GPU build; on CPU tensors the
   host-emulation build (slow; for verification).
-- ``auto``: on CUDA tensors the first available of triton, cuda, torch; on CPU tensors torch
-  (the interpreter and the emulator are for verification, never picked implicitly).
+- ``auto``: on CUDA tensors, by measurement: the tuner (:mod:`vit_kernels.tuning`) times every
+  candidate (torch and its SDPA backends, each Triton path and tile config, cuda) at the call's
+  signature once and keeps the fastest; the op runs the Decision's backend, path and config.
+  Untimed (tuning off, cache-only without a cached choice): the first available of triton, cuda,
+  torch. On CPU tensors torch (the interpreter and the emulator are for verification, never
+  picked implicitly).
 - The fused kernels are forward-only: when autograd needs gradients of any input, every
   request routes to ``torch`` and the decision says so.
 """
@@ -32,6 +36,8 @@ from typing import Dict, Iterable, Mapping, Optional
 
 import torch
 
+from . import tuning
+
 BACKENDS = ("auto", "triton", "cuda", "torch")
 logger = logging.getLogger("vit_kernels")
 
@@ -40,9 +46,12 @@ logger = logging.getLogger("vit_kernels")
 class Decision:
     """Which backend an op call used, and why the others were not taken.
 
-    op: the op name; backend: "triton" | "cuda" | "torch"; path: an op-specific detail filled
-    by the op (for example "single_kernel" or "split" for qkv_attention); requested: what the
-    caller asked for; reasons: backend -> why it was not taken.
+    op: the op name; backend: "triton" | "cuda" | "torch"; path: an op-specific detail (for
+    example "single_kernel" or "split" for qkv_attention, "sdpa_flash" for a torch path pinned to
+    one SDPA backend), chosen by the tuner or filled by the op; requested: what the caller asked
+    for; reasons: backend -> why it was not taken ("tuning" -> why nothing was timed);
+    config: (launcher keyword, tile config) pairs the tuner chose, () for the default tiles;
+    tuned: the tuning entry (every candidate's time, :class:`vit_kernels.tuning.Entry`) or None.
     """
 
     op: str
@@ -50,6 +59,8 @@ class Decision:
     requested: str
     reasons: Mapping[str, str] = dataclasses.field(default_factory=dict)
     path: str = ""
+    config: tuple = ()
+    tuned: Optional[object] = dataclasses.field(default=None, compare=False, repr=False)
 
     def with_path(self, path: str) -> "Decision":
         d = dataclasses.replace(self, path=path)
@@ -60,6 +71,11 @@ class Decision:
         s = f"{self.op}: backend={self.backend}"
         if self.path:
             s += f" path={self.path}"
+        for kw, cfg in self.config:
+            s += f" {kw}={cfg}"
+        sp = getattr(self.tuned, "speedup", None)
+        if sp:
+            s += f" (measured {sp:.2f}x the torch path)"
         if self.reasons:
             s += " (" + "; ".join(f"{b} not taken: {r}" for b, r in self.reasons.items()) + ")"
         return s
@@ -100,13 +116,25 @@ def last_decision(op: Optional[str] = None):
 def record_decisions():
     """``with record_decisions() as calls:`` collects the :class:`Decision` of every op call made
     in this thread inside the block, in order (path included), into the list ``calls``."""
-    calls = []
-    lists = _RECORDING.__dict__.setdefault("lists", [])
-    lists.append(calls)
+    calls = start_recording()
     try:
         yield calls
     finally:
-        lists.remove(calls)
+        stop_recording(calls)
+
+
+def start_recording() -> list:
+    """Open a list that collects every Decision made in this thread until :func:`stop_recording`
+    (the two halves of :func:`record_decisions`, for forward pre/post hooks)."""
+    calls: list = []
+    _RECORDING.__dict__.setdefault("lists", []).append(calls)
+    return calls
+
+
+def stop_recording(calls: list) -> None:
+    lists = getattr(_RECORDING, "lists", [])
+    if any(c is calls for c in lists):
+        del lists[next(i for i, c in enumerate(lists) if c is calls)]
 
 
 def check_backend(backend) -> str:
@@ -171,19 +199,27 @@ def _needs_grad(tensors: Iterable[Optional[torch.Tensor]]) -> bool:
 
 def resolve(op: str, backend: str, tensors: Iterable[Optional[torch.Tensor]],
             unsupported: Optional[Mapping[str, Optional[str]]] = None,
-            has_backward: Iterable[str] = ()) -> Decision:
+            has_backward: Iterable[str] = (), *, tune: Optional[str] = None, run=None, args: tuple = (),
+            key_extra: tuple = ()) -> Decision:
     """Choose the backend for one call of ``op``.
 
-    tensors: the op's tensor arguments (None entries are ignored); the device of the first one
-    decides. unsupported: backend -> reason this call's shapes/dtypes are not supported by
+    tensors: the op's tensor arguments (None for absent optional ones); the device of the first
+    one decides. unsupported: backend -> reason this call's shapes/dtypes are not supported by
     that backend (None when supported). has_backward: backends whose kernels have a backward
     pass; others route to torch when gradients are needed.
+    With ``backend="auto"`` and ``run`` given, the tuner decides (see :mod:`vit_kernels.tuning`):
+    run(decision, *args) runs the op as a Decision says (backend "reference": the float64
+    oracle); key_extra: the op's scalars that change which kernels run (part of the signature);
+    tune: "on" | "off" | "cache-only" | None (the scope's or environment's mode).
 
     An explicit request for a backend that cannot serve the call raises ValueError or
     RuntimeError naming why; "auto" moves on and records the reason.
     """
     check_backend(backend)
-    tensors = [t for t in tensors if t is not None]
+    if tune is not None:
+        tuning.check_mode(tune)
+    all_tensors = tuple(tensors)            # with None entries: the tuning signature counts them
+    tensors = [t for t in all_tensors if t is not None]
     device = tensors[0].device if tensors else torch.device("cpu")
     unsupported = dict(unsupported or {})
     reasons: Dict[str, str] = {}
@@ -196,7 +232,7 @@ def resolve(op: str, backend: str, tensors: Iterable[Optional[torch.Tensor]],
         if backend != "auto" and backend in reasons:
             d = Decision(op, "torch", backend, reasons)
             _log_once(d)
-            _LAST[op] = d
+            _record(d)
             return d
 
     def why_not(b: str) -> Optional[str]:
@@ -211,6 +247,13 @@ def resolve(op: str, backend: str, tensors: Iterable[Optional[torch.Tensor]],
         return r or unsupported.get(b)
 
     if backend == "auto":
+        if run is not None and not reasons:
+            d = tuning.get_tuner().decide(op, device, all_tensors, key_extra, tune,
+                                          lambda: [b for b in ("triton", "cuda") if why_not(b) is None],
+                                          run, args, reasons)
+            if d is not None:
+                _record(d)
+                return d
         if device.type == "cuda":
             order = ["triton", "cuda"]
         else:
@@ -229,12 +272,12 @@ def resolve(op: str, backend: str, tensors: Iterable[Optional[torch.Tensor]],
         d = Decision(op, chosen, backend, reasons)
         if reasons:
             _log_once(d)
-        _LAST[op] = d
+        _record(d)
         return d
 
     if backend == "torch":
         d = Decision(op, "torch", backend, {})
-        _LAST[op] = d
+        _record(d)
         return d
 
     r = why_not(backend)
@@ -243,11 +286,15 @@ def resolve(op: str, backend: str, tensors: Iterable[Optional[torch.Tensor]],
             raise ValueError(f"{op}: backend={backend!r} cannot run this call: {r}")
         raise RuntimeError(f"{op}: backend={backend!r} is not available: {r}")
     d = Decision(op, backend, backend, {})
-    _LAST[op] = d
+    _record(d)
     return d
 
 
 _LOGGED = set()
+
+
+def _record(d: Decision) -> None:
+    _LAST[d.op] = d
 
 
 def _log_once(d: Decision) -> None:

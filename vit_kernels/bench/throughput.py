@@ -5,7 +5,11 @@ Providers (``PROVIDERS``):
 - ``sdpa``: eager PyTorch with F.scaled_dot_product_attention (each library's default);
 - ``compile``: torch.compile of the sdpa model (``compile_mode``);
 - ``triton`` / ``cuda``: the vit_kernels fused ops with backend="triton" / "cuda" (the reference
-  ViT directly; other families through ``vit_kernels.fuse``).
+  ViT directly; other families through ``vit_kernels.fuse``);
+- ``tuned``: the fused ops with backend="auto" after ``vit_kernels.tune(model, images)``: each op
+  signature timed on the GPU (torch, SDPA backends, Triton paths and configs, cuda) and the
+  fastest kept; when the fused model is not faster than the unfused one its parts take the
+  torch path (the row's note says so). The tuning table is in the row ("tuning").
 
 A provider that cannot be timed here gets a row that says "not measured" and why; it is never
 estimated. The Triton and CUDA kernels are timed only on a CUDA GPU: on the CPU they would run
@@ -35,8 +39,10 @@ PROVIDERS = {
     "compile": "torch.compile of the sdpa model",
     "triton": "vit_kernels fused ops, backend='triton'",
     "cuda": "vit_kernels fused ops, backend='cuda' (csrc)",
+    "tuned": "vit_kernels fused ops, backend='auto' chosen by measurement (vit_kernels.tune)",
 }
-FUSED = ("triton", "cuda")
+FUSED = ("triton", "cuda", "tuned")
+FUSED_BACKEND = {"triton": "triton", "cuda": "cuda", "tuned": "auto"}
 MODES = ("inference", "train")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -104,6 +110,11 @@ def static_reason(provider: str, device: torch.device, *, graphs: bool = False, 
             return ("the CUDA C++ kernels need a CUDA GPU; on the CPU they run only in the host "
                     "emulation build, which is for verification, not timing")
         return cuda_unavailable(device)
+    if provider == "tuned":
+        if device.type != "cuda":
+            return "tuning times the candidates on a CUDA GPU; on the CPU auto is the torch path (the sdpa row)"
+        if interpreter:
+            return "TRITON_INTERPRET=1 is set: the Triton candidates would run in the interpreter, which is not a timing"
     return None
 
 
@@ -154,17 +165,18 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
         model = model.to(cfg.dtype)
     fuse_note = ""
     if provider in FUSED:
+        backend = FUSED_BACKEND[provider]
         if family == "vit_kernels":
             from ..nn import set_backend
-            set_backend(model, provider)
+            set_backend(model, backend)
         else:
             from ..swap import fuse, fuse_report
             try:
-                fuse(model, backend=provider)
+                fuse(model, backend=backend)
             except NotImplementedError as e:
                 row.update(status="not measured", note=f"vit_kernels.fuse cannot fuse this model: {e}")
                 return row, None, None
-            rep = fuse_report(model, backend=provider)
+            rep = fuse_report(model, backend=backend)
             if not rep.fused:
                 row.update(status="not measured", note=f"vit_kernels.fuse found nothing to fuse: {rep}")
                 return row, None, None
@@ -202,6 +214,14 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+    tune_note = ""
+    if provider == "tuned":
+        from ..tuning import tune
+        with attn_ctx(), amp():
+            result = tune(model, (images,))   # times every op signature, then fused vs unfused
+        row["tuning"] = str(result)
+        row["tuning_entries"] = [e.table() for e in result.entries]
+        tune_note = result.message
     from ..backends import last_decision
     before = last_decision()
     t0 = time.perf_counter()
@@ -211,7 +231,9 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
     first_s = time.perf_counter() - t0
     if provider == "compile":
         row["compile_s"] = round(first_s, 2)
-    notes = _fallbacks(before, provider) if provider in FUSED else []
+    notes = _fallbacks(before, provider) if provider in ("triton", "cuda") else []
+    if tune_note:
+        notes.append(tune_note)
     if fuse_note:
         notes.append(fuse_note)
     if any(n.startswith("FALLBACK") for n in notes):

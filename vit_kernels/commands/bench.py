@@ -18,9 +18,9 @@ from ..bench import throughput as tp
 from .arguments import out_folder, positive_int
 
 GPU_DEFAULTS = dict(models=["vit_base_patch16_224"], batch_size=256, dtype="bf16", mode="inference,train",
-                    providers="eager,sdpa,compile,triton,cuda", warmup=10, repeats=30)
+                    providers="eager,sdpa,compile,triton,cuda,tuned", warmup=10, repeats=30)
 CPU_DEFAULTS = dict(models=["vit_tiny_patch16_224"], batch_size=4, dtype="fp32", mode="inference",
-                    providers="eager,sdpa,triton,cuda", warmup=2, repeats=5)
+                    providers="eager,sdpa,triton,cuda,tuned", warmup=2, repeats=5)
 
 
 def add_parser(sub) -> None:
@@ -152,11 +152,20 @@ def run(args) -> int:
     for r in rows:
         if r.get("note"):
             print(f"  {r['provider']} ({r['model']}, {r['mode']}): {r['note']}")
+    tuning = {}
+    for r in rows:   # the tuned rows' tables: printed, kept in bench.json, not in the CSV columns
+        entries = r.pop("tuning_entries", None)
+        summary = r.pop("tuning", None)
+        if entries is not None:
+            tuning[f"{r['model']} {r['mode']}"] = {"summary": summary, "entries": entries}
+            print(f"\ntuning table ({r['model']}, {r['mode']}; * = chosen):")
+            print(summary)
+            print("\n".join(entries))
     out = Path(args.out)
     extra = {"config": {k: (str(v) if not isinstance(v, (int, float, str, bool, list, type(None))) else v)
                         for k, v in vars(args).items() if k != "func"},
              "providers": tp.PROVIDERS, "cost": cost_json,
-             "gpu_for_bounds": cfg.peak.name if cfg.peak else None}
+             "gpu_for_bounds": cfg.peak.name if cfg.peak else None, "tuning": tuning}
     paths = report.write_all(out, "bench", rows, meta, extra)
     if not args.no_plot:
         why = report.matplotlib_missing()

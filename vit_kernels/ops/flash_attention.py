@@ -6,7 +6,7 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import checks
+from .. import checks, reference
 from ..backends import resolve
 from ..cuda.ops import attention_unsupported as cuda_attention_unsupported
 
@@ -19,11 +19,12 @@ def check_head_dim(name: str, head_dim: int) -> Optional[str]:
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
-                    backend: str = "auto") -> Tensor:
+                    backend: str = "auto", tune: Optional[str] = None) -> Tensor:
     """Non-causal scaled dot-product attention.
 
     q: (batch, heads, q_tokens, head_dim); k, v: (batch, heads, kv_tokens, head_dim).
     Returns (batch, heads, q_tokens, head_dim). scale defaults to head_dim ** -0.5.
+    tune: "on" | "off" | "cache-only" for backend="auto" on CUDA tensors (vit_kernels.tuning).
     """
     checks.tensor("q", q, ndim=4)
     B, H, N, D = q.shape
@@ -34,11 +35,33 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] =
     d = resolve("flash_attention", backend, (q, k, v),
                 unsupported={"triton": check_head_dim("head_dim", D),
                              "cuda": check_head_dim("head_dim", D)
-                                     or cuda_attention_unsupported(D, q.dtype)})
+                                     or cuda_attention_unsupported(D, q.dtype)},
+                tune=tune, run=_launch, args=(q, k, v, scale))
+    return _launch(d, q, k, v, scale)
+
+
+def _launch(d, q, k, v, scale):
+    """Run flash_attention as Decision ``d`` says (backend, path, tile config)."""
     if d.backend == "triton":
         from ..triton import attention as triton_attention
-        return triton_attention.flash_attention_forward(q, k, v, scale)
+        return triton_attention.flash_attention_forward(q, k, v, scale, **dict(d.config))
     if d.backend == "cuda":
         from ..cuda import ops as cuda_ops
         return cuda_ops.flash_attention(q, k, v, scale)
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if d.backend == "reference":
+        return reference.flash_attention(q, k, v, scale=scale)
+    return sdpa(q, k, v, scale, d.path)
+
+
+def sdpa(q, k, v, scale, path=""):
+    """F.scaled_dot_product_attention; path "sdpa_flash" | "sdpa_efficient" | "sdpa_cudnn" pins
+    one SDPA backend (a tuning candidate), "" lets PyTorch choose."""
+    if not path:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[path])):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION",
+                 "sdpa_cudnn": "CUDNN_ATTENTION"}

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import checks
+from .. import checks, reference
 from ..backends import resolve
 from ..cuda.ops import gemm_unsupported as cuda_gemm_unsupported
 
@@ -42,21 +42,31 @@ def check_linear(x, weight, bias, residual, layer_scale):
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
            residual: Optional[Tensor] = None, layer_scale: Optional[Tensor] = None,
-           backend: str = "auto") -> Tensor:
+           backend: str = "auto", tune: Optional[str] = None) -> Tensor:
     """A GEMM whose epilogue adds bias, layer scale and residual.
 
     x: (..., in); weight: (out, in); bias, layer_scale: (out,); residual: (..., out).
     Returns (..., out) = [residual +] [layer_scale *] (x @ weight^T [+ bias]).
+    tune: "on" | "off" | "cache-only" for backend="auto" on CUDA tensors (vit_kernels.tuning).
     """
     check_linear(x, weight, bias, residual, layer_scale)
     d = resolve("linear", backend, (x, weight, bias, residual, layer_scale),
-                unsupported={"triton": triton_gemm_unsupported(x.dtype), "cuda": cuda_gemm_unsupported(x.dtype)})
+                unsupported={"triton": triton_gemm_unsupported(x.dtype), "cuda": cuda_gemm_unsupported(x.dtype)},
+                tune=tune, run=_launch, args=(x, weight, bias, residual, layer_scale))
+    return _launch(d, x, weight, bias, residual, layer_scale)
+
+
+def _launch(d, x, weight, bias, residual, layer_scale):
+    """Run linear as Decision ``d`` says (backend, tile config)."""
     if d.backend == "triton":
         from ..triton import gemm as triton_gemm
-        return triton_gemm.linear_forward(x, weight, bias, residual=residual, layer_scale=layer_scale)
+        return triton_gemm.linear_forward(x, weight, bias, residual=residual, layer_scale=layer_scale,
+                                          **dict(d.config))
     if d.backend == "cuda":
         from ..cuda import ops as cuda_ops
         return cuda_ops.linear(x, weight, bias, residual=residual, layer_scale=layer_scale)
+    if d.backend == "reference":
+        return reference.linear(x, weight, bias, residual=residual, layer_scale=layer_scale)
     return linear_torch(x, weight, bias, residual, layer_scale)
 
 

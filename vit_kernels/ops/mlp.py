@@ -6,7 +6,7 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import checks
+from .. import checks, reference
 from ..backends import resolve
 from ..cuda.ops import gemm_unsupported as cuda_gemm_unsupported
 from .linear import triton_gemm_unsupported
@@ -44,27 +44,39 @@ def layernorm_gelu_mlp(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Opti
                        fc1_weight: Tensor, fc1_bias: Optional[Tensor],
                        fc2_weight: Tensor, fc2_bias: Optional[Tensor], *, eps: float = 1e-6,
                        approximate: str = "none", residual: Optional[Tensor] = None,
-                       layer_scale: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+                       layer_scale: Optional[Tensor] = None, backend: str = "auto",
+                       tune: Optional[str] = None) -> Tensor:
     """Fused LayerNorm + GELU MLP.
 
     x: (..., dim); norm_weight, norm_bias: (dim,) or None (None weight skips the LayerNorm);
     fc1_weight: (hidden, dim); fc1_bias: (hidden,); fc2_weight: (out, hidden); fc2_bias: (out,);
     residual: (..., out); layer_scale: (out,). GELU is exact (erf) unless approximate="tanh".
     Returns (..., out) = [residual +] [layer_scale *] fc2(gelu(fc1(LN(x)))).
+    tune: "on" | "off" | "cache-only" for backend="auto" on CUDA tensors (vit_kernels.tuning).
     """
     check_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
               approximate, residual, layer_scale)
     tensors = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale)
+    args = tensors + (eps, approximate)
     d = resolve("layernorm_gelu_mlp", backend, tensors, unsupported={"triton": triton_gemm_unsupported(x.dtype),
-                                                               "cuda": cuda_gemm_unsupported(x.dtype)})
+                                                               "cuda": cuda_gemm_unsupported(x.dtype)},
+                tune=tune, run=_launch, args=args, key_extra=(approximate,))
+    return _launch(d, *args)
+
+
+def _launch(d, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale,
+            eps, approximate):
+    """Run layernorm_gelu_mlp as Decision ``d`` says (backend, tile config)."""
     args = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     kw = dict(eps=eps, approximate=approximate, residual=residual, layer_scale=layer_scale)
     if d.backend == "triton":
         from ..triton import mlp as triton_mlp
-        return triton_mlp.layernorm_gelu_mlp_forward(*args, **kw)
+        return triton_mlp.layernorm_gelu_mlp_forward(*args, **kw, **dict(d.config))
     if d.backend == "cuda":
         from ..cuda import ops as cuda_ops
         return cuda_ops.layernorm_gelu_mlp(*args, **kw)
+    if d.backend == "reference":
+        return reference.layernorm_gelu_mlp(*args, **kw)
     return layernorm_gelu_mlp_torch(*args, **kw)
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import checks
+from .. import checks, reference
 from ..backends import resolve
 from ..cuda.ops import gemm_unsupported as cuda_gemm_unsupported
 from .linear import triton_gemm_unsupported
@@ -45,24 +45,34 @@ def check_patch_embed(images, weight, bias, patch_size, pos_embed, cls_token):
 
 def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, patch_size: int,
                 pos_embed: Optional[Tensor] = None, cls_token: Optional[Tensor] = None,
-                backend: str = "auto") -> Tensor:
+                backend: str = "auto", tune: Optional[str] = None) -> Tensor:
     """Patch embedding as one implicit GEMM.
 
     images: (batch, channels, H, W), NCHW or channels_last; weight: (dim, channels, p, p);
     bias: (dim,); cls_token: (1, 1, dim) or (dim,); pos_embed: (1, prefix + patches, dim).
     Returns (batch, prefix + (H/p)*(W/p), dim), prefix = 1 with cls_token else 0.
+    tune: "on" | "off" | "cache-only" for backend="auto" on CUDA tensors (vit_kernels.tuning).
     """
     check_patch_embed(images, weight, bias, patch_size, pos_embed, cls_token)
+    args = (images, weight, bias, pos_embed, cls_token, patch_size)
     d = resolve("patch_embed", backend, (images, weight, bias, pos_embed, cls_token),
                 unsupported={"triton": triton_gemm_unsupported(images.dtype),
-                             "cuda": cuda_gemm_unsupported(images.dtype)})
+                             "cuda": cuda_gemm_unsupported(images.dtype)},
+                tune=tune, run=_launch, args=args, key_extra=(patch_size,))
+    return _launch(d, *args)
+
+
+def _launch(d, images, weight, bias, pos_embed, cls_token, patch_size):
+    """Run patch_embed as Decision ``d`` says (backend, tile config)."""
     kw = dict(patch_size=patch_size, pos_embed=pos_embed, cls_token=cls_token)
     if d.backend == "triton":
         from ..triton import patch_embed as triton_pe
-        return triton_pe.patch_embed_forward(images, weight, bias, **kw)
+        return triton_pe.patch_embed_forward(images, weight, bias, **kw, **dict(d.config))
     if d.backend == "cuda":
         from ..cuda import ops as cuda_ops
         return cuda_ops.patch_embed(images, weight, bias, **kw)
+    if d.backend == "reference":
+        return reference.patch_embed(images, weight, bias, **kw)
     return patch_embed_torch(images, weight, bias, **kw)
 
 

@@ -6,10 +6,10 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import checks
+from .. import checks, reference
 from ..backends import resolve
 from ..cuda.ops import attention_unsupported as cuda_attention_unsupported
-from .flash_attention import check_head_dim
+from .flash_attention import check_head_dim, sdpa
 
 
 def check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bias):
@@ -36,7 +36,8 @@ def check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bi
 def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = None, *,
                   num_heads: int, scale: Optional[float] = None,
                   norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
-                  eps: float = 1e-6, backend: str = "auto", path: Optional[str] = None) -> Tensor:
+                  eps: float = 1e-6, backend: str = "auto", path: Optional[str] = None,
+                  tune: Optional[str] = None) -> Tensor:
     """Fused [LayerNorm ->] QKV projection -> attention.
 
     x: (batch, tokens, dim); qkv_weight: (3*inner, dim), rows [q; k; v], each head-major (timm's
@@ -44,45 +45,57 @@ def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = No
     norm_weight, norm_bias: (dim,) applies LayerNorm(x, eps) first.
     Returns (batch, tokens, inner): attention output before the output projection.
     ``vit_kernels.last_decision("qkv_attention").path`` says which kernel path ran.
-    path: None (chosen per shape and architecture), "single_kernel" or "split" forces the fused
-    path of the triton backend (the cuda backend has "split" only; torch ignores it).
+    path: None (with backend="auto" on a CUDA device the tuner times both; untimed: "split"),
+    "single_kernel" or "split" forces the fused path of the triton backend (the cuda backend has
+    "split" only; torch ignores it).
+    tune: "on" | "off" | "cache-only" for backend="auto" on CUDA tensors (vit_kernels.tuning).
     """
     inner, head_dim = check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bias)
     checks.choice("path", path, (None, "single_kernel", "split"))
     if scale is None:
         scale = head_dim ** -0.5
     tensors = (x, qkv_weight, qkv_bias, norm_weight, norm_bias)
+    args = tensors + (num_heads, scale, eps, path)
     d = resolve("qkv_attention", backend, tensors,
                 unsupported={"triton": check_head_dim("head_dim", head_dim),
                              "cuda": check_head_dim("head_dim", head_dim)
-                                     or cuda_attention_unsupported(head_dim, x.dtype)})
+                                     or cuda_attention_unsupported(head_dim, x.dtype)},
+                tune=tune, run=_launch, args=args, key_extra=(num_heads, path))
+    return _launch(d, *args)
+
+
+def _launch(d, x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps, path):
+    """Run qkv_attention as Decision ``d`` says: backend, path (the tuner's, else the caller's,
+    else the untimed rule), tile configs. Records the path taken on the decision."""
+    kw = dict(num_heads=num_heads, scale=scale, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps)
     if d.backend == "triton":
         from ..triton import qkv_attention as triton_qkv
-        if path is None:
-            path = triton_qkv.choose_path(x, num_heads, head_dim)
-        d.with_path(path)
-        return triton_qkv.qkv_attention_forward(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
-                                                norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
-                                                path=path)
+        path = d.path or path or triton_qkv.choose_path(x, num_heads, qkv_weight.shape[0] // 3 // num_heads)
+        if d.path != path:
+            d.with_path(path)
+        return triton_qkv.qkv_attention_forward(x, qkv_weight, qkv_bias, path=path, **kw, **dict(d.config))
     if d.backend == "cuda":
         from ..cuda import ops as cuda_ops
         if path == "single_kernel":
             raise ValueError("path: 'single_kernel' is not available on the cuda backend (it has 'split')")
-        d.with_path("split")
-        return cuda_ops.qkv_attention(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
-                                      norm_weight=norm_weight, norm_bias=norm_bias, eps=eps)
-    d.with_path("torch")
-    return qkv_attention_torch(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
-                               norm_weight=norm_weight, norm_bias=norm_bias, eps=eps)
+        if d.path != "split":
+            d.with_path("split")
+        return cuda_ops.qkv_attention(x, qkv_weight, qkv_bias, **kw)
+    if d.backend == "reference":
+        return reference.qkv_attention(x, qkv_weight, qkv_bias, **kw)
+    if not d.path:
+        d.with_path("torch")
+    return qkv_attention_torch(x, qkv_weight, qkv_bias, **kw, sdpa_path="" if d.path == "torch" else d.path)
 
 
-def qkv_attention_torch(x, qkv_weight, qkv_bias, *, num_heads, scale, norm_weight, norm_bias, eps):
-    """Plain PyTorch path: F.layer_norm, F.linear, SDPA. Differentiable."""
+def qkv_attention_torch(x, qkv_weight, qkv_bias, *, num_heads, scale, norm_weight, norm_bias, eps, sdpa_path=""):
+    """Plain PyTorch path: F.layer_norm, F.linear, SDPA (sdpa_path: one SDPA backend, see
+    flash_attention.sdpa). Differentiable."""
     B, N, dim = x.shape
     inner = qkv_weight.shape[0] // 3
     if norm_weight is not None:
         x = F.layer_norm(x, (dim,), norm_weight, norm_bias, eps)
     qkv = F.linear(x, qkv_weight, qkv_bias).reshape(B, N, 3, num_heads, inner // num_heads)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    o = sdpa(q, k, v, scale, sdpa_path)
     return o.transpose(1, 2).reshape(B, N, inner)

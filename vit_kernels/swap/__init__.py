@@ -178,12 +178,30 @@ def fuse_report(model: nn.Module, *, backend: Optional[str] = None,
             else:  # a part fuse() would fuse: not fused now
                 entries.append(ReportEntry(e.path, e.op, e.family, False, "not fused yet (fuse() would fuse it)"))
     entries += _native_entries(model)
+    _add_tuning_notes(model, entries)
     if not entries:
         entries.append(ReportEntry("", "-", "unknown", False,
                                    f"no ViT part of a known family (timm, torchvision, transformers, vit-pytorch, "
                                    f"vit_kernels) was found in {type(model).__name__}"))
     entries.sort(key=lambda e: _path_key(e.path))
     return FuseReport(entries, backend)
+
+
+def _add_tuning_notes(model: nn.Module, entries: List[ReportEntry]) -> None:
+    """Per fused part, what its op calls chose when :func:`vit_kernels.tune` ran it: backend, path,
+    config and the measured speed-up over the torch path; and a fallback to the torch path."""
+    from ..tuning import OP_PARTS, decision_note
+    by_path = {e.path: e for e in entries if e.fused}
+    for path, m in model.named_modules():
+        decisions = getattr(m, "vk_decisions", ())
+        fallback = getattr(m, "vk_tune_note", None)
+        if not decisions and not fallback:
+            continue
+        for e in by_path.values():
+            if e.path != path and not e.path.startswith(path + ".") and path:
+                continue
+            notes = tuple(decision_note(d) for d in decisions if OP_PARTS.get(d.op) == e.op)
+            e.notes = e.notes + tuple(f"tuned: {n}" for n in notes) + ((fallback,) if fallback else ())
 
 
 def _path_key(path: str):

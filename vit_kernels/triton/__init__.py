@@ -6,4 +6,17 @@ interpreter is on, its launches are serialized across threads (it is not thread-
 """
 from .interpreter import serialize_launches
 
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code: ``triton.cdiv`` is a ConstexprFunction that costs microseconds
+    per host call, which every launch would pay (issue 10's host-time budget)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (0 for n <= 0, as triton.next_power_of_2), for host code
+    (see :func:`cdiv`)."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
 serialize_launches()

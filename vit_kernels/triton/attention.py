@@ -14,13 +14,14 @@ The row log-sum-exp (natural log, of ``scale * q . k``) can be kept for a backwa
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import cdiv, next_power_of_2
 from .aot import AotSpec, ptr_type
 
 LOG2E = 1.4426950408889634
@@ -117,9 +118,21 @@ _CONFIGS = {
 }
 
 
+# Alternative tiles vit_kernels.tuning times beside _CONFIGS, per architecture: (is fp32, BLOCK_D) ->
+# ((BLOCK_M, BLOCK_N, num_warps, num_stages), ...). aot_specs() lists each, so `inspect` compiles them.
+_HALF_TUNE = ((64, 64, 4, 3),)
+TUNE_CONFIGS: Dict[int, Dict[Tuple[bool, int], Tuple[Tuple[int, int, int, int], ...]]] = {
+    arch: {(False, bd): _HALF_TUNE for bd in (16, 32, 64, 128)} for arch in (80, 90)}
+
+
+def tune_configs(dtype: torch.dtype, head_dim: int, arch: int) -> Tuple[Tuple[int, int, int, int], ...]:
+    """The alternative tiles the tuner times on sm_<arch> (none for an architecture not listed)."""
+    return TUNE_CONFIGS.get(arch, {}).get((dtype == torch.float32, block_d(head_dim)), ())
+
+
 def block_d(head_dim: int) -> int:
     """The padded head dim the kernel computes with: the next power of two >= head_dim (>= 16)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def kernel_config(dtype: torch.dtype, head_dim: int) -> Tuple[int, int, int, int]:
@@ -156,7 +169,7 @@ def check_aligned(name: str, t: Tensor) -> None:
 
 
 def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, *, out: Optional[Tensor] = None,
-                            return_lse: bool = False):
+                            return_lse: bool = False, attention_config: Optional[Tuple[int, int, int, int]] = None):
     """softmax(scale * q k^T) v, non-causal, with the Triton kernel.
 
     q: (batch, heads, q_tokens, head_dim); k, v: (batch, heads, kv_tokens, head_dim); any strides
@@ -165,6 +178,8 @@ def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, *, ou
     strides with a unit last-dim stride, e.g. a (batch, tokens, heads * head_dim) buffer viewed as
     ``buf.view(B, N, H, D).transpose(1, 2)``.
     Returns out (and, with return_lse, the row log-sum-exp (batch, heads, q_tokens) fp32, natural log).
+    attention_config: (BLOCK_M, BLOCK_N, num_warps, num_stages), None for :func:`kernel_config`
+    (the tuner passes one of :func:`tune_configs`).
     """
     if q.dim() != 4:
         raise ValueError(f"q: expected a 4-D tensor (batch, heads, tokens, head_dim), got shape {tuple(q.shape)}")
@@ -186,8 +201,8 @@ def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, *, ou
             raise ValueError(f"out: expected shape {tuple(q.shape)}, got {tuple(out.shape)}")
     lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device) if return_lse else None
     if out.numel() > 0:
-        BLOCK_M, BLOCK_N, num_warps, num_stages = kernel_config(q.dtype, D)
-        grid = (B * H, triton.cdiv(NQ, BLOCK_M))
+        BLOCK_M, BLOCK_N, num_warps, num_stages = attention_config or kernel_config(q.dtype, D)
+        grid = (B * H, cdiv(NQ, BLOCK_M))
         _attn_fwd_kernel[grid](
             q, k, v, out, lse if return_lse else out,
             q.stride(0), q.stride(1), q.stride(2),
@@ -202,9 +217,11 @@ def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, *, ou
     return (out, lse) if return_lse else out
 
 
-def aot_spec(dtype: torch.dtype, head_dim: int, store_lse: bool = False) -> AotSpec:
-    """The configuration the launcher uses for ``dtype`` and ``head_dim``."""
-    BLOCK_M, BLOCK_N, num_warps, num_stages = kernel_config(dtype, head_dim)
+def aot_spec(dtype: torch.dtype, head_dim: int, store_lse: bool = False, attention_config=None,
+             archs=(80, 90)) -> AotSpec:
+    """The configuration the launcher uses for ``dtype`` and ``head_dim`` (or the tuning
+    alternative ``attention_config`` for ``archs``)."""
+    BLOCK_M, BLOCK_N, num_warps, num_stages = attention_config or kernel_config(dtype, head_dim)
     p = ptr_type(dtype)
     sig = {"Q": p, "K": p, "V": p, "O": p, "LSE": "*fp32" if store_lse else p}
     for t in "qkvo":
@@ -218,7 +235,10 @@ def aot_spec(dtype: torch.dtype, head_dim: int, store_lse: bool = False) -> AotS
     dt = str(dtype).replace("torch.", "")
     label = (f"head_dim={head_dim},BLOCK_D={block_d(head_dim)},BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},"
              f"{dt},lse={int(store_lse)}")
-    return AotSpec("flash_attention_fwd", _attn_fwd_kernel, sig, constexprs, num_warps, num_stages, label, True)
+    if attention_config is not None:
+        label += f",num_warps={num_warps},num_stages={num_stages},tuning"
+    return AotSpec("flash_attention_fwd", _attn_fwd_kernel, sig, constexprs, num_warps, num_stages, label, True,
+                   tuple(archs))
 
 
 # head_dim values aot_specs() compiles: each BLOCK_D bucket's power of two plus the non powers of
@@ -230,5 +250,13 @@ AOT_HEAD_DIMS = (16, 24, 32, 48, 64, 72, 80, 128, 256)
 def aot_specs() -> List[AotSpec]:
     """The configurations flash_attention_forward launches: dtype x head_dim (AOT_HEAD_DIMS, which
     covers every BLOCK_D bucket, i.e. every block config) x LSE kept or not."""
-    return [aot_spec(dtype, hd, store_lse) for dtype in DTYPES for hd in AOT_HEAD_DIMS
-            for store_lse in (False, True)]
+    specs = [aot_spec(dtype, hd, store_lse) for dtype in DTYPES for hd in AOT_HEAD_DIMS
+             for store_lse in (False, True)]
+    # each tuning alternative, once per BLOCK_D bucket (the power-of-two head_dim), without LSE
+    for dtype in DTYPES:
+        for hd in (16, 32, 64, 128, 256):
+            cfgs = sorted({c for arch in TUNE_CONFIGS for c in tune_configs(dtype, hd, arch)})
+            for cfg in cfgs:
+                archs = tuple(a for a in sorted(TUNE_CONFIGS) if cfg in tune_configs(dtype, hd, a))
+                specs.append(aot_spec(dtype, hd, False, attention_config=cfg, archs=archs))
+    return specs

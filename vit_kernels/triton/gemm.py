@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import cdiv
 from .aot import AotSpec, ptr_type
 from .layernorm import as_rows, row_stats, rows_per_batch
 
@@ -51,6 +52,18 @@ PATCH_CONFIGS: Dict[torch.dtype, Tuple[int, int, int, int, int]] = {
     torch.bfloat16: (128, 128, 32, 8, 3),
     torch.float32: (128, 64, 16, 8, 3),
 }
+# Alternative tiles that vit_kernels.tuning times beside the default (CONFIGS / PATCH_CONFIGS), per
+# architecture and input dtype, same layout. aot_specs() lists each one, so `inspect` compiles
+# (and checks for spills) every config the tuner can launch.
+# Two per arch: inspect compiles each with three epilogues, which CI pays for (AOT-checked: 0 spills).
+_HALF_TUNE = {80: ((64, 128, 64, 4, 3), (64, 64, 64, 4, 4)),
+              90: ((64, 128, 64, 4, 4), (64, 64, 64, 4, 4))}
+TUNE_CONFIGS: Dict[int, Dict[torch.dtype, Tuple[Tuple[int, int, int, int, int], ...]]] = {
+    arch: {torch.float16: half, torch.bfloat16: half, torch.float32: ((64, 64, 32, 4, 3),)}
+    for arch, half in _HALF_TUNE.items()}
+TUNE_PATCH_CONFIGS: Dict[int, Dict[torch.dtype, Tuple[Tuple[int, int, int, int, int], ...]]] = {
+    arch: {torch.float16: ((64, 128, 32, 4, 3),), torch.bfloat16: ((64, 128, 32, 4, 3),),
+           torch.float32: ((64, 64, 16, 4, 3),)} for arch in (80, 90)}
 GROUP_M = 8
 
 # ACT values (fc1's activation)
@@ -209,6 +222,11 @@ def block_config(dtype: torch.dtype, a_mode: int = A_DENSE) -> Tuple[int, int, i
     return (PATCH_CONFIGS if a_mode == A_PATCHES else CONFIGS)[dtype]
 
 
+def tune_configs(dtype: torch.dtype, arch: int, patch: bool = False) -> Tuple[Tuple[int, int, int, int, int], ...]:
+    """The alternative tiles the tuner times on sm_<arch> (none for an architecture not listed)."""
+    return (TUNE_PATCH_CONFIGS if patch else TUNE_CONFIGS).get(arch, {}).get(dtype, ())
+
+
 def _flags(*, a_mode=A_DENSE, norm=NORM_NONE, prefix=0, has_bias=False, act=ACT_NONE, has_ls=False,
            has_res=False, has_pos=False, out_mode=OUT_ROWS) -> Dict[str, object]:
     return dict(A_MODE=a_mode, NORM=norm, PREFIX=prefix, HAS_BIAS=bool(has_bias), ACT=act,
@@ -223,7 +241,8 @@ def launch_gemm(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K: in
                 layer_scale: Optional[Tensor] = None, act: int = ACT_NONE,
                 pos: Optional[Tensor] = None, pos_strides: Tuple[int, int] = (0, 0),
                 cls: Optional[Tensor] = None, patch: Optional[Tuple[int, int]] = None,
-                qkv: Optional[Tuple[int, int, float]] = None) -> Tensor:
+                qkv: Optional[Tuple[int, int, float]] = None,
+                gemm_config: Optional[Tuple[int, int, int, int, int]] = None) -> Tensor:
     """Launch :func:`_gemm_kernel` once; every argument already checked by the caller.
 
     a: A rows (a_strides = (s_b, s_t, s_k)) or, with ``patch=(P, GW)``, the image (a_strides =
@@ -232,11 +251,14 @@ def launch_gemm(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K: in
     q_scale) into (3, B, H, T, HEAD_DIM)); stats: (mean, rstd) fp32 (M,) for LayerNorm on load
     with norm_weight (K,) and optional norm_bias; residual through res_strides; pos: (T, N)
     through pos_strides; cls: (N,) contiguous-or-strided 1-D, makes row t == 0 the class token.
+    gemm_config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), None for :func:`block_config`
+    (the tuner passes one of :func:`tune_configs`).
     """
     if M == 0 or N == 0:
         return out
     gather = patch is not None
-    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = block_config(a.dtype, A_PATCHES if gather else A_DENSE)
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = (
+        gemm_config or block_config(a.dtype, A_PATCHES if gather else A_DENSE))
     norm = NORM_NONE if norm_weight is None else (NORM_AFFINE if norm_bias is not None else NORM_WEIGHT_ONLY)
     flags = _flags(a_mode=A_PATCHES if gather else A_DENSE, norm=norm, prefix=int(cls is not None),
                    has_bias=bias is not None, act=act, has_ls=layer_scale is not None,
@@ -264,16 +286,28 @@ def launch_gemm(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K: in
         s["s_cls"] = cls.stride(0)
     # Absent optional operands get a placeholder pointer of the same type (never read: the
     # matching constexpr flag is off), so the kernel signature does not change with them.
-    fp32_dummy = stats[0] if stats is not None else torch.empty(1, device=a.device, dtype=torch.float32)
+    fp32_dummy = stats[0] if stats is not None else _fp32_placeholder(a.device)
     mean, rstd = stats if stats is not None else (fp32_dummy, fp32_dummy)
     ptrs = [a, weight, out, _or(bias, weight), mean, rstd, _or(norm_weight, weight), _or(norm_bias, weight),
             _or(residual, weight), _or(layer_scale, weight), _or(pos, weight), _or(cls, weight)]
-    grid = (triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N),)
+    grid = (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)
     _gemm_kernel[grid](*ptrs, *(s[k] for k in _INT_ARGS), q_scale,
                        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
                        DOT_PRECISION=_precision(a.dtype), num_warps=num_warps, num_stages=num_stages,
                        **flags)
     return out
+
+
+_FP32_PLACEHOLDERS: Dict[torch.device, Tensor] = {}
+
+
+def _fp32_placeholder(device: torch.device) -> Tensor:
+    """One fp32 element per device for the mean/rstd pointers without a LayerNorm (never read),
+    made once: no allocation per launch."""
+    t = _FP32_PLACEHOLDERS.get(device)
+    if t is None:
+        t = _FP32_PLACEHOLDERS[device] = torch.empty(1, device=device, dtype=torch.float32)
+    return t
 
 
 def _or(t: Optional[Tensor], placeholder: Tensor) -> Tensor:
@@ -308,7 +342,7 @@ def dense_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
                   norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
                   eps: float = 1e-6, stats: Optional[Tuple[Tensor, Tensor]] = None, act: int = ACT_NONE,
                   residual: Optional[Tensor] = None, layer_scale: Optional[Tensor] = None,
-                  out: Optional[Tensor] = None) -> Tensor:
+                  out: Optional[Tensor] = None, gemm_config: Optional[Tuple[int, ...]] = None) -> Tensor:
     """[LayerNorm ->] x @ weight^T [+ bias] [-> GELU] [* layer_scale] [+ residual], one launch.
 
     x: (..., K); weight: (N, K); bias, layer_scale: (N,); norm_weight, norm_bias: (K,) applies
@@ -328,25 +362,26 @@ def dense_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
         out_strides=as_rows("out", out, T), bias=bias, stats=stats if norm_weight is not None else None,
         norm_weight=norm_weight, norm_bias=norm_bias, act=act,
         residual=residual, res_strides=as_rows("residual", residual, T) if residual is not None else (0, 0, 0),
-        layer_scale=layer_scale)
+        layer_scale=layer_scale, gemm_config=gemm_config)
 
 
 def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
                    residual: Optional[Tensor] = None, layer_scale: Optional[Tensor] = None,
-                   out: Optional[Tensor] = None) -> Tensor:
+                   out: Optional[Tensor] = None, gemm_config: Optional[Tuple[int, ...]] = None) -> Tensor:
     """The output projection of a block: residual + layer_scale * (x @ weight^T + bias).
 
     x: (..., in); weight: (out_features, in); bias, layer_scale: (out_features,) or None;
     residual: (..., out_features) or None; out: optional (..., out_features) to write into.
     Returns (..., out_features) in x's dtype. One launch; the epilogue does bias, scale, residual.
     """
-    return dense_forward(x, weight, bias, residual=residual, layer_scale=layer_scale, out=out)
+    return dense_forward(x, weight, bias, residual=residual, layer_scale=layer_scale, out=out,
+                         gemm_config=gemm_config)
 
 
 def qkv_projection_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = None, *,
                            num_heads: int, scale: float, norm_weight: Optional[Tensor] = None,
                            norm_bias: Optional[Tensor] = None, eps: float = 1e-6,
-                           out: Optional[Tensor] = None) -> Tensor:
+                           out: Optional[Tensor] = None, gemm_config: Optional[Tuple[int, ...]] = None) -> Tensor:
     """[LayerNorm ->] QKV projection written straight into the attention layout.
 
     x: (B, N, dim), any strides; qkv_weight: (3*inner, dim), rows [q; k; v], each head-major;
@@ -375,7 +410,7 @@ def qkv_projection_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Ten
     return launch_gemm(
         x, qkv_weight, out, M=M, N=3 * inner, K=dim, T=Ntok, a_strides=x.stride(),
         w_strides=qkv_weight.stride(), out_strides=out.stride(), bias=qkv_bias, stats=stats,
-        norm_weight=norm_weight, norm_bias=norm_bias, qkv=(inner, head_dim, scale))
+        norm_weight=norm_weight, norm_bias=norm_bias, qkv=(inner, head_dim, scale), gemm_config=gemm_config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,10 +426,12 @@ DIVISIBLE_ROWS = _PTR_ARGS + ("N", "K", "s_ab", "s_at", "s_wn", "s_o3", "s_ob", 
 
 
 def aot_spec(name: str, dtype: torch.dtype, *, unit_strides=UNIT_STRIDES_ROWS, divisible=DIVISIBLE_ROWS,
-             **flags) -> AotSpec:
+             gemm_config=None, archs=(80, 90), **flags) -> AotSpec:
     """The AotSpec of one flag combination (keyword names as in :func:`_flags`) for ``dtype``;
-    ``unit_strides`` are compiled as the constant 1, ``divisible`` as multiples of 16."""
-    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = block_config(dtype, flags.get("a_mode", A_DENSE))
+    ``unit_strides`` are compiled as the constant 1, ``divisible`` as multiples of 16;
+    gemm_config: tiles other than :func:`block_config`'s (a tuning alternative) for ``archs``."""
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = (
+        gemm_config or block_config(dtype, flags.get("a_mode", A_DENSE)))
     p = ptr_type(dtype)
     sig = {k: ("*fp32" if k in _FP32_PTRS else p) for k in _PTR_ARGS}
     sig.update({k: "i32" for k in _INT_ARGS})
@@ -406,7 +443,9 @@ def aot_spec(name: str, dtype: torch.dtype, *, unit_strides=UNIT_STRIDES_ROWS, d
     dt = str(dtype).replace("torch.", "")
     on = ",".join(f"{k}={int(v)}" for k, v in _flags(**flags).items() if v)
     label = f"BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},BLOCK_K={BLOCK_K},{dt}" + (f",{on}" if on else "")
-    return AotSpec(name, _gemm_kernel, sig, constexprs, num_warps, num_stages, label, True,
+    if gemm_config is not None:
+        label += f",num_warps={num_warps},num_stages={num_stages},tuning"
+    return AotSpec(name, _gemm_kernel, sig, constexprs, num_warps, num_stages, label, True, tuple(archs),
                    divisible_by_16=tuple(d for d in divisible if d not in unit_strides))
 
 
@@ -420,4 +459,28 @@ def aot_specs() -> List[AotSpec]:
                 specs.append(aot_spec("gemm_linear", dtype, has_bias=has_bias, has_res=has_res, has_ls=has_ls))
             for norm in (NORM_NONE, NORM_AFFINE, NORM_WEIGHT_ONLY):
                 specs.append(aot_spec("gemm_qkv", dtype, norm=norm, has_bias=has_bias, out_mode=OUT_QKV))
+    return specs + tune_aot_specs()
+
+
+def tune_aot_specs() -> List[AotSpec]:
+    """Each tuning alternative (TUNE_CONFIGS, TUNE_PATCH_CONFIGS) on the archs that list it, with
+    the heaviest epilogues: linear with bias + residual + layer scale, the QKV head split with
+    LayerNorm, fc1 with LayerNorm + GELU, the patch gather with bias + pos + cls."""
+    specs = []
+    for table, variants in (
+            (TUNE_CONFIGS, (("gemm_linear", dict(has_bias=True, has_res=True, has_ls=True)),
+                            ("gemm_qkv", dict(norm=NORM_AFFINE, has_bias=True, out_mode=OUT_QKV)),
+                            ("gemm_fc1", dict(norm=NORM_AFFINE, has_bias=True, act=ACT_GELU_ERF)))),
+            (TUNE_PATCH_CONFIGS, (("gemm_patch_embed_nchw", dict(a_mode=A_PATCHES, has_bias=True, has_pos=True,
+                                                                 prefix=1)),))):
+        for dtype in DTYPES:
+            cfgs = sorted({c for arch in table for c in table[arch].get(dtype, ())})
+            for cfg in cfgs:
+                archs = tuple(a for a in sorted(table) if cfg in table[a].get(dtype, ()))
+                for name, flags in variants:
+                    kw = {}
+                    if flags.get("a_mode") == A_PATCHES:   # as patch_embed.aot_specs compiles NCHW
+                        from .patch_embed import LAYOUTS, _DIVISIBLE
+                        kw = dict(unit_strides=LAYOUTS["nchw"], divisible=_DIVISIBLE)
+                    specs.append(aot_spec(name, dtype, gemm_config=cfg, archs=archs, **kw, **flags))
     return specs

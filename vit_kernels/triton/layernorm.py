@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import cdiv
 from .aot import AotSpec, ptr_type
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -95,7 +96,7 @@ def row_stats(x2d: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
         return mean, rstd
     T = rows_per_batch(x2d)
     s_b, s_t, s_d = as_rows("x2d", x2d, T)
-    grid = (triton.cdiv(M, BLOCK_R),)
+    grid = (cdiv(M, BLOCK_R),)
     _row_stats_kernel[grid](x2d, mean, rstd, M, D, T, s_b, s_t, s_d, float(eps),
                             BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
     return mean, rstd

@@ -10,7 +10,7 @@ write, one read), in x's dtype, as an eager fc1 -> GELU would leave it.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from torch import Tensor
 
@@ -22,21 +22,24 @@ def layernorm_gelu_mlp_forward(x: Tensor, norm_weight: Optional[Tensor], norm_bi
                                fc1_weight: Tensor, fc1_bias: Optional[Tensor],
                                fc2_weight: Tensor, fc2_bias: Optional[Tensor], *, eps: float = 1e-6,
                                approximate: str = "none", residual: Optional[Tensor] = None,
-                               layer_scale: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
+                               layer_scale: Optional[Tensor] = None, out: Optional[Tensor] = None,
+                               gemm_config: Optional[Tuple[int, ...]] = None) -> Tensor:
     """[residual +] [layer_scale *] fc2(GELU(fc1(LayerNorm(x)))).
 
     x: (..., dim), any strides addressing it as (-1, tokens, dim); norm_weight, norm_bias: (dim,)
     (norm_weight None: no LayerNorm, as in the op's torch path); fc1_weight: (hidden, dim);
     fc1_bias: (hidden,); fc2_weight: (out, hidden); fc2_bias, layer_scale: (out,);
     residual: (..., out); approximate: "none" (erf GELU) or "tanh"; out: optional (..., out) to
-    write into. Returns (..., out) in x's dtype.
+    write into. gemm_config: the tiles of both GEMMs (None: gemm.block_config). Returns (..., out)
+    in x's dtype.
     """
     if approximate not in ACTIVATIONS:
         raise ValueError(f"approximate: expected one of {tuple(ACTIVATIONS)}, got {approximate!r}")
     h = dense_forward(x, fc1_weight, fc1_bias, norm_weight=norm_weight,
                       norm_bias=norm_bias if norm_weight is not None else None, eps=eps,
-                      act=ACTIVATIONS[approximate])
-    return dense_forward(h, fc2_weight, fc2_bias, residual=residual, layer_scale=layer_scale, out=out)
+                      act=ACTIVATIONS[approximate], gemm_config=gemm_config)
+    return dense_forward(h, fc2_weight, fc2_bias, residual=residual, layer_scale=layer_scale, out=out,
+                         gemm_config=gemm_config)
 
 
 def aot_specs() -> List[AotSpec]:

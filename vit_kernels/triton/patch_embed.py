@@ -9,7 +9,7 @@ writes the whole token buffer.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from torch import Tensor
 
@@ -20,13 +20,14 @@ from .layernorm import as_rows
 
 def patch_embed_forward(images: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, patch_size: int,
                         pos_embed: Optional[Tensor] = None, cls_token: Optional[Tensor] = None,
-                        out: Optional[Tensor] = None) -> Tensor:
+                        out: Optional[Tensor] = None, gemm_config: Optional[Tuple[int, ...]] = None) -> Tensor:
     """Patchify + projection + class token + position embedding, one launch.
 
     images: (B, C, H, W), any strides (NCHW, channels_last); weight: (dim, C, p, p) (Conv2d
     layout, any strides); bias: (dim,); cls_token: (1, 1, dim) or (dim,); pos_embed:
     (1, prefix + patches, dim) or (prefix + patches, dim), already resampled for H x W.
     patch_size p divides H and W (checked by the op). out: optional (B, T, dim) to write into.
+    gemm_config: tiles (None: gemm.block_config's patch tiles).
     Returns (B, T, dim), T = prefix + (H/p)*(W/p), prefix = 1 with cls_token else 0.
     """
     _check_dtype("images", images)
@@ -47,7 +48,7 @@ def patch_embed_forward(images: Tensor, weight: Tensor, bias: Optional[Tensor] =
     return launch_gemm(
         images, weight, out, M=B * T, N=dim, K=C * p * p, T=T, a_strides=images.stride(),
         w_strides=weight.stride(), out_strides=as_rows("out", out, T), bias=bias,
-        pos=pos_embed, pos_strides=pos_strides, cls=cls, patch=(p, gw))
+        pos=pos_embed, pos_strides=pos_strides, cls=cls, patch=(p, gw), gemm_config=gemm_config)
 
 
 # What Triton's launcher specializes for the usual call (see gemm.UNIT_STRIDES_ROWS): NCHW images

@@ -16,7 +16,8 @@ split: where K and V do not fit on chip. ``vit_kernels.triton.gemm.qkv_projectio
 buffer, then the flash attention kernel (vit_kernels.triton.attention) reads it and writes the
 (batch, tokens, heads * head_dim) output through a strided view.
 
-:func:`choose_path` picks per shape and architecture (see its docstring).
+:func:`choose_path` is the untimed default ("split", see its docstring); :func:`single_kernel_fits` says
+where the single kernel may run when asked for or chosen by measurement (vit_kernels.tuning).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import attention
+from . import next_power_of_2
 from .aot import AotSpec, ptr_type
 
 LOG2E = 1.4426950408889634
@@ -209,10 +211,10 @@ def kv_layout(tokens: int) -> Tuple[int, int]:
     largest power of two <= tokens plus a tail of the next power of two >= the rest (at least 64),
     or none when tokens is a power of two. 257 -> (256, 64), 577 -> (512, 128), 512 -> (512, 0)."""
     if tokens <= MAX_N_PAD:
-        return max(MIN_N_PAD, triton.next_power_of_2(tokens)), 0
+        return max(MIN_N_PAD, next_power_of_2(tokens)), 0
     main = 1 << (tokens.bit_length() - 1)
     rest = tokens - main
-    return main, (max(MIN_N_PAD, triton.next_power_of_2(rest)) if rest else 0)
+    return main, (max(MIN_N_PAD, next_power_of_2(rest)) if rest else 0)
 
 
 def n_pad(tokens: int) -> int:
@@ -252,30 +254,39 @@ def single_kernel_fits(dtype: torch.dtype, tokens: int, head_dim: int, arch: int
 
 
 def choose_path(x: Tensor, num_heads: int, head_dim: int) -> str:
-    """"single_kernel" where one head's K and V fit on chip: :func:`onchip_bytes` (the main and
-    tail tiles of :func:`kv_layout`) within the per-block shared memory of x's device architecture
-    less SMEM_HEADROOM, a main tile of at most MAX_N_MAIN rows whose fp32 accumulator is at most
-    MAX_TILE_ACC_BYTES, a tail of at most MAX_N_TAIL rows, beyond 256 tokens a head_dim padded to
-    at least MIN_LONG_BLOCK_D, and not in SPILLING (ptxas spilled on those); else "split". On CPU tensors (Triton's interpreter) sm_90's
-    rule is used, so the path taken matches an H100's.
-    E.g. fp16/bf16, head_dim 64: single kernel up to 768 tokens on sm_90 (197: 64 KB, 257: 80 KB,
-    577: 160 KB), up to 512 on sm_80 (163 KB per block); head_dim 80 (padded to 128): up to 384
-    tokens on sm_90, 256 on sm_80; fp32, head_dim 64: up to 128 tokens; fp32, head_dim 32: up to
-    384 tokens on sm_90, 256 on sm_80."""
-    return "single_kernel" if single_kernel_fits(x.dtype, x.shape[1], head_dim, device_arch(x.device)) else "split"
+    """The path taken when nothing was timed (tuning off or cache-only without an entry, no GPU,
+    CPU tensors): always "split". The single kernel runs only when the caller asks for it
+    (``path="single_kernel"``) or when a measurement on the device chose it
+    (:mod:`vit_kernels.tuning` times both paths and keeps the faster).
+
+    Why not the single kernel where it fits: a static read of its sm_90 code (no GPU has timed it;
+    shared/DESIGN.md, issue 10) says it is latency-bound. Each program owns one (batch, head)
+    and walks 16-row query tiles with no software pipelining (num_stages=1), and it re-reads its
+    image's x and recomputes the LayerNorm per head (about 7 reads of x per program, ~84 per ViT-B
+    layer), so a ViT-B layer at batch 256 is estimated at 2-5 ms against ~0.5 ms for LayerNorm +
+    cuBLAS QKV + SDPA. The split path (a tiled QKV GEMM writing (3, B, H, N, head_dim), then flash
+    attention) reads x once and is estimated near parity with eager. The most the single kernel
+    can save is the Q, K, V round trip (~0.14 ms per ViT-B layer), so only a measurement may pick
+    it. Where it may run at all is :func:`single_kernel_fits` (for example fp16/bf16, head_dim 64:
+    up to 768 tokens on sm_90, 512 on sm_80). x, num_heads and head_dim are kept so a rule per
+    shape can come back once timings exist."""
+    return "split"
 
 
 def qkv_attention_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = None, *,
                           num_heads: int, scale: float, norm_weight: Optional[Tensor] = None,
                           norm_bias: Optional[Tensor] = None, eps: float = 1e-6,
-                          path: Optional[str] = None, out: Optional[Tensor] = None) -> Tensor:
+                          path: Optional[str] = None, out: Optional[Tensor] = None,
+                          gemm_config: Optional[Tuple[int, ...]] = None,
+                          attention_config: Optional[Tuple[int, ...]] = None) -> Tensor:
     """[LayerNorm ->] QKV projection -> attention, heads concatenated.
 
     x: (batch, tokens, dim), unit last-dim stride; qkv_weight: (3*inner, dim), rows [q; k; v], each
     head-major, unit last-dim stride; qkv_bias: (3*inner,) or None; norm_weight, norm_bias: (dim,)
     apply LayerNorm(x, eps) first (as x loads). scale: the softmax scale. path: "single_kernel",
     "split" or None (:func:`choose_path`). out: optional (batch, tokens, inner) output.
-    Returns (batch, tokens, inner).
+    gemm_config, attention_config: the split path's QKV GEMM and flash attention tiles (None: their
+    defaults; the tuner passes alternatives). Returns (batch, tokens, inner).
     """
     if x.dim() != 3:
         raise ValueError(f"x: expected (batch, tokens, dim), got shape {tuple(x.shape)}")
@@ -300,10 +311,11 @@ def qkv_attention_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
     if path == "split":
         from .gemm import qkv_projection_forward
         qkv = qkv_projection_forward(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
-                                     norm_weight=norm_weight, norm_bias=norm_bias, eps=eps)
+                                     norm_weight=norm_weight, norm_bias=norm_bias, eps=eps, gemm_config=gemm_config)
         # Q is already scaled: softmax(q' k^T) with scale 1.
         attention.flash_attention_forward(qkv[0], qkv[1], qkv[2], 1.0,
-                                          out=out.view(B, N, num_heads, head_dim).transpose(1, 2))
+                                          out=out.view(B, N, num_heads, head_dim).transpose(1, 2),
+                                          attention_config=attention_config)
         return out
 
     arch = device_arch(x.device)

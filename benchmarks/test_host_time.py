@@ -1,0 +1,76 @@
+"""Host time of one fused-op call: the Python work of ``backend="auto"`` with a cached tuning
+choice (argument checks, dispatch, the tuner's cache look-up, launch preparation: strides,
+flags, output allocation), with the Triton kernel launch itself stubbed. Issue 10's budget:
+under 15 us per call on the CPU. Runs anywhere (CPU tensors stand in for CUDA ones; the stubbed
+kernels never run): ``pytest benchmarks/test_host_time.py --benchmark-only``.
+
+The one tuning call per op is made with a fake timer that lets the Triton candidate win and with
+the tolerance check accepting the stub's unwritten output; after it, every timed call is a cache
+hit, which is what a tuned model's forward does on a GPU.
+"""
+import pytest
+import torch
+
+from vit_kernels import backends, ops, testing, tuning
+from vit_kernels.models.vit import SIZES as VIT_SIZES
+
+BUDGET_US = 15.0
+triton_mods = pytest.importorskip("vit_kernels.triton.gemm")
+
+
+class StubKernel:
+    """Stands for a @triton.jit kernel: ``kernel[grid](*args, **kw)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@pytest.fixture
+def stubbed(monkeypatch):
+    from vit_kernels.triton import attention, gemm, layernorm, qkv_attention
+    for mod, name in ((gemm, "_gemm_kernel"), (attention, "_attn_fwd_kernel"),
+                      (qkv_attention, "_qkv_attn_kernel"), (layernorm, "_row_stats_kernel")):
+        monkeypatch.setattr(mod, name, StubKernel())
+    monkeypatch.setattr(backends, "triton_unavailable", lambda device, dtypes=(): None)
+    monkeypatch.setattr(testing, "compare", lambda out, *a, **k: testing.Comparison(
+        "stub", True, 0.0, 0.0, 0.0, 0.0, (), 0.0, 0.0))
+
+    def only_triton(op, facts, available, device_type):
+        return [tuning.Candidate("torch"), tuning.Candidate("triton", "split" if op == "qkv_attention" else "")]
+    tuner = tuning.Tuner(timer=lambda c, fn: 0.1 if c.backend == "triton" else 1.0, tunable=lambda d: None,
+                         device_facts=lambda d: ("stub", 90), path=None, candidate_list=only_triton)
+    with tuning.use_tuner(tuner):
+        yield
+
+
+def block_calls():
+    """One ViT-B/16 block's fused-op calls at batch 2, fp16 (the host work does not depend on the
+    batch), as closures."""
+    dim, _, heads, hidden = VIT_SIZES["base"]
+    g = dict(dtype=torch.float16)
+    B, N = 2, 197
+    r = lambda *s: torch.randn(*s, **g)  # noqa: E731
+    x, o = r(B, N, dim), r(B, N, dim)
+    qkv_w, qkv_b, nw, nb, pw, pb = r(3 * dim, dim), r(3 * dim), r(dim), r(dim), r(dim, dim), r(dim)
+    w1, b1, w2, b2 = r(hidden, dim), r(hidden), r(dim, hidden), r(dim)
+    images, cw, cb, pos, cls = r(B, 3, 224, 224), r(dim, 3, 16, 16), r(dim), r(1, N, dim), r(1, 1, dim)
+    return {
+        "qkv_attention": lambda: ops.qkv_attention(x, qkv_w, qkv_b, num_heads=heads, norm_weight=nw, norm_bias=nb),
+        "linear": lambda: ops.linear(o, pw, pb, residual=x),
+        "layernorm_gelu_mlp": lambda: ops.layernorm_gelu_mlp(x, nw, nb, w1, b1, w2, b2, residual=x),
+        "patch_embed": lambda: ops.patch_embed(images, cw, cb, patch_size=16, pos_embed=pos, cls_token=cls),
+    }
+
+
+@pytest.mark.parametrize("op", ["qkv_attention", "linear", "layernorm_gelu_mlp", "patch_embed"])
+def test_host_time_per_call(benchmark, stubbed, op):
+    call = block_calls()[op]
+    with torch.inference_mode():
+        call()   # the one tuning call
+        d = backends.last_decision(op)
+        assert d.backend == "triton" and d.tuned is not None, str(d)
+        benchmark.extra_info["budget_us"] = BUDGET_US
+        benchmark.pedantic(call, rounds=200, warmup_rounds=20, iterations=20)
+    us = benchmark.stats.stats.median * 1e6
+    benchmark.extra_info["median_us"] = us
+    print(f"{op}: {us:.1f} us per call (budget {BUDGET_US} us)")

@@ -1,0 +1,459 @@
+"""Measured selection (vit_kernels.tuning) with an injected fake timer and device check: which
+candidate wins, dropped candidates and their reasons, the cache (memory, file, versions, a
+corrupt file), threads, and the tune mode. The candidates really run (Triton's interpreter on the
+CPU) and are checked against the float64 oracle; only the clock is fake."""
+import copy
+import json
+import threading
+
+import pytest
+import torch
+
+import vit_kernels as vk
+from vit_kernels import reference, tuning
+from vit_kernels.ops.qkv_attention import qkv_attention_torch
+from vit_kernels.tuning import Candidate, Tuner
+from vit_kernels.testing import assert_close
+
+from conftest import DEVICE  # noqa: E402
+
+pytest.importorskip("vit_kernels.triton.gemm")
+ARCH = 90
+VERSIONS = {"vit_kernels": "test", "torch": torch.__version__, "triton": "test"}
+
+
+class FakeTimer:
+    """ms per candidate name (default 1.0); counts the candidates it timed."""
+
+    def __init__(self, ms=None, default=1.0):
+        self.ms = dict(ms or {})
+        self.default = default
+        self.calls = []
+        self.lock = threading.Lock()
+
+    def __call__(self, candidate, fn):
+        fn()   # the candidate runs, as it would be timed
+        with self.lock:
+            self.calls.append(candidate.name)
+        return self.ms.get(candidate.name, self.default)
+
+
+def no_cuda(op, facts, available, device_type):
+    """The real candidate list without the CUDA host emulator (slow to build, not under test)."""
+    return tuning.candidates(op, facts, [b for b in available if b != "cuda"], device_type)
+
+
+def make_tuner(timer, path=None, versions=VERSIONS, candidate_list=no_cuda):
+    """A tuner that treats this device (CPU tensors, Triton's interpreter) as a tunable sm_90 GPU."""
+    return Tuner(timer=timer, tunable=lambda device: None, device_facts=lambda device: ("fake-gpu", ARCH),
+                 versions=versions, path=path, candidate_list=candidate_list)
+
+
+def linear_args(dtype=torch.float32):
+    x = torch.randn(2, 8, 32, dtype=dtype, device=DEVICE)
+    w = torch.randn(48, 32, dtype=dtype, device=DEVICE) * 32 ** -0.5
+    b = torch.randn(48, dtype=dtype, device=DEVICE)
+    r = torch.randn(2, 8, 48, dtype=dtype, device=DEVICE)
+    return x, w, b, r
+
+
+def check_linear(out, x, w, b, r):
+    assert_close(out, reference.linear(x.double(), w.double(), b.double(), residual=r.double()),
+                 torch.nn.functional.linear(x, w, b) + r)
+
+
+def gemm_alt(dtype=torch.float32):
+    from vit_kernels.triton import gemm
+    return gemm.tune_configs(dtype, ARCH)[0]
+
+
+def alt_name(dtype=torch.float32):
+    return Candidate("triton", "", (("gemm_config", gemm_alt(dtype)),)).name
+
+
+def test_torch_fastest_takes_torch():
+    timer = FakeTimer({"torch": 0.5})
+    x, w, b, r = linear_args()
+    with tuning.use_tuner(make_tuner(timer)) as t:
+        out = vk.linear(x, w, b, residual=r)
+    d = vk.last_decision("linear")
+    assert (d.backend, d.path, d.config) == ("torch", "", ())
+    assert set(timer.calls) == {"torch", "triton", alt_name()}
+    assert "measured slower" in d.reasons["triton"]
+    check_linear(out, x, w, b, r)
+    [entry] = t.entries()
+    assert entry.winner == Candidate("torch") and entry.speedup == 1.0
+
+
+def test_triton_config_fastest_takes_that_config():
+    timer = FakeTimer({alt_name(): 0.25})
+    x, w, b, r = linear_args()
+    with tuning.use_tuner(make_tuner(timer)):
+        out = vk.linear(x, w, b, residual=r)
+    d = vk.last_decision("linear")
+    assert (d.backend, d.config) == ("triton", (("gemm_config", gemm_alt()),))
+    assert d.tuned.speedup == pytest.approx(4.0)
+    assert "4.00x" in str(d)
+    check_linear(out, x, w, b, r)
+
+
+def paths_only(op, facts, available, device_type):
+    """torch and the two Triton paths with their default tiles (the interpreter is slow)."""
+    return [c for c in no_cuda(op, facts, available, device_type) if not c.config]
+
+
+def test_qkv_attention_single_kernel_only_by_measurement():
+    """The single kernel runs under auto only when it measured fastest; otherwise split or torch."""
+    x = torch.randn(1, 16, 32, device=DEVICE)
+    w = torch.randn(96, 32, device=DEVICE) * 32 ** -0.5
+    nw, nb = 1 + 0.1 * torch.randn(32, device=DEVICE), 0.1 * torch.randn(32, device=DEVICE)
+    oracle = reference.qkv_attention(x.double(), w.double(), num_heads=2, norm_weight=nw.double(),
+                                     norm_bias=nb.double())
+    for fastest, expected in (("triton:single_kernel", ("triton", "single_kernel")),
+                              ("triton:split", ("triton", "split")), ("torch", ("torch", "torch"))):
+        timer = FakeTimer({fastest: 0.1})
+        with tuning.use_tuner(make_tuner(timer, candidate_list=paths_only)):
+            out = vk.qkv_attention(x, w, num_heads=2, norm_weight=nw, norm_bias=nb)
+        d = vk.last_decision("qkv_attention")
+        assert (d.backend, d.path) == expected
+        assert {"torch", "triton:split", "triton:single_kernel"} <= set(timer.calls)
+        assert_close(out, oracle, qkv_attention_torch(
+            x, w, None, num_heads=2, scale=16 ** -0.5, norm_weight=nw, norm_bias=nb, eps=1e-6))
+
+
+def test_failing_candidate_is_dropped_with_its_reason():
+    """A tile config that cannot compile (not powers of two) is dropped; the rest still compete."""
+    bad = Candidate("triton", "", (("gemm_config", (48, 48, 48, 4, 1)),))
+
+    def with_bad(op, facts, available, device_type):
+        return no_cuda(op, facts, available, device_type) + [bad]
+    timer = FakeTimer({"triton": 0.3})
+    x, w, b, r = linear_args()
+    with tuning.use_tuner(make_tuner(timer, candidate_list=with_bad)) as t:
+        out = vk.linear(x, w, b, residual=r)
+    d = vk.last_decision("linear")
+    assert (d.backend, d.config) == ("triton", ())
+    [entry] = t.entries()
+    [res] = [r_ for r_ in entry.results if r_.candidate == bad]
+    assert res.ms is None and res.dropped.startswith("failed: ")
+    assert bad.name not in timer.calls
+    check_linear(out, x, w, b, r)
+    assert "dropped: failed" in entry.table()
+
+
+def test_disagreeing_candidate_is_dropped():
+    """A candidate whose result misses the oracle beyond the tolerance rule is never timed."""
+    from vit_kernels.ops.linear import _launch
+    x, w, b, r = linear_args()
+
+    def run(d, *args):
+        out = _launch(d, *args)
+        return out + 1.0 if d.backend == "triton" and d.config else out
+    timer = FakeTimer({alt_name(): 0.01})
+    t = make_tuner(timer)
+    cands = [Candidate("torch"), Candidate("triton"), Candidate("triton", "", (("gemm_config", gemm_alt()),))]
+    entry = t.tune_signature("linear", "sig", cands, run, (x, w, b, r, None))
+    [res] = [r_ for r_ in entry.results if r_.candidate == cands[2]]
+    assert res.ms is None and "disagrees with the oracle" in res.dropped and "max abs err" in res.dropped
+    assert entry.winner != cands[2] and alt_name() not in timer.calls
+
+
+def test_cache_hit_times_nothing(tmp_path):
+    path = str(tmp_path / "tuning.json")
+    x, w, b, r = linear_args()
+    timer = FakeTimer({alt_name(): 0.2})
+    with tuning.use_tuner(make_tuner(timer, path)):
+        vk.linear(x, w, b, residual=r)
+        n = len(timer.calls)
+        assert n == 3
+        vk.linear(x, w, b, residual=r)             # in memory
+        vk.linear(torch.randn_like(x), w, b, residual=r)
+    assert len(timer.calls) == n
+    data = json.load(open(path))
+    assert data["format"] == tuning.FORMAT and data["versions"] == VERSIONS and len(data["entries"]) == 1
+    timer2 = FakeTimer()                              # a new process: the file
+    with tuning.use_tuner(make_tuner(timer2, path)):
+        out = vk.linear(x, w, b, residual=r)
+    assert timer2.calls == []
+    assert vk.last_decision("linear").config == (("gemm_config", gemm_alt()),)
+    check_linear(out, x, w, b, r)
+    timer3 = FakeTimer()                              # another shape is another signature
+    with tuning.use_tuner(make_tuner(timer3, path)):
+        vk.linear(x[:1], w, b, residual=r[:1])
+    assert len(timer3.calls) == 3
+
+
+def test_version_change_invalidates(tmp_path):
+    path = str(tmp_path / "tuning.json")
+    x, w, b, r = linear_args()
+    with tuning.use_tuner(make_tuner(FakeTimer(), path)):
+        vk.linear(x, w, b, residual=r)
+    timer = FakeTimer()
+    with pytest.warns(RuntimeWarning, match="written by another version") as rec:
+        with tuning.use_tuner(make_tuner(timer, path, versions={**VERSIONS, "torch": "9.9"})):
+            vk.linear(x, w, b, residual=r)
+    assert len(rec) == 1
+    assert len(timer.calls) == 3
+    assert json.load(open(path))["versions"]["torch"] == "9.9"
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps([1, 2]), json.dumps({"format": 1})])
+def test_corrupt_cache_file_recovers_with_one_warning(tmp_path, content):
+    path = tmp_path / "tuning.json"
+    path.write_text(content)
+    x, w, b, r = linear_args()
+    timer = FakeTimer({"torch": 0.1})
+    with pytest.warns(RuntimeWarning, match="vit_kernels tuning") as rec:
+        with tuning.use_tuner(make_tuner(timer, str(path))):
+            vk.linear(x, w, b, residual=r)
+            vk.linear(x[:1], w, b, residual=r[:1])
+    assert len(rec) == 1
+    data = json.loads(path.read_text())
+    assert len(data["entries"]) == 2 and data["versions"] == VERSIONS
+
+
+def test_eight_threads_time_one_signature_once(tmp_path):
+    x, w, b, r = linear_args()
+    # torch wins: after tuning all 8 threads run the winner at once, and Triton's interpreter
+    # (this machine's stand-in for a GPU) is not thread-safe; tuning itself runs in one thread.
+    timer = FakeTimer({"torch": 0.1})
+    t = make_tuner(timer, str(tmp_path / "tuning.json"))
+    outs, errors = [None] * 8, []
+    barrier = threading.Barrier(8)
+
+    def work(i):
+        try:
+            barrier.wait()
+            outs[i] = vk.linear(x, w, b, residual=r)
+        except BaseException as e:   # reported below
+            errors.append(e)
+    with tuning.use_tuner(t):
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    assert not errors
+    assert sorted(timer.calls) == sorted(["torch", "triton", alt_name()])
+    for out in outs:
+        check_linear(out, x, w, b, r)
+
+
+def test_mode_argument_env_and_scope(tmp_path, monkeypatch):
+    path = str(tmp_path / "tuning.json")
+    x, w, b, r = linear_args()
+    timer = FakeTimer()
+    with tuning.use_tuner(make_tuner(timer, path)):
+        vk.linear(x, w, b, residual=r, tune="off")
+        d = vk.last_decision("linear")
+        assert d.backend == "torch" and "off" in d.reasons["tuning"]
+        monkeypatch.setenv("VIT_KERNELS_TUNE", "off")
+        vk.linear(x, w, b, residual=r)
+        monkeypatch.setenv("VIT_KERNELS_TUNE", "cache-only")
+        vk.linear(x, w, b, residual=r)
+        assert "cache-only and no cached choice" in vk.last_decision("linear").reasons["tuning"]
+        assert timer.calls == []
+        with tuning.mode("on"):                        # the scope wins over the environment
+            vk.linear(x, w, b, residual=r)
+        assert len(timer.calls) == 3
+        vk.linear(x, w, b, residual=r)                 # cache-only with a cached choice uses it
+        assert vk.last_decision("linear").tuned is not None
+        monkeypatch.setenv("VIT_KERNELS_TUNE", "sometimes")
+        with pytest.raises(ValueError, match=r"VIT_KERNELS_TUNE: expected one of \('on', 'off', 'cache-only'\)"):
+            vk.linear(x, w, b, residual=r)
+        monkeypatch.delenv("VIT_KERNELS_TUNE")
+        with tuning.mode("off"):
+            vk.linear(x, w, b, residual=r, tune="cache-only")   # the argument wins over the scope
+            assert vk.last_decision("linear").tuned is not None
+    with pytest.raises(ValueError, match=r"tune: expected one of"):
+        with tuning.mode("always"):
+            pass
+
+
+def test_no_gpu_means_nothing_timed():
+    """The default device check: CPU tensors are never tuned; auto keeps the untimed rules."""
+    assert tuning.cuda_tunable(torch.device("cpu")) is not None
+    timer = FakeTimer()
+    t = Tuner(timer=timer, path=None, versions=VERSIONS)
+    x, w, b, r = linear_args()
+    with tuning.use_tuner(t):
+        vk.linear(x, w, b, residual=r)
+    assert timer.calls == [] and vk.last_decision("linear").backend == "torch"
+
+
+def test_candidate_lists():
+    """Triton configs come from the launchers' lists (compiled by inspect); SDPA backends are torch
+    candidates on CUDA; qkv_attention offers single_kernel only where it fits."""
+    from vit_kernels.triton import attention, gemm
+    f = tuning.Facts(torch.float16, 90)
+    names = [c.name for c in tuning.candidates("linear", f, ["triton", "cuda"], "cuda")]
+    assert names[:2] == ["torch", "triton"] and names[-1] == "cuda"
+    assert len(names) == 3 + len(gemm.tune_configs(torch.float16, 90))
+    fa = tuning.Facts(torch.float16, 80, head_dim=64, tokens=197)
+    names = [c.name for c in tuning.candidates("qkv_attention", fa, ["triton"], "cuda")]
+    assert {"torch:sdpa_flash", "torch:sdpa_efficient", "torch:sdpa_cudnn", "triton:split",
+            "triton:single_kernel"} <= set(names)
+    assert len(names) == 4 + 2 + len(gemm.tune_configs(torch.float16, 80)) + len(
+        attention.tune_configs(torch.float16, 64, 80))
+    far = tuning.Facts(torch.float16, 80, head_dim=64, tokens=1025)
+    assert "triton:single_kernel" not in [c.name for c in tuning.candidates("qkv_attention", far, ["triton"], "cuda")]
+    forced = tuning.Facts(torch.float16, 90, head_dim=64, tokens=197, path="single_kernel")
+    assert [c.name for c in tuning.candidates("qkv_attention", forced, ["triton"], "cuda")] == [
+        "torch", "triton:single_kernel"]
+
+
+def test_tuned_configs_are_compiled_by_inspect():
+    """Every config the tuner can launch is an AotSpec of `inspect` for that arch."""
+    from vit_kernels.triton import attention, gemm
+    specs = gemm.aot_specs()
+    compiled = {(s.kernel, s.signature["a_ptr"], (s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"],
+                 s.constexprs["BLOCK_K"], s.num_warps, s.num_stages), a) for s in specs for a in s.archs}
+    for arch in (80, 90):
+        for dtype in gemm.DTYPES:
+            p = gemm.ptr_type(dtype)
+            for cfg in gemm.tune_configs(dtype, arch):
+                for kernel in ("gemm_linear", "gemm_qkv", "gemm_fc1"):
+                    assert (kernel, p, cfg, arch) in compiled
+            for cfg in gemm.tune_configs(dtype, arch, patch=True):
+                assert ("gemm_patch_embed_nchw", p, cfg, arch) in compiled
+    att = {(s.signature["Q"], s.constexprs["BLOCK_D"], (s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"],
+            s.num_warps, s.num_stages), a) for s in attention.aot_specs() for a in s.archs}
+    for arch in (80, 90):
+        for dtype in attention.DTYPES:
+            for hd in (16, 32, 64, 128, 256):
+                for cfg in attention.tune_configs(dtype, hd, arch):
+                    assert (attention.ptr_type(dtype), attention.block_d(hd), cfg, arch) in att
+
+
+def tiny_vit(backend="auto"):
+    from vit_kernels.models import VisionTransformer
+    return VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=10,
+                             backend=backend).eval()
+
+
+def test_tune_model_fused_faster_reports_both_and_the_parts():
+    model = tiny_vit()
+    images = torch.randn(2, 3, 32, 32, device=DEVICE)
+    timer = FakeTimer({"triton": 0.2, "triton:split": 0.2, "model:fused": 1.0, "model:unfused": 2.0})
+    with tuning.use_tuner(make_tuner(timer, candidate_list=paths_only)):
+        result = vk.tune(model, images)
+        with tuning.mode("cache-only"), torch.no_grad():
+            out = model(images)
+        printed = vk.tune_report(print_it=False)
+    assert (result.fused_ms, result.unfused_ms, result.fell_back) == (1.0, 2.0, [])
+    assert "2.00x faster" in str(result)
+    assert {e.op for e in result.entries} == {"patch_embed", "qkv_attention", "linear", "layernorm_gelu_mlp"}
+    assert len(printed) == 4 and all(e.winner.backend == "triton" for e in printed)
+    assert vk.last_decision("qkv_attention").path == "split"
+    report = str(vk.fuse_report(model))
+    assert "tuned: qkv_attention: triton split, measured 5.00x the torch path" in report
+    assert "tuned: layernorm_gelu_mlp: triton, measured 5.00x" in report
+    oracle_model = vk.nn.set_backend(copy.deepcopy(model).double(), "reference")
+    torch_model = vk.nn.set_backend(copy.deepcopy(model), "torch")
+    with torch.no_grad():
+        assert_close(out, oracle_model(images.double()), torch_model(images))
+
+
+def test_tune_model_not_faster_falls_back_to_torch_unless_explicit():
+    model = tiny_vit()
+    model.blocks[1].mlp.backend = "triton"          # asked for explicitly: kept
+    images = torch.randn(2, 3, 32, 32, device=DEVICE)
+    timer = FakeTimer({"model:fused": 3.0, "model:unfused": 2.0})
+    with tuning.use_tuner(make_tuner(timer, candidate_list=paths_only)):
+        result = vk.tune(model, images)
+    assert "NOT faster" in result.message and "3 ms" in result.message and "2 ms" in result.message
+    assert "blocks.1.mlp (backend='triton')" in result.message
+    assert model.blocks[0].attn.backend == "torch" and model.patch_embed.backend == "torch"
+    assert model.blocks[1].mlp.backend == "triton"
+    assert "blocks.1.mlp" not in result.fell_back and "blocks.0.attn" in result.fell_back
+    assert "this part runs the torch path" in str(vk.fuse_report(model))
+    timer.ms["model:fused"] = 1.0                   # tuning again lets the parts compete again
+    with tuning.use_tuner(make_tuner(timer, candidate_list=paths_only)):
+        result = vk.tune(model, images)
+    assert result.fell_back == [] and model.blocks[0].attn.backend == "auto"
+
+
+def test_bench_tuned_provider_tunes_and_keeps_the_table(monkeypatch):
+    """The bench's `tuned` row: vk.tune on the benchmarked model, its summary and table in the row
+    (the device check is lifted here: on a real CPU run the row is 'not measured')."""
+    from vit_kernels.bench import throughput as tp
+    monkeypatch.setattr(tp, "static_reason", lambda *a, **k: None)
+    cfg = tp.BenchConfig(models=["vit_tiny_patch16_224"], providers=["tuned"], device=torch.device("cpu"),
+                         batch_size=1, img_size=32, depth=1, warmup=1, repeats=1)
+    timer = FakeTimer({"torch": 0.1, "model:fused": 1.0, "model:unfused": 2.0})
+    with tuning.use_tuner(make_tuner(timer, candidate_list=paths_only)):
+        row, step, _ = tp.prepare("vit_tiny_patch16_224", "tuned", "inference", cfg)
+        assert step is not None and step().shape[0] == 1
+    assert "fused is 2.00x faster" in row["note"] and row["status"] == "ok"
+    assert len(row["tuning_entries"]) == 4 and all("winner: torch" in t for t in row["tuning_entries"])
+    assert "qkv_attention: torch" in row["tuning"]
+
+
+def test_bad_tune_argument_names_it():
+    x, w, b, r = linear_args()
+    with pytest.raises(ValueError, match=r"tune: expected one of \('on', 'off', 'cache-only'\), got 'maybe'"):
+        vk.linear(x, w, b, tune="maybe")
+
+
+CHILD = r"""
+import os, sys, time, torch, vit_kernels as vk
+from vit_kernels import tuning
+timed = []
+def timer(c, fn):
+    timed.append(c.name)
+    time.sleep(0.5)          # a slow timing: the other process arrives while this one tunes
+    return 1.0 if c.backend == "torch" else 0.5
+def cands(op, facts, available, device_type):
+    return [tuning.Candidate("torch"), tuning.Candidate("triton")]
+t = tuning.Tuner(timer=timer, tunable=lambda d: None, device_facts=lambda d: ("fake-gpu", 90),
+                 versions={"vit_kernels": "test", "torch": torch.__version__, "triton": "test"},
+                 path=sys.argv[1], candidate_list=cands)
+torch.manual_seed(0)
+x, w = torch.randn(2, 8, 32), torch.randn(48, 32)
+open(sys.argv[2], "w").close()               # ready; start together when the parent says go
+while not os.path.exists(sys.argv[3]):
+    time.sleep(0.01)
+with tuning.use_tuner(t):
+    vk.linear(x, w)
+print("TIMED", len(timed), vk.last_decision("linear").backend)
+"""
+
+
+def test_two_processes_started_together_time_a_signature_once(tmp_path):
+    """The file lock is held while a signature is tuned: the second process reads the first's choice."""
+    import os
+    import subprocess
+    import sys
+    path = str(tmp_path / "tuning.json")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    import time
+    ready, go = [str(tmp_path / f"ready{i}") for i in range(2)], str(tmp_path / "go")
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, path, ready[i], go], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    deadline = time.time() + 300
+    while not all(os.path.exists(r) for r in ready) and time.time() < deadline:
+        time.sleep(0.05)
+    open(go, "w").close()
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    lines = [next(line for line in out.splitlines() if line.startswith("TIMED")) for out, _ in outs]
+    assert sorted(int(line.split()[1]) for line in lines) == [0, 2]
+    assert all(line.split()[2] == "triton" for line in lines)
+    assert len(json.load(open(path))["entries"]) == 1
+
+
+def test_oracle_out_of_memory_keeps_only_the_torch_path():
+    """Unchecked candidates are never kept: when the float64 oracle does not fit, only torch competes."""
+    from vit_kernels.ops.linear import _launch
+    x, w, b, r = linear_args()
+
+    def run(d, *args):
+        if d.backend == "reference":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+        return _launch(d, *args)
+    timer = FakeTimer({"triton": 0.01})
+    entry = make_tuner(timer).tune_signature("linear", "sig", [Candidate("torch"), Candidate("triton")], run,
+                                             (x, w, b, r, None))
+    assert entry.winner == Candidate("torch") and timer.calls == ["torch"]
+    assert "float64 oracle ran out of memory" in entry.results[1].dropped

@@ -1,0 +1,750 @@
+"""Measured selection: ``backend="auto"`` times the candidates of each op call signature on the
+device and keeps the fastest (as cuDNN's benchmark mode, TensorRT's tactics and Inductor's
+max-autotune do).
+
+Flow (``vit_kernels.backends.resolve`` calls :meth:`Tuner.decide` for every ``auto`` call):
+
+1. The signature of the call: op, shapes, dtypes, layout class (contiguous / channels_last /
+   strided) of every tensor argument, the op's scalars that change the kernels (``key_extra``),
+   device name, compute capability, and the versions of vit_kernels, torch and triton.
+2. In memory, then in the user cache file (:func:`cache_path`), a choice for that signature is
+   reused: nothing is timed.
+3. Otherwise every candidate (:func:`candidates`) runs once on the call's own inputs: one that
+   fails to compile or launch, or whose result disagrees with the float64 oracle beyond the
+   tolerance rule (:mod:`vit_kernels.testing`, bound from the torch path's own error), is dropped
+   with its reason. The others are timed (:func:`cuda_timer`: ``triton.testing.do_bench``,
+   warm-up, L2 flushed before each repeat, the median) and the fastest is kept, in memory and
+   in the cache file (written atomically under a file lock).
+
+Candidates per op: the torch path (for attention ops also each SDPA backend: flash, efficient,
+cudnn), each Triton path (qkv_attention: ``split``, and ``single_kernel`` where it fits) with its
+default tiles, each alternative Triton tile config of :data:`FAMILIES` (lists kept beside the
+kernels; ``inspect`` compiles every one of them, see the launchers' ``aot_specs``), and the CUDA
+backend. A new Triton kernel family with a config list is one more :class:`Family` entry.
+
+Control: ``tune="on" | "off" | "cache-only"`` on the ops, :func:`mode` as a context manager
+(modules, fused models), or ``VIT_KERNELS_TUNE`` in the environment; default on. Tuning applies
+to CUDA tensors only; "off" (and "cache-only" without a cached choice) uses the untimed rules of
+:mod:`vit_kernels.backends`. For tests the device check, the timer and the candidate list are
+parameters of :class:`Tuner` (:func:`use_tuner` installs one).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import threading
+import warnings
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+logger = logging.getLogger("vit_kernels")
+
+MODES = ("on", "off", "cache-only")
+ENV_MODE = "VIT_KERNELS_TUNE"
+FORMAT = 1      # the cache file's layout; a file of another format is ignored and rebuilt
+
+CACHE_ONLY_MISS = "cache-only and no cached choice for this signature: untimed rules"
+
+_MODE: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("vit_kernels_tune", default=None)
+
+
+def check_mode(tune: Optional[str], name: str = "tune") -> Optional[str]:
+    if tune is not None and tune not in MODES:
+        raise ValueError(f"{name}: expected one of {MODES}, got {tune!r}")
+    return tune
+
+
+def current_mode(tune: Optional[str] = None) -> str:
+    """The tuning mode of a call: the ``tune`` argument, else the innermost :func:`mode` scope,
+    else ``VIT_KERNELS_TUNE``, else "on"."""
+    if tune is not None:
+        return tune
+    m = _MODE.get()
+    if m is not None:
+        return m
+    env = os.environ.get(ENV_MODE)
+    if not env:
+        return "on"
+    if env not in MODES:
+        raise ValueError(f"{ENV_MODE}: expected one of {MODES} in the environment, got {env!r}")
+    return env
+
+
+@contextlib.contextmanager
+def mode(tune: str):
+    """``with vit_kernels.tuning.mode("off"): model(x)``: the tuning mode of every op call inside
+    (an op's own ``tune=`` argument still wins)."""
+    check_mode(tune)
+    token = _MODE.set(tune)
+    try:
+        yield
+    finally:
+        _MODE.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidates
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One way to run an op call. backend: "torch" | "triton" | "cuda"; path: op-specific
+    ("split" / "single_kernel" for qkv_attention's Triton kernels, "sdpa_flash" / "sdpa_efficient"
+    / "sdpa_cudnn" for a torch path pinned to one SDPA backend, "" for the default); config:
+    (launcher keyword, tile config) pairs, () for the launcher's default tiles."""
+
+    backend: str
+    path: str = ""
+    config: Tuple[Tuple[str, Tuple[int, ...]], ...] = ()
+
+    @property
+    def name(self) -> str:
+        s = self.backend + (f":{self.path}" if self.path else "")
+        for kw, cfg in self.config:
+            s += f" {kw}={','.join(map(str, cfg))}"
+        return s
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"backend": self.backend, "path": self.path, "config": [[k, list(v)] for k, v in self.config]}
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any]) -> "Candidate":
+        return Candidate(d["backend"], d.get("path", ""), tuple((k, tuple(v)) for k, v in d.get("config", ())))
+
+
+@dataclasses.dataclass(frozen=True)
+class Facts:
+    """What the candidate lists depend on, read from one call: dtype, compute capability (90 for
+    sm_90), head_dim (attention ops), tokens (qkv_attention), the path the caller forced."""
+
+    dtype: torch.dtype
+    arch: int
+    head_dim: int = 0
+    tokens: int = 0
+    path: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """Tile configs of one Triton kernel for one op: a candidate
+    ``Candidate("triton", path, ((keyword, cfg),))`` for every cfg of ``configs(facts)`` (return
+    () for an architecture the kernel does not run on). For the existing kernels the lists hold the
+    alternatives only (the default tiles are the plain "triton" candidate). A new kernel family
+    (e.g. an sm_90 GEMM) is one more entry with its own path, plus a branch on that path in the
+    op's ``_launch`` that passes ``keyword=cfg`` to its launcher; its configs belong in its
+    ``aot_specs`` so that ``inspect`` compiles them."""
+
+    op: str
+    path: str
+    keyword: str
+    configs: Callable[[Facts], Sequence[Tuple[int, ...]]]
+
+
+def _gemm_configs(f: Facts):
+    from .triton import gemm
+    return gemm.tune_configs(f.dtype, f.arch)
+
+
+def _patch_configs(f: Facts):
+    from .triton import gemm
+    return gemm.tune_configs(f.dtype, f.arch, patch=True)
+
+
+def _attention_configs(f: Facts):
+    from .triton import attention
+    return attention.tune_configs(f.dtype, f.head_dim, f.arch)
+
+
+FAMILIES: Tuple[Family, ...] = (
+    Family("linear", "", "gemm_config", _gemm_configs),
+    Family("layernorm_gelu_mlp", "", "gemm_config", _gemm_configs),
+    Family("patch_embed", "", "gemm_config", _patch_configs),
+    Family("flash_attention", "", "attention_config", _attention_configs),
+    Family("qkv_attention", "split", "gemm_config", _gemm_configs),
+    Family("qkv_attention", "split", "attention_config", _attention_configs),
+)
+ATTENTION_OPS = ("flash_attention", "qkv_attention")
+# The path an op records for a candidate without one (qkv_attention's torch path says "torch"), set
+# on the cached Decision so the op does not replace it on every call.
+DECISION_PATHS = {("qkv_attention", "torch"): "torch", ("qkv_attention", "cuda"): "split"}
+SDPA_PATHS = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
+
+
+def facts(op: str, tensors: Sequence[Optional[torch.Tensor]], key_extra: tuple, arch: int) -> Facts:
+    """The :class:`Facts` of one call (tensors as the op passes them to resolve)."""
+    t0 = tensors[0]
+    if op == "flash_attention":
+        return Facts(t0.dtype, arch, head_dim=t0.shape[-1])
+    if op == "qkv_attention":
+        num_heads, path = key_extra
+        return Facts(t0.dtype, arch, head_dim=tensors[1].shape[0] // 3 // num_heads, tokens=t0.shape[1], path=path)
+    return Facts(t0.dtype, arch)
+
+
+def candidates(op: str, f: Facts, available: Sequence[str], device_type: str) -> List[Candidate]:
+    """Every candidate of ``op`` for a call with facts ``f``; ``available``: the backends that can
+    run this call here (torch always)."""
+    out = []
+    if f.path in (None, "split") or op != "qkv_attention":
+        out.append(Candidate("torch"))
+        if op in ATTENTION_OPS and device_type == "cuda":
+            out += [Candidate("torch", p) for p in SDPA_PATHS]
+    if "triton" in available:
+        if op == "qkv_attention":
+            from .triton import qkv_attention as tq
+            paths = [f.path] if f.path else ["split", "single_kernel"]
+            for p in paths:
+                if p == "split" or tq.single_kernel_fits(f.dtype, f.tokens, f.head_dim, f.arch):
+                    out.append(Candidate("triton", p))
+        else:
+            out.append(Candidate("triton"))
+        for fam in FAMILIES:
+            if fam.op == op and (not fam.path or f.path in (None, fam.path)):
+                out += [Candidate("triton", fam.path, ((fam.keyword, tuple(c)),)) for c in fam.configs(f)]
+    if "cuda" in available and f.path in (None, "split"):
+        out.append(Candidate("cuda", "split" if op == "qkv_attention" else ""))
+    if not any(c.backend == "torch" for c in out):    # the caller forced a path torch does not have
+        out.insert(0, Candidate("torch"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+def cuda_timer(candidate: Candidate, fn: Callable[[], Any]) -> float:
+    """Median ms of ``fn()`` on the current CUDA device: ``triton.testing.do_bench`` (25 ms of
+    warm-up, 100 ms of repeats, L2 flushed before each repeat by writing a 256 MB buffer, CUDA
+    events), else ``torch.utils.benchmark`` (its own warm-up, median of blocked runs; no flush)."""
+    try:
+        from triton.testing import do_bench
+    except Exception:   # pragma: no cover - triton is a torch dependency on Linux
+        from torch.utils import benchmark
+        return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.2).median * 1e3
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def cuda_tunable(device: torch.device) -> Optional[str]:
+    """None when calls on ``device`` are tuned (CUDA devices), else why not."""
+    if device.type != "cuda":
+        return f"tensors are on {device.type}: timings need a CUDA device; the untimed rules apply"
+    return None
+
+
+def cuda_device_facts(device: torch.device) -> Tuple[str, int]:
+    """(device name, compute capability as an int) of a CUDA device."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return torch.cuda.get_device_name(device), 10 * major + minor
+
+
+def library_versions() -> Dict[str, str]:
+    from . import __version__
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception:   # pragma: no cover
+        tv = "none"
+    return {"vit_kernels": __version__, "torch": torch.__version__, "triton": tv}
+
+
+def cache_path() -> str:
+    """The user cache file: $VIT_KERNELS_TUNE_CACHE, else tuning.json in $VIT_KERNELS_CACHE, else
+    in ~/.cache/vit_kernels (the directory the CUDA extension's JIT build uses too)."""
+    p = os.environ.get("VIT_KERNELS_TUNE_CACHE")
+    if p:
+        return p
+    d = os.environ.get("VIT_KERNELS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vit_kernels")
+    return os.path.join(d, "tuning.json")
+
+
+def layout_class(t: torch.Tensor) -> str:
+    """"contiguous", "channels_last" (4-D), or "strided:<strides>" for anything else."""
+    if t.is_contiguous():
+        return "contiguous"
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "strided:" + ",".join(map(str, t.stride()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The tuner
+
+@dataclasses.dataclass
+class Result:
+    """One candidate at one signature: ms (None when dropped) and why it was dropped."""
+
+    candidate: Candidate
+    ms: Optional[float]
+    dropped: str = ""
+
+
+@dataclasses.dataclass
+class Entry:
+    """The outcome of tuning one signature: every candidate's result and the winner."""
+
+    op: str
+    signature: str
+    results: List[Result]
+    winner: Candidate
+
+    @property
+    def torch_ms(self) -> Optional[float]:
+        return next((r.ms for r in self.results if r.candidate == Candidate("torch")), None)
+
+    @property
+    def winner_ms(self) -> Optional[float]:
+        return next((r.ms for r in self.results if r.candidate == self.winner), None)
+
+    @property
+    def speedup(self) -> Optional[float]:
+        """torch path ms / winner ms (1.0 when torch won), None when not known."""
+        t, w = self.torch_ms, self.winner_ms
+        return t / w if t and w else None
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"op": self.op, "winner": self.winner.to_json(),
+                "results": [{**r.candidate.to_json(), "ms": r.ms, "dropped": r.dropped} for r in self.results]}
+
+    @staticmethod
+    def from_json(signature: str, d: Mapping[str, Any]) -> "Entry":
+        return Entry(d["op"], signature,
+                     [Result(Candidate.from_json(r), r["ms"], r.get("dropped", "")) for r in d["results"]],
+                     Candidate.from_json(d["winner"]))
+
+    def reasons(self) -> Dict[str, str]:
+        """backend -> why it was not taken (its best time, or why all its candidates were dropped)."""
+        out: Dict[str, str] = {}
+        best = self.winner_ms
+        for b in ("triton", "cuda", "torch"):
+            if b == self.winner.backend:
+                continue
+            rs = [r for r in self.results if r.candidate.backend == b]
+            timed = [r for r in rs if r.ms is not None]
+            if timed:
+                r = min(timed, key=lambda r: r.ms)
+                out[b] = f"measured slower: {r.candidate.name} {r.ms:.4g} ms against {best:.4g} ms"
+            elif rs:
+                out[b] = "dropped when tuned: " + "; ".join(f"{r.candidate.name}: {r.dropped}" for r in rs)
+        return out
+
+    def table(self) -> str:
+        lines = [f"{self.op} {self.signature}"]
+        for r in sorted(self.results, key=lambda r: (r.ms is None, r.ms or 0.0)):
+            mark = "*" if r.candidate == self.winner else " "
+            t = f"{r.ms:9.4f} ms" if r.ms is not None else f"  dropped: {r.dropped}"
+            lines.append(f"  {mark} {r.candidate.name:<44} {t}")
+        sp = self.speedup
+        lines.append(f"  winner: {self.winner.name}" + (f" ({sp:.2f}x the torch path)" if sp else ""))
+        return "\n".join(lines)
+
+
+Runner = Callable[..., Any]   # run(decision, *args) -> output tensor
+
+
+class Tuner:
+    """Chooses by measurement and remembers the choices.
+
+    timer(candidate, fn) -> median ms; tunable(device) -> None or why calls there are not tuned;
+    device_facts(device) -> (name, compute capability int); versions: library -> version string
+    (part of every signature and of the cache file's header); path: the cache file (None: memory
+    only); candidate_list(op, facts, available, device_type) -> candidates. The defaults are the
+    real ones; tests pass fakes.
+    """
+
+    def __init__(self, *, timer: Callable[[Candidate, Callable[[], Any]], float] = cuda_timer,
+                 tunable: Callable[[torch.device], Optional[str]] = cuda_tunable,
+                 device_facts: Callable[[torch.device], Tuple[str, int]] = cuda_device_facts,
+                 versions: Optional[Mapping[str, str]] = None, path: Optional[str] = "default",
+                 candidate_list: Callable[..., List[Candidate]] = candidates):
+        self.timer = timer
+        self.tunable = tunable
+        self.device_facts = device_facts
+        self._versions = dict(versions) if versions is not None else None
+        self.path = cache_path() if path == "default" else path
+        self.candidate_list = candidate_list
+        self._mem: Dict[tuple, Tuple[Entry, Any]] = {}        # fast key -> (entry, Decision)
+        self._entries: Dict[str, Entry] = {}                  # signature -> entry (this process + file)
+        self._file_loaded = False
+        self._warned = False
+        self._lock = threading.Lock()
+        self._key_locks: Dict[tuple, threading.Lock] = {}
+        self._misses: set = set()       # fast keys cache-only found no choice for (not looked up again)
+        self._facts_cache: Dict[torch.device, Tuple[str, int]] = {}
+        self.timed = 0        # candidates timed by this tuner (tests read it)
+
+    @property
+    def versions(self) -> Dict[str, str]:
+        if self._versions is None:
+            self._versions = library_versions()
+        return self._versions
+
+    # -- the per-call path -------------------------------------------------------------------
+    def decide(self, op: str, device: torch.device, tensors: Sequence[Optional[torch.Tensor]], key_extra: tuple,
+               tune: Optional[str], available: Callable[[], Sequence[str]], run: Runner, args: tuple,
+               reasons: Dict[str, str]):
+        """The tuned Decision of this call, or None when nothing was timed nor cached (then
+        ``reasons["tuning"]`` says why and the untimed rules apply). available() -> the backends
+        besides torch that can run this call here (asked only when tuning)."""
+        why = self.tunable(device)
+        if why is not None:
+            return None
+        m = current_mode(tune)
+        if m == "off":
+            reasons["tuning"] = "off (tune='off' or VIT_KERNELS_TUNE=off): untimed rules"
+            return None
+        key = (op, device, key_extra, tuple(None if t is None else (t.shape, t.stride(), t.dtype) for t in tensors))
+        hit = self._mem.get(key)
+        if hit is not None:
+            return hit[1]
+        if m == "cache-only" and key in self._misses:   # looked up before: not in the cache
+            reasons["tuning"] = CACHE_ONLY_MISS
+            return None
+        with self._lock:
+            klock = self._key_locks.setdefault(key, threading.Lock())
+        with klock:
+            hit = self._mem.get(key)
+            if hit is not None:
+                return hit[1]
+            sig, arch = self._signature(op, device, tensors, key_extra)
+            entry = self._lookup(sig)
+            if entry is None and m == "cache-only":
+                self._misses.add(key)
+                reasons["tuning"] = CACHE_ONLY_MISS
+                return None
+            if entry is None:
+                entry = self._tune_and_save(op, sig, device, arch, tensors, key_extra, available(), run, args)
+            d = self._decision(op, entry)
+            self._mem[key] = (entry, d)
+            return d
+
+    def _signature(self, op, device, tensors, key_extra) -> Tuple[str, int]:
+        f = self._facts_cache.get(device)
+        if f is None:
+            f = self._facts_cache[device] = self.device_facts(device)
+        name, arch = f
+        parts = [op, "extra=" + repr(key_extra)]
+        for t in tensors:
+            parts.append("-" if t is None else
+                         f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}:{layout_class(t)}")
+        parts.append(f"{name}:sm_{arch}")
+        parts += [f"{k}={v}" for k, v in sorted(self.versions.items())]
+        return "|".join(parts), arch
+
+    @staticmethod
+    def _decision(op: str, entry: Entry):
+        from .backends import Decision
+        w = entry.winner
+        path = w.path or DECISION_PATHS.get((op, w.backend), "")
+        return Decision(op, w.backend, "auto", entry.reasons(), path, w.config, entry)
+
+    # -- tuning ------------------------------------------------------------------------------
+    def _tune_and_save(self, op, sig, device, arch, tensors, key_extra, available, run, args) -> Entry:
+        lock = self._file_lock()
+        with lock:
+            if self.path is not None:
+                self._load_file(force=True)     # another process may have tuned it meanwhile
+                entry = self._entries.get(sig)
+                if entry is not None:
+                    return entry
+            entry = self.tune_signature(op, sig, self.candidate_list(op, facts(op, tensors, key_extra, arch),
+                                                                       available, device.type), run, args)
+            self._entries[sig] = entry
+            self._save()
+        logger.info("tuned %s", entry.table())
+        return entry
+
+    def tune_signature(self, op: str, sig: str, cands: Sequence[Candidate], run: Runner, args: tuple) -> Entry:
+        """Run every candidate once, drop those that fail or disagree with the oracle, time the
+        rest, keep the fastest."""
+        from .backends import Decision
+        from .testing import compare
+        sync = _synchronize(args)
+        try:
+            oracle = run(Decision(op, "reference", "auto"), *[_f64(a) for a in args])
+            no_oracle = ""
+        except torch.cuda.OutOfMemoryError as e:   # a candidate is never kept unchecked
+            oracle, no_oracle = None, f"not checked: the float64 oracle ran out of memory ({_first_line(e)})"
+        torch_out = run(Decision(op, "torch", "auto"), *args)
+        results: List[Result] = []
+        for c in cands:
+            if no_oracle and c != Candidate("torch"):
+                results.append(Result(c, None, no_oracle))
+                continue
+            d = Decision(op, c.backend, "auto", {}, c.path, c.config)
+            try:
+                out = run(d, *args)
+                sync()
+            except Exception as e:   # a failed compile or launch drops this candidate only
+                results.append(Result(c, None, f"failed: {type(e).__name__}: {_first_line(e)}"))
+                continue
+            if c != Candidate("torch"):
+                cmp = compare(out, oracle, torch_out, name=c.name)
+                if not cmp.ok:
+                    results.append(Result(c, None, f"disagrees with the oracle beyond the tolerance rule: {cmp}"))
+                    continue
+            self.timed += 1
+            results.append(Result(c, float(self.timer(c, lambda d=d: run(d, *args)))))
+        timed = [r for r in results if r.ms is not None]
+        winner = min(timed, key=lambda r: r.ms).candidate if timed else Candidate("torch")
+        return Entry(op, sig, results, winner)
+
+    # -- the cache file ----------------------------------------------------------------------
+    def _lookup(self, sig: str) -> Optional[Entry]:
+        e = self._entries.get(sig)
+        if e is None and self.path is not None and not self._file_loaded:
+            with self._file_lock():
+                self._load_file()
+            e = self._entries.get(sig)
+        return e
+
+    def _file_lock(self):
+        if self.path is None:
+            return contextlib.nullcontext()
+        from filelock import FileLock
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        return FileLock(self.path + ".lock", timeout=600)
+
+    def _load_file(self, force: bool = False) -> None:
+        if self._file_loaded and not force:
+            return
+        self._file_loaded = True
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            self._warn(f"{self.path} is not a readable tuning cache ({type(e).__name__}: {e})")
+            return
+        if (not isinstance(data, dict) or data.get("format") != FORMAT or data.get("versions") != self.versions
+                or not isinstance(data.get("entries"), dict)):
+            head = data if isinstance(data, dict) else {}
+            self._warn(f"{self.path} was written by another version (format {head.get('format')}, versions "
+                       f"{head.get('versions')}; this is format {FORMAT}, {self.versions})")
+            return
+        for sig, rec in data["entries"].items():
+            if sig not in self._entries:
+                try:
+                    self._entries[sig] = Entry.from_json(sig, rec)
+                except (KeyError, TypeError, ValueError) as e:
+                    self._warn(f"{self.path}: entry {sig!r} is malformed ({type(e).__name__}: {e})")
+                    return
+
+    def _warn(self, what: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"vit_kernels tuning: {what}; ignored, the choices are timed again and the file is "
+                          f"rewritten", RuntimeWarning, stacklevel=2)
+
+    def _save(self) -> None:
+        """Write every entry atomically (a temporary file, then os.replace); the caller holds the lock."""
+        if self.path is None:
+            return
+        data = {"format": FORMAT, "versions": self.versions,
+                "entries": {s: e.to_json() for s, e in sorted(self._entries.items())}}
+        d = os.path.dirname(os.path.abspath(self.path))
+        fd, tmp = tempfile.mkstemp(prefix=".tuning.", suffix=".tmp", dir=d)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    # -- reports -----------------------------------------------------------------------------
+    def entries(self) -> List[Entry]:
+        """Every signature this process tuned or read from the cache file."""
+        return [self._entries[s] for s in sorted(self._entries)]
+
+
+def _f64(a):
+    return a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+
+
+def _synchronize(args) -> Callable[[], None]:
+    dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    if dev is not None and dev.type == "cuda":
+        return lambda: torch.cuda.synchronize(dev)
+    return lambda: None
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:300] if s else ""
+
+
+_TUNER: Optional[Tuner] = None
+_TUNER_LOCK = threading.Lock()
+
+
+def get_tuner() -> Tuner:
+    """The process's tuner (created on first use with the real timer and cache file)."""
+    global _TUNER
+    t = _TUNER
+    if t is None:
+        with _TUNER_LOCK:
+            if _TUNER is None:
+                _TUNER = Tuner()
+            t = _TUNER
+    return t
+
+
+@contextlib.contextmanager
+def use_tuner(tuner: Tuner):
+    """Install ``tuner`` as the process's tuner inside the block (tests: fake timers, devices)."""
+    global _TUNER
+    old = _TUNER
+    _TUNER = tuner
+    try:
+        yield tuner
+    finally:
+        _TUNER = old
+
+
+def tune_report(file=None, *, print_it: bool = True) -> List[Entry]:
+    """Print each tuned op signature's candidates with their times and the winner; return the
+    entries (``Entry.results``, ``Entry.winner``, ``Entry.speedup``)."""
+    entries = get_tuner().entries()
+    if print_it:
+        text = "\n".join(e.table() for e in entries) if entries else (
+            "no op signature tuned yet (tuning times op calls on CUDA tensors with backend='auto')")
+        print(text, file=file)
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole models
+
+OP_PARTS = {"qkv_attention": "attention", "flash_attention": "attention", "linear": "attention",
+            "layernorm_gelu_mlp": "mlp", "patch_embed": "patch_embed"}
+
+
+@dataclasses.dataclass
+class ModelTuning:
+    """What :func:`tune` did: fused_ms, unfused_ms (median ms per forward on the example inputs,
+    None when nothing could be timed), the op entries it tuned, per fused part (module path) the
+    decisions its op calls took, and whether the fused parts fell back to the torch path."""
+
+    fused_ms: Optional[float]
+    unfused_ms: Optional[float]
+    entries: List[Entry]
+    parts: Dict[str, List[Any]]
+    fell_back: List[str]
+    message: str
+
+    @property
+    def speedup(self) -> Optional[float]:
+        return self.unfused_ms / self.fused_ms if self.fused_ms and self.unfused_ms else None
+
+    def __str__(self) -> str:
+        lines = [self.message]
+        for path, ds in self.parts.items():
+            lines.append(f"  {path}: " + "; ".join(decision_note(d) for d in ds))
+        return "\n".join(lines)
+
+
+def decision_note(d) -> str:
+    """One line for a fused part's op call: backend, path, config, measured speed-up over torch."""
+    s = f"{d.op}: {d.backend}" + (f" {d.path}" if d.path and d.path != d.backend else "")
+    for kw, cfg in d.config:
+        s += f" {kw}={','.join(map(str, cfg))}"
+    e = d.tuned
+    if e is not None and e.speedup:
+        s += f", measured {e.speedup:.2f}x the torch path ({e.winner_ms:.4g} ms vs {e.torch_ms:.4g} ms)"
+    elif e is None:
+        why = d.reasons.get("tuning")
+        s += f" (untimed{': ' + why if why else ''})"
+    return s
+
+
+def _fused_parts(model) -> Dict[str, Any]:
+    from .nn import _Fused
+    from .swap.base import SwapWrapper
+    return {p: m for p, m in model.named_modules()
+            if isinstance(m, SwapWrapper) or (isinstance(m, _Fused) and not getattr(m, "vk_fuse_excluded", False))}
+
+
+def tune(model, example_inputs, *, fallback: bool = True) -> ModelTuning:
+    """Tune a fused model ahead of time: run it on ``example_inputs`` (a tensor or a tuple of
+    positional inputs) with tuning on, so every fused op signature it meets is timed and cached;
+    then time the whole fused model against the unfused computation (every fused part on the torch
+    path: F.layer_norm, cuBLAS, SDPA) and report both. When the fused model is not faster it says
+    so and (``fallback``) its fused parts with backend "auto" take the torch path (parts given a
+    backend explicitly keep it). Returns a :class:`ModelTuning` (printable).
+    Call it once per input shape the model will meet (batch size, image size)."""
+    from . import backends
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    parts = _fused_parts(model)
+    if not parts:
+        raise ValueError(f"model: no fused part found in {type(model).__name__}; call vit_kernels.fuse(model) first")
+    for m in parts.values():          # a part an earlier tune call sent to the torch path competes again
+        if m.__dict__.pop("vk_tune_note", None) is not None:
+            m.backend = "auto"
+    tuner = get_tuner()
+    device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    recorded: Dict[str, List[Any]] = {}
+
+    def pre(path):
+        def hook(module, args):
+            recorded.setdefault(path, []).append(backends.start_recording())
+        return hook
+
+    def post(path):
+        def hook(module, args, out):
+            backends.stop_recording(recorded[path][-1])
+        return hook
+    handles = [h for p, m in parts.items() for h in (m.register_forward_pre_hook(pre(p)),
+                                                     m.register_forward_hook(post(p)))]
+    try:
+        with torch.no_grad(), mode("on"):
+            model(*inputs)
+    finally:
+        for calls in (c for lists in recorded.values() for c in lists):
+            backends.stop_recording(calls)
+        for h in handles:
+            h.remove()
+    recorded = {p: [d for calls in lists for d in calls] for p, lists in recorded.items()}
+    for p, ds in recorded.items():
+        parts[p].vk_decisions = tuple(ds)
+    entries = [e for e in tuner.entries() if any(d.tuned is e for ds in recorded.values() for d in ds)]
+    why = tuner.tunable(device)
+    if why is not None:
+        return ModelTuning(None, None, entries, recorded, [], f"nothing timed: {why}")
+
+    def forward():
+        return model(*inputs)
+    saved = {p: m.backend for p, m in parts.items()}
+    with torch.no_grad(), mode("cache-only"):
+        fused_ms = float(tuner.timer(Candidate("model", "fused"), forward))
+        try:
+            for m in parts.values():
+                m.backend = "torch"
+            unfused_ms = float(tuner.timer(Candidate("model", "unfused"), forward))
+        finally:
+            for p, m in parts.items():
+                m.backend = saved[p]
+    fell_back: List[str] = []
+    head = f"fused model {fused_ms:.4g} ms, unfused (torch path) {unfused_ms:.4g} ms per forward"
+    if fused_ms < unfused_ms:
+        msg = f"{head}: fused is {unfused_ms / fused_ms:.2f}x faster"
+    else:
+        msg = f"{head}: the fused model is NOT faster than the unfused one"
+        if fallback:
+            fell_back = [p for p, m in parts.items() if m.backend == "auto"]
+            kept = [f"{p} (backend={m.backend!r})" for p, m in parts.items() if m.backend != "auto"]
+            note = (f"vit_kernels.tune: the fused model measured {fused_ms:.4g} ms against {unfused_ms:.4g} ms "
+                    f"unfused; this part runs the torch path")
+            for p in fell_back:
+                parts[p].backend = "torch"
+                parts[p].vk_tune_note = note
+            msg += f"; {len(fell_back)} fused parts now take the torch path"
+            if kept:
+                msg += f"; kept as asked: {', '.join(kept)}"
+    logger.info("%s", msg)
+    return ModelTuning(fused_ms, unfused_ms, entries, recorded, fell_back, msg)
