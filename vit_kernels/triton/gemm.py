@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .aot import AotSpec, ptr_type
+from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 from .layernorm import as_rows, row_stats, rows_per_batch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -382,32 +382,35 @@ def qkv_projection_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Ten
 # Ahead-of-time specs
 # ---------------------------------------------------------------------------------------------
 
-# What Triton's launcher specializes for the usual call: strides equal to 1 become constants, and
-# aligned pointers and 16-multiple strides/sizes are compiled as such (ViT dims are multiples of 16;
-# odd dims or strides compile another specialization at run time, with the same tiles).
-UNIT_STRIDES_ROWS = ("s_ak", "s_wk", "s_on", "s_rn")
-DIVISIBLE_ROWS = _PTR_ARGS + ("N", "K", "s_ab", "s_at", "s_wn", "s_o3", "s_ob", "s_oh", "s_ot", "s_rb", "s_rt",
-                              "s_pt", "INNER", "HEAD_DIM")
-
-
-def aot_spec(name: str, dtype: torch.dtype, *, unit_strides=UNIT_STRIDES_ROWS, divisible=DIVISIBLE_ROWS,
-             **flags) -> AotSpec:
-    """The AotSpec of one flag combination (keyword names as in :func:`_flags`) for ``dtype``;
-    ``unit_strides`` are compiled as the constant 1, ``divisible`` as multiples of 16."""
-    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = block_config(dtype, flags.get("a_mode", A_DENSE))
-    p = ptr_type(dtype)
-    sig = {k: ("*fp32" if k in _FP32_PTRS else p) for k in _PTR_ARGS}
-    sig.update({k: "i32" for k in _INT_ARGS})
-    sig["q_scale"] = "fp32"
-    constexprs = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
-                      DOT_PRECISION=_precision(dtype), **_flags(**flags))
-    constexprs.update({k: 1 for k in unit_strides})
-    sig.update({k: "constexpr" for k in constexprs})
-    dt = str(dtype).replace("torch.", "")
-    on = ",".join(f"{k}={int(v)}" for k, v in _flags(**flags).items() if v)
-    label = f"BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},BLOCK_K={BLOCK_K},{dt}" + (f",{on}" if on else "")
-    return AotSpec(name, _gemm_kernel, sig, constexprs, num_warps, num_stages, label, True,
-                   divisible_by_16=tuple(d for d in divisible if d not in unit_strides))
+def aot_spec(name: str, dtype: torch.dtype, **flags) -> AotSpec:
+    """The launch of one dense flag combination (keyword names as in :func:`_flags`; a_mode must be
+    A_DENSE, patch_embed.aot_specs records the patch loader) for ``dtype``, recorded from the public
+    launcher at aot.REPRESENTATIVE's shape: qkv_projection_forward for out_mode=OUT_QKV (N = 3*dim),
+    else dense_forward (N = 4*dim with a GELU, as fc1; dim otherwise). Its specialization (unit
+    strides made constant, 16-divisible sizes, strides and pointers) is therefore the launch's."""
+    if flags.get("a_mode", A_DENSE) != A_DENSE:
+        raise ValueError("gemm.aot_spec: the patch loader is recorded by patch_embed.aot_specs()")
+    f = _flags(**flags)
+    B, T, dim, H = (REPRESENTATIVE[k] for k in ("batch", "tokens", "dim", "heads"))
+    n_out = 3 * dim if f["OUT_MODE"] == OUT_QKV else 4 * dim if f["ACT"] != ACT_NONE else dim
+    x = torch.empty(B, T, dim, dtype=dtype)
+    w = torch.empty(n_out, dim, dtype=dtype)
+    vec = torch.empty(n_out, dtype=dtype)
+    ln = torch.empty(dim, dtype=dtype)
+    norm_weight = ln if f["NORM"] != NORM_NONE else None
+    norm_bias = ln if f["NORM"] == NORM_AFFINE else None
+    bias = vec if f["HAS_BIAS"] else None
+    if f["OUT_MODE"] == OUT_QKV:
+        call = lambda: qkv_projection_forward(x, w, bias, num_heads=H, scale=0.125,  # noqa: E731
+                                              norm_weight=norm_weight, norm_bias=norm_bias)
+    else:
+        res = torch.empty(B, T, n_out, dtype=dtype) if f["HAS_RES"] else None
+        call = lambda: dense_forward(x, w, bias, norm_weight=norm_weight, norm_bias=norm_bias,  # noqa: E731
+                                     act=f["ACT"], residual=res, layer_scale=vec if f["HAS_LS"] else None)
+    BLOCK_M, BLOCK_N, BLOCK_K, _, _ = block_config(dtype)
+    on = ",".join(f"{k}={int(v)}" for k, v in f.items() if v)
+    label = f"BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},BLOCK_K={BLOCK_K},{dtype_name(dtype)}" + (f",{on}" if on else "")
+    return recorded_spec(name, _gemm_kernel, call, label, True, shape=f"B={B},T={T},K={dim},N={n_out}")
 
 
 def aot_specs() -> List[AotSpec]:

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import attention
-from .aot import AotSpec, ptr_type
+from .aot import REPRESENTATIVE, AotSpec, dtype_name, ptr_type, recorded_spec
 
 LOG2E = 1.4426950408889634
 PATHS = ("single_kernel", "split")
@@ -334,28 +334,30 @@ def qkv_attention_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
 
 def aot_spec(dtype: torch.dtype, head_dim: int, tokens: int, has_norm: bool = True,
              has_bias: bool = True) -> AotSpec:
-    """The single kernel's configuration for ``tokens`` (its kv_layout and kernel_config)."""
-    BLOCK_M, BLOCK_K, num_warps, num_stages = kernel_config(tokens)
+    """The single kernel's launch for ``tokens`` (its kv_layout and kernel_config), recorded from
+    :func:`qkv_attention_forward` at the representative batch and heads (aot.REPRESENTATIVE) with
+    dim = heads * head_dim, so its specialization is the launch's."""
+    B, H = REPRESENTATIVE["batch"], REPRESENTATIVE["heads"]
+    dim = H * head_dim
+    x = torch.empty(B, tokens, dim, dtype=dtype)
+    w = torch.empty(3 * dim, dim, dtype=dtype)
+    vec = torch.empty(3 * dim, dtype=dtype)
+    ln = torch.empty(dim, dtype=dtype)
+    BLOCK_M, BLOCK_K, _, _ = kernel_config(tokens)
     n_main, n_tail = kv_layout(tokens)
-    p = ptr_type(dtype)
-    sig = {"X": p, "W": p, "Bias": p, "NW": p, "NB": p, "O": p,
-           "stride_xb": "i32", "stride_xn": "i32", "stride_wn": "i32", "stride_ob": "i32", "stride_on": "i32",
-           "H": "i32", "N": "i32", "DIM": "i32", "INNER": "i32", "eps": "fp32", "qk_scale": "fp32"}
-    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": attention.block_d(head_dim), "N_MAIN": n_main, "N_TAIL": n_tail,
-                  "BLOCK_M": BLOCK_M, "BLOCK_K": BLOCK_K, "HAS_NORM": has_norm, "HAS_NORM_BIAS": has_norm,
-                  "HAS_BIAS": has_bias, "INPUT_PRECISION": attention.FP32_DOT_PRECISION}
-    for name in constexprs:
-        sig[name] = "constexpr"
-    dt = str(dtype).replace("torch.", "")
-    label = (f"head_dim={head_dim},N_MAIN={n_main},N_TAIL={n_tail},BLOCK_M={BLOCK_M},BLOCK_K={BLOCK_K},{dt},"
-             f"norm={int(has_norm)},bias={int(has_bias)}")
+    label = (f"head_dim={head_dim},N_MAIN={n_main},N_TAIL={n_tail},BLOCK_M={BLOCK_M},BLOCK_K={BLOCK_K},"
+             f"{dtype_name(dtype)},norm={int(has_norm)},bias={int(has_bias)}")
     archs = tuple(a for a in (80, 90) if single_kernel_fits(dtype, tokens, head_dim, a))
-    return AotSpec("qkv_attention_single", _qkv_attn_kernel, sig, constexprs, num_warps, num_stages, label, True,
-                   archs)
+    call = lambda: qkv_attention_forward(  # noqa: E731
+        x, w, vec if has_bias else None, num_heads=H, scale=head_dim ** -0.5,
+        norm_weight=ln if has_norm else None, norm_bias=ln if has_norm else None, path="single_kernel")
+    return recorded_spec("qkv_attention_single", _qkv_attn_kernel, call, label, True, archs,
+                         f"B={B},N={tokens},dim={dim},H={H}")
 
 
-# One token count per layout kv_layout gives, up to MAX_N_MAIN plus a tail of 256 rows.
-LAYOUT_TOKENS = (64, 128, 256, 257, 321, 385, 512, 513, 577, 641)
+# One token count per layout kv_layout gives, up to MAX_N_MAIN plus a tail of 256 rows; ViT token
+# counts (cls + patches: 50, 101, 197, 257, 577) where one exists, so the specialization on N is a ViT's.
+LAYOUT_TOKENS = (50, 101, 197, 257, 321, 385, 512, 513, 577, 641)
 
 
 def aot_specs() -> List[AotSpec]:
@@ -367,7 +369,6 @@ def aot_specs() -> List[AotSpec]:
     for dtype in DTYPES:
         for hd in (16, 32, 64, 80, 128, 256):
             for tokens in LAYOUT_TOKENS:
-                spec = aot_spec(dtype, hd, tokens)
-                if spec.archs:
-                    specs.append(spec)
+                if any(single_kernel_fits(dtype, tokens, hd, a) for a in (80, 90)):
+                    specs.append(aot_spec(dtype, hd, tokens))
     return specs
