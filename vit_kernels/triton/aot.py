@@ -100,6 +100,12 @@ def record_launches():
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
+    from ..backends import interpreter_enabled
+    if interpreter_enabled():
+        # The interpreter's bf16 probe reads a kernel's results and caches its verdict: run it now,
+        # not while launches are only recorded.
+        from .interpreter import bf16_flaw
+        bf16_flaw()
     launches: List[Launch] = []
 
     def run(self, *args, grid, warmup, **kwargs):
