@@ -197,9 +197,6 @@ def _gemm_kernel(
 _INT_ARGS = ("M", "N", "K", "T", "s_ab", "s_at", "s_ak", "s_ac", "s_ah", "s_aw",
              "s_wn", "s_wk", "s_wc", "s_wr", "s_ws", "s_o3", "s_ob", "s_oh", "s_ot", "s_on",
              "s_rb", "s_rt", "s_rn", "s_pt", "s_pn", "s_cls", "P", "GW", "INNER", "HEAD_DIM")
-_PTR_ARGS = ("a_ptr", "w_ptr", "out_ptr", "bias_ptr", "mean_ptr", "rstd_ptr", "lnw_ptr", "lnb_ptr",
-             "res_ptr", "ls_ptr", "pos_ptr", "cls_ptr")
-_FP32_PTRS = ("mean_ptr", "rstd_ptr")
 
 
 def block_config(dtype: torch.dtype, a_mode: int = A_DENSE) -> Tuple[int, int, int, int, int]:
