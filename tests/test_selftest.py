@@ -42,19 +42,25 @@ def test_tiny_reference_model_on_cpu_both_backends(tmp_path, capsys):
 
 
 def test_a_wrong_kernel_is_reported_as_fail_with_exit_code_1(tmp_path, monkeypatch):
-    """Inject a wrong Triton linear (its result off by 0.05): that row fails, the others pass."""
-    from vit_kernels.triton import gemm
+    """Inject a wrong Triton linear (its result off by 0.05) and a crashing Triton MLP: the first
+    is FAIL, the second ERROR with its message, the others pass, the exit code is 1."""
+    from vit_kernels.triton import gemm, mlp
     right = gemm.linear_forward
 
     def wrong(*args, **kwargs):
         return right(*args, **kwargs) + 0.05
+
+    def crash(*args, **kwargs):
+        raise IndexError("injected crash")
     monkeypatch.setattr(gemm, "linear_forward", wrong)
+    monkeypatch.setattr(mlp, "layernorm_gelu_mlp_forward", crash)
     rc, res = run_selftest(tmp_path, "vit_tiny_patch16_224", *TINY, "--backend", "triton")
     assert rc == 1 and res["ok"] is False
     status = {r["op"]: r["status"] for r in res["rows"]}
-    assert status == {"patch_embed": "PASS", "qkv_attention": "PASS", "linear": "FAIL", "layernorm_gelu_mlp": "PASS"}
+    assert status == {"patch_embed": "PASS", "qkv_attention": "PASS", "linear": "FAIL", "layernorm_gelu_mlp": "ERROR"}
     bad = next(r for r in res["rows"] if r["op"] == "linear")
     assert bad["max_abs_err"] > bad["bound"] and "FAILED" in bad["reason"]
+    assert "injected crash" in next(r for r in res["rows"] if r["op"] == "layernorm_gelu_mlp")["reason"]
 
 
 def test_a_timm_model_by_registry_name(tmp_path):

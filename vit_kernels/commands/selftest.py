@@ -160,7 +160,7 @@ def check_call(op: str, args: tuple, kwargs: dict, backend: str, *, timing: bool
             base = fused_fn(*args, **kwargs, backend="torch")
             ref = getattr(reference, op)(*map(_f64, args), **{k: _f64(v) for k, v in kwargs.items()
                                                               if k != "path"})
-    except (RuntimeError, ValueError, TypeError) as e:
+    except Exception as e:  # a selftest reports a crashing kernel as ERROR, it does not stop
         unavailable = "is not available" in str(e) or "cannot run this call" in str(e)
         row.update(status="N/A" if unavailable else "ERROR", reason=str(e).splitlines()[0][:300])
         return row
