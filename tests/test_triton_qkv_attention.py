@@ -23,6 +23,7 @@ DEFAULT_CASES = [
     (3, 50, 80, "bf16", False, True, "single_kernel"),
     (1, 197, 72, "fp16", True, False, "single_kernel"),
     (3, 197, 64, "bf16", True, True, "single_kernel"),
+    (1, 197, 32, "bf16", True, True, "single_kernel"),     # admitted once compiled as launched (no spills)
     (1, 257, 80, "fp32", True, True, "split"),
     (1, 577, 64, "fp16", False, False, "split"),
     # Beyond 256 tokens the single kernel holds K and V as a main plus a tail tile.
@@ -111,6 +112,8 @@ def test_choose_path_rule():
     assert path(385, 80, torch.float16) == "split"
     assert path(257, 16, torch.float16) == "split"              # BLOCK_D 16 spilled beyond 256 tokens
     assert path(197, 64, torch.float32) == "split"              # fp32 counts twice: 256 KB
+    assert path(197, 16, torch.float32) == "split"              # SPILLING: spills as launched
+    assert path(197, 32, torch.bfloat16) == "single_kernel"     # no spills as launched (it did unspecialized)
     assert path(50, 64, torch.float32) == "single_kernel"
     assert path(197, 256, torch.float16) == "split"
     assert path(1025, 64, torch.float16) == "split"

@@ -183,19 +183,25 @@ def _qkv_attn_kernel(
 # Per-block shared memory (bytes) of the architectures the kernels are built for.
 SMEM_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 # Shared memory the single kernel needs beside K and V (x and weight chunks, the Q and P tiles).
-SMEM_HEADROOM = 32 * 1024
+# Measured with the launched specialization (inspect, 2026-11-25) over every layout aot_specs lists:
+# compiled shared memory - onchip_bytes is at most 32 KB on sm_80 and 33 KB on sm_90 (1 KB more).
+SMEM_HEADROOM = 33 * 1024
 # Largest fp32 projection accumulator (rows x BLOCK_D x 4 bytes) of one K/V tile the single kernel
 # was verified to compile for without spills (AOT for sm_80 and sm_90): each tile's K and V pass
 # through registers before they settle in shared memory, which caps a tile, not the whole sequence.
 MAX_TILE_ACC_BYTES = 128 * 1024
 MIN_N_PAD, MAX_N_PAD = 64, 256   # one-tile layouts: N_MAIN = next power of two of tokens in [64, 256]
 MAX_N_MAIN, MAX_N_TAIL = 512, 256   # longer sequences: a main tile of up to 512 rows plus a tail tile
-# ... for head dims padded to at least 32: with BLOCK_D 16 every layout beyond 256 tokens spilled
-# (8 to 10104 bytes, fp32/fp16/bf16, sm_80/sm_90).
+# ... for head dims padded to at least 32: with BLOCK_D 16 layouts beyond 256 tokens spilled (8 to
+# 10104 bytes, fp32/fp16/bf16, sm_80/sm_90, compiled without the launch's specialization). As
+# launched (2026-11-25), fp16 (256, 64) compiles without spills but at 255 registers on sm_80 and
+# (512, 128) still spills (1816 bytes sm_80, 1152 sm_90): the rule stays.
 MIN_LONG_BLOCK_D = 32
-# (dtype, BLOCK_D, N_MAIN, N_TAIL) within the budgets that ptxas still spilled on (AOT for
-# sm_80/sm_90 with kernel_config): these shapes take the split path.
-SPILLING = {(torch.float32, 16, 256, 0), (torch.bfloat16, 32, 256, 0)}
+# (dtype, BLOCK_D, N_MAIN, N_TAIL) within the budgets that ptxas still spills on, compiled as
+# launched (aot_specs, sm_80/sm_90, 2026-11-25: 512 bytes sm_80, 336 sm_90): these shapes take the
+# split path. (bf16, 32, 256, 0) spilled only without the launch's divisibility facts: as launched
+# it compiles to 128 registers, no spills, on both, and is admitted.
+SPILLING = {(torch.float32, 16, 256, 0)}
 # The single kernel's block configs: (BLOCK_M, BLOCK_K, num_warps, num_stages). Beyond MAX_N_PAD
 # tokens the reduction chunk over DIM is 16: the x chunk of a 512-row main tile then leaves ptxas
 # enough registers (BLOCK_K 32 spilled 24 bytes at 577 tokens, head_dim 64, fp16, sm_90).
