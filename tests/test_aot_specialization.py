@@ -141,3 +141,10 @@ def test_a_batch_that_is_not_a_multiple_of_16_changes_only_the_row_count_fact(re
     _, _, attrs, _ = specialize(launches[0])
     listed = next(s for k, s in report.items() if k[:3] == key[:3] and k[4:] == key[4:])
     assert {n for n, a in listed.attrs.items() if a != attrs.get(n)} == {"M"}
+
+
+def test_every_listed_spec_was_recorded_from_a_launch(report):
+    """A hand-written signature is how the report drifted from what runs: every module's
+    aot_specs() must build its specs with aot.recorded_spec (or launch_spec) from its launcher."""
+    hand_written = sorted({s.kernel for s in report.values() if s.attrs is None})
+    assert not hand_written, f"specs not recorded from a launch (use vit_kernels.triton.aot.recorded_spec): {hand_written}"
