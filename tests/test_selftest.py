@@ -100,3 +100,19 @@ def test_sanitizer_runs_memcheck_and_racecheck_and_reads_their_summary(monkeypat
     assert {"--no-timing", "--no-sanitizer"} <= set(cmd) and cmd[cmd.index("--batch-size") + 1] == "4"
     assert cmd[cmd.index("--backend") + 1] == "cuda" and "--depth" not in cmd
     assert st.parse_sanitizer("memcheck", 1, "no summary")["status"] == "FAIL"
+
+
+@pytest.mark.gpu
+def test_selftest_on_a_gpu_times_every_kernel_against_torch(tmp_path):
+    """On a GPU: the same checks, on the device, each fused call timed beside the torch path."""
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu marker needs a CUDA device")
+    rc, res = run_selftest(tmp_path, "vit_tiny_patch16_224", "--batch-size", "8", "--no-sanitizer")
+    assert rc == 0, res["rows"]
+    assert res["device"] != "cpu" and res["timings"].startswith("measured") and res["reduced"] == ""
+    for r in res["rows"]:
+        if r["status"] == "N/A":   # e.g. no CUDA extension build here: said, not hidden
+            assert r["reason"], r
+            continue
+        assert r["status"] == "PASS" and r["fused_ms"] > 0 and r["torch_ms"] > 0, r
+        assert r["speedup"] == pytest.approx(r["torch_ms"] / r["fused_ms"])
