@@ -60,3 +60,103 @@ def test_cuda_kernels_are_listed_beside_the_triton_ones():
     kernels = {r["kernel"] for r in rows}
     assert {"vk::gemm_detail::gemm_kernel", "vk::attn::flash_fwd_kernel", "vk::layernorm_stats_kernel"} <= kernels
     assert all(r["backend"] == "cuda" and not problems(r) for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The performance lint on sm_90 (issue 11): the facts of one launched configuration per hot kernel.
+
+# Hot sm_90 kernels and the lint flags they carry today. This list only shrinks: when a kernel gains
+# wgmma, TMA or a pipeline, its flag disappears from inspect and this test fails until the entry is
+# removed here; a new hot kernel must come without flags (or be listed, visibly).
+EXPECTED_SM90_FLAGS = {
+    ("triton", "gemm_linear"): {"no TMA"},
+    ("triton", "gemm_qkv"): {"no TMA"},
+    ("triton", "gemm_fc1"): {"no TMA"},
+    ("triton", "gemm_patch_embed_nchw"): {"no TMA"},
+    ("triton", "flash_attention_fwd"): {"no TMA"},
+    ("triton", "qkv_attention_single"): {"no TMA", "not pipelined"},
+    ("cuda", "vk::gemm_detail::gemm_kernel"): {"no wgmma", "no TMA"},
+    ("cuda", "vk::attn::flash_fwd_kernel"): {"no wgmma", "no TMA"},
+}
+# One launched configuration per Triton kernel: the fp16 ViT-B variant (substrings of its label).
+LINT_CONFIGS = {
+    "gemm_linear": ["float16", "HAS_BIAS=1,HAS_LS=1,HAS_RES=1"],
+    "gemm_qkv": ["float16", "NORM=1,HAS_BIAS=1,OUT_MODE=1"],
+    "gemm_fc1": ["float16", "NORM=1,HAS_BIAS=1,ACT=1"],
+    "gemm_patch_embed_nchw": ["float16", "HAS_BIAS=1,HAS_POS=1,PREFIX=1"],
+    "flash_attention_fwd": ["head_dim=64,", "float16,lse=0"],
+    "qkv_attention_single": ["head_dim=64,N_MAIN=256,N_TAIL=0", "float16"],
+}
+_LINT_SCRIPT = """
+import dataclasses, json, sys
+from vit_kernels.commands.inspect import triton_specs
+from vit_kernels.triton.aot import compile_spec
+want = json.loads(sys.argv[1])
+specs = triton_specs()
+rows = []
+for kernel, parts in want.items():
+    spec = next(s for s in specs if s.kernel == kernel and all(p in s.config for p in parts))
+    rows.append(compile_spec(spec, 90))
+    if kernel == "qkv_attention_single":   # what inspect compiled before: no launch attributes
+        old = compile_spec(dataclasses.replace(spec, attrs={}, divisible_by_16=()), 90)
+        rows.append({**old, "kernel": "unspecialized"})
+print(json.dumps(rows))
+"""
+
+
+@pytest.fixture(scope="module")
+def sm90_rows():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _LINT_SCRIPT, json.dumps(LINT_CONFIGS)], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def test_the_report_compiles_the_launched_specialization(sm90_rows):
+    """The one-kernel attention at 197 tokens as launched loads x and the weights as 16-byte
+    vectors; compiled without the launch's divisibility facts (inspect before) it loaded one
+    element at a time with other register counts: the report must describe the former."""
+    rows = {r["kernel"]: r for r in sm90_rows}
+    launched, old = rows["qkv_attention_single"], rows["unspecialized"]
+    assert launched["load_bits"] == 128, launched
+    assert old["load_bits"] < 128 and old["regs"] != launched["regs"], (old, launched)
+    assert "stride_xn" in launched["specialization"]
+
+
+def test_sm90_lint_facts_of_hot_triton_kernels(sm90_rows):
+    from vit_kernels.commands.inspect import perf_flags
+    for r in sm90_rows:
+        if r["kernel"] == "unspecialized":
+            continue
+        assert r["mma"] in ("wgmma", "mma.sync") and r["tensor_core_instructions"], r
+        assert r["spill_bytes"] == 0 and 1 <= r["blocks_per_sm"] <= 32, r
+        assert r["warps_per_sm"] == r["blocks_per_sm"] * r["num_warps"], r
+        assert set(perf_flags(r)) == EXPECTED_SM90_FLAGS.get(("triton", r["kernel"]), set()), r
+
+
+def test_sm90_lint_facts_of_hot_cuda_kernels():
+    from vit_kernels import cuda as vk_cuda
+    from vit_kernels.commands.inspect import cuda_facts, is_hot, perf_flags
+    root, how = vk_cuda.toolkit_root()
+    assert root is not None, f"no CUDA toolkit: {how}"
+    rows = [cuda_facts(r) for r in vk_cuda.resource_usage("sm_90")]
+    hot = [r for r in rows if is_hot(r)]
+    assert {r["kernel"] for r in hot} == {k for b, k in EXPECTED_SM90_FLAGS if b == "cuda"}
+    for r in hot:
+        assert set(perf_flags(r)) == EXPECTED_SM90_FLAGS[("cuda", r["kernel"])], r
+        assert r["mma"] == "mma.sync" and r["cp_async"] in (True, False), r   # read from the SASS
+        assert r["num_warps"] and r["blocks_per_sm"] >= 1, r
+
+
+def test_lint_flags_each_missing_fact():
+    from vit_kernels.commands.inspect import perf_flags
+    good = {"kernel": "k", "arch": "sm_90", "has_dot": True, "mma": "wgmma", "tma": True, "cp_async": False,
+            "num_stages": 3}
+    assert perf_flags(good) == []
+    assert perf_flags({**good, "mma": "mma.sync"}) == ["no wgmma"]
+    assert perf_flags({**good, "tma": False, "cp_async": True}) == ["no TMA"]
+    assert perf_flags({**good, "tma": False}) == ["no TMA", "not pipelined"]
+    assert perf_flags({**good, "num_stages": 1}) == ["not pipelined"]
+    assert perf_flags({**good, "arch": "sm_80", "mma": "mma.sync", "tma": False}) == []
+    assert perf_flags({**good, "has_dot": False, "mma": "-"}) == []

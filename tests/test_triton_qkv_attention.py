@@ -23,6 +23,7 @@ DEFAULT_CASES = [
     (3, 50, 80, "bf16", False, True, "single_kernel"),
     (1, 197, 72, "fp16", True, False, "single_kernel"),
     (3, 197, 64, "bf16", True, True, "single_kernel"),
+    (1, 197, 32, "bf16", True, True, "single_kernel"),     # admitted once compiled as launched (no spills)
     (1, 257, 80, "fp32", True, True, "split"),
     (1, 577, 64, "fp16", False, False, "split"),
     # Beyond 256 tokens the single kernel holds K and V as a main plus a tail tile.
@@ -119,6 +120,8 @@ def test_single_kernel_fits_rule():
     assert not fits(385, 80, torch.float16)
     assert not fits(257, 16, torch.float16)      # BLOCK_D 16 spilled beyond 256 tokens
     assert not fits(197, 64, torch.float32)      # fp32 counts twice: 256 KB
+    assert not fits(197, 16, torch.float32)      # SPILLING: spills as launched
+    assert fits(197, 32, torch.bfloat16)         # no spills as launched (it did unspecialized)
     assert fits(50, 64, torch.float32)
     assert not fits(197, 256, torch.float16)
     assert not fits(1025, 64, torch.float16)
@@ -167,7 +170,7 @@ def test_bad_input_before_launch():
 
 
 @pytest.mark.parametrize("dtype,head_dim,tokens,n_dots", [
-    (torch.float32, 80, 128, 5),     # Q, K, V projections, q k^T, p v
+    (torch.float32, 80, 64, 5),      # Q, K, V projections, q k^T, p v (128 tokens do not fit in fp32)
     (torch.bfloat16, 80, 128, 5),
     (torch.float32, 32, 257, 9),     # with a tail tile: its K and V projections, q k_t^T, p_t v_t
 ])

@@ -305,12 +305,13 @@ def test_candidate_lists():
 def test_tuned_configs_are_compiled_by_inspect():
     """Every config the tuner can launch is an AotSpec of `inspect` for that arch."""
     from vit_kernels.triton import attention, gemm
+    from vit_kernels.triton.aot import ptr_type
     specs = gemm.aot_specs()
     compiled = {(s.kernel, s.signature["a_ptr"], (s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"],
                  s.constexprs["BLOCK_K"], s.num_warps, s.num_stages), a) for s in specs for a in s.archs}
     for arch in (80, 90):
         for dtype in gemm.DTYPES:
-            p = gemm.ptr_type(dtype)
+            p = ptr_type(dtype)
             for cfg in gemm.tune_configs(dtype, arch):
                 for kernel in ("gemm_linear", "gemm_qkv", "gemm_fc1"):
                     assert (kernel, p, cfg, arch) in compiled
@@ -322,7 +323,7 @@ def test_tuned_configs_are_compiled_by_inspect():
         for dtype in attention.DTYPES:
             for hd in (16, 32, 64, 128, 256):
                 for cfg in attention.tune_configs(dtype, hd, arch):
-                    assert (attention.ptr_type(dtype), attention.block_d(hd), cfg, arch) in att
+                    assert (ptr_type(dtype), attention.block_d(hd), cfg, arch) in att
 
 
 def tiny_vit(backend="auto"):

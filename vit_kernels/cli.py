@@ -16,6 +16,7 @@ COMMANDS = {
     "inspect": "vit_kernels.commands.inspect",
     "bench": "vit_kernels.commands.bench",
     "profile-attention": "vit_kernels.commands.profile_attention",
+    "selftest": "vit_kernels.commands.selftest",
 }
 # commands that compile or time kernels and must not run in Triton's interpreter
 NO_INTERPRETER = {"inspect", "bench", "profile-attention"}

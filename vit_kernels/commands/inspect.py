@@ -1,30 +1,36 @@
 """``python -m vit_kernels inspect [--arch sm_80|sm_90] [--json]``: compile every kernel
-configuration the library can launch, ahead of time and without a GPU, and report registers,
-spills, shared memory and the tensor-core instructions in the SASS."""
+configuration the library can launch, ahead of time and without a GPU, exactly as a launch
+specializes it (vit_kernels.triton.aot), and report per kernel and architecture the facts that
+decide its speed: registers, spills, shared memory, resident blocks per SM, the tensor-core
+instruction kind (wgmma / mma.sync), bulk tensor copies (TMA), asynchronous copies and pipeline
+stages, the widest global load; then a performance lint (:func:`perf_flags`)."""
 from __future__ import annotations
 
 import importlib
 import json
 import multiprocessing
 import os
+import re
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from .arguments import positive_int
 
-# The Triton modules whose aot_specs() list their launchable configurations.
+# The Triton modules whose aot_specs() list their launchable configurations: the one list a new
+# kernel module is added to.
 TRITON_MODULES = ("attention", "qkv_attention", "layernorm", "gemm", "mlp", "patch_embed")
 ARCHS = {"sm_80": 80, "sm_90": 90}
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("inspect", help="compile every kernel for sm_80/sm_90 (no GPU) and report "
-                                       "registers, spills, shared memory, tensor-core instructions")
+    p = sub.add_parser("inspect", help="compile every kernel for sm_80/sm_90 (no GPU) as launched and report "
+                                       "registers, spills, shared memory, occupancy, wgmma/TMA/pipelining")
     p.add_argument("--arch", choices=sorted(ARCHS), action="append",
                    help="architecture(s) to compile for (default: both)")
     p.add_argument("--json", action="store_true", help="print a JSON list of objects")
     p.add_argument("--backend", choices=["triton", "cuda", "all"], default="all")
     p.add_argument("--kernel", default=None, help="only kernels whose name contains this")
+    p.add_argument("--config", default=None, help="only configurations whose label contains this")
     p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="compile in this many processes")
 
 
@@ -53,15 +59,20 @@ def _compile_one(job) -> Dict:
     return compile_spec(_SPECS[i], arch)
 
 
-def collect(archs: List[int], backend: str = "all", kernel_filter=None, jobs: int = 1) -> List[Dict]:
+def _selected(name: str, config: str, kernel_filter: Optional[str], config_filter: Optional[str]) -> bool:
+    return (not kernel_filter or kernel_filter in name) and (not config_filter or config_filter in config)
+
+
+def collect(archs: List[int], backend: str = "all", kernel_filter=None, jobs: int = 1,
+            config_filter=None) -> List[Dict]:
     from ..backends import interpreter_enabled
     rows: List[Dict] = []
     names: List[str] = []  # every kernel name seen, for the message when --kernel matches none
     if backend in ("triton", "all"):
         specs = triton_specs()
         names += [s.kernel for s in specs]
-        _SPECS[:] = [s for s in specs if not kernel_filter or kernel_filter in s.kernel]
-        if backend == "triton" and not _SPECS:
+        _SPECS[:] = [s for s in specs if _selected(s.kernel, s.config, kernel_filter, config_filter)]
+        if backend == "triton" and kernel_filter and not any(kernel_filter in s.kernel for s in specs):
             no_match(kernel_filter, names)
         if interpreter_enabled():
             raise SystemExit("inspect: compiles Triton kernels ahead of time, which Triton's interpreter "
@@ -82,7 +93,8 @@ def collect(archs: List[int], backend: str = "all", kernel_filter=None, jobs: in
             for arch in archs:
                 found = usage(arch)
                 names += [r["kernel"] for r in found]
-                rows.extend(r for r in found if not kernel_filter or kernel_filter in r["kernel"])
+                rows.extend(cuda_facts(r) for r in found
+                            if _selected(r["kernel"], r["config"], kernel_filter, config_filter))
             if kernel_filter and not rows:
                 no_match(kernel_filter, names)
     return rows
@@ -93,6 +105,33 @@ def no_match(kernel_filter: str, names: List[str]) -> None:
     names = sorted(set(names))
     raise SystemExit(f"kernel: expected part of a kernel name ({', '.join(names) or 'none found'}), "
                      f"got {kernel_filter!r}, which matches none")
+
+
+def cuda_facts(row: Dict) -> Dict:
+    """A csrc kernel's row (vit_kernels.cuda.resource_usage) with the lint's facts, where its SASS
+    and template arguments give them: the tensor-core kind from HGMMA / HMMA, TMA from UTMALDG,
+    cp.async from LDGSTS; warps and stages from the GEMM's TileCfg; the flash kernel's 4 warps
+    (FlashFwdTraits::kWarps). Unknown facts are None."""
+    from ..triton.aot import blocks_per_sm
+    tc = " ".join(row.get("tensor_core_instructions", []))
+    copies = row.get("sass_copy_instructions")
+    out = dict(row)
+    out["mma"] = "wgmma" if "HGMMA" in tc else "mma.sync" if "HMMA" in tc else "-"
+    out["tma"] = None if copies is None else "UTMALDG" in copies
+    out["cp_async"] = None if copies is None else "LDGSTS" in copies
+    m = re.search(r"tile (\d+)x(\d+)x\d+ warp (\d+)x(\d+) stages (\d+)", row.get("config", ""))
+    warps = stages = None
+    if m:
+        bm, bn, wm, wn, stages = map(int, m.groups())
+        warps = (bm // wm) * (bn // wn)
+    elif row["kernel"].endswith("flash_fwd_kernel"):
+        warps = 4
+    out["num_warps"], out["num_stages"] = warps, stages
+    if warps:
+        out.update(blocks_per_sm(int(row["arch"][3:5]), row["regs"], row["shared_bytes"], warps))
+    else:
+        out.update(blocks_per_sm=None, occupancy_limit=None, warps_per_sm=None)
+    return out
 
 
 def problems(row: Dict) -> List[str]:
@@ -108,21 +147,55 @@ def problems(row: Dict) -> List[str]:
     return out
 
 
+def is_hot(row: Dict) -> bool:
+    """A kernel that carries the model's FLOPs: every kernel with a matmul (the GEMMs, attention).
+    The row statistics pass is memory-bound and small; the csrc selftest_* kernels check the
+    emulator, not the model."""
+    return bool(row.get("has_dot", True)) and "selftest" not in row["kernel"]
+
+
+def perf_flags(row: Dict) -> List[str]:
+    """The performance lint: on sm_90, a hot kernel (:func:`is_hot`) should issue wgmma, feed it
+    with bulk tensor copies (TMA), and pipeline its loads (>= 2 stages with asynchronous copies);
+    each missing fact is a flag ("no wgmma", "no TMA", "not pipelined"). A fact the report could
+    not read (None) raises no flag. Not a failure of inspect: the truth about today's kernels."""
+    if row["arch"] != "sm_90" or not is_hot(row):
+        return []
+    flags = []
+    if row.get("mma") != "wgmma":
+        flags.append("no wgmma")
+    if row.get("tma") is False:
+        flags.append("no TMA")
+    stages, tma, cp_async = row.get("num_stages"), row.get("tma"), row.get("cp_async")
+    if stages is not None and tma is not None and (stages < 2 or not (tma or cp_async)):
+        flags.append("not pipelined")
+    return flags
+
+
+def _fmt(v) -> str:
+    return "?" if v is None else "y" if v is True else "-" if v is False else str(v)
+
+
 def run(args) -> int:
     archs = [ARCHS[a] for a in (args.arch or sorted(ARCHS))]
-    rows = collect(archs, args.backend, args.kernel, args.jobs)
-    keys = ("kernel", "arch", "config", "regs", "spill_bytes", "shared_bytes", "tensor_core_instructions")
-    bad = [(r, problems(r)) for r in rows if problems(r)]
+    rows = collect(archs, args.backend, args.kernel, args.jobs, getattr(args, "config", None))
+    for r in rows:
+        r["problems"] = problems(r)
+        r["perf_flags"] = perf_flags(r)
+    bad = [r for r in rows if r["problems"]]
     if args.json:
-        print(json.dumps([{**{k: r[k] for k in keys}, "backend": r.get("backend", ""),
-                           "has_dot": r.get("has_dot", True)} for r in rows], indent=1))
+        print(json.dumps(rows, indent=1, default=str))
     else:
-        print(f"{'kernel':28} {'arch':6} {'regs':>4} {'spill':>5} {'shared':>8}  {'tensor cores':14} config")
+        print(f"{'kernel':30} {'arch':5} {'regs':>4} {'spill':>5} {'shared':>7} {'blk/SM':>6} {'mma':8} {'tma':3} "
+              f"{'stg':>3} {'ld':>3}  {'lint':28} config")
         for r in rows:
-            tc = ",".join(r["tensor_core_instructions"]) or "-"
-            print(f"{r['kernel']:28} {r['arch']:6} {r['regs']:>4} {r['spill_bytes']:>5} {r['shared_bytes']:>8}  "
-                  f"{tc:14} {r['config']}")
-        print(f"{len(rows)} kernel configurations, {len(bad)} with problems")
-    for r, p in bad:
-        print(f"PROBLEM {r['kernel']} {r['arch']} {r['config']}: {'; '.join(p)}", file=sys.stderr)
+            print(f"{r['kernel'][:30]:30} {r['arch']:5} {r['regs']:>4} {r['spill_bytes']:>5} {r['shared_bytes']:>7} "
+                  f"{_fmt(r.get('blocks_per_sm')):>6} {r.get('mma', '?'):8} {_fmt(r.get('tma')):3} "
+                  f"{_fmt(r.get('num_stages')):>3} {_fmt(r.get('load_bits')):>3}  "
+                  f"{','.join(r['perf_flags']) or '-':28} {r['config']}")
+        flagged = sum(1 for r in rows if r["perf_flags"])
+        print(f"{len(rows)} kernel configurations, {len(bad)} with problems, {flagged} flagged by the sm_90 "
+              f"performance lint (hot kernels without wgmma, TMA or pipelining)")
+    for r in bad:
+        print(f"PROBLEM {r['kernel']} {r['arch']} {r['config']}: {'; '.join(r['problems'])}", file=sys.stderr)
     return 1 if bad else 0

@@ -47,7 +47,7 @@ def _tool(root: str, name: str) -> str:
 
 def _sources_key(arch: str, flags: List[str]) -> str:
     h = hashlib.sha256()
-    h.update(("\n".join(["format 4", arch, *flags])).encode())
+    h.update(("\n".join(["format 5", arch, *flags])).encode())
     for p in sorted(CSRC.rglob("*")):
         if p.is_file() and p.suffix in (".cu", ".cuh", ".h"):
             h.update(str(p.relative_to(CSRC)).encode())
@@ -90,8 +90,9 @@ def _parse_ptxas(text: str) -> Dict[str, dict]:
     return kernels
 
 
-def _count_tensor_core(sass: str) -> Dict[str, List[str]]:
-    """mangled kernel name -> the distinct tensor-core mnemonics in its SASS (e.g. HMMA.16816.F32)."""
+def _count_tensor_core(sass: str, pattern: str = r"\b((?:HMMA|HGMMA)[.\w]*)") -> Dict[str, List[str]]:
+    """mangled kernel name -> the distinct tensor-core mnemonics in its SASS (e.g. HMMA.16816.F32),
+    or of the instructions ``pattern`` matches."""
     found: Dict[str, set] = {}
     cur = None
     for line in sass.splitlines():
@@ -100,10 +101,14 @@ def _count_tensor_core(sass: str) -> Dict[str, List[str]]:
             cur = m.group(1)
             found.setdefault(cur, set())
             continue
-        m = re.search(r"\b((?:HMMA|HGMMA)[.\w]*)", line)
+        m = re.search(pattern, line)
         if cur and m:
             found[cur].add(m.group(1))
     return {k: sorted(v) for k, v in found.items()}
+
+
+# Copies into shared memory in the SASS: LDGSTS is cp.async, UTMALDG a TMA bulk tensor load.
+_COPIES = r"\b(LDGSTS|UTMALDG|UBLKCP)\b"
 
 
 def _attention_dynamic_smem(config: str) -> Optional[int]:
@@ -189,8 +194,10 @@ def _compile_one(src: Path, arch: str, flags: List[str], nvcc: str, cuobjdump: s
     kernels = _parse_ptxas(p.stdout + p.stderr)
     sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True).stdout
     tc = _count_tensor_core(sass)
+    copies = _count_tensor_core(sass, _COPIES)
     for k in kernels.values():
         k["tensor_core_instructions"] = tc.get(k["mangled"], [])
+        k["sass_copy_instructions"] = copies.get(k["mangled"], [])
         k["source"] = str(src.relative_to(CSRC))
     return list(kernels.values())
 
@@ -202,7 +209,8 @@ def resource_usage(arch: str = "sm_80", *, refresh: bool = False) -> List[dict]:
     arguments), arch, source, regs, spill_bytes (spill stores + loads), stack_bytes, shared_bytes
     (static; plus the dynamic amount where it follows from the template, see dynamic_shared_bytes),
     dynamic_shared_bytes (None when set at launch by other means), tensor_core_instructions (the
-    distinct HMMA / HGMMA mnemonics in the SASS), has_dot (whether tensor cores are expected). Needs nvcc and cuobjdump (the toolkit found by
+    distinct HMMA / HGMMA mnemonics in the SASS), sass_copy_instructions (LDGSTS: cp.async, UTMALDG:
+    TMA), has_dot (whether tensor cores are expected). Needs nvcc and cuobjdump (the toolkit found by
     :func:`vit_kernels.cuda.toolkit_root`); no GPU. Raises :class:`BuildError` when they fail.
     """
     arch = str(arch)
@@ -246,7 +254,8 @@ def resource_usage(arch: str = "sm_80", *, refresh: bool = False) -> List[dict]:
                     "has_dot": _expects_tensor_cores(base, config),
                     "source": r["source"], "regs": r["regs"], "spill_bytes": r["spill_bytes"],
                     "stack_bytes": r["stack_bytes"], "shared_bytes": r["shared_bytes"] + (dyn or 0),
-                    "dynamic_shared_bytes": dyn, "tensor_core_instructions": r["tensor_core_instructions"]})
+                    "dynamic_shared_bytes": dyn, "tensor_core_instructions": r["tensor_core_instructions"],
+                    "sass_copy_instructions": r["sass_copy_instructions"]})
     out.sort(key=lambda r: (r["source"], r["kernel"], r["config"]))
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f"{cache.name}.{os.getpid()}.{threading.get_ident()}.tmp")

@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import cdiv, next_power_of_2
-from .aot import AotSpec, ptr_type
+from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 
 LOG2E = 1.4426950408889634
 # The dot precision used for fp32 inputs (fp16/bf16 dots ignore it). Asserted by the tests.
@@ -219,26 +219,23 @@ def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, *, ou
 
 def aot_spec(dtype: torch.dtype, head_dim: int, store_lse: bool = False, attention_config=None,
              archs=(80, 90)) -> AotSpec:
-    """The configuration the launcher uses for ``dtype`` and ``head_dim`` (or the tuning
-    alternative ``attention_config`` for ``archs``)."""
+    """The launch flash_attention_forward makes for ``dtype`` and ``head_dim``, recorded as the
+    split qkv_attention path calls it (q, k, v: views of one (3, B, H, N, head_dim) buffer; out:
+    a (B, N, H * head_dim) buffer viewed as (B, H, N, head_dim)) at aot.REPRESENTATIVE's batch,
+    heads and tokens, so its specialization is the launch's; attention_config: a tuning
+    alternative's tiles, launched on ``archs``."""
+    B, H, N = REPRESENTATIVE["batch"], REPRESENTATIVE["heads"], REPRESENTATIVE["tokens"]
+    qkv = torch.empty(3, B, H, N, head_dim, dtype=dtype)
+    out = torch.empty(B, N, H * head_dim, dtype=dtype).view(B, N, H, head_dim).transpose(1, 2)
     BLOCK_M, BLOCK_N, num_warps, num_stages = attention_config or kernel_config(dtype, head_dim)
-    p = ptr_type(dtype)
-    sig = {"Q": p, "K": p, "V": p, "O": p, "LSE": "*fp32" if store_lse else p}
-    for t in "qkvo":
-        for s in "bhn":
-            sig[f"stride_{t}{s}"] = "i32"
-    sig.update({"H": "i32", "NQ": "i32", "NKV": "i32", "qk_scale": "fp32"})
-    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N,
-                  "STORE_LSE": store_lse, "INPUT_PRECISION": FP32_DOT_PRECISION}
-    for name in constexprs:
-        sig[name] = "constexpr"
-    dt = str(dtype).replace("torch.", "")
     label = (f"head_dim={head_dim},BLOCK_D={block_d(head_dim)},BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},"
-             f"{dt},lse={int(store_lse)}")
+             f"{dtype_name(dtype)},lse={int(store_lse)}")
     if attention_config is not None:
         label += f",num_warps={num_warps},num_stages={num_stages},tuning"
-    return AotSpec("flash_attention_fwd", _attn_fwd_kernel, sig, constexprs, num_warps, num_stages, label, True,
-                   tuple(archs))
+    call = lambda: flash_attention_forward(qkv[0], qkv[1], qkv[2], 1.0, out=out,  # noqa: E731
+                                           return_lse=store_lse, attention_config=attention_config)
+    return recorded_spec("flash_attention_fwd", _attn_fwd_kernel, call, label, True, tuple(archs),
+                         shape=f"B={B},H={H},N={N},head_dim={head_dim},merged-head out")
 
 
 # head_dim values aot_specs() compiles: each BLOCK_D bucket's power of two plus the non powers of

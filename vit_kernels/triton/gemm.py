@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import cdiv
-from .aot import AotSpec, ptr_type
+from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 from .layernorm import as_rows, row_stats, rows_per_batch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -210,9 +210,6 @@ def _gemm_kernel(
 _INT_ARGS = ("M", "N", "K", "T", "s_ab", "s_at", "s_ak", "s_ac", "s_ah", "s_aw",
              "s_wn", "s_wk", "s_wc", "s_wr", "s_ws", "s_o3", "s_ob", "s_oh", "s_ot", "s_on",
              "s_rb", "s_rt", "s_rn", "s_pt", "s_pn", "s_cls", "P", "GW", "INNER", "HEAD_DIM")
-_PTR_ARGS = ("a_ptr", "w_ptr", "out_ptr", "bias_ptr", "mean_ptr", "rstd_ptr", "lnw_ptr", "lnb_ptr",
-             "res_ptr", "ls_ptr", "pos_ptr", "cls_ptr")
-_FP32_PTRS = ("mean_ptr", "rstd_ptr")
 
 
 def block_config(dtype: torch.dtype, a_mode: int = A_DENSE) -> Tuple[int, int, int, int, int]:
@@ -417,36 +414,40 @@ def qkv_projection_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Ten
 # Ahead-of-time specs
 # ---------------------------------------------------------------------------------------------
 
-# What Triton's launcher specializes for the usual call: strides equal to 1 become constants, and
-# aligned pointers and 16-multiple strides/sizes are compiled as such (ViT dims are multiples of 16;
-# odd dims or strides compile another specialization at run time, with the same tiles).
-UNIT_STRIDES_ROWS = ("s_ak", "s_wk", "s_on", "s_rn")
-DIVISIBLE_ROWS = _PTR_ARGS + ("N", "K", "s_ab", "s_at", "s_wn", "s_o3", "s_ob", "s_oh", "s_ot", "s_rb", "s_rt",
-                              "s_pt", "INNER", "HEAD_DIM")
-
-
-def aot_spec(name: str, dtype: torch.dtype, *, unit_strides=UNIT_STRIDES_ROWS, divisible=DIVISIBLE_ROWS,
-             gemm_config=None, archs=(80, 90), **flags) -> AotSpec:
-    """The AotSpec of one flag combination (keyword names as in :func:`_flags`) for ``dtype``;
-    ``unit_strides`` are compiled as the constant 1, ``divisible`` as multiples of 16;
-    gemm_config: tiles other than :func:`block_config`'s (a tuning alternative) for ``archs``."""
-    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = (
-        gemm_config or block_config(dtype, flags.get("a_mode", A_DENSE)))
-    p = ptr_type(dtype)
-    sig = {k: ("*fp32" if k in _FP32_PTRS else p) for k in _PTR_ARGS}
-    sig.update({k: "i32" for k in _INT_ARGS})
-    sig["q_scale"] = "fp32"
-    constexprs = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
-                      DOT_PRECISION=_precision(dtype), **_flags(**flags))
-    constexprs.update({k: 1 for k in unit_strides})
-    sig.update({k: "constexpr" for k in constexprs})
-    dt = str(dtype).replace("torch.", "")
-    on = ",".join(f"{k}={int(v)}" for k, v in _flags(**flags).items() if v)
-    label = f"BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},BLOCK_K={BLOCK_K},{dt}" + (f",{on}" if on else "")
+def aot_spec(name: str, dtype: torch.dtype, *, gemm_config=None, archs=(80, 90), **flags) -> AotSpec:
+    """The launch of one dense flag combination (keyword names as in :func:`_flags`; a_mode must be
+    A_DENSE, patch_embed.aot_specs records the patch loader) for ``dtype``, recorded from the public
+    launcher at aot.REPRESENTATIVE's shape: qkv_projection_forward for out_mode=OUT_QKV (N = 3*dim),
+    else dense_forward (N = 4*dim with a GELU, as fc1; dim otherwise). Its specialization (unit
+    strides made constant, 16-divisible sizes, strides and pointers) is therefore the launch's.
+    gemm_config: a tuning alternative's tiles (not :func:`block_config`'s), launched on ``archs``."""
+    if flags.get("a_mode", A_DENSE) != A_DENSE:
+        raise ValueError("gemm.aot_spec: the patch loader is recorded by patch_embed.aot_specs()")
+    f = _flags(**flags)
+    B, T, dim, H = (REPRESENTATIVE[k] for k in ("batch", "tokens", "dim", "heads"))
+    n_out = 3 * dim if f["OUT_MODE"] == OUT_QKV else 4 * dim if f["ACT"] != ACT_NONE else dim
+    x = torch.empty(B, T, dim, dtype=dtype)
+    w = torch.empty(n_out, dim, dtype=dtype)
+    vec = torch.empty(n_out, dtype=dtype)
+    ln = torch.empty(dim, dtype=dtype)
+    norm_weight = ln if f["NORM"] != NORM_NONE else None
+    norm_bias = ln if f["NORM"] == NORM_AFFINE else None
+    bias = vec if f["HAS_BIAS"] else None
+    if f["OUT_MODE"] == OUT_QKV:
+        call = lambda: qkv_projection_forward(x, w, bias, num_heads=H, scale=0.125,  # noqa: E731
+                                              norm_weight=norm_weight, norm_bias=norm_bias,
+                                              gemm_config=gemm_config)
+    else:
+        res = torch.empty(B, T, n_out, dtype=dtype) if f["HAS_RES"] else None
+        call = lambda: dense_forward(x, w, bias, norm_weight=norm_weight, norm_bias=norm_bias,  # noqa: E731
+                                     act=f["ACT"], residual=res, layer_scale=vec if f["HAS_LS"] else None,
+                                     gemm_config=gemm_config)
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = gemm_config or block_config(dtype)
+    on = ",".join(f"{k}={int(v)}" for k, v in f.items() if v)
+    label = f"BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},BLOCK_K={BLOCK_K},{dtype_name(dtype)}" + (f",{on}" if on else "")
     if gemm_config is not None:
         label += f",num_warps={num_warps},num_stages={num_stages},tuning"
-    return AotSpec(name, _gemm_kernel, sig, constexprs, num_warps, num_stages, label, True, tuple(archs),
-                   divisible_by_16=tuple(d for d in divisible if d not in unit_strides))
+    return recorded_spec(name, _gemm_kernel, call, label, True, tuple(archs), shape=f"B={B},T={T},K={dim},N={n_out}")
 
 
 def aot_specs() -> List[AotSpec]:
@@ -478,9 +479,9 @@ def tune_aot_specs() -> List[AotSpec]:
             for cfg in cfgs:
                 archs = tuple(a for a in sorted(table) if cfg in table[a].get(dtype, ()))
                 for name, flags in variants:
-                    kw = {}
-                    if flags.get("a_mode") == A_PATCHES:   # as patch_embed.aot_specs compiles NCHW
-                        from .patch_embed import LAYOUTS, _DIVISIBLE
-                        kw = dict(unit_strides=LAYOUTS["nchw"], divisible=_DIVISIBLE)
-                    specs.append(aot_spec(name, dtype, gemm_config=cfg, archs=archs, **kw, **flags))
+                    if flags.get("a_mode") == A_PATCHES:   # recorded as patch_embed.aot_specs records NCHW
+                        from .patch_embed import aot_spec as patch_aot_spec
+                        specs.append(patch_aot_spec(dtype, "nchw", True, True, 1, gemm_config=cfg, archs=archs))
+                    else:
+                        specs.append(aot_spec(name, dtype, gemm_config=cfg, archs=archs, **flags))
     return specs

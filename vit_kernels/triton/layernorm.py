@@ -14,7 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import cdiv
-from .aot import AotSpec, ptr_type
+from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK_R, BLOCK_D, NUM_WARPS = 8, 256, 4
@@ -103,16 +103,13 @@ def row_stats(x2d: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
 
 
 def aot_specs() -> List[AotSpec]:
-    """The configurations row_stats launches: one block config per input dtype."""
+    """The launches row_stats makes: one block config per input dtype, recorded for an x of
+    aot.REPRESENTATIVE's (batch, tokens, dim), so each specialization is the launch's."""
+    B, T, dim = REPRESENTATIVE["batch"], REPRESENTATIVE["tokens"], REPRESENTATIVE["dim"]
     specs = []
     for dtype in DTYPES:
-        sig = {"x_ptr": ptr_type(dtype), "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-               "M": "i32", "D": "i32", "T": "i32", "s_b": "i32", "s_t": "i32", "s_d": "i32", "eps": "fp32",
-               "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"}
-        dt = str(dtype).replace("torch.", "")
-        sig["s_d"] = "constexpr"   # a contiguous last dim: Triton's launcher makes stride 1 a constant
-        specs.append(AotSpec("row_stats", _row_stats_kernel, sig,
-                             {"BLOCK_R": BLOCK_R, "BLOCK_D": BLOCK_D, "s_d": 1},
-                             NUM_WARPS, 1, f"BLOCK_R={BLOCK_R},BLOCK_D={BLOCK_D},{dt}", False,
-                             divisible_by_16=("x_ptr", "mean_ptr", "rstd_ptr", "D", "s_b", "s_t")))
+        x = torch.empty(B, T, dim, dtype=dtype)
+        specs.append(recorded_spec("row_stats", _row_stats_kernel, lambda: row_stats(x, 1e-6),
+                                   f"BLOCK_R={BLOCK_R},BLOCK_D={BLOCK_D},{dtype_name(dtype)}", False,
+                                   shape=f"B={B},T={T},D={dim}"))
     return specs

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
+import torch
 from torch import Tensor
 
-from .aot import AotSpec
-from .gemm import DTYPES, _PTR_ARGS, _check_dtype, _check_out, aot_spec, launch_gemm
+from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
+from .gemm import A_PATCHES, DTYPES, _check_dtype, _check_out, _gemm_kernel, block_config, launch_gemm
 from .layernorm import as_rows
 
 
@@ -51,27 +52,35 @@ def patch_embed_forward(images: Tensor, weight: Tensor, bias: Optional[Tensor] =
         pos=pos_embed, pos_strides=pos_strides, cls=cls, patch=(p, gw), gemm_config=gemm_config)
 
 
-# What Triton's launcher specializes for the usual call (see gemm.UNIT_STRIDES_ROWS): NCHW images
-# (unit stride along W) or channels_last (unit stride along C), a contiguous Conv2d weight, a
-# contiguous out, pos_embed and cls token; 224-px images, dims multiple of 16.
-_UNIT_COMMON = ("s_ws", "s_on", "s_pn", "s_cls")
-_DIVISIBLE = _PTR_ARGS + ("N", "K", "s_ab", "s_ah", "s_wn", "s_wc", "s_wr", "s_ob", "s_ot", "s_pt", "P")
-LAYOUTS = {"nchw": ("s_aw",) + _UNIT_COMMON, "channels_last": ("s_ac",) + _UNIT_COMMON}
+def aot_spec(dtype: torch.dtype, layout: str = "nchw", has_bias: bool = True, has_pos: bool = True,
+             prefix: int = 1, gemm_config=None, archs=(80, 90)) -> AotSpec:
+    """The launch patch_embed_forward makes for ``dtype`` with ``layout`` ("nchw" or
+    "channels_last") images, recorded at 224 px, patch 16, aot.REPRESENTATIVE's batch and dim (a
+    contiguous Conv2d weight, pos_embed (1, T, dim), cls_token (1, 1, dim)), so its specialization is
+    the launch's. gemm_config: a tuning alternative's tiles, launched on ``archs``."""
+    B, dim, p = REPRESENTATIVE["batch"], REPRESENTATIVE["dim"], 16
+    images = torch.empty(B, 3, 224, 224, dtype=dtype)
+    if layout == "channels_last":
+        images = images.contiguous(memory_format=torch.channels_last)
+    T = prefix + (224 // p) ** 2
+    weight = torch.empty(dim, 3, p, p, dtype=dtype)
+    vec = torch.empty(dim, dtype=dtype)
+    pos = torch.empty(1, T, dim, dtype=dtype) if has_pos else None
+    cls = torch.empty(1, 1, dim, dtype=dtype) if prefix else None
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = gemm_config or block_config(dtype, A_PATCHES)
+    on = ",".join(f"{k}={int(v)}" for k, v in (("HAS_BIAS", has_bias), ("HAS_POS", has_pos), ("PREFIX", prefix)) if v)
+    label = f"BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},BLOCK_K={BLOCK_K},{dtype_name(dtype)},A_MODE=1" + (f",{on}" if on else "")
+    if gemm_config is not None:
+        label += f",num_warps={num_warps},num_stages={num_stages},tuning"
+    call = lambda: patch_embed_forward(images, weight, vec if has_bias else None, patch_size=p,  # noqa: E731
+                                       pos_embed=pos, cls_token=cls, gemm_config=gemm_config)
+    return recorded_spec(f"gemm_patch_embed_{layout}", _gemm_kernel, call, label, True, tuple(archs),
+                         shape=f"B={B},224px,patch={p},dim={dim},{layout}")
 
 
 def aot_specs() -> List[AotSpec]:
     """bias x position embedding x class token, per dtype, for NCHW images; channels_last images
     with the full epilogue (bias, pos, cls). Tiles: gemm.PATCH_CONFIGS."""
-    specs = []
-    for dtype in DTYPES:
-        for has_bias in (False, True):
-            for has_pos in (False, True):
-                for prefix in (0, 1):
-                    layouts = ["nchw"] + (["channels_last"] if has_bias and has_pos and prefix else [])
-                    for layout in layouts:
-                        unit = LAYOUTS[layout]
-                        div = tuple(d for d in _DIVISIBLE if not (layout == "channels_last" and d == "s_ah"))
-                        specs.append(aot_spec(f"gemm_patch_embed_{layout}", dtype, unit_strides=unit,
-                                              divisible=div, a_mode=1, has_bias=has_bias, has_pos=has_pos,
-                                              prefix=prefix))
-    return specs
+    return [aot_spec(dtype, layout, has_bias, has_pos, prefix)
+            for dtype in DTYPES for has_bias in (False, True) for has_pos in (False, True) for prefix in (0, 1)
+            for layout in ["nchw"] + (["channels_last"] if has_bias and has_pos and prefix else [])]

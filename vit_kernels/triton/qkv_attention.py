@@ -30,7 +30,7 @@ from torch import Tensor
 
 from . import attention
 from . import next_power_of_2
-from .aot import AotSpec, ptr_type
+from .aot import REPRESENTATIVE, AotSpec, dtype_name, ptr_type, recorded_spec
 
 LOG2E = 1.4426950408889634
 PATHS = ("single_kernel", "split")
@@ -185,19 +185,25 @@ def _qkv_attn_kernel(
 # Per-block shared memory (bytes) of the architectures the kernels are built for.
 SMEM_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 # Shared memory the single kernel needs beside K and V (x and weight chunks, the Q and P tiles).
-SMEM_HEADROOM = 32 * 1024
+# Measured with the launched specialization (inspect, 2026-11-25) over every layout aot_specs lists:
+# compiled shared memory - onchip_bytes is at most 32 KB on sm_80 and 33 KB on sm_90 (1 KB more).
+SMEM_HEADROOM = 33 * 1024
 # Largest fp32 projection accumulator (rows x BLOCK_D x 4 bytes) of one K/V tile the single kernel
 # was verified to compile for without spills (AOT for sm_80 and sm_90): each tile's K and V pass
 # through registers before they settle in shared memory, which caps a tile, not the whole sequence.
 MAX_TILE_ACC_BYTES = 128 * 1024
 MIN_N_PAD, MAX_N_PAD = 64, 256   # one-tile layouts: N_MAIN = next power of two of tokens in [64, 256]
 MAX_N_MAIN, MAX_N_TAIL = 512, 256   # longer sequences: a main tile of up to 512 rows plus a tail tile
-# ... for head dims padded to at least 32: with BLOCK_D 16 every layout beyond 256 tokens spilled
-# (8 to 10104 bytes, fp32/fp16/bf16, sm_80/sm_90).
+# ... for head dims padded to at least 32: with BLOCK_D 16 layouts beyond 256 tokens spilled (8 to
+# 10104 bytes, fp32/fp16/bf16, sm_80/sm_90, compiled without the launch's specialization). As
+# launched (2026-11-25), fp16 (256, 64) compiles without spills but at 255 registers on sm_80 and
+# (512, 128) still spills (1816 bytes sm_80, 1152 sm_90): the rule stays.
 MIN_LONG_BLOCK_D = 32
-# (dtype, BLOCK_D, N_MAIN, N_TAIL) within the budgets that ptxas still spilled on (AOT for
-# sm_80/sm_90 with kernel_config): these shapes take the split path.
-SPILLING = {(torch.float32, 16, 256, 0), (torch.bfloat16, 32, 256, 0)}
+# (dtype, BLOCK_D, N_MAIN, N_TAIL) within the budgets that ptxas still spills on, compiled as
+# launched (aot_specs, sm_80/sm_90, 2026-11-25: 512 bytes sm_80, 336 sm_90): these shapes take the
+# split path. (bf16, 32, 256, 0) spilled only without the launch's divisibility facts: as launched
+# it compiles to 128 registers, no spills, on both, and is admitted.
+SPILLING = {(torch.float32, 16, 256, 0)}
 # The single kernel's block configs: (BLOCK_M, BLOCK_K, num_warps, num_stages). Beyond MAX_N_PAD
 # tokens the reduction chunk over DIM is 16: the x chunk of a 512-row main tile then leaves ptxas
 # enough registers (BLOCK_K 32 spilled 24 bytes at 577 tokens, head_dim 64, fp16, sm_90).
@@ -346,28 +352,30 @@ def qkv_attention_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
 
 def aot_spec(dtype: torch.dtype, head_dim: int, tokens: int, has_norm: bool = True,
              has_bias: bool = True) -> AotSpec:
-    """The single kernel's configuration for ``tokens`` (its kv_layout and kernel_config)."""
-    BLOCK_M, BLOCK_K, num_warps, num_stages = kernel_config(tokens)
+    """The single kernel's launch for ``tokens`` (its kv_layout and kernel_config), recorded from
+    :func:`qkv_attention_forward` at the representative batch and heads (aot.REPRESENTATIVE) with
+    dim = heads * head_dim, so its specialization is the launch's."""
+    B, H = REPRESENTATIVE["batch"], REPRESENTATIVE["heads"]
+    dim = H * head_dim
+    x = torch.empty(B, tokens, dim, dtype=dtype)
+    w = torch.empty(3 * dim, dim, dtype=dtype)
+    vec = torch.empty(3 * dim, dtype=dtype)
+    ln = torch.empty(dim, dtype=dtype)
+    BLOCK_M, BLOCK_K, _, _ = kernel_config(tokens)
     n_main, n_tail = kv_layout(tokens)
-    p = ptr_type(dtype)
-    sig = {"X": p, "W": p, "Bias": p, "NW": p, "NB": p, "O": p,
-           "stride_xb": "i32", "stride_xn": "i32", "stride_wn": "i32", "stride_ob": "i32", "stride_on": "i32",
-           "H": "i32", "N": "i32", "DIM": "i32", "INNER": "i32", "eps": "fp32", "qk_scale": "fp32"}
-    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": attention.block_d(head_dim), "N_MAIN": n_main, "N_TAIL": n_tail,
-                  "BLOCK_M": BLOCK_M, "BLOCK_K": BLOCK_K, "HAS_NORM": has_norm, "HAS_NORM_BIAS": has_norm,
-                  "HAS_BIAS": has_bias, "INPUT_PRECISION": attention.FP32_DOT_PRECISION}
-    for name in constexprs:
-        sig[name] = "constexpr"
-    dt = str(dtype).replace("torch.", "")
-    label = (f"head_dim={head_dim},N_MAIN={n_main},N_TAIL={n_tail},BLOCK_M={BLOCK_M},BLOCK_K={BLOCK_K},{dt},"
-             f"norm={int(has_norm)},bias={int(has_bias)}")
+    label = (f"head_dim={head_dim},N_MAIN={n_main},N_TAIL={n_tail},BLOCK_M={BLOCK_M},BLOCK_K={BLOCK_K},"
+             f"{dtype_name(dtype)},norm={int(has_norm)},bias={int(has_bias)}")
     archs = tuple(a for a in (80, 90) if single_kernel_fits(dtype, tokens, head_dim, a))
-    return AotSpec("qkv_attention_single", _qkv_attn_kernel, sig, constexprs, num_warps, num_stages, label, True,
-                   archs)
+    call = lambda: qkv_attention_forward(  # noqa: E731
+        x, w, vec if has_bias else None, num_heads=H, scale=head_dim ** -0.5,
+        norm_weight=ln if has_norm else None, norm_bias=ln if has_norm else None, path="single_kernel")
+    return recorded_spec("qkv_attention_single", _qkv_attn_kernel, call, label, True, archs,
+                         f"B={B},N={tokens},dim={dim},H={H}")
 
 
-# One token count per layout kv_layout gives, up to MAX_N_MAIN plus a tail of 256 rows.
-LAYOUT_TOKENS = (64, 128, 256, 257, 321, 385, 512, 513, 577, 641)
+# One token count per layout kv_layout gives, up to MAX_N_MAIN plus a tail of 256 rows; ViT token
+# counts (cls + patches: 50, 101, 197, 257, 577) where one exists, so the specialization on N is a ViT's.
+LAYOUT_TOKENS = (50, 101, 197, 257, 321, 385, 512, 513, 577, 641)
 
 
 def aot_specs() -> List[AotSpec]:
@@ -379,7 +387,6 @@ def aot_specs() -> List[AotSpec]:
     for dtype in DTYPES:
         for hd in (16, 32, 64, 80, 128, 256):
             for tokens in LAYOUT_TOKENS:
-                spec = aot_spec(dtype, hd, tokens)
-                if spec.archs:
-                    specs.append(spec)
+                if any(single_kernel_fits(dtype, tokens, hd, a) for a in (80, 90)):
+                    specs.append(aot_spec(dtype, hd, tokens))
     return specs

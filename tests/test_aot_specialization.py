@@ -1,0 +1,152 @@
+"""What `inspect` compiles is what a launch compiles: for every Triton kernel family, the launches
+the public ops and a fused ViT make (recorded, not run) specialize, by Triton's own rules, to a
+configuration that aot_specs() lists, with the same constants, divisibility attributes and options.
+No compilation here (see tests/test_inspect.py for the compiled facts)."""
+import dataclasses
+
+import pytest
+import torch
+
+import vit_kernels as vk
+from vit_kernels.commands.inspect import TRITON_MODULES, triton_specs
+from vit_kernels.triton.aot import REPRESENTATIVE, launch_key, record_launches, spec_key, specialize
+
+B, N, DIM, H = (REPRESENTATIVE[k] for k in ("batch", "tokens", "dim", "heads"))
+HD = DIM // H
+
+
+@pytest.fixture(scope="module")
+def report():
+    """spec_key -> AotSpec of every configuration inspect compiles."""
+    return {spec_key(s): s for s in triton_specs()}
+
+
+def empty(*shape, dtype=torch.float16):
+    return torch.empty(*shape, dtype=dtype)
+
+
+def _name(launch):
+    return launch.fn.__name__
+
+
+def assert_in_report(report, launches, expect_kernels):
+    assert {_name(la) for la in launches} >= set(expect_kernels), [_name(la) for la in launches]
+    for la in launches:
+        key = launch_key(la)
+        if key not in report:
+            # the nearest listed spec of the same kernel, to show what differs
+            same = [s for k, s in report.items() if k[0] == key[0] and k[1] == key[1] and k[2] == key[2]]
+            raise AssertionError(f"{_name(la)}: the launch's specialization {dict(key[3])} with options "
+                                 f"{key[4:]} is not in the report; nearest listed: "
+                                 f"{[(s.config, s.specialization()) for s in same][:2]}")
+
+
+def op_calls(dtype):
+    """Each family's public op at the representative shape, as a ViT calls it."""
+    x = empty(B, N, DIM, dtype=dtype)
+    ln = empty(DIM, dtype=dtype)
+    qkv_w, qkv_b = empty(3 * DIM, DIM, dtype=dtype), empty(3 * DIM, dtype=dtype)
+    w, b = empty(DIM, DIM, dtype=dtype), empty(DIM, dtype=dtype)
+    fc1_w, fc1_b = empty(4 * DIM, DIM, dtype=dtype), empty(4 * DIM, dtype=dtype)
+    fc2_w = empty(DIM, 4 * DIM, dtype=dtype)
+    images = empty(B, 3, 224, 224, dtype=dtype)
+    conv_w = empty(DIM, 3, 16, 16, dtype=dtype)
+    pos, cls = empty(1, N, DIM, dtype=dtype), empty(1, 1, DIM, dtype=dtype)
+    q = empty(B, H, N, HD, dtype=dtype)
+    return {
+        # the single kernel where it fits (fp16/bf16 at 197 tokens; untimed calls take split)
+        "qkv_attention single_kernel": (lambda: vk.qkv_attention(x, qkv_w, qkv_b, num_heads=H, norm_weight=ln,
+                                                                 norm_bias=ln, backend="triton",
+                                                                 path="single_kernel"
+                                                                 if dtype != torch.float32 else "split"),
+                                        ["_qkv_attn_kernel"] if dtype != torch.float32 else ["_attn_fwd_kernel"]),
+        "qkv_attention split": (lambda: vk.qkv_attention(x, qkv_w, qkv_b, num_heads=H, norm_weight=ln, norm_bias=ln,
+                                                         backend="triton", path="split"),
+                                ["_row_stats_kernel", "_gemm_kernel", "_attn_fwd_kernel"]),
+        "flash_attention": (lambda: vk.flash_attention(q, q, q, backend="triton"), ["_attn_fwd_kernel"]),
+        "linear": (lambda: vk.linear(x, w, b, residual=x, layer_scale=b, backend="triton"), ["_gemm_kernel"]),
+        "mlp": (lambda: vk.layernorm_gelu_mlp(x, ln, ln, fc1_w, fc1_b, fc2_w, b, residual=x, backend="triton"),
+                ["_row_stats_kernel", "_gemm_kernel"]),
+        "patch_embed nchw": (lambda: vk.patch_embed(images, conv_w, b, patch_size=16, pos_embed=pos, cls_token=cls,
+                                                    backend="triton"), ["_gemm_kernel"]),
+        "patch_embed channels_last": (lambda: vk.patch_embed(images.contiguous(memory_format=torch.channels_last),
+                                                             conv_w, b, patch_size=16, pos_embed=pos, cls_token=cls,
+                                                             backend="triton"), ["_gemm_kernel"]),
+    }
+
+
+CASES = list(op_calls(torch.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_every_op_launch_is_in_the_report(report, case, dtype):
+    call, kernels = op_calls(dtype)[case]
+    with record_launches() as launches:
+        call()
+    assert_in_report(report, launches, kernels)
+
+
+def test_a_fused_vit_launches_only_reported_specializations(report):
+    """ViT-B/16 fused on the Triton backend, at the representative batch: every launch of its
+    forward (patch embedding, 12 x attention on the untimed split path + MLP) is a configuration inspect compiles."""
+    torch.manual_seed(0)
+    model = vk.models.create_model("vit_base_patch16_224", backend="triton").half().eval()
+    with torch.no_grad(), record_launches() as launches:
+        model(empty(B, 3, 224, 224))
+    assert len(launches) >= 1 + 12 * 2
+    assert_in_report(report, launches, ["_gemm_kernel", "_row_stats_kernel", "_attn_fwd_kernel"])
+
+
+def test_specialization_is_triton_s_and_the_same_for_sm80_and_sm90(report):
+    """The facts come from Triton's binder: 16-divisible sizes and strides are marked, 197 tokens
+    is not, a unit stride is a constant; and the CUDA backend specializes alike for 80 and 90."""
+    x = empty(B, N, DIM)
+    with record_launches() as launches:
+        vk.qkv_attention(x, empty(3 * DIM, DIM), empty(3 * DIM), num_heads=H, norm_weight=empty(DIM),
+                         norm_bias=empty(DIM), backend="triton", path="single_kernel")
+        vk.linear(x, empty(DIM, DIM), backend="triton")
+    sig, const, attrs, _ = specialize(launches[0], 90)
+    assert attrs["stride_xn"] == [["tt.divisibility", 16]] and attrs["X"] == [["tt.divisibility", 16]]
+    assert attrs["N"] == [] and sig["N"] == "i32"
+    sig, const, attrs, _ = specialize(launches[1], 90)
+    assert sig["s_ak"] == "constexpr" and const["s_ak"] == 1
+    for la in launches:
+        assert specialize(la, 80)[:3] == specialize(la, 90)[:3]
+
+
+def test_the_old_unspecialized_spec_would_be_caught(report):
+    """The check can fail: the one-kernel attention at 197 tokens compiled without the launch's
+    divisibility attributes (what inspect did before) is not what runs."""
+    from vit_kernels.triton import qkv_attention
+    spec = qkv_attention.aot_spec(torch.float16, 64, 197)
+    assert spec_key(spec) in report
+    assert "stride_xn" in spec.divisible_by_16 and "N" not in spec.divisible_by_16
+    assert spec_key(dataclasses.replace(spec, attrs={}, divisible_by_16=())) not in report
+
+
+def test_every_module_in_the_one_list_has_specs(report):
+    kernels = {s.kernel for s in report.values()}
+    assert {"gemm_linear", "gemm_qkv", "gemm_fc1", "gemm_patch_embed_nchw", "flash_attention_fwd",
+            "qkv_attention_single", "row_stats"} <= kernels
+    assert {"attention", "qkv_attention", "layernorm", "gemm", "mlp", "patch_embed"} <= set(TRITON_MODULES)
+
+
+def test_a_batch_that_is_not_a_multiple_of_16_changes_only_the_row_count_fact(report):
+    """What the report does not compile, stated exactly: at batch 1 the GEMM's M = 197 is not a
+    multiple of 16, and that divisibility fact is the only difference from the listed launch."""
+    x1, w = empty(1, N, DIM), empty(DIM, DIM)
+    with record_launches() as launches:
+        vk.linear(x1, w, backend="triton")
+    key = launch_key(launches[0])
+    assert key not in report
+    _, _, attrs, _ = specialize(launches[0])
+    listed = next(s for k, s in report.items() if k[:3] == key[:3] and k[4:] == key[4:])
+    assert {n for n, a in listed.attrs.items() if a != attrs.get(n)} == {"M"}
+
+
+def test_every_listed_spec_was_recorded_from_a_launch(report):
+    """A hand-written signature is how the report drifted from what runs: every module's
+    aot_specs() must build its specs with aot.recorded_spec (or launch_spec) from its launcher."""
+    hand_written = sorted({s.kernel for s in report.values() if s.attrs is None})
+    assert not hand_written, f"specs not recorded from a launch (use vit_kernels.triton.aot.recorded_spec): {hand_written}"
