@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The checks a session runs when it is lent a GPU, as one script (device time is short):
+# environment, the CUDA extension build, the gpu-marked tests, selftest, the throughput bench
+# (ViT-B/16 bf16 at batch 256 and 32, every provider) and the attention profile.
+# Everything lands in $OUT (default gpu_out/): one log per step and results.tar.gz with the
+# CSV/JSON/PNG files. Each step has its own time limit so one failure does not stop the rest.
+#   OUT=gpu_out bash benchmarks/gpu_checks.sh
+set -u
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT/files"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 VIT_KERNELS_CACHE=${VIT_KERNELS_CACHE:-/tmp/vkcache}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} TRITON_INTERPRET=0
+PY=${PY:-python3}
+LOG="$OUT/steps.log"
+
+step() {  # step NAME SECONDS CMD...: run with a time limit, log to files/NAME.log, summary to steps.log
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/files/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $((SECONDS - t0)) s (limit $limit)" | tee -a "$LOG"
+  tail -n 25 "$OUT/files/$name.log" | tee -a "$LOG"
+}
+
+{ date -u; echo "commit ${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}"; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv;
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; } \
+  > "$OUT/files/env.log" 2>&1
+cat "$OUT/files/env.log" | tee -a "$LOG"
+
+# The CUDA extension builds in the background while the Triton steps run (minutes on a cold cache).
+( timeout 300 $PY -c "import vit_kernels.cuda as c; c.gpu_module(); print('cuda extension built')" \
+    > "$OUT/files/cuda_build.log" 2>&1; echo "rc=$?" >> "$OUT/files/cuda_build.log" ) &
+BUILD=$!
+
+step gpu_tests ${T_TESTS:-120} $PY -m pytest -q -m gpu -p no:cacheprovider tests benchmarks -rs
+step selftest ${T_SELFTEST:-70} $PY -m vit_kernels selftest vit_base_patch16_224 --dtype bf16 --backend triton \
+  --no-sanitizer --json-out "$OUT/files/selftest.json"
+step bench_b256_triton ${T_B256:-110} $PY -m vit_kernels bench vit_base_patch16_224 --dtype bf16 --batch-size 256 \
+  --mode inference --providers eager,sdpa,triton,tuned --out "$OUT/files/bench_b256" --no-progress
+step profile_attention ${T_PROFILE:-50} $PY -m vit_kernels profile-attention --out "$OUT/files/attention" --no-progress
+wait $BUILD; cat "$OUT/files/cuda_build.log" | tail -n 5 | tee -a "$LOG"
+step bench_b256_cuda_compile ${T_B256C:-100} $PY -m vit_kernels bench vit_base_patch16_224 --dtype bf16 --batch-size 256 \
+  --mode inference --providers cuda,compile --out "$OUT/files/bench_b256_cc" --no-progress
+step bench_b32 ${T_B32:-70} $PY -m vit_kernels bench vit_base_patch16_224 --dtype bf16 --batch-size 32 \
+  --mode inference --providers eager,sdpa,triton,cuda,tuned --out "$OUT/files/bench_b32" --no-progress
+cp "$VIT_KERNELS_CACHE"/tuning*.json "$OUT/files/" 2>/dev/null
+tar czf "$OUT/results.tar.gz" -C "$OUT" files && rm -rf "$OUT/files"
+echo "done" | tee -a "$LOG"
