@@ -157,7 +157,7 @@ def run(args) -> int:
                 xs = report.unique(r["tokens"] for r in sel)
                 series = {p: [next((r.get("tflops") for r in sel if r["provider"] == p and r["tokens"] == n), None)
                               for n in xs] for p in report.unique(r["provider"] for r in sel)}
-                peak_tf = cfg.peak.tflops(DTYPES[dt]) if (cfg.peak is not None and gpu) else None
+                peak_tf = cfg.peak.tflops(getattr(torch, dt)) if (cfg.peak is not None and gpu) else None
                 suffix = "" if len(rows) == len(sel) else f"_{dt}_d{hd}"
                 paths.append(report.plot_lines(
                     out / f"attention{suffix}.png", xs, series, "tokens", "TFLOP/s (forward)",
