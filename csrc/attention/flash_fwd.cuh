@@ -88,9 +88,14 @@ __device__ __forceinline__ int split_exponent(float amax) {
 }
 
 // x0, x1 -> fp16 pairs hi (rounded x) and lo (rounded remainder), lo element in bits 0-15.
+// A NaN or +-Inf x goes to lo whole, with hi 0: the only product it then enters is a cross term with
+// the other operand's hi (which has that operand's sign), so an Inf stays an Inf of eager's sign;
+// split as (Inf, Inf - Inf = NaN) it would turn every product it enters into NaN.
 __device__ __forceinline__ void split_pack(float x0, float x1, uint32_t& hi, uint32_t& lo) {
-  const float h0 = vk::to_float(vk::from_float<vk::half>(x0));
-  const float h1 = vk::to_float(vk::from_float<vk::half>(x1));
+  float h0 = vk::to_float(vk::from_float<vk::half>(x0));
+  float h1 = vk::to_float(vk::from_float<vk::half>(x1));
+  if (!(fabsf(h0) < INFINITY)) h0 = 0.f;
+  if (!(fabsf(h1) < INFINITY)) h1 = 0.f;
   hi = vk::pack2<vk::half>(h0, h1);
   lo = vk::pack2<vk::half>(x0 - h0, x1 - h1);
 }
