@@ -289,7 +289,8 @@ void gemm_patch(const at::Tensor& images, const at::Tensor& w, const c10::option
 //   q: (B, H, Nq, hd), k, v: (B, H, Nk, hd), any strides (no copies);
 //   out: (B, H, Nq, hd), any strides: a (B, Nq, H*hd) buffer viewed as (B, H, Nq, hd) gets the heads
 //        concatenated directly; lse: None or (B, H, Nq) float32 contiguous, natural log;
-//   amax: float32 inputs only, (3,) float32 = max|q|, max|k|, max|v| (the fp16-pair split's scales).
+//   amax: float32 inputs only, (3, B, H) float32 contiguous = max finite |q|, |k|, |v| per (batch, head)
+//         (the fp16-pair split's scales).
 vk::attn::Dtype attention_dtype(const at::Tensor& q) {
   switch (q.scalar_type()) {
     case at::kHalf: return vk::attn::Dtype::kFloat16;
@@ -333,10 +334,13 @@ void flash_attention_forward(const at::Tensor& q, const at::Tensor& k, const at:
     TORCH_CHECK(lse->device() == q.device(), "lse: expected a tensor on ", q.device());
   }
   if (dtype == vk::attn::Dtype::kFloat32) {
-    TORCH_CHECK(amax.has_value(), "amax: required for float32 inputs: (3,) float32 tensor of max |q|, |k|, |v|");
+    TORCH_CHECK(amax.has_value(),
+                "amax: required for float32 inputs: (3, batch, heads) float32 tensor of max finite |q|, |k|, |v|");
     check(*amax, "amax", at::kFloat);
-    TORCH_CHECK(amax->numel() == 3 && amax->device() == q.device(), "amax: expected 3 elements on ", q.device(),
-                ", got shape ", amax->sizes(), " on ", amax->device());
+    TORCH_CHECK(amax->dim() == 3 && amax->size(0) == 3 && amax->size(1) == B && amax->size(2) == H &&
+                    amax->device() == q.device(),
+                "amax: expected shape (3, ", B, ", ", H, ") on ", q.device(), ", got shape ", amax->sizes(), " on ",
+                amax->device());
   }
   vk::attn::FlashFwdArgs a;
   a.q = q.data_ptr();

@@ -218,7 +218,7 @@ def run_qkv(batch, tokens, head_dim, dtype, norm, bias, heads=2):
     dbl = lambda t: None if t is None else t.double()  # noqa: E731
     oracle = reference.qkv_attention(x.double(), w.double(), dbl(b), num_heads=heads, norm_weight=dbl(nw),
                                      norm_bias=dbl(nb), eps=1e-6)
-    baseline = vk.qkv_attention(x, w, b, num_heads=heads, norm_weight=nw, norm_bias=nb, eps=1e-6, backend="torch")
+    baseline = reference.qkv_attention(x, w, b, num_heads=heads, norm_weight=nw, norm_bias=nb, eps=1e-6)
     assert_close(out, oracle, baseline)
 
 

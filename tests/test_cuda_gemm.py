@@ -1,6 +1,6 @@
 """The CUDA C++ GEMM (every loader and epilogue) and the LayerNorm statistics kernel, run through the
 host emulator on CPU tensors (the GPU build on CUDA tensors, marked gpu), against the float64 oracle
-under the tolerance rule (vit_kernels.testing.assert_close; baseline: plain PyTorch at the same dtype).
+under the tolerance rule (vit_kernels.testing.assert_close; baseline: plain PyTorch at the same dtype: F.* or the oracle run at that dtype, never the torch path).
 Outputs start as NaN (ops._poison), so an element a kernel does not write fails.
 """
 import math
@@ -140,9 +140,8 @@ def test_layernorm_gelu_mlp(dtype, case):
     else:
         h = R.gelu(R.linear(d64(x), d64(w1), d64(b1)), approximate)
         want = R.linear(h, d64(w2), d64(b2), residual=d64(r), layer_scale=d64(ls))
-    from vit_kernels.ops.mlp import layernorm_gelu_mlp_torch
-    base = layernorm_gelu_mlp_torch(x, nw, nb, w1, b1, w2, b2, eps=1e-6, approximate=approximate,
-                                    residual=r, layer_scale=ls)
+    base = R.layernorm_gelu_mlp(x, nw, nb, w1, b1, w2, b2, eps=1e-6, approximate=approximate,
+                                residual=r, layer_scale=ls)
     assert_close(got, want, base)
 
 
@@ -209,8 +208,7 @@ def test_patch_embed(dtype, case):
     got = cuda_ops.patch_embed(images, w, b, patch_size=p, pos_embed=pos_embed, cls_token=cls_token)
     want = R.patch_embed(d64(images), d64(w), d64(b), patch_size=p, pos_embed=d64(pos_embed),
                          cls_token=d64(cls_token))
-    from vit_kernels.ops.patch_embed import patch_embed_torch
-    base = patch_embed_torch(images, w, b, patch_size=p, pos_embed=pos_embed, cls_token=cls_token)
+    base = R.patch_embed(images, w, b, patch_size=p, pos_embed=pos_embed, cls_token=cls_token)
     assert_close(got, want, base)
 
 
@@ -247,8 +245,7 @@ def test_vit_b_patch_embed_and_mlp_shapes(dtype, config):
     b, cls, pos = rand(768, dtype=dtype), rand(768, dtype=dtype), rand(197, 768, dtype=dtype)
     got = cuda_ops.patch_embed(images, w, b, patch_size=16, pos_embed=pos, cls_token=cls, config=config)
     want = R.patch_embed(d64(images), d64(w), d64(b), patch_size=16, pos_embed=d64(pos), cls_token=d64(cls))
-    from vit_kernels.ops.patch_embed import patch_embed_torch
-    assert_close(got, want, patch_embed_torch(images, w, b, patch_size=16, pos_embed=pos, cls_token=cls))
+    assert_close(got, want, R.patch_embed(images, w, b, patch_size=16, pos_embed=pos, cls_token=cls))
     x = got
     nw, nb = rand(768, dtype=dtype), rand(768, dtype=dtype)
     w1, b1 = rand(3072, 768, dtype=dtype, scale=768 ** -0.5), rand(3072, dtype=dtype)
@@ -257,9 +254,8 @@ def test_vit_b_patch_embed_and_mlp_shapes(dtype, config):
                                     config=config)
     want = R.layernorm_gelu_mlp(d64(x), d64(nw), d64(nb), d64(w1), d64(b1), d64(w2), d64(b2), eps=1e-6,
                                 residual=d64(x))
-    from vit_kernels.ops.mlp import layernorm_gelu_mlp_torch
-    base = layernorm_gelu_mlp_torch(x, nw, nb, w1, b1, w2, b2, eps=1e-6, approximate="none", residual=x,
-                                    layer_scale=None)
+    base = R.layernorm_gelu_mlp(x, nw, nb, w1, b1, w2, b2, eps=1e-6, approximate="none", residual=x,
+                                layer_scale=None)
     assert_close(y, want, base)
     assert math.isfinite(y.float().abs().max().item())
 

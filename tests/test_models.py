@@ -47,9 +47,9 @@ def test_torch_backend_matches_oracle(kw):
     oracle = set_backend(small(**kw), "reference")
     oracle.load_state_dict(model.state_dict())
     with torch.no_grad():
+        base = oracle(images)  # plain PyTorch: the oracle's code at the test dtype (float32)
         want = oracle.double()(images.double())
         got = set_backend(model, "torch")(images)
-        base = got  # the torch backend is the plain PyTorch baseline itself
     assert got.shape == (3, 7)
     assert_close(got, want, base, name="logits")
     assert last_decision("qkv_attention").backend == "torch"
@@ -80,7 +80,8 @@ def test_hybrid_patch1_on_feature_map():
     oracle.load_state_dict(model.state_dict())
     fmap = torch.randn(2, 32, 14, 14)
     with torch.no_grad():
-        assert_close(model(fmap), oracle.double()(fmap.double()), model(fmap))
+        base = oracle(fmap)  # the oracle's code at float32, not the path under test
+        assert_close(model(fmap), oracle.double()(fmap.double()), base)
 
 
 def test_dropout_is_identity_in_eval_and_active_in_training():

@@ -8,7 +8,6 @@ import torch
 
 import vit_kernels as vk
 from vit_kernels import reference as R
-from vit_kernels.ops.patch_embed import patch_embed_torch
 from vit_kernels.testing import assert_close
 
 pytest.importorskip("triton")
@@ -43,7 +42,7 @@ def check_patch_embed(B, C, H, W, p, dim, dtype, *, channels_last, bias, pos, cl
     got = patch_embed_forward(images, weight, b, patch_size=p, pos_embed=pe, cls_token=ct, out=out)
     assert got is out
     oracle = R.patch_embed(d64(images), d64(weight), d64(b), patch_size=p, pos_embed=d64(pe), cls_token=d64(ct))
-    base = patch_embed_torch(images, weight, b, patch_size=p, pos_embed=pe, cls_token=ct)
+    base = R.patch_embed(images, weight, b, patch_size=p, pos_embed=pe, cls_token=ct)
     assert_close(got, oracle, base)
 
 
@@ -99,7 +98,7 @@ def test_patch_embed_images_not_copied():
     got = patch_embed_forward(images, weight, b, patch_size=16, out=torch.full((2, 4, 64), float("nan"),
                                                                                dtype=dtype))
     assert_close(got, R.patch_embed(d64(images), d64(weight), d64(b), patch_size=16),
-                 patch_embed_torch(images, weight, b, patch_size=16, pos_embed=None, cls_token=None))
+                 R.patch_embed(images, weight, b, patch_size=16, pos_embed=None, cls_token=None))
 
 
 def test_patch_embed_op_dispatches_to_triton():
@@ -110,4 +109,4 @@ def test_patch_embed_op_dispatches_to_triton():
     assert vk.last_decision("patch_embed").backend == "triton"
     assert_close(got, R.patch_embed(d64(images), d64(weight), None, patch_size=16, pos_embed=d64(pos),
                                     cls_token=d64(cls)),
-                 patch_embed_torch(images, weight, None, patch_size=16, pos_embed=pos, cls_token=cls))
+                 R.patch_embed(images, weight, None, patch_size=16, pos_embed=pos, cls_token=cls))

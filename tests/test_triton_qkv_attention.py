@@ -6,7 +6,6 @@ import torch
 
 import vit_kernels as vk
 from vit_kernels import reference
-from vit_kernels.ops.qkv_attention import qkv_attention_torch
 from vit_kernels.testing import assert_close
 
 from conftest import DEVICE  # noqa: E402
@@ -62,8 +61,8 @@ def check_qkv(B, N, head_dim, dtype, norm, bias, path, heads=2):
     d64 = {k: (v.double() if v is not None else None) for k, v in kw.items()}
     oracle = reference.qkv_attention(x.double(), w.double(), d64["qkv_bias"], num_heads=heads, scale=scale,
                                      norm_weight=d64["norm_weight"], norm_bias=d64["norm_bias"], eps=1e-6)
-    baseline = qkv_attention_torch(x, w, kw["qkv_bias"], num_heads=heads, scale=scale,
-                                   norm_weight=kw["norm_weight"], norm_bias=kw["norm_bias"], eps=1e-6)
+    baseline = reference.qkv_attention(x, w, kw["qkv_bias"], num_heads=heads, scale=scale,
+                                       norm_weight=kw["norm_weight"], norm_bias=kw["norm_bias"], eps=1e-6)
     c = assert_close(got, oracle, baseline)
     if x.dtype == torch.float32:   # fp32 must be accurate to 1e-4 relative to float64
         assert c.max_abs_err <= 1e-4 * oracle.abs().max().item(), str(c)
@@ -93,8 +92,8 @@ def test_op_records_the_path_it_chose():
         assert_close(out, reference.qkv_attention(x.double(), w.double(), kw["qkv_bias"].double(), num_heads=2,
                                                   norm_weight=kw["norm_weight"].double(),
                                                   norm_bias=kw["norm_bias"].double()),
-                     qkv_attention_torch(x, w, kw["qkv_bias"], num_heads=2, scale=64 ** -0.5,
-                                         norm_weight=kw["norm_weight"], norm_bias=kw["norm_bias"], eps=1e-6))
+                     reference.qkv_attention(x, w, kw["qkv_bias"], num_heads=2, scale=64 ** -0.5,
+                                             norm_weight=kw["norm_weight"], norm_bias=kw["norm_bias"], eps=1e-6))
     x, w, kw = make_args(1, 50, 64, "fp16", False, False)
     vk.qkv_attention(x, w, num_heads=2, backend="triton", path="split")
     assert vk.last_decision("qkv_attention").path == "split"

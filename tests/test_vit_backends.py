@@ -1,7 +1,7 @@
 """The reference ViT on each fused backend gives the oracle's logits within tolerance.
 
-oracle: the same model with backend="reference" in float64; baseline: backend="torch" at the
-test dtype (plain PyTorch). Triton runs in the interpreter without a GPU; CUDA in the host
+oracle: the same model with backend="reference" in float64; baseline: backend="reference" at the
+test dtype (plain PyTorch; not the project's torch path, which other tests check). Triton runs in the interpreter without a GPU; CUDA in the host
 emulator on CPU tensors.
 """
 import copy
@@ -41,14 +41,14 @@ def odd_two_layer():
 def test_two_layer_odd_config(backend, dtype):
     model, images = odd_two_layer(), torch.randn(3, 3, 70, 70)
     want = logits(model, images, "reference", torch.float64)
-    base = logits(model, images, "torch", dtype)
+    base = logits(model, images, "reference", dtype)
     assert_close(logits(model, images, backend, dtype), want, base, name=f"logits ({backend}, {dtype})")
 
 
 def test_vit_tiny_patch16_224_triton():
     model, images = create_model("vit_tiny_patch16_224"), torch.randn(1, 3, 224, 224)
     want = logits(model, images, "reference", torch.float64)
-    base = logits(model, images, "torch", torch.float32)
+    base = logits(model, images, "reference", torch.float32)
     assert_close(logits(model, images, "triton", torch.float32), want, base, name="logits")
 
 
@@ -58,7 +58,7 @@ def test_triton_and_cuda_backends_agree(dtype):
     one tolerance bound of each other (each alone could be a bound away in opposite directions)."""
     model, images = odd_two_layer(), torch.randn(2, 3, 70, 70)
     want = logits(model, images, "reference", torch.float64)
-    base = logits(model, images, "torch", dtype)
+    base = logits(model, images, "reference", dtype)
     tri, cu = logits(model, images, "triton", dtype), logits(model, images, "cuda", dtype)
     bound = compare(tri, want, base).bound
     diff = (tri.double() - cu.double()).abs().max().item()
@@ -74,5 +74,5 @@ def test_autocast_runs_the_fused_ops_at_the_autocast_dtype(backend):
         got = m(images.to(DEVICE))
         assert last_decision("layernorm_gelu_mlp").backend == backend
     with torch.no_grad():
-        base = logits(model, images, "torch", torch.bfloat16)  # plain PyTorch, pure bf16
+        base = logits(model, images, "reference", torch.bfloat16)  # plain PyTorch (the oracle), pure bf16
     assert_close(got, want, base, name=f"logits under autocast ({backend})")

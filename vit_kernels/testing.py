@@ -46,6 +46,9 @@ def compare(out: Tensor, oracle: Tensor, baseline: Optional[Tensor] = None, *, f
     """
     if out.shape != oracle.shape:
         raise AssertionError(f"{name}: shape {tuple(out.shape)} != oracle shape {tuple(oracle.shape)}")
+    if baseline is not None and baseline.shape != oracle.shape:
+        raise AssertionError(f"{name}: baseline: shape {tuple(baseline.shape)} != oracle shape "
+                             f"{tuple(oracle.shape)}")
     o = out.detach().to(torch.float64).cpu()
     r = oracle.detach().to(torch.float64).cpu()
     scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0

@@ -307,8 +307,8 @@ def verify(original: nn.Module, fused: Optional[nn.Module] = None, inputs=None, 
             set_backend(oracle, "reference")
     want = run(oracle, torch.float64)
     base_model = at(eager, dtype)
-    if isinstance(base_model, VisionTransformer):
-        base_model = set_backend(copy.deepcopy(base_model) if base_model is eager else base_model, "torch")
+    if isinstance(base_model, VisionTransformer):  # the baseline: the oracle's code at dtype, not a path under test
+        base_model = set_backend(copy.deepcopy(base_model) if base_model is eager else base_model, "reference")
     base = run(base_model, dtype)
     fused_at = at(fused, dtype)
     with record_decisions() as calls:

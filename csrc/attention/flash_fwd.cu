@@ -113,7 +113,7 @@ void flash_attention_forward(const FlashFwdArgs& a, vk::stream_t stream) {
     throw std::invalid_argument("q/k: token counts must be below 2^31");
   if (!a.q || !a.k || !a.v || !a.o) throw std::invalid_argument("flash_attention_forward: null q, k, v or o");
   if (a.dtype == Dtype::kFloat32 && !a.amax)
-    throw std::invalid_argument("amax: required for float32 inputs (max |q|, |k|, |v| on the device)");
+    throw std::invalid_argument("amax: required for float32 inputs ((3, batch, heads) max finite |q|, |k|, |v| on the device)");
 
   FlashFwdParams p;
   p.args = a;

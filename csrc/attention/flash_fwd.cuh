@@ -22,8 +22,11 @@
 // fp32 inputs (the stated method): every fp32 operand x is split into two fp16 values,
 // hi = fp16(x * 2^e), lo = fp16(x * 2^e - hi), and each product uses three fp16 MMAs
 // (lo*hi + hi*lo + hi*hi, fp32 accumulation; lo*lo is dropped). The power of two 2^e is chosen
-// per tensor from max|x| (args.amax, a device pointer, so there is no host sync) so that the
-// largest |x * 2^e| lies in [2^13, 2^14): nothing overflows fp16 and nothing normal underflows;
+// per (batch, head) slice of each tensor from the max of its finite |x| (args.amax, a device
+// pointer, so there is no host sync) so that the largest finite |x * 2^e| lies in [2^13, 2^14):
+// nothing finite overflows fp16 and nothing normal underflows. Per slice, not per tensor: a NaN
+// or Inf (or a huge value) in one sample must not change the scale, and so the result, of the
+// others (one per-tensor scale made every other sample's |v| ~ 1e5 overflow fp16 to NaN);
 // P (in [0, 1]) is scaled by 2^12 the same way. The scales are undone exactly in fp32. Each
 // operand keeps ~22 significant bits, so the result is within a few fp32 ulps of an fp32 FMA
 // computation, at 3x the tensor-core work and twice the shared memory (hi and lo tiles).
@@ -85,9 +88,14 @@ __device__ __forceinline__ int split_exponent(float amax) {
 }
 
 // x0, x1 -> fp16 pairs hi (rounded x) and lo (rounded remainder), lo element in bits 0-15.
+// A NaN or +-Inf x goes to lo whole, with hi 0: the only product it then enters is a cross term with
+// the other operand's hi (which has that operand's sign), so an Inf stays an Inf of eager's sign;
+// split as (Inf, Inf - Inf = NaN) it would turn every product it enters into NaN.
 __device__ __forceinline__ void split_pack(float x0, float x1, uint32_t& hi, uint32_t& lo) {
-  const float h0 = vk::to_float(vk::from_float<vk::half>(x0));
-  const float h1 = vk::to_float(vk::from_float<vk::half>(x1));
+  float h0 = vk::to_float(vk::from_float<vk::half>(x0));
+  float h1 = vk::to_float(vk::from_float<vk::half>(x1));
+  if (!(fabsf(h0) < INFINITY)) h0 = 0.f;
+  if (!(fabsf(h1) < INFINITY)) h1 = 0.f;
   hi = vk::pack2<vk::half>(h0, h1);
   lo = vk::pack2<vk::half>(x0 - h0, x1 - h1);
 }
@@ -183,8 +191,9 @@ flash_fwd_kernel(const FlashFwdParams p) {
 
   float q_pow2 = 1.f, k_pow2 = 1.f, v_pow2 = 1.f, score_mul = p.score_mul, out_mul = 1.f;
   if constexpr (Tr::kSplit) {
-    const int eq = split_exponent(a.amax[0]), ek = split_exponent(a.amax[1]);
-    const int ev = split_exponent(a.amax[2]);
+    const int64_t slices = a.batch * a.heads;  // amax: (3, batch, heads)
+    const int eq = split_exponent(a.amax[bh]), ek = split_exponent(a.amax[slices + bh]);
+    const int ev = split_exponent(a.amax[2 * slices + bh]);
     q_pow2 = ldexpf(1.f, eq);
     k_pow2 = ldexpf(1.f, ek);
     v_pow2 = ldexpf(1.f, ev);

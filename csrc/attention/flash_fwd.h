@@ -26,8 +26,9 @@ struct FlashFwdArgs {
   void* o = nullptr;           // (batch, heads, q_tokens, head_dim) as given by o_stride, e.g.
                                //   (batch, q_tokens, heads*head_dim) with o_stride = (N*H*hd, hd, H*hd, 1)
   float* lse = nullptr;        // (batch, heads, q_tokens) fp32 contiguous, natural log; may be null
-  const float* amax = nullptr; // Float32 only: device pointer to 3 floats, max |q|, max |k|, max |v|
-                               //   (the power-of-two pre-scaling of the fp16 split, see flash_fwd.cuh)
+  const float* amax = nullptr; // Float32 only: device pointer to (3, batch, heads) floats, the max finite
+                               //   |q|, |k|, |v| of each (batch, head) slice (the power-of-two
+                               //   pre-scaling of the fp16 split, see flash_fwd.cuh)
   int64_t batch = 0, heads = 0, q_tokens = 0, kv_tokens = 0, head_dim = 0;
   int64_t q_stride[4] = {0, 0, 0, 0};
   int64_t k_stride[4] = {0, 0, 0, 0};

@@ -44,18 +44,21 @@ def attention_unsupported(head_dim: int, dtype: torch.dtype) -> Optional[str]:
 
 
 def attention_amax(q: Tensor, k: Tensor, v: Tensor) -> Optional[Tensor]:
-    """For float32 inputs: (3,) float32 on the inputs' device, max |q|, max |k|, max |v|; else None.
+    """For float32 inputs: (3, batch, heads) float32 on the inputs' device, the largest finite |q|,
+    |k|, |v| of each (batch, head) slice; else None.
 
     The kernel computes float32 attention with fp16 hi/lo pairs on tensor cores and scales each
-    tensor by a power of two chosen from these maxima first (see csrc/attention/flash_fwd.cuh).
-    Costs one extra read of q, k and v (no host synchronisation, no copies).
+    (batch, head) slice by a power of two chosen from these maxima first (see
+    csrc/attention/flash_fwd.cuh). Per slice and over finite values only, so that a NaN, an Inf or
+    a huge value in one sample leaves the others' scales, and results, alone. Costs one extra read
+    of q, k and v (no host synchronisation).
     """
     if q.dtype != torch.float32:
         return None
+    B, H = q.shape[:2]
     if q.numel() == 0 or k.numel() == 0:
-        return torch.zeros(3, dtype=torch.float32, device=q.device)
-    inf = float("inf")
-    return torch.stack([torch.linalg.vector_norm(t, inf) for t in (q, k, v)])
+        return torch.zeros(3, B, H, dtype=torch.float32, device=q.device)
+    return torch.stack([t.abs().nan_to_num(0.0, posinf=0.0).amax(dim=(2, 3)) for t in (q, k, v)])
 
 
 def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, *, out: Optional[Tensor] = None,

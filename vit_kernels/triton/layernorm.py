@@ -1,8 +1,9 @@
 """LayerNorm row statistics: mean and 1/std of every row, in fp32.
 
 The fused GEMMs (QKV projection, fc1) apply LayerNorm while they load x; they need each row's
-mean and rstd first. This small pass reads x once (twice from cache: the variance is taken
-around the mean, not as E[x^2] - mean^2, so large means do not cancel) and writes 8 bytes a row.
+mean and rstd first. This small pass reads x once (twice from cache: the mean is taken of x minus the row's first
+element and the variance around the mean, not as E[x^2] - mean^2, so large means do not cancel)
+and writes 8 bytes a row.
 """
 from __future__ import annotations
 
@@ -35,13 +36,18 @@ def _row_stats_kernel(
     row_off = (rows // T).to(tl.int64) * s_b + (rows % T).to(tl.int64) * s_t
     cols0 = tl.arange(0, BLOCK_D)
 
+    # The mean as first + mean(x - first), first = the row's first element: for a row of large mean
+    # and small spread the differences are exact and small, so their sum keeps its bits (a plain sum
+    # of 3e4-sized fp32 values loses the spread; a constant row then gets a nonzero x - mean that
+    # 1/sqrt(eps) magnifies).
+    first = tl.load(x_ptr + row_off, mask=rmask & (D > 0), other=0.0).to(tl.float32)
     total = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + cols0
         mask = rmask[:, None] & (cols < D)[None, :]
         x = tl.load(x_ptr + row_off[:, None] + cols.to(tl.int64)[None, :] * s_d, mask=mask, other=0.0)
-        total += x.to(tl.float32)
-    mean = tl.sum(total, axis=1) / D
+        total += tl.where(mask, x.to(tl.float32) - first[:, None], 0.0)
+    mean = first + tl.sum(total, axis=1) / D
 
     sq = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):

@@ -40,17 +40,20 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @triton.jit
 def _ln_stats(x_base, rows, row_mask, stride_xn, DIM, eps,
               BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, HAS_NORM: tl.constexpr):
-    """Mean and 1/std over the last dim of x rows ``rows`` (BLOCK_R,), two passes in fp32
-    (zeros, unused by _project, without a LayerNorm)."""
+    """Mean and 1/std over the last dim of x rows ``rows`` (BLOCK_R,), two passes in fp32, the first
+    shifted by each row's first element (zeros, unused by _project, without a LayerNorm)."""
     if HAS_NORM:
         offs_k = tl.arange(0, BLOCK_K)
         row_off = tl.multiple_of(rows.to(tl.int64) * stride_xn, 8)
+        # mean = first + mean(x - first): exact small differences for rows of large mean, tiny spread
+        first = tl.load(x_base + row_off, mask=row_mask, other=0.0).to(tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, DIM, BLOCK_K):
             cols = k0 + offs_k
             m = row_mask[:, None] & (cols < DIM)[None, :]
-            acc += tl.load(x_base + row_off[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        mean = tl.sum(acc, axis=1) / DIM
+            xk = tl.load(x_base + row_off[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            acc += tl.where(m, xk - first[:, None], 0.0)
+        mean = first + tl.sum(acc, axis=1) / DIM
         acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, DIM, BLOCK_K):
             cols = k0 + offs_k
