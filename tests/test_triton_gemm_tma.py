@@ -248,6 +248,24 @@ def test_layernorm_fold_qkv_cancelling_rows():
     assert_close(got, split(oracle), split(base))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layernorm_fold_just_below_threshold(dtype):
+    """Rows with |mean| * rstd at 0.9 x the threshold take the folded epilogue and still meet the rule."""
+    B, T, K, N = 1, 64, 256, 128
+    tau = G.ln_cancel_threshold(K, dtype)
+    g = torch.randn(B, T, K, device=DEVICE)
+    g = (g - g.mean(-1, keepdim=True)) / g.std(-1, unbiased=False, keepdim=True)
+    sign = torch.where(torch.arange(T, device=DEVICE) % 2 == 0, 1.0, -1.0).view(1, T, 1)
+    x = (sign * 0.9 * tau + g).to(dtype)
+    w, b = randn(N, K, dtype=dtype, scale=K ** -0.5), randn(N, dtype=dtype)
+    nw, nb = randn(K, dtype=dtype, scale=0.3, shift=1.0), randn(K, dtype=dtype)
+    got = G.dense_forward(x, w, b, norm_weight=nw, norm_bias=nb, out=nan_like((B, T, N), dtype),
+                          config=G.CONFIGS[4])
+    assert G.last_ln_route() == "epilogue"
+    oracle, base = dense_reference(x, w, b, nw, nb, 1e-6, "none", None, None)
+    assert_close(got, oracle, base)
+
+
 def test_threshold_values():
     assert 60 < G.ln_cancel_threshold(768, torch.float16) < 90
     assert 8 * G.ln_cancel_threshold(768, torch.float16) == pytest.approx(G.ln_cancel_threshold(768, torch.bfloat16))

@@ -11,7 +11,7 @@ import sys
 from typing import Dict, List
 
 # The Triton modules whose aot_specs() list their launchable configurations.
-TRITON_MODULES = ("attention", "qkv_attention", "layernorm", "gemm", "mlp", "patch_embed")
+TRITON_MODULES = ("attention", "qkv_attention", "layernorm", "gemm", "gemm_tma", "mlp", "patch_embed")
 ARCHS = {"sm_80": 80, "sm_90": 90}
 
 
