@@ -40,7 +40,7 @@ def d64(t):
     return None if t is None else t.double()
 
 
-def dense_reference(x, w, b, nw, nb, eps, act, res, ls, dtype_of=None):
+def dense_reference(x, w, b, nw, nb, eps, act, res, ls):
     """(oracle in float64, plain PyTorch at x's dtype) of [LN ->] linear [-> GELU] [* ls] [+ res]."""
     outs = []
     for f in (d64, lambda t: t):
@@ -69,7 +69,8 @@ EPILOGUES = {
     "plain": (False, "none", False, False, None), "bias": (True, "none", False, False, None),
     "bias+res": (True, "none", True, False, None), "bias+res+ls": (True, "none", True, True, None),
     "gelu_erf": (True, "erf", False, False, None), "gelu_tanh": (True, "tanh", False, False, None),
-    "ln+gelu_erf": (True, "erf", False, False, "affine"), "ln_weight_only+gelu_tanh": (True, "tanh", False, False, "weight"),
+    "ln+gelu_erf": (True, "erf", False, False, "affine"),
+    "ln_weight_only+gelu_tanh": (True, "tanh", False, False, "weight"),
     "ln_nobias": (False, "none", False, False, "affine"),
 }
 

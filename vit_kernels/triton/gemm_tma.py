@@ -17,7 +17,7 @@ for Hopper:
 
 | use | epilogue |
 |---|---|
-| QKV projection | [LayerNorm], bias, Q * scale, head-split write (``OUT_MODE=1``, plain stores: a head split is no 2-D box) |
+| QKV projection | [LayerNorm], bias, Q * scale, head-split write (``OUT_MODE=1``; plain stores: no 2-D box) |
 | out projection, fc2 | bias, layer scale, residual |
 | fc1 | [LayerNorm], bias, GELU erf or tanh |
 
@@ -121,7 +121,8 @@ def _epilogue(acc, off_m, n0, out_desc, out_ptr, bias_ptr, res_ptr, ls_ptr, cols
 def _gemm_tma_kernel(
     a_ptr,            # A (M, K), row stride s_am, unit column stride, 16-byte aligned
     w_ptr,            # weight (N, K), row stride s_wn, unit column stride (W' when LN_EPI)
-    out_ptr,          # OUT_ROWS: (M, N) row stride s_om; OUT_QKV: (3, B, H, T, HEAD_DIM) strides (s_o3, s_ob, s_oh, s_ot, 1)
+    out_ptr,          # OUT_ROWS: (M, N) row stride s_om;
+                      # OUT_QKV: (3, B, H, T, HEAD_DIM) strides (s_o3, s_ob, s_oh, s_ot, 1)
     bias_ptr,         # (N,)                         [HAS_BIAS]  (fp32 b' when LN_EPI)
     res_ptr,          # (M, N) as (b, t, n), strides (s_rb, s_rt, 1)   [HAS_RES]
     ls_ptr,           # (N,) layer scale             [HAS_LS]
