@@ -300,6 +300,8 @@ def test_refusals():
         G.linear_forward(randn(4, 36, dtype=torch.float16), randn(8, 36, dtype=torch.float16))
     with pytest.raises(ValueError, match=r"x: TMA reads rows with one row stride"):
         G.linear_forward(randn(5, 4, 64, dtype=torch.float16).transpose(0, 1), w)
+    with pytest.raises(ValueError, match=r"x: TMA cannot read broadcast rows"):
+        G.linear_forward(randn(1, 64, dtype=torch.float16).expand(4, 64), w)
     with pytest.raises(ValueError, match=r"x: the TMA GEMM takes float16 or bfloat16, got torch.float32"):
         G.linear_forward(randn(4, 64, dtype=torch.float32), w.float())
     with pytest.raises(ValueError, match=r"config: expected one of gemm_tma.CONFIGS"):
@@ -374,3 +376,16 @@ def test_aot_sm90_every_config():
 @pytest.mark.skipif(sys.platform != "linux", reason="AOT compilation needs Triton's Linux build")
 def test_aot_sm90_every_spec():
     assert len(_aot("all")) == len(G.aot_specs())
+
+
+def test_single_token_rows_with_odd_strides():
+    """x and out of shape (B, 1, dim) cut from wider tensors: the row stride comes from the batch dim."""
+    dtype = torch.float16
+    x = randn(4, 5, 64, dtype=dtype)[:, 2:3]                 # strides (320, 64, 1)
+    out_big = nan_like((4, 3, 48), dtype)
+    out = out_big[:, 1:2]                                    # strides (144, 48, 1), offset 48 elements
+    w, b = randn(48, 64, dtype=dtype, scale=0.125), randn(48, dtype=dtype)
+    got = G.linear_forward(x, w, b, out=out, config=G.CONFIGS[4])
+    assert got is out
+    assert_close(got, R.linear(d64(x), d64(w), d64(b)), F.linear(x, w, b))
+    assert out_big[:, 0].isnan().all() and out_big[:, 2].isnan().all()

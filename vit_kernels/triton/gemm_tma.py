@@ -292,19 +292,24 @@ def _aligned(name: str, t: Tensor, row_stride: int) -> Optional[str]:
 
 
 def _rows2d(name: str, t: Tensor) -> Tuple[Optional[int], Optional[str]]:
-    """The one row stride that addresses t (..., C) as (rows, C) with a unit last stride, or why not."""
+    """The one row stride that addresses t (..., C) as (rows, C) with a unit last stride, or why not.
+    Size-1 dims are skipped (their stride says nothing); a single row gets the stride C."""
     if t.stride(-1) != 1 and t.shape[-1] > 1:
         return None, f"{name}: TMA needs a unit last stride, got strides {t.stride()}"
-    if t.dim() == 1:
-        return t.shape[-1], None
-    s = t.stride(-2) if t.shape[-2] > 1 else t.shape[-1]
-    rows = t.shape[-2]
-    for d in range(t.dim() - 3, -1, -1):   # every leading dim must continue the row pattern
-        if t.shape[d] > 1 and t.stride(d) != rows * s:
+    s, rows = None, 1
+    for d in range(t.dim() - 2, -1, -1):   # inner to outer: each dim must continue the row pattern
+        if t.shape[d] == 1:
+            continue
+        if s is None:
+            s, rows = t.stride(d), t.shape[d]
+        elif t.stride(d) == rows * s:
+            rows *= t.shape[d]
+        else:
             return None, (f"{name}: TMA reads rows with one row stride; shape {tuple(t.shape)} with strides "
                           f"{t.stride()} has none (pass {name}.contiguous())")
-        rows *= t.shape[d]
-    return s, None
+    if s == 0:
+        return None, f"{name}: TMA cannot read broadcast rows (row stride 0, strides {t.stride()})"
+    return (t.shape[-1] if s is None else s), None
 
 
 def tma_unsupported(x: Tensor, weight: Tensor, out: Optional[Tensor] = None) -> Optional[str]:
@@ -370,7 +375,7 @@ def launch_gemm_tma(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K
         inner, head_dim, q_scale = qkv[0], qkv[1], float(qkv[2])
         s_om = 0
     else:
-        s_om = out.stride(-2) if out.dim() >= 2 else N
+        s_om = _rows2d("out", out)[0]   # the row stride (a size-1 dim's stride says nothing)
     fp32_dummy = ln[0] if ln is not None else torch.empty(1, device=a.device, dtype=torch.float32)
     mean, rstd, colsum = ln if ln is not None else (fp32_dummy,) * 3
     tiles = triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n)
