@@ -1,0 +1,662 @@
+"""The sm_90 GEMM of vit_kernels' Triton backend: out = epilogue(A @ W^T) on tensor descriptors.
+
+Same job as :mod:`vit_kernels.triton.gemm` (which stays the sm_80 kernel, cp.async + mma.sync), shaped
+for Hopper:
+
+- A (M, K), the weight W (N, K) and a row-major output are read and written through tensor descriptors
+  (``tl.make_tensor_descriptor``): on sm_90 the loads are bulk tensor copies (TMA) into shared memory,
+  and the dot is a wgmma fed from there. A tile that runs past an edge is zero-filled on load and
+  clipped on store, so M, N and K need no masks in the main loop.
+- A persistent grid: ``min(tiles, SMs * blocks_per_sm)`` programs walk the output tiles in grouped
+  order (GROUP_M row tiles share the weight tiles while they are in L2).
+- A pipelined K loop (``num_stages`` >= 3 shared-memory buffers in flight).
+- An epilogue in fp32 that works on 1, 2 or 4 column sub-tiles of the accumulator (``EPI_SPLIT``), so its
+  registers and the staging buffer of the store stay small: bias, GELU (erf or tanh), layer scale,
+  residual, head split into (3, B, H, T, hd) with Q scaled, and LayerNorm applied after the product
+  (``LN_EPI``, see :func:`fold_layernorm`).
+
+| use | epilogue |
+|---|---|
+| QKV projection | [LayerNorm], bias, Q * scale, head-split write (``OUT_MODE=1``; plain stores: no 2-D box) |
+| out projection, fc2 | bias, layer scale, residual |
+| fc1 | [LayerNorm], bias, GELU erf or tanh |
+
+The patch embedding stays on :mod:`gemm`: its A operand is gathered from the image (a (C, p, p) patch is
+no box of a tensor descriptor over an NCHW image), so there is no TMA load for it.
+
+Inputs: float16 and bfloat16 (wgmma reads both from shared memory). float32 stays on :mod:`gemm`
+(its tf32x3 splits the operands in registers). TMA needs 16-byte aligned base addresses and row
+strides and a unit last stride: :func:`tma_unsupported` says why a call cannot run here and the
+launchers raise ValueError with that reason before any launch (the caller picks :mod:`gemm`, visibly).
+
+LayerNorm out of the main loop (``LN_EPI``). LayerNorm(x) @ W^T + b with gamma, beta folded into the
+weight once per parameter version: W' = W * gamma, b' = b + W @ beta, c = sum_k W'[:, k], and each row's
+(mean, rstd) applied in the epilogue: y = rstd * (x @ W'^T - mean * c) + b'. The subtraction cancels
+when a row's mean is large against its spread (|mean| * rstd large): the fp32 accumulator's rounding,
+~eps_fp32 * |mean| * sum |W'|, is then multiplied by rstd. Rows past :func:`ln_cancel_threshold` are
+centred before the GEMM instead (A' = x - mean rounded to the input dtype, mean' = 0): same kernel,
+same folded weight, one extra pass over x, taken only when such rows exist and reported by
+:func:`last_ln_route`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .aot import AotSpec, ptr_type
+from .layernorm import as_rows, row_stats, rows_per_batch
+
+logger = logging.getLogger("vit_kernels")
+
+DTYPES = (torch.float16, torch.bfloat16)
+GROUP_M = 8
+# ACT values (as in gemm.py)
+ACT_NONE, ACT_GELU_ERF, ACT_GELU_TANH = 0, 1, 2
+# OUT_MODE values
+OUT_ROWS, OUT_QKV = 0, 1
+
+
+@triton.jit
+def _tile_coords(tile_id, num_m, num_n, GROUP_M: tl.constexpr):
+    """Grouped order: tile ids run down GROUP_M row tiles before moving one column tile right."""
+    group = GROUP_M * num_n
+    first_m = (tile_id // group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (tile_id % group) % group_size
+    pid_n = (tile_id % group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _epilogue(acc, off_m, n0, out_desc, out_ptr, bias_ptr, res_ptr, ls_ptr, colsum_ptr, mean, rstd,
+              M, N, T, s_o3, s_ob, s_oh, s_ot, s_rb, s_rt, INNER, HEAD_DIM, q_scale,
+              BLOCK_M: tl.constexpr, SUB_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+              HAS_LS: tl.constexpr, HAS_RES: tl.constexpr, OUT_MODE: tl.constexpr, LN_EPI: tl.constexpr):
+    """One (BLOCK_M, SUB_N) fp32 sub-tile of the accumulator, columns n0 .. n0 + SUB_N: epilogue + store."""
+    offs_n = n0 + tl.arange(0, SUB_N)
+    n_mask = offs_n < N
+    if LN_EPI:       # y = rstd * (x @ W'^T - mean * c) + b'
+        c = tl.load(colsum_ptr + offs_n, mask=n_mask, other=0.0)
+        acc = (acc - mean[:, None] * c[None, :]) * rstd[:, None]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if ACT == 1:      # GELU, exact: x * Phi(x)
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    elif ACT == 2:    # GELU, tanh approximation: 0.5x(1 + tanh(u)) = x / (1 + exp(-2u))
+        u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+        acc = acc / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))   # capped: no inf for very negative x
+    if HAS_LS:
+        acc *= tl.load(ls_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_RES or OUT_MODE == 1:
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        mask = (offs_m < M)[:, None] & n_mask[None, :]
+        b = (offs_m // T).to(tl.int64)
+        t = (offs_m % T).to(tl.int64)
+    if HAS_RES:
+        res = tl.load(res_ptr + (b * s_rb + t * s_rt)[:, None] + offs_n.to(tl.int64)[None, :],
+                      mask=mask, other=0.0)
+        acc += res.to(tl.float32)
+    if OUT_MODE == 0:
+        out_desc.store([off_m, n0], acc.to(out_desc.dtype))   # clipped at the M and N edges
+    else:
+        # Head split: column n = which * INNER + head * HEAD_DIM + d goes to out[which, b, head, t, d]
+        # (HEAD_DIM % 8 == 0 and a contiguous out, checked by the launcher: runs of 8 contiguous elements).
+        which = offs_n // INNER
+        col = (which.to(tl.int64) * s_o3 + ((offs_n % INNER) // HEAD_DIM).to(tl.int64) * s_oh
+               + (offs_n % HEAD_DIM))
+        col = tl.max_contiguous(tl.multiple_of(col, 8), 8)
+        acc *= tl.where(which == 0, q_scale, 1.0)[None, :]
+        tl.store(out_ptr + (b * s_ob + t * s_ot)[:, None] + col[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+@triton.jit
+def _gemm_tma_kernel(
+    a_ptr,            # A (M, K), row stride s_am, unit column stride, 16-byte aligned
+    w_ptr,            # weight (N, K), row stride s_wn, unit column stride (W' when LN_EPI)
+    out_ptr,          # OUT_ROWS: (M, N) row stride s_om;
+                      # OUT_QKV: (3, B, H, T, HEAD_DIM) strides (s_o3, s_ob, s_oh, s_ot, 1)
+    bias_ptr,         # (N,)                         [HAS_BIAS]  (fp32 b' when LN_EPI)
+    res_ptr,          # (M, N) as (b, t, n), strides (s_rb, s_rt, 1)   [HAS_RES]
+    ls_ptr,           # (N,) layer scale             [HAS_LS]
+    mean_ptr,         # (M,) fp32 row means          [LN_EPI]
+    rstd_ptr,         # (M,) fp32 row 1/std          [LN_EPI]
+    colsum_ptr,       # (N,) fp32 column sums of W'  [LN_EPI]
+    M, N, K, T,       # rows, output features, reduction length, rows per batch (residual, head split)
+    s_am, s_wn, s_om,
+    s_o3, s_ob, s_oh, s_ot,
+    s_rb, s_rt,
+    INNER, HEAD_DIM,  # QKV: heads * head_dim, head_dim
+    q_scale,          # fp32: QKV scales the Q columns (n < INNER) by this
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_STAGES: tl.constexpr, EPI_SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_LS: tl.constexpr, HAS_RES: tl.constexpr,
+    OUT_MODE: tl.constexpr, LN_EPI: tl.constexpr,
+):
+    SUB_N: tl.constexpr = BLOCK_N // EPI_SPLIT
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[s_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[s_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    if OUT_MODE == 0:
+        out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[s_om, 1],
+                                             block_shape=[BLOCK_M, SUB_N])
+    else:
+        out_desc = a_desc   # unused: the head split stores through pointers
+
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_m * num_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    start = tl.program_id(0)
+    step = tl.num_programs(0)
+    # The epilogue recomputes its tile from its own counter: no value lives from the loop's
+    # prologue to its epilogue, which keeps the flattened pipeline simple.
+    tile_c = start - step
+    for tile_id in tl.range(start, num_tiles, step, flatten=True):
+        pid_m, pid_n = _tile_coords(tile_id, num_m, num_n, GROUP_M)
+        off_am = pid_m * BLOCK_M
+        off_wn = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in tl.range(k_tiles, num_stages=NUM_STAGES):
+            a = a_desc.load([off_am, ki * BLOCK_K])
+            w = w_desc.load([off_wn, ki * BLOCK_K])
+            acc = tl.dot(a, w.T, acc)
+
+        tile_c += step
+        pid_m, pid_n = _tile_coords(tile_c, num_m, num_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if LN_EPI:
+            offs_m = off_m + tl.arange(0, BLOCK_M)
+            mean = tl.load(mean_ptr + offs_m, mask=offs_m < M, other=0.0)
+            rstd = tl.load(rstd_ptr + offs_m, mask=offs_m < M, other=0.0)
+        # Sub-tiles: (BLOCK_M, BLOCK_N) -> (BLOCK_M, 2, BLOCK_N/2) -> split the halves (twice for 4).
+        if EPI_SPLIT == 1:
+            _epilogue(acc, off_m, off_n, out_desc, out_ptr, bias_ptr, res_ptr, ls_ptr, colsum_ptr, mean, rstd,
+                      M, N, T, s_o3, s_ob, s_oh, s_ot, s_rb, s_rt, INNER, HEAD_DIM, q_scale,
+                      BLOCK_M, SUB_N, HAS_BIAS, ACT, HAS_LS, HAS_RES, OUT_MODE, LN_EPI)
+        elif EPI_SPLIT == 2:
+            h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            _epilogue(h0, off_m, off_n, out_desc, out_ptr, bias_ptr, res_ptr, ls_ptr, colsum_ptr, mean, rstd,
+                      M, N, T, s_o3, s_ob, s_oh, s_ot, s_rb, s_rt, INNER, HEAD_DIM, q_scale,
+                      BLOCK_M, SUB_N, HAS_BIAS, ACT, HAS_LS, HAS_RES, OUT_MODE, LN_EPI)
+            _epilogue(h1, off_m, off_n + SUB_N, out_desc, out_ptr, bias_ptr, res_ptr, ls_ptr, colsum_ptr,
+                      mean, rstd, M, N, T, s_o3, s_ob, s_oh, s_ot, s_rb, s_rt, INNER, HEAD_DIM, q_scale,
+                      BLOCK_M, SUB_N, HAS_BIAS, ACT, HAS_LS, HAS_RES, OUT_MODE, LN_EPI)
+        else:
+            h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            q0, q1 = tl.split(tl.permute(tl.reshape(h0, (BLOCK_M, 2, SUB_N)), (0, 2, 1)))
+            _epilogue(q0, off_m, off_n, out_desc, out_ptr, bias_ptr, res_ptr, ls_ptr, colsum_ptr, mean, rstd,
+                      M, N, T, s_o3, s_ob, s_oh, s_ot, s_rb, s_rt, INNER, HEAD_DIM, q_scale,
+                      BLOCK_M, SUB_N, HAS_BIAS, ACT, HAS_LS, HAS_RES, OUT_MODE, LN_EPI)
+            _epilogue(q1, off_m, off_n + SUB_N, out_desc, out_ptr, bias_ptr, res_ptr, ls_ptr, colsum_ptr,
+                      mean, rstd, M, N, T, s_o3, s_ob, s_oh, s_ot, s_rb, s_rt, INNER, HEAD_DIM, q_scale,
+                      BLOCK_M, SUB_N, HAS_BIAS, ACT, HAS_LS, HAS_RES, OUT_MODE, LN_EPI)
+            q2, q3 = tl.split(tl.permute(tl.reshape(h1, (BLOCK_M, 2, SUB_N)), (0, 2, 1)))
+            _epilogue(q2, off_m, off_n + 2 * SUB_N, out_desc, out_ptr, bias_ptr, res_ptr, ls_ptr, colsum_ptr,
+                      mean, rstd, M, N, T, s_o3, s_ob, s_oh, s_ot, s_rb, s_rt, INNER, HEAD_DIM, q_scale,
+                      BLOCK_M, SUB_N, HAS_BIAS, ACT, HAS_LS, HAS_RES, OUT_MODE, LN_EPI)
+            _epilogue(q3, off_m, off_n + 3 * SUB_N, out_desc, out_ptr, bias_ptr, res_ptr, ls_ptr, colsum_ptr,
+                      mean, rstd, M, N, T, s_o3, s_ob, s_oh, s_ot, s_rb, s_rt, INNER, HEAD_DIM, q_scale,
+                      BLOCK_M, SUB_N, HAS_BIAS, ACT, HAS_LS, HAS_RES, OUT_MODE, LN_EPI)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs: a small set per (N, K) class of the ViT shapes, for a measured dispatch to choose from
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TmaConfig:
+    """One launchable tile config. Shared memory ~ num_stages * (block_m + block_n) * block_k * 2 bytes
+    for the operand ring plus block_m * (block_n / epi_split) * 2 for the store's staging buffer;
+    blocks_per_sm is the occupancy it is sized for (the persistent grid is SMs * blocks_per_sm)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    epi_split: int
+    blocks_per_sm: int
+
+    @property
+    def name(self) -> str:
+        return (f"{self.block_m}x{self.block_n}x{self.block_k}_w{self.num_warps}_s{self.num_stages}"
+                f"_e{self.epi_split}_b{self.blocks_per_sm}")
+
+
+# Every config the kernel is launched with (aot_specs compiles each one).
+CONFIGS: List[TmaConfig] = [
+    TmaConfig(128, 256, 64, 8, 3, 4, 1),   # large N (3*dim, 4*dim): 2 warpgroups, 128x256 per SM
+    TmaConfig(128, 128, 64, 8, 4, 2, 1),   # the middle: 4 stages, 2 warpgroups of 64 rows
+    TmaConfig(128, 128, 32, 4, 4, 2, 2),   # one warpgroup, two blocks per SM (the second hides the epilogue)
+    TmaConfig(64, 128, 64, 4, 3, 2, 2),    # few rows (small batch): more tiles to spread over the SMs
+    TmaConfig(128, 64, 64, 4, 3, 1, 2),    # small N (dim 192..384 outputs)
+]
+# Two blocks per SM need each block within (228 KB - 2 x 1 KB reserved) / 2 = 113 KB of shared memory, the
+# residual's staging included (measured ahead of time: tests/test_triton_gemm_tma.py).
+# (N, K) class -> the configs a measured dispatch chooses from (indices into CONFIGS).
+CLASSES: Dict[str, Tuple[int, ...]] = {
+    "qkv": (0, 1, 2, 3),    # dim -> 3*dim
+    "proj": (1, 2, 3, 4),   # dim -> dim (out projection)
+    "fc1": (0, 1, 2, 3),    # dim -> 4*dim
+    "fc2": (1, 2, 3, 4),    # 4*dim -> dim
+}
+
+
+def shape_class(N: int, K: int) -> str:
+    """The ViT class of an (N, K) GEMM: "qkv" (N = 3K), "proj" (N = K), "fc1" (N = 4K), "fc2" (K = 4N),
+    else "other"."""
+    if N == 3 * K:
+        return "qkv"
+    if N == K:
+        return "proj"
+    if N == 4 * K:
+        return "fc1"
+    if K == 4 * N:
+        return "fc2"
+    return "other"
+
+
+def configs_for(N: int, K: int) -> List[TmaConfig]:
+    """The candidate configs for an (N, K) GEMM (every config for shapes outside the ViT classes)."""
+    idx = CLASSES.get(shape_class(N, K), tuple(range(len(CONFIGS))))
+    return [CONFIGS[i] for i in idx]
+
+
+def default_config(N: int, K: int) -> TmaConfig:
+    """The first candidate of the class: what runs when no measurement chose another."""
+    return configs_for(N, K)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks: what TMA needs
+# ---------------------------------------------------------------------------------------------
+
+def _aligned(name: str, t: Tensor, row_stride: int) -> Optional[str]:
+    es = t.element_size()
+    if t.data_ptr() % 16:
+        return f"{name}: TMA needs a 16-byte aligned base address, got data_ptr() % 16 = {t.data_ptr() % 16}"
+    if (row_stride * es) % 16:
+        return (f"{name}: TMA needs a row stride that is a multiple of 16 bytes, got {row_stride} elements "
+                f"x {es} bytes")
+    return None
+
+
+def _rows2d(name: str, t: Tensor) -> Tuple[Optional[int], Optional[str]]:
+    """The one row stride that addresses t (..., C) as (rows, C) with a unit last stride, or why not.
+    Size-1 dims are skipped (their stride says nothing); a single row gets the stride C."""
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        return None, f"{name}: TMA needs a unit last stride, got strides {t.stride()}"
+    s, rows = None, 1
+    for d in range(t.dim() - 2, -1, -1):   # inner to outer: each dim must continue the row pattern
+        if t.shape[d] == 1:
+            continue
+        if s is None:
+            s, rows = t.stride(d), t.shape[d]
+        elif t.stride(d) == rows * s:
+            rows *= t.shape[d]
+        else:
+            return None, (f"{name}: TMA reads rows with one row stride; shape {tuple(t.shape)} with strides "
+                          f"{t.stride()} has none (pass {name}.contiguous())")
+    if s == 0:
+        return None, f"{name}: TMA cannot read broadcast rows (row stride 0, strides {t.stride()})"
+    return (t.shape[-1] if s is None else s), None
+
+
+def tma_unsupported(x: Tensor, weight: Tensor, out: Optional[Tensor] = None) -> Optional[str]:
+    """None when this GEMM can run x (..., K) @ weight (N, K)^T [-> out (..., N)], else the reason."""
+    if x.dtype not in DTYPES:
+        return f"x: the TMA GEMM takes float16 or bfloat16, got {x.dtype} (float32 runs on vit_kernels.triton.gemm)"
+    if weight.dtype != x.dtype:
+        return f"weight: expected {x.dtype} like x, got {weight.dtype}"
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        return f"weight: expected ({{N}}, {x.shape[-1]}), got {tuple(weight.shape)}"
+    for name, t in (("x", x), ("weight", weight)) + ((("out", out),) if out is not None else ()):
+        s, why = _rows2d(name, t)
+        if why is None:
+            why = _aligned(name, t, s)
+        if why is not None:
+            return why
+    return None
+
+
+def _ensure_allocator(device: torch.device) -> None:
+    """Tensor descriptors made on the device need a small global scratch buffer per launch; Triton asks
+    the allocator set with triton.set_allocator. Install a torch one when none is set (a caller's own
+    allocator is kept)."""
+    if device.type != "cuda":
+        return
+    from triton.runtime import _allocation
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device=device, dtype=torch.int8))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 3   # the interpreter: few programs, so each walks several tiles (the persistent loop is exercised)
+
+
+# ---------------------------------------------------------------------------------------------
+# The launcher
+# ---------------------------------------------------------------------------------------------
+
+def launch_gemm_tma(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K: int, T: int, s_am: int,
+                    config: TmaConfig, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+                    res_strides: Tuple[int, int] = (0, 0), layer_scale: Optional[Tensor] = None,
+                    act: int = ACT_NONE, ln: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
+                    qkv: Optional[Tuple[int, int, float]] = None) -> Tensor:
+    """Launch :func:`_gemm_tma_kernel` once; every argument already checked by the caller.
+
+    a: A rows with row stride s_am (unit column stride); weight: (N, K) contiguous rows; out: (M, N) rows
+    (row stride out.stride(-2)) or, with qkv = (INNER, HEAD_DIM, q_scale), a contiguous (3, B, H, T, hd);
+    residual: (b, t, n) rows through res_strides = (s_b, s_t), unit n stride; ln: (mean, rstd, colsum)
+    fp32 for LayerNorm in the epilogue (weight and bias already folded).
+    """
+    if M == 0 or N == 0:
+        return out
+    _ensure_allocator(a.device)
+    c = config
+    flags = dict(HAS_BIAS=bias is not None, ACT=act, HAS_LS=layer_scale is not None, HAS_RES=residual is not None,
+                 OUT_MODE=OUT_QKV if qkv is not None else OUT_ROWS, LN_EPI=ln is not None)
+    s_o3 = s_ob = s_oh = s_ot = inner = head_dim = 0
+    q_scale = 1.0
+    if qkv is not None:
+        s_o3, s_ob, s_oh, s_ot, _ = out.stride()
+        inner, head_dim, q_scale = qkv[0], qkv[1], float(qkv[2])
+        s_om = 0
+    else:
+        s_om = _rows2d("out", out)[0]   # the row stride (a size-1 dim's stride says nothing)
+    fp32_dummy = ln[0] if ln is not None else torch.empty(1, device=a.device, dtype=torch.float32)
+    mean, rstd, colsum = ln if ln is not None else (fp32_dummy,) * 3
+    tiles = triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n)
+    grid = (min(tiles, _num_sms(a.device) * c.blocks_per_sm),)
+    _gemm_tma_kernel[grid](
+        a, weight, out, _or(bias, weight), _or(residual, weight), _or(layer_scale, weight), mean, rstd, colsum,
+        M, N, K, T, s_am, weight.stride(0), s_om, s_o3, s_ob, s_oh, s_ot, res_strides[0], res_strides[1],
+        inner, head_dim, q_scale,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=GROUP_M, NUM_STAGES=c.num_stages,
+        EPI_SPLIT=c.epi_split, num_warps=c.num_warps, num_stages=c.num_stages, **flags)
+    return out
+
+
+def _or(t: Optional[Tensor], placeholder: Tensor) -> Tensor:
+    return placeholder if t is None else t
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerNorm folded into the weight (LN_EPI)
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class FoldedLayerNorm:
+    """LayerNorm(gamma, beta) followed by Linear(W, b), folded: weight W' = W * gamma (N, K) in W's dtype;
+    bias b' = b + W @ beta (N,) fp32, or None when neither b nor beta exists; colsum c = W' summed over K
+    (N,) fp32, from the rounded W' the GEMM multiplies (so x @ W'^T - mean * c = (x - mean) @ W'^T)."""
+
+    weight: Tensor
+    bias: Optional[Tensor]
+    colsum: Tensor
+
+
+# (data_ptr of each parameter) -> (weak references, version counters, folded); an entry is used only while
+# the same tensor objects are alive at unchanged versions (an in-place update bumps _version).
+_FOLD_CACHE: Dict[tuple, tuple] = {}
+
+
+def fold_layernorm(weight: Tensor, bias: Optional[Tensor], norm_weight: Tensor,
+                   norm_bias: Optional[Tensor]) -> FoldedLayerNorm:
+    """Fold LayerNorm's affine (norm_weight gamma (K,), norm_bias beta (K,) or None) into the Linear that
+    follows (weight (N, K), bias (N,) or None), once per parameter version (cached)."""
+    import weakref
+
+    params = (weight, bias, norm_weight, norm_bias)
+    key = tuple(None if t is None else (t.data_ptr(), tuple(t.shape), t.dtype, t.device) for t in params)
+    versions = tuple(None if t is None else t._version for t in params)
+    hit = _FOLD_CACHE.get(key)
+    if hit is not None and hit[1] == versions and all(
+            (r is None) == (t is None) and (r is None or r() is t) for r, t in zip(hit[0], params)):
+        return hit[2]
+    with torch.no_grad():
+        w_fold = (weight.float() * norm_weight.float()[None, :]).to(weight.dtype)
+        colsum = w_fold.double().sum(1).float()
+        b = None
+        if bias is not None or norm_bias is not None:
+            b = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
+            if bias is not None:
+                b += bias.double()
+            if norm_bias is not None:
+                b += weight.double() @ norm_bias.double()
+            b = b.float()
+    folded = FoldedLayerNorm(w_fold, b, colsum)
+    refs = tuple(None if t is None else weakref.ref(t) for t in params)
+    _FOLD_CACHE[key] = (refs, versions, folded)
+    return folded
+
+
+def ln_cancel_threshold(K: int, dtype: torch.dtype) -> float:
+    """The largest |mean| * rstd a row may have for the folded route.
+
+    The epilogue's x @ W'^T - mean * c carries the fp32 accumulator's rounding, at most about
+    eps_fp32 * |mean| * sum_k |W'_nk| (each partial sum is ~|mean| * |W'| large), times rstd; eager
+    LayerNorm + Linear errs by about eps_dtype * |y| with |y| ~ sum_k |W'_nk| / sqrt(K). Keeping the first
+    below a quarter of the second: |mean| * rstd <= eps_dtype / (4 * eps_fp32 * sqrt(K)) (~74 for float16
+    and ~590 for bfloat16 at K = 768)."""
+    return torch.finfo(dtype).eps / (4 * torch.finfo(torch.float32).eps * math.sqrt(max(K, 1)))
+
+
+_LAST_LN_ROUTE: List[str] = [""]
+
+
+def last_ln_route() -> str:
+    """The LayerNorm route of the last LN_EPI launch: "epilogue" or "centred: ..." with the reason."""
+    return _LAST_LN_ROUTE[0]
+
+
+def _ln_operands(x2: Tensor, mean: Tensor, rstd: Tensor) -> Tuple[Tensor, Tensor]:
+    """(A, mean) for the folded route: x2 (M, K) and mean as they are, or, when some rows would cancel,
+    those rows centred (x - mean, rounded to x's dtype) with mean 0 (reported by last_ln_route)."""
+    M, K = x2.shape
+    tau = ln_cancel_threshold(K, x2.dtype)
+    bad = (mean.abs() * rstd) > tau
+    n_bad = int(bad.sum())
+    if n_bad == 0:
+        _LAST_LN_ROUTE[0] = "epilogue"
+        return x2, mean
+    route = (f"centred: {n_bad} of {M} rows have |mean| * rstd > {tau:.3g} (the folded epilogue would cancel); "
+             f"those rows are centred before the GEMM")
+    _LAST_LN_ROUTE[0] = route
+    logger.info("gemm_tma LayerNorm: %s", route)
+    a = torch.where(bad[:, None], (x2.float() - mean[:, None]).to(x2.dtype), x2)
+    return a, torch.where(bad, torch.zeros_like(mean), mean)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public launchers (same arguments as vit_kernels.triton.gemm's, plus the tile config)
+# ---------------------------------------------------------------------------------------------
+
+def _check_out(out: Optional[Tensor], shape, like: Tensor) -> Tensor:
+    shape = tuple(shape)
+    if out is None:
+        return torch.empty(shape, device=like.device, dtype=like.dtype)
+    if tuple(out.shape) != shape or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"out: expected a {like.dtype} tensor of shape {shape} on {like.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    return out
+
+
+def _check_config(config: Optional[TmaConfig], N: int, K: int) -> TmaConfig:
+    if config is None:
+        return default_config(N, K)
+    if config not in CONFIGS:
+        raise ValueError(f"config: expected one of gemm_tma.CONFIGS (what aot_specs compiles), got {config}")
+    return config
+
+
+def _check_vec(name: str, t: Optional[Tensor], n: int, like: Tensor) -> None:
+    if t is not None and (tuple(t.shape) != (n,) or t.device != like.device):
+        raise ValueError(f"{name}: expected shape ({n},) on {like.device}, got {tuple(t.shape)} on {t.device}")
+
+
+def dense_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+                  norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
+                  eps: float = 1e-6, stats: Optional[Tuple[Tensor, Tensor]] = None, act: int = ACT_NONE,
+                  residual: Optional[Tensor] = None, layer_scale: Optional[Tensor] = None,
+                  out: Optional[Tensor] = None, config: Optional[TmaConfig] = None) -> Tensor:
+    """[LayerNorm ->] x @ weight^T [+ bias] [-> GELU] [* layer_scale] [+ residual], one GEMM launch.
+
+    x: (..., K) float16/bfloat16 whose rows share one 16-byte-multiple row stride; weight: (N, K); bias,
+    layer_scale: (N,); norm_weight: (K,) (with optional norm_bias (K,)) applies LayerNorm(x, eps): folded
+    into the weight (:func:`fold_layernorm`, cached), row statistics from :func:`row_stats` (or ``stats``
+    given), applied in the epilogue; act: ACT_NONE / ACT_GELU_ERF / ACT_GELU_TANH; residual: (..., N) with
+    a unit last stride; config: one of :data:`CONFIGS` (None: :func:`default_config`). Returns (..., N).
+    Raises ValueError (before any launch) when TMA cannot read or write these tensors.
+    """
+    K = x.shape[-1]
+    N = weight.shape[0]
+    out = _check_out(out, tuple(x.shape[:-1]) + (N,), x)
+    why = tma_unsupported(x, weight, out)
+    if why is not None:
+        raise ValueError(f"gemm_tma: {why}")
+    config = _check_config(config, N, K)
+    for name, t in (("bias", bias), ("layer_scale", layer_scale)):
+        _check_vec(name, t, N, x)
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        _check_vec(name, t, K, x)
+    T = rows_per_batch(x)
+    M = x.numel() // K if K else math.prod(x.shape[:-1])
+    res_strides = (0, 0)
+    if residual is not None:
+        if tuple(residual.shape) != tuple(out.shape) or residual.stride(-1) != 1:
+            raise ValueError(f"residual: expected shape {tuple(out.shape)} with a unit last stride, got "
+                             f"{tuple(residual.shape)} strides {residual.stride()}")
+        res_strides = as_rows("residual", residual, T)[:2]
+    s_am, _ = _rows2d("x", x)
+    a, w, ln = x, weight, None
+    if norm_weight is not None and M:
+        folded = fold_layernorm(weight, bias, norm_weight, norm_bias)
+        mean, rstd = stats if stats is not None else row_stats(x, eps)
+        a, mean = _ln_operands(torch.as_strided(x, (M, K), (s_am, 1)), mean, rstd)
+        s_am = a.stride(0)
+        w, bias, ln = folded.weight, folded.bias, (mean, rstd, folded.colsum)
+    return launch_gemm_tma(a, w, out, M=M, N=N, K=K, T=T, s_am=s_am, config=config, bias=bias,
+                           residual=residual, res_strides=res_strides, layer_scale=layer_scale, act=act, ln=ln)
+
+
+def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+                   residual: Optional[Tensor] = None, layer_scale: Optional[Tensor] = None,
+                   out: Optional[Tensor] = None, config: Optional[TmaConfig] = None) -> Tensor:
+    """residual + layer_scale * (x @ weight^T + bias) (out projection, fc2); shapes as :func:`dense_forward`."""
+    return dense_forward(x, weight, bias, residual=residual, layer_scale=layer_scale, out=out, config=config)
+
+
+def qkv_projection_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = None, *,
+                           num_heads: int, scale: float, norm_weight: Optional[Tensor] = None,
+                           norm_bias: Optional[Tensor] = None, eps: float = 1e-6,
+                           out: Optional[Tensor] = None, config: Optional[TmaConfig] = None) -> Tensor:
+    """[LayerNorm ->] QKV projection written into the attention layout.
+
+    x: (B, N, dim) float16/bfloat16 with one 16-byte-multiple row stride; qkv_weight: (3*inner, dim), rows
+    [q; k; v], head-major; qkv_bias: (3*inner,) or None; norm_weight, norm_bias: (dim,) LayerNorm(x, eps)
+    folded as in :func:`dense_forward`; scale multiplies Q (after the bias). Returns a contiguous
+    (3, B, H, N, head_dim): qkv[0] = scale * q, qkv[1] = k, qkv[2] = v.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x: expected (B, N, dim), got shape {tuple(x.shape)}")
+    B, Ntok, dim = x.shape
+    if qkv_weight.dim() != 2 or qkv_weight.shape[1] != dim or qkv_weight.shape[0] % (3 * num_heads):
+        raise ValueError(f"qkv_weight: expected (3*inner, {dim}) with inner divisible by num_heads={num_heads}, "
+                         f"got {tuple(qkv_weight.shape)}")
+    inner = qkv_weight.shape[0] // 3
+    head_dim = inner // num_heads
+    if head_dim % 8:
+        raise ValueError(f"num_heads: head_dim = {inner} // {num_heads} = {head_dim} is not a multiple of 8, "
+                         f"which the head-split epilogue needs")
+    out = _check_out(out, (3, B, num_heads, Ntok, head_dim), x)
+    if not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous (3, B, H, N, head_dim) tensor, got strides {out.stride()}")
+    why = tma_unsupported(x, qkv_weight)
+    if why is not None:
+        raise ValueError(f"gemm_tma: {why}")
+    N = 3 * inner
+    config = _check_config(config, N, dim)
+    _check_vec("qkv_bias", qkv_bias, N, x)
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        _check_vec(name, t, dim, x)
+    M = B * Ntok
+    s_am, _ = _rows2d("x", x)
+    a, w, bias, ln = x, qkv_weight, qkv_bias, None
+    if norm_weight is not None and M:
+        folded = fold_layernorm(qkv_weight, qkv_bias, norm_weight, norm_bias)
+        mean, rstd = row_stats(x, eps)
+        a, mean = _ln_operands(torch.as_strided(x, (M, dim), (s_am, 1)), mean, rstd)
+        s_am = a.stride(0)
+        w, bias, ln = folded.weight, folded.bias, (mean, rstd, folded.colsum)
+    return launch_gemm_tma(a, w, out, M=M, N=N, K=dim, T=Ntok, s_am=s_am, config=config, bias=bias, ln=ln,
+                           qkv=(inner, head_dim, scale))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time specs
+# ---------------------------------------------------------------------------------------------
+
+_PTR_ARGS = ("a_ptr", "w_ptr", "out_ptr", "bias_ptr", "res_ptr", "ls_ptr", "mean_ptr", "rstd_ptr", "colsum_ptr")
+_FP32_PTRS = ("mean_ptr", "rstd_ptr", "colsum_ptr")
+_INT_ARGS = ("M", "N", "K", "T", "s_am", "s_wn", "s_om", "s_o3", "s_ob", "s_oh", "s_ot", "s_rb", "s_rt",
+             "INNER", "HEAD_DIM")
+# What Triton's launcher specializes for the usual call: aligned pointers (checked by the launcher) and
+# 16-multiple sizes and strides (ViT dims are multiples of 16; the row count M and tokens T are not).
+DIVISIBLE = _PTR_ARGS + ("N", "K", "s_am", "s_wn", "s_om", "s_o3", "s_ob", "s_oh", "s_ot", "s_rb", "s_rt",
+                         "INNER", "HEAD_DIM")
+# The epilogues each ViT class launches: flags as in _gemm_tma_kernel (LN_EPI: LayerNorm folded).
+EPILOGUES: Dict[str, Tuple[Dict[str, object], ...]] = {
+    "qkv": tuple(dict(OUT_MODE=OUT_QKV, HAS_BIAS=b, LN_EPI=ln) for ln in (False, True) for b in (False, True)),
+    "proj": tuple(dict(HAS_BIAS=b, HAS_RES=r, HAS_LS=s) for b in (False, True)
+                  for r, s in ((False, False), (True, False), (True, True))),
+    "fc1": tuple(dict(HAS_BIAS=True, ACT=act, LN_EPI=ln) for ln in (False, True)
+                 for act in (ACT_GELU_ERF, ACT_GELU_TANH)),
+}
+EPILOGUES["fc2"] = EPILOGUES["proj"]
+
+
+def aot_spec(config: TmaConfig, dtype: torch.dtype, name: str = "gemm_tma", **flags) -> AotSpec:
+    """The AotSpec of ``config`` for ``dtype`` with epilogue ``flags`` (kernel flag names; unset: off)."""
+    f = dict(HAS_BIAS=False, ACT=ACT_NONE, HAS_LS=False, HAS_RES=False, OUT_MODE=OUT_ROWS, LN_EPI=False)
+    f.update(flags)
+    p = ptr_type(dtype)
+    sig = {k: ("*fp32" if k in _FP32_PTRS else p) for k in _PTR_ARGS}
+    if f["LN_EPI"]:
+        sig["bias_ptr"] = "*fp32"    # the folded bias b' stays fp32
+    sig.update({k: "i32" for k in _INT_ARGS})
+    sig["q_scale"] = "fp32"
+    constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=GROUP_M,
+                      NUM_STAGES=config.num_stages, EPI_SPLIT=config.epi_split, **f)
+    sig.update({k: "constexpr" for k in constexprs})
+    dt = str(dtype).replace("torch.", "")
+    on = ",".join(f"{k}={int(v)}" for k, v in f.items() if v)
+    label = f"{config.name},{dt}" + (f",{on}" if on else "")
+    return AotSpec(name, _gemm_tma_kernel, sig, constexprs, config.num_warps, config.num_stages, label, True,
+                   archs=(90,), divisible_by_16=DIVISIBLE)
+
+
+def aot_specs() -> List[AotSpec]:
+    """Every (config of a class) x (epilogue of that class) x dtype, for sm_90 only."""
+    specs, seen = [], set()
+    for cls, idx in CLASSES.items():
+        for i in idx:
+            for flags in EPILOGUES[cls]:
+                for dtype in DTYPES:
+                    key = (i, dtype, tuple(sorted(flags.items())))
+                    if key not in seen:
+                        seen.add(key)
+                        specs.append(aot_spec(CONFIGS[i], dtype, f"gemm_tma_{cls}", **flags))
+    return specs
