@@ -19,14 +19,14 @@ import torch
 
 from ..bench import attention as batt
 from ..bench import peaks as bpeaks
+from ..bench.timer import timer_name
 from .arguments import out_folder, positive_int
 from .bench import resolve_device
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GPU_DEFAULTS = dict(tokens="50,197,257,577,1025,2305,4097", dtype="bf16", warmup=10, repeats=30,
-                    min_repeat_ms=1.0, breakdown_batch=256)
-CPU_DEFAULTS = dict(tokens="50,197,257,577", dtype="fp32", warmup=2, repeats=5, min_repeat_ms=20.0,
-                    breakdown_batch=2)
+                    breakdown_batch=256)
+CPU_DEFAULTS = dict(tokens="50,197,257,577", dtype="fp32", warmup=2, repeats=5, breakdown_batch=2)
 DEFAULT_PROVIDERS = ",".join(batt.PROVIDERS)
 
 
@@ -58,8 +58,8 @@ def add_parser(sub) -> None:
     p.add_argument("--providers", default=DEFAULT_PROVIDERS, help="comma list (default: all)")
     p.add_argument("--warmup", type=positive_int, default=None)
     p.add_argument("--repeats", type=positive_int, default=None)
-    p.add_argument("--min-repeat-ms", type=float, default=None)
-    p.add_argument("--no-l2-flush", action="store_true", help="do not flush the GPU's L2 between repeats")
+    p.add_argument("--max-time", type=float, default=None,
+                   help="seconds of timing per case at most (default 3 on a GPU, 1 on a CPU)")
     p.add_argument("--gpu", default=None, help="GPU for %% of peak and bounds (default: this device)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--out", type=out_folder, default="bench_out")
@@ -108,7 +108,7 @@ def make_config(args):
     peak = bpeaks.choose(args.gpu, device, notes, "% of peak")
     get = lambda k: getattr(args, k) if getattr(args, k) is not None else d[k]  # noqa: E731
     cfg = batt.AttnConfig(providers, cases, device, warmup=get("warmup"), repeats=get("repeats"),
-                          min_repeat_ms=get("min_repeat_ms"), peak=peak, flush_l2=not args.no_l2_flush)
+                          peak=peak, max_time_s=args.max_time)
     if cfg.warmup < 1 or cfg.repeats < 1:
         raise SystemExit(f"warmup/repeats: expected >= 1, got {cfg.warmup}/{cfg.repeats}")
     return cfg, notes
@@ -123,8 +123,7 @@ def run(args) -> int:
     print(f"vit_kernels profile-attention on {meta['device_name']} ({cfg.device}), torch {meta['torch']}, "
           f"commit {str(meta.get('commit'))[:10]}{' (modified)' if meta.get('dirty') else ''}")
     print(f"heads {args.heads}, {len(cfg.cases)} shapes x {len(cfg.providers)} providers; warm-up {cfg.warmup}, "
-          f"repeats {cfg.repeats}, timer {'CUDA events' if gpu else 'perf_counter'}"
-          + (", L2 flushed between repeats" if gpu and cfg.flush_l2 else ""))
+          f"repeats >= {cfg.repeats}, timer {timer_name(cfg.device)}" + (" (L2 flushed before each call)" if gpu else ""))
     for n in notes:
         print("note: " + n)
     if not gpu:
