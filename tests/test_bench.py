@@ -243,7 +243,8 @@ def test_model_names_and_shapes_agree_across_families():
     """ViT-B/16 from each library is the same shape to the cost model."""
     with torch.device("meta"):
         ms = {spec: bmodels.build(spec) for spec in ("vit_base_patch16_224", "timm:vit_base_patch16_224",
-                                                     "torchvision:vit_b_16", "hf:vit_base_patch16_224")}
+                                                     "torchvision:vit_b_16", "hf:vit_base_patch16_224",
+                                                     "vit_pytorch:vit_base_patch16_224")}
     shapes = {k: bmodels.shape_of(m, 8, torch.bfloat16) for k, m in ms.items()}
     ref = shapes["vit_base_patch16_224"]
     assert (ref.tokens, ref.dim, ref.heads, ref.hidden, ref.depth, ref.elem) == (197, 768, 12, 3072, 12, 2)

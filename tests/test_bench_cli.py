@@ -226,12 +226,14 @@ REGISTRY_NAMES = ["vit_tiny_patch16_224", "vit_kernels:vit_tiny_patch16_224", "t
 
 @pytest.mark.parametrize("name", REGISTRY_NAMES)
 def test_every_command_accepts_the_registry_names(name, tmp_path, capsys):
-    """bench and verify take the same names (one registry)."""
+    """bench, verify and profile-attention take the same names (one registry)."""
     assert cli.main(["bench", name, "--depth", "1", "--img-size", "32", "-b", "1", "--providers", "sdpa",
                      "--num-warm-iter", "1", "--num-bench-iter", "1", "--max-time", "0", "--no-plot",
                      "--no-progress", "--out", str(tmp_path)]) == 0
     assert _rows(tmp_path / "results.csv")[0]["depth"] == "1"
     assert cli.main(["verify", name, "--depth", "1", "--img-size", "32", "--backend", "torch"]) == 0
+    assert cli.main(["profile-attention", "--model", name, "--providers", "eager", "--warmup", "1", "--repeats", "1",
+                     "--max-time", "0", "--no-breakdown", "--no-plot", "--no-progress", "--out", str(tmp_path)]) == 0
 
 
 def test_hf_name_that_needs_the_network_says_so_in_one_line(capsys):
@@ -242,3 +244,12 @@ def test_hf_name_that_needs_the_network_says_so_in_one_line(capsys):
         err = capsys.readouterr().err
         assert "hf:someone/not-cached-vit needs the network" in err and err.count("\n") == 1
     assert time.perf_counter() - t0 < 10
+
+
+def test_profile_attention_takes_its_shapes_from_a_registry_name(tmp_path, capsys):
+    assert cli.main(["profile-attention", "--model", "timm:vit_tiny_patch16_224", "--providers", "eager",
+                     "--warmup", "1", "--repeats", "2", "--max-time", "0.1", "--no-breakdown", "--no-plot",
+                     "--no-progress", "--out", str(tmp_path)]) == 0
+    assert "3 heads of 64, 197 tokens, width 192" in capsys.readouterr().out
+    rows = _rows(tmp_path / "attention.csv")
+    assert [(r["tokens"], r["head_dim"]) for r in rows] == [("197", "64")]

@@ -52,7 +52,16 @@ def input_size(model: nn.Module) -> Tuple[int, int]:
         return pe.proj.in_channels, pe.img_size[0]
     if hasattr(model, "image_size") and hasattr(model, "conv_proj"):
         return model.conv_proj.in_channels, model.image_size
+    if hasattr(model, "to_patch_embedding") and hasattr(model, "pos_embedding"):  # vit_pytorch
+        p = _vp_patch(model)
+        side = int(round((model.pos_embedding.shape[-2] - 1) ** 0.5)) * p
+        return model.to_patch_embedding[2].in_features // (p * p), side
     return 3, 224
+
+
+def _vp_patch(model) -> int:
+    p = model.patch_size
+    return p[0] if isinstance(p, (tuple, list)) else int(p)
 
 
 def depth_of(model: nn.Module) -> Optional[int]:
@@ -99,6 +108,11 @@ def shape_of(model: nn.Module, batch: int, dtype: torch.dtype) -> Optional[ViTSh
             return ViTShape(batch, model.seq_length, model.hidden_dim, layer.num_heads, model.mlp_dim,
                             len(model.encoder.layers), elem, model.patch_size, chans, (img, img),
                             head.out_features, True, True, False)
+        if hasattr(model, "to_patch_embedding") and hasattr(model, "transformer"):  # vit_pytorch
+            attn, ff = model.transformer.layers[0]
+            return ViTShape(batch, model.pos_embedding.shape[-2], model.pos_embedding.shape[-1], attn.heads,
+                            ff.net[1].out_features, len(model.transformer.layers), elem, _vp_patch(model), chans,
+                            (img, img), model.mlp_head.out_features, True, attn.to_qkv.bias is not None, False)
         cfg = getattr(model, "config", None)
         if cfg is not None and getattr(cfg, "model_type", "") == "vit":  # transformers
             return ViTShape(batch, (img // cfg.patch_size) ** 2 + 1, cfg.hidden_size, cfg.num_attention_heads,
