@@ -253,3 +253,33 @@ def test_profile_attention_takes_its_shapes_from_a_registry_name(tmp_path, capsy
     assert "3 heads of 64, 197 tokens, width 192" in capsys.readouterr().out
     rows = _rows(tmp_path / "attention.csv")
     assert [(r["tokens"], r["head_dim"]) for r in rows] == [("197", "64")]
+
+
+TIMM_BOTH_HEADER = ["model", "infer_samples_per_sec", "infer_step_time", "infer_batch_size", "infer_img_size",
+                    "infer_gmacs", "train_samples_per_sec", "train_step_time", "train_batch_size", "train_img_size",
+                    "param_count"]
+
+
+def test_bench_both_writes_timm_train_fields_and_json(tmp_path):
+    results = tmp_path / "timm.json"
+    assert cli.main(["bench", "--model", "vit_tiny_patch16_224", "--depth", "1", "--img-size", "32", "-b", "2",
+                     "--bench", "both", "--providers", "sdpa", "--num-warm-iter", "1", "--num-bench-iter", "2",
+                     "--max-time", "0.1", "--no-plot", "--no-progress", "--results-file", str(results),
+                     "--results-format", "json", "--out", str(tmp_path / "o")]) == 0
+    with open(tmp_path / "o" / "results.csv") as f:
+        header = next(csv.reader(f))
+    assert [h for h in header if h in TIMM_BOTH_HEADER] == TIMM_BOTH_HEADER and header[:11] == TIMM_BOTH_HEADER
+    (row,) = json.loads(results.read_text())
+    assert row["model"] == "vit_tiny_patch16_224" and row["depth"] == 1 and row["provider"] == "sdpa"
+    assert row["train_samples_per_sec"] > 0 and row["train_batch_size"] == 2 and row["infer_step_time"] > 0
+
+
+def test_torchcompile_and_channels_last_reach_the_config():
+    from vit_kernels.commands import bench
+    parser, _ = cli.build_parser()
+    cfg, _ = bench.make_config(parser.parse_args(["bench", "--device", "cpu", "--providers", "sdpa", "--torchcompile",
+                                                  "--torchcompile-mode", "max-autotune", "--channels-last"]))
+    assert cfg.providers == ["sdpa", "compile"] and cfg.compile_backend == "inductor"
+    assert cfg.compile_mode == "max-autotune" and cfg.channels_last
+    cfg, _ = bench.make_config(parser.parse_args(["bench", "--device", "cpu", "--torchcompile", "eager"]))
+    assert "compile" in cfg.providers and cfg.compile_backend == "eager"
