@@ -63,6 +63,21 @@ def test_measure_uses_the_library_timer_on_the_cpu():
     assert all(t > 0 for t in m.times_ms)
 
 
+def test_gpu_timing_goes_through_triton_do_bench(monkeypatch):
+    """On a CUDA device measure() asks triton.testing.do_bench (or do_bench_cudagraph) for every
+    sample (return_mode="all"), with the round's time budget in ms; checked here with stand-ins."""
+    triton_testing = pytest.importorskip("triton.testing")
+    seen = []
+    monkeypatch.setattr(triton_testing, "do_bench", lambda fn, warmup, rep, return_mode:
+                        seen.append(("do_bench", rep, return_mode)) or [2.0] * 10)
+    monkeypatch.setattr(triton_testing, "do_bench_cudagraph", lambda fn, rep, return_mode:
+                        seen.append(("cudagraph", rep, return_mode)) or [1.0] * 10)
+    m = timer.measure(lambda: None, device=CUDA, warmup=0, repeats=5, round_s=0.1)
+    assert seen == [("do_bench", 100, "all")] and m.timer == "triton.testing.do_bench" and m.stats.median == 2.0
+    m = timer.measure(lambda: None, device=CUDA, warmup=0, repeats=5, round_s=0.1, graph=True)
+    assert seen[-1] == ("cudagraph", 100, "all") and m.timer == "triton.testing.do_bench_cudagraph"
+
+
 def test_cuda_graph_needs_cuda():
     if torch.cuda.is_available():
         pytest.skip("this checks the message on machines without CUDA")

@@ -278,8 +278,9 @@ def test_torchcompile_and_channels_last_reach_the_config():
     from vit_kernels.commands import bench
     parser, _ = cli.build_parser()
     cfg, _ = bench.make_config(parser.parse_args(["bench", "--device", "cpu", "--providers", "sdpa", "--torchcompile",
-                                                  "--torchcompile-mode", "max-autotune", "--channels-last"]))
-    assert cfg.providers == ["sdpa", "compile"] and cfg.compile_backend == "inductor"
+                                                  "--torchcompile-mode", "max-autotune", "--channels-last",
+                                                  "--opt", "adamw"]))
+    assert cfg.providers == ["sdpa", "compile"] and cfg.compile_backend == "inductor" and cfg.opt == "adamw"
     assert cfg.compile_mode == "max-autotune" and cfg.channels_last
     cfg, _ = bench.make_config(parser.parse_args(["bench", "--device", "cpu", "--torchcompile", "eager"]))
     assert "compile" in cfg.providers and cfg.compile_backend == "eager"

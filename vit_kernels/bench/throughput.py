@@ -44,6 +44,7 @@ PROVIDERS = {
 FUSED = ("triton", "cuda", "tuned")
 FUSED_BACKEND = {"triton": "triton", "cuda": "cuda", "tuned": "auto"}
 MODES = ("inference", "train")
+OPTIMIZERS = ("sgd", "adamw")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -66,6 +67,7 @@ class BenchConfig:
     compile_mode: str = "default"
     compile_backend: str = "inductor"
     channels_last: bool = False
+    opt: str = "sgd"              # the train step's optimizer: "sgd" (timm's default, nesterov) or "adamw"
     cuda_graphs: bool = False
     peak: Optional[Peak] = None  # the GPU whose roofline bounds are reported
 
@@ -86,6 +88,8 @@ def check_config(cfg: BenchConfig) -> None:
         raise ValueError(f"batch_size: expected >= 1, got {cfg.batch_size}")
     if cfg.repeats < 1 or cfg.warmup < 1:
         raise ValueError(f"repeats/warmup: expected >= 1, got repeats={cfg.repeats}, warmup={cfg.warmup}")
+    if cfg.opt not in OPTIMIZERS:
+        raise ValueError(f"opt: expected one of {OPTIMIZERS}, got {cfg.opt!r}")
     if not cfg.target_spread > 0:
         raise ValueError(f"target_spread: expected a fraction > 0, got {cfg.target_spread}")
     for m in cfg.models:
@@ -208,7 +212,10 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
     if mode == "train":  # the number of classes, from the model before it is compiled
         n_cls = bmodels.logits(_probe_out(model, images[:1], attn_ctx, amp)).shape[-1]
         labels = torch.randint(0, n_cls, (cfg.batch_size,), device=device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        if cfg.opt == "sgd":   # timm benchmark.py's default: create_optimizer_v2(opt="sgd", lr=1e-4)
+            opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, nesterov=True)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         model.train()
     if provider == "compile":
         model = torch.compile(model, backend=cfg.compile_backend,

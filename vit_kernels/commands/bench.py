@@ -75,6 +75,8 @@ def add_parser(sub) -> None:
     p.add_argument("--bench", dest="bench_mode", choices=sorted(BENCH_MODES), default=None,
                    help="as timm: inference, train or both (default: both on a GPU, inference on a CPU)")
     p.add_argument("--mode", default=None, help="older spelling of --bench: comma list of inference,train")
+    p.add_argument("--opt", choices=tp.OPTIMIZERS, default="sgd", help="as timm: the train step's optimizer "
+                   "(default sgd: SGD with Nesterov momentum 0.9, lr 1e-4, as timm's benchmark; adamw: AdamW lr 1e-5)")
     p.add_argument("--channels-last", action="store_true", help="as timm: channels_last memory layout for the "
                    "model and the images")
     p.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
@@ -157,7 +159,7 @@ def make_config(args) -> tuple:
         modes=[m.strip() for m in get("mode").split(",") if m.strip()], img_size=args.img_size, depth=args.depth,
         warmup=get("warmup"), repeats=get("repeats"), target_spread=args.target_spread, max_time_s=args.max_time,
         compile_mode=args.compile_mode, compile_backend=args.torchcompile or "inductor",
-        channels_last=args.channels_last, cuda_graphs=args.cuda_graphs, peak=peak)
+        channels_last=args.channels_last, opt=args.opt, cuda_graphs=args.cuda_graphs, peak=peak)
     if args.cuda_graphs and device.type != "cuda":
         notes.append("--cuda-graphs: CUDA graphs need a CUDA GPU; those rows are not measured")
     try:
