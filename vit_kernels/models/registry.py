@@ -195,9 +195,10 @@ def hf_config(name: str):
         cached = _hf_cached_config(name)
         if cached is None:
             raise ModelNameError(
-                f"model: hf:{name} needs the network (it is neither a known name ({', '.join(HF_NAMES)}) nor a local "
-                f"config.json or folder, nor in the local Hugging Face cache); nothing is downloaded: fetch it "
-                f"once (huggingface-cli download {name} config.json) or pass a local folder")
+                f"model: hf:{name} needs the network (not one of the {len(HF_NAMES)} known names such as "
+                f"{next(iter(HF_NAMES))}, not a local config.json or folder, not in the local Hugging Face cache); "
+                f"nothing is downloaded: fetch it once (huggingface-cli download {name} config.json) or pass a "
+                f"local folder")
         path = cached
     try:
         with open(path) as f:
