@@ -10,7 +10,8 @@ import torch
 from vit_kernels import cli
 from vit_kernels.bench import report
 
-TINY = ["--depth", "1", "--img-size", "32", "--batch-size", "2", "--warmup", "1", "--repeats", "2", "--no-progress"]
+TINY = ["--depth", "1", "--img-size", "32", "--batch-size", "2", "--warmup", "1", "--repeats", "2", "--max-time", "0.2",
+        "--no-progress"]
 GPU = torch.cuda.is_available()
 
 
@@ -40,7 +41,7 @@ def test_bench_cpu_defaults_measure_torch_and_mark_fused_not_measured(tmp_path, 
 
 
 def test_bench_other_families_and_training(tmp_path):
-    common = ["--img-size", "32", "--batch-size", "2", "--warmup", "1", "--repeats", "1", "--no-progress",
+    common = ["--img-size", "32", "--batch-size", "2", "--warmup", "1", "--repeats", "1", "--max-time", "0.2", "--no-progress",
               "--providers", "sdpa,triton", "--no-plot"]
     assert cli.main(["bench", "timm:vit_tiny_patch16_224", "hf:vit_tiny_patch16_224", "--depth", "1", *common,
                      "--mode", "inference,train", "--out", str(tmp_path / "a")]) == 0
