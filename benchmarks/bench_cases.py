@@ -5,9 +5,11 @@ CUDA GPU (ViT-B/16 at batch 256 in bf16; attention up to 4097 tokens). The Trito
 kernels are skipped on the CPU with the reason (their interpreter and emulator are not
 timings); a fused case whose ops ran torch is skipped too, never reported as a fused timing.
 
-pytest-benchmark times with the host clock, so on a GPU every call is followed by
-torch.cuda.synchronize() (the time includes the launch). The CLI (``python -m vit_kernels
-bench``) times with CUDA events instead.
+A thin layer over the harness (vit_kernels.bench: the same cases, builders and providers as the
+CLI); only the clock differs: pytest-benchmark times with the host clock, so on a GPU every call
+is followed by torch.cuda.synchronize() (the time includes the launch), while the CLI
+(``python -m vit_kernels bench``) times with triton.testing.do_bench (CUDA events, L2 flushed) and
+torch.utils.benchmark on the CPU.
 """
 import os
 from types import SimpleNamespace

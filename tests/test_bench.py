@@ -30,69 +30,72 @@ def test_summarize_median_and_spread():
         timer.percentile([1.0], 101)
 
 
-class FakeClock:
-    def __init__(self):
-        self.t = 0.0
+class FakeSampler:
+    """Stands in for the library timer: each round returns the next list of per-call ms."""
 
-    def __call__(self):
-        return self.t
+    def __init__(self, *rounds):
+        self.rounds, self.calls = list(rounds), 0
+
+    def __call__(self, fn, budget_s):
+        self.calls += 1
+        return self.rounds.pop(0) if len(self.rounds) > 1 else self.rounds[0]
 
 
-def test_wall_timer_measures_calls_and_inner():
-    clock = FakeClock()
+def test_measure_rounds_until_the_target_spread_or_the_time_limit():
     calls = []
-
-    def fn():  # each call "takes" 2 ms
-        calls.append(1)
-        clock.t += 0.002
-
-    m = timer.measure(fn, device=CPU, warmup=3, repeats=4, timer=timer.WallTimer(clock))
-    assert m.inner == 1 and m.times_ms == pytest.approx([2.0] * 4)
-    assert len(calls) == 3 + 4
-    calls.clear()
-    m = timer.measure(fn, device=CPU, warmup=0, repeats=2, min_repeat_ms=9.0, timer=timer.WallTimer(clock))
-    assert m.inner == 5  # ceil(9 / 2)
-    assert m.times_ms == pytest.approx([2.0, 2.0])  # per call, not per repeat
-    assert len(calls) == 1 + 2 * 5  # one probe call, then the repeats
+    quiet = FakeSampler([5.0, 9.0, 1.0], [5.0] * 20)  # a noisy first round, then quiet ones
+    m = timer.measure(lambda: calls.append(1), device=CPU, warmup=3, repeats=4, target_spread=0.05,
+                      sampler=quiet)
+    assert len(calls) == 3 and quiet.calls == 2 and m.precise and m.stats.median == 5.0 and m.rounds == 2
+    noisy = FakeSampler([1.0, 10.0, 5.0, 20.0])
+    m = timer.measure(lambda: None, device=CPU, warmup=0, repeats=4, target_spread=0.05, max_time_s=0.0,
+                      sampler=noisy)
+    assert noisy.calls == 1 and not m.precise and m.stats.spread > 0.05   # stopped by the time limit, said so
     with pytest.raises(ValueError, match="repeats"):
-        timer.measure(fn, device=CPU, repeats=0)
+        timer.measure(lambda: None, device=CPU, repeats=0)
+    with pytest.raises(ValueError, match="target_spread"):
+        timer.measure(lambda: None, device=CPU, target_spread=0)
 
 
-class FakeEvent:
-    """Stands in for torch.cuda.Event: record() stamps the fake device clock."""
-
-    def __init__(self, log, clock):
-        self.log, self.clock, self.t = log, clock, None
-
-    def record(self):
-        self.t = self.clock.t
-        self.log.append("record")
-
-    def elapsed_time(self, end):
-        assert self.log[-1] == "sync", "events read before the final synchronize"
-        return (end.t - self.t) * 1e3
+def test_measure_uses_the_library_timer_on_the_cpu():
+    m = timer.measure(lambda: sum(range(100)), device=CPU, warmup=1, repeats=3, max_time_s=0.2, round_s=0.01)
+    assert m.timer == "torch.utils.benchmark blocked_autorange" and len(m.times_ms) >= 3
+    assert all(t > 0 for t in m.times_ms)
 
 
-def test_event_timer_records_around_repeats_and_syncs_once_before_reading():
-    log, clock = [], FakeClock()
-    et = timer.EventTimer(event_factory=lambda: FakeEvent(log, clock), synchronize=lambda: log.append("sync"))
-
-    def fn():
-        log.append("fn")
-        clock.t += 0.001
-
-    m = timer.measure(fn, device=CUDA, warmup=2, repeats=3, timer=et, before_repeat=lambda: log.append("flush"))
-    assert m.times_ms == pytest.approx([1.0] * 3)
-    # warm-up, a sync so earlier work does not leak in, then flush (untimed) + record/fn/record per repeat,
-    # then one sync before the events are read
-    assert log == (["fn", "fn", "sync"] + ["flush", "record", "fn", "record"] * 3 + ["sync"])
+def test_gpu_timing_goes_through_triton_do_bench(monkeypatch):
+    """On a CUDA device measure() asks triton.testing.do_bench (or do_bench_cudagraph) for every
+    sample (return_mode="all"), with the round's time budget in ms; checked here with stand-ins."""
+    triton_testing = pytest.importorskip("triton.testing")
+    seen = []
+    monkeypatch.setattr(triton_testing, "do_bench", lambda fn, warmup, rep, return_mode:
+                        seen.append(("do_bench", rep, return_mode)) or [2.0] * 10)
+    monkeypatch.setattr(triton_testing, "do_bench_cudagraph", lambda fn, rep, return_mode:
+                        seen.append(("cudagraph", rep, return_mode)) or [1.0] * 10)
+    m = timer.measure(lambda: None, device=CUDA, warmup=0, repeats=5, round_s=0.1)
+    assert seen == [("do_bench", 100, "all")] and m.timer == "triton.testing.do_bench" and m.stats.median == 2.0
+    m = timer.measure(lambda: None, device=CUDA, warmup=0, repeats=5, round_s=0.1, graph=True)
+    assert seen[-1] == ("cudagraph", 100, "all") and m.timer == "triton.testing.do_bench_cudagraph"
 
 
 def test_cuda_graph_needs_cuda():
     if torch.cuda.is_available():
         pytest.skip("this checks the message on machines without CUDA")
     with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
-        timer.cuda_graph(lambda: None)
+        timer.measure(lambda: None, device=CPU, graph=True)
+
+
+def _st(median, p20, p80):
+    return timer.Stats(median, p20, p80, p20, p80, median, 0.0, 10)
+
+
+def test_rank_only_when_the_providers_can_be_told_apart():
+    ranks, bad = timer.rank([("a", _st(2.0, 1.98, 2.02)), ("b", _st(1.0, 0.99, 1.01))])
+    assert ranks == {"b": 1, "a": 2} and bad == []
+    ranks, bad = timer.rank([("a", _st(2.0, 1.9, 2.1)), ("b", _st(1.95, 1.85, 2.05))])
+    assert ranks == {} and bad == [("b", "a")]                     # overlapping p20-p80
+    ranks, bad = timer.rank([("a", _st(2.0, 1.0, 3.5)), ("b", _st(9.0, 8.9, 9.1))])
+    assert ranks == {} and ("a", "a") in bad                        # one too noisy to rank
 
 
 # ---------------------------------------------------------------- peaks
@@ -171,12 +174,13 @@ def test_cases_add_graph_variants_except_for_compile():
 
 
 def test_speedup_is_over_eager_in_the_same_model_and_mode():
-    rows = [{"model": "m", "mode": "inference", "provider": "eager", "ms": 10.0},
-            {"model": "m", "mode": "inference", "provider": "sdpa", "ms": 4.0},
-            {"model": "m", "mode": "train", "provider": "sdpa", "ms": 4.0},
+    rows = [{"model": "m", "mode": "inference", "provider": "eager", "ms": 10.0, "ms_p20": 9.0, "ms_p80": 11.0},
+            {"model": "m", "mode": "inference", "provider": "sdpa", "ms": 4.0, "ms_p20": 3.0, "ms_p80": 5.0},
+            {"model": "m", "mode": "train", "provider": "sdpa", "ms": 4.0, "ms_p20": 3.0, "ms_p80": 5.0},
             {"model": "m", "mode": "inference", "provider": "triton", "status": "not measured"}]
     tp.add_speedups(rows)
-    assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] == 2.5
+    assert rows[0]["speedup"] == 1.0 and "speedup_p20" not in rows[0] and rows[1]["speedup"] == 2.5
+    assert rows[1]["speedup_p20"] == pytest.approx(9 / 5) and rows[1]["speedup_p80"] == pytest.approx(11 / 3)
     assert "speedup" not in rows[2] and "speedup" not in rows[3]
 
 
@@ -239,7 +243,10 @@ def test_table_csv_json(tmp_path):
 
 def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib")
-    report.plot_bars(tmp_path / "b.png", ["m\ninference"], {"eager": [3.0], "triton": [None]}, "img/s", "t")
+    rows = [{"label": "m depth 2, 32 px, batch 2", "mode": "inference", "provider": "eager", "img_per_s": 3.0,
+             "img_per_s_p20": 2.5, "img_per_s_p80": 3.2, "speedup": 1.0},
+            {"label": "m depth 2, 32 px, batch 2", "mode": "inference", "provider": "triton"}]
+    report.plot_bench(tmp_path / "b.png", rows, "t")
     report.plot_lines(tmp_path / "l.png", [50, 197], {"sdpa": [1.0, 2.0], "vk": [None, None]}, "tokens",
                       "TFLOP/s", "t", hline=5.0, hline_label="peak")
     assert (tmp_path / "b.png").stat().st_size > 1000 and (tmp_path / "l.png").stat().st_size > 1000
@@ -251,7 +258,8 @@ def test_model_names_and_shapes_agree_across_families():
     """ViT-B/16 from each library is the same shape to the cost model."""
     with torch.device("meta"):
         ms = {spec: bmodels.build(spec) for spec in ("vit_base_patch16_224", "timm:vit_base_patch16_224",
-                                                     "torchvision:vit_b_16", "hf:vit_base_patch16_224")}
+                                                     "torchvision:vit_b_16", "hf:vit_base_patch16_224",
+                                                     "vit_pytorch:vit_base_patch16_224")}
     shapes = {k: bmodels.shape_of(m, 8, torch.bfloat16) for k, m in ms.items()}
     ref = shapes["vit_base_patch16_224"]
     assert (ref.tokens, ref.dim, ref.heads, ref.hidden, ref.depth, ref.elem) == (197, 768, 12, 3072, 12, 2)
@@ -260,8 +268,7 @@ def test_model_names_and_shapes_agree_across_families():
             (197, 768, 12, 3072, 12, 16, 1000), k
     with pytest.raises(ValueError, match="model"):
         bmodels.parse("vit_gigantic_patch16_224")
-    with pytest.raises(ValueError, match="depth"):
-        bmodels.build("torchvision:vit_b_16", depth=2)
+    assert bmodels.depth_of(bmodels.build("torchvision:vit_b_16", depth=2, img_size=32)) == 2
 
 
 def test_eager_attention_switch():

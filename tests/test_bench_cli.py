@@ -10,7 +10,8 @@ import torch
 from vit_kernels import cli
 from vit_kernels.bench import report
 
-TINY = ["--depth", "1", "--img-size", "32", "--batch-size", "2", "--warmup", "1", "--repeats", "2", "--no-progress"]
+TINY = ["--depth", "1", "--img-size", "32", "--batch-size", "2", "--warmup", "1", "--repeats", "2", "--max-time", "0.2",
+        "--no-progress"]
 GPU = torch.cuda.is_available()
 
 
@@ -40,7 +41,7 @@ def test_bench_cpu_defaults_measure_torch_and_mark_fused_not_measured(tmp_path, 
 
 
 def test_bench_other_families_and_training(tmp_path):
-    common = ["--img-size", "32", "--batch-size", "2", "--warmup", "1", "--repeats", "1", "--no-progress",
+    common = ["--img-size", "32", "--batch-size", "2", "--warmup", "1", "--repeats", "1", "--max-time", "0.2", "--no-progress",
               "--providers", "sdpa,triton", "--no-plot"]
     assert cli.main(["bench", "timm:vit_tiny_patch16_224", "hf:vit_tiny_patch16_224", "--depth", "1", *common,
                      "--mode", "inference,train", "--out", str(tmp_path / "a")]) == 0
@@ -91,7 +92,7 @@ def test_argument_errors_name_the_argument(argv, match, tmp_path, capsys):
 @pytest.mark.skipif(GPU, reason="checks the CPU behaviour")
 def test_profile_attention_small(tmp_path, capsys):
     assert cli.main(["profile-attention", "--img-size", "32,64", "--heads", "2", "--head-dim", "32", "--warmup", "1",
-                     "--repeats", "2", "--min-repeat-ms", "0", "--breakdown-dim", "64", "--breakdown-tokens", "17",
+                     "--repeats", "2", "--max-time", "0.1", "--breakdown-dim", "64", "--breakdown-tokens", "17",
                      "--no-progress", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     rows = _rows(tmp_path / "attention.csv")
@@ -134,3 +135,153 @@ def test_bench_and_profile_on_a_gpu(tmp_path):
     arows = {r["provider"]: r for r in _rows(tmp_path / "attention.csv")}
     assert arows["sdpa:flash"]["status"] == "ok" and float(arows["sdpa:flash"]["mem_mib"]) >= 0
     assert (arows["sdpa:flash"]["pct_peak_flops"] != "") == known
+
+
+# ---------------------------------------------------------------- timm's flags and fields, noise, registry
+
+# timm benchmark.py's CSV header for --bench inference (its write_results of benchmark()'s dict:
+# model, infer_samples_per_sec, infer_step_time, infer_batch_size, infer_img_size, infer_gmacs,
+# infer_macts, param_count), without infer_macts (fvcore's activation count, not computed here)
+TIMM_INFER_HEADER = ["model", "infer_samples_per_sec", "infer_step_time", "infer_batch_size", "infer_img_size",
+                     "infer_gmacs", "param_count"]
+
+
+def test_bench_takes_timm_flags_and_writes_timm_fields(tmp_path, capsys):
+    results = tmp_path / "timm.csv"
+    assert cli.main(["bench", "-m", "timm:vit_tiny_patch16_224", "-b", "2", "--img-size", "32", "--depth", "2",
+                     "--precision", "float32", "--bench", "inference", "--channels-last", "--num-warm-iter", "1",
+                     "--num-bench-iter", "2", "--max-time", "0.2", "--providers", "sdpa,triton", "--no-plot",
+                     "--no-progress", "--results-file", str(results), "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    with open(results) as f:
+        header = next(csv.reader(f))
+    assert header[:len(TIMM_INFER_HEADER)] == TIMM_INFER_HEADER
+    assert (tmp_path / "o" / "results.csv").read_text() == results.read_text()
+    rows = {r["provider"]: r for r in _rows(results)}
+    sdpa = rows["sdpa"]
+    assert sdpa["model"] == "timm:vit_tiny_patch16_224" and sdpa["depth"] == "2"
+    assert (sdpa["infer_batch_size"], sdpa["infer_img_size"]) == ("2", "32")
+    assert float(sdpa["infer_samples_per_sec"]) == pytest.approx(2e3 / float(sdpa["infer_step_time"]), rel=1e-2)
+    assert float(sdpa["infer_step_time_p20"]) <= float(sdpa["infer_step_time"]) <= float(sdpa["infer_step_time_p80"])
+    # timm's vit_tiny_patch16_224 at depth 2 has 1.23 M parameters (param_count is in millions, as in timm)
+    import timm
+    n = sum(p.numel() for p in timm.create_model("vit_tiny_patch16_224", depth=2, img_size=32).parameters())
+    assert float(sdpa["param_count"]) == round(n / 1e6, 2)
+    assert float(sdpa["infer_gflops"]) == pytest.approx(2 * float(sdpa["infer_gmacs"]), abs=0.011)
+    assert rows["triton"]["infer_status"] == "not measured" and rows["triton"]["infer_samples_per_sec"] == ""
+    # the depth is in every label: the table and the notes
+    assert "timm:vit_tiny_patch16_224 depth 2, 32 px, batch 2" in out
+    assert "CPU timings are a smoke test" in out and out.count("smoke test") == 1
+
+
+def test_timm_gmacs_of_vit_base_match_timm_published_figure(capsys):
+    """timm's results tables give vit_base_patch16_224 17.58 GMACs at 224 px (fvcore); ours count the
+    same matmuls, convolution and attention products."""
+    assert cli.main(["bench", "-m", "timm:vit_base_patch16_224", "-b", "1", "--cost-only", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    gmacs = float(out.split(" GMACs per image")[0].split()[-1])
+    assert gmacs == pytest.approx(17.58, rel=0.01)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--bench", "train", "--mode", "inference"], "bench"),
+    (["--precision", "float16", "--dtype", "bf16"], "dtype"),
+    (["--amp", "--precision", "bfloat16"], "precision"),
+    (["--target-spread", "0"], "target_spread"),
+])
+def test_bench_conflicting_flags_are_refused(argv, match, capsys):
+    assert cli.main(["bench", *argv, "--cost-only", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {match}" in err and err.count("\n") == 1
+
+
+def test_timm_precision_maps_to_dtype_and_autocast():
+    from vit_kernels.commands import bench
+    parser, _ = cli.build_parser()
+    for argv, want in ((["--precision", "amp"], ("fp16", "autocast")), (["--amp", "--amp-dtype", "bfloat16"],
+                       ("bf16", "autocast")), (["--precision", "bfloat16"], ("bf16", "pure")),
+                       (["--dtype", "fp16", "--precision", "autocast"], ("fp16", "autocast")), ([], ("fp32", "pure"))):
+        assert bench.precision_of(parser.parse_args(["bench", *argv]), "fp32") == want, argv
+
+
+def test_noisy_timings_warn_and_claim_no_ranks(tmp_path):
+    """With a fake timer whose samples spread +-50%, the providers are not ranked and a warning says so;
+    with a quiet one they are ranked by median."""
+    from vit_kernels.bench import throughput as tp
+    cfg = tp.BenchConfig(models=["vit_tiny_patch16_224"], providers=["eager", "sdpa"], device=torch.device("cpu"),
+                         batch_size=1, img_size=32, depth=1, warmup=1, repeats=3, max_time_s=0.0)
+    noisy = lambda fn, s: [1.0, 2.0, 3.0, 1.5, 2.5]  # noqa: E731
+    rows = tp.run(cfg, sampler=noisy)
+    warnings = tp.add_ranks(rows)
+    assert len(warnings) == 1 and "too wide to rank" in warnings[0] and "depth 1" in warnings[0]
+    assert all("rank" not in r for r in rows)
+    assert all("target spread" in r["note"] for r in rows)
+    quiet = iter([[4.0] * 5, [2.0] * 5])   # eager 4 ms, then sdpa 2 ms
+    rows = tp.run(cfg, sampler=lambda fn, s: next(quiet))
+    assert tp.add_ranks(rows) == [] and [r["rank"] for r in rows] == [2, 1]
+
+
+REGISTRY_NAMES = ["vit_tiny_patch16_224", "vit_kernels:vit_tiny_patch16_224", "timm:vit_tiny_patch16_224",
+                  "torchvision:vit_b_16", "hf:vit_tiny_patch16_224", "vit_pytorch:vit_tiny_patch16_224"]
+
+
+@pytest.mark.parametrize("name", REGISTRY_NAMES)
+def test_every_command_accepts_the_registry_names(name, tmp_path, capsys):
+    """bench, verify and profile-attention take the same names (one registry)."""
+    assert cli.main(["bench", name, "--depth", "1", "--img-size", "32", "-b", "1", "--providers", "sdpa",
+                     "--num-warm-iter", "1", "--num-bench-iter", "1", "--max-time", "0", "--no-plot",
+                     "--no-progress", "--out", str(tmp_path)]) == 0
+    assert _rows(tmp_path / "results.csv")[0]["depth"] == "1"
+    assert cli.main(["verify", name, "--depth", "1", "--img-size", "32", "--backend", "torch"]) == 0
+    assert cli.main(["profile-attention", "--model", name, "--providers", "eager", "--warmup", "1", "--repeats", "1",
+                     "--max-time", "0", "--no-breakdown", "--no-plot", "--no-progress", "--out", str(tmp_path)]) == 0
+
+
+def test_hf_name_that_needs_the_network_says_so_in_one_line(capsys):
+    import time
+    t0 = time.perf_counter()
+    for cmd in (["bench", "hf:someone/not-cached-vit", "--cost-only"], ["verify", "hf:someone/not-cached-vit"]):
+        assert cli.main(cmd) == 2
+        err = capsys.readouterr().err
+        assert "hf:someone/not-cached-vit needs the network" in err and err.count("\n") == 1
+    assert time.perf_counter() - t0 < 10
+
+
+def test_profile_attention_takes_its_shapes_from_a_registry_name(tmp_path, capsys):
+    assert cli.main(["profile-attention", "--model", "timm:vit_tiny_patch16_224", "--providers", "eager",
+                     "--warmup", "1", "--repeats", "2", "--max-time", "0.1", "--no-breakdown", "--no-plot",
+                     "--no-progress", "--out", str(tmp_path)]) == 0
+    assert "3 heads of 64, 197 tokens, width 192" in capsys.readouterr().out
+    rows = _rows(tmp_path / "attention.csv")
+    assert [(r["tokens"], r["head_dim"]) for r in rows] == [("197", "64")]
+
+
+TIMM_BOTH_HEADER = ["model", "infer_samples_per_sec", "infer_step_time", "infer_batch_size", "infer_img_size",
+                    "infer_gmacs", "train_samples_per_sec", "train_step_time", "train_batch_size", "train_img_size",
+                    "param_count"]
+
+
+def test_bench_both_writes_timm_train_fields_and_json(tmp_path):
+    results = tmp_path / "timm.json"
+    assert cli.main(["bench", "--model", "vit_tiny_patch16_224", "--depth", "1", "--img-size", "32", "-b", "2",
+                     "--bench", "both", "--providers", "sdpa", "--num-warm-iter", "1", "--num-bench-iter", "2",
+                     "--max-time", "0.1", "--no-plot", "--no-progress", "--results-file", str(results),
+                     "--results-format", "json", "--out", str(tmp_path / "o")]) == 0
+    with open(tmp_path / "o" / "results.csv") as f:
+        header = next(csv.reader(f))
+    assert [h for h in header if h in TIMM_BOTH_HEADER] == TIMM_BOTH_HEADER and header[:11] == TIMM_BOTH_HEADER
+    (row,) = json.loads(results.read_text())
+    assert row["model"] == "vit_tiny_patch16_224" and row["depth"] == 1 and row["provider"] == "sdpa"
+    assert row["train_samples_per_sec"] > 0 and row["train_batch_size"] == 2 and row["infer_step_time"] > 0
+
+
+def test_torchcompile_and_channels_last_reach_the_config():
+    from vit_kernels.commands import bench
+    parser, _ = cli.build_parser()
+    cfg, _ = bench.make_config(parser.parse_args(["bench", "--device", "cpu", "--providers", "sdpa", "--torchcompile",
+                                                  "--torchcompile-mode", "max-autotune", "--channels-last",
+                                                  "--opt", "adamw"]))
+    assert cfg.providers == ["sdpa", "compile"] and cfg.compile_backend == "inductor" and cfg.opt == "adamw"
+    assert cfg.compile_mode == "max-autotune" and cfg.channels_last
+    cfg, _ = bench.make_config(parser.parse_args(["bench", "--device", "cpu", "--torchcompile", "eager"]))
+    assert "compile" in cfg.providers and cfg.compile_backend == "eager"

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .cost import attention_cost, dtype_bytes, qkv_attention_cost
 from .peaks import Peak
-from .timer import L2Flush, measure
+from .timer import measure
 
 PROVIDERS = {
     "vk_flash:triton": "vit_kernels.flash_attention, backend='triton'",
@@ -143,9 +143,8 @@ class AttnConfig:
     device: torch.device
     warmup: int = 10
     repeats: int = 30
-    min_repeat_ms: float = 1.0
     peak: Optional[Peak] = None
-    flush_l2: bool = True
+    max_time_s: Optional[float] = None  # per case; None: the timer's default (3 s GPU, 1 s CPU)
 
 
 def _free(device):
@@ -201,12 +200,10 @@ def run_case(provider: str, c: AttnCase, cfg: AttnConfig) -> Dict:
             row.update(status="fallback", note=f"FALLBACK {op} ran {d.backend}: " + "; ".join(d.reasons.values()))
         elif d.path:
             row["note"] = f"path={d.path}"
-    flush = L2Flush(device) if (cfg.flush_l2 and device.type == "cuda") else None
-    m = measure(fn, device=device, warmup=max(0, cfg.warmup - 1), repeats=cfg.repeats,
-                min_repeat_ms=cfg.min_repeat_ms, before_repeat=flush)
+    m = measure(fn, device=device, warmup=max(0, cfg.warmup - 1), repeats=cfg.repeats, max_time_s=cfg.max_time_s)
     st = m.stats
     f, nb = flops(provider, c), min_bytes(provider, c)
-    row.update(ms=st.median, ms_p20=st.p20, ms_p80=st.p80, spread_pct=100 * st.spread, repeats=st.n, inner=m.inner,
+    row.update(ms=st.median, ms_p20=st.p20, ms_p80=st.p80, spread_pct=100 * st.spread, repeats=st.n,
                gflop=f / 1e9, tflops=f / (st.median * 1e-3) / 1e12, gbs=nb / (st.median * 1e-3) / 1e9)
     add_peak_columns(row, c.dtype, cfg.peak, measured_on_gpu=device.type == "cuda")
     return row

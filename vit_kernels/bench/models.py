@@ -1,10 +1,6 @@
-"""Models by name for the benchmarks, and the shapes the cost model needs from them.
-
-Names: a reference config (``vit_base_patch16_224``, or ``vit_kernels:vit_base_patch16_224``),
-``timm:<name>`` (timm.create_model, random weights), ``torchvision:<name>``
-(torchvision.models.get_model, weights=None), ``hf:<name>`` (transformers' ViT with random
-weights: ``hf:vit_base_patch16_224``-style names build a ViTConfig from the reference table; any
-other name is read with AutoConfig.from_pretrained, which needs the hub or its local cache).
+"""Models for the benchmarks: the names and the builder are the model registry's
+(:mod:`vit_kernels.models.registry`, re-exported here as ``parse`` and ``build``); this module
+adds what the benchmarks need from a built model (input size, logits, the cost model's shape).
 
 Attention implementation: ``attention="eager"`` makes attention separate matmul, softmax and
 matmul ops (timm ``fused_attn=False``, transformers ``attn_implementation="eager"``; for the
@@ -22,96 +18,7 @@ from torch import nn
 
 from .cost import ViTShape
 
-FAMILIES = ("vit_kernels", "timm", "torchvision", "hf")
-
-
-def parse(spec: str) -> Tuple[str, str]:
-    """'timm:vit_base_patch16_224' -> ('timm', 'vit_base_patch16_224'); a bare name is a
-    reference config."""
-    family, sep, name = spec.partition(":")
-    if not sep:
-        family, name = "vit_kernels", spec
-    if family not in FAMILIES or not name:
-        raise ValueError(f"model: expected a reference name (e.g. vit_base_patch16_224) or "
-                         f"<family>:<name> with family in {FAMILIES}, got {spec!r}")
-    if family == "vit_kernels":
-        try:  # validate the name without building the model
-            _reference_cfg(name)
-        except ValueError as e:
-            raise ValueError(f"model: {e}") from None
-    return family, name
-
-
-def _reference_cfg(name: str) -> dict:
-    from ..models.vit import SIZES
-    parts = name.split("_")
-    ok = (len(parts) == 4 and parts[0] == "vit" and parts[1] in SIZES and parts[2].startswith("patch")
-          and parts[2][5:].isdigit() and parts[3].isdigit())
-    if not ok:
-        raise ValueError(f"expected 'vit_<size>_patch<p>_<img>' with size in {tuple(SIZES)}, got {name!r}")
-    dim, depth, heads, hidden = SIZES[parts[1]]
-    return dict(embed_dim=dim, depth=depth, num_heads=heads, hidden=hidden, patch_size=int(parts[2][5:]),
-                img_size=int(parts[3]))
-
-
-def build(spec: str, *, img_size: Optional[int] = None, depth: Optional[int] = None,
-          attention: str = "sdpa") -> nn.Module:
-    """Build the named model (random weights, eval mode) with the given attention implementation."""
-    if attention not in ("eager", "sdpa"):
-        raise ValueError(f"attention: expected 'eager' or 'sdpa', got {attention!r}")
-    family, name = parse(spec)
-    if family == "vit_kernels":
-        from ..models import create_model
-        kw = {}
-        if img_size is not None:
-            kw["img_size"] = img_size
-        if depth is not None:
-            kw["depth"] = depth
-        return create_model(name, backend="torch", **kw).eval()
-    if family == "timm":
-        try:
-            import timm
-        except ImportError:
-            raise RuntimeError("model: timm is not installed (pip install timm)") from None
-        kw = {}
-        if img_size is not None:
-            kw["img_size"] = img_size
-        if depth is not None:
-            kw["depth"] = depth
-        model = timm.create_model(name, pretrained=False, **kw)
-        if attention == "eager":
-            for m in model.modules():
-                if hasattr(m, "fused_attn"):
-                    m.fused_attn = False
-        return model.eval()
-    if family == "torchvision":
-        try:
-            import torchvision
-        except ImportError:
-            raise RuntimeError("model: torchvision is not installed (pip install torchvision)") from None
-        if depth is not None:
-            raise ValueError("depth: torchvision's model builders fix the depth; --depth works with "
-                             "reference, timm: and hf: models")
-        kw = {"image_size": img_size} if img_size is not None else {}
-        return torchvision.models.get_model(name, weights=None, **kw).eval()
-    try:
-        import transformers
-    except ImportError:
-        raise RuntimeError("model: transformers is not installed (pip install transformers)") from None
-    try:
-        cfg = _reference_cfg(name)
-    except ValueError:
-        config = transformers.AutoConfig.from_pretrained(name)
-    else:
-        config = transformers.ViTConfig(hidden_size=cfg["embed_dim"], num_hidden_layers=cfg["depth"],
-                                        num_attention_heads=cfg["num_heads"], intermediate_size=cfg["hidden"],
-                                        patch_size=cfg["patch_size"], image_size=cfg["img_size"],
-                                        num_labels=1000)
-    if img_size is not None:
-        config.image_size = img_size
-    if depth is not None:
-        config.num_hidden_layers = depth
-    return transformers.AutoModelForImageClassification.from_config(config, attn_implementation=attention).eval()
+from ..models.registry import FAMILIES, ModelNameError, build, parse  # noqa: F401  (re-exported)
 
 
 def attention_context(attention: str):
@@ -145,7 +52,30 @@ def input_size(model: nn.Module) -> Tuple[int, int]:
         return pe.proj.in_channels, pe.img_size[0]
     if hasattr(model, "image_size") and hasattr(model, "conv_proj"):
         return model.conv_proj.in_channels, model.image_size
+    if hasattr(model, "to_patch_embedding") and hasattr(model, "pos_embedding"):  # vit_pytorch
+        p = _vp_patch(model)
+        side = int(round((model.pos_embedding.shape[-2] - 1) ** 0.5)) * p
+        return model.to_patch_embedding[2].in_features // (p * p), side
     return 3, 224
+
+
+def _vp_patch(model) -> int:
+    p = model.patch_size
+    return p[0] if isinstance(p, (tuple, list)) else int(p)
+
+
+def depth_of(model: nn.Module) -> Optional[int]:
+    """The number of transformer blocks (None for a model this does not recognise)."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "num_hidden_layers"):  # transformers
+        return cfg.num_hidden_layers
+    for path in ("blocks", "encoder.layers", "vit.encoder.layer", "encoder.layer", "transformer.layers"):
+        m = model
+        for part in path.split("."):
+            m = getattr(m, part, None)
+        if isinstance(m, (nn.ModuleList, nn.Sequential)):
+            return len(m)
+    return None
 
 
 def shape_of(model: nn.Module, batch: int, dtype: torch.dtype) -> Optional[ViTShape]:
@@ -178,6 +108,11 @@ def shape_of(model: nn.Module, batch: int, dtype: torch.dtype) -> Optional[ViTSh
             return ViTShape(batch, model.seq_length, model.hidden_dim, layer.num_heads, model.mlp_dim,
                             len(model.encoder.layers), elem, model.patch_size, chans, (img, img),
                             head.out_features, True, True, False)
+        if hasattr(model, "to_patch_embedding") and hasattr(model, "transformer"):  # vit_pytorch
+            attn, ff = model.transformer.layers[0]
+            return ViTShape(batch, model.pos_embedding.shape[-2], model.pos_embedding.shape[-1], attn.heads,
+                            ff.net[1].out_features, len(model.transformer.layers), elem, _vp_patch(model), chans,
+                            (img, img), model.mlp_head.out_features, True, attn.to_qkv.bias is not None, False)
         cfg = getattr(model, "config", None)
         if cfg is not None and getattr(cfg, "model_type", "") == "vit":  # transformers
             return ViTShape(batch, (img // cfg.patch_size) ** 2 + 1, cfg.hidden_size, cfg.num_attention_heads,

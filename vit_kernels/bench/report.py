@@ -139,27 +139,41 @@ def _pyplot():
     return plt
 
 
-def plot_bars(path: Path, groups: Sequence[str], series: Dict[str, Sequence[Optional[float]]],
-              ylabel: str, title: str) -> Path:
-    """Grouped bars: one group per configuration, one bar per provider; None bars are marked
-    'not measured'."""
+def plot_bench(path: Path, rows: Sequence[Dict], title: str) -> Path:
+    """Two panels: images/s per provider (bars at the median, error bars p20-p80) and, on its own
+    panel, the speed-up over eager (error bars from the p20-p80 intervals), one group per
+    (model as run: depth, image size, batch; mode). Rows without a timing are marked."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * max(1, len(series)) / 3), 4.5))
-    n = max(1, len(series))
+    def group(r):   # 'model\ndepth 2, 32 px, batch 2\nmode'
+        return r["label"].replace(" depth", "\ndepth", 1) + "\n" + r["mode"]
+    groups = unique(group(r) for r in rows)
+    providers = unique(r["provider"] for r in rows)
+    find = {(group(r), r["provider"]): r for r in rows}
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 3.2 * len(groups) * max(1, len(providers)) / 3), 4.8))
+    n = max(1, len(providers))
     width = 0.8 / n
-    for i, (name, values) in enumerate(series.items()):
-        xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
-        ys = [v if v is not None else 0 for v in values]
-        bars = ax.bar(xs, ys, width, label=name)
-        for b, v in zip(bars, values):
-            if v is None:
-                ax.text(b.get_x() + b.get_width() / 2, 0, "not measured", rotation=90, ha="center",
-                        va="bottom", fontsize=7)
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels(groups, fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    for ax, key, ylabel in ((axes[0], "img_per_s", "images / s (median, p20-p80)"),
+                            (axes[1], "speedup", "speed-up over eager (x)")):
+        for i, p in enumerate(providers):
+            xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
+            rs = [find.get((g, p), {}) for g in groups]
+            ys = [r.get(key) or 0 for r in rs]
+            lo = [max(0.0, (r.get(key) or 0) - (r.get(key + "_p20") or r.get(key) or 0)) for r in rs]
+            hi = [max(0.0, (r.get(key + "_p80") or r.get(key) or 0) - (r.get(key) or 0)) for r in rs]
+            bars = ax.bar(xs, ys, width, label=p, yerr=[lo, hi], capsize=3)
+            for b, r in zip(bars, rs):
+                if r.get(key) is None:
+                    ax.text(b.get_x() + b.get_width() / 2, 0, "not measured", rotation=90, ha="center",
+                            va="bottom", fontsize=7)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups, fontsize=7)
+        ax.set_ylabel(ylabel)
+        if key == "speedup":
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    axes[0].set_title("throughput", fontsize=9)
+    axes[1].set_title("speed-up over eager (same model, mode)", fontsize=9)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
     return _save(plt, fig, path)
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from . import models as bmodels
 from .cost import model_cost, training_flops
 from .peaks import Peak
-from .timer import cuda_graph, measure
+from .timer import NOISY, Stats, measure, rank
 
 PROVIDERS = {
     "eager": "attention as separate matmul/softmax/matmul ops",
@@ -44,6 +44,7 @@ PROVIDERS = {
 FUSED = ("triton", "cuda", "tuned")
 FUSED_BACKEND = {"triton": "triton", "cuda": "cuda", "tuned": "auto"}
 MODES = ("inference", "train")
+OPTIMIZERS = ("sgd", "adamw")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -60,9 +61,13 @@ class BenchConfig:
     img_size: Optional[int] = None
     depth: Optional[int] = None
     warmup: int = 10
-    repeats: int = 30
-    min_repeat_ms: float = 0.0
+    repeats: int = 30             # the fewest timed samples
+    target_spread: float = 0.02   # time until the p20-p80 half-width is within this fraction of the median
+    max_time_s: Optional[float] = None  # ... or this many seconds have passed (None: 3 s GPU, 1 s CPU)
     compile_mode: str = "default"
+    compile_backend: str = "inductor"
+    channels_last: bool = False
+    opt: str = "sgd"              # the train step's optimizer: "sgd" (timm's default, nesterov) or "adamw"
     cuda_graphs: bool = False
     peak: Optional[Peak] = None  # the GPU whose roofline bounds are reported
 
@@ -83,6 +88,10 @@ def check_config(cfg: BenchConfig) -> None:
         raise ValueError(f"batch_size: expected >= 1, got {cfg.batch_size}")
     if cfg.repeats < 1 or cfg.warmup < 1:
         raise ValueError(f"repeats/warmup: expected >= 1, got repeats={cfg.repeats}, warmup={cfg.warmup}")
+    if cfg.opt not in OPTIMIZERS:
+        raise ValueError(f"opt: expected one of {OPTIMIZERS}, got {cfg.opt!r}")
+    if not cfg.target_spread > 0:
+        raise ValueError(f"target_spread: expected a fraction > 0, got {cfg.target_spread}")
     for m in cfg.models:
         bmodels.parse(m)
 
@@ -157,12 +166,17 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
     family, _ = bmodels.parse(spec)
     torch.manual_seed(0)
     model = bmodels.build(spec, img_size=cfg.img_size, depth=cfg.depth,
-                          attention="eager" if provider == "eager" else "sdpa")
+                          attention="eager" if provider == "eager" else "sdpa",
+                          backend="torch" if family == "vit_kernels" else None)
     chans, img = bmodels.input_size(model)
-    row["img_size"] = img
+    img = cfg.img_size or img
+    row.update(img_size=img, depth=bmodels.depth_of(model),
+               param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 2))
     model = model.to(device)
     if cfg.precision == "pure":
         model = model.to(cfg.dtype)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     fuse_note = ""
     if provider in FUSED:
         backend = FUSED_BACKEND[provider]
@@ -186,6 +200,8 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
     shape = bmodels.shape_of(model, cfg.batch_size, cfg.dtype)
     in_dtype = cfg.dtype if cfg.precision == "pure" else torch.float32
     images = torch.randn(cfg.batch_size, chans, img, img, device=device, dtype=in_dtype)
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
 
     def amp():
         if cfg.precision == "autocast":
@@ -196,10 +212,14 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
     if mode == "train":  # the number of classes, from the model before it is compiled
         n_cls = bmodels.logits(_probe_out(model, images[:1], attn_ctx, amp)).shape[-1]
         labels = torch.randint(0, n_cls, (cfg.batch_size,), device=device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        if cfg.opt == "sgd":   # timm benchmark.py's default: create_optimizer_v2(opt="sgd", lr=1e-4)
+            opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, nesterov=True)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         model.train()
     if provider == "compile":
-        model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+        model = torch.compile(model, backend=cfg.compile_backend,
+                              mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
 
     if mode == "inference":
 
@@ -239,27 +259,33 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
     if any(n.startswith("FALLBACK") for n in notes):
         row["status"] = "fallback"
     row["note"] = "; ".join(notes)
-    return row, (cuda_graph(step) if graphs else step), shape
+    return row, step, shape
 
 
-def run_case(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool = False) -> Dict:
-    """Build, warm up and time one (model, provider, mode). Returns a result row."""
+def run_case(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool = False, sampler=None) -> Dict:
+    """Build, warm up and time one (model, provider, mode). Returns a result row. sampler: see
+    timer.measure (a fake one in tests)."""
     row, fn, shape = prepare(spec, provider, mode, cfg, graphs)
     if fn is None:
         return row
     device = cfg.device
-    m = measure(fn, device=device, warmup=max(0, cfg.warmup - 1), repeats=cfg.repeats,
-                min_repeat_ms=cfg.min_repeat_ms)
+    m = measure(fn, device=device, warmup=max(0, cfg.warmup - 1), repeats=cfg.repeats, graph=graphs,
+                target_spread=cfg.target_spread, max_time_s=cfg.max_time_s, sampler=sampler)
     st = m.stats
     row.update(ms=st.median, ms_p20=st.p20, ms_p80=st.p80, ms_min=st.min, ms_max=st.max,
-               spread_pct=100 * st.spread, repeats=st.n, inner=m.inner,
-               img_per_s=cfg.batch_size * 1e3 / st.median)
+               spread_pct=100 * st.spread, repeats=st.n, timer=m.timer,
+               img_per_s=cfg.batch_size * 1e3 / st.median, img_per_s_p20=cfg.batch_size * 1e3 / st.p80,
+               img_per_s_p80=cfg.batch_size * 1e3 / st.p20)
+    if not m.precise:
+        row["note"] = "; ".join(n for n in (row["note"], f"target spread {100 * cfg.target_spread:.0f}% not reached "
+                                            f"in the time allowed ({100 * st.spread:.0f}%)") if n)
     if device.type == "cuda":
         row["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     if shape is not None:
         mc = model_cost(shape)
         flops = mc.flops if mode == "inference" else training_flops(mc.flops)
         row["gflop_per_img"] = flops / cfg.batch_size / 1e9
+        row["gmacs_per_img"] = flops / cfg.batch_size / 2e9
         row["tflops"] = flops / (st.median * 1e-3) / 1e12
         if cfg.peak is not None:
             if mode == "inference":
@@ -294,24 +320,61 @@ def cases(cfg: BenchConfig) -> List[tuple]:
 
 
 def add_speedups(rows: List[Dict]) -> None:
-    """speedup = eager's median ms / the row's, within each (model, mode)."""
-    base = {(r["model"], r["mode"]): r["ms"] for r in rows if r["provider"] == "eager" and "ms" in r}
+    """speedup = eager's median ms / the row's, within each (model, mode); p20/p80 of the ratio
+    from the two rows' p20-p80 intervals (the worst and best pairing)."""
+    base = {(r["model"], r["mode"]): r for r in rows if r["provider"] == "eager" and "ms" in r}
     for r in rows:
         b = base.get((r["model"], r["mode"]))
         if b is not None and "ms" in r:
-            r["speedup"] = b / r["ms"]
+            r["speedup"] = b["ms"] / r["ms"]
+            if r is not b:   # eager against itself is 1, exactly
+                r["speedup_p20"] = b["ms_p20"] / r["ms_p80"]
+                r["speedup_p80"] = b["ms_p80"] / r["ms_p20"]
 
 
-def run(cfg: BenchConfig, progress=None) -> List[Dict]:
+def add_ranks(rows: List[Dict]) -> List[str]:
+    """rank 1.. by median ms within each (model, mode) when the providers can be told apart
+    (timer.rank); otherwise no rank, and a warning line per (model, mode) is returned."""
+    warnings = []
+    for key in dict.fromkeys((r["model"], r["mode"]) for r in rows):
+        group = [r for r in rows if (r["model"], r["mode"]) == key and "ms" in r]
+        if len(group) < 2:
+            continue
+        ranks, bad = rank([(r["provider"], Stats(r["ms"], r["ms_p20"], r["ms_p80"], r["ms_min"], r["ms_max"],
+                                                 r["ms"], 0.0, r["repeats"])) for r in group])
+        for r in group:
+            if r["provider"] in ranks:
+                r["rank"] = ranks[r["provider"]]
+        if bad:
+            pairs = ", ".join(f"{a} (±{next(r['spread_pct'] for r in group if r['provider'] == a):.0f}%)" if a == b
+                              else f"{a} ~ {b}" for a, b in bad)
+            warnings.append(f"WARNING {label(group[0])} {key[1]}: the spread is too wide to rank the providers "
+                            f"({pairs}: p20-p80 intervals overlap or wider than ±{100 * NOISY:.0f}%); no ranks "
+                            f"are claimed")
+    return warnings
+
+
+def label(row: Dict) -> str:
+    """'vit_tiny_patch16_224 depth 2, 32 px, batch 2': the model as it was run."""
+    parts = [row["model"]]
+    if row.get("depth") is not None:
+        parts.append(f"depth {row['depth']}")
+    text = " ".join(parts)
+    if row.get("img_size") is not None:
+        text += f", {row['img_size']} px"
+    return text + f", batch {row['batch']}"
+
+
+def run(cfg: BenchConfig, progress=None, sampler=None) -> List[Dict]:
     check_config(cfg)
     rows = []
     todo = cases(cfg)
     for spec, p, mode, graphs in todo:
-        label = f"{spec} {mode} {p}{'+graphs' if graphs else ''}"
+        what = f"{spec} {mode} {p}{'+graphs' if graphs else ''}"
         if progress is not None:
-            progress.describe(label)
+            progress.describe(what)
         try:
-            row = run_case(spec, p, mode, cfg, graphs)
+            row = run_case(spec, p, mode, cfg, graphs, sampler)
         except torch.cuda.OutOfMemoryError as e:
             row = _error_row(spec, p, mode, cfg, graphs, "out of memory: " + str(e).splitlines()[0])
             _free(cfg.device)
@@ -320,8 +383,15 @@ def run(cfg: BenchConfig, progress=None) -> List[Dict]:
             _free(cfg.device)
         rows.append(row)
         if progress is not None:
-            progress.advance(label)
+            progress.advance(what)
     add_speedups(rows)
+    for r in rows:   # rows that were not built take depth and image size from a sibling that was
+        sib = next((o for o in rows if o["model"] == r["model"] and o.get("depth") is not None), None)
+        if r.get("depth") is None:
+            r["depth"] = sib["depth"] if sib else cfg.depth
+        if r.get("img_size") is None:
+            r["img_size"] = sib["img_size"] if sib else cfg.img_size
+        r["label"] = label(r)
     return rows
 
 
@@ -331,7 +401,65 @@ def _error_row(spec, p, mode, cfg, graphs, msg):
             "batch": cfg.batch_size, "status": "error", "note": msg}
 
 
-TABLE_COLUMNS = [("model", "model"), ("mode", "mode"), ("provider", "provider"), ("status", "status"),
-                 ("ms", "ms/step"), ("spread_pct", "±%"), ("img_per_s", "img/s"),
+TABLE_COLUMNS = [("label", "model"), ("mode", "mode"), ("provider", "provider"), ("status", "status"),
+                 ("ms", "ms/step"), ("ms_p20", "p20"), ("ms_p80", "p80"), ("rank", "rank"), ("img_per_s", "img/s"),
                  ("peak_mem_mib", "peak MiB"), ("speedup", "x eager"), ("tflops", "TFLOP/s"),
                  ("bound_ms", "bound ms"), ("x_bound", "x bound")]
+
+
+# timm's benchmark.py result fields, in its order (inference, then train, then param_count), and
+# their units: samples/s rounded to 2 places, ms per step to 3, GMACs per sample to 2, parameters
+# in millions to 2. timm's infer_macts (activations, from fvcore) has no counterpart here.
+TIMM_FIELDS = ["model", "infer_samples_per_sec", "infer_step_time", "infer_batch_size", "infer_img_size",
+               "infer_gmacs", "train_samples_per_sec", "train_step_time", "train_batch_size", "train_img_size",
+               "param_count"]
+TIMM_PREFIX = {"inference": "infer", "train": "train"}
+
+
+def timm_rows(rows: List[Dict]) -> List[Dict]:
+    """One row per (model, provider) with timm's field names (TIMM_FIELDS first, for the modes that
+    ran), then this bench's own: provider, depth, p20/p80 of the step time, GFLOPs beside GMACs,
+    dtype, precision, status, note."""
+    out: Dict[tuple, Dict] = {}
+    for r in rows:
+        key = (r["model"], r["provider"])
+        t = out.setdefault(key, {"model": r["model"]})
+        pre = TIMM_PREFIX[r["mode"]]
+        if "ms" in r:
+            t[f"{pre}_samples_per_sec"] = round(r["img_per_s"], 2)
+            t[f"{pre}_step_time"] = round(r["ms"], 3)
+        else:
+            t[f"{pre}_samples_per_sec"] = t[f"{pre}_step_time"] = None
+        t[f"{pre}_batch_size"] = r["batch"]
+        t[f"{pre}_img_size"] = r.get("img_size")
+        if pre == "infer":
+            gm = r.get("gmacs_per_img")
+            t["infer_gmacs"] = round(gm, 2) if gm is not None else None
+        extra = t.setdefault("_extra", {})
+        extra.update(provider=r["provider"], depth=r.get("depth"))
+        if "ms" in r:
+            extra[f"{pre}_step_time_p20"] = round(r["ms_p20"], 3)
+            extra[f"{pre}_step_time_p80"] = round(r["ms_p80"], 3)
+        if pre == "infer" and r.get("gflop_per_img") is not None:
+            extra["infer_gflops"] = round(r["gflop_per_img"], 2)
+        extra.update(dtype=r["dtype"], precision=r["precision"])
+        extra[f"{pre}_status"] = r["status"]
+        if r.get("note"):
+            extra[f"{pre}_note"] = r["note"]
+    params = {r["model"]: r["param_count"] for r in rows if r.get("param_count") is not None}
+    result = []
+    for t in out.values():
+        extra = t.pop("_extra")
+        t["param_count"] = params.get(t["model"])
+        row = {k: t[k] for k in TIMM_FIELDS if k in t}
+        row.update(extra)
+        result.append(row)
+    return result
+
+
+def timm_columns(rows: List[Dict]) -> List[str]:
+    """timm's fields first (those any row has, in timm's order), then the rest in first-seen order."""
+    cols = [f for f in TIMM_FIELDS if any(f in r for r in rows)]
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    return cols

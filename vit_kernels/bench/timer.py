@@ -1,15 +1,14 @@
-"""Timing: CUDA events on a GPU, ``time.perf_counter`` on the CPU; statistics; CUDA graphs.
+"""Timing through the libraries' timers, and the statistics the reports print.
 
-On a GPU, kernels run asynchronously: a host clock around ``fn()`` measures the launch, not the
-work. :class:`EventTimer` records a CUDA event before and after each repeat on the current
-stream, synchronizes ONCE after all repeats (so the host never stalls the queue between them)
-and reads ``start.elapsed_time(end)``. The device is synchronized before the first repeat so
-that earlier work (warm-up, allocation) does not leak into it. On the CPU, work is synchronous
-and :class:`WallTimer` reads ``time.perf_counter``.
+- CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (it sizes the calls per block itself so
+  that the clock's resolution does not matter);
+- CUDA GPU: ``triton.testing.do_bench`` (CUDA events, the L2 cache flushed before each call) or,
+  for a step replayed from a CUDA graph, ``triton.testing.do_bench_cudagraph``.
 
-A repeat may run ``inner`` calls back to back (chosen so that one repeat lasts at least
-``min_repeat_ms``): very short calls are then not dominated by the event resolution (~0.5 us)
-or the host's launch latency, and ms per call is the repeat's time / inner.
+:func:`measure` is a thin layer over them: it asks the library timer for samples in rounds until
+the p20-p80 spread is within ``target_spread`` of the median (the repeats are chosen for that
+precision) or ``max_time_s`` has passed, with at least ``repeats`` samples. What it returns says
+whether the target was reached; nothing is averaged away: the median and p20/p80 are reported.
 """
 from __future__ import annotations
 
@@ -20,6 +19,9 @@ import time
 from typing import Callable, List, Optional, Sequence
 
 import torch
+
+# a p20-p80 half-width above this fraction of the median is too wide to rank providers by
+NOISY = 0.10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,138 +62,94 @@ def summarize(times_ms: Sequence[float]) -> Stats:
                  statistics.fmean(v), statistics.pstdev(v), len(v))
 
 
-class WallTimer:
-    """Host clock timer for synchronous (CPU) work. ``clock`` returns seconds."""
-
-    def __init__(self, clock: Callable[[], float] = time.perf_counter):
-        self.clock = clock
-        self._spans: List[List[float]] = []
-
-    def fresh(self) -> "WallTimer":
-        return WallTimer(self.clock)
-
-    def synchronize(self) -> None:
-        pass
-
-    def start(self) -> None:
-        self._spans.append([self.clock()])
-
-    def stop(self) -> None:
-        self._spans[-1].append(self.clock())
-
-    def elapsed_ms(self) -> List[float]:
-        return [(b - a) * 1e3 for a, b in self._spans]
-
-
-class EventTimer:
-    """CUDA event timer: events recorded on the current stream around each repeat, one
-    synchronize before reading them. ``event_factory`` and ``synchronize`` default to
-    torch.cuda's (they are parameters so the logic can be tested without a GPU)."""
-
-    def __init__(self, event_factory: Optional[Callable] = None, synchronize: Optional[Callable] = None):
-        self.event_factory = event_factory or (lambda: torch.cuda.Event(enable_timing=True))
-        self._sync = synchronize or torch.cuda.synchronize
-        self._pairs: List[list] = []
-
-    def fresh(self) -> "EventTimer":
-        return EventTimer(self.event_factory, self._sync)
-
-    def synchronize(self) -> None:
-        self._sync()
-
-    def start(self) -> None:
-        e = self.event_factory()
-        e.record()
-        self._pairs.append([e])
-
-    def stop(self) -> None:
-        e = self.event_factory()
-        e.record()
-        self._pairs[-1].append(e)
-
-    def elapsed_ms(self) -> List[float]:
-        self._sync()  # every event has completed before any is read
-        return [a.elapsed_time(b) for a, b in self._pairs]
-
-
-def timer_for(device: torch.device):
-    return EventTimer() if device.type == "cuda" else WallTimer()
-
-
 @dataclasses.dataclass(frozen=True)
 class Measurement:
-    """Per-call times (ms) of each repeat, and how many calls each repeat ran."""
+    """Per-call times (ms), the timer that took them, and whether the target spread was met."""
 
     times_ms: List[float]
-    inner: int
+    timer: str
+    target_spread: float
+    rounds: int
 
     @property
     def stats(self) -> Stats:
         return summarize(self.times_ms)
 
+    @property
+    def precise(self) -> bool:
+        return self.stats.spread <= self.target_spread
+
+
+def cpu_sampler(fn: Callable[[], object], budget_s: float) -> List[float]:
+    """Per-call ms of each block of torch.utils.benchmark's blocked_autorange."""
+    from torch.utils import benchmark
+    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=budget_s)
+    return [t * 1e3 for t in m.times]
+
+
+def gpu_sampler(fn: Callable[[], object], budget_s: float, graph: bool = False) -> List[float]:
+    """Per-call ms from triton.testing.do_bench (or do_bench_cudagraph for a graph replay)."""
+    import triton.testing
+    rep = max(1, int(budget_s * 1e3))
+    if graph:
+        return list(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="all"))
+    return list(triton.testing.do_bench(fn, warmup=1, rep=rep, return_mode="all"))
+
+
+def timer_name(device: torch.device, graph: bool = False) -> str:
+    if device.type == "cuda":
+        return "triton.testing.do_bench_cudagraph" if graph else "triton.testing.do_bench"
+    return "torch.utils.benchmark blocked_autorange"
+
 
 def measure(fn: Callable[[], object], *, device: torch.device, warmup: int = 10, repeats: int = 30,
-            min_repeat_ms: float = 0.0, max_inner: int = 1000, before_repeat: Optional[Callable] = None,
-            timer=None) -> Measurement:
-    """Time ``fn()``: ``warmup`` calls, then ``repeats`` timed repeats of ``inner`` calls each.
+            target_spread: float = 0.02, max_time_s: Optional[float] = None, round_s: Optional[float] = None,
+            graph: bool = False, sampler: Optional[Callable[[Callable, float], List[float]]] = None) -> Measurement:
+    """Time ``fn()`` until the p20-p80 half-width is within ``target_spread`` of the median.
 
-    inner = ceil(min_repeat_ms / one call's time) (1 when min_repeat_ms is 0), at most max_inner.
-    before_repeat: called before each repeat, outside the timed span (e.g. an L2 flush).
+    warmup: calls before timing. repeats: the fewest samples kept. round_s: the time given to the
+    library timer per round (default 0.1 s GPU, 0.05 s CPU); max_time_s: the time after which the
+    rounds stop whether the target is met or not (default 3 s GPU, 1 s CPU). graph: replay ``fn``
+    from a CUDA graph (do_bench_cudagraph). sampler(fn, seconds) -> per-call ms replaces the library
+    timer (tests use a fake one).
     """
     if warmup < 0:
         raise ValueError(f"warmup: expected >= 0, got {warmup}")
     if repeats < 1:
         raise ValueError(f"repeats: expected >= 1, got {repeats}")
-    timer = timer if timer is not None else timer_for(device)
+    if not target_spread > 0:
+        raise ValueError(f"target_spread: expected a fraction > 0, got {target_spread}")
+    gpu = device.type == "cuda"
+    if graph and not gpu and sampler is None:
+        raise RuntimeError("CUDA graphs need a CUDA device; none is available")
+    round_s = round_s if round_s is not None else (0.1 if gpu else 0.05)
+    max_time_s = max_time_s if max_time_s is not None else (3.0 if gpu else 1.0)
+    if sampler is None:
+        sampler = (lambda f, s: gpu_sampler(f, s, graph)) if gpu else cpu_sampler
     for _ in range(warmup):
         fn()
-    inner = 1
-    if min_repeat_ms > 0:
-        probe = timer.fresh()
-        probe.synchronize()
-        probe.start()
-        fn()
-        probe.stop()
-        one = max(probe.elapsed_ms()[0], 1e-6)
-        inner = max(1, min(max_inner, math.ceil(min_repeat_ms / one)))
-    timer.synchronize()
-    for _ in range(repeats):
-        if before_repeat is not None:
-            before_repeat()
-        timer.start()
-        for _ in range(inner):
-            fn()
-        timer.stop()
-    times = [t / inner for t in timer.elapsed_ms()]
-    return Measurement(times, inner)
+    times: List[float] = []
+    rounds = 0
+    t0 = time.perf_counter()
+    while True:
+        times += sampler(fn, round_s)
+        rounds += 1
+        if len(times) >= repeats and summarize(times).spread <= target_spread:
+            break
+        if time.perf_counter() - t0 >= max_time_s and len(times) >= min(repeats, 3):
+            break
+        if rounds >= 1000:
+            break
+    return Measurement(times, timer_name(device, graph), target_spread, rounds)
 
 
-class L2Flush:
-    """Overwrites a buffer larger than the GPU's L2 before each repeat, so a repeat does not read
-    its inputs from the cache the previous repeat warmed (as triton.testing.do_bench does)."""
-
-    def __init__(self, device: torch.device, nbytes: int = 256 * 1024 * 1024):
-        self.buf = torch.empty(nbytes // 4, dtype=torch.int32, device=device)
-
-    def __call__(self) -> None:
-        self.buf.zero_()
-
-
-def cuda_graph(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
-    """Capture ``fn`` (static inputs, no host sync inside) into a CUDA graph; returns its replay.
-
-    Warm-up runs on a side stream first, as torch.cuda.graphs requires (autotuning, lazy
-    allocation and cuBLAS workspace creation must happen outside the capture).
-    """
-    if not torch.cuda.is_available():
-        raise RuntimeError("CUDA graphs need a CUDA device; none is available")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+def rank(entries: Sequence[tuple]) -> tuple:
+    """entries: (name, Stats). Returns ({name: rank}, overlaps): ranks 1.. by median when no two
+    p20-p80 intervals overlap and no spread exceeds NOISY; otherwise no ranks ({}) and the list of
+    (a, b) pairs that cannot be told apart (a noisy entry is paired with itself)."""
+    order = sorted(entries, key=lambda e: e[1].median)
+    bad = [(n, n) for n, s in order if s.spread > NOISY]
+    bad += [(a, b) for (a, sa), (b, sb) in zip(order, order[1:]) if sa.p80 >= sb.p20]
+    if bad:
+        return {}, bad
+    return {n: i + 1 for i, (n, _) in enumerate(order)}, []

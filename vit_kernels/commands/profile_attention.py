@@ -19,14 +19,15 @@ import torch
 
 from ..bench import attention as batt
 from ..bench import peaks as bpeaks
+from ..bench.timer import timer_name
+from ..models import registry
 from .arguments import out_folder, positive_int
 from .bench import resolve_device
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GPU_DEFAULTS = dict(tokens="50,197,257,577,1025,2305,4097", dtype="bf16", warmup=10, repeats=30,
-                    min_repeat_ms=1.0, breakdown_batch=256)
-CPU_DEFAULTS = dict(tokens="50,197,257,577", dtype="fp32", warmup=2, repeats=5, min_repeat_ms=20.0,
-                    breakdown_batch=2)
+                    breakdown_batch=256)
+CPU_DEFAULTS = dict(tokens="50,197,257,577", dtype="fp32", warmup=2, repeats=5, breakdown_batch=2)
 DEFAULT_PROVIDERS = ",".join(batt.PROVIDERS)
 
 
@@ -48,9 +49,11 @@ def add_parser(sub) -> None:
                        + "\n\nGPU peaks (--gpu KEY; dense TFLOP/s, GB/s):\n" + bpeaks.table_text())
     p.add_argument("--tokens", default=None, help="comma list (default 50,...,4097 on a GPU; 50,197,257,577 on a CPU)")
     p.add_argument("--img-size", default=None, help="comma list of image sizes; tokens = (img/patch)^2 + 1")
-    p.add_argument("--patch-size", type=positive_int, default=16)
-    p.add_argument("--head-dim", default="64", help="comma list (default 64)")
-    p.add_argument("--heads", type=positive_int, default=12)
+    p.add_argument("--model", default=None, help="take heads, head dim, tokens and the block's width from this "
+                   "model: " + registry.HELP)
+    p.add_argument("--patch-size", type=positive_int, default=None, help="for --img-size (default 16, or --model's)")
+    p.add_argument("--head-dim", default=None, help="comma list (default 64, or --model's)")
+    p.add_argument("--heads", type=positive_int, default=None, help="default 12, or --model's")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="fixed batch (default: batch * tokens ~ --total-tokens on a GPU, 1 on a CPU)")
     p.add_argument("--total-tokens", type=positive_int, default=65536)
@@ -58,19 +61,44 @@ def add_parser(sub) -> None:
     p.add_argument("--providers", default=DEFAULT_PROVIDERS, help="comma list (default: all)")
     p.add_argument("--warmup", type=positive_int, default=None)
     p.add_argument("--repeats", type=positive_int, default=None)
-    p.add_argument("--min-repeat-ms", type=float, default=None)
-    p.add_argument("--no-l2-flush", action="store_true", help="do not flush the GPU's L2 between repeats")
+    p.add_argument("--max-time", type=float, default=None,
+                   help="seconds of timing per case at most (default 3 on a GPU, 1 on a CPU)")
     p.add_argument("--gpu", default=None, help="GPU for %% of peak and bounds (default: this device)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--out", type=out_folder, default="bench_out")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-stage block profile")
-    p.add_argument("--breakdown-tokens", type=positive_int, default=197)
+    p.add_argument("--breakdown-tokens", type=positive_int, default=None, help="default 197, or --model's")
     p.add_argument("--breakdown-batch", type=positive_int, default=None, help="default 256 on a GPU, 2 on a CPU")
-    p.add_argument("--breakdown-dim", type=positive_int, default=768)
+    p.add_argument("--breakdown-dim", type=positive_int, default=None, help="default 768, or --model's")
     p.add_argument("--breakdown-backend", choices=["auto", "triton", "cuda", "torch"], default=None,
                    help="backend of the fused block (default: triton on a GPU, torch on a CPU)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+
+
+def model_shape(args, notes: list) -> None:
+    """Fill heads, head dim, patch size, the block's width and tokens from --model (the registry's
+    names, built on the meta device: shapes only), or the defaults; flags given win."""
+    shape_d = dict(heads=12, head_dim="64", patch_size=16, breakdown_dim=768, breakdown_tokens=197)
+    if args.model:
+        from ..bench import models as bmodels
+        try:
+            with torch.device("meta"):
+                model = bmodels.build(args.model)
+        except registry.ModelNameError as e:
+            raise SystemExit(str(e)) from None
+        shape = bmodels.shape_of(model, 1, torch.float32)
+        if shape is None:
+            raise SystemExit(f"model: expected a ViT whose shape the cost model reads, got {args.model!r}")
+        shape_d = dict(heads=shape.heads, head_dim=str(shape.dim // shape.heads), patch_size=shape.patch,
+                       breakdown_dim=shape.dim, breakdown_tokens=shape.tokens)
+        if not args.tokens and not args.img_size:
+            args.tokens = str(shape.tokens)
+        notes.append(f"shapes of {args.model}: {shape.heads} heads of {shape.dim // shape.heads}, {shape.tokens} tokens, "
+                     f"width {shape.dim}")
+    for k, v in shape_d.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
 
 
 def make_config(args):
@@ -78,6 +106,7 @@ def make_config(args):
     gpu = device.type == "cuda"
     d = GPU_DEFAULTS if gpu else CPU_DEFAULTS
     notes = []
+    model_shape(args, notes)
     if args.img_size:
         if args.tokens:
             raise SystemExit("tokens: give --tokens or --img-size, not both")
@@ -108,7 +137,7 @@ def make_config(args):
     peak = bpeaks.choose(args.gpu, device, notes, "% of peak")
     get = lambda k: getattr(args, k) if getattr(args, k) is not None else d[k]  # noqa: E731
     cfg = batt.AttnConfig(providers, cases, device, warmup=get("warmup"), repeats=get("repeats"),
-                          min_repeat_ms=get("min_repeat_ms"), peak=peak, flush_l2=not args.no_l2_flush)
+                          peak=peak, max_time_s=args.max_time)
     if cfg.warmup < 1 or cfg.repeats < 1:
         raise SystemExit(f"warmup/repeats: expected >= 1, got {cfg.warmup}/{cfg.repeats}")
     return cfg, notes
@@ -123,8 +152,7 @@ def run(args) -> int:
     print(f"vit_kernels profile-attention on {meta['device_name']} ({cfg.device}), torch {meta['torch']}, "
           f"commit {str(meta.get('commit'))[:10]}{' (modified)' if meta.get('dirty') else ''}")
     print(f"heads {args.heads}, {len(cfg.cases)} shapes x {len(cfg.providers)} providers; warm-up {cfg.warmup}, "
-          f"repeats {cfg.repeats}, timer {'CUDA events' if gpu else 'perf_counter'}"
-          + (", L2 flushed between repeats" if gpu and cfg.flush_l2 else ""))
+          f"repeats >= {cfg.repeats}, timer {timer_name(cfg.device)}" + (" (L2 flushed before each call)" if gpu else ""))
     for n in notes:
         print("note: " + n)
     if not gpu:
