@@ -1058,7 +1058,7 @@ inline T ld_shared(const T* p, srcloc l = srcloc::current()) {
   return *p;
 }
 template <class T>
-inline void st_shared(T* p, const std::type_identity_t<T>& v, srcloc l = srcloc::current()) {
+inline void st_shared(T* p, const T& v, srcloc l = srcloc::current()) {  // T deduced as on the GPU
   emu::shadow_access(p, sizeof(T), emu::Access::write, l);
   *p = v;
 }
