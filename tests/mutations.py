@@ -57,7 +57,7 @@ T_CUDA_ATTN = ("tests/test_cuda_attention.py", "tests/test_emulator_races.py", "
                "not compiles and (attention or Attention)")
 T_CUDA_GEMM = ("tests/test_cuda_gemm.py", "tests/test_emulator_races.py", "-k",
                "not compiles and (gemm or mlp or patch or linear or qkv or stats or layernorm)")
-T_TORCH = ("tests/test_models.py", "tests/test_swap_timm.py", "tests/test_swap_hf.py", "-k", "torch or oracle")
+T_TORCH = ("tests/test_torch_paths.py", "tests/test_models.py", "tests/test_swap_timm.py", "tests/test_swap_hf.py", "-k", "torch or oracle")
 
 MUTATIONS: List[Mutation] = [
     # ------------------------------------------------------------------ Triton: attention
@@ -147,8 +147,9 @@ MUTATIONS: List[Mutation] = [
              "approximate=approximate)", 'approximate="tanh")', T_TORCH),
     Mutation("torch-mlp-hardcoded-eps", "vit_kernels/ops/mlp.py",
              "norm_weight, norm_bias, eps) if norm_weight", "norm_weight, norm_bias, 1e-5) if norm_weight", T_TORCH),
-    Mutation("torch-qkv-heads-tokens-swapped", "vit_kernels/ops/qkv_attention.py",
-             "qkv.permute(2, 0, 3, 1, 4)", "qkv.permute(2, 0, 1, 3, 4).transpose(2, 3)", T_TORCH),
+    Mutation("torch-qkv-q-and-k-swapped", "vit_kernels/ops/qkv_attention.py",
+             "    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)\n",
+             "    k, q, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)\n", T_TORCH),
     Mutation("torch-qkv-ignores-scale", "vit_kernels/ops/qkv_attention.py",
              "    o = F.scaled_dot_product_attention(q, k, v, scale=scale)\n",
              "    o = F.scaled_dot_product_attention(q, k, v)\n", T_TORCH),
@@ -195,7 +196,7 @@ def run_tests(work: Path, tests: Sequence[str], timeout: float) -> Tuple[str, fl
         return "pass", dt, ""
     lines = (p.stdout + p.stderr).splitlines()
     first = next((ln for ln in lines if ln.startswith("FAILED") or ln.startswith("ERROR")), "")
-    why = next((ln.strip() for ln in lines if ln.startswith("E ")), "")
+    why = " / ".join(ln[1:].strip() for ln in [ln for ln in lines if ln.startswith("E ")][:3])
     first = first or f"pytest exited with status {p.returncode}"  # a collection error or a crash
     return "fail", dt, f"{first} | {why[:300]}" if why else first
 
