@@ -119,6 +119,37 @@ std::vector<at::Tensor> selftest_warp(const at::Tensor& x) {
   return {sums, ballots, anys, alls, total};
 }
 
+// x: (512,) float32, which: a vk::RaceCase -> (64,) what each thread read
+at::Tensor selftest_race(const at::Tensor& x, int64_t which) {
+  check(x, "x", at::kFloat);
+  TORCH_CHECK(x.numel() == 512, "x: expected 512 elements, got ", x.numel());
+  TORCH_CHECK(which >= 0 && which <= (int64_t)vk::RaceCase::warp_syncwarp, "which: expected a case 0..",
+              (int)vk::RaceCase::warp_syncwarp, ", got ", which);
+  DeviceGuard g(x);
+  auto out = at::full({64}, std::nan(""), x.options());
+  vk::selftest_race(ptr<float>(x), ptr<float>(out), (int)which, stream_of(x));
+  return out;
+}
+
+#ifdef VK_EMULATE
+// The emulator's settings (vk/emulator.h): (schedule, seed, racecheck), read by every later launch.
+py::tuple emulator_settings() {
+  const auto& s = vk::emu::settings();
+  return py::make_tuple(std::string(vk::emu::kScheduleNames[int(s.schedule)]), s.seed, s.racecheck);
+}
+void set_emulator_settings(const std::string& schedule, uint64_t seed, bool racecheck) {
+  vk::emu::Settings s;
+  try {
+    s.schedule = vk::emu::parse_schedule(schedule);
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, e.what());
+  }
+  s.seed = seed;
+  s.racecheck = racecheck;
+  vk::emu::settings() = s;
+}
+#endif
+
 // ------------------------------------------------------- LayerNorm statistics + GEMM (CUDA-core)
 // vit_kernels/cuda/ops.py checks shapes and allocates outputs; these are the second line of checks.
 
@@ -386,6 +417,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("selftest_ldmatrix", &selftest_ldmatrix, "ldmatrix x1/x2/x4 [.trans] of (8*count, 8) 16-bit values");
   m.def("selftest_block_sum", &selftest_block_sum, "shared-memory tree sum per block, with or without barriers");
   m.def("selftest_warp", &selftest_warp, "warp shuffles, votes and atomicAdd");
+  m.def("selftest_race", &selftest_race, "purpose-written shared-memory races (vk::RaceCase) for the race checker",
+        py::arg("x"), py::arg("which"));
+#ifdef VK_EMULATE
+  m.def("emulator_settings", &emulator_settings, "(schedule, seed, racecheck) of the emulator");
+  m.def("set_emulator_settings", &set_emulator_settings, "set the emulator's schedule, seed and race checker",
+        py::arg("schedule"), py::arg("seed"), py::arg("racecheck"));
+#endif
   // --- CUDA-core: LayerNorm statistics + GEMM
   m.def("layernorm_stats", &layernorm_stats, "per-row mean and rstd (float32) of x: (rows, dim)", py::arg("x"),
         py::arg("eps"));

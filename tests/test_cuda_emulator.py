@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vit_kernels import cuda as vk_cuda
+from vit_kernels.cuda.emulation import emulator_settings
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -72,15 +73,19 @@ def test_ldmatrix_matches_documented_layout(ext_for, device, count, trans):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("threads", [64, 256])
 def test_block_reduction_needs_its_barriers(ext_for, device, threads):
-    """With __syncthreads the tree sum is right; without them it must be wrong in the emulator.
-    This is what proves the emulator interleaves threads the way a GPU may: a missing barrier
-    shows up as a wrong answer instead of passing by luck."""
+    """With __syncthreads the tree sum is right; without them the emulator's race checker names the
+    hazard, and with the checker off the answer is wrong. This is what proves the emulator
+    interleaves threads the way a GPU may: a missing barrier shows up instead of passing by luck."""
     ext = ext_for(device)
     x = torch.rand(3, threads) + 0.5
     good = ext.selftest_block_sum(x.to(device), True).cpu()
     torch.testing.assert_close(good.double(), x.double().sum(1), rtol=1e-5, atol=1e-5)
     if device == "cpu":
-        bad = ext.selftest_block_sum(x.to(device), False).cpu()
+        with pytest.raises(RuntimeError, match=r"(?s)racecheck: kernel selftest_block_sum_kernel.*"
+                                               r"(read-after-write|write-after-read)"):
+            ext.selftest_block_sum(x, False)
+        with emulator_settings(racecheck=False):
+            bad = ext.selftest_block_sum(x, False)
         assert not torch.allclose(bad.double(), x.double().sum(1), rtol=1e-3, atol=1e-3), \
             "the emulator gave the right sum without barriers: it does not interleave threads"
 

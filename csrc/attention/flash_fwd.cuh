@@ -122,7 +122,7 @@ __device__ __forceinline__ void load_tile(typename Tr::MmaT* dst, const T* src, 
       } else {
         const M zero = vk::from_float<M>(0.f);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) s[i] = pred ? g[i * col_stride] : zero;
+        for (int i = 0; i < 8; ++i) vk::st_shared(s + i, pred ? g[i * col_stride] : zero);
       }
     } else {
       float x[8];
@@ -145,8 +145,8 @@ __device__ __forceinline__ void load_tile(typename Tr::MmaT* dst, const T* src, 
       uint32_t* s_lo = reinterpret_cast<uint32_t*>(s + kRows * Tr::kPitch);  // the lo copy follows
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        s_hi[i] = hi[i];
-        s_lo[i] = lo[i];
+        vk::st_shared(s_hi + i, hi[i]);
+        vk::st_shared(s_lo + i, lo[i]);
       }
     }
   }

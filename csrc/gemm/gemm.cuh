@@ -7,6 +7,7 @@
 //   * dense tiles arrive with cp.async (16 bytes, zero-filled outside the matrix) when the rows are
 //     16-byte aligned, otherwise -- and for the layernorm and patch loaders, which transform or
 //     gather -- through registers (load, convert to fp32, transform, round to T, 16-byte st.shared);
+//     plain shared-memory accesses go through vk::ld_shared / vk::st_shared (the emulator's race checker);
 //   * the warp tile WM x WN is MI x NI mma tiles of 16 x 8; per 16-wide k step each warp loads its A
 //     fragments with ldmatrix.x4 and its W fragments with ldmatrix.x4 (two n8 tiles at once; W rows are
 //     k-contiguous, which is the "col" layout mma wants, so no .trans), then MI * NI mma.m16n8k16;
@@ -42,14 +43,14 @@ struct Layout {
 template <class T>
 __device__ __forceinline__ void store_chunk(T* dst, const float* v) {
   if constexpr (sizeof(T) == 4) {
-    *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+    st_shared(reinterpret_cast<float4*>(dst), make_float4(v[0], v[1], v[2], v[3]));
   } else {
     uint4 u;
     u.x = pack2<T>(v[0], v[1]);
     u.y = pack2<T>(v[2], v[3]);
     u.z = pack2<T>(v[4], v[5]);
     u.w = pack2<T>(v[6], v[7]);
-    *reinterpret_cast<uint4*>(dst) = u;
+    st_shared(reinterpret_cast<uint4*>(dst), u);
   }
 }
 
@@ -280,13 +281,13 @@ __global__ void __launch_bounds__(C::THREADS, 1) gemm_kernel(GemmParams p, bool 
         float a[C::MI][2], b[C::NI][2];
 #pragma unroll
         for (int i = 0; i < C::MI; ++i) {
-          a[i][0] = to_float(sA[(wm0 + i * 16 + g) * L::LDS + k]);
-          a[i][1] = to_float(sA[(wm0 + i * 16 + g + 8) * L::LDS + k]);
+          a[i][0] = to_float(ld_shared(&sA[(wm0 + i * 16 + g) * L::LDS + k]));
+          a[i][1] = to_float(ld_shared(&sA[(wm0 + i * 16 + g + 8) * L::LDS + k]));
         }
 #pragma unroll
         for (int j = 0; j < C::NI; ++j) {
-          b[j][0] = to_float(sB[(wn0 + j * 8 + 2 * t) * L::LDS + k]);
-          b[j][1] = to_float(sB[(wn0 + j * 8 + 2 * t + 1) * L::LDS + k]);
+          b[j][0] = to_float(ld_shared(&sB[(wn0 + j * 8 + 2 * t) * L::LDS + k]));
+          b[j][1] = to_float(ld_shared(&sB[(wn0 + j * 8 + 2 * t + 1) * L::LDS + k]));
         }
 #pragma unroll
         for (int i = 0; i < C::MI; ++i)

@@ -50,13 +50,13 @@ __global__ void selftest_ldmatrix_kernel(const uint16_t* src, int count, int tra
 __global__ void selftest_block_sum_kernel(const float* x, float* out, int barrier) {
   VK_DYNAMIC_SHARED(float, s);
   const int t = threadIdx.x;
-  s[t] = x[blockIdx.x * blockDim.x + t];
+  st_shared(s + t, x[blockIdx.x * blockDim.x + t]);
   if (barrier) __syncthreads();
   for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-    if (t < stride) s[t] += s[t + stride];
+    if (t < stride) st_shared(s + t, ld_shared(s + t) + ld_shared(s + t + stride));
     if (barrier) __syncthreads();
   }
-  if (t == 0) out[blockIdx.x] = s[0];
+  if (t == 0) out[blockIdx.x] = ld_shared(s);
 }
 
 // Warp sums with __shfl_xor_sync, and votes: out[warp] = sum, ballots[warp] = ballot(x > 0),

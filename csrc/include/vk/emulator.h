@@ -2,9 +2,10 @@
 // Read the summary at the top of port.h first. Layout of this file:
 //   1. CUDA's host-visible vocabulary (qualifiers, dim3, vector types, math intrinsics)
 //   2. fibers: stacks and the context switch
-//   3. the block scheduler: barriers, warp collectives, launch
+//   3. the block scheduler: settings (schedule, race checker), cp.async groups, the shared-memory
+//      shadow (race checker), barriers, warp collectives, launch
 //   4. the CUDA intrinsics built on it (__syncthreads, shuffles, votes, atomics)
-//   5. namespace vk: 16-bit types, mma, ldmatrix, cp.async, VK_LAUNCH
+//   5. namespace vk: 16-bit types, mma, ldmatrix, cp.async, ld_shared / st_shared, VK_LAUNCH
 #pragma once
 #ifndef VK_EMULATE
 #error "vk/emulator.h is the host emulation; include vk/port.h"
@@ -19,6 +20,7 @@
 #include <cstdlib>
 #include <algorithm>
 #include <cstring>
+#include <source_location>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -131,6 +133,85 @@ inline Stack new_stack() {
 enum class State : uint8_t { run, barrier, warp, done };
 enum class Op : uint8_t { none, syncwarp, shfl, vote, mma_f16, mma_bf16, ldsm };
 
+// How blocks run. vk::emu::settings() holds them; VK_EMU_SCHEDULE (a schedule name, "random:SEED" for a
+// seed) and VK_EMU_RACECHECK (0 or 1) give the defaults. Schedules:
+//   round_robin          threads 0..n-1 in turn, each to its next sync point: warps in lock-step
+//   reverse              threads n-1..0 in turn
+//   warp_major           warp 0 runs as far as it can (to a __syncthreads it waits at, or its end), then
+//                        warp 1, ...: warps run whole barrier intervals out of step with each other
+//   warp_major_reverse   the same from the last warp, lanes from the last
+//   random               warp-major, warps and lanes in a fresh random order (seeded) at every pass
+enum class Schedule : uint8_t { round_robin, reverse, warp_major, warp_major_reverse, random };
+constexpr const char* kScheduleNames[] = {"round_robin", "reverse", "warp_major", "warp_major_reverse", "random"};
+
+struct Settings {
+  Schedule schedule = Schedule::round_robin;
+  uint64_t seed = 1;       // random schedule
+  bool racecheck = true;   // shadow shared memory and report hazards (see shadow_access)
+};
+
+inline Schedule parse_schedule(const std::string& name) {
+  for (int i = 0; i < 5; ++i)
+    if (name == kScheduleNames[i]) return Schedule(i);
+  throw std::runtime_error("vk emulator: schedule: expected one of round_robin, reverse, warp_major, "
+                           "warp_major_reverse, random, got '" + name + "'");
+}
+
+inline Settings settings_from_env() {
+  Settings s;
+  if (const char* e = std::getenv("VK_EMU_SCHEDULE"); e && *e) {
+    std::string v(e);
+    const size_t colon = v.find(':');
+    if (colon != std::string::npos) {
+      s.seed = std::strtoull(v.c_str() + colon + 1, nullptr, 10);
+      v.resize(colon);
+    }
+    s.schedule = parse_schedule(v);
+  }
+  if (const char* e = std::getenv("VK_EMU_RACECHECK"); e && *e) s.racecheck = std::string(e) != "0";
+  return s;
+}
+
+// The settings every launch copies when it starts (set them between launches, not during one).
+inline Settings& settings() {
+  static Settings s = settings_from_env();
+  return s;
+}
+
+// ---- cp.async: a copy is recorded at issue (its destination poisoned with 0xFF bytes) and done when a
+// cp.async.wait_group of the issuing thread covers its commit group (PTX: wait_group N waits for all
+// but the newest N committed groups; copies not yet committed are not waited for). Copies still
+// pending when their thread exits land then.
+struct AsyncCopy {
+  unsigned char* dst;
+  const unsigned char* src;
+  bool pred;   // false: zero-fill
+  int group;   // commit group number of the thread, -1 while not committed
+  std::source_location loc;
+};
+
+// ---- the race checker's shadow of dynamic shared memory: one cell per 2 bytes. Barrier intervals are
+// numbered (an "epoch" bumps at every __syncthreads release and block start); per warp, __syncwarp
+// intervals likewise. Two accesses by different threads to one cell conflict when one is a write and
+// both fall in the same barrier interval, and, for two lanes of one warp, in the same __syncwarp interval.
+enum class Access : uint8_t { read, write, async_write };
+enum : uint8_t { kPending = 1, kManyReaders = 2 };
+struct Cell {
+  std::source_location w_loc, r_loc;  // the last write; the first read of the reads kept
+  uint32_t w_epoch = 0, r_epoch = 0;  // barrier interval of that write / read (0: none)
+  uint16_t w_thread = 0, r_thread = 0;
+  uint16_t w_wepoch = 0, r_wepoch = 0;  // __syncwarp interval of the writer's / reader's warp
+  uint8_t flags = 0;                    // kPending: the write is a cp.async not landed yet
+};
+struct HazardKey {
+  const char* kind;
+  const char* now_file;
+  unsigned now_line;
+  const char* prev_file;
+  unsigned prev_line;
+  bool operator==(const HazardKey&) const = default;
+};
+
 // What one lane puts into / gets out of a warp collective.
 struct LaneIn {
   Op op;
@@ -170,6 +251,16 @@ struct Block {
   std::string error;
   unsigned char* dyn_smem = nullptr;
   size_t dyn_smem_bytes = 0;
+  Settings settings;
+  uint64_t rng = 0;                              // random schedule
+  std::vector<std::vector<AsyncCopy>> async;     // per thread: cp.async copies not landed yet
+  std::vector<int> committed;                    // per thread: commit groups so far
+  // race checker (settings.racecheck)
+  Cell* shadow = nullptr;
+  std::vector<uint16_t> warp_epoch;              // per warp: __syncwarp intervals
+  size_t hazards = 0;                            // hazards seen in this block
+  std::vector<HazardKey> hazard_keys;            // distinct (kind, lines) reported
+  std::vector<std::string> hazard_text;
 #if !defined(__x86_64__)
   std::vector<ucontext_t> uctx;
   ucontext_t sched_uctx;
@@ -180,6 +271,8 @@ struct ThreadState {
   Block* block = nullptr;
   std::vector<Stack> stacks;
   std::vector<unsigned char> dyn_smem;
+  std::vector<Cell> shadow;  // race checker: one cell per 2 bytes of dyn_smem
+  uint32_t epoch = 1;        // the current barrier interval (never reused on this CPU thread)
 };
 inline thread_local ThreadState tls;
 
@@ -211,6 +304,127 @@ inline void release_barrier(Block& b) {
   for (auto& f : b.fibers)
     if (f.state == State::barrier) f.state = State::run;
   b.at_barrier = 0;
+  ++tls.epoch;
+}
+
+// ------------------------------------------------------------------ 3b. the race checker
+inline std::string where(const std::source_location& l) {
+  const char* f = l.file_name();
+  const char* slash = std::strrchr(f, '/');
+  return std::string(slash ? slash + 1 : f) + ":" + std::to_string(l.line());
+}
+inline std::string who(int t) {
+  return t < 0 ? std::string("more than one other thread")
+               : "thread " + std::to_string(t) + " (warp " + std::to_string(t >> 5) + ")";
+}
+
+inline void report(Block& b, const char* kind, const std::source_location& now, int now_t, const char* now_does,
+                   const std::source_location& prev, int prev_t, const char* prev_did, size_t offset) {
+  ++b.hazards;
+  const HazardKey key{kind, now.file_name(), now.line(), prev.file_name(), prev.line()};
+  for (const auto& k : b.hazard_keys)
+    if (k == key) return;
+  if (b.hazard_keys.size() >= 16) return;
+  b.hazard_keys.push_back(key);
+  b.hazard_text.push_back(std::string(kind) + ": " + who(now_t) + " " + now_does + " shared byte " +
+                          std::to_string(offset) + " at " + where(now) + "; " + who(prev_t) + " " + prev_did +
+                          " at " + where(prev));
+}
+
+// Did access (thread u, its warp's __syncwarp interval uw) happen in the current interval of thread t,
+// unordered with t? (Both in the current barrier interval is checked by the caller; u != t.)
+inline bool unordered(const Block& b, int u, uint16_t uw, int t) {
+  return (u >> 5) != (t >> 5) || uw == b.warp_epoch[t >> 5];
+}
+
+// Record an access of the running thread to [p, p + bytes) and report its hazards. Only dynamic
+// shared memory is shadowed (static __shared__ arrays are not checked).
+inline void shadow_access(const void* p, size_t bytes, Access a, const std::source_location& loc) {
+  Block& b = *tls.block;
+  if (b.shadow == nullptr) return;
+  const uintptr_t base = reinterpret_cast<uintptr_t>(b.dyn_smem), at = reinterpret_cast<uintptr_t>(p);
+  if (at < base || at + bytes > base + b.dyn_smem_bytes) return;
+  const int t = b.cur;
+  const uint32_t E = tls.epoch;
+  const uint16_t we = b.warp_epoch[t >> 5];
+  const size_t off = at - base;
+  for (size_t i = off >> 1, end = (off + bytes + 1) >> 1; i < end; ++i) {
+    Cell& c = b.shadow[i];
+    if (a == Access::read) {
+      if (c.flags & kPending)
+        report(b, "read-after-write", loc, t, "reads", c.w_loc, c.w_thread,
+               "issued a cp.async into it that no cp.async.wait_group has landed yet", 2 * i);
+      else if (c.w_epoch == E && c.w_thread != t && unordered(b, c.w_thread, c.w_wepoch, t))
+        report(b, "read-after-write", loc, t, "reads", c.w_loc, c.w_thread,
+               "wrote it in the same barrier interval", 2 * i);
+      if (c.r_epoch == E && c.r_thread != t && unordered(b, c.r_thread, c.r_wepoch, t)) {
+        c.flags |= kManyReaders;  // keep the first reader
+      } else if (!(c.r_epoch == E && c.r_thread == t)) {
+        c.r_epoch = E, c.r_thread = uint16_t(t), c.r_wepoch = we, c.r_loc = loc;
+        c.flags &= uint8_t(~kManyReaders);
+      }
+    } else {
+      const char* does = a == Access::async_write ? "writes (cp.async)" : "writes";
+      if (c.flags & kPending)
+        report(b, "write-after-write", loc, t, does, c.w_loc, c.w_thread,
+               "issued a cp.async into it that no cp.async.wait_group has landed yet", 2 * i);
+      else if (c.w_epoch == E && c.w_thread != t && unordered(b, c.w_thread, c.w_wepoch, t))
+        report(b, "write-after-write", loc, t, does, c.w_loc, c.w_thread, "wrote it in the same barrier interval",
+               2 * i);
+      if (c.r_epoch == E && (c.flags & kManyReaders))
+        report(b, "write-after-read", loc, t, does, c.r_loc, -1, "read it in the same barrier interval", 2 * i);
+      else if (c.r_epoch == E && c.r_thread != t && unordered(b, c.r_thread, c.r_wepoch, t))
+        report(b, "write-after-read", loc, t, does, c.r_loc, c.r_thread, "read it in the same barrier interval",
+               2 * i);
+      c.w_epoch = E, c.w_thread = uint16_t(t), c.w_wepoch = we, c.w_loc = loc;
+      c.flags = uint8_t((c.flags & kManyReaders) | (a == Access::async_write ? kPending : 0));
+    }
+  }
+}
+
+// A cp.async of thread t lands: the copy happens now, and the shadow sees its write now.
+inline void land(Block& b, int t, const AsyncCopy& c) {
+  if (c.pred)
+    std::memcpy(c.dst, c.src, 16);
+  else
+    std::memset(c.dst, 0, 16);
+  if (b.shadow == nullptr) return;
+  const size_t off = size_t(c.dst - b.dyn_smem);
+  if (c.dst < b.dyn_smem || off + 16 > b.dyn_smem_bytes) return;
+  for (size_t i = off >> 1; i < (off + 16) >> 1; ++i) {
+    Cell& s = b.shadow[i];
+    s.flags &= uint8_t(~kPending);
+    s.w_epoch = tls.epoch, s.w_thread = uint16_t(t), s.w_wepoch = b.warp_epoch[t >> 5], s.w_loc = c.loc;
+  }
+}
+
+inline void async_issue(void* dst, const void* src, bool pred, const std::source_location& loc) {
+  Block& b = *tls.block;
+  shadow_access(dst, 16, Access::async_write, loc);
+  std::memset(dst, 0xFF, 16);  // poisoned (NaN) until the copy lands
+  b.async[b.cur].push_back({static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), pred, -1, loc});
+}
+
+inline void async_commit() {
+  Block& b = *tls.block;
+  const int g = ++b.committed[b.cur];
+  for (auto& c : b.async[b.cur])
+    if (c.group < 0) c.group = g;
+}
+
+// cp.async.wait_group n: every committed group but the newest n has landed.
+inline void async_wait(int n) {
+  Block& b = *tls.block;
+  const int t = b.cur, upto = b.committed[t] - n;
+  auto& v = b.async[t];
+  size_t keep = 0;
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (v[i].group >= 0 && v[i].group <= upto)
+      land(b, t, v[i]);
+    else
+      v[keep++] = v[i];
+  }
+  v.resize(keep);
 }
 
 // Compute every waiting lane's output of the warp's collective; "" or an error message.
@@ -220,6 +434,11 @@ inline std::string resolve(Warp& w, int warp_index);
 inline std::string release_warp(Block& b, int wi) {
   Warp& w = b.warps[wi];
   std::string err = resolve(w, wi);
+  for (int l = 0; l < 32; ++l)
+    if (w.present >> l & 1u) {
+      if (w.in[l].op == Op::syncwarp) ++b.warp_epoch[wi];  // __syncwarp orders the lanes' memory accesses
+      break;
+    }
   for (int l = 0; l < 32; ++l) {
     int t = wi * 32 + l;
     if (t < b.nthreads && b.fibers[t].state == State::warp) b.fibers[t].state = State::run;
@@ -266,8 +485,10 @@ inline void set_thread_index(const Block& b, int t) {
 inline void fiber_main() {
   Block& b = blk();
   b.body(b.ctx);
-  // the thread returned from the kernel
+  // the thread returned from the kernel; its cp.async copies still in flight land now
   const int t = b.cur;
+  for (const auto& c : b.async[t]) land(b, t, c);
+  b.async[t].clear();
   b.fibers[t].state = State::done;
   --b.live;
   Warp& w = b.warps[t >> 5];
@@ -295,7 +516,17 @@ inline void run_block(Block& b) {
     w.live = std::min(32, n - wi * 32);
     w.arrived = 0;
     w.present = 0;
+    b.warp_epoch[wi] = 0;
   }
+  for (int t = 0; t < n; ++t) {
+    b.async[t].clear();
+    b.committed[t] = 0;
+  }
+  ++tls.epoch;  // nothing of the previous block conflicts with this one
+  b.hazards = 0;
+  b.hazard_keys.clear();
+  b.hazard_text.clear();
+  b.rng = b.settings.seed * 0x9E3779B97F4A7C15ull + ((uint64_t(blockIdx.z) << 40) ^ (uint64_t(blockIdx.y) << 20) ^ blockIdx.x);
   if (b.dyn_smem_bytes) std::memset(b.dyn_smem, 0xFF, b.dyn_smem_bytes);
 #if defined(__x86_64__)
   uint32_t csr = 0;
@@ -322,23 +553,52 @@ inline void run_block(Block& b) {
     b.fibers[t].state = State::run;
   }
 #endif
+  // Run thread t until its next sync point; false when it is not runnable.
+  auto step = [&](int t) {
+    if (b.fibers[t].state != State::run) return false;
+    b.cur = t;
+    set_thread_index(b, t);
+#if defined(__x86_64__)
+    switch_stack(&b.sched_sp, b.fibers[t].sp);
+#else
+    swapcontext(&b.sched_uctx, &b.uctx[t]);
+#endif
+    if (!b.error.empty())
+      throw std::runtime_error(std::string("vk emulator: kernel ") + b.kernel + ", block (" +
+                               std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) + "," +
+                               std::to_string(blockIdx.z) + "), thread " + std::to_string(t) + ": " + b.error);
+    return true;
+  };
+  auto next_random = [&](uint64_t bound) {  // splitmix64
+    uint64_t z = (b.rng += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return (z ^ (z >> 31)) % bound;
+  };
+  const Schedule sched = b.settings.schedule;
+  const int nwarps = (int)b.warps.size();
+  int warp_order[32], lane_order[32];
   while (b.live > 0) {
     bool ran = false;
-    for (int t = 0; t < n; ++t) {
-      if (b.fibers[t].state != State::run) continue;
-      ran = true;
-      b.cur = t;
-      set_thread_index(b, t);
-#if defined(__x86_64__)
-      switch_stack(&b.sched_sp, b.fibers[t].sp);
-#else
-      swapcontext(&b.sched_uctx, &b.uctx[t]);
-#endif
-      if (!b.error.empty())
-        throw std::runtime_error(std::string("vk emulator: kernel ") + b.kernel + ", block (" +
-                                 std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) + "," +
-                                 std::to_string(blockIdx.z) + "), thread " + std::to_string(t) + ": " +
-                                 b.error);
+    if (sched == Schedule::round_robin || sched == Schedule::reverse) {
+      for (int i = 0; i < n; ++i) ran |= step(sched == Schedule::reverse ? n - 1 - i : i);
+    } else {
+      // warp-major: each warp, in this pass's order, runs (its lanes in turn) until none can go on
+      const bool rev = sched == Schedule::warp_major_reverse;
+      for (int i = 0; i < nwarps; ++i) warp_order[i] = rev ? nwarps - 1 - i : i;
+      if (sched == Schedule::random)
+        for (int i = nwarps - 1; i > 0; --i) std::swap(warp_order[i], warp_order[next_random(i + 1)]);
+      for (int k = 0; k < nwarps; ++k) {
+        const int wi = warp_order[k], lanes = std::min(32, n - 32 * wi);
+        for (bool any = true; any;) {
+          for (int i = 0; i < lanes; ++i) lane_order[i] = rev ? lanes - 1 - i : i;
+          if (sched == Schedule::random)
+            for (int i = lanes - 1; i > 0; --i) std::swap(lane_order[i], lane_order[next_random(i + 1)]);
+          any = false;
+          for (int i = 0; i < lanes; ++i) any |= step(32 * wi + lane_order[i]);
+          ran |= any;
+        }
+      }
     }
     if (!ran && b.live > 0) {
       int at_warp = 0;
@@ -348,6 +608,14 @@ inline void run_block(Block& b) {
                                std::to_string(at_warp) + " at warp collectives that cannot complete "
                                "(divergent barrier or collective?)");
     }
+  }
+  if (b.hazards > 0) {
+    std::string msg = std::string("vk emulator racecheck: kernel ") + b.kernel + ", block (" +
+                      std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) + "," +
+                      std::to_string(blockIdx.z) + "): " + std::to_string(b.hazards) +
+                      " shared-memory hazard(s); distinct ones:";
+    for (const auto& h : b.hazard_text) msg += "\n  " + h;
+    throw std::runtime_error(msg);
   }
 }
 
@@ -382,6 +650,14 @@ void launch(const char* kernel, dim3 grid, dim3 block, size_t smem_bytes, Body&&
   b.warps.resize((nthreads + 31) / 32);
   b.dyn_smem = tls.dyn_smem.data();
   b.dyn_smem_bytes = smem_bytes;
+  b.settings = settings();
+  b.async.resize(nthreads);
+  b.committed.resize(nthreads);
+  b.warp_epoch.resize(b.warps.size());
+  if (b.settings.racecheck && smem_bytes > 0) {
+    tls.shadow.assign((smem_bytes + 1) / 2, Cell{});
+    b.shadow = tls.shadow.data();
+  }
 #if !defined(__x86_64__)
   b.uctx.resize(nthreads);
 #endif
@@ -725,7 +1001,8 @@ template <class T> constexpr Op mma_op();
 template <> constexpr Op mma_op<half>() { return Op::mma_f16; }
 template <> constexpr Op mma_op<bfloat16>() { return Op::mma_bf16; }
 
-inline void ldmatrix(uint32_t* r, const void* p, int count, bool trans) {
+inline void ldmatrix(uint32_t* r, const void* p, int count, bool trans, const std::source_location& loc) {
+  if (lane() < count * 8) shadow_access(p, 16, Access::read, loc);  // this lane's row address
   LaneIn in{};
   in.op = Op::ldsm;
   in.arg = uint8_t(count | (trans ? 0x10 : 0));
@@ -753,21 +1030,38 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (
   std::memcpy(d, &out.v[0], 16);
 }
 
-inline void ldmatrix_x1(uint32_t* r, const void* p) { emu::ldmatrix(r, p, 1, false); }
-inline void ldmatrix_x2(uint32_t* r, const void* p) { emu::ldmatrix(r, p, 2, false); }
-inline void ldmatrix_x4(uint32_t* r, const void* p) { emu::ldmatrix(r, p, 4, false); }
-inline void ldmatrix_x1_trans(uint32_t* r, const void* p) { emu::ldmatrix(r, p, 1, true); }
-inline void ldmatrix_x2_trans(uint32_t* r, const void* p) { emu::ldmatrix(r, p, 2, true); }
-inline void ldmatrix_x4_trans(uint32_t* r, const void* p) { emu::ldmatrix(r, p, 4, true); }
-
-inline void cp_async_16(void* smem, const void* gmem, bool pred) {
-  if (pred)
-    std::memcpy(smem, gmem, 16);
-  else
-    std::memset(smem, 0, 16);
+// The source_location arguments are the caller's line (for the race checker's reports).
+using srcloc = std::source_location;
+inline void ldmatrix_x1(uint32_t* r, const void* p, srcloc l = srcloc::current()) { emu::ldmatrix(r, p, 1, false, l); }
+inline void ldmatrix_x2(uint32_t* r, const void* p, srcloc l = srcloc::current()) { emu::ldmatrix(r, p, 2, false, l); }
+inline void ldmatrix_x4(uint32_t* r, const void* p, srcloc l = srcloc::current()) { emu::ldmatrix(r, p, 4, false, l); }
+inline void ldmatrix_x1_trans(uint32_t* r, const void* p, srcloc l = srcloc::current()) {
+  emu::ldmatrix(r, p, 1, true, l);
 }
-inline void cp_async_commit() {}
-template <int N> inline void cp_async_wait() {}
+inline void ldmatrix_x2_trans(uint32_t* r, const void* p, srcloc l = srcloc::current()) {
+  emu::ldmatrix(r, p, 2, true, l);
+}
+inline void ldmatrix_x4_trans(uint32_t* r, const void* p, srcloc l = srcloc::current()) {
+  emu::ldmatrix(r, p, 4, true, l);
+}
+
+inline void cp_async_16(void* smem, const void* gmem, bool pred, srcloc l = srcloc::current()) {
+  emu::async_issue(smem, gmem, pred, l);
+}
+inline void cp_async_commit() { emu::async_commit(); }
+template <int N> inline void cp_async_wait() { emu::async_wait(N); }
+
+// Plain shared-memory loads and stores the race checker sees.
+template <class T>
+inline T ld_shared(const T* p, srcloc l = srcloc::current()) {
+  emu::shadow_access(p, sizeof(T), emu::Access::read, l);
+  return *p;
+}
+template <class T>
+inline void st_shared(T* p, const T& v, srcloc l = srcloc::current()) {  // T deduced as on the GPU
+  emu::shadow_access(p, sizeof(T), emu::Access::write, l);
+  *p = v;
+}
 
 }  // namespace vk
 

@@ -12,7 +12,10 @@
 //   vk::mma_m16n8k16<T>(d, a, b, c)             mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32
 //   vk::ldmatrix_x{1,2,4}[_trans](r, ptr)       ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16
 //   vk::cp_async_16(smem, gmem, pred)           cp.async.cg 16 bytes, zero-fill when !pred
-//   vk::cp_async_commit(), vk::cp_async_wait<N>()
+//   vk::cp_async_commit(), vk::cp_async_wait<N>()  cp.async.commit_group, cp.async.wait_group N
+//   vk::ld_shared(p), vk::st_shared(p, v)       a plain shared-memory load / store (*p, *p = v) that
+//                                               the emulator's race checker sees (use them for
+//                                               shared memory that ldmatrix / cp.async do not touch)
 //   VK_LAUNCH(kernel, grid, block, smem_bytes, stream, args...)
 //   VK_DYNAMIC_SHARED(T, name)                  declares `T* name` = this block's dynamic shared memory
 //   vk::stream_t                                cudaStream_t on the GPU, an ignored pointer on the host
@@ -20,11 +23,24 @@
 //
 // Host emulation (VK_EMULATE) -- what it does and what it does not:
 //   * Every CUDA thread of a block is a fiber (its own stack; a ~12 ns hand-written context switch on
-//     x86-64, ucontext elsewhere). Threads run one at a time, in order, each until it reaches a
-//     synchronisation point (__syncthreads, __syncwarp, a shuffle/vote, mma, ldmatrix) or exits.
-//     So shared-memory races are deterministic and visible: a thread that reads what another thread
-//     writes without a barrier in between reads the value from before (dynamic shared memory is filled
+//     x86-64, ucontext elsewhere). Threads run one at a time, each until it reaches a
+//     synchronisation point (__syncthreads, __syncwarp, a shuffle/vote, mma, ldmatrix) or exits, in
+//     the order of the schedule (vk::emu::settings(), env VK_EMU_SCHEDULE): round_robin (default;
+//     threads in order, warps in lock-step), reverse, warp_major / warp_major_reverse (one warp runs
+//     as far as it can -- to a __syncthreads or its end -- before the next: warps run whole barrier
+//     intervals out of step) or random (warp-major in a seeded random warp and lane order). A missing
+//     barrier makes a deterministic wrong answer under some schedule (dynamic shared memory is filled
 //     with 0xFF bytes -- NaN for floats and halves -- at the start of every block).
+//   * Race checker (on by default; env VK_EMU_RACECHECK=0 turns it off): a shadow of every 2 bytes of
+//     dynamic shared memory records the last write and the reads of the current barrier interval,
+//     with thread and source line. ldmatrix (reads), cp.async (writes) and vk::ld_shared /
+//     vk::st_shared are recorded; plain pointer accesses are not. Two accesses by different threads
+//     to the same bytes, one a write, in the same __syncthreads interval (and for two lanes of one
+//     warp, the same __syncwarp interval) are a hazard: read-after-write, write-after-read or
+//     write-after-write, named by the order they ran in; reading or overwriting a cp.async
+//     destination before a cp.async.wait_group of its thread landed it is one too (any thread). A
+//     block with hazards makes the launch throw std::runtime_error listing each distinct one with both
+//     source lines. Static __shared__ arrays are not shadowed.
 //   * __syncthreads releases when every thread of the block that has not exited arrived (as on sm_70+).
 //   * Warp collectives are resolved at once when the last lane of the warp arrives, from the inputs
 //     every lane deposited, so their results never depend on the order lanes run in. Lanes must take
@@ -33,7 +49,10 @@
 //   * mma_m16n8k16 and ldmatrix follow the fragment layouts of the PTX ISA ("Matrix fragments for
 //     mma.m16n8k16 with floating point type", "ldmatrix"). Products of 16-bit inputs are exact in
 //     fp32; the emulated mma adds them to the accumulator in fp32, k = 0..15 in order.
-//   * cp.async is a plain copy done at once; commit/wait are no-ops.
+//   * cp.async lands asynchronously: the copy is recorded at issue, its 16 destination bytes are
+//     poisoned with 0xFF, and it is done when cp.async.wait_group N of the issuing thread covers its
+//     commit group (all but the newest N committed groups; uncommitted copies are not waited for), or
+//     when the thread exits.
 //   * Blocks run one after another on the calling CPU thread. Emulator state and static __shared__
 //     variables are thread_local, so launches from different CPU threads do not interfere.
 //   * Static shared memory: `__shared__ T x[N];` becomes a thread_local (static storage) variable,
@@ -161,6 +180,10 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+
+// Plain shared-memory accesses, written through these so that the emulator's race checker sees them.
+template <class T> __device__ __forceinline__ T ld_shared(const T* p) { return *p; }
+template <class T> __device__ __forceinline__ void st_shared(T* p, const T& v) { *p = v; }
 
 inline void check_launch(const char* what) {
   cudaError_t e = cudaGetLastError();
