@@ -178,3 +178,24 @@ def test_bad_requests_name_the_argument():
         ops.qkv_attention(x, w, num_heads=2, backend="cuda", stats=StatsRequest())
     with pytest.raises(ValueError, match="path: 'single_kernel' keeps no softmax statistics"):
         ops.qkv_attention(x, w, num_heads=2, backend="triton", path="single_kernel", stats=StatsRequest())
+
+
+def test_fused_attention_module_stats():
+    """FusedAttention(x, stats=...) on triton against the same module on the float64 oracle."""
+    from vit_kernels.nn import FusedAttention
+    torch.manual_seed(0)
+    m = FusedAttention(128, 2, backend="triton").eval()
+    x = torch.randn(2, 1 + 9, 128)
+    req = StatsRequest(rows=(0, 4), grid=(3, 3), patch_size=8, weights=True)
+    with torch.no_grad():
+        y, st = m(x, stats=req)
+        y_plain = m(x)
+        m64 = FusedAttention(128, 2, backend="reference").double().eval()
+        m64.load_state_dict(m.state_dict())
+        y64, st64 = m64(x.double(), stats=req)
+        m.backend = "torch"
+        y32, st32 = m(x, stats=req)
+    assert_close(y, y64, y32)
+    assert_close(y_plain, y64, y32)
+    for name in ("rows", "distance", "weights"):
+        assert_close(getattr(st, name), getattr(st64, name), getattr(st32, name), name=name)

@@ -16,6 +16,8 @@ COMMANDS = {
     "inspect": "vit_kernels.commands.inspect",
     "bench": "vit_kernels.commands.bench",
     "profile-attention": "vit_kernels.commands.profile_attention",
+    "attention-map": "vit_kernels.commands.attention_map",
+    "attention-distance": "vit_kernels.commands.attention_distance",
 }
 # commands that compile or time kernels and must not run in Triton's interpreter
 NO_INTERPRETER = {"inspect", "bench", "profile-attention"}
