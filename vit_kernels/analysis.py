@@ -163,8 +163,9 @@ def panels(images: Sequence, labels: Sequence[str], columns: int, scale: int = 1
     return sheet
 
 
-def plot_distances(distances: Tensor, path: str, title: str) -> None:
-    """The paper's figure: layer on x, mean attention distance (pixels) on y, one dot per head."""
+def plot_distances(distances: Tensor, path: str, title: str, img_size: int) -> None:
+    """The paper's figure: layer on x, mean attention distance (pixels) on y from 0, one dot per
+    head. The y axis runs to at least 0.6 x the image side (the paper's range at 224 px)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -175,7 +176,8 @@ def plot_distances(distances: Tensor, path: str, title: str) -> None:
     ax.set_xlabel("network depth (layer)")
     ax.set_ylabel("mean attention distance (pixels)")
     ax.set_xticks(range(1, L + 1))
-    ax.set_title(title, fontsize=9)
+    ax.set_ylim(0, max(0.6 * img_size, 1.1 * distances.max().item()))
+    ax.set_title(title, fontsize=8, wrap=True)
     if H <= 16:
         ax.legend(fontsize=6, loc="lower right", ncol=2)
     fig.tight_layout()

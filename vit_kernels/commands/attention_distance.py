@@ -52,7 +52,8 @@ def run(args) -> int:
             "distance_px": dist.tolist()}
     with open(base + ".json", "w") as f:
         json.dump(meta, f, indent=1)
-    analysis.plot_distances(dist, base + ".png", f"{args.model} ({source}, {geo.img_size}px, patch {geo.patch_size})")
+    analysis.plot_distances(dist, base + ".png", f"{args.model}\n{source}, {geo.img_size} px, patch {geo.patch_size}",
+                            geo.img_size)
     print(f"{args.model} backend={args.backend}: {dist.shape[0]} layers x {dist.shape[1]} heads, "
           f"distance {dist.min().item():.1f}-{dist.max().item():.1f} px -> {base}.csv/.json/.png")
     return 0
