@@ -142,7 +142,7 @@ def test_attention_distance_command(image, tmp_path, capsys):
      "img_size: expected a multiple of patch_size=16, got 40"),
     (["attention-distance", "--model", "timm:vit_tiny_patch16_224", "--batch-size", "0"],
      "argument --batch-size: expected an integer >= 1, got 0"),
-    (["attention-map", "IMAGE", "--model", "timm:vit_tiny_patch16_224", "--backend", "cuda"],
+    (["attention-map", "IMAGE", "--model", "timm:vit_tiny_patch16_224", "--backend", "gpu"],
      "argument --backend: invalid choice"),
 ])
 def test_bad_arguments_one_line_exit_2(argv, message, image, tmp_path, capsys):

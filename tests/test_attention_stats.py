@@ -81,6 +81,31 @@ def test_stats_launchers(B, H, prefix, grid, D, dtype):
     check_launchers(B, H, prefix, grid, D, dtype)
 
 
+@pytest.mark.parametrize("B,H,prefix,grid,D,dtype", DEFAULT_CASES)
+def test_cuda_stats_kernels(B, H, prefix, grid, D, dtype, monkeypatch):
+    """csrc/attention/stats.cu (host emulator on CPU tensors), outputs NaN-poisoned, against the
+    float64 oracle; the LSE comes from the CUDA flash kernel."""
+    from vit_kernels.cuda import attention_stats as cuda_stats
+    from vit_kernels.cuda import ops as cuda_ops
+    monkeypatch.setattr(cuda_ops, "_poison", True)
+    N = tokens(prefix, grid)
+    q, k, v = make_qk(B, H, N, D, DTYPES[dtype])
+    scale = D ** -0.5
+    req = StatsRequest(rows=(0, N - 1), grid=grid, patch_size=16.0, prefix_tokens=prefix, weights=True)
+    out, st = cuda_stats.flash_attention_with_stats(q, k, v, scale, req, stats_mod.check_request(req, N, N))
+    p64 = reference.attention_probs(q.double(), k.double(), scale=scale)
+    base = reference.attention_probs(q, k, scale=scale)
+    assert_close(st.rows, p64[:, :, [0, N - 1]], base[:, :, [0, N - 1]], name="rows")
+    assert_close(st.weights, p64, base, name="weights")
+    if grid:
+        oracle = reference.mean_attention_distance(q.double(), k.double(), grid=grid, patch_size=16.0,
+                                                   prefix_tokens=prefix, scale=scale)
+        baseline = reference.mean_attention_distance(q, k, grid=grid, patch_size=16.0, prefix_tokens=prefix,
+                                                     scale=scale) if q.dtype == torch.float32 else \
+            _distance_at(q, k, grid, 16.0, prefix, scale)
+        assert_close(st.distance, oracle, baseline, name="distance")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("B,H,prefix,grid,D,dtype", SLOW_CASES)
 def test_stats_launchers_full(B, H, prefix, grid, D, dtype):
@@ -104,7 +129,7 @@ def test_distance_of_known_attention():
     assert abs(d.item() - expected) < 1e-4 * expected, (d.item(), expected)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
 def test_ops_stats(backend):
     """flash_attention and qkv_attention return (out, stats) with a request, the same output as
     without one; the decision says which path ran."""
@@ -121,7 +146,8 @@ def test_ops_stats(backend):
     assert_close(st.weights, p64, base, name="weights")
     assert_close(st.distance, reference.mean_attention_distance(q.double(), k.double(), grid=grid, patch_size=16),
                  reference.mean_attention_distance(q, k, grid=grid, patch_size=16), name="distance")
-    assert last_decision("flash_attention").path == ("stats" if backend == "triton" else "torch+stats")
+    assert last_decision("flash_attention").backend == backend
+    assert last_decision("flash_attention").path == ("torch+stats" if backend == "torch" else "stats")
 
     dim = H * D
     x = torch.randn(B, N, dim, dtype=torch.float64)
@@ -140,7 +166,7 @@ def test_ops_stats(backend):
     assert_close(st.distance, reference.mean_attention_distance(qq, kk, grid=grid, patch_size=16), name="distance",
                  floor=1e-4)
     assert st.weights is None
-    assert last_decision("qkv_attention").path == ("split+stats" if backend == "triton" else "torch+stats")
+    assert last_decision("qkv_attention").path == ("torch+stats" if backend == "torch" else "split+stats")
 
 
 def test_no_request_is_the_fast_path():
@@ -170,12 +196,8 @@ def test_bad_requests_name_the_argument():
         ops.flash_attention(q, k, v, backend="triton", stats=StatsRequest(grid=(3, 3)))
     with pytest.raises(TypeError, match="stats: expected a vit_kernels.ops.StatsRequest"):
         ops.flash_attention(q, k, v, stats={"rows": 0})
-    with pytest.raises(ValueError, match="not available on the cuda backend"):
-        ops.flash_attention(q, k, v, backend="cuda", stats=StatsRequest())
     x = torch.randn(1, 17, 128)
     w = torch.randn(384, 128)
-    with pytest.raises(ValueError, match="not available on the cuda backend"):
-        ops.qkv_attention(x, w, num_heads=2, backend="cuda", stats=StatsRequest())
     with pytest.raises(ValueError, match="path: 'single_kernel' keeps no softmax statistics"):
         ops.qkv_attention(x, w, num_heads=2, backend="triton", path="single_kernel", stats=StatsRequest())
 

@@ -1,6 +1,7 @@
 """``python -m vit_kernels attention-map IMAGE --model MODEL``: the class token's attention over the
 image, per layer (head mean, or every head with --heads all), or attention rollout (--rollout),
-read out of the fused kernels and saved as a PNG of overlays beside the original.
+read out of the fused kernels and saved as a PNG of overlays beside the original. Each overlay's
+colours ('jet') span that map's own range, printed in its label.
 
 MODEL takes the forms ``verify`` takes (vit_kernels:, timm:, torchvision:, hf:, vit_pytorch:); the
 model is built locally with random weights unless --checkpoint gives local ones (verify's safe
@@ -25,8 +26,8 @@ def add_model_arguments(p) -> None:
     """The model options shared with attention-distance (the forms and defaults of verify)."""
     p.add_argument("--model", required=True,
                    help=f"family:name as for verify, family in {FAMILIES}, e.g. vit_kernels:vit_tiny_patch16_224")
-    p.add_argument("--backend", default="triton", choices=["auto", "triton", "torch"],
-                   help="backend of the fused ops (cuda has no statistics kernels)")
+    p.add_argument("--backend", default="triton", choices=["auto", "triton", "cuda", "torch"],
+                   help="backend of the fused ops (as for verify)")
     p.add_argument("--depth", type=positive_int, default=None, help="override the number of blocks")
     p.add_argument("--img-size", type=positive_int, default=None, help="image size (default: the model's)")
     p.add_argument("--checkpoint", default=None, help="local weights: .safetensors or a torch.save state_dict")
@@ -47,6 +48,11 @@ def build_fused(args):
         p.requires_grad_(False)
     fused = fuse(copy.deepcopy(model), backend=args.backend)
     return fused, analysis.geometry(fused, args.img_size)
+
+
+def _range(m) -> str:
+    """The map's value range: each panel's colours span its own min..max."""
+    return f"[{m.min().item():.3f}, {m.max().item():.3f}]"
 
 
 def add_parser(sub) -> None:
@@ -70,7 +76,8 @@ def run(args) -> int:
         shown = im.convert("RGB").resize((DISPLAY, DISPLAY), Image.BICUBIC)
     if args.rollout:
         roll = analysis.attention_rollout(model, x, geo)[0]
-        pictures, labels = [shown, analysis.overlay(shown, roll)], ["original", f"rollout ({geo.depth} layers)"]
+        pictures = [shown, analysis.overlay(shown, roll)]
+        labels = ["original", f"rollout, {geo.depth} layers {_range(roll)}"]
         columns = 2
     else:
         maps = analysis.cls_attention(model, x, geo)[:, 0]            # (layers, heads, gh, gw)
@@ -78,11 +85,11 @@ def run(args) -> int:
         for layer, m in enumerate(maps):
             if args.heads == "mean":
                 pictures.append(analysis.overlay(shown, m.mean(0)))
-                labels.append(f"layer {layer + 1} (head mean)")
+                labels.append(f"layer {layer + 1} head mean {_range(m.mean(0))}")
             else:
                 for h, mh in enumerate(m):
                     pictures.append(analysis.overlay(shown, mh))
-                    labels.append(f"layer {layer + 1} head {h}")
+                    labels.append(f"layer {layer + 1} head {h} {_range(mh)}")
         columns = maps.shape[1] if args.heads == "all" else min(len(pictures) + 1, 4)
         pictures, labels = [shown] + pictures, ["original"] + labels
         if args.heads == "all":   # the original alone on the first row

@@ -11,10 +11,10 @@ A :class:`StatsRequest` passed as ``stats=`` to :func:`vit_kernels.ops.flash_att
 - ``weights``: the full probabilities (batch, heads, q_tokens, kv_tokens), when ``weights=True``
   (HF's ``output_attentions``).
 
-On the triton backend these come from kernels that recompute exp(S - LSE) from the row log-sum-exp
-the flash kernel keeps (:mod:`vit_kernels.triton.attention_stats`); rows and distance never write
-the tokens x tokens matrix. The torch backend computes them from the full softmax. The cuda backend
-has no statistics kernels: a request for it is refused (``auto`` moves on and says why).
+On the triton and cuda backends these come from kernels that recompute exp(S - LSE) from the row
+log-sum-exp the flash kernel keeps (:mod:`vit_kernels.triton.attention_stats`, csrc/attention/stats.cu);
+rows and distance never write the tokens x tokens matrix. The torch backend computes them from the
+full softmax.
 
 Without a request the ops run exactly as before. :func:`recording` collects statistics from every
 attention op call in a block (in the calling thread), which is how :mod:`vit_kernels.analysis` reads
@@ -29,10 +29,6 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
-
-CUDA_UNSUPPORTED = ("stats: attention statistics (rows, distance, weights) are not available on the cuda "
-                    "backend (triton and torch have them)")
-
 
 @dataclasses.dataclass(frozen=True)
 class StatsRequest:

@@ -26,8 +26,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] =
     q: (batch, heads, q_tokens, head_dim); k, v: (batch, heads, kv_tokens, head_dim).
     Returns (batch, heads, q_tokens, head_dim). scale defaults to head_dim ** -0.5.
     stats: a :class:`~vit_kernels.ops.attention_stats.StatsRequest` makes it return
-    ``(out, AttentionStats)`` (attention rows, mean attention distance, full weights; triton and
-    torch backends). Inside ``attention_stats.recording(...)`` the statistics are recorded instead.
+    ``(out, AttentionStats)`` (attention rows, mean attention distance, full weights). Inside ``attention_stats.recording(...)`` the statistics are recorded instead.
     """
     checks.tensor("q", q, ndim=4)
     B, H, N, D = q.shape
@@ -57,11 +56,15 @@ def _with_stats(q, k, v, scale, backend, request, record):
     rows = attention_stats.check_request(request, q.shape[2], k.shape[2])
     D = q.shape[-1]
     d = resolve("flash_attention", backend, (q, k, v),
-                unsupported={"triton": check_head_dim("head_dim", D), "cuda": attention_stats.CUDA_UNSUPPORTED})
-    if d.backend == "triton":
-        from ..triton import attention_stats as triton_stats
+                unsupported={"triton": check_head_dim("head_dim", D),
+                             "cuda": check_head_dim("head_dim", D) or cuda_attention_unsupported(D, q.dtype)})
+    if d.backend in ("triton", "cuda"):
+        if d.backend == "triton":
+            from ..triton import attention_stats as kernels
+        else:
+            from ..cuda import attention_stats as kernels
         d.with_path("stats")
-        out, st = triton_stats.flash_attention_with_stats(q, k, v, scale, request, rows)
+        out, st = kernels.flash_attention_with_stats(q, k, v, scale, request, rows)
     else:
         d.with_path("torch+stats")
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)

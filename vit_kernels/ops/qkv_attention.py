@@ -49,8 +49,8 @@ def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = No
     path: None (chosen per shape and architecture), "single_kernel" or "split" forces the fused
     path of the triton backend (the cuda backend has "split" only; torch ignores it).
     stats: a :class:`~vit_kernels.ops.attention_stats.StatsRequest` makes it return
-    ``(out, AttentionStats)`` (triton: the split path keeping the row log-sum-exp, path "split+stats";
-    torch; not cuda). Inside ``attention_stats.recording(...)`` the statistics are recorded instead.
+    ``(out, AttentionStats)`` (triton, cuda: the split path keeping the row log-sum-exp, path
+    "split+stats"; torch: the full softmax). Inside ``attention_stats.recording(...)`` the statistics are recorded instead.
     """
     inner, head_dim = check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bias)
     checks.choice("path", path, (None, "single_kernel", "split"))
@@ -102,13 +102,18 @@ def _with_stats(tensors, num_heads, head_dim, scale, eps, backend, path, request
     x, qkv_weight, qkv_bias, norm_weight, norm_bias = tensors
     rows = attention_stats.check_request(request, x.shape[1], x.shape[1])
     d = resolve("qkv_attention", backend, tensors,
-                unsupported={"triton": check_head_dim("head_dim", head_dim), "cuda": attention_stats.CUDA_UNSUPPORTED})
-    if d.backend == "triton":
+                unsupported={"triton": check_head_dim("head_dim", head_dim),
+                             "cuda": check_head_dim("head_dim", head_dim)
+                                     or cuda_attention_unsupported(head_dim, x.dtype)})
+    if d.backend in ("triton", "cuda"):
         if path == "single_kernel":
             raise ValueError("path: 'single_kernel' keeps no softmax statistics; with stats use path=None or 'split'")
-        from ..triton import attention_stats as triton_stats
+        if d.backend == "triton":
+            from ..triton import attention_stats as kernels
+        else:
+            from ..cuda import attention_stats as kernels
         d.with_path("split+stats")
-        out, st = triton_stats.qkv_attention_with_stats(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
+        out, st = kernels.qkv_attention_with_stats(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
                                                         norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
                                                         request=request, rows=rows)
     else:

@@ -117,9 +117,13 @@ def _attn_distance_kernel(
     tl.store(DIST + pid_bh.to(tl.int64) * NP + offs_m, acc, mask=mask_m)
 
 
-def _tiles(dtype: torch.dtype, head_dim: int) -> Tuple[int, int, int, int]:
-    """The flash kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages) for these inputs."""
-    return attention.kernel_config(dtype, head_dim)
+def _tiles(dtype: torch.dtype, head_dim: int, probs: bool = False) -> Tuple[int, int, int, int]:
+    """The flash kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages) for these inputs; the probs
+    kernel without pipelining for fp32 (ptxas spilled 8 bytes at head_dim 64 on sm_90 with 2 stages)."""
+    BLOCK_M, BLOCK_N, num_warps, num_stages = attention.kernel_config(dtype, head_dim)
+    if probs and dtype == torch.float32:
+        num_stages = 1
+    return BLOCK_M, BLOCK_N, num_warps, num_stages
 
 
 def attention_probs_forward(q: Tensor, k: Tensor, lse: Tensor, scale: float, rows: Optional[Sequence[int]] = None,
@@ -145,7 +149,7 @@ def attention_probs_forward(q: Tensor, k: Tensor, lse: Tensor, scale: float, row
                          f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
     if out.numel() == 0:
         return out
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _tiles(q.dtype, D)
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _tiles(q.dtype, D, probs=True)
     _attn_probs_kernel[(B * H, triton.cdiv(R, BLOCK_M))](
         q, k, lse, out, rows_t,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -244,6 +248,7 @@ def aot_specs() -> List[AotSpec]:
     for dtype in attention.DTYPES:
         for hd in attention.AOT_HEAD_DIMS:
             BLOCK_M, BLOCK_N, num_warps, num_stages = _tiles(dtype, hd)
+            probs_stages = _tiles(dtype, hd, probs=True)[3]
             p = ptr_type(dtype)
             constexprs = {"HEAD_DIM": hd, "BLOCK_D": attention.block_d(hd), "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N,
                           "INPUT_PRECISION": attention.FP32_DOT_PRECISION}
@@ -255,7 +260,7 @@ def aot_specs() -> List[AotSpec]:
             sig["qk_scale"] = "fp32"
             sig.update({n: "constexpr" for n in constexprs})
             specs.append(AotSpec("attention_probs", _attn_probs_kernel, sig, dict(constexprs), num_warps,
-                                 num_stages, label, True))
+                                 probs_stages, label, True))
             sig = {"Q": p, "K": p, "LSE": "*fp32", "DIST": "*fp32"}
             sig.update({s: "i32" for s in strides + ["H", "N", "PREFIX", "GRID_W"]})
             sig.update({"qk_scale": "fp32", "patch_size": "fp32"})
