@@ -91,6 +91,7 @@ MAP_CASES = [  # (model, extra options): tiny configs; torchvision's smallest Vi
     ("hf", []),
     ("vit_pytorch:vit_tiny_patch16_224", []),
     ("torchvision:vit_b_16", ["--backend", "torch"]),
+    ("timm:vit_tiny_patch16_224", ["--backend", "cuda"]),    # the csrc kernels, host emulator
 ]
 
 
