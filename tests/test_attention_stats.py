@@ -194,6 +194,10 @@ def test_bad_requests_name_the_argument():
         ops.flash_attention(q, k, v, backend="triton", stats=StatsRequest(rows=(17,)))
     with pytest.raises(ValueError, match=r"stats\.grid: expected 10 tokens \(1 prefix \+ 3x3 patches\)"):
         ops.flash_attention(q, k, v, backend="triton", stats=StatsRequest(grid=(3, 3)))
+    with pytest.raises(TypeError, match=r"stats\.rows: expected a sequence of query row indices or None, got 0"):
+        ops.flash_attention(q, k, v, backend="triton", stats=StatsRequest(rows=0))
+    with pytest.raises(ValueError, match=r"stats\.patch_size: expected a positive number of pixels, got -1"):
+        ops.flash_attention(q, k, v, backend="triton", stats=StatsRequest(grid=(4, 4), patch_size=-1))
     with pytest.raises(TypeError, match="stats: expected a vit_kernels.ops.StatsRequest"):
         ops.flash_attention(q, k, v, stats={"rows": 0})
     x = torch.randn(1, 17, 128)

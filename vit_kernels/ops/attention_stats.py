@@ -62,6 +62,8 @@ def check_request(request: StatsRequest, q_tokens: int, kv_tokens: int) -> Optio
     """Validate ``request`` for attention of q_tokens x kv_tokens; returns the rows (None for none)."""
     if not isinstance(request, StatsRequest):
         raise TypeError(f"stats: expected a vit_kernels.ops.StatsRequest or None, got {type(request).__name__}")
+    if request.rows is not None and not isinstance(request.rows, (tuple, list, range)):
+        raise TypeError(f"stats.rows: expected a sequence of query row indices or None, got {request.rows!r}")
     rows = tuple(request.rows) if request.rows is not None else ()
     bad = [r for r in rows if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < q_tokens]
     if bad:
@@ -76,7 +78,8 @@ def check_request(request: StatsRequest, q_tokens: int, kv_tokens: int) -> Optio
         if q_tokens != want or kv_tokens != want:
             raise ValueError(f"stats.grid: expected {want} tokens ({request.prefix_tokens} prefix + {g[0]}x{g[1]} "
                              f"patches) as queries and keys, got {q_tokens} and {kv_tokens}")
-        if not request.patch_size > 0:
+        if isinstance(request.patch_size, bool) or not isinstance(request.patch_size, (int, float)) \
+                or not request.patch_size > 0:
             raise ValueError(f"stats.patch_size: expected a positive number of pixels, got {request.patch_size!r}")
     return rows or None
 
