@@ -171,8 +171,10 @@ def plot_distances(distances: Tensor, path: str, title: str, img_size: int) -> N
     import matplotlib.pyplot as plt
     L, H = distances.shape
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    colours = matplotlib.colormaps["tab10" if H <= 10 else "tab20" if H <= 20 else "viridis"]
     for h in range(H):
-        ax.scatter(range(1, L + 1), distances[:, h].tolist(), s=14, label=f"head {h}")
+        c = colours(h) if H <= 20 else colours(h / (H - 1))
+        ax.scatter(range(1, L + 1), distances[:, h].tolist(), s=14, color=c, label=f"head {h}")
     ax.set_xlabel("network depth (layer)")
     ax.set_ylabel("mean attention distance (pixels)")
     ax.set_xticks(range(1, L + 1))
