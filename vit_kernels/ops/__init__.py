@@ -6,4 +6,5 @@ from .mlp import layernorm_gelu_mlp
 from .patch_embed import patch_embed
 from .qkv_attention import qkv_attention
 
-__all__ = ["flash_attention", "qkv_attention", "layernorm_gelu_mlp", "patch_embed", "linear", "StatsRequest", "AttentionStats"]
+__all__ = ["flash_attention", "qkv_attention", "layernorm_gelu_mlp", "patch_embed", "linear",
+           "StatsRequest", "AttentionStats"]

@@ -26,7 +26,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] =
     q: (batch, heads, q_tokens, head_dim); k, v: (batch, heads, kv_tokens, head_dim).
     Returns (batch, heads, q_tokens, head_dim). scale defaults to head_dim ** -0.5.
     stats: a :class:`~vit_kernels.ops.attention_stats.StatsRequest` makes it return
-    ``(out, AttentionStats)`` (attention rows, mean attention distance, full weights). Inside ``attention_stats.recording(...)`` the statistics are recorded instead.
+    ``(out, AttentionStats)`` (attention rows, mean attention distance, full weights). Inside
+    ``attention_stats.recording(...)`` the statistics are recorded instead.
     """
     checks.tensor("q", q, ndim=4)
     B, H, N, D = q.shape

@@ -50,7 +50,8 @@ def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = No
     path of the triton backend (the cuda backend has "split" only; torch ignores it).
     stats: a :class:`~vit_kernels.ops.attention_stats.StatsRequest` makes it return
     ``(out, AttentionStats)`` (triton, cuda: the split path keeping the row log-sum-exp, path
-    "split+stats"; torch: the full softmax). Inside ``attention_stats.recording(...)`` the statistics are recorded instead.
+    "split+stats"; torch: the full softmax). Inside ``attention_stats.recording(...)`` the
+    statistics are recorded instead.
     """
     inner, head_dim = check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bias)
     checks.choice("path", path, (None, "single_kernel", "split"))
