@@ -188,6 +188,18 @@ def test_recording_collects_every_call():
     assert isinstance(ops.flash_attention(q, k, v, backend="torch"), torch.Tensor)
 
 
+def test_launchers_check_their_operands():
+    q, k, v = make_qk(1, 2, 17, 64, torch.float32)
+    _, lse = attention.flash_attention_forward(q, k, v, 0.125, return_lse=True)
+    with pytest.raises(ValueError, match="k: expected a 16-byte aligned data pointer"):
+        triton_stats.attention_probs_forward(q, torch.randn(1, 2, 17 * 64 + 1)[..., 1:].view(1, 2, 17, 64), lse, 0.1)
+    with pytest.raises(ValueError, match=r"lse: expected a contiguous float32 \(1, 2, 17\) tensor"):
+        triton_stats.mean_attention_distance_forward(q, k, lse.double(), 0.1, grid=(4, 4), patch_size=1,
+                                                     prefix_tokens=1)
+    with pytest.raises(ValueError, match=r"k: expected shape \(1, 2, kv_tokens, 64\)"):
+        triton_stats.attention_probs_forward(q, k[:, :1], lse, 0.1)
+
+
 def test_bad_requests_name_the_argument():
     q, k, v = make_qk(1, 2, 17, 64, torch.float32)
     with pytest.raises(ValueError, match=r"stats\.rows: expected query row indices in \[0, 17\), got \[17\]"):

@@ -55,15 +55,17 @@ def _attn_probs_kernel(
     mask_d = offs_d < HEAD_DIM
     qrow = tl.load(ROWS + offs_r, mask=mask_r, other=0).to(tl.int64)   # query row of each P row
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + qrow[:, None] * stride_qn + offs_d[None, :],
+    # Q and K were checked by the flash launcher: 16-byte aligned, strides multiples of 8 elements.
+    q_base = tl.multiple_of(Q + b * stride_qb + h * stride_qh, 16)
+    q = tl.load(q_base + tl.multiple_of(qrow * stride_qn, 8)[:, None] + offs_d[None, :],
                 mask=mask_r[:, None] & mask_d[None, :], other=0.0)
     lse2 = tl.load(LSE + pid_bh.to(tl.int64) * NQ + qrow, mask=mask_r, other=0.0) * 1.4426950408889634
-    k_base = K + b * stride_kb + h * stride_kh
+    k_base = tl.multiple_of(K + b * stride_kb + h * stride_kh, 16)
     p_base = P + b * stride_pb + h * stride_ph + offs_r.to(tl.int64)[:, None] * stride_pr
     for start_n in range(0, NKV, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < NKV
-        k = tl.load(k_base + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
+        k = tl.load(k_base + tl.multiple_of(cols.to(tl.int64) * stride_kn, 8)[:, None] + offs_d[None, :],
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
@@ -95,18 +97,19 @@ def _attn_distance_kernel(
     mask_m = offs_m < NP
     mask_d = offs_d < HEAD_DIM
     qrow = (PREFIX + offs_m).to(tl.int64)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + qrow[:, None] * stride_qn + offs_d[None, :],
+    q_base = tl.multiple_of(Q + b * stride_qb + h * stride_qh, 16)
+    q = tl.load(q_base + tl.multiple_of(qrow * stride_qn, 8)[:, None] + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     lse2 = tl.load(LSE + pid_bh.to(tl.int64) * N + qrow, mask=mask_m, other=0.0) * 1.4426950408889634
     qr = (offs_m // GRID_W).to(tl.float32)
     qc = (offs_m % GRID_W).to(tl.float32)
 
     acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    k_base = K + b * stride_kb + h * stride_kh
+    k_base = tl.multiple_of(K + b * stride_kb + h * stride_kh, 16)
     for start_n in range(0, NP, BLOCK_N):
         kp = start_n + offs_n                            # key patch index
         mask_n = kp < NP
-        k = tl.load(k_base + (PREFIX + kp).to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
+        k = tl.load(k_base + tl.multiple_of((PREFIX + kp).to(tl.int64) * stride_kn, 8)[:, None] + offs_d[None, :],
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
@@ -117,13 +120,9 @@ def _attn_distance_kernel(
     tl.store(DIST + pid_bh.to(tl.int64) * NP + offs_m, acc, mask=mask_m)
 
 
-def _tiles(dtype: torch.dtype, head_dim: int, probs: bool = False) -> Tuple[int, int, int, int]:
-    """The flash kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages) for these inputs; the probs
-    kernel without pipelining for fp32 (ptxas spilled 8 bytes at head_dim 64 on sm_90 with 2 stages)."""
-    BLOCK_M, BLOCK_N, num_warps, num_stages = attention.kernel_config(dtype, head_dim)
-    if probs and dtype == torch.float32:
-        num_stages = 1
-    return BLOCK_M, BLOCK_N, num_warps, num_stages
+def _tiles(dtype: torch.dtype, head_dim: int) -> Tuple[int, int, int, int]:
+    """The flash kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages) for these inputs."""
+    return attention.kernel_config(dtype, head_dim)
 
 
 def attention_probs_forward(q: Tensor, k: Tensor, lse: Tensor, scale: float, rows: Optional[Sequence[int]] = None,
@@ -136,6 +135,7 @@ def attention_probs_forward(q: Tensor, k: Tensor, lse: Tensor, scale: float, row
     kv_tokens) tensor of q's dtype, contiguous in its last dim.
     Returns (batch, heads, len(rows), kv_tokens) in q's dtype.
     """
+    _check_qk(q, k)
     B, H, NQ, D = q.shape
     NKV = k.shape[2]
     _check_lse(lse, (B, H, NQ), q.device)
@@ -149,7 +149,7 @@ def attention_probs_forward(q: Tensor, k: Tensor, lse: Tensor, scale: float, row
                          f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
     if out.numel() == 0:
         return out
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _tiles(q.dtype, D, probs=True)
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _tiles(q.dtype, D)
     _attn_probs_kernel[(B * H, triton.cdiv(R, BLOCK_M))](
         q, k, lse, out, rows_t,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -171,6 +171,7 @@ def mean_attention_distance_forward(q: Tensor, k: Tensor, lse: Tensor, scale: fl
     per_patch: optional contiguous float32 (batch, heads, grid_h * grid_w) buffer that receives each
     query patch's distance (the kernel's output, averaged here).
     """
+    _check_qk(q, k)
     B, H, N, D = q.shape
     _check_lse(lse, (B, H, N), q.device)
     gh, gw = grid
@@ -194,6 +195,18 @@ def mean_attention_distance_forward(q: Tensor, k: Tensor, lse: Tensor, scale: fl
             INPUT_PRECISION=attention.FP32_DOT_PRECISION, num_warps=num_warps, num_stages=num_stages,
         )
     return dist.mean(-1)
+
+
+def _check_qk(q: Tensor, k: Tensor) -> None:
+    """The flash launcher's checks: 4-D, one dtype and device, unit last stride, 16-byte aligned rows
+    (the kernels' multiple_of hints rely on them), matching batch, heads and head_dim."""
+    if q.dim() != 4:
+        raise ValueError(f"q: expected a 4-D tensor (batch, heads, tokens, head_dim), got shape {tuple(q.shape)}")
+    attention.check_head_dim(q.shape[-1])
+    attention._check_operand("q", q, q)
+    attention._check_operand("k", k, q)
+    if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"k: expected shape ({q.shape[0]}, {q.shape[1]}, kv_tokens, {q.shape[3]}), got {tuple(k.shape)}")
 
 
 def _check_lse(lse: Tensor, shape: tuple, device) -> None:
@@ -248,7 +261,6 @@ def aot_specs() -> List[AotSpec]:
     for dtype in attention.DTYPES:
         for hd in attention.AOT_HEAD_DIMS:
             BLOCK_M, BLOCK_N, num_warps, num_stages = _tiles(dtype, hd)
-            probs_stages = _tiles(dtype, hd, probs=True)[3]
             p = ptr_type(dtype)
             constexprs = {"HEAD_DIM": hd, "BLOCK_D": attention.block_d(hd), "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N,
                           "INPUT_PRECISION": attention.FP32_DOT_PRECISION}
@@ -260,7 +272,7 @@ def aot_specs() -> List[AotSpec]:
             sig["qk_scale"] = "fp32"
             sig.update({n: "constexpr" for n in constexprs})
             specs.append(AotSpec("attention_probs", _attn_probs_kernel, sig, dict(constexprs), num_warps,
-                                 probs_stages, label, True))
+                                 num_stages, label, True))
             sig = {"Q": p, "K": p, "LSE": "*fp32", "DIST": "*fp32"}
             sig.update({s: "i32" for s in strides + ["H", "N", "PREFIX", "GRID_W"]})
             sig.update({"qk_scale": "fp32", "patch_size": "fp32"})
