@@ -71,3 +71,18 @@ def test_refuses_what_it_cannot_serve():
         attn(fused.eval(), q, q, q, torch.zeros(1, 1, 5, 5))
     with pytest.raises(ValueError, match="backend"):
         hf_attention.make_attention("gpu")
+
+
+def test_fuse_with_the_attention_interface():
+    """fuse() fuses whole layers; a call asking for output_attentions runs the layer's own modules,
+    whose attention core is then the vit_kernels one: the weights still come from the stats kernel."""
+    fused, _, eager64 = models(tiny_config())
+    vk.fuse(fused, backend="triton")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad(), vk.record_decisions() as decisions:
+        got = fused(x, output_attentions=True)
+        want = eager64(x.double(), output_attentions=True)
+    assert [d.path for d in decisions if d.op == "flash_attention"] == ["stats", "stats"]
+    for layer, (a, a64) in enumerate(zip(got.attentions, want.attentions)):
+        assert_close(a, a64, name=f"attentions[{layer}]")
+    assert_close(got.last_hidden_state, want.last_hidden_state, name="last_hidden_state", floor=1e-4)
