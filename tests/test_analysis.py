@@ -153,3 +153,27 @@ def test_bad_arguments_one_line_exit_2(argv, message, image, tmp_path, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_attention_map_loads_a_local_checkpoint(image, tmp_path, capsys):
+    """--checkpoint goes through verify's safe loader: weights saved from the seed-5 model give the
+    same picture as building that model; a file that is not a checkpoint is refused in one line."""
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+
+    from vit_kernels.commands import verify as verify_cmd
+    spec = ["--model", "vit_kernels:vit_tiny_patch16_224", "--depth", "1", "--img-size", "32", "--backend", "torch"]
+    args = cli.build_parser()[0].parse_args(["attention-map", image, *spec, "--seed", "5"])
+    torch.manual_seed(5)
+    save_file(verify_cmd.build(args.model, args).state_dict(), str(tmp_path / "w.safetensors"))
+    a, b = str(tmp_path / "a.png"), str(tmp_path / "b.png")
+    assert cli.main(["attention-map", image, *spec, "--seed", "5", "--out", a]) == 0
+    assert cli.main(["attention-map", image, *spec, "--checkpoint", str(tmp_path / "w.safetensors"), "--out", b]) == 0
+    c = str(tmp_path / "c.png")
+    assert cli.main(["attention-map", image, *spec, "--out", c]) == 0   # seed 0, no checkpoint
+    data = [open(p, "rb").read() for p in (a, b, c)]
+    assert data[0] == data[1] and data[0] != data[2]
+    capsys.readouterr()
+    assert cli.main(["attention-map", image, *spec, "--checkpoint", image]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint: expected a .safetensors file or a torch.save file" in err and len(err.strip().splitlines()) == 1
