@@ -177,3 +177,20 @@ def test_attention_map_loads_a_local_checkpoint(image, tmp_path, capsys):
     assert cli.main(["attention-map", image, *spec, "--checkpoint", image]) == 2
     err = capsys.readouterr().err
     assert "checkpoint: expected a .safetensors file or a torch.save file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_uniform_attention_gives_the_grid_mean_distance():
+    """q = k = 0 (QKV weights and bias zeroed): every token attends uniformly, so each head's mean
+    attention distance is (1 / tokens) x the mean over patches of the summed distances to all
+    patches; and the class token's map is flat at 1 / tokens."""
+    model = tiny_vit("triton")
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight.zero_()
+            blk.attn.qkv.bias.zero_()
+    x = torch.randn(2, 3, 32, 32)
+    want = reference.patch_distances((4, 4), 8.0).sum(-1).mean().item() / 17
+    d = analysis.mean_attention_distance(model, x)
+    assert torch.allclose(d, torch.full((2, 2), want), rtol=1e-5), (d, want)
+    maps = analysis.cls_attention(model, x)
+    assert torch.allclose(maps, torch.full_like(maps, 1 / 17), rtol=1e-5)
