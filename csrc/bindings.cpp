@@ -14,6 +14,7 @@
 #include "vk/gemm.h"
 #include "vk/kernels.h"
 #include "attention/flash_fwd.h"
+#include "attention/stats.h"
 
 namespace {
 
@@ -409,6 +410,73 @@ int64_t flash_attention_smem_bytes(int64_t dtype, int64_t head_dim) {
   return vk::attn::flash_attention_smem_bytes(static_cast<vk::attn::Dtype>(dtype), (int)head_dim);
 }
 
+// ---------------------------------------------------------- attention statistics (from the LSE)
+// q: (B, H, Nq, hd), k: (B, H, Nk, hd), unit last stride (any other strides); lse: (B, H, Nq) float32
+// contiguous, natural log (flash_attention_forward's). See csrc/attention/stats.h.
+vk::attn::StatsArgs stats_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse, double scale) {
+  const auto dtype = attention_dtype(q);
+  TORCH_CHECK(q.dim() == 4 && q.stride(3) == 1, "q: expected (batch, heads, q_tokens, head_dim) with a unit last "
+              "stride, got shape ", q.sizes(), " strides ", q.strides());
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
+  TORCH_CHECK(k.dim() == 4 && k.size(0) == B && k.size(1) == H && k.size(3) == D && k.stride(3) == 1,
+              "k: expected shape (", B, ", ", H, ", kv_tokens, ", D, ") with a unit last stride, got ", k.sizes());
+  check(q, "q", q.scalar_type(), false);
+  check(k, "k", q.scalar_type(), false);
+  check(lse, "lse", at::kFloat);
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == N, "lse: expected shape (", B,
+              ", ", H, ", ", N, "), got ", lse.sizes());
+  vk::attn::StatsArgs a;
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.lse = ptr<float>(lse);
+  a.batch = B;
+  a.heads = H;
+  a.q_tokens = N;
+  a.kv_tokens = k.size(2);
+  a.head_dim = D;
+  for (int i = 0; i < 3; ++i) {
+    a.q_stride[i] = q.stride(i);
+    a.k_stride[i] = k.stride(i);
+  }
+  a.scale = (float)scale;
+  a.dtype = dtype;
+  return a;
+}
+
+// attention_probs(q, k, lse, rows, out, scale): out[b, h, r, j] = exp(scale q_rows[r] . k_j - lse_rows[r]);
+//   rows: (R,) int32 query rows; out: (B, H, R, Nk) contiguous, q's dtype.
+void attention_probs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse, const at::Tensor& rows,
+                     const at::Tensor& out, double scale) {
+  auto a = stats_args(q, k, lse, scale);
+  check(rows, "rows", at::kInt);
+  TORCH_CHECK(rows.dim() == 1, "rows: expected a 1-D tensor of query rows, got shape ", rows.sizes());
+  check(out, "out", q.scalar_type());
+  TORCH_CHECK(out.dim() == 4 && out.size(0) == a.batch && out.size(1) == a.heads && out.size(2) == rows.size(0) &&
+              out.size(3) == a.kv_tokens, "out: expected shape (", a.batch, ", ", a.heads, ", ", rows.size(0), ", ",
+              a.kv_tokens, "), got ", out.sizes());
+  a.rows = ptr<int32_t>(rows);
+  a.num_rows = rows.size(0);
+  a.out = out.data_ptr();
+  DeviceGuard g(q);
+  vk::attn::attention_probs(a, stream_of(q));
+}
+
+// attention_distance(q, k, lse, out, prefix, grid_w, scale, patch_size): per query patch
+//   sum_j p_ij |pos_i - pos_j| * patch_size over the key patches; out: (B, H, Nq - prefix) float32 contiguous.
+void attention_distance(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse, const at::Tensor& out,
+                        int64_t prefix, int64_t grid_w, double scale, double patch_size) {
+  auto a = stats_args(q, k, lse, scale);
+  check(out, "out", at::kFloat);
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == a.batch && out.size(1) == a.heads && out.size(2) == a.q_tokens - prefix,
+              "out: expected shape (", a.batch, ", ", a.heads, ", ", a.q_tokens - prefix, "), got ", out.sizes());
+  a.out = out.data_ptr();
+  a.prefix = prefix;
+  a.grid_w = grid_w;
+  a.patch_size = (float)patch_size;
+  DeviceGuard g(q);
+  vk::attn::attention_distance(a, stream_of(q));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -442,4 +510,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("amax"), py::arg("scale"));
   m.def("flash_attention_head_dims", &flash_attention_head_dims, "the head dims the attention kernel is compiled for");
   m.def("flash_attention_smem_bytes", &flash_attention_smem_bytes, "dynamic shared memory of one instantiation");
+  // --- attention statistics from the row log-sum-exp
+  m.def("attention_probs", &attention_probs, "probabilities of chosen query rows from the LSE", py::arg("q"),
+        py::arg("k"), py::arg("lse"), py::arg("rows"), py::arg("out"), py::arg("scale"));
+  m.def("attention_distance", &attention_distance, "mean attention distance per query patch from the LSE",
+        py::arg("q"), py::arg("k"), py::arg("lse"), py::arg("out"), py::arg("prefix"), py::arg("grid_w"),
+        py::arg("scale"), py::arg("patch_size"));
 }

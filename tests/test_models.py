@@ -1,4 +1,6 @@
 """The reference ViT: the paper's sizes, its options, and its backends against the oracle."""
+import copy
+
 import pytest
 import torch
 
@@ -98,3 +100,37 @@ def test_model_rejects_bad_options():
         small(pool="max")
     with pytest.raises(ValueError, match="backend"):
         small(backend="tpu")
+
+
+def test_dynamic_img_size_resamples_once_per_grid_until_pos_embed_changes(monkeypatch):
+    """One model, several image sizes: the position embedding is resampled once per patch grid,
+    again after an in-place update, and the output matches the float64 oracle fed the same embedding."""
+    import vit_kernels.models.vit as vit_mod
+    calls = []
+    real = vit_mod.resample_pos_embed
+    monkeypatch.setattr(vit_mod, "resample_pos_embed", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    model = small(dynamic_img_size=True, backend="triton")
+    oracle = set_backend(small(dynamic_img_size=True), "reference").double()
+    oracle.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        sizes = [(48, 40), (32, 32), (48, 40), (64, 64), (48, 40)]
+        inputs = [torch.randn(2, 3, *size) for size in sizes]
+        torch_model = set_backend(copy.deepcopy(model), "torch")
+        expected = [(oracle(x.double()), torch_model(x)) for x in inputs]
+        calls.clear()
+        for size, x, (want, base) in zip(sizes, inputs, expected):
+            assert_close(model(x), want, base, name=str(size))
+        assert calls == [(6, 5), (8, 8)], calls
+        model.pos_embed.add_(0.1)
+        model(torch.randn(1, 3, 48, 40))
+        assert calls.count((6, 5)) == 2
+    with pytest.raises(ValueError, match="images: expected a size that is a multiple of patch_size=8, got 44x40"):
+        model(torch.randn(1, 3, 44, 40))
+
+
+def test_resample_pos_embed_matches_timm():
+    timm_pe = pytest.importorskip("timm.layers").resample_abs_pos_embed
+    pe = torch.randn(1, 1 + 64, 16)
+    for grid in [(4, 4), (12, 10)]:
+        want = timm_pe(pe, list(grid), (8, 8), num_prefix_tokens=1)
+        assert torch.allclose(resample_pos_embed(pe, grid, (8, 8)), want, atol=1e-6)

@@ -17,6 +17,8 @@ COMMANDS = {
     "bench": "vit_kernels.commands.bench",
     "profile-attention": "vit_kernels.commands.profile_attention",
     "selftest": "vit_kernels.commands.selftest",
+    "attention-map": "vit_kernels.commands.attention_map",
+    "attention-distance": "vit_kernels.commands.attention_distance",
 }
 # commands that compile or time kernels and must not run in Triton's interpreter
 NO_INTERPRETER = {"inspect", "bench", "profile-attention"}

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops, reference
+from .ops import attention_stats
 from .backends import BACKENDS
 
 MODULE_BACKENDS = BACKENDS + ("reference",)
@@ -96,23 +97,52 @@ class FusedAttention(_Fused):
         self.attn_drop = attn_drop
         self.proj_drop = proj_drop
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, stats: Optional[ops.StatsRequest] = None):
+        """x: (batch, tokens, dim) -> (batch, tokens, dim). With ``stats`` (a StatsRequest) returns
+        ``(out, AttentionStats)``: the attention rows, mean attention distance or full weights of
+        this call (see :mod:`vit_kernels.ops.attention_stats`)."""
         gamma = self.ls.gamma if self.ls is not None else None
         norm = self.norm
         if self.backend == "reference":
-            o = reference.qkv_attention(x, self.qkv.weight, self.qkv.bias, num_heads=self.num_heads,
-                                        norm_weight=norm.weight, norm_bias=norm.bias, eps=norm.eps)
-            return reference.linear(o, self.proj.weight, self.proj.bias, residual=x, layer_scale=gamma)
+            return self._reference(x, gamma, stats)
         if self.training and (self.attn_drop > 0 or self.proj_drop > 0):
+            if stats is not None:
+                raise ValueError("stats: not available while dropout is active in training; call .eval() first")
             return self._forward_with_dropout(x, gamma)
         params = (self.qkv.weight, self.qkv.bias, norm.weight, norm.bias, self.proj.weight,
                   self.proj.bias, gamma)
-        return _run_autocast(self._fused, x, params)
+        if stats is None:
+            return _run_autocast(self._fused, x, params)
+        return _run_autocast(self._fused_with_stats, x, params, stats=stats)
 
     def _fused(self, x, qkv_w, qkv_b, norm_w, norm_b, proj_w, proj_b, gamma):
         o = ops.qkv_attention(x, qkv_w, qkv_b, num_heads=self.num_heads, norm_weight=norm_w,
                               norm_bias=norm_b, eps=self.norm.eps, backend=self.backend)
         return ops.linear(o, proj_w, proj_b, residual=x, layer_scale=gamma, backend=self.backend)
+
+    def _fused_with_stats(self, x, qkv_w, qkv_b, norm_w, norm_b, proj_w, proj_b, gamma, stats):
+        o, st = ops.qkv_attention(x, qkv_w, qkv_b, num_heads=self.num_heads, norm_weight=norm_w,
+                                  norm_bias=norm_b, eps=self.norm.eps, backend=self.backend, stats=stats)
+        return ops.linear(o, proj_w, proj_b, residual=x, layer_scale=gamma, backend=self.backend), st
+
+    def _reference(self, x: Tensor, gamma: Optional[Tensor], stats):
+        """The eager oracle; statistics (asked for, or recorded) from its q and k, full matrix."""
+        norm = self.norm
+        o = reference.qkv_attention(x, self.qkv.weight, self.qkv.bias, num_heads=self.num_heads,
+                                    norm_weight=norm.weight, norm_bias=norm.bias, eps=norm.eps)
+        y = reference.linear(o, self.proj.weight, self.proj.bias, residual=x, layer_scale=gamma)
+        request = stats if stats is not None else attention_stats.active_request()
+        if request is None:
+            return y
+        B, N, C = x.shape
+        h = reference.layer_norm(x, norm.weight, norm.bias, norm.eps)
+        q, k, _ = reference.linear(h, self.qkv.weight, self.qkv.bias).reshape(
+            B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        st = attention_stats.attention_stats_torch(q, k, self.head_dim ** -0.5, request)
+        if stats is None:
+            attention_stats.record(st)
+            return y
+        return y, st
 
     def _forward_with_dropout(self, x: Tensor, gamma: Optional[Tensor]) -> Tensor:
         B, N, C = x.shape

@@ -110,3 +110,38 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
     if pos_embed is not None:
         tokens = tokens + pos_embed.reshape(-1, tokens.shape[1], tokens.shape[2])
     return tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention statistics (what vit_kernels.ops.attention_stats returns), from the full matrix.
+
+def attention_probs(q: Tensor, k: Tensor, *, scale: Optional[float] = None) -> Tensor:
+    """q: (batch, heads, q_tokens, head_dim), k: (batch, heads, kv_tokens, head_dim)
+    -> softmax(q k^T * scale) (batch, heads, q_tokens, kv_tokens), the full matrix."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
+
+
+def patch_distances(grid: tuple, patch_size: float, dtype=torch.float64, device=None) -> Tensor:
+    """(grid_h * grid_w, grid_h * grid_w) Euclidean distances in pixels between patch centres,
+    patches in row-major order (as the patch embedding flattens them)."""
+    gh, gw = grid
+    idx = torch.arange(gh * gw, device=device)
+    rc = torch.stack([idx // gw, idx % gw], dim=-1).to(dtype)
+    return torch.cdist(rc, rc) * patch_size
+
+
+def mean_attention_distance(q: Tensor, k: Tensor, *, grid: tuple, patch_size: float, prefix_tokens: int = 1,
+                            scale: Optional[float] = None) -> Tensor:
+    """The ViT paper's mean attention distance per head: (batch, heads).
+
+    For each query patch i: sum over key patches j of p_ij * distance(i, j) in pixels, with p the
+    softmax over all tokens; then the mean over the query patches. The prefix tokens (class token,
+    registers: the first ``prefix_tokens``) are left out as queries and as keys, without
+    renormalising (as the paper's figure and vit-keras compute it).
+    q, k: (batch, heads, prefix_tokens + grid_h * grid_w, head_dim).
+    """
+    p = attention_probs(q, k, scale=scale)[..., prefix_tokens:, prefix_tokens:]
+    d = patch_distances(grid, patch_size, p.dtype, p.device)
+    return (p * d).sum(-1).mean(-1)

@@ -29,3 +29,18 @@ def out_folder(text: str) -> str:
                 raise argparse.ArgumentTypeError(f"expected a folder (created when missing), got {text!r}, {what}")
             break
     return text
+
+
+def image_file(text: str) -> str:
+    """An image file Pillow can read."""
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"expected an image file, got {text!r}: "
+                                         f"{'a folder' if path.is_dir() else 'no such file'}")
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise argparse.ArgumentTypeError(f"expected an image file Pillow can read, got {text!r} ({e})") from None
+    return str(path)

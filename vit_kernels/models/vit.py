@@ -88,15 +88,31 @@ class VisionTransformer(nn.Module):
         return set_backend(self, backend)
 
     def pos_embed_for(self, H: int, W: int) -> Tensor:
-        """The position embedding for an H x W input: (1, prefix + (H/p)*(W/p), dim)."""
+        """The position embedding for an H x W input: (1, prefix + (H/p)*(W/p), dim).
+
+        Another size (dynamic_img_size) resamples it (bicubic, antialiased as timm does) once per
+        patch grid and keeps it until pos_embed changes (an in-place update, load_state_dict, .to());
+        while autograd records (pos_embed requiring grad) it is resampled on every call instead.
+        """
         p = self.patch_size
         if (H, W) == (self.img_size, self.img_size):
             return self.pos_embed
         if not self.dynamic_img_size:
             raise ValueError(f"images: expected {self.img_size}x{self.img_size}, got {H}x{W}; build the "
                              f"model with dynamic_img_size=True to resample the position embedding")
-        return resample_pos_embed(self.pos_embed, (H // p, W // p), (self.grid, self.grid),
-                                  1 if self.cls_token is not None else 0)
+        if H % p or W % p:
+            raise ValueError(f"images: expected a size that is a multiple of patch_size={p}, got {H}x{W}")
+        grid, prefix = (H // p, W // p), 1 if self.cls_token is not None else 0
+        pe = self.pos_embed
+        if torch.is_grad_enabled() and pe.requires_grad:
+            return resample_pos_embed(pe, grid, (self.grid, self.grid), prefix)
+        key = (pe.data_ptr(), pe._version, pe.dtype, pe.device)
+        cache = self.__dict__.setdefault("_pos_embed_cache", {})
+        hit = cache.get(grid)
+        if hit is None or hit[0] != key:
+            hit = (key, resample_pos_embed(pe.detach(), grid, (self.grid, self.grid), prefix))
+            cache[grid] = hit
+        return hit[1]
 
     def forward_features(self, images: Tensor) -> Tensor:
         """images: (batch, in_chans, H, W) -> tokens after the final LayerNorm (batch, tokens, dim)."""
@@ -123,15 +139,16 @@ class VisionTransformer(nn.Module):
 
 def resample_pos_embed(pos_embed: Tensor, new_grid: Tuple[int, int], old_grid: Tuple[int, int],
                        num_prefix_tokens: int = 1) -> Tensor:
-    """Resample a (1, prefix + gh*gw, dim) position embedding to another patch grid (bicubic),
-    as the ViT paper does to fine-tune at a higher resolution. Prefix rows are kept as they are.
+    """Resample a (1, prefix + gh*gw, dim) position embedding to another patch grid (bicubic,
+    antialiased when it shrinks, as timm's resample_abs_pos_embed), as the ViT paper does to
+    fine-tune at a higher resolution. Prefix rows are kept as they are.
     """
     if tuple(new_grid) == tuple(old_grid):
         return pos_embed
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     dim = pos_embed.shape[-1]
     grid = grid.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False)
+    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=True)
     grid = grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)
     return torch.cat([prefix, grid], dim=1)
 

@@ -9,6 +9,7 @@ from torch import Tensor
 from .. import checks, reference
 from ..backends import resolve
 from ..cuda.ops import attention_unsupported as cuda_attention_unsupported
+from . import attention_stats
 
 
 def check_head_dim(name: str, head_dim: int) -> Optional[str]:
@@ -19,12 +20,16 @@ def check_head_dim(name: str, head_dim: int) -> Optional[str]:
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
-                    backend: str = "auto", tune: Optional[str] = None) -> Tensor:
+                    backend: str = "auto", tune: Optional[str] = None,
+                    stats: Optional[attention_stats.StatsRequest] = None):
     """Non-causal scaled dot-product attention.
 
     q: (batch, heads, q_tokens, head_dim); k, v: (batch, heads, kv_tokens, head_dim).
     Returns (batch, heads, q_tokens, head_dim). scale defaults to head_dim ** -0.5.
     tune: "on" | "off" | "cache-only" for backend="auto" on CUDA tensors (vit_kernels.tuning).
+    stats: a :class:`~vit_kernels.ops.attention_stats.StatsRequest` makes it return
+    ``(out, AttentionStats)`` (attention rows, mean attention distance, full weights). Inside
+    ``attention_stats.recording(...)`` the statistics are recorded instead.
     """
     checks.tensor("q", q, ndim=4)
     B, H, N, D = q.shape
@@ -32,6 +37,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] =
     checks.tensor("v", v, shape=(B, H, k.shape[2], D), dtype=q.dtype, device=q.device)
     if scale is None:
         scale = D ** -0.5
+    request = stats if stats is not None else attention_stats.active_request()
+    if request is not None:
+        return _with_stats(q, k, v, scale, backend, request, record=stats is None)
     d = resolve("flash_attention", backend, (q, k, v),
                 unsupported={"triton": check_head_dim("head_dim", D),
                              "cuda": check_head_dim("head_dim", D)
@@ -65,3 +73,28 @@ def sdpa(q, k, v, scale, path=""):
 
 SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION",
                  "sdpa_cudnn": "CUDNN_ATTENTION"}
+
+
+def _with_stats(q, k, v, scale, backend, request, record):
+    """flash_attention plus the statistics of ``request``: (out, AttentionStats), or out with the
+    statistics appended to the active recording when ``record``."""
+    rows = attention_stats.check_request(request, q.shape[2], k.shape[2])
+    D = q.shape[-1]
+    d = resolve("flash_attention", backend, (q, k, v),
+                unsupported={"triton": check_head_dim("head_dim", D),
+                             "cuda": check_head_dim("head_dim", D) or cuda_attention_unsupported(D, q.dtype)})
+    if d.backend in ("triton", "cuda"):
+        if d.backend == "triton":
+            from ..triton import attention_stats as kernels
+        else:
+            from ..cuda import attention_stats as kernels
+        d.with_path("stats")
+        out, st = kernels.flash_attention_with_stats(q, k, v, scale, request, rows)
+    else:
+        d.with_path("torch+stats")
+        out = sdpa(q, k, v, scale)
+        st = attention_stats.attention_stats_torch(q, k, scale, request)
+    if record:
+        attention_stats.record(st)
+        return out
+    return out, st

@@ -9,6 +9,7 @@ from torch import Tensor
 from .. import checks, reference
 from ..backends import resolve
 from ..cuda.ops import attention_unsupported as cuda_attention_unsupported
+from . import attention_stats
 from .flash_attention import check_head_dim, sdpa
 
 
@@ -37,7 +38,8 @@ def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = No
                   num_heads: int, scale: Optional[float] = None,
                   norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
                   eps: float = 1e-6, backend: str = "auto", path: Optional[str] = None,
-                  tune: Optional[str] = None) -> Tensor:
+                  tune: Optional[str] = None,
+                  stats: Optional[attention_stats.StatsRequest] = None):
     """Fused [LayerNorm ->] QKV projection -> attention.
 
     x: (batch, tokens, dim); qkv_weight: (3*inner, dim), rows [q; k; v], each head-major (timm's
@@ -49,12 +51,19 @@ def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = No
     "single_kernel" or "split" forces the fused path of the triton backend (the cuda backend has
     "split" only; torch ignores it).
     tune: "on" | "off" | "cache-only" for backend="auto" on CUDA tensors (vit_kernels.tuning).
+    stats: a :class:`~vit_kernels.ops.attention_stats.StatsRequest` makes it return
+    ``(out, AttentionStats)`` (triton, cuda: the split path keeping the row log-sum-exp, path
+    "split+stats"; torch: the full softmax). Inside ``attention_stats.recording(...)`` the
+    statistics are recorded instead.
     """
     inner, head_dim = check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bias)
     checks.choice("path", path, (None, "single_kernel", "split"))
     if scale is None:
         scale = head_dim ** -0.5
     tensors = (x, qkv_weight, qkv_bias, norm_weight, norm_bias)
+    request = stats if stats is not None else attention_stats.active_request()
+    if request is not None:
+        return _with_stats(tensors, num_heads, head_dim, scale, eps, backend, path, request, record=stats is None)
     args = tensors + (num_heads, scale, eps, path)
     d = resolve("qkv_attention", backend, tensors,
                 unsupported={"triton": check_head_dim("head_dim", head_dim),
@@ -99,3 +108,36 @@ def qkv_attention_torch(x, qkv_weight, qkv_bias, *, num_heads, scale, norm_weigh
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     o = sdpa(q, k, v, scale, sdpa_path)
     return o.transpose(1, 2).reshape(B, N, inner)
+
+
+def _with_stats(tensors, num_heads, head_dim, scale, eps, backend, path, request, record):
+    """qkv_attention plus the statistics of ``request``: (out, AttentionStats), or out with the
+    statistics appended to the active recording when ``record``."""
+    x, qkv_weight, qkv_bias, norm_weight, norm_bias = tensors
+    rows = attention_stats.check_request(request, x.shape[1], x.shape[1])
+    d = resolve("qkv_attention", backend, tensors,
+                unsupported={"triton": check_head_dim("head_dim", head_dim),
+                             "cuda": check_head_dim("head_dim", head_dim)
+                                     or cuda_attention_unsupported(head_dim, x.dtype)})
+    if d.backend in ("triton", "cuda"):
+        if path == "single_kernel":
+            raise ValueError("path: 'single_kernel' keeps no softmax statistics; with stats use path=None or 'split'")
+        if d.backend == "triton":
+            from ..triton import attention_stats as kernels
+        else:
+            from ..cuda import attention_stats as kernels
+        d.with_path("split+stats")
+        out, st = kernels.qkv_attention_with_stats(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
+                                                        norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
+                                                        request=request, rows=rows)
+    else:
+        d.with_path("torch+stats")
+        B, N, dim = x.shape
+        h = F.layer_norm(x, (dim,), norm_weight, norm_bias, eps) if norm_weight is not None else x
+        q, k, v = F.linear(h, qkv_weight, qkv_bias).reshape(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, num_heads * head_dim)
+        st = attention_stats.attention_stats_torch(q, k, scale, request)
+    if record:
+        attention_stats.record(st)
+        return out
+    return out, st
