@@ -25,7 +25,7 @@ import functools
 import importlib.util
 import logging
 import os
-from typing import Dict, Iterable, Mapping, Optional
+from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
@@ -39,7 +39,8 @@ class Decision:
 
     op: the op name; backend: "triton" | "cuda" | "torch"; path: an op-specific detail filled
     by the op (for example "single_kernel" or "split" for qkv_attention); requested: what the
-    caller asked for; reasons: backend -> why it was not taken.
+    caller asked for; reasons: backend -> why it was not taken; copied: arguments the op copied
+    to the layout the chosen kernels read, each with its old strides (see checks.contiguous_params).
     """
 
     op: str
@@ -47,6 +48,12 @@ class Decision:
     requested: str
     reasons: Mapping[str, str] = dataclasses.field(default_factory=dict)
     path: str = ""
+    copied: Tuple[str, ...] = ()
+
+    def with_copied(self, notes: Iterable[str]) -> "Decision":
+        d = dataclasses.replace(self, copied=self.copied + tuple(notes))
+        _LAST[self.op] = d
+        return d
 
     def with_path(self, path: str) -> "Decision":
         d = dataclasses.replace(self, path=path)
@@ -59,6 +66,8 @@ class Decision:
             s += f" path={self.path}"
         if self.reasons:
             s += " (" + "; ".join(f"{b} not taken: {r}" for b, r in self.reasons.items()) + ")"
+        if self.copied:
+            s += " [copied: " + "; ".join(self.copied) + "]"
         return s
 
 

@@ -314,6 +314,9 @@ def dense_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     x: (..., K); weight: (N, K); bias, layer_scale: (N,); norm_weight, norm_bias: (K,) applies
     LayerNorm(x, eps) as x loads (row statistics from :func:`row_stats`, or ``stats`` given);
     act: ACT_NONE / ACT_GELU_ERF / ACT_GELU_TANH; residual: (..., N). Returns (..., N).
+    Layouts: x, residual any strides that address them as (-1, T, C) (rows_per_batch); weight any
+    strides; bias, layer_scale, norm_weight, norm_bias contiguous (the kernel reads them with unit
+    stride: vit_kernels.ops copies other layouts, checks.contiguous_params); at least one row.
     """
     _check_dtype("x", x)
     K = x.shape[-1]
@@ -339,6 +342,7 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     x: (..., in); weight: (out_features, in); bias, layer_scale: (out_features,) or None;
     residual: (..., out_features) or None; out: optional (..., out_features) to write into.
     Returns (..., out_features) in x's dtype. One launch; the epilogue does bias, scale, residual.
+    Layouts as :func:`dense_forward` (bias, layer_scale contiguous).
     """
     return dense_forward(x, weight, bias, residual=residual, layer_scale=layer_scale, out=out)
 
@@ -354,6 +358,7 @@ def qkv_projection_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Ten
     loads (norm_weight None: no LayerNorm); scale multiplies Q (after the bias).
     Returns qkv: (3, B, H, N, head_dim), contiguous, H = num_heads, head_dim = inner // H;
     qkv[0] = scale * q, qkv[1] = k, qkv[2] = v. No reshape, permute or copy of the result.
+    qkv_bias, norm_weight, norm_bias: contiguous (read with unit stride; the op layer guarantees it).
     """
     _check_dtype("x", x)
     if x.dim() != 3:

@@ -29,7 +29,9 @@ def layernorm_gelu_mlp_forward(x: Tensor, norm_weight: Optional[Tensor], norm_bi
     (norm_weight None: no LayerNorm, as in the op's torch path); fc1_weight: (hidden, dim);
     fc1_bias: (hidden,); fc2_weight: (out, hidden); fc2_bias, layer_scale: (out,);
     residual: (..., out); approximate: "none" (erf GELU) or "tanh"; out: optional (..., out) to
-    write into. Returns (..., out) in x's dtype.
+    write into. Returns (..., out) in x's dtype. Layouts as gemm.dense_forward: the 1-D
+    parameters contiguous, x and residual addressable as (-1, tokens, dim); vit_kernels.ops
+    guarantees both before the first launch.
     """
     if approximate not in ACTIVATIONS:
         raise ValueError(f"approximate: expected one of {tuple(ACTIVATIONS)}, got {approximate!r}")

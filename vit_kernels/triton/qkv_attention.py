@@ -275,7 +275,9 @@ def qkv_attention_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
     head-major, unit last-dim stride; qkv_bias: (3*inner,) or None; norm_weight, norm_bias: (dim,)
     apply LayerNorm(x, eps) first (as x loads). scale: the softmax scale. path: "single_kernel",
     "split" or None (:func:`choose_path`). out: optional (batch, tokens, inner) output.
-    Returns (batch, tokens, inner).
+    Returns (batch, tokens, inner). qkv_bias, norm_weight, norm_bias: contiguous (the kernels read
+    them with unit stride; vit_kernels.ops guarantees it, copying other layouts). The single kernel
+    also needs x and qkv_weight in 16-byte row vectors (checks.vector_rows_layout; checked here).
     """
     if x.dim() != 3:
         raise ValueError(f"x: expected (batch, tokens, dim), got shape {tuple(x.shape)}")
