@@ -69,6 +69,7 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
     (``last_decision("patch_embed").copied``).
     """
     tokens, dim = check_patch_embed(images, weight, bias, patch_size, pos_embed, cls_token)
+    patch_size = int(patch_size)   # a numpy integer, say, as the kernels' launch argument
     layouts = layouts_unsupported(weight)
     d = resolve("patch_embed", backend, (images, weight, bias, pos_embed, cls_token),
                 unsupported={"triton": triton_gemm_unsupported(images.dtype) or layouts["triton"],

@@ -15,7 +15,7 @@ from .flash_attention import check_head_dim
 
 def check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bias, scale, eps):
     """Validate the arguments of :func:`qkv_attention` on every backend; returns
-    (inner, head_dim, scale, eps) with scale's default filled in."""
+    (num_heads, inner, head_dim, scale, eps) as Python numbers, scale's default filled in."""
     checks.tensor("x", x, ndim=3)
     checks.nonempty_dim("x", x, 2, "dim")
     dim = x.shape[-1]
@@ -36,7 +36,7 @@ def check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bi
     if norm_bias is not None and norm_weight is None:
         raise ValueError("norm_bias: given without norm_weight; pass norm_weight to apply LayerNorm")
     head_dim = inner // num_heads
-    return inner, head_dim, checks.softmax_scale(scale, head_dim), checks.eps(eps)
+    return num_heads, inner, head_dim, checks.softmax_scale(scale, head_dim), checks.eps(eps)
 
 
 def layouts_unsupported(x, qkv_weight) -> dict:
@@ -70,8 +70,8 @@ def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = No
     finite number > 0; eps: a finite number >= 0. batch or tokens 0: an empty result.
     1-D parameters of other strides are copied for the fused kernels (``.copied`` of the decision).
     """
-    inner, head_dim, scale, eps = check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bias,
-                                                      scale, eps)
+    num_heads, inner, head_dim, scale, eps = check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight,
+                                                                 norm_bias, scale, eps)
     checks.choice("path", path, (None, "single_kernel", "split"))
     tensors = (x, qkv_weight, qkv_bias, norm_weight, norm_bias)
     layouts = layouts_unsupported(x, qkv_weight)
