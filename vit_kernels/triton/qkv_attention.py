@@ -56,7 +56,9 @@ def _ln_stats(x_base, rows, row_mask, stride_xn, DIM, eps,
             xk = tl.load(x_base + row_off[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
             xk = tl.where(m, xk - mean[:, None], 0.0)
             acc += xk * xk
-        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / DIM + eps)
+        # Rows past the sequence (row_mask False) have var 0: with eps = 0 their rstd would be inf and
+        # their K/V rows NaN, which P @ V would spread (0 * NaN) into every output row. Zero them.
+        rstd = tl.where(row_mask, 1.0 / tl.sqrt(tl.sum(acc, axis=1) / DIM + eps), 0.0)
     else:
         mean = tl.zeros([BLOCK_R], dtype=tl.float32)
         rstd = mean
