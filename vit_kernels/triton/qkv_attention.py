@@ -56,9 +56,9 @@ def _ln_stats(x_base, rows, row_mask, stride_xn, DIM, eps,
             xk = tl.load(x_base + row_off[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
             xk = tl.where(m, xk - mean[:, None], 0.0)
             acc += xk * xk
-        # Rows past the sequence (row_mask False) have var 0: with eps = 0 their rstd would be inf and
-        # their K/V rows NaN, which P @ V would spread (0 * NaN) into every output row. Zero them.
-        rstd = tl.where(row_mask, 1.0 / tl.sqrt(tl.sum(acc, axis=1) / DIM + eps), 0.0)
+        # Rows past the sequence (row_mask False) load zeros, var 0: with eps = 0 their rstd would be inf
+        # and their K/V rows NaN, which P @ V would spread (0 * NaN) into every output row. Use var 1.
+        rstd = 1.0 / tl.sqrt(tl.where(row_mask, tl.sum(acc, axis=1) / DIM + eps, 1.0))
     else:
         mean = tl.zeros([BLOCK_R], dtype=tl.float32)
         rstd = mean
