@@ -19,14 +19,17 @@ from vit_kernels import reference
 # head_dim not unit-stride); permuted: dims 0 and 1 swapped in memory (unit last stride kept, e.g.
 # (B, N, H, D) viewed as (B, H, N, D)); gaps: every other element of the last dim (bias[::2]);
 # row_gaps: every other row (x[:, ::2] of a longer buffer); expanded: stride 0 along the first dim
-# of size > 1 (gamma.expand(dim)); offset: a view at element 8 of a buffer (storage offset, still
-# 16-byte aligned); misaligned: a view at element 1 (not 16-byte aligned, e.g. 2 bytes for fp16).
-LAYOUTS = ("contiguous", "transposed", "permuted", "gaps", "row_gaps", "expanded", "offset", "misaligned")
+# of size > 1 (gamma.expand(dim)); expanded_last: stride 0 along the last dim (ndim >= 2); offset:
+# a view at element 8 of a buffer (storage offset, still 16-byte aligned); misaligned: a view at
+# element 1 (not 16-byte aligned, e.g. 2 bytes for fp16).
+LAYOUTS = ("contiguous", "transposed", "permuted", "gaps", "row_gaps", "expanded", "expanded_last", "offset",
+           "misaligned")
 
 
 def make(shape: Tuple[int, ...], layout: str, dtype: torch.dtype, device, scale: float = 1.0) -> Optional[torch.Tensor]:
     """A random (normal * scale) tensor of ``shape`` in ``layout``; None where the layout does not
-    apply to that many dims (transposed needs 2, permuted 3, row_gaps 2, expanded a dim of size > 1)."""
+    apply to that many dims (transposed, row_gaps and expanded_last need 2, permuted 3, expanded a
+    dim of size > 1)."""
     def rnd(*s):
         return (torch.randn(*s, device=device) * scale).to(dtype)
 
@@ -48,6 +51,8 @@ def make(shape: Tuple[int, ...], layout: str, dtype: torch.dtype, device, scale:
         small = list(shape)
         small[dims[0]] = 1
         return rnd(*small).expand(*shape)
+    if layout == "expanded_last":
+        return rnd(*shape[:-1], 1).expand(*shape) if len(shape) >= 2 and shape[-1] > 1 else None
     if layout in ("offset", "misaligned"):
         start = 8 if layout == "offset" else 1
         return rnd(math.prod(shape) + start)[start:].view(shape)
@@ -129,17 +134,17 @@ SPECS = {
         params=("bias", "layer_scale")),
 }
 
-_CUDA_ROWS = {"transposed", "gaps", "expanded", "permuted"}   # (..., C) rows that do not merge / unit stride
-_CUDA_WEIGHT = {"transposed", "gaps"}
+_CUDA_ROWS = {"transposed", "gaps", "expanded", "expanded_last", "permuted"}   # rows that do not merge / unit stride
+_CUDA_WEIGHT = {"transposed", "gaps", "expanded_last"}
 # (op, backend) -> {argument: layouts its kernels do not read, which must be refused}. Every other
 # (argument, layout) must give the oracle's answer.
 REFUSED = {
-    ("flash_attention", "triton"): {a: {"transposed", "gaps", "misaligned"} for a in ("q", "k", "v")},
+    ("flash_attention", "triton"): {a: {"transposed", "gaps", "expanded_last", "misaligned"} for a in ("q", "k", "v")},
     ("qkv_attention", "cuda"): {"x": _CUDA_ROWS, "qkv_weight": _CUDA_WEIGHT},
     ("layernorm_gelu_mlp", "cuda"): {"x": _CUDA_ROWS, "residual": _CUDA_ROWS, "fc1_weight": _CUDA_WEIGHT,
                                      "fc2_weight": _CUDA_WEIGHT},
     ("linear", "cuda"): {"x": _CUDA_ROWS, "residual": _CUDA_ROWS, "weight": _CUDA_WEIGHT},
-    ("patch_embed", "cuda"): {"weight": {"transposed", "permuted", "gaps", "row_gaps", "expanded"}},
+    ("patch_embed", "cuda"): {"weight": {"transposed", "permuted", "gaps", "row_gaps", "expanded", "expanded_last"}},
 }
 
 

@@ -98,6 +98,33 @@ def test_layout_cases_cover_every_argument():
     assert set(SPECS) == set(vk.ops.__all__)
 
 
+@pytest.mark.parametrize("layout", ["transposed", "gaps", "misaligned"])
+def test_qkv_single_kernel_unreadable_x(layout, launches):
+    """Triton qkv_attention: an x its single kernel cannot read is refused for path='single_kernel'
+    (before any launch) and takes the split path with path=None, which reads any strides."""
+    spec = SPECS["qkv_attention"]
+    t = spec.make(torch.float32, DEVICE, "x", layout)
+    with pytest.raises(ValueError, match=r"^path: 'single_kernel' cannot run this call: x: "):
+        spec.run(t, "triton", path="single_kernel")
+    assert launches.calls == []
+    out = spec.run(t, "triton")
+    assert vk.last_decision("qkv_attention").path == "split"
+    assert launches.calls and "_qkv_attn_kernel" not in launches.calls
+    assert_close(out, spec.ref({k: v.double() for k, v in t.items()}), spec.ref(t))
+
+
+@pytest.mark.parametrize("layout", ["gaps", "expanded", "misaligned"])
+@pytest.mark.parametrize("arg", list(SPECS["qkv_attention"].tensors))
+def test_qkv_split_path_layouts(arg, layout, launches):
+    """Triton qkv_attention, path='split' (QKV GEMM + flash kernel): every argument in odd layouts."""
+    spec = SPECS["qkv_attention"]
+    t = spec.make(torch.float32, DEVICE, arg, layout)
+    out = spec.run(t, "triton", path="split")
+    assert vk.last_decision("qkv_attention").path == "split"
+    assert "_qkv_attn_kernel" not in launches.calls
+    assert_close(out, spec.ref({k: v.double() for k, v in t.items()}), spec.ref(t))
+
+
 # ---------------------------------------------------------------------------------- scalars
 BAD_SCALARS = {
     "scale": [("0.5", TypeError), (NAN, ValueError), (math.inf, ValueError), (-0.5, ValueError), (0.0, ValueError),
