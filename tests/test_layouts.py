@@ -172,6 +172,8 @@ def test_good_scalars_of_other_types(backend, launches):
 ZERO = {
     "flash_attention": {"batch": {"q": (0, HEADS, N, DIM // HEADS), "k": (0, HEADS, NKV, DIM // HEADS),
                                   "v": (0, HEADS, NKV, DIM // HEADS)},
+                        "heads": {"q": (B, 0, N, DIM // HEADS), "k": (B, 0, NKV, DIM // HEADS),
+                                  "v": (B, 0, NKV, DIM // HEADS)},
                         "tokens": {"q": (B, HEADS, 0, DIM // HEADS)},
                         "kv_tokens": {"k": (B, HEADS, 0, DIM // HEADS), "v": (B, HEADS, 0, DIM // HEADS)}},
     "qkv_attention": {"batch": {"x": (0, N, DIM)}, "tokens": {"x": (B, 0, DIM)}},
@@ -207,6 +209,16 @@ def test_zero_feature_dim_refused(op, arg, shape, backend, launches):
     t = spec.make(torch.float32, DEVICE)
     t[arg] = torch.randn(shape)
     with pytest.raises(ValueError, match=rf"^{arg}: expected a non-zero"):
+        spec.run(t, backend)
+    assert launches.calls == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_tensor_refused(backend, launches):
+    spec = SPECS["linear"]
+    t = spec.make(torch.float32, DEVICE)
+    t["weight"] = t["weight"].to_sparse()
+    with pytest.raises(TypeError, match=r"^weight: expected a dense \(strided\) tensor"):
         spec.run(t, backend)
     assert launches.calls == []
 

@@ -34,6 +34,8 @@ def tensor(name: str, t, *, ndim: Optional[int] = None, shape: Optional[Sequence
         raise TypeError(f"{name}: expected a tensor, got None")
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating dtype (float32, float16, bfloat16, float64), "
                         f"got {t.dtype}")
