@@ -214,6 +214,24 @@ def test_zero_feature_dim_refused(op, arg, shape, backend, launches):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["linear", "layernorm_gelu_mlp"])
+def test_leading_dims_that_do_not_merge(op, backend, launches):
+    """x and residual of 4 dims whose two leading dims do not merge into one without a copy: the
+    GEMM kernels (rows as (-1, T, C) in Triton, (rows, C) in CUDA) refuse them before any launch;
+    torch answers as the oracle."""
+    spec = SPECS[op]
+    t = spec.make(torch.float32, DEVICE)
+    for name in ("x", "residual"):
+        t[name] = torch.randn(3, B, N, DIM).transpose(0, 1)   # (B, 3, N, DIM), strides (N*DIM, B*N*DIM, ...)
+    if backend == "torch":
+        assert_close(spec.run(t, backend), spec.ref({k: v.double() for k, v in t.items()}), spec.ref(t))
+        return
+    with pytest.raises(ValueError, match=r"x: .* without a copy"):
+        spec.run(t, backend)
+    assert launches.calls == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_sparse_tensor_refused(backend, launches):
     spec = SPECS["linear"]
     t = spec.make(torch.float32, DEVICE)
