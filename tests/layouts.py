@@ -17,13 +17,14 @@ from vit_kernels import reference
 
 # contiguous: a fresh tensor; transposed: last two dims swapped in memory (column-major weight,
 # head_dim not unit-stride); permuted: dims 0 and 1 swapped in memory (unit last stride kept, e.g.
-# (B, N, H, D) viewed as (B, H, N, D)); gaps: every other element of the last dim (bias[::2]);
-# row_gaps: every other row (x[:, ::2] of a longer buffer); expanded: stride 0 along the first dim
-# of size > 1 (gamma.expand(dim)); expanded_last: stride 0 along the last dim (ndim >= 2); offset:
-# a view at element 8 of a buffer (storage offset, still 16-byte aligned); misaligned: a view at
-# element 1 (not 16-byte aligned, e.g. 2 bytes for fp16).
-LAYOUTS = ("contiguous", "transposed", "permuted", "gaps", "row_gaps", "expanded", "expanded_last", "offset",
-           "misaligned")
+# (B, N, H, D) viewed as (B, H, N, D)); channels_last: 4-D in torch.channels_last (dim 1 innermost);
+# gaps: every other element of the last dim (bias[::2]); row_gaps: every other row (x[:, ::2] of a
+# longer buffer); expanded: stride 0 along the first dim of size > 1 (gamma.expand(dim));
+# expanded_last: stride 0 along the last dim (ndim >= 2); offset: a view at element 8 of a buffer
+# (storage offset, still 16-byte aligned); misaligned: a view at element 1 (not 16-byte aligned,
+# e.g. 2 bytes for fp16).
+LAYOUTS = ("contiguous", "transposed", "permuted", "channels_last", "gaps", "row_gaps", "expanded", "expanded_last",
+           "offset", "misaligned")
 
 
 def make(shape: Tuple[int, ...], layout: str, dtype: torch.dtype, device, scale: float = 1.0) -> Optional[torch.Tensor]:
@@ -40,6 +41,8 @@ def make(shape: Tuple[int, ...], layout: str, dtype: torch.dtype, device, scale:
         return rnd(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2) if len(shape) >= 2 else None
     if layout == "permuted":
         return rnd(shape[1], shape[0], *shape[2:]).transpose(0, 1) if len(shape) >= 3 else None
+    if layout == "channels_last":
+        return rnd(*shape).contiguous(memory_format=torch.channels_last) if len(shape) == 4 else None
     if layout == "gaps":
         return rnd(*shape[:-1], 2 * shape[-1])[..., ::2]
     if layout == "row_gaps":
@@ -139,12 +142,14 @@ _CUDA_WEIGHT = {"transposed", "gaps", "expanded_last"}
 # (op, backend) -> {argument: layouts its kernels do not read, which must be refused}. Every other
 # (argument, layout) must give the oracle's answer.
 REFUSED = {
-    ("flash_attention", "triton"): {a: {"transposed", "gaps", "expanded_last", "misaligned"} for a in ("q", "k", "v")},
+    ("flash_attention", "triton"): {a: {"transposed", "channels_last", "gaps", "expanded_last", "misaligned"}
+                                       for a in ("q", "k", "v")},
     ("qkv_attention", "cuda"): {"x": _CUDA_ROWS, "qkv_weight": _CUDA_WEIGHT},
     ("layernorm_gelu_mlp", "cuda"): {"x": _CUDA_ROWS, "residual": _CUDA_ROWS, "fc1_weight": _CUDA_WEIGHT,
                                      "fc2_weight": _CUDA_WEIGHT},
     ("linear", "cuda"): {"x": _CUDA_ROWS, "residual": _CUDA_ROWS, "weight": _CUDA_WEIGHT},
-    ("patch_embed", "cuda"): {"weight": {"transposed", "permuted", "gaps", "row_gaps", "expanded", "expanded_last"}},
+    ("patch_embed", "cuda"): {"weight": {"transposed", "permuted", "channels_last", "gaps", "row_gaps", "expanded",
+                                          "expanded_last"}},
 }
 
 
