@@ -125,6 +125,24 @@ def test_qkv_split_path_layouts(arg, layout, launches):
     assert_close(out, spec.ref({k: v.double() for k, v in t.items()}), spec.ref(t))
 
 
+def test_triton_launchers_refuse_strided_parameters(launches):
+    """Called directly (bypassing vit_kernels.ops), the Triton launchers refuse a 1-D parameter they
+    would read with the wrong stride, before any launch, instead of returning wrong numbers."""
+    from vit_kernels.triton import gemm, mlp, qkv_attention
+    t = SPECS["layernorm_gelu_mlp"].make(torch.float32, DEVICE)
+    odd = make((DIM,), "expanded", torch.float32, DEVICE)
+    with pytest.raises(ValueError, match=r"^layer_scale: the kernel reads it with unit stride"):
+        mlp.layernorm_gelu_mlp_forward(t["x"], t["norm_weight"], t["norm_bias"], t["fc1_weight"], t["fc1_bias"],
+                                       t["fc2_weight"], t["fc2_bias"], residual=t["residual"], layer_scale=odd)
+    with pytest.raises(ValueError, match=r"^bias: the kernel reads it with unit stride"):
+        gemm.linear_forward(t["x"], t["fc2_weight"].t().contiguous(), make((DIM,), "gaps", torch.float32, DEVICE))
+    q = SPECS["qkv_attention"].make(torch.float32, DEVICE, "norm_weight", "gaps")
+    with pytest.raises(ValueError, match=r"^norm_weight: the kernel reads it with unit stride"):
+        qkv_attention.qkv_attention_forward(q["x"], q["qkv_weight"], q["qkv_bias"], num_heads=HEADS, scale=0.25,
+                                            norm_weight=q["norm_weight"], norm_bias=q["norm_bias"])
+    assert launches.calls == []
+
+
 # ---------------------------------------------------------------------------------- scalars
 BAD_SCALARS = {
     "scale": [("0.5", TypeError), (NAN, ValueError), (math.inf, ValueError), (-0.5, ValueError), (0.0, ValueError),

@@ -164,6 +164,15 @@ def vector_rows_layout(name: str, t: Optional[torch.Tensor]) -> Optional[str]:
     return None
 
 
+def unit_stride_params(**params: Optional[torch.Tensor]) -> None:
+    """Launchers' safety net for callers that bypass vit_kernels.ops: raise, naming the argument,
+    when a 1-D parameter a kernel reads with unit stride has another stride."""
+    for name, t in params.items():
+        if t is not None and t.numel() > 1 and not t.is_contiguous():
+            raise ValueError(f"{name}: the kernel reads it with unit stride, got strides {t.stride()} "
+                             f"(pass {name}.contiguous(); vit_kernels.ops does this itself)")
+
+
 def first(*reasons: Optional[str]) -> Optional[str]:
     """The first reason that is not None (None when all are)."""
     return next((r for r in reasons if r), None)

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import checks
 from .aot import AotSpec, ptr_type
 from .layernorm import as_rows, row_stats, rows_per_batch
 
@@ -233,6 +234,7 @@ def launch_gemm(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K: in
     with norm_weight (K,) and optional norm_bias; residual through res_strides; pos: (T, N)
     through pos_strides; cls: (N,) contiguous-or-strided 1-D, makes row t == 0 the class token.
     """
+    checks.unit_stride_params(bias=bias, norm_weight=norm_weight, norm_bias=norm_bias, layer_scale=layer_scale)
     if M == 0 or N == 0:
         return out
     gather = patch is not None
@@ -319,6 +321,7 @@ def dense_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     stride: vit_kernels.ops copies other layouts, checks.contiguous_params); at least one row.
     """
     _check_dtype("x", x)
+    checks.unit_stride_params(bias=bias, norm_weight=norm_weight, norm_bias=norm_bias, layer_scale=layer_scale)
     K = x.shape[-1]
     N = weight.shape[0]
     T = rows_per_batch(x)

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import checks
 from . import attention
 from .aot import AotSpec, ptr_type
 
@@ -283,6 +284,7 @@ def qkv_attention_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
     """
     if x.dim() != 3:
         raise ValueError(f"x: expected (batch, tokens, dim), got shape {tuple(x.shape)}")
+    checks.unit_stride_params(qkv_bias=qkv_bias, norm_weight=norm_weight, norm_bias=norm_bias)
     B, N, dim = x.shape
     inner = qkv_weight.shape[0] // 3
     if inner % num_heads != 0:
