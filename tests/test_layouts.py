@@ -113,6 +113,20 @@ def test_qkv_single_kernel_unreadable_x(layout, launches):
     assert_close(out, spec.ref({k: v.double() for k, v in t.items()}), spec.ref(t))
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_copied_parameters_recorded_once_per_call(backend):
+    """record_decisions holds one entry per call, carrying both the copies and the path."""
+    spec = SPECS["qkv_attention"]
+    t = spec.make(torch.float32, DEVICE, "qkv_bias", "gaps")
+    with vk.record_decisions() as calls:
+        out = spec.run(t, backend)
+        spec.run(spec.make(torch.float32, DEVICE), backend)
+    assert [d.op for d in calls] == ["qkv_attention"] * 2
+    assert [n.split(":")[0] for n in calls[0].copied] == ["qkv_bias"] and calls[0].path == "split"
+    assert calls[1].copied == () and calls[1].path == "split"
+    assert_close(out, spec.ref({k: v.double() for k, v in t.items()}), spec.ref(t))
+
+
 @pytest.mark.parametrize("layout", ["gaps", "expanded", "misaligned"])
 @pytest.mark.parametrize("arg", list(SPECS["qkv_attention"].tensors))
 def test_qkv_split_path_layouts(arg, layout, launches):
@@ -152,7 +166,7 @@ BAD_SCALARS = {
     "patch_size": [(8.0, TypeError), (True, TypeError), (0, ValueError), (-8, ValueError)],
     "approximate": [("fast", ValueError), (None, ValueError)],
     "path": [("fast", ValueError), (1, ValueError)],
-    "backend": [("gpu", ValueError), (None, ValueError)],
+    "backend": [("gpu", ValueError), (None, TypeError)],
 }
 SCALAR_OPS = {"scale": ("flash_attention", "qkv_attention"), "eps": ("qkv_attention", "layernorm_gelu_mlp"),
               "num_heads": ("qkv_attention",), "patch_size": ("patch_embed",), "approximate": ("layernorm_gelu_mlp",),
