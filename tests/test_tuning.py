@@ -97,6 +97,48 @@ def test_triton_config_fastest_takes_that_config():
     check_linear(out, x, w, b, r)
 
 
+def test_copied_parameters_reach_every_candidate_once(monkeypatch):
+    """A strided bias / layer_scale is copied once per call, before tuning: every candidate (and the
+    launch of the winner) receives that one contiguous copy; the fused decision lists it."""
+    import importlib
+    linear_op = importlib.import_module("vit_kernels.ops.linear")   # the module (vk.ops.linear is the op)
+    seen = []
+    real = linear_op._launch
+
+    def spy(d, x, weight, bias, residual, layer_scale):
+        if d.backend != "reference":   # the oracle gets float64 copies of everything
+            seen.append((d.backend, bias, layer_scale))
+        return real(d, x, weight, bias, residual, layer_scale)
+    monkeypatch.setattr(linear_op, "_launch", spy)
+    x, w, _, r = linear_args()
+    b = torch.randn(96, device=DEVICE)[::2]
+    ls = torch.randn(48, 2, device=DEVICE)[:, 1]
+    timer = FakeTimer({alt_name(): 0.25})
+    with tuning.use_tuner(make_tuner(timer)):
+        out = vk.linear(x, w, b, residual=r, layer_scale=ls)
+    d = vk.last_decision("linear")
+    assert (d.backend, d.config) == ("triton", (("gemm_config", gemm_alt()),))
+    assert [n.split(":")[0] for n in d.copied] == ["bias", "layer_scale"]
+    assert len(seen) > 2 and {be for be, _, _ in seen} >= {"torch", "triton"}
+    assert all(sb is seen[0][1] and sl is seen[0][2] for _, sb, sl in seen)
+    assert seen[0][1].is_contiguous() and seen[0][2].is_contiguous()
+    assert_close(out, reference.linear(x.double(), w.double(), b.double(), residual=r.double(),
+                                       layer_scale=ls.double()),
+                 torch.nn.functional.linear(x, w, b) * ls + r)
+
+
+def test_zero_rows_time_nothing():
+    """An empty result has nothing to time: the untimed rules decide and nothing launches."""
+    timer = FakeTimer()
+    x, w, b, r = linear_args()
+    with tuning.use_tuner(make_tuner(timer)):
+        out = vk.linear(x[:0], w, b, residual=r[:0])
+        out_triton = vk.linear(x[:0], w, b, residual=r[:0], backend="triton")
+    assert timer.calls == []
+    assert out.shape == out_triton.shape == (0, 8, 48)
+    assert vk.last_decision("linear").path == "empty"
+
+
 def paths_only(op, facts, available, device_type):
     """torch and the two Triton paths with their default tiles (the interpreter is slow)."""
     return [c for c in no_cuda(op, facts, available, device_type) if not c.config]

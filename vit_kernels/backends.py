@@ -32,7 +32,7 @@ import importlib.util
 import logging
 import os
 import threading
-from typing import Dict, Iterable, Mapping, Optional
+from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
@@ -51,7 +51,9 @@ class Decision:
     one SDPA backend), chosen by the tuner or filled by the op; requested: what the caller asked
     for; reasons: backend -> why it was not taken ("tuning" -> why nothing was timed);
     config: (launcher keyword, tile config) pairs the tuner chose, () for the default tiles;
-    tuned: the tuning entry (every candidate's time, :class:`vit_kernels.tuning.Entry`) or None.
+    tuned: the tuning entry (every candidate's time, :class:`vit_kernels.tuning.Entry`) or None;
+    copied: arguments the op copied to the layout the chosen kernels read, each with its old
+    strides (see checks.contiguous_params).
     """
 
     op: str
@@ -61,10 +63,19 @@ class Decision:
     path: str = ""
     config: tuple = ()
     tuned: Optional[object] = dataclasses.field(default=None, compare=False, repr=False)
+    copied: Tuple[str, ...] = ()
+
+    def with_copied(self, notes: Iterable[str]) -> "Decision":
+        notes = tuple(notes)
+        if not notes:
+            return self
+        d = dataclasses.replace(self, copied=self.copied + notes)
+        _LAST.replace_call(self, d)
+        return d
 
     def with_path(self, path: str) -> "Decision":
         d = dataclasses.replace(self, path=path)
-        _LAST[self.op] = d
+        _LAST.replace_call(self, d)
         return d
 
     def __str__(self) -> str:
@@ -78,6 +89,8 @@ class Decision:
             s += f" (measured {sp:.2f}x the torch path)"
         if self.reasons:
             s += " (" + "; ".join(f"{b} not taken: {r}" for b, r in self.reasons.items()) + ")"
+        if self.copied:
+            s += " [copied: " + "; ".join(self.copied) + "]"
         return s
 
 
@@ -87,15 +100,19 @@ _RECORDING = threading.local()  # .lists: the open record_decisions() lists of t
 
 class _Memo(dict):
     """op -> its last :class:`Decision`. Every write takes the lock and is appended to the lists
-    that :func:`record_decisions` has open in the writing thread; ``d.with_path(p)`` replaces the
-    entry of the same call rather than adding one."""
+    that :func:`record_decisions` has open in the writing thread; ``d.with_path(p)`` and
+    ``d.with_copied(notes)`` replace the entry of the same call (``d`` itself) rather than adding one."""
 
     def __setitem__(self, op: str, d: Decision) -> None:
+        self.replace_call(None, d)
+
+    def replace_call(self, old: Optional[Decision], d: Decision) -> None:
+        """Record ``d``; where ``old`` (the same call's earlier Decision) is the last recorded entry
+        of a list, ``d`` takes its place."""
         with _LOCK:
-            dict.__setitem__(self, op, d)
+            dict.__setitem__(self, d.op, d)
         for rec in getattr(_RECORDING, "lists", ()):
-            if d.path and rec and rec[-1].op == d.op and not rec[-1].path and \
-                    dataclasses.replace(rec[-1], path=d.path) == d:
+            if old is not None and rec and rec[-1] is old:
                 rec[-1] = d
             else:
                 rec.append(d)

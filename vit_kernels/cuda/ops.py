@@ -5,6 +5,12 @@ Each function allocates its outputs, takes the build for the tensors' device (th
 tensors, the host emulator for CPU tensors; see :mod:`vit_kernels.cuda`) and calls one binding of
 ``csrc/bindings.cpp``. The public ops have already checked the arguments; the bindings check again
 (naming the argument) before any launch. Forward only.
+
+Layouts the GEMM launchers assume (and raise on otherwise): x, residual and weights as rows with
+unit stride along the last dim whose leading dims merge without a copy (checks.unit_rows_layout);
+1-D parameters, pos_embed, cls_token and the patch weight contiguous. The attention launcher reads
+any strides and alignment. vit_kernels.ops guarantees these before the first launch of a call
+(refusing, or copying the small parameters: checks.contiguous_params).
 """
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -19,32 +20,55 @@ def check_head_dim(name: str, head_dim: int) -> Optional[str]:
     return None
 
 
+def check_flash_attention(q, k, v, scale) -> float:
+    """Validate the arguments of :func:`flash_attention` on every backend; returns the scale."""
+    checks.tensor("q", q, ndim=4)
+    B, H, N, D = q.shape
+    checks.nonempty_dim("q", q, 3, "head_dim")
+    checks.tensor("k", k, shape=(B, H, None, D), dtype=q.dtype, device=q.device)
+    checks.tensor("v", v, shape=(B, H, k.shape[2], D), dtype=q.dtype, device=q.device)
+    return checks.softmax_scale(scale, D)
+
+
+def layouts_unsupported(q, k, v) -> dict:
+    """backend -> why its kernels cannot read q, k, v as they are (None: they can). The CUDA kernel
+    reads any strides and alignment (a scalar path where rows are not 16-byte vectors)."""
+    return {"triton": checks.first(*(checks.vector_rows_layout(n, t) for n, t in (("q", q), ("k", k), ("v", v)))),
+            "cuda": None}
+
+
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
                     backend: str = "auto", tune: Optional[str] = None,
                     stats: Optional[attention_stats.StatsRequest] = None):
     """Non-causal scaled dot-product attention.
 
     q: (batch, heads, q_tokens, head_dim); k, v: (batch, heads, kv_tokens, head_dim).
-    Returns (batch, heads, q_tokens, head_dim). scale defaults to head_dim ** -0.5.
+    Returns (batch, heads, q_tokens, head_dim). scale defaults to head_dim ** -0.5 (else a finite
+    number > 0). batch, heads or q_tokens 0: an empty result. kv_tokens 0: zeros, as the oracle
+    (an empty softmax times an empty v) and SDPA give, on every backend.
     tune: "on" | "off" | "cache-only" for backend="auto" on CUDA tensors (vit_kernels.tuning).
     stats: a :class:`~vit_kernels.ops.attention_stats.StatsRequest` makes it return
     ``(out, AttentionStats)`` (attention rows, mean attention distance, full weights). Inside
     ``attention_stats.recording(...)`` the statistics are recorded instead.
     """
-    checks.tensor("q", q, ndim=4)
-    B, H, N, D = q.shape
-    checks.tensor("k", k, shape=(B, H, None, D), dtype=q.dtype, device=q.device)
-    checks.tensor("v", v, shape=(B, H, k.shape[2], D), dtype=q.dtype, device=q.device)
-    if scale is None:
-        scale = D ** -0.5
+    scale = check_flash_attention(q, k, v, scale)
+    D = q.shape[-1]
     request = stats if stats is not None else attention_stats.active_request()
     if request is not None:
         return _with_stats(q, k, v, scale, backend, request, record=stats is None)
+    layouts = layouts_unsupported(q, k, v)
+    empty = q.numel() == 0 or k.shape[2] == 0   # nothing to time: the untimed rules pick the backend
     d = resolve("flash_attention", backend, (q, k, v),
-                unsupported={"triton": check_head_dim("head_dim", D),
+                unsupported={"triton": check_head_dim("head_dim", D) or layouts["triton"],
                              "cuda": check_head_dim("head_dim", D)
-                                     or cuda_attention_unsupported(D, q.dtype)},
-                tune=tune, run=_launch, args=(q, k, v, scale))
+                                     or cuda_attention_unsupported(D, q.dtype) or layouts["cuda"]},
+                tune=tune, run=None if empty else _launch, args=(q, k, v, scale))
+    if d.backend != "torch" and q.numel() == 0:
+        d.with_path("empty")
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if d.backend != "torch" and k.shape[2] == 0:
+        d.with_path("no_keys")
+        return torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     return _launch(d, q, k, v, scale)
 
 

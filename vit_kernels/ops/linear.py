@@ -1,6 +1,7 @@
 """linear: x @ W^T + b, then residual + layer_scale * that; the output projection of a block."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -26,6 +27,7 @@ def check_linear(x, weight, bias, residual, layer_scale):
     checks.tensor("x", x)
     if x.dim() < 2:
         raise ValueError(f"x: expected a tensor of at least 2 dims (..., in_features), got shape {tuple(x.shape)}")
+    checks.nonempty_dim("x", x, -1, "in_features")
     checks.tensor("weight", weight, ndim=2, dtype=x.dtype, device=x.device)
     if weight.shape[1] != x.shape[-1]:
         raise ValueError(f"weight: expected shape (out_features, {x.shape[-1]}) for x with "
@@ -40,24 +42,47 @@ def check_linear(x, weight, bias, residual, layer_scale):
                          "that is added to the residual")
 
 
+def layouts_unsupported(x, weight, residual) -> dict:
+    """backend -> why its kernels cannot read x, weight, residual as they are (None: they can).
+    The Triton GEMM reads any strides (weight included); the CUDA GEMM needs unit-stride rows."""
+    return {"triton": checks.first(checks.rows_layout("x", x), checks.rows_layout("residual", residual)),
+            "cuda": checks.first(checks.unit_rows_layout("x", x), checks.unit_rows_layout("weight", weight),
+                                 checks.unit_rows_layout("residual", residual))}
+
+
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
            residual: Optional[Tensor] = None, layer_scale: Optional[Tensor] = None,
            backend: str = "auto", tune: Optional[str] = None) -> Tensor:
     """A GEMM whose epilogue adds bias, layer scale and residual.
 
     x: (..., in); weight: (out, in); bias, layer_scale: (out,); residual: (..., out).
-    Returns (..., out) = [residual +] [layer_scale *] (x @ weight^T [+ bias]).
+    Returns (..., out) = [residual +] [layer_scale *] (x @ weight^T [+ bias]). Zero rows: an
+    empty result. bias and layer_scale of other strides are copied for the fused kernels
+    (``last_decision("linear").copied``).
     tune: "on" | "off" | "cache-only" for backend="auto" on CUDA tensors (vit_kernels.tuning).
     """
     check_linear(x, weight, bias, residual, layer_scale)
+    layouts = layouts_unsupported(x, weight, residual)
+    params, notes = checks.contiguous_params(backend, bias=bias, layer_scale=layer_scale)
+    args = (x, weight, params["bias"], residual, params["layer_scale"])
+    out_shape = tuple(x.shape[:-1]) + (weight.shape[0],)
+    empty = math.prod(out_shape) == 0   # nothing to time: the untimed rules pick the backend
     d = resolve("linear", backend, (x, weight, bias, residual, layer_scale),
-                unsupported={"triton": triton_gemm_unsupported(x.dtype), "cuda": cuda_gemm_unsupported(x.dtype)},
-                tune=tune, run=_launch, args=(x, weight, bias, residual, layer_scale))
-    return _launch(d, x, weight, bias, residual, layer_scale)
+                unsupported={"triton": triton_gemm_unsupported(x.dtype) or layouts["triton"],
+                             "cuda": cuda_gemm_unsupported(x.dtype) or layouts["cuda"]},
+                tune=tune, run=None if empty else _launch, args=args)
+    if d.backend == "torch":
+        return _launch(d, x, weight, bias, residual, layer_scale)
+    d = d.with_copied(notes)
+    if empty:
+        d.with_path("empty")
+        return torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    return _launch(d, *args)
 
 
 def _launch(d, x, weight, bias, residual, layer_scale):
-    """Run linear as Decision ``d`` says (backend, tile config)."""
+    """Run linear as Decision ``d`` says (backend, tile config). The fused backends get bias and
+    layer_scale contiguous (see :func:`linear`)."""
     if d.backend == "triton":
         from ..triton import gemm as triton_gemm
         return triton_gemm.linear_forward(x, weight, bias, residual=residual, layer_scale=layer_scale,

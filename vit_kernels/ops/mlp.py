@@ -1,8 +1,10 @@
 """layernorm_gelu_mlp: fc2(gelu(fc1(LayerNorm(x)))) [+ residual, layer scale]."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -13,17 +15,23 @@ from .linear import triton_gemm_unsupported
 
 
 def check_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-              approximate, residual, layer_scale):
+              approximate, residual, layer_scale, eps) -> float:
+    """Validate the arguments of :func:`layernorm_gelu_mlp` on every backend; returns eps."""
     checks.tensor("x", x)
     if x.dim() < 2:
         raise ValueError(f"x: expected a tensor of at least 2 dims (..., dim), got shape {tuple(x.shape)}")
+    checks.nonempty_dim("x", x, -1, "dim")
     dim = x.shape[-1]
     kw = dict(dtype=x.dtype, device=x.device)
     checks.tensor("norm_weight", norm_weight, shape=(dim,), optional=True, **kw)
     checks.tensor("norm_bias", norm_bias, shape=(dim,), optional=True, **kw)
+    if norm_bias is not None and norm_weight is None:
+        raise ValueError("norm_bias: given without norm_weight (norm_weight None skips the LayerNorm); pass "
+                         "norm_weight to apply LayerNorm")
     checks.tensor("fc1_weight", fc1_weight, ndim=2, **kw)
     if fc1_weight.shape[1] != dim:
         raise ValueError(f"fc1_weight: expected shape (hidden, {dim}) for x of dim {dim}, got {tuple(fc1_weight.shape)}")
+    checks.nonempty_dim("fc1_weight", fc1_weight, 0, "hidden")
     hidden = fc1_weight.shape[0]
     checks.tensor("fc1_bias", fc1_bias, shape=(hidden,), optional=True, **kw)
     checks.tensor("fc2_weight", fc2_weight, ndim=2, **kw)
@@ -38,6 +46,15 @@ def check_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_b
     if layer_scale is not None and residual is None:
         raise ValueError("layer_scale: given without residual; layer scale is applied to the branch "
                          "that is added to the residual")
+    return checks.eps(eps)
+
+
+def layouts_unsupported(x, fc1_weight, fc2_weight, residual) -> dict:
+    """backend -> why its kernels cannot read x, the weights, residual as they are (None: they can).
+    The Triton GEMM reads any strides (weights included); the CUDA GEMM needs unit-stride rows."""
+    return {"triton": checks.first(checks.rows_layout("x", x), checks.rows_layout("residual", residual)),
+            "cuda": checks.first(*(checks.unit_rows_layout(n, t) for n, t in (
+                ("x", x), ("fc1_weight", fc1_weight), ("fc2_weight", fc2_weight), ("residual", residual))))}
 
 
 def layernorm_gelu_mlp(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
@@ -51,22 +68,38 @@ def layernorm_gelu_mlp(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Opti
     x: (..., dim); norm_weight, norm_bias: (dim,) or None (None weight skips the LayerNorm);
     fc1_weight: (hidden, dim); fc1_bias: (hidden,); fc2_weight: (out, hidden); fc2_bias: (out,);
     residual: (..., out); layer_scale: (out,). GELU is exact (erf) unless approximate="tanh".
-    Returns (..., out) = [residual +] [layer_scale *] fc2(gelu(fc1(LN(x)))).
+    Returns (..., out) = [residual +] [layer_scale *] fc2(gelu(fc1(LN(x)))). eps: a finite number
+    >= 0. Zero rows: an empty result. 1-D parameters of other strides are copied for the fused
+    kernels (``last_decision("layernorm_gelu_mlp").copied``).
     tune: "on" | "off" | "cache-only" for backend="auto" on CUDA tensors (vit_kernels.tuning).
     """
-    check_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-              approximate, residual, layer_scale)
+    eps = check_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                    approximate, residual, layer_scale, eps)
     tensors = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale)
-    args = tensors + (eps, approximate)
-    d = resolve("layernorm_gelu_mlp", backend, tensors, unsupported={"triton": triton_gemm_unsupported(x.dtype),
-                                                               "cuda": cuda_gemm_unsupported(x.dtype)},
-                tune=tune, run=_launch, args=args, key_extra=(approximate,))
+    layouts = layouts_unsupported(x, fc1_weight, fc2_weight, residual)
+    p, notes = checks.contiguous_params(backend, norm_weight=norm_weight, norm_bias=norm_bias, fc1_bias=fc1_bias,
+                                        fc2_bias=fc2_bias, layer_scale=layer_scale)
+    args = (x, p["norm_weight"], p["norm_bias"], fc1_weight, p["fc1_bias"], fc2_weight, p["fc2_bias"], residual,
+            p["layer_scale"], eps, approximate)
+    out_shape = tuple(x.shape[:-1]) + (fc2_weight.shape[0],)
+    empty = math.prod(out_shape) == 0   # nothing to time: the untimed rules pick the backend
+    d = resolve("layernorm_gelu_mlp", backend, tensors,
+                unsupported={"triton": triton_gemm_unsupported(x.dtype) or layouts["triton"],
+                             "cuda": cuda_gemm_unsupported(x.dtype) or layouts["cuda"]},
+                tune=tune, run=None if empty else _launch, args=args, key_extra=(approximate,))
+    if d.backend == "torch":
+        return _launch(d, *tensors, eps, approximate)
+    d = d.with_copied(notes)
+    if empty:
+        d.with_path("empty")
+        return torch.empty(out_shape, dtype=x.dtype, device=x.device)
     return _launch(d, *args)
 
 
 def _launch(d, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale,
             eps, approximate):
-    """Run layernorm_gelu_mlp as Decision ``d`` says (backend, tile config)."""
+    """Run layernorm_gelu_mlp as Decision ``d`` says (backend, tile config). The fused backends get
+    the 1-D parameters contiguous (see :func:`layernorm_gelu_mlp`)."""
     args = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     kw = dict(eps=eps, approximate=approximate, residual=residual, layer_scale=layer_scale)
     if d.backend == "triton":

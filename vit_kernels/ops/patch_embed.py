@@ -16,13 +16,16 @@ from .linear import triton_gemm_unsupported
 def check_patch_embed(images, weight, bias, patch_size, pos_embed, cls_token):
     checks.tensor("images", images, ndim=4)
     B, C, H, W = images.shape
-    checks.positive_int("patch_size", patch_size)
-    p = patch_size
+    checks.nonempty_dim("images", images, 1, "channel count")
+    p = checks.positive_int("patch_size", patch_size)
     checks.tensor("weight", weight, ndim=4, dtype=images.dtype, device=images.device)
+    checks.nonempty_dim("weight", weight, 0, "embedding dim")
     dim = weight.shape[0]
     if tuple(weight.shape[1:]) != (C, p, p):
         raise ValueError(f"weight: expected Conv2d layout (dim, {C}, {p}, {p}) for {C}-channel images and "
                          f"patch_size={p}, got {tuple(weight.shape)}")
+    if H == 0 or W == 0:
+        raise ValueError(f"images: expected H and W of at least patch_size={p}, got H={H}, W={W}")
     if H % p or W % p:
         raise ValueError(f"images: expected H and W divisible by patch_size={p}, got H={H}, W={W} "
                          f"(nothing is cropped silently: crop or pad the images first)")
@@ -43,6 +46,17 @@ def check_patch_embed(images, weight, bias, patch_size, pos_embed, cls_token):
     return tokens, dim
 
 
+def layouts_unsupported(weight) -> dict:
+    """backend -> why its kernels cannot read the tensors as they are (None: they can). The Triton
+    GEMM gathers images and weight through any strides; the CUDA GEMM reads any images but a
+    contiguous weight."""
+    why = None
+    if not weight.is_contiguous():
+        why = (f"weight: the CUDA kernels read a contiguous (dim, C, p, p) weight, got strides {weight.stride()} "
+               f"(pass weight.contiguous())")
+    return {"triton": None, "cuda": why}
+
+
 def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, patch_size: int,
                 pos_embed: Optional[Tensor] = None, cls_token: Optional[Tensor] = None,
                 backend: str = "auto", tune: Optional[str] = None) -> Tensor:
@@ -50,20 +64,33 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
 
     images: (batch, channels, H, W), NCHW or channels_last; weight: (dim, channels, p, p);
     bias: (dim,); cls_token: (1, 1, dim) or (dim,); pos_embed: (1, prefix + patches, dim).
-    Returns (batch, prefix + (H/p)*(W/p), dim), prefix = 1 with cls_token else 0.
+    Returns (batch, prefix + (H/p)*(W/p), dim), prefix = 1 with cls_token else 0. batch 0: an
+    empty result. bias, cls_token, pos_embed of other strides are copied for the fused kernels
+    (``last_decision("patch_embed").copied``).
     tune: "on" | "off" | "cache-only" for backend="auto" on CUDA tensors (vit_kernels.tuning).
     """
-    check_patch_embed(images, weight, bias, patch_size, pos_embed, cls_token)
-    args = (images, weight, bias, pos_embed, cls_token, patch_size)
+    tokens, dim = check_patch_embed(images, weight, bias, patch_size, pos_embed, cls_token)
+    patch_size = int(patch_size)   # a numpy integer, say, as the kernels' launch argument
+    layouts = layouts_unsupported(weight)
+    p, notes = checks.contiguous_params(backend, bias=bias, pos_embed=pos_embed, cls_token=cls_token)
+    args = (images, weight, p["bias"], p["pos_embed"], p["cls_token"], patch_size)
+    empty = images.shape[0] == 0   # nothing to time: the untimed rules pick the backend
     d = resolve("patch_embed", backend, (images, weight, bias, pos_embed, cls_token),
-                unsupported={"triton": triton_gemm_unsupported(images.dtype),
-                             "cuda": cuda_gemm_unsupported(images.dtype)},
-                tune=tune, run=_launch, args=args, key_extra=(patch_size,))
+                unsupported={"triton": triton_gemm_unsupported(images.dtype) or layouts["triton"],
+                             "cuda": cuda_gemm_unsupported(images.dtype) or layouts["cuda"]},
+                tune=tune, run=None if empty else _launch, args=args, key_extra=(patch_size,))
+    if d.backend == "torch":
+        return _launch(d, images, weight, bias, pos_embed, cls_token, patch_size)
+    d = d.with_copied(notes)
+    if empty:
+        d.with_path("empty")
+        return torch.empty((0, tokens, dim), dtype=images.dtype, device=images.device)
     return _launch(d, *args)
 
 
 def _launch(d, images, weight, bias, pos_embed, cls_token, patch_size):
-    """Run patch_embed as Decision ``d`` says (backend, tile config)."""
+    """Run patch_embed as Decision ``d`` says (backend, tile config). The fused backends get bias,
+    pos_embed and cls_token contiguous (see :func:`patch_embed`)."""
     kw = dict(patch_size=patch_size, pos_embed=pos_embed, cls_token=cls_token)
     if d.backend == "triton":
         from ..triton import patch_embed as triton_pe

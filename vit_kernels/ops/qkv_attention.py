@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -13,16 +14,20 @@ from . import attention_stats
 from .flash_attention import check_head_dim, sdpa
 
 
-def check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bias):
-    """Validate the arguments of :func:`qkv_attention`; returns (inner, head_dim)."""
+def check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bias, scale, eps):
+    """Validate the arguments of :func:`qkv_attention` on every backend; returns
+    (num_heads, inner, head_dim, scale, eps) as Python numbers, scale's default filled in."""
     checks.tensor("x", x, ndim=3)
+    checks.nonempty_dim("x", x, 2, "dim")
     dim = x.shape[-1]
-    checks.positive_int("num_heads", num_heads)
+    num_heads = checks.positive_int("num_heads", num_heads)
     checks.tensor("qkv_weight", qkv_weight, ndim=2, dtype=x.dtype, device=x.device)
     if qkv_weight.shape[1] != dim or qkv_weight.shape[0] % 3 != 0:
         raise ValueError(f"qkv_weight: expected shape (3*inner, {dim}) for x of dim {dim}, "
                          f"got {tuple(qkv_weight.shape)}")
     inner = qkv_weight.shape[0] // 3
+    if inner == 0:
+        raise ValueError(f"qkv_weight: expected a non-zero number of rows (3*inner), got {tuple(qkv_weight.shape)}")
     if inner % num_heads != 0:
         raise ValueError(f"num_heads: inner dim {inner} (qkv_weight.shape[0] // 3) is not divisible "
                          f"by num_heads={num_heads}")
@@ -31,7 +36,21 @@ def check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bi
     checks.tensor("norm_bias", norm_bias, shape=(dim,), dtype=x.dtype, device=x.device, optional=True)
     if norm_bias is not None and norm_weight is None:
         raise ValueError("norm_bias: given without norm_weight; pass norm_weight to apply LayerNorm")
-    return inner, inner // num_heads
+    head_dim = inner // num_heads
+    return num_heads, inner, head_dim, checks.softmax_scale(scale, head_dim), checks.eps(eps)
+
+
+def layouts_unsupported(x, qkv_weight) -> dict:
+    """backend -> why its kernels cannot read x and qkv_weight as they are (None: they can). Triton's
+    split path reads any strides (its single kernel needs :func:`single_kernel_layout`); the CUDA
+    GEMM needs unit-stride rows."""
+    return {"triton": None,
+            "cuda": checks.first(checks.unit_rows_layout("x", x), checks.unit_rows_layout("qkv_weight", qkv_weight))}
+
+
+def single_kernel_layout(x, qkv_weight) -> Optional[str]:
+    """None when Triton's single kernel reads x and qkv_weight as they are (16-byte row vectors)."""
+    return checks.first(checks.vector_rows_layout("x", x), checks.vector_rows_layout("qkv_weight", qkv_weight))
 
 
 def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = None, *,
@@ -49,44 +68,62 @@ def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = No
     ``vit_kernels.last_decision("qkv_attention").path`` says which kernel path ran.
     path: None (with backend="auto" on a CUDA device the tuner times both; untimed: "split"),
     "single_kernel" or "split" forces the fused path of the triton backend (the cuda backend has
-    "split" only; torch ignores it).
+    "split" only; torch ignores it). With path=None, an x or qkv_weight the single kernel cannot
+    read in place (see :func:`single_kernel_layout`) takes the split path (the single kernel is
+    then neither timed nor chosen). scale: None (head_dim ** -0.5) or a finite number > 0; eps: a
+    finite number >= 0. batch or tokens 0: an empty result. 1-D parameters of other strides are
+    copied for the fused kernels (``.copied`` of the decision).
     tune: "on" | "off" | "cache-only" for backend="auto" on CUDA tensors (vit_kernels.tuning).
     stats: a :class:`~vit_kernels.ops.attention_stats.StatsRequest` makes it return
     ``(out, AttentionStats)`` (triton, cuda: the split path keeping the row log-sum-exp, path
     "split+stats"; torch: the full softmax). Inside ``attention_stats.recording(...)`` the
     statistics are recorded instead.
     """
-    inner, head_dim = check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bias)
+    num_heads, inner, head_dim, scale, eps = check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight,
+                                                                 norm_bias, scale, eps)
     checks.choice("path", path, (None, "single_kernel", "split"))
-    if scale is None:
-        scale = head_dim ** -0.5
+    if path is None and single_kernel_layout(x, qkv_weight):
+        path = "split"
     tensors = (x, qkv_weight, qkv_bias, norm_weight, norm_bias)
     request = stats if stats is not None else attention_stats.active_request()
     if request is not None:
         return _with_stats(tensors, num_heads, head_dim, scale, eps, backend, path, request, record=stats is None)
-    args = tensors + (num_heads, scale, eps, path)
+    layouts = layouts_unsupported(x, qkv_weight)
+    p, notes = checks.contiguous_params(backend, qkv_bias=qkv_bias, norm_weight=norm_weight, norm_bias=norm_bias)
+    args = (x, qkv_weight, p["qkv_bias"], p["norm_weight"], p["norm_bias"], num_heads, scale, eps, path)
+    empty = x.shape[0] == 0 or x.shape[1] == 0   # nothing to time: the untimed rules pick the backend
     d = resolve("qkv_attention", backend, tensors,
-                unsupported={"triton": check_head_dim("head_dim", head_dim),
+                unsupported={"triton": check_head_dim("head_dim", head_dim) or layouts["triton"],
                              "cuda": check_head_dim("head_dim", head_dim)
-                                     or cuda_attention_unsupported(head_dim, x.dtype)},
-                tune=tune, run=_launch, args=args, key_extra=(num_heads, path))
+                                     or cuda_attention_unsupported(head_dim, x.dtype) or layouts["cuda"]},
+                tune=tune, run=None if empty else _launch, args=args, key_extra=(num_heads, path))
+    if d.backend == "torch":
+        return _launch(d, *tensors, num_heads, scale, eps, path)
+    if d.backend == "cuda" and path == "single_kernel":
+        raise ValueError("path: 'single_kernel' is not available on the cuda backend (it has 'split')")
+    d = d.with_copied(notes)
+    if empty:
+        d.with_path("empty")
+        return torch.empty((x.shape[0], x.shape[1], inner), dtype=x.dtype, device=x.device)
     return _launch(d, *args)
 
 
 def _launch(d, x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps, path):
     """Run qkv_attention as Decision ``d`` says: backend, path (the tuner's, else the caller's,
-    else the untimed rule), tile configs. Records the path taken on the decision."""
+    else the untimed rule), tile configs. Records the path taken on the decision. The fused
+    backends get qkv_bias, norm_weight, norm_bias contiguous (see :func:`qkv_attention`)."""
     kw = dict(num_heads=num_heads, scale=scale, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps)
     if d.backend == "triton":
         from ..triton import qkv_attention as triton_qkv
         path = d.path or path or triton_qkv.choose_path(x, num_heads, qkv_weight.shape[0] // 3 // num_heads)
+        unreadable = single_kernel_layout(x, qkv_weight) if path == "single_kernel" else None
+        if unreadable:
+            raise ValueError(f"path: 'single_kernel' cannot run this call: {unreadable}; use path='split' or None")
         if d.path != path:
             d.with_path(path)
         return triton_qkv.qkv_attention_forward(x, qkv_weight, qkv_bias, path=path, **kw, **dict(d.config))
     if d.backend == "cuda":
         from ..cuda import ops as cuda_ops
-        if path == "single_kernel":
-            raise ValueError("path: 'single_kernel' is not available on the cuda backend (it has 'split')")
         if d.path != "split":
             d.with_path("split")
         return cuda_ops.qkv_attention(x, qkv_weight, qkv_bias, **kw)
@@ -95,7 +132,6 @@ def _launch(d, x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale
     if not d.path:
         d.with_path("torch")
     return qkv_attention_torch(x, qkv_weight, qkv_bias, **kw, sdpa_path="" if d.path == "torch" else d.path)
-
 
 def qkv_attention_torch(x, qkv_weight, qkv_bias, *, num_heads, scale, norm_weight, norm_bias, eps, sdpa_path=""):
     """Plain PyTorch path: F.layer_norm, F.linear, SDPA (sdpa_path: one SDPA backend, see

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import checks
 from . import cdiv
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 from .layernorm import as_rows, row_stats, rows_per_batch
@@ -251,6 +252,7 @@ def launch_gemm(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K: in
     gemm_config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), None for :func:`block_config`
     (the tuner passes one of :func:`tune_configs`).
     """
+    checks.unit_stride_params(bias=bias, norm_weight=norm_weight, norm_bias=norm_bias, layer_scale=layer_scale)
     if M == 0 or N == 0:
         return out
     gather = patch is not None
@@ -345,8 +347,12 @@ def dense_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     x: (..., K); weight: (N, K); bias, layer_scale: (N,); norm_weight, norm_bias: (K,) applies
     LayerNorm(x, eps) as x loads (row statistics from :func:`row_stats`, or ``stats`` given);
     act: ACT_NONE / ACT_GELU_ERF / ACT_GELU_TANH; residual: (..., N). Returns (..., N).
+    Layouts: x, residual any strides that address them as (-1, T, C) (rows_per_batch); weight any
+    strides; bias, layer_scale, norm_weight, norm_bias contiguous (the kernel reads them with unit
+    stride: vit_kernels.ops copies other layouts, checks.contiguous_params); at least one row.
     """
     _check_dtype("x", x)
+    checks.unit_stride_params(bias=bias, norm_weight=norm_weight, norm_bias=norm_bias, layer_scale=layer_scale)
     K = x.shape[-1]
     N = weight.shape[0]
     T = rows_per_batch(x)
@@ -370,6 +376,7 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     x: (..., in); weight: (out_features, in); bias, layer_scale: (out_features,) or None;
     residual: (..., out_features) or None; out: optional (..., out_features) to write into.
     Returns (..., out_features) in x's dtype. One launch; the epilogue does bias, scale, residual.
+    Layouts as :func:`dense_forward` (bias, layer_scale contiguous).
     """
     return dense_forward(x, weight, bias, residual=residual, layer_scale=layer_scale, out=out,
                          gemm_config=gemm_config)
@@ -386,6 +393,7 @@ def qkv_projection_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Ten
     loads (norm_weight None: no LayerNorm); scale multiplies Q (after the bias).
     Returns qkv: (3, B, H, N, head_dim), contiguous, H = num_heads, head_dim = inner // H;
     qkv[0] = scale * q, qkv[1] = k, qkv[2] = v. No reshape, permute or copy of the result.
+    qkv_bias, norm_weight, norm_bias: contiguous (read with unit stride; the op layer guarantees it).
     """
     _check_dtype("x", x)
     if x.dim() != 3:

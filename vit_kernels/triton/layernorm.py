@@ -57,7 +57,8 @@ def _row_stats_kernel(
         diff = tl.where(mask, x.to(tl.float32) - mean[:, None], 0.0)
         sq += diff * diff
     var = tl.sum(sq, axis=1) / D
-    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    # Rows past M (rmask False) are never stored; give them var 1 so that eps = 0 computes no inf.
+    rstd = 1.0 / tl.sqrt_rn(tl.where(rmask, var + eps, 1.0))
     tl.store(mean_ptr + rows, mean, mask=rmask)
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
 

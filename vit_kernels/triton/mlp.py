@@ -14,6 +14,7 @@ from typing import List, Optional, Tuple
 
 from torch import Tensor
 
+from .. import checks
 from .aot import AotSpec
 from .gemm import ACTIVATIONS, DTYPES, NORM_AFFINE, NORM_NONE, NORM_WEIGHT_ONLY, aot_spec, dense_forward
 
@@ -31,10 +32,13 @@ def layernorm_gelu_mlp_forward(x: Tensor, norm_weight: Optional[Tensor], norm_bi
     fc1_bias: (hidden,); fc2_weight: (out, hidden); fc2_bias, layer_scale: (out,);
     residual: (..., out); approximate: "none" (erf GELU) or "tanh"; out: optional (..., out) to
     write into. gemm_config: the tiles of both GEMMs (None: gemm.block_config). Returns (..., out)
-    in x's dtype.
+    in x's dtype. Layouts as gemm.dense_forward: the 1-D parameters contiguous, x and residual
+    addressable as (-1, tokens, dim); vit_kernels.ops guarantees both before the first launch.
     """
     if approximate not in ACTIVATIONS:
         raise ValueError(f"approximate: expected one of {tuple(ACTIVATIONS)}, got {approximate!r}")
+    checks.unit_stride_params(norm_weight=norm_weight, norm_bias=norm_bias, fc1_bias=fc1_bias, fc2_bias=fc2_bias,
+                              layer_scale=layer_scale)
     h = dense_forward(x, fc1_weight, fc1_bias, norm_weight=norm_weight,
                       norm_bias=norm_bias if norm_weight is not None else None, eps=eps,
                       act=ACTIVATIONS[approximate], gemm_config=gemm_config)

@@ -30,6 +30,7 @@ def patch_embed_forward(images: Tensor, weight: Tensor, bias: Optional[Tensor] =
     patch_size p divides H and W (checked by the op). out: optional (B, T, dim) to write into.
     gemm_config: tiles (None: gemm.block_config's patch tiles).
     Returns (B, T, dim), T = prefix + (H/p)*(W/p), prefix = 1 with cls_token else 0.
+    bias: contiguous (read with unit stride; vit_kernels.ops copies other layouts); B >= 1.
     """
     _check_dtype("images", images)
     B, C, H, W = images.shape

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import checks
 from . import attention
 from . import next_power_of_2
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, ptr_type, recorded_spec
@@ -61,7 +62,9 @@ def _ln_stats(x_base, rows, row_mask, stride_xn, DIM, eps,
             xk = tl.load(x_base + row_off[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
             xk = tl.where(m, xk - mean[:, None], 0.0)
             acc += xk * xk
-        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / DIM + eps)
+        # Rows past the sequence (row_mask False) load zeros, var 0: with eps = 0 their rstd would be inf
+        # and their K/V rows NaN, which P @ V would spread (0 * NaN) into every output row. Use var 1.
+        rstd = 1.0 / tl.sqrt(tl.where(row_mask, tl.sum(acc, axis=1) / DIM + eps, 1.0))
     else:
         mean = tl.zeros([BLOCK_R], dtype=tl.float32)
         rstd = mean
@@ -295,10 +298,14 @@ def qkv_attention_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
     apply LayerNorm(x, eps) first (as x loads). scale: the softmax scale. path: "single_kernel",
     "split" or None (:func:`choose_path`). out: optional (batch, tokens, inner) output.
     gemm_config, attention_config: the split path's QKV GEMM and flash attention tiles (None: their
-    defaults; the tuner passes alternatives). Returns (batch, tokens, inner).
+    defaults; the tuner passes alternatives). Returns (batch, tokens, inner). qkv_bias, norm_weight,
+    norm_bias: contiguous (the kernels read them with unit stride; vit_kernels.ops guarantees it,
+    copying other layouts). The single kernel also needs x and qkv_weight in 16-byte row vectors
+    (checks.vector_rows_layout; checked here).
     """
     if x.dim() != 3:
         raise ValueError(f"x: expected (batch, tokens, dim), got shape {tuple(x.shape)}")
+    checks.unit_stride_params(qkv_bias=qkv_bias, norm_weight=norm_weight, norm_bias=norm_bias)
     B, N, dim = x.shape
     inner = qkv_weight.shape[0] // 3
     if inner % num_heads != 0:
