@@ -129,7 +129,8 @@ def test_every_module_in_the_one_list_has_specs(report):
     kernels = {s.kernel for s in report.values()}
     assert {"gemm_linear", "gemm_qkv", "gemm_fc1", "gemm_patch_embed_nchw", "flash_attention_fwd",
             "qkv_attention_single", "row_stats"} <= kernels
-    assert {"attention", "qkv_attention", "layernorm", "gemm", "gemm_tma", "mlp", "patch_embed"} <= set(TRITON_MODULES)
+    assert {"attention", "qkv_attention", "layernorm", "gemm", "gemm_tma", "mlp",
+            "patch_embed"} <= set(TRITON_MODULES)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

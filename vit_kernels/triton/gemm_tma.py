@@ -626,9 +626,9 @@ CLASS_SHAPES = {"qkv": lambda d: (3 * d, d), "proj": lambda d: (d, d), "fc1": la
                 "fc2": lambda d: (d, 4 * d)}
 
 
-def _aot_call(cls: str, dtype: torch.dtype, config: TmaConfig, flags: Dict[str, object], tensors: Dict[str, Tensor]):
-    """The public launcher call that makes the ``flags`` epilogue of class ``cls`` (empty CPU tensors from
-    :func:`_aot_tensors`). With LN_EPI and no HAS_BIAS the LayerNorm has no beta (b' = None)."""
+def _aot_call(config: TmaConfig, flags: Dict[str, object], tensors: Dict[str, Tensor]):
+    """The public launcher call that makes the ``flags`` epilogue on ``tensors`` (empty CPU operands of one
+    class, from :func:`_aot_tensors`). With LN_EPI and no HAS_BIAS the LayerNorm has no beta (b' = None)."""
     t = tensors
     bias = t["bias"] if flags.get("HAS_BIAS") else None
     ln = flags.get("LN_EPI", False)
@@ -671,7 +671,7 @@ def aot_spec(config: TmaConfig, dtype: torch.dtype, name: str = "gemm_tma",
     label = f"{config.name},{dtype_name(dtype)}" + (f",{on}" if on else "")
     B, T = REPRESENTATIVE["batch"], REPRESENTATIVE["tokens"]
     N, K = t["w"].shape
-    spec = recorded_spec(name, _gemm_tma_kernel, _aot_call(cls, dtype, config, f, t), label, True, archs=(90,),
+    spec = recorded_spec(name, _gemm_tma_kernel, _aot_call(config, f, t), label, True, archs=(90,),
                          shape=f"B={B},T={T},K={K},N={N}")
     got = {k: spec.constexprs[k] for k in f}
     if got != f:   # the call above must make exactly the epilogue asked for
