@@ -129,7 +129,29 @@ def test_every_module_in_the_one_list_has_specs(report):
     kernels = {s.kernel for s in report.values()}
     assert {"gemm_linear", "gemm_qkv", "gemm_fc1", "gemm_patch_embed_nchw", "flash_attention_fwd",
             "qkv_attention_single", "row_stats"} <= kernels
-    assert {"attention", "qkv_attention", "layernorm", "gemm", "mlp", "patch_embed"} <= set(TRITON_MODULES)
+    assert {"attention", "qkv_attention", "layernorm", "gemm", "gemm_tma", "mlp",
+            "patch_embed"} <= set(TRITON_MODULES)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gemm_tma_launches_of_a_vit_block_are_in_the_report(report, dtype):
+    """The sm_90 GEMM's launchers as a ViT block calls them (qkv bias, LayerNorm with beta, residual and
+    layer scale), with each class's default config and its last candidate: every launch is listed."""
+    from vit_kernels.triton import gemm_tma as G
+    x, x4 = empty(B, N, DIM, dtype=dtype), empty(B, N, 4 * DIM, dtype=dtype)
+    ln, b, b3, b4 = (empty(n, dtype=dtype) for n in (DIM, DIM, 3 * DIM, 4 * DIM))
+    w3, w, w4, w4t = (empty(*s, dtype=dtype) for s in ((3 * DIM, DIM), (DIM, DIM), (4 * DIM, DIM), (DIM, 4 * DIM)))
+    for pick in (0, -1):
+        with record_launches() as launches:
+            G.qkv_projection_forward(x, w3, b3, num_heads=H, scale=HD ** -0.5, norm_weight=ln, norm_bias=ln,
+                                     config=G.configs_for(3 * DIM, DIM)[pick])
+            G.linear_forward(x, w, b, residual=x, layer_scale=b, config=G.configs_for(DIM, DIM)[pick])
+            G.dense_forward(x, w4, b4, norm_weight=ln, norm_bias=ln, act=G.ACT_GELU_TANH,
+                            config=G.configs_for(4 * DIM, DIM)[pick])
+            G.linear_forward(x4, w4t, b, residual=x, config=G.configs_for(DIM, 4 * DIM)[pick])
+        gemms = [la for la in launches if _name(la) == "_gemm_tma_kernel"]
+        assert len(gemms) == 4
+        assert_in_report(report, gemms, ["_gemm_tma_kernel"])
 
 
 def test_a_batch_that_is_not_a_multiple_of_16_changes_only_the_row_count_fact(report):

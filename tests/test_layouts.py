@@ -95,7 +95,7 @@ def test_layout_cases_cover_every_argument():
     for op, spec in SPECS.items():
         for name in spec.tensors:
             assert (op, name) in seen
-    assert set(SPECS) == set(vk.ops.__all__)
+    assert set(SPECS) == {n for n in vk.ops.__all__ if not isinstance(getattr(vk.ops, n), type)}  # ops, not their option types
 
 
 @pytest.mark.parametrize("layout", ["transposed", "gaps", "misaligned"])

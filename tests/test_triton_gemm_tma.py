@@ -334,8 +334,8 @@ _AOT_SCRIPT = textwrap.dedent("""
             cls = next(k for k, v in G.CLASSES.items() if i in v)
             specs.append(G.aot_spec(c, torch.bfloat16, "gemm_tma_" + cls, **G.EPILOGUES[cls][-1]))
     for s in specs:
-        attrs = {(s.fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in s.divisible_by_16}
-        k = triton.compile(ASTSource(fn=s.fn, signature=s.signature, constexprs=s.constexprs, attrs=attrs),
+        k = triton.compile(ASTSource(fn=s.fn, signature=s.signature, constexprs=s.constexprs,
+                                     attrs=s.compile_attrs()),
                            target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": s.num_warps, "num_stages": s.num_stages})
         f = cubin_facts(k.asm["cubin"], s.kernel)

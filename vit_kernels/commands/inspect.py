@@ -18,7 +18,7 @@ from .arguments import positive_int
 
 # The Triton modules whose aot_specs() list their launchable configurations: the one list a new
 # kernel module is added to.
-TRITON_MODULES = ("attention", "attention_stats", "qkv_attention", "layernorm", "gemm", "mlp", "patch_embed")
+TRITON_MODULES = ("attention", "attention_stats", "qkv_attention", "layernorm", "gemm", "gemm_tma", "mlp", "patch_embed")
 ARCHS = {"sm_80": 80, "sm_90": 90}
 
 

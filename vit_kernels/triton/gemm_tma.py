@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .aot import AotSpec, ptr_type
+from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 from .layernorm import as_rows, row_stats, rows_per_batch
 
 logger = logging.getLogger("vit_kernels")
@@ -609,14 +609,6 @@ def qkv_projection_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Ten
 # Ahead-of-time specs
 # ---------------------------------------------------------------------------------------------
 
-_PTR_ARGS = ("a_ptr", "w_ptr", "out_ptr", "bias_ptr", "res_ptr", "ls_ptr", "mean_ptr", "rstd_ptr", "colsum_ptr")
-_FP32_PTRS = ("mean_ptr", "rstd_ptr", "colsum_ptr")
-_INT_ARGS = ("M", "N", "K", "T", "s_am", "s_wn", "s_om", "s_o3", "s_ob", "s_oh", "s_ot", "s_rb", "s_rt",
-             "INNER", "HEAD_DIM")
-# What Triton's launcher specializes for the usual call: aligned pointers (checked by the launcher) and
-# 16-multiple sizes and strides (ViT dims are multiples of 16; the row count M and tokens T are not).
-DIVISIBLE = _PTR_ARGS + ("N", "K", "s_am", "s_wn", "s_om", "s_o3", "s_ob", "s_oh", "s_ot", "s_rb", "s_rt",
-                         "INNER", "HEAD_DIM")
 # The epilogues each ViT class launches: flags as in _gemm_tma_kernel (LN_EPI: LayerNorm folded).
 EPILOGUES: Dict[str, Tuple[Dict[str, object], ...]] = {
     "qkv": tuple(dict(OUT_MODE=OUT_QKV, HAS_BIAS=b, LN_EPI=ln) for ln in (False, True) for b in (False, True)),
@@ -628,35 +620,76 @@ EPILOGUES: Dict[str, Tuple[Dict[str, object], ...]] = {
 EPILOGUES["fc2"] = EPILOGUES["proj"]
 
 
-def aot_spec(config: TmaConfig, dtype: torch.dtype, name: str = "gemm_tma", **flags) -> AotSpec:
-    """The AotSpec of ``config`` for ``dtype`` with epilogue ``flags`` (kernel flag names; unset: off)."""
+# (N, K) of each class at a model dimension (qkv: dim -> 3*dim, proj: dim -> dim, fc1: dim -> 4*dim,
+# fc2: 4*dim -> dim).
+CLASS_SHAPES = {"qkv": lambda d: (3 * d, d), "proj": lambda d: (d, d), "fc1": lambda d: (4 * d, d),
+                "fc2": lambda d: (d, 4 * d)}
+
+
+def _aot_call(config: TmaConfig, flags: Dict[str, object], tensors: Dict[str, Tensor]):
+    """The public launcher call that makes the ``flags`` epilogue on ``tensors`` (empty CPU operands of one
+    class, from :func:`_aot_tensors`). With LN_EPI and no HAS_BIAS the LayerNorm has no beta (b' = None)."""
+    t = tensors
+    bias = t["bias"] if flags.get("HAS_BIAS") else None
+    ln = flags.get("LN_EPI", False)
+    norm_weight = t["ln"] if ln else None
+    norm_bias = t["ln"] if ln and bias is not None else None
+    if flags.get("OUT_MODE", OUT_ROWS) == OUT_QKV:
+        H = REPRESENTATIVE["heads"]
+        return lambda: qkv_projection_forward(t["x"], t["w"], bias, num_heads=H, scale=0.125,
+                                              norm_weight=norm_weight, norm_bias=norm_bias, config=config)
+    return lambda: dense_forward(t["x"], t["w"], bias, norm_weight=norm_weight, norm_bias=norm_bias,
+                                 act=int(flags.get("ACT", ACT_NONE)),
+                                 residual=t["res"] if flags.get("HAS_RES") else None,
+                                 layer_scale=t["bias"] if flags.get("HAS_LS") else None, config=config)
+
+
+def _aot_tensors(cls: str, dtype: torch.dtype) -> Dict[str, Tensor]:
+    """Empty CPU operands of class ``cls`` at aot.REPRESENTATIVE's ViT (B, T, dim); shared by a class's specs,
+    so the LayerNorm fold (cached per parameter) is computed once per class, dtype and bias."""
+    B, T, dim = (REPRESENTATIVE[k] for k in ("batch", "tokens", "dim"))
+    N, K = CLASS_SHAPES[cls](dim)
+    return dict(x=torch.empty(B, T, K, dtype=dtype), w=torch.empty(N, K, dtype=dtype),
+                bias=torch.empty(N, dtype=dtype), ln=torch.empty(K, dtype=dtype),
+                res=torch.empty(B, T, N, dtype=dtype))
+
+
+def aot_spec(config: TmaConfig, dtype: torch.dtype, name: str = "gemm_tma",
+             tensors: Optional[Dict[str, Tensor]] = None, **flags) -> AotSpec:
+    """The AotSpec of ``config`` for ``dtype`` with epilogue ``flags`` (kernel flag names; unset: off), recorded
+    from the public launcher (qkv_projection_forward for OUT_MODE=OUT_QKV, else dense_forward) on empty CPU
+    tensors of the class ``name`` ends with ("gemm_tma_qkv", ...; "proj" otherwise) at aot.REPRESENTATIVE's
+    shape: its signature, constants and 16-divisibility are the launch's. The LayerNorm path's row-statistics
+    launch is recorded too and left to layernorm.aot_specs; its (unwritten) statistics only pick which A
+    the same launch reads. tensors: operands from :func:`_aot_tensors` to reuse."""
     f = dict(HAS_BIAS=False, ACT=ACT_NONE, HAS_LS=False, HAS_RES=False, OUT_MODE=OUT_ROWS, LN_EPI=False)
     f.update(flags)
-    p = ptr_type(dtype)
-    sig = {k: ("*fp32" if k in _FP32_PTRS else p) for k in _PTR_ARGS}
-    if f["LN_EPI"]:
-        sig["bias_ptr"] = "*fp32"    # the folded bias b' stays fp32
-    sig.update({k: "i32" for k in _INT_ARGS})
-    sig["q_scale"] = "fp32"
-    constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=GROUP_M,
-                      NUM_STAGES=config.num_stages, EPI_SPLIT=config.epi_split, **f)
-    sig.update({k: "constexpr" for k in constexprs})
-    dt = str(dtype).replace("torch.", "")
+    cls = name.rsplit("_", 1)[-1]
+    cls = cls if cls in CLASS_SHAPES else ("qkv" if f["OUT_MODE"] == OUT_QKV else "proj")
+    t = tensors if tensors is not None else _aot_tensors(cls, dtype)
     on = ",".join(f"{k}={int(v)}" for k, v in f.items() if v)
-    label = f"{config.name},{dt}" + (f",{on}" if on else "")
-    return AotSpec(name, _gemm_tma_kernel, sig, constexprs, config.num_warps, config.num_stages, label, True,
-                   archs=(90,), divisible_by_16=DIVISIBLE)
+    label = f"{config.name},{dtype_name(dtype)}" + (f",{on}" if on else "")
+    B, T = REPRESENTATIVE["batch"], REPRESENTATIVE["tokens"]
+    N, K = t["w"].shape
+    spec = recorded_spec(name, _gemm_tma_kernel, _aot_call(config, f, t), label, True, archs=(90,),
+                         shape=f"B={B},T={T},K={K},N={N}")
+    got = {k: spec.constexprs[k] for k in f}
+    if got != f:   # the call above must make exactly the epilogue asked for
+        raise RuntimeError(f"{name}: the launch for {label} set the flags {got}")
+    return spec
 
 
 def aot_specs() -> List[AotSpec]:
-    """Every (config of a class) x (epilogue of that class) x dtype, for sm_90 only."""
+    """Every (config of a class) x (epilogue of that class) x dtype, for sm_90 only, each recorded from a
+    launcher call at the class's ViT shape (a (config, epilogue, dtype) shared by two classes: the first)."""
     specs, seen = [], set()
     for cls, idx in CLASSES.items():
+        tensors = {dtype: _aot_tensors(cls, dtype) for dtype in DTYPES}
         for i in idx:
             for flags in EPILOGUES[cls]:
                 for dtype in DTYPES:
                     key = (i, dtype, tuple(sorted(flags.items())))
                     if key not in seen:
                         seen.add(key)
-                        specs.append(aot_spec(CONFIGS[i], dtype, f"gemm_tma_{cls}", **flags))
+                        specs.append(aot_spec(CONFIGS[i], dtype, f"gemm_tma_{cls}", tensors[dtype], **flags))
     return specs
