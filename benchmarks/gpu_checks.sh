@@ -32,7 +32,9 @@ cat "$OUT/files/env.log" | tee -a "$LOG"
     > "$OUT/files/cuda_build.log" 2>&1; echo "rc=$?" >> "$OUT/files/cuda_build.log" ) &
 BUILD=$!
 
-step gpu_tests ${T_TESTS:-120} $PY -m pytest -q -m gpu -p no:cacheprovider tests benchmarks -rs
+# tests/ and benchmarks/ each have a conftest.py: run them as two sessions
+step gpu_tests ${T_TESTS:-120} $PY -m pytest -q -m gpu -p no:cacheprovider tests -rs
+step gpu_benchmarks ${T_BENCHTESTS:-60} $PY -m pytest -q -m gpu -p no:cacheprovider benchmarks -rs
 step selftest ${T_SELFTEST:-70} $PY -m vit_kernels selftest vit_base_patch16_224 --dtype bf16 --backend triton \
   --no-sanitizer --json-out "$OUT/files/selftest.json"
 step bench_b256_triton ${T_B256:-110} $PY -m vit_kernels bench vit_base_patch16_224 --dtype bf16 --batch-size 256 \
