@@ -410,5 +410,8 @@ def test_nan_and_inf_stay_where_eager_puts_them(op, backend, dtype):
             others = [0, 2]
             assert torch.isfinite(out[others]).all(), f"{name}: non-finite outputs in the other samples"
             assert torch.equal(out[others], clean_out[others]), f"{name}: the other samples changed"
-            finite = (want == 0) & torch.isfinite(oracle)
-            assert_close(out[finite], oracle[finite], eager[finite], name=name)
+            # The baseline of the bound: the oracle at the dtype (on a GPU, SDPA's fp32 kernels return NaN
+            # for some rows the oracle keeps finite, which would make the bound NaN).
+            lowp = getattr(reference, op)(*bad, **kw)
+            finite = (want == 0) & torch.isfinite(oracle) & torch.isfinite(lowp)
+            assert_close(out[finite], oracle[finite], lowp[finite], name=name)

@@ -87,7 +87,12 @@ def _launch(d, q, k, v, scale):
 
 def sdpa(q, k, v, scale, path=""):
     """F.scaled_dot_product_attention; path "sdpa_flash" | "sdpa_efficient" | "sdpa_cudnn" pins
-    one SDPA backend (a tuning candidate), "" lets PyTorch choose."""
+    one SDPA backend (a tuning candidate), "" lets PyTorch choose. On CUDA tensors whose data does
+    not start on a 16-byte boundary, PyTorch's choice runs its math backend: PyTorch 2.11's
+    memory-efficient kernel reads such fp32 views with 16-byte loads ("misaligned address", seen
+    on an H200; benchmarks/results/2026-11-25-h200/README.md)."""
+    if not path and q.is_cuda and any(t.data_ptr() % 16 for t in (q, k, v)):
+        path = "sdpa_math"
     if not path:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -96,7 +101,7 @@ def sdpa(q, k, v, scale, path=""):
 
 
 SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION",
-                 "sdpa_cudnn": "CUDNN_ATTENTION"}
+                 "sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_math": "MATH"}
 
 
 def _with_stats(q, k, v, scale, backend, request, record):
