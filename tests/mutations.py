@@ -48,15 +48,22 @@ class Mutation:
 
 
 # Test selections, one per area.
-T_ATTN = ("tests/test_triton_attention.py",)
-T_GEMM = ("tests/test_triton_gemm.py",)
-T_MLP = ("tests/test_triton_mlp.py",)
-T_PATCH = ("tests/test_triton_patch_embed.py",)
-T_QKV = ("tests/test_triton_qkv_attention.py",)
-T_CUDA_ATTN = ("tests/test_cuda_attention.py", "tests/test_emulator_races.py", "-k",
-               "not compiles and (attention or Attention)")
-T_CUDA_GEMM = ("tests/test_cuda_gemm.py", "tests/test_emulator_races.py", "-k",
-               "not compiles and (gemm or mlp or patch or linear or qkv or stats or layernorm)")
+# tests/test_hard_inputs.py (numerically hard inputs) joins each selection for its backend and ops.
+T_ATTN = ("tests/test_triton_attention.py", "tests/test_hard_inputs.py", "-k",
+          "test_triton_attention or (test_hard_inputs and triton and flash_attention)")
+T_GEMM = ("tests/test_triton_gemm.py", "tests/test_hard_inputs.py", "-k",
+          "test_triton_gemm or (test_hard_inputs and triton and (linear or mlp or patch))")
+T_MLP = ("tests/test_triton_mlp.py", "tests/test_hard_inputs.py", "-k",
+         "test_triton_mlp or (test_hard_inputs and triton and (layernorm or mlp))")
+T_PATCH = ("tests/test_triton_patch_embed.py", "tests/test_hard_inputs.py", "-k",
+           "test_triton_patch_embed or (test_hard_inputs and triton and patch)")
+T_QKV = ("tests/test_triton_qkv_attention.py", "tests/test_hard_inputs.py", "-k",
+         "test_triton_qkv_attention or (test_hard_inputs and triton and qkv)")
+T_CUDA_ATTN = ("tests/test_cuda_attention.py", "tests/test_emulator_races.py", "tests/test_hard_inputs.py", "-k",
+               "not compiles and (attention or Attention) and (not test_hard_inputs or cuda)")
+T_CUDA_GEMM = ("tests/test_cuda_gemm.py", "tests/test_emulator_races.py", "tests/test_hard_inputs.py", "-k",
+               "not compiles and (gemm or mlp or patch or linear or qkv or stats or layernorm) "
+               "and (not test_hard_inputs or cuda)")
 T_TORCH = ("tests/test_torch_paths.py", "tests/test_models.py", "tests/test_swap_timm.py", "tests/test_swap_hf.py", "-k", "torch or oracle")
 
 MUTATIONS: List[Mutation] = [
@@ -94,7 +101,8 @@ MUTATIONS: List[Mutation] = [
              "acc = tl.where((t < PREFIX)[:, None], cls[None, :] + acc, acc)", T_PATCH),
     # Survived the tests of 2026-11-25 (eps 1e-6 hides it): needs a LayerNorm test with a large eps.
     Mutation("triton-ln-eps-outside-sqrt", "vit_kernels/triton/layernorm.py",
-             "    rstd = 1.0 / tl.sqrt_rn(var + eps)\n", "    rstd = 1.0 / tl.sqrt_rn(var) + eps\n", T_MLP),
+             "    rstd = 1.0 / tl.sqrt_rn(tl.where(rmask, var + eps, 1.0))\n",
+             "    rstd = 1.0 / tl.sqrt_rn(tl.where(rmask, var, 1.0)) + eps\n", T_MLP),
     Mutation("triton-ln-unmasked-variance", "vit_kernels/triton/layernorm.py",
              "        diff = tl.where(mask, x.to(tl.float32) - mean[:, None], 0.0)\n",
              "        diff = x.to(tl.float32) - mean[:, None]\n", T_MLP),
@@ -106,8 +114,8 @@ MUTATIONS: List[Mutation] = [
              "            l += tl.sum(p_t, axis=1)\n", "", T_QKV),
     # Survived the tests of 2026-11-25 (eps 1e-6 hides it): needs a LayerNorm test with a large eps.
     Mutation("triton-qkv-ln-eps-outside-sqrt", "vit_kernels/triton/qkv_attention.py",
-             "rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / DIM + eps)",
-             "rstd = 1.0 / (tl.sqrt(tl.sum(acc, axis=1) / DIM) + eps)", T_QKV),
+             "rstd = 1.0 / tl.sqrt(tl.where(row_mask, tl.sum(acc, axis=1) / DIM + eps, 1.0))",
+             "rstd = 1.0 / tl.sqrt(tl.where(row_mask, tl.sum(acc, axis=1) / DIM, 1.0)) + eps", T_QKV),
     # ------------------------------------------------------------------ CUDA: attention
     Mutation("cuda-attn-no-barrier-before-k-overwrite", "csrc/attention/flash_fwd.cuh",
              "    __syncthreads();  // V_j landed for every thread; every warp is done reading K_j\n",
@@ -159,11 +167,11 @@ MUTATIONS: List[Mutation] = [
              "    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)\n",
              "    k, q, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)\n", T_TORCH),
     Mutation("torch-qkv-ignores-scale", "vit_kernels/ops/qkv_attention.py",
-             "    o = F.scaled_dot_product_attention(q, k, v, scale=scale)\n",
-             "    o = F.scaled_dot_product_attention(q, k, v)\n", T_TORCH),
+             "    o = sdpa(q, k, v, scale, sdpa_path)\n",
+             "    o = sdpa(q, k, v, None, sdpa_path)\n", T_TORCH),
     Mutation("torch-attention-ignores-scale", "vit_kernels/ops/flash_attention.py",
-             "    return F.scaled_dot_product_attention(q, k, v, scale=scale)\n",
-             "    return F.scaled_dot_product_attention(q, k, v)\n", T_TORCH),
+             "    if not path:\n        return F.scaled_dot_product_attention(q, k, v, scale=scale)\n",
+             "    if not path:\n        return F.scaled_dot_product_attention(q, k, v)\n", T_TORCH),
 ]
 
 
