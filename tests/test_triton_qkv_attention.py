@@ -181,3 +181,25 @@ def test_aot_ttir_int64_offsets_and_fp32_precision(dtype, head_dim, tokens, n_do
     assert len(dots) == n_dots
     if dtype == torch.float32:
         assert all("inputPrecision = tf32x3" in line for line in dots), dots
+
+
+@pytest.mark.parametrize("path", ["single_kernel", "split"])
+def test_dominant_key_in_the_tail_tile(path):
+    """A key ~150 logits above the rest, in the single kernel's tail tile (257 tokens = 256 + 64
+    rows; key 256 is the tail's first row): the softmax's max must include the tail tile or exp
+    overflows. Q = K = V = x (identity projections), every row sharing a unit component, row 256
+    60x larger."""
+    torch.manual_seed(0)
+    N, dim = 257, 64
+    x = torch.randn(1, N, dim, dtype=torch.float64) * 0.05
+    x[..., 0] += 1.0
+    x[0, 256, 0] = 60.0                          # the tail tile's first row
+    x = x.to(device=DEVICE, dtype=torch.float16)
+    w = torch.cat([torch.eye(dim)] * 3).to(device=DEVICE, dtype=torch.float16)
+    scale = 2.5                                  # scores: ~2.5 for ordinary keys, ~150 for key 256
+    out = vk.qkv_attention(x, w, None, num_heads=1, scale=scale, backend="triton", path=path)
+    assert vk.last_decision("qkv_attention").path == path
+    oracle = reference.qkv_attention(x.double(), w.double(), None, num_heads=1, scale=scale)
+    baseline = reference.qkv_attention(x, w, None, num_heads=1, scale=scale)
+    assert torch.isfinite(out).all(), "the tail tile's max was not taken: exp overflowed"
+    assert_close(out, oracle, baseline, name=f"dominant tail key, {path}")
