@@ -203,3 +203,24 @@ def test_dominant_key_in_the_tail_tile(path):
     baseline = reference.qkv_attention(x, w, None, num_heads=1, scale=scale)
     assert torch.isfinite(out).all(), "the tail tile's max was not taken: exp overflowed"
     assert_close(out, oracle, baseline, name=f"dominant tail key, {path}")
+
+
+@pytest.mark.parametrize("path", ["single_kernel", "split"])
+def test_layernorm_large_eps_and_near_constant_rows(path):
+    """LayerNorm inside the QKV projection with eps = 1 (eps matters: it must sit under the square
+    root) and rows of tiny spread around a large mean, on both paths, against the float64 oracle."""
+    torch.manual_seed(1)
+    N, dim, heads = 50, 64, 2
+    x = torch.randn(1, N, dim, dtype=torch.float64)
+    x[0, :10] = 300.0 + 1e-3 * x[0, :10]           # near-constant rows
+    x = x.to(device=DEVICE, dtype=torch.float32)
+    w = (torch.randn(3 * dim, dim, dtype=torch.float64) * dim ** -0.5).to(device=DEVICE, dtype=torch.float32)
+    nw = (1 + 0.1 * torch.randn(dim, dtype=torch.float64)).to(device=DEVICE, dtype=torch.float32)
+    nb = (0.1 * torch.randn(dim, dtype=torch.float64)).to(device=DEVICE, dtype=torch.float32)
+    for eps in (1.0, 1e-6):
+        out = vk.qkv_attention(x, w, None, num_heads=heads, norm_weight=nw, norm_bias=nb, eps=eps,
+                               backend="triton", path=path)
+        oracle = reference.qkv_attention(x.double(), w.double(), None, num_heads=heads, norm_weight=nw.double(),
+                                         norm_bias=nb.double(), eps=eps)
+        baseline = reference.qkv_attention(x, w, None, num_heads=heads, norm_weight=nw, norm_bias=nb, eps=eps)
+        assert_close(out, oracle, baseline, name=f"{path} eps={eps}")
