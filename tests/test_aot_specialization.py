@@ -176,3 +176,25 @@ def test_every_listed_spec_was_recorded_from_a_launch(report):
     aot_specs() must build its specs with aot.recorded_spec (or launch_spec) from its launcher."""
     hand_written = sorted({s.kernel for s in report.values() if s.attrs is None})
     assert not hand_written, f"specs not recorded from a launch (use vit_kernels.triton.aot.recorded_spec): {hand_written}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("op", ["flash_attention", "qkv_attention"])
+def test_attention_stats_launches_are_in_the_report(report, op, dtype):
+    """The ops with a StatsRequest at the representative ViT (class-token row, mean attention
+    distance on the 14x14 grid, full weights): the flash launch keeping the LSE and each statistics
+    launch are configurations inspect compiles."""
+    side = int((N - 1) ** 0.5)
+    request = vk.ops.StatsRequest(rows=(0,), grid=(side, side), patch_size=16, prefix_tokens=N - side * side,
+                                  weights=True)
+    x, ln = empty(B, N, DIM, dtype=dtype), empty(DIM, dtype=dtype)
+    q = empty(B, H, N, HD, dtype=dtype)
+    with record_launches() as launches:
+        if op == "flash_attention":
+            vk.flash_attention(q, q, q, backend="triton", stats=request)
+        else:
+            vk.qkv_attention(x, empty(3 * DIM, DIM, dtype=dtype), empty(3 * DIM, dtype=dtype), num_heads=H,
+                             norm_weight=ln, norm_bias=ln, backend="triton", stats=request)
+    names = [_name(la) for la in launches]
+    assert names.count("_attn_probs_kernel") == 2 and names.count("_attn_distance_kernel") == 1, names
+    assert_in_report(report, launches, ["_attn_fwd_kernel", "_attn_probs_kernel", "_attn_distance_kernel"])

@@ -17,6 +17,7 @@ dot precision (tf32x3 for fp32).
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -25,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import attention
-from .aot import AotSpec, ptr_type
+from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 
 LOG2E = attention.LOG2E
 
@@ -255,28 +256,40 @@ def qkv_attention_with_stats(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[T
     return out, attention_stats(qkv[0], qkv[1], lse, 1.0, request, rows)
 
 
+def aot_requests(tokens: int) -> list:
+    """(kernel, label, StatsRequest) of each statistic aot_specs() compiles, at ``tokens`` tokens of a
+    ViT (one class token in front of a square patch grid): the class-token row (R = 1, which Triton
+    makes a constant), every row (HF's weights: R = tokens, the general case) and the mean attention
+    distance on the grid."""
+    from ..ops.attention_stats import StatsRequest
+    side = math.isqrt(tokens - 1)
+    return [("attention_probs", "rows=cls", StatsRequest(rows=(0,))),
+            ("attention_probs", "weights", StatsRequest(rows=None, weights=True)),
+            ("attention_distance", f"distance,grid={side}x{side}",
+             StatsRequest(rows=None, grid=(side, side), patch_size=16.0, prefix_tokens=tokens - side * side))]
+
+
+def aot_spec(kernel: str, dtype: torch.dtype, head_dim: int, variant: str, request) -> AotSpec:
+    """The launch of ``kernel`` ("attention_probs" or "attention_distance") that
+    flash_attention_with_stats makes for ``request`` (a StatsRequest asking for that one statistic),
+    recorded on empty CPU q, k, v (views of one (3, B, H, N, head_dim) buffer, as the split
+    qkv_attention path gives them) at aot.REPRESENTATIVE's batch, heads and tokens, so its
+    specialization is the launch's. The flash launch before it is attention.aot_specs'."""
+    from ..ops.attention_stats import check_request
+    B, H, N = REPRESENTATIVE["batch"], REPRESENTATIVE["heads"], REPRESENTATIVE["tokens"]
+    qkv = torch.empty(3, B, H, N, head_dim, dtype=dtype)
+    rows = check_request(request, N, N)
+    BLOCK_M, BLOCK_N, _, _ = _tiles(dtype, head_dim)
+    label = (f"head_dim={head_dim},BLOCK_D={attention.block_d(head_dim)},BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},"
+             f"{dtype_name(dtype)},{variant}")
+    fn = _attn_probs_kernel if kernel == "attention_probs" else _attn_distance_kernel
+    call = lambda: flash_attention_with_stats(qkv[0], qkv[1], qkv[2], head_dim ** -0.5, request, rows)  # noqa: E731
+    return recorded_spec(kernel, fn, call, label, True, shape=f"B={B},H={H},N={N},head_dim={head_dim},{variant}")
+
+
 def aot_specs() -> List[AotSpec]:
-    """Both kernels for every dtype and the flash kernel's head dims (the same tile configurations)."""
-    specs = []
-    for dtype in attention.DTYPES:
-        for hd in attention.AOT_HEAD_DIMS:
-            BLOCK_M, BLOCK_N, num_warps, num_stages = _tiles(dtype, hd)
-            p = ptr_type(dtype)
-            constexprs = {"HEAD_DIM": hd, "BLOCK_D": attention.block_d(hd), "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N,
-                          "INPUT_PRECISION": attention.FP32_DOT_PRECISION}
-            label = (f"head_dim={hd},BLOCK_D={attention.block_d(hd)},BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},"
-                     f"{str(dtype).replace('torch.', '')}")
-            strides = [f"stride_{t}{s}" for t in "qk" for s in "bhn"]
-            sig = {"Q": p, "K": p, "LSE": "*fp32", "P": p, "ROWS": "*i32"}
-            sig.update({s: "i32" for s in strides + ["stride_pb", "stride_ph", "stride_pr", "H", "NQ", "R", "NKV"]})
-            sig["qk_scale"] = "fp32"
-            sig.update({n: "constexpr" for n in constexprs})
-            specs.append(AotSpec("attention_probs", _attn_probs_kernel, sig, dict(constexprs), num_warps,
-                                 num_stages, label, True))
-            sig = {"Q": p, "K": p, "LSE": "*fp32", "DIST": "*fp32"}
-            sig.update({s: "i32" for s in strides + ["H", "N", "PREFIX", "GRID_W"]})
-            sig.update({"qk_scale": "fp32", "patch_size": "fp32"})
-            sig.update({n: "constexpr" for n in constexprs})
-            specs.append(AotSpec("attention_distance", _attn_distance_kernel, sig, dict(constexprs), num_warps,
-                                 num_stages, label, True))
-    return specs
+    """Both kernels for every dtype and the flash kernel's head dims (the same tile configurations),
+    for each statistic of aot_requests (class-token row, every row, distance)."""
+    requests = aot_requests(REPRESENTATIVE["tokens"])
+    return [aot_spec(kernel, dtype, hd, variant, request) for dtype in attention.DTYPES
+            for hd in attention.AOT_HEAD_DIMS for kernel, variant, request in requests]
