@@ -122,8 +122,13 @@ def _attn_distance_kernel(
 
 
 def _tiles(dtype: torch.dtype, head_dim: int) -> Tuple[int, int, int, int]:
-    """The flash kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages) for these inputs."""
-    return attention.kernel_config(dtype, head_dim)
+    """The flash kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages) for these inputs, except fp32 at
+    BLOCK_D 256: key tiles of 32 (the flash kernel's 16x16 spilled 8-16 bytes here as launched, sm_80
+    probs and sm_90 distance; 16x32 with 8 warps and 2 stages compiles without spills on both)."""
+    BLOCK_M, BLOCK_N, num_warps, num_stages = attention.kernel_config(dtype, head_dim)
+    if dtype == torch.float32 and attention.block_d(head_dim) == 256:
+        BLOCK_M, BLOCK_N, num_warps, num_stages = 16, 32, 8, 2
+    return BLOCK_M, BLOCK_N, num_warps, num_stages
 
 
 def attention_probs_forward(q: Tensor, k: Tensor, lse: Tensor, scale: float, rows: Optional[Sequence[int]] = None,
