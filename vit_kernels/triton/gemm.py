@@ -317,7 +317,28 @@ def _precision(dtype: torch.dtype) -> str:
     return FP32_DOT_PRECISION if dtype == torch.float32 else "tf32"
 
 
-def _check_out(out: Optional[Tensor], shape, like: Tensor) -> Tensor:
+def check_qkv_projection(x: Tensor, qkv_weight: Tensor, num_heads: int, out: Optional[Tensor]):
+    """The shapes of a head-split QKV projection (this kernel's and gemm_tma's): x (B, N, dim),
+    qkv_weight (3*inner, dim) with head_dim = inner // num_heads a multiple of 8, out None or a
+    contiguous (3, B, H, N, head_dim). Returns (B, N, dim, inner, head_dim, out)."""
+    if x.dim() != 3:
+        raise ValueError(f"x: expected (B, N, dim), got shape {tuple(x.shape)}")
+    B, Ntok, dim = x.shape
+    if qkv_weight.dim() != 2 or qkv_weight.shape[1] != dim or qkv_weight.shape[0] % (3 * num_heads):
+        raise ValueError(f"qkv_weight: expected (3*inner, {dim}) with inner divisible by num_heads={num_heads}, "
+                         f"got {tuple(qkv_weight.shape)}")
+    inner = qkv_weight.shape[0] // 3
+    head_dim = inner // num_heads
+    if head_dim % 8:
+        raise ValueError(f"num_heads: head_dim = {inner} // {num_heads} = {head_dim} is not a multiple of 8, "
+                         f"which the head-split epilogue needs")
+    out = check_out(out, (3, B, num_heads, Ntok, head_dim), x)
+    if not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous (3, B, H, N, head_dim) tensor, got strides {out.stride()}")
+    return B, Ntok, dim, inner, head_dim, out
+
+
+def check_out(out: Optional[Tensor], shape, like: Tensor) -> Tensor:
     """The caller's ``out`` (checked: shape, dtype, device) or a new empty tensor."""
     shape = tuple(shape)
     if out is None:
@@ -357,7 +378,7 @@ def dense_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     N = weight.shape[0]
     T = rows_per_batch(x)
     M = x.numel() // K if K else math.prod(x.shape[:-1])
-    out = _check_out(out, tuple(x.shape[:-1]) + (N,), x)
+    out = check_out(out, tuple(x.shape[:-1]) + (N,), x)
     if norm_weight is not None and stats is None and M:
         stats = row_stats(x, eps)
     return launch_gemm(
@@ -396,20 +417,7 @@ def qkv_projection_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Ten
     qkv_bias, norm_weight, norm_bias: contiguous (read with unit stride; the op layer guarantees it).
     """
     _check_dtype("x", x)
-    if x.dim() != 3:
-        raise ValueError(f"x: expected (B, N, dim), got shape {tuple(x.shape)}")
-    B, Ntok, dim = x.shape
-    if qkv_weight.dim() != 2 or qkv_weight.shape[1] != dim or qkv_weight.shape[0] % (3 * num_heads):
-        raise ValueError(f"qkv_weight: expected (3*inner, {dim}) with inner divisible by num_heads={num_heads}, "
-                         f"got {tuple(qkv_weight.shape)}")
-    inner = qkv_weight.shape[0] // 3
-    head_dim = inner // num_heads
-    if head_dim % 8:
-        raise ValueError(f"num_heads: head_dim = {inner} // {num_heads} = {head_dim} is not a multiple of 8, "
-                         f"which the head-split epilogue needs")
-    out = _check_out(out, (3, B, num_heads, Ntok, head_dim), x)
-    if not out.is_contiguous():
-        raise ValueError(f"out: expected a contiguous (3, B, H, N, head_dim) tensor, got strides {out.stride()}")
+    B, Ntok, dim, inner, head_dim, out = check_qkv_projection(x, qkv_weight, num_heads, out)
     M = B * Ntok
     stats = row_stats(x, eps) if norm_weight is not None and M else None
     return launch_gemm(

@@ -51,6 +51,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
+from .gemm import check_out, check_qkv_projection
 from .layernorm import as_rows, row_stats, rows_per_batch
 
 logger = logging.getLogger("vit_kernels")
@@ -484,16 +485,6 @@ def _ln_operands(x2: Tensor, mean: Tensor, rstd: Tensor) -> Tuple[Tensor, Tensor
 # Public launchers (same arguments as vit_kernels.triton.gemm's, plus the tile config)
 # ---------------------------------------------------------------------------------------------
 
-def _check_out(out: Optional[Tensor], shape, like: Tensor) -> Tensor:
-    shape = tuple(shape)
-    if out is None:
-        return torch.empty(shape, device=like.device, dtype=like.dtype)
-    if tuple(out.shape) != shape or out.dtype != like.dtype or out.device != like.device:
-        raise ValueError(f"out: expected a {like.dtype} tensor of shape {shape} on {like.device}, got "
-                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
-    return out
-
-
 def _check_config(config: Optional[TmaConfig], N: int, K: int) -> TmaConfig:
     if config is None:
         return default_config(N, K)
@@ -523,7 +514,7 @@ def dense_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     """
     K = x.shape[-1]
     N = weight.shape[0]
-    out = _check_out(out, tuple(x.shape[:-1]) + (N,), x)
+    out = check_out(out, tuple(x.shape[:-1]) + (N,), x)
     why = tma_unsupported(x, weight, out)
     if why is not None:
         raise ValueError(f"gemm_tma: {why}")
@@ -570,20 +561,7 @@ def qkv_projection_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Ten
     folded as in :func:`dense_forward`; scale multiplies Q (after the bias). Returns a contiguous
     (3, B, H, N, head_dim): qkv[0] = scale * q, qkv[1] = k, qkv[2] = v.
     """
-    if x.dim() != 3:
-        raise ValueError(f"x: expected (B, N, dim), got shape {tuple(x.shape)}")
-    B, Ntok, dim = x.shape
-    if qkv_weight.dim() != 2 or qkv_weight.shape[1] != dim or qkv_weight.shape[0] % (3 * num_heads):
-        raise ValueError(f"qkv_weight: expected (3*inner, {dim}) with inner divisible by num_heads={num_heads}, "
-                         f"got {tuple(qkv_weight.shape)}")
-    inner = qkv_weight.shape[0] // 3
-    head_dim = inner // num_heads
-    if head_dim % 8:
-        raise ValueError(f"num_heads: head_dim = {inner} // {num_heads} = {head_dim} is not a multiple of 8, "
-                         f"which the head-split epilogue needs")
-    out = _check_out(out, (3, B, num_heads, Ntok, head_dim), x)
-    if not out.is_contiguous():
-        raise ValueError(f"out: expected a contiguous (3, B, H, N, head_dim) tensor, got strides {out.stride()}")
+    B, Ntok, dim, inner, head_dim, out = check_qkv_projection(x, qkv_weight, num_heads, out)
     why = tma_unsupported(x, qkv_weight)
     if why is not None:
         raise ValueError(f"gemm_tma: {why}")

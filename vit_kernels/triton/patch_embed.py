@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
-from .gemm import A_PATCHES, DTYPES, _check_dtype, _check_out, _gemm_kernel, block_config, launch_gemm
+from .gemm import A_PATCHES, DTYPES, _check_dtype, _gemm_kernel, check_out, block_config, launch_gemm
 from .layernorm import as_rows
 
 
@@ -39,7 +39,7 @@ def patch_embed_forward(images: Tensor, weight: Tensor, bias: Optional[Tensor] =
     gh, gw = H // p, W // p
     prefix = 1 if cls_token is not None else 0
     T = prefix + gh * gw
-    out = _check_out(out, (B, T, dim), images)
+    out = check_out(out, (B, T, dim), images)
     pos_strides = (0, 0)
     if pos_embed is not None:
         pos_strides = (pos_embed.stride(-2), pos_embed.stride(-1))
