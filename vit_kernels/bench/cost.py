@@ -9,8 +9,9 @@ Conventions (all counts are for the forward pass at inference):
   are not counted), which is the usual roofline convention.
 - Three accountings per op: ``min_bytes``, the fewest bytes any implementation of the op must
   move (each distinct input and weight read once, each output written once); ``eager``, the
-  sequence of PyTorch ops that computes it today, step by step; ``fused``, the kernels planned in
-  shared/DESIGN.md, step by step.
+  sequence of PyTorch ops that computes it today, step by step; ``fused``, the planned fused block
+  (QKV GEMM with LayerNorm, flash attention, out-projection with residual, fc1 with LayerNorm + GELU,
+  fc2 with residual), step by step.
 - A roofline bound of a sequence of kernels is the sum over kernels of
   max(flops / peak FLOP/s, bytes / peak bandwidth): a kernel cannot overlap with the next one.
 
@@ -104,7 +105,7 @@ def attention_cost(batch: int, heads: int, tokens: int, head_dim: int, elem: int
 
 
 def kv_fits_on_chip(tokens: int, head_dim: int, elem: int, smem: int = SMEM_PER_BLOCK) -> bool:
-    """DESIGN.md's rule for the one-kernel QKV + attention: K and V of one head fit in shared memory.
+    """The design rule for the one-kernel QKV + attention: K and V of one head fit in shared memory.
     The ideal the cost model counts; the Triton kernel's own choice (power-of-two tiles, register
     limits) is vit_kernels.triton.qkv_attention.single_kernel_fits."""
     return 2 * tokens * head_dim * elem <= smem
@@ -178,7 +179,7 @@ def mlp_cost(rows: int, dim: int, hidden: int, elem: int, *, norm: bool = True, 
     """layernorm_gelu_mlp: x (rows, dim) -> residual + ls * fc2(gelu(fc1(LN(x)))), (rows, dim).
 
     residual: "input" (the residual is x itself, as in a ViT block: nothing more to read for the
-    op's minimum), "other" (a distinct tensor) or "none". The planned kernels (DESIGN.md) are
+    op's minimum), "other" (a distinct tensor) or "none". The planned kernels (the fused block above) are
     two GEMMs: fc1 with LayerNorm applied as x loads and a bias + GELU epilogue, fc2 with a bias +
     layer scale + residual epilogue; the hidden activation goes through memory.
     """
@@ -397,7 +398,7 @@ def block_report(bc: BlockCost, peak: Optional[Peak], dtype: torch.dtype) -> str
             f"({bc.in_A(bc.weight_bytes):.2f}A); FLOPs {bc.flops / 1e12:.3f} TFLOP "
             f"(attention {4.0 * s.batch * s.tokens ** 2 * s.dim / bc.flops * 100:.1f}%)")
     lines = [head]
-    for title, steps in (("eager PyTorch (SDPA)", bc.eager), ("fused kernels (DESIGN.md plan)", bc.fused),
+    for title, steps in (("eager PyTorch (SDPA)", bc.eager), ("fused kernels (the planned fused block)", bc.fused),
                          ("fused ops at their minimum", bc.op_min)):
         lines.append(f"  {title}:")
         for r in steps_table(steps, s.A, peak, dtype):
