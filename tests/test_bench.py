@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from vit_kernels.bench import attention as batt
 from vit_kernels.bench import models as bmodels

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from vit_kernels.commands.inspect import TRITON_MODULES, problems
+from vit_kernels.commands.inspect import problems
 
 
 @pytest.fixture(scope="module")

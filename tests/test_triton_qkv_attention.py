@@ -7,6 +7,7 @@ import torch
 import vit_kernels as vk
 from vit_kernels import reference
 from vit_kernels.testing import assert_close
+from vit_kernels.triton.aot import ptr_type
 
 from conftest import DEVICE  # noqa: E402
 from test_triton_attention import compile_ttir, stride_args_widened  # noqa: E402
@@ -146,7 +147,7 @@ def test_aot_specs_cover_every_admitted_layout():
                 for arch in (80, 90):
                     if qkv_mod.single_kernel_fits(dtype, tokens, hd, arch):
                         _, bk, nw, _ = qkv_mod.kernel_config(tokens)
-                        admitted.add((qkv_mod.ptr_type(dtype), block_d(hd), *qkv_mod.kv_layout(tokens), bk, nw, arch))
+                        admitted.add((ptr_type(dtype), block_d(hd), *qkv_mod.kv_layout(tokens), bk, nw, arch))
     assert admitted - compiled == set()
     assert {a[2:4] for a in admitted} >= {(256, 64), (512, 128)}
 

@@ -18,7 +18,7 @@ dot precision (tf32x3 for fp32).
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -27,6 +27,9 @@ from torch import Tensor
 
 from . import attention
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
+
+if TYPE_CHECKING:  # the result type lives with the op (vit_kernels.ops.attention_stats)
+    from ..ops.attention_stats import AttentionStats
 
 LOG2E = attention.LOG2E
 
@@ -221,7 +224,7 @@ def _check_lse(lse: Tensor, shape: tuple, device) -> None:
                          f"{lse.dtype} on {lse.device}")
 
 
-def attention_stats(q: Tensor, k: Tensor, lse: Tensor, scale: float, request, rows) -> "AttentionStats":
+def attention_stats(q: Tensor, k: Tensor, lse: Tensor, scale: float, request, rows) -> AttentionStats:
     """Every statistic ``request`` (vit_kernels.ops.StatsRequest, checked) asks for, from q, k and lse.
     rows: the checked query rows (None for none)."""
     from ..ops.attention_stats import AttentionStats

@@ -31,7 +31,7 @@ from torch import Tensor
 from .. import checks
 from . import attention
 from . import next_power_of_2
-from .aot import REPRESENTATIVE, AotSpec, dtype_name, ptr_type, recorded_spec
+from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 
 LOG2E = 1.4426950408889634
 PATHS = ("single_kernel", "split")
