@@ -79,6 +79,20 @@ A_DENSE, A_PATCHES = 0, 1
 
 
 @triton.jit
+def bias_gelu(acc, bias_ptr, offs_n, n_mask, HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
+    """The fc1 epilogue on an fp32 (rows, cols) accumulator: + bias (HAS_BIAS), then GELU by ACT
+    (ACT_GELU_ERF, ACT_GELU_TANH). Shared by this kernel and gemm_tma's."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if ACT == 1:      # GELU, exact: x * Phi(x)
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    elif ACT == 2:    # GELU, tanh approximation: 0.5x(1 + tanh(u)) = x / (1 + exp(-2u))
+        u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+        acc = acc / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))   # capped: no inf for very negative x
+    return acc
+
+
+@triton.jit
 def _gemm_kernel(
     a_ptr,            # dense: A rows (M, K) as (b, t, k) with strides (s_ab, s_at, s_ak);
                       # patches: the image (B, C, H, W) with strides (s_ab, s_ac, s_ah, s_aw)
@@ -167,13 +181,7 @@ def _gemm_kernel(
             w_ptrs += BLOCK_K * s_wk
 
     # ---- epilogue, in fp32 ----
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if ACT == 1:      # GELU, exact: x * Phi(x)
-        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-    elif ACT == 2:    # GELU, tanh approximation: 0.5x(1 + tanh(u)) = x / (1 + exp(-2u))
-        u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
-        acc = acc / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))   # capped: no inf for very negative x
+    acc = bias_gelu(acc, bias_ptr, offs_n, n_mask, HAS_BIAS, ACT)
     if PREFIX == 1:   # the class-token row of each image: cls (no bias), then position embedding
         cls = tl.load(cls_ptr + offs_n.to(tl.int64) * s_cls, mask=n_mask, other=0.0).to(tl.float32)
         acc = tl.where((t < PREFIX)[:, None], cls[None, :], acc)

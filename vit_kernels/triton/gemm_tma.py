@@ -51,7 +51,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
-from .gemm import check_out, check_qkv_projection
+from .gemm import bias_gelu, check_out, check_qkv_projection
 from .layernorm import as_rows, row_stats, rows_per_batch
 
 logger = logging.getLogger("vit_kernels")
@@ -86,13 +86,7 @@ def _epilogue(acc, off_m, n0, out_desc, out_ptr, bias_ptr, res_ptr, ls_ptr, cols
     if LN_EPI:       # y = rstd * (x @ W'^T - mean * c) + b'
         c = tl.load(colsum_ptr + offs_n, mask=n_mask, other=0.0)
         acc = (acc - mean[:, None] * c[None, :]) * rstd[:, None]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if ACT == 1:      # GELU, exact: x * Phi(x)
-        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-    elif ACT == 2:    # GELU, tanh approximation: 0.5x(1 + tanh(u)) = x / (1 + exp(-2u))
-        u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
-        acc = acc / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))   # capped: no inf for very negative x
+    acc = bias_gelu(acc, bias_ptr, offs_n, n_mask, HAS_BIAS, ACT)
     if HAS_LS:
         acc *= tl.load(ls_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_RES or OUT_MODE == 1:
