@@ -17,8 +17,8 @@ Rules:
 - ``auto``: on CUDA tensors, by measurement: the tuner (:mod:`vit_kernels.tuning`) times every
   candidate (torch and its SDPA backends, each Triton path and tile config, cuda) at the call's
   signature once and keeps the fastest; the op runs the Decision's backend, path and config.
-  Untimed (tuning off, cache-only without a cached choice): the first available of triton, cuda,
-  torch. On CPU tensors torch (the interpreter and the emulator are for verification, never
+  Untimed (tuning off, cache-only without a cached choice): torch (the fixed configurations were
+  measured slower than PyTorch; a named backend still runs). On CPU tensors torch (the interpreter and the emulator are for verification, never
   picked implicitly).
 - The fused kernels are forward-only: when autograd needs gradients of any input, every
   request routes to ``torch`` and the decision says so.
@@ -272,7 +272,14 @@ def resolve(op: str, backend: str, tensors: Iterable[Optional[torch.Tensor]],
                 _record(d)
                 return d
         if device.type == "cuda":
-            order = ["triton", "cuda"]
+            # Untimed (tuning off, or cache-only without an entry): PyTorch's own path. The fixed
+            # configurations were measured slower than PyTorch (an H200, ViT-B/16 bf16 batch 256:
+            # the Triton backend 1.32x slower than SDPA; benchmarks/results/2026-11-25-h200), so
+            # no kernel is picked without a measurement; naming the backend still runs it.
+            order = []
+            for b in ("triton", "cuda"):
+                reasons.setdefault(b, "nothing was measured for this call (tuning off or no cached choice): "
+                                      "auto keeps PyTorch's path; tune, or ask for backend=" + repr(b))
         else:
             order = []
             reasons.setdefault("triton", "auto does not pick the Triton interpreter on CPU tensors "
