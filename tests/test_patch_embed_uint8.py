@@ -4,6 +4,8 @@ Checked against the float64 oracle (vit_kernels.reference.patch_embed on the sam
 float64 weight) under the tolerance rule, the oracle's code at the weight's dtype as the baseline,
 outputs NaN-filled before the launch. Bad image_mean / image_std are refused before any launch.
 """
+import copy
+
 import pytest
 import torch
 
@@ -167,3 +169,28 @@ def test_fused_patch_embed_module_uint8(backend):
     assert_close(got, *oracle_and_baseline(images, w, b, 16, None, None, *IMAGENET))
     with pytest.raises(ValueError, match="image_mean, image_std: uint8 images are normalized"):
         FusedPatchEmbed(16, 3, 48, backend=backend).to(DEVICE)(images)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_reference_vit_takes_uint8(backend):
+    """The reference ViT's data config (0.5, 0.5 by default; here ImageNet's) normalizes uint8 images
+    inside the patch-embedding kernel: logits against the float64 oracle fed the normalized images,
+    the oracle's code at float32 as the baseline; NHWC data, two image sizes (dynamic_img_size)."""
+    from vit_kernels.models import create_model
+    from vit_kernels.nn import set_backend
+    cfg = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=5, dynamic_img_size=True)
+    model = create_model("vit_tiny_patch16_224", **cfg, image_mean=IMAGENET[0], image_std=IMAGENET[1],
+                         backend=backend).to(DEVICE).eval()
+    assert create_model("vit_tiny_patch16_224", **cfg).patch_embed.image_mean == (0.5, 0.5, 0.5)
+    oracle = set_backend(create_model("vit_tiny_patch16_224", **cfg), "reference").to(DEVICE).eval()
+    oracle.load_state_dict(model.state_dict())
+    mean, std = (torch.tensor(v, dtype=torch.float64, device=DEVICE).view(1, 3, 1, 1) for v in IMAGENET)
+    for size in [(32, 32), (48, 40)]:
+        images = uint8_images(2, 3, *size, nhwc=True)
+        x64 = (images.double() / 255 - mean) / std
+        with torch.no_grad():
+            got = model(images)
+            base = oracle(x64.float())
+            want = copy.deepcopy(oracle).double()(x64)
+        assert got.dtype == torch.float32
+        assert_close(got, want, base, name=f"logits {size}")
