@@ -76,6 +76,10 @@ def op_calls(dtype):
         "patch_embed channels_last": (lambda: vk.patch_embed(images.contiguous(memory_format=torch.channels_last),
                                                              conv_w, b, patch_size=16, pos_embed=pos, cls_token=cls,
                                                              backend="triton"), ["_gemm_kernel"]),
+        "patch_embed uint8 nhwc": (lambda: vk.patch_embed(
+            torch.empty(B, 224, 224, 3, dtype=torch.uint8).permute(0, 3, 1, 2), conv_w, b, patch_size=16,
+            pos_embed=pos, cls_token=cls, image_mean=(0.5,) * 3, image_std=(0.5,) * 3, backend="triton"),
+            ["_gemm_kernel"]),
     }
 
 

@@ -1,5 +1,9 @@
 """Attention statistics (rows, mean attention distance, full weights from the LSE) against the float64
-full-matrix oracle, on the triton backend (interpreter on CPU) and the torch path."""
+full-matrix oracle, on the triton backend (interpreter on CPU), the CUDA C++ backend and the torch path.
+
+Every tensor lives on conftest.DEVICE: on a CPU-only machine the Triton interpreter and the CUDA host
+emulator run the kernels, on a GPU machine the GPU builds do (CPU tensors there would ask for the
+emulator, which a GPU image need not build). CUDA tests skip, naming why, when that backend cannot run."""
 import itertools
 
 import pytest
@@ -26,6 +30,15 @@ DEFAULT_CASES = [
 ]
 SLOW_CASES = [(b, 2, 1, g, d, dt) for b, g, d, dt in itertools.product(
     (1, 3), (None, (7, 7), (14, 14), (3, 5)), (64, 72, 80), DTYPES)]
+
+
+def need_cuda_backend():
+    """Skip, naming the reason, when the CUDA C++ backend cannot run on DEVICE (the host emulator on
+    a CPU-only machine, the GPU build on a GPU machine)."""
+    from vit_kernels import cuda
+    why = cuda.unavailable_reason(DEVICE)
+    if why:
+        pytest.skip(f"CUDA C++ backend unavailable on {DEVICE.type}: {why}")
 
 
 def make_qk(B, H, N, D, dtype):
@@ -85,6 +98,7 @@ def test_stats_launchers(B, H, prefix, grid, D, dtype):
 def test_cuda_stats_kernels(B, H, prefix, grid, D, dtype, monkeypatch):
     """csrc/attention/stats.cu (host emulator on CPU tensors), outputs NaN-poisoned, against the
     float64 oracle; the LSE comes from the CUDA flash kernel."""
+    need_cuda_backend()
     from vit_kernels.cuda import attention_stats as cuda_stats
     from vit_kernels.cuda import ops as cuda_ops
     monkeypatch.setattr(cuda_ops, "_poison", True)
@@ -117,12 +131,12 @@ def test_distance_of_known_attention():
     Equal keys: uniform attention over all 10 tokens, so the mean distance is 0.9 x the mean
     pairwise distance of a 3x3 grid (the class token takes 1/10 and is left out)."""
     grid, N = (3, 3), 10
-    q = torch.randn(1, 1, N, 64, dtype=torch.float32)
+    q = torch.randn(1, 1, N, 64, dtype=torch.float32, device=DEVICE)
     q = q / q.norm(dim=-1, keepdim=True)
     _, lse = attention.flash_attention_forward(q, q, q, 200.0, return_lse=True)
     d = triton_stats.mean_attention_distance_forward(q, q, lse, 200.0, grid=grid, patch_size=8.0, prefix_tokens=1)
     assert d.item() < 1e-3, d
-    k = torch.ones(1, 1, N, 64)
+    k = torch.ones(1, 1, N, 64, device=DEVICE)
     _, lse = attention.flash_attention_forward(q, k, k, 1.0, return_lse=True)
     d = triton_stats.mean_attention_distance_forward(q, k, lse, 1.0, grid=grid, patch_size=8.0, prefix_tokens=1)
     expected = 0.1 * reference.patch_distances(grid, 8.0).sum().item() / 9
@@ -133,6 +147,8 @@ def test_distance_of_known_attention():
 def test_ops_stats(backend):
     """flash_attention and qkv_attention return (out, stats) with a request, the same output as
     without one; the decision says which path ran."""
+    if backend == "cuda":
+        need_cuda_backend()
     B, H, D, grid = 2, 2, 64, (4, 4)
     N = 1 + 16
     q, k, v = make_qk(B, H, N, D, torch.float32)
@@ -150,10 +166,10 @@ def test_ops_stats(backend):
     assert last_decision("flash_attention").path == ("torch+stats" if backend == "torch" else "stats")
 
     dim = H * D
-    x = torch.randn(B, N, dim, dtype=torch.float64)
-    w = torch.randn(3 * dim, dim, dtype=torch.float64) * dim ** -0.5
-    b, nw, nb = torch.randn(3 * dim, dtype=torch.float64), 1 + 0.1 * torch.randn(dim, dtype=torch.float64), \
-        0.1 * torch.randn(dim, dtype=torch.float64)
+    f64 = dict(dtype=torch.float64, device=DEVICE)
+    x = torch.randn(B, N, dim, **f64)
+    w = torch.randn(3 * dim, dim, **f64) * dim ** -0.5
+    b, nw, nb = torch.randn(3 * dim, **f64), 1 + 0.1 * torch.randn(dim, **f64), 0.1 * torch.randn(dim, **f64)
     args32 = [t.float() for t in (x, w, b, nw, nb)]
     out, st = ops.qkv_attention(args32[0], args32[1], args32[2], num_heads=H, norm_weight=args32[3],
                                 norm_bias=args32[4], backend=backend, stats=StatsRequest(grid=grid, patch_size=16))
@@ -192,7 +208,7 @@ def test_launchers_check_their_operands():
     q, k, v = make_qk(1, 2, 17, 64, torch.float32)
     _, lse = attention.flash_attention_forward(q, k, v, 0.125, return_lse=True)
     with pytest.raises(ValueError, match="k: expected a 16-byte aligned data pointer"):
-        triton_stats.attention_probs_forward(q, torch.randn(1, 2, 17 * 64 + 1)[..., 1:].view(1, 2, 17, 64), lse, 0.1)
+        triton_stats.attention_probs_forward(q, torch.randn(1, 2, 17 * 64 + 1, device=DEVICE)[..., 1:].view(1, 2, 17, 64), lse, 0.1)
     with pytest.raises(ValueError, match=r"lse: expected a contiguous float32 \(1, 2, 17\) tensor"):
         triton_stats.mean_attention_distance_forward(q, k, lse.double(), 0.1, grid=(4, 4), patch_size=1,
                                                      prefix_tokens=1)
@@ -212,8 +228,8 @@ def test_bad_requests_name_the_argument():
         ops.flash_attention(q, k, v, backend="triton", stats=StatsRequest(grid=(4, 4), patch_size=-1))
     with pytest.raises(TypeError, match="stats: expected a vit_kernels.ops.StatsRequest"):
         ops.flash_attention(q, k, v, stats={"rows": 0})
-    x = torch.randn(1, 17, 128)
-    w = torch.randn(384, 128)
+    x = torch.randn(1, 17, 128, device=DEVICE)
+    w = torch.randn(384, 128, device=DEVICE)
     with pytest.raises(ValueError, match="path: 'single_kernel' keeps no softmax statistics"):
         ops.qkv_attention(x, w, num_heads=2, backend="triton", path="single_kernel", stats=StatsRequest())
 
@@ -222,13 +238,13 @@ def test_fused_attention_module_stats():
     """FusedAttention(x, stats=...) on triton against the same module on the float64 oracle."""
     from vit_kernels.nn import FusedAttention
     torch.manual_seed(0)
-    m = FusedAttention(128, 2, backend="triton").eval()
-    x = torch.randn(2, 1 + 9, 128)
+    m = FusedAttention(128, 2, backend="triton").to(DEVICE).eval()
+    x = torch.randn(2, 1 + 9, 128, device=DEVICE)
     req = StatsRequest(rows=(0, 4), grid=(3, 3), patch_size=8, weights=True)
     with torch.no_grad():
         y, st = m(x, stats=req)
         y_plain = m(x)
-        m64 = FusedAttention(128, 2, backend="reference").double().eval()
+        m64 = FusedAttention(128, 2, backend="reference").to(DEVICE).double().eval()
         m64.load_state_dict(m.state_dict())
         y64, st64 = m64(x.double(), stats=req)
         m.backend = "torch"

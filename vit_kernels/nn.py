@@ -10,7 +10,7 @@ autocast does for F.linear) and each module returns its input's dtype.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from . import ops, reference
 from .ops import attention_stats
 from .backends import BACKENDS
+from .ops.patch_embed import check_pixel_norm
 
 MODULE_BACKENDS = BACKENDS + ("reference",)
 
@@ -44,7 +45,7 @@ def _run_autocast(fn, x: Tensor, params, **kw) -> Tensor:
         return t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t
     with torch.autocast(x.device.type, enabled=False):
         out = fn(cast(x), *[cast(p) for p in params], **{k: cast(v) for k, v in kw.items()})
-    return out.to(x.dtype)
+    return out.to(x.dtype) if x.is_floating_point() else out   # uint8 images: the autocast dtype
 
 
 def _check_module_backend(backend: str) -> str:
@@ -192,17 +193,26 @@ class FusedPatchEmbed(_Fused):
     Parameters: proj (Conv2d with kernel = stride = patch_size). ``forward`` takes the model's
     pos_embed and cls_token so that the token buffer comes out of one launch.
     patch_size=1 embeds a CNN feature map (the paper's hybrid input).
+    image_mean, image_std: in_chans values each (the model's data config): uint8 images (NCHW, or
+    NHWC data as channels_last) are normalized as (x / 255 - mean) / std while the kernel loads them;
+    float images are taken as normalized already. None: uint8 images are refused, naming them.
     """
 
     def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, bias: bool = True,
-                 backend: str = "auto"):
+                 backend: str = "auto", image_mean: Optional[Sequence[float]] = None,
+                 image_std: Optional[Sequence[float]] = None):
         super().__init__(backend)
         self.patch_size = patch_size
+        self.image_mean = None if image_mean is None else tuple(float(v) for v in image_mean)
+        self.image_std = None if image_std is None else tuple(float(v) for v in image_std)
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, images: Tensor, pos_embed: Optional[Tensor] = None,
                 cls_token: Optional[Tensor] = None) -> Tensor:
         kw = dict(patch_size=self.patch_size, pos_embed=pos_embed, cls_token=cls_token)
+        if isinstance(images, Tensor) and images.dtype == torch.uint8:
+            kw.update(image_mean=self.image_mean, image_std=self.image_std)
+            check_pixel_norm(images, self.image_mean, self.image_std)   # named errors on every backend
         if self.backend == "reference":
             return reference.patch_embed(images, self.proj.weight, self.proj.bias, **kw)
         return _run_autocast(ops.patch_embed, images, (self.proj.weight, self.proj.bias), **kw,

@@ -91,8 +91,12 @@ def layernorm_gelu_mlp(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Opti
 
 
 def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, patch_size: int,
-                pos_embed: Optional[Tensor] = None, cls_token: Optional[Tensor] = None) -> Tensor:
+                pos_embed: Optional[Tensor] = None, cls_token: Optional[Tensor] = None,
+                image_mean=None, image_std=None) -> Tensor:
     """images: (batch, channels, H, W); weight: (dim, channels, p, p) (Conv2d layout).
+
+    uint8 images become (x / 255 - image_mean[c]) / image_std[c] (sequences or (C,) tensors), computed
+    at the weight's dtype (at least float32) and rounded to it.
 
     Returns (batch, prefix + (H/p)*(W/p), dim): patches flattened in (channel, row, col) order
     and projected, row-major over the patch grid; the class token in front when given.
@@ -100,6 +104,11 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
     all tokens (the class token gets pos_embed[0]).
     """
     B, C, H, W = images.shape
+    if images.dtype == torch.uint8:
+        work = torch.promote_types(weight.dtype, torch.float32)
+        mean = torch.as_tensor(image_mean, dtype=work, device=images.device).view(1, C, 1, 1)
+        std = torch.as_tensor(image_std, dtype=work, device=images.device).view(1, C, 1, 1)
+        images = ((images.to(work) / 255 - mean) / std).to(weight.dtype)
     p = patch_size
     gh, gw = H // p, W // p
     patches = images.reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * p * p)

@@ -665,7 +665,7 @@ def decision_note(d) -> str:
 
 def _fused_parts(model) -> Dict[str, Any]:
     from .nn import _Fused
-    from .swap.base import SwapWrapper
+    from .swap.wrapper import SwapWrapper
     return {p: m for p, m in model.named_modules()
             if isinstance(m, SwapWrapper) or (isinstance(m, _Fused) and not getattr(m, "vk_fuse_excluded", False))}
 

@@ -40,6 +40,10 @@ class VisionTransformer(nn.Module):
     inserted after the class token, without position embedding. dynamic_img_size: accept other
     image sizes by resampling the position embedding (bicubic); otherwise another size is an
     error. num_classes=0 makes the head an identity (features).
+    image_mean, image_std: the data config (in_chans values each; default 0.5 and 0.5, the original
+    ViT's inputs scaled to [-1, 1], as timm's ``vit_*_augreg`` configs). uint8 images (NCHW, or NHWC
+    data as channels_last) are normalized with them inside the patch-embedding kernel; float images
+    are taken as normalized already.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
@@ -47,7 +51,8 @@ class VisionTransformer(nn.Module):
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, class_token: bool = True,
                  pool: str = "cls", reg_tokens: int = 0, init_values: Optional[float] = None,
                  eps: float = 1e-6, approximate: str = "none", drop_rate: float = 0.0,
-                 attn_drop_rate: float = 0.0, dynamic_img_size: bool = False, backend: str = "auto"):
+                 attn_drop_rate: float = 0.0, dynamic_img_size: bool = False, backend: str = "auto",
+                 image_mean: Optional[Tuple[float, ...]] = None, image_std: Optional[Tuple[float, ...]] = None):
         super().__init__()
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool: expected 'cls' or 'mean', got {pool!r}")
@@ -60,7 +65,9 @@ class VisionTransformer(nn.Module):
         self.dynamic_img_size = dynamic_img_size
         self.num_prefix_tokens = (1 if class_token else 0) + reg_tokens
         self.grid = img_size // patch_size
-        self.patch_embed = FusedPatchEmbed(patch_size, in_chans, embed_dim, backend=backend)
+        self.patch_embed = FusedPatchEmbed(patch_size, in_chans, embed_dim, backend=backend,
+                                           image_mean=image_mean or (0.5,) * in_chans,
+                                           image_std=image_std or (0.5,) * in_chans)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
         n_pos = self.grid * self.grid + (1 if class_token else 0)
@@ -115,7 +122,8 @@ class VisionTransformer(nn.Module):
         return hit[1]
 
     def forward_features(self, images: Tensor) -> Tensor:
-        """images: (batch, in_chans, H, W) -> tokens after the final LayerNorm (batch, tokens, dim)."""
+        """images: (batch, in_chans, H, W), float (normalized) or uint8 (normalized on load with
+        ``patch_embed.image_mean`` / ``image_std``) -> tokens after the final LayerNorm (batch, tokens, dim)."""
         if images.dim() != 4:
             raise ValueError(f"images: expected (batch, channels, H, W), got shape {tuple(images.shape)}")
         pos = self.pos_embed_for(images.shape[-2], images.shape[-1])

@@ -8,7 +8,7 @@
 
 Each adapter lists candidates (modules it can replace and, per op, fused or the reason it is
 left); ``fuse`` replaces them by wrappers that share the original parameters (see
-:mod:`.base`). The dispatch below is the whole of it.
+:mod:`.wrapper`). The dispatch below is the whole of it.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from torch import nn
 from ..backends import check_backend
 from ..nn import _Fused, set_backend
 from . import hf, timm, torchvision, vit_pytorch
-from .base import OPS, Candidate, FuseReport, ReportEntry, SwapWrapper
+from .report import OPS, Candidate, FuseReport, ReportEntry
+from .wrapper import SwapWrapper
 
 logger = logging.getLogger("vit_kernels")
 

@@ -40,9 +40,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .base import (Candidate, ReportEntry, SwapWrapper, bypassed_hooks, dropout_p, dropout_reason,
-                   first_reason, gelu_approximate, head_dim_reason, join, layernorm_reason,
-                   linear_reason, overrides_load_state_dict)
+from .reasons import (bypassed_hooks, dropout_p, dropout_reason, first_reason, gelu_approximate,
+                      head_dim_reason, join, layernorm_reason, linear_reason, overrides_load_state_dict)
+from .report import Candidate, ReportEntry
+from .wrapper import SwapWrapper
 from .patch import patch_conv_candidate
 
 FAMILY = "transformers"

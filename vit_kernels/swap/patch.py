@@ -14,7 +14,8 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .. import ops
-from .base import Candidate, ReportEntry, SwapWrapper
+from .report import Candidate, ReportEntry
+from .wrapper import SwapWrapper
 
 
 def conv_reason(name: str, conv: nn.Module) -> Optional[str]:

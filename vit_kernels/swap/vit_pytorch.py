@@ -27,9 +27,10 @@ from typing import List, Optional, Tuple
 from torch import Tensor, nn
 
 from .. import ops
-from .base import (Candidate, ReportEntry, SwapWrapper, bypassed_hooks, dropout_p, dropout_reason,
-                   first_reason, gelu_approximate, head_dim_reason, join, layernorm_reason,
-                   linear_reason, overrides_load_state_dict)
+from .reasons import (bypassed_hooks, dropout_p, dropout_reason, first_reason, gelu_approximate,
+                      head_dim_reason, join, layernorm_reason, linear_reason, overrides_load_state_dict)
+from .report import Candidate, ReportEntry
+from .wrapper import SwapWrapper
 
 FAMILY = "vit-pytorch"
 

@@ -7,7 +7,7 @@ Every projection of a ViT is this kernel with different tl.constexpr flags:
 | QKV projection | dense, LayerNorm on load (``NORM``) | bias, Q * scale, head-split write (``OUT_MODE=1``) |
 | out projection, fc2 | dense | bias, layer scale, residual |
 | fc1 | dense, LayerNorm on load | bias, GELU erf or tanh (``ACT``) |
-| patch embedding | patch gather from the image (``A_MODE=1``) | bias, class token, position embedding |
+| patch embedding | patch gather from the image (``A_MODE=1``); uint8 pixels normalized (``NORM=3``) | bias, class token, position embedding |
 
 Rows. A row m of A (and of the output, the residual, the LayerNorm statistics) is addressed as
 (b, t) = (m // T, m % T) with strides (s_b, s_t): an x of shape (batch, tokens, dim) is read with
@@ -18,7 +18,9 @@ fp32 and rounds once on the store. fp32 inputs use ``input_precision="tf32x3"`` 
 tensor-core products, close to fp32 accuracy; plain tf32 would be ~1e-3 relative; the
 interpreter computes plain fp32, so only a GPU run shows the tf32x3 error). LayerNorm-on-load computes
 (x - mean) * rstd * w + b in fp32 and rounds to the input dtype before the dot, as an eager
-LayerNorm followed by a Linear does.
+LayerNorm followed by a Linear does. uint8 images (``NORM_PIXELS``) are widened to fp32, normalized
+as x * (1 / (255 std[c])) - mean[c] / std[c] and rounded to the weight's dtype before the dot, as
+``((x / 255 - mean) / std).to(dtype)`` followed by a Conv2d does.
 """
 from __future__ import annotations
 
@@ -70,8 +72,8 @@ GROUP_M = 8
 # ACT values (fc1's activation)
 ACT_NONE, ACT_GELU_ERF, ACT_GELU_TANH = 0, 1, 2
 ACTIVATIONS = {"none": ACT_GELU_ERF, "tanh": ACT_GELU_TANH}   # GELU's `approximate` -> ACT
-# NORM values (LayerNorm on load)
-NORM_NONE, NORM_AFFINE, NORM_WEIGHT_ONLY = 0, 1, 2
+# NORM values (LayerNorm on load; NORM_PIXELS: uint8 images normalized per channel on load)
+NORM_NONE, NORM_AFFINE, NORM_WEIGHT_ONLY, NORM_PIXELS = 0, 1, 2, 3
 # OUT_MODE values
 OUT_ROWS, OUT_QKV = 0, 1
 # A_MODE values
@@ -102,8 +104,8 @@ def _gemm_kernel(
     bias_ptr,         # (N,)                       [HAS_BIAS]
     mean_ptr,         # (M,) fp32 row means        [NORM]
     rstd_ptr,         # (M,) fp32 row 1/std        [NORM]
-    lnw_ptr,          # (K,) LayerNorm weight      [NORM]
-    lnb_ptr,          # (K,) LayerNorm bias        [NORM == NORM_AFFINE]
+    lnw_ptr,          # (K,) LayerNorm weight      [NORM]; NORM_PIXELS: fp32 (K,) scale 1 / (255 std[c])
+    lnb_ptr,          # (K,) LayerNorm bias        [NORM == NORM_AFFINE]; NORM_PIXELS: fp32 (K,) -mean[c] / std[c]
     res_ptr,          # (M, N) residual, strides (s_rb, s_rt, s_rn)   [HAS_RES]
     ls_ptr,           # (N,) layer scale           [HAS_LS]
     pos_ptr,          # (T, N) position embedding, strides (s_pt, s_pn)  [HAS_POS]
@@ -149,7 +151,7 @@ def _gemm_kernel(
         px = (patch % GW).to(tl.int64)
         a_row = b * s_ab + py * P * s_ah + px * P * s_aw
         a_rmask = m_mask & (t >= PREFIX)
-    if NORM != 0:
+    if NORM == 1 or NORM == 2:
         mean = tl.load(mean_ptr + offs_m, mask=m_mask, other=0.0)
         rstd = tl.load(rstd_ptr + offs_m, mask=m_mask, other=0.0)
     w_col = offs_n.to(tl.int64) * s_wn
@@ -170,9 +172,12 @@ def _gemm_kernel(
         a = tl.load(a_ptrs, mask=a_rmask[:, None] & k_mask[None, :], other=0.0)
         if NORM != 0:
             g = tl.load(lnw_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
-            xn = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :]
-            if NORM == 1:
-                xn += tl.load(lnb_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            if NORM == 3:   # uint8 pixels: x * g[k] + beta[k] = (x / 255 - mean[c]) / std[c], in fp32
+                xn = a.to(tl.float32) * g[None, :] + tl.load(lnb_ptr + ks, mask=k_mask, other=0.0)[None, :]
+            else:
+                xn = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :]
+                if NORM == 1:
+                    xn += tl.load(lnb_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             a = xn.to(w_ptr.dtype.element_ty)
         w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
@@ -247,6 +252,7 @@ def launch_gemm(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K: in
                 layer_scale: Optional[Tensor] = None, act: int = ACT_NONE,
                 pos: Optional[Tensor] = None, pos_strides: Tuple[int, int] = (0, 0),
                 cls: Optional[Tensor] = None, patch: Optional[Tuple[int, int]] = None,
+                pixel_norm: Optional[Tuple[Tensor, Tensor]] = None,
                 qkv: Optional[Tuple[int, int, float]] = None,
                 gemm_config: Optional[Tuple[int, int, int, int, int]] = None) -> Tensor:
     """Launch :func:`_gemm_kernel` once; every argument already checked by the caller.
@@ -257,6 +263,8 @@ def launch_gemm(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K: in
     q_scale) into (3, B, H, T, HEAD_DIM)); stats: (mean, rstd) fp32 (M,) for LayerNorm on load
     with norm_weight (K,) and optional norm_bias; residual through res_strides; pos: (T, N)
     through pos_strides; cls: (N,) contiguous-or-strided 1-D, makes row t == 0 the class token.
+    pixel_norm: (scale, shift), contiguous fp32 (K,) each, for uint8 images: A = uint8 * scale + shift
+    on load. The compute dtype (tiles, dot precision) is the weight's.
     gemm_config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), None for :func:`block_config`
     (the tuner passes one of :func:`tune_configs`).
     """
@@ -265,8 +273,10 @@ def launch_gemm(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K: in
         return out
     gather = patch is not None
     BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = (
-        gemm_config or block_config(a.dtype, A_PATCHES if gather else A_DENSE))
+        gemm_config or block_config(weight.dtype, A_PATCHES if gather else A_DENSE))
     norm = NORM_NONE if norm_weight is None else (NORM_AFFINE if norm_bias is not None else NORM_WEIGHT_ONLY)
+    if pixel_norm is not None:
+        norm, (norm_weight, norm_bias) = NORM_PIXELS, pixel_norm
     flags = _flags(a_mode=A_PATCHES if gather else A_DENSE, norm=norm, prefix=int(cls is not None),
                    has_bias=bias is not None, act=act, has_ls=layer_scale is not None,
                    has_res=residual is not None, has_pos=pos is not None,
@@ -300,7 +310,7 @@ def launch_gemm(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K: in
     grid = (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)
     _gemm_kernel[grid](*ptrs, *(s[k] for k in _INT_ARGS), q_scale,
                        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
-                       DOT_PRECISION=_precision(a.dtype), num_warps=num_warps, num_stages=num_stages,
+                       DOT_PRECISION=_precision(weight.dtype), num_warps=num_warps, num_stages=num_stages,
                        **flags)
     return out
 

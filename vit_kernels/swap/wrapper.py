@@ -1,0 +1,136 @@
+"""The wrapper every family adapter builds on: it takes a module's place while holding the very
+same children, parameters, buffers and hooks.
+
+How a swap keeps the model intact:
+- :class:`SwapWrapper` registers the original module's children, parameters and buffers under the
+  same names (the same objects: same ``data_ptr()``), so ``state_dict()`` keys and values do not
+  change, optimizers holding the parameters keep working and ``load_state_dict`` fills both.
+- Forward hooks are shared (the wrapper uses the original's hook dictionaries), so a hook
+  registered on either fires once per call. Hooks on modules the fused path would bypass make the
+  adapter leave that part unfused (the hook would silently stop firing otherwise).
+- Plain attributes the wrapper lacks (``num_heads``, ``grid_size``, ...) are read from the
+  original. ``unfuse`` puts the original module back with whatever children, parameters and
+  buffers the wrapper holds then (``.to()``/``load_state_dict`` after fuse are kept).
+- Anything a fused path cannot do exactly (attention masks, dropout active in training,
+  torch.autocast, ...) runs the original module's own ``forward`` at that call: never a wrong
+  number.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .report import ReportEntry
+
+# Module attributes holding hooks; the wrapper shares these dictionaries with the original.
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+               "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+class SwapWrapper(nn.Module):
+    """Takes ``original``'s place in the model, holding its children, parameters, buffers and hooks
+    (the same objects, under the same names). Subclasses implement ``forward`` with the fused ops
+    and call :meth:`original_forward` for what they cannot fuse exactly.
+
+    fused: op -> True for the ops this wrapper runs fused; entries: its report entries.
+    """
+
+    family = ""
+
+    def __init__(self, original: nn.Module, backend: str, entries: Sequence[ReportEntry]):
+        nn.Module.__init__(self)  # not super(): a subclass may also derive from the original's class
+        self._parameters.update(original._parameters)
+        self._buffers.update(original._buffers)
+        self._modules.update(original._modules)
+        self._non_persistent_buffers_set = set(original._non_persistent_buffers_set)
+        for name in _HOOK_DICTS:
+            if hasattr(original, name):
+                object.__setattr__(self, name, getattr(original, name))
+        self.training = original.training
+        object.__setattr__(self, "_vk_original", original)
+        object.__setattr__(self, "_version", getattr(original, "_version", 1))
+        self.backend = backend
+        self.vk_entries = list(entries)
+        self.fused_ops = {e.op: e.fused for e in entries}
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("_vk_original")
+            if original is None:
+                raise
+            return getattr(original, name)
+
+    @property
+    def original(self) -> nn.Module:
+        return self.__dict__["_vk_original"]
+
+    def _sync_original(self) -> nn.Module:
+        """Give the original whatever the wrapper holds now (children, parameters, buffers, mode)."""
+        o = self.original
+        for name in ("_parameters", "_buffers", "_modules"):
+            d, mine = getattr(o, name), getattr(self, name)
+            # never emptied on the way (another thread may be running the original's forward):
+            # drop what the wrapper no longer holds, then (re)set the rest
+            for k in [k for k in d if k not in mine]:
+                del d[k]
+            d.update(mine)
+        o._non_persistent_buffers_set = set(self._non_persistent_buffers_set)
+        o.training = self.training
+        return o
+
+    def restore(self) -> nn.Module:
+        """The original module, holding the wrapper's current children, parameters and buffers."""
+        return self._sync_original()
+
+    def original_forward(self, *args, **kwargs):
+        """Run the original module's own forward (hooks are not run again: they ran on this call)."""
+        return self._sync_original().forward(*args, **kwargs)
+
+    def dropouts(self) -> List[Tuple[str, float]]:
+        """(name, p) of every dropout / drop-path in the parts this wrapper fuses."""
+        return []
+
+    def dropout_active(self) -> bool:
+        return self.training and any(p > 0 for _, p in self.dropouts())
+
+    def run_original(self, x: torch.Tensor) -> bool:
+        """True when this call must run the original modules: dropout active in training, or
+        torch.autocast on (the fused ops take all tensors at one dtype: use model.to(dtype))."""
+        return self.dropout_active() or _autocast_on(x)
+
+    def runtime_notes(self) -> List[str]:
+        notes = []
+        active = [f"{n} p={p:g}" for n, p in self.dropouts() if p > 0]
+        if active:
+            state = "active now: the model is in training mode" if self.training else "inactive in eval mode"
+            notes.append(f"dropout {', '.join(active)} ({state}); while training, calls run the original modules")
+        notes.append("under torch.autocast, calls run the original modules (the fused ops take one dtype: "
+                     "use model.to(dtype))")
+        if any(p.requires_grad for p in self.parameters()):
+            notes.append("parameters require grad: under autograd the ops take the torch path (forward-only "
+                         "kernels); run under torch.no_grad() / torch.inference_mode() for the fused kernels")
+        return notes
+
+    def report_entries(self) -> List[ReportEntry]:
+        notes = tuple(self.runtime_notes())
+        return [dataclasses.replace(e, notes=e.notes + notes) if e.fused else e for e in self.vk_entries]
+
+    def extra_repr(self) -> str:
+        ops = ", ".join(op for op, f in self.fused_ops.items() if f)
+        return f"fused={ops or 'nothing'}, backend={self.backend!r}, original={type(self.original).__name__}"
+
+
+def _autocast_on(x) -> bool:
+    if not isinstance(x, torch.Tensor):
+        return False
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except TypeError:  # torch < 2.4: one flag for CUDA, one for CPU
+        return torch.is_autocast_enabled() if x.is_cuda else torch.is_autocast_cpu_enabled()
