@@ -288,6 +288,28 @@ def test_fold_cache_keyed_on_version():
     assert G.fold_layernorm(w2, b, nw, nb) is not f2
 
 
+def test_fold_cache_is_bounded(monkeypatch):
+    """Entries of dead parameters go at the next insert; past FOLD_CACHE_SIZE the least recently used goes."""
+    import collections
+    import gc
+    monkeypatch.setattr(G, "_FOLD_CACHE", collections.OrderedDict())
+    monkeypatch.setattr(G, "FOLD_CACHE_SIZE", 3)
+    nw = randn(16, dtype=torch.float16)
+    ws = [randn(8, 16, dtype=torch.float16) for _ in range(4)]
+    folds = [G.fold_layernorm(w, None, nw, None) for w in ws[:3]]
+    assert G.fold_layernorm(ws[0], None, nw, None) is folds[0]      # hit: ws[0] is now the most recent
+    G.fold_layernorm(ws[3], None, nw, None)                          # over the bound: ws[1] (oldest) goes
+    assert len(G._FOLD_CACHE) == 3
+    assert G.fold_layernorm(ws[0], None, nw, None) is folds[0]
+    assert G.fold_layernorm(ws[2], None, nw, None) is folds[2]
+    del ws[3]
+    gc.collect()
+    w_new = randn(8, 16, dtype=torch.float16)
+    G.fold_layernorm(w_new, None, nw, None)                           # the dead entry is dropped
+    assert len(G._FOLD_CACHE) == 3 and all(r() is not None for rs, _, _ in G._FOLD_CACHE.values()
+                                           for r in rs if r is not None)
+
+
 # ---------------------------------------------------------------------------------------------
 # What TMA refuses, before any launch
 

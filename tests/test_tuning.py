@@ -3,6 +3,7 @@ candidate wins, dropped candidates and their reasons, the cache (memory, file, v
 corrupt file), threads, and the tune mode. The candidates really run (Triton's interpreter on the
 CPU) and are checked against the float64 oracle; only the clock is fake."""
 import copy
+import dataclasses
 import json
 import threading
 
@@ -344,6 +345,97 @@ def test_candidate_lists():
         "torch", "triton:single_kernel"]
 
 
+def test_tma_candidates_only_on_sm90_half_precision_at_vit_shapes():
+    """gemm_tma's configs join on sm_90 for float16/bfloat16 at the ViT (N, K) classes: path "tma" for
+    linear and the MLP (configs both of its GEMMs' classes list), the split path for qkv_attention."""
+    from vit_kernels.triton import gemm_tma
+    qkv, fc1, fc2 = (96, 32), (128, 32), (32, 128)
+    for dtype in (torch.float16, torch.bfloat16):
+        f = tuning.Facts(dtype, 90, gemms=(qkv,))
+        tma = [c for c in tuning.candidates("linear", f, ["triton"], "cuda") if c.path == "tma"]
+        assert [dict(c.config)["tma_config"] for c in tma] == [
+            dataclasses.astuple(c) for c in gemm_tma.configs_for(*qkv)]
+        assert tma[0].name == "triton:tma tma_config=128,256,64,8,3,4,1"
+        fm = tuning.Facts(dtype, 90, gemms=(fc1, fc2))
+        tma = [dict(c.config)["tma_config"] for c in tuning.candidates("layernorm_gelu_mlp", fm, ["triton"], "cuda")
+               if c.path == "tma"]
+        both = set(map(dataclasses.astuple, gemm_tma.configs_for(*fc1))) & set(
+            map(dataclasses.astuple, gemm_tma.configs_for(*fc2)))
+        assert set(tma) == both and len(tma) == 3
+        fq = tuning.Facts(dtype, 90, head_dim=16, tokens=197, gemms=(qkv,))
+        names = [c.name for c in tuning.candidates("qkv_attention", fq, ["triton"], "cuda")]
+        assert sum(n.startswith("triton:split tma_config=") for n in names) == 4
+    for f in (tuning.Facts(torch.float16, 80, gemms=(qkv,)), tuning.Facts(torch.float32, 90, gemms=(qkv,)),
+              tuning.Facts(torch.float16, 90, gemms=((48, 32),))):     # sm_80, fp32, not a ViT class
+        assert not [c for c in tuning.candidates("linear", f, ["triton"], "cuda") if "tma" in c.name]
+
+
+def tma_only(op, facts, available, device_type):
+    """torch and the TMA candidates (the interpreter is slow)."""
+    return [c for c in no_cuda(op, facts, available, device_type)
+            if c == Candidate("torch") or any(kw == "tma_config" for kw, _ in c.config)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tma_config_fastest_runs_the_tma_gemm(dtype, monkeypatch):
+    """The tuner's TMA choice really launches gemm_tma (linear: path "tma"), with that config, and
+    the result matches the oracle; a second call reuses the choice."""
+    from vit_kernels.triton import gemm_tma
+    launched = []
+    real = gemm_tma.launch_gemm_tma
+    monkeypatch.setattr(gemm_tma, "launch_gemm_tma", lambda *a, **k: launched.append(k["config"]) or real(*a, **k))
+    x = torch.randn(2, 8, 32, device=DEVICE).to(dtype)
+    w = (torch.randn(96, 32, device=DEVICE) * 32 ** -0.5).to(dtype)
+    b = torch.randn(96, device=DEVICE).to(dtype)
+    cfg = dataclasses.astuple(gemm_tma.configs_for(96, 32)[2])
+    name = Candidate("triton", "tma", (("tma_config", cfg),)).name
+    timer = FakeTimer({name: 0.1})
+    with tuning.use_tuner(make_tuner(timer, candidate_list=tma_only)):
+        out = vk.linear(x, w, b)
+        assert set(timer.calls) == {"torch"} | {Candidate("triton", "tma", (("tma_config", dataclasses.astuple(c)),)).name
+                                               for c in gemm_tma.configs_for(96, 32)}
+        launched.clear()
+        out2 = vk.linear(x, w, b)
+    d = vk.last_decision("linear")
+    assert (d.backend, d.path, d.config) == ("triton", "tma", (("tma_config", cfg),))
+    assert launched == [gemm_tma.TmaConfig(*cfg)]
+    oracle = reference.linear(x.double(), w.double(), b.double())
+    for o in (out, out2):
+        assert_close(o, oracle, torch.nn.functional.linear(x, w, b))
+
+
+def test_tma_config_fastest_mlp_and_qkv_attention():
+    """The MLP (both GEMMs) and the split qkv_attention (its projection, LayerNorm folded) on the TMA
+    GEMM when one of its configs measured fastest; each against the oracle."""
+    from vit_kernels.triton import gemm_tma
+    dtype = torch.float16
+    x = torch.randn(1, 16, 32, device=DEVICE).to(dtype)
+    nw = (1 + 0.1 * torch.randn(32, device=DEVICE)).to(dtype)
+    nb = (0.1 * torch.randn(32, device=DEVICE)).to(dtype)
+    w1 = (torch.randn(128, 32, device=DEVICE) * 32 ** -0.5).to(dtype)
+    b1 = torch.randn(128, device=DEVICE).to(dtype)
+    w2 = (torch.randn(32, 128, device=DEVICE) * 128 ** -0.5).to(dtype)
+    b2 = torch.randn(32, device=DEVICE).to(dtype)
+    cfg = dataclasses.astuple(gemm_tma.CONFIGS[3])
+    timer = FakeTimer({Candidate("triton", "tma", (("tma_config", cfg),)).name: 0.1,
+                       Candidate("triton", "split", (("tma_config", cfg),)).name: 0.1})
+    with tuning.use_tuner(make_tuner(timer, candidate_list=tma_only)):
+        out = vk.layernorm_gelu_mlp(x, nw, nb, w1, b1, w2, b2, residual=x)
+        d = vk.last_decision("layernorm_gelu_mlp")
+        assert (d.backend, d.path, d.config) == ("triton", "tma", (("tma_config", cfg),))
+        f64 = [t.double() for t in (x, nw, nb, w1, b1, w2, b2)]
+        assert_close(out, reference.layernorm_gelu_mlp(*f64, residual=x.double()),
+                     vk.layernorm_gelu_mlp(x, nw, nb, w1, b1, w2, b2, residual=x, backend="torch"))
+        wq = (torch.randn(96, 32, device=DEVICE) * 32 ** -0.5).to(dtype)
+        out = vk.qkv_attention(x, wq, num_heads=2, norm_weight=nw, norm_bias=nb)
+        d = vk.last_decision("qkv_attention")
+        assert (d.backend, d.path, d.config) == ("triton", "split", (("tma_config", cfg),))
+    assert_close(out, reference.qkv_attention(x.double(), wq.double(), num_heads=2, norm_weight=nw.double(),
+                                              norm_bias=nb.double()),
+                 qkv_attention_torch(x, wq, None, num_heads=2, scale=16 ** -0.5, norm_weight=nw, norm_bias=nb,
+                                     eps=1e-6))
+
+
 def test_tuned_configs_are_compiled_by_inspect():
     """Every config the tuner can launch is an AotSpec of `inspect` for that arch."""
     from vit_kernels.triton import attention, gemm
@@ -366,6 +458,15 @@ def test_tuned_configs_are_compiled_by_inspect():
             for hd in (16, 32, 64, 128, 256):
                 for cfg in attention.tune_configs(dtype, hd, arch):
                     assert (ptr_type(dtype), attention.block_d(hd), cfg, arch) in att
+    from vit_kernels.triton import gemm_tma
+    tma = {(s.kernel, s.signature["a_ptr"], s.config.split(",")[0]) for s in gemm_tma.aot_specs() if 90 in s.archs}
+    for cls, shape in gemm_tma.CLASS_SHAPES.items():
+        for dtype in gemm_tma.DTYPES:
+            cfgs = gemm_tma.tune_configs(dtype, 90, (shape(64),))
+            assert cfgs
+            same = {f"gemm_tma_{c}" for c in gemm_tma.EPILOGUES if gemm_tma.EPILOGUES[c] is gemm_tma.EPILOGUES[cls]}
+            for cfg in cfgs:   # fc2 launches proj's epilogues: compiled once, under the first class
+                assert any((k, ptr_type(dtype), gemm_tma.TmaConfig(*cfg).name) in tma for k in same)
 
 
 def tiny_vit(backend="auto"):

@@ -20,7 +20,10 @@ Candidates per op: the torch path (for attention ops also each SDPA backend: fla
 cudnn), each Triton path (qkv_attention: ``split``, and ``single_kernel`` where it fits) with its
 default tiles, each alternative Triton tile config of :data:`FAMILIES` (lists kept beside the
 kernels; ``inspect`` compiles every one of them, see the launchers' ``aot_specs``), and the CUDA
-backend. A new Triton kernel family with a config list is one more :class:`Family` entry.
+backend. A new Triton kernel family with a config list is one more :class:`Family` entry. On
+sm_90 with float16/bfloat16 the TMA GEMM (:mod:`vit_kernels.triton.gemm_tma`) adds its configs
+for the call's (N, K) class (``gemm_tma.tune_configs``): path "tma" for linear and the MLP, the
+split path's QKV projection for qkv_attention.
 
 Control: ``tune="on" | "off" | "cache-only"`` on the ops, :func:`mode` as a context manager
 (modules, fused models), or ``VIT_KERNELS_TUNE`` in the environment; default on. Tuning applies
@@ -120,13 +123,16 @@ class Candidate:
 @dataclasses.dataclass(frozen=True)
 class Facts:
     """What the candidate lists depend on, read from one call: dtype, compute capability (90 for
-    sm_90), head_dim (attention ops), tokens (qkv_attention), the path the caller forced."""
+    sm_90), head_dim (attention ops), tokens (qkv_attention), the path the caller forced, and
+    gemms: the (N, K) of each GEMM the op's Triton path runs (linear: one; layernorm_gelu_mlp: fc1
+    and fc2; qkv_attention: the QKV projection), which picks gemm_tma's config class."""
 
     dtype: torch.dtype
     arch: int
     head_dim: int = 0
     tokens: int = 0
     path: Optional[str] = None
+    gemms: Tuple[Tuple[int, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +161,11 @@ def _patch_configs(f: Facts):
     return gemm.tune_configs(f.dtype, f.arch, patch=True)
 
 
+def _tma_configs(f: Facts):
+    from .triton import gemm_tma
+    return gemm_tma.tune_configs(f.dtype, f.arch, f.gemms)
+
+
 def _attention_configs(f: Facts):
     from .triton import attention
     return attention.tune_configs(f.dtype, f.head_dim, f.arch)
@@ -167,6 +178,11 @@ FAMILIES: Tuple[Family, ...] = (
     Family("flash_attention", "", "attention_config", _attention_configs),
     Family("qkv_attention", "split", "gemm_config", _gemm_configs),
     Family("qkv_attention", "split", "attention_config", _attention_configs),
+    # sm_90's TMA GEMM (gemm_tma): its own path for linear and the MLP (both GEMMs on it); for
+    # qkv_attention the split path with its QKV projection on it.
+    Family("linear", "tma", "tma_config", _tma_configs),
+    Family("layernorm_gelu_mlp", "tma", "tma_config", _tma_configs),
+    Family("qkv_attention", "split", "tma_config", _tma_configs),
 )
 ATTENTION_OPS = ("flash_attention", "qkv_attention")
 # The path an op records for a candidate without one (qkv_attention's torch path says "torch"), set
@@ -182,7 +198,13 @@ def facts(op: str, tensors: Sequence[Optional[torch.Tensor]], key_extra: tuple, 
         return Facts(t0.dtype, arch, head_dim=t0.shape[-1])
     if op == "qkv_attention":
         num_heads, path = key_extra
-        return Facts(t0.dtype, arch, head_dim=tensors[1].shape[0] // 3 // num_heads, tokens=t0.shape[1], path=path)
+        w = tensors[1]
+        return Facts(t0.dtype, arch, head_dim=w.shape[0] // 3 // num_heads, tokens=t0.shape[1], path=path,
+                     gemms=(tuple(w.shape),))
+    if op == "linear":
+        return Facts(t0.dtype, arch, gemms=(tuple(tensors[1].shape),))
+    if op == "layernorm_gelu_mlp":   # (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, ...)
+        return Facts(t0.dtype, arch, gemms=(tuple(tensors[3].shape), tuple(tensors[5].shape)))
     return Facts(t0.dtype, arch)
 
 

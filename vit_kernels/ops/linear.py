@@ -81,8 +81,13 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
 
 
 def _launch(d, x, weight, bias, residual, layer_scale):
-    """Run linear as Decision ``d`` says (backend, tile config). The fused backends get bias and
+    """Run linear as Decision ``d`` says (backend, path, tile config): path "tma" is sm_90's TMA GEMM
+    (vit_kernels.triton.gemm_tma, chosen only by the tuner). The fused backends get bias and
     layer_scale contiguous (see :func:`linear`)."""
+    if d.backend == "triton" and d.path == "tma":
+        from ..triton import gemm_tma
+        return gemm_tma.linear_forward(x, weight, bias, residual=residual, layer_scale=layer_scale,
+                                       config=dict(d.config).get("tma_config"))
     if d.backend == "triton":
         from ..triton import gemm as triton_gemm
         return triton_gemm.linear_forward(x, weight, bias, residual=residual, layer_scale=layer_scale,

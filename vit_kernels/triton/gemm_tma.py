@@ -40,6 +40,7 @@ same folded weight, one extra pass over x, taken only when such rows exist and r
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -272,6 +273,22 @@ def default_config(N: int, K: int) -> TmaConfig:
     return configs_for(N, K)[0]
 
 
+def tune_configs(dtype: torch.dtype, arch: int, gemms: Tuple[Tuple[int, int], ...]) -> Tuple[Tuple[int, ...], ...]:
+    """The configs vit_kernels.tuning times for an op whose Triton path runs the GEMMs ``gemms`` ((N, K)
+    each; the MLP's fc1 and fc2 share one config, so it gets the configs both classes list), as tuples of
+    TmaConfig's fields (what ``config=`` of the launchers accepts). None on an architecture other than
+    sm_90, for float32, or for a GEMM outside the ViT classes (aot_specs compiles the configs per class)."""
+    if arch != 90 or dtype not in DTYPES or not gemms:
+        return ()
+    classes = [shape_class(N, K) for N, K in gemms]
+    if "other" in classes:
+        return ()
+    idx = set(CLASSES[classes[0]])
+    for c in classes[1:]:
+        idx &= set(CLASSES[c])
+    return tuple(dataclasses.astuple(CONFIGS[i]) for i in sorted(idx))
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks: what TMA needs
 # ---------------------------------------------------------------------------------------------
@@ -404,8 +421,11 @@ class FoldedLayerNorm:
 
 
 # (data_ptr of each parameter) -> (weak references, version counters, folded); an entry is used only while
-# the same tensor objects are alive at unchanged versions (an in-place update bumps _version).
-_FOLD_CACHE: Dict[tuple, tuple] = {}
+# the same tensor objects are alive at unchanged versions (an in-place update bumps _version). Bounded:
+# entries whose parameters died are dropped at each insert, and beyond FOLD_CACHE_SIZE entries the least
+# recently used goes (a ViT-H has 64 folded projections: QKV and fc1 of 32 blocks).
+FOLD_CACHE_SIZE = 128
+_FOLD_CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 
 
 def fold_layernorm(weight: Tensor, bias: Optional[Tensor], norm_weight: Tensor,
@@ -420,6 +440,7 @@ def fold_layernorm(weight: Tensor, bias: Optional[Tensor], norm_weight: Tensor,
     hit = _FOLD_CACHE.get(key)
     if hit is not None and hit[1] == versions and all(
             (r is None) == (t is None) and (r is None or r() is t) for r, t in zip(hit[0], params)):
+        _FOLD_CACHE.move_to_end(key)
         return hit[2]
     with torch.no_grad():
         w_fold = (weight.float() * norm_weight.float()[None, :]).to(weight.dtype)
@@ -434,7 +455,12 @@ def fold_layernorm(weight: Tensor, bias: Optional[Tensor], norm_weight: Tensor,
             b = b.float()
     folded = FoldedLayerNorm(w_fold, b, colsum)
     refs = tuple(None if t is None else weakref.ref(t) for t in params)
+    for k in [k for k, (rs, _, _) in _FOLD_CACHE.items() if any(r is not None and r() is None for r in rs)]:
+        del _FOLD_CACHE[k]
     _FOLD_CACHE[key] = (refs, versions, folded)
+    _FOLD_CACHE.move_to_end(key)
+    while len(_FOLD_CACHE) > FOLD_CACHE_SIZE:
+        _FOLD_CACHE.popitem(last=False)
     return folded
 
 
@@ -479,9 +505,12 @@ def _ln_operands(x2: Tensor, mean: Tensor, rstd: Tensor) -> Tuple[Tensor, Tensor
 # Public launchers (same arguments as vit_kernels.triton.gemm's, plus the tile config)
 # ---------------------------------------------------------------------------------------------
 
-def _check_config(config: Optional[TmaConfig], N: int, K: int) -> TmaConfig:
+def _check_config(config, N: int, K: int) -> TmaConfig:
+    """config: None (:func:`default_config`), a TmaConfig, or its fields as a tuple (the tuner's form)."""
     if config is None:
         return default_config(N, K)
+    if isinstance(config, tuple) and len(config) == len(dataclasses.fields(TmaConfig)):
+        config = TmaConfig(*config)
     if config not in CONFIGS:
         raise ValueError(f"config: expected one of gemm_tma.CONFIGS (what aot_specs compiles), got {config}")
     return config
@@ -503,7 +532,8 @@ def dense_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     layer_scale: (N,); norm_weight: (K,) (with optional norm_bias (K,)) applies LayerNorm(x, eps): folded
     into the weight (:func:`fold_layernorm`, cached), row statistics from :func:`row_stats` (or ``stats``
     given), applied in the epilogue; act: ACT_NONE / ACT_GELU_ERF / ACT_GELU_TANH; residual: (..., N) with
-    a unit last stride; config: one of :data:`CONFIGS` (None: :func:`default_config`). Returns (..., N).
+    a unit last stride; config: one of :data:`CONFIGS` or its fields as a tuple (None:
+    :func:`default_config`). Returns (..., N).
     Raises ValueError (before any launch) when TMA cannot read or write these tensors.
     """
     K = x.shape[-1]

@@ -24,14 +24,17 @@ def layernorm_gelu_mlp_forward(x: Tensor, norm_weight: Optional[Tensor], norm_bi
                                fc2_weight: Tensor, fc2_bias: Optional[Tensor], *, eps: float = 1e-6,
                                approximate: str = "none", residual: Optional[Tensor] = None,
                                layer_scale: Optional[Tensor] = None, out: Optional[Tensor] = None,
-                               gemm_config: Optional[Tuple[int, ...]] = None) -> Tensor:
+                               gemm_config: Optional[Tuple[int, ...]] = None,
+                               tma_config: Optional[Tuple[int, ...]] = None) -> Tensor:
     """[residual +] [layer_scale *] fc2(GELU(fc1(LayerNorm(x)))).
 
     x: (..., dim), any strides addressing it as (-1, tokens, dim); norm_weight, norm_bias: (dim,)
     (norm_weight None: no LayerNorm, as in the op's torch path); fc1_weight: (hidden, dim);
     fc1_bias: (hidden,); fc2_weight: (out, hidden); fc2_bias, layer_scale: (out,);
     residual: (..., out); approximate: "none" (erf GELU) or "tanh"; out: optional (..., out) to
-    write into. gemm_config: the tiles of both GEMMs (None: gemm.block_config). Returns (..., out)
+    write into. gemm_config: the tiles of both GEMMs (None: gemm.block_config). tma_config: run both
+    GEMMs on sm_90's TMA GEMM (vit_kernels.triton.gemm_tma, float16/bfloat16; LayerNorm folded into
+    fc1) with this config (gemm_tma.TmaConfig or its fields; the tuner passes one). Returns (..., out)
     in x's dtype. Layouts as gemm.dense_forward: the 1-D parameters contiguous, x and residual
     addressable as (-1, tokens, dim); vit_kernels.ops guarantees both before the first launch.
     """
@@ -39,6 +42,13 @@ def layernorm_gelu_mlp_forward(x: Tensor, norm_weight: Optional[Tensor], norm_bi
         raise ValueError(f"approximate: expected one of {tuple(ACTIVATIONS)}, got {approximate!r}")
     checks.unit_stride_params(norm_weight=norm_weight, norm_bias=norm_bias, fc1_bias=fc1_bias, fc2_bias=fc2_bias,
                               layer_scale=layer_scale)
+    if tma_config is not None:
+        from . import gemm_tma
+        h = gemm_tma.dense_forward(x, fc1_weight, fc1_bias, norm_weight=norm_weight,
+                                   norm_bias=norm_bias if norm_weight is not None else None, eps=eps,
+                                   act=ACTIVATIONS[approximate], config=tma_config)
+        return gemm_tma.dense_forward(h, fc2_weight, fc2_bias, residual=residual, layer_scale=layer_scale, out=out,
+                                      config=tma_config)
     h = dense_forward(x, fc1_weight, fc1_bias, norm_weight=norm_weight,
                       norm_bias=norm_bias if norm_weight is not None else None, eps=eps,
                       act=ACTIVATIONS[approximate], gemm_config=gemm_config)

@@ -293,7 +293,8 @@ def qkv_attention_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
                           norm_bias: Optional[Tensor] = None, eps: float = 1e-6,
                           path: Optional[str] = None, out: Optional[Tensor] = None,
                           gemm_config: Optional[Tuple[int, ...]] = None,
-                          attention_config: Optional[Tuple[int, ...]] = None) -> Tensor:
+                          attention_config: Optional[Tuple[int, ...]] = None,
+                          tma_config: Optional[Tuple[int, ...]] = None) -> Tensor:
     """[LayerNorm ->] QKV projection -> attention, heads concatenated.
 
     x: (batch, tokens, dim), unit last-dim stride; qkv_weight: (3*inner, dim), rows [q; k; v], each
@@ -301,7 +302,9 @@ def qkv_attention_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
     apply LayerNorm(x, eps) first (as x loads). scale: the softmax scale. path: "single_kernel",
     "split" or None (:func:`choose_path`). out: optional (batch, tokens, inner) output.
     gemm_config, attention_config: the split path's QKV GEMM and flash attention tiles (None: their
-    defaults; the tuner passes alternatives). Returns (batch, tokens, inner). qkv_bias, norm_weight,
+    defaults; the tuner passes alternatives). tma_config: the split path's QKV projection on sm_90's
+    TMA GEMM (vit_kernels.triton.gemm_tma, float16/bfloat16; LayerNorm folded into the weight) with
+    this config (gemm_tma.TmaConfig or its fields). Returns (batch, tokens, inner). qkv_bias, norm_weight,
     norm_bias: contiguous (the kernels read them with unit stride; vit_kernels.ops guarantees it,
     copying other layouts). The single kernel also needs x and qkv_weight in 16-byte row vectors
     (checks.vector_rows_layout; checked here).
@@ -327,10 +330,19 @@ def qkv_attention_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
         raise ValueError(f"out: expected a ({B}, {N}, {inner}) {x.dtype} tensor with unit last-dim stride, got "
                          f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
 
+    if tma_config is not None and path != "split":
+        raise ValueError(f"tma_config: the TMA GEMM runs the split path's projection, got path={path!r}")
     if path == "split":
-        from .gemm import qkv_projection_forward
-        qkv = qkv_projection_forward(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
-                                     norm_weight=norm_weight, norm_bias=norm_bias, eps=eps, gemm_config=gemm_config)
+        if tma_config is not None:
+            from . import gemm_tma
+            qkv = gemm_tma.qkv_projection_forward(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
+                                                  norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
+                                                  config=tma_config)
+        else:
+            from .gemm import qkv_projection_forward
+            qkv = qkv_projection_forward(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
+                                         norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
+                                         gemm_config=gemm_config)
         # Q is already scaled: softmax(q' k^T) with scale 1.
         attention.flash_attention_forward(qkv[0], qkv[1], qkv[2], 1.0,
                                           out=out.view(B, N, num_heads, head_dim).transpose(1, 2),
