@@ -3,7 +3,7 @@
 The csrc CUDA extension (``vit_kernels._C``) is built here only when torch AND a CUDA toolkit are
 importable/findable in the build environment. ``pip install -e .`` builds in an isolated environment
 without torch, so there the extension is skipped (one line on stderr, not an error) and
-vit_kernels builds it with ninja on first use instead (see vit_kernels/cuda/__init__.py).
+vit_kernels builds it with ninja on first use instead (see vit_kernels/cuda/build.py).
 
 Environment:
   VIT_KERNELS_SKIP_CUDA_BUILD=1   skip the extension
@@ -27,9 +27,9 @@ def _note(msg: str) -> None:
 
 
 def _loader():
-    """vit_kernels/cuda/__init__.py loaded on its own (it needs only torch), for its toolkit and
+    """vit_kernels/cuda/build.py loaded on its own (it needs only torch), for its toolkit, source and
     flag logic, without importing the vit_kernels package."""
-    spec = importlib.util.spec_from_file_location("_vit_kernels_cuda_build", HERE / "vit_kernels" / "cuda" / "__init__.py")
+    spec = importlib.util.spec_from_file_location("_vit_kernels_cuda_build", HERE / "vit_kernels" / "cuda" / "build.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -50,22 +50,22 @@ def cuda_extension():
     if not torch.version.cuda:
         _note(f"torch {torch.__version__} is not a CUDA build: not building the CUDA extension")
         return [], {}
-    cuda = _loader()
-    root, how = cuda.toolkit_root()
+    build = _loader()
+    root, how = build.toolkit_root()
     if root is None:
         _note(f"no CUDA toolkit ({how}): not building the CUDA extension")
         return [], {}
     _note(f"building vit_kernels._C with the CUDA toolkit at {root} (found from {how}) for "
-          f"{';'.join(cuda.arch_list())}")
+          f"{';'.join(build.arch_list())}")
     os.environ["CUDA_HOME"] = root
     cpp_extension.CUDA_HOME = root  # torch guessed from the nvcc on PATH, which may be a wrapper
     csrc = HERE / "csrc"
     sources = [str((csrc / "bindings.cpp").relative_to(HERE))]
-    sources += [str(p.relative_to(HERE)) for p in cuda.cu_sources()]
+    sources += [str(p.relative_to(HERE)) for p in build.cu_sources()]
+    cxx_flags, nvcc_flags = build.flags("gpu")
     ext = cpp_extension.CUDAExtension(
         "vit_kernels._C", sources, include_dirs=[str(csrc / "include")],
-        extra_compile_args={"cxx": ["-O2"],
-                            "nvcc": cuda.GPU_CUDA_CFLAGS + cuda.gencode_flags(cuda.arch_list())},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         optional=True)  # a failed compile warns and leaves the JIT path; it does not fail the install
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 

@@ -213,7 +213,7 @@ _FAKE_BUILD = textwrap.dedent('''
     go = Path(sys.argv[1])
     while not go.exists():
         time.sleep(0.01)
-    print(vk_cuda._jit_load("emulator", "vit_kernels_emulator", [], vk_cuda.EMULATOR_CFLAGS, []))
+    print(vk_cuda.build.jit_load("emulator", "vit_kernels_emulator", []))
 ''')
 
 

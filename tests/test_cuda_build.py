@@ -82,7 +82,8 @@ def _setup_py(env_extra, hide_torch=False):
     code = ("import sys\n"
             + ("sys.modules['torch'] = None\n" if hide_torch else "")
             + "sys.argv = ['setup.py', '--name']\n"
-            "exec(compile(open('setup.py').read(), 'setup.py', 'exec'), {'__file__': 'setup.py', '__name__': '__main__'})\n")
+            "exec(compile(open('setup.py').read(), 'setup.py', 'exec'), {'__file__': 'setup.py', '__name__': '__main__'})\n"
+            "print('vit_kernels imported:', 'vit_kernels' in sys.modules, file=sys.stderr)\n")
     env = dict(os.environ, **env_extra)
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
@@ -94,6 +95,18 @@ def test_setup_skips_the_extension_quietly_without_torch():
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == "vit_kernels"
     assert "torch is not importable" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_setup_loads_the_build_logic_without_the_package():
+    """With torch and a toolkit, setup.py declares vit_kernels._C from vit_kernels/cuda/build.py loaded on
+    its own (``--name`` compiles nothing); the vit_kernels package is not imported."""
+    _need_toolkit()
+    if not torch.version.cuda:
+        pytest.skip("torch is not a CUDA build")
+    p = _setup_py({"VIT_KERNELS_SKIP_CUDA_BUILD": ""})
+    assert p.returncode == 0, p.stderr
+    assert "building vit_kernels._C with the CUDA toolkit at" in p.stderr, p.stderr
+    assert "vit_kernels imported: False" in p.stderr, p.stderr
 
 
 def test_setup_skip_variable():

@@ -34,6 +34,22 @@ def _enable_interpreter_without_gpu() -> None:
               "(TRITON_INTERPRET=1; for verification, not speed)", file=sys.stderr)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The help of every command: descriptions as written (paragraphs kept), and each option's
+    default shown after its sentence, as argparse.ArgumentDefaultsHelpFormatter does, except where
+    there is nothing to show (no default, a flag that is off) or the sentence already says it
+    (defaults that depend on the device, for one)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if d is None or d is False or d is argparse.SUPPRESS or d == [] or "default" in text.lower():
+            return text
+        if not action.option_strings and action.nargs not in ("?", "*"):
+            return text
+        return text + " (default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors (``prog: error: argument --depth: expected ...``, exit 2).
     Sub-command parsers are of this class too (add_subparsers uses the parent's class)."""
@@ -44,7 +60,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser():
     """The parser of every command; ``-v`` is accepted before or after the command name."""
-    parser = Parser(prog="python -m vit_kernels", description=__doc__)
+    parser = Parser(prog="python -m vit_kernels", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log backend decisions (INFO) and print the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,7 +68,9 @@ def build_parser():
     for name, mod in COMMANDS.items():
         modules[name] = importlib.import_module(mod)
         modules[name].add_parser(sub)
-    for p in sub.choices.values():  # -v after the command: SUPPRESS keeps a -v given before it
+    for p in sub.choices.values():
+        p.formatter_class = HelpFormatter  # the same help layout for every command, set here once
+        # -v after the command: SUPPRESS keeps a -v given before it
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                        help="log backend decisions (INFO) and print the traceback of an error")
     return parser, modules
@@ -71,6 +89,8 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help (0) or a usage error (2): argparse printed it
         return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    from .cuda.build import quiet_cuda_home_guess
+    quiet_cuda_home_guess()   # before anything imports torch.utils.cpp_extension (torch.utils.benchmark does)
     if args.command not in NO_INTERPRETER:
         _enable_interpreter_without_gpu()
     prog = f"{parser.prog} {args.command}"

@@ -11,6 +11,10 @@ Two variants of the same block (same weights, same input):
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -37,6 +41,40 @@ def stage(name: str, nvtx: bool):
         finally:
             if nvtx:
                 torch.cuda.nvtx.range_pop()
+
+
+# What kineto (the profiler's C++ side) writes to the process's stderr on every profile: trace
+# points at start and stop, its stage log, and, on a machine without a GPU, a failed device count.
+KINETO_DEBRIS = [re.compile(r"^USDT:.*\bprofiler_(start|stop)\b"), re.compile(r"^STAGE:.*\bCompleted Stage\b")]
+KINETO_DEBRIS_WITHOUT_GPU = [re.compile(r"^ERROR:.*\bgpuGetDeviceCount failed\b")]
+
+
+def is_profiler_debris(line: str, gpu: bool) -> bool:
+    """A line of kineto's routine log (:data:`KINETO_DEBRIS`) rather than a real message."""
+    patterns = KINETO_DEBRIS + ([] if gpu else KINETO_DEBRIS_WITHOUT_GPU)
+    return any(p.search(line) for p in patterns)
+
+
+@contextlib.contextmanager
+def profiler_debris_filtered():
+    """kineto writes to file descriptor 2 directly, around Python's sys.stderr: capture it inside
+    the block and, after it, pass on every line that is not :func:`is_profiler_debris`."""
+    gpu = torch.cuda.is_available()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if not is_profiler_debris(line, gpu)]
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
 
 
 def eager_block(blk, x: torch.Tensor, nvtx: bool = False) -> torch.Tensor:
@@ -147,17 +185,19 @@ def breakdown(*, dim: int = 768, heads: int = 12, tokens: int = 197, batch: int 
         if cuda:
             torch.cuda.synchronize(device)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=acts) as prof:
-            for _ in range(iters):
-                for _, fn in variants:
-                    fn()
-            if cuda:
-                torch.cuda.synchronize(device)
-    if trace_path is not None:
-        trace_path.parent.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(trace_path))
+        with profiler_debris_filtered():
+            with profile(activities=acts) as prof:
+                for _ in range(iters):
+                    for _, fn in variants:
+                        fn()
+                if cuda:
+                    torch.cuda.synchronize(device)
+            if trace_path is not None:
+                trace_path.parent.mkdir(parents=True, exist_ok=True)
+                prof.export_chrome_trace(str(trace_path))
+            events = prof.events()
     labels = [f"eager/{s}" for s in EAGER_STAGES] + ([f"fused/{s}" for s in FUSED_STAGES] if fused_backend else [])
-    times = stage_times_ms(prof.events(), labels, use_device=cuda, iters=iters)
+    times = stage_times_ms(events, labels, use_device=cuda, iters=iters)
     shape = ViTShape(batch, tokens, dim, heads, hidden, 1, dtype_bytes(dtype))
     costs = stage_costs(shape)
     rows = []

@@ -1,7 +1,7 @@
 """Writers: the environment record, a text table, CSV, JSON, PNG plots, and a progress bar.
 
 matplotlib and rich are optional: without matplotlib no PNG is written and the command says
-so; without rich the progress is printed as plain lines.
+so; without rich the progress is printed as plain lines and the tables as plain text.
 """
 from __future__ import annotations
 
@@ -215,16 +215,21 @@ def plot_lines(path: Path, x: Sequence[float], series: Dict[str, Sequence[Option
 # ---------------------------------------------------------------------------------------------
 
 
-class _PlainProgress:
+class _NoProgress:
+    def advance(self, label: str) -> None:
+        pass
+
+    def describe(self, label: str) -> None:
+        pass
+
+
+class _PlainProgress(_NoProgress):
     def __init__(self, total: int, stream):
         self.total, self.done, self.stream = total, 0, stream
 
     def advance(self, label: str) -> None:
         self.done += 1
         print(f"[{self.done}/{self.total}] {label}", file=self.stream, flush=True)
-
-    def describe(self, label: str) -> None:
-        pass
 
 
 class _RichProgress:
@@ -239,23 +244,24 @@ class _RichProgress:
 
 
 @contextlib.contextmanager
-def progress(total: int, title: str, enabled: bool = True):
-    """A progress bar on stderr (rich when installed and stderr is a terminal, else a line per
-    step). Yields an object with describe(label) and advance(label)."""
-    if not enabled:
-        yield _PlainProgress(total, open(os.devnull, "w"))
+def progress(total: Optional[int], title: str, enabled: bool = True):
+    """A progress bar on stderr while a command works: rich's (bar, count, elapsed time) when stderr
+    is a terminal, a line per step there without rich, and nothing at all when stderr is not a
+    terminal (a log, a pipe, a test's capture) or ``enabled`` is False. ``total`` None: a spinner
+    without a count. Yields an object with describe(label) and advance(label)."""
+    if not enabled or not sys.stderr.isatty():
+        yield _NoProgress()
         return
     try:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn)
     except ImportError:
-        rich_ok = False
-    else:
-        rich_ok = sys.stderr.isatty()
-    if not rich_ok:
-        yield _PlainProgress(total, sys.stderr)
+        yield _PlainProgress(total or 0, sys.stderr)
         return
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), transient=True) as p:
+    columns = [SpinnerColumn(), TextColumn("[bold]{task.description}")]
+    columns += [BarColumn(), MofNCompleteColumn()] if total else []
+    with Progress(*columns, TimeElapsedColumn(), console=Console(stderr=True), transient=True) as p:
         task = p.add_task(title, total=total)
         yield _RichProgress(p, task)
 

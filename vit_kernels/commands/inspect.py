@@ -28,7 +28,8 @@ def add_parser(sub) -> None:
     p.add_argument("--arch", choices=sorted(ARCHS), action="append",
                    help="architecture(s) to compile for (default: both)")
     p.add_argument("--json", action="store_true", help="print a JSON list of objects")
-    p.add_argument("--backend", choices=["triton", "cuda", "all"], default="all")
+    p.add_argument("--backend", choices=["triton", "cuda", "all"], default="all",
+                   help="kernels to compile: the Triton ones, the csrc CUDA ones (nvcc), or both")
     p.add_argument("--kernel", default=None, help="only kernels whose name contains this")
     p.add_argument("--config", default=None, help="only configurations whose label contains this")
     p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="compile in this many processes")

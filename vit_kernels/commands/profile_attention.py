@@ -11,7 +11,6 @@ not measured (their kernels need a CUDA GPU).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -44,7 +43,6 @@ def _ints(name: str, text: str):
 def add_parser(sub) -> None:
     p = sub.add_parser("profile-attention", help="attention TFLOP/s across sequence lengths, and a per-stage "
                        "profile of one ViT block", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="providers:\n" + "\n".join(f"  {k:<16}{v}" for k, v in batt.PROVIDERS.items())
                        + "\n\nGPU peaks (--gpu KEY; dense TFLOP/s, GB/s):\n" + bpeaks.table_text())
     p.add_argument("--tokens", default=None, help="comma list (default 50,...,4097 on a GPU; 50,197,257,577 on a CPU)")
@@ -56,24 +54,29 @@ def add_parser(sub) -> None:
     p.add_argument("--heads", type=positive_int, default=None, help="default 12, or --model's")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="fixed batch (default: batch * tokens ~ --total-tokens on a GPU, 1 on a CPU)")
-    p.add_argument("--total-tokens", type=positive_int, default=65536)
+    p.add_argument("--total-tokens", type=positive_int, default=65536,
+                   help="on a GPU without --batch-size, the batch of each case is about this over its tokens")
     p.add_argument("--dtype", default=None, help="comma list of fp32,fp16,bf16 (default bf16 GPU / fp32 CPU)")
     p.add_argument("--providers", default=DEFAULT_PROVIDERS, help="comma list (default: all)")
-    p.add_argument("--warmup", type=positive_int, default=None)
-    p.add_argument("--repeats", type=positive_int, default=None)
+    p.add_argument("--warmup", type=positive_int, default=None,
+                   help="calls before timing (default 10 on a GPU, 2 on a CPU)")
+    p.add_argument("--repeats", type=positive_int, default=None,
+                   help="the fewest timed samples per case (default 30 on a GPU, 5 on a CPU)")
     p.add_argument("--max-time", type=float, default=None,
                    help="seconds of timing per case at most (default 3 on a GPU, 1 on a CPU)")
     p.add_argument("--gpu", default=None, help="GPU for %% of peak and bounds (default: this device)")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    p.add_argument("--out", type=out_folder, default="bench_out")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="where to run (auto: cuda when available, else cpu)")
+    p.add_argument("--out", type=out_folder, default="bench_out",
+                   help="folder for attention.csv/json/png and block_breakdown.csv/json, block_trace.json")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-stage block profile")
     p.add_argument("--breakdown-tokens", type=positive_int, default=None, help="default 197, or --model's")
     p.add_argument("--breakdown-batch", type=positive_int, default=None, help="default 256 on a GPU, 2 on a CPU")
     p.add_argument("--breakdown-dim", type=positive_int, default=None, help="default 768, or --model's")
     p.add_argument("--breakdown-backend", choices=["auto", "triton", "cuda", "torch"], default=None,
                    help="backend of the fused block (default: triton on a GPU, torch on a CPU)")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="write no attention PNG")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def model_shape(args, notes: list) -> None:

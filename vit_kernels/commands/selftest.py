@@ -42,18 +42,18 @@ UNDER_SANITIZER = "VIT_KERNELS_SELFTEST_UNDER_SANITIZER"
 def add_parser(sub) -> None:
     p = sub.add_parser("selftest", help="every kernel a model uses, at its shapes, against the float64 oracle "
                                         "(timed and sanitized on a GPU)",
-                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                       description=__doc__)
     p.add_argument("model", nargs="?", default="vit_base_patch16_224",
                    help="a reference ViT name or family:name as for verify (default: vit_base_patch16_224)")
     p.add_argument("--backend", action="append", choices=["triton", "cuda"],
                    help="backend(s) to check (default: both)")
-    p.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="fp16", choices=sorted(DTYPES), help="dtype of the model and the kernel calls")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"default: {GPU_BATCH} on a GPU, {CPU_BATCH} on a CPU")
     p.add_argument("--depth", type=int, default=None, help=f"blocks (default: the model's on a GPU, {CPU_DEPTH} on a CPU)")
-    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
     p.add_argument("--checkpoint", default=None, help="local weights, as for verify")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and of each call's random activations")
     p.add_argument("--json-out", default="selftest.json", help="where to write the JSON results")
     p.add_argument("--no-timing", action="store_true", help="do not time (on a GPU)")
     p.add_argument("--no-sanitizer", action="store_true", help="do not re-run under compute-sanitizer")

@@ -28,15 +28,17 @@ FAMILIES, TORCHVISION, SIZES, HF_NAMES, HF_REQUIRED = (registry.FAMILIES, regist
 
 def add_parser(sub) -> None:
     p = sub.add_parser("verify", help="verify a fused model against its eager original (float64 oracle)",
-                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                       description=__doc__)
     p.add_argument("model", help=registry.HELP)
-    p.add_argument("--backend", default="triton", choices=["auto", "triton", "cuda", "torch"])
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--backend", default="triton", choices=["auto", "triton", "cuda", "torch"],
+                   help="backend the copy is fused with and checked on (auto: the one vit_kernels picks per op)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                   help="dtype the eager and the fused model run at (the oracle runs in float64)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="random images in the batch")
     p.add_argument("--img-size", type=positive_int, default=None, help="image size (default: the model's)")
     p.add_argument("--depth", type=positive_int, default=None, help="override the number of blocks (faster checks)")
     p.add_argument("--checkpoint", default=None, help="local weights: .safetensors or a torch.save state_dict")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and images")
 
 
 def build(spec: str, args):

@@ -3,162 +3,29 @@ and the host-emulation build (JIT, for CPU tensors; slow, for verification).
 
 Nothing is built at import. The first call that needs a build (:func:`gpu_module`,
 :func:`emulator_module`, :func:`unavailable_reason` for a device, or an op with
-``backend="cuda"``) compiles it with ``torch.utils.cpp_extension.load`` into a cache folder owned
-by the user: ``$VIT_KERNELS_CACHE`` or ``~/.cache/vit_kernels`` (``$XDG_CACHE_HOME`` respected),
-one sub-folder per variant keyed by a hash of the compiler flags, torch and Python versions. Source
-changes are picked up by ninja's own dependency tracking (headers included) in that folder.
-Threads of one process build once (a lock); processes started together build once too: each
-takes a file lock in the variant's folder (``build.lock``, released by the OS if its holder dies)
-around the build, and the ones that come after find it built.
-
-* Emulator build: ``csrc/bindings.cpp`` + ``csrc/emulation/*.cpp``, host C++ compiler, ``-O2
-  -DVK_EMULATE``. No CUDA toolkit needed.
-* GPU build: ``csrc/bindings.cpp`` + every ``csrc/**/*.cu`` with nvcc for the architectures of
-  ``TORCH_CUDA_ARCH_LIST`` (default ``"8.0;9.0"``). The toolkit root comes from ``CUDA_HOME``, else
-  ``CUDA_PATH``, else ``nvcc --dryrun`` (its ``#$ TOP=`` line), because the ``nvcc`` on PATH may be a
-  wrapper outside the toolkit (see :func:`toolkit_root`, which also says which was used).
+``backend="cuda"``) builds it through :mod:`vit_kernels.cuda.build` (toolkit, flags, the JIT build
+into a per-user cache folder, with a line on stderr before and after) and keeps the module for
+the process. Threads of one process build once (a lock here); processes started together build
+once too (a file lock in the build folder, see :mod:`vit_kernels.cuda.build`).
 
 A failed or missing build never breaks the Triton or torch paths: :func:`unavailable_reason`
 returns why, and ``backend="auto"`` moves on.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import logging
 import os
-import platform
-import re
-import shutil
-import subprocess
-import sys
 import threading
-from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
-DEFAULT_ARCH_LIST = "8.0;9.0"
-logger = logging.getLogger("vit_kernels")
-EMULATOR_CFLAGS = ["-O2", "-g0", "-DVK_EMULATE", "-fno-strict-aliasing", "-Wno-unknown-pragmas"]
-GPU_CUDA_CFLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+from . import build
+from .build import (CSRC, EMULATOR_CFLAGS, GPU_CUDA_CFLAGS, BuildError, arch_list, cache_dir,  # noqa: F401
+                    cu_sources, gencode_flags, toolkit_root)
 
-
-class BuildError(RuntimeError):
-    """The extension could not be built or loaded; the message says why."""
-
-
-# --------------------------------------------------------------------------- locations and tools
-def cache_dir() -> Path:
-    """Where JIT builds go: $VIT_KERNELS_CACHE, else $XDG_CACHE_HOME/vit_kernels or ~/.cache/vit_kernels."""
-    env = os.environ.get("VIT_KERNELS_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "vit_kernels"
-
-
-def sources_present() -> Optional[str]:
-    """None when the csrc sources are next to the package (a source checkout), else why not."""
-    if not (CSRC / "bindings.cpp").is_file():
-        return (f"the csrc sources are not at {CSRC} (JIT builds need a source checkout of vit_kernels; "
-                f"a wheel carries the prebuilt vit_kernels._C instead)")
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def toolkit_root() -> Tuple[Optional[str], str]:
-    """(CUDA toolkit root or None, how it was found or why not).
-
-    Order: $CUDA_HOME, $CUDA_PATH, then ``nvcc --dryrun`` of the nvcc on PATH (its ``#$ TOP=`` line
-    names the toolkit even when that nvcc is a wrapper script elsewhere).
-    """
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        v = os.environ.get(var)
-        if v:
-            if (Path(v) / "bin" / "nvcc").exists():
-                return str(Path(v).resolve()), f"${var}"
-            return None, f"${var}={v} has no bin/nvcc"
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return None, "no nvcc on PATH and neither CUDA_HOME nor CUDA_PATH is set"
-    try:
-        p = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
-                           capture_output=True, text=True, timeout=60)
-    except Exception as e:  # pragma: no cover - depends on the machine
-        return None, f"`{nvcc} --dryrun` failed: {e}"
-    m = re.search(r"^#\$ TOP=(.+)$", p.stdout + p.stderr, re.MULTILINE)
-    if not m:
-        return None, f"`{nvcc} --dryrun` printed no '#$ TOP=' line"
-    root = Path(m.group(1).strip()).resolve()
-    if not (root / "bin" / "nvcc").exists():
-        return None, f"`nvcc --dryrun` reported TOP={root}, which has no bin/nvcc"
-    return str(root), f"`{nvcc} --dryrun` (#$ TOP=)"
-
-
-def arch_list() -> List[str]:
-    """The GPU architectures to build for, from $TORCH_CUDA_ARCH_LIST (default "8.0;9.0")."""
-    raw = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
-    archs = [a for a in re.split(r"[;\s,]+", raw.strip()) if a]
-    for a in archs:
-        if not re.fullmatch(r"\d+\.\d+a?(\+PTX)?", a):
-            raise BuildError(f"TORCH_CUDA_ARCH_LIST: cannot read {a!r} (expected entries like 8.0 or 9.0)")
-    return archs
-
-
-def gencode_flags(archs: List[str]) -> List[str]:
-    flags = []
-    for a in archs:
-        ptx = a.endswith("+PTX")
-        num = a.replace("+PTX", "").replace(".", "")
-        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
-        if ptx:
-            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
-    return flags
-
-
-def cu_sources() -> List[Path]:
-    return sorted(p for p in CSRC.rglob("*.cu") if "emulation" not in p.parts)
-
-
-def emulation_sources() -> List[Path]:
-    return sorted((CSRC / "emulation").glob("*.cpp"))
-
-
-def _variant_dir(kind: str, flags: List[str]) -> Path:
-    key = "\n".join([kind, torch.__version__, sys.version, platform.machine(), *flags])
-    h = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_dir() / f"{kind}-{h}"
-
-
-# --------------------------------------------------------------------------- builds
-_LOCK = threading.Lock()  # threads wait for one build per kind; processes wait on a file lock (_jit_load)
+_LOCK = threading.Lock()  # threads wait for one build per kind; processes wait on a file lock (build.jit_load)
 _MODULES = {}     # kind -> module
 _FAILURES = {}    # kind -> reason
-
-
-def _jit_load(kind: str, name: str, sources: List[Path], cflags: List[str], cuda_cflags: List[str]):
-    from filelock import FileLock  # a dependency of torch
-    from torch.utils import cpp_extension
-
-    build_dir = _variant_dir(kind, cflags + cuda_cflags)
-    build_dir.mkdir(parents=True, exist_ok=True)
-    # Other processes building this variant wait here. (torch 2.14's load() also locks its folder;
-    # older torch used a lock file that a killed build left behind, blocking every later build.)
-    with FileLock(str(build_dir / "build.lock")):
-        if not any(build_dir.glob(f"{name}*.so")):
-            logger.info("building the %s extension in %s (a minute or more)", kind, build_dir)
-        try:
-            return cpp_extension.load(
-                name=name, sources=[str(s) for s in sources], extra_cflags=cflags,
-                extra_cuda_cflags=cuda_cflags or None, extra_include_paths=[str(CSRC / "include")],
-                build_directory=str(build_dir), verbose=bool(os.environ.get("VIT_KERNELS_VERBOSE_BUILD")),
-                with_cuda=bool(cuda_cflags))
-        except Exception as e:
-            msg = str(e)
-            tail = "\n".join(msg.strip().splitlines()[-40:])
-            raise BuildError(f"building the {kind} extension in {build_dir} failed:\n{tail}") from e
 
 
 def _load(kind: str):
@@ -176,53 +43,21 @@ def _load(kind: str):
         return mod
 
 
-def _variant_dir_for(kind: str) -> Path:
-    if kind == "emulator":
-        return _variant_dir("emulator", EMULATOR_CFLAGS)
-    return _variant_dir("gpu", ["-O2"] + GPU_CUDA_CFLAGS + gencode_flags(arch_list()))
-
-
-def _cached_build(kind: str) -> Optional[Path]:
-    """The folder of this variant's JIT build when a built library is there, else None."""
+def _prebuilt():
+    """vit_kernels._C (built by setup.py), or None when it is not installed."""
     try:
-        d = _variant_dir_for(kind)
-    except BuildError:
+        from .. import _C
+    except ImportError:
         return None
-    return d if any(d.glob("*.so")) else None
+    return _C
 
 
 def _build_emulator():
-    why = sources_present()
-    if why:
-        raise BuildError(why)
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        raise BuildError(f"no host C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
-    return _jit_load("emulator", "vit_kernels_emulator", [CSRC / "bindings.cpp", *emulation_sources()],
-                     EMULATOR_CFLAGS, [])
+    return build.build_emulator()
 
 
 def _build_gpu():
-    try:
-        from .. import _C  # built by setup.py
-        return _C
-    except ImportError:
-        pass
-    why = sources_present()
-    if why:
-        raise BuildError(f"vit_kernels._C is not installed and {why}")
-    if not torch.version.cuda:
-        raise BuildError(f"this torch ({torch.__version__}) is not a CUDA build")
-    root, how = toolkit_root()
-    if root is None:
-        raise BuildError(f"no CUDA toolkit found: {how}")
-    from torch.utils import cpp_extension
-    # torch guesses the toolkit from the folder of the nvcc on PATH, which can be a wrapper's folder
-    # (PLATFORM.md): point it at the root found above, visibly.
-    os.environ["CUDA_HOME"] = root
-    cpp_extension.CUDA_HOME = root
-    flags = GPU_CUDA_CFLAGS + gencode_flags(arch_list())
-    # keep in step with _variant_dir_for("gpu")
-    return _jit_load("gpu", "vit_kernels_gpu", [CSRC / "bindings.cpp", *cu_sources()], ["-O2"], flags)
+    return _prebuilt() or build.build_gpu()
 
 
 def emulator_module():
@@ -273,13 +108,9 @@ def availability(device: torch.device) -> str:
         return f"available ({what}, loaded)"
     if kind in _FAILURES:
         return f"unavailable: {_FAILURES[kind].splitlines()[0]}"
-    if kind == "gpu":
-        try:
-            from .. import _C  # noqa: F401
-            return "available (GPU build: prebuilt vit_kernels._C)"
-        except ImportError:
-            pass
-    why = sources_present()
+    if kind == "gpu" and _prebuilt() is not None:
+        return "available (GPU build: prebuilt vit_kernels._C)"
+    why = build.sources_present()
     if why:
         return f"unavailable: {why}"
     if kind == "gpu":
@@ -288,12 +119,13 @@ def availability(device: torch.device) -> str:
         root, how = toolkit_root()
         if root is None:
             return f"unavailable: no CUDA toolkit found: {how}"
-    elif shutil.which(os.environ.get("CXX", "c++")) is None:
-        return f"unavailable: no host C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH"
-    cached = _cached_build(kind)
+    elif build.host_compiler_missing():
+        return f"unavailable: {build.host_compiler_missing()}"
+    cached = build.cached_build(kind)
     if cached:
         return f"available ({what}, cached at {cached}; ninja rebuilds what changed)"
-    return f"available once built ({what}: JIT-built with ninja on first use, a minute or more)"
+    return (f"available once built ({what}: JIT-built with ninja on first use, "
+            f"{build.EXPECTED_TIME[kind]})")
 
 
 def describe() -> List[str]:
@@ -304,7 +136,7 @@ def describe() -> List[str]:
         lines.append("cuda: prebuilt GPU extension vit_kernels._C: installed")
     except ImportError as e:
         lines.append(f"cuda: prebuilt GPU extension vit_kernels._C: not installed ({e})")
-    why_src = sources_present()
+    why_src = build.sources_present()
     lines.append(f"cuda: csrc sources: {'at ' + str(CSRC) if why_src is None else why_src}")
     root, how = toolkit_root()
     lines.append(f"cuda: toolkit root: {root} (from {how})" if root else f"cuda: toolkit: not found ({how})")
@@ -320,9 +152,10 @@ def describe() -> List[str]:
         elif kind in _FAILURES:
             lines.append(f"cuda: {kind} build: failed: {_FAILURES[kind].splitlines()[0]}")
         else:
-            built = _cached_build(kind)
+            built = build.cached_build(kind)
             lines.append(f"cuda: {kind} build: " + (f"cached at {built}" if built
-                                                      else "not built yet (built on first use)"))
+                                                      else f"not built yet (built on first use, "
+                                                           f"{build.EXPECTED_TIME[kind]})"))
     return lines
 
 

@@ -1,0 +1,75 @@
+"""The CLI's habits, command by command: every option has a sentence of help with its default
+shown, and the output is plain text without a terminal."""
+import argparse
+
+import pytest
+
+from vit_kernels import cli
+
+
+def _commands():
+    parser, _ = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, sub.choices
+
+
+def test_every_option_of_every_command_has_help():
+    parser, commands = _commands()
+    missing = []
+    for name, p in [("(top)", parser), *commands.items()]:
+        for a in p._actions:
+            if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            if not a.help or a.help == argparse.SUPPRESS or len(a.help.split()) < 3:
+                missing.append(f"{name} {'/'.join(a.option_strings) or a.dest}: {a.help!r}")
+    assert not missing, "options without a sentence of help:\n" + "\n".join(missing)
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_help_shows_every_default(command, capsys):
+    """Each option whose default is a value (not None, not an off flag) shows it in --help."""
+    _, commands = _commands()
+    p = commands[command]
+    assert cli.main([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())   # argparse wraps lines
+    for a in p._actions:
+        d = a.default
+        if d is None or d is False or d is argparse.SUPPRESS or d == [] or isinstance(a, argparse._HelpAction):
+            continue
+        if "default" not in (a.help or "").lower():   # else the sentence says it in its own words
+            assert f"(default: {d})" in text, f"{command} {a.option_strings}: '(default: {d})' not in the help"
+
+
+def test_kineto_debris_is_dropped_and_real_lines_are_kept(capfd):
+    """The profiler's routine log lines written to file descriptor 2 inside the block are dropped,
+    anything else written there comes out after it."""
+    import os
+
+    from vit_kernels.bench.profile import profiler_debris_filtered
+    with profiler_debris_filtered():
+        os.write(2, b"USDT:2026-11-26 01:27:16 1:1 SyncActivityProfilerHandler.cpp:39] profiler_start\n"
+                    b"a real warning\n"
+                    b"STAGE:2026-11-26 01:27:16 1:1 ActivityProfilerController.cpp:312] Completed Stage: Warm Up\n")
+    err = capfd.readouterr().err
+    assert "a real warning" in err
+    assert "profiler_start" not in err and "Completed Stage" not in err
+
+
+def test_block_breakdown_prints_no_profiler_debris(capfd):
+    from vit_kernels.bench.profile import breakdown
+    rows = breakdown(dim=32, heads=2, tokens=5, batch=1, iters=1, warmup=1)
+    assert rows and all(r["ms"] >= 0 for r in rows)
+    err = capfd.readouterr().err
+    assert "USDT" not in err and "profiler_" not in err and "gpuGetDeviceCount" not in err, err
+
+
+def test_importing_cpp_extension_leaves_no_cuda_home_guess(tmp_path):
+    """On a machine without a CUDA runtime, torch.utils.cpp_extension logs that it guesses CUDA_HOME
+    when it is imported (torch.utils.benchmark imports it): the CLI drops that message."""
+    import subprocess
+    import sys
+    code = ("import sys\nfrom vit_kernels import cli\nrc = cli.main(['info'])\n"
+            "import torch.utils.cpp_extension\nsys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "No CUDA runtime is found" not in p.stderr, p.stderr
