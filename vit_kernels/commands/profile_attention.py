@@ -166,7 +166,7 @@ def run(args) -> int:
     for r in rows:
         r["device"] = meta["device_name"]
     print()
-    print(report.format_table(rows, batt.TABLE_COLUMNS))
+    report.print_table(rows, batt.TABLE_COLUMNS, styles=report.STATUS_STYLES)
     seen = set()
     for r in rows:
         key = (r["provider"], r.get("note"))
@@ -213,7 +213,7 @@ def run(args) -> int:
             print(f"block breakdown failed: {type(e).__name__}: {e}", file=sys.stderr)
             status = 1
         else:
-            print(report.format_table(bd, BD_COLUMNS))
+            report.print_table(bd, BD_COLUMNS)
             from ..backends import last_decision
             if backend not in (None, "torch"):
                 for op in ("qkv_attention", "linear", "layernorm_gelu_mlp"):
