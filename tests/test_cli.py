@@ -134,3 +134,15 @@ def test_verify_progress_counts_the_blocks_of_each_pass():
                       ("vit_pytorch:vit_base_patch16_224", "Attention"), ("vit_tiny_patch16_224", "Block")]:
         kind, depth = block_list(registry.build(name, depth=3, img_size=32))
         assert (kind.__name__, depth) == (cls, 3), name
+
+
+def test_attention_plot_error_bars_span_p20_to_p80(tmp_path):
+    """profile-attention's TFLOP/s bars: the throughput at the p80 step time (low) and at the p20
+    one (high); none for an untimed row; plot_lines draws them."""
+    from vit_kernels.bench import report
+    from vit_kernels.commands.profile_attention import tflops_range
+    assert tflops_range({"tflops": 2.0, "ms": 1.0, "ms_p20": 0.5, "ms_p80": 2.0}) == (1.0, 4.0)
+    assert tflops_range({"status": "not measured"}) is None
+    out = report.plot_lines(tmp_path / "a.png", [50, 197], {"a": [1.0, 2.0], "b": [None, None]}, "tokens", "TFLOP/s",
+                            "t", ranges={"a": [(0.5, 1.5), None]})
+    assert out.stat().st_size > 0

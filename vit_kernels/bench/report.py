@@ -244,15 +244,20 @@ def _save(plt, fig, path: Path) -> Path:
 
 
 def plot_lines(path: Path, x: Sequence[float], series: Dict[str, Sequence[Optional[float]]], xlabel: str,
-               ylabel: str, title: str, hline: Optional[float] = None, hline_label: str = "") -> Path:
+               ylabel: str, title: str, hline: Optional[float] = None, hline_label: str = "",
+               ranges: Optional[Dict[str, Sequence[Optional[tuple]]]] = None) -> Path:
     """Lines over x (log scale), one per provider; None points are left out and providers with
-    no point at all are named under the plot as not measured."""
+    no point at all are named under the plot as not measured. ranges: per provider, per point a
+    (low, high) drawn as an error bar (the p20-p80 interval), or None."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, ys in series.items():
-        pts = [(a, b) for a, b in zip(x, ys) if b is not None]
+        pts = [(a, b, r) for a, b, r in zip(x, ys, (ranges or {}).get(name) or [None] * len(ys)) if b is not None]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            lo = [max(0.0, p[1] - p[2][0]) if p[2] else 0.0 for p in pts]
+            hi = [max(0.0, p[2][1] - p[1]) if p[2] else 0.0 for p in pts]
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[lo, hi], marker="o", capsize=3,
+                        label=name)
     if hline:
         ax.axhline(hline, color="gray", linestyle="--", linewidth=1, label=hline_label)
     ax.set_xscale("log")
