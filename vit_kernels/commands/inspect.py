@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
                    help="kernels to compile: the Triton ones, the csrc CUDA ones (nvcc), or both")
     p.add_argument("--kernel", default=None, help="only kernels whose name contains this")
     p.add_argument("--config", default=None, help="only configurations whose label contains this")
-    p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="compile in this many processes")
+    p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="compile in this many processes (default: the number of CPUs, "
+                   "%(default)s here)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (there is none without a "
                    "terminal)")
 
