@@ -292,7 +292,8 @@ class _PlainProgress(_NoProgress):
 
     def advance(self, label: str) -> None:
         self.done += 1
-        print(f"[{self.done}/{self.total}] {label}", file=self.stream, flush=True)
+        count = f"[{self.done}/{self.total}] " if self.total else ""
+        print(f"{count}{label}", file=self.stream, flush=True)
 
 
 class _RichProgress:
@@ -320,7 +321,7 @@ def progress(total: Optional[int], title: str, enabled: bool = True):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                                    TimeElapsedColumn)
     except ImportError:
-        yield _PlainProgress(total or 0, sys.stderr)
+        yield _PlainProgress(total, sys.stderr)
         return
     columns = [SpinnerColumn(), TextColumn("[bold]{task.description}")]
     columns += [BarColumn(), MofNCompleteColumn()] if total else []
