@@ -73,3 +73,76 @@ def test_importing_cpp_extension_leaves_no_cuda_home_guess(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "No CUDA runtime is found" not in p.stderr, p.stderr
+
+
+class _Terminal:
+    """A stream that says it is a terminal (what rich draws on)."""
+
+    def __init__(self):
+        import io
+        self.buf = io.StringIO()
+
+    def write(self, s):
+        return self.buf.write(s)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+ROWS = [{"name": "gemm [qkv]", "ms": 1.23456, "status": "ok"}, {"name": "attn", "ms": None, "status": "error"}]
+COLUMNS = [("name", "name"), ("ms", "ms"), ("status", "status")]
+
+
+def test_tables_are_plain_text_without_a_terminal(capsys):
+    from vit_kernels.bench import report
+    report.print_table(ROWS, COLUMNS, title="a title")
+    out = capsys.readouterr().out
+    assert out == "a title\n" + report.format_table(ROWS, COLUMNS) + "\n"
+    lines = out.splitlines()
+    assert lines[1].split() == ["name", "ms", "status"] and lines[3].split() == ["gemm", "[qkv]", "1.23", "ok"]
+
+
+def test_tables_are_rich_on_a_terminal():
+    from vit_kernels.bench import report
+    term = _Terminal()
+    report.print_table(ROWS, COLUMNS, title="a title", file=term, styles={"status": {"error": "red"}})
+    text = term.buf.getvalue()
+    assert "─" in text and "a title" in text
+    assert "gemm [qkv]" in text and "1.23" in text   # markup-like text is shown as written
+    assert "\x1b[31merror" in text or "\x1b[31m" in text   # the style reached the terminal
+    assert "[red]" not in text
+
+
+def test_progress_writes_nothing_without_a_terminal(capsys):
+    from vit_kernels.bench import report
+    with report.progress(3, "work") as bar:
+        for i in range(3):
+            bar.describe(f"step {i}")
+            bar.advance(f"step {i}")
+    assert capsys.readouterr() == ("", "")
+
+
+def test_verify_progress_counts_the_blocks_of_each_pass():
+    """The block list verify's progress bar counts: timm's blocks, torchvision's encoder layers,
+    vit_pytorch's [attention, feed-forward] pairs (by their attention)."""
+    from vit_kernels.commands.verify import block_list
+    from vit_kernels.models import registry
+    for name, cls in [("timm:vit_tiny_patch16_224", "Block"), ("torchvision:vit_b_16", "EncoderBlock"),
+                      ("vit_pytorch:vit_base_patch16_224", "Attention"), ("vit_tiny_patch16_224", "Block")]:
+        kind, depth = block_list(registry.build(name, depth=3, img_size=32))
+        assert (kind.__name__, depth) == (cls, 3), name
+
+
+def test_attention_plot_error_bars_span_p20_to_p80(tmp_path):
+    """profile-attention's TFLOP/s bars: the throughput at the p80 step time (low) and at the p20
+    one (high); none for an untimed row; plot_lines draws them."""
+    from vit_kernels.bench import report
+    from vit_kernels.commands.profile_attention import tflops_range
+    assert tflops_range({"tflops": 2.0, "ms": 1.0, "ms_p20": 0.5, "ms_p80": 2.0}) == (1.0, 4.0)
+    assert tflops_range({"status": "not measured"}) is None
+    out = report.plot_lines(tmp_path / "a.png", [50, 197], {"a": [1.0, 2.0], "b": [None, None]}, "tokens", "TFLOP/s",
+                            "t", ranges={"a": [(0.5, 1.5), None]})
+    assert out.stat().st_size > 0

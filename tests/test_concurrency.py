@@ -244,6 +244,11 @@ def test_processes_started_together_build_once_fake_compiler(tmp_path):
         assert rc == 0 and "module from vit_kernels_emulator.so" in out, err
     (log,) = list(cache.glob("emulator-*/builds.log"))
     assert len(log.read_text().split()) == 1, log.read_text()
+    # the one that builds says so before (what, about how long) and after (how long it took); no stdout noise
+    told = [err for _, _, err in results if "vit_kernels: building the CUDA extension (host emulation" in err]
+    assert len(told) == 1 and "1-3 min" in told[0], [err for _, _, err in results]
+    assert "vit_kernels: built the CUDA extension (host emulation, for CPU tensors) in " in told[0], told[0]
+    assert all(out.strip().splitlines()[-1].startswith("module from") for _, out, _ in results)
 
 
 _REAL_BUILD = textwrap.dedent('''

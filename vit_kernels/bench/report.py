@@ -1,4 +1,5 @@
-"""Writers: the environment record, a text table, CSV, JSON, PNG plots, and a progress bar.
+"""Writers: the environment record, tables (rich on a terminal, plain text otherwise), CSV, JSON,
+PNG plots, and a progress bar.
 
 matplotlib and rich are optional: without matplotlib no PNG is written and the command says
 so; without rich the progress is printed as plain lines and the tables as plain text.
@@ -87,18 +88,75 @@ def fmt(v, digits: int = 3) -> str:
     return str(v)
 
 
+def _numeric(rows: Sequence[Dict], key: str) -> bool:
+    """Whether a column holds numbers (right-aligned); text columns are left-aligned."""
+    values = [r.get(key) for r in rows if r.get(key) is not None]
+    return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
 def format_table(rows: Sequence[Dict], columns: Sequence[tuple]) -> str:
-    """A plain text table. columns: (key, header) or (key, header, formatter)."""
+    """A plain text table. columns: (key, header) or (key, header, formatter). Numbers are
+    right-aligned, text left-aligned."""
     cells = [[c[1] for c in columns]]
     for r in rows:
         cells.append([(c[2] if len(c) > 2 else fmt)(r.get(c[0])) for c in columns])
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    right = [_numeric(rows, c[0]) for c in columns]
     lines = []
     for j, row in enumerate(cells):
-        lines.append("  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths))))
+        lines.append("  ".join(x.rjust(w) if r else x.ljust(w) for x, w, r in zip(row, widths, right)).rstrip())
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def rich_console(file=None):
+    """A rich Console writing to ``file`` (stdout by default) when that is a terminal and rich is
+    installed; else None, and the caller prints plain text (what logs, pipes and tests read)."""
+    file = file or sys.stdout
+    if not file.isatty():
+        return None
+    try:
+        from rich.console import Console
+    except ImportError:
+        return None
+    return Console(file=file)
+
+
+# rich styles of the status column of the bench and attention tables
+STATUS_STYLES = {"status": {"ok": "green", "error": "red", "fallback": "red", "not measured": "yellow"}}
+
+
+def print_table(rows: Sequence[Dict], columns: Sequence[tuple], title: Optional[str] = None, file=None,
+                styles: Optional[Dict[str, Dict[str, str]]] = None) -> None:
+    """Print a table: rich's on a terminal (:func:`rich_console`), else :func:`format_table`'s plain
+    text (with ``title`` on the line above). columns as for format_table; styles: column key ->
+    {cell text: rich style} (e.g. {"status": {"FAIL": "red"}}), used on a terminal only."""
+    console = rich_console(file)
+    if console is None:
+        if title:
+            print(title, file=file)
+        print(format_table(rows, columns), file=file)
+        return
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+    texts = [[(c[2] if len(c) > 2 else fmt)(r.get(c[0])) for c in columns] for r in rows]
+    table = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD)
+    widths = [max([len(c[1])] + [len(t[i]) for t in texts]) for i, c in enumerate(columns)]
+    for i, c in enumerate(columns):   # every column as wide as its widest cell; the last one folds
+        last = i == len(columns) - 1
+        table.add_column(c[1], justify="right" if _numeric(rows, c[0]) else "left", no_wrap=not last,
+                         min_width=None if last else widths[i], overflow="fold")
+    # a terminal too narrow for the table: wider lines (the terminal wraps them) rather than cropped cells
+    console.width = max(console.width, sum(widths[:-1]) + min(widths[-1], 40) + 2 * len(columns) + 2)
+    for t in texts:
+        cells = []
+        for c, text in zip(columns, t):
+            style = (styles or {}).get(c[0], {}).get(text)
+            cells.append(f"[{style}]{escape(text)}[/{style}]" if style else escape(text))
+        table.add_row(*cells)
+    console.print(table)
 
 
 def write_csv(path: Path, rows: Sequence[Dict], columns: Optional[Sequence[str]] = None) -> Path:
@@ -186,15 +244,20 @@ def _save(plt, fig, path: Path) -> Path:
 
 
 def plot_lines(path: Path, x: Sequence[float], series: Dict[str, Sequence[Optional[float]]], xlabel: str,
-               ylabel: str, title: str, hline: Optional[float] = None, hline_label: str = "") -> Path:
+               ylabel: str, title: str, hline: Optional[float] = None, hline_label: str = "",
+               ranges: Optional[Dict[str, Sequence[Optional[tuple]]]] = None) -> Path:
     """Lines over x (log scale), one per provider; None points are left out and providers with
-    no point at all are named under the plot as not measured."""
+    no point at all are named under the plot as not measured. ranges: per provider, per point a
+    (low, high) drawn as an error bar (the p20-p80 interval), or None."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, ys in series.items():
-        pts = [(a, b) for a, b in zip(x, ys) if b is not None]
+        pts = [(a, b, r) for a, b, r in zip(x, ys, (ranges or {}).get(name) or [None] * len(ys)) if b is not None]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            lo = [max(0.0, p[1] - p[2][0]) if p[2] else 0.0 for p in pts]
+            hi = [max(0.0, p[2][1] - p[1]) if p[2] else 0.0 for p in pts]
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[lo, hi], marker="o", capsize=3,
+                        label=name)
     if hline:
         ax.axhline(hline, color="gray", linestyle="--", linewidth=1, label=hline_label)
     ax.set_xscale("log")
@@ -229,7 +292,8 @@ class _PlainProgress(_NoProgress):
 
     def advance(self, label: str) -> None:
         self.done += 1
-        print(f"[{self.done}/{self.total}] {label}", file=self.stream, flush=True)
+        count = f"[{self.done}/{self.total}] " if self.total else ""
+        print(f"{count}{label}", file=self.stream, flush=True)
 
 
 class _RichProgress:
@@ -257,7 +321,7 @@ def progress(total: Optional[int], title: str, enabled: bool = True):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                                    TimeElapsedColumn)
     except ImportError:
-        yield _PlainProgress(total or 0, sys.stderr)
+        yield _PlainProgress(total, sys.stderr)
         return
     columns = [SpinnerColumn(), TextColumn("[bold]{task.description}")]
     columns += [BarColumn(), MofNCompleteColumn()] if total else []

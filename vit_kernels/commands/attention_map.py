@@ -17,15 +17,14 @@ import os
 import torch
 
 from .arguments import image_file, positive_int
-from .verify import FAMILIES
+from ..models import registry
 
 DISPLAY = 224   # side of each panel in the PNG, pixels
 
 
 def add_model_arguments(p) -> None:
     """The model options shared with attention-distance (the forms and defaults of verify)."""
-    p.add_argument("--model", required=True,
-                   help=f"family:name as for verify, family in {FAMILIES}, e.g. vit_kernels:vit_tiny_patch16_224")
+    p.add_argument("--model", required=True, help="the model, as for verify: " + registry.HELP)
     p.add_argument("--backend", default="triton", choices=["auto", "triton", "cuda", "torch"],
                    help="backend of the fused ops (as for verify)")
     p.add_argument("--depth", type=positive_int, default=None, help="override the number of blocks")

@@ -235,7 +235,7 @@ def run(args) -> int:
     for r in rows:
         r["device"] = meta["device_name"]
     print()
-    print(report.format_table(rows, tp.TABLE_COLUMNS))
+    report.print_table(rows, tp.TABLE_COLUMNS, styles=report.STATUS_STYLES)
     for r in rows:
         if r.get("note"):
             print(f"  {r['provider']} ({r['label']}, {r['mode']}): {r['note']}")

@@ -6,6 +6,7 @@ instruction kind (wgmma / mma.sync), bulk tensor copies (TMA), asynchronous copi
 stages, the widest global load; then a performance lint (:func:`perf_flags`)."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import multiprocessing
@@ -32,7 +33,10 @@ def add_parser(sub) -> None:
                    help="kernels to compile: the Triton ones, the csrc CUDA ones (nvcc), or both")
     p.add_argument("--kernel", default=None, help="only kernels whose name contains this")
     p.add_argument("--config", default=None, help="only configurations whose label contains this")
-    p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="compile in this many processes")
+    p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="compile in this many processes (default: the number of CPUs, "
+                   "%(default)s here)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (there is none without a "
+                   "terminal)")
 
 
 def triton_specs():
@@ -65,8 +69,11 @@ def _selected(name: str, config: str, kernel_filter: Optional[str], config_filte
 
 
 def collect(archs: List[int], backend: str = "all", kernel_filter=None, jobs: int = 1,
-            config_filter=None) -> List[Dict]:
+            config_filter=None, show_progress: bool = True) -> List[Dict]:
+    """One row per (kernel configuration, architecture): the Triton configurations compiled in
+    ``jobs`` processes, the csrc kernels through nvcc; a progress bar on stderr (a terminal only)."""
     from ..backends import interpreter_enabled
+    from ..bench.report import progress
     rows: List[Dict] = []
     names: List[str] = []  # every kernel name seen, for the message when --kernel matches none
     if backend in ("triton", "all"):
@@ -79,11 +86,16 @@ def collect(archs: List[int], backend: str = "all", kernel_filter=None, jobs: in
             raise SystemExit("inspect: compiles Triton kernels ahead of time, which Triton's interpreter "
                              "prevents: unset TRITON_INTERPRET and run again")
         work = [(i, arch) for i, s in enumerate(_SPECS) for arch in archs if arch in s.archs]
-        if jobs > 1 and len(work) > 1:
-            with multiprocessing.get_context("fork").Pool(jobs) as pool:
-                rows.extend(pool.map(_compile_one, work, chunksize=1))
-        else:
-            rows.extend(map(_compile_one, work))
+        with progress(len(work), "inspect: compiling Triton kernels", enabled=show_progress) as bar, \
+                contextlib.ExitStack() as stack:
+            if jobs > 1 and len(work) > 1:
+                pool = stack.enter_context(multiprocessing.get_context("fork").Pool(jobs))
+                results = pool.imap(_compile_one, work, chunksize=1)
+            else:
+                results = map(_compile_one, work)
+            for row in results:
+                rows.append(row)
+                bar.advance(f"inspect: {row['kernel']} {row['arch']}")
     if backend in ("cuda", "all"):
         from .. import cuda
         usage = getattr(cuda, "resource_usage", None)
@@ -92,7 +104,9 @@ def collect(archs: List[int], backend: str = "all", kernel_filter=None, jobs: in
                   file=sys.stderr)
         else:
             for arch in archs:
-                found = usage(arch)
+                with progress(None, f"inspect: compiling the csrc kernels with nvcc for sm_{arch}",
+                              enabled=show_progress):
+                    found = usage(arch)
                 names += [r["kernel"] for r in found]
                 rows.extend(cuda_facts(r) for r in found
                             if _selected(r["kernel"], r["config"], kernel_filter, config_filter))
@@ -177,9 +191,17 @@ def _fmt(v) -> str:
     return "?" if v is None else "y" if v is True else "-" if v is False else str(v)
 
 
+# the text table: (row key, header, formatter); ? = a fact the report could not read
+TABLE_COLUMNS = [("kernel", "kernel", str), ("arch", "arch", str), ("regs", "regs", _fmt), ("spill_bytes", "spill", _fmt),
+                 ("shared_bytes", "shared", _fmt), ("blocks_per_sm", "blk/SM", _fmt), ("mma", "mma", _fmt),
+                 ("tma", "tma", _fmt), ("num_stages", "stg", _fmt), ("load_bits", "ld", _fmt), ("lint", "lint", str),
+                 ("config", "config", str)]
+
+
 def run(args) -> int:
     archs = [ARCHS[a] for a in (args.arch or sorted(ARCHS))]
-    rows = collect(archs, args.backend, args.kernel, args.jobs, getattr(args, "config", None))
+    rows = collect(archs, args.backend, args.kernel, args.jobs, getattr(args, "config", None),
+                   show_progress=not args.no_progress)
     for r in rows:
         r["problems"] = problems(r)
         r["perf_flags"] = perf_flags(r)
@@ -187,13 +209,9 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=1, default=str))
     else:
-        print(f"{'kernel':30} {'arch':5} {'regs':>4} {'spill':>5} {'shared':>7} {'blk/SM':>6} {'mma':8} {'tma':3} "
-              f"{'stg':>3} {'ld':>3}  {'lint':28} config")
-        for r in rows:
-            print(f"{r['kernel'][:30]:30} {r['arch']:5} {r['regs']:>4} {r['spill_bytes']:>5} {r['shared_bytes']:>7} "
-                  f"{_fmt(r.get('blocks_per_sm')):>6} {r.get('mma', '?'):8} {_fmt(r.get('tma')):3} "
-                  f"{_fmt(r.get('num_stages')):>3} {_fmt(r.get('load_bits')):>3}  "
-                  f"{','.join(r['perf_flags']) or '-':28} {r['config']}")
+        from ..bench.report import print_table
+        shown = [{**r, "lint": ",".join(r["perf_flags"]) or "-"} for r in rows]
+        print_table(shown, TABLE_COLUMNS, styles={"lint": {r["lint"]: "yellow" for r in shown if r["perf_flags"]}})
         flagged = sum(1 for r in rows if r["perf_flags"])
         print(f"{len(rows)} kernel configurations, {len(bad)} with problems, {flagged} flagged by the sm_90 "
               f"performance lint (hot kernels without wgmma, TMA or pipelining)")

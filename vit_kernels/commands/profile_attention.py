@@ -146,6 +146,14 @@ def make_config(args):
     return cfg, notes
 
 
+def tflops_range(row: dict):
+    """(low, high) TFLOP/s of a timed row: at its p80 and its p20 step time; None when not timed."""
+    tf, ms, p20, p80 = (row.get(k) for k in ("tflops", "ms", "ms_p20", "ms_p80"))
+    if not (tf and ms and p20 and p80):
+        return None
+    return tf * ms / p80, tf * ms / p20
+
+
 def run(args) -> int:
     from ..bench import report
     from ..bench.profile import TABLE_COLUMNS as BD_COLUMNS, breakdown
@@ -166,7 +174,7 @@ def run(args) -> int:
     for r in rows:
         r["device"] = meta["device_name"]
     print()
-    print(report.format_table(rows, batt.TABLE_COLUMNS))
+    report.print_table(rows, batt.TABLE_COLUMNS, styles=report.STATUS_STYLES)
     seen = set()
     for r in rows:
         key = (r["provider"], r.get("note"))
@@ -186,14 +194,17 @@ def run(args) -> int:
             for hd in report.unique(r["head_dim"] for r in rows):
                 sel = [r for r in rows if r["dtype"] == dt and r["head_dim"] == hd]
                 xs = report.unique(r["tokens"] for r in sel)
-                series = {p: [next((r.get("tflops") for r in sel if r["provider"] == p and r["tokens"] == n), None)
-                              for n in xs] for p in report.unique(r["provider"] for r in sel)}
+                at = {(r["provider"], r["tokens"]): r for r in sel}
+                providers = report.unique(r["provider"] for r in sel)
+                series = {p: [at.get((p, n), {}).get("tflops") for n in xs] for p in providers}
+                ranges = {p: [tflops_range(at.get((p, n), {})) for n in xs] for p in providers}
                 peak_tf = cfg.peak.tflops(getattr(torch, dt)) if (cfg.peak is not None and gpu) else None
                 suffix = "" if len(rows) == len(sel) else f"_{dt}_d{hd}"
                 paths.append(report.plot_lines(
                     out / f"attention{suffix}.png", xs, series, "tokens", "TFLOP/s (forward)",
-                    f"attention on {meta['device_name']}: {dt}, head_dim {hd}, {args.heads} heads",
-                    hline=peak_tf, hline_label=f"{cfg.peak.name} peak" if peak_tf else ""))
+                    f"attention on {meta['device_name']}: {dt}, head_dim {hd}, {args.heads} heads; median, "
+                    f"bars p20-p80", hline=peak_tf, hline_label=f"{cfg.peak.name} peak" if peak_tf else "",
+                    ranges=ranges))
     status = 0
     if not args.no_breakdown:
         backend = args.breakdown_backend or ("triton" if gpu else "torch")
@@ -213,7 +224,7 @@ def run(args) -> int:
             print(f"block breakdown failed: {type(e).__name__}: {e}", file=sys.stderr)
             status = 1
         else:
-            print(report.format_table(bd, BD_COLUMNS))
+            report.print_table(bd, BD_COLUMNS)
             from ..backends import last_decision
             if backend not in (None, "torch"):
                 for op in ("qkv_attention", "linear", "layernorm_gelu_mlp"):

@@ -287,38 +287,42 @@ def selftest(args) -> Dict[str, Any]:
     }
 
 
-def print_table(result: Dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _sci(v) -> str:
+    return "-" if v is None else f"{v:.2e}"
 
-    def f(v, fmt):
-        return "-" if v is None else format(v, fmt)
+
+def _fixed(digits: int):
+    return lambda v: "-" if v is None else f"{v:.{digits}f}"
+
+
+COLUMNS = [("op", "op", str), ("backend", "backend", str), ("path", "path", str), ("shape", "shape", str),
+           ("status", "status", str), ("max_abs_err", "max err", _sci), ("bound", "bound", _sci),
+           ("torch_err", "torch err", _sci)]
+TIMING_COLUMNS = [("fused_ms", "fused ms", _fixed(3)), ("torch_ms", "torch ms", _fixed(3)),
+                  ("speedup", "speedup", _fixed(2))]
+STATUS_STYLES = {"status": {"PASS": "green", "FAIL": "red", "ERROR": "red", "N/A": "yellow"}}
+
+
+def print_table(result: Dict[str, Any]) -> None:
+    """The result as a table (rich on a terminal, plain text otherwise), then its notes."""
+    from ..bench.report import print_table as show
     timed = any(r["fused_ms"] is not None for r in result["rows"])
-    table = Table(title=f"selftest {result['model']} {result['dtype']} batch {result['batch']} on {result['device']}")
-    cols = ["op", "backend", "path", "shape", "status", "max err", "bound", "torch err"]
-    cols += ["fused ms", "torch ms", "speedup"] if timed else []
-    for col in cols + ["reason"]:
-        table.add_column(col, overflow="fold")
-    for r in result["rows"]:
-        color = {"PASS": "green", "FAIL": "red", "ERROR": "red"}.get(r["status"], "yellow")
-        cells = [r["op"], r["backend"], r["path"], r["shape"], f"[{color}]{r['status']}[/{color}]",
-                 f(r["max_abs_err"], ".2e"), f(r["bound"], ".2e"), f(r["torch_err"], ".2e")]
-        if timed:
-            cells += [f(r["fused_ms"], ".3f"), f(r["torch_ms"], ".3f"), f(r["speedup"], ".2f")]
-        table.add_row(*cells, r["reason"][:160])
+    columns = COLUMNS + (TIMING_COLUMNS if timed else []) + [("reason", "reason", str)]
+    rows = [{**r, "reason": r["reason"][:160]} for r in result["rows"]]
     for s in result["sanitizer"]:
-        cells = [f"compute-sanitizer {s['tool']}", "all", "", "", s["status"]] + [""] * (len(cols) - 5)
-        table.add_row(*cells, f"{s['errors']} errors" if s["errors"] is not None else s["output_tail"][-160:])
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    console.print(table)
+        rows.append({"op": f"compute-sanitizer {s['tool']}", "backend": "all", "path": "", "shape": "",
+                     "status": s["status"], "reason": f"{s['errors']} errors" if s["errors"] is not None
+                     else s["output_tail"][-160:]})
+    show(rows, columns, title=f"selftest {result['model']} {result['dtype']} batch {result['batch']} on "
+                              f"{result['device']}", styles=STATUS_STYLES)
     notes = [result["how"], f"timings: {result['timings']}"]
     if result["reduced"]:
         notes.append(result["reduced"])
     if result["sanitizer_note"]:
         notes.append(f"compute-sanitizer: {result['sanitizer_note']}")
     for n in notes:
-        console.print(f"note: {n}")
-    console.print(f"{'OK' if result['ok'] else 'FAILED'} in {result['seconds']} s")
+        print(f"note: {n}")
+    print(f"{'OK' if result['ok'] else 'FAILED'} in {result['seconds']} s")
 
 
 def run(args) -> int:
