@@ -26,6 +26,9 @@ from torch import nn
 from ..ops.flash_attention import check_head_dim
 
 OPS = ("patch_embed", "attention", "mlp")
+# the fused ops (vit_kernels.ops) each part runs
+_OPS_OF_PART = {"patch_embed": ("patch_embed",), "attention": ("qkv_attention", "linear"),
+                "mlp": ("layernorm_gelu_mlp",)}
 
 # Module attributes holding hooks; the wrapper shares these dictionaries with the original.
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
@@ -193,8 +196,24 @@ class SwapWrapper(nn.Module):
 
     def run_original(self, x: torch.Tensor) -> bool:
         """True when this call must run the original modules: dropout active in training, or
-        torch.autocast on (the fused ops take all tensors at one dtype: use model.to(dtype))."""
-        return self.dropout_active() or _autocast_on(x)
+        torch.autocast on (the fused ops take all tensors at one dtype: use model.to(dtype)). When
+        True, each op this wrapper fuses gets a Decision with path "unfused" and the reason
+        (``last_decision``, ``record_decisions``; logged once at INFO)."""
+        if self.dropout_active():
+            active = ", ".join(f"{n}={p:g}" for n, p in self.dropouts() if p > 0)
+            why = (f"dropout is active in training ({active}) and the fused kernels apply none: "
+                   f"the original {type(self.original).__name__} ran")
+        elif _autocast_on(x):
+            why = (f"torch.autocast is on and the fused ops take all tensors at one dtype: the original "
+                   f"{type(self.original).__name__} ran (use model.to(dtype) for the fused ops)")
+        else:
+            return False
+        from ..backends import unfused
+        for part, fused in self.fused_ops.items():
+            if fused:
+                for op in _OPS_OF_PART[part]:
+                    unfused(op, self.backend, why)
+        return True
 
     def runtime_notes(self) -> List[str]:
         notes = []
