@@ -85,6 +85,12 @@ def tiny_vit(backend: str = "auto", *, embed_dim: int = 64, depth: int = 2, num_
                                  backend=backend)
 
 
+# The recipe the convergence test trains with: tiny_vit() (embed 64, depth 2, 4 heads of 16, class
+# token), AdamW lr 3e-3 with 20 warm-up steps and a cosine decay, batch 32, 20 epochs (880 steps).
+# Eager PyTorch (backend "reference", float32, seed 0) reached 96.7% test accuracy with it.
+DIGITS_RECIPE = dict(epochs=20, batch_size=32, lr=3e-3, weight_decay=0.0, warmup=20, seed=0)
+
+
 @dataclasses.dataclass
 class TrainResult:
     """losses: the training loss of every step, in order; accuracy: on the test set after training
@@ -191,28 +197,38 @@ def smoothed(losses: Sequence[float], window: int) -> List[float]:
     return [sum(losses[i:i + window]) / window for i in range(0, len(losses) - window + 1, window)]
 
 
+def sgd_steps(model: nn.Module, global_batches: Sequence[tuple], lr: float, rank: int = 0,
+              world_size: int = 1) -> None:
+    """:func:`train_step` with SGD (momentum 0.9) over ``global_batches`` ((images, labels) pairs),
+    taking rank ``rank``'s contiguous slice of each (all of it when ``world_size`` is 1); every
+    batch must divide by ``world_size``."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    model.train()
+    for images, labels in global_batches:
+        if len(labels) % world_size:
+            raise ValueError(f"global_batches: expected batches divisible by world_size={world_size}, "
+                             f"got a batch of {len(labels)}")
+        per = len(labels) // world_size
+        sl = slice(rank * per, (rank + 1) * per)
+        train_step(model, opt, images[sl], labels[sl])
+
+
 def ddp_train(rank: int, world_size: int, init_method: str, model_fn: Callable[[], nn.Module],
-              global_batches: Sequence[tuple], lr: float, out_path: Optional[str] = None) -> None:
+              global_batches: Sequence[tuple], lr: float, seed: int, out_path: str) -> None:
     """One process of a ``world_size``-process gloo group (``torch.multiprocessing.spawn`` calls it
-    with ``rank`` first): builds ``model_fn()`` on the CPU, wraps it in DistributedDataParallel and
-    runs :func:`train_step` with SGD over ``global_batches`` ((images, labels) pairs), each rank
-    taking its contiguous slice of every global batch (the batch must divide by ``world_size``).
-    Rank 0 saves the final state_dict to ``out_path``."""
+    with ``rank`` first; ``init_method`` as for ``torch.distributed.init_process_group``, e.g.
+    ``file:///tmp/x``): builds ``model_fn()`` on the CPU after ``torch.manual_seed(seed)``, wraps it
+    in DistributedDataParallel (which averages the gradients over the ranks) and runs
+    :func:`sgd_steps` on this rank's slice of every global batch. Rank 0 saves the final
+    state_dict to ``out_path``."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     try:
+        torch.manual_seed(seed)
         model = DistributedDataParallel(model_fn())
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-        model.train()
-        for images, labels in global_batches:
-            if len(labels) % world_size:
-                raise ValueError(f"global_batches: expected batches divisible by world_size={world_size}, "
-                                 f"got {len(labels)}")
-            per = len(labels) // world_size
-            sl = slice(rank * per, (rank + 1) * per)
-            train_step(model, opt, images[sl], labels[sl])
-        if rank == 0 and out_path is not None:
+        sgd_steps(model, global_batches, lr, rank, world_size)
+        if rank == 0:
             torch.save(model.module.state_dict(), out_path)
     finally:
         dist.destroy_process_group()
