@@ -328,3 +328,23 @@ def _log_once(d: Decision) -> None:
         _LOGGED.add(key)
     if new:
         logger.info("%s", d)
+
+
+def unfused(op: str, requested: str, reason: str, path: str = "unfused") -> Decision:
+    """Record that a module ran ``op``'s work as its own unfused PyTorch code rather than the op (for
+    example dropout active in training, which the fused kernels do not apply): a Decision with
+    backend "torch" and ``path``, the reason under the requested backend ("triton" and "cuda" for
+    "auto"), kept for :func:`last_decision` / :func:`record_decisions` and logged once at INFO.
+    Not recorded while torch.compile traces (bookkeeping stays out of compiled graphs)."""
+    d = Decision(op, "torch", requested,
+                 {b: reason for b in (("triton", "cuda") if requested == "auto" else (requested,))}, path)
+    if _compiling():
+        return d
+    _log_once(d)
+    _record(d)
+    return d
+
+
+def _compiling() -> bool:
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(fn()) if fn is not None else False

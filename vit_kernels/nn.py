@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from . import ops, reference
 from .ops import attention_stats
-from .backends import BACKENDS
+from .backends import BACKENDS, unfused
 from .ops.patch_embed import check_pixel_norm
 
 MODULE_BACKENDS = BACKENDS + ("reference",)
@@ -80,7 +80,8 @@ class FusedAttention(_Fused):
     x: (batch, tokens, dim) -> (batch, tokens, dim). Parameters: norm (LayerNorm), qkv
     (Linear dim -> 3*dim, rows [q; k; v]), proj (Linear), ls.gamma when init_values is set.
     Dropout (attn_drop, proj_drop) is identity in eval mode; in training with p > 0 the module
-    runs the unfused torch path so that dropout is applied.
+    runs its unfused PyTorch code so that dropout is applied (the fused kernels have no dropout):
+    ``last_decision("qkv_attention")`` and ``("linear")`` say so (path "unfused"), once at INFO too.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True,
@@ -109,6 +110,10 @@ class FusedAttention(_Fused):
         if self.training and (self.attn_drop > 0 or self.proj_drop > 0):
             if stats is not None:
                 raise ValueError("stats: not available while dropout is active in training; call .eval() first")
+            why = (f"dropout is active in training (attn_drop={self.attn_drop:g}, proj_drop={self.proj_drop:g}) "
+                   f"and the fused kernels apply none: the module ran its unfused PyTorch code")
+            for op in ("qkv_attention", "linear"):
+                unfused(op, self.backend, why)
             return self._forward_with_dropout(x, gamma)
         params = (self.qkv.weight, self.qkv.bias, norm.weight, norm.bias, self.proj.weight,
                   self.proj.bias, gamma)
@@ -181,6 +186,8 @@ class FusedMlp(_Fused):
         if self.backend == "reference":
             return reference.layernorm_gelu_mlp(*args, **kw)
         if self.training and self.drop > 0:
+            unfused("layernorm_gelu_mlp", self.backend, f"dropout is active in training (drop={self.drop:g}) and "
+                    f"the fused kernels apply none: the module ran its unfused PyTorch code")
             h = F.dropout(F.gelu(self.fc1(self.norm(x)), approximate=self.approximate), self.drop, True)
             h = F.dropout(self.fc2(h), self.drop, True)
             return x + (h * gamma if gamma is not None else h)

@@ -217,7 +217,7 @@ def _judge(parts, runs) -> List[PartCheck]:
             ran = [d for call in runs[path] for d in call if d.op in PART_OPS[op]]
             if not runs[path]:
                 status, why = "NOT CHECKED", "it was not called"
-            elif any(not any(d.op in PART_OPS[op] for d in call) for call in runs[path]):
+            elif any(not any(d.op in PART_OPS[op] and d.path != "unfused" for d in call) for call in runs[path]):
                 status, why = "NOT CHECKED", ("it ran the original module instead of the fused ops (dropout in "
                                              "training, torch.autocast, an attention mask or another runtime "
                                              "fallback: see the fuse report's notes)")
