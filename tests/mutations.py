@@ -78,6 +78,11 @@ MUTATIONS: List[Mutation] = [
     # domain) between key tiles to see it: survived the tests of 2026-11-25, killed since by the hard inputs.
     Mutation("triton-attn-max-per-tile", "vit_kernels/triton/attention.py",
              "        m_new = tl.maximum(m_i, tl.max(s, axis=1))\n", "        m_new = tl.max(s, axis=1)\n", T_ATTN),
+    # head_dim 72 / 80 run as 64 + 16: the second chunk's share of the scores and its rescale
+    Mutation("triton-attn-second-chunk-score-dropped", "vit_kernels/triton/attention.py",
+             "            s = tl.dot(q1, tl.trans(k1), s, input_precision=INPUT_PRECISION)\n", "", T_ATTN),
+    Mutation("triton-attn-second-chunk-no-rescale", "vit_kernels/triton/attention.py",
+             "            acc1 = acc1 * alpha[:, None]\n", "", T_ATTN),
     Mutation("triton-attn-out-row-stride", "vit_kernels/triton/attention.py",
              "o_ptrs = o_base + tl.multiple_of(offs_m.to(tl.int64) * stride_on, 8)",
              "o_ptrs = o_base + tl.multiple_of(offs_m.to(tl.int64) * stride_qn, 8)", T_ATTN),

@@ -451,13 +451,13 @@ def test_tuned_configs_are_compiled_by_inspect():
                     assert (kernel, p, cfg, arch) in compiled
             for cfg in gemm.tune_configs(dtype, arch, patch=True):
                 assert ("gemm_patch_embed_nchw", p, cfg, arch) in compiled
-    att = {(s.signature["Q"], s.constexprs["BLOCK_D"], (s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"],
+    att = {(s.signature["Q"], s.constexprs["HEAD_DIM"], (s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"],
             s.num_warps, s.num_stages), a) for s in attention.aot_specs() for a in s.archs}
     for arch in (80, 90):
         for dtype in attention.DTYPES:
-            for hd in (16, 32, 64, 128, 256):
+            for hd in attention.TUNE_HEAD_DIMS:    # each bucket and each two-chunk head dim (72, 80 -> 64 + 16)
                 for cfg in attention.tune_configs(dtype, hd, arch):
-                    assert (ptr_type(dtype), attention.block_d(hd), cfg, arch) in att
+                    assert (ptr_type(dtype), hd, cfg, arch) in att
     from vit_kernels.triton import gemm_tma
     tma = {(s.kernel, s.signature["a_ptr"], s.config.split(",")[0]) for s in gemm_tma.aot_specs() if 90 in s.archs}
     for cls, shape in gemm_tma.CLASS_SHAPES.items():

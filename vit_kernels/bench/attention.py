@@ -206,7 +206,39 @@ def run_case(provider: str, c: AttnCase, cfg: AttnConfig) -> Dict:
     row.update(ms=st.median, ms_p20=st.p20, ms_p80=st.p80, spread_pct=100 * st.spread, repeats=st.n,
                gflop=f / 1e9, tflops=f / (st.median * 1e-3) / 1e12, gbs=nb / (st.median * 1e-3) / 1e9)
     add_peak_columns(row, c.dtype, cfg.peak, measured_on_gpu=device.type == "cuda")
+    add_modeled_columns(row, provider, c, cfg.peak, measured_on_gpu=device.type == "cuda")
     return row
+
+
+def modeled_kernels(provider: str, c: AttnCase, sms: int, path: str = "") -> Optional[list]:
+    """The kernels the cost model (bench.cost_kernels) says ``provider`` runs for case ``c`` (None for a
+    provider it does not model: the CUDA C++ kernels, SDPA's other backends, eager). path: the
+    qkv_attention path the call took ("split" when not known)."""
+    from . import cost_kernels as ck
+    if provider in ("vk_flash:triton", "sdpa:flash"):
+        return ck.flash_attention_paths(c.batch, c.heads, c.tokens, c.head_dim, c.dtype, sms=sms)[
+            "triton" if provider == "vk_flash:triton" else "torch"]
+    if provider in ("vk_qkv:triton", "qkv:torch"):
+        paths = ck.qkv_attention_paths(c.batch, c.tokens, c.dim, c.heads, c.dtype, sms=sms)
+        return paths.get("torch" if provider == "qkv:torch" else (path or "split"))
+    return None
+
+
+def add_modeled_columns(row: Dict, provider: str, c: AttnCase, peak: Optional[Peak], measured_on_gpu: bool) -> None:
+    """modeled_ms: the cost model's time of the kernels ``provider`` runs (bench.cost_kernels) on ``peak``'s
+    GPU; x_modeled: measured / modeled, when measured on a GPU. Pure."""
+    from . import cost_kernels as ck
+    machine = ck.Machine.of(peak) if peak is not None else None
+    if machine is None or "ms" not in row:
+        return
+    path = row.get("note", "")[len("path="):] if row.get("note", "").startswith("path=") else ""
+    kernels = modeled_kernels(provider, c, machine.sms, path)
+    t = ck.path_seconds(kernels, machine, c.dtype) if kernels else None
+    if t is None:
+        return
+    row["modeled_ms"] = t * 1e3
+    if measured_on_gpu:
+        row["x_modeled"] = row["ms"] / row["modeled_ms"]
 
 
 def add_peak_columns(row: Dict, dtype: torch.dtype, peak: Optional[Peak], measured_on_gpu: bool) -> None:
@@ -252,4 +284,5 @@ def run(cfg: AttnConfig, progress=None) -> List[Dict]:
 TABLE_COLUMNS = [("tokens", "tokens"), ("batch", "batch"), ("head_dim", "d"), ("dtype", "dtype"),
                  ("provider", "provider"), ("status", "status"), ("ms", "ms"), ("spread_pct", "±%"),
                  ("tflops", "TFLOP/s"), ("gbs", "GB/s"), ("pct_peak_flops", "%peak FLOP"),
-                 ("pct_peak_bw", "%peak BW"), ("mem_mib", "alloc MiB"), ("x_bound", "x bound")]
+                 ("pct_peak_bw", "%peak BW"), ("mem_mib", "alloc MiB"), ("x_bound", "x bound"),
+                 ("modeled_ms", "modeled ms"), ("x_modeled", "x modeled")]

@@ -16,11 +16,15 @@ Conventions (all counts are for the forward pass at inference):
   max(flops / peak FLOP/s, bytes / peak bandwidth): a kernel cannot overlap with the next one.
 
 "A" below is the size of one activation (batch * tokens * dim elements) in bytes.
+
+This file is the op-level accounting (the plan); :mod:`vit_kernels.bench.cost_kernels` models what each
+implemented kernel of each path really moves (tile re-reads included) and how long it should take;
+:mod:`vit_kernels.bench.cost_text` formats both.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -362,51 +366,3 @@ def training_flops(forward_flops: float) -> float:
     """Forward + backward FLOPs of a training step: the usual 3x the forward (the backward
     computes two GEMMs per forward GEMM). Bytes of training are not modelled."""
     return 3.0 * forward_flops
-
-
-# ---------------------------------------------------------------------------------------------
-# text
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit, f in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= f:
-            return f"{n / f:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-def steps_table(steps: Sequence[Step], A: float, peak: Optional[Peak], dtype: torch.dtype) -> List[Dict]:
-    """Rows (dicts) for a table of steps: FLOPs, bytes, bytes in A, roofline time on ``peak``."""
-    rows = []
-    tflops = peak.tflops(dtype) if peak is not None else None
-    for s in steps:
-        r = {"step": s.name, "gflop": s.flops / 1e9, "bytes": s.bytes, "A": s.bytes / A}
-        if tflops is not None:
-            r["bound_ms"] = s.seconds(tflops, peak.bandwidth_gbs) * 1e3
-            r["limit"] = "compute" if s.flops / (tflops * 1e12) >= s.bytes / (peak.bandwidth_gbs * 1e9) else "memory"
-        rows.append(r)
-    return rows
-
-
-def block_report(bc: BlockCost, peak: Optional[Peak], dtype: torch.dtype) -> str:
-    """A readable account of one block: the eager steps and the planned fused kernels, in units
-    of A, with totals and (for a named GPU) roofline bounds."""
-    s = bc.shape
-    tflops = peak.tflops(dtype) if peak is not None else None
-    head = (f"one block: batch {s.batch} x {s.tokens} tokens, dim {s.dim}, {s.heads} heads, hidden {s.hidden}, "
-            f"{s.elem}-byte elements; A = {_fmt_bytes(s.A)}; weights {_fmt_bytes(bc.weight_bytes)} "
-            f"({bc.in_A(bc.weight_bytes):.2f}A); FLOPs {bc.flops / 1e12:.3f} TFLOP "
-            f"(attention {4.0 * s.batch * s.tokens ** 2 * s.dim / bc.flops * 100:.1f}%)")
-    lines = [head]
-    for title, steps in (("eager PyTorch (SDPA)", bc.eager), ("fused kernels (the planned fused block)", bc.fused),
-                         ("fused ops at their minimum", bc.op_min)):
-        lines.append(f"  {title}:")
-        for r in steps_table(steps, s.A, peak, dtype):
-            t = f"  {r['bound_ms']:.3f} ms ({r['limit']})" if "bound_ms" in r else ""
-            lines.append(f"    {r['step']:<40}{r['gflop']:>10.1f} GFLOP {r['A']:>7.2f}A{t}")
-        total = sum(x.bytes for x in steps)
-        b = f", bound {bound_seconds(steps, peak, dtype) * 1e3:.3f} ms on {peak.name}" if tflops else ""
-        lines.append(f"    {'total':<40}{'':>16} {total / s.A:>7.2f}A = {_fmt_bytes(total)}{b}")
-    lines.append(f"  one kernel for the whole block: {bc.in_A(bc.one_kernel_min_bytes):.2f}A "
-                 f"({_fmt_bytes(bc.one_kernel_min_bytes)})")
-    return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Where the time of one ViT block goes: each stage inside ``torch.profiler.record_function`` and
 an NVTX range (visible in the exported trace, Perfetto, and Nsight Systems), timed by
-torch.profiler, set beside the cost model's FLOPs, bytes and roofline bound for that stage.
+torch.profiler, set beside the cost model's FLOPs, bytes and roofline bound for that stage, and (for a
+GPU the kernel model knows) the modeled time of the kernels that stage runs (bench.cost_kernels).
 
 Two variants of the same block (same weights, same input):
 - eager: LayerNorm, QKV linear, SDPA, merge heads, out-proj, residual, LayerNorm, fc1, GELU,
@@ -143,6 +144,27 @@ def stage_costs(shape: ViTShape) -> Dict[str, List[Step]]:
     return out
 
 
+def stage_kernels(shape: ViTShape, dtype: torch.dtype, sms: int, fused_backend: Optional[str]) -> Dict[str, list]:
+    """The kernels the cost model (bench.cost_kernels) says each stage runs: the eager stages from the ops'
+    torch paths, the fused stages from the path ``fused_backend`` takes ("torch"; "triton": qkv_attention's
+    split path, gemm.py for the projection and the MLP); a backend it does not model gets no entry."""
+    from . import cost_kernels as ck
+    s = shape
+    qkv = ck.qkv_attention_paths(s.batch, s.tokens, s.dim, s.heads, dtype, sms=sms)
+    lin = ck.linear_paths(s.rows, s.dim, s.dim, dtype, sms=sms)
+    mlp = ck.mlp_paths(s.rows, s.dim, s.hidden, dtype, sms=sms)
+    out = dict(zip(("eager/ln1", "eager/qkv", "eager/attention"), ([k] for k in qkv["torch"])))
+    out["eager/merge_heads"] = []
+    out.update(zip(("eager/proj", "eager/residual1"), ([k] for k in lin["torch"])))
+    out.update(zip(("eager/ln2", "eager/fc1", "eager/gelu", "eager/fc2", "eager/residual2"), ([k] for k in mlp["torch"])))
+    if fused_backend in ("torch", "triton"):
+        t = fused_backend == "triton"
+        out["fused/qkv_attention"] = qkv["split" if t else "torch"]
+        out["fused/proj+residual"] = lin["triton" if t else "torch"]
+        out["fused/mlp"] = mlp["triton" if t else "torch"]
+    return out
+
+
 def stage_times_ms(events, labels: Sequence[str], use_device: bool, iters: int) -> Dict[str, float]:
     """Per-iteration ms of each label from torch.profiler events (``prof.events()``).
 
@@ -200,6 +222,9 @@ def breakdown(*, dim: int = 768, heads: int = 12, tokens: int = 197, batch: int 
     times = stage_times_ms(events, labels, use_device=cuda, iters=iters)
     shape = ViTShape(batch, tokens, dim, heads, hidden, 1, dtype_bytes(dtype))
     costs = stage_costs(shape)
+    from .cost_kernels import Machine, path_seconds
+    machine = Machine.of(peak) if peak is not None else None
+    kernels = stage_kernels(shape, dtype, machine.sms, fused_backend) if machine is not None else {}
     rows = []
     totals = {v: sum(t for lab, t in times.items() if lab.startswith(v + "/")) for v, _ in variants}
     for lab in labels:
@@ -214,9 +239,15 @@ def breakdown(*, dim: int = 768, heads: int = 12, tokens: int = 197, batch: int 
             r["bound_ms"] = sum(s.seconds(tf, peak.bandwidth_gbs) for s in steps) * 1e3
             if cuda and r["bound_ms"] > 0:
                 r["x_bound"] = r["ms"] / r["bound_ms"]
+        modeled = path_seconds(kernels[lab], machine, dtype) if lab in kernels else None
+        if modeled is not None:
+            r["modeled_ms"] = modeled * 1e3
+            if cuda and modeled > 0:
+                r["x_modeled"] = r["ms"] / r["modeled_ms"]
         rows.append(r)
     return rows
 
 
 TABLE_COLUMNS = [("variant", "variant"), ("stage", "stage"), ("ms", "ms"), ("pct", "% of block"),
-                 ("gflop", "GFLOP"), ("A", "bytes (A)"), ("bound_ms", "bound ms"), ("x_bound", "x bound")]
+                 ("gflop", "GFLOP"), ("A", "bytes (A)"), ("bound_ms", "bound ms"), ("x_bound", "x bound"),
+                 ("modeled_ms", "modeled ms"), ("x_modeled", "x modeled")]

@@ -171,7 +171,7 @@ def make_config(args) -> tuple:
 
 def cost_text(cfg: tp.BenchConfig) -> tuple:
     """The cost model of each model at the configured shapes: text and a JSON-able dict."""
-    from ..bench import cost
+    from ..bench import cost, cost_text
     from ..bench import models as bmodels
     lines, out = [], {}
     for spec in cfg.models:
@@ -200,7 +200,7 @@ def cost_text(cfg: tp.BenchConfig) -> tuple:
                              f"{b['fused'] * 1e3:.3f} ms, fused ops at minimum {b['min'] * 1e3:.3f} ms per step")
                 entry["bound_ms"] = {k: v * 1e3 for k, v in b.items()}
                 entry["gpu"] = cfg.peak.name
-        lines.append(cost.block_report(mc.block, cfg.peak, cfg.dtype))
+        lines.append(cost_text.block_report(mc.block, cfg.peak, cfg.dtype))
         out[spec] = entry
     return "\n".join(lines), out
 

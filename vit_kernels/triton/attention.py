@@ -3,8 +3,9 @@
 One program computes BLOCK_M query rows of one (batch, head): it streams the keys and values in
 tiles of BLOCK_N rows with an online softmax in base 2 (log2(e) is folded into the scale, so the
 exponentials are ``exp2``), never materialising the tokens x tokens matrix. Any token count works
-by masking (no padded copies of the tensors); head_dim is any multiple of 8 from 16 to 256, padded
-inside the kernel to the next power of two by masking the loads and stores.
+by masking (no padded copies of the tensors); head_dim is any multiple of 8 from 16 to 256, computed
+in one power-of-two chunk or, where that pads less, two (:func:`dim_chunks`: 72 and 80 as 64 + 16, two
+dots per product instead of one padded to 128; float16 / bfloat16), masked at the loads and stores.
 
 fp32 inputs: both dots run with ``input_precision="tf32x3"`` (three TF32 tensor-core products,
 about fp32 accuracy). Plain TF32 (Triton's default) would miss the 1e-4 relative accuracy the
@@ -41,7 +42,8 @@ def _attn_fwd_kernel(
     H, NQ, NKV,                            # heads, query tokens, key/value tokens
     qk_scale,                              # scale * log2(e), fp32
     HEAD_DIM: tl.constexpr,                # D
-    BLOCK_D: tl.constexpr,                 # next power of two >= D
+    BLOCK_D0: tl.constexpr,                # first head-dim chunk: columns 0 .. BLOCK_D0 (power of two)
+    BLOCK_D1: tl.constexpr,                # second chunk: columns BLOCK_D0 .. BLOCK_D0 + BLOCK_D1; 0: none
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     STORE_LSE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,         # dot precision for fp32 inputs ("tf32x3")
@@ -54,7 +56,7 @@ def _attn_fwd_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D0)
     mask_m = offs_m < NQ
     mask_d = offs_d < HEAD_DIM
     q_mask = mask_m[:, None] & mask_d[None, :]
@@ -67,10 +69,15 @@ def _attn_fwd_kernel(
     o_base = tl.multiple_of(O + b * stride_ob + h * stride_oh, 16)
     q_rows = tl.multiple_of(offs_m.to(tl.int64) * stride_qn, 8)
     q = tl.load(q_base + q_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
+    if BLOCK_D1 > 0:   # head_dim 72 / 80 as 64 + 16 (two dots), not one dot padded to 128
+        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+        mask_d1 = offs_d1 < HEAD_DIM
+        q1 = tl.load(q_base + q_rows[:, None] + offs_d1[None, :], mask=mask_m[:, None] & mask_d1[None, :], other=0.0)
+        acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)   # running row max (log2 domain)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                  # running row sum of exp2
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
 
     # Every tile is masked the same way (a separate unmasked loop for the full tiles doubled the
     # code and made ptxas spill).
@@ -78,23 +85,35 @@ def _attn_fwd_kernel(
         rows = start_n + offs_n
         mask_n = rows < NKV
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + tl.multiple_of(rows.to(tl.int64) * stride_kn, 8)[:, None] + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        k_rows = tl.multiple_of(rows.to(tl.int64) * stride_kn, 8)
+        k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        if BLOCK_D1 > 0:
+            kv_mask1 = mask_n[:, None] & mask_d1[None, :]
+            k1 = tl.load(k_base + k_rows[:, None] + offs_d1[None, :], mask=kv_mask1, other=0.0)
+            s = tl.dot(q1, tl.trans(k1), s, input_precision=INPUT_PRECISION)
+        s = s * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + tl.multiple_of(rows.to(tl.int64) * stride_vn, 8)[:, None] + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
+        v_rows = tl.multiple_of(rows.to(tl.int64) * stride_vn, 8)
+        v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        if BLOCK_D1 > 0:
+            v1 = tl.load(v_base + v_rows[:, None] + offs_d1[None, :], mask=kv_mask1, other=0.0)
+            acc1 = acc1 * alpha[:, None]
+            acc1 = tl.dot(p.to(v1.dtype), v1, acc1, input_precision=INPUT_PRECISION)
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    o_ptrs = o_base + tl.multiple_of(offs_m.to(tl.int64) * stride_on, 8)[:, None] + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=q_mask)
+    o_ptrs = o_base + tl.multiple_of(offs_m.to(tl.int64) * stride_on, 8)[:, None]   # (BLOCK_M, 1) row starts
+    tl.store(o_ptrs + offs_d[None, :], acc.to(O.dtype.element_ty), mask=q_mask)
+    if BLOCK_D1 > 0:
+        acc1 = acc1 / l_i[:, None]
+        tl.store(o_ptrs + offs_d1[None, :], acc1.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d1[None, :])
     if STORE_LSE:
         # natural-log log-sum-exp of scale * q . k: (m + log2(l)) / log2(e)
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
@@ -120,7 +139,11 @@ _CONFIGS = {
 
 # Alternative tiles vit_kernels.tuning times beside _CONFIGS, per architecture: (is fp32, BLOCK_D) ->
 # ((BLOCK_M, BLOCK_N, num_warps, num_stages), ...). aot_specs() lists each, so `inspect` compiles them.
-_HALF_TUNE = ((64, 64, 4, 3),)
+# Shaped for ViT lengths: 64-row query tiles (one warpgroup) and 32-key tiles pad 197 / 257 / 577 / 1025
+# tokens to 256 x 224 / 320 x 288 / 640 x 608 / 1088 x 1056 score entries (1.48x / 1.40x / 1.17x / 1.09x
+# the useful work) where the default 128 x 64 tiles pad to 1.69x / 1.86x / 1.23x / 1.19x
+# (:func:`padded_work`); the measurement decides which wins.
+_HALF_TUNE = ((64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3))
 TUNE_CONFIGS: Dict[int, Dict[Tuple[bool, int], Tuple[Tuple[int, int, int, int], ...]]] = {
     arch: {(False, bd): _HALF_TUNE for bd in (16, 32, 64, 128)} for arch in (80, 90)}
 
@@ -131,8 +154,32 @@ def tune_configs(dtype: torch.dtype, head_dim: int, arch: int) -> Tuple[Tuple[in
 
 
 def block_d(head_dim: int) -> int:
-    """The padded head dim the kernel computes with: the next power of two >= head_dim (>= 16)."""
+    """The head-dim bucket of the tile configs: the next power of two >= head_dim (>= 16)."""
     return max(16, next_power_of_2(head_dim))
+
+
+def dim_chunks(head_dim: int, dtype: torch.dtype = torch.float16) -> Tuple[int, int]:
+    """(BLOCK_D0, BLOCK_D1): the head dim as the kernel computes it, in one power-of-two chunk or two
+    (two dots per product) when that pads less: 72 and 80 -> (64, 16), 48 -> (32, 16), 96 -> (64, 32);
+    64 -> (64, 0); 112 -> (128, 0) (64 + 64 would pad as much). Chunks are >= 16 wide (a dot's minimum).
+    float32 keeps one padded chunk: its tf32x3 tiles are register-bound, and the second chunk's operands
+    made ptxas spill 8 bytes on sm_90 (head_dim 48, 72, 80 at the fp32 tiles, compiled ahead of time)."""
+    bd = block_d(head_dim)
+    if bd == head_dim or bd == 16 or dtype == torch.float32:
+        return bd, 0
+    d0 = bd // 2
+    d1 = max(16, next_power_of_2(head_dim - d0))
+    return (d0, d1) if d0 + d1 < bd else (bd, 0)
+
+
+def padded_work(tokens: int, block_m: int, block_n: int, head_dim: int = 0,
+                dtype: torch.dtype = torch.float16) -> float:
+    """The MMA work a (block_m, block_n) tiling does over the useful work at ``tokens`` query and key
+    tokens (1.0: no padding); with head_dim, the head-dim padding of :func:`dim_chunks` counted too."""
+    rows = cdiv(tokens, block_m) * block_m
+    cols = cdiv(tokens, block_n) * block_n
+    d = sum(dim_chunks(head_dim, dtype)) / head_dim if head_dim else 1.0
+    return rows * cols * d / (tokens * tokens)
 
 
 def kernel_config(dtype: torch.dtype, head_dim: int) -> Tuple[int, int, int, int]:
@@ -203,6 +250,7 @@ def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, *, ou
     if out.numel() > 0:
         BLOCK_M, BLOCK_N, num_warps, num_stages = attention_config or kernel_config(q.dtype, D)
         grid = (B * H, cdiv(NQ, BLOCK_M))
+        chunks = dim_chunks(D, q.dtype)
         _attn_fwd_kernel[grid](
             q, k, v, out, lse if return_lse else out,
             q.stride(0), q.stride(1), q.stride(2),
@@ -210,7 +258,7 @@ def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, *, ou
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             H, NQ, NKV, float(scale) * LOG2E,
-            HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            HEAD_DIM=D, BLOCK_D0=chunks[0], BLOCK_D1=chunks[1], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             STORE_LSE=return_lse, INPUT_PRECISION=FP32_DOT_PRECISION,
             num_warps=num_warps, num_stages=num_stages,
         )
@@ -228,7 +276,8 @@ def aot_spec(dtype: torch.dtype, head_dim: int, store_lse: bool = False, attenti
     qkv = torch.empty(3, B, H, N, head_dim, dtype=dtype)
     out = torch.empty(B, N, H * head_dim, dtype=dtype).view(B, N, H, head_dim).transpose(1, 2)
     BLOCK_M, BLOCK_N, num_warps, num_stages = attention_config or kernel_config(dtype, head_dim)
-    label = (f"head_dim={head_dim},BLOCK_D={block_d(head_dim)},BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},"
+    d0, d1 = dim_chunks(head_dim, dtype)
+    label = (f"head_dim={head_dim},BLOCK_D={d0}" + (f"+{d1}" if d1 else "") + f",BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},"
              f"{dtype_name(dtype)},lse={int(store_lse)}")
     if attention_config is not None:
         label += f",num_warps={num_warps},num_stages={num_stages},tuning"
@@ -239,19 +288,24 @@ def aot_spec(dtype: torch.dtype, head_dim: int, store_lse: bool = False, attenti
 
 
 # head_dim values aot_specs() compiles: each BLOCK_D bucket's power of two plus the non powers of
-# two the tests and ViTs use. head_dim only changes the masks inside a bucket; tile shapes, shared
-# memory and the register budget follow BLOCK_D.
+# two the tests and ViTs use. Tile configs follow the bucket (BLOCK_D); inside a bucket head_dim changes
+# the masks and, for 48 / 72 / 80, the chunks (dim_chunks), so those are compiled as well.
 AOT_HEAD_DIMS = (16, 24, 32, 48, 64, 72, 80, 128, 256)
+
+
+# head_dim values the tuning alternatives are compiled at: each BLOCK_D bucket's power of two and each
+# two-chunk split of AOT_HEAD_DIMS (48: 32 + 16; 72, 80: 64 + 16).
+TUNE_HEAD_DIMS = (16, 32, 48, 64, 72, 80, 128, 256)
 
 
 def aot_specs() -> List[AotSpec]:
     """The configurations flash_attention_forward launches: dtype x head_dim (AOT_HEAD_DIMS, which
-    covers every BLOCK_D bucket, i.e. every block config) x LSE kept or not."""
+    covers every BLOCK_D bucket, i.e. every block config, and every head-dim split) x LSE kept or not."""
     specs = [aot_spec(dtype, hd, store_lse) for dtype in DTYPES for hd in AOT_HEAD_DIMS
              for store_lse in (False, True)]
-    # each tuning alternative, once per BLOCK_D bucket (the power-of-two head_dim), without LSE
+    # each tuning alternative, at TUNE_HEAD_DIMS, without LSE
     for dtype in DTYPES:
-        for hd in (16, 32, 64, 128, 256):
+        for hd in TUNE_HEAD_DIMS:
             cfgs = sorted({c for arch in TUNE_CONFIGS for c in tune_configs(dtype, hd, arch)})
             for cfg in cfgs:
                 archs = tuple(a for a in sorted(TUNE_CONFIGS) if cfg in tune_configs(dtype, hd, a))

@@ -33,10 +33,12 @@ LayerNorm out of the main loop (``LN_EPI``). LayerNorm(x) @ W^T + b with gamma, 
 weight once per parameter version: W' = W * gamma, b' = b + W @ beta, c = sum_k W'[:, k], and each row's
 (mean, rstd) applied in the epilogue: y = rstd * (x @ W'^T - mean * c) + b'. The subtraction cancels
 when a row's mean is large against its spread (|mean| * rstd large): the fp32 accumulator's rounding,
-~eps_fp32 * |mean| * sum |W'|, is then multiplied by rstd. Rows past :func:`ln_cancel_threshold` are
-centred before the GEMM instead (A' = x - mean rounded to the input dtype, mean' = 0): same kernel,
-same folded weight, one extra pass over x, taken only when such rows exist and reported by
-:func:`last_ln_route`.
+~eps_fp32 * |mean| * sum |W'|, is then multiplied by rstd. A row tile holding a row past
+:func:`ln_cancel_threshold` is centred in the kernel instead: its K loop takes A through registers as
+x - mean (rounded to the input dtype) and its epilogue uses mean 0. Same kernel, same folded weight, no
+extra pass over x and no host sync (the kernel decides per tile from the row statistics); tiles without
+such rows keep the TMA -> shared memory -> wgmma loop. The tiles centred are counted on the device and
+reported by :func:`last_ln_route`.
 """
 from __future__ import annotations
 
@@ -74,6 +76,18 @@ def _tile_coords(tile_id, num_m, num_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (tile_id % group) % group_size
     pid_n = (tile_id % group) // group_size
     return pid_m, pid_n
+
+
+@triton.jit
+def _centre_tile(mean_ptr, rstd_ptr, off_m, M, ln_tau, BLOCK_M: tl.constexpr, LN_EPI: tl.constexpr):
+    """Whether the row tile at off_m has a row with |mean| * rstd > ln_tau (always False without LN_EPI)."""
+    if LN_EPI:
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        mean = tl.load(mean_ptr + offs_m, mask=offs_m < M, other=0.0)
+        rstd = tl.load(rstd_ptr + offs_m, mask=offs_m < M, other=0.0)
+        return tl.max(tl.abs(mean) * rstd, axis=0) > ln_tau
+    else:
+        return False
 
 
 @triton.jit
@@ -125,12 +139,14 @@ def _gemm_tma_kernel(
     mean_ptr,         # (M,) fp32 row means          [LN_EPI]
     rstd_ptr,         # (M,) fp32 row 1/std          [LN_EPI]
     colsum_ptr,       # (N,) fp32 column sums of W'  [LN_EPI]
+    route_ptr,        # (1,) int32: row tiles centred before the dot (counted here)  [LN_EPI]
     M, N, K, T,       # rows, output features, reduction length, rows per batch (residual, head split)
     s_am, s_wn, s_om,
     s_o3, s_ob, s_oh, s_ot,
     s_rb, s_rt,
     INNER, HEAD_DIM,  # QKV: heads * head_dim, head_dim
     q_scale,          # fp32: QKV scales the Q columns (n < INNER) by this
+    ln_tau,           # fp32: a row tile with some |mean| * rstd > ln_tau is centred (ln_cancel_threshold)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_STAGES: tl.constexpr, EPI_SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_LS: tl.constexpr, HAS_RES: tl.constexpr,
@@ -159,10 +175,22 @@ def _gemm_tma_kernel(
         off_am = pid_m * BLOCK_M
         off_wn = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in tl.range(k_tiles, num_stages=NUM_STAGES):
-            a = a_desc.load([off_am, ki * BLOCK_K])
-            w = w_desc.load([off_wn, ki * BLOCK_K])
-            acc = tl.dot(a, w.T, acc)
+        if _centre_tile(mean_ptr, rstd_ptr, off_am, M, ln_tau, BLOCK_M, LN_EPI):
+            # Rows whose fold would cancel: A centred in registers (x - mean, rounded to x's dtype), then the
+            # same dot; the epilogue takes mean 0 for this tile. Decided on the device: no host sync.
+            offs_am = off_am + tl.arange(0, BLOCK_M)
+            mean_a = tl.load(mean_ptr + offs_am, mask=offs_am < M, other=0.0)
+            for ki in tl.range(k_tiles, num_stages=NUM_STAGES):
+                a = a_desc.load([off_am, ki * BLOCK_K])
+                a = (a.to(tl.float32) - mean_a[:, None]).to(a.dtype)
+                w = w_desc.load([off_wn, ki * BLOCK_K])
+                acc = tl.dot(a, w.T, acc)
+            tl.atomic_add(route_ptr, 1)
+        else:
+            for ki in tl.range(k_tiles, num_stages=NUM_STAGES):
+                a = a_desc.load([off_am, ki * BLOCK_K])
+                w = w_desc.load([off_wn, ki * BLOCK_K])
+                acc = tl.dot(a, w.T, acc)
 
         tile_c += step
         pid_m, pid_n = _tile_coords(tile_c, num_m, num_n, GROUP_M)
@@ -174,6 +202,8 @@ def _gemm_tma_kernel(
             offs_m = off_m + tl.arange(0, BLOCK_M)
             mean = tl.load(mean_ptr + offs_m, mask=offs_m < M, other=0.0)
             rstd = tl.load(rstd_ptr + offs_m, mask=offs_m < M, other=0.0)
+            if _centre_tile(mean_ptr, rstd_ptr, off_m, M, ln_tau, BLOCK_M, LN_EPI):
+                mean = tl.zeros((BLOCK_M,), dtype=tl.float32)   # A was centred: nothing to take off
         # Sub-tiles: (BLOCK_M, BLOCK_N) -> (BLOCK_M, 2, BLOCK_N/2) -> split the halves (twice for 4).
         if EPI_SPLIT == 1:
             _epilogue(acc, off_m, off_n, out_desc, out_ptr, bias_ptr, res_ptr, ls_ptr, colsum_ptr, mean, rstd,
@@ -372,7 +402,8 @@ def launch_gemm_tma(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K
     a: A rows with row stride s_am (unit column stride); weight: (N, K) contiguous rows; out: (M, N) rows
     (row stride out.stride(-2)) or, with qkv = (INNER, HEAD_DIM, q_scale), a contiguous (3, B, H, T, hd);
     residual: (b, t, n) rows through res_strides = (s_b, s_t), unit n stride; ln: (mean, rstd, colsum)
-    fp32 for LayerNorm in the epilogue (weight and bias already folded).
+    fp32 for LayerNorm in the epilogue (weight and bias already folded); row tiles with a row past
+    :func:`ln_cancel_threshold` are centred in the kernel and counted for :func:`last_ln_route`.
     """
     if M == 0 or N == 0:
         return out
@@ -390,12 +421,18 @@ def launch_gemm_tma(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K
         s_om = _rows2d("out", out)[0]   # the row stride (a size-1 dim's stride says nothing)
     fp32_dummy = ln[0] if ln is not None else torch.empty(1, device=a.device, dtype=torch.float32)
     mean, rstd, colsum = ln if ln is not None else (fp32_dummy,) * 3
+    tau = 0.0
+    route = fp32_dummy
+    if ln is not None:
+        tau = ln_cancel_threshold(K, a.dtype)
+        route = torch.zeros(1, device=a.device, dtype=torch.int32)
+        _LAST_LN_ROUTE[0] = (route, triton.cdiv(M, c.block_m), c.block_m, tau)
     tiles = triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n)
     grid = (min(tiles, _num_sms(a.device) * c.blocks_per_sm),)
     _gemm_tma_kernel[grid](
         a, weight, out, _or(bias, weight), _or(residual, weight), _or(layer_scale, weight), mean, rstd, colsum,
-        M, N, K, T, s_am, weight.stride(0), s_om, s_o3, s_ob, s_oh, s_ot, res_strides[0], res_strides[1],
-        inner, head_dim, q_scale,
+        route, M, N, K, T, s_am, weight.stride(0), s_om, s_o3, s_ob, s_oh, s_ot, res_strides[0], res_strides[1],
+        inner, head_dim, q_scale, tau,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=GROUP_M, NUM_STAGES=c.num_stages,
         EPI_SPLIT=c.epi_split, num_warps=c.num_warps, num_stages=c.num_stages, **flags)
     return out
@@ -475,30 +512,22 @@ def ln_cancel_threshold(K: int, dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / (4 * torch.finfo(torch.float32).eps * math.sqrt(max(K, 1)))
 
 
-_LAST_LN_ROUTE: List[str] = [""]
+_LAST_LN_ROUTE: List[object] = [""]   # (device counter, row tiles, BLOCK_M, threshold) of the last LN_EPI launch
 
 
 def last_ln_route() -> str:
-    """The LayerNorm route of the last LN_EPI launch: "epilogue" or "centred: ..." with the reason."""
-    return _LAST_LN_ROUTE[0]
-
-
-def _ln_operands(x2: Tensor, mean: Tensor, rstd: Tensor) -> Tuple[Tensor, Tensor]:
-    """(A, mean) for the folded route: x2 (M, K) and mean as they are, or, when some rows would cancel,
-    those rows centred (x - mean, rounded to x's dtype) with mean 0 (reported by last_ln_route)."""
-    M, K = x2.shape
-    tau = ln_cancel_threshold(K, x2.dtype)
-    bad = (mean.abs() * rstd) > tau
-    n_bad = int(bad.sum())
-    if n_bad == 0:
-        _LAST_LN_ROUTE[0] = "epilogue"
-        return x2, mean
-    route = (f"centred: {n_bad} of {M} rows have |mean| * rstd > {tau:.3g} (the folded epilogue would cancel); "
-             f"those rows are centred before the GEMM")
-    _LAST_LN_ROUTE[0] = route
-    logger.info("gemm_tma LayerNorm: %s", route)
-    a = torch.where(bad[:, None], (x2.float() - mean[:, None]).to(x2.dtype), x2)
-    return a, torch.where(bad, torch.zeros_like(mean), mean)
+    """The LayerNorm route of the last LN_EPI launch: "epilogue", or "centred: ..." with how many row tiles
+    the kernel centred and why. Reads the launch's device counter, so it waits for that launch (the
+    forward itself never syncs)."""
+    r = _LAST_LN_ROUTE[0]
+    if not isinstance(r, tuple):
+        return r
+    counter, tiles, block_m, tau = r
+    n = int(counter.item())
+    if n == 0:
+        return "epilogue"
+    return (f"centred: {n} of {tiles} row tiles ({block_m} rows) have a row with |mean| * rstd > {tau:.3g} (the "
+            f"folded epilogue would cancel); those tiles are centred in the kernel before the dot")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,8 +589,6 @@ def dense_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     if norm_weight is not None and M:
         folded = fold_layernorm(weight, bias, norm_weight, norm_bias)
         mean, rstd = stats if stats is not None else row_stats(x, eps)
-        a, mean = _ln_operands(torch.as_strided(x, (M, K), (s_am, 1)), mean, rstd)
-        s_am = a.stride(0)
         w, bias, ln = folded.weight, folded.bias, (mean, rstd, folded.colsum)
     return launch_gemm_tma(a, w, out, M=M, N=N, K=K, T=T, s_am=s_am, config=config, bias=bias,
                            residual=residual, res_strides=res_strides, layer_scale=layer_scale, act=act, ln=ln)
@@ -600,8 +627,6 @@ def qkv_projection_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Ten
     if norm_weight is not None and M:
         folded = fold_layernorm(qkv_weight, qkv_bias, norm_weight, norm_bias)
         mean, rstd = row_stats(x, eps)
-        a, mean = _ln_operands(torch.as_strided(x, (M, dim), (s_am, 1)), mean, rstd)
-        s_am = a.stride(0)
         w, bias, ln = folded.weight, folded.bias, (mean, rstd, folded.colsum)
     return launch_gemm_tma(a, w, out, M=M, N=N, K=dim, T=Ntok, s_am=s_am, config=config, bias=bias, ln=ln,
                            qkv=(inner, head_dim, scale))
