@@ -152,7 +152,7 @@ def _mlp_reason(path: str, b: nn.Module, Mlp, LayerScale):
     return why, approx
 
 
-def _data_config(model: nn.Module):
+def data_config(model: nn.Module):
     """(mean, std, source) from the model's timm pretrained_cfg (None when it has none)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     mean, std = cfg.get("mean"), cfg.get("std")
@@ -183,6 +183,6 @@ def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
         elif isinstance(m, PatchEmbed) and "proj" in m._modules:
             owner = root.get_submodule(path.rpartition(".")[0]) if "." in path else root
             c = patch_conv_candidate(join(path, "proj"), m.proj, FAMILY, backend, "patch_embed" in ops_,
-                                     data_config=_data_config(owner))
+                                     data_config=data_config(owner))
             out += [c] if c else []
     return out

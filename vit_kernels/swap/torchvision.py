@@ -108,7 +108,7 @@ def _mlp_reason(path: str, b: nn.Module):
     return why, approx
 
 
-def _data_config():
+def data_config():
     """(mean, std, source): every torchvision ViT weight (IMAGENET1K_V1, the SWAG ones) normalizes
     with ImageNet's mean and std in its transforms; read from them."""
     try:
@@ -138,6 +138,6 @@ def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
                 FusedEncoderBlock, backend))
         elif isinstance(m, VisionTransformer) and "conv_proj" in m._modules:
             c = patch_conv_candidate(join(path, "conv_proj"), m.conv_proj, FAMILY, backend, "patch_embed" in ops_,
-                                     data_config=_data_config())
+                                     data_config=data_config())
             out += [c] if c else []
     return out
