@@ -131,15 +131,20 @@ class SwapWrapper(nn.Module):
         if _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks:
             return ("global module forward hooks are registered (register_module_forward_hook); calls run the "
                     "original modules so they fire")
-        key = tuple(id(m) for m in self._modules.values())
+        children = tuple(self._modules.values())
         watch = self.__dict__.get("_vk_watch")
-        if watch is None or watch[0] != key:
+        if watch is None or watch[0] != children:   # (re)listed when a child is replaced
             mods = [(join(name, sub_name), sub) for name, m in self.bypassed().items()
                     for sub_name, sub in m.named_modules()]
-            watch = self.__dict__["_vk_watch"] = (key, mods)
+            dicts = [d for _, sub in mods for d in (sub._forward_hooks, sub._forward_pre_hooks)]
+            watch = self.__dict__["_vk_watch"] = (children, mods, dicts)
+        if not any(watch[2]):   # the per-call cost: one truth test per hook dict
+            return None
         for name, m in watch[1]:
             hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
-            if hooks and not all(self.hook_exempt(h) for h in hooks):
+            if not hooks:
+                continue
+            if not all(self.hook_exempt(h) for h in hooks):
                 where = join(self.__dict__.get("vk_path", ""), name)
                 return f"forward hooks are registered on {where}; calls run the original modules so they fire"
         return None
