@@ -159,7 +159,7 @@ def test_check_config_names_the_argument():
     for change, match in [(dict(providers=["fast"]), "providers"), (dict(modes=["serve"]), "mode"),
                           (dict(precision="half"), "precision"), (dict(compile_mode="turbo"), "compile_mode"),
                           (dict(batch_size=0), "batch_size"), (dict(models=["resnet50"]), "model"),
-                          (dict(models=["onnx:vit"]), "model")]:
+                          (dict(models=["onnx:vit"]), "model"), (dict(input_dtype="int8"), "input_dtype")]:
         with pytest.raises(ValueError, match=match):
             tp.check_config(tp.BenchConfig(**{**good, **change}))
 
@@ -193,6 +193,19 @@ def test_fallback_to_torch_is_reported():
     assert any(n.startswith("FALLBACK linear ran torch") for n in notes)
     before = backends.last_decision()
     assert tp._fallbacks(before, "triton") == []  # nothing ran since
+
+
+@pytest.mark.parametrize("spec, where", [("vit_tiny_patch16_224", "normalized in the patch embedding (mean=(0.5"),
+                                         ("timm:vit_tiny_patch16_224", "normalized in PyTorch before the model")])
+def test_uint8_input_option(spec, where):
+    """--input-dtype uint8: decoded NHWC uint8 images; a model whose patch embedding reads uint8 takes
+    them as they are, any other is fed (x / 255 - mean) / std computed in the timed step; the row says which."""
+    pytest.importorskip("timm")
+    cfg = tp.BenchConfig(models=[spec], providers=["eager"], device=CPU, batch_size=1, depth=1, img_size=32,
+                         input_dtype="uint8")
+    row, step, _ = tp.prepare(spec, "eager", "inference", cfg)
+    assert where in row["note"], row["note"]
+    assert step().shape[0] == 1
 
 
 # ---------------------------------------------------------------- attention sweep arithmetic

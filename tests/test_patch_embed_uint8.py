@@ -194,3 +194,50 @@ def test_reference_vit_takes_uint8(backend):
             want = copy.deepcopy(oracle).double()(x64)
         assert got.dtype == torch.float32
         assert_close(got, want, base, name=f"logits {size}")
+
+
+def _timm_model():
+    timm = pytest.importorskip("timm")
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
+                             depth=1, num_heads=2, num_classes=5), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def _torchvision_model():
+    tv = pytest.importorskip("torchvision.models.vision_transformer")
+    m = tv.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=64, mlp_dim=128,
+                             num_classes=5)
+    torch.nn.init.normal_(m.heads.head.weight, std=0.05)
+    return m, *IMAGENET
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("family", ["timm", "torchvision"])
+def test_fused_model_takes_uint8(family, backend):
+    """fuse() gives the patch projection the family's data config (timm pretrained_cfg, torchvision's
+    weights transforms): the fused model takes decoded uint8 NHWC images as they are, against the
+    unfused model in float64 fed the normalized images; the report names the mean/std used."""
+    model, mean, std = (_timm_model if family == "timm" else _torchvision_model)()
+    model = model.to(DEVICE).eval()
+    oracle, base = copy.deepcopy(model).double(), copy.deepcopy(model)
+    vk.fuse(model, backend=backend)
+    note = f"uint8 images are normalized on load with mean={mean}, std={std}"
+    assert any(note in n for e in vk.fuse_report(model).fused for n in e.notes), str(vk.fuse_report(model))
+    images = uint8_images(2, 3, 32, 32, nhwc=True)
+    m64, s64 = (torch.tensor(v, dtype=torch.float64, device=DEVICE).view(1, 3, 1, 1) for v in (mean, std))
+    x64 = (images.double() / 255 - m64) / s64
+    with torch.no_grad():
+        got = model(images)
+        assert vk.last_decision("patch_embed").backend == backend
+        assert_close(got, oracle(x64), base(x64.float()), name=f"fused {family} on uint8 images")
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):   # the fall-back normalizes too
+            model(images)
+    assert vk.last_decision("patch_embed").backend == "original"
+
+
+def test_hf_uint8_is_refused_with_the_reason():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
+                                 image_size=32, patch_size=8)
+    model = vk.fuse(transformers.ViTModel(cfg).eval(), backend="torch")
+    assert any("uint8 images not served: ViTModel casts pixel_values" in n
+               for e in vk.fuse_report(model).fused for n in e.notes)

@@ -165,12 +165,12 @@ def test_verify_fails_a_part_that_quietly_took_another_backend(monkeypatch):
 def test_verify_says_not_checked_when_a_part_runs_the_original(monkeypatch):
     from vit_kernels.swap.timm import FusedTimmBlock
     model = vk.fuse(_timm_tiny(depth=1), backend="triton")
-    monkeypatch.setattr(FusedTimmBlock, "run_original", lambda self, x: True)
+    monkeypatch.setattr(FusedTimmBlock, "original_reason", lambda self, x: "dropout is active (test)")
     report = vk.verify(model)
     assert report.status == "NOT CHECKED" and not report.ok, str(report)
     assert {p.op: p.status for p in report.parts} == {"attention": "NOT CHECKED", "mlp": "NOT CHECKED",
                                                       "patch_embed": "checked"}
-    assert "ran the original module" in str(report)
+    assert "ran the original module instead of the fused ops: dropout is active (test)" in str(report)
 
 
 def test_verify_a_vit_kernels_model_keeps_its_backend():

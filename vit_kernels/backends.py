@@ -46,7 +46,8 @@ logger = logging.getLogger("vit_kernels")
 class Decision:
     """Which backend an op call used, and why the others were not taken.
 
-    op: the op name; backend: "triton" | "cuda" | "torch"; path: an op-specific detail (for
+    op: the op name; backend: "triton" | "cuda" | "torch" ("original": a fused module ran the
+    model's own modules instead, reasons["fused"] says why; see :func:`record_original`); path: an op-specific detail (for
     example "single_kernel" or "split" for qkv_attention, "sdpa_flash" for a torch path pinned to
     one SDPA backend), chosen by the tuner or filled by the op; requested: what the caller asked
     for; reasons: backend -> why it was not taken ("tuning" -> why nothing was timed);
@@ -315,6 +316,14 @@ def resolve(op: str, backend: str, tensors: Iterable[Optional[torch.Tensor]],
 
 
 _LOGGED = set()
+
+
+def record_original(op: str, requested: str, why: str) -> Decision:
+    """Record that a fused module (vit_kernels.swap) ran the model's original modules instead of
+    ``op`` at this call: backend "original", reasons {"fused": why}. The wrapper logs it."""
+    d = Decision(op, "original", requested, {"fused": why})
+    _record(d)
+    return d
 
 
 def _record(d: Decision) -> None:

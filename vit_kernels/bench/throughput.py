@@ -70,6 +70,7 @@ class BenchConfig:
     opt: str = "sgd"              # the train step's optimizer: "sgd" (timm's default, nesterov) or "adamw"
     cuda_graphs: bool = False
     peak: Optional[Peak] = None  # the GPU whose roofline bounds are reported
+    input_dtype: str = "float"   # "uint8": decoded NHWC uint8 images (see pixel_input)
 
 
 def check_config(cfg: BenchConfig) -> None:
@@ -80,6 +81,8 @@ def check_config(cfg: BenchConfig) -> None:
     for m in cfg.modes:
         if m not in MODES:
             raise ValueError(f"mode: expected names from {MODES}, got {m!r}")
+    if cfg.input_dtype not in INPUT_DTYPES:
+        raise ValueError(f"input_dtype: expected one of {INPUT_DTYPES}, got {cfg.input_dtype!r}")
     if cfg.precision not in ("pure", "autocast"):
         raise ValueError(f"precision: expected 'pure' or 'autocast', got {cfg.precision!r}")
     if cfg.compile_mode not in COMPILE_MODES:
@@ -202,6 +205,11 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
     images = torch.randn(cfg.batch_size, chans, img, img, device=device, dtype=in_dtype)
     if cfg.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
+    prep, input_note = (lambda x: x), ""  # noqa: E731
+    if cfg.input_dtype == "uint8":
+        images = torch.randint(0, 256, (cfg.batch_size, img, img, chans), dtype=torch.uint8,
+                               device=device).permute(0, 3, 1, 2)
+        prep, input_note = pixel_input(model, in_dtype)
 
     def amp():
         if cfg.precision == "autocast":
@@ -210,7 +218,7 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
     attn_ctx = lambda: bmodels.attention_context("eager" if provider == "eager" else "sdpa")  # noqa: E731
 
     if mode == "train":  # the number of classes, from the model before it is compiled
-        n_cls = bmodels.logits(_probe_out(model, images[:1], attn_ctx, amp)).shape[-1]
+        n_cls = bmodels.logits(_probe_out(model, prep(images[:1]), attn_ctx, amp)).shape[-1]
         labels = torch.randint(0, n_cls, (cfg.batch_size,), device=device)
         if cfg.opt == "sgd":   # timm benchmark.py's default: create_optimizer_v2(opt="sgd", lr=1e-4)
             opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, nesterov=True)
@@ -225,11 +233,11 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
 
         def step():
             with torch.inference_mode(), attn_ctx(), amp():
-                return model(images)
+                return model(prep(images))
     else:
         def step():
             with attn_ctx(), amp():
-                loss = F.cross_entropy(bmodels.logits(model(images)).float(), labels)
+                loss = F.cross_entropy(bmodels.logits(model(prep(images))).float(), labels)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -238,7 +246,7 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
     if provider == "tuned":
         from ..tuning import tune
         with attn_ctx(), amp():
-            result = tune(model, (images,))   # times every op signature, then fused vs unfused
+            result = tune(model, (prep(images),))   # times every op signature, then fused vs unfused
         row["tuning"] = str(result)
         row["tuning_entries"] = [e.table() for e in result.entries]
         tune_note = result.message
@@ -256,10 +264,37 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
         notes.append(tune_note)
     if fuse_note:
         notes.append(fuse_note)
+    if input_note:
+        notes.append(input_note)
     if any(n.startswith("FALLBACK") for n in notes):
         row["status"] = "fallback"
     row["note"] = "; ".join(notes)
     return row, step, shape
+
+
+INPUT_DTYPES = ("float", "uint8")
+
+
+def pixel_input(model: torch.nn.Module, dtype: torch.dtype):
+    """(prep, note) for uint8 (B, C, H, W) images (NHWC data): a model whose patch embedding reads
+    uint8 (vit_kernels' own models, fused timm / torchvision) takes them as they are and normalizes
+    in the kernel; any other model gets them normalized in plain PyTorch first, inside the timed
+    step (x / 255 - mean) / std, as an eager pipeline does, with the model's data config."""
+    from ..nn import FusedPatchEmbed
+    from ..ops.patch_embed import normalize_pixels
+    from ..swap.patch import FusedPatchConv
+    for m in model.modules():
+        if isinstance(m, (FusedPatchEmbed, FusedPatchConv)) and m.image_mean is not None:
+            return (lambda x: x), f"input: uint8 NHWC, normalized in the patch embedding (mean={m.image_mean})"
+    from ..swap import timm as swap_timm, torchvision as swap_tv
+    dc = swap_timm.data_config(model) or \
+        (swap_tv.data_config() if type(model).__module__.startswith("torchvision") else None)
+    mean, std = dc[:2] if dc else ((0.5,) * 3, (0.5,) * 3)   # HF ViTImageProcessor's and vit-pytorch's usual
+    p = next(model.parameters())
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=p.device)
+    std_t = torch.tensor(std, dtype=torch.float32, device=p.device)
+    return (lambda x: normalize_pixels(x, mean_t, std_t, dtype)), \
+        f"input: uint8 NHWC, normalized in PyTorch before the model (mean={tuple(mean)})"
 
 
 def run_case(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool = False, sampler=None) -> Dict:

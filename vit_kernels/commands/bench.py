@@ -77,6 +77,9 @@ def add_parser(sub) -> None:
     p.add_argument("--mode", default=None, help="older spelling of --bench: comma list of inference,train")
     p.add_argument("--opt", choices=tp.OPTIMIZERS, default="sgd", help="as timm: the train step's optimizer "
                    "(default sgd: SGD with Nesterov momentum 0.9, lr 1e-4, as timm's benchmark; adamw: AdamW lr 1e-5)")
+    p.add_argument("--input-dtype", choices=tp.INPUT_DTYPES, default="float",
+                   help="float (default) or uint8: decoded NHWC uint8 images; fused models normalize them in the "
+                   "patch-embedding kernel, the others in PyTorch inside the timed step")
     p.add_argument("--channels-last", action="store_true", help="as timm: channels_last memory layout for the "
                    "model and the images")
     p.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
@@ -159,7 +162,8 @@ def make_config(args) -> tuple:
         modes=[m.strip() for m in get("mode").split(",") if m.strip()], img_size=args.img_size, depth=args.depth,
         warmup=get("warmup"), repeats=get("repeats"), target_spread=args.target_spread, max_time_s=args.max_time,
         compile_mode=args.compile_mode, compile_backend=args.torchcompile or "inductor",
-        channels_last=args.channels_last, opt=args.opt, cuda_graphs=args.cuda_graphs, peak=peak)
+        channels_last=args.channels_last, opt=args.opt, cuda_graphs=args.cuda_graphs, peak=peak,
+        input_dtype=args.input_dtype)
     if args.cuda_graphs and device.type != "cuda":
         notes.append("--cuda-graphs: CUDA graphs need a CUDA GPU; those rows are not measured")
     try:

@@ -125,7 +125,9 @@ def fuse(model: nn.Module, *, backend: str = "auto",
                     e.fused, e.reason, e.notes = False, ("it is the model itself: fuse replaces submodules in "
                                                          "place; pass the module that holds it"), ()
             continue
-        _set(model, c.path, c.build())
+        w = c.build()
+        w.vk_path = c.path   # names the part in fall-back messages
+        _set(model, c.path, w)
     _FUSE_OPS[model] = ops
     report = fuse_report(model, backend=backend, ops=ops)
     logger.info("%s", report)

@@ -157,13 +157,35 @@ class FusedHFLayer(SwapWrapper):
             self.__dict__["_vk_qkv_cache"] = cache
         return cache[1], cache[2]
 
+    def bypassed(self):
+        p = self._parts()
+        mods = {}
+        if self.fused_ops.get("attention"):
+            mods.update(layernorm_before=self.layernorm_before, **p.attn_modules)
+        if self.fused_ops.get("mlp"):
+            mods.update(layernorm_after=self.layernorm_after, **p.mlp_modules)
+        if "dropout" in self._modules:
+            mods["dropout"] = self._modules["dropout"]
+        return mods
+
+    def hook_exempt(self, hook) -> bool:
+        return _is_capture_hook(hook)   # served by the _capturing_attentions check below
+
     def forward(self, hidden_states: Tensor, *args, **kwargs):
         p = self._parts()
         extra = [a for a in args if a is not None and a is not False]
         extra += [v for k, v in kwargs.items() if k not in _IGNORABLE_KWARGS and v is not None and v is not False]
-        if extra or kwargs.get("output_attentions") or self.run_original(hidden_states) or \
-                hidden_states.dim() != 3 or _capturing_attentions(p.self_attn):
-            return self.original_forward(hidden_states, *args, **kwargs)
+        why = None
+        if extra:
+            why = "an attention mask / head mask is given: the fused attention takes none"
+        elif kwargs.get("output_attentions") or _capturing_attentions(p.self_attn):
+            why = ("attention weights are asked for (output_attentions): the fused layer does not return them "
+                   "(vit_kernels.hf_attention serves them through attn_implementation='vit_kernels')")
+        elif hidden_states.dim() != 3:
+            why = "hidden_states is not (batch, tokens, dim)"
+        why = why or self.original_reason(hidden_states)
+        if why:
+            return self.fall_back(why, hidden_states, *args, **kwargs)
         x = hidden_states
         if self.fused_ops.get("attention"):
             w, b = self.qkv_weights()
@@ -249,7 +271,9 @@ def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
     patch_classes = _patch_classes()
     for path, m in root.named_modules():
         if patch_classes and isinstance(m, patch_classes) and "projection" in m._modules:
-            c = patch_conv_candidate(join(path, "projection"), m.projection, FAMILY, backend, "patch_embed" in ops_)
+            c = patch_conv_candidate(join(path, "projection"), m.projection, FAMILY, backend, "patch_embed" in ops_,
+                                     note="uint8 images not served: ViTModel casts pixel_values to the weight's "
+                                          "dtype before the patch embedding (normalize with the image processor)")
             out += [c] if c else []
     layers = [(path, m) for path, m in root.named_modules()
               if not isinstance(m, SwapWrapper) and isinstance(m, classes)]

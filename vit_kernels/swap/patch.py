@@ -9,11 +9,13 @@ epilogue would mean replacing the model's own forward, which these adapters do n
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops.patch_embed import check_pixel_norm, normalize_pixels, pixel_norm_tensors
 from .report import Candidate, ReportEntry
 from .wrapper import SwapWrapper
 
@@ -39,24 +41,56 @@ class FusedPatchConv(SwapWrapper):
     :func:`vit_kernels.ops.patch_embed`; the result is a (non-contiguous) NCHW view of the
     (batch, tokens, dim) buffer the op writes. Parameters: ``weight`` (dim, C, p, p), ``bias``.
     Images whose H or W is not a multiple of p (the Conv2d would drop the remainder) run the
-    Conv2d itself."""
+    Conv2d itself (saying so, as every fall-back does).
+
+    uint8 images (NCHW, or NHWC data as channels_last) are normalized as (x / 255 - mean) / std
+    while the kernel loads them, with ``image_mean`` / ``image_std``: the model's data config, set
+    by the adapter at fuse where the family has one (timm's pretrained_cfg, torchvision's weights
+    transforms), else None (uint8 refused, naming them; assign them to serve uint8)."""
+
+    image_mean: Optional[Tuple[float, ...]] = None
+    image_std: Optional[Tuple[float, ...]] = None
 
     def forward(self, images: Tensor) -> Tensor:
         p = self.kernel_size[0]
-        if images.dim() != 4 or images.shape[-2] % p or images.shape[-1] % p or self.run_original(images):
-            return self.original_forward(images)
+        norm = {}
+        if images.dtype == torch.uint8:
+            pixel_norm = check_pixel_norm(images, self.image_mean, self.image_std)
+            norm = dict(image_mean=pixel_norm[0], image_std=pixel_norm[1])
+        why = None
+        if images.dim() != 4:
+            why = "images are not (batch, channels, H, W)"
+        elif images.shape[-2] % p or images.shape[-1] % p:
+            why = (f"the image size {tuple(images.shape[-2:])} is not a multiple of the patch size {p} (the Conv2d "
+                   f"drops the remainder)")
+        why = why or self.original_reason(images)
+        if why:
+            if norm:   # the original Conv2d takes float images: normalize as the kernel would
+                mean, std = pixel_norm_tensors(pixel_norm, images.device)
+                images = normalize_pixels(images, mean, std, self.weight.dtype)
+            return self.fall_back(why, images)
         B, _, H, W = images.shape
-        tokens = ops.patch_embed(images, self.weight, self.bias, patch_size=p, backend=self.backend)
+        tokens = ops.patch_embed(images, self.weight, self.bias, patch_size=p, backend=self.backend, **norm)
         return tokens.transpose(1, 2).unflatten(2, (H // p, W // p))
 
 
-def patch_conv_candidate(path: str, conv: nn.Module, family: str, backend: str,
-                         enabled: bool, note: str = "") -> Optional[Candidate]:
-    """The candidate for the patch projection ``conv`` at ``path`` (None when it is fused already)."""
+def patch_conv_candidate(path: str, conv: nn.Module, family: str, backend: str, enabled: bool, note: str = "",
+                         data_config: Optional[Tuple[Sequence[float], Sequence[float], str]] = None
+                         ) -> Optional[Candidate]:
+    """The candidate for the patch projection ``conv`` at ``path`` (None when it is fused already).
+    data_config: (mean, std, where from) for uint8 images, or None (uint8 not served; ``note`` may say why)."""
     if isinstance(conv, SwapWrapper):
         return None
     why = "not requested (ops)" if not enabled else conv_reason(path, conv)
     notes = ("class token and position embedding stay in the model's code",) + ((note,) if note else ())
+    if data_config is not None:
+        mean, std, source = data_config
+        notes += (f"uint8 images are normalized on load with mean={tuple(mean)}, std={tuple(std)} ({source})",)
+
+    def build():
+        w = FusedPatchConv(conv, backend, [entry])
+        if data_config is not None:
+            w.image_mean, w.image_std = tuple(map(float, data_config[0])), tuple(map(float, data_config[1]))
+        return w
     entry = ReportEntry(path, "patch_embed", family, why is None, why or "", notes if why is None else ())
-    build = (lambda: FusedPatchConv(conv, backend, [entry])) if why is None else None
-    return Candidate(path, conv, [entry], build)
+    return Candidate(path, conv, [entry], build if why is None else None)

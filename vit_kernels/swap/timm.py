@@ -69,11 +69,20 @@ class FusedTimmBlock(SwapWrapper):
                     ("drop_path2", dropout_p(self.drop_path2))]
         return out
 
+    def bypassed(self):
+        names = (["norm1", "attn", "ls1", "drop_path1"] if self.fused_ops.get("attention") else []) + \
+            (["norm2", "mlp", "ls2", "drop_path2"] if self.fused_ops.get("mlp") else [])
+        return {n: self._modules[n] for n in names if n in self._modules}
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        # attn_mask / is_causal (positionally or by name) or active dropout: the Block's own forward
+        # attn_mask / is_causal (positionally or by name), hooks, active dropout: the Block's own forward
+        why = None
         if any(a is not None and a is not False for a in args) or \
-                any(v is not None and v is not False for v in kwargs.values()) or self.run_original(x):
-            return self.original_forward(x, *args, **kwargs)
+                any(v is not None and v is not False for v in kwargs.values()):
+            why = "attn_mask / is_causal given: the fused attention takes no mask"
+        why = why or self.original_reason(x)
+        if why:
+            return self.fall_back(why, x, *args, **kwargs)
         if self.fused_ops.get("attention"):
             a, n = self.attn, self.norm1
             o = ops.qkv_attention(x, a.qkv.weight, a.qkv.bias, num_heads=a.num_heads, scale=a.scale,
@@ -143,6 +152,15 @@ def _mlp_reason(path: str, b: nn.Module, Mlp, LayerScale):
     return why, approx
 
 
+def data_config(model: nn.Module):
+    """(mean, std, source) from the model's timm pretrained_cfg (None when it has none)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is None or std is None:
+        return None
+    return tuple(mean), tuple(std), "timm pretrained_cfg"
+
+
 def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
     found = _timm()
     if found is None:
@@ -163,6 +181,8 @@ def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
                 join(path, "mlp"), lambda p=path, m=m: _mlp_reason(p, m, Mlp, LayerScale),
                 FusedTimmBlock, backend))
         elif isinstance(m, PatchEmbed) and "proj" in m._modules:
-            c = patch_conv_candidate(join(path, "proj"), m.proj, FAMILY, backend, "patch_embed" in ops_)
+            owner = root.get_submodule(path.rpartition(".")[0]) if "." in path else root
+            c = patch_conv_candidate(join(path, "proj"), m.proj, FAMILY, backend, "patch_embed" in ops_,
+                                     data_config=data_config(owner))
             out += [c] if c else []
     return out

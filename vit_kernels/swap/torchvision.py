@@ -49,9 +49,15 @@ class FusedEncoderBlock(SwapWrapper):
             out += [("mlp.2", dropout_p(self.mlp[2])), ("mlp.4", dropout_p(self.mlp[4]))]
         return out
 
+    def bypassed(self):
+        names = (["ln_1", "self_attention", "dropout"] if self.fused_ops.get("attention") else []) + \
+            (["ln_2", "mlp"] if self.fused_ops.get("mlp") else [])
+        return {n: self._modules[n] for n in names if n in self._modules}
+
     def forward(self, input: Tensor) -> Tensor:
-        if input.dim() != 3 or self.run_original(input):
-            return self.original_forward(input)
+        why = "input is not (batch, tokens, dim)" if input.dim() != 3 else self.original_reason(input)
+        if why:
+            return self.fall_back(why, input)
         if self.fused_ops.get("attention"):
             a, n = self.self_attention, self.ln_1
             o = ops.qkv_attention(input, a.in_proj_weight, a.in_proj_bias, num_heads=a.num_heads,
@@ -102,6 +108,17 @@ def _mlp_reason(path: str, b: nn.Module):
     return why, approx
 
 
+def data_config():
+    """(mean, std, source): every torchvision ViT weight (IMAGENET1K_V1, the SWAG ones) normalizes
+    with ImageNet's mean and std in its transforms; read from them."""
+    try:
+        from torchvision.models import ViT_B_16_Weights
+        t = ViT_B_16_Weights.DEFAULT.transforms()
+        return tuple(t.mean), tuple(t.std), "torchvision ViT weights transforms"
+    except Exception:
+        return None
+
+
 def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
     found = _tv()
     if found is None:
@@ -120,6 +137,7 @@ def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
                 join(path, "mlp"), lambda p=path, m=m: _mlp_reason(p, m),
                 FusedEncoderBlock, backend))
         elif isinstance(m, VisionTransformer) and "conv_proj" in m._modules:
-            c = patch_conv_candidate(join(path, "conv_proj"), m.conv_proj, FAMILY, backend, "patch_embed" in ops_)
+            c = patch_conv_candidate(join(path, "conv_proj"), m.conv_proj, FAMILY, backend, "patch_embed" in ops_,
+                                     data_config=data_config())
             out += [c] if c else []
     return out

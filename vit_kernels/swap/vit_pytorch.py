@@ -145,9 +145,20 @@ class FusedVitPytorchTransformer(SwapWrapper):
                 out += [(f"layers.{i}.1.{n}", dropout_p(m)) for n, m in _FF(ff).drops.items()]
         return out
 
+    def bypassed(self):
+        mods = {}
+        for i, (attn, ff) in enumerate(self.layers):
+            fuse_attn, approx = self.vk_plan[i]
+            if fuse_attn:
+                mods[f"layers.{i}.0"] = attn
+            if approx is not None:
+                mods[f"layers.{i}.1"] = ff
+        return mods
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.run_original(x) or x.dim() != 3:
-            return self.original_forward(x)
+        why = "x is not (batch, tokens, dim)" if x.dim() != 3 else self.original_reason(x)
+        if why:
+            return self.fall_back(why, x)
         for i, (attn, ff) in enumerate(self.layers):
             fuse_attn, approx = self.vk_plan[i]
             if fuse_attn:
@@ -179,12 +190,20 @@ class FusedVitPytorchPatchEmbed(SwapWrapper):
 
     family = FAMILY
 
+    def bypassed(self):
+        return dict(self._modules)   # [Rearrange, Linear]: the op replaces both
+
     def forward(self, images: Tensor) -> Tensor:
         lin = self[1]
         p = self.vk_patch
-        if images.dim() != 4 or images.shape[1] * p * p != lin.in_features or images.shape[-2] % p or \
-                images.shape[-1] % p or self.run_original(images):
-            return self.original_forward(images)
+        why = None
+        if images.dim() != 4 or images.shape[1] * p * p != lin.in_features:
+            why = f"images are not (batch, channels, H, W) with channels * {p} * {p} = {lin.in_features}"
+        elif images.shape[-2] % p or images.shape[-1] % p:
+            why = f"the image size {tuple(images.shape[-2:])} is not a multiple of the patch size {p}"
+        why = why or self.original_reason(images)
+        if why:
+            return self.fall_back(why, images)
         w = lin.weight.view(lin.out_features, p, p, images.shape[1]).permute(0, 3, 1, 2)
         return ops.patch_embed(images, w, lin.bias, patch_size=p, backend=self.backend)
 

@@ -7,23 +7,38 @@ How a swap keeps the model intact:
   change, optimizers holding the parameters keep working and ``load_state_dict`` fills both.
 - Forward hooks are shared (the wrapper uses the original's hook dictionaries), so a hook
   registered on either fires once per call. Hooks on modules the fused path would bypass make the
-  adapter leave that part unfused (the hook would silently stop firing otherwise).
+  adapter leave that part unfused when they exist at fuse time; registered after fuse (or global
+  module hooks), they make each call run the original modules, so they fire (never silently dropped).
 - Plain attributes the wrapper lacks (``num_heads``, ``grid_size``, ...) are read from the
   original. ``unfuse`` puts the original module back with whatever children, parameters and
   buffers the wrapper holds then (``.to()``/``load_state_dict`` after fuse are kept).
 - Anything a fused path cannot do exactly (attention masks, dropout active in training,
-  torch.autocast, ...) runs the original module's own ``forward`` at that call: never a wrong
-  number.
+  torch.autocast, hooks, ...) runs the original module's own ``forward`` at that call
+  (:meth:`SwapWrapper.fall_back`): never a wrong number, and never silently: an INFO line the first
+  time per reason, ``last_fallback`` / ``fallbacks`` on the wrapper, the fuse report's notes, and
+  ``last_decision(op).backend == "original"`` with the reason.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Sequence, Tuple
+import logging
+import threading
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
+from ..backends import record_original
+from .reasons import join
 from .report import ReportEntry
+
+logger = logging.getLogger("vit_kernels")
+_LOCK = threading.Lock()
+
+# report op -> the op whose last_decision records a fallback of that part
+OP_NAMES = {"attention": "qkv_attention", "mlp": "layernorm_gelu_mlp", "patch_embed": "patch_embed"}
+
 
 # Module attributes holding hooks; the wrapper shares these dictionaries with the original.
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
@@ -100,13 +115,80 @@ class SwapWrapper(nn.Module):
     def dropout_active(self) -> bool:
         return self.training and any(p > 0 for _, p in self.dropouts())
 
-    def run_original(self, x: torch.Tensor) -> bool:
-        """True when this call must run the original modules: dropout active in training, or
-        torch.autocast on (the fused ops take all tensors at one dtype: use model.to(dtype))."""
-        return self.dropout_active() or _autocast_on(x)
+    def bypassed(self) -> Dict[str, nn.Module]:
+        """name -> child whose forward the fused path does not call (its forward hooks would not
+        fire): the modules of the parts this wrapper runs fused. Hooks on the wrapper itself fire."""
+        return {}
+
+    def hook_exempt(self, hook) -> bool:
+        """True for a hook the adapter serves another way (transformers' output-capturing hooks)."""
+        return False
+
+    def hook_reason(self) -> Optional[str]:
+        """Why forward hooks need the original modules at this call (None: no hook is bypassed):
+        hooks registered, before or after fuse, on a module the fused path does not call, or global
+        module hooks. Cheap per call: the watched modules are listed once per set of children."""
+        if _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks:
+            return ("global module forward hooks are registered (register_module_forward_hook); calls run the "
+                    "original modules so they fire")
+        children = tuple(self._modules.values())
+        watch = self.__dict__.get("_vk_watch")
+        if watch is None or watch[0] != children:   # (re)listed when a child is replaced
+            mods = [(join(name, sub_name), sub) for name, m in self.bypassed().items()
+                    for sub_name, sub in m.named_modules()]
+            dicts = [d for _, sub in mods for d in (sub._forward_hooks, sub._forward_pre_hooks)]
+            watch = self.__dict__["_vk_watch"] = (children, mods, dicts)
+        if not any(watch[2]):   # the per-call cost: one truth test per hook dict
+            return None
+        for name, m in watch[1]:
+            hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+            if not hooks:
+                continue
+            if not all(self.hook_exempt(h) for h in hooks):
+                where = join(self.__dict__.get("vk_path", ""), name)
+                return f"forward hooks are registered on {where}; calls run the original modules so they fire"
+        return None
+
+    def original_reason(self, x) -> Optional[str]:
+        """Why this call must run the original modules (None: the fused path serves it): forward
+        hooks the fused path would bypass, dropout active in training, torch.autocast on (the fused
+        ops take all tensors at one dtype: use model.to(dtype))."""
+        why = self.hook_reason()
+        if why:
+            return why
+        if self.dropout_active():
+            return "dropout is active (training mode, p > 0): calls run the original modules"
+        if _autocast_on(x):
+            return "torch.autocast is on: the fused ops take one dtype (use model.to(dtype)); calls run the original modules"
+        return None
+
+    def fall_back(self, why: str, *args, **kwargs):
+        """Run the original module's forward for this call because ``why``, visibly: an INFO line on
+        the ``vit_kernels`` logger the first time per reason, the reason in ``last_fallback`` and
+        counted in ``fallbacks`` (fuse_report lists them), and ``last_decision(op)`` of each fused op
+        says backend "original" with the reason."""
+        with _LOCK:
+            counts = self.__dict__.setdefault("fallbacks", {})
+            first = why not in counts
+            counts[why] = counts.get(why, 0) + 1
+            self.__dict__["last_fallback"] = why
+        if first:
+            logger.info("%s (%s, fused %s): running the original module: %s", self.__dict__.get("vk_path") or "<root>",
+                        type(self.original).__name__, "+".join(op for op, f in self.fused_ops.items() if f), why)
+        for op, fused in self.fused_ops.items():
+            if fused:
+                record_original(OP_NAMES[op], self.backend, why)
+        return self.original_forward(*args, **kwargs)
 
     def runtime_notes(self) -> List[str]:
         notes = []
+        why = self.hook_reason()
+        if why:
+            notes.append(why)
+        with _LOCK:
+            counts = dict(self.__dict__.get("fallbacks", {}))
+        for reason, n in counts.items():
+            notes.append(f"ran the original modules {n} time(s) since fuse: {reason}")
         active = [f"{n} p={p:g}" for n, p in self.dropouts() if p > 0]
         if active:
             state = "active now: the model is in training mode" if self.training else "inactive in eval mode"

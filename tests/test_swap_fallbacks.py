@@ -1,0 +1,151 @@
+"""No silent fallback (issue 13 item 6), per family: whenever a fused part runs the original modules
+(a forward hook registered after fuse on a module the fused path bypasses, a global module hook,
+torch.autocast, an attention mask, HF's output_attentions) the call still gives the original's
+result and the user sees why: an INFO line on the ``vit_kernels`` logger, ``last_fallback`` on the
+wrapper, a note in fuse_report and ``last_decision(op).backend == "original"`` with the reason.
+Hooks registered before fuse leave the part unfused, with the reason in the report."""
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import vit_kernels as vk
+from vit_kernels.swap import SwapWrapper
+from vit_kernels.testing import assert_close
+
+
+def _timm():
+    timm = pytest.importorskip("timm")
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
+                             depth=2, num_heads=2, num_classes=10)
+
+
+def _torchvision():
+    tv = pytest.importorskip("torchvision.models.vision_transformer")
+    return tv.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128,
+                                num_classes=10)
+
+
+def _hf():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                                 image_size=32, patch_size=8, num_labels=10)
+    cfg._attn_implementation = "eager"   # SDPA returns no attention weights (output_attentions)
+    return transformers.ViTForImageClassification(cfg)
+
+
+def _vit_pytorch():
+    vit_pytorch = pytest.importorskip("vit_pytorch")
+    return vit_pytorch.ViT(image_size=32, patch_size=8, num_classes=10, dim=64, depth=2, heads=2, dim_head=32,
+                           mlp_dim=128)
+
+
+FAMILIES = {"timm": _timm, "torchvision": _torchvision, "transformers": _hf, "vit_pytorch": _vit_pytorch}
+
+
+def logits(y):
+    return y if isinstance(y, torch.Tensor) else y.logits
+
+
+def block_wrapper(model):
+    """The last fused wrapper that fuses attention (its ops' decisions are the last ones of a forward),
+    and the LayerNorm before its attention, a module its fused path bypasses (every family's original
+    calls it as a module, unlike MultiheadAttention's out_proj)."""
+    w = [m for m in model.modules() if isinstance(m, SwapWrapper) and m.fused_ops.get("attention")][-1]
+    for name, child in w.bypassed().items():
+        norm = next((m for m in child.modules() if isinstance(m, nn.LayerNorm)), None)
+        if norm is not None:
+            return w, norm
+    raise AssertionError(f"no LayerNorm among {list(w.bypassed())}")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_hook_registered_after_fuse_fires_and_is_reported(family, caplog):
+    model = FAMILIES[family]().eval()
+    ref = copy.deepcopy(model)
+    images = torch.randn(2, 3, 32, 32)
+    vk.fuse(model, backend="torch")
+    w, lin = block_wrapper(model)
+    assert w.hook_reason() is None
+    calls = []
+    handle = lin.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="vit_kernels"):
+        got = logits(model(images))
+        logits(model(images))
+    assert len(calls) == 2, "the hook did not fire once per call"
+    with torch.no_grad():   # the other blocks ran fused: the tolerance rule against the float64 original
+        assert_close(got, logits(copy.deepcopy(ref).double()(images.double())), logits(ref(images)))
+    assert "forward hooks are registered on" in w.last_fallback and w.vk_path in w.last_fallback
+    lines = [r.getMessage() for r in caplog.records if "running the original module" in r.getMessage()]
+    assert len([m for m in lines if w.vk_path in m]) == 1, lines       # once per reason, not per call
+    d = vk.last_decision("qkv_attention")
+    assert d.backend == "original" and "forward hooks are registered on" in d.reasons["fused"]
+    report = str(vk.fuse_report(model))
+    assert "forward hooks are registered on" in report and "time(s) since fuse" in report
+
+    handle.remove()   # the fused path again
+    with torch.no_grad():
+        model(images)
+    assert vk.last_decision("qkv_attention").backend == "torch"
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_hook_registered_before_fuse_leaves_the_part(family):
+    model = FAMILIES[family]().eval()
+    probe = copy.deepcopy(model)
+    vk.fuse(probe, backend="torch")
+    w, lin = block_wrapper(probe)
+    path = next(n for n, m in probe.named_modules() if m is lin)
+    calls = []
+    model.get_submodule(path).register_forward_hook(lambda m, i, o: calls.append(1))
+    vk.fuse(model, backend="torch")
+    left = [e for e in vk.fuse_report(model).left if "forward hooks are registered on" in e.reason]
+    assert left, str(vk.fuse_report(model))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_global_module_hooks_and_autocast_fall_back_visibly(family):
+    model = FAMILIES[family]().eval()
+    vk.fuse(model, backend="torch")
+    w, _ = block_wrapper(model)
+    images = torch.randn(1, 3, 32, 32)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        handle.remove()
+    assert "global module forward hooks" in w.last_fallback
+    assert any(name in seen for name in ("Linear", "NonDynamicallyQuantizableLinear"))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(images)
+    assert "torch.autocast is on" in w.last_fallback
+    assert "torch.autocast is on" in vk.last_decision("qkv_attention").reasons["fused"]
+
+
+def test_timm_attention_mask_falls_back_visibly():
+    model = _timm().eval()
+    vk.fuse(model, backend="torch")
+    block = model.blocks[0]
+    x = torch.randn(1, 17, 64)
+    with torch.no_grad():
+        block(x, attn_mask=torch.zeros(1, 1, 17, 17, dtype=torch.bool))
+    assert block.last_fallback.startswith("attn_mask / is_causal given")
+
+
+def test_hf_output_attentions_falls_back_visibly():
+    model = _hf().eval()
+    vk.fuse(model, backend="torch")
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 32, 32), output_attentions=True)
+    assert out.attentions is not None and len(out.attentions) == 2
+    d = vk.last_decision("qkv_attention")
+    assert d.backend == "original" and "output_attentions" in d.reasons["fused"]
+    assert "attention weights are asked for" in str(vk.fuse_report(model))
