@@ -46,8 +46,8 @@ logger = logging.getLogger("vit_kernels")
 class Decision:
     """Which backend an op call used, and why the others were not taken.
 
-    op: the op name; backend: "triton" | "cuda" | "torch" ("original": a fused module ran the
-    model's own modules instead, reasons["fused"] says why; see :func:`record_original`); path: an op-specific detail (for
+    op: the op name; backend: "triton" | "cuda" | "torch" ("original": a fused part ran the
+    model's own modules instead; see :func:`unfused`); path: an op-specific detail (for
     example "single_kernel" or "split" for qkv_attention, "sdpa_flash" for a torch path pinned to
     one SDPA backend), chosen by the tuner or filled by the op; requested: what the caller asked
     for; reasons: backend -> why it was not taken ("tuning" -> why nothing was timed);
@@ -318,14 +318,6 @@ def resolve(op: str, backend: str, tensors: Iterable[Optional[torch.Tensor]],
 _LOGGED = set()
 
 
-def record_original(op: str, requested: str, why: str) -> Decision:
-    """Record that a fused module (vit_kernels.swap) ran the model's original modules instead of
-    ``op`` at this call: backend "original", reasons {"fused": why}. The wrapper logs it."""
-    d = Decision(op, "original", requested, {"fused": why})
-    _record(d)
-    return d
-
-
 def _record(d: Decision) -> None:
     _LAST[d.op] = d
 
@@ -339,17 +331,18 @@ def _log_once(d: Decision) -> None:
         logger.info("%s", d)
 
 
-def unfused(op: str, requested: str, reason: str, path: str = "unfused") -> Decision:
-    """Record that a module ran ``op``'s work as its own unfused PyTorch code rather than the op (for
-    example dropout active in training, which the fused kernels do not apply): a Decision with
-    backend "torch" and ``path``, the reason under the requested backend ("triton" and "cuda" for
-    "auto"), kept for :func:`last_decision` / :func:`record_decisions` and logged once at INFO.
+def unfused(op: str, requested: str, reason: str, *, ran: str = "torch", log: bool = True) -> Decision:
+    """Record that ``op``'s work at this call ran unfused, and why: a Decision with path "unfused",
+    backend ``ran`` ("torch": a vit_kernels module ran its own plain PyTorch code, for example with
+    dropout active in training, which the fused kernels do not apply; "original": a fused part of a
+    swapped model (vit_kernels.swap) ran the model's original modules) and reasons {"fused": reason};
+    kept for :func:`last_decision` / :func:`record_decisions` and, with ``log``, logged once at INFO.
     Not recorded while torch.compile traces (bookkeeping stays out of compiled graphs)."""
-    d = Decision(op, "torch", requested,
-                 {b: reason for b in (("triton", "cuda") if requested == "auto" else (requested,))}, path)
+    d = Decision(op, ran, requested, {"fused": reason}, "unfused")
     if _compiling():
         return d
-    _log_once(d)
+    if log:
+        _log_once(d)
     _record(d)
     return d
 

@@ -214,15 +214,15 @@ def _judge(parts, runs) -> List[PartCheck]:
     out = []
     for path, _, entries, backend in parts:
         for part_path, op in entries:
-            ran = [d for call in runs[path] for d in call if d.op in PART_OPS[op] and d.backend != "original"]
-            # a wrapper that ran the original modules records backend "original" with the reason
-            fell_back = [d for call in runs[path] for d in call if d.op in PART_OPS[op] and d.backend == "original"]
+            ran = [d for call in runs[path] for d in call if d.op in PART_OPS[op] and d.path != "unfused"]
+            # a part that ran unfused code (the original modules, dropout in training) says why
+            fell_back = [d for call in runs[path] for d in call if d.op in PART_OPS[op] and d.path == "unfused"]
             if not runs[path]:
                 status, why = "NOT CHECKED", "it was not called"
             elif fell_back:
                 status, why = "NOT CHECKED", (f"it ran the original module instead of the fused ops: "
                                               f"{fell_back[0].reasons.get('fused', '')}")
-            elif any(not any(d.op in PART_OPS[op] and d.path != "unfused" for d in call) for call in runs[path]):
+            elif any(not any(d.op in PART_OPS[op] for d in call) for call in runs[path]):
                 status, why = "NOT CHECKED", ("it ran the original module instead of the fused ops (dropout in "
                                              "training, torch.autocast, an attention mask or another runtime "
                                              "fallback: see the fuse report's notes)")

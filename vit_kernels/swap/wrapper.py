@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
-from ..backends import record_original
+from ..backends import unfused
 from .reasons import join
 from .report import ReportEntry
 
@@ -177,7 +177,7 @@ class SwapWrapper(nn.Module):
                         type(self.original).__name__, "+".join(op for op, f in self.fused_ops.items() if f), why)
         for op, fused in self.fused_ops.items():
             if fused:
-                record_original(OP_NAMES[op], self.backend, why)
+                unfused(OP_NAMES[op], self.backend, why, ran="original", log=False)
         return self.original_forward(*args, **kwargs)
 
     def runtime_notes(self) -> List[str]:
