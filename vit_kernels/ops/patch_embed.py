@@ -68,7 +68,14 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
     empty result. bias, cls_token, pos_embed of other strides are copied for the fused kernels
     (``last_decision("patch_embed").copied``).
     tune: "on" | "off" | "cache-only" for backend="auto" on CUDA tensors (vit_kernels.tuning).
+    The custom op ``torch.ops.vit_kernels.patch_embed`` (:mod:`vit_kernels.library`).
     """
+    from .. import library   # here: vit_kernels.library imports this file
+    return library.run("patch_embed", (images, weight, bias, pos_embed, cls_token, patch_size, backend, tune))
+
+
+def dispatch(images, weight, bias, pos_embed, cls_token, patch_size, backend, tune) -> Tensor:
+    """The body of the custom op: checks, the backend decision (recorded), the launch."""
     tokens, dim = check_patch_embed(images, weight, bias, patch_size, pos_embed, cls_token)
     patch_size = int(patch_size)   # a numpy integer, say, as the kernels' launch argument
     layouts = layouts_unsupported(weight)
