@@ -222,10 +222,10 @@ _LIB = torch.library.Library(NAMESPACE, "DEF")
 def _register(op: str) -> None:
     qualname = f"{NAMESPACE}::{op}"
     _LIB.define(op + SCHEMAS[op])
-    impl, shape = IMPLS[op], SHAPES[op]
+    shape = SHAPES[op]
 
     def implementation(*args):
-        out = impl(*args)
+        out = IMPLS[op](*args)
         return out if out.is_contiguous() else out.contiguous()
 
     def fake(*args):
