@@ -281,3 +281,14 @@ def run(op: str, args: Sequence, tensors: Optional[Sequence] = None):
             backends.resolve(op, args[-2], tensors)   # records the torch decision and why
         return out
     return getattr(torch.ops.vit_kernels, op)(*args)
+
+
+TORCHSCRIPT_REFUSED = ("torch.jit.script cannot compile vit_kernels' fused modules (they choose a backend in Python "
+                       "at run time); use torch.jit.trace, torch.compile, torch.export or torch.fx, or "
+                       "vit_kernels.unfuse(model) first")
+
+
+def refuse_torchscript(module) -> None:
+    """``__prepare_scriptable__`` of the fused modules: torch.jit.script calls it on every submodule
+    before compiling, so scripting a fused model fails with one sentence instead of a parser error."""
+    raise RuntimeError(f"{type(module).__name__}: {TORCHSCRIPT_REFUSED}")

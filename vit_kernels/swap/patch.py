@@ -13,7 +13,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .. import ops
+from .. import library, ops
 from .base import Candidate, ReportEntry, SwapWrapper
 
 
@@ -42,11 +42,12 @@ class FusedPatchConv(SwapWrapper):
 
     def forward(self, images: Tensor) -> Tensor:
         p = self.kernel_size[0]
-        if images.dim() != 4 or images.shape[-2] % p or images.shape[-1] % p or self.run_original(images):
+        # torch.fx (images an fx.Proxy): sizes unknown, the fused op is recorded; it checks them when the graph runs
+        if not library.symbolic(images) and (images.dim() != 4 or images.shape[-2] % p or images.shape[-1] % p
+                                             or self.run_original(images)):
             return self.original_forward(images)
-        B, _, H, W = images.shape
         tokens = ops.patch_embed(images, self.weight, self.bias, patch_size=p, backend=self.backend)
-        return tokens.transpose(1, 2).unflatten(2, (H // p, W // p))
+        return tokens.transpose(1, 2).unflatten(2, (images.shape[-2] // p, images.shape[-1] // p))
 
 
 def patch_conv_candidate(path: str, conv: nn.Module, family: str, backend: str,

@@ -18,7 +18,7 @@ from typing import List
 
 from torch import Tensor, nn
 
-from .. import ops
+from .. import library, ops
 from .base import (Candidate, SwapWrapper, block_candidate, bypassed_hooks, dropout_p, dropout_reason,
                    first_reason, gelu_approximate, head_dim_reason, join, layernorm_reason,
                    linear_reason, overrides_load_state_dict)
@@ -49,7 +49,7 @@ class FusedEncoderBlock(SwapWrapper):
         return out
 
     def forward(self, input: Tensor) -> Tensor:
-        if input.dim() != 3 or self.run_original(input):
+        if not library.symbolic(input) and (input.dim() != 3 or self.run_original(input)):   # fx: the fused ops
             return self.original_forward(input)
         if self.fused_ops.get("attention"):
             a, n = self.self_attention, self.ln_1
