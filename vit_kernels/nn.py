@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, reference
+from . import library, ops, reference
 from .ops import attention_stats
 from .backends import BACKENDS, unfused
 from .ops.patch_embed import check_pixel_norm
@@ -26,6 +26,8 @@ MODULE_BACKENDS = BACKENDS + ("reference",)
 
 def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     """The autocast dtype when torch.autocast is on for x's device and would lower x, else None."""
+    if not isinstance(x, Tensor):   # an fx.Proxy: symbolic tracing records the ops as they are
+        return None
     dev = x.device.type
     if not torch.is_autocast_enabled(dev):
         return None
@@ -72,6 +74,9 @@ class _Fused(nn.Module):
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
+
+    def __prepare_scriptable__(self):
+        library.refuse_torchscript(self)
 
 
 class FusedAttention(_Fused):

@@ -104,7 +104,7 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
     all tokens (the class token gets pos_embed[0]).
     """
     B, C, H, W = images.shape
-    if images.dtype == torch.uint8:
+    if isinstance(images, Tensor) and images.dtype == torch.uint8:   # (torch.fx traces float images)
         work = torch.promote_types(weight.dtype, torch.float32)
         mean = torch.as_tensor(image_mean, dtype=work, device=images.device).view(1, C, 1, 1)
         std = torch.as_tensor(image_std, dtype=work, device=images.device).view(1, C, 1, 1)

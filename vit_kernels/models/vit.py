@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import library
 from ..nn import FusedAttention, FusedMlp, FusedPatchEmbed, set_backend
 
 
@@ -124,9 +125,15 @@ class VisionTransformer(nn.Module):
     def forward_features(self, images: Tensor) -> Tensor:
         """images: (batch, in_chans, H, W), float (normalized) or uint8 (normalized on load with
         ``patch_embed.image_mean`` / ``image_std``) -> tokens after the final LayerNorm (batch, tokens, dim)."""
-        if images.dim() != 4:
-            raise ValueError(f"images: expected (batch, channels, H, W), got shape {tuple(images.shape)}")
-        pos = self.pos_embed_for(images.shape[-2], images.shape[-1])
+        if library.symbolic(images):   # torch.fx: sizes unknown; the ops check them when the graph runs
+            if self.dynamic_img_size:
+                raise ValueError("dynamic_img_size: True cannot be traced by torch.fx (the position embedding "
+                                 "is resampled per input size); use torch.compile or torch.export")
+            pos = self.pos_embed
+        else:
+            if images.dim() != 4:
+                raise ValueError(f"images: expected (batch, channels, H, W), got shape {tuple(images.shape)}")
+            pos = self.pos_embed_for(images.shape[-2], images.shape[-1])
         x = self.patch_embed(images, pos_embed=pos, cls_token=self.cls_token)
         if self.reg_token is not None:
             n_cls = 1 if self.cls_token is not None else 0

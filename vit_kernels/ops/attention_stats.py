@@ -125,7 +125,10 @@ def recording(request: StatsRequest) -> Iterator[List[AttentionStats]]:
 
 
 def active_request() -> Optional[StatsRequest]:
-    """The request of the innermost :func:`recording` block of this thread, or None."""
+    """The request of the innermost :func:`recording` block of this thread, or None (always None
+    while torch.compile traces: recording is for eager calls)."""
+    if torch.compiler.is_compiling():
+        return None
     active = getattr(_LOCAL, "active", None)
     return active[0] if active is not None else None
 

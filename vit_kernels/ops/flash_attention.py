@@ -50,12 +50,21 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] =
     stats: a :class:`~vit_kernels.ops.attention_stats.StatsRequest` makes it return
     ``(out, AttentionStats)`` (attention rows, mean attention distance, full weights). Inside
     ``attention_stats.recording(...)`` the statistics are recorded instead.
+    Without statistics this is the custom op ``torch.ops.vit_kernels.flash_attention``
+    (:mod:`vit_kernels.library`).
     """
+    request = stats if stats is not None else attention_stats.active_request()
+    if request is None:
+        from .. import library   # here: vit_kernels.library imports this file
+        return library.run("flash_attention", (q, k, v, scale, backend, tune))
+    scale = check_flash_attention(q, k, v, scale)
+    return _with_stats(q, k, v, scale, backend, request, record=stats is None)
+
+
+def dispatch(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], backend: str, tune: Optional[str]) -> Tensor:
+    """The body of the custom op: checks, the backend decision (recorded), the launch."""
     scale = check_flash_attention(q, k, v, scale)
     D = q.shape[-1]
-    request = stats if stats is not None else attention_stats.active_request()
-    if request is not None:
-        return _with_stats(q, k, v, scale, backend, request, record=stats is None)
     layouts = layouts_unsupported(q, k, v)
     empty = q.numel() == 0 or k.shape[2] == 0   # nothing to time: the untimed rules pick the backend
     d = resolve("flash_attention", backend, (q, k, v),

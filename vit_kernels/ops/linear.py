@@ -60,7 +60,14 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     empty result. bias and layer_scale of other strides are copied for the fused kernels
     (``last_decision("linear").copied``).
     tune: "on" | "off" | "cache-only" for backend="auto" on CUDA tensors (vit_kernels.tuning).
+    The custom op ``torch.ops.vit_kernels.linear`` (:mod:`vit_kernels.library`).
     """
+    from .. import library   # here: vit_kernels.library imports this file
+    return library.run("linear", (x, weight, bias, residual, layer_scale, backend, tune))
+
+
+def dispatch(x, weight, bias, residual, layer_scale, backend, tune) -> Tensor:
+    """The body of the custom op: checks, the backend decision (recorded), the launch."""
     check_linear(x, weight, bias, residual, layer_scale)
     layouts = layouts_unsupported(x, weight, residual)
     params, notes = checks.contiguous_params(backend, bias=bias, layer_scale=layer_scale)

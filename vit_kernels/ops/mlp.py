@@ -72,7 +72,16 @@ def layernorm_gelu_mlp(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Opti
     >= 0. Zero rows: an empty result. 1-D parameters of other strides are copied for the fused
     kernels (``last_decision("layernorm_gelu_mlp").copied``).
     tune: "on" | "off" | "cache-only" for backend="auto" on CUDA tensors (vit_kernels.tuning).
+    The custom op ``torch.ops.vit_kernels.layernorm_gelu_mlp`` (:mod:`vit_kernels.library`).
     """
+    from .. import library   # here: vit_kernels.library imports this file
+    return library.run("layernorm_gelu_mlp", (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                              residual, layer_scale, eps, approximate, backend, tune))
+
+
+def dispatch(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale, eps,
+             approximate, backend, tune) -> Tensor:
+    """The body of the custom op: checks, the backend decision (recorded), the launch."""
     eps = check_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                     approximate, residual, layer_scale, eps)
     tensors = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale)

@@ -143,7 +143,30 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
     empty result. bias, cls_token, pos_embed of other strides are copied for the fused kernels
     (``last_decision("patch_embed").copied``).
     tune: "on" | "off" | "cache-only" for backend="auto" on CUDA tensors (vit_kernels.tuning).
+    The custom op ``torch.ops.vit_kernels.patch_embed`` (:mod:`vit_kernels.library`).
     """
+    from .. import library   # here: vit_kernels.library imports this file
+    return library.run("patch_embed", (images, weight, bias, pos_embed, cls_token, patch_size,
+                                       _values("image_mean", image_mean), _values("image_std", image_std),
+                                       backend, tune))
+
+
+def _values(name: str, v) -> Optional[list]:
+    """image_mean / image_std as the custom op's float[] (None stays None); check_pixel_norm judges them."""
+    if v is None:
+        return None
+    if isinstance(v, torch.Tensor):
+        if v.dim() != 1:
+            raise ValueError(f"{name}: expected one value per channel, got a tensor of shape {tuple(v.shape)}")
+        v = v.tolist()
+    try:
+        return [float(x) for x in v]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a sequence of numbers (one per channel), got {v!r}") from None
+
+
+def dispatch(images, weight, bias, pos_embed, cls_token, patch_size, image_mean, image_std, backend, tune) -> Tensor:
+    """The body of the custom op: checks, the backend decision (recorded), the launch."""
     tokens, dim, pixel_norm = check_patch_embed(images, weight, bias, patch_size, pos_embed, cls_token,
                                                 image_mean, image_std)
     patch_size = int(patch_size)   # a numpy integer, say, as the kernels' launch argument

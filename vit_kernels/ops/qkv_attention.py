@@ -77,17 +77,31 @@ def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = No
     stats: a :class:`~vit_kernels.ops.attention_stats.StatsRequest` makes it return
     ``(out, AttentionStats)`` (triton, cuda: the split path keeping the row log-sum-exp, path
     "split+stats"; torch: the full softmax). Inside ``attention_stats.recording(...)`` the
-    statistics are recorded instead.
+    statistics are recorded instead. Without statistics this is the custom op
+    ``torch.ops.vit_kernels.qkv_attention`` (:mod:`vit_kernels.library`).
     """
+    request = stats if stats is not None else attention_stats.active_request()
+    if request is None:
+        from .. import library   # here: vit_kernels.library imports this file
+        return library.run("qkv_attention", (x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps,
+                                             path, backend, tune))
     num_heads, inner, head_dim, scale, eps = check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight,
                                                                  norm_bias, scale, eps)
     checks.choice("path", path, (None, "single_kernel", "split"))
     if path is None and single_kernel_layout(x, qkv_weight):
         path = "split"
     tensors = (x, qkv_weight, qkv_bias, norm_weight, norm_bias)
-    request = stats if stats is not None else attention_stats.active_request()
-    if request is not None:
-        return _with_stats(tensors, num_heads, head_dim, scale, eps, backend, path, request, record=stats is None)
+    return _with_stats(tensors, num_heads, head_dim, scale, eps, backend, path, request, record=stats is None)
+
+
+def dispatch(x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps, path, backend, tune) -> Tensor:
+    """The body of the custom op: checks, the backend and path decision (recorded), the launch."""
+    num_heads, inner, head_dim, scale, eps = check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight,
+                                                                 norm_bias, scale, eps)
+    checks.choice("path", path, (None, "single_kernel", "split"))
+    if path is None and single_kernel_layout(x, qkv_weight):
+        path = "split"
+    tensors = (x, qkv_weight, qkv_bias, norm_weight, norm_bias)
     layouts = layouts_unsupported(x, qkv_weight)
     p, notes = checks.contiguous_params(backend, qkv_bias=qkv_bias, norm_weight=norm_weight, norm_bias=norm_bias)
     args = (x, qkv_weight, p["qkv_bias"], p["norm_weight"], p["norm_bias"], num_heads, scale, eps, path)

@@ -140,12 +140,13 @@ class FusedHFLayer(SwapWrapper):
         return out
 
     def qkv_weights(self) -> Tuple[Tensor, Optional[Tensor]]:
-        """[Wq; Wk; Wv] (3*inner, dim) and [bq; bk; bv] (or None): cached unless under autograd."""
+        """[Wq; Wk; Wv] (3*inner, dim) and [bq; bk; bv] (or None): cached unless under autograd or
+        torch.compile (the concatenation is then part of the graph)."""
         p = self._parts()
         ws = (p.q.weight, p.k.weight, p.v.weight)
         bs = (p.q.bias, p.k.bias, p.v.bias)
         tensors = ws + tuple(b for b in bs if b is not None)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             return torch.cat(ws), (torch.cat(bs) if bs[0] is not None else None)
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors)
         cache = self.__dict__.get("_vk_qkv_cache")

@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .. import ops
+from .. import library, ops
 from ..ops.patch_embed import check_pixel_norm, normalize_pixels, pixel_norm_tensors
 from .report import Candidate, ReportEntry
 from .wrapper import SwapWrapper
@@ -53,6 +53,9 @@ class FusedPatchConv(SwapWrapper):
 
     def forward(self, images: Tensor) -> Tensor:
         p = self.kernel_size[0]
+        if library.symbolic(images):   # torch.fx records the fused op; it checks the sizes when the graph runs
+            tokens = ops.patch_embed(images, self.weight, self.bias, patch_size=p, backend=self.backend)
+            return tokens.transpose(1, 2).unflatten(2, (images.shape[-2] // p, images.shape[-1] // p))
         norm = {}
         if images.dtype == torch.uint8:
             pixel_norm = check_pixel_norm(images, self.image_mean, self.image_std)

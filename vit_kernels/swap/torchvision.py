@@ -18,7 +18,7 @@ from typing import List
 
 from torch import Tensor, nn
 
-from .. import ops
+from .. import library, ops
 from .reasons import (bypassed_hooks, dropout_p, dropout_reason, first_reason, gelu_approximate,
                       head_dim_reason, join, layernorm_reason, linear_reason, overrides_load_state_dict)
 from .report import Candidate, block_candidate
@@ -55,9 +55,10 @@ class FusedEncoderBlock(SwapWrapper):
         return {n: self._modules[n] for n in names if n in self._modules}
 
     def forward(self, input: Tensor) -> Tensor:
-        why = "input is not (batch, tokens, dim)" if input.dim() != 3 else self.original_reason(input)
-        if why:
-            return self.fall_back(why, input)
+        if not library.symbolic(input):   # torch.fx records the fused ops; they check sizes when the graph runs
+            why = "input is not (batch, tokens, dim)" if input.dim() != 3 else self.original_reason(input)
+            if why:
+                return self.fall_back(why, input)
         if self.fused_ops.get("attention"):
             a, n = self.self_attention, self.ln_1
             o = ops.qkv_attention(input, a.in_proj_weight, a.in_proj_bias, num_heads=a.num_heads,

@@ -204,6 +204,10 @@ class SwapWrapper(nn.Module):
         notes = tuple(self.runtime_notes())
         return [dataclasses.replace(e, notes=e.notes + notes) if e.fused else e for e in self.vk_entries]
 
+    def __prepare_scriptable__(self):
+        from .. import library
+        library.refuse_torchscript(self)
+
     def extra_repr(self) -> str:
         ops = ", ".join(op for op, f in self.fused_ops.items() if f)
         return f"fused={ops or 'nothing'}, backend={self.backend!r}, original={type(self.original).__name__}"

@@ -1,0 +1,306 @@
+"""Fused models under PyTorch's compilers and tracers: torch.compile(fullgraph=True) with zero graph
+breaks (torch._dynamo.explain), torch.fx.symbolic_trace and torchvision's create_feature_extractor,
+torch.export, TorchScript (refused in one sentence; torch.jit.trace works), and the feature APIs of
+timm and Hugging Face on fused models. Small configs (dim 64, depth 2, 32x32 images, 17 tokens).
+
+Each compiled / traced result is checked against the unfused model in float64 under the tolerance
+rule (baseline: the unfused model at float32), and the graph is checked to hold the vit_kernels ops
+(a fused model whose parts silently ran the original modules would pass the number check alone)."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import vit_kernels as vk
+from vit_kernels import backends
+from vit_kernels.models.vit import VisionTransformer
+from vit_kernels.testing import assert_close
+
+from conftest import DEVICE
+
+TRITON = pytest.mark.skipif(backends.triton_unavailable(DEVICE) is not None,
+                            reason=str(backends.triton_unavailable(DEVICE)))
+BACKENDS = ["torch", pytest.param("triton", marks=TRITON)]
+FAMILIES = ["reference", "timm", "torchvision", "hf", "vit_pytorch"]
+# fused ops per model: 1 patch_embed + 2 blocks x (qkv_attention, linear, layernorm_gelu_mlp)
+OPS_IN_GRAPH = {"reference": 7, "timm": 7, "torchvision": 7, "hf": 7, "vit_pytorch": 6}
+
+
+def build(family: str) -> torch.nn.Module:
+    """The unfused model (the reference ViT with backend="reference": the oracle's code), eval mode."""
+    torch.manual_seed(0)
+    if family == "reference":
+        return VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10,
+                                 backend="reference").eval()
+    if family == "timm":
+        timm = pytest.importorskip("timm")
+        return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2,
+                                 num_heads=2, num_classes=10).eval()
+    if family == "torchvision":
+        torchvision = pytest.importorskip("torchvision")
+        return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                    hidden_dim=64, mlp_dim=128, num_classes=10).eval()
+    if family == "hf":
+        transformers = pytest.importorskip("transformers")
+        cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=128, image_size=32, patch_size=8, num_labels=10)
+        return transformers.ViTForImageClassification(cfg).eval()
+    vit_pytorch = pytest.importorskip("vit_pytorch")
+    return vit_pytorch.ViT(image_size=32, patch_size=8, num_classes=10, dim=64, depth=2, heads=2, dim_head=32,
+                           mlp_dim=128).eval()
+
+
+def fused(model: torch.nn.Module, backend: str) -> torch.nn.Module:
+    """A fused copy of ``model``."""
+    m = copy.deepcopy(model)
+    if isinstance(m, VisionTransformer):
+        return m.set_backend(backend)
+    vk.fuse(m, backend=backend)
+    assert vk.fuse_report(m).fused, vk.fuse_report(m)
+    return m
+
+
+def logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def check_against_unfused(got, model, images, name):
+    """``got``: the output of a fused (compiled, traced) ``model`` copy on ``images``."""
+    with torch.no_grad():
+        want = logits(copy.deepcopy(model).double()(images.double()))
+        base = logits(model(images))
+    assert_close(logits(got), want, base, name=name)
+
+
+def images():
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+
+def vk_targets(gm: torch.fx.GraphModule):
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "vit_kernels" in str(n.target)]
+
+
+class Recorder:
+    """A torch.compile backend that keeps each graph dynamo hands it and runs it as it is."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+
+# ----------------------------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compile_fullgraph_without_breaks(family, backend):
+    """No grad: one graph, zero breaks; the graph calls the vit_kernels custom ops (one node per
+    fused call) and the compiled model matches the unfused float64 model."""
+    model = build(family).to(DEVICE)
+    m, x = fused(model, backend), images()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(m)(x)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        rec = Recorder()
+        with backends.record_decisions() as calls:
+            out = torch.compile(m, fullgraph=True, backend=rec)(x)
+    assert len(rec.graphs) == 1
+    assert len(vk_targets(rec.graphs[0])) == OPS_IN_GRAPH[family], rec.graphs[0].code
+    assert len(calls) == OPS_IN_GRAPH[family] and {d.backend for d in calls} == {backend}, calls
+    check_against_unfused(out, model, x, f"compiled {family} ({backend})")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compile_with_autograd_without_breaks(family):
+    """Parameters requiring grad (training): the ops take the torch path, traced op by op; one
+    graph, zero breaks; the compiled backward gives the eager gradients."""
+    model = build(family).to(DEVICE)
+    m, x = fused(model, "torch"), images()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(m)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    logits(compiled(x)).square().sum().backward()
+    logits(model(x)).square().sum().backward()
+    for (name, p), q in zip(m.named_parameters(), model.parameters()):
+        assert_close(p.grad, q.grad.double(), q.grad, factor=3.0, name=f"{family} grad {name}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_inductor_reference(backend):
+    """The default compiler (inductor; about a minute of C++ compilation on 2 CPU cores)."""
+    model = build("reference").to(DEVICE)
+    m, x = fused(model, backend), images()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(m, fullgraph=True)(x)
+    check_against_unfused(out, model, x, f"inductor reference ({backend})")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compile_reduce_overhead_cuda_graphs(backend):
+    """mode="reduce-overhead" (CUDA graphs): the custom ops are captured and replayed; replays on new
+    inputs (copied into the static input buffer) match the unfused model. tune="off": nothing is
+    timed inside a capture (backend="triton" runs the kernels untimed anyway)."""
+    model = build("reference").cuda().half()
+    m = fused(model, backend)
+    with torch.no_grad(), vk.tuning.mode("off"):
+        compiled = torch.compile(m, mode="reduce-overhead", fullgraph=True)
+        for step in range(4):   # warm-up, record, replays
+            x = torch.randn(2, 3, 32, 32, device="cuda", dtype=torch.half)
+            out = compiled(x).clone()
+            check_against_unfused(out, model, x, f"reduce-overhead step {step} ({backend})")
+
+
+# ----------------------------------------------------------------------------- torch.fx
+FX_FAMILIES = ["reference", "timm", "torchvision"]
+# timm's forward(x, attn_mask=None, is_causal=False): symbolic_trace makes every argument a graph
+# input, and a block given a (symbolic) mask runs its own forward, as in eager. Fixing them to their
+# defaults traces the fused path.
+CONCRETE = {"timm": {"attn_mask": None, "is_causal": False}}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", FX_FAMILIES)
+def test_fx_symbolic_trace(family, backend):
+    """torch.fx.symbolic_trace: each fused call is one vit_kernels node; the GraphModule matches."""
+    model = build(family).to(DEVICE)
+    m, x = fused(model, backend), images()
+    gm = torch.fx.symbolic_trace(m, concrete_args=CONCRETE.get(family))
+    assert len(vk_targets(gm)) == OPS_IN_GRAPH[family], gm.code
+    with torch.no_grad(), backends.record_decisions() as calls:
+        out = gm(x)
+    assert {d.backend for d in calls} == {backend}, calls
+    check_against_unfused(out, model, x, f"fx {family} ({backend})")
+
+
+@pytest.mark.parametrize("family", FX_FAMILIES)
+def test_create_feature_extractor(family):
+    """torchvision's create_feature_extractor on a fused model: the block outputs match the unfused
+    model's (taken with the same extractor), and the final output too."""
+    fe_lib = pytest.importorskip("torchvision.models.feature_extraction")
+    model = build(family).to(DEVICE)
+    m, x = fused(model, "torch"), images()
+    block = {"reference": "blocks.1", "timm": "blocks.1", "torchvision": "encoder.layers.encoder_layer_1"}[family]
+    head = {"reference": "head", "timm": "head", "torchvision": "heads"}[family]
+    nodes = {block: "block", head: "head"}
+    got_fe = fe_lib.create_feature_extractor(m, nodes, concrete_args=CONCRETE.get(family))
+    assert len(vk_targets(got_fe)) == OPS_IN_GRAPH[family]
+    with torch.no_grad():
+        got = got_fe(x)
+        want = fe_lib.create_feature_extractor(copy.deepcopy(model).double(), nodes)(x.double())
+        base = fe_lib.create_feature_extractor(model, nodes)(x)
+    for k in ("block", "head"):
+        assert_close(got[k], want[k], base[k], name=f"{family} feature {k}")
+
+
+def test_fx_refuses_dynamic_img_size_in_one_sentence():
+    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, dynamic_img_size=True)
+    with pytest.raises(ValueError, match=r"^dynamic_img_size: True cannot be traced by torch.fx"):
+        torch.fx.symbolic_trace(m)
+
+
+def test_fx_graph_backward_runs_the_registered_backward():
+    """An FX graph records the custom ops whatever the grad mode, so training through it runs each
+    op's registered backward: gradients match the unfused model's under the 3x rule."""
+    model = build("reference").to(DEVICE)
+    m, x = fused(model, "torch"), images()
+    gm = torch.fx.symbolic_trace(m)
+    gm(x).square().sum().backward()
+    ref = copy.deepcopy(model).double()
+    ref(x.double()).square().sum().backward()
+    model(x).square().sum().backward()
+    got = dict(gm.named_parameters())
+    assert len(got) == len(list(model.parameters()))
+    for (name, r), q in zip(ref.named_parameters(), model.parameters()):
+        assert_close(got[name].grad, r.grad, q.grad, factor=3.0, name=f"fx grad {name}")
+
+
+# ----------------------------------------------------------------------------- torch.export
+@pytest.mark.parametrize("grad", [False, True])
+def test_export_reference(grad):
+    """torch.export of the fused reference ViT. Without grad the program holds the vit_kernels ops;
+    with grad (parameters requiring it) the torch path's aten ops, as eager autograd runs."""
+    model = build("reference").to(DEVICE)
+    m, x = fused(model, "torch"), images()
+    with torch.set_grad_enabled(grad):
+        ep = torch.export.export(m, (x,))
+    ops = vk_targets(ep.graph_module)
+    assert (len(ops) == OPS_IN_GRAPH["reference"]) if not grad else ops == [], ops
+    with torch.no_grad():
+        out = ep.module()(x)
+    check_against_unfused(out, model, x, f"exported reference (grad={grad})")
+
+
+# ----------------------------------------------------------------------------- TorchScript
+@pytest.mark.parametrize("family", ["reference", "timm"])
+def test_torchscript_script_refused_in_one_sentence_trace_works(family):
+    model = build(family).to(DEVICE)
+    m, x = fused(model, "torch"), images()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # torch.jit.* is deprecated in favour of torch.compile / export
+        with pytest.raises(RuntimeError) as e:
+            torch.jit.script(m)
+        with torch.no_grad():
+            traced = torch.jit.trace(m, x)
+    msg = str(e.value)
+    assert msg == f"{msg.split(':')[0]}: {vk.library.TORCHSCRIPT_REFUSED}" and msg.count(". ") == 0, msg
+    assert "vit_kernels::qkv_attention" in str(traced.inlined_graph)
+    with torch.no_grad():
+        check_against_unfused(traced(x), model, x, f"jit.trace {family}")
+
+
+# ----------------------------------------------------------------------------- feature APIs
+def test_timm_feature_apis_on_a_fused_model():
+    """forward_features, forward_intermediates, features_only and gradient checkpointing keep their
+    results on a fused timm model (against the unfused model in float64, the rule's tolerance)."""
+    timm = pytest.importorskip("timm")
+    model = build("timm").to(DEVICE)
+    m, ref, x = fused(model, "torch"), copy.deepcopy(model).double(), images()
+    with torch.no_grad(), backends.record_decisions() as calls:
+        assert_close(m.forward_features(x), ref.forward_features(x.double()), model.forward_features(x),
+                     name="forward_features")
+        got = m.forward_intermediates(x)
+        want, base = ref.forward_intermediates(x.double()), model.forward_intermediates(x)
+    assert len(calls) == 2 * OPS_IN_GRAPH["timm"]
+    assert_close(got[0], want[0], base[0], name="forward_intermediates final")
+    for i, (g, w, b) in enumerate(zip(got[1], want[1], base[1])):
+        assert_close(g, w, b, name=f"forward_intermediates {i}")
+
+    feats = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2,
+                              num_heads=2, features_only=True, out_indices=(0, 1)).eval().to(DEVICE)
+    f_ref = copy.deepcopy(feats).double()
+    f = copy.deepcopy(feats)
+    vk.fuse(f, backend="torch")
+    assert len(vk.fuse_report(f).fused) == 5
+    with torch.no_grad():
+        for i, (g, w, b) in enumerate(zip(f(x), f_ref(x.double()), feats(x))):
+            assert_close(g, w, b, name=f"features_only {i}")
+
+    for mod in (m, ref, model):
+        mod.train().set_grad_checkpointing(True)
+    with backends.record_decisions() as calls:
+        m(x).square().sum().backward()
+    assert len(calls) >= OPS_IN_GRAPH["timm"]   # checkpointed blocks run again in backward
+    ref(x.double()).square().sum().backward()
+    model(x).square().sum().backward()
+    for (name, p), r, q in zip(m.named_parameters(), ref.parameters(), model.parameters()):
+        assert_close(p.grad, r.grad, q.grad, factor=3.0, name=f"checkpointed grad {name}")
+
+
+def test_hf_output_hidden_states_on_a_fused_model():
+    model = build("hf").to(DEVICE)
+    m, ref, x = fused(model, "torch"), copy.deepcopy(model).double(), images()
+    with torch.no_grad(), backends.record_decisions() as calls:
+        got = m(x, output_hidden_states=True).hidden_states
+        want = ref(x.double(), output_hidden_states=True).hidden_states
+        base = model(x, output_hidden_states=True).hidden_states
+    assert len(calls) == OPS_IN_GRAPH["hf"] and len(got) == 3
+    for i, (g, w, b) in enumerate(zip(got, want, base)):
+        assert_close(g, w, b, name=f"hidden_states[{i}]")

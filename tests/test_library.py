@@ -1,0 +1,171 @@
+"""The fused ops as torch.library custom ops (vit_kernels/library.py): opcheck over a small shape x
+dtype x backend matrix, the op's output against the float64 oracle, the registered backward against
+the oracle's gradients, the fake implementation's errors, and where bookkeeping runs."""
+import pytest
+import torch
+
+import vit_kernels as vk
+from vit_kernels import backends, library, reference
+from vit_kernels.testing import assert_close
+
+from conftest import DEVICE
+
+OPS = list(library.SCHEMAS)
+# (name, x shape, dim/heads...): a ViT-shaped call and an odd one (tokens not a tile multiple)
+SHAPES = {"vit": dict(B=2, N=17, dim=32, heads=2, hidden=64, img=16, p=4),
+          "odd": dict(B=1, N=5, dim=24, heads=3, hidden=40, img=12, p=4)}
+
+
+def inputs(op, shape, dtype, backend, requires_grad=False):
+    """The op's schema arguments (tensors random, never zeros), and the oracle's keyword form."""
+    s = SHAPES[shape]
+    g = torch.Generator().manual_seed(0)
+
+    def r(*size, scale=1.0):
+        t = (torch.randn(*size, generator=g, dtype=torch.float64) * scale).to(DEVICE, dtype)
+        return t.requires_grad_(requires_grad)
+    B, N, dim, H = s["B"], s["N"], s["dim"], s["heads"]
+    if op == "flash_attention":
+        hd = dim // H
+        return (r(B, H, N, hd), r(B, H, N + 3, hd), r(B, H, N + 3, hd), None, backend, None)
+    if op == "qkv_attention":
+        return (r(B, N, dim), r(3 * dim, dim, scale=dim ** -0.5), r(3 * dim), 1 + r(dim, scale=0.1), r(dim, scale=0.1),
+                H, None, 1e-6, None, backend, None)
+    if op == "layernorm_gelu_mlp":
+        return (r(B, N, dim), 1 + r(dim, scale=0.1), r(dim, scale=0.1), r(s["hidden"], dim, scale=dim ** -0.5),
+                r(s["hidden"]), r(dim, s["hidden"], scale=s["hidden"] ** -0.5), r(dim), r(B, N, dim), r(dim),
+                1e-6, "none", backend, None)
+    if op == "patch_embed":
+        C, p, img = 3, s["p"], s["img"]
+        tokens = 1 + (img // p) ** 2
+        return (r(B, C, img, img), r(dim, C, p, p, scale=(C * p * p) ** -0.5), r(dim), r(1, tokens, dim),
+                r(1, 1, dim), p, None, None, backend, None)   # image_mean, image_std: float images
+    if op == "linear":
+        return (r(B, N, dim), r(dim, dim, scale=dim ** -0.5), r(dim), r(B, N, dim), r(dim), backend, None)
+    raise AssertionError(op)
+
+
+def oracle(op, args):
+    """reference.<op> on the schema arguments (any dtype; pass float64 copies for the oracle)."""
+    if op == "flash_attention":
+        q, k, v, scale = args[:4]
+        return reference.flash_attention(q, k, v, scale=scale if scale is not None else q.shape[-1] ** -0.5)
+    if op == "qkv_attention":
+        x, w, b, nw, nb, heads, scale, eps = args[:8]
+        return reference.qkv_attention(x, w, b, num_heads=heads, scale=scale, norm_weight=nw, norm_bias=nb, eps=eps)
+    if op == "layernorm_gelu_mlp":
+        x, nw, nb, w1, b1, w2, b2, res, ls, eps, approx = args[:11]
+        return reference.layernorm_gelu_mlp(x, nw, nb, w1, b1, w2, b2, eps=eps, approximate=approx, residual=res,
+                                            layer_scale=ls)
+    if op == "patch_embed":
+        images, w, b, pos, cls, p = args[:6]
+        return reference.patch_embed(images, w, b, patch_size=p, pos_embed=pos, cls_token=cls)
+    x, w, b, res, ls = args[:5]
+    return reference.linear(x, w, b, residual=res, layer_scale=ls)
+
+
+def as_dtype(args, dtype):
+    return tuple(a.detach().to(dtype).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                 for a in args)
+
+
+TRITON = pytest.mark.skipif(backends.triton_unavailable(DEVICE) is not None,
+                            reason=str(backends.triton_unavailable(DEVICE)))
+# backend torch: every shape and dtype; triton (the interpreter on a CPU, slow): float32, the ViT shape
+CASES = [(shape, dtype, "torch") for shape in SHAPES for dtype in (torch.float32, torch.float16)] + \
+    [pytest.param("vit", torch.float32, "triton", marks=TRITON)]
+
+
+@pytest.mark.parametrize("shape, dtype, backend", CASES)
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck(op, shape, dtype, backend):
+    """torch.library.opcheck: schema, autograd registration, fake tensor, AOT dispatch (dynamic
+    shapes), with inputs that require grad (the registered backward runs)."""
+    args = inputs(op, shape, dtype, backend, requires_grad=True)
+    torch.library.opcheck(getattr(torch.ops.vit_kernels, op).default, args)
+
+
+@pytest.mark.parametrize("dtype, backend", [(torch.float32, "torch"), (torch.float16, "torch"),
+                                            pytest.param(torch.float32, "triton", marks=TRITON)])
+@pytest.mark.parametrize("op", OPS)
+def test_custom_op_output_and_backward_against_oracle(op, dtype, backend):
+    """The op itself (not the public function) under the tolerance rule; its registered backward
+    against the oracle's gradients under the 3x rule."""
+    args = inputs(op, "vit", dtype, backend, requires_grad=True)
+    out = getattr(torch.ops.vit_kernels, op)(*args)
+    assert out.is_contiguous()
+    ref_args, base_args = as_dtype(args, torch.float64), as_dtype(args, dtype)
+    ref, base = oracle(op, ref_args), oracle(op, base_args)
+    assert_close(out, ref, base, name=f"{op} out")
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    got = torch.autograd.grad(out, [args[i] for i in tensors], grad.to(dtype))
+    want = torch.autograd.grad(ref, [ref_args[i] for i in tensors], grad)
+    plain = torch.autograd.grad(base, [base_args[i] for i in tensors], grad.to(dtype))
+    for i, g, w, p in zip(tensors, got, want, plain):
+        assert_close(g, w, p, factor=3.0, name=f"{op} grad of argument {i}")
+
+
+def test_schemas_name_every_op():
+    """One custom op per fused op in vit_kernels/ops, under the vit_kernels namespace."""
+    assert set(OPS) == {"flash_attention", "qkv_attention", "layernorm_gelu_mlp", "patch_embed", "linear"}
+    for op in OPS:
+        schema = str(getattr(torch.ops.vit_kernels, op).default._schema)
+        assert schema.startswith(f"vit_kernels::{op}(") and "str backend" in schema, schema
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_public_function_runs_the_custom_op(op, monkeypatch):
+    """Without autograd the public function is the custom op (one dispatcher call); with an input
+    requiring grad it runs the torch path directly and the decision says why."""
+    called = []
+    real = library.IMPLS[op]
+    monkeypatch.setitem(library.IMPLS, op, lambda *a: called.append(op) or real(*a))
+    args = inputs(op, "vit", torch.float32, "torch")
+    fn = getattr(vk.ops, op)
+    call = {
+        "flash_attention": lambda a: fn(a[0], a[1], a[2], backend="auto"),
+        "qkv_attention": lambda a: fn(a[0], a[1], a[2], num_heads=a[5], norm_weight=a[3], norm_bias=a[4]),
+        "layernorm_gelu_mlp": lambda a: fn(*a[:7], residual=a[7], layer_scale=a[8]),
+        "patch_embed": lambda a: fn(a[0], a[1], a[2], patch_size=a[5], pos_embed=a[3], cls_token=a[4]),
+        "linear": lambda a: fn(a[0], a[1], a[2], residual=a[3], layer_scale=a[4]),
+    }[op]
+    with torch.no_grad():
+        out = call(args)
+    assert called == [op] and backends.last_decision(op).backend == "torch"
+    grad_args = inputs(op, "vit", torch.float32, "torch", requires_grad=True)
+    out2 = call(grad_args)
+    assert called == [op], "the autograd call went through the custom op"
+    assert out2.requires_grad and backends.last_decision(op).backend == "torch"
+    assert_close(out2, out.double(), out, name=op)
+
+
+def test_explicit_backend_with_gradients_says_torch_ran():
+    """backend='triton' with an input requiring grad: the torch path, and last_decision says why
+    (the kernels are forward-only), as before the ops were custom ops."""
+    args = inputs("linear", "vit", torch.float32, "triton", requires_grad=True)
+    vk.linear(args[0], args[1], args[2], residual=args[3], layer_scale=args[4], backend="triton")
+    d = backends.last_decision("linear")
+    assert d.backend == "torch" and "gradients are required" in d.reasons["triton"], str(d)
+
+
+def test_fake_implementation_raises_the_eager_error():
+    """Under FakeTensorMode (what torch.compile and torch.export trace with) a bad argument gets the
+    same clear error an eager call gets."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        q, k = torch.empty(1, 2, 5, 16), torch.empty(1, 2, 5, 8)
+        with pytest.raises(ValueError, match=r"^k: expected shape \(1, 2, \*, 16\)"):
+            torch.ops.vit_kernels.flash_attention(q, k, k, None, "torch", None)
+        out = torch.ops.vit_kernels.flash_attention(q, q, q, None, "torch", None)
+        assert out.shape == (1, 2, 5, 16)
+
+
+def test_bad_scalar_named_before_the_dispatcher():
+    """Numbers and strings are checked by the public function before the dispatcher sees them (the
+    dispatcher would turn num_heads=True into 1)."""
+    args = inputs("qkv_attention", "vit", torch.float32, "torch")
+    with pytest.raises(TypeError, match=r"^num_heads: expected a positive int, got bool True"):
+        vk.qkv_attention(args[0], args[1], num_heads=True)
+    with pytest.raises(ValueError, match=r"^backend: expected one of"):
+        vk.qkv_attention(args[0], args[1], num_heads=2, backend="gpu")

@@ -1,0 +1,301 @@
+"""The fused ops as PyTorch custom ops (``torch.ops.vit_kernels.<op>``), registered with torch.library.
+
+Each op in vit_kernels/ops/ is one custom op with
+- a schema (below, ``SCHEMAS``): tensors, then the op's numbers, then ``backend`` and ``tune``;
+- an implementation: that op file's ``dispatch`` (argument checks, ``backends.resolve``, the launch),
+  so the backend choice, ``last_decision``, logging and tuning look-ups run when the op runs, never
+  while torch.compile, torch.export or torch.fx trace it (a traced graph holds one node per call);
+- a fake (meta) implementation: the same argument checks, then an empty output of the right shape, so
+  a tracer sees the same clear error an eager call gets;
+- a backward (``register_autograd``), one function per op (``_<op>_backward``). For now each
+  recomputes the op's plain PyTorch path and takes its vector-Jacobian product (torch.func.vjp).
+
+Every output is a new contiguous tensor (what the fake implementation promises the compiler): a
+backend whose result has other strides (SDPA's on some devices) is copied once.
+
+The public functions (``vit_kernels.ops.flash_attention`` etc.) call :func:`run`: with autograd
+recording (an input requires grad), the fused kernels being forward-only, they run the plain
+PyTorch path directly (recorded by ``backends.resolve`` in eager mode), which torch.compile traces
+op by op; otherwise the custom op. Under ``torch.fx.symbolic_trace`` (tensors are ``fx.Proxy``)
+they record the custom op as one node whatever the grad mode: the graph then runs the op and its
+backward above.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import backends, checks, tuning
+
+# the op files (vit_kernels.ops re-exports functions of the same names, hence import_module)
+_fa, _qkv, _mlp, _pe, _linear = (importlib.import_module(f"vit_kernels.ops.{m}") for m in (
+    "flash_attention", "qkv_attention", "mlp", "patch_embed", "linear"))
+
+NAMESPACE = "vit_kernels"
+
+SCHEMAS = {
+    "flash_attention": "(Tensor q, Tensor k, Tensor v, float? scale, str backend, str? tune) -> Tensor",
+    "qkv_attention": "(Tensor x, Tensor qkv_weight, Tensor? qkv_bias, Tensor? norm_weight, Tensor? norm_bias, "
+                     "int num_heads, float? scale, float eps, str? path, str backend, str? tune) -> Tensor",
+    "layernorm_gelu_mlp": "(Tensor x, Tensor? norm_weight, Tensor? norm_bias, Tensor fc1_weight, "
+                          "Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, Tensor? residual, "
+                          "Tensor? layer_scale, float eps, str approximate, str backend, str? tune) -> Tensor",
+    "patch_embed": "(Tensor images, Tensor weight, Tensor? bias, Tensor? pos_embed, Tensor? cls_token, "
+                   "int patch_size, float[]? image_mean, float[]? image_std, str backend, str? tune) -> Tensor",
+    "linear": "(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? layer_scale, str backend, "
+              "str? tune) -> Tensor",
+}
+
+# op -> number of leading tensor arguments in its schema
+N_TENSORS = {"flash_attention": 3, "qkv_attention": 5, "layernorm_gelu_mlp": 9, "patch_embed": 5, "linear": 5}
+
+
+# ------------------------------------------------------------------ each op: checks -> output shape
+def _flash_attention_shape(q, k, v, scale, backend, tune) -> Tuple[int, ...]:
+    """q, k, v: (batch, heads, tokens, head_dim) -> (batch, heads, q_tokens, head_dim)."""
+    _fa.check_flash_attention(q, k, v, scale)
+    return tuple(q.shape)
+
+
+def _qkv_attention_shape(x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps, path, backend,
+                         tune) -> Tuple[int, ...]:
+    """x: (batch, tokens, dim) -> (batch, tokens, inner)."""
+    _, inner, _, _, _ = _qkv.check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bias,
+                                                 scale, eps)
+    return (x.shape[0], x.shape[1], inner)
+
+
+def _layernorm_gelu_mlp_shape(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual,
+                              layer_scale, eps, approximate, backend, tune) -> Tuple[int, ...]:
+    """x: (..., dim) -> (..., out)."""
+    _mlp.check_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate,
+                   residual, layer_scale, eps)
+    return tuple(x.shape[:-1]) + (fc2_weight.shape[0],)
+
+
+def _patch_embed_shape(images, weight, bias, pos_embed, cls_token, patch_size, image_mean, image_std, backend,
+                       tune) -> Tuple[int, ...]:
+    """images: (batch, C, H, W) -> (batch, prefix + patches, dim)."""
+    tokens, dim, _ = _pe.check_patch_embed(images, weight, bias, patch_size, pos_embed, cls_token, image_mean,
+                                           image_std)
+    return (images.shape[0], tokens, dim)
+
+
+def _linear_shape(x, weight, bias, residual, layer_scale, backend, tune) -> Tuple[int, ...]:
+    """x: (..., in) -> (..., out)."""
+    _linear.check_linear(x, weight, bias, residual, layer_scale)
+    return tuple(x.shape[:-1]) + (weight.shape[0],)
+
+
+# ------------------------------------------------------------- each op: the plain PyTorch path
+# Called with the op's schema arguments; differentiable. What autograd runs (see run) and what the
+# backward functions recompute.
+def _flash_attention_torch(q, k, v, scale, backend, tune):
+    return _fa.sdpa(q, k, v, _fa.check_flash_attention(q, k, v, scale))
+
+
+def _qkv_attention_torch(x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps, path, backend,
+                         tune):
+    num_heads, _, _, scale, eps = _qkv.check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight,
+                                                           norm_bias, scale, eps)
+    return _qkv.qkv_attention_torch(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
+                                    norm_weight=norm_weight, norm_bias=norm_bias, eps=eps)
+
+
+def _layernorm_gelu_mlp_torch(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual,
+                              layer_scale, eps, approximate, backend, tune):
+    eps = _mlp.check_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate,
+                         residual, layer_scale, eps)
+    return _mlp.layernorm_gelu_mlp_torch(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                         eps=eps, approximate=approximate, residual=residual,
+                                         layer_scale=layer_scale)
+
+
+def _patch_embed_torch(images, weight, bias, pos_embed, cls_token, patch_size, image_mean, image_std, backend,
+                       tune):
+    _, _, pixel_norm = _pe.check_patch_embed(images, weight, bias, patch_size, pos_embed, cls_token, image_mean,
+                                             image_std)
+    norm = {} if pixel_norm is None else dict(zip(("image_mean", "image_std"),
+                                                  _pe.pixel_norm_tensors(pixel_norm, images.device)))
+    return _pe.patch_embed_torch(images, weight, bias, patch_size=int(patch_size), pos_embed=pos_embed,
+                                 cls_token=cls_token, **norm)
+
+
+def _linear_torch(x, weight, bias, residual, layer_scale, backend, tune):
+    _linear.check_linear(x, weight, bias, residual, layer_scale)
+    return _linear.linear_torch(x, weight, bias, residual, layer_scale)
+
+
+# ------------------------------------------------------------------ each op: the implementation
+def _flash_attention_impl(q, k, v, scale, backend, tune):
+    return _fa.dispatch(q, k, v, scale, backend, tune)
+
+
+def _qkv_attention_impl(x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps, path, backend,
+                        tune):
+    return _qkv.dispatch(x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps, path, backend,
+                         tune)
+
+
+def _layernorm_gelu_mlp_impl(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual,
+                             layer_scale, eps, approximate, backend, tune):
+    return _mlp.dispatch(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual,
+                         layer_scale, eps, approximate, backend, tune)
+
+
+def _patch_embed_impl(images, weight, bias, pos_embed, cls_token, patch_size, image_mean, image_std, backend, tune):
+    return _pe.dispatch(images, weight, bias, pos_embed, cls_token, patch_size, image_mean, image_std, backend,
+                        tune)
+
+
+def _linear_impl(x, weight, bias, residual, layer_scale, backend, tune):
+    return _linear.dispatch(x, weight, bias, residual, layer_scale, backend, tune)
+
+
+# ------------------------------------------------------------------------ each op: the backward
+# One function per op, the place where a backward kernel plugs in. Each returns one gradient per
+# schema argument (None for the numbers and strings).
+def _recompute_vjp(op: str, ctx, grad: Tensor) -> tuple:
+    """The gradients of ``op``'s tensor inputs: the plain PyTorch path run again on the saved inputs
+    and its vector-Jacobian product with ``grad``; None for absent tensors and the other arguments."""
+    tensors, rest = ctx.saved_tensors, ctx.vk_rest
+    present = [i for i, t in enumerate(tensors) if t is not None and t.is_floating_point()]  # not uint8 images
+    torch_path = TORCH_PATHS[op]
+
+    def f(*xs):
+        full = list(tensors)
+        for i, x in zip(present, xs):
+            full[i] = x
+        return torch_path(*full, *rest)
+
+    _, vjp = torch.func.vjp(f, *[tensors[i] for i in present])
+    grads = [None] * (len(tensors) + len(rest))
+    for i, g in zip(present, vjp(grad)):
+        grads[i] = g
+    return tuple(grads)
+
+
+def _flash_attention_backward(ctx, grad):
+    return _recompute_vjp("flash_attention", ctx, grad)
+
+
+def _qkv_attention_backward(ctx, grad):
+    return _recompute_vjp("qkv_attention", ctx, grad)
+
+
+def _layernorm_gelu_mlp_backward(ctx, grad):
+    return _recompute_vjp("layernorm_gelu_mlp", ctx, grad)
+
+
+def _patch_embed_backward(ctx, grad):
+    return _recompute_vjp("patch_embed", ctx, grad)
+
+
+def _linear_backward(ctx, grad):
+    return _recompute_vjp("linear", ctx, grad)
+
+
+def _setup_context(op: str):
+    n = N_TENSORS[op]
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:n])
+        ctx.vk_rest = tuple(inputs[n:])
+    return setup_context
+
+
+SHAPES: Dict[str, Callable] = {"flash_attention": _flash_attention_shape, "qkv_attention": _qkv_attention_shape,
+                               "layernorm_gelu_mlp": _layernorm_gelu_mlp_shape, "patch_embed": _patch_embed_shape,
+                               "linear": _linear_shape}
+TORCH_PATHS: Dict[str, Callable] = {"flash_attention": _flash_attention_torch, "qkv_attention": _qkv_attention_torch,
+                                    "layernorm_gelu_mlp": _layernorm_gelu_mlp_torch,
+                                    "patch_embed": _patch_embed_torch, "linear": _linear_torch}
+IMPLS: Dict[str, Callable] = {"flash_attention": _flash_attention_impl, "qkv_attention": _qkv_attention_impl,
+                              "layernorm_gelu_mlp": _layernorm_gelu_mlp_impl, "patch_embed": _patch_embed_impl,
+                              "linear": _linear_impl}
+BACKWARDS: Dict[str, Callable] = {"flash_attention": _flash_attention_backward,
+                                  "qkv_attention": _qkv_attention_backward,
+                                  "layernorm_gelu_mlp": _layernorm_gelu_mlp_backward,
+                                  "patch_embed": _patch_embed_backward, "linear": _linear_backward}
+
+
+# ------------------------------------------------------------------------------- registration
+_LIB = torch.library.Library(NAMESPACE, "DEF")
+
+
+def _register(op: str) -> None:
+    qualname = f"{NAMESPACE}::{op}"
+    _LIB.define(op + SCHEMAS[op])
+    shape = SHAPES[op]
+
+    def implementation(*args):
+        out = IMPLS[op](*args)
+        return out if out.is_contiguous() else out.contiguous()
+
+    def fake(*args):
+        like = args[1] if op == "patch_embed" else args[0]   # patch_embed: the weight's dtype (uint8 images)
+        return like.new_empty(shape(*args))
+
+    _LIB.impl(op, implementation, "CompositeExplicitAutograd")
+    torch.library.register_fake(qualname, fake, lib=_LIB)
+    torch.library.register_autograd(qualname, BACKWARDS[op], setup_context=_setup_context(op), lib=_LIB)
+
+
+for _op in SCHEMAS:
+    _register(_op)
+
+
+def symbolic(t) -> bool:
+    """True while torch.fx symbolically traces (``t`` is an fx.Proxy): shapes and values are unknown,
+    so the callers record the custom op as it is, without checks or a grad decision."""
+    return isinstance(t, torch.fx.Proxy)
+
+
+def _scalars(op: str, args: Sequence) -> tuple:
+    """``args`` with the op's numbers and strings checked (clear errors naming the argument, before
+    the dispatcher converts a bool to an int or refuses a string in its own words) and made plain
+    Python numbers (a numpy integer num_heads, say)."""
+    a = list(args)
+    backends.check_backend(a[-2])
+    tuning.check_mode(a[-1])
+    if op in ("flash_attention", "qkv_attention"):
+        i = 3 if op == "flash_attention" else 6
+        a[i] = None if a[i] is None else checks.real("scale", a[i], minimum=0.0, exclusive=True)
+    if op == "qkv_attention":
+        a[5] = checks.positive_int("num_heads", a[5])
+        a[7] = checks.eps(a[7])
+        checks.choice("path", a[8], (None, "single_kernel", "split"))
+    elif op == "layernorm_gelu_mlp":
+        a[9] = checks.eps(a[9])
+        checks.choice("approximate", a[10], ("none", "tanh"))
+    elif op == "patch_embed":
+        a[5] = checks.positive_int("patch_size", a[5])
+    return tuple(a)
+
+
+def run(op: str, args: Sequence, tensors: Optional[Sequence] = None):
+    """Call ``op`` with its schema arguments ``args``: the custom op, or the plain PyTorch path
+    while autograd records (see the module docstring). tensors: the inputs whose requires_grad
+    counts (default: the schema's tensors)."""
+    args = _scalars(op, args)
+    tensors = args[:N_TENSORS[op]] if tensors is None else tensors
+    if not symbolic(args[0]) and backends._needs_grad(tensors):
+        out = TORCH_PATHS[op](*args)
+        if not torch.compiler.is_compiling():
+            backends.resolve(op, args[-2], tensors)   # records the torch decision and why
+        return out
+    return getattr(torch.ops.vit_kernels, op)(*args)
+
+
+TORCHSCRIPT_REFUSED = ("torch.jit.script cannot compile vit_kernels' fused modules (they choose a backend in Python "
+                       "at run time); use torch.jit.trace, torch.compile, torch.export or torch.fx, or "
+                       "vit_kernels.unfuse(model) first")
+
+
+def refuse_torchscript(module) -> None:
+    """``__prepare_scriptable__`` of the fused modules: torch.jit.script calls it on every submodule
+    before compiling, so scripting a fused model fails with one sentence instead of a parser error."""
+    raise RuntimeError(f"{type(module).__name__}: {TORCHSCRIPT_REFUSED}")
