@@ -224,3 +224,24 @@ def test_bench_and_profile_put_modeled_beside_measured():
     labels = [f"eager/{s}" for s in profile.EAGER_STAGES] + [f"fused/{s}" for s in profile.FUSED_STAGES]
     assert set(ks) == set(labels) and ks["eager/merge_heads"] == []
     assert "fused/mlp" not in profile.stage_kernels(shape, torch.bfloat16, 132, "cuda")
+
+
+def test_model_bench_modeled_beside_measured():
+    """bench.throughput's rows: the kernel model of a whole forward for the providers it models (sdpa,
+    triton), depth x the block's kernels plus the patch embedding and head at their roofline."""
+    from vit_kernels.bench import throughput
+    h100 = peaks.by_key("h100")
+    m = ck.Machine.of(h100)
+    s = cost.ViTShape.vit("base", 16, 224, batch=32, dtype=torch.bfloat16)
+    blk = ck.path_seconds(ck.block_kernels(s, torch.bfloat16, m.sms, "triton"), m, torch.bfloat16)
+    t = ck.model_seconds(s, torch.bfloat16, m, "triton")
+    assert 12 * blk < t < 12 * blk * 1.2
+    assert ck.model_seconds(s, torch.bfloat16, m, "eager") is None
+    row = {"ms": 10.0}
+    throughput.add_modeled_columns(row, s, "sdpa", "inference", torch.bfloat16, h100, measured_on_gpu=True)
+    assert row["modeled_ms"] == pytest.approx(ck.model_seconds(s, torch.bfloat16, m, "sdpa") * 1e3)
+    assert row["x_modeled"] == pytest.approx(10.0 / row["modeled_ms"])
+    for provider, mode in (("compile", "inference"), ("sdpa", "train")):
+        r = {"ms": 10.0}
+        throughput.add_modeled_columns(r, s, provider, mode, torch.bfloat16, h100, measured_on_gpu=True)
+        assert "modeled_ms" not in r

@@ -336,3 +336,38 @@ def flash_attention_paths(batch: int, heads: int, tokens: int, head_dim: int, dt
                                              TORCH_ATTENTION_TILES, sms=sms)],
             "triton": [flash_attention_kernel("flash attention", batch, heads, tokens, head_dim, e, (bm, bn, stages),
                                               sms=sms, chunks=sum(attention.dim_chunks(head_dim, dtype)))]}
+
+
+# Which op paths a model-bench provider runs (bench.throughput): eager PyTorch with SDPA, or the fused
+# ops on the Triton backend with their untimed paths. Other providers (eager attention, torch.compile,
+# cuda, tuned) are not modeled: no figure rather than a wrong one.
+PROVIDER_PATHS = {"sdpa": ("torch", "torch", "torch"), "triton": ("split", "triton", "triton")}
+
+
+def block_kernels(shape, dtype: torch.dtype, sms: int, provider: str) -> Optional[List[KernelCost]]:
+    """The kernels of one encoder block (cost.ViTShape) as ``provider`` runs them: qkv_attention, the out
+    projection with its residual, the MLP; None for a provider not in :data:`PROVIDER_PATHS`."""
+    paths = PROVIDER_PATHS.get(provider)
+    if paths is None:
+        return None
+    s = shape
+    qkv = qkv_attention_paths(s.batch, s.tokens, s.dim, s.heads, dtype, sms=sms, qkv_bias=s.qkv_bias)
+    lin = linear_paths(s.rows, s.dim, s.dim, dtype, sms=sms, layer_scale=s.layer_scale)
+    mlp = mlp_paths(s.rows, s.dim, s.hidden, dtype, sms=sms, layer_scale=s.layer_scale)
+    return qkv[paths[0]] + lin[paths[1]] + mlp[paths[2]]
+
+
+def model_seconds(shape, dtype: torch.dtype, machine: Machine, provider: str) -> Optional[float]:
+    """A whole ViT forward as ``provider`` runs it: depth x the block's kernels (:func:`block_kernels`), plus
+    the patch embedding and the final LayerNorm + head at their roofline (cost.model_cost's steps: they
+    are not modeled kernel by kernel). None when the provider or the dtype is not modeled."""
+    from .cost import model_cost
+    blk = block_kernels(shape, dtype, machine.sms, provider)
+    t_blk = path_seconds(blk, machine, dtype) if blk is not None else None
+    tflops = machine.peak.tflops(dtype)
+    if t_blk is None or tflops is None:
+        return None
+    mc = model_cost(shape)
+    pe = mc.patch_embed.eager if provider == "sdpa" else mc.patch_embed.fused
+    rest = sum(st.seconds(tflops, machine.peak.bandwidth_gbs) for st in list(pe) + list(mc.tail))
+    return shape.depth * t_blk + rest

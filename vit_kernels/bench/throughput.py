@@ -332,9 +332,25 @@ def run_case(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool
                 row["bound_ms"] = b * 1e3
                 if device.type == "cuda":
                     row["x_bound"] = st.median / row["bound_ms"]
+            add_modeled_columns(row, shape, provider, mode, cfg.dtype, cfg.peak, device.type == "cuda")
     del fn
     _free(device)
     return row
+
+
+def add_modeled_columns(row: Dict, shape, provider: str, mode: str, dtype: torch.dtype, peak, measured_on_gpu: bool) -> None:
+    """modeled_ms: the kernel model's time of one inference forward as ``provider`` runs it
+    (bench.cost_kernels.model_seconds, on ``peak``'s GPU); x_modeled: measured / modeled on a GPU. Pure."""
+    from .cost_kernels import Machine, model_seconds
+    machine = Machine.of(peak) if peak is not None else None
+    if machine is None or mode != "inference" or "ms" not in row:
+        return
+    t = model_seconds(shape, dtype, machine, provider)
+    if t is None:
+        return
+    row["modeled_ms"] = t * 1e3
+    if measured_on_gpu:
+        row["x_modeled"] = row["ms"] / row["modeled_ms"]
 
 
 def _probe_out(model, images, attn_ctx, amp):
@@ -439,7 +455,8 @@ def _error_row(spec, p, mode, cfg, graphs, msg):
 TABLE_COLUMNS = [("label", "model"), ("mode", "mode"), ("provider", "provider"), ("status", "status"),
                  ("ms", "ms/step"), ("ms_p20", "p20"), ("ms_p80", "p80"), ("rank", "rank"), ("img_per_s", "img/s"),
                  ("peak_mem_mib", "peak MiB"), ("speedup", "x eager"), ("tflops", "TFLOP/s"),
-                 ("bound_ms", "bound ms"), ("x_bound", "x bound")]
+                 ("bound_ms", "bound ms"), ("x_bound", "x bound"), ("modeled_ms", "modeled ms"),
+                 ("x_modeled", "x modeled")]
 
 
 # timm's benchmark.py result fields, in its order (inference, then train, then param_count), and
