@@ -182,6 +182,14 @@ MUTATIONS: List[Mutation] = [
     Mutation("torch-attention-ignores-scale", "vit_kernels/ops/flash_attention.py",
              "    if not path:\n        return F.scaled_dot_product_attention(q, k, v, scale=scale)\n",
              "    if not path:\n        return F.scaled_dot_product_attention(q, k, v)\n", T_TORCH),
+    # ------------------------------------------------------------------ swap: fall-backs, cached resampling
+    Mutation("swap-hooks-after-fuse-ignored", "vit_kernels/swap/wrapper.py",
+             "        if not any(watch[2]):   # the per-call cost: one truth test per hook dict",
+             "        if True:   # the per-call cost: one truth test per hook dict",
+             ("tests/test_swap_fallbacks.py",)),
+    Mutation("swap-hf-pos-cache-ignores-updates", "vit_kernels/swap/hf.py",
+             "        key = (pe.data_ptr(), pe._version, pe.dtype, pe.device)",
+             "        key = (pe.data_ptr(), pe.dtype, pe.device)", ("tests/test_swap_dynamic_size.py",)),
 ]
 
 

@@ -50,3 +50,28 @@ def test_hf_interpolate_pos_encoding(backend):
     cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
                                  image_size=32, patch_size=8, num_labels=10)
     check_sizes(transformers.ViTForImageClassification(cfg), backend, interpolate_pos_encoding=True)
+
+
+def test_hf_pos_encoding_resampled_once_per_size_until_it_changes(monkeypatch):
+    """The fused ViTEmbeddings (one patch_embed launch with class token and position embedding) calls
+    the module's own interpolate_pos_encoding once per image size, again after an in-place update."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.vit.modeling_vit import ViTEmbeddings
+    from vit_kernels.swap.hf import FusedHFEmbeddings
+    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
+                                 image_size=32, patch_size=8)
+    model = transformers.ViTModel(cfg).eval()
+    vk.fuse(model, backend="torch")
+    assert isinstance(model.embeddings, FusedHFEmbeddings)
+    calls = []
+    real = ViTEmbeddings.interpolate_pos_encoding
+    monkeypatch.setattr(ViTEmbeddings, "interpolate_pos_encoding",
+                        lambda self, e, h, w: calls.append((h, w)) or real(self, e, h, w))
+    with torch.no_grad():
+        for size in [(48, 40), (32, 32), (48, 40), (64, 24), (48, 40)]:
+            model(torch.randn(1, 3, *size), interpolate_pos_encoding=True)
+        assert calls == [(48, 40), (64, 24)], calls
+        model.embeddings.position_embeddings.add_(0.1)
+        model(torch.randn(1, 3, 48, 40), interpolate_pos_encoding=True)
+    assert calls.count((48, 40)) == 2
+    assert vk.last_decision("patch_embed").backend == "torch"

@@ -68,7 +68,7 @@ def test_hook_registered_after_fuse_fires_and_is_reported(family, caplog):
     images = torch.randn(2, 3, 32, 32)
     vk.fuse(model, backend="torch")
     w, lin = block_wrapper(model)
-    assert w.hook_reason() is None
+    assert w.hook_reason() is None and w.last_fallback is None and w.fallbacks == {}
     calls = []
     handle = lin.register_forward_hook(lambda m, i, o: calls.append(o.shape))
     with torch.no_grad(), caplog.at_level(logging.INFO, logger="vit_kernels"):

@@ -16,9 +16,13 @@ capturing (``output_hidden_states``: hooks installed by class, lazily, or before
 shared) and gradient checkpointing find it as they find a ViTLayer.
 It runs ``x = linear(qkv_attention(x, [Wq; Wk; Wv], layernorm_before), o_proj, residual=x)`` and
 ``x = layernorm_gelu_mlp(x, layernorm_after, fc1, fc2, residual=x)``.
-``ViTPatchEmbeddings.projection`` (Conv2d) is replaced by
-:class:`~vit_kernels.swap.patch.FusedPatchConv`; class token, position embedding (and its
-interpolation) stay in ``ViTEmbeddings``.
+``ViTEmbeddings`` (its own forward) is replaced whole by :class:`FusedHFEmbeddings`: one
+``patch_embed`` launch writes projection + class token + position embedding, the position embedding
+resampled by the module's own ``interpolate_pos_encoding`` once per image size and cached (dynamic
+resolution with ``interpolate_pos_encoding=True``). Other embeddings classes holding a
+``ViTPatchEmbeddings`` get only its ``projection`` (Conv2d) replaced by
+:class:`~vit_kernels.swap.patch.FusedPatchConv`. uint8 images are not served: ``ViTModel`` casts
+``pixel_values`` to the weight's dtype before the embeddings.
 
 The separate q/k/v Linears feed the fused projection through a concatenated copy
 ``[Wq; Wk; Wv]`` (and biases) that is NOT a parameter: the stored parameters do not change. The
@@ -29,7 +33,8 @@ tensor's ``data_ptr()``, ``_version`` counter (bumped by in-place updates: optim
 and grad mode is on) the concatenation is recomputed every call so gradients reach q/k/v.
 
 A call with an attention mask / head mask, while attention weights are being captured
-(``output_attentions``), or in training mode with dropout p > 0 runs the layer's own forward.
+(``output_attentions``), or in training mode with dropout p > 0 runs the layer's own forward, saying
+so (:meth:`~vit_kernels.swap.wrapper.SwapWrapper.fall_back`).
 """
 from __future__ import annotations
 
@@ -44,7 +49,7 @@ from .reasons import (bypassed_hooks, dropout_p, dropout_reason, first_reason, g
                       head_dim_reason, join, layernorm_reason, linear_reason, overrides_load_state_dict)
 from .report import Candidate, ReportEntry
 from .wrapper import SwapWrapper
-from .patch import patch_conv_candidate
+from .patch import conv_reason, patch_conv_candidate
 
 FAMILY = "transformers"
 
@@ -264,13 +269,106 @@ def _patch_classes() -> Tuple[type, ...]:
         return ()
 
 
+def _embeddings_class() -> Optional[type]:
+    try:
+        from transformers.models.vit.modeling_vit import ViTEmbeddings
+        return ViTEmbeddings
+    except Exception:
+        return None
+
+
+class FusedHFEmbeddings(SwapWrapper):
+    """transformers' ``ViTEmbeddings`` as one ``patch_embed`` launch: patch projection, class token
+    and position embedding written into the (batch, 1 + patches, dim) token buffer. With
+    ``interpolate_pos_encoding=True`` another image size takes the module's own
+    ``interpolate_pos_encoding`` (bicubic, as transformers does), computed once per image size and
+    cached until ``position_embeddings`` changes (its data_ptr, version counter, dtype, device);
+    under autograd it is recomputed every call. ``bool_masked_pos``, active dropout and the
+    rest of the fall-backs run the original module (visibly).
+    pixel_values: (batch, num_channels, H, W) -> (batch, 1 + (H/p)*(W/p), dim)."""
+
+    family = FAMILY
+
+    def dropouts(self):
+        return [("dropout", dropout_p(self.dropout))]
+
+    def bypassed(self):
+        return dict(self._modules)   # patch_embeddings (and its projection), dropout
+
+    def hook_exempt(self, hook) -> bool:
+        return _is_capture_hook(hook)
+
+    def pos_embed_for(self, H: int, W: int, dim: int) -> Tensor:
+        pe = self.position_embeddings
+        p = self.patch_size
+        if (H, W) == tuple(self.image_size):
+            return pe
+        probe = torch.empty((1, 1 + (H // p) * (W // p), dim), device="meta")   # only its shape is read
+        if torch.is_grad_enabled() and pe.requires_grad:
+            return self._sync_original().interpolate_pos_encoding(probe, H, W)
+        key = (pe.data_ptr(), pe._version, pe.dtype, pe.device)
+        cache = self.__dict__.setdefault("_vk_pos_cache", {})
+        hit = cache.get((H, W))
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = cache[(H, W)] = (key, self._sync_original().interpolate_pos_encoding(probe, H, W))
+        return hit[1]
+
+    def forward(self, pixel_values: Tensor, bool_masked_pos: Optional[Tensor] = None,
+                interpolate_pos_encoding: bool = False) -> Tensor:
+        pe, p = self.patch_embeddings, self.patch_size
+        why = None
+        if bool_masked_pos is not None:
+            why = "bool_masked_pos is given: masked patches are not fused"
+        elif pixel_values.dim() != 4 or pixel_values.shape[1] != pe.num_channels:
+            why = f"pixel_values are not (batch, {pe.num_channels}, H, W)"
+        elif pixel_values.shape[-2] % p or pixel_values.shape[-1] % p:
+            why = f"the image size {tuple(pixel_values.shape[-2:])} is not a multiple of the patch size {p}"
+        elif not interpolate_pos_encoding and tuple(pixel_values.shape[-2:]) != tuple(self.image_size):
+            why = "another image size without interpolate_pos_encoding=True (the original module refuses it)"
+        why = why or self.original_reason(pixel_values)
+        if why:
+            return self.fall_back(why, pixel_values, bool_masked_pos=bool_masked_pos,
+                                  interpolate_pos_encoding=interpolate_pos_encoding)
+        conv = pe.projection
+        pos = self.pos_embed_for(*pixel_values.shape[-2:], conv.out_channels)
+        return ops.patch_embed(pixel_values, conv.weight, conv.bias, patch_size=p, pos_embed=pos,
+                               cls_token=self.cls_token, backend=self.backend)
+
+
+def _embeddings_candidate(path: str, m: nn.Module, backend: str, enabled: bool) -> Candidate:
+    """ViTEmbeddings (its own forward, no mask token in use) fused whole: projection, class token, position embedding."""
+    proj = join(path, "patch_embeddings.projection")
+    why = "not requested (ops)" if not enabled else (
+        first_reason(conv_reason(proj, m.patch_embeddings.projection), dropout_reason(join(path, "dropout"), m.dropout),
+                     bypassed_hooks({join(path, n): c for n, c in m._modules.items()},
+                                    ignore=_is_capture_hook), overrides_load_state_dict(m)))
+    notes = ("class token and position embedding written by the patch_embed kernel; with interpolate_pos_encoding "
+             "the position embedding is resampled once per image size and cached",
+             "uint8 images not served: ViTModel casts pixel_values to the weight's dtype before the embeddings "
+             "(normalize with the image processor)")
+    entry = ReportEntry(path, "patch_embed", FAMILY, why is None, why or "", notes if why is None else ())
+    return Candidate(path, m, [entry], (lambda: FusedHFEmbeddings(m, backend, [entry])) if why is None else None)
+
+
 def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
     classes = _layer_classes()
     if not classes:
         return []
     out: List[Candidate] = []
-    patch_classes = _patch_classes()
+    patch_classes, emb_cls = _patch_classes(), _embeddings_class()
+    whole = set()   # ViTPatchEmbeddings fused as part of their ViTEmbeddings
     for path, m in root.named_modules():
+        if isinstance(m, FusedHFEmbeddings):
+            whole.add(join(path, "patch_embeddings"))
+        elif emb_cls is not None and type(m) is emb_cls and isinstance(m.patch_embeddings, patch_classes) \
+                and type(m.patch_embeddings).forward is patch_classes[0].forward \
+                and "projection" in m.patch_embeddings._modules:
+            out.append(_embeddings_candidate(path, m, backend, "patch_embed" in ops_))
+            whole.add(join(path, "patch_embeddings"))
+    for path, m in root.named_modules():
+        if path in whole or any(path.startswith(w + ".") for w in whole) or isinstance(m, SwapWrapper):
+            continue
         if patch_classes and isinstance(m, patch_classes) and "projection" in m._modules:
             c = patch_conv_candidate(join(path, "projection"), m.projection, FAMILY, backend, "patch_embed" in ops_,
                                      note="uint8 images not served: ViTModel casts pixel_values to the weight's "

@@ -72,6 +72,9 @@ class SwapWrapper(nn.Module):
         self.backend = backend
         self.vk_entries = list(entries)
         self.fused_ops = {e.op: e.fused for e in entries}
+        self.vk_path = ""              # the part's path in the model (set by fuse), for messages
+        self.last_fallback: Optional[str] = None   # why the last call that ran the original did
+        self.fallbacks: Dict[str, int] = {}        # reason -> calls that ran the original for it
 
     def __getattr__(self, name: str):
         try:
@@ -145,7 +148,7 @@ class SwapWrapper(nn.Module):
             if not hooks:
                 continue
             if not all(self.hook_exempt(h) for h in hooks):
-                where = join(self.__dict__.get("vk_path", ""), name)
+                where = join(self.vk_path, name)
                 return f"forward hooks are registered on {where}; calls run the original modules so they fire"
         return None
 
@@ -168,12 +171,12 @@ class SwapWrapper(nn.Module):
         counted in ``fallbacks`` (fuse_report lists them), and ``last_decision(op)`` of each fused op
         says backend "original" with the reason."""
         with _LOCK:
-            counts = self.__dict__.setdefault("fallbacks", {})
+            counts = self.fallbacks
             first = why not in counts
             counts[why] = counts.get(why, 0) + 1
             self.__dict__["last_fallback"] = why
         if first:
-            logger.info("%s (%s, fused %s): running the original module: %s", self.__dict__.get("vk_path") or "<root>",
+            logger.info("%s (%s, fused %s): running the original module: %s", self.vk_path or "<root>",
                         type(self.original).__name__, "+".join(op for op, f in self.fused_ops.items() if f), why)
         for op, fused in self.fused_ops.items():
             if fused:
@@ -186,7 +189,7 @@ class SwapWrapper(nn.Module):
         if why:
             notes.append(why)
         with _LOCK:
-            counts = dict(self.__dict__.get("fallbacks", {}))
+            counts = dict(self.fallbacks)
         for reason, n in counts.items():
             notes.append(f"ran the original modules {n} time(s) since fuse: {reason}")
         active = [f"{n} p={p:g}" for n, p in self.dropouts() if p > 0]
