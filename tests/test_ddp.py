@@ -60,3 +60,28 @@ def test_ddp_two_processes_match_one(tmp_path):
     half = _single([(x[:BATCH // 2], y[:BATCH // 2]) for x, y in batches])
     gap = max((half[n] - single[n]).abs().max().item() for n in single)
     assert gap > 1e-6, f"half the batch gave the same parameters (max gap {gap:.2e}): the test could not fail"
+
+
+def test_bench_train_under_torchrun(tmp_path):
+    """``torchrun --nproc-per-node 2 -m vit_kernels bench --bench train`` on the CPU (gloo): one row per
+    provider from rank 0, img/s summed over the two processes (at least twice what the slowest
+    rank's step time gives one process), the not-measured row as in a single process."""
+    import csv
+    import os
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "vit_kernels", "bench",
+           "--device", "cpu", "--depth", "1", "--img-size", "32", "-b", "2", "--warmup", "1", "--repeats", "3",
+           "--no-progress", "--no-plot", "--bench", "train", "--providers", "sdpa,triton", "--out", str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("vit_kernels bench on") == 1, done.stdout   # rank 0 alone prints
+    with open(tmp_path / "results.csv") as f:
+        rows = {r["provider"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"sdpa", "triton"}
+    sdpa = rows["sdpa"]
+    assert sdpa["train_status"] == "ok" and "torchrun: 2 processes" in sdpa["train_note"], sdpa
+    per_process = 2 * 1e3 / float(sdpa["train_step_time"])
+    assert float(sdpa["train_samples_per_sec"]) >= 2 * per_process * 0.999, sdpa
+    assert rows["triton"]["train_status"] == "not measured", rows["triton"]

@@ -16,6 +16,11 @@ estimated. The Triton and CUDA kernels are timed only on a CUDA GPU: on the CPU 
 in Triton's interpreter or the host emulator, which are for verification, not timing. After
 the first call of a fused provider, ``vit_kernels.last_decision`` is read: a row that asked for
 triton but ran torch for some op says so (status "fallback").
+
+Modes: ``inference`` (a forward under inference_mode) and ``train`` (forward, cross-entropy,
+backward, optimizer step: :func:`vit_kernels.training.train_step`). Under ``torchrun`` every
+process times the same cases on its own batch, the train step under DistributedDataParallel, and
+the rows are merged over the processes (:mod:`vit_kernels.bench.distributed`).
 """
 from __future__ import annotations
 
@@ -26,12 +31,13 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
+from . import distributed as bdist
 from . import models as bmodels
 from .cost import model_cost, training_flops
 from .peaks import Peak
 from .timer import NOISY, Stats, measure, rank
+from ..training import train_step
 
 PROVIDERS = {
     "eager": "attention as separate matmul/softmax/matmul ops",
@@ -225,6 +231,9 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
         else:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         model.train()
+        if bdist.size() > 1:   # torchrun: a data-parallel step, gradients all-reduced over the processes
+            from torch.nn.parallel import DistributedDataParallel
+            model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if provider == "compile":
         model = torch.compile(model, backend=cfg.compile_backend,
                               mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
@@ -235,12 +244,10 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
             with torch.inference_mode(), attn_ctx(), amp():
                 return model(prep(images))
     else:
-        def step():
-            with attn_ctx(), amp():
-                loss = F.cross_entropy(bmodels.logits(model(prep(images))).float(), labels)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        amp_dtype = cfg.dtype if cfg.precision == "autocast" else None
+
+        def step():   # forward, loss, backward, optimizer step: the loop of vit_kernels.training
+            train_step(model, opt, prep(images), labels, amp_dtype=amp_dtype, logits=bmodels.logits, context=attn_ctx)
 
     tune_note = ""
     if provider == "tuned":
@@ -304,8 +311,11 @@ def run_case(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool
     if fn is None:
         return row
     device = cfg.device
+    target = cfg.target_spread
+    if bdist.size() > 1 and sampler is None:   # torchrun: the same number of steps on every rank
+        sampler, target = bdist.fixed_sampler(cfg.repeats, device), float("inf")
     m = measure(fn, device=device, warmup=max(0, cfg.warmup - 1), repeats=cfg.repeats, graph=graphs,
-                target_spread=cfg.target_spread, max_time_s=cfg.max_time_s, sampler=sampler)
+                target_spread=target, max_time_s=cfg.max_time_s, sampler=sampler)
     st = m.stats
     row.update(ms=st.median, ms_p20=st.p20, ms_p80=st.p80, ms_min=st.min, ms_max=st.max,
                spread_pct=100 * st.spread, repeats=st.n, timer=m.timer,
@@ -432,6 +442,8 @@ def run(cfg: BenchConfig, progress=None, sampler=None) -> List[Dict]:
         except Exception as e:  # reported in the row and by the exit status, never hidden
             row = _error_row(spec, p, mode, cfg, graphs, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             _free(cfg.device)
+        if bdist.size() > 1:
+            row = bdist.reduce_row(row)
         rows.append(row)
         if progress is not None:
             progress.advance(what)

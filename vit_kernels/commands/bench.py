@@ -210,9 +210,30 @@ def cost_text(cfg: tp.BenchConfig) -> tuple:
 
 
 def run(args) -> int:
+    """The command; under ``torchrun --nproc-per-node N`` every process runs it (see
+    vit_kernels.bench.distributed) and rank 0 prints and writes the results."""
+    import contextlib
+    import dataclasses
+    import os
+    from ..bench import distributed as bdist
+    cfg, notes = make_config(args)
+    world, device = bdist.setup(cfg.device)
+    cfg = dataclasses.replace(cfg, device=device)
+    if world.size > 1:
+        notes.append(f"torchrun: {world.size} processes (one per {'GPU' if device.type == 'cuda' else 'CPU process'}), "
+                     f"batch {cfg.batch_size} each; img/s summed over them, ms/step the slowest rank's")
+    try:
+        if world.main:
+            return _run(args, cfg, notes, write=True)
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            return _run(args, cfg, notes, write=False)
+    finally:
+        bdist.teardown(world)
+
+
+def _run(args, cfg, notes, write: bool) -> int:
     from ..bench import report
     from ..bench.timer import timer_name
-    cfg, notes = make_config(args)
     meta = report.environment(cfg.device)
     dtype = str(cfg.dtype).replace("torch.", "")
     print(f"vit_kernels bench on {meta['device_name']} ({cfg.device}), torch {meta['torch']}, "
@@ -233,7 +254,7 @@ def run(args) -> int:
         print(cost_report)
         if args.cost_only:
             return 0
-    with report.progress(len(tp.cases(cfg)), "bench", enabled=not args.no_progress) as prog:
+    with report.progress(len(tp.cases(cfg)), "bench", enabled=write and not args.no_progress) as prog:
         rows = tp.run(cfg, prog)
     warnings = tp.add_ranks(rows)
     for r in rows:
@@ -254,6 +275,9 @@ def run(args) -> int:
             print(f"\ntuning table ({r['label']}, {r['mode']}; * = chosen):")
             print(summary)
             print("\n".join(entries))
+    errors = [r for r in rows if r["status"] == "error"]
+    if not write:   # torchrun: a rank other than 0 (its rows went into rank 0's through all_gather)
+        return 1 if errors else 0
     out = Path(args.out)
     timm = tp.timm_rows(rows)
     extra = {"config": {k: (str(v) if not isinstance(v, (int, float, str, bool, list, type(None))) else v)
@@ -277,7 +301,6 @@ def run(args) -> int:
                      + ("; CPU: a smoke test, not a kernel timing" if cfg.device.type != "cuda" else ""))
             paths.append(report.plot_bench(out / "bench.png", rows, title))
     print("wrote " + ", ".join(str(p) for p in paths))
-    errors = [r for r in rows if r["status"] == "error"]
     if errors:
         print(f"{len(errors)} row(s) failed with an error (see the notes above)", file=sys.stderr)
         return 1
