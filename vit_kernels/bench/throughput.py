@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from . import models as bmodels
 from .cost import model_cost, training_flops
-from .peaks import Peak
+from ..arch import Peak
+from ..dtypes import SHORT_NAMES
 from .timer import NOISY, Stats, measure, rank
 
 PROVIDERS = {
@@ -46,7 +47,7 @@ FUSED_BACKEND = {"triton": "triton", "cuda": "cuda", "tuned": "auto"}
 MODES = ("inference", "train")
 OPTIMIZERS = ("sgd", "adamw")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = SHORT_NAMES  # vit_kernels.dtypes
 
 
 @dataclasses.dataclass

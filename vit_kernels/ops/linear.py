@@ -10,10 +10,11 @@ from torch import Tensor
 
 from .. import checks, reference
 from ..backends import resolve
+from ..dtypes import KERNEL_DTYPES
 from ..cuda.ops import gemm_unsupported as cuda_gemm_unsupported
 
 
-TRITON_GEMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_GEMM_DTYPES = KERNEL_DTYPES  # vit_kernels.dtypes
 
 
 def triton_gemm_unsupported(dtype: torch.dtype) -> Optional[str]:
