@@ -11,9 +11,9 @@ Threads of one process build once (a lock); processes started together build onc
 takes a file lock in the variant's folder (``build.lock``, released by the OS if its holder dies)
 around the build, and the ones that come after find it built.
 
-* Emulator build: ``csrc/bindings.cpp`` + ``csrc/emulation/*.cpp``, host C++ compiler, ``-O2
+* Emulator build: ``csrc/bindings/*.cpp`` + ``csrc/emulation/*.cpp``, host C++ compiler, ``-O2
   -DVK_EMULATE``. No CUDA toolkit needed.
-* GPU build: ``csrc/bindings.cpp`` + every ``csrc/**/*.cu`` with nvcc for the architectures of
+* GPU build: ``csrc/bindings/*.cpp`` + every ``csrc/**/*.cu`` with nvcc for the architectures of
   ``TORCH_CUDA_ARCH_LIST`` (default ``"8.0;9.0"``). The toolkit root comes from ``CUDA_HOME``, else
   ``CUDA_PATH``, else ``nvcc --dryrun`` (its ``#$ TOP=`` line), because the ``nvcc`` on PATH may be a
   wrapper outside the toolkit (see :func:`toolkit_root`, which also says which was used).
@@ -61,7 +61,7 @@ def cache_dir() -> Path:
 
 def sources_present() -> Optional[str]:
     """None when the csrc sources are next to the package (a source checkout), else why not."""
-    if not (CSRC / "bindings.cpp").is_file():
+    if not (CSRC / "bindings" / "bind_ops.cpp").is_file():
         return (f"the csrc sources are not at {CSRC} (JIT builds need a source checkout of vit_kernels; "
                 f"a wheel carries the prebuilt vit_kernels._C instead)")
     return None
@@ -116,6 +116,11 @@ def gencode_flags(archs: List[str]) -> List[str]:
         if ptx:
             flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
     return flags
+
+
+def binding_sources() -> List[Path]:
+    """The torch-side sources of both builds: csrc/bindings/*.cpp (op bindings + module, self-test bindings)."""
+    return sorted((CSRC / "bindings").glob("*.cpp"))
 
 
 def cu_sources() -> List[Path]:
@@ -197,7 +202,7 @@ def _build_emulator():
         raise BuildError(why)
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise BuildError(f"no host C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
-    return _jit_load("emulator", "vit_kernels_emulator", [CSRC / "bindings.cpp", *emulation_sources()],
+    return _jit_load("emulator", "vit_kernels_emulator", [*binding_sources(), *emulation_sources()],
                      EMULATOR_CFLAGS, [])
 
 
@@ -222,7 +227,7 @@ def _build_gpu():
     cpp_extension.CUDA_HOME = root
     flags = GPU_CUDA_CFLAGS + gencode_flags(arch_list())
     # keep in step with _variant_dir_for("gpu")
-    return _jit_load("gpu", "vit_kernels_gpu", [CSRC / "bindings.cpp", *cu_sources()], ["-O2"], flags)
+    return _jit_load("gpu", "vit_kernels_gpu", [*binding_sources(), *cu_sources()], ["-O2"], flags)
 
 
 def emulator_module():

@@ -90,7 +90,7 @@ def _launch(d, x, weight, bias, residual, layer_scale):
                                           **dict(d.config))
     if d.backend == "cuda":
         from ..cuda import ops as cuda_ops
-        return cuda_ops.linear(x, weight, bias, residual=residual, layer_scale=layer_scale)
+        return cuda_ops.linear_forward(x, weight, bias, residual=residual, layer_scale=layer_scale)
     if d.backend == "reference":
         return reference.linear(x, weight, bias, residual=residual, layer_scale=layer_scale)
     return linear_torch(x, weight, bias, residual, layer_scale)
