@@ -60,7 +60,7 @@ def cuda_extension():
     os.environ["CUDA_HOME"] = root
     cpp_extension.CUDA_HOME = root  # torch guessed from the nvcc on PATH, which may be a wrapper
     csrc = HERE / "csrc"
-    sources = [str((csrc / "bindings.cpp").relative_to(HERE))]
+    sources = [str(p.relative_to(HERE)) for p in build.binding_sources()]
     sources += [str(p.relative_to(HERE)) for p in build.cu_sources()]
     cxx_flags, nvcc_flags = build.flags("gpu")
     ext = cpp_extension.CUDAExtension(

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vit_kernels import backends, ops, testing, tuning
-from vit_kernels.models.vit import SIZES as VIT_SIZES
+from vit_kernels.models.registry import SIZES as VIT_SIZES
 
 BUDGET_US = 15.0
 triton_mods = pytest.importorskip("vit_kernels.triton.gemm")

@@ -5,7 +5,7 @@ import torch
 from bench_cases import DEVICE, SIZES, run_benchmark
 from vit_kernels import last_decision, ops
 from vit_kernels.bench import throughput as tp
-from vit_kernels.models.vit import SIZES as VIT_SIZES
+from vit_kernels.models.registry import SIZES as VIT_SIZES
 
 
 def make_op(op):

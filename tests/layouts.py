@@ -173,7 +173,7 @@ def cases(layouts=LAYOUTS):
 TRITON_KERNELS = (("vit_kernels.triton.gemm", "_gemm_kernel"), ("vit_kernels.triton.layernorm", "_row_stats_kernel"),
                   ("vit_kernels.triton.attention", "_attn_fwd_kernel"),
                   ("vit_kernels.triton.qkv_attention", "_qkv_attn_kernel"))
-CUDA_ENTRY_POINTS = ("gemm_rows", "gemm_qkv", "gemm_patch", "layernorm_stats", "flash_attention_forward")
+CUDA_ENTRY_POINTS = ("gemm_rows", "gemm_qkv", "gemm_patch", "row_stats", "flash_attention_forward")
 
 
 class _CountedKernel:

@@ -51,8 +51,8 @@ class Mutation:
 # tests/test_hard_inputs.py (numerically hard inputs) joins each selection for its backend and ops.
 T_ATTN = ("tests/test_triton_attention.py", "tests/test_hard_inputs.py", "-k",
           "test_triton_attention or (test_hard_inputs and triton and flash_attention)")
-T_GEMM = ("tests/test_triton_gemm.py", "tests/test_hard_inputs.py", "-k",
-          "test_triton_gemm or (test_hard_inputs and triton and (linear or mlp or patch))")
+T_GEMM = ("tests/test_gemm.py", "tests/test_hard_inputs.py", "-k",
+          "(test_gemm and triton) or (test_hard_inputs and triton and (linear or mlp or patch))")
 T_MLP = ("tests/test_triton_mlp.py", "tests/test_hard_inputs.py", "-k",
          "test_triton_mlp or (test_hard_inputs and triton and (layernorm or mlp))")
 T_PATCH = ("tests/test_triton_patch_embed.py", "tests/test_hard_inputs.py", "-k",
@@ -61,9 +61,9 @@ T_QKV = ("tests/test_triton_qkv_attention.py", "tests/test_hard_inputs.py", "-k"
          "test_triton_qkv_attention or (test_hard_inputs and triton and qkv)")
 T_CUDA_ATTN = ("tests/test_cuda_attention.py", "tests/test_emulator_races.py", "tests/test_hard_inputs.py", "-k",
                "not compiles and (attention or Attention) and (not test_hard_inputs or cuda)")
-T_CUDA_GEMM = ("tests/test_cuda_gemm.py", "tests/test_emulator_races.py", "tests/test_hard_inputs.py", "-k",
+T_CUDA_GEMM = ("tests/test_gemm.py", "tests/test_emulator_races.py", "tests/test_hard_inputs.py", "-k",
                "not compiles and (gemm or mlp or patch or linear or qkv or stats or layernorm) "
-               "and (not test_hard_inputs or cuda)")
+               "and (not test_hard_inputs or cuda) and (not test_gemm or cuda)")
 T_TORCH = ("tests/test_torch_paths.py", "tests/test_models.py", "tests/test_swap_timm.py", "tests/test_swap_hf.py", "-k", "torch or oracle")
 
 MUTATIONS: List[Mutation] = [
@@ -143,7 +143,7 @@ MUTATIONS: List[Mutation] = [
              "(i & 1) >= kv_n) x = -INFINITY;", "(i & 1) > kv_n) x = -INFINITY;", T_CUDA_ATTN),
     # ------------------------------------------------------------------ CUDA: GEMM, row statistics
     Mutation("cuda-gemm-cp-async-wait-too-weak", "csrc/gemm/gemm.cuh",
-             "    cp_async_wait<C::STAGES - 2>();\n", "    cp_async_wait<C::STAGES - 1>();\n", T_CUDA_GEMM),
+             "    cp_async_wait<C::kStages - 2>();\n", "    cp_async_wait<C::kStages - 1>();\n", T_CUDA_GEMM),
     Mutation("cuda-gemm-no-stage-barrier", "csrc/gemm/gemm.cuh",
              "    __syncthreads();  // stage kt is complete for everyone; stage kt-1 is free again\n",
              "    // (mutation: no barrier)\n", T_CUDA_GEMM),

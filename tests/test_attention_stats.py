@@ -15,6 +15,7 @@ from vit_kernels.ops import attention_stats as stats_mod
 from vit_kernels.testing import assert_close
 
 from conftest import DEVICE  # noqa: E402
+from poison import poison_empty  # noqa: E402
 
 triton_stats = pytest.importorskip("vit_kernels.triton.attention_stats")
 attention = pytest.importorskip("vit_kernels.triton.attention")
@@ -100,8 +101,7 @@ def test_cuda_stats_kernels(B, H, prefix, grid, D, dtype, monkeypatch):
     float64 oracle; the LSE comes from the CUDA flash kernel."""
     need_cuda_backend()
     from vit_kernels.cuda import attention_stats as cuda_stats
-    from vit_kernels.cuda import ops as cuda_ops
-    monkeypatch.setattr(cuda_ops, "_poison", True)
+    poison_empty(monkeypatch)
     N = tokens(prefix, grid)
     q, k, v = make_qk(B, H, N, D, DTYPES[dtype])
     scale = D ** -0.5

@@ -7,17 +7,19 @@ import torch.nn.functional as F
 
 import vit_kernels as vk
 from vit_kernels import reference
+from vit_kernels.arch import shared_limits_by_name
 from vit_kernels.cuda import ops as cuda_ops
 from vit_kernels.testing import assert_close
 
 from conftest import DEVICE
+from poison import poison_empty
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
-    monkeypatch.setattr(cuda_ops, "_poison", True)
+    poison_empty(monkeypatch)
 
 
 def rand(*shape, dtype, scale=1.0):
@@ -179,7 +181,7 @@ def test_no_query_tokens_launches_nothing():
 # ------------------------------------------------------------------ sm_80 / sm_90: no spills
 # nvcc's report through vit_kernels.cuda.resource_usage (cached on disk, shared with
 # tests/test_cuda_build.py, which checks every csrc kernel for spills).
-SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
+SMEM_LIMIT = shared_limits_by_name()  # vit_kernels.arch
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
@@ -197,7 +199,7 @@ def test_every_instantiation_compiles_without_spills(arch):
         assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0, r
         assert r["regs"] <= 255 and r["tensor_core_instructions"], r
         assert 0 < r["shared_bytes"] <= SMEM_LIMIT[arch], r
-    for dt in range(3):
+    for dt in DTYPES:
         for d in dims:
             assert 0 < mod.flash_attention_smem_bytes(dt, d) <= SMEM_LIMIT[arch]
 

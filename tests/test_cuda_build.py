@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from vit_kernels import cuda as vk_cuda
+from vit_kernels.arch import shared_limits_by_name
 
 REPO = Path(__file__).resolve().parents[1]
 # Registers and shared memory per block (bytes) an SM can give one block.
-SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
+SMEM_LIMIT = shared_limits_by_name()  # vit_kernels.arch
 
 
 def _need_toolkit():
@@ -129,12 +130,12 @@ def test_disabled_backend_says_why(monkeypatch):
 
 @pytest.mark.slow
 def test_gpu_extension_jit_builds():
-    """The GPU build (bindings.cpp with torch's CUDA headers + every .cu for the arch list) links and
+    """The GPU build (csrc/bindings/*.cpp with torch's CUDA headers + every .cu for the arch list) links and
     imports, also on a machine without a GPU. Minutes on 2 cores, hence slow."""
     _need_toolkit()
     if not torch.version.cuda:
         pytest.skip("torch is not a CUDA build")
     m = vk_cuda.gpu_module()
     assert m.emulated is False
-    for name in ("gemm_rows", "gemm_qkv", "gemm_patch", "layernorm_stats", "selftest_mma"):
+    for name in ("gemm_rows", "gemm_qkv", "gemm_patch", "row_stats", "selftest_mma"):
         assert hasattr(m, name)

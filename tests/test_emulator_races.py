@@ -151,7 +151,7 @@ def _gemm_cases():
             x = torch.randn(70, k, generator=g).to(dtype)
             w = (torch.randn(72, k, generator=g) / k ** 0.5).to(dtype)
             b = torch.randn(72, generator=g).to(dtype)
-            return ops.linear(x, w, b, config=0)
+            return ops.linear_forward(x, w, b, config=0)
         return f
 
     def mlp(dtype):
@@ -159,7 +159,7 @@ def _gemm_cases():
             g = torch.Generator().manual_seed(2)
             x = torch.randn(2, 35, 64, generator=g).to(dtype)
             p = [torch.randn(s, generator=g).to(dtype) * 0.2 for s in [(64,), (64,), (96, 64), (96,), (64, 96), (64,)]]
-            return ops.layernorm_gelu_mlp(x, *p, eps=1e-6, approximate="none", residual=x, layer_scale=p[1], config=0)
+            return ops.layernorm_gelu_mlp_forward(x, *p, eps=1e-6, approximate="none", residual=x, layer_scale=p[1], config=0)
         return f
 
     def patch(dtype):
@@ -169,7 +169,7 @@ def _gemm_cases():
             w = (torch.randn(64, 3, 8, 8, generator=g) * 0.1).to(dtype)
             pos = torch.randn(17, 64, generator=g).to(dtype)
             cls = torch.randn(64, generator=g).to(dtype)
-            return ops.patch_embed(img, w, None, patch_size=8, pos_embed=pos, cls_token=cls, config=0)
+            return ops.patch_embed_forward(img, w, None, patch_size=8, pos_embed=pos, cls_token=cls, config=0)
         return f
 
     cases = {}
@@ -179,7 +179,7 @@ def _gemm_cases():
         cases[f"gemm-{name}-plain"] = make(dt, 36)  # K % 8 != 0: rows not 16-byte aligned
         cases[f"mlp-layernorm-{name}"] = mlp(dt)
     cases["patch-embed-float16"] = patch(torch.float16)
-    cases["row-stats-float32"] = lambda: torch.stack(ops.layernorm_stats(torch.randn(
+    cases["row-stats-float32"] = lambda: torch.stack(ops.row_stats(torch.randn(
         20, 100, generator=torch.Generator().manual_seed(4)), 1e-5))
     return cases
 

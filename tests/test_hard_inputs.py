@@ -21,10 +21,10 @@ import torch.nn.functional as F
 
 import vit_kernels as vk
 from vit_kernels import reference
-from vit_kernels.cuda import ops as cuda_ops
 from vit_kernels.testing import assert_close
 
 from conftest import DEVICE
+from poison import poison_empty
 
 BACKENDS = ["torch", "triton", "cuda"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -34,21 +34,10 @@ OPS = ["flash_attention", "qkv_attention", "layernorm_gelu_mlp", "patch_embed", 
 HEADS, HEAD_DIM = 2, 32
 DIM = HEADS * HEAD_DIM
 
-_torch_empty = torch.empty
-
-
-def _nan_empty(*args, **kwargs):
-    t = _torch_empty(*args, **kwargs)
-    if t.is_floating_point():
-        t.fill_(float("nan"))
-    return t
-
-
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
     """Every output the launchers allocate starts as NaN."""
-    monkeypatch.setattr(cuda_ops, "_poison", True)
-    monkeypatch.setattr(torch, "empty", _nan_empty)
+    poison_empty(monkeypatch)
 
 
 def _dt(dtype):

@@ -58,7 +58,7 @@ def test_cuda_kernels_are_listed_beside_the_triton_ones():
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
     kernels = {r["kernel"] for r in rows}
-    assert {"vk::gemm_detail::gemm_kernel", "vk::attn::flash_fwd_kernel", "vk::layernorm_stats_kernel"} <= kernels
+    assert {"vk::gemm_detail::gemm_kernel", "vk::attn::flash_fwd_kernel", "vk::row_stats_kernel"} <= kernels
     assert all(r["backend"] == "cuda" and not problems(r) for r in rows)
 
 

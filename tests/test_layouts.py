@@ -3,7 +3,7 @@
 error that names the argument, raised before any kernel launches. Also wrong scalar arguments,
 zero-size batches and token counts, and the fused modules' inputs.
 
-Outputs start as NaN (torch.empty is poisoned, as is the CUDA backend's ops._poison), so an element
+Outputs start as NaN (torch.empty is poisoned: tests/poison.py), so an element
 a kernel does not write fails the comparison.
 """
 import math
@@ -15,10 +15,10 @@ import torch
 import vit_kernels as vk
 from vit_kernels import nn as vnn
 from vit_kernels import reference
-from vit_kernels.cuda import ops as cuda_ops
 from vit_kernels.testing import assert_close
 
 from conftest import DEVICE  # noqa: E402
+from poison import poison_empty  # noqa: E402
 from layouts import (B, C, DIM, HEADS, HIDDEN, IMG, LAYOUTS, N, NKV, REFUSED, SPECS, Launches,  # noqa: E402
                      cases, make)
 
@@ -30,18 +30,7 @@ NAN = float("nan")
 @pytest.fixture
 def launches(monkeypatch):
     """Count Triton / CUDA launches and start every new output (torch.empty, empty_like) as NaN."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def poisoned(fn):
-        def make_empty(*args, **kwargs):
-            t = fn(*args, **kwargs)
-            if t.is_floating_point():
-                t.fill_(NAN)
-            return t
-        return make_empty
-    monkeypatch.setattr(torch, "empty", poisoned(real_empty))
-    monkeypatch.setattr(torch, "empty_like", poisoned(real_empty_like))
-    monkeypatch.setattr(cuda_ops, "_poison", True)
+    poison_empty(monkeypatch)
     return Launches().install(monkeypatch)
 
 

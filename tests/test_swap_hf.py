@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import vit_kernels as vk
-from test_swap_helpers import check_fuse, check_grad, check_load_state_dict
+from swap_checks import check_fuse, check_grad, check_load_state_dict
 from vit_kernels.swap import hf as hf_adapter
 
 transformers = pytest.importorskip("transformers")

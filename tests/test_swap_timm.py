@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vit_kernels as vk
-from test_swap_helpers import check_dropout_runs_original, check_fuse, check_grad, check_load_state_dict, snapshot, assert_same_state
+from swap_checks import check_dropout_runs_original, check_fuse, check_grad, check_load_state_dict, snapshot, assert_same_state
 
 timm = pytest.importorskip("timm")
 

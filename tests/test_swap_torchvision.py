@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vit_kernels as vk
-from test_swap_helpers import check_dropout_runs_original, check_fuse, check_grad, check_load_state_dict
+from swap_checks import check_dropout_runs_original, check_fuse, check_grad, check_load_state_dict
 
 tv = pytest.importorskip("torchvision.models.vision_transformer")
 

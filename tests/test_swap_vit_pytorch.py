@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from test_swap_helpers import check_dropout_runs_original, check_fuse, check_grad, check_load_state_dict
+from swap_checks import check_dropout_runs_original, check_fuse, check_grad, check_load_state_dict
 from vit_kernels.swap import vit_pytorch as vp_adapter
 
 vit_pytorch = pytest.importorskip("vit_pytorch")

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vit_kernels import arch
 from vit_kernels import reference as R
 from vit_kernels.testing import assert_close, compare
 
@@ -416,9 +417,10 @@ def _aot(which):
         assert row["tma_load"], row
         assert row["tma_store"] == ("OUT_MODE=1" not in row["config"]), row   # the head split stores by pointers
         assert row["spill"] == 0, row
-        # H100: 228 KB shared per SM (227 KB per block, 1 KB reserved per block), 64K registers per SM.
-        assert row["shared"] <= 227 * 1024 and row["bps"] * (row["shared"] + 1024) <= 228 * 1024, row
-        assert row["bps"] * row["regs"] * 32 * row["warps"] <= 65536, row
+        # sm_90: shared memory per block and per SM (1 KB reserved per block), registers per SM (vit_kernels.arch)
+        assert row["shared"] <= arch.SHARED_PER_BLOCK[90], row
+        assert row["bps"] * (row["shared"] + arch.SHARED_RESERVED) <= arch.SHARED_PER_SM[90], row
+        assert row["bps"] * row["regs"] * 32 * row["warps"] <= arch.REGS_PER_SM, row
     return rows
 
 

@@ -42,8 +42,8 @@ class Geometry:
 
 def geometry(model: nn.Module, img_size: Optional[int] = None) -> Geometry:
     """Image size, patch size, prefix tokens and depth read from a ViT of a known family."""
-    from .verify import _image_spec
-    img = img_size or _image_spec(model)[0]
+    from .models.registry import image_spec
+    img = img_size or image_spec(model)[0]
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "patch_size"):                      # transformers
         p, prefix, depth = cfg.patch_size, 1, cfg.num_hidden_layers

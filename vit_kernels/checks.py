@@ -21,7 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from .dtypes import FLOAT_DTYPES
+
 
 
 def tensor(name: str, t, *, ndim: Optional[int] = None, shape: Optional[Sequence] = None,

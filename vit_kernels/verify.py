@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from .models.registry import image_spec
 from .testing import Comparison, compare
 
 
@@ -111,39 +111,10 @@ def _outputs(y, name: str = "output") -> List[Tuple[str, torch.Tensor]]:
     return []
 
 
-def _image_spec(model: nn.Module) -> Tuple[Optional[int], Optional[int]]:
-    """(image size, channels) read from the attributes of the known ViT families."""
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "image_size"):  # transformers
-        img = cfg.image_size
-        return (img[0] if isinstance(img, (tuple, list)) else img), getattr(cfg, "num_channels", 3)
-    pe = getattr(model, "patch_embed", None)
-    if pe is not None and hasattr(pe, "img_size") and hasattr(pe, "proj"):  # timm
-        img = pe.img_size
-        return (img[0] if isinstance(img, (tuple, list)) else img), getattr(pe.proj, "in_channels", 3)
-    if isinstance(getattr(model, "image_size", None), int) and hasattr(model, "conv_proj"):  # torchvision
-        return model.image_size, getattr(model.conv_proj, "in_channels", 3)
-    if isinstance(getattr(model, "img_size", None), int):  # vit_kernels
-        proj = getattr(getattr(model, "patch_embed", None), "proj", None)
-        return model.img_size, getattr(proj, "in_channels", 3)
-    tpe = getattr(model, "to_patch_embedding", None)
-    pos = getattr(model, "pos_embedding", None)
-    if isinstance(tpe, nn.Module) and isinstance(pos, torch.Tensor):  # vit-pytorch
-        rearrange = tpe[0] if isinstance(tpe, nn.Sequential) else getattr(tpe, "_modules", {}).get("0")
-        p = getattr(rearrange, "axes_lengths", {}).get("p1")
-        lin = next((m for m in tpe.modules() if isinstance(m, nn.Linear)), None)
-        cls = getattr(model, "cls_token", None)
-        n_cls = 1 if cls is None else (cls.shape[-2] if cls.dim() == 3 else cls.shape[0])
-        if p and lin is not None:
-            grid = math.isqrt(pos.shape[-2] - n_cls)
-            return grid * p, lin.in_features // (p * p)
-    return None, None
-
-
 def default_inputs(model: nn.Module, batch: int = 2, img_size: Optional[int] = None) -> torch.Tensor:
     """Random images (batch, channels, img, img) for ``model``, image size and channels read from
     its attributes (timm, torchvision, transformers, vit-pytorch, vit_kernels)."""
-    img, chans = _image_spec(model)
+    img, chans = image_spec(model)
     img = img_size or img
     if img is None:
         raise ValueError(f"model: cannot tell the input image size of {type(model).__name__}; pass inputs")

@@ -11,18 +11,7 @@ namespace attn {
 
 namespace {
 
-#define VK_ATTN_LIST_ENTRY(HD) HD,
-constexpr int kHeadDims[] = {VK_ATTN_HEAD_DIMS(VK_ATTN_LIST_ENTRY)};
-#undef VK_ATTN_LIST_ENTRY
-constexpr int kNumHeadDims = (int)(sizeof(kHeadDims) / sizeof(kHeadDims[0]));
-
-std::string head_dims_text() {
-  std::string s;
-  for (int i = 0; i < kNumHeadDims; ++i) s += (i ? ", " : "") + std::to_string(kHeadDims[i]);
-  return s;
-}
-
-int element_size(Dtype dtype) { return dtype == Dtype::kFloat32 ? 4 : 2; }
+int element_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
 
 // True when dims of size > 1 have strides that are multiples of `multiple` (size-1 dims are
 // never stepped along, so their strides do not matter).
@@ -44,8 +33,9 @@ void launch(const FlashFwdParams& p, vk::stream_t stream) {
                                 std::to_string(65535LL * Tr::kBlockM) + " tokens");
   dim3 grid((unsigned)(a.batch * a.heads), (unsigned)m_blocks, 1);
   dim3 block(Tr::kThreads, 1, 1);
-  auto flash_fwd = flash_fwd_kernel<T, kHeadDim>;  // (a macro argument cannot hold the template's comma)
-  VK_LAUNCH(flash_fwd, grid, block, Tr::kSmemBytes, stream, p);  // opts in above 48 KiB of shared memory
+  // (a macro argument cannot hold the template's comma); VK_LAUNCH opts in above 48 KiB of shared memory
+  auto flash_fwd = flash_fwd_kernel<T, kHeadDim>;
+  VK_LAUNCH(flash_fwd, grid, block, Tr::kSmemBytes, stream, p);
   vk::check_launch("flash_attention_forward");
 }
 
@@ -53,12 +43,10 @@ template <typename T>
 void launch_head_dim(int instance, const FlashFwdParams& p, vk::stream_t stream) {
   switch (instance) {
 #define VK_ATTN_CASE(HD) \
-  case HD:               \
-    return launch<T, HD>(p, stream);
+  case HD: return launch<T, HD>(p, stream);
     VK_ATTN_HEAD_DIMS(VK_ATTN_CASE)
 #undef VK_ATTN_CASE
-    default:
-      throw std::invalid_argument("head_dim: no instantiation " + std::to_string(instance));
+    default: throw std::invalid_argument("head_dim: no instantiation " + std::to_string(instance));
   }
 }
 
@@ -66,71 +54,56 @@ template <typename T>
 int64_t smem_bytes_of(int instance) {
   switch (instance) {
 #define VK_ATTN_CASE(HD) \
-  case HD:               \
-    return FlashFwdTraits<T, HD>::kSmemBytes;
+  case HD: return FlashFwdTraits<T, HD>::kSmemBytes;
     VK_ATTN_HEAD_DIMS(VK_ATTN_CASE)
 #undef VK_ATTN_CASE
-    default:
-      return -1;
+    default: return -1;
   }
 }
 
 }  // namespace
 
-int num_head_dims() { return kNumHeadDims; }
-
-int head_dim_at(int i) { return (i >= 0 && i < kNumHeadDims) ? kHeadDims[i] : -1; }
-
-int head_dim_instance(int64_t head_dim) {
-  if (head_dim <= 0 || head_dim % 8 != 0) return -1;
-  for (int i = 0; i < kNumHeadDims; ++i)
-    if (kHeadDims[i] >= head_dim) return kHeadDims[i];
-  return -1;
-}
-
-int64_t flash_attention_smem_bytes(Dtype dtype, int instance) {
+int64_t flash_attention_smem_bytes(DType dtype, int instance) {
   switch (dtype) {
-    case Dtype::kFloat16: return smem_bytes_of<vk::half>(instance);
-    case Dtype::kBFloat16: return smem_bytes_of<vk::bfloat16>(instance);
-    case Dtype::kFloat32: return smem_bytes_of<float>(instance);
+    case DType::kFloat16: return smem_bytes_of<vk::half>(instance);
+    case DType::kBFloat16: return smem_bytes_of<vk::bfloat16>(instance);
+    case DType::kFloat32: return smem_bytes_of<float>(instance);
   }
   return -1;
 }
 
 void flash_attention_forward(const FlashFwdArgs& a, vk::stream_t stream) {
   const int instance = head_dim_instance(a.head_dim);
-  if (instance < 0)
-    throw std::invalid_argument("head_dim: expected a multiple of 8 no larger than the largest compiled head dim (" +
-                                head_dims_text() + "), got " + std::to_string(a.head_dim));
+  if (instance < 0) throw std::invalid_argument(head_dim_error(a.head_dim));
   if (a.batch < 0 || a.heads < 0 || a.q_tokens < 0 || a.kv_tokens < 0)
     throw std::invalid_argument("flash_attention_forward: negative size");
   if (a.batch == 0 || a.heads == 0 || a.q_tokens == 0) return;
-  if (a.kv_tokens == 0)
-    throw std::invalid_argument("k: kv_tokens must be at least 1 (softmax over no keys), got 0");
+  if (a.kv_tokens == 0) throw std::invalid_argument("k: kv_tokens must be at least 1 (softmax over no keys), got 0");
   if (a.batch * a.heads > 0x7fffffffLL)
     throw std::invalid_argument("q: batch*heads=" + std::to_string(a.batch * a.heads) + " is past 2^31 - 1");
   if (a.q_tokens > 0x7fffffffLL || a.kv_tokens > 0x7fffffffLL)
     throw std::invalid_argument("q/k: token counts must be below 2^31");
   if (!a.q || !a.k || !a.v || !a.o) throw std::invalid_argument("flash_attention_forward: null q, k, v or o");
-  if (a.dtype == Dtype::kFloat32 && !a.amax)
-    throw std::invalid_argument("amax: required for float32 inputs ((3, batch, heads) max finite |q|, |k|, |v| on the device)");
+  if (a.dtype == DType::kFloat32 && !a.amax)
+    throw std::invalid_argument(
+        "amax: required for float32 inputs ((3, batch, heads) max finite |q|, |k|, |v| on the device)");
 
   FlashFwdParams p;
   p.args = a;
-  p.score_mul = a.scale * 1.4426950408889634f;  // log2(e)
+  p.score_mul = a.scale * kLog2e;
   const int64_t es = element_size(a.dtype);
   const int64_t chunk = 16 / es;  // elements per 16-byte load
   const int64_t q_size[4] = {a.batch, a.heads, a.q_tokens, a.head_dim};
   const int64_t kv_size[4] = {a.batch, a.heads, a.kv_tokens, a.head_dim};
-  p.in_vec = a.q_stride[3] == 1 && a.k_stride[3] == 1 && a.v_stride[3] == 1 && aligned(a.q, 16) &&
-             aligned(a.k, 16) && aligned(a.v, 16) && strides_multiple_of(a.q_stride, q_size, chunk) &&
+  p.in_vec = a.q_stride[3] == 1 && a.k_stride[3] == 1 && a.v_stride[3] == 1 && aligned(a.q, 16) && aligned(a.k, 16) &&
+             aligned(a.v, 16) && strides_multiple_of(a.q_stride, q_size, chunk) &&
              strides_multiple_of(a.k_stride, kv_size, chunk) && strides_multiple_of(a.v_stride, kv_size, chunk);
   p.out_vec = a.o_stride[3] == 1 && aligned(a.o, 2 * es) && strides_multiple_of(a.o_stride, q_size, 2);
 
   switch (a.dtype) {
-    case Dtype::kFloat16: return launch_head_dim<vk::half>(instance, p, stream);
-    case Dtype::kBFloat16: return launch_head_dim<vk::bfloat16>(instance, p, stream);
-    case Dtype::kFloat32: return launch_head_dim<float>(instance, p, stream);
+    case DType::kFloat16: return launch_head_dim<vk::half>(instance, p, stream);
+    case DType::kBFloat16: return launch_head_dim<vk::bfloat16>(instance, p, stream);
+    case DType::kFloat32: return launch_head_dim<float>(instance, p, stream);
   }
   throw std::invalid_argument("dtype: expected float16, bfloat16 or float32");
 }

@@ -41,8 +41,15 @@
 namespace vk {
 namespace attn {
 
-template <typename T> struct MmaTypeOf { using type = vk::half; };  // fp16, and fp32 split in fp16
-template <> struct MmaTypeOf<vk::bfloat16> { using type = vk::bfloat16; };
+// The 16-bit type of the MMAs: fp16 for fp16 (and for fp32, split into fp16 pairs), bf16 for bf16.
+template <typename T>
+struct MmaTypeOf {
+  using type = vk::half;
+};
+template <>
+struct MmaTypeOf<vk::bfloat16> {
+  using type = vk::bfloat16;
+};
 
 // Every compile-time choice of one instantiation, in one place.
 template <typename T, int kHeadDim_>
@@ -53,22 +60,26 @@ struct FlashFwdTraits {
   using MmaT = typename MmaTypeOf<T>::type;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kBlockM = 16 * kWarps;                     // query rows per block
+  static constexpr int kBlockM = 16 * kWarps;                          // query rows per block
   static constexpr int kBlockN = (kSplit && kHeadDim > 64) ? 32 : 64;  // keys per tile
-  static constexpr int kHeadDimPad = (kHeadDim + 15) / 16 * 16;   // reduction dim of Q K^T
-  static constexpr int kKSteps = kHeadDimPad / 16;                // k16 steps of Q K^T
-  static constexpr int kNTilesS = kBlockN / 8;                    // n8 tiles of S
-  static constexpr int kNTilesO = kHeadDim / 8;                   // n8 tiles of O
-  static constexpr int kPitch = kHeadDimPad + 8;  // shared row pitch in elements: +16 bytes makes
-                                                  // the 8 rows of every ldmatrix hit distinct banks
-  static constexpr int kParts = kSplit ? 2 : 1;   // hi (and lo) copy of each shared tile
+  static constexpr int kHeadDimPad = (kHeadDim + 15) / 16 * 16;        // reduction dim of Q K^T
+  static constexpr int kKSteps = kHeadDimPad / 16;                     // k16 steps of Q K^T
+  static constexpr int kNTilesS = kBlockN / 8;                         // n8 tiles of S
+  static constexpr int kNTilesO = kHeadDim / 8;                        // n8 tiles of O
+  // shared row pitch in elements: +16 bytes makes the 8 rows of every ldmatrix hit distinct banks
+  static constexpr int kPitch = kHeadDimPad + 8;
+  static constexpr int kParts = kSplit ? 2 : 1;  // hi (and lo) copy of each shared tile
   static constexpr int kQElems = kParts * kBlockM * kPitch;
-  static constexpr int kKVElems = kParts * kBlockN * kPitch;      // one K or V buffer
+  static constexpr int kKVElems = kParts * kBlockN * kPitch;  // one K or V buffer
   // V's buffer reuses Q's: Q lives in registers once the first K tile has landed.
   static_assert(kKVElems <= kQElems, "V's tile must fit in Q's");
   static constexpr int kSmemBytes = (int)sizeof(MmaT) * (kQElems + kKVElems);
-  static constexpr int kPExp = 12;                // split path: P is multiplied by 2^kPExp
+  static constexpr int kPExp = 12;  // split path: P is multiplied by 2^kPExp
 };
+
+// log2(e) and ln(2): scores go to the log2 domain for exp2f, the LSE comes back to natural log.
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.69314718055994531f;
 
 // What the kernel receives: the launcher's arguments plus what the launcher derived from them.
 struct FlashFwdParams {
@@ -104,9 +115,8 @@ __device__ __forceinline__ void split_pack(float x0, float x1, uint32_t& hi, uin
 // Rows >= n_rows and columns >= head_dim (up to kHeadDimPad) are zero-filled.
 // src: the slice's first element; row_stride/col_stride in elements. pow2: split path scale.
 template <typename Tr, int kRows, typename T>
-__device__ __forceinline__ void load_tile(typename Tr::MmaT* dst, const T* src, int64_t row_stride,
-                                          int64_t col_stride, int row0, int n_rows, int head_dim,
-                                          bool vec, float pow2) {
+__device__ __forceinline__ void load_tile(typename Tr::MmaT* dst, const T* src, int64_t row_stride, int64_t col_stride,
+                                          int row0, int n_rows, int head_dim, bool vec, float pow2) {
   using M = typename Tr::MmaT;
   constexpr int kChunksPerRow = Tr::kHeadDimPad / 8;  // 8 elements = 16 bytes of MmaT
   constexpr int kChunks = kRows * kChunksPerRow;
@@ -152,6 +162,20 @@ __device__ __forceinline__ void load_tile(typename Tr::MmaT* dst, const T* src, 
   }
 }
 
+// One ldmatrix.x4 of B (per part) holds two n8 B fragments: registers 0-1 are the first n8 tile's
+// (b0), registers 2-3 the second's (b1).
+template <int kParts>
+__device__ __forceinline__ void unpack_b_fragments(const uint32_t (&x4)[kParts][4], uint32_t (&b0)[kParts][2],
+                                                   uint32_t (&b1)[kParts][2]) {
+#pragma unroll
+  for (int part = 0; part < kParts; ++part) {
+    b0[part][0] = x4[part][0];
+    b0[part][1] = x4[part][1];
+    b1[part][0] = x4[part][2];
+    b1[part][1] = x4[part][3];
+  }
+}
+
 // d += a * b on tensor cores; the split path adds the cross terms first.
 template <typename Tr>
 __device__ __forceinline__ void mma_parts(float (&d)[4], const uint32_t (&a)[Tr::kParts][4],
@@ -166,15 +190,15 @@ __device__ __forceinline__ void mma_parts(float (&d)[4], const uint32_t (&a)[Tr:
 
 // grid: (batch * heads, ceil(q_tokens / kBlockM)); block: kThreads; dynamic shared: kSmemBytes.
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(FlashFwdTraits<T, kHeadDim>::kThreads)
-flash_fwd_kernel(const FlashFwdParams p) {
+__global__ void __launch_bounds__(FlashFwdTraits<T, kHeadDim>::kThreads) flash_fwd_kernel(const FlashFwdParams p) {
   using Tr = FlashFwdTraits<T, kHeadDim>;
   using M = typename Tr::MmaT;
   constexpr int kParts = Tr::kParts, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kPitch = Tr::kPitch;
 
-  VK_DYNAMIC_SHARED(M, sQ);                    // [kParts][kBlockM][kPitch]
-  M* sK = sQ + Tr::kQElems;                    // [kParts][kBlockN][kPitch]
-  M* sV = sQ;  // [kParts][kBlockN][kPitch]: Q's tile, free once Q's fragments are in registers
+  VK_DYNAMIC_SHARED(M, sQ);  // [kParts][kBlockM][kPitch]
+  M* sK = sQ + Tr::kQElems;  // [kParts][kBlockN][kPitch]
+  // V: [kParts][kBlockN][kPitch] in Q's tile, free once Q's fragments are in registers
+  M* sV = sQ;
 
   const FlashFwdArgs& a = p.args;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -259,17 +283,10 @@ flash_fwd_kernel(const FlashFwdParams p) {
         uint32_t kb[kParts][4];
 #pragma unroll
         for (int part = 0; part < kParts; ++part)
-          vk::ldmatrix_x4(kb[part], k_s + part * kBlockN * kPitch +
-                                        (np * 16 + (lane >> 4) * 8 + (lane & 7)) * kPitch + kk * 16 +
-                                        ((lane >> 3) & 1) * 8);
+          vk::ldmatrix_x4(kb[part], k_s + part * kBlockN * kPitch + (np * 16 + (lane >> 4) * 8 + (lane & 7)) * kPitch +
+                                        kk * 16 + ((lane >> 3) & 1) * 8);
         uint32_t b0[kParts][2], b1[kParts][2];
-#pragma unroll
-        for (int part = 0; part < kParts; ++part) {
-          b0[part][0] = kb[part][0];
-          b0[part][1] = kb[part][1];
-          b1[part][0] = kb[part][2];
-          b1[part][1] = kb[part][3];
-        }
+        unpack_b_fragments<kParts>(kb, b0, b1);
         mma_parts<Tr>(s[2 * np], qf[kk], b0);
         mma_parts<Tr>(s[2 * np + 1], qf[kk], b1);
       }
@@ -342,13 +359,7 @@ flash_fwd_kernel(const FlashFwdParams p) {
         for (int part = 0; part < kParts; ++part)
           vk::ldmatrix_x4_trans(vb[part], v_row + part * kBlockN * kPitch + np * 16 + (lane >> 4) * 8);
         uint32_t b0[kParts][2], b1[kParts][2];
-#pragma unroll
-        for (int part = 0; part < kParts; ++part) {
-          b0[part][0] = vb[part][0];
-          b0[part][1] = vb[part][1];
-          b1[part][0] = vb[part][2];
-          b1[part][1] = vb[part][3];
-        }
+        unpack_b_fragments<kParts>(vb, b0, b1);
         mma_parts<Tr>(acc_o[2 * np], pa, b0);
         mma_parts<Tr>(acc_o[2 * np + 1], pa, b1);
       }
@@ -393,8 +404,7 @@ flash_fwd_kernel(const FlashFwdParams p) {
         dst[os_d] = vk::from_float<T>(x1);
       }
     }
-    if (a.lse != nullptr && t == 0)
-      a.lse[bh * q_n + row] = (m_row[r] + log2f(l_row[r])) * 0.69314718055994531f;
+    if (a.lse != nullptr && t == 0) a.lse[bh * q_n + row] = (m_row[r] + log2f(l_row[r])) * kLn2;
   }
 }
 

@@ -1,6 +1,7 @@
 // Attention statistics from the row log-sum-exp (see stats.h). Compiled by nvcc for the GPU and,
 // through csrc/emulation/attention_stats.cpp, by the host compiler for the emulator.
 #include "stats.h"
+#include "vk/warp.h"
 
 #include <stdexcept>
 #include <string>
@@ -36,19 +37,13 @@ __global__ void __launch_bounds__(kWarps * 32) attention_probs_kernel(StatsArgs 
     out[j] = from_float<T>(expf(a.scale * dot_row(q, k + j * a.k_stride[2], a.head_dim) - lse));
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 template <class T>
 __global__ void __launch_bounds__(kWarps * 32) attention_distance_kernel(StatsArgs a) {
   const int lane = threadIdx.x % 32;
   const int64_t bh = blockIdx.x;
   const int64_t patches = a.q_tokens - a.prefix;
   const int64_t pi = int64_t(blockIdx.y) * kWarps + threadIdx.x / 32;  // query patch
-  if (pi >= patches) return;  // whole warps leave together
+  if (pi >= patches) return;                                           // whole warps leave together
   const int64_t b = bh / a.heads, h = bh % a.heads;
   const int64_t i = a.prefix + pi;
   const T* q = static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[1] + i * a.q_stride[2];
@@ -91,9 +86,9 @@ void launch(const StatsArgs& a, bool distance, vk::stream_t stream) {
 
 void dispatch(const StatsArgs& a, bool distance, vk::stream_t stream) {
   switch (a.dtype) {
-    case Dtype::kFloat16: return launch<vk::half>(a, distance, stream);
-    case Dtype::kBFloat16: return launch<vk::bfloat16>(a, distance, stream);
-    case Dtype::kFloat32: return launch<float>(a, distance, stream);
+    case DType::kFloat16: return launch<vk::half>(a, distance, stream);
+    case DType::kBFloat16: return launch<vk::bfloat16>(a, distance, stream);
+    case DType::kFloat32: return launch<float>(a, distance, stream);
   }
   throw std::invalid_argument("dtype: expected float16, bfloat16 or float32");
 }

@@ -12,25 +12,25 @@
 
 #include <cstdint>
 
-#include "flash_fwd.h"  // vk::attn::Dtype
+#include "vk/dtype.h"
 #include "vk/port.h"
 
 namespace vk {
 namespace attn {
 
 struct StatsArgs {
-  const void* q = nullptr;       // (batch, heads, q_tokens, head_dim), strides q_stride, unit last stride
-  const void* k = nullptr;       // (batch, heads, kv_tokens, head_dim), strides k_stride, unit last stride
-  const float* lse = nullptr;    // (batch, heads, q_tokens) fp32 contiguous, natural log
-  const int32_t* rows = nullptr; // probs: (num_rows,) query row of each output row
-  void* out = nullptr;           // probs: (batch, heads, num_rows, kv_tokens) contiguous, q's dtype;
-                                 // distance: (batch, heads, q_tokens - prefix) fp32 contiguous
+  const void* q = nullptr;        // (batch, heads, q_tokens, head_dim), strides q_stride, unit last stride
+  const void* k = nullptr;        // (batch, heads, kv_tokens, head_dim), strides k_stride, unit last stride
+  const float* lse = nullptr;     // (batch, heads, q_tokens) fp32 contiguous, natural log
+  const int32_t* rows = nullptr;  // probs: (num_rows,) query row of each output row
+  void* out = nullptr;            // probs: (batch, heads, num_rows, kv_tokens) contiguous, q's dtype;
+                                  // distance: (batch, heads, q_tokens - prefix) fp32 contiguous
   int64_t batch = 0, heads = 0, q_tokens = 0, kv_tokens = 0, head_dim = 0, num_rows = 0;
   int64_t q_stride[3] = {0, 0, 0};
   int64_t k_stride[3] = {0, 0, 0};
   int64_t prefix = 0, grid_w = 1;  // distance: prefix tokens, patches per grid row
   float scale = 1.0f, patch_size = 1.0f;
-  Dtype dtype = Dtype::kFloat16;
+  DType dtype = DType::kFloat16;
 };
 
 void attention_probs(const StatsArgs& a, vk::stream_t stream);

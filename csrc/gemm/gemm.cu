@@ -12,9 +12,9 @@ void gemm(const GemmParams& p, DType dtype, ALoad loader, Epi epi, int config, s
     config = large_tiles >= 132 ? 1 : 0;
   }
   switch (dtype) {
-    case DType::f32: return gemm_detail::gemm_typed<float>(p, loader, epi, config, stream);
-    case DType::f16: return gemm_detail::gemm_typed<half>(p, loader, epi, config, stream);
-    case DType::bf16: return gemm_detail::gemm_typed<bfloat16>(p, loader, epi, config, stream);
+    case DType::kFloat32: return gemm_detail::gemm_typed<float>(p, loader, epi, config, stream);
+    case DType::kFloat16: return gemm_detail::gemm_typed<half>(p, loader, epi, config, stream);
+    case DType::kBFloat16: return gemm_detail::gemm_typed<bfloat16>(p, loader, epi, config, stream);
   }
   throw std::runtime_error("vk::gemm: unknown dtype");
 }

@@ -1,16 +1,17 @@
 // The one GEMM template: out = epilogue(A @ W^T) with pluggable A loaders and epilogues
 // (see vk/gemm.h for what each loader and epilogue computes).
 //
-// Structure (per thread block of Cfg::THREADS threads, a BM x BN tile of out):
-//   * a STAGES-deep ring of shared-memory tiles A[BM][BK], W[BN][BK], rows padded by 16 bytes so that
+// Structure (per thread block of Cfg::kThreads threads, a kBlockM x kBlockN tile of out):
+//   * a kStages-deep ring of shared-memory tiles A[kBlockM][kBlockK], W[kBlockN][kBlockK], rows padded by 16 bytes so
+//   that
 //     ldmatrix reads of 8 rows hit 8 distinct bank groups;
 //   * dense tiles arrive with cp.async (16 bytes, zero-filled outside the matrix) when the rows are
 //     16-byte aligned, otherwise -- and for the layernorm and patch loaders, which transform or
 //     gather -- through registers (load, convert to fp32, transform, round to T, 16-byte st.shared);
 //     plain shared-memory accesses go through vk::ld_shared / vk::st_shared (the emulator's race checker);
-//   * the warp tile WM x WN is MI x NI mma tiles of 16 x 8; per 16-wide k step each warp loads its A
+//   * the warp tile kWarpM x kWarpN is kMTiles x kNTiles mma tiles of 16 x 8; per 16-wide k step each warp loads its A
 //     fragments with ldmatrix.x4 and its W fragments with ldmatrix.x4 (two n8 tiles at once; W rows are
-//     k-contiguous, which is the "col" layout mma wants, so no .trans), then MI * NI mma.m16n8k16;
+//     k-contiguous, which is the "col" layout mma wants, so no .trans), then kMTiles * kNTiles mma.m16n8k16;
 //   * T = float takes the same tiles and accumulator layout but multiplies on CUDA cores in fp32;
 //   * the epilogue sees each accumulator with its (row, col) and writes it where its mode says.
 #pragma once
@@ -20,26 +21,29 @@
 namespace vk {
 namespace gemm_detail {
 
-template <int BM_, int BN_, int BK_, int WM_, int WN_, int STAGES_>
+template <int kBlockM_, int kBlockN_, int kBlockK_, int kWarpM_, int kWarpN_, int kStages_>
 struct TileCfg {
-  static constexpr int BM = BM_, BN = BN_, BK = BK_, WM = WM_, WN = WN_, STAGES = STAGES_;
-  static constexpr int WARPS_M = BM / WM, WARPS_N = BN / WN, THREADS = WARPS_M * WARPS_N * 32;
-  static constexpr int MI = WM / 16, NI = WN / 8;
-  static_assert(BM % WM == 0 && BN % WN == 0 && WM % 16 == 0 && WN % 16 == 0 && BK % 16 == 0, "tile shape");
+  static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kBlockK = kBlockK_, kWarpM = kWarpM_, kWarpN = kWarpN_,
+                       kStages = kStages_;
+  static constexpr int kWarpsM = kBlockM / kWarpM, kWarpsN = kBlockN / kWarpN, kThreads = kWarpsM * kWarpsN * 32;
+  static constexpr int kMTiles = kWarpM / 16, kNTiles = kWarpN / 8;
+  static_assert(kBlockM % kWarpM == 0 && kBlockN % kWarpN == 0 && kWarpM % 16 == 0 && kWarpN % 16 == 0 &&
+                    kBlockK % 16 == 0,
+                "tile shape");
 };
 using SmallCfg = TileCfg<64, 64, 32, 32, 32, 3>;
 using LargeCfg = TileCfg<128, 128, 32, 64, 32, 3>;
 
 template <class T, class C>
 struct Layout {
-  static constexpr int E = 16 / int(sizeof(T));  // elements per 16-byte chunk
-  static constexpr int LDS = C::BK + E;           // smem row stride (elements), +16 bytes of padding
-  static constexpr int A_ELEMS = C::BM * LDS, B_ELEMS = C::BN * LDS;
-  static constexpr int STAGE_ELEMS = A_ELEMS + B_ELEMS;
-  static constexpr size_t SMEM_BYTES = size_t(STAGE_ELEMS) * C::STAGES * sizeof(T);
+  static constexpr int kChunk = 16 / int(sizeof(T));  // elements per 16-byte chunk
+  static constexpr int kPitch = C::kBlockK + kChunk;  // smem row stride (elements), +16 bytes of padding
+  static constexpr int kAElems = C::kBlockM * kPitch, kWElems = C::kBlockN * kPitch;
+  static constexpr int kStageElems = kAElems + kWElems;
+  static constexpr size_t kSmemBytes = size_t(kStageElems) * C::kStages * sizeof(T);
 };
 
-// Round E fp32 values to T and store them as one 16-byte chunk.
+// Round kChunk fp32 values to T and store them as one 16-byte chunk.
 template <class T>
 __device__ __forceinline__ void store_chunk(T* dst, const float* v) {
   if constexpr (sizeof(T) == 4) {
@@ -54,38 +58,38 @@ __device__ __forceinline__ void store_chunk(T* dst, const float* v) {
   }
 }
 
-// E values src[0..E) as fp32; elements at or past `valid` are 0. vec: one 16-byte load (src aligned).
+// kChunk values src[0..kChunk) as fp32; elements at or past `valid` are 0. vec: one 16-byte load (src aligned).
 template <class T>
 __device__ __forceinline__ void load_values(const T* src, int valid, bool vec, float* v) {
-  constexpr int E = 16 / int(sizeof(T));
-  if (vec && valid >= E) {
+  constexpr int kChunk = 16 / int(sizeof(T));
+  if (vec && valid >= kChunk) {
     const uint4 u = *reinterpret_cast<const uint4*>(src);
-    T t[E];
+    T t[kChunk];
     memcpy(t, &u, 16);  // not a pointer cast: T and uint4 must not alias
 #pragma unroll
-    for (int e = 0; e < E; ++e) v[e] = to_float(t[e]);
+    for (int e = 0; e < kChunk; ++e) v[e] = to_float(t[e]);
   } else {
 #pragma unroll
-    for (int e = 0; e < E; ++e) v[e] = e < valid ? to_float(src[e]) : 0.f;
+    for (int e = 0; e < kChunk; ++e) v[e] = e < valid ? to_float(src[e]) : 0.f;
   }
 }
 
-// One BM x BK (A) or BN x BK (W) tile of a dense row-major (rows, K) matrix into shared memory.
-template <class T, class C, int ROWS>
+// One kBlockM x kBlockK (A) or kBlockN x kBlockK (W) tile of a dense row-major (rows, K) matrix into shared memory.
+template <class T, class C, int kRows>
 __device__ __forceinline__ void load_dense_tile(T* s, const T* g, int64_t ld, int rows, int K, int r0, int k0,
                                                 bool vec) {
   using L = Layout<T, C>;
-  constexpr int CPR = C::BK / L::E, CHUNKS = ROWS * CPR;
-  for (int c = threadIdx.x; c < CHUNKS; c += C::THREADS) {
-    const int r = c / CPR, kc = (c % CPR) * L::E;
+  constexpr int kChunksPerRow = C::kBlockK / L::kChunk, kChunks = kRows * kChunksPerRow;
+  for (int c = threadIdx.x; c < kChunks; c += C::kThreads) {
+    const int r = c / kChunksPerRow, kc = (c % kChunksPerRow) * L::kChunk;
     const int row = r0 + r, k = k0 + kc;
-    T* dst = s + r * L::LDS + kc;
+    T* dst = s + r * L::kPitch + kc;
     const bool in = row < rows && k < K;
     const T* src = in ? g + int64_t(row) * ld + k : g;
     if (vec) {
-      cp_async_16(dst, src, in);  // K % E == 0: a chunk is all in or all out
+      cp_async_16(dst, src, in);  // K % kChunk == 0: a chunk is all in or all out
     } else {
-      float v[L::E];
+      float v[L::kChunk];
       load_values<T>(src, in ? K - k : 0, false, v);
       store_chunk<T>(dst, v);
     }
@@ -95,20 +99,20 @@ __device__ __forceinline__ void load_dense_tile(T* s, const T* g, int64_t ld, in
 template <class T, class C>
 __device__ __forceinline__ void load_layernorm_tile(T* s, const GemmParams& p, int m0, int k0, bool vec) {
   using L = Layout<T, C>;
-  constexpr int CPR = C::BK / L::E, CHUNKS = C::BM * CPR;
+  constexpr int kChunksPerRow = C::kBlockK / L::kChunk, kChunks = C::kBlockM * kChunksPerRow;
   const T* a = static_cast<const T*>(p.a);
-  const T* lw = static_cast<const T*>(p.ln_weight);
-  const T* lb = static_cast<const T*>(p.ln_bias);
-  for (int c = threadIdx.x; c < CHUNKS; c += C::THREADS) {
-    const int r = c / CPR, kc = (c % CPR) * L::E;
+  const T* lw = static_cast<const T*>(p.norm_weight);
+  const T* lb = static_cast<const T*>(p.norm_bias);
+  for (int c = threadIdx.x; c < kChunks; c += C::kThreads) {
+    const int r = c / kChunksPerRow, kc = (c % kChunksPerRow) * L::kChunk;
     const int m = m0 + r, k = k0 + kc;
-    float v[L::E];
+    float v[L::kChunk];
     if (m < p.M && k < p.K) {
       const int valid = p.K - k;
       load_values<T>(a + int64_t(m) * p.lda + k, valid, vec, v);
-      const float mean = p.ln_mean[m], rstd = p.ln_rstd[m];
+      const float mean = p.mean[m], rstd = p.rstd[m];
 #pragma unroll
-      for (int e = 0; e < L::E; ++e) {
+      for (int e = 0; e < L::kChunk; ++e) {
         if (e < valid) {
           float y = (v[e] - mean) * rstd;
           if (lw) y *= to_float(lw[k + e]);
@@ -118,24 +122,24 @@ __device__ __forceinline__ void load_layernorm_tile(T* s, const GemmParams& p, i
       }
     } else {
 #pragma unroll
-      for (int e = 0; e < L::E; ++e) v[e] = 0.f;
+      for (int e = 0; e < L::kChunk; ++e) v[e] = 0.f;
     }
-    store_chunk<T>(s + r * L::LDS + kc, v);
+    store_chunk<T>(s + r * L::kPitch + kc, v);
   }
 }
 
-// vec: the image's W stride is 1, p and every other stride are multiples of E and the base is 16-byte
-// aligned, so E consecutive k stay in one image row and form one aligned 16-byte chunk.
+// vec: the image's W stride is 1, p and every other stride are multiples of kChunk and the base is 16-byte
+// aligned, so kChunk consecutive k stay in one image row and form one aligned 16-byte chunk.
 template <class T, class C>
 __device__ __forceinline__ void load_patch_tile(T* s, const GemmParams& p, int m0, int k0, bool vec) {
   using L = Layout<T, C>;
-  constexpr int CPR = C::BK / L::E, CHUNKS = C::BM * CPR;
+  constexpr int kChunksPerRow = C::kBlockK / L::kChunk, kChunks = C::kBlockM * kChunksPerRow;
   const T* img = static_cast<const T*>(p.a);
   const int P = p.grid_h * p.grid_w, pp = p.patch * p.patch;
-  for (int c = threadIdx.x; c < CHUNKS; c += C::THREADS) {
-    const int r = c / CPR, kc = (c % CPR) * L::E;
+  for (int c = threadIdx.x; c < kChunks; c += C::kThreads) {
+    const int r = c / kChunksPerRow, kc = (c % kChunksPerRow) * L::kChunk;
     const int m = m0 + r, k = k0 + kc;
-    T* dst = s + r * L::LDS + kc;
+    T* dst = s + r * L::kPitch + kc;
     const bool in = m < p.M && k < p.K;
     int64_t base = 0;
     if (in) {
@@ -151,14 +155,14 @@ __device__ __forceinline__ void load_patch_tile(T* s, const GemmParams& p, int m
       }
       cp_async_16(dst, img + off, in);
     } else {
-      float v[L::E];
+      float v[L::kChunk];
 #pragma unroll
-      for (int e = 0; e < L::E; ++e) {
+      for (int e = 0; e < L::kChunk; ++e) {
         const int kk = k + e;
         if (in && kk < p.K) {
           const int ch = kk / pp, rem = kk % pp, i = rem / p.patch, j = rem % p.patch;
-          v[e] = to_float(img[base + int64_t(ch) * p.img_stride[1] + int64_t(i) * p.img_stride[2] +
-                              int64_t(j) * p.img_stride[3]]);
+          v[e] = to_float(
+              img[base + int64_t(ch) * p.img_stride[1] + int64_t(i) * p.img_stride[2] + int64_t(j) * p.img_stride[3]]);
         } else {
           v[e] = 0.f;
         }
@@ -178,16 +182,16 @@ __device__ __forceinline__ float gelu(float v, Act act) {
 }
 
 // The epilogue for one accumulator element out(row, col), row < M, col < N.
-template <class T, Epi EPI>
+template <class T, Epi kEpi>
 __device__ __forceinline__ void epilogue(const GemmParams& p, int row, int col, float v) {
   if (p.bias) v += to_float(static_cast<const T*>(p.bias)[col]);
   T* out = static_cast<T*>(p.out);
-  if constexpr (EPI == Epi::rows) {
+  if constexpr (kEpi == Epi::rows) {
     v = gelu(v, p.act);
     if (p.layer_scale) v *= to_float(static_cast<const T*>(p.layer_scale)[col]);
     if (p.residual) v += to_float(static_cast<const T*>(p.residual)[int64_t(row) * p.ldr + col]);
     out[int64_t(row) * p.ldo + col] = from_float<T>(v);
-  } else if constexpr (EPI == Epi::qkv) {
+  } else if constexpr (kEpi == Epi::qkv) {
     const int inner = p.heads * p.head_dim, batch = p.M / p.tokens;
     const int b = row / p.tokens, t = row % p.tokens;
     const int which = col / inner, rem = col % inner, h = rem / p.head_dim, d = rem % p.head_dim;
@@ -202,97 +206,97 @@ __device__ __forceinline__ void epilogue(const GemmParams& p, int row, int col, 
   }
 }
 
-template <class T, class C, ALoad LOAD, Epi EPI>
-__global__ void __launch_bounds__(C::THREADS, 1) gemm_kernel(GemmParams p, bool a_vec, bool w_vec) {
+template <class T, class C, ALoad kLoad, Epi kEpi>
+__global__ void __launch_bounds__(C::kThreads, 1) gemm_kernel(GemmParams p, bool a_vec, bool w_vec) {
   using L = Layout<T, C>;
   VK_DYNAMIC_SHARED(T, smem);
-  const int m0 = blockIdx.y * C::BM, n0 = blockIdx.x * C::BN;
+  const int m0 = blockIdx.y * C::kBlockM, n0 = blockIdx.x * C::kBlockN;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int wm0 = (warp / C::WARPS_N) * C::WM, wn0 = (warp % C::WARPS_N) * C::WN;
-  const int k_tiles = (p.K + C::BK - 1) / C::BK;
+  const int wm0 = (warp / C::kWarpsN) * C::kWarpM, wn0 = (warp % C::kWarpsN) * C::kWarpN;
+  const int k_tiles = (p.K + C::kBlockK - 1) / C::kBlockK;
 
   auto load_stage = [&](int stage, int kt) {
-    T* sA = smem + stage * L::STAGE_ELEMS;
-    T* sB = sA + L::A_ELEMS;
-    const int k0 = kt * C::BK;
-    if constexpr (LOAD == ALoad::dense)
-      load_dense_tile<T, C, C::BM>(sA, static_cast<const T*>(p.a), p.lda, p.M, p.K, m0, k0, a_vec);
-    else if constexpr (LOAD == ALoad::layernorm)
+    T* sA = smem + stage * L::kStageElems;
+    T* sB = sA + L::kAElems;
+    const int k0 = kt * C::kBlockK;
+    if constexpr (kLoad == ALoad::dense)
+      load_dense_tile<T, C, C::kBlockM>(sA, static_cast<const T*>(p.a), p.lda, p.M, p.K, m0, k0, a_vec);
+    else if constexpr (kLoad == ALoad::layernorm)
       load_layernorm_tile<T, C>(sA, p, m0, k0, a_vec);
     else
       load_patch_tile<T, C>(sA, p, m0, k0, a_vec);
-    load_dense_tile<T, C, C::BN>(sB, static_cast<const T*>(p.w), p.ldw, p.N, p.K, n0, k0, w_vec);
+    load_dense_tile<T, C, C::kBlockN>(sB, static_cast<const T*>(p.w), p.ldw, p.N, p.K, n0, k0, w_vec);
   };
 
-  float acc[C::MI][C::NI][4];
+  float acc[C::kMTiles][C::kNTiles][4];
 #pragma unroll
-  for (int i = 0; i < C::MI; ++i)
+  for (int i = 0; i < C::kMTiles; ++i)
 #pragma unroll
-    for (int j = 0; j < C::NI; ++j)
+    for (int j = 0; j < C::kNTiles; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
 #pragma unroll
-  for (int s = 0; s < C::STAGES - 1; ++s) {
+  for (int s = 0; s < C::kStages - 1; ++s) {
     if (s < k_tiles) load_stage(s, s);
     cp_async_commit();
   }
 
   for (int kt = 0; kt < k_tiles; ++kt) {
-    cp_async_wait<C::STAGES - 2>();
+    cp_async_wait<C::kStages - 2>();
     __syncthreads();  // stage kt is complete for everyone; stage kt-1 is free again
-    const int next = kt + C::STAGES - 1;
-    if (next < k_tiles) load_stage(next % C::STAGES, next);
+    const int next = kt + C::kStages - 1;
+    if (next < k_tiles) load_stage(next % C::kStages, next);
     cp_async_commit();
 
-    const T* sA = smem + (kt % C::STAGES) * L::STAGE_ELEMS;
-    const T* sB = sA + L::A_ELEMS;
+    const T* sA = smem + (kt % C::kStages) * L::kStageElems;
+    const T* sB = sA + L::kAElems;
     if constexpr (sizeof(T) == 2) {
 #pragma unroll
-      for (int kk = 0; kk < C::BK; kk += 16) {
-        uint32_t af[C::MI][4], bf[C::NI][2];
+      for (int kk = 0; kk < C::kBlockK; kk += 16) {
+        uint32_t af[C::kMTiles][4], bf[C::kNTiles][2];
 #pragma unroll
-        for (int i = 0; i < C::MI; ++i) {
+        for (int i = 0; i < C::kMTiles; ++i) {
           // matrices: (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15)
           const int row = wm0 + i * 16 + (lane % 8) + 8 * ((lane / 8) % 2);
-          ldmatrix_x4(af[i], sA + row * L::LDS + kk + 8 * (lane / 16));
+          ldmatrix_x4(af[i], sA + row * L::kPitch + kk + 8 * (lane / 16));
         }
 #pragma unroll
-        for (int j = 0; j < C::NI; j += 2) {
+        for (int j = 0; j < C::kNTiles; j += 2) {
           // matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
           const int n = wn0 + j * 8 + (lane % 8) + 8 * (lane / 16);
           uint32_t r[4];
-          ldmatrix_x4(r, sB + n * L::LDS + kk + 8 * ((lane / 8) % 2));
+          ldmatrix_x4(r, sB + n * L::kPitch + kk + 8 * ((lane / 8) % 2));
           bf[j][0] = r[0];
           bf[j][1] = r[1];
           bf[j + 1][0] = r[2];
           bf[j + 1][1] = r[3];
         }
 #pragma unroll
-        for (int i = 0; i < C::MI; ++i)
+        for (int i = 0; i < C::kMTiles; ++i)
 #pragma unroll
-          for (int j = 0; j < C::NI; ++j) mma_m16n8k16<T>(acc[i][j], af[i], bf[j], acc[i][j]);
+          for (int j = 0; j < C::kNTiles; ++j) mma_m16n8k16<T>(acc[i][j], af[i], bf[j], acc[i][j]);
       }
     } else {
       // fp32: the mma accumulator layout computed on CUDA cores (row g / g+8, cols 2t / 2t+1)
       const int g = lane / 4, t = lane % 4;
 #pragma unroll 4
-      for (int k = 0; k < C::BK; ++k) {
-        float a[C::MI][2], b[C::NI][2];
+      for (int k = 0; k < C::kBlockK; ++k) {
+        float a[C::kMTiles][2], b[C::kNTiles][2];
 #pragma unroll
-        for (int i = 0; i < C::MI; ++i) {
-          a[i][0] = to_float(ld_shared(&sA[(wm0 + i * 16 + g) * L::LDS + k]));
-          a[i][1] = to_float(ld_shared(&sA[(wm0 + i * 16 + g + 8) * L::LDS + k]));
+        for (int i = 0; i < C::kMTiles; ++i) {
+          a[i][0] = to_float(ld_shared(&sA[(wm0 + i * 16 + g) * L::kPitch + k]));
+          a[i][1] = to_float(ld_shared(&sA[(wm0 + i * 16 + g + 8) * L::kPitch + k]));
         }
 #pragma unroll
-        for (int j = 0; j < C::NI; ++j) {
-          b[j][0] = to_float(ld_shared(&sB[(wn0 + j * 8 + 2 * t) * L::LDS + k]));
-          b[j][1] = to_float(ld_shared(&sB[(wn0 + j * 8 + 2 * t + 1) * L::LDS + k]));
+        for (int j = 0; j < C::kNTiles; ++j) {
+          b[j][0] = to_float(ld_shared(&sB[(wn0 + j * 8 + 2 * t) * L::kPitch + k]));
+          b[j][1] = to_float(ld_shared(&sB[(wn0 + j * 8 + 2 * t + 1) * L::kPitch + k]));
         }
 #pragma unroll
-        for (int i = 0; i < C::MI; ++i)
+        for (int i = 0; i < C::kMTiles; ++i)
 #pragma unroll
-          for (int j = 0; j < C::NI; ++j) {
+          for (int j = 0; j < C::kNTiles; ++j) {
             acc[i][j][0] += a[i][0] * b[j][0];
             acc[i][j][1] += a[i][0] * b[j][1];
             acc[i][j][2] += a[i][1] * b[j][0];
@@ -306,24 +310,24 @@ __global__ void __launch_bounds__(C::THREADS, 1) gemm_kernel(GemmParams p, bool 
   // accumulator element e of tile (i, j): row g + 8 * (e / 2), col 2 * t + e % 2 (PTX C/D layout)
   const int g = lane / 4, t = lane % 4;
 #pragma unroll
-  for (int i = 0; i < C::MI; ++i)
+  for (int i = 0; i < C::kMTiles; ++i)
 #pragma unroll
-    for (int j = 0; j < C::NI; ++j)
+    for (int j = 0; j < C::kNTiles; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int row = m0 + wm0 + i * 16 + g + 8 * (e / 2), col = n0 + wn0 + j * 8 + 2 * t + e % 2;
-        if (row < p.M && col < p.N) epilogue<T, EPI>(p, row, col, acc[i][j][e]);
+        if (row < p.M && col < p.N) epilogue<T, kEpi>(p, row, col, acc[i][j][e]);
       }
 
-  if constexpr (EPI == Epi::patch) {
+  if constexpr (kEpi == Epi::patch) {
     // the class token rows, written by the first row of blocks: out[b, 0, n] = cls[n] + pos[0, n]
     if (p.cls_token && blockIdx.y == 0) {
       const int P = p.grid_h * p.grid_w, batch = p.M / P;
       const T* cls = static_cast<const T*>(p.cls_token);
       const T* pos = static_cast<const T*>(p.pos_embed);
       T* out = static_cast<T*>(p.out);
-      for (int idx = threadIdx.x; idx < batch * C::BN; idx += C::THREADS) {
-        const int b = idx / C::BN, n = n0 + idx % C::BN;
+      for (int idx = threadIdx.x; idx < batch * C::kBlockN; idx += C::kThreads) {
+        const int b = idx / C::kBlockN, n = n0 + idx % C::kBlockN;
         if (n < p.N) {
           float v = to_float(cls[n]);
           if (pos) v += to_float(pos[n]);
@@ -336,21 +340,21 @@ __global__ void __launch_bounds__(C::THREADS, 1) gemm_kernel(GemmParams p, bool 
 
 inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 
-template <class T, class C, ALoad LOAD, Epi EPI>
+template <class T, class C, ALoad kLoad, Epi kEpi>
 void launch(const GemmParams& p, stream_t stream) {
   using L = Layout<T, C>;
-  constexpr int E = L::E;
-  const bool w_vec = p.K % E == 0 && p.ldw % E == 0 && aligned16(p.w);
+  constexpr int kChunk = L::kChunk;
+  const bool w_vec = p.K % kChunk == 0 && p.ldw % kChunk == 0 && aligned16(p.w);
   bool a_vec;
-  if constexpr (LOAD == ALoad::patch) {
-    a_vec = p.img_stride[3] == 1 && p.patch % E == 0 && p.img_stride[0] % E == 0 && p.img_stride[1] % E == 0 &&
-            p.img_stride[2] % E == 0 && aligned16(p.a);
+  if constexpr (kLoad == ALoad::patch) {
+    a_vec = p.img_stride[3] == 1 && p.patch % kChunk == 0 && p.img_stride[0] % kChunk == 0 &&
+            p.img_stride[1] % kChunk == 0 && p.img_stride[2] % kChunk == 0 && aligned16(p.a);
   } else {
-    a_vec = p.K % E == 0 && p.lda % E == 0 && aligned16(p.a);
+    a_vec = p.K % kChunk == 0 && p.lda % kChunk == 0 && aligned16(p.a);
   }
-  const dim3 grid((p.N + C::BN - 1) / C::BN, (p.M + C::BM - 1) / C::BM);
-  auto kernel = gemm_kernel<T, C, LOAD, EPI>;
-  VK_LAUNCH(kernel, grid, C::THREADS, L::SMEM_BYTES, stream, p, a_vec, w_vec);
+  const dim3 grid((p.N + C::kBlockN - 1) / C::kBlockN, (p.M + C::kBlockM - 1) / C::kBlockM);
+  auto kernel = gemm_kernel<T, C, kLoad, kEpi>;
+  VK_LAUNCH(kernel, grid, C::kThreads, L::kSmemBytes, stream, p, a_vec, w_vec);
   check_launch("vk::gemm");
 }
 
@@ -370,13 +374,13 @@ void dispatch(const GemmParams& p, ALoad loader, Epi epi, stream_t stream) {
 template <class T>
 void gemm_typed(const GemmParams& p, ALoad loader, Epi epi, int config, stream_t stream);
 
-#define VK_GEMM_INSTANTIATE(T)                                                                        \
-  template <>                                                                                         \
-  void gemm_typed<T>(const GemmParams& p, ALoad loader, Epi epi, int config, stream_t stream) {       \
-    if (config == 1)                                                                                  \
-      dispatch<T, LargeCfg>(p, loader, epi, stream);                                                  \
-    else                                                                                              \
-      dispatch<T, SmallCfg>(p, loader, epi, stream);                                                  \
+#define VK_GEMM_INSTANTIATE(T)                                                                  \
+  template <>                                                                                   \
+  void gemm_typed<T>(const GemmParams& p, ALoad loader, Epi epi, int config, stream_t stream) { \
+    if (config == 1)                                                                            \
+      dispatch<T, LargeCfg>(p, loader, epi, stream);                                            \
+    else                                                                                        \
+      dispatch<T, SmallCfg>(p, loader, epi, stream);                                            \
   }
 
 }  // namespace gemm_detail

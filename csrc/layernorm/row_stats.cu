@@ -1,24 +1,19 @@
-// LayerNorm row statistics: mean[r] and rstd[r] = 1 / sqrt(var[r] + eps) of x: (rows, dim), row stride
+// Row statistics (for LayerNorm): mean[r] and rstd[r] = 1 / sqrt(var[r] + eps) of x: (rows, dim), row stride
 // ld, biased variance. One warp per row, two passes over the row (mean shifted by the row's first
-// element, then the centred sum of squares: no cancellation), fp32 throughout; 8 rows per 256-thread block. The GEMM's layernorm loader
-// applies them as the activations load.
+// element, then the centred sum of squares: no cancellation), fp32 throughout; 8 rows per 256-thread block.
+// The GEMM's layernorm loader applies them as the activations load.
 #include "vk/gemm.h"
 #include "vk/port.h"
+#include "vk/warp.h"
 
 namespace vk {
 namespace {
 
 constexpr int kRowsPerBlock = 8;
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 template <class T>
 __global__ void __launch_bounds__(kRowsPerBlock * 32)
-    layernorm_stats_kernel(const T* x, int64_t rows, int dim, int64_t ld, float eps, float* mean, float* rstd) {
+    row_stats_kernel(const T* x, int64_t rows, int dim, int64_t ld, float eps, float* mean, float* rstd) {
   const int lane = threadIdx.x % 32;
   const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   if (row >= rows) return;  // whole warps leave together
@@ -43,23 +38,22 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32)
 }
 
 template <class T>
-void launch_stats(const void* x, int64_t rows, int dim, int64_t ld, float eps, float* mean, float* rstd,
-                  stream_t stream) {
+void launch(const void* x, int64_t rows, int dim, int64_t ld, float eps, float* mean, float* rstd, stream_t stream) {
   const unsigned blocks = unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock);
-  auto kernel = layernorm_stats_kernel<T>;
+  auto kernel = row_stats_kernel<T>;
   VK_LAUNCH(kernel, blocks, kRowsPerBlock * 32, 0, stream, static_cast<const T*>(x), rows, dim, ld, eps, mean, rstd);
-  check_launch("vk::layernorm_stats");
+  check_launch("vk::row_stats");
 }
 
 }  // namespace
 
-void layernorm_stats(DType dtype, const void* x, int64_t rows, int dim, int64_t ld, float eps, float* mean,
-                     float* rstd, stream_t stream) {
+void row_stats(DType dtype, const void* x, int64_t rows, int dim, int64_t ld, float eps, float* mean, float* rstd,
+               stream_t stream) {
   if (rows <= 0) return;
   switch (dtype) {
-    case DType::f32: return launch_stats<float>(x, rows, dim, ld, eps, mean, rstd, stream);
-    case DType::f16: return launch_stats<half>(x, rows, dim, ld, eps, mean, rstd, stream);
-    case DType::bf16: return launch_stats<bfloat16>(x, rows, dim, ld, eps, mean, rstd, stream);
+    case DType::kFloat32: return launch<float>(x, rows, dim, ld, eps, mean, rstd, stream);
+    case DType::kFloat16: return launch<half>(x, rows, dim, ld, eps, mean, rstd, stream);
+    case DType::kBFloat16: return launch<bfloat16>(x, rows, dim, ld, eps, mean, rstd, stream);
   }
 }
 

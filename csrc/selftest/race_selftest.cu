@@ -29,22 +29,22 @@ __global__ void selftest_race_kernel(const float* x, float* out, int which) {
       __syncthreads();
       r += ld_shared(s + 256 + 4 * other);
       break;
-    case RaceCase::read_after_write:  // warp 0 writes, warp 1 reads, no barrier
+    case RaceCase::read_after_write:                // warp 0 writes, warp 1 reads, no barrier
       if (warp == 0) st_shared(s + lane, x[lane]);  // race: raw write
       if (warp == 1) r = ld_shared(s + lane);       // race: raw read
       break;
     case RaceCase::write_after_read:  // warp 0 reads, warp 1 overwrites, no barrier
       if (warp == 0) st_shared(s + lane, x[lane]);
       __syncthreads();
-      if (warp == 0) r = ld_shared(s + lane);           // race: war read
+      if (warp == 0) r = ld_shared(s + lane);            // race: war read
       if (warp == 1) st_shared(s + lane, x[32 + lane]);  // race: war write
       break;
     case RaceCase::write_after_write:  // both warps write the same words, no barrier
-      st_shared(s + lane, x[t]);  // race: waw write
+      st_shared(s + lane, x[t]);       // race: waw write
       __syncthreads();
       r = ld_shared(s + lane);
       break;
-    case RaceCase::async_no_wait:  // no cp.async.wait_group before the barrier
+    case RaceCase::async_no_wait:               // no cp.async.wait_group before the barrier
       cp_async_16(s + 4 * t, x + 4 * t, true);  // race: async copy
       cp_async_commit();
       __syncthreads();
@@ -62,8 +62,8 @@ __global__ void selftest_race_kernel(const float* x, float* out, int which) {
       cp_async_wait<0>();
       break;
     case RaceCase::warp_no_syncwarp:  // lanes of one warp exchange through shared memory without __syncwarp
-      st_shared(s + t, x[t]);  // race: warp write
-      r = ld_shared(s + (t ^ 1));  // race: warp read
+      st_shared(s + t, x[t]);         // race: warp write
+      r = ld_shared(s + (t ^ 1));     // race: warp read
       break;
     case RaceCase::warp_syncwarp:  // the same with __syncwarp: no hazard
       st_shared(s + t, x[t]);

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .cost import attention_cost, dtype_bytes, qkv_attention_cost
-from .peaks import Peak
+from ..arch import Peak
 from .timer import measure
 
 PROVIDERS = {

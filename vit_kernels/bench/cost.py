@@ -28,9 +28,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .peaks import Peak
+from ..arch import SHARED_PER_BLOCK, Peak
 
-SMEM_PER_BLOCK = 227 * 1024  # H100's largest shared memory per thread block, bytes
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:
@@ -108,7 +107,7 @@ def attention_cost(batch: int, heads: int, tokens: int, head_dim: int, elem: int
     return OpCost("flash_attention", flops, 4 * Q, eager, (Step("flash_attention", flops, 4 * Q),))
 
 
-def kv_fits_on_chip(tokens: int, head_dim: int, elem: int, smem: int = SMEM_PER_BLOCK) -> bool:
+def kv_fits_on_chip(tokens: int, head_dim: int, elem: int, smem: int = SHARED_PER_BLOCK[90]) -> bool:
     """The design rule for the one-kernel QKV + attention: K and V of one head fit in shared memory.
     The ideal the cost model counts; the Triton kernel's own choice (power-of-two tiles, register
     limits) is vit_kernels.triton.qkv_attention.single_kernel_fits."""
@@ -267,8 +266,8 @@ class ViTShape:
     @classmethod
     def vit(cls, size: str = "base", patch: int = 16, img: int = 224, batch: int = 1,
             dtype: torch.dtype = torch.bfloat16, **kw) -> "ViTShape":
-        """A named reference config (vit_kernels.models.vit.SIZES)."""
-        from ..models.vit import SIZES
+        """A named reference config (vit_kernels.models.registry.SIZES)."""
+        from ..models.registry import SIZES
         dim, depth, heads, hidden = SIZES[size]
         tokens = (img // patch) ** 2 + 1
         return cls(batch, tokens, dim, heads, hidden, depth, dtype_bytes(dtype), patch, img=(img, img), **kw)

@@ -39,24 +39,11 @@ def logits(out) -> torch.Tensor:
 
 
 def input_size(model: nn.Module) -> Tuple[int, int]:
-    """(in_chans, img_size) the model expects."""
-    from ..models.vit import VisionTransformer
-    if isinstance(model, VisionTransformer):
-        return model.patch_embed.proj.in_channels, model.img_size
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "image_size"):
-        img = cfg.image_size
-        return getattr(cfg, "num_channels", 3), img if isinstance(img, int) else img[0]
-    pe = getattr(model, "patch_embed", None)
-    if pe is not None and hasattr(pe, "img_size"):
-        return pe.proj.in_channels, pe.img_size[0]
-    if hasattr(model, "image_size") and hasattr(model, "conv_proj"):
-        return model.conv_proj.in_channels, model.image_size
-    if hasattr(model, "to_patch_embedding") and hasattr(model, "pos_embedding"):  # vit_pytorch
-        p = _vp_patch(model)
-        side = int(round((model.pos_embedding.shape[-2] - 1) ** 0.5)) * p
-        return model.to_patch_embedding[2].in_features // (p * p), side
-    return 3, 224
+    """(in_chans, img_size) the model expects, read by vit_kernels.models.registry.image_spec
+    (3 channels at 224 px for a model it does not recognise)."""
+    from ..models.registry import image_spec
+    img, chans = image_spec(model)
+    return chans or 3, img or 224
 
 
 def _vp_patch(model) -> int:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .cost import Step, ViTShape, block_cost, dtype_bytes
-from .peaks import Peak
+from ..arch import Peak
 
 EAGER_STAGES = ("ln1", "qkv", "attention", "merge_heads", "proj", "residual1", "ln2", "fc1", "gelu", "fc2",
                 "residual2")

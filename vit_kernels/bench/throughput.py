@@ -35,7 +35,8 @@ import torch
 from . import distributed as bdist
 from . import models as bmodels
 from .cost import model_cost, training_flops
-from .peaks import Peak
+from ..arch import Peak
+from ..dtypes import SHORT_NAMES
 from .timer import NOISY, Stats, measure, rank
 from ..training import train_step
 
@@ -52,7 +53,7 @@ FUSED_BACKEND = {"triton": "triton", "cuda": "cuda", "tuned": "auto"}
 MODES = ("inference", "train")
 OPTIMIZERS = ("sgd", "adamw")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = SHORT_NAMES  # vit_kernels.dtypes
 
 
 @dataclasses.dataclass

@@ -15,6 +15,7 @@ import re
 import sys
 from typing import Dict, List, Optional
 
+from ..arch import shared_limits_by_name
 from .arguments import positive_int
 
 # The Triton modules whose aot_specs() list their launchable configurations: the one list a new
@@ -154,7 +155,7 @@ def problems(row: Dict) -> List[str]:
     out = []
     if row["spill_bytes"]:
         out.append(f"spills {row['spill_bytes']} bytes")
-    limit = row.get("shared_limit_bytes") or {"sm_80": 163 * 1024, "sm_90": 227 * 1024}[row["arch"]]
+    limit = row.get("shared_limit_bytes") or shared_limits_by_name()[row["arch"]]
     if row["shared_bytes"] > limit:
         out.append(f"shared memory {row['shared_bytes']} > {limit} bytes")
     if row.get("has_dot", True) and not row["tensor_core_instructions"]:

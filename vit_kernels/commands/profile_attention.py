@@ -19,11 +19,12 @@ import torch
 from ..bench import attention as batt
 from ..bench import peaks as bpeaks
 from ..bench.timer import timer_name
+from ..dtypes import SHORT_NAMES
 from ..models import registry
 from .arguments import out_folder, positive_int
 from .bench import resolve_device
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = SHORT_NAMES  # vit_kernels.dtypes
 GPU_DEFAULTS = dict(tokens="50,197,257,577,1025,2305,4097", dtype="bf16", warmup=10, repeats=30,
                     breakdown_batch=256)
 CPU_DEFAULTS = dict(tokens="50,197,257,577", dtype="fp32", warmup=2, repeats=5, breakdown_batch=2)

@@ -32,8 +32,10 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..dtypes import SHORT_NAMES
+
 OPS = ("patch_embed", "qkv_attention", "linear", "layernorm_gelu_mlp", "flash_attention")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = SHORT_NAMES  # vit_kernels.dtypes
 CPU_BATCH, CPU_DEPTH, GPU_BATCH = 1, 2, 32
 SANITIZER_TOOLS = ("memcheck", "racecheck")
 UNDER_SANITIZER = "VIT_KERNELS_SELFTEST_UNDER_SANITIZER"

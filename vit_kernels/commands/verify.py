@@ -20,9 +20,10 @@ from typing import Optional, Tuple
 import torch
 
 from ..models import registry
+from ..dtypes import SHORT_NAMES
 from .arguments import positive_int
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+DTYPES = {**SHORT_NAMES, "fp64": torch.float64}  # vit_kernels.dtypes + the oracle's float64
 # the names and the builder are the registry's (one for every command); re-exported here
 FAMILIES, TORCHVISION, SIZES, HF_NAMES, HF_REQUIRED = (registry.FAMILIES, registry.TORCHVISION, registry.SIZES,
                                                        registry.HF_NAMES, registry.HF_REQUIRED)

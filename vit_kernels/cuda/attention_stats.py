@@ -19,7 +19,7 @@ def attention_probs(q: Tensor, k: Tensor, lse: Tensor, scale: float, rows: Optio
     B, H, N, _ = q.shape
     rows_t = torch.arange(N, dtype=torch.int32, device=q.device) if rows is None else \
         torch.tensor(list(rows), dtype=torch.int32, device=q.device)
-    out = cuda_ops._empty((B, H, rows_t.numel(), k.shape[2]), q.dtype, q.device)
+    out = torch.empty((B, H, rows_t.numel(), k.shape[2]), dtype=q.dtype, device=q.device)
     module_for(q.device).attention_probs(q, k, lse, rows_t, out, float(scale))
     return out
 
@@ -31,7 +31,7 @@ def mean_attention_distance(q: Tensor, k: Tensor, lse: Tensor, scale: float, *, 
     gh, gw = grid
     if N != prefix_tokens + gh * gw:
         raise ValueError(f"grid: expected {prefix_tokens + gh * gw} tokens, got {N}")
-    per_patch = cuda_ops._empty((B, H, gh * gw), torch.float32, q.device)
+    per_patch = torch.empty((B, H, gh * gw), dtype=torch.float32, device=q.device)
     module_for(q.device).attention_distance(q, k, lse, per_patch, int(prefix_tokens), int(gw), float(scale),
                                             float(patch_size))
     return per_patch.mean(-1)
@@ -67,9 +67,9 @@ def qkv_attention_with_stats(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[T
     B, N, _ = x.shape
     inner = qkv_weight.shape[0] // 3
     hd = inner // num_heads
-    qkv = cuda_ops.qkv_projection(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
+    qkv = cuda_ops.qkv_projection_forward(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
                                   norm_weight=norm_weight, norm_bias=norm_bias, eps=eps)
-    out = cuda_ops._empty((B, N, inner), x.dtype, x.device)
+    out = torch.empty((B, N, inner), dtype=x.dtype, device=x.device)
     lse = torch.empty((B, num_heads, N), dtype=torch.float32, device=x.device)
     cuda_ops.flash_attention_forward(qkv[0], qkv[1], qkv[2], 1.0, out=out.view(B, N, num_heads, hd).transpose(1, 2),
                                      lse=lse)

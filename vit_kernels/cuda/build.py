@@ -12,9 +12,9 @@ dependency tracking (headers included) in that folder. Processes started togethe
 takes a file lock in the variant's folder (``build.lock``, released by the OS if its holder dies)
 around the build, and the ones that come after find it built.
 
-* Emulator build: ``csrc/bindings.cpp`` + ``csrc/emulation/*.cpp``, host C++ compiler, ``-O2
+* Emulator build: ``csrc/bindings/*.cpp`` + ``csrc/emulation/*.cpp``, host C++ compiler, ``-O2
   -DVK_EMULATE``. No CUDA toolkit needed.
-* GPU build: ``csrc/bindings.cpp`` + every ``csrc/**/*.cu`` with nvcc for the architectures of
+* GPU build: ``csrc/bindings/*.cpp`` + every ``csrc/**/*.cu`` with nvcc for the architectures of
   ``TORCH_CUDA_ARCH_LIST`` (default ``"8.0;9.0"``). The toolkit root comes from ``CUDA_HOME``, else
   ``CUDA_PATH``, else ``nvcc --dryrun`` (its ``#$ TOP=`` line), because the ``nvcc`` on PATH may be a
   wrapper outside the toolkit (see :func:`toolkit_root`, which also says which was used).
@@ -65,7 +65,7 @@ def cache_dir() -> Path:
 
 def sources_present() -> Optional[str]:
     """None when the csrc sources are next to the package (a source checkout), else why not."""
-    if not (CSRC / "bindings.cpp").is_file():
+    if not (CSRC / "bindings" / "bind_ops.cpp").is_file():
         return (f"the csrc sources are not at {CSRC} (JIT builds need a source checkout of vit_kernels; "
                 f"a wheel carries the prebuilt vit_kernels._C instead)")
     return None
@@ -120,6 +120,11 @@ def gencode_flags(archs: List[str]) -> List[str]:
         if a.endswith("+PTX"):
             out.append(f"-gencode=arch=compute_{num},code=compute_{num}")
     return out
+
+
+def binding_sources() -> List[Path]:
+    """The torch-side sources of both builds: csrc/bindings/*.cpp (op bindings + module, self-test bindings)."""
+    return sorted((CSRC / "bindings").glob("*.cpp"))
 
 
 def cu_sources() -> List[Path]:
@@ -268,7 +273,7 @@ def build_emulator():
     why = sources_present() or host_compiler_missing()
     if why:
         raise BuildError(why)
-    return jit_load("emulator", "vit_kernels_emulator", [CSRC / "bindings.cpp", *emulation_sources()])
+    return jit_load("emulator", "vit_kernels_emulator", [*binding_sources(), *emulation_sources()])
 
 
 def build_gpu():
@@ -287,4 +292,4 @@ def build_gpu():
     # (PLATFORM.md): point it at the root found above, visibly.
     os.environ["CUDA_HOME"] = root
     cpp_extension.CUDA_HOME = root
-    return jit_load("gpu", "vit_kernels_gpu", [CSRC / "bindings.cpp", *cu_sources()])
+    return jit_load("gpu", "vit_kernels_gpu", [*binding_sources(), *cu_sources()])

@@ -3,7 +3,7 @@
 
 Each function allocates its outputs, takes the build for the tensors' device (the GPU build for CUDA
 tensors, the host emulator for CPU tensors; see :mod:`vit_kernels.cuda`) and calls one binding of
-``csrc/bindings.cpp``. The public ops have already checked the arguments; the bindings check again
+``csrc/bindings/bind_ops.cpp``. The public ops have already checked the arguments; the bindings check again
 (naming the argument) before any launch. Forward only.
 
 Layouts the GEMM launchers assume (and raise on otherwise): x, residual and weights as rows with
@@ -20,17 +20,7 @@ import torch
 from torch import Tensor
 
 from . import module_for
-
-# Tests set this (monkeypatch) so that every output starts as NaN and an element a kernel fails to
-# write shows up as an error.
-_poison = False
-
-
-def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
-    if _poison:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
+from ..dtypes import KERNEL_DTYPES
 
 # ----------------------------------------------------------------------------------- attention
 # The largest head dim of VK_ATTN_HEAD_DIMS in csrc/attention/flash_fwd.h (the kernel is compiled
@@ -44,7 +34,7 @@ def attention_unsupported(head_dim: int, dtype: torch.dtype) -> Optional[str]:
     if head_dim % 8 != 0 or not 8 <= head_dim <= MAX_HEAD_DIM:
         return (f"head_dim={head_dim} is not supported by the CUDA attention kernel (expected a multiple of 8 "
                 f"from 8 to {MAX_HEAD_DIM})")
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if dtype not in KERNEL_DTYPES:
         return f"dtype {dtype} is not supported by the CUDA attention kernel (float16, bfloat16, float32)"
     return None
 
@@ -83,7 +73,7 @@ def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, *, ou
     """
     B, H, N, D = q.shape
     if out is None:
-        out = _empty((B, H, N, D), q.dtype, q.device)
+        out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     module_for(q.device).flash_attention_forward(q, k, v, out, lse, attention_amax(q, k, v), float(scale))
     return out, lse
 
@@ -94,14 +84,14 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     return flash_attention_forward(q, k, v, scale)[0]
 
 
-def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = None, *, num_heads: int,
+def qkv_attention_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = None, *, num_heads: int,
                   scale: float, norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
                   eps: float = 1e-6) -> Tensor:
     """[LayerNorm ->] QKV projection -> attention, the split path: two kernels.
 
     x: (batch, tokens, dim); qkv_weight: (3*inner, dim); qkv_bias: (3*inner,); norm_weight,
     norm_bias: (dim,). Returns (batch, tokens, inner).
-    1. :func:`qkv_projection` (the GEMM with LayerNorm applied as x loads and a head-split
+    1. :func:`qkv_projection_forward` (the GEMM with LayerNorm applied as x loads and a head-split
        epilogue) writes (3, batch, heads, tokens, head_dim) with Q already multiplied by scale;
     2. the attention kernel reads Q, K, V straight from that buffer (scale 1) and writes the heads
        concatenated, (batch, tokens, heads * head_dim), with no transpose or copy in between.
@@ -109,9 +99,9 @@ def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = No
     B, N, _ = x.shape
     inner = qkv_weight.shape[0] // 3
     hd = inner // num_heads
-    qkv = qkv_projection(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale, norm_weight=norm_weight,
-                         norm_bias=norm_bias, eps=eps)
-    out = _empty((B, N, inner), x.dtype, x.device)
+    qkv = qkv_projection_forward(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale, norm_weight=norm_weight,
+                                 norm_bias=norm_bias, eps=eps)
+    out = torch.empty((B, N, inner), dtype=x.dtype, device=x.device)
     flash_attention_forward(qkv[0], qkv[1], qkv[2], 1.0, out=out.view(B, N, num_heads, hd).transpose(1, 2))
     return out
 
@@ -123,7 +113,7 @@ def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = No
 # path with the same tiling (exact fp32, no TF32). `config`: -1 picks the tile by size, 0 forces the
 # 64x64 tile, 1 the 128x128 tile (for tests).
 
-GEMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GEMM_DTYPES = KERNEL_DTYPES  # vit_kernels.dtypes
 _ACT = {"none": 1, "tanh": 2}  # GELU variants for the fc1 epilogue (0 = no activation)
 
 
@@ -161,29 +151,29 @@ def _vec(name: str, t: Optional[Tensor]) -> Optional[Tensor]:
     return t.view(-1)
 
 
-def layernorm_stats(x: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+def row_stats(x: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     """Per-row LayerNorm statistics. x: (..., dim) -> (mean, rstd), each (rows,) float32,
     rstd = 1 / sqrt(biased var + eps)."""
     _check_dtype("x", x)
-    mean, rstd = module_for(x.device).layernorm_stats(_rows("x", x), float(eps))
+    mean, rstd = module_for(x.device).row_stats(_rows("x", x), float(eps))
     return mean, rstd
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, residual: Optional[Tensor] = None,
+def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, residual: Optional[Tensor] = None,
            layer_scale: Optional[Tensor] = None, config: int = -1) -> Tensor:
     """x: (..., in); weight: (out, in); bias, layer_scale: (out,); residual: (..., out).
     Returns (..., out) = [residual +] [layer_scale *] (x @ weight^T [+ bias]), one kernel."""
     _check_dtype("x", x)
     x2 = _rows("x", x)
     w = _rows("weight", weight)
-    out = _empty(tuple(x.shape[:-1]) + (weight.shape[0],), x.dtype, x.device)
+    out = torch.empty(tuple(x.shape[:-1]) + (weight.shape[0],), dtype=x.dtype, device=x.device)
     res2 = _rows("residual", residual) if residual is not None else None
     module_for(x.device).gemm_rows(x2, w, _vec("bias", bias), None, None, None, None, 0,
                                    _vec("layer_scale", layer_scale), res2, out.view(-1, weight.shape[0]), config)
     return out
 
 
-def layernorm_gelu_mlp(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+def layernorm_gelu_mlp_forward(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
                        fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
                        fc2_bias: Optional[Tensor], *, eps: float, approximate: str,
                        residual: Optional[Tensor] = None, layer_scale: Optional[Tensor] = None,
@@ -201,21 +191,21 @@ def layernorm_gelu_mlp(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Opti
     x2 = _rows("x", x)
     mean = rstd = None
     if norm_weight is not None:
-        mean, rstd = ext.layernorm_stats(x2, float(eps))
+        mean, rstd = ext.row_stats(x2, float(eps))
     hidden, out_dim = fc1_weight.shape[0], fc2_weight.shape[0]
-    h = _empty((x2.shape[0], hidden), x.dtype, x.device)
+    h = torch.empty((x2.shape[0], hidden), dtype=x.dtype, device=x.device)
     ext.gemm_rows(x2, _rows("fc1_weight", fc1_weight), _vec("fc1_bias", fc1_bias), mean, rstd,
                   _vec("norm_weight", norm_weight) if mean is not None else None,
                   _vec("norm_bias", norm_bias) if mean is not None else None,
                   _ACT[approximate], None, None, h, config)
-    out = _empty(tuple(x.shape[:-1]) + (out_dim,), x.dtype, x.device)
+    out = torch.empty(tuple(x.shape[:-1]) + (out_dim,), dtype=x.dtype, device=x.device)
     res2 = _rows("residual", residual) if residual is not None else None
     ext.gemm_rows(h, _rows("fc2_weight", fc2_weight), _vec("fc2_bias", fc2_bias), None, None, None, None, 0,
                   _vec("layer_scale", layer_scale), res2, out.view(-1, out_dim), config)
     return out
 
 
-def qkv_projection(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = None, *, num_heads: int,
+def qkv_projection_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = None, *, num_heads: int,
                    scale: float, norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
                    eps: float = 1e-6, config: int = -1) -> Tensor:
     """[LayerNorm ->] QKV projection with a head-split epilogue.
@@ -233,10 +223,10 @@ def qkv_projection(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = N
     x2 = _rows("x", x)
     mean = rstd = None
     if norm_weight is not None:
-        mean, rstd = ext.layernorm_stats(x2, float(eps))
+        mean, rstd = ext.row_stats(x2, float(eps))
     elif norm_bias is not None:
         raise ValueError("norm_bias: given without norm_weight; pass norm_weight to apply LayerNorm")
-    out = _empty((3, B, num_heads, N, hd), x.dtype, x.device)
+    out = torch.empty((3, B, num_heads, N, hd), dtype=x.dtype, device=x.device)
     ext.gemm_qkv(x2, _rows("qkv_weight", qkv_weight), _vec("qkv_bias", qkv_bias), mean, rstd,
                  _vec("norm_weight", norm_weight) if mean is not None else None,
                  _vec("norm_bias", norm_bias) if mean is not None else None,
@@ -244,7 +234,7 @@ def qkv_projection(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = N
     return out
 
 
-def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, patch_size: int,
+def patch_embed_forward(images: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, patch_size: int,
                 pos_embed: Optional[Tensor] = None, cls_token: Optional[Tensor] = None,
                 config: int = -1) -> Tensor:
     """Patch embedding as one implicit GEMM.
@@ -262,7 +252,7 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
                          f"{tuple(weight.stride())}")
     prefix = 1 if cls_token is not None else 0
     P = (H // patch_size) * (W // patch_size)
-    out = _empty((B, prefix + P, dim), images.dtype, images.device)
+    out = torch.empty((B, prefix + P, dim), dtype=images.dtype, device=images.device)
     module_for(images.device).gemm_patch(images, weight.view(dim, -1), _vec("bias", bias), patch_size,
                                          _vec("pos_embed", pos_embed), _vec("cls_token", cls_token), out, config)
     return out

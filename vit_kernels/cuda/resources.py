@@ -120,7 +120,8 @@ def _attention_dynamic_smem(config: str) -> Optional[int]:
     import torch
 
     from . import module_for
-    dtype = {"fp16": 0, "bf16": 1, "fp32": 2}[m.group(1)]  # the binding's dtype codes
+    from ..dtypes import SHORT_NAMES
+    dtype = SHORT_NAMES[m.group(1)]
     return int(module_for(torch.device("cpu")).flash_attention_smem_bytes(dtype, int(m.group(2))))
 
 

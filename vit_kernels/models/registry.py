@@ -25,6 +25,7 @@ it into their exit message.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Optional, Tuple
 
@@ -38,7 +39,7 @@ HELP = ("a reference name (vit_base_patch16_224) or family:name with family in "
         + "; e.g. " + EXAMPLES + ". Built from the library's own config, random weights unless "
         "--checkpoint; nothing is downloaded")
 
-# size -> (dim, depth, heads, mlp) as in the ViT paper (reference, hf and vit_pytorch presets)
+# size -> (dim, depth, heads, mlp) as in Table 1 of the ViT paper (reference, hf and vit_pytorch presets)
 SIZES = {"tiny": (192, 12, 3, 768), "small": (384, 12, 6, 1536), "base": (768, 12, 12, 3072),
          "large": (1024, 24, 16, 4096), "huge": (1280, 32, 16, 5120)}
 # torchvision name -> (patch, layers, heads, hidden, mlp), as torchvision's builders set them
@@ -68,14 +69,16 @@ class ModelNameError(ValueError):
     """A model name, or a build argument, that the registry refuses (one line)."""
 
 
-def preset(name: str) -> Tuple[tuple, int, int]:
-    """'vit_<size>_patch<p>_<img>' -> ((dim, depth, heads, mlp), patch, img)."""
+def preset(name: str, argument: str = "model") -> Tuple[tuple, int, int]:
+    """'vit_<size>_patch<p>_<img>' -> ((dim, depth, heads, mlp), patch, img): the one parser of
+    reference-style names (the registry, vit_kernels.models.create_model). ``argument`` names the
+    argument in the error."""
     parts = name.split("_")
     ok = (len(parts) == 4 and parts[0] == "vit" and parts[1] in SIZES and parts[2].startswith("patch")
           and parts[2][5:].isdigit() and parts[3].isdigit())
     if not ok:
-        raise ModelNameError(f"model: expected a preset 'vit_<size>_patch<p>_<img>' with size in {tuple(SIZES)}, "
-                             f"got {name!r}")
+        raise ModelNameError(f"{argument}: expected a preset 'vit_<size>_patch<p>_<img>' with size in {tuple(SIZES)}, "
+                             f"e.g. 'vit_base_patch16_224', got {name!r}")
     return SIZES[parts[1]], int(parts[2][5:]), int(parts[3])
 
 
@@ -93,6 +96,37 @@ def parse(spec: str) -> Tuple[str, str]:
     if family == "torchvision" and name not in TORCHVISION:
         raise ModelNameError(f"model: torchvision names are {tuple(TORCHVISION)}, got {name!r}")
     return family, name
+
+
+def image_spec(model: nn.Module) -> Tuple[Optional[int], Optional[int]]:
+    """(image size, channels) read from the attributes of the known ViT families (transformers, timm,
+    torchvision, vit_kernels, vit-pytorch); (None, None) for a model this does not recognise. The one
+    image-size sniffer: verify, analysis and the bench harness read a model's input through it."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "image_size"):  # transformers
+        img = cfg.image_size
+        return (img[0] if isinstance(img, (tuple, list)) else img), getattr(cfg, "num_channels", 3)
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None and hasattr(pe, "img_size") and hasattr(pe, "proj"):  # timm
+        img = pe.img_size
+        return (img[0] if isinstance(img, (tuple, list)) else img), getattr(pe.proj, "in_channels", 3)
+    if isinstance(getattr(model, "image_size", None), int) and hasattr(model, "conv_proj"):  # torchvision
+        return model.image_size, getattr(model.conv_proj, "in_channels", 3)
+    if isinstance(getattr(model, "img_size", None), int):  # vit_kernels
+        proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+        return model.img_size, getattr(proj, "in_channels", 3)
+    tpe = getattr(model, "to_patch_embedding", None)
+    pos = getattr(model, "pos_embedding", None)
+    if isinstance(tpe, nn.Module) and isinstance(pos, torch.Tensor):  # vit-pytorch
+        rearrange = tpe[0] if isinstance(tpe, nn.Sequential) else getattr(tpe, "_modules", {}).get("0")
+        p = getattr(rearrange, "axes_lengths", {}).get("p1")
+        lin = next((m for m in tpe.modules() if isinstance(m, nn.Linear)), None)
+        cls = getattr(model, "cls_token", None)
+        n_cls = 1 if cls is None else (cls.shape[-2] if cls.dim() == 3 else cls.shape[0])
+        if p and lin is not None:
+            grid = math.isqrt(pos.shape[-2] - n_cls)
+            return grid * p, lin.in_features // (p * p)
+    return None, None
 
 
 def build(spec: str, *, img_size: Optional[int] = None, depth: Optional[int] = None, attention: str = "sdpa",

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .. import library
 from ..nn import FusedAttention, FusedMlp, FusedPatchEmbed, set_backend
+from .registry import SIZES, preset
 
 
 class Block(nn.Module):
@@ -168,14 +169,7 @@ def resample_pos_embed(pos_embed: Tensor, new_grid: Tuple[int, int], old_grid: T
     return torch.cat([prefix, grid], dim=1)
 
 
-# name -> (embed_dim, depth, num_heads, mlp_dim) as in Table 1 of the ViT paper.
-SIZES = {
-    "tiny": (192, 12, 3, 768),
-    "small": (384, 12, 6, 1536),
-    "base": (768, 12, 12, 3072),
-    "large": (1024, 24, 16, 4096),
-    "huge": (1280, 32, 16, 5120),
-}
+# The sizes (name -> (embed_dim, depth, num_heads, mlp_dim)) and the name parser: vit_kernels.models.registry.
 PATCHES = (14, 16, 32)
 
 
@@ -190,14 +184,7 @@ def create_model(name: str, **overrides) -> VisionTransformer:
     Names: vit_{tiny,small,base,large,huge}_patch{14,16,32}_{img_size}; any constructor
     argument can be overridden.
     """
-    parts = name.split("_")
-    ok = (len(parts) == 4 and parts[0] == "vit" and parts[1] in SIZES and parts[2].startswith("patch")
-          and parts[2][5:].isdigit() and parts[3].isdigit())
-    if not ok:
-        raise ValueError(f"name: expected 'vit_<size>_patch<p>_<img>' with size in {tuple(SIZES)}, "
-                         f"e.g. 'vit_base_patch16_224', got {name!r}")
-    dim, depth, heads, mlp = SIZES[parts[1]]
-    cfg = dict(img_size=int(parts[3]), patch_size=int(parts[2][5:]), embed_dim=dim, depth=depth,
-               num_heads=heads, mlp_ratio=mlp / dim)
+    (dim, depth, heads, mlp), patch, img = preset(name, argument="name")
+    cfg = dict(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp / dim)
     cfg.update(overrides)
     return VisionTransformer(**cfg)

@@ -10,10 +10,11 @@ from torch import Tensor
 
 from .. import checks, reference
 from ..backends import resolve
+from ..dtypes import KERNEL_DTYPES
 from ..cuda.ops import gemm_unsupported as cuda_gemm_unsupported
 
 
-TRITON_GEMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_GEMM_DTYPES = KERNEL_DTYPES  # vit_kernels.dtypes
 
 
 def triton_gemm_unsupported(dtype: torch.dtype) -> Optional[str]:
@@ -101,7 +102,7 @@ def _launch(d, x, weight, bias, residual, layer_scale):
                                           **dict(d.config))
     if d.backend == "cuda":
         from ..cuda import ops as cuda_ops
-        return cuda_ops.linear(x, weight, bias, residual=residual, layer_scale=layer_scale)
+        return cuda_ops.linear_forward(x, weight, bias, residual=residual, layer_scale=layer_scale)
     if d.backend == "reference":
         return reference.linear(x, weight, bias, residual=residual, layer_scale=layer_scale)
     return linear_torch(x, weight, bias, residual, layer_scale)

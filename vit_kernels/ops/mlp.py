@@ -116,7 +116,7 @@ def _launch(d, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_
         return triton_mlp.layernorm_gelu_mlp_forward(*args, **kw, **dict(d.config))
     if d.backend == "cuda":
         from ..cuda import ops as cuda_ops
-        return cuda_ops.layernorm_gelu_mlp(*args, **kw)
+        return cuda_ops.layernorm_gelu_mlp_forward(*args, **kw)
     if d.backend == "reference":
         return reference.layernorm_gelu_mlp(*args, **kw)
     return layernorm_gelu_mlp_torch(*args, **kw)

@@ -203,7 +203,7 @@ def _launch(d, images, weight, bias, pos_embed, cls_token, patch_size, norm=None
         return triton_pe.patch_embed_forward(images, weight, bias, **kw, **dict(d.config))
     if d.backend == "cuda":
         from ..cuda import ops as cuda_ops
-        return cuda_ops.patch_embed(images, weight, bias, **kw)
+        return cuda_ops.patch_embed_forward(images, weight, bias, **kw)
     if d.backend == "reference":
         return reference.patch_embed(images, weight, bias, **kw)
     return patch_embed_torch(images, weight, bias, **kw)

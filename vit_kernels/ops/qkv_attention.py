@@ -140,7 +140,7 @@ def _launch(d, x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale
         from ..cuda import ops as cuda_ops
         if d.path != "split":
             d.with_path("split")
-        return cuda_ops.qkv_attention(x, qkv_weight, qkv_bias, **kw)
+        return cuda_ops.qkv_attention_forward(x, qkv_weight, qkv_bias, **kw)
     if d.backend == "reference":
         return reference.qkv_attention(x, qkv_weight, qkv_bias, **kw)
     if not d.path:

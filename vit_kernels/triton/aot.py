@@ -17,6 +17,9 @@ import contextlib
 import dataclasses
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ..arch import (MAX_BLOCKS_PER_SM, MAX_WARPS_PER_SM, REG_ALLOC_UNIT, REGS_PER_SM, SHARED_PER_BLOCK, SHARED_PER_SM,
+                    SHARED_RESERVED)
+
 # The shape the report compiles at, stated once: ViT-B/16 at 224 px and batch 32 (197 tokens,
 # dim 768, 12 heads of 64). Specialization depends only on which sizes, strides and pointers are
 # multiples of 16 (or equal to 1), so this stands for every ViT whose dim and head_dim are multiples
@@ -213,11 +216,7 @@ def launch_key(launch: Launch) -> tuple:
 
 # ---------------------------------------------------------------------------------------------
 # Compiling a spec ahead of time and reading the GPU facts out of the PTX and cubin (no GPU needed).
-
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}   # max shared memory per block (opt-in), bytes
-SHARED_PER_SM = {80: 164 * 1024, 90: 228 * 1024}  # shared memory per SM, bytes
-SHARED_RESERVED = 1024                            # bytes the driver reserves per block (sm_80+)
-REGS_PER_SM, REG_ALLOC_UNIT, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 256, 64, 32
+# (Shared memory, register and occupancy limits: vit_kernels.arch.)
 
 
 def _tool(name: str) -> str:
@@ -305,7 +304,7 @@ def compile_spec(spec: AotSpec, arch: int) -> Dict[str, Any]:
     row = {"kernel": spec.kernel, "backend": "triton", "arch": f"sm_{arch}", "config": spec.config,
            "num_warps": spec.num_warps, "num_stages": spec.num_stages, "regs": facts["regs"],
            "spill_bytes": facts["spill_bytes"], "shared_bytes": shared,
-           "shared_limit_bytes": SHARED_LIMIT[arch], "has_dot": spec.has_dot,
+           "shared_limit_bytes": SHARED_PER_BLOCK[arch], "has_dot": spec.has_dot,
            "tensor_core_instructions": facts["tensor_core_instructions"],
            "sass_copy_instructions": facts["sass_copy_instructions"],
            "specialization": spec.specialization(), "shape": spec.shape}

@@ -23,12 +23,13 @@ import triton.language as tl
 from torch import Tensor
 
 from . import cdiv, next_power_of_2
+from ..dtypes import KERNEL_DTYPES
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 
 LOG2E = 1.4426950408889634
 # The dot precision used for fp32 inputs (fp16/bf16 dots ignore it). Asserted by the tests.
 FP32_DOT_PRECISION = "tf32x3"
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = KERNEL_DTYPES  # vit_kernels.dtypes
 HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)   # BLOCK_D: next power of two of head_dim
 
 

@@ -33,11 +33,12 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import checks
+from ..dtypes import KERNEL_DTYPES
 from . import cdiv
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 from .layernorm import as_rows, row_stats, rows_per_batch
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = KERNEL_DTYPES  # vit_kernels.dtypes
 FP32_DOT_PRECISION = "tf32x3"
 
 # Block configs: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), one per (input dtype, A loader),

@@ -15,9 +15,10 @@ import triton.language as tl
 from torch import Tensor
 
 from . import cdiv
+from ..dtypes import KERNEL_DTYPES
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = KERNEL_DTYPES  # vit_kernels.dtypes
 BLOCK_R, BLOCK_D, NUM_WARPS = 8, 256, 4
 
 

@@ -31,11 +31,13 @@ from torch import Tensor
 from .. import checks
 from . import attention
 from . import next_power_of_2
+from ..arch import shared_per_block
+from ..dtypes import KERNEL_DTYPES
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 
-LOG2E = 1.4426950408889634
+LOG2E = attention.LOG2E
 PATHS = ("single_kernel", "split")
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = KERNEL_DTYPES  # vit_kernels.dtypes
 
 
 @triton.jit
@@ -188,8 +190,6 @@ def _qkv_attn_kernel(
         tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_mask[:, None] & mask_d[None, :])
 
 
-# Per-block shared memory (bytes) of the architectures the kernels are built for.
-SMEM_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 # Shared memory the single kernel needs beside K and V (x and weight chunks, the Q and P tiles).
 # Measured with the launched specialization (inspect, 2026-11-25) over every layout aot_specs lists:
 # compiled shared memory - onchip_bytes is at most 32 KB on sm_80 and 33 KB on sm_90 (1 KB more).
@@ -258,7 +258,7 @@ def device_arch(device: torch.device) -> int:
 
 def single_kernel_fits(dtype: torch.dtype, tokens: int, head_dim: int, arch: int) -> bool:
     """Whether one head's K and V fit on chip for the single kernel on sm_<arch>."""
-    smem = SMEM_PER_BLOCK.get(arch, 99 * 1024 if arch >= 80 else 48 * 1024)
+    smem = shared_per_block(arch)
     main, tail = kv_layout(tokens)
     bd = attention.block_d(head_dim)
     return (main <= MAX_N_MAIN and tail <= MAX_N_TAIL and main * bd * 4 <= MAX_TILE_ACC_BYTES

@@ -37,12 +37,12 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __noinline__ __attribute__((noinline))
-#define __align__(n) __attribute__((aligned(n)))
+#define __noinline__    __attribute__((noinline))
+#define __align__(n)    __attribute__((aligned(n)))
 #define __launch_bounds__(...)
-#define __shared__ thread_local
+#define __shared__   thread_local
 #define __constant__ static
-#define __ldg(p) (*(p))
+#define __ldg(p)     (*(p))
 
 struct uint3 {
   unsigned x, y, z;
@@ -51,12 +51,24 @@ struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
-struct __attribute__((aligned(8))) float2 { float x, y; };
-struct __attribute__((aligned(16))) float4 { float x, y, z, w; };
-struct __attribute__((aligned(8))) uint2 { unsigned x, y; };
-struct __attribute__((aligned(16))) uint4 { unsigned x, y, z, w; };
-struct __attribute__((aligned(8))) int2 { int x, y; };
-struct __attribute__((aligned(16))) int4 { int x, y, z, w; };
+struct __attribute__((aligned(8))) float2 {
+  float x, y;
+};
+struct __attribute__((aligned(16))) float4 {
+  float x, y, z, w;
+};
+struct __attribute__((aligned(8))) uint2 {
+  unsigned x, y;
+};
+struct __attribute__((aligned(16))) uint4 {
+  unsigned x, y, z, w;
+};
+struct __attribute__((aligned(8))) int2 {
+  int x, y;
+};
+struct __attribute__((aligned(16))) int4 {
+  int x, y, z, w;
+};
 inline float2 make_float2(float x, float y) { return {x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
@@ -73,10 +85,26 @@ inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float __frcp_rn(float x) { return 1.0f / x; }
 inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
-inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
-inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
-inline float __uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
-inline unsigned __float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); return i; }
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
+inline int __float_as_int(float f) {
+  int i;
+  std::memcpy(&i, &f, 4);
+  return i;
+}
+inline float __uint_as_float(unsigned i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
+inline unsigned __float_as_uint(float f) {
+  unsigned i;
+  std::memcpy(&i, &f, 4);
+  return i;
+}
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
@@ -146,15 +174,17 @@ constexpr const char* kScheduleNames[] = {"round_robin", "reverse", "warp_major"
 
 struct Settings {
   Schedule schedule = Schedule::round_robin;
-  uint64_t seed = 1;       // random schedule
-  bool racecheck = true;   // shadow shared memory and report hazards (see shadow_access)
+  uint64_t seed = 1;      // random schedule
+  bool racecheck = true;  // shadow shared memory and report hazards (see shadow_access)
 };
 
 inline Schedule parse_schedule(const std::string& name) {
   for (int i = 0; i < 5; ++i)
     if (name == kScheduleNames[i]) return Schedule(i);
-  throw std::runtime_error("vk emulator: schedule: expected one of round_robin, reverse, warp_major, "
-                           "warp_major_reverse, random, got '" + name + "'");
+  throw std::runtime_error(
+      "vk emulator: schedule: expected one of round_robin, reverse, warp_major, "
+      "warp_major_reverse, random, got '" +
+      name + "'");
 }
 
 inline Settings settings_from_env() {
@@ -185,8 +215,8 @@ inline Settings& settings() {
 struct AsyncCopy {
   unsigned char* dst;
   const unsigned char* src;
-  bool pred;   // false: zero-fill
-  int group;   // commit group number of the thread, -1 while not committed
+  bool pred;  // false: zero-fill
+  int group;  // commit group number of the thread, -1 while not committed
   std::source_location loc;
 };
 
@@ -215,18 +245,18 @@ struct HazardKey {
 // What one lane puts into / gets out of a warp collective.
 struct LaneIn {
   Op op;
-  uint8_t arg;     // ldmatrix: count | trans << 4
-  uint32_t mask;   // shuffles/votes: the caller's mask
-  int src;         // shuffles: the source lane (or -1: own value)
-  uint64_t v[5];   // shuffle value / vote predicate / mma a,b,c / ldmatrix pointer
+  uint8_t arg;    // ldmatrix: count | trans << 4
+  uint32_t mask;  // shuffles/votes: the caller's mask
+  int src;        // shuffles: the source lane (or -1: own value)
+  uint64_t v[5];  // shuffle value / vote predicate / mma a,b,c / ldmatrix pointer
 };
 struct LaneOut {
   uint64_t v[2];
 };
 
 struct Warp {
-  int live = 0;      // lanes that exist and have not exited
-  int arrived = 0;   // lanes waiting in the current collective
+  int live = 0;     // lanes that exist and have not exited
+  int arrived = 0;  // lanes waiting in the current collective
   uint32_t present = 0;
   LaneIn in[32];
   LaneOut out[32];
@@ -252,14 +282,14 @@ struct Block {
   unsigned char* dyn_smem = nullptr;
   size_t dyn_smem_bytes = 0;
   Settings settings;
-  uint64_t rng = 0;                              // random schedule
-  std::vector<std::vector<AsyncCopy>> async;     // per thread: cp.async copies not landed yet
-  std::vector<int> committed;                    // per thread: commit groups so far
+  uint64_t rng = 0;                           // random schedule
+  std::vector<std::vector<AsyncCopy>> async;  // per thread: cp.async copies not landed yet
+  std::vector<int> committed;                 // per thread: commit groups so far
   // race checker (settings.racecheck)
   Cell* shadow = nullptr;
-  std::vector<uint16_t> warp_epoch;              // per warp: __syncwarp intervals
-  size_t hazards = 0;                            // hazards seen in this block
-  std::vector<HazardKey> hazard_keys;            // distinct (kind, lines) reported
+  std::vector<uint16_t> warp_epoch;    // per warp: __syncwarp intervals
+  size_t hazards = 0;                  // hazards seen in this block
+  std::vector<HazardKey> hazard_keys;  // distinct (kind, lines) reported
   std::vector<std::string> hazard_text;
 #if !defined(__x86_64__)
   std::vector<ucontext_t> uctx;
@@ -327,8 +357,8 @@ inline void report(Block& b, const char* kind, const std::source_location& now, 
   if (b.hazard_keys.size() >= 16) return;
   b.hazard_keys.push_back(key);
   b.hazard_text.push_back(std::string(kind) + ": " + who(now_t) + " " + now_does + " shared byte " +
-                          std::to_string(offset) + " at " + where(now) + "; " + who(prev_t) + " " + prev_did +
-                          " at " + where(prev));
+                          std::to_string(offset) + " at " + where(now) + "; " + who(prev_t) + " " + prev_did + " at " +
+                          where(prev));
 }
 
 // Did access (thread u, its warp's __syncwarp interval uw) happen in the current interval of thread t,
@@ -355,8 +385,8 @@ inline void shadow_access(const void* p, size_t bytes, Access a, const std::sour
         report(b, "read-after-write", loc, t, "reads", c.w_loc, c.w_thread,
                "issued a cp.async into it that no cp.async.wait_group has landed yet", 2 * i);
       else if (c.w_epoch == E && c.w_thread != t && unordered(b, c.w_thread, c.w_wepoch, t))
-        report(b, "read-after-write", loc, t, "reads", c.w_loc, c.w_thread,
-               "wrote it in the same barrier interval", 2 * i);
+        report(b, "read-after-write", loc, t, "reads", c.w_loc, c.w_thread, "wrote it in the same barrier interval",
+               2 * i);
       if (c.r_epoch == E && c.r_thread != t && unordered(b, c.r_thread, c.r_wepoch, t)) {
         c.flags |= kManyReaders;  // keep the first reader
       } else if (!(c.r_epoch == E && c.r_thread == t)) {
@@ -374,8 +404,7 @@ inline void shadow_access(const void* p, size_t bytes, Access a, const std::sour
       if (c.r_epoch == E && (c.flags & kManyReaders))
         report(b, "write-after-read", loc, t, does, c.r_loc, -1, "read it in the same barrier interval", 2 * i);
       else if (c.r_epoch == E && c.r_thread != t && unordered(b, c.r_thread, c.r_wepoch, t))
-        report(b, "write-after-read", loc, t, does, c.r_loc, c.r_thread, "read it in the same barrier interval",
-               2 * i);
+        report(b, "write-after-read", loc, t, does, c.r_loc, c.r_thread, "read it in the same barrier interval", 2 * i);
       c.w_epoch = E, c.w_thread = uint16_t(t), c.w_wepoch = we, c.w_loc = loc;
       c.flags = uint8_t((c.flags & kManyReaders) | (a == Access::async_write ? kPending : 0));
     }
@@ -429,7 +458,6 @@ inline void async_wait(int n) {
 
 // Compute every waiting lane's output of the warp's collective; "" or an error message.
 inline std::string resolve(Warp& w, int warp_index);
-
 
 inline std::string release_warp(Block& b, int wi) {
   Warp& w = b.warps[wi];
@@ -526,7 +554,8 @@ inline void run_block(Block& b) {
   b.hazards = 0;
   b.hazard_keys.clear();
   b.hazard_text.clear();
-  b.rng = b.settings.seed * 0x9E3779B97F4A7C15ull + ((uint64_t(blockIdx.z) << 40) ^ (uint64_t(blockIdx.y) << 20) ^ blockIdx.x);
+  b.rng = b.settings.seed * 0x9E3779B97F4A7C15ull +
+          ((uint64_t(blockIdx.z) << 40) ^ (uint64_t(blockIdx.y) << 20) ^ blockIdx.x);
   if (b.dyn_smem_bytes) std::memset(b.dyn_smem, 0xFF, b.dyn_smem_bytes);
 #if defined(__x86_64__)
   uint32_t csr = 0;
@@ -536,10 +565,10 @@ inline void run_block(Block& b) {
   for (int t = 0; t < n; ++t) {
     const Stack& s = tls.stacks[t];
     uint64_t* sp = reinterpret_cast<uint64_t*>((reinterpret_cast<uintptr_t>(s.base + s.size)) & ~uintptr_t(15));
-    *--sp = 0;                                            // fake return address of fiber_main
-    *--sp = reinterpret_cast<uint64_t>(&fiber_main);      // `ret` of the first switch lands here
-    for (int i = 0; i < 6; ++i) *--sp = 0;                // rbp rbx r12 r13 r14 r15
-    *--sp = (uint64_t(cw) << 32) | csr;                   // mxcsr, x87 control word
+    *--sp = 0;                                        // fake return address of fiber_main
+    *--sp = reinterpret_cast<uint64_t>(&fiber_main);  // `ret` of the first switch lands here
+    for (int i = 0; i < 6; ++i) *--sp = 0;            // rbp rbx r12 r13 r14 r15
+    *--sp = (uint64_t(cw) << 32) | csr;               // mxcsr, x87 control word
     b.fibers[t].sp = sp;
     b.fibers[t].state = State::run;
   }
@@ -603,17 +632,17 @@ inline void run_block(Block& b) {
     if (!ran && b.live > 0) {
       int at_warp = 0;
       for (auto& f : b.fibers) at_warp += f.state == State::warp;
-      throw std::runtime_error(std::string("vk emulator: kernel ") + b.kernel + ": deadlock: " +
-                               std::to_string(b.at_barrier) + " threads wait at __syncthreads and " +
-                               std::to_string(at_warp) + " at warp collectives that cannot complete "
+      throw std::runtime_error(std::string("vk emulator: kernel ") + b.kernel +
+                               ": deadlock: " + std::to_string(b.at_barrier) + " threads wait at __syncthreads and " +
+                               std::to_string(at_warp) +
+                               " at warp collectives that cannot complete "
                                "(divergent barrier or collective?)");
     }
   }
   if (b.hazards > 0) {
     std::string msg = std::string("vk emulator racecheck: kernel ") + b.kernel + ", block (" +
-                      std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) + "," +
-                      std::to_string(blockIdx.z) + "): " + std::to_string(b.hazards) +
-                      " shared-memory hazard(s); distinct ones:";
+                      std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) + "," + std::to_string(blockIdx.z) +
+                      "): " + std::to_string(b.hazards) + " shared-memory hazard(s); distinct ones:";
     for (const auto& h : b.hazard_text) msg += "\n  " + h;
     throw std::runtime_error(msg);
   }
@@ -629,15 +658,14 @@ template <class Body>
 void launch(const char* kernel, dim3 grid, dim3 block, size_t smem_bytes, Body&& body) {
   const long long nthreads = (long long)block.x * block.y * block.z;
   if (nthreads < 1 || nthreads > 1024)
-    throw std::runtime_error(std::string("vk emulator: kernel ") + kernel + ": block of " +
-                             std::to_string(nthreads) + " threads (expected 1..1024)");
+    throw std::runtime_error(std::string("vk emulator: kernel ") + kernel + ": block of " + std::to_string(nthreads) +
+                             " threads (expected 1..1024)");
   if (smem_bytes > 227 * 1024)
     throw std::runtime_error(std::string("vk emulator: kernel ") + kernel + ": " + std::to_string(smem_bytes) +
                              " bytes of dynamic shared memory (at most 227 KiB per block)");
   if (grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.y > 65535 || grid.z > 65535)
     throw std::runtime_error(std::string("vk emulator: kernel ") + kernel + ": invalid grid");
-  if (tls.block != nullptr)
-    throw std::runtime_error("vk emulator: a kernel launched another kernel (not supported)");
+  if (tls.block != nullptr) throw std::runtime_error("vk emulator: a kernel launched another kernel (not supported)");
   while (tls.stacks.size() < (size_t)nthreads) tls.stacks.push_back(new_stack());
   if (tls.dyn_smem.size() < smem_bytes) tls.dyn_smem.resize(smem_bytes);
 
@@ -835,7 +863,7 @@ inline uint16_t float_to_half_bits(float x) {
   const uint32_t absf = f & 0x7fffffffu;
   if (absf >= 0x7f800000u) return sign | (absf > 0x7f800000u ? 0x7e00u : 0x7c00u);  // nan / inf
   if (absf >= 0x477ff000u) return sign | 0x7c00u;  // rounds to >= 65520: overflow to inf
-  if (absf < 0x38800000u) {                         // below 2^-14: subnormal or zero
+  if (absf < 0x38800000u) {                        // below 2^-14: subnormal or zero
     // value = absf as float; half subnormal unit = 2^-24
     float a;
     std::memcpy(&a, &absf, 4);
@@ -868,14 +896,31 @@ inline float to_float(float x) { return x; }
 inline float to_float(half x) { return half_bits_to_float(x.bits); }
 inline float to_float(bfloat16 x) { return bf16_bits_to_float(x.bits); }
 
-template <class T> T from_float(float x);
-template <> inline float from_float<float>(float x) { return x; }
-template <> inline half from_float<half>(float x) { return half{float_to_half_bits(x)}; }
-template <> inline bfloat16 from_float<bfloat16>(float x) { return bfloat16{float_to_bf16_bits(x)}; }
+template <class T>
+T from_float(float x);
+template <>
+inline float from_float<float>(float x) {
+  return x;
+}
+template <>
+inline half from_float<half>(float x) {
+  return half{float_to_half_bits(x)};
+}
+template <>
+inline bfloat16 from_float<bfloat16>(float x) {
+  return bfloat16{float_to_bf16_bits(x)};
+}
 
-template <class T> inline uint16_t bits_of(float x);
-template <> inline uint16_t bits_of<half>(float x) { return float_to_half_bits(x); }
-template <> inline uint16_t bits_of<bfloat16>(float x) { return float_to_bf16_bits(x); }
+template <class T>
+inline uint16_t bits_of(float x);
+template <>
+inline uint16_t bits_of<half>(float x) {
+  return float_to_half_bits(x);
+}
+template <>
+inline uint16_t bits_of<bfloat16>(float x) {
+  return float_to_bf16_bits(x);
+}
 
 template <class T>
 inline uint32_t pack2(float lo, float hi) {
@@ -965,8 +1010,7 @@ inline std::string resolve(Warp& w, int wi) {
   }
   switch (op) {
     case Op::syncwarp:
-    case Op::none:
-      return "";
+    case Op::none: return "";
     case Op::shfl:
       for (int l = 0; l < 32; ++l) {
         if (!(w.present >> l & 1u)) continue;
@@ -987,19 +1031,23 @@ inline std::string resolve(Warp& w, int wi) {
       }
       return "";
     }
-    case Op::mma_f16:
-      return resolve_mma(w, false);
-    case Op::mma_bf16:
-      return resolve_mma(w, true);
-    case Op::ldsm:
-      return resolve_ldmatrix(w, arg & 0xf, (arg >> 4) != 0);
+    case Op::mma_f16: return resolve_mma(w, false);
+    case Op::mma_bf16: return resolve_mma(w, true);
+    case Op::ldsm: return resolve_ldmatrix(w, arg & 0xf, (arg >> 4) != 0);
   }
   return "";
 }
 
-template <class T> constexpr Op mma_op();
-template <> constexpr Op mma_op<half>() { return Op::mma_f16; }
-template <> constexpr Op mma_op<bfloat16>() { return Op::mma_bf16; }
+template <class T>
+constexpr Op mma_op();
+template <>
+constexpr Op mma_op<half>() {
+  return Op::mma_f16;
+}
+template <>
+constexpr Op mma_op<bfloat16>() {
+  return Op::mma_bf16;
+}
 
 inline void ldmatrix(uint32_t* r, const void* p, int count, bool trans, const std::source_location& loc) {
   if (lane() < count * 8) shadow_access(p, 16, Access::read, loc);  // this lane's row address
@@ -1049,7 +1097,10 @@ inline void cp_async_16(void* smem, const void* gmem, bool pred, srcloc l = srcl
   emu::async_issue(smem, gmem, pred, l);
 }
 inline void cp_async_commit() { emu::async_commit(); }
-template <int N> inline void cp_async_wait() { emu::async_wait(N); }
+template <int N>
+inline void cp_async_wait() {
+  emu::async_wait(N);
+}
 
 // Plain shared-memory loads and stores the race checker sees.
 template <class T>

@@ -5,8 +5,8 @@
 //
 // Loaders (how A's tiles reach shared memory):
 //   dense      A[m, k] = a[m * lda + k]
-//   layernorm  A[m, k] = (a[m * lda + k] - mean[m]) * rstd[m] * ln_weight[k] + ln_bias[k], rounded to T
-//              (mean/rstd from layernorm_stats; ln_weight/ln_bias may be null)
+//   layernorm  A[m, k] = (a[m * lda + k] - mean[m]) * rstd[m] * norm_weight[k] + norm_bias[k], rounded to T
+//              (mean/rstd from row_stats; norm_weight/norm_bias may be null)
 //   patch      A[b * P + py * grid_w + px, c * p * p + i * p + j] =
 //              image[b, c, py * p + i, px * p + j] read through img_stride (any layout: NCHW, NHWC, ...)
 // Epilogues (v = acc + bias[n], bias may be null):
@@ -23,11 +23,11 @@
 #pragma once
 #include <cstdint>
 
+#include "vk/dtype.h"
 #include "vk/port.h"
 
 namespace vk {
 
-enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };
 enum class ALoad : int { dense = 0, layernorm = 1, patch = 2 };
 enum class Epi : int { rows = 0, qkv = 1, patch = 2 };
 enum class Act : int { none = 0, gelu_erf = 1, gelu_tanh = 2 };
@@ -35,13 +35,13 @@ enum class Act : int { none = 0, gelu_erf = 1, gelu_tanh = 2 };
 struct GemmParams {
   int M = 0, N = 0, K = 0;
   // A operand
-  const void* a = nullptr;   // dense / layernorm: (M, K) rows, row stride lda elements, unit column stride
+  const void* a = nullptr;  // dense / layernorm: (M, K) rows, row stride lda elements, unit column stride
   int64_t lda = 0;
-  const float* ln_mean = nullptr;  // (M,)
-  const float* ln_rstd = nullptr;  // (M,)
-  const void* ln_weight = nullptr; // (K,) or null
-  const void* ln_bias = nullptr;   // (K,) or null
-  int64_t img_stride[4] = {0, 0, 0, 0};  // patch: element strides of the (B, C, H, W) image tensor
+  const float* mean = nullptr;            // (M,) row statistics (row_stats)
+  const float* rstd = nullptr;            // (M,)
+  const void* norm_weight = nullptr;      // (K,) or null
+  const void* norm_bias = nullptr;        // (K,) or null
+  int64_t img_stride[4] = {0, 0, 0, 0};   // patch: element strides of the (B, C, H, W) image tensor
   int patch = 0, grid_h = 0, grid_w = 0;  // patch: p, H / p, W / p; K = C * p * p; M = B * grid_h * grid_w
   // W operand: (N, K) rows, row stride ldw elements
   const void* w = nullptr;
@@ -53,7 +53,7 @@ struct GemmParams {
   const void* residual = nullptr;     // rows: (M, N) with row stride ldr, or null
   int64_t ldr = 0;
   void* out = nullptr;
-  int64_t ldo = 0;  // rows: row stride of out
+  int64_t ldo = 0;                          // rows: row stride of out
   int tokens = 0, heads = 0, head_dim = 0;  // qkv
   float q_scale = 1.0f;                     // qkv
   const void* pos_embed = nullptr;          // patch: (prefix + P, N) or null
@@ -63,8 +63,9 @@ struct GemmParams {
 // Tile configuration: 0 = small (64x64x32, 4 warps), 1 = large (128x128x32, 8 warps), -1 = choose by size.
 void gemm(const GemmParams& p, DType dtype, ALoad loader, Epi epilogue, int config, stream_t stream);
 
-// Per-row mean and 1/sqrt(var + eps) (biased variance, two passes) of x: (rows, dim), row stride ld.
-void layernorm_stats(DType dtype, const void* x, int64_t rows, int dim, int64_t ld, float eps, float* mean,
-                     float* rstd, stream_t stream);
+// Row statistics: per-row mean and 1/sqrt(var + eps) (biased variance, two passes) of x: (rows, dim),
+// row stride ld (csrc/layernorm/row_stats.cu).
+void row_stats(DType dtype, const void* x, int64_t rows, int dim, int64_t ld, float eps, float* mean, float* rstd,
+               stream_t stream);
 
 }  // namespace vk

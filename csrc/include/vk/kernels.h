@@ -1,5 +1,5 @@
 // Host launchers of the CUDA-core kernels (selftests, LayerNorm statistics, GEMM): plain C++ functions
-// taking raw pointers, sizes, strides and a stream (ignored by the emulator). bindings.cpp includes
+// taking raw pointers, sizes, strides and a stream (ignored by the emulator). csrc/bindings includes
 // this header; no torch types here.
 #pragma once
 #include <cstdint>

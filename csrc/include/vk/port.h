@@ -81,7 +81,7 @@
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// Host code of the GPU build that is not compiled by nvcc (bindings.cpp): only the stream type.
+// Host code of the GPU build that is not compiled by nvcc (csrc/bindings/*.cpp): only the stream type.
 // ---------------------------------------------------------------------------------------------
 #if !VK_GPU && !defined(VK_EMULATE)
 #include <cuda_runtime_api.h>
@@ -106,17 +106,30 @@ __host__ __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(bfloat16 x) { return __bfloat162float(x); }
 
-template <class T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ half from_float<half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ bfloat16 from_float<bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <class T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ half from_float<half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ bfloat16 from_float<bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
 
-template <class T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <> __device__ __forceinline__ uint32_t pack2<half>(float lo, float hi) {
+template <class T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<half>(float lo, float hi) {
   __half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&h);
 }
-template <> __device__ __forceinline__ uint32_t pack2<bfloat16>(float lo, float hi) {
+template <>
+__device__ __forceinline__ uint32_t pack2<bfloat16>(float lo, float hi) {
   __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&h);
 }
@@ -131,18 +144,16 @@ __device__ __forceinline__ void mma_m16n8k16<half>(float (&d)[4], const uint32_t
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%10,%11,%12,%13};\n"
       : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
-        "f"(c[3]));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 }
 template <>
-__device__ __forceinline__ void mma_m16n8k16<bfloat16>(float (&d)[4], const uint32_t (&a)[4],
-                                                       const uint32_t (&b)[2], const float (&c)[4]) {
+__device__ __forceinline__ void mma_m16n8k16<bfloat16>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                                       const float (&c)[4]) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%10,%11,%12,%13};\n"
       : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
-        "f"(c[3]));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -153,37 +164,47 @@ __device__ __forceinline__ void ldmatrix_x1(uint32_t* r, const void* p) {
 }
 __device__ __forceinline__ void ldmatrix_x2(uint32_t* r, const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(p)));
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_addr(p)));
 }
 __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
 }
 __device__ __forceinline__ void ldmatrix_x1_trans(uint32_t* r, const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(smem_addr(p)));
 }
 __device__ __forceinline__ void ldmatrix_x2_trans(uint32_t* r, const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(p)));
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_addr(p)));
 }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
 }
 
 // 16 bytes global -> shared, asynchronously; src-size 0 zero-fills the destination when !pred.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool pred) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
-               "r"(pred ? 16 : 0));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(pred ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 // Plain shared-memory accesses, written through these so that the emulator's race checker sees them.
-template <class T> __device__ __forceinline__ T ld_shared(const T* p) { return *p; }
-template <class T> __device__ __forceinline__ void st_shared(T* p, const T& v) { *p = v; }
+template <class T>
+__device__ __forceinline__ T ld_shared(const T* p) {
+  return *p;
+}
+template <class T>
+__device__ __forceinline__ void st_shared(T* p, const T& v) {
+  *p = v;
+}
 
 inline void check_launch(const char* what) {
   cudaError_t e = cudaGetLastError();
@@ -196,11 +217,11 @@ inline void check_launch(const char* what) {
   T* name = reinterpret_cast<T*>(vk_dynamic_smem_raw_)
 
 // Launch with <<<>>>; above 48 KiB of dynamic shared memory the kernel is opted in first.
-#define VK_LAUNCH(kernel, grid, block, smem_bytes, stream, ...)                                      \
-  do {                                                                                               \
-    if ((smem_bytes) > 48 * 1024)                                                                    \
+#define VK_LAUNCH(kernel, grid, block, smem_bytes, stream, ...)                                       \
+  do {                                                                                                \
+    if ((smem_bytes) > 48 * 1024)                                                                     \
       cudaFuncSetAttribute((kernel), cudaFuncAttributeMaxDynamicSharedMemorySize, (int)(smem_bytes)); \
-    (kernel)<<<(grid), (block), (smem_bytes), (stream)>>>(__VA_ARGS__);                              \
+    (kernel)<<<(grid), (block), (smem_bytes), (stream)>>>(__VA_ARGS__);                               \
   } while (0)
 
 // ---------------------------------------------------------------------------------------------

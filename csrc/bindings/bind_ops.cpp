@@ -1,168 +1,22 @@
-// The one file with torch headers: argument checks and pybind11 bindings of the csrc launchers.
-// Built twice: for the GPU (with the .cu sources, nvcc) and for the host emulator (-DVK_EMULATE,
-// with csrc/emulation/*.cpp). Kernels and launchers never see torch types.
+// Bindings of the csrc launchers (row statistics, GEMM, attention, attention statistics) and the
+// module definition; the self-test bindings are in bind_selftests.cpp, the shared torch-side helpers in
+// common.h. Built twice: for the GPU (with the .cu sources, nvcc) and for the host emulator
+// (-DVK_EMULATE, with csrc/emulation/*.cpp). Kernels and launchers never see torch types.
 //
-// Sections: helpers | selftests of vk/port.h | LayerNorm statistics + GEMM (CUDA-core)
-//           | attention (CUDA-attention) | module definition.
-#include <torch/extension.h>
+// vit_kernels/cuda/ops.py checks shapes and allocates outputs; these are the second line of checks, and
+// each refuses bad input before anything launches, in both builds.
+// torch's headers first (common.h): the emulator's vk/port.h defines CUDA keywords as macros.
+#include "common.h"
 
-#ifndef VK_EMULATE
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
-
+#include "../attention/flash_fwd.h"
+#include "../attention/stats.h"
 #include "vk/gemm.h"
-#include "vk/kernels.h"
-#include "attention/flash_fwd.h"
-#include "attention/stats.h"
 
+namespace vk_torch {
 namespace {
 
-// ---------------------------------------------------------------------------------------- helpers
-#ifdef VK_EMULATE
-constexpr bool kEmulated = true;
-#else
-constexpr bool kEmulated = false;
-#endif
-
-// Checks that `t` lives where this build runs kernels (CPU for the emulator, CUDA for the GPU build).
-void check_device(const at::Tensor& t, const char* name) {
-  if (kEmulated) {
-    TORCH_CHECK(t.device().is_cpu(), name, ": the host-emulation build runs on CPU tensors, got one on ", t.device());
-  } else {
-    TORCH_CHECK(t.is_cuda(), name, ": the GPU build runs on CUDA tensors, got one on ", t.device());
-  }
-}
-
-void check(const at::Tensor& t, const char* name, at::ScalarType dtype, bool contiguous = true) {
-  check_device(t, name);
-  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
-  if (contiguous) TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
-}
-
-vk::stream_t stream_of(const at::Tensor& t) {
-#ifdef VK_EMULATE
-  (void)t;
-  return nullptr;
-#else
-  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
-#endif
-}
-
-// Makes t's device current for the launch (GPU build); nothing on the host.
-struct DeviceGuard {
-#ifndef VK_EMULATE
-  c10::cuda::CUDAGuard guard;
-  explicit DeviceGuard(const at::Tensor& t) : guard(t.device()) {}
-#else
-  explicit DeviceGuard(const at::Tensor&) {}
-#endif
-};
-
-template <class T>
-T* ptr(const at::Tensor& t) {
-  return reinterpret_cast<T*>(t.data_ptr());
-}
-template <class T>
-const T* cptr(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? reinterpret_cast<const T*>(t->data_ptr()) : nullptr;
-}
-
-// ------------------------------------------------------------------------ selftests of vk/port.h
-// a: (16, 16) int16 bits, b: (8, 16) int16 bits (n, k), c: (16, 8) float32 -> d: (16, 8) float32
-at::Tensor selftest_mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool bf16) {
-  check(a, "a", at::kShort);
-  check(b, "b", at::kShort);
-  check(c, "c", at::kFloat);
-  TORCH_CHECK(a.numel() == 256 && b.numel() == 128 && c.numel() == 128, "selftest_mma: expected 16x16, 8x16, 16x8");
-  DeviceGuard g(a);
-  auto d = at::full({16, 8}, std::nan(""), c.options());
-  vk::selftest_mma(bf16, ptr<uint16_t>(a), ptr<uint16_t>(b), ptr<float>(c), ptr<float>(d), stream_of(a));
-  return d;
-}
-
-// src: (8 * count, 8) int16 -> (32, 4) int32 registers per lane
-at::Tensor selftest_ldmatrix(const at::Tensor& src, int64_t count, bool trans) {
-  check(src, "src", at::kShort);
-  TORCH_CHECK(count == 1 || count == 2 || count == 4, "count: expected 1, 2 or 4, got ", count);
-  TORCH_CHECK(src.numel() == 64 * count, "src: expected ", 64 * count, " elements");
-  DeviceGuard g(src);
-  auto out = at::zeros({32, 4}, src.options().dtype(at::kInt));
-  vk::selftest_ldmatrix(ptr<uint16_t>(src), (int)count, trans, ptr<uint32_t>(out), stream_of(src));
-  return out;
-}
-
-// x: (blocks, threads) float32 -> (blocks,) sums by a shared-memory tree
-at::Tensor selftest_block_sum(const at::Tensor& x, bool barrier) {
-  check(x, "x", at::kFloat);
-  TORCH_CHECK(x.dim() == 2, "x: expected (blocks, threads)");
-  const int threads = (int)x.size(1);
-  TORCH_CHECK(threads >= 1 && threads <= 1024 && (threads & (threads - 1)) == 0, "x: threads must be a power of two <= 1024");
-  DeviceGuard g(x);
-  auto out = at::full({x.size(0)}, std::nan(""), x.options());
-  vk::selftest_block_sum(ptr<float>(x), ptr<float>(out), (int)x.size(0), threads, barrier, stream_of(x));
-  return out;
-}
-
-// x: (warps * 32,) float32 -> (sums, ballots, anys, alls, total)
-std::vector<at::Tensor> selftest_warp(const at::Tensor& x) {
-  check(x, "x", at::kFloat);
-  TORCH_CHECK(x.dim() == 1 && x.numel() % 32 == 0, "x: expected (warps * 32,)");
-  const int warps = (int)(x.numel() / 32);
-  DeviceGuard g(x);
-  auto sums = at::full({warps}, std::nan(""), x.options());
-  auto ballots = at::zeros({warps}, x.options().dtype(at::kInt));
-  auto anys = at::full({warps}, -1, x.options().dtype(at::kInt));
-  auto alls = at::full({warps}, -1, x.options().dtype(at::kInt));
-  auto total = at::zeros({1}, x.options());
-  vk::selftest_warp(ptr<float>(x), warps, ptr<float>(sums), ptr<uint32_t>(ballots), ptr<int>(anys), ptr<int>(alls),
-                    ptr<float>(total), stream_of(x));
-  return {sums, ballots, anys, alls, total};
-}
-
-// x: (512,) float32, which: a vk::RaceCase -> (64,) what each thread read
-at::Tensor selftest_race(const at::Tensor& x, int64_t which) {
-  check(x, "x", at::kFloat);
-  TORCH_CHECK(x.numel() == 512, "x: expected 512 elements, got ", x.numel());
-  TORCH_CHECK(which >= 0 && which <= (int64_t)vk::RaceCase::warp_syncwarp, "which: expected a case 0..",
-              (int)vk::RaceCase::warp_syncwarp, ", got ", which);
-  DeviceGuard g(x);
-  auto out = at::full({64}, std::nan(""), x.options());
-  vk::selftest_race(ptr<float>(x), ptr<float>(out), (int)which, stream_of(x));
-  return out;
-}
-
-#ifdef VK_EMULATE
-// The emulator's settings (vk/emulator.h): (schedule, seed, racecheck), read by every later launch.
-py::tuple emulator_settings() {
-  const auto& s = vk::emu::settings();
-  return py::make_tuple(std::string(vk::emu::kScheduleNames[int(s.schedule)]), s.seed, s.racecheck);
-}
-void set_emulator_settings(const std::string& schedule, uint64_t seed, bool racecheck) {
-  vk::emu::Settings s;
-  try {
-    s.schedule = vk::emu::parse_schedule(schedule);
-  } catch (const std::exception& e) {
-    TORCH_CHECK(false, e.what());
-  }
-  s.seed = seed;
-  s.racecheck = racecheck;
-  vk::emu::settings() = s;
-}
-#endif
-
-// ------------------------------------------------------- LayerNorm statistics + GEMM (CUDA-core)
+// --------------------------------------------------------------- row statistics + GEMM (CUDA-core)
 // vit_kernels/cuda/ops.py checks shapes and allocates outputs; these are the second line of checks.
-
-vk::DType dtype_of(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return vk::DType::f32;
-    case at::kHalf: return vk::DType::f16;
-    case at::kBFloat16: return vk::DType::bf16;
-    default: TORCH_CHECK(false, name, ": expected float32, float16 or bfloat16, got ", t.scalar_type());
-  }
-  return vk::DType::f32;
-}
 
 // A (rows, cols) matrix whose rows have unit column stride (any row stride).
 void check_rows(const at::Tensor& t, const char* name, const at::Tensor& like) {
@@ -179,36 +33,37 @@ void check_vec(const c10::optional<at::Tensor>& t, const char* name, const at::T
   TORCH_CHECK(t->numel() == n, name, ": expected ", n, " elements, got ", t->numel());
 }
 
-std::vector<at::Tensor> layernorm_stats(const at::Tensor& x, double eps) {
+// Row statistics (mean, rstd) of x: (rows, dim), float32, for the GEMM's layernorm loader.
+std::vector<at::Tensor> row_stats(const at::Tensor& x, double eps) {
   check_rows(x, "x", x);
   DeviceGuard g(x);
   auto opts = x.options().dtype(at::kFloat);
   auto mean = at::empty({x.size(0)}, opts), rstd = at::empty({x.size(0)}, opts);
-  vk::layernorm_stats(dtype_of(x, "x"), x.data_ptr(), x.size(0), (int)x.size(1), x.stride(0), (float)eps,
-                      ptr<float>(mean), ptr<float>(rstd), stream_of(x));
+  vk::row_stats(dtype_of(x, "x"), x.data_ptr(), x.size(0), (int)x.size(1), x.stride(0), (float)eps, ptr<float>(mean),
+                ptr<float>(rstd), stream_of(x));
   return {mean, rstd};
 }
 
 // The A-operand part shared by gemm_rows and gemm_qkv: dense x, or LayerNorm(x) when mean/rstd given.
 vk::ALoad set_a(vk::GemmParams& p, const at::Tensor& x, const c10::optional<at::Tensor>& mean,
-                const c10::optional<at::Tensor>& rstd, const c10::optional<at::Tensor>& ln_weight,
-                const c10::optional<at::Tensor>& ln_bias) {
+                const c10::optional<at::Tensor>& rstd, const c10::optional<at::Tensor>& norm_weight,
+                const c10::optional<at::Tensor>& norm_bias) {
   p.a = x.data_ptr();
   p.lda = x.stride(0);
   if (!mean.has_value()) {
-    TORCH_CHECK(!ln_weight.has_value() && !ln_bias.has_value(), "ln_weight/ln_bias: given without statistics");
+    TORCH_CHECK(!norm_weight.has_value() && !norm_bias.has_value(), "norm_weight/norm_bias: given without statistics");
     return vk::ALoad::dense;
   }
   TORCH_CHECK(rstd.has_value(), "rstd: expected with mean");
   check(*mean, "mean", at::kFloat);
   check(*rstd, "rstd", at::kFloat);
   TORCH_CHECK(mean->numel() == x.size(0) && rstd->numel() == x.size(0), "mean/rstd: expected ", x.size(0), " rows");
-  check_vec(ln_weight, "ln_weight", x, x.size(1));
-  check_vec(ln_bias, "ln_bias", x, x.size(1));
-  p.ln_mean = ptr<float>(*mean);
-  p.ln_rstd = ptr<float>(*rstd);
-  p.ln_weight = cptr<void>(ln_weight);
-  p.ln_bias = cptr<void>(ln_bias);
+  check_vec(norm_weight, "norm_weight", x, x.size(1));
+  check_vec(norm_bias, "norm_bias", x, x.size(1));
+  p.mean = ptr<float>(*mean);
+  p.rstd = ptr<float>(*rstd);
+  p.norm_weight = cptr<void>(norm_weight);
+  p.norm_bias = cptr<void>(norm_bias);
   return vk::ALoad::layernorm;
 }
 
@@ -226,12 +81,12 @@ void set_w(vk::GemmParams& p, const at::Tensor& x, const at::Tensor& w, const c1
 // given) and w (N, K) with its bias; returns the loader.
 vk::ALoad set_operands(vk::GemmParams& p, const at::Tensor& x, const at::Tensor& w,
                        const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mean,
-                       const c10::optional<at::Tensor>& rstd, const c10::optional<at::Tensor>& ln_weight,
-                       const c10::optional<at::Tensor>& ln_bias) {
+                       const c10::optional<at::Tensor>& rstd, const c10::optional<at::Tensor>& norm_weight,
+                       const c10::optional<at::Tensor>& norm_bias) {
   check_rows(x, "x", x);
   p.M = (int)x.size(0);
   p.K = (int)x.size(1);
-  const vk::ALoad loader = set_a(p, x, mean, rstd, ln_weight, ln_bias);
+  const vk::ALoad loader = set_a(p, x, mean, rstd, norm_weight, norm_bias);
   set_w(p, x, w, bias);
   return loader;
 }
@@ -239,11 +94,11 @@ vk::ALoad set_operands(vk::GemmParams& p, const at::Tensor& x, const at::Tensor&
 // out (M, N) = [residual +] [layer_scale *] act(LN?(x) @ w^T + bias); act: 0 none, 1 gelu erf, 2 gelu tanh.
 void gemm_rows(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                const c10::optional<at::Tensor>& mean, const c10::optional<at::Tensor>& rstd,
-               const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias, int64_t act,
-               const c10::optional<at::Tensor>& layer_scale, const c10::optional<at::Tensor>& residual,
-               at::Tensor& out, int64_t config) {
+               const c10::optional<at::Tensor>& norm_weight, const c10::optional<at::Tensor>& norm_bias, int64_t act,
+               const c10::optional<at::Tensor>& layer_scale, const c10::optional<at::Tensor>& residual, at::Tensor& out,
+               int64_t config) {
   vk::GemmParams p;
-  const vk::ALoad loader = set_operands(p, x, w, bias, mean, rstd, ln_weight, ln_bias);
+  const vk::ALoad loader = set_operands(p, x, w, bias, mean, rstd, norm_weight, norm_bias);
   TORCH_CHECK(act >= 0 && act <= 2, "act: expected 0, 1 or 2");
   p.act = static_cast<vk::Act>(act);
   check_vec(layer_scale, "layer_scale", x, p.N);
@@ -265,10 +120,10 @@ void gemm_rows(const at::Tensor& x, const at::Tensor& w, const c10::optional<at:
 // out (3, B, H, tokens, head_dim) contiguous = head split of LN?(x) @ w^T + bias, q scaled.
 void gemm_qkv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
               const c10::optional<at::Tensor>& mean, const c10::optional<at::Tensor>& rstd,
-              const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias, int64_t tokens,
+              const c10::optional<at::Tensor>& norm_weight, const c10::optional<at::Tensor>& norm_bias, int64_t tokens,
               int64_t heads, int64_t head_dim, double q_scale, at::Tensor& out, int64_t config) {
   vk::GemmParams p;
-  const vk::ALoad loader = set_operands(p, x, w, bias, mean, rstd, ln_weight, ln_bias);
+  const vk::ALoad loader = set_operands(p, x, w, bias, mean, rstd, norm_weight, norm_bias);
   TORCH_CHECK(tokens > 0 && p.M % tokens == 0, "tokens: expected a divisor of the ", p.M, " rows of x");
   TORCH_CHECK(p.N == 3 * heads * head_dim, "weight: expected 3 * heads * head_dim = ", 3 * heads * head_dim, " rows");
   check(out, "out", x.scalar_type());
@@ -285,9 +140,9 @@ void gemm_qkv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::
 }
 
 // images (B, C, H, W) with any strides; w (dim, C * p * p); out (B, prefix + P, dim) contiguous.
-void gemm_patch(const at::Tensor& images, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                int64_t patch, const c10::optional<at::Tensor>& pos_embed, const c10::optional<at::Tensor>& cls_token,
-                at::Tensor& out, int64_t config) {
+void gemm_patch(const at::Tensor& images, const at::Tensor& w, const c10::optional<at::Tensor>& bias, int64_t patch,
+                const c10::optional<at::Tensor>& pos_embed, const c10::optional<at::Tensor>& cls_token, at::Tensor& out,
+                int64_t config) {
   check(images, "images", images.scalar_type(), false);
   TORCH_CHECK(images.dim() == 4, "images: expected (B, C, H, W)");
   const int64_t B = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3);
@@ -309,8 +164,8 @@ void gemm_patch(const at::Tensor& images, const at::Tensor& w, const c10::option
   p.cls_token = cptr<void>(cls_token);
   p.pos_embed = cptr<void>(pos_embed);
   check(out, "out", images.scalar_type());
-  TORCH_CHECK(out.dim() == 3 && out.size(0) == B && out.size(1) == prefix + P && out.size(2) == p.N,
-              "out: expected (", B, ", ", prefix + P, ", ", p.N, "), got ", out.sizes());
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == B && out.size(1) == prefix + P && out.size(2) == p.N, "out: expected (",
+              B, ", ", prefix + P, ", ", p.N, "), got ", out.sizes());
   p.out = out.data_ptr();
   DeviceGuard g(images);
   vk::gemm(p, dtype_of(images, "images"), vk::ALoad::patch, vk::Epi::patch, (int)config, stream_of(images));
@@ -323,26 +178,10 @@ void gemm_patch(const at::Tensor& images, const at::Tensor& w, const c10::option
 //        concatenated directly; lse: None or (B, H, Nq) float32 contiguous, natural log;
 //   amax: float32 inputs only, (3, B, H) float32 contiguous = max finite |q|, |k|, |v| per (batch, head)
 //         (the fp16-pair split's scales).
-vk::attn::Dtype attention_dtype(const at::Tensor& q) {
-  switch (q.scalar_type()) {
-    case at::kHalf: return vk::attn::Dtype::kFloat16;
-    case at::kBFloat16: return vk::attn::Dtype::kBFloat16;
-    case at::kFloat: return vk::attn::Dtype::kFloat32;
-    default: TORCH_CHECK(false, "q: expected dtype float16, bfloat16 or float32, got ", q.scalar_type());
-  }
-  return vk::attn::Dtype::kFloat16;
-}
-
-std::string attention_head_dims_text() {
-  std::string s;
-  for (int i = 0; i < vk::attn::num_head_dims(); ++i) s += (i ? ", " : "") + std::to_string(vk::attn::head_dim_at(i));
-  return s;
-}
-
 void flash_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                              const c10::optional<at::Tensor>& lse, const c10::optional<at::Tensor>& amax,
                              double scale) {
-  const auto dtype = attention_dtype(q);
+  const vk::DType dtype = dtype_of(q, "q");
   TORCH_CHECK(q.dim() == 4, "q: expected (batch, heads, q_tokens, head_dim), got shape ", q.sizes());
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
   TORCH_CHECK(k.dim() == 4 && k.size(0) == B && k.size(1) == H && k.size(3) == D, "k: expected shape (", B, ", ", H,
@@ -356,16 +195,15 @@ void flash_attention_forward(const at::Tensor& q, const at::Tensor& k, const at:
   for (const auto& [t, name] : tensors) check(*t, name, q.scalar_type(), /*contiguous=*/false);
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device() && out.device() == q.device(),
               "k, v, out: expected tensors on ", q.device(), " (the device of q)");
-  TORCH_CHECK(vk::attn::head_dim_instance(D) > 0, "head_dim: expected a multiple of 8 no larger than the largest "
-              "compiled head dim (compiled: ", attention_head_dims_text(), "), got ", D);
+  TORCH_CHECK(vk::attn::head_dim_instance(D) > 0, vk::attn::head_dim_error(D));
   TORCH_CHECK(N == 0 || Nk > 0, "k: kv_tokens must be at least 1 (softmax over no keys), got 0");
   if (lse.has_value()) {
     check(*lse, "lse", at::kFloat);
-    TORCH_CHECK(lse->dim() == 3 && lse->size(0) == B && lse->size(1) == H && lse->size(2) == N,
-                "lse: expected shape (", B, ", ", H, ", ", N, "), got ", lse->sizes());
+    TORCH_CHECK(lse->dim() == 3 && lse->size(0) == B && lse->size(1) == H && lse->size(2) == N, "lse: expected shape (",
+                B, ", ", H, ", ", N, "), got ", lse->sizes());
     TORCH_CHECK(lse->device() == q.device(), "lse: expected a tensor on ", q.device());
   }
-  if (dtype == vk::attn::Dtype::kFloat32) {
+  if (dtype == vk::DType::kFloat32) {
     TORCH_CHECK(amax.has_value(),
                 "amax: required for float32 inputs: (3, batch, heads) float32 tensor of max finite |q|, |k|, |v|");
     check(*amax, "amax", at::kFloat);
@@ -380,7 +218,7 @@ void flash_attention_forward(const at::Tensor& q, const at::Tensor& k, const at:
   a.v = v.data_ptr();
   a.o = out.data_ptr();
   a.lse = lse.has_value() ? ptr<float>(*lse) : nullptr;
-  a.amax = (dtype == vk::attn::Dtype::kFloat32) ? ptr<float>(*amax) : nullptr;
+  a.amax = (dtype == vk::DType::kFloat32) ? ptr<float>(*amax) : nullptr;
   a.batch = B;
   a.heads = H;
   a.q_tokens = N;
@@ -400,23 +238,24 @@ void flash_attention_forward(const at::Tensor& q, const at::Tensor& k, const at:
 
 std::vector<int64_t> flash_attention_head_dims() {
   std::vector<int64_t> dims;
-  for (int i = 0; i < vk::attn::num_head_dims(); ++i) dims.push_back(vk::attn::head_dim_at(i));
+  for (int hd : vk::attn::kHeadDims) dims.push_back(hd);
   return dims;
 }
 
-// (dtype: 0 float16, 1 bfloat16, 2 float32; head_dim: a compiled one) -> dynamic shared memory bytes
-int64_t flash_attention_smem_bytes(int64_t dtype, int64_t head_dim) {
-  TORCH_CHECK(dtype >= 0 && dtype <= 2, "dtype: expected 0 (float16), 1 (bfloat16) or 2 (float32), got ", dtype);
-  return vk::attn::flash_attention_smem_bytes(static_cast<vk::attn::Dtype>(dtype), (int)head_dim);
+// (dtype: torch.float32 / float16 / bfloat16; head_dim: a compiled one) -> dynamic shared memory bytes
+int64_t flash_attention_smem_bytes(at::ScalarType dtype, int64_t head_dim) {
+  return vk::attn::flash_attention_smem_bytes(dtype_of(dtype, "dtype"), (int)head_dim);
 }
 
 // ---------------------------------------------------------- attention statistics (from the LSE)
 // q: (B, H, Nq, hd), k: (B, H, Nk, hd), unit last stride (any other strides); lse: (B, H, Nq) float32
 // contiguous, natural log (flash_attention_forward's). See csrc/attention/stats.h.
 vk::attn::StatsArgs stats_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse, double scale) {
-  const auto dtype = attention_dtype(q);
-  TORCH_CHECK(q.dim() == 4 && q.stride(3) == 1, "q: expected (batch, heads, q_tokens, head_dim) with a unit last "
-              "stride, got shape ", q.sizes(), " strides ", q.strides());
+  const vk::DType dtype = dtype_of(q, "q");
+  TORCH_CHECK(q.dim() == 4 && q.stride(3) == 1,
+              "q: expected (batch, heads, q_tokens, head_dim) with a unit last "
+              "stride, got shape ",
+              q.sizes(), " strides ", q.strides());
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
   TORCH_CHECK(k.dim() == 4 && k.size(0) == B && k.size(1) == H && k.size(3) == D && k.stride(3) == 1,
               "k: expected shape (", B, ", ", H, ", kv_tokens, ", D, ") with a unit last stride, got ", k.sizes());
@@ -452,8 +291,9 @@ void attention_probs(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   TORCH_CHECK(rows.dim() == 1, "rows: expected a 1-D tensor of query rows, got shape ", rows.sizes());
   check(out, "out", q.scalar_type());
   TORCH_CHECK(out.dim() == 4 && out.size(0) == a.batch && out.size(1) == a.heads && out.size(2) == rows.size(0) &&
-              out.size(3) == a.kv_tokens, "out: expected shape (", a.batch, ", ", a.heads, ", ", rows.size(0), ", ",
-              a.kv_tokens, "), got ", out.sizes());
+                  out.size(3) == a.kv_tokens,
+              "out: expected shape (", a.batch, ", ", a.heads, ", ", rows.size(0), ", ", a.kv_tokens, "), got ",
+              out.sizes());
   a.rows = ptr<int32_t>(rows);
   a.num_rows = rows.size(0);
   a.out = out.data_ptr();
@@ -478,42 +318,35 @@ void attention_distance(const at::Tensor& q, const at::Tensor& k, const at::Tens
 }
 
 }  // namespace
+}  // namespace vk_torch
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("emulated") = kEmulated;
-  m.def("selftest_mma", &selftest_mma, "one mma.m16n8k16 (a, b as 16-bit patterns)");
-  m.def("selftest_ldmatrix", &selftest_ldmatrix, "ldmatrix x1/x2/x4 [.trans] of (8*count, 8) 16-bit values");
-  m.def("selftest_block_sum", &selftest_block_sum, "shared-memory tree sum per block, with or without barriers");
-  m.def("selftest_warp", &selftest_warp, "warp shuffles, votes and atomicAdd");
-  m.def("selftest_race", &selftest_race, "purpose-written shared-memory races (vk::RaceCase) for the race checker",
-        py::arg("x"), py::arg("which"));
-#ifdef VK_EMULATE
-  m.def("emulator_settings", &emulator_settings, "(schedule, seed, racecheck) of the emulator");
-  m.def("set_emulator_settings", &set_emulator_settings, "set the emulator's schedule, seed and race checker",
-        py::arg("schedule"), py::arg("seed"), py::arg("racecheck"));
-#endif
-  // --- CUDA-core: LayerNorm statistics + GEMM
-  m.def("layernorm_stats", &layernorm_stats, "per-row mean and rstd (float32) of x: (rows, dim)", py::arg("x"),
+  m.attr("emulated") = vk_torch::kEmulated;
+  vk_torch::bind_selftests(m);
+  // --- CUDA-core: row statistics + GEMM
+  m.def("row_stats", &vk_torch::row_stats, "per-row mean and rstd (float32) of x: (rows, dim)", py::arg("x"),
         py::arg("eps"));
-  m.def("gemm_rows", &gemm_rows, "out = [residual +] [layer_scale *] act(LN?(x) @ w^T + bias)", py::arg("x"),
-        py::arg("w"), py::arg("bias"), py::arg("mean"), py::arg("rstd"), py::arg("ln_weight"), py::arg("ln_bias"),
+  m.def("gemm_rows", &vk_torch::gemm_rows, "out = [residual +] [layer_scale *] act(LN?(x) @ w^T + bias)", py::arg("x"),
+        py::arg("w"), py::arg("bias"), py::arg("mean"), py::arg("rstd"), py::arg("norm_weight"), py::arg("norm_bias"),
         py::arg("act"), py::arg("layer_scale"), py::arg("residual"), py::arg("out"), py::arg("config") = -1);
-  m.def("gemm_qkv", &gemm_qkv, "QKV projection with head split into (3, B, H, tokens, head_dim), q scaled",
-        py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("mean"), py::arg("rstd"), py::arg("ln_weight"),
-        py::arg("ln_bias"), py::arg("tokens"), py::arg("heads"), py::arg("head_dim"), py::arg("q_scale"),
+  m.def("gemm_qkv", &vk_torch::gemm_qkv, "QKV projection with head split into (3, B, H, tokens, head_dim), q scaled",
+        py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("mean"), py::arg("rstd"), py::arg("norm_weight"),
+        py::arg("norm_bias"), py::arg("tokens"), py::arg("heads"), py::arg("head_dim"), py::arg("q_scale"),
         py::arg("out"), py::arg("config") = -1);
-  m.def("gemm_patch", &gemm_patch, "patch embedding: gather GEMM + bias + position embedding + class token",
-        py::arg("images"), py::arg("w"), py::arg("bias"), py::arg("patch"), py::arg("pos_embed"),
-        py::arg("cls_token"), py::arg("out"), py::arg("config") = -1);
+  m.def("gemm_patch", &vk_torch::gemm_patch, "patch embedding: gather GEMM + bias + position embedding + class token",
+        py::arg("images"), py::arg("w"), py::arg("bias"), py::arg("patch"), py::arg("pos_embed"), py::arg("cls_token"),
+        py::arg("out"), py::arg("config") = -1);
   // --- CUDA-attention: attention
-  m.def("flash_attention_forward", &flash_attention_forward, "flash attention forward into out (and lse)",
+  m.def("flash_attention_forward", &vk_torch::flash_attention_forward, "flash attention forward into out (and lse)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("amax"), py::arg("scale"));
-  m.def("flash_attention_head_dims", &flash_attention_head_dims, "the head dims the attention kernel is compiled for");
-  m.def("flash_attention_smem_bytes", &flash_attention_smem_bytes, "dynamic shared memory of one instantiation");
+  m.def("flash_attention_head_dims", &vk_torch::flash_attention_head_dims,
+        "the head dims the attention kernel is compiled for");
+  m.def("flash_attention_smem_bytes", &vk_torch::flash_attention_smem_bytes,
+        "dynamic shared memory of one instantiation", py::arg("dtype"), py::arg("head_dim"));
   // --- attention statistics from the row log-sum-exp
-  m.def("attention_probs", &attention_probs, "probabilities of chosen query rows from the LSE", py::arg("q"),
+  m.def("attention_probs", &vk_torch::attention_probs, "probabilities of chosen query rows from the LSE", py::arg("q"),
         py::arg("k"), py::arg("lse"), py::arg("rows"), py::arg("out"), py::arg("scale"));
-  m.def("attention_distance", &attention_distance, "mean attention distance per query patch from the LSE",
+  m.def("attention_distance", &vk_torch::attention_distance, "mean attention distance per query patch from the LSE",
         py::arg("q"), py::arg("k"), py::arg("lse"), py::arg("out"), py::arg("prefix"), py::arg("grid_w"),
         py::arg("scale"), py::arg("patch_size"));
 }
