@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "vit_kernels"
@@ -18,10 +19,10 @@ LAYERS = [
     ("vit_kernels.checks",),
     ("vit_kernels.triton", "vit_kernels.cuda"),
     ("vit_kernels.backends", "vit_kernels.tuning"),
-    ("vit_kernels.ops",),
+    ("vit_kernels.ops", "vit_kernels.library", "vit_kernels.autograd"),
     ("vit_kernels.nn", "vit_kernels.models", "vit_kernels.hf_attention"),
     ("vit_kernels.swap",),
-    ("vit_kernels.verify", "vit_kernels.analysis", "vit_kernels.bench"),
+    ("vit_kernels.verify", "vit_kernels.analysis", "vit_kernels.bench", "vit_kernels.training"),
     ("vit_kernels.commands", "vit_kernels.cli", "vit_kernels.__main__", "vit_kernels"),
 ]
 # Upward imports that stay inside a function (run at call time, never at import), each with its reason.
@@ -31,7 +32,7 @@ LAZY_UPWARD = {
     ("vit_kernels.triton.attention_stats", "vit_kernels.ops.attention_stats"): "the AttentionStats result type",
     ("vit_kernels.cuda.attention_stats", "vit_kernels.ops.attention_stats"): "the AttentionStats result type",
     ("vit_kernels.tuning", "vit_kernels.nn"): "tune(model) walks the fused modules",
-    ("vit_kernels.tuning", "vit_kernels.swap.base"): "tune(model) walks the swap wrappers",
+    ("vit_kernels.tuning", "vit_kernels.swap.wrapper"): "tune(model) walks the swap wrappers",
     ("vit_kernels.tuning", "vit_kernels"): "the package version in the tuning cache key",
     ("vit_kernels.bench.report", "vit_kernels"): "the package version in the report",
     ("vit_kernels.verify", "vit_kernels"): "vk.fuse for verify(model) without a fused copy",
@@ -162,6 +163,10 @@ def test_every_op_has_every_part(op):
     from layouts import SPECS
     assert op in SPECS, f"{op}: no tensor arguments in tests/layouts.py SPECS"
     assert f'"{op}"' in (ROOT / "tests" / "test_hard_inputs.py").read_text(), f"{op}: not in test_hard_inputs OPS"
+    from vit_kernels import library
+    for table in ("SCHEMAS", "SHAPES", "TORCH_PATHS", "IMPLS", "BACKWARDS"):
+        assert op in getattr(library, table), f"{op}: not in vit_kernels.library.{table} (the custom op)"
+    assert hasattr(getattr(torch.ops, library.NAMESPACE), op), f"{op}: torch.ops.{library.NAMESPACE}.{op} is not registered"
 
 
 def test_contributing_names_only_existing_files():
