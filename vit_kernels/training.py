@@ -121,15 +121,17 @@ def train(model: nn.Module, data: Digits, *, epochs: int = 10, batch_size: int =
     """Train ``model`` with AdamW on ``data`` (batches from :func:`batches`, the same for any model
     given the same seed; learning rate ``lr`` after ``warmup`` linear steps, then a cosine decay to 0
     at the last step; augment: each training image moved by up to one pixel (:func:`shift`), the
-    offsets drawn from ``seed`` too); the model's parameters set the dtype and device. Returns the loss of every
+    offsets drawn from ``seed`` too; max_steps: stop after that many steps, the schedule unchanged);
+    the model's parameters set the dtype and device. Returns the loss of every
     step, the test accuracy (eval mode, no grad) and the decisions the fused ops made."""
     p = next(model.parameters())
     dev, dtype = p.device, p.dtype
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     order = batches(len(data.train_y), batch_size, epochs, seed)
-    if max_steps is not None:
+    steps = len(order)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine(step, steps, warmup))
+    if max_steps is not None:   # stop early; the schedule stays that of the whole run
         order = order[:max_steps]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine(step, len(order), warmup))
     x, y = data.train_x.to(dev, dtype), data.train_y.to(dev)
     g = torch.Generator().manual_seed(seed + 1)
     losses = []
@@ -178,14 +180,14 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> t
 
 def paths(decisions: Sequence[Decision]) -> Dict[str, str]:
     """op -> which backend and path ran it in ``decisions`` (all distinct ones, '; '-joined), and why
-    the requested backend was not taken: e.g. ``{"qkv_attention": "torch (triton not taken:
+    the others were not taken: e.g. ``{"qkv_attention": "torch (triton not taken:
     gradients are required ...)"}``. The backward of an op runs where its forward ran: the torch
     path's backward is PyTorch autograd's."""
     out: Dict[str, List[str]] = {}
     for d in decisions:
         s = d.backend + (f" path={d.path}" if d.path else "")
-        if d.requested != d.backend and d.requested in d.reasons:
-            s += f" ({d.requested} not taken: {d.reasons[d.requested]})"
+        if d.requested != d.backend and d.reasons:
+            s += " (" + "; ".join(f"{b} not taken: {r}" for b, r in d.reasons.items()) + ")"
         lst = out.setdefault(d.op, [])
         if s not in lst:
             lst.append(s)
