@@ -169,3 +169,28 @@ def test_bad_scalar_named_before_the_dispatcher():
         vk.qkv_attention(args[0], args[1], num_heads=True)
     with pytest.raises(ValueError, match=r"^backend: expected one of"):
         vk.qkv_attention(args[0], args[1], num_heads=2, backend="gpu")
+
+
+def test_modes_and_tracers_see_the_custom_op():
+    """A plain eager call runs the op's implementation directly; a dispatch mode (what torch.export
+    and FlopCounterMode use) and torch.jit.trace see the op as one call; the results are the same."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, w, b, res, ls = inputs("linear", "vit", torch.float32, "torch")[:5]
+    with torch.no_grad():
+        plain = vk.linear(x, w, b, residual=res, layer_scale=ls)
+        with Seen() as mode:
+            seen = vk.linear(x, w, b, residual=res, layer_scale=ls)
+        traced = torch.jit.trace(lambda x: vk.linear(x, w, b, residual=res, layer_scale=ls), (x,))
+    assert mode.ops == ["vit_kernels.linear.default"]
+    assert "vit_kernels::linear" in str(traced.graph)
+    assert torch.equal(plain, seen) and torch.equal(plain, traced(x))
