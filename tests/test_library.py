@@ -1,6 +1,8 @@
 """The fused ops as torch.library custom ops (vit_kernels/library.py): opcheck over a small shape x
 dtype x backend matrix, the op's output against the float64 oracle, the registered backward against
 the oracle's gradients, the fake implementation's errors, and where bookkeeping runs."""
+import warnings
+
 import pytest
 import torch
 
@@ -190,7 +192,9 @@ def test_modes_and_tracers_see_the_custom_op():
         plain = vk.linear(x, w, b, residual=res, layer_scale=ls)
         with Seen() as mode:
             seen = vk.linear(x, w, b, residual=res, layer_scale=ls)
-        traced = torch.jit.trace(lambda x: vk.linear(x, w, b, residual=res, layer_scale=ls), (x,))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # torch.jit.trace is deprecated in favour of torch.compile / export
+            traced = torch.jit.trace(lambda x: vk.linear(x, w, b, residual=res, layer_scale=ls), (x,))
     assert mode.ops == ["vit_kernels.linear.default"]
     assert "vit_kernels::linear" in str(traced.graph)
     assert torch.equal(plain, seen) and torch.equal(plain, traced(x))
