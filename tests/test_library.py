@@ -1,6 +1,8 @@
 """The fused ops as torch.library custom ops (vit_kernels/library.py): opcheck over a small shape x
 dtype x backend matrix, the op's output against the float64 oracle, the registered backward against
 the oracle's gradients, the fake implementation's errors, and where bookkeeping runs."""
+import warnings
+
 import pytest
 import torch
 
@@ -169,3 +171,30 @@ def test_bad_scalar_named_before_the_dispatcher():
         vk.qkv_attention(args[0], args[1], num_heads=True)
     with pytest.raises(ValueError, match=r"^backend: expected one of"):
         vk.qkv_attention(args[0], args[1], num_heads=2, backend="gpu")
+
+
+def test_modes_and_tracers_see_the_custom_op():
+    """A plain eager call runs the op's implementation directly; a dispatch mode (what torch.export
+    and FlopCounterMode use) and torch.jit.trace see the op as one call; the results are the same."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, w, b, res, ls = inputs("linear", "vit", torch.float32, "torch")[:5]
+    with torch.no_grad():
+        plain = vk.linear(x, w, b, residual=res, layer_scale=ls)
+        with Seen() as mode:
+            seen = vk.linear(x, w, b, residual=res, layer_scale=ls)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # torch.jit.trace is deprecated in favour of torch.compile / export
+            traced = torch.jit.trace(lambda x: vk.linear(x, w, b, residual=res, layer_scale=ls), (x,))
+    assert mode.ops == ["vit_kernels.linear.default"]
+    assert "vit_kernels::linear" in str(traced.graph)
+    assert torch.equal(plain, seen) and torch.equal(plain, traced(x))

@@ -16,14 +16,21 @@ backend whose result has other strides (SDPA's on some devices) is copied once.
 The public functions (``vit_kernels.ops.flash_attention`` etc.) call :func:`run`: with autograd
 recording (an input requires grad), the fused kernels being forward-only, they run the plain
 PyTorch path directly (recorded by ``backends.resolve`` in eager mode), which torch.compile traces
-op by op; otherwise the custom op. Under ``torch.fx.symbolic_trace`` (tensors are ``fx.Proxy``)
-they record the custom op as one node whatever the grad mode: the graph then runs the op and its
-backward above.
+op by op; a plain eager call runs the op's implementation without the dispatcher's Python round
+trip; anything that traces or intercepts gets the custom op. Under ``torch.fx.symbolic_trace``
+(tensors are ``fx.Proxy``) they record the custom op as one node whatever the grad mode: the graph
+then runs the op and its backward above.
+
+Under torch.compile the op's implementation runs when the compiled code runs, so ``last_decision``,
+``record_decisions``, logging and tuning work as in eager; ``attention_stats.recording`` does not
+(statistics are eager-only). A timm model traced by torch.fx with its ``attn_mask`` argument
+symbolic runs its blocks' own forward (a mask may come): pass
+``concrete_args={"attn_mask": None, "is_causal": False}`` for the fused path.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -222,6 +229,11 @@ BACKWARDS: Dict[str, Callable] = {"flash_attention": _flash_attention_backward,
                                   "patch_embed": _patch_embed_backward, "linear": _linear_backward}
 
 
+def _implementation(op: str, args: Sequence) -> Tensor:
+    out = IMPLS[op](*args)
+    return out if out.is_contiguous() else out.contiguous()
+
+
 # ------------------------------------------------------------------------------- registration
 _LIB = torch.library.Library(NAMESPACE, "DEF")
 
@@ -232,8 +244,7 @@ def _register(op: str) -> None:
     shape = SHAPES[op]
 
     def implementation(*args):
-        out = IMPLS[op](*args)
-        return out if out.is_contiguous() else out.contiguous()
+        return _implementation(op, args)
 
     def fake(*args):
         like = args[1] if op == "patch_embed" else args[0]   # patch_embed: the weight's dtype (uint8 images)
@@ -276,18 +287,40 @@ def _scalars(op: str, args: Sequence) -> tuple:
     return tuple(a)
 
 
-def run(op: str, args: Sequence, tensors: Optional[Sequence] = None):
-    """Call ``op`` with its schema arguments ``args``: the custom op, or the plain PyTorch path
-    while autograd records (see the module docstring). tensors: the inputs whose requires_grad
-    counts (default: the schema's tensors)."""
-    args = _scalars(op, args)
-    tensors = args[:N_TENSORS[op]] if tensors is None else tensors
-    if not symbolic(args[0]) and backends._needs_grad(tensors):
-        out = TORCH_PATHS[op](*args)
+def _plain_eager(tensors: Sequence) -> bool:
+    """True for an eager call that nothing traces or intercepts: no torch.compile / torch.jit.trace,
+    no torch function or dispatch mode (torch.export, FakeTensorMode, FlopCounterMode, ...), no
+    functorch transform (vmap, grad), plain tensors (or Parameters) only."""
+    return (not torch.compiler.is_compiling() and torch._C._get_tracing_state() is None
+            and not torch._C._is_torch_function_mode_enabled() and torch._C._len_torch_dispatch_stack() == 0
+            and torch._C._functorch.peek_interpreter_stack() is None
+            and all(t is None or type(t) in _PLAIN for t in tensors))
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def run(op: str, args: Sequence):
+    """Call ``op`` with its schema arguments ``args`` (see the module docstring):
+    - autograd recording (an input requires grad): the plain PyTorch path;
+    - a plain eager call (:func:`_plain_eager`): the op's implementation itself, the same function
+      the dispatcher would call, without the dispatcher's Python round trip (its autograd wrapper
+      and redispatch, several microseconds against the 15 us host budget of a call);
+    - otherwise (torch.compile, torch.export, torch.fx, torch.jit.trace, modes, subclasses,
+      functorch): the custom op, which they see as one node."""
+    tensors = args[:N_TENSORS[op]]
+    if symbolic(args[0]):
+        return getattr(torch.ops.vit_kernels, op)(*_scalars(op, args))
+    if backends._needs_grad(tensors):
+        backends.check_backend(args[-2])
+        tuning.check_mode(args[-1])
+        out = TORCH_PATHS[op](*args)   # checks the other arguments
         if not torch.compiler.is_compiling():
             backends.resolve(op, args[-2], tensors)   # records the torch decision and why
         return out
-    return getattr(torch.ops.vit_kernels, op)(*args)
+    if _plain_eager(tensors):
+        return _implementation(op, args)   # checks every argument
+    return getattr(torch.ops.vit_kernels, op)(*_scalars(op, args))
 
 
 TORCHSCRIPT_REFUSED = ("torch.jit.script cannot compile vit_kernels' fused modules (they choose a backend in Python "
