@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import checks, reference
-from ..backends import resolve
+from ..backends import needs_grad, resolve
 from ..cuda.ops import attention_unsupported as cuda_attention_unsupported
 from . import attention_stats
 
@@ -62,7 +62,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] =
                 unsupported={"triton": check_head_dim("head_dim", D) or layouts["triton"],
                              "cuda": check_head_dim("head_dim", D)
                                      or cuda_attention_unsupported(D, q.dtype) or layouts["cuda"]},
-                tune=tune, run=None if empty else _launch, args=(q, k, v, scale))
+                has_backward=("triton",), tune=tune, run=None if empty else _launch, args=(q, k, v, scale))
     if d.backend != "torch" and q.numel() == 0:
         d.with_path("empty")
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -75,6 +75,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] =
 def _launch(d, q, k, v, scale):
     """Run flash_attention as Decision ``d`` says (backend, path, tile config)."""
     if d.backend == "triton":
+        if needs_grad((q, k, v)):   # forward and backward kernels (vit_kernels.autograd)
+            from ..autograd import FlashAttention
+            return FlashAttention.apply(q, k, v, scale, tuple(d.config))
         from ..triton import attention as triton_attention
         return triton_attention.flash_attention_forward(q, k, v, scale, **dict(d.config))
     if d.backend == "cuda":

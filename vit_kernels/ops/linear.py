@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import checks, reference
-from ..backends import resolve
+from ..backends import needs_grad, resolve
 from ..cuda.ops import gemm_unsupported as cuda_gemm_unsupported
 
 
@@ -70,7 +70,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     d = resolve("linear", backend, (x, weight, bias, residual, layer_scale),
                 unsupported={"triton": triton_gemm_unsupported(x.dtype) or layouts["triton"],
                              "cuda": cuda_gemm_unsupported(x.dtype) or layouts["cuda"]},
-                tune=tune, run=None if empty else _launch, args=args)
+                has_backward=("triton",), tune=tune, run=None if empty else _launch, args=args)
     if d.backend == "torch":
         return _launch(d, x, weight, bias, residual, layer_scale)
     d = d.with_copied(notes)
@@ -84,6 +84,9 @@ def _launch(d, x, weight, bias, residual, layer_scale):
     """Run linear as Decision ``d`` says (backend, tile config). The fused backends get bias and
     layer_scale contiguous (see :func:`linear`)."""
     if d.backend == "triton":
+        if needs_grad((x, weight, bias, residual, layer_scale)):   # forward and backward kernels
+            from ..autograd import Linear
+            return Linear.apply(x, weight, bias, residual, layer_scale, tuple(d.config))
         from ..triton import gemm as triton_gemm
         return triton_gemm.linear_forward(x, weight, bias, residual=residual, layer_scale=layer_scale,
                                           **dict(d.config))

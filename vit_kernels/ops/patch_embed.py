@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import checks, reference
-from ..backends import resolve
+from ..backends import needs_grad, resolve
 from ..cuda.ops import gemm_unsupported as cuda_gemm_unsupported
 from .linear import triton_gemm_unsupported
 
@@ -78,7 +78,8 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
     d = resolve("patch_embed", backend, (images, weight, bias, pos_embed, cls_token),
                 unsupported={"triton": triton_gemm_unsupported(images.dtype) or layouts["triton"],
                              "cuda": cuda_gemm_unsupported(images.dtype) or layouts["cuda"]},
-                tune=tune, run=None if empty else _launch, args=args, key_extra=(patch_size,))
+                has_backward=("triton",), tune=tune, run=None if empty else _launch, args=args,
+                key_extra=(patch_size,))
     if d.backend == "torch":
         return _launch(d, images, weight, bias, pos_embed, cls_token, patch_size)
     d = d.with_copied(notes)
@@ -93,6 +94,9 @@ def _launch(d, images, weight, bias, pos_embed, cls_token, patch_size):
     pos_embed and cls_token contiguous (see :func:`patch_embed`)."""
     kw = dict(patch_size=patch_size, pos_embed=pos_embed, cls_token=cls_token)
     if d.backend == "triton":
+        if needs_grad((images, weight, bias, pos_embed, cls_token)):   # forward and backward kernels
+            from ..autograd import PatchEmbed
+            return PatchEmbed.apply(images, weight, bias, pos_embed, cls_token, patch_size, tuple(d.config))
         from ..triton import patch_embed as triton_pe
         return triton_pe.patch_embed_forward(images, weight, bias, **kw, **dict(d.config))
     if d.backend == "cuda":
