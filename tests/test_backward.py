@@ -418,3 +418,32 @@ def test_only_the_needed_gradients_are_computed():
     assert_close(xs.grad, leaves[0].grad, name="dx")
     assert_close(bs.grad, leaves[1].grad, name="dbias")
 
+
+
+@pytest.mark.parametrize("op", ["linear", "layernorm_gelu_mlp", "qkv_attention", "flash_attention",
+                                "flash_attention_no_keys", "patch_embed"])
+def test_empty_inputs_under_autograd_get_gradients_without_a_launch(op):
+    """Zero rows (or no keys): nothing launches, the result still has a graph, gradients are zeros."""
+    f = dict(dtype=torch.float32)
+    if op == "linear":
+        leaf = rnd(0, 5, 16, **f).requires_grad_()
+        out = vk.linear(leaf, rnd(8, 16, **f), backend="triton")
+    elif op == "layernorm_gelu_mlp":
+        leaf = rnd(0, 5, 16, **f).requires_grad_()
+        out = vk.layernorm_gelu_mlp(leaf, rnd(16, **f), None, rnd(8, 16, **f), None, rnd(16, 8, **f), None,
+                                    backend="triton")
+    elif op == "qkv_attention":
+        leaf = rnd(0, 5, 32, **f).requires_grad_()
+        out = vk.qkv_attention(leaf, rnd(96, 32, **f), num_heads=2, backend="triton")
+    elif op.startswith("flash_attention"):
+        leaf = rnd(1, 1, 3, 16, **f).requires_grad_()
+        kv = rnd(1, 1, 0 if op.endswith("no_keys") else 3, 16, **f)
+        q = leaf if op.endswith("no_keys") else leaf[:, :, :0]
+        out = vk.flash_attention(q, kv, kv, backend="triton")
+    else:
+        leaf = rnd(0, 3, 8, 8, **f).requires_grad_()
+        out = vk.patch_embed(leaf, rnd(16, 3, 4, 4, **f), patch_size=4, backend="triton")
+    out.sum().backward()
+    d = vk.last_decision(op.replace("_no_keys", ""))
+    assert d.backend == "triton" and d.path in ("empty", "no_keys"), str(d)
+    assert leaf.grad is not None and torch.equal(leaf.grad, torch.zeros_like(leaf))

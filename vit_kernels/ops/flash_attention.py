@@ -65,9 +65,13 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] =
                 has_backward=("triton",), tune=tune, run=None if empty else _launch, args=(q, k, v, scale))
     if d.backend != "torch" and q.numel() == 0:
         d.with_path("empty")
+        if needs_grad((q, k, v)):   # nothing to launch; under autograd the torch path gives the empty result its graph
+            return sdpa(q, k, v, scale)
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if d.backend != "torch" and k.shape[2] == 0:
         d.with_path("no_keys")
+        if needs_grad((q, k, v)):   # nothing to launch; under autograd the torch path gives the empty result its graph
+            return reference.flash_attention(q, k, v, scale=scale)
         return torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     return _launch(d, q, k, v, scale)
 

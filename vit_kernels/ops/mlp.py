@@ -93,6 +93,9 @@ def layernorm_gelu_mlp(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Opti
     d = d.with_copied(notes)
     if empty:
         d.with_path("empty")
+        if needs_grad(tensors):   # nothing to launch; under autograd the torch path gives the empty result its graph
+            return layernorm_gelu_mlp_torch(*tensors[:7], eps=eps, approximate=approximate, residual=residual,
+                                            layer_scale=layer_scale)
         return torch.empty(out_shape, dtype=x.dtype, device=x.device)
     return _launch(d, *args)
 

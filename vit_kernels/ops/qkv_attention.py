@@ -105,6 +105,9 @@ def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = No
     d = d.with_copied(notes)
     if empty:
         d.with_path("empty")
+        if needs_grad(tensors):   # nothing to launch; under autograd the torch path gives the empty result its graph
+            return qkv_attention_torch(*tensors[:3], num_heads=num_heads, scale=scale, norm_weight=norm_weight,
+                                       norm_bias=norm_bias, eps=eps)
         return torch.empty((x.shape[0], x.shape[1], inner), dtype=x.dtype, device=x.device)
     return _launch(d, *args)
 
