@@ -28,7 +28,7 @@ forward; float64 (accepted for ``torch.autograd.gradcheck``) uses "ieee".
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -36,6 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import cdiv
+from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 from .attention import LOG2E, block_d, check_aligned, check_head_dim
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -194,12 +195,14 @@ def _attn_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
-# (is half precision, BLOCK_D) -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for both kernels.
-# Not AOT-checked or timed on a GPU yet (issue 12): modest tiles that hold two fp32 accumulators.
+# (is half precision, BLOCK_D) -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for both kernels. Not timed
+# on a GPU. aot_specs() lists every launch; compiled ahead of time for sm_80/sm_90 at head_dim 64
+# (2026-11-26): no spills except the fp16/bf16 dK/dV kernel on sm_80 (8 bytes); fp32 took 8 warps to
+# stop spilling (4 warps: 80-96 bytes). Not yet in inspect's TRITON_MODULES (see the issue note).
 _CONFIGS = {
     (True, 16): (64, 64, 4, 2), (True, 32): (64, 64, 4, 2), (True, 64): (64, 64, 4, 2),
     (True, 128): (64, 32, 8, 2), (True, 256): (32, 32, 8, 1),
-    (False, 16): (32, 32, 4, 1), (False, 32): (32, 32, 4, 1), (False, 64): (32, 32, 4, 1),
+    (False, 16): (32, 32, 4, 1), (False, 32): (32, 32, 4, 1), (False, 64): (32, 32, 8, 1),
     (False, 128): (32, 16, 4, 1), (False, 256): (16, 16, 8, 1),
 }
 DELTA_BLOCK_M = 64
@@ -288,3 +291,36 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
         q, k, v, grad_out, lse, delta, dk, dv, *common, *dk.stride()[:3], *dv.stride()[:3],
         H, NQ, NKV, qk_scale, float(scale), **meta)
     return dq, dk, dv
+
+
+# head_dim values aot_specs() records: the forward's ViT head dims plus each remaining BLOCK_D bucket.
+AOT_HEAD_DIMS = (16, 32, 64, 72, 80, 128, 256)
+
+
+def aot_specs() -> List[AotSpec]:
+    """The launches flash_attention_backward makes, recorded from the launcher on empty CPU tensors as
+    the split qkv_attention backward calls it (q, k, v views of one (3, B, H, N, head_dim) buffer;
+    dq, dk, dv views of one (B, N, 3, H, head_dim) buffer; grad_out and out merged-head views) at
+    aot.REPRESENTATIVE's batch, heads and tokens: the dQ and dK/dV kernels per dtype and head_dim,
+    and the delta kernel for fp32 (fp16/bf16 take delta from P inside the dQ kernel)."""
+    B, H, N = REPRESENTATIVE["batch"], REPRESENTATIVE["heads"], REPRESENTATIVE["tokens"]
+    specs = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for hd in AOT_HEAD_DIMS:
+            qkv = torch.empty(3, B, H, N, hd, dtype=dtype)
+            merged = torch.empty(B, N, H * hd, dtype=dtype).view(B, N, H, hd).transpose(1, 2)
+            dqkv = torch.empty(B, N, 3, H, hd, dtype=dtype)
+            lse = torch.empty(B, H, N, dtype=torch.float32)
+            call = lambda: flash_attention_backward(  # noqa: E731
+                merged, qkv[0], qkv[1], qkv[2], merged, lse, 1.0, dq_scale=hd ** -0.5,
+                dq=dqkv[:, :, 0].transpose(1, 2), dk=dqkv[:, :, 1].transpose(1, 2), dv=dqkv[:, :, 2].transpose(1, 2))
+            BLOCK_M, BLOCK_N, num_warps, num_stages = kernel_config(dtype, hd)
+            label = (f"head_dim={hd},BLOCK_D={block_d(hd)},BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},num_warps={num_warps},"
+                     f"num_stages={num_stages},{dtype_name(dtype)}")
+            shape = f"B={B},H={H},N={N},head_dim={hd},split qkv layout"
+            kernels = [("flash_attention_bwd_dq", _attn_bwd_dq_kernel), ("flash_attention_bwd_dkdv", _attn_bwd_dkdv_kernel)]
+            if dtype == torch.float32:
+                kernels.append(("flash_attention_bwd_delta", _attn_bwd_delta_kernel))
+            for name, fn in kernels:
+                specs.append(recorded_spec(name, fn, call, label, fn is not _attn_bwd_delta_kernel, shape=shape))
+    return specs
