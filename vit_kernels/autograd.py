@@ -22,6 +22,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 BACKWARD_BACKENDS = ("triton", "torch")
 
@@ -289,6 +290,7 @@ class FlashAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable   # the backward kernels have no backward themselves
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         return (*flash_attention_backward(grad_out, q, k, v, out, lse, scale=ctx.scale), None, None)
@@ -317,6 +319,7 @@ class QkvAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable   # the backward kernels have no backward themselves
     def backward(ctx, grad):
         x, w, b, nw, nb, qkv, out, lse = ctx.saved_tensors
         num_heads, scale, eps = ctx.args
@@ -335,6 +338,7 @@ class Linear(torch.autograd.Function):
         return linear_forward(x, weight, bias, residual=residual, layer_scale=layer_scale, **dict(config))
 
     @staticmethod
+    @once_differentiable   # the backward kernels have no backward themselves
     def backward(ctx, grad):
         x, weight, bias, layer_scale = ctx.saved_tensors
         return (*linear_backward(grad, x, weight, bias, layer_scale, needs=ctx.needs_input_grad[:5]), None)
@@ -363,6 +367,7 @@ class LayerNormGeluMlp(torch.autograd.Function):
         return out.view(*x.shape[:-1], fc2_weight.shape[0])
 
     @staticmethod
+    @once_differentiable   # the backward kernels have no backward themselves
     def backward(ctx, grad):
         x, nw, nb, w1, b1, w2, b2, ls, hidden, mean, rstd = ctx.saved_tensors
         eps, approximate = ctx.args
@@ -385,6 +390,7 @@ class PatchEmbed(torch.autograd.Function):
                                    cls_token=cls_token, **dict(config))
 
     @staticmethod
+    @once_differentiable   # the backward kernels have no backward themselves
     def backward(ctx, grad):
         images, weight, bias, pos_embed, cls_token = ctx.saved_tensors
         return (*patch_embed_backward(grad, images, weight, bias, pos_embed, cls_token, patch_size=ctx.patch_size,

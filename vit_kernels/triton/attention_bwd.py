@@ -198,7 +198,8 @@ def _attn_bwd_dq_kernel(
 # (is half precision, BLOCK_D) -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for both kernels. Not timed
 # on a GPU. aot_specs() lists every launch; compiled ahead of time for sm_80/sm_90 at head_dim 64
 # (2026-11-26): no spills except the fp16/bf16 dK/dV kernel on sm_80 (8 bytes); fp32 took 8 warps to
-# stop spilling (4 warps: 80-96 bytes). Not yet in inspect's TRITON_MODULES (see the issue note).
+# stop spilling (4 warps: 80-96 bytes). Not yet in inspect's TRITON_MODULES: its 49 specs on two archs
+# would add minutes of compiling to test_inspect, whose no-spill check the sm_80 dK/dV spill fails.
 _CONFIGS = {
     (True, 16): (64, 64, 4, 2), (True, 32): (64, 64, 4, 2), (True, 64): (64, 64, 4, 2),
     (True, 128): (64, 32, 8, 2), (True, 256): (32, 32, 8, 1),
