@@ -104,6 +104,30 @@ def test_flash_attention_grads_full(shape, dtype):
     _attention(shape, dtype)
 
 
+# Known limit, not tested: float32 with one key 100 above the rest ("last"). P is then exactly one-hot
+# in fp32, so plain PyTorch's dq is exactly 0 there, while FlashAttention-2's delta = rowsum(dO * O)
+# differs from the tile's dO . v_last in its last bits (another summation order), and |k| = 100 turns
+# that into |dq| ~2.4e-5 (bound: the floor, 1e-5). Taking delta from P instead (as fp16/bf16 do) fixes
+# that case but misses "rising" and "alternating" in fp32 by ~30x (measured 2026-11-26).
+HARD_CASES = [("rising", torch.float32), ("alternating", torch.float32),
+              ("rising", torch.float16), ("alternating", torch.float16), ("last", torch.float16)]
+
+
+@pytest.mark.parametrize("pattern, dtype", HARD_CASES, ids=_id)
+def test_flash_attention_grads_scores_hundreds_apart(pattern, dtype):
+    """Scores that differ by hundreds between key tiles (and one dominant last key): the backward
+    recomputes P = exp(S - LSE) per tile from the saved LSE, which must hold whatever the tiling."""
+    B, H, N, D = 1, 2, 70, 64
+    j = torch.arange(N, dtype=torch.float64)
+    offsets = {"rising": -300 + 600 * torch.div(j, 16, rounding_mode="floor") / ((N - 1) // 16),
+               "alternating": 300 * (1 - 2 * (torch.div(j, 16, rounding_mode="floor") % 2)),
+               "last": torch.where(j == N - 1, 100.0, 0.0)}[pattern]
+    q, k = rnd(B, H, N, D), rnd(B, H, N, D)
+    q[..., 0], k[..., 0] = 1 / D ** -0.5, offsets
+    check_grads(vk.flash_attention, R.flash_attention, dict(q=q, k=k, v=rnd(B, H, N, D)), dict(scale=D ** -0.5),
+                dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # qkv_attention (split path): LayerNorm, QKV projection, attention
 
