@@ -64,6 +64,9 @@ T_CUDA_ATTN = ("tests/test_cuda_attention.py", "tests/test_emulator_races.py", "
 T_CUDA_GEMM = ("tests/test_gemm.py", "tests/test_emulator_races.py", "tests/test_hard_inputs.py", "-k",
                "not compiles and (gemm or mlp or patch or linear or qkv or stats or layernorm) "
                "and (not test_hard_inputs or cuda) and (not test_gemm or cuda)")
+T_BWD_ATTN = ("tests/test_backward.py", "-k", "(flash_attention or qkv_attention) and not full")
+T_BWD_GEMM = ("tests/test_backward.py", "-k", "(linear or mlp) and not full")
+T_BWD_PATCH = ("tests/test_backward.py", "-k", "patch and not full")
 T_TORCH = ("tests/test_torch_paths.py", "tests/test_models.py", "tests/test_swap_timm.py", "tests/test_swap_hf.py", "-k", "torch or oracle")
 
 MUTATIONS: List[Mutation] = [
@@ -127,6 +130,18 @@ MUTATIONS: List[Mutation] = [
     Mutation("triton-qkv-ln-eps-outside-sqrt", "vit_kernels/triton/qkv_attention.py",
              "rstd = 1.0 / tl.sqrt(tl.where(row_mask, tl.sum(acc, axis=1) / DIM + eps, 1.0))",
              "rstd = 1.0 / tl.sqrt(tl.where(row_mask, tl.sum(acc, axis=1) / DIM, 1.0)) + eps", T_QKV),
+    # ------------------------------------------------------------------ Triton: backward kernels
+    Mutation("triton-attn-bwd-dk-unscaled", "vit_kernels/triton/attention_bwd.py",
+             "    dk = dk * scale\n", "", T_BWD_ATTN),
+    Mutation("triton-dgelu-erf-no-pdf-term", "vit_kernels/triton/gemm.py",
+             " + pre * 0.3989422804014327 * tl.exp(-0.5 * pre * pre)", "", T_BWD_GEMM),
+    Mutation("triton-ln-bwd-no-mean-term", "vit_kernels/triton/layernorm_bwd.py",
+             "dx = (dxhat - c2s[:, None] - xhat * c1s[:, None])", "dx = (dxhat - xhat * c1s[:, None])", T_BWD_GEMM),
+    Mutation("triton-colsum-layer-scale-dropped", "vit_kernels/triton/gemm_bwd.py",
+             "            g = g * ls[None, :]\n", "            g = g * 1.0\n", T_BWD_GEMM),
+    Mutation("triton-patch-bwd-bias-counts-cls-row", "vit_kernels/autograd.py",
+             "column_sums(g[:, prefix:], T - prefix, (T * dim, dim, 1), bias.dtype)",
+             "column_sums(g, T, (T * dim, dim, 1), bias.dtype)", T_BWD_PATCH),
     # ------------------------------------------------------------------ CUDA: attention
     Mutation("cuda-attn-no-barrier-before-k-overwrite", "csrc/attention/flash_fwd.cuh",
              "    __syncthreads();  // V_j landed for every thread; every warp is done reading K_j\n",

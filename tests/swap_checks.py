@@ -88,15 +88,15 @@ def check_load_state_dict(model, images, **call_kw):
 
 
 def check_grad(model, images, **call_kw):
-    """Under autograd a fused model asked for backend='triton' takes the torch path (the decision
-    says why) and its gradients match the original's."""
+    """Under autograd a fused model asked for backend='triton' runs the Triton forward and backward
+    kernels (vit_kernels.autograd) and its gradients match the original's."""
     model = model.train()
     ref = copy.deepcopy(model)
     vk.fuse(model, backend="triton")
     out = _logits(model(images, **call_kw)).square().sum()
     out.backward()
     d = vk.last_decision("qkv_attention")
-    assert d.backend == "torch" and "gradients are required" in d.reasons.get("triton", ""), d
+    assert d.backend == "triton", d
     _logits(ref(images, **call_kw)).square().sum().backward()
     named = dict(ref.named_parameters())
     n = 0

@@ -24,14 +24,23 @@ def test_unknown_backend_is_rejected_naming_the_argument():
         flash_attention(q, q, q, backend="tpu")
 
 
-def test_gradients_route_to_torch_and_the_decision_says_so():
+def test_gradients_route_to_torch_under_auto_and_the_decision_says_so():
     x = torch.randn(1, 5, 32, requires_grad=True)
     w = torch.randn(96, 32)
-    out = qkv_attention(x, w, num_heads=2, backend="triton")
+    out = qkv_attention(x, w, num_heads=2, backend="auto")
     out.sum().backward()
     d = last_decision("qkv_attention")
     assert d.backend == "torch" and "gradients are required" in d.reasons["triton"]
     assert x.grad is not None
+
+
+def test_gradients_with_explicit_triton_run_its_backward_kernels():
+    x = torch.randn(1, 5, 32, requires_grad=True)
+    w = torch.randn(96, 32)
+    out = qkv_attention(x, w, num_heads=2, backend="triton")
+    assert type(out.grad_fn).__name__ == "QkvAttentionBackward"
+    out.sum().backward()
+    assert last_decision("qkv_attention").backend == "triton" and x.grad is not None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error; a GPU runs Triton natively")

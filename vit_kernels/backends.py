@@ -20,8 +20,11 @@ Rules:
   Untimed (tuning off, cache-only without a cached choice): torch (the fixed configurations were
   measured slower than PyTorch; a named backend still runs). On CPU tensors torch (the interpreter and the emulator are for verification, never
   picked implicitly).
-- The fused kernels are forward-only: when autograd needs gradients of any input, every
-  request routes to ``torch`` and the decision says so.
+- Gradients: when autograd needs gradients of any input, a backend named in the op's
+  ``has_backward`` runs forward and backward kernels (Triton: vit_kernels.autograd); an explicit
+  backend without a backward raises (its forward-only kernels cannot serve the call); ``auto``
+  keeps the torch path (no backward kernel has been measured against PyTorch's) and the decision
+  says so.
 """
 from __future__ import annotations
 
@@ -210,7 +213,8 @@ def cuda_unavailable(device: torch.device) -> Optional[str]:
     return fn(device)
 
 
-def _needs_grad(tensors: Iterable[Optional[torch.Tensor]]) -> bool:
+def needs_grad(tensors: Iterable[Optional[torch.Tensor]]) -> bool:
+    """True when autograd records and any of ``tensors`` requires grad."""
     return torch.is_grad_enabled() and any(
         t is not None and isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
@@ -224,7 +228,7 @@ def resolve(op: str, backend: str, tensors: Iterable[Optional[torch.Tensor]],
     tensors: the op's tensor arguments (None for absent optional ones); the device of the first
     one decides. unsupported: backend -> reason this call's shapes/dtypes are not supported by
     that backend (None when supported). has_backward: backends whose kernels have a backward
-    pass; others route to torch when gradients are needed.
+    pass: under autograd an explicit request for another raises, "auto" takes torch.
     With ``backend="auto"`` and ``run`` given, the tuner decides (see :mod:`vit_kernels.tuning`):
     run(decision, *args) runs the op as a Decision says (backend "reference": the float64
     oracle); key_extra: the op's scalars that change which kernels run (part of the signature);
@@ -242,16 +246,20 @@ def resolve(op: str, backend: str, tensors: Iterable[Optional[torch.Tensor]],
     unsupported = dict(unsupported or {})
     reasons: Dict[str, str] = {}
 
-    if _needs_grad(tensors):
-        candidates = ["triton", "cuda"] if backend == "auto" else ([backend] if backend != "torch" else [])
-        for b in candidates:
-            if b not in has_backward:
-                reasons[b] = "gradients are required and its kernels are forward-only: torch autograd path"
-        if backend != "auto" and backend in reasons:
+    if needs_grad(tensors):
+        has_backward = tuple(has_backward)
+        if backend == "auto":
+            for b in ("triton", "cuda"):
+                reasons[b] = (GRAD_UNMEASURED if b in has_backward else GRAD_FORWARD_ONLY)
             d = Decision(op, "torch", backend, reasons)
             _log_once(d)
             _record(d)
             return d
+        if backend != "torch" and backend not in has_backward:
+            alt = " or ".join(repr(b) for b in has_backward + ("torch",))
+            raise RuntimeError(f"{op}: backend={backend!r} cannot serve this call: gradients are required and "
+                               f"its kernels are forward-only (no backward); use backend={alt}, or call it "
+                               f"under torch.no_grad()")
 
     def why_not(b: str) -> Optional[str]:
         if b in reasons:
@@ -315,6 +323,9 @@ def resolve(op: str, backend: str, tensors: Iterable[Optional[torch.Tensor]],
     return d
 
 
+GRAD_UNMEASURED = ("gradients are required: auto keeps PyTorch's autograd path (the Triton backward kernels "
+                   "have not been measured against it; ask for backend='triton')")
+GRAD_FORWARD_ONLY = "gradients are required and its kernels are forward-only: torch autograd path"
 _LOGGED = set()
 
 

@@ -14,9 +14,10 @@ Every output is a new contiguous tensor (what the fake implementation promises t
 backend whose result has other strides (SDPA's on some devices) is copied once.
 
 The public functions (``vit_kernels.ops.flash_attention`` etc.) call :func:`run`: with autograd
-recording (an input requires grad), the fused kernels being forward-only, they run the plain
-PyTorch path directly (recorded by ``backends.resolve`` in eager mode), which torch.compile traces
-op by op; a plain eager call runs the op's implementation without the dispatcher's Python round
+recording (an input requires grad) in eager mode they run the op's implementation, which takes
+Triton's forward and backward kernels for backend "triton" (vit_kernels.autograd), PyTorch's
+autograd path for "torch" and "auto", and raises for "cuda" (forward-only kernels); under
+torch.compile they run the plain PyTorch path, which the compiler traces op by op; a plain eager call runs the op's implementation without the dispatcher's Python round
 trip; anything that traces or intercepts gets the custom op. Under ``torch.fx.symbolic_trace``
 (tensors are ``fx.Proxy``) they record the custom op as one node whatever the grad mode: the graph
 then runs the op and its backward above.
@@ -302,7 +303,9 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def run(op: str, args: Sequence):
     """Call ``op`` with its schema arguments ``args`` (see the module docstring):
-    - autograd recording (an input requires grad): the plain PyTorch path;
+    - autograd recording (an input requires grad): eager, the op's implementation (Triton's backward
+      kernels for backend "triton", PyTorch's autograd path for "torch" / "auto"); under
+      torch.compile, the plain PyTorch path;
     - a plain eager call (:func:`_plain_eager`): the op's implementation itself, the same function
       the dispatcher would call, without the dispatcher's Python round trip (its autograd wrapper
       and redispatch, several microseconds against the 15 us host budget of a call);
@@ -311,13 +314,15 @@ def run(op: str, args: Sequence):
     tensors = args[:N_TENSORS[op]]
     if symbolic(args[0]):
         return getattr(torch.ops.vit_kernels, op)(*_scalars(op, args))
-    if backends._needs_grad(tensors):
+    if backends.needs_grad(tensors):
+        if not torch.compiler.is_compiling():
+            # eager autograd: the op's implementation decides (recorded): backend "triton" runs the
+            # forward and backward kernels (vit_kernels.autograd), "torch" / "auto" PyTorch's autograd
+            # path, "cuda" raises (forward-only kernels)
+            return IMPLS[op](*args)
         backends.check_backend(args[-2])
         tuning.check_mode(args[-1])
-        out = TORCH_PATHS[op](*args)   # checks the other arguments
-        if not torch.compiler.is_compiling():
-            backends.resolve(op, args[-2], tensors)   # records the torch decision and why
-        return out
+        return TORCH_PATHS[op](*args)   # traced by the compiler op by op; checks the other arguments
     if _plain_eager(tensors):
         return _implementation(op, args)   # checks every argument
     return getattr(torch.ops.vit_kernels, op)(*_scalars(op, args))

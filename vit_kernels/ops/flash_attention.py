@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import checks, reference
-from ..backends import resolve
+from ..backends import needs_grad, resolve
 from ..cuda.ops import attention_unsupported as cuda_attention_unsupported
 from . import attention_stats
 
@@ -71,12 +71,16 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], backend: s
                 unsupported={"triton": check_head_dim("head_dim", D) or layouts["triton"],
                              "cuda": check_head_dim("head_dim", D)
                                      or cuda_attention_unsupported(D, q.dtype) or layouts["cuda"]},
-                tune=tune, run=None if empty else _launch, args=(q, k, v, scale))
+                has_backward=("triton",), tune=tune, run=None if empty else _launch, args=(q, k, v, scale))
     if d.backend != "torch" and q.numel() == 0:
         d.with_path("empty")
+        if needs_grad((q, k, v)):   # nothing to launch; under autograd the torch path gives the empty result its graph
+            return sdpa(q, k, v, scale)
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if d.backend != "torch" and k.shape[2] == 0:
         d.with_path("no_keys")
+        if needs_grad((q, k, v)):   # nothing to launch; under autograd the torch path gives the empty result its graph
+            return reference.flash_attention(q, k, v, scale=scale)
         return torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     return _launch(d, q, k, v, scale)
 
@@ -84,6 +88,9 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], backend: s
 def _launch(d, q, k, v, scale):
     """Run flash_attention as Decision ``d`` says (backend, path, tile config)."""
     if d.backend == "triton":
+        if needs_grad((q, k, v)):   # forward and backward kernels (vit_kernels.autograd)
+            from ..autograd import FlashAttention
+            return FlashAttention.apply(q, k, v, scale, tuple(d.config))
         from ..triton import attention as triton_attention
         return triton_attention.flash_attention_forward(q, k, v, scale, **dict(d.config))
     if d.backend == "cuda":

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import checks, reference
-from ..backends import resolve
+from ..backends import needs_grad, resolve
 from ..dtypes import KERNEL_DTYPES
 from ..cuda.ops import gemm_unsupported as cuda_gemm_unsupported
 
@@ -78,12 +78,14 @@ def dispatch(x, weight, bias, residual, layer_scale, backend, tune) -> Tensor:
     d = resolve("linear", backend, (x, weight, bias, residual, layer_scale),
                 unsupported={"triton": triton_gemm_unsupported(x.dtype) or layouts["triton"],
                              "cuda": cuda_gemm_unsupported(x.dtype) or layouts["cuda"]},
-                tune=tune, run=None if empty else _launch, args=args)
+                has_backward=("triton",), tune=tune, run=None if empty else _launch, args=args)
     if d.backend == "torch":
         return _launch(d, x, weight, bias, residual, layer_scale)
     d = d.with_copied(notes)
     if empty:
         d.with_path("empty")
+        if needs_grad(args):   # nothing to launch; under autograd the torch path gives the empty result its graph
+            return linear_torch(*args)
         return torch.empty(out_shape, dtype=x.dtype, device=x.device)
     return _launch(d, *args)
 
@@ -97,6 +99,9 @@ def _launch(d, x, weight, bias, residual, layer_scale):
         return gemm_tma.linear_forward(x, weight, bias, residual=residual, layer_scale=layer_scale,
                                        config=dict(d.config).get("tma_config"))
     if d.backend == "triton":
+        if needs_grad((x, weight, bias, residual, layer_scale)):   # forward and backward kernels
+            from ..autograd import Linear
+            return Linear.apply(x, weight, bias, residual, layer_scale, tuple(d.config))
         from ..triton import gemm as triton_gemm
         return triton_gemm.linear_forward(x, weight, bias, residual=residual, layer_scale=layer_scale,
                                           **dict(d.config))

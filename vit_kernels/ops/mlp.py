@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import checks, reference
-from ..backends import resolve
+from ..backends import needs_grad, resolve
 from ..cuda.ops import gemm_unsupported as cuda_gemm_unsupported
 from .linear import triton_gemm_unsupported
 
@@ -95,12 +95,16 @@ def dispatch(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bi
     d = resolve("layernorm_gelu_mlp", backend, tensors,
                 unsupported={"triton": triton_gemm_unsupported(x.dtype) or layouts["triton"],
                              "cuda": cuda_gemm_unsupported(x.dtype) or layouts["cuda"]},
-                tune=tune, run=None if empty else _launch, args=args, key_extra=(approximate,))
+                has_backward=("triton",), tune=tune, run=None if empty else _launch, args=args,
+                key_extra=(approximate,))
     if d.backend == "torch":
         return _launch(d, *tensors, eps, approximate)
     d = d.with_copied(notes)
     if empty:
         d.with_path("empty")
+        if needs_grad(tensors):   # nothing to launch; under autograd the torch path gives the empty result its graph
+            return layernorm_gelu_mlp_torch(*tensors[:7], eps=eps, approximate=approximate, residual=residual,
+                                            layer_scale=layer_scale)
         return torch.empty(out_shape, dtype=x.dtype, device=x.device)
     return _launch(d, *args)
 
@@ -112,6 +116,9 @@ def _launch(d, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_
     args = (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     kw = dict(eps=eps, approximate=approximate, residual=residual, layer_scale=layer_scale)
     if d.backend == "triton":
+        if needs_grad(args + (residual, layer_scale)):   # forward and backward kernels
+            from ..autograd import LayerNormGeluMlp
+            return LayerNormGeluMlp.apply(*args, residual, layer_scale, eps, approximate, tuple(d.config))
         from ..triton import mlp as triton_mlp
         return triton_mlp.layernorm_gelu_mlp_forward(*args, **kw, **dict(d.config))
     if d.backend == "cuda":

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import checks, reference
-from ..backends import resolve
+from ..backends import needs_grad, resolve
 from ..cuda.ops import gemm_unsupported as cuda_gemm_unsupported
 from .linear import triton_gemm_unsupported
 
@@ -181,24 +181,34 @@ def dispatch(images, weight, bias, pos_embed, cls_token, patch_size, image_mean,
     d = resolve("patch_embed", backend, (images, weight, bias, pos_embed, cls_token),
                 unsupported={"triton": triton_gemm_unsupported(dtype) or layouts["triton"],
                              "cuda": uint8 or cuda_gemm_unsupported(dtype) or layouts["cuda"]},
-                tune=tune, run=None if empty else _launch, args=args, key_extra=(patch_size,))
+                has_backward=("triton",), tune=tune, run=None if empty else _launch, args=args,
+                key_extra=(patch_size,))
     if d.backend == "torch":
         return _launch(d, images, weight, bias, pos_embed, cls_token, patch_size, norm)
     d = d.with_copied(notes)
     if empty:
         d.with_path("empty")
+        if needs_grad(args[:5]):   # nothing to launch; under autograd the torch path gives the empty result its graph
+            kw = {} if norm is None else dict(image_mean=norm[0], image_std=norm[1])
+            return patch_embed_torch(images, weight, bias, patch_size=patch_size, pos_embed=pos_embed,
+                                     cls_token=cls_token, **kw)
         return torch.empty((0, tokens, dim), dtype=dtype, device=images.device)
     return _launch(d, *args)
 
 
 def _launch(d, images, weight, bias, pos_embed, cls_token, patch_size, norm=None):
-    """Run patch_embed as Decision ``d`` says (backend, tile config). The fused backends get bias,
-    pos_embed and cls_token contiguous (see :func:`patch_embed`). norm: None, or (image_mean,
-    image_std) fp32 (C,) tensors for uint8 images."""
+    """Run patch_embed as Decision ``d`` says (backend, tile config). The fused
+    backends get bias, pos_embed and cls_token contiguous (see :func:`patch_embed`). norm: None, or
+    (image_mean, image_std) fp32 (C,) tensors for uint8 images."""
     kw = dict(patch_size=patch_size, pos_embed=pos_embed, cls_token=cls_token)
     if norm is not None:
         kw.update(image_mean=norm[0], image_std=norm[1])
     if d.backend == "triton":
+        if needs_grad((weight, bias, pos_embed, cls_token)):   # forward and backward kernels
+            from ..autograd import PatchEmbed
+            if norm is not None:   # the backward kernels read float images: normalized once here
+                images = normalize_pixels(images, norm[0], norm[1], weight.dtype)
+            return PatchEmbed.apply(images, weight, bias, pos_embed, cls_token, patch_size, tuple(d.config))
         from ..triton import patch_embed as triton_pe
         return triton_pe.patch_embed_forward(images, weight, bias, **kw, **dict(d.config))
     if d.backend == "cuda":

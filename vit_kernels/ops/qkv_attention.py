@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import checks, reference
-from ..backends import resolve
+from ..backends import needs_grad, resolve
 from ..cuda.ops import attention_unsupported as cuda_attention_unsupported
 from . import attention_stats
 from .flash_attention import check_head_dim, sdpa
@@ -110,7 +110,8 @@ def dispatch(x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, 
                 unsupported={"triton": check_head_dim("head_dim", head_dim) or layouts["triton"],
                              "cuda": check_head_dim("head_dim", head_dim)
                                      or cuda_attention_unsupported(head_dim, x.dtype) or layouts["cuda"]},
-                tune=tune, run=None if empty else _launch, args=args, key_extra=(num_heads, path))
+                has_backward=("triton",), tune=tune, run=None if empty else _launch, args=args,
+                key_extra=(num_heads, path))
     if d.backend == "torch":
         return _launch(d, *tensors, num_heads, scale, eps, path)
     if d.backend == "cuda" and path == "single_kernel":
@@ -118,6 +119,9 @@ def dispatch(x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, 
     d = d.with_copied(notes)
     if empty:
         d.with_path("empty")
+        if needs_grad(tensors):   # nothing to launch; under autograd the torch path gives the empty result its graph
+            return qkv_attention_torch(*tensors[:3], num_heads=num_heads, scale=scale, norm_weight=norm_weight,
+                                       norm_bias=norm_bias, eps=eps)
         return torch.empty((x.shape[0], x.shape[1], inner), dtype=x.dtype, device=x.device)
     return _launch(d, *args)
 
@@ -129,6 +133,15 @@ def _launch(d, x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale
     kw = dict(num_heads=num_heads, scale=scale, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps)
     if d.backend == "triton":
         from ..triton import qkv_attention as triton_qkv
+        if needs_grad((x, qkv_weight, qkv_bias, norm_weight, norm_bias)):   # forward and backward kernels
+            if path == "single_kernel":
+                raise ValueError("path: 'single_kernel' keeps neither Q, K, V nor the softmax statistics a "
+                                 "backward needs; under autograd use path='split' or None")
+            from ..autograd import QkvAttention
+            if d.path != "split":
+                d.with_path("split")
+            return QkvAttention.apply(x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps,
+                                      tuple(d.config))
         path = d.path or path or triton_qkv.choose_path(x, num_heads, qkv_weight.shape[0] // 3 // num_heads)
         unreadable = single_kernel_layout(x, qkv_weight) if path == "single_kernel" else None
         if unreadable:

@@ -199,8 +199,14 @@ class SwapWrapper(nn.Module):
         notes.append("under torch.autocast, calls run the original modules (the fused ops take one dtype: "
                      "use model.to(dtype))")
         if any(p.requires_grad for p in self.parameters()):
-            notes.append("parameters require grad: under autograd the ops take the torch path (forward-only "
-                         "kernels); run under torch.no_grad() / torch.inference_mode() for the fused kernels")
+            notes.append({"triton": "parameters require grad: under autograd the ops run the Triton forward and "
+                                    "backward kernels",
+                          "cuda": "parameters require grad: under autograd the cuda backend raises (forward-only "
+                                  "kernels); run under torch.no_grad() / torch.inference_mode(), or fuse with "
+                                  "backend='triton' for training",
+                          }.get(self.backend, "parameters require grad: under autograd the ops take the torch path "
+                                              "(auto does not pick the unmeasured backward kernels); run under "
+                                              "torch.no_grad() / torch.inference_mode() for the fused kernels"))
         return notes
 
     def report_entries(self) -> List[ReportEntry]:

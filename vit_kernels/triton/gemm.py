@@ -70,8 +70,8 @@ TUNE_PATCH_CONFIGS: Dict[int, Dict[torch.dtype, Tuple[Tuple[int, int, int, int, 
            torch.float32: ((64, 64, 16, 4, 3),)} for arch in (80, 90)}
 GROUP_M = 8
 
-# ACT values (fc1's activation)
-ACT_NONE, ACT_GELU_ERF, ACT_GELU_TANH = 0, 1, 2
+# ACT values (fc1's activation; the backward's GELU derivative, see dgelu)
+ACT_NONE, ACT_GELU_ERF, ACT_GELU_TANH, ACT_DGELU_ERF, ACT_DGELU_TANH = 0, 1, 2, 3, 4
 ACTIVATIONS = {"none": ACT_GELU_ERF, "tanh": ACT_GELU_TANH}   # GELU's `approximate` -> ACT
 # NORM values (LayerNorm on load; NORM_PIXELS: uint8 images normalized per channel on load)
 NORM_NONE, NORM_AFFINE, NORM_WEIGHT_ONLY, NORM_PIXELS = 0, 1, 2, 3
@@ -96,6 +96,19 @@ def bias_gelu(acc, bias_ptr, offs_n, n_mask, HAS_BIAS: tl.constexpr, ACT: tl.con
 
 
 @triton.jit
+def dgelu(pre, ACT: tl.constexpr):
+    """GELU'(pre) in fp32 (ACT_DGELU_ERF: exact, ACT_DGELU_TANH: of the tanh approximation): the
+    backward of fc1's epilogue multiplies dL/dGELU by it."""
+    if ACT == 3:      # Phi(x) + x * phi(x)
+        d = 0.5 * (1.0 + tl.math.erf(pre * 0.7071067811865476)) + pre * 0.3989422804014327 * tl.exp(-0.5 * pre * pre)
+    else:             # t = tanh(u): 0.5 (1 + t) + 0.5 x (1 - t^2) u'
+        u = 0.7978845608028654 * (pre + 0.044715 * pre * pre * pre)
+        t = 2.0 / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0))) - 1.0
+        d = 0.5 * (1.0 + t) + 0.5 * pre * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * pre * pre)
+    return d
+
+
+@triton.jit
 def _gemm_kernel(
     a_ptr,            # dense: A rows (M, K) as (b, t, k) with strides (s_ab, s_at, s_ak);
                       # patches: the image (B, C, H, W) with strides (s_ab, s_ac, s_ah, s_aw)
@@ -107,7 +120,7 @@ def _gemm_kernel(
     rstd_ptr,         # (M,) fp32 row 1/std        [NORM]
     lnw_ptr,          # (K,) LayerNorm weight      [NORM]; NORM_PIXELS: fp32 (K,) scale 1 / (255 std[c])
     lnb_ptr,          # (K,) LayerNorm bias        [NORM == NORM_AFFINE]; NORM_PIXELS: fp32 (K,) -mean[c] / std[c]
-    res_ptr,          # (M, N) residual, strides (s_rb, s_rt, s_rn)   [HAS_RES]
+    res_ptr,          # (M, N) residual, strides (s_rb, s_rt, s_rn)   [HAS_RES]; GELU's input [ACT >= 3]
     ls_ptr,           # (N,) layer scale           [HAS_LS]
     pos_ptr,          # (T, N) position embedding, strides (s_pt, s_pn)  [HAS_POS]
     cls_ptr,          # (N,) class token, stride s_cls  [PREFIX == 1]
@@ -123,6 +136,7 @@ def _gemm_kernel(
     A_MODE: tl.constexpr, NORM: tl.constexpr, PREFIX: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_LS: tl.constexpr, HAS_RES: tl.constexpr,
     HAS_POS: tl.constexpr, OUT_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC_F64: tl.constexpr = False,   # fp64 accumulator (float64 inputs: the backward's gradcheck)
 ):
     # Grouped tile order: GROUP_M row tiles share the weight tiles while they are in L2.
     pid = tl.program_id(0)
@@ -160,7 +174,7 @@ def _gemm_kernel(
         a_ptrs = a_ptr + a_row[:, None] + offs_k0.to(tl.int64)[None, :] * s_ak
         w_ptrs = w_ptr + w_col[None, :] + offs_k0.to(tl.int64)[:, None] * s_wk
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if ACC_F64 else tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k0
         k_mask = ks < K
@@ -198,6 +212,10 @@ def _gemm_kernel(
     if HAS_LS:
         acc *= tl.load(ls_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
+    if ACT >= 3:      # backward of fc1: acc = dL/dGELU(pre) times GELU'(pre), pre read like the residual
+        pre = tl.load(res_ptr + (b * s_rb + t.to(tl.int64) * s_rt)[:, None]
+                      + offs_n.to(tl.int64)[None, :] * s_rn, mask=mask, other=0.0)
+        acc *= dgelu(pre.to(acc.dtype), ACT)
     if HAS_RES:
         res = tl.load(res_ptr + (b * s_rb + t.to(tl.int64) * s_rt)[:, None]
                       + offs_n.to(tl.int64)[None, :] * s_rn, mask=mask, other=0.0)
@@ -266,6 +284,9 @@ def launch_gemm(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K: in
     through pos_strides; cls: (N,) contiguous-or-strided 1-D, makes row t == 0 the class token.
     pixel_norm: (scale, shift), contiguous fp32 (K,) each, for uint8 images: A = uint8 * scale + shift
     on load. The compute dtype (tiles, dot precision) is the weight's.
+    act ACT_DGELU_ERF / ACT_DGELU_TANH (the backward of fc1): ``residual`` is GELU's input (M, N),
+    read through res_strides, and the result is multiplied by GELU'(it) instead of added.
+    float64 inputs (the backward's gradcheck) accumulate in fp64; pass gemm_config for them.
     gemm_config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), None for :func:`block_config`
     (the tuner passes one of :func:`tune_configs`).
     """
@@ -280,7 +301,7 @@ def launch_gemm(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K: in
         norm, (norm_weight, norm_bias) = NORM_PIXELS, pixel_norm
     flags = _flags(a_mode=A_PATCHES if gather else A_DENSE, norm=norm, prefix=int(cls is not None),
                    has_bias=bias is not None, act=act, has_ls=layer_scale is not None,
-                   has_res=residual is not None, has_pos=pos is not None,
+                   has_res=residual is not None and act < ACT_DGELU_ERF, has_pos=pos is not None,
                    out_mode=OUT_QKV if qkv is not None else OUT_ROWS)
     s = dict.fromkeys(_INT_ARGS, 0)
     s.update(M=M, N=N, K=K, T=T)
@@ -312,7 +333,7 @@ def launch_gemm(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K: in
     _gemm_kernel[grid](*ptrs, *(s[k] for k in _INT_ARGS), q_scale,
                        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
                        DOT_PRECISION=_precision(weight.dtype), num_warps=num_warps, num_stages=num_stages,
-                       **flags)
+                       **flags, **({"ACC_F64": True} if weight.dtype == torch.float64 else {}))
     return out
 
 
@@ -333,6 +354,8 @@ def _or(t: Optional[Tensor], placeholder: Tensor) -> Tensor:
 
 
 def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float64:
+        return "ieee"
     return FP32_DOT_PRECISION if dtype == torch.float32 else "tf32"
 
 

@@ -1,0 +1,473 @@
+"""Backward kernels (vit_kernels/triton/*_bwd.py through vit_kernels/autograd.py): every gradient of
+every fused op on backend="triton" against torch.autograd on the float64 oracle
+(vit_kernels.reference), under the 3x gradient rule of vit_kernels.testing with plain PyTorch (the
+oracle's code at the same dtype) as the baseline; torch.autograd.gradcheck in float64 of each
+backward function on tiny shapes; and the dispatch rules under autograd.
+
+Inputs are fresh random values, the incoming gradient too; every tensor the launchers allocate
+starts as NaN (torch.empty / empty_like patched), so an element a kernel fails to write fails.
+The default run takes small shapes; the forward's full matrix (tokens 1, 50, 197, 257; head dims
+64, 72, 80; batch 1 and 3; fp32/fp16/bf16) runs with -m slow.
+"""
+import pytest
+import torch
+
+import vit_kernels as vk
+from vit_kernels import autograd as vk_autograd
+from vit_kernels import reference as R
+from vit_kernels.testing import assert_close
+
+pytest.importorskip("triton")
+
+from conftest import DEVICE  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+_empty, _empty_like = torch.empty, torch.empty_like
+
+
+def _nan(t):
+    if t.is_floating_point():
+        t.fill_(float("nan"))
+    return t
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """Every tensor the launchers allocate starts as NaN."""
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: _nan(_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _nan(_empty_like(*a, **k)))
+
+
+def rnd(*shape, dtype=torch.float64, scale=1.0):
+    """Fresh normal values (never zeros) rounded to dtype."""
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=DEVICE, dtype=dtype)
+
+
+def _id(v):
+    return str(v).split(".")[-1] if isinstance(v, torch.dtype) else str(v)
+
+
+def check_grads(op, oracle, tensors, kw, dtype):
+    """Run ``op`` (backend="triton") and ``oracle`` on the same values and compare every gradient.
+
+    tensors: name -> float64 master or None; each becomes a dtype leaf requiring grad. The oracle
+    runs in float64 (the reference) and at dtype (the baseline: plain PyTorch's own error).
+    """
+    names = [n for n, t in tensors.items() if t is not None]
+    leaves = {n: (t.to(dtype).requires_grad_() if t is not None else None) for n, t in tensors.items()}
+    out = op(**leaves, **kw, backend="triton")
+    d = vk.last_decision(op.__name__)
+    assert d.backend == "triton", str(d)
+    g = rnd(*out.shape, dtype=dtype)
+    out.backward(g)
+    results = {}
+    for label, cast in (("oracle", torch.float64), ("baseline", dtype)):
+        ts = {n: (leaves[n].detach().to(cast).requires_grad_() if leaves[n] is not None else None) for n in tensors}
+        oracle(**ts, **kw).backward(g.to(cast))
+        results[label] = ts
+    for n in names:
+        got = leaves[n].grad
+        assert got is not None, f"d{n}: no gradient"
+        assert got.dtype == dtype and got.shape == leaves[n].shape, f"d{n}: {got.dtype} {tuple(got.shape)}"
+        assert_close(got, results["oracle"][n].grad, results["baseline"][n].grad, factor=3.0, name=f"d{n}")
+
+
+# ---------------------------------------------------------------------------------------------
+# flash_attention: dq, dk, dv
+
+ATTN_SHAPES = [(1, 2, 50, 64), (3, 1, 1, 72), (1, 1, 197, 80)]   # (batch, heads, tokens, head_dim)
+ATTN_FULL = [(b, 2, n, hd) for b in (1, 3) for n in (1, 50, 197, 257) for hd in (64, 72, 80)]
+
+
+def _attention(shape, dtype, kv_tokens=None):
+    B, H, N, D = shape
+    M = N if kv_tokens is None else kv_tokens
+    check_grads(vk.flash_attention, R.flash_attention,
+                dict(q=rnd(B, H, N, D), k=rnd(B, H, M, D), v=rnd(B, H, M, D)), dict(scale=D ** -0.5), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", ATTN_SHAPES, ids=_id)
+def test_flash_attention_grads(shape, dtype):
+    _attention(shape, dtype)
+
+
+def test_flash_attention_grads_cross_lengths():
+    """q and k/v token counts differ (partial tiles on both sides)."""
+    _attention((2, 1, 17, 64), torch.float32, kv_tokens=41)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", ATTN_FULL, ids=_id)
+def test_flash_attention_grads_full(shape, dtype):
+    _attention(shape, dtype)
+
+
+# Known limit, not tested: float32 with one key 100 above the rest ("last"). P is then exactly one-hot
+# in fp32, so plain PyTorch's dq is exactly 0 there, while FlashAttention-2's delta = rowsum(dO * O)
+# differs from the tile's dO . v_last in its last bits (another summation order), and |k| = 100 turns
+# that into |dq| ~2.4e-5 (bound: the floor, 1e-5). Taking delta from P instead (as fp16/bf16 do) fixes
+# that case but misses "rising" and "alternating" in fp32 by ~30x (measured 2026-11-26).
+HARD_CASES = [("rising", torch.float32), ("alternating", torch.float32),
+              ("rising", torch.float16), ("alternating", torch.float16), ("last", torch.float16)]
+
+
+@pytest.mark.parametrize("pattern, dtype", HARD_CASES, ids=_id)
+def test_flash_attention_grads_scores_hundreds_apart(pattern, dtype):
+    """Scores that differ by hundreds between key tiles (and one dominant last key): the backward
+    recomputes P = exp(S - LSE) per tile from the saved LSE, which must hold whatever the tiling."""
+    B, H, N, D = 1, 2, 70, 64
+    j = torch.arange(N, dtype=torch.float64)
+    offsets = {"rising": -300 + 600 * torch.div(j, 16, rounding_mode="floor") / ((N - 1) // 16),
+               "alternating": 300 * (1 - 2 * (torch.div(j, 16, rounding_mode="floor") % 2)),
+               "last": torch.where(j == N - 1, 100.0, 0.0)}[pattern]
+    q, k = rnd(B, H, N, D), rnd(B, H, N, D)
+    q[..., 0], k[..., 0] = 1 / D ** -0.5, offsets
+    check_grads(vk.flash_attention, R.flash_attention, dict(q=q, k=k, v=rnd(B, H, N, D)), dict(scale=D ** -0.5),
+                dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# qkv_attention (split path): LayerNorm, QKV projection, attention
+
+QKV_CASES = [(1, 50, 2, 64, True), (3, 1, 1, 72, False), (1, 17, 1, 80, True)]   # (B, N, heads, head_dim, LayerNorm)
+QKV_FULL = [(b, n, 2, hd, True) for b in (1, 3) for n in (1, 50, 197, 257) for hd in (64, 72, 80)]
+
+
+def _qkv(case, dtype):
+    B, N, H, hd, norm = case
+    dim = H * hd
+    tensors = dict(x=rnd(B, N, dim), qkv_weight=rnd(3 * dim, dim, scale=dim ** -0.5), qkv_bias=rnd(3 * dim),
+                   norm_weight=rnd(dim) if norm else None, norm_bias=rnd(dim) if norm else None)
+    check_grads(vk.qkv_attention, R.qkv_attention, tensors, dict(num_heads=H, eps=1e-5), dtype)
+    assert vk.last_decision("qkv_attention").path == "split"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("case", QKV_CASES, ids=_id)
+def test_qkv_attention_grads(case, dtype):
+    _qkv(case, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("case", QKV_FULL, ids=_id)
+def test_qkv_attention_grads_full(case, dtype):
+    _qkv(case, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear: x, weight, bias, residual, layer scale
+
+LINEAR_CASES = [(1, 50, 72, 200, "bias+res+ls"), (3, 1, 64, 96, "plain"), (2, 17, 80, 64, "bias")]
+
+
+def _linear(case, dtype):
+    B, N, K, O, variant = case
+    tensors = dict(x=rnd(B, N, K), weight=rnd(O, K, scale=K ** -0.5), bias=rnd(O) if "bias" in variant else None,
+                   residual=rnd(B, N, O) if "res" in variant else None,
+                   layer_scale=rnd(O, scale=0.5) if "ls" in variant else None)
+    check_grads(vk.linear, R.linear, tensors, {}, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=_id)
+def test_linear_grads(case, dtype):
+    _linear(case, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("case", [(b, n, 192, 192, "bias+res+ls") for b in (1, 3) for n in (1, 50, 197, 257)],
+                         ids=_id)
+def test_linear_grads_full(case, dtype):
+    _linear(case, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# layernorm_gelu_mlp: LayerNorm, fc1 + GELU, fc2, residual, layer scale
+
+MLP_CASES = [(1, 50, 64, 128, "norm+res+ls", "none"), (3, 1, 72, 96, "norm", "tanh"), (1, 17, 48, 80, "plain", "none")]
+
+
+def _mlp(case, dtype):
+    B, N, dim, hidden, variant, approximate = case
+    norm = "norm" in variant
+    tensors = dict(x=rnd(B, N, dim), norm_weight=rnd(dim) if norm else None, norm_bias=rnd(dim) if norm else None,
+                   fc1_weight=rnd(hidden, dim, scale=dim ** -0.5), fc1_bias=rnd(hidden),
+                   fc2_weight=rnd(dim, hidden, scale=hidden ** -0.5), fc2_bias=rnd(dim),
+                   residual=rnd(B, N, dim) if "res" in variant else None,
+                   layer_scale=rnd(dim, scale=0.5) if "ls" in variant else None)
+    check_grads(vk.layernorm_gelu_mlp, R.layernorm_gelu_mlp, tensors, dict(eps=1e-5, approximate=approximate), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("case", MLP_CASES, ids=_id)
+def test_layernorm_gelu_mlp_grads(case, dtype):
+    _mlp(case, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("case", [(b, n, 128, 512, "norm+res+ls", a) for b in (1, 3) for n in (1, 50, 197, 257)
+                                  for a in ("none", "tanh")], ids=_id)
+def test_layernorm_gelu_mlp_grads_full(case, dtype):
+    _mlp(case, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# patch_embed: images, weight, bias, position embedding, class token
+
+PATCH_CASES = [(1, 3, 32, 32, 16, 64, True), (3, 3, 24, 16, 8, 72, False), (2, 1, 14, 14, 7, 80, True)]
+# (batch, channels, H, W, patch, dim, class token)
+
+
+def _patch(case, dtype, pos_shape="1td"):
+    B, C, H, W, p, dim, cls = case
+    T = (1 if cls else 0) + (H // p) * (W // p)
+    tensors = dict(images=rnd(B, C, H, W), weight=rnd(dim, C, p, p, scale=(C * p * p) ** -0.5), bias=rnd(dim),
+                   pos_embed=rnd(1, T, dim) if pos_shape == "1td" else rnd(T, dim),
+                   cls_token=rnd(1, 1, dim) if cls else None)
+    check_grads(vk.patch_embed, R.patch_embed, tensors, dict(patch_size=p), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("case", PATCH_CASES, ids=_id)
+def test_patch_embed_grads(case, dtype):
+    _patch(case, dtype)
+
+
+def test_patch_embed_grads_2d_pos_embed():
+    _patch((2, 3, 16, 16, 8, 64, True), torch.float32, pos_shape="td")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("case", [(b, 3, 224, 224, 16, 192, True) for b in (1, 3)]
+                         + [(b, 3, 112, 112, 16, 192, c) for b in (1, 3) for c in (False, True)], ids=_id)
+def test_patch_embed_grads_full(case, dtype):
+    _patch(case, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradcheck in float64: each backward function of vit_kernels.autograd (backend="triton") against
+# finite differences of the float64 oracle. The kernels take float64 (fp64 accumulators, "ieee"
+# dots); the forward kernels do not, so the forward here is the oracle and the saved tensors (row
+# log-sum-exp, LayerNorm statistics, hidden activations) are computed from it in float64.
+
+def _gradcheck(forward, backward, inputs):
+    """forward(*inputs) -> (out, saved); backward(grad, inputs, saved, needs) -> input gradients."""
+
+    class Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *ts):
+            out, ctx.saved = forward(*ts)
+            ctx.ts = ts
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            return tuple(backward(grad, ctx.ts, ctx.saved, ctx.needs_input_grad))
+
+    leaves = [t.requires_grad_() if t is not None else None for t in inputs]
+    assert torch.autograd.gradcheck(Fn.apply, leaves, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+def _stats(x, eps):
+    mean = x.mean(-1)
+    return mean.contiguous(), (1.0 / torch.sqrt(((x - mean[:, None]) ** 2).mean(-1) + eps)).contiguous()
+
+
+def test_gradcheck_flash_attention():
+    scale = 0.3
+
+    def forward(q, k, v):
+        s = (q @ k.transpose(-2, -1)) * scale
+        return R.flash_attention(q, k, v, scale=scale), torch.logsumexp(s, -1).contiguous()
+
+    def backward(g, ts, lse, needs):
+        return vk_autograd.flash_attention_backward(g, *ts, R.flash_attention(*ts, scale=scale), lse, scale=scale)
+
+    _gradcheck(forward, backward, [rnd(1, 2, 5, 16), rnd(1, 2, 7, 16), rnd(1, 2, 7, 16)])
+
+
+def test_gradcheck_layernorm():
+    eps = 1e-5
+
+    def forward(x, w, b):
+        return R.layer_norm(x, w, b, eps), _stats(x.detach(), eps)
+
+    def backward(g, ts, stats, needs):
+        return vk_autograd.layernorm_backward(g, ts[0], *stats, ts[1], ts[2], needs=needs)
+
+    _gradcheck(forward, backward, [rnd(6, 24), rnd(24), rnd(24)])
+
+
+def test_gradcheck_linear():
+    def forward(x, w, b, res, ls):
+        return R.linear(x, w, b, residual=res, layer_scale=ls), None
+
+    def backward(g, ts, saved, needs):
+        x, w, b, res, ls = ts
+        return vk_autograd.linear_backward(g, x, w, b, ls, needs=needs)
+
+    _gradcheck(forward, backward, [rnd(2, 5, 16), rnd(24, 16), rnd(24), rnd(2, 5, 24), rnd(24)])
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gradcheck_layernorm_gelu_mlp(approximate):
+    eps = 1e-5
+
+    def forward(x, nw, nb, w1, b1, w2, b2, res, ls):
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        hidden = R.gelu(R.linear(R.layer_norm(x2, nw.detach(), nb.detach(), eps), w1.detach(), b1.detach()),
+                        approximate)
+        out = R.layernorm_gelu_mlp(x, nw, nb, w1, b1, w2, b2, eps=eps, approximate=approximate, residual=res,
+                                   layer_scale=ls)
+        return out, (hidden.contiguous(), _stats(x2, eps))
+
+    def backward(g, ts, saved, needs):
+        x, nw, nb, w1, b1, w2, b2, res, ls = ts
+        return vk_autograd.layernorm_gelu_mlp_backward(g, x, nw, nb, w1, b1, w2, b2, ls, hidden=saved[0],
+                                                       stats=saved[1], eps=eps, approximate=approximate, needs=needs)
+
+    _gradcheck(forward, backward, [rnd(1, 5, 16), rnd(16), rnd(16), rnd(24, 16), rnd(24), rnd(16, 24), rnd(16),
+                                   rnd(1, 5, 16), rnd(16)])
+
+
+def test_gradcheck_qkv_attention():
+    eps, H, hd, B, N = 1e-5, 2, 16, 1, 5
+    dim = H * hd
+    scale = hd ** -0.5
+
+    def forward(x, w, b, nw, nb):
+        xd = [t.detach() for t in (x, w, b, nw, nb)]
+        h = R.layer_norm(xd[0], xd[3], xd[4], eps)
+        qkv = R.linear(h, xd[1], xd[2]).reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).contiguous()
+        qkv[0] *= scale
+        s = qkv[0] @ qkv[1].transpose(-2, -1)
+        out = R.qkv_attention(x, w, b, num_heads=H, norm_weight=nw, norm_bias=nb, eps=eps)
+        saved = (qkv, out.detach().contiguous(), torch.logsumexp(s, -1).contiguous(), _stats(xd[0].reshape(-1, dim), eps))
+        return out, saved
+
+    def backward(g, ts, saved, needs):
+        qkv, out, lse, stats = saved
+        return vk_autograd.qkv_attention_backward(g, *ts, num_heads=H, scale=scale, eps=eps, qkv=qkv, out=out,
+                                                  lse=lse, stats=stats, needs=needs)
+
+    _gradcheck(forward, backward, [rnd(B, N, dim), rnd(3 * dim, dim, scale=0.2), rnd(3 * dim), rnd(dim), rnd(dim)])
+
+
+def test_gradcheck_patch_embed():
+    p = 4
+
+    def forward(images, w, b, pos, cls):
+        return R.patch_embed(images, w, b, patch_size=p, pos_embed=pos, cls_token=cls), None
+
+    def backward(g, ts, saved, needs):
+        return vk_autograd.patch_embed_backward(g, *ts, patch_size=p, needs=needs)
+
+    _gradcheck(forward, backward, [rnd(2, 2, 8, 4), rnd(16, 2, p, p), rnd(16), rnd(1, 3, 16), rnd(1, 1, 16)])
+
+
+# ---------------------------------------------------------------------------------------------
+# torch backend of the gradient functions: the same gradients from the torch path
+
+def test_torch_backend_of_the_gradient_functions_matches_the_oracle():
+    x, w, b, ls = rnd(2, 5, 16), rnd(24, 16), rnd(24), rnd(24)
+    g = rnd(2, 5, 24)
+    got = vk_autograd.linear_backward(g, x, w, b, ls, backend="torch")
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, ls)]
+    R.linear(leaves[0], leaves[1], leaves[2], layer_scale=leaves[3]).backward(g)
+    for name, a, leaf in zip(("x", "weight", "bias", "layer_scale"), (got[0], got[1], got[2], got[4]), leaves):
+        assert_close(a, leaf.grad, name=f"d{name}")
+    assert got[3] is g
+    with pytest.raises(ValueError, match="backend: expected one of .* got 'cuda'"):
+        vk_autograd.linear_backward(g, x, w, b, ls, backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch under autograd
+
+def _qkv_inputs():
+    x = rnd(1, 5, 32, dtype=torch.float32).requires_grad_()
+    return x, rnd(96, 32, dtype=torch.float32)
+
+
+def test_auto_keeps_torch_for_gradients_and_says_why():
+    x, w = _qkv_inputs()
+    vk.qkv_attention(x, w, num_heads=2).sum().backward()
+    d = vk.last_decision("qkv_attention")
+    assert d.backend == "torch" and d.requested == "auto"
+    assert "gradients are required" in d.reasons["triton"] and "backend='triton'" in d.reasons["triton"]
+    assert "forward-only" in d.reasons["cuda"]
+    assert x.grad is not None
+
+
+def test_explicit_cuda_under_autograd_raises_before_any_launch():
+    x, w = _qkv_inputs()
+    with pytest.raises(RuntimeError, match=r"qkv_attention: backend='cuda' cannot serve this call: gradients are "
+                                           r"required .* use backend='triton' or 'torch'"):
+        vk.qkv_attention(x, w, num_heads=2, backend="cuda")
+
+
+def test_single_kernel_path_under_autograd_is_refused():
+    x, w = _qkv_inputs()
+    with pytest.raises(ValueError, match="path: 'single_kernel' keeps neither"):
+        vk.qkv_attention(x, w, num_heads=2, backend="triton", path="single_kernel")
+
+
+@pytest.mark.parametrize("op", ["linear", "patch_embed"])
+def test_triton_without_grad_runs_the_forward_kernel_only(op):
+    """No tensor requires grad: no autograd Function (the output has no grad_fn)."""
+    if op == "linear":
+        out = vk.linear(rnd(2, 3, 16, dtype=torch.float32), rnd(8, 16, dtype=torch.float32), backend="triton")
+    else:
+        out = vk.patch_embed(rnd(1, 3, 8, 8, dtype=torch.float32), rnd(16, 3, 4, 4, dtype=torch.float32),
+                             patch_size=4, backend="triton")
+    assert out.grad_fn is None and vk.last_decision(op).backend == "triton"
+
+
+def test_only_the_needed_gradients_are_computed():
+    """A frozen weight (requires_grad False) gets no gradient; the rest match the oracle."""
+    x, w, b = rnd(2, 5, 16), rnd(24, 16), rnd(24)
+    xs = x.float().requires_grad_()
+    bs = b.float().requires_grad_()
+    ws = w.float()
+    vk.linear(xs, ws, bs, backend="triton").backward(torch.ones(2, 5, 24))
+    assert ws.grad is None
+    leaves = [t.clone().requires_grad_() for t in (x, b)]
+    R.linear(leaves[0], w, leaves[1]).backward(torch.ones(2, 5, 24, dtype=torch.float64))
+    assert_close(xs.grad, leaves[0].grad, name="dx")
+    assert_close(bs.grad, leaves[1].grad, name="dbias")
+
+
+
+@pytest.mark.parametrize("op", ["linear", "layernorm_gelu_mlp", "qkv_attention", "flash_attention",
+                                "flash_attention_no_keys", "patch_embed"])
+def test_empty_inputs_under_autograd_get_gradients_without_a_launch(op):
+    """Zero rows (or no keys): nothing launches, the result still has a graph, gradients are zeros."""
+    f = dict(dtype=torch.float32)
+    if op == "linear":
+        leaf = rnd(0, 5, 16, **f).requires_grad_()
+        out = vk.linear(leaf, rnd(8, 16, **f), backend="triton")
+    elif op == "layernorm_gelu_mlp":
+        leaf = rnd(0, 5, 16, **f).requires_grad_()
+        out = vk.layernorm_gelu_mlp(leaf, rnd(16, **f), None, rnd(8, 16, **f), None, rnd(16, 8, **f), None,
+                                    backend="triton")
+    elif op == "qkv_attention":
+        leaf = rnd(0, 5, 32, **f).requires_grad_()
+        out = vk.qkv_attention(leaf, rnd(96, 32, **f), num_heads=2, backend="triton")
+    elif op.startswith("flash_attention"):
+        leaf = rnd(1, 1, 3, 16, **f).requires_grad_()
+        kv = rnd(1, 1, 0 if op.endswith("no_keys") else 3, 16, **f)
+        q = leaf if op.endswith("no_keys") else leaf[:, :, :0]
+        out = vk.flash_attention(q, kv, kv, backend="triton")
+    else:
+        leaf = rnd(0, 3, 8, 8, **f).requires_grad_()
+        out = vk.patch_embed(leaf, rnd(16, 3, 4, 4, **f), patch_size=4, backend="triton")
+    out.sum().backward()
+    d = vk.last_decision(op.replace("_no_keys", ""))
+    assert d.backend == "triton" and d.path in ("empty", "no_keys"), str(d)
+    assert leaf.grad is not None and torch.equal(leaf.grad, torch.zeros_like(leaf))

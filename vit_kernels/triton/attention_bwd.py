@@ -1,0 +1,327 @@
+"""Flash attention backward (non-causal) in Triton, and its plain host launcher.
+
+FlashAttention-2's backward, atomics-free, from the forward's output O and row log-sum-exp LSE
+(vit_kernels.triton.attention keeps it with ``return_lse=True``); the tokens x tokens matrix is
+recomputed tile by tile, never stored:
+
+    delta = rowsum(dO * O)                                    _attn_bwd_delta_kernel, per query tile
+                                                              (fp16/bf16: rowsum(P * dP), see below)
+    P     = exp(scale * Q K^T - LSE)
+    dV    = P^T dO,   dK = scale * dS^T Q                     _attn_bwd_dkdv_kernel, per key tile
+    dS    = P * (dO V^T - delta)                              (walks every query tile)
+    dQ    = scale * dS K                                      _attn_bwd_dq_kernel, per query tile
+                                                              (walks every key tile)
+
+Two kernels (dK/dV per key tile, dQ per query tile) instead of one with atomic dQ adds: every
+output is written once by one program, so results are bitwise reproducible. Any token count
+(masked tiles), head_dim a multiple of 8 from 16 to 256 (padded to the next power of two by
+masking), as the forward. Exponentials in base 2 (log2(e) folded into the scale and LSE).
+
+fp16/bf16: delta is taken as rowsum(P * dP) from the recomputed P in a first pass of the dQ kernel
+(which then runs before the dK/dV kernel), not from the stored O: O's rounding to 16 bits breaks
+rowsum(dS) = 0 and biased the sum of dK over the tokens (the K bias and the LayerNorm bias in front
+of a QKV projection) to ~6x plain PyTorch's bf16 error in a test. It costs one more pass over the keys.
+
+Precision: tiles accumulate in fp32; P and dS are rounded to the input dtype before their dots
+(as FlashAttention does for fp16/bf16). fp32 inputs use ``input_precision="tf32x3"`` as the
+forward; float64 (accepted for ``torch.autograd.gradcheck``) uses "ieee".
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import cdiv
+from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
+from .attention import LOG2E, block_d, check_aligned, check_head_dim
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The tl.dot precision of the backward kernels for inputs of ``dtype``."""
+    return "ieee" if dtype == torch.float64 else "tf32x3"
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO, DELTA,                          # O, DO: (B, H, NQ, D); DELTA: (B, H, NQ) fp32 out
+    stride_ob, stride_oh, stride_on,
+    stride_gb, stride_gh, stride_gn,       # strides of DO
+    H, NQ,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < NQ)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = offs_m.to(tl.int64)
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_gb + h * stride_gh + rows[:, None] * stride_gn + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * NQ + offs_m, tl.sum(o * do, axis=1), mask=offs_m < NQ)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,       # Q, DO: (B, H, NQ, D); K, V, DK, DV: (B, H, NKV, D); LSE, DELTA: (B, H, NQ) fp32
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_gb, stride_gh, stride_gn,       # strides of DO
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    H, NQ, NKV,
+    qk_scale,                              # scale * log2(e)
+    scale,                                 # the softmax scale (dK = scale * dS^T Q)
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,   # fp32 accumulators, fp64 for float64 inputs
+):
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < NKV
+    mask_d = offs_d < HEAD_DIM
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    n64 = offs_n.to(tl.int64)
+    k = tl.load(K + b * stride_kb + h * stride_kh + n64[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + n64[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_gb + h * stride_gh
+    row_base = pid_bh.to(tl.int64) * NQ
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    for start_m in range(0, NQ, BLOCK_M):
+        offs_m = start_m + offs_m0
+        mask_m = offs_m < NQ
+        q_mask = mask_m[:, None] & mask_d[None, :]
+        m64 = offs_m.to(tl.int64)
+        q = tl.load(q_base + m64[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_base + m64[:, None] * stride_gn + offs_d[None, :], mask=q_mask, other=0.0)
+        lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale      # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(s - lse[:, None])
+        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
+    dk = dk * scale
+    tl.store(DK + b * stride_dkb + h * stride_dkh + n64[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + h * stride_dvh + n64[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,           # Q, DO, DQ: (B, H, NQ, D); K, V: (B, H, NKV, D); LSE, DELTA: (B, H, NQ) fp32
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_gb, stride_gh, stride_gn,       # strides of DO
+    stride_dqb, stride_dqh, stride_dqn,
+    H, NQ, NKV,
+    qk_scale,                              # scale * log2(e)
+    dq_scale,                              # the softmax scale times the caller's extra factor
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,   # fp32 accumulators, fp64 for float64 inputs
+    DELTA_FROM_P: tl.constexpr,            # compute (and store) delta here instead of reading it
+):
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < NQ
+    mask_d = offs_d < HEAD_DIM
+    q_mask = mask_m[:, None] & mask_d[None, :]
+    m64 = offs_m.to(tl.int64)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + m64[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + b * stride_gb + h * stride_gh + m64[:, None] * stride_gn + offs_d[None, :],
+                 mask=q_mask, other=0.0)
+    row_base = pid_bh.to(tl.int64) * NQ
+    lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    if DELTA_FROM_P:
+        # delta = rowsum(P * dP) from the recomputed P, not rowsum(dO * O): O was rounded to fp16/bf16,
+        # and that rounding breaks rowsum(dS) = 0, which biases sums of dK (a bias or LayerNorm gradient
+        # upstream) well past plain PyTorch's error. One more pass over the keys; stored for the dK/dV kernel.
+        delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start_n in range(0, NKV, BLOCK_N):
+            offs_n = start_n + offs_n0
+            mask_n = offs_n < NKV
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            n64 = offs_n.to(tl.int64)
+            k = tl.load(k_base + n64[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + n64[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+            p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale - lse[:, None])
+            p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+            delta += tl.sum(p * tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION), axis=1)
+        tl.store(DELTA + row_base + offs_m, delta, mask=mask_m)
+    else:
+        delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    for start_n in range(0, NKV, BLOCK_N):
+        offs_n = start_n + offs_n0
+        mask_n = offs_n < NKV
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        n64 = offs_n.to(tl.int64)
+        k = tl.load(k_base + n64[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + n64[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+    dq = dq * dq_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + m64[:, None] * stride_dqn + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# (is half precision, BLOCK_D) -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for both kernels. Not timed
+# on a GPU. aot_specs() lists every launch; compiled ahead of time for sm_80/sm_90 at head_dim 64
+# (2026-11-26): no spills except the fp16/bf16 dK/dV kernel on sm_80 (8 bytes); fp32 took 8 warps to
+# stop spilling (4 warps: 80-96 bytes). Not yet in inspect's TRITON_MODULES: its 49 specs on two archs
+# would add minutes of compiling to test_inspect, whose no-spill check the sm_80 dK/dV spill fails.
+_CONFIGS = {
+    (True, 16): (64, 64, 4, 2), (True, 32): (64, 64, 4, 2), (True, 64): (64, 64, 4, 2),
+    (True, 128): (64, 32, 8, 2), (True, 256): (32, 32, 8, 1),
+    (False, 16): (32, 32, 4, 1), (False, 32): (32, 32, 4, 1), (False, 64): (32, 32, 8, 1),
+    (False, 128): (32, 16, 4, 1), (False, 256): (16, 16, 8, 1),
+}
+DELTA_BLOCK_M = 64
+
+
+def kernel_config(dtype: torch.dtype, head_dim: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV and dQ kernels."""
+    return _CONFIGS[(dtype in (torch.float16, torch.bfloat16), block_d(head_dim))]
+
+
+def _check(name: str, t: Tensor, shape, ref: Tensor) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype != ref.dtype or t.device != ref.device:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} on {ref.device} (those of q), got {t.dtype} on {t.device}")
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name}: expected a unit stride in the last dim (head_dim), got strides {t.stride()}")
+
+
+def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                             scale: float, *, dq_scale: float = 1.0, dq: Optional[Tensor] = None,
+                             dk: Optional[Tensor] = None, dv: Optional[Tensor] = None,
+                             attention_config: Optional[Tuple[int, int, int, int]] = None
+                             ) -> Tuple[Tensor, Tensor, Tensor]:
+    """dQ, dK, dV of out = softmax(scale * q k^T) v, from the forward's out and row log-sum-exp.
+
+    grad_out, q, out: (batch, heads, q_tokens, head_dim); k, v: (batch, heads, kv_tokens, head_dim);
+    lse: (batch, heads, q_tokens) fp32, natural log (flash_attention_forward(..., return_lse=True));
+    float64 q may pass a float64 lse (gradcheck).
+    Any strides with a unit last-dim stride; float32, float16, bfloat16 or float64 (float64 for
+    gradcheck; the forward kernel does not take it). dq_scale: an extra factor on dQ (the split
+    qkv_attention path attends with a pre-scaled q' = scale * q, so it asks for dq * scale).
+    dq, dk, dv: optional outputs of those shapes (any strides, unit last-dim stride) written in
+    place, e.g. views of one (batch, tokens, 3, heads, head_dim) buffer. Returns (dq, dk, dv) in
+    q's dtype. kv_tokens 0: dq zeros (the forward gave zeros).
+    """
+    if q.dim() != 4:
+        raise ValueError(f"q: expected a 4-D tensor (batch, heads, tokens, head_dim), got shape {tuple(q.shape)}")
+    if q.dtype not in DTYPES:
+        raise TypeError(f"q: expected float32, float16, bfloat16 or float64, got {q.dtype}")
+    B, H, NQ, D = q.shape
+    NKV = k.shape[2]
+    check_head_dim(D)
+    for name, t, shape in (("k", k, (B, H, NKV, D)), ("v", v, (B, H, NKV, D)), ("out", out, q.shape),
+                           ("grad_out", grad_out, q.shape), ("q", q, q.shape)):
+        _check(name, t, shape, q)
+    lse_dtypes = (torch.float32, torch.float64) if q.dtype == torch.float64 else (torch.float32,)
+    if tuple(lse.shape) != (B, H, NQ) or lse.dtype not in lse_dtypes or not lse.is_contiguous():
+        raise ValueError(f"lse: expected a contiguous float32 tensor of shape {(B, H, NQ)} (float64 allowed for "
+                         f"float64 q), got {lse.dtype} {tuple(lse.shape)} strides {lse.stride()}")
+    outs = []
+    for name, t, shape in (("dq", dq, q.shape), ("dk", dk, k.shape), ("dv", dv, v.shape)):
+        if t is None:
+            t = torch.empty(shape, dtype=q.dtype, device=q.device)
+        else:
+            _check(name, t, shape, q)
+        outs.append(t)
+    dq, dk, dv = outs
+    if q.dtype != torch.float64:
+        for name, t in (("q", q), ("k", k), ("v", v), ("out", out), ("grad_out", grad_out)):
+            check_aligned(name, t)
+    if B * H == 0:
+        return dq, dk, dv
+    if NKV == 0:
+        return dq.zero_(), dk, dv
+    if NQ == 0:
+        return dq, dk.zero_(), dv.zero_()
+    delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
+    BD = block_d(D)
+    delta_from_p = q.dtype in (torch.float16, torch.bfloat16)
+    if not delta_from_p:
+        _attn_bwd_delta_kernel[(B * H, cdiv(NQ, DELTA_BLOCK_M))](
+            out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], H, NQ,
+            HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=DELTA_BLOCK_M, num_warps=4)
+    BLOCK_M, BLOCK_N, num_warps, num_stages = attention_config or kernel_config(q.dtype, D)
+    common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
+    meta = dict(HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, INPUT_PRECISION=dot_precision(q.dtype),
+                ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
+                num_warps=num_warps, num_stages=num_stages)
+    qk_scale = float(scale) * LOG2E
+    # dQ first: with delta_from_p it computes delta, which the dK/dV kernel reads.
+    _attn_bwd_dq_kernel[(B * H, cdiv(NQ, BLOCK_M))](
+        q, k, v, grad_out, lse, delta, dq, *common, *dq.stride()[:3],
+        H, NQ, NKV, qk_scale, float(scale) * float(dq_scale), DELTA_FROM_P=delta_from_p, **meta)
+    _attn_bwd_dkdv_kernel[(B * H, cdiv(NKV, BLOCK_N))](
+        q, k, v, grad_out, lse, delta, dk, dv, *common, *dk.stride()[:3], *dv.stride()[:3],
+        H, NQ, NKV, qk_scale, float(scale), **meta)
+    return dq, dk, dv
+
+
+# head_dim values aot_specs() records: the forward's ViT head dims plus each remaining BLOCK_D bucket.
+AOT_HEAD_DIMS = (16, 32, 64, 72, 80, 128, 256)
+
+
+def aot_specs() -> List[AotSpec]:
+    """The launches flash_attention_backward makes, recorded from the launcher on empty CPU tensors as
+    the split qkv_attention backward calls it (q, k, v views of one (3, B, H, N, head_dim) buffer;
+    dq, dk, dv views of one (B, N, 3, H, head_dim) buffer; grad_out and out merged-head views) at
+    aot.REPRESENTATIVE's batch, heads and tokens: the dQ and dK/dV kernels per dtype and head_dim,
+    and the delta kernel for fp32 (fp16/bf16 take delta from P inside the dQ kernel)."""
+    B, H, N = REPRESENTATIVE["batch"], REPRESENTATIVE["heads"], REPRESENTATIVE["tokens"]
+    specs = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for hd in AOT_HEAD_DIMS:
+            qkv = torch.empty(3, B, H, N, hd, dtype=dtype)
+            merged = torch.empty(B, N, H * hd, dtype=dtype).view(B, N, H, hd).transpose(1, 2)
+            dqkv = torch.empty(B, N, 3, H, hd, dtype=dtype)
+            lse = torch.empty(B, H, N, dtype=torch.float32)
+            call = lambda: flash_attention_backward(  # noqa: E731
+                merged, qkv[0], qkv[1], qkv[2], merged, lse, 1.0, dq_scale=hd ** -0.5,
+                dq=dqkv[:, :, 0].transpose(1, 2), dk=dqkv[:, :, 1].transpose(1, 2), dv=dqkv[:, :, 2].transpose(1, 2))
+            BLOCK_M, BLOCK_N, num_warps, num_stages = kernel_config(dtype, hd)
+            label = (f"head_dim={hd},BLOCK_D={block_d(hd)},BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},num_warps={num_warps},"
+                     f"num_stages={num_stages},{dtype_name(dtype)}")
+            shape = f"B={B},H={H},N={N},head_dim={hd},split qkv layout"
+            kernels = [("flash_attention_bwd_dq", _attn_bwd_dq_kernel), ("flash_attention_bwd_dkdv", _attn_bwd_dkdv_kernel)]
+            if dtype == torch.float32:
+                kernels.append(("flash_attention_bwd_delta", _attn_bwd_delta_kernel))
+            for name, fn in kernels:
+                specs.append(recorded_spec(name, fn, call, label, fn is not _attn_bwd_delta_kernel, shape=shape))
+    return specs

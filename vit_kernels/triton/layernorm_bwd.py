@@ -1,0 +1,185 @@
+"""LayerNorm backward in Triton (and the normalized rows the weight gradients need), with plain
+host launchers. The forward's row statistics come from vit_kernels.triton.layernorm.row_stats.
+
+For rows x of width D, xhat = (x - mean) * rstd, y = xhat * w + b, and dy:
+
+    dxhat = dy * w
+    dx    = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))     _ln_bwd_dx_kernel, per row block
+    dw    = colsum(dy * xhat),  db = colsum(dy)                         _ln_bwd_dwdb_kernel, per column
+                                                                          block and row chunk, then
+                                                                          gemm_bwd.column_sums
+Everything in fp32 (fp64 for float64 inputs, gradcheck), rounded once on the store.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import cdiv
+from .gemm_bwd import SUM_ROWS_PER_SPLIT, column_sums
+
+BLOCK_R, BLOCK_D = 8, 256
+DW_BLOCK_R, DW_BLOCK_N = 32, 64
+
+
+@triton.jit
+def _ln_apply_kernel(
+    X, MEAN, RSTD, W, B, Y,    # X, Y: (M, D) contiguous; MEAN, RSTD: (M,) fp32/fp64; W, B: (D,)
+    M, D,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < M
+    mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
+    rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        mask = rmask[:, None] & cmask[None, :]
+        off = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        y = (tl.load(X + off, mask=mask, other=0.0).to(mean.dtype) - mean[:, None]) * rstd[:, None]
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=cmask, other=0.0).to(mean.dtype)[None, :]
+        if HAS_B:
+            y = y + tl.load(B + cols, mask=cmask, other=0.0).to(mean.dtype)[None, :]
+        tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ln_bwd_dx_kernel(
+    X, DY, MEAN, RSTD, W, DX,  # X, DY, DX: (M, D) contiguous; MEAN, RSTD: (M,); W: (D,)
+    M, D,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_W: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < M
+    mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
+    rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+    row_off = rows.to(tl.int64)[:, None] * D
+    c1 = tl.zeros((BLOCK_R, BLOCK_D), dtype=mean.dtype)   # sum of dxhat * xhat
+    c2 = tl.zeros((BLOCK_R, BLOCK_D), dtype=mean.dtype)   # sum of dxhat
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        mask = rmask[:, None] & cmask[None, :]
+        xhat = (tl.load(X + row_off + cols[None, :], mask=mask, other=0.0).to(mean.dtype) - mean[:, None]) * rstd[:, None]
+        dxhat = tl.load(DY + row_off + cols[None, :], mask=mask, other=0.0).to(mean.dtype)
+        if HAS_W:
+            dxhat = dxhat * tl.load(W + cols, mask=cmask, other=0.0).to(mean.dtype)[None, :]
+        c1 += tl.where(mask, dxhat * xhat, 0.0)
+        c2 += dxhat
+    c1s = tl.sum(c1, axis=1) / D
+    c2s = tl.sum(c2, axis=1) / D
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        mask = rmask[:, None] & cmask[None, :]
+        xhat = (tl.load(X + row_off + cols[None, :], mask=mask, other=0.0).to(mean.dtype) - mean[:, None]) * rstd[:, None]
+        dxhat = tl.load(DY + row_off + cols[None, :], mask=mask, other=0.0).to(mean.dtype)
+        if HAS_W:
+            dxhat = dxhat * tl.load(W + cols, mask=cmask, other=0.0).to(mean.dtype)[None, :]
+        dx = (dxhat - c2s[:, None] - xhat * c1s[:, None]) * rstd[:, None]
+        tl.store(DX + row_off + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ln_bwd_dwdb_kernel(
+    X, DY, MEAN, RSTD, DW, DB,   # X, DY: (M, D) contiguous; DW, DB: (splits, D) partial sums
+    M, D, rows_per_split,        # rows_per_split: a multiple of BLOCK_R
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
+    cmask = cols < D
+    acc_dtype = MEAN.dtype.element_ty
+    dw = tl.zeros((BLOCK_R, BLOCK_N), dtype=acc_dtype)
+    db = tl.zeros((BLOCK_R, BLOCK_N), dtype=acc_dtype)
+    for r in range(0, rows_per_split, BLOCK_R):
+        rows = split * rows_per_split + r + tl.arange(0, BLOCK_R)
+        rmask = rows < M
+        mask = rmask[:, None] & cmask[None, :]
+        off = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+        xhat = (tl.load(X + off, mask=mask, other=0.0).to(acc_dtype) - mean[:, None]) * rstd[:, None]
+        dy = tl.load(DY + off, mask=mask, other=0.0).to(acc_dtype)
+        dw += tl.where(mask, dy * xhat, 0.0)
+        db += dy
+    out = split.to(tl.int64) * D + cols
+    tl.store(DW + out, tl.sum(dw, axis=0).to(DW.dtype.element_ty), mask=cmask)
+    tl.store(DB + out, tl.sum(db, axis=0).to(DB.dtype.element_ty), mask=cmask)
+
+
+def _check_rows(name: str, t: Tensor) -> None:
+    if t.dim() != 2 or not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous 2-D (rows, dim) tensor, got shape {tuple(t.shape)} "
+                         f"strides {t.stride()}")
+
+
+def _check_stats(x: Tensor, mean: Tensor, rstd: Tensor) -> None:
+    want = torch.float64 if x.dtype == torch.float64 else torch.float32
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if tuple(t.shape) != (x.shape[0],) or t.dtype != want or not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous {want} tensor of shape ({x.shape[0]},), got {t.dtype} "
+                             f"{tuple(t.shape)}")
+
+
+def layernorm_apply(x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """LayerNorm's output (x - mean) * rstd [* weight] [+ bias] in x's dtype, from the row statistics.
+
+    x: (M, D) contiguous; mean, rstd: (M,) fp32 (fp64 for float64 x, see layernorm.row_stats);
+    weight, bias: (D,) contiguous or None. Returns (M, D): the operand the weight gradient of the
+    GEMM after a LayerNorm reads (the forward applied it on load and never stored it).
+    """
+    _check_rows("x", x)
+    _check_stats(x, mean, rstd)
+    M, D = x.shape
+    y = torch.empty_like(x)
+    if M and D:
+        _ln_apply_kernel[(cdiv(M, BLOCK_R),)](x, mean, rstd, weight if weight is not None else x,
+                                             bias if bias is not None else x, y, M, D, BLOCK_R=BLOCK_R,
+                                             BLOCK_D=BLOCK_D, HAS_W=weight is not None, HAS_B=bias is not None,
+                                             num_warps=4)
+    return y
+
+
+def layernorm_backward(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], *,
+                       need_input: bool = True, need_weight: bool = True, need_bias: bool = True
+                       ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Gradients of y = LayerNorm(x) [* weight] [+ bias] for dy = grad.
+
+    grad, x: (M, D) contiguous; mean, rstd: (M,) the forward's statistics (fp32; fp64 for float64);
+    weight: (D,) or None. Returns (dx (M, D) in x's dtype, dweight (D,), dbias (D,)) in the
+    parameters' dtype (x's without weight), None where not needed.
+    """
+    _check_rows("grad", grad)
+    _check_rows("x", x)
+    if grad.shape != x.shape or grad.dtype != x.dtype:
+        raise ValueError(f"grad: expected {x.dtype} {tuple(x.shape)} (as x), got {grad.dtype} {tuple(grad.shape)}")
+    _check_stats(x, mean, rstd)
+    M, D = x.shape
+    dx = dw = db = None
+    if need_input:
+        dx = torch.empty_like(x)
+        if M and D:
+            _ln_bwd_dx_kernel[(cdiv(M, BLOCK_R),)](x, grad, mean, rstd, weight if weight is not None else x, dx,
+                                                  M, D, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+                                                  HAS_W=weight is not None, num_warps=4)
+    if need_weight or need_bias:
+        pdt = weight.dtype if weight is not None else x.dtype
+        splits = max(1, cdiv(M, SUM_ROWS_PER_SPLIT))
+        rows_per_split = cdiv(cdiv(M, splits), DW_BLOCK_R) * DW_BLOCK_R if M else DW_BLOCK_R
+        pw = torch.empty((splits, D), dtype=mean.dtype, device=x.device)
+        pb = torch.empty((splits, D), dtype=mean.dtype, device=x.device)
+        if D:
+            _ln_bwd_dwdb_kernel[(cdiv(D, DW_BLOCK_N), splits)](x, grad, mean, rstd, pw, pb, M, D, rows_per_split,
+                                                              BLOCK_R=DW_BLOCK_R, BLOCK_N=DW_BLOCK_N, num_warps=4)
+        if need_weight:
+            dw = column_sums(pw, splits, (0, D, 1), pdt)[1]
+        if need_bias:
+            db = column_sums(pb, splits, (0, D, 1), pdt)[1]
+    return dx, dw, db
