@@ -118,8 +118,9 @@ def test_schemas_name_every_op():
 
 @pytest.mark.parametrize("op", OPS)
 def test_public_function_runs_the_custom_op(op, monkeypatch):
-    """Without autograd the public function is the custom op (one dispatcher call); with an input
-    requiring grad it runs the torch path directly and the decision says why."""
+    """Without autograd the public function runs the op's implementation once; with an input requiring
+    grad (eager) it runs the implementation too, which keeps PyTorch's autograd path for auto and says so,
+    never the custom op's recomputing backward."""
     called = []
     real = library.IMPLS[op]
     monkeypatch.setitem(library.IMPLS, op, lambda *a: called.append(op) or real(*a))
@@ -136,19 +137,26 @@ def test_public_function_runs_the_custom_op(op, monkeypatch):
         out = call(args)
     assert called == [op] and backends.last_decision(op).backend == "torch"
     grad_args = inputs(op, "vit", torch.float32, "torch", requires_grad=True)
+    calls = {"n": 0}
+    monkeypatch.setitem(library.BACKWARDS, op, lambda *a: calls.update(n=calls["n"] + 1))
     out2 = call(grad_args)
-    assert called == [op], "the autograd call went through the custom op"
+    assert called == [op, op], "the autograd call did not run the op's implementation"
     assert out2.requires_grad and backends.last_decision(op).backend == "torch"
+    out2.sum().backward()
+    assert calls["n"] == 0, "the eager autograd call went through the custom op's backward"
     assert_close(out2, out.double(), out, name=op)
 
 
-def test_explicit_backend_with_gradients_says_torch_ran():
-    """backend='triton' with an input requiring grad: the torch path, and last_decision says why
-    (the kernels are forward-only), as before the ops were custom ops."""
+def test_explicit_backend_with_gradients():
+    """An input requiring grad: backend='triton' runs the Triton forward and backward kernels (the
+    decision says triton, the graph holds vit_kernels.autograd's function); backend='cuda' (forward-only
+    kernels) raises naming why, before any launch."""
     args = inputs("linear", "vit", torch.float32, "triton", requires_grad=True)
-    vk.linear(args[0], args[1], args[2], residual=args[3], layer_scale=args[4], backend="triton")
-    d = backends.last_decision("linear")
-    assert d.backend == "torch" and "gradients are required" in d.reasons["triton"], str(d)
+    out = vk.linear(args[0], args[1], args[2], residual=args[3], layer_scale=args[4], backend="triton")
+    assert backends.last_decision("linear").backend == "triton"
+    assert "vit_kernels.autograd" in type(out.grad_fn).__module__ or "Linear" in type(out.grad_fn).__name__, out.grad_fn
+    with pytest.raises(RuntimeError, match=r"^linear: backend='cuda' cannot serve this call: gradients are required"):
+        vk.linear(args[0], args[1], args[2], residual=args[3], layer_scale=args[4], backend="cuda")
 
 
 def test_fake_implementation_raises_the_eager_error():
