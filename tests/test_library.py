@@ -75,7 +75,7 @@ TRITON = pytest.mark.skipif(backends.triton_unavailable(DEVICE) is not None,
                             reason=str(backends.triton_unavailable(DEVICE)))
 # backend torch: every shape and dtype; triton (the interpreter on a CPU, slow): float32, the ViT shape
 CASES = [(shape, dtype, "torch") for shape in SHAPES for dtype in (torch.float32, torch.float16)] + \
-    [pytest.param("vit", torch.float32, "triton", marks=TRITON)]
+    [("vit", torch.bfloat16, "torch"), pytest.param("vit", torch.float32, "triton", marks=TRITON)]
 
 
 @pytest.mark.parametrize("shape, dtype, backend", CASES)
@@ -87,7 +87,7 @@ def test_opcheck(op, shape, dtype, backend):
     torch.library.opcheck(getattr(torch.ops.vit_kernels, op).default, args)
 
 
-@pytest.mark.parametrize("dtype, backend", [(torch.float32, "torch"), (torch.float16, "torch"),
+@pytest.mark.parametrize("dtype, backend", [(torch.float32, "torch"), (torch.float16, "torch"), (torch.bfloat16, "torch"),
                                             pytest.param(torch.float32, "triton", marks=TRITON)])
 @pytest.mark.parametrize("op", OPS)
 def test_custom_op_output_and_backward_against_oracle(op, dtype, backend):
