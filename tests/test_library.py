@@ -171,6 +171,11 @@ def test_bad_scalar_named_before_the_dispatcher():
         vk.qkv_attention(args[0], args[1], num_heads=True)
     with pytest.raises(ValueError, match=r"^backend: expected one of"):
         vk.qkv_attention(args[0], args[1], num_heads=2, backend="gpu")
+    grad_args = inputs("qkv_attention", "vit", torch.float32, "torch", requires_grad=True)
+    with pytest.raises(ValueError, match=r"^path: expected one of"):   # the autograd route checks them too
+        vk.qkv_attention(grad_args[0], grad_args[1], num_heads=2, path="fast")
+    with pytest.raises(ValueError, match=r"^tune: expected one of"):
+        vk.qkv_attention(grad_args[0], grad_args[1], num_heads=2, tune="always")
 
 
 def test_modes_and_tracers_see_the_custom_op():

@@ -305,9 +305,8 @@ def run(op: str, args: Sequence):
     if symbolic(args[0]):
         return getattr(torch.ops.vit_kernels, op)(*_scalars(op, args))
     if backends._needs_grad(tensors):
-        backends.check_backend(args[-2])
-        tuning.check_mode(args[-1])
-        out = TORCH_PATHS[op](*args)   # checks the other arguments
+        args = _scalars(op, args)
+        out = TORCH_PATHS[op](*args)   # checks the tensors
         if not torch.compiler.is_compiling():
             backends.resolve(op, args[-2], tensors)   # records the torch decision and why
         return out
