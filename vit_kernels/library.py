@@ -10,8 +10,9 @@ Each op in vit_kernels/ops/ is one custom op with
 - a backward (``register_autograd``), one function per op (``_<op>_backward``). For now each
   recomputes the op's plain PyTorch path and takes its vector-Jacobian product (torch.func.vjp).
 
-Every output is a new contiguous tensor (what the fake implementation promises the compiler): a
-backend whose result has other strides (SDPA's on some devices) is copied once.
+Every output of the registered op is a new contiguous tensor (what the fake implementation promises
+the compiler): a backend whose result has other strides (SDPA's on some devices) is copied once
+there. A plain eager call returns the backend's result as it is.
 
 The public functions (``vit_kernels.ops.flash_attention`` etc.) call :func:`run`: with autograd
 recording (an input requires grad), the fused kernels being forward-only, they run the plain
@@ -311,7 +312,8 @@ def run(op: str, args: Sequence):
             backends.resolve(op, args[-2], tensors)   # records the torch decision and why
         return out
     if _plain_eager(tensors):
-        return _implementation(op, args)   # checks every argument
+        return IMPLS[op](*args)   # checks every argument; strides as the backend made them (no tracer holds
+        #                           the fake's contiguous promise), so no copy of SDPA's output in eager
     return getattr(torch.ops.vit_kernels, op)(*_scalars(op, args))
 
 
