@@ -238,6 +238,25 @@ def test_export_reference(grad):
     check_against_unfused(out, model, x, f"exported reference (grad={grad})")
 
 
+def test_export_and_compile_with_a_dynamic_batch():
+    """torch.export with a symbolic batch dim runs other batch sizes; torch.compile's automatic
+    dynamic shapes (a second batch size recompiles once, with a symbolic batch) stay one graph each.
+    Known limit: torch.compile(dynamic=True) makes eps a symbolic float that the argument checks
+    cannot read; set torch._dynamo.config.specialize_float = True there."""
+    model = build("reference").to(DEVICE)
+    m = fused(model, "torch")
+    with torch.no_grad():
+        ep = torch.export.export(m, (images(),), dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
+        torch._dynamo.reset()
+        rec = Recorder()
+        compiled = torch.compile(m, fullgraph=True, backend=rec)
+        for batch in (1, 2, 3):
+            x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch)).to(DEVICE)
+            check_against_unfused(ep.module()(x), model, x, f"exported, batch {batch}")
+            check_against_unfused(compiled(x), model, x, f"compiled, batch {batch}")
+    assert len(rec.graphs) == 2 and all(len(vk_targets(g)) == OPS_IN_GRAPH["reference"] for g in rec.graphs)
+
+
 # ----------------------------------------------------------------------------- TorchScript
 @pytest.mark.parametrize("family", ["reference", "timm"])
 def test_torchscript_script_refused_in_one_sentence_trace_works(family):

@@ -75,7 +75,7 @@ TRITON = pytest.mark.skipif(backends.triton_unavailable(DEVICE) is not None,
                             reason=str(backends.triton_unavailable(DEVICE)))
 # backend torch: every shape and dtype; triton (the interpreter on a CPU, slow): float32, the ViT shape
 CASES = [(shape, dtype, "torch") for shape in SHAPES for dtype in (torch.float32, torch.float16)] + \
-    [pytest.param("vit", torch.float32, "triton", marks=TRITON)]
+    [("vit", torch.bfloat16, "torch"), pytest.param("vit", torch.float32, "triton", marks=TRITON)]
 
 
 @pytest.mark.parametrize("shape, dtype, backend", CASES)
@@ -87,7 +87,7 @@ def test_opcheck(op, shape, dtype, backend):
     torch.library.opcheck(getattr(torch.ops.vit_kernels, op).default, args)
 
 
-@pytest.mark.parametrize("dtype, backend", [(torch.float32, "torch"), (torch.float16, "torch"),
+@pytest.mark.parametrize("dtype, backend", [(torch.float32, "torch"), (torch.float16, "torch"), (torch.bfloat16, "torch"),
                                             pytest.param(torch.float32, "triton", marks=TRITON)])
 @pytest.mark.parametrize("op", OPS)
 def test_custom_op_output_and_backward_against_oracle(op, dtype, backend):
@@ -179,6 +179,11 @@ def test_bad_scalar_named_before_the_dispatcher():
         vk.qkv_attention(args[0], args[1], num_heads=True)
     with pytest.raises(ValueError, match=r"^backend: expected one of"):
         vk.qkv_attention(args[0], args[1], num_heads=2, backend="gpu")
+    grad_args = inputs("qkv_attention", "vit", torch.float32, "torch", requires_grad=True)
+    with pytest.raises(ValueError, match=r"^path: expected one of"):   # the autograd route checks them too
+        vk.qkv_attention(grad_args[0], grad_args[1], num_heads=2, path="fast")
+    with pytest.raises(ValueError, match=r"^tune: expected one of"):
+        vk.qkv_attention(grad_args[0], grad_args[1], num_heads=2, tune="always")
 
 
 def test_modes_and_tracers_see_the_custom_op():

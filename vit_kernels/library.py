@@ -10,15 +10,16 @@ Each op in vit_kernels/ops/ is one custom op with
 - a backward (``register_autograd``), one function per op (``_<op>_backward``). For now each
   recomputes the op's plain PyTorch path and takes its vector-Jacobian product (torch.func.vjp).
 
-Every output is a new contiguous tensor (what the fake implementation promises the compiler): a
-backend whose result has other strides (SDPA's on some devices) is copied once.
+Every output of the registered op is a new contiguous tensor (what the fake implementation promises
+the compiler): a backend whose result has other strides (SDPA's on some devices) is copied once
+there. A plain eager call returns the backend's result as it is.
 
 The public functions (``vit_kernels.ops.flash_attention`` etc.) call :func:`run`: with autograd
 recording (an input requires grad) in eager mode they run the op's implementation, which takes
 Triton's forward and backward kernels for backend "triton" (vit_kernels.autograd), PyTorch's
 autograd path for "torch" and "auto", and raises for "cuda" (forward-only kernels); under
-torch.compile they run the plain PyTorch path, which the compiler traces op by op; a plain eager call runs the op's implementation without the dispatcher's Python round
-trip; anything that traces or intercepts gets the custom op. Under ``torch.fx.symbolic_trace``
+torch.compile they run the plain PyTorch path, which the compiler traces op by op; a plain eager
+call runs the op's implementation without the dispatcher's Python round trip; anything that traces or intercepts gets the custom op. Under ``torch.fx.symbolic_trace``
 (tensors are ``fx.Proxy``) they record the custom op as one node whatever the grad mode: the graph
 then runs the op and its backward above.
 
@@ -315,16 +316,16 @@ def run(op: str, args: Sequence):
     if symbolic(args[0]):
         return getattr(torch.ops.vit_kernels, op)(*_scalars(op, args))
     if backends.needs_grad(tensors):
+        args = _scalars(op, args)   # path, approximate, tune, ... checked as the op does
         if not torch.compiler.is_compiling():
             # eager autograd: the op's implementation decides (recorded): backend "triton" runs the
             # forward and backward kernels (vit_kernels.autograd), "torch" / "auto" PyTorch's autograd
             # path, "cuda" raises (forward-only kernels)
             return IMPLS[op](*args)
-        backends.check_backend(args[-2])
-        tuning.check_mode(args[-1])
-        return TORCH_PATHS[op](*args)   # traced by the compiler op by op; checks the other arguments
+        return TORCH_PATHS[op](*args)   # traced by the compiler op by op; checks the tensors
     if _plain_eager(tensors):
-        return _implementation(op, args)   # checks every argument
+        return IMPLS[op](*args)   # checks every argument; strides as the backend made them (no tracer holds
+        #                           the fake's contiguous promise), so no copy of SDPA's output in eager
     return getattr(torch.ops.vit_kernels, op)(*_scalars(op, args))
 
 
