@@ -86,9 +86,11 @@ def tiny_vit(backend: str = "auto", *, embed_dim: int = 64, depth: int = 2, num_
 
 
 # The recipe the convergence test trains with: tiny_vit() (embed 64, depth 2, 4 heads of 16, class
-# token), AdamW lr 3e-3 with 20 warm-up steps and a cosine decay, batch 32, 20 epochs (880 steps).
-# Eager PyTorch (backend "reference", float32, seed 0) reached 96.7% test accuracy with it.
-DIGITS_RECIPE = dict(epochs=20, batch_size=32, lr=3e-3, weight_decay=0.0, warmup=20, seed=0)
+# token), AdamW lr 3e-3 (20 warm-up steps, then a cosine decay), weight decay 0.05, label smoothing
+# 0.1, batch 32, 30 epochs (1320 steps). Eager PyTorch (backend "reference", float32) reached 96.9%
+# test accuracy with it from seed 0 and 97.2% from seed 1; without label smoothing and weight decay
+# the model memorises the 1438 training images (train loss ~0.01) and lands at 93-96%.
+DIGITS_RECIPE = dict(epochs=30, batch_size=32, lr=3e-3, weight_decay=0.05, warmup=20, label_smoothing=0.1, seed=0)
 
 
 @dataclasses.dataclass
