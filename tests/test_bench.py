@@ -142,6 +142,9 @@ def test_fused_providers_are_never_timed_without_a_gpu():
     assert "CUDA GPU" in tp.static_reason("sdpa", CPU, graphs=True)
     assert "inference" in tp.static_reason("sdpa", CUDA, graphs=True, mode="train")
     assert tp.static_reason("sdpa", CUDA, graphs=True, mode="inference") is None
+    # the CUDA C++ kernels are forward-only: a train step would raise on every device
+    assert "forward-only" in tp.static_reason("cuda", CUDA, mode="train", interpreter=False)
+    assert "forward-only" in tp.static_reason("cuda", CPU, mode="train")
 
 
 def test_sdpa_backend_availability_is_decided_per_device():

@@ -125,6 +125,9 @@ def static_reason(provider: str, device: torch.device, *, graphs: bool = False, 
             return "TRITON_INTERPRET=1 is set: Triton would run in its interpreter, which is not a timing"
         return triton_importable()
     if provider == "cuda":
+        if mode == "train":
+            return ("the CUDA C++ kernels are forward-only: a training step with backend='cuda' raises (use the "
+                    "triton provider, whose forward and backward are Triton kernels)")
         if device.type != "cuda":
             return ("the CUDA C++ kernels need a CUDA GPU; on the CPU they run only in the host "
                     "emulation build, which is for verification, not timing")
