@@ -531,6 +531,13 @@ def test_bench_tuned_provider_tunes_and_keeps_the_table(monkeypatch):
     assert "fused is 2.00x faster" in row["note"] and row["status"] == "ok"
     assert len(row["tuning_entries"]) == 4 and all("winner: torch" in t for t in row["tuning_entries"])
     assert "qkv_attention: torch" in row["tuning"]
+    table = row["tuning_rows"]   # what bench prints (a rich table on a terminal): one row per candidate
+    assert sum(r["result"] == "chosen" for r in table) == 4
+    assert all(r["candidate"] == "torch" for r in table if r["result"] == "chosen"), table
+    from vit_kernels.bench import report
+    from vit_kernels.commands.bench import TUNING_COLUMNS
+    text = report.format_table(table, TUNING_COLUMNS)
+    assert "op signature" in text and "chosen" in text and "0.1000" in text, text
 
 
 def test_bad_tune_argument_names_it():

@@ -353,6 +353,16 @@ class Entry:
                 out[b] = "dropped when tuned: " + "; ".join(f"{r.candidate.name}: {r.dropped}" for r in rs)
         return out
 
+    def rows(self) -> List[Dict[str, Any]]:
+        """The candidates as table rows, fastest first: op (with the signature), candidate, ms (None
+        when dropped), result ("chosen", "dropped: why" or "")."""
+        out = []
+        for r in sorted(self.results, key=lambda r: (r.ms is None, r.ms or 0.0)):
+            result = "chosen" if r.candidate == self.winner else (f"dropped: {r.dropped}" if r.ms is None else "")
+            out.append({"op": f"{self.op} {self.signature}", "candidate": r.candidate.name, "ms": r.ms,
+                        "result": result})
+        return out
+
     def table(self) -> str:
         lines = [f"{self.op} {self.signature}"]
         for r in sorted(self.results, key=lambda r: (r.ms is None, r.ms or 0.0)):

@@ -260,6 +260,7 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
             result = tune(model, (prep(images),))   # times every op signature, then fused vs unfused
         row["tuning"] = str(result)
         row["tuning_entries"] = [e.table() for e in result.entries]
+        row["tuning_rows"] = [r for e in result.entries for r in e.rows()]
         tune_note = result.message
     from ..backends import last_decision
     before = last_decision()

@@ -45,6 +45,10 @@ AMP_DTYPES = {"float16": "fp16", "bfloat16": "bf16"}
 BENCH_MODES = {"inference": "inference", "train": "train", "both": "inference,train"}
 
 
+# the tuning table's columns (vit_kernels.tuning.Entry.rows)
+TUNING_COLUMNS = [("op", "op signature"), ("candidate", "candidate"),
+                  ("ms", "ms", lambda v: "-" if v is None else f"{v:.4f}"), ("result", "result")]
+
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="model throughput: eager, SDPA, torch.compile and the fused kernels side by side "
                        "(timm benchmark.py's flags and fields)",
@@ -270,11 +274,12 @@ def _run(args, cfg, notes, write: bool) -> int:
     for r in rows:   # the tuned rows' tables: printed, kept in bench.json, not in the CSV columns
         entries = r.pop("tuning_entries", None)
         summary = r.pop("tuning", None)
+        table = r.pop("tuning_rows", None)
         if entries is not None:
             tuning[f"{r['label']} {r['mode']}"] = {"summary": summary, "entries": entries}
-            print(f"\ntuning table ({r['label']}, {r['mode']}; * = chosen):")
+            print()
+            report.print_table(table or [], TUNING_COLUMNS, title=f"tuning table ({r['label']}, {r['mode']}):")
             print(summary)
-            print("\n".join(entries))
     errors = [r for r in rows if r["status"] == "error"]
     if not write:   # torchrun: a rank other than 0 (its rows went into rank 0's through all_gather)
         return 1 if errors else 0
