@@ -12,6 +12,7 @@ Environment:
 To build it into an editable install: ``pip install --no-build-isolation -e .`` from an environment
 with torch (or ``python setup.py build_ext --inplace``).
 """
+
 import importlib.util
 import os
 import sys
@@ -44,8 +45,10 @@ def cuda_extension():
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        _note("torch is not importable in this build environment (pip's build isolation?): the CUDA "
-              "extension is not built here; vit_kernels JIT-builds it on first use")
+        _note(
+            "torch is not importable in this build environment (pip's build isolation?): the CUDA "
+            "extension is not built here; vit_kernels JIT-builds it on first use"
+        )
         return [], {}
     if not torch.version.cuda:
         _note(f"torch {torch.__version__} is not a CUDA build: not building the CUDA extension")
@@ -55,8 +58,9 @@ def cuda_extension():
     if root is None:
         _note(f"no CUDA toolkit ({how}): not building the CUDA extension")
         return [], {}
-    _note(f"building vit_kernels._C with the CUDA toolkit at {root} (found from {how}) for "
-          f"{';'.join(build.arch_list())}")
+    _note(
+        f"building vit_kernels._C with the CUDA toolkit at {root} (found from {how}) for {';'.join(build.arch_list())}"
+    )
     os.environ["CUDA_HOME"] = root
     cpp_extension.CUDA_HOME = root  # torch guessed from the nvcc on PATH, which may be a wrapper
     csrc = HERE / "csrc"
@@ -64,9 +68,12 @@ def cuda_extension():
     sources += [str(p.relative_to(HERE)) for p in build.cu_sources()]
     cxx_flags, nvcc_flags = build.flags("gpu")
     ext = cpp_extension.CUDAExtension(
-        "vit_kernels._C", sources, include_dirs=[str(csrc / "include")],
+        "vit_kernels._C",
+        sources,
+        include_dirs=[str(csrc / "include")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-        optional=True)  # a failed compile warns and leaves the JIT path; it does not fail the install
+        optional=True,
+    )  # a failed compile warns and leaves the JIT path; it does not fail the install
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

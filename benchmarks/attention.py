@@ -5,6 +5,7 @@
 
 See ``python benchmarks/attention.py --help``.
 """
+
 import sys
 
 from vit_kernels import cli

@@ -11,6 +11,7 @@ is followed by torch.cuda.synchronize() (the time includes the launch), while th
 (``python -m vit_kernels bench``) times with triton.testing.do_bench (CUDA events, L2 flushed) and
 torch.utils.benchmark on the CPU.
 """
+
 import os
 from types import SimpleNamespace
 
@@ -19,12 +20,37 @@ import torch
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
 
-SIZES = SimpleNamespace(**(dict(
-    model="vit_base_patch16_224", batch=256, img=None, depth=None, dtype=torch.bfloat16,
-    tokens=[50, 197, 257, 577, 1025, 2305, 4097], heads=12, head_dim=64, total_tokens=65536,
-    rounds=20, warmup=5) if GPU else dict(
-    model="vit_tiny_patch16_224", batch=2, img=64, depth=2, dtype=torch.float32,
-    tokens=[50, 197], heads=3, head_dim=64, total_tokens=None, rounds=3, warmup=1)))
+SIZES = SimpleNamespace(
+    **(
+        dict(
+            model="vit_base_patch16_224",
+            batch=256,
+            img=None,
+            depth=None,
+            dtype=torch.bfloat16,
+            tokens=[50, 197, 257, 577, 1025, 2305, 4097],
+            heads=12,
+            head_dim=64,
+            total_tokens=65536,
+            rounds=20,
+            warmup=5,
+        )
+        if GPU
+        else dict(
+            model="vit_tiny_patch16_224",
+            batch=2,
+            img=64,
+            depth=2,
+            dtype=torch.float32,
+            tokens=[50, 197],
+            heads=3,
+            head_dim=64,
+            total_tokens=None,
+            rounds=3,
+            warmup=1,
+        )
+    )
+)
 
 
 def attn_batch(tokens: int) -> int:
@@ -40,12 +66,14 @@ def synced(fn):
         out = fn()
         torch.cuda.synchronize()
         return out
+
     return call
 
 
 def run_benchmark(benchmark, fn, **info):
-    benchmark.extra_info.update({"device": torch.cuda.get_device_name() if GPU else "cpu",
-                                 "torch": torch.__version__, **info})
+    benchmark.extra_info.update(
+        {"device": torch.cuda.get_device_name() if GPU else "cpu", "torch": torch.__version__, **info}
+    )
     return benchmark.pedantic(synced(fn), rounds=SIZES.rounds, warmup_rounds=SIZES.warmup, iterations=1)
 
 

@@ -1,5 +1,6 @@
 """pytest-benchmark suites: ``pytest benchmarks/ --benchmark-only``. The cases and sizes are in
 bench_cases.py (small on a CPU, full on a CUDA GPU)."""
+
 from bench_cases import SIZES
 
 

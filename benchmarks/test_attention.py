@@ -1,4 +1,5 @@
 """Attention per provider across tokens (the cases of ``python -m vit_kernels profile-attention``)."""
+
 import warnings
 
 import pytest
@@ -24,8 +25,18 @@ def test_attention(benchmark, provider, tokens):
             raise
     if provider.startswith("vk_"):
         from vit_kernels import last_decision
+
         d = last_decision("qkv_attention" if batt.is_qkv(provider) else "flash_attention")
         if d.backend != provider.split(":")[1]:
             pytest.skip(f"not measured as {provider}: {d}")
-    run_benchmark(benchmark, fn, provider=provider, tokens=tokens, batch=case.batch, heads=case.heads,
-                  head_dim=case.head_dim, dtype=str(case.dtype), gflop=batt.flops(provider, case) / 1e9)
+    run_benchmark(
+        benchmark,
+        fn,
+        provider=provider,
+        tokens=tokens,
+        batch=case.batch,
+        heads=case.heads,
+        head_dim=case.head_dim,
+        dtype=str(case.dtype),
+        gflop=batt.flops(provider, case) / 1e9,
+    )

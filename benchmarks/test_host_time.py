@@ -8,6 +8,7 @@ The one tuning call per op is made with a fake timer that lets the Triton candid
 the tolerance check accepting the stub's unwritten output; after it, every timed call is a cache
 hit, which is what a tuned model's forward does on a GPU.
 """
+
 import pytest
 import torch
 
@@ -28,17 +29,29 @@ class StubKernel:
 @pytest.fixture
 def stubbed(monkeypatch):
     from vit_kernels.triton import attention, gemm, layernorm, qkv_attention
-    for mod, name in ((gemm, "_gemm_kernel"), (attention, "_attn_fwd_kernel"),
-                      (qkv_attention, "_qkv_attn_kernel"), (layernorm, "_row_stats_kernel")):
+
+    for mod, name in (
+        (gemm, "_gemm_kernel"),
+        (attention, "_attn_fwd_kernel"),
+        (qkv_attention, "_qkv_attn_kernel"),
+        (layernorm, "_row_stats_kernel"),
+    ):
         monkeypatch.setattr(mod, name, StubKernel())
     monkeypatch.setattr(backends, "triton_unavailable", lambda device, dtypes=(): None)
-    monkeypatch.setattr(testing, "compare", lambda out, *a, **k: testing.Comparison(
-        "stub", True, 0.0, 0.0, 0.0, 0.0, (), 0.0, 0.0))
+    monkeypatch.setattr(
+        testing, "compare", lambda out, *a, **k: testing.Comparison("stub", True, 0.0, 0.0, 0.0, 0.0, (), 0.0, 0.0)
+    )
 
     def only_triton(op, facts, available, device_type):
         return [tuning.Candidate("torch"), tuning.Candidate("triton", "split" if op == "qkv_attention" else "")]
-    tuner = tuning.Tuner(timer=lambda c, fn: 0.1 if c.backend == "triton" else 1.0, tunable=lambda d: None,
-                         device_facts=lambda d: ("stub", 90), path=None, candidate_list=only_triton)
+
+    tuner = tuning.Tuner(
+        timer=lambda c, fn: 0.1 if c.backend == "triton" else 1.0,
+        tunable=lambda d: None,
+        device_facts=lambda d: ("stub", 90),
+        path=None,
+        candidate_list=only_triton,
+    )
     with tuning.use_tuner(tuner):
         yield
 
@@ -66,7 +79,7 @@ def block_calls():
 def test_host_time_per_call(benchmark, stubbed, op):
     call = block_calls()[op]
     with torch.inference_mode():
-        call()   # the one tuning call
+        call()  # the one tuning call
         d = backends.last_decision(op)
         assert d.backend == "triton" and d.tuned is not None, str(d)
         benchmark.extra_info["budget_us"] = BUDGET_US

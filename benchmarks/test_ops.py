@@ -1,4 +1,5 @@
 """Each fused op at one ViT block's shapes, per backend (torch, triton, cuda)."""
+
 import pytest
 import torch
 
@@ -48,5 +49,13 @@ def test_op(benchmark, op, backend):
 
         def fn():
             return run(backend)
-        run_benchmark(benchmark, fn, op=op, backend=backend, batch=SIZES.batch, dtype=str(SIZES.dtype),
-                      path=getattr(d, "path", ""))
+
+        run_benchmark(
+            benchmark,
+            fn,
+            op=op,
+            backend=backend,
+            batch=SIZES.batch,
+            dtype=str(SIZES.dtype),
+            path=getattr(d, "path", ""),
+        )

@@ -4,6 +4,7 @@
 
 See ``python benchmarks/throughput.py --help``.
 """
+
 import sys
 
 from vit_kernels import cli

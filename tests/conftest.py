@@ -2,6 +2,7 @@
 
 TRITON_INTERPRET must be set before triton is imported, so this runs first.
 """
+
 import os
 
 import torch

@@ -5,6 +5,7 @@ CUDA wrapper with the same arguments, so one test body checks both backends.
 Backends: "triton" (vit_kernels.triton.gemm / layernorm, the interpreter on CPU tensors) and "cuda"
 (vit_kernels.cuda.ops, the host emulator on CPU tensors, the GPU build on CUDA tensors).
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ def require(backend: str) -> None:
         pytest.importorskip("triton")
         return
     from vit_kernels import cuda as vk_cuda
+
     try:
         vk_cuda.module_for(DEVICE)
     except vk_cuda.BuildError as e:
@@ -47,11 +49,13 @@ def linear(backend, x, w, b=None, *, residual=None, layer_scale=None, config=Non
     """residual + layer_scale * (x @ w^T + b); Triton writes into a NaN-filled `out` it must return."""
     if backend == "triton":
         from vit_kernels.triton import gemm
+
         out = nan_like(tuple(x.shape[:-1]) + (w.shape[0],), x.dtype)
         got = gemm.linear_forward(x, w, b, residual=residual, layer_scale=layer_scale, out=out)
         assert got is out
         return got
     from vit_kernels.cuda import ops as cuda_ops
+
     kw = {} if config is None else {"config": config}
     return cuda_ops.linear_forward(x, w, b, residual=residual, layer_scale=layer_scale, **kw)
 
@@ -60,23 +64,29 @@ def qkv_projection(backend, x, w, b, *, num_heads, scale, norm_weight, norm_bias
     """[LayerNorm ->] x @ w^T + b -> (3, B, H, N, head_dim), q scaled."""
     if backend == "triton":
         from vit_kernels.triton import gemm
+
         B, N, _ = x.shape
         out = nan_like((3, B, num_heads, N, w.shape[0] // 3 // num_heads), x.dtype)
-        got = gemm.qkv_projection_forward(x, w, b, num_heads=num_heads, scale=scale, norm_weight=norm_weight,
-                                          norm_bias=norm_bias, eps=eps, out=out)
+        got = gemm.qkv_projection_forward(
+            x, w, b, num_heads=num_heads, scale=scale, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps, out=out
+        )
         assert got is out
         return got
     from vit_kernels.cuda import ops as cuda_ops
-    return cuda_ops.qkv_projection_forward(x, w, b, num_heads=num_heads, scale=scale, norm_weight=norm_weight,
-                                   norm_bias=norm_bias, eps=eps)
+
+    return cuda_ops.qkv_projection_forward(
+        x, w, b, num_heads=num_heads, scale=scale, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps
+    )
 
 
 def row_stats(backend, x, eps):
     """(mean, rstd) of x's rows, float32."""
     if backend == "triton":
         from vit_kernels.triton.layernorm import row_stats as triton_row_stats
+
         return triton_row_stats(x, eps)
     from vit_kernels.cuda import ops as cuda_ops
+
     return cuda_ops.row_stats(x, eps)
 
 

@@ -17,6 +17,7 @@ selection that fails there makes the run stop, since it could not tell a mutatio
 score. Not part of the default test run (it is slow); run it after adding tests and put the score in
 the README's testing section. Exit status: 0 when every mutation that is not accepted was killed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,171 +41,419 @@ PYTHON = sys.executable
 @dataclasses.dataclass(frozen=True)
 class Mutation:
     name: str
-    path: str                 # relative to the repository root
-    old: str                  # must occur exactly once in the file
+    path: str  # relative to the repository root
+    old: str  # must occur exactly once in the file
     new: str
-    tests: Tuple[str, ...]    # pytest arguments (files, -k filters)
-    accepted: Optional[str] = None   # why a survivor is acceptable (None: it must be killed)
+    tests: Tuple[str, ...]  # pytest arguments (files, -k filters)
+    accepted: Optional[str] = None  # why a survivor is acceptable (None: it must be killed)
 
 
 # Test selections, one per area.
 # tests/test_hard_inputs.py (numerically hard inputs) joins each selection for its backend and ops.
-T_ATTN = ("tests/test_triton_attention.py", "tests/test_hard_inputs.py", "-k",
-          "test_triton_attention or (test_hard_inputs and triton and flash_attention)")
-T_GEMM = ("tests/test_gemm.py", "tests/test_hard_inputs.py", "-k",
-          "(test_gemm and triton) or (test_hard_inputs and triton and (linear or mlp or patch))")
-T_MLP = ("tests/test_triton_mlp.py", "tests/test_hard_inputs.py", "-k",
-         "test_triton_mlp or (test_hard_inputs and triton and (layernorm or mlp))")
-T_PATCH = ("tests/test_triton_patch_embed.py", "tests/test_hard_inputs.py", "-k",
-           "test_triton_patch_embed or (test_hard_inputs and triton and patch)")
-T_QKV = ("tests/test_triton_qkv_attention.py", "tests/test_hard_inputs.py", "-k",
-         "test_triton_qkv_attention or (test_hard_inputs and triton and qkv)")
-T_CUDA_ATTN = ("tests/test_cuda_attention.py", "tests/test_emulator_races.py", "tests/test_hard_inputs.py", "-k",
-               "not compiles and (attention or Attention) and (not test_hard_inputs or cuda)")
-T_CUDA_GEMM = ("tests/test_gemm.py", "tests/test_emulator_races.py", "tests/test_hard_inputs.py", "-k",
-               "not compiles and (gemm or mlp or patch or linear or qkv or stats or layernorm) "
-               "and (not test_hard_inputs or cuda) and (not test_gemm or cuda)")
+T_ATTN = (
+    "tests/test_triton_attention.py",
+    "tests/test_hard_inputs.py",
+    "-k",
+    "test_triton_attention or (test_hard_inputs and triton and flash_attention)",
+)
+T_GEMM = (
+    "tests/test_gemm.py",
+    "tests/test_hard_inputs.py",
+    "-k",
+    "(test_gemm and triton) or (test_hard_inputs and triton and (linear or mlp or patch))",
+)
+T_MLP = (
+    "tests/test_triton_mlp.py",
+    "tests/test_hard_inputs.py",
+    "-k",
+    "test_triton_mlp or (test_hard_inputs and triton and (layernorm or mlp))",
+)
+T_PATCH = (
+    "tests/test_triton_patch_embed.py",
+    "tests/test_hard_inputs.py",
+    "-k",
+    "test_triton_patch_embed or (test_hard_inputs and triton and patch)",
+)
+T_QKV = (
+    "tests/test_triton_qkv_attention.py",
+    "tests/test_hard_inputs.py",
+    "-k",
+    "test_triton_qkv_attention or (test_hard_inputs and triton and qkv)",
+)
+T_CUDA_ATTN = (
+    "tests/test_cuda_attention.py",
+    "tests/test_emulator_races.py",
+    "tests/test_hard_inputs.py",
+    "-k",
+    "not compiles and (attention or Attention) and (not test_hard_inputs or cuda)",
+)
+T_CUDA_GEMM = (
+    "tests/test_gemm.py",
+    "tests/test_emulator_races.py",
+    "tests/test_hard_inputs.py",
+    "-k",
+    "not compiles and (gemm or mlp or patch or linear or qkv or stats or layernorm) "
+    "and (not test_hard_inputs or cuda) and (not test_gemm or cuda)",
+)
 T_BWD_ATTN = ("tests/test_backward.py", "-k", "(flash_attention or qkv_attention) and not full")
 T_BWD_GEMM = ("tests/test_backward.py", "-k", "(linear or mlp) and not full")
 T_BWD_PATCH = ("tests/test_backward.py", "-k", "patch and not full")
-T_TORCH = ("tests/test_torch_paths.py", "tests/test_models.py", "tests/test_swap_timm.py", "tests/test_swap_hf.py", "-k", "torch or oracle")
+T_TORCH = (
+    "tests/test_torch_paths.py",
+    "tests/test_models.py",
+    "tests/test_swap_timm.py",
+    "tests/test_swap_hf.py",
+    "-k",
+    "torch or oracle",
+)
 
 MUTATIONS: List[Mutation] = [
     # ------------------------------------------------------------------ Triton: attention
-    Mutation("triton-attn-no-key-mask", "vit_kernels/triton/attention.py",
-             '        s = tl.where(mask_n[None, :], s, float("-inf"))\n', "", T_ATTN),
-    Mutation("triton-attn-no-acc-rescale", "vit_kernels/triton/attention.py",
-             "        acc = acc * alpha[:, None]\n", "", T_ATTN),
-    Mutation("triton-attn-sum-no-rescale", "vit_kernels/triton/attention.py",
-             "        l_i = l_i * alpha + tl.sum(p, axis=1)\n", "        l_i = l_i + tl.sum(p, axis=1)\n", T_ATTN),
+    Mutation(
+        "triton-attn-no-key-mask",
+        "vit_kernels/triton/attention.py",
+        '        s = tl.where(mask_n[None, :], s, float("-inf"))\n',
+        "",
+        T_ATTN,
+    ),
+    Mutation(
+        "triton-attn-no-acc-rescale",
+        "vit_kernels/triton/attention.py",
+        "        acc = acc * alpha[:, None]\n",
+        "",
+        T_ATTN,
+    ),
+    Mutation(
+        "triton-attn-sum-no-rescale",
+        "vit_kernels/triton/attention.py",
+        "        l_i = l_i * alpha + tl.sum(p, axis=1)\n",
+        "        l_i = l_i + tl.sum(p, axis=1)\n",
+        T_ATTN,
+    ),
     # The running max only guards against overflow, so it takes scores that drop by more than ~128 (log2
     # domain) between key tiles to see it: survived the tests of 2026-11-25, killed since by the hard inputs.
-    Mutation("triton-attn-max-per-tile", "vit_kernels/triton/attention.py",
-             "        m_new = tl.maximum(m_i, tl.max(s, axis=1))\n", "        m_new = tl.max(s, axis=1)\n", T_ATTN),
+    Mutation(
+        "triton-attn-max-per-tile",
+        "vit_kernels/triton/attention.py",
+        "        m_new = tl.maximum(m_i, tl.max(s, axis=1))\n",
+        "        m_new = tl.max(s, axis=1)\n",
+        T_ATTN,
+    ),
     # head_dim 72 / 80 run as 64 + 16: the second chunk's share of the scores and its rescale
-    Mutation("triton-attn-second-chunk-score-dropped", "vit_kernels/triton/attention.py",
-             "            s = tl.dot(q1, tl.trans(k1), s, input_precision=INPUT_PRECISION)\n", "", T_ATTN),
-    Mutation("triton-attn-second-chunk-no-rescale", "vit_kernels/triton/attention.py",
-             "            acc1 = acc1 * alpha[:, None]\n", "", T_ATTN),
-    Mutation("triton-attn-out-row-stride", "vit_kernels/triton/attention.py",
-             "o_ptrs = o_base + tl.multiple_of(offs_m.to(tl.int64) * stride_on, 8)",
-             "o_ptrs = o_base + tl.multiple_of(offs_m.to(tl.int64) * stride_qn, 8)", T_ATTN),
+    Mutation(
+        "triton-attn-second-chunk-score-dropped",
+        "vit_kernels/triton/attention.py",
+        "            s = tl.dot(q1, tl.trans(k1), s, input_precision=INPUT_PRECISION)\n",
+        "",
+        T_ATTN,
+    ),
+    Mutation(
+        "triton-attn-second-chunk-no-rescale",
+        "vit_kernels/triton/attention.py",
+        "            acc1 = acc1 * alpha[:, None]\n",
+        "",
+        T_ATTN,
+    ),
+    Mutation(
+        "triton-attn-out-row-stride",
+        "vit_kernels/triton/attention.py",
+        "o_ptrs = o_base + tl.multiple_of(offs_m.to(tl.int64) * stride_on, 8)",
+        "o_ptrs = o_base + tl.multiple_of(offs_m.to(tl.int64) * stride_qn, 8)",
+        T_ATTN,
+    ),
     # ------------------------------------------------------------------ Triton: GEMM, LayerNorm
-    Mutation("triton-gemm-k-mask-off-by-one", "vit_kernels/triton/gemm.py",
-             "        k_mask = ks < K\n", "        k_mask = ks <= K\n", T_GEMM),
-    Mutation("triton-gemm-drop-residual", "vit_kernels/triton/gemm.py",
-             "        acc += res.to(tl.float32)\n", "        acc += 0.0 * res.to(tl.float32)\n", T_GEMM),
-    Mutation("triton-gemm-drop-layer-scale", "vit_kernels/triton/gemm.py",
-             "        acc *= tl.load(ls_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]\n",
-             "        acc *= 1.0\n", T_GEMM),
-    Mutation("triton-gemm-gelu-tanh-coefficient", "vit_kernels/triton/gemm.py",
-             "(acc + 0.044715 * acc * acc * acc)", "(acc + 0.04715 * acc * acc * acc)", T_MLP),
-    Mutation("triton-gemm-q-scale-on-k", "vit_kernels/triton/gemm.py",
-             "tl.where(which == 0, q_scale, 1.0)", "tl.where(which <= 1, q_scale, 1.0)", T_GEMM),
-    Mutation("triton-gemm-drop-ln-bias", "vit_kernels/triton/gemm.py",
-             "                if NORM == 1:\n                    xn += tl.load(lnb_ptr",
-             "                if NORM == 4:\n                    xn += tl.load(lnb_ptr", T_MLP),
-    Mutation("triton-gemm-cls-gets-bias", "vit_kernels/triton/gemm.py",
-             "acc = tl.where((t < PREFIX)[:, None], cls[None, :], acc)",
-             "acc = tl.where((t < PREFIX)[:, None], cls[None, :] + acc, acc)", T_PATCH),
-    Mutation("triton-gemm-uint8-mean-not-subtracted", "vit_kernels/triton/gemm.py",
-             "xn = a.to(tl.float32) * g[None, :] + tl.load(lnb_ptr + ks, mask=k_mask, other=0.0)[None, :]",
-             "xn = a.to(tl.float32) * g[None, :]", ("tests/test_patch_embed_uint8.py",)),
-    Mutation("triton-patch-uint8-std-not-255", "vit_kernels/triton/patch_embed.py",
-             "scale = (1.0 / (255.0 * image_std)).repeat_interleave(p * p)",
-             "scale = (1.0 / (256.0 * image_std)).repeat_interleave(p * p)", ("tests/test_patch_embed_uint8.py",)),
+    Mutation(
+        "triton-gemm-k-mask-off-by-one",
+        "vit_kernels/triton/gemm.py",
+        "        k_mask = ks < K\n",
+        "        k_mask = ks <= K\n",
+        T_GEMM,
+    ),
+    Mutation(
+        "triton-gemm-drop-residual",
+        "vit_kernels/triton/gemm.py",
+        "        acc += res.to(tl.float32)\n",
+        "        acc += 0.0 * res.to(tl.float32)\n",
+        T_GEMM,
+    ),
+    Mutation(
+        "triton-gemm-drop-layer-scale",
+        "vit_kernels/triton/gemm.py",
+        "        acc *= tl.load(ls_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]\n",
+        "        acc *= 1.0\n",
+        T_GEMM,
+    ),
+    Mutation(
+        "triton-gemm-gelu-tanh-coefficient",
+        "vit_kernels/triton/gemm.py",
+        "(acc + 0.044715 * acc * acc * acc)",
+        "(acc + 0.04715 * acc * acc * acc)",
+        T_MLP,
+    ),
+    Mutation(
+        "triton-gemm-q-scale-on-k",
+        "vit_kernels/triton/gemm.py",
+        "tl.where(which == 0, q_scale, 1.0)",
+        "tl.where(which <= 1, q_scale, 1.0)",
+        T_GEMM,
+    ),
+    Mutation(
+        "triton-gemm-drop-ln-bias",
+        "vit_kernels/triton/gemm.py",
+        "                if NORM == 1:\n                    xn += tl.load(lnb_ptr",
+        "                if NORM == 4:\n                    xn += tl.load(lnb_ptr",
+        T_MLP,
+    ),
+    Mutation(
+        "triton-gemm-cls-gets-bias",
+        "vit_kernels/triton/gemm.py",
+        "acc = tl.where((t < PREFIX)[:, None], cls[None, :], acc)",
+        "acc = tl.where((t < PREFIX)[:, None], cls[None, :] + acc, acc)",
+        T_PATCH,
+    ),
+    Mutation(
+        "triton-gemm-uint8-mean-not-subtracted",
+        "vit_kernels/triton/gemm.py",
+        "xn = a.to(tl.float32) * g[None, :] + tl.load(lnb_ptr + ks, mask=k_mask, other=0.0)[None, :]",
+        "xn = a.to(tl.float32) * g[None, :]",
+        ("tests/test_patch_embed_uint8.py",),
+    ),
+    Mutation(
+        "triton-patch-uint8-std-not-255",
+        "vit_kernels/triton/patch_embed.py",
+        "scale = (1.0 / (255.0 * image_std)).repeat_interleave(p * p)",
+        "scale = (1.0 / (256.0 * image_std)).repeat_interleave(p * p)",
+        ("tests/test_patch_embed_uint8.py",),
+    ),
     # Survived the tests of 2026-11-25 (eps 1e-6 hides it); killed since by the large-eps tests.
-    Mutation("triton-ln-eps-outside-sqrt", "vit_kernels/triton/layernorm.py",
-             "    rstd = 1.0 / tl.sqrt_rn(tl.where(rmask, var + eps, 1.0))\n",
-             "    rstd = 1.0 / tl.sqrt_rn(tl.where(rmask, var, 1.0)) + eps\n", T_MLP),
-    Mutation("triton-ln-unmasked-variance", "vit_kernels/triton/layernorm.py",
-             "        diff = tl.where(mask, x.to(tl.float32) - mean[:, None], 0.0)\n",
-             "        diff = x.to(tl.float32) - mean[:, None]\n", T_MLP),
+    Mutation(
+        "triton-ln-eps-outside-sqrt",
+        "vit_kernels/triton/layernorm.py",
+        "    rstd = 1.0 / tl.sqrt_rn(tl.where(rmask, var + eps, 1.0))\n",
+        "    rstd = 1.0 / tl.sqrt_rn(tl.where(rmask, var, 1.0)) + eps\n",
+        T_MLP,
+    ),
+    Mutation(
+        "triton-ln-unmasked-variance",
+        "vit_kernels/triton/layernorm.py",
+        "        diff = tl.where(mask, x.to(tl.float32) - mean[:, None], 0.0)\n",
+        "        diff = x.to(tl.float32) - mean[:, None]\n",
+        T_MLP,
+    ),
     # ------------------------------------------------------------------ Triton: single-kernel QKV + attention
     # Survived the tests of 2026-11-25; killed since by test_dominant_key_in_the_tail_tile.
-    Mutation("triton-qkv-ignores-tail-max", "vit_kernels/triton/qkv_attention.py",
-             "            m = tl.maximum(m, tl.max(s_t, axis=1))\n", "", T_QKV),
-    Mutation("triton-qkv-tail-sum-dropped", "vit_kernels/triton/qkv_attention.py",
-             "            l += tl.sum(p_t, axis=1)\n", "", T_QKV),
+    Mutation(
+        "triton-qkv-ignores-tail-max",
+        "vit_kernels/triton/qkv_attention.py",
+        "            m = tl.maximum(m, tl.max(s_t, axis=1))\n",
+        "",
+        T_QKV,
+    ),
+    Mutation(
+        "triton-qkv-tail-sum-dropped",
+        "vit_kernels/triton/qkv_attention.py",
+        "            l += tl.sum(p_t, axis=1)\n",
+        "",
+        T_QKV,
+    ),
     # Survived the tests of 2026-11-25 (eps 1e-6 hides it); killed since by the large-eps tests.
-    Mutation("triton-qkv-ln-eps-outside-sqrt", "vit_kernels/triton/qkv_attention.py",
-             "rstd = 1.0 / tl.sqrt(tl.where(row_mask, tl.sum(acc, axis=1) / DIM + eps, 1.0))",
-             "rstd = 1.0 / tl.sqrt(tl.where(row_mask, tl.sum(acc, axis=1) / DIM, 1.0)) + eps", T_QKV),
+    Mutation(
+        "triton-qkv-ln-eps-outside-sqrt",
+        "vit_kernels/triton/qkv_attention.py",
+        "rstd = 1.0 / tl.sqrt(tl.where(row_mask, tl.sum(acc, axis=1) / DIM + eps, 1.0))",
+        "rstd = 1.0 / tl.sqrt(tl.where(row_mask, tl.sum(acc, axis=1) / DIM, 1.0)) + eps",
+        T_QKV,
+    ),
     # ------------------------------------------------------------------ Triton: backward kernels
-    Mutation("triton-attn-bwd-dk-unscaled", "vit_kernels/triton/attention_bwd.py",
-             "    dk = dk * scale\n", "", T_BWD_ATTN),
-    Mutation("triton-dgelu-erf-no-pdf-term", "vit_kernels/triton/gemm.py",
-             " + pre * 0.3989422804014327 * tl.exp(-0.5 * pre * pre)", "", T_BWD_GEMM),
-    Mutation("triton-ln-bwd-no-mean-term", "vit_kernels/triton/layernorm_bwd.py",
-             "dx = (dxhat - c2s[:, None] - xhat * c1s[:, None])", "dx = (dxhat - xhat * c1s[:, None])", T_BWD_GEMM),
-    Mutation("triton-colsum-layer-scale-dropped", "vit_kernels/triton/gemm_bwd.py",
-             "            g = g * ls[None, :]\n", "            g = g * 1.0\n", T_BWD_GEMM),
-    Mutation("triton-patch-bwd-bias-counts-cls-row", "vit_kernels/autograd.py",
-             "column_sums(g[:, prefix:], T - prefix, (T * dim, dim, 1), bias.dtype)",
-             "column_sums(g, T, (T * dim, dim, 1), bias.dtype)", T_BWD_PATCH),
+    Mutation(
+        "triton-attn-bwd-dk-unscaled", "vit_kernels/triton/attention_bwd.py", "    dk = dk * scale\n", "", T_BWD_ATTN
+    ),
+    Mutation(
+        "triton-dgelu-erf-no-pdf-term",
+        "vit_kernels/triton/gemm.py",
+        " + pre * 0.3989422804014327 * tl.exp(-0.5 * pre * pre)",
+        "",
+        T_BWD_GEMM,
+    ),
+    Mutation(
+        "triton-ln-bwd-no-mean-term",
+        "vit_kernels/triton/layernorm_bwd.py",
+        "dx = (dxhat - c2s[:, None] - xhat * c1s[:, None])",
+        "dx = (dxhat - xhat * c1s[:, None])",
+        T_BWD_GEMM,
+    ),
+    Mutation(
+        "triton-colsum-layer-scale-dropped",
+        "vit_kernels/triton/gemm_bwd.py",
+        "            g = g * ls[None, :]\n",
+        "            g = g * 1.0\n",
+        T_BWD_GEMM,
+    ),
+    Mutation(
+        "triton-patch-bwd-bias-counts-cls-row",
+        "vit_kernels/autograd.py",
+        "column_sums(g[:, prefix:], T - prefix, (T * dim, dim, 1), bias.dtype)",
+        "column_sums(g, T, (T * dim, dim, 1), bias.dtype)",
+        T_BWD_PATCH,
+    ),
     # ------------------------------------------------------------------ CUDA: attention
-    Mutation("cuda-attn-no-barrier-before-k-overwrite", "csrc/attention/flash_fwd.cuh",
-             "    __syncthreads();  // V_j landed for every thread; every warp is done reading K_j\n",
-             "    // (mutation: no barrier)\n", T_CUDA_ATTN),
-    Mutation("cuda-attn-no-cp-async-wait-for-k", "csrc/attention/flash_fwd.cuh",
-             "    vk::cp_async_wait<0>();\n    __syncthreads();  // K_j landed",
-             "    __syncthreads();  // K_j landed", T_CUDA_ATTN),
+    Mutation(
+        "cuda-attn-no-barrier-before-k-overwrite",
+        "csrc/attention/flash_fwd.cuh",
+        "    __syncthreads();  // V_j landed for every thread; every warp is done reading K_j\n",
+        "    // (mutation: no barrier)\n",
+        T_CUDA_ATTN,
+    ),
+    Mutation(
+        "cuda-attn-no-cp-async-wait-for-k",
+        "csrc/attention/flash_fwd.cuh",
+        "    vk::cp_async_wait<0>();\n    __syncthreads();  // K_j landed",
+        "    __syncthreads();  // K_j landed",
+        T_CUDA_ATTN,
+    ),
     # Survived the tests of 2026-11-25, as its Triton twin; killed since by the score-range hard inputs.
-    Mutation("cuda-attn-max-reset-per-tile", "csrc/attention/flash_fwd.cuh",
-             "    float mx[2] = {m_row[0], m_row[1]};\n", "    float mx[2] = {-INFINITY, -INFINITY};\n", T_CUDA_ATTN),
-    Mutation("cuda-attn-no-acc-rescale", "csrc/attention/flash_fwd.cuh",
-             "      acc_o[nt][0] *= alpha[0];\n", "", T_CUDA_ATTN),
-    Mutation("cuda-attn-tail-mask-off-by-one", "csrc/attention/flash_fwd.cuh",
-             "(i & 1) >= kv_n) x = -INFINITY;", "(i & 1) > kv_n) x = -INFINITY;", T_CUDA_ATTN),
+    Mutation(
+        "cuda-attn-max-reset-per-tile",
+        "csrc/attention/flash_fwd.cuh",
+        "    float mx[2] = {m_row[0], m_row[1]};\n",
+        "    float mx[2] = {-INFINITY, -INFINITY};\n",
+        T_CUDA_ATTN,
+    ),
+    Mutation(
+        "cuda-attn-no-acc-rescale", "csrc/attention/flash_fwd.cuh", "      acc_o[nt][0] *= alpha[0];\n", "", T_CUDA_ATTN
+    ),
+    Mutation(
+        "cuda-attn-tail-mask-off-by-one",
+        "csrc/attention/flash_fwd.cuh",
+        "(i & 1) >= kv_n) x = -INFINITY;",
+        "(i & 1) > kv_n) x = -INFINITY;",
+        T_CUDA_ATTN,
+    ),
     # ------------------------------------------------------------------ CUDA: GEMM, row statistics
-    Mutation("cuda-gemm-cp-async-wait-too-weak", "csrc/gemm/gemm.cuh",
-             "    cp_async_wait<C::kStages - 2>();\n", "    cp_async_wait<C::kStages - 1>();\n", T_CUDA_GEMM),
-    Mutation("cuda-gemm-no-stage-barrier", "csrc/gemm/gemm.cuh",
-             "    __syncthreads();  // stage kt is complete for everyone; stage kt-1 is free again\n",
-             "    // (mutation: no barrier)\n", T_CUDA_GEMM),
-    Mutation("cuda-gemm-residual-before-layer-scale", "csrc/gemm/gemm.cuh",
-             "    if (p.layer_scale) v *= to_float(static_cast<const T*>(p.layer_scale)[col]);\n"
-             "    if (p.residual) v += to_float(static_cast<const T*>(p.residual)[int64_t(row) * p.ldr + col]);\n",
-             "    if (p.residual) v += to_float(static_cast<const T*>(p.residual)[int64_t(row) * p.ldr + col]);\n"
-             "    if (p.layer_scale) v *= to_float(static_cast<const T*>(p.layer_scale)[col]);\n", T_CUDA_GEMM),
-    Mutation("cuda-gemm-drop-bias", "csrc/gemm/gemm.cuh",
-             "  if (p.bias) v += to_float", "  if (false) v += to_float", T_CUDA_GEMM),
-    Mutation("cuda-gemm-q-scale-on-k", "csrc/gemm/gemm.cuh",
-             "    if (which == 0) v *= p.q_scale;\n", "    if (which != 2) v *= p.q_scale;\n", T_CUDA_GEMM),
-    Mutation("cuda-gemm-ln-bias-before-weight", "csrc/gemm/gemm.cuh",
-             "          if (lw) y *= to_float(lw[k + e]);\n          if (lb) y += to_float(lb[k + e]);\n",
-             "          if (lb) y += to_float(lb[k + e]);\n          if (lw) y *= to_float(lw[k + e]);\n", T_CUDA_GEMM),
+    Mutation(
+        "cuda-gemm-cp-async-wait-too-weak",
+        "csrc/gemm/gemm.cuh",
+        "    cp_async_wait<C::kStages - 2>();\n",
+        "    cp_async_wait<C::kStages - 1>();\n",
+        T_CUDA_GEMM,
+    ),
+    Mutation(
+        "cuda-gemm-no-stage-barrier",
+        "csrc/gemm/gemm.cuh",
+        "    __syncthreads();  // stage kt is complete for everyone; stage kt-1 is free again\n",
+        "    // (mutation: no barrier)\n",
+        T_CUDA_GEMM,
+    ),
+    Mutation(
+        "cuda-gemm-residual-before-layer-scale",
+        "csrc/gemm/gemm.cuh",
+        "    if (p.layer_scale) v *= to_float(static_cast<const T*>(p.layer_scale)[col]);\n"
+        "    if (p.residual) v += to_float(static_cast<const T*>(p.residual)[int64_t(row) * p.ldr + col]);\n",
+        "    if (p.residual) v += to_float(static_cast<const T*>(p.residual)[int64_t(row) * p.ldr + col]);\n"
+        "    if (p.layer_scale) v *= to_float(static_cast<const T*>(p.layer_scale)[col]);\n",
+        T_CUDA_GEMM,
+    ),
+    Mutation(
+        "cuda-gemm-drop-bias",
+        "csrc/gemm/gemm.cuh",
+        "  if (p.bias) v += to_float",
+        "  if (false) v += to_float",
+        T_CUDA_GEMM,
+    ),
+    Mutation(
+        "cuda-gemm-q-scale-on-k",
+        "csrc/gemm/gemm.cuh",
+        "    if (which == 0) v *= p.q_scale;\n",
+        "    if (which != 2) v *= p.q_scale;\n",
+        T_CUDA_GEMM,
+    ),
+    Mutation(
+        "cuda-gemm-ln-bias-before-weight",
+        "csrc/gemm/gemm.cuh",
+        "          if (lw) y *= to_float(lw[k + e]);\n          if (lb) y += to_float(lb[k + e]);\n",
+        "          if (lb) y += to_float(lb[k + e]);\n          if (lw) y *= to_float(lw[k + e]);\n",
+        T_CUDA_GEMM,
+    ),
     # Survived or died by the seed with eps 1e-6 (2026-11-25); the large-eps hard inputs (cuda) kill it.
-    Mutation("cuda-rowstats-eps-outside-sqrt", "csrc/layernorm/row_stats.cu",
-             "    rstd[row] = rsqrtf(var + eps);\n", "    rstd[row] = rsqrtf(var) + eps;\n", T_CUDA_GEMM),
-    Mutation("cuda-rowstats-uncentred-variance", "csrc/layernorm/row_stats.cu",
-             "    const float d = to_float(r[k]) - mu;\n", "    const float d = to_float(r[k]);\n", T_CUDA_GEMM),
+    Mutation(
+        "cuda-rowstats-eps-outside-sqrt",
+        "csrc/layernorm/row_stats.cu",
+        "    rstd[row] = rsqrtf(var + eps);\n",
+        "    rstd[row] = rsqrtf(var) + eps;\n",
+        T_CUDA_GEMM,
+    ),
+    Mutation(
+        "cuda-rowstats-uncentred-variance",
+        "csrc/layernorm/row_stats.cu",
+        "    const float d = to_float(r[k]) - mu;\n",
+        "    const float d = to_float(r[k]);\n",
+        T_CUDA_GEMM,
+    ),
     # ------------------------------------------------------------------ torch paths
-    Mutation("torch-linear-drop-layer-scale", "vit_kernels/ops/linear.py",
-             "        y = y * layer_scale\n", "        y = y\n", T_TORCH),
-    Mutation("torch-mlp-drop-layer-scale", "vit_kernels/ops/mlp.py",
-             "        y = y * layer_scale\n", "        y = y\n", T_TORCH),
-    Mutation("torch-mlp-gelu-always-tanh", "vit_kernels/ops/mlp.py",
-             "approximate=approximate)", 'approximate="tanh")', T_TORCH),
-    Mutation("torch-mlp-hardcoded-eps", "vit_kernels/ops/mlp.py",
-             "norm_weight, norm_bias, eps) if norm_weight", "norm_weight, norm_bias, 1e-5) if norm_weight", T_TORCH),
-    Mutation("torch-qkv-q-and-k-swapped", "vit_kernels/ops/qkv_attention.py",
-             "    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)\n",
-             "    k, q, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)\n", T_TORCH),
-    Mutation("torch-qkv-ignores-scale", "vit_kernels/ops/qkv_attention.py",
-             "    o = sdpa(q, k, v, scale, sdpa_path)\n",
-             "    o = sdpa(q, k, v, None, sdpa_path)\n", T_TORCH),
-    Mutation("torch-attention-ignores-scale", "vit_kernels/ops/flash_attention.py",
-             "    if not path:\n        return F.scaled_dot_product_attention(q, k, v, scale=scale)\n",
-             "    if not path:\n        return F.scaled_dot_product_attention(q, k, v)\n", T_TORCH),
+    Mutation(
+        "torch-linear-drop-layer-scale",
+        "vit_kernels/ops/linear.py",
+        "        y = y * layer_scale\n",
+        "        y = y\n",
+        T_TORCH,
+    ),
+    Mutation(
+        "torch-mlp-drop-layer-scale",
+        "vit_kernels/ops/mlp.py",
+        "        y = y * layer_scale\n",
+        "        y = y\n",
+        T_TORCH,
+    ),
+    Mutation(
+        "torch-mlp-gelu-always-tanh",
+        "vit_kernels/ops/mlp.py",
+        "approximate=approximate)",
+        'approximate="tanh")',
+        T_TORCH,
+    ),
+    Mutation(
+        "torch-mlp-hardcoded-eps",
+        "vit_kernels/ops/mlp.py",
+        "norm_weight, norm_bias, eps) if norm_weight",
+        "norm_weight, norm_bias, 1e-5) if norm_weight",
+        T_TORCH,
+    ),
+    Mutation(
+        "torch-qkv-q-and-k-swapped",
+        "vit_kernels/ops/qkv_attention.py",
+        "    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)\n",
+        "    k, q, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)\n",
+        T_TORCH,
+    ),
+    Mutation(
+        "torch-qkv-ignores-scale",
+        "vit_kernels/ops/qkv_attention.py",
+        "    o = sdpa(q, k, v, scale, sdpa_path)\n",
+        "    o = sdpa(q, k, v, None, sdpa_path)\n",
+        T_TORCH,
+    ),
+    Mutation(
+        "torch-attention-ignores-scale",
+        "vit_kernels/ops/flash_attention.py",
+        "    if not path:\n        return F.scaled_dot_product_attention(q, k, v, scale=scale)\n",
+        "    if not path:\n        return F.scaled_dot_product_attention(q, k, v)\n",
+        T_TORCH,
+    ),
     # ------------------------------------------------------------------ swap: fall-backs, cached resampling
-    Mutation("swap-hooks-after-fuse-ignored", "vit_kernels/swap/wrapper.py",
-             "        if not any(watch[2]):   # the per-call cost: one truth test per hook dict",
-             "        if True:   # the per-call cost: one truth test per hook dict",
-             ("tests/test_swap_fallbacks.py",)),
-    Mutation("swap-hf-pos-cache-ignores-updates", "vit_kernels/swap/hf.py",
-             "        key = (pe.data_ptr(), pe._version, pe.dtype, pe.device)",
-             "        key = (pe.data_ptr(), pe.dtype, pe.device)", ("tests/test_swap_dynamic_size.py",)),
+    Mutation(
+        "swap-hooks-after-fuse-ignored",
+        "vit_kernels/swap/wrapper.py",
+        "        if not any(watch[2]):  # the per-call cost: one truth test per hook dict",
+        "        if True:  # the per-call cost: one truth test per hook dict",
+        ("tests/test_swap_fallbacks.py",),
+    ),
+    Mutation(
+        "swap-hf-pos-cache-ignores-updates",
+        "vit_kernels/swap/hf.py",
+        "        key = (pe.data_ptr(), pe._version, pe.dtype, pe.device)",
+        "        key = (pe.data_ptr(), pe.dtype, pe.device)",
+        ("tests/test_swap_dynamic_size.py",),
+    ),
 ]
 
 
@@ -212,13 +461,17 @@ MUTATIONS: List[Mutation] = [
 def repo_files(root: Path) -> List[str]:
     """Files git tracks plus untracked, not ignored ones (relative paths); every file when no git."""
     try:
-        out = subprocess.run(["git", "-C", str(root), "ls-files", "-co", "--exclude-standard", "-z"],
-                             capture_output=True, check=True).stdout.decode()
+        out = subprocess.run(
+            ["git", "-C", str(root), "ls-files", "-co", "--exclude-standard", "-z"], capture_output=True, check=True
+        ).stdout.decode()
         return [f for f in out.split("\0") if f and (root / f).is_file()]
     except (OSError, subprocess.CalledProcessError):
         skip = {".git", ".venv", ".vkcache", "__pycache__", ".pytest_cache", "build", "dist"}
-        return [str(p.relative_to(root)) for p in root.rglob("*")
-                if p.is_file() and not (set(p.relative_to(root).parts) & skip)]
+        return [
+            str(p.relative_to(root))
+            for p in root.rglob("*")
+            if p.is_file() and not (set(p.relative_to(root).parts) & skip)
+        ]
 
 
 def sync_copy(root: Path, work: Path) -> None:
@@ -273,8 +526,9 @@ def check_patterns(root: Path, mutations: Sequence[Mutation]) -> List[str]:
 
 # --------------------------------------------------------------------------------------------- main
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--list", action="store_true", help="list the mutations and check their patterns")
     ap.add_argument("--only", default="", help="comma-separated mutation names (default: all)")
     ap.add_argument("--jobs", type=int, default=1, help="mutations tested at once, each in its own copy (default 1)")
@@ -297,8 +551,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         errors.append("two mutations share a name")
     if args.list:
         for m in chosen:
-            print(f"{m.name:44s} {m.path:38s} tests: {' '.join(m.tests)}"
-                  + (f"\n{'':44s} accepted survivor: {m.accepted}" if m.accepted else ""))
+            print(
+                f"{m.name:44s} {m.path:38s} tests: {' '.join(m.tests)}"
+                + (f"\n{'':44s} accepted survivor: {m.accepted}" if m.accepted else "")
+            )
         print(f"{len(chosen)} mutations")
     if errors:
         print("\n".join(errors), file=sys.stderr)
@@ -344,6 +600,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     return run_tests(w, m.tests, args.timeout)
                 finally:
                     (w / m.path).write_text(original)
+
             return in_copy(go)
 
         futs2 = {ex.submit(one, m): m for m in chosen}
@@ -357,8 +614,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     killed = [m for m in chosen if results[m.name][0] != "pass"]
     survived = [m for m in chosen if results[m.name][0] == "pass"]
-    print(f"\nscore: {len(killed)}/{len(chosen)} mutations killed ({100.0 * len(killed) / len(chosen):.1f}%) "
-          f"in {time.perf_counter() - t_start:.0f} s")
+    print(
+        f"\nscore: {len(killed)}/{len(chosen)} mutations killed ({100.0 * len(killed) / len(chosen):.1f}%) "
+        f"in {time.perf_counter() - t_start:.0f} s"
+    )
     for m in survived:
         print(f"  survived: {m.name}" + (f" (accepted: {m.accepted})" if m.accepted else " (NOT accepted)"))
     if not args.workdir:

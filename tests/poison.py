@@ -1,6 +1,7 @@
 """NaN-filled outputs for the tests (a helper module): every new floating tensor from torch.empty /
 torch.empty_like starts as NaN, so an element a kernel fails to write fails the comparison with the
 oracle. The library allocates with plain torch.empty; this is the only place outputs are poisoned."""
+
 import torch
 
 NAN = float("nan")
@@ -13,6 +14,7 @@ def _poisoned(fn):
         if t.is_floating_point():
             t.fill_(NAN)
         return t
+
     return make_empty
 
 

@@ -1,5 +1,6 @@
 """Shared acceptance checks for the swap adapters, used by tests/test_swap_*.py (a helper module, not a
 test file: pytest collects nothing here)."""
+
 import copy
 
 import torch
@@ -55,8 +56,9 @@ def check_fuse(model, images, *, backend, dtype=torch.float32, expect_fused=None
         assert fused_ops == sorted(expect_fused), str(report)
     for needle in expect_left:
         assert any(needle in e.reason for e in report.left), f"no left entry says {needle!r}:\n{report}"
-    assert any(isinstance(m, SwapWrapper) for m in model.modules()) == bool(report.fused) or \
-        any(e.family == "vit_kernels" for e in report.fused)
+    assert any(isinstance(m, SwapWrapper) for m in model.modules()) == bool(report.fused) or any(
+        e.family == "vit_kernels" for e in report.fused
+    )
 
     with torch.no_grad():
         got = _logits(model(torch.full_like(images, float("nan")), **call_kw))  # every element is written

@@ -1,6 +1,7 @@
 """vit_kernels.analysis and the attention-map / attention-distance commands: statistics read out of
 fused models against the float64 oracle, PNG/CSV/JSON written for each model family (tiny configs,
 random weights, a synthetic image made here)."""
+
 import copy
 import csv
 import json
@@ -20,8 +21,16 @@ Image = pytest.importorskip("PIL.Image")
 
 def tiny_vit(backend, reg_tokens=0):
     torch.manual_seed(0)
-    return VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10,
-                             reg_tokens=reg_tokens, backend=backend).eval()
+    return VisionTransformer(
+        img_size=32,
+        patch_size=8,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        num_classes=10,
+        reg_tokens=reg_tokens,
+        backend=backend,
+    ).eval()
 
 
 @pytest.mark.parametrize("reg_tokens", [0, 2])
@@ -36,8 +45,11 @@ def test_reference_vit_statistics_against_the_oracle(reg_tokens):
     x = torch.randn(2, 3, 32, 32)
     geo = analysis.geometry(model)
     assert geo == analysis.Geometry(32, 8, (4, 4), 1 + reg_tokens, 2)
-    for fn, shape in ((analysis.cls_attention, (2, 2, 2, 4, 4)), (analysis.attention_rollout, (2, 4, 4)),
-                      (analysis.mean_attention_distance, (2, 2))):
+    for fn, shape in (
+        (analysis.cls_attention, (2, 2, 2, 4, 4)),
+        (analysis.attention_rollout, (2, 4, 4)),
+        (analysis.mean_attention_distance, (2, 2)),
+    ):
         got = fn(model, x)
         assert got.shape == shape
         assert_close(got, fn(m64, x.double()), fn(m32, x), name=fn.__name__)
@@ -67,6 +79,7 @@ def test_a_layer_not_fused_is_an_error():
 def image(tmp_path):
     """A synthetic 80x64 picture: a yellow disc and a red square on blue."""
     from PIL import ImageDraw
+
     im = Image.new("RGB", (80, 64), (30, 60, 120))
     d = ImageDraw.Draw(im)
     d.ellipse((10, 10, 40, 40), fill=(250, 200, 40))
@@ -78,8 +91,9 @@ def image(tmp_path):
 
 def hf_config(tmp_path):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                                 image_size=32, patch_size=8)
+    cfg = transformers.ViTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32, patch_size=8
+    )
     cfg.save_pretrained(tmp_path / "hf")
     return f"hf:{tmp_path / 'hf'}"
 
@@ -91,7 +105,7 @@ MAP_CASES = [  # (model, extra options): tiny configs; torchvision's smallest Vi
     ("hf", []),
     ("vit_pytorch:vit_tiny_patch16_224", []),
     ("torchvision:vit_b_16", ["--backend", "torch"]),
-    ("timm:vit_tiny_patch16_224", ["--backend", "cuda"]),    # the csrc kernels, host emulator
+    ("timm:vit_tiny_patch16_224", ["--backend", "cuda"]),  # the csrc kernels, host emulator
 ]
 
 
@@ -104,23 +118,46 @@ def test_attention_map_command(spec, extra, image, tmp_path, capsys):
     with Image.open(out) as im:
         w, h = im.size
         pixels = im.convert("RGB").getcolors(maxcolors=1 << 20)
-    assert len(pixels) > 100          # overlays, not a blank sheet
+    assert len(pixels) > 100  # overlays, not a blank sheet
     heads = "--heads" in extra
-    assert (w, h) == ((3 * 228 + 4, 3 * 242 + 4) if heads else (2 * 228 + 4, 242 + 4) if "--rollout" in extra
-                      else (3 * 228 + 4, 242 + 4))
+    assert (w, h) == (
+        (3 * 228 + 4, 3 * 242 + 4)
+        if heads
+        else (2 * 228 + 4, 242 + 4)
+        if "--rollout" in extra
+        else (3 * 228 + 4, 242 + 4)
+    )
     assert out in capsys.readouterr().out
 
 
 def test_attention_map_default_output_beside_the_image(image, capsys):
-    assert cli.main(["attention-map", image, "--model", "vit_kernels:vit_tiny_patch16_224", "--depth", "1",
-                     "--img-size", "32"]) == 0
+    assert (
+        cli.main(
+            ["attention-map", image, "--model", "vit_kernels:vit_tiny_patch16_224", "--depth", "1", "--img-size", "32"]
+        )
+        == 0
+    )
     assert os.path.isfile(image.replace("sample.png", "sample_attention.png"))
 
 
 def test_attention_distance_command(image, tmp_path, capsys):
     out = tmp_path / "dist"
-    rc = cli.main(["attention-distance", "--model", "timm:vit_tiny_patch16_224", "--depth", "2", "--img-size", "32",
-                   "--images", image, image, "--out-dir", str(out)])
+    rc = cli.main(
+        [
+            "attention-distance",
+            "--model",
+            "timm:vit_tiny_patch16_224",
+            "--depth",
+            "2",
+            "--img-size",
+            "32",
+            "--images",
+            image,
+            image,
+            "--out-dir",
+            str(out),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     rows = list(csv.DictReader(open(out / "attention_distance.csv")))
     assert len(rows) == 2 * 3 and {r["layer"] for r in rows} == {"1", "2"}
@@ -128,24 +165,37 @@ def test_attention_distance_command(image, tmp_path, capsys):
     assert meta["grid"] == [2, 2] and meta["patch_size"] == 16 and len(meta["distance_px"]) == 2
     d = torch.tensor(meta["distance_px"])
     # 2x2 grid of 16 px patches: every distance lies between 0 and the diagonal
-    assert (d > 0).all() and (d < 16 * 2 ** 0.5).all()
+    assert (d > 0).all() and (d < 16 * 2**0.5).all()
     with Image.open(out / "attention_distance.png") as im:
         assert im.size == (500, 400)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["attention-map", "missing.png", "--model", "vit_kernels:vit_tiny_patch16_224"],
-     "argument image: expected an image file, got 'missing.png': no such file"),
-    (["attention-map", "NOTIMAGE", "--model", "vit_kernels:vit_tiny_patch16_224"],
-     "argument image: expected an image file Pillow can read"),
-    (["attention-map", "IMAGE", "--model", "resnet50"], "model: expected a preset 'vit_<size>_patch<p>_<img>'"),
-    (["attention-map", "IMAGE", "--model", "vit_kernels:vit_tiny_patch16_224", "--img-size", "40"],
-     "img_size: expected a multiple of patch_size=16, got 40"),
-    (["attention-distance", "--model", "timm:vit_tiny_patch16_224", "--batch-size", "0"],
-     "argument --batch-size: expected an integer >= 1, got 0"),
-    (["attention-map", "IMAGE", "--model", "timm:vit_tiny_patch16_224", "--backend", "gpu"],
-     "argument --backend: invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["attention-map", "missing.png", "--model", "vit_kernels:vit_tiny_patch16_224"],
+            "argument image: expected an image file, got 'missing.png': no such file",
+        ),
+        (
+            ["attention-map", "NOTIMAGE", "--model", "vit_kernels:vit_tiny_patch16_224"],
+            "argument image: expected an image file Pillow can read",
+        ),
+        (["attention-map", "IMAGE", "--model", "resnet50"], "model: expected a preset 'vit_<size>_patch<p>_<img>'"),
+        (
+            ["attention-map", "IMAGE", "--model", "vit_kernels:vit_tiny_patch16_224", "--img-size", "40"],
+            "img_size: expected a multiple of patch_size=16, got 40",
+        ),
+        (
+            ["attention-distance", "--model", "timm:vit_tiny_patch16_224", "--batch-size", "0"],
+            "argument --batch-size: expected an integer >= 1, got 0",
+        ),
+        (
+            ["attention-map", "IMAGE", "--model", "timm:vit_tiny_patch16_224", "--backend", "gpu"],
+            "argument --backend: invalid choice",
+        ),
+    ],
+)
 def test_bad_arguments_one_line_exit_2(argv, message, image, tmp_path, capsys):
     notimage = tmp_path / "x.png"
     notimage.write_text("not an image")
@@ -162,6 +212,7 @@ def test_attention_map_loads_a_local_checkpoint(image, tmp_path, capsys):
     from safetensors.torch import save_file
 
     from vit_kernels.commands import verify as verify_cmd
+
     spec = ["--model", "vit_kernels:vit_tiny_patch16_224", "--depth", "1", "--img-size", "32", "--backend", "torch"]
     args = cli.build_parser()[0].parse_args(["attention-map", image, *spec, "--seed", "5"])
     torch.manual_seed(5)
@@ -170,7 +221,7 @@ def test_attention_map_loads_a_local_checkpoint(image, tmp_path, capsys):
     assert cli.main(["attention-map", image, *spec, "--seed", "5", "--out", a]) == 0
     assert cli.main(["attention-map", image, *spec, "--checkpoint", str(tmp_path / "w.safetensors"), "--out", b]) == 0
     c = str(tmp_path / "c.png")
-    assert cli.main(["attention-map", image, *spec, "--out", c]) == 0   # seed 0, no checkpoint
+    assert cli.main(["attention-map", image, *spec, "--out", c]) == 0  # seed 0, no checkpoint
     data = [open(p, "rb").read() for p in (a, b, c)]
     assert data[0] == data[1] and data[0] != data[2]
     capsys.readouterr()

@@ -2,6 +2,7 @@
 the public ops and a fused ViT make (recorded, not run) specialize, by Triton's own rules, to a
 configuration that aot_specs() lists, with the same constants, divisibility attributes and options.
 No compilation here (see tests/test_inspect.py for the compiled facts)."""
+
 import dataclasses
 
 import pytest
@@ -12,8 +13,11 @@ from vit_kernels.commands.inspect import TRITON_MODULES, triton_specs
 from vit_kernels.triton.aot import REPRESENTATIVE, launch_key, record_launches, spec_key, specialize
 
 # Launches are recorded on CPU tensors, which needs Triton's interpreter (the CPU run, CI's).
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="records launches on CPU tensors through "
-                                "Triton's interpreter, which is off on a GPU machine; CI runs it on CPU")
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="records launches on CPU tensors through "
+    "Triton's interpreter, which is off on a GPU machine; CI runs it on CPU",
+)
 
 B, N, DIM, H = (REPRESENTATIVE[k] for k in ("batch", "tokens", "dim", "heads"))
 HD = DIM // H
@@ -40,9 +44,11 @@ def assert_in_report(report, launches, expect_kernels):
         if key not in report:
             # the nearest listed spec of the same kernel, to show what differs
             same = [s for k, s in report.items() if k[0] == key[0] and k[1] == key[1] and k[2] == key[2]]
-            raise AssertionError(f"{_name(la)}: the launch's specialization {dict(key[3])} with options "
-                                 f"{key[4:]} is not in the report; nearest listed: "
-                                 f"{[(s.config, s.specialization()) for s in same][:2]}")
+            raise AssertionError(
+                f"{_name(la)}: the launch's specialization {dict(key[3])} with options "
+                f"{key[4:]} is not in the report; nearest listed: "
+                f"{[(s.config, s.specialization()) for s in same][:2]}"
+            )
 
 
 def op_calls(dtype):
@@ -59,27 +65,61 @@ def op_calls(dtype):
     q = empty(B, H, N, HD, dtype=dtype)
     return {
         # the single kernel where it fits (fp16/bf16 at 197 tokens; untimed calls take split)
-        "qkv_attention single_kernel": (lambda: vk.qkv_attention(x, qkv_w, qkv_b, num_heads=H, norm_weight=ln,
-                                                                 norm_bias=ln, backend="triton",
-                                                                 path="single_kernel"
-                                                                 if dtype != torch.float32 else "split"),
-                                        ["_qkv_attn_kernel"] if dtype != torch.float32 else ["_attn_fwd_kernel"]),
-        "qkv_attention split": (lambda: vk.qkv_attention(x, qkv_w, qkv_b, num_heads=H, norm_weight=ln, norm_bias=ln,
-                                                         backend="triton", path="split"),
-                                ["_row_stats_kernel", "_gemm_kernel", "_attn_fwd_kernel"]),
+        "qkv_attention single_kernel": (
+            lambda: vk.qkv_attention(
+                x,
+                qkv_w,
+                qkv_b,
+                num_heads=H,
+                norm_weight=ln,
+                norm_bias=ln,
+                backend="triton",
+                path="single_kernel" if dtype != torch.float32 else "split",
+            ),
+            ["_qkv_attn_kernel"] if dtype != torch.float32 else ["_attn_fwd_kernel"],
+        ),
+        "qkv_attention split": (
+            lambda: vk.qkv_attention(
+                x, qkv_w, qkv_b, num_heads=H, norm_weight=ln, norm_bias=ln, backend="triton", path="split"
+            ),
+            ["_row_stats_kernel", "_gemm_kernel", "_attn_fwd_kernel"],
+        ),
         "flash_attention": (lambda: vk.flash_attention(q, q, q, backend="triton"), ["_attn_fwd_kernel"]),
         "linear": (lambda: vk.linear(x, w, b, residual=x, layer_scale=b, backend="triton"), ["_gemm_kernel"]),
-        "mlp": (lambda: vk.layernorm_gelu_mlp(x, ln, ln, fc1_w, fc1_b, fc2_w, b, residual=x, backend="triton"),
-                ["_row_stats_kernel", "_gemm_kernel"]),
-        "patch_embed nchw": (lambda: vk.patch_embed(images, conv_w, b, patch_size=16, pos_embed=pos, cls_token=cls,
-                                                    backend="triton"), ["_gemm_kernel"]),
-        "patch_embed channels_last": (lambda: vk.patch_embed(images.contiguous(memory_format=torch.channels_last),
-                                                             conv_w, b, patch_size=16, pos_embed=pos, cls_token=cls,
-                                                             backend="triton"), ["_gemm_kernel"]),
-        "patch_embed uint8 nhwc": (lambda: vk.patch_embed(
-            torch.empty(B, 224, 224, 3, dtype=torch.uint8).permute(0, 3, 1, 2), conv_w, b, patch_size=16,
-            pos_embed=pos, cls_token=cls, image_mean=(0.5,) * 3, image_std=(0.5,) * 3, backend="triton"),
-            ["_gemm_kernel"]),
+        "mlp": (
+            lambda: vk.layernorm_gelu_mlp(x, ln, ln, fc1_w, fc1_b, fc2_w, b, residual=x, backend="triton"),
+            ["_row_stats_kernel", "_gemm_kernel"],
+        ),
+        "patch_embed nchw": (
+            lambda: vk.patch_embed(images, conv_w, b, patch_size=16, pos_embed=pos, cls_token=cls, backend="triton"),
+            ["_gemm_kernel"],
+        ),
+        "patch_embed channels_last": (
+            lambda: vk.patch_embed(
+                images.contiguous(memory_format=torch.channels_last),
+                conv_w,
+                b,
+                patch_size=16,
+                pos_embed=pos,
+                cls_token=cls,
+                backend="triton",
+            ),
+            ["_gemm_kernel"],
+        ),
+        "patch_embed uint8 nhwc": (
+            lambda: vk.patch_embed(
+                torch.empty(B, 224, 224, 3, dtype=torch.uint8).permute(0, 3, 1, 2),
+                conv_w,
+                b,
+                patch_size=16,
+                pos_embed=pos,
+                cls_token=cls,
+                image_mean=(0.5,) * 3,
+                image_std=(0.5,) * 3,
+                backend="triton",
+            ),
+            ["_gemm_kernel"],
+        ),
     }
 
 
@@ -111,8 +151,16 @@ def test_specialization_is_triton_s_and_the_same_for_sm80_and_sm90(report):
     is not, a unit stride is a constant; and the CUDA backend specializes alike for 80 and 90."""
     x = empty(B, N, DIM)
     with record_launches() as launches:
-        vk.qkv_attention(x, empty(3 * DIM, DIM), empty(3 * DIM), num_heads=H, norm_weight=empty(DIM),
-                         norm_bias=empty(DIM), backend="triton", path="single_kernel")
+        vk.qkv_attention(
+            x,
+            empty(3 * DIM, DIM),
+            empty(3 * DIM),
+            num_heads=H,
+            norm_weight=empty(DIM),
+            norm_bias=empty(DIM),
+            backend="triton",
+            path="single_kernel",
+        )
         vk.linear(x, empty(DIM, DIM), backend="triton")
     sig, const, attrs, _ = specialize(launches[0], 90)
     assert attrs["stride_xn"] == [["tt.divisibility", 16]] and attrs["X"] == [["tt.divisibility", 16]]
@@ -127,6 +175,7 @@ def test_the_old_unspecialized_spec_would_be_caught(report):
     """The check can fail: the one-kernel attention at 197 tokens compiled without the launch's
     divisibility attributes (what inspect did before) is not what runs."""
     from vit_kernels.triton import qkv_attention
+
     spec = qkv_attention.aot_spec(torch.float16, 64, 197)
     assert spec_key(spec) in report
     assert "stride_xn" in spec.divisible_by_16 and "N" not in spec.divisible_by_16
@@ -135,10 +184,16 @@ def test_the_old_unspecialized_spec_would_be_caught(report):
 
 def test_every_module_in_the_one_list_has_specs(report):
     kernels = {s.kernel for s in report.values()}
-    assert {"gemm_linear", "gemm_qkv", "gemm_fc1", "gemm_patch_embed_nchw", "flash_attention_fwd",
-            "qkv_attention_single", "row_stats"} <= kernels
-    assert {"attention", "qkv_attention", "layernorm", "gemm", "gemm_tma", "mlp",
-            "patch_embed"} <= set(TRITON_MODULES)
+    assert {
+        "gemm_linear",
+        "gemm_qkv",
+        "gemm_fc1",
+        "gemm_patch_embed_nchw",
+        "flash_attention_fwd",
+        "qkv_attention_single",
+        "row_stats",
+    } <= kernels
+    assert {"attention", "qkv_attention", "layernorm", "gemm", "gemm_tma", "mlp", "patch_embed"} <= set(TRITON_MODULES)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -146,16 +201,26 @@ def test_gemm_tma_launches_of_a_vit_block_are_in_the_report(report, dtype):
     """The sm_90 GEMM's launchers as a ViT block calls them (qkv bias, LayerNorm with beta, residual and
     layer scale), with each class's default config and its last candidate: every launch is listed."""
     from vit_kernels.triton import gemm_tma as G
+
     x, x4 = empty(B, N, DIM, dtype=dtype), empty(B, N, 4 * DIM, dtype=dtype)
     ln, b, b3, b4 = (empty(n, dtype=dtype) for n in (DIM, DIM, 3 * DIM, 4 * DIM))
     w3, w, w4, w4t = (empty(*s, dtype=dtype) for s in ((3 * DIM, DIM), (DIM, DIM), (4 * DIM, DIM), (DIM, 4 * DIM)))
     for pick in (0, -1):
         with record_launches() as launches:
-            G.qkv_projection_forward(x, w3, b3, num_heads=H, scale=HD ** -0.5, norm_weight=ln, norm_bias=ln,
-                                     config=G.configs_for(3 * DIM, DIM)[pick])
+            G.qkv_projection_forward(
+                x,
+                w3,
+                b3,
+                num_heads=H,
+                scale=HD**-0.5,
+                norm_weight=ln,
+                norm_bias=ln,
+                config=G.configs_for(3 * DIM, DIM)[pick],
+            )
             G.linear_forward(x, w, b, residual=x, layer_scale=b, config=G.configs_for(DIM, DIM)[pick])
-            G.dense_forward(x, w4, b4, norm_weight=ln, norm_bias=ln, act=G.ACT_GELU_TANH,
-                            config=G.configs_for(4 * DIM, DIM)[pick])
+            G.dense_forward(
+                x, w4, b4, norm_weight=ln, norm_bias=ln, act=G.ACT_GELU_TANH, config=G.configs_for(4 * DIM, DIM)[pick]
+            )
             G.linear_forward(x4, w4t, b, residual=x, config=G.configs_for(DIM, 4 * DIM)[pick])
         gemms = [la for la in launches if _name(la) == "_gemm_tma_kernel"]
         assert len(gemms) == 4
@@ -179,7 +244,9 @@ def test_every_listed_spec_was_recorded_from_a_launch(report):
     """A hand-written signature is how the report drifted from what runs: every module's
     aot_specs() must build its specs with aot.recorded_spec (or launch_spec) from its launcher."""
     hand_written = sorted({s.kernel for s in report.values() if s.attrs is None})
-    assert not hand_written, f"specs not recorded from a launch (use vit_kernels.triton.aot.recorded_spec): {hand_written}"
+    assert not hand_written, (
+        f"specs not recorded from a launch (use vit_kernels.triton.aot.recorded_spec): {hand_written}"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
@@ -189,16 +256,25 @@ def test_attention_stats_launches_are_in_the_report(report, op, dtype):
     distance on the 14x14 grid, full weights): the flash launch keeping the LSE and each statistics
     launch are configurations inspect compiles."""
     side = int((N - 1) ** 0.5)
-    request = vk.ops.StatsRequest(rows=(0,), grid=(side, side), patch_size=16, prefix_tokens=N - side * side,
-                                  weights=True)
+    request = vk.ops.StatsRequest(
+        rows=(0,), grid=(side, side), patch_size=16, prefix_tokens=N - side * side, weights=True
+    )
     x, ln = empty(B, N, DIM, dtype=dtype), empty(DIM, dtype=dtype)
     q = empty(B, H, N, HD, dtype=dtype)
     with record_launches() as launches:
         if op == "flash_attention":
             vk.flash_attention(q, q, q, backend="triton", stats=request)
         else:
-            vk.qkv_attention(x, empty(3 * DIM, DIM, dtype=dtype), empty(3 * DIM, dtype=dtype), num_heads=H,
-                             norm_weight=ln, norm_bias=ln, backend="triton", stats=request)
+            vk.qkv_attention(
+                x,
+                empty(3 * DIM, DIM, dtype=dtype),
+                empty(3 * DIM, dtype=dtype),
+                num_heads=H,
+                norm_weight=ln,
+                norm_bias=ln,
+                backend="triton",
+                stats=request,
+            )
     names = [_name(la) for la in launches]
     assert names.count("_attn_probs_kernel") == 2 and names.count("_attn_distance_kernel") == 1, names
     assert_in_report(report, launches, ["_attn_fwd_kernel", "_attn_probs_kernel", "_attn_distance_kernel"])

@@ -4,6 +4,7 @@ full-matrix oracle, on the triton backend (interpreter on CPU), the CUDA C++ bac
 Every tensor lives on conftest.DEVICE: on a CPU-only machine the Triton interpreter and the CUDA host
 emulator run the kernels, on a GPU machine the GPU builds do (CPU tensors there would ask for the
 emulator, which a GPU image need not build). CUDA tests skip, naming why, when that backend cannot run."""
+
 import itertools
 
 import pytest
@@ -24,19 +25,22 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (batch, heads, prefix, grid, head_dim, dtype): 1, 50 and 197 tokens with a class token, a
 # non-square grid with registers; head dims 64/72/80.
 DEFAULT_CASES = [
-    (1, 2, 1, None, 64, "fp32"),        # 1 token: the class token only (no patches, no distance)
-    (2, 2, 1, (7, 7), 80, "fp16"),      # 50 tokens
-    (1, 2, 1, (14, 14), 72, "bf16"),    # 197 tokens
-    (2, 1, 5, (4, 6), 64, "fp32"),      # class token + 4 registers, 4x6 patches
+    (1, 2, 1, None, 64, "fp32"),  # 1 token: the class token only (no patches, no distance)
+    (2, 2, 1, (7, 7), 80, "fp16"),  # 50 tokens
+    (1, 2, 1, (14, 14), 72, "bf16"),  # 197 tokens
+    (2, 1, 5, (4, 6), 64, "fp32"),  # class token + 4 registers, 4x6 patches
 ]
-SLOW_CASES = [(b, 2, 1, g, d, dt) for b, g, d, dt in itertools.product(
-    (1, 3), (None, (7, 7), (14, 14), (3, 5)), (64, 72, 80), DTYPES)]
+SLOW_CASES = [
+    (b, 2, 1, g, d, dt)
+    for b, g, d, dt in itertools.product((1, 3), (None, (7, 7), (14, 14), (3, 5)), (64, 72, 80), DTYPES)
+]
 
 
 def need_cuda_backend():
     """Skip, naming the reason, when the CUDA C++ backend cannot run on DEVICE (the host emulator on
     a CPU-only machine, the GPU build on a GPU machine)."""
     from vit_kernels import cuda
+
     why = cuda.unavailable_reason(DEVICE)
     if why:
         pytest.skip(f"CUDA C++ backend unavailable on {DEVICE.type}: {why}")
@@ -58,7 +62,7 @@ def check_launchers(B, H, prefix, grid, D, dtype):
     baseline is the eager oracle at the inputs' dtype."""
     N = tokens(prefix, grid)
     q, k, v = make_qk(B, H, N, D, DTYPES[dtype])
-    scale = D ** -0.5
+    scale = D**-0.5
     _, lse = attention.flash_attention_forward(q, k, v, scale, return_lse=True)
     p64 = reference.attention_probs(q.double(), k.double(), scale=scale)
     base = reference.attention_probs(q, k, scale=scale)
@@ -71,13 +75,19 @@ def check_launchers(B, H, prefix, grid, D, dtype):
     assert_close(triton_stats.attention_probs_forward(q, k, lse, scale, out=full), p64, base, name="weights")
     if grid:
         per_patch = torch.full((B, H, grid[0] * grid[1]), float("nan"), dtype=torch.float32, device=q.device)
-        dist = triton_stats.mean_attention_distance_forward(q, k, lse, scale, grid=grid, patch_size=16.0,
-                                                            prefix_tokens=prefix, per_patch=per_patch)
-        oracle = reference.mean_attention_distance(q.double(), k.double(), grid=grid, patch_size=16.0,
-                                                   prefix_tokens=prefix, scale=scale)
-        baseline = reference.mean_attention_distance(q.float(), k.float(), grid=grid, patch_size=16.0,
-                                                     prefix_tokens=prefix, scale=scale) \
-            if q.dtype == torch.float32 else _distance_at(q, k, grid, 16.0, prefix, scale)
+        dist = triton_stats.mean_attention_distance_forward(
+            q, k, lse, scale, grid=grid, patch_size=16.0, prefix_tokens=prefix, per_patch=per_patch
+        )
+        oracle = reference.mean_attention_distance(
+            q.double(), k.double(), grid=grid, patch_size=16.0, prefix_tokens=prefix, scale=scale
+        )
+        baseline = (
+            reference.mean_attention_distance(
+                q.float(), k.float(), grid=grid, patch_size=16.0, prefix_tokens=prefix, scale=scale
+            )
+            if q.dtype == torch.float32
+            else _distance_at(q, k, grid, 16.0, prefix, scale)
+        )
         assert not torch.isnan(per_patch).any()
         assert dist.shape == (B, H) and dist.dtype == torch.float32
         assert_close(dist, oracle, baseline, name="distance")
@@ -101,10 +111,11 @@ def test_cuda_stats_kernels(B, H, prefix, grid, D, dtype, monkeypatch):
     float64 oracle; the LSE comes from the CUDA flash kernel."""
     need_cuda_backend()
     from vit_kernels.cuda import attention_stats as cuda_stats
+
     poison_empty(monkeypatch)
     N = tokens(prefix, grid)
     q, k, v = make_qk(B, H, N, D, DTYPES[dtype])
-    scale = D ** -0.5
+    scale = D**-0.5
     req = StatsRequest(rows=(0, N - 1), grid=grid, patch_size=16.0, prefix_tokens=prefix, weights=True)
     out, st = cuda_stats.flash_attention_with_stats(q, k, v, scale, req, stats_mod.check_request(req, N, N))
     p64 = reference.attention_probs(q.double(), k.double(), scale=scale)
@@ -112,11 +123,14 @@ def test_cuda_stats_kernels(B, H, prefix, grid, D, dtype, monkeypatch):
     assert_close(st.rows, p64[:, :, [0, N - 1]], base[:, :, [0, N - 1]], name="rows")
     assert_close(st.weights, p64, base, name="weights")
     if grid:
-        oracle = reference.mean_attention_distance(q.double(), k.double(), grid=grid, patch_size=16.0,
-                                                   prefix_tokens=prefix, scale=scale)
-        baseline = reference.mean_attention_distance(q, k, grid=grid, patch_size=16.0, prefix_tokens=prefix,
-                                                     scale=scale) if q.dtype == torch.float32 else \
-            _distance_at(q, k, grid, 16.0, prefix, scale)
+        oracle = reference.mean_attention_distance(
+            q.double(), k.double(), grid=grid, patch_size=16.0, prefix_tokens=prefix, scale=scale
+        )
+        baseline = (
+            reference.mean_attention_distance(q, k, grid=grid, patch_size=16.0, prefix_tokens=prefix, scale=scale)
+            if q.dtype == torch.float32
+            else _distance_at(q, k, grid, 16.0, prefix, scale)
+        )
         assert_close(st.distance, oracle, baseline, name="distance")
 
 
@@ -154,33 +168,48 @@ def test_ops_stats(backend):
     q, k, v = make_qk(B, H, N, D, torch.float32)
     req = StatsRequest(rows=(0, 3), grid=grid, patch_size=16, weights=True)
     out, st = ops.flash_attention(q, k, v, backend=backend, stats=req)
-    assert_close(out, reference.flash_attention(q.double(), k.double(), v.double()),
-                 reference.flash_attention(q, k, v))
+    assert_close(out, reference.flash_attention(q.double(), k.double(), v.double()), reference.flash_attention(q, k, v))
     p64 = reference.attention_probs(q.double(), k.double())
     base = reference.attention_probs(q, k)
     assert_close(st.rows, p64[:, :, [0, 3]], base[:, :, [0, 3]], name="rows")
     assert_close(st.weights, p64, base, name="weights")
-    assert_close(st.distance, reference.mean_attention_distance(q.double(), k.double(), grid=grid, patch_size=16),
-                 reference.mean_attention_distance(q, k, grid=grid, patch_size=16), name="distance")
+    assert_close(
+        st.distance,
+        reference.mean_attention_distance(q.double(), k.double(), grid=grid, patch_size=16),
+        reference.mean_attention_distance(q, k, grid=grid, patch_size=16),
+        name="distance",
+    )
     assert last_decision("flash_attention").backend == backend
     assert last_decision("flash_attention").path == ("torch+stats" if backend == "torch" else "stats")
 
     dim = H * D
     f64 = dict(dtype=torch.float64, device=DEVICE)
     x = torch.randn(B, N, dim, **f64)
-    w = torch.randn(3 * dim, dim, **f64) * dim ** -0.5
+    w = torch.randn(3 * dim, dim, **f64) * dim**-0.5
     b, nw, nb = torch.randn(3 * dim, **f64), 1 + 0.1 * torch.randn(dim, **f64), 0.1 * torch.randn(dim, **f64)
     args32 = [t.float() for t in (x, w, b, nw, nb)]
-    out, st = ops.qkv_attention(args32[0], args32[1], args32[2], num_heads=H, norm_weight=args32[3],
-                                norm_bias=args32[4], backend=backend, stats=StatsRequest(grid=grid, patch_size=16))
+    out, st = ops.qkv_attention(
+        args32[0],
+        args32[1],
+        args32[2],
+        num_heads=H,
+        norm_weight=args32[3],
+        norm_bias=args32[4],
+        backend=backend,
+        stats=StatsRequest(grid=grid, patch_size=16),
+    )
     ref_kw = dict(num_heads=H, norm_weight=nw, norm_bias=nb)
-    assert_close(out, reference.qkv_attention(x, w, b, **ref_kw),
-                 reference.qkv_attention(*args32[:3], num_heads=H, norm_weight=args32[3], norm_bias=args32[4]))
+    assert_close(
+        out,
+        reference.qkv_attention(x, w, b, **ref_kw),
+        reference.qkv_attention(*args32[:3], num_heads=H, norm_weight=args32[3], norm_bias=args32[4]),
+    )
     h = reference.layer_norm(x, nw, nb, 1e-6)
     qq, kk, _ = reference.linear(h, w, b).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
     assert_close(st.rows, reference.attention_probs(qq, kk)[:, :, [0]], name="rows", floor=1e-4)
-    assert_close(st.distance, reference.mean_attention_distance(qq, kk, grid=grid, patch_size=16), name="distance",
-                 floor=1e-4)
+    assert_close(
+        st.distance, reference.mean_attention_distance(qq, kk, grid=grid, patch_size=16), name="distance", floor=1e-4
+    )
     assert st.weights is None
     assert last_decision("qkv_attention").path == ("torch+stats" if backend == "torch" else "split+stats")
 
@@ -208,10 +237,13 @@ def test_launchers_check_their_operands():
     q, k, v = make_qk(1, 2, 17, 64, torch.float32)
     _, lse = attention.flash_attention_forward(q, k, v, 0.125, return_lse=True)
     with pytest.raises(ValueError, match="k: expected a 16-byte aligned data pointer"):
-        triton_stats.attention_probs_forward(q, torch.randn(1, 2, 17 * 64 + 1, device=DEVICE)[..., 1:].view(1, 2, 17, 64), lse, 0.1)
+        triton_stats.attention_probs_forward(
+            q, torch.randn(1, 2, 17 * 64 + 1, device=DEVICE)[..., 1:].view(1, 2, 17, 64), lse, 0.1
+        )
     with pytest.raises(ValueError, match=r"lse: expected a contiguous float32 \(1, 2, 17\) tensor"):
-        triton_stats.mean_attention_distance_forward(q, k, lse.double(), 0.1, grid=(4, 4), patch_size=1,
-                                                     prefix_tokens=1)
+        triton_stats.mean_attention_distance_forward(
+            q, k, lse.double(), 0.1, grid=(4, 4), patch_size=1, prefix_tokens=1
+        )
     with pytest.raises(ValueError, match=r"k: expected shape \(1, 2, kv_tokens, 64\)"):
         triton_stats.attention_probs_forward(q, k[:, :1], lse, 0.1)
 
@@ -237,6 +269,7 @@ def test_bad_requests_name_the_argument():
 def test_fused_attention_module_stats():
     """FusedAttention(x, stats=...) on triton against the same module on the float64 oracle."""
     from vit_kernels.nn import FusedAttention
+
     torch.manual_seed(0)
     m = FusedAttention(128, 2, backend="triton").to(DEVICE).eval()
     x = torch.randn(2, 1 + 9, 128, device=DEVICE)

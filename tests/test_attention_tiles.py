@@ -8,6 +8,7 @@ default, the full product behind the slow marker). Ahead of time (a subprocess w
 the two-chunk kernel for sm_80 and sm_90: no spills, tensor-core instructions, and a smaller register or
 shared-memory footprint than the same tiles padded to 128.
 """
+
 import itertools
 import json
 import os
@@ -33,8 +34,12 @@ VIT_LENGTHS = (197, 257, 577, 1025)
 
 def half_tune_configs():
     """Every tuning alternative for float16/bfloat16 (the same list for every bucket up to 128)."""
-    cfgs = {c for arch in attention.TUNE_CONFIGS for hd in HEAD_DIMS
-            for c in attention.tune_configs(torch.float16, hd, arch)}
+    cfgs = {
+        c
+        for arch in attention.TUNE_CONFIGS
+        for hd in HEAD_DIMS
+        for c in attention.tune_configs(torch.float16, hd, arch)
+    }
     return sorted(cfgs)
 
 
@@ -42,7 +47,7 @@ def check(B, H, N, D, dtype, config):
     """One launch with ``config`` into a NaN-filled output, against the float64 oracle (tolerance rule,
     baseline: the eager reference at the inputs' dtype); the LSE against float64's logsumexp."""
     q, k, v = (torch.randn(B, H, N, D, dtype=torch.float64, device=DEVICE).to(dtype) for _ in range(3))
-    scale = D ** -0.5
+    scale = D**-0.5
     out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
     got, lse = attention.flash_attention_forward(q, k, v, scale, out=out, return_lse=True, attention_config=config)
     assert got is out
@@ -57,9 +62,9 @@ def test_head_dim_chunks():
     assert attention.dim_chunks(48) == (32, 16) and attention.dim_chunks(96) == (64, 32)
     for d in (16, 32, 64, 128, 256):
         assert attention.dim_chunks(d) == (d, 0)
-    for d in (24, 112, 200):          # two chunks would pad as much: one
+    for d in (24, 112, 200):  # two chunks would pad as much: one
         assert attention.dim_chunks(d) == (attention.block_d(d), 0)
-    assert attention.dim_chunks(80, torch.float32) == (128, 0)     # fp32: one padded chunk (no spills)
+    assert attention.dim_chunks(80, torch.float32) == (128, 0)  # fp32: one padded chunk (no spills)
     for d in range(16, 257, 8):
         d0, d1 = attention.dim_chunks(d)
         assert d0 + d1 >= d and d0 + d1 <= attention.block_d(d) and d1 in (0, 16, 32, 64, 128)
@@ -84,8 +89,8 @@ def test_tuning_tiles_pad_less_at_vit_lengths():
     for n in VIT_LENGTHS:
         best = min(attention.padded_work(n, c[0], c[1]) for c in cfgs)
         assert best < attention.padded_work(n, default[0], default[1]), n
-    assert attention.padded_work(197, 64, 32) == pytest.approx(256 * 224 / 197 ** 2)
-    assert attention.padded_work(197, 64, 32, head_dim=80) == pytest.approx(256 * 224 / 197 ** 2)
+    assert attention.padded_work(197, 64, 32) == pytest.approx(256 * 224 / 197**2)
+    assert attention.padded_work(197, 64, 32, head_dim=80) == pytest.approx(256 * 224 / 197**2)
     assert attention.padded_work(64, 64, 64, head_dim=72) == pytest.approx(80 / 72)
 
 
@@ -116,8 +121,9 @@ def test_tiles_against_oracle(config, N, D, dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config,N,D,dtype", list(itertools.product(
-    [None] + half_tune_configs(), TOKENS, HEAD_DIMS, DTYPES)))
+@pytest.mark.parametrize(
+    "config,N,D,dtype", list(itertools.product([None] + half_tune_configs(), TOKENS, HEAD_DIMS, DTYPES))
+)
 def test_tiles_against_oracle_full(config, N, D, dtype):
     check(2, 2, N, D, DTYPES[dtype], config)
 
@@ -126,7 +132,7 @@ def test_second_chunk_is_computed():
     """The columns past 64 come from the second chunk's dots: a kernel that skipped them would leave the
     NaN fill there (or zeros), and a kernel that dropped their q.k part would miss the oracle."""
     q, k, v = (torch.randn(1, 1, 50, 80, dtype=torch.float64, device=DEVICE).to(torch.float16) for _ in range(3))
-    q[..., 64:] *= 8    # the scores depend strongly on the second chunk
+    q[..., 64:] *= 8  # the scores depend strongly on the second chunk
     out = torch.full(q.shape, float("nan"), dtype=torch.float16, device=DEVICE)
     attention.flash_attention_forward(q, k, v, 0.125, out=out, attention_config=(64, 32, 4, 3))
     without = reference.flash_attention(q[..., :64].double(), k[..., :64].double(), v.double(), scale=0.125)

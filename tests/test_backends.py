@@ -1,4 +1,5 @@
 """Backend selection: one place, visible reasons, clear errors."""
+
 import os
 import subprocess
 import sys
@@ -45,12 +46,14 @@ def test_gradients_with_explicit_triton_run_its_backward_kernels():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error; a GPU runs Triton natively")
 def test_triton_on_cpu_without_interpreter_says_how_to_enable_it():
-    code = ("import torch, vit_kernels as vk\n"
-            "q = torch.randn(1, 1, 4, 16)\n"
-            "try:\n"
-            "    vk.flash_attention(q, q, q, backend='triton')\n"
-            "except RuntimeError as e:\n"
-            "    print(e)\n")
+    code = (
+        "import torch, vit_kernels as vk\n"
+        "q = torch.randn(1, 1, 4, 16)\n"
+        "try:\n"
+        "    vk.flash_attention(q, q, q, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
@@ -60,13 +63,15 @@ def test_triton_on_cpu_without_interpreter_says_how_to_enable_it():
 def test_bf16_on_an_unpatched_interpreter_is_refused_with_the_reason():
     """Without the test-only patch of tests/conftest.py, Triton 3.8's interpreter gets bf16 wrong:
     the probe sees it and a bf16 triton call says so instead of returning garbage."""
-    code = ("import torch, vit_kernels as vk\n"
-            "q = torch.randn(1, 1, 4, 16, dtype=torch.bfloat16)\n"
-            "print(vk.flash_attention(q.float(), q.float(), q.float(), backend='triton').shape)\n"
-            "try:\n"
-            "    vk.flash_attention(q, q, q, backend='triton')\n"
-            "except RuntimeError as e:\n"
-            "    print(e)\n")
+    code = (
+        "import torch, vit_kernels as vk\n"
+        "q = torch.randn(1, 1, 4, 16, dtype=torch.bfloat16)\n"
+        "print(vk.flash_attention(q.float(), q.float(), q.float(), backend='triton').shape)\n"
+        "try:\n"
+        "    vk.flash_attention(q, q, q, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "torch.Size([1, 1, 4, 16])" in out.stdout, out.stdout + out.stderr
@@ -77,4 +82,5 @@ def test_the_patched_interpreter_passes_the_bf16_probe():
     if torch.cuda.is_available():
         pytest.skip("no interpreter on a GPU machine")
     from vit_kernels.triton.interpreter import bf16_flaw
+
     assert bf16_flaw() is None

@@ -9,6 +9,7 @@ starts as NaN (torch.empty / empty_like patched), so an element a kernel fails t
 The default run takes small shapes; the forward's full matrix (tokens 1, 50, 197, 257; head dims
 64, 72, 80; batch 1 and 3; fp32/fp16/bf16) runs with -m slow.
 """
+
 import pytest
 import torch
 
@@ -75,15 +76,20 @@ def check_grads(op, oracle, tensors, kw, dtype):
 # ---------------------------------------------------------------------------------------------
 # flash_attention: dq, dk, dv
 
-ATTN_SHAPES = [(1, 2, 50, 64), (3, 1, 1, 72), (1, 1, 197, 80)]   # (batch, heads, tokens, head_dim)
+ATTN_SHAPES = [(1, 2, 50, 64), (3, 1, 1, 72), (1, 1, 197, 80)]  # (batch, heads, tokens, head_dim)
 ATTN_FULL = [(b, 2, n, hd) for b in (1, 3) for n in (1, 50, 197, 257) for hd in (64, 72, 80)]
 
 
 def _attention(shape, dtype, kv_tokens=None):
     B, H, N, D = shape
     M = N if kv_tokens is None else kv_tokens
-    check_grads(vk.flash_attention, R.flash_attention,
-                dict(q=rnd(B, H, N, D), k=rnd(B, H, M, D), v=rnd(B, H, M, D)), dict(scale=D ** -0.5), dtype)
+    check_grads(
+        vk.flash_attention,
+        R.flash_attention,
+        dict(q=rnd(B, H, N, D), k=rnd(B, H, M, D), v=rnd(B, H, M, D)),
+        dict(scale=D**-0.5),
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
@@ -109,8 +115,13 @@ def test_flash_attention_grads_full(shape, dtype):
 # differs from the tile's dO . v_last in its last bits (another summation order), and |k| = 100 turns
 # that into |dq| ~2.4e-5 (bound: the floor, 1e-5). Taking delta from P instead (as fp16/bf16 do) fixes
 # that case but misses "rising" and "alternating" in fp32 by ~30x (measured 2026-11-26).
-HARD_CASES = [("rising", torch.float32), ("alternating", torch.float32),
-              ("rising", torch.float16), ("alternating", torch.float16), ("last", torch.float16)]
+HARD_CASES = [
+    ("rising", torch.float32),
+    ("alternating", torch.float32),
+    ("rising", torch.float16),
+    ("alternating", torch.float16),
+    ("last", torch.float16),
+]
 
 
 @pytest.mark.parametrize("pattern, dtype", HARD_CASES, ids=_id)
@@ -119,27 +130,33 @@ def test_flash_attention_grads_scores_hundreds_apart(pattern, dtype):
     recomputes P = exp(S - LSE) per tile from the saved LSE, which must hold whatever the tiling."""
     B, H, N, D = 1, 2, 70, 64
     j = torch.arange(N, dtype=torch.float64)
-    offsets = {"rising": -300 + 600 * torch.div(j, 16, rounding_mode="floor") / ((N - 1) // 16),
-               "alternating": 300 * (1 - 2 * (torch.div(j, 16, rounding_mode="floor") % 2)),
-               "last": torch.where(j == N - 1, 100.0, 0.0)}[pattern]
+    offsets = {
+        "rising": -300 + 600 * torch.div(j, 16, rounding_mode="floor") / ((N - 1) // 16),
+        "alternating": 300 * (1 - 2 * (torch.div(j, 16, rounding_mode="floor") % 2)),
+        "last": torch.where(j == N - 1, 100.0, 0.0),
+    }[pattern]
     q, k = rnd(B, H, N, D), rnd(B, H, N, D)
-    q[..., 0], k[..., 0] = 1 / D ** -0.5, offsets
-    check_grads(vk.flash_attention, R.flash_attention, dict(q=q, k=k, v=rnd(B, H, N, D)), dict(scale=D ** -0.5),
-                dtype)
+    q[..., 0], k[..., 0] = 1 / D**-0.5, offsets
+    check_grads(vk.flash_attention, R.flash_attention, dict(q=q, k=k, v=rnd(B, H, N, D)), dict(scale=D**-0.5), dtype)
 
 
 # ---------------------------------------------------------------------------------------------
 # qkv_attention (split path): LayerNorm, QKV projection, attention
 
-QKV_CASES = [(1, 50, 2, 64, True), (3, 1, 1, 72, False), (1, 17, 1, 80, True)]   # (B, N, heads, head_dim, LayerNorm)
+QKV_CASES = [(1, 50, 2, 64, True), (3, 1, 1, 72, False), (1, 17, 1, 80, True)]  # (B, N, heads, head_dim, LayerNorm)
 QKV_FULL = [(b, n, 2, hd, True) for b in (1, 3) for n in (1, 50, 197, 257) for hd in (64, 72, 80)]
 
 
 def _qkv(case, dtype):
     B, N, H, hd, norm = case
     dim = H * hd
-    tensors = dict(x=rnd(B, N, dim), qkv_weight=rnd(3 * dim, dim, scale=dim ** -0.5), qkv_bias=rnd(3 * dim),
-                   norm_weight=rnd(dim) if norm else None, norm_bias=rnd(dim) if norm else None)
+    tensors = dict(
+        x=rnd(B, N, dim),
+        qkv_weight=rnd(3 * dim, dim, scale=dim**-0.5),
+        qkv_bias=rnd(3 * dim),
+        norm_weight=rnd(dim) if norm else None,
+        norm_bias=rnd(dim) if norm else None,
+    )
     check_grads(vk.qkv_attention, R.qkv_attention, tensors, dict(num_heads=H, eps=1e-5), dtype)
     assert vk.last_decision("qkv_attention").path == "split"
 
@@ -165,9 +182,13 @@ LINEAR_CASES = [(1, 50, 72, 200, "bias+res+ls"), (3, 1, 64, 96, "plain"), (2, 17
 
 def _linear(case, dtype):
     B, N, K, O, variant = case
-    tensors = dict(x=rnd(B, N, K), weight=rnd(O, K, scale=K ** -0.5), bias=rnd(O) if "bias" in variant else None,
-                   residual=rnd(B, N, O) if "res" in variant else None,
-                   layer_scale=rnd(O, scale=0.5) if "ls" in variant else None)
+    tensors = dict(
+        x=rnd(B, N, K),
+        weight=rnd(O, K, scale=K**-0.5),
+        bias=rnd(O) if "bias" in variant else None,
+        residual=rnd(B, N, O) if "res" in variant else None,
+        layer_scale=rnd(O, scale=0.5) if "ls" in variant else None,
+    )
     check_grads(vk.linear, R.linear, tensors, {}, dtype)
 
 
@@ -179,8 +200,7 @@ def test_linear_grads(case, dtype):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("case", [(b, n, 192, 192, "bias+res+ls") for b in (1, 3) for n in (1, 50, 197, 257)],
-                         ids=_id)
+@pytest.mark.parametrize("case", [(b, n, 192, 192, "bias+res+ls") for b in (1, 3) for n in (1, 50, 197, 257)], ids=_id)
 def test_linear_grads_full(case, dtype):
     _linear(case, dtype)
 
@@ -194,11 +214,17 @@ MLP_CASES = [(1, 50, 64, 128, "norm+res+ls", "none"), (3, 1, 72, 96, "norm", "ta
 def _mlp(case, dtype):
     B, N, dim, hidden, variant, approximate = case
     norm = "norm" in variant
-    tensors = dict(x=rnd(B, N, dim), norm_weight=rnd(dim) if norm else None, norm_bias=rnd(dim) if norm else None,
-                   fc1_weight=rnd(hidden, dim, scale=dim ** -0.5), fc1_bias=rnd(hidden),
-                   fc2_weight=rnd(dim, hidden, scale=hidden ** -0.5), fc2_bias=rnd(dim),
-                   residual=rnd(B, N, dim) if "res" in variant else None,
-                   layer_scale=rnd(dim, scale=0.5) if "ls" in variant else None)
+    tensors = dict(
+        x=rnd(B, N, dim),
+        norm_weight=rnd(dim) if norm else None,
+        norm_bias=rnd(dim) if norm else None,
+        fc1_weight=rnd(hidden, dim, scale=dim**-0.5),
+        fc1_bias=rnd(hidden),
+        fc2_weight=rnd(dim, hidden, scale=hidden**-0.5),
+        fc2_bias=rnd(dim),
+        residual=rnd(B, N, dim) if "res" in variant else None,
+        layer_scale=rnd(dim, scale=0.5) if "ls" in variant else None,
+    )
     check_grads(vk.layernorm_gelu_mlp, R.layernorm_gelu_mlp, tensors, dict(eps=1e-5, approximate=approximate), dtype)
 
 
@@ -210,8 +236,11 @@ def test_layernorm_gelu_mlp_grads(case, dtype):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("case", [(b, n, 128, 512, "norm+res+ls", a) for b in (1, 3) for n in (1, 50, 197, 257)
-                                  for a in ("none", "tanh")], ids=_id)
+@pytest.mark.parametrize(
+    "case",
+    [(b, n, 128, 512, "norm+res+ls", a) for b in (1, 3) for n in (1, 50, 197, 257) for a in ("none", "tanh")],
+    ids=_id,
+)
 def test_layernorm_gelu_mlp_grads_full(case, dtype):
     _mlp(case, dtype)
 
@@ -226,9 +255,13 @@ PATCH_CASES = [(1, 3, 32, 32, 16, 64, True), (3, 3, 24, 16, 8, 72, False), (2, 1
 def _patch(case, dtype, pos_shape="1td"):
     B, C, H, W, p, dim, cls = case
     T = (1 if cls else 0) + (H // p) * (W // p)
-    tensors = dict(images=rnd(B, C, H, W), weight=rnd(dim, C, p, p, scale=(C * p * p) ** -0.5), bias=rnd(dim),
-                   pos_embed=rnd(1, T, dim) if pos_shape == "1td" else rnd(T, dim),
-                   cls_token=rnd(1, 1, dim) if cls else None)
+    tensors = dict(
+        images=rnd(B, C, H, W),
+        weight=rnd(dim, C, p, p, scale=(C * p * p) ** -0.5),
+        bias=rnd(dim),
+        pos_embed=rnd(1, T, dim) if pos_shape == "1td" else rnd(T, dim),
+        cls_token=rnd(1, 1, dim) if cls else None,
+    )
     check_grads(vk.patch_embed, R.patch_embed, tensors, dict(patch_size=p), dtype)
 
 
@@ -244,8 +277,12 @@ def test_patch_embed_grads_2d_pos_embed():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("case", [(b, 3, 224, 224, 16, 192, True) for b in (1, 3)]
-                         + [(b, 3, 112, 112, 16, 192, c) for b in (1, 3) for c in (False, True)], ids=_id)
+@pytest.mark.parametrize(
+    "case",
+    [(b, 3, 224, 224, 16, 192, True) for b in (1, 3)]
+    + [(b, 3, 112, 112, 16, 192, c) for b in (1, 3) for c in (False, True)],
+    ids=_id,
+)
 def test_patch_embed_grads_full(case, dtype):
     _patch(case, dtype)
 
@@ -255,6 +292,7 @@ def test_patch_embed_grads_full(case, dtype):
 # finite differences of the float64 oracle. The kernels take float64 (fp64 accumulators, "ieee"
 # dots); the forward kernels do not, so the forward here is the oracle and the saved tensors (row
 # log-sum-exp, LayerNorm statistics, hidden activations) are computed from it in float64.
+
 
 def _gradcheck(forward, backward, inputs):
     """forward(*inputs) -> (out, saved); backward(grad, inputs, saved, needs) -> input gradients."""
@@ -321,25 +359,44 @@ def test_gradcheck_layernorm_gelu_mlp(approximate):
 
     def forward(x, nw, nb, w1, b1, w2, b2, res, ls):
         x2 = x.detach().reshape(-1, x.shape[-1])
-        hidden = R.gelu(R.linear(R.layer_norm(x2, nw.detach(), nb.detach(), eps), w1.detach(), b1.detach()),
-                        approximate)
-        out = R.layernorm_gelu_mlp(x, nw, nb, w1, b1, w2, b2, eps=eps, approximate=approximate, residual=res,
-                                   layer_scale=ls)
+        hidden = R.gelu(
+            R.linear(R.layer_norm(x2, nw.detach(), nb.detach(), eps), w1.detach(), b1.detach()), approximate
+        )
+        out = R.layernorm_gelu_mlp(
+            x, nw, nb, w1, b1, w2, b2, eps=eps, approximate=approximate, residual=res, layer_scale=ls
+        )
         return out, (hidden.contiguous(), _stats(x2, eps))
 
     def backward(g, ts, saved, needs):
         x, nw, nb, w1, b1, w2, b2, res, ls = ts
-        return vk_autograd.layernorm_gelu_mlp_backward(g, x, nw, nb, w1, b1, w2, b2, ls, hidden=saved[0],
-                                                       stats=saved[1], eps=eps, approximate=approximate, needs=needs)
+        return vk_autograd.layernorm_gelu_mlp_backward(
+            g,
+            x,
+            nw,
+            nb,
+            w1,
+            b1,
+            w2,
+            b2,
+            ls,
+            hidden=saved[0],
+            stats=saved[1],
+            eps=eps,
+            approximate=approximate,
+            needs=needs,
+        )
 
-    _gradcheck(forward, backward, [rnd(1, 5, 16), rnd(16), rnd(16), rnd(24, 16), rnd(24), rnd(16, 24), rnd(16),
-                                   rnd(1, 5, 16), rnd(16)])
+    _gradcheck(
+        forward,
+        backward,
+        [rnd(1, 5, 16), rnd(16), rnd(16), rnd(24, 16), rnd(24), rnd(16, 24), rnd(16), rnd(1, 5, 16), rnd(16)],
+    )
 
 
 def test_gradcheck_qkv_attention():
     eps, H, hd, B, N = 1e-5, 2, 16, 1, 5
     dim = H * hd
-    scale = hd ** -0.5
+    scale = hd**-0.5
 
     def forward(x, w, b, nw, nb):
         xd = [t.detach() for t in (x, w, b, nw, nb)]
@@ -348,13 +405,19 @@ def test_gradcheck_qkv_attention():
         qkv[0] *= scale
         s = qkv[0] @ qkv[1].transpose(-2, -1)
         out = R.qkv_attention(x, w, b, num_heads=H, norm_weight=nw, norm_bias=nb, eps=eps)
-        saved = (qkv, out.detach().contiguous(), torch.logsumexp(s, -1).contiguous(), _stats(xd[0].reshape(-1, dim), eps))
+        saved = (
+            qkv,
+            out.detach().contiguous(),
+            torch.logsumexp(s, -1).contiguous(),
+            _stats(xd[0].reshape(-1, dim), eps),
+        )
         return out, saved
 
     def backward(g, ts, saved, needs):
         qkv, out, lse, stats = saved
-        return vk_autograd.qkv_attention_backward(g, *ts, num_heads=H, scale=scale, eps=eps, qkv=qkv, out=out,
-                                                  lse=lse, stats=stats, needs=needs)
+        return vk_autograd.qkv_attention_backward(
+            g, *ts, num_heads=H, scale=scale, eps=eps, qkv=qkv, out=out, lse=lse, stats=stats, needs=needs
+        )
 
     _gradcheck(forward, backward, [rnd(B, N, dim), rnd(3 * dim, dim, scale=0.2), rnd(3 * dim), rnd(dim), rnd(dim)])
 
@@ -374,6 +437,7 @@ def test_gradcheck_patch_embed():
 # ---------------------------------------------------------------------------------------------
 # torch backend of the gradient functions: the same gradients from the torch path
 
+
 def test_torch_backend_of_the_gradient_functions_matches_the_oracle():
     x, w, b, ls = rnd(2, 5, 16), rnd(24, 16), rnd(24), rnd(24)
     g = rnd(2, 5, 24)
@@ -389,6 +453,7 @@ def test_torch_backend_of_the_gradient_functions_matches_the_oracle():
 
 # ---------------------------------------------------------------------------------------------
 # dispatch under autograd
+
 
 def _qkv_inputs():
     x = rnd(1, 5, 32, dtype=torch.float32).requires_grad_()
@@ -407,8 +472,11 @@ def test_auto_keeps_torch_for_gradients_and_says_why():
 
 def test_explicit_cuda_under_autograd_raises_before_any_launch():
     x, w = _qkv_inputs()
-    with pytest.raises(RuntimeError, match=r"qkv_attention: backend='cuda' cannot serve this call: gradients are "
-                                           r"required .* use backend='triton' or 'torch'"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"qkv_attention: backend='cuda' cannot serve this call: gradients are "
+        r"required .* use backend='triton' or 'torch'",
+    ):
         vk.qkv_attention(x, w, num_heads=2, backend="cuda")
 
 
@@ -424,8 +492,9 @@ def test_triton_without_grad_runs_the_forward_kernel_only(op):
     if op == "linear":
         out = vk.linear(rnd(2, 3, 16, dtype=torch.float32), rnd(8, 16, dtype=torch.float32), backend="triton")
     else:
-        out = vk.patch_embed(rnd(1, 3, 8, 8, dtype=torch.float32), rnd(16, 3, 4, 4, dtype=torch.float32),
-                             patch_size=4, backend="triton")
+        out = vk.patch_embed(
+            rnd(1, 3, 8, 8, dtype=torch.float32), rnd(16, 3, 4, 4, dtype=torch.float32), patch_size=4, backend="triton"
+        )
     assert out.grad_fn is None and vk.last_decision(op).backend == "triton"
 
 
@@ -443,9 +512,9 @@ def test_only_the_needed_gradients_are_computed():
     assert_close(bs.grad, leaves[1].grad, name="dbias")
 
 
-
-@pytest.mark.parametrize("op", ["linear", "layernorm_gelu_mlp", "qkv_attention", "flash_attention",
-                                "flash_attention_no_keys", "patch_embed"])
+@pytest.mark.parametrize(
+    "op", ["linear", "layernorm_gelu_mlp", "qkv_attention", "flash_attention", "flash_attention_no_keys", "patch_embed"]
+)
 def test_empty_inputs_under_autograd_get_gradients_without_a_launch(op):
     """Zero rows (or no keys): nothing launches, the result still has a graph, gradients are zeros."""
     f = dict(dtype=torch.float32)
@@ -454,8 +523,9 @@ def test_empty_inputs_under_autograd_get_gradients_without_a_launch(op):
         out = vk.linear(leaf, rnd(8, 16, **f), backend="triton")
     elif op == "layernorm_gelu_mlp":
         leaf = rnd(0, 5, 16, **f).requires_grad_()
-        out = vk.layernorm_gelu_mlp(leaf, rnd(16, **f), None, rnd(8, 16, **f), None, rnd(16, 8, **f), None,
-                                    backend="triton")
+        out = vk.layernorm_gelu_mlp(
+            leaf, rnd(16, **f), None, rnd(8, 16, **f), None, rnd(16, 8, **f), None, backend="triton"
+        )
     elif op == "qkv_attention":
         leaf = rnd(0, 5, 32, **f).requires_grad_()
         out = vk.qkv_attention(leaf, rnd(96, 32, **f), num_heads=2, backend="triton")

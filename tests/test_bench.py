@@ -1,6 +1,7 @@
 """The benchmark harness's pure parts: statistics, the timers' logic (with fake clocks and fake
 CUDA events, so the GPU path is checked without a GPU), the peaks table, provider availability,
 argument checks, writers, the profiler's stage accounting. No timing is asserted."""
+
 import json
 
 import pytest
@@ -17,6 +18,7 @@ CUDA = torch.device("cuda")  # a device object only; nothing is allocated on it
 
 
 # ---------------------------------------------------------------- statistics and timers
+
 
 def test_summarize_median_and_spread():
     st = timer.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
@@ -43,13 +45,11 @@ class FakeSampler:
 def test_measure_rounds_until_the_target_spread_or_the_time_limit():
     calls = []
     quiet = FakeSampler([5.0, 9.0, 1.0], [5.0] * 20)  # a noisy first round, then quiet ones
-    m = timer.measure(lambda: calls.append(1), device=CPU, warmup=3, repeats=4, target_spread=0.05,
-                      sampler=quiet)
+    m = timer.measure(lambda: calls.append(1), device=CPU, warmup=3, repeats=4, target_spread=0.05, sampler=quiet)
     assert len(calls) == 3 and quiet.calls == 2 and m.precise and m.stats.median == 5.0 and m.rounds == 2
     noisy = FakeSampler([1.0, 10.0, 5.0, 20.0])
-    m = timer.measure(lambda: None, device=CPU, warmup=0, repeats=4, target_spread=0.05, max_time_s=0.0,
-                      sampler=noisy)
-    assert noisy.calls == 1 and not m.precise and m.stats.spread > 0.05   # stopped by the time limit, said so
+    m = timer.measure(lambda: None, device=CPU, warmup=0, repeats=4, target_spread=0.05, max_time_s=0.0, sampler=noisy)
+    assert noisy.calls == 1 and not m.precise and m.stats.spread > 0.05  # stopped by the time limit, said so
     with pytest.raises(ValueError, match="repeats"):
         timer.measure(lambda: None, device=CPU, repeats=0)
     with pytest.raises(ValueError, match="target_spread"):
@@ -67,10 +67,16 @@ def test_gpu_timing_goes_through_triton_do_bench(monkeypatch):
     sample (return_mode="all"), with the round's time budget in ms; checked here with stand-ins."""
     triton_testing = pytest.importorskip("triton.testing")
     seen = []
-    monkeypatch.setattr(triton_testing, "do_bench", lambda fn, warmup, rep, return_mode:
-                        seen.append(("do_bench", rep, return_mode)) or [2.0] * 10)
-    monkeypatch.setattr(triton_testing, "do_bench_cudagraph", lambda fn, rep, return_mode:
-                        seen.append(("cudagraph", rep, return_mode)) or [1.0] * 10)
+    monkeypatch.setattr(
+        triton_testing,
+        "do_bench",
+        lambda fn, warmup, rep, return_mode: seen.append(("do_bench", rep, return_mode)) or [2.0] * 10,
+    )
+    monkeypatch.setattr(
+        triton_testing,
+        "do_bench_cudagraph",
+        lambda fn, rep, return_mode: seen.append(("cudagraph", rep, return_mode)) or [1.0] * 10,
+    )
     m = timer.measure(lambda: None, device=CUDA, warmup=0, repeats=5, round_s=0.1)
     assert seen == [("do_bench", 100, "all")] and m.timer == "triton.testing.do_bench" and m.stats.median == 2.0
     m = timer.measure(lambda: None, device=CUDA, warmup=0, repeats=5, round_s=0.1, graph=True)
@@ -92,20 +98,35 @@ def test_rank_only_when_the_providers_can_be_told_apart():
     ranks, bad = timer.rank([("a", _st(2.0, 1.98, 2.02)), ("b", _st(1.0, 0.99, 1.01))])
     assert ranks == {"b": 1, "a": 2} and bad == []
     ranks, bad = timer.rank([("a", _st(2.0, 1.9, 2.1)), ("b", _st(1.95, 1.85, 2.05))])
-    assert ranks == {} and bad == [("b", "a")]                     # overlapping p20-p80
+    assert ranks == {} and bad == [("b", "a")]  # overlapping p20-p80
     ranks, bad = timer.rank([("a", _st(2.0, 1.0, 3.5)), ("b", _st(9.0, 8.9, 9.1))])
-    assert ranks == {} and ("a", "a") in bad                        # one too noisy to rank
+    assert ranks == {} and ("a", "a") in bad  # one too noisy to rank
 
 
 # ---------------------------------------------------------------- peaks
 
-@pytest.mark.parametrize("name,key", [
-    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H100 PCIe", "h100-pcie"), ("NVIDIA H100 NVL", "h100-nvl"),
-    ("NVIDIA H200", "h200"), ("NVIDIA H200 NVL", "h200-nvl"), ("NVIDIA A100-SXM4-80GB", "a100"),
-    ("NVIDIA A100-SXM4-40GB", "a100-40gb"), ("NVIDIA A100-PCIE-40GB", "a100-pcie-40gb"),
-    ("NVIDIA A100 80GB PCIe", "a100-pcie"), ("NVIDIA L4", "l4"), ("NVIDIA L40S", "l40s"), ("NVIDIA A10", "a10"),
-    ("NVIDIA GeForce RTX 4090", "rtx4090"), ("Tesla V100-SXM2-16GB", "v100"), ("Tesla T4", "t4"),
-    ("NVIDIA B200", "b200")])
+
+@pytest.mark.parametrize(
+    "name,key",
+    [
+        ("NVIDIA H100 80GB HBM3", "h100"),
+        ("NVIDIA H100 PCIe", "h100-pcie"),
+        ("NVIDIA H100 NVL", "h100-nvl"),
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA H200 NVL", "h200-nvl"),
+        ("NVIDIA A100-SXM4-80GB", "a100"),
+        ("NVIDIA A100-SXM4-40GB", "a100-40gb"),
+        ("NVIDIA A100-PCIE-40GB", "a100-pcie-40gb"),
+        ("NVIDIA A100 80GB PCIe", "a100-pcie"),
+        ("NVIDIA L4", "l4"),
+        ("NVIDIA L40S", "l40s"),
+        ("NVIDIA A10", "a10"),
+        ("NVIDIA GeForce RTX 4090", "rtx4090"),
+        ("Tesla V100-SXM2-16GB", "v100"),
+        ("Tesla T4", "t4"),
+        ("NVIDIA B200", "b200"),
+    ],
+)
 def test_peaks_lookup_by_device_name(name, key):
     assert peaks.lookup(name).key == key
 
@@ -125,6 +146,7 @@ def test_peaks_unknown_and_keys():
 
 
 # ---------------------------------------------------------------- providers and arguments
+
 
 def test_fused_providers_are_never_timed_without_a_gpu():
     for p in ("triton", "cuda"):
@@ -159,27 +181,43 @@ def test_sdpa_backend_availability_is_decided_per_device():
 def test_check_config_names_the_argument():
     good = dict(models=["vit_tiny_patch16_224"], providers=["sdpa"], device=CPU, batch_size=2)
     tp.check_config(tp.BenchConfig(**good))
-    for change, match in [(dict(providers=["fast"]), "providers"), (dict(modes=["serve"]), "mode"),
-                          (dict(precision="half"), "precision"), (dict(compile_mode="turbo"), "compile_mode"),
-                          (dict(batch_size=0), "batch_size"), (dict(models=["resnet50"]), "model"),
-                          (dict(models=["onnx:vit"]), "model"), (dict(input_dtype="int8"), "input_dtype")]:
+    for change, match in [
+        (dict(providers=["fast"]), "providers"),
+        (dict(modes=["serve"]), "mode"),
+        (dict(precision="half"), "precision"),
+        (dict(compile_mode="turbo"), "compile_mode"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(models=["resnet50"]), "model"),
+        (dict(models=["onnx:vit"]), "model"),
+        (dict(input_dtype="int8"), "input_dtype"),
+    ]:
         with pytest.raises(ValueError, match=match):
             tp.check_config(tp.BenchConfig(**{**good, **change}))
 
 
 def test_cases_add_graph_variants_except_for_compile():
-    cfg = tp.BenchConfig(models=["vit_tiny_patch16_224"], providers=["sdpa", "compile"], device=CUDA,
-                         batch_size=1, modes=["inference"], cuda_graphs=True)
-    assert tp.cases(cfg) == [("vit_tiny_patch16_224", "sdpa", "inference", False),
-                             ("vit_tiny_patch16_224", "sdpa", "inference", True),
-                             ("vit_tiny_patch16_224", "compile", "inference", False)]
+    cfg = tp.BenchConfig(
+        models=["vit_tiny_patch16_224"],
+        providers=["sdpa", "compile"],
+        device=CUDA,
+        batch_size=1,
+        modes=["inference"],
+        cuda_graphs=True,
+    )
+    assert tp.cases(cfg) == [
+        ("vit_tiny_patch16_224", "sdpa", "inference", False),
+        ("vit_tiny_patch16_224", "sdpa", "inference", True),
+        ("vit_tiny_patch16_224", "compile", "inference", False),
+    ]
 
 
 def test_speedup_is_over_eager_in_the_same_model_and_mode():
-    rows = [{"model": "m", "mode": "inference", "provider": "eager", "ms": 10.0, "ms_p20": 9.0, "ms_p80": 11.0},
-            {"model": "m", "mode": "inference", "provider": "sdpa", "ms": 4.0, "ms_p20": 3.0, "ms_p80": 5.0},
-            {"model": "m", "mode": "train", "provider": "sdpa", "ms": 4.0, "ms_p20": 3.0, "ms_p80": 5.0},
-            {"model": "m", "mode": "inference", "provider": "triton", "status": "not measured"}]
+    rows = [
+        {"model": "m", "mode": "inference", "provider": "eager", "ms": 10.0, "ms_p20": 9.0, "ms_p80": 11.0},
+        {"model": "m", "mode": "inference", "provider": "sdpa", "ms": 4.0, "ms_p20": 3.0, "ms_p80": 5.0},
+        {"model": "m", "mode": "train", "provider": "sdpa", "ms": 4.0, "ms_p20": 3.0, "ms_p80": 5.0},
+        {"model": "m", "mode": "inference", "provider": "triton", "status": "not measured"},
+    ]
     tp.add_speedups(rows)
     assert rows[0]["speedup"] == 1.0 and "speedup_p20" not in rows[0] and rows[1]["speedup"] == 2.5
     assert rows[1]["speedup_p20"] == pytest.approx(9 / 5) and rows[1]["speedup_p80"] == pytest.approx(11 / 3)
@@ -189,6 +227,7 @@ def test_speedup_is_over_eager_in_the_same_model_and_mode():
 def test_fallback_to_torch_is_reported():
     """A row that asked for triton but whose ops ran torch must say so."""
     from vit_kernels import backends, ops
+
     before = backends.last_decision()
     x, w = torch.randn(3, 8), torch.randn(4, 8)
     ops.linear(x, w, backend="torch")
@@ -198,20 +237,27 @@ def test_fallback_to_torch_is_reported():
     assert tp._fallbacks(before, "triton") == []  # nothing ran since
 
 
-@pytest.mark.parametrize("spec, where", [("vit_tiny_patch16_224", "normalized in the patch embedding (mean=(0.5"),
-                                         ("timm:vit_tiny_patch16_224", "normalized in PyTorch before the model")])
+@pytest.mark.parametrize(
+    "spec, where",
+    [
+        ("vit_tiny_patch16_224", "normalized in the patch embedding (mean=(0.5"),
+        ("timm:vit_tiny_patch16_224", "normalized in PyTorch before the model"),
+    ],
+)
 def test_uint8_input_option(spec, where):
     """--input-dtype uint8: decoded NHWC uint8 images; a model whose patch embedding reads uint8 takes
     them as they are, any other is fed (x / 255 - mean) / std computed in the timed step; the row says which."""
     pytest.importorskip("timm")
-    cfg = tp.BenchConfig(models=[spec], providers=["eager"], device=CPU, batch_size=1, depth=1, img_size=32,
-                         input_dtype="uint8")
+    cfg = tp.BenchConfig(
+        models=[spec], providers=["eager"], device=CPU, batch_size=1, depth=1, img_size=32, input_dtype="uint8"
+    )
     row, step, _ = tp.prepare(spec, "eager", "inference", cfg)
     assert where in row["note"], row["note"]
     assert step().shape[0] == 1
 
 
 # ---------------------------------------------------------------- attention sweep arithmetic
+
 
 def test_tokens_batch_flops_and_bytes():
     assert batt.tokens_from_images([224, 384], 16) == [197, 577]
@@ -220,8 +266,8 @@ def test_tokens_batch_flops_and_bytes():
         batt.tokens_from_images([100], 16)
     assert batt.batch_for(197, 65536) == 332 and batt.batch_for(100000, 65536) == 1
     c = batt.AttnCase(2, 12, 197, 64, torch.bfloat16)
-    assert batt.flops("sdpa:flash", c) == 4 * 2 * 12 * 197 ** 2 * 64
-    assert batt.flops("vk_qkv:triton", c) == 4 * 2 * 12 * 197 ** 2 * 64 + 2 * 2 * 197 * 768 * 3 * 768
+    assert batt.flops("sdpa:flash", c) == 4 * 2 * 12 * 197**2 * 64
+    assert batt.flops("vk_qkv:triton", c) == 4 * 2 * 12 * 197**2 * 64 + 2 * 2 * 197 * 768 * 3 * 768
     assert batt.min_bytes("eager", c) == 4 * 2 * 12 * 197 * 64 * 2
 
 
@@ -239,6 +285,7 @@ def test_percent_of_peak_and_bound_columns():
 
 
 # ---------------------------------------------------------------- writers
+
 
 def test_table_csv_json(tmp_path):
     rows = [{"a": "x", "b": 1.23456, "c": None}, {"a": "yy", "b": 1234.7, "d": 3}]
@@ -258,29 +305,61 @@ def test_table_csv_json(tmp_path):
 
 def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib")
-    rows = [{"label": "m depth 2, 32 px, batch 2", "mode": "inference", "provider": "eager", "img_per_s": 3.0,
-             "img_per_s_p20": 2.5, "img_per_s_p80": 3.2, "speedup": 1.0},
-            {"label": "m depth 2, 32 px, batch 2", "mode": "inference", "provider": "triton"}]
+    rows = [
+        {
+            "label": "m depth 2, 32 px, batch 2",
+            "mode": "inference",
+            "provider": "eager",
+            "img_per_s": 3.0,
+            "img_per_s_p20": 2.5,
+            "img_per_s_p80": 3.2,
+            "speedup": 1.0,
+        },
+        {"label": "m depth 2, 32 px, batch 2", "mode": "inference", "provider": "triton"},
+    ]
     report.plot_bench(tmp_path / "b.png", rows, "t")
-    report.plot_lines(tmp_path / "l.png", [50, 197], {"sdpa": [1.0, 2.0], "vk": [None, None]}, "tokens",
-                      "TFLOP/s", "t", hline=5.0, hline_label="peak")
+    report.plot_lines(
+        tmp_path / "l.png",
+        [50, 197],
+        {"sdpa": [1.0, 2.0], "vk": [None, None]},
+        "tokens",
+        "TFLOP/s",
+        "t",
+        hline=5.0,
+        hline_label="peak",
+    )
     assert (tmp_path / "b.png").stat().st_size > 1000 and (tmp_path / "l.png").stat().st_size > 1000
 
 
 # ---------------------------------------------------------------- models and the block profiler
 
+
 def test_model_names_and_shapes_agree_across_families():
     """ViT-B/16 from each library is the same shape to the cost model."""
     with torch.device("meta"):
-        ms = {spec: bmodels.build(spec) for spec in ("vit_base_patch16_224", "timm:vit_base_patch16_224",
-                                                     "torchvision:vit_b_16", "hf:vit_base_patch16_224",
-                                                     "vit_pytorch:vit_base_patch16_224")}
+        ms = {
+            spec: bmodels.build(spec)
+            for spec in (
+                "vit_base_patch16_224",
+                "timm:vit_base_patch16_224",
+                "torchvision:vit_b_16",
+                "hf:vit_base_patch16_224",
+                "vit_pytorch:vit_base_patch16_224",
+            )
+        }
     shapes = {k: bmodels.shape_of(m, 8, torch.bfloat16) for k, m in ms.items()}
     ref = shapes["vit_base_patch16_224"]
     assert (ref.tokens, ref.dim, ref.heads, ref.hidden, ref.depth, ref.elem) == (197, 768, 12, 3072, 12, 2)
     for k, s in shapes.items():
-        assert (s.tokens, s.dim, s.heads, s.hidden, s.depth, s.patch, s.num_classes) == \
-            (197, 768, 12, 3072, 12, 16, 1000), k
+        assert (s.tokens, s.dim, s.heads, s.hidden, s.depth, s.patch, s.num_classes) == (
+            197,
+            768,
+            12,
+            3072,
+            12,
+            16,
+            1000,
+        ), k
     with pytest.raises(ValueError, match="model"):
         bmodels.parse("vit_gigantic_patch16_224")
     assert bmodels.depth_of(bmodels.build("torchvision:vit_b_16", depth=2, img_size=32)) == 2
@@ -295,6 +374,7 @@ def test_eager_attention_switch():
 
 def test_eager_block_stages_compute_the_block():
     from vit_kernels.models.vit import Block
+
     blk = Block(64, 4, backend="torch", init_values=0.5).eval()
     x = torch.randn(3, 17, 64)
     with torch.no_grad():
@@ -308,19 +388,27 @@ class Ev:
 
 
 def test_stage_times_from_profiler_events():
-    evs = [Ev("vk::eager/qkv", 3000.0, 1000.0), Ev("vk::eager/qkv", 5000.0, 3000.0),
-           Ev("vk::eager/qkv", 0.0, 9999.0, "DeviceType.CUDA"),  # the range's copy on the GPU timeline
-           Ev("aten::addmm", 100.0, 50.0), Ev("vk::eager/gelu", 400.0, 200.0)]
+    evs = [
+        Ev("vk::eager/qkv", 3000.0, 1000.0),
+        Ev("vk::eager/qkv", 5000.0, 3000.0),
+        Ev("vk::eager/qkv", 0.0, 9999.0, "DeviceType.CUDA"),  # the range's copy on the GPU timeline
+        Ev("aten::addmm", 100.0, 50.0),
+        Ev("vk::eager/gelu", 400.0, 200.0),
+    ]
     labels = ["eager/qkv", "eager/gelu", "eager/fc1"]
     assert bprofile.stage_times_ms(evs, labels, use_device=True, iters=2) == {
-        "eager/qkv": 2.0, "eager/gelu": 0.1, "eager/fc1": 0.0}
+        "eager/qkv": 2.0,
+        "eager/gelu": 0.1,
+        "eager/fc1": 0.0,
+    }
     assert bprofile.stage_times_ms(evs, labels, use_device=False, iters=2)["eager/qkv"] == 4.0
 
 
 def test_stage_costs_cover_every_stage():
     from vit_kernels.bench.cost import ViTShape
+
     costs = bprofile.stage_costs(ViTShape(2, 17, 64, 4, 256, 1, 4))
     labels = [f"eager/{s}" for s in bprofile.EAGER_STAGES] + [f"fused/{s}" for s in bprofile.FUSED_STAGES]
     assert sorted(costs) == sorted(labels)
     assert costs["eager/gelu"][0].bytes == 2 * 2 * 17 * 256 * 4
-    assert costs["eager/attention"][0].flops == 4 * 2 * 17 ** 2 * 64
+    assert costs["eager/attention"][0].flops == 4 * 2 * 17**2 * 64

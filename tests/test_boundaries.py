@@ -4,6 +4,7 @@ Each refusal is one line that names the argument, what was expected and what was
 exits with code 2 and prints no traceback unless -v is given (before or after the command). Most
 cases call ``cli.main`` in-process; two run ``python -m vit_kernels`` end to end.
 """
+
 import copy
 import json
 import os
@@ -36,39 +37,41 @@ def assert_one_line_error(rc, capsys, *parts):
 
 
 # ------------------------------------------------------------------------------------- numbers
-@pytest.mark.parametrize("argv,option,value", [
-    (["verify", *TINY[:1], "--depth", "0"], "--depth", "0"),
-    (["verify", *TINY[:1], "--batch-size", "-3"], "--batch-size", "-3"),
-    (["verify", *TINY[:1], "--img-size", "0"], "--img-size", "0"),
-    (["verify", *TINY[:1], "--depth", "two"], "--depth", "'two'"),
-    (["bench", "--depth", "-1"], "--depth", "-1"),
-    (["bench", "--batch-size", "0"], "-b/--batch-size", "0"),
-    (["bench", "--img-size", "-224"], "--img-size", "-224"),
-    (["bench", "--repeats", "0"], "--num-bench-iter/--repeats", "0"),
-    (["profile-attention", "--batch-size", "0"], "--batch-size", "0"),
-    (["profile-attention", "--heads", "-2"], "--heads", "-2"),
-    (["profile-attention", "--breakdown-tokens", "0"], "--breakdown-tokens", "0"),
-    (["inspect", "--jobs", "0"], "--jobs", "0"),
-    (["inspect", "--jobs", "-4"], "--jobs", "-4"),
-])
+@pytest.mark.parametrize(
+    "argv,option,value",
+    [
+        (["verify", *TINY[:1], "--depth", "0"], "--depth", "0"),
+        (["verify", *TINY[:1], "--batch-size", "-3"], "--batch-size", "-3"),
+        (["verify", *TINY[:1], "--img-size", "0"], "--img-size", "0"),
+        (["verify", *TINY[:1], "--depth", "two"], "--depth", "'two'"),
+        (["bench", "--depth", "-1"], "--depth", "-1"),
+        (["bench", "--batch-size", "0"], "-b/--batch-size", "0"),
+        (["bench", "--img-size", "-224"], "--img-size", "-224"),
+        (["bench", "--repeats", "0"], "--num-bench-iter/--repeats", "0"),
+        (["profile-attention", "--batch-size", "0"], "--batch-size", "0"),
+        (["profile-attention", "--heads", "-2"], "--heads", "-2"),
+        (["profile-attention", "--breakdown-tokens", "0"], "--breakdown-tokens", "0"),
+        (["inspect", "--jobs", "0"], "--jobs", "0"),
+        (["inspect", "--jobs", "-4"], "--jobs", "-4"),
+    ],
+)
 def test_non_positive_numbers_are_refused(argv, option, value, capsys):
     assert_one_line_error(cli.main(argv), capsys, f"argument {option}", "expected an integer >= 1", f"got {value}")
 
 
 @pytest.mark.parametrize("value", ["0", "50,-1"])
 def test_non_positive_tokens_are_refused(value, capsys):
-    assert_one_line_error(cli.main(["profile-attention", "--tokens", value]), capsys, "tokens", "positive",
-                          repr(value))
+    assert_one_line_error(cli.main(["profile-attention", "--tokens", value]), capsys, "tokens", "positive", repr(value))
 
 
 @pytest.mark.parametrize("command", ["bench", "profile-attention"])
 def test_out_that_is_a_file_is_refused(command, tmp_path, capsys):
     f = tmp_path / "results"
     f.write_text("not a folder")
-    assert_one_line_error(cli.main([command, "--out", str(f)]), capsys, "argument --out", "expected a folder",
-                          "which is a file")
-    assert_one_line_error(cli.main([command, "--out", str(f / "sub")]), capsys, "argument --out",
-                          f"but {f} is a file")
+    assert_one_line_error(
+        cli.main([command, "--out", str(f)]), capsys, "argument --out", "expected a folder", "which is a file"
+    )
+    assert_one_line_error(cli.main([command, "--out", str(f / "sub")]), capsys, "argument --out", f"but {f} is a file")
     assert f.read_text() == "not a folder"
 
 
@@ -86,11 +89,14 @@ def test_corrupt_checkpoint(name, tmp_path, capsys):
     assert_one_line_error(rc, capsys, "checkpoint: expected", "cannot read", name)
 
 
-@pytest.mark.parametrize("content,said", [
-    ([torch.zeros(2)], "got list"),
-    ({"w": torch.zeros(2), "n": 3}, "non-tensor"),
-    ({"blocks.0.attn.qkv.weight": torch.zeros(2)}, "missing"),
-])
+@pytest.mark.parametrize(
+    "content,said",
+    [
+        ([torch.zeros(2)], "got list"),
+        ({"w": torch.zeros(2), "n": 3}, "non-tensor"),
+        ({"blocks.0.attn.qkv.weight": torch.zeros(2)}, "missing"),
+    ],
+)
 def test_wrong_format_checkpoint(content, said, tmp_path, capsys):
     path = tmp_path / "w.pt"
     torch.save(content, path)
@@ -100,30 +106,70 @@ def test_wrong_format_checkpoint(content, said, tmp_path, capsys):
 
 def test_checkpoint_of_another_shape(tmp_path, capsys):
     from vit_kernels.commands import verify as verify_cmd
+
     model = vk.models.create_model("vit_tiny_patch16_224", depth=1, img_size=32)
     sd = model.state_dict()
     sd["head.weight"] = torch.zeros(3, 3)
     path = tmp_path / "w.pt"
     torch.save(sd, path)
-    with pytest.raises(SystemExit, match=r"checkpoint: expected the \d+ tensors .* 1 of another shape "
-                                         r"\(e.g. 'head.weight'\)"):
+    with pytest.raises(
+        SystemExit,
+        match=r"checkpoint: expected the \d+ tensors .* 1 of another shape "
+        r"\(e.g. 'head.weight'\)",
+    ):
         verify_cmd.load_checkpoint(model, str(path))
 
 
 # ------------------------------------------------------------------------------------- HF config folders
-@pytest.mark.parametrize("config,said", [
-    (None, "holds no config.json"),
-    ("{not json", "does not parse"),
-    ("[1, 2]", "got a list"),
-    (json.dumps({"model_type": "vit"}), "without hidden_size"),
-    (json.dumps({"model_type": "bert"}), "model_type='bert'"),
-    (json.dumps(dict(hidden_size=64, num_hidden_layers=0, num_attention_heads=2, intermediate_size=128,
-                     image_size=32, patch_size=8)), "num_hidden_layers >= 1"),
-    (json.dumps(dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=3, intermediate_size=128,
-                     image_size=32, patch_size=8)), "divisible by num_attention_heads"),
-    (json.dumps(dict(hidden_size="wide", num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
-                     image_size=32, patch_size=8)), "hidden_size"),
-])
+@pytest.mark.parametrize(
+    "config,said",
+    [
+        (None, "holds no config.json"),
+        ("{not json", "does not parse"),
+        ("[1, 2]", "got a list"),
+        (json.dumps({"model_type": "vit"}), "without hidden_size"),
+        (json.dumps({"model_type": "bert"}), "model_type='bert'"),
+        (
+            json.dumps(
+                dict(
+                    hidden_size=64,
+                    num_hidden_layers=0,
+                    num_attention_heads=2,
+                    intermediate_size=128,
+                    image_size=32,
+                    patch_size=8,
+                )
+            ),
+            "num_hidden_layers >= 1",
+        ),
+        (
+            json.dumps(
+                dict(
+                    hidden_size=64,
+                    num_hidden_layers=1,
+                    num_attention_heads=3,
+                    intermediate_size=128,
+                    image_size=32,
+                    patch_size=8,
+                )
+            ),
+            "divisible by num_attention_heads",
+        ),
+        (
+            json.dumps(
+                dict(
+                    hidden_size="wide",
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                    intermediate_size=128,
+                    image_size=32,
+                    patch_size=8,
+                )
+            ),
+            "hidden_size",
+        ),
+    ],
+)
 def test_malformed_hf_config_folder(config, said, tmp_path, capsys):
     pytest.importorskip("transformers")
     if config is not None:
@@ -132,15 +178,24 @@ def test_malformed_hf_config_folder(config, said, tmp_path, capsys):
     assert_one_line_error(rc, capsys, "model: ", said)
 
 
-@pytest.mark.parametrize("argv,lib,said", [
-    (["timm:vit_nope_patch16_224"], "timm", "model: expected a timm model name"),
-    (["timm:resnet18"], "timm", "model timm:resnet18: expected a ViT of a known family"),
-    (["timm:resnet18", "--depth", "2"], "timm", "model: expected a timm model that takes depth, got 'resnet18'"),
-    (["torchvision:vit_b_16", "--depth", "1", "--img-size", "30"], "torchvision",
-     "img_size: expected a multiple of patch_size=16"),
-    (["vit_pytorch:vit_tiny_patch16_224", "--depth", "1", "--img-size", "30"], "vit_pytorch",
-     "img_size: expected a multiple of patch_size=16, got 30"),
-])
+@pytest.mark.parametrize(
+    "argv,lib,said",
+    [
+        (["timm:vit_nope_patch16_224"], "timm", "model: expected a timm model name"),
+        (["timm:resnet18"], "timm", "model timm:resnet18: expected a ViT of a known family"),
+        (["timm:resnet18", "--depth", "2"], "timm", "model: expected a timm model that takes depth, got 'resnet18'"),
+        (
+            ["torchvision:vit_b_16", "--depth", "1", "--img-size", "30"],
+            "torchvision",
+            "img_size: expected a multiple of patch_size=16",
+        ),
+        (
+            ["vit_pytorch:vit_tiny_patch16_224", "--depth", "1", "--img-size", "30"],
+            "vit_pytorch",
+            "img_size: expected a multiple of patch_size=16, got 30",
+        ),
+    ],
+)
 def test_models_verify_cannot_build(argv, lib, said, capsys):
     pytest.importorskip(lib)
     assert_one_line_error(cli.main(["verify", *argv, "--backend", "torch"]), capsys, said)
@@ -148,8 +203,13 @@ def test_models_verify_cannot_build(argv, lib, said, capsys):
 
 def test_inspect_kernel_that_matches_nothing(capsys):
     rc = cli.main(["inspect", "--backend", "triton", "--kernel", "no_such_kernel"])
-    assert_one_line_error(rc, capsys, "kernel: expected part of a kernel name", "flash_attention_fwd",
-                          "got 'no_such_kernel', which matches none")
+    assert_one_line_error(
+        rc,
+        capsys,
+        "kernel: expected part of a kernel name",
+        "flash_attention_fwd",
+        "got 'no_such_kernel', which matches none",
+    )
 
 
 # ------------------------------------------------------------------------------------- -v anywhere
@@ -172,8 +232,9 @@ def test_verbose_flag_parses_before_or_after_the_command():
 
 def _cli(*argv):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "vit_kernels", *argv], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "vit_kernels", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_end_to_end_bad_depth_exits_2_in_one_line():
@@ -184,8 +245,18 @@ def test_end_to_end_bad_depth_exits_2_in_one_line():
 
 
 def test_end_to_end_missing_checkpoint_traceback_only_with_v(tmp_path):
-    argv = ["verify", "vit_kernels:vit_tiny_patch16_224", "--depth", "1", "--img-size", "32", "--backend", "torch",
-            "--checkpoint", str(tmp_path / "missing.pt")]
+    argv = [
+        "verify",
+        "vit_kernels:vit_tiny_patch16_224",
+        "--depth",
+        "1",
+        "--img-size",
+        "32",
+        "--backend",
+        "torch",
+        "--checkpoint",
+        str(tmp_path / "missing.pt"),
+    ]
     p = _cli(*argv)
     lines = [line for line in p.stderr.splitlines() if line and not line.startswith("note:")]
     assert p.returncode == 2 and len(lines) == 1 and "checkpoint: expected" in lines[0], p.stderr
@@ -196,8 +267,16 @@ def test_end_to_end_missing_checkpoint_traceback_only_with_v(tmp_path):
 # ------------------------------------------------------------------------------------- the Python API
 def _timm_tiny(depth=1):
     timm = pytest.importorskip("timm")
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
-                             depth=depth, num_heads=2, num_classes=10).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=64,
+        depth=depth,
+        num_heads=2,
+        num_classes=10,
+    ).eval()
 
 
 @pytest.mark.parametrize("fn", ["fuse", "unfuse", "fuse_report", "verify"])
@@ -212,8 +291,9 @@ def test_api_refuses_a_non_module(fn, bad):
 def test_api_refuses_a_module_without_a_vit(fn):
     m = nn.Sequential(nn.Linear(4, 4), nn.GELU())
     name = "original" if fn == "verify" else "model"
-    with pytest.raises(ValueError, match=f"{name}: expected a ViT of a known family .* got Sequential, which holds "
-                                         f"none"):
+    with pytest.raises(
+        ValueError, match=f"{name}: expected a ViT of a known family .* got Sequential, which holds none"
+    ):
         getattr(vk, fn)(m)
 
 
@@ -222,18 +302,21 @@ def test_fuse_report_says_there_is_no_vit():
     assert not report.fused and "no ViT part" in report.left[0].reason
 
 
-@pytest.mark.parametrize("call,exc,match", [
-    (lambda m: vk.fuse(m, backend=3), TypeError, "backend: expected one of .* got int 3"),
-    (lambda m: vk.fuse(m, backend="gpu"), ValueError, "backend: expected one of .* got 'gpu'"),
-    (lambda m: vk.fuse(m, ops="mlp"), TypeError, "ops: expected a sequence"),
-    (lambda m: vk.fuse_report(m, backend=["triton"]), TypeError, "backend: expected one of"),
-    (lambda m: vk.verify(m, dtype="fp16"), TypeError, "dtype: expected a floating torch.dtype .* got 'fp16'"),
-    (lambda m: vk.verify(m, dtype=torch.int32), TypeError, "dtype: expected a floating torch.dtype"),
-    (lambda m: vk.verify(m, inputs=[torch.zeros(1, 3, 32, 32)]), TypeError, "inputs: expected a tensor"),
-    (lambda m: vk.verify(m, fused="fused"), TypeError, "fused: expected a torch.nn.Module"),
-    (lambda m: vk.verify(m, oracle=1.0), TypeError, "oracle: expected a torch.nn.Module"),
-    (lambda m: vk.verify(m, m, backend="torch"), ValueError, "backend: expected None when a fused model"),
-])
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda m: vk.fuse(m, backend=3), TypeError, "backend: expected one of .* got int 3"),
+        (lambda m: vk.fuse(m, backend="gpu"), ValueError, "backend: expected one of .* got 'gpu'"),
+        (lambda m: vk.fuse(m, ops="mlp"), TypeError, "ops: expected a sequence"),
+        (lambda m: vk.fuse_report(m, backend=["triton"]), TypeError, "backend: expected one of"),
+        (lambda m: vk.verify(m, dtype="fp16"), TypeError, "dtype: expected a floating torch.dtype .* got 'fp16'"),
+        (lambda m: vk.verify(m, dtype=torch.int32), TypeError, "dtype: expected a floating torch.dtype"),
+        (lambda m: vk.verify(m, inputs=[torch.zeros(1, 3, 32, 32)]), TypeError, "inputs: expected a tensor"),
+        (lambda m: vk.verify(m, fused="fused"), TypeError, "fused: expected a torch.nn.Module"),
+        (lambda m: vk.verify(m, oracle=1.0), TypeError, "oracle: expected a torch.nn.Module"),
+        (lambda m: vk.verify(m, m, backend="torch"), ValueError, "backend: expected None when a fused model"),
+    ],
+)
 def test_api_wrong_option_types(call, exc, match):
     with pytest.raises(exc, match=match):
         call(_timm_tiny())
@@ -255,8 +338,18 @@ def test_verify_never_passes_when_nothing_is_fused():
 
 def test_cli_verify_of_an_hf_config_without_layers_is_refused(tmp_path, capsys):
     pytest.importorskip("transformers")
-    (tmp_path / "config.json").write_text(json.dumps(dict(
-        model_type="vit", hidden_size=64, num_hidden_layers=0, num_attention_heads=2, intermediate_size=128,
-        image_size=32, patch_size=8)))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            dict(
+                model_type="vit",
+                hidden_size=64,
+                num_hidden_layers=0,
+                num_attention_heads=2,
+                intermediate_size=128,
+                image_size=32,
+                patch_size=8,
+            )
+        )
+    )
     rc = cli.main(["verify", f"hf:{tmp_path}", "--backend", "torch"])
     assert "PASS" not in capsys.readouterr().out and rc == 2

@@ -1,5 +1,6 @@
 """The CLI's habits, command by command: every option has a sentence of help with its default
 shown, and the output is plain text without a terminal."""
+
 import argparse
 
 import pytest
@@ -31,12 +32,12 @@ def test_help_shows_every_default(command, capsys):
     _, commands = _commands()
     p = commands[command]
     assert cli.main([command, "--help"]) == 0
-    text = " ".join(capsys.readouterr().out.split())   # argparse wraps lines
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for a in p._actions:
         d = a.default
         if d is None or d is False or d is argparse.SUPPRESS or d == [] or isinstance(a, argparse._HelpAction):
             continue
-        if "default" not in (a.help or "").lower():   # else the sentence says it in its own words
+        if "default" not in (a.help or "").lower():  # else the sentence says it in its own words
             assert f"(default: {d})" in text, f"{command} {a.option_strings}: '(default: {d})' not in the help"
 
 
@@ -46,10 +47,14 @@ def test_kineto_debris_is_dropped_and_real_lines_are_kept(capfd):
     import os
 
     from vit_kernels.bench.profile import profiler_debris_filtered
+
     with profiler_debris_filtered():
-        os.write(2, b"USDT:2026-11-26 01:27:16 1:1 SyncActivityProfilerHandler.cpp:39] profiler_start\n"
-                    b"a real warning\n"
-                    b"STAGE:2026-11-26 01:27:16 1:1 ActivityProfilerController.cpp:312] Completed Stage: Warm Up\n")
+        os.write(
+            2,
+            b"USDT:2026-11-26 01:27:16 1:1 SyncActivityProfilerHandler.cpp:39] profiler_start\n"
+            b"a real warning\n"
+            b"STAGE:2026-11-26 01:27:16 1:1 ActivityProfilerController.cpp:312] Completed Stage: Warm Up\n",
+        )
     err = capfd.readouterr().err
     assert "a real warning" in err
     assert "profiler_start" not in err and "Completed Stage" not in err
@@ -57,6 +62,7 @@ def test_kineto_debris_is_dropped_and_real_lines_are_kept(capfd):
 
 def test_block_breakdown_prints_no_profiler_debris(capfd):
     from vit_kernels.bench.profile import breakdown
+
     rows = breakdown(dim=32, heads=2, tokens=5, batch=1, iters=1, warmup=1)
     assert rows and all(r["ms"] >= 0 for r in rows)
     err = capfd.readouterr().err
@@ -68,8 +74,11 @@ def test_importing_cpp_extension_leaves_no_cuda_home_guess(tmp_path):
     when it is imported (torch.utils.benchmark imports it): the CLI drops that message."""
     import subprocess
     import sys
-    code = ("import sys\nfrom vit_kernels import cli\nrc = cli.main(['info'])\n"
-            "import torch.utils.cpp_extension\nsys.exit(rc)")
+
+    code = (
+        "import sys\nfrom vit_kernels import cli\nrc = cli.main(['info'])\n"
+        "import torch.utils.cpp_extension\nsys.exit(rc)"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "No CUDA runtime is found" not in p.stderr, p.stderr
@@ -80,6 +89,7 @@ class _Terminal:
 
     def __init__(self):
         import io
+
         self.buf = io.StringIO()
 
     def write(self, s):
@@ -98,6 +108,7 @@ COLUMNS = [("name", "name"), ("ms", "ms"), ("status", "status")]
 
 def test_tables_are_plain_text_without_a_terminal(capsys):
     from vit_kernels.bench import report
+
     report.print_table(ROWS, COLUMNS, title="a title")
     out = capsys.readouterr().out
     assert out == "a title\n" + report.format_table(ROWS, COLUMNS) + "\n"
@@ -107,17 +118,19 @@ def test_tables_are_plain_text_without_a_terminal(capsys):
 
 def test_tables_are_rich_on_a_terminal():
     from vit_kernels.bench import report
+
     term = _Terminal()
     report.print_table(ROWS, COLUMNS, title="a title", file=term, styles={"status": {"error": "red"}})
     text = term.buf.getvalue()
     assert "─" in text and "a title" in text
-    assert "gemm [qkv]" in text and "1.23" in text   # markup-like text is shown as written
-    assert "\x1b[31merror" in text or "\x1b[31m" in text   # the style reached the terminal
+    assert "gemm [qkv]" in text and "1.23" in text  # markup-like text is shown as written
+    assert "\x1b[31merror" in text or "\x1b[31m" in text  # the style reached the terminal
     assert "[red]" not in text
 
 
 def test_progress_writes_nothing_without_a_terminal(capsys):
     from vit_kernels.bench import report
+
     with report.progress(3, "work") as bar:
         for i in range(3):
             bar.describe(f"step {i}")
@@ -130,8 +143,13 @@ def test_verify_progress_counts_the_blocks_of_each_pass():
     vit_pytorch's [attention, feed-forward] pairs (by their attention)."""
     from vit_kernels.commands.verify import block_list
     from vit_kernels.models import registry
-    for name, cls in [("timm:vit_tiny_patch16_224", "Block"), ("torchvision:vit_b_16", "EncoderBlock"),
-                      ("vit_pytorch:vit_base_patch16_224", "Attention"), ("vit_tiny_patch16_224", "Block")]:
+
+    for name, cls in [
+        ("timm:vit_tiny_patch16_224", "Block"),
+        ("torchvision:vit_b_16", "EncoderBlock"),
+        ("vit_pytorch:vit_base_patch16_224", "Attention"),
+        ("vit_tiny_patch16_224", "Block"),
+    ]:
         kind, depth = block_list(registry.build(name, depth=3, img_size=32))
         assert (kind.__name__, depth) == (cls, 3), name
 
@@ -141,8 +159,16 @@ def test_attention_plot_error_bars_span_p20_to_p80(tmp_path):
     one (high); none for an untimed row; plot_lines draws them."""
     from vit_kernels.bench import report
     from vit_kernels.commands.profile_attention import tflops_range
+
     assert tflops_range({"tflops": 2.0, "ms": 1.0, "ms_p20": 0.5, "ms_p80": 2.0}) == (1.0, 4.0)
     assert tflops_range({"status": "not measured"}) is None
-    out = report.plot_lines(tmp_path / "a.png", [50, 197], {"a": [1.0, 2.0], "b": [None, None]}, "tokens", "TFLOP/s",
-                            "t", ranges={"a": [(0.5, 1.5), None]})
+    out = report.plot_lines(
+        tmp_path / "a.png",
+        [50, 197],
+        {"a": [1.0, 2.0], "b": [None, None]},
+        "tokens",
+        "TFLOP/s",
+        "t",
+        ranges={"a": [(0.5, 1.5), None]},
+    )
     assert out.stat().st_size > 0

@@ -6,6 +6,7 @@ timm and Hugging Face on fused models. Small configs (dim 64, depth 2, 32x32 ima
 Each compiled / traced result is checked against the unfused model in float64 under the tolerance
 rule (baseline: the unfused model at float32), and the graph is checked to hold the vit_kernels ops
 (a fused model whose parts silently ran the original modules would pass the number check alone)."""
+
 import copy
 import warnings
 
@@ -19,8 +20,9 @@ from vit_kernels.testing import assert_close
 
 from conftest import DEVICE
 
-TRITON = pytest.mark.skipif(backends.triton_unavailable(DEVICE) is not None,
-                            reason=str(backends.triton_unavailable(DEVICE)))
+TRITON = pytest.mark.skipif(
+    backends.triton_unavailable(DEVICE) is not None, reason=str(backends.triton_unavailable(DEVICE))
+)
 BACKENDS = ["torch", pytest.param("triton", marks=TRITON)]
 FAMILIES = ["reference", "timm", "torchvision", "hf", "vit_pytorch"]
 # fused ops per model: 1 patch_embed + 2 blocks x (qkv_attention, linear, layernorm_gelu_mlp)
@@ -31,24 +33,35 @@ def build(family: str) -> torch.nn.Module:
     """The unfused model (the reference ViT with backend="reference": the oracle's code), eval mode."""
     torch.manual_seed(0)
     if family == "reference":
-        return VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10,
-                                 backend="reference").eval()
+        return VisionTransformer(
+            img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10, backend="reference"
+        ).eval()
     if family == "timm":
         timm = pytest.importorskip("timm")
-        return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2,
-                                 num_heads=2, num_classes=10).eval()
+        return timm.create_model(
+            "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10
+        ).eval()
     if family == "torchvision":
         torchvision = pytest.importorskip("torchvision")
-        return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
-                                                    hidden_dim=64, mlp_dim=128, num_classes=10).eval()
+        return torchvision.models.VisionTransformer(
+            image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128, num_classes=10
+        ).eval()
     if family == "hf":
         transformers = pytest.importorskip("transformers")
-        cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=128, image_size=32, patch_size=8, num_labels=10)
+        cfg = transformers.ViTConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            image_size=32,
+            patch_size=8,
+            num_labels=10,
+        )
         return transformers.ViTForImageClassification(cfg).eval()
     vit_pytorch = pytest.importorskip("vit_pytorch")
-    return vit_pytorch.ViT(image_size=32, patch_size=8, num_classes=10, dim=64, depth=2, heads=2, dim_head=32,
-                           mlp_dim=128).eval()
+    return vit_pytorch.ViT(
+        image_size=32, patch_size=8, num_classes=10, dim=64, depth=2, heads=2, dim_head=32, mlp_dim=128
+    ).eval()
 
 
 def fused(model: torch.nn.Module, backend: str) -> torch.nn.Module:
@@ -152,7 +165,7 @@ def test_compile_reduce_overhead_cuda_graphs(backend):
     m = fused(model, backend)
     with torch.no_grad(), vk.tuning.mode("off"):
         compiled = torch.compile(m, mode="reduce-overhead", fullgraph=True)
-        for step in range(4):   # warm-up, record, replays
+        for step in range(4):  # warm-up, record, replays
             x = torch.randn(2, 3, 32, 32, device="cuda", dtype=torch.half)
             out = compiled(x).clone()
             check_against_unfused(out, model, x, f"reduce-overhead step {step} ({backend})")
@@ -263,7 +276,7 @@ def test_torchscript_script_refused_in_one_sentence_trace_works(family):
     model = build(family).to(DEVICE)
     m, x = fused(model, "torch"), images()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # torch.jit.* is deprecated in favour of torch.compile / export
+        warnings.simplefilter("ignore")  # torch.jit.* is deprecated in favour of torch.compile / export
         with pytest.raises(RuntimeError) as e:
             torch.jit.script(m)
         with torch.no_grad():
@@ -283,8 +296,9 @@ def test_timm_feature_apis_on_a_fused_model():
     model = build("timm").to(DEVICE)
     m, ref, x = fused(model, "torch"), copy.deepcopy(model).double(), images()
     with torch.no_grad(), backends.record_decisions() as calls:
-        assert_close(m.forward_features(x), ref.forward_features(x.double()), model.forward_features(x),
-                     name="forward_features")
+        assert_close(
+            m.forward_features(x), ref.forward_features(x.double()), model.forward_features(x), name="forward_features"
+        )
         got = m.forward_intermediates(x)
         want, base = ref.forward_intermediates(x.double()), model.forward_intermediates(x)
     assert len(calls) == 2 * OPS_IN_GRAPH["timm"]
@@ -292,8 +306,20 @@ def test_timm_feature_apis_on_a_fused_model():
     for i, (g, w, b) in enumerate(zip(got[1], want[1], base[1])):
         assert_close(g, w, b, name=f"forward_intermediates {i}")
 
-    feats = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2,
-                              num_heads=2, features_only=True, out_indices=(0, 1)).eval().to(DEVICE)
+    feats = (
+        timm.create_model(
+            "vit_tiny_patch16_224",
+            img_size=32,
+            patch_size=8,
+            embed_dim=64,
+            depth=2,
+            num_heads=2,
+            features_only=True,
+            out_indices=(0, 1),
+        )
+        .eval()
+        .to(DEVICE)
+    )
     f_ref = copy.deepcopy(feats).double()
     f = copy.deepcopy(feats)
     vk.fuse(f, backend="torch")
@@ -306,7 +332,7 @@ def test_timm_feature_apis_on_a_fused_model():
         mod.train().set_grad_checkpointing(True)
     with backends.record_decisions() as calls:
         m(x).square().sum().backward()
-    assert len(calls) >= OPS_IN_GRAPH["timm"]   # checkpointed blocks run again in backward
+    assert len(calls) >= OPS_IN_GRAPH["timm"]  # checkpointed blocks run again in backward
     ref(x.double()).square().sum().backward()
     model(x).square().sum().backward()
     for (name, p), r, q in zip(m.named_parameters(), ref.parameters(), model.parameters()):

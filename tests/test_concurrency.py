@@ -1,6 +1,7 @@
 """Concurrency and repeatability: the ops from 8 threads, the interpreter probe from 8 threads, the
 CUDA JIT build from processes started together, and bitwise-repeatable forward results on every
 backend (torch, Triton's interpreter, the CUDA host emulator on CPU tensors)."""
+
 import os
 import subprocess
 import sys
@@ -33,23 +34,51 @@ def _inputs():
     r = lambda *s: torch.randn(*s, device=DEVICE)  # noqa: E731
     x = r(B, N, D)
     return dict(
-        q=r(B, H, N, hd), k=r(B, H, N, hd), v=r(B, H, N, hd), x=x, qkv_w=r(3 * D, D) * 0.2, qkv_b=r(3 * D) * 0.1,
-        ln_w=1 + 0.1 * r(D), ln_b=0.1 * r(D), w=r(D, D) * 0.2, b=r(D) * 0.1, ls=r(D),
-        fc1_w=r(4 * D, D) * 0.2, fc1_b=r(4 * D) * 0.1, fc2_w=r(D, 4 * D) * 0.1, fc2_b=r(D) * 0.1,
-        images=r(B, 3, 16, 16), pe_w=r(D, 3, 8, 8) * 0.1, pe_b=r(D) * 0.1, pos=r(1, 5, D), cls=r(1, 1, D))
+        q=r(B, H, N, hd),
+        k=r(B, H, N, hd),
+        v=r(B, H, N, hd),
+        x=x,
+        qkv_w=r(3 * D, D) * 0.2,
+        qkv_b=r(3 * D) * 0.1,
+        ln_w=1 + 0.1 * r(D),
+        ln_b=0.1 * r(D),
+        w=r(D, D) * 0.2,
+        b=r(D) * 0.1,
+        ls=r(D),
+        fc1_w=r(4 * D, D) * 0.2,
+        fc1_b=r(4 * D) * 0.1,
+        fc2_w=r(D, 4 * D) * 0.1,
+        fc2_b=r(D) * 0.1,
+        images=r(B, 3, 16, 16),
+        pe_w=r(D, 3, 8, 8) * 0.1,
+        pe_b=r(D) * 0.1,
+        pos=r(1, 5, D),
+        cls=r(1, 1, D),
+    )
 
 
 def _calls(t, backend):
     """op name -> a call of that op on ``backend``."""
     return {
         "flash_attention": lambda: vk.flash_attention(t["q"], t["k"], t["v"], backend=backend),
-        "qkv_attention": lambda: vk.qkv_attention(t["x"], t["qkv_w"], t["qkv_b"], num_heads=2, norm_weight=t["ln_w"],
-                                                  norm_bias=t["ln_b"], backend=backend),
+        "qkv_attention": lambda: vk.qkv_attention(
+            t["x"], t["qkv_w"], t["qkv_b"], num_heads=2, norm_weight=t["ln_w"], norm_bias=t["ln_b"], backend=backend
+        ),
         "linear": lambda: vk.linear(t["x"], t["w"], t["b"], residual=t["x"], layer_scale=t["ls"], backend=backend),
-        "layernorm_gelu_mlp": lambda: vk.layernorm_gelu_mlp(t["x"], t["ln_w"], t["ln_b"], t["fc1_w"], t["fc1_b"],
-                                                            t["fc2_w"], t["fc2_b"], residual=t["x"], backend=backend),
-        "patch_embed": lambda: vk.patch_embed(t["images"], t["pe_w"], t["pe_b"], patch_size=8, pos_embed=t["pos"],
-                                              cls_token=t["cls"], backend=backend),
+        "layernorm_gelu_mlp": lambda: vk.layernorm_gelu_mlp(
+            t["x"],
+            t["ln_w"],
+            t["ln_b"],
+            t["fc1_w"],
+            t["fc1_b"],
+            t["fc2_w"],
+            t["fc2_b"],
+            residual=t["x"],
+            backend=backend,
+        ),
+        "patch_embed": lambda: vk.patch_embed(
+            t["images"], t["pe_w"], t["pe_b"], patch_size=8, pos_embed=t["pos"], cls_token=t["cls"], backend=backend
+        ),
     }
 
 
@@ -64,6 +93,7 @@ def _run_threads(jobs):
             job()
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
+
     threads = [threading.Thread(target=wrap, args=(j,)) for j in jobs]
     for t in threads:
         t.start()
@@ -117,6 +147,7 @@ def test_ops_from_8_threads_mixing_backends(threads_per_backend):
                         out = calls[op]()
                         assert torch.equal(out, want[backend][op]), (backend, op)
             seen[i] = (backend, rec)
+
         return job
 
     _run_threads([job_for(i, b) for i, b in enumerate(backends)])
@@ -133,19 +164,29 @@ def test_one_fused_model_shared_by_8_threads(autocast):
     """Eight threads running one fused model (under autocast its wrappers run the original modules,
     which they hand their parameters on every call) get the one-thread result every time."""
     timm = pytest.importorskip("timm")
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
-                              depth=2, num_heads=2, num_classes=10).eval()
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        num_classes=10,
+    ).eval()
     vk.fuse(model, backend="torch")
     x = torch.randn(2, 3, 32, 32)
 
     def forward():
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             return model(x)
+
     want = forward()
 
     def job():
         for _ in range(20):
             assert torch.equal(forward(), want)
+
     _run_threads([job] * 8)
 
 
@@ -154,6 +195,7 @@ def test_interpreter_probe_runs_once_for_8_threads():
     if DEVICE.type != "cpu" or not vk.backends.interpreter_enabled():
         pytest.skip("the probe is for Triton's interpreter on CPU tensors")
     from vit_kernels.triton import interpreter
+
     interpreter._bf16_probe.cache_clear()
     answers = []
     _run_threads([lambda: answers.append(interpreter.bf16_flaw())] * 8)
@@ -177,6 +219,7 @@ def test_forward_is_bitwise_repeatable_over_10_runs(backend):
 # --------------------------------------------------------------------------------------- the JIT build
 def test_threads_asking_for_the_emulator_build_it_once(monkeypatch):
     from vit_kernels import cuda as vk_cuda
+
     monkeypatch.setattr(vk_cuda, "_MODULES", {})
     monkeypatch.setattr(vk_cuda, "_FAILURES", {})
     builds = []
@@ -221,11 +264,21 @@ def _start_together(script, cache, n, extra_args=()):
     """n processes running ``script`` with VIT_KERNELS_CACHE=cache; released together once all
     have imported torch (they print 'ready' and wait for a file). Returns their CompletedProcess-like
     (returncode, stdout, stderr)."""
-    env = dict(os.environ, VIT_KERNELS_CACHE=str(cache),
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ, VIT_KERNELS_CACHE=str(cache), PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
     go = cache.parent / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(go), *extra_args], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(go), *extra_args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n)
+    ]
     for p in procs:
         assert p.stdout.readline().strip() == "ready"
     go.write_text("go")
@@ -251,7 +304,7 @@ def test_processes_started_together_build_once_fake_compiler(tmp_path):
     assert all(out.strip().splitlines()[-1].startswith("module from") for _, out, _ in results)
 
 
-_REAL_BUILD = textwrap.dedent('''
+_REAL_BUILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import torch
@@ -262,7 +315,7 @@ _REAL_BUILD = textwrap.dedent('''
     import vit_kernels.cuda as vk_cuda
     m = vk_cuda.emulator_module()
     print("loaded", m.__file__)
-''')
+""")
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ measured choice) and a short CI test takes three steps on backend "triton"; the 
 "triton" (the interpreter on a CPU) is the slow test. Every test prints which backend and path ran
 each op forward and backward (vit_kernels.record_decisions).
 """
+
 import pytest
 import torch
 
@@ -49,7 +50,7 @@ def _one_thread():
 def _run(backend, dtype, data, nudge=False, **overrides):
     recipe = dict(training.DIGITS_RECIPE, **overrides)
     model = training.tiny_vit(backend, seed=recipe["seed"]).to(DEVICE, dtype)
-    if nudge:   # every weight one ulp up: a rounding-sized change
+    if nudge:  # every weight one ulp up: a rounding-sized change
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(torch.nextafter(p, torch.full_like(p, float("inf"))))
@@ -68,17 +69,23 @@ def _t(values):
 
 def _check_curve(fused, eager, nudged, oracle_start):
     n = EXACT_STEPS
-    print(assert_close(_t(fused[:n]).float(), _t(oracle_start), _t(eager[:n]).float(),
-                       name=f"loss of the first {n} steps"))
+    print(
+        assert_close(
+            _t(fused[:n]).float(), _t(oracle_start), _t(eager[:n]).float(), name=f"loss of the first {n} steps"
+        )
+    )
     w = len(fused) // WINDOWS
     f, e, y = (_t(training.smoothed(c, w)) for c in (fused, eager, nudged))
     gap, yard = (f - e).abs(), (y - e).abs()
     bound = 2 * yard.max().item() + CURVE_FLOOR
-    print(f"mean loss per {w} steps: fused {[round(v, 4) for v in f.tolist()]}\n"
-          f"  eager {[round(v, 4) for v in e.tolist()]}\n  eager one ulp off {[round(v, 4) for v in y.tolist()]}\n"
-          f"  largest gap fused-eager {gap.max().item():.4f}, yardstick {yard.max().item():.4f}, bound {bound:.4f}")
-    assert gap.max().item() <= bound, (f"the fused loss curve left eager's: {gap.max().item():.4f} > {bound:.4f} "
-                                       f"in tenth {int(gap.argmax())}")
+    print(
+        f"mean loss per {w} steps: fused {[round(v, 4) for v in f.tolist()]}\n"
+        f"  eager {[round(v, 4) for v in e.tolist()]}\n  eager one ulp off {[round(v, 4) for v in y.tolist()]}\n"
+        f"  largest gap fused-eager {gap.max().item():.4f}, yardstick {yard.max().item():.4f}, bound {bound:.4f}"
+    )
+    assert gap.max().item() <= bound, (
+        f"the fused loss curve left eager's: {gap.max().item():.4f} > {bound:.4f} in tenth {int(gap.argmax())}"
+    )
 
 
 def _converges(backend):
@@ -106,7 +113,7 @@ def test_digits_converges_triton():
     """The whole recipe on backend "triton" on a CPU (the interpreter), "auto" on a GPU."""
     backend = "auto" if DEVICE.type == "cuda" else "triton"
     fused = _converges(backend)
-    if DEVICE.type == "cpu":   # evaluation has no gradients: the interpreter ran every forward
+    if DEVICE.type == "cpu":  # evaluation has no gradients: the interpreter ran every forward
         assert {d.backend for d in fused.eval_decisions} == {"triton"}, training.paths(fused.eval_decisions)
 
 
@@ -127,7 +134,7 @@ def test_triton_training_steps():
     gradient: 3x rule); names what ran forward and backward, and checks the evaluation forward ran
     the Triton kernels."""
     data = training.digits(seed=0)
-    batches = [(data.train_x[i:i + 8], data.train_y[i:i + 8]) for i in (0, 8, 16)]
+    batches = [(data.train_x[i : i + 8], data.train_y[i : i + 8]) for i in (0, 8, 16)]
     fused_model, fused, calls = _sgd_steps("triton", torch.float32, batches)
     eager_model, eager, _ = _sgd_steps("reference", torch.float32, batches)
     oracle_model, oracle, _ = _sgd_steps("reference", torch.float64, batches)
@@ -136,7 +143,7 @@ def test_triton_training_steps():
     eager_p, oracle_p = dict(eager_model.named_parameters()), dict(oracle_model.named_parameters())
     for name, p in fused_model.named_parameters():
         assert_close(p, oracle_p[name], eager_p[name], factor=3.0, name=name)
-    for d in calls:   # triton ran, or the decision says why not
+    for d in calls:  # triton ran, or the decision says why not
         assert d.backend == "triton" or "triton" in d.reasons, d
     acc, evals = training.accuracy(fused_model, data.test_x[:8].to(DEVICE), data.test_y[:8].to(DEVICE))
     print(f"backend='triton': evaluation (no grad) per op: {training.paths(evals)}")

@@ -1,6 +1,7 @@
 """The cost model (vit_kernels.bench.cost): FLOP counts against published figures and against
 torch's own FLOP counter on the real model, the byte accounting of shared/DESIGN.md, and the
 roofline arithmetic."""
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -17,9 +18,17 @@ def test_vit_b16_224_is_17_6_gmacs_per_image():
 
 
 # GMACs per image as published (timm's model cards, from fvcore-style counts)
-@pytest.mark.parametrize("size,patch,img,gmacs", [
-    ("tiny", 16, 224, 1.3), ("small", 16, 224, 4.6), ("base", 32, 224, 4.4),
-    ("base", 16, 384, 55.5), ("large", 16, 224, 61.6), ("huge", 14, 224, 167.4)])
+@pytest.mark.parametrize(
+    "size,patch,img,gmacs",
+    [
+        ("tiny", 16, 224, 1.3),
+        ("small", 16, 224, 4.6),
+        ("base", 32, 224, 4.4),
+        ("base", 16, 384, 55.5),
+        ("large", 16, 224, 61.6),
+        ("huge", 14, 224, 167.4),
+    ],
+)
 def test_gmacs_match_published(size, patch, img, gmacs):
     m = cost.model_cost(cost.ViTShape.vit(size, patch, img, batch=1))
     assert m.flops / 2e9 == pytest.approx(gmacs, rel=0.04)
@@ -62,7 +71,7 @@ def test_design_accounting_vit_b16_batch256_bf16():
     assert acts(cost.block_cost(s, path="split").fused, w) == pytest.approx(24.0)
     assert acts(cost.block_cost(s, path="split", row_stats="fused").fused, w) == pytest.approx(22.0)
     # GEMMs of one block: 24*T*D^2 = 0.71 TFLOP (DESIGN's figure), 0.744 with attention
-    assert (bc.flops - 4.0 * 256 * 197 ** 2 * 768) / 1e12 == pytest.approx(0.714, abs=0.001)
+    assert (bc.flops - 4.0 * 256 * 197**2 * 768) / 1e12 == pytest.approx(0.714, abs=0.001)
     assert bc.flops / 1e12 == pytest.approx(0.744, abs=0.001)
     # and the per-block bound is lower fused than eager on an H100
     h100 = peaks.by_key("h100")
@@ -114,6 +123,7 @@ def test_block_report_text():
 # ---------------------------------------------------------------------------------------------
 # The kernel model (vit_kernels.bench.cost_kernels): bytes counted by hand for small shapes
 
+
 def test_gemm_kernel_counts_every_tile_load():
     """M=256, N=128, K=64 fp16 in 128x64x32 tiles: 2 row tiles x 2 column tiles. A (32768 B) is loaded once
     per column tile (2x), W (16384 B) once per row tile (2x): 98304 B of loads, 49152 of them first reads,
@@ -124,8 +134,9 @@ def test_gemm_kernel_counts_every_tile_load():
     assert k.flops == 2 * 256 * 128 * 64 and (k.serial_steps, k.stages) == (4, 3)
     # + bias (2 B per column, per row tile), mean/rstd (8 B per row, per column tile), gamma/beta on the
     # A loads (4 B per K element, per program) and a residual read once
-    k = ck.gemm_kernel("g", 256, 128, 64, 2, (128, 64, 32, 3), sms=2, col_vec_bytes=2, row_vec_bytes=8,
-                       k_vec_bytes=4, residual=True)
+    k = ck.gemm_kernel(
+        "g", 256, 128, 64, 2, (128, 64, 32, 3), sms=2, col_vec_bytes=2, row_vec_bytes=8, k_vec_bytes=4, residual=True
+    )
     first = 49152 + 128 * 2 + 256 * 8 + 64 * 4 + 65536
     loads = 98304 + 2 * 128 * 2 + 2 * 256 * 8 + 4 * 64 * 4 + 65536
     assert (k.dram_bytes, k.l2_bytes) == (first + 65536, loads - first)
@@ -150,6 +161,7 @@ def test_single_kernel_reads_x_seven_times_per_head():
     2 programs loads x (1024 B) 7 times, its head's W_k and W_v rows (16*32*2 + 16*2 = 1056 B each) once
     and W_q's once per query tile (1 tile of 16 rows), gamma and beta (128 B) per projection pass (3)."""
     from vit_kernels.triton import qkv_attention as tq
+
     assert tq.kv_layout(16) == (64, 0) and tq.kernel_config(16) == (16, 32, 8, 1)
     k = ck.single_qkv_attention_kernel(1, 16, 32, 2, 2, torch.float16, sms=4)
     loads = 2 * (7 * 1024 + 3 * 1056 + 3 * 128)
@@ -190,7 +202,9 @@ def test_paths_of_a_vit_b_block():
         assert all(k.dram_bytes > 0 for ks in paths.values() for k in ks)
     assert "tma" not in ck.linear_paths(64, 32, 32, torch.float32, sms=4)
     m = ck.Machine.of(peaks.by_key("h100"))
-    assert ck.path_seconds(qkv["single_kernel"], m, torch.bfloat16) > 3 * ck.path_seconds(qkv["split"], m, torch.bfloat16)
+    assert ck.path_seconds(qkv["single_kernel"], m, torch.bfloat16) > 3 * ck.path_seconds(
+        qkv["split"], m, torch.bfloat16
+    )
 
 
 def test_kernels_report_text():
@@ -206,19 +220,26 @@ def test_kernels_report_text():
 def test_bench_and_profile_put_modeled_beside_measured():
     from vit_kernels.bench import attention as batt
     from vit_kernels.bench import profile
+
     h100 = peaks.by_key("h100")
     c = batt.AttnCase(32, 12, 197, 64, torch.bfloat16)
     row = {"ms": 0.5, "note": "path=split"}
     batt.add_modeled_columns(row, "vk_qkv:triton", c, h100, measured_on_gpu=True)
-    want = ck.path_seconds(ck.qkv_attention_paths(32, 197, 768, 12, torch.bfloat16, sms=132)["split"],
-                           ck.Machine.of(h100), torch.bfloat16) * 1e3
+    want = (
+        ck.path_seconds(
+            ck.qkv_attention_paths(32, 197, 768, 12, torch.bfloat16, sms=132)["split"],
+            ck.Machine.of(h100),
+            torch.bfloat16,
+        )
+        * 1e3
+    )
     assert row["modeled_ms"] == pytest.approx(want) and row["x_modeled"] == pytest.approx(0.5 / want)
     cpu = {"ms": 0.5}
     batt.add_modeled_columns(cpu, "vk_flash:triton", c, h100, measured_on_gpu=False)
     assert "modeled_ms" in cpu and "x_modeled" not in cpu
     other = {"ms": 0.5}
     batt.add_modeled_columns(other, "sdpa:cudnn", c, h100, measured_on_gpu=True)
-    assert "modeled_ms" not in other     # not modeled: no figure rather than a wrong one
+    assert "modeled_ms" not in other  # not modeled: no figure rather than a wrong one
     shape = cost.ViTShape(8, 197, 768, 12, 3072, 1, 2)
     ks = profile.stage_kernels(shape, torch.bfloat16, 132, "triton")
     labels = [f"eager/{s}" for s in profile.EAGER_STAGES] + [f"fused/{s}" for s in profile.FUSED_STAGES]
@@ -230,6 +251,7 @@ def test_model_bench_modeled_beside_measured():
     """bench.throughput's rows: the kernel model of a whole forward for the providers it models (sdpa,
     triton), depth x the block's kernels plus the patch embedding and head at their roofline."""
     from vit_kernels.bench import throughput
+
     h100 = peaks.by_key("h100")
     m = ck.Machine.of(h100)
     s = cost.ViTShape.vit("base", 16, 224, batch=32, dtype=torch.bfloat16)

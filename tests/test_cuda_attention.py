@@ -1,6 +1,7 @@
 """The CUDA C++ attention kernel (csrc/attention), through the host emulator on CPU tensors (or the
 GPU build on CUDA tensors): against the float64 oracle under the tolerance rule, outputs poisoned
 with NaN before every launch."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,8 +39,12 @@ def check_attention(out, q, k, v, scale, name="output"):
 
 # -------------------------------------------------------------------------------- flash_attention
 # A covering subset by default: every token count x head dim x dtype once, batch alternating.
-DEFAULT = [(1 if (i + j) % 2 else 3, n, d, dt)
-           for i, n in enumerate([1, 50, 197, 257]) for j, d in enumerate([64, 72, 80]) for dt in DTYPES]
+DEFAULT = [
+    (1 if (i + j) % 2 else 3, n, d, dt)
+    for i, n in enumerate([1, 50, 197, 257])
+    for j, d in enumerate([64, 72, 80])
+    for dt in DTYPES
+]
 SLOW = [(b, n, d, dt) for b in (1, 3) for n in (1, 50, 197, 257, 577) for d in (64, 72, 80) for dt in DTYPES]
 SLOW = [c for c in SLOW if c not in DEFAULT]
 
@@ -50,7 +55,7 @@ def _id(c):
 
 def run_flash(batch, tokens, head_dim, dtype, heads=2):
     q, k, v = (rand(batch, heads, tokens, head_dim, dtype=dtype) for _ in range(3))
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     out = vk.flash_attention(q, k, v, backend="cuda")
     assert vk.last_decision("flash_attention").backend == "cuda"
     assert out.shape == q.shape and out.dtype == dtype
@@ -73,26 +78,34 @@ def test_lse(dtype):
     """The row log-sum-exp (B, H, N) fp32, natural log, kept for a backward pass."""
     B, H, N, D = 1, 3, 70, 64
     q, k, v = (rand(B, H, N, D, dtype=dtype) for _ in range(3))
-    scale = D ** -0.5
+    scale = D**-0.5
     lse = torch.full((B, H, N), float("nan"), device=DEVICE)
     out, lse_out = cuda_ops.flash_attention_forward(q, k, v, scale, lse=lse)
     assert lse_out is lse
     check_attention(out, q, k, v, scale)
     oracle = torch.logsumexp((q.double() @ k.double().transpose(-2, -1)) * scale, dim=-1)
-    baseline = torch.logsumexp((q @ k.transpose(-2, -1)).float() * scale, dim=-1) if dtype != torch.float32 else \
-        torch.logsumexp((q @ k.transpose(-2, -1)) * scale, dim=-1)
+    baseline = (
+        torch.logsumexp((q @ k.transpose(-2, -1)).float() * scale, dim=-1)
+        if dtype != torch.float32
+        else torch.logsumexp((q @ k.transpose(-2, -1)) * scale, dim=-1)
+    )
     assert_close(lse, oracle, baseline, floor=1e-5, name="lse")
 
 
 def layouts(B, H, N, D, dtype):
     """(name, q, k, v): the same attention read from different memory layouts, without copies."""
-    packed = rand(3, B, H, N, D, dtype=dtype)                            # the QKV projection's output
+    packed = rand(3, B, H, N, D, dtype=dtype)  # the QKV projection's output
     yield "packed_3bhnd", packed[0], packed[1], packed[2]
-    bnhd = rand(B, N, 3, H, D, dtype=dtype)                              # timm's reshape before permute
-    yield "bn3hd_transposed", bnhd[:, :, 0].transpose(1, 2), bnhd[:, :, 1].transpose(1, 2), bnhd[:, :, 2].transpose(1, 2)
-    wide = rand(B, H, N, 2 * D, dtype=dtype)                             # channel stride 2: element-wise loads
+    bnhd = rand(B, N, 3, H, D, dtype=dtype)  # timm's reshape before permute
+    yield (
+        "bn3hd_transposed",
+        bnhd[:, :, 0].transpose(1, 2),
+        bnhd[:, :, 1].transpose(1, 2),
+        bnhd[:, :, 2].transpose(1, 2),
+    )
+    wide = rand(B, H, N, 2 * D, dtype=dtype)  # channel stride 2: element-wise loads
     yield "channel_stride_2", wide[..., ::2], wide[..., 1::2], rand(B, H, N, D, dtype=dtype)
-    flat = rand(B * H * N * D + 1, dtype=dtype)                          # rows not 16-byte aligned
+    flat = rand(B * H * N * D + 1, dtype=dtype)  # rows not 16-byte aligned
     shifted = flat[1:].view(B, H, N, D)
     yield "unaligned", shifted, rand(B, H, N, D, dtype=dtype), rand(B, H, N, D, dtype=dtype)
 
@@ -101,7 +114,7 @@ def layouts(B, H, N, D, dtype):
 def test_layouts_and_concatenated_output(dtype):
     """Strided inputs are read in place; the output goes straight into (B, N, H*hd)."""
     B, H, N, D = 3, 2, 45, 72
-    scale = D ** -0.5
+    scale = D**-0.5
     for name, q, k, v in layouts(B, H, N, D, dtype):
         out = vk.flash_attention(q, k, v, backend="cuda")
         check_attention(out, q, k, v, scale, name=name)
@@ -125,8 +138,8 @@ def test_head_dims_run_padded_in_the_next_instantiation(head_dim):
     """Head dims not in the compiled list run in the next one, the extra columns masked."""
     for dtype in (torch.float16, torch.float32):
         q, k, v = (rand(1, 2, 97, head_dim, dtype=dtype) for _ in range(3))  # several key tiles
-        out = cuda_ops.flash_attention(q, k, v, head_dim ** -0.5)
-        check_attention(out, q, k, v, head_dim ** -0.5, name=f"head_dim={head_dim} {dtype}")
+        out = cuda_ops.flash_attention(q, k, v, head_dim**-0.5)
+        check_attention(out, q, k, v, head_dim**-0.5, name=f"head_dim={head_dim} {dtype}")
 
 
 @pytest.mark.parametrize("magnitude", [1e-6, 3e4, 1e6])
@@ -137,7 +150,7 @@ def test_float32_split_scaling(magnitude):
     k = rand(1, 2, 50, D, dtype=torch.float32, scale=256.0)
     v = rand(1, 2, 50, D, dtype=torch.float32, scale=magnitude)
     out = vk.flash_attention(q, k, v, backend="cuda")
-    check_attention(out, q, k, v, D ** -0.5, name=f"|v|~{magnitude:g}")
+    check_attention(out, q, k, v, D**-0.5, name=f"|v|~{magnitude:g}")
     # and relative to the output's own size (the floor of assert_close is absolute)
     oracle = reference.flash_attention(q.double(), k.double(), v.double())
     assert (out.double() - oracle).abs().max() <= 1e-5 * oracle.abs().max()
@@ -187,6 +200,7 @@ SMEM_LIMIT = shared_limits_by_name()  # vit_kernels.arch
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_every_instantiation_compiles_without_spills(arch):
     from vit_kernels import cuda as vk_cuda
+
     root, how = vk_cuda.toolkit_root()
     if root is None:
         pytest.skip(f"no CUDA toolkit on this machine: {how}")
@@ -210,7 +224,7 @@ def test_every_instantiation_compiles_without_spills(arch):
 def run_qkv(batch, tokens, head_dim, dtype, norm, bias, heads=2):
     dim = heads * head_dim
     x = rand(batch, tokens, dim, dtype=dtype)
-    w = rand(3 * dim, dim, dtype=dtype, scale=dim ** -0.5)
+    w = rand(3 * dim, dim, dtype=dtype, scale=dim**-0.5)
     b = rand(3 * dim, dtype=dtype, scale=0.1) if bias else None
     nw = (1 + rand(dim, dtype=torch.float32, scale=0.1)).to(dtype) if norm else None
     nb = rand(dim, dtype=dtype, scale=0.1) if norm else None
@@ -220,21 +234,35 @@ def run_qkv(batch, tokens, head_dim, dtype, norm, bias, heads=2):
     assert out.shape == (batch, tokens, dim) and out.dtype == dtype
     assert not torch.isnan(out).any(), "NaN left in the output (an element was not written)"
     dbl = lambda t: None if t is None else t.double()  # noqa: E731
-    oracle = reference.qkv_attention(x.double(), w.double(), dbl(b), num_heads=heads, norm_weight=dbl(nw),
-                                     norm_bias=dbl(nb), eps=1e-6)
+    oracle = reference.qkv_attention(
+        x.double(), w.double(), dbl(b), num_heads=heads, norm_weight=dbl(nw), norm_bias=dbl(nb), eps=1e-6
+    )
     baseline = reference.qkv_attention(x, w, b, num_heads=heads, norm_weight=nw, norm_bias=nb, eps=1e-6)
     assert_close(out, oracle, baseline)
 
 
-QKV_DEFAULT = [(1, 50, 64, torch.float16, True, True), (3, 197, 80, torch.bfloat16, True, False),
-               (3, 1, 72, torch.float32, False, True), (1, 257, 72, torch.float16, False, False),
-               (1, 50, 80, torch.float32, True, True), (3, 50, 64, torch.bfloat16, False, True)]
-QKV_SLOW = [(b, n, d, dt, norm, True) for b in (1, 3) for n in (1, 50, 197, 257, 577) for d in (64, 72, 80)
-            for dt in DTYPES for norm in (False, True)]
+QKV_DEFAULT = [
+    (1, 50, 64, torch.float16, True, True),
+    (3, 197, 80, torch.bfloat16, True, False),
+    (3, 1, 72, torch.float32, False, True),
+    (1, 257, 72, torch.float16, False, False),
+    (1, 50, 80, torch.float32, True, True),
+    (3, 50, 64, torch.bfloat16, False, True),
+]
+QKV_SLOW = [
+    (b, n, d, dt, norm, True)
+    for b in (1, 3)
+    for n in (1, 50, 197, 257, 577)
+    for d in (64, 72, 80)
+    for dt in DTYPES
+    for norm in (False, True)
+]
 
 
 def _qkv_id(c):
-    return f"b{c[0]}-n{c[1]}-hd{c[2]}-{str(c[3]).split('.')[-1]}-{'ln' if c[4] else 'noln'}-{'bias' if c[5] else 'nobias'}"
+    return (
+        f"b{c[0]}-n{c[1]}-hd{c[2]}-{str(c[3]).split('.')[-1]}-{'ln' if c[4] else 'noln'}-{'bias' if c[5] else 'nobias'}"
+    )
 
 
 @pytest.mark.parametrize("case", QKV_DEFAULT, ids=_qkv_id)

@@ -1,5 +1,6 @@
 """The CUDA C++ build without a GPU: every .cu compiles for sm_80 and sm_90 with zero spills, the
 toolkit is found behind nvcc wrappers, and the install/JIT/info paths say what they do."""
+
 import os
 import subprocess
 import sys
@@ -72,22 +73,23 @@ def test_arch_list(monkeypatch):
     assert vk_cuda.arch_list() == ["8.0", "9.0"]
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 9.0a+PTX")
     assert vk_cuda.gencode_flags(vk_cuda.arch_list()) == [
-        "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
-        "-gencode=arch=compute_90a,code=compute_90a"]
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90a,code=sm_90a",
+        "-gencode=arch=compute_90a,code=compute_90a",
+    ]
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "sm80")
     with pytest.raises(vk_cuda.BuildError, match="TORCH_CUDA_ARCH_LIST"):
         vk_cuda.arch_list()
 
 
 def _setup_py(env_extra, hide_torch=False):
-    code = ("import sys\n"
-            + ("sys.modules['torch'] = None\n" if hide_torch else "")
-            + "sys.argv = ['setup.py', '--name']\n"
-            "exec(compile(open('setup.py').read(), 'setup.py', 'exec'), {'__file__': 'setup.py', '__name__': '__main__'})\n"
-            "print('vit_kernels imported:', 'vit_kernels' in sys.modules, file=sys.stderr)\n")
+    code = (
+        "import sys\n" + ("sys.modules['torch'] = None\n" if hide_torch else "") + "sys.argv = ['setup.py', '--name']\n"
+        "exec(compile(open('setup.py').read(), 'setup.py', 'exec'), {'__file__': 'setup.py', '__name__': '__main__'})\n"
+        "print('vit_kernels imported:', 'vit_kernels' in sys.modules, file=sys.stderr)\n"
+    )
     env = dict(os.environ, **env_extra)
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_setup_skips_the_extension_quietly_without_torch():
@@ -117,8 +119,9 @@ def test_setup_skip_variable():
 
 
 def test_info_describes_the_cuda_backend():
-    p = subprocess.run([sys.executable, "-m", "vit_kernels", "info"], cwd=REPO, capture_output=True, text=True,
-                       timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "vit_kernels", "info"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert p.returncode == 0, p.stderr
     assert "backend cuda: " in p.stdout and "toolkit" in p.stdout and "JIT cache" in p.stdout
 

@@ -4,6 +4,7 @@ The selftest kernels (csrc/selftest/port_selftest.cu) run through the emulated b
 On a machine with a GPU the same tests also run on the GPU build (marked gpu), so emulator and
 hardware answer the same questions.
 """
+
 import pytest
 import torch
 
@@ -20,6 +21,7 @@ def ext_for():
             return vk_cuda.module_for(torch.device(device))
         except vk_cuda.BuildError as e:
             pytest.fail(f"the {device} build of the CUDA extension failed: {e}")
+
     return get
 
 
@@ -33,7 +35,7 @@ def bits16(t: torch.Tensor) -> torch.Tensor:
 def test_mma_m16n8k16_matches_matmul(ext_for, device, dtype):
     ext = ext_for(device)
     a = torch.randn(16, 16).to(dtype)
-    b = torch.randn(8, 16).to(dtype)          # (n, k): the "col" operand
+    b = torch.randn(8, 16).to(dtype)  # (n, k): the "col" operand
     c = torch.randn(16, 8)
     d = ext.selftest_mma(bits16(a).to(device), bits16(b).to(device), c.to(device), dtype == torch.bfloat16).cpu()
     expected = a.double() @ b.double().t() + c.double()
@@ -51,7 +53,7 @@ def documented_ldmatrix(src: torch.Tensor, count: int, trans: bool) -> torch.Ten
     out = torch.zeros(32, 4, dtype=torch.int64)
     for lane in range(32):
         for j in range(count):
-            m = vals[8 * j: 8 * j + 8]
+            m = vals[8 * j : 8 * j + 8]
             if trans:
                 lo, hi = m[2 * (lane % 4), lane // 4], m[2 * (lane % 4) + 1, lane // 4]
             else:
@@ -81,13 +83,17 @@ def test_block_reduction_needs_its_barriers(ext_for, device, threads):
     good = ext.selftest_block_sum(x.to(device), True).cpu()
     torch.testing.assert_close(good.double(), x.double().sum(1), rtol=1e-5, atol=1e-5)
     if device == "cpu":
-        with pytest.raises(RuntimeError, match=r"(?s)racecheck: kernel selftest_block_sum_kernel.*"
-                                               r"(read-after-write|write-after-read)"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"(?s)racecheck: kernel selftest_block_sum_kernel.*"
+            r"(read-after-write|write-after-read)",
+        ):
             ext.selftest_block_sum(x, False)
         with emulator_settings(racecheck=False):
             bad = ext.selftest_block_sum(x, False)
-        assert not torch.allclose(bad.double(), x.double().sum(1), rtol=1e-3, atol=1e-3), \
+        assert not torch.allclose(bad.double(), x.double().sum(1), rtol=1e-3, atol=1e-3), (
             "the emulator gave the right sum without barriers: it does not interleave threads"
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -95,8 +101,8 @@ def test_warp_shuffles_votes_atomics(ext_for, device):
     ext = ext_for(device)
     warps = 3
     x = torch.randn(warps * 32)
-    x[32:64] = x[32:64].abs() + 0.1     # warp 1: all positive
-    x[64:96] = -x[64:96].abs() - 0.1    # warp 2: none positive
+    x[32:64] = x[32:64].abs() + 0.1  # warp 1: all positive
+    x[64:96] = -x[64:96].abs() - 0.1  # warp 2: none positive
     sums, ballots, anys, alls, total = (t.cpu() for t in ext.selftest_warp(x.to(device)))
     torch.testing.assert_close(sums.double(), x.view(warps, 32).double().sum(1), rtol=1e-5, atol=1e-5)
     pos = (x.view(warps, 32) > 0).to(torch.int64)

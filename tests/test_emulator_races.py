@@ -8,6 +8,7 @@
    give bitwise the same result whatever the schedule. (The checker is on in every other emulator
    test too: it is the default.)
 """
+
 import re
 from pathlib import Path
 
@@ -19,8 +20,16 @@ from vit_kernels.cuda import ops
 from vit_kernels.cuda.emulation import SCHEDULES, emulator_settings
 
 RACE_SRC = Path(vk_cuda.CSRC) / "selftest" / "race_selftest.cu"
-CASES = ["clean", "read_after_write", "write_after_read", "write_after_write", "async_no_wait",
-         "async_wait_too_weak", "warp_no_syncwarp", "warp_syncwarp"]  # vk::RaceCase, in order
+CASES = [
+    "clean",
+    "read_after_write",
+    "write_after_read",
+    "write_after_write",
+    "async_no_wait",
+    "async_wait_too_weak",
+    "warp_no_syncwarp",
+    "warp_syncwarp",
+]  # vk::RaceCase, in order
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +71,10 @@ def test_each_hazard_class_is_reported_with_its_lines(ext, case, kind, now, prev
             run(ext, case, x)
     msg = str(err.value)
     assert "racecheck: kernel selftest_race_kernel" in msg, msg
-    pattern = (rf"{kind}: thread \d+ \(warp \d\) \w+.* at race_selftest\.cu:{line_of(now)}; .* at "
-               rf"race_selftest\.cu:{line_of(prev)}")
+    pattern = (
+        rf"{kind}: thread \d+ \(warp \d\) \w+.* at race_selftest\.cu:{line_of(now)}; .* at "
+        rf"race_selftest\.cu:{line_of(prev)}"
+    )
     assert re.search(pattern, msg), f"expected /{pattern}/ in:\n{msg}"
     if case.startswith("async"):
         assert "no cp.async.wait_group has landed" in msg, msg
@@ -137,11 +148,19 @@ def _attention_cases():
             q, k, v = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
             if strided:  # channel stride 2: the plain-load path instead of cp.async
                 q, k, v = q[..., ::2], k[..., ::2], v[..., ::2]
-            return ops.flash_attention(q, k, v, hd ** -0.5)
+            return ops.flash_attention(q, k, v, hd**-0.5)
+
         return f
-    return {f"attention-{str(dt)[6:]}-hd{hd}{'-strided' if s else ''}": make(dt, hd, s)
-            for dt, hd, s in [(torch.float16, 64, False), (torch.bfloat16, 72, False), (torch.float32, 64, False),
-                              (torch.float16, 64, True)]}
+
+    return {
+        f"attention-{str(dt)[6:]}-hd{hd}{'-strided' if s else ''}": make(dt, hd, s)
+        for dt, hd, s in [
+            (torch.float16, 64, False),
+            (torch.bfloat16, 72, False),
+            (torch.float32, 64, False),
+            (torch.float16, 64, True),
+        ]
+    }
 
 
 def _gemm_cases():
@@ -149,9 +168,10 @@ def _gemm_cases():
         def f():
             g = torch.Generator().manual_seed(1)
             x = torch.randn(70, k, generator=g).to(dtype)
-            w = (torch.randn(72, k, generator=g) / k ** 0.5).to(dtype)
+            w = (torch.randn(72, k, generator=g) / k**0.5).to(dtype)
             b = torch.randn(72, generator=g).to(dtype)
             return ops.linear_forward(x, w, b, config=0)
+
         return f
 
     def mlp(dtype):
@@ -159,7 +179,10 @@ def _gemm_cases():
             g = torch.Generator().manual_seed(2)
             x = torch.randn(2, 35, 64, generator=g).to(dtype)
             p = [torch.randn(s, generator=g).to(dtype) * 0.2 for s in [(64,), (64,), (96, 64), (96,), (64, 96), (64,)]]
-            return ops.layernorm_gelu_mlp_forward(x, *p, eps=1e-6, approximate="none", residual=x, layer_scale=p[1], config=0)
+            return ops.layernorm_gelu_mlp_forward(
+                x, *p, eps=1e-6, approximate="none", residual=x, layer_scale=p[1], config=0
+            )
+
         return f
 
     def patch(dtype):
@@ -170,6 +193,7 @@ def _gemm_cases():
             pos = torch.randn(17, 64, generator=g).to(dtype)
             cls = torch.randn(64, generator=g).to(dtype)
             return ops.patch_embed_forward(img, w, None, patch_size=8, pos_embed=pos, cls_token=cls, config=0)
+
         return f
 
     cases = {}
@@ -179,8 +203,9 @@ def _gemm_cases():
         cases[f"gemm-{name}-plain"] = make(dt, 36)  # K % 8 != 0: rows not 16-byte aligned
         cases[f"mlp-layernorm-{name}"] = mlp(dt)
     cases["patch-embed-float16"] = patch(torch.float16)
-    cases["row-stats-float32"] = lambda: torch.stack(ops.row_stats(torch.randn(
-        20, 100, generator=torch.Generator().manual_seed(4)), 1e-5))
+    cases["row-stats-float32"] = lambda: torch.stack(
+        ops.row_stats(torch.randn(20, 100, generator=torch.Generator().manual_seed(4)), 1e-5)
+    )
     return cases
 
 

@@ -10,6 +10,7 @@ launchers also get a NaN-filled `out`), so an element a kernel does not write fa
 oracles and the per-backend adapters: tests/gemm_cases.py. Each backend keeps its own default case list
 (the CUDA emulator is slow; the lists cover the same features); `-m slow` runs the full sweeps.
 """
+
 import itertools
 import math
 import os
@@ -68,11 +69,11 @@ def test_row_stats(backend, case, dtype):
 TRITON_LINEAR_SHAPES = [(1, 1, 192, 384), (3, 50, 72, 200), (1, 197, 384, 192), (3, 257, 200, 72), (1, 577, 192, 192)]
 VARIANTS = [(False, False, False), (True, False, False), (True, True, False), (True, True, True), (False, True, True)]
 CUDA_LINEAR_CASES = [
-    ((1,), 64, 48, True, False, False),         # one token
-    ((2, 50), 72, 40, True, True, True),        # out proj of a block: bias, layer scale, residual
-    ((1, 197), 80, 96, False, True, False),     # no bias, residual only
-    ((257,), 37, 29, True, False, False),       # odd dims: scalar (non-16-byte) loads, ragged tiles
-    ((3, 5), 16, 200, True, True, True),        # N > one tile in both configs
+    ((1,), 64, 48, True, False, False),  # one token
+    ((2, 50), 72, 40, True, True, True),  # out proj of a block: bias, layer scale, residual
+    ((1, 197), 80, 96, False, True, False),  # no bias, residual only
+    ((257,), 37, 29, True, False, False),  # odd dims: scalar (non-16-byte) loads, ragged tiles
+    ((3, 5), 16, 200, True, True, True),  # N > one tile in both configs
 ]
 
 
@@ -89,7 +90,7 @@ def linear_params():
 
 def linear_case(dtype, lead, k, n, bias, residual, layer_scale):
     x = rand(*lead, k, dtype=dtype)
-    w = rand(n, k, dtype=dtype, scale=k ** -0.5)
+    w = rand(n, k, dtype=dtype, scale=k**-0.5)
     b = rand(n, dtype=dtype) if bias else None
     r = rand(*lead, n, dtype=dtype) if residual else None
     ls = rand(n, dtype=dtype, scale=0.5) if layer_scale else None
@@ -143,11 +144,11 @@ def test_linear_strided_rows(backend):
     G.require(backend)
     dtype = torch.float16
     if backend == "triton":
-        x = rand(3, 50, 256, dtype=dtype)[:, :, 16:16 + 192]        # stride (12800, 256, 1)
-        r = rand(50, 3, 96, dtype=dtype).transpose(0, 1)            # stride (96, 288, 1)
+        x = rand(3, 50, 256, dtype=dtype)[:, :, 16 : 16 + 192]  # stride (12800, 256, 1)
+        r = rand(50, 3, 96, dtype=dtype).transpose(0, 1)  # stride (96, 288, 1)
         w, b, ls = rand(96, 192, dtype=dtype, scale=0.07), rand(96, dtype=dtype), rand(96, dtype=dtype)
     else:
-        x = rand(2, 33, 75, dtype=dtype)[..., 3:67]                 # (2, 33, 64), row stride 75
+        x = rand(2, 33, 75, dtype=dtype)[..., 3:67]  # (2, 33, 64), row stride 75
         r = rand(2, 33, 30, dtype=dtype)[..., :24]
         w, b, ls = rand(24, 64, dtype=dtype, scale=0.125), None, None
     got = G.linear(backend, x, w, b, residual=r, layer_scale=ls)
@@ -159,7 +160,8 @@ def test_linear_strided_rows(backend):
 def test_linear_rejects_uncollapsible_rows_and_bad_out_triton():
     G.require("triton")
     from vit_kernels.triton import gemm
-    x = rand(4, 6, 5, 32, dtype=torch.float32).transpose(0, 1)   # leading dims not viewable as (-1, 5)
+
+    x = rand(4, 6, 5, 32, dtype=torch.float32).transpose(0, 1)  # leading dims not viewable as (-1, 5)
     w = rand(16, 32, dtype=torch.float32)
     with pytest.raises(ValueError, match=r"x: shape \(6, 4, 5, 32\) .* cannot be addressed"):
         gemm.linear_forward(x, w)
@@ -170,6 +172,7 @@ def test_linear_rejects_uncollapsible_rows_and_bad_out_triton():
 def test_linear_rejects_what_it_would_have_to_copy_cuda():
     G.require("cuda")
     from vit_kernels.cuda import ops as cuda_ops
+
     x = rand(4, 8, 16, dtype=torch.float32).transpose(1, 2)  # last dim not unit-stride
     w = rand(8, 8, dtype=torch.float32)
     with pytest.raises(ValueError, match=r"x: .*unit stride"):
@@ -197,18 +200,27 @@ def test_float64_refused_before_launch_triton():
     with pytest.raises(ValueError, match=r"dtype torch.float64 is not supported by the Triton GEMM"):
         vk.layernorm_gelu_mlp(x, None, None, w, None, w.t().contiguous(), None, backend="triton")
     with pytest.raises(ValueError, match=r"dtype torch.float64 is not supported by the Triton GEMM"):
-        vk.patch_embed(torch.randn(1, 2, 4, 4, dtype=torch.float64), torch.randn(3, 2, 2, 2, dtype=torch.float64),
-                       patch_size=2, backend="triton")
+        vk.patch_embed(
+            torch.randn(1, 2, 4, 4, dtype=torch.float64),
+            torch.randn(3, 2, 2, 2, dtype=torch.float64),
+            patch_size=2,
+            backend="triton",
+        )
 
 
 # ----------------------------------------------------------- QKV projection: [LayerNorm ->] QKV, head split
 # (batch, tokens, dim, heads, head_dim, bias, norm); norm: "none" | "affine" | "weight"
-TRITON_QKV_CASES = [(1, 1, 3, 64, "affine"), (3, 50, 2, 80, "none"), (1, 197, 3, 64, "weight"),
-                    (3, 257, 2, 72, "affine"), (1, 577, 2, 64, "affine")]
+TRITON_QKV_CASES = [
+    (1, 1, 3, 64, "affine"),
+    (3, 50, 2, 80, "none"),
+    (1, 197, 3, 64, "weight"),
+    (3, 257, 2, 72, "affine"),
+    (1, 577, 2, 64, "affine"),
+]
 CUDA_QKV_CASES = [
     (2, 50, 64, 2, 32, True, "affine"),
-    (1, 197, 48, 1, 80, True, "affine"),     # head_dim 80, dim != heads * head_dim
-    (3, 1, 32, 2, 64, False, "none"),        # one token, no bias, no LayerNorm
+    (1, 197, 48, 1, 80, True, "affine"),  # head_dim 80, dim != heads * head_dim
+    (3, 1, 32, 2, 64, False, "none"),  # one token, no bias, no LayerNorm
     (1, 257, 24, 3, 8, True, "affine"),
 ]
 
@@ -225,11 +237,11 @@ def qkv_params():
 def check_qkv(backend, dtype, case, x=None):
     B, N, dim, H, hd, has_bias, norm = case
     x = rand(B, N, dim, dtype=dtype) * 2 + 0.5 if x is None else x
-    w = rand(3 * H * hd, dim, dtype=dtype, scale=dim ** -0.5)
+    w = rand(3 * H * hd, dim, dtype=dtype, scale=dim**-0.5)
     b = rand(3 * H * hd, dtype=dtype) if has_bias else None
     nw = rand(dim, dtype=dtype) if norm != "none" else None
     nb = rand(dim, dtype=dtype) if norm == "affine" else None
-    scale, eps = hd ** -0.5, 1e-6
+    scale, eps = hd**-0.5, 1e-6
     got = G.qkv_projection(backend, x, w, b, num_heads=H, scale=scale, norm_weight=nw, norm_bias=nb, eps=eps)
     assert got.shape == (3, B, H, N, hd) and got.is_contiguous()
     assert_close(got, G.qkv_oracle(x, w, b, H, scale, nw, nb, eps), G.qkv_baseline(x, w, b, H, scale, nw, nb, eps))
@@ -245,8 +257,11 @@ def test_qkv_projection(backend, dtype, case):
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
 @pytest.mark.parametrize("has_bias", [False, True])
 @pytest.mark.parametrize("norm", ["none", "affine", "weight"])
-@pytest.mark.parametrize("shape", [(1, 1, 3, 64), (3, 50, 2, 80), (3, 197, 6, 64), (1, 257, 2, 72),
-                                   (3, 577, 3, 64), (1, 1025, 2, 64)], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 1, 3, 64), (3, 50, 2, 80), (3, 197, 6, 64), (1, 257, 2, 72), (3, 577, 3, 64), (1, 1025, 2, 64)],
+    ids=str,
+)
 def test_qkv_projection_full_triton(shape, norm, has_bias, dtype):
     G.require("triton")
     B, N, H, hd = shape
@@ -259,12 +274,15 @@ def test_qkv_projection_layout_and_scaling(backend):
     against the unfused projection, with a scale far from 1."""
     G.require(backend)
     B, N, H, hd, dim = 2, 9, 3, 16, 40
-    x, w, b = rand(B, N, dim, dtype=torch.float32), rand(3 * H * hd, dim, dtype=torch.float32), \
-        rand(3 * H * hd, dtype=torch.float32)
+    x, w, b = (
+        rand(B, N, dim, dtype=torch.float32),
+        rand(3 * H * hd, dim, dtype=torch.float32),
+        rand(3 * H * hd, dtype=torch.float32),
+    )
     got = G.qkv_projection(backend, x, w, b, num_heads=H, scale=0.125, norm_weight=None, norm_bias=None, eps=1e-6)
-    y = R.linear(d64(x), d64(w), d64(b))                   # (B, N, 3 * H * hd)
+    y = R.linear(d64(x), d64(w), d64(b))  # (B, N, 3 * H * hd)
     for which, bb, h, t in itertools.product(range(3), range(B), range(H), range(N)):
-        cols = y[bb, t, which * H * hd + h * hd: which * H * hd + (h + 1) * hd]
+        cols = y[bb, t, which * H * hd + h * hd : which * H * hd + (h + 1) * hd]
         expect = cols * (0.125 if which == 0 else 1.0)
         torch.testing.assert_close(got[which, bb, h, t].double(), expect, rtol=1e-5, atol=1e-5)
 
@@ -279,6 +297,7 @@ def test_qkv_projection_strided_x_triton():
 def test_qkv_projection_rejects_head_dim_not_multiple_of_8_triton():
     G.require("triton")
     from vit_kernels.triton import gemm
+
     x = rand(1, 4, 36, dtype=torch.float32)
     with pytest.raises(ValueError, match=r"head_dim = 36 // 3 = 12 is not a multiple of 8"):
         gemm.qkv_projection_forward(x, rand(108, 36, dtype=torch.float32), None, num_heads=3, scale=1.0)
@@ -290,8 +309,8 @@ MLP_CASES = [
     # (leading shape, dim, hidden, out, approximate, layernorm, residual + layer scale)
     ((2, 50), 64, 256, 64, "none", True, True),
     ((1, 197), 40, 120, 40, "tanh", True, False),
-    ((257,), 24, 72, 24, "none", False, True),   # norm_weight None: no LayerNorm
-    ((1,), 33, 47, 19, "tanh", True, True),      # odd dims everywhere
+    ((257,), 24, 72, 24, "none", False, True),  # norm_weight None: no LayerNorm
+    ((1,), 33, 47, 19, "tanh", True, True),  # odd dims everywhere
 ]
 
 
@@ -300,33 +319,47 @@ MLP_CASES = [
 def test_layernorm_gelu_mlp_cuda(dtype, case):
     G.require("cuda")
     from vit_kernels.cuda import ops as cuda_ops
+
     lead, dim, hidden, out, approximate, layernorm, res = case
     x = rand(*lead, dim, dtype=dtype) * 2 + 0.5
     nw = rand(dim, dtype=dtype) if layernorm else None
     nb = rand(dim, dtype=dtype) if layernorm else None
-    w1, b1 = rand(hidden, dim, dtype=dtype, scale=dim ** -0.5), rand(hidden, dtype=dtype)
-    w2, b2 = rand(out, hidden, dtype=dtype, scale=hidden ** -0.5), rand(out, dtype=dtype)
+    w1, b1 = rand(hidden, dim, dtype=dtype, scale=dim**-0.5), rand(hidden, dtype=dtype)
+    w2, b2 = rand(out, hidden, dtype=dtype, scale=hidden**-0.5), rand(out, dtype=dtype)
     r = rand(*lead, out, dtype=dtype) if res else None
     ls = rand(out, dtype=dtype) if res else None
-    got = cuda_ops.layernorm_gelu_mlp_forward(x, nw, nb, w1, b1, w2, b2, eps=1e-6, approximate=approximate,
-                                      residual=r, layer_scale=ls)
+    got = cuda_ops.layernorm_gelu_mlp_forward(
+        x, nw, nb, w1, b1, w2, b2, eps=1e-6, approximate=approximate, residual=r, layer_scale=ls
+    )
     if layernorm:
-        want = R.layernorm_gelu_mlp(d64(x), d64(nw), d64(nb), d64(w1), d64(b1), d64(w2), d64(b2), eps=1e-6,
-                                    approximate=approximate, residual=d64(r), layer_scale=d64(ls))
+        want = R.layernorm_gelu_mlp(
+            d64(x),
+            d64(nw),
+            d64(nb),
+            d64(w1),
+            d64(b1),
+            d64(w2),
+            d64(b2),
+            eps=1e-6,
+            approximate=approximate,
+            residual=d64(r),
+            layer_scale=d64(ls),
+        )
     else:
         h = R.gelu(R.linear(d64(x), d64(w1), d64(b1)), approximate)
         want = R.linear(h, d64(w2), d64(b2), residual=d64(r), layer_scale=d64(ls))
-    base = R.layernorm_gelu_mlp(x, nw, nb, w1, b1, w2, b2, eps=1e-6, approximate=approximate,
-                                residual=r, layer_scale=ls)
+    base = R.layernorm_gelu_mlp(
+        x, nw, nb, w1, b1, w2, b2, eps=1e-6, approximate=approximate, residual=r, layer_scale=ls
+    )
     assert_close(got, want, base)
 
 
 PATCH_CASES = [
     # (batch, channels, H, W, patch, dim, cls, pos, channels_last)
-    (2, 3, 32, 48, 16, 64, True, True, False),   # NCHW, 16-wide patches: 16-byte gathers
-    (1, 3, 28, 21, 7, 40, True, True, False),    # odd patch: element gathers, 12 patches
-    (3, 2, 14, 14, 7, 24, False, True, False),   # no class token
-    (2, 3, 32, 32, 8, 32, True, False, True),    # channels_last, read through strides, no pos
+    (2, 3, 32, 48, 16, 64, True, True, False),  # NCHW, 16-wide patches: 16-byte gathers
+    (1, 3, 28, 21, 7, 40, True, True, False),  # odd patch: element gathers, 12 patches
+    (3, 2, 14, 14, 7, 24, False, True, False),  # no class token
+    (2, 3, 32, 32, 8, 32, True, False, True),  # channels_last, read through strides, no pos
 ]
 
 
@@ -335,6 +368,7 @@ PATCH_CASES = [
 def test_patch_embed_cuda(dtype, case):
     G.require("cuda")
     from vit_kernels.cuda import ops as cuda_ops
+
     B, C, H, W, p, dim, cls, pos, channels_last = case
     images = rand(B, C, H, W, dtype=dtype)
     if channels_last:
@@ -345,8 +379,7 @@ def test_patch_embed_cuda(dtype, case):
     cls_token = rand(1, 1, dim, dtype=dtype) if cls else None
     pos_embed = rand(1, tokens, dim, dtype=dtype) if pos else None
     got = cuda_ops.patch_embed_forward(images, w, b, patch_size=p, pos_embed=pos_embed, cls_token=cls_token)
-    want = R.patch_embed(d64(images), d64(w), d64(b), patch_size=p, pos_embed=d64(pos_embed),
-                         cls_token=d64(cls_token))
+    want = R.patch_embed(d64(images), d64(w), d64(b), patch_size=p, pos_embed=d64(pos_embed), cls_token=d64(cls_token))
     base = R.patch_embed(images, w, b, patch_size=p, pos_embed=pos_embed, cls_token=cls_token)
     assert_close(got, want, base)
 
@@ -358,22 +391,22 @@ def test_vit_b_patch_embed_and_mlp_shapes_cuda(dtype, config):
     """ViT-B/16 widths on one image: patch embedding 224 px and one MLP (768 -> 3072 -> 768)."""
     G.require("cuda")
     from vit_kernels.cuda import ops as cuda_ops
+
     images = rand(1, 3, 224, 224, dtype=dtype)
-    w = rand(768, 3, 16, 16, dtype=dtype, scale=768 ** -0.5)
+    w = rand(768, 3, 16, 16, dtype=dtype, scale=768**-0.5)
     b, cls, pos = rand(768, dtype=dtype), rand(768, dtype=dtype), rand(197, 768, dtype=dtype)
     got = cuda_ops.patch_embed_forward(images, w, b, patch_size=16, pos_embed=pos, cls_token=cls, config=config)
     want = R.patch_embed(d64(images), d64(w), d64(b), patch_size=16, pos_embed=d64(pos), cls_token=d64(cls))
     assert_close(got, want, R.patch_embed(images, w, b, patch_size=16, pos_embed=pos, cls_token=cls))
     x = got
     nw, nb = rand(768, dtype=dtype), rand(768, dtype=dtype)
-    w1, b1 = rand(3072, 768, dtype=dtype, scale=768 ** -0.5), rand(3072, dtype=dtype)
-    w2, b2 = rand(768, 3072, dtype=dtype, scale=3072 ** -0.5), rand(768, dtype=dtype)
-    y = cuda_ops.layernorm_gelu_mlp_forward(x, nw, nb, w1, b1, w2, b2, eps=1e-6, approximate="none", residual=x,
-                                    config=config)
-    want = R.layernorm_gelu_mlp(d64(x), d64(nw), d64(nb), d64(w1), d64(b1), d64(w2), d64(b2), eps=1e-6,
-                                residual=d64(x))
-    base = R.layernorm_gelu_mlp(x, nw, nb, w1, b1, w2, b2, eps=1e-6, approximate="none", residual=x,
-                                layer_scale=None)
+    w1, b1 = rand(3072, 768, dtype=dtype, scale=768**-0.5), rand(3072, dtype=dtype)
+    w2, b2 = rand(768, 3072, dtype=dtype, scale=3072**-0.5), rand(768, dtype=dtype)
+    y = cuda_ops.layernorm_gelu_mlp_forward(
+        x, nw, nb, w1, b1, w2, b2, eps=1e-6, approximate="none", residual=x, config=config
+    )
+    want = R.layernorm_gelu_mlp(d64(x), d64(nw), d64(nb), d64(w1), d64(b1), d64(w2), d64(b2), eps=1e-6, residual=d64(x))
+    base = R.layernorm_gelu_mlp(x, nw, nb, w1, b1, w2, b2, eps=1e-6, approximate="none", residual=x, layer_scale=None)
     assert_close(y, want, base)
     assert math.isfinite(y.float().abs().max().item())
 
@@ -406,8 +439,7 @@ def test_offsets_are_int64_in_compiled_kernel_triton():
     .to(tl.int64) from the kernel turns one of these into i32 and fails here."""
     G.require("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _TTIR_SCRIPT], capture_output=True, text=True, env=env,
-                       timeout=300)
+    r = subprocess.run([sys.executable, "-c", _TTIR_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
     for name in ("rows", "qkv", "gemm_patch_embed"):
@@ -416,7 +448,8 @@ def test_offsets_are_int64_in_compiled_kernel_triton():
         # The only 32-bit 2-D offsets allowed: the K loop's constant per-step advance (%cst).
         bad = [ln for ln in tiles if "xi64>" not in ln and not ln.split()[1].startswith("%cst")]
         assert not bad, f"{name}: pointer tiles with 32-bit offsets: {bad}"
-        rows = [ln for ln in lines if ln.startswith(name) and "x1x!tt.ptr" in ln]   # per-row offsets
+        rows = [ln for ln in lines if ln.startswith(name) and "x1x!tt.ptr" in ln]  # per-row offsets
         assert rows and all("xi64>" in ln for ln in rows), rows
+
 
 # The whole-model acceptance (2-layer ViT on backend="cuda") lives in tests/test_vit_backends.py.

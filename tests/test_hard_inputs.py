@@ -13,6 +13,7 @@ element a kernel does not write shows up.
 Shapes are small: the default run covers every (op, backend, dtype) once per kind of hard input; the long
 token counts run on one dtype; sweeps are behind @pytest.mark.slow.
 """
+
 import math
 
 import pytest
@@ -34,6 +35,7 @@ OPS = ["flash_attention", "qkv_attention", "layernorm_gelu_mlp", "patch_embed", 
 HEADS, HEAD_DIM = 2, 32
 DIM = HEADS * HEAD_DIM
 
+
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
     """Every output the launchers allocate starts as NaN."""
@@ -53,6 +55,7 @@ def rnd(*shape, dtype, scale=1.0):
 # Eager PyTorch at the inputs' dtype, from torch.nn.functional, written here and not taken from
 # vit_kernels.ops (whose torch paths are under test). Signatures as vit_kernels.ops.
 
+
 def _epilogue(y, residual, layer_scale):
     if layer_scale is not None:
         y = y * layer_scale
@@ -63,8 +66,9 @@ def plain_flash_attention(q, k, v, *, scale=None):
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-def plain_qkv_attention(x, qkv_weight, qkv_bias=None, *, num_heads, scale=None, norm_weight=None, norm_bias=None,
-                        eps=1e-6):
+def plain_qkv_attention(
+    x, qkv_weight, qkv_bias=None, *, num_heads, scale=None, norm_weight=None, norm_bias=None, eps=1e-6
+):
     if norm_weight is not None:
         x = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
     qkv = F.linear(x, qkv_weight, qkv_bias).unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4)
@@ -72,8 +76,20 @@ def plain_qkv_attention(x, qkv_weight, qkv_bias=None, *, num_heads, scale=None, 
     return o.transpose(1, 2).flatten(2)
 
 
-def plain_layernorm_gelu_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, eps=1e-6,
-                             approximate="none", residual=None, layer_scale=None):
+def plain_layernorm_gelu_mlp(
+    x,
+    norm_weight,
+    norm_bias,
+    fc1_weight,
+    fc1_bias,
+    fc2_weight,
+    fc2_bias,
+    *,
+    eps=1e-6,
+    approximate="none",
+    residual=None,
+    layer_scale=None,
+):
     h = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps) if norm_weight is not None else x
     y = F.linear(F.gelu(F.linear(h, fc1_weight, fc1_bias), approximate=approximate), fc2_weight, fc2_bias)
     return _epilogue(y, residual, layer_scale)
@@ -92,8 +108,13 @@ def plain_linear(x, weight, bias=None, *, residual=None, layer_scale=None):
     return _epilogue(F.linear(x, weight, bias), residual, layer_scale)
 
 
-PLAIN = {"flash_attention": plain_flash_attention, "qkv_attention": plain_qkv_attention,
-         "layernorm_gelu_mlp": plain_layernorm_gelu_mlp, "patch_embed": plain_patch_embed, "linear": plain_linear}
+PLAIN = {
+    "flash_attention": plain_flash_attention,
+    "qkv_attention": plain_qkv_attention,
+    "layernorm_gelu_mlp": plain_layernorm_gelu_mlp,
+    "patch_embed": plain_patch_embed,
+    "linear": plain_linear,
+}
 
 
 def _f64(a):
@@ -119,8 +140,8 @@ def check(op, backend, args, kw, name, factor=2.0):
 def mlp_args(x, dtype, *, hidden=2 * DIM, eps=1e-6, w_scale=1.0, residual=True):
     dim = x.shape[-1]
     nw, nb = 1.0 + rnd(dim, dtype=dtype, scale=0.1), rnd(dim, dtype=dtype, scale=0.1)
-    w1, b1 = rnd(hidden, dim, dtype=dtype, scale=dim ** -0.5), rnd(hidden, dtype=dtype, scale=0.1)
-    w2, b2 = rnd(dim, hidden, dtype=dtype, scale=w_scale * hidden ** -0.5), rnd(dim, dtype=dtype, scale=0.1)
+    w1, b1 = rnd(hidden, dim, dtype=dtype, scale=dim**-0.5), rnd(hidden, dtype=dtype, scale=0.1)
+    w2, b2 = rnd(dim, hidden, dtype=dtype, scale=w_scale * hidden**-0.5), rnd(dim, dtype=dtype, scale=0.1)
     kw = dict(eps=eps)
     if residual:
         kw.update(residual=rnd(*x.shape, dtype=dtype), layer_scale=rnd(dim, dtype=dtype, scale=0.5))
@@ -129,11 +150,12 @@ def mlp_args(x, dtype, *, hidden=2 * DIM, eps=1e-6, w_scale=1.0, residual=True):
 
 def qkv_args(x, dtype, *, eps=1e-6, norm=True):
     dim = x.shape[-1]
-    w, b = rnd(3 * DIM, dim, dtype=dtype, scale=dim ** -0.5), rnd(3 * DIM, dtype=dtype, scale=0.1)
+    w, b = rnd(3 * DIM, dim, dtype=dtype, scale=dim**-0.5), rnd(3 * DIM, dtype=dtype, scale=0.1)
     kw = dict(num_heads=HEADS)
     if norm:
-        kw.update(norm_weight=1.0 + rnd(dim, dtype=dtype, scale=0.1), norm_bias=rnd(dim, dtype=dtype, scale=0.1),
-                  eps=eps)
+        kw.update(
+            norm_weight=1.0 + rnd(dim, dtype=dtype, scale=0.1), norm_bias=rnd(dim, dtype=dtype, scale=0.1), eps=eps
+        )
     return (x, w, b), kw
 
 
@@ -143,8 +165,9 @@ def near_constant_rows(B, N, dim, dtype):
     nothing (or below zero) here."""
     mean, spread = {torch.float32: (3e4, 0.05), torch.float16: (1e3, 2.0), torch.bfloat16: (1e3, 16.0)}[dtype]
     signs = torch.where(torch.rand(B, N, 1, dtype=torch.float64) < 0.5, -1.0, 1.0)
-    x = signs * mean * (1 + 0.1 * torch.rand(B, N, 1, dtype=torch.float64)) + \
-        spread * torch.randn(B, N, dim, dtype=torch.float64)
+    x = signs * mean * (1 + 0.1 * torch.rand(B, N, 1, dtype=torch.float64)) + spread * torch.randn(
+        B, N, dim, dtype=torch.float64
+    )
     x[0, N // 2] = x[0, N // 2, 0]
     return x.to(device=DEVICE, dtype=dtype)
 
@@ -167,7 +190,7 @@ def test_layernorm_large_eps(op, backend, dtype):
 def test_layernorm_near_constant_rows(op, backend, dtype):
     """Large mean, tiny spread, one exactly constant row; the default eps (1e-6) and a tiny one."""
     for eps in (1e-6, 1e-12):
-        x = near_constant_rows(2, 21, 96, dtype)   # 96: 3 elements per lane of a 32-wide reduction
+        x = near_constant_rows(2, 21, 96, dtype)  # 96: 3 elements per lane of a 32-wide reduction
         args, kw = (mlp_args if op == "layernorm_gelu_mlp" else qkv_args)(x, dtype, eps=eps)
         check(op, backend, args, kw, f"near-constant rows eps={eps}")
 
@@ -201,7 +224,7 @@ def attention_case(op, pattern, B, N, dtype):
     flash_attention: channel 0 of q is 1/scale, channel 0 of k the offset. qkv_attention (no LayerNorm):
     x carries the offset in channel 0 and a 1 in channel 1, and only head channel 0 of Q (from x[1]) and
     of K (from x[0]) read them."""
-    scale = HEAD_DIM ** -0.5
+    scale = HEAD_DIM**-0.5
     if op == "flash_attention":
         q, k = rnd(B, HEADS, N, HEAD_DIM, dtype=torch.float32), rnd(B, HEADS, N, HEAD_DIM, dtype=torch.float32)
         v = rnd(B, HEADS, N, HEAD_DIM, dtype=dtype)
@@ -212,10 +235,10 @@ def attention_case(op, pattern, B, N, dtype):
             k[..., 0] = score_offsets(pattern, N).float()
         return (q.to(dtype), k.to(dtype), v), {}
     x = torch.randn(B, N, DIM, dtype=torch.float64)
-    w = torch.randn(3 * DIM, DIM, dtype=torch.float64) * DIM ** -0.5
+    w = torch.randn(3 * DIM, DIM, dtype=torch.float64) * DIM**-0.5
     b = torch.randn(3 * DIM, dtype=torch.float64) * 0.1
     if pattern == "equal":
-        w[DIM:2 * DIM] = 0.0   # K = the bias: every key the same
+        w[DIM : 2 * DIM] = 0.0  # K = the bias: every key the same
     else:
         x[..., 0], x[..., 1] = score_offsets(pattern, N), 1.0
         w[:, :2] = 0.0
@@ -284,6 +307,7 @@ def test_attention_one_token(op, backend, dtype):
 # ------------------------------------------------------------------- activations near fp16's range
 def large_case(op, dtype, B=2, N=37):
     """(args, kw) whose outputs (and fused intermediates) reach ~2.5e4 of fp16's 65504."""
+
     def fit(t, got, target):  # t scaled so that max |got| becomes target, rounded to dtype
         return (t.double() * (target / got.abs().max().item())).to(dtype)
 
@@ -294,27 +318,30 @@ def large_case(op, dtype, B=2, N=37):
         x, w = rnd(B, N, DIM, dtype=dtype, scale=64.0), rnd(3 * DIM, DIM, dtype=dtype)
         w = fit(w, reference.linear(x.double(), w.double()), 2.5e4)
         return (x, w, rnd(3 * DIM, dtype=dtype, scale=1e3)), dict(
-            residual=rnd(B, N, 3 * DIM, dtype=dtype, scale=4e3), layer_scale=rnd(3 * DIM, dtype=dtype, scale=0.5))
+            residual=rnd(B, N, 3 * DIM, dtype=dtype, scale=4e3), layer_scale=rnd(3 * DIM, dtype=dtype, scale=0.5)
+        )
     if op == "layernorm_gelu_mlp":
         args, kw = mlp_args(rnd(B, N, DIM, dtype=dtype, scale=1e4), dtype)
         x, nw, nb, w1, b1, w2, b2 = args
         h = reference.layer_norm(x.double(), nw.double(), nb.double(), 1e-6) @ w1.double().t()
         w1 = fit(w1, h, 1.5e4)
-        h = reference.gelu(reference.linear(reference.layer_norm(x.double(), nw.double(), nb.double(), 1e-6),
-                                            w1.double(), b1.double()))
+        h = reference.gelu(
+            reference.linear(reference.layer_norm(x.double(), nw.double(), nb.double(), 1e-6), w1.double(), b1.double())
+        )
         w2 = fit(w2, h @ w2.double().t(), 2e4)
         kw.update(residual=rnd(B, N, DIM, dtype=dtype, scale=3e3))
         return (x, nw, nb, w1, b1, w2, b2), kw
     if op == "qkv_attention":
         (x, w, b), kw = qkv_args(rnd(B, N, DIM, dtype=dtype, scale=1e4), dtype)
         w = w.double()
-        w[2 * DIM:] *= 1e4   # V up to ~3e4; Q and K moderate
+        w[2 * DIM :] *= 1e4  # V up to ~3e4; Q and K moderate
         return (x, w.to(dtype), b), kw
     if op == "patch_embed":
         images, weight = rnd(B, 3, 32, 48, dtype=dtype, scale=100.0), rnd(DIM, 3, 16, 16, dtype=dtype)
         weight = fit(weight, F.conv2d(images.double(), weight.double(), stride=16), 2.5e4)
         return (images, weight, rnd(DIM, dtype=dtype, scale=1e3)), dict(
-            patch_size=16, pos_embed=rnd(1, 7, DIM, dtype=dtype, scale=1e3), cls_token=rnd(DIM, dtype=dtype, scale=1e3))
+            patch_size=16, pos_embed=rnd(1, 7, DIM, dtype=dtype, scale=1e3), cls_token=rnd(DIM, dtype=dtype, scale=1e3)
+        )
     raise ValueError(op)
 
 
@@ -350,18 +377,21 @@ def poisoned_inputs(op, dtype):
     if op == "qkv_attention":
         (x, w, b), kw = qkv_args(rnd(3, N, DIM, dtype=dtype), dtype)
         w = w.double()
-        w[2 * DIM:] *= big / 8
+        w[2 * DIM :] *= big / 8
         return (x, w.to(dtype), b), kw
     if op == "layernorm_gelu_mlp":
         return mlp_args(rnd(3, N, DIM, dtype=dtype, scale=big / 4), dtype)
     if op == "linear":
         x = rnd(3, N, DIM, dtype=dtype, scale=big / 40)
-        return (x, rnd(DIM, DIM, dtype=dtype, scale=DIM ** -0.5), rnd(DIM, dtype=dtype)), dict(
-            residual=rnd(3, N, DIM, dtype=dtype), layer_scale=rnd(DIM, dtype=dtype))
+        return (x, rnd(DIM, DIM, dtype=dtype, scale=DIM**-0.5), rnd(DIM, dtype=dtype)), dict(
+            residual=rnd(3, N, DIM, dtype=dtype), layer_scale=rnd(DIM, dtype=dtype)
+        )
     if op == "patch_embed":
-        return (rnd(3, 3, 32, 32, dtype=dtype, scale=big / 1e3), rnd(DIM, 3, 16, 16, dtype=dtype, scale=0.05),
-                rnd(DIM, dtype=dtype)), dict(patch_size=16, pos_embed=rnd(5, DIM, dtype=dtype),
-                                              cls_token=rnd(DIM, dtype=dtype))
+        return (
+            rnd(3, 3, 32, 32, dtype=dtype, scale=big / 1e3),
+            rnd(DIM, 3, 16, 16, dtype=dtype, scale=0.05),
+            rnd(DIM, dtype=dtype),
+        ), dict(patch_size=16, pos_embed=rnd(5, DIM, dtype=dtype), cls_token=rnd(DIM, dtype=dtype))
     raise ValueError(op)
 
 
@@ -393,9 +423,11 @@ def test_nan_and_inf_stay_where_eager_puts_them(op, backend, dtype):
             if not torch.equal(got, want):
                 diff = (got != want).nonzero()
                 at = tuple(diff[0].tolist())
-                raise AssertionError(f"{name}: {len(diff)} elements differ from eager's NaN/Inf pattern, first "
-                                     f"at {at}: got {out[at].item()}, eager (float64) {oracle[at].item()}, "
-                                     f"eager ({_dt(dtype)}) {eager[at].item()}")
+                raise AssertionError(
+                    f"{name}: {len(diff)} elements differ from eager's NaN/Inf pattern, first "
+                    f"at {at}: got {out[at].item()}, eager (float64) {oracle[at].item()}, "
+                    f"eager ({_dt(dtype)}) {eager[at].item()}"
+                )
             others = [0, 2]
             assert torch.isfinite(out[others]).all(), f"{name}: non-finite outputs in the other samples"
             assert torch.equal(out[others], clean_out[others]), f"{name}: the other samples changed"

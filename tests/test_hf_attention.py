@@ -1,5 +1,6 @@
 """attn_implementation="vit_kernels" on a small random-weight HF ViT, against eager attention in
 float64 under the tolerance rule; output_attentions served by the P-from-LSE kernel."""
+
 import copy
 
 import pytest
@@ -14,8 +15,15 @@ pytest.importorskip("vit_kernels.triton.attention_stats")
 
 
 def tiny_config(**kw):
-    cfg = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, image_size=32,
-               patch_size=8, qkv_bias=True)
+    cfg = dict(
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=256,
+        image_size=32,
+        patch_size=8,
+        qkv_bias=True,
+    )
     cfg.update(kw)
     return transformers.ViTConfig(**cfg)
 
@@ -41,7 +49,7 @@ def test_attn_implementation_vit_kernels():
         want = eager64(x.double(), output_attentions=True)
         base = eager(x, output_attentions=True)
     paths = [d.path for d in decisions if d.op == "flash_attention"]
-    assert paths == ["stats", "stats", "", ""], paths     # weights from the stats kernel, then the fast path
+    assert paths == ["stats", "stats", "", ""], paths  # weights from the stats kernel, then the fast path
     assert all(d.backend == "triton" for d in decisions if d.op == "flash_attention")
     assert len(got.attentions) == 2 and plain.attentions is None
     for layer, (a, a64, a32) in enumerate(zip(got.attentions, want.attentions, base.attentions)):

@@ -1,6 +1,7 @@
 """`python -m vit_kernels inspect`: every launchable Triton configuration compiles ahead of time
 for sm_80 and sm_90 with zero spills, shared memory within the per-block limit, and tensor-core
 instructions wherever there is a tl.dot. Runs in a subprocess without the interpreter."""
+
 import json
 import os
 import subprocess
@@ -14,8 +15,13 @@ from vit_kernels.commands.inspect import problems
 @pytest.fixture(scope="module")
 def rows():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "vit_kernels", "inspect", "--json", "--backend", "triton"],
-                         env=env, capture_output=True, text=True, timeout=1200)
+    out = subprocess.run(
+        [sys.executable, "-m", "vit_kernels", "inspect", "--json", "--backend", "triton"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert out.returncode in (0, 1), out.stderr
     return json.loads(out.stdout)
 
@@ -26,20 +32,28 @@ def test_every_triton_family_is_inspected(rows):
     for arch in ("sm_80", "sm_90"):
         assert any(r["arch"] == arch for r in rows)
     for r in rows:
-        assert set(r) >= {"kernel", "arch", "config", "regs", "spill_bytes", "shared_bytes",
-                          "tensor_core_instructions"}
+        assert set(r) >= {"kernel", "arch", "config", "regs", "spill_bytes", "shared_bytes", "tensor_core_instructions"}
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_no_spills_shared_within_limit_tensor_cores_used(rows, arch):
-    bad = [f"{r['kernel']} [{r['config']}]: {'; '.join(problems(r))}" for r in rows
-           if r["arch"] == arch and problems(r)]
+    bad = [
+        f"{r['kernel']} [{r['config']}]: {'; '.join(problems(r))}" for r in rows if r["arch"] == arch and problems(r)
+    ]
     assert not bad, "\n".join(bad)
 
 
 def test_problems_flags_each_kind_of_fault():
-    ok = {"kernel": "k", "arch": "sm_80", "config": "", "regs": 128, "spill_bytes": 0, "shared_bytes": 1024,
-          "tensor_core_instructions": ["HMMA"], "has_dot": True}
+    ok = {
+        "kernel": "k",
+        "arch": "sm_80",
+        "config": "",
+        "regs": 128,
+        "spill_bytes": 0,
+        "shared_bytes": 1024,
+        "tensor_core_instructions": ["HMMA"],
+        "has_dot": True,
+    }
     assert problems(ok) == []
     assert "spills" in problems({**ok, "spill_bytes": 8})[0]
     assert "shared memory" in problems({**ok, "shared_bytes": 200 * 1024})[0]
@@ -50,11 +64,17 @@ def test_problems_flags_each_kind_of_fault():
 def test_cuda_kernels_are_listed_beside_the_triton_ones():
     """The csrc kernels come from nvcc's resource usage (cached by tests/test_cuda_build.py)."""
     from vit_kernels import cuda as vk_cuda
+
     root, how = vk_cuda.toolkit_root()
     assert root is not None, f"no CUDA toolkit: {how}"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "vit_kernels", "inspect", "--json", "--backend", "cuda",
-                          "--arch", "sm_80"], env=env, capture_output=True, text=True, timeout=1200)
+    out = subprocess.run(
+        [sys.executable, "-m", "vit_kernels", "inspect", "--json", "--backend", "cuda", "--arch", "sm_80"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
     kernels = {r["kernel"] for r in rows}
@@ -107,8 +127,13 @@ print(json.dumps(rows))
 @pytest.fixture(scope="module")
 def sm90_rows():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _LINT_SCRIPT, json.dumps(LINT_CONFIGS)], env=env,
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-c", _LINT_SCRIPT, json.dumps(LINT_CONFIGS)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
 
@@ -126,6 +151,7 @@ def test_the_report_compiles_the_launched_specialization(sm90_rows):
 
 def test_sm90_lint_facts_of_hot_triton_kernels(sm90_rows):
     from vit_kernels.commands.inspect import perf_flags
+
     for r in sm90_rows:
         if r["kernel"] == "unspecialized":
             continue
@@ -138,6 +164,7 @@ def test_sm90_lint_facts_of_hot_triton_kernels(sm90_rows):
 def test_sm90_lint_facts_of_hot_cuda_kernels():
     from vit_kernels import cuda as vk_cuda
     from vit_kernels.commands.inspect import cuda_facts, is_hot, perf_flags
+
     root, how = vk_cuda.toolkit_root()
     assert root is not None, f"no CUDA toolkit: {how}"
     rows = [cuda_facts(r) for r in vk_cuda.resource_usage("sm_90")]
@@ -145,14 +172,22 @@ def test_sm90_lint_facts_of_hot_cuda_kernels():
     assert {r["kernel"] for r in hot} == {k for b, k in EXPECTED_SM90_FLAGS if b == "cuda"}
     for r in hot:
         assert set(perf_flags(r)) == EXPECTED_SM90_FLAGS[("cuda", r["kernel"])], r
-        assert r["mma"] == "mma.sync" and r["cp_async"] in (True, False), r   # read from the SASS
+        assert r["mma"] == "mma.sync" and r["cp_async"] in (True, False), r  # read from the SASS
         assert r["num_warps"] and r["blocks_per_sm"] >= 1, r
 
 
 def test_lint_flags_each_missing_fact():
     from vit_kernels.commands.inspect import perf_flags
-    good = {"kernel": "k", "arch": "sm_90", "has_dot": True, "mma": "wgmma", "tma": True, "cp_async": False,
-            "num_stages": 3}
+
+    good = {
+        "kernel": "k",
+        "arch": "sm_90",
+        "has_dot": True,
+        "mma": "wgmma",
+        "tma": True,
+        "cp_async": False,
+        "num_stages": 3,
+    }
     assert perf_flags(good) == []
     assert perf_flags({**good, "mma": "mma.sync"}) == ["no wgmma"]
     assert perf_flags({**good, "tma": False, "cp_async": True}) == ["no TMA"]

@@ -6,6 +6,7 @@ zero-size batches and token counts, and the fused modules' inputs.
 Outputs start as NaN (torch.empty is poisoned: tests/poison.py), so an element
 a kernel does not write fails the comparison.
 """
+
 import math
 
 import numpy
@@ -19,11 +20,25 @@ from vit_kernels.testing import assert_close
 
 from conftest import DEVICE  # noqa: E402
 from poison import poison_empty  # noqa: E402
-from layouts import (B, C, DIM, HEADS, HIDDEN, IMG, LAYOUTS, N, NKV, REFUSED, SPECS, Launches,  # noqa: E402
-                     cases, make)
+from layouts import (
+    B,
+    C,
+    DIM,
+    HEADS,
+    HIDDEN,
+    IMG,
+    LAYOUTS,
+    N,
+    NKV,
+    REFUSED,
+    SPECS,
+    Launches,  # noqa: E402
+    cases,
+    make,
+)
 
 BACKENDS = ("torch", "triton", "cuda")
-LOW_PRECISION_LAYOUTS = ("contiguous", "gaps", "expanded", "misaligned")   # fp16 in the default run
+LOW_PRECISION_LAYOUTS = ("contiguous", "gaps", "expanded", "misaligned")  # fp16 in the default run
 NAN = float("nan")
 
 
@@ -39,8 +54,17 @@ def _params(dtype_layouts, marks=()):
     for dtype, layouts in dtype_layouts:
         for op, arg, layout in cases(layouts):
             for backend in BACKENDS:
-                out.append(pytest.param(op, arg, layout, backend, dtype, marks=marks,
-                                        id=f"{op}-{arg or 'all'}-{layout}-{backend}-{str(dtype)[6:]}"))
+                out.append(
+                    pytest.param(
+                        op,
+                        arg,
+                        layout,
+                        backend,
+                        dtype,
+                        marks=marks,
+                        id=f"{op}-{arg or 'all'}-{layout}-{backend}-{str(dtype)[6:]}",
+                    )
+                )
     return out
 
 
@@ -61,19 +85,22 @@ def check_layout(op, arg, layout, backend, dtype, launches):
         if arg in spec.params and not t[arg].is_contiguous():
             assert any(note.startswith(f"{arg}: ") for note in d.copied), f"no copy of {arg} noted in {d}"
     oracle = spec.ref({k: v.double() for k, v in t.items()})
-    baseline = spec.ref(t)   # the oracle run at the low precision
+    baseline = spec.ref(t)  # the oracle run at the low precision
     assert_close(out, oracle, baseline, name=f"{op} {backend} {arg}={layout} {dtype}")
 
 
-@pytest.mark.parametrize("op, arg, layout, backend, dtype",
-                         _params([(torch.float32, LAYOUTS), (torch.float16, LOW_PRECISION_LAYOUTS)]))
+@pytest.mark.parametrize(
+    "op, arg, layout, backend, dtype", _params([(torch.float32, LAYOUTS), (torch.float16, LOW_PRECISION_LAYOUTS)])
+)
 def test_layout(op, arg, layout, backend, dtype, launches):
     check_layout(op, arg, layout, backend, dtype, launches)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("op, arg, layout, backend, dtype", _params(
-    [(torch.float16, tuple(x for x in LAYOUTS if x not in LOW_PRECISION_LAYOUTS)), (torch.bfloat16, LAYOUTS)]))
+@pytest.mark.parametrize(
+    "op, arg, layout, backend, dtype",
+    _params([(torch.float16, tuple(x for x in LAYOUTS if x not in LOW_PRECISION_LAYOUTS)), (torch.bfloat16, LAYOUTS)]),
+)
 def test_layout_sweep(op, arg, layout, backend, dtype, launches):
     check_layout(op, arg, layout, backend, dtype, launches)
 
@@ -84,7 +111,9 @@ def test_layout_cases_cover_every_argument():
     for op, spec in SPECS.items():
         for name in spec.tensors:
             assert (op, name) in seen
-    assert set(SPECS) == {n for n in vk.ops.__all__ if not isinstance(getattr(vk.ops, n), type)}  # ops, not their option types
+    assert set(SPECS) == {
+        n for n in vk.ops.__all__ if not isinstance(getattr(vk.ops, n), type)
+    }  # ops, not their option types
 
 
 @pytest.mark.parametrize("layout", ["transposed", "gaps", "misaligned"])
@@ -132,24 +161,48 @@ def test_triton_launchers_refuse_strided_parameters(launches):
     """Called directly (bypassing vit_kernels.ops), the Triton launchers refuse a 1-D parameter they
     would read with the wrong stride, before any launch, instead of returning wrong numbers."""
     from vit_kernels.triton import gemm, mlp, qkv_attention
+
     t = SPECS["layernorm_gelu_mlp"].make(torch.float32, DEVICE)
     odd = make((DIM,), "expanded", torch.float32, DEVICE)
     with pytest.raises(ValueError, match=r"^layer_scale: the kernel reads it with unit stride"):
-        mlp.layernorm_gelu_mlp_forward(t["x"], t["norm_weight"], t["norm_bias"], t["fc1_weight"], t["fc1_bias"],
-                                       t["fc2_weight"], t["fc2_bias"], residual=t["residual"], layer_scale=odd)
+        mlp.layernorm_gelu_mlp_forward(
+            t["x"],
+            t["norm_weight"],
+            t["norm_bias"],
+            t["fc1_weight"],
+            t["fc1_bias"],
+            t["fc2_weight"],
+            t["fc2_bias"],
+            residual=t["residual"],
+            layer_scale=odd,
+        )
     with pytest.raises(ValueError, match=r"^bias: the kernel reads it with unit stride"):
         gemm.linear_forward(t["x"], t["fc2_weight"].t().contiguous(), make((DIM,), "gaps", torch.float32, DEVICE))
     q = SPECS["qkv_attention"].make(torch.float32, DEVICE, "norm_weight", "gaps")
     with pytest.raises(ValueError, match=r"^norm_weight: the kernel reads it with unit stride"):
-        qkv_attention.qkv_attention_forward(q["x"], q["qkv_weight"], q["qkv_bias"], num_heads=HEADS, scale=0.25,
-                                            norm_weight=q["norm_weight"], norm_bias=q["norm_bias"])
+        qkv_attention.qkv_attention_forward(
+            q["x"],
+            q["qkv_weight"],
+            q["qkv_bias"],
+            num_heads=HEADS,
+            scale=0.25,
+            norm_weight=q["norm_weight"],
+            norm_bias=q["norm_bias"],
+        )
     assert launches.calls == []
 
 
 # ---------------------------------------------------------------------------------- scalars
 BAD_SCALARS = {
-    "scale": [("0.5", TypeError), (NAN, ValueError), (math.inf, ValueError), (-0.5, ValueError), (0.0, ValueError),
-              (True, TypeError), (torch.tensor(0.5), TypeError)],
+    "scale": [
+        ("0.5", TypeError),
+        (NAN, ValueError),
+        (math.inf, ValueError),
+        (-0.5, ValueError),
+        (0.0, ValueError),
+        (True, TypeError),
+        (torch.tensor(0.5), TypeError),
+    ],
     "eps": [("1e-6", TypeError), (NAN, ValueError), (-1e-6, ValueError), (math.inf, ValueError), (True, TypeError)],
     "num_heads": [(2.0, TypeError), ("2", TypeError), (True, TypeError), (0, ValueError), (-2, ValueError)],
     "patch_size": [(8.0, TypeError), (True, TypeError), (0, ValueError), (-8, ValueError)],
@@ -157,9 +210,15 @@ BAD_SCALARS = {
     "path": [("fast", ValueError), (1, ValueError)],
     "backend": [("gpu", ValueError), (None, TypeError)],
 }
-SCALAR_OPS = {"scale": ("flash_attention", "qkv_attention"), "eps": ("qkv_attention", "layernorm_gelu_mlp"),
-              "num_heads": ("qkv_attention",), "patch_size": ("patch_embed",), "approximate": ("layernorm_gelu_mlp",),
-              "path": ("qkv_attention",), "backend": tuple(SPECS)}
+SCALAR_OPS = {
+    "scale": ("flash_attention", "qkv_attention"),
+    "eps": ("qkv_attention", "layernorm_gelu_mlp"),
+    "num_heads": ("qkv_attention",),
+    "patch_size": ("patch_embed",),
+    "approximate": ("layernorm_gelu_mlp",),
+    "path": ("qkv_attention",),
+    "backend": tuple(SPECS),
+}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -184,24 +243,41 @@ def test_good_scalars_of_other_types(backend, launches):
     out = spec.run(t, backend, scale=1, eps=0, num_heads=numpy.int64(HEADS))
 
     def ref(u):
-        return reference.qkv_attention(u["x"], u["qkv_weight"], u["qkv_bias"], num_heads=HEADS, scale=1.0,
-                                       norm_weight=u["norm_weight"], norm_bias=u["norm_bias"], eps=0.0)
+        return reference.qkv_attention(
+            u["x"],
+            u["qkv_weight"],
+            u["qkv_bias"],
+            num_heads=HEADS,
+            scale=1.0,
+            norm_weight=u["norm_weight"],
+            norm_bias=u["norm_bias"],
+            eps=0.0,
+        )
+
     assert_close(out, ref({k: v.double() for k, v in t.items()}), ref(t))
 
 
 # ------------------------------------------------------------------------------- zero sizes
 ZERO = {
-    "flash_attention": {"batch": {"q": (0, HEADS, N, DIM // HEADS), "k": (0, HEADS, NKV, DIM // HEADS),
-                                  "v": (0, HEADS, NKV, DIM // HEADS)},
-                        "heads": {"q": (B, 0, N, DIM // HEADS), "k": (B, 0, NKV, DIM // HEADS),
-                                  "v": (B, 0, NKV, DIM // HEADS)},
-                        "tokens": {"q": (B, HEADS, 0, DIM // HEADS)},
-                        "kv_tokens": {"k": (B, HEADS, 0, DIM // HEADS), "v": (B, HEADS, 0, DIM // HEADS)}},
+    "flash_attention": {
+        "batch": {
+            "q": (0, HEADS, N, DIM // HEADS),
+            "k": (0, HEADS, NKV, DIM // HEADS),
+            "v": (0, HEADS, NKV, DIM // HEADS),
+        },
+        "heads": {"q": (B, 0, N, DIM // HEADS), "k": (B, 0, NKV, DIM // HEADS), "v": (B, 0, NKV, DIM // HEADS)},
+        "tokens": {"q": (B, HEADS, 0, DIM // HEADS)},
+        "kv_tokens": {"k": (B, HEADS, 0, DIM // HEADS), "v": (B, HEADS, 0, DIM // HEADS)},
+    },
     "qkv_attention": {"batch": {"x": (0, N, DIM)}, "tokens": {"x": (B, 0, DIM)}},
-    "layernorm_gelu_mlp": {"batch": {"x": (0, N, DIM), "residual": (0, N, DIM)},
-                           "tokens": {"x": (B, 0, DIM), "residual": (B, 0, DIM)}},
-    "linear": {"batch": {"x": (0, N, DIM), "residual": (0, N, DIM)},
-               "tokens": {"x": (B, 0, DIM), "residual": (B, 0, DIM)}},
+    "layernorm_gelu_mlp": {
+        "batch": {"x": (0, N, DIM), "residual": (0, N, DIM)},
+        "tokens": {"x": (B, 0, DIM), "residual": (B, 0, DIM)},
+    },
+    "linear": {
+        "batch": {"x": (0, N, DIM), "residual": (0, N, DIM)},
+        "tokens": {"x": (B, 0, DIM), "residual": (B, 0, DIM)},
+    },
     "patch_embed": {"batch": {"images": (0, C, IMG, IMG)}},
 }
 
@@ -222,9 +298,16 @@ def test_zero_size(op, which, backend, launches):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op, arg, shape", [
-    ("flash_attention", "q", (B, HEADS, N, 0)), ("qkv_attention", "x", (B, N, 0)),
-    ("layernorm_gelu_mlp", "x", (B, N, 0)), ("linear", "x", (B, N, 0)), ("patch_embed", "images", (B, 0, IMG, IMG))])
+@pytest.mark.parametrize(
+    "op, arg, shape",
+    [
+        ("flash_attention", "q", (B, HEADS, N, 0)),
+        ("qkv_attention", "x", (B, N, 0)),
+        ("layernorm_gelu_mlp", "x", (B, N, 0)),
+        ("linear", "x", (B, N, 0)),
+        ("patch_embed", "images", (B, 0, IMG, IMG)),
+    ],
+)
 def test_zero_feature_dim_refused(op, arg, shape, backend, launches):
     spec = SPECS[op]
     t = spec.make(torch.float32, DEVICE)
@@ -243,7 +326,7 @@ def test_leading_dims_that_do_not_merge(op, backend, launches):
     spec = SPECS[op]
     t = spec.make(torch.float32, DEVICE)
     for name in ("x", "residual"):
-        t[name] = torch.randn(3, B, N, DIM).transpose(0, 1)   # (B, 3, N, DIM), strides (N*DIM, B*N*DIM, ...)
+        t[name] = torch.randn(3, B, N, DIM).transpose(0, 1)  # (B, 3, N, DIM), strides (N*DIM, B*N*DIM, ...)
     if backend == "torch":
         assert_close(spec.run(t, backend), spec.ref({k: v.double() for k, v in t.items()}), spec.ref(t))
         return
@@ -271,8 +354,11 @@ MODULE_REFUSED = {"cuda": {"transposed", "permuted", "gaps", "expanded"}}
 @pytest.mark.parametrize("layout", MODULE_LAYOUTS)
 @pytest.mark.parametrize("module", ["FusedAttention", "FusedMlp"])
 def test_module_input_layouts(module, layout, backend, launches):
-    m = (vnn.FusedAttention(DIM, HEADS, init_values=0.5) if module == "FusedAttention"
-         else vnn.FusedMlp(DIM, HIDDEN, init_values=0.5)).eval()
+    m = (
+        vnn.FusedAttention(DIM, HEADS, init_values=0.5)
+        if module == "FusedAttention"
+        else vnn.FusedMlp(DIM, HIDDEN, init_values=0.5)
+    ).eval()
     x = make((B, N, DIM), layout, torch.float32, DEVICE)
     with torch.no_grad():
         if layout in MODULE_REFUSED.get(backend, ()):

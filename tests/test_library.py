@@ -1,6 +1,7 @@
 """The fused ops as torch.library custom ops (vit_kernels/library.py): opcheck over a small shape x
 dtype x backend matrix, the op's output against the float64 oracle, the registered backward against
 the oracle's gradients, the fake implementation's errors, and where bookkeeping runs."""
+
 import warnings
 
 import pytest
@@ -14,8 +15,10 @@ from conftest import DEVICE
 
 OPS = list(library.SCHEMAS)
 # (name, x shape, dim/heads...): a ViT-shaped call and an odd one (tokens not a tile multiple)
-SHAPES = {"vit": dict(B=2, N=17, dim=32, heads=2, hidden=64, img=16, p=4),
-          "odd": dict(B=1, N=5, dim=24, heads=3, hidden=40, img=12, p=4)}
+SHAPES = {
+    "vit": dict(B=2, N=17, dim=32, heads=2, hidden=64, img=16, p=4),
+    "odd": dict(B=1, N=5, dim=24, heads=3, hidden=40, img=12, p=4),
+}
 
 
 def inputs(op, shape, dtype, backend, requires_grad=False):
@@ -26,24 +29,58 @@ def inputs(op, shape, dtype, backend, requires_grad=False):
     def r(*size, scale=1.0):
         t = (torch.randn(*size, generator=g, dtype=torch.float64) * scale).to(DEVICE, dtype)
         return t.requires_grad_(requires_grad)
+
     B, N, dim, H = s["B"], s["N"], s["dim"], s["heads"]
     if op == "flash_attention":
         hd = dim // H
         return (r(B, H, N, hd), r(B, H, N + 3, hd), r(B, H, N + 3, hd), None, backend, None)
     if op == "qkv_attention":
-        return (r(B, N, dim), r(3 * dim, dim, scale=dim ** -0.5), r(3 * dim), 1 + r(dim, scale=0.1), r(dim, scale=0.1),
-                H, None, 1e-6, None, backend, None)
+        return (
+            r(B, N, dim),
+            r(3 * dim, dim, scale=dim**-0.5),
+            r(3 * dim),
+            1 + r(dim, scale=0.1),
+            r(dim, scale=0.1),
+            H,
+            None,
+            1e-6,
+            None,
+            backend,
+            None,
+        )
     if op == "layernorm_gelu_mlp":
-        return (r(B, N, dim), 1 + r(dim, scale=0.1), r(dim, scale=0.1), r(s["hidden"], dim, scale=dim ** -0.5),
-                r(s["hidden"]), r(dim, s["hidden"], scale=s["hidden"] ** -0.5), r(dim), r(B, N, dim), r(dim),
-                1e-6, "none", backend, None)
+        return (
+            r(B, N, dim),
+            1 + r(dim, scale=0.1),
+            r(dim, scale=0.1),
+            r(s["hidden"], dim, scale=dim**-0.5),
+            r(s["hidden"]),
+            r(dim, s["hidden"], scale=s["hidden"] ** -0.5),
+            r(dim),
+            r(B, N, dim),
+            r(dim),
+            1e-6,
+            "none",
+            backend,
+            None,
+        )
     if op == "patch_embed":
         C, p, img = 3, s["p"], s["img"]
         tokens = 1 + (img // p) ** 2
-        return (r(B, C, img, img), r(dim, C, p, p, scale=(C * p * p) ** -0.5), r(dim), r(1, tokens, dim),
-                r(1, 1, dim), p, None, None, backend, None)   # image_mean, image_std: float images
+        return (
+            r(B, C, img, img),
+            r(dim, C, p, p, scale=(C * p * p) ** -0.5),
+            r(dim),
+            r(1, tokens, dim),
+            r(1, 1, dim),
+            p,
+            None,
+            None,
+            backend,
+            None,
+        )  # image_mean, image_std: float images
     if op == "linear":
-        return (r(B, N, dim), r(dim, dim, scale=dim ** -0.5), r(dim), r(B, N, dim), r(dim), backend, None)
+        return (r(B, N, dim), r(dim, dim, scale=dim**-0.5), r(dim), r(B, N, dim), r(dim), backend, None)
     raise AssertionError(op)
 
 
@@ -57,8 +94,9 @@ def oracle(op, args):
         return reference.qkv_attention(x, w, b, num_heads=heads, scale=scale, norm_weight=nw, norm_bias=nb, eps=eps)
     if op == "layernorm_gelu_mlp":
         x, nw, nb, w1, b1, w2, b2, res, ls, eps, approx = args[:11]
-        return reference.layernorm_gelu_mlp(x, nw, nb, w1, b1, w2, b2, eps=eps, approximate=approx, residual=res,
-                                            layer_scale=ls)
+        return reference.layernorm_gelu_mlp(
+            x, nw, nb, w1, b1, w2, b2, eps=eps, approximate=approx, residual=res, layer_scale=ls
+        )
     if op == "patch_embed":
         images, w, b, pos, cls, p = args[:6]
         return reference.patch_embed(images, w, b, patch_size=p, pos_embed=pos, cls_token=cls)
@@ -67,15 +105,19 @@ def oracle(op, args):
 
 
 def as_dtype(args, dtype):
-    return tuple(a.detach().to(dtype).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
-                 for a in args)
+    return tuple(
+        a.detach().to(dtype).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args
+    )
 
 
-TRITON = pytest.mark.skipif(backends.triton_unavailable(DEVICE) is not None,
-                            reason=str(backends.triton_unavailable(DEVICE)))
+TRITON = pytest.mark.skipif(
+    backends.triton_unavailable(DEVICE) is not None, reason=str(backends.triton_unavailable(DEVICE))
+)
 # backend torch: every shape and dtype; triton (the interpreter on a CPU, slow): float32, the ViT shape
-CASES = [(shape, dtype, "torch") for shape in SHAPES for dtype in (torch.float32, torch.float16)] + \
-    [("vit", torch.bfloat16, "torch"), pytest.param("vit", torch.float32, "triton", marks=TRITON)]
+CASES = [(shape, dtype, "torch") for shape in SHAPES for dtype in (torch.float32, torch.float16)] + [
+    ("vit", torch.bfloat16, "torch"),
+    pytest.param("vit", torch.float32, "triton", marks=TRITON),
+]
 
 
 @pytest.mark.parametrize("shape, dtype, backend", CASES)
@@ -87,8 +129,15 @@ def test_opcheck(op, shape, dtype, backend):
     torch.library.opcheck(getattr(torch.ops.vit_kernels, op).default, args)
 
 
-@pytest.mark.parametrize("dtype, backend", [(torch.float32, "torch"), (torch.float16, "torch"), (torch.bfloat16, "torch"),
-                                            pytest.param(torch.float32, "triton", marks=TRITON)])
+@pytest.mark.parametrize(
+    "dtype, backend",
+    [
+        (torch.float32, "torch"),
+        (torch.float16, "torch"),
+        (torch.bfloat16, "torch"),
+        pytest.param(torch.float32, "triton", marks=TRITON),
+    ],
+)
 @pytest.mark.parametrize("op", OPS)
 def test_custom_op_output_and_backward_against_oracle(op, dtype, backend):
     """The op itself (not the public function) under the tolerance rule; its registered backward
@@ -163,6 +212,7 @@ def test_fake_implementation_raises_the_eager_error():
     """Under FakeTensorMode (what torch.compile and torch.export trace with) a bad argument gets the
     same clear error an eager call gets."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     with FakeTensorMode():
         q, k = torch.empty(1, 2, 5, 16), torch.empty(1, 2, 5, 8)
         with pytest.raises(ValueError, match=r"^k: expected shape \(1, 2, \*, 16\)"):
@@ -180,7 +230,7 @@ def test_bad_scalar_named_before_the_dispatcher():
     with pytest.raises(ValueError, match=r"^backend: expected one of"):
         vk.qkv_attention(args[0], args[1], num_heads=2, backend="gpu")
     grad_args = inputs("qkv_attention", "vit", torch.float32, "torch", requires_grad=True)
-    with pytest.raises(ValueError, match=r"^path: expected one of"):   # the autograd route checks them too
+    with pytest.raises(ValueError, match=r"^path: expected one of"):  # the autograd route checks them too
         vk.qkv_attention(grad_args[0], grad_args[1], num_heads=2, path="fast")
     with pytest.raises(ValueError, match=r"^tune: expected one of"):
         vk.qkv_attention(grad_args[0], grad_args[1], num_heads=2, tune="always")
@@ -206,7 +256,7 @@ def test_modes_and_tracers_see_the_custom_op():
         with Seen() as mode:
             seen = vk.linear(x, w, b, residual=res, layer_scale=ls)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # torch.jit.trace is deprecated in favour of torch.compile / export
+            warnings.simplefilter("ignore")  # torch.jit.trace is deprecated in favour of torch.compile / export
             traced = torch.jit.trace(lambda x: vk.linear(x, w, b, residual=res, layer_scale=ls), (x,))
     assert mode.ops == ["vit_kernels.linear.default"]
     assert "vit_kernels::linear" in str(traced.graph)

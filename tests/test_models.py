@@ -1,4 +1,5 @@
 """The reference ViT: the paper's sizes, its options, and its backends against the oracle."""
+
 import copy
 
 import pytest
@@ -15,8 +16,9 @@ def count_params(name, **kw):
         return sum(p.numel() for p in create_model(name, **kw).parameters())
 
 
-@pytest.mark.parametrize("name, paper", [("vit_base_patch16_224", 86e6), ("vit_large_patch16_224", 307e6),
-                                         ("vit_huge_patch14_224", 632e6)])
+@pytest.mark.parametrize(
+    "name, paper", [("vit_base_patch16_224", 86e6), ("vit_large_patch16_224", 307e6), ("vit_huge_patch14_224", 632e6)]
+)
 def test_parameter_counts_match_the_paper(name, paper):
     n = count_params(name)
     assert abs(n - paper) / paper < 0.015, f"{name}: {n / 1e6:.1f}M parameters, paper {paper / 1e6:.0f}M"
@@ -40,9 +42,17 @@ def small(**kw):
     return create_model("vit_tiny_patch16_224", **cfg).eval()
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(pool="mean", class_token=False), dict(reg_tokens=4),
-                                dict(init_values=0.1, qkv_bias=False), dict(approximate="tanh"),
-                                dict(pool="mean", reg_tokens=2)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(pool="mean", class_token=False),
+        dict(reg_tokens=4),
+        dict(init_values=0.1, qkv_bias=False),
+        dict(approximate="tanh"),
+        dict(pool="mean", reg_tokens=2),
+    ],
+)
 def test_torch_backend_matches_oracle(kw):
     model = small(**kw)
     images = torch.randn(3, 3, 32, 32)
@@ -75,10 +85,29 @@ def test_resample_pos_embed_identity_and_shape():
 
 def test_hybrid_patch1_on_feature_map():
     """The paper's hybrid: patch size 1 over a CNN feature map (here 14x14 with 32 channels)."""
-    model = create_model("vit_tiny_patch16_224", img_size=14, patch_size=1, in_chans=32, depth=1,
-                         embed_dim=64, num_heads=2, num_classes=3).eval()
-    oracle = set_backend(create_model("vit_tiny_patch16_224", img_size=14, patch_size=1, in_chans=32, depth=1,
-                                      embed_dim=64, num_heads=2, num_classes=3), "reference")
+    model = create_model(
+        "vit_tiny_patch16_224",
+        img_size=14,
+        patch_size=1,
+        in_chans=32,
+        depth=1,
+        embed_dim=64,
+        num_heads=2,
+        num_classes=3,
+    ).eval()
+    oracle = set_backend(
+        create_model(
+            "vit_tiny_patch16_224",
+            img_size=14,
+            patch_size=1,
+            in_chans=32,
+            depth=1,
+            embed_dim=64,
+            num_heads=2,
+            num_classes=3,
+        ),
+        "reference",
+    )
     oracle.load_state_dict(model.state_dict())
     fmap = torch.randn(2, 32, 14, 14)
     with torch.no_grad():
@@ -106,6 +135,7 @@ def test_dynamic_img_size_resamples_once_per_grid_until_pos_embed_changes(monkey
     """One model, several image sizes: the position embedding is resampled once per patch grid,
     again after an in-place update, and the output matches the float64 oracle fed the same embedding."""
     import vit_kernels.models.vit as vit_mod
+
     calls = []
     real = vit_mod.resample_pos_embed
     monkeypatch.setattr(vit_mod, "resample_pos_embed", lambda *a, **k: calls.append(a[1]) or real(*a, **k))

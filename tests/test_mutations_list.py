@@ -1,5 +1,6 @@
 """The mutation list of tests/mutations.py stays in step with the code: every pattern occurs exactly
 once in its file (the mutation run itself is slow and not part of the default run)."""
+
 import importlib.util
 import sys
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Bad input gets an error that names the argument, before any launch (every backend)."""
+
 import pytest
 import torch
 
@@ -9,8 +10,15 @@ BACKENDS = ["torch", "triton"]
 
 def mlp_args(dim=32, hidden=64, dtype=torch.float32):
     x = torch.randn(2, 5, dim, dtype=dtype)
-    return [x, torch.randn(dim), torch.randn(dim), torch.randn(hidden, dim), torch.randn(hidden),
-            torch.randn(dim, hidden), torch.randn(dim)]
+    return [
+        x,
+        torch.randn(dim),
+        torch.randn(dim),
+        torch.randn(hidden, dim),
+        torch.randn(hidden),
+        torch.randn(dim, hidden),
+        torch.randn(dim),
+    ]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -71,8 +79,9 @@ def test_patch_embed_bad_input(backend):
     with pytest.raises(ValueError, match=r"weight: expected Conv2d layout \(dim, 3, 16, 16\)"):
         vk.patch_embed(img, w, patch_size=16, backend=backend)
     with pytest.raises(ValueError, match=r"pos_embed: expected shape \(1, 17, 16\)"):
-        vk.patch_embed(img, w, patch_size=8, pos_embed=torch.randn(1, 16, 16), cls_token=torch.randn(16),
-                       backend=backend)
+        vk.patch_embed(
+            img, w, patch_size=8, pos_embed=torch.randn(1, 16, 16), cls_token=torch.randn(16), backend=backend
+        )
     with pytest.raises(ValueError, match=r"images: expected a 4-D tensor"):
         vk.patch_embed(img[0], w, patch_size=8, backend=backend)
 

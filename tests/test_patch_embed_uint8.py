@@ -4,6 +4,7 @@ Checked against the float64 oracle (vit_kernels.reference.patch_embed on the sam
 float64 weight) under the tolerance rule, the oracle's code at the weight's dtype as the baseline,
 outputs NaN-filled before the launch. Bad image_mean / image_std are refused before any launch.
 """
+
 import copy
 
 import pytest
@@ -64,8 +65,8 @@ CASES = [
     (2, 3, 32, 48, 16, 64, False, True, True, True),
     (2, 3, 28, 42, 14, 72, True, True, True, True),
     (1, 3, 64, 32, 32, 48, True, False, False, False),
-    (3, 1, 16, 16, 8, 40, False, True, False, True),     # grayscale
-    (1, 4, 6, 10, 2, 32, True, True, True, False),       # 4 channels, small patches
+    (3, 1, 16, 16, 8, 40, False, True, False, True),  # grayscale
+    (1, 4, 6, 10, 2, 32, True, True, True, False),  # 4 channels, small patches
 ]
 
 
@@ -79,8 +80,17 @@ def test_launcher_uint8(case, dtype):
     mean, std = IMAGENET if C == 3 and case == 0 else random_norm(C)
     out = torch.full((B, T, dim), float("nan"), dtype=dtype, device=DEVICE)
     f32 = dict(dtype=torch.float32, device=DEVICE)
-    got = patch_embed_forward(images, w, b, patch_size=p, pos_embed=pe, cls_token=ct, out=out,
-                              image_mean=torch.tensor(mean, **f32), image_std=torch.tensor(std, **f32))
+    got = patch_embed_forward(
+        images,
+        w,
+        b,
+        patch_size=p,
+        pos_embed=pe,
+        cls_token=ct,
+        out=out,
+        image_mean=torch.tensor(mean, **f32),
+        image_std=torch.tensor(std, **f32),
+    )
     assert got is out and got.dtype == dtype
     assert_close(got, *oracle_and_baseline(images, w, b, p, pe, ct, mean, std))
 
@@ -95,16 +105,26 @@ def test_op_uint8(backend, nhwc):
     images = uint8_images(B, C, H, W, nhwc)
     w, b, pe, ct = params(C, p, dim, dtype, T=5)
     mean, std = random_norm(C)
-    got = vk.patch_embed(images, w, b, patch_size=p, pos_embed=pe, cls_token=ct, image_mean=torch.tensor(mean),
-                         image_std=list(std), backend=backend)
+    got = vk.patch_embed(
+        images,
+        w,
+        b,
+        patch_size=p,
+        pos_embed=pe,
+        cls_token=ct,
+        image_mean=torch.tensor(mean),
+        image_std=list(std),
+        backend=backend,
+    )
     assert vk.last_decision("patch_embed").backend == backend
     assert got.dtype == dtype and got.shape == (B, 5, dim)
     oracle, base = oracle_and_baseline(images, w, b, p, pe, ct, mean, std)
     assert_close(got, oracle, base)
-    by_hand = ((images.float() / 255 - torch.tensor(mean, device=DEVICE).view(1, C, 1, 1))
-               / torch.tensor(std, device=DEVICE).view(1, C, 1, 1)).to(dtype)
-    assert_close(vk.patch_embed(by_hand, w, b, patch_size=p, pos_embed=pe, cls_token=ct, backend=backend),
-                 oracle, base)
+    by_hand = (
+        (images.float() / 255 - torch.tensor(mean, device=DEVICE).view(1, C, 1, 1))
+        / torch.tensor(std, device=DEVICE).view(1, C, 1, 1)
+    ).to(dtype)
+    assert_close(vk.patch_embed(by_hand, w, b, patch_size=p, pos_embed=pe, cls_token=ct, backend=backend), oracle, base)
 
 
 def test_cuda_refuses_uint8_with_the_reason():
@@ -123,10 +143,12 @@ def test_bad_mean_std_refused_before_launch(backend, monkeypatch):
     """Each bad image_mean / image_std names the argument, the expectation and what it got, and no
     kernel launches (the launchers are replaced by a function that fails the test)."""
     import importlib
+
     pe_mod = importlib.import_module("vit_kernels.ops.patch_embed")
 
     def no_launch(*a, **k):
         raise AssertionError("a kernel launched for bad input")
+
     monkeypatch.setattr(pe_mod, "_launch", no_launch)
     images = uint8_images(1, 3, 16, 16, False)
     w = params(3, 8, 16, torch.float32, pos=False)[0]
@@ -134,18 +156,33 @@ def test_bad_mean_std_refused_before_launch(backend, monkeypatch):
     cases = [
         (dict(), ValueError, r"image_mean, image_std: uint8 images are normalized .* expected 3 values each"),
         (dict(image_mean=good_m), ValueError, r"got image_mean=.*image_std=None"),
-        (dict(image_mean=(0.5, 0.5), image_std=good_s), ValueError,
-         r"image_mean: expected 3 values for 3-channel images, got 2"),
-        (dict(image_mean=good_m, image_std=(0.2, 0.2, 0.2, 0.2)), ValueError,
-         r"image_std: expected 3 values for 3-channel images, got 4"),
-        (dict(image_mean=good_m, image_std=(0.2, 0.0, 0.2)), ValueError,
-         r"image_std: expected positive values \(each channel is divided by it\), got \(0.2, 0.0, 0.2\)"),
-        (dict(image_mean=(0.5, float("nan"), 0.5), image_std=good_s), ValueError,
-         r"image_mean: expected finite values, got \(0.5, nan, 0.5\)"),
+        (
+            dict(image_mean=(0.5, 0.5), image_std=good_s),
+            ValueError,
+            r"image_mean: expected 3 values for 3-channel images, got 2",
+        ),
+        (
+            dict(image_mean=good_m, image_std=(0.2, 0.2, 0.2, 0.2)),
+            ValueError,
+            r"image_std: expected 3 values for 3-channel images, got 4",
+        ),
+        (
+            dict(image_mean=good_m, image_std=(0.2, 0.0, 0.2)),
+            ValueError,
+            r"image_std: expected positive values \(each channel is divided by it\), got \(0.2, 0.0, 0.2\)",
+        ),
+        (
+            dict(image_mean=(0.5, float("nan"), 0.5), image_std=good_s),
+            ValueError,
+            r"image_mean: expected finite values, got \(0.5, nan, 0.5\)",
+        ),
         (dict(image_mean=good_m, image_std=(0.2, float("inf"), 0.2)), ValueError, r"image_std: expected finite values"),
         (dict(image_mean="abc", image_std=good_s), TypeError, r"image_mean: expected a sequence of 3 numbers"),
-        (dict(image_mean=torch.zeros(1, 3), image_std=good_s), ValueError,
-         r"image_mean: expected 3 values \(one per channel\), got a tensor of shape \(1, 3\)"),
+        (
+            dict(image_mean=torch.zeros(1, 3), image_std=good_s),
+            ValueError,
+            r"image_mean: expected 3 values \(one per channel\), got a tensor of shape \(1, 3\)",
+        ),
     ]
     for kw, err, msg in cases:
         with pytest.raises(err, match=msg):
@@ -153,8 +190,15 @@ def test_bad_mean_std_refused_before_launch(backend, monkeypatch):
     with pytest.raises(ValueError, match=r"image_mean, image_std: normalize uint8 images on load; got torch.float32"):
         vk.patch_embed(images.float(), w, patch_size=8, image_mean=good_m, image_std=good_s, backend=backend)
     with pytest.raises(TypeError, match=r"bias: expected dtype torch.float32"):
-        vk.patch_embed(images, w, torch.zeros(16, dtype=torch.float16, device=DEVICE), patch_size=8,
-                       image_mean=good_m, image_std=good_s, backend=backend)
+        vk.patch_embed(
+            images,
+            w,
+            torch.zeros(16, dtype=torch.float16, device=DEVICE),
+            patch_size=8,
+            image_mean=good_m,
+            image_std=good_s,
+            backend=backend,
+        )
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -178,9 +222,13 @@ def test_reference_vit_takes_uint8(backend):
     the oracle's code at float32 as the baseline; NHWC data, two image sizes (dynamic_img_size)."""
     from vit_kernels.models import create_model
     from vit_kernels.nn import set_backend
+
     cfg = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=5, dynamic_img_size=True)
-    model = create_model("vit_tiny_patch16_224", **cfg, image_mean=IMAGENET[0], image_std=IMAGENET[1],
-                         backend=backend).to(DEVICE).eval()
+    model = (
+        create_model("vit_tiny_patch16_224", **cfg, image_mean=IMAGENET[0], image_std=IMAGENET[1], backend=backend)
+        .to(DEVICE)
+        .eval()
+    )
     assert create_model("vit_tiny_patch16_224", **cfg).patch_embed.image_mean == (0.5, 0.5, 0.5)
     oracle = set_backend(create_model("vit_tiny_patch16_224", **cfg), "reference").to(DEVICE).eval()
     oracle.load_state_dict(model.state_dict())
@@ -198,14 +246,27 @@ def test_reference_vit_takes_uint8(backend):
 
 def _timm_model():
     timm = pytest.importorskip("timm")
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
-                             depth=1, num_heads=2, num_classes=5), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    return (
+        timm.create_model(
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            img_size=32,
+            patch_size=8,
+            embed_dim=64,
+            depth=1,
+            num_heads=2,
+            num_classes=5,
+        ),
+        (0.5, 0.5, 0.5),
+        (0.5, 0.5, 0.5),
+    )
 
 
 def _torchvision_model():
     tv = pytest.importorskip("torchvision.models.vision_transformer")
-    m = tv.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=64, mlp_dim=128,
-                             num_classes=5)
+    m = tv.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=64, mlp_dim=128, num_classes=5
+    )
     torch.nn.init.normal_(m.heads.head.weight, std=0.05)
     return m, *IMAGENET
 
@@ -229,15 +290,19 @@ def test_fused_model_takes_uint8(family, backend):
         got = model(images)
         assert vk.last_decision("patch_embed").backend == backend
         assert_close(got, oracle(x64), base(x64.float()), name=f"fused {family} on uint8 images")
-        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):   # the fall-back normalizes too
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):  # the fall-back normalizes too
             model(images)
     assert vk.last_decision("patch_embed").backend == "original"
 
 
 def test_hf_uint8_is_refused_with_the_reason():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
-                                 image_size=32, patch_size=8)
+    cfg = transformers.ViTConfig(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, image_size=32, patch_size=8
+    )
     model = vk.fuse(transformers.ViTModel(cfg).eval(), backend="torch")
-    assert any("uint8 images not served: ViTModel casts pixel_values" in n
-               for e in vk.fuse_report(model).fused for n in e.notes)
+    assert any(
+        "uint8 images not served: ViTModel casts pixel_values" in n
+        for e in vk.fuse_report(model).fused
+        for n in e.notes
+    )

@@ -1,5 +1,6 @@
 """`python -m vit_kernels selftest`: every fused kernel a model uses, at its shapes, against the
 float64 oracle; on a CPU through the interpreter (Triton) and the host emulator (CUDA)."""
+
 import json
 import types
 
@@ -28,11 +29,25 @@ def test_tiny_reference_model_on_cpu_both_backends(tmp_path, capsys):
     assert "timings need a GPU" in res["timings"] and "interpreter" in res["how"] and "emulator" in res["how"]
     assert "needs a GPU" in res["sanitizer_note"] and res["sanitizer"] == []
     got = {(r["op"], r["backend"]) for r in res["rows"]}
-    assert got == {(op, b) for op in ("patch_embed", "qkv_attention", "linear", "layernorm_gelu_mlp")
-                   for b in ("triton", "cuda")}
+    assert got == {
+        (op, b) for op in ("patch_embed", "qkv_attention", "linear", "layernorm_gelu_mlp") for b in ("triton", "cuda")
+    }
     for r in res["rows"]:
-        assert set(r) >= {"op", "backend", "path", "shape", "dtype", "status", "max_abs_err", "bound", "torch_err",
-                          "fused_ms", "torch_ms", "speedup", "reason"}
+        assert set(r) >= {
+            "op",
+            "backend",
+            "path",
+            "shape",
+            "dtype",
+            "status",
+            "max_abs_err",
+            "bound",
+            "torch_err",
+            "fused_ms",
+            "torch_ms",
+            "speedup",
+            "reason",
+        }
         assert r["status"] == "PASS", r
         assert 0 < r["max_abs_err"] <= r["bound"] and r["fused_ms"] is None
     paths = {r["backend"]: r["path"] for r in res["rows"] if r["op"] == "qkv_attention"}
@@ -45,6 +60,7 @@ def test_a_wrong_kernel_is_reported_as_fail_with_exit_code_1(tmp_path, monkeypat
     """Inject a wrong Triton linear (its result off by 0.05) and a crashing Triton MLP: the first
     is FAIL, the second ERROR with its message, the others pass, the exit code is 1."""
     from vit_kernels.triton import gemm, mlp
+
     right = gemm.linear_forward
 
     def wrong(*args, **kwargs):
@@ -52,6 +68,7 @@ def test_a_wrong_kernel_is_reported_as_fail_with_exit_code_1(tmp_path, monkeypat
 
     def crash(*args, **kwargs):
         raise IndexError("injected crash")
+
     monkeypatch.setattr(gemm, "linear_forward", wrong)
     monkeypatch.setattr(mlp, "layernorm_gelu_mlp_forward", crash)
     rc, res = run_selftest(tmp_path, "vit_tiny_patch16_224", *TINY, "--backend", "triton")
@@ -73,6 +90,7 @@ def test_a_timm_model_by_registry_name(tmp_path):
 
 def test_distinct_calls_dedupe_identical_blocks():
     from vit_kernels.models import create_model
+
     model = create_model("vit_tiny_patch16_224", img_size=32, depth=3, backend="torch").eval()
     calls = st.distinct_calls(model, torch.randn(2, 3, 32, 32))
     assert [c[0] for c in calls] == ["patch_embed", "qkv_attention", "linear", "layernorm_gelu_mlp"]
@@ -81,8 +99,17 @@ def test_distinct_calls_dedupe_identical_blocks():
 def test_sanitizer_runs_memcheck_and_racecheck_and_reads_their_summary(monkeypatch):
     """The re-run command and the verdict, with a fake compute-sanitizer (no GPU here)."""
     monkeypatch.setattr(st, "sanitizer_path", lambda: "/opt/cuda/bin/compute-sanitizer")
-    args = types.SimpleNamespace(model="vit_tiny_patch16_224", dtype="fp16", seed=0, batch_size=4, depth=None,
-                                 img_size=None, checkpoint=None, backend=["cuda"], json_out="out.json")
+    args = types.SimpleNamespace(
+        model="vit_tiny_patch16_224",
+        dtype="fp16",
+        seed=0,
+        batch_size=4,
+        depth=None,
+        img_size=None,
+        checkpoint=None,
+        backend=["cuda"],
+        json_out="out.json",
+    )
     seen = []
 
     def fake_run(cmd, **kw):
@@ -90,12 +117,18 @@ def test_sanitizer_runs_memcheck_and_racecheck_and_reads_their_summary(monkeypat
         ok = "memcheck" in cmd
         text = "========= ERROR SUMMARY: 0 errors\n" if ok else "Race reported\n========= ERROR SUMMARY: 3 errors\n"
         return types.SimpleNamespace(returncode=0 if ok else 1, stdout="", stderr=text)
+
     rows = st.run_sanitizers(args, runner=fake_run)
     assert [r["tool"] for r in rows] == ["memcheck", "racecheck"]
     assert rows[0]["status"] == "PASS" and rows[0]["errors"] == 0
     assert rows[1]["status"] == "FAIL" and rows[1]["errors"] == 3 and "Race" in rows[1]["output_tail"]
     cmd, tool = seen[0]
-    assert tool == "memcheck" and cmd[:4] == ["/opt/cuda/bin/compute-sanitizer", "--tool", "memcheck", "--error-exitcode"]
+    assert tool == "memcheck" and cmd[:4] == [
+        "/opt/cuda/bin/compute-sanitizer",
+        "--tool",
+        "memcheck",
+        "--error-exitcode",
+    ]
     assert cmd[cmd.index("selftest") + 1] == "vit_tiny_patch16_224"
     assert {"--no-timing", "--no-sanitizer"} <= set(cmd) and cmd[cmd.index("--batch-size") + 1] == "4"
     assert cmd[cmd.index("--backend") + 1] == "cuda" and "--depth" not in cmd
@@ -110,7 +143,7 @@ def test_selftest_on_a_gpu_times_every_kernel_against_torch(tmp_path):
     assert rc == 0, res["rows"]
     assert res["device"] != "cpu" and res["timings"].startswith("measured") and res["reduced"] == ""
     for r in res["rows"]:
-        if r["status"] == "N/A":   # e.g. no CUDA extension build here: said, not hidden
+        if r["status"] == "N/A":  # e.g. no CUDA extension build here: said, not hidden
             assert r["reason"], r
             continue
         assert r["status"] == "PASS" and r["fused_ms"] > 0 and r["torch_ms"] > 0, r

@@ -1,6 +1,7 @@
 """The package's structure stays as CONTRIBUTING.md describes it: the layers of the import graph (no
 cycle, no import from a lower layer up into a higher one) and, for every op, every part of the
 "adding an op" path. Reads the source (ast); imports only what it checks."""
+
 import ast
 import importlib
 import re
@@ -66,7 +67,7 @@ def import_graph():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
                 if node.level:
-                    base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1])
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
                     base = f"{base}.{node.module}" if node.module else base
                 elif (node.module or "").startswith("vit_kernels"):
                     base = node.module
@@ -110,7 +111,7 @@ def test_import_graph_has_no_cycle():
         path.append(m)
         for n in sorted(edges.get(m, ())):
             if state.get(n) == 1:
-                raise AssertionError(f"import cycle: {' -> '.join(path[path.index(n):] + [n])}")
+                raise AssertionError(f"import cycle: {' -> '.join(path[path.index(n) :] + [n])}")
             if n not in state:
                 visit(n)
         path.pop()
@@ -130,6 +131,7 @@ def test_the_layer_checks_can_fail():
 # ------------------------------------------------------------------------------- adding an op
 def ops():
     from vit_kernels import ops as ops_pkg
+
     return [n for n in ops_pkg.__all__ if callable(getattr(ops_pkg, n)) and not isinstance(getattr(ops_pkg, n), type)]
 
 
@@ -146,6 +148,7 @@ def test_every_op_has_every_part(op):
     from vit_kernels import reference
     from vit_kernels.commands.inspect import TRITON_MODULES
     from vit_kernels.cuda import ops as cuda_ops
+
     src = op_source(op)
     assert callable(getattr(reference, op, None)), f"{op}: no oracle vit_kernels.reference.{op}"
     triton_modules = set(re.findall(r"from \.\.triton import (\w+)", src))
@@ -158,15 +161,20 @@ def test_every_op_has_every_part(op):
     for fn in re.findall(r"cuda_ops\.(\w+)\(", src):
         assert callable(getattr(cuda_ops, fn, None)), f"{op}: vit_kernels.cuda.ops.{fn} does not exist"
     users = [PKG / "nn.py", PKG / "hf_attention.py", *sorted((PKG / "swap").glob("*.py"))]
-    assert any(re.search(rf"\b{op}\(", u.read_text()) for u in users), \
+    assert any(re.search(rf"\b{op}\(", u.read_text()) for u in users), (
         f"{op}: no drop-in module (nn.py), swap adapter (swap/) or attention entry (hf_attention.py) calls it"
+    )
     from layouts import SPECS
+
     assert op in SPECS, f"{op}: no tensor arguments in tests/layouts.py SPECS"
     assert f'"{op}"' in (ROOT / "tests" / "test_hard_inputs.py").read_text(), f"{op}: not in test_hard_inputs OPS"
     from vit_kernels import library
+
     for table in ("SCHEMAS", "SHAPES", "TORCH_PATHS", "IMPLS", "BACKWARDS"):
         assert op in getattr(library, table), f"{op}: not in vit_kernels.library.{table} (the custom op)"
-    assert hasattr(getattr(torch.ops, library.NAMESPACE), op), f"{op}: torch.ops.{library.NAMESPACE}.{op} is not registered"
+    assert hasattr(getattr(torch.ops, library.NAMESPACE), op), (
+        f"{op}: torch.ops.{library.NAMESPACE}.{op} is not registered"
+    )
 
 
 def test_contributing_names_only_existing_files():

@@ -1,5 +1,6 @@
 """The family-independent parts of fuse / unfuse / fuse_report (the per-family adapters: tests/test_swap_*.py,
 with the shared checks of tests/swap_checks.py)."""
+
 import pytest
 from torch import nn
 

@@ -4,6 +4,7 @@ each size against the unfused model run in float64 under the tolerance rule (the
 float32 as the baseline). The fused patch projection runs at every size (its decision is checked);
 the position-embedding resampling stays in the library's own code. The reference ViT's own dynamic
 size (resampled once per grid, cached) is tested in tests/test_models.py."""
+
 import copy
 
 import pytest
@@ -39,16 +40,32 @@ def check_sizes(model, backend, **call_kw):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_timm_dynamic_img_size(backend):
     timm = pytest.importorskip("timm")
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
-                              depth=2, num_heads=2, num_classes=10, dynamic_img_size=True)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        num_classes=10,
+        dynamic_img_size=True,
+    )
     check_sizes(model, backend)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_hf_interpolate_pos_encoding(backend):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                                 image_size=32, patch_size=8, num_labels=10)
+    cfg = transformers.ViTConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=8,
+        num_labels=10,
+    )
     check_sizes(transformers.ViTForImageClassification(cfg), backend, interpolate_pos_encoding=True)
 
 
@@ -58,15 +75,18 @@ def test_hf_pos_encoding_resampled_once_per_size_until_it_changes(monkeypatch):
     transformers = pytest.importorskip("transformers")
     from transformers.models.vit.modeling_vit import ViTEmbeddings
     from vit_kernels.swap.hf import FusedHFEmbeddings
-    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
-                                 image_size=32, patch_size=8)
+
+    cfg = transformers.ViTConfig(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, image_size=32, patch_size=8
+    )
     model = transformers.ViTModel(cfg).eval()
     vk.fuse(model, backend="torch")
     assert isinstance(model.embeddings, FusedHFEmbeddings)
     calls = []
     real = ViTEmbeddings.interpolate_pos_encoding
-    monkeypatch.setattr(ViTEmbeddings, "interpolate_pos_encoding",
-                        lambda self, e, h, w: calls.append((h, w)) or real(self, e, h, w))
+    monkeypatch.setattr(
+        ViTEmbeddings, "interpolate_pos_encoding", lambda self, e, h, w: calls.append((h, w)) or real(self, e, h, w)
+    )
     with torch.no_grad():
         for size in [(48, 40), (32, 32), (48, 40), (64, 24), (48, 40)]:
             model(torch.randn(1, 3, *size), interpolate_pos_encoding=True)

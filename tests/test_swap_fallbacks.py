@@ -4,6 +4,7 @@ torch.autocast, an attention mask, HF's output_attentions) the call still gives 
 result and the user sees why: an INFO line on the ``vit_kernels`` logger, ``last_fallback`` on the
 wrapper, a note in fuse_report and ``last_decision(op).backend == "original"`` with the reason.
 Hooks registered before fuse leave the part unfused, with the reason in the report."""
+
 import copy
 import logging
 
@@ -18,28 +19,45 @@ from vit_kernels.testing import assert_close
 
 def _timm():
     timm = pytest.importorskip("timm")
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
-                             depth=2, num_heads=2, num_classes=10)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        num_classes=10,
+    )
 
 
 def _torchvision():
     tv = pytest.importorskip("torchvision.models.vision_transformer")
-    return tv.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128,
-                                num_classes=10)
+    return tv.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128, num_classes=10
+    )
 
 
 def _hf():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                                 image_size=32, patch_size=8, num_labels=10)
-    cfg._attn_implementation = "eager"   # SDPA returns no attention weights (output_attentions)
+    cfg = transformers.ViTConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=8,
+        num_labels=10,
+    )
+    cfg._attn_implementation = "eager"  # SDPA returns no attention weights (output_attentions)
     return transformers.ViTForImageClassification(cfg)
 
 
 def _vit_pytorch():
     vit_pytorch = pytest.importorskip("vit_pytorch")
-    return vit_pytorch.ViT(image_size=32, patch_size=8, num_classes=10, dim=64, depth=2, heads=2, dim_head=32,
-                           mlp_dim=128)
+    return vit_pytorch.ViT(
+        image_size=32, patch_size=8, num_classes=10, dim=64, depth=2, heads=2, dim_head=32, mlp_dim=128
+    )
 
 
 FAMILIES = {"timm": _timm, "torchvision": _torchvision, "transformers": _hf, "vit_pytorch": _vit_pytorch}
@@ -75,17 +93,17 @@ def test_hook_registered_after_fuse_fires_and_is_reported(family, caplog):
         got = logits(model(images))
         logits(model(images))
     assert len(calls) == 2, "the hook did not fire once per call"
-    with torch.no_grad():   # the other blocks ran fused: the tolerance rule against the float64 original
+    with torch.no_grad():  # the other blocks ran fused: the tolerance rule against the float64 original
         assert_close(got, logits(copy.deepcopy(ref).double()(images.double())), logits(ref(images)))
     assert "forward hooks are registered on" in w.last_fallback and w.vk_path in w.last_fallback
     lines = [r.getMessage() for r in caplog.records if "running the original module" in r.getMessage()]
-    assert len([m for m in lines if w.vk_path in m]) == 1, lines       # once per reason, not per call
+    assert len([m for m in lines if w.vk_path in m]) == 1, lines  # once per reason, not per call
     d = vk.last_decision("qkv_attention")
     assert d.backend == "original" and "forward hooks are registered on" in d.reasons["fused"]
     report = str(vk.fuse_report(model))
     assert "forward hooks are registered on" in report and "time(s) since fuse" in report
 
-    handle.remove()   # the fused path again
+    handle.remove()  # the fused path again
     with torch.no_grad():
         model(images)
     assert vk.last_decision("qkv_attention").backend == "torch"

@@ -8,6 +8,7 @@ classes copy the structure and forward of transformers 4.57.6's ViTSelfAttention
 ViTAttention, ViTIntermediate, ViTOutput and ViTLayer (eager attention, no head mask), registered
 with the adapter through ``vit_kernels.swap.hf.EXTRA_LAYER_CLASSES``.
 """
+
 import copy
 
 import pytest
@@ -26,8 +27,15 @@ ALL = ["attention", "attention", "mlp", "mlp", "patch_embed"]
 
 
 def config(**kw):
-    cfg = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
-               patch_size=8, num_labels=10)
+    cfg = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=8,
+        num_labels=10,
+    )
     cfg.update(kw)
     return ViTConfig(**cfg)
 
@@ -47,15 +55,21 @@ def test_low_precision_no_qkv_bias_tanh_gelu(dtype, backend):
 
 
 def test_head_dim_80_and_eager_attention():
-    model = ViTForImageClassification(config(hidden_size=160, intermediate_size=320, num_hidden_layers=1,
-                                             attn_implementation="eager"))
+    model = ViTForImageClassification(
+        config(hidden_size=160, intermediate_size=320, num_hidden_layers=1, attn_implementation="eager")
+    )
     check_fuse(model, torch.randn(2, 3, 32, 32), backend="torch", expect_fused=["attention", "mlp", "patch_embed"])
 
 
 def test_non_gelu_activation_is_left():
     model = ViTForImageClassification(config(hidden_act="relu"))
-    check_fuse(model, torch.randn(2, 3, 32, 32), backend="torch",
-               expect_fused=["attention", "attention", "patch_embed"], expect_left=["not GELU"])
+    check_fuse(
+        model,
+        torch.randn(2, 3, 32, 32),
+        backend="torch",
+        expect_fused=["attention", "attention", "patch_embed"],
+        expect_left=["not GELU"],
+    )
 
 
 def test_qkv_cache_follows_parameter_changes():
@@ -116,6 +130,7 @@ def test_load_state_dict_after_fuse():
 
 # --- the transformers 4.x layout (4.57.6), hand-built ------------------------------------------
 
+
 class ViTSelfAttention4(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -123,7 +138,7 @@ class ViTSelfAttention4(nn.Module):
         self.attention_head_size = c.hidden_size // c.num_attention_heads
         self.all_head_size = self.num_attention_heads * self.attention_head_size
         self.dropout_prob = c.attention_probs_dropout_prob
-        self.scaling = self.attention_head_size ** -0.5
+        self.scaling = self.attention_head_size**-0.5
         self.query = nn.Linear(c.hidden_size, self.all_head_size, bias=c.qkv_bias)
         self.key = nn.Linear(c.hidden_size, self.all_head_size, bias=c.qkv_bias)
         self.value = nn.Linear(c.hidden_size, self.all_head_size, bias=c.qkv_bias)
@@ -227,9 +242,15 @@ def _init(m):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_4x_layout_matches(layout4, backend):
     enc = _init(Encoder4(config(qkv_bias=True)))
-    report = check_fuse(enc, torch.randn(3, 17, 64), backend=backend, expect_fused=["attention", "attention", "mlp", "mlp"])
-    assert [e.path for e in report.fused] == ["layer.0.attention", "layer.0.intermediate",
-                                               "layer.1.attention", "layer.1.intermediate"]
+    report = check_fuse(
+        enc, torch.randn(3, 17, 64), backend=backend, expect_fused=["attention", "attention", "mlp", "mlp"]
+    )
+    assert [e.path for e in report.fused] == [
+        "layer.0.attention",
+        "layer.0.intermediate",
+        "layer.1.attention",
+        "layer.1.intermediate",
+    ]
 
 
 def test_4x_layout_head_mask_runs_the_original(layout4):

@@ -1,11 +1,19 @@
 """fuse / unfuse on timm VisionTransformer variants (small configs)."""
+
 import copy
 
 import pytest
 import torch
 
 import vit_kernels as vk
-from swap_checks import check_dropout_runs_original, check_fuse, check_grad, check_load_state_dict, snapshot, assert_same_state
+from swap_checks import (
+    check_dropout_runs_original,
+    check_fuse,
+    check_grad,
+    check_load_state_dict,
+    snapshot,
+    assert_same_state,
+)
 
 timm = pytest.importorskip("timm")
 
@@ -50,21 +58,39 @@ def test_dynamic_img_size_resamples_pos_embed(backend):
 
 
 def test_head_dim_80_and_deit():
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=16,
-                              embed_dim=160, depth=1, num_heads=2, num_classes=5)
+    model = timm.create_model(
+        "deit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=16,
+        embed_dim=160,
+        depth=1,
+        num_heads=2,
+        num_classes=5,
+    )
     check_fuse(model, torch.randn(1, 3, 32, 32), backend="torch", expect_fused=["attention", "mlp", "patch_embed"])
 
 
 def test_qk_norm_is_left_and_model_still_matches():
     model = make(qk_norm=True)
-    report = check_fuse(model, torch.randn(2, 3, 32, 32), backend="torch",
-                        expect_fused=["mlp", "mlp", "patch_embed"], expect_left=["qk_norm"])
+    report = check_fuse(
+        model,
+        torch.randn(2, 3, 32, 32),
+        backend="torch",
+        expect_fused=["mlp", "mlp", "patch_embed"],
+        expect_left=["qk_norm"],
+    )
     assert len(report.left) == 2
 
 
 def test_non_gelu_activation_is_left():
-    check_fuse(make(act_layer="relu"), torch.randn(2, 3, 32, 32), backend="torch",
-               expect_fused=["attention", "attention", "patch_embed"], expect_left=["not GELU"])
+    check_fuse(
+        make(act_layer="relu"),
+        torch.randn(2, 3, 32, 32),
+        backend="torch",
+        expect_fused=["attention", "attention", "patch_embed"],
+        expect_left=["not GELU"],
+    )
 
 
 def test_ops_selection():

@@ -12,8 +12,16 @@ BACKENDS = ["torch", "triton"]
 
 
 def make(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128, **kw):
-    m = tv.VisionTransformer(image_size=image_size, patch_size=patch_size, num_layers=num_layers,
-                             num_heads=num_heads, hidden_dim=hidden_dim, mlp_dim=mlp_dim, num_classes=10, **kw)
+    m = tv.VisionTransformer(
+        image_size=image_size,
+        patch_size=patch_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        hidden_dim=hidden_dim,
+        mlp_dim=mlp_dim,
+        num_classes=10,
+        **kw,
+    )
     torch.nn.init.normal_(m.heads.head.weight, std=0.05)  # torchvision zero-initialises the head
     return m
 
@@ -21,8 +29,13 @@ def make(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_small_vit_matches(dtype, backend):
-    check_fuse(make(), torch.randn(3, 3, 32, 32), backend=backend, dtype=dtype,
-               expect_fused=["attention", "attention", "mlp", "mlp", "patch_embed"])
+    check_fuse(
+        make(),
+        torch.randn(3, 3, 32, 32),
+        backend=backend,
+        dtype=dtype,
+        expect_fused=["attention", "attention", "mlp", "mlp", "patch_embed"],
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -39,10 +52,13 @@ def test_named_builders_are_recognised():
 
 def test_conv_stem_is_left():
     from torchvision.models.vision_transformer import ConvStemConfig
-    m = make(conv_stem_configs=[ConvStemConfig(out_channels=16, kernel_size=3, stride=2)] * 2, patch_size=4,
-             image_size=16)
-    report = check_fuse(m, torch.randn(2, 3, 16, 16), backend="torch",
-                        expect_fused=["attention", "attention", "mlp", "mlp"])
+
+    m = make(
+        conv_stem_configs=[ConvStemConfig(out_channels=16, kernel_size=3, stride=2)] * 2, patch_size=4, image_size=16
+    )
+    report = check_fuse(
+        m, torch.randn(2, 3, 16, 16), backend="torch", expect_fused=["attention", "attention", "mlp", "mlp"]
+    )
     assert [e.op for e in report.left] == ["patch_embed"]
 
 

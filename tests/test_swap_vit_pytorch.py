@@ -25,8 +25,14 @@ def make(**kw):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_current_release_matches_patch_embed_left(dtype, backend):
-    report = check_fuse(make(), torch.randn(3, 3, 32, 32), backend=backend, dtype=dtype,
-                        expect_fused=["attention", "attention", "mlp", "mlp"], expect_left=["pre-LayerNorm"])
+    report = check_fuse(
+        make(),
+        torch.randn(3, 3, 32, 32),
+        backend=backend,
+        dtype=dtype,
+        expect_fused=["attention", "attention", "mlp", "mlp"],
+        expect_left=["pre-LayerNorm"],
+    )
     assert [e.path for e in report.left] == ["to_patch_embedding"]
 
 
@@ -48,6 +54,7 @@ def test_gradients_and_load_state_dict():
 
 # --- the older release (PreNorm; patch embedding = Rearrange + Linear) -------------------------
 
+
 class PreNorm(nn.Module):
     def __init__(self, dim, fn):
         super().__init__()
@@ -59,22 +66,23 @@ class PreNorm(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim, hidden_dim, dropout=0.):
+    def __init__(self, dim, hidden_dim, dropout=0.0):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden_dim, dim), nn.Dropout(dropout))
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, dim), nn.Dropout(dropout)
+        )
 
     def forward(self, x):
         return self.net(x)
 
 
 class Attention(nn.Module):
-    def __init__(self, dim, heads=8, dim_head=64, dropout=0.):
+    def __init__(self, dim, heads=8, dim_head=64, dropout=0.0):
         super().__init__()
         inner_dim = dim_head * heads
         project_out = not (heads == 1 and dim_head == dim)
         self.heads = heads
-        self.scale = dim_head ** -0.5
+        self.scale = dim_head**-0.5
         self.attend = nn.Softmax(dim=-1)
         self.dropout = nn.Dropout(dropout)
         self.to_qkv = nn.Linear(dim, inner_dim * 3, bias=False)
@@ -82,21 +90,26 @@ class Attention(nn.Module):
 
     def forward(self, x):
         qkv = self.to_qkv(x).chunk(3, dim=-1)
-        q, k, v = map(lambda t: rearrange(t, 'b n (h d) -> b h n d', h=self.heads), qkv)
+        q, k, v = map(lambda t: rearrange(t, "b n (h d) -> b h n d", h=self.heads), qkv)
         dots = torch.matmul(q, k.transpose(-1, -2)) * self.scale
         attn = self.dropout(self.attend(dots))
-        out = rearrange(torch.matmul(attn, v), 'b h n d -> b n (h d)')
+        out = rearrange(torch.matmul(attn, v), "b h n d -> b n (h d)")
         return self.to_out(out)
 
 
 class Transformer(nn.Module):
-    def __init__(self, dim, depth, heads, dim_head, mlp_dim, dropout=0.):
+    def __init__(self, dim, depth, heads, dim_head, mlp_dim, dropout=0.0):
         super().__init__()
         self.layers = nn.ModuleList([])
         for _ in range(depth):
-            self.layers.append(nn.ModuleList([
-                PreNorm(dim, Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout)),
-                PreNorm(dim, FeedForward(dim, mlp_dim, dropout=dropout))]))
+            self.layers.append(
+                nn.ModuleList(
+                    [
+                        PreNorm(dim, Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout)),
+                        PreNorm(dim, FeedForward(dim, mlp_dim, dropout=dropout)),
+                    ]
+                )
+            )
 
     def forward(self, x):
         for attn, ff in self.layers:
@@ -106,14 +119,28 @@ class Transformer(nn.Module):
 
 
 class SeedViT(nn.Module):
-    def __init__(self, *, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, pool='cls', channels=3,
-                 dim_head=64, dropout=0., emb_dropout=0.):
+    def __init__(
+        self,
+        *,
+        image_size,
+        patch_size,
+        num_classes,
+        dim,
+        depth,
+        heads,
+        mlp_dim,
+        pool="cls",
+        channels=3,
+        dim_head=64,
+        dropout=0.0,
+        emb_dropout=0.0,
+    ):
         super().__init__()
         num_patches = (image_size // patch_size) ** 2
         patch_dim = channels * patch_size * patch_size
         self.to_patch_embedding = nn.Sequential(
-            Rearrange('b c (h p1) (w p2) -> b (h w) (p1 p2 c)', p1=patch_size, p2=patch_size),
-            nn.Linear(patch_dim, dim))
+            Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size), nn.Linear(patch_dim, dim)
+        )
         self.pos_embedding = nn.Parameter(torch.randn(1, num_patches + 1, dim))
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
         self.dropout = nn.Dropout(emb_dropout)
@@ -125,12 +152,12 @@ class SeedViT(nn.Module):
     def forward(self, img):
         x = self.to_patch_embedding(img)
         b, n, _ = x.shape
-        cls_tokens = repeat(self.cls_token, '1 n d -> b n d', b=b)
+        cls_tokens = repeat(self.cls_token, "1 n d -> b n d", b=b)
         x = torch.cat((cls_tokens, x), dim=1)
-        x += self.pos_embedding[:, :(n + 1)]
+        x += self.pos_embedding[:, : (n + 1)]
         x = self.dropout(x)
         x = self.transformer(x)
-        x = x.mean(dim=1) if self.pool == 'mean' else x[:, 0]
+        x = x.mean(dim=1) if self.pool == "mean" else x[:, 0]
         return self.mlp_head(self.to_latent(x))
 
 
@@ -143,10 +170,23 @@ def seed_classes(monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("channels", [3, 1])
 def test_prenorm_release_matches_with_patch_embed_fused(seed_classes, channels, backend):
-    model = SeedViT(image_size=32, patch_size=8, num_classes=10, dim=64, depth=2, heads=2, dim_head=32,
-                    mlp_dim=128, channels=channels)
-    report = check_fuse(model, torch.randn(3, channels, 32, 32), backend=backend,
-                        expect_fused=["attention", "attention", "mlp", "mlp", "patch_embed"])
+    model = SeedViT(
+        image_size=32,
+        patch_size=8,
+        num_classes=10,
+        dim=64,
+        depth=2,
+        heads=2,
+        dim_head=32,
+        mlp_dim=128,
+        channels=channels,
+    )
+    report = check_fuse(
+        model,
+        torch.randn(3, channels, 32, 32),
+        backend=backend,
+        expect_fused=["attention", "attention", "mlp", "mlp", "patch_embed"],
+    )
     assert not report.left
 
 

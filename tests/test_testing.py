@@ -1,4 +1,5 @@
 """The tolerance helper must be able to fail: NaN, a wrong element, a wrong shape."""
+
 import pytest
 import torch
 
@@ -37,7 +38,7 @@ def test_shape_mismatch_fails():
 # just outside fails. float64 outputs, so the errors placed here are the errors measured.
 def near_bound(relative, base_err=3e-4, factor=2.0, floor=1e-6):
     """compare() of an output whose one error is `relative` times the bound, and that bound."""
-    ref = 1.5 + torch.rand(64, dtype=torch.float64)         # max |oracle| in [1.5, 2.5): the floor scales
+    ref = 1.5 + torch.rand(64, dtype=torch.float64)  # max |oracle| in [1.5, 2.5): the floor scales
     base, out = ref.clone(), ref.clone()
     base[7] += base_err
     bound = factor * base_err + floor * ref.abs().max().item()
@@ -59,9 +60,9 @@ def test_just_outside_the_bound_fails(factor):
 
 
 def test_default_floor_per_dtype_without_baseline():
-    ref = torch.full((4,), 3.0, dtype=torch.float64)              # floor scales by max |oracle| = 3
-    assert compare(ref + 2.9e-3, ref).ok is False                  # float64 out: floor 1e-12
-    out = (ref + 2.9e-3).half()                                   # fp16: floor 1e-3 * 3
+    ref = torch.full((4,), 3.0, dtype=torch.float64)  # floor scales by max |oracle| = 3
+    assert compare(ref + 2.9e-3, ref).ok is False  # float64 out: floor 1e-12
+    out = (ref + 2.9e-3).half()  # fp16: floor 1e-3 * 3
     assert compare(out, ref).bound == pytest.approx(3e-3) and compare(out, ref).ok
     assert not compare((ref + 4e-3).half(), ref).ok
 
@@ -79,16 +80,16 @@ def test_nan_in_the_oracle_or_the_baseline_fails():
     ref = torch.randn(8, dtype=torch.float64)
     bad_ref = ref.clone()
     bad_ref[2] = float("nan")
-    assert not compare(ref.float(), bad_ref, ref.float()).ok       # NaN expected: never "close"
+    assert not compare(ref.float(), bad_ref, ref.float()).ok  # NaN expected: never "close"
     bad_base = ref.float().clone()
     bad_base[2] = float("nan")
-    assert not compare(ref.float(), ref, bad_base).ok             # a NaN baseline must not loosen the bound
+    assert not compare(ref.float(), ref, bad_base).ok  # a NaN baseline must not loosen the bound
 
 
 def test_baseline_shape_mismatch_fails():
     ref = torch.randn(4, 5, dtype=torch.float64)
     with pytest.raises(AssertionError, match=r"baseline: shape \(1, 5\) != oracle shape \(4, 5\)"):
-        assert_close(ref.float(), ref, ref[:1].float())          # would broadcast
+        assert_close(ref.float(), ref, ref[:1].float())  # would broadcast
 
 
 def test_output_shape_mismatch_names_both_shapes():

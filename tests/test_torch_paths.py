@@ -1,6 +1,7 @@
 """The torch paths of the attention ops against the float64 oracle, with arguments the model tests
 leave at their defaults (a scale other than head_dim ** -0.5). The baseline is the oracle's own code
 run at the input dtype, never the path under test."""
+
 import pytest
 import torch
 
@@ -21,7 +22,7 @@ def test_flash_attention_torch_path(scale):
 @pytest.mark.parametrize("norm", [False, True])
 def test_qkv_attention_torch_path(scale, norm):
     x = torch.randn(2, 11, 32)
-    w = torch.randn(96, 32) * 32 ** -0.5
+    w = torch.randn(96, 32) * 32**-0.5
     b = torch.randn(96) * 0.1
     nw = 1 + 0.1 * torch.randn(32) if norm else None
     nb = 0.1 * torch.randn(32) if norm else None

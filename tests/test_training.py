@@ -5,6 +5,7 @@ its unfused PyTorch code and says so: a Decision with path "unfused" and the rea
 bypassed (last_decision / record_decisions) and one INFO line; in eval mode, or with p = 0, the
 fused ops run. Autocast: the fused ops run at the autocast dtype, on the backend asked for.
 """
+
 import logging
 
 import pytest
@@ -26,11 +27,15 @@ def _mlp(drop, backend="torch"):
     return FusedMlp(32, 64, drop=drop, backend=backend).to(DEVICE)
 
 
-@pytest.mark.parametrize("make, ops", [
-    (lambda: _attention(0.25, 0.0), ("qkv_attention", "linear")),
-    (lambda: _attention(0.0, 0.25), ("qkv_attention", "linear")),
-    (lambda: _mlp(0.25), ("layernorm_gelu_mlp",)),
-], ids=["attn_drop", "proj_drop", "mlp_drop"])
+@pytest.mark.parametrize(
+    "make, ops",
+    [
+        (lambda: _attention(0.25, 0.0), ("qkv_attention", "linear")),
+        (lambda: _attention(0.0, 0.25), ("qkv_attention", "linear")),
+        (lambda: _mlp(0.25), ("layernorm_gelu_mlp",)),
+    ],
+    ids=["attn_drop", "proj_drop", "mlp_drop"],
+)
 def test_dropout_in_training_is_reported_unfused(make, ops, caplog):
     m = make().train()
     x = torch.randn(2, 9, 32, device=DEVICE)
@@ -42,9 +47,9 @@ def test_dropout_in_training_is_reported_unfused(make, ops, caplog):
         assert "dropout is active in training" in d.reasons["fused"], d
         assert vk.last_decision(d.op) == d
     assert any("unfused" in r.getMessage() and "dropout" in r.getMessage() for r in caplog.records), caplog.text
-    b = m(x)   # dropout is applied: two calls draw different masks
+    b = m(x)  # dropout is applied: two calls draw different masks
     assert not torch.equal(a, b)
-    m.eval()   # eval: dropout is identity, the fused ops run
+    m.eval()  # eval: dropout is identity, the fused ops run
     with vk.record_decisions() as calls:
         c = m(x)
     assert [d.op for d in calls] == list(ops) and all(d.path != "unfused" for d in calls), calls
@@ -66,7 +71,7 @@ def test_dropout_keep_rate_of_unfused_path():
     p, n = 0.3, 64 * 17 * 32
     m = _attention(0.0, p).train()
     with torch.no_grad():
-        m.proj.bias.fill_(1.0)   # no element of the branch is zero before dropout
+        m.proj.bias.fill_(1.0)  # no element of the branch is zero before dropout
         x = torch.randn(64, 17, 32, device=DEVICE)
         branch = m(x) - x
     dropped = (branch == 0).float().mean().item()
@@ -75,14 +80,15 @@ def test_dropout_keep_rate_of_unfused_path():
 
 def test_swap_dropout_in_training_is_reported_unfused():
     timm = pytest.importorskip("timm")
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, drop_rate=0.1, proj_drop_rate=0.1,
-                              num_classes=10).to(DEVICE)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, depth=1, drop_rate=0.1, proj_drop_rate=0.1, num_classes=10
+    ).to(DEVICE)
     vk.fuse(model, backend="torch")
     model.train()
     with vk.record_decisions() as calls:
         model(torch.randn(2, 3, 32, 32, device=DEVICE))
     unfused = {d.op: d for d in calls if d.path == "unfused"}
-    assert set(unfused) == {"qkv_attention", "layernorm_gelu_mlp"}, calls   # one op names each part
+    assert set(unfused) == {"qkv_attention", "layernorm_gelu_mlp"}, calls  # one op names each part
     assert all(d.backend == "original" and "dropout is active" in d.reasons["fused"] for d in unfused.values())
     model.eval()
     with vk.record_decisions() as calls:
@@ -92,6 +98,7 @@ def test_swap_dropout_in_training_is_reported_unfused():
 
 def _cast_copy(module, dtype):
     import copy
+
     return copy.deepcopy(module).to(dtype)
 
 

@@ -1,4 +1,5 @@
 """The Triton flash attention kernel against the float64 oracle (interpreter on CPU, or a GPU)."""
+
 import inspect
 import itertools
 import os
@@ -29,8 +30,10 @@ DEFAULT_CASES = [
     (3, 2, 50, 72, "fp32"),
     (1, 2, 197, 64, "fp32"),
 ]
-SLOW_CASES = [(b, 2, n, d, dt) for b, n, d, dt in itertools.product(
-    (1, 3), (1, 50, 197, 257, 577, 1025), (16, 64, 72, 80, 128, 256), DTYPES)]
+SLOW_CASES = [
+    (b, 2, n, d, dt)
+    for b, n, d, dt in itertools.product((1, 3), (1, 50, 197, 257, 577, 1025), (16, 64, 72, 80, 128, 256), DTYPES)
+]
 
 
 def make_qkv(B, H, N, D, dtype, n_kv=None):
@@ -54,7 +57,7 @@ def check_attention(q, k, v, scale=None, out=None):
     c = assert_close(got, oracle, baseline)
     s = (q.double() @ k.double().transpose(-2, -1)) * scale
     assert_close(lse, torch.logsumexp(s, dim=-1), floor=1e-5, name="lse")
-    if q.dtype == torch.float32:   # fp32 must be accurate to 1e-4 relative to float64
+    if q.dtype == torch.float32:  # fp32 must be accurate to 1e-4 relative to float64
         assert c.max_abs_err <= 1e-4 * oracle.abs().max().item(), str(c)
     return got
 
@@ -88,16 +91,18 @@ def test_flash_attention_strided_inputs_and_output():
     buf = torch.full((B, N, H * D), float("nan"), dtype=torch.float16, device=DEVICE)
     check_attention(q, k, v, out=buf.view(B, N, H, D).transpose(1, 2))
     oracle = reference.flash_attention(q.double(), k.double(), v.double())
-    assert_close(buf, oracle.transpose(1, 2).reshape(B, N, H * D),
-                 reference.flash_attention(q, k, v).transpose(1, 2).reshape(B, N, H * D))
+    assert_close(
+        buf,
+        oracle.transpose(1, 2).reshape(B, N, H * D),
+        reference.flash_attention(q, k, v).transpose(1, 2).reshape(B, N, H * D),
+    )
 
 
 def test_flash_attention_op_dispatches_to_triton():
     q, k, v = make_qkv(1, 2, 50, 64, torch.float32)
     out = vk.flash_attention(q, k, v, backend="triton")
     assert vk.last_decision("flash_attention").backend == "triton"
-    assert_close(out, reference.flash_attention(q.double(), k.double(), v.double()),
-                 reference.flash_attention(q, k, v))
+    assert_close(out, reference.flash_attention(q.double(), k.double(), v.double()), reference.flash_attention(q, k, v))
 
 
 def test_flash_attention_bad_input_before_launch():
@@ -112,8 +117,11 @@ def test_flash_attention_bad_input_before_launch():
         attention.flash_attention_forward(q, q[:, :, :0], q[:, :, :0], 1.0)
     storage = torch.randn(1 * 2 * 5 * 68, device=DEVICE)
     misaligned = storage.as_strided((1, 2, 5, 64), (2 * 5 * 68, 5 * 68, 68, 1), 4)
-    with pytest.raises(ValueError, match=r"k: expected a 16-byte aligned data pointer and strides that are "
-                                         r"multiples of 8"):
+    with pytest.raises(
+        ValueError,
+        match=r"k: expected a 16-byte aligned data pointer and strides that are "
+        r"multiples of 8",
+    ):
         attention.flash_attention_forward(q, misaligned, q, 1.0)
     with pytest.raises(ValueError, match=r"out: expected shape \(1, 2, 5, 64\)"):
         attention.flash_attention_forward(q, q, q, 1.0, out=torch.empty(1, 2, 6, 64, device=DEVICE))
@@ -128,7 +136,7 @@ def test_fp32_dot_precision_is_explicit():
     spec = attention.aot_spec(torch.float32, 64)
     assert spec.constexprs["INPUT_PRECISION"] == attention.FP32_DOT_PRECISION
     src = inspect.getsource(attention)
-    assert src.count("input_precision=INPUT_PRECISION") == src.count("tl.dot(") == 4   # 2 products x 2 head-dim chunks
+    assert src.count("input_precision=INPUT_PRECISION") == src.count("tl.dot(") == 4  # 2 products x 2 head-dim chunks
 
 
 def compile_ttir(module: str, spec_expr: str, arch: int = 90) -> str:
@@ -154,13 +162,14 @@ def stride_args_widened(ttir: str, names) -> None:
     """Every use of each i32 stride argument in the TTIR must be a widening to i64, so that
     index * stride products cannot overflow (batch * heads * tokens * head_dim > 2**31)."""
     import re
+
     for name in names:
-        uses = [line.strip() for line in ttir.splitlines()
-                if re.search(rf"%{name}\b", line) and "tt.func" not in line]
+        uses = [line.strip() for line in ttir.splitlines() if re.search(rf"%{name}\b", line) and "tt.func" not in line]
         assert uses, f"{name} is never used in the TTIR"
         for use in uses:
-            assert re.search(rf"arith.extsi %{name}\b.*: i32 to i64", use), \
+            assert re.search(rf"arith.extsi %{name}\b.*: i32 to i64", use), (
                 f"{name} is used without widening to i64: {use}"
+            )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -168,6 +177,6 @@ def test_aot_ttir_int64_offsets_and_fp32_precision(dtype):
     ttir = compile_ttir("vit_kernels.triton.attention", f"m.aot_spec(torch.{str(dtype)[6:]}, 80, True)")
     stride_args_widened(ttir, [f"stride_{t}{s}" for t in "qkvo" for s in "bhn"])
     dots = [line for line in ttir.splitlines() if "tt.dot" in line]
-    assert len(dots) == (2 if dtype == torch.float32 else 4)   # float16 at head_dim 80: 64 + 16, two dots each
+    assert len(dots) == (2 if dtype == torch.float32 else 4)  # float16 at head_dim 80: 64 + 16, two dots each
     if dtype == torch.float32:
         assert all("inputPrecision = tf32x3" in line for line in dots), dots

@@ -6,6 +6,7 @@ of the tile (3 x 197 rows), the ViT (N, K) classes at small dims; LayerNorm fold
 ordinary rows and on rows that make the fold cancel. Ahead of time for sm_90: each config's machine
 code has wgmma and bulk tensor copies, no spills, and fits its intended blocks per SM.
 """
+
 import json
 import os
 import subprocess
@@ -45,8 +46,11 @@ def dense_reference(x, w, b, nw, nb, eps, act, res, ls):
     """(oracle in float64, plain PyTorch at x's dtype) of [LN ->] linear [-> GELU] [* ls] [+ res]."""
     outs = []
     for f in (d64, lambda t: t):
-        h = x if nw is None else (R.layer_norm(f(x), f(nw), f(nb), eps) if f is d64
-                                  else F.layer_norm(x, (x.shape[-1],), nw, nb, eps))
+        h = (
+            x
+            if nw is None
+            else (R.layer_norm(f(x), f(nw), f(nb), eps) if f is d64 else F.layer_norm(x, (x.shape[-1],), nw, nb, eps))
+        )
         h = f(h)
         y = F.linear(h, f(w), f(b))
         if act != "none":
@@ -63,13 +67,15 @@ def dense_reference(x, w, b, nw, nb, eps, act, res, ls):
 # dense_forward / linear_forward over the configs, the ViT classes and the epilogues
 
 # (rows per batch T, batch, K, N): the four ViT classes at dim 64 (and 96 for odd tile coverage).
-CLASS_SHAPES = {"qkv": (197, 3, 64, 192), "proj": (197, 3, 96, 96), "fc1": (197, 3, 64, 256),
-                "fc2": (197, 3, 256, 64)}
+CLASS_SHAPES = {"qkv": (197, 3, 64, 192), "proj": (197, 3, 96, 96), "fc1": (197, 3, 64, 256), "fc2": (197, 3, 256, 64)}
 # epilogue name -> (bias, act, residual, layer scale, LayerNorm)
 EPILOGUES = {
-    "plain": (False, "none", False, False, None), "bias": (True, "none", False, False, None),
-    "bias+res": (True, "none", True, False, None), "bias+res+ls": (True, "none", True, True, None),
-    "gelu_erf": (True, "erf", False, False, None), "gelu_tanh": (True, "tanh", False, False, None),
+    "plain": (False, "none", False, False, None),
+    "bias": (True, "none", False, False, None),
+    "bias+res": (True, "none", True, False, None),
+    "bias+res+ls": (True, "none", True, True, None),
+    "gelu_erf": (True, "erf", False, False, None),
+    "gelu_tanh": (True, "tanh", False, False, None),
     "ln+gelu_erf": (True, "erf", False, False, "affine"),
     "ln_weight_only+gelu_tanh": (True, "tanh", False, False, "weight"),
     "ln_nobias": (False, "none", False, False, "affine"),
@@ -79,15 +85,26 @@ EPILOGUES = {
 def check_dense(T, B, K, N, dtype, epilogue, config):
     has_bias, act, has_res, has_ls, norm = EPILOGUES[epilogue]
     x = randn(B, T, K, dtype=dtype, scale=1.5, shift=0.3)
-    w = randn(N, K, dtype=dtype, scale=K ** -0.5)
+    w = randn(N, K, dtype=dtype, scale=K**-0.5)
     b = randn(N, dtype=dtype) if has_bias else None
     res = randn(B, T, N, dtype=dtype) if has_res else None
     ls = randn(N, dtype=dtype, scale=0.5) if has_ls else None
     nw = randn(K, dtype=dtype, scale=0.5, shift=1.0) if norm else None
     nb = randn(K, dtype=dtype, scale=0.5) if norm == "affine" else None
     out = nan_like((B, T, N), dtype)
-    got = G.dense_forward(x, w, b, norm_weight=nw, norm_bias=nb, eps=1e-6, act=ACTS[act], residual=res,
-                          layer_scale=ls, out=out, config=config)
+    got = G.dense_forward(
+        x,
+        w,
+        b,
+        norm_weight=nw,
+        norm_bias=nb,
+        eps=1e-6,
+        act=ACTS[act],
+        residual=res,
+        layer_scale=ls,
+        out=out,
+        config=config,
+    )
     assert got is out
     if norm:
         assert G.last_ln_route() == "epilogue"
@@ -125,9 +142,9 @@ def test_dense_full(cls, config, epilogue, dtype):
 
 def test_small_and_ragged_shapes():
     """One row, M < BLOCK_M, and N, K that are not multiples of the tile (edges zero-filled / clipped)."""
-    for (B, T, K, N) in [(1, 1, 64, 192), (1, 50, 72, 200), (2, 7, 200, 40)]:
+    for B, T, K, N in [(1, 1, 64, 192), (1, 50, 72, 200), (2, 7, 200, 40)]:
         x = randn(B, T, K, dtype=torch.float16)
-        w = randn(N, K, dtype=torch.float16, scale=K ** -0.5)
+        w = randn(N, K, dtype=torch.float16, scale=K**-0.5)
         b = randn(N, dtype=torch.float16)
         for config in (G.CONFIGS[0], G.CONFIGS[3]):
             got = G.linear_forward(x, w, b, out=nan_like((B, T, N), torch.float16), config=config)
@@ -139,11 +156,10 @@ def test_strided_rows_and_residual():
     token-major residual read through its strides."""
     dtype = torch.bfloat16
     big = randn(3, 50, 256, dtype=dtype)
-    x = big[:, :, 64:64 + 128]
+    x = big[:, :, 64 : 64 + 128]
     res = randn(50, 3, 96, dtype=dtype).transpose(0, 1)
     w, b, ls = randn(96, 128, dtype=dtype, scale=0.09), randn(96, dtype=dtype), randn(96, dtype=dtype)
-    got = G.linear_forward(x, w, b, residual=res, layer_scale=ls, out=nan_like((3, 50, 96), dtype),
-                           config=G.CONFIGS[2])
+    got = G.linear_forward(x, w, b, residual=res, layer_scale=ls, out=nan_like((3, 50, 96), dtype), config=G.CONFIGS[2])
     oracle, base = dense_reference(x, w, b, None, None, 0, "none", res, ls)
     assert_close(got, oracle, base)
 
@@ -151,29 +167,36 @@ def test_strided_rows_and_residual():
 # ---------------------------------------------------------------------------------------------
 # qkv_projection_forward
 
+
 def qkv_check(B, N, H, hd, dtype, has_bias, norm, config):
     dim = H * hd
     x = randn(B, N, dim, dtype=dtype, scale=2.0, shift=0.5)
-    w = randn(3 * dim, dim, dtype=dtype, scale=dim ** -0.5)
+    w = randn(3 * dim, dim, dtype=dtype, scale=dim**-0.5)
     b = randn(3 * dim, dtype=dtype) if has_bias else None
     nw = randn(dim, dtype=dtype, scale=0.5, shift=1.0) if norm else None
     nb = randn(dim, dtype=dtype) if norm == "affine" else None
-    scale = hd ** -0.5
+    scale = hd**-0.5
     out = nan_like((3, B, H, N, hd), dtype)
-    got = G.qkv_projection_forward(x, w, b, num_heads=H, scale=scale, norm_weight=nw, norm_bias=nb, eps=1e-6,
-                                   out=out, config=config)
+    got = G.qkv_projection_forward(
+        x, w, b, num_heads=H, scale=scale, norm_weight=nw, norm_bias=nb, eps=1e-6, out=out, config=config
+    )
     assert got is out
     oracle, base = dense_reference(x, w, b, nw, nb, 1e-6, "none", None, None)
 
     def split(y):
         y = y.reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)
         return torch.cat([y[:1] * scale, y[1:]])
+
     assert_close(got, split(oracle), split(base))
 
 
 # (batch, tokens, heads, head_dim, norm, config index)
-QKV_CASES = [(3, 197, 2, 32, None, 0), (2, 197, 1, 64, "affine", 1), (1, 50, 2, 40, "weight", 2),
-             (3, 197, 2, 32, "affine", 3)]
+QKV_CASES = [
+    (3, 197, 2, 32, None, 0),
+    (2, 197, 1, 64, "affine", 1),
+    (1, 50, 2, 40, "weight", 2),
+    (3, 197, 2, 32, "affine", 3),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -186,15 +209,16 @@ def test_qkv_projection(case, dtype):
 # ---------------------------------------------------------------------------------------------
 # LayerNorm folded: rows that cancel
 
+
 def adversarial_rows(B, T, K, dtype):
     """Rows whose mean is large against their spread (|mean| * rstd up to ~1e6: a row whose values all
     round to the same number has rstd = 1/sqrt(eps)), some with outlier channels, mixed with ordinary rows."""
     g = torch.randn(B, T, K, device=DEVICE)
     r = torch.arange(B * T, device=DEVICE)
     mean = torch.tensor([0.0, 40.0, -300.0, 1000.0, 3000.0], device=DEVICE)[r % 5]
-    spread = torch.tensor([1.0, 0.3, 0.02], device=DEVICE)[r % 3]   # 0.02 at 1000: a row of one or two values
+    spread = torch.tensor([1.0, 0.3, 0.02], device=DEVICE)[r % 3]  # 0.02 at 1000: a row of one or two values
     x = mean.view(B, T, 1) + spread.view(B, T, 1) * g
-    x[:, ::5, 7] += 60.0 * spread.view(B, T)[:, ::5]      # outlier channels
+    x[:, ::5, 7] += 60.0 * spread.view(B, T)[:, ::5]  # outlier channels
     x[:, 1::7, -3] -= 90.0 * spread.view(B, T)[:, 1::7]
     return x.to(dtype)
 
@@ -202,7 +226,7 @@ def adversarial_rows(B, T, K, dtype):
 def cancelling_case(dtype):
     B, T, K, N = 2, 60, 256, 128
     x = adversarial_rows(B, T, K, dtype)
-    w = randn(N, K, dtype=dtype, scale=K ** -0.5)
+    w = randn(N, K, dtype=dtype, scale=K**-0.5)
     b = randn(N, dtype=dtype)
     nw, nb = randn(K, dtype=dtype, scale=0.3, shift=1.0), randn(K, dtype=dtype)
     oracle, base = dense_reference(x, w, b, nw, nb, 1e-6, "erf", None, None)
@@ -214,8 +238,9 @@ def test_layernorm_fold_exact_on_cancelling_rows(dtype):
     """The rows are detected (|mean| * rstd past ln_cancel_threshold), their row tiles centred in the kernel, and the
     result meets the tolerance rule."""
     (x, w, b, nw, nb), shape, oracle, base = cancelling_case(dtype)
-    got = G.dense_forward(x, w, b, norm_weight=nw, norm_bias=nb, act=G.ACT_GELU_ERF,
-                          out=nan_like(shape, dtype), config=G.CONFIGS[4])
+    got = G.dense_forward(
+        x, w, b, norm_weight=nw, norm_bias=nb, act=G.ACT_GELU_ERF, out=nan_like(shape, dtype), config=G.CONFIGS[4]
+    )
     assert G.last_ln_route().startswith("centred:"), G.last_ln_route()
     assert_close(got, oracle, base)
 
@@ -226,8 +251,16 @@ def test_layernorm_fold_without_detection_is_wrong(monkeypatch):
     interpreter's fp32 sums do not always show it; float16 rows do.)"""
     (x, w, b, nw, nb), shape, oracle, base = cancelling_case(torch.float16)
     monkeypatch.setattr(G, "ln_cancel_threshold", lambda K, dtype: float("inf"))
-    raw = G.dense_forward(x, w, b, norm_weight=nw, norm_bias=nb, act=G.ACT_GELU_ERF,
-                          out=nan_like(shape, torch.float16), config=G.CONFIGS[4])
+    raw = G.dense_forward(
+        x,
+        w,
+        b,
+        norm_weight=nw,
+        norm_bias=nb,
+        act=G.ACT_GELU_ERF,
+        out=nan_like(shape, torch.float16),
+        config=G.CONFIGS[4],
+    )
     assert G.last_ln_route() == "epilogue"
     assert not compare(raw, oracle, base).ok
 
@@ -237,16 +270,26 @@ def test_layernorm_fold_qkv_cancelling_rows():
     B, T, H, hd = 2, 30, 2, 64
     dim = H * hd
     x = adversarial_rows(B, T, dim, dtype)
-    w, b = randn(3 * dim, dim, dtype=dtype, scale=dim ** -0.5), randn(3 * dim, dtype=dtype)
+    w, b = randn(3 * dim, dim, dtype=dtype, scale=dim**-0.5), randn(3 * dim, dtype=dtype)
     nw, nb = randn(dim, dtype=dtype, shift=1.0), randn(dim, dtype=dtype)
-    got = G.qkv_projection_forward(x, w, b, num_heads=H, scale=0.125, norm_weight=nw, norm_bias=nb,
-                                   out=nan_like((3, B, H, T, hd), dtype), config=G.CONFIGS[1])
+    got = G.qkv_projection_forward(
+        x,
+        w,
+        b,
+        num_heads=H,
+        scale=0.125,
+        norm_weight=nw,
+        norm_bias=nb,
+        out=nan_like((3, B, H, T, hd), dtype),
+        config=G.CONFIGS[1],
+    )
     assert G.last_ln_route().startswith("centred:")
     oracle, base = dense_reference(x, w, b, nw, nb, 1e-6, "none", None, None)
 
     def split(y):
         y = y.reshape(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)
         return torch.cat([y[:1] * 0.125, y[1:]])
+
     assert_close(got, split(oracle), split(base))
 
 
@@ -259,10 +302,12 @@ def test_layernorm_forward_reads_nothing_back(monkeypatch):
 
     def no_readback(*args, **kwargs):
         raise AssertionError("a tensor value was read on the host during the forward")
+
     with monkeypatch.context() as m:
         for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy"):
             m.setattr(torch.Tensor, name, no_readback)
         import vit_kernels.triton.interpreter  # noqa: F401  (its probes run once, before the check)
+
         G.dense_forward(x, w, b, norm_weight=nw, norm_bias=nb, act=G.ACT_GELU_ERF, out=out, config=G.CONFIGS[4])
     assert G.last_ln_route().startswith("centred:")
     assert_close(out, oracle, base)
@@ -273,7 +318,7 @@ def test_layernorm_forward_no_sync_on_gpu():
     """The same on a GPU: CUDA's sync debug mode turns any synchronizing call in the forward into an error."""
     (x, w, b, nw, nb), shape, _, _ = cancelling_case(torch.float16)
     args = [t.cuda() for t in (x, w, b, nw, nb)]
-    G.dense_forward(*args[:3], norm_weight=args[3], norm_bias=args[4], config=G.CONFIGS[4])   # compile, fold
+    G.dense_forward(*args[:3], norm_weight=args[3], norm_bias=args[4], config=G.CONFIGS[4])  # compile, fold
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -292,10 +337,9 @@ def test_layernorm_fold_just_below_threshold(dtype):
     g = (g - g.mean(-1, keepdim=True)) / g.std(-1, unbiased=False, keepdim=True)
     sign = torch.where(torch.arange(T, device=DEVICE) % 2 == 0, 1.0, -1.0).view(1, T, 1)
     x = (sign * 0.9 * tau + g).to(dtype)
-    w, b = randn(N, K, dtype=dtype, scale=K ** -0.5), randn(N, dtype=dtype)
+    w, b = randn(N, K, dtype=dtype, scale=K**-0.5), randn(N, dtype=dtype)
     nw, nb = randn(K, dtype=dtype, scale=0.3, shift=1.0), randn(K, dtype=dtype)
-    got = G.dense_forward(x, w, b, norm_weight=nw, norm_bias=nb, out=nan_like((B, T, N), dtype),
-                          config=G.CONFIGS[4])
+    got = G.dense_forward(x, w, b, norm_weight=nw, norm_bias=nb, out=nan_like((B, T, N), dtype), config=G.CONFIGS[4])
     assert G.last_ln_route() == "epilogue"
     oracle, base = dense_reference(x, w, b, nw, nb, 1e-6, "none", None, None)
     assert_close(got, oracle, base)
@@ -312,13 +356,13 @@ def test_fold_cache_keyed_on_version():
     nw, nb = randn(32, dtype=dtype), randn(32, dtype=dtype)
     f1 = G.fold_layernorm(w, b, nw, nb)
     assert G.fold_layernorm(w, b, nw, nb) is f1
-    nw.mul_(2)                                # in place: the version counter moves
+    nw.mul_(2)  # in place: the version counter moves
     f2 = G.fold_layernorm(w, b, nw, nb)
     assert f2 is not f1
     torch.testing.assert_close(f2.weight, (w.float() * nw.float()).to(dtype))
     torch.testing.assert_close(f2.colsum, f2.weight.double().sum(1).float())
     torch.testing.assert_close(f2.bias, (b.double() + w.double() @ nb.double()).float())
-    w2 = w.clone()                            # another tensor: never served from w's entry
+    w2 = w.clone()  # another tensor: never served from w's entry
     assert G.fold_layernorm(w2, b, nw, nb) is not f2
 
 
@@ -326,26 +370,29 @@ def test_fold_cache_is_bounded(monkeypatch):
     """Entries of dead parameters go at the next insert; past FOLD_CACHE_SIZE the least recently used goes."""
     import collections
     import gc
+
     monkeypatch.setattr(G, "_FOLD_CACHE", collections.OrderedDict())
     monkeypatch.setattr(G, "FOLD_CACHE_SIZE", 3)
     nw = randn(16, dtype=torch.float16)
     ws = [randn(8, 16, dtype=torch.float16) for _ in range(4)]
     folds = [G.fold_layernorm(w, None, nw, None) for w in ws[:3]]
-    assert G.fold_layernorm(ws[0], None, nw, None) is folds[0]      # hit: ws[0] is now the most recent
-    G.fold_layernorm(ws[3], None, nw, None)                          # over the bound: ws[1] (oldest) goes
+    assert G.fold_layernorm(ws[0], None, nw, None) is folds[0]  # hit: ws[0] is now the most recent
+    G.fold_layernorm(ws[3], None, nw, None)  # over the bound: ws[1] (oldest) goes
     assert len(G._FOLD_CACHE) == 3
     assert G.fold_layernorm(ws[0], None, nw, None) is folds[0]
     assert G.fold_layernorm(ws[2], None, nw, None) is folds[2]
     del ws[3]
     gc.collect()
     w_new = randn(8, 16, dtype=torch.float16)
-    G.fold_layernorm(w_new, None, nw, None)                           # the dead entry is dropped
-    assert len(G._FOLD_CACHE) == 3 and all(r() is not None for rs, _, _ in G._FOLD_CACHE.values()
-                                           for r in rs if r is not None)
+    G.fold_layernorm(w_new, None, nw, None)  # the dead entry is dropped
+    assert len(G._FOLD_CACHE) == 3 and all(
+        r() is not None for rs, _, _ in G._FOLD_CACHE.values() for r in rs if r is not None
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # What TMA refuses, before any launch
+
 
 def test_refusals():
     w = randn(64, 64, dtype=torch.float16)
@@ -407,15 +454,16 @@ _AOT_SCRIPT = textwrap.dedent("""
 
 def _aot(which):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, which], capture_output=True, text=True, env=env,
-                       timeout=3000)
+    r = subprocess.run(
+        [sys.executable, "-c", _AOT_SCRIPT, which], capture_output=True, text=True, env=env, timeout=3000
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(ln) for ln in r.stdout.splitlines()]
     assert rows
     for row in rows:
         assert row["wgmma"] and row["tc"] == ["HGMMA"], row
         assert row["tma_load"], row
-        assert row["tma_store"] == ("OUT_MODE=1" not in row["config"]), row   # the head split stores by pointers
+        assert row["tma_store"] == ("OUT_MODE=1" not in row["config"]), row  # the head split stores by pointers
         assert row["spill"] == 0, row
         # sm_90: shared memory per block and per SM (1 KB reserved per block), registers per SM (vit_kernels.arch)
         assert row["shared"] <= arch.SHARED_PER_BLOCK[90], row
@@ -438,9 +486,9 @@ def test_aot_sm90_every_spec():
 def test_single_token_rows_with_odd_strides():
     """x and out of shape (B, 1, dim) cut from wider tensors: the row stride comes from the batch dim."""
     dtype = torch.float16
-    x = randn(4, 5, 64, dtype=dtype)[:, 2:3]                 # strides (320, 64, 1)
+    x = randn(4, 5, 64, dtype=dtype)[:, 2:3]  # strides (320, 64, 1)
     out_big = nan_like((4, 3, 48), dtype)
-    out = out_big[:, 1:2]                                    # strides (144, 48, 1), offset 48 elements
+    out = out_big[:, 1:2]  # strides (144, 48, 1), offset 48 elements
     w, b = randn(48, 64, dtype=dtype, scale=0.125), randn(48, dtype=dtype)
     got = G.linear_forward(x, w, b, out=out, config=G.CONFIGS[4])
     assert got is out

@@ -2,6 +2,7 @@
 candidate wins, dropped candidates and their reasons, the cache (memory, file, versions, a
 corrupt file), threads, and the tune mode. The candidates really run (Triton's interpreter on the
 CPU) and are checked against the float64 oracle; only the clock is fake."""
+
 import copy
 import dataclasses
 import json
@@ -33,7 +34,7 @@ class FakeTimer:
         self.lock = threading.Lock()
 
     def __call__(self, candidate, fn):
-        fn()   # the candidate runs, as it would be timed
+        fn()  # the candidate runs, as it would be timed
         with self.lock:
             self.calls.append(candidate.name)
         return self.ms.get(candidate.name, self.default)
@@ -46,25 +47,35 @@ def no_cuda(op, facts, available, device_type):
 
 def make_tuner(timer, path=None, versions=VERSIONS, candidate_list=no_cuda):
     """A tuner that treats this device (CPU tensors, Triton's interpreter) as a tunable sm_90 GPU."""
-    return Tuner(timer=timer, tunable=lambda device: None, device_facts=lambda device: ("fake-gpu", ARCH),
-                 versions=versions, path=path, candidate_list=candidate_list)
+    return Tuner(
+        timer=timer,
+        tunable=lambda device: None,
+        device_facts=lambda device: ("fake-gpu", ARCH),
+        versions=versions,
+        path=path,
+        candidate_list=candidate_list,
+    )
 
 
 def linear_args(dtype=torch.float32):
     x = torch.randn(2, 8, 32, dtype=dtype, device=DEVICE)
-    w = torch.randn(48, 32, dtype=dtype, device=DEVICE) * 32 ** -0.5
+    w = torch.randn(48, 32, dtype=dtype, device=DEVICE) * 32**-0.5
     b = torch.randn(48, dtype=dtype, device=DEVICE)
     r = torch.randn(2, 8, 48, dtype=dtype, device=DEVICE)
     return x, w, b, r
 
 
 def check_linear(out, x, w, b, r):
-    assert_close(out, reference.linear(x.double(), w.double(), b.double(), residual=r.double()),
-                 torch.nn.functional.linear(x, w, b) + r)
+    assert_close(
+        out,
+        reference.linear(x.double(), w.double(), b.double(), residual=r.double()),
+        torch.nn.functional.linear(x, w, b) + r,
+    )
 
 
 def gemm_alt(dtype=torch.float32):
     from vit_kernels.triton import gemm
+
     return gemm.tune_configs(dtype, ARCH)[0]
 
 
@@ -102,14 +113,16 @@ def test_copied_parameters_reach_every_candidate_once(monkeypatch):
     """A strided bias / layer_scale is copied once per call, before tuning: every candidate (and the
     launch of the winner) receives that one contiguous copy; the fused decision lists it."""
     import importlib
-    linear_op = importlib.import_module("vit_kernels.ops.linear")   # the module (vk.ops.linear is the op)
+
+    linear_op = importlib.import_module("vit_kernels.ops.linear")  # the module (vk.ops.linear is the op)
     seen = []
     real = linear_op._launch
 
     def spy(d, x, weight, bias, residual, layer_scale):
-        if d.backend != "reference":   # the oracle gets float64 copies of everything
+        if d.backend != "reference":  # the oracle gets float64 copies of everything
             seen.append((d.backend, bias, layer_scale))
         return real(d, x, weight, bias, residual, layer_scale)
+
     monkeypatch.setattr(linear_op, "_launch", spy)
     x, w, _, r = linear_args()
     b = torch.randn(96, device=DEVICE)[::2]
@@ -123,9 +136,11 @@ def test_copied_parameters_reach_every_candidate_once(monkeypatch):
     assert len(seen) > 2 and {be for be, _, _ in seen} >= {"torch", "triton"}
     assert all(sb is seen[0][1] and sl is seen[0][2] for _, sb, sl in seen)
     assert seen[0][1].is_contiguous() and seen[0][2].is_contiguous()
-    assert_close(out, reference.linear(x.double(), w.double(), b.double(), residual=r.double(),
-                                       layer_scale=ls.double()),
-                 torch.nn.functional.linear(x, w, b) * ls + r)
+    assert_close(
+        out,
+        reference.linear(x.double(), w.double(), b.double(), residual=r.double(), layer_scale=ls.double()),
+        torch.nn.functional.linear(x, w, b) * ls + r,
+    )
 
 
 def test_zero_rows_time_nothing():
@@ -148,20 +163,27 @@ def paths_only(op, facts, available, device_type):
 def test_qkv_attention_single_kernel_only_by_measurement():
     """The single kernel runs under auto only when it measured fastest; otherwise split or torch."""
     x = torch.randn(1, 16, 32, device=DEVICE)
-    w = torch.randn(96, 32, device=DEVICE) * 32 ** -0.5
+    w = torch.randn(96, 32, device=DEVICE) * 32**-0.5
     nw, nb = 1 + 0.1 * torch.randn(32, device=DEVICE), 0.1 * torch.randn(32, device=DEVICE)
-    oracle = reference.qkv_attention(x.double(), w.double(), num_heads=2, norm_weight=nw.double(),
-                                     norm_bias=nb.double())
-    for fastest, expected in (("triton:single_kernel", ("triton", "single_kernel")),
-                              ("triton:split", ("triton", "split")), ("torch", ("torch", "torch"))):
+    oracle = reference.qkv_attention(
+        x.double(), w.double(), num_heads=2, norm_weight=nw.double(), norm_bias=nb.double()
+    )
+    for fastest, expected in (
+        ("triton:single_kernel", ("triton", "single_kernel")),
+        ("triton:split", ("triton", "split")),
+        ("torch", ("torch", "torch")),
+    ):
         timer = FakeTimer({fastest: 0.1})
         with tuning.use_tuner(make_tuner(timer, candidate_list=paths_only)):
             out = vk.qkv_attention(x, w, num_heads=2, norm_weight=nw, norm_bias=nb)
         d = vk.last_decision("qkv_attention")
         assert (d.backend, d.path) == expected
         assert {"torch", "triton:split", "triton:single_kernel"} <= set(timer.calls)
-        assert_close(out, oracle, qkv_attention_torch(
-            x, w, None, num_heads=2, scale=16 ** -0.5, norm_weight=nw, norm_bias=nb, eps=1e-6))
+        assert_close(
+            out,
+            oracle,
+            qkv_attention_torch(x, w, None, num_heads=2, scale=16**-0.5, norm_weight=nw, norm_bias=nb, eps=1e-6),
+        )
 
 
 def test_failing_candidate_is_dropped_with_its_reason():
@@ -170,6 +192,7 @@ def test_failing_candidate_is_dropped_with_its_reason():
 
     def with_bad(op, facts, available, device_type):
         return no_cuda(op, facts, available, device_type) + [bad]
+
     timer = FakeTimer({"triton": 0.3})
     x, w, b, r = linear_args()
     with tuning.use_tuner(make_tuner(timer, candidate_list=with_bad)) as t:
@@ -187,11 +210,13 @@ def test_failing_candidate_is_dropped_with_its_reason():
 def test_disagreeing_candidate_is_dropped():
     """A candidate whose result misses the oracle beyond the tolerance rule is never timed."""
     from vit_kernels.ops.linear import _launch
+
     x, w, b, r = linear_args()
 
     def run(d, *args):
         out = _launch(d, *args)
         return out + 1.0 if d.backend == "triton" and d.config else out
+
     timer = FakeTimer({alt_name(): 0.01})
     t = make_tuner(timer)
     cands = [Candidate("torch"), Candidate("triton"), Candidate("triton", "", (("gemm_config", gemm_alt()),))]
@@ -209,18 +234,18 @@ def test_cache_hit_times_nothing(tmp_path):
         vk.linear(x, w, b, residual=r)
         n = len(timer.calls)
         assert n == 3
-        vk.linear(x, w, b, residual=r)             # in memory
+        vk.linear(x, w, b, residual=r)  # in memory
         vk.linear(torch.randn_like(x), w, b, residual=r)
     assert len(timer.calls) == n
     data = json.load(open(path))
     assert data["format"] == tuning.FORMAT and data["versions"] == VERSIONS and len(data["entries"]) == 1
-    timer2 = FakeTimer()                              # a new process: the file
+    timer2 = FakeTimer()  # a new process: the file
     with tuning.use_tuner(make_tuner(timer2, path)):
         out = vk.linear(x, w, b, residual=r)
     assert timer2.calls == []
     assert vk.last_decision("linear").config == (("gemm_config", gemm_alt()),)
     check_linear(out, x, w, b, r)
-    timer3 = FakeTimer()                              # another shape is another signature
+    timer3 = FakeTimer()  # another shape is another signature
     with tuning.use_tuner(make_tuner(timer3, path)):
         vk.linear(x[:1], w, b, residual=r[:1])
     assert len(timer3.calls) == 3
@@ -268,8 +293,9 @@ def test_eight_threads_time_one_signature_once(tmp_path):
         try:
             barrier.wait()
             outs[i] = vk.linear(x, w, b, residual=r)
-        except BaseException as e:   # reported below
+        except BaseException as e:  # reported below
             errors.append(e)
+
     with tuning.use_tuner(t):
         threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
         for th in threads:
@@ -296,17 +322,17 @@ def test_mode_argument_env_and_scope(tmp_path, monkeypatch):
         vk.linear(x, w, b, residual=r)
         assert "cache-only and no cached choice" in vk.last_decision("linear").reasons["tuning"]
         assert timer.calls == []
-        with tuning.mode("on"):                        # the scope wins over the environment
+        with tuning.mode("on"):  # the scope wins over the environment
             vk.linear(x, w, b, residual=r)
         assert len(timer.calls) == 3
-        vk.linear(x, w, b, residual=r)                 # cache-only with a cached choice uses it
+        vk.linear(x, w, b, residual=r)  # cache-only with a cached choice uses it
         assert vk.last_decision("linear").tuned is not None
         monkeypatch.setenv("VIT_KERNELS_TUNE", "sometimes")
         with pytest.raises(ValueError, match=r"VIT_KERNELS_TUNE: expected one of \('on', 'off', 'cache-only'\)"):
             vk.linear(x, w, b, residual=r)
         monkeypatch.delenv("VIT_KERNELS_TUNE")
         with tuning.mode("off"):
-            vk.linear(x, w, b, residual=r, tune="cache-only")   # the argument wins over the scope
+            vk.linear(x, w, b, residual=r, tune="cache-only")  # the argument wins over the scope
             assert vk.last_decision("linear").tuned is not None
     with pytest.raises(ValueError, match=r"tune: expected one of"):
         with tuning.mode("always"):
@@ -328,52 +354,73 @@ def test_candidate_lists():
     """Triton configs come from the launchers' lists (compiled by inspect); SDPA backends are torch
     candidates on CUDA; qkv_attention offers single_kernel only where it fits."""
     from vit_kernels.triton import attention, gemm
+
     f = tuning.Facts(torch.float16, 90)
     names = [c.name for c in tuning.candidates("linear", f, ["triton", "cuda"], "cuda")]
     assert names[:2] == ["torch", "triton"] and names[-1] == "cuda"
     assert len(names) == 3 + len(gemm.tune_configs(torch.float16, 90))
     fa = tuning.Facts(torch.float16, 80, head_dim=64, tokens=197)
     names = [c.name for c in tuning.candidates("qkv_attention", fa, ["triton"], "cuda")]
-    assert {"torch:sdpa_flash", "torch:sdpa_efficient", "torch:sdpa_cudnn", "triton:split",
-            "triton:single_kernel"} <= set(names)
+    assert {
+        "torch:sdpa_flash",
+        "torch:sdpa_efficient",
+        "torch:sdpa_cudnn",
+        "triton:split",
+        "triton:single_kernel",
+    } <= set(names)
     assert len(names) == 4 + 2 + len(gemm.tune_configs(torch.float16, 80)) + len(
-        attention.tune_configs(torch.float16, 64, 80))
+        attention.tune_configs(torch.float16, 64, 80)
+    )
     far = tuning.Facts(torch.float16, 80, head_dim=64, tokens=1025)
     assert "triton:single_kernel" not in [c.name for c in tuning.candidates("qkv_attention", far, ["triton"], "cuda")]
     forced = tuning.Facts(torch.float16, 90, head_dim=64, tokens=197, path="single_kernel")
     assert [c.name for c in tuning.candidates("qkv_attention", forced, ["triton"], "cuda")] == [
-        "torch", "triton:single_kernel"]
+        "torch",
+        "triton:single_kernel",
+    ]
 
 
 def test_tma_candidates_only_on_sm90_half_precision_at_vit_shapes():
     """gemm_tma's configs join on sm_90 for float16/bfloat16 at the ViT (N, K) classes: path "tma" for
     linear and the MLP (configs both of its GEMMs' classes list), the split path for qkv_attention."""
     from vit_kernels.triton import gemm_tma
+
     qkv, fc1, fc2 = (96, 32), (128, 32), (32, 128)
     for dtype in (torch.float16, torch.bfloat16):
         f = tuning.Facts(dtype, 90, gemms=(qkv,))
         tma = [c for c in tuning.candidates("linear", f, ["triton"], "cuda") if c.path == "tma"]
         assert [dict(c.config)["tma_config"] for c in tma] == [
-            dataclasses.astuple(c) for c in gemm_tma.configs_for(*qkv)]
+            dataclasses.astuple(c) for c in gemm_tma.configs_for(*qkv)
+        ]
         assert tma[0].name == "triton:tma tma_config=128,256,64,8,3,4,1"
         fm = tuning.Facts(dtype, 90, gemms=(fc1, fc2))
-        tma = [dict(c.config)["tma_config"] for c in tuning.candidates("layernorm_gelu_mlp", fm, ["triton"], "cuda")
-               if c.path == "tma"]
+        tma = [
+            dict(c.config)["tma_config"]
+            for c in tuning.candidates("layernorm_gelu_mlp", fm, ["triton"], "cuda")
+            if c.path == "tma"
+        ]
         both = set(map(dataclasses.astuple, gemm_tma.configs_for(*fc1))) & set(
-            map(dataclasses.astuple, gemm_tma.configs_for(*fc2)))
+            map(dataclasses.astuple, gemm_tma.configs_for(*fc2))
+        )
         assert set(tma) == both and len(tma) == 3
         fq = tuning.Facts(dtype, 90, head_dim=16, tokens=197, gemms=(qkv,))
         names = [c.name for c in tuning.candidates("qkv_attention", fq, ["triton"], "cuda")]
         assert sum(n.startswith("triton:split tma_config=") for n in names) == 4
-    for f in (tuning.Facts(torch.float16, 80, gemms=(qkv,)), tuning.Facts(torch.float32, 90, gemms=(qkv,)),
-              tuning.Facts(torch.float16, 90, gemms=((48, 32),))):     # sm_80, fp32, not a ViT class
+    for f in (
+        tuning.Facts(torch.float16, 80, gemms=(qkv,)),
+        tuning.Facts(torch.float32, 90, gemms=(qkv,)),
+        tuning.Facts(torch.float16, 90, gemms=((48, 32),)),
+    ):  # sm_80, fp32, not a ViT class
         assert not [c for c in tuning.candidates("linear", f, ["triton"], "cuda") if "tma" in c.name]
 
 
 def tma_only(op, facts, available, device_type):
     """torch and the TMA candidates (the interpreter is slow)."""
-    return [c for c in no_cuda(op, facts, available, device_type)
-            if c == Candidate("torch") or any(kw == "tma_config" for kw, _ in c.config)]
+    return [
+        c
+        for c in no_cuda(op, facts, available, device_type)
+        if c == Candidate("torch") or any(kw == "tma_config" for kw, _ in c.config)
+    ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -381,19 +428,22 @@ def test_tma_config_fastest_runs_the_tma_gemm(dtype, monkeypatch):
     """The tuner's TMA choice really launches gemm_tma (linear: path "tma"), with that config, and
     the result matches the oracle; a second call reuses the choice."""
     from vit_kernels.triton import gemm_tma
+
     launched = []
     real = gemm_tma.launch_gemm_tma
     monkeypatch.setattr(gemm_tma, "launch_gemm_tma", lambda *a, **k: launched.append(k["config"]) or real(*a, **k))
     x = torch.randn(2, 8, 32, device=DEVICE).to(dtype)
-    w = (torch.randn(96, 32, device=DEVICE) * 32 ** -0.5).to(dtype)
+    w = (torch.randn(96, 32, device=DEVICE) * 32**-0.5).to(dtype)
     b = torch.randn(96, device=DEVICE).to(dtype)
     cfg = dataclasses.astuple(gemm_tma.configs_for(96, 32)[2])
     name = Candidate("triton", "tma", (("tma_config", cfg),)).name
     timer = FakeTimer({name: 0.1})
     with tuning.use_tuner(make_tuner(timer, candidate_list=tma_only)):
         out = vk.linear(x, w, b)
-        assert set(timer.calls) == {"torch"} | {Candidate("triton", "tma", (("tma_config", dataclasses.astuple(c)),)).name
-                                               for c in gemm_tma.configs_for(96, 32)}
+        assert set(timer.calls) == {"torch"} | {
+            Candidate("triton", "tma", (("tma_config", dataclasses.astuple(c)),)).name
+            for c in gemm_tma.configs_for(96, 32)
+        }
         launched.clear()
         out2 = vk.linear(x, w, b)
     d = vk.last_decision("linear")
@@ -408,41 +458,59 @@ def test_tma_config_fastest_mlp_and_qkv_attention():
     """The MLP (both GEMMs) and the split qkv_attention (its projection, LayerNorm folded) on the TMA
     GEMM when one of its configs measured fastest; each against the oracle."""
     from vit_kernels.triton import gemm_tma
+
     dtype = torch.float16
     x = torch.randn(1, 16, 32, device=DEVICE).to(dtype)
     nw = (1 + 0.1 * torch.randn(32, device=DEVICE)).to(dtype)
     nb = (0.1 * torch.randn(32, device=DEVICE)).to(dtype)
-    w1 = (torch.randn(128, 32, device=DEVICE) * 32 ** -0.5).to(dtype)
+    w1 = (torch.randn(128, 32, device=DEVICE) * 32**-0.5).to(dtype)
     b1 = torch.randn(128, device=DEVICE).to(dtype)
-    w2 = (torch.randn(32, 128, device=DEVICE) * 128 ** -0.5).to(dtype)
+    w2 = (torch.randn(32, 128, device=DEVICE) * 128**-0.5).to(dtype)
     b2 = torch.randn(32, device=DEVICE).to(dtype)
     cfg = dataclasses.astuple(gemm_tma.CONFIGS[3])
-    timer = FakeTimer({Candidate("triton", "tma", (("tma_config", cfg),)).name: 0.1,
-                       Candidate("triton", "split", (("tma_config", cfg),)).name: 0.1})
+    timer = FakeTimer(
+        {
+            Candidate("triton", "tma", (("tma_config", cfg),)).name: 0.1,
+            Candidate("triton", "split", (("tma_config", cfg),)).name: 0.1,
+        }
+    )
     with tuning.use_tuner(make_tuner(timer, candidate_list=tma_only)):
         out = vk.layernorm_gelu_mlp(x, nw, nb, w1, b1, w2, b2, residual=x)
         d = vk.last_decision("layernorm_gelu_mlp")
         assert (d.backend, d.path, d.config) == ("triton", "tma", (("tma_config", cfg),))
         f64 = [t.double() for t in (x, nw, nb, w1, b1, w2, b2)]
-        assert_close(out, reference.layernorm_gelu_mlp(*f64, residual=x.double()),
-                     vk.layernorm_gelu_mlp(x, nw, nb, w1, b1, w2, b2, residual=x, backend="torch"))
-        wq = (torch.randn(96, 32, device=DEVICE) * 32 ** -0.5).to(dtype)
+        assert_close(
+            out,
+            reference.layernorm_gelu_mlp(*f64, residual=x.double()),
+            vk.layernorm_gelu_mlp(x, nw, nb, w1, b1, w2, b2, residual=x, backend="torch"),
+        )
+        wq = (torch.randn(96, 32, device=DEVICE) * 32**-0.5).to(dtype)
         out = vk.qkv_attention(x, wq, num_heads=2, norm_weight=nw, norm_bias=nb)
         d = vk.last_decision("qkv_attention")
         assert (d.backend, d.path, d.config) == ("triton", "split", (("tma_config", cfg),))
-    assert_close(out, reference.qkv_attention(x.double(), wq.double(), num_heads=2, norm_weight=nw.double(),
-                                              norm_bias=nb.double()),
-                 qkv_attention_torch(x, wq, None, num_heads=2, scale=16 ** -0.5, norm_weight=nw, norm_bias=nb,
-                                     eps=1e-6))
+    assert_close(
+        out,
+        reference.qkv_attention(x.double(), wq.double(), num_heads=2, norm_weight=nw.double(), norm_bias=nb.double()),
+        qkv_attention_torch(x, wq, None, num_heads=2, scale=16**-0.5, norm_weight=nw, norm_bias=nb, eps=1e-6),
+    )
 
 
 def test_tuned_configs_are_compiled_by_inspect():
     """Every config the tuner can launch is an AotSpec of `inspect` for that arch."""
     from vit_kernels.triton import attention, gemm
     from vit_kernels.triton.aot import ptr_type
+
     specs = gemm.aot_specs()
-    compiled = {(s.kernel, s.signature["a_ptr"], (s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"],
-                 s.constexprs["BLOCK_K"], s.num_warps, s.num_stages), a) for s in specs for a in s.archs}
+    compiled = {
+        (
+            s.kernel,
+            s.signature["a_ptr"],
+            (s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.constexprs["BLOCK_K"], s.num_warps, s.num_stages),
+            a,
+        )
+        for s in specs
+        for a in s.archs
+    }
     for arch in (80, 90):
         for dtype in gemm.DTYPES:
             p = ptr_type(dtype)
@@ -451,28 +519,39 @@ def test_tuned_configs_are_compiled_by_inspect():
                     assert (kernel, p, cfg, arch) in compiled
             for cfg in gemm.tune_configs(dtype, arch, patch=True):
                 assert ("gemm_patch_embed_nchw", p, cfg, arch) in compiled
-    att = {(s.signature["Q"], s.constexprs["HEAD_DIM"], (s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"],
-            s.num_warps, s.num_stages), a) for s in attention.aot_specs() for a in s.archs}
+    att = {
+        (
+            s.signature["Q"],
+            s.constexprs["HEAD_DIM"],
+            (s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.num_warps, s.num_stages),
+            a,
+        )
+        for s in attention.aot_specs()
+        for a in s.archs
+    }
     for arch in (80, 90):
         for dtype in attention.DTYPES:
-            for hd in attention.TUNE_HEAD_DIMS:    # each bucket and each two-chunk head dim (72, 80 -> 64 + 16)
+            for hd in attention.TUNE_HEAD_DIMS:  # each bucket and each two-chunk head dim (72, 80 -> 64 + 16)
                 for cfg in attention.tune_configs(dtype, hd, arch):
                     assert (ptr_type(dtype), hd, cfg, arch) in att
     from vit_kernels.triton import gemm_tma
+
     tma = {(s.kernel, s.signature["a_ptr"], s.config.split(",")[0]) for s in gemm_tma.aot_specs() if 90 in s.archs}
     for cls, shape in gemm_tma.CLASS_SHAPES.items():
         for dtype in gemm_tma.DTYPES:
             cfgs = gemm_tma.tune_configs(dtype, 90, (shape(64),))
             assert cfgs
             same = {f"gemm_tma_{c}" for c in gemm_tma.EPILOGUES if gemm_tma.EPILOGUES[c] is gemm_tma.EPILOGUES[cls]}
-            for cfg in cfgs:   # fc2 launches proj's epilogues: compiled once, under the first class
+            for cfg in cfgs:  # fc2 launches proj's epilogues: compiled once, under the first class
                 assert any((k, ptr_type(dtype), gemm_tma.TmaConfig(*cfg).name) in tma for k in same)
 
 
 def tiny_vit(backend="auto"):
     from vit_kernels.models import VisionTransformer
-    return VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=10,
-                             backend=backend).eval()
+
+    return VisionTransformer(
+        img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=10, backend=backend
+    ).eval()
 
 
 def test_tune_model_fused_faster_reports_both_and_the_parts():
@@ -500,7 +579,7 @@ def test_tune_model_fused_faster_reports_both_and_the_parts():
 
 def test_tune_model_not_faster_falls_back_to_torch_unless_explicit():
     model = tiny_vit()
-    model.blocks[1].mlp.backend = "triton"          # asked for explicitly: kept
+    model.blocks[1].mlp.backend = "triton"  # asked for explicitly: kept
     images = torch.randn(2, 3, 32, 32, device=DEVICE)
     timer = FakeTimer({"model:fused": 3.0, "model:unfused": 2.0})
     with tuning.use_tuner(make_tuner(timer, candidate_list=paths_only)):
@@ -511,7 +590,7 @@ def test_tune_model_not_faster_falls_back_to_torch_unless_explicit():
     assert model.blocks[1].mlp.backend == "triton"
     assert "blocks.1.mlp" not in result.fell_back and "blocks.0.attn" in result.fell_back
     assert "this part runs the torch path" in str(vk.fuse_report(model))
-    timer.ms["model:fused"] = 1.0                   # tuning again lets the parts compete again
+    timer.ms["model:fused"] = 1.0  # tuning again lets the parts compete again
     with tuning.use_tuner(make_tuner(timer, candidate_list=paths_only)):
         result = vk.tune(model, images)
     assert result.fell_back == [] and model.blocks[0].attn.backend == "auto"
@@ -521,9 +600,18 @@ def test_bench_tuned_provider_tunes_and_keeps_the_table(monkeypatch):
     """The bench's `tuned` row: vk.tune on the benchmarked model, its summary and table in the row
     (the device check is lifted here: on a real CPU run the row is 'not measured')."""
     from vit_kernels.bench import throughput as tp
+
     monkeypatch.setattr(tp, "static_reason", lambda *a, **k: None)
-    cfg = tp.BenchConfig(models=["vit_tiny_patch16_224"], providers=["tuned"], device=torch.device("cpu"),
-                         batch_size=1, img_size=32, depth=1, warmup=1, repeats=1)
+    cfg = tp.BenchConfig(
+        models=["vit_tiny_patch16_224"],
+        providers=["tuned"],
+        device=torch.device("cpu"),
+        batch_size=1,
+        img_size=32,
+        depth=1,
+        warmup=1,
+        repeats=1,
+    )
     timer = FakeTimer({"torch": 0.1, "model:fused": 1.0, "model:unfused": 2.0})
     with tuning.use_tuner(make_tuner(timer, candidate_list=paths_only)):
         row, step, _ = tp.prepare("vit_tiny_patch16_224", "tuned", "inference", cfg)
@@ -531,11 +619,12 @@ def test_bench_tuned_provider_tunes_and_keeps_the_table(monkeypatch):
     assert "fused is 2.00x faster" in row["note"] and row["status"] == "ok"
     assert len(row["tuning_entries"]) == 4 and all("winner: torch" in t for t in row["tuning_entries"])
     assert "qkv_attention: torch" in row["tuning"]
-    table = row["tuning_rows"]   # what bench prints (a rich table on a terminal): one row per candidate
+    table = row["tuning_rows"]  # what bench prints (a rich table on a terminal): one row per candidate
     assert sum(r["result"] == "chosen" for r in table) == 4
     assert all(r["candidate"] == "torch" for r in table if r["result"] == "chosen"), table
     from vit_kernels.bench import report
     from vit_kernels.commands.bench import TUNING_COLUMNS
+
     text = report.format_table(table, TUNING_COLUMNS)
     assert "op signature" in text and "chosen" in text and "0.1000" in text, text
 
@@ -575,12 +664,22 @@ def test_two_processes_started_together_time_a_signature_once(tmp_path):
     import os
     import subprocess
     import sys
+
     path = str(tmp_path / "tuning.json")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     import time
+
     ready, go = [str(tmp_path / f"ready{i}") for i in range(2)], str(tmp_path / "go")
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, path, ready[i], go], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, path, ready[i], go],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     deadline = time.time() + 300
     while not all(os.path.exists(r) for r in ready) and time.time() < deadline:
         time.sleep(0.05)
@@ -597,14 +696,17 @@ def test_two_processes_started_together_time_a_signature_once(tmp_path):
 def test_oracle_out_of_memory_keeps_only_the_torch_path():
     """Unchecked candidates are never kept: when the float64 oracle does not fit, only torch competes."""
     from vit_kernels.ops.linear import _launch
+
     x, w, b, r = linear_args()
 
     def run(d, *args):
         if d.backend == "reference":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
         return _launch(d, *args)
+
     timer = FakeTimer({"triton": 0.01})
-    entry = make_tuner(timer).tune_signature("linear", "sig", [Candidate("torch"), Candidate("triton")], run,
-                                             (x, w, b, r, None))
+    entry = make_tuner(timer).tune_signature(
+        "linear", "sig", [Candidate("torch"), Candidate("triton")], run, (x, w, b, r, None)
+    )
     assert entry.winner == Candidate("torch") and timer.calls == ["torch"]
     assert "float64 oracle ran out of memory" in entry.results[1].dropped

@@ -1,5 +1,6 @@
 """Tuning on a real CUDA device (gpu marker; `pytest -m gpu`): the real timer, a tuned model in a
 CUDA graph, and the goal of issue 10: tuned ViT-B/16 bf16 is not slower than eager."""
+
 import copy
 
 import pytest
@@ -15,7 +16,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="needs a CUDA 
 
 def test_real_timer_times_every_candidate_and_keeps_the_fastest(tmp_path):
     g = dict(device="cuda", dtype=torch.float16)
-    x, w, b = torch.randn(8, 197, 768, **g), torch.randn(768, 768, **g) * 768 ** -0.5, torch.randn(768, **g)
+    x, w, b = torch.randn(8, 197, 768, **g), torch.randn(768, 768, **g) * 768**-0.5, torch.randn(768, **g)
     t = tuning.Tuner(path=str(tmp_path / "tuning.json"))
     with tuning.use_tuner(t):
         out = vk.linear(x, w, b, residual=x)
@@ -27,9 +28,12 @@ def test_real_timer_times_every_candidate_and_keeps_the_fastest(tmp_path):
         assert (d.backend, d.path, d.config) == (entry.winner.backend, entry.winner.path, entry.winner.config)
         before = t.timed
         vk.linear(x, w, b, residual=x)
-        assert t.timed == before                      # a cache hit times nothing
-    assert_close(out, reference.linear(x.double(), w.double(), b.double(), residual=x.double()),
-                 torch.nn.functional.linear(x, w, b) + x)
+        assert t.timed == before  # a cache hit times nothing
+    assert_close(
+        out,
+        reference.linear(x.double(), w.double(), b.double(), residual=x.double()),
+        torch.nn.functional.linear(x, w, b) + x,
+    )
     print(entry.table())
 
 
@@ -44,7 +48,7 @@ def test_tuned_model_is_captured_in_a_cuda_graph_and_replays(tmp_path):
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
-                model(static_in)                     # warm-up on a side stream, as torch.cuda.graphs asks
+                model(static_in)  # warm-up on a side stream, as torch.cuda.graphs asks
             torch.cuda.current_stream().wait_stream(s)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
@@ -65,6 +69,7 @@ def test_tuned_model_is_captured_in_a_cuda_graph_and_replays(tmp_path):
 def test_tuned_vit_b16_bf16_is_not_slower_than_eager(tmp_path):
     """Issue 10's goal: auto with measured selection is never below 0.98x of eager."""
     from vit_kernels.bench.timer import measure
+
     model = vk.models.create_model("vit_base_patch16_224").cuda().to(torch.bfloat16).eval()
     images = torch.randn(64, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
     eager = vk.nn.set_backend(copy.deepcopy(model), "torch")

@@ -1,4 +1,5 @@
 """vit_kernels.verify and the ``verify`` command across families (small configs, torch backend)."""
+
 import argparse
 import copy
 import importlib
@@ -21,8 +22,16 @@ def parse(argv):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_verify_timm_default_fused_copy(dtype):
     timm = pytest.importorskip("timm")
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
-                              depth=1, num_heads=2, num_classes=10).eval()
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=64,
+        depth=1,
+        num_heads=2,
+        num_classes=10,
+    ).eval()
     before = copy.deepcopy(model.state_dict())
     report = vk.verify(model, dtype=dtype, backend="torch")
     assert report.ok, str(report)
@@ -37,8 +46,9 @@ def test_verify_timm_default_fused_copy(dtype):
 
 def test_verify_hf_named_outputs_and_in_place_fused_original():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
-                                 image_size=32, patch_size=8)
+    cfg = transformers.ViTConfig(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, image_size=32, patch_size=8
+    )
     model = transformers.ViTModel(cfg).eval()
     vk.fuse(model, backend="torch")  # the original itself is fused: verify compares against an unfused copy
     report = vk.verify(model, model, torch.randn(2, 3, 32, 32))
@@ -48,8 +58,16 @@ def test_verify_hf_named_outputs_and_in_place_fused_original():
 
 def test_verify_catches_a_wrong_fused_model():
     timm = pytest.importorskip("timm")
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
-                              depth=1, num_heads=2, num_classes=10).eval()
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=64,
+        depth=1,
+        num_heads=2,
+        num_classes=10,
+    ).eval()
     fused = vk.fuse(copy.deepcopy(model), backend="torch")
     with torch.no_grad():
         fused.blocks[0].norm1.weight.mul_(1.01)  # a wrong number somewhere in the fused path
@@ -59,14 +77,23 @@ def test_verify_catches_a_wrong_fused_model():
 
 def test_verify_flags_an_identically_zero_output():
     tv = pytest.importorskip("torchvision.models.vision_transformer")
-    model = tv.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32,
-                                 mlp_dim=64, num_classes=4).eval()  # torchvision zero-initialises the head
+    model = tv.VisionTransformer(
+        image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=4
+    ).eval()  # torchvision zero-initialises the head
     report = vk.verify(model, backend="torch")
     assert not report.ok and "identically zero" in str(report)
 
 
-@pytest.mark.parametrize("spec", ["timm:vit_tiny_patch16_224", "torchvision:vit_b_16", "hf:google/vit-base-patch16-224",
-                                  "vit_pytorch:vit_tiny_patch16_224", "vit_kernels:vit_tiny_patch16_224"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "timm:vit_tiny_patch16_224",
+        "torchvision:vit_b_16",
+        "hf:google/vit-base-patch16-224",
+        "vit_pytorch:vit_tiny_patch16_224",
+        "vit_kernels:vit_tiny_patch16_224",
+    ],
+)
 def test_command_builds_each_family_locally(spec, capsys):
     args = parse([spec, "--depth", "1", "--img-size", "32", "--backend", "torch", "--batch-size", "2"])
     assert verify_cmd.run(args) == 0
@@ -76,8 +103,9 @@ def test_command_builds_each_family_locally(spec, capsys):
 
 def test_command_hf_local_config(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
-                                 image_size=32, patch_size=8)
+    cfg = transformers.ViTConfig(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, image_size=32, patch_size=8
+    )
     cfg.save_pretrained(tmp_path)
     assert verify_cmd.run(parse([f"hf:{tmp_path}", "--backend", "torch"])) == 0
     with pytest.raises(SystemExit, match="nothing is downloaded"):
@@ -92,6 +120,7 @@ def test_command_loads_a_checkpoint(fmt, tmp_path, capsys, monkeypatch):
     path = os.path.join(tmp_path, f"w.{fmt}")
     if fmt == "safetensors":
         from safetensors.torch import save_file
+
         save_file(sd, path)
     else:
         torch.save({"state_dict": sd}, path)
@@ -103,8 +132,24 @@ def test_command_loads_a_checkpoint(fmt, tmp_path, capsys, monkeypatch):
         return real_verify(original, fused, inputs, **kw)
 
     monkeypatch.setattr(vk, "verify", spy)
-    assert verify_cmd.run(parse(["timm:vit_tiny_patch16_224", "--depth", "1", "--img-size", "32",
-                                 "--backend", "torch", "--checkpoint", path])) == 0
+    assert (
+        verify_cmd.run(
+            parse(
+                [
+                    "timm:vit_tiny_patch16_224",
+                    "--depth",
+                    "1",
+                    "--img-size",
+                    "32",
+                    "--backend",
+                    "torch",
+                    "--checkpoint",
+                    path,
+                ]
+            )
+        )
+        == 0
+    )
     assert all(torch.equal(loaded[k], sd[k]) for k in sd)
 
 
@@ -123,8 +168,16 @@ def test_checkpoint_never_unpickles_arbitrary_objects(tmp_path):
 
 def _timm_tiny(depth=2):
     timm = pytest.importorskip("timm")
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
-                             depth=depth, num_heads=2, num_classes=10).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=64,
+        depth=depth,
+        num_heads=2,
+        num_classes=10,
+    ).eval()
 
 
 def test_verify_checks_the_backend_the_model_was_fused_with():
@@ -164,18 +217,23 @@ def test_verify_fails_a_part_that_quietly_took_another_backend(monkeypatch):
 
 def test_verify_says_not_checked_when_a_part_runs_the_original(monkeypatch):
     from vit_kernels.swap.timm import FusedTimmBlock
+
     model = vk.fuse(_timm_tiny(depth=1), backend="triton")
     monkeypatch.setattr(FusedTimmBlock, "original_reason", lambda self, x: "dropout is active (test)")
     report = vk.verify(model)
     assert report.status == "NOT CHECKED" and not report.ok, str(report)
-    assert {p.op: p.status for p in report.parts} == {"attention": "NOT CHECKED", "mlp": "NOT CHECKED",
-                                                      "patch_embed": "checked"}
+    assert {p.op: p.status for p in report.parts} == {
+        "attention": "NOT CHECKED",
+        "mlp": "NOT CHECKED",
+        "patch_embed": "checked",
+    }
     assert "ran the original module instead of the fused ops: dropout is active (test)" in str(report)
 
 
 def test_verify_a_vit_kernels_model_keeps_its_backend():
-    model = vk.models.create_model("vit_tiny_patch16_224", depth=1, img_size=32, patch_size=8, embed_dim=64,
-                                   num_heads=2, backend="triton").eval()
+    model = vk.models.create_model(
+        "vit_tiny_patch16_224", depth=1, img_size=32, patch_size=8, embed_dim=64, num_heads=2, backend="triton"
+    ).eval()
     report = vk.verify(model)
     assert report.ok, str(report)
     assert {d.backend for p in report.parts for d in p.ran} == {"triton"} and len(report.parts) == 3

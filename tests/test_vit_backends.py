@@ -4,6 +4,7 @@ oracle: the same model with backend="reference" in float64; baseline: backend="r
 test dtype (plain PyTorch; not the project's torch path, which other tests check). Triton runs in the interpreter without a GPU; CUDA in the host
 emulator on CPU tensors.
 """
+
 import copy
 
 import pytest
@@ -31,9 +32,20 @@ def logits(model, images, backend, dtype):
 def odd_two_layer():
     """2 layers at odd sizes: 70 px, patch 14 -> 25 patches + cls + 1 register = 27 tokens,
     head_dim 80, LayerScale, mean pooling, tanh GELU."""
-    return create_model("vit_tiny_patch16_224", img_size=70, patch_size=14, embed_dim=160, depth=2,
-                        num_heads=2, mlp_ratio=3.0, reg_tokens=1, init_values=0.5, pool="mean",
-                        approximate="tanh", num_classes=10)
+    return create_model(
+        "vit_tiny_patch16_224",
+        img_size=70,
+        patch_size=14,
+        embed_dim=160,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=3.0,
+        reg_tokens=1,
+        init_values=0.5,
+        pool="mean",
+        approximate="tanh",
+        num_classes=10,
+    )
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

@@ -10,6 +10,7 @@ Public API:
 - tuning: ``auto`` chooses by measurement on a CUDA device; tune(model, inputs) ahead of time,
   tune_report() prints what was timed (vit_kernels.tuning)
 """
+
 from . import library, models, nn, ops, reference, tuning  # library: registers torch.ops.vit_kernels.*
 from .backends import BACKENDS, Decision, last_decision, record_decisions
 from .ops import flash_attention, layernorm_gelu_mlp, linear, patch_embed, qkv_attention
@@ -19,6 +20,26 @@ from .verify import verify
 
 __version__ = "0.1.0"
 
-__all__ = ["flash_attention", "qkv_attention", "layernorm_gelu_mlp", "patch_embed", "linear",
-           "fuse", "unfuse", "fuse_report", "verify", "tune", "tune_report", "tuning", "last_decision",
-           "record_decisions", "Decision", "BACKENDS", "models", "nn", "ops", "reference", "library"]
+__all__ = [
+    "flash_attention",
+    "qkv_attention",
+    "layernorm_gelu_mlp",
+    "patch_embed",
+    "linear",
+    "fuse",
+    "unfuse",
+    "fuse_report",
+    "verify",
+    "tune",
+    "tune_report",
+    "tuning",
+    "last_decision",
+    "record_decisions",
+    "Decision",
+    "BACKENDS",
+    "models",
+    "nn",
+    "ops",
+    "reference",
+    "library",
+]

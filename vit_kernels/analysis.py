@@ -11,6 +11,7 @@ running its original modules) is an error that says so, never a silent gap.
 Shapes: images (batch, channels, H, W); maps (layers, batch, [heads,] grid_h, grid_w);
 distances (layers, heads) in pixels.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,24 +44,27 @@ class Geometry:
 def geometry(model: nn.Module, img_size: Optional[int] = None) -> Geometry:
     """Image size, patch size, prefix tokens and depth read from a ViT of a known family."""
     from .models.registry import image_spec
+
     img = img_size or image_spec(model)[0]
     cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "patch_size"):                      # transformers
+    if cfg is not None and hasattr(cfg, "patch_size"):  # transformers
         p, prefix, depth = cfg.patch_size, 1, cfg.num_hidden_layers
-    elif hasattr(model, "blocks") and hasattr(model, "patch_embed"):      # timm, vit_kernels
+    elif hasattr(model, "blocks") and hasattr(model, "patch_embed"):  # timm, vit_kernels
         pe = model.patch_embed
         p = pe.patch_size if isinstance(pe.patch_size, int) else pe.patch_size[0]
         prefix, depth = model.num_prefix_tokens, len(model.blocks)
-    elif hasattr(model, "conv_proj") and hasattr(model, "encoder"):       # torchvision
+    elif hasattr(model, "conv_proj") and hasattr(model, "encoder"):  # torchvision
         p, prefix, depth = model.patch_size, 1, len(model.encoder.layers)
-    elif hasattr(model, "to_patch_embedding"):                            # vit-pytorch
+    elif hasattr(model, "to_patch_embedding"):  # vit-pytorch
         p = model.to_patch_embedding[0].axes_lengths["p1"]
         cls = model.cls_token
         prefix = cls.shape[-2] if cls.dim() == 3 else cls.shape[0]
         depth = len(model.transformer.layers)
     else:
-        raise ValueError(f"model: expected a ViT of a known family (vit_kernels, timm, torchvision, transformers, "
-                         f"vit-pytorch), got {type(model).__name__}")
+        raise ValueError(
+            f"model: expected a ViT of a known family (vit_kernels, timm, torchvision, transformers, "
+            f"vit-pytorch), got {type(model).__name__}"
+        )
     p = p[0] if isinstance(p, (tuple, list)) else p
     if img is None or img % p:
         raise ValueError(f"img_size: expected a multiple of the patch size {p}, got {img}")
@@ -73,16 +77,19 @@ def collect(model: nn.Module, images: Tensor, request: StatsRequest, geo: Geomet
     with torch.no_grad(), recording(request) as records:
         model(images)
     if len(records) != geo.depth:
-        raise RuntimeError(f"model: {len(records)} of its {geo.depth} attention layers ran a vit_kernels attention "
-                           f"op; the others are not fused or ran their original modules (see "
-                           f"vit_kernels.fuse_report(model)): no statistics for them")
+        raise RuntimeError(
+            f"model: {len(records)} of its {geo.depth} attention layers ran a vit_kernels attention "
+            f"op; the others are not fused or ran their original modules (see "
+            f"vit_kernels.fuse_report(model)): no statistics for them"
+        )
     return records
 
 
 def _need_class_token(geo: Geometry) -> None:
     if geo.prefix_tokens < 1:
-        raise ValueError("model: has no class token (mean pooling): CLS attention maps need one; use "
-                         "attention-distance instead")
+        raise ValueError(
+            "model: has no class token (mean pooling): CLS attention maps need one; use attention-distance instead"
+        )
 
 
 def cls_attention(model: nn.Module, images: Tensor, geo: Optional[Geometry] = None) -> Tensor:
@@ -92,8 +99,9 @@ def cls_attention(model: nn.Module, images: Tensor, geo: Optional[Geometry] = No
     _need_class_token(geo)
     records = collect(model, images, StatsRequest(rows=(0,)), geo)
     gh, gw = geo.grid
-    return torch.stack([r.rows[:, :, 0, geo.prefix_tokens:].float().reshape(*r.rows.shape[:2], gh, gw)
-                        for r in records])
+    return torch.stack(
+        [r.rows[:, :, 0, geo.prefix_tokens :].float().reshape(*r.rows.shape[:2], gh, gw) for r in records]
+    )
 
 
 def attention_rollout(model: nn.Module, images: Tensor, geo: Optional[Geometry] = None) -> Tensor:
@@ -106,11 +114,11 @@ def attention_rollout(model: nn.Module, images: Tensor, geo: Optional[Geometry] 
     records = collect(model, images, StatsRequest(rows=None, weights=True), geo)
     rollout = None
     for r in records:
-        a = r.weights.double().mean(1)                                    # (B, N, N)
+        a = r.weights.double().mean(1)  # (B, N, N)
         a = 0.5 * a + 0.5 * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
         a = a / a.sum(-1, keepdim=True)
         rollout = a if rollout is None else a @ rollout
-    return rollout[:, 0, geo.prefix_tokens:].float().reshape(images.shape[0], *geo.grid)
+    return rollout[:, 0, geo.prefix_tokens :].float().reshape(images.shape[0], *geo.grid)
 
 
 def mean_attention_distance(model: nn.Module, images: Tensor, geo: Optional[Geometry] = None) -> Tensor:
@@ -126,6 +134,7 @@ def load_image(path: str, size: int):
     """(PIL RGB image resized to size x size, (1, 3, size, size) float32 tensor normalised with
     ImageNet's mean and std)."""
     from PIL import Image
+
     with Image.open(path) as im:
         img = im.convert("RGB").resize((size, size), Image.BICUBIC)
     x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
@@ -139,6 +148,7 @@ def overlay(image, amap: Tensor, alpha: float = 0.5):
     'jet' colour map blended over the PIL image. Returns a PIL RGB image."""
     import matplotlib
     from PIL import Image
+
     m = amap.detach().double().cpu()
     m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
     W, H = image.size
@@ -150,6 +160,7 @@ def overlay(image, amap: Tensor, alpha: float = 0.5):
 def panels(images: Sequence, labels: Sequence[str], columns: int, scale: int = 1):
     """Tile PIL images (all one size) in rows of ``columns``, each with its label above."""
     from PIL import Image, ImageDraw
+
     w, h = images[0].size
     w, h = w * scale, h * scale
     label_h = 14
@@ -167,8 +178,10 @@ def plot_distances(distances: Tensor, path: str, title: str, img_size: int) -> N
     """The paper's figure: layer on x, mean attention distance (pixels) on y from 0, one dot per
     head. The y axis runs to at least 0.6 x the image side (the paper's range at 224 px)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     L, H = distances.shape
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
     colours = matplotlib.colormaps["tab10" if H <= 10 else "tab20" if H <= 20 else "viridis"]

@@ -10,6 +10,7 @@ of vit_kernels (it is the lowest layer beside :mod:`vit_kernels.dtypes`).
 Sources: the CUDA C++ Programming Guide's "Technical Specifications per Compute Capability" table
 (shared memory, registers, warps, blocks) and the vendors' datasheets (SMs, peaks, bandwidth).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,11 +23,9 @@ import torch
 # Per compute capability
 
 # Largest shared memory one thread block can use (the opt-in maximum), bytes.
-SHARED_PER_BLOCK: Dict[int, int] = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024,
-                                    90: 227 * 1024}
+SHARED_PER_BLOCK: Dict[int, int] = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 # Shared memory per SM, bytes (what resident blocks share).
-SHARED_PER_SM: Dict[int, int] = {80: 164 * 1024, 86: 100 * 1024, 87: 164 * 1024, 89: 100 * 1024,
-                                 90: 228 * 1024}
+SHARED_PER_SM: Dict[int, int] = {80: 164 * 1024, 86: 100 * 1024, 87: 164 * 1024, 89: 100 * 1024, 90: 228 * 1024}
 SHARED_RESERVED = 1024  # bytes the driver reserves per block (sm_80 and later)
 # Occupancy limits of sm_80 and sm_90 (the architectures the kernels are built and inspected for).
 REGS_PER_SM, REG_ALLOC_UNIT, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 256, 64, 32
@@ -102,8 +101,14 @@ PEAKS = (
     _p("t4", "T4", r"\bT4\b", None, 65, None, 8.1, 320, 40),
 )
 
-ALIASES: Dict[str, str] = {"h100-sxm": "h100", "h200-sxm": "h200", "a100-sxm": "a100",
-                           "a100-80gb": "a100", "4090": "rtx4090", "3090": "rtx3090"}
+ALIASES: Dict[str, str] = {
+    "h100-sxm": "h100",
+    "h200-sxm": "h200",
+    "a100-sxm": "a100",
+    "a100-80gb": "a100",
+    "4090": "rtx4090",
+    "3090": "rtx3090",
+}
 
 
 def lookup(device_name: str) -> Optional[Peak]:
@@ -125,8 +130,7 @@ def by_key(key: str) -> Peak:
     p = lookup(key)
     if p is not None:
         return p
-    raise ValueError(f"gpu: expected one of {[p.key for p in PEAKS]} (or a device name they match), "
-                     f"got {key!r}")
+    raise ValueError(f"gpu: expected one of {[p.key for p in PEAKS]} (or a device name they match), got {key!r}")
 
 
 def for_device(device: torch.device) -> Optional[Peak]:

@@ -16,6 +16,7 @@ What the Triton backward recomputes instead of saving (activation memory traded 
 The ops call :class:`FlashAttention`, :class:`QkvAttention`, :class:`Linear`,
 :class:`LayerNormGeluMlp` and :class:`PatchEmbed` when backend="triton" runs under autograd.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -53,8 +54,18 @@ def _torch_grads(fn, inputs: Sequence[Optional[Tensor]], needs: Sequence[bool], 
 # Gradient functions (saved tensors in, gradients out)
 # ---------------------------------------------------------------------------------------------
 
-def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
-                             scale: float, backend: str = "triton") -> Tuple[Tensor, Tensor, Tensor]:
+
+def flash_attention_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    *,
+    scale: float,
+    backend: str = "triton",
+) -> Tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of out = softmax(scale * q k^T) v.
 
     grad_out, q, out: (batch, heads, q_tokens, head_dim); k, v: (batch, heads, kv_tokens, head_dim);
@@ -63,14 +74,25 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     _check_backend(backend)
     if backend == "torch":
         from .ops.flash_attention import sdpa
+
         return _torch_grads(lambda q_, k_, v_: sdpa(q_, k_, v_, scale), (q, k, v), (True,) * 3, grad_out)
     from .triton.attention_bwd import flash_attention_backward as launch
+
     return launch(dense(grad_out), q, k, v, out, lse, scale)
 
 
-def layernorm_backward(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
-                       bias: Optional[Tensor] = None, *, eps: float = 0.0, needs: Sequence[bool] = (True, True, True),
-                       backend: str = "triton") -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+def layernorm_backward(
+    grad: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor] = None,
+    *,
+    eps: float = 0.0,
+    needs: Sequence[bool] = (True, True, True),
+    backend: str = "triton",
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """(dx, dweight, dbias) of y = LayerNorm(x) [* weight] [+ bias] for dy = grad.
 
     grad, x: (rows, dim); mean, rstd: (rows,) the forward's statistics (triton); weight, bias:
@@ -80,16 +102,37 @@ def layernorm_backward(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weig
     nx, nw, nb = needs
     if backend == "torch":
         import torch.nn.functional as F
-        return _torch_grads(lambda x_, w_, b_: F.layer_norm(x_, (x_.shape[-1],), w_, b_, eps),
-                            (x, weight, bias), (nx, nw and weight is not None, nb and bias is not None), grad)
+
+        return _torch_grads(
+            lambda x_, w_, b_: F.layer_norm(x_, (x_.shape[-1],), w_, b_, eps),
+            (x, weight, bias),
+            (nx, nw and weight is not None, nb and bias is not None),
+            grad,
+        )
     from .triton.layernorm_bwd import layernorm_backward as launch
-    return launch(dense(grad), dense(x), mean, rstd, weight, need_input=nx, need_weight=nw and weight is not None,
-                  need_bias=nb and bias is not None)
+
+    return launch(
+        dense(grad),
+        dense(x),
+        mean,
+        rstd,
+        weight,
+        need_input=nx,
+        need_weight=nw and weight is not None,
+        need_bias=nb and bias is not None,
+    )
 
 
-def linear_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                    layer_scale: Optional[Tensor] = None, *, needs: Sequence[bool] = (True,) * 5,
-                    backend: str = "triton") -> Tuple[Optional[Tensor], ...]:
+def linear_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    layer_scale: Optional[Tensor] = None,
+    *,
+    needs: Sequence[bool] = (True,) * 5,
+    backend: str = "triton",
+) -> Tuple[Optional[Tensor], ...]:
     """(dx, dweight, dbias, dresidual, dlayer_scale) of
     y = [residual +] [layer_scale *] (x @ weight^T [+ bias]).
 
@@ -102,25 +145,44 @@ def linear_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tens
     dres = grad if nr else None
     if backend == "torch":
         from .ops.linear import linear_torch
-        dx, dw, db, dls = _torch_grads(lambda x_, w_, b_, ls_: linear_torch(x_, w_, b_, None, ls_),
-                                       (x, weight, bias, layer_scale), (nx, nw, nb, nl), grad)
+
+        dx, dw, db, dls = _torch_grads(
+            lambda x_, w_, b_, ls_: linear_torch(x_, w_, b_, None, ls_),
+            (x, weight, bias, layer_scale),
+            (nx, nw, nb, nl),
+            grad,
+        )
         return dx, dw, db, dres, dls
     from .triton import gemm_bwd
+
     K, N = x.shape[-1], weight.shape[0]
     g = dense(grad).reshape(-1, N)
     a = x.reshape(-1, K)
     branch = project(a, weight, bias) if nl else None
-    dx, dw, db, dls = gemm_bwd.linear_backward(g, a, weight, need_input=nx, need_weight=nw, need_bias=nb,
-                                               layer_scale=layer_scale, branch=branch)
+    dx, dw, db, dls = gemm_bwd.linear_backward(
+        g, a, weight, need_input=nx, need_weight=nw, need_bias=nb, layer_scale=layer_scale, branch=branch
+    )
     return (dx.view(x.shape) if dx is not None else None), dw, db, dres, dls
 
 
-def layernorm_gelu_mlp_backward(grad: Tensor, x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
-                                fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
-                                fc2_bias: Optional[Tensor], layer_scale: Optional[Tensor] = None, *,
-                                hidden: Optional[Tensor] = None, stats: Optional[Tuple[Tensor, Tensor]] = None,
-                                eps: float = 1e-6, approximate: str = "none", needs: Sequence[bool] = (True,) * 9,
-                                backend: str = "triton") -> Tuple[Optional[Tensor], ...]:
+def layernorm_gelu_mlp_backward(
+    grad: Tensor,
+    x: Tensor,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor],
+    layer_scale: Optional[Tensor] = None,
+    *,
+    hidden: Optional[Tensor] = None,
+    stats: Optional[Tuple[Tensor, Tensor]] = None,
+    eps: float = 1e-6,
+    approximate: str = "none",
+    needs: Sequence[bool] = (True,) * 9,
+    backend: str = "triton",
+) -> Tuple[Optional[Tensor], ...]:
     """Gradients of [residual +] [layer_scale *] fc2(GELU(fc1(LayerNorm(x)))) for dy = grad, in the
     order (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale).
 
@@ -133,59 +195,114 @@ def layernorm_gelu_mlp_backward(grad: Tensor, x: Tensor, norm_weight: Optional[T
     dres = grad if nr else None
     if backend == "torch":
         from .ops.mlp import layernorm_gelu_mlp_torch
+
         fn = lambda x_, a, b, c, d, e, f, ls_: layernorm_gelu_mlp_torch(  # noqa: E731
-            x_, a, b, c, d, e, f, eps=eps, approximate=approximate, residual=None, layer_scale=ls_)
+            x_, a, b, c, d, e, f, eps=eps, approximate=approximate, residual=None, layer_scale=ls_
+        )
         g = _torch_grads(fn, (x, *params, layer_scale), (nx, nnw, nnb, nw1, nb1, nw2, nb2, nl), grad)
         return (*g[:7], dres, g[7])
     from .triton import gemm_bwd
     from .triton.layernorm_bwd import layernorm_apply
+
     dim, out = x.shape[-1], fc2_weight.shape[0]
     x2 = dense(x).reshape(-1, dim)
     g = dense(grad).reshape(-1, out)
     has_norm = norm_weight is not None
-    pre = project(x2, fc1_weight, fc1_bias, norm_weight, norm_bias, stats)   # fc1's output before GELU
+    pre = project(x2, fc1_weight, fc1_bias, norm_weight, norm_bias, stats)  # fc1's output before GELU
     branch = project(hidden, fc2_weight, fc2_bias) if nl else None
     need_h = nx or nnw or nnb or nw1 or nb1
-    dpre, dw2, db2, dls = gemm_bwd.linear_backward(g, hidden, fc2_weight, need_input=need_h, need_weight=nw2,
-                                                   need_bias=nb2 and fc2_bias is not None, layer_scale=layer_scale,
-                                                   branch=branch, gelu_input=pre, approximate=approximate)
+    dpre, dw2, db2, dls = gemm_bwd.linear_backward(
+        g,
+        hidden,
+        fc2_weight,
+        need_input=need_h,
+        need_weight=nw2,
+        need_bias=nb2 and fc2_bias is not None,
+        layer_scale=layer_scale,
+        branch=branch,
+        gelu_input=pre,
+        approximate=approximate,
+    )
     dx = dnw = dnb = dw1 = db1 = None
     if need_h:
         a = layernorm_apply(x2, *stats, norm_weight, norm_bias) if has_norm else x2
-        dh, dw1, db1, _ = gemm_bwd.linear_backward(dpre, a, fc1_weight, need_input=nx or nnw or nnb,
-                                                   need_weight=nw1, need_bias=nb1 and fc1_bias is not None)
+        dh, dw1, db1, _ = gemm_bwd.linear_backward(
+            dpre, a, fc1_weight, need_input=nx or nnw or nnb, need_weight=nw1, need_bias=nb1 and fc1_bias is not None
+        )
         if has_norm and (nx or nnw or nnb):
             from .triton.layernorm_bwd import layernorm_backward as ln_backward
-            dx, dnw, dnb = ln_backward(dh, x2, *stats, norm_weight, need_input=nx, need_weight=nnw,
-                                       need_bias=nnb and norm_bias is not None)
+
+            dx, dnw, dnb = ln_backward(
+                dh, x2, *stats, norm_weight, need_input=nx, need_weight=nnw, need_bias=nnb and norm_bias is not None
+            )
         elif nx:
             dx = dh
-    return ((dx.view(x.shape) if dx is not None else None), dnw, dnb, dw1, db1, dw2,
-            (db2 if nb2 else None), dres, (dls if nl else None))
+    return (
+        (dx.view(x.shape) if dx is not None else None),
+        dnw,
+        dnb,
+        dw1,
+        db1,
+        dw2,
+        (db2 if nb2 else None),
+        dres,
+        (dls if nl else None),
+    )
 
 
-def project(a: Tensor, weight: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor] = None,
-            norm_bias: Optional[Tensor] = None, stats: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+def project(
+    a: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    norm_weight: Optional[Tensor] = None,
+    norm_bias: Optional[Tensor] = None,
+    stats: Optional[Tuple[Tensor, Tensor]] = None,
+) -> Tensor:
     """[LayerNorm(a) from stats ->] a @ weight^T [+ bias] with the Triton GEMM, a: (rows, K) ->
     (rows, N): what the backward recomputes (fc1 before GELU, a layer-scaled branch). float64 rows
     (gradcheck) take the GEMM's fp64 tiles and a normalized copy of a."""
     from .triton import gemm, gemm_bwd
     from .triton.layernorm_bwd import layernorm_apply
+
     if a.dtype != torch.float64:
         return gemm.dense_forward(a, weight, bias, norm_weight=norm_weight, norm_bias=norm_bias, stats=stats)
     if norm_weight is not None:
         a = layernorm_apply(a, *stats, norm_weight, norm_bias)
     out = torch.empty((a.shape[0], weight.shape[0]), dtype=a.dtype, device=a.device)
-    return gemm.launch_gemm(a, weight, out, M=a.shape[0], N=weight.shape[0], K=a.shape[1], T=max(a.shape[0], 1),
-                            a_strides=(0, a.stride(0), a.stride(1)), w_strides=weight.stride(), out_strides=(0, out.shape[1], 1),
-                            bias=bias, gemm_config=gemm_bwd.FP64_GEMM_CONFIG)
+    return gemm.launch_gemm(
+        a,
+        weight,
+        out,
+        M=a.shape[0],
+        N=weight.shape[0],
+        K=a.shape[1],
+        T=max(a.shape[0], 1),
+        a_strides=(0, a.stride(0), a.stride(1)),
+        w_strides=weight.stride(),
+        out_strides=(0, out.shape[1], 1),
+        bias=bias,
+        gemm_config=gemm_bwd.FP64_GEMM_CONFIG,
+    )
 
 
-def qkv_attention_backward(grad: Tensor, x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor],
-                           norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], *, num_heads: int,
-                           scale: float, eps: float, qkv: Optional[Tensor] = None, out: Optional[Tensor] = None,
-                           lse: Optional[Tensor] = None, stats: Optional[Tuple[Tensor, Tensor]] = None,
-                           needs: Sequence[bool] = (True,) * 5, backend: str = "triton") -> Tuple[Optional[Tensor], ...]:
+def qkv_attention_backward(
+    grad: Tensor,
+    x: Tensor,
+    qkv_weight: Tensor,
+    qkv_bias: Optional[Tensor],
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    *,
+    num_heads: int,
+    scale: float,
+    eps: float,
+    qkv: Optional[Tensor] = None,
+    out: Optional[Tensor] = None,
+    lse: Optional[Tensor] = None,
+    stats: Optional[Tuple[Tensor, Tensor]] = None,
+    needs: Sequence[bool] = (True,) * 5,
+    backend: str = "triton",
+) -> Tuple[Optional[Tensor], ...]:
     """(dx, dqkv_weight, dqkv_bias, dnorm_weight, dnorm_bias) of qkv_attention's split path.
 
     grad, out: (batch, tokens, inner); x: (batch, tokens, dim); qkv: (3, batch, heads, tokens,
@@ -196,42 +313,73 @@ def qkv_attention_backward(grad: Tensor, x: Tensor, qkv_weight: Tensor, qkv_bias
     nx, nw, nb, nnw, nnb = needs
     if backend == "torch":
         from .ops.qkv_attention import qkv_attention_torch
+
         fn = lambda x_, w_, b_, nw_, nb_: qkv_attention_torch(  # noqa: E731
-            x_, w_, b_, num_heads=num_heads, scale=scale, norm_weight=nw_, norm_bias=nb_, eps=eps)
+            x_, w_, b_, num_heads=num_heads, scale=scale, norm_weight=nw_, norm_bias=nb_, eps=eps
+        )
         return _torch_grads(fn, (x, qkv_weight, qkv_bias, norm_weight, norm_bias), needs, grad)
     from .triton import gemm_bwd
     from .triton.attention_bwd import flash_attention_backward as attn_backward
     from .triton.layernorm import row_stats
     from .triton.layernorm_bwd import layernorm_apply
+
     B, N, dim = x.shape
     inner = qkv_weight.shape[0] // 3
     H, hd = num_heads, inner // num_heads
     g = dense(grad)
-    dqkv = torch.empty((B, N, 3, H, hd), dtype=x.dtype, device=x.device)   # = (B*N, 3*inner) rows for the GEMMs
+    dqkv = torch.empty((B, N, 3, H, hd), dtype=x.dtype, device=x.device)  # = (B*N, 3*inner) rows for the GEMMs
     views = [dqkv[:, :, i].transpose(1, 2) for i in range(3)]
-    attn_backward(g.view(B, N, H, hd).transpose(1, 2), qkv[0], qkv[1], qkv[2], out.view(B, N, H, hd).transpose(1, 2),
-                  lse, 1.0, dq_scale=scale, dq=views[0], dk=views[1], dv=views[2])
+    attn_backward(
+        g.view(B, N, H, hd).transpose(1, 2),
+        qkv[0],
+        qkv[1],
+        qkv[2],
+        out.view(B, N, H, hd).transpose(1, 2),
+        lse,
+        1.0,
+        dq_scale=scale,
+        dq=views[0],
+        dk=views[1],
+        dv=views[2],
+    )
     x2 = dense(x).reshape(B * N, dim)
     has_norm = norm_weight is not None
     if has_norm and stats is None:
         stats = row_stats(x2, eps)
     a = layernorm_apply(x2, *stats, norm_weight, norm_bias) if has_norm else x2
     need_h = nx or nnw or nnb
-    dh, dw, db, _ = gemm_bwd.linear_backward(dqkv.view(B * N, 3 * inner), a, qkv_weight, need_input=need_h,
-                                             need_weight=nw, need_bias=nb and qkv_bias is not None)
+    dh, dw, db, _ = gemm_bwd.linear_backward(
+        dqkv.view(B * N, 3 * inner),
+        a,
+        qkv_weight,
+        need_input=need_h,
+        need_weight=nw,
+        need_bias=nb and qkv_bias is not None,
+    )
     dx = dnw = dnb = None
     if has_norm and need_h:
         from .triton.layernorm_bwd import layernorm_backward as ln_backward
-        dx, dnw, dnb = ln_backward(dh, x2, *stats, norm_weight, need_input=nx, need_weight=nnw,
-                                   need_bias=nnb and norm_bias is not None)
+
+        dx, dnw, dnb = ln_backward(
+            dh, x2, *stats, norm_weight, need_input=nx, need_weight=nnw, need_bias=nnb and norm_bias is not None
+        )
     elif nx:
         dx = dh
     return (dx.view(B, N, dim) if dx is not None else None), dw, db, dnw, dnb
 
 
-def patch_embed_backward(grad: Tensor, images: Tensor, weight: Tensor, bias: Optional[Tensor],
-                         pos_embed: Optional[Tensor], cls_token: Optional[Tensor], *, patch_size: int,
-                         needs: Sequence[bool] = (True,) * 5, backend: str = "triton") -> Tuple[Optional[Tensor], ...]:
+def patch_embed_backward(
+    grad: Tensor,
+    images: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    pos_embed: Optional[Tensor],
+    cls_token: Optional[Tensor],
+    *,
+    patch_size: int,
+    needs: Sequence[bool] = (True,) * 5,
+    backend: str = "triton",
+) -> Tuple[Optional[Tensor], ...]:
     """(dimages, dweight, dbias, dpos_embed, dcls_token) of patch_embed.
 
     grad: (batch, prefix + patches, dim); images: (batch, C, H, W); weight: (dim, C, p, p);
@@ -245,17 +393,25 @@ def patch_embed_backward(grad: Tensor, images: Tensor, weight: Tensor, bias: Opt
     nb, npos, ncls = nb and bias is not None, npos and pos_embed is not None, ncls and cls_token is not None
     if backend == "torch":
         from .ops.patch_embed import patch_embed_torch
-        fn = lambda i_, w_, b_, p_, c_: patch_embed_torch(i_, w_, b_, patch_size=patch_size,  # noqa: E731
-                                                          pos_embed=p_, cls_token=c_)
+
+        fn = lambda i_, w_, b_, p_, c_: patch_embed_torch(
+            i_,
+            w_,
+            b_,
+            patch_size=patch_size,  # noqa: E731
+            pos_embed=p_,
+            cls_token=c_,
+        )
         return _torch_grads(fn, (images, weight, bias, pos_embed, cls_token), (ni, nw, nb, npos, ncls), grad)
     from .triton import gemm_bwd
+
     B, C, Hh, Ww = images.shape
     p = patch_size
     gh, gw = Hh // p, Ww // p
     dim, K = weight.shape[0], C * p * p
     prefix = 1 if cls_token is not None else 0
     T = prefix + gh * gw
-    g = dense(grad)                                   # (B, T, dim)
+    g = dense(grad)  # (B, T, dim)
     dimages = dw = db = dpos = dcls = None
     if nw:
         patches = torch.zeros((B, T, K), dtype=images.dtype, device=images.device)
@@ -278,19 +434,21 @@ def patch_embed_backward(grad: Tensor, images: Tensor, weight: Tensor, bias: Opt
 # autograd.Functions: Triton forward (saving what the backward reads) + Triton backward
 # ---------------------------------------------------------------------------------------------
 
+
 class FlashAttention(torch.autograd.Function):
     """flash_attention with backend="triton" under autograd. apply(q, k, v, scale, config)."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale, config):
         from .triton.attention import flash_attention_forward
+
         out, lse = flash_attention_forward(q, k, v, scale, return_lse=True, **dict(config))
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale = scale
         return out
 
     @staticmethod
-    @once_differentiable   # the backward kernels have no backward themselves
+    @once_differentiable  # the backward kernels have no backward themselves
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         return (*flash_attention_backward(grad_out, q, k, v, out, lse, scale=ctx.scale), None, None)
@@ -304,27 +462,55 @@ class QkvAttention(torch.autograd.Function):
     def forward(ctx, x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps, config):
         from .triton.attention import flash_attention_forward
         from .triton.gemm import qkv_projection_forward
+
         cfg = dict(config)
         B, N, _ = x.shape
         inner = qkv_weight.shape[0] // 3
-        qkv = qkv_projection_forward(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
-                                     norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
-                                     gemm_config=cfg.get("gemm_config"))
+        qkv = qkv_projection_forward(
+            x,
+            qkv_weight,
+            qkv_bias,
+            num_heads=num_heads,
+            scale=scale,
+            norm_weight=norm_weight,
+            norm_bias=norm_bias,
+            eps=eps,
+            gemm_config=cfg.get("gemm_config"),
+        )
         out = torch.empty((B, N, inner), dtype=x.dtype, device=x.device)
-        _, lse = flash_attention_forward(qkv[0], qkv[1], qkv[2], 1.0,
-                                         out=out.view(B, N, num_heads, inner // num_heads).transpose(1, 2),
-                                         return_lse=True, attention_config=cfg.get("attention_config"))
+        _, lse = flash_attention_forward(
+            qkv[0],
+            qkv[1],
+            qkv[2],
+            1.0,
+            out=out.view(B, N, num_heads, inner // num_heads).transpose(1, 2),
+            return_lse=True,
+            attention_config=cfg.get("attention_config"),
+        )
         ctx.save_for_backward(x, qkv_weight, qkv_bias, norm_weight, norm_bias, qkv, out, lse)
         ctx.args = (num_heads, scale, eps)
         return out
 
     @staticmethod
-    @once_differentiable   # the backward kernels have no backward themselves
+    @once_differentiable  # the backward kernels have no backward themselves
     def backward(ctx, grad):
         x, w, b, nw, nb, qkv, out, lse = ctx.saved_tensors
         num_heads, scale, eps = ctx.args
-        grads = qkv_attention_backward(grad, x, w, b, nw, nb, num_heads=num_heads, scale=scale, eps=eps, qkv=qkv,
-                                       out=out, lse=lse, needs=ctx.needs_input_grad[:5])
+        grads = qkv_attention_backward(
+            grad,
+            x,
+            w,
+            b,
+            nw,
+            nb,
+            num_heads=num_heads,
+            scale=scale,
+            eps=eps,
+            qkv=qkv,
+            out=out,
+            lse=lse,
+            needs=ctx.needs_input_grad[:5],
+        )
         return (*grads, None, None, None, None)
 
 
@@ -334,11 +520,12 @@ class Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, layer_scale, config):
         from .triton.gemm import linear_forward
+
         ctx.save_for_backward(x, weight, bias, layer_scale)
         return linear_forward(x, weight, bias, residual=residual, layer_scale=layer_scale, **dict(config))
 
     @staticmethod
-    @once_differentiable   # the backward kernels have no backward themselves
+    @once_differentiable  # the backward kernels have no backward themselves
     def backward(ctx, grad):
         x, weight, bias, layer_scale = ctx.saved_tensors
         return (*linear_backward(grad, x, weight, bias, layer_scale, needs=ctx.needs_input_grad[:5]), None)
@@ -349,31 +536,72 @@ class LayerNormGeluMlp(torch.autograd.Function):
     fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale, eps, approximate, config)."""
 
     @staticmethod
-    def forward(ctx, x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, layer_scale,
-                eps, approximate, config):
+    def forward(
+        ctx,
+        x,
+        norm_weight,
+        norm_bias,
+        fc1_weight,
+        fc1_bias,
+        fc2_weight,
+        fc2_bias,
+        residual,
+        layer_scale,
+        eps,
+        approximate,
+        config,
+    ):
         from .triton.gemm import ACTIVATIONS, dense_forward
         from .triton.layernorm import row_stats
+
         cfg = dict(config).get("gemm_config")
         x2 = dense(x).reshape(-1, x.shape[-1])
         stats = row_stats(x2, eps) if norm_weight is not None else (None, None)
-        hidden = dense_forward(x2, fc1_weight, fc1_bias, norm_weight=norm_weight, norm_bias=norm_bias,
-                               stats=stats if norm_weight is not None else None, act=ACTIVATIONS[approximate],
-                               gemm_config=cfg)
-        out = dense_forward(hidden, fc2_weight, fc2_bias, layer_scale=layer_scale, gemm_config=cfg,
-                            residual=residual.reshape(-1, fc2_weight.shape[0]) if residual is not None else None)
-        ctx.save_for_backward(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale,
-                              hidden, *stats)
+        hidden = dense_forward(
+            x2,
+            fc1_weight,
+            fc1_bias,
+            norm_weight=norm_weight,
+            norm_bias=norm_bias,
+            stats=stats if norm_weight is not None else None,
+            act=ACTIVATIONS[approximate],
+            gemm_config=cfg,
+        )
+        out = dense_forward(
+            hidden,
+            fc2_weight,
+            fc2_bias,
+            layer_scale=layer_scale,
+            gemm_config=cfg,
+            residual=residual.reshape(-1, fc2_weight.shape[0]) if residual is not None else None,
+        )
+        ctx.save_for_backward(
+            x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, layer_scale, hidden, *stats
+        )
         ctx.args = (eps, approximate)
         return out.view(*x.shape[:-1], fc2_weight.shape[0])
 
     @staticmethod
-    @once_differentiable   # the backward kernels have no backward themselves
+    @once_differentiable  # the backward kernels have no backward themselves
     def backward(ctx, grad):
         x, nw, nb, w1, b1, w2, b2, ls, hidden, mean, rstd = ctx.saved_tensors
         eps, approximate = ctx.args
-        grads = layernorm_gelu_mlp_backward(grad, x, nw, nb, w1, b1, w2, b2, ls, hidden=hidden,
-                                            stats=(mean, rstd) if nw is not None else None, eps=eps,
-                                            approximate=approximate, needs=ctx.needs_input_grad[:9])
+        grads = layernorm_gelu_mlp_backward(
+            grad,
+            x,
+            nw,
+            nb,
+            w1,
+            b1,
+            w2,
+            b2,
+            ls,
+            hidden=hidden,
+            stats=(mean, rstd) if nw is not None else None,
+            eps=eps,
+            approximate=approximate,
+            needs=ctx.needs_input_grad[:9],
+        )
         return (*grads, None, None, None)
 
 
@@ -384,14 +612,28 @@ class PatchEmbed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, images, weight, bias, pos_embed, cls_token, patch_size, config):
         from .triton.patch_embed import patch_embed_forward
+
         ctx.save_for_backward(images, weight, bias, pos_embed, cls_token)
         ctx.patch_size = patch_size
-        return patch_embed_forward(images, weight, bias, patch_size=patch_size, pos_embed=pos_embed,
-                                   cls_token=cls_token, **dict(config))
+        return patch_embed_forward(
+            images, weight, bias, patch_size=patch_size, pos_embed=pos_embed, cls_token=cls_token, **dict(config)
+        )
 
     @staticmethod
-    @once_differentiable   # the backward kernels have no backward themselves
+    @once_differentiable  # the backward kernels have no backward themselves
     def backward(ctx, grad):
         images, weight, bias, pos_embed, cls_token = ctx.saved_tensors
-        return (*patch_embed_backward(grad, images, weight, bias, pos_embed, cls_token, patch_size=ctx.patch_size,
-                                      needs=ctx.needs_input_grad[:5]), None, None)
+        return (
+            *patch_embed_backward(
+                grad,
+                images,
+                weight,
+                bias,
+                pos_embed,
+                cls_token,
+                patch_size=ctx.patch_size,
+                needs=ctx.needs_input_grad[:5],
+            ),
+            None,
+            None,
+        )

@@ -26,6 +26,7 @@ Rules:
   keeps the torch path (no backward kernel has been measured against PyTorch's) and the decision
   says so.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -192,10 +193,13 @@ def triton_unavailable(device: torch.device, dtypes: Iterable[torch.dtype] = ())
         return None
     if device.type == "cpu":
         if not interpreter_enabled():
-            return ("tensors are on the CPU and Triton's interpreter is off: set TRITON_INTERPRET=1 "
-                    "in the environment before triton is imported, or move the tensors to a CUDA device")
+            return (
+                "tensors are on the CPU and Triton's interpreter is off: set TRITON_INTERPRET=1 "
+                "in the environment before triton is imported, or move the tensors to a CUDA device"
+            )
         if torch.bfloat16 in set(dtypes):
             from .triton.interpreter import bf16_flaw
+
             return bf16_flaw()
         return None
     return f"Triton kernels do not run on device type {device.type!r}"
@@ -216,13 +220,22 @@ def cuda_unavailable(device: torch.device) -> Optional[str]:
 def needs_grad(tensors: Iterable[Optional[torch.Tensor]]) -> bool:
     """True when autograd records and any of ``tensors`` requires grad."""
     return torch.is_grad_enabled() and any(
-        t is not None and isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+        t is not None and isinstance(t, torch.Tensor) and t.requires_grad for t in tensors
+    )
 
 
-def resolve(op: str, backend: str, tensors: Iterable[Optional[torch.Tensor]],
-            unsupported: Optional[Mapping[str, Optional[str]]] = None,
-            has_backward: Iterable[str] = (), *, tune: Optional[str] = None, run=None, args: tuple = (),
-            key_extra: tuple = ()) -> Decision:
+def resolve(
+    op: str,
+    backend: str,
+    tensors: Iterable[Optional[torch.Tensor]],
+    unsupported: Optional[Mapping[str, Optional[str]]] = None,
+    has_backward: Iterable[str] = (),
+    *,
+    tune: Optional[str] = None,
+    run=None,
+    args: tuple = (),
+    key_extra: tuple = (),
+) -> Decision:
     """Choose the backend for one call of ``op``.
 
     tensors: the op's tensor arguments (None for absent optional ones); the device of the first
@@ -240,7 +253,7 @@ def resolve(op: str, backend: str, tensors: Iterable[Optional[torch.Tensor]],
     check_backend(backend)
     if tune is not None:
         tuning.check_mode(tune)
-    all_tensors = tuple(tensors)            # with None entries: the tuning signature counts them
+    all_tensors = tuple(tensors)  # with None entries: the tuning signature counts them
     tensors = [t for t in all_tensors if t is not None]
     device = tensors[0].device if tensors else torch.device("cpu")
     unsupported = dict(unsupported or {})
@@ -250,16 +263,18 @@ def resolve(op: str, backend: str, tensors: Iterable[Optional[torch.Tensor]],
         has_backward = tuple(has_backward)
         if backend == "auto":
             for b in ("triton", "cuda"):
-                reasons[b] = (GRAD_UNMEASURED if b in has_backward else GRAD_FORWARD_ONLY)
+                reasons[b] = GRAD_UNMEASURED if b in has_backward else GRAD_FORWARD_ONLY
             d = Decision(op, "torch", backend, reasons)
             _log_once(d)
             _record(d)
             return d
         if backend != "torch" and backend not in has_backward:
             alt = " or ".join(repr(b) for b in has_backward + ("torch",))
-            raise RuntimeError(f"{op}: backend={backend!r} cannot serve this call: gradients are required and "
-                               f"its kernels are forward-only (no backward); use backend={alt}, or call it "
-                               f"under torch.no_grad()")
+            raise RuntimeError(
+                f"{op}: backend={backend!r} cannot serve this call: gradients are required and "
+                f"its kernels are forward-only (no backward); use backend={alt}, or call it "
+                f"under torch.no_grad()"
+            )
 
     def why_not(b: str) -> Optional[str]:
         if b in reasons:
@@ -274,9 +289,17 @@ def resolve(op: str, backend: str, tensors: Iterable[Optional[torch.Tensor]],
 
     if backend == "auto":
         if run is not None and not reasons:
-            d = tuning.get_tuner().decide(op, device, all_tensors, key_extra, tune,
-                                          lambda: [b for b in ("triton", "cuda") if why_not(b) is None],
-                                          run, args, reasons)
+            d = tuning.get_tuner().decide(
+                op,
+                device,
+                all_tensors,
+                key_extra,
+                tune,
+                lambda: [b for b in ("triton", "cuda") if why_not(b) is None],
+                run,
+                args,
+                reasons,
+            )
             if d is not None:
                 _record(d)
                 return d
@@ -287,14 +310,23 @@ def resolve(op: str, backend: str, tensors: Iterable[Optional[torch.Tensor]],
             # no kernel is picked without a measurement; naming the backend still runs it.
             order = []
             for b in ("triton", "cuda"):
-                reasons.setdefault(b, "nothing was measured for this call (tuning off or no cached choice): "
-                                      "auto keeps PyTorch's path; tune, or ask for backend=" + repr(b))
+                reasons.setdefault(
+                    b,
+                    "nothing was measured for this call (tuning off or no cached choice): "
+                    "auto keeps PyTorch's path; tune, or ask for backend=" + repr(b),
+                )
         else:
             order = []
-            reasons.setdefault("triton", "auto does not pick the Triton interpreter on CPU tensors "
-                                         "(it is for verification; ask for backend='triton')")
-            reasons.setdefault("cuda", "auto does not pick the CUDA host emulator on CPU tensors "
-                                       "(it is for verification; ask for backend='cuda')")
+            reasons.setdefault(
+                "triton",
+                "auto does not pick the Triton interpreter on CPU tensors "
+                "(it is for verification; ask for backend='triton')",
+            )
+            reasons.setdefault(
+                "cuda",
+                "auto does not pick the CUDA host emulator on CPU tensors "
+                "(it is for verification; ask for backend='cuda')",
+            )
         chosen = "torch"
         for b in order:
             r = why_not(b)
@@ -323,8 +355,10 @@ def resolve(op: str, backend: str, tensors: Iterable[Optional[torch.Tensor]],
     return d
 
 
-GRAD_UNMEASURED = ("gradients are required: auto keeps PyTorch's autograd path (the Triton backward kernels "
-                   "have not been measured against it; ask for backend='triton')")
+GRAD_UNMEASURED = (
+    "gradients are required: auto keeps PyTorch's autograd path (the Triton backward kernels "
+    "have not been measured against it; ask for backend='triton')"
+)
 GRAD_FORWARD_ONLY = "gradients are required and its kernels are forward-only: torch autograd path"
 _LOGGED = set()
 

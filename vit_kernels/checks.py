@@ -13,6 +13,7 @@ Three kinds of rule live here, all used by the ops' check functions (vit_kernels
   position embedding) with other strides are copied to contiguous for the fused kernels, which
   read them with unit stride; each copy is listed in the op's ``last_decision(op).copied``.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,10 +25,16 @@ import torch
 from .dtypes import FLOAT_DTYPES
 
 
-
-def tensor(name: str, t, *, ndim: Optional[int] = None, shape: Optional[Sequence] = None,
-           dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None,
-           optional: bool = False) -> None:
+def tensor(
+    name: str,
+    t,
+    *,
+    ndim: Optional[int] = None,
+    shape: Optional[Sequence] = None,
+    dtype: Optional[torch.dtype] = None,
+    device: Optional[torch.device] = None,
+    optional: bool = False,
+) -> None:
     """Check one tensor argument. ``shape`` entries may be None (any size)."""
     if t is None:
         if optional:
@@ -38,8 +45,7 @@ def tensor(name: str, t, *, ndim: Optional[int] = None, shape: Optional[Sequence
     if t.layout != torch.strided:
         raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected a floating dtype (float32, float16, bfloat16, float64), "
-                        f"got {t.dtype}")
+        raise TypeError(f"{name}: expected a floating dtype (float32, float16, bfloat16, float64), got {t.dtype}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D tensor, got {t.dim()}-D with shape {tuple(t.shape)}")
     if shape is not None:
@@ -50,8 +56,7 @@ def tensor(name: str, t, *, ndim: Optional[int] = None, shape: Optional[Sequence
     if dtype is not None and t.dtype != dtype:
         raise TypeError(f"{name}: expected dtype {dtype} (the dtype of the op's input), got {t.dtype}")
     if device is not None and t.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device} (the device of the op's input), "
-                         f"got one on {t.device}")
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of the op's input), got one on {t.device}")
 
 
 def same(name_ref: str, ref: torch.Tensor, **others) -> None:
@@ -89,7 +94,7 @@ def real(name: str, v, *, minimum: Optional[float] = None, exclusive: bool = Fal
 def softmax_scale(v, head_dim: int) -> float:
     """The attention ``scale``: None -> head_dim ** -0.5, else a finite number > 0."""
     if v is None:
-        return head_dim ** -0.5
+        return head_dim**-0.5
     return real("scale", v, minimum=0.0, exclusive=True)
 
 
@@ -113,6 +118,7 @@ def choice(name: str, v, options: Sequence) -> None:
 # ------------------------------------------------------------------------------------ layouts
 # Each rule: None when the kernels read ``t`` in place as it is, else why not (naming ``name``).
 
+
 def _flat_rows(t: torch.Tensor, lead: int) -> Optional[torch.Tensor]:
     """``t`` as a view of shape (-1,) + t.shape[lead:], or None when no view (only a copy) can."""
     shape = (-1,) + tuple(t.shape[lead:])
@@ -125,25 +131,31 @@ def _flat_rows(t: torch.Tensor, lead: int) -> Optional[torch.Tensor]:
 def rows_layout(name: str, t: Optional[torch.Tensor]) -> Optional[str]:
     """Triton GEMM rows: t (..., T, C) addressed as (-1, T, C) through strides (any strides within
     the last two dims, including 0 and gaps; the leading dims must merge without a copy)."""
-    if t is None or t.dim() <= 3 or t.numel() == 0:   # an empty result launches nothing
+    if t is None or t.dim() <= 3 or t.numel() == 0:  # an empty result launches nothing
         return None
     if _flat_rows(t, t.dim() - 2) is None:
-        return (f"{name}: the Triton kernels address (..., T, C) as (-1, T, C) without a copy; shape "
-                f"{tuple(t.shape)} with strides {t.stride()} does not allow it (pass {name}.contiguous())")
+        return (
+            f"{name}: the Triton kernels address (..., T, C) as (-1, T, C) without a copy; shape "
+            f"{tuple(t.shape)} with strides {t.stride()} does not allow it (pass {name}.contiguous())"
+        )
     return None
 
 
 def unit_rows_layout(name: str, t: Optional[torch.Tensor]) -> Optional[str]:
     """CUDA GEMM rows: t (..., C) addressed as (rows, C) with unit stride along C (any row stride,
     including 0; the leading dims must merge without a copy)."""
-    if t is None or t.numel() == 0:   # an empty result launches nothing
+    if t is None or t.numel() == 0:  # an empty result launches nothing
         return None
     if t.shape[-1] > 1 and t.stride(-1) != 1:
-        return (f"{name}: the CUDA kernels read rows with unit stride along the last dim, got shape "
-                f"{tuple(t.shape)} with strides {t.stride()} (pass {name}.contiguous())")
+        return (
+            f"{name}: the CUDA kernels read rows with unit stride along the last dim, got shape "
+            f"{tuple(t.shape)} with strides {t.stride()} (pass {name}.contiguous())"
+        )
     if t.dim() > 2 and _flat_rows(t, t.dim() - 1) is None:
-        return (f"{name}: the CUDA kernels address (..., C) as (rows, C) without a copy; shape {tuple(t.shape)} "
-                f"with strides {t.stride()} does not allow it (pass {name}.contiguous())")
+        return (
+            f"{name}: the CUDA kernels address (..., C) as (rows, C) without a copy; shape {tuple(t.shape)} "
+            f"with strides {t.stride()} does not allow it (pass {name}.contiguous())"
+        )
     return None
 
 
@@ -152,16 +164,20 @@ def vector_rows_layout(name: str, t: Optional[torch.Tensor]) -> Optional[str]:
     unit last-dim stride, a 16-byte aligned data pointer and every other stride a multiple of 8
     elements (true of a contiguous tensor whose last dim is a multiple of 8, or a view of one that
     keeps whole rows). Stride 0 (expand) qualifies."""
-    if t is None or t.numel() == 0:   # an empty result launches nothing
+    if t is None or t.numel() == 0:  # an empty result launches nothing
         return None
     if t.shape[-1] > 1 and t.stride(-1) != 1:
-        return (f"{name}: the Triton attention kernels read rows with unit stride along the last dim, got shape "
-                f"{tuple(t.shape)} with strides {t.stride()} (pass {name}.contiguous())")
+        return (
+            f"{name}: the Triton attention kernels read rows with unit stride along the last dim, got shape "
+            f"{tuple(t.shape)} with strides {t.stride()} (pass {name}.contiguous())"
+        )
     bad = [s for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1 and s % 8 != 0]
     if bad or t.data_ptr() % 16 != 0:
-        return (f"{name}: the Triton attention kernels load rows as 16-byte vectors: expected a 16-byte aligned "
-                f"data pointer and strides that are multiples of 8 elements (except the last), got strides "
-                f"{t.stride()} and data_ptr % 16 = {t.data_ptr() % 16} (pass {name}.contiguous())")
+        return (
+            f"{name}: the Triton attention kernels load rows as 16-byte vectors: expected a 16-byte aligned "
+            f"data pointer and strides that are multiples of 8 elements (except the last), got strides "
+            f"{t.stride()} and data_ptr % 16 = {t.data_ptr() % 16} (pass {name}.contiguous())"
+        )
     return None
 
 
@@ -170,8 +186,10 @@ def unit_stride_params(**params: Optional[torch.Tensor]) -> None:
     when a 1-D parameter a kernel reads with unit stride has another stride."""
     for name, t in params.items():
         if t is not None and t.numel() > 1 and not t.is_contiguous():
-            raise ValueError(f"{name}: the kernel reads it with unit stride, got strides {t.stride()} "
-                             f"(pass {name}.contiguous(); vit_kernels.ops does this itself)")
+            raise ValueError(
+                f"{name}: the kernel reads it with unit stride, got strides {t.stride()} "
+                f"(pass {name}.contiguous(); vit_kernels.ops does this itself)"
+            )
 
 
 def first(*reasons: Optional[str]) -> Optional[str]:
@@ -179,8 +197,9 @@ def first(*reasons: Optional[str]) -> Optional[str]:
     return next((r for r in reasons if r), None)
 
 
-def contiguous_params(requested: str, **params: Optional[torch.Tensor]) -> Tuple[Dict[str, Optional[torch.Tensor]],
-                                                                                 List[str]]:
+def contiguous_params(
+    requested: str, **params: Optional[torch.Tensor]
+) -> Tuple[Dict[str, Optional[torch.Tensor]], List[str]]:
     """The fused kernels read parameters (bias, LayerNorm weight and bias, layer scale, class token,
     position embedding) with unit strides. Any other layout (``bias[::2]``, ``gamma.expand(dim)``, a
     slice of a larger tensor) is copied to contiguous here, once per call, before the backend is
@@ -194,8 +213,10 @@ def contiguous_params(requested: str, **params: Optional[torch.Tensor]) -> Tuple
     notes: List[str] = []
     for name, t in params.items():
         if t is not None and not t.is_contiguous():
-            notes.append(f"{name}: strides {t.stride()} copied to contiguous (the fused kernels read "
-                         f"parameters with unit stride)")
+            notes.append(
+                f"{name}: strides {t.stride()} copied to contiguous (the fused kernels read "
+                f"parameters with unit stride)"
+            )
             t = t.contiguous()
         out[name] = t
     return out, notes

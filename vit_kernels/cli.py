@@ -1,5 +1,6 @@
 """``python -m vit_kernels <command>``: each command lives in its own module with
 ``add_parser(subparsers)`` and ``run(args)``; the list below is the whole dispatch."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,14 @@ def _enable_interpreter_without_gpu() -> None:
     """On a machine without a CUDA device, Triton kernels can only run in Triton's interpreter.
     Turn it on (before triton is imported) and say so."""
     import torch
+
     if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
-        print("note: no CUDA device: Triton kernels run in Triton's interpreter on the CPU "
-              "(TRITON_INTERPRET=1; for verification, not speed)", file=sys.stderr)
+        print(
+            "note: no CUDA device: Triton kernels run in Triton's interpreter on the CPU "
+            "(TRITON_INTERPRET=1; for verification, not speed)",
+            file=sys.stderr,
+        )
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -61,8 +66,9 @@ class Parser(argparse.ArgumentParser):
 def build_parser():
     """The parser of every command; ``-v`` is accepted before or after the command name."""
     parser = Parser(prog="python -m vit_kernels", description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="log backend decisions (INFO) and print the traceback of an error")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log backend decisions (INFO) and print the traceback of an error"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, mod in COMMANDS.items():
@@ -71,8 +77,13 @@ def build_parser():
     for p in sub.choices.values():
         p.formatter_class = HelpFormatter  # the same help layout for every command, set here once
         # -v after the command: SUPPRESS keeps a -v given before it
-        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                       help="log backend decisions (INFO) and print the traceback of an error")
+        p.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="log backend decisions (INFO) and print the traceback of an error",
+        )
     return parser, modules
 
 
@@ -90,7 +101,8 @@ def main(argv=None) -> int:
         return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     from .cuda.build import quiet_cuda_home_guess
-    quiet_cuda_home_guess()   # before anything imports torch.utils.cpp_extension (torch.utils.benchmark does)
+
+    quiet_cuda_home_guess()  # before anything imports torch.utils.cpp_extension (torch.utils.benchmark does)
     if args.command not in NO_INTERPRETER:
         _enable_interpreter_without_gpu()
     prog = f"{parser.prog} {args.command}"

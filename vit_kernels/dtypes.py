@@ -6,6 +6,7 @@
 - :data:`FLOAT_DTYPES`: what the ops accept (float64 runs the torch path, as the oracle does);
 - :data:`SHORT_NAMES`: the ``--dtype`` names of the commands (``fp32``, ``fp16``, ``bf16``).
 """
+
 from __future__ import annotations
 
 import torch

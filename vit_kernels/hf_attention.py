@@ -11,6 +11,7 @@ mask, attention dropout in training) is refused with an error, never run another
 This fuses only the attention core (q, k, v -> o); :func:`vit_kernels.fuse` stays the way to fuse
 whole layers (LayerNorm + QKV projection + attention, the MLP).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -34,7 +35,7 @@ def _attentions_requested(module, kwargs) -> bool:
         return True
     try:
         from transformers.utils.output_capturing import _active_collector
-    except ImportError:    # transformers 4.x passes output_attentions down as a keyword
+    except ImportError:  # transformers 4.x passes output_attentions down as a keyword
         return False
     collected = _active_collector.get()
     return bool(collected) and "attentions" in collected
@@ -46,15 +47,26 @@ def make_attention(backend: str = "auto"):
     (batch, heads, tokens, tokens) or None). query, key, value: (batch, heads, tokens, head_dim)."""
     check_backend(backend)
 
-    def vit_kernels_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                              value: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                              scaling: Optional[float] = None, dropout: float = 0.0, **kwargs):
+    def vit_kernels_attention(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        scaling: Optional[float] = None,
+        dropout: float = 0.0,
+        **kwargs,
+    ):
         if attention_mask is not None:
-            raise ValueError(f"attention_mask: the {NAME} attention takes no mask (ViT attends to every "
-                             f"token), got a tensor of shape {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"attention_mask: the {NAME} attention takes no mask (ViT attends to every "
+                f"token), got a tensor of shape {tuple(attention_mask.shape)}"
+            )
         if dropout and module.training:
-            raise ValueError(f"dropout: the {NAME} attention has no attention dropout, got p={dropout} in "
-                             f"training mode; call model.eval() or set attention_probs_dropout_prob=0")
+            raise ValueError(
+                f"dropout: the {NAME} attention has no attention dropout, got p={dropout} in "
+                f"training mode; call model.eval() or set attention_probs_dropout_prob=0"
+            )
         if _attentions_requested(module, kwargs):
             out, st = ops.flash_attention(query, key, value, scale=scaling, backend=backend, stats=_WEIGHTS)
             weights = st.weights
@@ -70,5 +82,6 @@ def register(backend: str = "auto", name: str = NAME) -> str:
     (registering again replaces it, e.g. with another backend). Returns the name to pass as
     ``attn_implementation``."""
     from transformers import AttentionInterface
+
     AttentionInterface.register(name, make_attention(backend))
     return name

@@ -29,6 +29,7 @@ Under torch.compile the op's implementation runs when the compiled code runs, so
 symbolic runs its blocks' own forward (a mask may come): pass
 ``concrete_args={"attn_mask": None, "is_causal": False}`` for the fused path.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -40,22 +41,24 @@ from torch import Tensor
 from . import backends, checks, tuning
 
 # the op files (vit_kernels.ops re-exports functions of the same names, hence import_module)
-_fa, _qkv, _mlp, _pe, _linear = (importlib.import_module(f"vit_kernels.ops.{m}") for m in (
-    "flash_attention", "qkv_attention", "mlp", "patch_embed", "linear"))
+_fa, _qkv, _mlp, _pe, _linear = (
+    importlib.import_module(f"vit_kernels.ops.{m}")
+    for m in ("flash_attention", "qkv_attention", "mlp", "patch_embed", "linear")
+)
 
 NAMESPACE = "vit_kernels"
 
 SCHEMAS = {
     "flash_attention": "(Tensor q, Tensor k, Tensor v, float? scale, str backend, str? tune) -> Tensor",
     "qkv_attention": "(Tensor x, Tensor qkv_weight, Tensor? qkv_bias, Tensor? norm_weight, Tensor? norm_bias, "
-                     "int num_heads, float? scale, float eps, str? path, str backend, str? tune) -> Tensor",
+    "int num_heads, float? scale, float eps, str? path, str backend, str? tune) -> Tensor",
     "layernorm_gelu_mlp": "(Tensor x, Tensor? norm_weight, Tensor? norm_bias, Tensor fc1_weight, "
-                          "Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, Tensor? residual, "
-                          "Tensor? layer_scale, float eps, str approximate, str backend, str? tune) -> Tensor",
+    "Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, Tensor? residual, "
+    "Tensor? layer_scale, float eps, str approximate, str backend, str? tune) -> Tensor",
     "patch_embed": "(Tensor images, Tensor weight, Tensor? bias, Tensor? pos_embed, Tensor? cls_token, "
-                   "int patch_size, float[]? image_mean, float[]? image_std, str backend, str? tune) -> Tensor",
+    "int patch_size, float[]? image_mean, float[]? image_std, str backend, str? tune) -> Tensor",
     "linear": "(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? layer_scale, str backend, "
-              "str? tune) -> Tensor",
+    "str? tune) -> Tensor",
 }
 
 # op -> number of leading tensor arguments in its schema
@@ -69,27 +72,43 @@ def _flash_attention_shape(q, k, v, scale, backend, tune) -> Tuple[int, ...]:
     return tuple(q.shape)
 
 
-def _qkv_attention_shape(x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps, path, backend,
-                         tune) -> Tuple[int, ...]:
+def _qkv_attention_shape(
+    x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps, path, backend, tune
+) -> Tuple[int, ...]:
     """x: (batch, tokens, dim) -> (batch, tokens, inner)."""
-    _, inner, _, _, _ = _qkv.check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bias,
-                                                 scale, eps)
+    _, inner, _, _, _ = _qkv.check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bias, scale, eps)
     return (x.shape[0], x.shape[1], inner)
 
 
-def _layernorm_gelu_mlp_shape(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual,
-                              layer_scale, eps, approximate, backend, tune) -> Tuple[int, ...]:
+def _layernorm_gelu_mlp_shape(
+    x,
+    norm_weight,
+    norm_bias,
+    fc1_weight,
+    fc1_bias,
+    fc2_weight,
+    fc2_bias,
+    residual,
+    layer_scale,
+    eps,
+    approximate,
+    backend,
+    tune,
+) -> Tuple[int, ...]:
     """x: (..., dim) -> (..., out)."""
-    _mlp.check_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate,
-                   residual, layer_scale, eps)
+    _mlp.check_mlp(
+        x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, layer_scale, eps
+    )
     return tuple(x.shape[:-1]) + (fc2_weight.shape[0],)
 
 
-def _patch_embed_shape(images, weight, bias, pos_embed, cls_token, patch_size, image_mean, image_std, backend,
-                       tune) -> Tuple[int, ...]:
+def _patch_embed_shape(
+    images, weight, bias, pos_embed, cls_token, patch_size, image_mean, image_std, backend, tune
+) -> Tuple[int, ...]:
     """images: (batch, C, H, W) -> (batch, prefix + patches, dim)."""
-    tokens, dim, _ = _pe.check_patch_embed(images, weight, bias, patch_size, pos_embed, cls_token, image_mean,
-                                           image_std)
+    tokens, dim, _ = _pe.check_patch_embed(
+        images, weight, bias, patch_size, pos_embed, cls_token, image_mean, image_std
+    )
     return (images.shape[0], tokens, dim)
 
 
@@ -106,31 +125,60 @@ def _flash_attention_torch(q, k, v, scale, backend, tune):
     return _fa.sdpa(q, k, v, _fa.check_flash_attention(q, k, v, scale))
 
 
-def _qkv_attention_torch(x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps, path, backend,
-                         tune):
-    num_heads, _, _, scale, eps = _qkv.check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight,
-                                                           norm_bias, scale, eps)
-    return _qkv.qkv_attention_torch(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
-                                    norm_weight=norm_weight, norm_bias=norm_bias, eps=eps)
+def _qkv_attention_torch(x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps, path, backend, tune):
+    num_heads, _, _, scale, eps = _qkv.check_qkv_attention(
+        x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bias, scale, eps
+    )
+    return _qkv.qkv_attention_torch(
+        x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps
+    )
 
 
-def _layernorm_gelu_mlp_torch(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual,
-                              layer_scale, eps, approximate, backend, tune):
-    eps = _mlp.check_mlp(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate,
-                         residual, layer_scale, eps)
-    return _mlp.layernorm_gelu_mlp_torch(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                         eps=eps, approximate=approximate, residual=residual,
-                                         layer_scale=layer_scale)
+def _layernorm_gelu_mlp_torch(
+    x,
+    norm_weight,
+    norm_bias,
+    fc1_weight,
+    fc1_bias,
+    fc2_weight,
+    fc2_bias,
+    residual,
+    layer_scale,
+    eps,
+    approximate,
+    backend,
+    tune,
+):
+    eps = _mlp.check_mlp(
+        x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate, residual, layer_scale, eps
+    )
+    return _mlp.layernorm_gelu_mlp_torch(
+        x,
+        norm_weight,
+        norm_bias,
+        fc1_weight,
+        fc1_bias,
+        fc2_weight,
+        fc2_bias,
+        eps=eps,
+        approximate=approximate,
+        residual=residual,
+        layer_scale=layer_scale,
+    )
 
 
-def _patch_embed_torch(images, weight, bias, pos_embed, cls_token, patch_size, image_mean, image_std, backend,
-                       tune):
-    _, _, pixel_norm = _pe.check_patch_embed(images, weight, bias, patch_size, pos_embed, cls_token, image_mean,
-                                             image_std)
-    norm = {} if pixel_norm is None else dict(zip(("image_mean", "image_std"),
-                                                  _pe.pixel_norm_tensors(pixel_norm, images.device)))
-    return _pe.patch_embed_torch(images, weight, bias, patch_size=int(patch_size), pos_embed=pos_embed,
-                                 cls_token=cls_token, **norm)
+def _patch_embed_torch(images, weight, bias, pos_embed, cls_token, patch_size, image_mean, image_std, backend, tune):
+    _, _, pixel_norm = _pe.check_patch_embed(
+        images, weight, bias, patch_size, pos_embed, cls_token, image_mean, image_std
+    )
+    norm = (
+        {}
+        if pixel_norm is None
+        else dict(zip(("image_mean", "image_std"), _pe.pixel_norm_tensors(pixel_norm, images.device)))
+    )
+    return _pe.patch_embed_torch(
+        images, weight, bias, patch_size=int(patch_size), pos_embed=pos_embed, cls_token=cls_token, **norm
+    )
 
 
 def _linear_torch(x, weight, bias, residual, layer_scale, backend, tune):
@@ -143,21 +191,44 @@ def _flash_attention_impl(q, k, v, scale, backend, tune):
     return _fa.dispatch(q, k, v, scale, backend, tune)
 
 
-def _qkv_attention_impl(x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps, path, backend,
-                        tune):
-    return _qkv.dispatch(x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps, path, backend,
-                         tune)
+def _qkv_attention_impl(x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps, path, backend, tune):
+    return _qkv.dispatch(x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps, path, backend, tune)
 
 
-def _layernorm_gelu_mlp_impl(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual,
-                             layer_scale, eps, approximate, backend, tune):
-    return _mlp.dispatch(x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual,
-                         layer_scale, eps, approximate, backend, tune)
+def _layernorm_gelu_mlp_impl(
+    x,
+    norm_weight,
+    norm_bias,
+    fc1_weight,
+    fc1_bias,
+    fc2_weight,
+    fc2_bias,
+    residual,
+    layer_scale,
+    eps,
+    approximate,
+    backend,
+    tune,
+):
+    return _mlp.dispatch(
+        x,
+        norm_weight,
+        norm_bias,
+        fc1_weight,
+        fc1_bias,
+        fc2_weight,
+        fc2_bias,
+        residual,
+        layer_scale,
+        eps,
+        approximate,
+        backend,
+        tune,
+    )
 
 
 def _patch_embed_impl(images, weight, bias, pos_embed, cls_token, patch_size, image_mean, image_std, backend, tune):
-    return _pe.dispatch(images, weight, bias, pos_embed, cls_token, patch_size, image_mean, image_std, backend,
-                        tune)
+    return _pe.dispatch(images, weight, bias, pos_embed, cls_token, patch_size, image_mean, image_std, backend, tune)
 
 
 def _linear_impl(x, weight, bias, residual, layer_scale, backend, tune):
@@ -213,22 +284,38 @@ def _setup_context(op: str):
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:n])
         ctx.vk_rest = tuple(inputs[n:])
+
     return setup_context
 
 
-SHAPES: Dict[str, Callable] = {"flash_attention": _flash_attention_shape, "qkv_attention": _qkv_attention_shape,
-                               "layernorm_gelu_mlp": _layernorm_gelu_mlp_shape, "patch_embed": _patch_embed_shape,
-                               "linear": _linear_shape}
-TORCH_PATHS: Dict[str, Callable] = {"flash_attention": _flash_attention_torch, "qkv_attention": _qkv_attention_torch,
-                                    "layernorm_gelu_mlp": _layernorm_gelu_mlp_torch,
-                                    "patch_embed": _patch_embed_torch, "linear": _linear_torch}
-IMPLS: Dict[str, Callable] = {"flash_attention": _flash_attention_impl, "qkv_attention": _qkv_attention_impl,
-                              "layernorm_gelu_mlp": _layernorm_gelu_mlp_impl, "patch_embed": _patch_embed_impl,
-                              "linear": _linear_impl}
-BACKWARDS: Dict[str, Callable] = {"flash_attention": _flash_attention_backward,
-                                  "qkv_attention": _qkv_attention_backward,
-                                  "layernorm_gelu_mlp": _layernorm_gelu_mlp_backward,
-                                  "patch_embed": _patch_embed_backward, "linear": _linear_backward}
+SHAPES: Dict[str, Callable] = {
+    "flash_attention": _flash_attention_shape,
+    "qkv_attention": _qkv_attention_shape,
+    "layernorm_gelu_mlp": _layernorm_gelu_mlp_shape,
+    "patch_embed": _patch_embed_shape,
+    "linear": _linear_shape,
+}
+TORCH_PATHS: Dict[str, Callable] = {
+    "flash_attention": _flash_attention_torch,
+    "qkv_attention": _qkv_attention_torch,
+    "layernorm_gelu_mlp": _layernorm_gelu_mlp_torch,
+    "patch_embed": _patch_embed_torch,
+    "linear": _linear_torch,
+}
+IMPLS: Dict[str, Callable] = {
+    "flash_attention": _flash_attention_impl,
+    "qkv_attention": _qkv_attention_impl,
+    "layernorm_gelu_mlp": _layernorm_gelu_mlp_impl,
+    "patch_embed": _patch_embed_impl,
+    "linear": _linear_impl,
+}
+BACKWARDS: Dict[str, Callable] = {
+    "flash_attention": _flash_attention_backward,
+    "qkv_attention": _qkv_attention_backward,
+    "layernorm_gelu_mlp": _layernorm_gelu_mlp_backward,
+    "patch_embed": _patch_embed_backward,
+    "linear": _linear_backward,
+}
 
 
 def _implementation(op: str, args: Sequence) -> Tensor:
@@ -249,7 +336,7 @@ def _register(op: str) -> None:
         return _implementation(op, args)
 
     def fake(*args):
-        like = args[1] if op == "patch_embed" else args[0]   # patch_embed: the weight's dtype (uint8 images)
+        like = args[1] if op == "patch_embed" else args[0]  # patch_embed: the weight's dtype (uint8 images)
         return like.new_empty(shape(*args))
 
     _LIB.impl(op, implementation, "CompositeExplicitAutograd")
@@ -293,10 +380,14 @@ def _plain_eager(tensors: Sequence) -> bool:
     """True for an eager call that nothing traces or intercepts: no torch.compile / torch.jit.trace,
     no torch function or dispatch mode (torch.export, FakeTensorMode, FlopCounterMode, ...), no
     functorch transform (vmap, grad), plain tensors (or Parameters) only."""
-    return (not torch.compiler.is_compiling() and torch._C._get_tracing_state() is None
-            and not torch._C._is_torch_function_mode_enabled() and torch._C._len_torch_dispatch_stack() == 0
-            and torch._C._functorch.peek_interpreter_stack() is None
-            and all(t is None or type(t) in _PLAIN for t in tensors))
+    return (
+        not torch.compiler.is_compiling()
+        and torch._C._get_tracing_state() is None
+        and not torch._C._is_torch_function_mode_enabled()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and torch._C._functorch.peek_interpreter_stack() is None
+        and all(t is None or type(t) in _PLAIN for t in tensors)
+    )
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -312,26 +403,28 @@ def run(op: str, args: Sequence):
       and redispatch, several microseconds against the 15 us host budget of a call);
     - otherwise (torch.compile, torch.export, torch.fx, torch.jit.trace, modes, subclasses,
       functorch): the custom op, which they see as one node."""
-    tensors = args[:N_TENSORS[op]]
+    tensors = args[: N_TENSORS[op]]
     if symbolic(args[0]):
         return getattr(torch.ops.vit_kernels, op)(*_scalars(op, args))
     if backends.needs_grad(tensors):
-        args = _scalars(op, args)   # path, approximate, tune, ... checked as the op does
+        args = _scalars(op, args)  # path, approximate, tune, ... checked as the op does
         if not torch.compiler.is_compiling():
             # eager autograd: the op's implementation decides (recorded): backend "triton" runs the
             # forward and backward kernels (vit_kernels.autograd), "torch" / "auto" PyTorch's autograd
             # path, "cuda" raises (forward-only kernels)
             return IMPLS[op](*args)
-        return TORCH_PATHS[op](*args)   # traced by the compiler op by op; checks the tensors
+        return TORCH_PATHS[op](*args)  # traced by the compiler op by op; checks the tensors
     if _plain_eager(tensors):
-        return IMPLS[op](*args)   # checks every argument; strides as the backend made them (no tracer holds
+        return IMPLS[op](*args)  # checks every argument; strides as the backend made them (no tracer holds
         #                           the fake's contiguous promise), so no copy of SDPA's output in eager
     return getattr(torch.ops.vit_kernels, op)(*_scalars(op, args))
 
 
-TORCHSCRIPT_REFUSED = ("torch.jit.script cannot compile vit_kernels' fused modules (they choose a backend in Python "
-                       "at run time); use torch.jit.trace, torch.compile, torch.export or torch.fx, or "
-                       "vit_kernels.unfuse(model) first")
+TORCHSCRIPT_REFUSED = (
+    "torch.jit.script cannot compile vit_kernels' fused modules (they choose a backend in Python "
+    "at run time); use torch.jit.trace, torch.compile, torch.export or torch.fx, or "
+    "vit_kernels.unfuse(model) first"
+)
 
 
 def refuse_torchscript(module) -> None:

@@ -8,6 +8,7 @@ backend (see :mod:`vit_kernels.backends`); "reference" runs the eager oracle
 Under ``torch.autocast`` the fused ops run at the autocast dtype (inputs and parameters cast, as
 autocast does for F.linear) and each module returns its input's dtype.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -26,7 +27,7 @@ MODULE_BACKENDS = BACKENDS + ("reference",)
 
 def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     """The autocast dtype when torch.autocast is on for x's device and would lower x, else None."""
-    if not isinstance(x, Tensor):   # an fx.Proxy: symbolic tracing records the ops as they are
+    if not isinstance(x, Tensor):  # an fx.Proxy: symbolic tracing records the ops as they are
         return None
     dev = x.device.type
     if not torch.is_autocast_enabled(dev):
@@ -45,9 +46,10 @@ def _run_autocast(fn, x: Tensor, params, **kw) -> Tensor:
 
     def cast(t):
         return t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t
+
     with torch.autocast(x.device.type, enabled=False):
         out = fn(cast(x), *[cast(p) for p in params], **{k: cast(v) for k, v in kw.items()})
-    return out.to(x.dtype) if x.is_floating_point() else out   # uint8 images: the autocast dtype
+    return out.to(x.dtype) if x.is_floating_point() else out  # uint8 images: the autocast dtype
 
 
 def _check_module_backend(backend: str) -> str:
@@ -89,9 +91,18 @@ class FusedAttention(_Fused):
     ``last_decision("qkv_attention")`` and ``("linear")`` say so (path "unfused"), once at INFO too.
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True,
-                 eps: float = 1e-6, init_values: Optional[float] = None, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, backend: str = "auto"):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        eps: float = 1e-6,
+        init_values: Optional[float] = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        backend: str = "auto",
+    ):
         super().__init__(backend)
         if dim % num_heads:
             raise ValueError(f"num_heads: dim={dim} is not divisible by num_heads={num_heads}")
@@ -115,41 +126,69 @@ class FusedAttention(_Fused):
         if self.training and (self.attn_drop > 0 or self.proj_drop > 0):
             if stats is not None:
                 raise ValueError("stats: not available while dropout is active in training; call .eval() first")
-            why = (f"dropout is active in training (attn_drop={self.attn_drop:g}, proj_drop={self.proj_drop:g}) "
-                   f"and the fused kernels apply none: the module ran its unfused PyTorch code")
+            why = (
+                f"dropout is active in training (attn_drop={self.attn_drop:g}, proj_drop={self.proj_drop:g}) "
+                f"and the fused kernels apply none: the module ran its unfused PyTorch code"
+            )
             for op in ("qkv_attention", "linear"):
                 unfused(op, self.backend, why)
             return self._forward_with_dropout(x, gamma)
-        params = (self.qkv.weight, self.qkv.bias, norm.weight, norm.bias, self.proj.weight,
-                  self.proj.bias, gamma)
+        params = (self.qkv.weight, self.qkv.bias, norm.weight, norm.bias, self.proj.weight, self.proj.bias, gamma)
         if stats is None:
             return _run_autocast(self._fused, x, params)
         return _run_autocast(self._fused_with_stats, x, params, stats=stats)
 
     def _fused(self, x, qkv_w, qkv_b, norm_w, norm_b, proj_w, proj_b, gamma):
-        o = ops.qkv_attention(x, qkv_w, qkv_b, num_heads=self.num_heads, norm_weight=norm_w,
-                              norm_bias=norm_b, eps=self.norm.eps, backend=self.backend)
+        o = ops.qkv_attention(
+            x,
+            qkv_w,
+            qkv_b,
+            num_heads=self.num_heads,
+            norm_weight=norm_w,
+            norm_bias=norm_b,
+            eps=self.norm.eps,
+            backend=self.backend,
+        )
         return ops.linear(o, proj_w, proj_b, residual=x, layer_scale=gamma, backend=self.backend)
 
     def _fused_with_stats(self, x, qkv_w, qkv_b, norm_w, norm_b, proj_w, proj_b, gamma, stats):
-        o, st = ops.qkv_attention(x, qkv_w, qkv_b, num_heads=self.num_heads, norm_weight=norm_w,
-                                  norm_bias=norm_b, eps=self.norm.eps, backend=self.backend, stats=stats)
+        o, st = ops.qkv_attention(
+            x,
+            qkv_w,
+            qkv_b,
+            num_heads=self.num_heads,
+            norm_weight=norm_w,
+            norm_bias=norm_b,
+            eps=self.norm.eps,
+            backend=self.backend,
+            stats=stats,
+        )
         return ops.linear(o, proj_w, proj_b, residual=x, layer_scale=gamma, backend=self.backend), st
 
     def _reference(self, x: Tensor, gamma: Optional[Tensor], stats):
         """The eager oracle; statistics (asked for, or recorded) from its q and k, full matrix."""
         norm = self.norm
-        o = reference.qkv_attention(x, self.qkv.weight, self.qkv.bias, num_heads=self.num_heads,
-                                    norm_weight=norm.weight, norm_bias=norm.bias, eps=norm.eps)
+        o = reference.qkv_attention(
+            x,
+            self.qkv.weight,
+            self.qkv.bias,
+            num_heads=self.num_heads,
+            norm_weight=norm.weight,
+            norm_bias=norm.bias,
+            eps=norm.eps,
+        )
         y = reference.linear(o, self.proj.weight, self.proj.bias, residual=x, layer_scale=gamma)
         request = stats if stats is not None else attention_stats.active_request()
         if request is None:
             return y
         B, N, C = x.shape
         h = reference.layer_norm(x, norm.weight, norm.bias, norm.eps)
-        q, k, _ = reference.linear(h, self.qkv.weight, self.qkv.bias).reshape(
-            B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        st = attention_stats.attention_stats_torch(q, k, self.head_dim ** -0.5, request)
+        q, k, _ = (
+            reference.linear(h, self.qkv.weight, self.qkv.bias)
+            .reshape(B, N, 3, self.num_heads, self.head_dim)
+            .permute(2, 0, 3, 1, 4)
+        )
+        st = attention_stats.attention_stats_torch(q, k, self.head_dim**-0.5, request)
         if stats is None:
             attention_stats.record(st)
             return y
@@ -172,9 +211,17 @@ class FusedMlp(_Fused):
     or "tanh". Dropout behaves as in :class:`FusedAttention`.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, bias: bool = True, eps: float = 1e-6,
-                 approximate: str = "none", init_values: Optional[float] = None, drop: float = 0.0,
-                 backend: str = "auto"):
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        bias: bool = True,
+        eps: float = 1e-6,
+        approximate: str = "none",
+        init_values: Optional[float] = None,
+        drop: float = 0.0,
+        backend: str = "auto",
+    ):
         super().__init__(backend)
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
@@ -185,14 +232,17 @@ class FusedMlp(_Fused):
 
     def forward(self, x: Tensor) -> Tensor:
         gamma = self.ls.gamma if self.ls is not None else None
-        args = (x, self.norm.weight, self.norm.bias, self.fc1.weight, self.fc1.bias,
-                self.fc2.weight, self.fc2.bias)
+        args = (x, self.norm.weight, self.norm.bias, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         kw = dict(eps=self.norm.eps, approximate=self.approximate, residual=x, layer_scale=gamma)
         if self.backend == "reference":
             return reference.layernorm_gelu_mlp(*args, **kw)
         if self.training and self.drop > 0:
-            unfused("layernorm_gelu_mlp", self.backend, f"dropout is active in training (drop={self.drop:g}) and "
-                    f"the fused kernels apply none: the module ran its unfused PyTorch code")
+            unfused(
+                "layernorm_gelu_mlp",
+                self.backend,
+                f"dropout is active in training (drop={self.drop:g}) and "
+                f"the fused kernels apply none: the module ran its unfused PyTorch code",
+            )
             h = F.dropout(F.gelu(self.fc1(self.norm(x)), approximate=self.approximate), self.drop, True)
             h = F.dropout(self.fc2(h), self.drop, True)
             return x + (h * gamma if gamma is not None else h)
@@ -210,25 +260,30 @@ class FusedPatchEmbed(_Fused):
     float images are taken as normalized already. None: uint8 images are refused, naming them.
     """
 
-    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, bias: bool = True,
-                 backend: str = "auto", image_mean: Optional[Sequence[float]] = None,
-                 image_std: Optional[Sequence[float]] = None):
+    def __init__(
+        self,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        bias: bool = True,
+        backend: str = "auto",
+        image_mean: Optional[Sequence[float]] = None,
+        image_std: Optional[Sequence[float]] = None,
+    ):
         super().__init__(backend)
         self.patch_size = patch_size
         self.image_mean = None if image_mean is None else tuple(float(v) for v in image_mean)
         self.image_std = None if image_std is None else tuple(float(v) for v in image_std)
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
-    def forward(self, images: Tensor, pos_embed: Optional[Tensor] = None,
-                cls_token: Optional[Tensor] = None) -> Tensor:
+    def forward(self, images: Tensor, pos_embed: Optional[Tensor] = None, cls_token: Optional[Tensor] = None) -> Tensor:
         kw = dict(patch_size=self.patch_size, pos_embed=pos_embed, cls_token=cls_token)
         if isinstance(images, Tensor) and images.dtype == torch.uint8:
             kw.update(image_mean=self.image_mean, image_std=self.image_std)
-            check_pixel_norm(images, self.image_mean, self.image_std)   # named errors on every backend
+            check_pixel_norm(images, self.image_mean, self.image_std)  # named errors on every backend
         if self.backend == "reference":
             return reference.patch_embed(images, self.proj.weight, self.proj.bias, **kw)
-        return _run_autocast(ops.patch_embed, images, (self.proj.weight, self.proj.bias), **kw,
-                             backend=self.backend)
+        return _run_autocast(ops.patch_embed, images, (self.proj.weight, self.proj.bias), **kw, backend=self.backend)
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:

@@ -2,6 +2,7 @@
 written for clarity, with the public signatures of :mod:`vit_kernels.ops`. Run in float64 they
 are what every backend is checked against. No fused kernel, no SDPA, no shortcuts.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,12 +27,18 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     """GELU: exact x * Phi(x) with erf, or the tanh approximation."""
     if approximate == "tanh":
-        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
     return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
-           residual: Optional[Tensor] = None, layer_scale: Optional[Tensor] = None) -> Tensor:
+def linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    residual: Optional[Tensor] = None,
+    layer_scale: Optional[Tensor] = None,
+) -> Tensor:
     """x: (..., in), weight: (out, in) -> (..., out); then residual + layer_scale * that."""
     y = x @ weight.t()
     if bias is not None:
@@ -55,10 +62,17 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] =
     return p @ v
 
 
-def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = None, *,
-                  num_heads: int, scale: Optional[float] = None,
-                  norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
-                  eps: float = 1e-6) -> Tensor:
+def qkv_attention(
+    x: Tensor,
+    qkv_weight: Tensor,
+    qkv_bias: Optional[Tensor] = None,
+    *,
+    num_heads: int,
+    scale: Optional[float] = None,
+    norm_weight: Optional[Tensor] = None,
+    norm_bias: Optional[Tensor] = None,
+    eps: float = 1e-6,
+) -> Tensor:
     """x: (batch, tokens, dim); qkv_weight: (3*inner, dim), rows [q; k; v], head-major.
 
     Returns (batch, tokens, inner): attention output before the output projection, heads
@@ -69,17 +83,26 @@ def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = No
     head_dim = inner // num_heads
     if norm_weight is not None:
         x = layer_norm(x, norm_weight, norm_bias, eps)
-    qkv = linear(x, qkv_weight, qkv_bias)                       # (B, N, 3*inner)
+    qkv = linear(x, qkv_weight, qkv_bias)  # (B, N, 3*inner)
     qkv = qkv.reshape(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
-    o = flash_attention(qkv[0], qkv[1], qkv[2], scale=scale)   # (B, H, N, hd)
+    o = flash_attention(qkv[0], qkv[1], qkv[2], scale=scale)  # (B, H, N, hd)
     return o.transpose(1, 2).reshape(B, N, inner)
 
 
-def layernorm_gelu_mlp(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
-                       fc1_weight: Tensor, fc1_bias: Optional[Tensor],
-                       fc2_weight: Tensor, fc2_bias: Optional[Tensor], *, eps: float = 1e-6,
-                       approximate: str = "none", residual: Optional[Tensor] = None,
-                       layer_scale: Optional[Tensor] = None) -> Tensor:
+def layernorm_gelu_mlp(
+    x: Tensor,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor],
+    *,
+    eps: float = 1e-6,
+    approximate: str = "none",
+    residual: Optional[Tensor] = None,
+    layer_scale: Optional[Tensor] = None,
+) -> Tensor:
     """x: (..., dim); fc1_weight: (hidden, dim); fc2_weight: (out, hidden) -> (..., out).
 
     fc2(gelu(fc1(LN(x)))); with residual: residual + layer_scale * that. norm_weight None
@@ -90,9 +113,17 @@ def layernorm_gelu_mlp(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Opti
     return linear(h, fc2_weight, fc2_bias, residual=residual, layer_scale=layer_scale)
 
 
-def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, patch_size: int,
-                pos_embed: Optional[Tensor] = None, cls_token: Optional[Tensor] = None,
-                image_mean=None, image_std=None) -> Tensor:
+def patch_embed(
+    images: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    patch_size: int,
+    pos_embed: Optional[Tensor] = None,
+    cls_token: Optional[Tensor] = None,
+    image_mean=None,
+    image_std=None,
+) -> Tensor:
     """images: (batch, channels, H, W); weight: (dim, channels, p, p) (Conv2d layout).
 
     uint8 images become (x / 255 - image_mean[c]) / image_std[c] (sequences or (C,) tensors), computed
@@ -104,7 +135,7 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
     all tokens (the class token gets pos_embed[0]).
     """
     B, C, H, W = images.shape
-    if isinstance(images, Tensor) and images.dtype == torch.uint8:   # (torch.fx traces float images)
+    if isinstance(images, Tensor) and images.dtype == torch.uint8:  # (torch.fx traces float images)
         work = torch.promote_types(weight.dtype, torch.float32)
         mean = torch.as_tensor(image_mean, dtype=work, device=images.device).view(1, C, 1, 1)
         std = torch.as_tensor(image_std, dtype=work, device=images.device).view(1, C, 1, 1)
@@ -124,6 +155,7 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
 # ---------------------------------------------------------------------------------------------
 # Attention statistics (what vit_kernels.ops.attention_stats returns), from the full matrix.
 
+
 def attention_probs(q: Tensor, k: Tensor, *, scale: Optional[float] = None) -> Tensor:
     """q: (batch, heads, q_tokens, head_dim), k: (batch, heads, kv_tokens, head_dim)
     -> softmax(q k^T * scale) (batch, heads, q_tokens, kv_tokens), the full matrix."""
@@ -141,8 +173,9 @@ def patch_distances(grid: tuple, patch_size: float, dtype=torch.float64, device=
     return torch.cdist(rc, rc) * patch_size
 
 
-def mean_attention_distance(q: Tensor, k: Tensor, *, grid: tuple, patch_size: float, prefix_tokens: int = 1,
-                            scale: Optional[float] = None) -> Tensor:
+def mean_attention_distance(
+    q: Tensor, k: Tensor, *, grid: tuple, patch_size: float, prefix_tokens: int = 1, scale: Optional[float] = None
+) -> Tensor:
     """The ViT paper's mean attention distance per head: (batch, heads).
 
     For each query patch i: sum over key patches j of p_ij * distance(i, j) in pixels, with p the

@@ -4,6 +4,7 @@ FlashAttention's rule: a fused result's max abs error against the float64 oracle
 ``factor`` (2 for outputs, 3 for gradients) times the error of plain PyTorch at the same dtype
 against the same oracle, plus a small absolute floor scaled by the oracle's magnitude.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,13 +33,22 @@ class Comparison:
 
     def __str__(self) -> str:
         status = "ok" if self.ok else "FAILED"
-        return (f"{self.name}: {status}: max abs err {self.max_abs_err:.3e} (rel {self.max_rel_err:.3e}) "
-                f"at index {self.where} (got {self.got:.6g}, expected {self.expected:.6g}); "
-                f"plain PyTorch err {self.baseline_err:.3e}; bound {self.bound:.3e}")
+        return (
+            f"{self.name}: {status}: max abs err {self.max_abs_err:.3e} (rel {self.max_rel_err:.3e}) "
+            f"at index {self.where} (got {self.got:.6g}, expected {self.expected:.6g}); "
+            f"plain PyTorch err {self.baseline_err:.3e}; bound {self.bound:.3e}"
+        )
 
 
-def compare(out: Tensor, oracle: Tensor, baseline: Optional[Tensor] = None, *, factor: float = 2.0,
-            floor: Optional[float] = None, name: str = "output") -> Comparison:
+def compare(
+    out: Tensor,
+    oracle: Tensor,
+    baseline: Optional[Tensor] = None,
+    *,
+    factor: float = 2.0,
+    floor: Optional[float] = None,
+    name: str = "output",
+) -> Comparison:
     """Compare ``out`` with the float64 ``oracle`` under the tolerance rule.
 
     out: the fused result, any dtype; oracle: the eager oracle in float64, same shape;
@@ -47,8 +57,7 @@ def compare(out: Tensor, oracle: Tensor, baseline: Optional[Tensor] = None, *, f
     if out.shape != oracle.shape:
         raise AssertionError(f"{name}: shape {tuple(out.shape)} != oracle shape {tuple(oracle.shape)}")
     if baseline is not None and baseline.shape != oracle.shape:
-        raise AssertionError(f"{name}: baseline: shape {tuple(baseline.shape)} != oracle shape "
-                             f"{tuple(oracle.shape)}")
+        raise AssertionError(f"{name}: baseline: shape {tuple(baseline.shape)} != oracle shape {tuple(oracle.shape)}")
     o = out.detach().to(torch.float64).cpu()
     r = oracle.detach().to(torch.float64).cpu()
     scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0
@@ -70,8 +79,15 @@ def compare(out: Tensor, oracle: Tensor, baseline: Optional[Tensor] = None, *, f
     return Comparison(name, bool(err <= bound), err, rel, base_err, bound, where, got, exp)
 
 
-def assert_close(out: Tensor, oracle: Tensor, baseline: Optional[Tensor] = None, *, factor: float = 2.0,
-                 floor: Optional[float] = None, name: str = "output") -> Comparison:
+def assert_close(
+    out: Tensor,
+    oracle: Tensor,
+    baseline: Optional[Tensor] = None,
+    *,
+    factor: float = 2.0,
+    floor: Optional[float] = None,
+    name: str = "output",
+) -> Comparison:
     """:func:`compare`, raising AssertionError with where and by how much it missed."""
     c = compare(out, oracle, baseline, factor=factor, floor=floor, name=name)
     if not c.ok:

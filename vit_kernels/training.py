@@ -11,6 +11,7 @@
 - :func:`ddp_train`: the same steps in one process of a ``torch.distributed`` group, the model under
   DistributedDataParallel, each rank on its slice of the global batch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,16 +25,23 @@ from torch import Tensor, nn
 from .backends import Decision, record_decisions
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, images: Tensor, labels: Tensor, *,
-               amp_dtype: Optional[torch.dtype] = None, logits: Callable = lambda out: out,
-               context: Callable = contextlib.nullcontext, label_smoothing: float = 0.0) -> Tensor:
+def train_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    amp_dtype: Optional[torch.dtype] = None,
+    logits: Callable = lambda out: out,
+    context: Callable = contextlib.nullcontext,
+    label_smoothing: float = 0.0,
+) -> Tensor:
     """One training step: forward, cross-entropy (in float32), backward, ``opt.step()``, gradients
     set to None. images: (batch, chans, H, W); labels: (batch,) class indices. amp_dtype: run the
     forward under ``torch.autocast`` at that dtype; logits(out): the logits of the model's output
     (transformers' output objects); context(): the context the forward runs in. Returns the loss
     (detached)."""
-    amp = (torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype is not None
-           else contextlib.nullcontext())
+    amp = torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     with context(), amp:
         loss = F.cross_entropy(logits(model(images)).float(), labels, label_smoothing=label_smoothing)
     loss.backward()
@@ -63,7 +71,7 @@ def digits(test_fraction: float = 0.2, seed: int = 0, dtype: torch.dtype = torch
     except ImportError as e:
         raise ImportError("digits: needs scikit-learn (pip install scikit-learn, or the [test] extra)") from e
     d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float64).unsqueeze(1)   # (1797, 1, 8, 8), values 0..16
+    x = torch.tensor(d.images, dtype=torch.float64).unsqueeze(1)  # (1797, 1, 8, 8), values 0..16
     y = torch.tensor(d.target, dtype=torch.long)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     n_test = int(round(len(y) * test_fraction))
@@ -73,16 +81,34 @@ def digits(test_fraction: float = 0.2, seed: int = 0, dtype: torch.dtype = torch
     return Digits(x[tr], y[tr], x[te], y[te])
 
 
-def tiny_vit(backend: str = "auto", *, embed_dim: int = 64, depth: int = 2, num_heads: int = 4,
-             mlp_ratio: float = 2.0, pool: str = "cls", seed: int = 0):
+def tiny_vit(
+    backend: str = "auto",
+    *,
+    embed_dim: int = 64,
+    depth: int = 2,
+    num_heads: int = 4,
+    mlp_ratio: float = 2.0,
+    pool: str = "cls",
+    seed: int = 0,
+):
     """A small reference ViT for 8x8 one-channel images: patch 2 (16 patches + class token),
     head_dim = embed_dim / num_heads (16 by default, the smallest the fused kernels take)."""
     from .models.vit import VisionTransformer
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=embed_dim,
-                                 depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, pool=pool,
-                                 backend=backend)
+        return VisionTransformer(
+            img_size=8,
+            patch_size=2,
+            in_chans=1,
+            num_classes=10,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            pool=pool,
+            backend=backend,
+        )
 
 
 # The recipe the convergence test trains with: tiny_vit() (embed 64, depth 2, 4 heads of 16, class
@@ -112,14 +138,25 @@ def batches(n: int, batch_size: int, epochs: int, seed: int) -> List[Tensor]:
     out = []
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g)
-        out += [perm[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+        out += [perm[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
     return out
 
 
-def train(model: nn.Module, data: Digits, *, epochs: int = 10, batch_size: int = 64, lr: float = 1e-3,
-          weight_decay: float = 0.0, warmup: int = 20, augment: bool = False, label_smoothing: float = 0.0,
-          seed: int = 0,
-          max_steps: Optional[int] = None, evaluate: bool = True) -> TrainResult:
+def train(
+    model: nn.Module,
+    data: Digits,
+    *,
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    warmup: int = 20,
+    augment: bool = False,
+    label_smoothing: float = 0.0,
+    seed: int = 0,
+    max_steps: Optional[int] = None,
+    evaluate: bool = True,
+) -> TrainResult:
     """Train ``model`` with AdamW on ``data`` (batches from :func:`batches`, the same for any model
     given the same seed; learning rate ``lr`` after ``warmup`` linear steps, then a cosine decay to 0
     at the last step; augment: each training image moved by up to one pixel (:func:`shift`), the
@@ -132,7 +169,7 @@ def train(model: nn.Module, data: Digits, *, epochs: int = 10, batch_size: int =
     order = batches(len(data.train_y), batch_size, epochs, seed)
     steps = len(order)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine(step, steps, warmup))
-    if max_steps is not None:   # stop early; the schedule stays that of the whole run
+    if max_steps is not None:  # stop early; the schedule stays that of the whole run
         order = order[:max_steps]
     x, y = data.train_x.to(dev, dtype), data.train_y.to(dev)
     g = torch.Generator().manual_seed(seed + 1)
@@ -157,14 +194,15 @@ def shift(images: Tensor, generator: torch.Generator, max_shift: int = 1) -> Ten
     m = max_shift
     bg = images.amin(dim=(1, 2, 3), keepdim=True)
     padded = bg.expand(B, C, H + 2 * m, W + 2 * m).clone()
-    padded[:, :, m:m + H, m:m + W] = images
+    padded[:, :, m : m + H, m : m + W] = images
     dy, dx = torch.randint(0, 2 * m + 1, (2, B), generator=generator).tolist()
-    return torch.stack([padded[i, :, dy[i]:dy[i] + H, dx[i]:dx[i] + W] for i in range(B)])
+    return torch.stack([padded[i, :, dy[i] : dy[i] + H, dx[i] : dx[i] + W] for i in range(B)])
 
 
 def cosine(step: int, steps: int, warmup: int) -> float:
     """The learning-rate factor at ``step`` of ``steps``: linear warm-up, then half a cosine to 0."""
     import math
+
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
@@ -176,7 +214,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> t
     right = 0
     with torch.no_grad(), record_decisions() as calls:
         for i in range(0, len(y), batch_size):
-            right += (model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum().item()
+            right += (model(x[i : i + batch_size]).argmax(-1) == y[i : i + batch_size]).sum().item()
     return right / len(y), calls
 
 
@@ -198,11 +236,10 @@ def paths(decisions: Sequence[Decision]) -> Dict[str, str]:
 
 def smoothed(losses: Sequence[float], window: int) -> List[float]:
     """Means of consecutive, non-overlapping windows of ``window`` steps (a short last one dropped)."""
-    return [sum(losses[i:i + window]) / window for i in range(0, len(losses) - window + 1, window)]
+    return [sum(losses[i : i + window]) / window for i in range(0, len(losses) - window + 1, window)]
 
 
-def sgd_steps(model: nn.Module, global_batches: Sequence[tuple], lr: float, rank: int = 0,
-              world_size: int = 1) -> None:
+def sgd_steps(model: nn.Module, global_batches: Sequence[tuple], lr: float, rank: int = 0, world_size: int = 1) -> None:
     """:func:`train_step` with SGD (momentum 0.9) over ``global_batches`` ((images, labels) pairs),
     taking rank ``rank``'s contiguous slice of each (all of it when ``world_size`` is 1); every
     batch must divide by ``world_size``."""
@@ -210,15 +247,24 @@ def sgd_steps(model: nn.Module, global_batches: Sequence[tuple], lr: float, rank
     model.train()
     for images, labels in global_batches:
         if len(labels) % world_size:
-            raise ValueError(f"global_batches: expected batches divisible by world_size={world_size}, "
-                             f"got a batch of {len(labels)}")
+            raise ValueError(
+                f"global_batches: expected batches divisible by world_size={world_size}, got a batch of {len(labels)}"
+            )
         per = len(labels) // world_size
         sl = slice(rank * per, (rank + 1) * per)
         train_step(model, opt, images[sl], labels[sl])
 
 
-def ddp_train(rank: int, world_size: int, init_method: str, model_fn: Callable[[], nn.Module],
-              global_batches: Sequence[tuple], lr: float, seed: int, out_path: str) -> None:
+def ddp_train(
+    rank: int,
+    world_size: int,
+    init_method: str,
+    model_fn: Callable[[], nn.Module],
+    global_batches: Sequence[tuple],
+    lr: float,
+    seed: int,
+    out_path: str,
+) -> None:
     """One process of a ``world_size``-process gloo group (``torch.multiprocessing.spawn`` calls it
     with ``rank`` first; ``init_method`` as for ``torch.distributed.init_process_group``, e.g.
     ``file:///tmp/x``): builds ``model_fn()`` on the CPU after ``torch.manual_seed(seed)``, wraps it
@@ -227,6 +273,7 @@ def ddp_train(rank: int, world_size: int, init_method: str, model_fn: Callable[[
     state_dict to ``out_path``."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
+
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     try:
         torch.manual_seed(seed)

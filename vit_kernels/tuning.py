@@ -31,6 +31,7 @@ to CUDA tensors only; "off" (and "cache-only" without a cached choice) uses the 
 :mod:`vit_kernels.backends`. For tests the device check, the timer and the candidate list are
 parameters of :class:`Tuner` (:func:`use_tuner` installs one).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,7 +51,7 @@ logger = logging.getLogger("vit_kernels")
 
 MODES = ("on", "off", "cache-only")
 ENV_MODE = "VIT_KERNELS_TUNE"
-FORMAT = 1      # the cache file's layout; a file of another format is ignored and rebuilt
+FORMAT = 1  # the cache file's layout; a file of another format is ignored and rebuilt
 
 CACHE_ONLY_MISS = "cache-only and no cached choice for this signature: untimed rules"
 
@@ -93,6 +94,7 @@ def mode(tune: str):
 
 # ---------------------------------------------------------------------------------------------
 # Candidates
+
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
@@ -153,21 +155,25 @@ class Family:
 
 def _gemm_configs(f: Facts):
     from .triton import gemm
+
     return gemm.tune_configs(f.dtype, f.arch)
 
 
 def _patch_configs(f: Facts):
     from .triton import gemm
+
     return gemm.tune_configs(f.dtype, f.arch, patch=True)
 
 
 def _tma_configs(f: Facts):
     from .triton import gemm_tma
+
     return gemm_tma.tune_configs(f.dtype, f.arch, f.gemms)
 
 
 def _attention_configs(f: Facts):
     from .triton import attention
+
     return attention.tune_configs(f.dtype, f.head_dim, f.arch)
 
 
@@ -199,11 +205,17 @@ def facts(op: str, tensors: Sequence[Optional[torch.Tensor]], key_extra: tuple, 
     if op == "qkv_attention":
         num_heads, path = key_extra
         w = tensors[1]
-        return Facts(t0.dtype, arch, head_dim=w.shape[0] // 3 // num_heads, tokens=t0.shape[1], path=path,
-                     gemms=(tuple(w.shape),))
+        return Facts(
+            t0.dtype,
+            arch,
+            head_dim=w.shape[0] // 3 // num_heads,
+            tokens=t0.shape[1],
+            path=path,
+            gemms=(tuple(w.shape),),
+        )
     if op == "linear":
         return Facts(t0.dtype, arch, gemms=(tuple(tensors[1].shape),))
-    if op == "layernorm_gelu_mlp":   # (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, ...)
+    if op == "layernorm_gelu_mlp":  # (x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, ...)
         return Facts(t0.dtype, arch, gemms=(tuple(tensors[3].shape), tuple(tensors[5].shape)))
     return Facts(t0.dtype, arch)
 
@@ -219,6 +231,7 @@ def candidates(op: str, f: Facts, available: Sequence[str], device_type: str) ->
     if "triton" in available:
         if op == "qkv_attention":
             from .triton import qkv_attention as tq
+
             paths = [f.path] if f.path else ["split", "single_kernel"]
             for p in paths:
                 if p == "split" or tq.single_kernel_fits(f.dtype, f.tokens, f.head_dim, f.arch):
@@ -230,7 +243,7 @@ def candidates(op: str, f: Facts, available: Sequence[str], device_type: str) ->
                 out += [Candidate("triton", fam.path, ((fam.keyword, tuple(c)),)) for c in fam.configs(f)]
     if "cuda" in available and f.path in (None, "split"):
         out.append(Candidate("cuda", "split" if op == "qkv_attention" else ""))
-    if not any(c.backend == "torch" for c in out):    # the caller forced a path torch does not have
+    if not any(c.backend == "torch" for c in out):  # the caller forced a path torch does not have
         out.insert(0, Candidate("torch"))
     return out
 
@@ -238,14 +251,16 @@ def candidates(op: str, f: Facts, available: Sequence[str], device_type: str) ->
 # ---------------------------------------------------------------------------------------------
 # Timing
 
+
 def cuda_timer(candidate: Candidate, fn: Callable[[], Any]) -> float:
     """Median ms of ``fn()`` on the current CUDA device: ``triton.testing.do_bench`` (25 ms of
     warm-up, 100 ms of repeats, L2 flushed before each repeat by writing a 256 MB buffer, CUDA
     events), else ``torch.utils.benchmark`` (its own warm-up, median of blocked runs; no flush)."""
     try:
         from triton.testing import do_bench
-    except Exception:   # pragma: no cover - triton is a torch dependency on Linux
+    except Exception:  # pragma: no cover - triton is a torch dependency on Linux
         from torch.utils import benchmark
+
         return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.2).median * 1e3
     return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
@@ -265,10 +280,12 @@ def cuda_device_facts(device: torch.device) -> Tuple[str, int]:
 
 def library_versions() -> Dict[str, str]:
     from . import __version__
+
     try:
         import triton
+
         tv = triton.__version__
-    except Exception:   # pragma: no cover
+    except Exception:  # pragma: no cover
         tv = "none"
     return {"vit_kernels": __version__, "torch": torch.__version__, "triton": tv}
 
@@ -284,7 +301,7 @@ def cache_path() -> str:
 
 
 def layout_class(t: torch.Tensor) -> str:
-    """"contiguous", "channels_last" (4-D), or "strided:<strides>" for anything else."""
+    """ "contiguous", "channels_last" (4-D), or "strided:<strides>" for anything else."""
     if t.is_contiguous():
         return "contiguous"
     if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
@@ -294,6 +311,7 @@ def layout_class(t: torch.Tensor) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # The tuner
+
 
 @dataclasses.dataclass
 class Result:
@@ -328,14 +346,20 @@ class Entry:
         return t / w if t and w else None
 
     def to_json(self) -> Dict[str, Any]:
-        return {"op": self.op, "winner": self.winner.to_json(),
-                "results": [{**r.candidate.to_json(), "ms": r.ms, "dropped": r.dropped} for r in self.results]}
+        return {
+            "op": self.op,
+            "winner": self.winner.to_json(),
+            "results": [{**r.candidate.to_json(), "ms": r.ms, "dropped": r.dropped} for r in self.results],
+        }
 
     @staticmethod
     def from_json(signature: str, d: Mapping[str, Any]) -> "Entry":
-        return Entry(d["op"], signature,
-                     [Result(Candidate.from_json(r), r["ms"], r.get("dropped", "")) for r in d["results"]],
-                     Candidate.from_json(d["winner"]))
+        return Entry(
+            d["op"],
+            signature,
+            [Result(Candidate.from_json(r), r["ms"], r.get("dropped", "")) for r in d["results"]],
+            Candidate.from_json(d["winner"]),
+        )
 
     def reasons(self) -> Dict[str, str]:
         """backend -> why it was not taken (its best time, or why all its candidates were dropped)."""
@@ -359,8 +383,9 @@ class Entry:
         out = []
         for r in sorted(self.results, key=lambda r: (r.ms is None, r.ms or 0.0)):
             result = "chosen" if r.candidate == self.winner else (f"dropped: {r.dropped}" if r.ms is None else "")
-            out.append({"op": f"{self.op} {self.signature}", "candidate": r.candidate.name, "ms": r.ms,
-                        "result": result})
+            out.append(
+                {"op": f"{self.op} {self.signature}", "candidate": r.candidate.name, "ms": r.ms, "result": result}
+            )
         return out
 
     def table(self) -> str:
@@ -374,7 +399,7 @@ class Entry:
         return "\n".join(lines)
 
 
-Runner = Callable[..., Any]   # run(decision, *args) -> output tensor
+Runner = Callable[..., Any]  # run(decision, *args) -> output tensor
 
 
 class Tuner:
@@ -387,26 +412,31 @@ class Tuner:
     real ones; tests pass fakes.
     """
 
-    def __init__(self, *, timer: Callable[[Candidate, Callable[[], Any]], float] = cuda_timer,
-                 tunable: Callable[[torch.device], Optional[str]] = cuda_tunable,
-                 device_facts: Callable[[torch.device], Tuple[str, int]] = cuda_device_facts,
-                 versions: Optional[Mapping[str, str]] = None, path: Optional[str] = "default",
-                 candidate_list: Callable[..., List[Candidate]] = candidates):
+    def __init__(
+        self,
+        *,
+        timer: Callable[[Candidate, Callable[[], Any]], float] = cuda_timer,
+        tunable: Callable[[torch.device], Optional[str]] = cuda_tunable,
+        device_facts: Callable[[torch.device], Tuple[str, int]] = cuda_device_facts,
+        versions: Optional[Mapping[str, str]] = None,
+        path: Optional[str] = "default",
+        candidate_list: Callable[..., List[Candidate]] = candidates,
+    ):
         self.timer = timer
         self.tunable = tunable
         self.device_facts = device_facts
         self._versions = dict(versions) if versions is not None else None
         self.path = cache_path() if path == "default" else path
         self.candidate_list = candidate_list
-        self._mem: Dict[tuple, Tuple[Entry, Any]] = {}        # fast key -> (entry, Decision)
-        self._entries: Dict[str, Entry] = {}                  # signature -> entry (this process + file)
+        self._mem: Dict[tuple, Tuple[Entry, Any]] = {}  # fast key -> (entry, Decision)
+        self._entries: Dict[str, Entry] = {}  # signature -> entry (this process + file)
         self._file_loaded = False
         self._warned = False
         self._lock = threading.Lock()
         self._key_locks: Dict[tuple, threading.Lock] = {}
-        self._misses: set = set()       # fast keys cache-only found no choice for (not looked up again)
+        self._misses: set = set()  # fast keys cache-only found no choice for (not looked up again)
         self._facts_cache: Dict[torch.device, Tuple[str, int]] = {}
-        self.timed = 0        # candidates timed by this tuner (tests read it)
+        self.timed = 0  # candidates timed by this tuner (tests read it)
 
     @property
     def versions(self) -> Dict[str, str]:
@@ -415,9 +445,18 @@ class Tuner:
         return self._versions
 
     # -- the per-call path -------------------------------------------------------------------
-    def decide(self, op: str, device: torch.device, tensors: Sequence[Optional[torch.Tensor]], key_extra: tuple,
-               tune: Optional[str], available: Callable[[], Sequence[str]], run: Runner, args: tuple,
-               reasons: Dict[str, str]):
+    def decide(
+        self,
+        op: str,
+        device: torch.device,
+        tensors: Sequence[Optional[torch.Tensor]],
+        key_extra: tuple,
+        tune: Optional[str],
+        available: Callable[[], Sequence[str]],
+        run: Runner,
+        args: tuple,
+        reasons: Dict[str, str],
+    ):
         """The tuned Decision of this call, or None when nothing was timed nor cached (then
         ``reasons["tuning"]`` says why and the untimed rules apply). available() -> the backends
         besides torch that can run this call here (asked only when tuning)."""
@@ -432,7 +471,7 @@ class Tuner:
         hit = self._mem.get(key)
         if hit is not None:
             return hit[1]
-        if m == "cache-only" and key in self._misses:   # looked up before: not in the cache
+        if m == "cache-only" and key in self._misses:  # looked up before: not in the cache
             reasons["tuning"] = CACHE_ONLY_MISS
             return None
         with self._lock:
@@ -460,8 +499,9 @@ class Tuner:
         name, arch = f
         parts = [op, "extra=" + repr(key_extra)]
         for t in tensors:
-            parts.append("-" if t is None else
-                         f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}:{layout_class(t)}")
+            parts.append(
+                "-" if t is None else f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}:{layout_class(t)}"
+            )
         parts.append(f"{name}:sm_{arch}")
         parts += [f"{k}={v}" for k, v in sorted(self.versions.items())]
         return "|".join(parts), arch
@@ -469,6 +509,7 @@ class Tuner:
     @staticmethod
     def _decision(op: str, entry: Entry):
         from .backends import Decision
+
         w = entry.winner
         path = w.path or DECISION_PATHS.get((op, w.backend), "")
         return Decision(op, w.backend, "auto", entry.reasons(), path, w.config, entry)
@@ -478,12 +519,13 @@ class Tuner:
         lock = self._file_lock()
         with lock:
             if self.path is not None:
-                self._load_file(force=True)     # another process may have tuned it meanwhile
+                self._load_file(force=True)  # another process may have tuned it meanwhile
                 entry = self._entries.get(sig)
                 if entry is not None:
                     return entry
-            entry = self.tune_signature(op, sig, self.candidate_list(op, facts(op, tensors, key_extra, arch),
-                                                                       available, device.type), run, args)
+            entry = self.tune_signature(
+                op, sig, self.candidate_list(op, facts(op, tensors, key_extra, arch), available, device.type), run, args
+            )
             self._entries[sig] = entry
             self._save()
         logger.info("tuned %s", entry.table())
@@ -494,11 +536,12 @@ class Tuner:
         rest, keep the fastest."""
         from .backends import Decision
         from .testing import compare
+
         sync = _synchronize(args)
         try:
             oracle = run(Decision(op, "reference", "auto"), *[_f64(a) for a in args])
             no_oracle = ""
-        except torch.cuda.OutOfMemoryError as e:   # a candidate is never kept unchecked
+        except torch.cuda.OutOfMemoryError as e:  # a candidate is never kept unchecked
             oracle, no_oracle = None, f"not checked: the float64 oracle ran out of memory ({_first_line(e)})"
         torch_out = run(Decision(op, "torch", "auto"), *args)
         results: List[Result] = []
@@ -510,7 +553,7 @@ class Tuner:
             try:
                 out = run(d, *args)
                 sync()
-            except Exception as e:   # a failed compile or launch drops this candidate only
+            except Exception as e:  # a failed compile or launch drops this candidate only
                 results.append(Result(c, None, f"failed: {type(e).__name__}: {_first_line(e)}"))
                 continue
             if c != Candidate("torch"):
@@ -537,6 +580,7 @@ class Tuner:
         if self.path is None:
             return contextlib.nullcontext()
         from filelock import FileLock
+
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         return FileLock(self.path + ".lock", timeout=600)
 
@@ -552,11 +596,17 @@ class Tuner:
         except (OSError, ValueError) as e:
             self._warn(f"{self.path} is not a readable tuning cache ({type(e).__name__}: {e})")
             return
-        if (not isinstance(data, dict) or data.get("format") != FORMAT or data.get("versions") != self.versions
-                or not isinstance(data.get("entries"), dict)):
+        if (
+            not isinstance(data, dict)
+            or data.get("format") != FORMAT
+            or data.get("versions") != self.versions
+            or not isinstance(data.get("entries"), dict)
+        ):
             head = data if isinstance(data, dict) else {}
-            self._warn(f"{self.path} was written by another version (format {head.get('format')}, versions "
-                       f"{head.get('versions')}; this is format {FORMAT}, {self.versions})")
+            self._warn(
+                f"{self.path} was written by another version (format {head.get('format')}, versions "
+                f"{head.get('versions')}; this is format {FORMAT}, {self.versions})"
+            )
             return
         for sig, rec in data["entries"].items():
             if sig not in self._entries:
@@ -569,15 +619,21 @@ class Tuner:
     def _warn(self, what: str) -> None:
         if not self._warned:
             self._warned = True
-            warnings.warn(f"vit_kernels tuning: {what}; ignored, the choices are timed again and the file is "
-                          f"rewritten", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"vit_kernels tuning: {what}; ignored, the choices are timed again and the file is rewritten",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _save(self) -> None:
         """Write every entry atomically (a temporary file, then os.replace); the caller holds the lock."""
         if self.path is None:
             return
-        data = {"format": FORMAT, "versions": self.versions,
-                "entries": {s: e.to_json() for s, e in sorted(self._entries.items())}}
+        data = {
+            "format": FORMAT,
+            "versions": self.versions,
+            "entries": {s: e.to_json() for s, e in sorted(self._entries.items())},
+        }
         d = os.path.dirname(os.path.abspath(self.path))
         fd, tmp = tempfile.mkstemp(prefix=".tuning.", suffix=".tmp", dir=d)
         try:
@@ -644,8 +700,11 @@ def tune_report(file=None, *, print_it: bool = True) -> List[Entry]:
     entries (``Entry.results``, ``Entry.winner``, ``Entry.speedup``)."""
     entries = get_tuner().entries()
     if print_it:
-        text = "\n".join(e.table() for e in entries) if entries else (
-            "no op signature tuned yet (tuning times op calls on CUDA tensors with backend='auto')")
+        text = (
+            "\n".join(e.table() for e in entries)
+            if entries
+            else ("no op signature tuned yet (tuning times op calls on CUDA tensors with backend='auto')")
+        )
         print(text, file=file)
     return entries
 
@@ -653,8 +712,13 @@ def tune_report(file=None, *, print_it: bool = True) -> List[Entry]:
 # ---------------------------------------------------------------------------------------------
 # Whole models
 
-OP_PARTS = {"qkv_attention": "attention", "flash_attention": "attention", "linear": "attention",
-            "layernorm_gelu_mlp": "mlp", "patch_embed": "patch_embed"}
+OP_PARTS = {
+    "qkv_attention": "attention",
+    "flash_attention": "attention",
+    "linear": "attention",
+    "layernorm_gelu_mlp": "mlp",
+    "patch_embed": "patch_embed",
+}
 
 
 @dataclasses.dataclass
@@ -698,8 +762,12 @@ def decision_note(d) -> str:
 def _fused_parts(model) -> Dict[str, Any]:
     from .nn import _Fused
     from .swap.wrapper import SwapWrapper
-    return {p: m for p, m in model.named_modules()
-            if isinstance(m, SwapWrapper) or (isinstance(m, _Fused) and not getattr(m, "vk_fuse_excluded", False))}
+
+    return {
+        p: m
+        for p, m in model.named_modules()
+        if isinstance(m, SwapWrapper) or (isinstance(m, _Fused) and not getattr(m, "vk_fuse_excluded", False))
+    }
 
 
 def tune(model, example_inputs, *, fallback: bool = True) -> ModelTuning:
@@ -711,11 +779,12 @@ def tune(model, example_inputs, *, fallback: bool = True) -> ModelTuning:
     backend explicitly keep it). Returns a :class:`ModelTuning` (printable).
     Call it once per input shape the model will meet (batch size, image size)."""
     from . import backends
+
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     parts = _fused_parts(model)
     if not parts:
         raise ValueError(f"model: no fused part found in {type(model).__name__}; call vit_kernels.fuse(model) first")
-    for m in parts.values():          # a part an earlier tune call sent to the torch path competes again
+    for m in parts.values():  # a part an earlier tune call sent to the torch path competes again
         if m.__dict__.pop("vk_tune_note", None) is not None:
             m.backend = "auto"
     tuner = get_tuner()
@@ -725,14 +794,18 @@ def tune(model, example_inputs, *, fallback: bool = True) -> ModelTuning:
     def pre(path):
         def hook(module, args):
             recorded.setdefault(path, []).append(backends.start_recording())
+
         return hook
 
     def post(path):
         def hook(module, args, out):
             backends.stop_recording(recorded[path][-1])
+
         return hook
-    handles = [h for p, m in parts.items() for h in (m.register_forward_pre_hook(pre(p)),
-                                                     m.register_forward_hook(post(p)))]
+
+    handles = [
+        h for p, m in parts.items() for h in (m.register_forward_pre_hook(pre(p)), m.register_forward_hook(post(p)))
+    ]
     try:
         with torch.no_grad(), mode("on"):
             model(*inputs)
@@ -751,6 +824,7 @@ def tune(model, example_inputs, *, fallback: bool = True) -> ModelTuning:
 
     def forward():
         return model(*inputs)
+
     saved = {p: m.backend for p, m in parts.items()}
     with torch.no_grad(), mode("cache-only"):
         fused_ms = float(tuner.timer(Candidate("model", "fused"), forward))
@@ -770,8 +844,10 @@ def tune(model, example_inputs, *, fallback: bool = True) -> ModelTuning:
         if fallback:
             fell_back = [p for p, m in parts.items() if m.backend == "auto"]
             kept = [f"{p} (backend={m.backend!r})" for p, m in parts.items() if m.backend != "auto"]
-            note = (f"vit_kernels.tune: the fused model measured {fused_ms:.4g} ms against {unfused_ms:.4g} ms "
-                    f"unfused; this part runs the torch path")
+            note = (
+                f"vit_kernels.tune: the fused model measured {fused_ms:.4g} ms against {unfused_ms:.4g} ms "
+                f"unfused; this part runs the torch path"
+            )
             for p in fell_back:
                 parts[p].backend = "torch"
                 parts[p].vk_tune_note = note

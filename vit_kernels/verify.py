@@ -4,6 +4,7 @@ tolerance rule (:mod:`vit_kernels.testing`) against the original computed in flo
 The rule: the fused output's max abs error against the float64 run of the original may be at most
 2x the error of the original run at the same dtype (plain PyTorch), plus a small floor.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,8 +19,11 @@ from .testing import Comparison, compare
 
 
 # the ops a fused part of each kind calls (the attention's output projection is ops.linear)
-PART_OPS = {"attention": ("qkv_attention", "flash_attention", "linear"), "mlp": ("layernorm_gelu_mlp",),
-            "patch_embed": ("patch_embed",)}
+PART_OPS = {
+    "attention": ("qkv_attention", "flash_attention", "linear"),
+    "mlp": ("layernorm_gelu_mlp",),
+    "patch_embed": ("patch_embed",),
+}
 
 
 @dataclasses.dataclass
@@ -66,8 +70,12 @@ class VerifyReport:
 
     @property
     def status(self) -> str:
-        if not self.comparisons or not all(c.ok for c in self.comparisons) or self.problems or \
-                any(p.status == "FAIL" for p in self.parts):
+        if (
+            not self.comparisons
+            or not all(c.ok for c in self.comparisons)
+            or self.problems
+            or any(p.status == "FAIL" for p in self.parts)
+        ):
             return "FAIL"
         if self.not_checked or any(p.status == "NOT CHECKED" for p in self.parts):
             return "NOT CHECKED"
@@ -125,14 +133,18 @@ def default_inputs(model: nn.Module, batch: int = 2, img_size: Optional[int] = N
 
 def _has_swaps(model: nn.Module) -> bool:
     from .swap import SwapWrapper
+
     return any(isinstance(m, SwapWrapper) for m in model.modules())
 
 
 def _is_fused(model: nn.Module) -> bool:
     """True when ``model`` holds fused wrappers or vit_kernels modules set to run fused ops."""
     from .nn import _Fused
-    return _has_swaps(model) or any(isinstance(m, _Fused) and m.backend != "reference"
-                                    and not getattr(m, "vk_fuse_excluded", False) for m in model.modules())
+
+    return _has_swaps(model) or any(
+        isinstance(m, _Fused) and m.backend != "reference" and not getattr(m, "vk_fuse_excluded", False)
+        for m in model.modules()
+    )
 
 
 def _param_dtype(model: nn.Module) -> Optional[torch.dtype]:
@@ -145,6 +157,7 @@ def _fused_parts(model: nn.Module) -> List[Tuple[str, nn.Module, List[Tuple[str,
     fused ops: the swap wrappers and vit_kernels' own modules."""
     from .nn import FusedAttention, FusedMlp, FusedPatchEmbed
     from .swap import SwapWrapper
+
     kinds = ((FusedAttention, "attention"), (FusedMlp, "mlp"), (FusedPatchEmbed, "patch_embed"))
     out = []
     for path, m in model.named_modules():
@@ -173,7 +186,7 @@ def _watch(model: nn.Module, calls: list):
             starts.append(len(calls))
 
         def post(mod, args, out, starts=starts, path=path):
-            runs[path].append(list(calls[starts.pop():]))
+            runs[path].append(list(calls[starts.pop() :]))
 
         handles.append(m.register_forward_pre_hook(pre))
         handles.append(m.register_forward_hook(post))
@@ -191,16 +204,24 @@ def _judge(parts, runs) -> List[PartCheck]:
             if not runs[path]:
                 status, why = "NOT CHECKED", "it was not called"
             elif fell_back:
-                status, why = "NOT CHECKED", (f"it ran the original module instead of the fused ops: "
-                                              f"{fell_back[0].reasons.get('fused', '')}")
+                status, why = (
+                    "NOT CHECKED",
+                    (f"it ran the original module instead of the fused ops: {fell_back[0].reasons.get('fused', '')}"),
+                )
             elif any(not any(d.op in PART_OPS[op] for d in call) for call in runs[path]):
-                status, why = "NOT CHECKED", ("it ran the original module instead of the fused ops (dropout in "
-                                             "training, torch.autocast, an attention mask or another runtime "
-                                             "fallback: see the fuse report's notes)")
+                status, why = (
+                    "NOT CHECKED",
+                    (
+                        "it ran the original module instead of the fused ops (dropout in "
+                        "training, torch.autocast, an attention mask or another runtime "
+                        "fallback: see the fuse report's notes)"
+                    ),
+                )
             else:
                 wrong = [d for d in ran if backend != "auto" and d.backend != backend]
-                status, why = ("FAIL", f"it was fused with backend={backend!r} but ran {wrong[0]}") if wrong \
-                    else ("checked", "")
+                status, why = (
+                    ("FAIL", f"it was fused with backend={backend!r} but ran {wrong[0]}") if wrong else ("checked", "")
+                )
             out.append(PartCheck(part_path, op, backend, ran, status, why))
     return out
 
@@ -209,14 +230,14 @@ def _check_options(original, fused, inputs, dtype, backend, oracle) -> None:
     """Refuse wrong argument types before anything runs; errors name the argument."""
     from .backends import check_backend
     from .swap import check_model
+
     check_model(original, "original")
     if fused is not None:
         check_model(fused, "fused", vit=False)  # one with nothing fused is reported NOT CHECKED
     if oracle is not None:
         check_model(oracle, "oracle", vit=False)
     if inputs is not None and not isinstance(inputs, (torch.Tensor, tuple)):
-        raise TypeError(f"inputs: expected a tensor, a tuple of positional inputs or None, got "
-                        f"{type(inputs).__name__}")
+        raise TypeError(f"inputs: expected a tensor, a tuple of positional inputs or None, got {type(inputs).__name__}")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         hint = " (a string: use torch.float16, torch.bfloat16, ...)" if isinstance(dtype, str) else ""
         raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}{hint}")
@@ -225,9 +246,15 @@ def _check_options(original, fused, inputs, dtype, backend, oracle) -> None:
 
 
 @torch.no_grad()
-def verify(original: nn.Module, fused: Optional[nn.Module] = None, inputs=None, *,
-           dtype: Optional[torch.dtype] = None, backend: Optional[str] = None,
-           oracle: Optional[nn.Module] = None) -> VerifyReport:
+def verify(
+    original: nn.Module,
+    fused: Optional[nn.Module] = None,
+    inputs=None,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    backend: Optional[str] = None,
+    oracle: Optional[nn.Module] = None,
+) -> VerifyReport:
     """Compare ``fused`` with ``original`` under the tolerance rule; nothing passed in is changed.
 
     original: the eager model, or a model fused already (then it is what gets checked, against an
@@ -257,8 +284,10 @@ def verify(original: nn.Module, fused: Optional[nn.Module] = None, inputs=None, 
         else:
             fused = fuse(copy.deepcopy(eager), backend=backend or "auto")
     elif backend is not None:
-        raise ValueError(f"backend: expected None when a fused model is given (it runs the backend it was fused "
-                         f"with), got {backend!r}")
+        raise ValueError(
+            f"backend: expected None when a fused model is given (it runs the backend it was fused "
+            f"with), got {backend!r}"
+        )
     dtype = dtype or _param_dtype(original) or torch.float32
     p = next(original.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
@@ -273,8 +302,9 @@ def verify(original: nn.Module, fused: Optional[nn.Module] = None, inputs=None, 
         return copy.deepcopy(model).to(dt).eval()
 
     def run(model, dt):
-        a = tuple(t.to(device=device, dtype=dt) if isinstance(t, torch.Tensor) and t.is_floating_point()
-                  else t for t in args)
+        a = tuple(
+            t.to(device=device, dtype=dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args
+        )
         return _outputs(model(*a))
 
     if oracle is None:
@@ -296,11 +326,16 @@ def verify(original: nn.Module, fused: Optional[nn.Module] = None, inputs=None, 
                 h.remove()
     decisions = {d.op: d for d in calls}
     if len(got) != len(want) or [n for n, _ in got] != [n for n, _ in want]:
-        raise RuntimeError(f"verify: the fused model returned outputs {[n for n, _ in got]}, the original "
-                           f"{[n for n, _ in want]}")
+        raise RuntimeError(
+            f"verify: the fused model returned outputs {[n for n, _ in got]}, the original {[n for n, _ in want]}"
+        )
     comps = [compare(g, w, b, name=n) for (n, g), (_, w), (_, b) in zip(got, want, base)]
-    problems = [f"{n}: the float64 original's output is identically zero (a zero-initialised head?): "
-                f"comparing it checks nothing" for n, w in want if w.numel() and not w.abs().max().item()]
+    problems = [
+        f"{n}: the float64 original's output is identically zero (a zero-initialised head?): "
+        f"comparing it checks nothing"
+        for n, w in want
+        if w.numel() and not w.abs().max().item()
+    ]
     if not want:
         problems.append("the model returned no floating-point tensor to compare")
     report = fuse_report(fused)
@@ -308,6 +343,7 @@ def verify(original: nn.Module, fused: Optional[nn.Module] = None, inputs=None, 
     if not parts:
         not_checked.append("nothing in the fused model is fused: the comparison checked plain PyTorch only")
     if not any(e.op in ("attention", "mlp") for e in report.entries):
-        not_checked.append("the model has no transformer block (no attention or MLP was found): its blocks "
-                           "were not checked")
+        not_checked.append(
+            "the model has no transformer block (no attention or MLP was found): its blocks were not checked"
+        )
     return VerifyReport(dtype, comps, report, decisions, problems, _judge(parts, runs), not_checked)

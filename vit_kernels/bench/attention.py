@@ -6,6 +6,7 @@ and V); bytes are the fewest the op must move (cost model); TFLOP/s and GB/s fol
 median time. A provider that cannot run a case (SDPA backend constraints, no GPU, out of
 memory) gets a row that says why, never a number.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,12 @@ PROVIDERS = {
     "sdpa:math": "SDPA, math backend only",
     "eager": "(q @ k^T * scale).softmax(-1) @ v as separate ops",
 }
-SDPA_BACKENDS = {"sdpa:flash": "FLASH_ATTENTION", "sdpa:efficient": "EFFICIENT_ATTENTION",
-                 "sdpa:cudnn": "CUDNN_ATTENTION", "sdpa:math": "MATH"}
+SDPA_BACKENDS = {
+    "sdpa:flash": "FLASH_ATTENTION",
+    "sdpa:efficient": "EFFICIENT_ATTENTION",
+    "sdpa:cudnn": "CUDNN_ATTENTION",
+    "sdpa:math": "MATH",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +74,7 @@ def is_qkv(provider: str) -> bool:
 
 
 def flops(provider: str, c: AttnCase) -> float:
-    f = 4.0 * c.batch * c.heads * c.tokens ** 2 * c.head_dim
+    f = 4.0 * c.batch * c.heads * c.tokens**2 * c.head_dim
     if is_qkv(provider):
         f += 2.0 * c.batch * c.tokens * c.dim * 3 * c.dim
     return f
@@ -86,20 +91,25 @@ def static_reason(provider: str, device: torch.device, interpreter: Optional[boo
     """Why ``provider`` cannot be timed on ``device``, decided before any input is made."""
     from ..backends import cuda_unavailable, interpreter_enabled, triton_importable
     from torch.nn.attention import SDPBackend
+
     if provider not in PROVIDERS:
         raise ValueError(f"providers: expected names from {tuple(PROVIDERS)}, got {provider!r}")
     interpreter = interpreter_enabled() if interpreter is None else interpreter
     if provider.endswith(":triton"):
         if device.type != "cuda":
-            return ("the Triton kernels need a CUDA GPU; on the CPU they run only in Triton's interpreter, "
-                    "which is for verification, not timing")
+            return (
+                "the Triton kernels need a CUDA GPU; on the CPU they run only in Triton's interpreter, "
+                "which is for verification, not timing"
+            )
         if interpreter:
             return "TRITON_INTERPRET=1 is set: Triton would run in its interpreter, which is not a timing"
         return triton_importable()
     if provider.endswith(":cuda"):
         if device.type != "cuda":
-            return ("the CUDA C++ kernels need a CUDA GPU; on the CPU they run only in the host emulation "
-                    "build, which is for verification, not timing")
+            return (
+                "the CUDA C++ kernels need a CUDA GPU; on the CPU they run only in the host emulation "
+                "build, which is for verification, not timing"
+            )
         return cuda_unavailable(device)
     if provider in SDPA_BACKENDS:
         if not hasattr(SDPBackend, SDPA_BACKENDS[provider]):
@@ -113,10 +123,11 @@ def make_fn(provider: str, c: AttnCase, device: torch.device):
     """The callable to time, on fresh random inputs."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from .. import ops
+
     g = dict(device=device, dtype=c.dtype)
     if is_qkv(provider):
         x = torch.randn(c.batch, c.tokens, c.dim, **g)
-        w = torch.randn(3 * c.dim, c.dim, **g) * c.dim ** -0.5
+        w = torch.randn(3 * c.dim, c.dim, **g) * c.dim**-0.5
         b = torch.randn(3 * c.dim, **g) * 0.02
         nw, nb = 1 + 0.1 * torch.randn(c.dim, **g), 0.1 * torch.randn(c.dim, **g)
         backend = provider.split(":")[1]
@@ -131,8 +142,9 @@ def make_fn(provider: str, c: AttnCase, device: torch.device):
         def fn():
             with sdpa_kernel([be]):
                 return F.scaled_dot_product_attention(q, k, v)
+
         return fn
-    scale = c.head_dim ** -0.5
+    scale = c.head_dim**-0.5
     return lambda: torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1) @ v
 
 
@@ -155,11 +167,19 @@ def _free(device):
 
 def run_case(provider: str, c: AttnCase, cfg: AttnConfig) -> Dict:
     device = cfg.device
-    row: Dict = {"provider": provider, "batch": c.batch, "heads": c.heads, "tokens": c.tokens,
-                 "head_dim": c.head_dim, "dtype": str(c.dtype).replace("torch.", ""), "status": "ok", "note": ""}
+    row: Dict = {
+        "provider": provider,
+        "batch": c.batch,
+        "heads": c.heads,
+        "tokens": c.tokens,
+        "head_dim": c.head_dim,
+        "dtype": str(c.dtype).replace("torch.", ""),
+        "status": "ok",
+        "note": "",
+    }
     why = static_reason(provider, device)
     if why is None and provider == "eager" and device.type == "cuda":
-        need = 3 * c.batch * c.heads * c.tokens ** 2 * dtype_bytes(c.dtype)  # scores, probabilities, softmax temp
+        need = 3 * c.batch * c.heads * c.tokens**2 * dtype_bytes(c.dtype)  # scores, probabilities, softmax temp
         free = torch.cuda.mem_get_info(device)[0]
         if need > free:
             why = f"out of memory: eager needs ~{need / 2**30:.1f} GiB for the scores, {free / 2**30:.1f} GiB free"
@@ -168,6 +188,7 @@ def run_case(provider: str, c: AttnCase, cfg: AttnConfig) -> Dict:
         return row
     _free(device)
     from ..backends import last_decision
+
     fn = make_fn(provider, c, device)
     before = dict(last_decision())
     mem0 = 0
@@ -182,8 +203,11 @@ def run_case(provider: str, c: AttnCase, cfg: AttnConfig) -> Dict:
         except RuntimeError as e:
             if provider in SDPA_BACKENDS and "No available kernel" in str(e):
                 reasons = "; ".join(str(w.message).splitlines()[0] for w in caught)
-                row.update(status="not measured", note=f"SDPA's {provider.split(':')[1]} backend cannot run "
-                           f"this case" + (f": {reasons}" if reasons else ""))
+                row.update(
+                    status="not measured",
+                    note=f"SDPA's {provider.split(':')[1]} backend cannot run "
+                    f"this case" + (f": {reasons}" if reasons else ""),
+                )
                 return row
             raise
     if device.type == "cuda":
@@ -203,8 +227,16 @@ def run_case(provider: str, c: AttnCase, cfg: AttnConfig) -> Dict:
     m = measure(fn, device=device, warmup=max(0, cfg.warmup - 1), repeats=cfg.repeats, max_time_s=cfg.max_time_s)
     st = m.stats
     f, nb = flops(provider, c), min_bytes(provider, c)
-    row.update(ms=st.median, ms_p20=st.p20, ms_p80=st.p80, spread_pct=100 * st.spread, repeats=st.n,
-               gflop=f / 1e9, tflops=f / (st.median * 1e-3) / 1e12, gbs=nb / (st.median * 1e-3) / 1e9)
+    row.update(
+        ms=st.median,
+        ms_p20=st.p20,
+        ms_p80=st.p80,
+        spread_pct=100 * st.spread,
+        repeats=st.n,
+        gflop=f / 1e9,
+        tflops=f / (st.median * 1e-3) / 1e12,
+        gbs=nb / (st.median * 1e-3) / 1e9,
+    )
     add_peak_columns(row, c.dtype, cfg.peak, measured_on_gpu=device.type == "cuda")
     add_modeled_columns(row, provider, c, cfg.peak, measured_on_gpu=device.type == "cuda")
     return row
@@ -215,9 +247,11 @@ def modeled_kernels(provider: str, c: AttnCase, sms: int, path: str = "") -> Opt
     provider it does not model: the CUDA C++ kernels, SDPA's other backends, eager). path: the
     qkv_attention path the call took ("split" when not known)."""
     from . import cost_kernels as ck
+
     if provider in ("vk_flash:triton", "sdpa:flash"):
         return ck.flash_attention_paths(c.batch, c.heads, c.tokens, c.head_dim, c.dtype, sms=sms)[
-            "triton" if provider == "vk_flash:triton" else "torch"]
+            "triton" if provider == "vk_flash:triton" else "torch"
+        ]
     if provider in ("vk_qkv:triton", "qkv:torch"):
         paths = ck.qkv_attention_paths(c.batch, c.tokens, c.dim, c.heads, c.dtype, sms=sms)
         return paths.get("torch" if provider == "qkv:torch" else (path or "split"))
@@ -228,10 +262,11 @@ def add_modeled_columns(row: Dict, provider: str, c: AttnCase, peak: Optional[Pe
     """modeled_ms: the cost model's time of the kernels ``provider`` runs (bench.cost_kernels) on ``peak``'s
     GPU; x_modeled: measured / modeled, when measured on a GPU. Pure."""
     from . import cost_kernels as ck
+
     machine = ck.Machine.of(peak) if peak is not None else None
     if machine is None or "ms" not in row:
         return
-    path = row.get("note", "")[len("path="):] if row.get("note", "").startswith("path=") else ""
+    path = row.get("note", "")[len("path=") :] if row.get("note", "").startswith("path=") else ""
     kernels = modeled_kernels(provider, c, machine.sms, path)
     t = ck.path_seconds(kernels, machine, c.dtype) if kernels else None
     if t is None:
@@ -266,14 +301,28 @@ def run(cfg: AttnConfig, progress=None) -> List[Dict]:
             try:
                 row = run_case(p, c, cfg)
             except torch.cuda.OutOfMemoryError as e:
-                row = {"provider": p, "batch": c.batch, "heads": c.heads, "tokens": c.tokens, "head_dim": c.head_dim,
-                       "dtype": str(c.dtype).replace("torch.", ""), "status": "not measured",
-                       "note": "out of memory: " + str(e).splitlines()[0]}
+                row = {
+                    "provider": p,
+                    "batch": c.batch,
+                    "heads": c.heads,
+                    "tokens": c.tokens,
+                    "head_dim": c.head_dim,
+                    "dtype": str(c.dtype).replace("torch.", ""),
+                    "status": "not measured",
+                    "note": "out of memory: " + str(e).splitlines()[0],
+                }
                 _free(cfg.device)
             except Exception as e:
-                row = {"provider": p, "batch": c.batch, "heads": c.heads, "tokens": c.tokens, "head_dim": c.head_dim,
-                       "dtype": str(c.dtype).replace("torch.", ""), "status": "error",
-                       "note": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+                row = {
+                    "provider": p,
+                    "batch": c.batch,
+                    "heads": c.heads,
+                    "tokens": c.tokens,
+                    "head_dim": c.head_dim,
+                    "dtype": str(c.dtype).replace("torch.", ""),
+                    "status": "error",
+                    "note": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                }
                 _free(cfg.device)
             rows.append(row)
             if progress is not None:
@@ -281,8 +330,21 @@ def run(cfg: AttnConfig, progress=None) -> List[Dict]:
     return rows
 
 
-TABLE_COLUMNS = [("tokens", "tokens"), ("batch", "batch"), ("head_dim", "d"), ("dtype", "dtype"),
-                 ("provider", "provider"), ("status", "status"), ("ms", "ms"), ("spread_pct", "±%"),
-                 ("tflops", "TFLOP/s"), ("gbs", "GB/s"), ("pct_peak_flops", "%peak FLOP"),
-                 ("pct_peak_bw", "%peak BW"), ("mem_mib", "alloc MiB"), ("x_bound", "x bound"),
-                 ("modeled_ms", "modeled ms"), ("x_modeled", "x modeled")]
+TABLE_COLUMNS = [
+    ("tokens", "tokens"),
+    ("batch", "batch"),
+    ("head_dim", "d"),
+    ("dtype", "dtype"),
+    ("provider", "provider"),
+    ("status", "status"),
+    ("ms", "ms"),
+    ("spread_pct", "±%"),
+    ("tflops", "TFLOP/s"),
+    ("gbs", "GB/s"),
+    ("pct_peak_flops", "%peak FLOP"),
+    ("pct_peak_bw", "%peak BW"),
+    ("mem_mib", "alloc MiB"),
+    ("x_bound", "x bound"),
+    ("modeled_ms", "modeled ms"),
+    ("x_modeled", "x modeled"),
+]

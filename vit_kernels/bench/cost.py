@@ -21,6 +21,7 @@ This file is the op-level accounting (the plan); :mod:`vit_kernels.bench.cost_ke
 implemented kernel of each path really moves (tile re-reads included) and how long it should take;
 :mod:`vit_kernels.bench.cost_text` formats both.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,7 +30,6 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..arch import SHARED_PER_BLOCK, Peak
-
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:
@@ -49,8 +49,9 @@ class Step:
         return max(self.flops / (tflops * 1e12), self.bytes / (gbs * 1e9))
 
 
-def bound_seconds(steps: Sequence[Step], peak: Peak, dtype: torch.dtype,
-                  tf32: Optional[bool] = None) -> Optional[float]:
+def bound_seconds(
+    steps: Sequence[Step], peak: Peak, dtype: torch.dtype, tf32: Optional[bool] = None
+) -> Optional[float]:
     """The roofline lower bound of running ``steps`` one after another on ``peak``'s GPU;
     None when the GPU has no tensor-core path for ``dtype``."""
     tflops = peak.tflops(dtype, tf32)
@@ -87,21 +88,26 @@ class OpCost:
 # the ops
 
 
-def attention_cost(batch: int, heads: int, tokens: int, head_dim: int, elem: int,
-                   eager_attention: str = "math") -> OpCost:
+def attention_cost(
+    batch: int, heads: int, tokens: int, head_dim: int, elem: int, eager_attention: str = "math"
+) -> OpCost:
     """flash_attention: q, k, v (batch, heads, tokens, head_dim) -> o of the same shape.
 
     eager_attention: "math" (q*scale, q@k^T, softmax, @v: the scores go through memory) or
     "sdpa" (one fused SDPA kernel).
     """
-    Q = batch * heads * tokens * head_dim * elem          # one of q, k, v, o
-    S = batch * heads * tokens * tokens * elem            # the scores
+    Q = batch * heads * tokens * head_dim * elem  # one of q, k, v, o
+    S = batch * heads * tokens * tokens * elem  # the scores
     flops = 4.0 * batch * heads * tokens * tokens * head_dim
     if eager_attention == "sdpa":
         eager = (Step("sdpa", flops, 4 * Q),)
     elif eager_attention == "math":
-        eager = (Step("q*scale", 0, 2 * Q), Step("q@k^T", flops / 2, 2 * Q + S),
-                 Step("softmax", 0, 2 * S), Step("p@v", flops / 2, S + 2 * Q))
+        eager = (
+            Step("q*scale", 0, 2 * Q),
+            Step("q@k^T", flops / 2, 2 * Q + S),
+            Step("softmax", 0, 2 * S),
+            Step("p@v", flops / 2, S + 2 * Q),
+        )
     else:
         raise ValueError(f"eager_attention: expected 'math' or 'sdpa', got {eager_attention!r}")
     return OpCost("flash_attention", flops, 4 * Q, eager, (Step("flash_attention", flops, 4 * Q),))
@@ -114,10 +120,20 @@ def kv_fits_on_chip(tokens: int, head_dim: int, elem: int, smem: int = SHARED_PE
     return 2 * tokens * head_dim * elem <= smem
 
 
-def qkv_attention_cost(batch: int, tokens: int, dim: int, heads: int, elem: int, *,
-                       inner: Optional[int] = None, norm: bool = True, qkv_bias: bool = True,
-                       eager_attention: str = "sdpa", path: Optional[str] = None,
-                       row_stats: str = "separate") -> OpCost:
+def qkv_attention_cost(
+    batch: int,
+    tokens: int,
+    dim: int,
+    heads: int,
+    elem: int,
+    *,
+    inner: Optional[int] = None,
+    norm: bool = True,
+    qkv_bias: bool = True,
+    eager_attention: str = "sdpa",
+    path: Optional[str] = None,
+    row_stats: str = "separate",
+) -> OpCost:
     """qkv_attention: x (batch, tokens, dim) -> o (batch, tokens, inner), LayerNorm included.
 
     eager_attention: "sdpa" (PyTorch's fused SDPA kernels write o in (batch, tokens, heads,
@@ -151,8 +167,10 @@ def qkv_attention_cost(batch: int, tokens: int, dim: int, heads: int, elem: int,
         # each (batch, head) program reads whole rows of x, so it computes the LN statistics itself
         fused = [Step("qkv+attention kernel", flops, X + w_qkv + w_norm + O)]
     elif path == "split":
-        fused = [Step("qkv gemm (head-split)", f_proj, X + w_qkv + w_norm + 3 * O),
-                 Step("flash attention", att.flops, 4 * O)]
+        fused = [
+            Step("qkv gemm (head-split)", f_proj, X + w_qkv + w_norm + 3 * O),
+            Step("flash attention", att.flops, 4 * O),
+        ]
         if norm and row_stats == "separate":
             fused.insert(0, Step("row stats (LN1)", 0, X))
     else:
@@ -160,8 +178,17 @@ def qkv_attention_cost(batch: int, tokens: int, dim: int, heads: int, elem: int,
     return OpCost("qkv_attention", flops, X + w_qkv + w_norm + O, tuple(eager), tuple(fused))
 
 
-def linear_cost(rows: int, in_features: int, out_features: int, elem: int, *, bias: bool = True,
-                residual: bool = True, layer_scale: bool = False, name: str = "linear") -> OpCost:
+def linear_cost(
+    rows: int,
+    in_features: int,
+    out_features: int,
+    elem: int,
+    *,
+    bias: bool = True,
+    residual: bool = True,
+    layer_scale: bool = False,
+    name: str = "linear",
+) -> OpCost:
     """linear: x (rows, in) -> residual + layer_scale * (x W^T + b), (rows, out)."""
     X, Y = rows * in_features * elem, rows * out_features * elem
     W = out_features * in_features * elem + (out_features * elem if bias else 0)
@@ -177,8 +204,18 @@ def linear_cost(rows: int, in_features: int, out_features: int, elem: int, *, bi
     return OpCost(name, flops, min_bytes, tuple(eager), fused)
 
 
-def mlp_cost(rows: int, dim: int, hidden: int, elem: int, *, norm: bool = True, bias: bool = True,
-             residual: str = "input", layer_scale: bool = False, row_stats: str = "separate") -> OpCost:
+def mlp_cost(
+    rows: int,
+    dim: int,
+    hidden: int,
+    elem: int,
+    *,
+    norm: bool = True,
+    bias: bool = True,
+    residual: str = "input",
+    layer_scale: bool = False,
+    row_stats: str = "separate",
+) -> OpCost:
     """layernorm_gelu_mlp: x (rows, dim) -> residual + ls * fc2(gelu(fc1(LN(x)))), (rows, dim).
 
     residual: "input" (the residual is x itself, as in a ViT block: nothing more to read for the
@@ -203,16 +240,27 @@ def mlp_cost(rows: int, dim: int, hidden: int, elem: int, *, norm: bool = True, 
     fused = []
     if norm and row_stats == "separate":
         fused.append(Step("row stats (LN2)", 0, X))
-    fused += [Step("fc1 gemm (LN on load, GELU epilogue)", f1, X + W1 + Wn + Hh),
-              Step("fc2 gemm (residual epilogue)", f2, Hh + W2 + L + X + (X if residual != "none" else 0))]
+    fused += [
+        Step("fc1 gemm (LN on load, GELU epilogue)", f1, X + W1 + Wn + Hh),
+        Step("fc2 gemm (residual epilogue)", f2, Hh + W2 + L + X + (X if residual != "none" else 0)),
+    ]
     min_bytes = X + W1 + W2 + Wn + L + X + (X if residual == "other" else 0)
     if residual not in ("input", "other", "none"):
         raise ValueError(f"residual: expected 'input', 'other' or 'none', got {residual!r}")
     return OpCost("layernorm_gelu_mlp", f1 + f2, min_bytes, tuple(eager), tuple(fused))
 
 
-def patch_embed_cost(batch: int, in_chans: int, img: Tuple[int, int], patch: int, dim: int, elem: int,
-                     *, class_token: bool = True, pos_embed: bool = True) -> OpCost:
+def patch_embed_cost(
+    batch: int,
+    in_chans: int,
+    img: Tuple[int, int],
+    patch: int,
+    dim: int,
+    elem: int,
+    *,
+    class_token: bool = True,
+    pos_embed: bool = True,
+) -> OpCost:
     """patch_embed: images (batch, in_chans, H, W) -> tokens (batch, [1 +] patches, dim)."""
     P = (img[0] // patch) * (img[1] // patch)
     tokens = P + (1 if class_token else 0)
@@ -228,7 +276,9 @@ def patch_embed_cost(batch: int, in_chans: int, img: Tuple[int, int], patch: int
     if pos_embed:
         eager.append(Step("+ pos_embed", 0, 2 * Tk + pos))
     min_bytes = I + W + pos + cls + Tk
-    return OpCost("patch_embed", flops, min_bytes, tuple(eager), (Step("patch gemm (gather loader)", flops, min_bytes),))
+    return OpCost(
+        "patch_embed", flops, min_bytes, tuple(eager), (Step("patch gemm (gather loader)", flops, min_bytes),)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,10 +314,18 @@ class ViTShape:
         return self.rows * self.dim * self.elem
 
     @classmethod
-    def vit(cls, size: str = "base", patch: int = 16, img: int = 224, batch: int = 1,
-            dtype: torch.dtype = torch.bfloat16, **kw) -> "ViTShape":
+    def vit(
+        cls,
+        size: str = "base",
+        patch: int = 16,
+        img: int = 224,
+        batch: int = 1,
+        dtype: torch.dtype = torch.bfloat16,
+        **kw,
+    ) -> "ViTShape":
         """A named reference config (vit_kernels.models.registry.SIZES)."""
         from ..models.registry import SIZES
+
         dim, depth, heads, hidden = SIZES[size]
         tokens = (img // patch) ** 2 + 1
         return cls(batch, tokens, dim, heads, hidden, depth, dtype_bytes(dtype), patch, img=(img, img), **kw)
@@ -310,15 +368,28 @@ class BlockCost:
         return nbytes / self.shape.A
 
 
-def block_cost(shape: ViTShape, *, eager_attention: str = "sdpa", path: Optional[str] = None,
-               row_stats: str = "separate") -> BlockCost:
+def block_cost(
+    shape: ViTShape, *, eager_attention: str = "sdpa", path: Optional[str] = None, row_stats: str = "separate"
+) -> BlockCost:
     s = shape
-    return BlockCost(s, (
-        qkv_attention_cost(s.batch, s.tokens, s.dim, s.heads, s.elem, qkv_bias=s.qkv_bias,
-                           eager_attention=eager_attention, path=path, row_stats=row_stats),
-        linear_cost(s.rows, s.dim, s.dim, s.elem, layer_scale=s.layer_scale, name="proj"),
-        mlp_cost(s.rows, s.dim, s.hidden, s.elem, layer_scale=s.layer_scale, row_stats=row_stats),
-    ))
+    return BlockCost(
+        s,
+        (
+            qkv_attention_cost(
+                s.batch,
+                s.tokens,
+                s.dim,
+                s.heads,
+                s.elem,
+                qkv_bias=s.qkv_bias,
+                eager_attention=eager_attention,
+                path=path,
+                row_stats=row_stats,
+            ),
+            linear_cost(s.rows, s.dim, s.dim, s.elem, layer_scale=s.layer_scale, name="proj"),
+            mlp_cost(s.rows, s.dim, s.hidden, s.elem, layer_scale=s.layer_scale, row_stats=row_stats),
+        ),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,21 +403,22 @@ class ModelCost:
 
     @property
     def flops(self) -> float:
-        return (self.patch_embed.flops + self.shape.depth * self.block.flops
-                + sum(t.flops for t in self.tail))
+        return self.patch_embed.flops + self.shape.depth * self.block.flops + sum(t.flops for t in self.tail)
 
     def steps(self, which: str) -> List[Step]:
         """The model's steps: which = "eager" | "fused" | "min" (each fused op at its minimum)."""
-        pe = {"eager": self.patch_embed.eager, "fused": self.patch_embed.fused,
-              "min": (self.patch_embed.min_step,)}[which]
+        pe = {"eager": self.patch_embed.eager, "fused": self.patch_embed.fused, "min": (self.patch_embed.min_step,)}[
+            which
+        ]
         blk = {"eager": self.block.eager, "fused": self.block.fused, "min": self.block.op_min}[which]
         return list(pe) + list(blk) * self.shape.depth + list(self.tail)
 
     def bytes(self, which: str) -> float:
         return sum(s.bytes for s in self.steps(which))
 
-    def bound_seconds(self, peak: Peak, dtype: torch.dtype, which: str = "min",
-                      tf32: Optional[bool] = None) -> Optional[float]:
+    def bound_seconds(
+        self, peak: Peak, dtype: torch.dtype, which: str = "min", tf32: Optional[bool] = None
+    ) -> Optional[float]:
         return bound_seconds(self.steps(which), peak, dtype, tf32)
 
 
@@ -355,9 +427,13 @@ def model_cost(shape: ViTShape, **block_kw) -> ModelCost:
     pe = patch_embed_cost(s.batch, s.in_chans, s.img, s.patch, s.dim, s.elem, class_token=s.class_token)
     tail = [Step("final layernorm", 0, 2 * s.A)]
     if s.num_classes:
-        tail.append(Step("head", 2.0 * s.batch * s.dim * s.num_classes,
-                         s.batch * s.dim * s.elem + s.num_classes * (s.dim + 1) * s.elem
-                         + s.batch * s.num_classes * s.elem))
+        tail.append(
+            Step(
+                "head",
+                2.0 * s.batch * s.dim * s.num_classes,
+                s.batch * s.dim * s.elem + s.num_classes * (s.dim + 1) * s.elem + s.batch * s.num_classes * s.elem,
+            )
+        )
     return ModelCost(s, pe, block_cost(s, **block_kw), tuple(tail))
 
 

@@ -24,6 +24,7 @@ The tiles are the launchers' own (gemm.block_config, gemm_tma.default_config, at
 qkv_attention.kv_layout / kernel_config); the torch path's cuBLAS and SDPA kernels are modeled with
 assumed tiles (:data:`TORCH_GEMM_TILES`, :data:`TORCH_ATTENTION_TILES`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,14 +36,30 @@ from .cost import dtype_bytes
 from .peaks import Peak
 
 # Streaming multiprocessors per GPU (datasheets), by peaks.py key.
-SM_COUNT = {"b200": 148, "h200-nvl": 132, "h200": 132, "h100-pcie": 114, "h100-nvl": 132, "h100": 132,
-            "a100-pcie-40gb": 108, "a100-pcie": 108, "a100-40gb": 108, "a100": 108, "l40s": 142, "l4": 58,
-            "a10": 72, "rtx4090": 128, "rtx3090": 82, "v100": 80, "t4": 40}
-L2_OVER_HBM = 3.0        # assumed: L2 bandwidth as a multiple of HBM bandwidth
-LATENCY_NS = 600.0       # assumed: the round trip of a load served by HBM
-L2_LATENCY_NS = 200.0    # assumed: the round trip of a load served by L2
-TORCH_GEMM_TILES = (128, 256, 64, 4)      # assumed cuBLAS tiles: BLOCK_M, BLOCK_N, BLOCK_K, stages
-TORCH_ATTENTION_TILES = (128, 64, 2)      # assumed SDPA flash tiles: BLOCK_M, BLOCK_N, stages
+SM_COUNT = {
+    "b200": 148,
+    "h200-nvl": 132,
+    "h200": 132,
+    "h100-pcie": 114,
+    "h100-nvl": 132,
+    "h100": 132,
+    "a100-pcie-40gb": 108,
+    "a100-pcie": 108,
+    "a100-40gb": 108,
+    "a100": 108,
+    "l40s": 142,
+    "l4": 58,
+    "a10": 72,
+    "rtx4090": 128,
+    "rtx3090": 82,
+    "v100": 80,
+    "t4": 40,
+}
+L2_OVER_HBM = 3.0  # assumed: L2 bandwidth as a multiple of HBM bandwidth
+LATENCY_NS = 600.0  # assumed: the round trip of a load served by HBM
+L2_LATENCY_NS = 200.0  # assumed: the round trip of a load served by L2
+TORCH_GEMM_TILES = (128, 256, 64, 4)  # assumed cuBLAS tiles: BLOCK_M, BLOCK_N, BLOCK_K, stages
+TORCH_ATTENTION_TILES = (128, 64, 2)  # assumed SDPA flash tiles: BLOCK_M, BLOCK_N, stages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,11 +98,14 @@ class KernelCost:
         if tflops is None:
             return None
         moved = self.dram_bytes + self.l2_bytes
-        l2_share = self.l2_bytes / moved if moved else 0.0   # a step waits on L2 as often as its bytes come from it
+        l2_share = self.l2_bytes / moved if moved else 0.0  # a step waits on L2 as often as its bytes come from it
         step_ns = l2_share * m.l2_latency_ns + (1 - l2_share) * m.latency_ns
-        return {"compute": self.flops / (tflops * 1e12), "hbm": self.dram_bytes / (m.peak.bandwidth_gbs * 1e9),
-                "l2": self.l2_bytes / (m.l2_gbs * 1e9),
-                "latency": self.serial_steps * step_ns * 1e-9 / max(1, self.stages - 1)}
+        return {
+            "compute": self.flops / (tflops * 1e12),
+            "hbm": self.dram_bytes / (m.peak.bandwidth_gbs * 1e9),
+            "l2": self.l2_bytes / (m.l2_gbs * 1e9),
+            "latency": self.serial_steps * step_ns * 1e-9 / max(1, self.stages - 1),
+        }
 
     def seconds(self, m: Machine, dtype: torch.dtype) -> Optional[float]:
         t = self.terms(m, dtype)
@@ -114,9 +134,23 @@ def _split(name: str, flops: float, loads: float, first: float, writes: float, s
 # ---------------------------------------------------------------------------------------------
 # kernels
 
-def gemm_kernel(name: str, M: int, N: int, K: int, elem: int, tiles, *, sms: int, blocks_per_sm: int = 1,
-                col_vec_bytes: int = 0, row_vec_bytes: int = 0, k_vec_bytes: int = 0, residual: bool = False,
-                out_elem: Optional[int] = None) -> KernelCost:
+
+def gemm_kernel(
+    name: str,
+    M: int,
+    N: int,
+    K: int,
+    elem: int,
+    tiles,
+    *,
+    sms: int,
+    blocks_per_sm: int = 1,
+    col_vec_bytes: int = 0,
+    row_vec_bytes: int = 0,
+    k_vec_bytes: int = 0,
+    residual: bool = False,
+    out_elem: Optional[int] = None,
+) -> KernelCost:
     """out (M, N) = epilogue(A (M, K) @ W (N, K)^T) in tiles = (BLOCK_M, BLOCK_N, BLOCK_K, stages).
 
     Every program loads its BLOCK_M rows of A and BLOCK_N rows of W over all of K, so A is loaded once
@@ -139,9 +173,21 @@ def gemm_kernel(name: str, M: int, N: int, K: int, elem: int, tiles, *, sms: int
     return _split(name, flops, loads, first, writes, serial, stages)
 
 
-def flash_attention_kernel(name: str, batch: int, heads: int, tokens: int, head_dim: int, elem: int,
-                           tiles, *, sms: int, chunks: Optional[int] = None, lse: bool = False,
-                           blocks_per_sm: int = 1, kv_tokens: Optional[int] = None) -> KernelCost:
+def flash_attention_kernel(
+    name: str,
+    batch: int,
+    heads: int,
+    tokens: int,
+    head_dim: int,
+    elem: int,
+    tiles,
+    *,
+    sms: int,
+    chunks: Optional[int] = None,
+    lse: bool = False,
+    blocks_per_sm: int = 1,
+    kv_tokens: Optional[int] = None,
+) -> KernelCost:
     """Flash attention in tiles = (BLOCK_M, BLOCK_N, stages): one program per (batch, head, query tile)
     loads its Q tile once and all of K and V; writes O (and the fp32 row LSE). chunks: the head-dim width
     the dots compute (attention.dim_chunks summed; default head_dim)."""
@@ -169,9 +215,19 @@ def row_stats_kernel(rows: int, dim: int, elem: int) -> KernelCost:
     return KernelCost("row stats", 0.0, rows * dim * elem + rows * 8)
 
 
-def single_qkv_attention_kernel(batch: int, tokens: int, dim: int, heads: int, elem: int, dtype: torch.dtype, *,
-                                sms: int, norm: bool = True, norm_bias: bool = True, qkv_bias: bool = True
-                                ) -> KernelCost:
+def single_qkv_attention_kernel(
+    batch: int,
+    tokens: int,
+    dim: int,
+    heads: int,
+    elem: int,
+    dtype: torch.dtype,
+    *,
+    sms: int,
+    norm: bool = True,
+    norm_bias: bool = True,
+    qkv_bias: bool = True,
+) -> KernelCost:
     """vit_kernels.triton.qkv_attention's single kernel: one program per (image, head). Per program:
     for each K/V tile (1 or 2, :func:`qkv_attention.kv_layout`) the LayerNorm statistics (two passes over
     its x rows) and the K and V projections (one pass each, with that head's W_k, W_v rows); for each query
@@ -179,6 +235,7 @@ def single_qkv_attention_kernel(batch: int, tokens: int, dim: int, heads: int, e
     scores and P @ V on chip. So x is loaded 7 times per program with LayerNorm (3 without), heads
     times per image. Each projection pass loads gamma (and beta) over K."""
     from ..triton import attention, qkv_attention as tq
+
     hd = dim // heads
     n_main, n_tail = tq.kv_layout(tokens)
     kv_tiles = 2 if n_tail else 1
@@ -187,9 +244,9 @@ def single_qkv_attention_kernel(batch: int, tokens: int, dim: int, heads: int, e
     bd = attention.block_d(hd)
     programs = batch * heads
     x_img = tokens * dim * elem
-    w_head = hd * dim * elem + (hd * elem if qkv_bias else 0)         # one head's rows of W_q (or W_k, W_v)
-    nvec = dim * elem * ((2 if norm_bias else 1) if norm else 0)      # gamma (and beta) over K
-    passes = (4 if norm else 2) + (3 if norm else 1)                  # K/V: stats 2 + K + V; Q: stats 2 + Q
+    w_head = hd * dim * elem + (hd * elem if qkv_bias else 0)  # one head's rows of W_q (or W_k, W_v)
+    nvec = dim * elem * ((2 if norm_bias else 1) if norm else 0)  # gamma (and beta) over K
+    passes = (4 if norm else 2) + (3 if norm else 1)  # K/V: stats 2 + K + V; Q: stats 2 + Q
     loads = programs * (passes * x_img + 2 * kv_tiles * w_head + q_tiles * w_head + (2 * kv_tiles + q_tiles) * nvec)
     first = batch * x_img + 3 * heads * w_head + nvec
     writes = batch * tokens * dim * elem
@@ -204,8 +261,10 @@ def single_qkv_attention_kernel(batch: int, tokens: int, dim: int, heads: int, e
 # ---------------------------------------------------------------------------------------------
 # paths of the ops
 
+
 def _triton_gemm_tiles(dtype: torch.dtype):
     from ..triton import gemm
+
     bm, bn, bk, _, stages = gemm.block_config(dtype)
     return bm, bn, bk, stages
 
@@ -213,6 +272,7 @@ def _triton_gemm_tiles(dtype: torch.dtype):
 def _tma(N: int, K: int):
     """(tiles, blocks_per_sm) of gemm_tma's default config for (N, K)."""
     from ..triton import gemm_tma
+
     c = gemm_tma.default_config(N, K)
     return (c.block_m, c.block_n, c.block_k, c.num_stages), c.blocks_per_sm
 
@@ -221,8 +281,17 @@ def _tma_ok(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
-def linear_paths(rows: int, in_features: int, out_features: int, dtype: torch.dtype, *, sms: int,
-                 bias: bool = True, residual: bool = True, layer_scale: bool = False) -> Dict[str, List[KernelCost]]:
+def linear_paths(
+    rows: int,
+    in_features: int,
+    out_features: int,
+    dtype: torch.dtype,
+    *,
+    sms: int,
+    bias: bool = True,
+    residual: bool = True,
+    layer_scale: bool = False,
+) -> Dict[str, List[KernelCost]]:
     """linear's paths: "torch" (cuBLAS, then layer scale and the residual add as separate kernels),
     "triton" (gemm.py, one kernel), "tma" (gemm_tma, one kernel; float16/bfloat16)."""
     e = dtype_bytes(dtype)
@@ -234,18 +303,31 @@ def linear_paths(rows: int, in_features: int, out_features: int, dtype: torch.dt
         torch_path.append(elementwise_kernel("layer scale", Y + N * e, Y))
     if residual:
         torch_path.append(elementwise_kernel("residual add", 2 * Y, Y))
-    out = {"torch": torch_path,
-           "triton": [gemm_kernel("gemm", M, N, K, e, _triton_gemm_tiles(dtype), sms=sms, col_vec_bytes=vec,
-                                  residual=residual)]}
+    out = {
+        "torch": torch_path,
+        "triton": [
+            gemm_kernel("gemm", M, N, K, e, _triton_gemm_tiles(dtype), sms=sms, col_vec_bytes=vec, residual=residual)
+        ],
+    }
     if _tma_ok(dtype):
         tiles, bps = _tma(N, K)
-        out["tma"] = [gemm_kernel("gemm_tma", M, N, K, e, tiles, sms=sms, blocks_per_sm=bps, col_vec_bytes=vec,
-                                  residual=residual)]
+        out["tma"] = [
+            gemm_kernel("gemm_tma", M, N, K, e, tiles, sms=sms, blocks_per_sm=bps, col_vec_bytes=vec, residual=residual)
+        ]
     return out
 
 
-def mlp_paths(rows: int, dim: int, hidden: int, dtype: torch.dtype, *, sms: int, norm: bool = True,
-              bias: bool = True, layer_scale: bool = False) -> Dict[str, List[KernelCost]]:
+def mlp_paths(
+    rows: int,
+    dim: int,
+    hidden: int,
+    dtype: torch.dtype,
+    *,
+    sms: int,
+    norm: bool = True,
+    bias: bool = True,
+    layer_scale: bool = False,
+) -> Dict[str, List[KernelCost]]:
     """layernorm_gelu_mlp's paths (the residual is x, as in a ViT block): "torch" (LayerNorm, fc1, GELU,
     fc2, [layer scale], residual add), "triton" (row stats; fc1 with LayerNorm as A loads, bias + GELU
     epilogue; fc2 with bias + [layer scale] + residual), "tma" (row stats; fc1 on the folded weight, the
@@ -257,40 +339,86 @@ def mlp_paths(rows: int, dim: int, hidden: int, dtype: torch.dtype, *, sms: int,
     torch_path = []
     if norm:
         torch_path.append(elementwise_kernel("layernorm", X + 2 * dim * e, X))
-    torch_path += [gemm_kernel("fc1 (cuBLAS)", rows, hidden, dim, e, t, sms=sms, col_vec_bytes=b),
-                   elementwise_kernel("gelu", Hd, Hd),
-                   gemm_kernel("fc2 (cuBLAS)", rows, dim, hidden, e, t, sms=sms, col_vec_bytes=b)]
+    torch_path += [
+        gemm_kernel("fc1 (cuBLAS)", rows, hidden, dim, e, t, sms=sms, col_vec_bytes=b),
+        elementwise_kernel("gelu", Hd, Hd),
+        gemm_kernel("fc2 (cuBLAS)", rows, dim, hidden, e, t, sms=sms, col_vec_bytes=b),
+    ]
     if layer_scale:
         torch_path.append(elementwise_kernel("layer scale", X + dim * e, X))
     torch_path.append(elementwise_kernel("residual add", 2 * X, X))
     stats = [row_stats_kernel(rows, dim, e)] if norm else []
     fc2_vec = b + (e if layer_scale else 0)
     tt = _triton_gemm_tiles(dtype)
-    out = {"torch": torch_path,
-           "triton": stats + [gemm_kernel("fc1 gemm (LN on A loads, GELU)", rows, hidden, dim, e, tt, sms=sms,
-                                          col_vec_bytes=b, row_vec_bytes=8 if norm else 0,
-                                          k_vec_bytes=2 * e if norm else 0),
-                              gemm_kernel("fc2 gemm (residual)", rows, dim, hidden, e, tt, sms=sms,
-                                          col_vec_bytes=fc2_vec, residual=True)]}
+    out = {
+        "torch": torch_path,
+        "triton": stats
+        + [
+            gemm_kernel(
+                "fc1 gemm (LN on A loads, GELU)",
+                rows,
+                hidden,
+                dim,
+                e,
+                tt,
+                sms=sms,
+                col_vec_bytes=b,
+                row_vec_bytes=8 if norm else 0,
+                k_vec_bytes=2 * e if norm else 0,
+            ),
+            gemm_kernel("fc2 gemm (residual)", rows, dim, hidden, e, tt, sms=sms, col_vec_bytes=fc2_vec, residual=True),
+        ],
+    }
     if _tma_ok(dtype):
         t1, bps1 = _tma(hidden, dim)
         t2, bps2 = _tma(dim, hidden)
         # folded fc1: bias b' in fp32 and the column sums c in fp32 per output column
         fold_vec = (4 if (bias or norm) else 0) + (4 if norm else 0)
-        out["tma"] = stats + [gemm_kernel("fc1 gemm_tma (LN folded, GELU)", rows, hidden, dim, e, t1, sms=sms,
-                                          blocks_per_sm=bps1, col_vec_bytes=fold_vec if norm else b,
-                                          row_vec_bytes=8 if norm else 0),
-                              gemm_kernel("fc2 gemm_tma (residual)", rows, dim, hidden, e, t2, sms=sms,
-                                          blocks_per_sm=bps2, col_vec_bytes=fc2_vec, residual=True)]
+        out["tma"] = stats + [
+            gemm_kernel(
+                "fc1 gemm_tma (LN folded, GELU)",
+                rows,
+                hidden,
+                dim,
+                e,
+                t1,
+                sms=sms,
+                blocks_per_sm=bps1,
+                col_vec_bytes=fold_vec if norm else b,
+                row_vec_bytes=8 if norm else 0,
+            ),
+            gemm_kernel(
+                "fc2 gemm_tma (residual)",
+                rows,
+                dim,
+                hidden,
+                e,
+                t2,
+                sms=sms,
+                blocks_per_sm=bps2,
+                col_vec_bytes=fc2_vec,
+                residual=True,
+            ),
+        ]
     return out
 
 
-def qkv_attention_paths(batch: int, tokens: int, dim: int, heads: int, dtype: torch.dtype, *, sms: int,
-                        norm: bool = True, qkv_bias: bool = True) -> Dict[str, List[KernelCost]]:
+def qkv_attention_paths(
+    batch: int,
+    tokens: int,
+    dim: int,
+    heads: int,
+    dtype: torch.dtype,
+    *,
+    sms: int,
+    norm: bool = True,
+    qkv_bias: bool = True,
+) -> Dict[str, List[KernelCost]]:
     """qkv_attention's paths: "torch" (LayerNorm, cuBLAS QKV, SDPA flash), "split" (row stats, gemm.py QKV
     with LayerNorm on A loads and the head-split write, flash attention), "split+tma" (row stats, gemm_tma
     QKV on the folded weight, flash attention; float16/bfloat16), "single_kernel" (where it fits on sm_90)."""
     from ..triton import attention, qkv_attention as tq
+
     e = dtype_bytes(dtype)
     hd = dim // heads
     rows = batch * tokens
@@ -298,44 +426,88 @@ def qkv_attention_paths(batch: int, tokens: int, dim: int, heads: int, dtype: to
     b = e if qkv_bias else 0
     bm, bn, _, stages = attention.kernel_config(dtype, hd)
     chunks = sum(attention.dim_chunks(hd, dtype))
-    flash = flash_attention_kernel("flash attention", batch, heads, tokens, hd, e, (bm, bn, stages), sms=sms,
-                                   chunks=chunks)
+    flash = flash_attention_kernel(
+        "flash attention", batch, heads, tokens, hd, e, (bm, bn, stages), sms=sms, chunks=chunks
+    )
     ta = TORCH_ATTENTION_TILES
     torch_path = []
     if norm:
         torch_path.append(elementwise_kernel("layernorm", X + 2 * dim * e, X))
-    torch_path += [gemm_kernel("qkv linear (cuBLAS)", rows, 3 * dim, dim, e, TORCH_GEMM_TILES, sms=sms,
-                               col_vec_bytes=b),
-                   flash_attention_kernel("sdpa (flash)", batch, heads, tokens, hd, e, ta, sms=sms)]
+    torch_path += [
+        gemm_kernel("qkv linear (cuBLAS)", rows, 3 * dim, dim, e, TORCH_GEMM_TILES, sms=sms, col_vec_bytes=b),
+        flash_attention_kernel("sdpa (flash)", batch, heads, tokens, hd, e, ta, sms=sms),
+    ]
     stats = [row_stats_kernel(rows, dim, e)] if norm else []
-    out = {"torch": torch_path,
-           "split": stats + [gemm_kernel("qkv gemm (LN on A loads, head split)", rows, 3 * dim, dim, e,
-                                         _triton_gemm_tiles(dtype), sms=sms, col_vec_bytes=b,
-                                         row_vec_bytes=8 if norm else 0, k_vec_bytes=2 * e if norm else 0),
-                             flash]}
+    out = {
+        "torch": torch_path,
+        "split": stats
+        + [
+            gemm_kernel(
+                "qkv gemm (LN on A loads, head split)",
+                rows,
+                3 * dim,
+                dim,
+                e,
+                _triton_gemm_tiles(dtype),
+                sms=sms,
+                col_vec_bytes=b,
+                row_vec_bytes=8 if norm else 0,
+                k_vec_bytes=2 * e if norm else 0,
+            ),
+            flash,
+        ],
+    }
     if _tma_ok(dtype):
         tiles, bps = _tma(3 * dim, dim)
-        out["split+tma"] = stats + [gemm_kernel("qkv gemm_tma (LN folded, head split)", rows, 3 * dim, dim, e,
-                                                tiles, sms=sms, blocks_per_sm=bps,
-                                                col_vec_bytes=8 if norm else b, row_vec_bytes=8 if norm else 0),
-                                    flash]
+        out["split+tma"] = stats + [
+            gemm_kernel(
+                "qkv gemm_tma (LN folded, head split)",
+                rows,
+                3 * dim,
+                dim,
+                e,
+                tiles,
+                sms=sms,
+                blocks_per_sm=bps,
+                col_vec_bytes=8 if norm else b,
+                row_vec_bytes=8 if norm else 0,
+            ),
+            flash,
+        ]
     if tq.single_kernel_fits(dtype, tokens, hd, 90):
-        out["single_kernel"] = [single_qkv_attention_kernel(batch, tokens, dim, heads, e, dtype, sms=sms, norm=norm,
-                                                            qkv_bias=qkv_bias)]
+        out["single_kernel"] = [
+            single_qkv_attention_kernel(batch, tokens, dim, heads, e, dtype, sms=sms, norm=norm, qkv_bias=qkv_bias)
+        ]
     return out
 
 
-def flash_attention_paths(batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype, *, sms: int,
-                          config=None) -> Dict[str, List[KernelCost]]:
+def flash_attention_paths(
+    batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype, *, sms: int, config=None
+) -> Dict[str, List[KernelCost]]:
     """flash_attention's paths: "torch" (SDPA flash, assumed tiles) and "triton" (the launcher's tiles, or
     ``config`` = (BLOCK_M, BLOCK_N, num_warps, num_stages))."""
     from ..triton import attention
+
     e = dtype_bytes(dtype)
     bm, bn, _, stages = config or attention.kernel_config(dtype, head_dim)
-    return {"torch": [flash_attention_kernel("sdpa (flash)", batch, heads, tokens, head_dim, e,
-                                             TORCH_ATTENTION_TILES, sms=sms)],
-            "triton": [flash_attention_kernel("flash attention", batch, heads, tokens, head_dim, e, (bm, bn, stages),
-                                              sms=sms, chunks=sum(attention.dim_chunks(head_dim, dtype)))]}
+    return {
+        "torch": [
+            flash_attention_kernel("sdpa (flash)", batch, heads, tokens, head_dim, e, TORCH_ATTENTION_TILES, sms=sms)
+        ],
+        "triton": [
+            flash_attention_kernel(
+                "flash attention",
+                batch,
+                heads,
+                tokens,
+                head_dim,
+                e,
+                (bm, bn, stages),
+                sms=sms,
+                chunks=sum(attention.dim_chunks(head_dim, dtype)),
+            )
+        ],
+    }
 
 
 # Which op paths a model-bench provider runs (bench.throughput): eager PyTorch with SDPA, or the fused
@@ -362,6 +534,7 @@ def model_seconds(shape, dtype: torch.dtype, machine: Machine, provider: str) ->
     the patch embedding and the final LayerNorm + head at their roofline (cost.model_cost's steps: they
     are not modeled kernel by kernel). None when the provider or the dtype is not modeled."""
     from .cost import model_cost
+
     blk = block_kernels(shape, dtype, machine.sms, provider)
     t_blk = path_seconds(blk, machine, dtype) if blk is not None else None
     tflops = machine.peak.tflops(dtype)

@@ -10,6 +10,7 @@ after a count rather than a time, which would differ between ranks and leave one
 all-reduce), and :func:`reduce_row` merges the ranks' rows: img/s summed, ms/step the slowest
 rank's median, peak memory the largest. Rank 0 prints and writes the files.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,9 @@ class World:
 def from_env() -> World:
     """The process's place as torchrun sets it (RANK, LOCAL_RANK, WORLD_SIZE); one process without."""
     try:
-        return World(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-                     int(os.environ.get("WORLD_SIZE", 1)))
+        return World(
+            int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        )
     except ValueError as e:
         raise SystemExit(f"torchrun environment: expected integers in RANK, LOCAL_RANK, WORLD_SIZE: {e}")
 
@@ -47,10 +49,13 @@ def setup(device: torch.device) -> tuple:
     if world.size <= 1:
         return world, device
     import torch.distributed as dist
+
     if device.type == "cuda":
         if world.local_rank >= torch.cuda.device_count():
-            raise SystemExit(f"torchrun: LOCAL_RANK {world.local_rank} has no GPU ({torch.cuda.device_count()} "
-                             f"visible); use --nproc-per-node <= the number of GPUs")
+            raise SystemExit(
+                f"torchrun: LOCAL_RANK {world.local_rank} has no GPU ({torch.cuda.device_count()} "
+                f"visible); use --nproc-per-node <= the number of GPUs"
+            )
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -61,6 +66,7 @@ def setup(device: torch.device) -> tuple:
 def teardown(world: World) -> None:
     if world.size > 1:
         import torch.distributed as dist
+
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -68,12 +74,14 @@ def teardown(world: World) -> None:
 def size() -> int:
     """Processes in the group (1 when torch.distributed is not initialized)."""
     import torch.distributed as dist
+
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def fixed_sampler(count: int, device: torch.device) -> Callable[[Callable, float], List[float]]:
     """A sampler for timer.measure that times exactly ``count`` calls (ms each, synchronized on a
     GPU), whatever the time budget: every rank then runs the same number of steps."""
+
     def sample(fn, budget_s):
         out = []
         for _ in range(count):
@@ -85,6 +93,7 @@ def fixed_sampler(count: int, device: torch.device) -> Callable[[Callable, float
                 torch.cuda.synchronize(device)
             out.append((time.perf_counter() - t0) * 1e3)
         return out
+
     return sample
 
 
@@ -94,6 +103,7 @@ def reduce_row(row: Dict) -> Dict:
     memory the largest, TFLOP/s summed; an error or a missing timing on any rank makes the row that
     rank's. Returns the merged row (the same on every rank)."""
     import torch.distributed as dist
+
     rows: List[Dict] = [None] * dist.get_world_size()
     dist.all_gather_object(rows, row)
     n = len(rows)
@@ -112,9 +122,11 @@ def reduce_row(row: Dict) -> Dict:
         out[k] = slowest[k]
     if "peak_mem_mib" in out:
         out["peak_mem_mib"] = max(r["peak_mem_mib"] for r in rows)
-    out.pop("x_bound", None)   # the roofline bound is one GPU's
+    out.pop("x_bound", None)  # the roofline bound is one GPU's
     out.update(ranks=n, global_batch=sum(r["batch"] for r in rows))
-    note = (f"torchrun: {n} processes, img/s summed over them, ms/step the slowest rank's "
-            f"(rank {rows.index(slowest)}), batch {out['batch']} per process")
+    note = (
+        f"torchrun: {n} processes, img/s summed over them, ms/step the slowest rank's "
+        f"(rank {rows.index(slowest)}), batch {out['batch']} per process"
+    )
     out["note"] = "; ".join(x for x in (out.get("note"), note) if x)
     return out

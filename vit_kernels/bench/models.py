@@ -8,6 +8,7 @@ reference ViT and torchvision, whose code always calls SDPA, :func:`attention_co
 SDPA to its math backend, which is those separate ops); ``attention="sdpa"`` is each library's
 default, F.scaled_dot_product_attention.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,6 +26,7 @@ def attention_context(attention: str):
     """The context a forward runs in: SDPA held to its math backend for "eager"."""
     if attention == "eager":
         from torch.nn.attention import SDPBackend, sdpa_kernel
+
         return sdpa_kernel([SDPBackend.MATH])
     return contextlib.nullcontext()
 
@@ -42,6 +44,7 @@ def input_size(model: nn.Module) -> Tuple[int, int]:
     """(in_chans, img_size) the model expects, read by vit_kernels.models.registry.image_spec
     (3 channels at 224 px for a model it does not recognise)."""
     from ..models.registry import image_spec
+
     img, chans = image_spec(model)
     return chans or 3, img or 224
 
@@ -69,6 +72,7 @@ def shape_of(model: nn.Module, batch: int, dtype: torch.dtype) -> Optional[ViTSh
     """The cost model's view of a ViT (None for a model this does not recognise)."""
     from ..models.vit import VisionTransformer
     from .cost import dtype_bytes
+
     elem = dtype_bytes(dtype)
     chans, img = input_size(model)
     try:
@@ -76,35 +80,97 @@ def shape_of(model: nn.Module, batch: int, dtype: torch.dtype) -> Optional[ViTSh
             b = model.blocks[0]
             p = model.patch_size
             head = model.head
-            return ViTShape(batch, model.num_prefix_tokens + (img // p) ** 2, b.attn.qkv.in_features,
-                            b.attn.num_heads, b.mlp.fc1.out_features, len(model.blocks), elem, p, chans,
-                            (img, img), head.out_features if isinstance(head, nn.Linear) else 0,
-                            model.cls_token is not None, b.attn.qkv.bias is not None, b.attn.ls is not None)
+            return ViTShape(
+                batch,
+                model.num_prefix_tokens + (img // p) ** 2,
+                b.attn.qkv.in_features,
+                b.attn.num_heads,
+                b.mlp.fc1.out_features,
+                len(model.blocks),
+                elem,
+                p,
+                chans,
+                (img, img),
+                head.out_features if isinstance(head, nn.Linear) else 0,
+                model.cls_token is not None,
+                b.attn.qkv.bias is not None,
+                b.attn.ls is not None,
+            )
         if hasattr(model, "blocks") and hasattr(model, "patch_embed"):  # timm
             b = model.blocks[0]
             p = model.patch_embed.patch_size[0]
             head = model.head
-            return ViTShape(batch, model.num_prefix_tokens + model.patch_embed.num_patches, model.embed_dim,
-                            b.attn.num_heads, b.mlp.fc1.out_features, len(model.blocks), elem, p, chans,
-                            (img, img), head.out_features if isinstance(head, nn.Linear) else 0,
-                            model.cls_token is not None, b.attn.qkv.bias is not None,
-                            not isinstance(b.ls1, nn.Identity))
+            return ViTShape(
+                batch,
+                model.num_prefix_tokens + model.patch_embed.num_patches,
+                model.embed_dim,
+                b.attn.num_heads,
+                b.mlp.fc1.out_features,
+                len(model.blocks),
+                elem,
+                p,
+                chans,
+                (img, img),
+                head.out_features if isinstance(head, nn.Linear) else 0,
+                model.cls_token is not None,
+                b.attn.qkv.bias is not None,
+                not isinstance(b.ls1, nn.Identity),
+            )
         if hasattr(model, "conv_proj") and hasattr(model, "encoder"):  # torchvision
             layer = model.encoder.layers[0]
             head = model.heads[-1]
-            return ViTShape(batch, model.seq_length, model.hidden_dim, layer.num_heads, model.mlp_dim,
-                            len(model.encoder.layers), elem, model.patch_size, chans, (img, img),
-                            head.out_features, True, True, False)
+            return ViTShape(
+                batch,
+                model.seq_length,
+                model.hidden_dim,
+                layer.num_heads,
+                model.mlp_dim,
+                len(model.encoder.layers),
+                elem,
+                model.patch_size,
+                chans,
+                (img, img),
+                head.out_features,
+                True,
+                True,
+                False,
+            )
         if hasattr(model, "to_patch_embedding") and hasattr(model, "transformer"):  # vit_pytorch
             attn, ff = model.transformer.layers[0]
-            return ViTShape(batch, model.pos_embedding.shape[-2], model.pos_embedding.shape[-1], attn.heads,
-                            ff.net[1].out_features, len(model.transformer.layers), elem, _vp_patch(model), chans,
-                            (img, img), model.mlp_head.out_features, True, attn.to_qkv.bias is not None, False)
+            return ViTShape(
+                batch,
+                model.pos_embedding.shape[-2],
+                model.pos_embedding.shape[-1],
+                attn.heads,
+                ff.net[1].out_features,
+                len(model.transformer.layers),
+                elem,
+                _vp_patch(model),
+                chans,
+                (img, img),
+                model.mlp_head.out_features,
+                True,
+                attn.to_qkv.bias is not None,
+                False,
+            )
         cfg = getattr(model, "config", None)
         if cfg is not None and getattr(cfg, "model_type", "") == "vit":  # transformers
-            return ViTShape(batch, (img // cfg.patch_size) ** 2 + 1, cfg.hidden_size, cfg.num_attention_heads,
-                            cfg.intermediate_size, cfg.num_hidden_layers, elem, cfg.patch_size, chans,
-                            (img, img), getattr(cfg, "num_labels", 0), True, cfg.qkv_bias, False)
+            return ViTShape(
+                batch,
+                (img // cfg.patch_size) ** 2 + 1,
+                cfg.hidden_size,
+                cfg.num_attention_heads,
+                cfg.intermediate_size,
+                cfg.num_hidden_layers,
+                elem,
+                cfg.patch_size,
+                chans,
+                (img, img),
+                getattr(cfg, "num_labels", 0),
+                True,
+                cfg.qkv_bias,
+                False,
+            )
     except (AttributeError, IndexError, TypeError):
         return None
     return None

@@ -6,6 +6,7 @@ lookup by device name or key live in :mod:`vit_kernels.arch` (re-exported here f
 Percent-of-peak and roofline bounds are only as good as that table; a device that is not in it gets
 no percentage rather than a guessed one.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -29,8 +30,10 @@ def choose(key: Optional[str], device: torch.device, notes: list, what: str) -> 
     elif device.type == "cuda":
         peak = for_device(device)
         if peak is None:
-            notes.append(f"{torch.cuda.get_device_name(device)} is not in the peaks table: no {what} "
-                         f"(pass --gpu KEY to use a known GPU's peaks)")
+            notes.append(
+                f"{torch.cuda.get_device_name(device)} is not in the peaks table: no {what} "
+                f"(pass --gpu KEY to use a known GPU's peaks)"
+            )
     else:
         peak = None
     if peak is not None and device.type != "cuda":
@@ -43,6 +46,8 @@ def table_text() -> str:
     rows = [f"{'key':<16}{'GPU':<18}{'bf16':>7}{'fp16':>7}{'tf32':>7}{'fp32':>7}{'GB/s':>7}"]
     for p in PEAKS:
         f = lambda v: "-" if v is None else f"{v:g}"  # noqa: E731
-        rows.append(f"{p.key:<16}{p.name:<18}{f(p.bf16_tflops):>7}{f(p.fp16_tflops):>7}"
-                    f"{f(p.tf32_tflops):>7}{f(p.fp32_tflops):>7}{p.bandwidth_gbs:>7g}")
+        rows.append(
+            f"{p.key:<16}{p.name:<18}{f(p.bf16_tflops):>7}{f(p.fp16_tflops):>7}"
+            f"{f(p.tf32_tflops):>7}{f(p.fp32_tflops):>7}{p.bandwidth_gbs:>7g}"
+        )
     return "\n".join(rows)

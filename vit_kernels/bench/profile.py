@@ -9,6 +9,7 @@ Two variants of the same block (same weights, same input):
 - fused: the vit_kernels ops qkv_attention, linear (out-proj + residual), layernorm_gelu_mlp
   with a chosen backend.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,7 @@ import torch.nn.functional as F
 from .cost import Step, ViTShape, block_cost, dtype_bytes
 from ..arch import Peak
 
-EAGER_STAGES = ("ln1", "qkv", "attention", "merge_heads", "proj", "residual1", "ln2", "fc1", "gelu", "fc2",
-                "residual2")
+EAGER_STAGES = ("ln1", "qkv", "attention", "merge_heads", "proj", "residual1", "ln2", "fc1", "gelu", "fc2", "residual2")
 FUSED_STAGES = ("qkv_attention", "proj+residual", "mlp")
 PREFIX = "vk::"
 
@@ -72,8 +72,11 @@ def profiler_debris_filtered():
             os.dup2(saved, 2)
             os.close(saved)
             captured.seek(0)
-            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
-                    if not is_profiler_debris(line, gpu)]
+            kept = [
+                line
+                for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                if not is_profiler_debris(line, gpu)
+            ]
             sys.stderr.write("".join(kept))
             sys.stderr.flush()
 
@@ -115,18 +118,38 @@ def eager_block(blk, x: torch.Tensor, nvtx: bool = False) -> torch.Tensor:
 def fused_block(blk, x: torch.Tensor, backend: str, nvtx: bool = False) -> torch.Tensor:
     """The block's forward through the three vit_kernels ops, each in its own range."""
     from .. import ops
+
     a, m = blk.attn, blk.mlp
     ga = a.ls.gamma if a.ls is not None else None
     gm = m.ls.gamma if m.ls is not None else None
     with stage("fused/qkv_attention", nvtx):
-        o = ops.qkv_attention(x, a.qkv.weight, a.qkv.bias, num_heads=a.num_heads, norm_weight=a.norm.weight,
-                              norm_bias=a.norm.bias, eps=a.norm.eps, backend=backend)
+        o = ops.qkv_attention(
+            x,
+            a.qkv.weight,
+            a.qkv.bias,
+            num_heads=a.num_heads,
+            norm_weight=a.norm.weight,
+            norm_bias=a.norm.bias,
+            eps=a.norm.eps,
+            backend=backend,
+        )
     with stage("fused/proj+residual", nvtx):
         x = ops.linear(o, a.proj.weight, a.proj.bias, residual=x, layer_scale=ga, backend=backend)
     with stage("fused/mlp", nvtx):
-        return ops.layernorm_gelu_mlp(x, m.norm.weight, m.norm.bias, m.fc1.weight, m.fc1.bias, m.fc2.weight,
-                                      m.fc2.bias, eps=m.norm.eps, approximate=m.approximate, residual=x,
-                                      layer_scale=gm, backend=backend)
+        return ops.layernorm_gelu_mlp(
+            x,
+            m.norm.weight,
+            m.norm.bias,
+            m.fc1.weight,
+            m.fc1.bias,
+            m.fc2.weight,
+            m.fc2.bias,
+            eps=m.norm.eps,
+            approximate=m.approximate,
+            residual=x,
+            layer_scale=gm,
+            backend=backend,
+        )
 
 
 def stage_costs(shape: ViTShape) -> Dict[str, List[Step]]:
@@ -149,6 +172,7 @@ def stage_kernels(shape: ViTShape, dtype: torch.dtype, sms: int, fused_backend: 
     torch paths, the fused stages from the path ``fused_backend`` takes ("torch"; "triton": qkv_attention's
     split path, gemm.py for the projection and the MLP); a backend it does not model gets no entry."""
     from . import cost_kernels as ck
+
     s = shape
     qkv = ck.qkv_attention_paths(s.batch, s.tokens, s.dim, s.heads, dtype, sms=sms)
     lin = ck.linear_paths(s.rows, s.dim, s.dim, dtype, sms=sms)
@@ -156,7 +180,9 @@ def stage_kernels(shape: ViTShape, dtype: torch.dtype, sms: int, fused_backend: 
     out = dict(zip(("eager/ln1", "eager/qkv", "eager/attention"), ([k] for k in qkv["torch"])))
     out["eager/merge_heads"] = []
     out.update(zip(("eager/proj", "eager/residual1"), ([k] for k in lin["torch"])))
-    out.update(zip(("eager/ln2", "eager/fc1", "eager/gelu", "eager/fc2", "eager/residual2"), ([k] for k in mlp["torch"])))
+    out.update(
+        zip(("eager/ln2", "eager/fc1", "eager/gelu", "eager/fc2", "eager/residual2"), ([k] for k in mlp["torch"]))
+    )
     if fused_backend in ("torch", "triton"):
         t = fused_backend == "triton"
         out["fused/qkv_attention"] = qkv["split" if t else "torch"]
@@ -174,7 +200,7 @@ def stage_times_ms(events, labels: Sequence[str], use_device: bool, iters: int) 
     """
     totals = {lab: 0.0 for lab in labels}
     for ev in events:
-        name = ev.name[len(PREFIX):] if ev.name.startswith(PREFIX) else None
+        name = ev.name[len(PREFIX) :] if ev.name.startswith(PREFIX) else None
         if name not in totals:
             continue
         dt = getattr(ev, "device_type", None)
@@ -185,13 +211,25 @@ def stage_times_ms(events, labels: Sequence[str], use_device: bool, iters: int) 
     return {k: v / 1e3 / iters for k, v in totals.items()}
 
 
-def breakdown(*, dim: int = 768, heads: int = 12, tokens: int = 197, batch: int = 8, hidden: Optional[int] = None,
-              dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
-              fused_backend: Optional[str] = "torch", iters: int = 5, warmup: int = 2,
-              peak: Optional[Peak] = None, trace_path: Optional[Path] = None) -> List[Dict]:
+def breakdown(
+    *,
+    dim: int = 768,
+    heads: int = 12,
+    tokens: int = 197,
+    batch: int = 8,
+    hidden: Optional[int] = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device = torch.device("cpu"),
+    fused_backend: Optional[str] = "torch",
+    iters: int = 5,
+    warmup: int = 2,
+    peak: Optional[Peak] = None,
+    trace_path: Optional[Path] = None,
+) -> List[Dict]:
     """Profile one block (eager and, unless fused_backend is None, fused) and return one row per stage."""
     from torch.profiler import ProfilerActivity, profile
     from ..models.vit import Block
+
     hidden = hidden or 4 * dim
     torch.manual_seed(0)
     blk = Block(dim, heads, mlp_ratio=hidden / dim, backend="torch").to(device=device, dtype=dtype).eval()
@@ -223,6 +261,7 @@ def breakdown(*, dim: int = 768, heads: int = 12, tokens: int = 197, batch: int 
     shape = ViTShape(batch, tokens, dim, heads, hidden, 1, dtype_bytes(dtype))
     costs = stage_costs(shape)
     from .cost_kernels import Machine, path_seconds
+
     machine = Machine.of(peak) if peak is not None else None
     kernels = stage_kernels(shape, dtype, machine.sms, fused_backend) if machine is not None else {}
     rows = []
@@ -230,10 +269,15 @@ def breakdown(*, dim: int = 768, heads: int = 12, tokens: int = 197, batch: int 
     for lab in labels:
         variant, name = lab.split("/", 1)
         steps = costs[lab]
-        r = {"variant": variant if variant == "eager" else f"fused ({fused_backend})", "stage": name,
-             "ms": times[lab], "pct": 100 * times[lab] / totals[variant] if totals[variant] else None,
-             "gflop": sum(s.flops for s in steps) / 1e9, "mb": sum(s.bytes for s in steps) / 1e6,
-             "A": sum(s.bytes for s in steps) / shape.A}
+        r = {
+            "variant": variant if variant == "eager" else f"fused ({fused_backend})",
+            "stage": name,
+            "ms": times[lab],
+            "pct": 100 * times[lab] / totals[variant] if totals[variant] else None,
+            "gflop": sum(s.flops for s in steps) / 1e9,
+            "mb": sum(s.bytes for s in steps) / 1e6,
+            "A": sum(s.bytes for s in steps) / shape.A,
+        }
         if peak is not None and peak.tflops(dtype):
             tf = peak.tflops(dtype)
             r["bound_ms"] = sum(s.seconds(tf, peak.bandwidth_gbs) for s in steps) * 1e3
@@ -248,6 +292,15 @@ def breakdown(*, dim: int = 768, heads: int = 12, tokens: int = 197, batch: int 
     return rows
 
 
-TABLE_COLUMNS = [("variant", "variant"), ("stage", "stage"), ("ms", "ms"), ("pct", "% of block"),
-                 ("gflop", "GFLOP"), ("A", "bytes (A)"), ("bound_ms", "bound ms"), ("x_bound", "x bound"),
-                 ("modeled_ms", "modeled ms"), ("x_modeled", "x modeled")]
+TABLE_COLUMNS = [
+    ("variant", "variant"),
+    ("stage", "stage"),
+    ("ms", "ms"),
+    ("pct", "% of block"),
+    ("gflop", "GFLOP"),
+    ("A", "bytes (A)"),
+    ("bound_ms", "bound ms"),
+    ("x_bound", "x bound"),
+    ("modeled_ms", "modeled ms"),
+    ("x_modeled", "x modeled"),
+]

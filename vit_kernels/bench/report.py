@@ -4,6 +4,7 @@ PNG plots, and a progress bar.
 matplotlib and rich are optional: without matplotlib no PNG is written and the command says
 so; without rich the progress is printed as plain lines and the tables as plain text.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,6 +25,7 @@ import torch
 def _version(mod: str) -> Optional[str]:
     try:
         from importlib.metadata import version
+
         return version(mod)
     except Exception:
         return None
@@ -33,12 +35,15 @@ def git_commit(path: Optional[Path] = None) -> Dict[str, object]:
     """The commit of the checkout that holds vit_kernels (and whether it has local changes)."""
     path = path or Path(__file__).resolve().parents[2]
     try:
-        head = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
+        head = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
             return {"commit": None, "dirty": None}
-        dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.TimeoutExpired):
         return {"commit": None, "dirty": None}
@@ -47,6 +52,7 @@ def git_commit(path: Optional[Path] = None) -> Dict[str, object]:
 def environment(device: torch.device) -> Dict[str, object]:
     """Device name, versions and commit: what a benchmark result must carry to be comparable."""
     from .. import __version__
+
     env: Dict[str, object] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
@@ -63,10 +69,15 @@ def environment(device: torch.device) -> Dict[str, object]:
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(device_name=props.name, capability=f"sm_{props.major}{props.minor}",
-                   sm_count=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1),
-                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                   tf32_matmul=bool(torch.backends.cuda.matmul.allow_tf32))
+        env.update(
+            device_name=props.name,
+            capability=f"sm_{props.major}{props.minor}",
+            sm_count=props.multi_processor_count,
+            memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            tf32_matmul=bool(torch.backends.cuda.matmul.allow_tf32),
+        )
     else:
         env.update(device_name=platform.processor() or platform.machine(), cpu_count=os.cpu_count())
     env.update(git_commit())
@@ -127,8 +138,13 @@ def rich_console(file=None):
 STATUS_STYLES = {"status": {"ok": "green", "error": "red", "fallback": "red", "not measured": "yellow"}}
 
 
-def print_table(rows: Sequence[Dict], columns: Sequence[tuple], title: Optional[str] = None, file=None,
-                styles: Optional[Dict[str, Dict[str, str]]] = None) -> None:
+def print_table(
+    rows: Sequence[Dict],
+    columns: Sequence[tuple],
+    title: Optional[str] = None,
+    file=None,
+    styles: Optional[Dict[str, Dict[str, str]]] = None,
+) -> None:
     """Print a table: rich's on a terminal (:func:`rich_console`), else :func:`format_table`'s plain
     text (with ``title`` on the line above). columns as for format_table; styles: column key ->
     {cell text: rich style} (e.g. {"status": {"FAIL": "red"}}), used on a terminal only."""
@@ -141,13 +157,19 @@ def print_table(rows: Sequence[Dict], columns: Sequence[tuple], title: Optional[
     from rich import box
     from rich.markup import escape
     from rich.table import Table
+
     texts = [[(c[2] if len(c) > 2 else fmt)(r.get(c[0])) for c in columns] for r in rows]
     table = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD)
     widths = [max([len(c[1])] + [len(t[i]) for t in texts]) for i, c in enumerate(columns)]
-    for i, c in enumerate(columns):   # every column as wide as its widest cell; the last one folds
+    for i, c in enumerate(columns):  # every column as wide as its widest cell; the last one folds
         last = i == len(columns) - 1
-        table.add_column(c[1], justify="right" if _numeric(rows, c[0]) else "left", no_wrap=not last,
-                         min_width=None if last else widths[i], overflow="fold")
+        table.add_column(
+            c[1],
+            justify="right" if _numeric(rows, c[0]) else "left",
+            no_wrap=not last,
+            min_width=None if last else widths[i],
+            overflow="fold",
+        )
     # a terminal too narrow for the table: wider lines (the terminal wraps them) rather than cropped cells
     console.width = max(console.width, sum(widths[:-1]) + min(widths[-1], 40) + 2 * len(columns) + 2)
     for t in texts:
@@ -192,8 +214,10 @@ def matplotlib_missing() -> Optional[str]:
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -202,16 +226,20 @@ def plot_bench(path: Path, rows: Sequence[Dict], title: str) -> Path:
     panel, the speed-up over eager (error bars from the p20-p80 intervals), one group per
     (model as run: depth, image size, batch; mode). Rows without a timing are marked."""
     plt = _pyplot()
-    def group(r):   # 'model\ndepth 2, 32 px, batch 2\nmode'
+
+    def group(r):  # 'model\ndepth 2, 32 px, batch 2\nmode'
         return r["label"].replace(" depth", "\ndepth", 1) + "\n" + r["mode"]
+
     groups = unique(group(r) for r in rows)
     providers = unique(r["provider"] for r in rows)
     find = {(group(r), r["provider"]): r for r in rows}
     fig, axes = plt.subplots(1, 2, figsize=(max(10, 3.2 * len(groups) * max(1, len(providers)) / 3), 4.8))
     n = max(1, len(providers))
     width = 0.8 / n
-    for ax, key, ylabel in ((axes[0], "img_per_s", "images / s (median, p20-p80)"),
-                            (axes[1], "speedup", "speed-up over eager (x)")):
+    for ax, key, ylabel in (
+        (axes[0], "img_per_s", "images / s (median, p20-p80)"),
+        (axes[1], "speedup", "speed-up over eager (x)"),
+    ):
         for i, p in enumerate(providers):
             xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
             rs = [find.get((g, p), {}) for g in groups]
@@ -221,8 +249,15 @@ def plot_bench(path: Path, rows: Sequence[Dict], title: str) -> Path:
             bars = ax.bar(xs, ys, width, label=p, yerr=[lo, hi], capsize=3)
             for b, r in zip(bars, rs):
                 if r.get(key) is None:
-                    ax.text(b.get_x() + b.get_width() / 2, 0, "not measured", rotation=90, ha="center",
-                            va="bottom", fontsize=7)
+                    ax.text(
+                        b.get_x() + b.get_width() / 2,
+                        0,
+                        "not measured",
+                        rotation=90,
+                        ha="center",
+                        va="bottom",
+                        fontsize=7,
+                    )
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(groups, fontsize=7)
         ax.set_ylabel(ylabel)
@@ -243,9 +278,17 @@ def _save(plt, fig, path: Path) -> Path:
     return path
 
 
-def plot_lines(path: Path, x: Sequence[float], series: Dict[str, Sequence[Optional[float]]], xlabel: str,
-               ylabel: str, title: str, hline: Optional[float] = None, hline_label: str = "",
-               ranges: Optional[Dict[str, Sequence[Optional[tuple]]]] = None) -> Path:
+def plot_lines(
+    path: Path,
+    x: Sequence[float],
+    series: Dict[str, Sequence[Optional[float]]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    hline: Optional[float] = None,
+    hline_label: str = "",
+    ranges: Optional[Dict[str, Sequence[Optional[tuple]]]] = None,
+) -> Path:
     """Lines over x (log scale), one per provider; None points are left out and providers with
     no point at all are named under the plot as not measured. ranges: per provider, per point a
     (low, high) drawn as an error bar (the p20-p80 interval), or None."""
@@ -256,8 +299,7 @@ def plot_lines(path: Path, x: Sequence[float], series: Dict[str, Sequence[Option
         if pts:
             lo = [max(0.0, p[1] - p[2][0]) if p[2] else 0.0 for p in pts]
             hi = [max(0.0, p[2][1] - p[1]) if p[2] else 0.0 for p in pts]
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[lo, hi], marker="o", capsize=3,
-                        label=name)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[lo, hi], marker="o", capsize=3, label=name)
     if hline:
         ax.axhline(hline, color="gray", linestyle="--", linewidth=1, label=hline_label)
     ax.set_xscale("log")
@@ -318,8 +360,7 @@ def progress(total: Optional[int], title: str, enabled: bool = True):
         return
     try:
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                                   TimeElapsedColumn)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     except ImportError:
         yield _PlainProgress(total, sys.stderr)
         return

@@ -22,6 +22,7 @@ backward, optimizer step: :func:`vit_kernels.training.train_step`). Under ``torc
 process times the same cases on its own batch, the train step under DistributedDataParallel, and
 the rows are merged over the processes (:mod:`vit_kernels.bench.distributed`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -68,16 +69,16 @@ class BenchConfig:
     img_size: Optional[int] = None
     depth: Optional[int] = None
     warmup: int = 10
-    repeats: int = 30             # the fewest timed samples
-    target_spread: float = 0.02   # time until the p20-p80 half-width is within this fraction of the median
+    repeats: int = 30  # the fewest timed samples
+    target_spread: float = 0.02  # time until the p20-p80 half-width is within this fraction of the median
     max_time_s: Optional[float] = None  # ... or this many seconds have passed (None: 3 s GPU, 1 s CPU)
     compile_mode: str = "default"
     compile_backend: str = "inductor"
     channels_last: bool = False
-    opt: str = "sgd"              # the train step's optimizer: "sgd" (timm's default, nesterov) or "adamw"
+    opt: str = "sgd"  # the train step's optimizer: "sgd" (timm's default, nesterov) or "adamw"
     cuda_graphs: bool = False
     peak: Optional[Peak] = None  # the GPU whose roofline bounds are reported
-    input_dtype: str = "float"   # "uint8": decoded NHWC uint8 images (see pixel_input)
+    input_dtype: str = "float"  # "uint8": decoded NHWC uint8 images (see pixel_input)
 
 
 def check_config(cfg: BenchConfig) -> None:
@@ -106,11 +107,18 @@ def check_config(cfg: BenchConfig) -> None:
         bmodels.parse(m)
 
 
-def static_reason(provider: str, device: torch.device, *, graphs: bool = False, mode: str = "inference",
-                  interpreter: Optional[bool] = None) -> Optional[str]:
+def static_reason(
+    provider: str,
+    device: torch.device,
+    *,
+    graphs: bool = False,
+    mode: str = "inference",
+    interpreter: Optional[bool] = None,
+) -> Optional[str]:
     """Why ``provider`` cannot be timed on ``device`` (None when it can be tried). Pure: decided
     from the device and the settings, before any model is built."""
     from ..backends import cuda_unavailable, interpreter_enabled, triton_importable
+
     interpreter = interpreter_enabled() if interpreter is None else interpreter
     if graphs:
         if device.type != "cuda":
@@ -119,24 +127,32 @@ def static_reason(provider: str, device: torch.device, *, graphs: bool = False, 
             return "CUDA graphs are captured for the inference step only"
     if provider == "triton":
         if device.type != "cuda":
-            return ("the Triton kernels need a CUDA GPU; on the CPU they run only in Triton's "
-                    "interpreter, which is for verification, not timing")
+            return (
+                "the Triton kernels need a CUDA GPU; on the CPU they run only in Triton's "
+                "interpreter, which is for verification, not timing"
+            )
         if interpreter:
             return "TRITON_INTERPRET=1 is set: Triton would run in its interpreter, which is not a timing"
         return triton_importable()
     if provider == "cuda":
         if mode == "train":
-            return ("the CUDA C++ kernels are forward-only: a training step with backend='cuda' raises (use the "
-                    "triton provider, whose forward and backward are Triton kernels)")
+            return (
+                "the CUDA C++ kernels are forward-only: a training step with backend='cuda' raises (use the "
+                "triton provider, whose forward and backward are Triton kernels)"
+            )
         if device.type != "cuda":
-            return ("the CUDA C++ kernels need a CUDA GPU; on the CPU they run only in the host "
-                    "emulation build, which is for verification, not timing")
+            return (
+                "the CUDA C++ kernels need a CUDA GPU; on the CPU they run only in the host "
+                "emulation build, which is for verification, not timing"
+            )
         return cuda_unavailable(device)
     if provider == "tuned":
         if device.type != "cuda":
             return "tuning times the candidates on a CUDA GPU; on the CPU auto is the torch path (the sdpa row)"
         if interpreter:
-            return "TRITON_INTERPRET=1 is set: the Triton candidates would run in the interpreter, which is not a timing"
+            return (
+                "TRITON_INTERPRET=1 is set: the Triton candidates would run in the interpreter, which is not a timing"
+            )
     return None
 
 
@@ -149,6 +165,7 @@ def _free(device: torch.device) -> None:
 def _fallbacks(before: Dict, requested: str) -> List[str]:
     """Ops whose decision changed since ``before`` and did not run ``requested``; and paths."""
     from ..backends import last_decision
+
     notes = []
     for op, d in last_decision().items():
         if before.get(op) is d:
@@ -166,8 +183,16 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
     init; the backend decisions are read here). Returns (row, step, shape): step is None when the
     provider cannot be timed here, and the row says why."""
     name = provider + ("+graphs" if graphs else "")
-    row: Dict = {"model": spec, "provider": name, "mode": mode, "dtype": str(cfg.dtype).replace("torch.", ""),
-                 "precision": cfg.precision, "batch": cfg.batch_size, "status": "ok", "note": ""}
+    row: Dict = {
+        "model": spec,
+        "provider": name,
+        "mode": mode,
+        "dtype": str(cfg.dtype).replace("torch.", ""),
+        "precision": cfg.precision,
+        "batch": cfg.batch_size,
+        "status": "ok",
+        "note": "",
+    }
     why = static_reason(provider, cfg.device, graphs=graphs, mode=mode)
     if why is not None:
         row.update(status="not measured", note=why)
@@ -178,13 +203,20 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
         torch.cuda.reset_peak_memory_stats(device)
     family, _ = bmodels.parse(spec)
     torch.manual_seed(0)
-    model = bmodels.build(spec, img_size=cfg.img_size, depth=cfg.depth,
-                          attention="eager" if provider == "eager" else "sdpa",
-                          backend="torch" if family == "vit_kernels" else None)
+    model = bmodels.build(
+        spec,
+        img_size=cfg.img_size,
+        depth=cfg.depth,
+        attention="eager" if provider == "eager" else "sdpa",
+        backend="torch" if family == "vit_kernels" else None,
+    )
     chans, img = bmodels.input_size(model)
     img = cfg.img_size or img
-    row.update(img_size=img, depth=bmodels.depth_of(model),
-               param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 2))
+    row.update(
+        img_size=img,
+        depth=bmodels.depth_of(model),
+        param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+    )
     model = model.to(device)
     if cfg.precision == "pure":
         model = model.to(cfg.dtype)
@@ -195,9 +227,11 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
         backend = FUSED_BACKEND[provider]
         if family == "vit_kernels":
             from ..nn import set_backend
+
             set_backend(model, backend)
         else:
             from ..swap import fuse, fuse_report
+
             try:
                 fuse(model, backend=backend)
             except NotImplementedError as e:
@@ -208,8 +242,11 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
                 row.update(status="not measured", note=f"vit_kernels.fuse found nothing to fuse: {rep}")
                 return row, None, None
             if rep.left:
-                fuse_note = (f"fuse: {len(rep.fused)} parts fused, {len(rep.left)} left ("
-                             + "; ".join(sorted({e.reason for e in rep.left})) + ")")
+                fuse_note = (
+                    f"fuse: {len(rep.fused)} parts fused, {len(rep.left)} left ("
+                    + "; ".join(sorted({e.reason for e in rep.left}))
+                    + ")"
+                )
     shape = bmodels.shape_of(model, cfg.batch_size, cfg.dtype)
     in_dtype = cfg.dtype if cfg.precision == "pure" else torch.float32
     images = torch.randn(cfg.batch_size, chans, img, img, device=device, dtype=in_dtype)
@@ -217,30 +254,34 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
         images = images.contiguous(memory_format=torch.channels_last)
     prep, input_note = (lambda x: x), ""  # noqa: E731
     if cfg.input_dtype == "uint8":
-        images = torch.randint(0, 256, (cfg.batch_size, img, img, chans), dtype=torch.uint8,
-                               device=device).permute(0, 3, 1, 2)
+        images = torch.randint(0, 256, (cfg.batch_size, img, img, chans), dtype=torch.uint8, device=device).permute(
+            0, 3, 1, 2
+        )
         prep, input_note = pixel_input(model, in_dtype)
 
     def amp():
         if cfg.precision == "autocast":
             return torch.autocast(device.type, dtype=cfg.dtype)
         return contextlib.nullcontext()
+
     attn_ctx = lambda: bmodels.attention_context("eager" if provider == "eager" else "sdpa")  # noqa: E731
 
     if mode == "train":  # the number of classes, from the model before it is compiled
         n_cls = bmodels.logits(_probe_out(model, prep(images[:1]), attn_ctx, amp)).shape[-1]
         labels = torch.randint(0, n_cls, (cfg.batch_size,), device=device)
-        if cfg.opt == "sgd":   # timm benchmark.py's default: create_optimizer_v2(opt="sgd", lr=1e-4)
+        if cfg.opt == "sgd":  # timm benchmark.py's default: create_optimizer_v2(opt="sgd", lr=1e-4)
             opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, nesterov=True)
         else:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         model.train()
-        if bdist.size() > 1:   # torchrun: a data-parallel step, gradients all-reduced over the processes
+        if bdist.size() > 1:  # torchrun: a data-parallel step, gradients all-reduced over the processes
             from torch.nn.parallel import DistributedDataParallel
+
             model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if provider == "compile":
-        model = torch.compile(model, backend=cfg.compile_backend,
-                              mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+        model = torch.compile(
+            model, backend=cfg.compile_backend, mode=None if cfg.compile_mode == "default" else cfg.compile_mode
+        )
 
     if mode == "inference":
 
@@ -250,19 +291,21 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
     else:
         amp_dtype = cfg.dtype if cfg.precision == "autocast" else None
 
-        def step():   # forward, loss, backward, optimizer step: the loop of vit_kernels.training
+        def step():  # forward, loss, backward, optimizer step: the loop of vit_kernels.training
             train_step(model, opt, prep(images), labels, amp_dtype=amp_dtype, logits=bmodels.logits, context=attn_ctx)
 
     tune_note = ""
     if provider == "tuned":
         from ..tuning import tune
+
         with attn_ctx(), amp():
-            result = tune(model, (prep(images),))   # times every op signature, then fused vs unfused
+            result = tune(model, (prep(images),))  # times every op signature, then fused vs unfused
         row["tuning"] = str(result)
         row["tuning_entries"] = [e.table() for e in result.entries]
         row["tuning_rows"] = [r for e in result.entries for r in e.rows()]
         tune_note = result.message
     from ..backends import last_decision
+
     before = last_decision()
     t0 = time.perf_counter()
     step()  # first call: compilation, autotuning, lazy init
@@ -295,18 +338,22 @@ def pixel_input(model: torch.nn.Module, dtype: torch.dtype):
     from ..nn import FusedPatchEmbed
     from ..ops.patch_embed import normalize_pixels
     from ..swap.patch import FusedPatchConv
+
     for m in model.modules():
         if isinstance(m, (FusedPatchEmbed, FusedPatchConv)) and m.image_mean is not None:
             return (lambda x: x), f"input: uint8 NHWC, normalized in the patch embedding (mean={m.image_mean})"
     from ..swap import timm as swap_timm, torchvision as swap_tv
-    dc = swap_timm.data_config(model) or \
-        (swap_tv.data_config() if type(model).__module__.startswith("torchvision") else None)
-    mean, std = dc[:2] if dc else ((0.5,) * 3, (0.5,) * 3)   # HF ViTImageProcessor's and vit-pytorch's usual
+
+    dc = swap_timm.data_config(model) or (
+        swap_tv.data_config() if type(model).__module__.startswith("torchvision") else None
+    )
+    mean, std = dc[:2] if dc else ((0.5,) * 3, (0.5,) * 3)  # HF ViTImageProcessor's and vit-pytorch's usual
     p = next(model.parameters())
     mean_t = torch.tensor(mean, dtype=torch.float32, device=p.device)
     std_t = torch.tensor(std, dtype=torch.float32, device=p.device)
-    return (lambda x: normalize_pixels(x, mean_t, std_t, dtype)), \
-        f"input: uint8 NHWC, normalized in PyTorch before the model (mean={tuple(mean)})"
+    return (
+        lambda x: normalize_pixels(x, mean_t, std_t, dtype)
+    ), f"input: uint8 NHWC, normalized in PyTorch before the model (mean={tuple(mean)})"
 
 
 def run_case(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool = False, sampler=None) -> Dict:
@@ -317,18 +364,42 @@ def run_case(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool
         return row
     device = cfg.device
     target = cfg.target_spread
-    if bdist.size() > 1 and sampler is None:   # torchrun: the same number of steps on every rank
+    if bdist.size() > 1 and sampler is None:  # torchrun: the same number of steps on every rank
         sampler, target = bdist.fixed_sampler(cfg.repeats, device), float("inf")
-    m = measure(fn, device=device, warmup=max(0, cfg.warmup - 1), repeats=cfg.repeats, graph=graphs,
-                target_spread=target, max_time_s=cfg.max_time_s, sampler=sampler)
+    m = measure(
+        fn,
+        device=device,
+        warmup=max(0, cfg.warmup - 1),
+        repeats=cfg.repeats,
+        graph=graphs,
+        target_spread=target,
+        max_time_s=cfg.max_time_s,
+        sampler=sampler,
+    )
     st = m.stats
-    row.update(ms=st.median, ms_p20=st.p20, ms_p80=st.p80, ms_min=st.min, ms_max=st.max,
-               spread_pct=100 * st.spread, repeats=st.n, timer=m.timer,
-               img_per_s=cfg.batch_size * 1e3 / st.median, img_per_s_p20=cfg.batch_size * 1e3 / st.p80,
-               img_per_s_p80=cfg.batch_size * 1e3 / st.p20)
+    row.update(
+        ms=st.median,
+        ms_p20=st.p20,
+        ms_p80=st.p80,
+        ms_min=st.min,
+        ms_max=st.max,
+        spread_pct=100 * st.spread,
+        repeats=st.n,
+        timer=m.timer,
+        img_per_s=cfg.batch_size * 1e3 / st.median,
+        img_per_s_p20=cfg.batch_size * 1e3 / st.p80,
+        img_per_s_p80=cfg.batch_size * 1e3 / st.p20,
+    )
     if not m.precise:
-        row["note"] = "; ".join(n for n in (row["note"], f"target spread {100 * cfg.target_spread:.0f}% not reached "
-                                            f"in the time allowed ({100 * st.spread:.0f}%)") if n)
+        row["note"] = "; ".join(
+            n
+            for n in (
+                row["note"],
+                f"target spread {100 * cfg.target_spread:.0f}% not reached "
+                f"in the time allowed ({100 * st.spread:.0f}%)",
+            )
+            if n
+        )
     if device.type == "cuda":
         row["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     if shape is not None:
@@ -353,10 +424,13 @@ def run_case(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool
     return row
 
 
-def add_modeled_columns(row: Dict, shape, provider: str, mode: str, dtype: torch.dtype, peak, measured_on_gpu: bool) -> None:
+def add_modeled_columns(
+    row: Dict, shape, provider: str, mode: str, dtype: torch.dtype, peak, measured_on_gpu: bool
+) -> None:
     """modeled_ms: the kernel model's time of one inference forward as ``provider`` runs it
     (bench.cost_kernels.model_seconds, on ``peak``'s GPU); x_modeled: measured / modeled on a GPU. Pure."""
     from .cost_kernels import Machine, model_seconds
+
     machine = Machine.of(peak) if peak is not None else None
     if machine is None or mode != "inference" or "ms" not in row:
         return
@@ -393,7 +467,7 @@ def add_speedups(rows: List[Dict]) -> None:
         b = base.get((r["model"], r["mode"]))
         if b is not None and "ms" in r:
             r["speedup"] = b["ms"] / r["ms"]
-            if r is not b:   # eager against itself is 1, exactly
+            if r is not b:  # eager against itself is 1, exactly
                 r["speedup_p20"] = b["ms_p20"] / r["ms_p80"]
                 r["speedup_p80"] = b["ms_p80"] / r["ms_p20"]
 
@@ -406,17 +480,28 @@ def add_ranks(rows: List[Dict]) -> List[str]:
         group = [r for r in rows if (r["model"], r["mode"]) == key and "ms" in r]
         if len(group) < 2:
             continue
-        ranks, bad = rank([(r["provider"], Stats(r["ms"], r["ms_p20"], r["ms_p80"], r["ms_min"], r["ms_max"],
-                                                 r["ms"], 0.0, r["repeats"])) for r in group])
+        ranks, bad = rank(
+            [
+                (
+                    r["provider"],
+                    Stats(r["ms"], r["ms_p20"], r["ms_p80"], r["ms_min"], r["ms_max"], r["ms"], 0.0, r["repeats"]),
+                )
+                for r in group
+            ]
+        )
         for r in group:
             if r["provider"] in ranks:
                 r["rank"] = ranks[r["provider"]]
         if bad:
-            pairs = ", ".join(f"{a} (±{next(r['spread_pct'] for r in group if r['provider'] == a):.0f}%)" if a == b
-                              else f"{a} ~ {b}" for a, b in bad)
-            warnings.append(f"WARNING {label(group[0])} {key[1]}: the spread is too wide to rank the providers "
-                            f"({pairs}: p20-p80 intervals overlap or wider than ±{100 * NOISY:.0f}%); no ranks "
-                            f"are claimed")
+            pairs = ", ".join(
+                f"{a} (±{next(r['spread_pct'] for r in group if r['provider'] == a):.0f}%)" if a == b else f"{a} ~ {b}"
+                for a, b in bad
+            )
+            warnings.append(
+                f"WARNING {label(group[0])} {key[1]}: the spread is too wide to rank the providers "
+                f"({pairs}: p20-p80 intervals overlap or wider than ±{100 * NOISY:.0f}%); no ranks "
+                f"are claimed"
+            )
     return warnings
 
 
@@ -445,7 +530,9 @@ def run(cfg: BenchConfig, progress=None, sampler=None) -> List[Dict]:
             row = _error_row(spec, p, mode, cfg, graphs, "out of memory: " + str(e).splitlines()[0])
             _free(cfg.device)
         except Exception as e:  # reported in the row and by the exit status, never hidden
-            row = _error_row(spec, p, mode, cfg, graphs, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            row = _error_row(
+                spec, p, mode, cfg, graphs, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            )
             _free(cfg.device)
         if bdist.size() > 1:
             row = bdist.reduce_row(row)
@@ -453,7 +540,7 @@ def run(cfg: BenchConfig, progress=None, sampler=None) -> List[Dict]:
         if progress is not None:
             progress.advance(what)
     add_speedups(rows)
-    for r in rows:   # rows that were not built take depth and image size from a sibling that was
+    for r in rows:  # rows that were not built take depth and image size from a sibling that was
         sib = next((o for o in rows if o["model"] == r["model"] and o.get("depth") is not None), None)
         if r.get("depth") is None:
             r["depth"] = sib["depth"] if sib else cfg.depth
@@ -464,24 +551,54 @@ def run(cfg: BenchConfig, progress=None, sampler=None) -> List[Dict]:
 
 
 def _error_row(spec, p, mode, cfg, graphs, msg):
-    return {"model": spec, "provider": p + ("+graphs" if graphs else ""), "mode": mode,
-            "dtype": str(cfg.dtype).replace("torch.", ""), "precision": cfg.precision,
-            "batch": cfg.batch_size, "status": "error", "note": msg}
+    return {
+        "model": spec,
+        "provider": p + ("+graphs" if graphs else ""),
+        "mode": mode,
+        "dtype": str(cfg.dtype).replace("torch.", ""),
+        "precision": cfg.precision,
+        "batch": cfg.batch_size,
+        "status": "error",
+        "note": msg,
+    }
 
 
-TABLE_COLUMNS = [("label", "model"), ("mode", "mode"), ("provider", "provider"), ("status", "status"),
-                 ("ms", "ms/step"), ("ms_p20", "p20"), ("ms_p80", "p80"), ("rank", "rank"), ("img_per_s", "img/s"),
-                 ("peak_mem_mib", "peak MiB"), ("speedup", "x eager"), ("tflops", "TFLOP/s"),
-                 ("bound_ms", "bound ms"), ("x_bound", "x bound"), ("modeled_ms", "modeled ms"),
-                 ("x_modeled", "x modeled")]
+TABLE_COLUMNS = [
+    ("label", "model"),
+    ("mode", "mode"),
+    ("provider", "provider"),
+    ("status", "status"),
+    ("ms", "ms/step"),
+    ("ms_p20", "p20"),
+    ("ms_p80", "p80"),
+    ("rank", "rank"),
+    ("img_per_s", "img/s"),
+    ("peak_mem_mib", "peak MiB"),
+    ("speedup", "x eager"),
+    ("tflops", "TFLOP/s"),
+    ("bound_ms", "bound ms"),
+    ("x_bound", "x bound"),
+    ("modeled_ms", "modeled ms"),
+    ("x_modeled", "x modeled"),
+]
 
 
 # timm's benchmark.py result fields, in its order (inference, then train, then param_count), and
 # their units: samples/s rounded to 2 places, ms per step to 3, GMACs per sample to 2, parameters
 # in millions to 2. timm's infer_macts (activations, from fvcore) has no counterpart here.
-TIMM_FIELDS = ["model", "infer_samples_per_sec", "infer_step_time", "infer_batch_size", "infer_img_size",
-               "infer_gmacs", "train_samples_per_sec", "train_step_time", "train_batch_size", "train_img_size",
-               "param_count"]
+TIMM_FIELDS = [
+    "model",
+    "infer_samples_per_sec",
+    "infer_step_time",
+    "infer_batch_size",
+    "infer_img_size",
+    "infer_gmacs",
+    "train_samples_per_sec",
+    "train_step_time",
+    "train_batch_size",
+    "train_img_size",
+    "param_count",
+]
 TIMM_PREFIX = {"inference": "infer", "train": "train"}
 
 

@@ -10,6 +10,7 @@ the p20-p80 spread is within ``target_spread`` of the median (the repeats are ch
 precision) or ``max_time_s`` has passed, with at least ``repeats`` samples. What it returns says
 whether the target was reached; nothing is averaged away: the median and p20/p80 are reported.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,8 +59,16 @@ def summarize(times_ms: Sequence[float]) -> Stats:
     if not times_ms:
         raise ValueError("times_ms: expected at least one measurement, got none")
     v = sorted(float(t) for t in times_ms)
-    return Stats(statistics.median(v), percentile(v, 20), percentile(v, 80), v[0], v[-1],
-                 statistics.fmean(v), statistics.pstdev(v), len(v))
+    return Stats(
+        statistics.median(v),
+        percentile(v, 20),
+        percentile(v, 80),
+        v[0],
+        v[-1],
+        statistics.fmean(v),
+        statistics.pstdev(v),
+        len(v),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +92,7 @@ class Measurement:
 def cpu_sampler(fn: Callable[[], object], budget_s: float) -> List[float]:
     """Per-call ms of each block of torch.utils.benchmark's blocked_autorange."""
     from torch.utils import benchmark
+
     m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=budget_s)
     return [t * 1e3 for t in m.times]
 
@@ -90,6 +100,7 @@ def cpu_sampler(fn: Callable[[], object], budget_s: float) -> List[float]:
 def gpu_sampler(fn: Callable[[], object], budget_s: float, graph: bool = False) -> List[float]:
     """Per-call ms from triton.testing.do_bench (or do_bench_cudagraph for a graph replay)."""
     import triton.testing
+
     rep = max(1, int(budget_s * 1e3))
     if graph:
         return list(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="all"))
@@ -102,9 +113,18 @@ def timer_name(device: torch.device, graph: bool = False) -> str:
     return "torch.utils.benchmark blocked_autorange"
 
 
-def measure(fn: Callable[[], object], *, device: torch.device, warmup: int = 10, repeats: int = 30,
-            target_spread: float = 0.02, max_time_s: Optional[float] = None, round_s: Optional[float] = None,
-            graph: bool = False, sampler: Optional[Callable[[Callable, float], List[float]]] = None) -> Measurement:
+def measure(
+    fn: Callable[[], object],
+    *,
+    device: torch.device,
+    warmup: int = 10,
+    repeats: int = 30,
+    target_spread: float = 0.02,
+    max_time_s: Optional[float] = None,
+    round_s: Optional[float] = None,
+    graph: bool = False,
+    sampler: Optional[Callable[[Callable, float], List[float]]] = None,
+) -> Measurement:
     """Time ``fn()`` until the p20-p80 half-width is within ``target_spread`` of the median.
 
     warmup: calls before timing. repeats: the fewest samples kept. round_s: the time given to the

@@ -1,6 +1,7 @@
 """Argument types shared by the CLI commands. Each refuses a bad value while the command line is
 parsed, before anything is built: argparse then prints one line naming the option, what was
 expected and what was received, and the command exits with code 2."""
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,11 @@ def image_file(text: str) -> str:
     """An image file Pillow can read."""
     path = Path(text).expanduser()
     if not path.is_file():
-        raise argparse.ArgumentTypeError(f"expected an image file, got {text!r}: "
-                                         f"{'a folder' if path.is_dir() else 'no such file'}")
+        raise argparse.ArgumentTypeError(
+            f"expected an image file, got {text!r}: {'a folder' if path.is_dir() else 'no such file'}"
+        )
     from PIL import Image, UnidentifiedImageError
+
     try:
         with Image.open(path) as im:
             im.verify()

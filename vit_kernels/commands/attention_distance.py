@@ -6,6 +6,7 @@ x, distance on y, one dot per head).
 Images: the files given with --images (read with Pillow), else --batch-size random normal images.
 MODEL and the model options are those of ``attention-map`` and ``verify``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,12 @@ from .attention_map import add_model_arguments, build_fused
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("attention-distance", help="mean attention distance per head and layer (CSV, JSON, PNG)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "attention-distance",
+        help="mean attention distance per head and layer (CSV, JSON, PNG)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_model_arguments(p)
     p.add_argument("--images", type=image_file, nargs="+", default=None, help="image files (default: random images)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="random images when --images is not given")
@@ -30,6 +35,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from .. import analysis
+
     model, geo = build_fused(args)
     if args.images:
         x = torch.cat([analysis.load_image(f, geo.img_size)[1] for f in args.images])
@@ -38,7 +44,7 @@ def run(args) -> int:
         g = torch.Generator().manual_seed(args.seed)
         x = torch.randn(args.batch_size, 3, geo.img_size, geo.img_size, generator=g)
         source = f"{args.batch_size} random normal image(s)"
-    dist = analysis.mean_attention_distance(model, x, geo)          # (layers, heads)
+    dist = analysis.mean_attention_distance(model, x, geo)  # (layers, heads)
     os.makedirs(args.out_dir, exist_ok=True)
     base = os.path.join(args.out_dir, "attention_distance")
     with open(base + ".csv", "w", newline="") as f:
@@ -47,13 +53,23 @@ def run(args) -> int:
         for layer, row in enumerate(dist.tolist()):
             for h, d in enumerate(row):
                 w.writerow([layer + 1, h, f"{d:.6g}"])
-    meta = {"model": args.model, "backend": args.backend, "img_size": geo.img_size, "patch_size": geo.patch_size,
-            "grid": list(geo.grid), "prefix_tokens": geo.prefix_tokens, "images": source,
-            "distance_px": dist.tolist()}
+    meta = {
+        "model": args.model,
+        "backend": args.backend,
+        "img_size": geo.img_size,
+        "patch_size": geo.patch_size,
+        "grid": list(geo.grid),
+        "prefix_tokens": geo.prefix_tokens,
+        "images": source,
+        "distance_px": dist.tolist(),
+    }
     with open(base + ".json", "w") as f:
         json.dump(meta, f, indent=1)
-    analysis.plot_distances(dist, base + ".png", f"{args.model}\n{source}, {geo.img_size} px, patch {geo.patch_size}",
-                            geo.img_size)
-    print(f"{args.model} backend={args.backend}: {dist.shape[0]} layers x {dist.shape[1]} heads, "
-          f"distance {dist.min().item():.1f}-{dist.max().item():.1f} px -> {base}.csv/.json/.png")
+    analysis.plot_distances(
+        dist, base + ".png", f"{args.model}\n{source}, {geo.img_size} px, patch {geo.patch_size}", geo.img_size
+    )
+    print(
+        f"{args.model} backend={args.backend}: {dist.shape[0]} layers x {dist.shape[1]} heads, "
+        f"distance {dist.min().item():.1f}-{dist.max().item():.1f} px -> {base}.csv/.json/.png"
+    )
     return 0

@@ -8,6 +8,7 @@ model is built locally with random weights unless --checkpoint gives local ones 
 loader), fused with vit_kernels.fuse, and run once on IMAGE (read with Pillow, resized to the
 model's image size, normalised with ImageNet's mean and std).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,14 +20,18 @@ import torch
 from .arguments import image_file, positive_int
 from ..models import registry
 
-DISPLAY = 224   # side of each panel in the PNG, pixels
+DISPLAY = 224  # side of each panel in the PNG, pixels
 
 
 def add_model_arguments(p) -> None:
     """The model options shared with attention-distance (the forms and defaults of verify)."""
     p.add_argument("--model", required=True, help="the model, as for verify: " + registry.HELP)
-    p.add_argument("--backend", default="triton", choices=["auto", "triton", "cuda", "torch"],
-                   help="backend of the fused ops (as for verify)")
+    p.add_argument(
+        "--backend",
+        default="triton",
+        choices=["auto", "triton", "cuda", "torch"],
+        help="backend of the fused ops (as for verify)",
+    )
     p.add_argument("--depth", type=positive_int, default=None, help="override the number of blocks")
     p.add_argument("--img-size", type=positive_int, default=None, help="image size (default: the model's)")
     p.add_argument("--checkpoint", default=None, help="local weights: .safetensors or a torch.save state_dict")
@@ -38,6 +43,7 @@ def build_fused(args):
     from .. import analysis, fuse
     from ..swap import check_model
     from .verify import build, load_checkpoint
+
     torch.manual_seed(args.seed)
     model = build(args.model, args).eval()
     check_model(model, f"model {args.model}")
@@ -55,12 +61,20 @@ def _range(m) -> str:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("attention-map", help="class-token attention (or rollout) over an image, as a PNG of overlays",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "attention-map",
+        help="class-token attention (or rollout) over an image, as a PNG of overlays",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("image", type=image_file, help="an image file Pillow reads (PNG, JPEG, ...)")
     add_model_arguments(p)
-    p.add_argument("--heads", choices=["mean", "all"], default="mean",
-                   help="one map per layer averaged over heads (mean) or one per head (all)")
+    p.add_argument(
+        "--heads",
+        choices=["mean", "all"],
+        default="mean",
+        help="one map per layer averaged over heads (mean) or one per head (all)",
+    )
     p.add_argument("--rollout", action="store_true", help="attention rollout across the layers instead")
     p.add_argument("--out", default=None, help="PNG to write (default: IMAGE's folder, <name>_attention.png)")
 
@@ -69,6 +83,7 @@ def run(args) -> int:
     from PIL import Image
 
     from .. import analysis
+
     model, geo = build_fused(args)
     _, x = analysis.load_image(args.image, geo.img_size)
     with Image.open(args.image) as im:
@@ -79,7 +94,7 @@ def run(args) -> int:
         labels = ["original", f"rollout, {geo.depth} layers {_range(roll)}"]
         columns = 2
     else:
-        maps = analysis.cls_attention(model, x, geo)[:, 0]            # (layers, heads, gh, gw)
+        maps = analysis.cls_attention(model, x, geo)[:, 0]  # (layers, heads, gh, gw)
         pictures, labels = [], []
         for layer, m in enumerate(maps):
             if args.heads == "mean":
@@ -91,13 +106,17 @@ def run(args) -> int:
                     labels.append(f"layer {layer + 1} head {h} {_range(mh)}")
         columns = maps.shape[1] if args.heads == "all" else min(len(pictures) + 1, 4)
         pictures, labels = [shown] + pictures, ["original"] + labels
-        if args.heads == "all":   # the original alone on the first row
+        if args.heads == "all":  # the original alone on the first row
             pictures[1:1] = [Image.new("RGB", shown.size, "white")] * (columns - 1)
             labels[1:1] = [""] * (columns - 1)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.image)),
-                                   os.path.splitext(os.path.basename(args.image))[0] + "_attention.png")
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(args.image)),
+        os.path.splitext(os.path.basename(args.image))[0] + "_attention.png",
+    )
     analysis.panels(pictures, labels, columns).save(out)
     what = "rollout" if args.rollout else f"class-token attention, {geo.depth} layers, heads={args.heads}"
-    print(f"{args.model} backend={args.backend} image={geo.img_size}px patch={geo.patch_size} "
-          f"grid={geo.grid[0]}x{geo.grid[1]}: {what} -> {out}")
+    print(
+        f"{args.model} backend={args.backend} image={geo.img_size}px patch={geo.patch_size} "
+        f"grid={geo.grid[0]}x{geo.grid[1]}: {what} -> {out}"
+    )
     return 0

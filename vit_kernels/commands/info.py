@@ -1,4 +1,5 @@
 """``python -m vit_kernels info``: versions, devices, and which backends are available and why not."""
+
 from __future__ import annotations
 
 import platform
@@ -13,9 +14,11 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from .. import __version__
     from ..backends import interpreter_enabled, triton_unavailable
+
     print(f"vit_kernels {__version__}, torch {torch.__version__}, python {platform.python_version()}")
     try:
         import triton
+
         print(f"triton {triton.__version__}")
     except Exception as e:  # pragma: no cover
         print(f"triton: not importable ({e})")
@@ -28,6 +31,7 @@ def run(args) -> int:
     why = triton_unavailable(dev)
     print(f"backend triton: {'available' if why is None else 'unavailable: ' + why}")
     from .. import cuda as vk_cuda  # describes the CUDA backend without building it
+
     print(f"backend cuda: {vk_cuda.availability(dev)}")
     for line in vk_cuda.describe():
         print("  " + line)

@@ -4,6 +4,7 @@ specializes it (vit_kernels.triton.aot), and report per kernel and architecture 
 decide its speed: registers, spills, shared memory, resident blocks per SM, the tensor-core
 instruction kind (wgmma / mma.sync), bulk tensor copies (TMA), asynchronous copies and pipeline
 stages, the widest global load; then a performance lint (:func:`perf_flags`)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -20,24 +21,46 @@ from .arguments import positive_int
 
 # The Triton modules whose aot_specs() list their launchable configurations: the one list a new
 # kernel module is added to.
-TRITON_MODULES = ("attention", "attention_stats", "qkv_attention", "layernorm", "gemm", "gemm_tma", "mlp", "patch_embed")
+TRITON_MODULES = (
+    "attention",
+    "attention_stats",
+    "qkv_attention",
+    "layernorm",
+    "gemm",
+    "gemm_tma",
+    "mlp",
+    "patch_embed",
+)
 ARCHS = {"sm_80": 80, "sm_90": 90}
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("inspect", help="compile every kernel for sm_80/sm_90 (no GPU) as launched and report "
-                                       "registers, spills, shared memory, occupancy, wgmma/TMA/pipelining")
-    p.add_argument("--arch", choices=sorted(ARCHS), action="append",
-                   help="architecture(s) to compile for (default: both)")
+    p = sub.add_parser(
+        "inspect",
+        help="compile every kernel for sm_80/sm_90 (no GPU) as launched and report "
+        "registers, spills, shared memory, occupancy, wgmma/TMA/pipelining",
+    )
+    p.add_argument(
+        "--arch", choices=sorted(ARCHS), action="append", help="architecture(s) to compile for (default: both)"
+    )
     p.add_argument("--json", action="store_true", help="print a JSON list of objects")
-    p.add_argument("--backend", choices=["triton", "cuda", "all"], default="all",
-                   help="kernels to compile: the Triton ones, the csrc CUDA ones (nvcc), or both")
+    p.add_argument(
+        "--backend",
+        choices=["triton", "cuda", "all"],
+        default="all",
+        help="kernels to compile: the Triton ones, the csrc CUDA ones (nvcc), or both",
+    )
     p.add_argument("--kernel", default=None, help="only kernels whose name contains this")
     p.add_argument("--config", default=None, help="only configurations whose label contains this")
-    p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="compile in this many processes (default: the number of CPUs, "
-                   "%(default)s here)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (there is none without a "
-                   "terminal)")
+    p.add_argument(
+        "--jobs",
+        type=positive_int,
+        default=os.cpu_count() or 1,
+        help="compile in this many processes (default: the number of CPUs, %(default)s here)",
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar on stderr (there is none without a terminal)"
+    )
 
 
 def triton_specs():
@@ -61,6 +84,7 @@ _SPECS: list = []  # the specs being compiled, inherited by forked workers
 
 def _compile_one(job) -> Dict:
     from ..triton.aot import compile_spec
+
     i, arch = job
     return compile_spec(_SPECS[i], arch)
 
@@ -69,12 +93,19 @@ def _selected(name: str, config: str, kernel_filter: Optional[str], config_filte
     return (not kernel_filter or kernel_filter in name) and (not config_filter or config_filter in config)
 
 
-def collect(archs: List[int], backend: str = "all", kernel_filter=None, jobs: int = 1,
-            config_filter=None, show_progress: bool = True) -> List[Dict]:
+def collect(
+    archs: List[int],
+    backend: str = "all",
+    kernel_filter=None,
+    jobs: int = 1,
+    config_filter=None,
+    show_progress: bool = True,
+) -> List[Dict]:
     """One row per (kernel configuration, architecture): the Triton configurations compiled in
     ``jobs`` processes, the csrc kernels through nvcc; a progress bar on stderr (a terminal only)."""
     from ..backends import interpreter_enabled
     from ..bench.report import progress
+
     rows: List[Dict] = []
     names: List[str] = []  # every kernel name seen, for the message when --kernel matches none
     if backend in ("triton", "all"):
@@ -84,11 +115,15 @@ def collect(archs: List[int], backend: str = "all", kernel_filter=None, jobs: in
         if backend == "triton" and kernel_filter and not any(kernel_filter in s.kernel for s in specs):
             no_match(kernel_filter, names)
         if interpreter_enabled():
-            raise SystemExit("inspect: compiles Triton kernels ahead of time, which Triton's interpreter "
-                             "prevents: unset TRITON_INTERPRET and run again")
+            raise SystemExit(
+                "inspect: compiles Triton kernels ahead of time, which Triton's interpreter "
+                "prevents: unset TRITON_INTERPRET and run again"
+            )
         work = [(i, arch) for i, s in enumerate(_SPECS) for arch in archs if arch in s.archs]
-        with progress(len(work), "inspect: compiling Triton kernels", enabled=show_progress) as bar, \
-                contextlib.ExitStack() as stack:
+        with (
+            progress(len(work), "inspect: compiling Triton kernels", enabled=show_progress) as bar,
+            contextlib.ExitStack() as stack,
+        ):
             if jobs > 1 and len(work) > 1:
                 pool = stack.enter_context(multiprocessing.get_context("fork").Pool(jobs))
                 results = pool.imap(_compile_one, work, chunksize=1)
@@ -99,18 +134,23 @@ def collect(archs: List[int], backend: str = "all", kernel_filter=None, jobs: in
                 bar.advance(f"inspect: {row['kernel']} {row['arch']}")
     if backend in ("cuda", "all"):
         from .. import cuda
+
         usage = getattr(cuda, "resource_usage", None)
         if usage is None:
-            print("inspect: the CUDA backend reports no kernels (vit_kernels.cuda.resource_usage is missing)",
-                  file=sys.stderr)
+            print(
+                "inspect: the CUDA backend reports no kernels (vit_kernels.cuda.resource_usage is missing)",
+                file=sys.stderr,
+            )
         else:
             for arch in archs:
-                with progress(None, f"inspect: compiling the csrc kernels with nvcc for sm_{arch}",
-                              enabled=show_progress):
+                with progress(
+                    None, f"inspect: compiling the csrc kernels with nvcc for sm_{arch}", enabled=show_progress
+                ):
                     found = usage(arch)
                 names += [r["kernel"] for r in found]
-                rows.extend(cuda_facts(r) for r in found
-                            if _selected(r["kernel"], r["config"], kernel_filter, config_filter))
+                rows.extend(
+                    cuda_facts(r) for r in found if _selected(r["kernel"], r["config"], kernel_filter, config_filter)
+                )
             if kernel_filter and not rows:
                 no_match(kernel_filter, names)
     return rows
@@ -119,8 +159,10 @@ def collect(archs: List[int], backend: str = "all", kernel_filter=None, jobs: in
 def no_match(kernel_filter: str, names: List[str]) -> None:
     """--kernel matched nothing: say so with the names it could have matched."""
     names = sorted(set(names))
-    raise SystemExit(f"kernel: expected part of a kernel name ({', '.join(names) or 'none found'}), "
-                     f"got {kernel_filter!r}, which matches none")
+    raise SystemExit(
+        f"kernel: expected part of a kernel name ({', '.join(names) or 'none found'}), "
+        f"got {kernel_filter!r}, which matches none"
+    )
 
 
 def cuda_facts(row: Dict) -> Dict:
@@ -129,6 +171,7 @@ def cuda_facts(row: Dict) -> Dict:
     cp.async from LDGSTS; warps and stages from the GEMM's TileCfg; the flash kernel's 4 warps
     (FlashFwdTraits::kWarps). Unknown facts are None."""
     from ..triton.aot import blocks_per_sm
+
     tc = " ".join(row.get("tensor_core_instructions", []))
     copies = row.get("sass_copy_instructions")
     out = dict(row)
@@ -193,16 +236,27 @@ def _fmt(v) -> str:
 
 
 # the text table: (row key, header, formatter); ? = a fact the report could not read
-TABLE_COLUMNS = [("kernel", "kernel", str), ("arch", "arch", str), ("regs", "regs", _fmt), ("spill_bytes", "spill", _fmt),
-                 ("shared_bytes", "shared", _fmt), ("blocks_per_sm", "blk/SM", _fmt), ("mma", "mma", _fmt),
-                 ("tma", "tma", _fmt), ("num_stages", "stg", _fmt), ("load_bits", "ld", _fmt), ("lint", "lint", str),
-                 ("config", "config", str)]
+TABLE_COLUMNS = [
+    ("kernel", "kernel", str),
+    ("arch", "arch", str),
+    ("regs", "regs", _fmt),
+    ("spill_bytes", "spill", _fmt),
+    ("shared_bytes", "shared", _fmt),
+    ("blocks_per_sm", "blk/SM", _fmt),
+    ("mma", "mma", _fmt),
+    ("tma", "tma", _fmt),
+    ("num_stages", "stg", _fmt),
+    ("load_bits", "ld", _fmt),
+    ("lint", "lint", str),
+    ("config", "config", str),
+]
 
 
 def run(args) -> int:
     archs = [ARCHS[a] for a in (args.arch or sorted(ARCHS))]
-    rows = collect(archs, args.backend, args.kernel, args.jobs, getattr(args, "config", None),
-                   show_progress=not args.no_progress)
+    rows = collect(
+        archs, args.backend, args.kernel, args.jobs, getattr(args, "config", None), show_progress=not args.no_progress
+    )
     for r in rows:
         r["problems"] = problems(r)
         r["perf_flags"] = perf_flags(r)
@@ -211,11 +265,14 @@ def run(args) -> int:
         print(json.dumps(rows, indent=1, default=str))
     else:
         from ..bench.report import print_table
+
         shown = [{**r, "lint": ",".join(r["perf_flags"]) or "-"} for r in rows]
         print_table(shown, TABLE_COLUMNS, styles={"lint": {r["lint"]: "yellow" for r in shown if r["perf_flags"]}})
         flagged = sum(1 for r in rows if r["perf_flags"])
-        print(f"{len(rows)} kernel configurations, {len(bad)} with problems, {flagged} flagged by the sm_90 "
-              f"performance lint (hot kernels without wgmma, TMA or pipelining)")
+        print(
+            f"{len(rows)} kernel configurations, {len(bad)} with problems, {flagged} flagged by the sm_90 "
+            f"performance lint (hot kernels without wgmma, TMA or pipelining)"
+        )
     for r in bad:
         print(f"PROBLEM {r['kernel']} {r['arch']} {r['config']}: {'; '.join(r['problems'])}", file=sys.stderr)
     return 1 if bad else 0

@@ -17,6 +17,7 @@ at a reduced size (batch 1, depth 2: every block of these models has the same sh
 kernels and their per-image shapes are the ones the full model uses) so ViT-Ti takes well under
 two minutes; timings need a GPU and are not reported.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,17 +43,23 @@ UNDER_SANITIZER = "VIT_KERNELS_SELFTEST_UNDER_SANITIZER"
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("selftest", help="every kernel a model uses, at its shapes, against the float64 oracle "
-                                        "(timed and sanitized on a GPU)",
-                       description=__doc__)
-    p.add_argument("model", nargs="?", default="vit_base_patch16_224",
-                   help="a reference ViT name or family:name as for verify (default: vit_base_patch16_224)")
-    p.add_argument("--backend", action="append", choices=["triton", "cuda"],
-                   help="backend(s) to check (default: both)")
+    p = sub.add_parser(
+        "selftest",
+        help="every kernel a model uses, at its shapes, against the float64 oracle (timed and sanitized on a GPU)",
+        description=__doc__,
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        default="vit_base_patch16_224",
+        help="a reference ViT name or family:name as for verify (default: vit_base_patch16_224)",
+    )
+    p.add_argument("--backend", action="append", choices=["triton", "cuda"], help="backend(s) to check (default: both)")
     p.add_argument("--dtype", default="fp16", choices=sorted(DTYPES), help="dtype of the model and the kernel calls")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help=f"default: {GPU_BATCH} on a GPU, {CPU_BATCH} on a CPU")
-    p.add_argument("--depth", type=int, default=None, help=f"blocks (default: the model's on a GPU, {CPU_DEPTH} on a CPU)")
+    p.add_argument("--batch-size", type=int, default=None, help=f"default: {GPU_BATCH} on a GPU, {CPU_BATCH} on a CPU")
+    p.add_argument(
+        "--depth", type=int, default=None, help=f"blocks (default: the model's on a GPU, {CPU_DEPTH} on a CPU)"
+    )
     p.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
     p.add_argument("--checkpoint", default=None, help="local weights, as for verify")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and of each call's random activations")
@@ -64,12 +71,14 @@ def add_parser(sub) -> None:
 # ---------------------------------------------------------------------------------------------
 # Which calls the model makes
 
+
 @contextlib.contextmanager
 def record_op_calls():
     """Within the block, every call of a fused op (vit_kernels.ops.<name>, which the fused modules
     and swaps call through the module) is appended to the yielded list as (op, args, kwargs), and
     then runs as usual."""
     from .. import ops
+
     calls: List[tuple] = []
     saved = {name: getattr(ops, name) for name in OPS}
 
@@ -77,7 +86,9 @@ def record_op_calls():
         def recorded(*args, **kwargs):
             calls.append((name, args, kwargs))
             return fn(*args, **kwargs)
+
         return recorded
+
     for name, fn in saved.items():
         setattr(ops, name, wrap(name, fn))
     try:
@@ -96,8 +107,11 @@ def _describe(v) -> Any:
 def call_key(op: str, args: tuple, kwargs: dict) -> tuple:
     """What decides which kernel runs and at what shape: the op, each argument's shape, strides and
     dtype (or value), the options. The backend asked for is left out."""
-    return (op, tuple(_describe(a) for a in args),
-            tuple(sorted((k, _describe(v)) for k, v in kwargs.items() if k != "backend")))
+    return (
+        op,
+        tuple(_describe(a) for a in args),
+        tuple(sorted((k, _describe(v)) for k, v in kwargs.items() if k != "backend")),
+    )
 
 
 def shape_label(op: str, args: tuple) -> str:
@@ -121,6 +135,7 @@ def distinct_calls(model: torch.nn.Module, images: torch.Tensor) -> List[tuple]:
 # ---------------------------------------------------------------------------------------------
 # Checking one call
 
+
 def _fresh(t, gen: torch.Generator):
     """Parameters stay (the model's own); activations become fresh random values, same layout."""
     if not isinstance(t, torch.Tensor) or isinstance(t, torch.nn.Parameter):
@@ -135,6 +150,7 @@ def _f64(v):
 
 def _time_ms(fn) -> float:
     from triton.testing import do_bench
+
     return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
@@ -144,13 +160,26 @@ def check_call(op: str, args: tuple, kwargs: dict, backend: str, *, timing: bool
     from .. import ops, reference
     from ..backends import last_decision
     from ..testing import compare
+
     gen = torch.Generator().manual_seed(seed)
     args = tuple(_fresh(a, gen) for a in args)
     kwargs = {k: _fresh(v, gen) for k, v in kwargs.items() if k != "backend"}
     t = args[0]
-    row: Dict[str, Any] = {"op": op, "backend": backend, "shape": shape_label(op, args), "dtype": str(t.dtype)[6:],
-                           "path": "", "status": "", "max_abs_err": None, "bound": None, "torch_err": None,
-                           "fused_ms": None, "torch_ms": None, "speedup": None, "reason": ""}
+    row: Dict[str, Any] = {
+        "op": op,
+        "backend": backend,
+        "shape": shape_label(op, args),
+        "dtype": str(t.dtype)[6:],
+        "path": "",
+        "status": "",
+        "max_abs_err": None,
+        "bound": None,
+        "torch_err": None,
+        "fused_ms": None,
+        "torch_ms": None,
+        "speedup": None,
+        "reason": "",
+    }
     fused_fn = getattr(ops, op)
     try:
         with torch.no_grad():
@@ -160,15 +189,13 @@ def check_call(op: str, args: tuple, kwargs: dict, backend: str, *, timing: bool
             if d.backend != backend:
                 raise RuntimeError(f"ran on {d.backend}, not {backend}: {d}")
             base = fused_fn(*args, **kwargs, backend="torch")
-            ref = getattr(reference, op)(*map(_f64, args), **{k: _f64(v) for k, v in kwargs.items()
-                                                              if k != "path"})
+            ref = getattr(reference, op)(*map(_f64, args), **{k: _f64(v) for k, v in kwargs.items() if k != "path"})
     except Exception as e:  # a selftest reports a crashing kernel as ERROR, it does not stop
         unavailable = "is not available" in str(e) or "cannot run this call" in str(e)
         row.update(status="N/A" if unavailable else "ERROR", reason=str(e).splitlines()[0][:300])
         return row
     c = compare(out, ref, base, name=op)
-    row.update(status="PASS" if c.ok else "FAIL", max_abs_err=c.max_abs_err, bound=c.bound,
-               torch_err=c.baseline_err)
+    row.update(status="PASS" if c.ok else "FAIL", max_abs_err=c.max_abs_err, bound=c.bound, torch_err=c.baseline_err)
     if not c.ok:
         row["reason"] = str(c)
     if timing and t.is_cuda:
@@ -182,11 +209,13 @@ def check_call(op: str, args: tuple, kwargs: dict, backend: str, *, timing: bool
 # ---------------------------------------------------------------------------------------------
 # compute-sanitizer
 
+
 def sanitizer_path() -> Optional[str]:
     found = shutil.which("compute-sanitizer")
     if found:
         return found
     from ..cuda import toolkit_root
+
     root, _ = toolkit_root()
     if root and os.path.isfile(os.path.join(root, "bin", "compute-sanitizer")):
         return os.path.join(root, "bin", "compute-sanitizer")
@@ -196,11 +225,32 @@ def sanitizer_path() -> Optional[str]:
 def sanitizer_command(tool: str, sanitizer: str, args, json_out: str) -> List[str]:
     """This selftest (the same model, dtype, sizes, backends) again under
     ``compute-sanitizer --tool TOOL``, untimed and without a further sanitizer run, writing ``json_out``."""
-    cmd = [sanitizer, "--tool", tool, "--error-exitcode", "1", sys.executable, "-m", "vit_kernels", "selftest",
-           args.model, "--dtype", args.dtype, "--seed", str(args.seed), "--no-timing", "--no-sanitizer",
-           "--json-out", json_out]
-    for flag, value in (("--batch-size", args.batch_size), ("--depth", args.depth), ("--img-size", args.img_size),
-                        ("--checkpoint", args.checkpoint)):
+    cmd = [
+        sanitizer,
+        "--tool",
+        tool,
+        "--error-exitcode",
+        "1",
+        sys.executable,
+        "-m",
+        "vit_kernels",
+        "selftest",
+        args.model,
+        "--dtype",
+        args.dtype,
+        "--seed",
+        str(args.seed),
+        "--no-timing",
+        "--no-sanitizer",
+        "--json-out",
+        json_out,
+    ]
+    for flag, value in (
+        ("--batch-size", args.batch_size),
+        ("--depth", args.depth),
+        ("--img-size", args.img_size),
+        ("--checkpoint", args.checkpoint),
+    ):
         if value is not None:
             cmd += [flag, str(value)]
     for b in args.backend or ():
@@ -213,8 +263,13 @@ def parse_sanitizer(tool: str, rc: int, output: str) -> Dict[str, Any]:
     m = re.search(r"ERROR SUMMARY: (\d+) error", output)
     errors = int(m.group(1)) if m else None
     ok = rc == 0 and (errors or 0) == 0
-    return {"tool": tool, "status": "PASS" if ok else "FAIL", "errors": errors, "exit_code": rc,
-            "output_tail": "" if ok else output[-2000:]}
+    return {
+        "tool": tool,
+        "status": "PASS" if ok else "FAIL",
+        "errors": errors,
+        "exit_code": rc,
+        "output_tail": "" if ok else output[-2000:],
+    }
 
 
 def run_sanitizers(args, runner=subprocess.run) -> List[Dict[str, Any]]:
@@ -233,8 +288,10 @@ def run_sanitizers(args, runner=subprocess.run) -> List[Dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 # The command
 
+
 def build_model(name: str, args) -> torch.nn.Module:
     from .verify import build, load_checkpoint
+
     spec = name if ":" in name else f"vit_kernels:{name}"
     model = build(spec, args).eval()
     if args.checkpoint:
@@ -246,6 +303,7 @@ def selftest(args) -> Dict[str, Any]:
     """Run the selftest described by ``args`` (the parsed CLI arguments); returns the JSON result."""
     from .. import fuse
     from ..verify import default_inputs
+
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     dtype = DTYPES[args.dtype]
@@ -260,8 +318,11 @@ def selftest(args) -> Dict[str, Any]:
     calls = distinct_calls(model, images.to(device=device, dtype=dtype))
     backends = args.backend or ["triton", "cuda"]
     timing = gpu and not args.no_timing
-    rows = [check_call(op, a, kw, b, timing=timing, seed=args.seed + i)
-            for i, (op, a, kw) in enumerate(calls) for b in backends]
+    rows = [
+        check_call(op, a, kw, b, timing=timing, seed=args.seed + i)
+        for i, (op, a, kw) in enumerate(calls)
+        for b in backends
+    ]
     sanitizer: List[Dict[str, Any]] = []
     sanitizer_note = ""
     if os.environ.get(UNDER_SANITIZER):
@@ -275,17 +336,32 @@ def selftest(args) -> Dict[str, Any]:
     else:
         sanitizer = run_sanitizers(args)
     fails = [r for r in rows if r["status"] in ("FAIL", "ERROR")] + [s for s in sanitizer if s["status"] != "PASS"]
-    reduced = "" if gpu else (f"CPU: batch {batch}, depth {args.depth} (every block has the same shapes, so "
-                              f"the kernels checked are the full model's, at batch {batch})")
+    reduced = (
+        ""
+        if gpu
+        else (
+            f"CPU: batch {batch}, depth {args.depth} (every block has the same shapes, so "
+            f"the kernels checked are the full model's, at batch {batch})"
+        )
+    )
     return {
-        "model": args.model, "device": torch.cuda.get_device_name() if gpu else "cpu", "dtype": args.dtype,
-        "batch": batch, "depth": args.depth, "reduced": reduced,
-        "timings": "measured (triton.testing.do_bench, median)" if timing else
-                   ("not measured (--no-timing)" if gpu else "not measured: timings need a GPU"),
-        "how": "Triton kernels on the GPU" if gpu else "Triton kernels in Triton's interpreter, CUDA kernels "
-                                                      "in the host emulator",
-        "seconds": round(time.perf_counter() - t0, 1), "rows": rows, "sanitizer": sanitizer,
-        "sanitizer_note": sanitizer_note, "ok": not fails,
+        "model": args.model,
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "dtype": args.dtype,
+        "batch": batch,
+        "depth": args.depth,
+        "reduced": reduced,
+        "timings": "measured (triton.testing.do_bench, median)"
+        if timing
+        else ("not measured (--no-timing)" if gpu else "not measured: timings need a GPU"),
+        "how": "Triton kernels on the GPU"
+        if gpu
+        else "Triton kernels in Triton's interpreter, CUDA kernels in the host emulator",
+        "seconds": round(time.perf_counter() - t0, 1),
+        "rows": rows,
+        "sanitizer": sanitizer,
+        "sanitizer_note": sanitizer_note,
+        "ok": not fails,
     }
 
 
@@ -297,26 +373,48 @@ def _fixed(digits: int):
     return lambda v: "-" if v is None else f"{v:.{digits}f}"
 
 
-COLUMNS = [("op", "op", str), ("backend", "backend", str), ("path", "path", str), ("shape", "shape", str),
-           ("status", "status", str), ("max_abs_err", "max err", _sci), ("bound", "bound", _sci),
-           ("torch_err", "torch err", _sci)]
-TIMING_COLUMNS = [("fused_ms", "fused ms", _fixed(3)), ("torch_ms", "torch ms", _fixed(3)),
-                  ("speedup", "speedup", _fixed(2))]
+COLUMNS = [
+    ("op", "op", str),
+    ("backend", "backend", str),
+    ("path", "path", str),
+    ("shape", "shape", str),
+    ("status", "status", str),
+    ("max_abs_err", "max err", _sci),
+    ("bound", "bound", _sci),
+    ("torch_err", "torch err", _sci),
+]
+TIMING_COLUMNS = [
+    ("fused_ms", "fused ms", _fixed(3)),
+    ("torch_ms", "torch ms", _fixed(3)),
+    ("speedup", "speedup", _fixed(2)),
+]
 STATUS_STYLES = {"status": {"PASS": "green", "FAIL": "red", "ERROR": "red", "N/A": "yellow"}}
 
 
 def print_table(result: Dict[str, Any]) -> None:
     """The result as a table (rich on a terminal, plain text otherwise), then its notes."""
     from ..bench.report import print_table as show
+
     timed = any(r["fused_ms"] is not None for r in result["rows"])
     columns = COLUMNS + (TIMING_COLUMNS if timed else []) + [("reason", "reason", str)]
     rows = [{**r, "reason": r["reason"][:160]} for r in result["rows"]]
     for s in result["sanitizer"]:
-        rows.append({"op": f"compute-sanitizer {s['tool']}", "backend": "all", "path": "", "shape": "",
-                     "status": s["status"], "reason": f"{s['errors']} errors" if s["errors"] is not None
-                     else s["output_tail"][-160:]})
-    show(rows, columns, title=f"selftest {result['model']} {result['dtype']} batch {result['batch']} on "
-                              f"{result['device']}", styles=STATUS_STYLES)
+        rows.append(
+            {
+                "op": f"compute-sanitizer {s['tool']}",
+                "backend": "all",
+                "path": "",
+                "shape": "",
+                "status": s["status"],
+                "reason": f"{s['errors']} errors" if s["errors"] is not None else s["output_tail"][-160:],
+            }
+        )
+    show(
+        rows,
+        columns,
+        title=f"selftest {result['model']} {result['dtype']} batch {result['batch']} on {result['device']}",
+        styles=STATUS_STYLES,
+    )
     notes = [result["how"], f"timings: {result['timings']}"]
     if result["reduced"]:
         notes.append(result["reduced"])

@@ -11,6 +11,7 @@ once too (a file lock in the build folder, see :mod:`vit_kernels.cuda.build`).
 A failed or missing build never breaks the Triton or torch paths: :func:`unavailable_reason`
 returns why, and ``backend="auto"`` moves on.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,12 +21,21 @@ from typing import List, Optional
 import torch
 
 from . import build
-from .build import (CSRC, EMULATOR_CFLAGS, GPU_CUDA_CFLAGS, BuildError, arch_list, cache_dir,  # noqa: F401
-                    cu_sources, gencode_flags, toolkit_root)
+
+# re-exported: the build's names, where callers have always found them
+from .build import CSRC as CSRC
+from .build import EMULATOR_CFLAGS as EMULATOR_CFLAGS
+from .build import GPU_CUDA_CFLAGS as GPU_CUDA_CFLAGS
+from .build import BuildError as BuildError
+from .build import arch_list as arch_list
+from .build import cache_dir as cache_dir
+from .build import cu_sources as cu_sources
+from .build import gencode_flags as gencode_flags
+from .build import toolkit_root as toolkit_root
 
 _LOCK = threading.Lock()  # threads wait for one build per kind; processes wait on a file lock (build.jit_load)
-_MODULES = {}     # kind -> module
-_FAILURES = {}    # kind -> reason
+_MODULES = {}  # kind -> module
+_FAILURES = {}  # kind -> reason
 
 
 def _load(kind: str):
@@ -124,8 +134,7 @@ def availability(device: torch.device) -> str:
     cached = build.cached_build(kind)
     if cached:
         return f"available ({what}, cached at {cached}; ninja rebuilds what changed)"
-    return (f"available once built ({what}: JIT-built with ninja on first use, "
-            f"{build.EXPECTED_TIME[kind]})")
+    return f"available once built ({what}: JIT-built with ninja on first use, {build.EXPECTED_TIME[kind]})"
 
 
 def describe() -> List[str]:
@@ -133,6 +142,7 @@ def describe() -> List[str]:
     lines = []
     try:
         from .. import _C  # noqa: F401
+
         lines.append("cuda: prebuilt GPU extension vit_kernels._C: installed")
     except ImportError as e:
         lines.append(f"cuda: prebuilt GPU extension vit_kernels._C: not installed ({e})")
@@ -153,9 +163,14 @@ def describe() -> List[str]:
             lines.append(f"cuda: {kind} build: failed: {_FAILURES[kind].splitlines()[0]}")
         else:
             built = build.cached_build(kind)
-            lines.append(f"cuda: {kind} build: " + (f"cached at {built}" if built
-                                                      else f"not built yet (built on first use, "
-                                                           f"{build.EXPECTED_TIME[kind]})"))
+            lines.append(
+                f"cuda: {kind} build: "
+                + (
+                    f"cached at {built}"
+                    if built
+                    else f"not built yet (built on first use, {build.EXPECTED_TIME[kind]})"
+                )
+            )
     return lines
 
 
@@ -163,8 +178,20 @@ def resource_usage(arch: str = "sm_80", *, refresh: bool = False) -> List[dict]:
     """Registers, spills, shared memory and tensor-core instruction counts of every csrc kernel compiled
     for ``arch`` (nvcc + cuobjdump, no GPU); see :func:`vit_kernels.cuda.resources.resource_usage`."""
     from .resources import resource_usage as _resource_usage
+
     return _resource_usage(arch, refresh=refresh)
 
 
-__all__ = ["BuildError", "resource_usage", "cache_dir", "toolkit_root", "arch_list", "emulator_module", "gpu_module",
-           "module_for", "unavailable_reason", "availability", "describe"]
+__all__ = [
+    "BuildError",
+    "resource_usage",
+    "cache_dir",
+    "toolkit_root",
+    "arch_list",
+    "emulator_module",
+    "gpu_module",
+    "module_for",
+    "unavailable_reason",
+    "availability",
+    "describe",
+]

@@ -22,6 +22,7 @@ around the build, and the ones that come after find it built.
 A build that compiles says so on stderr before it starts (what, where, about how long) and when it
 is done (how long it took): a live line with rich when stderr is a terminal, else two plain lines.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,8 +67,10 @@ def cache_dir() -> Path:
 def sources_present() -> Optional[str]:
     """None when the csrc sources are next to the package (a source checkout), else why not."""
     if not (CSRC / "bindings" / "bind_ops.cpp").is_file():
-        return (f"the csrc sources are not at {CSRC} (JIT builds need a source checkout of vit_kernels; "
-                f"a wheel carries the prebuilt vit_kernels._C instead)")
+        return (
+            f"the csrc sources are not at {CSRC} (JIT builds need a source checkout of vit_kernels; "
+            f"a wheel carries the prebuilt vit_kernels._C instead)"
+        )
     return None
 
 
@@ -88,8 +91,12 @@ def toolkit_root() -> Tuple[Optional[str], str]:
     if nvcc is None:
         return None, "no nvcc on PATH and neither CUDA_HOME nor CUDA_PATH is set"
     try:
-        p = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
-                           capture_output=True, text=True, timeout=60)
+        p = subprocess.run(
+            [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except Exception as e:  # pragma: no cover - depends on the machine
         return None, f"`{nvcc} --dryrun` failed: {e}"
     m = re.search(r"^#\$ TOP=(.+)$", p.stdout + p.stderr, re.MULTILINE)
@@ -224,8 +231,13 @@ def _live_status(line: str):
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     except ImportError:
         return None
-    p = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                 console=Console(stderr=True), transient=True)
+    p = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
     p.add_task(line, total=None)
     p.start()
     return p
@@ -237,6 +249,7 @@ def jit_load(kind: str, name: str, sources: List[Path]):
     :func:`flags`) with torch.utils.cpp_extension.load, in :func:`variant_dir`'s folder, under a
     file lock shared with other processes."""
     from filelock import FileLock, Timeout  # a dependency of torch
+
     quiet_cuda_home_guess()
     from torch.utils import cpp_extension
 
@@ -249,18 +262,26 @@ def jit_load(kind: str, name: str, sources: List[Path]):
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        print(f"vit_kernels: waiting for another process that builds {TITLE.get(kind, kind)} in {build_dir}",
-              file=sys.stderr, flush=True)
+        print(
+            f"vit_kernels: waiting for another process that builds {TITLE.get(kind, kind)} in {build_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
         lock.acquire()
     try:
         fresh = not any(build_dir.glob(f"{name}*.so"))
         with _announce(kind, build_dir, fresh):
             try:
                 return cpp_extension.load(
-                    name=name, sources=[str(s) for s in sources], extra_cflags=cflags,
-                    extra_cuda_cflags=cuda_cflags or None, extra_include_paths=[str(CSRC / "include")],
-                    build_directory=str(build_dir), verbose=bool(os.environ.get("VIT_KERNELS_VERBOSE_BUILD")),
-                    with_cuda=bool(cuda_cflags))
+                    name=name,
+                    sources=[str(s) for s in sources],
+                    extra_cflags=cflags,
+                    extra_cuda_cflags=cuda_cflags or None,
+                    extra_include_paths=[str(CSRC / "include")],
+                    build_directory=str(build_dir),
+                    verbose=bool(os.environ.get("VIT_KERNELS_VERBOSE_BUILD")),
+                    with_cuda=bool(cuda_cflags),
+                )
             except Exception as e:
                 tail = "\n".join(str(e).strip().splitlines()[-40:])
                 raise BuildError(f"building the {kind} extension in {build_dir} failed:\n{tail}") from e
@@ -288,6 +309,7 @@ def build_gpu():
         raise BuildError(f"no CUDA toolkit found: {how}")
     quiet_cuda_home_guess()
     from torch.utils import cpp_extension
+
     # torch guesses the toolkit from the folder of the nvcc on PATH, which can be a wrapper's folder
     # (PLATFORM.md): point it at the root found above, visibly.
     os.environ["CUDA_HOME"] = root

@@ -8,6 +8,7 @@ launch raise ``RuntimeError`` naming each read-after-write, write-after-read or 
 hazard with both source lines. The environment variables ``VK_EMU_SCHEDULE`` (``random:SEED`` for a
 seed) and ``VK_EMU_RACECHECK=0|1`` set the defaults of a process.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,12 +20,14 @@ SCHEDULES = ("round_robin", "reverse", "warp_major", "warp_major_reverse", "rand
 def settings() -> Tuple[str, int, bool]:
     """(schedule, seed, racecheck) the emulator's next launch uses."""
     from . import emulator_module
+
     return tuple(emulator_module().emulator_settings())
 
 
 @contextlib.contextmanager
-def emulator_settings(schedule: Optional[str] = None, *, seed: Optional[int] = None,
-                      racecheck: Optional[bool] = None) -> Iterator[None]:
+def emulator_settings(
+    schedule: Optional[str] = None, *, seed: Optional[int] = None, racecheck: Optional[bool] = None
+) -> Iterator[None]:
     """Launches inside the block use this schedule / seed / race checker; the previous settings come back
     after it. Process-wide: do not change them while another thread launches."""
     if schedule is not None and schedule not in SCHEDULES:
@@ -34,11 +37,14 @@ def emulator_settings(schedule: Optional[str] = None, *, seed: Optional[int] = N
     if racecheck is not None and not isinstance(racecheck, bool):
         raise ValueError(f"racecheck: expected a bool, got {racecheck!r}")
     from . import emulator_module
+
     ext = emulator_module()
     old = tuple(ext.emulator_settings())
-    ext.set_emulator_settings(schedule if schedule is not None else old[0],
-                              seed if seed is not None else old[1],
-                              racecheck if racecheck is not None else old[2])
+    ext.set_emulator_settings(
+        schedule if schedule is not None else old[0],
+        seed if seed is not None else old[1],
+        racecheck if racecheck is not None else old[2],
+    )
     try:
         yield
     finally:

@@ -12,6 +12,7 @@ unit stride along the last dim whose leading dims merge without a copy (checks.u
 any strides and alignment. vit_kernels.ops guarantees these before the first launch of a call
 (refusing, or copying the small parameters: checks.contiguous_params).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -32,8 +33,10 @@ MAX_HEAD_DIM = 128
 def attention_unsupported(head_dim: int, dtype: torch.dtype) -> Optional[str]:
     """None when the CUDA attention kernel runs this head dim and dtype, else why not."""
     if head_dim % 8 != 0 or not 8 <= head_dim <= MAX_HEAD_DIM:
-        return (f"head_dim={head_dim} is not supported by the CUDA attention kernel (expected a multiple of 8 "
-                f"from 8 to {MAX_HEAD_DIM})")
+        return (
+            f"head_dim={head_dim} is not supported by the CUDA attention kernel (expected a multiple of 8 "
+            f"from 8 to {MAX_HEAD_DIM})"
+        )
     if dtype not in KERNEL_DTYPES:
         return f"dtype {dtype} is not supported by the CUDA attention kernel (float16, bfloat16, float32)"
     return None
@@ -57,8 +60,9 @@ def attention_amax(q: Tensor, k: Tensor, v: Tensor) -> Optional[Tensor]:
     return torch.stack([t.abs().nan_to_num(0.0, posinf=0.0).amax(dim=(2, 3)) for t in (q, k, v)])
 
 
-def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, *, out: Optional[Tensor] = None,
-                            lse: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+def flash_attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, *, out: Optional[Tensor] = None, lse: Optional[Tensor] = None
+) -> Tuple[Tensor, Optional[Tensor]]:
     """The attention kernel's launcher: softmax(scale * q k^T) v, non-causal, forward only.
 
     q: (batch, heads, q_tokens, head_dim); k, v: (batch, heads, kv_tokens, head_dim); any strides,
@@ -84,9 +88,17 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     return flash_attention_forward(q, k, v, scale)[0]
 
 
-def qkv_attention_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = None, *, num_heads: int,
-                  scale: float, norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
-                  eps: float = 1e-6) -> Tensor:
+def qkv_attention_forward(
+    x: Tensor,
+    qkv_weight: Tensor,
+    qkv_bias: Optional[Tensor] = None,
+    *,
+    num_heads: int,
+    scale: float,
+    norm_weight: Optional[Tensor] = None,
+    norm_bias: Optional[Tensor] = None,
+    eps: float = 1e-6,
+) -> Tensor:
     """[LayerNorm ->] QKV projection -> attention, the split path: two kernels.
 
     x: (batch, tokens, dim); qkv_weight: (3*inner, dim); qkv_bias: (3*inner,); norm_weight,
@@ -99,8 +111,9 @@ def qkv_attention_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
     B, N, _ = x.shape
     inner = qkv_weight.shape[0] // 3
     hd = inner // num_heads
-    qkv = qkv_projection_forward(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale, norm_weight=norm_weight,
-                                 norm_bias=norm_bias, eps=eps)
+    qkv = qkv_projection_forward(
+        x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps
+    )
     out = torch.empty((B, N, inner), dtype=x.dtype, device=x.device)
     flash_attention_forward(qkv[0], qkv[1], qkv[2], 1.0, out=out.view(B, N, num_heads, hd).transpose(1, 2))
     return out
@@ -133,13 +146,17 @@ def _check_dtype(name: str, t: Tensor) -> None:
 def _rows(name: str, t: Tensor) -> Tensor:
     """t: (..., n) as a (rows, n) view with unit column stride; never copies (raises instead)."""
     if t.shape[-1] != 1 and t.stride(-1) != 1:
-        raise ValueError(f"{name}: the CUDA backend reads rows in place and needs unit stride along the last "
-                         f"dim, got strides {tuple(t.stride())} (call .contiguous() first)")
+        raise ValueError(
+            f"{name}: the CUDA backend reads rows in place and needs unit stride along the last "
+            f"dim, got strides {tuple(t.stride())} (call .contiguous() first)"
+        )
     try:
         return t.view(-1, t.shape[-1])
     except RuntimeError:
-        raise ValueError(f"{name}: the CUDA backend needs the leading dims of shape {tuple(t.shape)} to "
-                         f"flatten without a copy, got strides {tuple(t.stride())} (call .contiguous() first)")
+        raise ValueError(
+            f"{name}: the CUDA backend needs the leading dims of shape {tuple(t.shape)} to "
+            f"flatten without a copy, got strides {tuple(t.stride())} (call .contiguous() first)"
+        )
 
 
 def _vec(name: str, t: Optional[Tensor]) -> Optional[Tensor]:
@@ -159,8 +176,15 @@ def row_stats(x: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     return mean, rstd
 
 
-def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, residual: Optional[Tensor] = None,
-           layer_scale: Optional[Tensor] = None, config: int = -1) -> Tensor:
+def linear_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    residual: Optional[Tensor] = None,
+    layer_scale: Optional[Tensor] = None,
+    config: int = -1,
+) -> Tensor:
     """x: (..., in); weight: (out, in); bias, layer_scale: (out,); residual: (..., out).
     Returns (..., out) = [residual +] [layer_scale *] (x @ weight^T [+ bias]), one kernel."""
     _check_dtype("x", x)
@@ -168,16 +192,38 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
     w = _rows("weight", weight)
     out = torch.empty(tuple(x.shape[:-1]) + (weight.shape[0],), dtype=x.dtype, device=x.device)
     res2 = _rows("residual", residual) if residual is not None else None
-    module_for(x.device).gemm_rows(x2, w, _vec("bias", bias), None, None, None, None, 0,
-                                   _vec("layer_scale", layer_scale), res2, out.view(-1, weight.shape[0]), config)
+    module_for(x.device).gemm_rows(
+        x2,
+        w,
+        _vec("bias", bias),
+        None,
+        None,
+        None,
+        None,
+        0,
+        _vec("layer_scale", layer_scale),
+        res2,
+        out.view(-1, weight.shape[0]),
+        config,
+    )
     return out
 
 
-def layernorm_gelu_mlp_forward(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
-                       fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
-                       fc2_bias: Optional[Tensor], *, eps: float, approximate: str,
-                       residual: Optional[Tensor] = None, layer_scale: Optional[Tensor] = None,
-                       config: int = -1) -> Tensor:
+def layernorm_gelu_mlp_forward(
+    x: Tensor,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor],
+    *,
+    eps: float,
+    approximate: str,
+    residual: Optional[Tensor] = None,
+    layer_scale: Optional[Tensor] = None,
+    config: int = -1,
+) -> Tensor:
     """x: (..., dim) -> (..., out) = [residual +] [layer_scale *] fc2(gelu(fc1(LN(x)))).
 
     Three kernels: row statistics of x (when norm_weight is given; None skips the LayerNorm, as the
@@ -194,20 +240,51 @@ def layernorm_gelu_mlp_forward(x: Tensor, norm_weight: Optional[Tensor], norm_bi
         mean, rstd = ext.row_stats(x2, float(eps))
     hidden, out_dim = fc1_weight.shape[0], fc2_weight.shape[0]
     h = torch.empty((x2.shape[0], hidden), dtype=x.dtype, device=x.device)
-    ext.gemm_rows(x2, _rows("fc1_weight", fc1_weight), _vec("fc1_bias", fc1_bias), mean, rstd,
-                  _vec("norm_weight", norm_weight) if mean is not None else None,
-                  _vec("norm_bias", norm_bias) if mean is not None else None,
-                  _ACT[approximate], None, None, h, config)
+    ext.gemm_rows(
+        x2,
+        _rows("fc1_weight", fc1_weight),
+        _vec("fc1_bias", fc1_bias),
+        mean,
+        rstd,
+        _vec("norm_weight", norm_weight) if mean is not None else None,
+        _vec("norm_bias", norm_bias) if mean is not None else None,
+        _ACT[approximate],
+        None,
+        None,
+        h,
+        config,
+    )
     out = torch.empty(tuple(x.shape[:-1]) + (out_dim,), dtype=x.dtype, device=x.device)
     res2 = _rows("residual", residual) if residual is not None else None
-    ext.gemm_rows(h, _rows("fc2_weight", fc2_weight), _vec("fc2_bias", fc2_bias), None, None, None, None, 0,
-                  _vec("layer_scale", layer_scale), res2, out.view(-1, out_dim), config)
+    ext.gemm_rows(
+        h,
+        _rows("fc2_weight", fc2_weight),
+        _vec("fc2_bias", fc2_bias),
+        None,
+        None,
+        None,
+        None,
+        0,
+        _vec("layer_scale", layer_scale),
+        res2,
+        out.view(-1, out_dim),
+        config,
+    )
     return out
 
 
-def qkv_projection_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = None, *, num_heads: int,
-                   scale: float, norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
-                   eps: float = 1e-6, config: int = -1) -> Tensor:
+def qkv_projection_forward(
+    x: Tensor,
+    qkv_weight: Tensor,
+    qkv_bias: Optional[Tensor] = None,
+    *,
+    num_heads: int,
+    scale: float,
+    norm_weight: Optional[Tensor] = None,
+    norm_bias: Optional[Tensor] = None,
+    eps: float = 1e-6,
+    config: int = -1,
+) -> Tensor:
     """[LayerNorm ->] QKV projection with a head-split epilogue.
 
     x: (batch, tokens, dim); qkv_weight: (3*inner, dim), rows [q; k; v], head-major; qkv_bias:
@@ -227,16 +304,34 @@ def qkv_projection_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Ten
     elif norm_bias is not None:
         raise ValueError("norm_bias: given without norm_weight; pass norm_weight to apply LayerNorm")
     out = torch.empty((3, B, num_heads, N, hd), dtype=x.dtype, device=x.device)
-    ext.gemm_qkv(x2, _rows("qkv_weight", qkv_weight), _vec("qkv_bias", qkv_bias), mean, rstd,
-                 _vec("norm_weight", norm_weight) if mean is not None else None,
-                 _vec("norm_bias", norm_bias) if mean is not None else None,
-                 N, num_heads, hd, float(scale), out, config)
+    ext.gemm_qkv(
+        x2,
+        _rows("qkv_weight", qkv_weight),
+        _vec("qkv_bias", qkv_bias),
+        mean,
+        rstd,
+        _vec("norm_weight", norm_weight) if mean is not None else None,
+        _vec("norm_bias", norm_bias) if mean is not None else None,
+        N,
+        num_heads,
+        hd,
+        float(scale),
+        out,
+        config,
+    )
     return out
 
 
-def patch_embed_forward(images: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, patch_size: int,
-                pos_embed: Optional[Tensor] = None, cls_token: Optional[Tensor] = None,
-                config: int = -1) -> Tensor:
+def patch_embed_forward(
+    images: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    patch_size: int,
+    pos_embed: Optional[Tensor] = None,
+    cls_token: Optional[Tensor] = None,
+    config: int = -1,
+) -> Tensor:
     """Patch embedding as one implicit GEMM.
 
     images: (batch, channels, H, W) read in place through its strides: NCHW (16-byte gathers when
@@ -248,11 +343,21 @@ def patch_embed_forward(images: Tensor, weight: Tensor, bias: Optional[Tensor] =
     B, C, H, W = images.shape
     dim = weight.shape[0]
     if not weight.is_contiguous():
-        raise ValueError(f"weight: the CUDA backend expects a contiguous (dim, C, p, p) Conv2d weight, got strides "
-                         f"{tuple(weight.stride())}")
+        raise ValueError(
+            f"weight: the CUDA backend expects a contiguous (dim, C, p, p) Conv2d weight, got strides "
+            f"{tuple(weight.stride())}"
+        )
     prefix = 1 if cls_token is not None else 0
     P = (H // patch_size) * (W // patch_size)
     out = torch.empty((B, prefix + P, dim), dtype=images.dtype, device=images.device)
-    module_for(images.device).gemm_patch(images, weight.view(dim, -1), _vec("bias", bias), patch_size,
-                                         _vec("pos_embed", pos_embed), _vec("cls_token", cls_token), out, config)
+    module_for(images.device).gemm_patch(
+        images,
+        weight.view(dim, -1),
+        _vec("bias", bias),
+        patch_size,
+        _vec("pos_embed", pos_embed),
+        _vec("cls_token", cls_token),
+        out,
+        config,
+    )
     return out

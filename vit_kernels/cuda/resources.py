@@ -6,6 +6,7 @@ HGMMA: Hopper wgmma).
 ``python -m vit_kernels inspect`` lists these beside the Triton kernels; tests/test_cuda_build.py
 asserts zero spills. Results are cached in the JIT cache folder, keyed by the sources and flags.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -37,6 +38,7 @@ def _tool(root: str, name: str) -> str:
         return found
     # Triton's wheel carries cuobjdump / nvdisasm (triton/backends/nvidia/bin)
     import importlib.util
+
     spec = importlib.util.find_spec("triton")
     if spec is not None and spec.submodule_search_locations:
         p = Path(list(spec.submodule_search_locations)[0]) / "backends" / "nvidia" / "bin" / name
@@ -73,8 +75,9 @@ def _parse_ptxas(text: str) -> Dict[str, dict]:
     for line in text.splitlines():
         m = _ENTRY.search(line)
         if m:
-            cur = kernels.setdefault(m.group(1), {"mangled": m.group(1), "regs": 0, "stack_bytes": 0,
-                                                  "spill_bytes": 0, "shared_bytes": 0})
+            cur = kernels.setdefault(
+                m.group(1), {"mangled": m.group(1), "regs": 0, "stack_bytes": 0, "spill_bytes": 0, "shared_bytes": 0}
+            )
             continue
         if cur is None:
             continue
@@ -121,6 +124,7 @@ def _attention_dynamic_smem(config: str) -> Optional[int]:
 
     from . import module_for
     from ..dtypes import SHORT_NAMES
+
     dtype = SHORT_NAMES[m.group(1)]
     return int(module_for(torch.device("cpu")).flash_attention_smem_bytes(dtype, int(m.group(2))))
 
@@ -167,7 +171,7 @@ def _config_of(name: str) -> str:
         depth -= name[j] == ">"
         if depth == 0:
             break
-    return name[i + 1:j]
+    return name[i + 1 : j]
 
 
 _ENUMS = {"vk::ALoad": ("dense", "layernorm", "patch"), "vk::Epi": ("rows", "qkv", "patch")}
@@ -175,20 +179,35 @@ _ENUMS = {"vk::ALoad": ("dense", "layernorm", "patch"), "vk::Epi": ("rows", "qkv
 
 def _pretty_config(config: str) -> str:
     """Template arguments made readable: tile shapes and enum names instead of casts."""
+
     def enum(m):
         names = _ENUMS.get(m.group(1))
         i = int(m.group(2))
         return names[i] if names and i < len(names) else m.group(0)
+
     config = re.sub(r"\((vk::\w+)\)(\d+)", enum, config)
-    config = re.sub(r"vk::gemm_detail::TileCfg<(\d+), (\d+), (\d+), (\d+), (\d+), (\d+)>",
-                    r"tile \1x\2x\3 warp \4x\5 stages \6", config)
+    config = re.sub(
+        r"vk::gemm_detail::TileCfg<(\d+), (\d+), (\d+), (\d+), (\d+), (\d+)>",
+        r"tile \1x\2x\3 warp \4x\5 stages \6",
+        config,
+    )
     return config.replace("__nv_bfloat16", "bf16").replace("__half", "fp16").replace("float", "fp32")
 
 
 def _compile_one(src: Path, arch: str, flags: List[str], nvcc: str, cuobjdump: str, tmp: str) -> List[dict]:
     cubin = Path(tmp) / (src.stem + f".{arch}.cubin")
-    cmd = [nvcc, "-cubin", f"-arch={arch}", "--resource-usage", "-std=c++20", f"-I{CSRC / 'include'}",
-           *flags, str(src), "-o", str(cubin)]
+    cmd = [
+        nvcc,
+        "-cubin",
+        f"-arch={arch}",
+        "--resource-usage",
+        "-std=c++20",
+        f"-I{CSRC / 'include'}",
+        *flags,
+        str(src),
+        "-o",
+        str(cubin),
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         raise BuildError(f"nvcc failed for {src.relative_to(CSRC)} ({arch}):\n{p.stderr[-4000:]}")
@@ -243,7 +262,7 @@ def resource_usage(arch: str = "sm_80", *, refresh: bool = False) -> List[dict]:
     for r in rows:
         name = names[r["mangled"]]
         if name.startswith("void "):
-            name = name[len("void "):]
+            name = name[len("void ") :]
         name = name.replace("(anonymous namespace)::", "")
         head = _strip_params(name)
         base = head.split("<", 1)[0]
@@ -251,12 +270,23 @@ def resource_usage(arch: str = "sm_80", *, refresh: bool = False) -> List[dict]:
         dyn = _gemm_dynamic_smem(name)
         if dyn is None and "flash_fwd_kernel" in base:
             dyn = _attention_dynamic_smem(config)
-        out.append({"kernel": base, "config": config, "arch": arch, "backend": "cuda",
-                    "has_dot": _expects_tensor_cores(base, config),
-                    "source": r["source"], "regs": r["regs"], "spill_bytes": r["spill_bytes"],
-                    "stack_bytes": r["stack_bytes"], "shared_bytes": r["shared_bytes"] + (dyn or 0),
-                    "dynamic_shared_bytes": dyn, "tensor_core_instructions": r["tensor_core_instructions"],
-                    "sass_copy_instructions": r["sass_copy_instructions"]})
+        out.append(
+            {
+                "kernel": base,
+                "config": config,
+                "arch": arch,
+                "backend": "cuda",
+                "has_dot": _expects_tensor_cores(base, config),
+                "source": r["source"],
+                "regs": r["regs"],
+                "spill_bytes": r["spill_bytes"],
+                "stack_bytes": r["stack_bytes"],
+                "shared_bytes": r["shared_bytes"] + (dyn or 0),
+                "dynamic_shared_bytes": dyn,
+                "tensor_core_instructions": r["tensor_core_instructions"],
+                "sass_copy_instructions": r["sass_copy_instructions"],
+            }
+        )
     out.sort(key=lambda r: (r["source"], r["kernel"], r["config"]))
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f"{cache.name}.{os.getpid()}.{threading.get_ident()}.tmp")

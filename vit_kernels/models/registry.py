@@ -22,6 +22,7 @@ Errors are :class:`ModelNameError` (a ValueError) with one line naming the argum
 "depth", "img_size", "checkpoint"), what was expected and what was received; the commands turn
 it into their exit message.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,19 +34,33 @@ import torch
 from torch import nn
 
 FAMILIES = ("vit_kernels", "timm", "torchvision", "hf", "vit_pytorch")
-EXAMPLES = ("vit_base_patch16_224, vit_kernels:vit_tiny_patch16_224, timm:vit_base_patch16_224, "
-            "torchvision:vit_b_16, hf:google/vit-base-patch16-224, vit_pytorch:vit_base_patch16_224")
-HELP = ("a reference name (vit_base_patch16_224) or family:name with family in " + ", ".join(FAMILIES)
-        + "; e.g. " + EXAMPLES + ". Built from the library's own config, random weights unless "
-        "--checkpoint; nothing is downloaded")
+EXAMPLES = (
+    "vit_base_patch16_224, vit_kernels:vit_tiny_patch16_224, timm:vit_base_patch16_224, "
+    "torchvision:vit_b_16, hf:google/vit-base-patch16-224, vit_pytorch:vit_base_patch16_224"
+)
+HELP = (
+    "a reference name (vit_base_patch16_224) or family:name with family in "
+    + ", ".join(FAMILIES)
+    + "; e.g. "
+    + EXAMPLES
+    + ". Built from the library's own config, random weights unless "
+    "--checkpoint; nothing is downloaded"
+)
 
 # size -> (dim, depth, heads, mlp) as in Table 1 of the ViT paper (reference, hf and vit_pytorch presets)
-SIZES = {"tiny": (192, 12, 3, 768), "small": (384, 12, 6, 1536), "base": (768, 12, 12, 3072),
-         "large": (1024, 24, 16, 4096), "huge": (1280, 32, 16, 5120)}
+SIZES = {
+    "tiny": (192, 12, 3, 768),
+    "small": (384, 12, 6, 1536),
+    "base": (768, 12, 12, 3072),
+    "large": (1024, 24, 16, 4096),
+    "huge": (1280, 32, 16, 5120),
+}
 # torchvision name -> (patch, layers, heads, hidden, mlp), as torchvision's builders set them
 TORCHVISION = {
-    "vit_b_16": (16, 12, 12, 768, 3072), "vit_b_32": (32, 12, 12, 768, 3072),
-    "vit_l_16": (16, 24, 16, 1024, 4096), "vit_l_32": (32, 24, 16, 1024, 4096),
+    "vit_b_16": (16, 12, 12, 768, 3072),
+    "vit_b_32": (32, 12, 12, 768, 3072),
+    "vit_l_16": (16, 24, 16, 1024, 4096),
+    "vit_l_32": (32, 24, 16, 1024, 4096),
     "vit_h_14": (14, 32, 16, 1280, 5120),
 }
 # Hugging Face hub names mapped to ViTConfig hyper-parameters locally (never fetched).
@@ -61,8 +76,14 @@ HF_NAMES = {
     "google/vit-huge-patch14-224-in21k": dict(size="huge", patch=14, img=224, labels=0),
 }
 # the keys a local config.json must hold (transformers would fill in ViT-Base for a missing one)
-HF_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
-               "patch_size")
+HF_REQUIRED = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "image_size",
+    "patch_size",
+)
 
 
 class ModelNameError(ValueError):
@@ -74,11 +95,19 @@ def preset(name: str, argument: str = "model") -> Tuple[tuple, int, int]:
     reference-style names (the registry, vit_kernels.models.create_model). ``argument`` names the
     argument in the error."""
     parts = name.split("_")
-    ok = (len(parts) == 4 and parts[0] == "vit" and parts[1] in SIZES and parts[2].startswith("patch")
-          and parts[2][5:].isdigit() and parts[3].isdigit())
+    ok = (
+        len(parts) == 4
+        and parts[0] == "vit"
+        and parts[1] in SIZES
+        and parts[2].startswith("patch")
+        and parts[2][5:].isdigit()
+        and parts[3].isdigit()
+    )
     if not ok:
-        raise ModelNameError(f"{argument}: expected a preset 'vit_<size>_patch<p>_<img>' with size in {tuple(SIZES)}, "
-                             f"e.g. 'vit_base_patch16_224', got {name!r}")
+        raise ModelNameError(
+            f"{argument}: expected a preset 'vit_<size>_patch<p>_<img>' with size in {tuple(SIZES)}, "
+            f"e.g. 'vit_base_patch16_224', got {name!r}"
+        )
     return SIZES[parts[1]], int(parts[2][5:]), int(parts[3])
 
 
@@ -89,8 +118,10 @@ def parse(spec: str) -> Tuple[str, str]:
     if not sep:
         family, name = "vit_kernels", spec
     if family not in FAMILIES or not name:
-        raise ModelNameError(f"model: expected a reference name (e.g. vit_base_patch16_224) or family:name with "
-                             f"family in {FAMILIES}, got {spec!r}")
+        raise ModelNameError(
+            f"model: expected a reference name (e.g. vit_base_patch16_224) or family:name with "
+            f"family in {FAMILIES}, got {spec!r}"
+        )
     if family in ("vit_kernels", "vit_pytorch"):
         preset(name)
     if family == "torchvision" and name not in TORCHVISION:
@@ -129,8 +160,14 @@ def image_spec(model: nn.Module) -> Tuple[Optional[int], Optional[int]]:
     return None, None
 
 
-def build(spec: str, *, img_size: Optional[int] = None, depth: Optional[int] = None, attention: str = "sdpa",
-          backend: Optional[str] = None) -> nn.Module:
+def build(
+    spec: str,
+    *,
+    img_size: Optional[int] = None,
+    depth: Optional[int] = None,
+    attention: str = "sdpa",
+    backend: Optional[str] = None,
+) -> nn.Module:
     """The named model, random weights, eval mode; nothing downloaded.
 
     attention: "sdpa" (each library's default) or "eager" (separate matmul/softmax/matmul ops:
@@ -143,6 +180,7 @@ def build(spec: str, *, img_size: Optional[int] = None, depth: Optional[int] = N
     family, name = parse(spec)
     if family == "vit_kernels":
         from .vit import create_model
+
         kw = {k: v for k, v in (("depth", depth), ("img_size", img_size), ("backend", backend)) if v is not None}
         return create_model(name, **kw).eval()
     if family == "timm":
@@ -162,10 +200,17 @@ def build(spec: str, *, img_size: Optional[int] = None, depth: Optional[int] = N
     if family == "torchvision":
         _import("torchvision", "torchvision")
         from torchvision.models.vision_transformer import VisionTransformer
+
         p, layers, heads, hidden, mlp = TORCHVISION[name]
         _check_img(img_size, p)
-        m = VisionTransformer(image_size=img_size or 224, patch_size=p, num_layers=depth or layers,
-                              num_heads=heads, hidden_dim=hidden, mlp_dim=mlp)
+        m = VisionTransformer(
+            image_size=img_size or 224,
+            patch_size=p,
+            num_layers=depth or layers,
+            num_heads=heads,
+            hidden_dim=hidden,
+            mlp_dim=mlp,
+        )
         # torchvision initialises the head to zeros: logits would be 0 whatever the encoder computes
         torch.nn.init.normal_(m.heads.head.weight, std=0.02)
         return m.eval()
@@ -181,19 +226,31 @@ def build(spec: str, *, img_size: Optional[int] = None, depth: Optional[int] = N
         return cls(cfg).eval()
     _import("vit_pytorch", "vit-pytorch")
     from vit_pytorch import ViT
+
     (dim, layers, heads, mlp), p, size = preset(name)
     _check_img(img_size, p)
-    return ViT(image_size=img_size or size, patch_size=p, num_classes=1000, dim=dim, depth=depth or layers,
-               heads=heads, dim_head=dim // heads, mlp_dim=mlp).eval()
+    return ViT(
+        image_size=img_size or size,
+        patch_size=p,
+        num_classes=1000,
+        dim=dim,
+        depth=depth or layers,
+        heads=heads,
+        dim_head=dim // heads,
+        mlp_dim=mlp,
+    ).eval()
 
 
 def _import(module: str, package: str):
     import importlib
+
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ModelNameError(f"model: the {module} family needs {package}, which is not installed "
-                             f"(pip install {package}, or pip install 'vit_kernels[bench]')") from None
+        raise ModelNameError(
+            f"model: the {module} family needs {package}, which is not installed "
+            f"(pip install {package}, or pip install 'vit_kernels[bench]')"
+        ) from None
 
 
 def _check_img(img, patch: int) -> None:
@@ -204,6 +261,7 @@ def _check_img(img, patch: int) -> None:
 def hf_config(name: str):
     """(ViTConfig, has a classifier) for an hf: name, without the network."""
     from transformers import ViTConfig
+
     known = HF_NAMES.get(name)
     if known is None and name.startswith("vit_") and not os.path.exists(name):
         try:
@@ -213,54 +271,72 @@ def hf_config(name: str):
             known = None
     if known is not None:
         dim, depth, heads, mlp = SIZES[known["size"]]
-        cfg = ViTConfig(hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=mlp,
-                        patch_size=known["patch"], image_size=known["img"], qkv_bias=True)
+        cfg = ViTConfig(
+            hidden_size=dim,
+            num_hidden_layers=depth,
+            num_attention_heads=heads,
+            intermediate_size=mlp,
+            patch_size=known["patch"],
+            image_size=known["img"],
+            qkv_bias=True,
+        )
         if known["labels"]:
             cfg.num_labels = known["labels"]
         return cfg, bool(known["labels"])
     path = os.path.join(name, "config.json") if os.path.isdir(name) else name
     if not os.path.isfile(path):
         if os.path.isdir(name):
-            raise ModelNameError(f"model: expected hf:<known name or local config>, got hf:{name}: the folder "
-                                 f"{name!r} holds no config.json (nothing is downloaded)")
-        if name.startswith(("/", ".", "~")) or name.endswith(".json"):   # a path, not a hub name
-            raise ModelNameError(f"model: expected hf:<known name or local config>, got hf:{name}: no such file "
-                                 f"or folder (nothing is downloaded)")
+            raise ModelNameError(
+                f"model: expected hf:<known name or local config>, got hf:{name}: the folder "
+                f"{name!r} holds no config.json (nothing is downloaded)"
+            )
+        if name.startswith(("/", ".", "~")) or name.endswith(".json"):  # a path, not a hub name
+            raise ModelNameError(
+                f"model: expected hf:<known name or local config>, got hf:{name}: no such file "
+                f"or folder (nothing is downloaded)"
+            )
         cached = _hf_cached_config(name)
         if cached is None:
             raise ModelNameError(
                 f"model: hf:{name} needs the network (not one of the {len(HF_NAMES)} known names such as "
                 f"{next(iter(HF_NAMES))}, not a local config.json or folder, not in the local Hugging Face cache); "
                 f"nothing is downloaded: fetch it once (huggingface-cli download {name} config.json) or pass a "
-                f"local folder")
+                f"local folder"
+            )
         path = cached
     try:
         with open(path) as f:
             d = json.load(f)
     except (OSError, ValueError) as e:
-        raise ModelNameError(f"model: expected a JSON ViT config in {path}, got a file that does not parse: "
-                             f"{str(e).splitlines()[0]}")
+        raise ModelNameError(
+            f"model: expected a JSON ViT config in {path}, got a file that does not parse: {str(e).splitlines()[0]}"
+        )
     if not isinstance(d, dict):
         raise ModelNameError(f"model: expected a JSON object (a ViT config) in {path}, got a {type(d).__name__}")
     if d.get("model_type", "vit") != "vit":
         raise ModelNameError(f"model: {path} has model_type={d.get('model_type')!r}; only 'vit' is supported")
     absent = [k for k in HF_REQUIRED if k not in d]
     if absent:
-        raise ModelNameError(f"model: expected a ViT config.json with {', '.join(HF_REQUIRED)} in {path}, got one "
-                             f"without {', '.join(absent)}")
+        raise ModelNameError(
+            f"model: expected a ViT config.json with {', '.join(HF_REQUIRED)} in {path}, got one "
+            f"without {', '.join(absent)}"
+        )
     try:
         cfg = ViTConfig.from_dict(d)
     except Exception as e:  # transformers raises its own validation errors
-        raise ModelNameError(f"model: expected a ViT config in {path}, got one transformers refuses: "
-                             f"{' '.join(str(e).split())}")
+        raise ModelNameError(
+            f"model: expected a ViT config in {path}, got one transformers refuses: {' '.join(str(e).split())}"
+        )
     for key in HF_REQUIRED + ("num_channels",):
         v = getattr(cfg, key, None)
         v = v[0] if isinstance(v, (list, tuple)) and v else v
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ModelNameError(f"model: expected {key} >= 1 (an integer) in {path}, got {v!r}")
     if cfg.hidden_size % cfg.num_attention_heads:
-        raise ModelNameError(f"model: expected hidden_size divisible by num_attention_heads in {path}, got "
-                             f"{cfg.hidden_size} and {cfg.num_attention_heads}")
+        raise ModelNameError(
+            f"model: expected hidden_size divisible by num_attention_heads in {path}, got "
+            f"{cfg.hidden_size} and {cfg.num_attention_heads}"
+        )
     return cfg, bool(d.get("id2label") or d.get("num_labels"))
 
 
@@ -282,11 +358,13 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     file is refused in one line (ModelNameError) that says what was expected and what was found."""
     want = "a .safetensors file or a torch.save file of a state_dict"
     if not os.path.isfile(path):
-        raise ModelNameError(f"checkpoint: expected {want}, got {path!r}: "
-                             f"{'a folder' if os.path.isdir(path) else 'no such file'}")
+        raise ModelNameError(
+            f"checkpoint: expected {want}, got {path!r}: {'a folder' if os.path.isdir(path) else 'no such file'}"
+        )
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
+
             sd = load_file(path)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -295,8 +373,12 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise ModelNameError(f"checkpoint: expected {want}, got {path!r}, which {reader} cannot read ({first})")
     for key in ("state_dict", "model", "module"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict) and \
-                not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        if (
+            isinstance(sd, dict)
+            and key in sd
+            and isinstance(sd[key], dict)
+            and not any(isinstance(v, torch.Tensor) for v in sd.values())
+        ):
             sd = sd[key]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         what = type(sd).__name__ if not isinstance(sd, dict) else "a dict holding non-tensor values"
@@ -306,8 +388,13 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     unexpected = [k for k in sd if k not in own]
     reshaped = [k for k in own if k in sd and sd[k].shape != own[k].shape]
     if missing or unexpected or reshaped:
-        parts = [f"{len(keys)} {what} (e.g. {keys[0]!r})" for keys, what in
-                 ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape")) if keys]
-        raise ModelNameError(f"checkpoint: expected the {len(own)} tensors of {type(model).__name__}'s state_dict, "
-                             f"got {path!r} with {', '.join(parts)}")
+        parts = [
+            f"{len(keys)} {what} (e.g. {keys[0]!r})"
+            for keys, what in ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape"))
+            if keys
+        ]
+        raise ModelNameError(
+            f"checkpoint: expected the {len(own)} tensors of {type(model).__name__}'s state_dict, "
+            f"got {path!r} with {', '.join(parts)}"
+        )
     model.load_state_dict(sd)

@@ -6,6 +6,7 @@ LN, classification head; pooling "cls" or "mean"; optional qkv bias, LayerScale 
 tokens. The three heavy parts are separate modules (:mod:`vit_kernels.nn`), so a backend can
 replace each one; ``backend`` sets them all (``set_backend`` changes it later).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -22,14 +23,39 @@ from .registry import SIZES, preset
 class Block(nn.Module):
     """One pre-norm encoder block: x + attn(LN(x)), then + mlp(LN(.)). x: (batch, tokens, dim)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 eps: float = 1e-6, init_values: Optional[float] = None, approximate: str = "none",
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, backend: str = "auto"):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        eps: float = 1e-6,
+        init_values: Optional[float] = None,
+        approximate: str = "none",
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        backend: str = "auto",
+    ):
         super().__init__()
-        self.attn = FusedAttention(dim, num_heads, qkv_bias=qkv_bias, eps=eps, init_values=init_values,
-                                   attn_drop=attn_drop, proj_drop=proj_drop, backend=backend)
-        self.mlp = FusedMlp(dim, int(dim * mlp_ratio), eps=eps, approximate=approximate,
-                            init_values=init_values, drop=proj_drop, backend=backend)
+        self.attn = FusedAttention(
+            dim,
+            num_heads,
+            qkv_bias=qkv_bias,
+            eps=eps,
+            init_values=init_values,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            backend=backend,
+        )
+        self.mlp = FusedMlp(
+            dim,
+            int(dim * mlp_ratio),
+            eps=eps,
+            approximate=approximate,
+            init_values=init_values,
+            drop=proj_drop,
+            backend=backend,
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mlp(self.attn(x))
@@ -48,13 +74,30 @@ class VisionTransformer(nn.Module):
     are taken as normalized already.
     """
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
-                 num_classes: int = 1000, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True, class_token: bool = True,
-                 pool: str = "cls", reg_tokens: int = 0, init_values: Optional[float] = None,
-                 eps: float = 1e-6, approximate: str = "none", drop_rate: float = 0.0,
-                 attn_drop_rate: float = 0.0, dynamic_img_size: bool = False, backend: str = "auto",
-                 image_mean: Optional[Tuple[float, ...]] = None, image_std: Optional[Tuple[float, ...]] = None):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        class_token: bool = True,
+        pool: str = "cls",
+        reg_tokens: int = 0,
+        init_values: Optional[float] = None,
+        eps: float = 1e-6,
+        approximate: str = "none",
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        dynamic_img_size: bool = False,
+        backend: str = "auto",
+        image_mean: Optional[Tuple[float, ...]] = None,
+        image_std: Optional[Tuple[float, ...]] = None,
+    ):
         super().__init__()
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool: expected 'cls' or 'mean', got {pool!r}")
@@ -67,17 +110,36 @@ class VisionTransformer(nn.Module):
         self.dynamic_img_size = dynamic_img_size
         self.num_prefix_tokens = (1 if class_token else 0) + reg_tokens
         self.grid = img_size // patch_size
-        self.patch_embed = FusedPatchEmbed(patch_size, in_chans, embed_dim, backend=backend,
-                                           image_mean=image_mean or (0.5,) * in_chans,
-                                           image_std=image_std or (0.5,) * in_chans)
+        self.patch_embed = FusedPatchEmbed(
+            patch_size,
+            in_chans,
+            embed_dim,
+            backend=backend,
+            image_mean=image_mean or (0.5,) * in_chans,
+            image_std=image_std or (0.5,) * in_chans,
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
         n_pos = self.grid * self.grid + (1 if class_token else 0)
         self.pos_embed = nn.Parameter(torch.randn(1, n_pos, embed_dim) * 0.02)
         self.pos_drop = nn.Dropout(drop_rate)
-        self.blocks = nn.Sequential(*[
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, eps, init_values, approximate,
-                  attn_drop_rate, drop_rate, backend) for _ in range(depth)])
+        self.blocks = nn.Sequential(
+            *[
+                Block(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio,
+                    qkv_bias,
+                    eps,
+                    init_values,
+                    approximate,
+                    attn_drop_rate,
+                    drop_rate,
+                    backend,
+                )
+                for _ in range(depth)
+            ]
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
@@ -107,8 +169,10 @@ class VisionTransformer(nn.Module):
         if (H, W) == (self.img_size, self.img_size):
             return self.pos_embed
         if not self.dynamic_img_size:
-            raise ValueError(f"images: expected {self.img_size}x{self.img_size}, got {H}x{W}; build the "
-                             f"model with dynamic_img_size=True to resample the position embedding")
+            raise ValueError(
+                f"images: expected {self.img_size}x{self.img_size}, got {H}x{W}; build the "
+                f"model with dynamic_img_size=True to resample the position embedding"
+            )
         if H % p or W % p:
             raise ValueError(f"images: expected a size that is a multiple of patch_size={p}, got {H}x{W}")
         grid, prefix = (H // p, W // p), 1 if self.cls_token is not None else 0
@@ -126,10 +190,12 @@ class VisionTransformer(nn.Module):
     def forward_features(self, images: Tensor) -> Tensor:
         """images: (batch, in_chans, H, W), float (normalized) or uint8 (normalized on load with
         ``patch_embed.image_mean`` / ``image_std``) -> tokens after the final LayerNorm (batch, tokens, dim)."""
-        if library.symbolic(images):   # torch.fx: sizes unknown; the ops check them when the graph runs
+        if library.symbolic(images):  # torch.fx: sizes unknown; the ops check them when the graph runs
             if self.dynamic_img_size:
-                raise ValueError("dynamic_img_size: True cannot be traced by torch.fx (the position embedding "
-                                 "is resampled per input size); use torch.compile or torch.export")
+                raise ValueError(
+                    "dynamic_img_size: True cannot be traced by torch.fx (the position embedding "
+                    "is resampled per input size); use torch.compile or torch.export"
+                )
             pos = self.pos_embed
         else:
             if images.dim() != 4:
@@ -146,15 +212,16 @@ class VisionTransformer(nn.Module):
 
     def forward_head(self, x: Tensor) -> Tensor:
         """tokens (batch, tokens, dim) -> logits (batch, num_classes)."""
-        x = x[:, 0] if self.pool == "cls" else x[:, self.num_prefix_tokens:].mean(dim=1)
+        x = x[:, 0] if self.pool == "cls" else x[:, self.num_prefix_tokens :].mean(dim=1)
         return self.head(x)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(images))
 
 
-def resample_pos_embed(pos_embed: Tensor, new_grid: Tuple[int, int], old_grid: Tuple[int, int],
-                       num_prefix_tokens: int = 1) -> Tensor:
+def resample_pos_embed(
+    pos_embed: Tensor, new_grid: Tuple[int, int], old_grid: Tuple[int, int], num_prefix_tokens: int = 1
+) -> Tensor:
     """Resample a (1, prefix + gh*gw, dim) position embedding to another patch grid (bicubic,
     antialiased when it shrinks, as timm's resample_abs_pos_embed), as the ViT paper does to
     fine-tune at a higher resolution. Prefix rows are kept as they are.

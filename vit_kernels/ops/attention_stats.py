@@ -20,6 +20,7 @@ Without a request the ops run exactly as before. :func:`recording` collects stat
 attention op call in a block (in the calling thread), which is how :mod:`vit_kernels.analysis` reads
 them out of fused models of any family without changing their forward.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,6 +30,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+
 
 @dataclasses.dataclass(frozen=True)
 class StatsRequest:
@@ -76,10 +78,15 @@ def check_request(request: StatsRequest, q_tokens: int, kv_tokens: int) -> Optio
             raise ValueError(f"stats.prefix_tokens: expected an integer >= 0, got {request.prefix_tokens!r}")
         want = request.prefix_tokens + g[0] * g[1]
         if q_tokens != want or kv_tokens != want:
-            raise ValueError(f"stats.grid: expected {want} tokens ({request.prefix_tokens} prefix + {g[0]}x{g[1]} "
-                             f"patches) as queries and keys, got {q_tokens} and {kv_tokens}")
-        if isinstance(request.patch_size, bool) or not isinstance(request.patch_size, (int, float)) \
-                or not request.patch_size > 0:
+            raise ValueError(
+                f"stats.grid: expected {want} tokens ({request.prefix_tokens} prefix + {g[0]}x{g[1]} "
+                f"patches) as queries and keys, got {q_tokens} and {kv_tokens}"
+            )
+        if (
+            isinstance(request.patch_size, bool)
+            or not isinstance(request.patch_size, (int, float))
+            or not request.patch_size > 0
+        ):
             raise ValueError(f"stats.patch_size: expected a positive number of pixels, got {request.patch_size!r}")
     return rows or None
 
@@ -89,6 +96,7 @@ def attention_stats_torch(q: Tensor, k: Tensor, scale: float, request: StatsRequ
 
     q: (batch, heads, q_tokens, head_dim); k: (batch, heads, kv_tokens, head_dim)."""
     from .. import reference
+
     rows = check_request(request, q.shape[2], k.shape[2])
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     p = reference.attention_probs(q.to(work), k.to(work), scale=scale)

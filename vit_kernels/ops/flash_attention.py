@@ -1,4 +1,5 @@
 """flash_attention: softmax(q k^T * scale) v, non-causal. Checks, dispatch, torch path."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -33,13 +34,22 @@ def check_flash_attention(q, k, v, scale) -> float:
 def layouts_unsupported(q, k, v) -> dict:
     """backend -> why its kernels cannot read q, k, v as they are (None: they can). The CUDA kernel
     reads any strides and alignment (a scalar path where rows are not 16-byte vectors)."""
-    return {"triton": checks.first(*(checks.vector_rows_layout(n, t) for n, t in (("q", q), ("k", k), ("v", v)))),
-            "cuda": None}
+    return {
+        "triton": checks.first(*(checks.vector_rows_layout(n, t) for n, t in (("q", q), ("k", k), ("v", v)))),
+        "cuda": None,
+    }
 
 
-def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
-                    backend: str = "auto", tune: Optional[str] = None,
-                    stats: Optional[attention_stats.StatsRequest] = None):
+def flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+    tune: Optional[str] = None,
+    stats: Optional[attention_stats.StatsRequest] = None,
+):
     """Non-causal scaled dot-product attention.
 
     q: (batch, heads, q_tokens, head_dim); k, v: (batch, heads, kv_tokens, head_dim).
@@ -55,7 +65,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] =
     """
     request = stats if stats is not None else attention_stats.active_request()
     if request is None:
-        from .. import library   # here: vit_kernels.library imports this file
+        from .. import library  # here: vit_kernels.library imports this file
+
         return library.run("flash_attention", (q, k, v, scale, backend, tune))
     scale = check_flash_attention(q, k, v, scale)
     return _with_stats(q, k, v, scale, backend, request, record=stats is None)
@@ -66,20 +77,28 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], backend: s
     scale = check_flash_attention(q, k, v, scale)
     D = q.shape[-1]
     layouts = layouts_unsupported(q, k, v)
-    empty = q.numel() == 0 or k.shape[2] == 0   # nothing to time: the untimed rules pick the backend
-    d = resolve("flash_attention", backend, (q, k, v),
-                unsupported={"triton": check_head_dim("head_dim", D) or layouts["triton"],
-                             "cuda": check_head_dim("head_dim", D)
-                                     or cuda_attention_unsupported(D, q.dtype) or layouts["cuda"]},
-                has_backward=("triton",), tune=tune, run=None if empty else _launch, args=(q, k, v, scale))
+    empty = q.numel() == 0 or k.shape[2] == 0  # nothing to time: the untimed rules pick the backend
+    d = resolve(
+        "flash_attention",
+        backend,
+        (q, k, v),
+        unsupported={
+            "triton": check_head_dim("head_dim", D) or layouts["triton"],
+            "cuda": check_head_dim("head_dim", D) or cuda_attention_unsupported(D, q.dtype) or layouts["cuda"],
+        },
+        has_backward=("triton",),
+        tune=tune,
+        run=None if empty else _launch,
+        args=(q, k, v, scale),
+    )
     if d.backend != "torch" and q.numel() == 0:
         d.with_path("empty")
-        if needs_grad((q, k, v)):   # nothing to launch; under autograd the torch path gives the empty result its graph
+        if needs_grad((q, k, v)):  # nothing to launch; under autograd the torch path gives the empty result its graph
             return sdpa(q, k, v, scale)
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if d.backend != "torch" and k.shape[2] == 0:
         d.with_path("no_keys")
-        if needs_grad((q, k, v)):   # nothing to launch; under autograd the torch path gives the empty result its graph
+        if needs_grad((q, k, v)):  # nothing to launch; under autograd the torch path gives the empty result its graph
             return reference.flash_attention(q, k, v, scale=scale)
         return torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     return _launch(d, q, k, v, scale)
@@ -88,13 +107,16 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], backend: s
 def _launch(d, q, k, v, scale):
     """Run flash_attention as Decision ``d`` says (backend, path, tile config)."""
     if d.backend == "triton":
-        if needs_grad((q, k, v)):   # forward and backward kernels (vit_kernels.autograd)
+        if needs_grad((q, k, v)):  # forward and backward kernels (vit_kernels.autograd)
             from ..autograd import FlashAttention
+
             return FlashAttention.apply(q, k, v, scale, tuple(d.config))
         from ..triton import attention as triton_attention
+
         return triton_attention.flash_attention_forward(q, k, v, scale, **dict(d.config))
     if d.backend == "cuda":
         from ..cuda import ops as cuda_ops
+
         return cuda_ops.flash_attention(q, k, v, scale)
     if d.backend == "reference":
         return reference.flash_attention(q, k, v, scale=scale)
@@ -112,12 +134,17 @@ def sdpa(q, k, v, scale, path=""):
     if not path:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
     with sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[path])):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION",
-                 "sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_math": "MATH"}
+SDPA_BACKENDS = {
+    "sdpa_flash": "FLASH_ATTENTION",
+    "sdpa_efficient": "EFFICIENT_ATTENTION",
+    "sdpa_cudnn": "CUDNN_ATTENTION",
+    "sdpa_math": "MATH",
+}
 
 
 def _with_stats(q, k, v, scale, backend, request, record):
@@ -125,9 +152,15 @@ def _with_stats(q, k, v, scale, backend, request, record):
     statistics appended to the active recording when ``record``."""
     rows = attention_stats.check_request(request, q.shape[2], k.shape[2])
     D = q.shape[-1]
-    d = resolve("flash_attention", backend, (q, k, v),
-                unsupported={"triton": check_head_dim("head_dim", D),
-                             "cuda": check_head_dim("head_dim", D) or cuda_attention_unsupported(D, q.dtype)})
+    d = resolve(
+        "flash_attention",
+        backend,
+        (q, k, v),
+        unsupported={
+            "triton": check_head_dim("head_dim", D),
+            "cuda": check_head_dim("head_dim", D) or cuda_attention_unsupported(D, q.dtype),
+        },
+    )
     if d.backend in ("triton", "cuda"):
         if d.backend == "triton":
             from ..triton import attention_stats as kernels

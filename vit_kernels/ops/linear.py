@@ -1,4 +1,5 @@
 """linear: x @ W^T + b, then residual + layer_scale * that; the output projection of a block."""
+
 from __future__ import annotations
 
 import math
@@ -31,29 +32,45 @@ def check_linear(x, weight, bias, residual, layer_scale):
     checks.nonempty_dim("x", x, -1, "in_features")
     checks.tensor("weight", weight, ndim=2, dtype=x.dtype, device=x.device)
     if weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"weight: expected shape (out_features, {x.shape[-1]}) for x with "
-                         f"in_features {x.shape[-1]}, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight: expected shape (out_features, {x.shape[-1]}) for x with "
+            f"in_features {x.shape[-1]}, got {tuple(weight.shape)}"
+        )
     out = weight.shape[0]
     checks.tensor("bias", bias, shape=(out,), dtype=x.dtype, device=x.device, optional=True)
-    checks.tensor("residual", residual, shape=tuple(x.shape[:-1]) + (out,), dtype=x.dtype,
-                  device=x.device, optional=True)
+    checks.tensor(
+        "residual", residual, shape=tuple(x.shape[:-1]) + (out,), dtype=x.dtype, device=x.device, optional=True
+    )
     checks.tensor("layer_scale", layer_scale, shape=(out,), dtype=x.dtype, device=x.device, optional=True)
     if layer_scale is not None and residual is None:
-        raise ValueError("layer_scale: given without residual; layer scale is applied to the branch "
-                         "that is added to the residual")
+        raise ValueError(
+            "layer_scale: given without residual; layer scale is applied to the branch that is added to the residual"
+        )
 
 
 def layouts_unsupported(x, weight, residual) -> dict:
     """backend -> why its kernels cannot read x, weight, residual as they are (None: they can).
     The Triton GEMM reads any strides (weight included); the CUDA GEMM needs unit-stride rows."""
-    return {"triton": checks.first(checks.rows_layout("x", x), checks.rows_layout("residual", residual)),
-            "cuda": checks.first(checks.unit_rows_layout("x", x), checks.unit_rows_layout("weight", weight),
-                                 checks.unit_rows_layout("residual", residual))}
+    return {
+        "triton": checks.first(checks.rows_layout("x", x), checks.rows_layout("residual", residual)),
+        "cuda": checks.first(
+            checks.unit_rows_layout("x", x),
+            checks.unit_rows_layout("weight", weight),
+            checks.unit_rows_layout("residual", residual),
+        ),
+    }
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
-           residual: Optional[Tensor] = None, layer_scale: Optional[Tensor] = None,
-           backend: str = "auto", tune: Optional[str] = None) -> Tensor:
+def linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    residual: Optional[Tensor] = None,
+    layer_scale: Optional[Tensor] = None,
+    backend: str = "auto",
+    tune: Optional[str] = None,
+) -> Tensor:
     """A GEMM whose epilogue adds bias, layer scale and residual.
 
     x: (..., in); weight: (out, in); bias, layer_scale: (out,); residual: (..., out).
@@ -63,7 +80,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     tune: "on" | "off" | "cache-only" for backend="auto" on CUDA tensors (vit_kernels.tuning).
     The custom op ``torch.ops.vit_kernels.linear`` (:mod:`vit_kernels.library`).
     """
-    from .. import library   # here: vit_kernels.library imports this file
+    from .. import library  # here: vit_kernels.library imports this file
+
     return library.run("linear", (x, weight, bias, residual, layer_scale, backend, tune))
 
 
@@ -74,17 +92,26 @@ def dispatch(x, weight, bias, residual, layer_scale, backend, tune) -> Tensor:
     params, notes = checks.contiguous_params(backend, bias=bias, layer_scale=layer_scale)
     args = (x, weight, params["bias"], residual, params["layer_scale"])
     out_shape = tuple(x.shape[:-1]) + (weight.shape[0],)
-    empty = math.prod(out_shape) == 0   # nothing to time: the untimed rules pick the backend
-    d = resolve("linear", backend, (x, weight, bias, residual, layer_scale),
-                unsupported={"triton": triton_gemm_unsupported(x.dtype) or layouts["triton"],
-                             "cuda": cuda_gemm_unsupported(x.dtype) or layouts["cuda"]},
-                has_backward=("triton",), tune=tune, run=None if empty else _launch, args=args)
+    empty = math.prod(out_shape) == 0  # nothing to time: the untimed rules pick the backend
+    d = resolve(
+        "linear",
+        backend,
+        (x, weight, bias, residual, layer_scale),
+        unsupported={
+            "triton": triton_gemm_unsupported(x.dtype) or layouts["triton"],
+            "cuda": cuda_gemm_unsupported(x.dtype) or layouts["cuda"],
+        },
+        has_backward=("triton",),
+        tune=tune,
+        run=None if empty else _launch,
+        args=args,
+    )
     if d.backend == "torch":
         return _launch(d, x, weight, bias, residual, layer_scale)
     d = d.with_copied(notes)
     if empty:
         d.with_path("empty")
-        if needs_grad(args):   # nothing to launch; under autograd the torch path gives the empty result its graph
+        if needs_grad(args):  # nothing to launch; under autograd the torch path gives the empty result its graph
             return linear_torch(*args)
         return torch.empty(out_shape, dtype=x.dtype, device=x.device)
     return _launch(d, *args)
@@ -96,17 +123,21 @@ def _launch(d, x, weight, bias, residual, layer_scale):
     layer_scale contiguous (see :func:`linear`)."""
     if d.backend == "triton" and d.path == "tma":
         from ..triton import gemm_tma
-        return gemm_tma.linear_forward(x, weight, bias, residual=residual, layer_scale=layer_scale,
-                                       config=dict(d.config).get("tma_config"))
+
+        return gemm_tma.linear_forward(
+            x, weight, bias, residual=residual, layer_scale=layer_scale, config=dict(d.config).get("tma_config")
+        )
     if d.backend == "triton":
-        if needs_grad((x, weight, bias, residual, layer_scale)):   # forward and backward kernels
+        if needs_grad((x, weight, bias, residual, layer_scale)):  # forward and backward kernels
             from ..autograd import Linear
+
             return Linear.apply(x, weight, bias, residual, layer_scale, tuple(d.config))
         from ..triton import gemm as triton_gemm
-        return triton_gemm.linear_forward(x, weight, bias, residual=residual, layer_scale=layer_scale,
-                                          **dict(d.config))
+
+        return triton_gemm.linear_forward(x, weight, bias, residual=residual, layer_scale=layer_scale, **dict(d.config))
     if d.backend == "cuda":
         from ..cuda import ops as cuda_ops
+
         return cuda_ops.linear_forward(x, weight, bias, residual=residual, layer_scale=layer_scale)
     if d.backend == "reference":
         return reference.linear(x, weight, bias, residual=residual, layer_scale=layer_scale)

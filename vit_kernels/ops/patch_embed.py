@@ -1,4 +1,5 @@
 """patch_embed: patchify + projection, class token and position embedding in one op."""
+
 from __future__ import annotations
 
 import math
@@ -18,10 +19,12 @@ def check_patch_embed(images, weight, bias, patch_size, pos_embed, cls_token, im
     """Checks every argument; returns (tokens, dim, pixel_norm), pixel_norm = (mean, std) as tuples of C
     floats for uint8 images, else None."""
     if isinstance(images, torch.Tensor) and images.dtype == torch.uint8:
-        checks.tensor("weight", weight, ndim=4)   # uint8 images: the weight's dtype is the op's dtype
+        checks.tensor("weight", weight, ndim=4)  # uint8 images: the weight's dtype is the op's dtype
         if images.layout != torch.strided or images.dim() != 4:
-            raise ValueError(f"images: expected a dense 4-D (batch, channels, H, W) uint8 tensor, got "
-                             f"{images.dim()}-D with shape {tuple(images.shape)} ({images.layout})")
+            raise ValueError(
+                f"images: expected a dense 4-D (batch, channels, H, W) uint8 tensor, got "
+                f"{images.dim()}-D with shape {tuple(images.shape)} ({images.layout})"
+            )
         dtype = weight.dtype
     else:
         checks.tensor("images", images, ndim=4)
@@ -34,27 +37,34 @@ def check_patch_embed(images, weight, bias, patch_size, pos_embed, cls_token, im
     checks.nonempty_dim("weight", weight, 0, "embedding dim")
     dim = weight.shape[0]
     if tuple(weight.shape[1:]) != (C, p, p):
-        raise ValueError(f"weight: expected Conv2d layout (dim, {C}, {p}, {p}) for {C}-channel images and "
-                         f"patch_size={p}, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight: expected Conv2d layout (dim, {C}, {p}, {p}) for {C}-channel images and "
+            f"patch_size={p}, got {tuple(weight.shape)}"
+        )
     if H == 0 or W == 0:
         raise ValueError(f"images: expected H and W of at least patch_size={p}, got H={H}, W={W}")
     if H % p or W % p:
-        raise ValueError(f"images: expected H and W divisible by patch_size={p}, got H={H}, W={W} "
-                         f"(nothing is cropped silently: crop or pad the images first)")
+        raise ValueError(
+            f"images: expected H and W divisible by patch_size={p}, got H={H}, W={W} "
+            f"(nothing is cropped silently: crop or pad the images first)"
+        )
     checks.tensor("bias", bias, shape=(dim,), dtype=dtype, device=images.device, optional=True)
     checks.tensor("cls_token", cls_token, dtype=dtype, device=images.device, optional=True)
     if cls_token is not None and cls_token.numel() != dim:
-        raise ValueError(f"cls_token: expected {dim} elements ((1, 1, {dim}) or ({dim},)), got shape "
-                         f"{tuple(cls_token.shape)}")
+        raise ValueError(
+            f"cls_token: expected {dim} elements ((1, 1, {dim}) or ({dim},)), got shape {tuple(cls_token.shape)}"
+        )
     tokens = (1 if cls_token is not None else 0) + (H // p) * (W // p)
     if pos_embed is not None:
         checks.tensor("pos_embed", pos_embed, dtype=dtype, device=images.device)
         shp = tuple(pos_embed.shape)
         if not (shp == (tokens, dim) or shp == (1, tokens, dim)):
-            raise ValueError(f"pos_embed: expected shape (1, {tokens}, {dim}) or ({tokens}, {dim}) for "
-                             f"{H}x{W} images, patch_size={p}"
-                             f"{' and a class token' if cls_token is not None else ''}, got {shp} "
-                             f"(resample it for this image size first)")
+            raise ValueError(
+                f"pos_embed: expected shape (1, {tokens}, {dim}) or ({tokens}, {dim}) for "
+                f"{H}x{W} images, patch_size={p}"
+                f"{' and a class token' if cls_token is not None else ''}, got {shp} "
+                f"(resample it for this image size first)"
+            )
     return tokens, dim, pixel_norm
 
 
@@ -64,18 +74,24 @@ def check_pixel_norm(images, image_mean, image_std) -> Optional[Tuple[Tuple[floa
     C = images.shape[1]
     if images.dtype != torch.uint8:
         if image_mean is not None or image_std is not None:
-            raise ValueError(f"image_mean, image_std: normalize uint8 images on load; got {images.dtype} images "
-                             f"(pass the uint8 images, or normalize float images before the op)")
+            raise ValueError(
+                f"image_mean, image_std: normalize uint8 images on load; got {images.dtype} images "
+                f"(pass the uint8 images, or normalize float images before the op)"
+            )
         return None
     if image_mean is None or image_std is None:
-        raise ValueError(f"image_mean, image_std: uint8 images are normalized as (x / 255 - mean) / std per "
-                         f"channel: expected {C} values each (the model's data config; (0,)*C and (1,)*C for "
-                         f"x / 255 alone), got image_mean={image_mean!r}, image_std={image_std!r}")
+        raise ValueError(
+            f"image_mean, image_std: uint8 images are normalized as (x / 255 - mean) / std per "
+            f"channel: expected {C} values each (the model's data config; (0,)*C and (1,)*C for "
+            f"x / 255 alone), got image_mean={image_mean!r}, image_std={image_std!r}"
+        )
     out = []
     for name, v in (("image_mean", image_mean), ("image_std", image_std)):
         if isinstance(v, torch.Tensor):
             if v.dim() != 1:
-                raise ValueError(f"{name}: expected {C} values (one per channel), got a tensor of shape {tuple(v.shape)}")
+                raise ValueError(
+                    f"{name}: expected {C} values (one per channel), got a tensor of shape {tuple(v.shape)}"
+                )
             v = v.tolist()
         try:
             vals = tuple(float(x) for x in v)
@@ -101,8 +117,7 @@ def pixel_norm_tensors(pixel_norm, device) -> Tuple[Tensor, Tensor]:
     if hit is None:
         if len(_PIXEL_NORM_TENSORS) > 64:
             _PIXEL_NORM_TENSORS.clear()
-        hit = _PIXEL_NORM_TENSORS[key] = tuple(torch.tensor(v, dtype=torch.float32, device=device)
-                                               for v in pixel_norm)
+        hit = _PIXEL_NORM_TENSORS[key] = tuple(torch.tensor(v, dtype=torch.float32, device=device) for v in pixel_norm)
     return hit
 
 
@@ -121,15 +136,26 @@ def layouts_unsupported(weight) -> dict:
     contiguous weight."""
     why = None
     if not weight.is_contiguous():
-        why = (f"weight: the CUDA kernels read a contiguous (dim, C, p, p) weight, got strides {weight.stride()} "
-               f"(pass weight.contiguous())")
+        why = (
+            f"weight: the CUDA kernels read a contiguous (dim, C, p, p) weight, got strides {weight.stride()} "
+            f"(pass weight.contiguous())"
+        )
     return {"triton": None, "cuda": why}
 
 
-def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, patch_size: int,
-                pos_embed: Optional[Tensor] = None, cls_token: Optional[Tensor] = None,
-                image_mean: Optional[Sequence[float]] = None, image_std: Optional[Sequence[float]] = None,
-                backend: str = "auto", tune: Optional[str] = None) -> Tensor:
+def patch_embed(
+    images: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    patch_size: int,
+    pos_embed: Optional[Tensor] = None,
+    cls_token: Optional[Tensor] = None,
+    image_mean: Optional[Sequence[float]] = None,
+    image_std: Optional[Sequence[float]] = None,
+    backend: str = "auto",
+    tune: Optional[str] = None,
+) -> Tensor:
     """Patch embedding as one implicit GEMM.
 
     images: (batch, channels, H, W), NCHW or channels_last (NHWC data, e.g. decoded images
@@ -145,10 +171,23 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
     tune: "on" | "off" | "cache-only" for backend="auto" on CUDA tensors (vit_kernels.tuning).
     The custom op ``torch.ops.vit_kernels.patch_embed`` (:mod:`vit_kernels.library`).
     """
-    from .. import library   # here: vit_kernels.library imports this file
-    return library.run("patch_embed", (images, weight, bias, pos_embed, cls_token, patch_size,
-                                       _values("image_mean", image_mean), _values("image_std", image_std),
-                                       backend, tune))
+    from .. import library  # here: vit_kernels.library imports this file
+
+    return library.run(
+        "patch_embed",
+        (
+            images,
+            weight,
+            bias,
+            pos_embed,
+            cls_token,
+            patch_size,
+            _values("image_mean", image_mean),
+            _values("image_std", image_std),
+            backend,
+            tune,
+        ),
+    )
 
 
 def _values(name: str, v) -> Optional[list]:
@@ -167,31 +206,48 @@ def _values(name: str, v) -> Optional[list]:
 
 def dispatch(images, weight, bias, pos_embed, cls_token, patch_size, image_mean, image_std, backend, tune) -> Tensor:
     """The body of the custom op: checks, the backend decision (recorded), the launch."""
-    tokens, dim, pixel_norm = check_patch_embed(images, weight, bias, patch_size, pos_embed, cls_token,
-                                                image_mean, image_std)
-    patch_size = int(patch_size)   # a numpy integer, say, as the kernels' launch argument
+    tokens, dim, pixel_norm = check_patch_embed(
+        images, weight, bias, patch_size, pos_embed, cls_token, image_mean, image_std
+    )
+    patch_size = int(patch_size)  # a numpy integer, say, as the kernels' launch argument
     norm = None if pixel_norm is None else pixel_norm_tensors(pixel_norm, images.device)
     dtype = weight.dtype
     layouts = layouts_unsupported(weight)
     p, notes = checks.contiguous_params(backend, bias=bias, pos_embed=pos_embed, cls_token=cls_token)
     args = (images, weight, p["bias"], p["pos_embed"], p["cls_token"], patch_size, norm)
-    empty = images.shape[0] == 0   # nothing to time: the untimed rules pick the backend
-    uint8 = ("uint8 images: the CUDA C++ kernels read float images only (the Triton kernel and the torch "
-             "path normalize uint8 pixels)") if norm is not None else None
-    d = resolve("patch_embed", backend, (images, weight, bias, pos_embed, cls_token),
-                unsupported={"triton": triton_gemm_unsupported(dtype) or layouts["triton"],
-                             "cuda": uint8 or cuda_gemm_unsupported(dtype) or layouts["cuda"]},
-                has_backward=("triton",), tune=tune, run=None if empty else _launch, args=args,
-                key_extra=(patch_size,))
+    empty = images.shape[0] == 0  # nothing to time: the untimed rules pick the backend
+    uint8 = (
+        (
+            "uint8 images: the CUDA C++ kernels read float images only (the Triton kernel and the torch "
+            "path normalize uint8 pixels)"
+        )
+        if norm is not None
+        else None
+    )
+    d = resolve(
+        "patch_embed",
+        backend,
+        (images, weight, bias, pos_embed, cls_token),
+        unsupported={
+            "triton": triton_gemm_unsupported(dtype) or layouts["triton"],
+            "cuda": uint8 or cuda_gemm_unsupported(dtype) or layouts["cuda"],
+        },
+        has_backward=("triton",),
+        tune=tune,
+        run=None if empty else _launch,
+        args=args,
+        key_extra=(patch_size,),
+    )
     if d.backend == "torch":
         return _launch(d, images, weight, bias, pos_embed, cls_token, patch_size, norm)
     d = d.with_copied(notes)
     if empty:
         d.with_path("empty")
-        if needs_grad(args[:5]):   # nothing to launch; under autograd the torch path gives the empty result its graph
+        if needs_grad(args[:5]):  # nothing to launch; under autograd the torch path gives the empty result its graph
             kw = {} if norm is None else dict(image_mean=norm[0], image_std=norm[1])
-            return patch_embed_torch(images, weight, bias, patch_size=patch_size, pos_embed=pos_embed,
-                                     cls_token=cls_token, **kw)
+            return patch_embed_torch(
+                images, weight, bias, patch_size=patch_size, pos_embed=pos_embed, cls_token=cls_token, **kw
+            )
         return torch.empty((0, tokens, dim), dtype=dtype, device=images.device)
     return _launch(d, *args)
 
@@ -204,15 +260,18 @@ def _launch(d, images, weight, bias, pos_embed, cls_token, patch_size, norm=None
     if norm is not None:
         kw.update(image_mean=norm[0], image_std=norm[1])
     if d.backend == "triton":
-        if needs_grad((weight, bias, pos_embed, cls_token)):   # forward and backward kernels
+        if needs_grad((weight, bias, pos_embed, cls_token)):  # forward and backward kernels
             from ..autograd import PatchEmbed
-            if norm is not None:   # the backward kernels read float images: normalized once here
+
+            if norm is not None:  # the backward kernels read float images: normalized once here
                 images = normalize_pixels(images, norm[0], norm[1], weight.dtype)
             return PatchEmbed.apply(images, weight, bias, pos_embed, cls_token, patch_size, tuple(d.config))
         from ..triton import patch_embed as triton_pe
+
         return triton_pe.patch_embed_forward(images, weight, bias, **kw, **dict(d.config))
     if d.backend == "cuda":
         from ..cuda import ops as cuda_ops
+
         return cuda_ops.patch_embed_forward(images, weight, bias, **kw)
     if d.backend == "reference":
         return reference.patch_embed(images, weight, bias, **kw)

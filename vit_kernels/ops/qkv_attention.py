@@ -1,4 +1,5 @@
 """qkv_attention: [LayerNorm ->] QKV projection -> multi-head attention, heads concatenated."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -23,14 +24,16 @@ def check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bi
     num_heads = checks.positive_int("num_heads", num_heads)
     checks.tensor("qkv_weight", qkv_weight, ndim=2, dtype=x.dtype, device=x.device)
     if qkv_weight.shape[1] != dim or qkv_weight.shape[0] % 3 != 0:
-        raise ValueError(f"qkv_weight: expected shape (3*inner, {dim}) for x of dim {dim}, "
-                         f"got {tuple(qkv_weight.shape)}")
+        raise ValueError(
+            f"qkv_weight: expected shape (3*inner, {dim}) for x of dim {dim}, got {tuple(qkv_weight.shape)}"
+        )
     inner = qkv_weight.shape[0] // 3
     if inner == 0:
         raise ValueError(f"qkv_weight: expected a non-zero number of rows (3*inner), got {tuple(qkv_weight.shape)}")
     if inner % num_heads != 0:
-        raise ValueError(f"num_heads: inner dim {inner} (qkv_weight.shape[0] // 3) is not divisible "
-                         f"by num_heads={num_heads}")
+        raise ValueError(
+            f"num_heads: inner dim {inner} (qkv_weight.shape[0] // 3) is not divisible by num_heads={num_heads}"
+        )
     checks.tensor("qkv_bias", qkv_bias, shape=(3 * inner,), dtype=x.dtype, device=x.device, optional=True)
     checks.tensor("norm_weight", norm_weight, shape=(dim,), dtype=x.dtype, device=x.device, optional=True)
     checks.tensor("norm_bias", norm_bias, shape=(dim,), dtype=x.dtype, device=x.device, optional=True)
@@ -44,8 +47,10 @@ def layouts_unsupported(x, qkv_weight) -> dict:
     """backend -> why its kernels cannot read x and qkv_weight as they are (None: they can). Triton's
     split path reads any strides (its single kernel needs :func:`single_kernel_layout`); the CUDA
     GEMM needs unit-stride rows."""
-    return {"triton": None,
-            "cuda": checks.first(checks.unit_rows_layout("x", x), checks.unit_rows_layout("qkv_weight", qkv_weight))}
+    return {
+        "triton": None,
+        "cuda": checks.first(checks.unit_rows_layout("x", x), checks.unit_rows_layout("qkv_weight", qkv_weight)),
+    }
 
 
 def single_kernel_layout(x, qkv_weight) -> Optional[str]:
@@ -53,12 +58,21 @@ def single_kernel_layout(x, qkv_weight) -> Optional[str]:
     return checks.first(checks.vector_rows_layout("x", x), checks.vector_rows_layout("qkv_weight", qkv_weight))
 
 
-def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = None, *,
-                  num_heads: int, scale: Optional[float] = None,
-                  norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
-                  eps: float = 1e-6, backend: str = "auto", path: Optional[str] = None,
-                  tune: Optional[str] = None,
-                  stats: Optional[attention_stats.StatsRequest] = None):
+def qkv_attention(
+    x: Tensor,
+    qkv_weight: Tensor,
+    qkv_bias: Optional[Tensor] = None,
+    *,
+    num_heads: int,
+    scale: Optional[float] = None,
+    norm_weight: Optional[Tensor] = None,
+    norm_bias: Optional[Tensor] = None,
+    eps: float = 1e-6,
+    backend: str = "auto",
+    path: Optional[str] = None,
+    tune: Optional[str] = None,
+    stats: Optional[attention_stats.StatsRequest] = None,
+):
     """Fused [LayerNorm ->] QKV projection -> attention.
 
     x: (batch, tokens, dim); qkv_weight: (3*inner, dim), rows [q; k; v], each head-major (timm's
@@ -82,11 +96,15 @@ def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = No
     """
     request = stats if stats is not None else attention_stats.active_request()
     if request is None:
-        from .. import library   # here: vit_kernels.library imports this file
-        return library.run("qkv_attention", (x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps,
-                                             path, backend, tune))
-    num_heads, inner, head_dim, scale, eps = check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight,
-                                                                 norm_bias, scale, eps)
+        from .. import library  # here: vit_kernels.library imports this file
+
+        return library.run(
+            "qkv_attention",
+            (x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps, path, backend, tune),
+        )
+    num_heads, inner, head_dim, scale, eps = check_qkv_attention(
+        x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bias, scale, eps
+    )
     checks.choice("path", path, (None, "single_kernel", "split"))
     if path is None and single_kernel_layout(x, qkv_weight):
         path = "split"
@@ -96,8 +114,9 @@ def qkv_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = No
 
 def dispatch(x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps, path, backend, tune) -> Tensor:
     """The body of the custom op: checks, the backend and path decision (recorded), the launch."""
-    num_heads, inner, head_dim, scale, eps = check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight,
-                                                                 norm_bias, scale, eps)
+    num_heads, inner, head_dim, scale, eps = check_qkv_attention(
+        x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bias, scale, eps
+    )
     checks.choice("path", path, (None, "single_kernel", "split"))
     if path is None and single_kernel_layout(x, qkv_weight):
         path = "split"
@@ -105,13 +124,23 @@ def dispatch(x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, 
     layouts = layouts_unsupported(x, qkv_weight)
     p, notes = checks.contiguous_params(backend, qkv_bias=qkv_bias, norm_weight=norm_weight, norm_bias=norm_bias)
     args = (x, qkv_weight, p["qkv_bias"], p["norm_weight"], p["norm_bias"], num_heads, scale, eps, path)
-    empty = x.shape[0] == 0 or x.shape[1] == 0   # nothing to time: the untimed rules pick the backend
-    d = resolve("qkv_attention", backend, tensors,
-                unsupported={"triton": check_head_dim("head_dim", head_dim) or layouts["triton"],
-                             "cuda": check_head_dim("head_dim", head_dim)
-                                     or cuda_attention_unsupported(head_dim, x.dtype) or layouts["cuda"]},
-                has_backward=("triton",), tune=tune, run=None if empty else _launch, args=args,
-                key_extra=(num_heads, path))
+    empty = x.shape[0] == 0 or x.shape[1] == 0  # nothing to time: the untimed rules pick the backend
+    d = resolve(
+        "qkv_attention",
+        backend,
+        tensors,
+        unsupported={
+            "triton": check_head_dim("head_dim", head_dim) or layouts["triton"],
+            "cuda": check_head_dim("head_dim", head_dim)
+            or cuda_attention_unsupported(head_dim, x.dtype)
+            or layouts["cuda"],
+        },
+        has_backward=("triton",),
+        tune=tune,
+        run=None if empty else _launch,
+        args=args,
+        key_extra=(num_heads, path),
+    )
     if d.backend == "torch":
         return _launch(d, *tensors, num_heads, scale, eps, path)
     if d.backend == "cuda" and path == "single_kernel":
@@ -119,9 +148,10 @@ def dispatch(x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, 
     d = d.with_copied(notes)
     if empty:
         d.with_path("empty")
-        if needs_grad(tensors):   # nothing to launch; under autograd the torch path gives the empty result its graph
-            return qkv_attention_torch(*tensors[:3], num_heads=num_heads, scale=scale, norm_weight=norm_weight,
-                                       norm_bias=norm_bias, eps=eps)
+        if needs_grad(tensors):  # nothing to launch; under autograd the torch path gives the empty result its graph
+            return qkv_attention_torch(
+                *tensors[:3], num_heads=num_heads, scale=scale, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps
+            )
         return torch.empty((x.shape[0], x.shape[1], inner), dtype=x.dtype, device=x.device)
     return _launch(d, *args)
 
@@ -133,15 +163,20 @@ def _launch(d, x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale
     kw = dict(num_heads=num_heads, scale=scale, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps)
     if d.backend == "triton":
         from ..triton import qkv_attention as triton_qkv
-        if needs_grad((x, qkv_weight, qkv_bias, norm_weight, norm_bias)):   # forward and backward kernels
+
+        if needs_grad((x, qkv_weight, qkv_bias, norm_weight, norm_bias)):  # forward and backward kernels
             if path == "single_kernel":
-                raise ValueError("path: 'single_kernel' keeps neither Q, K, V nor the softmax statistics a "
-                                 "backward needs; under autograd use path='split' or None")
+                raise ValueError(
+                    "path: 'single_kernel' keeps neither Q, K, V nor the softmax statistics a "
+                    "backward needs; under autograd use path='split' or None"
+                )
             from ..autograd import QkvAttention
+
             if d.path != "split":
                 d.with_path("split")
-            return QkvAttention.apply(x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps,
-                                      tuple(d.config))
+            return QkvAttention.apply(
+                x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps, tuple(d.config)
+            )
         path = d.path or path or triton_qkv.choose_path(x, num_heads, qkv_weight.shape[0] // 3 // num_heads)
         unreadable = single_kernel_layout(x, qkv_weight) if path == "single_kernel" else None
         if unreadable:
@@ -151,6 +186,7 @@ def _launch(d, x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale
         return triton_qkv.qkv_attention_forward(x, qkv_weight, qkv_bias, path=path, **kw, **dict(d.config))
     if d.backend == "cuda":
         from ..cuda import ops as cuda_ops
+
         if d.path != "split":
             d.with_path("split")
         return cuda_ops.qkv_attention_forward(x, qkv_weight, qkv_bias, **kw)
@@ -159,6 +195,7 @@ def _launch(d, x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale
     if not d.path:
         d.with_path("torch")
     return qkv_attention_torch(x, qkv_weight, qkv_bias, **kw, sdpa_path="" if d.path == "torch" else d.path)
+
 
 def qkv_attention_torch(x, qkv_weight, qkv_bias, *, num_heads, scale, norm_weight, norm_bias, eps, sdpa_path=""):
     """Plain PyTorch path: F.layer_norm, F.linear, SDPA (sdpa_path: one SDPA backend, see
@@ -178,10 +215,15 @@ def _with_stats(tensors, num_heads, head_dim, scale, eps, backend, path, request
     statistics appended to the active recording when ``record``."""
     x, qkv_weight, qkv_bias, norm_weight, norm_bias = tensors
     rows = attention_stats.check_request(request, x.shape[1], x.shape[1])
-    d = resolve("qkv_attention", backend, tensors,
-                unsupported={"triton": check_head_dim("head_dim", head_dim),
-                             "cuda": check_head_dim("head_dim", head_dim)
-                                     or cuda_attention_unsupported(head_dim, x.dtype)})
+    d = resolve(
+        "qkv_attention",
+        backend,
+        tensors,
+        unsupported={
+            "triton": check_head_dim("head_dim", head_dim),
+            "cuda": check_head_dim("head_dim", head_dim) or cuda_attention_unsupported(head_dim, x.dtype),
+        },
+    )
     if d.backend in ("triton", "cuda"):
         if path == "single_kernel":
             raise ValueError("path: 'single_kernel' keeps no softmax statistics; with stats use path=None or 'split'")
@@ -190,9 +232,18 @@ def _with_stats(tensors, num_heads, head_dim, scale, eps, backend, path, request
         else:
             from ..cuda import attention_stats as kernels
         d.with_path("split+stats")
-        out, st = kernels.qkv_attention_with_stats(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
-                                                        norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
-                                                        request=request, rows=rows)
+        out, st = kernels.qkv_attention_with_stats(
+            x,
+            qkv_weight,
+            qkv_bias,
+            num_heads=num_heads,
+            scale=scale,
+            norm_weight=norm_weight,
+            norm_bias=norm_bias,
+            eps=eps,
+            request=request,
+            rows=rows,
+        )
     else:
         d.with_path("torch+stats")
         B, N, dim = x.shape

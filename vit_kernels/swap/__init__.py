@@ -10,6 +10,7 @@ Each adapter lists candidates (modules it can replace and, per op, fused or the 
 left); ``fuse`` replaces them by wrappers that share the original parameters (see
 :mod:`.wrapper`). The dispatch below is the whole of it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,12 +49,18 @@ def check_model(model, name: str = "model", *, vit: bool = True) -> nn.Module:
     """``model`` must be a torch.nn.Module and, with ``vit``, hold a ViT of a known family (or
     fused parts); raises TypeError / ValueError naming ``name`` otherwise."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{name}: expected a torch.nn.Module (a ViT or a module holding one), got "
-                        f"{type(model).__name__}")
-    if vit and not any(isinstance(m, (SwapWrapper, _Fused)) for m in model.modules()) and \
-            not _candidates(model, "auto", OPS):
-        raise ValueError(f"{name}: expected a ViT of a known family (timm, torchvision, transformers, vit-pytorch, "
-                         f"vit_kernels) or a module holding one, got {type(model).__name__}, which holds none")
+        raise TypeError(
+            f"{name}: expected a torch.nn.Module (a ViT or a module holding one), got {type(model).__name__}"
+        )
+    if (
+        vit
+        and not any(isinstance(m, (SwapWrapper, _Fused)) for m in model.modules())
+        and not _candidates(model, "auto", OPS)
+    ):
+        raise ValueError(
+            f"{name}: expected a ViT of a known family (timm, torchvision, transformers, vit-pytorch, "
+            f"vit_kernels) or a module holding one, got {type(model).__name__}, which holds none"
+        )
     return model
 
 
@@ -67,6 +74,7 @@ def _candidates(model: nn.Module, backend: str, ops: Tuple[str, ...]) -> List[Ca
 def _native_entries(model: nn.Module) -> List[ReportEntry]:
     """vit_kernels' own modules: fused by construction (unless fuse left their op out)."""
     from ..nn import FusedAttention, FusedMlp, FusedPatchEmbed
+
     kinds = ((FusedAttention, "attention"), (FusedMlp, "mlp"), (FusedPatchEmbed, "patch_embed"))
     out = []
     for path, m in model.named_modules():
@@ -75,8 +83,9 @@ def _native_entries(model: nn.Module) -> List[ReportEntry]:
                 if not getattr(m, "vk_fuse_excluded", False):
                     out.append(ReportEntry(path, op, "vit_kernels", True, "", (f"backend={m.backend!r}",)))
                 else:
-                    out.append(ReportEntry(path, op, "vit_kernels", False,
-                                           "not requested (ops) in fuse; runs backend='torch'"))
+                    out.append(
+                        ReportEntry(path, op, "vit_kernels", False, "not requested (ops) in fuse; runs backend='torch'")
+                    )
     return out
 
 
@@ -86,8 +95,7 @@ def _set(model: nn.Module, path: str, new: nn.Module) -> None:
     parent._modules[name] = new  # the same slot: keeps the key order of the parent's children
 
 
-def fuse(model: nn.Module, *, backend: str = "auto",
-         ops: Iterable[str] = OPS) -> nn.Module:
+def fuse(model: nn.Module, *, backend: str = "auto", ops: Iterable[str] = OPS) -> nn.Module:
     """Replace, in place, the attention (with the LayerNorm and QKV projection before it), the
     LayerNorm + GELU MLP and the patch embedding of every ViT found in ``model`` by modules that
     run the fused ops and share the original Parameters; return ``model``.
@@ -110,6 +118,7 @@ def fuse(model: nn.Module, *, backend: str = "auto",
         set_backend(model, backend)
         # ops not asked for run the plain PyTorch path
         from ..nn import FusedAttention, FusedMlp, FusedPatchEmbed
+
         kinds = {FusedAttention: "attention", FusedMlp: "mlp", FusedPatchEmbed: "patch_embed"}
         for m in native:
             excluded = kinds.get(type(m)) not in ops
@@ -122,11 +131,14 @@ def fuse(model: nn.Module, *, backend: str = "auto",
         if c.path == "":
             for e in c.entries:
                 if e.fused:
-                    e.fused, e.reason, e.notes = False, ("it is the model itself: fuse replaces submodules in "
-                                                         "place; pass the module that holds it"), ()
+                    e.fused, e.reason, e.notes = (
+                        False,
+                        ("it is the model itself: fuse replaces submodules in place; pass the module that holds it"),
+                        (),
+                    )
             continue
         w = c.build()
-        w.vk_path = c.path   # names the part in fall-back messages
+        w.vk_path = c.path  # names the part in fall-back messages
         _set(model, c.path, w)
     _FUSE_OPS[model] = ops
     report = fuse_report(model, backend=backend, ops=ops)
@@ -153,8 +165,7 @@ def unfuse(model: nn.Module) -> nn.Module:
     return model
 
 
-def fuse_report(model: nn.Module, *, backend: Optional[str] = None,
-                ops: Optional[Iterable[str]] = None) -> FuseReport:
+def fuse_report(model: nn.Module, *, backend: Optional[str] = None, ops: Optional[Iterable[str]] = None) -> FuseReport:
     """What is fused in ``model`` and what is left, and why. On a model that was not fused it says
     what :func:`fuse` would do (with ``backend``, default "auto", and ``ops``, default: those of
     the last fuse call on this model, else all). Fused parts carry notes on runtime behaviour
@@ -176,16 +187,26 @@ def fuse_report(model: nn.Module, *, backend: Optional[str] = None,
             if not e.fused:
                 entries.append(e)
             elif c.path == "":
-                entries.append(ReportEntry(e.path, e.op, e.family, False,
-                                           "it is the model itself: fuse replaces submodules in place"))
+                entries.append(
+                    ReportEntry(
+                        e.path, e.op, e.family, False, "it is the model itself: fuse replaces submodules in place"
+                    )
+                )
             else:  # a part fuse() would fuse: not fused now
                 entries.append(ReportEntry(e.path, e.op, e.family, False, "not fused yet (fuse() would fuse it)"))
     entries += _native_entries(model)
     _add_tuning_notes(model, entries)
     if not entries:
-        entries.append(ReportEntry("", "-", "unknown", False,
-                                   f"no ViT part of a known family (timm, torchvision, transformers, vit-pytorch, "
-                                   f"vit_kernels) was found in {type(model).__name__}"))
+        entries.append(
+            ReportEntry(
+                "",
+                "-",
+                "unknown",
+                False,
+                f"no ViT part of a known family (timm, torchvision, transformers, vit-pytorch, "
+                f"vit_kernels) was found in {type(model).__name__}",
+            )
+        )
     entries.sort(key=lambda e: _path_key(e.path))
     return FuseReport(entries, backend)
 
@@ -194,6 +215,7 @@ def _add_tuning_notes(model: nn.Module, entries: List[ReportEntry]) -> None:
     """Per fused part, what its op calls chose when :func:`vit_kernels.tune` ran it: backend, path,
     config and the measured speed-up over the torch path; and a fallback to the torch path."""
     from ..tuning import OP_PARTS, decision_note
+
     by_path = {e.path: e for e in entries if e.fused}
     for path, m in model.named_modules():
         decisions = getattr(m, "vk_decisions", ())

@@ -36,6 +36,7 @@ A call with an attention mask / head mask, while attention weights are being cap
 (``output_attentions``), or in training mode with dropout p > 0 runs the layer's own forward, saying
 so (:meth:`~vit_kernels.swap.wrapper.SwapWrapper.fall_back`).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -45,8 +46,18 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .reasons import (bypassed_hooks, dropout_p, dropout_reason, first_reason, gelu_approximate,
-                      head_dim_reason, join, layernorm_reason, linear_reason, overrides_load_state_dict)
+from .reasons import (
+    bypassed_hooks,
+    dropout_p,
+    dropout_reason,
+    first_reason,
+    gelu_approximate,
+    head_dim_reason,
+    join,
+    layernorm_reason,
+    linear_reason,
+    overrides_load_state_dict,
+)
 from .report import Candidate, ReportEntry
 from .wrapper import SwapWrapper
 from .patch import conv_reason, patch_conv_candidate
@@ -65,6 +76,7 @@ def _layer_classes() -> Tuple[type, ...]:
     classes = list(EXTRA_LAYER_CLASSES)
     try:
         from transformers.models.vit.modeling_vit import ViTLayer
+
         classes.append(ViTLayer)
     except Exception:
         pass
@@ -73,12 +85,19 @@ def _layer_classes() -> Tuple[type, ...]:
 
 def _layout(layer: nn.Module) -> Optional[str]:
     a = getattr(layer, "attention", None)
-    if a is not None and all(hasattr(a, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) \
-            and hasattr(getattr(layer, "mlp", None), "fc1"):
+    if (
+        a is not None
+        and all(hasattr(a, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        and hasattr(getattr(layer, "mlp", None), "fc1")
+    ):
         return "5.x"
-    if a is not None and all(hasattr(getattr(a, "attention", None), n) for n in ("query", "key", "value")) \
-            and hasattr(getattr(a, "output", None), "dense") and hasattr(getattr(layer, "intermediate", None), "dense") \
-            and hasattr(getattr(layer, "output", None), "dense"):
+    if (
+        a is not None
+        and all(hasattr(getattr(a, "attention", None), n) for n in ("query", "key", "value"))
+        and hasattr(getattr(a, "output", None), "dense")
+        and hasattr(getattr(layer, "intermediate", None), "dense")
+        and hasattr(getattr(layer, "output", None), "dense")
+    ):
         return "4.x"
     return None
 
@@ -92,7 +111,7 @@ class _Parts:
             self.q, self.k, self.v, self.o = a.q_proj, a.k_proj, a.v_proj, a.o_proj
             self.self_attn = a
             self.num_heads, self.head_dim = a.num_attention_heads, a.head_dim
-            self.scale = getattr(a, "scaling", self.head_dim ** -0.5)
+            self.scale = getattr(a, "scaling", self.head_dim**-0.5)
             self.attn_p = float(a.attention_dropout)
             self.fc1, self.act, self.fc2 = layer.mlp.fc1, layer.mlp.activation_fn, layer.mlp.fc2
             self.drops = {"dropout": layer.dropout}
@@ -103,10 +122,17 @@ class _Parts:
             self.q, self.k, self.v, self.o = sa.query, sa.key, sa.value, layer.attention.output.dense
             self.self_attn = sa
             self.num_heads, self.head_dim = sa.num_attention_heads, sa.attention_head_size
-            self.scale = getattr(sa, "scaling", self.head_dim ** -0.5)
+            self.scale = getattr(sa, "scaling", self.head_dim**-0.5)
             self.attn_p = float(getattr(sa, "dropout_prob", dropout_p(getattr(sa, "dropout", None))))
-            self.fc1, self.act, self.fc2 = layer.intermediate.dense, layer.intermediate.intermediate_act_fn, layer.output.dense
-            self.drops = {"attention.output.dropout": layer.attention.output.dropout, "output.dropout": layer.output.dropout}
+            self.fc1, self.act, self.fc2 = (
+                layer.intermediate.dense,
+                layer.intermediate.intermediate_act_fn,
+                layer.output.dense,
+            )
+            self.drops = {
+                "attention.output.dropout": layer.attention.output.dropout,
+                "output.dropout": layer.output.dropout,
+            }
             self.attn_modules = {"attention": layer.attention}
             self.mlp_modules = {"intermediate": layer.intermediate, "output": layer.output}
 
@@ -175,7 +201,7 @@ class FusedHFLayer(SwapWrapper):
         return mods
 
     def hook_exempt(self, hook) -> bool:
-        return _is_capture_hook(hook)   # served by the _capturing_attentions check below
+        return _is_capture_hook(hook)  # served by the _capturing_attentions check below
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):
         p = self._parts()
@@ -185,8 +211,10 @@ class FusedHFLayer(SwapWrapper):
         if extra:
             why = "an attention mask / head mask is given: the fused attention takes none"
         elif kwargs.get("output_attentions") or _capturing_attentions(p.self_attn):
-            why = ("attention weights are asked for (output_attentions): the fused layer does not return them "
-                   "(vit_kernels.hf_attention serves them through attn_implementation='vit_kernels')")
+            why = (
+                "attention weights are asked for (output_attentions): the fused layer does not return them "
+                "(vit_kernels.hf_attention serves them through attn_implementation='vit_kernels')"
+            )
         elif hidden_states.dim() != 3:
             why = "hidden_states is not (batch, tokens, dim)"
         why = why or self.original_reason(hidden_states)
@@ -196,8 +224,17 @@ class FusedHFLayer(SwapWrapper):
         if self.fused_ops.get("attention"):
             w, b = self.qkv_weights()
             n = self.layernorm_before
-            o = ops.qkv_attention(x, w, b, num_heads=p.num_heads, scale=p.scale, norm_weight=n.weight,
-                                  norm_bias=n.bias, eps=n.eps, backend=self.backend)
+            o = ops.qkv_attention(
+                x,
+                w,
+                b,
+                num_heads=p.num_heads,
+                scale=p.scale,
+                norm_weight=n.weight,
+                norm_bias=n.bias,
+                eps=n.eps,
+                backend=self.backend,
+            )
             x = ops.linear(o, p.o.weight, p.o.bias, residual=x, backend=self.backend)
         elif self.vk_layout == "5.x":
             h, _ = self.attention(self.layernorm_before(x), None)
@@ -206,9 +243,19 @@ class FusedHFLayer(SwapWrapper):
             x = self.attention(self.layernorm_before(x), None) + x
         if self.fused_ops.get("mlp"):
             n = self.layernorm_after
-            return ops.layernorm_gelu_mlp(x, n.weight, n.bias, p.fc1.weight, p.fc1.bias, p.fc2.weight, p.fc2.bias,
-                                          eps=n.eps, approximate=self.approximate, residual=x,
-                                          backend=self.backend)
+            return ops.layernorm_gelu_mlp(
+                x,
+                n.weight,
+                n.bias,
+                p.fc1.weight,
+                p.fc1.bias,
+                p.fc2.weight,
+                p.fc2.bias,
+                eps=n.eps,
+                approximate=self.approximate,
+                residual=x,
+                backend=self.backend,
+            )
         if self.vk_layout == "5.x":
             return self.dropout(self.mlp(self.layernorm_after(x))) + x
         return self.output(self.intermediate(self.layernorm_after(x)), x)
@@ -225,8 +272,10 @@ def _fused_class(cls: type) -> type:
 
 
 def _attention_reason(path: str, layer: nn.Module, p: _Parts, backend: str):
-    why = first_reason(layernorm_reason(join(path, "layernorm_before"), layer.layernorm_before),
-                       *(linear_reason(join(path, n), m) for n, m in (("q", p.q), ("k", p.k), ("v", p.v), ("o", p.o))))
+    why = first_reason(
+        layernorm_reason(join(path, "layernorm_before"), layer.layernorm_before),
+        *(linear_reason(join(path, n), m) for n, m in (("q", p.q), ("k", p.k), ("v", p.v), ("o", p.o))),
+    )
     if why:
         return why, None
     dim = layer.layernorm_before.normalized_shape[0]
@@ -249,9 +298,13 @@ def _attention_reason(path: str, layer: nn.Module, p: _Parts, backend: str):
 def _mlp_reason(path: str, layer: nn.Module, p: _Parts):
     approx, why = gelu_approximate(p.act)
     dim = layer.layernorm_after.normalized_shape[0] if isinstance(layer.layernorm_after, nn.LayerNorm) else None
-    why = first_reason(why, layernorm_reason(join(path, "layernorm_after"), layer.layernorm_after),
-                       linear_reason(join(path, "fc1"), p.fc1), linear_reason(join(path, "fc2"), p.fc2),
-                       *(dropout_reason(join(path, n), m) for n, m in p.drops.items()))
+    why = first_reason(
+        why,
+        layernorm_reason(join(path, "layernorm_after"), layer.layernorm_after),
+        linear_reason(join(path, "fc1"), p.fc1),
+        linear_reason(join(path, "fc2"), p.fc2),
+        *(dropout_reason(join(path, n), m) for n, m in p.drops.items()),
+    )
     if why:
         return why, None
     if p.fc1.in_features != dim or p.fc2.out_features != dim:
@@ -264,6 +317,7 @@ def _mlp_reason(path: str, layer: nn.Module, p: _Parts):
 def _patch_classes() -> Tuple[type, ...]:
     try:
         from transformers.models.vit.modeling_vit import ViTPatchEmbeddings
+
         return (ViTPatchEmbeddings,)
     except Exception:
         return ()
@@ -272,6 +326,7 @@ def _patch_classes() -> Tuple[type, ...]:
 def _embeddings_class() -> Optional[type]:
     try:
         from transformers.models.vit.modeling_vit import ViTEmbeddings
+
         return ViTEmbeddings
     except Exception:
         return None
@@ -293,7 +348,7 @@ class FusedHFEmbeddings(SwapWrapper):
         return [("dropout", dropout_p(self.dropout))]
 
     def bypassed(self):
-        return dict(self._modules)   # patch_embeddings (and its projection), dropout
+        return dict(self._modules)  # patch_embeddings (and its projection), dropout
 
     def hook_exempt(self, hook) -> bool:
         return _is_capture_hook(hook)
@@ -303,7 +358,7 @@ class FusedHFEmbeddings(SwapWrapper):
         p = self.patch_size
         if (H, W) == tuple(self.image_size):
             return pe
-        probe = torch.empty((1, 1 + (H // p) * (W // p), dim), device="meta")   # only its shape is read
+        probe = torch.empty((1, 1 + (H // p) * (W // p), dim), device="meta")  # only its shape is read
         if torch.is_grad_enabled() and pe.requires_grad:
             return self._sync_original().interpolate_pos_encoding(probe, H, W)
         key = (pe.data_ptr(), pe._version, pe.dtype, pe.device)
@@ -314,8 +369,9 @@ class FusedHFEmbeddings(SwapWrapper):
                 hit = cache[(H, W)] = (key, self._sync_original().interpolate_pos_encoding(probe, H, W))
         return hit[1]
 
-    def forward(self, pixel_values: Tensor, bool_masked_pos: Optional[Tensor] = None,
-                interpolate_pos_encoding: bool = False) -> Tensor:
+    def forward(
+        self, pixel_values: Tensor, bool_masked_pos: Optional[Tensor] = None, interpolate_pos_encoding: bool = False
+    ) -> Tensor:
         pe, p = self.patch_embeddings, self.patch_size
         why = None
         if bool_masked_pos is not None:
@@ -328,25 +384,43 @@ class FusedHFEmbeddings(SwapWrapper):
             why = "another image size without interpolate_pos_encoding=True (the original module refuses it)"
         why = why or self.original_reason(pixel_values)
         if why:
-            return self.fall_back(why, pixel_values, bool_masked_pos=bool_masked_pos,
-                                  interpolate_pos_encoding=interpolate_pos_encoding)
+            return self.fall_back(
+                why, pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding
+            )
         conv = pe.projection
         pos = self.pos_embed_for(*pixel_values.shape[-2:], conv.out_channels)
-        return ops.patch_embed(pixel_values, conv.weight, conv.bias, patch_size=p, pos_embed=pos,
-                               cls_token=self.cls_token, backend=self.backend)
+        return ops.patch_embed(
+            pixel_values,
+            conv.weight,
+            conv.bias,
+            patch_size=p,
+            pos_embed=pos,
+            cls_token=self.cls_token,
+            backend=self.backend,
+        )
 
 
 def _embeddings_candidate(path: str, m: nn.Module, backend: str, enabled: bool) -> Candidate:
     """ViTEmbeddings (its own forward, no mask token in use) fused whole: projection, class token, position embedding."""
     proj = join(path, "patch_embeddings.projection")
-    why = "not requested (ops)" if not enabled else (
-        first_reason(conv_reason(proj, m.patch_embeddings.projection), dropout_reason(join(path, "dropout"), m.dropout),
-                     bypassed_hooks({join(path, n): c for n, c in m._modules.items()},
-                                    ignore=_is_capture_hook), overrides_load_state_dict(m)))
-    notes = ("class token and position embedding written by the patch_embed kernel; with interpolate_pos_encoding "
-             "the position embedding is resampled once per image size and cached",
-             "uint8 images not served: ViTModel casts pixel_values to the weight's dtype before the embeddings "
-             "(normalize with the image processor)")
+    why = (
+        "not requested (ops)"
+        if not enabled
+        else (
+            first_reason(
+                conv_reason(proj, m.patch_embeddings.projection),
+                dropout_reason(join(path, "dropout"), m.dropout),
+                bypassed_hooks({join(path, n): c for n, c in m._modules.items()}, ignore=_is_capture_hook),
+                overrides_load_state_dict(m),
+            )
+        )
+    )
+    notes = (
+        "class token and position embedding written by the patch_embed kernel; with interpolate_pos_encoding "
+        "the position embedding is resampled once per image size and cached",
+        "uint8 images not served: ViTModel casts pixel_values to the weight's dtype before the embeddings "
+        "(normalize with the image processor)",
+    )
     entry = ReportEntry(path, "patch_embed", FAMILY, why is None, why or "", notes if why is None else ())
     return Candidate(path, m, [entry], (lambda: FusedHFEmbeddings(m, backend, [entry])) if why is None else None)
 
@@ -357,25 +431,36 @@ def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
         return []
     out: List[Candidate] = []
     patch_classes, emb_cls = _patch_classes(), _embeddings_class()
-    whole = set()   # ViTPatchEmbeddings fused as part of their ViTEmbeddings
+    whole = set()  # ViTPatchEmbeddings fused as part of their ViTEmbeddings
     for path, m in root.named_modules():
         if isinstance(m, FusedHFEmbeddings):
             whole.add(join(path, "patch_embeddings"))
-        elif emb_cls is not None and type(m) is emb_cls and isinstance(m.patch_embeddings, patch_classes) \
-                and type(m.patch_embeddings).forward is patch_classes[0].forward \
-                and "projection" in m.patch_embeddings._modules:
+        elif (
+            emb_cls is not None
+            and type(m) is emb_cls
+            and isinstance(m.patch_embeddings, patch_classes)
+            and type(m.patch_embeddings).forward is patch_classes[0].forward
+            and "projection" in m.patch_embeddings._modules
+        ):
             out.append(_embeddings_candidate(path, m, backend, "patch_embed" in ops_))
             whole.add(join(path, "patch_embeddings"))
     for path, m in root.named_modules():
         if path in whole or any(path.startswith(w + ".") for w in whole) or isinstance(m, SwapWrapper):
             continue
         if patch_classes and isinstance(m, patch_classes) and "projection" in m._modules:
-            c = patch_conv_candidate(join(path, "projection"), m.projection, FAMILY, backend, "patch_embed" in ops_,
-                                     note="uint8 images not served: ViTModel casts pixel_values to the weight's "
-                                          "dtype before the patch embedding (normalize with the image processor)")
+            c = patch_conv_candidate(
+                join(path, "projection"),
+                m.projection,
+                FAMILY,
+                backend,
+                "patch_embed" in ops_,
+                note="uint8 images not served: ViTModel casts pixel_values to the weight's "
+                "dtype before the patch embedding (normalize with the image processor)",
+            )
             out += [c] if c else []
-    layers = [(path, m) for path, m in root.named_modules()
-              if not isinstance(m, SwapWrapper) and isinstance(m, classes)]
+    layers = [
+        (path, m) for path, m in root.named_modules() if not isinstance(m, SwapWrapper) and isinstance(m, classes)
+    ]
     for path, m in layers:
         layout = _layout(m)
         base_why = None
@@ -391,9 +476,12 @@ def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
             why = "not requested (ops)"
         else:
             why, note = (base_why, None) if base_why else _attention_reason(path, m, parts, backend)
-        notes = ("q/k/v weights concatenated into a cached copy (rebuilt when they change)",) + ((note,) if note else ())
-        entries = [ReportEntry(join(path, names[0]), "attention", FAMILY, why is None, why or "",
-                               notes if why is None else ())]
+        notes = ("q/k/v weights concatenated into a cached copy (rebuilt when they change)",) + (
+            (note,) if note else ()
+        )
+        entries = [
+            ReportEntry(join(path, names[0]), "attention", FAMILY, why is None, why or "", notes if why is None else ())
+        ]
         if "mlp" not in ops_:
             why = "not requested (ops)"
         else:
@@ -401,10 +489,12 @@ def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
         entries.append(ReportEntry(join(path, names[1]), "mlp", FAMILY, why is None, why or ""))
         build = None
         if any(e.fused for e in entries):
+
             def build(m=m, entries=entries, approx=approx, layout=layout):
                 w = _fused_class(type(m))(m, backend, entries)
                 w.vk_layout = layout
                 w.approximate = approx
                 return w
+
         out.append(Candidate(path, m, entries, build))
     return out

@@ -7,6 +7,7 @@ Conv2d's NCHW output shape as a view of the token buffer, so the library's own c
 The class token and position embedding stay in the library's code: fusing them into the GEMM's
 epilogue would mean replacing the model's own forward, which these adapters do not do.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -53,7 +54,7 @@ class FusedPatchConv(SwapWrapper):
 
     def forward(self, images: Tensor) -> Tensor:
         p = self.kernel_size[0]
-        if library.symbolic(images):   # torch.fx records the fused op; it checks the sizes when the graph runs
+        if library.symbolic(images):  # torch.fx records the fused op; it checks the sizes when the graph runs
             tokens = ops.patch_embed(images, self.weight, self.bias, patch_size=p, backend=self.backend)
             return tokens.transpose(1, 2).unflatten(2, (images.shape[-2] // p, images.shape[-1] // p))
         norm = {}
@@ -64,11 +65,13 @@ class FusedPatchConv(SwapWrapper):
         if images.dim() != 4:
             why = "images are not (batch, channels, H, W)"
         elif images.shape[-2] % p or images.shape[-1] % p:
-            why = (f"the image size {tuple(images.shape[-2:])} is not a multiple of the patch size {p} (the Conv2d "
-                   f"drops the remainder)")
+            why = (
+                f"the image size {tuple(images.shape[-2:])} is not a multiple of the patch size {p} (the Conv2d "
+                f"drops the remainder)"
+            )
         why = why or self.original_reason(images)
         if why:
-            if norm:   # the original Conv2d takes float images: normalize as the kernel would
+            if norm:  # the original Conv2d takes float images: normalize as the kernel would
                 mean, std = pixel_norm_tensors(pixel_norm, images.device)
                 images = normalize_pixels(images, mean, std, self.weight.dtype)
             return self.fall_back(why, images)
@@ -77,9 +80,15 @@ class FusedPatchConv(SwapWrapper):
         return tokens.transpose(1, 2).unflatten(2, (H // p, W // p))
 
 
-def patch_conv_candidate(path: str, conv: nn.Module, family: str, backend: str, enabled: bool, note: str = "",
-                         data_config: Optional[Tuple[Sequence[float], Sequence[float], str]] = None
-                         ) -> Optional[Candidate]:
+def patch_conv_candidate(
+    path: str,
+    conv: nn.Module,
+    family: str,
+    backend: str,
+    enabled: bool,
+    note: str = "",
+    data_config: Optional[Tuple[Sequence[float], Sequence[float], str]] = None,
+) -> Optional[Candidate]:
     """The candidate for the patch projection ``conv`` at ``path`` (None when it is fused already).
     data_config: (mean, std, where from) for uint8 images, or None (uint8 not served; ``note`` may say why)."""
     if isinstance(conv, SwapWrapper):
@@ -95,5 +104,6 @@ def patch_conv_candidate(path: str, conv: nn.Module, family: str, backend: str, 
         if data_config is not None:
             w.image_mean, w.image_std = tuple(map(float, data_config[0])), tuple(map(float, data_config[1]))
         return w
+
     entry = ReportEntry(path, "patch_embed", family, why is None, why or "", notes if why is None else ())
     return Candidate(path, conv, [entry], build if why is None else None)

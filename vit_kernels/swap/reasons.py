@@ -1,5 +1,6 @@
 """The checks the family adapters share. Each returns None when the part is supported, else the
 reason it is left (a sentence for the fuse report)."""
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Tuple
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 from ..ops.flash_attention import check_head_dim
+
 
 def layernorm_reason(name: str, m: nn.Module, dim: Optional[int] = None) -> Optional[str]:
     """None when ``m`` is a plain LayerNorm over the last dim with a weight (bias optional)."""
@@ -28,6 +30,7 @@ def _plain_layernorm_forward(m: nn.LayerNorm) -> bool:
         return True
     try:  # timm's LayerNorm: F.layer_norm (or apex's fused layer norm when fast_norm is set)
         from timm.layers.norm import LayerNorm as TimmLayerNorm
+
         return fwd is TimmLayerNorm.forward
     except Exception:
         return False

@@ -1,6 +1,7 @@
 """The report types of :func:`vit_kernels.fuse`: one :class:`ReportEntry` per fusable part, the
 :class:`FuseReport` that lists them, and the :class:`Candidate` an adapter offers (a module it can
 replace, its entries and how to build the wrapper)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,8 +52,10 @@ class FuseReport:
 
     def __str__(self) -> str:
         fams = sorted({e.family for e in self.entries})
-        head = (f"fuse report (backend={self.backend!r}, families: {', '.join(fams) or 'none found'}): "
-                f"{len(self.fused)} fused, {len(self.left)} left")
+        head = (
+            f"fuse report (backend={self.backend!r}, families: {', '.join(fams) or 'none found'}): "
+            f"{len(self.fused)} fused, {len(self.left)} left"
+        )
         fused = self.fused
         common = [n for n in (fused[0].notes if fused else ()) if all(n in e.notes for e in fused)]
         lines = [head]
@@ -73,9 +76,19 @@ class Candidate:
     build: Optional[Callable[[], "SwapWrapper"]]
 
 
-def block_candidate(path: str, block: nn.Module, family: str, ops_: tuple, base_why: Optional[str],
-                    attn_path: str, attention_reason: Callable[[], tuple], mlp_path: str,
-                    mlp_reason: Callable[[], tuple], wrapper: Callable, backend: str) -> "Candidate":
+def block_candidate(
+    path: str,
+    block: nn.Module,
+    family: str,
+    ops_: tuple,
+    base_why: Optional[str],
+    attn_path: str,
+    attention_reason: Callable[[], tuple],
+    mlp_path: str,
+    mlp_reason: Callable[[], tuple],
+    wrapper: Callable,
+    backend: str,
+) -> "Candidate":
     """The candidate for one pre-norm encoder block (attention branch + MLP branch).
 
     base_why: why the whole block is left (None when it can be fused); attention_reason() ->
@@ -86,8 +99,9 @@ def block_candidate(path: str, block: nn.Module, family: str, ops_: tuple, base_
         why, note = "not requested (ops)", None
     else:
         why, note = (base_why, None) if base_why else attention_reason()
-    entries = [ReportEntry(attn_path, "attention", family, why is None, why or "",
-                           (note,) if note and why is None else ())]
+    entries = [
+        ReportEntry(attn_path, "attention", family, why is None, why or "", (note,) if note and why is None else ())
+    ]
     approx = None
     if "mlp" not in ops_:
         why = "not requested (ops)"
@@ -96,8 +110,10 @@ def block_candidate(path: str, block: nn.Module, family: str, ops_: tuple, base_
     entries.append(ReportEntry(mlp_path, "mlp", family, why is None, why or ""))
     build = None
     if any(e.fused for e in entries):
+
         def build():
             w = wrapper(block, backend, entries)
             w.approximate = approx
             return w
+
     return Candidate(path, block, entries, build)

@@ -16,6 +16,7 @@
   the position embedding (resampled per input size with ``dynamic_img_size``), class and register
   tokens, ``no_embed_class``, ``pos_embed=None``, pooling and fc_norm stay in timm's code.
 """
+
 from __future__ import annotations
 
 from typing import List
@@ -23,8 +24,18 @@ from typing import List
 from torch import Tensor, nn
 
 from .. import ops
-from .reasons import (bypassed_hooks, dropout_p, dropout_reason, first_reason, gelu_approximate,
-                      head_dim_reason, join, layernorm_reason, linear_reason, overrides_load_state_dict)
+from .reasons import (
+    bypassed_hooks,
+    dropout_p,
+    dropout_reason,
+    first_reason,
+    gelu_approximate,
+    head_dim_reason,
+    join,
+    layernorm_reason,
+    linear_reason,
+    overrides_load_state_dict,
+)
 from .report import Candidate, block_candidate
 from .wrapper import SwapWrapper
 from .patch import patch_conv_candidate
@@ -61,32 +72,48 @@ class FusedTimmBlock(SwapWrapper):
     def dropouts(self):
         out = []
         if self.fused_ops.get("attention"):
-            out += [("attn.attn_drop", dropout_p(self.attn.attn_drop)),
-                    ("attn.proj_drop", dropout_p(self.attn.proj_drop)),
-                    ("drop_path1", dropout_p(self.drop_path1))]
+            out += [
+                ("attn.attn_drop", dropout_p(self.attn.attn_drop)),
+                ("attn.proj_drop", dropout_p(self.attn.proj_drop)),
+                ("drop_path1", dropout_p(self.drop_path1)),
+            ]
         if self.fused_ops.get("mlp"):
-            out += [("mlp.drop1", dropout_p(self.mlp.drop1)), ("mlp.drop2", dropout_p(self.mlp.drop2)),
-                    ("drop_path2", dropout_p(self.drop_path2))]
+            out += [
+                ("mlp.drop1", dropout_p(self.mlp.drop1)),
+                ("mlp.drop2", dropout_p(self.mlp.drop2)),
+                ("drop_path2", dropout_p(self.drop_path2)),
+            ]
         return out
 
     def bypassed(self):
-        names = (["norm1", "attn", "ls1", "drop_path1"] if self.fused_ops.get("attention") else []) + \
-            (["norm2", "mlp", "ls2", "drop_path2"] if self.fused_ops.get("mlp") else [])
+        names = (["norm1", "attn", "ls1", "drop_path1"] if self.fused_ops.get("attention") else []) + (
+            ["norm2", "mlp", "ls2", "drop_path2"] if self.fused_ops.get("mlp") else []
+        )
         return {n: self._modules[n] for n in names if n in self._modules}
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         # attn_mask / is_causal (positionally or by name), hooks, active dropout: the Block's own forward
         why = None
-        if any(a is not None and a is not False for a in args) or \
-                any(v is not None and v is not False for v in kwargs.values()):
+        if any(a is not None and a is not False for a in args) or any(
+            v is not None and v is not False for v in kwargs.values()
+        ):
             why = "attn_mask / is_causal given: the fused attention takes no mask"
         why = why or self.original_reason(x)
         if why:
             return self.fall_back(why, x, *args, **kwargs)
         if self.fused_ops.get("attention"):
             a, n = self.attn, self.norm1
-            o = ops.qkv_attention(x, a.qkv.weight, a.qkv.bias, num_heads=a.num_heads, scale=a.scale,
-                                  norm_weight=n.weight, norm_bias=n.bias, eps=n.eps, backend=self.backend)
+            o = ops.qkv_attention(
+                x,
+                a.qkv.weight,
+                a.qkv.bias,
+                num_heads=a.num_heads,
+                scale=a.scale,
+                norm_weight=n.weight,
+                norm_bias=n.bias,
+                eps=n.eps,
+                backend=self.backend,
+            )
             gamma = None if isinstance(self.ls1, nn.Identity) else self.ls1.gamma
             x = ops.linear(o, a.proj.weight, a.proj.bias, residual=x, layer_scale=gamma, backend=self.backend)
         else:
@@ -94,9 +121,20 @@ class FusedTimmBlock(SwapWrapper):
         if self.fused_ops.get("mlp"):
             m, n = self.mlp, self.norm2
             gamma = None if isinstance(self.ls2, nn.Identity) else self.ls2.gamma
-            x = ops.layernorm_gelu_mlp(x, n.weight, n.bias, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias,
-                                       eps=n.eps, approximate=self.approximate, residual=x, layer_scale=gamma,
-                                       backend=self.backend)
+            x = ops.layernorm_gelu_mlp(
+                x,
+                n.weight,
+                n.bias,
+                m.fc1.weight,
+                m.fc1.bias,
+                m.fc2.weight,
+                m.fc2.bias,
+                eps=n.eps,
+                approximate=self.approximate,
+                residual=x,
+                layer_scale=gamma,
+                backend=self.backend,
+            )
         else:
             x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
@@ -115,11 +153,13 @@ def _attention_reason(path: str, b: nn.Module, Attention, LayerScale, backend: s
     dim = a.qkv.in_features if isinstance(a.qkv, nn.Linear) else None
     why = first_reason(
         layernorm_reason(join(path, "norm1"), b.norm1, dim),
-        linear_reason(join(path, "attn.qkv"), a.qkv), linear_reason(join(path, "attn.proj"), a.proj),
+        linear_reason(join(path, "attn.qkv"), a.qkv),
+        linear_reason(join(path, "attn.proj"), a.proj),
         _layer_scale(b.ls1, join(path, "ls1"), LayerScale)[1],
         dropout_reason(join(path, "attn.attn_drop"), a.attn_drop),
         dropout_reason(join(path, "attn.proj_drop"), a.proj_drop),
-        dropout_reason(join(path, "drop_path1"), b.drop_path1))
+        dropout_reason(join(path, "drop_path1"), b.drop_path1),
+    )
     if why:
         return why, None
     if a.proj.out_features != dim:
@@ -138,12 +178,18 @@ def _mlp_reason(path: str, b: nn.Module, Mlp, LayerScale):
     approx, why = gelu_approximate(m.act)
     dim = m.fc1.in_features if isinstance(m.fc1, nn.Linear) else None
     why = first_reason(
-        why, layernorm_reason(join(path, "norm2"), b.norm2, dim),
-        linear_reason(join(path, "mlp.fc1"), m.fc1), linear_reason(join(path, "mlp.fc2"), m.fc2),
-        None if isinstance(m.norm, nn.Identity) else "mlp.norm (scale_mlp_norm) is on; the fused MLP has no hidden norm",
+        why,
+        layernorm_reason(join(path, "norm2"), b.norm2, dim),
+        linear_reason(join(path, "mlp.fc1"), m.fc1),
+        linear_reason(join(path, "mlp.fc2"), m.fc2),
+        None
+        if isinstance(m.norm, nn.Identity)
+        else "mlp.norm (scale_mlp_norm) is on; the fused MLP has no hidden norm",
         _layer_scale(b.ls2, join(path, "ls2"), LayerScale)[1],
-        dropout_reason(join(path, "mlp.drop1"), m.drop1), dropout_reason(join(path, "mlp.drop2"), m.drop2),
-        dropout_reason(join(path, "drop_path2"), b.drop_path2))
+        dropout_reason(join(path, "mlp.drop1"), m.drop1),
+        dropout_reason(join(path, "mlp.drop2"), m.drop2),
+        dropout_reason(join(path, "drop_path2"), b.drop_path2),
+    )
     if why:
         return why, None
     if m.fc2.out_features != dim:
@@ -175,14 +221,25 @@ def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
             if type(m).forward is not Block.forward:
                 base_why = f"{type(m).__name__} overrides Block.forward"
             base_why = base_why or overrides_load_state_dict(m)
-            out.append(block_candidate(
-                path, m, FAMILY, ops_, base_why,
-                join(path, "attn"), lambda p=path, m=m: _attention_reason(p, m, Attention, LayerScale, backend),
-                join(path, "mlp"), lambda p=path, m=m: _mlp_reason(p, m, Mlp, LayerScale),
-                FusedTimmBlock, backend))
+            out.append(
+                block_candidate(
+                    path,
+                    m,
+                    FAMILY,
+                    ops_,
+                    base_why,
+                    join(path, "attn"),
+                    lambda p=path, m=m: _attention_reason(p, m, Attention, LayerScale, backend),
+                    join(path, "mlp"),
+                    lambda p=path, m=m: _mlp_reason(p, m, Mlp, LayerScale),
+                    FusedTimmBlock,
+                    backend,
+                )
+            )
         elif isinstance(m, PatchEmbed) and "proj" in m._modules:
             owner = root.get_submodule(path.rpartition(".")[0]) if "." in path else root
-            c = patch_conv_candidate(join(path, "proj"), m.proj, FAMILY, backend, "patch_embed" in ops_,
-                                     data_config=data_config(owner))
+            c = patch_conv_candidate(
+                join(path, "proj"), m.proj, FAMILY, backend, "patch_embed" in ops_, data_config=data_config(owner)
+            )
             out += [c] if c else []
     return out

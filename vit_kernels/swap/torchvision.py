@@ -12,6 +12,7 @@
 - ``VisionTransformer.conv_proj`` (Conv2d) is replaced by
   :class:`~vit_kernels.swap.patch.FusedPatchConv` (a conv stem, ``conv_stem_configs``, is left).
 """
+
 from __future__ import annotations
 
 from typing import List
@@ -19,8 +20,18 @@ from typing import List
 from torch import Tensor, nn
 
 from .. import library, ops
-from .reasons import (bypassed_hooks, dropout_p, dropout_reason, first_reason, gelu_approximate,
-                      head_dim_reason, join, layernorm_reason, linear_reason, overrides_load_state_dict)
+from .reasons import (
+    bypassed_hooks,
+    dropout_p,
+    dropout_reason,
+    first_reason,
+    gelu_approximate,
+    head_dim_reason,
+    join,
+    layernorm_reason,
+    linear_reason,
+    overrides_load_state_dict,
+)
 from .report import Candidate, block_candidate
 from .wrapper import SwapWrapper
 from .patch import patch_conv_candidate
@@ -50,19 +61,28 @@ class FusedEncoderBlock(SwapWrapper):
         return out
 
     def bypassed(self):
-        names = (["ln_1", "self_attention", "dropout"] if self.fused_ops.get("attention") else []) + \
-            (["ln_2", "mlp"] if self.fused_ops.get("mlp") else [])
+        names = (["ln_1", "self_attention", "dropout"] if self.fused_ops.get("attention") else []) + (
+            ["ln_2", "mlp"] if self.fused_ops.get("mlp") else []
+        )
         return {n: self._modules[n] for n in names if n in self._modules}
 
     def forward(self, input: Tensor) -> Tensor:
-        if not library.symbolic(input):   # torch.fx records the fused ops; they check sizes when the graph runs
+        if not library.symbolic(input):  # torch.fx records the fused ops; they check sizes when the graph runs
             why = "input is not (batch, tokens, dim)" if input.dim() != 3 else self.original_reason(input)
             if why:
                 return self.fall_back(why, input)
         if self.fused_ops.get("attention"):
             a, n = self.self_attention, self.ln_1
-            o = ops.qkv_attention(input, a.in_proj_weight, a.in_proj_bias, num_heads=a.num_heads,
-                                  norm_weight=n.weight, norm_bias=n.bias, eps=n.eps, backend=self.backend)
+            o = ops.qkv_attention(
+                input,
+                a.in_proj_weight,
+                a.in_proj_bias,
+                num_heads=a.num_heads,
+                norm_weight=n.weight,
+                norm_bias=n.bias,
+                eps=n.eps,
+                backend=self.backend,
+            )
             x = ops.linear(o, a.out_proj.weight, a.out_proj.bias, residual=input, backend=self.backend)
         else:
             y = self.ln_1(input)
@@ -70,9 +90,19 @@ class FusedEncoderBlock(SwapWrapper):
             x = self.dropout(y) + input
         n, m = self.ln_2, self.mlp
         if self.fused_ops.get("mlp"):
-            return ops.layernorm_gelu_mlp(x, n.weight, n.bias, m[0].weight, m[0].bias, m[3].weight, m[3].bias,
-                                          eps=n.eps, approximate=self.approximate, residual=x,
-                                          backend=self.backend)
+            return ops.layernorm_gelu_mlp(
+                x,
+                n.weight,
+                n.bias,
+                m[0].weight,
+                m[0].bias,
+                m[3].weight,
+                m[3].bias,
+                eps=n.eps,
+                approximate=self.approximate,
+                residual=x,
+                backend=self.backend,
+            )
         return x + m(n(x))
 
 
@@ -86,14 +116,17 @@ def _attention_reason(path: str, b: nn.Module, backend: str):
         return "self_attention has separate q/k/v projection weights (kdim/vdim differ)", None
     if a.bias_k is not None or a.bias_v is not None or a.add_zero_attn:
         return "self_attention has bias_k/bias_v or add_zero_attn", None
-    why = first_reason(layernorm_reason(join(path, "ln_1"), b.ln_1, a.embed_dim),
-                       linear_reason(join(path, "self_attention.out_proj"), a.out_proj),
-                       dropout_reason(join(path, "dropout"), b.dropout))
+    why = first_reason(
+        layernorm_reason(join(path, "ln_1"), b.ln_1, a.embed_dim),
+        linear_reason(join(path, "self_attention.out_proj"), a.out_proj),
+        dropout_reason(join(path, "dropout"), b.dropout),
+    )
     if why:
         return why, None
     why, note = head_dim_reason(backend, a.head_dim)
-    return why or bypassed_hooks({join(path, "ln_1"): b.ln_1, join(path, "self_attention"): a,
-                                  join(path, "dropout"): b.dropout}), note
+    return why or bypassed_hooks(
+        {join(path, "ln_1"): b.ln_1, join(path, "self_attention"): a, join(path, "dropout"): b.dropout}
+    ), note
 
 
 def _mlp_reason(path: str, b: nn.Module):
@@ -102,10 +135,15 @@ def _mlp_reason(path: str, b: nn.Module):
     if layout is None or len(m) != 5 or type(m).forward is not nn.Sequential.forward:
         return f"{join(path, 'mlp')} is not a Sequential [Linear, GELU, Dropout, Linear, Dropout] (got {layout})", None
     approx, why = gelu_approximate(m[1])
-    why = first_reason(why, layernorm_reason(join(path, "ln_2"), b.ln_2, m[0].in_features),
-                       linear_reason(join(path, "mlp.0"), m[0]), linear_reason(join(path, "mlp.3"), m[3]),
-                       dropout_reason(join(path, "mlp.2"), m[2]), dropout_reason(join(path, "mlp.4"), m[4]),
-                       bypassed_hooks({join(path, "ln_2"): b.ln_2, join(path, "mlp"): m}))
+    why = first_reason(
+        why,
+        layernorm_reason(join(path, "ln_2"), b.ln_2, m[0].in_features),
+        linear_reason(join(path, "mlp.0"), m[0]),
+        linear_reason(join(path, "mlp.3"), m[3]),
+        dropout_reason(join(path, "mlp.2"), m[2]),
+        dropout_reason(join(path, "mlp.4"), m[4]),
+        bypassed_hooks({join(path, "ln_2"): b.ln_2, join(path, "mlp"): m}),
+    )
     return why, approx
 
 
@@ -114,6 +152,7 @@ def data_config():
     with ImageNet's mean and std in its transforms; read from them."""
     try:
         from torchvision.models import ViT_B_16_Weights
+
         t = ViT_B_16_Weights.DEFAULT.transforms()
         return tuple(t.mean), tuple(t.std), "torchvision ViT weights transforms"
     except Exception:
@@ -130,15 +169,29 @@ def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
         if isinstance(m, SwapWrapper):
             continue
         if isinstance(m, EncoderBlock):
-            base_why = (f"{type(m).__name__} overrides EncoderBlock.forward"
-                        if type(m).forward is not EncoderBlock.forward else overrides_load_state_dict(m))
-            out.append(block_candidate(
-                path, m, FAMILY, ops_, base_why,
-                join(path, "self_attention"), lambda p=path, m=m: _attention_reason(p, m, backend),
-                join(path, "mlp"), lambda p=path, m=m: _mlp_reason(p, m),
-                FusedEncoderBlock, backend))
+            base_why = (
+                f"{type(m).__name__} overrides EncoderBlock.forward"
+                if type(m).forward is not EncoderBlock.forward
+                else overrides_load_state_dict(m)
+            )
+            out.append(
+                block_candidate(
+                    path,
+                    m,
+                    FAMILY,
+                    ops_,
+                    base_why,
+                    join(path, "self_attention"),
+                    lambda p=path, m=m: _attention_reason(p, m, backend),
+                    join(path, "mlp"),
+                    lambda p=path, m=m: _mlp_reason(p, m),
+                    FusedEncoderBlock,
+                    backend,
+                )
+            )
         elif isinstance(m, VisionTransformer) and "conv_proj" in m._modules:
-            c = patch_conv_candidate(join(path, "conv_proj"), m.conv_proj, FAMILY, backend, "patch_embed" in ops_,
-                                     data_config=data_config())
+            c = patch_conv_candidate(
+                join(path, "conv_proj"), m.conv_proj, FAMILY, backend, "patch_embed" in ops_, data_config=data_config()
+            )
             out += [c] if c else []
     return out

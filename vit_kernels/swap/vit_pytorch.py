@@ -20,6 +20,7 @@ the patch_embed op); the current ``[Rearrange, LayerNorm(patch_dim), Linear, Lay
 left: the LayerNorm over each patch's pixels comes before the projection and the fused op has no
 such pre-norm.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -27,8 +28,18 @@ from typing import List, Optional, Tuple
 from torch import Tensor, nn
 
 from .. import ops
-from .reasons import (bypassed_hooks, dropout_p, dropout_reason, first_reason, gelu_approximate,
-                      head_dim_reason, join, layernorm_reason, linear_reason, overrides_load_state_dict)
+from .reasons import (
+    bypassed_hooks,
+    dropout_p,
+    dropout_reason,
+    first_reason,
+    gelu_approximate,
+    head_dim_reason,
+    join,
+    layernorm_reason,
+    linear_reason,
+    overrides_load_state_dict,
+)
 from .report import Candidate, ReportEntry
 from .wrapper import SwapWrapper
 
@@ -46,6 +57,7 @@ def _classes() -> Tuple[Tuple[type, ...], Tuple[type, ...]]:
     t, v = list(EXTRA_TRANSFORMER_CLASSES), list(EXTRA_VIT_CLASSES)
     try:
         from vit_pytorch.vit import ViT, Transformer
+
         t.append(Transformer)
         v.append(ViT)
     except Exception:
@@ -97,10 +109,12 @@ def _attention_reason(path: str, entry: nn.Module, backend: str):
     if a.norm is None:
         return f"{path} has no LayerNorm before the attention", None, None
     dim = a.to_qkv.in_features if isinstance(a.to_qkv, nn.Linear) else None
-    why = first_reason(layernorm_reason(join(path, "norm"), a.norm, dim),
-                       linear_reason(join(path, a.prefix + "to_qkv"), a.to_qkv),
-                       None if a.out is None else linear_reason(join(path, a.prefix + "to_out.0"), a.out),
-                       *(dropout_reason(join(path, a.prefix + n), m) for n, m in a.drops.items()))
+    why = first_reason(
+        layernorm_reason(join(path, "norm"), a.norm, dim),
+        linear_reason(join(path, a.prefix + "to_qkv"), a.to_qkv),
+        None if a.out is None else linear_reason(join(path, a.prefix + "to_out.0"), a.out),
+        *(dropout_reason(join(path, a.prefix + n), m) for n, m in a.drops.items()),
+    )
     if why:
         return why, None, None
     if not isinstance(a.attn.to_out, (nn.Sequential, nn.Identity)):
@@ -122,10 +136,14 @@ def _mlp_reason(path: str, entry: nn.Module):
     if not f.ok:
         return f"{path} net is {f.layout}, expected [Linear, GELU, Dropout, Linear, Dropout] after the norm", None
     approx, why = gelu_approximate(f.act)
-    why = first_reason(why, layernorm_reason(f"{path}.norm", f.norm),
-                       linear_reason(f"{path}.fc1", f.fc1), linear_reason(f"{path}.fc2", f.fc2),
-                       *(dropout_reason(join(path, n), m) for n, m in f.drops.items()),
-                       bypassed_hooks({path: entry}))
+    why = first_reason(
+        why,
+        layernorm_reason(f"{path}.norm", f.norm),
+        linear_reason(f"{path}.fc1", f.fc1),
+        linear_reason(f"{path}.fc2", f.fc2),
+        *(dropout_reason(join(path, n), m) for n, m in f.drops.items()),
+        bypassed_hooks({path: entry}),
+    )
     return why, approx
 
 
@@ -163,9 +181,17 @@ class FusedVitPytorchTransformer(SwapWrapper):
             fuse_attn, approx = self.vk_plan[i]
             if fuse_attn:
                 a = _Attn(attn)
-                o = ops.qkv_attention(x, a.to_qkv.weight, a.to_qkv.bias, num_heads=a.heads, scale=a.scale,
-                                      norm_weight=a.norm.weight, norm_bias=a.norm.bias, eps=a.norm.eps,
-                                      backend=self.backend)
+                o = ops.qkv_attention(
+                    x,
+                    a.to_qkv.weight,
+                    a.to_qkv.bias,
+                    num_heads=a.heads,
+                    scale=a.scale,
+                    norm_weight=a.norm.weight,
+                    norm_bias=a.norm.bias,
+                    eps=a.norm.eps,
+                    backend=self.backend,
+                )
                 if a.out is not None:
                     x = ops.linear(o, a.out.weight, a.out.bias, residual=x, backend=self.backend)
                 else:
@@ -174,9 +200,19 @@ class FusedVitPytorchTransformer(SwapWrapper):
                 x = attn(x) + x
             if approx is not None:
                 f = _FF(ff)
-                x = ops.layernorm_gelu_mlp(x, f.norm.weight, f.norm.bias, f.fc1.weight, f.fc1.bias, f.fc2.weight,
-                                           f.fc2.bias, eps=f.norm.eps, approximate=approx, residual=x,
-                                           backend=self.backend)
+                x = ops.layernorm_gelu_mlp(
+                    x,
+                    f.norm.weight,
+                    f.norm.bias,
+                    f.fc1.weight,
+                    f.fc1.bias,
+                    f.fc2.weight,
+                    f.fc2.bias,
+                    eps=f.norm.eps,
+                    approximate=approx,
+                    residual=x,
+                    backend=self.backend,
+                )
             else:
                 x = ff(x) + x
         norm = self._modules.get("norm")
@@ -191,7 +227,7 @@ class FusedVitPytorchPatchEmbed(SwapWrapper):
     family = FAMILY
 
     def bypassed(self):
-        return dict(self._modules)   # [Rearrange, Linear]: the op replaces both
+        return dict(self._modules)  # [Rearrange, Linear]: the op replaces both
 
     def forward(self, images: Tensor) -> Tensor:
         lin = self[1]
@@ -224,8 +260,10 @@ def _patch_candidate(path: str, seq: nn.Module, backend: str, enabled: bool) -> 
     elif getattr(mods[0], "pattern", None) != _PATCH_PATTERN:
         why = f"{path}.0 has pattern {getattr(mods[0], 'pattern', None)!r}, expected {_PATCH_PATTERN!r}"
     elif names[1:] == ["LayerNorm", "Linear", "LayerNorm"]:
-        why = ("LayerNorm over each patch's pixels before the projection (current vit-pytorch): the fused "
-               "patch_embed op has no pre-LayerNorm")
+        why = (
+            "LayerNorm over each patch's pixels before the projection (current vit-pytorch): the fused "
+            "patch_embed op has no pre-LayerNorm"
+        )
     elif len(mods) != 2 or linear_reason(f"{path}.1", mods[1]):
         why = f"{path} is {names}, expected [Rearrange, Linear] or [Rearrange, LayerNorm, Linear, LayerNorm]"
     else:
@@ -235,14 +273,22 @@ def _patch_candidate(path: str, seq: nn.Module, backend: str, enabled: bool) -> 
         else:
             p = int(ax["p1"])
             why = bypassed_hooks({f"{path}.0": mods[0], f"{path}.1": mods[1]})
-    entry = ReportEntry(path, "patch_embed", FAMILY, why is None, why or "",
-                        ("class token and position embedding stay in ViT.forward",) if why is None else ())
+    entry = ReportEntry(
+        path,
+        "patch_embed",
+        FAMILY,
+        why is None,
+        why or "",
+        ("class token and position embedding stay in ViT.forward",) if why is None else (),
+    )
     build = None
     if why is None:
+
         def build():
             w = FusedVitPytorchPatchEmbed(seq, backend, [entry])
             w.vk_patch = p
             return w
+
     return Candidate(path, seq, [entry], build)
 
 
@@ -255,8 +301,7 @@ def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
         if isinstance(m, SwapWrapper):
             continue
         if isinstance(m, vits) and "to_patch_embedding" in m._modules:
-            c = _patch_candidate(join(path, "to_patch_embedding"), m.to_patch_embedding, backend,
-                                 "patch_embed" in ops_)
+            c = _patch_candidate(join(path, "to_patch_embedding"), m.to_patch_embedding, backend, "patch_embed" in ops_)
             out += [c] if c else []
         if not isinstance(m, transformers_):
             continue
@@ -274,8 +319,11 @@ def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
                 why, note = "not requested (ops)", None
             else:
                 why, note, _ = (base_why, None, None) if base_why else _attention_reason(f"{lp}.0", pair[0], backend)
-            entries.append(ReportEntry(f"{lp}.0", "attention", FAMILY, why is None, why or "",
-                                       (note,) if note and why is None else ()))
+            entries.append(
+                ReportEntry(
+                    f"{lp}.0", "attention", FAMILY, why is None, why or "", (note,) if note and why is None else ()
+                )
+            )
             fuse_attn = why is None
             approx = None
             if "mlp" not in ops_:
@@ -286,9 +334,11 @@ def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
             plan.append((fuse_attn, approx if why is None else None))
         build = None
         if any(e.fused for e in entries):
+
             def build(m=m, entries=entries, plan=plan):
                 w = FusedVitPytorchTransformer(m, backend, entries)
                 w.vk_plan = plan
                 return w
+
         out.append(Candidate(path, m, entries, build))
     return out

@@ -18,6 +18,7 @@ How a swap keeps the model intact:
   time per reason, ``last_fallback`` / ``fallbacks`` on the wrapper, the fuse report's notes, and
   ``last_decision(op).backend == "original"`` with the reason.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,10 +42,19 @@ OP_NAMES = {"attention": "qkv_attention", "mlp": "layernorm_gelu_mlp", "patch_em
 
 
 # Module attributes holding hooks; the wrapper shares these dictionaries with the original.
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
-               "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
-               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
 
 
 class SwapWrapper(nn.Module):
@@ -72,9 +82,9 @@ class SwapWrapper(nn.Module):
         self.backend = backend
         self.vk_entries = list(entries)
         self.fused_ops = {e.op: e.fused for e in entries}
-        self.vk_path = ""              # the part's path in the model (set by fuse), for messages
-        self.last_fallback: Optional[str] = None   # why the last call that ran the original did
-        self.fallbacks: Dict[str, int] = {}        # reason -> calls that ran the original for it
+        self.vk_path = ""  # the part's path in the model (set by fuse), for messages
+        self.last_fallback: Optional[str] = None  # why the last call that ran the original did
+        self.fallbacks: Dict[str, int] = {}  # reason -> calls that ran the original for it
 
     def __getattr__(self, name: str):
         try:
@@ -132,16 +142,21 @@ class SwapWrapper(nn.Module):
         hooks registered, before or after fuse, on a module the fused path does not call, or global
         module hooks. Cheap per call: the watched modules are listed once per set of children."""
         if _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks:
-            return ("global module forward hooks are registered (register_module_forward_hook); calls run the "
-                    "original modules so they fire")
+            return (
+                "global module forward hooks are registered (register_module_forward_hook); calls run the "
+                "original modules so they fire"
+            )
         children = tuple(self._modules.values())
         watch = self.__dict__.get("_vk_watch")
-        if watch is None or watch[0] != children:   # (re)listed when a child is replaced
-            mods = [(join(name, sub_name), sub) for name, m in self.bypassed().items()
-                    for sub_name, sub in m.named_modules()]
+        if watch is None or watch[0] != children:  # (re)listed when a child is replaced
+            mods = [
+                (join(name, sub_name), sub)
+                for name, m in self.bypassed().items()
+                for sub_name, sub in m.named_modules()
+            ]
             dicts = [d for _, sub in mods for d in (sub._forward_hooks, sub._forward_pre_hooks)]
             watch = self.__dict__["_vk_watch"] = (children, mods, dicts)
-        if not any(watch[2]):   # the per-call cost: one truth test per hook dict
+        if not any(watch[2]):  # the per-call cost: one truth test per hook dict
             return None
         for name, m in watch[1]:
             hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
@@ -176,8 +191,13 @@ class SwapWrapper(nn.Module):
             counts[why] = counts.get(why, 0) + 1
             self.__dict__["last_fallback"] = why
         if first:
-            logger.info("%s (%s, fused %s): running the original module: %s", self.vk_path or "<root>",
-                        type(self.original).__name__, "+".join(op for op, f in self.fused_ops.items() if f), why)
+            logger.info(
+                "%s (%s, fused %s): running the original module: %s",
+                self.vk_path or "<root>",
+                type(self.original).__name__,
+                "+".join(op for op, f in self.fused_ops.items() if f),
+                why,
+            )
         for op, fused in self.fused_ops.items():
             if fused:
                 unfused(OP_NAMES[op], self.backend, why, ran="original", log=False)
@@ -196,17 +216,24 @@ class SwapWrapper(nn.Module):
         if active:
             state = "active now: the model is in training mode" if self.training else "inactive in eval mode"
             notes.append(f"dropout {', '.join(active)} ({state}); while training, calls run the original modules")
-        notes.append("under torch.autocast, calls run the original modules (the fused ops take one dtype: "
-                     "use model.to(dtype))")
+        notes.append(
+            "under torch.autocast, calls run the original modules (the fused ops take one dtype: use model.to(dtype))"
+        )
         if any(p.requires_grad for p in self.parameters()):
-            notes.append({"triton": "parameters require grad: under autograd the ops run the Triton forward and "
-                                    "backward kernels",
-                          "cuda": "parameters require grad: under autograd the cuda backend raises (forward-only "
-                                  "kernels); run under torch.no_grad() / torch.inference_mode(), or fuse with "
-                                  "backend='triton' for training",
-                          }.get(self.backend, "parameters require grad: under autograd the ops take the torch path "
-                                              "(auto does not pick the unmeasured backward kernels); run under "
-                                              "torch.no_grad() / torch.inference_mode() for the fused kernels"))
+            notes.append(
+                {
+                    "triton": "parameters require grad: under autograd the ops run the Triton forward and "
+                    "backward kernels",
+                    "cuda": "parameters require grad: under autograd the cuda backend raises (forward-only "
+                    "kernels); run under torch.no_grad() / torch.inference_mode(), or fuse with "
+                    "backend='triton' for training",
+                }.get(
+                    self.backend,
+                    "parameters require grad: under autograd the ops take the torch path "
+                    "(auto does not pick the unmeasured backward kernels); run under "
+                    "torch.no_grad() / torch.inference_mode() for the fused kernels",
+                )
+            )
         return notes
 
     def report_entries(self) -> List[ReportEntry]:
@@ -215,6 +242,7 @@ class SwapWrapper(nn.Module):
 
     def __prepare_scriptable__(self):
         from .. import library
+
         library.refuse_torchscript(self)
 
     def extra_repr(self) -> str:

@@ -4,6 +4,7 @@ Importing a module here imports triton: on CPU tensors set TRITON_INTERPRET=1 fi
 interpreter is on, its launches are serialized across threads (it is not thread-safe; see
 :mod:`.interpreter`).
 """
+
 from .interpreter import serialize_launches
 
 

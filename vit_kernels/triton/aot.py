@@ -11,14 +11,22 @@ running them, and :func:`launch_spec` turns a captured call into an :class:`AotS
 own binder (``triton.runtime.jit.create_function_from_signature`` and ``JITFunction._pack_args``,
 the two steps ``JITFunction.run`` takes before it compiles).
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ..arch import (MAX_BLOCKS_PER_SM, MAX_WARPS_PER_SM, REG_ALLOC_UNIT, REGS_PER_SM, SHARED_PER_BLOCK, SHARED_PER_SM,
-                    SHARED_RESERVED)
+from ..arch import (
+    MAX_BLOCKS_PER_SM,
+    MAX_WARPS_PER_SM,
+    REG_ALLOC_UNIT,
+    REGS_PER_SM,
+    SHARED_PER_BLOCK,
+    SHARED_PER_SM,
+    SHARED_RESERVED,
+)
 
 # The shape the report compiles at, stated once: ViT-B/16 at 224 px and batch 32 (197 tokens,
 # dim 768, 12 heads of 64). Specialization depends only on which sizes, strides and pointers are
@@ -86,10 +94,12 @@ def dtype_name(dtype) -> str:
 # ---------------------------------------------------------------------------------------------
 # Recording launches and specializing them with Triton's own rules.
 
+
 @dataclasses.dataclass
 class Launch:
     """One captured ``kernel[grid](*args, **kwargs)`` call."""
-    fn: Any            # the JITFunction (or InterpretedFunction under TRITON_INTERPRET=1)
+
+    fn: Any  # the JITFunction (or InterpretedFunction under TRITON_INTERPRET=1)
     args: tuple
     kwargs: dict
     grid: Any
@@ -104,10 +114,12 @@ def record_launches():
     from triton.runtime.jit import JITFunction
 
     from ..backends import interpreter_enabled
+
     if interpreter_enabled():
         # The interpreter's bf16 probe reads a kernel's results and caches its verdict: run it now,
         # not while launches are only recorded.
         from .interpreter import bf16_flaw
+
         bf16_flaw()
     launches: List[Launch] = []
 
@@ -131,17 +143,22 @@ def _jit_function(fn):
     """A JITFunction for ``fn``: itself, or, for an InterpretedFunction, one built from the same
     Python function with the same specialization options (building it compiles nothing)."""
     from triton.runtime.jit import JITFunction
+
     if isinstance(fn, JITFunction):
         return fn
     if id(fn) not in _JIT_OF:
-        opts = {k: v for k, v in getattr(fn, "kwargs", {}).items()
-                if k in ("do_not_specialize", "do_not_specialize_on_alignment")}
+        opts = {
+            k: v
+            for k, v in getattr(fn, "kwargs", {}).items()
+            if k in ("do_not_specialize", "do_not_specialize_on_alignment")
+        }
         _JIT_OF[id(fn)] = JITFunction(fn.fn, **opts)
     return _JIT_OF[id(fn)]
 
 
 def _is_int_arg(fn, name: str) -> bool:
     import inspect as _inspect
+
     p = _inspect.signature(getattr(fn, "fn", fn)).parameters[name]
     return "constexpr" not in str(p.annotation)
 
@@ -158,8 +175,7 @@ def specialize(launch: Launch, arch: int = 90):
     backend = make_backend(GPUTarget("cuda", arch, 32))
     binder = create_function_from_signature(jit.signature, jit.params, backend)
     bound_args, specialization, options = binder(*launch.args, **launch.kwargs)
-    options, signature, constexprs, attrs = jit._pack_args(backend, launch.kwargs, bound_args, specialization,
-                                                           options)
+    options, signature, constexprs, attrs = jit._pack_args(backend, launch.kwargs, bound_args, specialization, options)
     names = jit.arg_names
     constexprs = {names[k[0]]: v for k, v in constexprs.items()}
     attrs = {names[k[0]]: v for k, v in attrs.items()}
@@ -172,18 +188,39 @@ def launch_options(launch: Launch) -> Dict[str, Any]:
     return {k: v for k, v in launch.kwargs.items() if k not in names}
 
 
-def launch_spec(kernel: str, launch: Launch, config: str, has_dot: bool, archs: Tuple[int, ...] = (80, 90),
-                shape: str = "") -> AotSpec:
+def launch_spec(
+    kernel: str, launch: Launch, config: str, has_dot: bool, archs: Tuple[int, ...] = (80, 90), shape: str = ""
+) -> AotSpec:
     """The AotSpec that compiles exactly what ``launch`` compiles."""
     signature, constexprs, attrs, options = specialize(launch)
     opts = launch_options(launch)
     divisible = tuple(n for n, a in attrs.items() if ["tt.divisibility", 16] in a)
-    return AotSpec(kernel, _jit_function(launch.fn), signature, constexprs, options.num_warps, options.num_stages,
-                   config, has_dot, tuple(archs), divisible, attrs, opts, shape)
+    return AotSpec(
+        kernel,
+        _jit_function(launch.fn),
+        signature,
+        constexprs,
+        options.num_warps,
+        options.num_stages,
+        config,
+        has_dot,
+        tuple(archs),
+        divisible,
+        attrs,
+        opts,
+        shape,
+    )
 
 
-def recorded_spec(kernel: str, fn, call: Callable[[], Any], config: str, has_dot: bool,
-                  archs: Tuple[int, ...] = (80, 90), shape: str = "") -> AotSpec:
+def recorded_spec(
+    kernel: str,
+    fn,
+    call: Callable[[], Any],
+    config: str,
+    has_dot: bool,
+    archs: Tuple[int, ...] = (80, 90),
+    shape: str = "",
+) -> AotSpec:
     """Run ``call()`` (a host launcher on empty CPU tensors) with launches recorded, and return the
     AotSpec of its one launch of ``fn`` (other kernels it launches, e.g. row statistics, are left
     to their own module's aot_specs)."""
@@ -191,27 +228,49 @@ def recorded_spec(kernel: str, fn, call: Callable[[], Any], config: str, has_dot
         call()
     mine = [la for la in launches if getattr(la.fn, "fn", None) is getattr(fn, "fn", fn)]
     if len(mine) != 1:
-        raise RuntimeError(f"{kernel}: expected one launch of {getattr(fn, '__name__', fn)}, recorded "
-                           f"{[getattr(la.fn, '__name__', '?') for la in launches]}")
+        raise RuntimeError(
+            f"{kernel}: expected one launch of {getattr(fn, '__name__', fn)}, recorded "
+            f"{[getattr(la.fn, '__name__', '?') for la in launches]}"
+        )
     return launch_spec(kernel, mine[0], config, has_dot, archs, shape)
 
 
 def spec_key(spec: AotSpec) -> tuple:
     """What decides the compiled code: the kernel, its signature, constants, attributes, options."""
+
     def frozen(d):
         return tuple(sorted((k, repr(v)) for k, v in d.items()))
+
     fn = getattr(spec.fn, "fn", spec.fn)
-    return (f"{fn.__module__}.{fn.__qualname__}", frozen(spec.signature), frozen(spec.constexprs),
-            frozen(spec.attrs or {n: [["tt.divisibility", 16]] for n in spec.divisible_by_16}),
-            spec.num_warps, spec.num_stages, frozen(spec.options))
+    return (
+        f"{fn.__module__}.{fn.__qualname__}",
+        frozen(spec.signature),
+        frozen(spec.constexprs),
+        frozen(spec.attrs or {n: [["tt.divisibility", 16]] for n in spec.divisible_by_16}),
+        spec.num_warps,
+        spec.num_stages,
+        frozen(spec.options),
+    )
 
 
 def launch_key(launch: Launch) -> tuple:
     """spec_key of what ``launch`` compiles."""
     signature, constexprs, attrs, options = specialize(launch)
     fn = _jit_function(launch.fn)
-    return spec_key(AotSpec("", fn, signature, constexprs, options.num_warps, options.num_stages, "", False,
-                            attrs=attrs, options=launch_options(launch)))
+    return spec_key(
+        AotSpec(
+            "",
+            fn,
+            signature,
+            constexprs,
+            options.num_warps,
+            options.num_stages,
+            "",
+            False,
+            attrs=attrs,
+            options=launch_options(launch),
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +282,7 @@ def _tool(name: str) -> str:
     import os
 
     import triton
+
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
@@ -237,18 +297,23 @@ def cubin_facts(cubin: bytes, kernel_name: str) -> Dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        res = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
+        res = subprocess.run(
+            [_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
     if m is None:
         raise RuntimeError(f"cuobjdump -res-usage printed no resource line for {kernel_name}:\n{res}")
     regs, stack, shared, local = map(int, m.groups())
     tc = sorted(set(re.findall(r"\b(HGMMA|HMMA|IMMA|UTCHMMA|UTCMMA)\b", sass)))
     copies = sorted(set(re.findall(r"\b(LDGSTS|UTMALDG|UBLKCP|UTMASTG)\b", sass)))
-    return {"regs": regs, "spill_bytes": stack + local, "static_shared_bytes": shared,
-            "tensor_core_instructions": tc, "sass_copy_instructions": copies}
+    return {
+        "regs": regs,
+        "spill_bytes": stack + local,
+        "static_shared_bytes": shared,
+        "tensor_core_instructions": tc,
+        "sass_copy_instructions": copies,
+    }
 
 
 def ptx_facts(ptx: str) -> Dict[str, Any]:
@@ -257,6 +322,7 @@ def ptx_facts(ptx: str) -> Dict[str, Any]:
     (cp.async), and the widest global load (ld.global or cp.async) and store in bits (128: 16-byte
     vectors; 16 or 32: scalar loads of one element)."""
     import re
+
     kind = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if re.search(r"\bmma\.sync\b", ptx) else "-"
 
     def widest(op: str) -> int:
@@ -265,11 +331,19 @@ def ptx_facts(ptx: str) -> Dict[str, Any]:
             best = max(best, int(vec or 1) * int(bits))
         return best
 
-    cp_async = re.findall(r"\bcp\.async\.c[ag]\.shared\.global(?:\.[a-z0-9_:]+)*\s*\[[^\]]*\],\s*\[[^\]]*\],"
-                          r"\s*(0x[0-9a-fA-F]+|\d+)", ptx)
+    cp_async = re.findall(
+        r"\bcp\.async\.c[ag]\.shared\.global(?:\.[a-z0-9_:]+)*\s*\[[^\]]*\],\s*\[[^\]]*\],"
+        r"\s*(0x[0-9a-fA-F]+|\d+)",
+        ptx,
+    )
     cp_bits = max((8 * int(n, 0) for n in cp_async), default=0)
-    return {"mma": kind, "tma": "cp.async.bulk.tensor" in ptx, "cp_async": bool(cp_async),
-            "load_bits": max(widest("ld"), cp_bits), "store_bits": widest("st")}
+    return {
+        "mma": kind,
+        "tma": "cp.async.bulk.tensor" in ptx,
+        "cp_async": bool(cp_async),
+        "load_bits": max(widest("ld"), cp_bits),
+        "store_bits": widest("st"),
+    }
 
 
 def blocks_per_sm(arch: int, regs: int, shared_bytes: int, num_warps: int) -> Dict[str, Any]:
@@ -277,12 +351,14 @@ def blocks_per_sm(arch: int, regs: int, shared_bytes: int, num_warps: int) -> Di
     calculator's rules: registers allocated per warp in units of 256, 1 KB of shared memory reserved
     per block), the limiting resource, and the warps per SM that gives."""
     regs_per_warp = -(-max(regs, 1) * 32 // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
-    limits = {"regs": (REGS_PER_SM // regs_per_warp) // num_warps,
-              "shared": SHARED_PER_SM[arch] // (shared_bytes + SHARED_RESERVED),
-              "warps": MAX_WARPS_PER_SM // num_warps, "blocks": MAX_BLOCKS_PER_SM}
+    limits = {
+        "regs": (REGS_PER_SM // regs_per_warp) // num_warps,
+        "shared": SHARED_PER_SM[arch] // (shared_bytes + SHARED_RESERVED),
+        "warps": MAX_WARPS_PER_SM // num_warps,
+        "blocks": MAX_BLOCKS_PER_SM,
+    }
     blocks = min(limits.values())
-    return {"blocks_per_sm": blocks, "occupancy_limit": min(limits, key=limits.get),
-            "warps_per_sm": blocks * num_warps}
+    return {"blocks_per_sm": blocks, "occupancy_limit": min(limits, key=limits.get), "warps_per_sm": blocks * num_warps}
 
 
 def compile_spec(spec: AotSpec, arch: int) -> Dict[str, Any]:
@@ -301,13 +377,23 @@ def compile_spec(spec: AotSpec, arch: int) -> Dict[str, Any]:
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     facts = cubin_facts(compiled.asm["cubin"], spec.kernel)
     shared = int(compiled.metadata.shared) + facts.pop("static_shared_bytes")
-    row = {"kernel": spec.kernel, "backend": "triton", "arch": f"sm_{arch}", "config": spec.config,
-           "num_warps": spec.num_warps, "num_stages": spec.num_stages, "regs": facts["regs"],
-           "spill_bytes": facts["spill_bytes"], "shared_bytes": shared,
-           "shared_limit_bytes": SHARED_PER_BLOCK[arch], "has_dot": spec.has_dot,
-           "tensor_core_instructions": facts["tensor_core_instructions"],
-           "sass_copy_instructions": facts["sass_copy_instructions"],
-           "specialization": spec.specialization(), "shape": spec.shape}
+    row = {
+        "kernel": spec.kernel,
+        "backend": "triton",
+        "arch": f"sm_{arch}",
+        "config": spec.config,
+        "num_warps": spec.num_warps,
+        "num_stages": spec.num_stages,
+        "regs": facts["regs"],
+        "spill_bytes": facts["spill_bytes"],
+        "shared_bytes": shared,
+        "shared_limit_bytes": SHARED_PER_BLOCK[arch],
+        "has_dot": spec.has_dot,
+        "tensor_core_instructions": facts["tensor_core_instructions"],
+        "sass_copy_instructions": facts["sass_copy_instructions"],
+        "specialization": spec.specialization(),
+        "shape": spec.shape,
+    }
     row.update(ptx_facts(compiled.asm["ptx"]))
     row.update(blocks_per_sm(arch, row["regs"], shared, spec.num_warps))
     return row

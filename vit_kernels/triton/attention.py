@@ -13,6 +13,7 @@ tests ask for against float64; "ieee" would leave the tensor cores unused.
 
 The row log-sum-exp (natural log, of ``scale * q . k``) can be kept for a backward pass.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
@@ -30,26 +31,41 @@ LOG2E = 1.4426950408889634
 # The dot precision used for fp32 inputs (fp16/bf16 dots ignore it). Asserted by the tests.
 FP32_DOT_PRECISION = "tf32x3"
 DTYPES = KERNEL_DTYPES  # vit_kernels.dtypes
-HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)   # BLOCK_D: next power of two of head_dim
+HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)  # BLOCK_D: next power of two of head_dim
 
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE,                       # Q: (B, H, NQ, D); K, V: (B, H, NKV, D); O: (B, H, NQ, D); LSE: (B, H, NQ) fp32
-    stride_qb, stride_qh, stride_qn,       # strides in elements; the last dim of Q, K, V, O has stride 1
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_on,
-    H, NQ, NKV,                            # heads, query tokens, key/value tokens
-    qk_scale,                              # scale * log2(e), fp32
-    HEAD_DIM: tl.constexpr,                # D
-    BLOCK_D0: tl.constexpr,                # first head-dim chunk: columns 0 .. BLOCK_D0 (power of two)
-    BLOCK_D1: tl.constexpr,                # second chunk: columns BLOCK_D0 .. BLOCK_D0 + BLOCK_D1; 0: none
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,  # Q: (B, H, NQ, D); K, V: (B, H, NKV, D); O: (B, H, NQ, D); LSE: (B, H, NQ) fp32
+    stride_qb,
+    stride_qh,
+    stride_qn,  # strides in elements; the last dim of Q, K, V, O has stride 1
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_on,
+    H,
+    NQ,
+    NKV,  # heads, query tokens, key/value tokens
+    qk_scale,  # scale * log2(e), fp32
+    HEAD_DIM: tl.constexpr,  # D
+    BLOCK_D0: tl.constexpr,  # first head-dim chunk: columns 0 .. BLOCK_D0 (power of two)
+    BLOCK_D1: tl.constexpr,  # second chunk: columns BLOCK_D0 .. BLOCK_D0 + BLOCK_D1; 0: none
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     STORE_LSE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,         # dot precision for fp32 inputs ("tf32x3")
+    INPUT_PRECISION: tl.constexpr,  # dot precision for fp32 inputs ("tf32x3")
 ):
-    pid_bh = tl.program_id(0)              # batch * heads on axis 0 (up to 2**31 - 1 programs)
+    pid_bh = tl.program_id(0)  # batch * heads on axis 0 (up to 2**31 - 1 programs)
     pid_m = tl.program_id(1)
     # int64 offsets: batch * heads * tokens * head_dim can pass 2**31.
     b = (pid_bh // H).to(tl.int64)
@@ -70,14 +86,14 @@ def _attn_fwd_kernel(
     o_base = tl.multiple_of(O + b * stride_ob + h * stride_oh, 16)
     q_rows = tl.multiple_of(offs_m.to(tl.int64) * stride_qn, 8)
     q = tl.load(q_base + q_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
-    if BLOCK_D1 > 0:   # head_dim 72 / 80 as 64 + 16 (two dots), not one dot padded to 128
+    if BLOCK_D1 > 0:  # head_dim 72 / 80 as 64 + 16 (two dots), not one dot padded to 128
         offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
         mask_d1 = offs_d1 < HEAD_DIM
         q1 = tl.load(q_base + q_rows[:, None] + offs_d1[None, :], mask=mask_m[:, None] & mask_d1[None, :], other=0.0)
         acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)   # running row max (log2 domain)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                  # running row sum of exp2
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 domain)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2
     acc = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
 
     # Every tile is masked the same way (a separate unmasked loop for the full tiles doubled the
@@ -110,7 +126,7 @@ def _attn_fwd_kernel(
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    o_ptrs = o_base + tl.multiple_of(offs_m.to(tl.int64) * stride_on, 8)[:, None]   # (BLOCK_M, 1) row starts
+    o_ptrs = o_base + tl.multiple_of(offs_m.to(tl.int64) * stride_on, 8)[:, None]  # (BLOCK_M, 1) row starts
     tl.store(o_ptrs + offs_d[None, :], acc.to(O.dtype.element_ty), mask=q_mask)
     if BLOCK_D1 > 0:
         acc1 = acc1 / l_i[:, None]
@@ -146,7 +162,8 @@ _CONFIGS = {
 # (:func:`padded_work`); the measurement decides which wins.
 _HALF_TUNE = ((64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3))
 TUNE_CONFIGS: Dict[int, Dict[Tuple[bool, int], Tuple[Tuple[int, int, int, int], ...]]] = {
-    arch: {(False, bd): _HALF_TUNE for bd in (16, 32, 64, 128)} for arch in (80, 90)}
+    arch: {(False, bd): _HALF_TUNE for bd in (16, 32, 64, 128)} for arch in (80, 90)
+}
 
 
 def tune_configs(dtype: torch.dtype, head_dim: int, arch: int) -> Tuple[Tuple[int, int, int, int], ...]:
@@ -173,8 +190,9 @@ def dim_chunks(head_dim: int, dtype: torch.dtype = torch.float16) -> Tuple[int, 
     return (d0, d1) if d0 + d1 < bd else (bd, 0)
 
 
-def padded_work(tokens: int, block_m: int, block_n: int, head_dim: int = 0,
-                dtype: torch.dtype = torch.float16) -> float:
+def padded_work(
+    tokens: int, block_m: int, block_n: int, head_dim: int = 0, dtype: torch.dtype = torch.float16
+) -> float:
     """The MMA work a (block_m, block_n) tiling does over the useful work at ``tokens`` query and key
     tokens (1.0: no padding); with head_dim, the head-dim padding of :func:`dim_chunks` counted too."""
     rows = cdiv(tokens, block_m) * block_m
@@ -211,13 +229,23 @@ def check_aligned(name: str, t: Tensor) -> None:
     whose last dim is a multiple of 8). Rejected, not copied: call .contiguous() to pass."""
     bad = [s for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1 and s % 8 != 0]
     if bad or t.data_ptr() % 16 != 0:
-        raise ValueError(f"{name}: expected a 16-byte aligned data pointer and strides that are multiples of 8 "
-                         f"elements (except the last), got strides {t.stride()} and data_ptr % 16 = "
-                         f"{t.data_ptr() % 16}; pass {name}.contiguous()")
+        raise ValueError(
+            f"{name}: expected a 16-byte aligned data pointer and strides that are multiples of 8 "
+            f"elements (except the last), got strides {t.stride()} and data_ptr % 16 = "
+            f"{t.data_ptr() % 16}; pass {name}.contiguous()"
+        )
 
 
-def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, *, out: Optional[Tensor] = None,
-                            return_lse: bool = False, attention_config: Optional[Tuple[int, int, int, int]] = None):
+def flash_attention_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    *,
+    out: Optional[Tensor] = None,
+    return_lse: bool = False,
+    attention_config: Optional[Tuple[int, int, int, int]] = None,
+):
     """softmax(scale * q k^T) v, non-causal, with the Triton kernel.
 
     q: (batch, heads, q_tokens, head_dim); k, v: (batch, heads, kv_tokens, head_dim); any strides
@@ -253,21 +281,43 @@ def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, *, ou
         grid = (B * H, cdiv(NQ, BLOCK_M))
         chunks = dim_chunks(D, q.dtype)
         _attn_fwd_kernel[grid](
-            q, k, v, out, lse if return_lse else out,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            H, NQ, NKV, float(scale) * LOG2E,
-            HEAD_DIM=D, BLOCK_D0=chunks[0], BLOCK_D1=chunks[1], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            STORE_LSE=return_lse, INPUT_PRECISION=FP32_DOT_PRECISION,
-            num_warps=num_warps, num_stages=num_stages,
+            q,
+            k,
+            v,
+            out,
+            lse if return_lse else out,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            H,
+            NQ,
+            NKV,
+            float(scale) * LOG2E,
+            HEAD_DIM=D,
+            BLOCK_D0=chunks[0],
+            BLOCK_D1=chunks[1],
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            STORE_LSE=return_lse,
+            INPUT_PRECISION=FP32_DOT_PRECISION,
+            num_warps=num_warps,
+            num_stages=num_stages,
         )
     return (out, lse) if return_lse else out
 
 
-def aot_spec(dtype: torch.dtype, head_dim: int, store_lse: bool = False, attention_config=None,
-             archs=(80, 90)) -> AotSpec:
+def aot_spec(
+    dtype: torch.dtype, head_dim: int, store_lse: bool = False, attention_config=None, archs=(80, 90)
+) -> AotSpec:
     """The launch flash_attention_forward makes for ``dtype`` and ``head_dim``, recorded as the
     split qkv_attention path calls it (q, k, v: views of one (3, B, H, N, head_dim) buffer; out:
     a (B, N, H * head_dim) buffer viewed as (B, H, N, head_dim)) at aot.REPRESENTATIVE's batch,
@@ -278,14 +328,30 @@ def aot_spec(dtype: torch.dtype, head_dim: int, store_lse: bool = False, attenti
     out = torch.empty(B, N, H * head_dim, dtype=dtype).view(B, N, H, head_dim).transpose(1, 2)
     BLOCK_M, BLOCK_N, num_warps, num_stages = attention_config or kernel_config(dtype, head_dim)
     d0, d1 = dim_chunks(head_dim, dtype)
-    label = (f"head_dim={head_dim},BLOCK_D={d0}" + (f"+{d1}" if d1 else "") + f",BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},"
-             f"{dtype_name(dtype)},lse={int(store_lse)}")
+    label = (
+        f"head_dim={head_dim},BLOCK_D={d0}" + (f"+{d1}" if d1 else "") + f",BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},"
+        f"{dtype_name(dtype)},lse={int(store_lse)}"
+    )
     if attention_config is not None:
         label += f",num_warps={num_warps},num_stages={num_stages},tuning"
-    call = lambda: flash_attention_forward(qkv[0], qkv[1], qkv[2], 1.0, out=out,  # noqa: E731
-                                           return_lse=store_lse, attention_config=attention_config)
-    return recorded_spec("flash_attention_fwd", _attn_fwd_kernel, call, label, True, tuple(archs),
-                         shape=f"B={B},H={H},N={N},head_dim={head_dim},merged-head out")
+    call = lambda: flash_attention_forward(
+        qkv[0],
+        qkv[1],
+        qkv[2],
+        1.0,
+        out=out,  # noqa: E731
+        return_lse=store_lse,
+        attention_config=attention_config,
+    )
+    return recorded_spec(
+        "flash_attention_fwd",
+        _attn_fwd_kernel,
+        call,
+        label,
+        True,
+        tuple(archs),
+        shape=f"B={B},H={H},N={N},head_dim={head_dim},merged-head out",
+    )
 
 
 # head_dim values aot_specs() compiles: each BLOCK_D bucket's power of two plus the non powers of
@@ -302,8 +368,7 @@ TUNE_HEAD_DIMS = (16, 32, 48, 64, 72, 80, 128, 256)
 def aot_specs() -> List[AotSpec]:
     """The configurations flash_attention_forward launches: dtype x head_dim (AOT_HEAD_DIMS, which
     covers every BLOCK_D bucket, i.e. every block config, and every head-dim split) x LSE kept or not."""
-    specs = [aot_spec(dtype, hd, store_lse) for dtype in DTYPES for hd in AOT_HEAD_DIMS
-             for store_lse in (False, True)]
+    specs = [aot_spec(dtype, hd, store_lse) for dtype in DTYPES for hd in AOT_HEAD_DIMS for store_lse in (False, True)]
     # each tuning alternative, at TUNE_HEAD_DIMS, without LSE
     for dtype in DTYPES:
         for hd in TUNE_HEAD_DIMS:

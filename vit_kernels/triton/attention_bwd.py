@@ -26,6 +26,7 @@ Precision: tiles accumulate in fp32; P and dS are rounded to the input dtype bef
 (as FlashAttention does for fp16/bf16). fp32 inputs use ``input_precision="tf32x3"`` as the
 forward; float64 (accepted for ``torch.autograd.gradcheck``) uses "ieee".
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -49,11 +50,20 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    O, DO, DELTA,                          # O, DO: (B, H, NQ, D); DELTA: (B, H, NQ) fp32 out
-    stride_ob, stride_oh, stride_on,
-    stride_gb, stride_gh, stride_gn,       # strides of DO
-    H, NQ,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    O,
+    DO,
+    DELTA,  # O, DO: (B, H, NQ, D); DELTA: (B, H, NQ) fp32 out
+    stride_ob,
+    stride_oh,
+    stride_on,
+    stride_gb,
+    stride_gh,
+    stride_gn,  # strides of DO
+    H,
+    NQ,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
@@ -62,27 +72,54 @@ def _attn_bwd_delta_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < NQ)[:, None] & (offs_d < HEAD_DIM)[None, :]
     rows = offs_m.to(tl.int64)
-    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_gb + h * stride_gh + rows[:, None] * stride_gn + offs_d[None, :],
-                 mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(
+        O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :], mask=mask, other=0.0
+    ).to(tl.float32)
+    do = tl.load(
+        DO + b * stride_gb + h * stride_gh + rows[:, None] * stride_gn + offs_d[None, :], mask=mask, other=0.0
+    ).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * NQ + offs_m, tl.sum(o * do, axis=1), mask=offs_m < NQ)
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,       # Q, DO: (B, H, NQ, D); K, V, DK, DV: (B, H, NKV, D); LSE, DELTA: (B, H, NQ) fp32
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_gb, stride_gh, stride_gn,       # strides of DO
-    stride_dkb, stride_dkh, stride_dkn,
-    stride_dvb, stride_dvh, stride_dvn,
-    H, NQ, NKV,
-    qk_scale,                              # scale * log2(e)
-    scale,                                 # the softmax scale (dK = scale * dS^T Q)
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,   # fp32 accumulators, fp64 for float64 inputs
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,  # Q, DO: (B, H, NQ, D); K, V, DK, DV: (B, H, NKV, D); LSE, DELTA: (B, H, NQ) fp32
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_gb,
+    stride_gh,
+    stride_gn,  # strides of DO
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    H,
+    NQ,
+    NKV,
+    qk_scale,  # scale * log2(e)
+    scale,  # the softmax scale (dK = scale * dS^T Q)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    ACC: tl.constexpr,  # fp32 accumulators, fp64 for float64 inputs
 ):
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
@@ -111,7 +148,7 @@ def _attn_bwd_dkdv_kernel(
         do = tl.load(do_base + m64[:, None] * stride_gn + offs_d[None, :], mask=q_mask, other=0.0)
         lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale      # (BLOCK_M, BLOCK_N)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s - lse[:, None])
         p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
@@ -119,26 +156,54 @@ def _attn_bwd_dkdv_kernel(
         ds = p * (dp - delta[:, None])
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
     dk = dk * scale
-    tl.store(DK + b * stride_dkb + h * stride_dkh + n64[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * stride_dvb + h * stride_dvh + n64[:, None] * stride_dvn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(
+        DK + b * stride_dkb + h * stride_dkh + n64[:, None] * stride_dkn + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(
+        DV + b * stride_dvb + h * stride_dvh + n64[:, None] * stride_dvn + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=kv_mask,
+    )
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,           # Q, DO, DQ: (B, H, NQ, D); K, V: (B, H, NKV, D); LSE, DELTA: (B, H, NQ) fp32
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_gb, stride_gh, stride_gn,       # strides of DO
-    stride_dqb, stride_dqh, stride_dqn,
-    H, NQ, NKV,
-    qk_scale,                              # scale * log2(e)
-    dq_scale,                              # the softmax scale times the caller's extra factor
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,   # fp32 accumulators, fp64 for float64 inputs
-    DELTA_FROM_P: tl.constexpr,            # compute (and store) delta here instead of reading it
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,  # Q, DO, DQ: (B, H, NQ, D); K, V: (B, H, NKV, D); LSE, DELTA: (B, H, NQ) fp32
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_gb,
+    stride_gh,
+    stride_gn,  # strides of DO
+    stride_dqb,
+    stride_dqh,
+    stride_dqn,
+    H,
+    NQ,
+    NKV,
+    qk_scale,  # scale * log2(e)
+    dq_scale,  # the softmax scale times the caller's extra factor
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    ACC: tl.constexpr,  # fp32 accumulators, fp64 for float64 inputs
+    DELTA_FROM_P: tl.constexpr,  # compute (and store) delta here instead of reading it
 ):
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
@@ -151,8 +216,9 @@ def _attn_bwd_dq_kernel(
     q_mask = mask_m[:, None] & mask_d[None, :]
     m64 = offs_m.to(tl.int64)
     q = tl.load(Q + b * stride_qb + h * stride_qh + m64[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + b * stride_gb + h * stride_gh + m64[:, None] * stride_gn + offs_d[None, :],
-                 mask=q_mask, other=0.0)
+    do = tl.load(
+        DO + b * stride_gb + h * stride_gh + m64[:, None] * stride_gn + offs_d[None, :], mask=q_mask, other=0.0
+    )
     row_base = pid_bh.to(tl.int64) * NQ
     lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
     k_base = K + b * stride_kb + h * stride_kh
@@ -191,8 +257,11 @@ def _attn_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
     dq = dq * dq_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + m64[:, None] * stride_dqn + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(
+        DQ + b * stride_dqb + h * stride_dqh + m64[:, None] * stride_dqn + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=q_mask,
+    )
 
 
 # (is half precision, BLOCK_D) -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for both kernels. Not timed
@@ -201,10 +270,16 @@ def _attn_bwd_dq_kernel(
 # stop spilling (4 warps: 80-96 bytes). Not yet in inspect's TRITON_MODULES: its 49 specs on two archs
 # would add minutes of compiling to test_inspect, whose no-spill check the sm_80 dK/dV spill fails.
 _CONFIGS = {
-    (True, 16): (64, 64, 4, 2), (True, 32): (64, 64, 4, 2), (True, 64): (64, 64, 4, 2),
-    (True, 128): (64, 32, 8, 2), (True, 256): (32, 32, 8, 1),
-    (False, 16): (32, 32, 4, 1), (False, 32): (32, 32, 4, 1), (False, 64): (32, 32, 8, 1),
-    (False, 128): (32, 16, 4, 1), (False, 256): (16, 16, 8, 1),
+    (True, 16): (64, 64, 4, 2),
+    (True, 32): (64, 64, 4, 2),
+    (True, 64): (64, 64, 4, 2),
+    (True, 128): (64, 32, 8, 2),
+    (True, 256): (32, 32, 8, 1),
+    (False, 16): (32, 32, 4, 1),
+    (False, 32): (32, 32, 4, 1),
+    (False, 64): (32, 32, 8, 1),
+    (False, 128): (32, 16, 4, 1),
+    (False, 256): (16, 16, 8, 1),
 }
 DELTA_BLOCK_M = 64
 
@@ -223,11 +298,21 @@ def _check(name: str, t: Tensor, shape, ref: Tensor) -> None:
         raise ValueError(f"{name}: expected a unit stride in the last dim (head_dim), got strides {t.stride()}")
 
 
-def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                             scale: float, *, dq_scale: float = 1.0, dq: Optional[Tensor] = None,
-                             dk: Optional[Tensor] = None, dv: Optional[Tensor] = None,
-                             attention_config: Optional[Tuple[int, int, int, int]] = None
-                             ) -> Tuple[Tensor, Tensor, Tensor]:
+def flash_attention_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+    *,
+    dq_scale: float = 1.0,
+    dq: Optional[Tensor] = None,
+    dk: Optional[Tensor] = None,
+    dv: Optional[Tensor] = None,
+    attention_config: Optional[Tuple[int, int, int, int]] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
     """dQ, dK, dV of out = softmax(scale * q k^T) v, from the forward's out and row log-sum-exp.
 
     grad_out, q, out: (batch, heads, q_tokens, head_dim); k, v: (batch, heads, kv_tokens, head_dim);
@@ -247,13 +332,20 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     B, H, NQ, D = q.shape
     NKV = k.shape[2]
     check_head_dim(D)
-    for name, t, shape in (("k", k, (B, H, NKV, D)), ("v", v, (B, H, NKV, D)), ("out", out, q.shape),
-                           ("grad_out", grad_out, q.shape), ("q", q, q.shape)):
+    for name, t, shape in (
+        ("k", k, (B, H, NKV, D)),
+        ("v", v, (B, H, NKV, D)),
+        ("out", out, q.shape),
+        ("grad_out", grad_out, q.shape),
+        ("q", q, q.shape),
+    ):
         _check(name, t, shape, q)
     lse_dtypes = (torch.float32, torch.float64) if q.dtype == torch.float64 else (torch.float32,)
     if tuple(lse.shape) != (B, H, NQ) or lse.dtype not in lse_dtypes or not lse.is_contiguous():
-        raise ValueError(f"lse: expected a contiguous float32 tensor of shape {(B, H, NQ)} (float64 allowed for "
-                         f"float64 q), got {lse.dtype} {tuple(lse.shape)} strides {lse.stride()}")
+        raise ValueError(
+            f"lse: expected a contiguous float32 tensor of shape {(B, H, NQ)} (float64 allowed for "
+            f"float64 q), got {lse.dtype} {tuple(lse.shape)} strides {lse.stride()}"
+        )
     outs = []
     for name, t, shape in (("dq", dq, q.shape), ("dk", dk, k.shape), ("dv", dv, v.shape)):
         if t is None:
@@ -276,21 +368,69 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     delta_from_p = q.dtype in (torch.float16, torch.bfloat16)
     if not delta_from_p:
         _attn_bwd_delta_kernel[(B * H, cdiv(NQ, DELTA_BLOCK_M))](
-            out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], H, NQ,
-            HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=DELTA_BLOCK_M, num_warps=4)
+            out,
+            grad_out,
+            delta,
+            *out.stride()[:3],
+            *grad_out.stride()[:3],
+            H,
+            NQ,
+            HEAD_DIM=D,
+            BLOCK_D=BD,
+            BLOCK_M=DELTA_BLOCK_M,
+            num_warps=4,
+        )
     BLOCK_M, BLOCK_N, num_warps, num_stages = attention_config or kernel_config(q.dtype, D)
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
-    meta = dict(HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, INPUT_PRECISION=dot_precision(q.dtype),
-                ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
-                num_warps=num_warps, num_stages=num_stages)
+    meta = dict(
+        HEAD_DIM=D,
+        BLOCK_D=BD,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        INPUT_PRECISION=dot_precision(q.dtype),
+        ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     qk_scale = float(scale) * LOG2E
     # dQ first: with delta_from_p it computes delta, which the dK/dV kernel reads.
     _attn_bwd_dq_kernel[(B * H, cdiv(NQ, BLOCK_M))](
-        q, k, v, grad_out, lse, delta, dq, *common, *dq.stride()[:3],
-        H, NQ, NKV, qk_scale, float(scale) * float(dq_scale), DELTA_FROM_P=delta_from_p, **meta)
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        dq,
+        *common,
+        *dq.stride()[:3],
+        H,
+        NQ,
+        NKV,
+        qk_scale,
+        float(scale) * float(dq_scale),
+        DELTA_FROM_P=delta_from_p,
+        **meta,
+    )
     _attn_bwd_dkdv_kernel[(B * H, cdiv(NKV, BLOCK_N))](
-        q, k, v, grad_out, lse, delta, dk, dv, *common, *dk.stride()[:3], *dv.stride()[:3],
-        H, NQ, NKV, qk_scale, float(scale), **meta)
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        dk,
+        dv,
+        *common,
+        *dk.stride()[:3],
+        *dv.stride()[:3],
+        H,
+        NQ,
+        NKV,
+        qk_scale,
+        float(scale),
+        **meta,
+    )
     return dq, dk, dv
 
 
@@ -313,13 +453,28 @@ def aot_specs() -> List[AotSpec]:
             dqkv = torch.empty(B, N, 3, H, hd, dtype=dtype)
             lse = torch.empty(B, H, N, dtype=torch.float32)
             call = lambda: flash_attention_backward(  # noqa: E731
-                merged, qkv[0], qkv[1], qkv[2], merged, lse, 1.0, dq_scale=hd ** -0.5,
-                dq=dqkv[:, :, 0].transpose(1, 2), dk=dqkv[:, :, 1].transpose(1, 2), dv=dqkv[:, :, 2].transpose(1, 2))
+                merged,
+                qkv[0],
+                qkv[1],
+                qkv[2],
+                merged,
+                lse,
+                1.0,
+                dq_scale=hd**-0.5,
+                dq=dqkv[:, :, 0].transpose(1, 2),
+                dk=dqkv[:, :, 1].transpose(1, 2),
+                dv=dqkv[:, :, 2].transpose(1, 2),
+            )
             BLOCK_M, BLOCK_N, num_warps, num_stages = kernel_config(dtype, hd)
-            label = (f"head_dim={hd},BLOCK_D={block_d(hd)},BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},num_warps={num_warps},"
-                     f"num_stages={num_stages},{dtype_name(dtype)}")
+            label = (
+                f"head_dim={hd},BLOCK_D={block_d(hd)},BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},num_warps={num_warps},"
+                f"num_stages={num_stages},{dtype_name(dtype)}"
+            )
             shape = f"B={B},H={H},N={N},head_dim={hd},split qkv layout"
-            kernels = [("flash_attention_bwd_dq", _attn_bwd_dq_kernel), ("flash_attention_bwd_dkdv", _attn_bwd_dkdv_kernel)]
+            kernels = [
+                ("flash_attention_bwd_dq", _attn_bwd_dq_kernel),
+                ("flash_attention_bwd_dkdv", _attn_bwd_dkdv_kernel),
+            ]
             if dtype == torch.float32:
                 kernels.append(("flash_attention_bwd_delta", _attn_bwd_delta_kernel))
             for name, fn in kernels:

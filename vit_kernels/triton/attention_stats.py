@@ -15,6 +15,7 @@ The flash kernel (:mod:`vit_kernels.triton.attention`) keeps each query row's lo
 Both stream the keys in BLOCK_N tiles like the flash kernel and reuse its tile configuration and
 dot precision (tf32x3 for fp32).
 """
+
 from __future__ import annotations
 
 import math
@@ -36,15 +37,30 @@ LOG2E = attention.LOG2E
 
 @triton.jit
 def _attn_probs_kernel(
-    Q, K, LSE, P, ROWS,                    # Q: (B, H, NQ, D); K: (B, H, NKV, D); LSE: (B, H, NQ) fp32;
-                                           # P: (B, H, R, NKV); ROWS: (R,) int32 query row of each P row
-    stride_qb, stride_qh, stride_qn,       # strides in elements; the last dim of Q, K has stride 1
-    stride_kb, stride_kh, stride_kn,
-    stride_pb, stride_ph, stride_pr,       # P's last dim has stride 1
-    H, NQ, R, NKV,
-    qk_scale,                              # scale * log2(e), fp32
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    LSE,
+    P,
+    ROWS,  # Q: (B, H, NQ, D); K: (B, H, NKV, D); LSE: (B, H, NQ) fp32;
+    # P: (B, H, R, NKV); ROWS: (R,) int32 query row of each P row
+    stride_qb,
+    stride_qh,
+    stride_qn,  # strides in elements; the last dim of Q, K has stride 1
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_pb,
+    stride_ph,
+    stride_pr,  # P's last dim has stride 1
+    H,
+    NQ,
+    R,
+    NKV,
+    qk_scale,  # scale * log2(e), fp32
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -52,25 +68,31 @@ def _attn_probs_kernel(
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
 
-    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # rows of P
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of P
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_r = offs_r < R
     mask_d = offs_d < HEAD_DIM
-    qrow = tl.load(ROWS + offs_r, mask=mask_r, other=0).to(tl.int64)   # query row of each P row
+    qrow = tl.load(ROWS + offs_r, mask=mask_r, other=0).to(tl.int64)  # query row of each P row
 
     # Q and K were checked by the flash launcher: 16-byte aligned, strides multiples of 8 elements.
     q_base = tl.multiple_of(Q + b * stride_qb + h * stride_qh, 16)
-    q = tl.load(q_base + tl.multiple_of(qrow * stride_qn, 8)[:, None] + offs_d[None, :],
-                mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+    q = tl.load(
+        q_base + tl.multiple_of(qrow * stride_qn, 8)[:, None] + offs_d[None, :],
+        mask=mask_r[:, None] & mask_d[None, :],
+        other=0.0,
+    )
     lse2 = tl.load(LSE + pid_bh.to(tl.int64) * NQ + qrow, mask=mask_r, other=0.0) * 1.4426950408889634
     k_base = tl.multiple_of(K + b * stride_kb + h * stride_kh, 16)
     p_base = P + b * stride_pb + h * stride_ph + offs_r.to(tl.int64)[:, None] * stride_pr
     for start_n in range(0, NKV, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < NKV
-        k = tl.load(k_base + tl.multiple_of(cols.to(tl.int64) * stride_kn, 8)[:, None] + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        k = tl.load(
+            k_base + tl.multiple_of(cols.to(tl.int64) * stride_kn, 8)[:, None] + offs_d[None, :],
+            mask=mask_n[:, None] & mask_d[None, :],
+            other=0.0,
+        )
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         tl.store(p_base + cols[None, :], p.to(P.dtype.element_ty), mask=mask_r[:, None] & mask_n[None, :])
@@ -78,15 +100,27 @@ def _attn_probs_kernel(
 
 @triton.jit
 def _attn_distance_kernel(
-    Q, K, LSE, DIST,                       # Q: (B, H, N, D); K: (B, H, N, D); LSE: (B, H, N) fp32;
-                                           # DIST: (B, H, N - PREFIX) fp32, per query patch
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    H, N, PREFIX, GRID_W,                  # tokens, prefix tokens, patches per grid row
-    qk_scale,                              # scale * log2(e), fp32
-    patch_size,                            # pixels per patch, fp32
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    LSE,
+    DIST,  # Q: (B, H, N, D); K: (B, H, N, D); LSE: (B, H, N) fp32;
+    # DIST: (B, H, N - PREFIX) fp32, per query patch
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    H,
+    N,
+    PREFIX,
+    GRID_W,  # tokens, prefix tokens, patches per grid row
+    qk_scale,  # scale * log2(e), fp32
+    patch_size,  # pixels per patch, fp32
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -95,15 +129,18 @@ def _attn_distance_kernel(
     h = (pid_bh % H).to(tl.int64)
     NP = N - PREFIX
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # query patch index
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query patch index
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < NP
     mask_d = offs_d < HEAD_DIM
     qrow = (PREFIX + offs_m).to(tl.int64)
     q_base = tl.multiple_of(Q + b * stride_qb + h * stride_qh, 16)
-    q = tl.load(q_base + tl.multiple_of(qrow * stride_qn, 8)[:, None] + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q = tl.load(
+        q_base + tl.multiple_of(qrow * stride_qn, 8)[:, None] + offs_d[None, :],
+        mask=mask_m[:, None] & mask_d[None, :],
+        other=0.0,
+    )
     lse2 = tl.load(LSE + pid_bh.to(tl.int64) * N + qrow, mask=mask_m, other=0.0) * 1.4426950408889634
     qr = (offs_m // GRID_W).to(tl.float32)
     qc = (offs_m % GRID_W).to(tl.float32)
@@ -111,10 +148,13 @@ def _attn_distance_kernel(
     acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     k_base = tl.multiple_of(K + b * stride_kb + h * stride_kh, 16)
     for start_n in range(0, NP, BLOCK_N):
-        kp = start_n + offs_n                            # key patch index
+        kp = start_n + offs_n  # key patch index
         mask_n = kp < NP
-        k = tl.load(k_base + tl.multiple_of((PREFIX + kp).to(tl.int64) * stride_kn, 8)[:, None] + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        k = tl.load(
+            k_base + tl.multiple_of((PREFIX + kp).to(tl.int64) * stride_kn, 8)[:, None] + offs_d[None, :],
+            mask=mask_n[:, None] & mask_d[None, :],
+            other=0.0,
+        )
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         dr = qr[:, None] - (kp // GRID_W).to(tl.float32)[None, :]
@@ -134,8 +174,15 @@ def _tiles(dtype: torch.dtype, head_dim: int) -> Tuple[int, int, int, int]:
     return BLOCK_M, BLOCK_N, num_warps, num_stages
 
 
-def attention_probs_forward(q: Tensor, k: Tensor, lse: Tensor, scale: float, rows: Optional[Sequence[int]] = None,
-                            *, out: Optional[Tensor] = None) -> Tensor:
+def attention_probs_forward(
+    q: Tensor,
+    k: Tensor,
+    lse: Tensor,
+    scale: float,
+    rows: Optional[Sequence[int]] = None,
+    *,
+    out: Optional[Tensor] = None,
+) -> Tensor:
     """p_ij = exp(scale * q_i . k_j - lse_i) for the query rows ``rows`` (None: every row).
 
     q: (batch, heads, q_tokens, head_dim); k: (batch, heads, kv_tokens, head_dim), unit last-dim
@@ -148,31 +195,64 @@ def attention_probs_forward(q: Tensor, k: Tensor, lse: Tensor, scale: float, row
     B, H, NQ, D = q.shape
     NKV = k.shape[2]
     _check_lse(lse, (B, H, NQ), q.device)
-    rows_t = torch.arange(NQ, dtype=torch.int32, device=q.device) if rows is None else \
-        torch.tensor(list(rows), dtype=torch.int32, device=q.device)
+    rows_t = (
+        torch.arange(NQ, dtype=torch.int32, device=q.device)
+        if rows is None
+        else torch.tensor(list(rows), dtype=torch.int32, device=q.device)
+    )
     R = rows_t.numel()
     if out is None:
         out = torch.empty((B, H, R, NKV), dtype=q.dtype, device=q.device)
     elif out.shape != (B, H, R, NKV) or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out: expected a ({B}, {H}, {R}, {NKV}) {q.dtype} tensor with unit last-dim stride, got "
-                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
+        raise ValueError(
+            f"out: expected a ({B}, {H}, {R}, {NKV}) {q.dtype} tensor with unit last-dim stride, got "
+            f"{tuple(out.shape)} {out.dtype} strides {out.stride()}"
+        )
     if out.numel() == 0:
         return out
     BLOCK_M, BLOCK_N, num_warps, num_stages = _tiles(q.dtype, D)
     _attn_probs_kernel[(B * H, triton.cdiv(R, BLOCK_M))](
-        q, k, lse, out, rows_t,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        H, NQ, R, NKV, float(scale) * LOG2E,
-        HEAD_DIM=D, BLOCK_D=attention.block_d(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        INPUT_PRECISION=attention.FP32_DOT_PRECISION, num_warps=num_warps, num_stages=num_stages,
+        q,
+        k,
+        lse,
+        out,
+        rows_t,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        H,
+        NQ,
+        R,
+        NKV,
+        float(scale) * LOG2E,
+        HEAD_DIM=D,
+        BLOCK_D=attention.block_d(D),
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        INPUT_PRECISION=attention.FP32_DOT_PRECISION,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
 
 
-def mean_attention_distance_forward(q: Tensor, k: Tensor, lse: Tensor, scale: float, *, grid: Tuple[int, int],
-                                    patch_size: float, prefix_tokens: int,
-                                    per_patch: Optional[Tensor] = None) -> Tensor:
+def mean_attention_distance_forward(
+    q: Tensor,
+    k: Tensor,
+    lse: Tensor,
+    scale: float,
+    *,
+    grid: Tuple[int, int],
+    patch_size: float,
+    prefix_tokens: int,
+    per_patch: Optional[Tensor] = None,
+) -> Tensor:
     """The mean attention distance per head, (batch, heads) float32, in pixels.
 
     q, k: (batch, heads, prefix_tokens + grid_h * grid_w, head_dim), unit last-dim stride; lse:
@@ -186,22 +266,43 @@ def mean_attention_distance_forward(q: Tensor, k: Tensor, lse: Tensor, scale: fl
     gh, gw = grid
     NP = gh * gw
     if N != prefix_tokens + NP or k.shape[2] != N:
-        raise ValueError(f"grid: expected {prefix_tokens + NP} tokens ({prefix_tokens} prefix + {gh}x{gw} patches), "
-                         f"got {N} queries and {k.shape[2]} keys")
+        raise ValueError(
+            f"grid: expected {prefix_tokens + NP} tokens ({prefix_tokens} prefix + {gh}x{gw} patches), "
+            f"got {N} queries and {k.shape[2]} keys"
+        )
     dist = per_patch
     if dist is None:
         dist = torch.empty((B, H, NP), dtype=torch.float32, device=q.device)
     elif dist.shape != (B, H, NP) or dist.dtype != torch.float32 or not dist.is_contiguous():
-        raise ValueError(f"per_patch: expected a contiguous float32 ({B}, {H}, {NP}) tensor, got "
-                         f"{tuple(dist.shape)} {dist.dtype}")
+        raise ValueError(
+            f"per_patch: expected a contiguous float32 ({B}, {H}, {NP}) tensor, got {tuple(dist.shape)} {dist.dtype}"
+        )
     if dist.numel() > 0:
         BLOCK_M, BLOCK_N, num_warps, num_stages = _tiles(q.dtype, D)
         _attn_distance_kernel[(B * H, triton.cdiv(NP, BLOCK_M))](
-            q, k, lse, dist,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            H, N, prefix_tokens, gw, float(scale) * LOG2E, float(patch_size),
-            HEAD_DIM=D, BLOCK_D=attention.block_d(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            INPUT_PRECISION=attention.FP32_DOT_PRECISION, num_warps=num_warps, num_stages=num_stages,
+            q,
+            k,
+            lse,
+            dist,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            H,
+            N,
+            prefix_tokens,
+            gw,
+            float(scale) * LOG2E,
+            float(patch_size),
+            HEAD_DIM=D,
+            BLOCK_D=attention.block_d(D),
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            INPUT_PRECISION=attention.FP32_DOT_PRECISION,
+            num_warps=num_warps,
+            num_stages=num_stages,
         )
     return dist.mean(-1)
 
@@ -215,26 +316,37 @@ def _check_qk(q: Tensor, k: Tensor) -> None:
     attention._check_operand("q", q, q)
     attention._check_operand("k", k, q)
     if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"k: expected shape ({q.shape[0]}, {q.shape[1]}, kv_tokens, {q.shape[3]}), got {tuple(k.shape)}")
+        raise ValueError(
+            f"k: expected shape ({q.shape[0]}, {q.shape[1]}, kv_tokens, {q.shape[3]}), got {tuple(k.shape)}"
+        )
 
 
 def _check_lse(lse: Tensor, shape: tuple, device) -> None:
     if lse.shape != shape or lse.dtype != torch.float32 or not lse.is_contiguous() or lse.device != device:
-        raise ValueError(f"lse: expected a contiguous float32 {shape} tensor on {device}, got {tuple(lse.shape)} "
-                         f"{lse.dtype} on {lse.device}")
+        raise ValueError(
+            f"lse: expected a contiguous float32 {shape} tensor on {device}, got {tuple(lse.shape)} "
+            f"{lse.dtype} on {lse.device}"
+        )
 
 
 def attention_stats(q: Tensor, k: Tensor, lse: Tensor, scale: float, request, rows) -> AttentionStats:
     """Every statistic ``request`` (vit_kernels.ops.StatsRequest, checked) asks for, from q, k and lse.
     rows: the checked query rows (None for none)."""
     from ..ops.attention_stats import AttentionStats
+
     st = AttentionStats()
     if rows is not None:
         st.rows = attention_probs_forward(q, k, lse, scale, rows)
     if request.grid is not None:
-        st.distance = mean_attention_distance_forward(q, k, lse, scale, grid=tuple(request.grid),
-                                                      patch_size=request.patch_size,
-                                                      prefix_tokens=request.prefix_tokens)
+        st.distance = mean_attention_distance_forward(
+            q,
+            k,
+            lse,
+            scale,
+            grid=tuple(request.grid),
+            patch_size=request.patch_size,
+            prefix_tokens=request.prefix_tokens,
+        )
     if request.weights:
         st.weights = attention_probs_forward(q, k, lse, scale)
     return st
@@ -246,21 +358,34 @@ def flash_attention_with_stats(q: Tensor, k: Tensor, v: Tensor, scale: float, re
     return out, attention_stats(q, k, lse, scale, request, rows)
 
 
-def qkv_attention_with_stats(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor], *, num_heads: int,
-                             scale: float, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], eps: float,
-                             request, rows):
+def qkv_attention_with_stats(
+    x: Tensor,
+    qkv_weight: Tensor,
+    qkv_bias: Optional[Tensor],
+    *,
+    num_heads: int,
+    scale: float,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    eps: float,
+    request,
+    rows,
+):
     """The split path of qkv_attention (QKV GEMM with a head-split epilogue, then flash attention
     keeping the LSE), then the statistics from its Q (pre-scaled) and K: (out, AttentionStats).
     x: (batch, tokens, dim) -> out (batch, tokens, inner)."""
     from .gemm import qkv_projection_forward
+
     B, N, _ = x.shape
     inner = qkv_weight.shape[0] // 3
     hd = inner // num_heads
-    qkv = qkv_projection_forward(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
-                                 norm_weight=norm_weight, norm_bias=norm_bias, eps=eps)
+    qkv = qkv_projection_forward(
+        x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps
+    )
     out = torch.empty((B, N, inner), dtype=x.dtype, device=x.device)
-    _, lse = attention.flash_attention_forward(qkv[0], qkv[1], qkv[2], 1.0, return_lse=True,
-                                               out=out.view(B, N, num_heads, hd).transpose(1, 2))
+    _, lse = attention.flash_attention_forward(
+        qkv[0], qkv[1], qkv[2], 1.0, return_lse=True, out=out.view(B, N, num_heads, hd).transpose(1, 2)
+    )
     return out, attention_stats(qkv[0], qkv[1], lse, 1.0, request, rows)
 
 
@@ -270,11 +395,17 @@ def aot_requests(tokens: int) -> list:
     makes a constant), every row (HF's weights: R = tokens, the general case) and the mean attention
     distance on the grid."""
     from ..ops.attention_stats import StatsRequest
+
     side = math.isqrt(tokens - 1)
-    return [("attention_probs", "rows=cls", StatsRequest(rows=(0,))),
-            ("attention_probs", "weights", StatsRequest(rows=None, weights=True)),
-            ("attention_distance", f"distance,grid={side}x{side}",
-             StatsRequest(rows=None, grid=(side, side), patch_size=16.0, prefix_tokens=tokens - side * side))]
+    return [
+        ("attention_probs", "rows=cls", StatsRequest(rows=(0,))),
+        ("attention_probs", "weights", StatsRequest(rows=None, weights=True)),
+        (
+            "attention_distance",
+            f"distance,grid={side}x{side}",
+            StatsRequest(rows=None, grid=(side, side), patch_size=16.0, prefix_tokens=tokens - side * side),
+        ),
+    ]
 
 
 def aot_spec(kernel: str, dtype: torch.dtype, head_dim: int, variant: str, request) -> AotSpec:
@@ -284,14 +415,17 @@ def aot_spec(kernel: str, dtype: torch.dtype, head_dim: int, variant: str, reque
     qkv_attention path gives them) at aot.REPRESENTATIVE's batch, heads and tokens, so its
     specialization is the launch's. The flash launch before it is attention.aot_specs'."""
     from ..ops.attention_stats import check_request
+
     B, H, N = REPRESENTATIVE["batch"], REPRESENTATIVE["heads"], REPRESENTATIVE["tokens"]
     qkv = torch.empty(3, B, H, N, head_dim, dtype=dtype)
     rows = check_request(request, N, N)
     BLOCK_M, BLOCK_N, _, _ = _tiles(dtype, head_dim)
-    label = (f"head_dim={head_dim},BLOCK_D={attention.block_d(head_dim)},BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},"
-             f"{dtype_name(dtype)},{variant}")
+    label = (
+        f"head_dim={head_dim},BLOCK_D={attention.block_d(head_dim)},BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},"
+        f"{dtype_name(dtype)},{variant}"
+    )
     fn = _attn_probs_kernel if kernel == "attention_probs" else _attn_distance_kernel
-    call = lambda: flash_attention_with_stats(qkv[0], qkv[1], qkv[2], head_dim ** -0.5, request, rows)  # noqa: E731
+    call = lambda: flash_attention_with_stats(qkv[0], qkv[1], qkv[2], head_dim**-0.5, request, rows)  # noqa: E731
     return recorded_spec(kernel, fn, call, label, True, shape=f"B={B},H={H},N={N},head_dim={head_dim},{variant}")
 
 
@@ -299,5 +433,9 @@ def aot_specs() -> List[AotSpec]:
     """Both kernels for every dtype and the flash kernel's head dims (the same tile configurations),
     for each statistic of aot_requests (class-token row, every row, distance)."""
     requests = aot_requests(REPRESENTATIVE["tokens"])
-    return [aot_spec(kernel, dtype, hd, variant, request) for dtype in attention.DTYPES
-            for hd in attention.AOT_HEAD_DIMS for kernel, variant, request in requests]
+    return [
+        aot_spec(kernel, dtype, hd, variant, request)
+        for dtype in attention.DTYPES
+        for hd in attention.AOT_HEAD_DIMS
+        for kernel, variant, request in requests
+    ]

@@ -22,6 +22,7 @@ LayerNorm followed by a Linear does. uint8 images (``NORM_PIXELS``) are widened 
 as x * (1 / (255 std[c])) - mean[c] / std[c] and rounded to the weight's dtype before the dot, as
 ``((x / 255 - mean) / std).to(dtype)`` followed by a Conv2d does.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,7 +48,7 @@ FP32_DOT_PRECISION = "tf32x3"
 CONFIGS: Dict[torch.dtype, Tuple[int, int, int, int, int]] = {
     torch.float16: (128, 128, 64, 8, 3),
     torch.bfloat16: (128, 128, 64, 8, 3),
-    torch.float32: (128, 64, 32, 8, 3),      # tf32x3 needs registers for the hi/lo splits
+    torch.float32: (128, 64, 32, 8, 3),  # tf32x3 needs registers for the hi/lo splits
 }
 # The patch-gather loader recomputes its (BLOCK_M, BLOCK_K) offsets every step: a shorter BLOCK_K
 # keeps it within the registers of sm_80 (no spills).
@@ -60,19 +61,24 @@ PATCH_CONFIGS: Dict[torch.dtype, Tuple[int, int, int, int, int]] = {
 # architecture and input dtype, same layout. aot_specs() lists each one, so `inspect` compiles
 # (and checks for spills) every config the tuner can launch.
 # Two per arch: inspect compiles each with three epilogues, which CI pays for (AOT-checked: 0 spills).
-_HALF_TUNE = {80: ((64, 128, 64, 4, 3), (64, 64, 64, 4, 4)),
-              90: ((64, 128, 64, 4, 4), (64, 64, 64, 4, 4))}
+_HALF_TUNE = {80: ((64, 128, 64, 4, 3), (64, 64, 64, 4, 4)), 90: ((64, 128, 64, 4, 4), (64, 64, 64, 4, 4))}
 TUNE_CONFIGS: Dict[int, Dict[torch.dtype, Tuple[Tuple[int, int, int, int, int], ...]]] = {
     arch: {torch.float16: half, torch.bfloat16: half, torch.float32: ((64, 64, 32, 4, 3),)}
-    for arch, half in _HALF_TUNE.items()}
+    for arch, half in _HALF_TUNE.items()
+}
 TUNE_PATCH_CONFIGS: Dict[int, Dict[torch.dtype, Tuple[Tuple[int, int, int, int, int], ...]]] = {
-    arch: {torch.float16: ((64, 128, 32, 4, 3),), torch.bfloat16: ((64, 128, 32, 4, 3),),
-           torch.float32: ((64, 64, 16, 4, 3),)} for arch in (80, 90)}
+    arch: {
+        torch.float16: ((64, 128, 32, 4, 3),),
+        torch.bfloat16: ((64, 128, 32, 4, 3),),
+        torch.float32: ((64, 64, 16, 4, 3),),
+    }
+    for arch in (80, 90)
+}
 GROUP_M = 8
 
 # ACT values (fc1's activation; the backward's GELU derivative, see dgelu)
 ACT_NONE, ACT_GELU_ERF, ACT_GELU_TANH, ACT_DGELU_ERF, ACT_DGELU_TANH = 0, 1, 2, 3, 4
-ACTIVATIONS = {"none": ACT_GELU_ERF, "tanh": ACT_GELU_TANH}   # GELU's `approximate` -> ACT
+ACTIVATIONS = {"none": ACT_GELU_ERF, "tanh": ACT_GELU_TANH}  # GELU's `approximate` -> ACT
 # NORM values (LayerNorm on load; NORM_PIXELS: uint8 images normalized per channel on load)
 NORM_NONE, NORM_AFFINE, NORM_WEIGHT_ONLY, NORM_PIXELS = 0, 1, 2, 3
 # OUT_MODE values
@@ -87,11 +93,11 @@ def bias_gelu(acc, bias_ptr, offs_n, n_mask, HAS_BIAS: tl.constexpr, ACT: tl.con
     (ACT_GELU_ERF, ACT_GELU_TANH). Shared by this kernel and gemm_tma's."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if ACT == 1:      # GELU, exact: x * Phi(x)
+    if ACT == 1:  # GELU, exact: x * Phi(x)
         acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-    elif ACT == 2:    # GELU, tanh approximation: 0.5x(1 + tanh(u)) = x / (1 + exp(-2u))
+    elif ACT == 2:  # GELU, tanh approximation: 0.5x(1 + tanh(u)) = x / (1 + exp(-2u))
         u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
-        acc = acc / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))   # capped: no inf for very negative x
+        acc = acc / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))  # capped: no inf for very negative x
     return acc
 
 
@@ -99,9 +105,9 @@ def bias_gelu(acc, bias_ptr, offs_n, n_mask, HAS_BIAS: tl.constexpr, ACT: tl.con
 def dgelu(pre, ACT: tl.constexpr):
     """GELU'(pre) in fp32 (ACT_DGELU_ERF: exact, ACT_DGELU_TANH: of the tanh approximation): the
     backward of fc1's epilogue multiplies dL/dGELU by it."""
-    if ACT == 3:      # Phi(x) + x * phi(x)
+    if ACT == 3:  # Phi(x) + x * phi(x)
         d = 0.5 * (1.0 + tl.math.erf(pre * 0.7071067811865476)) + pre * 0.3989422804014327 * tl.exp(-0.5 * pre * pre)
-    else:             # t = tanh(u): 0.5 (1 + t) + 0.5 x (1 - t^2) u'
+    else:  # t = tanh(u): 0.5 (1 + t) + 0.5 x (1 - t^2) u'
         u = 0.7978845608028654 * (pre + 0.044715 * pre * pre * pre)
         t = 2.0 / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0))) - 1.0
         d = 0.5 * (1.0 + t) + 0.5 * pre * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * pre * pre)
@@ -110,33 +116,66 @@ def dgelu(pre, ACT: tl.constexpr):
 
 @triton.jit
 def _gemm_kernel(
-    a_ptr,            # dense: A rows (M, K) as (b, t, k) with strides (s_ab, s_at, s_ak);
-                      # patches: the image (B, C, H, W) with strides (s_ab, s_ac, s_ah, s_aw)
-    w_ptr,            # weight (N, K); patches: (N, C, P, P) with strides (s_wn, s_wc, s_wr, s_ws)
-    out_ptr,          # OUT_ROWS: (M, N) as (b, t, n) strides (s_ob, s_ot, s_on);
-                      # OUT_QKV: (3, B, H, T, HEAD_DIM) strides (s_o3, s_ob, s_oh, s_ot, s_on)
-    bias_ptr,         # (N,)                       [HAS_BIAS]
-    mean_ptr,         # (M,) fp32 row means        [NORM]
-    rstd_ptr,         # (M,) fp32 row 1/std        [NORM]
-    lnw_ptr,          # (K,) LayerNorm weight      [NORM]; NORM_PIXELS: fp32 (K,) scale 1 / (255 std[c])
-    lnb_ptr,          # (K,) LayerNorm bias        [NORM == NORM_AFFINE]; NORM_PIXELS: fp32 (K,) -mean[c] / std[c]
-    res_ptr,          # (M, N) residual, strides (s_rb, s_rt, s_rn)   [HAS_RES]; GELU's input [ACT >= 3]
-    ls_ptr,           # (N,) layer scale           [HAS_LS]
-    pos_ptr,          # (T, N) position embedding, strides (s_pt, s_pn)  [HAS_POS]
-    cls_ptr,          # (N,) class token, stride s_cls  [PREFIX == 1]
-    M, N, K, T,       # rows, output features, reduction length, rows per batch
-    s_ab, s_at, s_ak, s_ac, s_ah, s_aw,
-    s_wn, s_wk, s_wc, s_wr, s_ws,
-    s_o3, s_ob, s_oh, s_ot, s_on,
-    s_rb, s_rt, s_rn,
-    s_pt, s_pn, s_cls,
-    P, GW, INNER, HEAD_DIM,   # patch size, patch-grid width; QKV: heads * head_dim, head_dim
-    q_scale,                  # fp32: QKV scales the Q columns (n < INNER) by this
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    A_MODE: tl.constexpr, NORM: tl.constexpr, PREFIX: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_LS: tl.constexpr, HAS_RES: tl.constexpr,
-    HAS_POS: tl.constexpr, OUT_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ACC_F64: tl.constexpr = False,   # fp64 accumulator (float64 inputs: the backward's gradcheck)
+    a_ptr,  # dense: A rows (M, K) as (b, t, k) with strides (s_ab, s_at, s_ak);
+    # patches: the image (B, C, H, W) with strides (s_ab, s_ac, s_ah, s_aw)
+    w_ptr,  # weight (N, K); patches: (N, C, P, P) with strides (s_wn, s_wc, s_wr, s_ws)
+    out_ptr,  # OUT_ROWS: (M, N) as (b, t, n) strides (s_ob, s_ot, s_on);
+    # OUT_QKV: (3, B, H, T, HEAD_DIM) strides (s_o3, s_ob, s_oh, s_ot, s_on)
+    bias_ptr,  # (N,)                       [HAS_BIAS]
+    mean_ptr,  # (M,) fp32 row means        [NORM]
+    rstd_ptr,  # (M,) fp32 row 1/std        [NORM]
+    lnw_ptr,  # (K,) LayerNorm weight      [NORM]; NORM_PIXELS: fp32 (K,) scale 1 / (255 std[c])
+    lnb_ptr,  # (K,) LayerNorm bias        [NORM == NORM_AFFINE]; NORM_PIXELS: fp32 (K,) -mean[c] / std[c]
+    res_ptr,  # (M, N) residual, strides (s_rb, s_rt, s_rn)   [HAS_RES]; GELU's input [ACT >= 3]
+    ls_ptr,  # (N,) layer scale           [HAS_LS]
+    pos_ptr,  # (T, N) position embedding, strides (s_pt, s_pn)  [HAS_POS]
+    cls_ptr,  # (N,) class token, stride s_cls  [PREFIX == 1]
+    M,
+    N,
+    K,
+    T,  # rows, output features, reduction length, rows per batch
+    s_ab,
+    s_at,
+    s_ak,
+    s_ac,
+    s_ah,
+    s_aw,
+    s_wn,
+    s_wk,
+    s_wc,
+    s_wr,
+    s_ws,
+    s_o3,
+    s_ob,
+    s_oh,
+    s_ot,
+    s_on,
+    s_rb,
+    s_rt,
+    s_rn,
+    s_pt,
+    s_pn,
+    s_cls,
+    P,
+    GW,
+    INNER,
+    HEAD_DIM,  # patch size, patch-grid width; QKV: heads * head_dim, head_dim
+    q_scale,  # fp32: QKV scales the Q columns (n < INNER) by this
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    A_MODE: tl.constexpr,
+    NORM: tl.constexpr,
+    PREFIX: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_LS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    OUT_MODE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ACC_F64: tl.constexpr = False,  # fp64 accumulator (float64 inputs: the backward's gradcheck)
 ):
     # Grouped tile order: GROUP_M row tiles share the weight tiles while they are in L2.
     pid = tl.program_id(0)
@@ -161,7 +200,7 @@ def _gemm_kernel(
         a_row = b * s_ab + t.to(tl.int64) * s_at
         a_rmask = m_mask
     else:
-        patch = tl.maximum(t - PREFIX, 0)        # class-token rows (t < PREFIX) load nothing
+        patch = tl.maximum(t - PREFIX, 0)  # class-token rows (t < PREFIX) load nothing
         py = (patch // GW).to(tl.int64)
         px = (patch % GW).to(tl.int64)
         a_row = b * s_ab + py * P * s_ah + px * P * s_aw
@@ -170,7 +209,7 @@ def _gemm_kernel(
         mean = tl.load(mean_ptr + offs_m, mask=m_mask, other=0.0)
         rstd = tl.load(rstd_ptr + offs_m, mask=m_mask, other=0.0)
     w_col = offs_n.to(tl.int64) * s_wn
-    if A_MODE == 0:   # dense: pointers advance by BLOCK_K columns per step
+    if A_MODE == 0:  # dense: pointers advance by BLOCK_K columns per step
         a_ptrs = a_ptr + a_row[:, None] + offs_k0.to(tl.int64)[None, :] * s_ak
         w_ptrs = w_ptr + w_col[None, :] + offs_k0.to(tl.int64)[:, None] * s_wk
 
@@ -178,7 +217,7 @@ def _gemm_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k0
         k_mask = ks < K
-        if A_MODE == 1:   # patches: column k of A is (channel, row, col) of a patch
+        if A_MODE == 1:  # patches: column k of A is (channel, row, col) of a patch
             c = (ks // (P * P)).to(tl.int64)
             r = ((ks // P) % P).to(tl.int64)
             s = (ks % P).to(tl.int64)
@@ -187,7 +226,7 @@ def _gemm_kernel(
         a = tl.load(a_ptrs, mask=a_rmask[:, None] & k_mask[None, :], other=0.0)
         if NORM != 0:
             g = tl.load(lnw_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
-            if NORM == 3:   # uint8 pixels: x * g[k] + beta[k] = (x / 255 - mean[c]) / std[c], in fp32
+            if NORM == 3:  # uint8 pixels: x * g[k] + beta[k] = (x / 255 - mean[c]) / std[c], in fp32
                 xn = a.to(tl.float32) * g[None, :] + tl.load(lnb_ptr + ks, mask=k_mask, other=0.0)[None, :]
             else:
                 xn = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :]
@@ -202,23 +241,32 @@ def _gemm_kernel(
 
     # ---- epilogue, in fp32 ----
     acc = bias_gelu(acc, bias_ptr, offs_n, n_mask, HAS_BIAS, ACT)
-    if PREFIX == 1:   # the class-token row of each image: cls (no bias), then position embedding
+    if PREFIX == 1:  # the class-token row of each image: cls (no bias), then position embedding
         cls = tl.load(cls_ptr + offs_n.to(tl.int64) * s_cls, mask=n_mask, other=0.0).to(tl.float32)
         acc = tl.where((t < PREFIX)[:, None], cls[None, :], acc)
     if HAS_POS:
-        pos = tl.load(pos_ptr + t.to(tl.int64)[:, None] * s_pt + offs_n.to(tl.int64)[None, :] * s_pn,
-                      mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        pos = tl.load(
+            pos_ptr + t.to(tl.int64)[:, None] * s_pt + offs_n.to(tl.int64)[None, :] * s_pn,
+            mask=m_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )
         acc += pos.to(tl.float32)
     if HAS_LS:
         acc *= tl.load(ls_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
-    if ACT >= 3:      # backward of fc1: acc = dL/dGELU(pre) times GELU'(pre), pre read like the residual
-        pre = tl.load(res_ptr + (b * s_rb + t.to(tl.int64) * s_rt)[:, None]
-                      + offs_n.to(tl.int64)[None, :] * s_rn, mask=mask, other=0.0)
+    if ACT >= 3:  # backward of fc1: acc = dL/dGELU(pre) times GELU'(pre), pre read like the residual
+        pre = tl.load(
+            res_ptr + (b * s_rb + t.to(tl.int64) * s_rt)[:, None] + offs_n.to(tl.int64)[None, :] * s_rn,
+            mask=mask,
+            other=0.0,
+        )
         acc *= dgelu(pre.to(acc.dtype), ACT)
     if HAS_RES:
-        res = tl.load(res_ptr + (b * s_rb + t.to(tl.int64) * s_rt)[:, None]
-                      + offs_n.to(tl.int64)[None, :] * s_rn, mask=mask, other=0.0)
+        res = tl.load(
+            res_ptr + (b * s_rb + t.to(tl.int64) * s_rt)[:, None] + offs_n.to(tl.int64)[None, :] * s_rn,
+            mask=mask,
+            other=0.0,
+        )
         acc += res.to(tl.float32)
     row_out = b * s_ob + t.to(tl.int64) * s_ot
     if OUT_MODE == 0:
@@ -229,8 +277,9 @@ def _gemm_kernel(
         # HEAD_DIM % 8 == 0 and a contiguous out (both checked by the launcher) make the offsets
         # runs of 8 contiguous elements starting at multiples of 8: the hint lets the store vectorize.
         which = offs_n // INNER
-        col = (which.to(tl.int64) * s_o3 + ((offs_n % INNER) // HEAD_DIM).to(tl.int64) * s_oh
-               + (offs_n % HEAD_DIM) * s_on)
+        col = (
+            which.to(tl.int64) * s_o3 + ((offs_n % INNER) // HEAD_DIM).to(tl.int64) * s_oh + (offs_n % HEAD_DIM) * s_on
+        )
         col = tl.max_contiguous(tl.multiple_of(col, 8), 8)
         acc *= tl.where(which == 0, q_scale, 1.0)[None, :]
         tl.store(out_ptr + row_out[:, None] + col[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -240,9 +289,38 @@ def _gemm_kernel(
 # The generic launcher
 # ---------------------------------------------------------------------------------------------
 
-_INT_ARGS = ("M", "N", "K", "T", "s_ab", "s_at", "s_ak", "s_ac", "s_ah", "s_aw",
-             "s_wn", "s_wk", "s_wc", "s_wr", "s_ws", "s_o3", "s_ob", "s_oh", "s_ot", "s_on",
-             "s_rb", "s_rt", "s_rn", "s_pt", "s_pn", "s_cls", "P", "GW", "INNER", "HEAD_DIM")
+_INT_ARGS = (
+    "M",
+    "N",
+    "K",
+    "T",
+    "s_ab",
+    "s_at",
+    "s_ak",
+    "s_ac",
+    "s_ah",
+    "s_aw",
+    "s_wn",
+    "s_wk",
+    "s_wc",
+    "s_wr",
+    "s_ws",
+    "s_o3",
+    "s_ob",
+    "s_oh",
+    "s_ot",
+    "s_on",
+    "s_rb",
+    "s_rt",
+    "s_rn",
+    "s_pt",
+    "s_pn",
+    "s_cls",
+    "P",
+    "GW",
+    "INNER",
+    "HEAD_DIM",
+)
 
 
 def block_config(dtype: torch.dtype, a_mode: int = A_DENSE) -> Tuple[int, int, int, int, int]:
@@ -257,23 +335,59 @@ def tune_configs(dtype: torch.dtype, arch: int, patch: bool = False) -> Tuple[Tu
     return (TUNE_PATCH_CONFIGS if patch else TUNE_CONFIGS).get(arch, {}).get(dtype, ())
 
 
-def _flags(*, a_mode=A_DENSE, norm=NORM_NONE, prefix=0, has_bias=False, act=ACT_NONE, has_ls=False,
-           has_res=False, has_pos=False, out_mode=OUT_ROWS) -> Dict[str, object]:
-    return dict(A_MODE=a_mode, NORM=norm, PREFIX=prefix, HAS_BIAS=bool(has_bias), ACT=act,
-                HAS_LS=bool(has_ls), HAS_RES=bool(has_res), HAS_POS=bool(has_pos), OUT_MODE=out_mode)
+def _flags(
+    *,
+    a_mode=A_DENSE,
+    norm=NORM_NONE,
+    prefix=0,
+    has_bias=False,
+    act=ACT_NONE,
+    has_ls=False,
+    has_res=False,
+    has_pos=False,
+    out_mode=OUT_ROWS,
+) -> Dict[str, object]:
+    return dict(
+        A_MODE=a_mode,
+        NORM=norm,
+        PREFIX=prefix,
+        HAS_BIAS=bool(has_bias),
+        ACT=act,
+        HAS_LS=bool(has_ls),
+        HAS_RES=bool(has_res),
+        HAS_POS=bool(has_pos),
+        OUT_MODE=out_mode,
+    )
 
 
-def launch_gemm(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K: int, T: int,
-                a_strides: Tuple[int, ...], w_strides: Tuple[int, ...], out_strides: Tuple[int, ...],
-                bias: Optional[Tensor] = None, stats: Optional[Tuple[Tensor, Tensor]] = None,
-                norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
-                residual: Optional[Tensor] = None, res_strides: Tuple[int, int, int] = (0, 0, 0),
-                layer_scale: Optional[Tensor] = None, act: int = ACT_NONE,
-                pos: Optional[Tensor] = None, pos_strides: Tuple[int, int] = (0, 0),
-                cls: Optional[Tensor] = None, patch: Optional[Tuple[int, int]] = None,
-                pixel_norm: Optional[Tuple[Tensor, Tensor]] = None,
-                qkv: Optional[Tuple[int, int, float]] = None,
-                gemm_config: Optional[Tuple[int, int, int, int, int]] = None) -> Tensor:
+def launch_gemm(
+    a: Tensor,
+    weight: Tensor,
+    out: Tensor,
+    *,
+    M: int,
+    N: int,
+    K: int,
+    T: int,
+    a_strides: Tuple[int, ...],
+    w_strides: Tuple[int, ...],
+    out_strides: Tuple[int, ...],
+    bias: Optional[Tensor] = None,
+    stats: Optional[Tuple[Tensor, Tensor]] = None,
+    norm_weight: Optional[Tensor] = None,
+    norm_bias: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    res_strides: Tuple[int, int, int] = (0, 0, 0),
+    layer_scale: Optional[Tensor] = None,
+    act: int = ACT_NONE,
+    pos: Optional[Tensor] = None,
+    pos_strides: Tuple[int, int] = (0, 0),
+    cls: Optional[Tensor] = None,
+    patch: Optional[Tuple[int, int]] = None,
+    pixel_norm: Optional[Tuple[Tensor, Tensor]] = None,
+    qkv: Optional[Tuple[int, int, float]] = None,
+    gemm_config: Optional[Tuple[int, int, int, int, int]] = None,
+) -> Tensor:
     """Launch :func:`_gemm_kernel` once; every argument already checked by the caller.
 
     a: A rows (a_strides = (s_b, s_t, s_k)) or, with ``patch=(P, GW)``, the image (a_strides =
@@ -294,15 +408,23 @@ def launch_gemm(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K: in
     if M == 0 or N == 0:
         return out
     gather = patch is not None
-    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = (
-        gemm_config or block_config(weight.dtype, A_PATCHES if gather else A_DENSE))
+    BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = gemm_config or block_config(
+        weight.dtype, A_PATCHES if gather else A_DENSE
+    )
     norm = NORM_NONE if norm_weight is None else (NORM_AFFINE if norm_bias is not None else NORM_WEIGHT_ONLY)
     if pixel_norm is not None:
         norm, (norm_weight, norm_bias) = NORM_PIXELS, pixel_norm
-    flags = _flags(a_mode=A_PATCHES if gather else A_DENSE, norm=norm, prefix=int(cls is not None),
-                   has_bias=bias is not None, act=act, has_ls=layer_scale is not None,
-                   has_res=residual is not None and act < ACT_DGELU_ERF, has_pos=pos is not None,
-                   out_mode=OUT_QKV if qkv is not None else OUT_ROWS)
+    flags = _flags(
+        a_mode=A_PATCHES if gather else A_DENSE,
+        norm=norm,
+        prefix=int(cls is not None),
+        has_bias=bias is not None,
+        act=act,
+        has_ls=layer_scale is not None,
+        has_res=residual is not None and act < ACT_DGELU_ERF,
+        has_pos=pos is not None,
+        out_mode=OUT_QKV if qkv is not None else OUT_ROWS,
+    )
     s = dict.fromkeys(_INT_ARGS, 0)
     s.update(M=M, N=N, K=K, T=T)
     if gather:
@@ -327,13 +449,35 @@ def launch_gemm(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K: in
     # matching constexpr flag is off), so the kernel signature does not change with them.
     fp32_dummy = stats[0] if stats is not None else _fp32_placeholder(a.device)
     mean, rstd = stats if stats is not None else (fp32_dummy, fp32_dummy)
-    ptrs = [a, weight, out, _or(bias, weight), mean, rstd, _or(norm_weight, weight), _or(norm_bias, weight),
-            _or(residual, weight), _or(layer_scale, weight), _or(pos, weight), _or(cls, weight)]
+    ptrs = [
+        a,
+        weight,
+        out,
+        _or(bias, weight),
+        mean,
+        rstd,
+        _or(norm_weight, weight),
+        _or(norm_bias, weight),
+        _or(residual, weight),
+        _or(layer_scale, weight),
+        _or(pos, weight),
+        _or(cls, weight),
+    ]
     grid = (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)
-    _gemm_kernel[grid](*ptrs, *(s[k] for k in _INT_ARGS), q_scale,
-                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
-                       DOT_PRECISION=_precision(weight.dtype), num_warps=num_warps, num_stages=num_stages,
-                       **flags, **({"ACC_F64": True} if weight.dtype == torch.float64 else {}))
+    _gemm_kernel[grid](
+        *ptrs,
+        *(s[k] for k in _INT_ARGS),
+        q_scale,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+        GROUP_M=GROUP_M,
+        DOT_PRECISION=_precision(weight.dtype),
+        num_warps=num_warps,
+        num_stages=num_stages,
+        **flags,
+        **({"ACC_F64": True} if weight.dtype == torch.float64 else {}),
+    )
     return out
 
 
@@ -367,13 +511,17 @@ def check_qkv_projection(x: Tensor, qkv_weight: Tensor, num_heads: int, out: Opt
         raise ValueError(f"x: expected (B, N, dim), got shape {tuple(x.shape)}")
     B, Ntok, dim = x.shape
     if qkv_weight.dim() != 2 or qkv_weight.shape[1] != dim or qkv_weight.shape[0] % (3 * num_heads):
-        raise ValueError(f"qkv_weight: expected (3*inner, {dim}) with inner divisible by num_heads={num_heads}, "
-                         f"got {tuple(qkv_weight.shape)}")
+        raise ValueError(
+            f"qkv_weight: expected (3*inner, {dim}) with inner divisible by num_heads={num_heads}, "
+            f"got {tuple(qkv_weight.shape)}"
+        )
     inner = qkv_weight.shape[0] // 3
     head_dim = inner // num_heads
     if head_dim % 8:
-        raise ValueError(f"num_heads: head_dim = {inner} // {num_heads} = {head_dim} is not a multiple of 8, "
-                         f"which the head-split epilogue needs")
+        raise ValueError(
+            f"num_heads: head_dim = {inner} // {num_heads} = {head_dim} is not a multiple of 8, "
+            f"which the head-split epilogue needs"
+        )
     out = check_out(out, (3, B, num_heads, Ntok, head_dim), x)
     if not out.is_contiguous():
         raise ValueError(f"out: expected a contiguous (3, B, H, N, head_dim) tensor, got strides {out.stride()}")
@@ -386,8 +534,10 @@ def check_out(out: Optional[Tensor], shape, like: Tensor) -> Tensor:
     if out is None:
         return torch.empty(shape, device=like.device, dtype=like.dtype)
     if tuple(out.shape) != shape or out.dtype != like.dtype or out.device != like.device:
-        raise ValueError(f"out: expected a {like.dtype} tensor of shape {shape} on {like.device}, got "
-                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+        raise ValueError(
+            f"out: expected a {like.dtype} tensor of shape {shape} on {like.device}, got "
+            f"{out.dtype} {tuple(out.shape)} on {out.device}"
+        )
     return out
 
 
@@ -400,11 +550,22 @@ def _check_dtype(name: str, t: Tensor) -> None:
 # Public launchers
 # ---------------------------------------------------------------------------------------------
 
-def dense_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
-                  norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
-                  eps: float = 1e-6, stats: Optional[Tuple[Tensor, Tensor]] = None, act: int = ACT_NONE,
-                  residual: Optional[Tensor] = None, layer_scale: Optional[Tensor] = None,
-                  out: Optional[Tensor] = None, gemm_config: Optional[Tuple[int, ...]] = None) -> Tensor:
+
+def dense_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    norm_weight: Optional[Tensor] = None,
+    norm_bias: Optional[Tensor] = None,
+    eps: float = 1e-6,
+    stats: Optional[Tuple[Tensor, Tensor]] = None,
+    act: int = ACT_NONE,
+    residual: Optional[Tensor] = None,
+    layer_scale: Optional[Tensor] = None,
+    out: Optional[Tensor] = None,
+    gemm_config: Optional[Tuple[int, ...]] = None,
+) -> Tensor:
     """[LayerNorm ->] x @ weight^T [+ bias] [-> GELU] [* layer_scale] [+ residual], one launch.
 
     x: (..., K); weight: (N, K); bias, layer_scale: (N,); norm_weight, norm_bias: (K,) applies
@@ -424,16 +585,38 @@ def dense_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     if norm_weight is not None and stats is None and M:
         stats = row_stats(x, eps)
     return launch_gemm(
-        x, weight, out, M=M, N=N, K=K, T=T, a_strides=as_rows("x", x, T), w_strides=weight.stride(),
-        out_strides=as_rows("out", out, T), bias=bias, stats=stats if norm_weight is not None else None,
-        norm_weight=norm_weight, norm_bias=norm_bias, act=act,
-        residual=residual, res_strides=as_rows("residual", residual, T) if residual is not None else (0, 0, 0),
-        layer_scale=layer_scale, gemm_config=gemm_config)
+        x,
+        weight,
+        out,
+        M=M,
+        N=N,
+        K=K,
+        T=T,
+        a_strides=as_rows("x", x, T),
+        w_strides=weight.stride(),
+        out_strides=as_rows("out", out, T),
+        bias=bias,
+        stats=stats if norm_weight is not None else None,
+        norm_weight=norm_weight,
+        norm_bias=norm_bias,
+        act=act,
+        residual=residual,
+        res_strides=as_rows("residual", residual, T) if residual is not None else (0, 0, 0),
+        layer_scale=layer_scale,
+        gemm_config=gemm_config,
+    )
 
 
-def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
-                   residual: Optional[Tensor] = None, layer_scale: Optional[Tensor] = None,
-                   out: Optional[Tensor] = None, gemm_config: Optional[Tuple[int, ...]] = None) -> Tensor:
+def linear_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    residual: Optional[Tensor] = None,
+    layer_scale: Optional[Tensor] = None,
+    out: Optional[Tensor] = None,
+    gemm_config: Optional[Tuple[int, ...]] = None,
+) -> Tensor:
     """The output projection of a block: residual + layer_scale * (x @ weight^T + bias).
 
     x: (..., in); weight: (out_features, in); bias, layer_scale: (out_features,) or None;
@@ -441,14 +624,22 @@ def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     Returns (..., out_features) in x's dtype. One launch; the epilogue does bias, scale, residual.
     Layouts as :func:`dense_forward` (bias, layer_scale contiguous).
     """
-    return dense_forward(x, weight, bias, residual=residual, layer_scale=layer_scale, out=out,
-                         gemm_config=gemm_config)
+    return dense_forward(x, weight, bias, residual=residual, layer_scale=layer_scale, out=out, gemm_config=gemm_config)
 
 
-def qkv_projection_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = None, *,
-                           num_heads: int, scale: float, norm_weight: Optional[Tensor] = None,
-                           norm_bias: Optional[Tensor] = None, eps: float = 1e-6,
-                           out: Optional[Tensor] = None, gemm_config: Optional[Tuple[int, ...]] = None) -> Tensor:
+def qkv_projection_forward(
+    x: Tensor,
+    qkv_weight: Tensor,
+    qkv_bias: Optional[Tensor] = None,
+    *,
+    num_heads: int,
+    scale: float,
+    norm_weight: Optional[Tensor] = None,
+    norm_bias: Optional[Tensor] = None,
+    eps: float = 1e-6,
+    out: Optional[Tensor] = None,
+    gemm_config: Optional[Tuple[int, ...]] = None,
+) -> Tensor:
     """[LayerNorm ->] QKV projection written straight into the attention layout.
 
     x: (B, N, dim), any strides; qkv_weight: (3*inner, dim), rows [q; k; v], each head-major;
@@ -463,14 +654,29 @@ def qkv_projection_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Ten
     M = B * Ntok
     stats = row_stats(x, eps) if norm_weight is not None and M else None
     return launch_gemm(
-        x, qkv_weight, out, M=M, N=3 * inner, K=dim, T=Ntok, a_strides=x.stride(),
-        w_strides=qkv_weight.stride(), out_strides=out.stride(), bias=qkv_bias, stats=stats,
-        norm_weight=norm_weight, norm_bias=norm_bias, qkv=(inner, head_dim, scale), gemm_config=gemm_config)
+        x,
+        qkv_weight,
+        out,
+        M=M,
+        N=3 * inner,
+        K=dim,
+        T=Ntok,
+        a_strides=x.stride(),
+        w_strides=qkv_weight.stride(),
+        out_strides=out.stride(),
+        bias=qkv_bias,
+        stats=stats,
+        norm_weight=norm_weight,
+        norm_bias=norm_bias,
+        qkv=(inner, head_dim, scale),
+        gemm_config=gemm_config,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time specs
 # ---------------------------------------------------------------------------------------------
+
 
 def aot_spec(name: str, dtype: torch.dtype, *, gemm_config=None, archs=(80, 90), **flags) -> AotSpec:
     """The launch of one dense flag combination (keyword names as in :func:`_flags`; a_mode must be
@@ -492,14 +698,29 @@ def aot_spec(name: str, dtype: torch.dtype, *, gemm_config=None, archs=(80, 90),
     norm_bias = ln if f["NORM"] == NORM_AFFINE else None
     bias = vec if f["HAS_BIAS"] else None
     if f["OUT_MODE"] == OUT_QKV:
-        call = lambda: qkv_projection_forward(x, w, bias, num_heads=H, scale=0.125,  # noqa: E731
-                                              norm_weight=norm_weight, norm_bias=norm_bias,
-                                              gemm_config=gemm_config)
+        call = lambda: qkv_projection_forward(
+            x,
+            w,
+            bias,
+            num_heads=H,
+            scale=0.125,  # noqa: E731
+            norm_weight=norm_weight,
+            norm_bias=norm_bias,
+            gemm_config=gemm_config,
+        )
     else:
         res = torch.empty(B, T, n_out, dtype=dtype) if f["HAS_RES"] else None
-        call = lambda: dense_forward(x, w, bias, norm_weight=norm_weight, norm_bias=norm_bias,  # noqa: E731
-                                     act=f["ACT"], residual=res, layer_scale=vec if f["HAS_LS"] else None,
-                                     gemm_config=gemm_config)
+        call = lambda: dense_forward(
+            x,
+            w,
+            bias,
+            norm_weight=norm_weight,
+            norm_bias=norm_bias,  # noqa: E731
+            act=f["ACT"],
+            residual=res,
+            layer_scale=vec if f["HAS_LS"] else None,
+            gemm_config=gemm_config,
+        )
     BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = gemm_config or block_config(dtype)
     on = ",".join(f"{k}={int(v)}" for k, v in f.items() if v)
     label = f"BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},BLOCK_K={BLOCK_K},{dtype_name(dtype)}" + (f",{on}" if on else "")
@@ -527,18 +748,27 @@ def tune_aot_specs() -> List[AotSpec]:
     LayerNorm, fc1 with LayerNorm + GELU, the patch gather with bias + pos + cls."""
     specs = []
     for table, variants in (
-            (TUNE_CONFIGS, (("gemm_linear", dict(has_bias=True, has_res=True, has_ls=True)),
-                            ("gemm_qkv", dict(norm=NORM_AFFINE, has_bias=True, out_mode=OUT_QKV)),
-                            ("gemm_fc1", dict(norm=NORM_AFFINE, has_bias=True, act=ACT_GELU_ERF)))),
-            (TUNE_PATCH_CONFIGS, (("gemm_patch_embed_nchw", dict(a_mode=A_PATCHES, has_bias=True, has_pos=True,
-                                                                 prefix=1)),))):
+        (
+            TUNE_CONFIGS,
+            (
+                ("gemm_linear", dict(has_bias=True, has_res=True, has_ls=True)),
+                ("gemm_qkv", dict(norm=NORM_AFFINE, has_bias=True, out_mode=OUT_QKV)),
+                ("gemm_fc1", dict(norm=NORM_AFFINE, has_bias=True, act=ACT_GELU_ERF)),
+            ),
+        ),
+        (
+            TUNE_PATCH_CONFIGS,
+            (("gemm_patch_embed_nchw", dict(a_mode=A_PATCHES, has_bias=True, has_pos=True, prefix=1)),),
+        ),
+    ):
         for dtype in DTYPES:
             cfgs = sorted({c for arch in table for c in table[arch].get(dtype, ())})
             for cfg in cfgs:
                 archs = tuple(a for a in sorted(table) if cfg in table[a].get(dtype, ()))
                 for name, flags in variants:
-                    if flags.get("a_mode") == A_PATCHES:   # recorded as patch_embed.aot_specs records NCHW
+                    if flags.get("a_mode") == A_PATCHES:  # recorded as patch_embed.aot_specs records NCHW
                         from .patch_embed import aot_spec as patch_aot_spec
+
                         specs.append(patch_aot_spec(dtype, "nchw", True, True, 1, gemm_config=cfg, archs=archs))
                     else:
                         specs.append(aot_spec(name, dtype, gemm_config=cfg, archs=archs, **flags))

@@ -16,6 +16,7 @@ pre = fc1's output before GELU), which gives dL/dpre without another pass.
 Column sums run in two launches of one kernel: (splits, N) fp32 partial sums over row chunks
 (enough programs to fill a GPU), then the partials summed into the parameter's dtype.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -29,7 +30,7 @@ from . import cdiv
 from .gemm import ACT_DGELU_ERF, ACT_DGELU_TANH, ACT_NONE, launch_gemm
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-DGELU = {"none": ACT_DGELU_ERF, "tanh": ACT_DGELU_TANH}   # GELU's `approximate` -> the derivative's ACT
+DGELU = {"none": ACT_DGELU_ERF, "tanh": ACT_DGELU_TANH}  # GELU's `approximate` -> the derivative's ACT
 # float64 (gradcheck only): the GEMM's fp64 tiles; other dtypes use gemm.block_config.
 FP64_GEMM_CONFIG = (32, 32, 16, 4, 1)
 SUM_BLOCK_R, SUM_BLOCK_N, SUM_ROWS_PER_SPLIT = 32, 64, 512
@@ -37,16 +38,25 @@ SUM_BLOCK_R, SUM_BLOCK_N, SUM_ROWS_PER_SPLIT = 32, 64, 512
 
 @triton.jit
 def _column_sums_kernel(
-    G,                 # (M, N) as (b, t, n) with strides (s_gb, s_gt, s_gn): the incoming gradient
-    Z,                 # (M, N) contiguous: the branch (layer-scale gradient)            [HAS_Z]
-    LS,                # (N,) layer scale                                                [HAS_LS]
-    DG,                # (M, N) contiguous out: ls * g                                   [WRITE_DG]
-    SUM_G,             # (splits, N) out: partial column sums of ls * g
-    SUM_GZ,            # (splits, N) out: partial column sums of g * z                   [HAS_Z]
-    M, N, T, s_gb, s_gt, s_gn,
-    rows_per_split,    # a multiple of BLOCK_R
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LS: tl.constexpr, HAS_Z: tl.constexpr, WRITE_DG: tl.constexpr, ACC_F64: tl.constexpr,
+    G,  # (M, N) as (b, t, n) with strides (s_gb, s_gt, s_gn): the incoming gradient
+    Z,  # (M, N) contiguous: the branch (layer-scale gradient)            [HAS_Z]
+    LS,  # (N,) layer scale                                                [HAS_LS]
+    DG,  # (M, N) contiguous out: ls * g                                   [WRITE_DG]
+    SUM_G,  # (splits, N) out: partial column sums of ls * g
+    SUM_GZ,  # (splits, N) out: partial column sums of g * z                   [HAS_Z]
+    M,
+    N,
+    T,
+    s_gb,
+    s_gt,
+    s_gn,
+    rows_per_split,  # a multiple of BLOCK_R
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_LS: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    WRITE_DG: tl.constexpr,
+    ACC_F64: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -82,9 +92,16 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def column_sums(g: Tensor, T: int, g_strides: Tuple[int, int, int], out_dtype: torch.dtype, *,
-                layer_scale: Optional[Tensor] = None, branch: Optional[Tensor] = None,
-                write_scaled: bool = False) -> Tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
+def column_sums(
+    g: Tensor,
+    T: int,
+    g_strides: Tuple[int, int, int],
+    out_dtype: torch.dtype,
+    *,
+    layer_scale: Optional[Tensor] = None,
+    branch: Optional[Tensor] = None,
+    write_scaled: bool = False,
+) -> Tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
     """Column sums of a gradient g: (M, N) rows addressed as (b, t) = (m // T, m % T) through
     g_strides = (s_b, s_t, s_n) (no copy of a strided view).
 
@@ -105,12 +122,26 @@ def column_sums(g: Tensor, T: int, g_strides: Tuple[int, int, int], out_dtype: t
     if N == 0:
         return dg, sum_g[0], (sum_gz[0] if sum_gz is not None else None)
     _column_sums_kernel[(cdiv(N, SUM_BLOCK_N), splits)](
-        g, branch if branch is not None else g, layer_scale if layer_scale is not None else g,
-        dg if dg is not None else g, sum_g, sum_gz if sum_gz is not None else sum_g,
-        M, N, T, *g_strides, rows_per_split, BLOCK_R=SUM_BLOCK_R, BLOCK_N=SUM_BLOCK_N,
-        HAS_LS=layer_scale is not None, HAS_Z=branch is not None, WRITE_DG=write_scaled,
-        ACC_F64=acc == torch.float64, num_warps=4)
-    if splits > 1:   # the partials, summed by the same kernel into out_dtype
+        g,
+        branch if branch is not None else g,
+        layer_scale if layer_scale is not None else g,
+        dg if dg is not None else g,
+        sum_g,
+        sum_gz if sum_gz is not None else sum_g,
+        M,
+        N,
+        T,
+        *g_strides,
+        rows_per_split,
+        BLOCK_R=SUM_BLOCK_R,
+        BLOCK_N=SUM_BLOCK_N,
+        HAS_LS=layer_scale is not None,
+        HAS_Z=branch is not None,
+        WRITE_DG=write_scaled,
+        ACC_F64=acc == torch.float64,
+        num_warps=4,
+    )
+    if splits > 1:  # the partials, summed by the same kernel into out_dtype
         sum_g = column_sums(sum_g, splits, (0, N, 1), out_dtype)[1][None]
         if sum_gz is not None:
             sum_gz = column_sums(sum_gz, splits, (0, N, 1), out_dtype)[1][None]
@@ -121,8 +152,7 @@ def _config(dtype: torch.dtype):
     return FP64_GEMM_CONFIG if dtype == torch.float64 else None
 
 
-def input_grad(g: Tensor, weight: Tensor, *, gelu_input: Optional[Tensor] = None,
-               approximate: str = "none") -> Tensor:
+def input_grad(g: Tensor, weight: Tensor, *, gelu_input: Optional[Tensor] = None, approximate: str = "none") -> Tensor:
     """da = g @ weight, (M, K), in g's dtype.
 
     g: (M, N) contiguous; weight: (N, K) any strides (read transposed in place).
@@ -133,10 +163,22 @@ def input_grad(g: Tensor, weight: Tensor, *, gelu_input: Optional[Tensor] = None
     K = weight.shape[1]
     out = torch.empty((M, K), dtype=g.dtype, device=g.device)
     act = DGELU[approximate] if gelu_input is not None else ACT_NONE
-    return launch_gemm(g, weight, out, M=M, N=K, K=N, T=max(M, 1), a_strides=(0, g.stride(0), g.stride(1)),
-                       w_strides=(weight.stride(1), weight.stride(0)), out_strides=(0, K, 1),
-                       residual=gelu_input, res_strides=(0, K, 1) if gelu_input is not None else (0, 0, 0),
-                       act=act, gemm_config=_config(g.dtype))
+    return launch_gemm(
+        g,
+        weight,
+        out,
+        M=M,
+        N=K,
+        K=N,
+        T=max(M, 1),
+        a_strides=(0, g.stride(0), g.stride(1)),
+        w_strides=(weight.stride(1), weight.stride(0)),
+        out_strides=(0, K, 1),
+        residual=gelu_input,
+        res_strides=(0, K, 1) if gelu_input is not None else (0, 0, 0),
+        act=act,
+        gemm_config=_config(g.dtype),
+    )
 
 
 def weight_grad(g: Tensor, a: Tensor, out_dtype: torch.dtype) -> Tensor:
@@ -147,14 +189,34 @@ def weight_grad(g: Tensor, a: Tensor, out_dtype: torch.dtype) -> Tensor:
     M, N = g.shape
     K = a.shape[1]
     out = torch.empty((N, K), dtype=out_dtype, device=g.device)
-    return launch_gemm(g, a, out, M=N, N=K, K=M, T=max(N, 1), a_strides=(0, g.stride(1), g.stride(0)),
-                       w_strides=(a.stride(1), a.stride(0)), out_strides=(0, K, 1), gemm_config=_config(g.dtype))
+    return launch_gemm(
+        g,
+        a,
+        out,
+        M=N,
+        N=K,
+        K=M,
+        T=max(N, 1),
+        a_strides=(0, g.stride(1), g.stride(0)),
+        w_strides=(a.stride(1), a.stride(0)),
+        out_strides=(0, K, 1),
+        gemm_config=_config(g.dtype),
+    )
 
 
-def linear_backward(grad: Tensor, a: Tensor, weight: Tensor, *, need_input: bool = True, need_weight: bool = True,
-                    need_bias: bool = False, layer_scale: Optional[Tensor] = None, branch: Optional[Tensor] = None,
-                    gelu_input: Optional[Tensor] = None, approximate: str = "none"
-                    ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+def linear_backward(
+    grad: Tensor,
+    a: Tensor,
+    weight: Tensor,
+    *,
+    need_input: bool = True,
+    need_weight: bool = True,
+    need_bias: bool = False,
+    layer_scale: Optional[Tensor] = None,
+    branch: Optional[Tensor] = None,
+    gelu_input: Optional[Tensor] = None,
+    approximate: str = "none",
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients of y = [residual +] [layer_scale *] (a @ weight^T [+ bias]) for dy = grad.
 
     grad: (M, N) contiguous; a: (M, K) (any strides); weight: (N, K); layer_scale: (N,) or None;
@@ -167,13 +229,22 @@ def linear_backward(grad: Tensor, a: Tensor, weight: Tensor, *, need_input: bool
     if grad.dtype not in DTYPES:
         raise TypeError(f"grad: expected float32, float16, bfloat16 or float64, got {grad.dtype}")
     if grad.dim() != 2 or not grad.is_contiguous():
-        raise ValueError(f"grad: expected a contiguous 2-D (rows, out_features) tensor, got shape "
-                         f"{tuple(grad.shape)} strides {grad.stride()}")
+        raise ValueError(
+            f"grad: expected a contiguous 2-D (rows, out_features) tensor, got shape "
+            f"{tuple(grad.shape)} strides {grad.stride()}"
+        )
     g, db, dls = grad, None, None
     if need_bias or layer_scale is not None:
         N = grad.shape[1]
-        dg, db, dls = column_sums(grad, max(grad.shape[0], 1), (0, N, 1), weight.dtype, layer_scale=layer_scale,
-                                  branch=branch, write_scaled=layer_scale is not None)
+        dg, db, dls = column_sums(
+            grad,
+            max(grad.shape[0], 1),
+            (0, N, 1),
+            weight.dtype,
+            layer_scale=layer_scale,
+            branch=branch,
+            write_scaled=layer_scale is not None,
+        )
         g = dg if dg is not None else grad
     da = input_grad(g, weight, gelu_input=gelu_input, approximate=approximate) if need_input else None
     dw = weight_grad(g, a, weight.dtype) if need_weight else None

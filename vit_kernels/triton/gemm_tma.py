@@ -40,6 +40,7 @@ extra pass over x and no host sync (the kernel decides per tile from the row sta
 such rows keep the TMA -> shared memory -> wgmma loop. The tiles centred are counted on the device and
 reported by :func:`last_ln_route`.
 """
+
 from __future__ import annotations
 
 import collections
@@ -91,14 +92,43 @@ def _centre_tile(mean_ptr, rstd_ptr, off_m, M, ln_tau, BLOCK_M: tl.constexpr, LN
 
 
 @triton.jit
-def _epilogue(acc, off_m, n0, out_desc, out_ptr, bias_ptr, res_ptr, ls_ptr, colsum_ptr, mean, rstd,
-              M, N, T, s_o3, s_ob, s_oh, s_ot, s_rb, s_rt, INNER, HEAD_DIM, q_scale,
-              BLOCK_M: tl.constexpr, SUB_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-              HAS_LS: tl.constexpr, HAS_RES: tl.constexpr, OUT_MODE: tl.constexpr, LN_EPI: tl.constexpr):
+def _epilogue(
+    acc,
+    off_m,
+    n0,
+    out_desc,
+    out_ptr,
+    bias_ptr,
+    res_ptr,
+    ls_ptr,
+    colsum_ptr,
+    mean,
+    rstd,
+    M,
+    N,
+    T,
+    s_o3,
+    s_ob,
+    s_oh,
+    s_ot,
+    s_rb,
+    s_rt,
+    INNER,
+    HEAD_DIM,
+    q_scale,
+    BLOCK_M: tl.constexpr,
+    SUB_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_LS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    OUT_MODE: tl.constexpr,
+    LN_EPI: tl.constexpr,
+):
     """One (BLOCK_M, SUB_N) fp32 sub-tile of the accumulator, columns n0 .. n0 + SUB_N: epilogue + store."""
     offs_n = n0 + tl.arange(0, SUB_N)
     n_mask = offs_n < N
-    if LN_EPI:       # y = rstd * (x @ W'^T - mean * c) + b'
+    if LN_EPI:  # y = rstd * (x @ W'^T - mean * c) + b'
         c = tl.load(colsum_ptr + offs_n, mask=n_mask, other=0.0)
         acc = (acc - mean[:, None] * c[None, :]) * rstd[:, None]
     acc = bias_gelu(acc, bias_ptr, offs_n, n_mask, HAS_BIAS, ACT)
@@ -110,56 +140,70 @@ def _epilogue(acc, off_m, n0, out_desc, out_ptr, bias_ptr, res_ptr, ls_ptr, cols
         b = (offs_m // T).to(tl.int64)
         t = (offs_m % T).to(tl.int64)
     if HAS_RES:
-        res = tl.load(res_ptr + (b * s_rb + t * s_rt)[:, None] + offs_n.to(tl.int64)[None, :],
-                      mask=mask, other=0.0)
+        res = tl.load(res_ptr + (b * s_rb + t * s_rt)[:, None] + offs_n.to(tl.int64)[None, :], mask=mask, other=0.0)
         acc += res.to(tl.float32)
     if OUT_MODE == 0:
-        out_desc.store([off_m, n0], acc.to(out_desc.dtype))   # clipped at the M and N edges
+        out_desc.store([off_m, n0], acc.to(out_desc.dtype))  # clipped at the M and N edges
     else:
         # Head split: column n = which * INNER + head * HEAD_DIM + d goes to out[which, b, head, t, d]
         # (HEAD_DIM % 8 == 0 and a contiguous out, checked by the launcher: runs of 8 contiguous elements).
         which = offs_n // INNER
-        col = (which.to(tl.int64) * s_o3 + ((offs_n % INNER) // HEAD_DIM).to(tl.int64) * s_oh
-               + (offs_n % HEAD_DIM))
+        col = which.to(tl.int64) * s_o3 + ((offs_n % INNER) // HEAD_DIM).to(tl.int64) * s_oh + (offs_n % HEAD_DIM)
         col = tl.max_contiguous(tl.multiple_of(col, 8), 8)
         acc *= tl.where(which == 0, q_scale, 1.0)[None, :]
-        tl.store(out_ptr + (b * s_ob + t * s_ot)[:, None] + col[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=mask)
+        tl.store(out_ptr + (b * s_ob + t * s_ot)[:, None] + col[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _gemm_tma_kernel(
-    a_ptr,            # A (M, K), row stride s_am, unit column stride, 16-byte aligned
-    w_ptr,            # weight (N, K), row stride s_wn, unit column stride (W' when LN_EPI)
-    out_ptr,          # OUT_ROWS: (M, N) row stride s_om;
-                      # OUT_QKV: (3, B, H, T, HEAD_DIM) strides (s_o3, s_ob, s_oh, s_ot, 1)
-    bias_ptr,         # (N,)                         [HAS_BIAS]  (fp32 b' when LN_EPI)
-    res_ptr,          # (M, N) as (b, t, n), strides (s_rb, s_rt, 1)   [HAS_RES]
-    ls_ptr,           # (N,) layer scale             [HAS_LS]
-    mean_ptr,         # (M,) fp32 row means          [LN_EPI]
-    rstd_ptr,         # (M,) fp32 row 1/std          [LN_EPI]
-    colsum_ptr,       # (N,) fp32 column sums of W'  [LN_EPI]
-    route_ptr,        # (1,) int32: row tiles centred before the dot (counted here)  [LN_EPI]
-    M, N, K, T,       # rows, output features, reduction length, rows per batch (residual, head split)
-    s_am, s_wn, s_om,
-    s_o3, s_ob, s_oh, s_ot,
-    s_rb, s_rt,
-    INNER, HEAD_DIM,  # QKV: heads * head_dim, head_dim
-    q_scale,          # fp32: QKV scales the Q columns (n < INNER) by this
-    ln_tau,           # fp32: a row tile with some |mean| * rstd > ln_tau is centred (ln_cancel_threshold)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_STAGES: tl.constexpr, EPI_SPLIT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_LS: tl.constexpr, HAS_RES: tl.constexpr,
-    OUT_MODE: tl.constexpr, LN_EPI: tl.constexpr,
+    a_ptr,  # A (M, K), row stride s_am, unit column stride, 16-byte aligned
+    w_ptr,  # weight (N, K), row stride s_wn, unit column stride (W' when LN_EPI)
+    out_ptr,  # OUT_ROWS: (M, N) row stride s_om;
+    # OUT_QKV: (3, B, H, T, HEAD_DIM) strides (s_o3, s_ob, s_oh, s_ot, 1)
+    bias_ptr,  # (N,)                         [HAS_BIAS]  (fp32 b' when LN_EPI)
+    res_ptr,  # (M, N) as (b, t, n), strides (s_rb, s_rt, 1)   [HAS_RES]
+    ls_ptr,  # (N,) layer scale             [HAS_LS]
+    mean_ptr,  # (M,) fp32 row means          [LN_EPI]
+    rstd_ptr,  # (M,) fp32 row 1/std          [LN_EPI]
+    colsum_ptr,  # (N,) fp32 column sums of W'  [LN_EPI]
+    route_ptr,  # (1,) int32: row tiles centred before the dot (counted here)  [LN_EPI]
+    M,
+    N,
+    K,
+    T,  # rows, output features, reduction length, rows per batch (residual, head split)
+    s_am,
+    s_wn,
+    s_om,
+    s_o3,
+    s_ob,
+    s_oh,
+    s_ot,
+    s_rb,
+    s_rt,
+    INNER,
+    HEAD_DIM,  # QKV: heads * head_dim, head_dim
+    q_scale,  # fp32: QKV scales the Q columns (n < INNER) by this
+    ln_tau,  # fp32: a row tile with some |mean| * rstd > ln_tau is centred (ln_cancel_threshold)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    EPI_SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_LS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    OUT_MODE: tl.constexpr,
+    LN_EPI: tl.constexpr,
 ):
     SUB_N: tl.constexpr = BLOCK_N // EPI_SPLIT
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[s_am, 1], block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[s_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
     if OUT_MODE == 0:
-        out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[s_om, 1],
-                                             block_shape=[BLOCK_M, SUB_N])
+        out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[s_om, 1], block_shape=[BLOCK_M, SUB_N])
     else:
-        out_desc = a_desc   # unused: the head split stores through pointers
+        out_desc = a_desc  # unused: the head split stores through pointers
 
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -203,41 +247,252 @@ def _gemm_tma_kernel(
             mean = tl.load(mean_ptr + offs_m, mask=offs_m < M, other=0.0)
             rstd = tl.load(rstd_ptr + offs_m, mask=offs_m < M, other=0.0)
             if _centre_tile(mean_ptr, rstd_ptr, off_m, M, ln_tau, BLOCK_M, LN_EPI):
-                mean = tl.zeros((BLOCK_M,), dtype=tl.float32)   # A was centred: nothing to take off
+                mean = tl.zeros((BLOCK_M,), dtype=tl.float32)  # A was centred: nothing to take off
         # Sub-tiles: (BLOCK_M, BLOCK_N) -> (BLOCK_M, 2, BLOCK_N/2) -> split the halves (twice for 4).
         if EPI_SPLIT == 1:
-            _epilogue(acc, off_m, off_n, out_desc, out_ptr, bias_ptr, res_ptr, ls_ptr, colsum_ptr, mean, rstd,
-                      M, N, T, s_o3, s_ob, s_oh, s_ot, s_rb, s_rt, INNER, HEAD_DIM, q_scale,
-                      BLOCK_M, SUB_N, HAS_BIAS, ACT, HAS_LS, HAS_RES, OUT_MODE, LN_EPI)
+            _epilogue(
+                acc,
+                off_m,
+                off_n,
+                out_desc,
+                out_ptr,
+                bias_ptr,
+                res_ptr,
+                ls_ptr,
+                colsum_ptr,
+                mean,
+                rstd,
+                M,
+                N,
+                T,
+                s_o3,
+                s_ob,
+                s_oh,
+                s_ot,
+                s_rb,
+                s_rt,
+                INNER,
+                HEAD_DIM,
+                q_scale,
+                BLOCK_M,
+                SUB_N,
+                HAS_BIAS,
+                ACT,
+                HAS_LS,
+                HAS_RES,
+                OUT_MODE,
+                LN_EPI,
+            )
         elif EPI_SPLIT == 2:
             h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            _epilogue(h0, off_m, off_n, out_desc, out_ptr, bias_ptr, res_ptr, ls_ptr, colsum_ptr, mean, rstd,
-                      M, N, T, s_o3, s_ob, s_oh, s_ot, s_rb, s_rt, INNER, HEAD_DIM, q_scale,
-                      BLOCK_M, SUB_N, HAS_BIAS, ACT, HAS_LS, HAS_RES, OUT_MODE, LN_EPI)
-            _epilogue(h1, off_m, off_n + SUB_N, out_desc, out_ptr, bias_ptr, res_ptr, ls_ptr, colsum_ptr,
-                      mean, rstd, M, N, T, s_o3, s_ob, s_oh, s_ot, s_rb, s_rt, INNER, HEAD_DIM, q_scale,
-                      BLOCK_M, SUB_N, HAS_BIAS, ACT, HAS_LS, HAS_RES, OUT_MODE, LN_EPI)
+            _epilogue(
+                h0,
+                off_m,
+                off_n,
+                out_desc,
+                out_ptr,
+                bias_ptr,
+                res_ptr,
+                ls_ptr,
+                colsum_ptr,
+                mean,
+                rstd,
+                M,
+                N,
+                T,
+                s_o3,
+                s_ob,
+                s_oh,
+                s_ot,
+                s_rb,
+                s_rt,
+                INNER,
+                HEAD_DIM,
+                q_scale,
+                BLOCK_M,
+                SUB_N,
+                HAS_BIAS,
+                ACT,
+                HAS_LS,
+                HAS_RES,
+                OUT_MODE,
+                LN_EPI,
+            )
+            _epilogue(
+                h1,
+                off_m,
+                off_n + SUB_N,
+                out_desc,
+                out_ptr,
+                bias_ptr,
+                res_ptr,
+                ls_ptr,
+                colsum_ptr,
+                mean,
+                rstd,
+                M,
+                N,
+                T,
+                s_o3,
+                s_ob,
+                s_oh,
+                s_ot,
+                s_rb,
+                s_rt,
+                INNER,
+                HEAD_DIM,
+                q_scale,
+                BLOCK_M,
+                SUB_N,
+                HAS_BIAS,
+                ACT,
+                HAS_LS,
+                HAS_RES,
+                OUT_MODE,
+                LN_EPI,
+            )
         else:
             h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
             q0, q1 = tl.split(tl.permute(tl.reshape(h0, (BLOCK_M, 2, SUB_N)), (0, 2, 1)))
-            _epilogue(q0, off_m, off_n, out_desc, out_ptr, bias_ptr, res_ptr, ls_ptr, colsum_ptr, mean, rstd,
-                      M, N, T, s_o3, s_ob, s_oh, s_ot, s_rb, s_rt, INNER, HEAD_DIM, q_scale,
-                      BLOCK_M, SUB_N, HAS_BIAS, ACT, HAS_LS, HAS_RES, OUT_MODE, LN_EPI)
-            _epilogue(q1, off_m, off_n + SUB_N, out_desc, out_ptr, bias_ptr, res_ptr, ls_ptr, colsum_ptr,
-                      mean, rstd, M, N, T, s_o3, s_ob, s_oh, s_ot, s_rb, s_rt, INNER, HEAD_DIM, q_scale,
-                      BLOCK_M, SUB_N, HAS_BIAS, ACT, HAS_LS, HAS_RES, OUT_MODE, LN_EPI)
+            _epilogue(
+                q0,
+                off_m,
+                off_n,
+                out_desc,
+                out_ptr,
+                bias_ptr,
+                res_ptr,
+                ls_ptr,
+                colsum_ptr,
+                mean,
+                rstd,
+                M,
+                N,
+                T,
+                s_o3,
+                s_ob,
+                s_oh,
+                s_ot,
+                s_rb,
+                s_rt,
+                INNER,
+                HEAD_DIM,
+                q_scale,
+                BLOCK_M,
+                SUB_N,
+                HAS_BIAS,
+                ACT,
+                HAS_LS,
+                HAS_RES,
+                OUT_MODE,
+                LN_EPI,
+            )
+            _epilogue(
+                q1,
+                off_m,
+                off_n + SUB_N,
+                out_desc,
+                out_ptr,
+                bias_ptr,
+                res_ptr,
+                ls_ptr,
+                colsum_ptr,
+                mean,
+                rstd,
+                M,
+                N,
+                T,
+                s_o3,
+                s_ob,
+                s_oh,
+                s_ot,
+                s_rb,
+                s_rt,
+                INNER,
+                HEAD_DIM,
+                q_scale,
+                BLOCK_M,
+                SUB_N,
+                HAS_BIAS,
+                ACT,
+                HAS_LS,
+                HAS_RES,
+                OUT_MODE,
+                LN_EPI,
+            )
             q2, q3 = tl.split(tl.permute(tl.reshape(h1, (BLOCK_M, 2, SUB_N)), (0, 2, 1)))
-            _epilogue(q2, off_m, off_n + 2 * SUB_N, out_desc, out_ptr, bias_ptr, res_ptr, ls_ptr, colsum_ptr,
-                      mean, rstd, M, N, T, s_o3, s_ob, s_oh, s_ot, s_rb, s_rt, INNER, HEAD_DIM, q_scale,
-                      BLOCK_M, SUB_N, HAS_BIAS, ACT, HAS_LS, HAS_RES, OUT_MODE, LN_EPI)
-            _epilogue(q3, off_m, off_n + 3 * SUB_N, out_desc, out_ptr, bias_ptr, res_ptr, ls_ptr, colsum_ptr,
-                      mean, rstd, M, N, T, s_o3, s_ob, s_oh, s_ot, s_rb, s_rt, INNER, HEAD_DIM, q_scale,
-                      BLOCK_M, SUB_N, HAS_BIAS, ACT, HAS_LS, HAS_RES, OUT_MODE, LN_EPI)
+            _epilogue(
+                q2,
+                off_m,
+                off_n + 2 * SUB_N,
+                out_desc,
+                out_ptr,
+                bias_ptr,
+                res_ptr,
+                ls_ptr,
+                colsum_ptr,
+                mean,
+                rstd,
+                M,
+                N,
+                T,
+                s_o3,
+                s_ob,
+                s_oh,
+                s_ot,
+                s_rb,
+                s_rt,
+                INNER,
+                HEAD_DIM,
+                q_scale,
+                BLOCK_M,
+                SUB_N,
+                HAS_BIAS,
+                ACT,
+                HAS_LS,
+                HAS_RES,
+                OUT_MODE,
+                LN_EPI,
+            )
+            _epilogue(
+                q3,
+                off_m,
+                off_n + 3 * SUB_N,
+                out_desc,
+                out_ptr,
+                bias_ptr,
+                res_ptr,
+                ls_ptr,
+                colsum_ptr,
+                mean,
+                rstd,
+                M,
+                N,
+                T,
+                s_o3,
+                s_ob,
+                s_oh,
+                s_ot,
+                s_rb,
+                s_rt,
+                INNER,
+                HEAD_DIM,
+                q_scale,
+                BLOCK_M,
+                SUB_N,
+                HAS_BIAS,
+                ACT,
+                HAS_LS,
+                HAS_RES,
+                OUT_MODE,
+                LN_EPI,
+            )
 
 
 # ---------------------------------------------------------------------------------------------
 # Configs: a small set per (N, K) class of the ViT shapes, for a measured dispatch to choose from
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class TmaConfig:
@@ -255,26 +510,28 @@ class TmaConfig:
 
     @property
     def name(self) -> str:
-        return (f"{self.block_m}x{self.block_n}x{self.block_k}_w{self.num_warps}_s{self.num_stages}"
-                f"_e{self.epi_split}_b{self.blocks_per_sm}")
+        return (
+            f"{self.block_m}x{self.block_n}x{self.block_k}_w{self.num_warps}_s{self.num_stages}"
+            f"_e{self.epi_split}_b{self.blocks_per_sm}"
+        )
 
 
 # Every config the kernel is launched with (aot_specs compiles each one).
 CONFIGS: List[TmaConfig] = [
-    TmaConfig(128, 256, 64, 8, 3, 4, 1),   # large N (3*dim, 4*dim): 2 warpgroups, 128x256 per SM
-    TmaConfig(128, 128, 64, 8, 4, 2, 1),   # the middle: 4 stages, 2 warpgroups of 64 rows
-    TmaConfig(128, 128, 32, 4, 4, 2, 2),   # one warpgroup, two blocks per SM (the second hides the epilogue)
-    TmaConfig(64, 128, 64, 4, 3, 2, 2),    # few rows (small batch): more tiles to spread over the SMs
-    TmaConfig(128, 64, 64, 4, 3, 1, 2),    # small N (dim 192..384 outputs)
+    TmaConfig(128, 256, 64, 8, 3, 4, 1),  # large N (3*dim, 4*dim): 2 warpgroups, 128x256 per SM
+    TmaConfig(128, 128, 64, 8, 4, 2, 1),  # the middle: 4 stages, 2 warpgroups of 64 rows
+    TmaConfig(128, 128, 32, 4, 4, 2, 2),  # one warpgroup, two blocks per SM (the second hides the epilogue)
+    TmaConfig(64, 128, 64, 4, 3, 2, 2),  # few rows (small batch): more tiles to spread over the SMs
+    TmaConfig(128, 64, 64, 4, 3, 1, 2),  # small N (dim 192..384 outputs)
 ]
 # Two blocks per SM need each block within (228 KB - 2 x 1 KB reserved) / 2 = 113 KB of shared memory, the
 # residual's staging included (measured ahead of time: tests/test_triton_gemm_tma.py).
 # (N, K) class -> the configs a measured dispatch chooses from (indices into CONFIGS).
 CLASSES: Dict[str, Tuple[int, ...]] = {
-    "qkv": (0, 1, 2, 3),    # dim -> 3*dim
-    "proj": (1, 2, 3, 4),   # dim -> dim (out projection)
-    "fc1": (0, 1, 2, 3),    # dim -> 4*dim
-    "fc2": (1, 2, 3, 4),    # 4*dim -> dim
+    "qkv": (0, 1, 2, 3),  # dim -> 3*dim
+    "proj": (1, 2, 3, 4),  # dim -> dim (out projection)
+    "fc1": (0, 1, 2, 3),  # dim -> 4*dim
+    "fc2": (1, 2, 3, 4),  # 4*dim -> dim
 }
 
 
@@ -323,13 +580,13 @@ def tune_configs(dtype: torch.dtype, arch: int, gemms: Tuple[Tuple[int, int], ..
 # Checks: what TMA needs
 # ---------------------------------------------------------------------------------------------
 
+
 def _aligned(name: str, t: Tensor, row_stride: int) -> Optional[str]:
     es = t.element_size()
     if t.data_ptr() % 16:
         return f"{name}: TMA needs a 16-byte aligned base address, got data_ptr() % 16 = {t.data_ptr() % 16}"
     if (row_stride * es) % 16:
-        return (f"{name}: TMA needs a row stride that is a multiple of 16 bytes, got {row_stride} elements "
-                f"x {es} bytes")
+        return f"{name}: TMA needs a row stride that is a multiple of 16 bytes, got {row_stride} elements x {es} bytes"
     return None
 
 
@@ -339,7 +596,7 @@ def _rows2d(name: str, t: Tensor) -> Tuple[Optional[int], Optional[str]]:
     if t.stride(-1) != 1 and t.shape[-1] > 1:
         return None, f"{name}: TMA needs a unit last stride, got strides {t.stride()}"
     s, rows = None, 1
-    for d in range(t.dim() - 2, -1, -1):   # inner to outer: each dim must continue the row pattern
+    for d in range(t.dim() - 2, -1, -1):  # inner to outer: each dim must continue the row pattern
         if t.shape[d] == 1:
             continue
         if s is None:
@@ -347,8 +604,10 @@ def _rows2d(name: str, t: Tensor) -> Tuple[Optional[int], Optional[str]]:
         elif t.stride(d) == rows * s:
             rows *= t.shape[d]
         else:
-            return None, (f"{name}: TMA reads rows with one row stride; shape {tuple(t.shape)} with strides "
-                          f"{t.stride()} has none (pass {name}.contiguous())")
+            return None, (
+                f"{name}: TMA reads rows with one row stride; shape {tuple(t.shape)} with strides "
+                f"{t.stride()} has none (pass {name}.contiguous())"
+            )
     if s == 0:
         return None, f"{name}: TMA cannot read broadcast rows (row stride 0, strides {t.stride()})"
     return (t.shape[-1] if s is None else s), None
@@ -378,6 +637,7 @@ def _ensure_allocator(device: torch.device) -> None:
     if device.type != "cuda":
         return
     from triton.runtime import _allocation
+
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device=device, dtype=torch.int8))
 
@@ -385,18 +645,33 @@ def _ensure_allocator(device: torch.device) -> None:
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 3   # the interpreter: few programs, so each walks several tiles (the persistent loop is exercised)
+    return 3  # the interpreter: few programs, so each walks several tiles (the persistent loop is exercised)
 
 
 # ---------------------------------------------------------------------------------------------
 # The launcher
 # ---------------------------------------------------------------------------------------------
 
-def launch_gemm_tma(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K: int, T: int, s_am: int,
-                    config: TmaConfig, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,
-                    res_strides: Tuple[int, int] = (0, 0), layer_scale: Optional[Tensor] = None,
-                    act: int = ACT_NONE, ln: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
-                    qkv: Optional[Tuple[int, int, float]] = None) -> Tensor:
+
+def launch_gemm_tma(
+    a: Tensor,
+    weight: Tensor,
+    out: Tensor,
+    *,
+    M: int,
+    N: int,
+    K: int,
+    T: int,
+    s_am: int,
+    config: TmaConfig,
+    bias: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    res_strides: Tuple[int, int] = (0, 0),
+    layer_scale: Optional[Tensor] = None,
+    act: int = ACT_NONE,
+    ln: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
+    qkv: Optional[Tuple[int, int, float]] = None,
+) -> Tensor:
     """Launch :func:`_gemm_tma_kernel` once; every argument already checked by the caller.
 
     a: A rows with row stride s_am (unit column stride); weight: (N, K) contiguous rows; out: (M, N) rows
@@ -409,8 +684,14 @@ def launch_gemm_tma(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K
         return out
     _ensure_allocator(a.device)
     c = config
-    flags = dict(HAS_BIAS=bias is not None, ACT=act, HAS_LS=layer_scale is not None, HAS_RES=residual is not None,
-                 OUT_MODE=OUT_QKV if qkv is not None else OUT_ROWS, LN_EPI=ln is not None)
+    flags = dict(
+        HAS_BIAS=bias is not None,
+        ACT=act,
+        HAS_LS=layer_scale is not None,
+        HAS_RES=residual is not None,
+        OUT_MODE=OUT_QKV if qkv is not None else OUT_ROWS,
+        LN_EPI=ln is not None,
+    )
     s_o3 = s_ob = s_oh = s_ot = inner = head_dim = 0
     q_scale = 1.0
     if qkv is not None:
@@ -418,7 +699,7 @@ def launch_gemm_tma(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K
         inner, head_dim, q_scale = qkv[0], qkv[1], float(qkv[2])
         s_om = 0
     else:
-        s_om = _rows2d("out", out)[0]   # the row stride (a size-1 dim's stride says nothing)
+        s_om = _rows2d("out", out)[0]  # the row stride (a size-1 dim's stride says nothing)
     fp32_dummy = ln[0] if ln is not None else torch.empty(1, device=a.device, dtype=torch.float32)
     mean, rstd, colsum = ln if ln is not None else (fp32_dummy,) * 3
     tau = 0.0
@@ -430,11 +711,43 @@ def launch_gemm_tma(a: Tensor, weight: Tensor, out: Tensor, *, M: int, N: int, K
     tiles = triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n)
     grid = (min(tiles, _num_sms(a.device) * c.blocks_per_sm),)
     _gemm_tma_kernel[grid](
-        a, weight, out, _or(bias, weight), _or(residual, weight), _or(layer_scale, weight), mean, rstd, colsum,
-        route, M, N, K, T, s_am, weight.stride(0), s_om, s_o3, s_ob, s_oh, s_ot, res_strides[0], res_strides[1],
-        inner, head_dim, q_scale, tau,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=GROUP_M, NUM_STAGES=c.num_stages,
-        EPI_SPLIT=c.epi_split, num_warps=c.num_warps, num_stages=c.num_stages, **flags)
+        a,
+        weight,
+        out,
+        _or(bias, weight),
+        _or(residual, weight),
+        _or(layer_scale, weight),
+        mean,
+        rstd,
+        colsum,
+        route,
+        M,
+        N,
+        K,
+        T,
+        s_am,
+        weight.stride(0),
+        s_om,
+        s_o3,
+        s_ob,
+        s_oh,
+        s_ot,
+        res_strides[0],
+        res_strides[1],
+        inner,
+        head_dim,
+        q_scale,
+        tau,
+        BLOCK_M=c.block_m,
+        BLOCK_N=c.block_n,
+        BLOCK_K=c.block_k,
+        GROUP_M=GROUP_M,
+        NUM_STAGES=c.num_stages,
+        EPI_SPLIT=c.epi_split,
+        num_warps=c.num_warps,
+        num_stages=c.num_stages,
+        **flags,
+    )
     return out
 
 
@@ -445,6 +758,7 @@ def _or(t: Optional[Tensor], placeholder: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # LayerNorm folded into the weight (LN_EPI)
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class FoldedLayerNorm:
@@ -465,8 +779,9 @@ FOLD_CACHE_SIZE = 128
 _FOLD_CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 
 
-def fold_layernorm(weight: Tensor, bias: Optional[Tensor], norm_weight: Tensor,
-                   norm_bias: Optional[Tensor]) -> FoldedLayerNorm:
+def fold_layernorm(
+    weight: Tensor, bias: Optional[Tensor], norm_weight: Tensor, norm_bias: Optional[Tensor]
+) -> FoldedLayerNorm:
     """Fold LayerNorm's affine (norm_weight gamma (K,), norm_bias beta (K,) or None) into the Linear that
     follows (weight (N, K), bias (N,) or None), once per parameter version (cached)."""
     import weakref
@@ -475,8 +790,11 @@ def fold_layernorm(weight: Tensor, bias: Optional[Tensor], norm_weight: Tensor,
     key = tuple(None if t is None else (t.data_ptr(), tuple(t.shape), t.dtype, t.device) for t in params)
     versions = tuple(None if t is None else t._version for t in params)
     hit = _FOLD_CACHE.get(key)
-    if hit is not None and hit[1] == versions and all(
-            (r is None) == (t is None) and (r is None or r() is t) for r, t in zip(hit[0], params)):
+    if (
+        hit is not None
+        and hit[1] == versions
+        and all((r is None) == (t is None) and (r is None or r() is t) for r, t in zip(hit[0], params))
+    ):
         _FOLD_CACHE.move_to_end(key)
         return hit[2]
     with torch.no_grad():
@@ -512,7 +830,7 @@ def ln_cancel_threshold(K: int, dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / (4 * torch.finfo(torch.float32).eps * math.sqrt(max(K, 1)))
 
 
-_LAST_LN_ROUTE: List[object] = [""]   # (device counter, row tiles, BLOCK_M, threshold) of the last LN_EPI launch
+_LAST_LN_ROUTE: List[object] = [""]  # (device counter, row tiles, BLOCK_M, threshold) of the last LN_EPI launch
 
 
 def last_ln_route() -> str:
@@ -526,13 +844,16 @@ def last_ln_route() -> str:
     n = int(counter.item())
     if n == 0:
         return "epilogue"
-    return (f"centred: {n} of {tiles} row tiles ({block_m} rows) have a row with |mean| * rstd > {tau:.3g} (the "
-            f"folded epilogue would cancel); those tiles are centred in the kernel before the dot")
+    return (
+        f"centred: {n} of {tiles} row tiles ({block_m} rows) have a row with |mean| * rstd > {tau:.3g} (the "
+        f"folded epilogue would cancel); those tiles are centred in the kernel before the dot"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Public launchers (same arguments as vit_kernels.triton.gemm's, plus the tile config)
 # ---------------------------------------------------------------------------------------------
+
 
 def _check_config(config, N: int, K: int) -> TmaConfig:
     """config: None (:func:`default_config`), a TmaConfig, or its fields as a tuple (the tuner's form)."""
@@ -550,11 +871,21 @@ def _check_vec(name: str, t: Optional[Tensor], n: int, like: Tensor) -> None:
         raise ValueError(f"{name}: expected shape ({n},) on {like.device}, got {tuple(t.shape)} on {t.device}")
 
 
-def dense_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
-                  norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
-                  eps: float = 1e-6, stats: Optional[Tuple[Tensor, Tensor]] = None, act: int = ACT_NONE,
-                  residual: Optional[Tensor] = None, layer_scale: Optional[Tensor] = None,
-                  out: Optional[Tensor] = None, config: Optional[TmaConfig] = None) -> Tensor:
+def dense_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    norm_weight: Optional[Tensor] = None,
+    norm_bias: Optional[Tensor] = None,
+    eps: float = 1e-6,
+    stats: Optional[Tuple[Tensor, Tensor]] = None,
+    act: int = ACT_NONE,
+    residual: Optional[Tensor] = None,
+    layer_scale: Optional[Tensor] = None,
+    out: Optional[Tensor] = None,
+    config: Optional[TmaConfig] = None,
+) -> Tensor:
     """[LayerNorm ->] x @ weight^T [+ bias] [-> GELU] [* layer_scale] [+ residual], one GEMM launch.
 
     x: (..., K) float16/bfloat16 whose rows share one 16-byte-multiple row stride; weight: (N, K); bias,
@@ -581,8 +912,10 @@ def dense_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     res_strides = (0, 0)
     if residual is not None:
         if tuple(residual.shape) != tuple(out.shape) or residual.stride(-1) != 1:
-            raise ValueError(f"residual: expected shape {tuple(out.shape)} with a unit last stride, got "
-                             f"{tuple(residual.shape)} strides {residual.stride()}")
+            raise ValueError(
+                f"residual: expected shape {tuple(out.shape)} with a unit last stride, got "
+                f"{tuple(residual.shape)} strides {residual.stride()}"
+            )
         res_strides = as_rows("residual", residual, T)[:2]
     s_am, _ = _rows2d("x", x)
     a, w, ln = x, weight, None
@@ -590,21 +923,52 @@ def dense_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
         folded = fold_layernorm(weight, bias, norm_weight, norm_bias)
         mean, rstd = stats if stats is not None else row_stats(x, eps)
         w, bias, ln = folded.weight, folded.bias, (mean, rstd, folded.colsum)
-    return launch_gemm_tma(a, w, out, M=M, N=N, K=K, T=T, s_am=s_am, config=config, bias=bias,
-                           residual=residual, res_strides=res_strides, layer_scale=layer_scale, act=act, ln=ln)
+    return launch_gemm_tma(
+        a,
+        w,
+        out,
+        M=M,
+        N=N,
+        K=K,
+        T=T,
+        s_am=s_am,
+        config=config,
+        bias=bias,
+        residual=residual,
+        res_strides=res_strides,
+        layer_scale=layer_scale,
+        act=act,
+        ln=ln,
+    )
 
 
-def linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
-                   residual: Optional[Tensor] = None, layer_scale: Optional[Tensor] = None,
-                   out: Optional[Tensor] = None, config: Optional[TmaConfig] = None) -> Tensor:
+def linear_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    residual: Optional[Tensor] = None,
+    layer_scale: Optional[Tensor] = None,
+    out: Optional[Tensor] = None,
+    config: Optional[TmaConfig] = None,
+) -> Tensor:
     """residual + layer_scale * (x @ weight^T + bias) (out projection, fc2); shapes as :func:`dense_forward`."""
     return dense_forward(x, weight, bias, residual=residual, layer_scale=layer_scale, out=out, config=config)
 
 
-def qkv_projection_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = None, *,
-                           num_heads: int, scale: float, norm_weight: Optional[Tensor] = None,
-                           norm_bias: Optional[Tensor] = None, eps: float = 1e-6,
-                           out: Optional[Tensor] = None, config: Optional[TmaConfig] = None) -> Tensor:
+def qkv_projection_forward(
+    x: Tensor,
+    qkv_weight: Tensor,
+    qkv_bias: Optional[Tensor] = None,
+    *,
+    num_heads: int,
+    scale: float,
+    norm_weight: Optional[Tensor] = None,
+    norm_bias: Optional[Tensor] = None,
+    eps: float = 1e-6,
+    out: Optional[Tensor] = None,
+    config: Optional[TmaConfig] = None,
+) -> Tensor:
     """[LayerNorm ->] QKV projection written into the attention layout.
 
     x: (B, N, dim) float16/bfloat16 with one 16-byte-multiple row stride; qkv_weight: (3*inner, dim), rows
@@ -628,8 +992,9 @@ def qkv_projection_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Ten
         folded = fold_layernorm(qkv_weight, qkv_bias, norm_weight, norm_bias)
         mean, rstd = row_stats(x, eps)
         w, bias, ln = folded.weight, folded.bias, (mean, rstd, folded.colsum)
-    return launch_gemm_tma(a, w, out, M=M, N=N, K=dim, T=Ntok, s_am=s_am, config=config, bias=bias, ln=ln,
-                           qkv=(inner, head_dim, scale))
+    return launch_gemm_tma(
+        a, w, out, M=M, N=N, K=dim, T=Ntok, s_am=s_am, config=config, bias=bias, ln=ln, qkv=(inner, head_dim, scale)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,18 +1004,26 @@ def qkv_projection_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Ten
 # The epilogues each ViT class launches: flags as in _gemm_tma_kernel (LN_EPI: LayerNorm folded).
 EPILOGUES: Dict[str, Tuple[Dict[str, object], ...]] = {
     "qkv": tuple(dict(OUT_MODE=OUT_QKV, HAS_BIAS=b, LN_EPI=ln) for ln in (False, True) for b in (False, True)),
-    "proj": tuple(dict(HAS_BIAS=b, HAS_RES=r, HAS_LS=s) for b in (False, True)
-                  for r, s in ((False, False), (True, False), (True, True))),
-    "fc1": tuple(dict(HAS_BIAS=True, ACT=act, LN_EPI=ln) for ln in (False, True)
-                 for act in (ACT_GELU_ERF, ACT_GELU_TANH)),
+    "proj": tuple(
+        dict(HAS_BIAS=b, HAS_RES=r, HAS_LS=s)
+        for b in (False, True)
+        for r, s in ((False, False), (True, False), (True, True))
+    ),
+    "fc1": tuple(
+        dict(HAS_BIAS=True, ACT=act, LN_EPI=ln) for ln in (False, True) for act in (ACT_GELU_ERF, ACT_GELU_TANH)
+    ),
 }
 EPILOGUES["fc2"] = EPILOGUES["proj"]
 
 
 # (N, K) of each class at a model dimension (qkv: dim -> 3*dim, proj: dim -> dim, fc1: dim -> 4*dim,
 # fc2: 4*dim -> dim).
-CLASS_SHAPES = {"qkv": lambda d: (3 * d, d), "proj": lambda d: (d, d), "fc1": lambda d: (4 * d, d),
-                "fc2": lambda d: (d, 4 * d)}
+CLASS_SHAPES = {
+    "qkv": lambda d: (3 * d, d),
+    "proj": lambda d: (d, d),
+    "fc1": lambda d: (4 * d, d),
+    "fc2": lambda d: (d, 4 * d),
+}
 
 
 def _aot_call(config: TmaConfig, flags: Dict[str, object], tensors: Dict[str, Tensor]):
@@ -663,12 +1036,20 @@ def _aot_call(config: TmaConfig, flags: Dict[str, object], tensors: Dict[str, Te
     norm_bias = t["ln"] if ln and bias is not None else None
     if flags.get("OUT_MODE", OUT_ROWS) == OUT_QKV:
         H = REPRESENTATIVE["heads"]
-        return lambda: qkv_projection_forward(t["x"], t["w"], bias, num_heads=H, scale=0.125,
-                                              norm_weight=norm_weight, norm_bias=norm_bias, config=config)
-    return lambda: dense_forward(t["x"], t["w"], bias, norm_weight=norm_weight, norm_bias=norm_bias,
-                                 act=int(flags.get("ACT", ACT_NONE)),
-                                 residual=t["res"] if flags.get("HAS_RES") else None,
-                                 layer_scale=t["bias"] if flags.get("HAS_LS") else None, config=config)
+        return lambda: qkv_projection_forward(
+            t["x"], t["w"], bias, num_heads=H, scale=0.125, norm_weight=norm_weight, norm_bias=norm_bias, config=config
+        )
+    return lambda: dense_forward(
+        t["x"],
+        t["w"],
+        bias,
+        norm_weight=norm_weight,
+        norm_bias=norm_bias,
+        act=int(flags.get("ACT", ACT_NONE)),
+        residual=t["res"] if flags.get("HAS_RES") else None,
+        layer_scale=t["bias"] if flags.get("HAS_LS") else None,
+        config=config,
+    )
 
 
 def _aot_tensors(cls: str, dtype: torch.dtype) -> Dict[str, Tensor]:
@@ -676,13 +1057,18 @@ def _aot_tensors(cls: str, dtype: torch.dtype) -> Dict[str, Tensor]:
     so the LayerNorm fold (cached per parameter) is computed once per class, dtype and bias."""
     B, T, dim = (REPRESENTATIVE[k] for k in ("batch", "tokens", "dim"))
     N, K = CLASS_SHAPES[cls](dim)
-    return dict(x=torch.empty(B, T, K, dtype=dtype), w=torch.empty(N, K, dtype=dtype),
-                bias=torch.empty(N, dtype=dtype), ln=torch.empty(K, dtype=dtype),
-                res=torch.empty(B, T, N, dtype=dtype))
+    return dict(
+        x=torch.empty(B, T, K, dtype=dtype),
+        w=torch.empty(N, K, dtype=dtype),
+        bias=torch.empty(N, dtype=dtype),
+        ln=torch.empty(K, dtype=dtype),
+        res=torch.empty(B, T, N, dtype=dtype),
+    )
 
 
-def aot_spec(config: TmaConfig, dtype: torch.dtype, name: str = "gemm_tma",
-             tensors: Optional[Dict[str, Tensor]] = None, **flags) -> AotSpec:
+def aot_spec(
+    config: TmaConfig, dtype: torch.dtype, name: str = "gemm_tma", tensors: Optional[Dict[str, Tensor]] = None, **flags
+) -> AotSpec:
     """The AotSpec of ``config`` for ``dtype`` with epilogue ``flags`` (kernel flag names; unset: off), recorded
     from the public launcher (qkv_projection_forward for OUT_MODE=OUT_QKV, else dense_forward) on empty CPU
     tensors of the class ``name`` ends with ("gemm_tma_qkv", ...; "proj" otherwise) at aot.REPRESENTATIVE's
@@ -698,10 +1084,11 @@ def aot_spec(config: TmaConfig, dtype: torch.dtype, name: str = "gemm_tma",
     label = f"{config.name},{dtype_name(dtype)}" + (f",{on}" if on else "")
     B, T = REPRESENTATIVE["batch"], REPRESENTATIVE["tokens"]
     N, K = t["w"].shape
-    spec = recorded_spec(name, _gemm_tma_kernel, _aot_call(config, f, t), label, True, archs=(90,),
-                         shape=f"B={B},T={T},K={K},N={N}")
+    spec = recorded_spec(
+        name, _gemm_tma_kernel, _aot_call(config, f, t), label, True, archs=(90,), shape=f"B={B},T={T},K={K},N={N}"
+    )
     got = {k: spec.constexprs[k] for k in f}
-    if got != f:   # the call above must make exactly the epilogue asked for
+    if got != f:  # the call above must make exactly the epilogue asked for
         raise RuntimeError(f"{name}: the launch for {label} set the flags {got}")
     return spec
 

@@ -11,6 +11,7 @@
   :func:`serialize_launches` makes interpreter launches in this process take one lock
   (vit_kernels.triton does it on import when the interpreter is on); GPU launches are untouched.
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,6 +45,7 @@ def serialize_launches() -> None:
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         return
     from triton.runtime import interpreter
+
     with LAUNCH_LOCK:
         run = interpreter.InterpretedFunction.run
         if getattr(run, "_vit_kernels_serialized", False):
@@ -72,7 +74,7 @@ def _bf16_probe() -> Optional[str]:
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(torch.bfloat16)
     b = torch.randn(n, n, generator=g).to(torch.bfloat16)
-    x = torch.randn(n, generator=g) * (1 + 2 ** -9)  # values that need rounding, not truncation
+    x = torch.randn(n, generator=g) * (1 + 2**-9)  # values that need rounding, not truncation
     dot = torch.full((n, n), float("nan"))
     cast = torch.full((n,), float("nan"), dtype=torch.bfloat16)
     _bf16_probe_kernel[(1,)](a, b, x, dot, cast, N=n)
@@ -84,5 +86,7 @@ def _bf16_probe() -> Optional[str]:
         problems.append("its fp32 -> bf16 cast does not round to nearest even")
     if not problems:
         return None
-    return (f"Triton {triton.__version__}'s interpreter mishandles bf16 ({'; '.join(problems)}): "
-            f"use float16 or float32 on the CPU, or a CUDA device for bf16")
+    return (
+        f"Triton {triton.__version__}'s interpreter mishandles bf16 ({'; '.join(problems)}): "
+        f"use float16 or float32 on the CPU, or a CUDA device for bf16"
+    )

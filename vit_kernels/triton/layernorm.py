@@ -5,6 +5,7 @@ mean and rstd first. This small pass reads x once (twice from cache: the mean is
 element and the variance around the mean, not as E[x^2] - mean^2, so large means do not cancel)
 and writes 8 bytes a row.
 """
+
 from __future__ import annotations
 
 from typing import List, Tuple
@@ -24,13 +25,18 @@ BLOCK_R, BLOCK_D, NUM_WARPS = 8, 256, 4
 
 @triton.jit
 def _row_stats_kernel(
-    x_ptr,            # x viewed as (batch, T, D) with strides (s_b, s_t, s_d)
-    mean_ptr,         # (M,) fp32 out, M = batch * T
-    rstd_ptr,         # (M,) fp32 out
-    M, D, T,          # rows, row width, rows per batch
-    s_b, s_t, s_d,
-    eps,              # fp32
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,  # x viewed as (batch, T, D) with strides (s_b, s_t, s_d)
+    mean_ptr,  # (M,) fp32 out, M = batch * T
+    rstd_ptr,  # (M,) fp32 out
+    M,
+    D,
+    T,  # rows, row width, rows per batch
+    s_b,
+    s_t,
+    s_d,
+    eps,  # fp32
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < M
@@ -74,8 +80,10 @@ def as_rows(name: str, t: Tensor, T: int) -> Tuple[int, int, int]:
     try:
         v = t.view(-1, T, C) if t.numel() else t.reshape(-1, T, C)
     except RuntimeError:
-        raise ValueError(f"{name}: shape {tuple(t.shape)} with strides {t.stride()} cannot be addressed as "
-                         f"(-1, {T}, {C}) rows without a copy; pass {name}.contiguous()") from None
+        raise ValueError(
+            f"{name}: shape {tuple(t.shape)} with strides {t.stride()} cannot be addressed as "
+            f"(-1, {T}, {C}) rows without a copy; pass {name}.contiguous()"
+        ) from None
     return v.stride(0), v.stride(1), v.stride(2)
 
 
@@ -105,8 +113,9 @@ def row_stats(x2d: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     T = rows_per_batch(x2d)
     s_b, s_t, s_d = as_rows("x2d", x2d, T)
     grid = (cdiv(M, BLOCK_R),)
-    _row_stats_kernel[grid](x2d, mean, rstd, M, D, T, s_b, s_t, s_d, float(eps),
-                            BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
+    _row_stats_kernel[grid](
+        x2d, mean, rstd, M, D, T, s_b, s_t, s_d, float(eps), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS
+    )
     return mean, rstd
 
 
@@ -117,7 +126,14 @@ def aot_specs() -> List[AotSpec]:
     specs = []
     for dtype in DTYPES:
         x = torch.empty(B, T, dim, dtype=dtype)
-        specs.append(recorded_spec("row_stats", _row_stats_kernel, lambda: row_stats(x, 1e-6),
-                                   f"BLOCK_R={BLOCK_R},BLOCK_D={BLOCK_D},{dtype_name(dtype)}", False,
-                                   shape=f"B={B},T={T},D={dim}"))
+        specs.append(
+            recorded_spec(
+                "row_stats",
+                _row_stats_kernel,
+                lambda: row_stats(x, 1e-6),
+                f"BLOCK_R={BLOCK_R},BLOCK_D={BLOCK_D},{dtype_name(dtype)}",
+                False,
+                shape=f"B={B},T={T},D={dim}",
+            )
+        )
     return specs

@@ -10,6 +10,7 @@ For rows x of width D, xhat = (x - mean) * rstd, y = xhat * w + b, and dy:
                                                                           gemm_bwd.column_sums
 Everything in fp32 (fp64 for float64 inputs, gradcheck), rounded once on the store.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -28,9 +29,18 @@ DW_BLOCK_R, DW_BLOCK_N = 32, 64
 
 @triton.jit
 def _ln_apply_kernel(
-    X, MEAN, RSTD, W, B, Y,    # X, Y: (M, D) contiguous; MEAN, RSTD: (M,) fp32/fp64; W, B: (D,)
-    M, D,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    X,
+    MEAN,
+    RSTD,
+    W,
+    B,
+    Y,  # X, Y: (M, D) contiguous; MEAN, RSTD: (M,) fp32/fp64; W, B: (D,)
+    M,
+    D,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < M
@@ -51,22 +61,32 @@ def _ln_apply_kernel(
 
 @triton.jit
 def _ln_bwd_dx_kernel(
-    X, DY, MEAN, RSTD, W, DX,  # X, DY, DX: (M, D) contiguous; MEAN, RSTD: (M,); W: (D,)
-    M, D,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_W: tl.constexpr,
+    X,
+    DY,
+    MEAN,
+    RSTD,
+    W,
+    DX,  # X, DY, DX: (M, D) contiguous; MEAN, RSTD: (M,); W: (D,)
+    M,
+    D,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_W: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < M
     mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
     rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
     row_off = rows.to(tl.int64)[:, None] * D
-    c1 = tl.zeros((BLOCK_R, BLOCK_D), dtype=mean.dtype)   # sum of dxhat * xhat
-    c2 = tl.zeros((BLOCK_R, BLOCK_D), dtype=mean.dtype)   # sum of dxhat
+    c1 = tl.zeros((BLOCK_R, BLOCK_D), dtype=mean.dtype)  # sum of dxhat * xhat
+    c2 = tl.zeros((BLOCK_R, BLOCK_D), dtype=mean.dtype)  # sum of dxhat
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         cmask = cols < D
         mask = rmask[:, None] & cmask[None, :]
-        xhat = (tl.load(X + row_off + cols[None, :], mask=mask, other=0.0).to(mean.dtype) - mean[:, None]) * rstd[:, None]
+        xhat = (tl.load(X + row_off + cols[None, :], mask=mask, other=0.0).to(mean.dtype) - mean[:, None]) * rstd[
+            :, None
+        ]
         dxhat = tl.load(DY + row_off + cols[None, :], mask=mask, other=0.0).to(mean.dtype)
         if HAS_W:
             dxhat = dxhat * tl.load(W + cols, mask=cmask, other=0.0).to(mean.dtype)[None, :]
@@ -78,7 +98,9 @@ def _ln_bwd_dx_kernel(
         cols = d0 + tl.arange(0, BLOCK_D)
         cmask = cols < D
         mask = rmask[:, None] & cmask[None, :]
-        xhat = (tl.load(X + row_off + cols[None, :], mask=mask, other=0.0).to(mean.dtype) - mean[:, None]) * rstd[:, None]
+        xhat = (tl.load(X + row_off + cols[None, :], mask=mask, other=0.0).to(mean.dtype) - mean[:, None]) * rstd[
+            :, None
+        ]
         dxhat = tl.load(DY + row_off + cols[None, :], mask=mask, other=0.0).to(mean.dtype)
         if HAS_W:
             dxhat = dxhat * tl.load(W + cols, mask=cmask, other=0.0).to(mean.dtype)[None, :]
@@ -88,9 +110,17 @@ def _ln_bwd_dx_kernel(
 
 @triton.jit
 def _ln_bwd_dwdb_kernel(
-    X, DY, MEAN, RSTD, DW, DB,   # X, DY: (M, D) contiguous; DW, DB: (splits, D) partial sums
-    M, D, rows_per_split,        # rows_per_split: a multiple of BLOCK_R
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    X,
+    DY,
+    MEAN,
+    RSTD,
+    DW,
+    DB,  # X, DY: (M, D) contiguous; DW, DB: (splits, D) partial sums
+    M,
+    D,
+    rows_per_split,  # rows_per_split: a multiple of BLOCK_R
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
@@ -116,16 +146,18 @@ def _ln_bwd_dwdb_kernel(
 
 def _check_rows(name: str, t: Tensor) -> None:
     if t.dim() != 2 or not t.is_contiguous():
-        raise ValueError(f"{name}: expected a contiguous 2-D (rows, dim) tensor, got shape {tuple(t.shape)} "
-                         f"strides {t.stride()}")
+        raise ValueError(
+            f"{name}: expected a contiguous 2-D (rows, dim) tensor, got shape {tuple(t.shape)} strides {t.stride()}"
+        )
 
 
 def _check_stats(x: Tensor, mean: Tensor, rstd: Tensor) -> None:
     want = torch.float64 if x.dtype == torch.float64 else torch.float32
     for name, t in (("mean", mean), ("rstd", rstd)):
         if tuple(t.shape) != (x.shape[0],) or t.dtype != want or not t.is_contiguous():
-            raise ValueError(f"{name}: expected a contiguous {want} tensor of shape ({x.shape[0]},), got {t.dtype} "
-                             f"{tuple(t.shape)}")
+            raise ValueError(
+                f"{name}: expected a contiguous {want} tensor of shape ({x.shape[0]},), got {t.dtype} {tuple(t.shape)}"
+            )
 
 
 def layernorm_apply(x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
@@ -140,16 +172,35 @@ def layernorm_apply(x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tens
     M, D = x.shape
     y = torch.empty_like(x)
     if M and D:
-        _ln_apply_kernel[(cdiv(M, BLOCK_R),)](x, mean, rstd, weight if weight is not None else x,
-                                             bias if bias is not None else x, y, M, D, BLOCK_R=BLOCK_R,
-                                             BLOCK_D=BLOCK_D, HAS_W=weight is not None, HAS_B=bias is not None,
-                                             num_warps=4)
+        _ln_apply_kernel[(cdiv(M, BLOCK_R),)](
+            x,
+            mean,
+            rstd,
+            weight if weight is not None else x,
+            bias if bias is not None else x,
+            y,
+            M,
+            D,
+            BLOCK_R=BLOCK_R,
+            BLOCK_D=BLOCK_D,
+            HAS_W=weight is not None,
+            HAS_B=bias is not None,
+            num_warps=4,
+        )
     return y
 
 
-def layernorm_backward(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], *,
-                       need_input: bool = True, need_weight: bool = True, need_bias: bool = True
-                       ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+def layernorm_backward(
+    grad: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Optional[Tensor],
+    *,
+    need_input: bool = True,
+    need_weight: bool = True,
+    need_bias: bool = True,
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients of y = LayerNorm(x) [* weight] [+ bias] for dy = grad.
 
     grad, x: (M, D) contiguous; mean, rstd: (M,) the forward's statistics (fp32; fp64 for float64);
@@ -166,9 +217,20 @@ def layernorm_backward(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weig
     if need_input:
         dx = torch.empty_like(x)
         if M and D:
-            _ln_bwd_dx_kernel[(cdiv(M, BLOCK_R),)](x, grad, mean, rstd, weight if weight is not None else x, dx,
-                                                  M, D, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
-                                                  HAS_W=weight is not None, num_warps=4)
+            _ln_bwd_dx_kernel[(cdiv(M, BLOCK_R),)](
+                x,
+                grad,
+                mean,
+                rstd,
+                weight if weight is not None else x,
+                dx,
+                M,
+                D,
+                BLOCK_R=BLOCK_R,
+                BLOCK_D=BLOCK_D,
+                HAS_W=weight is not None,
+                num_warps=4,
+            )
     if need_weight or need_bias:
         pdt = weight.dtype if weight is not None else x.dtype
         splits = max(1, cdiv(M, SUM_ROWS_PER_SPLIT))
@@ -176,8 +238,9 @@ def layernorm_backward(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weig
         pw = torch.empty((splits, D), dtype=mean.dtype, device=x.device)
         pb = torch.empty((splits, D), dtype=mean.dtype, device=x.device)
         if D:
-            _ln_bwd_dwdb_kernel[(cdiv(D, DW_BLOCK_N), splits)](x, grad, mean, rstd, pw, pb, M, D, rows_per_split,
-                                                              BLOCK_R=DW_BLOCK_R, BLOCK_N=DW_BLOCK_N, num_warps=4)
+            _ln_bwd_dwdb_kernel[(cdiv(D, DW_BLOCK_N), splits)](
+                x, grad, mean, rstd, pw, pb, M, D, rows_per_split, BLOCK_R=DW_BLOCK_R, BLOCK_N=DW_BLOCK_N, num_warps=4
+            )
         if need_weight:
             dw = column_sums(pw, splits, (0, D, 1), pdt)[1]
         if need_bias:

@@ -8,6 +8,7 @@ statistics pass.
 The normalized x and the pre-GELU hidden never reach memory; the post-GELU hidden h does (one
 write, one read), in x's dtype, as an eager fc1 -> GELU would leave it.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -19,13 +20,23 @@ from .aot import AotSpec
 from .gemm import ACTIVATIONS, DTYPES, NORM_AFFINE, NORM_NONE, NORM_WEIGHT_ONLY, aot_spec, dense_forward
 
 
-def layernorm_gelu_mlp_forward(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
-                               fc1_weight: Tensor, fc1_bias: Optional[Tensor],
-                               fc2_weight: Tensor, fc2_bias: Optional[Tensor], *, eps: float = 1e-6,
-                               approximate: str = "none", residual: Optional[Tensor] = None,
-                               layer_scale: Optional[Tensor] = None, out: Optional[Tensor] = None,
-                               gemm_config: Optional[Tuple[int, ...]] = None,
-                               tma_config: Optional[Tuple[int, ...]] = None) -> Tensor:
+def layernorm_gelu_mlp_forward(
+    x: Tensor,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor],
+    *,
+    eps: float = 1e-6,
+    approximate: str = "none",
+    residual: Optional[Tensor] = None,
+    layer_scale: Optional[Tensor] = None,
+    out: Optional[Tensor] = None,
+    gemm_config: Optional[Tuple[int, ...]] = None,
+    tma_config: Optional[Tuple[int, ...]] = None,
+) -> Tensor:
     """[residual +] [layer_scale *] fc2(GELU(fc1(LayerNorm(x)))).
 
     x: (..., dim), any strides addressing it as (-1, tokens, dim); norm_weight, norm_bias: (dim,)
@@ -40,25 +51,47 @@ def layernorm_gelu_mlp_forward(x: Tensor, norm_weight: Optional[Tensor], norm_bi
     """
     if approximate not in ACTIVATIONS:
         raise ValueError(f"approximate: expected one of {tuple(ACTIVATIONS)}, got {approximate!r}")
-    checks.unit_stride_params(norm_weight=norm_weight, norm_bias=norm_bias, fc1_bias=fc1_bias, fc2_bias=fc2_bias,
-                              layer_scale=layer_scale)
+    checks.unit_stride_params(
+        norm_weight=norm_weight, norm_bias=norm_bias, fc1_bias=fc1_bias, fc2_bias=fc2_bias, layer_scale=layer_scale
+    )
     if tma_config is not None:
         from . import gemm_tma
-        h = gemm_tma.dense_forward(x, fc1_weight, fc1_bias, norm_weight=norm_weight,
-                                   norm_bias=norm_bias if norm_weight is not None else None, eps=eps,
-                                   act=ACTIVATIONS[approximate], config=tma_config)
-        return gemm_tma.dense_forward(h, fc2_weight, fc2_bias, residual=residual, layer_scale=layer_scale, out=out,
-                                      config=tma_config)
-    h = dense_forward(x, fc1_weight, fc1_bias, norm_weight=norm_weight,
-                      norm_bias=norm_bias if norm_weight is not None else None, eps=eps,
-                      act=ACTIVATIONS[approximate], gemm_config=gemm_config)
-    return dense_forward(h, fc2_weight, fc2_bias, residual=residual, layer_scale=layer_scale, out=out,
-                         gemm_config=gemm_config)
+
+        h = gemm_tma.dense_forward(
+            x,
+            fc1_weight,
+            fc1_bias,
+            norm_weight=norm_weight,
+            norm_bias=norm_bias if norm_weight is not None else None,
+            eps=eps,
+            act=ACTIVATIONS[approximate],
+            config=tma_config,
+        )
+        return gemm_tma.dense_forward(
+            h, fc2_weight, fc2_bias, residual=residual, layer_scale=layer_scale, out=out, config=tma_config
+        )
+    h = dense_forward(
+        x,
+        fc1_weight,
+        fc1_bias,
+        norm_weight=norm_weight,
+        norm_bias=norm_bias if norm_weight is not None else None,
+        eps=eps,
+        act=ACTIVATIONS[approximate],
+        gemm_config=gemm_config,
+    )
+    return dense_forward(
+        h, fc2_weight, fc2_bias, residual=residual, layer_scale=layer_scale, out=out, gemm_config=gemm_config
+    )
 
 
 def aot_specs() -> List[AotSpec]:
     """fc1's configurations: LayerNorm (none | affine | weight only) x bias x GELU (erf | tanh),
     per dtype. fc2 launches the same kernel configurations as linear_forward (gemm.aot_specs)."""
-    return [aot_spec("gemm_fc1", dtype, norm=norm, has_bias=has_bias, act=act)
-            for dtype in DTYPES for norm in (NORM_NONE, NORM_AFFINE, NORM_WEIGHT_ONLY)
-            for has_bias in (False, True) for act in ACTIVATIONS.values()]
+    return [
+        aot_spec("gemm_fc1", dtype, norm=norm, has_bias=has_bias, act=act)
+        for dtype in DTYPES
+        for norm in (NORM_NONE, NORM_AFFINE, NORM_WEIGHT_ONLY)
+        for has_bias in (False, True)
+        for act in ACTIVATIONS.values()
+    ]

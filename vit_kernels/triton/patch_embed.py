@@ -7,6 +7,7 @@ Conv2d weight's (channel, row, col) order. The class-token row (t == 0 with a cl
 nothing and its epilogue writes cls + pos_embed[0]; patch rows get bias + pos_embed[t]. One launch
 writes the whole token buffer.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -19,10 +20,19 @@ from .gemm import A_PATCHES, DTYPES, _check_dtype, _gemm_kernel, check_out, bloc
 from .layernorm import as_rows
 
 
-def patch_embed_forward(images: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, patch_size: int,
-                        pos_embed: Optional[Tensor] = None, cls_token: Optional[Tensor] = None,
-                        image_mean: Optional[Tensor] = None, image_std: Optional[Tensor] = None,
-                        out: Optional[Tensor] = None, gemm_config: Optional[Tuple[int, ...]] = None) -> Tensor:
+def patch_embed_forward(
+    images: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    patch_size: int,
+    pos_embed: Optional[Tensor] = None,
+    cls_token: Optional[Tensor] = None,
+    image_mean: Optional[Tensor] = None,
+    image_std: Optional[Tensor] = None,
+    out: Optional[Tensor] = None,
+    gemm_config: Optional[Tuple[int, ...]] = None,
+) -> Tensor:
     """Patchify + projection + class token + position embedding, one launch.
 
     images: (B, C, H, W), any strides (NCHW, channels_last); weight: (dim, C, p, p) (Conv2d
@@ -60,14 +70,29 @@ def patch_embed_forward(images: Tensor, weight: Tensor, bias: Optional[Tensor] =
         # (1, 1, dim) or (dim,): dim elements; a view, or a copy of dim elements for odd layouts.
         cls = cls_token.reshape(dim)
     return launch_gemm(
-        images, weight, out, M=B * T, N=dim, K=C * p * p, T=T, a_strides=images.stride(),
-        w_strides=weight.stride(), out_strides=as_rows("out", out, T), bias=bias,
-        pos=pos_embed, pos_strides=pos_strides, cls=cls, patch=(p, gw), pixel_norm=pixel_norm,
-        gemm_config=gemm_config)
+        images,
+        weight,
+        out,
+        M=B * T,
+        N=dim,
+        K=C * p * p,
+        T=T,
+        a_strides=images.stride(),
+        w_strides=weight.stride(),
+        out_strides=as_rows("out", out, T),
+        bias=bias,
+        pos=pos_embed,
+        pos_strides=pos_strides,
+        cls=cls,
+        patch=(p, gw),
+        pixel_norm=pixel_norm,
+        gemm_config=gemm_config,
+    )
 
 
-def pixel_columns(image_mean: Optional[Tensor], image_std: Optional[Tensor], C: int, p: int,
-                  device: torch.device) -> Tuple[Tensor, Tensor]:
+def pixel_columns(
+    image_mean: Optional[Tensor], image_std: Optional[Tensor], C: int, p: int, device: torch.device
+) -> Tuple[Tensor, Tensor]:
     """(scale, shift): fp32 (C*p*p,) per patch column k (channel k // (p*p)), scale = 1 / (255 std),
     shift = -mean / std, so the loader computes x * scale + shift = (x / 255 - mean) / std."""
     for name, v in (("image_mean", image_mean), ("image_std", image_std)):
@@ -79,8 +104,16 @@ def pixel_columns(image_mean: Optional[Tensor], image_std: Optional[Tensor], C: 
     return scale, shift
 
 
-def aot_spec(dtype: torch.dtype, layout: str = "nchw", has_bias: bool = True, has_pos: bool = True,
-             prefix: int = 1, gemm_config=None, archs=(80, 90), uint8: bool = False) -> AotSpec:
+def aot_spec(
+    dtype: torch.dtype,
+    layout: str = "nchw",
+    has_bias: bool = True,
+    has_pos: bool = True,
+    prefix: int = 1,
+    gemm_config=None,
+    archs=(80, 90),
+    uint8: bool = False,
+) -> AotSpec:
     """The launch patch_embed_forward makes for ``dtype`` with ``layout`` ("nchw" or
     "channels_last") images (``uint8``: uint8 images normalized on load, weight at ``dtype``), recorded at 224 px, patch 16, aot.REPRESENTATIVE's batch and dim (a
     contiguous Conv2d weight, pos_embed (1, T, dim), cls_token (1, 1, dim)), so its specialization is
@@ -97,21 +130,42 @@ def aot_spec(dtype: torch.dtype, layout: str = "nchw", has_bias: bool = True, ha
     cls = torch.empty(1, 1, dim, dtype=dtype) if prefix else None
     BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages = gemm_config or block_config(dtype, A_PATCHES)
     on = ",".join(f"{k}={int(v)}" for k, v in (("HAS_BIAS", has_bias), ("HAS_POS", has_pos), ("PREFIX", prefix)) if v)
-    label = f"BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},BLOCK_K={BLOCK_K},{dtype_name(dtype)},A_MODE=1" + (f",{on}" if on else "")
+    label = f"BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},BLOCK_K={BLOCK_K},{dtype_name(dtype)},A_MODE=1" + (
+        f",{on}" if on else ""
+    )
     label += ",uint8 images,NORM=3" if uint8 else ""
     if gemm_config is not None:
         label += f",num_warps={num_warps},num_stages={num_stages},tuning"
-    call = lambda: patch_embed_forward(images, weight, vec if has_bias else None, patch_size=p,  # noqa: E731
-                                       pos_embed=pos, cls_token=cls, gemm_config=gemm_config, **norm)
-    return recorded_spec(f"gemm_patch_embed_{layout}" + ("_uint8" if uint8 else ""), _gemm_kernel, call, label, True, tuple(archs),
-                         shape=f"B={B},224px,patch={p},dim={dim},{layout}")
+    call = lambda: patch_embed_forward(
+        images,
+        weight,
+        vec if has_bias else None,
+        patch_size=p,  # noqa: E731
+        pos_embed=pos,
+        cls_token=cls,
+        gemm_config=gemm_config,
+        **norm,
+    )
+    return recorded_spec(
+        f"gemm_patch_embed_{layout}" + ("_uint8" if uint8 else ""),
+        _gemm_kernel,
+        call,
+        label,
+        True,
+        tuple(archs),
+        shape=f"B={B},224px,patch={p},dim={dim},{layout}",
+    )
 
 
 def aot_specs() -> List[AotSpec]:
     """bias x position embedding x class token, per dtype, for NCHW images; channels_last images
     with the full epilogue (bias, pos, cls); uint8 channels_last (decoded NHWC) images with the full
     epilogue. Tiles: gemm.PATCH_CONFIGS."""
-    return [aot_spec(dtype, layout, has_bias, has_pos, prefix)
-            for dtype in DTYPES for has_bias in (False, True) for has_pos in (False, True) for prefix in (0, 1)
-            for layout in ["nchw"] + (["channels_last"] if has_bias and has_pos and prefix else [])] + \
-        [aot_spec(dtype, "channels_last", uint8=True) for dtype in DTYPES]
+    return [
+        aot_spec(dtype, layout, has_bias, has_pos, prefix)
+        for dtype in DTYPES
+        for has_bias in (False, True)
+        for has_pos in (False, True)
+        for prefix in (0, 1)
+        for layout in ["nchw"] + (["channels_last"] if has_bias and has_pos and prefix else [])
+    ] + [aot_spec(dtype, "channels_last", uint8=True) for dtype in DTYPES]

@@ -19,6 +19,7 @@ buffer, then the flash attention kernel (vit_kernels.triton.attention) reads it 
 :func:`choose_path` is the untimed default ("split", see its docstring); :func:`single_kernel_fits` says
 where the single kernel may run when asked for or chosen by measurement (vit_kernels.tuning).
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -41,8 +42,9 @@ DTYPES = KERNEL_DTYPES  # vit_kernels.dtypes
 
 
 @triton.jit
-def _ln_stats(x_base, rows, row_mask, stride_xn, DIM, eps,
-              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, HAS_NORM: tl.constexpr):
+def _ln_stats(
+    x_base, rows, row_mask, stride_xn, DIM, eps, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, HAS_NORM: tl.constexpr
+):
     """Mean and 1/std over the last dim of x rows ``rows`` (BLOCK_R,), two passes in fp32, the first
     shifted by each row's first element (zeros, unused by _project, without a LayerNorm)."""
     if HAS_NORM:
@@ -74,10 +76,28 @@ def _ln_stats(x_base, rows, row_mask, stride_xn, DIM, eps,
 
 
 @triton.jit
-def _project(x_base, rows, row_mask, stride_xn, w_base, stride_wn, b_base, mean, rstd, NW, NB, DIM,
-             HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-             HAS_NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
-             INPUT_PRECISION: tl.constexpr):
+def _project(
+    x_base,
+    rows,
+    row_mask,
+    stride_xn,
+    w_base,
+    stride_wn,
+    b_base,
+    mean,
+    rstd,
+    NW,
+    NB,
+    DIM,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    HAS_NORM_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
     """[LayerNorm(x rows)] @ w^T (+ bias) for one head's HEAD_DIM rows of the weight at w_base:
     (BLOCK_R, BLOCK_D) fp32, LayerNorm applied as x loads (mean, rstd from _ln_stats)."""
     offs_k = tl.arange(0, BLOCK_K)
@@ -95,7 +115,7 @@ def _project(x_base, rows, row_mask, stride_xn, w_base, stride_wn, b_base, mean,
             xn = xn * tl.load(NW + cols, mask=mask_k, other=0.0).to(tl.float32)[None, :]
             if HAS_NORM_BIAS:
                 xn = xn + tl.load(NB + cols, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-            xk = xn.to(xk.dtype)   # LayerNorm's output in the input dtype, as F.layer_norm gives it
+            xk = xn.to(xk.dtype)  # LayerNorm's output in the input dtype, as F.layer_norm gives it
         # (BLOCK_K, BLOCK_D) tile of w^T: w is (rows, DIM) row-major
         wk = tl.load(w_base + w_off[None, :] + cols[:, None], mask=mask_k[:, None] & mask_d[None, :], other=0.0)
         acc = tl.dot(xk, wk, acc, input_precision=INPUT_PRECISION)
@@ -105,40 +125,113 @@ def _project(x_base, rows, row_mask, stride_xn, w_base, stride_wn, b_base, mean,
 
 
 @triton.jit
-def _kv_tile(x_base, row0, N, stride_xn, wk_base, wv_base, stride_wn, bk_base, bv_base, NW, NB, DIM, eps,
-             HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-             HAS_NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
-             INPUT_PRECISION: tl.constexpr):
+def _kv_tile(
+    x_base,
+    row0,
+    N,
+    stride_xn,
+    wk_base,
+    wv_base,
+    stride_wn,
+    bk_base,
+    bv_base,
+    NW,
+    NB,
+    DIM,
+    eps,
+    HEAD_DIM: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    HAS_NORM_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
     """K and V of token rows [row0, row0 + ROWS) in x's dtype, (ROWS, BLOCK_D) each, and the row mask
     (rows < N)."""
     kv_rows = row0 + tl.arange(0, ROWS)
     kv_mask = kv_rows < N
     mean, rstd = _ln_stats(x_base, kv_rows, kv_mask, stride_xn, DIM, eps, ROWS, BLOCK_K, HAS_NORM)
-    k = _project(x_base, kv_rows, kv_mask, stride_xn, wk_base, stride_wn, bk_base, mean, rstd, NW, NB, DIM,
-                 HEAD_DIM, ROWS, BLOCK_D, BLOCK_K, HAS_NORM, HAS_NORM_BIAS, HAS_BIAS,
-                 INPUT_PRECISION).to(x_base.dtype.element_ty)   # cast now: one fp32 accumulator live at a time
-    v = _project(x_base, kv_rows, kv_mask, stride_xn, wv_base, stride_wn, bv_base, mean, rstd, NW, NB, DIM,
-                 HEAD_DIM, ROWS, BLOCK_D, BLOCK_K, HAS_NORM, HAS_NORM_BIAS, HAS_BIAS,
-                 INPUT_PRECISION).to(x_base.dtype.element_ty)
+    k = _project(
+        x_base,
+        kv_rows,
+        kv_mask,
+        stride_xn,
+        wk_base,
+        stride_wn,
+        bk_base,
+        mean,
+        rstd,
+        NW,
+        NB,
+        DIM,
+        HEAD_DIM,
+        ROWS,
+        BLOCK_D,
+        BLOCK_K,
+        HAS_NORM,
+        HAS_NORM_BIAS,
+        HAS_BIAS,
+        INPUT_PRECISION,
+    ).to(x_base.dtype.element_ty)  # cast now: one fp32 accumulator live at a time
+    v = _project(
+        x_base,
+        kv_rows,
+        kv_mask,
+        stride_xn,
+        wv_base,
+        stride_wn,
+        bv_base,
+        mean,
+        rstd,
+        NW,
+        NB,
+        DIM,
+        HEAD_DIM,
+        ROWS,
+        BLOCK_D,
+        BLOCK_K,
+        HAS_NORM,
+        HAS_NORM_BIAS,
+        HAS_BIAS,
+        INPUT_PRECISION,
+    ).to(x_base.dtype.element_ty)
     return k, v, kv_mask
 
 
 @triton.jit
 def _qkv_attn_kernel(
-    X, W, Bias, NW, NB, O,          # X: (B, N, DIM); W: (3*INNER, DIM); Bias: (3*INNER,); NW, NB: (DIM,); O: (B, N, INNER)
-    stride_xb, stride_xn,           # strides of X in elements (last dim stride 1)
-    stride_wn,                      # row stride of W (last dim stride 1)
-    stride_ob, stride_on,           # strides of O (last dim stride 1)
-    H, N, DIM, INNER,               # heads, tokens, model dim, heads * head_dim
-    eps, qk_scale,                  # LayerNorm eps; softmax scale * log2(e)
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,   # head_dim and its next power of two
-    N_MAIN: tl.constexpr, N_TAIL: tl.constexpr,      # rows of the main and the tail K/V tile (0: no tail)
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,    # query tile rows; reduction chunk over DIM
-    HAS_NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    X,
+    W,
+    Bias,
+    NW,
+    NB,
+    O,  # X: (B, N, DIM); W: (3*INNER, DIM); Bias: (3*INNER,); NW, NB: (DIM,); O: (B, N, INNER)
+    stride_xb,
+    stride_xn,  # strides of X in elements (last dim stride 1)
+    stride_wn,  # row stride of W (last dim stride 1)
+    stride_ob,
+    stride_on,  # strides of O (last dim stride 1)
+    H,
+    N,
+    DIM,
+    INNER,  # heads, tokens, model dim, heads * head_dim
+    eps,
+    qk_scale,  # LayerNorm eps; softmax scale * log2(e)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # head_dim and its next power of two
+    N_MAIN: tl.constexpr,
+    N_TAIL: tl.constexpr,  # rows of the main and the tail K/V tile (0: no tail)
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # query tile rows; reduction chunk over DIM
+    HAS_NORM: tl.constexpr,
+    HAS_NORM_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # dot precision for fp32 inputs ("tf32x3")
 ):
     pid = tl.program_id(0)
-    b = (pid // H).to(tl.int64)     # int64 offsets: B * N * DIM can pass 2**31
+    b = (pid // H).to(tl.int64)  # int64 offsets: B * N * DIM can pass 2**31
     h = pid % H
     x_base = tl.multiple_of(X + b * stride_xb, 16)
     wq_base = tl.multiple_of(W + (h * HEAD_DIM).to(tl.int64) * stride_wn, 16)
@@ -153,22 +246,81 @@ def _qkv_attn_kernel(
     # K and V of this head for the whole sequence, on chip: a main tile of rows [0, N_MAIN) and, past
     # 256 tokens unless N is a power of two, a tail tile of rows [N_MAIN, N_MAIN + N_TAIL) (rows >= N
     # are masked below). Two power-of-two tiles hold 577 tokens in 512 + 128 rows instead of 1024.
-    k, v, kv_mask = _kv_tile(x_base, 0, N, stride_xn, wk_base, wv_base, stride_wn, bk_base, bv_base, NW, NB, DIM,
-                             eps, HEAD_DIM, N_MAIN, BLOCK_D, BLOCK_K, HAS_NORM, HAS_NORM_BIAS, HAS_BIAS,
-                             INPUT_PRECISION)
+    k, v, kv_mask = _kv_tile(
+        x_base,
+        0,
+        N,
+        stride_xn,
+        wk_base,
+        wv_base,
+        stride_wn,
+        bk_base,
+        bv_base,
+        NW,
+        NB,
+        DIM,
+        eps,
+        HEAD_DIM,
+        N_MAIN,
+        BLOCK_D,
+        BLOCK_K,
+        HAS_NORM,
+        HAS_NORM_BIAS,
+        HAS_BIAS,
+        INPUT_PRECISION,
+    )
     if N_TAIL > 0:
-        k_t, v_t, kv_mask_t = _kv_tile(x_base, N_MAIN, N, stride_xn, wk_base, wv_base, stride_wn, bk_base, bv_base,
-                                       NW, NB, DIM, eps, HEAD_DIM, N_TAIL, BLOCK_D, BLOCK_K, HAS_NORM,
-                                       HAS_NORM_BIAS, HAS_BIAS, INPUT_PRECISION)
+        k_t, v_t, kv_mask_t = _kv_tile(
+            x_base,
+            N_MAIN,
+            N,
+            stride_xn,
+            wk_base,
+            wv_base,
+            stride_wn,
+            bk_base,
+            bv_base,
+            NW,
+            NB,
+            DIM,
+            eps,
+            HEAD_DIM,
+            N_TAIL,
+            BLOCK_D,
+            BLOCK_K,
+            HAS_NORM,
+            HAS_NORM_BIAS,
+            HAS_BIAS,
+            INPUT_PRECISION,
+        )
 
     o_base = tl.multiple_of(O + b * stride_ob + h * HEAD_DIM, 16)
     for m0 in range(0, N, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < N
         mean_q, rstd_q = _ln_stats(x_base, rows, row_mask, stride_xn, DIM, eps, BLOCK_M, BLOCK_K, HAS_NORM)
-        q = _project(x_base, rows, row_mask, stride_xn, wq_base, stride_wn, bq_base, mean_q, rstd_q, NW, NB,
-                     DIM, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_K, HAS_NORM, HAS_NORM_BIAS, HAS_BIAS,
-                     INPUT_PRECISION).to(X.dtype.element_ty)
+        q = _project(
+            x_base,
+            rows,
+            row_mask,
+            stride_xn,
+            wq_base,
+            stride_wn,
+            bq_base,
+            mean_q,
+            rstd_q,
+            NW,
+            NB,
+            DIM,
+            HEAD_DIM,
+            BLOCK_M,
+            BLOCK_D,
+            BLOCK_K,
+            HAS_NORM,
+            HAS_NORM_BIAS,
+            HAS_BIAS,
+            INPUT_PRECISION,
+        ).to(X.dtype.element_ty)
         # The whole score row is on chip, so the softmax is exact in one step: its max and sum run
         # over the main and the tail tile together.
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
@@ -198,8 +350,8 @@ SMEM_HEADROOM = 33 * 1024
 # was verified to compile for without spills (AOT for sm_80 and sm_90): each tile's K and V pass
 # through registers before they settle in shared memory, which caps a tile, not the whole sequence.
 MAX_TILE_ACC_BYTES = 128 * 1024
-MIN_N_PAD, MAX_N_PAD = 64, 256   # one-tile layouts: N_MAIN = next power of two of tokens in [64, 256]
-MAX_N_MAIN, MAX_N_TAIL = 512, 256   # longer sequences: a main tile of up to 512 rows plus a tail tile
+MIN_N_PAD, MAX_N_PAD = 64, 256  # one-tile layouts: N_MAIN = next power of two of tokens in [64, 256]
+MAX_N_MAIN, MAX_N_TAIL = 512, 256  # longer sequences: a main tile of up to 512 rows plus a tail tile
 # ... for head dims padded to at least 32: with BLOCK_D 16 layouts beyond 256 tokens spilled (8 to
 # 10104 bytes, fp32/fp16/bf16, sm_80/sm_90, compiled without the launch's specialization). As
 # launched (2026-11-25), fp16 (256, 64) compiles without spills but at 255 registers on sm_80 and
@@ -210,8 +362,11 @@ MIN_LONG_BLOCK_D = 32
 # 512 bytes sm_80, 336 sm_90. fp16/bf16 (64, 64, 0) on sm_80: 8 bytes since padding rows' rstd is
 # masked (the eps=0 fix); sm_90 compiles it clean. (bf16, 32, 256, 0) spilled only without the
 # launch's divisibility facts: as launched it compiles to 128 registers, no spills, and is admitted.
-SPILLING = {(torch.float32, 16, 256, 0): (80, 90), (torch.float16, 64, 64, 0): (80,),
-            (torch.bfloat16, 64, 64, 0): (80,)}
+SPILLING = {
+    (torch.float32, 16, 256, 0): (80, 90),
+    (torch.float16, 64, 64, 0): (80,),
+    (torch.bfloat16, 64, 64, 0): (80,),
+}
 # The single kernel's block configs: (BLOCK_M, BLOCK_K, num_warps, num_stages). Beyond MAX_N_PAD
 # tokens the reduction chunk over DIM is 16: the x chunk of a 512-row main tile then leaves ptxas
 # enough registers (BLOCK_K 32 spilled 24 bytes at 577 tokens, head_dim 64, fp16, sm_90).
@@ -261,10 +416,14 @@ def single_kernel_fits(dtype: torch.dtype, tokens: int, head_dim: int, arch: int
     smem = shared_per_block(arch)
     main, tail = kv_layout(tokens)
     bd = attention.block_d(head_dim)
-    return (main <= MAX_N_MAIN and tail <= MAX_N_TAIL and main * bd * 4 <= MAX_TILE_ACC_BYTES
-            and (tokens <= MAX_N_PAD or bd >= MIN_LONG_BLOCK_D)
-            and onchip_bytes(dtype, tokens, head_dim) <= smem - SMEM_HEADROOM
-            and arch not in SPILLING.get((dtype, bd, main, tail), ()))
+    return (
+        main <= MAX_N_MAIN
+        and tail <= MAX_N_TAIL
+        and main * bd * 4 <= MAX_TILE_ACC_BYTES
+        and (tokens <= MAX_N_PAD or bd >= MIN_LONG_BLOCK_D)
+        and onchip_bytes(dtype, tokens, head_dim) <= smem - SMEM_HEADROOM
+        and arch not in SPILLING.get((dtype, bd, main, tail), ())
+    )
 
 
 def choose_path(x: Tensor, num_heads: int, head_dim: int) -> str:
@@ -288,13 +447,22 @@ def choose_path(x: Tensor, num_heads: int, head_dim: int) -> str:
     return "split"
 
 
-def qkv_attention_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tensor] = None, *,
-                          num_heads: int, scale: float, norm_weight: Optional[Tensor] = None,
-                          norm_bias: Optional[Tensor] = None, eps: float = 1e-6,
-                          path: Optional[str] = None, out: Optional[Tensor] = None,
-                          gemm_config: Optional[Tuple[int, ...]] = None,
-                          attention_config: Optional[Tuple[int, ...]] = None,
-                          tma_config: Optional[Tuple[int, ...]] = None) -> Tensor:
+def qkv_attention_forward(
+    x: Tensor,
+    qkv_weight: Tensor,
+    qkv_bias: Optional[Tensor] = None,
+    *,
+    num_heads: int,
+    scale: float,
+    norm_weight: Optional[Tensor] = None,
+    norm_bias: Optional[Tensor] = None,
+    eps: float = 1e-6,
+    path: Optional[str] = None,
+    out: Optional[Tensor] = None,
+    gemm_config: Optional[Tuple[int, ...]] = None,
+    attention_config: Optional[Tuple[int, ...]] = None,
+    tma_config: Optional[Tuple[int, ...]] = None,
+) -> Tensor:
     """[LayerNorm ->] QKV projection -> attention, heads concatenated.
 
     x: (batch, tokens, dim), unit last-dim stride; qkv_weight: (3*inner, dim), rows [q; k; v], each
@@ -327,33 +495,60 @@ def qkv_attention_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
     if out is None:
         out = torch.empty((B, N, inner), dtype=x.dtype, device=x.device)
     elif out.shape != (B, N, inner) or out.dtype != x.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out: expected a ({B}, {N}, {inner}) {x.dtype} tensor with unit last-dim stride, got "
-                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
+        raise ValueError(
+            f"out: expected a ({B}, {N}, {inner}) {x.dtype} tensor with unit last-dim stride, got "
+            f"{tuple(out.shape)} {out.dtype} strides {out.stride()}"
+        )
 
     if tma_config is not None and path != "split":
         raise ValueError(f"tma_config: the TMA GEMM runs the split path's projection, got path={path!r}")
     if path == "split":
         if tma_config is not None:
             from . import gemm_tma
-            qkv = gemm_tma.qkv_projection_forward(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
-                                                  norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
-                                                  config=tma_config)
+
+            qkv = gemm_tma.qkv_projection_forward(
+                x,
+                qkv_weight,
+                qkv_bias,
+                num_heads=num_heads,
+                scale=scale,
+                norm_weight=norm_weight,
+                norm_bias=norm_bias,
+                eps=eps,
+                config=tma_config,
+            )
         else:
             from .gemm import qkv_projection_forward
-            qkv = qkv_projection_forward(x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale,
-                                         norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
-                                         gemm_config=gemm_config)
+
+            qkv = qkv_projection_forward(
+                x,
+                qkv_weight,
+                qkv_bias,
+                num_heads=num_heads,
+                scale=scale,
+                norm_weight=norm_weight,
+                norm_bias=norm_bias,
+                eps=eps,
+                gemm_config=gemm_config,
+            )
         # Q is already scaled: softmax(q' k^T) with scale 1.
-        attention.flash_attention_forward(qkv[0], qkv[1], qkv[2], 1.0,
-                                          out=out.view(B, N, num_heads, head_dim).transpose(1, 2),
-                                          attention_config=attention_config)
+        attention.flash_attention_forward(
+            qkv[0],
+            qkv[1],
+            qkv[2],
+            1.0,
+            out=out.view(B, N, num_heads, head_dim).transpose(1, 2),
+            attention_config=attention_config,
+        )
         return out
 
     arch = device_arch(x.device)
     if not single_kernel_fits(x.dtype, N, head_dim, arch):
-        raise ValueError(f"path: 'single_kernel' cannot hold K and V of {N} tokens at head_dim {head_dim} in "
-                         f"{x.dtype} on chip on sm_{arch} ({onchip_bytes(x.dtype, N, head_dim)} bytes in tiles of "
-                         f"{kv_layout(N)} rows); use path='split' or None")
+        raise ValueError(
+            f"path: 'single_kernel' cannot hold K and V of {N} tokens at head_dim {head_dim} in "
+            f"{x.dtype} on chip on sm_{arch} ({onchip_bytes(x.dtype, N, head_dim)} bytes in tiles of "
+            f"{kv_layout(N)} rows); use path='split' or None"
+        )
     for name, t in (("x", x), ("qkv_weight", qkv_weight), ("out", out)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name}: expected a unit stride in the last dim, got strides {t.stride()}")
@@ -363,20 +558,40 @@ def qkv_attention_forward(x: Tensor, qkv_weight: Tensor, qkv_bias: Optional[Tens
     BLOCK_M, BLOCK_K, num_warps, num_stages = kernel_config(N)
     n_main, n_tail = kv_layout(N)
     _qkv_attn_kernel[(B * num_heads,)](
-        x, qkv_weight, qkv_bias if qkv_bias is not None else x,
-        norm_weight if norm_weight is not None else x, norm_bias if norm_bias is not None else x, out,
-        x.stride(0), x.stride(1), qkv_weight.stride(0), out.stride(0), out.stride(1),
-        num_heads, N, dim, inner, float(eps), float(scale) * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=attention.block_d(head_dim), N_MAIN=n_main, N_TAIL=n_tail,
-        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
-        HAS_NORM=norm_weight is not None, HAS_NORM_BIAS=norm_bias is not None, HAS_BIAS=qkv_bias is not None,
-        INPUT_PRECISION=attention.FP32_DOT_PRECISION, num_warps=num_warps, num_stages=num_stages,
+        x,
+        qkv_weight,
+        qkv_bias if qkv_bias is not None else x,
+        norm_weight if norm_weight is not None else x,
+        norm_bias if norm_bias is not None else x,
+        out,
+        x.stride(0),
+        x.stride(1),
+        qkv_weight.stride(0),
+        out.stride(0),
+        out.stride(1),
+        num_heads,
+        N,
+        dim,
+        inner,
+        float(eps),
+        float(scale) * LOG2E,
+        HEAD_DIM=head_dim,
+        BLOCK_D=attention.block_d(head_dim),
+        N_MAIN=n_main,
+        N_TAIL=n_tail,
+        BLOCK_M=BLOCK_M,
+        BLOCK_K=BLOCK_K,
+        HAS_NORM=norm_weight is not None,
+        HAS_NORM_BIAS=norm_bias is not None,
+        HAS_BIAS=qkv_bias is not None,
+        INPUT_PRECISION=attention.FP32_DOT_PRECISION,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
 
 
-def aot_spec(dtype: torch.dtype, head_dim: int, tokens: int, has_norm: bool = True,
-             has_bias: bool = True) -> AotSpec:
+def aot_spec(dtype: torch.dtype, head_dim: int, tokens: int, has_norm: bool = True, has_bias: bool = True) -> AotSpec:
     """The single kernel's launch for ``tokens`` (its kv_layout and kernel_config), recorded from
     :func:`qkv_attention_forward` at the representative batch and heads (aot.REPRESENTATIVE) with
     dim = heads * head_dim, so its specialization is the launch's."""
@@ -388,14 +603,24 @@ def aot_spec(dtype: torch.dtype, head_dim: int, tokens: int, has_norm: bool = Tr
     ln = torch.empty(dim, dtype=dtype)
     BLOCK_M, BLOCK_K, _, _ = kernel_config(tokens)
     n_main, n_tail = kv_layout(tokens)
-    label = (f"head_dim={head_dim},N_MAIN={n_main},N_TAIL={n_tail},BLOCK_M={BLOCK_M},BLOCK_K={BLOCK_K},"
-             f"{dtype_name(dtype)},norm={int(has_norm)},bias={int(has_bias)}")
+    label = (
+        f"head_dim={head_dim},N_MAIN={n_main},N_TAIL={n_tail},BLOCK_M={BLOCK_M},BLOCK_K={BLOCK_K},"
+        f"{dtype_name(dtype)},norm={int(has_norm)},bias={int(has_bias)}"
+    )
     archs = tuple(a for a in (80, 90) if single_kernel_fits(dtype, tokens, head_dim, a))
     call = lambda: qkv_attention_forward(  # noqa: E731
-        x, w, vec if has_bias else None, num_heads=H, scale=head_dim ** -0.5,
-        norm_weight=ln if has_norm else None, norm_bias=ln if has_norm else None, path="single_kernel")
-    return recorded_spec("qkv_attention_single", _qkv_attn_kernel, call, label, True, archs,
-                         f"B={B},N={tokens},dim={dim},H={H}")
+        x,
+        w,
+        vec if has_bias else None,
+        num_heads=H,
+        scale=head_dim**-0.5,
+        norm_weight=ln if has_norm else None,
+        norm_bias=ln if has_norm else None,
+        path="single_kernel",
+    )
+    return recorded_spec(
+        "qkv_attention_single", _qkv_attn_kernel, call, label, True, archs, f"B={B},N={tokens},dim={dim},H={H}"
+    )
 
 
 # One token count per layout kv_layout gives, up to MAX_N_MAIN plus a tail of 256 rows; ViT token
