@@ -220,8 +220,9 @@ def run(args) -> int:
         print("note: " + n)
     if not gpu:
         print(
-            "note: no CUDA GPU here: the torch providers are timed on the CPU; the Triton and CUDA kernels need "
-            "a CUDA GPU and their rows are marked not measured"
+            "note: no CUDA GPU here: the torch providers are timed on the CPU, a smoke test (it checks the harness "
+            "runs, not how fast attention is on a GPU); the Triton and CUDA kernels need a CUDA GPU and their rows "
+            "are marked not measured"
         )
     with report.progress(len(cfg.cases) * len(cfg.providers), "attention", enabled=not args.no_progress) as prog:
         rows = batt.run(cfg, prog)
