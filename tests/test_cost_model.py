@@ -34,17 +34,29 @@ def test_gmacs_match_published(size, patch, img, gmacs):
     assert m.flops / 2e9 == pytest.approx(gmacs, rel=0.04)
 
 
-@pytest.mark.parametrize("batch,img,depth", [(1, 64, 2), (3, 96, 1)])
-def test_flops_equal_torch_flop_counter_on_the_model(batch, img, depth):
-    """An independent count: torch's FlopCounterMode on the reference model's forward (SDPA held
-    to its math backend, whose matmuls the counter sees; it does not count the CPU flash kernel)."""
-    model = create_model("vit_tiny_patch16_224", img_size=img, depth=depth, backend="torch").eval()
+def _counted_flops(backend, batch, img, depth):
+    model = create_model("vit_tiny_patch16_224", img_size=img, depth=depth, backend=backend).eval()
     x = torch.randn(batch, 3, img, img)
     with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
         model(x)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("batch,img,depth", [(1, 64, 2), (3, 96, 1)])
+def test_flops_equal_torch_flop_counter_on_the_model(batch, img, depth):
+    """An independent count: torch's FlopCounterMode on the reference model's forward with
+    backend="reference" (the oracle's plain PyTorch code, whose matmuls and convolution the counter
+    sees as aten ops; SDPA held to its math backend)."""
     tokens = (img // 16) ** 2 + 1
     shape = cost.ViTShape(batch, tokens, 192, 3, 768, depth, 4, 16, img=(img, img), num_classes=1000)
-    assert cost.model_cost(shape).flops == pytest.approx(counter.get_total_flops(), rel=1e-9)
+    assert cost.model_cost(shape).flops == pytest.approx(_counted_flops("reference", batch, img, depth), rel=1e-9)
+
+
+@pytest.mark.parametrize("batch,img,depth", [(1, 64, 2), (3, 96, 1)])
+def test_custom_op_flop_formulas_count_what_the_torch_path_counts(batch, img, depth):
+    """The fused model's ops are custom ops (torch.ops.vit_kernels.*): their FLOP formulas
+    (vit_kernels.library.FLOPS) give FlopCounterMode the same total as the oracle's aten ops."""
+    assert _counted_flops("torch", batch, img, depth) == _counted_flops("reference", batch, img, depth)
 
 
 def test_design_accounting_vit_b16_batch256_bf16():

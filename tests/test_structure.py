@@ -170,7 +170,7 @@ def test_every_op_has_every_part(op):
     assert f'"{op}"' in (ROOT / "tests" / "test_hard_inputs.py").read_text(), f"{op}: not in test_hard_inputs OPS"
     from vit_kernels import library
 
-    for table in ("SCHEMAS", "SHAPES", "TORCH_PATHS", "IMPLS", "BACKWARDS"):
+    for table in ("SCHEMAS", "SHAPES", "TORCH_PATHS", "IMPLS", "BACKWARDS", "FLOPS"):
         assert op in getattr(library, table), f"{op}: not in vit_kernels.library.{table} (the custom op)"
     assert hasattr(getattr(torch.ops, library.NAMESPACE), op), (
         f"{op}: torch.ops.{library.NAMESPACE}.{op} is not registered"

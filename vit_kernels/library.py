@@ -348,6 +348,69 @@ for _op in SCHEMAS:
     _register(_op)
 
 
+# ------------------------------------------------------------------------------ FLOP formulas
+# torch.utils.flop_counter.FlopCounterMode sees each custom op as one call; these count what the
+# op's plain PyTorch path would count there (matmuls and convolutions, 2 FLOPs per multiply-add;
+# LayerNorm, GELU, softmax and the epilogues not counted, as for aten ops). Arguments arrive as
+# shapes (tensors) or values.
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _flash_attention_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    """q (B, H, N, D), k (B, H, M, D): the two products, 2 * 2 * B * H * N * M * D."""
+    B, H, N, D = q
+    return 4 * B * H * N * k[2] * D
+
+
+def _qkv_attention_flops(
+    x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, *args, out_shape=None, **kwargs
+) -> int:
+    """x (B, N, dim), qkv_weight (3 * inner, dim): the projection and the attention's two products."""
+    B, N, dim = x
+    inner = qkv_weight[0] // 3
+    return 2 * B * N * dim * qkv_weight[0] + 4 * B * N * N * inner
+
+
+def _layernorm_gelu_mlp_flops(
+    x, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, *args, out_shape=None, **kwargs
+) -> int:
+    """x (..., dim), fc1 (hidden, dim), fc2 (out, hidden): the two GEMMs."""
+    rows = _numel(x[:-1])
+    return 2 * rows * fc1_weight[0] * fc1_weight[1] + 2 * rows * fc2_weight[0] * fc2_weight[1]
+
+
+def _patch_embed_flops(images, weight, *args, out_shape=None, **kwargs) -> int:
+    """images (B, C, H, W), weight (dim, C, p, p): the projection of every patch."""
+    B, C, Hh, W = images
+    dim, _, p, _ = weight
+    return 2 * B * (Hh // p) * (W // p) * dim * C * p * p
+
+
+def _linear_flops(x, weight, *args, out_shape=None, **kwargs) -> int:
+    """x (..., in), weight (out, in)."""
+    return 2 * _numel(x[:-1]) * weight[0] * weight[1]
+
+
+FLOPS: Dict[str, Callable] = {
+    "flash_attention": _flash_attention_flops,
+    "qkv_attention": _qkv_attention_flops,
+    "layernorm_gelu_mlp": _layernorm_gelu_mlp_flops,
+    "patch_embed": _patch_embed_flops,
+    "linear": _linear_flops,
+}
+try:
+    from torch.utils.flop_counter import register_flop_formula
+except ImportError:  # pragma: no cover - torch without the flop counter's registry
+    register_flop_formula = None
+if register_flop_formula is not None:
+    for _op, _formula in FLOPS.items():
+        register_flop_formula(getattr(torch.ops.vit_kernels, _op))(_formula)
+
+
 def symbolic(t) -> bool:
     """True while torch.fx symbolically traces (``t`` is an fx.Proxy): shapes and values are unknown,
     so the callers record the custom op as it is, without checks or a grad decision."""
