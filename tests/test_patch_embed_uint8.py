@@ -95,11 +95,11 @@ def test_launcher_uint8(case, dtype):
     assert_close(got, *oracle_and_baseline(images, w, b, p, pe, ct, mean, std))
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
 @pytest.mark.parametrize("nhwc", [False, True])
 def test_op_uint8(backend, nhwc):
-    """The op on uint8 images (tensor or sequence mean/std) on each backend that reads them, against the
-    oracle; the same op on float images normalized by hand gives the same tokens."""
+    """The op on uint8 images (tensor or sequence mean/std) on each backend, against the oracle; the
+    same op on float images normalized by hand gives the same tokens."""
     dtype = torch.float16
     B, C, H, W, p, dim = 2, 3, 32, 32, 16, 64
     images = uint8_images(B, C, H, W, nhwc)
@@ -127,18 +127,104 @@ def test_op_uint8(backend, nhwc):
     assert_close(vk.patch_embed(by_hand, w, b, patch_size=p, pos_embed=pe, cls_token=ct, backend=backend), oracle, base)
 
 
-def test_cuda_refuses_uint8_with_the_reason():
-    """The CUDA C++ kernels read float images: an explicit backend='cuda' is refused naming why;
-    auto never picks it for uint8."""
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_cuda_launcher_uint8(case, dtype):
+    """The CUDA GEMM's uint8 patch loader, both tile configs: NCHW images with 16- or 32-pixel patch rows
+    take the vector path (8 or 4 bytes a load), NHWC images and p = 14, 8 (fp16/bf16) or 2 the element path."""
+    from vit_kernels.cuda import ops as cuda_ops
+
+    B, C, H, W, p, dim, nhwc, bias, pos, cls = CASES[case]
+    images = uint8_images(B, C, H, W, nhwc)
+    T = (1 if cls else 0) + (H // p) * (W // p)
+    w, b, pe, ct = params(C, p, dim, dtype, bias=bias, pos=pos, cls=cls, T=T)
+    mean, std = IMAGENET if C == 3 and case == 0 else random_norm(C)
+    f32 = dict(dtype=torch.float32, device=DEVICE)
+    oracle, base = oracle_and_baseline(images, w, b, p, pe, ct, mean, std)
+    for config in (0, 1):
+        out = torch.full((B, T, dim), float("nan"), dtype=dtype, device=DEVICE)
+        got = cuda_ops.patch_embed_forward(
+            images,
+            w,
+            b,
+            patch_size=p,
+            pos_embed=pe,
+            cls_token=ct,
+            image_mean=torch.tensor(mean, **f32),
+            image_std=torch.tensor(std, **f32),
+            out=out,
+            config=config,
+        )
+        assert got is out
+        assert_close(got, oracle, base, name=f"config {config}")
+
+
+# layouts.LAYOUTS that apply to 4-D images (all but transposed's column-major rows and expanded_last)
+U8_LAYOUTS = ["contiguous", "channels_last", "permuted", "gaps", "row_gaps", "expanded", "offset", "misaligned"]
+
+
+def uint8_in_layout(shape, layout):
+    """Random uint8 pixels (0..255) with the strides and storage offset layouts.make gives a float tensor of
+    ``shape`` in ``layout``."""
+    from layouts import make
+
+    geo = make(shape, layout, torch.float32, "meta")
+    extent = geo.storage_offset() + sum((n - 1) * st for n, st in zip(geo.shape, geo.stride())) + 1
+    buf = torch.randint(0, 256, (extent,), dtype=torch.uint8, device=DEVICE)
+    return buf.as_strided(geo.shape, geo.stride(), geo.storage_offset())
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("layout", U8_LAYOUTS)
+def test_uint8_images_in_every_layout(backend, layout):
+    """uint8 images read in place through any strides and byte offset (misaligned: an odd base address, so
+    the CUDA loader's aligned 8-byte loads give way to element loads)."""
+    dtype = torch.float16
+    images = uint8_in_layout((2, 3, 16, 32), layout)
+    w, b, pe, ct = params(3, 8, 32, dtype, T=9)
+    mean, std = random_norm(3)
+    got = vk.patch_embed(
+        images, w, b, patch_size=8, pos_embed=pe, cls_token=ct, image_mean=mean, image_std=std, backend=backend
+    )
+    assert vk.last_decision("patch_embed").backend == backend
+    assert_close(got, *oracle_and_baseline(images, w, b, 8, pe, ct, mean, std), name=layout)
+
+
+def test_cuda_binding_checks_uint8_arguments():
+    """The binding refuses bad uint8 arguments itself (the second line of checks; the GPU build has the
+    same text) before anything launches: missing or mis-sized pixel_scale / pixel_shift, a wrong dtype,
+    a scale given with float images, an out of another dtype than the weight's."""
+    from vit_kernels.cuda import module_for
+
+    ext = module_for(DEVICE)
     images = uint8_images(1, 3, 16, 16, False)
-    w, b, pe, ct = params(3, 16, 32, torch.float32, T=2)
-    with pytest.raises(Exception, match="uint8 images: the CUDA C\\+\\+ kernels read float images only"):
-        vk.patch_embed(images, w, b, patch_size=16, image_mean=IMAGENET[0], image_std=IMAGENET[1], backend="cuda")
-    vk.patch_embed(images, w, b, patch_size=16, image_mean=IMAGENET[0], image_std=IMAGENET[1], backend="auto")
-    assert vk.last_decision("patch_embed").backend != "cuda"
+    w = params(3, 8, 16, torch.float32, pos=False)[0].reshape(16, -1)
+    out = torch.full((1, 4, 16), float("nan"), device=DEVICE)
+    one = torch.ones(3, dtype=torch.float32, device=DEVICE)
+    bad = [
+        (
+            (None, None),
+            r"pixel_scale, pixel_shift: uint8 images are normalized on load .* got pixel_scale None, "
+            r"pixel_shift None",
+        ),
+        (
+            (torch.ones(2, device=DEVICE), one),
+            r"pixel_scale, pixel_shift: expected 3 values each \(one per "
+            r"channel\), got 2 and 3",
+        ),
+        ((one, one.double()), r"pixel_shift: expected dtype Float, got Double"),
+    ]
+    for (scale, shift), msg in bad:
+        with pytest.raises(RuntimeError, match=msg):
+            ext.gemm_patch(images, w, None, 8, None, None, out, -1, scale, shift)
+    with pytest.raises(RuntimeError, match=r"pixel_scale, pixel_shift: normalize uint8 images on load; got Float"):
+        ext.gemm_patch(images.float(), w, None, 8, None, None, out, -1, one, one)
+    with pytest.raises(RuntimeError, match=r"out: expected dtype Half, got Float"):
+        ext.gemm_patch(images, w.half(), None, 8, None, None, out, -1, one, one)
+    assert out.isnan().all()  # nothing launched
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
 def test_bad_mean_std_refused_before_launch(backend, monkeypatch):
     """Each bad image_mean / image_std names the argument, the expectation and what it got, and no
     kernel launches (the launchers are replaced by a function that fails the test)."""
@@ -201,7 +287,7 @@ def test_bad_mean_std_refused_before_launch(backend, monkeypatch):
         )
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
 def test_fused_patch_embed_module_uint8(backend):
     """nn.FusedPatchEmbed(image_mean=, image_std=) takes uint8 images as they are and float images
     (already normalized) as before; without a mean/std it refuses uint8 naming them."""

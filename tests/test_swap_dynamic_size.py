@@ -1,9 +1,10 @@
 """Dynamic resolution through fuse (issue 13 item 4): one fused model serves several image sizes where
 the family supports it (timm ``dynamic_img_size=True``, transformers ``interpolate_pos_encoding=True``),
 each size against the unfused model run in float64 under the tolerance rule (the unfused model at
-float32 as the baseline). The fused patch projection runs at every size (its decision is checked);
-the position-embedding resampling stays in the library's own code. The reference ViT's own dynamic
-size (resampled once per grid, cached) is tested in tests/test_models.py."""
+float32 as the baseline). The fused patch projection runs at every size (its decision is checked).
+timm and transformers: the position embedding is resampled by the library's own function once per
+size, cached until it changes, and added by the patch_embed kernel with the class token. The reference
+ViT's own dynamic size (resampled once per grid, cached) is tested in tests/test_models.py."""
 
 import copy
 
@@ -12,6 +13,8 @@ import torch
 
 import vit_kernels as vk
 from vit_kernels.testing import assert_close
+
+from conftest import DEVICE
 
 SIZES = [(32, 32), (48, 40), (64, 24)]
 
@@ -37,21 +40,86 @@ def check_sizes(model, backend, **call_kw):
         assert_close(got, want, baseline, name=f"logits at {size}")
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_timm_dynamic_img_size(backend):
+def timm_dynamic(depth=2, **kw):
     timm = pytest.importorskip("timm")
-    model = timm.create_model(
+    return timm.create_model(
         "vit_tiny_patch16_224",
         pretrained=False,
         img_size=32,
         patch_size=8,
         embed_dim=64,
-        depth=2,
+        depth=depth,
         num_heads=2,
         num_classes=10,
         dynamic_img_size=True,
-    )
+        **kw,
+    ).to(DEVICE)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_timm_dynamic_img_size(backend):
+    model = timm_dynamic()
     check_sizes(model, backend)
+    e = next(e for e in vk.fuse_report(model).fused if e.op == "patch_embed")
+    assert e.path == "patch_embed" and any("written by the patch_embed kernel" in n for n in e.notes), str(e)
+
+
+def test_timm_pos_embed_resampled_once_per_grid_until_it_changes(monkeypatch):
+    """The fused timm model resamples pos_embed with timm's own function once per patch grid (none at the
+    native grid), again after an in-place update, and never runs timm's _pos_embed; the logits follow the
+    update. A direct model.patch_embed(images) call still returns timm's PatchEmbed output (the projection
+    alone), and unfuse removes the root's instance attributes."""
+    import timm.layers
+    import timm.models.vision_transformer as tvit
+
+    model = timm_dynamic(depth=1).eval()
+    vk.fuse(model, backend="torch")
+    calls, originals = [], []
+    real = timm.layers.resample_abs_pos_embed
+    monkeypatch.setattr(
+        timm.layers,
+        "resample_abs_pos_embed",
+        lambda pe, new_size, **kw: calls.append(tuple(new_size)) or real(pe, new_size, **kw),
+    )
+    real_pos = tvit.VisionTransformer._pos_embed
+    monkeypatch.setattr(tvit.VisionTransformer, "_pos_embed", lambda self, x: originals.append(1) or real_pos(self, x))
+    with torch.no_grad():
+        for size in [(48, 40), (32, 32), (48, 40), (64, 24), (48, 40)]:
+            model(torch.randn(1, 3, *size, device=DEVICE))
+        assert calls == [(6, 5), (8, 3)], calls
+        assert not originals, "timm's _pos_embed ran: the kernel did not add the position embedding"
+        model.pos_embed.add_(torch.randn_like(model.pos_embed))
+        images = torch.randn(2, 3, 48, 40, device=DEVICE)
+        got = model(images)
+        assert calls.count((6, 5)) == 2
+        oracle = copy.deepcopy(vk.unfuse(copy.deepcopy(model))).double()
+        assert_close(got, oracle(images.double()), vk.unfuse(copy.deepcopy(model))(images), name="after the update")
+        direct = model.patch_embed(images)  # not inside forward_features: timm's NHWC projection, no pos
+        want = oracle.patch_embed(images.double())
+        assert direct.shape == want.shape == (2, 6, 5, 64)
+        assert_close(direct, want, vk.unfuse(copy.deepcopy(model)).patch_embed(images), name="patch_embed alone")
+    vk.unfuse(model)
+    assert "_pos_embed" not in model.__dict__ and "forward_features" not in model.__dict__
+    assert type(model.patch_embed).__name__ == "PatchEmbed"
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_timm_dynamic_img_size_uint8(backend):
+    """uint8 NHWC images at three sizes through the fused dynamic-size embedding (the data config's
+    mean/std applied on load, the cached position embedding added by the kernel), against the unfused
+    model in float64 fed the normalized images; only the embedding is fused (the emulator is slow)."""
+    model = timm_dynamic(depth=1).eval()
+    oracle, base = copy.deepcopy(model).double(), copy.deepcopy(model)
+    vk.fuse(model, backend=backend, ops=("patch_embed",))
+    mean = torch.tensor(model.pretrained_cfg["mean"], dtype=torch.float64, device=DEVICE).view(1, 3, 1, 1)
+    std = torch.tensor(model.pretrained_cfg["std"], dtype=torch.float64, device=DEVICE).view(1, 3, 1, 1)
+    for size in SIZES:
+        images = torch.randint(0, 256, (2, *size, 3), dtype=torch.uint8, device=DEVICE).permute(0, 3, 1, 2)
+        x64 = (images.double() / 255 - mean) / std
+        with torch.no_grad():
+            got = model(images)
+            assert vk.last_decision("patch_embed").backend == backend
+            assert_close(got, oracle(x64), base(x64.float()), name=f"uint8 logits at {size}")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

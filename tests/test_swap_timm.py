@@ -57,6 +57,28 @@ def test_dynamic_img_size_resamples_pos_embed(backend):
     check_fuse(model, torch.randn(2, 3, 48, 40), backend=backend, expect_fused=ALL)
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_dynamic_img_size_variants(variant):
+    """dynamic_img_size with each variant at a size other than the native one: the class token +
+    position embedding go to the patch_embed kernel where it can write them (a class token or none,
+    pos_embed over the prefix), else the projection alone is fused and timm resamples (registers,
+    no_embed_class with a class token, no pos_embed); the report says which."""
+    model = make(dynamic_img_size=True, **VARIANTS[variant])
+    report = check_fuse(model, torch.randn(2, 3, 48, 40), backend="torch", expect_fused=ALL)
+    (e,) = [e for e in report.fused if e.op == "patch_embed"]
+    whole = variant in ("default", "no_qkv_bias_layerscale", "gelu_tanh")
+    assert e.path == ("patch_embed" if whole else "patch_embed.proj"), str(report)
+    assert any("written by the patch_embed kernel" in n for n in e.notes) == whole, str(report)
+
+
+def test_dynamic_img_size_no_class_token_pos_embed():
+    """No class token (global average pooling) with a position embedding: the kernel writes the patch
+    tokens with the resampled position embedding, no prefix row."""
+    model = make(dynamic_img_size=True, class_token=False, global_pool="avg")
+    report = check_fuse(model, torch.randn(2, 3, 40, 48), backend="triton", expect_fused=ALL)
+    assert [e.path for e in report.fused if e.op == "patch_embed"] == ["patch_embed"], str(report)
+
+
 def test_head_dim_80_and_deit():
     model = timm.create_model(
         "deit_tiny_patch16_224",

@@ -139,14 +139,35 @@ void gemm_qkv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::
   vk::gemm(p, dtype_of(x, "x"), loader, vk::Epi::qkv, (int)config, stream_of(x));
 }
 
-// images (B, C, H, W) with any strides; w (dim, C * p * p); out (B, prefix + P, dim) contiguous.
+// images (B, C, H, W) with any strides, float (the op's dtype) or uint8; w (dim, C * p * p); out (B, prefix + P, dim)
+// contiguous, w's dtype. uint8 images need pixel_scale = 1 / (255 std) and pixel_shift = -mean / std, float32 (C,)
+// contiguous each (each pixel loads as x * scale[c] + shift[c]); float images take neither.
 void gemm_patch(const at::Tensor& images, const at::Tensor& w, const c10::optional<at::Tensor>& bias, int64_t patch,
                 const c10::optional<at::Tensor>& pos_embed, const c10::optional<at::Tensor>& cls_token, at::Tensor& out,
-                int64_t config) {
-  check(images, "images", images.scalar_type(), false);
-  TORCH_CHECK(images.dim() == 4, "images: expected (B, C, H, W)");
+                int64_t config, const c10::optional<at::Tensor>& pixel_scale,
+                const c10::optional<at::Tensor>& pixel_shift) {
+  const bool u8 = images.scalar_type() == at::kByte;
+  check(images, "images", u8 ? at::kByte : images.scalar_type(), false);
+  TORCH_CHECK(images.dim() == 4, "images: expected (B, C, H, W), got ", images.dim(), "-D");
   const int64_t B = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3);
   TORCH_CHECK(patch > 0 && H % patch == 0 && W % patch == 0, "patch: expected a divisor of H and W");
+  const at::Tensor& like = u8 ? w : images;  // the op's dtype: the weight's for uint8 images
+  if (u8) {
+    dtype_of(w, "w");  // float32, float16 or bfloat16
+    TORCH_CHECK(pixel_scale.has_value() && pixel_shift.has_value(),
+                "pixel_scale, pixel_shift: uint8 images are normalized on load as x * pixel_scale[c] + "
+                "pixel_shift[c]: expected both, float32 (",
+                C, ",) each, got pixel_scale ", pixel_scale.has_value() ? "given" : "None", ", pixel_shift ",
+                pixel_shift.has_value() ? "given" : "None");
+    check(*pixel_scale, "pixel_scale", at::kFloat);
+    check(*pixel_shift, "pixel_shift", at::kFloat);
+    TORCH_CHECK(pixel_scale->numel() == C && pixel_shift->numel() == C, "pixel_scale, pixel_shift: expected ", C,
+                " values each (one per channel), got ", pixel_scale->numel(), " and ", pixel_shift->numel());
+  } else {
+    TORCH_CHECK(!pixel_scale.has_value() && !pixel_shift.has_value(),
+                "pixel_scale, pixel_shift: normalize uint8 images on load; got ", images.scalar_type(),
+                " images (normalize float images before the op)");
+  }
   vk::GemmParams p;
   p.patch = (int)patch;
   p.grid_h = (int)(H / patch);
@@ -157,18 +178,21 @@ void gemm_patch(const at::Tensor& images, const at::Tensor& w, const c10::option
   p.K = (int)(C * patch * patch);
   p.a = images.data_ptr();
   for (int i = 0; i < 4; ++i) p.img_stride[i] = images.stride(i);
-  set_w(p, images, w, bias);
+  p.pixel_scale = cptr<float>(pixel_scale);
+  p.pixel_shift = cptr<float>(pixel_shift);
+  set_w(p, like, w, bias);
   const int64_t prefix = cls_token.has_value() ? 1 : 0;
-  check_vec(cls_token, "cls_token", images, p.N);
-  check_vec(pos_embed, "pos_embed", images, (prefix + P) * p.N);
+  check_vec(cls_token, "cls_token", like, p.N);
+  check_vec(pos_embed, "pos_embed", like, (prefix + P) * p.N);
   p.cls_token = cptr<void>(cls_token);
   p.pos_embed = cptr<void>(pos_embed);
-  check(out, "out", images.scalar_type());
+  check(out, "out", like.scalar_type());
   TORCH_CHECK(out.dim() == 3 && out.size(0) == B && out.size(1) == prefix + P && out.size(2) == p.N, "out: expected (",
               B, ", ", prefix + P, ", ", p.N, "), got ", out.sizes());
   p.out = out.data_ptr();
   DeviceGuard g(images);
-  vk::gemm(p, dtype_of(images, "images"), vk::ALoad::patch, vk::Epi::patch, (int)config, stream_of(images));
+  vk::gemm(p, dtype_of(like, u8 ? "w" : "images"), u8 ? vk::ALoad::patch_u8 : vk::ALoad::patch, vk::Epi::patch,
+           (int)config, stream_of(images));
 }
 
 // ----------------------------------------------------------------- attention (CUDA-attention)
@@ -333,9 +357,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("mean"), py::arg("rstd"), py::arg("norm_weight"),
         py::arg("norm_bias"), py::arg("tokens"), py::arg("heads"), py::arg("head_dim"), py::arg("q_scale"),
         py::arg("out"), py::arg("config") = -1);
-  m.def("gemm_patch", &vk_torch::gemm_patch, "patch embedding: gather GEMM + bias + position embedding + class token",
+  m.def("gemm_patch", &vk_torch::gemm_patch, "patch embedding: gather GEMM (uint8 images normalized on load) + bias + position embedding + class token",
         py::arg("images"), py::arg("w"), py::arg("bias"), py::arg("patch"), py::arg("pos_embed"), py::arg("cls_token"),
-        py::arg("out"), py::arg("config") = -1);
+        py::arg("out"), py::arg("config") = -1, py::arg("pixel_scale") = py::none(),
+        py::arg("pixel_shift") = py::none());
   // --- CUDA-attention: attention
   m.def("flash_attention_forward", &vk_torch::flash_attention_forward, "flash attention forward into out (and lse)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("amax"), py::arg("scale"));

@@ -6,8 +6,8 @@
 //   that
 //     ldmatrix reads of 8 rows hit 8 distinct bank groups;
 //   * dense tiles arrive with cp.async (16 bytes, zero-filled outside the matrix) when the rows are
-//     16-byte aligned, otherwise -- and for the layernorm and patch loaders, which transform or
-//     gather -- through registers (load, convert to fp32, transform, round to T, 16-byte st.shared);
+//     16-byte aligned, otherwise -- and for the layernorm and patch loaders (uint8 images too), which
+//     transform or gather -- through registers (load, convert to fp32, transform, round to T, 16-byte st.shared);
 //     plain shared-memory accesses go through vk::ld_shared / vk::st_shared (the emulator's race checker);
 //   * the warp tile kWarpM x kWarpN is kMTiles x kNTiles mma tiles of 16 x 8; per 16-wide k step each warp loads its A
 //     fragments with ldmatrix.x4 and its W fragments with ldmatrix.x4 (two n8 tiles at once; W rows are
@@ -172,6 +172,58 @@ __device__ __forceinline__ void load_patch_tile(T* s, const GemmParams& p, int m
   }
 }
 
+// uint8 images (ALoad::patch_u8): the same gather, each pixel normalized in fp32 as it loads,
+// x * pixel_scale[c] + pixel_shift[c] = (x / 255 - mean[c]) / std[c], then rounded to T (as
+// ((x / 255 - mean) / std).to(T) before a Conv2d). vec: the conditions of load_patch_tile in bytes, so the kChunk
+// consecutive k of a chunk are kChunk aligned bytes of one image row of one channel: one 8-byte (16-bit T) or
+// 4-byte (float) load.
+template <class T, class C>
+__device__ __forceinline__ void load_patch_u8_tile(T* s, const GemmParams& p, int m0, int k0, bool vec) {
+  using L = Layout<T, C>;
+  constexpr int kChunksPerRow = C::kBlockK / L::kChunk, kChunks = C::kBlockM * kChunksPerRow;
+  const uint8_t* img = static_cast<const uint8_t*>(p.a);
+  const int P = p.grid_h * p.grid_w, pp = p.patch * p.patch;
+  for (int c = threadIdx.x; c < kChunks; c += C::kThreads) {
+    const int r = c / kChunksPerRow, kc = (c % kChunksPerRow) * L::kChunk;
+    const int m = m0 + r, k = k0 + kc;
+    float v[L::kChunk];
+#pragma unroll
+    for (int e = 0; e < L::kChunk; ++e) v[e] = 0.f;
+    if (m < p.M && k < p.K) {
+      const int b = m / P, pi = m % P, py = pi / p.grid_w, px = pi % p.grid_w;
+      const int64_t base = int64_t(b) * p.img_stride[0] + int64_t(py) * p.patch * p.img_stride[2] +
+                           int64_t(px) * p.patch * p.img_stride[3];
+      if (vec) {
+        const int ch = k / pp, rem = k % pp, i = rem / p.patch, j = rem % p.patch;
+        const uint8_t* src = img + base + int64_t(ch) * p.img_stride[1] + int64_t(i) * p.img_stride[2] + j;
+        uint8_t px8[L::kChunk];
+        if constexpr (L::kChunk == 8) {
+          const uint2 u = *reinterpret_cast<const uint2*>(src);
+          memcpy(px8, &u, 8);
+        } else {
+          const uint32_t u = *reinterpret_cast<const uint32_t*>(src);
+          memcpy(px8, &u, 4);
+        }
+        const float scale = p.pixel_scale[ch], shift = p.pixel_shift[ch];
+#pragma unroll
+        for (int e = 0; e < L::kChunk; ++e) v[e] = float(px8[e]) * scale + shift;
+      } else {
+#pragma unroll
+        for (int e = 0; e < L::kChunk; ++e) {
+          const int kk = k + e;
+          if (kk < p.K) {
+            const int ch = kk / pp, rem = kk % pp, i = rem / p.patch, j = rem % p.patch;
+            const uint8_t x = img[base + int64_t(ch) * p.img_stride[1] + int64_t(i) * p.img_stride[2] +
+                                  int64_t(j) * p.img_stride[3]];
+            v[e] = float(x) * p.pixel_scale[ch] + p.pixel_shift[ch];
+          }
+        }
+      }
+    }
+    store_chunk<T>(s + r * L::kPitch + kc, v);
+  }
+}
+
 __device__ __forceinline__ float gelu(float v, Act act) {
   if (act == Act::gelu_erf) return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
   if (act == Act::gelu_tanh) {
@@ -223,8 +275,10 @@ __global__ void __launch_bounds__(C::kThreads, 1) gemm_kernel(GemmParams p, bool
       load_dense_tile<T, C, C::kBlockM>(sA, static_cast<const T*>(p.a), p.lda, p.M, p.K, m0, k0, a_vec);
     else if constexpr (kLoad == ALoad::layernorm)
       load_layernorm_tile<T, C>(sA, p, m0, k0, a_vec);
-    else
+    else if constexpr (kLoad == ALoad::patch)
       load_patch_tile<T, C>(sA, p, m0, k0, a_vec);
+    else
+      load_patch_u8_tile<T, C>(sA, p, m0, k0, a_vec);
     load_dense_tile<T, C, C::kBlockN>(sB, static_cast<const T*>(p.w), p.ldw, p.N, p.K, n0, k0, w_vec);
   };
 
@@ -346,9 +400,11 @@ void launch(const GemmParams& p, stream_t stream) {
   constexpr int kChunk = L::kChunk;
   const bool w_vec = p.K % kChunk == 0 && p.ldw % kChunk == 0 && aligned16(p.w);
   bool a_vec;
-  if constexpr (kLoad == ALoad::patch) {
+  if constexpr (kLoad == ALoad::patch || kLoad == ALoad::patch_u8) {
+    // patch_u8 reads kChunk bytes per chunk: a base aligned to kChunk bytes is enough
+    const bool base_aligned = kLoad == ALoad::patch ? aligned16(p.a) : (reinterpret_cast<uintptr_t>(p.a) % kChunk) == 0;
     a_vec = p.img_stride[3] == 1 && p.patch % kChunk == 0 && p.img_stride[0] % kChunk == 0 &&
-            p.img_stride[1] % kChunk == 0 && p.img_stride[2] % kChunk == 0 && aligned16(p.a);
+            p.img_stride[1] % kChunk == 0 && p.img_stride[2] % kChunk == 0 && base_aligned;
   } else {
     a_vec = p.K % kChunk == 0 && p.lda % kChunk == 0 && aligned16(p.a);
   }
@@ -366,6 +422,7 @@ void dispatch(const GemmParams& p, ALoad loader, Epi epi, stream_t stream) {
   if (loader == ALoad::dense && epi == Epi::qkv) return launch<T, C, ALoad::dense, Epi::qkv>(p, stream);
   if (loader == ALoad::layernorm && epi == Epi::qkv) return launch<T, C, ALoad::layernorm, Epi::qkv>(p, stream);
   if (loader == ALoad::patch && epi == Epi::patch) return launch<T, C, ALoad::patch, Epi::patch>(p, stream);
+  if (loader == ALoad::patch_u8 && epi == Epi::patch) return launch<T, C, ALoad::patch_u8, Epi::patch>(p, stream);
   throw std::runtime_error("vk::gemm: unsupported loader/epilogue pair (" + std::to_string(int(loader)) + ", " +
                            std::to_string(int(epi)) + ")");
 }

@@ -330,16 +330,31 @@ def patch_embed_forward(
     patch_size: int,
     pos_embed: Optional[Tensor] = None,
     cls_token: Optional[Tensor] = None,
+    image_mean: Optional[Tensor] = None,
+    image_std: Optional[Tensor] = None,
+    out: Optional[Tensor] = None,
     config: int = -1,
 ) -> Tensor:
     """Patch embedding as one implicit GEMM.
 
     images: (batch, channels, H, W) read in place through its strides: NCHW (16-byte gathers when
-    the patch width allows) or channels_last (element gathers; no copy is made); weight: (dim,
-    channels, p, p) contiguous; bias: (dim,); cls_token: (dim,) elements; pos_embed: (prefix +
-    patches, dim) elements. Returns a contiguous (batch, prefix + patches, dim).
+    the patch width allows) or channels_last (element gathers; no copy is made); float at the
+    weight's dtype, or uint8 with image_mean and image_std, float32 (channels,) tensors on the
+    images' device: each pixel loads as (x / 255 - mean[c]) / std[c] in fp32 (computed as
+    x * (1 / (255 std[c])) - mean[c] / std[c], as the Triton kernel does) and is rounded to the weight's
+    dtype (vit_kernels.ops.patch_embed checks the values); weight: (dim, channels, p, p) contiguous;
+    bias: (dim,); cls_token: (dim,) elements; pos_embed: (prefix + patches, dim) elements.
+    out: None (a new tensor) or a contiguous (batch, prefix + patches, dim) tensor to write into.
+    Returns out: a contiguous (batch, prefix + patches, dim) at the weight's dtype.
     """
-    _check_dtype("images", images)
+    scale = shift = None
+    if images.dtype == torch.uint8:
+        _check_dtype("weight", weight)
+        scale, shift = pixel_scale_shift(image_mean, image_std, images.shape[1], images.device)
+    else:
+        _check_dtype("images", images)
+        if image_mean is not None or image_std is not None:
+            raise ValueError(f"image_mean, image_std: normalize uint8 images on load; got {images.dtype} images")
     B, C, H, W = images.shape
     dim = weight.shape[0]
     if not weight.is_contiguous():
@@ -349,7 +364,8 @@ def patch_embed_forward(
         )
     prefix = 1 if cls_token is not None else 0
     P = (H // patch_size) * (W // patch_size)
-    out = torch.empty((B, prefix + P, dim), dtype=images.dtype, device=images.device)
+    if out is None:
+        out = torch.empty((B, prefix + P, dim), dtype=weight.dtype, device=images.device)
     module_for(images.device).gemm_patch(
         images,
         weight.view(dim, -1),
@@ -359,5 +375,19 @@ def patch_embed_forward(
         _vec("cls_token", cls_token),
         out,
         config,
+        scale,
+        shift,
     )
     return out
+
+
+def pixel_scale_shift(
+    image_mean: Optional[Tensor], image_std: Optional[Tensor], C: int, device: torch.device
+) -> Tuple[Tensor, Tensor]:
+    """(scale, shift), float32 (C,) each: 1 / (255 std) and -mean / std, so the kernel computes
+    x * scale + shift = (x / 255 - mean) / std per channel."""
+    for name, v in (("image_mean", image_mean), ("image_std", image_std)):
+        if not isinstance(v, Tensor) or v.shape != (C,) or v.dtype != torch.float32 or v.device != device:
+            got = f"{v.dtype} {tuple(v.shape)} on {v.device}" if isinstance(v, Tensor) else repr(v)
+            raise ValueError(f"{name}: expected a float32 ({C},) tensor on {device} for uint8 images, got {got}")
+    return 1.0 / (255.0 * image_std), -image_mean / image_std

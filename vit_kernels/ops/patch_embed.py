@@ -161,8 +161,8 @@ def patch_embed(
     images: (batch, channels, H, W), NCHW or channels_last (NHWC data, e.g. decoded images
     (B, H, W, C), passed as ``x.permute(0, 3, 1, 2)``: read in place, no copy); float, or uint8 with
     image_mean and image_std (channels values each, the model's data config): each pixel becomes
-    (x / 255 - mean[c]) / std[c] as the kernel loads it, and the result has the weight's dtype.
-    The CUDA C++ kernels read float images only (uint8 runs Triton or torch; the decision says why).
+    (x / 255 - mean[c]) / std[c] as the kernel loads it (Triton and CUDA alike), and the result has
+    the weight's dtype.
     weight: (dim, channels, p, p);
     bias: (dim,); cls_token: (1, 1, dim) or (dim,); pos_embed: (1, prefix + patches, dim).
     Returns (batch, prefix + (H/p)*(W/p), dim), prefix = 1 with cls_token else 0. batch 0: an
@@ -173,6 +173,8 @@ def patch_embed(
     """
     from .. import library  # here: vit_kernels.library imports this file
 
+    C = images.shape[1] if isinstance(images, torch.Tensor) and images.dim() == 4 else "C"
+
     return library.run(
         "patch_embed",
         (
@@ -182,26 +184,27 @@ def patch_embed(
             pos_embed,
             cls_token,
             patch_size,
-            _values("image_mean", image_mean),
-            _values("image_std", image_std),
+            _values("image_mean", image_mean, C),
+            _values("image_std", image_std, C),
             backend,
             tune,
         ),
     )
 
 
-def _values(name: str, v) -> Optional[list]:
-    """image_mean / image_std as the custom op's float[] (None stays None); check_pixel_norm judges them."""
+def _values(name: str, v, C) -> Optional[list]:
+    """image_mean / image_std as the custom op's float[] (None stays None); check_pixel_norm judges them.
+    C: the images' channel count (for the messages, the same as check_pixel_norm's)."""
     if v is None:
         return None
     if isinstance(v, torch.Tensor):
         if v.dim() != 1:
-            raise ValueError(f"{name}: expected one value per channel, got a tensor of shape {tuple(v.shape)}")
+            raise ValueError(f"{name}: expected {C} values (one per channel), got a tensor of shape {tuple(v.shape)}")
         v = v.tolist()
     try:
         return [float(x) for x in v]
     except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a sequence of numbers (one per channel), got {v!r}") from None
+        raise TypeError(f"{name}: expected a sequence of {C} numbers (one per channel), got {v!r}") from None
 
 
 def dispatch(images, weight, bias, pos_embed, cls_token, patch_size, image_mean, image_std, backend, tune) -> Tensor:
@@ -216,21 +219,13 @@ def dispatch(images, weight, bias, pos_embed, cls_token, patch_size, image_mean,
     p, notes = checks.contiguous_params(backend, bias=bias, pos_embed=pos_embed, cls_token=cls_token)
     args = (images, weight, p["bias"], p["pos_embed"], p["cls_token"], patch_size, norm)
     empty = images.shape[0] == 0  # nothing to time: the untimed rules pick the backend
-    uint8 = (
-        (
-            "uint8 images: the CUDA C++ kernels read float images only (the Triton kernel and the torch "
-            "path normalize uint8 pixels)"
-        )
-        if norm is not None
-        else None
-    )
     d = resolve(
         "patch_embed",
         backend,
         (images, weight, bias, pos_embed, cls_token),
         unsupported={
             "triton": triton_gemm_unsupported(dtype) or layouts["triton"],
-            "cuda": uint8 or cuda_gemm_unsupported(dtype) or layouts["cuda"],
+            "cuda": cuda_gemm_unsupported(dtype) or layouts["cuda"],
         },
         has_backward=("triton",),
         tune=tune,

@@ -13,17 +13,25 @@
 - A call with ``attn_mask`` or ``is_causal`` runs the Block's own forward; so does a call in
   training mode while a dropout / drop-path of the block has p > 0.
 - ``PatchEmbed.proj`` (the Conv2d) is replaced by :class:`~vit_kernels.swap.patch.FusedPatchConv`;
-  the position embedding (resampled per input size with ``dynamic_img_size``), class and register
-  tokens, ``no_embed_class``, ``pos_embed=None``, pooling and fc_norm stay in timm's code.
+  the position embedding, class and register tokens, ``no_embed_class``, ``pos_embed=None``, pooling
+  and fc_norm stay in timm's code.
+- With ``dynamic_img_size=True`` (a VisionTransformer that resamples its position embedding in
+  ``_pos_embed`` on every call) the whole ``patch_embed`` is replaced by :class:`FusedTimmPatchEmbed`:
+  one ``patch_embed`` launch writes the tokens with the class token and the position embedding,
+  resampled with timm's own ``resample_abs_pos_embed`` once per patch grid and cached until
+  ``pos_embed`` changes. See that class for how the root model's ``_pos_embed`` takes them.
 """
 
 from __future__ import annotations
 
-from typing import List
+import threading
+from typing import List, Optional
 
+import torch
 from torch import Tensor, nn
 
-from .. import ops
+from .. import library, ops
+from ..ops.patch_embed import check_pixel_norm
 from .reasons import (
     bypassed_hooks,
     dropout_p,
@@ -36,11 +44,12 @@ from .reasons import (
     linear_reason,
     overrides_load_state_dict,
 )
-from .report import Candidate, block_candidate
+from .report import Candidate, ReportEntry, block_candidate
 from .wrapper import SwapWrapper
-from .patch import patch_conv_candidate
+from .patch import conv_reason, patch_conv_candidate
 
 FAMILY = "timm"
+_ARMED = threading.local()  # .ids: the FusedTimmPatchEmbed modules armed in this thread
 
 
 def _timm():
@@ -48,10 +57,10 @@ def _timm():
         from timm.layers import Mlp, PatchEmbed
         from timm.layers.attention import Attention
         from timm.layers.layer_scale import LayerScale
-        from timm.models.vision_transformer import Block
+        from timm.models.vision_transformer import Block, VisionTransformer
     except Exception:  # timm not installed, or a layout this adapter does not know
         return None
-    return Block, Attention, Mlp, PatchEmbed, LayerScale
+    return Block, Attention, Mlp, PatchEmbed, LayerScale, VisionTransformer
 
 
 def _layer_scale(m: nn.Module, name: str, LayerScale):
@@ -198,6 +207,186 @@ def _mlp_reason(path: str, b: nn.Module, Mlp, LayerScale):
     return why, approx
 
 
+class FusedTimmPatchEmbed(SwapWrapper):
+    """The ``patch_embed`` of a timm VisionTransformer built with ``dynamic_img_size=True``: patch
+    projection, class token and position embedding in one ``patch_embed`` launch at every image size.
+
+    timm resamples ``pos_embed`` to the input's patch grid in the root model's ``_pos_embed`` on every
+    call. Here the resampled embedding (timm's own ``resample_abs_pos_embed``: bicubic, antialiased) is
+    computed once per grid and kept until ``pos_embed`` changes (its data_ptr, version counter, dtype,
+    device); while autograd records (``pos_embed`` requiring grad) it is resampled on every call.
+
+    How the root model takes the tokens: fuse sets two attributes on the root instance (unfuse removes
+    them): ``forward_features`` runs timm's own ``VisionTransformer.forward_features`` with this module
+    armed, and ``_pos_embed`` returns ``pos_drop(tokens)`` for the output this module made while armed.
+    Armed, ``forward`` returns the patch rows of the (batch, prefix + patches, dim) token buffer as the
+    (batch, H/p, W/p, dim) NHWC view timm expects, carrying the buffer; anything else (a direct
+    ``model.patch_embed(images)`` call, ``forward_intermediates``, a forward hook on ``patch_embed``)
+    gets exactly what timm's PatchEmbed returns (the projection alone, fused) and timm's own
+    ``_pos_embed``. images: (batch, C, H, W), float or uint8 (normalized on load with the model's data
+    config, see :class:`~vit_kernels.swap.patch.FusedPatchConv`)."""
+
+    family = FAMILY
+    image_mean = None
+    image_std = None
+
+    def bypassed(self):
+        return dict(self._modules)  # proj, norm (an Identity)
+
+    def attach(self, root: nn.Module) -> None:
+        """Hold the root model and set its instance attributes (see the class docstring)."""
+        object.__setattr__(self, "_vk_root", root)
+        root.__dict__["forward_features"] = _ArmedForwardFeatures(root)
+        root.__dict__["_pos_embed"] = _FusedPosEmbed(root)
+
+    def restore(self) -> nn.Module:
+        root = self.__dict__.get("_vk_root")
+        if root is not None:
+            for name in ("forward_features", "_pos_embed"):
+                if isinstance(root.__dict__.get(name), (_ArmedForwardFeatures, _FusedPosEmbed)):
+                    del root.__dict__[name]
+        return super().restore()
+
+    def pos_embed_for(self, grid) -> Tensor:
+        """The root's pos_embed resampled to ``grid`` (gh, gw): (1, prefix + gh * gw, dim), cached."""
+        from timm.layers import resample_abs_pos_embed
+
+        root = self.__dict__["_vk_root"]
+        pe, old = root.pos_embed, tuple(self.grid_size)
+        prefix = root.num_prefix_tokens
+        if grid == old:
+            return pe
+        if torch.is_grad_enabled() and pe.requires_grad:
+            return resample_abs_pos_embed(pe, new_size=grid, old_size=old, num_prefix_tokens=prefix)
+        key = (pe.data_ptr(), pe._version, pe.dtype, pe.device)
+        cache = self.__dict__.setdefault("_vk_pos_cache", {})
+        hit = cache.get(grid)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = cache[grid] = (
+                    key,
+                    resample_abs_pos_embed(pe, new_size=grid, old_size=old, num_prefix_tokens=prefix),
+                )
+        return hit[1]
+
+    def forward(self, images: Tensor) -> Tensor:
+        root, p = self.__dict__["_vk_root"], self.proj.kernel_size[0]
+        armed = id(self) in getattr(_ARMED, "ids", ())
+        why = None
+        if library.symbolic(images) or images.dim() != 4:
+            why = "images are not a concrete (batch, channels, H, W) tensor"
+        elif images.shape[-2] % p or images.shape[-1] % p:
+            why = f"the image size {tuple(images.shape[-2:])} is not a multiple of the patch size {p}"
+        why = why or self.original_reason(images)
+        if why:
+            return self.fall_back(why, images)
+        norm = {}
+        if images.dtype == torch.uint8:
+            mean, std = check_pixel_norm(images, self.image_mean, self.image_std)
+            norm = dict(image_mean=mean, image_std=std)
+        B, _, H, W = images.shape
+        grid = (H // p, W // p)
+        embed = armed and not self._forward_hooks  # a hook on patch_embed sees timm's own output
+        pos = self.pos_embed_for(grid) if embed else None
+        cls = root.cls_token if embed else None
+        w, b = self.proj.weight, self.proj.bias
+        tokens = ops.patch_embed(images, w, b, patch_size=p, pos_embed=pos, cls_token=cls, backend=self.backend, **norm)
+        prefix = 1 if cls is not None else 0
+        x = tokens[:, prefix:].unflatten(1, grid)  # (B, gh, gw, dim): timm's NHWC output
+        if embed:
+            x.vk_tokens = tokens  # the whole buffer, for the root's _pos_embed
+        return x
+
+
+class _ArmedForwardFeatures:
+    """root.forward_features: timm's own, with the fused patch_embed armed (see FusedTimmPatchEmbed)."""
+
+    def __init__(self, root: nn.Module):
+        self.root = root
+
+    def __call__(self, *args, **kwargs):
+        from timm.models.vision_transformer import VisionTransformer
+
+        pe = self.root.patch_embed
+        if not isinstance(pe, FusedTimmPatchEmbed):
+            return VisionTransformer.forward_features(self.root, *args, **kwargs)
+        ids = _ARMED.__dict__.setdefault("ids", set())
+        ids.add(id(pe))
+        try:
+            return VisionTransformer.forward_features(self.root, *args, **kwargs)
+        finally:
+            ids.discard(id(pe))
+
+
+class _FusedPosEmbed:
+    """root._pos_embed: the token buffer the armed patch_embed wrote (class token and position
+    embedding in it), through pos_drop; any other input: timm's own ``_pos_embed``."""
+
+    def __init__(self, root: nn.Module):
+        self.root = root
+
+    def __call__(self, x: Tensor) -> Tensor:
+        from timm.models.vision_transformer import VisionTransformer
+
+        tokens = getattr(x, "vk_tokens", None)
+        if tokens is None:
+            return VisionTransformer._pos_embed(self.root, x)
+        return self.root.pos_drop(tokens)
+
+
+def _dynamic_embed_reason(root: nn.Module, pe: nn.Module, path: str, VisionTransformer) -> Optional[str]:
+    """None when the root's dynamic-size embedding (cached pos_embed, class token) is served whole."""
+    for name in ("forward_features", "_pos_embed"):
+        if getattr(type(root), name) is not getattr(VisionTransformer, name):
+            return f"{type(root).__name__} overrides VisionTransformer.{name}"
+    if root.pos_embed is None:
+        return "pos_embed is None (no position embedding)"
+    if root.reg_token is not None:
+        return "register tokens (reg_tokens > 0): the patch_embed kernel writes one class token at most"
+    if root.no_embed_class and root.cls_token is not None:
+        return "no_embed_class with a class token: the kernel adds pos_embed[0] to the class token"
+    if root.cls_token is not None and root.cls_token.shape[-1] != pe.proj.out_channels:
+        return "the class token's width differs from the projection's"
+    if getattr(pe, "dynamic_img_pad", False):
+        return "dynamic_img_pad pads images to a multiple of the patch size; the fused op does not pad"
+    if not isinstance(pe.norm, nn.Identity):
+        return f"{join(path, 'norm')} is {type(pe.norm).__name__}: the position embedding comes after it"
+    if getattr(pe, "flatten", False) or str(getattr(pe, "output_fmt", "")) not in ("Format.NHWC", "NHWC"):
+        return "patch_embed does not return NHWC (as dynamic_img_size sets it)"
+    return None
+
+
+def _dynamic_embed_candidate(
+    root: nn.Module, path: str, pe: nn.Module, backend: str, enabled: bool, PatchEmbed, VisionTransformer
+) -> Optional[Candidate]:
+    """The whole ``patch_embed`` of a dynamic_img_size VisionTransformer (None when the model does not
+    qualify: the projection alone is fused then, as for a fixed size)."""
+    if not (isinstance(root, VisionTransformer) and getattr(root, "dynamic_img_size", False)):
+        return None
+    if root._modules.get("patch_embed") is not pe or type(pe).forward is not PatchEmbed.forward:
+        return None
+    if _dynamic_embed_reason(root, pe, path, VisionTransformer):
+        return None
+    why = "not requested (ops)" if not enabled else conv_reason(join(path, "proj"), pe.proj)
+    cfg = data_config(root)
+    notes = (
+        "dynamic_img_size: class token and position embedding written by the patch_embed kernel; the position "
+        "embedding is resampled (timm's resample_abs_pos_embed) once per patch grid and cached until it changes",
+    )
+    if cfg is not None:
+        notes += (f"uint8 images are normalized on load with mean={tuple(cfg[0])}, std={tuple(cfg[1])} ({cfg[2]})",)
+
+    def build():
+        w = FusedTimmPatchEmbed(pe, backend, [entry])
+        if cfg is not None:
+            w.image_mean, w.image_std = tuple(map(float, cfg[0])), tuple(map(float, cfg[1]))
+        w.attach(root)
+        return w
+
+    entry = ReportEntry(path, "patch_embed", FAMILY, why is None, why or "", notes if why is None else ())
+    return Candidate(path, pe, [entry], build if why is None else None)
+
+
 def data_config(model: nn.Module):
     """(mean, std, source) from the model's timm pretrained_cfg (None when it has none)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -211,7 +400,7 @@ def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
     found = _timm()
     if found is None:
         return []
-    Block, Attention, Mlp, PatchEmbed, LayerScale = found
+    Block, Attention, Mlp, PatchEmbed, LayerScale, VisionTransformer = found
     out: List[Candidate] = []
     for path, m in root.named_modules():
         if isinstance(m, SwapWrapper):
@@ -238,6 +427,10 @@ def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
             )
         elif isinstance(m, PatchEmbed) and "proj" in m._modules:
             owner = root.get_submodule(path.rpartition(".")[0]) if "." in path else root
+            c = _dynamic_embed_candidate(owner, path, m, backend, "patch_embed" in ops_, PatchEmbed, VisionTransformer)
+            if c is not None:
+                out.append(c)
+                continue
             c = patch_conv_candidate(
                 join(path, "proj"), m.proj, FAMILY, backend, "patch_embed" in ops_, data_config=data_config(owner)
             )

@@ -9,6 +9,9 @@
 //              (mean/rstd from row_stats; norm_weight/norm_bias may be null)
 //   patch      A[b * P + py * grid_w + px, c * p * p + i * p + j] =
 //              image[b, c, py * p + i, px * p + j] read through img_stride (any layout: NCHW, NHWC, ...)
+//   patch_u8   the patch gather from a uint8 image, each pixel normalized in fp32 as it loads and rounded to T:
+//              A[., k] = image[...] * pixel_scale[c] + pixel_shift[c]  (c = k / (p * p);
+//              pixel_scale = 1 / (255 std), pixel_shift = -mean / std: (x / 255 - mean) / std)
 // Epilogues (v = acc + bias[n], bias may be null):
 //   rows       v = gelu(v) when act != none; v *= layer_scale[n]; v += residual[m * ldr + n];
 //              out[m * ldo + n] = v        (layer_scale, residual may be null)
@@ -17,7 +20,8 @@
 //   patch      m = b * P + i: out[b, prefix + i, n] = v + pos_embed[prefix + i, n]; and the class token
 //              rows out[b, 0, n] = cls_token[n] + pos_embed[0, n] when cls_token is given (prefix = 1)
 //              -- a contiguous (B, prefix + P, N); pos_embed may be null
-// Types: T = float, vk::half or vk::bfloat16 for every tensor operand; mean/rstd are float.
+// Types: T = float, vk::half or vk::bfloat16 for every tensor operand but the patch_u8 image (uint8);
+// mean/rstd and pixel_scale/pixel_shift are float.
 // 16-bit T: tensor cores (mma.sync m16n8k16 via ldmatrix). T = float: an fp32 FMA path on CUDA cores
 // with the same tiling, smem layout and epilogues (exact fp32 products, fp32 accumulation; no TF32).
 #pragma once
@@ -28,7 +32,7 @@
 
 namespace vk {
 
-enum class ALoad : int { dense = 0, layernorm = 1, patch = 2 };
+enum class ALoad : int { dense = 0, layernorm = 1, patch = 2, patch_u8 = 3 };
 enum class Epi : int { rows = 0, qkv = 1, patch = 2 };
 enum class Act : int { none = 0, gelu_erf = 1, gelu_tanh = 2 };
 
@@ -43,6 +47,8 @@ struct GemmParams {
   const void* norm_bias = nullptr;        // (K,) or null
   int64_t img_stride[4] = {0, 0, 0, 0};   // patch: element strides of the (B, C, H, W) image tensor
   int patch = 0, grid_h = 0, grid_w = 0;  // patch: p, H / p, W / p; K = C * p * p; M = B * grid_h * grid_w
+  const float* pixel_scale = nullptr;     // patch_u8: (C,) 1 / (255 std[c])
+  const float* pixel_shift = nullptr;     // patch_u8: (C,) -mean[c] / std[c]
   // W operand: (N, K) rows, row stride ldw elements
   const void* w = nullptr;
   int64_t ldw = 0;
