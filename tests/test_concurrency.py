@@ -161,8 +161,8 @@ def test_ops_from_8_threads_mixing_backends(threads_per_backend):
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_one_fused_model_shared_by_8_threads(autocast):
-    """Eight threads running one fused model (under autocast its wrappers run the original modules,
-    which they hand their parameters on every call) get the one-thread result every time."""
+    """Eight threads running one fused model (under autocast its wrappers cast the parameters to the
+    autocast dtype on every call) get the one-thread result every time."""
     timm = pytest.importorskip("timm")
     model = timm.create_model(
         "vit_tiny_patch16_224",

@@ -136,12 +136,20 @@ def test_opcheck(op, shape, dtype, backend):
         (torch.float16, "torch"),
         (torch.bfloat16, "torch"),
         pytest.param(torch.float32, "triton", marks=TRITON),
+        pytest.param(torch.bfloat16, "triton", marks=TRITON),
     ],
 )
 @pytest.mark.parametrize("op", OPS)
-def test_custom_op_output_and_backward_against_oracle(op, dtype, backend):
+def test_custom_op_output_and_backward_against_oracle(op, dtype, backend, monkeypatch):
     """The op itself (not the public function) under the tolerance rule; its registered backward
-    against the oracle's gradients under the 3x rule."""
+    against the oracle's gradients under the 3x rule. Backend triton: the backward runs the Triton
+    backward kernels (the torch path's recompute raises here)."""
+    if backend == "triton":
+
+        def no_recompute(*a):
+            raise AssertionError("backend='triton': the registered backward recomputed the torch path")
+
+        monkeypatch.setattr(library, "_recompute_vjp", no_recompute)
     args = inputs(op, "vit", dtype, backend, requires_grad=True)
     out = getattr(torch.ops.vit_kernels, op)(*args)
     assert out.is_contiguous()
@@ -155,6 +163,34 @@ def test_custom_op_output_and_backward_against_oracle(op, dtype, backend):
     plain = torch.autograd.grad(base, [base_args[i] for i in tensors], grad.to(dtype))
     for i, g, w, p in zip(tensors, got, want, plain):
         assert_close(g, w, p, factor=3.0, name=f"{op} grad of argument {i}")
+
+
+@TRITON
+def test_triton_backward_of_uint8_images(monkeypatch):
+    """patch_embed on uint8 images with backend triton: the registered backward's weight, bias,
+    pos_embed and class-token gradients (Triton kernels, pixels normalized as the forward did)
+    against the oracle's on the normalized images, under the 3x rule."""
+    monkeypatch.setattr(library, "_recompute_vjp", None)  # the torch path's recompute would fail to run
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (2, 3, 8, 8), generator=g, dtype=torch.uint8).to(DEVICE)
+    mean, std = [0.5, 0.4, 0.45], [0.2, 0.25, 0.3]
+    params = [torch.randn(*s, generator=g, dtype=torch.float64) for s in ((16, 3, 4, 4), (16,), (1, 5, 16), (1, 1, 16))]
+    got = [p.to(DEVICE, torch.float32).requires_grad_() for p in params]
+    out = torch.ops.vit_kernels.patch_embed(images, *got, 4, mean, std, "triton", None)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    out.backward(grad.float())
+    norm = (images.double() / 255 - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) / torch.tensor(
+        std, dtype=torch.float64
+    ).view(1, 3, 1, 1)
+
+    def oracle_grads(dtype):
+        ps = [p.detach().to(dtype).requires_grad_() for p in params]
+        out = reference.patch_embed(norm.to(dtype), ps[0], ps[1], patch_size=4, pos_embed=ps[2], cls_token=ps[3])
+        return torch.autograd.grad(out, ps, grad.to(dtype))
+
+    want, base = oracle_grads(torch.float64), oracle_grads(torch.float32)
+    for name, t, w, b in zip(("weight", "bias", "pos_embed", "cls_token"), got, want, base):
+        assert_close(t.grad, w, b, factor=3.0, name=f"uint8 patch_embed grad of {name}")
 
 
 def test_schemas_name_every_op():

@@ -1,6 +1,6 @@
 """No silent fallback (issue 13 item 6), per family: whenever a fused part runs the original modules
 (a forward hook registered after fuse on a module the fused path bypasses, a global module hook,
-torch.autocast, an attention mask, HF's output_attentions) the call still gives the original's
+an attention mask, HF's output_attentions) the call still gives the original's
 result and the user sees why: an INFO line on the ``vit_kernels`` logger, ``last_fallback`` on the
 wrapper, a note in fuse_report and ``last_decision(op).backend == "original"`` with the reason.
 Hooks registered before fuse leave the part unfused, with the reason in the report."""
@@ -128,7 +128,7 @@ def test_hook_registered_before_fuse_leaves_the_part(family):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_global_module_hooks_and_autocast_fall_back_visibly(family):
+def test_global_module_hooks_fall_back_visibly(family):
     model = FAMILIES[family]().eval()
     vk.fuse(model, backend="torch")
     w, _ = block_wrapper(model)
@@ -142,10 +142,7 @@ def test_global_module_hooks_and_autocast_fall_back_visibly(family):
         handle.remove()
     assert "global module forward hooks" in w.last_fallback
     assert any(name in seen for name in ("Linear", "NonDynamicallyQuantizableLinear"))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        model(images)
-    assert "torch.autocast is on" in w.last_fallback
-    assert "torch.autocast is on" in vk.last_decision("qkv_attention").reasons["fused"]
+    assert "global module forward hooks" in vk.last_decision("qkv_attention").reasons["fused"]
 
 
 def test_timm_attention_mask_falls_back_visibly():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vit_kernels as vk
+from vit_kernels.testing import assert_close
 from swap_checks import (
     check_dropout_runs_original,
     check_fuse,
@@ -197,12 +198,19 @@ def test_fuse_twice_and_report_before_fuse():
     assert_same_state(model, snap)
 
 
-def test_autocast_runs_the_original_modules():
+def test_autocast_with_layer_scale_runs_fused():
+    """LayerScale under torch.autocast: the fused ops at bfloat16, layer scale and residual add in the
+    stream's float32 as eager: within the tolerance rule of the float64 model, the unfused model under
+    the same autocast being plain PyTorch (tests/test_swap_autocast.py: every family, no LayerScale)."""
     model = make(init_values=0.1).eval()
-    ref = copy.deepcopy(model)
+    ref, oracle = copy.deepcopy(model), copy.deepcopy(model).double()
     vk.fuse(model, backend="torch")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        got, want = model(x), ref(x)
-    assert got.dtype == want.dtype == torch.bfloat16
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+        got, base = model(x), ref(x)
+    with torch.no_grad():
+        want = oracle(x.double())
+    assert got.dtype == base.dtype == torch.bfloat16
+    assert all(b.last_fallback is None for b in model.blocks)
+    assert vk.last_decision("layernorm_gelu_mlp").backend == "torch"
+    assert_close(got, want, base, name="timm with LayerScale under autocast")

@@ -431,6 +431,96 @@ def patch_embed_backward(
 
 
 # ---------------------------------------------------------------------------------------------
+# Forward passes that keep what the backward reads (the Functions below, and the custom ops'
+# registered backward in vit_kernels.library, which recomputes them from the saved inputs)
+# ---------------------------------------------------------------------------------------------
+
+
+def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, config=()) -> Tuple[Tensor, Tensor]:
+    """(out, lse) of the Triton flash attention: out (batch, heads, q_tokens, head_dim), lse
+    (batch, heads, q_tokens) the row log-sum-exp that :func:`flash_attention_backward` reads."""
+    from .triton.attention import flash_attention_forward as launch
+
+    return launch(q, k, v, scale, return_lse=True, **dict(config))
+
+
+def qkv_attention_forward(
+    x: Tensor,
+    qkv_weight: Tensor,
+    qkv_bias: Optional[Tensor],
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    *,
+    num_heads: int,
+    scale: float,
+    eps: float,
+    config=(),
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(out, qkv, lse) of qkv_attention's Triton split path: out (batch, tokens, inner); qkv
+    (3, batch, heads, tokens, head_dim) as the projection wrote it (q pre-scaled); lse (batch,
+    heads, tokens): what :func:`qkv_attention_backward` reads."""
+    from .triton.attention import flash_attention_forward as attention
+    from .triton.gemm import qkv_projection_forward
+
+    cfg = dict(config)
+    B, N, _ = x.shape
+    inner = qkv_weight.shape[0] // 3
+    qkv = qkv_projection_forward(
+        x,
+        qkv_weight,
+        qkv_bias,
+        num_heads=num_heads,
+        scale=scale,
+        norm_weight=norm_weight,
+        norm_bias=norm_bias,
+        eps=eps,
+        gemm_config=cfg.get("gemm_config"),
+    )
+    out = torch.empty((B, N, inner), dtype=x.dtype, device=x.device)
+    _, lse = attention(
+        qkv[0],
+        qkv[1],
+        qkv[2],
+        1.0,
+        out=out.view(B, N, num_heads, inner // num_heads).transpose(1, 2),
+        return_lse=True,
+        attention_config=cfg.get("attention_config"),
+    )
+    return out, qkv, lse
+
+
+def mlp_hidden(
+    x: Tensor,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    eps: float,
+    approximate: str,
+    gemm_config=None,
+) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]]]:
+    """(hidden, stats) of layernorm_gelu_mlp's first GEMM with the Triton kernels: hidden (rows,
+    hidden) = GELU(fc1(LayerNorm(x))), stats (mean, rstd) of x's rows (None without a norm):
+    what :func:`layernorm_gelu_mlp_backward` reads."""
+    from .triton.gemm import ACTIVATIONS, dense_forward
+    from .triton.layernorm import row_stats
+
+    x2 = dense(x).reshape(-1, x.shape[-1])
+    stats = row_stats(x2, eps) if norm_weight is not None else None
+    hidden = dense_forward(
+        x2,
+        fc1_weight,
+        fc1_bias,
+        norm_weight=norm_weight,
+        norm_bias=norm_bias,
+        stats=stats,
+        act=ACTIVATIONS[approximate],
+        gemm_config=gemm_config,
+    )
+    return hidden, stats
+
+
+# ---------------------------------------------------------------------------------------------
 # autograd.Functions: Triton forward (saving what the backward reads) + Triton backward
 # ---------------------------------------------------------------------------------------------
 
@@ -440,9 +530,7 @@ class FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale, config):
-        from .triton.attention import flash_attention_forward
-
-        out, lse = flash_attention_forward(q, k, v, scale, return_lse=True, **dict(config))
+        out, lse = flash_attention_forward(q, k, v, scale, config)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale = scale
         return out
@@ -460,32 +548,8 @@ class QkvAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps, config):
-        from .triton.attention import flash_attention_forward
-        from .triton.gemm import qkv_projection_forward
-
-        cfg = dict(config)
-        B, N, _ = x.shape
-        inner = qkv_weight.shape[0] // 3
-        qkv = qkv_projection_forward(
-            x,
-            qkv_weight,
-            qkv_bias,
-            num_heads=num_heads,
-            scale=scale,
-            norm_weight=norm_weight,
-            norm_bias=norm_bias,
-            eps=eps,
-            gemm_config=cfg.get("gemm_config"),
-        )
-        out = torch.empty((B, N, inner), dtype=x.dtype, device=x.device)
-        _, lse = flash_attention_forward(
-            qkv[0],
-            qkv[1],
-            qkv[2],
-            1.0,
-            out=out.view(B, N, num_heads, inner // num_heads).transpose(1, 2),
-            return_lse=True,
-            attention_config=cfg.get("attention_config"),
+        out, qkv, lse = qkv_attention_forward(
+            x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads=num_heads, scale=scale, eps=eps, config=config
         )
         ctx.save_for_backward(x, qkv_weight, qkv_bias, norm_weight, norm_bias, qkv, out, lse)
         ctx.args = (num_heads, scale, eps)
@@ -551,22 +615,11 @@ class LayerNormGeluMlp(torch.autograd.Function):
         approximate,
         config,
     ):
-        from .triton.gemm import ACTIVATIONS, dense_forward
-        from .triton.layernorm import row_stats
+        from .triton.gemm import dense_forward
 
         cfg = dict(config).get("gemm_config")
-        x2 = dense(x).reshape(-1, x.shape[-1])
-        stats = row_stats(x2, eps) if norm_weight is not None else (None, None)
-        hidden = dense_forward(
-            x2,
-            fc1_weight,
-            fc1_bias,
-            norm_weight=norm_weight,
-            norm_bias=norm_bias,
-            stats=stats if norm_weight is not None else None,
-            act=ACTIVATIONS[approximate],
-            gemm_config=cfg,
-        )
+        hidden, stats = mlp_hidden(x, norm_weight, norm_bias, fc1_weight, fc1_bias, eps, approximate, cfg)
+        stats = stats if stats is not None else (None, None)
         out = dense_forward(
             hidden,
             fc2_weight,

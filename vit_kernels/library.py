@@ -7,8 +7,12 @@ Each op in vit_kernels/ops/ is one custom op with
   while torch.compile, torch.export or torch.fx trace it (a traced graph holds one node per call);
 - a fake (meta) implementation: the same argument checks, then an empty output of the right shape, so
   a tracer sees the same clear error an eager call gets;
-- a backward (``register_autograd``), one function per op (``_<op>_backward``). For now each
-  recomputes the op's plain PyTorch path and takes its vector-Jacobian product (torch.func.vjp).
+- a backward (``register_autograd``), one function per op (``_<op>_backward``). For backend
+  "triton" it runs the Triton backward kernels (vit_kernels.autograd) on the saved inputs, first
+  recomputing with the Triton forward what they read that the op does not return (attention's row
+  log-sum-exp and q, k, v; the MLP's hidden activation and LayerNorm statistics); for the other
+  backends, and for a backward that is traced (AOT autograd under torch.compile), it recomputes the
+  op's plain PyTorch path and takes its vector-Jacobian product (torch.func.vjp).
 
 Every output of the registered op is a new contiguous tensor (what the fake implementation promises
 the compiler): a backend whose result has other strides (SDPA's on some devices) is copied once
@@ -38,7 +42,7 @@ from typing import Callable, Dict, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import backends, checks, tuning
+from . import autograd, backends, checks, tuning
 
 # the op files (vit_kernels.ops re-exports functions of the same names, hence import_module)
 _fa, _qkv, _mlp, _pe, _linear = (
@@ -258,24 +262,84 @@ def _recompute_vjp(op: str, ctx, grad: Tensor) -> tuple:
     return tuple(grads)
 
 
+def _triton(ctx) -> bool:
+    """True when the op ran with backend "triton" and the backward runs eagerly: the Triton backward
+    kernels. A backward that is traced (torch.compile's AOT autograd, opcheck: fake tensors, which no
+    kernel can take) records the plain PyTorch path instead, as the forward under the compiler does."""
+    return ctx.vk_rest[-2] == "triton" and _plain_eager(ctx.saved_tensors)
+
+
 def _flash_attention_backward(ctx, grad):
-    return _recompute_vjp("flash_attention", ctx, grad)
+    if not _triton(ctx):
+        return _recompute_vjp("flash_attention", ctx, grad)
+    q, k, v = ctx.saved_tensors
+    scale = _fa.check_flash_attention(q, k, v, ctx.vk_rest[0])
+    out, lse = autograd.flash_attention_forward(q, k, v, scale)  # the forward again, for its row log-sum-exp
+    return (*autograd.flash_attention_backward(grad, q, k, v, out, lse, scale=scale), None, None, None)
 
 
 def _qkv_attention_backward(ctx, grad):
-    return _recompute_vjp("qkv_attention", ctx, grad)
+    if not _triton(ctx):
+        return _recompute_vjp("qkv_attention", ctx, grad)
+    x, w, b, nw, nb = ctx.saved_tensors
+    num_heads, scale, eps = ctx.vk_rest[:3]
+    num_heads, _, _, scale, eps = _qkv.check_qkv_attention(x, w, b, num_heads, nw, nb, scale, eps)
+    kw = dict(num_heads=num_heads, scale=scale, eps=eps)
+    out, qkv, lse = autograd.qkv_attention_forward(x, w, b, nw, nb, **kw)  # the split path again (q, k, v, lse)
+    grads = autograd.qkv_attention_backward(
+        grad, x, w, b, nw, nb, **kw, qkv=qkv, out=out, lse=lse, needs=ctx.needs_input_grad[:5]
+    )
+    return (*grads, None, None, None, None, None, None)
 
 
 def _layernorm_gelu_mlp_backward(ctx, grad):
-    return _recompute_vjp("layernorm_gelu_mlp", ctx, grad)
+    if not _triton(ctx):
+        return _recompute_vjp("layernorm_gelu_mlp", ctx, grad)
+    x, nw, nb, w1, b1, w2, b2, residual, ls = ctx.saved_tensors
+    eps, approximate = ctx.vk_rest[:2]
+    eps = _mlp.check_mlp(x, nw, nb, w1, b1, w2, b2, approximate, residual, ls, eps)
+    hidden, stats = autograd.mlp_hidden(x, nw, nb, w1, b1, eps, approximate)  # fc1 + GELU again
+    grads = autograd.layernorm_gelu_mlp_backward(
+        grad,
+        x,
+        nw,
+        nb,
+        w1,
+        b1,
+        w2,
+        b2,
+        ls,
+        hidden=hidden,
+        stats=stats,
+        eps=eps,
+        approximate=approximate,
+        needs=ctx.needs_input_grad[:9],
+    )
+    return (*grads, None, None, None, None)
 
 
 def _patch_embed_backward(ctx, grad):
-    return _recompute_vjp("patch_embed", ctx, grad)
+    if not _triton(ctx):
+        return _recompute_vjp("patch_embed", ctx, grad)
+    images, weight, bias, pos_embed, cls_token = ctx.saved_tensors
+    patch_size, image_mean, image_std = ctx.vk_rest[:3]
+    needs = ctx.needs_input_grad[:5]
+    if images.dtype == torch.uint8:  # the backward kernels read float images: normalized as the forward did
+        _, _, pixel_norm = _pe.check_patch_embed(
+            images, weight, bias, patch_size, pos_embed, cls_token, image_mean, image_std
+        )
+        images = _pe.normalize_pixels(images, *_pe.pixel_norm_tensors(pixel_norm, images.device), weight.dtype)
+    grads = autograd.patch_embed_backward(
+        grad, images, weight, bias, pos_embed, cls_token, patch_size=int(patch_size), needs=needs
+    )
+    return (*grads, None, None, None, None, None)
 
 
 def _linear_backward(ctx, grad):
-    return _recompute_vjp("linear", ctx, grad)
+    if not _triton(ctx):
+        return _recompute_vjp("linear", ctx, grad)
+    x, weight, bias, residual, layer_scale = ctx.saved_tensors
+    return (*autograd.linear_backward(grad, x, weight, bias, layer_scale, needs=ctx.needs_input_grad[:5]), None, None)
 
 
 def _setup_context(op: str):

@@ -213,7 +213,7 @@ def _judge(parts, runs) -> List[PartCheck]:
                     "NOT CHECKED",
                     (
                         "it ran the original module instead of the fused ops (dropout in "
-                        "training, torch.autocast, an attention mask or another runtime "
+                        "training, an attention mask, a hook or another runtime "
                         "fallback: see the fuse report's notes)"
                     ),
                 )

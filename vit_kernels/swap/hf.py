@@ -59,7 +59,7 @@ from .reasons import (
     overrides_load_state_dict,
 )
 from .report import Candidate, ReportEntry
-from .wrapper import SwapWrapper
+from .wrapper import SwapWrapper, at_autocast, with_residual
 from .patch import conv_reason, patch_conv_candidate
 
 FAMILY = "transformers"
@@ -224,7 +224,8 @@ class FusedHFLayer(SwapWrapper):
         if self.fused_ops.get("attention"):
             w, b = self.qkv_weights()
             n = self.layernorm_before
-            o = ops.qkv_attention(
+            o = at_autocast(
+                ops.qkv_attention,
                 x,
                 w,
                 b,
@@ -235,7 +236,7 @@ class FusedHFLayer(SwapWrapper):
                 eps=n.eps,
                 backend=self.backend,
             )
-            x = ops.linear(o, p.o.weight, p.o.bias, residual=x, backend=self.backend)
+            x = with_residual(ops.linear, o, p.o.weight, p.o.bias, residual=x, backend=self.backend)
         elif self.vk_layout == "5.x":
             h, _ = self.attention(self.layernorm_before(x), None)
             x = self.dropout(h) + x
@@ -243,7 +244,8 @@ class FusedHFLayer(SwapWrapper):
             x = self.attention(self.layernorm_before(x), None) + x
         if self.fused_ops.get("mlp"):
             n = self.layernorm_after
-            return ops.layernorm_gelu_mlp(
+            return with_residual(
+                ops.layernorm_gelu_mlp,
                 x,
                 n.weight,
                 n.bias,
@@ -389,14 +391,18 @@ class FusedHFEmbeddings(SwapWrapper):
             )
         conv = pe.projection
         pos = self.pos_embed_for(*pixel_values.shape[-2:], conv.out_channels)
-        return ops.patch_embed(
-            pixel_values,
-            conv.weight,
-            conv.bias,
-            patch_size=p,
-            pos_embed=pos,
-            cls_token=self.cls_token,
-            backend=self.backend,
+        return (
+            at_autocast(  # eager: the projection at the autocast dtype, class token and pos embedding added in theirs
+                ops.patch_embed,
+                pixel_values,
+                conv.weight,
+                conv.bias,
+                patch_size=p,
+                pos_embed=pos,
+                cls_token=self.cls_token,
+                backend=self.backend,
+                out_dtype=torch.promote_types(self.cls_token.dtype, pos.dtype),
+            )
         )
 
 

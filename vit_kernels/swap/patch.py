@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .. import library, ops
 from ..ops.patch_embed import check_pixel_norm, normalize_pixels, pixel_norm_tensors
 from .report import Candidate, ReportEntry
-from .wrapper import SwapWrapper
+from .wrapper import SwapWrapper, at_autocast
 
 
 def conv_reason(name: str, conv: nn.Module) -> Optional[str]:
@@ -76,7 +76,10 @@ class FusedPatchConv(SwapWrapper):
                 images = normalize_pixels(images, mean, std, self.weight.dtype)
             return self.fall_back(why, images)
         B, _, H, W = images.shape
-        tokens = ops.patch_embed(images, self.weight, self.bias, patch_size=p, backend=self.backend, **norm)
+        # under autocast at the autocast dtype, as the Conv2d's output is
+        tokens = at_autocast(
+            ops.patch_embed, images, self.weight, self.bias, patch_size=p, backend=self.backend, **norm
+        )
         return tokens.transpose(1, 2).unflatten(2, (H // p, W // p))
 
 

@@ -45,7 +45,7 @@ from .reasons import (
     overrides_load_state_dict,
 )
 from .report import Candidate, ReportEntry, block_candidate
-from .wrapper import SwapWrapper
+from .wrapper import SwapWrapper, at_autocast, with_residual
 from .patch import conv_reason, patch_conv_candidate
 
 FAMILY = "timm"
@@ -112,7 +112,8 @@ class FusedTimmBlock(SwapWrapper):
             return self.fall_back(why, x, *args, **kwargs)
         if self.fused_ops.get("attention"):
             a, n = self.attn, self.norm1
-            o = ops.qkv_attention(
+            o = at_autocast(
+                ops.qkv_attention,
                 x,
                 a.qkv.weight,
                 a.qkv.bias,
@@ -124,13 +125,22 @@ class FusedTimmBlock(SwapWrapper):
                 backend=self.backend,
             )
             gamma = None if isinstance(self.ls1, nn.Identity) else self.ls1.gamma
-            x = ops.linear(o, a.proj.weight, a.proj.bias, residual=x, layer_scale=gamma, backend=self.backend)
+            x = with_residual(
+                ops.linear,
+                o,
+                a.proj.weight,
+                a.proj.bias,
+                residual=x,
+                layer_scale=gamma,
+                backend=self.backend,
+            )
         else:
             x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         if self.fused_ops.get("mlp"):
             m, n = self.mlp, self.norm2
             gamma = None if isinstance(self.ls2, nn.Identity) else self.ls2.gamma
-            x = ops.layernorm_gelu_mlp(
+            x = with_residual(
+                ops.layernorm_gelu_mlp,
                 x,
                 n.weight,
                 n.bias,

@@ -33,7 +33,7 @@ from .reasons import (
     overrides_load_state_dict,
 )
 from .report import Candidate, block_candidate
-from .wrapper import SwapWrapper
+from .wrapper import SwapWrapper, at_autocast, with_residual
 from .patch import patch_conv_candidate
 
 FAMILY = "torchvision"
@@ -73,7 +73,8 @@ class FusedEncoderBlock(SwapWrapper):
                 return self.fall_back(why, input)
         if self.fused_ops.get("attention"):
             a, n = self.self_attention, self.ln_1
-            o = ops.qkv_attention(
+            o = at_autocast(
+                ops.qkv_attention,
                 input,
                 a.in_proj_weight,
                 a.in_proj_bias,
@@ -83,14 +84,22 @@ class FusedEncoderBlock(SwapWrapper):
                 eps=n.eps,
                 backend=self.backend,
             )
-            x = ops.linear(o, a.out_proj.weight, a.out_proj.bias, residual=input, backend=self.backend)
+            x = with_residual(
+                ops.linear,
+                o,
+                a.out_proj.weight,
+                a.out_proj.bias,
+                residual=input,
+                backend=self.backend,
+            )
         else:
             y = self.ln_1(input)
             y, _ = self.self_attention(y, y, y, need_weights=False)
             x = self.dropout(y) + input
         n, m = self.ln_2, self.mlp
         if self.fused_ops.get("mlp"):
-            return ops.layernorm_gelu_mlp(
+            return with_residual(
+                ops.layernorm_gelu_mlp,
                 x,
                 n.weight,
                 n.bias,

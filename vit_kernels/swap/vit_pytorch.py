@@ -41,7 +41,7 @@ from .reasons import (
     overrides_load_state_dict,
 )
 from .report import Candidate, ReportEntry
-from .wrapper import SwapWrapper
+from .wrapper import SwapWrapper, at_autocast, with_residual
 
 FAMILY = "vit-pytorch"
 
@@ -181,7 +181,8 @@ class FusedVitPytorchTransformer(SwapWrapper):
             fuse_attn, approx = self.vk_plan[i]
             if fuse_attn:
                 a = _Attn(attn)
-                o = ops.qkv_attention(
+                o = at_autocast(
+                    ops.qkv_attention,
                     x,
                     a.to_qkv.weight,
                     a.to_qkv.bias,
@@ -193,14 +194,15 @@ class FusedVitPytorchTransformer(SwapWrapper):
                     backend=self.backend,
                 )
                 if a.out is not None:
-                    x = ops.linear(o, a.out.weight, a.out.bias, residual=x, backend=self.backend)
+                    x = with_residual(ops.linear, o, a.out.weight, a.out.bias, residual=x, backend=self.backend)
                 else:
                     x = o + x
             else:
                 x = attn(x) + x
             if approx is not None:
                 f = _FF(ff)
-                x = ops.layernorm_gelu_mlp(
+                x = with_residual(
+                    ops.layernorm_gelu_mlp,
                     x,
                     f.norm.weight,
                     f.norm.bias,
@@ -241,7 +243,7 @@ class FusedVitPytorchPatchEmbed(SwapWrapper):
         if why:
             return self.fall_back(why, images)
         w = lin.weight.view(lin.out_features, p, p, images.shape[1]).permute(0, 3, 1, 2)
-        return ops.patch_embed(images, w, lin.bias, patch_size=p, backend=self.backend)
+        return at_autocast(ops.patch_embed, images, w, lin.bias, patch_size=p, backend=self.backend)
 
     def __getitem__(self, i):
         return self._modules[str(i)]

@@ -1,0 +1,73 @@
+"""Mixed precision through fuse() (issue 12 item 4): under torch.autocast the fused parts of a swapped
+model run the fused ops at the autocast dtype (inputs and parameters cast as autocast casts a matmul's
+operands), never the original modules, and each part returns the dtype the unfused part returns
+under the same autocast. Per family, backend torch and triton (the interpreter on a CPU), CPU
+autocast to bfloat16: every fused part's output and the logits against the float64 model under
+the tolerance rule at bfloat16, plain PyTorch being the unfused model under the same autocast."""
+
+import copy
+
+import pytest
+import torch
+
+import vit_kernels as vk
+from vit_kernels import backends
+from vit_kernels.swap import SwapWrapper
+from vit_kernels.testing import assert_close
+
+from test_swap_fallbacks import FAMILIES, logits
+
+DT = torch.bfloat16
+TRITON = pytest.mark.skipif(backends.triton_unavailable(torch.device("cpu"), [DT]) is not None, reason="no Triton")
+OPS = ("qkv_attention", "linear", "layernorm_gelu_mlp", "patch_embed")
+
+
+def _outputs(model, paths, run):
+    """run(model)'s result and {path: output} of the modules at ``paths``."""
+    seen = {}
+    handles = [model.get_submodule(p).register_forward_hook(lambda m, i, o, p=p: seen.__setitem__(p, o)) for p in paths]
+    try:
+        out = run(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, seen
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=TRITON)])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_fused_parts_run_fused_at_the_autocast_dtype(family, backend, monkeypatch):
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    oracle = copy.deepcopy(model).double()
+    fused = vk.fuse(copy.deepcopy(model), backend=backend)
+    paths = [n for n, m in fused.named_modules() if isinstance(m, SwapWrapper)]
+    assert paths, vk.fuse_report(fused)
+    images = torch.randn(2, 3, 32, 32)
+
+    def autocast(m):
+        with torch.no_grad(), torch.autocast("cpu", dtype=DT):
+            return logits(m(images))
+
+    calls = []
+    for op in OPS:  # every fused op call, with the dtype of its input
+        real = getattr(vk.ops, op)
+        monkeypatch.setattr(
+            vk.ops, op, lambda x, *a, _real=real, _op=op, **kw: calls.append((_op, x.dtype)) or _real(x, *a, **kw)
+        )
+    with vk.record_decisions() as decisions:
+        got, got_parts = _outputs(fused, paths, autocast)
+    base, base_parts = _outputs(model, paths, autocast)  # plain PyTorch: the unfused model, same autocast
+    with torch.no_grad():
+        want, want_parts = _outputs(oracle, paths, lambda m: logits(m(images.double())))
+
+    assert {op for op, _ in calls} >= {"qkv_attention", "layernorm_gelu_mlp"}, calls
+    assert all(dt == DT for _, dt in calls), calls
+    assert decisions and all(d.backend == backend for d in decisions), [str(d) for d in decisions]
+    assert all(fused.get_submodule(p).last_fallback is None for p in paths)
+    for p in paths:
+        g, b = got_parts[p], base_parts[p]
+        assert g.dtype == b.dtype, f"{p}: fused part returned {g.dtype}, the unfused part {b.dtype}"
+        assert_close(g, want_parts[p], b, name=f"{family} {p} under autocast ({backend})")
+    assert got.dtype == base.dtype
+    assert_close(got, want, base, name=f"{family} logits under autocast ({backend})")
