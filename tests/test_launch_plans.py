@@ -21,7 +21,7 @@ def _block(backend, init_values=0.1):
     return attn, mlp
 
 
-def _reference_block(attn, mlp, x, dtype):
+def _reference_block(attn, mlp, x, dtype, heads=HEADS):
     """The attention branch then the MLP branch, by the oracle's code at ``dtype`` (float64: the
     oracle; float32: plain PyTorch at the test's dtype, the error baseline)."""
 
@@ -32,7 +32,7 @@ def _reference_block(attn, mlp, x, dtype):
         p(x),
         p(attn.qkv.weight),
         p(attn.qkv.bias),
-        num_heads=HEADS,
+        num_heads=heads,
         norm_weight=p(attn.norm.weight),
         norm_bias=p(attn.norm.bias),
         eps=attn.norm.eps,
@@ -144,3 +144,39 @@ def test_tuning_mode_is_part_of_the_signature():
     assert len(attn._vk_plans) == 4
     assert all(p.decision.backend == "torch" for p in attn._vk_plans.values())  # CPU tensors: auto keeps torch
     assert isinstance(attn._vk_plans, library.PlanStore)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_block_forward_is_captured_in_a_cuda_graph_and_replays():
+    """A ViT-B block (FusedAttention + FusedMlp, fp16) warmed up once (its launch plans made), then
+    captured: the capture replays the plans (no new plan, no host sync: a sync inside a capture
+    raises) and the graph's replay on new input matches the float64 oracle."""
+    backend = "triton"
+    dim, heads, hidden = 768, 12, 3072
+    torch.manual_seed(0)
+    attn = vnn.FusedAttention(dim, heads, init_values=0.1, backend=backend).cuda().half().eval()
+    mlp = vnn.FusedMlp(dim, hidden, init_values=0.1, backend=backend).cuda().half().eval()
+    static_in = torch.randn(2, 197, dim, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):  # warm-up on a side stream, as torch.cuda.graphs asks: compiles, makes the plans
+                mlp(attn(static_in))
+        torch.cuda.current_stream().wait_stream(s)
+        plans = (dict(attn._vk_plans), dict(mlp._vk_plans))
+        assert len(plans[0]) == 2 and len(plans[1]) == 1
+        graph = torch.cuda.CUDAGraph()
+        with backends.record_decisions() as calls, torch.cuda.graph(graph):
+            static_out = mlp(attn(static_in))
+        assert (dict(attn._vk_plans), dict(mlp._vk_plans)) == plans  # captured from the plans
+        assert [d.backend for d in calls] == [backend] * 3
+        new = torch.randn_like(static_in)
+        static_in.copy_(new)
+        static_out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+    oracle = _reference_block(attn, mlp, new, torch.float64, heads)
+    baseline = _reference_block(attn, mlp, new, torch.float16, heads)
+    testing.assert_close(static_out, oracle, baseline, name=f"graph replay {backend}")
