@@ -7,12 +7,17 @@ kernels never run): ``pytest benchmarks/test_host_time.py --benchmark-only``.
 The one tuning call per op is made with a fake timer that lets the Triton candidate win and with
 the tolerance check accepting the stub's unwritten output; after it, every timed call is a cache
 hit, which is what a tuned model's forward does on a GPU.
+
+``via="function"`` calls the public op (every check, the backend decision and the tuner's look-up
+on every call); ``via="module"`` calls it as a fused module does, inside ``library.plans`` (the
+module's launch plans: after the first call of a signature only the launch runs, and the cached
+Decision is recorded).
 """
 
 import pytest
 import torch
 
-from vit_kernels import backends, ops, testing, tuning
+from vit_kernels import backends, library, ops, testing, tuning
 from vit_kernels.models.registry import SIZES as VIT_SIZES
 
 BUDGET_US = 15.0
@@ -75,15 +80,27 @@ def block_calls():
     }
 
 
+@pytest.mark.parametrize("via", ["function", "module"])
 @pytest.mark.parametrize("op", ["qkv_attention", "linear", "layernorm_gelu_mlp", "patch_embed"])
-def test_host_time_per_call(benchmark, stubbed, op):
-    call = block_calls()[op]
+def test_host_time_per_call(benchmark, stubbed, op, via):
+    raw = block_calls()[op]
+    store: dict = {}
+
+    def planned():
+        with library.plans(store):
+            return raw()
+
+    call = raw if via == "function" else planned
     with torch.inference_mode():
         call()  # the one tuning call
         d = backends.last_decision(op)
         assert d.backend == "triton" and d.tuned is not None, str(d)
         benchmark.extra_info["budget_us"] = BUDGET_US
+        with backends.record_decisions() as calls:
+            call()
+        assert [c.op for c in calls] == [op] and calls[0].backend == "triton" and calls[0].tuned is d.tuned
+        assert (len(store) == 1) == (via == "module")
         benchmark.pedantic(call, rounds=200, warmup_rounds=20, iterations=20)
     us = benchmark.stats.stats.median * 1e6
     benchmark.extra_info["median_us"] = us
-    print(f"{op}: {us:.1f} us per call (budget {BUDGET_US} us)")
+    print(f"{op} via {via}: {us:.1f} us per call (budget {BUDGET_US} us)")

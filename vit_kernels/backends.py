@@ -367,6 +367,21 @@ def _record(d: Decision) -> None:
     _LAST[d.op] = d
 
 
+record = _record  # a launch plan's replay records its cached Decision (vit_kernels.library.plans)
+
+OFFERS = threading.local()  # .slot: the list a planned call's dispatch offers its launch to (library.plans)
+
+
+def offer(launch, extras: tuple) -> None:
+    """Called by an op's ``dispatch`` just before its launch: ``launch(decision, *tensors, *extras)``
+    (tensors: the op's schema tensors) reproduces this call for any tensors of the same signature.
+    Kept by vit_kernels.library's launch plans when a fused module makes the call, else a no-op."""
+    slot = getattr(OFFERS, "slot", None)
+    if slot is not None:
+        OFFERS.slot = None  # only the outermost dispatch offers (an op that calls another inside)
+        slot.append((launch, extras))
+
+
 def _log_once(d: Decision) -> None:
     key = (d.op, d.backend, tuple(sorted(d.reasons.items())))
     with _LOCK:

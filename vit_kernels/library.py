@@ -36,8 +36,11 @@ symbolic runs its blocks' own forward (a mask may come): pass
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import importlib
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -520,6 +523,107 @@ def _plain_eager(tensors: Sequence) -> bool:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+# ------------------------------------------------------------------------------- launch plans
+# A fused module (vit_kernels.nn, the swap wrappers) runs its forward inside ``plans(store)``, where
+# ``store`` is a dict the module owns. The first plain eager call of each signature (every tensor's
+# shape, strides, dtype and device; the numbers and strings; the backend; the tuning mode and the
+# tuner's state) runs the op's full ``dispatch``: every check, the layout rules, ``backends.resolve``
+# and the tuner's look-up. That dispatch offers its launch (``backends.offer``): the op's ``_launch`` and the
+# checked, normalized numbers it passes. The plan keeps that launch with the call's final Decision,
+# and every later call of the same signature replays it: the Decision recorded again (last_decision,
+# record_decisions), then ``_launch`` with the new tensors. Nothing of the checks depends on what
+# the key leaves out (values, data pointers), so a replayed call would have passed them.
+# A call that copied a parameter (``Decision.copied``), has an empty output, or needs gradients is
+# never planned: it takes the full dispatch every time.
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One op signature's launch: decision (recorded on each replay), launch (the op's ``_launch``:
+    launch(decision, *tensors, *extras)), extras (the checked numbers and strings ``_launch`` takes
+    after the tensors)."""
+
+    decision: backends.Decision
+    launch: Callable
+    extras: tuple
+
+
+class PlanStore(dict):
+    """A module's launch plans: signature key -> :class:`Plan`. Copies and pickles are empty (a plan
+    holds the tuner; a copied module makes its own plans on its first calls)."""
+
+    def __reduce__(self):
+        return (PlanStore, ())
+
+    def __deepcopy__(self, memo):
+        return PlanStore()
+
+
+_PLANS: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("vit_kernels_plans", default=None)
+MAX_PLANS = 64  # signatures one module keeps (an input of many shapes: the oldest are dropped)
+
+
+@contextlib.contextmanager
+def plans(store: dict):
+    """``with plans(module_store): ...``: op calls inside keep and replay their launch plans in
+    ``store`` (a dict; one per fused module)."""
+    token = _PLANS.set(store)
+    try:
+        yield store
+    finally:
+        _PLANS.reset(token)
+
+
+def call_planned(module, call: Callable, args: tuple, kwargs: dict):
+    """``call(*args, **kwargs)`` (a fused module's ``nn.Module.__call__``) with the op calls inside
+    keeping their launch plans in the module (``module._vk_plans``, made on first use). Under
+    torch.compile the call runs as it is (the compiled graph holds the custom ops)."""
+    if torch.compiler.is_compiling():
+        return call(*args, **kwargs)
+    store = module.__dict__.get("_vk_plans")
+    if store is None:
+        store = module.__dict__["_vk_plans"] = PlanStore()
+    token = _PLANS.set(store)
+    try:
+        return call(*args, **kwargs)
+    finally:
+        _PLANS.reset(token)
+
+
+def _signature(op: str, args: Sequence, tune) -> tuple:
+    key = [op, tuning.get_tuner().plan_state(tune)]
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((a.shape, a.stride(), a.dtype, a.device))
+        elif isinstance(a, list):
+            key.append(tuple(a))
+        else:
+            key.append((type(a), a))
+    return tuple(key)
+
+
+def _run_planned(op: str, args: Sequence, store: dict):
+    n = N_TENSORS[op]
+    key = _signature(op, args, args[-1])
+    p = store.get(key)
+    if p is not None:
+        backends.record(p.decision)
+        return p.launch(p.decision, *args[:n], *p.extras)
+    slot: list = []
+    backends.OFFERS.slot = slot
+    try:
+        with backends.record_decisions() as calls:
+            out = IMPLS[op](*args)
+    finally:
+        backends.OFFERS.slot = None
+    if slot and calls and calls[-1].op == op and not calls[-1].copied and calls[-1].path != "empty":
+        if len(store) >= MAX_PLANS:
+            store.clear()
+        # keyed by the state after the call (tuning it added an entry: the tuner's generation moved)
+        store[_signature(op, args, args[-1])] = Plan(calls[-1], *slot[0])
+    return out
+
+
 def run(op: str, args: Sequence):
     """Call ``op`` with its schema arguments ``args`` (see the module docstring):
     - autograd recording (an input requires grad): eager, the op's implementation (Triton's backward
@@ -542,6 +646,9 @@ def run(op: str, args: Sequence):
             return IMPLS[op](*args)
         return TORCH_PATHS[op](*args)  # traced by the compiler op by op; checks the tensors
     if _plain_eager(tensors):
+        store = _PLANS.get()
+        if store is not None:
+            return _run_planned(op, args, store)  # a fused module's call: its launch plan
         return IMPLS[op](*args)  # checks every argument; strides as the backend made them (no tracer holds
         #                           the fake's contiguous promise), so no copy of SDPA's output in eager
     return getattr(torch.ops.vit_kernels, op)(*_scalars(op, args))

@@ -437,12 +437,19 @@ class Tuner:
         self._misses: set = set()  # fast keys cache-only found no choice for (not looked up again)
         self._facts_cache: Dict[torch.device, Tuple[str, int]] = {}
         self.timed = 0  # candidates timed by this tuner (tests read it)
+        self.generation = 0  # bumped whenever entries are added: launch plans made before are stale
 
     @property
     def versions(self) -> Dict[str, str]:
         if self._versions is None:
             self._versions = library_versions()
         return self._versions
+
+    def plan_state(self, tune: Optional[str]) -> tuple:
+        """What a launch plan (vit_kernels.library.plans) made under this tuner depends on: the
+        tuner itself, the call's tuning mode, and the entries it knew (a cache-only miss planned
+        before vk.tune ran is not replayed after)."""
+        return (self, current_mode(tune), self.generation)
 
     # -- the per-call path -------------------------------------------------------------------
     def decide(
@@ -527,6 +534,7 @@ class Tuner:
                 op, sig, self.candidate_list(op, facts(op, tensors, key_extra, arch), available, device.type), run, args
             )
             self._entries[sig] = entry
+            self.generation += 1
             self._save()
         logger.info("tuned %s", entry.table())
         return entry
@@ -612,6 +620,7 @@ class Tuner:
             if sig not in self._entries:
                 try:
                     self._entries[sig] = Entry.from_json(sig, rec)
+                    self.generation += 1
                 except (KeyError, TypeError, ValueError) as e:
                     self._warn(f"{self.path}: entry {sig!r} is malformed ({type(e).__name__}: {e})")
                     return

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import checks, reference
-from ..backends import needs_grad, resolve
+from ..backends import needs_grad, offer, resolve
 from ..cuda.ops import attention_unsupported as cuda_attention_unsupported
 from . import attention_stats
 
@@ -101,6 +101,7 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], backend: s
         if needs_grad((q, k, v)):  # nothing to launch; under autograd the torch path gives the empty result its graph
             return reference.flash_attention(q, k, v, scale=scale)
         return torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    offer(_launch, (scale,))
     return _launch(d, q, k, v, scale)
 
 

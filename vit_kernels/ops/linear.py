@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import checks, reference
-from ..backends import needs_grad, resolve
+from ..backends import needs_grad, offer, resolve
 from ..dtypes import KERNEL_DTYPES
 from ..cuda.ops import gemm_unsupported as cuda_gemm_unsupported
 
@@ -107,6 +107,7 @@ def dispatch(x, weight, bias, residual, layer_scale, backend, tune) -> Tensor:
         args=args,
     )
     if d.backend == "torch":
+        offer(_launch, ())
         return _launch(d, x, weight, bias, residual, layer_scale)
     d = d.with_copied(notes)
     if empty:
@@ -114,6 +115,7 @@ def dispatch(x, weight, bias, residual, layer_scale, backend, tune) -> Tensor:
         if needs_grad(args):  # nothing to launch; under autograd the torch path gives the empty result its graph
             return linear_torch(*args)
         return torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    offer(_launch, ())
     return _launch(d, *args)
 
 

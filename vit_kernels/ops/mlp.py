@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import checks, reference
-from ..backends import needs_grad, resolve
+from ..backends import needs_grad, offer, resolve
 from ..cuda.ops import gemm_unsupported as cuda_gemm_unsupported
 from .linear import triton_gemm_unsupported
 
@@ -179,6 +179,7 @@ def dispatch(
         key_extra=(approximate,),
     )
     if d.backend == "torch":
+        offer(_launch, (eps, approximate))
         return _launch(d, *tensors, eps, approximate)
     d = d.with_copied(notes)
     if empty:
@@ -188,6 +189,7 @@ def dispatch(
                 *tensors[:7], eps=eps, approximate=approximate, residual=residual, layer_scale=layer_scale
             )
         return torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    offer(_launch, (eps, approximate))
     return _launch(d, *args)
 
 

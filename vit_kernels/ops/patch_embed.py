@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import checks, reference
-from ..backends import needs_grad, resolve
+from ..backends import needs_grad, offer, resolve
 from ..cuda.ops import gemm_unsupported as cuda_gemm_unsupported
 from .linear import triton_gemm_unsupported
 
@@ -234,6 +234,7 @@ def dispatch(images, weight, bias, pos_embed, cls_token, patch_size, image_mean,
         key_extra=(patch_size,),
     )
     if d.backend == "torch":
+        offer(_launch, (patch_size, norm))
         return _launch(d, images, weight, bias, pos_embed, cls_token, patch_size, norm)
     d = d.with_copied(notes)
     if empty:
@@ -244,6 +245,7 @@ def dispatch(images, weight, bias, pos_embed, cls_token, patch_size, image_mean,
                 images, weight, bias, patch_size=patch_size, pos_embed=pos_embed, cls_token=cls_token, **kw
             )
         return torch.empty((0, tokens, dim), dtype=dtype, device=images.device)
+    offer(_launch, (patch_size, norm))
     return _launch(d, *args)
 
 

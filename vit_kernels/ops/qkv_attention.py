@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import checks, reference
-from ..backends import needs_grad, resolve
+from ..backends import needs_grad, offer, resolve
 from ..cuda.ops import attention_unsupported as cuda_attention_unsupported
 from . import attention_stats
 from .flash_attention import check_head_dim, sdpa
@@ -142,6 +142,7 @@ def dispatch(x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, 
         key_extra=(num_heads, path),
     )
     if d.backend == "torch":
+        offer(_launch, (num_heads, scale, eps, path))
         return _launch(d, *tensors, num_heads, scale, eps, path)
     if d.backend == "cuda" and path == "single_kernel":
         raise ValueError("path: 'single_kernel' is not available on the cuda backend (it has 'split')")
@@ -153,6 +154,7 @@ def dispatch(x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, 
                 *tensors[:3], num_heads=num_heads, scale=scale, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps
             )
         return torch.empty((x.shape[0], x.shape[1], inner), dtype=x.dtype, device=x.device)
+    offer(_launch, (num_heads, scale, eps, path))
     return _launch(d, *args)
 
 

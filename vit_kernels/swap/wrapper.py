@@ -99,6 +99,12 @@ class SwapWrapper(nn.Module):
                 raise
             return getattr(original, name)
 
+    def __call__(self, *args, **kwargs):
+        # the op calls of this part keep launch plans (vit_kernels.library.call_planned)
+        from .. import library
+
+        return library.call_planned(self, super().__call__, args, kwargs)
+
     @property
     def original(self) -> nn.Module:
         return self.__dict__["_vk_original"]
