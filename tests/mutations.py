@@ -200,8 +200,8 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "triton-gemm-drop-ln-bias",
         "vit_kernels/triton/gemm.py",
-        "                if NORM == 1:\n                    xn += tl.load(lnb_ptr",
-        "                if NORM == 4:\n                    xn += tl.load(lnb_ptr",
+        "                if NORM == 1:\n                    xn += tl.load(norm_bias_ptr",
+        "                if NORM == 4:\n                    xn += tl.load(norm_bias_ptr",
         T_MLP,
     ),
     Mutation(
@@ -214,7 +214,7 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "triton-gemm-uint8-mean-not-subtracted",
         "vit_kernels/triton/gemm.py",
-        "xn = a.to(tl.float32) * g[None, :] + tl.load(lnb_ptr + ks, mask=k_mask, other=0.0)[None, :]",
+        "xn = a.to(tl.float32) * g[None, :] + tl.load(norm_bias_ptr + ks, mask=k_mask, other=0.0)[None, :]",
         "xn = a.to(tl.float32) * g[None, :]",
         ("tests/test_patch_embed_uint8.py",),
     ),

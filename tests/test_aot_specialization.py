@@ -163,10 +163,10 @@ def test_specialization_is_triton_s_and_the_same_for_sm80_and_sm90(report):
         )
         vk.linear(x, empty(DIM, DIM), backend="triton")
     sig, const, attrs, _ = specialize(launches[0], 90)
-    assert attrs["stride_xn"] == [["tt.divisibility", 16]] and attrs["X"] == [["tt.divisibility", 16]]
+    assert attrs["stride_xn"] == [["tt.divisibility", 16]] and attrs["x_ptr"] == [["tt.divisibility", 16]]
     assert attrs["N"] == [] and sig["N"] == "i32"
     sig, const, attrs, _ = specialize(launches[1], 90)
-    assert sig["s_ak"] == "constexpr" and const["s_ak"] == 1
+    assert sig["stride_ak"] == "constexpr" and const["stride_ak"] == 1
     for la in launches:
         assert specialize(la, 80)[:3] == specialize(la, 90)[:3]
 

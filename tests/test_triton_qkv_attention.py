@@ -223,7 +223,7 @@ def test_aot_specs_cover_every_admitted_layout():
 
     compiled = {
         (
-            s.signature["X"],
+            s.signature["x_ptr"],
             s.constexprs["BLOCK_D"],
             s.constexprs["N_MAIN"],
             s.constexprs["N_TAIL"],

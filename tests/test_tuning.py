@@ -521,7 +521,7 @@ def test_tuned_configs_are_compiled_by_inspect():
                 assert ("gemm_patch_embed_nchw", p, cfg, arch) in compiled
     att = {
         (
-            s.signature["Q"],
+            s.signature["q_ptr"],
             s.constexprs["HEAD_DIM"],
             (s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.num_warps, s.num_stages),
             a,

@@ -14,7 +14,7 @@ from ..cuda.ops import attention_unsupported as cuda_attention_unsupported
 from . import attention_stats
 
 
-def check_head_dim(name: str, head_dim: int) -> Optional[str]:
+def head_dim_unsupported(name: str, head_dim: int) -> Optional[str]:
     """None when the fused kernels support head_dim, else why not (multiples of 8, 16..256)."""
     if head_dim % 8 != 0 or not 16 <= head_dim <= 256:
         return f"{name}={head_dim} is not supported by the fused kernels (expected a multiple of 8 from 16 to 256)"
@@ -83,8 +83,8 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], backend: s
         backend,
         (q, k, v),
         unsupported={
-            "triton": check_head_dim("head_dim", D) or layouts["triton"],
-            "cuda": check_head_dim("head_dim", D) or cuda_attention_unsupported(D, q.dtype) or layouts["cuda"],
+            "triton": head_dim_unsupported("head_dim", D) or layouts["triton"],
+            "cuda": head_dim_unsupported("head_dim", D) or cuda_attention_unsupported(D, q.dtype) or layouts["cuda"],
         },
         has_backward=("triton",),
         tune=tune,
@@ -158,8 +158,8 @@ def _with_stats(q, k, v, scale, backend, request, record):
         backend,
         (q, k, v),
         unsupported={
-            "triton": check_head_dim("head_dim", D),
-            "cuda": check_head_dim("head_dim", D) or cuda_attention_unsupported(D, q.dtype),
+            "triton": head_dim_unsupported("head_dim", D),
+            "cuda": head_dim_unsupported("head_dim", D) or cuda_attention_unsupported(D, q.dtype),
         },
     )
     if d.backend in ("triton", "cuda"):

@@ -8,7 +8,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ..ops.flash_attention import check_head_dim
+from ..ops.flash_attention import head_dim_unsupported
 
 
 def layernorm_reason(name: str, m: nn.Module, dim: Optional[int] = None) -> Optional[str]:
@@ -91,7 +91,7 @@ def dropout_reason(name: str, m: Optional[nn.Module]) -> Optional[str]:
 def head_dim_reason(backend: str, head_dim: int) -> Tuple[Optional[str], Optional[str]]:
     """(reason to leave, note) for a head_dim under ``backend``: an explicit triton/cuda request
     that cannot serve it leaves the part; auto runs the torch path for it and says so."""
-    why = check_head_dim("head_dim", head_dim)
+    why = head_dim_unsupported("head_dim", head_dim)
     if why is None:
         return None, None
     if backend in ("triton", "cuda"):

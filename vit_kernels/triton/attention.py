@@ -27,7 +27,9 @@ from . import cdiv, next_power_of_2
 from ..dtypes import KERNEL_DTYPES
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 
-LOG2E = 1.4426950408889634
+# log2(e): its one home (CONTRIBUTING.md). A tl.constexpr, so kernels use it as a literal; host code takes
+# LOG2E.value (a float: a scale multiplied by it stays a runtime kernel argument).
+LOG2E = tl.constexpr(1.4426950408889634)
 # The dot precision used for fp32 inputs (fp16/bf16 dots ignore it). Asserted by the tests.
 FP32_DOT_PRECISION = "tf32x3"
 DTYPES = KERNEL_DTYPES  # vit_kernels.dtypes
@@ -36,14 +38,14 @@ HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)  # BLOCK_D: next power of two of head_
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q,
-    K,
-    V,
-    O,
-    LSE,  # Q: (B, H, NQ, D); K, V: (B, H, NKV, D); O: (B, H, NQ, D); LSE: (B, H, NQ) fp32
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    lse_ptr,  # q_ptr: (B, H, NQ, D); k_ptr, v_ptr: (B, H, NKV, D); o_ptr: (B, H, NQ, D); lse_ptr: (B, H, NQ) fp32
     stride_qb,
     stride_qh,
-    stride_qn,  # strides in elements; the last dim of Q, K, V, O has stride 1
+    stride_qn,  # strides in elements; the last dim of q_ptr, k_ptr, v_ptr, o_ptr has stride 1
     stride_kb,
     stride_kh,
     stride_kn,
@@ -80,10 +82,10 @@ def _attn_fwd_kernel(
 
     # The launcher guarantees 16-byte aligned data pointers and strides that are multiples of 8
     # elements (as head_dim is): the hints let every row load as vectors whatever the JIT sees.
-    q_base = tl.multiple_of(Q + b * stride_qb + h * stride_qh, 16)
-    k_base = tl.multiple_of(K + b * stride_kb + h * stride_kh, 16)
-    v_base = tl.multiple_of(V + b * stride_vb + h * stride_vh, 16)
-    o_base = tl.multiple_of(O + b * stride_ob + h * stride_oh, 16)
+    q_base = tl.multiple_of(q_ptr + b * stride_qb + h * stride_qh, 16)
+    k_base = tl.multiple_of(k_ptr + b * stride_kb + h * stride_kh, 16)
+    v_base = tl.multiple_of(v_ptr + b * stride_vb + h * stride_vh, 16)
+    o_base = tl.multiple_of(o_ptr + b * stride_ob + h * stride_oh, 16)
     q_rows = tl.multiple_of(offs_m.to(tl.int64) * stride_qn, 8)
     q = tl.load(q_base + q_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
     if BLOCK_D1 > 0:  # head_dim 72 / 80 as 64 + 16 (two dots), not one dot padded to 128
@@ -127,14 +129,14 @@ def _attn_fwd_kernel(
 
     acc = acc / l_i[:, None]
     o_ptrs = o_base + tl.multiple_of(offs_m.to(tl.int64) * stride_on, 8)[:, None]  # (BLOCK_M, 1) row starts
-    tl.store(o_ptrs + offs_d[None, :], acc.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(o_ptrs + offs_d[None, :], acc.to(o_ptr.dtype.element_ty), mask=q_mask)
     if BLOCK_D1 > 0:
         acc1 = acc1 / l_i[:, None]
-        tl.store(o_ptrs + offs_d1[None, :], acc1.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d1[None, :])
+        tl.store(o_ptrs + offs_d1[None, :], acc1.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d1[None, :])
     if STORE_LSE:
         # natural-log log-sum-exp of scale * q . k: (m + log2(l)) / log2(e)
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-        tl.store(LSE + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=mask_m)
+        tl.store(lse_ptr + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=mask_m)
 
 
 # (is fp32, BLOCK_D) -> (BLOCK_M, BLOCK_N, num_warps, num_stages). Checked by AOT compilation for
@@ -207,6 +209,8 @@ def kernel_config(dtype: torch.dtype, head_dim: int) -> Tuple[int, int, int, int
 
 
 def check_head_dim(head_dim: int) -> None:
+    """Raise a ValueError naming head_dim unless it is a multiple of 8 from 16 to 256 (the rule whose
+    reason-returning twin is vit_kernels.ops.flash_attention.head_dim_unsupported)."""
     if head_dim % 8 != 0 or not 16 <= head_dim <= 256:
         raise ValueError(f"head_dim: expected a multiple of 8 from 16 to 256, got {head_dim}")
 
@@ -301,7 +305,7 @@ def flash_attention_forward(
             H,
             NQ,
             NKV,
-            float(scale) * LOG2E,
+            float(scale) * LOG2E.value,
             HEAD_DIM=D,
             BLOCK_D0=chunks[0],
             BLOCK_D1=chunks[1],

@@ -50,15 +50,15 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    O,
-    DO,
-    DELTA,  # O, DO: (B, H, NQ, D); DELTA: (B, H, NQ) fp32 out
+    o_ptr,
+    do_ptr,
+    delta_ptr,  # o_ptr, do_ptr: (B, H, NQ, D); delta_ptr: (B, H, NQ) fp32 out
     stride_ob,
     stride_oh,
     stride_on,
-    stride_gb,
-    stride_gh,
-    stride_gn,  # strides of DO
+    stride_dob,
+    stride_doh,
+    stride_don,  # strides of do_ptr
     H,
     NQ,
     HEAD_DIM: tl.constexpr,
@@ -73,24 +73,24 @@ def _attn_bwd_delta_kernel(
     mask = (offs_m < NQ)[:, None] & (offs_d < HEAD_DIM)[None, :]
     rows = offs_m.to(tl.int64)
     o = tl.load(
-        O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :], mask=mask, other=0.0
+        o_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :], mask=mask, other=0.0
     ).to(tl.float32)
     do = tl.load(
-        DO + b * stride_gb + h * stride_gh + rows[:, None] * stride_gn + offs_d[None, :], mask=mask, other=0.0
+        do_ptr + b * stride_dob + h * stride_doh + rows[:, None] * stride_don + offs_d[None, :], mask=mask, other=0.0
     ).to(tl.float32)
-    tl.store(DELTA + pid_bh.to(tl.int64) * NQ + offs_m, tl.sum(o * do, axis=1), mask=offs_m < NQ)
+    tl.store(delta_ptr + pid_bh.to(tl.int64) * NQ + offs_m, tl.sum(o * do, axis=1), mask=offs_m < NQ)
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DK,
-    DV,  # Q, DO: (B, H, NQ, D); K, V, DK, DV: (B, H, NKV, D); LSE, DELTA: (B, H, NQ) fp32
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dk_ptr,
+    dv_ptr,  # q_ptr, do_ptr: (B, H, NQ, D); k_ptr, v_ptr, dk_ptr, dv_ptr: (B, H, NKV, D); lse_ptr, delta_ptr: (B, H, NQ) fp32
     stride_qb,
     stride_qh,
     stride_qn,
@@ -100,9 +100,9 @@ def _attn_bwd_dkdv_kernel(
     stride_vb,
     stride_vh,
     stride_vn,
-    stride_gb,
-    stride_gh,
-    stride_gn,  # strides of DO
+    stride_dob,
+    stride_doh,
+    stride_don,  # strides of do_ptr
     stride_dkb,
     stride_dkh,
     stride_dkn,
@@ -131,10 +131,14 @@ def _attn_bwd_dkdv_kernel(
     mask_d = offs_d < HEAD_DIM
     kv_mask = mask_n[:, None] & mask_d[None, :]
     n64 = offs_n.to(tl.int64)
-    k = tl.load(K + b * stride_kb + h * stride_kh + n64[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + n64[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_gb + h * stride_gh
+    k = tl.load(
+        k_ptr + b * stride_kb + h * stride_kh + n64[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0
+    )
+    v = tl.load(
+        v_ptr + b * stride_vb + h * stride_vh + n64[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0
+    )
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    do_base = do_ptr + b * stride_dob + h * stride_doh
     row_base = pid_bh.to(tl.int64) * NQ
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
@@ -145,9 +149,9 @@ def _attn_bwd_dkdv_kernel(
         q_mask = mask_m[:, None] & mask_d[None, :]
         m64 = offs_m.to(tl.int64)
         q = tl.load(q_base + m64[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(do_base + m64[:, None] * stride_gn + offs_d[None, :], mask=q_mask, other=0.0)
-        lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
+        do = tl.load(do_base + m64[:, None] * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
+        lse = tl.load(lse_ptr + row_base + offs_m, mask=mask_m, other=0.0) * LOG2E
+        delta = tl.load(delta_ptr + row_base + offs_m, mask=mask_m, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s - lse[:, None])
         p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
@@ -157,26 +161,26 @@ def _attn_bwd_dkdv_kernel(
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
     dk = dk * scale
     tl.store(
-        DK + b * stride_dkb + h * stride_dkh + n64[:, None] * stride_dkn + offs_d[None, :],
-        dk.to(DK.dtype.element_ty),
+        dk_ptr + b * stride_dkb + h * stride_dkh + n64[:, None] * stride_dkn + offs_d[None, :],
+        dk.to(dk_ptr.dtype.element_ty),
         mask=kv_mask,
     )
     tl.store(
-        DV + b * stride_dvb + h * stride_dvh + n64[:, None] * stride_dvn + offs_d[None, :],
-        dv.to(DV.dtype.element_ty),
+        dv_ptr + b * stride_dvb + h * stride_dvh + n64[:, None] * stride_dvn + offs_d[None, :],
+        dv.to(dv_ptr.dtype.element_ty),
         mask=kv_mask,
     )
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DQ,  # Q, DO, DQ: (B, H, NQ, D); K, V: (B, H, NKV, D); LSE, DELTA: (B, H, NQ) fp32
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,  # q_ptr, do_ptr, dq_ptr: (B, H, NQ, D); k_ptr, v_ptr: (B, H, NKV, D); lse_ptr, delta_ptr: (B, H, NQ) fp32
     stride_qb,
     stride_qh,
     stride_qn,
@@ -186,9 +190,9 @@ def _attn_bwd_dq_kernel(
     stride_vb,
     stride_vh,
     stride_vn,
-    stride_gb,
-    stride_gh,
-    stride_gn,  # strides of DO
+    stride_dob,
+    stride_doh,
+    stride_don,  # strides of do_ptr
     stride_dqb,
     stride_dqh,
     stride_dqn,
@@ -215,14 +219,16 @@ def _attn_bwd_dq_kernel(
     mask_d = offs_d < HEAD_DIM
     q_mask = mask_m[:, None] & mask_d[None, :]
     m64 = offs_m.to(tl.int64)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + m64[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+    q = tl.load(
+        q_ptr + b * stride_qb + h * stride_qh + m64[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0
+    )
     do = tl.load(
-        DO + b * stride_gb + h * stride_gh + m64[:, None] * stride_gn + offs_d[None, :], mask=q_mask, other=0.0
+        do_ptr + b * stride_dob + h * stride_doh + m64[:, None] * stride_don + offs_d[None, :], mask=q_mask, other=0.0
     )
     row_base = pid_bh.to(tl.int64) * NQ
-    lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    lse = tl.load(lse_ptr + row_base + offs_m, mask=mask_m, other=0.0) * LOG2E
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
     if DELTA_FROM_P:
         # delta = rowsum(P * dP) from the recomputed P, not rowsum(dO * O): O was rounded to fp16/bf16,
         # and that rounding breaks rowsum(dS) = 0, which biases sums of dK (a bias or LayerNorm gradient
@@ -238,9 +244,9 @@ def _attn_bwd_dq_kernel(
             p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale - lse[:, None])
             p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
             delta += tl.sum(p * tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION), axis=1)
-        tl.store(DELTA + row_base + offs_m, delta, mask=mask_m)
+        tl.store(delta_ptr + row_base + offs_m, delta, mask=mask_m)
     else:
-        delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(delta_ptr + row_base + offs_m, mask=mask_m, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for start_n in range(0, NKV, BLOCK_N):
@@ -258,8 +264,8 @@ def _attn_bwd_dq_kernel(
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
     dq = dq * dq_scale
     tl.store(
-        DQ + b * stride_dqb + h * stride_dqh + m64[:, None] * stride_dqn + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty),
+        dq_ptr + b * stride_dqb + h * stride_dqh + m64[:, None] * stride_dqn + offs_d[None, :],
+        dq.to(dq_ptr.dtype.element_ty),
         mask=q_mask,
     )
 
@@ -392,7 +398,7 @@ def flash_attention_backward(
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    qk_scale = float(scale) * LOG2E
+    qk_scale = float(scale) * LOG2E.value
     # dQ first: with delta_from_p it computes delta, which the dK/dV kernel reads.
     _attn_bwd_dq_kernel[(B * H, cdiv(NQ, BLOCK_M))](
         q,

@@ -27,31 +27,30 @@ import triton.language as tl
 from torch import Tensor
 
 from . import attention
+from .attention import LOG2E
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 
 if TYPE_CHECKING:  # the result type lives with the op (vit_kernels.ops.attention_stats)
     from ..ops.attention_stats import AttentionStats
 
-LOG2E = attention.LOG2E
-
 
 @triton.jit
 def _attn_probs_kernel(
-    Q,
-    K,
-    LSE,
-    P,
-    ROWS,  # Q: (B, H, NQ, D); K: (B, H, NKV, D); LSE: (B, H, NQ) fp32;
-    # P: (B, H, R, NKV); ROWS: (R,) int32 query row of each P row
+    q_ptr,
+    k_ptr,
+    lse_ptr,
+    p_ptr,
+    rows_ptr,  # q_ptr: (B, H, NQ, D); k_ptr: (B, H, NKV, D); lse_ptr: (B, H, NQ) fp32;
+    # p_ptr: (B, H, R, NKV); rows_ptr: (R,) int32 query row of each p row
     stride_qb,
     stride_qh,
-    stride_qn,  # strides in elements; the last dim of Q, K has stride 1
+    stride_qn,  # strides in elements; the last dim of q_ptr, k_ptr has stride 1
     stride_kb,
     stride_kh,
     stride_kn,
     stride_pb,
     stride_ph,
-    stride_pr,  # P's last dim has stride 1
+    stride_pr,  # p's last dim has stride 1
     H,
     NQ,
     R,
@@ -68,23 +67,23 @@ def _attn_probs_kernel(
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
 
-    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of P
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of p
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_r = offs_r < R
     mask_d = offs_d < HEAD_DIM
-    qrow = tl.load(ROWS + offs_r, mask=mask_r, other=0).to(tl.int64)  # query row of each P row
+    qrow = tl.load(rows_ptr + offs_r, mask=mask_r, other=0).to(tl.int64)  # query row of each p row
 
-    # Q and K were checked by the flash launcher: 16-byte aligned, strides multiples of 8 elements.
-    q_base = tl.multiple_of(Q + b * stride_qb + h * stride_qh, 16)
+    # q and k were checked by the flash launcher: 16-byte aligned, strides multiples of 8 elements.
+    q_base = tl.multiple_of(q_ptr + b * stride_qb + h * stride_qh, 16)
     q = tl.load(
         q_base + tl.multiple_of(qrow * stride_qn, 8)[:, None] + offs_d[None, :],
         mask=mask_r[:, None] & mask_d[None, :],
         other=0.0,
     )
-    lse2 = tl.load(LSE + pid_bh.to(tl.int64) * NQ + qrow, mask=mask_r, other=0.0) * 1.4426950408889634
-    k_base = tl.multiple_of(K + b * stride_kb + h * stride_kh, 16)
-    p_base = P + b * stride_pb + h * stride_ph + offs_r.to(tl.int64)[:, None] * stride_pr
+    lse2 = tl.load(lse_ptr + pid_bh.to(tl.int64) * NQ + qrow, mask=mask_r, other=0.0) * LOG2E
+    k_base = tl.multiple_of(k_ptr + b * stride_kb + h * stride_kh, 16)
+    p_base = p_ptr + b * stride_pb + h * stride_ph + offs_r.to(tl.int64)[:, None] * stride_pr
     for start_n in range(0, NKV, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < NKV
@@ -95,16 +94,16 @@ def _attn_probs_kernel(
         )
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
-        tl.store(p_base + cols[None, :], p.to(P.dtype.element_ty), mask=mask_r[:, None] & mask_n[None, :])
+        tl.store(p_base + cols[None, :], p.to(p_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_n[None, :])
 
 
 @triton.jit
 def _attn_distance_kernel(
-    Q,
-    K,
-    LSE,
-    DIST,  # Q: (B, H, N, D); K: (B, H, N, D); LSE: (B, H, N) fp32;
-    # DIST: (B, H, N - PREFIX) fp32, per query patch
+    q_ptr,
+    k_ptr,
+    lse_ptr,
+    dist_ptr,  # q_ptr: (B, H, N, D); k_ptr: (B, H, N, D); lse_ptr: (B, H, N) fp32;
+    # dist_ptr: (B, H, N - PREFIX) fp32, per query patch
     stride_qb,
     stride_qh,
     stride_qn,
@@ -135,18 +134,18 @@ def _attn_distance_kernel(
     mask_m = offs_m < NP
     mask_d = offs_d < HEAD_DIM
     qrow = (PREFIX + offs_m).to(tl.int64)
-    q_base = tl.multiple_of(Q + b * stride_qb + h * stride_qh, 16)
+    q_base = tl.multiple_of(q_ptr + b * stride_qb + h * stride_qh, 16)
     q = tl.load(
         q_base + tl.multiple_of(qrow * stride_qn, 8)[:, None] + offs_d[None, :],
         mask=mask_m[:, None] & mask_d[None, :],
         other=0.0,
     )
-    lse2 = tl.load(LSE + pid_bh.to(tl.int64) * N + qrow, mask=mask_m, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(lse_ptr + pid_bh.to(tl.int64) * N + qrow, mask=mask_m, other=0.0) * LOG2E
     qr = (offs_m // GRID_W).to(tl.float32)
     qc = (offs_m % GRID_W).to(tl.float32)
 
     acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    k_base = tl.multiple_of(K + b * stride_kb + h * stride_kh, 16)
+    k_base = tl.multiple_of(k_ptr + b * stride_kb + h * stride_kh, 16)
     for start_n in range(0, NP, BLOCK_N):
         kp = start_n + offs_n  # key patch index
         mask_n = kp < NP
@@ -161,7 +160,7 @@ def _attn_distance_kernel(
         dc = qc[:, None] - (kp % GRID_W).to(tl.float32)[None, :]
         dist = tl.sqrt(dr * dr + dc * dc) * patch_size
         acc += tl.sum(tl.where(mask_n[None, :], p * dist, 0.0), axis=1)
-    tl.store(DIST + pid_bh.to(tl.int64) * NP + offs_m, acc, mask=mask_m)
+    tl.store(dist_ptr + pid_bh.to(tl.int64) * NP + offs_m, acc, mask=mask_m)
 
 
 def _tiles(dtype: torch.dtype, head_dim: int) -> Tuple[int, int, int, int]:
@@ -230,7 +229,7 @@ def attention_probs_forward(
         NQ,
         R,
         NKV,
-        float(scale) * LOG2E,
+        float(scale) * LOG2E.value,
         HEAD_DIM=D,
         BLOCK_D=attention.block_d(D),
         BLOCK_M=BLOCK_M,
@@ -294,7 +293,7 @@ def mean_attention_distance_forward(
             N,
             prefix_tokens,
             gw,
-            float(scale) * LOG2E,
+            float(scale) * LOG2E.value,
             float(patch_size),
             HEAD_DIM=D,
             BLOCK_D=attention.block_d(D),

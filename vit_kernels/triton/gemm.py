@@ -10,7 +10,7 @@ Every projection of a ViT is this kernel with different tl.constexpr flags:
 | patch embedding | patch gather from the image (``A_MODE=1``); uint8 pixels normalized (``NORM=3``) | bias, class token, position embedding |
 
 Rows. A row m of A (and of the output, the residual, the LayerNorm statistics) is addressed as
-(b, t) = (m // T, m % T) with strides (s_b, s_t): an x of shape (batch, tokens, dim) is read with
+(b, t) = (m // T, m % T) with strides (stride_b, stride_t): an x of shape (batch, tokens, dim) is read with
 its own strides, no reshape copy. All row offsets are int64 (batch * tokens * dim may pass 2^31).
 
 Precision. Operands are loaded at the input dtype, accumulated in fp32; the epilogue runs in
@@ -116,46 +116,46 @@ def dgelu(pre, ACT: tl.constexpr):
 
 @triton.jit
 def _gemm_kernel(
-    a_ptr,  # dense: A rows (M, K) as (b, t, k) with strides (s_ab, s_at, s_ak);
-    # patches: the image (B, C, H, W) with strides (s_ab, s_ac, s_ah, s_aw)
-    w_ptr,  # weight (N, K); patches: (N, C, P, P) with strides (s_wn, s_wc, s_wr, s_ws)
-    out_ptr,  # OUT_ROWS: (M, N) as (b, t, n) strides (s_ob, s_ot, s_on);
-    # OUT_QKV: (3, B, H, T, HEAD_DIM) strides (s_o3, s_ob, s_oh, s_ot, s_on)
+    a_ptr,  # dense: A rows (M, K) as (b, t, k) with strides (stride_ab, stride_at, stride_ak);
+    # patches: the image (B, C, H, W) with strides (stride_ab, stride_ac, stride_ah, stride_aw)
+    w_ptr,  # weight (N, K); patches: (N, C, P, P) with strides (stride_wn, stride_wc, stride_wr, stride_ws)
+    out_ptr,  # OUT_ROWS: (M, N) as (b, t, n) strides (stride_ob, stride_ot, stride_on);
+    # OUT_QKV: (3, B, H, T, HEAD_DIM) strides (stride_o3, stride_ob, stride_oh, stride_ot, stride_on)
     bias_ptr,  # (N,)                       [HAS_BIAS]
     mean_ptr,  # (M,) fp32 row means        [NORM]
     rstd_ptr,  # (M,) fp32 row 1/std        [NORM]
-    lnw_ptr,  # (K,) LayerNorm weight      [NORM]; NORM_PIXELS: fp32 (K,) scale 1 / (255 std[c])
-    lnb_ptr,  # (K,) LayerNorm bias        [NORM == NORM_AFFINE]; NORM_PIXELS: fp32 (K,) -mean[c] / std[c]
-    res_ptr,  # (M, N) residual, strides (s_rb, s_rt, s_rn)   [HAS_RES]; GELU's input [ACT >= 3]
+    norm_weight_ptr,  # (K,) LayerNorm weight      [NORM]; NORM_PIXELS: fp32 (K,) scale 1 / (255 std[c])
+    norm_bias_ptr,  # (K,) LayerNorm bias        [NORM == NORM_AFFINE]; NORM_PIXELS: fp32 (K,) -mean[c] / std[c]
+    res_ptr,  # (M, N) residual, strides (stride_rb, stride_rt, stride_rn)   [HAS_RES]; GELU's input [ACT >= 3]
     ls_ptr,  # (N,) layer scale           [HAS_LS]
-    pos_ptr,  # (T, N) position embedding, strides (s_pt, s_pn)  [HAS_POS]
-    cls_ptr,  # (N,) class token, stride s_cls  [PREFIX == 1]
+    pos_ptr,  # (T, N) position embedding, strides (stride_pt, stride_pn)  [HAS_POS]
+    cls_ptr,  # (N,) class token, stride stride_cls  [PREFIX == 1]
     M,
     N,
     K,
     T,  # rows, output features, reduction length, rows per batch
-    s_ab,
-    s_at,
-    s_ak,
-    s_ac,
-    s_ah,
-    s_aw,
-    s_wn,
-    s_wk,
-    s_wc,
-    s_wr,
-    s_ws,
-    s_o3,
-    s_ob,
-    s_oh,
-    s_ot,
-    s_on,
-    s_rb,
-    s_rt,
-    s_rn,
-    s_pt,
-    s_pn,
-    s_cls,
+    stride_ab,
+    stride_at,
+    stride_ak,
+    stride_ac,
+    stride_ah,
+    stride_aw,
+    stride_wn,
+    stride_wk,
+    stride_wc,
+    stride_wr,
+    stride_ws,
+    stride_o3,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_on,
+    stride_rb,
+    stride_rt,
+    stride_rn,
+    stride_pt,
+    stride_pn,
+    stride_cls,
     P,
     GW,
     INNER,
@@ -197,21 +197,21 @@ def _gemm_kernel(
 
     # ---- A loader: per-row part of the offsets ----
     if A_MODE == 0:
-        a_row = b * s_ab + t.to(tl.int64) * s_at
+        a_row = b * stride_ab + t.to(tl.int64) * stride_at
         a_rmask = m_mask
     else:
         patch = tl.maximum(t - PREFIX, 0)  # class-token rows (t < PREFIX) load nothing
         py = (patch // GW).to(tl.int64)
         px = (patch % GW).to(tl.int64)
-        a_row = b * s_ab + py * P * s_ah + px * P * s_aw
+        a_row = b * stride_ab + py * P * stride_ah + px * P * stride_aw
         a_rmask = m_mask & (t >= PREFIX)
     if NORM == 1 or NORM == 2:
         mean = tl.load(mean_ptr + offs_m, mask=m_mask, other=0.0)
         rstd = tl.load(rstd_ptr + offs_m, mask=m_mask, other=0.0)
-    w_col = offs_n.to(tl.int64) * s_wn
+    w_col = offs_n.to(tl.int64) * stride_wn
     if A_MODE == 0:  # dense: pointers advance by BLOCK_K columns per step
-        a_ptrs = a_ptr + a_row[:, None] + offs_k0.to(tl.int64)[None, :] * s_ak
-        w_ptrs = w_ptr + w_col[None, :] + offs_k0.to(tl.int64)[:, None] * s_wk
+        a_ptrs = a_ptr + a_row[:, None] + offs_k0.to(tl.int64)[None, :] * stride_ak
+        w_ptrs = w_ptr + w_col[None, :] + offs_k0.to(tl.int64)[:, None] * stride_wk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if ACC_F64 else tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -221,32 +221,32 @@ def _gemm_kernel(
             c = (ks // (P * P)).to(tl.int64)
             r = ((ks // P) % P).to(tl.int64)
             s = (ks % P).to(tl.int64)
-            a_ptrs = a_ptr + a_row[:, None] + (c * s_ac + r * s_ah + s * s_aw)[None, :]
-            w_ptrs = w_ptr + w_col[None, :] + (c * s_wc + r * s_wr + s * s_ws)[:, None]
+            a_ptrs = a_ptr + a_row[:, None] + (c * stride_ac + r * stride_ah + s * stride_aw)[None, :]
+            w_ptrs = w_ptr + w_col[None, :] + (c * stride_wc + r * stride_wr + s * stride_ws)[:, None]
         a = tl.load(a_ptrs, mask=a_rmask[:, None] & k_mask[None, :], other=0.0)
         if NORM != 0:
-            g = tl.load(lnw_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
+            g = tl.load(norm_weight_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
             if NORM == 3:  # uint8 pixels: x * g[k] + beta[k] = (x / 255 - mean[c]) / std[c], in fp32
-                xn = a.to(tl.float32) * g[None, :] + tl.load(lnb_ptr + ks, mask=k_mask, other=0.0)[None, :]
+                xn = a.to(tl.float32) * g[None, :] + tl.load(norm_bias_ptr + ks, mask=k_mask, other=0.0)[None, :]
             else:
                 xn = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :]
                 if NORM == 1:
-                    xn += tl.load(lnb_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+                    xn += tl.load(norm_bias_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             a = xn.to(w_ptr.dtype.element_ty)
         w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         if A_MODE == 0:
-            a_ptrs += BLOCK_K * s_ak
-            w_ptrs += BLOCK_K * s_wk
+            a_ptrs += BLOCK_K * stride_ak
+            w_ptrs += BLOCK_K * stride_wk
 
     # ---- epilogue, in fp32 ----
     acc = bias_gelu(acc, bias_ptr, offs_n, n_mask, HAS_BIAS, ACT)
     if PREFIX == 1:  # the class-token row of each image: cls (no bias), then position embedding
-        cls = tl.load(cls_ptr + offs_n.to(tl.int64) * s_cls, mask=n_mask, other=0.0).to(tl.float32)
+        cls = tl.load(cls_ptr + offs_n.to(tl.int64) * stride_cls, mask=n_mask, other=0.0).to(tl.float32)
         acc = tl.where((t < PREFIX)[:, None], cls[None, :], acc)
     if HAS_POS:
         pos = tl.load(
-            pos_ptr + t.to(tl.int64)[:, None] * s_pt + offs_n.to(tl.int64)[None, :] * s_pn,
+            pos_ptr + t.to(tl.int64)[:, None] * stride_pt + offs_n.to(tl.int64)[None, :] * stride_pn,
             mask=m_mask[:, None] & n_mask[None, :],
             other=0.0,
         )
@@ -256,21 +256,21 @@ def _gemm_kernel(
     mask = m_mask[:, None] & n_mask[None, :]
     if ACT >= 3:  # backward of fc1: acc = dL/dGELU(pre) times GELU'(pre), pre read like the residual
         pre = tl.load(
-            res_ptr + (b * s_rb + t.to(tl.int64) * s_rt)[:, None] + offs_n.to(tl.int64)[None, :] * s_rn,
+            res_ptr + (b * stride_rb + t.to(tl.int64) * stride_rt)[:, None] + offs_n.to(tl.int64)[None, :] * stride_rn,
             mask=mask,
             other=0.0,
         )
         acc *= dgelu(pre.to(acc.dtype), ACT)
     if HAS_RES:
         res = tl.load(
-            res_ptr + (b * s_rb + t.to(tl.int64) * s_rt)[:, None] + offs_n.to(tl.int64)[None, :] * s_rn,
+            res_ptr + (b * stride_rb + t.to(tl.int64) * stride_rt)[:, None] + offs_n.to(tl.int64)[None, :] * stride_rn,
             mask=mask,
             other=0.0,
         )
         acc += res.to(tl.float32)
-    row_out = b * s_ob + t.to(tl.int64) * s_ot
+    row_out = b * stride_ob + t.to(tl.int64) * stride_ot
     if OUT_MODE == 0:
-        out_off = row_out[:, None] + offs_n.to(tl.int64)[None, :] * s_on
+        out_off = row_out[:, None] + offs_n.to(tl.int64)[None, :] * stride_on
         tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         # Head split: column n = which * INNER + head * HEAD_DIM + d goes to out[which, b, head, t, d].
@@ -278,7 +278,9 @@ def _gemm_kernel(
         # runs of 8 contiguous elements starting at multiples of 8: the hint lets the store vectorize.
         which = offs_n // INNER
         col = (
-            which.to(tl.int64) * s_o3 + ((offs_n % INNER) // HEAD_DIM).to(tl.int64) * s_oh + (offs_n % HEAD_DIM) * s_on
+            which.to(tl.int64) * stride_o3
+            + ((offs_n % INNER) // HEAD_DIM).to(tl.int64) * stride_oh
+            + (offs_n % HEAD_DIM) * stride_on
         )
         col = tl.max_contiguous(tl.multiple_of(col, 8), 8)
         acc *= tl.where(which == 0, q_scale, 1.0)[None, :]
@@ -294,28 +296,28 @@ _INT_ARGS = (
     "N",
     "K",
     "T",
-    "s_ab",
-    "s_at",
-    "s_ak",
-    "s_ac",
-    "s_ah",
-    "s_aw",
-    "s_wn",
-    "s_wk",
-    "s_wc",
-    "s_wr",
-    "s_ws",
-    "s_o3",
-    "s_ob",
-    "s_oh",
-    "s_ot",
-    "s_on",
-    "s_rb",
-    "s_rt",
-    "s_rn",
-    "s_pt",
-    "s_pn",
-    "s_cls",
+    "stride_ab",
+    "stride_at",
+    "stride_ak",
+    "stride_ac",
+    "stride_ah",
+    "stride_aw",
+    "stride_wn",
+    "stride_wk",
+    "stride_wc",
+    "stride_wr",
+    "stride_ws",
+    "stride_o3",
+    "stride_ob",
+    "stride_oh",
+    "stride_ot",
+    "stride_on",
+    "stride_rb",
+    "stride_rt",
+    "stride_rn",
+    "stride_pt",
+    "stride_pn",
+    "stride_cls",
     "P",
     "GW",
     "INNER",
@@ -390,8 +392,8 @@ def launch_gemm(
 ) -> Tensor:
     """Launch :func:`_gemm_kernel` once; every argument already checked by the caller.
 
-    a: A rows (a_strides = (s_b, s_t, s_k)) or, with ``patch=(P, GW)``, the image (a_strides =
-    (s_b, s_c, s_h, s_w)); weight: (N, K) (w_strides = (s_n, s_k)) or (N, C, P, P) with patch
+    a: A rows (a_strides = (stride_b, stride_t, stride_k)) or, with ``patch=(P, GW)``, the image (a_strides =
+    (stride_b, stride_c, stride_h, stride_w)); weight: (N, K) (w_strides = (stride_n, stride_k)) or (N, C, P, P) with patch
     (4 strides); out: written through out_strides (3 for rows, 5 for qkv=(INNER, HEAD_DIM,
     q_scale) into (3, B, H, T, HEAD_DIM)); stats: (mean, rstd) fp32 (M,) for LayerNorm on load
     with norm_weight (K,) and optional norm_bias; residual through res_strides; pos: (T, N)
@@ -429,22 +431,22 @@ def launch_gemm(
     s.update(M=M, N=N, K=K, T=T)
     if gather:
         s.update(P=patch[0], GW=patch[1])
-        s.update(zip(("s_ab", "s_ac", "s_ah", "s_aw"), a_strides))
-        s.update(zip(("s_wn", "s_wc", "s_wr", "s_ws"), w_strides))
+        s.update(zip(("stride_ab", "stride_ac", "stride_ah", "stride_aw"), a_strides))
+        s.update(zip(("stride_wn", "stride_wc", "stride_wr", "stride_ws"), w_strides))
     else:
-        s.update(zip(("s_ab", "s_at", "s_ak"), a_strides))
-        s.update(zip(("s_wn", "s_wk"), w_strides))
+        s.update(zip(("stride_ab", "stride_at", "stride_ak"), a_strides))
+        s.update(zip(("stride_wn", "stride_wk"), w_strides))
     if qkv is not None:
-        s.update(zip(("s_o3", "s_ob", "s_oh", "s_ot", "s_on"), out_strides))
+        s.update(zip(("stride_o3", "stride_ob", "stride_oh", "stride_ot", "stride_on"), out_strides))
         s.update(INNER=qkv[0], HEAD_DIM=qkv[1])
         q_scale = float(qkv[2])
     else:
-        s.update(zip(("s_ob", "s_ot", "s_on"), out_strides))
+        s.update(zip(("stride_ob", "stride_ot", "stride_on"), out_strides))
         q_scale = 1.0
-    s.update(zip(("s_rb", "s_rt", "s_rn"), res_strides))
-    s.update(zip(("s_pt", "s_pn"), pos_strides))
+    s.update(zip(("stride_rb", "stride_rt", "stride_rn"), res_strides))
+    s.update(zip(("stride_pt", "stride_pn"), pos_strides))
     if cls is not None:
-        s["s_cls"] = cls.stride(0)
+        s["stride_cls"] = cls.stride(0)
     # Absent optional operands get a placeholder pointer of the same type (never read: the
     # matching constexpr flag is off), so the kernel signature does not change with them.
     fp32_dummy = stats[0] if stats is not None else _fp32_placeholder(a.device)

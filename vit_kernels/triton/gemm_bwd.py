@@ -38,18 +38,18 @@ SUM_BLOCK_R, SUM_BLOCK_N, SUM_ROWS_PER_SPLIT = 32, 64, 512
 
 @triton.jit
 def _column_sums_kernel(
-    G,  # (M, N) as (b, t, n) with strides (s_gb, s_gt, s_gn): the incoming gradient
-    Z,  # (M, N) contiguous: the branch (layer-scale gradient)            [HAS_Z]
-    LS,  # (N,) layer scale                                                [HAS_LS]
-    DG,  # (M, N) contiguous out: ls * g                                   [WRITE_DG]
-    SUM_G,  # (splits, N) out: partial column sums of ls * g
-    SUM_GZ,  # (splits, N) out: partial column sums of g * z                   [HAS_Z]
+    g_ptr,  # (M, N) as (b, t, n) with strides (stride_gb, stride_gt, stride_gn): the incoming gradient
+    z_ptr,  # (M, N) contiguous: the branch (layer-scale gradient)            [HAS_Z]
+    ls_ptr,  # (N,) layer scale                                                [HAS_LS]
+    dg_ptr,  # (M, N) contiguous out: ls * g                                   [WRITE_DG]
+    sum_g_ptr,  # (splits, N) out: partial column sums of ls * g
+    sum_gz_ptr,  # (splits, N) out: partial column sums of g * z                   [HAS_Z]
     M,
     N,
     T,
-    s_gb,
-    s_gt,
-    s_gn,
+    stride_gb,
+    stride_gt,
+    stride_gn,
     rows_per_split,  # a multiple of BLOCK_R
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -65,27 +65,29 @@ def _column_sums_kernel(
     cols64 = cols.to(tl.int64)
     acc_dtype = tl.float64 if ACC_F64 else tl.float32
     if HAS_LS:
-        ls = tl.load(LS + cols, mask=n_mask, other=0.0).to(acc_dtype)
+        ls = tl.load(ls_ptr + cols, mask=n_mask, other=0.0).to(acc_dtype)
     acc_g = tl.zeros((BLOCK_R, BLOCK_N), dtype=acc_dtype)
     acc_gz = tl.zeros((BLOCK_R, BLOCK_N), dtype=acc_dtype)
     row0 = split * rows_per_split
     for r in range(0, rows_per_split, BLOCK_R):
         rows = row0 + r + tl.arange(0, BLOCK_R)
         mask = (rows < M)[:, None] & n_mask[None, :]
-        g_off = ((rows // T).to(tl.int64) * s_gb + (rows % T).to(tl.int64) * s_gt)[:, None] + cols64[None, :] * s_gn
-        g = tl.load(G + g_off, mask=mask, other=0.0).to(acc_dtype)
+        g_off = ((rows // T).to(tl.int64) * stride_gb + (rows % T).to(tl.int64) * stride_gt)[:, None] + cols64[
+            None, :
+        ] * stride_gn
+        g = tl.load(g_ptr + g_off, mask=mask, other=0.0).to(acc_dtype)
         flat = rows.to(tl.int64)[:, None] * N + cols64[None, :]
         if HAS_Z:
-            acc_gz += g * tl.load(Z + flat, mask=mask, other=0.0).to(acc_dtype)
+            acc_gz += g * tl.load(z_ptr + flat, mask=mask, other=0.0).to(acc_dtype)
         if HAS_LS:
             g = g * ls[None, :]
         if WRITE_DG:
-            tl.store(DG + flat, g.to(DG.dtype.element_ty), mask=mask)
+            tl.store(dg_ptr + flat, g.to(dg_ptr.dtype.element_ty), mask=mask)
         acc_g += g
     out = split.to(tl.int64) * N + cols64
-    tl.store(SUM_G + out, tl.sum(acc_g, axis=0).to(SUM_G.dtype.element_ty), mask=n_mask)
+    tl.store(sum_g_ptr + out, tl.sum(acc_g, axis=0).to(sum_g_ptr.dtype.element_ty), mask=n_mask)
     if HAS_Z:
-        tl.store(SUM_GZ + out, tl.sum(acc_gz, axis=0).to(SUM_GZ.dtype.element_ty), mask=n_mask)
+        tl.store(sum_gz_ptr + out, tl.sum(acc_gz, axis=0).to(sum_gz_ptr.dtype.element_ty), mask=n_mask)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -103,7 +105,7 @@ def column_sums(
     write_scaled: bool = False,
 ) -> Tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
     """Column sums of a gradient g: (M, N) rows addressed as (b, t) = (m // T, m % T) through
-    g_strides = (s_b, s_t, s_n) (no copy of a strided view).
+    g_strides = (stride_b, stride_t, stride_n) (no copy of a strided view).
 
     layer_scale: (N,) multiplies g first; branch: (M, N) contiguous, also returns colsum(g * branch);
     write_scaled: also returns layer_scale * g as a contiguous (M, N) tensor.

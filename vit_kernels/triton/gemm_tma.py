@@ -107,12 +107,12 @@ def _epilogue(
     M,
     N,
     T,
-    s_o3,
-    s_ob,
-    s_oh,
-    s_ot,
-    s_rb,
-    s_rt,
+    stride_o3,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_rb,
+    stride_rt,
     INNER,
     HEAD_DIM,
     q_scale,
@@ -140,7 +140,9 @@ def _epilogue(
         b = (offs_m // T).to(tl.int64)
         t = (offs_m % T).to(tl.int64)
     if HAS_RES:
-        res = tl.load(res_ptr + (b * s_rb + t * s_rt)[:, None] + offs_n.to(tl.int64)[None, :], mask=mask, other=0.0)
+        res = tl.load(
+            res_ptr + (b * stride_rb + t * stride_rt)[:, None] + offs_n.to(tl.int64)[None, :], mask=mask, other=0.0
+        )
         acc += res.to(tl.float32)
     if OUT_MODE == 0:
         out_desc.store([off_m, n0], acc.to(out_desc.dtype))  # clipped at the M and N edges
@@ -148,20 +150,28 @@ def _epilogue(
         # Head split: column n = which * INNER + head * HEAD_DIM + d goes to out[which, b, head, t, d]
         # (HEAD_DIM % 8 == 0 and a contiguous out, checked by the launcher: runs of 8 contiguous elements).
         which = offs_n // INNER
-        col = which.to(tl.int64) * s_o3 + ((offs_n % INNER) // HEAD_DIM).to(tl.int64) * s_oh + (offs_n % HEAD_DIM)
+        col = (
+            which.to(tl.int64) * stride_o3
+            + ((offs_n % INNER) // HEAD_DIM).to(tl.int64) * stride_oh
+            + (offs_n % HEAD_DIM)
+        )
         col = tl.max_contiguous(tl.multiple_of(col, 8), 8)
         acc *= tl.where(which == 0, q_scale, 1.0)[None, :]
-        tl.store(out_ptr + (b * s_ob + t * s_ot)[:, None] + col[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(
+            out_ptr + (b * stride_ob + t * stride_ot)[:, None] + col[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=mask,
+        )
 
 
 @triton.jit
 def _gemm_tma_kernel(
-    a_ptr,  # A (M, K), row stride s_am, unit column stride, 16-byte aligned
-    w_ptr,  # weight (N, K), row stride s_wn, unit column stride (W' when LN_EPI)
-    out_ptr,  # OUT_ROWS: (M, N) row stride s_om;
-    # OUT_QKV: (3, B, H, T, HEAD_DIM) strides (s_o3, s_ob, s_oh, s_ot, 1)
+    a_ptr,  # A (M, K), row stride stride_am, unit column stride, 16-byte aligned
+    w_ptr,  # weight (N, K), row stride stride_wn, unit column stride (W' when LN_EPI)
+    out_ptr,  # OUT_ROWS: (M, N) row stride stride_om;
+    # OUT_QKV: (3, B, H, T, HEAD_DIM) strides (stride_o3, stride_ob, stride_oh, stride_ot, 1)
     bias_ptr,  # (N,)                         [HAS_BIAS]  (fp32 b' when LN_EPI)
-    res_ptr,  # (M, N) as (b, t, n), strides (s_rb, s_rt, 1)   [HAS_RES]
+    res_ptr,  # (M, N) as (b, t, n), strides (stride_rb, stride_rt, 1)   [HAS_RES]
     ls_ptr,  # (N,) layer scale             [HAS_LS]
     mean_ptr,  # (M,) fp32 row means          [LN_EPI]
     rstd_ptr,  # (M,) fp32 row 1/std          [LN_EPI]
@@ -171,15 +181,15 @@ def _gemm_tma_kernel(
     N,
     K,
     T,  # rows, output features, reduction length, rows per batch (residual, head split)
-    s_am,
-    s_wn,
-    s_om,
-    s_o3,
-    s_ob,
-    s_oh,
-    s_ot,
-    s_rb,
-    s_rt,
+    stride_am,
+    stride_wn,
+    stride_om,
+    stride_o3,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_rb,
+    stride_rt,
     INNER,
     HEAD_DIM,  # QKV: heads * head_dim, head_dim
     q_scale,  # fp32: QKV scales the Q columns (n < INNER) by this
@@ -198,10 +208,12 @@ def _gemm_tma_kernel(
     LN_EPI: tl.constexpr,
 ):
     SUB_N: tl.constexpr = BLOCK_N // EPI_SPLIT
-    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[s_am, 1], block_shape=[BLOCK_M, BLOCK_K])
-    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[s_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
     if OUT_MODE == 0:
-        out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[s_om, 1], block_shape=[BLOCK_M, SUB_N])
+        out_desc = tl.make_tensor_descriptor(
+            out_ptr, shape=[M, N], strides=[stride_om, 1], block_shape=[BLOCK_M, SUB_N]
+        )
     else:
         out_desc = a_desc  # unused: the head split stores through pointers
 
@@ -265,12 +277,12 @@ def _gemm_tma_kernel(
                 M,
                 N,
                 T,
-                s_o3,
-                s_ob,
-                s_oh,
-                s_ot,
-                s_rb,
-                s_rt,
+                stride_o3,
+                stride_ob,
+                stride_oh,
+                stride_ot,
+                stride_rb,
+                stride_rt,
                 INNER,
                 HEAD_DIM,
                 q_scale,
@@ -300,12 +312,12 @@ def _gemm_tma_kernel(
                 M,
                 N,
                 T,
-                s_o3,
-                s_ob,
-                s_oh,
-                s_ot,
-                s_rb,
-                s_rt,
+                stride_o3,
+                stride_ob,
+                stride_oh,
+                stride_ot,
+                stride_rb,
+                stride_rt,
                 INNER,
                 HEAD_DIM,
                 q_scale,
@@ -333,12 +345,12 @@ def _gemm_tma_kernel(
                 M,
                 N,
                 T,
-                s_o3,
-                s_ob,
-                s_oh,
-                s_ot,
-                s_rb,
-                s_rt,
+                stride_o3,
+                stride_ob,
+                stride_oh,
+                stride_ot,
+                stride_rb,
+                stride_rt,
                 INNER,
                 HEAD_DIM,
                 q_scale,
@@ -369,12 +381,12 @@ def _gemm_tma_kernel(
                 M,
                 N,
                 T,
-                s_o3,
-                s_ob,
-                s_oh,
-                s_ot,
-                s_rb,
-                s_rt,
+                stride_o3,
+                stride_ob,
+                stride_oh,
+                stride_ot,
+                stride_rb,
+                stride_rt,
                 INNER,
                 HEAD_DIM,
                 q_scale,
@@ -402,12 +414,12 @@ def _gemm_tma_kernel(
                 M,
                 N,
                 T,
-                s_o3,
-                s_ob,
-                s_oh,
-                s_ot,
-                s_rb,
-                s_rt,
+                stride_o3,
+                stride_ob,
+                stride_oh,
+                stride_ot,
+                stride_rb,
+                stride_rt,
                 INNER,
                 HEAD_DIM,
                 q_scale,
@@ -436,12 +448,12 @@ def _gemm_tma_kernel(
                 M,
                 N,
                 T,
-                s_o3,
-                s_ob,
-                s_oh,
-                s_ot,
-                s_rb,
-                s_rt,
+                stride_o3,
+                stride_ob,
+                stride_oh,
+                stride_ot,
+                stride_rb,
+                stride_rt,
                 INNER,
                 HEAD_DIM,
                 q_scale,
@@ -469,12 +481,12 @@ def _gemm_tma_kernel(
                 M,
                 N,
                 T,
-                s_o3,
-                s_ob,
-                s_oh,
-                s_ot,
-                s_rb,
-                s_rt,
+                stride_o3,
+                stride_ob,
+                stride_oh,
+                stride_ot,
+                stride_rb,
+                stride_rt,
                 INNER,
                 HEAD_DIM,
                 q_scale,
@@ -662,7 +674,7 @@ def launch_gemm_tma(
     N: int,
     K: int,
     T: int,
-    s_am: int,
+    stride_am: int,
     config: TmaConfig,
     bias: Optional[Tensor] = None,
     residual: Optional[Tensor] = None,
@@ -674,9 +686,9 @@ def launch_gemm_tma(
 ) -> Tensor:
     """Launch :func:`_gemm_tma_kernel` once; every argument already checked by the caller.
 
-    a: A rows with row stride s_am (unit column stride); weight: (N, K) contiguous rows; out: (M, N) rows
+    a: A rows with row stride stride_am (unit column stride); weight: (N, K) contiguous rows; out: (M, N) rows
     (row stride out.stride(-2)) or, with qkv = (INNER, HEAD_DIM, q_scale), a contiguous (3, B, H, T, hd);
-    residual: (b, t, n) rows through res_strides = (s_b, s_t), unit n stride; ln: (mean, rstd, colsum)
+    residual: (b, t, n) rows through res_strides = (stride_b, stride_t), unit n stride; ln: (mean, rstd, colsum)
     fp32 for LayerNorm in the epilogue (weight and bias already folded); row tiles with a row past
     :func:`ln_cancel_threshold` are centred in the kernel and counted for :func:`last_ln_route`.
     """
@@ -692,14 +704,14 @@ def launch_gemm_tma(
         OUT_MODE=OUT_QKV if qkv is not None else OUT_ROWS,
         LN_EPI=ln is not None,
     )
-    s_o3 = s_ob = s_oh = s_ot = inner = head_dim = 0
+    stride_o3 = stride_ob = stride_oh = stride_ot = inner = head_dim = 0
     q_scale = 1.0
     if qkv is not None:
-        s_o3, s_ob, s_oh, s_ot, _ = out.stride()
+        stride_o3, stride_ob, stride_oh, stride_ot, _ = out.stride()
         inner, head_dim, q_scale = qkv[0], qkv[1], float(qkv[2])
-        s_om = 0
+        stride_om = 0
     else:
-        s_om = _rows2d("out", out)[0]  # the row stride (a size-1 dim's stride says nothing)
+        stride_om = _rows2d("out", out)[0]  # the row stride (a size-1 dim's stride says nothing)
     fp32_dummy = ln[0] if ln is not None else torch.empty(1, device=a.device, dtype=torch.float32)
     mean, rstd, colsum = ln if ln is not None else (fp32_dummy,) * 3
     tau = 0.0
@@ -725,13 +737,13 @@ def launch_gemm_tma(
         N,
         K,
         T,
-        s_am,
+        stride_am,
         weight.stride(0),
-        s_om,
-        s_o3,
-        s_ob,
-        s_oh,
-        s_ot,
+        stride_om,
+        stride_o3,
+        stride_ob,
+        stride_oh,
+        stride_ot,
         res_strides[0],
         res_strides[1],
         inner,
@@ -917,7 +929,7 @@ def dense_forward(
                 f"{tuple(residual.shape)} strides {residual.stride()}"
             )
         res_strides = as_rows("residual", residual, T)[:2]
-    s_am, _ = _rows2d("x", x)
+    stride_am, _ = _rows2d("x", x)
     a, w, ln = x, weight, None
     if norm_weight is not None and M:
         folded = fold_layernorm(weight, bias, norm_weight, norm_bias)
@@ -931,7 +943,7 @@ def dense_forward(
         N=N,
         K=K,
         T=T,
-        s_am=s_am,
+        stride_am=stride_am,
         config=config,
         bias=bias,
         residual=residual,
@@ -986,14 +998,25 @@ def qkv_projection_forward(
     for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         _check_vec(name, t, dim, x)
     M = B * Ntok
-    s_am, _ = _rows2d("x", x)
+    stride_am, _ = _rows2d("x", x)
     a, w, bias, ln = x, qkv_weight, qkv_bias, None
     if norm_weight is not None and M:
         folded = fold_layernorm(qkv_weight, qkv_bias, norm_weight, norm_bias)
         mean, rstd = row_stats(x, eps)
         w, bias, ln = folded.weight, folded.bias, (mean, rstd, folded.colsum)
     return launch_gemm_tma(
-        a, w, out, M=M, N=N, K=dim, T=Ntok, s_am=s_am, config=config, bias=bias, ln=ln, qkv=(inner, head_dim, scale)
+        a,
+        w,
+        out,
+        M=M,
+        N=N,
+        K=dim,
+        T=Ntok,
+        stride_am=stride_am,
+        config=config,
+        bias=bias,
+        ln=ln,
+        qkv=(inner, head_dim, scale),
     )
 
 

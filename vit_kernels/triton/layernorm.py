@@ -25,22 +25,22 @@ BLOCK_R, BLOCK_D, NUM_WARPS = 8, 256, 4
 
 @triton.jit
 def _row_stats_kernel(
-    x_ptr,  # x viewed as (batch, T, D) with strides (s_b, s_t, s_d)
+    x_ptr,  # x viewed as (batch, T, D) with strides (stride_xb, stride_xt, stride_xd)
     mean_ptr,  # (M,) fp32 out, M = batch * T
     rstd_ptr,  # (M,) fp32 out
     M,
     D,
     T,  # rows, row width, rows per batch
-    s_b,
-    s_t,
-    s_d,
+    stride_xb,
+    stride_xt,
+    stride_xd,
     eps,  # fp32
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < M
-    row_off = (rows // T).to(tl.int64) * s_b + (rows % T).to(tl.int64) * s_t
+    row_off = (rows // T).to(tl.int64) * stride_xb + (rows % T).to(tl.int64) * stride_xt
     cols0 = tl.arange(0, BLOCK_D)
 
     # The mean as first + mean(x - first), first = the row's first element: for a row of large mean
@@ -52,7 +52,7 @@ def _row_stats_kernel(
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + cols0
         mask = rmask[:, None] & (cols < D)[None, :]
-        x = tl.load(x_ptr + row_off[:, None] + cols.to(tl.int64)[None, :] * s_d, mask=mask, other=0.0)
+        x = tl.load(x_ptr + row_off[:, None] + cols.to(tl.int64)[None, :] * stride_xd, mask=mask, other=0.0)
         total += tl.where(mask, x.to(tl.float32) - first[:, None], 0.0)
     mean = first + tl.sum(total, axis=1) / D
 
@@ -60,7 +60,7 @@ def _row_stats_kernel(
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + cols0
         mask = rmask[:, None] & (cols < D)[None, :]
-        x = tl.load(x_ptr + row_off[:, None] + cols.to(tl.int64)[None, :] * s_d, mask=mask, other=0.0)
+        x = tl.load(x_ptr + row_off[:, None] + cols.to(tl.int64)[None, :] * stride_xd, mask=mask, other=0.0)
         diff = tl.where(mask, x.to(tl.float32) - mean[:, None], 0.0)
         sq += diff * diff
     var = tl.sum(sq, axis=1) / D
@@ -71,7 +71,7 @@ def _row_stats_kernel(
 
 
 def as_rows(name: str, t: Tensor, T: int) -> Tuple[int, int, int]:
-    """Strides (s_b, s_t, s_c) that address ``t`` (..., C) as (-1, T, C) without a copy.
+    """Strides (stride_b, stride_t, stride_c) that address ``t`` (..., C) as (-1, T, C) without a copy.
 
     Raises ValueError naming ``name`` when the leading dims cannot be addressed that way (a
     layout no view can express); the caller then decides to make it contiguous, visibly.
@@ -111,10 +111,22 @@ def row_stats(x2d: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     if M == 0:
         return mean, rstd
     T = rows_per_batch(x2d)
-    s_b, s_t, s_d = as_rows("x2d", x2d, T)
+    stride_b, stride_t, stride_d = as_rows("x2d", x2d, T)
     grid = (cdiv(M, BLOCK_R),)
     _row_stats_kernel[grid](
-        x2d, mean, rstd, M, D, T, s_b, s_t, s_d, float(eps), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS
+        x2d,
+        mean,
+        rstd,
+        M,
+        D,
+        T,
+        stride_b,
+        stride_t,
+        stride_d,
+        float(eps),
+        BLOCK_R=BLOCK_R,
+        BLOCK_D=BLOCK_D,
+        num_warps=NUM_WARPS,
     )
     return mean, rstd
 

@@ -29,12 +29,12 @@ DW_BLOCK_R, DW_BLOCK_N = 32, 64
 
 @triton.jit
 def _ln_apply_kernel(
-    X,
-    MEAN,
-    RSTD,
-    W,
-    B,
-    Y,  # X, Y: (M, D) contiguous; MEAN, RSTD: (M,) fp32/fp64; W, B: (D,)
+    x_ptr,
+    mean_ptr,
+    rstd_ptr,
+    norm_weight_ptr,
+    norm_bias_ptr,
+    y_ptr,  # x_ptr, y_ptr: (M, D) contiguous; mean_ptr, rstd_ptr: (M,) fp32/fp64; norm_weight_ptr, norm_bias_ptr: (D,)
     M,
     D,
     BLOCK_R: tl.constexpr,
@@ -44,29 +44,29 @@ def _ln_apply_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < M
-    mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
-    rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+    mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         cmask = cols < D
         mask = rmask[:, None] & cmask[None, :]
         off = rows.to(tl.int64)[:, None] * D + cols[None, :]
-        y = (tl.load(X + off, mask=mask, other=0.0).to(mean.dtype) - mean[:, None]) * rstd[:, None]
+        y = (tl.load(x_ptr + off, mask=mask, other=0.0).to(mean.dtype) - mean[:, None]) * rstd[:, None]
         if HAS_W:
-            y = y * tl.load(W + cols, mask=cmask, other=0.0).to(mean.dtype)[None, :]
+            y = y * tl.load(norm_weight_ptr + cols, mask=cmask, other=0.0).to(mean.dtype)[None, :]
         if HAS_B:
-            y = y + tl.load(B + cols, mask=cmask, other=0.0).to(mean.dtype)[None, :]
-        tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
+            y = y + tl.load(norm_bias_ptr + cols, mask=cmask, other=0.0).to(mean.dtype)[None, :]
+        tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _ln_bwd_dx_kernel(
-    X,
-    DY,
-    MEAN,
-    RSTD,
-    W,
-    DX,  # X, DY, DX: (M, D) contiguous; MEAN, RSTD: (M,); W: (D,)
+    x_ptr,
+    dy_ptr,
+    mean_ptr,
+    rstd_ptr,
+    norm_weight_ptr,
+    dx_ptr,  # x_ptr, dy_ptr, dx_ptr: (M, D) contiguous; mean_ptr, rstd_ptr: (M,); norm_weight_ptr: (D,)
     M,
     D,
     BLOCK_R: tl.constexpr,
@@ -75,8 +75,8 @@ def _ln_bwd_dx_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < M
-    mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
-    rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+    mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
     row_off = rows.to(tl.int64)[:, None] * D
     c1 = tl.zeros((BLOCK_R, BLOCK_D), dtype=mean.dtype)  # sum of dxhat * xhat
     c2 = tl.zeros((BLOCK_R, BLOCK_D), dtype=mean.dtype)  # sum of dxhat
@@ -84,12 +84,12 @@ def _ln_bwd_dx_kernel(
         cols = d0 + tl.arange(0, BLOCK_D)
         cmask = cols < D
         mask = rmask[:, None] & cmask[None, :]
-        xhat = (tl.load(X + row_off + cols[None, :], mask=mask, other=0.0).to(mean.dtype) - mean[:, None]) * rstd[
+        xhat = (tl.load(x_ptr + row_off + cols[None, :], mask=mask, other=0.0).to(mean.dtype) - mean[:, None]) * rstd[
             :, None
         ]
-        dxhat = tl.load(DY + row_off + cols[None, :], mask=mask, other=0.0).to(mean.dtype)
+        dxhat = tl.load(dy_ptr + row_off + cols[None, :], mask=mask, other=0.0).to(mean.dtype)
         if HAS_W:
-            dxhat = dxhat * tl.load(W + cols, mask=cmask, other=0.0).to(mean.dtype)[None, :]
+            dxhat = dxhat * tl.load(norm_weight_ptr + cols, mask=cmask, other=0.0).to(mean.dtype)[None, :]
         c1 += tl.where(mask, dxhat * xhat, 0.0)
         c2 += dxhat
     c1s = tl.sum(c1, axis=1) / D
@@ -98,24 +98,24 @@ def _ln_bwd_dx_kernel(
         cols = d0 + tl.arange(0, BLOCK_D)
         cmask = cols < D
         mask = rmask[:, None] & cmask[None, :]
-        xhat = (tl.load(X + row_off + cols[None, :], mask=mask, other=0.0).to(mean.dtype) - mean[:, None]) * rstd[
+        xhat = (tl.load(x_ptr + row_off + cols[None, :], mask=mask, other=0.0).to(mean.dtype) - mean[:, None]) * rstd[
             :, None
         ]
-        dxhat = tl.load(DY + row_off + cols[None, :], mask=mask, other=0.0).to(mean.dtype)
+        dxhat = tl.load(dy_ptr + row_off + cols[None, :], mask=mask, other=0.0).to(mean.dtype)
         if HAS_W:
-            dxhat = dxhat * tl.load(W + cols, mask=cmask, other=0.0).to(mean.dtype)[None, :]
+            dxhat = dxhat * tl.load(norm_weight_ptr + cols, mask=cmask, other=0.0).to(mean.dtype)[None, :]
         dx = (dxhat - c2s[:, None] - xhat * c1s[:, None]) * rstd[:, None]
-        tl.store(DX + row_off + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + row_off + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _ln_bwd_dwdb_kernel(
-    X,
-    DY,
-    MEAN,
-    RSTD,
-    DW,
-    DB,  # X, DY: (M, D) contiguous; DW, DB: (splits, D) partial sums
+    x_ptr,
+    dy_ptr,
+    mean_ptr,
+    rstd_ptr,
+    dw_ptr,
+    db_ptr,  # x_ptr, dy_ptr: (M, D) contiguous; dw_ptr, db_ptr: (splits, D) partial sums
     M,
     D,
     rows_per_split,  # rows_per_split: a multiple of BLOCK_R
@@ -125,7 +125,7 @@ def _ln_bwd_dwdb_kernel(
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     cmask = cols < D
-    acc_dtype = MEAN.dtype.element_ty
+    acc_dtype = mean_ptr.dtype.element_ty
     dw = tl.zeros((BLOCK_R, BLOCK_N), dtype=acc_dtype)
     db = tl.zeros((BLOCK_R, BLOCK_N), dtype=acc_dtype)
     for r in range(0, rows_per_split, BLOCK_R):
@@ -133,15 +133,15 @@ def _ln_bwd_dwdb_kernel(
         rmask = rows < M
         mask = rmask[:, None] & cmask[None, :]
         off = rows.to(tl.int64)[:, None] * D + cols[None, :]
-        mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
-        rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
-        xhat = (tl.load(X + off, mask=mask, other=0.0).to(acc_dtype) - mean[:, None]) * rstd[:, None]
-        dy = tl.load(DY + off, mask=mask, other=0.0).to(acc_dtype)
+        mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+        xhat = (tl.load(x_ptr + off, mask=mask, other=0.0).to(acc_dtype) - mean[:, None]) * rstd[:, None]
+        dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(acc_dtype)
         dw += tl.where(mask, dy * xhat, 0.0)
         db += dy
     out = split.to(tl.int64) * D + cols
-    tl.store(DW + out, tl.sum(dw, axis=0).to(DW.dtype.element_ty), mask=cmask)
-    tl.store(DB + out, tl.sum(db, axis=0).to(DB.dtype.element_ty), mask=cmask)
+    tl.store(dw_ptr + out, tl.sum(dw, axis=0).to(dw_ptr.dtype.element_ty), mask=cmask)
+    tl.store(db_ptr + out, tl.sum(db, axis=0).to(db_ptr.dtype.element_ty), mask=cmask)
 
 
 def _check_rows(name: str, t: Tensor) -> None:

@@ -31,18 +31,18 @@ from torch import Tensor
 
 from .. import checks
 from . import attention
+from .attention import LOG2E
 from . import next_power_of_2
 from ..arch import shared_per_block
 from ..dtypes import KERNEL_DTYPES
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 
-LOG2E = attention.LOG2E
 PATHS = ("single_kernel", "split")
 DTYPES = KERNEL_DTYPES  # vit_kernels.dtypes
 
 
 @triton.jit
-def _ln_stats(
+def _row_stats(
     x_base, rows, row_mask, stride_xn, DIM, eps, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, HAS_NORM: tl.constexpr
 ):
     """Mean and 1/std over the last dim of x rows ``rows`` (BLOCK_R,), two passes in fp32, the first
@@ -86,8 +86,8 @@ def _project(
     b_base,
     mean,
     rstd,
-    NW,
-    NB,
+    norm_weight_ptr,
+    norm_bias_ptr,
     DIM,
     HEAD_DIM: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -99,7 +99,7 @@ def _project(
     INPUT_PRECISION: tl.constexpr,
 ):
     """[LayerNorm(x rows)] @ w^T (+ bias) for one head's HEAD_DIM rows of the weight at w_base:
-    (BLOCK_R, BLOCK_D) fp32, LayerNorm applied as x loads (mean, rstd from _ln_stats)."""
+    (BLOCK_R, BLOCK_D) fp32, LayerNorm applied as x loads (mean, rstd from _row_stats)."""
     offs_k = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
@@ -112,9 +112,9 @@ def _project(
         xk = tl.load(x_base + row_off[:, None] + cols[None, :], mask=row_mask[:, None] & mask_k[None, :], other=0.0)
         if HAS_NORM:
             xn = (xk.to(tl.float32) - mean[:, None]) * rstd[:, None]
-            xn = xn * tl.load(NW + cols, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+            xn = xn * tl.load(norm_weight_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)[None, :]
             if HAS_NORM_BIAS:
-                xn = xn + tl.load(NB + cols, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+                xn = xn + tl.load(norm_bias_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)[None, :]
             xk = xn.to(xk.dtype)  # LayerNorm's output in the input dtype, as F.layer_norm gives it
         # (BLOCK_K, BLOCK_D) tile of w^T: w is (rows, DIM) row-major
         wk = tl.load(w_base + w_off[None, :] + cols[:, None], mask=mask_k[:, None] & mask_d[None, :], other=0.0)
@@ -135,8 +135,8 @@ def _kv_tile(
     stride_wn,
     bk_base,
     bv_base,
-    NW,
-    NB,
+    norm_weight_ptr,
+    norm_bias_ptr,
     DIM,
     eps,
     HEAD_DIM: tl.constexpr,
@@ -152,7 +152,7 @@ def _kv_tile(
     (rows < N)."""
     kv_rows = row0 + tl.arange(0, ROWS)
     kv_mask = kv_rows < N
-    mean, rstd = _ln_stats(x_base, kv_rows, kv_mask, stride_xn, DIM, eps, ROWS, BLOCK_K, HAS_NORM)
+    mean, rstd = _row_stats(x_base, kv_rows, kv_mask, stride_xn, DIM, eps, ROWS, BLOCK_K, HAS_NORM)
     k = _project(
         x_base,
         kv_rows,
@@ -163,8 +163,8 @@ def _kv_tile(
         bk_base,
         mean,
         rstd,
-        NW,
-        NB,
+        norm_weight_ptr,
+        norm_bias_ptr,
         DIM,
         HEAD_DIM,
         ROWS,
@@ -185,8 +185,8 @@ def _kv_tile(
         bv_base,
         mean,
         rstd,
-        NW,
-        NB,
+        norm_weight_ptr,
+        norm_bias_ptr,
         DIM,
         HEAD_DIM,
         ROWS,
@@ -202,17 +202,17 @@ def _kv_tile(
 
 @triton.jit
 def _qkv_attn_kernel(
-    X,
-    W,
-    Bias,
-    NW,
-    NB,
-    O,  # X: (B, N, DIM); W: (3*INNER, DIM); Bias: (3*INNER,); NW, NB: (DIM,); O: (B, N, INNER)
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    norm_weight_ptr,
+    norm_bias_ptr,
+    o_ptr,  # x_ptr: (B, N, DIM); w_ptr: (3*INNER, DIM); bias_ptr: (3*INNER,); norm_weight_ptr, norm_bias_ptr: (DIM,); o_ptr: (B, N, INNER)
     stride_xb,
-    stride_xn,  # strides of X in elements (last dim stride 1)
-    stride_wn,  # row stride of W (last dim stride 1)
+    stride_xn,  # strides of x_ptr in elements (last dim stride 1)
+    stride_wn,  # row stride of w_ptr (last dim stride 1)
     stride_ob,
-    stride_on,  # strides of O (last dim stride 1)
+    stride_on,  # strides of o_ptr (last dim stride 1)
     H,
     N,
     DIM,
@@ -233,13 +233,13 @@ def _qkv_attn_kernel(
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)  # int64 offsets: B * N * DIM can pass 2**31
     h = pid % H
-    x_base = tl.multiple_of(X + b * stride_xb, 16)
-    wq_base = tl.multiple_of(W + (h * HEAD_DIM).to(tl.int64) * stride_wn, 16)
-    wk_base = tl.multiple_of(W + (INNER + h * HEAD_DIM).to(tl.int64) * stride_wn, 16)
-    wv_base = tl.multiple_of(W + (2 * INNER + h * HEAD_DIM).to(tl.int64) * stride_wn, 16)
-    bq_base = Bias + h * HEAD_DIM
-    bk_base = Bias + INNER + h * HEAD_DIM
-    bv_base = Bias + 2 * INNER + h * HEAD_DIM
+    x_base = tl.multiple_of(x_ptr + b * stride_xb, 16)
+    wq_base = tl.multiple_of(w_ptr + (h * HEAD_DIM).to(tl.int64) * stride_wn, 16)
+    wk_base = tl.multiple_of(w_ptr + (INNER + h * HEAD_DIM).to(tl.int64) * stride_wn, 16)
+    wv_base = tl.multiple_of(w_ptr + (2 * INNER + h * HEAD_DIM).to(tl.int64) * stride_wn, 16)
+    bq_base = bias_ptr + h * HEAD_DIM
+    bk_base = bias_ptr + INNER + h * HEAD_DIM
+    bv_base = bias_ptr + 2 * INNER + h * HEAD_DIM
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
 
@@ -256,8 +256,8 @@ def _qkv_attn_kernel(
         stride_wn,
         bk_base,
         bv_base,
-        NW,
-        NB,
+        norm_weight_ptr,
+        norm_bias_ptr,
         DIM,
         eps,
         HEAD_DIM,
@@ -280,8 +280,8 @@ def _qkv_attn_kernel(
             stride_wn,
             bk_base,
             bv_base,
-            NW,
-            NB,
+            norm_weight_ptr,
+            norm_bias_ptr,
             DIM,
             eps,
             HEAD_DIM,
@@ -294,11 +294,11 @@ def _qkv_attn_kernel(
             INPUT_PRECISION,
         )
 
-    o_base = tl.multiple_of(O + b * stride_ob + h * HEAD_DIM, 16)
+    o_base = tl.multiple_of(o_ptr + b * stride_ob + h * HEAD_DIM, 16)
     for m0 in range(0, N, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < N
-        mean_q, rstd_q = _ln_stats(x_base, rows, row_mask, stride_xn, DIM, eps, BLOCK_M, BLOCK_K, HAS_NORM)
+        mean_q, rstd_q = _row_stats(x_base, rows, row_mask, stride_xn, DIM, eps, BLOCK_M, BLOCK_K, HAS_NORM)
         q = _project(
             x_base,
             rows,
@@ -309,8 +309,8 @@ def _qkv_attn_kernel(
             bq_base,
             mean_q,
             rstd_q,
-            NW,
-            NB,
+            norm_weight_ptr,
+            norm_bias_ptr,
             DIM,
             HEAD_DIM,
             BLOCK_M,
@@ -320,7 +320,7 @@ def _qkv_attn_kernel(
             HAS_NORM_BIAS,
             HAS_BIAS,
             INPUT_PRECISION,
-        ).to(X.dtype.element_ty)
+        ).to(x_ptr.dtype.element_ty)
         # The whole score row is on chip, so the softmax is exact in one step: its max and sum run
         # over the main and the tail tile together.
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
@@ -339,7 +339,7 @@ def _qkv_attn_kernel(
             o = tl.dot(p_t.to(v_t.dtype), v_t, o, input_precision=INPUT_PRECISION)
         o = o / l[:, None]
         o_ptrs = o_base + tl.multiple_of(rows.to(tl.int64) * stride_on, 8)[:, None] + offs_d[None, :]
-        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_mask[:, None] & mask_d[None, :])
+        tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=row_mask[:, None] & mask_d[None, :])
 
 
 # Shared memory the single kernel needs beside K and V (x and weight chunks, the Q and P tiles).
@@ -574,7 +574,7 @@ def qkv_attention_forward(
         dim,
         inner,
         float(eps),
-        float(scale) * LOG2E,
+        float(scale) * LOG2E.value,
         HEAD_DIM=head_dim,
         BLOCK_D=attention.block_d(head_dim),
         N_MAIN=n_main,
