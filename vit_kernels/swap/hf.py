@@ -391,18 +391,18 @@ class FusedHFEmbeddings(SwapWrapper):
             )
         conv = pe.projection
         pos = self.pos_embed_for(*pixel_values.shape[-2:], conv.out_channels)
-        return (
-            at_autocast(  # eager: the projection at the autocast dtype, class token and pos embedding added in theirs
-                ops.patch_embed,
-                pixel_values,
-                conv.weight,
-                conv.bias,
-                patch_size=p,
-                pos_embed=pos,
-                cls_token=self.cls_token,
-                backend=self.backend,
-                out_dtype=torch.promote_types(self.cls_token.dtype, pos.dtype),
-            )
+        # under autocast: the result in the dtype eager gives (its class token and pos embedding's), the
+        # kernel adding them at the autocast dtype (tests/test_swap_autocast.py: within 2x eager's error)
+        return at_autocast(
+            ops.patch_embed,
+            pixel_values,
+            conv.weight,
+            conv.bias,
+            patch_size=p,
+            pos_embed=pos,
+            cls_token=self.cls_token,
+            backend=self.backend,
+            out_dtype=torch.promote_types(self.cls_token.dtype, pos.dtype),
         )
 
 

@@ -13,9 +13,10 @@ How a swap keeps the model intact:
   original. ``unfuse`` puts the original module back with whatever children, parameters and
   buffers the wrapper holds then (``.to()``/``load_state_dict`` after fuse are kept).
 - Under ``torch.autocast`` the fused parts run the fused ops at the autocast dtype
-  (:func:`at_autocast`): inputs and parameters cast as autocast casts a matmul's operands; the
-  residual add and layer scale run in the residual stream's dtype (:func:`with_residual`), as
-  eager autocast computes them.
+  (:func:`at_autocast`): for the kernel backends inputs and parameters cast as autocast casts a
+  matmul's operands, the residual add and layer scale in the residual stream's dtype
+  (:func:`with_residual`), as eager autocast computes them; backend "torch" runs the ops' PyTorch
+  path under autocast itself.
 - Anything a fused path cannot do exactly (attention masks, dropout active in training,
   hooks, ...) runs the original module's own ``forward`` at that call
   (:meth:`SwapWrapper.fall_back`): never a wrong number, and never silently: an INFO line the first
@@ -25,7 +26,9 @@ How a swap keeps the model intact:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import logging
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -261,34 +264,48 @@ class SwapWrapper(nn.Module):
 
 def at_autocast(fn, *args, out_dtype: Optional[torch.dtype] = None, **kwargs):
     """``fn(*args, **kwargs)``: a fused op called by an adapter. Under torch.autocast (on for the
-    first argument's device) it runs at the autocast dtype, as autocast runs F.linear / conv2d: every
-    floating tensor among the arguments (input, weights, biases, norm parameters, residual, layer
-    scale) cast to it, autocast off inside (the op's own torch path must not cast again); the result
-    left at the autocast dtype (a projection's output, as autocast leaves it) or cast to
-    ``out_dtype``. LayerNorm statistics are fp32 inside the kernels and the torch path at any dtype.
+    first argument's device) it runs at the autocast dtype:
+    - the kernel backends ("auto", "triton", "cuda"), which take one dtype: every floating tensor
+      among the arguments (input, weights, biases, norm parameters) cast to the autocast dtype, as
+      autocast casts a matmul's operands, autocast off inside; the result left at the autocast dtype
+      (a projection's output, as autocast leaves it) or cast to ``out_dtype``. The kernels compute
+      LayerNorm statistics in fp32;
+    - backend "torch": autocast left on, so the op's PyTorch path is cast exactly as the unfused
+      modules are (LayerNorm in fp32, the matmuls at the autocast dtype, the residual add in the
+      stream's dtype); its tensors are first widened to one dtype (an autocast output meeting fp32
+      parameters: fp32, exact), as the op takes one dtype.
     Without autocast (or for an fx.Proxy) ``fn`` runs as called."""
     x = args[0]
     if not _autocast_on(x):
         return fn(*args, **kwargs)
-    dt = torch.get_autocast_dtype(x.device.type)
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if kwargs.get("backend") == "torch":
+        dt = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+        context = contextlib.nullcontext()
+    else:
+        dt = torch.get_autocast_dtype(x.device.type)
+        context = torch.autocast(x.device.type, enabled=False)
 
     def cast(t):
         return t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
-    with torch.autocast(x.device.type, enabled=False):
+    with context:
         out = fn(*[cast(a) for a in args], **{k: cast(v) for k, v in kwargs.items()})
     return out if out_dtype is None else out.to(out_dtype)
 
 
 def with_residual(fn, *args, residual, layer_scale=None, **kwargs):
     """``fn(*args, residual=residual, layer_scale=layer_scale, **kwargs)``: a fused op whose epilogue
-    adds ``layer_scale * branch`` to the residual stream. Under torch.autocast the branch runs at the
-    autocast dtype (:func:`at_autocast`) and ``residual + layer_scale * branch`` in the residual's
-    dtype after it, as eager autocast computes a block's residual add: the kernels' epilogue takes
-    one dtype, and a residual cast to bfloat16 there rounds the whole stream (measured: twice eager's
-    error on a 2-block timm ViT). The cost is eager's: one elementwise pass over the stream."""
+    adds ``layer_scale * branch`` to the residual stream. Under torch.autocast with a kernel backend
+    the branch runs at the autocast dtype (:func:`at_autocast`) and ``residual + layer_scale *
+    branch`` in the residual's dtype after it, as eager autocast computes a block's residual add: the
+    kernels' epilogue takes one dtype, and a residual cast to bfloat16 there rounds the whole stream
+    (measured: 2.2x eager's error on a 2-block timm ViT). The cost is eager's: one elementwise pass
+    over the stream."""
     if not _autocast_on(args[0]):
         return fn(*args, residual=residual, layer_scale=layer_scale, **kwargs)
+    if kwargs.get("backend") == "torch":  # the op's PyTorch path under autocast adds the residual in its dtype
+        return at_autocast(fn, *args, residual=residual, layer_scale=layer_scale, **kwargs)
     branch = at_autocast(fn, *args, **kwargs)
     return residual + (branch * layer_scale if layer_scale is not None else branch)
 
