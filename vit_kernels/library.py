@@ -631,7 +631,8 @@ def run(op: str, args: Sequence):
       torch.compile, the plain PyTorch path;
     - a plain eager call (:func:`_plain_eager`): the op's implementation itself, the same function
       the dispatcher would call, without the dispatcher's Python round trip (its autograd wrapper
-      and redispatch, several microseconds against the 15 us host budget of a call);
+      and redispatch, several microseconds against the 15 us host budget of a call); inside a fused
+      module's call (:func:`call_planned`), its launch plan for this signature when it has one;
     - otherwise (torch.compile, torch.export, torch.fx, torch.jit.trace, modes, subclasses,
       functorch): the custom op, which they see as one node."""
     tensors = args[: N_TENSORS[op]]
