@@ -174,7 +174,8 @@ def _config_of(name: str) -> str:
     return name[i + 1 : j]
 
 
-_ENUMS = {"vk::ALoad": ("dense", "layernorm", "patch"), "vk::Epi": ("rows", "qkv", "patch")}
+# the names of vk::ALoad / vk::Epi (csrc/include/vk/gemm.h), in value order
+_ENUMS = {"vk::ALoad": ("dense", "layernorm", "patch", "patch_u8"), "vk::Epi": ("rows", "qkv", "patch")}
 
 
 def _pretty_config(config: str) -> str:
