@@ -225,6 +225,20 @@ MUTATIONS: List[Mutation] = [
         "scale = (1.0 / (256.0 * image_std)).repeat_interleave(p * p)",
         ("tests/test_patch_embed_uint8.py",),
     ),
+    Mutation(
+        "cuda-gemm-uint8-vec-shift-dropped",
+        "csrc/gemm/gemm.cuh",
+        "        for (int e = 0; e < L::kChunk; ++e) v[e] = float(px8[e]) * scale + shift;\n",
+        "        for (int e = 0; e < L::kChunk; ++e) v[e] = float(px8[e]) * scale;\n",
+        ("tests/test_patch_embed_uint8.py", "-k", "cuda"),
+    ),
+    Mutation(
+        "cuda-gemm-uint8-gather-channel-0",
+        "csrc/gemm/gemm.cuh",
+        "            v[e] = float(x) * p.pixel_scale[ch] + p.pixel_shift[ch];\n",
+        "            v[e] = float(x) * p.pixel_scale[0] + p.pixel_shift[0];\n",
+        ("tests/test_patch_embed_uint8.py", "-k", "cuda"),
+    ),
     # Survived the tests of 2026-11-25 (eps 1e-6 hides it); killed since by the large-eps tests.
     Mutation(
         "triton-ln-eps-outside-sqrt",

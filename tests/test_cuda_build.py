@@ -38,8 +38,9 @@ def test_every_kernel_compiles_without_spills(arch):
         assert 0 < r["regs"] <= 255, r
         assert r["shared_bytes"] <= SMEM_LIMIT[arch], r
     gemms = [r for r in rows if r["kernel"].endswith("gemm_kernel")]
-    assert len(gemms) == 30, f"expected 3 dtypes x 2 tiles x 5 loader/epilogue pairs, got {len(gemms)}"
-    assert len({r["config"] for r in gemms}) == 30, "instantiations must be told apart by their config"
+    assert len(gemms) == 36, f"expected 3 dtypes x 2 tiles x 6 loader/epilogue pairs, got {len(gemms)}"
+    assert len({r["config"] for r in gemms}) == 36, "instantiations must be told apart by their config"
+    assert any(r["config"] == "bf16, tile 64x64x32 warp 32x32 stages 3, patch_u8, patch" for r in gemms)
     assert any(r["config"] == "fp16, tile 128x128x32 warp 64x32 stages 3, layernorm, qkv" for r in gemms)
     for r in gemms:
         uses_tc = not r["config"].startswith("fp32")

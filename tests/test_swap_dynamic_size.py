@@ -103,6 +103,22 @@ def test_timm_pos_embed_resampled_once_per_grid_until_it_changes(monkeypatch):
     assert type(model.patch_embed).__name__ == "PatchEmbed"
 
 
+def test_timm_hook_on_patch_embed_sees_timms_output():
+    """A forward hook on the fused patch_embed (registered after fuse) sees what timm's PatchEmbed returns,
+    the NHWC projection without the position embedding, and the logits stay the unfused model's."""
+    model = timm_dynamic(depth=1).eval()
+    oracle = copy.deepcopy(model).double()
+    base = copy.deepcopy(model)
+    vk.fuse(model, backend="torch")
+    seen = []
+    model.patch_embed.register_forward_hook(lambda m, args, out: seen.append(out))
+    images = torch.randn(2, 3, 40, 48, device=DEVICE)
+    with torch.no_grad():
+        got = model(images)
+        assert_close(got, oracle(images.double()), base(images), name="logits with a hook")
+        assert_close(seen[0], oracle.patch_embed(images.double()), base.patch_embed(images), name="hooked output")
+
+
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_timm_dynamic_img_size_uint8(backend):
     """uint8 NHWC images at three sizes through the fused dynamic-size embedding (the data config's
@@ -120,6 +136,9 @@ def test_timm_dynamic_img_size_uint8(backend):
             got = model(images)
             assert vk.last_decision("patch_embed").backend == backend
             assert_close(got, oracle(x64), base(x64.float()), name=f"uint8 logits at {size}")
+    with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.bfloat16):  # the fall-back normalizes too
+        model(images)
+    assert vk.last_decision("patch_embed").backend == "original"
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -338,9 +338,10 @@ def pixel_input(model: torch.nn.Module, dtype: torch.dtype):
     from ..nn import FusedPatchEmbed
     from ..ops.patch_embed import normalize_pixels
     from ..swap.patch import FusedPatchConv
+    from ..swap.timm import FusedTimmPatchEmbed
 
     for m in model.modules():
-        if isinstance(m, (FusedPatchEmbed, FusedPatchConv)) and m.image_mean is not None:
+        if isinstance(m, (FusedPatchEmbed, FusedPatchConv, FusedTimmPatchEmbed)) and m.image_mean is not None:
             return (lambda x: x), f"input: uint8 NHWC, normalized in the patch embedding (mean={m.image_mean})"
     from ..swap import timm as swap_timm, torchvision as swap_tv
 

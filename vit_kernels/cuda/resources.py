@@ -174,7 +174,8 @@ def _config_of(name: str) -> str:
     return name[i + 1 : j]
 
 
-_ENUMS = {"vk::ALoad": ("dense", "layernorm", "patch"), "vk::Epi": ("rows", "qkv", "patch")}
+# the names of vk::ALoad / vk::Epi (csrc/include/vk/gemm.h), in value order
+_ENUMS = {"vk::ALoad": ("dense", "layernorm", "patch", "patch_u8"), "vk::Epi": ("rows", "qkv", "patch")}
 
 
 def _pretty_config(config: str) -> str:
@@ -246,8 +247,8 @@ def resource_usage(arch: str = "sm_80", *, refresh: bool = False) -> List[dict]:
     nvcc, cuobjdump = _tool(root, "nvcc"), _tool(root, "cuobjdump")
     flags = [f for f in GPU_CUDA_CFLAGS if f != "-lineinfo"]
     cache = cache_dir() / "resource_usage" / f"{arch}-{_sources_key(arch, flags)}.json"
-    if cache.is_file() and not refresh:
-        return json.loads(cache.read_text())
+    if cache.is_file() and not refresh:  # labels made again: a cache written before a name was added
+        return [dict(r, config=_pretty_config(r["config"])) for r in json.loads(cache.read_text())]
 
     sources = cu_sources()
     rows: List[dict] = []

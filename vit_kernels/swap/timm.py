@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import library, ops
-from ..ops.patch_embed import check_pixel_norm
+from ..ops.patch_embed import check_pixel_norm, normalize_pixels, pixel_norm_tensors
 from .reasons import (
     bypassed_hooks,
     dropout_p,
@@ -287,13 +287,17 @@ class FusedTimmPatchEmbed(SwapWrapper):
             why = "images are not a concrete (batch, channels, H, W) tensor"
         elif images.shape[-2] % p or images.shape[-1] % p:
             why = f"the image size {tuple(images.shape[-2:])} is not a multiple of the patch size {p}"
-        why = why or self.original_reason(images)
-        if why:
-            return self.fall_back(why, images)
         norm = {}
-        if images.dtype == torch.uint8:
+        if isinstance(images, Tensor) and images.dtype == torch.uint8:
             mean, std = check_pixel_norm(images, self.image_mean, self.image_std)
             norm = dict(image_mean=mean, image_std=std)
+        why = why or self.original_reason(images)
+        if why:
+            if norm:  # timm's Conv2d takes float images: normalized as the kernel would
+                images = normalize_pixels(
+                    images, *pixel_norm_tensors((mean, std), images.device), self.proj.weight.dtype
+                )
+            return self.fall_back(why, images)
         B, _, H, W = images.shape
         grid = (H // p, W // p)
         embed = armed and not self._forward_hooks  # a hook on patch_embed sees timm's own output
