@@ -357,7 +357,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("mean"), py::arg("rstd"), py::arg("norm_weight"),
         py::arg("norm_bias"), py::arg("tokens"), py::arg("heads"), py::arg("head_dim"), py::arg("q_scale"),
         py::arg("out"), py::arg("config") = -1);
-  m.def("gemm_patch", &vk_torch::gemm_patch, "patch embedding: gather GEMM (uint8 images normalized on load) + bias + position embedding + class token",
+  m.def("gemm_patch", &vk_torch::gemm_patch,
+        "patch embedding: gather GEMM (uint8 images normalized on load) + bias + position embedding + class token",
         py::arg("images"), py::arg("w"), py::arg("bias"), py::arg("patch"), py::arg("pos_embed"), py::arg("cls_token"),
         py::arg("out"), py::arg("config") = -1, py::arg("pixel_scale") = py::none(),
         py::arg("pixel_shift") = py::none());

@@ -213,8 +213,8 @@ __device__ __forceinline__ void load_patch_u8_tile(T* s, const GemmParams& p, in
           const int kk = k + e;
           if (kk < p.K) {
             const int ch = kk / pp, rem = kk % pp, i = rem / p.patch, j = rem % p.patch;
-            const uint8_t x = img[base + int64_t(ch) * p.img_stride[1] + int64_t(i) * p.img_stride[2] +
-                                  int64_t(j) * p.img_stride[3]];
+            const uint8_t x =
+                img[base + int64_t(ch) * p.img_stride[1] + int64_t(i) * p.img_stride[2] + int64_t(j) * p.img_stride[3]];
             v[e] = float(x) * p.pixel_scale[ch] + p.pixel_shift[ch];
           }
         }
