@@ -51,10 +51,10 @@ class Mutation:
 # Test selections, one per area.
 # tests/test_hard_inputs.py (numerically hard inputs) joins each selection for its backend and ops.
 T_ATTN = (
-    "tests/test_triton_attention.py",
+    "tests/test_attention.py",
     "tests/test_hard_inputs.py",
     "-k",
-    "test_triton_attention or (test_hard_inputs and triton and flash_attention)",
+    "(test_attention.py and triton) or (test_hard_inputs and triton and flash_attention)",
 )
 T_GEMM = (
     "tests/test_gemm.py",
@@ -81,11 +81,11 @@ T_QKV = (
     "test_triton_qkv_attention or (test_hard_inputs and triton and qkv)",
 )
 T_CUDA_ATTN = (
-    "tests/test_cuda_attention.py",
+    "tests/test_attention.py",
     "tests/test_emulator_races.py",
     "tests/test_hard_inputs.py",
     "-k",
-    "not compiles and (attention or Attention) and (not test_hard_inputs or cuda)",
+    "not compiles and (attention or Attention) and (not test_hard_inputs or cuda) and (not test_attention.py or cuda)",
 )
 T_CUDA_GEMM = (
     "tests/test_gemm.py",

@@ -11,7 +11,7 @@ from vit_kernels.testing import assert_close
 from vit_kernels.triton.aot import ptr_type
 
 from conftest import DEVICE  # noqa: E402
-from test_triton_attention import compile_ttir, stride_args_widened  # noqa: E402
+from attention_cases import compile_ttir, stride_args_widened  # noqa: E402
 
 qkv_mod = pytest.importorskip("vit_kernels.triton.qkv_attention")
 

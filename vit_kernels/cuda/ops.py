@@ -26,7 +26,7 @@ from ..dtypes import KERNEL_DTYPES
 # ----------------------------------------------------------------------------------- attention
 # The largest head dim of VK_ATTN_HEAD_DIMS in csrc/attention/flash_fwd.h (the kernel is compiled
 # for 32, 64, 72, 80, 96, 128; any multiple of 8 up to the largest runs in the next compiled one,
-# the extra columns masked). tests/test_cuda_attention.py checks that this agrees with the build.
+# the extra columns masked). tests/test_attention.py checks that this agrees with the build.
 MAX_HEAD_DIM = 128
 
 

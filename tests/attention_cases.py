@@ -1,0 +1,103 @@
+"""Shared helpers of tests/test_attention.py (a helper module, not a test file): inputs, one adapter that
+calls the Triton launcher or the CUDA wrapper of flash attention with the same arguments, the check
+against the float64 oracle, and the ahead-of-time TTIR helpers (also used by test_triton_qkv_attention.py).
+
+Backends: "triton" (vit_kernels.triton.attention, the interpreter on CPU tensors) and "cuda"
+(vit_kernels.cuda.ops, the host emulator on CPU tensors, the GPU build on CUDA tensors).
+"""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import torch
+import torch.nn.functional as F
+
+from vit_kernels import reference
+from vit_kernels.testing import assert_close
+
+from conftest import DEVICE
+from gemm_cases import require  # noqa: F401  (re-exported: skip without Triton, fail when the CUDA build fails)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BACKENDS = ["triton", "cuda"]
+
+
+def rand(*shape, dtype, scale=1.0):
+    """Fresh standard-normal values (drawn in float64, then rounded to dtype) on DEVICE."""
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=DEVICE, dtype=dtype)
+
+
+def make_qkv(B, H, N, D, dtype, n_kv=None):
+    """q: (B, H, N, D); k, v: (B, H, n_kv, D) (n_kv defaults to N)."""
+    n_kv = N if n_kv is None else n_kv
+    return rand(B, H, N, D, dtype=dtype), rand(B, H, n_kv, D, dtype=dtype), rand(B, H, n_kv, D, dtype=dtype)
+
+
+def flash_forward(backend, q, k, v, scale, out=None):
+    """(out, lse) of the backend's flash attention launcher (Triton) or CUDA wrapper, written into a
+    NaN-filled out (the given one, or a fresh one) and a NaN-filled lse (B, H, NQ) fp32 it must return."""
+    if out is None:
+        out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
+    if backend == "triton":
+        from vit_kernels.triton import attention
+
+        got, lse = attention.flash_attention_forward(q, k, v, scale, out=out, return_lse=True)
+    else:
+        from vit_kernels.cuda import ops as cuda_ops
+
+        lse_out = torch.full(q.shape[:3], float("nan"), dtype=torch.float32, device=q.device)
+        got, lse = cuda_ops.flash_attention_forward(q, k, v, scale, out=out, lse=lse_out)
+        assert lse is lse_out
+    assert got is out
+    return got, lse
+
+
+def check_attention(out, q, k, v, scale, name="output"):
+    """out vs the float64 oracle; baseline: plain PyTorch (SDPA) at the inputs' dtype."""
+    oracle = reference.flash_attention(q.double(), k.double(), v.double(), scale=scale)
+    # fresh copies: PyTorch 2.11's memory-efficient SDPA reads a misaligned fp32 view with 16-byte loads
+    # ("misaligned address" on an H200, compute-sanitizer: fmha_cutlassF_f32_aligned_64x128_rf_sm80)
+    baseline = F.scaled_dot_product_attention(q.clone(), k.clone(), v.clone(), scale=scale)
+    assert not torch.isnan(out).any(), f"{name}: NaN left in the output (an element was not written)"
+    return assert_close(out, oracle, baseline, name=name)
+
+
+def check_lse(lse, q, k, scale):
+    """The row log-sum-exp (B, H, NQ) fp32, natural log, of scale * q . k, against float64."""
+    oracle = torch.logsumexp((q.double() @ k.double().transpose(-2, -1)) * scale, dim=-1)
+    assert_close(lse, oracle, floor=1e-5, name="lse")
+
+
+# ------------------------------------------------------------------ ahead-of-time compilation (Triton)
+def compile_ttir(module: str, spec_expr: str, arch: int = 90) -> str:
+    """Compile one AotSpec to TTIR for sm_<arch> in a fresh process without the interpreter."""
+    code = textwrap.dedent(f"""
+        import sys, torch, triton
+        from triton.compiler import ASTSource
+        from triton.backends.compiler import GPUTarget
+        import {module} as m
+        spec = {spec_expr}
+        c = triton.compile(ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs),
+                           target=GPUTarget("cuda", {arch}, 32),
+                           options={{"num_warps": spec.num_warps, "num_stages": spec.num_stages}})
+        sys.stdout.write(c.asm["ttir"])
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def stride_args_widened(ttir: str, names) -> None:
+    """Every use of each i32 stride argument in the TTIR must be a widening to i64, so that
+    index * stride products cannot overflow (batch * heads * tokens * head_dim > 2**31)."""
+    for name in names:
+        uses = [line.strip() for line in ttir.splitlines() if re.search(rf"%{name}\b", line) and "tt.func" not in line]
+        assert uses, f"{name} is never used in the TTIR"
+        for use in uses:
+            assert re.search(rf"arith.extsi %{name}\b.*: i32 to i64", use), (
+                f"{name} is used without widening to i64: {use}"
+            )

@@ -1,0 +1,410 @@
+"""Flash attention on every fused backend against the float64 oracle under the tolerance rule, outputs
+NaN-filled before every launch: the Triton kernel (vit_kernels/triton/attention.py, the interpreter on
+CPU) and the CUDA C++ kernel (csrc/attention, the host emulator on CPU tensors, or the GPU build on CUDA
+tensors); the CUDA split path of qkv_attention. Helpers: tests/attention_cases.py.
+
+One test body per behaviour, parametrized over the backends; what only one backend has (its argument
+messages, its compiled code, the CUDA kernel's padded head dims and fp32 split) ends in _triton / _cuda.
+"""
+
+import inspect
+
+import pytest
+import torch
+
+import vit_kernels as vk
+from vit_kernels import reference
+from vit_kernels.arch import shared_limits_by_name
+from vit_kernels.testing import assert_close
+
+from attention_cases import (
+    BACKENDS,
+    DTYPES,
+    check_attention,
+    check_lse,
+    compile_ttir,
+    flash_forward,
+    make_qkv,
+    rand,
+    require,
+    stride_args_widened,
+)
+from conftest import DEVICE
+from poison import poison_empty
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    poison_empty(monkeypatch)
+
+
+def ids(v):
+    if isinstance(v, torch.dtype):
+        return str(v).split(".")[-1]
+    if isinstance(v, tuple):
+        return "-".join(ids(x) for x in v)
+    return str(v)
+
+
+# -------------------------------------------------------------------------------- flash_attention
+# (batch, heads, tokens, head_dim, dtype). Triton: every value of each axis at least once; CUDA: every
+# token count x head dim x dtype once, batch alternating.
+DEFAULT_CASES = {
+    "triton": [
+        (1, 2, 1, 64, torch.float32),
+        (3, 2, 50, 80, torch.bfloat16),
+        (1, 2, 197, 72, torch.float16),
+        (3, 1, 257, 64, torch.bfloat16),
+        (1, 1, 577, 80, torch.float16),
+        (3, 2, 50, 72, torch.float32),
+        (1, 2, 197, 64, torch.float32),
+    ],
+    "cuda": [
+        (1 if (i + j) % 2 else 3, 2, n, d, dt)
+        for i, n in enumerate([1, 50, 197, 257])
+        for j, d in enumerate([64, 72, 80])
+        for dt in DTYPES
+    ],
+}
+SLOW_CASES = {
+    "triton": [
+        (b, 2, n, d, dt)
+        for b in (1, 3)
+        for n in (1, 50, 197, 257, 577, 1025)
+        for d in (16, 64, 72, 80, 128, 256)
+        for dt in DTYPES
+    ],
+    "cuda": [
+        (b, 2, n, d, dt)
+        for b in (1, 3)
+        for n in (1, 50, 197, 257, 577)
+        for d in (64, 72, 80)
+        for dt in DTYPES
+        if (b, 2, n, d, dt) not in DEFAULT_CASES["cuda"]
+    ],
+}
+
+
+def run_flash(backend, B, H, N, D, dtype):
+    """The launcher / wrapper into NaN-filled out and lse; out and lse against float64; fp32 output
+    within 1e-4 of the output's size."""
+    require(backend)
+    q, k, v = make_qkv(B, H, N, D, dtype)
+    scale = D**-0.5
+    out, lse = flash_forward(backend, q, k, v, scale)
+    c = check_attention(out, q, k, v, scale)
+    check_lse(lse, q, k, scale)
+    if dtype == torch.float32:  # fp32 must be accurate to 1e-4 relative to float64
+        oracle = reference.flash_attention(q.double(), k.double(), v.double(), scale=scale)
+        assert c.max_abs_err <= 1e-4 * oracle.abs().max().item(), str(c)
+
+
+@pytest.mark.parametrize("backend,case", [(b, c) for b in BACKENDS for c in DEFAULT_CASES[b]], ids=ids)
+def test_flash_attention(backend, case):
+    run_flash(backend, *case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,case", [(b, c) for b in BACKENDS for c in SLOW_CASES[b]], ids=ids)
+def test_flash_attention_full(backend, case):
+    run_flash(backend, *case)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lse(backend, dtype):
+    """The row log-sum-exp (B, H, N) fp32, natural log, kept for a backward pass, over several key tiles."""
+    require(backend)
+    q, k, v = make_qkv(1, 3, 70, 64, dtype)
+    out, lse = flash_forward(backend, q, k, v, 64**-0.5)
+    check_attention(out, q, k, v, 64**-0.5)
+    check_lse(lse, q, k, 64**-0.5)
+
+
+# (q_tokens, kv_tokens, head_dim, scale): fewer or more keys than queries, a single key, a negative scale
+CROSS_CASES = [(50, 197, 64, 0.3), (197, 33, 80, -0.2), (33, 130, 64, 0.3), (65, 1, 64, 0.3), (1, 257, 64, 0.3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_attention_token_counts_and_scale(backend, dtype):
+    """q_tokens != kv_tokens, a single key, and an explicit scale."""
+    require(backend)
+    for nq, nk, d, scale in CROSS_CASES:
+        q, k, v = make_qkv(2 if nq == 50 else 1, 2, nq, d, dtype, n_kv=nk)
+        out, lse = flash_forward(backend, q, k, v, scale)
+        check_attention(out, q, k, v, scale, name=f"nq={nq} nk={nk} scale={scale}")
+        check_lse(lse, q, k, scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs_and_output(backend):
+    """q, k, v as views of one (B, N, 3, H, D) qkv buffer; the output written straight into a
+    (B, N, H*D) buffer viewed as (B, H, N, D)."""
+    require(backend)
+    B, N, H, D = 3, 50, 2, 72
+    qkv = rand(B, N, 3, H, D, dtype=torch.float16)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous()
+    buf = torch.full((B, N, H * D), float("nan"), dtype=torch.float16, device=DEVICE)
+    out, _ = flash_forward(backend, q, k, v, D**-0.5, out=buf.view(B, N, H, D).transpose(1, 2))
+    check_attention(out, q, k, v, D**-0.5)
+    oracle = reference.flash_attention(q.double(), k.double(), v.double())
+    assert_close(
+        buf,
+        oracle.transpose(1, 2).reshape(B, N, H * D),
+        reference.flash_attention(q, k, v).transpose(1, 2).reshape(B, N, H * D),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_public_op_dispatches_to_the_backend(backend):
+    require(backend)
+    q, k, v = make_qkv(1, 2, 50, 64, torch.float32)
+    out = vk.flash_attention(q, k, v, backend=backend)
+    assert vk.last_decision("flash_attention").backend == backend
+    assert out.shape == q.shape and out.dtype == q.dtype
+    check_attention(out, q, k, v, 64**-0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_query_tokens_launches_nothing(backend):
+    require(backend)
+    q = rand(2, 2, 0, 64, dtype=torch.float16)
+    k = rand(2, 2, 7, 64, dtype=torch.float16)
+    assert vk.flash_attention(q, k, k, scale=0.125, backend=backend).shape == (2, 2, 0, 64)
+    out, _ = flash_forward(backend, q, k, k, 0.125)
+    assert out.shape == (2, 2, 0, 64)
+
+
+# -------------------------------------------------------------------------------- Triton only
+def test_bad_input_before_launch_triton():
+    require("triton")
+    from vit_kernels.triton import attention
+
+    q = torch.randn(1, 2, 5, 12, device=DEVICE)
+    with pytest.raises(ValueError, match=r"head_dim: expected a multiple of 8 from 16 to 256, got 12"):
+        attention.flash_attention_forward(q, q, q, 1.0)
+    q = torch.randn(1, 2, 5, 264, device=DEVICE)
+    with pytest.raises(ValueError, match=r"head_dim: .* got 264"):
+        attention.flash_attention_forward(q, q, q, 1.0)
+    q = torch.randn(1, 2, 5, 64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"k: expected at least one key/value token"):
+        attention.flash_attention_forward(q, q[:, :, :0], q[:, :, :0], 1.0)
+    storage = torch.randn(1 * 2 * 5 * 68, device=DEVICE)
+    misaligned = storage.as_strided((1, 2, 5, 64), (2 * 5 * 68, 5 * 68, 68, 1), 4)
+    with pytest.raises(
+        ValueError,
+        match=r"k: expected a 16-byte aligned data pointer and strides that are multiples of 8",
+    ):
+        attention.flash_attention_forward(q, misaligned, q, 1.0)
+    with pytest.raises(ValueError, match=r"out: expected shape \(1, 2, 5, 64\)"):
+        attention.flash_attention_forward(q, q, q, 1.0, out=torch.empty(1, 2, 6, 64, device=DEVICE))
+    with pytest.raises(TypeError, match=r"v: expected dtype torch.float32"):
+        attention.flash_attention_forward(q, q, q.half(), 1.0)
+
+
+def test_fp32_dot_precision_is_explicit_triton():
+    """The interpreter cannot tell tf32 from tf32x3: check the launcher passes the explicit
+    precision, and the AOT test below checks it reaches the TTIR's tt.dot."""
+    require("triton")
+    from vit_kernels.triton import attention
+
+    assert attention.FP32_DOT_PRECISION in ("tf32x3", "ieee")
+    spec = attention.aot_spec(torch.float32, 64)
+    assert spec.constexprs["INPUT_PRECISION"] == attention.FP32_DOT_PRECISION
+    src = inspect.getsource(attention)
+    assert src.count("input_precision=INPUT_PRECISION") == src.count("tl.dot(") == 4  # 2 products x 2 head-dim chunks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=ids)
+def test_aot_ttir_int64_offsets_and_fp32_precision_triton(dtype):
+    require("triton")
+    ttir = compile_ttir("vit_kernels.triton.attention", f"m.aot_spec(torch.{str(dtype)[6:]}, 80, True)")
+    stride_args_widened(ttir, [f"stride_{t}{s}" for t in "qkvo" for s in "bhn"])
+    dots = [line for line in ttir.splitlines() if "tt.dot" in line]
+    assert len(dots) == (2 if dtype == torch.float32 else 4)  # float16 at head_dim 80: 64 + 16, two dots each
+    if dtype == torch.float32:
+        assert all("inputPrecision = tf32x3" in line for line in dots), dots
+
+
+# -------------------------------------------------------------------------------- CUDA only
+def cuda_layouts(B, H, N, D, dtype):
+    """(name, q, k, v): the same attention read from different memory layouts, without copies (the
+    Triton kernel refuses the last two: it loads rows as 16-byte vectors)."""
+    packed = rand(3, B, H, N, D, dtype=dtype)  # the QKV projection's output
+    yield "packed_3bhnd", packed[0], packed[1], packed[2]
+    bnhd = rand(B, N, 3, H, D, dtype=dtype)  # timm's reshape before permute
+    yield (
+        "bn3hd_transposed",
+        bnhd[:, :, 0].transpose(1, 2),
+        bnhd[:, :, 1].transpose(1, 2),
+        bnhd[:, :, 2].transpose(1, 2),
+    )
+    wide = rand(B, H, N, 2 * D, dtype=dtype)  # channel stride 2: element-wise loads
+    yield "channel_stride_2", wide[..., ::2], wide[..., 1::2], rand(B, H, N, D, dtype=dtype)
+    flat = rand(B * H * N * D + 1, dtype=dtype)  # rows not 16-byte aligned
+    shifted = flat[1:].view(B, H, N, D)
+    yield "unaligned", shifted, rand(B, H, N, D, dtype=dtype), rand(B, H, N, D, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+def test_layouts_and_concatenated_output_cuda(dtype):
+    """Strided inputs are read in place; the output goes straight into (B, N, H*hd)."""
+    require("cuda")
+    from vit_kernels.cuda import ops as cuda_ops
+
+    B, H, N, D = 3, 2, 45, 72
+    scale = D**-0.5
+    for name, q, k, v in cuda_layouts(B, H, N, D, dtype):
+        out = vk.flash_attention(q, k, v, backend="cuda")
+        check_attention(out, q, k, v, scale, name=name)
+        o = torch.full((B, N, H * D), float("nan"), dtype=dtype, device=DEVICE)
+        cuda_ops.flash_attention_forward(q, k, v, scale, out=o.view(B, N, H, D).transpose(1, 2))
+        check_attention(o.view(B, N, H, D).transpose(1, 2), q, k, v, scale, name=name + "->(B,N,H*hd)")
+
+
+@pytest.mark.parametrize("head_dim", [8, 16, 40, 104, 128])
+def test_head_dims_run_padded_in_the_next_instantiation_cuda(head_dim):
+    """Head dims not in the compiled list run in the next one, the extra columns masked."""
+    require("cuda")
+    from vit_kernels.cuda import ops as cuda_ops
+
+    for dtype in (torch.float16, torch.float32):
+        q, k, v = make_qkv(1, 2, 97, head_dim, dtype)  # several key tiles
+        out = cuda_ops.flash_attention(q, k, v, head_dim**-0.5)
+        check_attention(out, q, k, v, head_dim**-0.5, name=f"head_dim={head_dim} {dtype}")
+
+
+@pytest.mark.parametrize("magnitude", [1e-6, 3e4, 1e6])
+def test_float32_split_scaling_cuda(magnitude):
+    """fp32 runs as scaled fp16 hi/lo pairs: values far outside fp16's range stay accurate."""
+    require("cuda")
+    D = 64
+    q = rand(1, 2, 50, D, dtype=torch.float32, scale=1.0 / 256)
+    k = rand(1, 2, 50, D, dtype=torch.float32, scale=256.0)
+    v = rand(1, 2, 50, D, dtype=torch.float32, scale=magnitude)
+    out = vk.flash_attention(q, k, v, backend="cuda")
+    check_attention(out, q, k, v, D**-0.5, name=f"|v|~{magnitude:g}")
+    # and relative to the output's own size (the floor of assert_close is absolute)
+    oracle = reference.flash_attention(q.double(), k.double(), v.double())
+    assert (out.double() - oracle).abs().max() <= 1e-5 * oracle.abs().max()
+
+
+def test_head_dim_list_agrees_with_python_cuda():
+    require("cuda")
+    from vit_kernels.cuda import ops as cuda_ops
+
+    dims = cuda_ops.module_for(DEVICE).flash_attention_head_dims()
+    assert dims == sorted(dims) and dims[-1] == cuda_ops.MAX_HEAD_DIM
+    assert {64, 72, 80} <= set(dims)
+
+
+def test_bad_input_is_named_before_launch_cuda():
+    require("cuda")
+    from vit_kernels.cuda import ops as cuda_ops
+
+    q = rand(1, 2, 5, 136, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"head_dim=136 is not supported by the CUDA attention kernel"):
+        vk.flash_attention(q, q, q, backend="cuda")
+    q64 = rand(1, 2, 5, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"dtype torch.float64 is not supported by the CUDA attention kernel"):
+        vk.flash_attention(q64, q64, q64, backend="cuda")
+    mod = cuda_ops.module_for(DEVICE)
+    q = rand(1, 2, 5, 12, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=r"head_dim: expected a multiple of 8 .*compiled: 32, 64.*got 12"):
+        mod.flash_attention_forward(q, q, q, torch.empty_like(q), None, None, 1.0)
+    q = rand(1, 2, 5, 16, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=r"out: expected shape \(1, 2, 5, 16\)"):
+        mod.flash_attention_forward(q, q, q, torch.empty(1, 2, 4, 16, dtype=q.dtype), None, None, 1.0)
+    with pytest.raises(RuntimeError, match=r"k: kv_tokens must be at least 1"):
+        mod.flash_attention_forward(q, q[:, :, :0], q[:, :, :0], torch.empty_like(q), None, None, 1.0)
+    qf = q.float()
+    with pytest.raises(RuntimeError, match=r"amax: required for float32"):
+        mod.flash_attention_forward(qf, qf, qf, torch.empty_like(qf), None, None, 1.0)
+    with pytest.raises(RuntimeError, match=r"lse: expected shape \(1, 2, 5\)"):
+        mod.flash_attention_forward(q, q, q, torch.empty_like(q), torch.empty(1, 2, 4, device=DEVICE), None, 1.0)
+
+
+# sm_80 / sm_90: no spills. nvcc's report through vit_kernels.cuda.resource_usage (cached on disk, shared
+# with tests/test_cuda_build.py, which checks every csrc kernel for spills).
+SMEM_LIMIT = shared_limits_by_name()  # vit_kernels.arch
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_every_instantiation_compiles_without_spills_cuda(arch):
+    from vit_kernels import cuda as vk_cuda
+    from vit_kernels.cuda import ops as cuda_ops
+
+    root, how = vk_cuda.toolkit_root()
+    if root is None:
+        pytest.skip(f"no CUDA toolkit on this machine: {how}")
+    rows = [r for r in vk_cuda.resource_usage(arch) if r["kernel"].endswith("flash_fwd_kernel")]
+    mod = cuda_ops.module_for(DEVICE)
+    dims = mod.flash_attention_head_dims()
+    expected = {f"{dt}, {d}" for dt in ("fp16", "bf16", "fp32") for d in dims}
+    assert {r["config"] for r in rows} == expected, sorted(r["config"] for r in rows)
+    for r in rows:
+        assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0, r
+        assert r["regs"] <= 255 and r["tensor_core_instructions"], r
+        assert 0 < r["shared_bytes"] <= SMEM_LIMIT[arch], r
+    for dt in DTYPES:
+        for d in dims:
+            assert 0 < mod.flash_attention_smem_bytes(dt, d) <= SMEM_LIMIT[arch]
+
+
+# -------------------------------------------------------------------------------- qkv_attention, CUDA
+# CUDA-core's QKV GEMM (LayerNorm on load, head-split epilogue, Q pre-scaled) writes (3, B, H, N, hd);
+# the attention kernel reads it in place and writes (B, N, H*hd). The Triton paths: test_triton_qkv_attention.py.
+def run_qkv_cuda(batch, tokens, head_dim, dtype, norm, bias, heads=2):
+    require("cuda")
+    dim = heads * head_dim
+    x = rand(batch, tokens, dim, dtype=dtype)
+    w = rand(3 * dim, dim, dtype=dtype, scale=dim**-0.5)
+    b = rand(3 * dim, dtype=dtype, scale=0.1) if bias else None
+    nw = (1 + rand(dim, dtype=torch.float32, scale=0.1)).to(dtype) if norm else None
+    nb = rand(dim, dtype=dtype, scale=0.1) if norm else None
+    out = vk.qkv_attention(x, w, b, num_heads=heads, norm_weight=nw, norm_bias=nb, eps=1e-6, backend="cuda")
+    d = vk.last_decision("qkv_attention")
+    assert (d.backend, d.path) == ("cuda", "split")
+    assert out.shape == (batch, tokens, dim) and out.dtype == dtype
+    assert not torch.isnan(out).any(), "NaN left in the output (an element was not written)"
+    dbl = lambda t: None if t is None else t.double()  # noqa: E731
+    oracle = reference.qkv_attention(
+        x.double(), w.double(), dbl(b), num_heads=heads, norm_weight=dbl(nw), norm_bias=dbl(nb), eps=1e-6
+    )
+    baseline = reference.qkv_attention(x, w, b, num_heads=heads, norm_weight=nw, norm_bias=nb, eps=1e-6)
+    assert_close(out, oracle, baseline)
+
+
+QKV_DEFAULT = [
+    (1, 50, 64, torch.float16, True, True),
+    (3, 197, 80, torch.bfloat16, True, False),
+    (3, 1, 72, torch.float32, False, True),
+    (1, 257, 72, torch.float16, False, False),
+    (1, 50, 80, torch.float32, True, True),
+    (3, 50, 64, torch.bfloat16, False, True),
+]
+QKV_SLOW = [
+    (b, n, d, dt, norm, True)
+    for b in (1, 3)
+    for n in (1, 50, 197, 257, 577)
+    for d in (64, 72, 80)
+    for dt in DTYPES
+    for norm in (False, True)
+]
+
+
+def _qkv_id(c):
+    return f"b{c[0]}-n{c[1]}-hd{c[2]}-{ids(c[3])}-{'ln' if c[4] else 'noln'}-{'bias' if c[5] else 'nobias'}"
+
+
+@pytest.mark.parametrize("case", QKV_DEFAULT, ids=_qkv_id)
+def test_qkv_attention_cuda(case):
+    run_qkv_cuda(*case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", QKV_SLOW, ids=_qkv_id)
+def test_qkv_attention_full_cuda(case):
+    run_qkv_cuda(*case)
