@@ -105,7 +105,9 @@ def check_grad(model, images, **call_kw):
     for name, p in model.named_parameters():
         if p.grad is None and named[name].grad is None:
             continue
-        torch.testing.assert_close(p.grad, named[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+        ref_grad = named[name].grad  # fp32 sums in another order: elementwise bound scaled to the gradient's size
+        atol = 1e-6 + 1e-5 * ref_grad.abs().max().item()
+        torch.testing.assert_close(p.grad, ref_grad, rtol=1e-4, atol=atol, msg=name)
         n += 1
     assert n > 0
     report = vk.fuse_report(model)
