@@ -33,18 +33,17 @@ cat "$OUT/files/env.log" | tee -a "$LOG"
 BUILD=$!
 
 # tests/ and benchmarks/ each have a conftest.py: run them as two sessions
-step gpu_tests ${T_TESTS:-120} $PY -m pytest -q -m gpu -p no:cacheprovider tests -rs
-step gpu_benchmarks ${T_BENCHTESTS:-60} $PY -m pytest -q -m gpu -p no:cacheprovider benchmarks -rs
-step selftest ${T_SELFTEST:-70} $PY -m vit_kernels selftest vit_base_patch16_224 --dtype bf16 --backend triton \
-  --no-sanitizer --json-out "$OUT/files/selftest.json"
-step bench_b256_triton ${T_B256:-110} $PY -m vit_kernels bench vit_base_patch16_224 --dtype bf16 --batch-size 256 \
-  --mode inference --providers eager,sdpa,triton,tuned --out "$OUT/files/bench_b256" --no-progress
-step profile_attention ${T_PROFILE:-50} $PY -m vit_kernels profile-attention --out "$OUT/files/attention" --no-progress
-wait $BUILD; cat "$OUT/files/cuda_build.log" | tail -n 5 | tee -a "$LOG"
-step bench_b256_cuda_compile ${T_B256C:-100} $PY -m vit_kernels bench vit_base_patch16_224 --dtype bf16 --batch-size 256 \
-  --mode inference --providers cuda,compile --out "$OUT/files/bench_b256_cc" --no-progress
-step bench_b32 ${T_B32:-70} $PY -m vit_kernels bench vit_base_patch16_224 --dtype bf16 --batch-size 32 \
+step gpu_tests ${T_TESTS:-180} $PY -m pytest -q -m gpu -p no:cacheprovider tests -rs --durations=15
+step bench_b256 ${T_B256:-140} $PY -m vit_kernels bench vit_base_patch16_224 --dtype bf16 --batch-size 256 \
+  --mode inference --providers eager,sdpa,compile,triton,tuned --out "$OUT/files/bench_b256" --no-progress
+step bench_b32 ${T_B32:-60} $PY -m vit_kernels bench vit_base_patch16_224 --dtype bf16 --batch-size 32 \
   --mode inference --providers eager,sdpa,triton,cuda,tuned --out "$OUT/files/bench_b32" --no-progress
+step selftest ${T_SELFTEST:-50} $PY -m vit_kernels selftest vit_base_patch16_224 --dtype bf16 --backend triton \
+  --no-sanitizer --json-out "$OUT/files/selftest.json"
+step profile_attention ${T_PROFILE:-40} $PY -m vit_kernels profile-attention --out "$OUT/files/attention" --no-progress
+step bench_train_b128 ${T_TRAIN:-80} $PY -m vit_kernels bench vit_base_patch16_224 --dtype bf16 --batch-size 128 \
+  --bench train --providers sdpa,triton,tuned --out "$OUT/files/bench_train_b128" --no-progress
+wait $BUILD; tail -n 5 "$OUT/files/cuda_build.log" | tee -a "$LOG"
 cp "$VIT_KERNELS_CACHE"/tuning*.json "$OUT/files/" 2>/dev/null
 tar czf "$OUT/results.tar.gz" -C "$OUT" files && rm -rf "$OUT/files"
 echo "done" | tee -a "$LOG"
