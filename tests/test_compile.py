@@ -259,9 +259,7 @@ def test_export_reference(grad):
 
 def test_export_and_compile_with_a_dynamic_batch():
     """torch.export with a symbolic batch dim runs other batch sizes; torch.compile's automatic
-    dynamic shapes (a second batch size recompiles once, with a symbolic batch) stay one graph each.
-    Known limit: torch.compile(dynamic=True) makes eps a symbolic float that the argument checks
-    cannot read; set torch._dynamo.config.specialize_float = True there."""
+    dynamic shapes (a second batch size recompiles once, with a symbolic batch) stay one graph each."""
     model = build("reference").to(DEVICE)
     m = fused(model, "torch")
     with torch.no_grad():
@@ -274,6 +272,28 @@ def test_export_and_compile_with_a_dynamic_batch():
             check_against_unfused(ep.module()(x), model, x, f"exported, batch {batch}")
             check_against_unfused(compiled(x), model, x, f"compiled, batch {batch}")
     assert len(rec.graphs) == 2 and all(len(vk_targets(g)) == OPS_IN_GRAPH["reference"] for g in rec.graphs)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_compile_dynamic_true_checks_symbolic_floats(grad):
+    """torch.compile(dynamic=True) traces the modules' eps as a symbolic float: the argument checks
+    become checks of the compiled graph (no specialize_float needed), so results hold at two batch
+    sizes and a negative eps set after compiling still raises, naming the argument."""
+    model = build("reference").to(DEVICE)
+    m = fused(model, "torch")
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, dynamic=True)
+    with torch.set_grad_enabled(grad):
+        for batch in (2, 3):
+            x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch)).to(DEVICE)
+            check_against_unfused(compiled(x).detach(), model, x, f"dynamic=True, batch {batch}")
+        norms = [mod for mod in m.modules() if isinstance(getattr(mod, "eps", None), float)]
+        assert norms, "the fused model has no module with a float eps"
+        for mod in norms:
+            mod.eps = -1e-6
+        with pytest.raises(Exception, match="eps: expected a finite real number >= 0"):
+            compiled(torch.randn(2, 3, 32, 32).to(DEVICE))
+    torch._dynamo.reset()
 
 
 # ----------------------------------------------------------------------------- TorchScript

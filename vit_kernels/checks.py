@@ -81,6 +81,14 @@ def real(name: str, v, *, minimum: Optional[float] = None, exclusive: bool = Fal
 
     TypeError for another type (a string, a bool, a tensor), ValueError for NaN, inf or out of range.
     """
+    if torch.compiler.is_compiling() and not isinstance(v, bool) and isinstance(v, (numbers.Real, torch.SymFloat)):
+        # torch.compile(dynamic=True) traces a module's float as a symbol, which math.isfinite cannot
+        # read: the same bounds become checks of the compiled graph (comparisons are False for NaN)
+        ok = (v > minimum if exclusive else v >= minimum) if minimum is not None else v > -math.inf
+        msg = f"{name}: expected a finite real number{'' if minimum is None else f' >= {minimum:g}'}"
+        torch._check(ok, lambda: msg)
+        torch._check(v < math.inf, lambda: msg)
+        return v
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name}: expected a finite real number (int or float), got {type(v).__name__} {v!r}")
     f = float(v)
