@@ -5,6 +5,8 @@
 # Everything lands in $OUT (default gpu_out/): one log per step and results.tar.gz with the
 # CSV/JSON/PNG files. Each step has its own time limit so one failure does not stop the rest.
 #   OUT=gpu_out bash benchmarks/gpu_checks.sh
+# STEPS="gpu_tests bench_b256 ..." runs only the named steps (default: all but bench_large; a second
+# visit to a GPU reruns what changed); bench_large is ViT-L/16 and ViT-H/14 bf16 at batch 32.
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT/files"
@@ -13,8 +15,10 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} TRITON_INTERPRET=0
 PY=${PY:-python3}
 LOG="$OUT/steps.log"
 
+STEPS=${STEPS:-gpu_tests bench_b256 bench_b32 selftest profile_attention bench_train_b128}
 step() {  # step NAME SECONDS CMD...: run with a time limit, log to files/NAME.log, summary to steps.log
   local name=$1 limit=$2; shift 2
+  case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
   local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/files/$name.log" 2>&1
   local rc=$?
@@ -43,6 +47,8 @@ step selftest ${T_SELFTEST:-50} $PY -m vit_kernels selftest vit_base_patch16_224
 step profile_attention ${T_PROFILE:-40} $PY -m vit_kernels profile-attention --out "$OUT/files/attention" --no-progress
 step bench_train_b128 ${T_TRAIN:-80} $PY -m vit_kernels bench vit_base_patch16_224 --dtype bf16 --batch-size 128 \
   --bench train --providers sdpa,triton,tuned --out "$OUT/files/bench_train_b128" --no-progress
+step bench_large ${T_LARGE:-120} $PY -m vit_kernels bench vit_large_patch16_224 vit_huge_patch14_224 --dtype bf16 \
+  --batch-size 32 --mode inference --providers eager,sdpa,tuned --out "$OUT/files/bench_large" --no-progress
 wait $BUILD; tail -n 5 "$OUT/files/cuda_build.log" | tee -a "$LOG"
 cp "$VIT_KERNELS_CACHE"/tuning*.json "$OUT/files/" 2>/dev/null
 tar czf "$OUT/results.tar.gz" -C "$OUT" files && rm -rf "$OUT/files"
