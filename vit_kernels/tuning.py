@@ -541,7 +541,23 @@ class Tuner:
 
     def tune_signature(self, op: str, sig: str, cands: Sequence[Candidate], run: Runner, args: tuple) -> Entry:
         """Run every candidate once, drop those that fail or disagree with the oracle, time the
-        rest, keep the fastest."""
+        rest, keep the fastest. The candidates' runs are not the caller's op calls: they record no
+        Decision (a timer runs each hundreds of times; see backends.unrecorded)."""
+        from .backends import unrecorded
+
+        gemm_tma = _gemm_tma()
+        scratch = gemm_tma.tuning_state() if gemm_tma is not None else None
+        entry = None
+        try:
+            with unrecorded():
+                entry = self._tune_signature(op, sig, cands, run, args)
+        finally:  # what the candidates left in the TMA GEMM's caches, unless the winner runs there
+            if scratch is not None:
+                keep = entry is not None and any(kw == "tma_config" for kw, _ in entry.winner.config)
+                gemm_tma.restore_tuning_state(scratch, keep_folds=keep)
+        return entry
+
+    def _tune_signature(self, op: str, sig: str, cands: Sequence[Candidate], run: Runner, args: tuple) -> Entry:
         from .backends import Decision
         from .testing import compare
 
@@ -658,6 +674,15 @@ class Tuner:
     def entries(self) -> List[Entry]:
         """Every signature this process tuned or read from the cache file."""
         return [self._entries[s] for s in sorted(self._entries)]
+
+
+def _gemm_tma():
+    """vit_kernels.triton.gemm_tma, or None where triton cannot be imported."""
+    try:
+        from .triton import gemm_tma
+    except ImportError:  # pragma: no cover - triton is a torch dependency on Linux
+        return None
+    return gemm_tma
 
 
 def _f64(a):
@@ -835,7 +860,7 @@ def tune(model, example_inputs, *, fallback: bool = True) -> ModelTuning:
         return model(*inputs)
 
     saved = {p: m.backend for p, m in parts.items()}
-    with torch.no_grad(), mode("cache-only"):
+    with torch.no_grad(), mode("cache-only"), backends.unrecorded():  # the timer's runs are not the caller's calls
         fused_ms = float(tuner.timer(Candidate("model", "fused"), forward))
         try:
             for m in parts.values():
