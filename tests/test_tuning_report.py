@@ -4,15 +4,18 @@ bench's peak memory is the steady-state step's for every provider; the tuning ta
 signature with its candidates grouped under it. Fake timers (see tests/test_tuning.py)."""
 
 import gc
+import io
+import re
 import weakref
 
+import pytest
 import torch
 
 import vit_kernels as vk
 from vit_kernels import backends, tuning
 
 from conftest import DEVICE  # noqa: E402
-from test_tuning import FakeTimer, make_tuner, paths_only, tiny_vit, tma_only
+from test_tuning import FakeTimer, linear_args, make_tuner, paths_only, tiny_vit, tma_only
 
 
 class RepeatingTimer(FakeTimer):
@@ -153,3 +156,104 @@ def test_bench_peak_memory_window_starts_after_tuning_and_the_first_step(monkeyp
         assert events[-1] == "forward"  # the timed steps run inside the window
         if provider == "tuned":
             assert "timed model:unfused" in events and "timed torch" in events
+
+
+def tuned_linear(timer):
+    """One linear call tuned with ``timer`` on a fresh tuner; returns (tuner, entry)."""
+    x, w, b, r = linear_args()
+    tuner = make_tuner(timer, candidate_list=paths_only)
+    with tuning.use_tuner(tuner):
+        vk.linear(x, w, b, residual=r)
+    (entry,) = tuner.entries()
+    return tuner, entry
+
+
+def test_tune_report_shows_short_signatures_with_their_candidates_under_them():
+    timer = FakeTimer({"torch": 0.5, "triton": 0.25})
+    tuner, entry = tuned_linear(timer)
+    assert entry.label == "linear 2x8x32 @ 48x32 fp32 +bias +residual"
+    out = io.StringIO()
+    with tuning.use_tuner(tuner):
+        vk.tune_report(file=out)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "tuning table:" and lines[1].split() == [
+        "op",
+        "signature",
+        "/",
+        "candidate",
+        "ms",
+        "x",
+        "torch",
+        "result",
+    ]
+    assert lines[3] == entry.label  # the heading row: the short signature alone
+    assert lines[4].split() == ["triton", "0.2500", "2.00x", "chosen"] and lines[4].startswith("  ")
+    assert lines[5].split() == ["torch", "0.5000", "1.00x"]
+    assert len(lines) == 6 and max(map(len, lines)) < 100, lines
+    assert "|" not in out.getvalue()  # the full key is not printed ...
+    assert entry.summary()["signature"] == entry.signature and "|extra=" in entry.signature  # ... it is in JSON
+    assert entry.summary()["label"] == entry.label and entry.summary()["winner"]["backend"] == "triton"
+
+
+def test_tune_report_on_a_terminal_is_a_rich_table():
+    pytest.importorskip("rich")
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tuner, entry = tuned_linear(FakeTimer({"triton": 0.25}))
+    out = Terminal()
+    with tuning.use_tuner(tuner):
+        vk.tune_report(file=out)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", out.getvalue())  # rich's styles
+    assert "─" in text and entry.label in text and "|" not in text, text
+    rows = [line.split() for line in text.splitlines()]
+    assert ["triton", "0.2500", "4.00x", "chosen"] in rows and ["torch", "1.0000", "1.00x"] in rows, text
+
+
+def sig(op, extra, *tensors, device="GPU:sm_90"):
+    return "|".join([op, f"extra={extra!r}", *tensors, device, "torch=2", "triton=3", "vit_kernels=0"])
+
+
+def test_short_signatures():
+    bf = ":bfloat16:contiguous"
+    assert (
+        tuning.short_signature(
+            sig(
+                "qkv_attention", (12, None), "(8, 197, 768)" + bf, "(2304, 768)" + bf, "-", "(768,)" + bf, "(768,)" + bf
+            )
+        )
+        == "qkv_attention 8x197x768 @ 2304x768 bf16 12 heads +ln"
+    )
+    assert (
+        tuning.short_signature(
+            sig("qkv_attention", (3, "single_kernel"), "(1, 50, 192)" + bf, "(576, 192)" + bf, "(576,)" + bf, "-", "-")
+        )
+        == "qkv_attention 1x50x192 @ 576x192 bf16 3 heads path=single_kernel +bias"
+    )
+    qkv = "(2, 12, 197, 64):float16:contiguous"
+    assert tuning.short_signature(sig("flash_attention", (), qkv, qkv, qkv)) == "flash_attention 2x12x197x64 fp16"
+    assert (
+        tuning.short_signature(
+            sig(
+                "patch_embed",
+                (16,),
+                "(4, 3, 224, 224):uint8:strided:150528,1,672,3",
+                "(768, 3, 16, 16)" + bf,
+                "(768,)" + bf,
+                "-",
+                "-",
+            )
+        )
+        == "patch_embed 4x3x224x224 @ 768x3x16x16 uint8/bf16 +bias (images strided:150528,1,672,3)"
+    )
+    x = "(4, 197, 768)" + bf
+    mlp = sig(
+        "layernorm_gelu_mlp", ("tanh",), x, "-", "-", "(3072, 768)" + bf, "-", "(768, 3072)" + bf, "-", x, "(768,)" + bf
+    )
+    assert (
+        tuning.short_signature(mlp) == "layernorm_gelu_mlp 4x197x768 @ 3072x768 @ 768x3072 bf16 gelu=tanh +residual +ls"
+    )
+    foreign = "some_op|" + "x" * 100
+    assert tuning.short_signature(foreign) == foreign[:59] + "…"

@@ -301,13 +301,13 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
 
     tune_note = ""
     if provider == "tuned":
-        from ..tuning import tune
+        from ..tuning import table_rows, tune
 
         with attn_ctx(), amp():
             result = tune(model, (prep(images),))  # times every op signature, then fused vs unfused
         row["tuning"] = str(result)
-        row["tuning_entries"] = [e.table() for e in result.entries]
-        row["tuning_rows"] = [r for e in result.entries for r in e.rows()]
+        row["tuning_entries"] = [e.summary() for e in result.entries]  # bench.json: full signatures
+        row["tuning_rows"] = table_rows(result.entries)  # the printed table: short ones
         tune_note = result.message
     from ..backends import last_decision
 
