@@ -4,7 +4,8 @@ Every fused op and module takes ``backend="auto" | "triton" | "cuda" | "torch"``
 :func:`resolve` turns that request plus the tensors into a :class:`Decision` that says
 which backend runs and, when a fused path is not taken, why. The last decision of each op
 is kept so callers can ask (:func:`last_decision`; :func:`record_decisions` collects every call's
-decision in the calling thread), and every "not taken" reason is logged once at INFO on the
+decision in the calling thread; the tuner's own runs of candidates are not calls and record nothing,
+see :func:`unrecorded`), and every "not taken" reason is logged once at INFO on the
 ``vit_kernels`` logger. The memo tables are safe to use from several threads.
 
 Rules:

@@ -187,8 +187,9 @@ def _fallbacks(before: Dict, requested: str) -> List[str]:
 
 def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool = False):
     """Build one (model, provider, mode) and run its step once (compilation, autotuning, lazy
-    init; the backend decisions are read here). Returns (row, step, shape): step is None when the
-    provider cannot be timed here, and the row says why."""
+    init; the backend decisions are read here), then start the peak-memory window
+    (:func:`start_peak_memory`). Returns (row, step, shape): step is None when the provider cannot
+    be timed here, and the row says why."""
     name = provider + ("+graphs" if graphs else "")
     row: Dict = {
         "model": spec,
