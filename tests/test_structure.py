@@ -35,6 +35,7 @@ LAZY_UPWARD = {
     ("vit_kernels.tuning", "vit_kernels.nn"): "tune(model) walks the fused modules",
     ("vit_kernels.tuning", "vit_kernels.swap.wrapper"): "tune(model) walks the swap wrappers",
     ("vit_kernels.tuning", "vit_kernels"): "the package version in the tuning cache key",
+    ("vit_kernels.tuning", "vit_kernels.bench.report"): "tune_report prints the bench's tuning table (rich or plain)",
     ("vit_kernels.bench.report", "vit_kernels"): "the package version in the report",
     ("vit_kernels.verify", "vit_kernels"): "vk.fuse for verify(model) without a fused copy",
     ("vit_kernels.cuda", "vit_kernels"): "the prebuilt extension vit_kernels._C (not a Python module)",

@@ -617,16 +617,17 @@ def test_bench_tuned_provider_tunes_and_keeps_the_table(monkeypatch):
         row, step, _ = tp.prepare("vit_tiny_patch16_224", "tuned", "inference", cfg)
         assert step is not None and step().shape[0] == 1
     assert "fused is 2.00x faster" in row["note"] and row["status"] == "ok"
-    assert len(row["tuning_entries"]) == 4 and all("winner: torch" in t for t in row["tuning_entries"])
+    entries = row["tuning_entries"]  # bench.json: the full signatures
+    assert len(entries) == 4 and all(e["winner"]["backend"] == "torch" for e in entries)
+    assert all(e["signature"].startswith(e["op"] + "|") and e["label"].startswith(e["op"] + " ") for e in entries)
     assert "qkv_attention: torch" in row["tuning"]
     table = row["tuning_rows"]  # what bench prints (a rich table on a terminal): one row per candidate
     assert sum(r["result"] == "chosen" for r in table) == 4
     assert all(r["candidate"] == "torch" for r in table if r["result"] == "chosen"), table
     from vit_kernels.bench import report
-    from vit_kernels.commands.bench import TUNING_COLUMNS
 
-    text = report.format_table(table, TUNING_COLUMNS)
-    assert "op signature" in text and "chosen" in text and "0.1000" in text, text
+    text = report.format_table(table, tuning.TABLE_COLUMNS)
+    assert "op signature / candidate" in text and "chosen" in text and "0.1000" in text, text
 
 
 def test_bad_tune_argument_names_it():

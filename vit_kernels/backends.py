@@ -4,7 +4,8 @@ Every fused op and module takes ``backend="auto" | "triton" | "cuda" | "torch"``
 :func:`resolve` turns that request plus the tensors into a :class:`Decision` that says
 which backend runs and, when a fused path is not taken, why. The last decision of each op
 is kept so callers can ask (:func:`last_decision`; :func:`record_decisions` collects every call's
-decision in the calling thread), and every "not taken" reason is logged once at INFO on the
+decision in the calling thread; the tuner's own runs of candidates are not calls and record nothing,
+see :func:`unrecorded`), and every "not taken" reason is logged once at INFO on the
 ``vit_kernels`` logger. The memo tables are safe to use from several threads.
 
 Rules:
@@ -113,10 +114,12 @@ class _Memo(dict):
 
     def replace_call(self, old: Optional[Decision], d: Decision) -> None:
         """Record ``d``; where ``old`` (the same call's earlier Decision) is the last recorded entry
-        of a list, ``d`` takes its place."""
-        with _LOCK:
-            dict.__setitem__(self, d.op, d)
-        for rec in getattr(_RECORDING, "lists", ()):
+        of a list, ``d`` takes its place. Inside :func:`unrecorded` only the lists opened there record."""
+        state = _RECORDING.__dict__  # (a missing attribute of a thread-local costs ~1 us; a dict look-up does not)
+        if not state.get("unrecorded"):
+            with _LOCK:
+                dict.__setitem__(self, d.op, d)
+        for rec in state.get("lists", ()):
             if old is not None and rec and rec[-1] is old:
                 rec[-1] = d
             else:
@@ -157,6 +160,21 @@ def stop_recording(calls: list) -> None:
     lists = getattr(_RECORDING, "lists", [])
     if any(c is calls for c in lists):
         del lists[next(i for i, c in enumerate(lists) if c is calls)]
+
+
+@contextlib.contextmanager
+def unrecorded():
+    """Inside the block, this thread's op calls are not the caller's: they change neither
+    :func:`last_decision` nor the :func:`record_decisions` lists opened before the block (lists
+    opened inside, such as a launch plan's, still record). For the tuner's own runs: every candidate
+    of a signature and the whole-model guard's timed forwards, each run hundreds of times by a timer
+    (vit_kernels.tuning)."""
+    outer, was = getattr(_RECORDING, "lists", []), getattr(_RECORDING, "unrecorded", False)
+    _RECORDING.lists, _RECORDING.unrecorded = [], True
+    try:
+        yield
+    finally:
+        _RECORDING.lists, _RECORDING.unrecorded = outer, was
 
 
 def check_backend(backend) -> str:

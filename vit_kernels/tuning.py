@@ -377,26 +377,161 @@ class Entry:
                 out[b] = "dropped when tuned: " + "; ".join(f"{r.candidate.name}: {r.dropped}" for r in rs)
         return out
 
+    @property
+    def label(self) -> str:
+        """The signature in a few words (:func:`short_signature`), e.g. ``linear 256x197x768 @ 768x768
+        bf16 +bias +residual``."""
+        return short_signature(self.signature)
+
     def rows(self) -> List[Dict[str, Any]]:
-        """The candidates as table rows, fastest first: op (with the signature), candidate, ms (None
-        when dropped), result ("chosen", "dropped: why" or "")."""
-        out = []
+        """This entry as rows of the tuning table (:data:`TABLE_COLUMNS`): a heading row (the short
+        signature in column "row", empty "candidate"), then the candidates under it, fastest first
+        ("row": the name indented). Every row has signature (the short one), key (the full signature),
+        candidate, ms (None when dropped), vs_torch (the torch path's ms / this one's), result
+        ("chosen", "dropped: why" or "")."""
+        label = self.label
+        head = {"row": label, "signature": label, "key": self.signature, "candidate": "", "ms": "", "vs_torch": ""}
+        out = [{**head, "result": ""}]
+        torch_ms = self.torch_ms
         for r in sorted(self.results, key=lambda r: (r.ms is None, r.ms or 0.0)):
             result = "chosen" if r.candidate == self.winner else (f"dropped: {r.dropped}" if r.ms is None else "")
             out.append(
-                {"op": f"{self.op} {self.signature}", "candidate": r.candidate.name, "ms": r.ms, "result": result}
+                {
+                    "row": "  " + r.candidate.name,
+                    "signature": label,
+                    "key": self.signature,
+                    "candidate": r.candidate.name,
+                    "ms": r.ms,
+                    "vs_torch": torch_ms / r.ms if torch_ms and r.ms else None,
+                    "result": result,
+                }
             )
         return out
 
     def table(self) -> str:
-        lines = [f"{self.op} {self.signature}"]
-        for r in sorted(self.results, key=lambda r: (r.ms is None, r.ms or 0.0)):
-            mark = "*" if r.candidate == self.winner else " "
-            t = f"{r.ms:9.4f} ms" if r.ms is not None else f"  dropped: {r.dropped}"
-            lines.append(f"  {mark} {r.candidate.name:<44} {t}")
-        sp = self.speedup
-        lines.append(f"  winner: {self.winner.name}" + (f" ({sp:.2f}x the torch path)" if sp else ""))
-        return "\n".join(lines)
+        """This entry as plain text: the full signature, then the table's rows."""
+        from .bench.report import format_table
+
+        return f"{self.signature}\n{format_table(self.rows(), TABLE_COLUMNS)}"
+
+    def summary(self) -> Dict[str, Any]:
+        """This entry for a JSON report: the full signature, the short one, and :meth:`to_json`."""
+        return {"signature": self.signature, "label": self.label, **self.to_json()}
+
+
+def _cell(spec: str, unit: str = ""):
+    """A tuning table cell: "" stays empty (a heading row), None is "-" (a dropped candidate)."""
+    return lambda v: v if v == "" else "-" if v is None else format(v, spec) + unit
+
+
+# The tuning table (vk.tune_report, the bench's tuned rows): Entry.rows' keys, headers, formats.
+TABLE_COLUMNS = [
+    ("row", "op signature / candidate"),
+    ("ms", "ms", _cell(".4f")),
+    ("vs_torch", "x torch", _cell(".2f", "x")),
+    ("result", "result"),
+]
+
+
+def starts_group(row: Dict[str, Any]) -> bool:
+    """True for a heading row of the tuning table (:meth:`Entry.rows`)."""
+    return row.get("candidate") == ""
+
+
+# How each op's signature reads in the tuning table: its tensors in the order the op passes them to
+# resolve, each shown as a shape ("", shapes joined by " @ "), as a flag when present ("+bias"), or
+# not at all (None).
+LABELS: Dict[str, Tuple[Tuple[str, Optional[str]], ...]] = {
+    "linear": (("x", ""), ("weight", ""), ("bias", "+bias"), ("residual", "+residual"), ("layer_scale", "+ls")),
+    "qkv_attention": (
+        ("x", ""),
+        ("qkv_weight", ""),
+        ("qkv_bias", "+bias"),
+        ("norm_weight", "+ln"),
+        ("norm_bias", None),
+    ),
+    "flash_attention": (("q", ""), ("k", ""), ("v", "")),
+    "layernorm_gelu_mlp": (
+        ("x", ""),
+        ("norm_weight", "+ln"),
+        ("norm_bias", None),
+        ("fc1_weight", ""),
+        ("fc1_bias", "+bias"),
+        ("fc2_weight", ""),
+        ("fc2_bias", "+bias"),
+        ("residual", "+residual"),
+        ("layer_scale", "+ls"),
+    ),
+    "patch_embed": (("images", ""), ("weight", ""), ("bias", "+bias"), ("pos_embed", "+pos"), ("cls_token", "+cls")),
+}
+_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
+
+
+def short_signature(sig: str) -> str:
+    """A signature key (``Tuner._signature``: op, key_extra, each tensor's shape:dtype:layout, device,
+    versions) in a few words: the op, its main shapes (``@`` between operands, repeats once), the
+    dtype(s), its numbers that change the kernels and the optional inputs present, e.g.
+    ``qkv_attention 256x197x768 @ 2304x768 bf16 12 heads +bias +ln``; a tensor not contiguous gets
+    its layout. A key it cannot read comes back cut to 60 characters."""
+    import ast
+
+    op, extra_text, tensors, _ = _split_signature(sig)
+    names = LABELS.get(op)
+    try:
+        extra = ast.literal_eval(extra_text) if extra_text else ()
+        if names is None or len(tensors) != len(names):
+            raise ValueError(sig)
+        shapes, dtypes, flags, layouts = [], [], [], []
+        for (name, role), t in zip(names, tensors):
+            if t is None or role is None:
+                continue
+            if role:
+                flags.append(role)
+                continue
+            shape_text, rest = t.split("):", 1)
+            dtype, layout = rest.split(":", 1)
+            shape = "x".join(str(n) for n in ast.literal_eval(shape_text + ")")) or "scalar"
+            if shape not in shapes:
+                shapes.append(shape)
+            dtypes.append(_DTYPE_NAMES.get(dtype, dtype))
+            if layout != "contiguous":
+                layouts.append(f"{name} {layout}")
+    except (ValueError, SyntaxError, IndexError):
+        return sig if len(sig) <= 60 else sig[:59] + "…"
+    words = [op, " @ ".join(shapes), "/".join(dict.fromkeys(dtypes))]
+    if op == "qkv_attention":
+        words.append(f"{extra[0]} heads" + (f" path={extra[1]}" if extra[1] else ""))
+    elif op == "layernorm_gelu_mlp" and extra and extra[0] != "none":
+        words.append(f"gelu={extra[0]}")
+    words += list(dict.fromkeys(flags))
+    if layouts:
+        words.append("(" + ", ".join(layouts) + ")")
+    return " ".join(words)
+
+
+def _split_signature(sig: str) -> Tuple[str, str, List[Optional[str]], str]:
+    """(op, key_extra's repr, each tensor's "shape:dtype:layout" or None, "device:sm_NN") of a key."""
+    parts = sig.split("|")
+    extra = parts[1][len("extra=") :] if len(parts) > 1 and parts[1].startswith("extra=") else ""
+    tensors: List[Optional[str]] = []
+    i = 2
+    while i < len(parts) and (parts[i] == "-" or parts[i].startswith("(")):
+        tensors.append(None if parts[i] == "-" else parts[i])
+        i += 1
+    return parts[0], extra, tensors, parts[i] if i < len(parts) else ""
+
+
+def table_rows(entries: Sequence["Entry"]) -> List[Dict[str, Any]]:
+    """Every entry's :meth:`Entry.rows`, in order; where the entries come from several devices (a
+    cache file shared between GPUs) each signature names its device."""
+    devices = {_split_signature(e.signature)[3] for e in entries}
+    out = []
+    for e in entries:
+        rows = e.rows()
+        if len(devices) > 1:
+            rows[0]["row"] += " on " + _split_signature(e.signature)[3]
+        out += rows
+    return out
 
 
 Runner = Callable[..., Any]  # run(decision, *args) -> output tensor
@@ -541,7 +676,23 @@ class Tuner:
 
     def tune_signature(self, op: str, sig: str, cands: Sequence[Candidate], run: Runner, args: tuple) -> Entry:
         """Run every candidate once, drop those that fail or disagree with the oracle, time the
-        rest, keep the fastest."""
+        rest, keep the fastest. The candidates' runs are not the caller's op calls: they record no
+        Decision (a timer runs each hundreds of times; see backends.unrecorded)."""
+        from .backends import unrecorded
+
+        gemm_tma = _gemm_tma()
+        scratch = gemm_tma.tuning_state() if gemm_tma is not None else None
+        entry = None
+        try:
+            with unrecorded():
+                entry = self._tune_signature(op, sig, cands, run, args)
+        finally:  # what the candidates left in the TMA GEMM's caches, unless the winner runs there
+            if scratch is not None:
+                keep = entry is not None and any(kw == "tma_config" for kw, _ in entry.winner.config)
+                gemm_tma.restore_tuning_state(scratch, keep_folds=keep)
+        return entry
+
+    def _tune_signature(self, op: str, sig: str, cands: Sequence[Candidate], run: Runner, args: tuple) -> Entry:
         from .backends import Decision
         from .testing import compare
 
@@ -660,6 +811,15 @@ class Tuner:
         return [self._entries[s] for s in sorted(self._entries)]
 
 
+def _gemm_tma():
+    """vit_kernels.triton.gemm_tma, or None where triton cannot be imported."""
+    try:
+        from .triton import gemm_tma
+    except ImportError:  # pragma: no cover - triton is a torch dependency on Linux
+        return None
+    return gemm_tma
+
+
 def _f64(a):
     return a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
 
@@ -705,16 +865,18 @@ def use_tuner(tuner: Tuner):
 
 
 def tune_report(file=None, *, print_it: bool = True) -> List[Entry]:
-    """Print each tuned op signature's candidates with their times and the winner; return the
-    entries (``Entry.results``, ``Entry.winner``, ``Entry.speedup``)."""
+    """Print the tuning table: each tuned op signature in short (:func:`short_signature`; the full
+    keys are in the cache file) with its candidates grouped under it, their times, speed-up over the
+    torch path and the winner; a rich table on a terminal, plain text otherwise (the bench's table).
+    Returns the entries (``Entry.results``, ``Entry.winner``, ``Entry.speedup``, ``Entry.signature``)."""
     entries = get_tuner().entries()
     if print_it:
-        text = (
-            "\n".join(e.table() for e in entries)
-            if entries
-            else ("no op signature tuned yet (tuning times op calls on CUDA tensors with backend='auto')")
-        )
-        print(text, file=file)
+        if not entries:
+            print("no op signature tuned yet (tuning times op calls on CUDA tensors with backend='auto')", file=file)
+        else:
+            from .bench.report import print_table
+
+            print_table(table_rows(entries), TABLE_COLUMNS, title="tuning table:", file=file, group=starts_group)
     return entries
 
 
@@ -835,7 +997,7 @@ def tune(model, example_inputs, *, fallback: bool = True) -> ModelTuning:
         return model(*inputs)
 
     saved = {p: m.backend for p, m in parts.items()}
-    with torch.no_grad(), mode("cache-only"):
+    with torch.no_grad(), mode("cache-only"), backends.unrecorded():  # the timer's runs are not the caller's calls
         fused_ms = float(tuner.timer(Candidate("model", "fused"), forward))
         try:
             for m in parts.values():

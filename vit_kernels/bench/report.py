@@ -17,7 +17,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -101,7 +101,7 @@ def fmt(v, digits: int = 3) -> str:
 
 def _numeric(rows: Sequence[Dict], key: str) -> bool:
     """Whether a column holds numbers (right-aligned); text columns are left-aligned."""
-    values = [r.get(key) for r in rows if r.get(key) is not None]
+    values = [r.get(key) for r in rows if r.get(key) not in (None, "")]
     return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
@@ -144,10 +144,12 @@ def print_table(
     title: Optional[str] = None,
     file=None,
     styles: Optional[Dict[str, Dict[str, str]]] = None,
+    group: Optional[Callable[[Dict], bool]] = None,
 ) -> None:
     """Print a table: rich's on a terminal (:func:`rich_console`), else :func:`format_table`'s plain
     text (with ``title`` on the line above). columns as for format_table; styles: column key ->
-    {cell text: rich style} (e.g. {"status": {"FAIL": "red"}}), used on a terminal only."""
+    {cell text: rich style} (e.g. {"status": {"FAIL": "red"}}), used on a terminal only; group(row):
+    True for a row that heads a group of rows (on a terminal: bold, a gap before it)."""
     console = rich_console(file)
     if console is None:
         if title:
@@ -171,13 +173,17 @@ def print_table(
             overflow="fold",
         )
     # a terminal too narrow for the table: wider lines (the terminal wraps them) rather than cropped cells
-    console.width = max(console.width, sum(widths[:-1]) + min(widths[-1], 40) + 2 * len(columns) + 2)
-    for t in texts:
+    # (each column: one space of padding either side, one between columns, one at each edge)
+    console.width = max(console.width, sum(widths[:-1]) + min(widths[-1], 40) + 3 * len(columns) + 1)
+    for j, (r, t) in enumerate(zip(rows, texts)):
+        head = group is not None and group(r)
+        if head and j:
+            table.add_section()
         cells = []
         for c, text in zip(columns, t):
             style = (styles or {}).get(c[0], {}).get(text)
             cells.append(f"[{style}]{escape(text)}[/{style}]" if style else escape(text))
-        table.add_row(*cells)
+        table.add_row(*cells, style="bold" if head else None)
     console.print(table)
 
 

@@ -17,6 +17,13 @@ in Triton's interpreter or the host emulator, which are for verification, not ti
 the first call of a fused provider, ``vit_kernels.last_decision`` is read: a row that asked for
 triton but ran torch for some op says so (status "fallback").
 
+Peak memory (``peak_mem_mib``, GPU only) means the same for every provider: the most memory
+allocated during the timed steps, counted from when the provider is ready (:func:`start_peak_memory`:
+model built, compiled or tuned, first step run). It includes what stays allocated (weights,
+inputs, optimizer state, caches, a CUDA graph's pool) and the timer's L2-flush buffer
+(``triton.testing.do_bench``: 256 MB, every row alike); it excludes building, torch.compile's
+autotuning and ``vk.tune`` (the float64 oracle of each signature), which happen once.
+
 Modes: ``inference`` (a forward under inference_mode) and ``train`` (forward, cross-entropy,
 backward, optimizer step: :func:`vit_kernels.training.train_step`). Under ``torchrun`` every
 process times the same cases on its own batch, the train step under DistributedDataParallel, and
@@ -180,8 +187,9 @@ def _fallbacks(before: Dict, requested: str) -> List[str]:
 
 def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool = False):
     """Build one (model, provider, mode) and run its step once (compilation, autotuning, lazy
-    init; the backend decisions are read here). Returns (row, step, shape): step is None when the
-    provider cannot be timed here, and the row says why."""
+    init; the backend decisions are read here), then start the peak-memory window
+    (:func:`start_peak_memory`). Returns (row, step, shape): step is None when the provider cannot
+    be timed here, and the row says why."""
     name = provider + ("+graphs" if graphs else "")
     row: Dict = {
         "model": spec,
@@ -199,8 +207,6 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
         return row, None, None
     device = cfg.device
     _free(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     family, _ = bmodels.parse(spec)
     torch.manual_seed(0)
     model = bmodels.build(
@@ -296,13 +302,13 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
 
     tune_note = ""
     if provider == "tuned":
-        from ..tuning import tune
+        from ..tuning import table_rows, tune
 
         with attn_ctx(), amp():
             result = tune(model, (prep(images),))  # times every op signature, then fused vs unfused
         row["tuning"] = str(result)
-        row["tuning_entries"] = [e.table() for e in result.entries]
-        row["tuning_rows"] = [r for e in result.entries for r in e.rows()]
+        row["tuning_entries"] = [e.summary() for e in result.entries]  # bench.json: full signatures
+        row["tuning_rows"] = table_rows(result.entries)  # the printed table: short ones
         tune_note = result.message
     from ..backends import last_decision
 
@@ -324,7 +330,26 @@ def prepare(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool 
     if any(n.startswith("FALLBACK") for n in notes):
         row["status"] = "fallback"
     row["note"] = "; ".join(notes)
+    _free(device)  # what building, compiling, tuning and the first call left behind
+    start_peak_memory(device)
     return row, step, shape
+
+
+def start_peak_memory(device: torch.device) -> None:
+    """Start the window of the peak-memory column: called once a provider is ready (model built,
+    compiled or tuned, first step run), so the column is the steady-state step's for every provider:
+    what stays allocated (weights, inputs, optimizer state, caches, a CUDA graph's pool) plus the
+    step's own peak. The tuned provider's tuning (each signature's float64 oracle, candidates'
+    outputs) and torch.compile's autotuning happen before it and are not counted."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mib(device: torch.device) -> Optional[float]:
+    """The peak allocated memory since :func:`start_peak_memory` in MiB (None off a CUDA device)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 INPUT_DTYPES = ("float", "uint8")
@@ -401,8 +426,9 @@ def run_case(spec: str, provider: str, mode: str, cfg: BenchConfig, graphs: bool
             )
             if n
         )
-    if device.type == "cuda":
-        row["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    peak = peak_memory_mib(device)  # over the timed steps only (see start_peak_memory)
+    if peak is not None:
+        row["peak_mem_mib"] = peak
     if shape is not None:
         mc = model_cost(shape)
         flops = mc.flops if mode == "inference" else training_flops(mc.flops)

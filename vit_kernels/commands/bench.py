@@ -32,6 +32,7 @@ import torch
 from ..bench import peaks as bpeaks
 from ..bench import throughput as tp
 from ..models import registry
+from ..tuning import TABLE_COLUMNS, starts_group
 from .arguments import out_folder, positive_int
 
 GPU_DEFAULTS = dict(
@@ -63,15 +64,6 @@ TIMM_PRECISION = {
 }
 AMP_DTYPES = {"float16": "fp16", "bfloat16": "bf16"}
 BENCH_MODES = {"inference": "inference", "train": "train", "both": "inference,train"}
-
-
-# the tuning table's columns (vit_kernels.tuning.Entry.rows)
-TUNING_COLUMNS = [
-    ("op", "op signature"),
-    ("candidate", "candidate"),
-    ("ms", "ms", lambda v: "-" if v is None else f"{v:.4f}"),
-    ("result", "result"),
-]
 
 
 def add_parser(sub) -> None:
@@ -434,7 +426,9 @@ def _run(args, cfg, notes, write: bool) -> int:
         if entries is not None:
             tuning[f"{r['label']} {r['mode']}"] = {"summary": summary, "entries": entries}
             print()
-            report.print_table(table or [], TUNING_COLUMNS, title=f"tuning table ({r['label']}, {r['mode']}):")
+            report.print_table(
+                table or [], TABLE_COLUMNS, title=f"tuning table ({r['label']}, {r['mode']}):", group=starts_group
+            )
             print(summary)
     errors = [r for r in rows if r["status"] == "error"]
     if not write:  # torchrun: a rank other than 0 (its rows went into rank 0's through all_gather)

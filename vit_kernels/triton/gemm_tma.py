@@ -831,6 +831,23 @@ def fold_layernorm(
     return folded
 
 
+def tuning_state() -> tuple:
+    """What timing candidates leaves here (see :func:`restore_tuning_state`): the fold cache's keys and
+    the last LayerNorm route."""
+    return set(_FOLD_CACHE), _LAST_LN_ROUTE[0]
+
+
+def restore_tuning_state(state: tuple, keep_folds: bool) -> None:
+    """After the tuner timed a signature's candidates (vit_kernels.tuning): the last LayerNorm route is
+    the caller's again (not a candidate's), and unless the winner runs on this GEMM (``keep_folds``) the
+    weights folded for the timing are dropped (a ViT-B/16 block's QKV and fc1: ~8 MB each)."""
+    keys, route = state
+    _LAST_LN_ROUTE[0] = route
+    if not keep_folds:
+        for k in [k for k in _FOLD_CACHE if k not in keys]:
+            del _FOLD_CACHE[k]
+
+
 def ln_cancel_threshold(K: int, dtype: torch.dtype) -> float:
     """The largest |mean| * rstd a row may have for the folded route.
 
