@@ -469,6 +469,13 @@ MUTATIONS: List[Mutation] = [
         ("tests/test_swap_dynamic_size.py",),
     ),
     Mutation(
+        "swap-hf-weights-not-handed-to-hooks",
+        "vit_kernels/swap/hf.py",
+        "            hook(p.self_attn, (x,), (h, stats.weights))",
+        "            hook(p.self_attn, (x,), (h, None))",
+        ("tests/test_swap_hf.py", "-k", "output_attentions"),
+    ),
+    Mutation(
         "swap-timm-pos-cache-ignores-updates",
         "vit_kernels/swap/timm.py",
         "        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in used)",
