@@ -157,6 +157,31 @@ def test_output_attentions_config_and_sdpa_models():
             assert_close(a, a64, name=f"attentions[{i}] ({cfg._attn_implementation})")
 
 
+def test_output_attentions_inside_a_statistics_recording():
+    """A model whose config asks for attention weights, run inside attention_stats.recording (as
+    vit_kernels.analysis runs it): the fused layers serve both, the recording gets what it asked for
+    (the class-token row and the mean attention distance), the output the full weights."""
+    from vit_kernels import reference
+    from vit_kernels.ops.attention_stats import StatsRequest, recording
+
+    model = ViTModel(config(attn_implementation="eager", output_attentions=True)).eval()
+    oracle = copy.deepcopy(model).double()
+    vk.fuse(model, backend="triton")
+    x = torch.randn(2, 3, 32, 32)
+    request = StatsRequest(rows=(0,), grid=(4, 4), patch_size=8, prefix_tokens=1)
+    with torch.no_grad(), recording(request) as records:
+        got = model(x)
+    with torch.no_grad():
+        want = oracle(x.double())
+    assert len(records) == len(got.attentions) == 2
+    d = reference.patch_distances((4, 4), 8, torch.float64, x.device)
+    for i, (r, a, p) in enumerate(zip(records, got.attentions, want.attentions)):
+        assert r.weights is None
+        assert_close(r.rows, p[:, :, :1], name=f"recorded rows[{i}]")
+        assert_close(r.distance, (p[..., 1:, 1:] * d).sum(-1).mean(-1), name=f"recorded distance[{i}]")
+        assert_close(a, p, name=f"attentions[{i}]")
+
+
 def test_output_attentions_under_autograd_and_hooks_run_the_original(caplog):
     """Where the weights kernel cannot serve (autograd: it has no backward) or a hook on the attention
     module must fire, the call runs the original layer, visibly, with the original's weights."""

@@ -39,7 +39,8 @@ collector asks for ``attentions``, the fused layer runs ``qkv_attention`` with a
 the row log-sum-exp and a second kernel writes P = exp(S - LSE) (torch: the full softmax), then
 ``o_proj`` apart from the residual add, and hands ``(o_proj output, P)`` to those hooks as the
 attention module's output. Calls that ask for nothing run the fast path untouched. The weights are
-served whatever ``attn_implementation`` the config names (SDPA would return none). Under autograd
+served whatever ``attn_implementation`` the config names (SDPA would return none). Inside an
+``attention_stats.recording`` block the same kernels also give what the recording asks for. Under autograd
 (the weights kernel has no backward) and with 4.x's capture (which patches the module's forward),
 such calls run the layer's own forward instead.
 
@@ -50,6 +51,7 @@ dropout p > 0 runs the layer's own forward, saying so
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Dict, List, Optional, Tuple
 
@@ -58,6 +60,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..backends import needs_grad
+from ..ops import attention_stats
 from ..ops.attention_stats import StatsRequest
 from .reasons import (
     bypassed_hooks,
@@ -275,7 +278,7 @@ class FusedHFLayer(SwapWrapper):
                 norm_bias=n.bias,
                 eps=n.eps,
                 backend=self.backend,
-                **(dict(stats=_WEIGHTS) if capture else {}),
+                **(dict(stats=self._weights_request()) if capture else {}),
             )
             if capture:
                 x = self._serve_weights(p, x, *o)
@@ -306,10 +309,21 @@ class FusedHFLayer(SwapWrapper):
             return self.dropout(self.mlp(self.layernorm_after(x))) + x
         return self.output(self.intermediate(self.layernorm_after(x)), x)
 
+    @staticmethod
+    def _weights_request() -> StatsRequest:
+        """The full weights, plus what an active ``attention_stats.recording`` block asks for (the
+        explicit request keeps the op from recording: _serve_weights records it)."""
+        active = attention_stats.active_request()
+        return _WEIGHTS if active is None else dataclasses.replace(active, weights=True)
+
     def _serve_weights(self, p: _Parts, x: Tensor, o: Tensor, stats) -> Tensor:
         """The attention branch when weights are collected: o_proj apart (the attention module's
         output), the capture hooks given (output, P) as the module's own call gives them, then the
         residual add. x: the layer input (batch, tokens, dim); o: (batch, tokens, inner)."""
+        active = attention_stats.active_request()
+        if active is not None:  # what the recording asked for, as the op would have recorded it
+            w = stats.weights if active.weights else None
+            attention_stats.record(dataclasses.replace(stats, weights=w))
         h = at_autocast(ops.linear, o, p.o.weight, p.o.bias, backend=self.backend)
         # the module's input (the LayerNorm output) is never formed: the hooks get the layer's input
         for hook in self.weight_hooks(p):
