@@ -3,7 +3,8 @@ the family supports it (timm ``dynamic_img_size=True``, transformers ``interpola
 each size against the unfused model run in float64 under the tolerance rule (the unfused model at
 float32 as the baseline). The fused patch projection runs at every size (its decision is checked).
 timm and transformers: the position embedding is resampled by the library's own function once per
-size, cached until it changes, and added by the patch_embed kernel with the class token. The reference
+size, cached until it changes, and added by the patch_embed kernel with the class token (timm's
+register tokens and no_embed_class too: the prefix rows cached with it, concatenated in front). The reference
 ViT's own dynamic size (resampled once per grid, cached) is tested in tests/test_models.py."""
 
 import copy
@@ -15,6 +16,7 @@ import vit_kernels as vk
 from vit_kernels.testing import assert_close
 
 from conftest import DEVICE
+from swap_checks import check_grad
 
 SIZES = [(32, 32), (48, 40), (64, 24)]
 
@@ -140,6 +142,13 @@ def test_timm_dynamic_img_size_prefix_variants(variant, backend):
     check_sizes(model, backend)
     (e,) = [e for e in vk.fuse_report(model).fused if e.op == "patch_embed"]
     assert e.path == "patch_embed" and any("cached until it changes" in n for n in e.notes), str(e)
+
+
+@pytest.mark.parametrize("variant", ["reg4", "reg2_no_embed_class"])
+def test_timm_prefix_variants_gradients(variant):
+    """Under autograd at another size (the embedding rebuilt per call, not cached) the gradients of every
+    parameter, pos_embed and the class / register tokens included, are the unfused model's."""
+    check_grad(timm_dynamic(depth=1, **TIMM_PREFIX_VARIANTS[variant]), torch.randn(2, 3, 48, 40, device=DEVICE))
 
 
 def _count_resamples(monkeypatch):
