@@ -483,6 +483,13 @@ MUTATIONS: List[Mutation] = [
         ("tests/test_swap_dynamic_size.py", "-k", "prefix_variants_resample"),
     ),
     Mutation(
+        "swap-timm-register-rows-lose-pos-embed",
+        "vit_kernels/swap/timm.py",
+        "        return pos[:, n:].clone(), None, prefix + pos[:, :n]",
+        "        return pos[:, n:].clone(), None, prefix",
+        ("tests/test_swap_dynamic_size.py", "-k", "prefix_variants and torch"),
+    ),
+    Mutation(
         "swap-timm-prefix-cache-ignores-tokens",
         "vit_kernels/swap/timm.py",
         "        used = [pe] if reg is None else [t for t in (pe, cls, reg) if t is not None]  # what the entry holds",

@@ -144,6 +144,22 @@ def test_timm_dynamic_img_size_prefix_variants(variant, backend):
     assert e.path == "patch_embed" and any("cached until it changes" in n for n in e.notes), str(e)
 
 
+@pytest.mark.parametrize("variant", sorted(TIMM_PREFIX_VARIANTS))
+def test_timm_dynamic_img_size_prefix_variants_cuda(variant):
+    """The same through the CUDA kernels (the host emulator), only the embedding fused (the emulator is
+    slow on whole blocks): three sizes against timm's own forward in float64."""
+    model = timm_dynamic(depth=1, **TIMM_PREFIX_VARIANTS[variant]).eval()
+    oracle, base = copy.deepcopy(model).double(), copy.deepcopy(model)
+    vk.fuse(model, backend="cuda", ops=("patch_embed",))
+    assert [e.path for e in vk.fuse_report(model).fused] == ["patch_embed"], str(vk.fuse_report(model))
+    for size in SIZES:
+        images = torch.randn(2, 3, *size, device=DEVICE)
+        with torch.no_grad():
+            got = model(images)
+            assert vk.last_decision("patch_embed").backend == "cuda"
+            assert_close(got, oracle(images.double()), base(images), name=f"logits at {size}")
+
+
 @pytest.mark.parametrize("variant", ["reg4", "reg2_no_embed_class"])
 def test_timm_prefix_variants_gradients(variant):
     """Under autograd at another size (the embedding rebuilt per call, not cached) the gradients of every
