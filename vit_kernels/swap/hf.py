@@ -42,7 +42,8 @@ attention module's output. Calls that ask for nothing run the fast path untouche
 served whatever ``attn_implementation`` the config names (SDPA would return none). Inside an
 ``attention_stats.recording`` block the same kernels also give what the recording asks for. Under autograd
 (the weights kernel has no backward) and with 4.x's capture (which patches the module's forward),
-such calls run the layer's own forward instead.
+such calls run the layer's own forward instead; so they do under torch.compile (the statistics path
+is not a custom op).
 
 A call with an attention mask / head mask, the weight captures above, or in training mode with
 dropout p > 0 runs the layer's own forward, saying so
@@ -259,6 +260,11 @@ class FusedHFLayer(SwapWrapper):
                 why = (
                     "attention weights are asked for (output_attentions) under autograd: the weights kernel "
                     "(P = exp(S - LSE)) has no backward"
+                )
+            elif capture and torch.compiler.is_compiling():
+                why = (
+                    "attention weights are asked for (output_attentions) under torch.compile: the weights "
+                    "kernel is not a custom op the graph can hold"
                 )
         why = why or self.original_reason(hidden_states)
         if why:
