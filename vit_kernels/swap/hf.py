@@ -561,6 +561,14 @@ def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
         notes = ("q/k/v weights concatenated into a cached copy (rebuilt when they change)",) + (
             (note,) if note else ()
         )
+        notes += (
+            (
+                "output_attentions served fused: P = exp(S - LSE) from the attention kernel's row statistics "
+                "(under autograd or torch.compile the original layer serves it)",
+            )
+            if layout == "5.x"
+            else ("output_attentions (4.x capture) runs the original layer",)
+        )
         entries = [
             ReportEntry(join(path, names[0]), "attention", FAMILY, why is None, why or "", notes if why is None else ())
         ]
