@@ -468,6 +468,34 @@ MUTATIONS: List[Mutation] = [
         "        key = (pe.data_ptr(), pe.dtype, pe.device)",
         ("tests/test_swap_dynamic_size.py",),
     ),
+    Mutation(
+        "swap-hf-weights-not-handed-to-hooks",
+        "vit_kernels/swap/hf.py",
+        "            hook(p.self_attn, (x,), (h, stats.weights))",
+        "            hook(p.self_attn, (x,), (h, None))",
+        ("tests/test_swap_hf.py", "-k", "output_attentions"),
+    ),
+    Mutation(
+        "swap-timm-pos-cache-ignores-updates",
+        "vit_kernels/swap/timm.py",
+        "        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in used)",
+        "        key = tuple((t.data_ptr(), t.dtype, t.device) for t in used)",
+        ("tests/test_swap_dynamic_size.py", "-k", "prefix_variants_resample"),
+    ),
+    Mutation(
+        "swap-timm-register-rows-lose-pos-embed",
+        "vit_kernels/swap/timm.py",
+        "        return pos[:, n:].clone(), None, prefix + pos[:, :n]",
+        "        return pos[:, n:].clone(), None, prefix",
+        ("tests/test_swap_dynamic_size.py", "-k", "prefix_variants and torch"),
+    ),
+    Mutation(
+        "swap-timm-prefix-cache-ignores-tokens",
+        "vit_kernels/swap/timm.py",
+        "        used = [pe] if reg is None else [t for t in (pe, cls, reg) if t is not None]  # what the entry holds",
+        "        used = [pe]  # what the entry holds",
+        ("tests/test_swap_dynamic_size.py", "-k", "prefix_variants_resample"),
+    ),
 ]
 
 

@@ -375,3 +375,21 @@ def test_hf_output_hidden_states_on_a_fused_model():
     assert len(calls) == OPS_IN_GRAPH["hf"] and len(got) == 3
     for i, (g, w, b) in enumerate(zip(got, want, base)):
         assert_close(g, w, b, name=f"hidden_states[{i}]")
+
+
+@TRITON
+def test_hf_output_attentions_under_compile():
+    """Asked for attention weights under torch.compile, the fused layers run their original modules
+    (the weights kernel is not a custom op a graph can hold), so the compiled call still returns them."""
+    model = build("hf").to(DEVICE)
+    model.set_attn_implementation("eager")
+    m, ref, x = fused(model, "triton"), copy.deepcopy(model).double(), images()
+    compiled = torch.compile(m, backend=Recorder())
+    with torch.no_grad():
+        got = compiled(x, output_attentions=True)
+        want = ref(x.double(), output_attentions=True)
+        base = model(x, output_attentions=True)
+    assert len(got.attentions) == len(want.attentions) == 2
+    for i, (g, w, b) in enumerate(zip(got.attentions, want.attentions, base.attentions)):
+        assert_close(g, w, b, name=f"attentions[{i}]")
+    assert_close(got.logits, want.logits, base.logits, name="logits")

@@ -82,15 +82,16 @@ def test_refuses_what_it_cannot_serve():
 
 
 def test_fuse_with_the_attention_interface():
-    """fuse() fuses whole layers; a call asking for output_attentions runs the layer's own modules,
-    whose attention core is then the vit_kernels one: the weights still come from the stats kernel."""
+    """fuse() fuses whole layers; a call asking for output_attentions stays on the fused layer, whose
+    qkv_attention gives the weights from the stats kernel (the attention interface is not called)."""
     fused, _, eager64 = models(tiny_config())
     vk.fuse(fused, backend="triton")
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad(), vk.record_decisions() as decisions:
         got = fused(x, output_attentions=True)
         want = eager64(x.double(), output_attentions=True)
-    assert [d.path for d in decisions if d.op == "flash_attention"] == ["stats", "stats"]
+    assert not [d for d in decisions if d.op == "flash_attention"]
+    assert [(d.backend, d.path) for d in decisions if d.op == "qkv_attention"] == [("triton", "split+stats")] * 2
     for layer, (a, a64) in enumerate(zip(got.attentions, want.attentions)):
         assert_close(a, a64, name=f"attentions[{layer}]")
     assert_close(got.last_hidden_state, want.last_hidden_state, name="last_hidden_state", floor=1e-4)

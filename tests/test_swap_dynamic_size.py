@@ -3,7 +3,8 @@ the family supports it (timm ``dynamic_img_size=True``, transformers ``interpola
 each size against the unfused model run in float64 under the tolerance rule (the unfused model at
 float32 as the baseline). The fused patch projection runs at every size (its decision is checked).
 timm and transformers: the position embedding is resampled by the library's own function once per
-size, cached until it changes, and added by the patch_embed kernel with the class token. The reference
+size, cached until it changes, and added by the patch_embed kernel with the class token (timm's
+register tokens and no_embed_class too: the prefix rows cached with it, concatenated in front). The reference
 ViT's own dynamic size (resampled once per grid, cached) is tested in tests/test_models.py."""
 
 import copy
@@ -15,6 +16,7 @@ import vit_kernels as vk
 from vit_kernels.testing import assert_close
 
 from conftest import DEVICE
+from swap_checks import check_grad
 
 SIZES = [(32, 32), (48, 40), (64, 24)]
 
@@ -117,6 +119,125 @@ def test_timm_hook_on_patch_embed_sees_timms_output():
         got = model(images)
         assert_close(got, oracle(images.double()), base(images), name="logits with a hook")
         assert_close(seen[0], oracle.patch_embed(images.double()), base.patch_embed(images), name="hooked output")
+
+
+# The timm variants whose prefix rows the patch_embed kernel cannot write alone (it writes one class
+# token at most, with pos_embed[0] added): registers with a class token (vit_small_patch16_224 built
+# with reg_tokens=4), registers without one and no_embed_class (vit_base_patch16_reg4_gap_256's
+# layout), no_embed_class with a class token (deit3's), and registers + class token + no_embed_class.
+TIMM_PREFIX_VARIANTS = {
+    "reg4": dict(reg_tokens=4),
+    "reg4_gap": dict(reg_tokens=4, no_embed_class=True, class_token=False, global_pool="avg"),
+    "no_embed_class": dict(no_embed_class=True),
+    "reg2_no_embed_class": dict(reg_tokens=2, no_embed_class=True),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("variant", sorted(TIMM_PREFIX_VARIANTS))
+def test_timm_dynamic_img_size_prefix_variants(variant, backend):
+    """Registers / no_embed_class: the whole patch_embed is fused (the cached, resampled position
+    embedding, the class and register rows) and the logits at three sizes match timm's own forward."""
+    model = timm_dynamic(depth=1, **TIMM_PREFIX_VARIANTS[variant])
+    check_sizes(model, backend)
+    (e,) = [e for e in vk.fuse_report(model).fused if e.op == "patch_embed"]
+    assert e.path == "patch_embed" and any("cached until it changes" in n for n in e.notes), str(e)
+
+
+@pytest.mark.parametrize("variant", sorted(TIMM_PREFIX_VARIANTS))
+def test_timm_dynamic_img_size_prefix_variants_cuda(variant):
+    """The same through the CUDA kernels (the host emulator), only the embedding fused (the emulator is
+    slow on whole blocks): three sizes against timm's own forward in float64."""
+    model = timm_dynamic(depth=1, **TIMM_PREFIX_VARIANTS[variant]).eval()
+    oracle, base = copy.deepcopy(model).double(), copy.deepcopy(model)
+    vk.fuse(model, backend="cuda", ops=("patch_embed",))
+    assert [e.path for e in vk.fuse_report(model).fused] == ["patch_embed"], str(vk.fuse_report(model))
+    for size in SIZES:
+        images = torch.randn(2, 3, *size, device=DEVICE)
+        with torch.no_grad():
+            got = model(images)
+            assert vk.last_decision("patch_embed").backend == "cuda"
+            assert_close(got, oracle(images.double()), base(images), name=f"logits at {size}")
+
+
+@pytest.mark.parametrize("variant", ["reg4", "reg2_no_embed_class"])
+def test_timm_prefix_variants_gradients(variant):
+    """Under autograd at another size (the embedding rebuilt per call, not cached) the gradients of every
+    parameter, pos_embed and the class / register tokens included, are the unfused model's."""
+    check_grad(timm_dynamic(depth=1, **TIMM_PREFIX_VARIANTS[variant]), torch.randn(2, 3, 48, 40, device=DEVICE))
+
+
+def _count_resamples(monkeypatch):
+    """The grids timm's resample_abs_pos_embed is called for (the fused module imports it per call)."""
+    import timm.layers
+
+    calls = []
+    real = timm.layers.resample_abs_pos_embed
+    monkeypatch.setattr(
+        timm.layers,
+        "resample_abs_pos_embed",
+        lambda pe, new_size, **kw: calls.append(tuple(new_size)) or real(pe, new_size, **kw),
+    )
+    return calls
+
+
+@pytest.mark.parametrize("variant", sorted(TIMM_PREFIX_VARIANTS))
+def test_timm_prefix_variants_resample_once_per_grid_until_a_parameter_changes(variant, monkeypatch):
+    """Registers / no_embed_class take the cache: one resample per patch grid (timm's own _pos_embed never
+    runs), and again after each change of a tensor the cached embedding is made of: an optimizer step,
+    load_state_dict, an in-place write to the register or class token. After each change the logits
+    are the unfused model's (in float64, under the tolerance rule)."""
+    import timm.models.vision_transformer as tvit
+
+    model = timm_dynamic(depth=1, **TIMM_PREFIX_VARIANTS[variant]).eval()
+    vk.fuse(model, backend="torch")
+    calls = _count_resamples(monkeypatch)
+    originals = []
+    real_pos = tvit.VisionTransformer._pos_embed
+    monkeypatch.setattr(tvit.VisionTransformer, "_pos_embed", lambda self, x: originals.append(1) or real_pos(self, x))
+    images = torch.randn(2, 3, 48, 40, device=DEVICE)
+
+    def check(name):
+        with torch.no_grad():
+            got = model(images)
+            assert not originals, "timm's _pos_embed ran: the fused patch_embed did not write the tokens"
+            ref = vk.unfuse(copy.deepcopy(model))
+            assert_close(got, copy.deepcopy(ref).double()(images.double()), ref(images), name=name)
+        originals.clear()  # the unfused copies ran it
+
+    with torch.no_grad():
+        for size in [(48, 40), (32, 32), (48, 40), (64, 24), (48, 40), (32, 32)]:
+            model(torch.randn(1, 3, *size, device=DEVICE))
+    assert calls == [(6, 5), (4, 4), (8, 3)], calls  # the native grid too: prefix rows are built
+    assert not originals, "timm's _pos_embed ran: the fused patch_embed did not write the tokens"
+    check("cached")
+    assert calls.count((6, 5)) == 1
+
+    # an optimizer step: under autograd the embedding is rebuilt per call (gradients reach pos_embed)
+    opt = torch.optim.SGD([model.pos_embed], lr=10.0)
+    model(images).square().sum().backward()
+    assert model.pos_embed.grad is not None and model.pos_embed.grad.abs().sum() > 0
+    opt.step()
+    n = calls.count((6, 5))
+    check("after an optimizer step")
+    assert calls.count((6, 5)) == n + 1, calls
+
+    other = timm_dynamic(depth=1, **TIMM_PREFIX_VARIANTS[variant])
+    model.load_state_dict(other.state_dict())
+    check("after load_state_dict")
+    assert calls.count((6, 5)) == n + 2, calls
+
+    for name in ("reg_token", "cls_token"):  # with registers, both are in the cached prefix rows
+        t = getattr(model, name)
+        if t is not None:
+            with torch.no_grad():
+                t.add_(torch.randn_like(t))
+            check(f"after {name}.add_")
+            if model.reg_token is not None:
+                assert calls.count((6, 5)) == n + 3, calls
+                n += 1
+    check("cached again")
+    assert calls.count((6, 5)) == n + 2, calls
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

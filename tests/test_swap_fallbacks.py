@@ -1,6 +1,6 @@
 """No silent fallback (issue 13 item 6), per family: whenever a fused part runs the original modules
 (a forward hook registered after fuse on a module the fused path bypasses, a global module hook,
-an attention mask, HF's output_attentions) the call still gives the original's
+an attention mask, HF's output_attentions under autograd) the call still gives the original's
 result and the user sees why: an INFO line on the ``vit_kernels`` logger, ``last_fallback`` on the
 wrapper, a note in fuse_report and ``last_decision(op).backend == "original"`` with the reason.
 Hooks registered before fuse leave the part unfused, with the reason in the report."""
@@ -155,12 +155,19 @@ def test_timm_attention_mask_falls_back_visibly():
     assert block.last_fallback.startswith("attn_mask / is_causal given")
 
 
-def test_hf_output_attentions_falls_back_visibly():
+def test_hf_output_attentions_served_fused_falls_back_visibly_under_autograd():
+    """output_attentions is served by the fused layer (tests/test_swap_hf.py checks the weights); under
+    autograd, where the weights kernel has no backward, the call runs the original layers, visibly."""
     model = _hf().eval()
     vk.fuse(model, backend="torch")
     with torch.no_grad():
         out = model(torch.randn(1, 3, 32, 32), output_attentions=True)
     assert out.attentions is not None and len(out.attentions) == 2
     d = vk.last_decision("qkv_attention")
+    assert d.backend == "torch" and d.path == "torch+stats", d
+    out = model(torch.randn(1, 3, 32, 32), output_attentions=True)
+    assert len(out.attentions) == 2 and out.logits.requires_grad
+    d = vk.last_decision("qkv_attention")
     assert d.backend == "original" and "output_attentions" in d.reasons["fused"]
-    assert "attention weights are asked for" in str(vk.fuse_report(model))
+    report = str(vk.fuse_report(model))
+    assert "served fused 1 time(s)" in report and "under autograd" in report, report

@@ -17,6 +17,7 @@ from torch import nn
 
 import vit_kernels as vk
 from swap_checks import check_fuse, check_grad, check_load_state_dict
+from vit_kernels.testing import assert_close
 from vit_kernels.swap import hf as hf_adapter
 
 transformers = pytest.importorskip("transformers")
@@ -108,6 +109,99 @@ def test_output_hidden_states_and_attentions():
     assert len(got2.hidden_states) == 3
     for g, w in zip(got2.hidden_states, want.hidden_states):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_output_attentions_served_fused(backend):
+    """output_attentions under fuse(): the fused layer's qkv_attention returns P = exp(S - LSE) from the
+    kernel's statistics (triton: the interpreter, cuda: the emulator; torch: the full softmax), equal
+    to HF's eager attention weights in float64 under the tolerance rule; the report and last_decision
+    say it ran fused; a call asking for none takes the fast path."""
+    model = ViTModel(config(attn_implementation="eager")).eval()
+    oracle, base = copy.deepcopy(model).double(), copy.deepcopy(model)
+    vk.fuse(model, backend=backend)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), vk.record_decisions() as decisions:
+        got = model(x, output_attentions=True)
+        assert vk.last_decision("qkv_attention").backend == backend
+        plain = model(x)
+        want = oracle(x.double(), output_attentions=True)
+        eager = base(x, output_attentions=True)
+    stats_path = "torch+stats" if backend == "torch" else "split+stats"
+    paths = [(d.backend, d.path) for d in decisions if d.op == "qkv_attention"]
+    assert paths[:2] == [(backend, stats_path)] * 2 and all(b == backend and "stats" not in p for b, p in paths[2:])
+    assert len(got.attentions) == len(want.attentions) == 2 and plain.attentions is None
+    for i, (a, a64, a32) in enumerate(zip(got.attentions, want.attentions, eager.attentions)):
+        assert a.shape == (2, 2, 17, 17)
+        assert_close(a, a64, a32, name=f"attentions[{i}]")
+    for out in (got, plain):
+        assert_close(out.last_hidden_state, want.last_hidden_state, eager.last_hidden_state, name="last_hidden_state")
+    report = str(vk.fuse_report(model))
+    assert "served fused 1 time(s)" in report and "ran the original" not in report, report
+
+
+def test_output_attentions_config_and_sdpa_models():
+    """config.output_attentions asks for them too; an SDPA model (whose own attention returns no weights)
+    gets them from the fused layer as well."""
+    for cfg in (config(output_attentions=True, attn_implementation="eager"), config(attn_implementation="sdpa")):
+        model = ViTModel(cfg).eval()
+        oracle = copy.deepcopy(model).double()
+        oracle.set_attn_implementation("eager")
+        vk.fuse(model, backend="triton")
+        x = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            got = model(x, output_attentions=True)
+            want = oracle(x.double(), output_attentions=True)
+        assert len(got.attentions) == 2, cfg._attn_implementation
+        for i, (a, a64) in enumerate(zip(got.attentions, want.attentions)):
+            assert_close(a, a64, name=f"attentions[{i}] ({cfg._attn_implementation})")
+
+
+def test_output_attentions_inside_a_statistics_recording():
+    """A model whose config asks for attention weights, run inside attention_stats.recording (as
+    vit_kernels.analysis runs it): the fused layers serve both, the recording gets what it asked for
+    (the class-token row and the mean attention distance), the output the full weights."""
+    from vit_kernels import reference
+    from vit_kernels.ops.attention_stats import StatsRequest, recording
+
+    model = ViTModel(config(attn_implementation="eager", output_attentions=True)).eval()
+    oracle = copy.deepcopy(model).double()
+    vk.fuse(model, backend="triton")
+    x = torch.randn(2, 3, 32, 32)
+    request = StatsRequest(rows=(0,), grid=(4, 4), patch_size=8, prefix_tokens=1)
+    with torch.no_grad(), recording(request) as records:
+        got = model(x)
+    with torch.no_grad():
+        want = oracle(x.double())
+    assert len(records) == len(got.attentions) == 2
+    d = reference.patch_distances((4, 4), 8, torch.float64, x.device)
+    for i, (r, a, p) in enumerate(zip(records, got.attentions, want.attentions)):
+        assert r.weights is None
+        assert_close(r.rows, p[:, :, :1], name=f"recorded rows[{i}]")
+        assert_close(r.distance, (p[..., 1:, 1:] * d).sum(-1).mean(-1), name=f"recorded distance[{i}]")
+        assert_close(a, p, name=f"attentions[{i}]")
+
+
+def test_output_attentions_under_autograd_and_hooks_run_the_original(caplog):
+    """Where the weights kernel cannot serve (autograd: it has no backward) or a hook on the attention
+    module must fire, the call runs the original layer, visibly, with the original's weights."""
+    model = ViTModel(config(attn_implementation="eager")).eval()
+    ref = copy.deepcopy(model)
+    vk.fuse(model, backend="triton")
+    x = torch.randn(1, 3, 32, 32)
+    got = model(x, output_attentions=True)
+    want = ref(x, output_attentions=True)
+    assert vk.last_decision("qkv_attention").backend == "original"
+    assert "under autograd" in model.layers[1].last_fallback
+    for a, w in zip(got.attentions, want.attentions):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-6)
+    seen = []
+    model.layers[0].attention.register_forward_hook(lambda m, args, out: seen.append(out[1]))
+    with torch.no_grad():
+        got = model(x, output_attentions=True)
+    assert len(seen) == 1 and seen[0] is got.attentions[0]
+    assert "forward hooks are registered on layers.0.attention" in model.layers[0].last_fallback
+    assert vk.last_decision("qkv_attention").backend == "triton"  # layers.1 still ran fused
 
 
 def test_hidden_states_hooks_installed_before_fuse_fire_once():

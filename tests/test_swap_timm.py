@@ -60,14 +60,13 @@ def test_dynamic_img_size_resamples_pos_embed(backend):
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_dynamic_img_size_variants(variant):
-    """dynamic_img_size with each variant at a size other than the native one: the class token +
-    position embedding go to the patch_embed kernel where it can write them (a class token or none,
-    pos_embed over the prefix), else the projection alone is fused and timm resamples (registers,
-    no_embed_class with a class token, no pos_embed); the report says which."""
+    """dynamic_img_size with each variant at a size other than the native one: the whole patch_embed
+    is fused with the cached position embedding (registers and no_embed_class included), except
+    without a position embedding, where the projection alone is fused; the report says which."""
     model = make(dynamic_img_size=True, **VARIANTS[variant])
     report = check_fuse(model, torch.randn(2, 3, 48, 40), backend="torch", expect_fused=ALL)
     (e,) = [e for e in report.fused if e.op == "patch_embed"]
-    whole = variant in ("default", "no_qkv_bias_layerscale", "gelu_tanh")
+    whole = variant != "no_pos_embed_no_class_token"
     assert e.path == ("patch_embed" if whole else "patch_embed.proj"), str(report)
     assert any("written by the patch_embed kernel" in n for n in e.notes) == whole, str(report)
 

@@ -32,13 +32,27 @@ tensor's ``data_ptr()``, ``_version`` counter (bumped by in-place updates: optim
 ``.data`` bypass the version counter and are not seen. Under autograd (a parameter requires grad
 and grad mode is on) the concatenation is recomputed every call so gradients reach q/k/v.
 
-A call with an attention mask / head mask, while attention weights are being captured
-(``output_attentions``), or in training mode with dropout p > 0 runs the layer's own forward, saying
-so (:meth:`~vit_kernels.swap.wrapper.SwapWrapper.fall_back`).
+Attention weights (``output_attentions=True``, or the config's): transformers (5.x) collects them with
+forward hooks it installs on the attention modules, which the fused layer does not call. While its
+collector asks for ``attentions``, the fused layer runs ``qkv_attention`` with a weights request
+(:class:`~vit_kernels.ops.attention_stats.StatsRequest`): on triton and cuda the flash kernel keeps
+the row log-sum-exp and a second kernel writes P = exp(S - LSE) (torch: the full softmax), then
+``o_proj`` apart from the residual add, and hands ``(o_proj output, P)`` to those hooks as the
+attention module's output. Calls that ask for nothing run the fast path untouched. The weights are
+served whatever ``attn_implementation`` the config names (SDPA would return none). Inside an
+``attention_stats.recording`` block the same kernels also give what the recording asks for. Under autograd
+(the weights kernel has no backward) and with 4.x's capture (which patches the module's forward),
+such calls run the layer's own forward instead; so they do under torch.compile (the statistics path
+is not a custom op).
+
+A call with an attention mask / head mask, the weight captures above, or in training mode with
+dropout p > 0 runs the layer's own forward, saying so
+(:meth:`~vit_kernels.swap.wrapper.SwapWrapper.fall_back`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Dict, List, Optional, Tuple
 
@@ -46,6 +60,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..backends import needs_grad
+from ..ops import attention_stats
+from ..ops.attention_stats import StatsRequest
 from .reasons import (
     bypassed_hooks,
     dropout_p,
@@ -59,7 +76,7 @@ from .reasons import (
     overrides_load_state_dict,
 )
 from .report import Candidate, ReportEntry
-from .wrapper import SwapWrapper, at_autocast, with_residual
+from .wrapper import _LOCK, SwapWrapper, at_autocast, with_residual
 from .patch import conv_reason, patch_conv_candidate
 
 FAMILY = "transformers"
@@ -70,6 +87,7 @@ FAMILY = "transformers"
 EXTRA_LAYER_CLASSES: List[type] = []
 
 _IGNORABLE_KWARGS = ("output_hidden_states", "output_attentions", "return_dict")
+_WEIGHTS = StatsRequest(rows=None, weights=True)  # output_attentions: the full P, from the kernel's LSE
 
 
 def _layer_classes() -> Tuple[type, ...]:
@@ -137,16 +155,18 @@ class _Parts:
             self.mlp_modules = {"intermediate": layer.intermediate, "output": layer.output}
 
 
-def _capturing_attentions(self_attn: nn.Module) -> bool:
-    """True while transformers is collecting attention weights (they need the unfused path)."""
-    if "forward" in self_attn.__dict__:  # 4.x: check_model_inputs patches module.forward per call
-        return True
+def _capturing_attentions(self_attn: nn.Module):
+    """How transformers is collecting attention weights now: "patched" (4.x: check_model_inputs
+    patches the module's forward per call; only the module's own forward serves it), "hooks" (5.x:
+    its collector asks for ``attentions`` and hooks on the module append them), or None."""
+    if "forward" in self_attn.__dict__:
+        return "patched"
     try:
         from transformers.utils.output_capturing import _active_collector
     except Exception:
-        return False
+        return None
     collected = _active_collector.get()
-    return bool(collected) and "attentions" in collected
+    return "hooks" if collected and "attentions" in collected else None
 
 
 def _is_capture_hook(fn) -> bool:
@@ -201,22 +221,51 @@ class FusedHFLayer(SwapWrapper):
         return mods
 
     def hook_exempt(self, hook) -> bool:
-        return _is_capture_hook(hook)  # served by the _capturing_attentions check below
+        return _is_capture_hook(hook)  # the attention weights it collects: served by _serve_weights
+
+    def weight_hooks(self, p: _Parts) -> list:
+        """The output-capturing hooks on the attention module (5.x), which take its (output, weights)."""
+        return [h for h in p.self_attn._forward_hooks.values() if _is_capture_hook(h)]
+
+    def runtime_notes(self):
+        notes = super().runtime_notes()
+        n = self.__dict__.get("_vk_weights_served", 0)
+        if n:
+            notes.insert(
+                0,
+                f"attention weights (output_attentions) served fused {n} time(s): P = exp(S - LSE) from the "
+                "attention kernel's row statistics, the fast path untouched when none are asked for",
+            )
+        return notes
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):
         p = self._parts()
         extra = [a for a in args if a is not None and a is not False]
         extra += [v for k, v in kwargs.items() if k not in _IGNORABLE_KWARGS and v is not None and v is not False]
-        why = None
+        why = capture = None
         if extra:
             why = "an attention mask / head mask is given: the fused attention takes none"
-        elif kwargs.get("output_attentions") or _capturing_attentions(p.self_attn):
-            why = (
-                "attention weights are asked for (output_attentions): the fused layer does not return them "
-                "(vit_kernels.hf_attention serves them through attn_implementation='vit_kernels')"
-            )
         elif hidden_states.dim() != 3:
             why = "hidden_states is not (batch, tokens, dim)"
+        elif self.fused_ops.get("attention"):
+            capture = _capturing_attentions(p.self_attn)
+            if capture == "patched":
+                why = (
+                    "attention weights are asked for (output_attentions) through transformers 4.x's patched "
+                    "forward, which only the attention module's own forward serves"
+                )
+            elif capture and not self.weight_hooks(p):
+                capture = None  # nothing would take them: the original returns none either
+            elif capture and needs_grad((hidden_states, *self.parameters())):
+                why = (
+                    "attention weights are asked for (output_attentions) under autograd: the weights kernel "
+                    "(P = exp(S - LSE)) has no backward"
+                )
+            elif capture and torch.compiler.is_compiling():
+                why = (
+                    "attention weights are asked for (output_attentions) under torch.compile: the weights "
+                    "kernel is not a custom op the graph can hold"
+                )
         why = why or self.original_reason(hidden_states)
         if why:
             return self.fall_back(why, hidden_states, *args, **kwargs)
@@ -235,8 +284,12 @@ class FusedHFLayer(SwapWrapper):
                 norm_bias=n.bias,
                 eps=n.eps,
                 backend=self.backend,
+                **(dict(stats=self._weights_request()) if capture else {}),
             )
-            x = with_residual(ops.linear, o, p.o.weight, p.o.bias, residual=x, backend=self.backend)
+            if capture:
+                x = self._serve_weights(p, x, *o)
+            else:
+                x = with_residual(ops.linear, o, p.o.weight, p.o.bias, residual=x, backend=self.backend)
         elif self.vk_layout == "5.x":
             h, _ = self.attention(self.layernorm_before(x), None)
             x = self.dropout(h) + x
@@ -261,6 +314,29 @@ class FusedHFLayer(SwapWrapper):
         if self.vk_layout == "5.x":
             return self.dropout(self.mlp(self.layernorm_after(x))) + x
         return self.output(self.intermediate(self.layernorm_after(x)), x)
+
+    @staticmethod
+    def _weights_request() -> StatsRequest:
+        """The full weights, plus what an active ``attention_stats.recording`` block asks for (the
+        explicit request keeps the op from recording: _serve_weights records it)."""
+        active = attention_stats.active_request()
+        return _WEIGHTS if active is None else dataclasses.replace(active, weights=True)
+
+    def _serve_weights(self, p: _Parts, x: Tensor, o: Tensor, stats) -> Tensor:
+        """The attention branch when weights are collected: o_proj apart (the attention module's
+        output), the capture hooks given (output, P) as the module's own call gives them, then the
+        residual add. x: the layer input (batch, tokens, dim); o: (batch, tokens, inner)."""
+        active = attention_stats.active_request()
+        if active is not None:  # what the recording asked for, as the op would have recorded it
+            w = stats.weights if active.weights else None
+            attention_stats.record(dataclasses.replace(stats, weights=w))
+        h = at_autocast(ops.linear, o, p.o.weight, p.o.bias, backend=self.backend)
+        # the module's input (the LayerNorm output) is never formed: the hooks get the layer's input
+        for hook in self.weight_hooks(p):
+            hook(p.self_attn, (x,), (h, stats.weights))
+        with _LOCK:
+            self.__dict__["_vk_weights_served"] = self.__dict__.get("_vk_weights_served", 0) + 1
+        return h + x  # dropout is inactive on the fused path (eval mode or p = 0: original_reason)
 
 
 _FUSED_CLASSES: Dict[type, type] = {}
@@ -484,6 +560,14 @@ def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
             why, note = (base_why, None) if base_why else _attention_reason(path, m, parts, backend)
         notes = ("q/k/v weights concatenated into a cached copy (rebuilt when they change)",) + (
             (note,) if note else ()
+        )
+        notes += (
+            (
+                "output_attentions served fused: P = exp(S - LSE) from the attention kernel's row statistics "
+                "(under autograd or torch.compile the original layer serves it)",
+            )
+            if layout == "5.x"
+            else ("output_attentions (4.x capture) runs the original layer",)
         )
         entries = [
             ReportEntry(join(path, names[0]), "attention", FAMILY, why is None, why or "", notes if why is None else ())

@@ -19,13 +19,14 @@
   ``_pos_embed`` on every call) the whole ``patch_embed`` is replaced by :class:`FusedTimmPatchEmbed`:
   one ``patch_embed`` launch writes the tokens with the class token and the position embedding,
   resampled with timm's own ``resample_abs_pos_embed`` once per patch grid and cached until
-  ``pos_embed`` changes. See that class for how the root model's ``_pos_embed`` takes them.
+  ``pos_embed`` changes; register tokens and ``no_embed_class`` take the same cache (see that class
+  for how, and for how the root model's ``_pos_embed`` takes the tokens).
 """
 
 from __future__ import annotations
 
 import threading
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -223,8 +224,20 @@ class FusedTimmPatchEmbed(SwapWrapper):
 
     timm resamples ``pos_embed`` to the input's patch grid in the root model's ``_pos_embed`` on every
     call. Here the resampled embedding (timm's own ``resample_abs_pos_embed``: bicubic, antialiased) is
-    computed once per grid and kept until ``pos_embed`` changes (its data_ptr, version counter, dtype,
-    device); while autograd records (``pos_embed`` requiring grad) it is resampled on every call.
+    computed once per grid and kept until ``pos_embed`` (or a prefix token baked into it, below)
+    changes: the cache key holds each one's data_ptr, version counter (bumped by optimizer steps,
+    ``load_state_dict``, in-place writes under no_grad), dtype and device. While autograd records (one
+    of them requires grad, grad mode on) it is resampled on every call, so gradients reach it.
+
+    What the kernel gets, per variant (:meth:`embedding_for`):
+    - a class token or none, ``pos_embed`` over prefix + patches (timm's default): the resampled
+      ``pos_embed`` and the class token, as is;
+    - ``no_embed_class`` (``pos_embed`` covers the patches only) with a class token: the resampled
+      embedding behind one zero row, which the kernel adds to the class token (x + 0 = x exactly);
+    - register tokens (``reg_tokens > 0``, with or without a class token or ``no_embed_class``): the
+      kernel writes the patch tokens with their position embedding; the prefix rows (class token,
+      registers, plus their ``pos_embed`` rows unless ``no_embed_class``), cached with it, are
+      concatenated in front: one copy of the token buffer, as timm's own concatenation costs.
 
     How the root model takes the tokens: fuse sets two attributes on the root instance (unfuse removes
     them): ``forward_features`` runs timm's own ``VisionTransformer.forward_features`` with this module
@@ -257,30 +270,45 @@ class FusedTimmPatchEmbed(SwapWrapper):
                     del root.__dict__[name]
         return super().restore()
 
-    def pos_embed_for(self, grid) -> Tensor:
-        """The root's pos_embed resampled to ``grid`` (gh, gw): (1, prefix + gh * gw, dim), cached."""
-        from timm.layers import resample_abs_pos_embed
-
+    def embedding_for(self, grid) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """(pos_embed, cls_token, prefix) for the patch grid ``grid`` (gh, gw): the kernel's
+        ``pos_embed`` (1, [1 +] gh * gw, dim) and ``cls_token`` (1, 1, dim) or None, and the prefix
+        rows (1, prefix_tokens, dim) to put in front of the kernel's output, or None (see the class
+        docstring). Cached per grid until a tensor it is made of changes (not under autograd)."""
         root = self.__dict__["_vk_root"]
-        pe, old = root.pos_embed, tuple(self.grid_size)
-        prefix = root.num_prefix_tokens
-        if grid == old:
-            return pe
-        if torch.is_grad_enabled() and pe.requires_grad:
-            return resample_abs_pos_embed(pe, new_size=grid, old_size=old, num_prefix_tokens=prefix)
-        key = (pe.data_ptr(), pe._version, pe.dtype, pe.device)
+        pe, cls, reg = root.pos_embed, root.cls_token, root.reg_token
+        if reg is None and not root.no_embed_class and tuple(grid) == tuple(self.grid_size):
+            return pe, cls, None  # the native grid: pos_embed as it is, nothing to cache
+        used = [pe] if reg is None else [t for t in (pe, cls, reg) if t is not None]  # what the entry holds
+        if torch.is_grad_enabled() and any(t.requires_grad for t in used):
+            return self._embedding(root, grid)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in used)
         cache = self.__dict__.setdefault("_vk_pos_cache", {})
         hit = cache.get(grid)
         if hit is None or hit[0] != key:
             with torch.no_grad():
-                hit = cache[grid] = (
-                    key,
-                    resample_abs_pos_embed(pe, new_size=grid, old_size=old, num_prefix_tokens=prefix),
-                )
+                hit = cache[grid] = (key, self._embedding(root, grid))
         return hit[1]
 
+    def _embedding(self, root: nn.Module, grid) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """embedding_for without the cache: timm's resample_abs_pos_embed, then the variant's layout."""
+        from timm.layers import resample_abs_pos_embed
+
+        pe, cls, reg = root.pos_embed, root.cls_token, root.reg_token
+        n = 0 if root.no_embed_class else root.num_prefix_tokens  # prefix rows pos_embed holds
+        pos = resample_abs_pos_embed(pe, new_size=grid, old_size=tuple(self.grid_size), num_prefix_tokens=n)
+        if reg is None:
+            if cls is not None and root.no_embed_class:  # a zero row: the kernel adds it to the class token
+                pos = torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)
+            return pos, cls, None
+        prefix = torch.cat(([cls] if cls is not None else []) + [reg], dim=1)
+        if not n:
+            return pos, None, prefix
+        # clone: at the native grid pos is pos_embed itself, and the cache keeps no view of a parameter
+        return pos[:, n:].clone(), None, prefix + pos[:, :n]
+
     def forward(self, images: Tensor) -> Tensor:
-        root, p = self.__dict__["_vk_root"], self.proj.kernel_size[0]
+        p = self.proj.kernel_size[0]
         armed = id(self) in getattr(_ARMED, "ids", ())
         why = None
         if library.symbolic(images) or images.dim() != 4:
@@ -301,14 +329,12 @@ class FusedTimmPatchEmbed(SwapWrapper):
         B, _, H, W = images.shape
         grid = (H // p, W // p)
         embed = armed and not self._forward_hooks  # a hook on patch_embed sees timm's own output
-        pos = self.pos_embed_for(grid) if embed else None
-        cls = root.cls_token if embed else None
+        pos, cls, prefix = self.embedding_for(grid) if embed else (None, None, None)
         w, b = self.proj.weight, self.proj.bias
         tokens = ops.patch_embed(images, w, b, patch_size=p, pos_embed=pos, cls_token=cls, backend=self.backend, **norm)
-        prefix = 1 if cls is not None else 0
-        x = tokens[:, prefix:].unflatten(1, grid)  # (B, gh, gw, dim): timm's NHWC output
-        if embed:
-            x.vk_tokens = tokens  # the whole buffer, for the root's _pos_embed
+        x = tokens[:, 1 if cls is not None else 0 :].unflatten(1, grid)  # (B, gh, gw, dim): timm's NHWC output
+        if embed:  # the whole buffer, for the root's _pos_embed
+            x.vk_tokens = tokens if prefix is None else torch.cat([prefix.expand(B, -1, -1), tokens], dim=1)
         return x
 
 
@@ -355,12 +381,10 @@ def _dynamic_embed_reason(root: nn.Module, pe: nn.Module, path: str, VisionTrans
             return f"{type(root).__name__} overrides VisionTransformer.{name}"
     if root.pos_embed is None:
         return "pos_embed is None (no position embedding)"
-    if root.reg_token is not None:
-        return "register tokens (reg_tokens > 0): the patch_embed kernel writes one class token at most"
-    if root.no_embed_class and root.cls_token is not None:
-        return "no_embed_class with a class token: the kernel adds pos_embed[0] to the class token"
-    if root.cls_token is not None and root.cls_token.shape[-1] != pe.proj.out_channels:
-        return "the class token's width differs from the projection's"
+    for name in ("cls_token", "reg_token"):
+        t = getattr(root, name)
+        if t is not None and (t.dim() != 3 or t.shape[0] != 1 or t.shape[-1] != pe.proj.out_channels):
+            return f"{name} is not (1, n, {pe.proj.out_channels}) (the projection's width)"
     if getattr(pe, "dynamic_img_pad", False):
         return "dynamic_img_pad pads images to a multiple of the patch size; the fused op does not pad"
     if not isinstance(pe.norm, nn.Identity):
@@ -387,6 +411,13 @@ def _dynamic_embed_candidate(
         "dynamic_img_size: class token and position embedding written by the patch_embed kernel; the position "
         "embedding is resampled (timm's resample_abs_pos_embed) once per patch grid and cached until it changes",
     )
+    if root.reg_token is not None:
+        notes += (
+            "register tokens: the kernel writes the patch tokens with their position embedding; the class and "
+            "register rows (cached with it) are concatenated in front (one copy of the token buffer)",
+        )
+    elif root.no_embed_class and root.cls_token is not None:
+        notes += ("no_embed_class: the kernel adds a zero position-embedding row to the class token",)
     if cfg is not None:
         notes += (f"uint8 images are normalized on load with mean={tuple(cfg[0])}, std={tuple(cfg[1])} ({cfg[2]})",)
 
