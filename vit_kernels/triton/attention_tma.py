@@ -1,0 +1,362 @@
+"""Flash attention forward for sm_90 on tensor descriptors, and its plain host launcher.
+
+Same job and same results as :mod:`vit_kernels.triton.attention` (softmax(scale * q k^T) v, non-causal,
+online softmax in base 2, the row log-sum-exp kept exactly as that kernel writes it), shaped for Hopper
+after the structure of Triton's tutorial 06 (fused attention):
+
+- Q, K, V and O tiles move through tensor descriptors (``tl.make_tensor_descriptor``): on sm_90 bulk
+  tensor copies (TMA) into shared memory, and both products are wgmma fed from there. Each program
+  makes its descriptors over its own (batch, head): shape (tokens, head_dim) with the token stride, so
+  a tile that runs past the last token (or past head_dim) is zero-filled on load and clipped on store.
+  No padded copies, any token count (197, 257, 577, 1025, ...).
+- 128-row query tiles; the key/value loop over the full key tiles is software-pipelined
+  (``num_stages`` tiles of K and V in flight) and has no mask; the partial last key tile, if any, runs
+  once after it with the padded keys' scores set to -inf.
+- head_dim as :func:`attention.dim_chunks` splits it: one power-of-two chunk, or two (72 and 80 as
+  64 + 16: two descriptors per operand, two dots per product) instead of one padded to 128.
+
+Inputs: float16 and bfloat16, head_dim a multiple of 8 from 16 to 128 (:func:`tma_unsupported` says
+why a call cannot run here; the launcher raises ValueError with that reason before any launch).
+float32 stays on the pointer kernel (its tf32x3 products split every operand in registers), and so do
+head dims above 128 (a 128-row tile of 256 fp32 accumulator columns does not fit the registers).
+
+The launcher is one more candidate of the measured dispatch (``attention_tma_config`` of
+:func:`attention.flash_attention_forward`, listed by :func:`tune_configs` for sm_90 only); it is never
+the untimed default.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import cdiv
+from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
+from .attention import LOG2E, dim_chunks
+from .gemm_tma import _ensure_allocator
+
+DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 128
+
+
+@triton.jit
+def _attn_tma_step(
+    acc,
+    acc1,
+    l_i,
+    m_i,
+    q,
+    q1,
+    k_desc,
+    k1_desc,
+    v_desc,
+    v1_desc,
+    start_n,
+    NKV,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D0: tl.constexpr,
+    BLOCK_D1: tl.constexpr,
+    MASK: tl.constexpr,
+):
+    """One key/value tile (rows start_n .. start_n + BLOCK_N) of the online softmax. MASK: the tile
+    runs past NKV (its padded keys were zero-filled by the descriptor: their scores become -inf)."""
+    k = k_desc.load([start_n, 0])
+    s = tl.dot(q, k.T)
+    if BLOCK_D1 > 0:
+        k1 = k1_desc.load([start_n, BLOCK_D0])
+        s = tl.dot(q1, k1.T, s)
+    s = s * qk_scale
+    if MASK:
+        s = tl.where((start_n + tl.arange(0, BLOCK_N) < NKV)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = v_desc.load([start_n, 0])
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    if BLOCK_D1 > 0:
+        v1 = v1_desc.load([start_n, BLOCK_D0])
+        acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None])
+    return acc, acc1, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd_tma_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    lse_ptr,  # q_ptr: (B, H, NQ, D); k_ptr, v_ptr: (B, H, NKV, D); o_ptr: (B, H, NQ, D); lse_ptr: (B, H, NQ) fp32
+    stride_qb,
+    stride_qh,
+    stride_qn,  # strides in elements, multiples of 8 (16 bytes); the last dim of every operand has stride 1
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_on,
+    H,
+    NQ,
+    NKV,  # heads, query tokens, key/value tokens
+    qk_scale,  # scale * log2(e), fp32
+    HEAD_DIM: tl.constexpr,  # D
+    BLOCK_D0: tl.constexpr,  # first head-dim chunk: columns 0 .. BLOCK_D0 (power of two)
+    BLOCK_D1: tl.constexpr,  # second chunk: columns BLOCK_D0 .. BLOCK_D0 + BLOCK_D1; 0: none
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)  # batch * heads on axis 0 (up to 2**31 - 1 programs)
+    pid_m = tl.program_id(1)
+    # int64 offsets: batch * heads * tokens * head_dim can pass 2**31.
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    # This (batch, head)'s (tokens, head_dim) matrices: 16-byte aligned bases and row strides (the
+    # launcher checks), so each is a tensor descriptor whose tiles are clipped at its own last token.
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    o_base = o_ptr + b * stride_ob + h * stride_oh
+    q_desc = tl.make_tensor_descriptor(q_base, [NQ, HEAD_DIM], [stride_qn, 1], [BLOCK_M, BLOCK_D0])
+    k_desc = tl.make_tensor_descriptor(k_base, [NKV, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D0])
+    v_desc = tl.make_tensor_descriptor(v_base, [NKV, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D0])
+    o_desc = tl.make_tensor_descriptor(o_base, [NQ, HEAD_DIM], [stride_on, 1], [BLOCK_M, BLOCK_D0])
+    off_m = pid_m * BLOCK_M
+    q = q_desc.load([off_m, 0])
+    acc = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
+    if BLOCK_D1 > 0:  # head_dim 72 / 80 as 64 + 16 (two dots), not one dot padded to 128
+        q1_desc = tl.make_tensor_descriptor(q_base, [NQ, HEAD_DIM], [stride_qn, 1], [BLOCK_M, BLOCK_D1])
+        k1_desc = tl.make_tensor_descriptor(k_base, [NKV, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D1])
+        v1_desc = tl.make_tensor_descriptor(v_base, [NKV, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D1])
+        o1_desc = tl.make_tensor_descriptor(o_base, [NQ, HEAD_DIM], [stride_on, 1], [BLOCK_M, BLOCK_D1])
+        q1 = q1_desc.load([off_m, BLOCK_D0])
+        acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+    else:  # placeholders the helper ignores (BLOCK_D1 == 0)
+        k1_desc = k_desc
+        v1_desc = v_desc
+        q1 = q
+        acc1 = acc
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 domain)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2
+    n_full = (NKV // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):  # full key tiles: no mask, pipelined (num_stages)
+        acc, acc1, l_i, m_i = _attn_tma_step(
+            acc,
+            acc1,
+            l_i,
+            m_i,
+            q,
+            q1,
+            k_desc,
+            k1_desc,
+            v_desc,
+            v1_desc,
+            start_n,
+            NKV,
+            qk_scale,
+            BLOCK_N,
+            BLOCK_D0,
+            BLOCK_D1,
+            False,
+        )
+    if n_full < NKV:  # the partial last key tile
+        acc, acc1, l_i, m_i = _attn_tma_step(
+            acc,
+            acc1,
+            l_i,
+            m_i,
+            q,
+            q1,
+            k_desc,
+            k1_desc,
+            v_desc,
+            v1_desc,
+            n_full,
+            NKV,
+            qk_scale,
+            BLOCK_N,
+            BLOCK_D0,
+            BLOCK_D1,
+            True,
+        )
+
+    o_desc.store([off_m, 0], (acc / l_i[:, None]).to(o_desc.dtype))  # clipped at NQ and HEAD_DIM
+    if BLOCK_D1 > 0:
+        o1_desc.store([off_m, BLOCK_D0], (acc1 / l_i[:, None]).to(o1_desc.dtype))
+    if STORE_LSE:
+        # natural-log log-sum-exp of scale * q . k: (m + log2(l)) / log2(e), as attention._attn_fwd_kernel
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        tl.store(lse_ptr + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=offs_m < NQ)
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): the tiles the measured dispatch times on sm_90 for
+# float16 / bfloat16 at every head_dim this kernel takes. 128 query rows (two warpgroups of 64 rows
+# with 8 warps, or one warpgroup issuing two wgmma row blocks with 4); 64 or 128 keys per tile.
+# Shared memory (fp16, head_dim 64): Q 16 KB + num_stages x (K + V) (16 KB per stage at 64 keys, 32 KB
+# at 128) + the output's staging tile 16 KB: compiled ahead of time in aot_specs() (inspect).
+CONFIGS: Tuple[Tuple[int, int, int, int], ...] = (
+    (128, 64, 4, 3),
+    (128, 64, 8, 3),
+    (128, 128, 8, 2),
+)
+
+
+def tune_configs(dtype: torch.dtype, head_dim: int, arch: int) -> Tuple[Tuple[int, int, int, int], ...]:
+    """The configs the tuner times for this kernel: :data:`CONFIGS` on sm_90 for float16 / bfloat16 at
+    head_dim <= 128; none otherwise (float32 and larger head dims stay on the pointer kernel)."""
+    if arch != 90 or dtype not in DTYPES or head_dim_unsupported(head_dim) is not None:
+        return ()
+    return CONFIGS
+
+
+def head_dim_unsupported(head_dim: int) -> Optional[str]:
+    """None when this kernel takes head_dim, else why not."""
+    if head_dim % 8 != 0 or not 16 <= head_dim <= MAX_HEAD_DIM:
+        return (
+            f"head_dim: the TMA attention kernel takes a multiple of 8 from 16 to {MAX_HEAD_DIM}, got {head_dim} "
+            "(larger head dims run on the pointer kernel, vit_kernels.triton.attention)"
+        )
+    return None
+
+
+def tma_unsupported(q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> Optional[str]:
+    """None when the TMA kernel can run on these (already checked by attention.flash_attention_forward:
+    4-D, one dtype, unit last stride, 16-byte aligned pointers and strides), else the reason."""
+    if q.dtype not in DTYPES:
+        return (
+            f"q: the TMA attention kernel takes float16 or bfloat16, got {q.dtype} "
+            "(float32 runs on the pointer kernel, vit_kernels.triton.attention)"
+        )
+    why = head_dim_unsupported(q.shape[-1])
+    if why is not None:
+        return why
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
+        if t.shape[2] > 1 and t.stride(2) < t.shape[3]:
+            return (
+                f"{name}: TMA reads (tokens, head_dim) rows with a token stride >= head_dim, got strides "
+                f"{t.stride()} for shape {tuple(t.shape)} (pass {name}.contiguous())"
+            )
+    return None
+
+
+def _config(config) -> Tuple[int, int, int, int]:
+    cfg = tuple(int(c) for c in config)
+    if cfg not in CONFIGS:
+        raise ValueError(f"attention_tma_config: expected one of attention_tma.CONFIGS {CONFIGS}, got {config}")
+    return cfg
+
+
+def launch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Optional[Tensor],
+    scale: float,
+    config,
+) -> None:
+    """Launch :func:`_attn_fwd_tma_kernel` once. q, k, v, out, lse as
+    :func:`attention.flash_attention_forward` checked them (q: (batch, heads, q_tokens, head_dim); k, v:
+    (batch, heads, kv_tokens, head_dim); out like q; lse (batch, heads, q_tokens) fp32 contiguous or None);
+    config: one of :data:`CONFIGS`. Raises ValueError with :func:`tma_unsupported`'s reason before any
+    launch."""
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _config(config)
+    why = tma_unsupported(q, k, v, out)
+    if why is not None:
+        raise ValueError(why)
+    B, H, NQ, D = q.shape
+    NKV = k.shape[2]
+    if out.numel() == 0:
+        return
+    _ensure_allocator(q.device)
+    d0, d1 = dim_chunks(D, q.dtype)
+
+    def row_stride(t: Tensor) -> int:
+        # A single token's stride says nothing about the layout (and may be anything): any multiple
+        # of 16 bytes >= head_dim addresses the one row the same way.
+        return t.stride(2) if t.shape[2] > 1 else D
+
+    _attn_fwd_tma_kernel[(B * H, cdiv(NQ, BLOCK_M))](
+        q,
+        k,
+        v,
+        out,
+        lse if lse is not None else out,
+        q.stride(0),
+        q.stride(1),
+        row_stride(q),
+        k.stride(0),
+        k.stride(1),
+        row_stride(k),
+        v.stride(0),
+        v.stride(1),
+        row_stride(v),
+        out.stride(0),
+        out.stride(1),
+        row_stride(out),
+        H,
+        NQ,
+        NKV,
+        float(scale) * LOG2E.value,
+        HEAD_DIM=D,
+        BLOCK_D0=d0,
+        BLOCK_D1=d1,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        STORE_LSE=lse is not None,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+
+
+def aot_spec(dtype: torch.dtype, head_dim: int, config, store_lse: bool = False) -> AotSpec:
+    """The launch attention.flash_attention_forward makes with ``attention_tma_config=config``, recorded as
+    the split qkv_attention path calls it (q, k, v: views of one (3, B, H, N, head_dim) buffer; out: a
+    (B, N, H * head_dim) buffer viewed as (B, H, N, head_dim)) at aot.REPRESENTATIVE's shape; sm_90 only."""
+    from .attention import flash_attention_forward
+
+    B, H, N = REPRESENTATIVE["batch"], REPRESENTATIVE["heads"], REPRESENTATIVE["tokens"]
+    qkv = torch.empty(3, B, H, N, head_dim, dtype=dtype)
+    out = torch.empty(B, N, H * head_dim, dtype=dtype).view(B, N, H, head_dim).transpose(1, 2)
+    BLOCK_M, BLOCK_N, num_warps, num_stages = config
+    d0, d1 = dim_chunks(head_dim, dtype)
+    label = (
+        f"head_dim={head_dim},BLOCK_D={d0}" + (f"+{d1}" if d1 else "") + f",BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},"
+        f"num_warps={num_warps},num_stages={num_stages},{dtype_name(dtype)},lse={int(store_lse)}"
+    )
+    call = lambda: flash_attention_forward(  # noqa: E731
+        qkv[0], qkv[1], qkv[2], 1.0, out=out, return_lse=store_lse, attention_tma_config=config
+    )
+    return recorded_spec(
+        "flash_attention_fwd_tma",
+        _attn_fwd_tma_kernel,
+        call,
+        label,
+        True,
+        (90,),
+        shape=f"B={B},H={H},N={N},head_dim={head_dim},merged-head out",
+    )
+
+
+# head_dim values aot_specs() compiles: ViT-B/L's 64 (every config, both dtypes, LSE kept or not), ViT-H's
+# 80 and 72 (64 + 16 chunks: different masks of the second chunk's descriptor) and 128 (one chunk).
+AOT_HEAD_DIMS = (64, 72, 80, 128)
+
+
+def aot_specs() -> List[AotSpec]:
+    """The configurations the tuner can launch, for sm_90: every config x dtype at head_dim 64 (without
+    and with the LSE), and every config at the other AOT_HEAD_DIMS in float16 without the LSE."""
+    specs = [aot_spec(dtype, 64, cfg, store_lse) for cfg in CONFIGS for dtype in DTYPES for store_lse in (False, True)]
+    specs += [aot_spec(torch.float16, hd, cfg) for cfg in CONFIGS for hd in AOT_HEAD_DIMS if hd != 64]
+    return specs
