@@ -25,7 +25,8 @@ sm_90 with float16/bfloat16 the TMA GEMM (:mod:`vit_kernels.triton.gemm_tma`) ad
 for the call's (N, K) class (``gemm_tma.tune_configs``): path "tma" for linear and the MLP, the
 split path's QKV projection for qkv_attention; and the tensor-descriptor flash attention
 (:mod:`vit_kernels.triton.attention_tma`, ``attention_tma.tune_configs``) for flash_attention and the
-split path's attention.
+split path's attention; qkv_attention also gets every pair of the two (projection and attention both
+on their TMA kernels).
 
 Control: ``tune="on" | "off" | "cache-only"`` on the ops, :func:`mode` as a context manager
 (modules, fused models), or ``VIT_KERNELS_TUNE`` in the environment; default on. Tuning applies
@@ -253,6 +254,14 @@ def candidates(op: str, f: Facts, available: Sequence[str], device_type: str) ->
         for fam in FAMILIES:
             if fam.op == op and (not fam.path or f.path in (None, fam.path)):
                 out += [Candidate("triton", fam.path, ((fam.keyword, tuple(c)),)) for c in fam.configs(f)]
+        if op == "qkv_attention" and f.path in (None, "split"):
+            # sm_90: both halves of the split path on their TMA kernels, every pair (the kernels compile
+            # once per config whatever the pairing, so the pairs cost timing only).
+            out += [
+                Candidate("triton", "split", (("tma_config", tuple(g)), ("attention_tma_config", tuple(a))))
+                for g in _tma_configs(f)
+                for a in _attention_tma_configs(f)
+            ]
     if "cuda" in available and f.path in (None, "split"):
         out.append(Candidate("cuda", "split" if op == "qkv_attention" else ""))
     if not any(c.backend == "torch" for c in out):  # the caller forced a path torch does not have
