@@ -173,7 +173,7 @@ MUTATIONS: List[Mutation] = [
         "triton-attn-tma-no-tail-mask",
         "vit_kernels/triton/attention_tma.py",
         '        s = tl.where((start_n + tl.arange(0, BLOCK_N) < NKV)[None, :], s, float("-inf"))\n',
-        "",
+        "        s = s * 1.0\n",  # (the line is an if's whole body)
         T_ATTN_TMA,
     ),
     Mutation(
