@@ -27,8 +27,9 @@ from gemm_cases import require  # noqa: F401  (re-exported: skip without Triton,
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = ["triton", "cuda"]
 VARIANTS = ["triton", "triton_tma", "cuda"]
-# The TMA kernel's config when a test names none: the first of attention_tma.CONFIGS (128 x 64, 4 warps).
-TMA_CONFIG = (128, 64, 4, 3)
+# The TMA kernel's config when a test names none: the first of attention_tma.CONFIGS (128 x 64, 4 warps,
+# the partial key tile after the loop).
+TMA_CONFIG = (128, 64, 4, 3, 0)
 
 
 def variant_dtypes(variant):

@@ -55,8 +55,9 @@ def ids(v):
 # -------------------------------------------------------------------------------- flash_attention
 # (batch, heads, tokens, head_dim, dtype). Triton: every value of each axis at least once; CUDA: every
 # token count x head dim x dtype once, batch alternating; triton_tma (+ its config): every token count x
-# head dim x dtype once, batch alternating, the configs in turn (each meets every token count).
-TMA_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)]  # attention_tma.CONFIGS, asserted below
+# head dim x dtype once, batch alternating, the configs in turn (each meets 3 or 4 of the token counts).
+# attention_tma.CONFIGS, asserted below: (BLOCK_M, BLOCK_N, num_warps, num_stages, MASK_EVERY_TILE)
+TMA_CONFIGS = [(128, 64, 4, 3, 0), (128, 64, 8, 3, 0), (128, 128, 8, 2, 0), (128, 64, 8, 3, 1), (128, 128, 8, 2, 1)]
 DEFAULT_CASES = {
     "triton": [
         (1, 2, 1, 64, torch.float32),
@@ -74,7 +75,7 @@ DEFAULT_CASES = {
         for dt in DTYPES
     ],
     "triton_tma": [
-        (1 if (i + j + k) % 2 else 3, 2, n, d, dt, TMA_CONFIGS[(i + j + k) % 3])
+        (1 if (i + j + k) % 2 else 3, 2, n, d, dt, TMA_CONFIGS[(2 * i + j + k) % 5])
         for i, n in enumerate([1, 50, 197, 257])
         for j, d in enumerate([64, 72, 80])
         for k, dt in enumerate([torch.float16, torch.bfloat16])
@@ -97,7 +98,7 @@ SLOW_CASES = {
         if (b, 2, n, d, dt) not in DEFAULT_CASES["cuda"]
     ],
     "triton_tma": [  # the configs in turn: each meets every token count and head dim
-        (b, 2, n, d, dt, TMA_CONFIGS[(b + i + j) % 3])
+        (b, 2, n, d, dt, TMA_CONFIGS[(b + i + j) % 5])
         for b in (1, 3)
         for i, n in enumerate((1, 50, 197, 257, 577, 1025))
         for j, d in enumerate((16, 48, 64, 72, 80, 128))
@@ -292,7 +293,7 @@ def test_tma_config_list_tuned_on_sm90_half_only_and_compiled():
     compiled = {(s.signature["q_ptr"], s.constexprs["HEAD_DIM"], s.constexprs["STORE_LSE"], s.config) for s in specs}
     assert all(s.archs == (90,) for s in specs)
     for cfg in attention_tma.CONFIGS:
-        label = "BLOCK_M={},BLOCK_N={},num_warps={},num_stages={}".format(*cfg)
+        label = "BLOCK_M={},BLOCK_N={},num_warps={},num_stages={},mask_every_tile={}".format(*cfg)
         for ptr in ("*fp16", "*bf16"):
             for lse in (False, True):
                 assert any(c[:3] == (ptr, 64, lse) and label in c[3] for c in compiled), (cfg, ptr, lse)
@@ -318,7 +319,7 @@ def test_bad_input_before_launch_triton_tma():
     refused(q, q, q, r"head_dim: the TMA attention kernel takes a multiple of 8 from 16 to 128, got 136")
     q = rand(1, 2, 5, 64, dtype=torch.float16)
     refused(
-        q, q, q, r"attention_tma_config: expected one of attention_tma.CONFIGS", attention_tma_config=(64, 64, 4, 3)
+        q, q, q, r"attention_tma_config: expected one of attention_tma.CONFIGS", attention_tma_config=(64, 64, 4, 3, 0)
     )
     refused(q, q, q, r"give it or attention_config", attention_config=(64, 64, 4, 3))
     k = rand(1, 2, 1, 64, dtype=torch.float16).expand(1, 2, 5, 64)  # token stride 0
@@ -349,7 +350,7 @@ def test_backward_reads_the_tma_forwards_lse(shape, dtype):
 
     B, H, N, D = shape
     q, k, v = (t.requires_grad_() for t in make_qkv(B, H, N, D, dtype))
-    out = FlashAttention.apply(q, k, v, D**-0.5, (("attention_tma_config", TMA_CONFIGS[1]),))
+    out = FlashAttention.apply(q, k, v, D**-0.5, (("attention_tma_config", TMA_CONFIGS[3]),))
     g = rand(*out.shape, dtype=dtype)
     out.backward(g)
     grads = {}

@@ -14,8 +14,9 @@ Shapes are small: the default run covers every (op, backend, dtype) once per kin
 token counts run on one dtype; sweeps are behind @pytest.mark.slow.
 
 The attention tests also run "triton_tma": the Triton launchers with sm_90's tensor-descriptor attention
-kernel (vit_kernels.triton.attention_tma, a tuning candidate; float16/bfloat16), called directly with
-its first config (flash_attention: the launcher; qkv_attention: the split path).
+kernel (vit_kernels.triton.attention_tma, a tuning candidate; float16/bfloat16), called directly
+(flash_attention: the launcher, its partial key tile after the loop; qkv_attention: the split path,
+every key tile masked in one loop).
 """
 
 import math
@@ -34,7 +35,9 @@ from poison import poison_empty
 BACKENDS = ["torch", "triton", "cuda"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TMA = "triton_tma"
-TMA_CONFIG = (128, 64, 4, 3)  # attention_tma.CONFIGS[0]
+# attention_tma.CONFIGS[0] for flash_attention (the partial key tile after the loop), CONFIGS[3] for
+# qkv_attention (every key tile masked in one loop)
+TMA_CONFIGS = {"flash_attention": (128, 64, 4, 3, 0), "qkv_attention": (128, 64, 8, 3, 1)}
 
 
 def attention_backends(dtypes=DTYPES):
@@ -141,18 +144,18 @@ def _f64(a):
 
 
 def run_tma(op, args, kw):
-    """An attention op through the Triton launchers with the TMA kernel (TMA_CONFIG)."""
+    """An attention op through the Triton launchers with the TMA kernel (TMA_CONFIGS[op])."""
     if op == "flash_attention":
         from vit_kernels.triton import attention
 
         q = args[0]
         scale = kw.get("scale") or q.shape[-1] ** -0.5
-        return attention.flash_attention_forward(*args, scale, attention_tma_config=TMA_CONFIG)
+        return attention.flash_attention_forward(*args, scale, attention_tma_config=TMA_CONFIGS[op])
     from vit_kernels.triton import qkv_attention as triton_qkv
 
     head_dim = args[1].shape[0] // 3 // kw["num_heads"]
     kw = {"scale": head_dim**-0.5, **kw}
-    return triton_qkv.qkv_attention_forward(*args, path="split", attention_tma_config=TMA_CONFIG, **kw)
+    return triton_qkv.qkv_attention_forward(*args, path="split", attention_tma_config=TMA_CONFIGS[op], **kw)
 
 
 def run(op, backend, args, kw):

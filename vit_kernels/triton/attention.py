@@ -249,7 +249,7 @@ def flash_attention_forward(
     out: Optional[Tensor] = None,
     return_lse: bool = False,
     attention_config: Optional[Tuple[int, int, int, int]] = None,
-    attention_tma_config: Optional[Tuple[int, int, int, int]] = None,
+    attention_tma_config: Optional[Tuple[int, int, int, int, int]] = None,
 ):
     """softmax(scale * q k^T) v, non-causal, with the Triton kernel.
 

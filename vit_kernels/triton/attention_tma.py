@@ -9,9 +9,11 @@ after the structure of Triton's tutorial 06 (fused attention):
   makes its descriptors over its own (batch, head): shape (tokens, head_dim) with the token stride, so
   a tile that runs past the last token (or past head_dim) is zero-filled on load and clipped on store.
   No padded copies, any token count (197, 257, 577, 1025, ...).
-- 128-row query tiles; the key/value loop over the full key tiles is software-pipelined
-  (``num_stages`` tiles of K and V in flight) and has no mask; the partial last key tile, if any, runs
-  once after it with the padded keys' scores set to -inf.
+- 128-row query tiles; the key/value loop is software-pipelined (``num_stages`` tiles of K and V in
+  flight). The partial last key tile (its padded keys' scores set to -inf) either runs once after an
+  unmasked loop over the full tiles (no mask cost, but its loads are not prefetched) or inside one loop
+  that masks every tile (``MASK_EVERY_TILE``: a select per score, every load prefetched). At ViT lengths
+  a program sees 2-17 key tiles, so which costs less is measured: both are configs.
 - head_dim as :func:`attention.dim_chunks` splits it: one power-of-two chunk, or two (72 and 80 as
   64 + 16: two descriptors per operand, two dots per product) instead of one padded to 128.
 
@@ -114,6 +116,7 @@ def _attn_fwd_tma_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     STORE_LSE: tl.constexpr,
+    MASK_EVERY_TILE: tl.constexpr,  # one loop over every key tile, each masked; else full tiles + a tail
 ):
     pid_bh = tl.program_id(0)  # batch * heads on axis 0 (up to 2**31 - 1 programs)
     pid_m = tl.program_id(1)
@@ -148,47 +151,69 @@ def _attn_fwd_tma_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 domain)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2
-    n_full = (NKV // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):  # full key tiles: no mask, pipelined (num_stages)
-        acc, acc1, l_i, m_i = _attn_tma_step(
-            acc,
-            acc1,
-            l_i,
-            m_i,
-            q,
-            q1,
-            k_desc,
-            k1_desc,
-            v_desc,
-            v1_desc,
-            start_n,
-            NKV,
-            qk_scale,
-            BLOCK_N,
-            BLOCK_D0,
-            BLOCK_D1,
-            False,
-        )
-    if n_full < NKV:  # the partial last key tile
-        acc, acc1, l_i, m_i = _attn_tma_step(
-            acc,
-            acc1,
-            l_i,
-            m_i,
-            q,
-            q1,
-            k_desc,
-            k1_desc,
-            v_desc,
-            v1_desc,
-            n_full,
-            NKV,
-            qk_scale,
-            BLOCK_N,
-            BLOCK_D0,
-            BLOCK_D1,
-            True,
-        )
+    if MASK_EVERY_TILE:
+        for start_n in range(0, NKV, BLOCK_N):  # every key tile, each masked; pipelined (num_stages)
+            acc, acc1, l_i, m_i = _attn_tma_step(
+                acc,
+                acc1,
+                l_i,
+                m_i,
+                q,
+                q1,
+                k_desc,
+                k1_desc,
+                v_desc,
+                v1_desc,
+                start_n,
+                NKV,
+                qk_scale,
+                BLOCK_N,
+                BLOCK_D0,
+                BLOCK_D1,
+                True,
+            )
+    else:
+        n_full = (NKV // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):  # the full key tiles: no mask; pipelined (num_stages)
+            acc, acc1, l_i, m_i = _attn_tma_step(
+                acc,
+                acc1,
+                l_i,
+                m_i,
+                q,
+                q1,
+                k_desc,
+                k1_desc,
+                v_desc,
+                v1_desc,
+                start_n,
+                NKV,
+                qk_scale,
+                BLOCK_N,
+                BLOCK_D0,
+                BLOCK_D1,
+                False,
+            )
+        if n_full < NKV:  # the partial last key tile
+            acc, acc1, l_i, m_i = _attn_tma_step(
+                acc,
+                acc1,
+                l_i,
+                m_i,
+                q,
+                q1,
+                k_desc,
+                k1_desc,
+                v_desc,
+                v1_desc,
+                n_full,
+                NKV,
+                qk_scale,
+                BLOCK_N,
+                BLOCK_D0,
+                BLOCK_D1,
+                True,
+            )
 
     o_desc.store([off_m, 0], (acc / l_i[:, None]).to(o_desc.dtype))  # clipped at NQ and HEAD_DIM
     if BLOCK_D1 > 0:
@@ -200,19 +225,22 @@ def _attn_fwd_tma_kernel(
         tl.store(lse_ptr + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=offs_m < NQ)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): the tiles the measured dispatch times on sm_90 for
-# float16 / bfloat16 at every head_dim this kernel takes. 128 query rows (two warpgroups of 64 rows
-# with 8 warps, or one warpgroup issuing two wgmma row blocks with 4); 64 or 128 keys per tile.
-# Shared memory (fp16, head_dim 64): Q 16 KB + num_stages x (K + V) (16 KB per stage at 64 keys, 32 KB
-# at 128) + the output's staging tile 16 KB: compiled ahead of time in aot_specs() (inspect).
-CONFIGS: Tuple[Tuple[int, int, int, int], ...] = (
-    (128, 64, 4, 3),
-    (128, 64, 8, 3),
-    (128, 128, 8, 2),
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, MASK_EVERY_TILE): the configs the measured dispatch times on
+# sm_90 for float16 / bfloat16 at every head_dim this kernel takes. 128 query rows (two warpgroups of 64
+# rows with 8 warps, or one warpgroup issuing two wgmma row blocks with 4); 64 or 128 keys per tile; the
+# partial last key tile after the loop (0) or inside it (1). Shared memory (fp16, head_dim 64): Q 16 KB +
+# num_stages x (K + V) (16 KB per stage at 64 keys, 32 KB at 128): compiled ahead of time in aot_specs()
+# (inspect: 65-81 KB, two blocks per SM except 128 x 128, one: registers).
+CONFIGS: Tuple[Tuple[int, int, int, int, int], ...] = (
+    (128, 64, 4, 3, 0),
+    (128, 64, 8, 3, 0),
+    (128, 128, 8, 2, 0),
+    (128, 64, 8, 3, 1),
+    (128, 128, 8, 2, 1),
 )
 
 
-def tune_configs(dtype: torch.dtype, head_dim: int, arch: int) -> Tuple[Tuple[int, int, int, int], ...]:
+def tune_configs(dtype: torch.dtype, head_dim: int, arch: int) -> Tuple[Tuple[int, int, int, int, int], ...]:
     """The configs the tuner times for this kernel: :data:`CONFIGS` on sm_90 for float16 / bfloat16 at
     head_dim <= 128; none otherwise (float32 and larger head dims stay on the pointer kernel)."""
     if arch != 90 or dtype not in DTYPES or head_dim_unsupported(head_dim) is not None:
@@ -250,7 +278,7 @@ def tma_unsupported(q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> Optional[st
     return None
 
 
-def _config(config) -> Tuple[int, int, int, int]:
+def _config(config) -> Tuple[int, int, int, int, int]:
     cfg = tuple(int(c) for c in config)
     if cfg not in CONFIGS:
         raise ValueError(f"attention_tma_config: expected one of attention_tma.CONFIGS {CONFIGS}, got {config}")
@@ -271,7 +299,7 @@ def launch(
     (batch, heads, kv_tokens, head_dim); out like q; lse (batch, heads, q_tokens) fp32 contiguous or None);
     config: one of :data:`CONFIGS`. Raises ValueError with :func:`tma_unsupported`'s reason before any
     launch."""
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _config(config)
+    BLOCK_M, BLOCK_N, num_warps, num_stages, mask_every_tile = _config(config)
     why = tma_unsupported(q, k, v, out)
     if why is not None:
         raise ValueError(why)
@@ -315,6 +343,7 @@ def launch(
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         STORE_LSE=lse is not None,
+        MASK_EVERY_TILE=bool(mask_every_tile),
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -329,11 +358,12 @@ def aot_spec(dtype: torch.dtype, head_dim: int, config, store_lse: bool = False)
     B, H, N = REPRESENTATIVE["batch"], REPRESENTATIVE["heads"], REPRESENTATIVE["tokens"]
     qkv = torch.empty(3, B, H, N, head_dim, dtype=dtype)
     out = torch.empty(B, N, H * head_dim, dtype=dtype).view(B, N, H, head_dim).transpose(1, 2)
-    BLOCK_M, BLOCK_N, num_warps, num_stages = config
+    BLOCK_M, BLOCK_N, num_warps, num_stages, mask_every_tile = config
     d0, d1 = dim_chunks(head_dim, dtype)
     label = (
         f"head_dim={head_dim},BLOCK_D={d0}" + (f"+{d1}" if d1 else "") + f",BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},"
-        f"num_warps={num_warps},num_stages={num_stages},{dtype_name(dtype)},lse={int(store_lse)}"
+        f"num_warps={num_warps},num_stages={num_stages},mask_every_tile={mask_every_tile},{dtype_name(dtype)},"
+        f"lse={int(store_lse)}"
     )
     call = lambda: flash_attention_forward(  # noqa: E731
         qkv[0], qkv[1], qkv[2], 1.0, out=out, return_lse=store_lse, attention_tma_config=config
