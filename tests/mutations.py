@@ -186,8 +186,8 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "triton-attn-tma-second-chunk-column",
         "vit_kernels/triton/attention_tma.py",
-        "        v1 = v1_desc.load([start_n, BLOCK_D0])\n",
-        "        v1 = v1_desc.load([start_n, 0])\n",
+        "        v1 = v1_desc.load([b, h, start_n, BLOCK_D0]).reshape(BLOCK_N, BLOCK_D1)\n",
+        "        v1 = v1_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, BLOCK_D1)\n",
         T_ATTN_TMA,
     ),
     Mutation(

@@ -290,15 +290,16 @@ def test_tma_config_list_tuned_on_sm90_half_only_and_compiled():
     assert attention_tma.tune_configs(torch.float32, 64, 90) == ()
     assert attention_tma.tune_configs(torch.float16, 256, 90) == ()
     specs = attention_tma.aot_specs()
-    compiled = {(s.signature["q_ptr"], s.constexprs["HEAD_DIM"], s.constexprs["STORE_LSE"], s.config) for s in specs}
+    # (q's descriptor element type, lse kept, label)
+    compiled = {(s.signature["q_desc"].split("[")[0], s.constexprs["STORE_LSE"], s.config) for s in specs}
     assert all(s.archs == (90,) for s in specs)
     for cfg in attention_tma.CONFIGS:
         label = "BLOCK_M={},BLOCK_N={},num_warps={},num_stages={},mask_every_tile={}".format(*cfg)
-        for ptr in ("*fp16", "*bf16"):
+        for ty in ("tensordesc<fp16", "tensordesc<bf16"):
             for lse in (False, True):
-                assert any(c[:3] == (ptr, 64, lse) and label in c[3] for c in compiled), (cfg, ptr, lse)
+                assert any(c[:2] == (ty, lse) and "head_dim=64," in c[2] and label in c[2] for c in compiled), (cfg, ty)
         for hd in (72, 80, 128):
-            assert any(c[:2] == ("*fp16", hd) and label in c[3] for c in compiled), (cfg, hd)
+            assert any(c[0] == "tensordesc<fp16" and f"head_dim={hd}," in c[2] and label in c[2] for c in compiled)
 
 
 def test_bad_input_before_launch_triton_tma():
@@ -324,6 +325,8 @@ def test_bad_input_before_launch_triton_tma():
     refused(q, q, q, r"give it or attention_config", attention_config=(64, 64, 4, 3))
     k = rand(1, 2, 1, 64, dtype=torch.float16).expand(1, 2, 5, 64)  # token stride 0
     refused(q, k, k, r"k: TMA reads \(tokens, head_dim\) rows with a token stride >= head_dim, got strides")
+    v = rand(1, 1, 5, 64, dtype=torch.float16).expand(1, 2, 5, 64)  # head stride 0
+    refused(q, q, v, r"v: a tensor descriptor cannot address a broadcast heads dim \(stride 0\)")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=ids)

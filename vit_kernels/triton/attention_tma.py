@@ -4,11 +4,13 @@ Same job and same results as :mod:`vit_kernels.triton.attention` (softmax(scale 
 online softmax in base 2, the row log-sum-exp kept exactly as that kernel writes it), shaped for Hopper
 after the structure of Triton's tutorial 06 (fused attention):
 
-- Q, K, V and O tiles move through tensor descriptors (``tl.make_tensor_descriptor``): on sm_90 bulk
-  tensor copies (TMA) into shared memory, and both products are wgmma fed from there. Each program
-  makes its descriptors over its own (batch, head): shape (tokens, head_dim) with the token stride, so
-  a tile that runs past the last token (or past head_dim) is zero-filled on load and clipped on store.
-  No padded copies, any token count (197, 257, 577, 1025, ...).
+- Q, K, V and O tiles move through tensor descriptors: on sm_90 bulk tensor copies (TMA) into shared
+  memory, and both products are wgmma fed from there. The launcher makes them on the host
+  (``TensorDescriptor``, passed as kernel parameters, as tutorial 06 does on Hopper: no per-program
+  descriptor creation and fences on the device), four-dimensional over (batch, heads, tokens, head_dim)
+  with the tensors' own strides, blocks (1, 1, rows, head-dim chunk): a tile that runs past the last
+  token of its head (or past head_dim) is zero-filled on load and clipped on store. No padded copies,
+  any token count (197, 257, 577, 1025, ...), any strides TMA can address (:func:`tma_unsupported`).
 - 128-row query tiles; the key/value loop is software-pipelined (``num_stages`` tiles of K and V in
   flight). The partial last key tile (its padded keys' scores set to -inf) either runs once after an
   unmasked loop over the full tiles (no mask cost, but its loads are not prefetched) or inside one loop
@@ -35,11 +37,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import cdiv
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 from .attention import LOG2E, dim_chunks
-from .gemm_tma import _ensure_allocator
 
 DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
@@ -57,6 +59,8 @@ def _attn_tma_step(
     k1_desc,
     v_desc,
     v1_desc,
+    b,
+    h,
     start_n,
     NKV,
     qk_scale,
@@ -65,12 +69,12 @@ def _attn_tma_step(
     BLOCK_D1: tl.constexpr,
     MASK: tl.constexpr,
 ):
-    """One key/value tile (rows start_n .. start_n + BLOCK_N) of the online softmax. MASK: the tile
-    runs past NKV (its padded keys were zero-filled by the descriptor: their scores become -inf)."""
-    k = k_desc.load([start_n, 0])
+    """One key/value tile (rows start_n .. start_n + BLOCK_N of head (b, h)) of the online softmax. MASK:
+    the tile runs past NKV (its padded keys were zero-filled by the descriptor: their scores become -inf)."""
+    k = k_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, BLOCK_D0)
     s = tl.dot(q, k.T)
     if BLOCK_D1 > 0:
-        k1 = k1_desc.load([start_n, BLOCK_D0])
+        k1 = k1_desc.load([b, h, start_n, BLOCK_D0]).reshape(BLOCK_N, BLOCK_D1)
         s = tl.dot(q1, k1.T, s)
     s = s * qk_scale
     if MASK:
@@ -79,38 +83,29 @@ def _attn_tma_step(
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = v_desc.load([start_n, 0])
+    v = v_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, BLOCK_D0)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     if BLOCK_D1 > 0:
-        v1 = v1_desc.load([start_n, BLOCK_D0])
+        v1 = v1_desc.load([b, h, start_n, BLOCK_D0]).reshape(BLOCK_N, BLOCK_D1)
         acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None])
     return acc, acc1, l_i, m_new
 
 
 @triton.jit
 def _attn_fwd_tma_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    o_ptr,
-    lse_ptr,  # q_ptr: (B, H, NQ, D); k_ptr, v_ptr: (B, H, NKV, D); o_ptr: (B, H, NQ, D); lse_ptr: (B, H, NQ) fp32
-    stride_qb,
-    stride_qh,
-    stride_qn,  # strides in elements, multiples of 8 (16 bytes); the last dim of every operand has stride 1
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_ob,
-    stride_oh,
-    stride_on,
+    q_desc,  # tensor descriptors over (B, H, NQ, D) q / out and (B, H, NKV, D) k, v; blocks (1, 1, rows, BLOCK_D0)
+    k_desc,
+    v_desc,
+    o_desc,
+    q1_desc,  # the same tensors in blocks (1, 1, rows, BLOCK_D1): the second head-dim chunk (unused without)
+    k1_desc,
+    v1_desc,
+    o1_desc,
+    lse_ptr,  # (B, H, NQ) fp32, contiguous  [STORE_LSE]
     H,
     NQ,
     NKV,  # heads, query tokens, key/value tokens
     qk_scale,  # scale * log2(e), fp32
-    HEAD_DIM: tl.constexpr,  # D
     BLOCK_D0: tl.constexpr,  # first head-dim chunk: columns 0 .. BLOCK_D0 (power of two)
     BLOCK_D1: tl.constexpr,  # second chunk: columns BLOCK_D0 .. BLOCK_D0 + BLOCK_D1; 0: none
     BLOCK_M: tl.constexpr,
@@ -120,32 +115,15 @@ def _attn_fwd_tma_kernel(
 ):
     pid_bh = tl.program_id(0)  # batch * heads on axis 0 (up to 2**31 - 1 programs)
     pid_m = tl.program_id(1)
-    # int64 offsets: batch * heads * tokens * head_dim can pass 2**31.
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    # This (batch, head)'s (tokens, head_dim) matrices: 16-byte aligned bases and row strides (the
-    # launcher checks), so each is a tensor descriptor whose tiles are clipped at its own last token.
-    q_base = q_ptr + b * stride_qb + h * stride_qh
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
-    o_base = o_ptr + b * stride_ob + h * stride_oh
-    q_desc = tl.make_tensor_descriptor(q_base, [NQ, HEAD_DIM], [stride_qn, 1], [BLOCK_M, BLOCK_D0])
-    k_desc = tl.make_tensor_descriptor(k_base, [NKV, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D0])
-    v_desc = tl.make_tensor_descriptor(v_base, [NKV, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D0])
-    o_desc = tl.make_tensor_descriptor(o_base, [NQ, HEAD_DIM], [stride_on, 1], [BLOCK_M, BLOCK_D0])
+    b = pid_bh // H
+    h = pid_bh % H  # tile coordinates; the descriptors hold the strides (64-bit addressing in the TMA unit)
     off_m = pid_m * BLOCK_M
-    q = q_desc.load([off_m, 0])
+    q = q_desc.load([b, h, off_m, 0]).reshape(BLOCK_M, BLOCK_D0)  # rows past NQ, columns past D: zeros
     acc = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
     if BLOCK_D1 > 0:  # head_dim 72 / 80 as 64 + 16 (two dots), not one dot padded to 128
-        q1_desc = tl.make_tensor_descriptor(q_base, [NQ, HEAD_DIM], [stride_qn, 1], [BLOCK_M, BLOCK_D1])
-        k1_desc = tl.make_tensor_descriptor(k_base, [NKV, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D1])
-        v1_desc = tl.make_tensor_descriptor(v_base, [NKV, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D1])
-        o1_desc = tl.make_tensor_descriptor(o_base, [NQ, HEAD_DIM], [stride_on, 1], [BLOCK_M, BLOCK_D1])
-        q1 = q1_desc.load([off_m, BLOCK_D0])
+        q1 = q1_desc.load([b, h, off_m, BLOCK_D0]).reshape(BLOCK_M, BLOCK_D1)
         acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
     else:  # placeholders the helper ignores (BLOCK_D1 == 0)
-        k1_desc = k_desc
-        v1_desc = v_desc
         q1 = q
         acc1 = acc
 
@@ -164,6 +142,8 @@ def _attn_fwd_tma_kernel(
                 k1_desc,
                 v_desc,
                 v1_desc,
+                b,
+                h,
                 start_n,
                 NKV,
                 qk_scale,
@@ -186,6 +166,8 @@ def _attn_fwd_tma_kernel(
                 k1_desc,
                 v_desc,
                 v1_desc,
+                b,
+                h,
                 start_n,
                 NKV,
                 qk_scale,
@@ -206,6 +188,8 @@ def _attn_fwd_tma_kernel(
                 k1_desc,
                 v_desc,
                 v1_desc,
+                b,
+                h,
                 n_full,
                 NKV,
                 qk_scale,
@@ -215,9 +199,11 @@ def _attn_fwd_tma_kernel(
                 True,
             )
 
-    o_desc.store([off_m, 0], (acc / l_i[:, None]).to(o_desc.dtype))  # clipped at NQ and HEAD_DIM
+    o = (acc / l_i[:, None]).to(o_desc.dtype)
+    o_desc.store([b, h, off_m, 0], o.reshape(1, 1, BLOCK_M, BLOCK_D0))  # clipped at NQ and D
     if BLOCK_D1 > 0:
-        o1_desc.store([off_m, BLOCK_D0], (acc1 / l_i[:, None]).to(o1_desc.dtype))
+        o1 = (acc1 / l_i[:, None]).to(o1_desc.dtype)
+        o1_desc.store([b, h, off_m, BLOCK_D0], o1.reshape(1, 1, BLOCK_M, BLOCK_D1))
     if STORE_LSE:
         # natural-log log-sum-exp of scale * q . k: (m + log2(l)) / log2(e), as attention._attn_fwd_kernel
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
@@ -275,6 +261,12 @@ def tma_unsupported(q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> Optional[st
                 f"{name}: TMA reads (tokens, head_dim) rows with a token stride >= head_dim, got strides "
                 f"{t.stride()} for shape {tuple(t.shape)} (pass {name}.contiguous())"
             )
+        for dim, what in ((0, "batch"), (1, "heads")):
+            if t.shape[dim] > 1 and t.stride(dim) == 0:
+                return (
+                    f"{name}: a tensor descriptor cannot address a broadcast {what} dim (stride 0), got strides "
+                    f"{t.stride()} for shape {tuple(t.shape)} (pass {name}.contiguous())"
+                )
     return None
 
 
@@ -307,37 +299,26 @@ def launch(
     NKV = k.shape[2]
     if out.numel() == 0:
         return
-    _ensure_allocator(q.device)
     d0, d1 = dim_chunks(D, q.dtype)
 
-    def row_stride(t: Tensor) -> int:
-        # A single token's stride says nothing about the layout (and may be anything): any multiple
-        # of 16 bytes >= head_dim addresses the one row the same way.
-        return t.stride(2) if t.shape[2] > 1 else D
+    def desc(t: Tensor, rows: int, cols: int) -> TensorDescriptor:
+        # (B, H, tokens, D) with t's strides; a size-1 dim's stride says nothing about the layout (and may be
+        # anything): any multiple of 16 bytes addresses its one index the same way.
+        strides = [st if n > 1 else D for st, n in zip(t.stride()[:3], t.shape[:3])] + [1]
+        return TensorDescriptor(t, list(t.shape), strides, [1, 1, rows, cols])
 
+    descs = [desc(q, BLOCK_M, d0), desc(k, BLOCK_N, d0), desc(v, BLOCK_N, d0), desc(out, BLOCK_M, d0)]
+    if d1:
+        descs += [desc(q, BLOCK_M, d1), desc(k, BLOCK_N, d1), desc(v, BLOCK_N, d1), desc(out, BLOCK_M, d1)]
+    else:
+        descs += descs  # unused by the kernel (BLOCK_D1 = 0)
     _attn_fwd_tma_kernel[(B * H, cdiv(NQ, BLOCK_M))](
-        q,
-        k,
-        v,
-        out,
+        *descs,
         lse if lse is not None else out,
-        q.stride(0),
-        q.stride(1),
-        row_stride(q),
-        k.stride(0),
-        k.stride(1),
-        row_stride(k),
-        v.stride(0),
-        v.stride(1),
-        row_stride(v),
-        out.stride(0),
-        out.stride(1),
-        row_stride(out),
         H,
         NQ,
         NKV,
         float(scale) * LOG2E.value,
-        HEAD_DIM=D,
         BLOCK_D0=d0,
         BLOCK_D1=d1,
         BLOCK_M=BLOCK_M,
