@@ -28,8 +28,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = ["triton", "cuda"]
 VARIANTS = ["triton", "triton_tma", "cuda"]
 # The TMA kernel's config when a test names none: the first of attention_tma.CONFIGS (128 x 64, 4 warps,
-# the partial key tile after the loop).
-TMA_CONFIG = (128, 64, 4, 3, 0)
+# the keys past the last full tile in 16-key tiles).
+TMA_CONFIG = (128, 64, 4, 3, 16)
 
 
 def variant_dtypes(variant):

@@ -179,8 +179,8 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "triton-attn-tma-no-tail-tile",
         "vit_kernels/triton/attention_tma.py",
-        "        if n_full < NKV:  # the partial last key tile\n",
-        "        if n_full < 0:  # the partial last key tile\n",
+        "        for start_n in range(n_full, NKV, TAIL_N):  # the rest in TAIL_N-key tiles, masked\n",
+        "        for start_n in range(n_full, n_full, TAIL_N):  # the rest in TAIL_N-key tiles, masked\n",
         T_ATTN_TMA,
     ),
     Mutation(

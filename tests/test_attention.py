@@ -56,8 +56,8 @@ def ids(v):
 # (batch, heads, tokens, head_dim, dtype). Triton: every value of each axis at least once; CUDA: every
 # token count x head dim x dtype once, batch alternating; triton_tma (+ its config): every token count x
 # head dim x dtype once, batch alternating, the configs in turn (each meets 3 or 4 of the token counts).
-# attention_tma.CONFIGS, asserted below: (BLOCK_M, BLOCK_N, num_warps, num_stages, MASK_EVERY_TILE)
-TMA_CONFIGS = [(128, 64, 4, 3, 0), (128, 64, 8, 3, 0), (128, 128, 8, 2, 0), (128, 64, 8, 3, 1), (128, 128, 8, 2, 1)]
+# attention_tma.CONFIGS, asserted below: (BLOCK_M, BLOCK_N, num_warps, num_stages, TAIL_N)
+TMA_CONFIGS = [(128, 64, 4, 3, 16), (128, 64, 8, 3, 16), (128, 128, 8, 2, 16), (128, 64, 8, 3, 0), (128, 128, 8, 2, 0)]
 DEFAULT_CASES = {
     "triton": [
         (1, 2, 1, 64, torch.float32),
@@ -294,7 +294,7 @@ def test_tma_config_list_tuned_on_sm90_half_only_and_compiled():
     compiled = {(s.signature["q_desc"].split("[")[0], s.constexprs["STORE_LSE"], s.config) for s in specs}
     assert all(s.archs == (90,) for s in specs)
     for cfg in attention_tma.CONFIGS:
-        label = "BLOCK_M={},BLOCK_N={},num_warps={},num_stages={},mask_every_tile={}".format(*cfg)
+        label = "BLOCK_M={},BLOCK_N={},num_warps={},num_stages={},TAIL_N={}".format(*cfg)
         for ty in ("tensordesc<fp16", "tensordesc<bf16"):
             for lse in (False, True):
                 assert any(c[:2] == (ty, lse) and "head_dim=64," in c[2] and label in c[2] for c in compiled), (cfg, ty)

@@ -105,7 +105,7 @@ LINT_CONFIGS = {
     "gemm_fc1": ["float16", "NORM=1,HAS_BIAS=1,ACT=1"],
     "gemm_patch_embed_nchw": ["float16", "HAS_BIAS=1,HAS_POS=1,PREFIX=1"],
     "flash_attention_fwd": ["head_dim=64,", "float16,lse=0"],
-    "flash_attention_fwd_tma": ["head_dim=64,", "BLOCK_N=64,num_warps=8,num_stages=3,mask_every_tile=0,float16,lse=0"],
+    "flash_attention_fwd_tma": ["head_dim=64,", "BLOCK_N=64,num_warps=8,num_stages=3,TAIL_N=16,float16,lse=0"],
     "qkv_attention_single": ["head_dim=64,N_MAIN=256,N_TAIL=0", "float16"],
 }
 _LINT_SCRIPT = """

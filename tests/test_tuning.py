@@ -505,13 +505,13 @@ def test_tma_attention_candidates_only_on_sm90_half_precision():
         f = tuning.Facts(dtype, 90, head_dim=64)
         tma = [c for c in tuning.candidates("flash_attention", f, ["triton"], "cuda") if "attention_tma" in c.name]
         assert [dict(c.config)["attention_tma_config"] for c in tma] == list(attention_tma.CONFIGS)
-        assert tma[0].name == "triton attention_tma_config=128,64,4,3,0" and tma[0].path == ""
+        assert tma[0].name == "triton attention_tma_config=128,64,4,3,16" and tma[0].path == ""
         fq = tuning.Facts(dtype, 90, head_dim=80, tokens=197, gemms=((480, 160),))
         names = [c.name for c in tuning.candidates("qkv_attention", fq, ["triton"], "cuda")]
         assert sum(n.startswith("triton:split attention_tma_config=") for n in names) == len(attention_tma.CONFIGS)
         pairs = [n for n in names if n.startswith("triton:split tma_config=") and "attention_tma_config=" in n]
         assert len(pairs) == len(gemm_tma.configs_for(480, 160)) * len(attention_tma.CONFIGS), names
-        assert "triton:split tma_config=128,256,64,8,3,4,1 attention_tma_config=128,64,4,3,0" in pairs
+        assert "triton:split tma_config=128,256,64,8,3,4,1 attention_tma_config=128,64,4,3,16" in pairs
     for f in (
         tuning.Facts(torch.float16, 80, head_dim=64),
         tuning.Facts(torch.float32, 90, head_dim=64),

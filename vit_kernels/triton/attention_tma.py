@@ -12,10 +12,12 @@ after the structure of Triton's tutorial 06 (fused attention):
   token of its head (or past head_dim) is zero-filled on load and clipped on store. No padded copies,
   any token count (197, 257, 577, 1025, ...), any strides TMA can address (:func:`tma_unsupported`).
 - 128-row query tiles; the key/value loop is software-pipelined (``num_stages`` tiles of K and V in
-  flight). The partial last key tile (its padded keys' scores set to -inf) either runs once after an
-  unmasked loop over the full tiles (no mask cost, but its loads are not prefetched) or inside one loop
-  that masks every tile (``MASK_EVERY_TILE``: a select per score, every load prefetched). At ViT lengths
-  a program sees 2-17 key tiles, so which costs less is measured: both are configs.
+  flight). The keys past the last full tile of BLOCK_N (197 = 3 x 64 + 5) run either inside the one loop,
+  every tile masked (``TAIL_N`` = 0: a select per score, every load prefetched, the last tile padded to
+  BLOCK_N keys), or after an unmasked loop over the full tiles in tiles of TAIL_N = 16 keys (no mask
+  cost in the main loop, and the padding shrinks: 197 tokens pad to 208 keys instead of 256, 257 to 272
+  instead of 320). Padded keys were zero-filled by the descriptor; their scores are set to -inf. Which
+  costs less at 2-17 key tiles per program is measured: both are configs.
 - head_dim as :func:`attention.dim_chunks` splits it: one power-of-two chunk, or two (72 and 80 as
   64 + 16: two descriptors per operand, two dots per product) instead of one padded to 128.
 
@@ -101,6 +103,10 @@ def _attn_fwd_tma_kernel(
     k1_desc,
     v1_desc,
     o1_desc,
+    kt_desc,  # k, v in blocks (1, 1, TAIL_N, BLOCK_D0) and (1, 1, TAIL_N, BLOCK_D1): the tail tiles (unused
+    vt_desc,  # with TAIL_N = 0)
+    kt1_desc,
+    vt1_desc,
     lse_ptr,  # (B, H, NQ) fp32, contiguous  [STORE_LSE]
     H,
     NQ,
@@ -111,7 +117,7 @@ def _attn_fwd_tma_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     STORE_LSE: tl.constexpr,
-    MASK_EVERY_TILE: tl.constexpr,  # one loop over every key tile, each masked; else full tiles + a tail
+    TAIL_N: tl.constexpr,  # 0: one loop over every key tile, each masked; else full tiles, then the rest in TAIL_N
 ):
     pid_bh = tl.program_id(0)  # batch * heads on axis 0 (up to 2**31 - 1 programs)
     pid_m = tl.program_id(1)
@@ -129,7 +135,7 @@ def _attn_fwd_tma_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 domain)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2
-    if MASK_EVERY_TILE:
+    if TAIL_N == 0:
         for start_n in range(0, NKV, BLOCK_N):  # every key tile, each masked; pipelined (num_stages)
             acc, acc1, l_i, m_i = _attn_tma_step(
                 acc,
@@ -176,7 +182,7 @@ def _attn_fwd_tma_kernel(
                 BLOCK_D1,
                 False,
             )
-        if n_full < NKV:  # the partial last key tile
+        for start_n in range(n_full, NKV, TAIL_N):  # the rest in TAIL_N-key tiles, masked
             acc, acc1, l_i, m_i = _attn_tma_step(
                 acc,
                 acc1,
@@ -184,16 +190,16 @@ def _attn_fwd_tma_kernel(
                 m_i,
                 q,
                 q1,
-                k_desc,
-                k1_desc,
-                v_desc,
-                v1_desc,
+                kt_desc,
+                kt1_desc,
+                vt_desc,
+                vt1_desc,
                 b,
                 h,
-                n_full,
+                start_n,
                 NKV,
                 qk_scale,
-                BLOCK_N,
+                TAIL_N,
                 BLOCK_D0,
                 BLOCK_D1,
                 True,
@@ -211,18 +217,19 @@ def _attn_fwd_tma_kernel(
         tl.store(lse_ptr + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=offs_m < NQ)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, MASK_EVERY_TILE): the configs the measured dispatch times on
-# sm_90 for float16 / bfloat16 at every head_dim this kernel takes. 128 query rows (two warpgroups of 64
-# rows with 8 warps, or one warpgroup issuing two wgmma row blocks with 4); 64 or 128 keys per tile; the
-# partial last key tile after the loop (0) or inside it (1). Shared memory (fp16, head_dim 64): Q 16 KB +
-# num_stages x (K + V) (16 KB per stage at 64 keys, 32 KB at 128): compiled ahead of time in aot_specs()
-# (inspect: 65-81 KB, two blocks per SM except 128 x 128, one: registers).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, TAIL_N): the configs the measured dispatch times on sm_90
+# for float16 / bfloat16 at every head_dim this kernel takes. 128 query rows (two warpgroups of 64 rows
+# with 8 warps, or one warpgroup issuing two wgmma row blocks with 4); 64 or 128 keys per tile; the keys
+# past the last full tile in 16-key tiles after the loop (16) or as one masked tile inside it (0). Shared
+# memory (fp16, head_dim 64): Q 16 KB + num_stages x (K + V) (16 KB per stage at 64 keys, 32 KB at 128):
+# compiled ahead of time in aot_specs() (inspect: 65-81 KB, two blocks per SM except 128 x 128, one:
+# registers).
 CONFIGS: Tuple[Tuple[int, int, int, int, int], ...] = (
-    (128, 64, 4, 3, 0),
+    (128, 64, 4, 3, 16),
+    (128, 64, 8, 3, 16),
+    (128, 128, 8, 2, 16),
     (128, 64, 8, 3, 0),
     (128, 128, 8, 2, 0),
-    (128, 64, 8, 3, 1),
-    (128, 128, 8, 2, 1),
 )
 
 
@@ -291,7 +298,7 @@ def launch(
     (batch, heads, kv_tokens, head_dim); out like q; lse (batch, heads, q_tokens) fp32 contiguous or None);
     config: one of :data:`CONFIGS`. Raises ValueError with :func:`tma_unsupported`'s reason before any
     launch."""
-    BLOCK_M, BLOCK_N, num_warps, num_stages, mask_every_tile = _config(config)
+    BLOCK_M, BLOCK_N, num_warps, num_stages, tail_n = _config(config)
     why = tma_unsupported(q, k, v, out)
     if why is not None:
         raise ValueError(why)
@@ -308,10 +315,10 @@ def launch(
         return TensorDescriptor(t, list(t.shape), strides, [1, 1, rows, cols])
 
     descs = [desc(q, BLOCK_M, d0), desc(k, BLOCK_N, d0), desc(v, BLOCK_N, d0), desc(out, BLOCK_M, d0)]
-    if d1:
-        descs += [desc(q, BLOCK_M, d1), desc(k, BLOCK_N, d1), desc(v, BLOCK_N, d1), desc(out, BLOCK_M, d1)]
-    else:
-        descs += descs  # unused by the kernel (BLOCK_D1 = 0)
+    # the second head-dim chunk's and the tail tiles' (placeholders where the kernel reads none)
+    descs += [desc(q, BLOCK_M, d1), desc(k, BLOCK_N, d1), desc(v, BLOCK_N, d1), desc(out, BLOCK_M, d1)] if d1 else descs
+    tail = [desc(k, tail_n, d0), desc(v, tail_n, d0)] if tail_n else descs[1:3]
+    descs += tail + ([desc(k, tail_n, d1), desc(v, tail_n, d1)] if tail_n and d1 else tail)
     _attn_fwd_tma_kernel[(B * H, cdiv(NQ, BLOCK_M))](
         *descs,
         lse if lse is not None else out,
@@ -324,7 +331,7 @@ def launch(
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         STORE_LSE=lse is not None,
-        MASK_EVERY_TILE=bool(mask_every_tile),
+        TAIL_N=tail_n,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -339,11 +346,11 @@ def aot_spec(dtype: torch.dtype, head_dim: int, config, store_lse: bool = False)
     B, H, N = REPRESENTATIVE["batch"], REPRESENTATIVE["heads"], REPRESENTATIVE["tokens"]
     qkv = torch.empty(3, B, H, N, head_dim, dtype=dtype)
     out = torch.empty(B, N, H * head_dim, dtype=dtype).view(B, N, H, head_dim).transpose(1, 2)
-    BLOCK_M, BLOCK_N, num_warps, num_stages, mask_every_tile = config
+    BLOCK_M, BLOCK_N, num_warps, num_stages, tail_n = config
     d0, d1 = dim_chunks(head_dim, dtype)
     label = (
         f"head_dim={head_dim},BLOCK_D={d0}" + (f"+{d1}" if d1 else "") + f",BLOCK_M={BLOCK_M},BLOCK_N={BLOCK_N},"
-        f"num_warps={num_warps},num_stages={num_stages},mask_every_tile={mask_every_tile},{dtype_name(dtype)},"
+        f"num_warps={num_warps},num_stages={num_stages},TAIL_N={tail_n},{dtype_name(dtype)},"
         f"lse={int(store_lse)}"
     )
     call = lambda: flash_attention_forward(  # noqa: E731
