@@ -3,7 +3,10 @@ calls the Triton launcher or the CUDA wrapper of flash attention with the same a
 against the float64 oracle, and the ahead-of-time TTIR helpers (also used by test_triton_qkv_attention.py).
 
 Backends: "triton" (vit_kernels.triton.attention, the interpreter on CPU tensors) and "cuda"
-(vit_kernels.cuda.ops, the host emulator on CPU tensors, the GPU build on CUDA tensors).
+(vit_kernels.cuda.ops, the host emulator on CPU tensors, the GPU build on CUDA tensors). Variants: the
+backends plus "triton_tma", the same Triton launcher running sm_90's tensor-descriptor kernel
+(vit_kernels.triton.attention_tma, ``attention_tma_config``; float16 / bfloat16 only), which the
+tuner times on sm_90 and the interpreter runs here.
 """
 
 import os
@@ -23,6 +26,20 @@ from gemm_cases import require  # noqa: F401  (re-exported: skip without Triton,
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = ["triton", "cuda"]
+VARIANTS = ["triton", "triton_tma", "cuda"]
+# The TMA kernel's config when a test names none: the first of attention_tma.CONFIGS (128 x 64, 4 warps,
+# the keys past the last full tile in 16-key tiles).
+TMA_CONFIG = (128, 64, 4, 3, 16)
+
+
+def variant_dtypes(variant):
+    """The dtypes a variant takes: the TMA kernel refuses float32 (it stays on the pointer kernel)."""
+    return [d for d in DTYPES if not (variant == "triton_tma" and d == torch.float32)]
+
+
+def backend_of(variant):
+    """The public backend a variant runs under ("triton_tma" is a config of the triton backend)."""
+    return "triton" if variant == "triton_tma" else variant
 
 
 def rand(*shape, dtype, scale=1.0):
@@ -36,15 +53,17 @@ def make_qkv(B, H, N, D, dtype, n_kv=None):
     return rand(B, H, N, D, dtype=dtype), rand(B, H, n_kv, D, dtype=dtype), rand(B, H, n_kv, D, dtype=dtype)
 
 
-def flash_forward(backend, q, k, v, scale, out=None):
-    """(out, lse) of the backend's flash attention launcher (Triton) or CUDA wrapper, written into a
-    NaN-filled out (the given one, or a fresh one) and a NaN-filled lse (B, H, NQ) fp32 it must return."""
+def flash_forward(backend, q, k, v, scale, out=None, tma_config=None):
+    """(out, lse) of the variant's flash attention launcher (Triton, "triton_tma": with tma_config or
+    TMA_CONFIG) or CUDA wrapper, written into a NaN-filled out (the given one, or a fresh one) and a
+    NaN-filled lse (B, H, NQ) fp32 it must return."""
     if out is None:
         out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
-    if backend == "triton":
+    if backend in ("triton", "triton_tma"):
         from vit_kernels.triton import attention
 
-        got, lse = attention.flash_attention_forward(q, k, v, scale, out=out, return_lse=True)
+        kw = {"attention_tma_config": tma_config or TMA_CONFIG} if backend == "triton_tma" else {}
+        got, lse = attention.flash_attention_forward(q, k, v, scale, out=out, return_lse=True, **kw)
     else:
         from vit_kernels.cuda import ops as cuda_ops
 

@@ -56,6 +56,13 @@ T_ATTN = (
     "-k",
     "(test_attention.py and triton) or (test_hard_inputs and triton and flash_attention)",
 )
+# sm_90's tensor-descriptor attention kernel (attention_tma), run in the interpreter as variant "triton_tma".
+T_ATTN_TMA = (
+    "tests/test_attention.py",
+    "tests/test_hard_inputs.py",
+    "-k",
+    "(test_attention.py and tma) or (test_hard_inputs and triton_tma)",
+)
 T_GEMM = (
     "tests/test_gemm.py",
     "tests/test_hard_inputs.py",
@@ -160,6 +167,35 @@ MUTATIONS: List[Mutation] = [
         "o_ptrs = o_base + tl.multiple_of(offs_m.to(tl.int64) * stride_on, 8)",
         "o_ptrs = o_base + tl.multiple_of(offs_m.to(tl.int64) * stride_qn, 8)",
         T_ATTN,
+    ),
+    # ------------------------------------------------------------------ Triton: attention on tensor descriptors
+    Mutation(
+        "triton-attn-tma-no-tail-mask",
+        "vit_kernels/triton/attention_tma.py",
+        '        s = tl.where((start_n + tl.arange(0, BLOCK_N) < NKV)[None, :], s, float("-inf"))\n',
+        "        s = s * 1.0\n",  # (the line is an if's whole body)
+        T_ATTN_TMA,
+    ),
+    Mutation(
+        "triton-attn-tma-no-tail-tile",
+        "vit_kernels/triton/attention_tma.py",
+        "        for start_n in range(n_full, NKV, TAIL_N):  # the rest in TAIL_N-key tiles, masked\n",
+        "        for start_n in range(n_full, n_full, TAIL_N):  # the rest in TAIL_N-key tiles, masked\n",
+        T_ATTN_TMA,
+    ),
+    Mutation(
+        "triton-attn-tma-second-chunk-column",
+        "vit_kernels/triton/attention_tma.py",
+        "        v1 = v1_desc.load([b, h, start_n, BLOCK_D0]).reshape(BLOCK_N, BLOCK_D1)\n",
+        "        v1 = v1_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, BLOCK_D1)\n",
+        T_ATTN_TMA,
+    ),
+    Mutation(
+        "triton-attn-tma-lse-log2",
+        "vit_kernels/triton/attention_tma.py",
+        "        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453\n",
+        "        lse = m_i + tl.math.log2(l_i)\n",
+        T_ATTN_TMA,
     ),
     # ------------------------------------------------------------------ Triton: GEMM, LayerNorm
     Mutation(

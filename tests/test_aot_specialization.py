@@ -193,7 +193,16 @@ def test_every_module_in_the_one_list_has_specs(report):
         "qkv_attention_single",
         "row_stats",
     } <= kernels
-    assert {"attention", "qkv_attention", "layernorm", "gemm", "gemm_tma", "mlp", "patch_embed"} <= set(TRITON_MODULES)
+    assert {
+        "attention",
+        "attention_tma",
+        "qkv_attention",
+        "layernorm",
+        "gemm",
+        "gemm_tma",
+        "mlp",
+        "patch_embed",
+    } <= set(TRITON_MODULES)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -225,6 +234,37 @@ def test_gemm_tma_launches_of_a_vit_block_are_in_the_report(report, dtype):
         gemms = [la for la in launches if _name(la) == "_gemm_tma_kernel"]
         assert len(gemms) == 4
         assert_in_report(report, gemms, ["_gemm_tma_kernel"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_tma_attention_launches_are_in_the_report(report, dtype):
+    """sm_90's TMA attention as the tuner launches it, with each of its configs: flash_attention (without
+    and, under autograd, with the LSE) and qkv_attention's split path; every launch is listed."""
+    from vit_kernels import autograd
+    from vit_kernels.triton import attention, attention_tma
+    from vit_kernels.triton import qkv_attention as triton_qkv
+
+    q = empty(B, H, N, HD, dtype=dtype)
+    x, ln = empty(B, N, DIM, dtype=dtype), empty(DIM, dtype=dtype)
+    qkv_w, qkv_b = empty(3 * DIM, DIM, dtype=dtype), empty(3 * DIM, dtype=dtype)
+    for cfg in attention_tma.CONFIGS:
+        with record_launches() as launches:
+            attention.flash_attention_forward(q, q, q, HD**-0.5, attention_tma_config=cfg)
+            autograd.flash_attention_forward(q, q, q, HD**-0.5, (("attention_tma_config", cfg),))
+            triton_qkv.qkv_attention_forward(
+                x,
+                qkv_w,
+                qkv_b,
+                num_heads=H,
+                scale=HD**-0.5,
+                norm_weight=ln,
+                norm_bias=ln,
+                path="split",
+                attention_tma_config=cfg,
+            )
+        tma = [la for la in launches if _name(la) == "_attn_fwd_tma_kernel"]
+        assert len(tma) == 3
+        assert_in_report(report, tma, ["_attn_fwd_tma_kernel"])
 
 
 def test_a_batch_that_is_not_a_multiple_of_16_changes_only_the_row_count_fact(report):

@@ -1,6 +1,8 @@
 """Flash attention on every fused backend against the float64 oracle under the tolerance rule, outputs
 NaN-filled before every launch: the Triton kernel (vit_kernels/triton/attention.py, the interpreter on
-CPU) and the CUDA C++ kernel (csrc/attention, the host emulator on CPU tensors, or the GPU build on CUDA
+CPU), sm_90's tensor-descriptor Triton kernel (vit_kernels/triton/attention_tma.py, variant "triton_tma",
+the interpreter on CPU: Triton 3.8 runs tensor descriptors there, clipped at the edges as TMA does) and
+the CUDA C++ kernel (csrc/attention, the host emulator on CPU tensors, or the GPU build on CUDA
 tensors); the CUDA split path of qkv_attention. Helpers: tests/attention_cases.py.
 
 One test body per behaviour, parametrized over the backends; what only one backend has (its argument
@@ -15,11 +17,15 @@ import torch
 import vit_kernels as vk
 from vit_kernels import reference
 from vit_kernels.arch import shared_limits_by_name
+from vit_kernels.triton.aot import spec_key
 from vit_kernels.testing import assert_close
 
 from attention_cases import (
     BACKENDS,
     DTYPES,
+    TMA_CONFIG,
+    VARIANTS,
+    backend_of,
     check_attention,
     check_lse,
     compile_ttir,
@@ -28,6 +34,7 @@ from attention_cases import (
     rand,
     require,
     stride_args_widened,
+    variant_dtypes,
 )
 from conftest import DEVICE
 from poison import poison_empty
@@ -48,7 +55,10 @@ def ids(v):
 
 # -------------------------------------------------------------------------------- flash_attention
 # (batch, heads, tokens, head_dim, dtype). Triton: every value of each axis at least once; CUDA: every
-# token count x head dim x dtype once, batch alternating.
+# token count x head dim x dtype once, batch alternating; triton_tma (+ its config): every token count x
+# head dim x dtype once, batch alternating, the configs in turn (each meets 3 or 4 of the token counts).
+# attention_tma.CONFIGS, asserted below: (BLOCK_M, BLOCK_N, num_warps, num_stages, TAIL_N)
+TMA_CONFIGS = [(128, 64, 4, 3, 16), (128, 64, 8, 3, 16), (128, 128, 8, 2, 16), (128, 64, 8, 3, 0), (128, 128, 8, 2, 0)]
 DEFAULT_CASES = {
     "triton": [
         (1, 2, 1, 64, torch.float32),
@@ -64,6 +74,12 @@ DEFAULT_CASES = {
         for i, n in enumerate([1, 50, 197, 257])
         for j, d in enumerate([64, 72, 80])
         for dt in DTYPES
+    ],
+    "triton_tma": [
+        (1 if (i + j + k) % 2 else 3, 2, n, d, dt, TMA_CONFIGS[(2 * i + j + k) % 5])
+        for i, n in enumerate([1, 50, 197, 257])
+        for j, d in enumerate([64, 72, 80])
+        for k, dt in enumerate([torch.float16, torch.bfloat16])
     ],
 }
 SLOW_CASES = {
@@ -82,16 +98,23 @@ SLOW_CASES = {
         for dt in DTYPES
         if (b, 2, n, d, dt) not in DEFAULT_CASES["cuda"]
     ],
+    "triton_tma": [  # the configs in turn: each meets every token count and head dim
+        (b, 2, n, d, dt, TMA_CONFIGS[(b + i + j) % 5])
+        for b in (1, 3)
+        for i, n in enumerate((1, 50, 197, 257, 577, 1025))
+        for j, d in enumerate((16, 48, 64, 72, 80, 128))
+        for dt in (torch.float16, torch.bfloat16)
+    ],
 }
 
 
-def run_flash(backend, B, H, N, D, dtype):
+def run_flash(backend, B, H, N, D, dtype, tma_config=None):
     """The launcher / wrapper into NaN-filled out and lse; out and lse against float64; fp32 output
     within 1e-4 of the output's size."""
     require(backend)
     q, k, v = make_qkv(B, H, N, D, dtype)
     scale = D**-0.5
-    out, lse = flash_forward(backend, q, k, v, scale)
+    out, lse = flash_forward(backend, q, k, v, scale, tma_config=tma_config)
     c = check_attention(out, q, k, v, scale)
     check_lse(lse, q, k, scale)
     if dtype == torch.float32:  # fp32 must be accurate to 1e-4 relative to float64
@@ -99,19 +122,18 @@ def run_flash(backend, B, H, N, D, dtype):
         assert c.max_abs_err <= 1e-4 * oracle.abs().max().item(), str(c)
 
 
-@pytest.mark.parametrize("backend,case", [(b, c) for b in BACKENDS for c in DEFAULT_CASES[b]], ids=ids)
+@pytest.mark.parametrize("backend,case", [(b, c) for b in VARIANTS for c in DEFAULT_CASES[b]], ids=ids)
 def test_flash_attention(backend, case):
     run_flash(backend, *case)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend,case", [(b, c) for b in BACKENDS for c in SLOW_CASES[b]], ids=ids)
+@pytest.mark.parametrize("backend,case", [(b, c) for b in VARIANTS for c in SLOW_CASES[b]], ids=ids)
 def test_flash_attention_full(backend, case):
     run_flash(backend, *case)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,dtype", [(b, d) for b in VARIANTS for d in variant_dtypes(b)], ids=ids)
 def test_lse(backend, dtype):
     """The row log-sum-exp (B, H, N) fp32, natural log, kept for a backward pass, over several key tiles."""
     require(backend)
@@ -125,8 +147,7 @@ def test_lse(backend, dtype):
 CROSS_CASES = [(50, 197, 64, 0.3), (197, 33, 80, -0.2), (33, 130, 64, 0.3), (65, 1, 64, 0.3), (1, 257, 64, 0.3)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,dtype", [(b, d) for b in VARIANTS for d in variant_dtypes(b)], ids=ids)
 def test_cross_attention_token_counts_and_scale(backend, dtype):
     """q_tokens != kv_tokens, a single key, and an explicit scale."""
     require(backend)
@@ -137,7 +158,7 @@ def test_cross_attention_token_counts_and_scale(backend, dtype):
         check_lse(lse, q, k, scale)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", VARIANTS)
 def test_strided_inputs_and_output(backend):
     """q, k, v as views of one (B, N, 3, H, D) qkv buffer; the output written straight into a
     (B, N, H*D) buffer viewed as (B, H, N, D)."""
@@ -167,12 +188,40 @@ def test_public_op_dispatches_to_the_backend(backend):
     check_attention(out, q, k, v, 64**-0.5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", VARIANTS)
+@pytest.mark.parametrize("head_dim", [64, 72])
+def test_offset_views_and_untouched_neighbours(backend, head_dim):
+    """q, k, v as views that start inside a larger buffer (a nonzero 16-byte aligned offset, token
+    stride > head_dim) whose columns next to the view are NaN; the output a view of the same kind inside a
+    NaN buffer: those columns are neither read (the result stays finite) nor written (they stay NaN). For
+    the TMA kernel at head_dim 72 its 16-column chunk runs past the view: clipped, not read."""
+    require(backend)
+    B, H, N, D = 2, 2, 70, head_dim
+
+    def view(t):  # (B, H, N + 3, D + 16) -> tokens 2 .. N + 2, columns 8 .. 8 + D
+        return t[:, :, 2 : N + 2, 8 : 8 + D]
+
+    bufs = []
+    for _ in range(3):
+        buf = torch.full((B, H, N + 3, D + 16), float("nan"), dtype=torch.float16, device=DEVICE)
+        view(buf).copy_(rand(B, H, N, D, dtype=torch.float16))
+        bufs.append(buf)
+    q, k, v = (view(b) for b in bufs)
+    assert q.storage_offset() > 0 and q.data_ptr() % 16 == 0 and q.stride(2) > D
+    obuf = torch.full((B, H, N + 3, D + 16), float("nan"), dtype=torch.float16, device=DEVICE)
+    out, _ = flash_forward(backend, q, k, v, D**-0.5, out=view(obuf))
+    check_attention(out, q, k, v, D**-0.5)
+    outside = torch.ones_like(obuf, dtype=torch.bool)
+    view(outside).fill_(False)
+    assert torch.isnan(obuf[outside]).all(), "an element outside the output view was written"
+
+
+@pytest.mark.parametrize("backend", VARIANTS)
 def test_no_query_tokens_launches_nothing(backend):
     require(backend)
     q = rand(2, 2, 0, 64, dtype=torch.float16)
     k = rand(2, 2, 7, 64, dtype=torch.float16)
-    assert vk.flash_attention(q, k, k, scale=0.125, backend=backend).shape == (2, 2, 0, 64)
+    assert vk.flash_attention(q, k, k, scale=0.125, backend=backend_of(backend)).shape == (2, 2, 0, 64)
     out, _ = flash_forward(backend, q, k, k, 0.125)
     assert out.shape == (2, 2, 0, 64)
 
@@ -226,6 +275,130 @@ def test_aot_ttir_int64_offsets_and_fp32_precision_triton(dtype):
     assert len(dots) == (2 if dtype == torch.float32 else 4)  # float16 at head_dim 80: 64 + 16, two dots each
     if dtype == torch.float32:
         assert all("inputPrecision = tf32x3" in line for line in dots), dots
+
+
+# -------------------------------------------------------------------------------- Triton TMA only
+def test_tma_config_list_tuned_on_sm90_half_only_and_compiled():
+    """The configs the tuner times are attention_tma.CONFIGS on sm_90 for float16/bfloat16 at head_dim <= 128,
+    none elsewhere; inspect compiles each of them (sm_90, both dtypes, the LSE kept or not)."""
+    from vit_kernels.triton import attention_tma
+
+    assert list(attention_tma.CONFIGS) == TMA_CONFIGS and TMA_CONFIG == TMA_CONFIGS[0]
+    for dt in (torch.float16, torch.bfloat16):
+        for hd in (16, 64, 72, 80, 128):
+            assert attention_tma.tune_configs(dt, hd, 90) == attention_tma.CONFIGS
+    assert attention_tma.tune_configs(torch.float16, 64, 80) == ()
+    assert attention_tma.tune_configs(torch.float32, 64, 90) == ()
+    assert attention_tma.tune_configs(torch.float16, 256, 90) == ()
+    specs = attention_tma.aot_specs()
+    # (q's descriptor element type, lse kept, label)
+    compiled = {(s.signature["q_desc"].split("[")[0], s.constexprs["STORE_LSE"], s.config) for s in specs}
+    assert all(s.archs == (90,) for s in specs)
+    for cfg in attention_tma.CONFIGS:
+        label = "BLOCK_M={},BLOCK_N={},num_warps={},num_stages={},TAIL_N={}".format(*cfg)
+        for ty in ("tensordesc<fp16", "tensordesc<bf16"):
+            for lse in (False, True):
+                assert any(c[:2] == (ty, lse) and "head_dim=64," in c[2] and label in c[2] for c in compiled), (cfg, ty)
+        for hd in (80, 128):
+            assert any(c[0] == "tensordesc<fp16" and f"head_dim={hd}," in c[2] and label in c[2] for c in compiled)
+    # head_dim is in the descriptors, not the kernel: 72 launches what 80 compiles (the same chunks)
+    same = [attention_tma.aot_spec(torch.float16, hd, TMA_CONFIG) for hd in (72, 80)]
+    assert spec_key(same[0]) == spec_key(same[1])
+
+
+def test_bad_input_before_launch_triton_tma():
+    """What the TMA kernel cannot run is refused with the reason, before any launch (out stays NaN)."""
+    require("triton")
+    from vit_kernels.triton import attention
+
+    def refused(q, k, v, match, **kw):
+        out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
+        kw.setdefault("attention_tma_config", TMA_CONFIG)
+        with pytest.raises(ValueError, match=match):
+            attention.flash_attention_forward(q, k, v, 0.125, out=out, **kw)
+        assert torch.isnan(out).all(), "launched before refusing"
+
+    q = rand(1, 2, 5, 64, dtype=torch.float32)
+    refused(q, q, q, r"q: the TMA attention kernel takes float16 or bfloat16, got torch.float32 \(float32 runs on")
+    q = rand(1, 2, 5, 136, dtype=torch.float16)
+    refused(q, q, q, r"head_dim: the TMA attention kernel takes a multiple of 8 from 16 to 128, got 136")
+    q = rand(1, 2, 5, 64, dtype=torch.float16)
+    refused(
+        q, q, q, r"attention_tma_config: expected one of attention_tma.CONFIGS", attention_tma_config=(64, 64, 4, 3, 0)
+    )
+    refused(q, q, q, r"give it or attention_config", attention_config=(64, 64, 4, 3))
+    k = rand(1, 2, 1, 64, dtype=torch.float16).expand(1, 2, 5, 64)  # token stride 0
+    refused(q, k, k, r"k: TMA reads \(tokens, head_dim\) rows with a token stride >= head_dim, got strides")
+    v = rand(1, 1, 5, 64, dtype=torch.float16).expand(1, 2, 5, 64)  # head stride 0
+    refused(q, q, v, r"v: a tensor descriptor cannot address a broadcast heads dim \(stride 0\)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=ids)
+def test_single_token_rows_any_stride_triton_tma(dtype):
+    """One query / one key token: its token stride can be anything (here 8, less than head_dim); the
+    descriptor takes a valid one instead."""
+    require("triton")
+    buf = rand(1, 2, 1, 8 + 64, dtype=dtype)
+    q = buf[..., 8:].as_strided((1, 2, 1, 64), (2 * 72, 72, 8, 1), buf.storage_offset() + 8)
+    k, v = rand(1, 2, 9, 64, dtype=dtype), rand(1, 2, 9, 64, dtype=dtype)
+    out, lse = flash_forward("triton_tma", q, k, v, 0.125)
+    check_attention(out, q, k, v, 0.125)
+    check_lse(lse, q, k, 0.125)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=ids)
+@pytest.mark.parametrize("shape", [(1, 2, 50, 64), (3, 1, 197, 80)], ids=ids)
+def test_backward_reads_the_tma_forwards_lse(shape, dtype):
+    """flash_attention under autograd with the TMA forward (the tuner's config reaches
+    vit_kernels.autograd.FlashAttention): the pointer kernels' backward reads its out and LSE; dq, dk, dv
+    against the float64 oracle under the 3x gradient rule."""
+    require("triton")
+    from vit_kernels.autograd import FlashAttention
+
+    B, H, N, D = shape
+    q, k, v = (t.requires_grad_() for t in make_qkv(B, H, N, D, dtype))
+    out = FlashAttention.apply(q, k, v, D**-0.5, (("attention_tma_config", TMA_CONFIGS[3]),))
+    g = rand(*out.shape, dtype=dtype)
+    out.backward(g)
+    grads = {}
+    for cast in (torch.float64, dtype):
+        ts = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
+        reference.flash_attention(*ts, scale=D**-0.5).backward(g.to(cast))
+        grads[cast] = [t.grad for t in ts]
+    check_attention(out.detach(), q.detach(), k.detach(), v.detach(), D**-0.5)
+    for name, got, want, base in zip("qkv", (q.grad, k.grad, v.grad), grads[torch.float64], grads[dtype]):
+        assert_close(got, want, base, factor=3.0, name=f"d{name}")
+
+
+@pytest.mark.parametrize("case", [(3, 197, 64, torch.float16, True), (1, 257, 80, torch.bfloat16, False)], ids=ids)
+def test_qkv_attention_split_path_on_tma_triton(case):
+    """qkv_attention's split path with its attention on the TMA kernel (the tuner's attention_tma_config):
+    the head-split (3, B, H, N, hd) buffer read in place, the output written as (B, N, H * hd)."""
+    require("triton")
+    from vit_kernels.triton import qkv_attention as triton_qkv
+
+    B, N, hd, dtype, norm = case
+    heads = 2
+    dim = heads * hd
+    x = rand(B, N, dim, dtype=dtype)
+    w = rand(3 * dim, dim, dtype=dtype, scale=dim**-0.5)
+    b = rand(3 * dim, dtype=dtype, scale=0.1)
+    nw = (1 + rand(dim, dtype=torch.float32, scale=0.1)).to(dtype) if norm else None
+    nb = rand(dim, dtype=dtype, scale=0.1) if norm else None
+    kw = dict(num_heads=heads, norm_weight=nw, norm_bias=nb, eps=1e-6)
+    out = triton_qkv.qkv_attention_forward(
+        x, w, b, scale=hd**-0.5, path="split", attention_tma_config=TMA_CONFIGS[2], **kw
+    )
+    dbl = lambda t: None if t is None else t.double()  # noqa: E731
+    oracle = reference.qkv_attention(
+        x.double(), w.double(), b.double(), num_heads=heads, norm_weight=dbl(nw), norm_bias=dbl(nb), eps=1e-6
+    )
+    assert not torch.isnan(out).any()
+    assert_close(out, oracle, reference.qkv_attention(x, w, b, **kw))
+    with pytest.raises(ValueError, match=r"attention_tma_config: the TMA attention runs the split path's"):
+        triton_qkv.qkv_attention_forward(
+            x, w, b, scale=hd**-0.5, path="single_kernel", attention_tma_config=TMA_CONFIG, **kw
+        )
 
 
 # -------------------------------------------------------------------------------- CUDA only

@@ -12,6 +12,11 @@ element a kernel does not write shows up.
 
 Shapes are small: the default run covers every (op, backend, dtype) once per kind of hard input; the long
 token counts run on one dtype; sweeps are behind @pytest.mark.slow.
+
+The attention tests also run "triton_tma": the Triton launchers with sm_90's tensor-descriptor attention
+kernel (vit_kernels.triton.attention_tma, a tuning candidate; float16/bfloat16), called directly
+(flash_attention: the launcher, the keys past the last full tile in 16-key tiles; qkv_attention: the
+split path, every key tile masked in one loop).
 """
 
 import math
@@ -29,6 +34,23 @@ from poison import poison_empty
 
 BACKENDS = ["torch", "triton", "cuda"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TMA = "triton_tma"
+# attention_tma.CONFIGS[0] for flash_attention (the keys past the last full tile in 16-key tiles),
+# CONFIGS[3] for qkv_attention (every key tile masked in one loop)
+TMA_CONFIGS = {"flash_attention": (128, 64, 4, 3, 16), "qkv_attention": (128, 64, 8, 3, 0)}
+
+
+def attention_backends(dtypes=DTYPES):
+    """(backend, dtype) pairs of the attention tests: every backend x dtype, and the TMA kernel's
+    float16 / bfloat16."""
+    return [(b, d) for b in BACKENDS + [TMA] for d in dtypes if not (b == TMA and d == torch.float32)]
+
+
+def with_op(op_list, pairs):
+    return [(op, b, d) for op in op_list for b, d in pairs]
+
+
+TMA_HALF = [(TMA, torch.float16), (TMA, torch.bfloat16)]
 ATTENTION_OPS = ["flash_attention", "qkv_attention"]
 LAYERNORM_OPS = ["layernorm_gelu_mlp", "qkv_attention"]
 OPS = ["flash_attention", "qkv_attention", "layernorm_gelu_mlp", "patch_embed", "linear"]
@@ -121,10 +143,28 @@ def _f64(a):
     return a.double() if isinstance(a, torch.Tensor) else a
 
 
+def run_tma(op, args, kw):
+    """An attention op through the Triton launchers with the TMA kernel (TMA_CONFIGS[op])."""
+    if op == "flash_attention":
+        from vit_kernels.triton import attention
+
+        q = args[0]
+        scale = kw.get("scale") or q.shape[-1] ** -0.5
+        return attention.flash_attention_forward(*args, scale, attention_tma_config=TMA_CONFIGS[op])
+    from vit_kernels.triton import qkv_attention as triton_qkv
+
+    head_dim = args[1].shape[0] // 3 // kw["num_heads"]
+    kw = {"scale": head_dim**-0.5, **kw}
+    return triton_qkv.qkv_attention_forward(*args, path="split", attention_tma_config=TMA_CONFIGS[op], **kw)
+
+
 def run(op, backend, args, kw):
     """The op on `backend` (asserting it ran there), the float64 oracle and the plain baseline."""
-    out = getattr(vk, op)(*args, **kw, backend=backend)
-    assert vk.last_decision(op).backend == backend, vk.last_decision(op)
+    if backend == TMA:
+        out = run_tma(op, args, kw)
+    else:
+        out = getattr(vk, op)(*args, **kw, backend=backend)
+        assert vk.last_decision(op).backend == backend, vk.last_decision(op)
     oracle = getattr(reference, op)(*map(_f64, args), **{k: _f64(v) for k, v in kw.items()})
     return out, oracle, PLAIN[op](*args, **kw)
 
@@ -261,9 +301,7 @@ def score_range_factor(backend, dtype):
     return 5.0 if (backend, dtype) == ("cuda", torch.float32) else 2.0
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", ATTENTION_OPS)
+@pytest.mark.parametrize("op,backend,dtype", with_op(ATTENTION_OPS, attention_backends()), ids=_dt)
 def test_attention_score_ranges(op, backend, dtype):
     """Scores hundreds apart between key tiles (both ways), a dominant last key in a partial tile, all
     keys equal; 65 and 129 tokens (a last tile of one key in every power-of-two tiling)."""
@@ -273,7 +311,7 @@ def test_attention_score_ranges(op, backend, dtype):
             check(op, backend, args, kw, f"{pattern} N={N}", score_range_factor(backend, dtype))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + [TMA])
 @pytest.mark.parametrize("op", ATTENTION_OPS)
 def test_attention_long_token_counts(op, backend):
     """The same at ViT token counts with a partial last tile (197, 257 = 256 + 1, 577), in fp16; for
@@ -285,9 +323,7 @@ def test_attention_long_token_counts(op, backend):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", ATTENTION_OPS)
+@pytest.mark.parametrize("op,backend,dtype", with_op(ATTENTION_OPS, attention_backends()), ids=_dt)
 def test_attention_score_ranges_sweep(op, backend, dtype):
     for N in (1, 2, 15, 16, 17, 31, 33, 63, 64, 65, 127, 129, 197, 255, 256, 257, 577):
         for pattern in PATTERNS:
@@ -295,9 +331,7 @@ def test_attention_score_ranges_sweep(op, backend, dtype):
             check(op, backend, args, kw, f"{pattern} N={N}", score_range_factor(backend, dtype))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", ATTENTION_OPS)
+@pytest.mark.parametrize("op,backend,dtype", with_op(ATTENTION_OPS, attention_backends()), ids=_dt)
 def test_attention_one_token(op, backend, dtype):
     """One query and one key: softmax of a single score is 1, the output is v."""
     args, kw = attention_case(op, "equal", 3, 1, dtype)
@@ -345,9 +379,11 @@ def large_case(op, dtype, B=2, N=37):
     raise ValueError(op)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize(
+    "op,backend,dtype",
+    with_op(OPS, [(b, d) for b in BACKENDS for d in DTYPES]) + with_op(ATTENTION_OPS, TMA_HALF),
+    ids=_dt,
+)
 def test_large_activations(op, backend, dtype):
     args, kw = large_case(op, dtype)
     out, oracle, base = run(op, backend, args, kw)
@@ -401,15 +437,18 @@ def nonfinite_pattern(t):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy in the interpreter
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # numpy in the interpreter
+@pytest.mark.parametrize(
+    "op,backend,dtype",
+    with_op(OPS, [(b, d) for b in BACKENDS for d in DTYPES]) + with_op(ATTENTION_OPS, TMA_HALF),
+    ids=_dt,
+)
 def test_nan_and_inf_stay_where_eager_puts_them(op, backend, dtype):
     """A NaN, +Inf or -Inf in one token of one sample (one head): eager's NaN/Inf pattern, element by
     element; the other samples all finite and within tolerance, bitwise the same as without the
     poison; the finite outputs of the poisoned sample within tolerance too."""
     args, kw = poisoned_inputs(op, dtype)
-    clean_out = getattr(vk, op)(*args, **kw, backend=backend)
+    clean_out = run_tma(op, args, kw) if backend == TMA else getattr(vk, op)(*args, **kw, backend=backend)
     for value in (math.nan, math.inf, -math.inf):
         for i, where in poison_sites(op, args):
             bad = list(args)

@@ -105,6 +105,7 @@ LINT_CONFIGS = {
     "gemm_fc1": ["float16", "NORM=1,HAS_BIAS=1,ACT=1"],
     "gemm_patch_embed_nchw": ["float16", "HAS_BIAS=1,HAS_POS=1,PREFIX=1"],
     "flash_attention_fwd": ["head_dim=64,", "float16,lse=0"],
+    "flash_attention_fwd_tma": ["head_dim=64,", "BLOCK_N=64,num_warps=8,num_stages=3,TAIL_N=16,float16,lse=0"],
     "qkv_attention_single": ["head_dim=64,N_MAIN=256,N_TAIL=0", "float16"],
 }
 _LINT_SCRIPT = """
@@ -159,6 +160,14 @@ def test_sm90_lint_facts_of_hot_triton_kernels(sm90_rows):
         assert r["spill_bytes"] == 0 and 1 <= r["blocks_per_sm"] <= 32, r
         assert r["warps_per_sm"] == r["blocks_per_sm"] * r["num_warps"], r
         assert set(perf_flags(r)) == EXPECTED_SM90_FLAGS.get(("triton", r["kernel"]), set()), r
+
+
+def test_sm90_tma_attention_is_wgmma_tma_and_pipelined(sm90_rows):
+    """sm_90's tensor-descriptor flash attention (issue 11 item 3), as launched: wgmma fed by bulk tensor
+    copies, a 3-stage K/V pipeline, no spills, no pointer loads, two blocks per SM."""
+    r = next(r for r in sm90_rows if r["kernel"] == "flash_attention_fwd_tma")
+    assert (r["mma"], r["tma"], r["num_stages"], r["spill_bytes"]) == ("wgmma", True, 3, 0), r
+    assert r["blocks_per_sm"] == 2 and r["load_bits"] == 0, r
 
 
 def test_sm90_lint_facts_of_hot_cuda_kernels():

@@ -405,7 +405,7 @@ def test_tma_candidates_only_on_sm90_half_precision_at_vit_shapes():
         assert set(tma) == both and len(tma) == 3
         fq = tuning.Facts(dtype, 90, head_dim=16, tokens=197, gemms=(qkv,))
         names = [c.name for c in tuning.candidates("qkv_attention", fq, ["triton"], "cuda")]
-        assert sum(n.startswith("triton:split tma_config=") for n in names) == 4
+        assert sum(n.startswith("triton:split tma_config=") and "attention_tma" not in n for n in names) == 4
     for f in (
         tuning.Facts(torch.float16, 80, gemms=(qkv,)),
         tuning.Facts(torch.float32, 90, gemms=(qkv,)),
@@ -492,6 +492,95 @@ def test_tma_config_fastest_mlp_and_qkv_attention():
         out,
         reference.qkv_attention(x.double(), wq.double(), num_heads=2, norm_weight=nw.double(), norm_bias=nb.double()),
         qkv_attention_torch(x, wq, None, num_heads=2, scale=16**-0.5, norm_weight=nw, norm_bias=nb, eps=1e-6),
+    )
+
+
+def test_tma_attention_candidates_only_on_sm90_half_precision():
+    """attention_tma's configs join on sm_90 for float16/bfloat16 at head_dim <= 128: flash_attention's
+    triton candidates and qkv_attention's split path (alone, and paired with each TMA GEMM config of its
+    projection); never on sm_80, for float32 or head_dim 256."""
+    from vit_kernels.triton import attention_tma, gemm_tma
+
+    for dtype in (torch.float16, torch.bfloat16):
+        f = tuning.Facts(dtype, 90, head_dim=64)
+        tma = [c for c in tuning.candidates("flash_attention", f, ["triton"], "cuda") if "attention_tma" in c.name]
+        assert [dict(c.config)["attention_tma_config"] for c in tma] == list(attention_tma.CONFIGS)
+        assert tma[0].name == "triton attention_tma_config=128,64,4,3,16" and tma[0].path == ""
+        fq = tuning.Facts(dtype, 90, head_dim=80, tokens=197, gemms=((480, 160),))
+        names = [c.name for c in tuning.candidates("qkv_attention", fq, ["triton"], "cuda")]
+        assert sum(n.startswith("triton:split attention_tma_config=") for n in names) == len(attention_tma.CONFIGS)
+        pairs = [n for n in names if n.startswith("triton:split tma_config=") and "attention_tma_config=" in n]
+        assert len(pairs) == len(gemm_tma.configs_for(480, 160)) * len(attention_tma.CONFIGS), names
+        assert "triton:split tma_config=128,256,64,8,3,4,1 attention_tma_config=128,64,4,3,16" in pairs
+    for f in (
+        tuning.Facts(torch.float16, 80, head_dim=64),
+        tuning.Facts(torch.float32, 90, head_dim=64),
+        tuning.Facts(torch.float16, 90, head_dim=256),
+    ):
+        assert not [c for c in tuning.candidates("flash_attention", f, ["triton"], "cuda") if "attention_tma" in c.name]
+
+
+def attention_tma_only(op, facts, available, device_type):
+    """torch, the TMA attention candidates and, of the (TMA GEMM, TMA attention) pairs, those with the
+    TMA GEMM's last qkv config (the interpreter is slow)."""
+    from vit_kernels.triton import gemm_tma
+
+    last = ("tma_config", dataclasses.astuple(gemm_tma.configs_for(384, 128)[-1]))
+    return [
+        c
+        for c in no_cuda(op, facts, available, device_type)
+        if c == Candidate("torch")
+        or (any(kw == "attention_tma_config" for kw, _ in c.config) and c.config[0] in (last, c.config[-1]))
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_tma_config_fastest_runs_the_tma_kernel(dtype, monkeypatch):
+    """The tuner's TMA attention choice really launches attention_tma with that config: for flash_attention,
+    and for qkv_attention's split path paired with a TMA GEMM config (both launched); each result against
+    the oracle; a second call reuses the choice."""
+    from vit_kernels.triton import attention_tma, gemm_tma
+
+    launched, gemms = [], []
+    real, real_gemm = attention_tma.launch, gemm_tma.launch_gemm_tma
+    monkeypatch.setattr(attention_tma, "launch", lambda *a: launched.append(a[-1]) or real(*a))
+    monkeypatch.setattr(gemm_tma, "launch_gemm_tma", lambda *a, **k: gemms.append(k["config"]) or real_gemm(*a, **k))
+    q, k, v = (torch.randn(1, 2, 70, 64, dtype=torch.float64, device=DEVICE).to(dtype) for _ in range(3))
+    cfg = attention_tma.CONFIGS[3]
+    gcfg = dataclasses.astuple(gemm_tma.configs_for(384, 128)[-1])
+    pair = (("tma_config", gcfg), ("attention_tma_config", cfg))
+    timer = FakeTimer(
+        {
+            Candidate("triton", "", (("attention_tma_config", cfg),)).name: 0.1,
+            Candidate("triton", "split", pair).name: 0.1,
+        }
+    )
+    with tuning.use_tuner(make_tuner(timer, candidate_list=attention_tma_only)):
+        out = vk.flash_attention(q, k, v)
+        assert set(timer.calls) == {"torch"} | {
+            Candidate("triton", "", (("attention_tma_config", c),)).name for c in attention_tma.CONFIGS
+        }
+        launched.clear()
+        out2 = vk.flash_attention(q, k, v)
+        d = vk.last_decision("flash_attention")
+        assert (d.backend, d.config) == ("triton", (("attention_tma_config", cfg),))
+        assert launched == [cfg]
+        x = torch.randn(2, 50, 128, device=DEVICE).to(dtype)
+        w = (torch.randn(384, 128, device=DEVICE) * 128**-0.5).to(dtype)
+        vk.qkv_attention(x, w, num_heads=2)  # tunes
+        launched.clear()
+        gemms.clear()
+        out_qkv = vk.qkv_attention(x, w, num_heads=2)
+        d = vk.last_decision("qkv_attention")
+        assert (d.backend, d.path, d.config) == ("triton", "split", pair)
+        assert launched == [cfg] and gemms == [gemm_tma.TmaConfig(*gcfg)]
+    oracle = reference.flash_attention(q.double(), k.double(), v.double())
+    for o in (out, out2):
+        assert_close(o, oracle, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    assert_close(
+        out_qkv,
+        reference.qkv_attention(x.double(), w.double(), num_heads=2),
+        qkv_attention_torch(x, w, None, num_heads=2, scale=64**-0.5, norm_weight=None, norm_bias=None, eps=1e-6),
     )
 
 

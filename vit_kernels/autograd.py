@@ -485,6 +485,7 @@ def qkv_attention_forward(
         out=out.view(B, N, num_heads, inner // num_heads).transpose(1, 2),
         return_lse=True,
         attention_config=cfg.get("attention_config"),
+        attention_tma_config=cfg.get("attention_tma_config"),
     )
     return out, qkv, lse
 

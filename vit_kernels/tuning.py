@@ -23,7 +23,10 @@ kernels; ``inspect`` compiles every one of them, see the launchers' ``aot_specs`
 backend. A new Triton kernel family with a config list is one more :class:`Family` entry. On
 sm_90 with float16/bfloat16 the TMA GEMM (:mod:`vit_kernels.triton.gemm_tma`) adds its configs
 for the call's (N, K) class (``gemm_tma.tune_configs``): path "tma" for linear and the MLP, the
-split path's QKV projection for qkv_attention.
+split path's QKV projection for qkv_attention; and the tensor-descriptor flash attention
+(:mod:`vit_kernels.triton.attention_tma`, ``attention_tma.tune_configs``) for flash_attention and the
+split path's attention; qkv_attention also gets every pair of the two (projection and attention both
+on their TMA kernels).
 
 Control: ``tune="on" | "off" | "cache-only"`` on the ops, :func:`mode` as a context manager
 (modules, fused models), or ``VIT_KERNELS_TUNE`` in the environment; default on. Tuning applies
@@ -177,6 +180,12 @@ def _attention_configs(f: Facts):
     return attention.tune_configs(f.dtype, f.head_dim, f.arch)
 
 
+def _attention_tma_configs(f: Facts):
+    from .triton import attention_tma
+
+    return attention_tma.tune_configs(f.dtype, f.head_dim, f.arch)
+
+
 FAMILIES: Tuple[Family, ...] = (
     Family("linear", "", "gemm_config", _gemm_configs),
     Family("layernorm_gelu_mlp", "", "gemm_config", _gemm_configs),
@@ -189,6 +198,10 @@ FAMILIES: Tuple[Family, ...] = (
     Family("linear", "tma", "tma_config", _tma_configs),
     Family("layernorm_gelu_mlp", "tma", "tma_config", _tma_configs),
     Family("qkv_attention", "split", "tma_config", _tma_configs),
+    # sm_90's tensor-descriptor flash attention (attention_tma): flash_attention and the split path's
+    # attention, float16/bfloat16 (float32 keeps the pointer kernel).
+    Family("flash_attention", "", "attention_tma_config", _attention_tma_configs),
+    Family("qkv_attention", "split", "attention_tma_config", _attention_tma_configs),
 )
 ATTENTION_OPS = ("flash_attention", "qkv_attention")
 # The path an op records for a candidate without one (qkv_attention's torch path says "torch"), set
@@ -241,6 +254,14 @@ def candidates(op: str, f: Facts, available: Sequence[str], device_type: str) ->
         for fam in FAMILIES:
             if fam.op == op and (not fam.path or f.path in (None, fam.path)):
                 out += [Candidate("triton", fam.path, ((fam.keyword, tuple(c)),)) for c in fam.configs(f)]
+        if op == "qkv_attention" and f.path in (None, "split"):
+            # sm_90: both halves of the split path on their TMA kernels, every pair (the kernels compile
+            # once per config whatever the pairing, so the pairs cost timing only).
+            out += [
+                Candidate("triton", "split", (("tma_config", tuple(g)), ("attention_tma_config", tuple(a))))
+                for g in _tma_configs(f)
+                for a in _attention_tma_configs(f)
+            ]
     if "cuda" in available and f.path in (None, "split"):
         out.append(Candidate("cuda", "split" if op == "qkv_attention" else ""))
     if not any(c.backend == "torch" for c in out):  # the caller forced a path torch does not have

@@ -23,6 +23,7 @@ from .arguments import positive_int
 # kernel module is added to.
 TRITON_MODULES = (
     "attention",
+    "attention_tma",
     "attention_stats",
     "qkv_attention",
     "layernorm",

@@ -249,6 +249,7 @@ def flash_attention_forward(
     out: Optional[Tensor] = None,
     return_lse: bool = False,
     attention_config: Optional[Tuple[int, int, int, int]] = None,
+    attention_tma_config: Optional[Tuple[int, int, int, int, int]] = None,
 ):
     """softmax(scale * q k^T) v, non-causal, with the Triton kernel.
 
@@ -259,7 +260,10 @@ def flash_attention_forward(
     ``buf.view(B, N, H, D).transpose(1, 2)``.
     Returns out (and, with return_lse, the row log-sum-exp (batch, heads, q_tokens) fp32, natural log).
     attention_config: (BLOCK_M, BLOCK_N, num_warps, num_stages), None for :func:`kernel_config`
-    (the tuner passes one of :func:`tune_configs`).
+    (the tuner passes one of :func:`tune_configs`). attention_tma_config: run sm_90's tensor-descriptor
+    kernel (:mod:`vit_kernels.triton.attention_tma`, float16/bfloat16, head_dim <= 128) with these
+    tiles, one of ``attention_tma.CONFIGS`` (the tuner passes them on sm_90); a call it cannot run
+    raises ValueError with the reason before any launch.
     """
     if q.dim() != 4:
         raise ValueError(f"q: expected a 4-D tensor (batch, heads, tokens, head_dim), got shape {tuple(q.shape)}")
@@ -279,8 +283,14 @@ def flash_attention_forward(
         _check_operand("out", out, q)
         if out.shape != q.shape:
             raise ValueError(f"out: expected shape {tuple(q.shape)}, got {tuple(out.shape)}")
+    if attention_tma_config is not None and attention_config is not None:
+        raise ValueError("attention_tma_config: give it or attention_config (the pointer kernel's tiles), not both")
     lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device) if return_lse else None
-    if out.numel() > 0:
+    if attention_tma_config is not None:
+        from . import attention_tma
+
+        attention_tma.launch(q, k, v, out, lse, scale, attention_tma_config)
+    elif out.numel() > 0:
         BLOCK_M, BLOCK_N, num_warps, num_stages = attention_config or kernel_config(q.dtype, D)
         grid = (B * H, cdiv(NQ, BLOCK_M))
         chunks = dim_chunks(D, q.dtype)

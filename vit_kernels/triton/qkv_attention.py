@@ -462,6 +462,7 @@ def qkv_attention_forward(
     gemm_config: Optional[Tuple[int, ...]] = None,
     attention_config: Optional[Tuple[int, ...]] = None,
     tma_config: Optional[Tuple[int, ...]] = None,
+    attention_tma_config: Optional[Tuple[int, ...]] = None,
 ) -> Tensor:
     """[LayerNorm ->] QKV projection -> attention, heads concatenated.
 
@@ -472,7 +473,8 @@ def qkv_attention_forward(
     gemm_config, attention_config: the split path's QKV GEMM and flash attention tiles (None: their
     defaults; the tuner passes alternatives). tma_config: the split path's QKV projection on sm_90's
     TMA GEMM (vit_kernels.triton.gemm_tma, float16/bfloat16; LayerNorm folded into the weight) with
-    this config (gemm_tma.TmaConfig or its fields). Returns (batch, tokens, inner). qkv_bias, norm_weight,
+    this config (gemm_tma.TmaConfig or its fields). attention_tma_config: the split path's attention on
+    sm_90's tensor-descriptor kernel (vit_kernels.triton.attention_tma) with these tiles. Returns (batch, tokens, inner). qkv_bias, norm_weight,
     norm_bias: contiguous (the kernels read them with unit stride; vit_kernels.ops guarantees it,
     copying other layouts). The single kernel also needs x and qkv_weight in 16-byte row vectors
     (checks.vector_rows_layout; checked here).
@@ -502,6 +504,8 @@ def qkv_attention_forward(
 
     if tma_config is not None and path != "split":
         raise ValueError(f"tma_config: the TMA GEMM runs the split path's projection, got path={path!r}")
+    if attention_tma_config is not None and path != "split":
+        raise ValueError(f"attention_tma_config: the TMA attention runs the split path's, got path={path!r}")
     if path == "split":
         if tma_config is not None:
             from . import gemm_tma
@@ -539,6 +543,7 @@ def qkv_attention_forward(
             1.0,
             out=out.view(B, N, num_heads, head_dim).transpose(1, 2),
             attention_config=attention_config,
+            attention_tma_config=attention_tma_config,
         )
         return out
 
