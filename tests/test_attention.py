@@ -183,10 +183,10 @@ def test_bad_input_before_launch_triton():
     from vit_kernels.triton import attention
 
     q = torch.randn(1, 2, 5, 12, device=DEVICE)
-    with pytest.raises(ValueError, match=r"head_dim: expected a multiple of 8 from 16 to 256, got 12"):
+    with pytest.raises(ValueError, match=r"head_dim=12 is not supported .*\(expected a multiple of 8 from 16 to 256\)"):
         attention.flash_attention_forward(q, q, q, 1.0)
     q = torch.randn(1, 2, 5, 264, device=DEVICE)
-    with pytest.raises(ValueError, match=r"head_dim: .* got 264"):
+    with pytest.raises(ValueError, match=r"head_dim=264 is not supported by the Triton attention kernels"):
         attention.flash_attention_forward(q, q, q, 1.0)
     q = torch.randn(1, 2, 5, 64, device=DEVICE)
     with pytest.raises(ValueError, match=r"k: expected at least one key/value token"):
@@ -264,7 +264,7 @@ def test_layouts_and_concatenated_output_cuda(dtype):
         check_attention(o.view(B, N, H, D).transpose(1, 2), q, k, v, scale, name=name + "->(B,N,H*hd)")
 
 
-@pytest.mark.parametrize("head_dim", [8, 16, 40, 104, 128])
+@pytest.mark.parametrize("head_dim", [16, 40, 104, 128])
 def test_head_dims_run_padded_in_the_next_instantiation_cuda(head_dim):
     """Head dims not in the compiled list run in the next one, the extra columns masked."""
     require("cuda")
@@ -272,7 +272,7 @@ def test_head_dims_run_padded_in_the_next_instantiation_cuda(head_dim):
 
     for dtype in (torch.float16, torch.float32):
         q, k, v = make_qkv(1, 2, 97, head_dim, dtype)  # several key tiles
-        out = cuda_ops.flash_attention(q, k, v, head_dim**-0.5)
+        out = cuda_ops.flash_attention_forward(q, k, v, head_dim**-0.5)
         check_attention(out, q, k, v, head_dim**-0.5, name=f"head_dim={head_dim} {dtype}")
 
 
@@ -291,13 +291,33 @@ def test_float32_split_scaling_cuda(magnitude):
     assert (out.double() - oracle).abs().max() <= 1e-5 * oracle.abs().max()
 
 
-def test_head_dim_list_agrees_with_python_cuda():
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=ids)
+def test_head_dim_rule_agrees_with_the_build_cuda(dtype):
+    """The Python rule the ops ask before they choose the CUDA kernel (checks.head_dim_unsupported through
+    cuda.ops.attention_unsupported) takes exactly the head dims the C++ rule takes (vk::attn::head_dim_instance,
+    which the binding applies before any launch): every head_dim 1..256. q has no tokens, so nothing launches."""
     require("cuda")
+    from vit_kernels import checks
     from vit_kernels.cuda import ops as cuda_ops
 
-    dims = cuda_ops.module_for(DEVICE).flash_attention_head_dims()
-    assert dims == sorted(dims) and dims[-1] == cuda_ops.MAX_HEAD_DIM
+    mod = cuda_ops.module_for(DEVICE)
+    dims = mod.flash_attention_head_dims()
+    assert dims == sorted(dims) and dims[-1] == checks.HEAD_DIM_RANGE["cuda"][1]
     assert {64, 72, 80} <= set(dims)
+    python, cpp = [], []
+    for head_dim in range(1, 257):
+        if cuda_ops.attention_unsupported(head_dim, dtype) is None:
+            python.append(head_dim)
+        q = torch.empty(1, 1, 0, head_dim, dtype=dtype, device=DEVICE)
+        k = torch.empty(1, 1, 1, head_dim, dtype=dtype, device=DEVICE)
+        try:
+            mod.flash_attention_forward(q, k, k, torch.empty_like(q), None, cuda_ops.attention_amax(q, k, k), 1.0)
+            cpp.append(head_dim)
+        except RuntimeError as e:  # refused for the head dim, or (float64) for the dtype
+            assert ("q: expected dtype" if dtype == torch.float64 else "head_dim: expected") in str(e), e
+    assert python == cpp
+    if dtype != torch.float64:
+        assert python == list(range(16, 129, 8))
 
 
 def test_bad_input_is_named_before_launch_cuda():

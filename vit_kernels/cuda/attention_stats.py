@@ -67,9 +67,7 @@ def attention_stats(q: Tensor, k: Tensor, lse: Tensor, scale: float, request, ro
 
 def flash_attention_with_stats(q: Tensor, k: Tensor, v: Tensor, scale: float, request, rows):
     """The flash kernel keeping the LSE, then the statistics: (out, AttentionStats)."""
-    B, H, N, _ = q.shape
-    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    out, _ = cuda_ops.flash_attention_forward(q, k, v, scale, lse=lse)
+    out, lse = cuda_ops.flash_attention_forward(q, k, v, scale, return_lse=True)
     return out, attention_stats(q, k, lse, scale, request, rows)
 
 
@@ -95,8 +93,7 @@ def qkv_attention_with_stats(
         x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps
     )
     out = torch.empty((B, N, inner), dtype=x.dtype, device=x.device)
-    lse = torch.empty((B, num_heads, N), dtype=torch.float32, device=x.device)
-    cuda_ops.flash_attention_forward(
-        qkv[0], qkv[1], qkv[2], 1.0, out=out.view(B, N, num_heads, hd).transpose(1, 2), lse=lse
+    _, lse = cuda_ops.flash_attention_forward(
+        qkv[0], qkv[1], qkv[2], 1.0, out=out.view(B, N, num_heads, hd).transpose(1, 2), return_lse=True
     )
     return out, attention_stats(qkv[0], qkv[1], lse, 1.0, request, rows)

@@ -35,12 +35,11 @@ from torch import Tensor
 
 from .. import checks
 from ..dtypes import KERNEL_DTYPES
-from . import cdiv
+from . import FP32_DOT_PRECISION, cdiv
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 from .layernorm import as_rows, row_stats, rows_per_batch
 
 DTYPES = KERNEL_DTYPES  # vit_kernels.dtypes
-FP32_DOT_PRECISION = "tf32x3"
 
 # Block configs: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), one per (input dtype, A loader),
 # no autotuning: what `inspect` compiles (aot_specs) is what runs. Chosen so every variant compiles
@@ -174,7 +173,7 @@ def _gemm_kernel(
     HAS_RES: tl.constexpr,
     HAS_POS: tl.constexpr,
     OUT_MODE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     ACC_F64: tl.constexpr = False,  # fp64 accumulator (float64 inputs: the backward's gradcheck)
 ):
     # Grouped tile order: GROUP_M row tiles share the weight tiles while they are in L2.
@@ -234,7 +233,7 @@ def _gemm_kernel(
                     xn += tl.load(norm_bias_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             a = xn.to(w_ptr.dtype.element_ty)
         w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
         if A_MODE == 0:
             a_ptrs += BLOCK_K * stride_ak
             w_ptrs += BLOCK_K * stride_wk
@@ -474,7 +473,7 @@ def launch_gemm(
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
         GROUP_M=GROUP_M,
-        DOT_PRECISION=_precision(weight.dtype),
+        INPUT_PRECISION=_precision(weight.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
         **flags,
