@@ -200,8 +200,8 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "triton-gemm-drop-ln-bias",
         "vit_kernels/triton/gemm.py",
-        "                if NORM == 1:\n                    xn += tl.load(norm_bias_ptr",
-        "                if NORM == 4:\n                    xn += tl.load(norm_bias_ptr",
+        "                if NORM == NORM_AFFINE:\n                    xn += tl.load(norm_bias_ptr",
+        "                if NORM == NORM_PIXELS:\n                    xn += tl.load(norm_bias_ptr",  # never, here
         T_MLP,
     ),
     Mutation(
