@@ -17,11 +17,12 @@ import torch.nn.functional as F
 
 from vit_kernels import reference
 from vit_kernels.testing import assert_close
+from vit_kernels.dtypes import KERNEL_DTYPES
 
 from conftest import DEVICE
 from gemm_cases import require  # noqa: F401  (re-exported: skip without Triton, fail when the CUDA build fails)
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = list(KERNEL_DTYPES)  # vit_kernels.dtypes
 BACKENDS = ["triton", "cuda"]
 
 

@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from vit_kernels import reference as R
+from vit_kernels.dtypes import KERNEL_DTYPES
 
 from conftest import DEVICE
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = list(KERNEL_DTYPES)  # vit_kernels.dtypes
 BACKENDS = ["triton", "cuda"]
 
 

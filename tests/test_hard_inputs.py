@@ -23,12 +23,13 @@ import torch.nn.functional as F
 import vit_kernels as vk
 from vit_kernels import reference
 from vit_kernels.testing import assert_close
+from vit_kernels.dtypes import KERNEL_DTYPES
 
 from conftest import DEVICE
 from poison import poison_empty
 
 BACKENDS = ["torch", "triton", "cuda"]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = list(KERNEL_DTYPES)  # vit_kernels.dtypes
 ATTENTION_OPS = ["flash_attention", "qkv_attention"]
 LAYERNORM_OPS = ["layernorm_gelu_mlp", "qkv_attention"]
 OPS = ["flash_attention", "qkv_attention", "layernorm_gelu_mlp", "patch_embed", "linear"]

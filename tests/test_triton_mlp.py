@@ -12,10 +12,11 @@ from vit_kernels.testing import assert_close
 
 pytest.importorskip("triton")
 from vit_kernels.triton.mlp import layernorm_gelu_mlp_forward  # noqa: E402
+from vit_kernels.dtypes import KERNEL_DTYPES
 
 from conftest import DEVICE  # noqa: E402
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = list(KERNEL_DTYPES)  # vit_kernels.dtypes
 
 
 def randn(*shape, dtype, scale=1.0, shift=0.0):

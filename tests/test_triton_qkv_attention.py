@@ -9,13 +9,14 @@ import vit_kernels as vk
 from vit_kernels import reference
 from vit_kernels.testing import assert_close
 from vit_kernels.triton.aot import ptr_type
+from vit_kernels.dtypes import SHORT_NAMES
 
 from conftest import DEVICE  # noqa: E402
 from attention_cases import compile_ttir, stride_args_widened  # noqa: E402
 
 qkv_mod = pytest.importorskip("vit_kernels.triton.qkv_attention")
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = SHORT_NAMES  # vit_kernels.dtypes: fp32, fp16, bf16
 
 # (batch, tokens, head_dim, dtype, layernorm, bias, path); heads = 2, dim = 80 (not a multiple
 # of the kernel's 32-wide reduction chunk). Every value of each axis appears at least once.

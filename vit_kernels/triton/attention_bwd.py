@@ -37,11 +37,12 @@ import triton.language as tl
 from torch import Tensor
 
 from . import FP32_DOT_PRECISION, cdiv
+from ..dtypes import FLOAT_DTYPES
 from .. import checks
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 from .attention import LOG2E, block_d, check_aligned
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+DTYPES = FLOAT_DTYPES  # vit_kernels.dtypes (float64: the gradcheck tests)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
