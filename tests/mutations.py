@@ -63,10 +63,10 @@ T_GEMM = (
     "(test_gemm and triton) or (test_hard_inputs and triton and (linear or mlp or patch))",
 )
 T_MLP = (
-    "tests/test_triton_mlp.py",
+    "tests/test_mlp.py",
     "tests/test_hard_inputs.py",
     "-k",
-    "test_triton_mlp or (test_hard_inputs and triton and (layernorm or mlp))",
+    "(test_mlp.py and triton) or (test_hard_inputs and triton and (layernorm or mlp))",
 )
 T_PATCH = (
     "tests/test_triton_patch_embed.py",
@@ -89,11 +89,12 @@ T_CUDA_ATTN = (
 )
 T_CUDA_GEMM = (
     "tests/test_gemm.py",
+    "tests/test_mlp.py",
     "tests/test_emulator_races.py",
     "tests/test_hard_inputs.py",
     "-k",
     "not compiles and (gemm or mlp or patch or linear or qkv or stats or layernorm) "
-    "and (not test_hard_inputs or cuda) and (not test_gemm or cuda)",
+    "and (not test_hard_inputs or cuda) and (not test_gemm or cuda) and (not test_mlp.py or cuda)",
 )
 T_BWD_ATTN = ("tests/test_backward.py", "-k", "(flash_attention or qkv_attention) and not full")
 T_BWD_GEMM = ("tests/test_backward.py", "-k", "(linear or mlp) and not full")
