@@ -69,10 +69,10 @@ T_MLP = (
     "(test_mlp.py and triton) or (test_hard_inputs and triton and (layernorm or mlp))",
 )
 T_PATCH = (
-    "tests/test_triton_patch_embed.py",
+    "tests/test_patch_embed.py",
     "tests/test_hard_inputs.py",
     "-k",
-    "test_triton_patch_embed or (test_hard_inputs and triton and patch)",
+    "(test_patch_embed.py and triton) or (test_hard_inputs and triton and patch)",
 )
 T_QKV = (
     "tests/test_triton_qkv_attention.py",
@@ -90,11 +90,13 @@ T_CUDA_ATTN = (
 T_CUDA_GEMM = (
     "tests/test_gemm.py",
     "tests/test_mlp.py",
+    "tests/test_patch_embed.py",
     "tests/test_emulator_races.py",
     "tests/test_hard_inputs.py",
     "-k",
     "not compiles and (gemm or mlp or patch or linear or qkv or stats or layernorm) "
-    "and (not test_hard_inputs or cuda) and (not test_gemm or cuda) and (not test_mlp.py or cuda)",
+    "and (not test_hard_inputs or cuda) and (not test_gemm or cuda) and (not test_mlp.py or cuda) "
+    "and (not test_patch_embed.py or cuda)",
 )
 T_BWD_ATTN = ("tests/test_backward.py", "-k", "(flash_attention or qkv_attention) and not full")
 T_BWD_GEMM = ("tests/test_backward.py", "-k", "(linear or mlp) and not full")
