@@ -1,6 +1,6 @@
 """Shared helpers of tests/test_attention.py (a helper module, not a test file): inputs, one adapter that
 calls the Triton launcher or the CUDA wrapper of flash attention with the same arguments, the check
-against the float64 oracle, and the ahead-of-time TTIR helpers (also used by test_triton_qkv_attention.py).
+against the float64 oracle, and the ahead-of-time TTIR helpers (also used by test_qkv_attention.py).
 
 Backends: "triton" (vit_kernels.triton.attention, the interpreter on CPU tensors) and "cuda"
 (vit_kernels.cuda.ops, the host emulator on CPU tensors, the GPU build on CUDA tensors).

@@ -75,17 +75,19 @@ T_PATCH = (
     "(test_patch_embed.py and triton) or (test_hard_inputs and triton and patch)",
 )
 T_QKV = (
-    "tests/test_triton_qkv_attention.py",
+    "tests/test_qkv_attention.py",
     "tests/test_hard_inputs.py",
     "-k",
-    "test_triton_qkv_attention or (test_hard_inputs and triton and qkv)",
+    "(test_qkv_attention.py and not cuda) or (test_hard_inputs and triton and qkv)",
 )
 T_CUDA_ATTN = (
     "tests/test_attention.py",
+    "tests/test_qkv_attention.py",
     "tests/test_emulator_races.py",
     "tests/test_hard_inputs.py",
     "-k",
-    "not compiles and (attention or Attention) and (not test_hard_inputs or cuda) and (not test_attention.py or cuda)",
+    "not compiles and (attention or Attention) and (not test_hard_inputs or cuda) and (not test_attention.py or cuda) "
+    "and (not test_qkv_attention.py or cuda)",
 )
 T_CUDA_GEMM = (
     "tests/test_gemm.py",

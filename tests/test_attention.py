@@ -1,7 +1,7 @@
 """Flash attention on every fused backend against the float64 oracle under the tolerance rule, outputs
 NaN-filled before every launch: the Triton kernel (vit_kernels/triton/attention.py, the interpreter on
 CPU) and the CUDA C++ kernel (csrc/attention, the host emulator on CPU tensors, or the GPU build on CUDA
-tensors); the CUDA split path of qkv_attention. Helpers: tests/attention_cases.py.
+tensors). qkv_attention (both backends): tests/test_qkv_attention.py. Helpers: tests/attention_cases.py.
 
 One test body per behaviour, parametrized over the backends; what only one backend has (its argument
 messages, its compiled code, the CUDA kernel's padded head dims and fp32 split) ends in _triton / _cuda.
@@ -371,60 +371,3 @@ def test_every_instantiation_compiles_without_spills_cuda(arch):
     for dt in DTYPES:
         for d in dims:
             assert 0 < mod.flash_attention_smem_bytes(dt, d) <= SMEM_LIMIT[arch]
-
-
-# -------------------------------------------------------------------------------- qkv_attention, CUDA
-# CUDA-core's QKV GEMM (LayerNorm on load, head-split epilogue, Q pre-scaled) writes (3, B, H, N, hd);
-# the attention kernel reads it in place and writes (B, N, H*hd). The Triton paths: test_triton_qkv_attention.py.
-def run_qkv_cuda(batch, tokens, head_dim, dtype, norm, bias, heads=2):
-    require("cuda")
-    dim = heads * head_dim
-    x = rand(batch, tokens, dim, dtype=dtype)
-    w = rand(3 * dim, dim, dtype=dtype, scale=dim**-0.5)
-    b = rand(3 * dim, dtype=dtype, scale=0.1) if bias else None
-    nw = (1 + rand(dim, dtype=torch.float32, scale=0.1)).to(dtype) if norm else None
-    nb = rand(dim, dtype=dtype, scale=0.1) if norm else None
-    out = vk.qkv_attention(x, w, b, num_heads=heads, norm_weight=nw, norm_bias=nb, eps=1e-6, backend="cuda")
-    d = vk.last_decision("qkv_attention")
-    assert (d.backend, d.path) == ("cuda", "split")
-    assert out.shape == (batch, tokens, dim) and out.dtype == dtype
-    assert not torch.isnan(out).any(), "NaN left in the output (an element was not written)"
-    dbl = lambda t: None if t is None else t.double()  # noqa: E731
-    oracle = reference.qkv_attention(
-        x.double(), w.double(), dbl(b), num_heads=heads, norm_weight=dbl(nw), norm_bias=dbl(nb), eps=1e-6
-    )
-    baseline = reference.qkv_attention(x, w, b, num_heads=heads, norm_weight=nw, norm_bias=nb, eps=1e-6)
-    assert_close(out, oracle, baseline)
-
-
-QKV_DEFAULT = [
-    (1, 50, 64, torch.float16, True, True),
-    (3, 197, 80, torch.bfloat16, True, False),
-    (3, 1, 72, torch.float32, False, True),
-    (1, 257, 72, torch.float16, False, False),
-    (1, 50, 80, torch.float32, True, True),
-    (3, 50, 64, torch.bfloat16, False, True),
-]
-QKV_SLOW = [
-    (b, n, d, dt, norm, True)
-    for b in (1, 3)
-    for n in (1, 50, 197, 257, 577)
-    for d in (64, 72, 80)
-    for dt in DTYPES
-    for norm in (False, True)
-]
-
-
-def _qkv_id(c):
-    return f"b{c[0]}-n{c[1]}-hd{c[2]}-{ids(c[3])}-{'ln' if c[4] else 'noln'}-{'bias' if c[5] else 'nobias'}"
-
-
-@pytest.mark.parametrize("case", QKV_DEFAULT, ids=_qkv_id)
-def test_qkv_attention_cuda(case):
-    run_qkv_cuda(*case)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", QKV_SLOW, ids=_qkv_id)
-def test_qkv_attention_full_cuda(case):
-    run_qkv_cuda(*case)
