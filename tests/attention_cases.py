@@ -1,6 +1,6 @@
 """Shared helpers of tests/test_attention.py (a helper module, not a test file): inputs, one adapter that
 calls the Triton launcher or the CUDA wrapper of flash attention with the same arguments, the check
-against the float64 oracle, and the ahead-of-time TTIR helpers (also used by test_triton_qkv_attention.py).
+against the float64 oracle, and the ahead-of-time TTIR helpers (also used by test_qkv_attention.py).
 
 Backends: "triton" (vit_kernels.triton.attention, the interpreter on CPU tensors) and "cuda"
 (vit_kernels.cuda.ops, the host emulator on CPU tensors, the GPU build on CUDA tensors). Variants: the
@@ -20,11 +20,12 @@ import torch.nn.functional as F
 
 from vit_kernels import reference
 from vit_kernels.testing import assert_close
+from vit_kernels.dtypes import KERNEL_DTYPES
 
 from conftest import DEVICE
 from gemm_cases import require  # noqa: F401  (re-exported: skip without Triton, fail when the CUDA build fails)
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = list(KERNEL_DTYPES)  # vit_kernels.dtypes
 BACKENDS = ["triton", "cuda"]
 VARIANTS = ["triton", "triton_tma", "cuda"]
 # The TMA kernel's config when a test names none: the first of attention_tma.CONFIGS (128 x 64, 4 warps,
@@ -54,23 +55,21 @@ def make_qkv(B, H, N, D, dtype, n_kv=None):
 
 
 def flash_forward(backend, q, k, v, scale, out=None, tma_config=None):
-    """(out, lse) of the variant's flash attention launcher (Triton, "triton_tma": with tma_config or
-    TMA_CONFIG) or CUDA wrapper, written into a NaN-filled out (the given one, or a fresh one) and a
-    NaN-filled lse (B, H, NQ) fp32 it must return."""
+    """(out, lse) of the variant's flash_attention_forward (the Triton launcher, "triton_tma": with
+    tma_config or TMA_CONFIG, or the CUDA wrapper: one contract), written into a NaN-filled out (the
+    given one, or a fresh one); lse (B, H, NQ) fp32 comes from torch.empty (NaN-filled by
+    tests/poison.py where the test poisons)."""
     if out is None:
         out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
+    kw = {}
     if backend in ("triton", "triton_tma"):
-        from vit_kernels.triton import attention
+        from vit_kernels.triton.attention import flash_attention_forward
 
         kw = {"attention_tma_config": tma_config or TMA_CONFIG} if backend == "triton_tma" else {}
-        got, lse = attention.flash_attention_forward(q, k, v, scale, out=out, return_lse=True, **kw)
     else:
-        from vit_kernels.cuda import ops as cuda_ops
-
-        lse_out = torch.full(q.shape[:3], float("nan"), dtype=torch.float32, device=q.device)
-        got, lse = cuda_ops.flash_attention_forward(q, k, v, scale, out=out, lse=lse_out)
-        assert lse is lse_out
-    assert got is out
+        from vit_kernels.cuda.ops import flash_attention_forward
+    got, lse = flash_attention_forward(q, k, v, scale, out=out, return_lse=True, **kw)
+    assert got is out and lse.shape == q.shape[:3] and lse.dtype == torch.float32
     return got, lse
 
 

@@ -11,16 +11,17 @@ import torch
 import torch.nn.functional as F
 
 from vit_kernels import reference as R
+from vit_kernels.dtypes import KERNEL_DTYPES
 
 from conftest import DEVICE
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = list(KERNEL_DTYPES)  # vit_kernels.dtypes
 BACKENDS = ["triton", "cuda"]
 
 
-def rand(*shape, dtype, scale=1.0):
-    """Fresh standard-normal values (drawn in float64, then rounded to dtype) on DEVICE."""
-    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+def rand(*shape, dtype, scale=1.0, shift=0.0):
+    """Fresh normal values, scale * N(0, 1) + shift (drawn in float64, then rounded to dtype) on DEVICE."""
+    return (torch.randn(*shape, dtype=torch.float64) * scale + shift).to(dtype).to(DEVICE)
 
 
 def nan_like(shape, dtype):

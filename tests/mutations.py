@@ -70,37 +70,42 @@ T_GEMM = (
     "(test_gemm and triton) or (test_hard_inputs and triton and (linear or mlp or patch))",
 )
 T_MLP = (
-    "tests/test_triton_mlp.py",
+    "tests/test_mlp.py",
     "tests/test_hard_inputs.py",
     "-k",
-    "test_triton_mlp or (test_hard_inputs and triton and (layernorm or mlp))",
+    "(test_mlp.py and triton) or (test_hard_inputs and triton and (layernorm or mlp))",
 )
 T_PATCH = (
-    "tests/test_triton_patch_embed.py",
+    "tests/test_patch_embed.py",
     "tests/test_hard_inputs.py",
     "-k",
-    "test_triton_patch_embed or (test_hard_inputs and triton and patch)",
+    "(test_patch_embed.py and triton) or (test_hard_inputs and triton and patch)",
 )
 T_QKV = (
-    "tests/test_triton_qkv_attention.py",
+    "tests/test_qkv_attention.py",
     "tests/test_hard_inputs.py",
     "-k",
-    "test_triton_qkv_attention or (test_hard_inputs and triton and qkv)",
+    "(test_qkv_attention.py and not cuda) or (test_hard_inputs and triton and qkv)",
 )
 T_CUDA_ATTN = (
     "tests/test_attention.py",
+    "tests/test_qkv_attention.py",
     "tests/test_emulator_races.py",
     "tests/test_hard_inputs.py",
     "-k",
-    "not compiles and (attention or Attention) and (not test_hard_inputs or cuda) and (not test_attention.py or cuda)",
+    "not compiles and (attention or Attention) and (not test_hard_inputs or cuda) and (not test_attention.py or cuda) "
+    "and (not test_qkv_attention.py or cuda)",
 )
 T_CUDA_GEMM = (
     "tests/test_gemm.py",
+    "tests/test_mlp.py",
+    "tests/test_patch_embed.py",
     "tests/test_emulator_races.py",
     "tests/test_hard_inputs.py",
     "-k",
     "not compiles and (gemm or mlp or patch or linear or qkv or stats or layernorm) "
-    "and (not test_hard_inputs or cuda) and (not test_gemm or cuda)",
+    "and (not test_hard_inputs or cuda) and (not test_gemm or cuda) and (not test_mlp.py or cuda) "
+    "and (not test_patch_embed.py or cuda)",
 )
 T_BWD_ATTN = ("tests/test_backward.py", "-k", "(flash_attention or qkv_attention) and not full")
 T_BWD_GEMM = ("tests/test_backward.py", "-k", "(linear or mlp) and not full")
@@ -236,8 +241,8 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "triton-gemm-drop-ln-bias",
         "vit_kernels/triton/gemm.py",
-        "                if NORM == 1:\n                    xn += tl.load(norm_bias_ptr",
-        "                if NORM == 4:\n                    xn += tl.load(norm_bias_ptr",
+        "                if NORM == NORM_AFFINE:\n                    xn += tl.load(norm_bias_ptr",
+        "                if NORM == NORM_PIXELS:\n                    xn += tl.load(norm_bias_ptr",  # never, here
         T_MLP,
     ),
     Mutation(

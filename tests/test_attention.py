@@ -3,7 +3,8 @@ NaN-filled before every launch: the Triton kernel (vit_kernels/triton/attention.
 CPU), sm_90's tensor-descriptor Triton kernel (vit_kernels/triton/attention_tma.py, variant "triton_tma",
 the interpreter on CPU: Triton 3.8 runs tensor descriptors there, clipped at the edges as TMA does) and
 the CUDA C++ kernel (csrc/attention, the host emulator on CPU tensors, or the GPU build on CUDA
-tensors); the CUDA split path of qkv_attention. Helpers: tests/attention_cases.py.
+tensors). qkv_attention (both backends): tests/test_qkv_attention.py (the TMA kernel in its split path:
+here). Helpers: tests/attention_cases.py.
 
 One test body per behaviour, parametrized over the backends; what only one backend has (its argument
 messages, its compiled code, the CUDA kernel's padded head dims and fp32 split) ends in _triton / _cuda.
@@ -232,10 +233,10 @@ def test_bad_input_before_launch_triton():
     from vit_kernels.triton import attention
 
     q = torch.randn(1, 2, 5, 12, device=DEVICE)
-    with pytest.raises(ValueError, match=r"head_dim: expected a multiple of 8 from 16 to 256, got 12"):
+    with pytest.raises(ValueError, match=r"head_dim=12 is not supported .*\(expected a multiple of 8 from 16 to 256\)"):
         attention.flash_attention_forward(q, q, q, 1.0)
     q = torch.randn(1, 2, 5, 264, device=DEVICE)
-    with pytest.raises(ValueError, match=r"head_dim: .* got 264"):
+    with pytest.raises(ValueError, match=r"head_dim=264 is not supported by the Triton attention kernels"):
         attention.flash_attention_forward(q, q, q, 1.0)
     q = torch.randn(1, 2, 5, 64, device=DEVICE)
     with pytest.raises(ValueError, match=r"k: expected at least one key/value token"):
@@ -437,7 +438,7 @@ def test_layouts_and_concatenated_output_cuda(dtype):
         check_attention(o.view(B, N, H, D).transpose(1, 2), q, k, v, scale, name=name + "->(B,N,H*hd)")
 
 
-@pytest.mark.parametrize("head_dim", [8, 16, 40, 104, 128])
+@pytest.mark.parametrize("head_dim", [16, 40, 104, 128])
 def test_head_dims_run_padded_in_the_next_instantiation_cuda(head_dim):
     """Head dims not in the compiled list run in the next one, the extra columns masked."""
     require("cuda")
@@ -445,7 +446,7 @@ def test_head_dims_run_padded_in_the_next_instantiation_cuda(head_dim):
 
     for dtype in (torch.float16, torch.float32):
         q, k, v = make_qkv(1, 2, 97, head_dim, dtype)  # several key tiles
-        out = cuda_ops.flash_attention(q, k, v, head_dim**-0.5)
+        out = cuda_ops.flash_attention_forward(q, k, v, head_dim**-0.5)
         check_attention(out, q, k, v, head_dim**-0.5, name=f"head_dim={head_dim} {dtype}")
 
 
@@ -464,13 +465,33 @@ def test_float32_split_scaling_cuda(magnitude):
     assert (out.double() - oracle).abs().max() <= 1e-5 * oracle.abs().max()
 
 
-def test_head_dim_list_agrees_with_python_cuda():
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=ids)
+def test_head_dim_rule_agrees_with_the_build_cuda(dtype):
+    """The Python rule the ops ask before they choose the CUDA kernel (checks.head_dim_unsupported through
+    cuda.ops.attention_unsupported) takes exactly the head dims the C++ rule takes (vk::attn::head_dim_instance,
+    which the binding applies before any launch): every head_dim 1..256. q has no tokens, so nothing launches."""
     require("cuda")
+    from vit_kernels import checks
     from vit_kernels.cuda import ops as cuda_ops
 
-    dims = cuda_ops.module_for(DEVICE).flash_attention_head_dims()
-    assert dims == sorted(dims) and dims[-1] == cuda_ops.MAX_HEAD_DIM
+    mod = cuda_ops.module_for(DEVICE)
+    dims = mod.flash_attention_head_dims()
+    assert dims == sorted(dims) and dims[-1] == checks.HEAD_DIM_RANGE["cuda"][1]
     assert {64, 72, 80} <= set(dims)
+    python, cpp = [], []
+    for head_dim in range(1, 257):
+        if cuda_ops.attention_unsupported(head_dim, dtype) is None:
+            python.append(head_dim)
+        q = torch.empty(1, 1, 0, head_dim, dtype=dtype, device=DEVICE)
+        k = torch.empty(1, 1, 1, head_dim, dtype=dtype, device=DEVICE)
+        try:
+            mod.flash_attention_forward(q, k, k, torch.empty_like(q), None, cuda_ops.attention_amax(q, k, k), 1.0)
+            cpp.append(head_dim)
+        except RuntimeError as e:  # refused for the head dim, or (float64) for the dtype
+            assert ("q: expected dtype" if dtype == torch.float64 else "head_dim: expected") in str(e), e
+    assert python == cpp
+    if dtype != torch.float64:
+        assert python == list(range(16, 129, 8))
 
 
 def test_bad_input_is_named_before_launch_cuda():
@@ -524,60 +545,3 @@ def test_every_instantiation_compiles_without_spills_cuda(arch):
     for dt in DTYPES:
         for d in dims:
             assert 0 < mod.flash_attention_smem_bytes(dt, d) <= SMEM_LIMIT[arch]
-
-
-# -------------------------------------------------------------------------------- qkv_attention, CUDA
-# CUDA-core's QKV GEMM (LayerNorm on load, head-split epilogue, Q pre-scaled) writes (3, B, H, N, hd);
-# the attention kernel reads it in place and writes (B, N, H*hd). The Triton paths: test_triton_qkv_attention.py.
-def run_qkv_cuda(batch, tokens, head_dim, dtype, norm, bias, heads=2):
-    require("cuda")
-    dim = heads * head_dim
-    x = rand(batch, tokens, dim, dtype=dtype)
-    w = rand(3 * dim, dim, dtype=dtype, scale=dim**-0.5)
-    b = rand(3 * dim, dtype=dtype, scale=0.1) if bias else None
-    nw = (1 + rand(dim, dtype=torch.float32, scale=0.1)).to(dtype) if norm else None
-    nb = rand(dim, dtype=dtype, scale=0.1) if norm else None
-    out = vk.qkv_attention(x, w, b, num_heads=heads, norm_weight=nw, norm_bias=nb, eps=1e-6, backend="cuda")
-    d = vk.last_decision("qkv_attention")
-    assert (d.backend, d.path) == ("cuda", "split")
-    assert out.shape == (batch, tokens, dim) and out.dtype == dtype
-    assert not torch.isnan(out).any(), "NaN left in the output (an element was not written)"
-    dbl = lambda t: None if t is None else t.double()  # noqa: E731
-    oracle = reference.qkv_attention(
-        x.double(), w.double(), dbl(b), num_heads=heads, norm_weight=dbl(nw), norm_bias=dbl(nb), eps=1e-6
-    )
-    baseline = reference.qkv_attention(x, w, b, num_heads=heads, norm_weight=nw, norm_bias=nb, eps=1e-6)
-    assert_close(out, oracle, baseline)
-
-
-QKV_DEFAULT = [
-    (1, 50, 64, torch.float16, True, True),
-    (3, 197, 80, torch.bfloat16, True, False),
-    (3, 1, 72, torch.float32, False, True),
-    (1, 257, 72, torch.float16, False, False),
-    (1, 50, 80, torch.float32, True, True),
-    (3, 50, 64, torch.bfloat16, False, True),
-]
-QKV_SLOW = [
-    (b, n, d, dt, norm, True)
-    for b in (1, 3)
-    for n in (1, 50, 197, 257, 577)
-    for d in (64, 72, 80)
-    for dt in DTYPES
-    for norm in (False, True)
-]
-
-
-def _qkv_id(c):
-    return f"b{c[0]}-n{c[1]}-hd{c[2]}-{ids(c[3])}-{'ln' if c[4] else 'noln'}-{'bias' if c[5] else 'nobias'}"
-
-
-@pytest.mark.parametrize("case", QKV_DEFAULT, ids=_qkv_id)
-def test_qkv_attention_cuda(case):
-    run_qkv_cuda(*case)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", QKV_SLOW, ids=_qkv_id)
-def test_qkv_attention_full_cuda(case):
-    run_qkv_cuda(*case)

@@ -14,6 +14,7 @@ from vit_kernels import last_decision, ops, reference
 from vit_kernels.ops import StatsRequest
 from vit_kernels.ops import attention_stats as stats_mod
 from vit_kernels.testing import assert_close
+from vit_kernels.dtypes import SHORT_NAMES
 
 from conftest import DEVICE  # noqa: E402
 from poison import poison_empty  # noqa: E402
@@ -21,7 +22,7 @@ from poison import poison_empty  # noqa: E402
 triton_stats = pytest.importorskip("vit_kernels.triton.attention_stats")
 attention = pytest.importorskip("vit_kernels.triton.attention")
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = SHORT_NAMES  # vit_kernels.dtypes: fp32, fp16, bf16
 # (batch, heads, prefix, grid, head_dim, dtype): 1, 50 and 197 tokens with a class token, a
 # non-square grid with registers; head dims 64/72/80.
 DEFAULT_CASES = [

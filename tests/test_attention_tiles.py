@@ -21,12 +21,13 @@ import torch
 
 from vit_kernels import reference
 from vit_kernels.testing import assert_close
+from vit_kernels.dtypes import SHORT_NAMES
 
 from conftest import DEVICE  # noqa: E402
 
 attention = pytest.importorskip("vit_kernels.triton.attention")
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = SHORT_NAMES  # vit_kernels.dtypes: fp32, fp16, bf16
 TOKENS = (1, 50, 197, 257, 577)
 HEAD_DIMS = (64, 72, 80)
 VIT_LENGTHS = (197, 257, 577, 1025)

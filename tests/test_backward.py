@@ -17,12 +17,13 @@ import vit_kernels as vk
 from vit_kernels import autograd as vk_autograd
 from vit_kernels import reference as R
 from vit_kernels.testing import assert_close
+from vit_kernels.dtypes import KERNEL_DTYPES
 
 pytest.importorskip("triton")
 
 from conftest import DEVICE  # noqa: E402
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = list(KERNEL_DTYPES)  # vit_kernels.dtypes
 _empty, _empty_like = torch.empty, torch.empty_like
 
 

@@ -303,87 +303,8 @@ def test_qkv_projection_rejects_head_dim_not_multiple_of_8_triton():
         gemm.qkv_projection_forward(x, rand(108, 36, dtype=torch.float32), None, num_heads=3, scale=1.0)
 
 
-# ------------------------------------------------- CUDA: MLP (layernorm loader, GELU) and patch embedding
-# (The Triton MLP and patch embedding: tests/test_triton_mlp.py, tests/test_triton_patch_embed.py.)
-MLP_CASES = [
-    # (leading shape, dim, hidden, out, approximate, layernorm, residual + layer scale)
-    ((2, 50), 64, 256, 64, "none", True, True),
-    ((1, 197), 40, 120, 40, "tanh", True, False),
-    ((257,), 24, 72, 24, "none", False, True),  # norm_weight None: no LayerNorm
-    ((1,), 33, 47, 19, "tanh", True, True),  # odd dims everywhere
-]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
-@pytest.mark.parametrize("case", MLP_CASES, ids=str)
-def test_layernorm_gelu_mlp_cuda(dtype, case):
-    G.require("cuda")
-    from vit_kernels.cuda import ops as cuda_ops
-
-    lead, dim, hidden, out, approximate, layernorm, res = case
-    x = rand(*lead, dim, dtype=dtype) * 2 + 0.5
-    nw = rand(dim, dtype=dtype) if layernorm else None
-    nb = rand(dim, dtype=dtype) if layernorm else None
-    w1, b1 = rand(hidden, dim, dtype=dtype, scale=dim**-0.5), rand(hidden, dtype=dtype)
-    w2, b2 = rand(out, hidden, dtype=dtype, scale=hidden**-0.5), rand(out, dtype=dtype)
-    r = rand(*lead, out, dtype=dtype) if res else None
-    ls = rand(out, dtype=dtype) if res else None
-    got = cuda_ops.layernorm_gelu_mlp_forward(
-        x, nw, nb, w1, b1, w2, b2, eps=1e-6, approximate=approximate, residual=r, layer_scale=ls
-    )
-    if layernorm:
-        want = R.layernorm_gelu_mlp(
-            d64(x),
-            d64(nw),
-            d64(nb),
-            d64(w1),
-            d64(b1),
-            d64(w2),
-            d64(b2),
-            eps=1e-6,
-            approximate=approximate,
-            residual=d64(r),
-            layer_scale=d64(ls),
-        )
-    else:
-        h = R.gelu(R.linear(d64(x), d64(w1), d64(b1)), approximate)
-        want = R.linear(h, d64(w2), d64(b2), residual=d64(r), layer_scale=d64(ls))
-    base = R.layernorm_gelu_mlp(
-        x, nw, nb, w1, b1, w2, b2, eps=1e-6, approximate=approximate, residual=r, layer_scale=ls
-    )
-    assert_close(got, want, base)
-
-
-PATCH_CASES = [
-    # (batch, channels, H, W, patch, dim, cls, pos, channels_last)
-    (2, 3, 32, 48, 16, 64, True, True, False),  # NCHW, 16-wide patches: 16-byte gathers
-    (1, 3, 28, 21, 7, 40, True, True, False),  # odd patch: element gathers, 12 patches
-    (3, 2, 14, 14, 7, 24, False, True, False),  # no class token
-    (2, 3, 32, 32, 8, 32, True, False, True),  # channels_last, read through strides, no pos
-]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
-@pytest.mark.parametrize("case", PATCH_CASES, ids=str)
-def test_patch_embed_cuda(dtype, case):
-    G.require("cuda")
-    from vit_kernels.cuda import ops as cuda_ops
-
-    B, C, H, W, p, dim, cls, pos, channels_last = case
-    images = rand(B, C, H, W, dtype=dtype)
-    if channels_last:
-        images = images.to(memory_format=torch.channels_last)
-    w = rand(dim, C, p, p, dtype=dtype, scale=(C * p * p) ** -0.5)
-    b = rand(dim, dtype=dtype)
-    tokens = (1 if cls else 0) + (H // p) * (W // p)
-    cls_token = rand(1, 1, dim, dtype=dtype) if cls else None
-    pos_embed = rand(1, tokens, dim, dtype=dtype) if pos else None
-    got = cuda_ops.patch_embed_forward(images, w, b, patch_size=p, pos_embed=pos_embed, cls_token=cls_token)
-    want = R.patch_embed(d64(images), d64(w), d64(b), patch_size=p, pos_embed=d64(pos_embed), cls_token=d64(cls_token))
-    base = R.patch_embed(images, w, b, patch_size=p, pos_embed=pos_embed, cls_token=cls_token)
-    assert_close(got, want, base)
-
-
+# ------------------------------------------------------- CUDA: patch embedding and MLP at ViT-B shapes
+# (Both backends at small shapes: tests/test_patch_embed.py, tests/test_mlp.py.)
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
 @pytest.mark.parametrize("config", [0, 1])

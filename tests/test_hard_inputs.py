@@ -28,12 +28,13 @@ import torch.nn.functional as F
 import vit_kernels as vk
 from vit_kernels import reference
 from vit_kernels.testing import assert_close
+from vit_kernels.dtypes import KERNEL_DTYPES
 
 from conftest import DEVICE
 from poison import poison_empty
 
 BACKENDS = ["torch", "triton", "cuda"]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = list(KERNEL_DTYPES)  # vit_kernels.dtypes
 TMA = "triton_tma"
 # attention_tma.CONFIGS[0] for flash_attention (the keys past the last full tile in 16-key tiles),
 # CONFIGS[3] for qkv_attention (every key tile masked in one loop)

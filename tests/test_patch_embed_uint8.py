@@ -19,8 +19,9 @@ from conftest import DEVICE
 
 pytest.importorskip("triton")
 from vit_kernels.triton.patch_embed import patch_embed_forward  # noqa: E402
+from vit_kernels.dtypes import KERNEL_DTYPES
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = list(KERNEL_DTYPES)  # vit_kernels.dtypes
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 

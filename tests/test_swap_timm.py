@@ -132,6 +132,15 @@ def test_unsupported_head_dim_for_an_explicit_triton_request_is_left():
     assert not [e for e in auto.left if "head_dim" in e.reason]
 
 
+def test_head_dim_only_triton_takes_is_left_for_an_explicit_cuda_request():
+    """The swap asks the rule of the backend requested (checks.head_dim_unsupported): head_dim 160 is a
+    Triton head dim but not a CUDA one, so backend="cuda" leaves the attention instead of failing at forward."""
+    model = make(embed_dim=320, num_heads=2).eval()  # head_dim 160
+    left = [e for e in vk.fuse_report(model, backend="cuda").left if e.op == "attention"]
+    assert len(left) == 2 and all("head_dim=160" in e.reason and "CUDA" in e.reason for e in left), left
+    assert not [e for e in vk.fuse_report(model, backend="triton").left if "head_dim" in e.reason]
+
+
 def test_attn_mask_runs_the_original_block():
     model = make().eval()
     block = copy.deepcopy(model.blocks[0])

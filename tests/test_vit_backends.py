@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vit_kernels import last_decision
+from vit_kernels.dtypes import KERNEL_DTYPES
 from vit_kernels.models import create_model
 from vit_kernels.nn import set_backend
 from vit_kernels.testing import assert_close, compare
@@ -49,7 +50,7 @@ def odd_two_layer():
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_two_layer_odd_config(backend, dtype):
     model, images = odd_two_layer(), torch.randn(3, 3, 70, 70)
     want = logits(model, images, "reference", torch.float64)

@@ -86,17 +86,17 @@ def layernorm_backward(
     x: Tensor,
     mean: Tensor,
     rstd: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor] = None,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor] = None,
     *,
     eps: float = 0.0,
     needs: Sequence[bool] = (True, True, True),
     backend: str = "triton",
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """(dx, dweight, dbias) of y = LayerNorm(x) [* weight] [+ bias] for dy = grad.
+    """(dx, d norm_weight, d norm_bias) of y = LayerNorm(x) [* norm_weight] [+ norm_bias] for dy = grad.
 
-    grad, x: (rows, dim); mean, rstd: (rows,) the forward's statistics (triton); weight, bias:
-    (dim,) or None; eps: the forward's (torch); needs: which of (x, weight, bias) need a gradient.
+    grad, x: (rows, dim); mean, rstd: (rows,) the forward's statistics (triton); norm_weight, norm_bias:
+    (dim,) or None; eps: the forward's (torch); needs: which of (x, norm_weight, norm_bias) need a gradient.
     """
     _check_backend(backend)
     nx, nw, nb = needs
@@ -105,8 +105,8 @@ def layernorm_backward(
 
         return _torch_grads(
             lambda x_, w_, b_: F.layer_norm(x_, (x_.shape[-1],), w_, b_, eps),
-            (x, weight, bias),
-            (nx, nw and weight is not None, nb and bias is not None),
+            (x, norm_weight, norm_bias),
+            (nx, nw and norm_weight is not None, nb and norm_bias is not None),
             grad,
         )
     from .triton.layernorm_bwd import layernorm_backward as launch
@@ -116,10 +116,10 @@ def layernorm_backward(
         dense(x),
         mean,
         rstd,
-        weight,
+        norm_weight,
         need_input=nx,
-        need_weight=nw and weight is not None,
-        need_bias=nb and bias is not None,
+        need_weight=nw and norm_weight is not None,
+        need_bias=nb and norm_bias is not None,
     )
 
 

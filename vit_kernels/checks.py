@@ -200,6 +200,27 @@ def unit_stride_params(**params: Optional[torch.Tensor]) -> None:
             )
 
 
+# The head dims each backend's attention kernels take, (smallest, largest): a multiple of 8 in between.
+# The one home of the rule: the ops, the swap layer and the launchers ask head_dim_unsupported; the
+# launchers raise ValueError with its reason. "triton": vit_kernels/triton/attention.py (and its
+# backward, qkv_attention, attention_stats), which pads head_dim to power-of-two chunks; "cuda": the
+# C++ rule vk::attn::head_dim_instance of csrc/attention/flash_fwd.h (kMinHeadDim, the last of
+# VK_ATTN_HEAD_DIMS), which tests/test_attention.py checks against this for head_dim 1..256 and each dtype.
+HEAD_DIM_RANGE = {"triton": (16, 256), "cuda": (16, 128)}
+_KERNELS = {"triton": "Triton", "cuda": "CUDA"}
+
+
+def head_dim_unsupported(head_dim: int, backend: str) -> Optional[str]:
+    """None when ``backend``'s ("triton" or "cuda") attention kernels take head_dim, else why not."""
+    low, high = HEAD_DIM_RANGE[backend]
+    if head_dim % 8 != 0 or not low <= head_dim <= high:
+        return (
+            f"head_dim={head_dim} is not supported by the {_KERNELS[backend]} attention kernels "
+            f"(expected a multiple of 8 from {low} to {high})"
+        )
+    return None
+
+
 def first(*reasons: Optional[str]) -> Optional[str]:
     """The first reason that is not None (None when all are)."""
     return next((r for r in reasons if r), None)

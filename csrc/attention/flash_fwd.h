@@ -14,8 +14,8 @@ namespace vk {
 namespace attn {
 
 // The head dims the kernel is compiled for: the ONE list of instantiations. A runtime head_dim
-// (a multiple of 8, at most the last entry) runs in the smallest listed one that holds it, the
-// columns past head_dim masked (zero-filled on load, not stored).
+// (a multiple of 8 from kMinHeadDim to the last entry) runs in the smallest listed one that holds it,
+// the columns past head_dim masked (zero-filled on load, not stored).
 #define VK_ATTN_HEAD_DIMS(X) X(32) X(64) X(72) X(80) X(96) X(128)
 
 // Strides are in elements, in the order (batch, head, token, channel), int64.
@@ -44,11 +44,16 @@ inline constexpr int kHeadDims[] = {VK_ATTN_HEAD_DIMS(VK_ATTN_LIST_ENTRY)};
 #undef VK_ATTN_LIST_ENTRY
 inline constexpr int kNumHeadDims = int(sizeof(kHeadDims) / sizeof(kHeadDims[0]));
 
+// The smallest head_dim taken: the rule of every fused attention kernel of the package (Python's
+// vit_kernels.checks.head_dim_unsupported, whose "cuda" bounds are kMinHeadDim and the last of kHeadDims;
+// tests/test_attention.py checks that both agree for head_dim 1..256).
+inline constexpr int kMinHeadDim = 16;
+
 // Which instantiation runs a runtime head_dim: the smallest listed >= head_dim, or -1 if none (head_dim
-// not a positive multiple of 8, or past the largest). Header-only: the bindings of both builds and the
-// launcher apply this one rule, compiled into each of them, before anything launches.
+// not a multiple of 8, below kMinHeadDim or past the largest). Header-only: the bindings of both builds
+// and the launcher apply this one rule, compiled into each of them, before anything launches.
 constexpr int head_dim_instance(int64_t head_dim) {
-  if (head_dim <= 0 || head_dim % 8 != 0) return -1;
+  if (head_dim < kMinHeadDim || head_dim % 8 != 0) return -1;
   for (int hd : kHeadDims)
     if (hd >= head_dim) return hd;
   return -1;
@@ -64,8 +69,9 @@ inline std::string head_dims_text() {
 // The one message for a head_dim no instantiation holds (the bindings' RuntimeError, the launcher's
 // std::invalid_argument).
 inline std::string head_dim_error(int64_t head_dim) {
-  return "head_dim: expected a multiple of 8 no larger than the largest compiled head dim (compiled: " +
-         head_dims_text() + "), got " + std::to_string(head_dim);
+  return "head_dim: expected a multiple of 8 from " + std::to_string(kMinHeadDim) + " to " +
+         std::to_string(kHeadDims[kNumHeadDims - 1]) + " (compiled: " + head_dims_text() + "), got " +
+         std::to_string(head_dim);
 }
 
 // Launch on `stream`. Throws std::invalid_argument (naming the argument) for a head_dim no

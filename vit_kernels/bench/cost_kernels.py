@@ -35,26 +35,6 @@ import torch
 from .cost import dtype_bytes
 from .peaks import Peak
 
-# Streaming multiprocessors per GPU (datasheets), by peaks.py key.
-SM_COUNT = {
-    "b200": 148,
-    "h200-nvl": 132,
-    "h200": 132,
-    "h100-pcie": 114,
-    "h100-nvl": 132,
-    "h100": 132,
-    "a100-pcie-40gb": 108,
-    "a100-pcie": 108,
-    "a100-40gb": 108,
-    "a100": 108,
-    "l40s": 142,
-    "l4": 58,
-    "a10": 72,
-    "rtx4090": 128,
-    "rtx3090": 82,
-    "v100": 80,
-    "t4": 40,
-}
 L2_OVER_HBM = 3.0  # assumed: L2 bandwidth as a multiple of HBM bandwidth
 LATENCY_NS = 600.0  # assumed: the round trip of a load served by HBM
 L2_LATENCY_NS = 200.0  # assumed: the round trip of a load served by L2
@@ -75,9 +55,8 @@ class Machine:
 
     @staticmethod
     def of(peak: Peak) -> Optional["Machine"]:
-        """The machine of a peaks.py entry (None when its SM count is not listed)."""
-        sms = SM_COUNT.get(peak.key)
-        return None if sms is None else Machine(peak, sms, L2_OVER_HBM * peak.bandwidth_gbs)
+        """The machine of a peaks entry (vit_kernels.arch; None when its SM count is not listed)."""
+        return None if peak.sms is None else Machine(peak, peak.sms, L2_OVER_HBM * peak.bandwidth_gbs)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,9 @@ from . import module_for
 from . import ops as cuda_ops
 
 
-def attention_probs(q: Tensor, k: Tensor, lse: Tensor, scale: float, rows: Optional[Sequence[int]] = None) -> Tensor:
+def attention_probs_forward(
+    q: Tensor, k: Tensor, lse: Tensor, scale: float, rows: Optional[Sequence[int]] = None
+) -> Tensor:
     """(batch, heads, len(rows), kv_tokens) in q's dtype; rows None: every query row (full weights).
     q: (batch, heads, q_tokens, head_dim); k: (batch, heads, kv_tokens, head_dim); lse: (batch,
     heads, q_tokens) float32 contiguous."""
@@ -28,7 +30,7 @@ def attention_probs(q: Tensor, k: Tensor, lse: Tensor, scale: float, rows: Optio
     return out
 
 
-def mean_attention_distance(
+def mean_attention_distance_forward(
     q: Tensor, k: Tensor, lse: Tensor, scale: float, *, grid, patch_size: float, prefix_tokens: int
 ) -> Tensor:
     """(batch, heads) float32: the mean over query patches of sum_j p_ij * distance (pixels)."""
@@ -49,9 +51,9 @@ def attention_stats(q: Tensor, k: Tensor, lse: Tensor, scale: float, request, ro
 
     st = AttentionStats()
     if rows is not None:
-        st.rows = attention_probs(q, k, lse, scale, rows)
+        st.rows = attention_probs_forward(q, k, lse, scale, rows)
     if request.grid is not None:
-        st.distance = mean_attention_distance(
+        st.distance = mean_attention_distance_forward(
             q,
             k,
             lse,
@@ -61,15 +63,13 @@ def attention_stats(q: Tensor, k: Tensor, lse: Tensor, scale: float, request, ro
             prefix_tokens=request.prefix_tokens,
         )
     if request.weights:
-        st.weights = attention_probs(q, k, lse, scale)
+        st.weights = attention_probs_forward(q, k, lse, scale)
     return st
 
 
 def flash_attention_with_stats(q: Tensor, k: Tensor, v: Tensor, scale: float, request, rows):
     """The flash kernel keeping the LSE, then the statistics: (out, AttentionStats)."""
-    B, H, N, _ = q.shape
-    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    out, _ = cuda_ops.flash_attention_forward(q, k, v, scale, lse=lse)
+    out, lse = cuda_ops.flash_attention_forward(q, k, v, scale, return_lse=True)
     return out, attention_stats(q, k, lse, scale, request, rows)
 
 
@@ -95,8 +95,7 @@ def qkv_attention_with_stats(
         x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps
     )
     out = torch.empty((B, N, inner), dtype=x.dtype, device=x.device)
-    lse = torch.empty((B, num_heads, N), dtype=torch.float32, device=x.device)
-    cuda_ops.flash_attention_forward(
-        qkv[0], qkv[1], qkv[2], 1.0, out=out.view(B, N, num_heads, hd).transpose(1, 2), lse=lse
+    _, lse = cuda_ops.flash_attention_forward(
+        qkv[0], qkv[1], qkv[2], 1.0, out=out.view(B, N, num_heads, hd).transpose(1, 2), return_lse=True
     )
     return out, attention_stats(qkv[0], qkv[1], lse, 1.0, request, rows)

@@ -21,22 +21,20 @@ import torch
 from torch import Tensor
 
 from . import module_for
+from ..checks import head_dim_unsupported
 from ..dtypes import KERNEL_DTYPES
 
 # ----------------------------------------------------------------------------------- attention
-# The largest head dim of VK_ATTN_HEAD_DIMS in csrc/attention/flash_fwd.h (the kernel is compiled
-# for 32, 64, 72, 80, 96, 128; any multiple of 8 up to the largest runs in the next compiled one,
-# the extra columns masked). tests/test_attention.py checks that this agrees with the build.
-MAX_HEAD_DIM = 128
+# The kernel is compiled for the head dims of VK_ATTN_HEAD_DIMS in csrc/attention/flash_fwd.h (32, 64,
+# 72, 80, 96, 128); any head_dim the rule (checks.HEAD_DIM_RANGE["cuda"]) takes runs in the next
+# compiled one, the extra columns masked.
 
 
 def attention_unsupported(head_dim: int, dtype: torch.dtype) -> Optional[str]:
     """None when the CUDA attention kernel runs this head dim and dtype, else why not."""
-    if head_dim % 8 != 0 or not 8 <= head_dim <= MAX_HEAD_DIM:
-        return (
-            f"head_dim={head_dim} is not supported by the CUDA attention kernel (expected a multiple of 8 "
-            f"from 8 to {MAX_HEAD_DIM})"
-        )
+    why = head_dim_unsupported(head_dim, "cuda")
+    if why:
+        return why
     if dtype not in KERNEL_DTYPES:
         return f"dtype {dtype} is not supported by the CUDA attention kernel (float16, bfloat16, float32)"
     return None
@@ -61,31 +59,26 @@ def attention_amax(q: Tensor, k: Tensor, v: Tensor) -> Optional[Tensor]:
 
 
 def flash_attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, *, out: Optional[Tensor] = None, lse: Optional[Tensor] = None
-) -> Tuple[Tensor, Optional[Tensor]]:
-    """The attention kernel's launcher: softmax(scale * q k^T) v, non-causal, forward only.
+    q: Tensor, k: Tensor, v: Tensor, scale: float, *, out: Optional[Tensor] = None, return_lse: bool = False
+):
+    """softmax(scale * q k^T) v, non-causal, forward only, with the CUDA kernel (the contract of the Triton
+    launcher vit_kernels.triton.attention.flash_attention_forward, less its tile config).
 
     q: (batch, heads, q_tokens, head_dim); k, v: (batch, heads, kv_tokens, head_dim); any strides,
-    read in place (no copies); float16, bfloat16 or float32 (all the same); head_dim a multiple of 8
-    up to MAX_HEAD_DIM.
+    read in place (no copies); float16, bfloat16 or float32 (all the same); head_dim as
+    checks.HEAD_DIM_RANGE["cuda"] says.
     out: None (a new (batch, heads, q_tokens, head_dim) tensor) or a tensor of that shape with any
     strides, written in place: pass ``o.view(B, N, H, hd).transpose(1, 2)`` of an o of shape
     (batch, q_tokens, heads * head_dim) to get the heads concatenated directly.
-    lse: None (not computed) or a contiguous float32 (batch, heads, q_tokens) tensor that receives
-    each row's log-sum-exp of the scaled scores (natural log).
-    Returns (out, lse).
+    Returns out (and, with return_lse, each row's log-sum-exp of the scaled scores, (batch, heads,
+    q_tokens) fp32, natural log).
     """
     B, H, N, D = q.shape
     if out is None:
         out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device) if return_lse else None
     module_for(q.device).flash_attention_forward(q, k, v, out, lse, attention_amax(q, k, v), float(scale))
-    return out, lse
-
-
-def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """q: (batch, heads, q_tokens, head_dim); k, v: (batch, heads, kv_tokens, head_dim)
-    -> (batch, heads, q_tokens, head_dim). See :func:`flash_attention_forward`."""
-    return flash_attention_forward(q, k, v, scale)[0]
+    return (out, lse) if return_lse else out
 
 
 def qkv_attention_forward(

@@ -14,13 +14,6 @@ from ..cuda.ops import attention_unsupported as cuda_attention_unsupported
 from . import attention_stats
 
 
-def head_dim_unsupported(name: str, head_dim: int) -> Optional[str]:
-    """None when the fused kernels support head_dim, else why not (multiples of 8, 16..256)."""
-    if head_dim % 8 != 0 or not 16 <= head_dim <= 256:
-        return f"{name}={head_dim} is not supported by the fused kernels (expected a multiple of 8 from 16 to 256)"
-    return None
-
-
 def check_flash_attention(q, k, v, scale) -> float:
     """Validate the arguments of :func:`flash_attention` on every backend; returns the scale."""
     checks.tensor("q", q, ndim=4)
@@ -83,8 +76,8 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], backend: s
         backend,
         (q, k, v),
         unsupported={
-            "triton": head_dim_unsupported("head_dim", D) or layouts["triton"],
-            "cuda": head_dim_unsupported("head_dim", D) or cuda_attention_unsupported(D, q.dtype) or layouts["cuda"],
+            "triton": checks.head_dim_unsupported(D, "triton") or layouts["triton"],
+            "cuda": cuda_attention_unsupported(D, q.dtype) or layouts["cuda"],
         },
         has_backward=("triton",),
         tune=tune,
@@ -118,7 +111,7 @@ def _launch(d, q, k, v, scale):
     if d.backend == "cuda":
         from ..cuda import ops as cuda_ops
 
-        return cuda_ops.flash_attention(q, k, v, scale)
+        return cuda_ops.flash_attention_forward(q, k, v, scale)
     if d.backend == "reference":
         return reference.flash_attention(q, k, v, scale=scale)
     return sdpa(q, k, v, scale, d.path)
@@ -158,8 +151,8 @@ def _with_stats(q, k, v, scale, backend, request, record):
         backend,
         (q, k, v),
         unsupported={
-            "triton": head_dim_unsupported("head_dim", D),
-            "cuda": head_dim_unsupported("head_dim", D) or cuda_attention_unsupported(D, q.dtype),
+            "triton": checks.head_dim_unsupported(D, "triton"),
+            "cuda": cuda_attention_unsupported(D, q.dtype),
         },
     )
     if d.backend in ("triton", "cuda"):

@@ -12,7 +12,7 @@ from .. import checks, reference
 from ..backends import needs_grad, offer, resolve
 from ..cuda.ops import attention_unsupported as cuda_attention_unsupported
 from . import attention_stats
-from .flash_attention import head_dim_unsupported, sdpa
+from .flash_attention import sdpa
 
 
 def check_qkv_attention(x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bias, scale, eps):
@@ -130,10 +130,8 @@ def dispatch(x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, 
         backend,
         tensors,
         unsupported={
-            "triton": head_dim_unsupported("head_dim", head_dim) or layouts["triton"],
-            "cuda": head_dim_unsupported("head_dim", head_dim)
-            or cuda_attention_unsupported(head_dim, x.dtype)
-            or layouts["cuda"],
+            "triton": checks.head_dim_unsupported(head_dim, "triton") or layouts["triton"],
+            "cuda": cuda_attention_unsupported(head_dim, x.dtype) or layouts["cuda"],
         },
         has_backward=("triton",),
         tune=tune,
@@ -222,8 +220,8 @@ def _with_stats(tensors, num_heads, head_dim, scale, eps, backend, path, request
         backend,
         tensors,
         unsupported={
-            "triton": head_dim_unsupported("head_dim", head_dim),
-            "cuda": head_dim_unsupported("head_dim", head_dim) or cuda_attention_unsupported(head_dim, x.dtype),
+            "triton": checks.head_dim_unsupported(head_dim, "triton"),
+            "cuda": cuda_attention_unsupported(head_dim, x.dtype),
         },
     )
     if d.backend in ("triton", "cuda"):

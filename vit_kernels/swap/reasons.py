@@ -8,7 +8,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ..ops.flash_attention import head_dim_unsupported
+from ..checks import head_dim_unsupported
 
 
 def layernorm_reason(name: str, m: nn.Module, dim: Optional[int] = None) -> Optional[str]:
@@ -90,13 +90,15 @@ def dropout_reason(name: str, m: Optional[nn.Module]) -> Optional[str]:
 
 def head_dim_reason(backend: str, head_dim: int) -> Tuple[Optional[str], Optional[str]]:
     """(reason to leave, note) for a head_dim under ``backend``: an explicit triton/cuda request
-    that cannot serve it leaves the part; auto runs the torch path for it and says so."""
-    why = head_dim_unsupported("head_dim", head_dim)
-    if why is None:
-        return None, None
+    that cannot serve it leaves the part; auto runs the torch path for a head_dim neither takes and
+    says so."""
     if backend in ("triton", "cuda"):
-        return f"{why}; backend={backend!r} was asked for", None
-    return None, f"{why}: the ops take the torch path for it"
+        why = head_dim_unsupported(head_dim, backend)
+        return (f"{why}; backend={backend!r} was asked for" if why else None), None
+    whys = [head_dim_unsupported(head_dim, b) for b in ("triton", "cuda")]
+    if all(whys):
+        return None, f"{whys[0]}: the ops take the torch path for it"
+    return None, None
 
 
 def bypassed_hooks(modules: Dict[str, nn.Module], ignore: Callable = lambda fn: False) -> Optional[str]:

@@ -7,6 +7,10 @@ interpreter is on, its launches are serialized across threads (it is not thread-
 
 from .interpreter import serialize_launches
 
+# The tl.dot ``input_precision`` of every kernel for fp32 inputs (fp16/bf16 dots ignore it): three TF32
+# tensor-core products, about fp32 accuracy. Its one home; asserted by the tests.
+FP32_DOT_PRECISION = "tf32x3"
+
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for host code: ``triton.cdiv`` is a ConstexprFunction that costs microseconds

@@ -23,15 +23,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import cdiv, next_power_of_2
+from . import FP32_DOT_PRECISION, cdiv, next_power_of_2
+from .. import checks
 from ..dtypes import KERNEL_DTYPES
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 
 # log2(e): its one home (CONTRIBUTING.md). A tl.constexpr, so kernels use it as a literal; host code takes
 # LOG2E.value (a float: a scale multiplied by it stays a runtime kernel argument).
 LOG2E = tl.constexpr(1.4426950408889634)
-# The dot precision used for fp32 inputs (fp16/bf16 dots ignore it). Asserted by the tests.
-FP32_DOT_PRECISION = "tf32x3"
 DTYPES = KERNEL_DTYPES  # vit_kernels.dtypes
 HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)  # BLOCK_D: next power of two of head_dim
 
@@ -208,13 +207,6 @@ def kernel_config(dtype: torch.dtype, head_dim: int) -> Tuple[int, int, int, int
     return _CONFIGS[(dtype == torch.float32, block_d(head_dim))]
 
 
-def check_head_dim(head_dim: int) -> None:
-    """Raise a ValueError naming head_dim unless it is a multiple of 8 from 16 to 256 (the rule whose
-    reason-returning twin is vit_kernels.ops.flash_attention.head_dim_unsupported)."""
-    if head_dim % 8 != 0 or not 16 <= head_dim <= 256:
-        raise ValueError(f"head_dim: expected a multiple of 8 from 16 to 256, got {head_dim}")
-
-
 def _check_operand(name: str, t: Tensor, ref: Tensor) -> None:
     if t.dim() != 4:
         raise ValueError(f"{name}: expected a 4-D tensor (batch, heads, tokens, head_dim), got shape {tuple(t.shape)}")
@@ -267,7 +259,9 @@ def flash_attention_forward(
     """
     if q.dim() != 4:
         raise ValueError(f"q: expected a 4-D tensor (batch, heads, tokens, head_dim), got shape {tuple(q.shape)}")
-    check_head_dim(q.shape[-1])
+    why = checks.head_dim_unsupported(q.shape[-1], "triton")
+    if why:
+        raise ValueError(why)
     _check_operand("q", q, q)
     _check_operand("k", k, q)
     _check_operand("v", v, q)

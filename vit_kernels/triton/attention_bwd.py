@@ -36,16 +36,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import cdiv
+from . import FP32_DOT_PRECISION, cdiv
+from ..dtypes import FLOAT_DTYPES
+from .. import checks
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
-from .attention import LOG2E, block_d, check_aligned, check_head_dim
+from .attention import LOG2E, block_d, check_aligned
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+DTYPES = FLOAT_DTYPES  # vit_kernels.dtypes (float64: the gradcheck tests)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
     """The tl.dot precision of the backward kernels for inputs of ``dtype``."""
-    return "ieee" if dtype == torch.float64 else "tf32x3"
+    return "ieee" if dtype == torch.float64 else FP32_DOT_PRECISION
 
 
 @triton.jit
@@ -337,7 +339,9 @@ def flash_attention_backward(
         raise TypeError(f"q: expected float32, float16, bfloat16 or float64, got {q.dtype}")
     B, H, NQ, D = q.shape
     NKV = k.shape[2]
-    check_head_dim(D)
+    why = checks.head_dim_unsupported(D, "triton")
+    if why:
+        raise ValueError(why)
     for name, t, shape in (
         ("k", k, (B, H, NKV, D)),
         ("v", v, (B, H, NKV, D)),

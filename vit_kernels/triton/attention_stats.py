@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import attention
+from .. import checks
+from . import FP32_DOT_PRECISION, attention
 from .attention import LOG2E
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 
@@ -234,7 +235,7 @@ def attention_probs_forward(
         BLOCK_D=attention.block_d(D),
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
-        INPUT_PRECISION=attention.FP32_DOT_PRECISION,
+        INPUT_PRECISION=FP32_DOT_PRECISION,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -299,7 +300,7 @@ def mean_attention_distance_forward(
             BLOCK_D=attention.block_d(D),
             BLOCK_M=BLOCK_M,
             BLOCK_N=BLOCK_N,
-            INPUT_PRECISION=attention.FP32_DOT_PRECISION,
+            INPUT_PRECISION=FP32_DOT_PRECISION,
             num_warps=num_warps,
             num_stages=num_stages,
         )
@@ -311,7 +312,9 @@ def _check_qk(q: Tensor, k: Tensor) -> None:
     (the kernels' multiple_of hints rely on them), matching batch, heads and head_dim."""
     if q.dim() != 4:
         raise ValueError(f"q: expected a 4-D tensor (batch, heads, tokens, head_dim), got shape {tuple(q.shape)}")
-    attention.check_head_dim(q.shape[-1])
+    why = checks.head_dim_unsupported(q.shape[-1], "triton")
+    if why:
+        raise ValueError(why)
     attention._check_operand("q", q, q)
     attention._check_operand("k", k, q)
     if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:

@@ -4,10 +4,10 @@ Every projection of a ViT is this kernel with different tl.constexpr flags:
 
 | use | A loader | epilogue |
 |---|---|---|
-| QKV projection | dense, LayerNorm on load (``NORM``) | bias, Q * scale, head-split write (``OUT_MODE=1``) |
+| QKV projection | dense, LayerNorm on load (``NORM``) | bias, Q * scale, head-split write (``OUT_MODE=OUT_QKV``) |
 | out projection, fc2 | dense | bias, layer scale, residual |
 | fc1 | dense, LayerNorm on load | bias, GELU erf or tanh (``ACT``) |
-| patch embedding | patch gather from the image (``A_MODE=1``); uint8 pixels normalized (``NORM=3``) | bias, class token, position embedding |
+| patch embedding | patch gather from the image (``A_MODE=A_PATCHES``); uint8 pixels normalized (``NORM=NORM_PIXELS``) | bias, class token, position embedding |
 
 Rows. A row m of A (and of the output, the residual, the LayerNorm statistics) is addressed as
 (b, t) = (m // T, m % T) with strides (stride_b, stride_t): an x of shape (batch, tokens, dim) is read with
@@ -35,12 +35,11 @@ from torch import Tensor
 
 from .. import checks
 from ..dtypes import KERNEL_DTYPES
-from . import cdiv
+from . import FP32_DOT_PRECISION, cdiv
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 from .layernorm import as_rows, row_stats, rows_per_batch
 
 DTYPES = KERNEL_DTYPES  # vit_kernels.dtypes
-FP32_DOT_PRECISION = "tf32x3"
 
 # Block configs: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), one per (input dtype, A loader),
 # no autotuning: what `inspect` compiles (aot_specs) is what runs. Chosen so every variant compiles
@@ -76,15 +75,23 @@ TUNE_PATCH_CONFIGS: Dict[int, Dict[torch.dtype, Tuple[Tuple[int, int, int, int, 
 }
 GROUP_M = 8
 
+# The values of the mode flags (tl.constexpr, so the kernels compare with them by name; a launch passes
+# their int, mode_value). Also used by gemm_tma.py.
 # ACT values (fc1's activation; the backward's GELU derivative, see dgelu)
-ACT_NONE, ACT_GELU_ERF, ACT_GELU_TANH, ACT_DGELU_ERF, ACT_DGELU_TANH = 0, 1, 2, 3, 4
+ACT_NONE, ACT_GELU_ERF, ACT_GELU_TANH, ACT_DGELU_ERF, ACT_DGELU_TANH = (tl.constexpr(v) for v in range(5))
 ACTIVATIONS = {"none": ACT_GELU_ERF, "tanh": ACT_GELU_TANH}  # GELU's `approximate` -> ACT
 # NORM values (LayerNorm on load; NORM_PIXELS: uint8 images normalized per channel on load)
-NORM_NONE, NORM_AFFINE, NORM_WEIGHT_ONLY, NORM_PIXELS = 0, 1, 2, 3
+NORM_NONE, NORM_AFFINE, NORM_WEIGHT_ONLY, NORM_PIXELS = (tl.constexpr(v) for v in range(4))
 # OUT_MODE values
-OUT_ROWS, OUT_QKV = 0, 1
+OUT_ROWS, OUT_QKV = tl.constexpr(0), tl.constexpr(1)
 # A_MODE values
-A_DENSE, A_PATCHES = 0, 1
+A_DENSE, A_PATCHES = tl.constexpr(0), tl.constexpr(1)
+
+
+def mode_value(mode) -> int:
+    """The int a kernel's mode flag (A_MODE, NORM, ACT, OUT_MODE) is launched with: ``mode`` is one of
+    the constants above or already an int."""
+    return tl.constexpr(mode).value
 
 
 @triton.jit
@@ -93,9 +100,9 @@ def bias_gelu(acc, bias_ptr, offs_n, n_mask, HAS_BIAS: tl.constexpr, ACT: tl.con
     (ACT_GELU_ERF, ACT_GELU_TANH). Shared by this kernel and gemm_tma's."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if ACT == 1:  # GELU, exact: x * Phi(x)
+    if ACT == ACT_GELU_ERF:  # GELU, exact: x * Phi(x)
         acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-    elif ACT == 2:  # GELU, tanh approximation: 0.5x(1 + tanh(u)) = x / (1 + exp(-2u))
+    elif ACT == ACT_GELU_TANH:  # GELU, tanh approximation: 0.5x(1 + tanh(u)) = x / (1 + exp(-2u))
         u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
         acc = acc / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))  # capped: no inf for very negative x
     return acc
@@ -105,7 +112,7 @@ def bias_gelu(acc, bias_ptr, offs_n, n_mask, HAS_BIAS: tl.constexpr, ACT: tl.con
 def dgelu(pre, ACT: tl.constexpr):
     """GELU'(pre) in fp32 (ACT_DGELU_ERF: exact, ACT_DGELU_TANH: of the tanh approximation): the
     backward of fc1's epilogue multiplies dL/dGELU by it."""
-    if ACT == 3:  # Phi(x) + x * phi(x)
+    if ACT == ACT_DGELU_ERF:  # Phi(x) + x * phi(x)
         d = 0.5 * (1.0 + tl.math.erf(pre * 0.7071067811865476)) + pre * 0.3989422804014327 * tl.exp(-0.5 * pre * pre)
     else:  # t = tanh(u): 0.5 (1 + t) + 0.5 x (1 - t^2) u'
         u = 0.7978845608028654 * (pre + 0.044715 * pre * pre * pre)
@@ -126,7 +133,7 @@ def _gemm_kernel(
     rstd_ptr,  # (M,) fp32 row 1/std        [NORM]
     norm_weight_ptr,  # (K,) LayerNorm weight      [NORM]; NORM_PIXELS: fp32 (K,) scale 1 / (255 std[c])
     norm_bias_ptr,  # (K,) LayerNorm bias        [NORM == NORM_AFFINE]; NORM_PIXELS: fp32 (K,) -mean[c] / std[c]
-    res_ptr,  # (M, N) residual, strides (stride_rb, stride_rt, stride_rn)   [HAS_RES]; GELU's input [ACT >= 3]
+    res_ptr,  # (M, N) residual, strides (stride_rb, stride_rt, stride_rn)   [HAS_RES]; GELU's input [ACT >= ACT_DGELU_ERF]
     ls_ptr,  # (N,) layer scale           [HAS_LS]
     pos_ptr,  # (T, N) position embedding, strides (stride_pt, stride_pn)  [HAS_POS]
     cls_ptr,  # (N,) class token, stride stride_cls  [PREFIX == 1]
@@ -174,7 +181,7 @@ def _gemm_kernel(
     HAS_RES: tl.constexpr,
     HAS_POS: tl.constexpr,
     OUT_MODE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     ACC_F64: tl.constexpr = False,  # fp64 accumulator (float64 inputs: the backward's gradcheck)
 ):
     # Grouped tile order: GROUP_M row tiles share the weight tiles while they are in L2.
@@ -196,7 +203,7 @@ def _gemm_kernel(
     t = offs_m % T
 
     # ---- A loader: per-row part of the offsets ----
-    if A_MODE == 0:
+    if A_MODE == A_DENSE:
         a_row = b * stride_ab + t.to(tl.int64) * stride_at
         a_rmask = m_mask
     else:
@@ -205,11 +212,11 @@ def _gemm_kernel(
         px = (patch % GW).to(tl.int64)
         a_row = b * stride_ab + py * P * stride_ah + px * P * stride_aw
         a_rmask = m_mask & (t >= PREFIX)
-    if NORM == 1 or NORM == 2:
+    if NORM == NORM_AFFINE or NORM == NORM_WEIGHT_ONLY:
         mean = tl.load(mean_ptr + offs_m, mask=m_mask, other=0.0)
         rstd = tl.load(rstd_ptr + offs_m, mask=m_mask, other=0.0)
     w_col = offs_n.to(tl.int64) * stride_wn
-    if A_MODE == 0:  # dense: pointers advance by BLOCK_K columns per step
+    if A_MODE == A_DENSE:  # dense: pointers advance by BLOCK_K columns per step
         a_ptrs = a_ptr + a_row[:, None] + offs_k0.to(tl.int64)[None, :] * stride_ak
         w_ptrs = w_ptr + w_col[None, :] + offs_k0.to(tl.int64)[:, None] * stride_wk
 
@@ -217,25 +224,25 @@ def _gemm_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k0
         k_mask = ks < K
-        if A_MODE == 1:  # patches: column k of A is (channel, row, col) of a patch
+        if A_MODE == A_PATCHES:  # patches: column k of A is (channel, row, col) of a patch
             c = (ks // (P * P)).to(tl.int64)
             r = ((ks // P) % P).to(tl.int64)
             s = (ks % P).to(tl.int64)
             a_ptrs = a_ptr + a_row[:, None] + (c * stride_ac + r * stride_ah + s * stride_aw)[None, :]
             w_ptrs = w_ptr + w_col[None, :] + (c * stride_wc + r * stride_wr + s * stride_ws)[:, None]
         a = tl.load(a_ptrs, mask=a_rmask[:, None] & k_mask[None, :], other=0.0)
-        if NORM != 0:
+        if NORM != NORM_NONE:
             g = tl.load(norm_weight_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
-            if NORM == 3:  # uint8 pixels: x * g[k] + beta[k] = (x / 255 - mean[c]) / std[c], in fp32
+            if NORM == NORM_PIXELS:  # uint8 pixels: x * g[k] + beta[k] = (x / 255 - mean[c]) / std[c], in fp32
                 xn = a.to(tl.float32) * g[None, :] + tl.load(norm_bias_ptr + ks, mask=k_mask, other=0.0)[None, :]
             else:
                 xn = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :]
-                if NORM == 1:
+                if NORM == NORM_AFFINE:
                     xn += tl.load(norm_bias_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             a = xn.to(w_ptr.dtype.element_ty)
         w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-        if A_MODE == 0:
+        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        if A_MODE == A_DENSE:
             a_ptrs += BLOCK_K * stride_ak
             w_ptrs += BLOCK_K * stride_wk
 
@@ -254,7 +261,7 @@ def _gemm_kernel(
     if HAS_LS:
         acc *= tl.load(ls_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
-    if ACT >= 3:  # backward of fc1: acc = dL/dGELU(pre) times GELU'(pre), pre read like the residual
+    if ACT >= ACT_DGELU_ERF:  # backward of fc1: acc = dL/dGELU(pre) times GELU'(pre), pre read like the residual
         pre = tl.load(
             res_ptr + (b * stride_rb + t.to(tl.int64) * stride_rt)[:, None] + offs_n.to(tl.int64)[None, :] * stride_rn,
             mask=mask,
@@ -269,7 +276,7 @@ def _gemm_kernel(
         )
         acc += res.to(tl.float32)
     row_out = b * stride_ob + t.to(tl.int64) * stride_ot
-    if OUT_MODE == 0:
+    if OUT_MODE == OUT_ROWS:
         out_off = row_out[:, None] + offs_n.to(tl.int64)[None, :] * stride_on
         tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
@@ -350,15 +357,15 @@ def _flags(
     out_mode=OUT_ROWS,
 ) -> Dict[str, object]:
     return dict(
-        A_MODE=a_mode,
-        NORM=norm,
+        A_MODE=mode_value(a_mode),
+        NORM=mode_value(norm),
         PREFIX=prefix,
         HAS_BIAS=bool(has_bias),
-        ACT=act,
+        ACT=mode_value(act),
         HAS_LS=bool(has_ls),
         HAS_RES=bool(has_res),
         HAS_POS=bool(has_pos),
-        OUT_MODE=out_mode,
+        OUT_MODE=mode_value(out_mode),
     )
 
 
@@ -474,7 +481,7 @@ def launch_gemm(
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
         GROUP_M=GROUP_M,
-        DOT_PRECISION=_precision(weight.dtype),
+        INPUT_PRECISION=_precision(weight.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
         **flags,

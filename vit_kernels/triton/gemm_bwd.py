@@ -27,9 +27,10 @@ import triton.language as tl
 from torch import Tensor
 
 from . import cdiv
+from ..dtypes import FLOAT_DTYPES
 from .gemm import ACT_DGELU_ERF, ACT_DGELU_TANH, ACT_NONE, launch_gemm
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+DTYPES = FLOAT_DTYPES  # vit_kernels.dtypes (float64: the gradcheck tests)
 DGELU = {"none": ACT_DGELU_ERF, "tanh": ACT_DGELU_TANH}  # GELU's `approximate` -> the derivative's ACT
 # float64 (gradcheck only): the GEMM's fp64 tiles; other dtypes use gemm.block_config.
 FP64_GEMM_CONFIG = (32, 32, 16, 4, 1)

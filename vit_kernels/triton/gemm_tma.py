@@ -17,7 +17,7 @@ for Hopper:
 
 | use | epilogue |
 |---|---|
-| QKV projection | [LayerNorm], bias, Q * scale, head-split write (``OUT_MODE=1``; plain stores: no 2-D box) |
+| QKV projection | [LayerNorm], bias, Q * scale, head-split write (``OUT_MODE=OUT_QKV``; plain stores: no 2-D box) |
 | out projection, fc2 | bias, layer scale, residual |
 | fc1 | [LayerNorm], bias, GELU erf or tanh |
 
@@ -55,17 +55,23 @@ import triton.language as tl
 from torch import Tensor
 
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
-from .gemm import bias_gelu, check_out, check_qkv_projection
+from .gemm import (
+    ACT_GELU_ERF,
+    ACT_GELU_TANH,
+    ACT_NONE,
+    OUT_QKV,
+    OUT_ROWS,
+    bias_gelu,
+    check_out,
+    check_qkv_projection,
+    mode_value,
+)
 from .layernorm import as_rows, row_stats, rows_per_batch
 
 logger = logging.getLogger("vit_kernels")
 
 DTYPES = (torch.float16, torch.bfloat16)
 GROUP_M = 8
-# ACT values (as in gemm.py)
-ACT_NONE, ACT_GELU_ERF, ACT_GELU_TANH = 0, 1, 2
-# OUT_MODE values
-OUT_ROWS, OUT_QKV = 0, 1
 
 
 @triton.jit
@@ -134,7 +140,7 @@ def _epilogue(
     acc = bias_gelu(acc, bias_ptr, offs_n, n_mask, HAS_BIAS, ACT)
     if HAS_LS:
         acc *= tl.load(ls_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_RES or OUT_MODE == 1:
+    if HAS_RES or OUT_MODE == OUT_QKV:
         offs_m = off_m + tl.arange(0, BLOCK_M)
         mask = (offs_m < M)[:, None] & n_mask[None, :]
         b = (offs_m // T).to(tl.int64)
@@ -144,7 +150,7 @@ def _epilogue(
             res_ptr + (b * stride_rb + t * stride_rt)[:, None] + offs_n.to(tl.int64)[None, :], mask=mask, other=0.0
         )
         acc += res.to(tl.float32)
-    if OUT_MODE == 0:
+    if OUT_MODE == OUT_ROWS:
         out_desc.store([off_m, n0], acc.to(out_desc.dtype))  # clipped at the M and N edges
     else:
         # Head split: column n = which * INNER + head * HEAD_DIM + d goes to out[which, b, head, t, d]
@@ -210,7 +216,7 @@ def _gemm_tma_kernel(
     SUB_N: tl.constexpr = BLOCK_N // EPI_SPLIT
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
-    if OUT_MODE == 0:
+    if OUT_MODE == OUT_ROWS:
         out_desc = tl.make_tensor_descriptor(
             out_ptr, shape=[M, N], strides=[stride_om, 1], block_shape=[BLOCK_M, SUB_N]
         )
@@ -698,10 +704,10 @@ def launch_gemm_tma(
     c = config
     flags = dict(
         HAS_BIAS=bias is not None,
-        ACT=act,
+        ACT=mode_value(act),
         HAS_LS=layer_scale is not None,
         HAS_RES=residual is not None,
-        OUT_MODE=OUT_QKV if qkv is not None else OUT_ROWS,
+        OUT_MODE=mode_value(OUT_QKV if qkv is not None else OUT_ROWS),
         LN_EPI=ln is not None,
     )
     stride_o3 = stride_ob = stride_oh = stride_ot = inner = head_dim = 0
@@ -1043,14 +1049,18 @@ def qkv_projection_forward(
 
 # The epilogues each ViT class launches: flags as in _gemm_tma_kernel (LN_EPI: LayerNorm folded).
 EPILOGUES: Dict[str, Tuple[Dict[str, object], ...]] = {
-    "qkv": tuple(dict(OUT_MODE=OUT_QKV, HAS_BIAS=b, LN_EPI=ln) for ln in (False, True) for b in (False, True)),
+    "qkv": tuple(
+        dict(OUT_MODE=mode_value(OUT_QKV), HAS_BIAS=b, LN_EPI=ln) for ln in (False, True) for b in (False, True)
+    ),
     "proj": tuple(
         dict(HAS_BIAS=b, HAS_RES=r, HAS_LS=s)
         for b in (False, True)
         for r, s in ((False, False), (True, False), (True, True))
     ),
     "fc1": tuple(
-        dict(HAS_BIAS=True, ACT=act, LN_EPI=ln) for ln in (False, True) for act in (ACT_GELU_ERF, ACT_GELU_TANH)
+        dict(HAS_BIAS=True, ACT=mode_value(act), LN_EPI=ln)
+        for ln in (False, True)
+        for act in (ACT_GELU_ERF, ACT_GELU_TANH)
     ),
 }
 EPILOGUES["fc2"] = EPILOGUES["proj"]
@@ -1085,7 +1095,7 @@ def _aot_call(config: TmaConfig, flags: Dict[str, object], tensors: Dict[str, Te
         bias,
         norm_weight=norm_weight,
         norm_bias=norm_bias,
-        act=int(flags.get("ACT", ACT_NONE)),
+        act=mode_value(flags.get("ACT", ACT_NONE)),
         residual=t["res"] if flags.get("HAS_RES") else None,
         layer_scale=t["bias"] if flags.get("HAS_LS") else None,
         config=config,
@@ -1117,6 +1127,7 @@ def aot_spec(
     the same launch reads. tensors: operands from :func:`_aot_tensors` to reuse."""
     f = dict(HAS_BIAS=False, ACT=ACT_NONE, HAS_LS=False, HAS_RES=False, OUT_MODE=OUT_ROWS, LN_EPI=False)
     f.update(flags)
+    f.update(ACT=mode_value(f["ACT"]), OUT_MODE=mode_value(f["OUT_MODE"]))
     cls = name.rsplit("_", 1)[-1]
     cls = cls if cls in CLASS_SHAPES else ("qkv" if f["OUT_MODE"] == OUT_QKV else "proj")
     t = tensors if tensors is not None else _aot_tensors(cls, dtype)

@@ -39,8 +39,8 @@ def _ln_apply_kernel(
     D,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
+    HAS_NORM_WEIGHT: tl.constexpr,
+    HAS_NORM_BIAS: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < M
@@ -52,9 +52,9 @@ def _ln_apply_kernel(
         mask = rmask[:, None] & cmask[None, :]
         off = rows.to(tl.int64)[:, None] * D + cols[None, :]
         y = (tl.load(x_ptr + off, mask=mask, other=0.0).to(mean.dtype) - mean[:, None]) * rstd[:, None]
-        if HAS_W:
+        if HAS_NORM_WEIGHT:
             y = y * tl.load(norm_weight_ptr + cols, mask=cmask, other=0.0).to(mean.dtype)[None, :]
-        if HAS_B:
+        if HAS_NORM_BIAS:
             y = y + tl.load(norm_bias_ptr + cols, mask=cmask, other=0.0).to(mean.dtype)[None, :]
         tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -71,7 +71,7 @@ def _ln_bwd_dx_kernel(
     D,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    HAS_W: tl.constexpr,
+    HAS_NORM_WEIGHT: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < M
@@ -88,7 +88,7 @@ def _ln_bwd_dx_kernel(
             :, None
         ]
         dxhat = tl.load(dy_ptr + row_off + cols[None, :], mask=mask, other=0.0).to(mean.dtype)
-        if HAS_W:
+        if HAS_NORM_WEIGHT:
             dxhat = dxhat * tl.load(norm_weight_ptr + cols, mask=cmask, other=0.0).to(mean.dtype)[None, :]
         c1 += tl.where(mask, dxhat * xhat, 0.0)
         c2 += dxhat
@@ -102,7 +102,7 @@ def _ln_bwd_dx_kernel(
             :, None
         ]
         dxhat = tl.load(dy_ptr + row_off + cols[None, :], mask=mask, other=0.0).to(mean.dtype)
-        if HAS_W:
+        if HAS_NORM_WEIGHT:
             dxhat = dxhat * tl.load(norm_weight_ptr + cols, mask=cmask, other=0.0).to(mean.dtype)[None, :]
         dx = (dxhat - c2s[:, None] - xhat * c1s[:, None]) * rstd[:, None]
         tl.store(dx_ptr + row_off + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -160,11 +160,13 @@ def _check_stats(x: Tensor, mean: Tensor, rstd: Tensor) -> None:
             )
 
 
-def layernorm_apply(x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-    """LayerNorm's output (x - mean) * rstd [* weight] [+ bias] in x's dtype, from the row statistics.
+def layernorm_apply(
+    x: Tensor, mean: Tensor, rstd: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor]
+) -> Tensor:
+    """LayerNorm's output (x - mean) * rstd [* norm_weight] [+ norm_bias] in x's dtype, from the row statistics.
 
     x: (M, D) contiguous; mean, rstd: (M,) fp32 (fp64 for float64 x, see layernorm.row_stats);
-    weight, bias: (D,) contiguous or None. Returns (M, D): the operand the weight gradient of the
+    norm_weight, norm_bias: (D,) contiguous or None. Returns (M, D): the operand the weight gradient of the
     GEMM after a LayerNorm reads (the forward applied it on load and never stored it).
     """
     _check_rows("x", x)
@@ -176,15 +178,15 @@ def layernorm_apply(x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tens
             x,
             mean,
             rstd,
-            weight if weight is not None else x,
-            bias if bias is not None else x,
+            norm_weight if norm_weight is not None else x,
+            norm_bias if norm_bias is not None else x,
             y,
             M,
             D,
             BLOCK_R=BLOCK_R,
             BLOCK_D=BLOCK_D,
-            HAS_W=weight is not None,
-            HAS_B=bias is not None,
+            HAS_NORM_WEIGHT=norm_weight is not None,
+            HAS_NORM_BIAS=norm_bias is not None,
             num_warps=4,
         )
     return y
@@ -195,17 +197,17 @@ def layernorm_backward(
     x: Tensor,
     mean: Tensor,
     rstd: Tensor,
-    weight: Optional[Tensor],
+    norm_weight: Optional[Tensor],
     *,
     need_input: bool = True,
     need_weight: bool = True,
     need_bias: bool = True,
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Gradients of y = LayerNorm(x) [* weight] [+ bias] for dy = grad.
+    """Gradients of y = LayerNorm(x) [* norm_weight] [+ norm_bias] for dy = grad.
 
     grad, x: (M, D) contiguous; mean, rstd: (M,) the forward's statistics (fp32; fp64 for float64);
-    weight: (D,) or None. Returns (dx (M, D) in x's dtype, dweight (D,), dbias (D,)) in the
-    parameters' dtype (x's without weight), None where not needed.
+    norm_weight: (D,) or None. Returns (dx (M, D) in x's dtype, d norm_weight (D,), d norm_bias (D,)) in
+    the parameters' dtype (x's without norm_weight), None where not needed.
     """
     _check_rows("grad", grad)
     _check_rows("x", x)
@@ -222,17 +224,17 @@ def layernorm_backward(
                 grad,
                 mean,
                 rstd,
-                weight if weight is not None else x,
+                norm_weight if norm_weight is not None else x,
                 dx,
                 M,
                 D,
                 BLOCK_R=BLOCK_R,
                 BLOCK_D=BLOCK_D,
-                HAS_W=weight is not None,
+                HAS_NORM_WEIGHT=norm_weight is not None,
                 num_warps=4,
             )
     if need_weight or need_bias:
-        pdt = weight.dtype if weight is not None else x.dtype
+        pdt = norm_weight.dtype if norm_weight is not None else x.dtype
         splits = max(1, cdiv(M, SUM_ROWS_PER_SPLIT))
         rows_per_split = cdiv(cdiv(M, splits), DW_BLOCK_R) * DW_BLOCK_R if M else DW_BLOCK_R
         pw = torch.empty((splits, D), dtype=mean.dtype, device=x.device)

@@ -32,7 +32,7 @@ from torch import Tensor
 from .. import checks
 from . import attention
 from .attention import LOG2E
-from . import next_power_of_2
+from . import FP32_DOT_PRECISION, next_power_of_2
 from ..arch import shared_per_block
 from ..dtypes import KERNEL_DTYPES
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
@@ -487,7 +487,9 @@ def qkv_attention_forward(
     if inner % num_heads != 0:
         raise ValueError(f"num_heads: inner dim {inner} is not divisible by num_heads={num_heads}")
     head_dim = inner // num_heads
-    attention.check_head_dim(head_dim)
+    why = checks.head_dim_unsupported(head_dim, "triton")
+    if why:
+        raise ValueError(why)
     if path is None:
         path = choose_path(x, num_heads, head_dim)
     if path not in PATHS:
@@ -589,7 +591,7 @@ def qkv_attention_forward(
         HAS_NORM=norm_weight is not None,
         HAS_NORM_BIAS=norm_bias is not None,
         HAS_BIAS=qkv_bias is not None,
-        INPUT_PRECISION=attention.FP32_DOT_PRECISION,
+        INPUT_PRECISION=FP32_DOT_PRECISION,
         num_warps=num_warps,
         num_stages=num_stages,
     )

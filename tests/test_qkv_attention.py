@@ -1,4 +1,13 @@
-"""The Triton [LayerNorm ->] QKV -> attention op, both paths, against the float64 oracle."""
+"""qkv_attention ([LayerNorm ->] QKV projection -> attention, heads concatenated) on every fused backend
+against the float64 oracle under the tolerance rule, outputs NaN-filled (tests/poison.py; the Triton launcher
+also gets a NaN-filled `out` it must return): the Triton launcher (vit_kernels.triton.qkv_attention, both
+paths: the single kernel and the split path; the interpreter on CPU tensors) and the CUDA wrapper
+(vit_kernels.cuda.ops: the QKV GEMM with LayerNorm on load and a head-split epilogue writes (3, B, H, N, hd),
+Q pre-scaled; the attention kernel reads it in place and writes (B, N, H*hd); the host emulator on CPU tensors).
+
+One test body per behaviour, parametrized over the backends; what only one backend has ends in _triton /
+_cuda.
+"""
 
 import itertools
 
@@ -9,17 +18,25 @@ import vit_kernels as vk
 from vit_kernels import reference
 from vit_kernels.testing import assert_close
 from vit_kernels.triton.aot import ptr_type
+from vit_kernels.dtypes import SHORT_NAMES
 
 from conftest import DEVICE  # noqa: E402
-from attention_cases import compile_ttir, stride_args_widened  # noqa: E402
+from attention_cases import compile_ttir, require, stride_args_widened  # noqa: E402
+from poison import poison_empty  # noqa: E402
 
 qkv_mod = pytest.importorskip("vit_kernels.triton.qkv_attention")
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    poison_empty(monkeypatch)
+
+
+DTYPES = SHORT_NAMES  # vit_kernels.dtypes: fp32, fp16, bf16
 
 # (batch, tokens, head_dim, dtype, layernorm, bias, path); heads = 2, dim = 80 (not a multiple
-# of the kernel's 32-wide reduction chunk). Every value of each axis appears at least once.
-DEFAULT_CASES = [
+# of the kernel's 32-wide reduction chunk). Triton: every value of each axis appears at least once.
+TRITON_CASES = [
     (1, 1, 64, "fp32", True, True, "single_kernel"),
     (3, 50, 80, "bf16", False, True, "single_kernel"),
     (1, 197, 72, "fp16", True, False, "single_kernel"),
@@ -35,8 +52,18 @@ DEFAULT_CASES = [
     (3, 50, 72, "fp32", True, False, "split"),
     (3, 1, 80, "bf16", False, True, "split"),
 ]
+# CUDA (the emulator is slow): fewer cases, the split path (its only one).
+CUDA_CASES = [
+    (1, 50, 64, "fp16", True, True, "split"),
+    (3, 197, 80, "bf16", True, False, "split"),
+    (3, 1, 72, "fp32", False, True, "split"),
+    (1, 257, 72, "fp16", False, False, "split"),
+    (1, 50, 80, "fp32", True, True, "split"),
+    (3, 50, 64, "bf16", False, True, "split"),
+]
+DEFAULT_CASES = [("triton", *c) for c in TRITON_CASES] + [("cuda", *c) for c in CUDA_CASES]
 SLOW_CASES = [
-    c
+    ("triton", *c)
     for c in itertools.product(
         (1, 3),
         (1, 50, 197, 257, 385, 512, 577, 768),
@@ -47,6 +74,9 @@ SLOW_CASES = [
         ("single_kernel", "split"),
     )
     if c[-1] == "split" or qkv_mod.single_kernel_fits(DTYPES[c[3]], c[1], c[2], 90)
+] + [
+    ("cuda", *c, True, "split")
+    for c in itertools.product((1, 3), (1, 50, 197, 257, 577), (64, 72, 80), DTYPES, (False, True))
 ]
 
 
@@ -64,23 +94,20 @@ def make_args(B, N, head_dim, dtype, norm, bias, heads=2, dim=80):
     return x.to(DTYPES[dtype]), w.to(DTYPES[dtype]), cast
 
 
-def check_qkv(B, N, head_dim, dtype, norm, bias, path, heads=2):
+def check_qkv(backend, B, N, head_dim, dtype, norm, bias, path, heads=2):
+    require(backend)
     x, w, kw = make_args(B, N, head_dim, dtype, norm, bias, heads)
     scale = head_dim**-0.5
-    out = torch.full((B, N, heads * head_dim), float("nan"), dtype=x.dtype, device=x.device)
-    got = qkv_mod.qkv_attention_forward(
-        x,
-        w,
-        kw["qkv_bias"],
-        num_heads=heads,
-        scale=scale,
-        norm_weight=kw["norm_weight"],
-        norm_bias=kw["norm_bias"],
-        eps=1e-6,
-        path=path,
-        out=out,
-    )
-    assert got is out
+    args = dict(num_heads=heads, scale=scale, norm_weight=kw["norm_weight"], norm_bias=kw["norm_bias"], eps=1e-6)
+    if backend == "triton":
+        out = torch.full((B, N, heads * head_dim), float("nan"), dtype=x.dtype, device=x.device)
+        got = qkv_mod.qkv_attention_forward(x, w, kw["qkv_bias"], **args, path=path, out=out)
+        assert got is out
+    else:
+        from vit_kernels.cuda import ops as cuda_ops
+
+        assert path == "split"  # the CUDA wrapper's one path
+        got = cuda_ops.qkv_attention_forward(x, w, kw["qkv_bias"], **args)
     d64 = {k: (v.double() if v is not None else None) for k, v in kw.items()}
     oracle = reference.qkv_attention(
         x.double(),
@@ -107,18 +134,30 @@ def check_qkv(B, N, head_dim, dtype, norm, bias, path, heads=2):
         assert c.max_abs_err <= 1e-4 * oracle.abs().max().item(), str(c)
 
 
-@pytest.mark.parametrize("B,N,head_dim,dtype,norm,bias,path", DEFAULT_CASES)
-def test_qkv_attention(B, N, head_dim, dtype, norm, bias, path):
-    check_qkv(B, N, head_dim, dtype, norm, bias, path)
+@pytest.mark.parametrize("backend,B,N,head_dim,dtype,norm,bias,path", DEFAULT_CASES)
+def test_qkv_attention(backend, B, N, head_dim, dtype, norm, bias, path):
+    check_qkv(backend, B, N, head_dim, dtype, norm, bias, path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("B,N,head_dim,dtype,norm,bias,path", SLOW_CASES)
-def test_qkv_attention_full(B, N, head_dim, dtype, norm, bias, path):
-    check_qkv(B, N, head_dim, dtype, norm, bias, path)
+@pytest.mark.parametrize("backend,B,N,head_dim,dtype,norm,bias,path", SLOW_CASES)
+def test_qkv_attention_full(backend, B, N, head_dim, dtype, norm, bias, path):
+    check_qkv(backend, B, N, head_dim, dtype, norm, bias, path)
 
 
-def test_op_records_the_path_it_chose():
+def test_public_op_runs_the_split_path_cuda():
+    """vk.qkv_attention(backend="cuda"): the decision is ("cuda", "split") and the result the oracle's."""
+    require("cuda")
+    x, w, kw = make_args(1, 50, 64, "fp16", True, True)
+    out = vk.qkv_attention(x, w, **kw, num_heads=2, eps=1e-6, backend="cuda")
+    d = vk.last_decision("qkv_attention")
+    assert (d.backend, d.path) == ("cuda", "split")
+    d64 = {k: v.double() for k, v in kw.items()}
+    oracle = reference.qkv_attention(x.double(), w.double(), **d64, num_heads=2, eps=1e-6)
+    assert_close(out, oracle, reference.qkv_attention(x, w, **kw, num_heads=2, eps=1e-6))
+
+
+def test_op_records_the_path_it_chose_triton():
     """Untimed (CPU tensors), the op takes the split path even where the single kernel fits;
     path="single_kernel" runs the single kernel."""
     for N, dtype, path, expected in (
@@ -166,7 +205,7 @@ def test_op_records_the_path_it_chose():
     assert vk.last_decision("qkv_attention").path == "split"
 
 
-def test_choose_path_is_split_untimed():
+def test_choose_path_is_split_untimed_triton():
     """choose_path is the untimed default: split, also where the single kernel fits."""
     for N, hd, dtype in (
         (50, 64, torch.float16),
@@ -178,7 +217,7 @@ def test_choose_path_is_split_untimed():
         assert qkv_mod.choose_path(torch.empty(1, N, 8, dtype=dtype), 2, hd) == "split"
 
 
-def test_single_kernel_fits_rule():
+def test_single_kernel_fits_rule_triton():
     def fits(N, hd, dtype, arch=90):
         return qkv_mod.single_kernel_fits(dtype, N, hd, arch)
 
@@ -216,7 +255,7 @@ def test_single_kernel_fits_rule():
     ]
 
 
-def test_aot_specs_cover_every_admitted_layout():
+def test_aot_specs_cover_every_admitted_layout_triton():
     """Every (dtype, BLOCK_D, kv_layout, block config, arch) single_kernel_fits admits is compiled by
     `inspect` (aot_specs), so its zero-spill check covers whatever the single kernel can launch."""
     from vit_kernels.triton.attention import block_d
@@ -246,7 +285,7 @@ def test_aot_specs_cover_every_admitted_layout():
     assert {a[2:4] for a in admitted} >= {(256, 64), (512, 128)}
 
 
-def test_bad_input_before_launch():
+def test_bad_input_before_launch_triton():
     x, w, kw = make_args(1, 1025, 64, "fp16", False, False)
     with pytest.raises(ValueError, match=r"path: expected one of"):
         vk.qkv_attention(x, w, num_heads=2, backend="triton", path="fused")
@@ -255,7 +294,7 @@ def test_bad_input_before_launch():
     x = torch.randn(1, 5, 24, device=DEVICE)
     with pytest.raises(ValueError, match=r"head_dim=12 is not supported"):
         vk.qkv_attention(x, torch.randn(72, 24, device=DEVICE), num_heads=2, backend="triton")
-    with pytest.raises(ValueError, match=r"head_dim: expected a multiple of 8 from 16 to 256, got 12"):
+    with pytest.raises(ValueError, match=r"head_dim=12 is not supported by the Triton attention kernels"):
         qkv_mod.qkv_attention_forward(x, torch.randn(72, 24, device=DEVICE), None, num_heads=2, scale=1.0)
     with pytest.raises(ValueError, match=r"x: expected a 16-byte aligned data pointer"):
         x_odd = torch.randn(1, 5, 27, device=DEVICE)[..., :24]
@@ -272,7 +311,7 @@ def test_bad_input_before_launch():
         (torch.float32, 32, 257, 9),  # with a tail tile: its K and V projections, q k_t^T, p_t v_t
     ],
 )
-def test_aot_ttir_int64_offsets_and_fp32_precision(dtype, head_dim, tokens, n_dots):
+def test_aot_ttir_int64_offsets_and_fp32_precision_triton(dtype, head_dim, tokens, n_dots):
     ttir = compile_ttir("vit_kernels.triton.qkv_attention", f"m.aot_spec(torch.{str(dtype)[6:]}, {head_dim}, {tokens})")
     stride_args_widened(ttir, ["stride_xb", "stride_xn", "stride_wn", "stride_ob", "stride_on"])
     dots = [line for line in ttir.splitlines() if "tt.dot" in line]
@@ -282,7 +321,7 @@ def test_aot_ttir_int64_offsets_and_fp32_precision(dtype, head_dim, tokens, n_do
 
 
 @pytest.mark.parametrize("path", ["single_kernel", "split"])
-def test_dominant_key_in_the_tail_tile(path):
+def test_dominant_key_in_the_tail_tile_triton(path):
     """A key ~150 logits above the rest, in the single kernel's tail tile (257 tokens = 256 + 64
     rows; key 256 is the tail's first row): the softmax's max must include the tail tile or exp
     overflows. Q = K = V = x (identity projections), every row sharing a unit component, row 256
@@ -304,7 +343,7 @@ def test_dominant_key_in_the_tail_tile(path):
 
 
 @pytest.mark.parametrize("path", ["single_kernel", "split"])
-def test_layernorm_large_eps_and_near_constant_rows(path):
+def test_layernorm_large_eps_and_near_constant_rows_triton(path):
     """LayerNorm inside the QKV projection with eps = 1 (eps matters: it must sit under the square
     root) and rows of tiny spread around a large mean, on both paths, against the float64 oracle."""
     torch.manual_seed(1)
