@@ -206,12 +206,13 @@ def unit_stride_params(**params: Optional[torch.Tensor]) -> None:
 # backward, qkv_attention, attention_stats), which pads head_dim to power-of-two chunks; "cuda": the
 # C++ rule vk::attn::head_dim_instance of csrc/attention/flash_fwd.h (kMinHeadDim, the last of
 # VK_ATTN_HEAD_DIMS), which tests/test_attention.py checks against this for head_dim 1..256 and each dtype.
-HEAD_DIM_RANGE = {"triton": (16, 256), "cuda": (16, 128)}
-_KERNELS = {"triton": "Triton", "cuda": "CUDA"}
+HEAD_DIM_RANGE = {"triton": (16, 256), "cuda": (16, 128), "triton_tma": (16, 128)}
+_KERNELS = {"triton": "Triton", "cuda": "CUDA", "triton_tma": "sm_90 tensor-descriptor Triton"}
 
 
 def head_dim_unsupported(head_dim: int, backend: str) -> Optional[str]:
-    """None when ``backend``'s ("triton" or "cuda") attention kernels take head_dim, else why not."""
+    """None when ``backend``'s ("triton" or "cuda"; "triton_tma": sm_90's tensor-descriptor kernel, a
+    tuning candidate of backend triton) attention kernels take head_dim, else why not."""
     low, high = HEAD_DIM_RANGE[backend]
     if head_dim % 8 != 0 or not low <= head_dim <= high:
         return (

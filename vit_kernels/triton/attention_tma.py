@@ -41,12 +41,12 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .. import checks
 from . import cdiv
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 from .attention import LOG2E, dim_chunks
 
 DTYPES = (torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 128
 
 
 @triton.jit
@@ -242,13 +242,9 @@ def tune_configs(dtype: torch.dtype, head_dim: int, arch: int) -> Tuple[Tuple[in
 
 
 def head_dim_unsupported(head_dim: int) -> Optional[str]:
-    """None when this kernel takes head_dim, else why not."""
-    if head_dim % 8 != 0 or not 16 <= head_dim <= MAX_HEAD_DIM:
-        return (
-            f"head_dim: the TMA attention kernel takes a multiple of 8 from 16 to {MAX_HEAD_DIM}, got {head_dim} "
-            "(larger head dims run on the pointer kernel, vit_kernels.triton.attention)"
-        )
-    return None
+    """None when this kernel takes head_dim, else why not (the rule: checks.HEAD_DIM_RANGE)."""
+    why = checks.head_dim_unsupported(head_dim, "triton_tma")
+    return why and f"{why}; larger head dims run on the pointer kernel, vit_kernels.triton.attention"
 
 
 def tma_unsupported(q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> Optional[str]:
