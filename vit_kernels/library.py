@@ -642,8 +642,11 @@ def _run_planned(op: str, args: Sequence, store: dict):
         if len(store) >= MAX_PLANS:
             store.clear()
         d = calls[-1]
-        r = f"backend {d.backend!r}: only Triton launches are recorded"
-        if d.backend == "triton" and rec is not None:
+        if d.backend != "triton":
+            r = f"backend {d.backend!r}: only Triton launches are recorded"
+        elif rec is None:  # an op planned inside this one's launch took the recording over
+            r = "the launch was not recorded whole (an op was called inside it)"
+        else:
             r = replay.Replay.build(rec, args[:n], out)
         kept = (r, "") if isinstance(r, replay.Replay) else (None, r)
         # keyed by the state after the call (tuning it added an entry: the tuner's generation moved)

@@ -471,7 +471,7 @@ def launch_gemm(
         _gemm_kernel,
         grid,
         *ptrs,
-        *(s[k] for k in _INT_ARGS),
+        *map(s.__getitem__, _INT_ARGS),
         q_scale,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,

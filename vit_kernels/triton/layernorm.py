@@ -78,6 +78,8 @@ def as_rows(name: str, t: Tensor, T: int) -> Tuple[int, int, int]:
     layout no view can express); the caller then decides to make it contiguous, visibly.
     """
     C = t.shape[-1]
+    if t.dim() == 3 and t.shape[1] == T:  # already (-1, T, C): its own strides (what the view would have)
+        return t.stride()
     try:
         v = t.view(-1, T, C) if t.numel() else t.reshape(-1, T, C)
     except RuntimeError:
