@@ -90,9 +90,9 @@ class Replay:
     recorded call's signature) makes them again and returns the new output.
 
     Every launch argument is an entry of a pool made per call: the tensors, then fresh allocations
-    (``allocs``: (shape, dtype, device) each), then the recorded numbers, strings and persistent
-    placeholders (``consts``), then views of the allocations (``views``: (pool index, size, stride,
-    storage offset) each). ``steps``: (kernel, grid, getter, kwargs) per launch, getter an
+    (``allocs``: (shape, strides, dtype, device) each, contiguous as :func:`empty` made them), then
+    the recorded numbers, strings and persistent placeholders (``consts``), then views of the
+    allocations (``views``: (pool index, size, stride, storage offset) each). ``steps``: (kernel, grid, getter, kwargs) per launch, getter an
     ``operator.itemgetter`` that picks the launch's argument tuple out of the pool; ``out``: the
     pool index of the result; ``aliases``: (i, j) pairs of inputs that shared an address in the
     recorded call (a launch argument there is named by the first of them), which a replay needs
@@ -110,8 +110,8 @@ class Replay:
 
     def __call__(self, tensors: Sequence[Optional[Tensor]]) -> Tensor:
         pool = list(tensors)
-        for shape, dtype, device in self.allocs:
-            pool.append(torch.empty(shape, dtype=dtype, device=device))
+        for shape, stride, dtype, device in self.allocs:
+            pool.append(torch.empty_strided(shape, stride, dtype=dtype, device=device))
         pool += self.consts
         for base, size, stride, offset in self.views:
             pool.append(pool[base].as_strided(size, stride, offset))
@@ -198,7 +198,7 @@ class Replay:
             row = [j if j >= 0 else first_view - 1 - j for j in row]
             steps.append((kernel, grid, operator.itemgetter(*row), dict(kwargs)))
         out_j = n + next(k for k, a in enumerate(allocs) if a is out)
-        shapes = tuple((tuple(a.shape), a.dtype, a.device) for a in allocs)
+        shapes = tuple((tuple(a.shape), a.stride(), a.dtype, a.device) for a in allocs)  # contiguous (empty)
         return Replay(shapes, tuple(consts), tuple(views), tuple(steps), out_j, tuple(sorted(aliases)))
 
 
