@@ -92,11 +92,12 @@ class Replay:
     Every launch argument is an entry of a pool made per call: the tensors, then fresh allocations
     (``allocs``: (shape, strides, dtype, device) each, contiguous as :func:`empty` made them), then
     the recorded numbers, strings and persistent placeholders (``consts``), then views of the
-    allocations (``views``: (pool index, size, stride, storage offset) each). ``steps``: (kernel, grid, getter, kwargs) per launch, getter an
-    ``operator.itemgetter`` that picks the launch's argument tuple out of the pool; ``out``: the
-    pool index of the result; ``aliases``: (i, j) pairs of inputs that shared an address in the
-    recorded call (a launch argument there is named by the first of them), which a replay needs
-    to share one too (:meth:`serves`)."""
+    allocations (``views``: (pool index, size, stride, storage offset) each). ``steps``: (launcher,
+    getter, kwargs) per launch: ``kernel[grid]``, an ``operator.itemgetter`` that picks the launch's
+    argument tuple out of the pool, and the keyword arguments. ``out``: the pool index of the
+    result; ``aliases``: (i, j) pairs of inputs that shared an address in the recorded call (a
+    launch argument there is named by the first of them), which a replay needs to share one too
+    (:meth:`serves`)."""
 
     __slots__ = ("allocs", "consts", "views", "steps", "out", "aliases")
 
@@ -115,8 +116,8 @@ class Replay:
         pool += self.consts
         for base, size, stride, offset in self.views:
             pool.append(pool[base].as_strided(size, stride, offset))
-        for kernel, grid, getter, kwargs in self.steps:
-            kernel[grid](*getter(pool), **kwargs)
+        for launcher, getter, kwargs in self.steps:
+            launcher(*getter(pool), **kwargs)
         return pool[self.out]
 
     @staticmethod
@@ -196,7 +197,8 @@ class Replay:
         steps = []
         for (kernel, grid, _, kwargs), row in zip(rec.launches, rows):
             row = [j if j >= 0 else first_view - 1 - j for j in row]
-            steps.append((kernel, grid, operator.itemgetter(*row), dict(kwargs)))
+            # kernel[grid] is Triton's launcher for that grid (a lambda calling kernel.run(grid=grid)): made once
+            steps.append((kernel[grid], operator.itemgetter(*row), dict(kwargs)))
         out_j = n + next(k for k, a in enumerate(allocs) if a is out)
         shapes = tuple((tuple(a.shape), a.stride(), a.dtype, a.device) for a in allocs)  # contiguous (empty)
         return Replay(shapes, tuple(consts), tuple(views), tuple(steps), out_j, tuple(sorted(aliases)))
