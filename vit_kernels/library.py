@@ -480,7 +480,10 @@ if register_flop_formula is not None:
 def symbolic(t) -> bool:
     """True while torch.fx symbolically traces (``t`` is an fx.Proxy): shapes and values are unknown,
     so the callers record the custom op as it is, without checks or a grad decision."""
-    return isinstance(t, torch.fx.Proxy)
+    return isinstance(t, _PROXY)
+
+
+_PROXY = torch.fx.Proxy
 
 
 def _scalars(op: str, args: Sequence) -> tuple:
@@ -617,8 +620,10 @@ def _signature(op: str, args: Sequence, n: int) -> tuple:
     return (op, tuning.get_tuner().plan_state(args[-1]), types, rest, replay.signature(args[:n]))
 
 
-def _run_planned(op: str, args: Sequence, store: dict):
-    n = N_TENSORS[op]
+def _run_planned(op: str, args: Sequence, tensors: Sequence, store: dict):
+    """``op`` with schema arguments ``args`` (``tensors``: its leading tensors) through the plan
+    for its signature in ``store``, made by this call when there is none."""
+    n = len(tensors)
     try:
         key = _signature(op, args, n)
     except RuntimeError:  # a tensor without storage (sparse, ...): the full dispatch says what is wrong
@@ -627,9 +632,9 @@ def _run_planned(op: str, args: Sequence, store: dict):
     if p is not None:
         backends.record(p.decision)
         r = p.replay
-        if r is not None and (not r.aliases or r.serves(args[:n])):
-            return r(args[:n])
-        return p.launch(p.decision, *args[:n], *p.extras)
+        if r is not None and (not r.aliases or r.serves(tensors)):
+            return r(tensors)
+        return p.launch(p.decision, *tensors, *p.extras)
     slot: list = []
     backends.OFFERS.slot = slot
     try:
@@ -647,7 +652,7 @@ def _run_planned(op: str, args: Sequence, store: dict):
         elif rec is None:  # an op planned inside this one's launch took the recording over
             r = "the launch was not recorded whole (an op was called inside it)"
         else:
-            r = replay.Replay.build(rec, args[:n], out)
+            r = replay.Replay.build(rec, tensors, out)
         kept = (r, "") if isinstance(r, replay.Replay) else (None, r)
         # keyed by the state after the call (tuning it added an entry: the tuner's generation moved)
         store[_signature(op, args, n)] = Plan(d, *slot[0], *kept)
@@ -666,9 +671,9 @@ def run(op: str, args: Sequence):
     - otherwise (torch.compile, torch.export, torch.fx, torch.jit.trace, modes, subclasses,
       functorch): the custom op, which they see as one node."""
     tensors = args[: N_TENSORS[op]]
-    if symbolic(args[0]):
+    if isinstance(args[0], _PROXY):  # symbolic(args[0])
         return getattr(torch.ops.vit_kernels, op)(*_scalars(op, args))
-    if backends.needs_grad(tensors):
+    if torch.is_grad_enabled() and backends.needs_grad(tensors):
         args = _scalars(op, args)  # path, approximate, tune, ... checked as the op does
         if not torch.compiler.is_compiling():
             # eager autograd: the op's implementation decides (recorded): backend "triton" runs the
@@ -679,7 +684,7 @@ def run(op: str, args: Sequence):
     if _plain_eager(tensors):
         store = _PLANS.get()
         if store is not None:
-            return _run_planned(op, args, store)  # a fused module's call: its launch plan
+            return _run_planned(op, args, tensors, store)  # a fused module's call: its launch plan
         return IMPLS[op](*args)  # checks every argument; strides as the backend made them (no tracer holds
         #                           the fake's contiguous promise), so no copy of SDPA's output in eager
     return getattr(torch.ops.vit_kernels, op)(*_scalars(op, args))

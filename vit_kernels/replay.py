@@ -107,7 +107,10 @@ class Replay:
 
     def serves(self, tensors: Sequence[Optional[Tensor]]) -> bool:
         """False when inputs that shared an address in the recorded call do not now."""
-        return all(tensors[i].data_ptr() == tensors[j].data_ptr() for i, j in self.aliases)
+        for i, j in self.aliases:
+            if tensors[i].data_ptr() != tensors[j].data_ptr():
+                return False
+        return True
 
     def __call__(self, tensors: Sequence[Optional[Tensor]]) -> Tensor:
         pool = list(tensors)
