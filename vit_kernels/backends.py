@@ -367,7 +367,10 @@ def _record(d: Decision) -> None:
     _LAST[d.op] = d
 
 
-record = _record  # a launch plan's replay records its cached Decision (vit_kernels.library.plans)
+def record(d: Decision) -> None:
+    """A launch plan's replay records its cached Decision (vit_kernels.library.plans)."""
+    _LAST.replace_call(None, d)
+
 
 OFFERS = threading.local()  # .slot: the list a planned call's dispatch offers its launch to (library.plans)
 
