@@ -8,9 +8,12 @@ recorded and later calls replay it:
 - the forward launchers start their kernels with :func:`launch` (``launch(kernel, grid, *args,
   **kwargs)`` is ``kernel[grid](*args, **kwargs)``) and allocate their outputs and intermediates
   with :func:`empty`; placeholders that live as long as the process are marked with
-  :func:`persistent`. Besides those, a launcher's host work is checks and views (nothing it computes
-  with torch reaches a kernel without being refused here);
-- inside :func:`recording` those calls are also kept, and :meth:`Replay.build` turns them into a
+  :func:`persistent`. Besides those, a launcher's host work is checks and views: a tensor it computes
+  with torch is refused here when it reaches a kernel, and it never writes with torch into what it
+  allocated (a replay would not repeat that write; tests/test_launch_plans.py checks the launchers'
+  source for kernel launches made another way);
+- between :func:`start` and :func:`stop` (a planned call, from its dispatch's ``offer`` on) those
+  calls are also kept, and :meth:`Replay.build` turns them into a
   :class:`Replay`: each launch's kernel, grid, keyword arguments (the constexprs, num_warps) and
   argument list, where every tensor is named by where it comes from: an input of the call (the op's
   schema tensors, or a view of one at the same address and dtype), an allocation of the call (or a
@@ -46,7 +49,7 @@ class Recording:
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)``, kept by the open :func:`recording` of this thread."""
+    """``kernel[grid](*args, **kwargs)``, kept by this thread's recording when one is open (:func:`start`)."""
     rec = getattr(_STATE, "rec", None)
     if rec is not None:
         rec.launches.append((kernel, grid, args, kwargs))
@@ -54,8 +57,8 @@ def launch(kernel, grid, *args, **kwargs) -> None:
 
 
 def empty(shape, dtype: torch.dtype, device) -> Tensor:
-    """``torch.empty(shape, dtype=dtype, device=device)`` (contiguous), kept by the open recording:
-    a replay allocates the same."""
+    """``torch.empty(shape, dtype=dtype, device=device)`` (contiguous), kept by this thread's open
+    recording: a replay allocates the same."""
     t = torch.empty(shape, dtype=dtype, device=device)
     rec = getattr(_STATE, "rec", None)
     if rec is not None:
