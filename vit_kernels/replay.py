@@ -93,9 +93,9 @@ class Replay:
     recorded call's signature) makes them again and returns the new output.
 
     Every launch argument is an entry of a pool made per call: the tensors, then fresh allocations
-    (``allocs``: (shape, strides, dtype, device) each, contiguous as :func:`empty` made them), then
-    the recorded numbers, strings and persistent placeholders (``consts``), then views of the
-    allocations (``views``: (pool index, size, stride, storage offset) each). ``steps``: (launcher,
+    (``allocs``: (shape, strides, an empty tensor of the dtype and device) each, contiguous as
+    :func:`empty` made them), then the recorded numbers, strings and persistent placeholders
+    (``consts``), then views of the allocations (``views``: (pool index, size, stride, storage offset) each). ``steps``: (launcher,
     getter, kwargs) per launch: ``kernel[grid]``, an ``operator.itemgetter`` that picks the launch's
     argument tuple out of the pool, and the keyword arguments. ``out``: the pool index of the
     result; ``aliases``: (i, j) pairs of inputs that shared an address in the recorded call (a
@@ -117,8 +117,8 @@ class Replay:
 
     def __call__(self, tensors: Sequence[Optional[Tensor]]) -> Tensor:
         pool = list(tensors)
-        for shape, stride, dtype, device in self.allocs:
-            pool.append(torch.empty_strided(shape, stride, dtype=dtype, device=device))
+        for shape, stride, like in self.allocs:
+            pool.append(like.new_empty_strided(shape, stride))
         pool += self.consts
         for base, size, stride, offset in self.views:
             pool.append(pool[base].as_strided(size, stride, offset))
@@ -206,7 +206,9 @@ class Replay:
             # kernel[grid] is Triton's launcher for that grid (a lambda calling kernel.run(grid=grid)): made once
             steps.append((kernel[grid], operator.itemgetter(*row), dict(kwargs)))
         out_j = n + next(k for k, a in enumerate(allocs) if a is out)
-        shapes = tuple((tuple(a.shape), a.stride(), a.dtype, a.device) for a in allocs)  # contiguous (empty)
+        # contiguous as empty() made them; like: an empty tensor of the dtype and device (new_empty_strided
+        # takes them from it, a little cheaper than torch.empty_strided's keyword arguments)
+        shapes = tuple((tuple(a.shape), a.stride(), a.new_empty(0)) for a in allocs)
         return Replay(shapes, tuple(consts), tuple(views), tuple(steps), out_j, tuple(sorted(aliases)))
 
 

@@ -70,10 +70,13 @@ def _env_mode() -> Optional[str]:
     host budget): CPython's os.environ keeps the encoded variables in ``_data`` (kept current by
     ``os.environ[...] = ...``, ``del``, ``monkeypatch.setenv``); elsewhere the plain get."""
     data = getattr(os.environ, "_data", None)
-    if data is None or not hasattr(os.environ, "encodekey"):
+    if data is None or _ENV_MODE_KEY is None:
         return os.environ.get(ENV_MODE)
-    v = data.get(os.environ.encodekey(ENV_MODE))
+    v = data.get(_ENV_MODE_KEY)
     return None if v is None else os.environ.decodevalue(v)
+
+
+_ENV_MODE_KEY = os.environ.encodekey(ENV_MODE) if hasattr(os.environ, "encodekey") else None
 
 
 def current_mode(tune: Optional[str] = None) -> str:
