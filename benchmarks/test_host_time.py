@@ -10,8 +10,10 @@ hit, which is what a tuned model's forward does on a GPU.
 
 ``via="function"`` calls the public op (every check, the backend decision and the tuner's look-up
 on every call); ``via="module"`` calls it as a fused module does, inside ``library.plans`` (the
-module's launch plans: after the first call of a signature only the launch runs, and the cached
-Decision is recorded).
+module's launch plans: after the first call of a signature the cached Decision is recorded and the
+recorded launches are replayed, vit_kernels.replay: the signature key, fresh output and
+intermediate allocations, each launch's argument list with the new tensors substituted; only the
+stubbed kernel call itself is skipped).
 """
 
 import pytest
@@ -100,6 +102,9 @@ def test_host_time_per_call(benchmark, stubbed, op, via):
             call()
         assert [c.op for c in calls] == [op] and calls[0].backend == "triton" and calls[0].tuned is d.tuned
         assert (len(store) == 1) == (via == "module")
+        if via == "module":  # the recorded launches are replayed (not the launcher on every call)
+            (plan,) = store.values()
+            assert plan.replay is not None, plan.replay_refused
         benchmark.pedantic(call, rounds=200, warmup_rounds=20, iterations=20)
     us = benchmark.stats.stats.median * 1e6
     benchmark.extra_info["median_us"] = us

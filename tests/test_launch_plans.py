@@ -180,3 +180,211 @@ def test_fused_block_forward_is_captured_in_a_cuda_graph_and_replays():
     oracle = _reference_block(attn, mlp, new, torch.float64, heads)
     baseline = _reference_block(attn, mlp, new, torch.float16, heads)
     testing.assert_close(static_out, oracle, baseline, name=f"graph replay {backend}")
+
+
+# ------------------------------------------------------------------ replayed launches (vit_kernels.replay)
+def _views(shape, dtype, layout):
+    """A fresh random tensor of ``shape``: "contiguous"; "strided" (a slice of a wider last dim: the
+    row stride exceeds the width); "offset" (a slice that starts one row into its buffer, 16-byte
+    aligned); "misaligned" (contiguous, starting one element into its buffer)."""
+    if layout == "contiguous":
+        return torch.randn(shape, dtype=dtype)
+    if layout == "strided":
+        return torch.randn(*shape[:-1], shape[-1] + 8, dtype=dtype)[..., : shape[-1]]
+    if layout == "offset":
+        return torch.randn(shape[0] + 1, *shape[1:], dtype=dtype)[1:]
+    assert layout == "misaligned"
+    return torch.randn(torch.Size(shape).numel() + 1, dtype=dtype)[1:].view(shape)
+
+
+def _schema_args(op, layout, dtype, residual_is_x=False):
+    """The schema arguments of one backend="triton" call of ``op`` at small shapes, fresh random
+    tensors (the first ``library.N_TENSORS[op]`` are the tensors); ``layout`` applies to x (images
+    for patch_embed, q for flash_attention)."""
+    r = lambda *s: torch.randn(*s, dtype=dtype)  # noqa: E731
+    B, N = 2, 5
+    if op == "linear":
+        x = _views((B, N, DIM), dtype, layout)
+        return (x, r(DIM, DIM), r(DIM), x if residual_is_x else r(B, N, DIM), r(DIM), "triton", None)
+    if op == "layernorm_gelu_mlp":
+        x = _views((B, N, DIM), dtype, layout)
+        res = x if residual_is_x else r(B, N, DIM)
+        return (
+            x,
+            r(DIM),
+            r(DIM),
+            r(HIDDEN, DIM),
+            r(HIDDEN),
+            r(DIM, HIDDEN),
+            r(DIM),
+            res,
+            None,
+            1e-6,
+            "none",
+            "triton",
+            None,
+        )
+    if op == "qkv_attention":
+        path = "single_kernel" if layout == "contiguous" and dtype == torch.float16 else "split"
+        x = _views((B, N, DIM), dtype, layout)
+        return (x, r(3 * DIM, DIM), r(3 * DIM), r(DIM), r(DIM), HEADS, None, 1e-6, path, "triton", None)
+    if op == "patch_embed":
+        images = _views((B, 3, 8, 8), dtype, layout)
+        if layout == "strided":
+            images = images.contiguous(memory_format=torch.channels_last)
+        return (images, r(DIM, 3, 4, 4), r(DIM), r(1, 5, DIM), r(1, 1, DIM), 4, None, None, "triton", None)
+    assert op == "flash_attention"
+    qkv = r(3, B, HEADS, N, DIM // HEADS)
+    q = _views((B, HEADS, N, DIM // HEADS), dtype, layout) if layout != "contiguous" else qkv[0]
+    return (q, qkv[1], qkv[2], None, "triton", None)
+
+
+def _normalized(launches, inputs):
+    """Captured launches (aot.record_launches) as comparable rows: tensors inside an input's storage
+    by address and dtype (the same input tensors go to both calls), other tensors by the order in
+    which their storage first appears, their offset in it, its size and their dtype (two calls
+    allocate at different addresses); numbers with their type."""
+    input_storages = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
+    order: dict = {}
+    rows = []
+    for launch in launches:
+        args = []
+        for a in launch.args:
+            if isinstance(a, torch.Tensor):
+                s = a.untyped_storage()
+                if s.data_ptr() in input_storages:
+                    args.append(("input", a.data_ptr(), a.dtype))
+                else:
+                    k = order.setdefault(s.data_ptr(), len(order))
+                    args.append(("new", k, a.data_ptr() - s.data_ptr(), s.nbytes(), a.dtype))
+            else:
+                args.append((type(a), a))
+        rows.append((launch.fn, launch.grid, args, launch.kwargs))
+    return rows
+
+
+REPLAY_CASES = [
+    ("linear", "contiguous", torch.float32),
+    ("linear", "strided", torch.float32),
+    ("linear", "offset", torch.float16),
+    ("layernorm_gelu_mlp", "contiguous", torch.float32),
+    ("layernorm_gelu_mlp", "strided", torch.float16),
+    ("qkv_attention", "contiguous", torch.float32),
+    ("qkv_attention", "contiguous", torch.float16),  # the single kernel
+    ("qkv_attention", "offset", torch.float32),
+    ("patch_embed", "contiguous", torch.float32),
+    ("patch_embed", "strided", torch.float16),  # channels_last images
+    ("flash_attention", "contiguous", torch.float32),  # q, k, v views into one qkv buffer
+    ("linear", "misaligned", torch.float32),
+]
+
+
+@pytest.mark.parametrize("op,layout,dtype", REPLAY_CASES)
+def test_replayed_launch_is_the_launch_the_launcher_makes(op, layout, dtype):
+    """A plan's replay (new tensors of the recorded signature) launches exactly what a fresh call of
+    the op's launcher launches with those tensors: the same kernels, grids, keyword arguments and
+    argument lists (inputs at the same addresses, allocations of the same sizes in the same places)."""
+    from vit_kernels.triton.aot import record_launches
+
+    n = library.N_TENSORS[op]
+    store = library.PlanStore()
+    with torch.no_grad():
+        with library.plans(store):
+            library.run(op, _schema_args(op, layout, dtype))  # records (runs the kernels)
+        (plan,) = store.values()
+        assert plan.replay is not None, plan.replay_refused
+        assert plan.decision.backend == "triton"
+        args = _schema_args(op, layout, dtype)  # new tensors, same signature
+        with record_launches() as replayed, library.plans(store):
+            library.run(op, args)
+        assert len(store) == 1  # served by the plan
+        with record_launches() as fresh:
+            library.IMPLS[op](*args)  # the full dispatch and the launcher
+    assert replayed and _normalized(replayed, args[:n]) == _normalized(fresh, args[:n])
+
+
+def _linear_oracle_check(args, out, name):
+    x, w, b, res, ls = args[:5]
+    oracle = reference.linear(*(t.double() for t in (x, w, b)), residual=res.double(), layer_scale=ls.double())
+    baseline = reference.linear(x, w, b, residual=res, layer_scale=ls)
+    testing.assert_close(out, oracle, baseline, name=name)
+
+
+def test_changed_signature_plans_anew_instead_of_replaying():
+    """A new stride, shape, dtype or 16-byte alignment class of an input is a new signature: a new
+    plan (the full dispatch: checks, decision, launcher), never the old plan's launch."""
+    store = library.PlanStore()
+    calls = [
+        ("contiguous", torch.float32, (2, 5)),
+        ("contiguous", torch.float32, (2, 5)),  # the same signature: replayed
+        ("strided", torch.float32, (2, 5)),  # new strides
+        ("contiguous", torch.float32, (3, 5)),  # new shape
+        ("contiguous", torch.float16, (2, 5)),  # new dtype
+        ("misaligned", torch.float32, (2, 5)),  # new alignment class
+    ]
+    with torch.no_grad(), library.plans(store):
+        for i, (layout, dtype, (B, N)) in enumerate(calls):
+            args = list(_schema_args("linear", layout, dtype))
+            args[3] = torch.randn(B, N, DIM, dtype=dtype)
+            args[0] = _views((B, N, DIM), dtype, layout)
+            out = library.run("linear", tuple(args))
+            assert len(store) == max(i, 1), (i, layout, dtype, B)
+            _linear_oracle_check(args, out, f"linear call {i} ({layout}, {dtype}, batch {B})")
+    assert all(p.replay is not None for p in store.values())
+
+
+def test_inputs_that_shared_an_address_are_not_replayed_apart(monkeypatch):
+    """Recorded with residual=x (one tensor for two arguments), the replay names both by x; a later
+    call with a separate residual of the same signature takes the launcher, and is right."""
+    from vit_kernels import replay
+
+    served = []
+    real_call = replay.Replay.__call__
+    monkeypatch.setattr(replay.Replay, "__call__", lambda self, t: served.append(1) or real_call(self, t))
+    store = library.PlanStore()
+    with torch.no_grad(), library.plans(store):
+        library.run("linear", _schema_args("linear", "contiguous", torch.float32, residual_is_x=True))
+        (plan,) = store.values()
+        assert plan.replay is not None and plan.replay.aliases == ((0, 3),)
+        for residual_is_x in (False, True):
+            args = _schema_args("linear", "contiguous", torch.float32, residual_is_x=residual_is_x)
+            out = library.run("linear", args)
+            _linear_oracle_check(args, out, f"linear residual_is_x={residual_is_x}")
+    assert len(store) == 1 and served == [1]  # the launcher for the separate residual, the replay after
+
+
+def test_a_launch_that_cannot_be_named_keeps_the_launcher():
+    """uint8 images: the launcher computes the per-column pixel normalization with torch, a tensor
+    that is neither an input nor an allocation. The plan says so and runs the launcher, whose result
+    equals an unplanned call's."""
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    r = lambda *s: torch.randn(*s)  # noqa: E731
+    args = (images, r(DIM, 3, 4, 4), r(DIM), r(1, 5, DIM), r(1, 1, DIM), 4, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
+    args = args + ("triton", None)
+    store = library.PlanStore()
+    with torch.no_grad():
+        with library.plans(store):
+            library.run("patch_embed", args)
+            (plan,) = store.values()
+            assert plan.replay is None and "neither an input, an allocation nor a placeholder" in plan.replay_refused
+            out = library.run("patch_embed", args)
+        assert torch.equal(out, library.run("patch_embed", args))
+
+
+def test_forward_launchers_start_kernels_only_through_replay_launch():
+    """A replay makes the launches it recorded: a forward launcher that started a kernel another way
+    than ``vit_kernels.replay.launch`` (``kernel[grid](...)``) would be silently left out of it."""
+    import inspect
+    import re
+
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    from vit_kernels.triton import attention, attention_tma, gemm, gemm_tma, layernorm, mlp, patch_embed, qkv_attention
+
+    for mod in (attention, attention_tma, gemm, gemm_tma, layernorm, mlp, patch_embed, qkv_attention):
+        source = inspect.getsource(mod)
+        kernels = [n for n, v in vars(mod).items() if isinstance(v, (JITFunction, InterpretedFunction))]
+        assert "launch(" in source or mod in (mlp, patch_embed)
+        for name in kernels:
+            assert not re.search(rf"\b{name}\[", source), f"{mod.__name__}: {name}[...] launched directly"

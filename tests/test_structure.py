@@ -17,7 +17,7 @@ PKG = ROOT / "vit_kernels"
 # CONTRIBUTING.md's layers, lowest first: a module's layer is that of its longest matching prefix.
 LAYERS = [
     ("vit_kernels.dtypes", "vit_kernels.arch", "vit_kernels.testing", "vit_kernels.reference"),
-    ("vit_kernels.checks",),
+    ("vit_kernels.checks", "vit_kernels.replay"),
     ("vit_kernels.triton", "vit_kernels.cuda"),
     ("vit_kernels.backends", "vit_kernels.tuning"),
     ("vit_kernels.ops", "vit_kernels.library", "vit_kernels.autograd"),

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import vit_kernels as vk
-from vit_kernels import reference, tuning
+from vit_kernels import library, reference, tuning
 from vit_kernels.ops.qkv_attention import qkv_attention_torch
 from vit_kernels.tuning import Candidate, Tuner
 from vit_kernels.testing import assert_close
@@ -565,6 +565,16 @@ def test_attention_tma_config_fastest_runs_the_tma_kernel(dtype, monkeypatch):
         d = vk.last_decision("flash_attention")
         assert (d.backend, d.config) == ("triton", (("attention_tma_config", cfg),))
         assert launched == [cfg]
+        # a fused module's launch plan: the TMA launch takes tensor descriptors, which a replay cannot
+        # substitute, so the plan keeps calling the launcher (never a replay that skips the kernel)
+        store = library.PlanStore()
+        with torch.no_grad(), library.plans(store):
+            vk.flash_attention(q, k, v)
+            launched.clear()
+            out3 = vk.flash_attention(q, k, v)
+        (plan,) = store.values()
+        assert plan.replay is None and "TensorDescriptor" in plan.replay_refused, plan.replay_refused
+        assert launched == [cfg]
         x = torch.randn(2, 50, 128, device=DEVICE).to(dtype)
         w = (torch.randn(384, 128, device=DEVICE) * 128**-0.5).to(dtype)
         vk.qkv_attention(x, w, num_heads=2)  # tunes
@@ -575,7 +585,7 @@ def test_attention_tma_config_fastest_runs_the_tma_kernel(dtype, monkeypatch):
         assert (d.backend, d.path, d.config) == ("triton", "split", pair)
         assert launched == [cfg] and gemms == [gemm_tma.TmaConfig(*gcfg)]
     oracle = reference.flash_attention(q.double(), k.double(), v.double())
-    for o in (out, out2):
+    for o in (out, out2, out3):
         assert_close(o, oracle, torch.nn.functional.scaled_dot_product_attention(q, k, v))
     assert_close(
         out_qkv,

@@ -41,7 +41,7 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
-from . import tuning
+from . import replay, tuning
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 logger = logging.getLogger("vit_kernels")
@@ -385,7 +385,10 @@ def _record(d: Decision) -> None:
     _LAST[d.op] = d
 
 
-record = _record  # a launch plan's replay records its cached Decision (vit_kernels.library.plans)
+def record(d: Decision) -> None:
+    """A launch plan's replay records its cached Decision (vit_kernels.library.plans)."""
+    _LAST.replace_call(None, d)
+
 
 OFFERS = threading.local()  # .slot: the list a planned call's dispatch offers its launch to (library.plans)
 
@@ -393,11 +396,13 @@ OFFERS = threading.local()  # .slot: the list a planned call's dispatch offers i
 def offer(launch, extras: tuple) -> None:
     """Called by an op's ``dispatch`` just before its launch: ``launch(decision, *tensors, *extras)``
     (tensors: the op's schema tensors) reproduces this call for any tensors of the same signature.
-    Kept by vit_kernels.library's launch plans when a fused module makes the call, else a no-op."""
+    Kept by vit_kernels.library's launch plans when a fused module makes the call, and from here
+    on the call's Triton launches are recorded (vit_kernels.replay); else a no-op."""
     slot = getattr(OFFERS, "slot", None)
     if slot is not None:
         OFFERS.slot = None  # only the outermost dispatch offers (an op that calls another inside)
         slot.append((launch, extras))
+        replay.start()
 
 
 def _log_once(d: Decision) -> None:

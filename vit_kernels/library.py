@@ -36,7 +36,6 @@ symbolic runs its blocks' own forward (a mask may come): pass
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
 import importlib
@@ -45,7 +44,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import autograd, backends, checks, tuning
+from . import autograd, backends, checks, replay, tuning
 
 # the op files (vit_kernels.ops re-exports functions of the same names, hence import_module)
 _fa, _qkv, _mlp, _pe, _linear = (
@@ -481,7 +480,10 @@ if register_flop_formula is not None:
 def symbolic(t) -> bool:
     """True while torch.fx symbolically traces (``t`` is an fx.Proxy): shapes and values are unknown,
     so the callers record the custom op as it is, without checks or a grad decision."""
-    return isinstance(t, torch.fx.Proxy)
+    return isinstance(t, _PROXY)
+
+
+_PROXY = torch.fx.Proxy
 
 
 def _scalars(op: str, args: Sequence) -> tuple:
@@ -516,11 +518,11 @@ def _plain_eager(tensors: Sequence) -> bool:
         and not torch._C._is_torch_function_mode_enabled()
         and torch._C._len_torch_dispatch_stack() == 0
         and torch._C._functorch.peek_interpreter_stack() is None
-        and all(t is None or type(t) in _PLAIN for t in tensors)
+        and _PLAIN.issuperset(map(type, tensors))
     )
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))
 
 
 # ------------------------------------------------------------------------------- launch plans
@@ -529,10 +531,16 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # shape, strides, dtype and device; the numbers and strings; the backend; the tuning mode and the
 # tuner's state) runs the op's full ``dispatch``: every check, the layout rules, ``backends.resolve``
 # and the tuner's look-up. That dispatch offers its launch (``backends.offer``): the op's ``_launch`` and the
-# checked, normalized numbers it passes. The plan keeps that launch with the call's final Decision,
-# and every later call of the same signature replays it: the Decision recorded again (last_decision,
-# record_decisions), then ``_launch`` with the new tensors. Nothing of the checks depends on what
-# the key leaves out (values, data pointers), so a replayed call would have passed them.
+# checked, normalized numbers it passes; from there on its Triton launches and allocations are recorded
+# (vit_kernels.replay). The plan keeps that launch with the call's final Decision, and every later call of
+# the same signature replays it: the Decision recorded again (last_decision, record_decisions), then the
+# recorded launches with the new tensors and fresh allocations (``Plan.replay``; where the launches cannot
+# be named that way, ``Plan.replay_refused`` says why and ``_launch`` runs with the new tensors, as it
+# does when inputs that shared an address at the first call no longer do). The key holds every tensor's
+# shape, strides, dtype, device and 16-byte alignment class: nothing of the checks, nor of the launchers'
+# strides, flags, grid and argument lists, depends on what it leaves out (values, the data pointers
+# themselves), so a replayed call would have passed the checks and launched the same kernels with the
+# same arguments.
 # A call that copied a parameter (``Decision.copied``), has an empty output, or needs gradients is
 # never planned: it takes the full dispatch every time.
 
@@ -541,11 +549,15 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 class Plan:
     """One op signature's launch: decision (recorded on each replay), launch (the op's ``_launch``:
     launch(decision, *tensors, *extras)), extras (the checked numbers and strings ``_launch`` takes
-    after the tensors)."""
+    after the tensors), replay (the recorded Triton launches, :class:`vit_kernels.replay.Replay`:
+    replay(tensors) launches them again; None when the call is not replayed that way, and then
+    replay_refused says why: for example another backend than Triton)."""
 
     decision: backends.Decision
     launch: Callable
     extras: tuple
+    replay: Optional[replay.Replay] = None
+    replay_refused: str = ""
 
 
 class PlanStore(dict):
@@ -563,15 +575,22 @@ _PLANS: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("vit_ker
 MAX_PLANS = 64  # signatures one module keeps (an input of many shapes: the oldest are dropped)
 
 
-@contextlib.contextmanager
-def plans(store: dict):
+class plans:
     """``with plans(module_store): ...``: op calls inside keep and replay their launch plans in
-    ``store`` (a dict; one per fused module)."""
-    token = _PLANS.set(store)
-    try:
-        yield store
-    finally:
-        _PLANS.reset(token)
+    ``store`` (a dict; one per fused module). A class, not a generator: entering and leaving cost
+    a fraction of a microsecond (issue 10's host budget)."""
+
+    __slots__ = ("store", "token")
+
+    def __init__(self, store: dict):
+        self.store = store
+
+    def __enter__(self) -> dict:
+        self.token = _PLANS.set(self.store)
+        return self.store
+
+    def __exit__(self, *exc) -> None:
+        _PLANS.reset(self.token)
 
 
 def call_planned(module, call: Callable, args: tuple, kwargs: dict):
@@ -590,25 +609,32 @@ def call_planned(module, call: Callable, args: tuple, kwargs: dict):
         _PLANS.reset(token)
 
 
-def _signature(op: str, args: Sequence, tune) -> tuple:
-    key = [op, tuning.get_tuner().plan_state(tune)]
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            key.append((a.shape, a.stride(), a.dtype, a.device))
-        elif isinstance(a, list):
-            key.append(tuple(a))
-        else:
-            key.append((type(a), a))
-    return tuple(key)
+def _signature(op: str, args: Sequence, n: int) -> tuple:
+    """The plan key of a call with schema arguments ``args`` (``n`` tensors first): the op, the
+    tuner's state for the call's tuning mode, the numbers and strings with their types (12 and 12.0
+    are different calls to the checks), and the tensors' :func:`vit_kernels.replay.signature`."""
+    rest = args[n:]
+    types = tuple(map(type, rest))
+    if list in types:
+        rest = tuple(tuple(a) if type(a) is list else a for a in rest)
+    return (op, tuning.get_tuner().plan_state(args[-1]), types, rest, replay.signature(args[:n]))
 
 
-def _run_planned(op: str, args: Sequence, store: dict):
-    n = N_TENSORS[op]
-    key = _signature(op, args, args[-1])
+def _run_planned(op: str, args: Sequence, tensors: Sequence, store: dict):
+    """``op`` with schema arguments ``args`` (``tensors``: its leading tensors) through the plan
+    for its signature in ``store``, made by this call when there is none."""
+    n = len(tensors)
+    try:
+        key = _signature(op, args, n)
+    except RuntimeError:  # a tensor without storage (sparse, ...): the full dispatch says what is wrong
+        return IMPLS[op](*args)
     p = store.get(key)
     if p is not None:
         backends.record(p.decision)
-        return p.launch(p.decision, *args[:n], *p.extras)
+        r = p.replay
+        if r is not None and (not r.aliases or r.serves(tensors)):
+            return r(tensors)
+        return p.launch(p.decision, *tensors, *p.extras)
     slot: list = []
     backends.OFFERS.slot = slot
     try:
@@ -616,11 +642,20 @@ def _run_planned(op: str, args: Sequence, store: dict):
             out = IMPLS[op](*args)
     finally:
         backends.OFFERS.slot = None
+        rec = replay.stop()  # started by the dispatch's offer
     if slot and calls and calls[-1].op == op and not calls[-1].copied and calls[-1].path != "empty":
         if len(store) >= MAX_PLANS:
             store.clear()
+        d = calls[-1]
+        if d.backend != "triton":
+            r = f"backend {d.backend!r}: only Triton launches are recorded"
+        elif rec is None:  # an op planned inside this one's launch took the recording over
+            r = "the launch was not recorded whole (an op was called inside it)"
+        else:
+            r = replay.Replay.build(rec, tensors, out)
+        kept = (r, "") if isinstance(r, replay.Replay) else (None, r)
         # keyed by the state after the call (tuning it added an entry: the tuner's generation moved)
-        store[_signature(op, args, args[-1])] = Plan(calls[-1], *slot[0])
+        store[_signature(op, args, n)] = Plan(d, *slot[0], *kept)
     return out
 
 
@@ -636,9 +671,9 @@ def run(op: str, args: Sequence):
     - otherwise (torch.compile, torch.export, torch.fx, torch.jit.trace, modes, subclasses,
       functorch): the custom op, which they see as one node."""
     tensors = args[: N_TENSORS[op]]
-    if symbolic(args[0]):
+    if isinstance(args[0], _PROXY):  # symbolic(args[0])
         return getattr(torch.ops.vit_kernels, op)(*_scalars(op, args))
-    if backends.needs_grad(tensors):
+    if torch.is_grad_enabled() and backends.needs_grad(tensors):
         args = _scalars(op, args)  # path, approximate, tune, ... checked as the op does
         if not torch.compiler.is_compiling():
             # eager autograd: the op's implementation decides (recorded): backend "triton" runs the
@@ -649,7 +684,7 @@ def run(op: str, args: Sequence):
     if _plain_eager(tensors):
         store = _PLANS.get()
         if store is not None:
-            return _run_planned(op, args, store)  # a fused module's call: its launch plan
+            return _run_planned(op, args, tensors, store)  # a fused module's call: its launch plan
         return IMPLS[op](*args)  # checks every argument; strides as the backend made them (no tracer holds
         #                           the fake's contiguous promise), so no copy of SDPA's output in eager
     return getattr(torch.ops.vit_kernels, op)(*_scalars(op, args))

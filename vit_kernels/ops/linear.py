@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import checks, reference
+from .. import checks, library, reference  # library imports this file: used at call time only
 from ..backends import needs_grad, offer, resolve
 from ..dtypes import KERNEL_DTYPES
 from ..cuda.ops import gemm_unsupported as cuda_gemm_unsupported
@@ -80,8 +80,6 @@ def linear(
     tune: "on" | "off" | "cache-only" for backend="auto" on CUDA tensors (vit_kernels.tuning).
     The custom op ``torch.ops.vit_kernels.linear`` (:mod:`vit_kernels.library`).
     """
-    from .. import library  # here: vit_kernels.library imports this file
-
     return library.run("linear", (x, weight, bias, residual, layer_scale, backend, tune))
 
 

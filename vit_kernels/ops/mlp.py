@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import checks, reference
+from .. import checks, library, reference  # library imports this file: used at call time only
 from ..backends import needs_grad, offer, resolve
 from ..cuda.ops import gemm_unsupported as cuda_gemm_unsupported
 from .linear import triton_gemm_unsupported
@@ -98,8 +98,6 @@ def layernorm_gelu_mlp(
     tune: "on" | "off" | "cache-only" for backend="auto" on CUDA tensors (vit_kernels.tuning).
     The custom op ``torch.ops.vit_kernels.layernorm_gelu_mlp`` (:mod:`vit_kernels.library`).
     """
-    from .. import library  # here: vit_kernels.library imports this file
-
     return library.run(
         "layernorm_gelu_mlp",
         (

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import checks, reference
+from .. import checks, library, reference  # library imports this file: used at call time only
 from ..backends import needs_grad, offer, resolve
 from ..cuda.ops import gemm_unsupported as cuda_gemm_unsupported
 from .linear import triton_gemm_unsupported
@@ -171,8 +171,6 @@ def patch_embed(
     tune: "on" | "off" | "cache-only" for backend="auto" on CUDA tensors (vit_kernels.tuning).
     The custom op ``torch.ops.vit_kernels.patch_embed`` (:mod:`vit_kernels.library`).
     """
-    from .. import library  # here: vit_kernels.library imports this file
-
     C = images.shape[1] if isinstance(images, torch.Tensor) and images.dim() == 4 else "C"
 
     return library.run(

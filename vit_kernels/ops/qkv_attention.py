@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import checks, reference
+from .. import checks, library, reference  # library imports this file: used at call time only
 from ..backends import needs_grad, offer, resolve
 from ..cuda.ops import attention_unsupported as cuda_attention_unsupported
 from . import attention_stats
@@ -96,8 +96,6 @@ def qkv_attention(
     """
     request = stats if stats is not None else attention_stats.active_request()
     if request is None:
-        from .. import library  # here: vit_kernels.library imports this file
-
         return library.run(
             "qkv_attention",
             (x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps, path, backend, tune),

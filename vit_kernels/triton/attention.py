@@ -26,6 +26,7 @@ from torch import Tensor
 from . import FP32_DOT_PRECISION, cdiv, next_power_of_2
 from .. import checks
 from ..dtypes import KERNEL_DTYPES
+from ..replay import empty, launch
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 
 # log2(e): its one home (CONTRIBUTING.md). A tl.constexpr, so kernels use it as a literal; host code takes
@@ -272,14 +273,14 @@ def flash_attention_forward(
     if NKV == 0 and NQ > 0:
         raise ValueError("k: expected at least one key/value token, got kv_tokens=0")
     if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        out = empty(q.shape, q.dtype, q.device)
     else:
         _check_operand("out", out, q)
         if out.shape != q.shape:
             raise ValueError(f"out: expected shape {tuple(q.shape)}, got {tuple(out.shape)}")
     if attention_tma_config is not None and attention_config is not None:
         raise ValueError("attention_tma_config: give it or attention_config (the pointer kernel's tiles), not both")
-    lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device) if return_lse else None
+    lse = empty((B, H, NQ), torch.float32, q.device) if return_lse else None
     if attention_tma_config is not None:
         from . import attention_tma
 
@@ -288,7 +289,9 @@ def flash_attention_forward(
         BLOCK_M, BLOCK_N, num_warps, num_stages = attention_config or kernel_config(q.dtype, D)
         grid = (B * H, cdiv(NQ, BLOCK_M))
         chunks = dim_chunks(D, q.dtype)
-        _attn_fwd_kernel[grid](
+        launch(
+            _attn_fwd_kernel,
+            grid,
             q,
             k,
             v,

@@ -34,6 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import checks
+from ..replay import empty, launch, persistent
 from ..dtypes import KERNEL_DTYPES
 from . import FP32_DOT_PRECISION, cdiv
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
@@ -473,9 +474,11 @@ def launch_gemm(
         _or(cls, weight),
     ]
     grid = (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)
-    _gemm_kernel[grid](
+    launch(
+        _gemm_kernel,
+        grid,
         *ptrs,
-        *(s[k] for k in _INT_ARGS),
+        *map(s.__getitem__, _INT_ARGS),
         q_scale,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
@@ -498,7 +501,7 @@ def _fp32_placeholder(device: torch.device) -> Tensor:
     made once: no allocation per launch."""
     t = _FP32_PLACEHOLDERS.get(device)
     if t is None:
-        t = _FP32_PLACEHOLDERS[device] = torch.empty(1, device=device, dtype=torch.float32)
+        t = _FP32_PLACEHOLDERS[device] = persistent(torch.empty(1, device=device, dtype=torch.float32))
     return t
 
 
@@ -541,7 +544,7 @@ def check_out(out: Optional[Tensor], shape, like: Tensor) -> Tensor:
     """The caller's ``out`` (checked: shape, dtype, device) or a new empty tensor."""
     shape = tuple(shape)
     if out is None:
-        return torch.empty(shape, device=like.device, dtype=like.dtype)
+        return empty(shape, like.dtype, like.device)
     if tuple(out.shape) != shape or out.dtype != like.dtype or out.device != like.device:
         raise ValueError(
             f"out: expected a {like.dtype} tensor of shape {shape} on {like.device}, got "

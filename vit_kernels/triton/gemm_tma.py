@@ -54,6 +54,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..replay import launch
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 from .gemm import (
     ACT_GELU_ERF,
@@ -728,7 +729,9 @@ def launch_gemm_tma(
         _LAST_LN_ROUTE[0] = (route, triton.cdiv(M, c.block_m), c.block_m, tau)
     tiles = triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n)
     grid = (min(tiles, _num_sms(a.device) * c.blocks_per_sm),)
-    _gemm_tma_kernel[grid](
+    launch(
+        _gemm_tma_kernel,
+        grid,
         a,
         weight,
         out,

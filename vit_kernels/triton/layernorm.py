@@ -16,6 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import cdiv
+from ..replay import empty, launch
 from ..dtypes import KERNEL_DTYPES
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 
@@ -77,6 +78,8 @@ def as_rows(name: str, t: Tensor, T: int) -> Tuple[int, int, int]:
     layout no view can express); the caller then decides to make it contiguous, visibly.
     """
     C = t.shape[-1]
+    if t.dim() == 3 and t.shape[1] == T:  # already (-1, T, C): its own strides (what the view would have)
+        return t.stride()
     try:
         v = t.view(-1, T, C) if t.numel() else t.reshape(-1, T, C)
     except RuntimeError:
@@ -106,14 +109,16 @@ def row_stats(x2d: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
         raise ValueError(f"x2d: expected at least 2 dims (rows, D), got shape {tuple(x2d.shape)}")
     D = x2d.shape[-1]
     M = x2d.numel() // D if D else 0
-    mean = torch.empty(M, device=x2d.device, dtype=torch.float32)
-    rstd = torch.empty(M, device=x2d.device, dtype=torch.float32)
+    mean = empty(M, torch.float32, x2d.device)
+    rstd = empty(M, torch.float32, x2d.device)
     if M == 0:
         return mean, rstd
     T = rows_per_batch(x2d)
     stride_b, stride_t, stride_d = as_rows("x2d", x2d, T)
     grid = (cdiv(M, BLOCK_R),)
-    _row_stats_kernel[grid](
+    launch(
+        _row_stats_kernel,
+        grid,
         x2d,
         mean,
         rstd,

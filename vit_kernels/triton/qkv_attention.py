@@ -35,6 +35,7 @@ from .attention import LOG2E
 from . import FP32_DOT_PRECISION, next_power_of_2
 from ..arch import shared_per_block
 from ..dtypes import KERNEL_DTYPES
+from ..replay import empty, launch
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 
 PATHS = ("single_kernel", "split")
@@ -497,7 +498,7 @@ def qkv_attention_forward(
     if x.dtype not in DTYPES:
         raise TypeError(f"x: expected float32, float16 or bfloat16, got {x.dtype}")
     if out is None:
-        out = torch.empty((B, N, inner), dtype=x.dtype, device=x.device)
+        out = empty((B, N, inner), x.dtype, x.device)
     elif out.shape != (B, N, inner) or out.dtype != x.dtype or out.stride(-1) != 1:
         raise ValueError(
             f"out: expected a ({B}, {N}, {inner}) {x.dtype} tensor with unit last-dim stride, got "
@@ -564,7 +565,9 @@ def qkv_attention_forward(
         return out
     BLOCK_M, BLOCK_K, num_warps, num_stages = kernel_config(N)
     n_main, n_tail = kv_layout(N)
-    _qkv_attn_kernel[(B * num_heads,)](
+    launch(
+        _qkv_attn_kernel,
+        (B * num_heads,),
         x,
         qkv_weight,
         qkv_bias if qkv_bias is not None else x,

@@ -1,0 +1,219 @@
+"""Recorded kernel launches, replayed: the host side of a fused module's launch plan (vit_kernels.library).
+
+A Triton launcher (vit_kernels/triton/*.py) spends its host time on checks, strides, flags, the grid
+and the argument list, all of which depend only on the call's signature (every tensor's shape,
+strides, dtype, device and 16-byte alignment, and the numbers). So the first call of a signature is
+recorded and later calls replay it:
+
+- the forward launchers start their kernels with :func:`launch` (``launch(kernel, grid, *args,
+  **kwargs)`` is ``kernel[grid](*args, **kwargs)``) and allocate their outputs and intermediates
+  with :func:`empty`; placeholders that live as long as the process are marked with
+  :func:`persistent`. Besides those, a launcher's host work is checks and views: a tensor it computes
+  with torch is refused here when it reaches a kernel, and it never writes with torch into what it
+  allocated (a replay would not repeat that write; tests/test_launch_plans.py checks the launchers'
+  source for kernel launches made another way);
+- between :func:`start` and :func:`stop` (a planned call, from its dispatch's ``offer`` on) those
+  calls are also kept, and :meth:`Replay.build` turns them into a
+  :class:`Replay`: each launch's kernel, grid, keyword arguments (the constexprs, num_warps) and
+  argument list, where every tensor is named by where it comes from: an input of the call (the op's
+  schema tensors, or a view of one at the same address and dtype), an allocation of the call (or a
+  view of one), or a persistent placeholder;
+- ``replay(tensors)`` allocates what the call allocated, substitutes the new tensors into the
+  argument lists and launches: exactly the launches the launcher would make for these tensors
+  (tests/test_launch_plans.py compares both argument lists).
+
+A launch whose arguments cannot be named that way (a tensor the launcher computed, a tensor
+descriptor, a tensor in the keyword arguments) is not replayed: :meth:`Replay.build` returns the
+reason instead and the plan keeps calling the launcher (``Plan.replay_refused``).
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+_STATE = threading.local()  # .rec: the Recording open in this thread (None: not recording)
+_PERSISTENT: dict = {}  # id -> tensor: placeholders that are never freed (never read by their kernels)
+
+
+class Recording:
+    """What one call launched (``launches``: (kernel, grid, args, kwargs)) and allocated (``allocs``)."""
+
+    def __init__(self):
+        self.launches: List[tuple] = []
+        self.allocs: List[Tensor] = []
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``, kept by this thread's recording when one is open (:func:`start`)."""
+    rec = getattr(_STATE, "rec", None)
+    if rec is not None:
+        rec.launches.append((kernel, grid, args, kwargs))
+    kernel[grid](*args, **kwargs)
+
+
+def empty(shape, dtype: torch.dtype, device) -> Tensor:
+    """``torch.empty(shape, dtype=dtype, device=device)`` (contiguous), kept by this thread's open
+    recording: a replay allocates the same."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    rec = getattr(_STATE, "rec", None)
+    if rec is not None:
+        rec.allocs.append(t)
+    return t
+
+
+def persistent(t: Tensor) -> Tensor:
+    """Mark ``t`` (a placeholder kept for the life of the process) as passed as it is by a replay."""
+    _PERSISTENT[id(t)] = t
+    return t
+
+
+def start() -> None:
+    """Start recording this thread's launches and allocations (vit_kernels.backends.offer calls it
+    when a planned call's dispatch is about to launch)."""
+    _STATE.rec = Recording()
+
+
+def stop() -> Optional[Recording]:
+    """Stop recording; the Recording (None when none was started)."""
+    rec = getattr(_STATE, "rec", None)
+    _STATE.rec = None
+    return rec
+
+
+_PLAIN_TYPES = (int, float, bool, str, type(None))
+
+
+class Replay:
+    """The launches of one recorded call. ``replay(tensors)`` (the op's schema tensors, of the
+    recorded call's signature) makes them again and returns the new output.
+
+    Every launch argument is an entry of a pool made per call: the tensors, then fresh allocations
+    (``allocs``: (shape, strides, an empty tensor of the dtype and device) each, contiguous as
+    :func:`empty` made them), then the recorded numbers, strings and persistent placeholders
+    (``consts``), then views of the allocations (``views``: (pool index, size, stride, storage offset) each). ``steps``: (launcher,
+    getter, kwargs) per launch: ``kernel[grid]``, an ``operator.itemgetter`` that picks the launch's
+    argument tuple out of the pool, and the keyword arguments. ``out``: the pool index of the
+    result; ``aliases``: (i, j) pairs of inputs that shared an address in the recorded call (a
+    launch argument there is named by the first of them), which a replay needs to share one too
+    (:meth:`serves`)."""
+
+    __slots__ = ("allocs", "consts", "views", "steps", "out", "aliases")
+
+    def __init__(self, allocs, consts, views, steps, out, aliases):
+        self.allocs, self.consts, self.views, self.steps = allocs, consts, views, steps
+        self.out, self.aliases = out, aliases
+
+    def serves(self, tensors: Sequence[Optional[Tensor]]) -> bool:
+        """False when inputs that shared an address in the recorded call do not now."""
+        for i, j in self.aliases:
+            if tensors[i].data_ptr() != tensors[j].data_ptr():
+                return False
+        return True
+
+    def __call__(self, tensors: Sequence[Optional[Tensor]]) -> Tensor:
+        pool = list(tensors)
+        for shape, stride, like in self.allocs:
+            pool.append(like.new_empty_strided(shape, stride))
+        pool += self.consts
+        for base, size, stride, offset in self.views:
+            pool.append(pool[base].as_strided(size, stride, offset))
+        for launcher, getter, kwargs in self.steps:
+            launcher(*getter(pool), **kwargs)
+        return pool[self.out]
+
+    @staticmethod
+    def build(rec: Recording, tensors: Sequence[Optional[Tensor]], out: Any) -> Union["Replay", str]:
+        """The Replay of the recorded call whose inputs were ``tensors`` and result ``out``, or why
+        it cannot be replayed exactly (a sentence)."""
+        if not rec.launches:
+            return "no Triton launch was recorded"
+        allocs = rec.allocs
+        n, A = len(tensors), len(allocs)
+        if not any(a is out for a in allocs):
+            return "the result is not an allocation of the launcher"
+        consts: List[Any] = []
+        views: List[tuple] = []
+        aliases = set()
+
+        def source(t: Tensor) -> Union[tuple, str]:
+            """Where launch argument ``t`` comes from: ("in", i), ("alloc", k), ("const", t), ("view", v)."""
+            same = [i for i, x in enumerate(tensors) if x is t]
+            if not same:
+                same = [i for i, x in enumerate(tensors) if x is not None and x.data_ptr() == t.data_ptr()]
+                same = [i for i in same if tensors[i].dtype == t.dtype]
+            if same:
+                aliases.update((same[0], j) for j in same[1:])
+                return ("in", same[0])
+            for k, a in enumerate(allocs):
+                if a is t or (a.data_ptr() == t.data_ptr() and a.dtype == t.dtype):
+                    return ("alloc", k)
+            if id(t) in _PERSISTENT:
+                return ("const", t)
+            for k, a in enumerate(allocs):
+                if a.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+                    if a.dtype != t.dtype:
+                        return f"a view of an allocation as {t.dtype}"
+                    return ("view", (n + k, tuple(t.shape), tuple(t.stride()), t.storage_offset()))
+            return (
+                f"a tensor argument ({t.dtype} {tuple(t.shape)}) is neither an input, an allocation nor a placeholder"
+            )
+
+        refs = []  # per launch: its arguments' sources
+        for kernel, grid, args, kwargs in rec.launches:
+            if any(not isinstance(v, _PLAIN_TYPES) for v in kwargs.values()):
+                return "a keyword argument of a launch is not a plain number or string"
+            if len(args) < 2:
+                return "a launch with fewer than two arguments"
+            row = []
+            for a in args:
+                if isinstance(a, Tensor):
+                    r = source(a)
+                    if isinstance(r, str):
+                        return r
+                elif isinstance(a, _PLAIN_TYPES):
+                    r = ("const", a)
+                else:
+                    return f"a launch argument of type {type(a).__name__} is not replayed"
+                row.append(r)
+            refs.append(row)
+
+        def index(r: tuple) -> int:
+            kind, v = r
+            if kind == "in":
+                return v
+            if kind == "alloc":
+                return n + v
+            if kind == "const":
+                for c, x in enumerate(consts):  # by identity and type: 1, 1.0 and True stay apart
+                    if x is v or (type(x) is type(v) and not isinstance(v, Tensor) and x == v):
+                        return n + A + c
+                consts.append(v)
+                return n + A + len(consts) - 1
+            if v not in views:
+                views.append(v)
+            return -1 - views.index(v)  # fixed below, once the constants are counted
+
+        rows = [[index(r) for r in row] for row in refs]
+        first_view = n + A + len(consts)
+        steps = []
+        for (kernel, grid, _, kwargs), row in zip(rec.launches, rows):
+            row = [j if j >= 0 else first_view - 1 - j for j in row]
+            # kernel[grid] is Triton's launcher for that grid (a lambda calling kernel.run(grid=grid)): made once
+            steps.append((kernel[grid], operator.itemgetter(*row), dict(kwargs)))
+        out_j = n + next(k for k, a in enumerate(allocs) if a is out)
+        # contiguous as empty() made them; like: an empty tensor of the dtype and device (new_empty_strided
+        # takes them from it, a little cheaper than torch.empty_strided's keyword arguments)
+        shapes = tuple((tuple(a.shape), a.stride(), a.new_empty(0)) for a in allocs)
+        return Replay(shapes, tuple(consts), tuple(views), tuple(steps), out_j, tuple(sorted(aliases)))
+
+
+def signature(tensors: Sequence[Optional[Tensor]]) -> Tuple[Optional[tuple], ...]:
+    """What a replay of a call with ``tensors`` depends on: each tensor's shape, strides, dtype,
+    device and 16-byte alignment class (Triton specializes pointers on it; some checks read it).
+    Which tensors share an address is checked by :meth:`Replay.serves` instead."""
+    return tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15) for t in tensors])
