@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session runs when it is lent a GPU, as one script (device time is short):
 # environment, the CUDA extension build, the gpu-marked tests, selftest, the throughput bench
-# (ViT-B/16 bf16 at batch 256 and 32, every provider) and the attention profile.
+# (ViT-B/16 bf16 at batch 256 and 32, every provider) and the attention profile (forward, then backward).
 # Everything lands in $OUT (default gpu_out/): one log per step and results.tar.gz with the
 # CSV/JSON/PNG files. Each step has its own time limit so one failure does not stop the rest.
 #   OUT=gpu_out bash benchmarks/gpu_checks.sh
@@ -45,6 +45,9 @@ step bench_b32 ${T_B32:-60} $PY -m vit_kernels bench vit_base_patch16_224 --dtyp
 step selftest ${T_SELFTEST:-50} $PY -m vit_kernels selftest vit_base_patch16_224 --dtype bf16 --backend triton \
   --no-sanitizer --json-out "$OUT/files/selftest.json"
 step profile_attention ${T_PROFILE:-40} $PY -m vit_kernels profile-attention --out "$OUT/files/attention" --no-progress
+step profile_attention_bwd ${T_PROFILE_BWD:-40} $PY -m vit_kernels profile-attention --mode bwd --tokens 197,577,1025 \
+  --providers vk_flash:triton,sdpa:flash,sdpa:efficient,sdpa:cudnn,sdpa:math,eager --no-breakdown \
+  --out "$OUT/files/attention_bwd" --no-progress
 step bench_train_b128 ${T_TRAIN:-80} $PY -m vit_kernels bench vit_base_patch16_224 --dtype bf16 --batch-size 128 \
   --bench train --providers sdpa,triton,tuned --out "$OUT/files/bench_train_b128" --no-progress
 step bench_large ${T_LARGE:-120} $PY -m vit_kernels bench vit_large_patch16_224 vit_huge_patch14_224 --dtype bf16 \

@@ -351,6 +351,14 @@ MUTATIONS: List[Mutation] = [
         "column_sums(g, T, (T * dim, dim, 1), bias.dtype)",
         T_BWD_PATCH,
     ),
+    # A graph holding the custom op under autograd with the forward-only backend: silently PyTorch's backward.
+    Mutation(
+        "library-graph-cuda-backward-silent",
+        "vit_kernels/library.py",
+        '        raise RuntimeError(backends.forward_only_message(op, requested, ("triton",)))\n',
+        "        pass\n",
+        ("tests/test_backward.py", "-k", "traced_graph"),
+    ),
     # ------------------------------------------------------------------ CUDA: attention
     Mutation(
         "cuda-attn-no-barrier-before-k-overwrite",

@@ -203,6 +203,19 @@ def test_every_module_in_the_one_list_has_specs(report):
         "mlp",
         "patch_embed",
     } <= set(TRITON_MODULES)
+    assert {"attention_bwd", "layernorm_bwd", "gemm_bwd"} <= set(TRITON_MODULES)
+    assert {
+        "flash_attention_bwd_dq",
+        "flash_attention_bwd_dkdv",
+        "flash_attention_bwd_delta",
+        "layernorm_apply",
+        "layernorm_bwd_dx",
+        "layernorm_bwd_dwdb",
+        "column_sums",
+        "gemm_bwd_input",
+        "gemm_bwd_weight",
+        "gemm_bwd_recompute",
+    } <= kernels
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -318,3 +331,77 @@ def test_attention_stats_launches_are_in_the_report(report, op, dtype):
     names = [_name(la) for la in launches]
     assert names.count("_attn_probs_kernel") == 2 and names.count("_attn_distance_kernel") == 1, names
     assert_in_report(report, launches, ["_attn_fwd_kernel", "_attn_probs_kernel", "_attn_distance_kernel"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The backward: every launch of a training step (Triton forward and backward kernels) is listed.
+
+BACKWARD_KERNELS = ["_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel", "_gemm_kernel", "_column_sums_kernel"]
+
+
+def backward_calls(dtype):
+    """Each op on backend="triton" with inputs that require grad, at the representative shape: its
+    forward (the autograd Function's, which keeps what the backward reads) and backward launches,
+    with the backward kernels each must reach."""
+
+    def leaf(*shape):
+        return empty(*shape, dtype=dtype).requires_grad_()
+
+    x, ln, b = leaf(B, N, DIM), leaf(DIM), leaf(DIM)
+    q, k, v = (leaf(B, H, N, HD) for _ in range(3))
+    return {
+        "flash_attention": (lambda: vk.flash_attention(q, k, v, backend="triton"), BACKWARD_KERNELS[:2]),
+        "qkv_attention": (
+            lambda: vk.qkv_attention(
+                x, leaf(3 * DIM, DIM), leaf(3 * DIM), num_heads=H, norm_weight=ln, norm_bias=ln, backend="triton"
+            ),
+            [*BACKWARD_KERNELS, "_ln_apply_kernel", "_ln_bwd_dx_kernel", "_ln_bwd_dwdb_kernel"],
+        ),
+        "linear": (
+            lambda: vk.linear(x, leaf(DIM, DIM), b, residual=x, layer_scale=leaf(DIM), backend="triton"),
+            ["_gemm_kernel", "_column_sums_kernel"],
+        ),
+        "mlp": (
+            lambda: vk.layernorm_gelu_mlp(
+                x, ln, ln, leaf(4 * DIM, DIM), leaf(4 * DIM), leaf(DIM, 4 * DIM), b, residual=x, backend="triton"
+            ),
+            ["_gemm_kernel", "_column_sums_kernel", "_ln_apply_kernel", "_ln_bwd_dx_kernel", "_ln_bwd_dwdb_kernel"],
+        ),
+        "patch_embed": (
+            lambda: vk.patch_embed(
+                leaf(B, 3, 224, 224),
+                leaf(DIM, 3, 16, 16),
+                b,
+                patch_size=16,
+                pos_embed=leaf(1, N, DIM),
+                cls_token=leaf(1, 1, DIM),
+                backend="triton",
+            ),
+            ["_gemm_kernel", "_column_sums_kernel"],
+        ),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("op", list(backward_calls(torch.float16)))
+def test_every_backward_launch_is_in_the_report(report, op, dtype):
+    call, kernels = backward_calls(dtype)[op]
+    with record_launches() as launches:
+        out = call()
+        n_forward = len(launches)
+        out.backward(empty(*out.shape, dtype=dtype))
+    assert len(launches) > n_forward, "the backward launched no kernel"
+    assert_in_report(report, launches, kernels)
+
+
+def test_a_fused_vit_training_step_launches_only_reported_specializations(report):
+    """ViT-B/16 fused on the Triton backend in bf16 at the representative batch, forward and backward:
+    every launch (patch embedding, 12 blocks, their backward kernels) is a configuration inspect compiles."""
+    torch.manual_seed(0)
+    model = vk.models.create_model("vit_base_patch16_224", backend="triton").to(torch.bfloat16)
+    with record_launches() as launches:
+        out = model(empty(B, 3, 224, 224, dtype=torch.bfloat16))
+        out.backward(empty(*out.shape, dtype=torch.bfloat16))
+    names = [_name(la) for la in launches]
+    assert names.count("_attn_bwd_dkdv_kernel") == 12, names
+    assert_in_report(report, launches, [*BACKWARD_KERNELS, "_ln_bwd_dx_kernel"])

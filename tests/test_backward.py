@@ -59,7 +59,7 @@ def check_grads(op, oracle, tensors, kw, dtype):
     leaves = {n: (t.to(dtype).requires_grad_() if t is not None else None) for n, t in tensors.items()}
     out = op(**leaves, **kw, backend="triton")
     d = vk.last_decision(op.__name__)
-    assert d.backend == "triton", str(d)
+    assert d.backend == "triton" and d.backward == "triton", str(d)
     g = rnd(*out.shape, dtype=dtype)
     out.backward(g)
     results = {}
@@ -465,7 +465,8 @@ def test_auto_keeps_torch_for_gradients_and_says_why():
     x, w = _qkv_inputs()
     vk.qkv_attention(x, w, num_heads=2).sum().backward()
     d = vk.last_decision("qkv_attention")
-    assert d.backend == "torch" and d.requested == "auto"
+    assert d.backend == "torch" and d.requested == "auto" and d.backward == "torch"
+    assert "backward=torch" in str(d)
     assert "gradients are required" in d.reasons["triton"] and "backend='triton'" in d.reasons["triton"]
     assert "forward-only" in d.reasons["cuda"]
     assert x.grad is not None
@@ -479,6 +480,61 @@ def test_explicit_cuda_under_autograd_raises_before_any_launch():
         r"required .* use backend='triton' or 'torch'",
     ):
         vk.qkv_attention(x, w, num_heads=2, backend="cuda")
+
+
+class _Attend(torch.nn.Module):
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, q, k, v):
+        return vk.flash_attention(q, k, v, backend=self.backend)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "torch", "cuda"])
+def test_a_traced_graph_under_autograd_says_which_backend_computes_the_gradients(backend):
+    """A torch.fx graph holds the custom op: autograd records the op itself, whose forward runs with
+    gradients off, so its dispatch cannot see them. Right after that forward the op's decision gains
+    the backend of the backward (the Triton kernels for "triton", else PyTorch's path), and the
+    forward-only "cuda" raises before any backward (an eager call raises before its launch)."""
+    gm = torch.fx.symbolic_trace(_Attend(backend))
+    assert any("vit_kernels.flash_attention" in str(n.target) for n in gm.graph.nodes)
+    q, k, v = (rnd(1, 2, 5, 16, dtype=torch.float32).requires_grad_() for _ in range(3))
+    if backend == "cuda":
+        with pytest.raises(RuntimeError, match=r"backend='cuda' cannot serve this call: gradients are required"):
+            gm(q, k, v)
+        return
+    out = gm(q, k, v)
+    d = vk.last_decision("flash_attention")
+    assert d.backward == ("triton" if backend == "triton" else "torch"), str(d)
+    g = rnd(*out.shape, dtype=torch.float32)
+    out.backward(g)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    R.flash_attention(*leaves, scale=16**-0.5).backward(g.double())
+    for name, t, ref in zip("qkv", (q, k, v), leaves):
+        assert_close(t.grad, ref.grad, name=f"d{name}")
+
+
+def test_a_forward_without_gradients_names_no_backward():
+    with torch.no_grad():
+        vk.flash_attention(*(rnd(1, 1, 3, 16, dtype=torch.float32) for _ in range(3)), backend="triton")
+    d = vk.last_decision("flash_attention")
+    assert d.backend == "triton" and d.backward == "" and "backward=" not in str(d)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
+def test_fuse_report_says_which_backend_computes_the_gradients(backend):
+    """vit_kernels' own fused modules (the reference ViT) and swapped models alike: with parameters
+    that require grad, each fused part's notes say what runs under autograd."""
+    model = vk.models.create_model("vit_tiny_patch16_224", depth=1, img_size=32, backend=backend)
+    notes = [n for e in vk.fuse_report(model).entries if e.fused for n in e.notes]
+    want = {"auto": "take the torch path, forward and backward", "triton": "Triton forward and backward kernels"}
+    want["cuda"] = "the cuda backend raises"
+    assert notes and sum(want[backend] in n for n in notes) == 3, notes
+    for p in model.parameters():
+        p.requires_grad_(False)
+    notes = [n for e in vk.fuse_report(model).entries if e.fused for n in e.notes]
+    assert not any("require grad" in n for n in notes), notes
 
 
 def test_single_kernel_path_under_autograd_is_refused():

@@ -271,6 +271,50 @@ def test_tokens_batch_flops_and_bytes():
     assert batt.min_bytes("eager", c) == 4 * 2 * 12 * 197 * 64 * 2
 
 
+def test_backward_flops_and_bytes_count_as_flash_attention_does():
+    """FlashAttention's benchmarks: the backward 2.5x the forward's FLOPs, both 3.5x; a projection's
+    backward twice its forward (dX and dW). Bytes: 8 (batch, heads, tokens, head_dim) tensors + the LSE."""
+    fwd, bwd, both = (batt.AttnCase(2, 12, 197, 64, torch.bfloat16, m) for m in ("fwd", "bwd", "fwd_bwd"))
+    attn = 4 * 2 * 12 * 197**2 * 64
+    proj = 2 * 2 * 197 * 768 * 3 * 768
+    assert batt.flops("sdpa:cudnn", bwd) == 2.5 * attn and batt.flops("eager", both) == 3.5 * attn
+    assert batt.flops("vk_qkv:triton", bwd) == 2.5 * attn + 2 * proj
+    assert batt.flops("qkv:torch", both) == 3.5 * attn + 3 * proj
+    Q = 2 * 12 * 197 * 64 * 2
+    assert batt.min_bytes("vk_flash:triton", bwd) == 8 * Q + 4 * 2 * 12 * 197
+    assert batt.min_bytes("sdpa:flash", both) == batt.min_bytes("sdpa:flash", fwd) + batt.min_bytes("sdpa:flash", bwd)
+    for p in ("vk_flash:cuda", "vk_qkv:cuda"):
+        why = batt.static_reason(p, CUDA, interpreter=False, mode="bwd")
+        assert "forward-only" in why and "raises before any launch" in why
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        batt.static_reason("eager", CPU, mode="backward")
+
+
+@pytest.mark.parametrize("mode", ["bwd", "fwd_bwd"])
+@pytest.mark.parametrize("provider", ["vk_flash:triton", "vk_qkv:triton", "sdpa:flash", "eager"])
+def test_backward_mode_times_the_gradients(provider, mode):
+    """What the profiler's backward modes time is the backward: each call returns the gradients of
+    every input, equal to those of SDPA's math backend (the qkv providers: PyTorch's qkv path) on the
+    same inputs; the vit_kernels ones through the Triton backward kernels (the interpreter here)."""
+    from vit_kernels import backends
+
+    torch.manual_seed(0)
+    case = batt.AttnCase(1, 2, 17, 32, torch.float32, mode)
+    fn = batt.make_fn(provider, case, CPU)
+    got = fn()
+    if provider.startswith("vk_"):
+        d = backends.last_decision("qkv_attention" if batt.is_qkv(provider) else "flash_attention")
+        assert d.backend == "triton", str(d)
+    torch.manual_seed(0)
+    ref = batt.make_fn("qkv:torch" if batt.is_qkv(provider) else "sdpa:math", case, CPU)()
+    assert len(got) == len(ref) == (5 if batt.is_qkv(provider) else 3)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4)
+    again = fn()  # "bwd" runs the backward again on the retained graph; "fwd_bwd" the forward too
+    for a, b in zip(again, got):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
 def test_percent_of_peak_and_bound_columns():
     h100 = peaks.by_key("h100")
     row = {"ms": 2.0, "gflop": 989.0, "gbs": 100.0}  # 494.5 TFLOP/s achieved

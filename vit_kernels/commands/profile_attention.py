@@ -1,8 +1,10 @@
 """``python -m vit_kernels profile-attention``: attention across sequence lengths, then where the
 time of one ViT block goes.
 
-Sweeps tokens (--tokens, or --img-size with --patch-size) x head dims x dtypes over the
-providers, and writes attention.csv/json/png (TFLOP/s against tokens) under --out. Then
+Sweeps tokens (--tokens, or --img-size with --patch-size) x head dims x dtypes x passes (--mode
+fwd, bwd, fwd_bwd: the forward, the backward, both) over the providers, and writes
+attention.csv/json/png (TFLOP/s against tokens; backward FLOPs counted as FlashAttention counts
+them, 2.5x the forward's) under --out. Then
 profiles one block stage by stage (torch.profiler + record_function + NVTX ranges) and writes
 block_breakdown.csv/json and block_trace.json (open it in https://ui.perfetto.dev). Defaults
 depend on the device: on a CUDA GPU tokens 50..4097 with batch * tokens ~ 65536 in bf16; on a
@@ -75,6 +77,13 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--dtype", default=None, help="comma list of fp32,fp16,bf16 (default bf16 GPU / fp32 CPU)")
     p.add_argument("--providers", default=DEFAULT_PROVIDERS, help="comma list (default: all)")
+    p.add_argument(
+        "--mode",
+        default="fwd",
+        help="comma list of passes to time: fwd (forward), bwd (backward: dq, dk, dv from one forward's saved "
+        "tensors), fwd_bwd (both); FLOPs as FlashAttention counts them: bwd 2.5x, fwd_bwd 3.5x the forward's "
+        "(default fwd)",
+    )
     p.add_argument(
         "--warmup", type=positive_int, default=None, help="calls before timing (default 10 on a GPU, 2 on a CPU)"
     )
@@ -171,6 +180,9 @@ def make_config(args):
         if t.strip() not in DTYPES:
             raise SystemExit(f"dtype: expected a comma list of {sorted(DTYPES)}, got {args.dtype!r}")
         dtypes.append(DTYPES[t.strip()])
+    modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+    if not modes or any(m not in batt.MODES for m in modes):
+        raise SystemExit(f"mode: expected a comma list of {list(batt.MODES)}, got {args.mode!r}")
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     for p in providers:
         if p not in batt.PROVIDERS:
@@ -178,11 +190,12 @@ def make_config(args):
     if args.heads < 1:
         raise SystemExit(f"heads: expected >= 1, got {args.heads}")
     cases = []
-    for dt in dtypes:
-        for hd in head_dims:
-            for n in tokens:
-                b = args.batch_size or (batt.batch_for(n, args.total_tokens) if gpu else 1)
-                cases.append(batt.AttnCase(b, args.heads, n, hd, dt))
+    for mode in modes:
+        for dt in dtypes:
+            for hd in head_dims:
+                for n in tokens:
+                    b = args.batch_size or (batt.batch_for(n, args.total_tokens) if gpu else 1)
+                    cases.append(batt.AttnCase(b, args.heads, n, hd, dt, mode))
     peak = bpeaks.choose(args.gpu, device, notes, "% of peak")
     get = lambda k: getattr(args, k) if getattr(args, k) is not None else d[k]  # noqa: E731
     cfg = batt.AttnConfig(
@@ -241,37 +254,44 @@ def run(args) -> int:
         "config": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
         "providers": batt.PROVIDERS,
         "gpu_for_bounds": cfg.peak.name if cfg.peak else None,
-        "flops": "forward: 4*B*H*N^2*d (+ 2*B*N*D*3D for the qkv providers)",
+        "flops": "forward: 4*B*H*N^2*d (+ 2*B*N*D*3D for the qkv providers); backward 2.5x the attention's and "
+        "2x the projection's, forward+backward 3.5x and 3x (FlashAttention's count)",
+        "modes": {m: batt.MODES[m] for m in report.unique(c.mode for c in cfg.cases)},
     }
     paths = report.write_all(out, "attention", rows, meta, extra)
     plot_ok = not args.no_plot and report.matplotlib_missing() is None
     if not args.no_plot and not plot_ok:
         print("note: " + report.matplotlib_missing())
     if plot_ok:
-        for dt in report.unique(r["dtype"] for r in rows):
-            for hd in report.unique(r["head_dim"] for r in rows):
-                sel = [r for r in rows if r["dtype"] == dt and r["head_dim"] == hd]
-                xs = report.unique(r["tokens"] for r in sel)
-                at = {(r["provider"], r["tokens"]): r for r in sel}
-                providers = report.unique(r["provider"] for r in sel)
-                series = {p: [at.get((p, n), {}).get("tflops") for n in xs] for p in providers}
-                ranges = {p: [tflops_range(at.get((p, n), {})) for n in xs] for p in providers}
-                peak_tf = cfg.peak.tflops(getattr(torch, dt)) if (cfg.peak is not None and gpu) else None
-                suffix = "" if len(rows) == len(sel) else f"_{dt}_d{hd}"
-                paths.append(
-                    report.plot_lines(
-                        out / f"attention{suffix}.png",
-                        xs,
-                        series,
-                        "tokens",
-                        "TFLOP/s (forward)",
-                        f"attention on {meta['device_name']}: {dt}, head_dim {hd}, {args.heads} heads; median, "
-                        f"bars p20-p80",
-                        hline=peak_tf,
-                        hline_label=f"{cfg.peak.name} peak" if peak_tf else "",
-                        ranges=ranges,
-                    )
+        groups = [
+            (mode, dt, hd)
+            for mode in report.unique(r["mode"] for r in rows)
+            for dt in report.unique(r["dtype"] for r in rows)
+            for hd in report.unique(r["head_dim"] for r in rows)
+        ]
+        for mode, dt, hd in groups:
+            sel = [r for r in rows if r["mode"] == mode and r["dtype"] == dt and r["head_dim"] == hd]
+            xs = report.unique(r["tokens"] for r in sel)
+            at = {(r["provider"], r["tokens"]): r for r in sel}
+            providers = report.unique(r["provider"] for r in sel)
+            series = {p: [at.get((p, n), {}).get("tflops") for n in xs] for p in providers}
+            ranges = {p: [tflops_range(at.get((p, n), {})) for n in xs] for p in providers}
+            peak_tf = cfg.peak.tflops(getattr(torch, dt)) if (cfg.peak is not None and gpu) else None
+            suffix = "" if len(rows) == len(sel) else f"_{mode}_{dt}_d{hd}"
+            paths.append(
+                report.plot_lines(
+                    out / f"attention{suffix}.png",
+                    xs,
+                    series,
+                    "tokens",
+                    f"TFLOP/s ({batt.MODES[mode].split(':')[0]})",
+                    f"attention on {meta['device_name']}: {dt}, head_dim {hd}, {args.heads} heads; median, "
+                    f"bars p20-p80",
+                    hline=peak_tf,
+                    hline_label=f"{cfg.peak.name} peak" if peak_tf else "",
+                    ranges=ranges,
                 )
+            )
     status = 0
     if not args.no_breakdown:
         backend = args.breakdown_backend or ("triton" if gpu else "torch")

@@ -74,6 +74,7 @@ def _candidates(model: nn.Module, backend: str, ops: Tuple[str, ...]) -> List[Ca
 def _native_entries(model: nn.Module) -> List[ReportEntry]:
     """vit_kernels' own modules: fused by construction (unless fuse left their op out)."""
     from ..nn import FusedAttention, FusedMlp, FusedPatchEmbed
+    from .wrapper import autograd_note
 
     kinds = ((FusedAttention, "attention"), (FusedMlp, "mlp"), (FusedPatchEmbed, "patch_embed"))
     out = []
@@ -81,7 +82,10 @@ def _native_entries(model: nn.Module) -> List[ReportEntry]:
         for cls, op in kinds:
             if isinstance(m, cls):
                 if not getattr(m, "vk_fuse_excluded", False):
-                    out.append(ReportEntry(path, op, "vit_kernels", True, "", (f"backend={m.backend!r}",)))
+                    notes = (f"backend={m.backend!r}",)
+                    if any(p.requires_grad for p in m.parameters()):
+                        notes += (autograd_note(m.backend),)
+                    out.append(ReportEntry(path, op, "vit_kernels", True, "", notes))
                 else:
                     out.append(
                         ReportEntry(path, op, "vit_kernels", False, "not requested (ops) in fuse; runs backend='torch'")

@@ -64,6 +64,23 @@ _HOOK_DICTS = (
 )
 
 
+def autograd_note(backend: str) -> str:
+    """fuse_report's note for a fused part whose parameters require grad: which backend computes the
+    gradients under autograd for ``backend`` (each call's Decision says it too: ``backward``)."""
+    return {
+        "triton": "parameters require grad: under autograd the ops run the Triton forward and backward kernels "
+        "(last_decision(op).backward == 'triton')",
+        "cuda": "parameters require grad: under autograd the cuda backend raises (forward-only "
+        "kernels); run under torch.no_grad() / torch.inference_mode(), or fuse with "
+        "backend='triton' for training",
+    }.get(
+        backend,
+        "parameters require grad: under autograd the ops take the torch path, forward and backward "
+        "(auto does not pick the unmeasured backward kernels; last_decision(op).backward == 'torch'); run under "
+        "torch.no_grad() / torch.inference_mode() for the fused kernels, or fuse with backend='triton'",
+    )
+
+
 class SwapWrapper(nn.Module):
     """Takes ``original``'s place in the model, holding its children, parameters, buffers and hooks
     (the same objects, under the same names). Subclasses implement ``forward`` with the fused ops
@@ -232,20 +249,7 @@ class SwapWrapper(nn.Module):
             "casts a matmul's operands; LayerNorm statistics in fp32 inside the kernels)"
         )
         if any(p.requires_grad for p in self.parameters()):
-            notes.append(
-                {
-                    "triton": "parameters require grad: under autograd the ops run the Triton forward and "
-                    "backward kernels",
-                    "cuda": "parameters require grad: under autograd the cuda backend raises (forward-only "
-                    "kernels); run under torch.no_grad() / torch.inference_mode(), or fuse with "
-                    "backend='triton' for training",
-                }.get(
-                    self.backend,
-                    "parameters require grad: under autograd the ops take the torch path "
-                    "(auto does not pick the unmeasured backward kernels); run under "
-                    "torch.no_grad() / torch.inference_mode() for the fused kernels",
-                )
-            )
+            notes.append(autograd_note(self.backend))
         return notes
 
     def report_entries(self) -> List[ReportEntry]:

@@ -235,6 +235,49 @@ def recorded_spec(
     return launch_spec(kernel, mine[0], config, has_dot, archs, shape)
 
 
+def launch_label(launch: Launch) -> str:
+    """A launch in one line: its keywords (constexprs and options) but those that are 0 or False (flags
+    off), then the dtypes of its tensors in argument order, e.g. "BLOCK_R=32,HAS_LS=1,num_warps=4,float16,float32"."""
+    import torch
+
+    def text(v):
+        return str(int(v)) if isinstance(v, bool) else str(v)
+
+    parts = [f"{k}={text(v)}" for k, v in launch.kwargs.items() if not (isinstance(v, (bool, int)) and v == 0)]
+    dtypes = []
+    for a in launch.args:
+        if isinstance(a, torch.Tensor) and dtype_name(a.dtype) not in dtypes:
+            dtypes.append(dtype_name(a.dtype))
+    return ",".join(parts + dtypes)
+
+
+def recorded_specs(
+    call: Callable[[], Any], kernels: Dict[Any, Tuple[str, bool]], shape: str = "", archs: Tuple[int, ...] = (80, 90)
+) -> List[AotSpec]:
+    """Run ``call()`` (host launchers on empty CPU tensors) with launches recorded, and return one
+    AotSpec per launch of a function in ``kernels`` ({@triton.jit function: (name to report, has_dot)}),
+    labelled by :func:`launch_label`, without repeats (same :func:`spec_key`); launches of other
+    kernels are left to their own module's aot_specs."""
+    with record_launches() as launches:
+        call()
+    by_fn = {getattr(fn, "fn", fn): v for fn, v in kernels.items()}
+    specs: Dict[tuple, AotSpec] = {}
+    for la in launches:
+        hit = by_fn.get(getattr(la.fn, "fn", la.fn))
+        if hit is not None:
+            spec = launch_spec(hit[0], la, launch_label(la), hit[1], archs, shape)
+            specs.setdefault(spec_key(spec), spec)
+    return list(specs.values())
+
+
+def unique_specs(specs: List[AotSpec]) -> List[AotSpec]:
+    """``specs`` without repeats (same :func:`spec_key`), first kept."""
+    out: Dict[tuple, AotSpec] = {}
+    for s in specs:
+        out.setdefault(spec_key(s), s)
+    return list(out.values())
+
+
 def spec_key(spec: AotSpec) -> tuple:
     """What decides the compiled code: the kernel, its signature, constants, attributes, options."""
 

@@ -19,7 +19,8 @@ Column sums run in two launches of one kernel: (splits, N) fp32 partial sums ove
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import dataclasses
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -28,7 +29,8 @@ from torch import Tensor
 
 from . import cdiv
 from ..dtypes import FLOAT_DTYPES
-from .gemm import ACT_DGELU_ERF, ACT_DGELU_TANH, ACT_NONE, launch_gemm
+from .aot import REPRESENTATIVE, AotSpec, recorded_specs, unique_specs
+from .gemm import ACT_DGELU_ERF, ACT_DGELU_TANH, ACT_NONE, _gemm_kernel, launch_gemm
 
 DTYPES = FLOAT_DTYPES  # vit_kernels.dtypes (float64: the gradcheck tests)
 DGELU = {"none": ACT_DGELU_ERF, "tanh": ACT_DGELU_TANH}  # GELU's `approximate` -> the derivative's ACT
@@ -252,3 +254,65 @@ def linear_backward(
     da = input_grad(g, weight, gelu_input=gelu_input, approximate=approximate) if need_input else None
     dw = weight_grad(g, a, weight.dtype) if need_weight else None
     return da, dw, (db if need_bias else None), dls
+
+
+def aot_specs() -> List[AotSpec]:
+    """The launches of this module at aot.REPRESENTATIVE's rows (batch x tokens) and dim, per dtype,
+    recorded from the launchers as vit_kernels.autograd calls them: linear_backward with a bias, with
+    a layer scale (with and without its gradient), fc2's with GELU's derivative (erf and tanh), the
+    QKV projection's (3 x dim outputs); the patch embedding's weight gradient and its bias, position
+    embedding and class-token column sums (strided views of the (batch, tokens, dim) gradient).
+    Reported as gemm_bwd_input (da = g @ W, plain or with GELU'), gemm_bwd_weight (dW = g^T @ a),
+    column_sums (both stages: fp32 partials, then their sum), and gemm_bwd_recompute: the forward
+    GEMM on (rows, K) matrices as vit_kernels.autograd runs it under autograd (fc1 with LayerNorm
+    affine or weight-only, with and without its GELU; fc2 with a residual and layer scale; a
+    layer-scaled branch): the divisibility of rows = batch x tokens differs from the forward's
+    (batch, tokens, dim) launches (tokens = 197)."""
+    from .gemm import ACTIVATIONS, dense_forward
+
+    B, T, dim = (REPRESENTATIVE[k] for k in ("batch", "tokens", "dim"))
+    M, K = B * T, 3 * 16 * 16  # rows; the patch embedding's reduction (3 channels, 16 x 16 patches)
+    shape = f"B={B},T={T},dim={dim}"
+    specs: List[AotSpec] = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+
+        def e(*shape):
+            return torch.empty(*shape, dtype=dtype)
+
+        g, a, w, vec = e(M, dim), e(M, dim), e(dim, dim), e(dim)
+        hidden, w2, w1, b1 = e(M, 4 * dim), e(dim, 4 * dim), e(4 * dim, dim), e(4 * dim)
+        g_tokens, w_patch = e(B, T, dim), e(dim, K)
+        stats = (torch.empty(M, dtype=torch.float32), torch.empty(M, dtype=torch.float32))
+
+        def gradients():
+            linear_backward(g, a, w, need_bias=True)
+            linear_backward(g, a, w, need_bias=True, layer_scale=vec, branch=e(M, dim))
+            linear_backward(g, a, w, need_bias=True, layer_scale=vec)
+            for approximate in DGELU:
+                linear_backward(g, hidden, w2, need_bias=True, gelu_input=hidden, approximate=approximate)
+            linear_backward(e(M, 3 * dim), a, e(3 * dim, dim), need_bias=True)
+            weight_grad(g_tokens.view(M, dim), e(M, K), dtype)
+            column_sums(g_tokens[:, 1:], T - 1, (T * dim, dim, 1), dtype)
+            column_sums(g_tokens.view(B, T * dim), 1, (T * dim, 0, 1), dtype)
+            column_sums(g_tokens[:, 0], 1, (T * dim, 0, 1), dtype)
+            input_grad(e(B * (T - 1), dim), w_patch)
+
+        def recompute():
+            for act in (ACT_NONE, *ACTIVATIONS.values()):
+                dense_forward(a, w1, b1, norm_weight=vec, norm_bias=vec, stats=stats, act=act)
+                dense_forward(a, w1, b1, norm_weight=vec, stats=stats, act=act)
+            dense_forward(a, w, vec)
+            dense_forward(hidden, w2, vec)
+            dense_forward(hidden, w2, vec, residual=g)
+            dense_forward(hidden, w2, vec, residual=g, layer_scale=vec)
+
+        for spec in recorded_specs(
+            gradients, {_gemm_kernel: ("gemm_bwd", True), _column_sums_kernel: ("column_sums", False)}, shape=shape
+        ):
+            if spec.kernel == "gemm_bwd":  # which product: dW reads g transposed (stride_ak not 1), da does not
+                spec = dataclasses.replace(
+                    spec, kernel="gemm_bwd_weight" if spec.constexprs.get("stride_ak") != 1 else "gemm_bwd_input"
+                )
+            specs.append(spec)
+        specs += recorded_specs(recompute, {_gemm_kernel: ("gemm_bwd_recompute", True)}, shape=shape)
+    return unique_specs(specs)

@@ -13,7 +13,7 @@ Everything in fp32 (fp64 for float64 inputs, gradcheck), rounded once on the sto
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -21,7 +21,9 @@ import triton.language as tl
 from torch import Tensor
 
 from . import cdiv
+from .aot import REPRESENTATIVE, AotSpec, recorded_specs, unique_specs
 from .gemm_bwd import SUM_ROWS_PER_SPLIT, column_sums
+from .layernorm import _row_stats_kernel, row_stats
 
 BLOCK_R, BLOCK_D = 8, 256
 DW_BLOCK_R, DW_BLOCK_N = 32, 64
@@ -248,3 +250,33 @@ def layernorm_backward(
         if need_bias:
             db = column_sums(pb, splits, (0, D, 1), pdt)[1]
     return dx, dw, db
+
+
+def aot_specs() -> List[AotSpec]:
+    """The launches of layernorm_apply (weight and bias, weight only) and layernorm_backward (dx with
+    and without a weight; the dweight/dbias partial sums, which gemm_bwd's column sums then reduce)
+    per dtype, recorded at aot.REPRESENTATIVE's rows (batch x tokens) and dim; and layernorm.row_stats
+    as the backward recomputes it, on the (rows, dim) matrix (the forward's launch reads (batch,
+    tokens, dim), another divisibility of its row count T: layernorm.aot_specs)."""
+    B, T, dim = (REPRESENTATIVE[k] for k in ("batch", "tokens", "dim"))
+    M = B * T
+    specs: List[AotSpec] = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        x, w = torch.empty(M, dim, dtype=dtype), torch.empty(dim, dtype=dtype)
+        stats = (torch.empty(M, dtype=torch.float32), torch.empty(M, dtype=torch.float32))
+
+        def call():
+            layernorm_apply(x, *stats, w, w)
+            layernorm_apply(x, *stats, w, None)
+            layernorm_backward(x, x, *stats, w)
+            layernorm_backward(x, x, *stats, None, need_weight=False, need_bias=False)
+            row_stats(x, 1e-6)
+
+        kernels = {
+            _row_stats_kernel: ("row_stats", False),
+            _ln_apply_kernel: ("layernorm_apply", False),
+            _ln_bwd_dx_kernel: ("layernorm_bwd_dx", False),
+            _ln_bwd_dwdb_kernel: ("layernorm_bwd_dwdb", False),
+        }
+        specs += recorded_specs(call, kernels, shape=f"rows={M},dim={dim}")
+    return unique_specs(specs)
