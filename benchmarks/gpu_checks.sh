@@ -15,7 +15,7 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} TRITON_INTERPRET=0
 PY=${PY:-python3}
 LOG="$OUT/steps.log"
 
-STEPS=${STEPS:-gpu_tests bench_b256 bench_b32 selftest profile_attention bench_train_b128}
+STEPS=${STEPS:-gpu_tests bench_b256 bench_b32 selftest profile_attention profile_attention_bwd bench_train_b128}
 step() {  # step NAME SECONDS CMD...: run with a time limit, log to files/NAME.log, summary to steps.log
   local name=$1 limit=$2; shift 2
   case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
@@ -39,9 +39,9 @@ BUILD=$!
 # tests/ and benchmarks/ each have a conftest.py: run them as two sessions
 step gpu_tests ${T_TESTS:-180} $PY -m pytest -q -m gpu -p no:cacheprovider tests -rs --durations=15
 step bench_b256 ${T_B256:-140} $PY -m vit_kernels bench vit_base_patch16_224 --dtype bf16 --batch-size 256 \
-  --mode inference --providers eager,sdpa,compile,triton,tuned --out "$OUT/files/bench_b256" --no-progress
+  --mode inference --providers ${B256_PROVIDERS:-eager,sdpa,compile,triton,tuned} --out "$OUT/files/bench_b256" --no-progress
 step bench_b32 ${T_B32:-60} $PY -m vit_kernels bench vit_base_patch16_224 --dtype bf16 --batch-size 32 \
-  --mode inference --providers eager,sdpa,triton,cuda,tuned --out "$OUT/files/bench_b32" --no-progress
+  --mode inference --providers ${B32_PROVIDERS:-eager,sdpa,triton,cuda,tuned} --out "$OUT/files/bench_b32" --no-progress
 step selftest ${T_SELFTEST:-50} $PY -m vit_kernels selftest vit_base_patch16_224 --dtype bf16 --backend triton \
   --no-sanitizer --json-out "$OUT/files/selftest.json"
 step profile_attention ${T_PROFILE:-40} $PY -m vit_kernels profile-attention --out "$OUT/files/attention" --no-progress
