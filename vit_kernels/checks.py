@@ -83,11 +83,10 @@ def real(name: str, v, *, minimum: Optional[float] = None, exclusive: bool = Fal
     """
     if torch.compiler.is_compiling() and not isinstance(v, bool) and isinstance(v, (numbers.Real, torch.SymFloat)):
         # torch.compile(dynamic=True) traces a module's float as a symbol, which math.isfinite cannot
-        # read: the same bounds become checks of the compiled graph (comparisons are False for NaN)
+        # read: the same bounds as comparisons (False for NaN), which the compiler turns into guards
         ok = (v > minimum if exclusive else v >= minimum) if minimum is not None else v > -math.inf
-        msg = f"{name}: expected a finite real number{'' if minimum is None else f' >= {minimum:g}'}"
-        torch._check(ok, lambda: msg)
-        torch._check(v < math.inf, lambda: msg)
+        if not (ok and v < math.inf):
+            raise ValueError(f"{name}: expected a finite real number{'' if minimum is None else f' >= {minimum:g}'}")
         return v
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name}: expected a finite real number (int or float), got {type(v).__name__} {v!r}")
