@@ -84,6 +84,29 @@ def test_importing_cpp_extension_leaves_no_cuda_home_guess(tmp_path):
     assert "No CUDA runtime is found" not in p.stderr, p.stderr
 
 
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="the interpreter is turned on without a CUDA device"
+)
+def test_python_m_turns_the_interpreter_on_before_kernels_are_defined(tmp_path):
+    """`python -m vit_kernels selftest` on a CPU without TRITON_INTERPRET in the environment: Triton
+    reads it when @triton.jit defines a kernel (at import), so the CLI's switch must come before the
+    package imports its kernels; every Triton row then runs in the interpreter and passes. (It came
+    too late before: every Triton row failed with "Cannot call @triton.jit'd outside of the scope of
+    a kernel".)"""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "vit_kernels", "selftest", "vit_tiny_patch16_224", "--batch-size", "1"]
+    cmd += ["--backend", "triton", "--json-out", str(tmp_path / "selftest.json")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [line for line in p.stdout.splitlines() if " triton " in line]
+    assert len(rows) == 4 and all(" PASS " in r for r in rows), p.stdout
+    assert cli._INTERPRETER_NOTE in p.stderr, p.stderr
+
+
 class _Terminal:
     """A stream that says it is a terminal (what rich draws on)."""
 

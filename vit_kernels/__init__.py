@@ -11,6 +11,16 @@ Public API:
   tune_report() prints what was timed (vit_kernels.tuning)
 """
 
+import sys as _sys
+
+if _sys.argv[:1] == ["-m"] and len(_sys.argv) > 1:
+    # `python -m vit_kernels COMMAND` (argv[0] is "-m" while Python imports this package to find
+    # its __main__): decide Triton's interpreter before any kernel module defines its kernels
+    from .cli import interpreter_for_command
+
+    interpreter_for_command(_sys.argv[1])
+
+
 from . import library, models, nn, ops, reference, tuning  # library: registers torch.ops.vit_kernels.*
 from .backends import BACKENDS, Decision, last_decision, record_decisions
 from .ops import flash_attention, layernorm_gelu_mlp, linear, patch_embed, qkv_attention

@@ -25,18 +25,26 @@ COMMANDS = {
 NO_INTERPRETER = {"inspect", "bench", "profile-attention"}
 
 
-def _enable_interpreter_without_gpu() -> None:
-    """On a machine without a CUDA device, Triton kernels can only run in Triton's interpreter.
-    Turn it on (before triton is imported) and say so."""
+_INTERPRETER_NOTE = (
+    "note: no CUDA device: Triton kernels run in Triton's interpreter on the CPU "
+    "(TRITON_INTERPRET=1; for verification, not speed)"
+)
+_interpreter_turned_on = False
+
+
+def interpreter_for_command(command: str) -> None:
+    """On a machine without a CUDA device, Triton kernels can only run in Triton's interpreter: turn
+    it on for ``command`` (not for NO_INTERPRETER's) unless the user set TRITON_INTERPRET. Triton
+    reads the variable when ``@triton.jit`` defines a kernel, so ``python -m vit_kernels`` calls this
+    from vit_kernels/__init__.py before any kernel module is imported; :func:`main` says so."""
+    global _interpreter_turned_on
+    if command in NO_INTERPRETER or "TRITON_INTERPRET" in os.environ:
+        return
     import torch
 
-    if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
-        print(
-            "note: no CUDA device: Triton kernels run in Triton's interpreter on the CPU "
-            "(TRITON_INTERPRET=1; for verification, not speed)",
-            file=sys.stderr,
-        )
+        _interpreter_turned_on = True
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -103,8 +111,8 @@ def main(argv=None) -> int:
     from .cuda.build import quiet_cuda_home_guess
 
     quiet_cuda_home_guess()  # before anything imports torch.utils.cpp_extension (torch.utils.benchmark does)
-    if args.command not in NO_INTERPRETER:
-        _enable_interpreter_without_gpu()
+    if _interpreter_turned_on and args.command not in NO_INTERPRETER:
+        print(_INTERPRETER_NOTE, file=sys.stderr)
     prog = f"{parser.prog} {args.command}"
     try:
         return int(modules[args.command].run(args) or 0)
