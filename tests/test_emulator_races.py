@@ -148,7 +148,7 @@ def _attention_cases():
             q, k, v = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
             if strided:  # channel stride 2: the plain-load path instead of cp.async
                 q, k, v = q[..., ::2], k[..., ::2], v[..., ::2]
-            return ops.flash_attention(q, k, v, hd**-0.5)
+            return ops.flash_attention_forward(q, k, v, hd**-0.5)
 
         return f
 

@@ -68,6 +68,7 @@ def teardown(world: World) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            dist.barrier()  # every rank done before any tears down (gloo aborted a rank once, under load)
             dist.destroy_process_group()
 
 
