@@ -16,7 +16,7 @@ PKG = ROOT / "vit_kernels"
 
 # CONTRIBUTING.md's layers, lowest first: a module's layer is that of its longest matching prefix.
 LAYERS = [
-    ("vit_kernels.dtypes", "vit_kernels.arch", "vit_kernels.testing", "vit_kernels.reference"),
+    ("vit_kernels.dtypes", "vit_kernels.arch", "vit_kernels.testing", "vit_kernels.reference", "vit_kernels.tables"),
     ("vit_kernels.checks", "vit_kernels.replay"),
     ("vit_kernels.triton", "vit_kernels.cuda"),
     ("vit_kernels.backends", "vit_kernels.tuning"),
@@ -35,7 +35,6 @@ LAZY_UPWARD = {
     ("vit_kernels.tuning", "vit_kernels.nn"): "tune(model) walks the fused modules",
     ("vit_kernels.tuning", "vit_kernels.swap.wrapper"): "tune(model) walks the swap wrappers",
     ("vit_kernels.tuning", "vit_kernels"): "the package version in the tuning cache key",
-    ("vit_kernels.tuning", "vit_kernels.bench.report"): "tune_report prints the bench's tuning table (rich or plain)",
     ("vit_kernels.bench.report", "vit_kernels"): "the package version in the report",
     ("vit_kernels.verify", "vit_kernels"): "vk.fuse for verify(model) without a fused copy",
     ("vit_kernels.cuda", "vit_kernels"): "the prebuilt extension vit_kernels._C (not a Python module)",

@@ -446,7 +446,7 @@ class Entry:
 
     def table(self) -> str:
         """This entry as plain text: the full signature, then the table's rows."""
-        from .bench.report import format_table
+        from .tables import format_table
 
         return f"{self.signature}\n{format_table(self.rows(), TABLE_COLUMNS)}"
 
@@ -910,7 +910,7 @@ def tune_report(file=None, *, print_it: bool = True) -> List[Entry]:
         if not entries:
             print("no op signature tuned yet (tuning times op calls on CUDA tensors with backend='auto')", file=file)
         else:
-            from .bench.report import print_table
+            from .tables import print_table
 
             print_table(table_rows(entries), TABLE_COLUMNS, title="tuning table:", file=file, group=starts_group)
     return entries
