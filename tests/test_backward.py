@@ -598,3 +598,32 @@ def test_empty_inputs_under_autograd_get_gradients_without_a_launch(op):
     d = vk.last_decision(op.replace("_no_keys", ""))
     assert d.backend == "triton" and d.path in ("empty", "no_keys"), str(d)
     assert leaf.grad is not None and torch.equal(leaf.grad, torch.zeros_like(leaf))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_id)
+def test_qkv_forward_under_autograd_takes_the_tuned_tma_configs(dtype, monkeypatch):
+    """The backward's forward (autograd.qkv_attention_forward) runs the split path with the configs it
+    is given, the sm_90 TMA GEMM and TMA attention included (the launcher's own split path, not a
+    copy that drops them), and keeps q, k, v and the LSE: out against the float64 oracle, LSE against
+    the pointer kernel's."""
+    import dataclasses
+
+    from vit_kernels.triton import attention_tma, gemm_tma
+
+    launched = []
+    real_attn, real_gemm = attention_tma.launch, gemm_tma.launch_gemm_tma
+    monkeypatch.setattr(attention_tma, "launch", lambda *a: launched.append("attention_tma") or real_attn(*a))
+    monkeypatch.setattr(gemm_tma, "launch_gemm_tma", lambda *a, **k: launched.append("gemm_tma") or real_gemm(*a, **k))
+    x = rnd(2, 50, 128).to(dtype)
+    w = (rnd(384, 128) * 128**-0.5).to(dtype)
+    kw = dict(num_heads=2, scale=64**-0.5, eps=1e-6)
+    cfg = (
+        ("tma_config", dataclasses.astuple(gemm_tma.configs_for(384, 128)[-1])),
+        ("attention_tma_config", attention_tma.CONFIGS[3]),
+    )
+    out, qkv, lse = vk_autograd.qkv_attention_forward(x, w, None, None, None, **kw, config=cfg)
+    assert launched == ["gemm_tma", "attention_tma"]
+    _, _, lse_ptr = vk_autograd.qkv_attention_forward(x, w, None, None, None, **kw)
+    assert qkv.shape == (3, 2, 2, 50, 64) and torch.allclose(lse, lse_ptr, atol=1e-2, rtol=0)
+    oracle = R.qkv_attention(x.double(), w.double(), num_heads=2, scale=64**-0.5)
+    assert_close(out, oracle, R.qkv_attention(x, w, num_heads=2, scale=64**-0.5), name="split forward (TMA)")

@@ -459,33 +459,22 @@ def qkv_attention_forward(
     """(out, qkv, lse) of qkv_attention's Triton split path: out (batch, tokens, inner); qkv
     (3, batch, heads, tokens, head_dim) as the projection wrote it (q pre-scaled); lse (batch,
     heads, tokens): what :func:`qkv_attention_backward` reads."""
-    from .triton.attention import flash_attention_forward as attention
-    from .triton.gemm import qkv_projection_forward
+    from .triton.qkv_attention import split_forward
 
-    cfg = dict(config)
     B, N, _ = x.shape
-    inner = qkv_weight.shape[0] // 3
-    qkv = qkv_projection_forward(
+    out = torch.empty((B, N, qkv_weight.shape[0] // 3), dtype=x.dtype, device=x.device)
+    qkv, lse = split_forward(
         x,
         qkv_weight,
         qkv_bias,
+        out,
         num_heads=num_heads,
         scale=scale,
         norm_weight=norm_weight,
         norm_bias=norm_bias,
         eps=eps,
-        gemm_config=cfg.get("gemm_config"),
-    )
-    out = torch.empty((B, N, inner), dtype=x.dtype, device=x.device)
-    _, lse = attention(
-        qkv[0],
-        qkv[1],
-        qkv[2],
-        1.0,
-        out=out.view(B, N, num_heads, inner // num_heads).transpose(1, 2),
         return_lse=True,
-        attention_config=cfg.get("attention_config"),
-        attention_tma_config=cfg.get("attention_tma_config"),
+        **dict(config),  # gemm_config, attention_config, tma_config, attention_tma_config: the tuner's choice
     )
     return out, qkv, lse
 

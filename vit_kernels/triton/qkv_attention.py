@@ -448,6 +448,72 @@ def choose_path(x: Tensor, num_heads: int, head_dim: int) -> str:
     return "split"
 
 
+def split_forward(
+    x: Tensor,
+    qkv_weight: Tensor,
+    qkv_bias: Optional[Tensor],
+    out: Tensor,
+    *,
+    num_heads: int,
+    scale: float,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    eps: float,
+    gemm_config: Optional[Tuple[int, ...]] = None,
+    attention_config: Optional[Tuple[int, ...]] = None,
+    tma_config: Optional[Tuple[int, ...]] = None,
+    attention_tma_config: Optional[Tuple[int, ...]] = None,
+    return_lse: bool = False,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """The split path into ``out`` (batch, tokens, inner): the QKV projection (the TMA GEMM with
+    tma_config, else the pointer GEMM) into a (3, batch, heads, tokens, head_dim) buffer with q
+    pre-scaled, then flash attention. Returns (qkv, lse); lse (batch, heads, tokens) with
+    return_lse, else None. Used by :func:`qkv_attention_forward` and by the backward's forward
+    (vit_kernels.autograd), which keeps qkv and lse."""
+    B, N, _ = x.shape
+    head_dim = qkv_weight.shape[0] // 3 // num_heads
+    if tma_config is not None:
+        from . import gemm_tma
+
+        qkv = gemm_tma.qkv_projection_forward(
+            x,
+            qkv_weight,
+            qkv_bias,
+            num_heads=num_heads,
+            scale=scale,
+            norm_weight=norm_weight,
+            norm_bias=norm_bias,
+            eps=eps,
+            config=tma_config,
+        )
+    else:
+        from .gemm import qkv_projection_forward
+
+        qkv = qkv_projection_forward(
+            x,
+            qkv_weight,
+            qkv_bias,
+            num_heads=num_heads,
+            scale=scale,
+            norm_weight=norm_weight,
+            norm_bias=norm_bias,
+            eps=eps,
+            gemm_config=gemm_config,
+        )
+    # Q is already scaled: softmax(q' k^T) with scale 1.
+    res = attention.flash_attention_forward(
+        qkv[0],
+        qkv[1],
+        qkv[2],
+        1.0,
+        out=out.view(B, N, num_heads, head_dim).transpose(1, 2),
+        return_lse=return_lse,
+        attention_config=attention_config,
+        attention_tma_config=attention_tma_config,
+    )
+    return qkv, (res[1] if return_lse else None)
+
+
 def qkv_attention_forward(
     x: Tensor,
     qkv_weight: Tensor,
@@ -510,42 +576,19 @@ def qkv_attention_forward(
     if attention_tma_config is not None and path != "split":
         raise ValueError(f"attention_tma_config: the TMA attention runs the split path's, got path={path!r}")
     if path == "split":
-        if tma_config is not None:
-            from . import gemm_tma
-
-            qkv = gemm_tma.qkv_projection_forward(
-                x,
-                qkv_weight,
-                qkv_bias,
-                num_heads=num_heads,
-                scale=scale,
-                norm_weight=norm_weight,
-                norm_bias=norm_bias,
-                eps=eps,
-                config=tma_config,
-            )
-        else:
-            from .gemm import qkv_projection_forward
-
-            qkv = qkv_projection_forward(
-                x,
-                qkv_weight,
-                qkv_bias,
-                num_heads=num_heads,
-                scale=scale,
-                norm_weight=norm_weight,
-                norm_bias=norm_bias,
-                eps=eps,
-                gemm_config=gemm_config,
-            )
-        # Q is already scaled: softmax(q' k^T) with scale 1.
-        attention.flash_attention_forward(
-            qkv[0],
-            qkv[1],
-            qkv[2],
-            1.0,
-            out=out.view(B, N, num_heads, head_dim).transpose(1, 2),
+        split_forward(
+            x,
+            qkv_weight,
+            qkv_bias,
+            out,
+            num_heads=num_heads,
+            scale=scale,
+            norm_weight=norm_weight,
+            norm_bias=norm_bias,
+            eps=eps,
+            gemm_config=gemm_config,
             attention_config=attention_config,
+            tma_config=tma_config,
             attention_tma_config=attention_tma_config,
         )
         return out
