@@ -8,12 +8,13 @@ The one tuning call per op is made with a fake timer that lets the Triton candid
 the tolerance check accepting the stub's unwritten output; after it, every timed call is a cache
 hit, which is what a tuned model's forward does on a GPU.
 
-``via="function"`` calls the public op (every check, the backend decision and the tuner's look-up
-on every call); ``via="module"`` calls it as a fused module does, inside ``library.plans`` (the
-module's launch plans: after the first call of a signature the cached Decision is recorded and the
-recorded launches are replayed, vit_kernels.replay: the signature key, fresh output and
-intermediate allocations, each launch's argument list with the new tensors substituted; only the
-stubbed kernel call itself is skipped).
+``via="function"`` calls the public op (vit_kernels.ops.*; its launch plans are the process's,
+``library.FUNCTION_PLANS``); ``via="module"`` calls it as a fused module does, inside
+``library.plans`` (the module's own launch plans). Either way, after the first call of a signature
+the cached Decision is recorded and the recorded launches are replayed (vit_kernels.replay: the
+signature key, fresh output and intermediate allocations, each launch's argument list with the new
+tensors substituted); only the stubbed kernel call itself is skipped. The first call (every check,
+the backend decision, the tuner's look-up) is timed by ``test_host_time_first_call``.
 """
 
 import pytest
@@ -59,8 +60,10 @@ def stubbed(monkeypatch):
         path=None,
         candidate_list=only_triton,
     )
+    library.clear_plans()  # plans hold the kernels they launch: none made with the stubs outlives the test
     with tuning.use_tuner(tuner):
         yield
+    library.clear_plans()
 
 
 def block_calls():
@@ -101,11 +104,27 @@ def test_host_time_per_call(benchmark, stubbed, op, via):
         with backends.record_decisions() as calls:
             call()
         assert [c.op for c in calls] == [op] and calls[0].backend == "triton" and calls[0].tuned is d.tuned
-        assert (len(store) == 1) == (via == "module")
-        if via == "module":  # the recorded launches are replayed (not the launcher on every call)
-            (plan,) = store.values()
-            assert plan.replay is not None, plan.replay_refused
+        plans = store if via == "module" else library.FUNCTION_PLANS
+        assert len(plans) == 1 and len(store if via == "function" else library.FUNCTION_PLANS) == 0
+        (plan,) = plans.values()  # the recorded launches are replayed (not the launcher on every call)
+        assert plan.replay is not None, plan.replay_refused
         benchmark.pedantic(call, rounds=200, warmup_rounds=20, iterations=20)
     us = benchmark.stats.stats.median * 1e6
     benchmark.extra_info["median_us"] = us
     print(f"{op} via {via}: {us:.1f} us per call (budget {BUDGET_US} us)")
+
+
+@pytest.mark.parametrize("op", ["qkv_attention", "linear", "layernorm_gelu_mlp", "patch_embed"])
+def test_host_time_first_call(benchmark, stubbed, op):
+    """A call of a signature without a launch plan (the first one, or after ``clear_plans``): every
+    argument check, the backend decision with the tuner's look-up (a cache hit: tuned once here),
+    the launcher's host work, and recording the plan. Reported, not budgeted: a model pays it once
+    per signature."""
+    call = block_calls()[op]
+    with torch.inference_mode():
+        call()  # the one tuning call
+        benchmark.pedantic(call, setup=library.clear_plans, rounds=200, warmup_rounds=5)
+        assert backends.last_decision(op).backend == "triton" and len(library.FUNCTION_PLANS) == 1
+    us = benchmark.stats.stats.median * 1e6
+    benchmark.extra_info["median_us"] = us
+    print(f"{op} first call: {us:.1f} us")

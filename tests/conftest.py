@@ -79,6 +79,17 @@ def _fresh_seed(request):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_function_plans():
+    """Each test starts without the launch plans of earlier tests' op calls: tests replace kernels,
+    the tuner and backend rules with monkeypatch, which a plan kept across tests would not see."""
+    from vit_kernels import library
+
+    library.clear_plans()
+    yield
+    library.clear_plans()
+
+
 def pytest_runtest_makereport(item, call):
     if call.when == "call" and call.excinfo is not None:
         for k, v in item.user_properties:

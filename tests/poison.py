@@ -19,6 +19,8 @@ def _poisoned(fn):
 
 
 def poison_empty(monkeypatch) -> None:
-    """Make torch.empty and torch.empty_like return NaN-filled floating tensors for one test."""
+    """Make torch.empty, torch.empty_like and Tensor.new_empty_strided (what a launch plan's replay
+    allocates with, vit_kernels.replay) return NaN-filled floating tensors for one test."""
     monkeypatch.setattr(torch, "empty", _poisoned(_REAL_EMPTY))
     monkeypatch.setattr(torch, "empty_like", _poisoned(_REAL_EMPTY_LIKE))
+    monkeypatch.setattr(torch.Tensor, "new_empty_strided", _poisoned(torch.Tensor.new_empty_strided))

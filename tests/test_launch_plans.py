@@ -388,3 +388,54 @@ def test_forward_launchers_start_kernels_only_through_replay_launch():
         assert "launch(" in source or mod in (mlp, patch_embed)
         for name in kernels:
             assert not re.search(rf"\b{name}\[", source), f"{mod.__name__}: {name}[...] launched directly"
+
+
+def test_public_function_calls_keep_plans_in_the_process_store(monkeypatch):
+    """A plain eager call of a public op outside any fused module: the first call of a signature
+    runs the full dispatch and keeps its plan in library.FUNCTION_PLANS; later calls replay it (fresh
+    tensors, right results, the Decision recorded each time); a fused module's calls keep theirs in
+    the module, and a call that needs gradients is not planned. The plan holds none of the calls'
+    tensors: they are freed when the caller drops them."""
+    import gc
+    import weakref
+
+    from vit_kernels import ops, replay
+
+    served = []
+    real_call = replay.Replay.__call__
+    monkeypatch.setattr(replay.Replay, "__call__", lambda self, t: served.append(1) or real_call(self, t))
+    refs = []
+    with torch.no_grad():
+        for i in range(3):
+            x, w, b, res, ls = _schema_args("linear", "contiguous", torch.float32)[:5]
+            with backends.record_decisions() as calls:
+                out = ops.linear(x, w, b, residual=res, layer_scale=ls, backend="triton")
+            assert [d.backend for d in calls] == ["triton"] and len(library.FUNCTION_PLANS) == 1
+            _linear_oracle_check((x, w, b, res, ls), out, f"public linear, call {i}")
+            refs += [weakref.ref(t) for t in (x, w, b, res, ls, out)]
+            del x, w, b, res, ls, out
+        assert served == [1, 1]
+        gc.collect()
+        assert not [r for r in refs if r() is not None]  # no plan keeps a call's tensor alive
+
+        attn, _ = _block("triton")
+        attn(torch.randn(2, 5, DIM))
+        assert len(attn._vk_plans) == 2 and len(library.FUNCTION_PLANS) == 1  # the module's own
+    args = _schema_args("linear", "contiguous", torch.float32)
+    ops.linear(args[0], args[1].requires_grad_(), args[2], residual=args[3], layer_scale=args[4], backend="triton")
+    assert len(library.FUNCTION_PLANS) == 1  # the grad call took the full dispatch, planned nothing
+
+
+def test_process_store_is_bounded(monkeypatch):
+    """More signatures than MAX_FUNCTION_PLANS: the store is emptied and refilled, never grows past
+    the bound, and every call is right."""
+    from vit_kernels import ops
+
+    monkeypatch.setattr(library, "MAX_FUNCTION_PLANS", 3)
+    with torch.no_grad():
+        for B in range(1, 8):
+            x, w, b, res, ls = _schema_args("linear", "contiguous", torch.float32)[:5]
+            x, res = torch.randn(B, 5, DIM), torch.randn(B, 5, DIM)
+            out = ops.linear(x, w, b, residual=res, layer_scale=ls, backend="triton")
+            _linear_oracle_check((x, w, b, res, ls), out, f"linear batch {B}")
+            assert 1 <= len(library.FUNCTION_PLANS) <= 3

@@ -297,3 +297,57 @@ def test_modes_and_tracers_see_the_custom_op():
     assert mode.ops == ["vit_kernels.linear.default"]
     assert "vit_kernels::linear" in str(traced.graph)
     assert torch.equal(plain, seen) and torch.equal(plain, traced(x))
+
+
+class _OnCuda1(torch.Tensor):
+    """A CPU tensor that says it lives on cuda:1 (device_guard's view of a tensor off the current device)."""
+
+    is_cuda = True
+
+    def get_device(self):
+        return 1
+
+
+def test_device_guard_selects_the_tensors_cuda_device(monkeypatch):
+    """Triton launches on the current CUDA device: an op whose tensors live on another one runs under
+    torch.cuda.device(that device); on the current device, on a CPU, or while compiling, no guard."""
+    current = {"index": 0}
+    entered = []
+
+    class FakeDevice:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            entered.append(self.index)
+            self.prev, current["index"] = current["index"], self.index
+
+        def __exit__(self, *exc):
+            current["index"] = self.prev
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["index"])
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    x = torch.Tensor._make_subclass(_OnCuda1, torch.randn(3))
+    guard = library.device_guard(x)
+    assert isinstance(guard, FakeDevice) and guard.index == 1
+    with guard:
+        assert library.device_guard(x) is None  # now the current device: no second guard
+    assert entered == [1] and current["index"] == 0
+    assert library.device_guard(torch.randn(3)) is None and library.device_guard(None) is None
+    current["index"] = 1
+    assert library.device_guard(x) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_ops_on_a_device_other_than_the_current_one(backend):
+    """Tensors on cuda:1 while cuda:0 is current: the kernels launch on cuda:1 and are right."""
+    torch.cuda.set_device(0)
+    g = dict(device="cuda:1", dtype=torch.float16)
+    x, w, b = torch.randn(2, 197, 64, **g), torch.randn(3 * 64, 64, **g) * 0.125, torch.randn(3 * 64, **g)
+    out = vk.qkv_attention(x, w, b, num_heads=2, backend=backend)
+    torch.cuda.synchronize(1)
+    oracle = reference.qkv_attention(x.double(), w.double(), b.double(), num_heads=2)
+    assert_close(out, oracle, reference.qkv_attention(x, w, b, num_heads=2), name=f"qkv on cuda:1 ({backend})")
+    assert torch.cuda.current_device() == 0

@@ -403,8 +403,23 @@ BACKWARDS: Dict[str, Callable] = {
 
 
 def _implementation(op: str, args: Sequence) -> Tensor:
+    guard = device_guard(args[0])
+    if guard is not None:
+        with guard:
+            return _implementation(op, args)
     out = IMPLS[op](*args)
     return out if out.is_contiguous() else out.contiguous()
+
+
+def device_guard(x) -> Optional[torch.cuda.device]:
+    """``torch.cuda.device(x.device)`` when ``x`` is a CUDA tensor on another device than the current
+    one, else None. Triton launches on the current device and its current stream, so an op whose
+    tensors live on cuda:1 while cuda:0 is current runs under this guard (as PyTorch's own ops guard
+    their device); ``x``: the op's first tensor (checks bind the others to its device)."""
+    if isinstance(x, Tensor) and x.is_cuda and not torch.compiler.is_compiling():  # (compiled code guards its device)
+        if x.get_device() != torch.cuda.current_device():
+            return torch.cuda.device(x.get_device())
+    return None
 
 
 # ------------------------------------------------------------------------------- registration
@@ -561,6 +576,8 @@ _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))
 # same arguments.
 # A call that copied a parameter (``Decision.copied``), has an empty output, or needs gradients is
 # never planned: it takes the full dispatch every time.
+# A plain eager call of a public function outside any fused module keeps its plans the same way in the
+# process's store, ``FUNCTION_PLANS`` (bounded; ``clear_plans()`` empties it).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -591,6 +608,21 @@ class PlanStore(dict):
 
 _PLANS: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("vit_kernels_plans", default=None)
 MAX_PLANS = 64  # signatures one module keeps (an input of many shapes: the oldest are dropped)
+
+# The plans of calls made outside a fused module (the public functions, vit_kernels.ops.*): one store
+# for the process, as Triton keeps its compiled kernels. A plan holds no tensor of a call (the Replay
+# keeps shapes, strides, empty like-tensors and the process-long placeholders; the Decision and the
+# checked numbers), so it keeps no user memory alive.
+FUNCTION_PLANS = PlanStore()
+MAX_FUNCTION_PLANS = 256
+
+
+def clear_plans() -> None:
+    """Forget the launch plans of the public functions' calls (:data:`FUNCTION_PLANS`; each fused
+    module keeps its own in ``module._vk_plans``). Nothing a user does through vit_kernels' API needs
+    it (a plan's key holds every input the decision and the launch depend on, and the tuner's state);
+    tests call it after replacing a kernel or a backend rule by hand."""
+    FUNCTION_PLANS.clear()
 
 
 class plans:
@@ -662,7 +694,7 @@ def _run_planned(op: str, args: Sequence, tensors: Sequence, store: dict):
         backends.OFFERS.slot = None
         rec = replay.stop()  # started by the dispatch's offer
     if slot and calls and calls[-1].op == op and not calls[-1].copied and calls[-1].path != "empty":
-        if len(store) >= MAX_PLANS:
+        if len(store) >= (MAX_FUNCTION_PLANS if store is FUNCTION_PLANS else MAX_PLANS):
             store.clear()
         d = calls[-1]
         if d.backend != "triton":
@@ -684,13 +716,19 @@ def run(op: str, args: Sequence):
       torch.compile, the plain PyTorch path;
     - a plain eager call (:func:`_plain_eager`): the op's implementation itself, the same function
       the dispatcher would call, without the dispatcher's Python round trip (its autograd wrapper
-      and redispatch, several microseconds against the 15 us host budget of a call); inside a fused
-      module's call (:func:`call_planned`), its launch plan for this signature when it has one;
+      and redispatch, several microseconds against the 15 us host budget of a call), through the
+      launch plan of its signature: a fused module's own (:func:`call_planned`), else the process's
+      (:data:`FUNCTION_PLANS`), made by the first such call;
     - otherwise (torch.compile, torch.export, torch.fx, torch.jit.trace, modes, subclasses,
       functorch): the custom op, which they see as one node."""
     tensors = args[: N_TENSORS[op]]
     if isinstance(args[0], _PROXY):  # symbolic(args[0])
         return getattr(torch.ops.vit_kernels, op)(*_scalars(op, args))
+    if args[0].__class__ is not Tensor or args[0].is_cuda:  # (a plain CPU tensor: ~0.1 us of the host budget)
+        guard = device_guard(args[0])
+        if guard is not None:
+            with guard:  # launches on the tensors' device, with its current stream
+                return run(op, args)
     if torch.is_grad_enabled() and backends.needs_grad(tensors):
         args = _scalars(op, args)  # path, approximate, tune, ... checked as the op does
         if not torch.compiler.is_compiling():
@@ -700,11 +738,11 @@ def run(op: str, args: Sequence):
             return IMPLS[op](*args)
         return TORCH_PATHS[op](*args)  # traced by the compiler op by op; checks the tensors
     if _plain_eager(tensors):
+        # a fused module's call: its own launch plans; a call of the public function: the process's.
+        # The first call of a signature runs the op's implementation (every check; strides as the backend
+        # made them: no tracer holds the fake's contiguous promise, so no copy of SDPA's output in eager)
         store = _PLANS.get()
-        if store is not None:
-            return _run_planned(op, args, tensors, store)  # a fused module's call: its launch plan
-        return IMPLS[op](*args)  # checks every argument; strides as the backend made them (no tracer holds
-        #                           the fake's contiguous promise), so no copy of SDPA's output in eager
+        return _run_planned(op, args, tensors, FUNCTION_PLANS if store is None else store)
     return getattr(torch.ops.vit_kernels, op)(*_scalars(op, args))
 
 

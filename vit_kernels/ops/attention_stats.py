@@ -137,7 +137,7 @@ def active_request() -> Optional[StatsRequest]:
     while torch.compile traces: recording is for eager calls)."""
     if torch.compiler.is_compiling():
         return None
-    active = getattr(_LOCAL, "active", None)
+    active = _LOCAL.__dict__.get("active")  # (a missing thread-local attribute costs ~1 us; a dict look-up does not)
     return active[0] if active is not None else None
 
 
