@@ -545,6 +545,28 @@ MUTATIONS: List[Mutation] = [
         "        used = [pe]  # what the entry holds",
         ("tests/test_swap_dynamic_size.py", "-k", "prefix_variants_resample"),
     ),
+    # ------------------------------------------------------------------ tuning: the correctness check
+    Mutation(
+        "tuning-check-first-entries-only",
+        "vit_kernels/tuning.py",
+        "        return torch.cat([t.narrow(0, 0, k), t.narrow(0, n - k, k)])",
+        "        return t.narrow(0, 0, 2 * k)",
+        ("tests/test_tuning_check.py",),
+    ),
+    Mutation(
+        "tuning-check-budget-ignored",
+        "vit_kernels/tuning.py",
+        "    if full <= budget:\n        return CheckPlan(op, n, 0, full, full)",
+        "    if True:\n        return CheckPlan(op, n, 0, full, full)",
+        ("tests/test_tuning_check.py",),
+    ),
+    Mutation(
+        "tuning-oom-candidate-unreported",
+        "vit_kernels/tuning.py",
+        '        if not out_of_memory(e):\n            return f"failed:',
+        '        if True:\n            return f"failed:',
+        ("tests/test_tuning_check.py",),
+    ),
 ]
 
 
