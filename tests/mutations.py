@@ -549,15 +549,22 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "tuning-check-first-entries-only",
         "vit_kernels/tuning.py",
-        "        return torch.cat([t.narrow(0, 0, k), t.narrow(0, n - k, k)])",
-        "        return t.narrow(0, 0, 2 * k)",
+        "    return torch.cat([t.narrow(dim, 0, k), t.narrow(dim, n - k, k)], dim)",
+        "    return t.narrow(dim, 0, 2 * k)",
         ("tests/test_tuning_check.py",),
     ),
     Mutation(
         "tuning-check-budget-ignored",
         "vit_kernels/tuning.py",
-        "    if full <= budget:\n        return CheckPlan(op, n, 0, full, full)",
-        "    if True:\n        return CheckPlan(op, n, 0, full, full)",
+        "    if full <= budget:\n        return CheckPlan(op, n, 0, full, full, H, 0, hd)",
+        "    if True:\n        return CheckPlan(op, n, 0, full, full, H, 0, hd)",
+        ("tests/test_tuning_check.py",),
+    ),
+    Mutation(
+        "tuning-check-heads-never-cut",
+        "vit_kernels/tuning.py",
+        "    if fixed + 8 * per * m <= budget or H <= 2:",
+        "    if True:",
         ("tests/test_tuning_check.py",),
     ),
     Mutation(

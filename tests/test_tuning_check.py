@@ -50,10 +50,10 @@ def op_args(case, n, dtype=torch.float32):
     if case == "layernorm_gelu_mlp":
         ln = (1 + 0.1 * g(16), 0.1 * g(16))
         return (g(n, 5, 16), *ln, g(64, 16) * 0.25, g(64), g(16, 64) * 0.125, g(16), g(n, 5, 16), g(16), 1e-6, "none")
-    if case == "qkv_attention":
-        return (g(n, 6, 16), g(48, 16) * 0.25, g(48), 1 + 0.1 * g(16), 0.1 * g(16), 2, 8**-0.5, 1e-6, None)
+    if case == "qkv_attention":  # 4 heads of 4
+        return (g(n, 6, 16), g(48, 16) * 0.25, g(48), 1 + 0.1 * g(16), 0.1 * g(16), 4, 0.5, 1e-6, None)
     if case == "flash_attention":
-        return (g(n, 2, 6, 8), g(n, 2, 7, 8), g(n, 2, 7, 8), 8**-0.5)
+        return (g(n, 4, 6, 8), g(n, 4, 7, 8), g(n, 4, 7, 8), 8**-0.5)
     if case == "patch_embed":
         return (g(n, 3, 8, 8), g(16, 3, 4, 4) * 0.2, g(16), g(1, 5, 16), g(1, 1, 16), 4, None)
     raise ValueError(case)
@@ -69,21 +69,26 @@ def launcher(case):
 
 class Runs:
     """The run function the tuner gets: torch and the oracle really run; candidate "triton:good" is
-    the torch path's output, "triton:wrong_first" / "triton:wrong_last" that output with one element
-    of the first / the last entry of dim 0 off by 1; records the dim-0 size each run saw."""
+    the torch path's output, "triton:wrong_first" / "triton:wrong_last" that output with its first /
+    last element off by 1 (first / last entry of dim 0, and head for attention); records the size of
+    dim 0 (and the heads, for attention) each run saw, and the output's shape."""
 
     def __init__(self, case, fail=None):
+        self.case = case
         self.launch = launcher(case)
-        self.seen = []  # (backend, dim-0 size of the first argument)
+        self.seen = []  # (backend, dim-0 size of the first argument[, heads])
         self.fail = fail or {}  # candidate path -> exception its run raises
+        self.out_shape = None
 
     def __call__(self, d, *args):
-        self.seen.append((d.backend, args[0].shape[0]))
+        heads = {"qkv_attention": lambda: args[5], "flash_attention": lambda: args[0].shape[1]}.get(self.case)
+        self.seen.append((d.backend, args[0].shape[0]) + ((heads(),) if heads else ()))
         if d.path in self.fail:
             raise self.fail[d.path]
         if d.backend != "triton":
             return self.launch(d, *args)
         out = self.launch(Decision(d.op, "torch", "auto"), *args).clone()
+        self.out_shape = tuple(out.shape)
         if d.path == "wrong_first":
             out.view(-1)[0] += 1.0
         elif d.path == "wrong_last":
@@ -102,16 +107,23 @@ def tuned(case, n, check_bytes, cands=(TORCH, GOOD, WRONG_FIRST, WRONG_LAST), ti
 @pytest.mark.parametrize("case", OPS)
 def test_a_large_call_is_checked_on_its_first_and_last_entries_and_a_wrong_end_is_dropped(case):
     """Above the budget the oracle and the torch baseline see the first and the last entry only (2 of
-    12); a candidate wrong only in the first, or only in the last entry is still dropped, with the
-    index of the wrong element in the call (not in the slice); a right one wins."""
+    12; for attention also the first and the last head only, 2 of 4); a candidate wrong only in its
+    first, or only in its last element is still dropped, with the index of the wrong element in the
+    call (not in the checked part); a right one wins."""
     n = 12
-    entry, runs, res = tuned(case, n, check_bytes=1)  # 1 byte: keep = 1
-    assert ("reference", 2) in runs.seen and ("reference", n) not in runs.seen
-    assert {size for backend, size in runs.seen if backend == "triton"} == {n}  # candidates run the whole call
+    entry, runs, res = tuned(case, n, check_bytes=1)  # 1 byte: keep = 1 (and keep_heads = 1)
+    attention = case in ("qkv_attention", "flash_attention")
+    [checked] = [s for s in runs.seen if s[0] == "reference"]
+    assert checked == (("reference", 2, 2) if attention else ("reference", 2))
+    assert {s[1:] for s in runs.seen if s[0] == "triton"} == {(n, 4) if attention else (n,)}  # the whole call
     first, last = res[WRONG_FIRST], res[WRONG_LAST]
-    assert first.ms is None and "disagrees with the oracle" in first.dropped and "at index (0," in first.dropped
-    assert last.ms is None and "disagrees with the oracle" in last.dropped and f"at index ({n - 1}," in last.dropped
-    assert f"(checked on entries 0 and {n - 1} of {n} along dim 0)" in last.dropped
+    assert first.ms is None and "disagrees with the oracle" in first.dropped
+    assert last.ms is None and "disagrees with the oracle" in last.dropped
+    assert f"at index {(0,) * len(runs.out_shape)} " in first.dropped
+    assert f"at index {tuple(s - 1 for s in runs.out_shape)} " in last.dropped
+    assert f"(checked on entries 0 and {n - 1} of {n} along dim 0{', heads 0 and 3 of 4' if attention else ''})" in (
+        last.dropped
+    )
     assert res[GOOD].ms == 0.5 and entry.winner == GOOD
 
 
@@ -133,7 +145,7 @@ def test_a_small_call_is_checked_whole(case):
     t = make_tuner(FakeTimer())
     entry = t.tune_signature(op_name(case), "sig", [TORCH, middle], run, op_args(case, n))
     assert check_plan(op_name(case), op_args(case, n)).keep == 0
-    assert runs.seen[0] == ("reference", n)
+    assert runs.seen[0][:2] == ("reference", n) and runs.seen[0][2:] in ((), (4,))
     assert entry.results[1].ms is None and f"at index ({n // 2}," in entry.results[1].dropped
 
 
@@ -150,7 +162,7 @@ def test_keep_is_as_many_entries_as_fit_the_budget():
         assert plan.bytes == (fixed + 2 * keep * per if keep else whole.full_bytes)
     plan = check_plan("linear", args, budget=fixed + 6 * per)
     assert plan.take(torch.arange(20)).tolist() == [0, 1, 2, 17, 18, 19]
-    assert [plan.entry(i) for i in range(6)] == [0, 1, 2, 17, 18, 19]
+    assert [plan.where((i, 4, 7)) for i in range(6)] == [(e, 4, 7) for e in (0, 1, 2, 17, 18, 19)]
     assert str(plan).startswith("entries 0-2 and 17-19 of 20 along dim 0")
 
 
@@ -181,6 +193,47 @@ def test_vit_b16_batch_256_check_fits_the_budget(op):
     ends = plan.take(torch.arange(256)).tolist()
     assert ends[0] == 0 and ends[-1] == 255 and len(ends) == 2 * plan.keep
     assert check_plan(op, vit_b16_args(op, batch=1)).keep == 0
+
+
+def long_sequence_args(op, batch, tokens, dtype=torch.bfloat16):
+    """ViT-B's attention (12 heads of 64) over ``tokens`` tokens (meta tensors)."""
+
+    def m(*shape):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    if op == "qkv_attention":
+        return (m(batch, tokens, 768), m(3 * 768, 768), m(3 * 768), m(768), m(768), 12, 0.125, 1e-6, None)
+    return (m(batch, 12, tokens, 64), m(batch, 12, tokens, 64), m(batch, 12, tokens, 64), 0.125)
+
+
+@pytest.mark.parametrize("op", ["qkv_attention", "flash_attention"])
+def test_attention_over_long_sequences_is_checked_on_its_first_and_last_heads(op):
+    """When one sample's scores alone are too big (1370 tokens: DINOv2 at 518 px; 4097: 1024 px at
+    patch 16), the check keeps the first and the last heads too: two samples (or the only one) of two
+    heads, not two samples of twelve."""
+    plan = check_plan(op, long_sequence_args(op, 64, 1370))
+    assert (plan.keep, plan.heads, plan.keep_heads) == (1, 12, 1)
+    assert plan.bytes <= 1.1 * CHECK_BYTES and plan.full_bytes > 30 * plan.bytes
+    assert plan.covers == "entries 0 and 63 of 64 along dim 0, heads 0 and 11 of 12"
+    one = check_plan(op, long_sequence_args(op, 1, 4097))
+    assert (one.keep, one.keep_heads) == (0, 1) and one.full_bytes > 5 * one.bytes
+    assert one.covers == "the only entry of dim 0, heads 0 and 11 of 12"
+
+
+def test_heads_are_cut_from_the_weights_and_the_output_consistently():
+    """qkv_attention cut to heads 0 and 3 of 4 is the call on those heads: the oracle on the cut
+    inputs equals the same columns of the oracle on the whole call; flash_attention the same on dim 1."""
+    for case in ("qkv_attention", "flash_attention"):
+        args = op_args(case, 3, dtype=torch.float64)
+        plan = check_plan(case, args, budget=1)
+        assert (plan.keep, plan.keep_heads) == (1, 1)
+        launch = launcher(case)
+        whole = launch(Decision(case, "reference", "auto"), *args)
+        cut = launch(Decision(case, "reference", "auto"), *plan.inputs(args))
+        torch.testing.assert_close(cut, plan.take(whole), rtol=1e-12, atol=1e-12)
+        last = tuple(s - 1 for s in cut.shape)
+        assert plan.where(last) == tuple(s - 1 for s in whole.shape)
+    assert plan.where((1, 1, 5, 7)) == (2, 3, 5, 7) and plan.where((0, 0, 1, 2)) == (0, 0, 1, 2)  # flash_attention
 
 
 class PeakBytes(TorchDispatchMode):

@@ -25,6 +25,9 @@ full output is compared on the same entries. That dim is the one no op mixes (at
 tokens of one sample, the linear and the MLP are per row, the patch embedding per image), so the
 check of a slice is the check of those entries of the whole call; its two ends hold the first and
 the last tile of a candidate's grid, where a wrong batch stride, offset or last partial tile shows.
+Where one entry alone is too big (attention over long sequences), the attention ops also keep the
+first and the last heads only (heads never mix).
+
 An out-of-memory error (``torch.cuda.OutOfMemoryError``, a RuntimeError "out of memory") in a
 candidate's run, its check or its timing drops that candidate with that reason (in the tuning table
 and the Decision's reasons) and logs a warning; the tuner goes on with the next. When the oracle or
@@ -382,27 +385,40 @@ BATCHED_ARGS: Dict[str, Tuple[int, ...]] = {
 }
 
 
-def _per_entry_elements(op: str, args: tuple) -> Optional[int]:
-    """Float64 elements the check holds at its peak per entry of dim 0 (an upper estimate, see
-    :func:`check_plan`), or None for an op this does not know (its whole call is checked)."""
+def _costs(op: str, args: tuple) -> Optional[Tuple[int, int, int]]:
+    """(shared, per_head, heads): the float64 elements the check holds at its peak per entry of dim 0
+    (an upper estimate, see :func:`check_plan`) are shared + per_head * heads; heads = 0 for the ops
+    without heads. None for an op this does not know (its whole call is checked)."""
     a = args[0]
     if op == "linear":  # x (n, ..., K), weight (O, K)
         rows, (O, K) = math.prod(a.shape[1:-1]), args[1].shape
-        return rows * (K + 6 * O)  # x; x @ w^T, + bias, * layer_scale, residual + (two alive at once), residual
+        return rows * (K + 6 * O), 0, 0  # x; x @ w^T, + bias, * layer_scale, + residual (two alive at once)
     if op == "layernorm_gelu_mlp":  # x (n, ..., K), fc1_weight (Hd, K), fc2_weight (O, Hd)
         rows, K, Hd, O = math.prod(a.shape[1:-1]), a.shape[-1], args[3].shape[0], args[5].shape[0]
-        return rows * (3 * K + 6 * Hd + 6 * O)  # x and LayerNorm's temporaries; fc1 + bias and GELU's; fc2's
-    if op == "qkv_attention":  # x (n, N, C), qkv_weight (3I, C)
-        N, C, I, H = a.shape[1], a.shape[2], args[1].shape[0] // 3, args[5]
-        return N * (3 * C + 12 * I) + 3 * H * N * N  # the (H, N, N) scores, scaled, softmax: two alive at once
+        return rows * (3 * K + 6 * Hd + 6 * O), 0, 0  # x, LayerNorm's temporaries; fc1 + bias, GELU's; fc2's
+    if op == "qkv_attention":  # x (n, N, C), qkv_weight (3 H hd, C)
+        N, C, H = a.shape[1], a.shape[2], args[5]
+        hd = args[1].shape[0] // 3 // H
+        return N * 3 * C, N * 12 * hd + 3 * N * N, H  # per head: q, k, v and copies; the (N, N) scores, scaled, softmax
     if op == "flash_attention":  # q (n, H, Nq, D), k and v (n, H, Nk, D)
         H, Nq, D, Nk = a.shape[1], a.shape[2], a.shape[3], args[1].shape[2]
-        return H * (4 * Nq * D + 4 * Nk * D + 3 * Nq * Nk)
+        return 0, 4 * Nq * D + 4 * Nk * D + 3 * Nq * Nk, H
     if op == "patch_embed":  # images (n, C, Hi, Wi), weight (dim, C, p, p)
         dim, p = args[1].shape[0], args[5]
         T = (a.shape[2] // p) * (a.shape[3] // p) + (args[4] is not None)
-        return 4 * math.prod(a.shape[1:]) + 6 * T * dim  # pixels converted, patches gathered; tokens, cat, + pos
+        return 4 * math.prod(a.shape[1:]) + 6 * T * dim, 0, 0  # pixels converted, patches; tokens, cat, + pos
     return None
+
+
+def _ends(t: torch.Tensor, dim: int, k: int) -> torch.Tensor:
+    """The first and the last ``k`` entries of ``t`` along ``dim``."""
+    n = t.shape[dim]
+    return torch.cat([t.narrow(dim, 0, k), t.narrow(dim, n - k, k)], dim)
+
+
+def _end_index(i: int, n: int, k: int) -> int:
+    """The index in a dim of size n of entry i of its first and last k entries."""
+    return i if i < k else n - 2 * k + i
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,48 +426,81 @@ class CheckPlan:
     """What the tuner's correctness check of one call covers and what it takes.
 
     entries: the size of dim 0 of the op's batched arguments (:data:`BATCHED_ARGS`); keep: the check
-    covers entries [0, keep) and [entries - keep, entries) of that dim (0: the whole call), in the
-    inputs the float64 oracle and the torch baseline see and in every candidate's output;
-    full_bytes, bytes: the check's float64 working set for the whole call and for this plan
-    (estimates, see :func:`check_plan`)."""
+    covers entries [0, keep) and [entries - keep, entries) of that dim (0: all); heads, keep_heads:
+    for the attention ops, the call's heads and the first and the last keep_heads of them the check
+    covers (0: all); both in the inputs the float64 oracle and the torch baseline see and in every
+    candidate's output. full_bytes, bytes: the check's float64 working set for the whole call and
+    for this plan (estimates, see :func:`check_plan`)."""
 
     op: str
     entries: int
     keep: int
     full_bytes: int
     bytes: int
+    heads: int = 0
+    keep_heads: int = 0
+    head_dim: int = 0  # qkv_attention's (its output's columns are heads x head_dim)
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
-        """The checked entries of ``t`` along dim 0 (``t`` itself when the whole call is checked)."""
-        if not self.keep:
-            return t
-        n, k = self.entries, self.keep
-        return torch.cat([t.narrow(0, 0, k), t.narrow(0, n - k, k)])
+        """The checked part of the op's output ``t`` (``t`` itself when the whole call is checked)."""
+        if self.keep:
+            t = _ends(t, 0, self.keep)
+        if self.keep_heads and self.op == "flash_attention":  # (n, H, N, D)
+            t = _ends(t, 1, self.keep_heads)
+        elif self.keep_heads:  # qkv_attention: (n, N, H * head_dim), heads concatenated
+            t = _ends(t.unflatten(-1, (self.heads, -1)), -2, self.keep_heads).flatten(-2)
+        return t
 
     def inputs(self, args: tuple) -> tuple:
-        """The op's run arguments with the batched ones cut to the checked entries."""
-        if not self.keep:
-            return args
-        batched = BATCHED_ARGS[self.op]
-        return tuple(self.take(a) if i in batched and a is not None else a for i, a in enumerate(args))
+        """The op's run arguments cut to the checked part."""
+        if self.keep:
+            batched = BATCHED_ARGS[self.op]
+            args = tuple(_ends(a, 0, self.keep) if i in batched and a is not None else a for i, a in enumerate(args))
+        if self.keep_heads and self.op == "flash_attention":  # q, k, v: (n, H, N, D)
+            args = tuple(_ends(a, 1, self.keep_heads) for a in args[:3]) + args[3:]
+        elif self.keep_heads:  # qkv_attention: qkv_weight (3 H hd, C) and qkv_bias (3 H hd,), rows [q; k; v]
+            w, b, H, k = args[1], args[2], self.heads, self.keep_heads
+            w = _ends(w.unflatten(0, (3, H, -1)), 1, k).flatten(0, 2)
+            b = None if b is None else _ends(b.unflatten(0, (3, H, -1)), 1, k).flatten()
+            args = (args[0], w, b) + args[3:5] + (2 * k,) + args[6:]
+        return args
 
-    def entry(self, i: int) -> int:
-        """The index along dim 0 of the call of entry ``i`` of the checked part."""
-        return i if not self.keep or i < self.keep else self.entries - 2 * self.keep + i
+    def where(self, index: tuple) -> tuple:
+        """The index in the call's output of ``index`` in the checked part."""
+        index = list(index)
+        if self.keep and index:
+            index[0] = _end_index(index[0], self.entries, self.keep)
+        if self.keep_heads and self.op == "flash_attention" and len(index) > 1:
+            index[1] = _end_index(index[1], self.heads, self.keep_heads)
+        elif self.keep_heads and index:  # qkv_attention: the column, head_dim per head
+            hd = self.head_dim
+            index[-1] = _end_index(index[-1] // hd, self.heads, self.keep_heads) * hd + index[-1] % hd
+        return tuple(index)
 
     @property
     def covers(self) -> str:
-        """What the check covers, in words: "the whole call" or "entries 0-2 and 253-255 of 256 along dim 0"."""
-        if not self.keep:
+        """What the check covers, in words: "the whole call" or "entries 0-2 and 253-255 of 256 along
+        dim 0", ", heads 0 and 11 of 12" for attention when the heads are cut too."""
+        if not self.keep and not self.keep_heads:
             return "the whole call"
-        n, k = self.entries, self.keep
-        first = "0" if k == 1 else f"0-{k - 1}"
-        last = f"{n - 1}" if k == 1 else f"{n - k}-{n - 1}"
-        return f"entries {first} and {last} of {n} along dim 0"
+        parts = []
+        if self.keep:
+            parts.append(f"entries {_ends_text(self.entries, self.keep)} of {self.entries} along dim 0")
+        else:
+            parts.append("the only entry of dim 0" if self.entries == 1 else f"all {self.entries} entries of dim 0")
+        if self.keep_heads:
+            parts.append(f"heads {_ends_text(self.heads, self.keep_heads)} of {self.heads}")
+        return ", ".join(parts)
 
     def __str__(self) -> str:
         s = f"{self.covers} ({self.bytes / 2**20:.3g} MiB of float64"
-        return s + (f"; the whole call: {self.full_bytes / 2**20:.3g} MiB)" if self.keep else ")")
+        return s + (f"; the whole call: {self.full_bytes / 2**20:.3g} MiB)" if self.bytes != self.full_bytes else ")")
+
+
+def _ends_text(n: int, k: int) -> str:
+    first = "0" if k == 1 else f"0-{k - 1}"
+    last = f"{n - 1}" if k == 1 else f"{n - k}-{n - 1}"
+    return f"{first} and {last}"
 
 
 def check_plan(op: str, args: tuple, budget: int = CHECK_BYTES) -> CheckPlan:
@@ -460,27 +509,37 @@ def check_plan(op: str, args: tuple, budget: int = CHECK_BYTES) -> CheckPlan:
     largest intermediates alive at once in :mod:`vit_kernels.reference` (attention's (heads, tokens,
     tokens) scores and softmax, the MLP's hidden activations through GELU), the oracle's output and
     the float64 copies of a candidate's output and of the torch baseline that the comparison makes.
-    Up to ``budget`` bytes the whole call is checked; above, the first and the last ``keep`` entries,
-    keep = max(1, the most that fit the budget): the first and the last tile of the batch (or rows)
-    dim, where a wrong stride, offset or last partial tile shows. So the check takes at most
-    max(budget, weights + 2 entries) bytes, whatever the batch."""
+    Up to ``budget`` bytes the whole call is checked; above, the first and the last ``keep`` entries
+    of dim 0, keep = max(1, the most that fit the budget): the first and the last tile of the batch
+    (or rows) dim, where a wrong stride, offset or last partial tile shows. When that is still above
+    the budget (attention over long sequences: one sample's scores are heads x tokens^2), the
+    attention ops keep the first and the last ``keep_heads`` heads the same way (heads never mix).
+    So the check takes at most max(budget, weights + 2 entries (of 2 heads for attention)) bytes,
+    whatever the batch."""
     batched = BATCHED_ARGS.get(op)
-    per = _per_entry_elements(op, args) if batched is not None and args[0].dim() >= 2 else None
+    costs = _costs(op, args) if batched is not None and args[0].dim() >= 2 else None
     fixed = 8 * sum(
-        a.numel()
-        for i, a in enumerate(args)
-        if isinstance(a, torch.Tensor) and (batched is None or i not in batched or per is None)
+        a.numel() for i, a in enumerate(args) if isinstance(a, torch.Tensor) and (costs is None or i not in batched)
     )
-    if per is None:  # an op this does not know: the whole call (bytes: its inputs' float64 copies only)
+    if costs is None:  # an op this does not know: the whole call (bytes: its inputs' float64 copies only)
         return CheckPlan(op, 0, 0, fixed, fixed)
+    shared, per_head, H = costs
+    hd = args[1].shape[0] // 3 // H if op == "qkv_attention" else 0
+    per = shared + per_head * H
     n = args[0].shape[0]
     full = fixed + 8 * per * n
     if full <= budget:
-        return CheckPlan(op, n, 0, full, full)
+        return CheckPlan(op, n, 0, full, full, H, 0, hd)
     keep = max(1, (budget - fixed) // (2 * 8 * per))
     if 2 * keep >= n:
-        return CheckPlan(op, n, 0, full, full)
-    return CheckPlan(op, n, keep, full, fixed + 8 * per * 2 * keep)
+        keep = 0
+    m = 2 * keep if keep else n
+    if fixed + 8 * per * m <= budget or H <= 2:
+        return CheckPlan(op, n, keep, full, fixed + 8 * per * m, H, 0, hd)
+    keep_heads = max(1, ((budget - fixed) // (8 * m) - shared) // (2 * per_head))
+    if 2 * keep_heads >= H:
+        return CheckPlan(op, n, keep, full, fixed + 8 * per * m, H, 0, hd)
+    return CheckPlan(op, n, keep, full, fixed + 8 * m * (shared + 2 * keep_heads * per_head), H, keep_heads, hd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -884,7 +943,7 @@ class Tuner:
         sync = _synchronize(args)
         plan = check_plan(op, args, self.check_bytes)
         label = short_signature(sig)
-        if plan.keep:
+        if plan.covers != "the whole call":
             logger.info("tuning %s: the check covers %s", label, plan)
         torch_c = Candidate("torch")
         oracle = baseline = None
@@ -919,8 +978,8 @@ class Tuner:
                 out = None
                 if cmp is not None and not cmp.ok:
                     why = "disagrees with the oracle beyond the tolerance rule"
-                    if plan.keep:  # the index in the call, not in the checked entries
-                        cmp = dataclasses.replace(cmp, where=(plan.entry(cmp.where[0]),) + cmp.where[1:])
+                    if plan.covers != "the whole call":  # the index in the call, not in the checked part
+                        cmp = dataclasses.replace(cmp, where=plan.where(cmp.where))
                         why += f" (checked on {plan.covers})"
                     results.append(Result(c, None, f"{why}: {cmp}"))
                     continue
