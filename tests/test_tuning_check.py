@@ -374,3 +374,46 @@ def test_out_of_memory_is_told_from_other_errors():
     assert tuning.out_of_memory(RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 8 GB"))
     assert not tuning.out_of_memory(RuntimeError("misaligned address"))
     assert not tuning.out_of_memory(ValueError("out of memory"))
+
+
+def test_a_model_tuned_at_a_small_budget_checks_its_real_kernels_on_both_ends():
+    """vk.tune with the real candidates (the Triton paths in the interpreter, the torch path) and a
+    1-byte budget: every op's oracle sees samples 0 and 2 of 3 only (attention: heads 0 and 3 of 4),
+    and no right kernel is dropped by the cut (each one's slice is compared with the right entries)."""
+    from vit_kernels.models import VisionTransformer
+    from test_tuning import VERSIONS, paths_only
+
+    seen = []
+
+    class Recording(tuning.Tuner):
+        def tune_signature(self, op, sig, cands, run, args):
+            def recorded(d, *a):
+                heads = a[5] if op == "qkv_attention" else None
+                seen.append((op, d.backend, a[0].shape[0], heads))
+                return run(d, *a)
+
+            return super().tune_signature(op, sig, cands, recorded, args)
+
+    model = VisionTransformer(
+        img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=4, num_classes=10, backend="auto"
+    ).eval()
+    images = torch.randn(3, 3, 32, 32, device=DEVICE)
+    tuner = Recording(
+        timer=FakeTimer({"model:fused": 1.0, "model:unfused": 2.0}),
+        tunable=lambda device: None,
+        device_facts=lambda device: ("fake-gpu", 90),
+        versions=VERSIONS,
+        path=None,
+        candidate_list=paths_only,
+        check_bytes=1,
+    )
+    with tuning.use_tuner(tuner):
+        result = vk.tune(model, images)
+    assert {e.op for e in result.entries} == {"patch_embed", "qkv_attention", "linear", "layernorm_gelu_mlp"}
+    for e in result.entries:
+        assert all(r.ms is not None for r in e.results), e.table()
+        assert any(r.candidate.backend == "triton" for r in e.results), e.table()
+    checked = {(op, n, heads) for op, backend, n, heads in seen if backend == "reference"}
+    assert checked == {("patch_embed", 2, None), ("qkv_attention", 2, 2), ("linear", 2, None),
+                       ("layernorm_gelu_mlp", 2, None)}  # fmt: skip
+    assert {n for op, backend, n, _ in seen if backend == "triton"} == {3}
