@@ -124,7 +124,7 @@ def test_a_large_call_is_checked_on_its_first_and_last_entries_and_a_wrong_end_i
     assert f"(checked on entries 0 and {n - 1} of {n} along dim 0{', heads 0 and 3 of 4' if attention else ''})" in (
         last.dropped
     )
-    assert res[GOOD].ms == 0.5 and entry.winner == GOOD
+    assert res[GOOD].ms == 0.5 and entry.winner == GOOD and not entry.short_of_memory
 
 
 @pytest.mark.parametrize("case", ["linear", "qkv_attention"])
@@ -365,6 +365,7 @@ def test_torch_baseline_out_of_memory_keeps_only_the_torch_path(caplog):
     res = {r.candidate: r for r in entry.results}
     assert entry.winner == TORCH and res[TORCH].dropped.startswith("out of memory: RuntimeError")
     assert res[GOOD].ms is None and res[GOOD].dropped.startswith("not checked: the torch path")
+    assert entry.short_of_memory  # never written to the cache file
     assert any("only the torch path competes" in r.getMessage() for r in caplog.records)
 
 

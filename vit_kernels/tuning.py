@@ -76,7 +76,8 @@ MODES = ("on", "off", "cache-only")
 ENV_MODE = "VIT_KERNELS_TUNE"
 FORMAT = 1  # the cache file's layout; a file of another format is ignored and rebuilt
 
-OUT_OF_MEMORY = "out of memory"  # in the reason of every candidate dropped because memory ran out
+OUT_OF_MEMORY = "out of memory"  # starts the reason of every candidate dropped because memory ran out
+UNCHECKED = "not checked: "  # starts the reason of every candidate left unchecked (no oracle or baseline: memory)
 CACHE_ONLY_MISS = "cache-only and no cached choice for this signature: untimed rules"
 
 _MODE: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("vit_kernels_tune", default=None)
@@ -599,7 +600,7 @@ class Entry:
         """True when a candidate was dropped, or none could be checked, because memory ran out: a
         choice of this moment's free memory, kept for this process but never written to the cache
         file (the next process tunes the signature again)."""
-        return any(OUT_OF_MEMORY in r.dropped for r in self.results)
+        return any(r.dropped.startswith((OUT_OF_MEMORY, UNCHECKED)) for r in self.results)
 
     def reasons(self) -> Dict[str, str]:
         """backend -> why it was not taken (its best time, or why all its candidates were dropped)."""
@@ -954,7 +955,7 @@ class Tuner:
         except Exception as e:
             if not out_of_memory(e):
                 raise
-            unchecked = f"not checked: the float64 oracle ran {OUT_OF_MEMORY} on {plan} ({_first_line(e)})"
+            unchecked = f"{UNCHECKED}the float64 oracle ran {OUT_OF_MEMORY} on {plan} ({_first_line(e)})"
         if not unchecked:
             try:  # the tolerance rule's baseline: the torch path at the call's dtype, the same entries
                 baseline = plan.take(run(Decision(op, "torch", "auto"), *args))
@@ -962,7 +963,9 @@ class Tuner:
             except Exception as e:
                 if not out_of_memory(e):
                     raise
-                unchecked = f"not checked: the torch path (the tolerance rule's baseline) ran {OUT_OF_MEMORY} ({_first_line(e)})"
+                unchecked = (
+                    f"{UNCHECKED}the torch path (the tolerance rule's baseline) ran {OUT_OF_MEMORY} ({_first_line(e)})"
+                )
         if unchecked:
             logger.warning("vit_kernels tuning %s: %s; only the torch path competes", label, unchecked)
         results: List[Result] = []
