@@ -545,6 +545,35 @@ MUTATIONS: List[Mutation] = [
         "        used = [pe]  # what the entry holds",
         ("tests/test_swap_dynamic_size.py", "-k", "prefix_variants_resample"),
     ),
+    # ------------------------------------------------------------------ tuning: the correctness check
+    Mutation(
+        "tuning-check-first-entries-only",
+        "vit_kernels/tuning.py",
+        "    return torch.cat([t.narrow(dim, 0, k), t.narrow(dim, n - k, k)], dim)",
+        "    return t.narrow(dim, 0, 2 * k)",
+        ("tests/test_tuning_check.py",),
+    ),
+    Mutation(
+        "tuning-check-budget-ignored",
+        "vit_kernels/tuning.py",
+        "    if full <= budget:\n        return CheckPlan(op, n, 0, full, full, H, 0, hd)",
+        "    if True:\n        return CheckPlan(op, n, 0, full, full, H, 0, hd)",
+        ("tests/test_tuning_check.py",),
+    ),
+    Mutation(
+        "tuning-check-heads-never-cut",
+        "vit_kernels/tuning.py",
+        "    if fixed + 8 * per * m <= budget or H <= 2:",
+        "    if True:",
+        ("tests/test_tuning_check.py",),
+    ),
+    Mutation(
+        "tuning-oom-candidate-unreported",
+        "vit_kernels/tuning.py",
+        '        if not out_of_memory(e):\n            return f"failed:',
+        '        if True:\n            return f"failed:',
+        ("tests/test_tuning_check.py",),
+    ),
 ]
 
 

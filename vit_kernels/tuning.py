@@ -10,11 +10,30 @@ Flow (``vit_kernels.backends.resolve`` calls :meth:`Tuner.decide` for every ``au
 2. In memory, then in the user cache file (:func:`cache_path`), a choice for that signature is
    reused: nothing is timed.
 3. Otherwise every candidate (:func:`candidates`) runs once on the call's own inputs: one that
-   fails to compile or launch, or whose result disagrees with the float64 oracle beyond the
-   tolerance rule (:mod:`vit_kernels.testing`, bound from the torch path's own error), is dropped
-   with its reason. The others are timed (:func:`cuda_timer`: ``triton.testing.do_bench``,
+   fails to compile, launch or allocate, or whose result disagrees with the float64 oracle beyond
+   the tolerance rule (:mod:`vit_kernels.testing`, bound from the torch path's own error), is
+   dropped with its reason. The others are timed (:func:`cuda_timer`: ``triton.testing.do_bench``,
    warm-up, L2 flushed before each repeat, the median) and the fastest is kept, in memory and
    in the cache file (written atomically under a file lock).
+
+The correctness check's memory is bounded (:func:`check_plan`): its float64 working set (the
+oracle's inputs, intermediates and output, the comparison's float64 copies), estimated from the
+shapes, is at most :data:`CHECK_BYTES` (256 MiB) or the whole call is not checked at once: then the
+oracle and the torch baseline run on the first and the last ``keep`` entries of dim 0 only (samples;
+rows of a 2-D linear/MLP call; ``keep`` as many as fit the budget, at least 1), and each candidate's
+full output is compared on the same entries. That dim is the one no op mixes (attention mixes the
+tokens of one sample, the linear and the MLP are per row, the patch embedding per image), so the
+check of a slice is the check of those entries of the whole call; its two ends hold the first and
+the last tile of a candidate's grid, where a wrong batch stride, offset or last partial tile shows.
+Where one entry alone is too big (attention over long sequences), the attention ops also keep the
+first and the last heads only (heads never mix).
+
+An out-of-memory error (``torch.cuda.OutOfMemoryError``, a RuntimeError "out of memory") in a
+candidate's run, its check or its timing drops that candidate with that reason (in the tuning table
+and the Decision's reasons) and logs a warning; the tuner goes on with the next. When the oracle or
+the torch baseline themselves run out of memory, no candidate can be checked and only the torch
+path competes (said in every other candidate's reason, and in a warning). A choice made short of
+memory is kept for the process but not written to the cache file: the next process tunes again.
 
 Candidates per op: the torch path (for attention ops also each SDPA backend: flash, efficient,
 cudnn), each Triton path (qkv_attention: ``split``, and ``single_kernel`` where it fits) with its
@@ -42,6 +61,7 @@ import contextvars
 import dataclasses
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -56,6 +76,8 @@ MODES = ("on", "off", "cache-only")
 ENV_MODE = "VIT_KERNELS_TUNE"
 FORMAT = 1  # the cache file's layout; a file of another format is ignored and rebuilt
 
+OUT_OF_MEMORY = "out of memory"  # starts the reason of every candidate dropped because memory ran out
+UNCHECKED = "not checked: "  # starts the reason of every candidate left unchecked (no oracle or baseline: memory)
 CACHE_ONLY_MISS = "cache-only and no cached choice for this signature: untimed rules"
 
 _MODE: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("vit_kernels_tune", default=None)
@@ -346,6 +368,182 @@ def layout_class(t: torch.Tensor) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The correctness check: what part of a call it covers, what memory it takes
+
+CHECK_BYTES = 256 << 20  # 256 MiB: the check's float64 working set up to which a whole call is checked
+
+# op -> the positions, in the op's run arguments, of the tensors whose dim 0 is the op's independent
+# dim (the samples; the rows of a 2-D linear or MLP call); the output's dim 0 is the same dim. No op
+# mixes two entries of that dim: attention mixes the tokens of one sample (never two samples), the
+# linear and the MLP are per row, the patch embedding per image. pos_embed and cls_token are shared by
+# every image, the weights by every row: they are never sliced.
+BATCHED_ARGS: Dict[str, Tuple[int, ...]] = {
+    "linear": (0, 3),  # x, residual
+    "layernorm_gelu_mlp": (0, 7),  # x, residual
+    "qkv_attention": (0,),  # x
+    "flash_attention": (0, 1, 2),  # q, k, v
+    "patch_embed": (0,),  # images
+}
+
+
+def _costs(op: str, args: tuple) -> Optional[Tuple[int, int, int]]:
+    """(shared, per_head, heads): the float64 elements the check holds at its peak per entry of dim 0
+    (an upper estimate, see :func:`check_plan`) are shared + per_head * heads; heads = 0 for the ops
+    without heads. None for an op this does not know (its whole call is checked)."""
+    a = args[0]
+    if op == "linear":  # x (n, ..., K), weight (O, K)
+        rows, (O, K) = math.prod(a.shape[1:-1]), args[1].shape
+        return rows * (K + 6 * O), 0, 0  # x; x @ w^T, + bias, * layer_scale, + residual (two alive at once)
+    if op == "layernorm_gelu_mlp":  # x (n, ..., K), fc1_weight (Hd, K), fc2_weight (O, Hd)
+        rows, K, Hd, O = math.prod(a.shape[1:-1]), a.shape[-1], args[3].shape[0], args[5].shape[0]
+        return rows * (3 * K + 6 * Hd + 6 * O), 0, 0  # x, LayerNorm's temporaries; fc1 + bias, GELU's; fc2's
+    if op == "qkv_attention":  # x (n, N, C), qkv_weight (3 H hd, C)
+        N, C, H = a.shape[1], a.shape[2], args[5]
+        hd = args[1].shape[0] // 3 // H
+        return N * 3 * C, N * 12 * hd + 3 * N * N, H  # per head: q, k, v and copies; the (N, N) scores, scaled, softmax
+    if op == "flash_attention":  # q (n, H, Nq, D), k and v (n, H, Nk, D)
+        H, Nq, D, Nk = a.shape[1], a.shape[2], a.shape[3], args[1].shape[2]
+        return 0, 4 * Nq * D + 4 * Nk * D + 3 * Nq * Nk, H
+    if op == "patch_embed":  # images (n, C, Hi, Wi), weight (dim, C, p, p)
+        dim, p = args[1].shape[0], args[5]
+        T = (a.shape[2] // p) * (a.shape[3] // p) + (args[4] is not None)
+        return 4 * math.prod(a.shape[1:]) + 6 * T * dim, 0, 0  # pixels converted, patches; tokens, cat, + pos
+    return None
+
+
+def _ends(t: torch.Tensor, dim: int, k: int) -> torch.Tensor:
+    """The first and the last ``k`` entries of ``t`` along ``dim``."""
+    n = t.shape[dim]
+    return torch.cat([t.narrow(dim, 0, k), t.narrow(dim, n - k, k)], dim)
+
+
+def _end_index(i: int, n: int, k: int) -> int:
+    """The index in a dim of size n of entry i of its first and last k entries."""
+    return i if i < k else n - 2 * k + i
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckPlan:
+    """What the tuner's correctness check of one call covers and what it takes.
+
+    entries: the size of dim 0 of the op's batched arguments (:data:`BATCHED_ARGS`); keep: the check
+    covers entries [0, keep) and [entries - keep, entries) of that dim (0: all); heads, keep_heads:
+    for the attention ops, the call's heads and the first and the last keep_heads of them the check
+    covers (0: all); both in the inputs the float64 oracle and the torch baseline see and in every
+    candidate's output. full_bytes, bytes: the check's float64 working set for the whole call and
+    for this plan (estimates, see :func:`check_plan`)."""
+
+    op: str
+    entries: int
+    keep: int
+    full_bytes: int
+    bytes: int
+    heads: int = 0
+    keep_heads: int = 0
+    head_dim: int = 0  # qkv_attention's (its output's columns are heads x head_dim)
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """The checked part of the op's output ``t`` (``t`` itself when the whole call is checked)."""
+        if self.keep:
+            t = _ends(t, 0, self.keep)
+        if self.keep_heads and self.op == "flash_attention":  # (n, H, N, D)
+            t = _ends(t, 1, self.keep_heads)
+        elif self.keep_heads:  # qkv_attention: (n, N, H * head_dim), heads concatenated
+            t = _ends(t.unflatten(-1, (self.heads, -1)), -2, self.keep_heads).flatten(-2)
+        return t
+
+    def inputs(self, args: tuple) -> tuple:
+        """The op's run arguments cut to the checked part."""
+        if self.keep:
+            batched = BATCHED_ARGS[self.op]
+            args = tuple(_ends(a, 0, self.keep) if i in batched and a is not None else a for i, a in enumerate(args))
+        if self.keep_heads and self.op == "flash_attention":  # q, k, v: (n, H, N, D)
+            args = tuple(_ends(a, 1, self.keep_heads) for a in args[:3]) + args[3:]
+        elif self.keep_heads:  # qkv_attention: qkv_weight (3 H hd, C) and qkv_bias (3 H hd,), rows [q; k; v]
+            w, b, H, k = args[1], args[2], self.heads, self.keep_heads
+            w = _ends(w.unflatten(0, (3, H, -1)), 1, k).flatten(0, 2)
+            b = None if b is None else _ends(b.unflatten(0, (3, H, -1)), 1, k).flatten()
+            args = (args[0], w, b) + args[3:5] + (2 * k,) + args[6:]
+        return args
+
+    def where(self, index: tuple) -> tuple:
+        """The index in the call's output of ``index`` in the checked part."""
+        index = list(index)
+        if self.keep and index:
+            index[0] = _end_index(index[0], self.entries, self.keep)
+        if self.keep_heads and self.op == "flash_attention" and len(index) > 1:
+            index[1] = _end_index(index[1], self.heads, self.keep_heads)
+        elif self.keep_heads and index:  # qkv_attention: the column, head_dim per head
+            hd = self.head_dim
+            index[-1] = _end_index(index[-1] // hd, self.heads, self.keep_heads) * hd + index[-1] % hd
+        return tuple(index)
+
+    @property
+    def covers(self) -> str:
+        """What the check covers, in words: "the whole call" or "entries 0-2 and 253-255 of 256 along
+        dim 0", ", heads 0 and 11 of 12" for attention when the heads are cut too."""
+        if not self.keep and not self.keep_heads:
+            return "the whole call"
+        parts = []
+        if self.keep:
+            parts.append(f"entries {_ends_text(self.entries, self.keep)} of {self.entries} along dim 0")
+        else:
+            parts.append("the only entry of dim 0" if self.entries == 1 else f"all {self.entries} entries of dim 0")
+        if self.keep_heads:
+            parts.append(f"heads {_ends_text(self.heads, self.keep_heads)} of {self.heads}")
+        return ", ".join(parts)
+
+    def __str__(self) -> str:
+        s = f"{self.covers} ({self.bytes / 2**20:.3g} MiB of float64"
+        return s + (f"; the whole call: {self.full_bytes / 2**20:.3g} MiB)" if self.bytes != self.full_bytes else ")")
+
+
+def _ends_text(n: int, k: int) -> str:
+    first = "0" if k == 1 else f"0-{k - 1}"
+    last = f"{n - 1}" if k == 1 else f"{n - k}-{n - 1}"
+    return f"{first} and {last}"
+
+
+def check_plan(op: str, args: tuple, budget: int = CHECK_BYTES) -> CheckPlan:
+    """The part of a call the tuner's check covers. The check's float64 working set is estimated
+    from the shapes: the weights' float64 copies, plus per entry of dim 0 the inputs' copies, the
+    largest intermediates alive at once in :mod:`vit_kernels.reference` (attention's (heads, tokens,
+    tokens) scores and softmax, the MLP's hidden activations through GELU), the oracle's output and
+    the float64 copies of a candidate's output and of the torch baseline that the comparison makes.
+    Up to ``budget`` bytes the whole call is checked; above, the first and the last ``keep`` entries
+    of dim 0, keep = max(1, the most that fit the budget): the first and the last tile of the batch
+    (or rows) dim, where a wrong stride, offset or last partial tile shows. When that is still above
+    the budget (attention over long sequences: one sample's scores are heads x tokens^2), the
+    attention ops keep the first and the last ``keep_heads`` heads the same way (heads never mix).
+    So the check takes at most max(budget, weights + 2 entries (of 2 heads for attention)) bytes,
+    whatever the batch."""
+    batched = BATCHED_ARGS.get(op)
+    costs = _costs(op, args) if batched is not None and args[0].dim() >= 2 else None
+    fixed = 8 * sum(
+        a.numel() for i, a in enumerate(args) if isinstance(a, torch.Tensor) and (costs is None or i not in batched)
+    )
+    if costs is None:  # an op this does not know: the whole call (bytes: its inputs' float64 copies only)
+        return CheckPlan(op, 0, 0, fixed, fixed)
+    shared, per_head, H = costs
+    hd = args[1].shape[0] // 3 // H if op == "qkv_attention" else 0
+    per = shared + per_head * H
+    n = args[0].shape[0]
+    full = fixed + 8 * per * n
+    if full <= budget:
+        return CheckPlan(op, n, 0, full, full, H, 0, hd)
+    keep = max(1, (budget - fixed) // (2 * 8 * per))
+    if 2 * keep >= n:
+        keep = 0
+    m = 2 * keep if keep else n
+    if fixed + 8 * per * m <= budget or H <= 2:
+        return CheckPlan(op, n, keep, full, fixed + 8 * per * m, H, 0, hd)
+    keep_heads = max(1, ((budget - fixed) // (8 * m) - shared) // (2 * per_head))
+    if 2 * keep_heads >= H:
+        return CheckPlan(op, n, keep, full, fixed + 8 * per * m, H, 0, hd)
+    return CheckPlan(op, n, keep, full, fixed + 8 * m * (shared + 2 * keep_heads * per_head), H, keep_heads, hd)
+
+
+# ---------------------------------------------------------------------------------------------
 # The tuner
 
 
@@ -396,6 +594,13 @@ class Entry:
             [Result(Candidate.from_json(r), r["ms"], r.get("dropped", "")) for r in d["results"]],
             Candidate.from_json(d["winner"]),
         )
+
+    @property
+    def short_of_memory(self) -> bool:
+        """True when a candidate was dropped, or none could be checked, because memory ran out: a
+        choice of this moment's free memory, kept for this process but never written to the cache
+        file (the next process tunes the signature again)."""
+        return any(r.dropped.startswith((OUT_OF_MEMORY, UNCHECKED)) for r in self.results)
 
     def reasons(self) -> Dict[str, str]:
         """backend -> why it was not taken (its best time, or why all its candidates were dropped)."""
@@ -579,8 +784,9 @@ class Tuner:
     timer(candidate, fn) -> median ms; tunable(device) -> None or why calls there are not tuned;
     device_facts(device) -> (name, compute capability int); versions: library -> version string
     (part of every signature and of the cache file's header); path: the cache file (None: memory
-    only); candidate_list(op, facts, available, device_type) -> candidates. The defaults are the
-    real ones; tests pass fakes.
+    only); candidate_list(op, facts, available, device_type) -> candidates; check_bytes: the
+    correctness check's float64 budget (:func:`check_plan`). The defaults are the real ones; tests
+    pass fakes.
     """
 
     def __init__(
@@ -592,6 +798,7 @@ class Tuner:
         versions: Optional[Mapping[str, str]] = None,
         path: Optional[str] = "default",
         candidate_list: Callable[..., List[Candidate]] = candidates,
+        check_bytes: int = CHECK_BYTES,
     ):
         self.timer = timer
         self.tunable = tunable
@@ -599,6 +806,7 @@ class Tuner:
         self._versions = dict(versions) if versions is not None else None
         self.path = cache_path() if path == "default" else path
         self.candidate_list = candidate_list
+        self.check_bytes = check_bytes
         self._mem: Dict[tuple, Tuple[Entry, Any]] = {}  # fast key -> (entry, Decision)
         self._entries: Dict[str, Entry] = {}  # signature -> entry (this process + file)
         self._file_loaded = False
@@ -711,9 +919,10 @@ class Tuner:
         return entry
 
     def tune_signature(self, op: str, sig: str, cands: Sequence[Candidate], run: Runner, args: tuple) -> Entry:
-        """Run every candidate once, drop those that fail or disagree with the oracle, time the
-        rest, keep the fastest. The candidates' runs are not the caller's op calls: they record no
-        Decision (a timer runs each hundreds of times; see backends.unrecorded)."""
+        """Run every candidate once, drop those that fail (an out-of-memory included) or disagree
+        with the oracle on the entries :func:`check_plan` picks, time the rest, keep the fastest.
+        The candidates' runs are not the caller's op calls: they record no Decision (a timer runs
+        each hundreds of times; see backends.unrecorded)."""
         from .backends import unrecorded
 
         gemm_tma = _gemm_tma()
@@ -733,34 +942,72 @@ class Tuner:
         from .testing import compare
 
         sync = _synchronize(args)
+        plan = check_plan(op, args, self.check_bytes)
+        label = short_signature(sig)
+        if plan.covers != "the whole call":
+            logger.info("tuning %s: the check covers %s", label, plan)
+        torch_c = Candidate("torch")
+        oracle = baseline = None
+        unchecked = ""  # why no candidate but torch can be checked (then none but torch is kept)
         try:
-            oracle = run(Decision(op, "reference", "auto"), *[_f64(a) for a in args])
-            no_oracle = ""
-        except torch.cuda.OutOfMemoryError as e:  # a candidate is never kept unchecked
-            oracle, no_oracle = None, f"not checked: the float64 oracle ran out of memory ({_first_line(e)})"
-        torch_out = run(Decision(op, "torch", "auto"), *args)
+            oracle = run(Decision(op, "reference", "auto"), *[_f64(a) for a in plan.inputs(args)])
+            sync()
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            unchecked = f"{UNCHECKED}the float64 oracle ran {OUT_OF_MEMORY} on {plan} ({_first_line(e)})"
+        if not unchecked:
+            try:  # the tolerance rule's baseline: the torch path at the call's dtype, the same entries
+                baseline = plan.take(run(Decision(op, "torch", "auto"), *args))
+                sync()
+            except Exception as e:
+                if not out_of_memory(e):
+                    raise
+                unchecked = (
+                    f"{UNCHECKED}the torch path (the tolerance rule's baseline) ran {OUT_OF_MEMORY} ({_first_line(e)})"
+                )
+        if unchecked:
+            logger.warning("vit_kernels tuning %s: %s; only the torch path competes", label, unchecked)
         results: List[Result] = []
         for c in cands:
-            if no_oracle and c != Candidate("torch"):
-                results.append(Result(c, None, no_oracle))
+            if unchecked and c != torch_c:
+                results.append(Result(c, None, unchecked))
                 continue
             d = Decision(op, c.backend, "auto", {}, c.path, c.config)
             try:
                 out = run(d, *args)
                 sync()
-            except Exception as e:  # a failed compile or launch drops this candidate only
-                results.append(Result(c, None, f"failed: {type(e).__name__}: {_first_line(e)}"))
-                continue
-            if c != Candidate("torch"):
-                cmp = compare(out, oracle, torch_out, name=c.name)
-                if not cmp.ok:
-                    results.append(Result(c, None, f"disagrees with the oracle beyond the tolerance rule: {cmp}"))
+                cmp = None if c == torch_c else compare(plan.take(out), oracle, baseline, name=c.name)
+                out = None
+                if cmp is not None and not cmp.ok:
+                    why = "disagrees with the oracle beyond the tolerance rule"
+                    if plan.covers != "the whole call":  # the index in the call, not in the checked part
+                        cmp = dataclasses.replace(cmp, where=plan.where(cmp.where))
+                        why += f" (checked on {plan.covers})"
+                    results.append(Result(c, None, f"{why}: {cmp}"))
                     continue
-            self.timed += 1
-            results.append(Result(c, float(self.timer(c, lambda d=d: run(d, *args)))))
+                ms = float(self.timer(c, lambda d=d: run(d, *args)))
+                self.timed += 1
+            except Exception as e:  # a failed compile, launch or allocation drops this candidate only
+                out = None
+                results.append(Result(c, None, self._dropped(label, c, e)))
+                continue
+            results.append(Result(c, ms))
         timed = [r for r in results if r.ms is not None]
-        winner = min(timed, key=lambda r: r.ms).candidate if timed else Candidate("torch")
+        winner = min(timed, key=lambda r: r.ms).candidate if timed else torch_c
         return Entry(op, sig, results, winner)
+
+    @staticmethod
+    def _dropped(label: str, c: Candidate, e: BaseException) -> str:
+        """Why candidate ``c`` is dropped after exception ``e``; an out-of-memory also logs a warning
+        (the candidate might have won on a GPU with more free memory) and frees the allocator's cache."""
+        if not out_of_memory(e):
+            return f"failed: {type(e).__name__}: {_first_line(e)}"
+        why = f"{OUT_OF_MEMORY}: {type(e).__name__}: {_first_line(e)}"
+        logger.warning("vit_kernels tuning %s: %s dropped: %s", label, c.name, why)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+        return why
 
     # -- the cache file ----------------------------------------------------------------------
     def _lookup(self, sig: str) -> Optional[Entry]:
@@ -822,13 +1069,14 @@ class Tuner:
             )
 
     def _save(self) -> None:
-        """Write every entry atomically (a temporary file, then os.replace); the caller holds the lock."""
+        """Write every entry atomically (a temporary file, then os.replace); the caller holds the lock.
+        An entry tuned short of memory (:attr:`Entry.short_of_memory`) stays out of the file."""
         if self.path is None:
             return
         data = {
             "format": FORMAT,
             "versions": self.versions,
-            "entries": {s: e.to_json() for s, e in sorted(self._entries.items())},
+            "entries": {s: e.to_json() for s, e in sorted(self._entries.items()) if not e.short_of_memory},
         }
         d = os.path.dirname(os.path.abspath(self.path))
         fd, tmp = tempfile.mkstemp(prefix=".tuning.", suffix=".tmp", dir=d)
@@ -865,6 +1113,15 @@ def _synchronize(args) -> Callable[[], None]:
     if dev is not None and dev.type == "cuda":
         return lambda: torch.cuda.synchronize(dev)
     return lambda: None
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """True when ``e`` says an allocation failed: torch.cuda.OutOfMemoryError, or a RuntimeError "out
+    of memory" (CUDA, Triton's launches) / "not enough memory" (the CPU allocator)."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "not enough memory" in text)
 
 
 def _first_line(e: BaseException) -> str:

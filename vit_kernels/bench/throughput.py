@@ -22,7 +22,8 @@ allocated during the timed steps, counted from when the provider is ready (:func
 model built, compiled or tuned, first step run). It includes what stays allocated (weights,
 inputs, optimizer state, caches, a CUDA graph's pool) and the timer's L2-flush buffer
 (``triton.testing.do_bench``: 256 MB, every row alike); it excludes building, torch.compile's
-autotuning and ``vk.tune`` (the float64 oracle of each signature), which happen once.
+autotuning and ``vk.tune`` (each signature's check against the float64 oracle, at most about 256 MiB:
+:func:`vit_kernels.tuning.check_plan`), which happen once.
 
 Modes: ``inference`` (a forward under inference_mode) and ``train`` (forward, cross-entropy,
 backward, optimizer step: :func:`vit_kernels.training.train_step`). Under ``torchrun`` every
