@@ -1,8 +1,8 @@
 """Flash attention backward (non-causal) in Triton, and its plain host launcher.
 
-FlashAttention-2's backward, atomics-free, from the forward's output O and row log-sum-exp LSE
-(vit_kernels.triton.attention keeps it with ``return_lse=True``); the tokens x tokens matrix is
-recomputed tile by tile, never stored:
+FlashAttention-2's backward, atomics-free, from the forward's row log-sum-exp LSE
+(vit_kernels.triton.attention keeps it with ``return_lse=True``; the output O is not read, see delta
+below); the tokens x tokens matrix is recomputed tile by tile, never stored:
 
     P     = exp(scale * Q K^T - LSE),   dP = dO V^T
     delta = rowsum(P * dP) / rowsum(P)                        _attn_bwd_dq_kernel, per query tile: a first
@@ -17,8 +17,9 @@ output is written once by one program, so results are bitwise reproducible. Any 
 masking), as the forward. Exponentials in base 2 (log2(e) folded into the scale and LSE).
 
 delta: FlashAttention-2 takes delta = rowsum(dO * O) in a separate kernel (equal to rowsum(P * dP) in
-exact arithmetic). Here it comes from the recomputed P and dP (one more pass over the keys: two dots per
-key tile, no output tile; the dQ kernel then runs first), because dS = P * (dP - delta) must cancel where it is 0 in exact arithmetic:
+exact arithmetic). Here the dQ kernel computes it from the recomputed P and dP in a first pass over the
+keys (two more dots per key tile; the dQ kernel then runs before the dK/dV kernel, which reads delta),
+because dS = P * (dP - delta) must cancel where it is 0 in exact arithmetic:
 - rowsum(dO * O) depends on how O was rounded: to 16 bits it broke rowsum(dS) = 0 and biased the sum of
   dK over the tokens (the K bias and the LayerNorm bias in front of a QKV projection) to ~6x plain
   PyTorch's bf16 error; in fp32, with one key 100 above the rest (P one-hot), dO . o differed from the
@@ -31,11 +32,10 @@ key tile, no output tile; the dQ kernel then runs first), because dS = P * (dP -
 - fp32 (and float64) inputs sum P * dP and P in float64 (DELTA_ACC): the products of fp32 values are then
   exact, so where P is one-hot delta rounds back to exactly the dP the second pass recomputes (same dot,
   same tiles) and dS is exactly 0. fp16/bf16 sum in fp32.
-- the dK/dV kernel recomputes dP too, so for fp32 both kernels take the same BLOCK_M x BLOCK_N tiles:
-  the same dot on the same tile gives the same bits (the interpreter's dK missed its bound 1.2-2.3x
-  with the dQ tiles 32 x 64 against the dK/dV kernel's 32 x 32). fp32 dots are mma.sync (HMMA) on
-  sm_80 and sm_90 alike (inspect), whose sum over head_dim does not depend on the tile; not checked
-  on a GPU.
+- the dK/dV kernel recomputes dP too, so fp32 gives both kernels the same BLOCK_M x BLOCK_N tiles:
+  the same dot on the same data then gives the same bits. With the dQ kernel on 32 x 64 tiles and the
+  dK/dV kernel on 32 x 32, the interpreter's dK missed its bound 1.2-2.3x (numpy sums differently per
+  shape). Not checked on a GPU.
 
 Precision: tiles accumulate in fp32; P and dS are rounded to the input dtype before their dots
 (as FlashAttention does for fp16/bf16). fp32 inputs use ``input_precision="tf32x3"`` as the
