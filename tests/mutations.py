@@ -323,6 +323,15 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "triton-attn-bwd-dk-unscaled", "vit_kernels/triton/attention_bwd.py", "    dk = dk * scale\n", "", T_BWD_ATTN
     ),
+    # delta = rowsum(P * dP) without the division by rowsum(P): the LSE's rounding then scales delta
+    # (13-25x dq's bound in fp32 with scores ~300 apart).
+    Mutation(
+        "triton-attn-bwd-delta-unnormalized",
+        "vit_kernels/triton/attention_bwd.py",
+        "    delta = p_dp_sum / tl.where(mask_m, p_sum, 1.0)\n",
+        "    delta = p_dp_sum\n",
+        T_BWD_ATTN,
+    ),
     Mutation(
         "triton-dgelu-erf-no-pdf-term",
         "vit_kernels/triton/gemm.py",

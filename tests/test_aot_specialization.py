@@ -207,7 +207,6 @@ def test_every_module_in_the_one_list_has_specs(report):
     assert {
         "flash_attention_bwd_dq",
         "flash_attention_bwd_dkdv",
-        "flash_attention_bwd_delta",
         "layernorm_apply",
         "layernorm_bwd_dx",
         "layernorm_bwd_dwdb",

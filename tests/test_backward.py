@@ -111,25 +111,18 @@ def test_flash_attention_grads_full(shape, dtype):
     _attention(shape, dtype)
 
 
-# Known limit, not tested: float32 with one key 100 above the rest ("last"). P is then exactly one-hot
-# in fp32, so plain PyTorch's dq is exactly 0 there, while FlashAttention-2's delta = rowsum(dO * O)
-# differs from the tile's dO . v_last in its last bits (another summation order), and |k| = 100 turns
-# that into |dq| ~2.4e-5 (bound: the floor, 1e-5). Taking delta from P instead (as fp16/bf16 do) fixes
-# that case but misses "rising" and "alternating" in fp32 by ~30x (measured 2026-11-26).
 HARD_CASES = [
     ("rising", torch.float32),
     ("alternating", torch.float32),
     ("rising", torch.float16),
     ("alternating", torch.float16),
+    ("last", torch.float32),
     ("last", torch.float16),
 ]
 
 
-@pytest.mark.parametrize("pattern, dtype", HARD_CASES, ids=_id)
-def test_flash_attention_grads_scores_hundreds_apart(pattern, dtype):
-    """Scores that differ by hundreds between key tiles (and one dominant last key): the backward
-    recomputes P = exp(S - LSE) per tile from the saved LSE, which must hold whatever the tiling."""
-    B, H, N, D = 1, 2, 70, 64
+def _scores_hundreds_apart(pattern, dtype, D=64):
+    B, H, N = 1, 2, 70
     j = torch.arange(N, dtype=torch.float64)
     offsets = {
         "rising": -300 + 600 * torch.div(j, 16, rounding_mode="floor") / ((N - 1) // 16),
@@ -139,6 +132,42 @@ def test_flash_attention_grads_scores_hundreds_apart(pattern, dtype):
     q, k = rnd(B, H, N, D), rnd(B, H, N, D)
     q[..., 0], k[..., 0] = 1 / D**-0.5, offsets
     check_grads(vk.flash_attention, R.flash_attention, dict(q=q, k=k, v=rnd(B, H, N, D)), dict(scale=D**-0.5), dtype)
+
+
+@pytest.mark.parametrize("pattern, dtype", HARD_CASES, ids=_id)
+def test_flash_attention_grads_scores_hundreds_apart(pattern, dtype):
+    """Scores that differ by hundreds between key tiles (and one dominant last key): the backward
+    recomputes P = exp(S - LSE) per tile from the saved LSE, which must hold whatever the tiling.
+    "last" makes P one-hot, so plain PyTorch's dq is exactly 0 (bound: the floor) and dS = P * (dP - delta)
+    must cancel exactly; "rising" and "alternating" give LSE ~300, whose rounding scales a row of P."""
+    _scores_hundreds_apart(pattern, dtype)
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 80, 128, 256])
+def test_flash_attention_grads_one_dominant_key_every_fp32_tile(head_dim):
+    """("last", float32) with each fp32 tile configuration (one per padded head dim; 64 is above): dS must
+    cancel exactly in the dQ kernel and in the dK/dV kernel, whatever the tiles. (delta = rowsum(dO * O)
+    missed dq's bound 2.1-4.3x at every one of these head dims.)"""
+    _scores_hundreds_apart("last", torch.float32, D=head_dim)
+
+
+def test_flash_attention_backward_fp32_kernels_share_tiles():
+    from vit_kernels.triton.attention_bwd import kernel_config
+
+    for hd in (16, 32, 64, 128, 256):
+        dq, dkdv = (kernel_config(torch.float32, hd, kernel)[:2] for kernel in ("dq", "dkdv"))
+        assert dq == dkdv, f"head_dim {hd}: float32 dQ tiles {dq} != dK/dV tiles {dkdv}"
+
+
+def test_flash_attention_backward_rejects_fp32_configs_with_other_tiles():
+    """Before any launch: dq keeps its NaNs."""
+    from vit_kernels.triton.attention_bwd import flash_attention_backward
+
+    q = rnd(1, 1, 5, 16, dtype=torch.float32)
+    lse, dq = rnd(1, 1, 5, dtype=torch.float32), torch.empty_like(q)
+    with pytest.raises(ValueError, match=r"configs: float32 needs the same \(BLOCK_M, BLOCK_N\) for 'dq' and 'dkdv'"):
+        flash_attention_backward(q, q, q, q, q, lse, 1.0, dq=dq, configs={"dq": (16, 16, 4, 1), "dkdv": (32, 16, 4, 1)})
+    assert dq.isnan().all()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,26 +1,41 @@
 """Flash attention backward (non-causal) in Triton, and its plain host launcher.
 
-FlashAttention-2's backward, atomics-free, from the forward's output O and row log-sum-exp LSE
-(vit_kernels.triton.attention keeps it with ``return_lse=True``); the tokens x tokens matrix is
-recomputed tile by tile, never stored:
+FlashAttention-2's backward, atomics-free, from the forward's row log-sum-exp LSE
+(vit_kernels.triton.attention keeps it with ``return_lse=True``; the output O is not read, see delta
+below); the tokens x tokens matrix is recomputed tile by tile, never stored:
 
-    delta = rowsum(dO * O)                                    _attn_bwd_delta_kernel, per query tile
-                                                              (fp16/bf16: rowsum(P * dP), see below)
-    P     = exp(scale * Q K^T - LSE)
+    P     = exp(scale * Q K^T - LSE),   dP = dO V^T
+    delta = rowsum(P * dP) / rowsum(P)                        _attn_bwd_dq_kernel, per query tile: a first
+    dQ    = scale * dS K,   dS = P * (dP - delta)             pass over every key tile for delta, a second
+                                                              for dQ
     dV    = P^T dO,   dK = scale * dS^T Q                     _attn_bwd_dkdv_kernel, per key tile
-    dS    = P * (dO V^T - delta)                              (walks every query tile)
-    dQ    = scale * dS K                                      _attn_bwd_dq_kernel, per query tile
-                                                              (walks every key tile)
+                                                              (walks every query tile)
 
 Two kernels (dK/dV per key tile, dQ per query tile) instead of one with atomic dQ adds: every
 output is written once by one program, so results are bitwise reproducible. Any token count
 (masked tiles), head_dim a multiple of 8 from 16 to 256 (padded to the next power of two by
 masking), as the forward. Exponentials in base 2 (log2(e) folded into the scale and LSE).
 
-fp16/bf16: delta is taken as rowsum(P * dP) from the recomputed P in a first pass of the dQ kernel
-(which then runs before the dK/dV kernel), not from the stored O: O's rounding to 16 bits breaks
-rowsum(dS) = 0 and biased the sum of dK over the tokens (the K bias and the LayerNorm bias in front
-of a QKV projection) to ~6x plain PyTorch's bf16 error in a test. It costs one more pass over the keys.
+delta: FlashAttention-2 takes delta = rowsum(dO * O) in a separate kernel (equal to rowsum(P * dP) in
+exact arithmetic). Here the dQ kernel computes it from the recomputed P and dP in a first pass over the
+keys (two more dots per key tile; the dQ kernel then runs before the dK/dV kernel, which reads delta),
+because dS = P * (dP - delta) must cancel where it is 0 in exact arithmetic:
+- rowsum(dO * O) depends on how O was rounded: to 16 bits it broke rowsum(dS) = 0 and biased the sum of
+  dK over the tokens (the K bias and the LayerNorm bias in front of a QKV projection) to ~6x plain
+  PyTorch's bf16 error; in fp32, with one key 100 above the rest (P one-hot), dO . o differed from the
+  tile's dO . v_last in the last bits and |k| = 100 made dQ 2.4e-5 to 4.8e-5 where PyTorch's is exactly 0
+  (bound 1e-5). Even in float64, delta = dO . O missed it 3-4x once O moved by one fp32 ulp (as the
+  forward's tf32x3 P V may round it), 6-9x by two.
+- dividing by rowsum(P) (1 in exact arithmetic) cancels the LSE's rounding, which scales a whole row of
+  P: with scores ~300 apart that error is ~3e-5 and the unnormalized rowsum(P * dP) missed dQ's bound
+  13-25x in fp32.
+- fp32 (and float64) inputs sum P * dP and P in float64 (DELTA_ACC): the products of fp32 values are then
+  exact, so where P is one-hot delta rounds back to exactly the dP the second pass recomputes (same dot,
+  same tiles) and dS is exactly 0. fp16/bf16 sum in fp32.
+- the dK/dV kernel recomputes dP too, so fp32 gives both kernels the same BLOCK_M x BLOCK_N tiles:
+  the same dot on the same data then gives the same bits. With the dQ kernel on 32 x 64 tiles and the
+  dK/dV kernel on 32 x 32, the interpreter's dK missed its bound 1.2-2.3x (numpy sums differently per
+  shape). Not checked on a GPU.
 
 Precision: tiles accumulate in fp32; P and dS are rounded to the input dtype before their dots
 (as FlashAttention does for fp16/bf16). fp32 inputs use ``input_precision="tf32x3"`` as the
@@ -51,39 +66,6 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
-def _attn_bwd_delta_kernel(
-    o_ptr,
-    do_ptr,
-    delta_ptr,  # o_ptr, do_ptr: (B, H, NQ, D); delta_ptr: (B, H, NQ) fp32 out
-    stride_ob,
-    stride_oh,
-    stride_on,
-    stride_dob,
-    stride_doh,
-    stride_don,  # strides of do_ptr
-    H,
-    NQ,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    pid_bh = tl.program_id(0)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < NQ)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    rows = offs_m.to(tl.int64)
-    o = tl.load(
-        o_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :], mask=mask, other=0.0
-    ).to(tl.float32)
-    do = tl.load(
-        do_ptr + b * stride_dob + h * stride_doh + rows[:, None] * stride_don + offs_d[None, :], mask=mask, other=0.0
-    ).to(tl.float32)
-    tl.store(delta_ptr + pid_bh.to(tl.int64) * NQ + offs_m, tl.sum(o * do, axis=1), mask=offs_m < NQ)
-
-
-@triton.jit
 def _attn_bwd_dkdv_kernel(
     q_ptr,
     k_ptr,
@@ -92,7 +74,7 @@ def _attn_bwd_dkdv_kernel(
     lse_ptr,
     delta_ptr,
     dk_ptr,
-    dv_ptr,  # q_ptr, do_ptr: (B, H, NQ, D); k_ptr, v_ptr, dk_ptr, dv_ptr: (B, H, NKV, D); lse_ptr, delta_ptr: (B, H, NQ) fp32
+    dv_ptr,  # q_ptr, do_ptr: (B, H, NQ, D); k_ptr, v_ptr, dk_ptr, dv_ptr: (B, H, NKV, D); lse_ptr, delta_ptr: (B, H, NQ)
     stride_qb,
     stride_qh,
     stride_qn,
@@ -182,7 +164,7 @@ def _attn_bwd_dq_kernel(
     do_ptr,
     lse_ptr,
     delta_ptr,
-    dq_ptr,  # q_ptr, do_ptr, dq_ptr: (B, H, NQ, D); k_ptr, v_ptr: (B, H, NKV, D); lse_ptr, delta_ptr: (B, H, NQ) fp32
+    dq_ptr,  # q_ptr, do_ptr, dq_ptr: (B, H, NQ, D); k_ptr, v_ptr: (B, H, NKV, D); lse_ptr, delta_ptr (out): (B, H, NQ)
     stride_qb,
     stride_qh,
     stride_qn,
@@ -209,7 +191,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     ACC: tl.constexpr,  # fp32 accumulators, fp64 for float64 inputs
-    DELTA_FROM_P: tl.constexpr,  # compute (and store) delta here instead of reading it
+    DELTA_ACC: tl.constexpr,  # delta's row sums: fp64 for fp32 and float64 inputs, fp32 for fp16/bf16
 ):
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
@@ -231,24 +213,27 @@ def _attn_bwd_dq_kernel(
     lse = tl.load(lse_ptr + row_base + offs_m, mask=mask_m, other=0.0) * LOG2E
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
-    if DELTA_FROM_P:
-        # delta = rowsum(P * dP) from the recomputed P, not rowsum(dO * O): O was rounded to fp16/bf16,
-        # and that rounding breaks rowsum(dS) = 0, which biases sums of dK (a bias or LayerNorm gradient
-        # upstream) well past plain PyTorch's error. One more pass over the keys; stored for the dK/dV kernel.
-        delta = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for start_n in range(0, NKV, BLOCK_N):
-            offs_n = start_n + offs_n0
-            mask_n = offs_n < NKV
-            kv_mask = mask_n[:, None] & mask_d[None, :]
-            n64 = offs_n.to(tl.int64)
-            k = tl.load(k_base + n64[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + n64[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-            p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale - lse[:, None])
-            p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
-            delta += tl.sum(p * tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION), axis=1)
-        tl.store(delta_ptr + row_base + offs_m, delta, mask=mask_m)
-    else:
-        delta = tl.load(delta_ptr + row_base + offs_m, mask=mask_m, other=0.0)
+    # First pass: delta = rowsum(P * dP) / rowsum(P) from P and dP recomputed as the second pass does (same
+    # dots, same tiles); the module docstring says why not rowsum(dO * O), why the division and why DELTA_ACC.
+    # Rounded to delta_ptr's dtype, which the second pass uses and the dK/dV kernel reads.
+    p_dp_sum = tl.zeros([BLOCK_M], dtype=DELTA_ACC)
+    p_sum = tl.zeros([BLOCK_M], dtype=DELTA_ACC)
+    for start_n in range(0, NKV, BLOCK_N):
+        offs_n = start_n + offs_n0
+        mask_n = offs_n < NKV
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        n64 = offs_n.to(tl.int64)
+        k = tl.load(k_base + n64[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + n64[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0).to(DELTA_ACC)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION).to(DELTA_ACC)
+        p_dp_sum += tl.sum(p * dp, axis=1)
+        p_sum += tl.sum(p, axis=1)
+    delta = p_dp_sum / tl.where(mask_m, p_sum, 1.0)
+    delta = delta.to(delta_ptr.dtype.element_ty)
+    tl.store(delta_ptr + row_base + offs_m, delta, mask=mask_m)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for start_n in range(0, NKV, BLOCK_N):
@@ -279,10 +264,16 @@ def _attn_bwd_dq_kernel(
 # lists for sm_80 and sm_90 (inspect; 2026-11-26): fp16/bf16 compile without spills at every head dim,
 # with 64-row dots (wgmma on sm_90) for both kernels up to head_dim 128. Before, one entry served both
 # kernels and the dK/dV kernel spilled 8 bytes on sm_80 at head_dim 64 (and on sm_90 at 72).
-# fp32 (tf32x3 splits every operand in two) compiles without spills up to head_dim 64; above, no tile
-# tried (BLOCK_M/BLOCK_N 16-64, 2-16 warps, 1-3 stages) removes them all: the dQ kernel spills 8 bytes on
-# sm_80 (head_dim 72-256), the dK/dV kernel at head_dim 256 kilobytes on both archs. Listed in
-# tests/test_inspect.py KNOWN_SPILLS, which only shrinks; fixing them needs the head dim chunked.
+# fp32 (tf32x3 splits every operand in two) compiles without spills up to head_dim 64 and at 80 and 128;
+# no tile tried (BLOCK_M/BLOCK_N 16-64, 1-16 warps, 1-3 stages) removes the rest: the dQ kernel spills 24
+# bytes on sm_80 at head_dim 72 and ~680 bytes at 256 on both archs, the dK/dV kernel at head_dim 256
+# kilobytes on both archs. Listed in tests/test_inspect.py KNOWN_SPILLS, which only shrinks; fixing them
+# needs the head dim chunked. fp32 gives both kernels the same BLOCK_M x BLOCK_N (module docstring: dP
+# must come out bit for bit the same in both). The dQ kernel's first pass (delta, for fp32 too since
+# 2026-11-26) raised its fp32 registers: before -> after (sm_80/sm_90) head_dim 64 166 -> 255/254,
+# head_dim 72 on sm_90 175 -> 255; 8 -> 688/672 spilled bytes at head_dim 256, 8 -> 24 at 72 on sm_80,
+# 8 -> 0 at 80 on sm_80. Re-chosen then: head_dim 32 dQ (16, 32, 4, 1) (255 -> 80 registers), 72-128
+# dQ (16, 16, 8, 1) (4 warps spilled 8 bytes on sm_90 at 80).
 _CONFIGS = {
     (True, 16): {"dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)},
     (True, 32): {"dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)},
@@ -290,13 +281,12 @@ _CONFIGS = {
     (True, 128): {"dq": (64, 32, 8, 2), "dkdv": (32, 64, 8, 2)},
     (True, 256): {"dq": (32, 16, 8, 1), "dkdv": (32, 32, 8, 1)},
     (False, 16): {"dq": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1)},
-    (False, 32): {"dq": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1)},
+    (False, 32): {"dq": (16, 32, 4, 1), "dkdv": (16, 32, 4, 1)},
     (False, 64): {"dq": (32, 32, 8, 1), "dkdv": (32, 32, 8, 1)},
-    (False, 128): {"dq": (16, 16, 4, 1), "dkdv": (16, 16, 8, 1)},
+    (False, 128): {"dq": (16, 16, 8, 1), "dkdv": (16, 16, 8, 1)},
     (False, 256): {"dq": (16, 16, 8, 2), "dkdv": (16, 16, 8, 1)},
 }
 KERNELS = ("dq", "dkdv")
-DELTA_BLOCK_M = 64
 
 
 def kernel_config(dtype: torch.dtype, head_dim: int, kernel: str) -> Tuple[int, int, int, int]:
@@ -331,8 +321,10 @@ def flash_attention_backward(
     """dQ, dK, dV of out = softmax(scale * q k^T) v, from the forward's out and row log-sum-exp.
 
     grad_out, q, out: (batch, heads, q_tokens, head_dim); k, v: (batch, heads, kv_tokens, head_dim);
+    out is checked but not read (delta comes from the recomputed P, see the module docstring);
     lse: (batch, heads, q_tokens) fp32, natural log (flash_attention_forward(..., return_lse=True));
-    float64 q may pass a float64 lse (gradcheck).
+    float64 q may pass a float64 lse (gradcheck). Launches the dQ kernel (which computes delta),
+    then the dK/dV kernel.
     Any strides with a unit last-dim stride; float32, float16, bfloat16 or float64 (float64 for
     gradcheck; the forward kernel does not take it). dq_scale: an extra factor on dQ (the split
     qkv_attention path attends with a pre-scaled q' = scale * q, so it asks for dq * scale).
@@ -340,7 +332,7 @@ def flash_attention_backward(
     place, e.g. views of one (batch, tokens, 3, heads, head_dim) buffer. Returns (dq, dk, dv) in
     q's dtype. kv_tokens 0: dq zeros (the forward gave zeros).
     configs: {"dq": ..., "dkdv": ...} (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, None (or a
-    kernel left out) for :func:`kernel_config`.
+    kernel left out) for :func:`kernel_config`; float32 needs the same BLOCK_M and BLOCK_N for both.
     """
     if q.dim() != 4:
         raise ValueError(f"q: expected a 4-D tensor (batch, heads, tokens, head_dim), got shape {tuple(q.shape)}")
@@ -382,23 +374,9 @@ def flash_attention_backward(
         return dq.zero_(), dk, dv
     if NQ == 0:
         return dq, dk.zero_(), dv.zero_()
-    delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
+    # written by the dQ kernel, read by the dK/dV kernel; float64 for gradcheck's float64 inputs
+    delta = torch.empty((B, H, NQ), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
     BD = block_d(D)
-    delta_from_p = q.dtype in (torch.float16, torch.bfloat16)
-    if not delta_from_p:
-        _attn_bwd_delta_kernel[(B * H, cdiv(NQ, DELTA_BLOCK_M))](
-            out,
-            grad_out,
-            delta,
-            *out.stride()[:3],
-            *grad_out.stride()[:3],
-            H,
-            NQ,
-            HEAD_DIM=D,
-            BLOCK_D=BD,
-            BLOCK_M=DELTA_BLOCK_M,
-            num_warps=4,
-        )
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
     precision = dict(INPUT_PRECISION=dot_precision(q.dtype), ACC=tl.float64 if q.dtype == torch.float64 else tl.float32)
 
@@ -415,8 +393,14 @@ def flash_attention_backward(
         )
 
     qk_scale = float(scale) * LOG2E.value
-    # dQ first: with delta_from_p it computes delta, which the dK/dV kernel reads.
     dq_meta, dkdv_meta = meta("dq"), meta("dkdv")
+    tiles = {name: (m["BLOCK_M"], m["BLOCK_N"]) for name, m in (("dq", dq_meta), ("dkdv", dkdv_meta))}
+    if q.dtype == torch.float32 and tiles["dq"] != tiles["dkdv"]:
+        raise ValueError(
+            f"configs: float32 needs the same (BLOCK_M, BLOCK_N) for 'dq' and 'dkdv' (so that both kernels "
+            f"recompute dP bit for bit, see the module docstring), got {tiles}"
+        )
+    # dQ first: it computes delta, which the dK/dV kernel reads
     _attn_bwd_dq_kernel[(B * H, cdiv(NQ, dq_meta["BLOCK_M"]))](
         q,
         k,
@@ -432,7 +416,7 @@ def flash_attention_backward(
         NKV,
         qk_scale,
         float(scale) * float(dq_scale),
-        DELTA_FROM_P=delta_from_p,
+        DELTA_ACC=tl.float32 if q.dtype in (torch.float16, torch.bfloat16) else tl.float64,
         **dq_meta,
     )
     _attn_bwd_dkdv_kernel[(B * H, cdiv(NKV, dkdv_meta["BLOCK_N"]))](
@@ -473,8 +457,7 @@ def aot_specs() -> List[AotSpec]:
     """The launches flash_attention_backward makes, recorded from the launcher on empty CPU tensors as
     the split qkv_attention backward calls it (q, k, v views of one (3, B, H, N, head_dim) buffer;
     dq, dk, dv views of one (B, N, 3, H, head_dim) buffer; grad_out and out merged-head views) at
-    aot.REPRESENTATIVE's batch, heads and tokens: the dQ and dK/dV kernels per dtype and head_dim,
-    and the delta kernel for fp32 (fp16/bf16 take delta from P inside the dQ kernel)."""
+    aot.REPRESENTATIVE's batch, heads and tokens: the dQ and dK/dV kernels per dtype and head_dim."""
     B, H, N = REPRESENTATIVE["batch"], REPRESENTATIVE["heads"], REPRESENTATIVE["tokens"]
     specs = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
@@ -501,9 +484,6 @@ def aot_specs() -> List[AotSpec]:
                 ("flash_attention_bwd_dq", _attn_bwd_dq_kernel, _label(dtype, hd, "dq")),
                 ("flash_attention_bwd_dkdv", _attn_bwd_dkdv_kernel, _label(dtype, hd, "dkdv")),
             ]
-            if dtype == torch.float32:
-                delta_label = f"head_dim={hd},BLOCK_D={block_d(hd)},BLOCK_M={DELTA_BLOCK_M},num_warps=4,float32"
-                kernels.append(("flash_attention_bwd_delta", _attn_bwd_delta_kernel, delta_label))
             for name, fn, config in kernels:
-                specs.append(recorded_spec(name, fn, call, config, fn is not _attn_bwd_delta_kernel, shape=shape))
+                specs.append(recorded_spec(name, fn, call, config, True, shape=shape))
     return specs
