@@ -157,6 +157,27 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dq_tile(
+    q, do, lse, k_base, v_base, start_n, offs_n0, offs_d, mask_m, mask_d, NKV, stride_kn, stride_vn, qk_scale,
+    INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One key tile of the dQ kernel, as both of its passes need it (the same loads and dots, so the
+    same bits): k (BLOCK_N, BLOCK_D), P = exp(S - LSE) and dP = dO V^T (BLOCK_M, BLOCK_N), P zero
+    outside the rows and keys."""
+    offs_n = start_n + offs_n0
+    mask_n = offs_n < NKV
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    n64 = offs_n.to(tl.int64)
+    k = tl.load(k_base + n64[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + n64[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+    p = tl.math.exp2(s - lse[:, None])
+    p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    return k, p, dp
+
+
+@triton.jit
 def _attn_bwd_dq_kernel(
     q_ptr,
     k_ptr,
@@ -219,16 +240,11 @@ def _attn_bwd_dq_kernel(
     p_dp_sum = tl.zeros([BLOCK_M], dtype=DELTA_ACC)
     p_sum = tl.zeros([BLOCK_M], dtype=DELTA_ACC)
     for start_n in range(0, NKV, BLOCK_N):
-        offs_n = start_n + offs_n0
-        mask_n = offs_n < NKV
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        n64 = offs_n.to(tl.int64)
-        k = tl.load(k_base + n64[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + n64[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
-        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0).to(DELTA_ACC)
-        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION).to(DELTA_ACC)
+        k, p, dp = _dq_tile(
+            q, do, lse, k_base, v_base, start_n, offs_n0, offs_d, mask_m, mask_d, NKV, stride_kn, stride_vn, qk_scale,
+            INPUT_PRECISION,
+        )  # fmt: skip
+        p, dp = p.to(DELTA_ACC), dp.to(DELTA_ACC)
         p_dp_sum += tl.sum(p * dp, axis=1)
         p_sum += tl.sum(p, axis=1)
     delta = p_dp_sum / tl.where(mask_m, p_sum, 1.0)
@@ -237,16 +253,10 @@ def _attn_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for start_n in range(0, NKV, BLOCK_N):
-        offs_n = start_n + offs_n0
-        mask_n = offs_n < NKV
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        n64 = offs_n.to(tl.int64)
-        k = tl.load(k_base + n64[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + n64[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
-        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        k, p, dp = _dq_tile(
+            q, do, lse, k_base, v_base, start_n, offs_n0, offs_d, mask_m, mask_d, NKV, stride_kn, stride_vn, qk_scale,
+            INPUT_PRECISION,
+        )  # fmt: skip
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
     dq = dq * dq_scale
