@@ -6,7 +6,9 @@
 # CSV/JSON/PNG files. Each step has its own time limit so one failure does not stop the rest.
 #   OUT=gpu_out bash benchmarks/gpu_checks.sh
 # STEPS="gpu_tests bench_b256 ..." runs only the named steps (default: all but bench_large; a second
-# visit to a GPU reruns what changed); bench_large is ViT-L/16 and ViT-H/14 bf16 at batch 32.
+# visit to a GPU reruns what changed); not in the default: bench_large (ViT-L/16 and ViT-H/14 bf16 at
+# batch 32) and profile_attention_bwd_fp32 (the fp32 attention backward, 9 dots per tile pair since
+# its delta is taken from P, against SDPA's fp32 backends).
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT/files"
@@ -48,6 +50,9 @@ step profile_attention ${T_PROFILE:-40} $PY -m vit_kernels profile-attention --o
 step profile_attention_bwd ${T_PROFILE_BWD:-40} $PY -m vit_kernels profile-attention --mode bwd --tokens 197,577,1025 \
   --providers vk_flash:triton,sdpa:flash,sdpa:efficient,sdpa:cudnn,sdpa:math,eager --no-breakdown \
   --out "$OUT/files/attention_bwd" --no-progress
+step profile_attention_bwd_fp32 ${T_PROFILE_BWD:-40} $PY -m vit_kernels profile-attention --mode bwd --dtype fp32 \
+  --tokens 197,577 --providers vk_flash:triton,sdpa:efficient,sdpa:math,eager --no-breakdown \
+  --out "$OUT/files/attention_bwd_fp32" --no-progress
 step bench_train_b128 ${T_TRAIN:-80} $PY -m vit_kernels bench vit_base_patch16_224 --dtype bf16 --batch-size 128 \
   --bench train --providers sdpa,triton,tuned --out "$OUT/files/bench_train_b128" --no-progress
 step bench_large ${T_LARGE:-120} $PY -m vit_kernels bench vit_large_patch16_224 vit_huge_patch14_224 --dtype bf16 \
