@@ -583,6 +583,21 @@ MUTATIONS: List[Mutation] = [
         '        if True:\n            return f"failed:',
         ("tests/test_tuning_check.py",),
     ),
+    # ------------------------------------------------------------------ library: launch plans, device
+    Mutation(
+        "library-function-plans-unbounded",
+        "vit_kernels/library.py",
+        "        if len(store) >= (MAX_FUNCTION_PLANS if store is FUNCTION_PLANS else MAX_PLANS):",
+        "        if len(store) >= MAX_PLANS and store is not FUNCTION_PLANS:",
+        ("tests/test_launch_plans.py", "-k", "store"),
+    ),
+    Mutation(
+        "library-device-guard-never",
+        "vit_kernels/library.py",
+        "        if x.get_device() != torch.cuda.current_device():",
+        "        if False:",
+        ("tests/test_library.py", "-k", "device_guard"),
+    ),
 ]
 
 
