@@ -472,34 +472,18 @@ def split_forward(
     (vit_kernels.autograd), which keeps qkv and lse."""
     B, N, _ = x.shape
     head_dim = qkv_weight.shape[0] // 3 // num_heads
-    if tma_config is not None:
-        from . import gemm_tma
+    if tma_config is not None:  # the TMA GEMM (sm_90), else the pointer GEMM; the tuner's tile config either way
+        from .gemm_tma import qkv_projection_forward as project
 
-        qkv = gemm_tma.qkv_projection_forward(
-            x,
-            qkv_weight,
-            qkv_bias,
-            num_heads=num_heads,
-            scale=scale,
-            norm_weight=norm_weight,
-            norm_bias=norm_bias,
-            eps=eps,
-            config=tma_config,
-        )
+        tiles = dict(config=tma_config)
     else:
-        from .gemm import qkv_projection_forward
+        from .gemm import qkv_projection_forward as project
 
-        qkv = qkv_projection_forward(
-            x,
-            qkv_weight,
-            qkv_bias,
-            num_heads=num_heads,
-            scale=scale,
-            norm_weight=norm_weight,
-            norm_bias=norm_bias,
-            eps=eps,
-            gemm_config=gemm_config,
-        )
+        tiles = dict(gemm_config=gemm_config)
+    qkv = project(
+        x, qkv_weight, qkv_bias, num_heads=num_heads, scale=scale, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
+        **tiles,
+    )  # fmt: skip
     # Q is already scaled: softmax(q' k^T) with scale 1.
     res = attention.flash_attention_forward(
         qkv[0],
