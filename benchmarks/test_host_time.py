@@ -25,13 +25,15 @@ from vit_kernels.models.registry import SIZES as VIT_SIZES
 
 BUDGET_US = 15.0
 triton_mods = pytest.importorskip("vit_kernels.triton.gemm")
+from triton.runtime.jit import KernelInterface  # noqa: E402
 
 
-class StubKernel:
-    """Stands for a @triton.jit kernel: ``kernel[grid](*args, **kw)`` does nothing."""
+class StubKernel(KernelInterface):
+    """Stands for a @triton.jit kernel: Triton's ``kernel[grid](*args, **kw)`` (which calls
+    ``run(*args, grid=grid, warmup=False, **kw)``), with a ``run`` that does nothing."""
 
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+    def run(self, *args, grid, warmup, **kwargs):
+        return None
 
 
 @pytest.fixture

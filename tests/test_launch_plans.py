@@ -289,14 +289,16 @@ def test_replayed_launch_is_the_launch_the_launcher_makes(op, layout, dtype):
     n = library.N_TENSORS[op]
     store = library.PlanStore()
     with torch.no_grad():
-        with library.plans(store):
-            library.run(op, _schema_args(op, layout, dtype))  # records (runs the kernels)
-        (plan,) = store.values()
-        assert plan.replay is not None, plan.replay_refused
-        assert plan.decision.backend == "triton"
-        args = _schema_args(op, layout, dtype)  # new tensors, same signature
-        with record_launches() as replayed, library.plans(store):
+        # the plan is made inside the recording: a replay launches with the kernels' run bound then
+        with record_launches() as launches, library.plans(store):
+            library.run(op, _schema_args(op, layout, dtype))  # makes the plan
+            (plan,) = store.values()
+            assert plan.replay is not None, plan.replay_refused
+            assert plan.decision.backend == "triton"
+            first = len(launches)
+            args = _schema_args(op, layout, dtype)  # new tensors, same signature
             library.run(op, args)
+        replayed = launches[first:]
         assert len(store) == 1  # served by the plan
         with record_launches() as fresh:
             library.IMPLS[op](*args)  # the full dispatch and the launcher

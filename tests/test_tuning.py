@@ -446,11 +446,23 @@ def test_tma_config_fastest_runs_the_tma_gemm(dtype, monkeypatch):
         }
         launched.clear()
         out2 = vk.linear(x, w, b)
-    d = vk.last_decision("linear")
-    assert (d.backend, d.path, d.config) == ("triton", "tma", (("tma_config", cfg),))
-    assert launched == [gemm_tma.TmaConfig(*cfg)]
+        d = vk.last_decision("linear")
+        assert (d.backend, d.path, d.config) == ("triton", "tma", (("tma_config", cfg),))
+        # the second call replays the first call's launch plan (the TMA kernel with the config's tiles),
+        # without the launcher; a call without a plan runs the launcher
+        assert launched == []
+        (plan,) = [p for key, p in library.FUNCTION_PLANS.items() if key[0] == "linear"]
+        assert plan.replay is not None, plan.replay_refused
+        ((step, _),) = plan.replay.steps
+        tiles = gemm_tma.TmaConfig(*cfg)
+        assert step.func.__self__ is gemm_tma._gemm_tma_kernel
+        assert (step.keywords["BLOCK_M"], step.keywords["BLOCK_N"], step.keywords["BLOCK_K"]) == cfg[:3]
+        assert step.keywords["EPI_SPLIT"] == tiles.epi_split and step.keywords["num_warps"] == tiles.num_warps
+        library.clear_plans()
+        out3 = vk.linear(x, w, b)
+        assert launched == [tiles]
     oracle = reference.linear(x.double(), w.double(), b.double())
-    for o in (out, out2):
+    for o in (out, out2, out3):
         assert_close(o, oracle, torch.nn.functional.linear(x, w, b))
 
 

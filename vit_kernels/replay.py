@@ -29,6 +29,7 @@ reason instead and the plan keeps calling the launcher (``Plan.replay_refused``)
 
 from __future__ import annotations
 
+import functools
 import operator
 import threading
 from typing import Any, List, Optional, Sequence, Tuple, Union
@@ -96,8 +97,8 @@ class Replay:
     (``allocs``: (shape, strides, an empty tensor of the dtype and device) each, contiguous as
     :func:`empty` made them), then the recorded numbers, strings and persistent placeholders
     (``consts``), then views of the allocations (``views``: (pool index, size, stride, storage offset) each). ``steps``: (launcher,
-    getter, kwargs) per launch: ``kernel[grid]``, an ``operator.itemgetter`` that picks the launch's
-    argument tuple out of the pool, and the keyword arguments. ``out``: the pool index of the
+    getter) per launch: the launch with its grid and keyword arguments bound (:func:`_bound`), and an
+    ``operator.itemgetter`` that picks the launch's argument tuple out of the pool. ``out``: the pool index of the
     result; ``aliases``: (i, j) pairs of inputs that shared an address in the recorded call (a
     launch argument there is named by the first of them), which a replay needs to share one too
     (:meth:`serves`)."""
@@ -122,8 +123,8 @@ class Replay:
         pool += self.consts
         for base, size, stride, offset in self.views:
             pool.append(pool[base].as_strided(size, stride, offset))
-        for launcher, getter, kwargs in self.steps:
-            launcher(*getter(pool), **kwargs)
+        for launcher, getter in self.steps:
+            launcher(*getter(pool))
         return pool[self.out]
 
     @staticmethod
@@ -203,13 +204,26 @@ class Replay:
         steps = []
         for (kernel, grid, _, kwargs), row in zip(rec.launches, rows):
             row = [j if j >= 0 else first_view - 1 - j for j in row]
-            # kernel[grid] is Triton's launcher for that grid (a lambda calling kernel.run(grid=grid)): made once
-            steps.append((kernel[grid], operator.itemgetter(*row), dict(kwargs)))
+            steps.append((_bound(kernel, grid, kwargs), operator.itemgetter(*row)))
         out_j = n + next(k for k, a in enumerate(allocs) if a is out)
         # contiguous as empty() made them; like: an empty tensor of the dtype and device (new_empty_strided
         # takes them from it, a little cheaper than torch.empty_strided's keyword arguments)
         shapes = tuple((tuple(a.shape), a.stride(), a.new_empty(0)) for a in allocs)
         return Replay(shapes, tuple(consts), tuple(views), tuple(steps), out_j, tuple(sorted(aliases)))
+
+
+def _bound(kernel, grid, kwargs: dict):
+    """``kernel[grid](*args, **kwargs)`` as a callable of ``*args``. For Triton's kernels
+    (``KernelInterface``: JITFunction, the interpreter's InterpretedFunction) ``kernel[grid]`` is a
+    lambda that calls ``kernel.run(*args, grid=grid, warmup=False, **kwargs)``; binding ``run``
+    itself skips that frame and its second packing of the keyword arguments (about 1 us per
+    launch of the GEMM's 16 keywords). Bound when the plan is made: a ``run`` replaced later on the
+    class (vit_kernels.triton.aot.record_launches) records only the launches of plans made inside it."""
+    from triton.runtime.jit import KernelInterface
+
+    if isinstance(kernel, KernelInterface):
+        return functools.partial(kernel.run, grid=grid, warmup=False, **kwargs)
+    return functools.partial(kernel[grid], **kwargs)
 
 
 def signature(tensors: Sequence[Optional[Tensor]]) -> Tuple[Optional[tuple], ...]:

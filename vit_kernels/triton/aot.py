@@ -109,7 +109,9 @@ class Launch:
 def record_launches():
     """Within the block, Triton kernel launches are recorded into the yielded list instead of run
     (compiled or interpreted): host launchers can be driven with empty CPU tensors, no GPU, no
-    compile. Not thread-safe: it swaps the ``run`` method of Triton's kernel classes."""
+    compile. Not thread-safe: it swaps the ``run`` method of Triton's kernel classes. A launch plan
+    made inside the block (vit_kernels.replay binds ``kernel.run``) records into the list while the
+    block lasts and launches after it."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
@@ -122,9 +124,17 @@ def record_launches():
 
         bf16_flaw()
     launches: List[Launch] = []
+    active = [True]
 
     def run(self, *args, grid, warmup, **kwargs):
-        launches.append(Launch(self, args, kwargs, grid))
+        if active[0]:
+            launches.append(Launch(self, args, kwargs, grid))
+            return None
+        # a launch plan made inside the block keeps this run bound (vit_kernels.replay): after it, launch
+        for cls, orig in saved:
+            if isinstance(self, cls):
+                return orig(self, *args, grid=grid, warmup=warmup, **kwargs)
+        raise TypeError(f"not a Triton kernel: {self!r}")  # pragma: no cover - only the classes above are swapped
 
     saved = [(cls, cls.__dict__["run"]) for cls in (JITFunction, InterpretedFunction)]
     for cls, _ in saved:
@@ -132,6 +142,7 @@ def record_launches():
     try:
         yield launches
     finally:
+        active[0] = False
         for cls, orig in saved:
             cls.run = orig
 

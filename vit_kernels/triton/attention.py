@@ -36,13 +36,16 @@ DTYPES = KERNEL_DTYPES  # vit_kernels.dtypes
 HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)  # BLOCK_D: next power of two of head_dim
 
 
-@triton.jit
+# k_off, v_off: never specialized (0 for separate q, k, v; the buffer's plane stride for the split path)
+@triton.jit(do_not_specialize=["k_off", "v_off"])
 def _attn_fwd_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
     o_ptr,
     lse_ptr,  # q_ptr: (B, H, NQ, D); k_ptr, v_ptr: (B, H, NKV, D); o_ptr: (B, H, NQ, D); lse_ptr: (B, H, NQ) fp32
+    k_off,
+    v_off,  # elements added to k_ptr and v_ptr (k and v given as offsets into the q buffer), multiples of 8
     stride_qb,
     stride_qh,
     stride_qn,  # strides in elements; the last dim of q_ptr, k_ptr, v_ptr, o_ptr has stride 1
@@ -83,8 +86,8 @@ def _attn_fwd_kernel(
     # The launcher guarantees 16-byte aligned data pointers and strides that are multiples of 8
     # elements (as head_dim is): the hints let every row load as vectors whatever the JIT sees.
     q_base = tl.multiple_of(q_ptr + b * stride_qb + h * stride_qh, 16)
-    k_base = tl.multiple_of(k_ptr + b * stride_kb + h * stride_kh, 16)
-    v_base = tl.multiple_of(v_ptr + b * stride_vb + h * stride_vh, 16)
+    k_base = tl.multiple_of(k_ptr + k_off + b * stride_kb + h * stride_kh, 16)
+    v_base = tl.multiple_of(v_ptr + v_off + b * stride_vb + h * stride_vh, 16)
     o_base = tl.multiple_of(o_ptr + b * stride_ob + h * stride_oh, 16)
     q_rows = tl.multiple_of(offs_m.to(tl.int64) * stride_qn, 8)
     q = tl.load(q_base + q_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
@@ -233,6 +236,18 @@ def check_aligned(name: str, t: Tensor) -> None:
         )
 
 
+def _offsets_in(qkv: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tuple[int, int]:
+    """k's and v's element offsets from q, all three views of ``qkv`` that starts at q."""
+    base = qkv.untyped_storage().data_ptr()
+    if qkv.dtype != q.dtype or q.data_ptr() != qkv.data_ptr():
+        raise ValueError(f"qkv: expected a {q.dtype} buffer starting at q, got {qkv.dtype}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.untyped_storage().data_ptr() != base:
+            raise ValueError(f"{name}: expected a view of qkv, got a tensor of another storage")
+    size = q.element_size()
+    return (k.data_ptr() - q.data_ptr()) // size, (v.data_ptr() - q.data_ptr()) // size
+
+
 def flash_attention_forward(
     q: Tensor,
     k: Tensor,
@@ -243,6 +258,7 @@ def flash_attention_forward(
     return_lse: bool = False,
     attention_config: Optional[Tuple[int, int, int, int]] = None,
     attention_tma_config: Optional[Tuple[int, int, int, int, int]] = None,
+    qkv: Optional[Tensor] = None,
 ):
     """softmax(scale * q k^T) v, non-causal, with the Triton kernel.
 
@@ -257,6 +273,9 @@ def flash_attention_forward(
     kernel (:mod:`vit_kernels.triton.attention_tma`, float16/bfloat16, head_dim <= 128) with these
     tiles, one of ``attention_tma.CONFIGS`` (the tuner passes them on sm_90); a call it cannot run
     raises ValueError with the reason before any launch.
+    qkv: the buffer q, k and v are views of, q at its start (the split path's (3, batch, heads,
+    tokens, head_dim) buffer): the pointer kernel then takes the buffer alone, k and v as element
+    offsets into it, so a replayed launch plan (vit_kernels.replay) makes no views per call.
     """
     if q.dim() != 4:
         raise ValueError(f"q: expected a 4-D tensor (batch, heads, tokens, head_dim), got shape {tuple(q.shape)}")
@@ -289,14 +308,18 @@ def flash_attention_forward(
         BLOCK_M, BLOCK_N, num_warps, num_stages = attention_config or kernel_config(q.dtype, D)
         grid = (B * H, cdiv(NQ, BLOCK_M))
         chunks = dim_chunks(D, q.dtype)
+        # k and v as offsets into qkv (the kernel gets one buffer), else as they are
+        k_off, v_off = _offsets_in(qkv, q, k, v) if qkv is not None else (0, 0)
         launch(
             _attn_fwd_kernel,
             grid,
-            q,
-            k,
-            v,
+            q if qkv is None else qkv,
+            k if qkv is None else qkv,
+            v if qkv is None else qkv,
             out,
             lse if return_lse else out,
+            k_off,
+            v_off,
             q.stride(0),
             q.stride(1),
             q.stride(2),
@@ -345,14 +368,8 @@ def aot_spec(
     )
     if attention_config is not None:
         label += f",num_warps={num_warps},num_stages={num_stages},tuning"
-    call = lambda: flash_attention_forward(
-        qkv[0],
-        qkv[1],
-        qkv[2],
-        1.0,
-        out=out,  # noqa: E731
-        return_lse=store_lse,
-        attention_config=attention_config,
+    call = lambda: flash_attention_forward(  # noqa: E731
+        qkv[0], qkv[1], qkv[2], 1.0, out=out, return_lse=store_lse, attention_config=attention_config, qkv=qkv
     )
     return recorded_spec(
         "flash_attention_fwd",

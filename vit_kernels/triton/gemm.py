@@ -38,7 +38,7 @@ from ..replay import empty, launch, persistent
 from ..dtypes import KERNEL_DTYPES
 from . import FP32_DOT_PRECISION, cdiv
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
-from .layernorm import as_rows, row_stats, rows_per_batch
+from .layernorm import as_rows, row_stats, rows_per_batch, stats_pointer
 
 DTYPES = KERNEL_DTYPES  # vit_kernels.dtypes
 
@@ -130,8 +130,7 @@ def _gemm_kernel(
     out_ptr,  # OUT_ROWS: (M, N) as (b, t, n) strides (stride_ob, stride_ot, stride_on);
     # OUT_QKV: (3, B, H, T, HEAD_DIM) strides (stride_o3, stride_ob, stride_oh, stride_ot, stride_on)
     bias_ptr,  # (N,)                       [HAS_BIAS]
-    mean_ptr,  # (M,) fp32 row means        [NORM]
-    rstd_ptr,  # (M,) fp32 row 1/std        [NORM]
+    stats_ptr,  # (2, M) fp32: row means, then row 1/std  [NORM]
     norm_weight_ptr,  # (K,) LayerNorm weight      [NORM]; NORM_PIXELS: fp32 (K,) scale 1 / (255 std[c])
     norm_bias_ptr,  # (K,) LayerNorm bias        [NORM == NORM_AFFINE]; NORM_PIXELS: fp32 (K,) -mean[c] / std[c]
     res_ptr,  # (M, N) residual, strides (stride_rb, stride_rt, stride_rn)   [HAS_RES]; GELU's input [ACT >= ACT_DGELU_ERF]
@@ -214,8 +213,8 @@ def _gemm_kernel(
         a_row = b * stride_ab + py * P * stride_ah + px * P * stride_aw
         a_rmask = m_mask & (t >= PREFIX)
     if NORM == NORM_AFFINE or NORM == NORM_WEIGHT_ONLY:
-        mean = tl.load(mean_ptr + offs_m, mask=m_mask, other=0.0)
-        rstd = tl.load(rstd_ptr + offs_m, mask=m_mask, other=0.0)
+        mean = tl.load(stats_ptr + offs_m, mask=m_mask, other=0.0)
+        rstd = tl.load(stats_ptr + M + offs_m, mask=m_mask, other=0.0)
     w_col = offs_n.to(tl.int64) * stride_wn
     if A_MODE == A_DENSE:  # dense: pointers advance by BLOCK_K columns per step
         a_ptrs = a_ptr + a_row[:, None] + offs_k0.to(tl.int64)[None, :] * stride_ak
@@ -403,7 +402,8 @@ def launch_gemm(
     a: A rows (a_strides = (stride_b, stride_t, stride_k)) or, with ``patch=(P, GW)``, the image (a_strides =
     (stride_b, stride_c, stride_h, stride_w)); weight: (N, K) (w_strides = (stride_n, stride_k)) or (N, C, P, P) with patch
     (4 strides); out: written through out_strides (3 for rows, 5 for qkv=(INNER, HEAD_DIM,
-    q_scale) into (3, B, H, T, HEAD_DIM)); stats: (mean, rstd) fp32 (M,) for LayerNorm on load
+    q_scale) into (3, B, H, T, HEAD_DIM)); stats: (mean, rstd) fp32 (M,) for LayerNorm on load, as
+    :func:`~vit_kernels.triton.layernorm.row_stats` returns them (rows of one buffer)
     with norm_weight (K,) and optional norm_bias; residual through res_strides; pos: (T, N)
     through pos_strides; cls: (N,) contiguous-or-strided 1-D, makes row t == 0 the class token.
     pixel_norm: (scale, shift), contiguous fp32 (K,) each, for uint8 images: A = uint8 * scale + shift
@@ -457,15 +457,12 @@ def launch_gemm(
         s["stride_cls"] = cls.stride(0)
     # Absent optional operands get a placeholder pointer of the same type (never read: the
     # matching constexpr flag is off), so the kernel signature does not change with them.
-    fp32_dummy = stats[0] if stats is not None else _fp32_placeholder(a.device)
-    mean, rstd = stats if stats is not None else (fp32_dummy, fp32_dummy)
     ptrs = [
         a,
         weight,
         out,
         _or(bias, weight),
-        mean,
-        rstd,
+        stats_pointer(*stats) if stats is not None else fp32_placeholder(a.device),
         _or(norm_weight, weight),
         _or(norm_bias, weight),
         _or(residual, weight),
@@ -496,8 +493,8 @@ def launch_gemm(
 _FP32_PLACEHOLDERS: Dict[torch.device, Tensor] = {}
 
 
-def _fp32_placeholder(device: torch.device) -> Tensor:
-    """One fp32 element per device for the mean/rstd pointers without a LayerNorm (never read),
+def fp32_placeholder(device: torch.device) -> Tensor:
+    """One fp32 element per device for the stats pointer without a LayerNorm (never read),
     made once: no allocation per launch."""
     t = _FP32_PLACEHOLDERS.get(device)
     if t is None:

@@ -65,9 +65,10 @@ from .gemm import (
     bias_gelu,
     check_out,
     check_qkv_projection,
+    fp32_placeholder,
     mode_value,
 )
-from .layernorm import as_rows, row_stats, rows_per_batch
+from .layernorm import as_rows, row_stats, rows_per_batch, stats_pointer
 
 logger = logging.getLogger("vit_kernels")
 
@@ -87,12 +88,12 @@ def _tile_coords(tile_id, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _centre_tile(mean_ptr, rstd_ptr, off_m, M, ln_tau, BLOCK_M: tl.constexpr, LN_EPI: tl.constexpr):
+def _centre_tile(stats_ptr, off_m, M, ln_tau, BLOCK_M: tl.constexpr, LN_EPI: tl.constexpr):
     """Whether the row tile at off_m has a row with |mean| * rstd > ln_tau (always False without LN_EPI)."""
     if LN_EPI:
         offs_m = off_m + tl.arange(0, BLOCK_M)
-        mean = tl.load(mean_ptr + offs_m, mask=offs_m < M, other=0.0)
-        rstd = tl.load(rstd_ptr + offs_m, mask=offs_m < M, other=0.0)
+        mean = tl.load(stats_ptr + offs_m, mask=offs_m < M, other=0.0)
+        rstd = tl.load(stats_ptr + M + offs_m, mask=offs_m < M, other=0.0)
         return tl.max(tl.abs(mean) * rstd, axis=0) > ln_tau
     else:
         return False
@@ -180,8 +181,7 @@ def _gemm_tma_kernel(
     bias_ptr,  # (N,)                         [HAS_BIAS]  (fp32 b' when LN_EPI)
     res_ptr,  # (M, N) as (b, t, n), strides (stride_rb, stride_rt, 1)   [HAS_RES]
     ls_ptr,  # (N,) layer scale             [HAS_LS]
-    mean_ptr,  # (M,) fp32 row means          [LN_EPI]
-    rstd_ptr,  # (M,) fp32 row 1/std          [LN_EPI]
+    stats_ptr,  # (2, M) fp32: row means, then row 1/std  [LN_EPI]
     colsum_ptr,  # (N,) fp32 column sums of W'  [LN_EPI]
     route_ptr,  # (1,) int32: row tiles centred before the dot (counted here)  [LN_EPI]
     M,
@@ -238,11 +238,11 @@ def _gemm_tma_kernel(
         off_am = pid_m * BLOCK_M
         off_wn = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if _centre_tile(mean_ptr, rstd_ptr, off_am, M, ln_tau, BLOCK_M, LN_EPI):
+        if _centre_tile(stats_ptr, off_am, M, ln_tau, BLOCK_M, LN_EPI):
             # Rows whose fold would cancel: A centred in registers (x - mean, rounded to x's dtype), then the
             # same dot; the epilogue takes mean 0 for this tile. Decided on the device: no host sync.
             offs_am = off_am + tl.arange(0, BLOCK_M)
-            mean_a = tl.load(mean_ptr + offs_am, mask=offs_am < M, other=0.0)
+            mean_a = tl.load(stats_ptr + offs_am, mask=offs_am < M, other=0.0)
             for ki in tl.range(k_tiles, num_stages=NUM_STAGES):
                 a = a_desc.load([off_am, ki * BLOCK_K])
                 a = (a.to(tl.float32) - mean_a[:, None]).to(a.dtype)
@@ -263,9 +263,9 @@ def _gemm_tma_kernel(
         rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
         if LN_EPI:
             offs_m = off_m + tl.arange(0, BLOCK_M)
-            mean = tl.load(mean_ptr + offs_m, mask=offs_m < M, other=0.0)
-            rstd = tl.load(rstd_ptr + offs_m, mask=offs_m < M, other=0.0)
-            if _centre_tile(mean_ptr, rstd_ptr, off_m, M, ln_tau, BLOCK_M, LN_EPI):
+            mean = tl.load(stats_ptr + offs_m, mask=offs_m < M, other=0.0)
+            rstd = tl.load(stats_ptr + M + offs_m, mask=offs_m < M, other=0.0)
+            if _centre_tile(stats_ptr, off_m, M, ln_tau, BLOCK_M, LN_EPI):
                 mean = tl.zeros((BLOCK_M,), dtype=tl.float32)  # A was centred: nothing to take off
         # Sub-tiles: (BLOCK_M, BLOCK_N) -> (BLOCK_M, 2, BLOCK_N/2) -> split the halves (twice for 4).
         if EPI_SPLIT == 1:
@@ -719,8 +719,8 @@ def launch_gemm_tma(
         stride_om = 0
     else:
         stride_om = _rows2d("out", out)[0]  # the row stride (a size-1 dim's stride says nothing)
-    fp32_dummy = ln[0] if ln is not None else torch.empty(1, device=a.device, dtype=torch.float32)
-    mean, rstd, colsum = ln if ln is not None else (fp32_dummy,) * 3
+    fp32_dummy = fp32_placeholder(a.device)  # never read without LN_EPI
+    stats, colsum = (stats_pointer(ln[0], ln[1]), ln[2]) if ln is not None else (fp32_dummy, fp32_dummy)
     tau = 0.0
     route = fp32_dummy
     if ln is not None:
@@ -738,8 +738,7 @@ def launch_gemm_tma(
         _or(bias, weight),
         _or(residual, weight),
         _or(layer_scale, weight),
-        mean,
-        rstd,
+        stats,
         colsum,
         route,
         M,

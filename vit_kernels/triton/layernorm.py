@@ -27,8 +27,7 @@ BLOCK_R, BLOCK_D, NUM_WARPS = 8, 256, 4
 @triton.jit
 def _row_stats_kernel(
     x_ptr,  # x viewed as (batch, T, D) with strides (stride_xb, stride_xt, stride_xd)
-    mean_ptr,  # (M,) fp32 out, M = batch * T
-    rstd_ptr,  # (M,) fp32 out
+    stats_ptr,  # (2, M) fp32 out: the row means, then the rows' 1/std; M = batch * T
     M,
     D,
     T,  # rows, row width, rows per batch
@@ -67,8 +66,8 @@ def _row_stats_kernel(
     var = tl.sum(sq, axis=1) / D
     # Rows past M (rmask False) are never stored; give them var 1 so that eps = 0 computes no inf.
     rstd = 1.0 / tl.sqrt_rn(tl.where(rmask, var + eps, 1.0))
-    tl.store(mean_ptr + rows, mean, mask=rmask)
-    tl.store(rstd_ptr + rows, rstd, mask=rmask)
+    tl.store(stats_ptr + rows, mean, mask=rmask)
+    tl.store(stats_ptr + M + rows, rstd, mask=rmask)
 
 
 def as_rows(name: str, t: Tensor, T: int) -> Tuple[int, int, int]:
@@ -101,7 +100,8 @@ def row_stats(x2d: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     x2d: (..., D), any strides that address it as (-1, T, D) with T = x2d.shape[-2] (a 2-D
     tensor is one batch of rows); float32/float16/bfloat16. eps: added to the variance.
     Returns (mean, rstd), each fp32 (M,) with M = x2d.numel() // D: rstd = 1/sqrt(var + eps),
-    var the biased variance over the last dim.
+    var the biased variance over the last dim. Both are rows of one (2, M) buffer, which the GEMMs
+    take as one pointer (:func:`stats_pointer`): one allocation per call.
     """
     if x2d.dtype not in DTYPES:
         raise TypeError(f"x2d: expected float32, float16 or bfloat16, got {x2d.dtype}")
@@ -109,10 +109,9 @@ def row_stats(x2d: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
         raise ValueError(f"x2d: expected at least 2 dims (rows, D), got shape {tuple(x2d.shape)}")
     D = x2d.shape[-1]
     M = x2d.numel() // D if D else 0
-    mean = empty(M, torch.float32, x2d.device)
-    rstd = empty(M, torch.float32, x2d.device)
+    stats = empty((2, M), torch.float32, x2d.device)
     if M == 0:
-        return mean, rstd
+        return stats[0], stats[1]
     T = rows_per_batch(x2d)
     stride_b, stride_t, stride_d = as_rows("x2d", x2d, T)
     grid = (cdiv(M, BLOCK_R),)
@@ -120,8 +119,7 @@ def row_stats(x2d: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
         _row_stats_kernel,
         grid,
         x2d,
-        mean,
-        rstd,
+        stats,
         M,
         D,
         T,
@@ -133,7 +131,26 @@ def row_stats(x2d: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
         BLOCK_D=BLOCK_D,
         num_warps=NUM_WARPS,
     )
-    return mean, rstd
+    return stats[0], stats[1]
+
+
+def stats_pointer(mean: Tensor, rstd: Tensor) -> Tensor:
+    """The one pointer a kernel takes for row statistics: ``mean``, whose M elements ``rstd``
+    follows (the (2, M) buffer :func:`row_stats` returns them from). Raises ValueError otherwise."""
+    M = mean.shape[0] if mean.dim() == 1 else -1
+    adjacent = (
+        rstd.data_ptr() == mean.data_ptr() + 4 * M
+        and rstd.untyped_storage().data_ptr() == mean.untyped_storage().data_ptr()
+    )
+    if not (mean.dtype == rstd.dtype == torch.float32 and mean.shape == rstd.shape == (M,) and adjacent):
+        raise ValueError(
+            f"stats: expected (mean, rstd) as row_stats returns them (fp32 rows of one (2, M) buffer), got "
+            f"{mean.dtype} {tuple(mean.shape)} and {rstd.dtype} {tuple(rstd.shape)}"
+            + ("" if adjacent else " not adjacent")
+        )
+    if M > 1 and (mean.stride(0) != 1 or rstd.stride(0) != 1):
+        raise ValueError(f"stats: expected unit strides, got {mean.stride()} and {rstd.stride()}")
+    return mean
 
 
 def aot_specs() -> List[AotSpec]:

@@ -494,6 +494,7 @@ def split_forward(
         return_lse=return_lse,
         attention_config=attention_config,
         attention_tma_config=attention_tma_config,
+        qkv=qkv,
     )
     return qkv, (res[1] if return_lse else None)
 
