@@ -135,6 +135,23 @@ MUTATIONS: List[Mutation] = [
         "",
         T_ATTN,
     ),
+    # The split path passes the qkv buffer once with k and v as offsets into it: a kernel that drops
+    # the offset reads q as k.
+    Mutation(
+        "triton-attn-k-offset-dropped",
+        "vit_kernels/triton/attention.py",
+        "    k_base = tl.multiple_of(k_ptr + k_off + b * stride_kb + h * stride_kh, 16)\n",
+        "    k_base = tl.multiple_of(k_ptr + b * stride_kb + h * stride_kh, 16)\n",
+        T_QKV,
+    ),
+    # Row statistics are one (2, M) buffer: the GEMM reading rstd where the means are.
+    Mutation(
+        "triton-gemm-rstd-at-mean",
+        "vit_kernels/triton/gemm.py",
+        "        rstd = tl.load(stats_ptr + M + offs_m, mask=m_mask, other=0.0)\n",
+        "        rstd = tl.load(stats_ptr + offs_m, mask=m_mask, other=0.0)\n",
+        T_MLP,
+    ),
     Mutation(
         "triton-attn-sum-no-rescale",
         "vit_kernels/triton/attention.py",

@@ -282,7 +282,7 @@ def aot_specs() -> List[AotSpec]:
         g, a, w, vec = e(M, dim), e(M, dim), e(dim, dim), e(dim)
         hidden, w2, w1, b1 = e(M, 4 * dim), e(dim, 4 * dim), e(4 * dim, dim), e(4 * dim)
         g_tokens, w_patch = e(B, T, dim), e(dim, K)
-        stats = (torch.empty(M, dtype=torch.float32), torch.empty(M, dtype=torch.float32))
+        stats = tuple(torch.empty(2, M, dtype=torch.float32))  # (mean, rstd) as row_stats returns them
 
         def gradients():
             linear_backward(g, a, w, need_bias=True)

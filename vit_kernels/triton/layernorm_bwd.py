@@ -263,7 +263,7 @@ def aot_specs() -> List[AotSpec]:
     specs: List[AotSpec] = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         x, w = torch.empty(M, dim, dtype=dtype), torch.empty(dim, dtype=dtype)
-        stats = (torch.empty(M, dtype=torch.float32), torch.empty(M, dtype=torch.float32))
+        stats = tuple(torch.empty(2, M, dtype=torch.float32))  # (mean, rstd) as row_stats returns them
 
         def call():
             layernorm_apply(x, *stats, w, w)
