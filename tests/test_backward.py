@@ -118,6 +118,9 @@ HARD_CASES = [
     ("alternating", torch.float16),
     ("last", torch.float32),
     ("last", torch.float16),
+    ("rising", torch.bfloat16),
+    ("alternating", torch.bfloat16),
+    ("last", torch.bfloat16),
 ]
 
 
