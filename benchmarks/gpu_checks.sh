@@ -7,8 +7,10 @@
 #   OUT=gpu_out bash benchmarks/gpu_checks.sh
 # STEPS="gpu_tests bench_b256 ..." runs only the named steps (default: all but bench_large; a second
 # visit to a GPU reruns what changed); not in the default: bench_large (ViT-L/16 and ViT-H/14 bf16 at
-# batch 32) and profile_attention_bwd_fp32 (the fp32 attention backward, 9 dots per tile pair since
-# its delta is taken from P, against SDPA's fp32 backends).
+# batch 32), profile_attention_bwd_fp32 (the fp32 attention backward, 9 dots per tile pair since
+# its delta is taken from P, against SDPA's fp32 backends), bench_b1 (ViT-B/16 bf16 at batch 1) and
+# host_time_gpu (a ViT-B/16 block's op calls at batch 1 with Triton's real launches: host us per call
+# beside GPU us per call).
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT/files"
@@ -57,6 +59,10 @@ step bench_train_b128 ${T_TRAIN:-80} $PY -m vit_kernels bench vit_base_patch16_2
   --bench train --providers sdpa,triton,tuned --out "$OUT/files/bench_train_b128" --no-progress
 step bench_large ${T_LARGE:-120} $PY -m vit_kernels bench vit_large_patch16_224 vit_huge_patch14_224 --dtype bf16 \
   --batch-size 32 --mode inference --providers eager,sdpa,tuned --out "$OUT/files/bench_large" --no-progress
+step bench_b1 ${T_B1:-90} $PY -m vit_kernels bench vit_base_patch16_224 --dtype bf16 --batch-size 1 \
+  --mode inference --providers ${B1_PROVIDERS:-eager,sdpa,compile,triton,tuned} --out "$OUT/files/bench_b1" --no-progress
+step host_time_gpu ${T_HOST:-60} $PY -m pytest -q -m gpu -p no:cacheprovider benchmarks/test_host_time.py \
+  --benchmark-only -s -k real_launches
 wait $BUILD; tail -n 5 "$OUT/files/cuda_build.log" | tee -a "$LOG"
 cp "$VIT_KERNELS_CACHE"/tuning*.json "$OUT/files/" 2>/dev/null
 tar czf "$OUT/results.tar.gz" -C "$OUT" files && rm -rf "$OUT/files"
