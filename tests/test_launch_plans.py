@@ -305,6 +305,23 @@ def test_replayed_launch_is_the_launch_the_launcher_makes(op, layout, dtype):
     assert replayed and _normalized(replayed, args[:n]) == _normalized(fresh, args[:n])
 
 
+def test_plan_made_while_launches_are_recorded_launches_after():
+    """A plan made inside ``record_launches`` (its replay binds the swapped ``run``) records there, and
+    once the block is left its replay launches the kernels: the result meets the oracle (it would
+    keep the poison's NaNs if the replay only recorded)."""
+    from vit_kernels.triton.aot import record_launches
+
+    store = library.PlanStore()
+    with torch.no_grad(), library.plans(store):
+        with record_launches() as launches:
+            library.run("linear", _schema_args("linear", "contiguous", torch.float32))
+        assert launches and len(store) == 1
+        args = _schema_args("linear", "contiguous", torch.float32)
+        out = library.run("linear", args)
+    assert len(launches) == 1 and len(store) == 1  # the second call replayed (and recorded nothing)
+    _linear_oracle_check(args, out, "replay after record_launches")
+
+
 def _linear_oracle_check(args, out, name):
     x, w, b, res, ls = args[:5]
     oracle = reference.linear(*(t.double() for t in (x, w, b)), residual=res.double(), layer_scale=ls.double())
