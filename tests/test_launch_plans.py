@@ -305,6 +305,32 @@ def test_replayed_launch_is_the_launch_the_launcher_makes(op, layout, dtype):
     assert replayed and _normalized(replayed, args[:n]) == _normalized(fresh, args[:n])
 
 
+def test_fuse_report_says_how_each_part_launches():
+    """fuse_report notes per fused part how many of its call signatures replay their launches, and
+    why the others do not (backend torch: only Triton launches are recorded)."""
+    import vit_kernels as vk
+    from vit_kernels.models.vit import VisionTransformer
+
+    model = VisionTransformer(img_size=16, patch_size=8, embed_dim=DIM, depth=1, num_heads=HEADS, num_classes=3).eval()
+    vk.fuse(model, backend="triton")
+    fused = [e for e in vk.fuse_report(model).entries if e.fused]
+    assert fused and not any("launch plans" in n for e in fused for n in e.notes)  # nothing has run yet
+    with torch.no_grad():
+        model(torch.randn(2, 3, 16, 16))
+    fused = [e for e in vk.fuse_report(model).entries if e.fused]
+    notes = {e.path: [n for n in e.notes if n.startswith("launch plans")] for e in fused}
+    assert all(len(n) == 1 and " of " in n[0] and "replay" in n[0] for n in notes.values()), notes
+    assert any(n[0].startswith("launch plans: 2 of 2 ") for n in notes.values()), notes  # qkv_attention + linear
+    model = VisionTransformer(img_size=16, patch_size=8, embed_dim=DIM, depth=1, num_heads=HEADS, num_classes=3).eval()
+    vk.fuse(model, backend="torch")
+    with torch.no_grad():
+        model(torch.randn(2, 3, 16, 16))
+    notes = [n for e in vk.fuse_report(model).entries if e.fused for n in e.notes if n.startswith("launch plans")]
+    assert notes and all(
+        n.startswith("launch plans: 0 of ") and "only Triton launches are recorded" in n for n in notes
+    )
+
+
 def test_plan_made_while_launches_are_recorded_launches_after():
     """A plan made inside ``record_launches`` (its replay binds the swapped ``run``) records there, and
     once the block is left its replay launches the kernels: the result meets the oracle (it would

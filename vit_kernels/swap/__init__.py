@@ -200,6 +200,7 @@ def fuse_report(model: nn.Module, *, backend: Optional[str] = None, ops: Optiona
                 entries.append(ReportEntry(e.path, e.op, e.family, False, "not fused yet (fuse() would fuse it)"))
     entries += _native_entries(model)
     _add_tuning_notes(model, entries)
+    _add_plan_notes(model, entries)
     if not entries:
         entries.append(
             ReportEntry(
@@ -231,6 +232,24 @@ def _add_tuning_notes(model: nn.Module, entries: List[ReportEntry]) -> None:
                 continue
             notes = tuple(decision_note(d) for d in decisions if OP_PARTS.get(d.op) == e.op)
             e.notes = e.notes + tuple(f"tuned: {n}" for n in notes) + ((fallback,) if fallback else ())
+
+
+def _add_plan_notes(model: nn.Module, entries: List[ReportEntry]) -> None:
+    """Per fused part that has run, how its op calls launch (vit_kernels.library's launch plans): by
+    replaying the recorded Triton launches (the least host work per call), or through the op's
+    launcher on every call, and why (another backend, a launch a replay cannot name)."""
+    by_path = {e.path: e for e in entries if e.fused}
+    for path, m in model.named_modules():
+        store, e = m.__dict__.get("_vk_plans"), by_path.get(path)
+        if not store or e is None:
+            continue
+        plans = list(store.values())
+        replayed = sum(p.replay is not None for p in plans)
+        note = f"launch plans: {replayed} of {len(plans)} op call signatures replay their recorded Triton launches"
+        why = sorted({f"{p.decision.op}: {p.replay_refused}" for p in plans if p.replay is None})
+        if why:
+            note += "; the others run their launcher on every call (" + "; ".join(why) + ")"
+        e.notes = e.notes + (note,)
 
 
 def _path_key(path: str):
