@@ -31,8 +31,12 @@ from triton.runtime.jit import KernelInterface  # noqa: E402
 
 
 class StubKernel(KernelInterface):
-    """Stands for a @triton.jit kernel: Triton's ``kernel[grid](*args, **kw)`` (which calls
-    ``run(*args, grid=grid, warmup=False, **kw)``), with a ``run`` that does nothing."""
+    """Stands for the @triton.jit kernel ``real``: its parameter names, and Triton's
+    ``kernel[grid](*args, **kw)`` (which calls ``run(*args, grid=grid, warmup=False, **kw)``) with a
+    ``run`` that does nothing."""
+
+    def __init__(self, real):
+        self.arg_names = real.arg_names
 
     def run(self, *args, grid, warmup, **kwargs):
         return None
@@ -48,7 +52,7 @@ def stubbed(monkeypatch):
         (qkv_attention, "_qkv_attn_kernel"),
         (layernorm, "_row_stats_kernel"),
     ):
-        monkeypatch.setattr(mod, name, StubKernel())
+        monkeypatch.setattr(mod, name, StubKernel(getattr(mod, name)))
     monkeypatch.setattr(backends, "triton_unavailable", lambda device, dtypes=(): None)
     monkeypatch.setattr(
         testing, "compare", lambda out, *a, **k: testing.Comparison("stub", True, 0.0, 0.0, 0.0, 0.0, (), 0.0, 0.0)

@@ -259,7 +259,13 @@ def _normalized(launches, inputs):
                     args.append(("new", k, a.data_ptr() - s.data_ptr(), s.nbytes(), a.dtype))
             else:
                 args.append((type(a), a))
-        rows.append((launch.fn, launch.grid, args, launch.kwargs))
+        # by parameter name: a replay passes the kernel's constexprs positionally (vit_kernels.replay)
+        names = launch.fn.arg_names
+        bound = dict(zip(names, args))
+        bound.update((k, (type(v), v)) for k, v in launch.kwargs.items() if k in names)
+        options = {k: v for k, v in launch.kwargs.items() if k not in names}
+        assert len(args) <= len(names) and len(bound) == len(args) + len(launch.kwargs) - len(options)
+        rows.append((launch.fn, launch.grid, bound, options))
     return rows
 
 

@@ -453,11 +453,12 @@ def test_tma_config_fastest_runs_the_tma_gemm(dtype, monkeypatch):
         assert launched == []
         (plan,) = [p for key, p in library.FUNCTION_PLANS.items() if key[0] == "linear"]
         assert plan.replay is not None, plan.replay_refused
-        ((step, _),) = plan.replay.steps
+        ((kernel, _, args, kwargs),) = plan.replay.launches((x, w, b, None, None))
+        bound = dict(zip(kernel.arg_names, args), **kwargs)
         tiles = gemm_tma.TmaConfig(*cfg)
-        assert step.func.__self__ is gemm_tma._gemm_tma_kernel
-        assert (step.keywords["BLOCK_M"], step.keywords["BLOCK_N"], step.keywords["BLOCK_K"]) == cfg[:3]
-        assert step.keywords["EPI_SPLIT"] == tiles.epi_split and step.keywords["num_warps"] == tiles.num_warps
+        assert kernel is gemm_tma._gemm_tma_kernel
+        assert (bound["BLOCK_M"], bound["BLOCK_N"], bound["BLOCK_K"]) == cfg[:3]
+        assert (bound["EPI_SPLIT"], bound["num_warps"]) == (tiles.epi_split, tiles.num_warps)
         library.clear_plans()
         out3 = vk.linear(x, w, b)
         assert launched == [tiles]
