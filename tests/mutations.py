@@ -144,6 +144,14 @@ MUTATIONS: List[Mutation] = [
         "    k_base = tl.multiple_of(k_ptr + b * stride_kb + h * stride_kh, 16)\n",
         T_QKV,
     ),
+    # A replayed TMA launch makes its tensor descriptors again on the call's tensors.
+    Mutation(
+        "replay-descriptor-base-not-set",
+        "vit_kernels/replay.py",
+        "    d.base = base\n",
+        "    pass\n",
+        ("tests/test_tuning.py", "-k", "tma"),
+    ),
     # Row statistics are one (2, M) buffer: the GEMM reading rstd where the means are.
     Mutation(
         "triton-gemm-rstd-at-mean",

@@ -558,7 +558,8 @@ def test_attention_tma_config_fastest_runs_the_tma_kernel(dtype, monkeypatch):
     real, real_gemm = attention_tma.launch, gemm_tma.launch_gemm_tma
     monkeypatch.setattr(attention_tma, "launch", lambda *a: launched.append(a[-1]) or real(*a))
     monkeypatch.setattr(gemm_tma, "launch_gemm_tma", lambda *a, **k: gemms.append(k["config"]) or real_gemm(*a, **k))
-    q, k, v = (torch.randn(1, 2, 70, 64, dtype=torch.float64, device=DEVICE).to(dtype) for _ in range(3))
+    q, k, v = qkv0 = tuple(torch.randn(1, 2, 70, 64, dtype=torch.float64, device=DEVICE).to(dtype) for _ in range(3))
+    oracle_qkv = reference.flash_attention(*(t.double() for t in qkv0))
     cfg = attention_tma.CONFIGS[3]
     gcfg = dataclasses.astuple(gemm_tma.configs_for(384, 128)[-1])
     pair = (("tma_config", gcfg), ("attention_tma_config", cfg))
@@ -574,32 +575,45 @@ def test_attention_tma_config_fastest_runs_the_tma_kernel(dtype, monkeypatch):
             Candidate("triton", "", (("attention_tma_config", c),)).name for c in attention_tma.CONFIGS
         }
         launched.clear()
-        out2 = vk.flash_attention(q, k, v)
+        out2 = vk.flash_attention(q, k, v)  # replays the first call's launch plan: no launcher
         d = vk.last_decision("flash_attention")
         assert (d.backend, d.config) == ("triton", (("attention_tma_config", cfg),))
+        assert launched == []
+        library.clear_plans()
+        vk.flash_attention(q, k, v)  # without a plan: the launcher, with the tuned tiles
         assert launched == [cfg]
-        # a fused module's launch plan: the TMA launch takes tensor descriptors, which a replay cannot
-        # substitute, so the plan keeps calling the launcher (never a replay that skips the kernel)
+        # a fused module's launch plan: the replay makes the TMA launch's tensor descriptors again on the
+        # new tensors (the launcher is not called); fresh q, k, v so that a stale base would show
         store = library.PlanStore()
         with torch.no_grad(), library.plans(store):
             vk.flash_attention(q, k, v)
             launched.clear()
+            q, k, v = (torch.randn_like(t, dtype=torch.float64).to(dtype) for t in (q, k, v))
             out3 = vk.flash_attention(q, k, v)
         (plan,) = store.values()
-        assert plan.replay is None and "TensorDescriptor" in plan.replay_refused, plan.replay_refused
-        assert launched == [cfg]
+        assert plan.replay is not None and len(plan.replay.descs) >= 4, plan.replay_refused
+        # the plan keeps the descriptors' shapes, strides and blocks, not the recorded call's tensors
+        assert not any(isinstance(v, torch.Tensor) for _, fields in plan.replay.descs for v in fields.values())
+        assert launched == []
+        for o in (out, out2):
+            assert_close(o, oracle_qkv, torch.nn.functional.scaled_dot_product_attention(*qkv0))
         x = torch.randn(2, 50, 128, device=DEVICE).to(dtype)
         w = (torch.randn(384, 128, device=DEVICE) * 128**-0.5).to(dtype)
         vk.qkv_attention(x, w, num_heads=2)  # tunes
         launched.clear()
         gemms.clear()
-        out_qkv = vk.qkv_attention(x, w, num_heads=2)
+        out_qkv = vk.qkv_attention(x, w, num_heads=2)  # a replay of the TMA GEMM and the TMA attention
         d = vk.last_decision("qkv_attention")
         assert (d.backend, d.path, d.config) == ("triton", "split", pair)
+        assert launched == [] and gemms == []
+        (plan,) = [p for key, p in library.FUNCTION_PLANS.items() if key[0] == "qkv_attention"]
+        kernels = [kernel for kernel, _ in plan.replay.kernels]
+        assert kernels == [gemm_tma._gemm_tma_kernel, attention_tma._attn_fwd_tma_kernel]
+        library.clear_plans()
+        vk.qkv_attention(x, w, num_heads=2)
         assert launched == [cfg] and gemms == [gemm_tma.TmaConfig(*gcfg)]
     oracle = reference.flash_attention(q.double(), k.double(), v.double())
-    for o in (out, out2, out3):
-        assert_close(o, oracle, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    assert_close(out3, oracle, torch.nn.functional.scaled_dot_product_attention(q, k, v))
     assert_close(
         out_qkv,
         reference.qkv_attention(x.double(), w.double(), num_heads=2),

@@ -17,13 +17,13 @@ recorded and later calls replay it:
   :class:`Replay`: each launch's kernel, grid, keyword arguments (the constexprs, num_warps) and
   argument list, where every tensor is named by where it comes from: an input of the call (the op's
   schema tensors, or a view of one at the same address and dtype), an allocation of the call (or a
-  view of one), or a persistent placeholder;
+  view of one), or a persistent placeholder; a host tensor descriptor by where its base comes from;
 - ``replay(tensors)`` allocates what the call allocated, substitutes the new tensors into the
   argument lists and launches: exactly the launches the launcher would make for these tensors
   (tests/test_launch_plans.py compares both argument lists).
 
-A launch whose arguments cannot be named that way (a tensor the launcher computed, a tensor
-descriptor, a tensor in the keyword arguments) is not replayed: :meth:`Replay.build` returns the
+A launch whose arguments cannot be named that way (a tensor the launcher computed, a tensor in
+the keyword arguments) is not replayed: :meth:`Replay.build` returns the
 reason instead and the plan keeps calling the launcher (``Plan.replay_refused``).
 """
 
@@ -36,6 +36,11 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - a Triton without host tensor descriptors (none is made then)
+    TensorDescriptor = type("NoTensorDescriptor", (), {})
 
 _STATE = threading.local()  # .rec: the Recording open in this thread (None: not recording)
 _PERSISTENT: dict = {}  # id -> tensor: placeholders that are never freed (never read by their kernels)
@@ -102,13 +107,15 @@ class Replay:
     constexprs among them, :func:`_positional`). ``out``: the pool index of the
     result; ``aliases``: (i, j) pairs of inputs that shared an address in the recorded call (a
     launch argument there is named by the first of them), which a replay needs to share one too
-    (:meth:`serves`); ``kernels``: (kernel, grid) per launch (:meth:`launches`)."""
+    (:meth:`serves`); ``kernels``: (kernel, grid) per launch (:meth:`launches`); ``descs``: (pool index
+    of the base, the other fields) per host tensor descriptor (sm_90's TMA attention), made again on
+    the new base after the views."""
 
-    __slots__ = ("allocs", "consts", "views", "steps", "out", "aliases", "kernels")
+    __slots__ = ("allocs", "consts", "views", "steps", "out", "aliases", "kernels", "descs")
 
-    def __init__(self, allocs, consts, views, steps, out, aliases, kernels):
+    def __init__(self, allocs, consts, views, steps, out, aliases, kernels, descs=()):
         self.allocs, self.consts, self.views, self.steps = allocs, consts, views, steps
-        self.out, self.aliases, self.kernels = out, aliases, kernels
+        self.out, self.aliases, self.kernels, self.descs = out, aliases, kernels, descs
 
     def serves(self, tensors: Sequence[Optional[Tensor]]) -> bool:
         """False when inputs that shared an address in the recorded call do not now."""
@@ -125,6 +132,8 @@ class Replay:
         pool += self.consts
         for base, size, stride, offset in self.views:
             pool.append(pool[base].as_strided(size, stride, offset))
+        for base, fields in self.descs:
+            pool.append(_descriptor(pool[base], fields))
         return pool
 
     def __call__(self, tensors: Sequence[Optional[Tensor]]) -> Tensor:
@@ -197,12 +206,20 @@ class Replay:
                         return r
                 elif isinstance(a, _PLAIN_TYPES):
                     r = ("const", a)
+                elif isinstance(a, TensorDescriptor):  # sm_90's host descriptors: made again on its new base
+                    r = source(a.base) if isinstance(a.base, Tensor) else "a tensor descriptor without a tensor"
+                    if isinstance(r, str):
+                        return r
+                    r = ("desc", (r, {k: v for k, v in vars(a).items() if k != "base"}))
                 else:
                     return f"a launch argument of type {type(a).__name__} is not replayed"
                 row.append(r)
             refs.append(row)
 
-        def index(r: tuple) -> int:
+        descs: List[tuple] = []  # (base index, the descriptor's other fields)
+
+        def index(r: tuple) -> Union[int, tuple]:
+            """The pool index of source ``r``; ("view", k) / ("desc", k) until the constants are counted."""
             kind, v = r
             if kind == "in":
                 return v
@@ -214,22 +231,41 @@ class Replay:
                         return n + A + c
                 consts.append(v)
                 return n + A + len(consts) - 1
-            if v not in views:
-                views.append(v)
-            return -1 - views.index(v)  # fixed below, once the constants are counted
+            if kind == "view":
+                if v not in views:
+                    views.append(v)
+                return ("view", views.index(v))
+            d = (index(v[0]), v[1])
+            if d not in descs:
+                descs.append(d)
+            return ("desc", descs.index(d))
 
         rows = [[index(r) for r in row] for row in refs]
-        first_view = n + A + len(consts)
+        first = {"view": n + A + len(consts), "desc": n + A + len(consts) + len(views)}
+
+        def final(j: Union[int, tuple]) -> int:
+            return j if isinstance(j, int) else first[j[0]] + j[1]
+
         steps = []
         for (kernel, grid, _, _), kwargs, row in zip(rec.launches, options, rows):
-            row = [j if j >= 0 else first_view - 1 - j for j in row]
-            steps.append((_bound(kernel, grid, kwargs), operator.itemgetter(*row)))
+            steps.append((_bound(kernel, grid, kwargs), operator.itemgetter(*map(final, row))))
         out_j = n + next(k for k, a in enumerate(allocs) if a is out)
         # contiguous as empty() made them; like: an empty tensor of the dtype and device (new_empty_strided
         # takes them from it, a little cheaper than torch.empty_strided's keyword arguments)
         shapes = tuple((tuple(a.shape), a.stride(), a.new_empty(0)) for a in allocs)
         kernels = tuple((kernel, grid) for kernel, grid, _, _ in rec.launches)
-        return Replay(shapes, tuple(consts), tuple(views), tuple(steps), out_j, tuple(sorted(aliases)), kernels)
+        descs = tuple((final(base), fields) for base, fields in descs)
+        return Replay(shapes, tuple(consts), tuple(views), tuple(steps), out_j, tuple(sorted(aliases)), kernels, descs)
+
+
+def _descriptor(base: Tensor, fields: dict):
+    """A TensorDescriptor on ``base`` with the recorded one's other fields (shape, strides, block
+    shape, padding). Not validated again: what its checks read (the shape, the strides, the base's
+    16-byte alignment) is part of the plan's signature."""
+    d = object.__new__(TensorDescriptor)
+    d.__dict__.update(fields)
+    d.base = base
+    return d
 
 
 def _positional(kernel, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:

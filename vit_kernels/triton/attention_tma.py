@@ -316,8 +316,8 @@ def launch(
     descs += [desc(q, BLOCK_M, d1), desc(k, BLOCK_N, d1), desc(v, BLOCK_N, d1), desc(out, BLOCK_M, d1)] if d1 else descs
     tail = [desc(k, tail_n, d0), desc(v, tail_n, d0)] if tail_n else descs[1:3]
     descs += tail + ([desc(k, tail_n, d1), desc(v, tail_n, d1)] if tail_n and d1 else tail)
-    # through replay.launch: a fused module's launch plan sees this launch (its tensor descriptors are
-    # not replayed: the plan keeps calling this launcher, Plan.replay_refused says why)
+    # through replay.launch: a fused module's launch plan records this launch (a replay makes each
+    # tensor descriptor again on its new base)
     replay.launch(
         _attn_fwd_tma_kernel,
         (B * H, cdiv(NQ, BLOCK_M)),
