@@ -374,3 +374,22 @@ def test_offsets_are_int64_in_compiled_kernel_triton():
 
 
 # The whole-model acceptance (2-layer ViT on backend="cuda") lives in tests/test_vit_backends.py.
+
+
+def test_layernorm_stats_must_be_row_stats_rows():
+    """The GEMM reads (mean, rstd) through one pointer, rstd M elements after mean, as row_stats lays
+    them out: any other pair is refused before a launch (the output keeps its NaNs)."""
+    from vit_kernels import testing
+    from vit_kernels.triton.gemm import dense_forward
+    from vit_kernels.triton.layernorm import row_stats
+
+    x, w, nw = torch.randn(2, 5, 32), torch.randn(48, 32), torch.randn(32)
+    mean, rstd = row_stats(x, 1e-6)
+    out = torch.full((2, 5, 48), float("nan"))
+    for bad in ((mean.clone(), rstd.clone()), (rstd, mean), (mean, rstd.double())):
+        with pytest.raises(ValueError, match="stats: expected"):
+            dense_forward(x, w, norm_weight=nw, stats=bad, out=out)
+        assert out.isnan().all()
+    dense_forward(x, w, norm_weight=nw, stats=(mean, rstd), out=out)
+    oracle = F.linear(F.layer_norm(x.double(), (32,), nw.double(), eps=1e-6), w.double())
+    testing.assert_close(out, oracle, F.linear(F.layer_norm(x, (32,), nw, eps=1e-6), w), name="out")
