@@ -337,6 +337,21 @@ def test_fuse_report_says_how_each_part_launches():
     )
 
 
+def test_a_launch_of_something_else_than_a_triton_kernel_is_not_replayed():
+    """Replays bind Triton's ``run``: a recorded launch of anything else is refused with the reason."""
+    from vit_kernels import replay
+
+    class NotTriton:
+        def __getitem__(self, grid):
+            return lambda *a, **k: None
+
+    out = torch.empty(3)
+    rec = replay.Recording()
+    rec.launches.append((NotTriton(), (1,), (out, 3), {}))
+    rec.allocs.append(out)
+    assert replay.Replay.build(rec, (torch.empty(3),), out) == "a launch of NotTriton, not a Triton kernel"
+
+
 def test_plan_made_while_launches_are_recorded_launches_after():
     """A plan made inside ``record_launches`` (its replay binds the swapped ``run``) records there, and
     once the block is left its replay launches the kernels: the result meets the oracle (it would

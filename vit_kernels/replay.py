@@ -191,7 +191,11 @@ class Replay:
 
         refs = []  # per launch: its arguments' sources
         options = []  # per launch: the keyword arguments left as keywords
+        from triton.runtime.jit import KernelInterface
+
         for kernel, grid, args, kwargs in rec.launches:
+            if not isinstance(kernel, KernelInterface):
+                return f"a launch of {type(kernel).__name__}, not a Triton kernel"
             if any(not isinstance(v, _PLAIN_TYPES) for v in kwargs.values()):
                 return "a keyword argument of a launch is not a plain number or string"
             if len(args) < 2:
@@ -274,11 +278,8 @@ def _positional(kernel, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
     order, up to the first parameter not given; the rest (num_warps, num_stages, ...) stay keywords.
     The same launch (Triton binds arguments by name either way), with less packing per call: a
     GEMM's 14 constexprs as keywords cost about 0.7 us more per launch."""
-    names = getattr(kernel, "arg_names", None)
-    if not names:
-        return args, kwargs
     args, kwargs = list(args), dict(kwargs)
-    for name in names[len(args) :]:
+    for name in kernel.arg_names[len(args) :]:
         if name not in kwargs:
             break
         args.append(kwargs.pop(name))
@@ -287,16 +288,12 @@ def _positional(kernel, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
 
 def _bound(kernel, grid, kwargs: dict):
     """``kernel[grid](*args, **kwargs)`` as a callable of ``*args``. For Triton's kernels
-    (``KernelInterface``: JITFunction, the interpreter's InterpretedFunction) ``kernel[grid]`` is a
-    lambda that calls ``kernel.run(*args, grid=grid, warmup=False, **kwargs)``; binding ``run``
-    itself skips that frame and its second packing of the keyword arguments (about 1 us per
-    launch of the GEMM's 16 keywords). Bound when the plan is made: a ``run`` replaced later on the
-    class (vit_kernels.triton.aot.record_launches) records only the launches of plans made inside it."""
-    from triton.runtime.jit import KernelInterface
-
-    if isinstance(kernel, KernelInterface):
-        return functools.partial(kernel.run, grid=grid, warmup=False, **kwargs)
-    return functools.partial(kernel[grid], **kwargs)
+    (``KernelInterface``: JITFunction, the interpreter's InterpretedFunction; :meth:`Replay.build`
+    replays no other) ``kernel[grid]`` is a lambda that calls ``kernel.run(*args, grid=grid,
+    warmup=False, **kwargs)``; binding ``run`` itself skips that frame and a second packing of the
+    keyword arguments. Bound when the plan is made: a ``run`` replaced later on the class
+    (vit_kernels.triton.aot.record_launches) records only the launches of plans made inside it."""
+    return functools.partial(kernel.run, grid=grid, warmup=False, **kwargs)
 
 
 def signature(tensors: Sequence[Optional[Tensor]]) -> Tuple[Optional[tuple], ...]:
