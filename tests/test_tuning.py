@@ -109,6 +109,48 @@ def test_triton_config_fastest_takes_that_config():
     check_linear(out, x, w, b, r)
 
 
+def test_timer_times_what_the_launch_plan_runs(monkeypatch):
+    """A Triton candidate is timed as a fused model runs it from a signature's second call on: its
+    recorded launches replayed (the launcher's host work is the first call's alone), with the same
+    result; the torch path as it is. A run whose recording another op took over is timed through the
+    launcher (a partial replay would time part of the work)."""
+    from vit_kernels import replay
+    from vit_kernels.triton import gemm
+
+    launcher_calls = []
+    real = gemm.linear_forward
+    monkeypatch.setattr(gemm, "linear_forward", lambda *a, **k: launcher_calls.append(1) or real(*a, **k))
+    results = {}
+
+    def timer(candidate, fn):
+        launcher_calls.clear()
+        results[candidate.name] = (fn(), fn(), len(launcher_calls))
+        return 0.1 if candidate.name == "triton" else 1.0
+
+    x, w, b, r = linear_args()
+    with tuning.use_tuner(make_tuner(timer)):
+        vk.linear(x, w, b, residual=r)
+    assert vk.last_decision("linear").backend == "triton"
+    for name, (out1, out2, launchers) in results.items():
+        assert launchers == 0, name  # the torch path calls none; the Triton candidates' replays neither
+        assert out1.data_ptr() != out2.data_ptr()  # each call allocates its output, as a replay does
+        for out in (out1, out2):
+            check_linear(out, x, w, b, r)
+
+    def run(d, *args):  # a launch after which another recording started and stopped
+        out = gemm.linear_forward(*args)
+        replay.start()
+        replay.stop()
+        return out
+
+    d = vk.last_decision("linear")
+    with replay.recording() as rec:
+        out = run(d, x, w, b)
+    launcher_calls.clear()
+    check_linear(tuning.steady_call(run, d, (x, w, b), rec, out)(), x, w, b, torch.zeros_like(r))
+    assert launcher_calls == [1] and not rec.whole
+
+
 def test_copied_parameters_reach_every_candidate_once(monkeypatch):
     """A strided bias / layer_scale is copied once per call, before tuning: every candidate (and the
     launch of the winner) receives that one contiguous copy; the fused decision lists it."""
@@ -506,6 +548,72 @@ def test_tma_config_fastest_mlp_and_qkv_attention():
         reference.qkv_attention(x.double(), wq.double(), num_heads=2, norm_weight=nw.double(), norm_bias=nb.double()),
         qkv_attention_torch(x, wq, None, num_heads=2, scale=16**-0.5, norm_weight=nw, norm_bias=nb, eps=1e-6),
     )
+
+
+def test_layernorm_folded_tma_calls_are_replayed(monkeypatch):
+    """The LayerNorm-folded TMA GEMM (the MLP's fc1, the split qkv_attention's projection) is replayed
+    after the first call: the fold is looked up again per call (replay.derived), so a parameter updated
+    in place is folded again, and each replay flags its own LayerNorm route (last_ln_route); every
+    result against the oracle."""
+    from vit_kernels.triton import gemm_tma
+
+    launched = []
+    real = gemm_tma.launch_gemm_tma
+    monkeypatch.setattr(gemm_tma, "launch_gemm_tma", lambda *a, **k: launched.append(k["config"]) or real(*a, **k))
+    dtype = torch.float16
+    B, T, dim = 2, 40, 32
+    x = torch.randn(B, T, dim, device=DEVICE).to(dtype)
+    nw = (1 + 0.1 * torch.randn(dim, device=DEVICE)).to(dtype)
+    nb = (0.1 * torch.randn(dim, device=DEVICE)).to(dtype)
+    w1 = (torch.randn(128, dim, device=DEVICE) * dim**-0.5).to(dtype)
+    b1 = torch.randn(128, device=DEVICE).to(dtype)
+    w2 = (torch.randn(dim, 128, device=DEVICE) * 128**-0.5).to(dtype)
+    b2 = torch.randn(dim, device=DEVICE).to(dtype)
+    wq = (torch.randn(96, dim, device=DEVICE) * dim**-0.5).to(dtype)
+    cfg = dataclasses.astuple(gemm_tma.CONFIGS[3])  # 64-row tiles: the 80 rows are 2 row tiles
+    timer = FakeTimer(
+        {
+            Candidate("triton", "tma", (("tma_config", cfg),)).name: 0.1,
+            Candidate("triton", "split", (("tma_config", cfg),)).name: 0.1,
+        }
+    )
+    # a row whose mean is large against its spread (|mean| * rstd ~ 2000, past the threshold): its tile is centred
+    x_far = x.clone()
+    x_far[1, -1] = (1000 + torch.randn(dim, device=DEVICE) * 0.5).to(dtype)
+
+    def mlp(x):
+        return vk.layernorm_gelu_mlp(x, nw, nb, w1, b1, w2, b2, residual=x)
+
+    def mlp_oracle(x):
+        f64 = [t.double() for t in (x, nw, nb, w1, b1, w2, b2)]
+        base = vk.layernorm_gelu_mlp(x, nw, nb, w1, b1, w2, b2, residual=x, backend="torch")
+        return reference.layernorm_gelu_mlp(*f64, residual=x.double()), base
+
+    def qkv(x):
+        return vk.qkv_attention(x, wq, num_heads=2, norm_weight=nw, norm_bias=nb)
+
+    def qkv_oracle(x):
+        f64 = dict(norm_weight=nw.double(), norm_bias=nb.double())
+        base = qkv_attention_torch(x, wq, None, num_heads=2, scale=16**-0.5, norm_weight=nw, norm_bias=nb, eps=1e-6)
+        return reference.qkv_attention(x.double(), wq.double(), num_heads=2, **f64), base
+
+    with tuning.use_tuner(make_tuner(timer, candidate_list=tma_only)):
+        for op, call, oracle in (("layernorm_gelu_mlp", mlp, mlp_oracle), ("qkv_attention", qkv, qkv_oracle)):
+            call(x)  # tunes; the plan
+            assert dict(vk.last_decision(op).config) == {"tma_config": cfg}
+            (plan,) = [p for key, p in library.FUNCTION_PLANS.items() if key[0] == op]
+            assert plan.replay is not None, plan.replay_refused
+            assert gemm_tma._folded in [fn for fn, _ in plan.replay.derived]
+            launched.clear()
+            assert_close(call(x), *oracle(x))
+            assert gemm_tma.last_ln_route() == "epilogue"
+            assert_close(call(x_far), *oracle(x_far))
+            assert gemm_tma.last_ln_route().startswith("centred: 1 of 2 row tiles"), gemm_tma.last_ln_route()
+            with torch.no_grad():
+                nw.mul_(1.5)  # in place: the replay folds the new weight
+                nb.add_(0.25)
+            assert_close(call(x), *oracle(x))
+            assert launched == []  # every call above was a replay
 
 
 def test_tma_attention_candidates_only_on_sm90_half_precision():

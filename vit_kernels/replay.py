@@ -8,8 +8,10 @@ recorded and later calls replay it:
 - the forward launchers start their kernels with :func:`launch` (``launch(kernel, grid, *args,
   **kwargs)`` is ``kernel[grid](*args, **kwargs)``) and allocate their outputs and intermediates
   with :func:`empty`; placeholders that live as long as the process are marked with
-  :func:`persistent`. Besides those, a launcher's host work is checks and views: a tensor it computes
-  with torch is refused here when it reaches a kernel, and it never writes with torch into what it
+  :func:`persistent`; tensors a launcher computes with caching or host state of its own (the TMA
+  GEMM's folded LayerNorm weight) come from :func:`derived`, which a replay calls again. Besides
+  those, a launcher's host work is checks and views: a tensor it computes otherwise with torch is
+  refused here when it reaches a kernel, and it never writes with torch into what it
   allocated (a replay would not repeat that write; tests/test_launch_plans.py checks the launchers'
   source for kernel launches made another way);
 - between :func:`start` and :func:`stop` (a planned call, from its dispatch's ``offer`` on) those
@@ -52,6 +54,8 @@ class Recording:
     def __init__(self):
         self.launches: List[tuple] = []
         self.allocs: List[Tensor] = []
+        self.derived: List[tuple] = []  # (fn, args, outputs) per derived() call
+        self.whole = True  # False: another recording took this thread's over meanwhile (:class:`recording`)
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
@@ -70,6 +74,43 @@ def empty(shape, dtype: torch.dtype, device) -> Tensor:
     if rec is not None:
         rec.allocs.append(t)
     return t
+
+
+def derived(fn, *args) -> Tuple[Optional[Tensor], ...]:
+    """``fn(*args)``: a tuple of tensors (or None) that a launcher computes from the call's tensors
+    with work of its own, which keeps its own cache or host state (the TMA GEMM's LayerNorm folded into
+    the weight, cached per parameter version; its route flags). Kept by this thread's recording: a
+    replay calls ``fn`` again, on the new call's tensors (``args``: tensors named as launch arguments
+    are, numbers and strings as they are), so a launch that reads its results is replayed, not
+    refused. What ``fn`` itself launches or allocates is not the call's (not recorded)."""
+    rec = getattr(_STATE, "rec", None)
+    if rec is None:
+        return fn(*args)
+    _STATE.rec = None
+    try:
+        out = fn(*args)
+    finally:
+        _STATE.rec = rec
+    rec.derived.append((fn, args, out))
+    return out
+
+
+class recording:
+    """``with recording() as rec:`` records this thread's launches, allocations and derivations
+    into ``rec`` (a :class:`Recording`), and gives an open recording back after (the tuner records a
+    candidate's run inside an op call's dispatch)."""
+
+    __slots__ = ("rec", "outer")
+
+    def __enter__(self) -> Recording:
+        self.outer = getattr(_STATE, "rec", None)
+        self.rec = _STATE.rec = Recording()
+        return self.rec
+
+    def __exit__(self, *exc) -> None:
+        if getattr(_STATE, "rec", None) is not self.rec:  # an op planned inside started and stopped its own
+            self.rec.whole = False
+        _STATE.rec = self.outer
 
 
 def persistent(t: Tensor) -> Tensor:
@@ -101,7 +142,9 @@ class Replay:
     Every launch argument is an entry of a pool made per call: the tensors, then fresh allocations
     (``allocs``: (shape, strides, an empty tensor of the dtype and device) each, contiguous as
     :func:`empty` made them), then the recorded numbers, strings and persistent placeholders
-    (``consts``), then views of the allocations (``views``: (pool index, size, stride, storage offset) each). ``steps``: (launcher,
+    (``consts``), then the results of the :func:`derived` calls (``derived``: (fn, pool indices of its
+    arguments) each, called again in order), then views of the allocations (``views``: (pool index,
+    size, stride, storage offset) each). ``steps``: (launcher,
     getter) per launch: the launch with its grid and keyword arguments bound (:func:`_bound`), and an
     ``operator.itemgetter`` that picks the launch's argument tuple out of the pool (the kernel's
     constexprs among them, :func:`_positional`). ``out``: the pool index of the
@@ -111,11 +154,12 @@ class Replay:
     of the base, the other fields) per host tensor descriptor (sm_90's TMA attention), made again on
     the new base after the views."""
 
-    __slots__ = ("allocs", "consts", "views", "steps", "out", "aliases", "kernels", "descs")
+    __slots__ = ("allocs", "consts", "views", "steps", "out", "aliases", "kernels", "descs", "derived")
 
-    def __init__(self, allocs, consts, views, steps, out, aliases, kernels, descs=()):
+    def __init__(self, allocs, consts, views, steps, out, aliases, kernels, descs=(), derived=()):
         self.allocs, self.consts, self.views, self.steps = allocs, consts, views, steps
         self.out, self.aliases, self.kernels, self.descs = out, aliases, kernels, descs
+        self.derived = derived
 
     def serves(self, tensors: Sequence[Optional[Tensor]]) -> bool:
         """False when inputs that shared an address in the recorded call do not now."""
@@ -130,6 +174,8 @@ class Replay:
         for shape, stride, like in self.allocs:
             pool.append(like.new_empty_strided(shape, stride))
         pool += self.consts
+        for fn, idx in self.derived:
+            pool += fn(*[pool[i] for i in idx])
         for base, size, stride, offset in self.views:
             pool.append(pool[base].as_strided(size, stride, offset))
         for base, fields in self.descs:
@@ -156,6 +202,8 @@ class Replay:
     def build(rec: Recording, tensors: Sequence[Optional[Tensor]], out: Any) -> Union["Replay", str]:
         """The Replay of the recorded call whose inputs were ``tensors`` and result ``out``, or why
         it cannot be replayed exactly (a sentence)."""
+        if not rec.whole:
+            return "the launch was not recorded whole (an op was called inside it)"
         if not rec.launches:
             return "no Triton launch was recorded"
         allocs = rec.allocs
@@ -166,8 +214,14 @@ class Replay:
         views: List[tuple] = []
         aliases = set()
 
+        outputs = [o for _, _, outs in rec.derived for o in (outs if isinstance(outs, tuple) else ())]
+
         def source(t: Tensor) -> Union[tuple, str]:
-            """Where launch argument ``t`` comes from: ("in", i), ("alloc", k), ("const", t), ("view", v)."""
+            """Where launch argument ``t`` comes from: ("in", i), ("alloc", k), ("const", t),
+            ("derived", k), ("view", v)."""
+            for k, o in enumerate(outputs):
+                if o is t:
+                    return ("derived", k)
             same = [i for i, x in enumerate(tensors) if x is t]
             if not same:
                 same = [i for i, x in enumerate(tensors) if x is not None and x.data_ptr() == t.data_ptr()]
@@ -188,6 +242,24 @@ class Replay:
             return (
                 f"a tensor argument ({t.dtype} {tuple(t.shape)}) is neither an input, an allocation nor a placeholder"
             )
+
+        derived_refs = []  # per derived() call: its arguments' sources
+        seen = 0  # outputs of the derived() calls before this one
+        for fn, args, outs in rec.derived:
+            if not isinstance(outs, tuple) or any(o is not None and not isinstance(o, Tensor) for o in outs):
+                return f"{getattr(fn, '__name__', fn)} (derived) did not return a tuple of tensors"
+            row = []
+            for a in args:
+                r = source(a) if isinstance(a, Tensor) else ("const", a) if isinstance(a, _PLAIN_TYPES) else None
+                if r is None:
+                    return f"an argument of type {type(a).__name__} of {fn.__name__} (derived) is not replayed"
+                if isinstance(r, str):
+                    return r
+                if r[0] == "view" or (r[0] == "derived" and r[1] >= seen):
+                    return f"an argument of {fn.__name__} (derived) is a view or a later result"
+                row.append(r)
+            derived_refs.append((fn, row))
+            seen += len(outs)
 
         refs = []  # per launch: its arguments' sources
         options = []  # per launch: the keyword arguments left as keywords
@@ -235,6 +307,8 @@ class Replay:
                         return n + A + c
                 consts.append(v)
                 return n + A + len(consts) - 1
+            if kind == "derived":
+                return ("derived", v)
             if kind == "view":
                 if v not in views:
                     views.append(v)
@@ -245,7 +319,9 @@ class Replay:
             return ("desc", descs.index(d))
 
         rows = [[index(r) for r in row] for row in refs]
-        first = {"view": n + A + len(consts), "desc": n + A + len(consts) + len(views)}
+        derived_rows = [(fn, [index(r) for r in row]) for fn, row in derived_refs]
+        D = n + A + len(consts)  # the first derived result's pool index
+        first = {"derived": D, "view": D + len(outputs), "desc": D + len(outputs) + len(views)}
 
         def final(j: Union[int, tuple]) -> int:
             return j if isinstance(j, int) else first[j[0]] + j[1]
@@ -259,7 +335,10 @@ class Replay:
         shapes = tuple((tuple(a.shape), a.stride(), a.new_empty(0)) for a in allocs)
         kernels = tuple((kernel, grid) for kernel, grid, _, _ in rec.launches)
         descs = tuple((final(base), fields) for base, fields in descs)
-        return Replay(shapes, tuple(consts), tuple(views), tuple(steps), out_j, tuple(sorted(aliases)), kernels, descs)
+        derived = tuple((fn, tuple(map(final, row))) for fn, row in derived_rows)
+        return Replay(
+            shapes, tuple(consts), tuple(views), tuple(steps), out_j, tuple(sorted(aliases)), kernels, descs, derived
+        )
 
 
 def _descriptor(base: Tensor, fields: dict):

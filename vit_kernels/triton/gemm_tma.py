@@ -37,8 +37,8 @@ when a row's mean is large against its spread (|mean| * rstd large): the fp32 ac
 :func:`ln_cancel_threshold` is centred in the kernel instead: its K loop takes A through registers as
 x - mean (rounded to the input dtype) and its epilogue uses mean 0. Same kernel, same folded weight, no
 extra pass over x and no host sync (the kernel decides per tile from the row statistics); tiles without
-such rows keep the TMA -> shared memory -> wgmma loop. The tiles centred are counted on the device and
-reported by :func:`last_ln_route`.
+such rows keep the TMA -> shared memory -> wgmma loop. Each tile flags its row tile's route on the device
+(no host sync); :func:`last_ln_route` counts the flags on request.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..replay import launch
+from ..replay import derived, launch
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 from .gemm import (
     ACT_GELU_ERF,
@@ -183,7 +183,7 @@ def _gemm_tma_kernel(
     ls_ptr,  # (N,) layer scale             [HAS_LS]
     stats_ptr,  # (2, M) fp32: row means, then row 1/std  [LN_EPI]
     colsum_ptr,  # (N,) fp32 column sums of W'  [LN_EPI]
-    route_ptr,  # (1,) int32: row tiles centred before the dot (counted here)  [LN_EPI]
+    route_ptr,  # (cdiv(M, BLOCK_M),) int32: 1 where the row tile was centred before the dot, else 0  [LN_EPI]
     M,
     N,
     K,
@@ -248,12 +248,14 @@ def _gemm_tma_kernel(
                 a = (a.to(tl.float32) - mean_a[:, None]).to(a.dtype)
                 w = w_desc.load([off_wn, ki * BLOCK_K])
                 acc = tl.dot(a, w.T, acc)
-            tl.atomic_add(route_ptr, 1)
+            tl.store(route_ptr + pid_m, 1)  # every tile of the row writes the same flag
         else:
             for ki in tl.range(k_tiles, num_stages=NUM_STAGES):
                 a = a_desc.load([off_am, ki * BLOCK_K])
                 w = w_desc.load([off_wn, ki * BLOCK_K])
                 acc = tl.dot(a, w.T, acc)
+            if LN_EPI:
+                tl.store(route_ptr + pid_m, 0)
 
         tile_c += step
         pid_m, pid_n = _tile_coords(tile_c, num_m, num_n, GROUP_M)
@@ -725,8 +727,7 @@ def launch_gemm_tma(
     route = fp32_dummy
     if ln is not None:
         tau = ln_cancel_threshold(K, a.dtype)
-        route = torch.zeros(1, device=a.device, dtype=torch.int32)
-        _LAST_LN_ROUTE[0] = (route, triton.cdiv(M, c.block_m), c.block_m, tau)
+        (route,) = derived(_route_flags, a, triton.cdiv(M, c.block_m), c.block_m, tau)
     tiles = triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n)
     grid = (min(tiles, _num_sms(a.device) * c.blocks_per_sm),)
     launch(
@@ -773,6 +774,14 @@ def launch_gemm_tma(
 
 def _or(t: Optional[Tensor], placeholder: Tensor) -> Tensor:
     return placeholder if t is None else t
+
+
+def _route_flags(a: Tensor, tiles: int, block_m: int, tau: float) -> Tuple[Tensor]:
+    """The (tiles,) int32 flags an LN_EPI launch writes (every entry: each row tile's route), kept as the
+    last route (:func:`last_ln_route`). Made per launch, replays included (vit_kernels.replay.derived)."""
+    flags = torch.empty(tiles, device=a.device, dtype=torch.int32)
+    _LAST_LN_ROUTE[0] = (flags, tiles, block_m, tau)
+    return (flags,)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -839,6 +848,15 @@ def fold_layernorm(
     return folded
 
 
+def _folded(
+    weight: Tensor, bias: Optional[Tensor], norm_weight: Tensor, norm_bias: Optional[Tensor]
+) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+    """:func:`fold_layernorm`'s (weight, bias, colsum), as a launch plan's replay gets them again per call
+    (vit_kernels.replay.derived): a parameter updated in place is folded again."""
+    f = fold_layernorm(weight, bias, norm_weight, norm_bias)
+    return (f.weight, f.bias, f.colsum)
+
+
 def tuning_state() -> tuple:
     """What timing candidates leaves here (see :func:`restore_tuning_state`): the fold cache's keys and
     the last LayerNorm route."""
@@ -867,18 +885,18 @@ def ln_cancel_threshold(K: int, dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / (4 * torch.finfo(torch.float32).eps * math.sqrt(max(K, 1)))
 
 
-_LAST_LN_ROUTE: List[object] = [""]  # (device counter, row tiles, BLOCK_M, threshold) of the last LN_EPI launch
+_LAST_LN_ROUTE: List[object] = [""]  # (device flags, row tiles, BLOCK_M, threshold) of the last LN_EPI launch
 
 
 def last_ln_route() -> str:
     """The LayerNorm route of the last LN_EPI launch: "epilogue", or "centred: ..." with how many row tiles
-    the kernel centred and why. Reads the launch's device counter, so it waits for that launch (the
+    the kernel centred and why. Reads the launch's device flags, so it waits for that launch (the
     forward itself never syncs)."""
     r = _LAST_LN_ROUTE[0]
     if not isinstance(r, tuple):
         return r
-    counter, tiles, block_m, tau = r
-    n = int(counter.item())
+    flags, tiles, block_m, tau = r
+    n = int(flags.sum().item())
     if n == 0:
         return "epilogue"
     return (
@@ -957,9 +975,9 @@ def dense_forward(
     stride_am, _ = _rows2d("x", x)
     a, w, ln = x, weight, None
     if norm_weight is not None and M:
-        folded = fold_layernorm(weight, bias, norm_weight, norm_bias)
+        w, bias, colsum = derived(_folded, weight, bias, norm_weight, norm_bias)
         mean, rstd = stats if stats is not None else row_stats(x, eps)
-        w, bias, ln = folded.weight, folded.bias, (mean, rstd, folded.colsum)
+        ln = (mean, rstd, colsum)
     return launch_gemm_tma(
         a,
         w,
@@ -1026,9 +1044,9 @@ def qkv_projection_forward(
     stride_am, _ = _rows2d("x", x)
     a, w, bias, ln = x, qkv_weight, qkv_bias, None
     if norm_weight is not None and M:
-        folded = fold_layernorm(qkv_weight, qkv_bias, norm_weight, norm_bias)
+        w, bias, colsum = derived(_folded, qkv_weight, qkv_bias, norm_weight, norm_bias)
         mean, rstd = row_stats(x, eps)
-        w, bias, ln = folded.weight, folded.bias, (mean, rstd, folded.colsum)
+        ln = (mean, rstd, colsum)
     return launch_gemm_tma(
         a,
         w,
