@@ -494,3 +494,20 @@ def test_single_token_rows_with_odd_strides():
     assert got is out
     assert_close(got, R.linear(d64(x), d64(w), d64(b)), F.linear(x, w, b))
     assert out_big[:, 0].isnan().all() and out_big[:, 2].isnan().all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2 or torch.cuda.get_device_capability(0)[0] != 9, reason="needs two sm_90 devices"
+)
+def test_tma_gemm_on_two_devices():
+    """The tensor-descriptor scratch comes from the current device (the launch's), not the first launch's:
+    the same launcher on cuda:0, then on cuda:1."""
+    for dev in ("cuda:0", "cuda:1"):
+        x = torch.randn(300, 256, device=dev, dtype=torch.float16)
+        w = torch.randn(512, 256, device=dev, dtype=torch.float16) * 256**-0.5
+        with torch.cuda.device(dev):
+            out = G.linear_forward(x, w, config=G.CONFIGS[0])
+            torch.cuda.synchronize()
+        assert out.device == x.device
+        assert_close(out, x.double() @ w.double().T, F.linear(x, w), name=f"TMA GEMM on {dev}")

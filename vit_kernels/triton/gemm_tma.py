@@ -654,13 +654,20 @@ def tma_unsupported(x: Tensor, weight: Tensor, out: Optional[Tensor] = None) -> 
 def _ensure_allocator(device: torch.device) -> None:
     """Tensor descriptors made on the device need a small global scratch buffer per launch; Triton asks
     the allocator set with triton.set_allocator. Install a torch one when none is set (a caller's own
-    allocator is kept)."""
+    allocator is kept). It allocates on the current CUDA device, where Triton launches (the ops launch
+    under their tensors' device guard), not on the device of the first launch: one allocator serves
+    every GPU of the process."""
     if device.type != "cuda":
         return
     from triton.runtime import _allocation
 
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device=device, dtype=torch.int8))
+        triton.set_allocator(_scratch)
+
+
+def _scratch(size: int, alignment: int, stream) -> Tensor:
+    """The tensor-descriptor scratch Triton asks for at a launch, on the current CUDA device."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
 def _num_sms(device: torch.device) -> int:
