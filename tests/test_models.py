@@ -164,3 +164,19 @@ def test_resample_pos_embed_matches_timm():
     for grid in [(4, 4), (12, 10)]:
         want = timm_pe(pe, list(grid), (8, 8), num_prefix_tokens=1)
         assert torch.allclose(resample_pos_embed(pe, grid, (8, 8)), want, atol=1e-6)
+
+
+def test_dynamic_img_size_model_built_under_inference_mode():
+    """Built under torch.inference_mode, the position embedding is an inference tensor (no version
+    counter): it is resampled on every call instead of failing, and an in-place update shows."""
+    with torch.inference_mode():
+        model = small(dynamic_img_size=True, backend="triton")
+        images = torch.randn(2, 3, 48, 40)
+        for step in range(2):
+            # fresh models each step: their own resampling, none cached from the step before
+            oracle = set_backend(small(dynamic_img_size=True), "reference").double()
+            oracle.load_state_dict(model.state_dict())
+            torch_model = small(dynamic_img_size=True, backend="torch")
+            torch_model.load_state_dict(model.state_dict())
+            assert_close(model(images), oracle(images.double()), torch_model(images), name=f"step {step}")
+            model.pos_embed.add_(0.5 * torch.randn_like(model.pos_embed))

@@ -308,3 +308,32 @@ def test_hf_pos_encoding_resampled_once_per_size_until_it_changes(monkeypatch):
         model(torch.randn(1, 3, 48, 40), interpolate_pos_encoding=True)
     assert calls.count((48, 40)) == 2
     assert vk.last_decision("patch_embed").backend == "torch"
+
+
+def _hf_vit():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, image_size=32, patch_size=8
+    )
+    return transformers.ViTForImageClassification(cfg)
+
+
+@pytest.mark.parametrize("family", ["timm", "hf"])
+def test_model_built_under_inference_mode(family):
+    """A model built (and fused) under torch.inference_mode has inference tensors, which keep no version
+    counter: the fused parts that cache what they compute from parameters (timm's and transformers'
+    resampled position embedding, transformers' concatenated q/k/v weights) compute it on every call
+    instead of failing, and follow an in-place update made there (a cache could not see it)."""
+    call_kw = dict(interpolate_pos_encoding=True) if family == "hf" else {}
+    with torch.inference_mode():
+        model = (timm_dynamic(depth=1) if family == "timm" else _hf_vit()).eval()
+        vk.fuse(model, backend="torch")
+        assert not vk.fuse_report(model).left, str(vk.fuse_report(model))
+        images = torch.randn(2, 3, 48, 40, device=DEVICE)
+        for step in range(2):
+            got = _logits(model(images, **call_kw))
+            base = vk.unfuse(copy.deepcopy(model))
+            want = _logits(copy.deepcopy(base).double()(images.double(), **call_kw))
+            assert_close(got, want, _logits(base(images, **call_kw)), name=f"{family} step {step}")
+            for p in model.parameters():  # an in-place update where no version counter sees it
+                p.add_(0.05 * torch.randn_like(p))

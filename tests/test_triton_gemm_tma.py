@@ -511,3 +511,17 @@ def test_tma_gemm_on_two_devices():
             torch.cuda.synchronize()
         assert out.device == x.device
         assert_close(out, x.double() @ w.double().T, F.linear(x, w), name=f"TMA GEMM on {dev}")
+
+
+def test_layernorm_fold_of_inference_tensors_follows_in_place_updates():
+    """Parameters made under torch.inference_mode keep no version counter: their fold is computed per
+    call (not cached), so an in-place update there shows in the next call."""
+    dtype = torch.float16
+    with torch.inference_mode():
+        (x, w, b, nw, nb), shape, _, _ = cancelling_case(dtype)
+        for step in range(2):
+            got = G.dense_forward(x, w, b, norm_weight=nw, norm_bias=nb, config=G.CONFIGS[4])
+            oracle, base = dense_reference(x, w, b, nw, nb, 1e-6, "none", None, None)
+            assert_close(got, oracle, base, name=f"step {step}")
+            nw.mul_(1.5)
+            nb.add_(0.5)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import library
+from ..checks import version_key
 from ..nn import FusedAttention, FusedMlp, FusedPatchEmbed, set_backend
 from .registry import SIZES, preset
 
@@ -179,7 +180,9 @@ class VisionTransformer(nn.Module):
         pe = self.pos_embed
         if torch.is_grad_enabled() and pe.requires_grad:
             return resample_pos_embed(pe, grid, (self.grid, self.grid), prefix)
-        key = (pe.data_ptr(), pe._version, pe.dtype, pe.device)
+        key = version_key((pe,))
+        if key is None:
+            return resample_pos_embed(pe.detach(), grid, (self.grid, self.grid), prefix)
         cache = self.__dict__.setdefault("_pos_embed_cache", {})
         hit = cache.get(grid)
         if hit is None or hit[0] != key:

@@ -61,6 +61,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..backends import needs_grad
+from ..checks import version_key
 from ..ops import attention_stats
 from ..ops.attention_stats import StatsRequest
 from .reasons import (
@@ -199,14 +200,15 @@ class FusedHFLayer(SwapWrapper):
         tensors = ws + tuple(b for b in bs if b is not None)
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             return torch.cat(ws), (torch.cat(bs) if bs[0] is not None else None)
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors)
+        key = version_key(tensors)
         cache = self.__dict__.get("_vk_qkv_cache")
-        if cache is None or cache[0] != key:
+        if key is None or cache is None or cache[0] != key:
             with torch.no_grad():
                 w = torch.cat(ws)
                 b = torch.cat(bs) if bs[0] is not None else None
             cache = (key, w, b)
-            self.__dict__["_vk_qkv_cache"] = cache
+            if key is not None:  # None: inference tensors, concatenated on every call
+                self.__dict__["_vk_qkv_cache"] = cache
         return cache[1], cache[2]
 
     def bypassed(self):
@@ -439,12 +441,14 @@ class FusedHFEmbeddings(SwapWrapper):
         probe = torch.empty((1, 1 + (H // p) * (W // p), dim), device="meta")  # only its shape is read
         if torch.is_grad_enabled() and pe.requires_grad:
             return self._sync_original().interpolate_pos_encoding(probe, H, W)
-        key = (pe.data_ptr(), pe._version, pe.dtype, pe.device)
+        key = version_key((pe,))
         cache = self.__dict__.setdefault("_vk_pos_cache", {})
         hit = cache.get((H, W))
-        if hit is None or hit[0] != key:
+        if key is None or hit is None or hit[0] != key:
             with torch.no_grad():
-                hit = cache[(H, W)] = (key, self._sync_original().interpolate_pos_encoding(probe, H, W))
+                hit = (key, self._sync_original().interpolate_pos_encoding(probe, H, W))
+            if key is not None:  # None: an inference tensor, resampled on every call
+                cache[(H, W)] = hit
         return hit[1]
 
     def forward(

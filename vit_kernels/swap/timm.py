@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import library, ops
+from ..checks import version_key
 from ..ops.patch_embed import check_pixel_norm, normalize_pixels, pixel_norm_tensors
 from .reasons import (
     bypassed_hooks,
@@ -282,7 +283,10 @@ class FusedTimmPatchEmbed(SwapWrapper):
         used = [pe] if reg is None else [t for t in (pe, cls, reg) if t is not None]  # what the entry holds
         if torch.is_grad_enabled() and any(t.requires_grad for t in used):
             return self._embedding(root, grid)
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in used)
+        key = version_key(used)
+        if key is None:
+            with torch.no_grad():
+                return self._embedding(root, grid)
         cache = self.__dict__.setdefault("_vk_pos_cache", {})
         hit = cache.get(grid)
         if hit is None or hit[0] != key:

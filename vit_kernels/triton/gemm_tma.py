@@ -819,20 +819,33 @@ def fold_layernorm(
     weight: Tensor, bias: Optional[Tensor], norm_weight: Tensor, norm_bias: Optional[Tensor]
 ) -> FoldedLayerNorm:
     """Fold LayerNorm's affine (norm_weight gamma (K,), norm_bias beta (K,) or None) into the Linear that
-    follows (weight (N, K), bias (N,) or None), once per parameter version (cached)."""
+    follows (weight (N, K), bias (N,) or None), once per parameter version (cached). Inference tensors
+    (made under torch.inference_mode) keep no version counter, so an in-place update of one could not be
+    seen: with any of them the fold is computed on every call, not cached."""
     import weakref
 
     params = (weight, bias, norm_weight, norm_bias)
-    key = tuple(None if t is None else (t.data_ptr(), tuple(t.shape), t.dtype, t.device) for t in params)
-    versions = tuple(None if t is None else t._version for t in params)
+    key = tuple([None if t is None else (t.data_ptr(), t.shape, t.dtype, t.device) for t in params])
+    try:
+        versions = tuple([None if t is None else t._version for t in params])
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return _fold(*params)
     hit = _FOLD_CACHE.get(key)
-    if (
-        hit is not None
-        and hit[1] == versions
-        and all((r is None) == (t is None) and (r is None or r() is t) for r, t in zip(hit[0], params))
-    ):
+    if hit is not None and hit[1] == versions and _same(hit[0], params):
         _FOLD_CACHE.move_to_end(key)
         return hit[2]
+    folded = _fold(*params)
+    refs = tuple(None if t is None else weakref.ref(t) for t in params)
+    for k in [k for k, (rs, _, _) in _FOLD_CACHE.items() if any(r is not None and r() is None for r in rs)]:
+        del _FOLD_CACHE[k]
+    _FOLD_CACHE[key] = (refs, versions, folded)
+    _FOLD_CACHE.move_to_end(key)
+    while len(_FOLD_CACHE) > FOLD_CACHE_SIZE:
+        _FOLD_CACHE.popitem(last=False)
+    return folded
+
+
+def _fold(weight: Tensor, bias: Optional[Tensor], norm_weight: Tensor, norm_bias: Optional[Tensor]) -> FoldedLayerNorm:
     with torch.no_grad():
         w_fold = (weight.float() * norm_weight.float()[None, :]).to(weight.dtype)
         colsum = w_fold.double().sum(1).float()
@@ -844,15 +857,15 @@ def fold_layernorm(
             if norm_bias is not None:
                 b += weight.double() @ norm_bias.double()
             b = b.float()
-    folded = FoldedLayerNorm(w_fold, b, colsum)
-    refs = tuple(None if t is None else weakref.ref(t) for t in params)
-    for k in [k for k, (rs, _, _) in _FOLD_CACHE.items() if any(r is not None and r() is None for r in rs)]:
-        del _FOLD_CACHE[k]
-    _FOLD_CACHE[key] = (refs, versions, folded)
-    _FOLD_CACHE.move_to_end(key)
-    while len(_FOLD_CACHE) > FOLD_CACHE_SIZE:
-        _FOLD_CACHE.popitem(last=False)
-    return folded
+    return FoldedLayerNorm(w_fold, b, colsum)
+
+
+def _same(refs: tuple, params: tuple) -> bool:
+    """Whether the weak references ``refs`` (None for an absent parameter) point at ``params``."""
+    for r, t in zip(refs, params):
+        if (r() if r is not None else None) is not t:
+            return False
+    return True
 
 
 def _folded(
