@@ -42,13 +42,18 @@ class StubKernel(KernelInterface):
         return None
 
 
-@pytest.fixture
-def stubbed(monkeypatch):
-    from vit_kernels.triton import attention, gemm, layernorm, qkv_attention
+@pytest.fixture(params=["gemm"])
+def stubbed(monkeypatch, request):
+    """The kernels stubbed, and a tuner whose Triton candidate wins: with ``request.param`` "gemm" the
+    Triton path with its default tiles (every GPU); "tma" sm_90's first TMA candidate (the TMA GEMM,
+    for qkv_attention with the TMA attention; LayerNorm folded into QKV's and fc1's weight)."""
+    from vit_kernels.triton import attention, attention_tma, gemm, gemm_tma, layernorm, qkv_attention
 
     for mod, name in (
         (gemm, "_gemm_kernel"),
+        (gemm_tma, "_gemm_tma_kernel"),
         (attention, "_attn_fwd_kernel"),
+        (attention_tma, "_attn_fwd_tma_kernel"),
         (qkv_attention, "_qkv_attn_kernel"),
         (layernorm, "_row_stats_kernel"),
     ):
@@ -59,7 +64,14 @@ def stubbed(monkeypatch):
     )
 
     def only_triton(op, facts, available, device_type):
-        return [tuning.Candidate("torch"), tuning.Candidate("triton", "split" if op == "qkv_attention" else "")]
+        if request.param == "gemm":
+            return [tuning.Candidate("torch"), tuning.Candidate("triton", "split" if op == "qkv_attention" else "")]
+        (tma, *_) = [
+            c
+            for c in tuning.candidates(op, facts, ["triton"], "cuda")
+            if "tma_config" in dict(c.config) and (op != "qkv_attention" or "attention_tma_config" in dict(c.config))
+        ]
+        return [tuning.Candidate("torch"), tma]
 
     tuner = tuning.Tuner(
         timer=lambda c, fn: 0.1 if c.backend == "triton" else 1.0,
@@ -96,7 +108,19 @@ def block_calls(device="cpu", dtype=torch.float16, B=2, **kw):
 
 
 @pytest.mark.parametrize("via", ["function", "module"])
-@pytest.mark.parametrize("op", ["qkv_attention", "linear", "layernorm_gelu_mlp", "patch_embed"])
+@pytest.mark.parametrize(
+    "op, stubbed",
+    [
+        ("qkv_attention", "gemm"),
+        ("linear", "gemm"),
+        ("layernorm_gelu_mlp", "gemm"),
+        ("patch_embed", "gemm"),
+        ("qkv_attention", "tma"),
+        ("linear", "tma"),
+        ("layernorm_gelu_mlp", "tma"),
+    ],
+    indirect=["stubbed"],
+)
 def test_host_time_per_call(benchmark, stubbed, op, via):
     raw = block_calls()[op]
     store: dict = {}
