@@ -525,3 +525,41 @@ def test_layernorm_fold_of_inference_tensors_follows_in_place_updates():
             assert_close(got, oracle, base, name=f"step {step}")
             nw.mul_(1.5)
             nb.add_(0.5)
+
+
+def test_fold_cache_shared_by_threads(monkeypatch):
+    """The fold cache is shared by threads: a thread that evicts an entry while another is between its
+    look-up and its LRU update waits for it (without the lock the first raised KeyError)."""
+    import threading
+
+    monkeypatch.setattr(G, "FOLD_CACHE_SIZE", 1)
+    w, nw = torch.randn(8, 4, device=DEVICE), torch.randn(4, device=DEVICE)
+    G.fold_layernorm(w, None, nw, None)
+    looked_up, evicted, errors = threading.Event(), threading.Event(), []
+    real_same = G._same
+
+    def slow_same(refs, params):  # the first thread's hit, held open until the other has tried to evict
+        if not looked_up.is_set():
+            looked_up.set()
+            evicted.wait(0.3)
+        return real_same(refs, params)
+
+    monkeypatch.setattr(G, "_same", slow_same)
+
+    def first():
+        try:
+            G.fold_layernorm(w, None, nw, None)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    def evict():
+        looked_up.wait(5)
+        G.fold_layernorm(torch.randn(8, 4, device=DEVICE), None, nw, None)  # a new entry: the size bound evicts
+        evicted.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=evict)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert errors == []

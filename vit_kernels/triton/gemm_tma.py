@@ -47,6 +47,7 @@ import collections
 import dataclasses
 import logging
 import math
+import threading
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -813,6 +814,7 @@ class FoldedLayerNorm:
 # recently used goes (a ViT-H has 64 folded projections: QKV and fc1 of 32 blocks).
 FOLD_CACHE_SIZE = 128
 _FOLD_CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_FOLD_LOCK = threading.Lock()
 
 
 def fold_layernorm(
@@ -830,18 +832,20 @@ def fold_layernorm(
         versions = tuple([None if t is None else t._version for t in params])
     except RuntimeError:  # "Inference tensors do not track version counter"
         return _fold(*params)
-    hit = _FOLD_CACHE.get(key)
-    if hit is not None and hit[1] == versions and _same(hit[0], params):
-        _FOLD_CACHE.move_to_end(key)
-        return hit[2]
+    with _FOLD_LOCK:  # threads share the cache (a fused model called from several)
+        hit = _FOLD_CACHE.get(key)
+        if hit is not None and hit[1] == versions and _same(hit[0], params):
+            _FOLD_CACHE.move_to_end(key)
+            return hit[2]
     folded = _fold(*params)
     refs = tuple(None if t is None else weakref.ref(t) for t in params)
-    for k in [k for k, (rs, _, _) in _FOLD_CACHE.items() if any(r is not None and r() is None for r in rs)]:
-        del _FOLD_CACHE[k]
-    _FOLD_CACHE[key] = (refs, versions, folded)
-    _FOLD_CACHE.move_to_end(key)
-    while len(_FOLD_CACHE) > FOLD_CACHE_SIZE:
-        _FOLD_CACHE.popitem(last=False)
+    with _FOLD_LOCK:
+        for k in [k for k, (rs, _, _) in _FOLD_CACHE.items() if any(r is not None and r() is None for r in rs)]:
+            del _FOLD_CACHE[k]
+        _FOLD_CACHE[key] = (refs, versions, folded)
+        _FOLD_CACHE.move_to_end(key)
+        while len(_FOLD_CACHE) > FOLD_CACHE_SIZE:
+            _FOLD_CACHE.popitem(last=False)
     return folded
 
 
@@ -880,7 +884,8 @@ def _folded(
 def tuning_state() -> tuple:
     """What timing candidates leaves here (see :func:`restore_tuning_state`): the fold cache's keys and
     the last LayerNorm route."""
-    return set(_FOLD_CACHE), _LAST_LN_ROUTE[0]
+    with _FOLD_LOCK:
+        return set(_FOLD_CACHE), _LAST_LN_ROUTE[0]
 
 
 def restore_tuning_state(state: tuple, keep_folds: bool) -> None:
@@ -890,8 +895,9 @@ def restore_tuning_state(state: tuple, keep_folds: bool) -> None:
     keys, route = state
     _LAST_LN_ROUTE[0] = route
     if not keep_folds:
-        for k in [k for k in _FOLD_CACHE if k not in keys]:
-            del _FOLD_CACHE[k]
+        with _FOLD_LOCK:
+            for k in [k for k in _FOLD_CACHE if k not in keys]:
+                del _FOLD_CACHE[k]
 
 
 def ln_cancel_threshold(K: int, dtype: torch.dtype) -> float:
