@@ -16,7 +16,10 @@ token counts run on one dtype; sweeps are behind @pytest.mark.slow.
 The attention tests also run "triton_tma": the Triton launchers with sm_90's tensor-descriptor attention
 kernel (vit_kernels.triton.attention_tma, a tuning candidate; float16/bfloat16), called directly
 (flash_attention: the launcher, the keys past the last full tile in 16-key tiles; qkv_attention: the
-split path, every key tile masked in one loop).
+split path, every key tile masked in one loop). The LayerNorm, large-activation and NaN/Inf tests also
+run "triton_tma_gemm" for linear, the MLP and qkv_attention: the launchers with sm_90's TMA GEMM
+(vit_kernels.triton.gemm_tma, a tuning candidate; float16/bfloat16; LayerNorm folded into the weight,
+its cancelling row tiles centred in the kernel), 64-row tiles so that rows of two samples share one.
 """
 
 import math
@@ -39,6 +42,8 @@ TMA = "triton_tma"
 # attention_tma.CONFIGS[0] for flash_attention (the keys past the last full tile in 16-key tiles),
 # CONFIGS[3] for qkv_attention (every key tile masked in one loop)
 TMA_CONFIGS = {"flash_attention": (128, 64, 4, 3, 16), "qkv_attention": (128, 64, 8, 3, 0)}
+TMA_GEMM = "triton_tma_gemm"
+TMA_GEMM_CONFIG = (64, 128, 64, 4, 3, 2, 2)  # gemm_tma.CONFIGS[3]: 64-row tiles
 
 
 def attention_backends(dtypes=DTYPES):
@@ -52,9 +57,11 @@ def with_op(op_list, pairs):
 
 
 TMA_HALF = [(TMA, torch.float16), (TMA, torch.bfloat16)]
+TMA_GEMM_HALF = [(TMA_GEMM, torch.float16), (TMA_GEMM, torch.bfloat16)]
 ATTENTION_OPS = ["flash_attention", "qkv_attention"]
 LAYERNORM_OPS = ["layernorm_gelu_mlp", "qkv_attention"]
 OPS = ["flash_attention", "qkv_attention", "layernorm_gelu_mlp", "patch_embed", "linear"]
+GEMM_OPS = ["qkv_attention", "layernorm_gelu_mlp", "linear"]  # those with a TMA GEMM path
 HEADS, HEAD_DIM = 2, 32
 DIM = HEADS * HEAD_DIM
 
@@ -144,8 +151,20 @@ def _f64(a):
     return a.double() if isinstance(a, torch.Tensor) else a
 
 
-def run_tma(op, args, kw):
-    """An attention op through the Triton launchers with the TMA kernel (TMA_CONFIGS[op])."""
+def run_tma(op, args, kw, backend=TMA):
+    """An attention op through the Triton launchers with the TMA kernel (TMA_CONFIGS[op]); with
+    backend TMA_GEMM, qkv_attention, the MLP or linear with the TMA GEMM (TMA_GEMM_CONFIG)."""
+    if backend == TMA_GEMM:
+        from vit_kernels.triton import gemm_tma, mlp
+        from vit_kernels.triton import qkv_attention as triton_qkv
+
+        if op == "linear":
+            return gemm_tma.linear_forward(*args, **kw, config=TMA_GEMM_CONFIG)
+        if op == "layernorm_gelu_mlp":
+            return mlp.layernorm_gelu_mlp_forward(*args, **kw, tma_config=TMA_GEMM_CONFIG)
+        head_dim = args[1].shape[0] // 3 // kw["num_heads"]
+        kw = {"scale": head_dim**-0.5, **kw}
+        return triton_qkv.qkv_attention_forward(*args, path="split", tma_config=TMA_GEMM_CONFIG, **kw)
     if op == "flash_attention":
         from vit_kernels.triton import attention
 
@@ -161,8 +180,8 @@ def run_tma(op, args, kw):
 
 def run(op, backend, args, kw):
     """The op on `backend` (asserting it ran there), the float64 oracle and the plain baseline."""
-    if backend == TMA:
-        out = run_tma(op, args, kw)
+    if backend in (TMA, TMA_GEMM):
+        out = run_tma(op, args, kw, backend)
     else:
         out = getattr(vk, op)(*args, **kw, backend=backend)
         assert vk.last_decision(op).backend == backend, vk.last_decision(op)
@@ -214,9 +233,10 @@ def near_constant_rows(B, N, dim, dtype):
 
 
 # ------------------------------------------------------------------------------------ LayerNorm
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", LAYERNORM_OPS)
+LAYERNORM_CASES = with_op(LAYERNORM_OPS, [(b, d) for b in BACKENDS for d in DTYPES] + TMA_GEMM_HALF)
+
+
+@pytest.mark.parametrize("op,backend,dtype", LAYERNORM_CASES, ids=_dt)
 def test_layernorm_large_eps(op, backend, dtype):
     """eps comparable to (and far above) the variance: 1/sqrt(var + eps), not 1/(sqrt(var) + eps)."""
     for eps in (1.0, 30.0):
@@ -225,9 +245,7 @@ def test_layernorm_large_eps(op, backend, dtype):
         check(op, backend, args, kw, f"eps={eps}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", LAYERNORM_OPS)
+@pytest.mark.parametrize("op,backend,dtype", LAYERNORM_CASES, ids=_dt)
 def test_layernorm_near_constant_rows(op, backend, dtype):
     """Large mean, tiny spread, one exactly constant row; the default eps (1e-6) and a tiny one."""
     for eps in (1e-6, 1e-12):
@@ -386,7 +404,9 @@ def large_case(op, dtype, B=2, N=37):
 
 @pytest.mark.parametrize(
     "op,backend,dtype",
-    with_op(OPS, [(b, d) for b in BACKENDS for d in DTYPES]) + with_op(ATTENTION_OPS, TMA_HALF),
+    with_op(OPS, [(b, d) for b in BACKENDS for d in DTYPES])
+    + with_op(ATTENTION_OPS, TMA_HALF)
+    + with_op(GEMM_OPS, TMA_GEMM_HALF),
     ids=_dt,
 )
 def test_large_activations(op, backend, dtype):
@@ -445,7 +465,9 @@ def nonfinite_pattern(t):
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # numpy in the interpreter
 @pytest.mark.parametrize(
     "op,backend,dtype",
-    with_op(OPS, [(b, d) for b in BACKENDS for d in DTYPES]) + with_op(ATTENTION_OPS, TMA_HALF),
+    with_op(OPS, [(b, d) for b in BACKENDS for d in DTYPES])
+    + with_op(ATTENTION_OPS, TMA_HALF)
+    + with_op(GEMM_OPS, TMA_GEMM_HALF),
     ids=_dt,
 )
 def test_nan_and_inf_stay_where_eager_puts_them(op, backend, dtype):
@@ -453,7 +475,8 @@ def test_nan_and_inf_stay_where_eager_puts_them(op, backend, dtype):
     element; the other samples all finite and within tolerance, bitwise the same as without the
     poison; the finite outputs of the poisoned sample within tolerance too."""
     args, kw = poisoned_inputs(op, dtype)
-    clean_out = run_tma(op, args, kw) if backend == TMA else getattr(vk, op)(*args, **kw, backend=backend)
+    tma = backend in (TMA, TMA_GEMM)
+    clean_out = run_tma(op, args, kw, backend) if tma else getattr(vk, op)(*args, **kw, backend=backend)
     for value in (math.nan, math.inf, -math.inf):
         for i, where in poison_sites(op, args):
             bad = list(args)

@@ -563,3 +563,25 @@ def test_fold_cache_shared_by_threads(monkeypatch):
     for t in threads:
         t.join(10)
     assert errors == []
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_layernorm_fold_nan_row_shares_a_tile_with_a_cancelling_row(value):
+    """A NaN/Inf in one sample's row leaves the route of its row tile to the other rows: the cancelling row
+    of the other sample in that tile is still centred, and that sample is bitwise the clean run's."""
+    dtype = torch.float16
+    B, T, K, N = 2, 40, 64, 128
+    x = torch.randn(B, T, K, device=DEVICE)
+    x[0, 5] = 1000 + 0.5 * torch.randn(K, device=DEVICE)  # |mean| * rstd ~ 2000: centred
+    x = x.to(dtype)
+    w, b = randn(N, K, dtype=dtype, scale=K**-0.5), randn(N, dtype=dtype)
+    nw, nb = randn(K, dtype=dtype, scale=0.3, shift=1.0), randn(K, dtype=dtype)
+    config = G.CONFIGS[3]  # 64-row tiles: rows 0-63 hold sample 0 and the first 24 rows of sample 1
+    clean = G.dense_forward(x, w, b, norm_weight=nw, norm_bias=nb, config=config)
+    bad = x.clone()
+    bad[1, 3, 7] = value  # row 43: the cancelling row's tile
+    got = G.dense_forward(bad, w, b, norm_weight=nw, norm_bias=nb, config=config)
+    assert G.last_ln_route().startswith("centred: 1 of 2 row tiles"), G.last_ln_route()
+    assert torch.equal(got[0], clean[0])
+    oracle, base = dense_reference(x, w, b, nw, nb, 1e-6, "none", None, None)
+    assert_close(got[0], oracle[0], base[0])

@@ -95,7 +95,9 @@ def _centre_tile(stats_ptr, off_m, M, ln_tau, BLOCK_M: tl.constexpr, LN_EPI: tl.
         offs_m = off_m + tl.arange(0, BLOCK_M)
         mean = tl.load(stats_ptr + offs_m, mask=offs_m < M, other=0.0)
         rstd = tl.load(stats_ptr + M + offs_m, mask=offs_m < M, other=0.0)
-        return tl.max(tl.abs(mean) * rstd, axis=0) > ln_tau
+        # compared row by row, then reduced: a NaN row (NaN or Inf in its sample) compares False and leaves
+        # the tile's decision to its other rows, whatever tl.max does with NaN
+        return tl.max((tl.abs(mean) * rstd > ln_tau).to(tl.int32), axis=0) > 0
     else:
         return False
 
