@@ -168,6 +168,14 @@ MUTATIONS: List[Mutation] = [
         "    if True:\n",
         ("tests/test_triton_gemm_tma.py", "-k", "threads"),
     ),
+    # A CUDA graph replays kernels, not the fold's cache look-up: a cached fold would be replayed stale.
+    Mutation(
+        "tma-fold-cached-while-capturing",
+        "vit_kernels/triton/gemm_tma.py",
+        "    if _capturing(weight):\n",
+        "    if False:\n",
+        ("tests/test_triton_gemm_tma.py", "-k", "cuda_graph"),
+    ),
     # Each row tile flags its LayerNorm route; a tile that was not centred flagged as centred.
     Mutation(
         "tma-route-flag-always-set",

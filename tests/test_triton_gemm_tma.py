@@ -585,3 +585,43 @@ def test_layernorm_fold_nan_row_shares_a_tile_with_a_cancelling_row(value):
     assert torch.equal(got[0], clean[0])
     oracle, base = dense_reference(x, w, b, nw, nb, 1e-6, "none", None, None)
     assert_close(got[0], oracle[0], base[0])
+
+
+def test_layernorm_fold_while_a_cuda_graph_captures_is_not_cached(monkeypatch):
+    """While a CUDA graph captures, the fold is computed (its kernels captured, so every replay folds the
+    parameters as they are then), neither taken from the cache nor put in it."""
+    w, nw, nb = torch.randn(8, 4, device=DEVICE), torch.randn(4, device=DEVICE), torch.randn(4, device=DEVICE)
+    cached = G.fold_layernorm(w, None, nw, nb)
+    assert G.fold_layernorm(w, None, nw, nb) is cached
+    monkeypatch.setattr(G, "_capturing", lambda t: True)
+    size = len(G._FOLD_CACHE)
+    first, second = G.fold_layernorm(w, None, nw, nb), G.fold_layernorm(w, None, nw, nb)
+    assert first is not cached and second is not first and len(G._FOLD_CACHE) == size
+    assert torch.equal(first.weight, cached.weight) and torch.equal(first.colsum, cached.colsum)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 device"
+)
+def test_layernorm_fold_in_a_cuda_graph_follows_in_place_updates():
+    """A CUDA graph of the LayerNorm-folded GEMM, replayed after in-place updates of the LayerNorm's
+    parameters: each replay against the oracle of the parameters as they are then."""
+    (x, w, b, nw, nb), shape, _, _ = cancelling_case(torch.float16)
+    x, w, b, nw, nb = (t.cuda() for t in (x, w, b, nw, nb))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile, fold and cache outside the capture, as warm-up
+        G.dense_forward(x, w, b, norm_weight=nw, norm_bias=nb, config=G.CONFIGS[4])
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = G.dense_forward(x, w, b, norm_weight=nw, norm_bias=nb, config=G.CONFIGS[4])
+    for step in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        oracle, base = dense_reference(x, w, b, nw, nb, 1e-6, "none", None, None)
+        assert_close(out, oracle, base, name=f"replay {step}")
+        with torch.no_grad():
+            nw.mul_(1.5)
+            nb.add_(0.5)

@@ -825,10 +825,15 @@ def fold_layernorm(
     """Fold LayerNorm's affine (norm_weight gamma (K,), norm_bias beta (K,) or None) into the Linear that
     follows (weight (N, K), bias (N,) or None), once per parameter version (cached). Inference tensors
     (made under torch.inference_mode) keep no version counter, so an in-place update of one could not be
-    seen: with any of them the fold is computed on every call, not cached."""
+    seen: with any of them the fold is computed on every call, not cached. So it is while a CUDA graph
+    captures (torch.cuda.graph, torch.compile's mode="reduce-overhead"): a graph replays kernels, not this
+    look-up, so the fold's own kernels are captured and fold the parameters again on every replay (a
+    cached fold would be replayed as it was, stale after an in-place update between replays)."""
     import weakref
 
     params = (weight, bias, norm_weight, norm_bias)
+    if _capturing(weight):
+        return _fold(*params)
     key = tuple([None if t is None else (t.data_ptr(), t.shape, t.dtype, t.device) for t in params])
     try:
         versions = tuple([None if t is None else t._version for t in params])
@@ -849,6 +854,11 @@ def fold_layernorm(
         while len(_FOLD_CACHE) > FOLD_CACHE_SIZE:
             _FOLD_CACHE.popitem(last=False)
     return folded
+
+
+def _capturing(t: Tensor) -> bool:
+    """Whether a CUDA graph is capturing on the current stream (on ``t``'s device type)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _fold(weight: Tensor, bias: Optional[Tensor], norm_weight: Tensor, norm_bias: Optional[Tensor]) -> FoldedLayerNorm:
