@@ -172,7 +172,7 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "tma-fold-cached-while-capturing",
         "vit_kernels/triton/gemm_tma.py",
-        "    if _capturing(weight):\n",
+        "    if checks.capturing(weight):\n",
         "    if False:\n",
         ("tests/test_triton_gemm_tma.py", "-k", "cuda_graph"),
     ),
@@ -191,6 +191,14 @@ MUTATIONS: List[Mutation] = [
         "            return None\n",
         "            return ()\n",
         ("tests/test_swap_dynamic_size.py", "tests/test_models.py", "-k", "inference"),
+    ),
+    # The parameter caches used while a CUDA graph captures: replays would read the captured value.
+    Mutation(
+        "version-key-cached-while-capturing",
+        "vit_kernels/checks.py",
+        "    if tensors and capturing(tensors[0]):\n",
+        "    if False:\n",
+        ("tests/test_swap_dynamic_size.py", "-k", "cuda_graph"),
     ),
     # The parameter caches' key (resampled position embeddings, q/k/v concatenated) without the version.
     Mutation(

@@ -337,3 +337,45 @@ def test_model_built_under_inference_mode(family):
             assert_close(got, want, _logits(base(images, **call_kw)), name=f"{family} step {step}")
             for p in model.parameters():  # an in-place update where no version counter sees it
                 p.add_(0.05 * torch.randn_like(p))
+
+
+def test_parameter_caches_off_while_a_cuda_graph_captures(monkeypatch):
+    """While a CUDA graph captures, the parameter caches' key is None (the value computed, its kernels
+    captured, so every replay recomputes it from the parameters as they are then)."""
+    from vit_kernels import checks
+
+    t = torch.randn(3, device=DEVICE)
+    assert checks.version_key((t,)) is not None
+    monkeypatch.setattr(checks, "capturing", lambda t: True)
+    assert checks.version_key((t,)) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["timm", "hf"])
+def test_cuda_graph_of_a_fused_model_follows_in_place_updates(family):
+    """A fused model captured in a CUDA graph at a resampled size (timm's and transformers' cached
+    position embedding, transformers' concatenated q/k/v weights), replayed after in-place updates of
+    every parameter: each replay against the unfused model run eagerly on the parameters as they are."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    call_kw = dict(interpolate_pos_encoding=True) if family == "hf" else {}
+    model = (timm_dynamic(depth=1) if family == "timm" else _hf_vit()).cuda().eval()
+    vk.fuse(model, backend="torch")
+    images = torch.randn(2, 3, 48, 40, device="cuda")
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: the caches filled outside the capture
+            model(images, **call_kw)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = _logits(model(images, **call_kw))
+        for step in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            base = vk.unfuse(copy.deepcopy(model))
+            want = _logits(copy.deepcopy(base).double()(images.double(), **call_kw))
+            assert_close(out, want, _logits(base(images, **call_kw)), name=f"{family} replay {step}")
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))

@@ -593,7 +593,7 @@ def test_layernorm_fold_while_a_cuda_graph_captures_is_not_cached(monkeypatch):
     w, nw, nb = torch.randn(8, 4, device=DEVICE), torch.randn(4, device=DEVICE), torch.randn(4, device=DEVICE)
     cached = G.fold_layernorm(w, None, nw, nb)
     assert G.fold_layernorm(w, None, nw, nb) is cached
-    monkeypatch.setattr(G, "_capturing", lambda t: True)
+    monkeypatch.setattr(G.checks, "capturing", lambda t: True)
     size = len(G._FOLD_CACHE)
     first, second = G.fold_layernorm(w, None, nw, nb), G.fold_layernorm(w, None, nw, nb)
     assert first is not cached and second is not first and len(G._FOLD_CACHE) == size

@@ -55,6 +55,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import checks
 from ..replay import derived, launch
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 from .gemm import (
@@ -832,7 +833,7 @@ def fold_layernorm(
     import weakref
 
     params = (weight, bias, norm_weight, norm_bias)
-    if _capturing(weight):
+    if checks.capturing(weight):
         return _fold(*params)
     key = tuple([None if t is None else (t.data_ptr(), t.shape, t.dtype, t.device) for t in params])
     try:
@@ -854,11 +855,6 @@ def fold_layernorm(
         while len(_FOLD_CACHE) > FOLD_CACHE_SIZE:
             _FOLD_CACHE.popitem(last=False)
     return folded
-
-
-def _capturing(t: Tensor) -> bool:
-    """Whether a CUDA graph is capturing on the current stream (on ``t``'s device type)."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _fold(weight: Tensor, bias: Optional[Tensor], norm_weight: Tensor, norm_bias: Optional[Tensor]) -> FoldedLayerNorm:
