@@ -356,9 +356,11 @@ def test_fold_cache_keyed_on_version():
     nw, nb = randn(32, dtype=dtype), randn(32, dtype=dtype)
     f1 = G.fold_layernorm(w, b, nw, nb)
     assert G.fold_layernorm(w, b, nw, nb) is f1
+    size = len(G._FOLD_CACHE)
     nw.mul_(2)  # in place: the version counter moves
     f2 = G.fold_layernorm(w, b, nw, nb)
     assert f2 is not f1
+    assert len(G._FOLD_CACHE) == size  # the update's fold replaced the old one
     torch.testing.assert_close(f2.weight, (w.float() * nw.float()).to(dtype))
     torch.testing.assert_close(f2.colsum, f2.weight.double().sum(1).float())
     torch.testing.assert_close(f2.bias, (b.double() + w.double() @ nb.double()).float())
@@ -386,7 +388,7 @@ def test_fold_cache_is_bounded(monkeypatch):
     w_new = randn(8, 16, dtype=torch.float16)
     G.fold_layernorm(w_new, None, nw, None)  # the dead entry is dropped
     assert len(G._FOLD_CACHE) == 3 and all(
-        r() is not None for rs, _, _ in G._FOLD_CACHE.values() for r in rs if r is not None
+        r() is not None for rs, _ in G._FOLD_CACHE.values() for r in rs if r is not None
     )
 
 

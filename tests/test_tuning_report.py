@@ -304,7 +304,7 @@ def test_on_a_gpu_the_tuned_rows_peak_is_a_steady_state_forwards(tmp_path):
         gc.collect()
         new_folds = [v for k, v in gemm_tma._FOLD_CACHE.items() if k not in folds]
         fold_bytes = sum(
-            t.numel() * t.element_size() for _, _, f in new_folds for t in (f.weight, f.bias, f.colsum) if t is not None
+            t.numel() * t.element_size() for _, f in new_folds for t in (f.weight, f.bias, f.colsum) if t is not None
         )
         if not any(kw == "tma_config" for e in tuner.entries() for kw, _ in e.winner.config):
             assert not new_folds

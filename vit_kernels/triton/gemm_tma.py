@@ -811,10 +811,11 @@ class FoldedLayerNorm:
     colsum: Tensor
 
 
-# (data_ptr of each parameter) -> (weak references, version counters, folded); an entry is used only while
-# the same tensor objects are alive at unchanged versions (an in-place update bumps _version). Bounded:
-# entries whose parameters died are dropped at each insert, and beyond FOLD_CACHE_SIZE entries the least
-# recently used goes (a ViT-H has 64 folded projections: QKV and fc1 of 32 blocks).
+# (which of bias / norm_bias is None, checks.version_key of the parameters: data_ptr, version, dtype, device,
+# shape) -> (weak references, folded); an entry is used only while the same tensor objects are alive (an
+# in-place update bumps the version: a miss). Bounded: at each insert the entries of the same parameters
+# (older versions) and of dead ones are dropped, and beyond FOLD_CACHE_SIZE entries the least recently used
+# goes (a ViT-H has 64 folded projections: QKV and fc1 of 32 blocks).
 FOLD_CACHE_SIZE = 128
 _FOLD_CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 _FOLD_LOCK = threading.Lock()
@@ -824,34 +825,32 @@ def fold_layernorm(
     weight: Tensor, bias: Optional[Tensor], norm_weight: Tensor, norm_bias: Optional[Tensor]
 ) -> FoldedLayerNorm:
     """Fold LayerNorm's affine (norm_weight gamma (K,), norm_bias beta (K,) or None) into the Linear that
-    follows (weight (N, K), bias (N,) or None), once per parameter version (cached). Inference tensors
-    (made under torch.inference_mode) keep no version counter, so an in-place update of one could not be
-    seen: with any of them the fold is computed on every call, not cached. So it is while a CUDA graph
-    captures (torch.cuda.graph, torch.compile's mode="reduce-overhead"): a graph replays kernels, not this
-    look-up, so the fold's own kernels are captured and fold the parameters again on every replay (a
-    cached fold would be replayed as it was, stale after an in-place update between replays)."""
+    follows (weight (N, K), bias (N,) or None), once per parameter version (cached). Where no version can
+    be trusted (inference tensors; a CUDA graph capturing, whose replays must fold the parameters as they
+    are then: :func:`vit_kernels.checks.version_key`) it is computed on every call, not cached."""
     import weakref
 
     params = (weight, bias, norm_weight, norm_bias)
-    if checks.capturing(weight):
+    state = checks.version_key([t for t in params if t is not None])
+    if state is None:
         return _fold(*params)
-    key = tuple([None if t is None else (t.data_ptr(), t.shape, t.dtype, t.device) for t in params])
-    try:
-        versions = tuple([None if t is None else t._version for t in params])
-    except RuntimeError:  # "Inference tensors do not track version counter"
-        return _fold(*params)
+    key = (bias is None, norm_bias is None, state)  # the versions in it: an in-place update misses
     with _FOLD_LOCK:  # threads share the cache (a fused model called from several)
         hit = _FOLD_CACHE.get(key)
-        if hit is not None and hit[1] == versions and _same(hit[0], params):
+        if hit is not None and _same(hit[0], params):
             _FOLD_CACHE.move_to_end(key)
-            return hit[2]
+            return hit[1]
     folded = _fold(*params)
     refs = tuple(None if t is None else weakref.ref(t) for t in params)
-    with _FOLD_LOCK:
-        for k in [k for k, (rs, _, _) in _FOLD_CACHE.items() if any(r is not None and r() is None for r in rs)]:
+    with _FOLD_LOCK:  # an updated parameter's entry is replaced, a dead one's dropped
+        stale = [
+            k
+            for k, (rs, _) in _FOLD_CACHE.items()
+            if _same(rs, params) or any(r is not None and r() is None for r in rs)
+        ]
+        for k in stale:
             del _FOLD_CACHE[k]
-        _FOLD_CACHE[key] = (refs, versions, folded)
-        _FOLD_CACHE.move_to_end(key)
+        _FOLD_CACHE[key] = (refs, folded)
         while len(_FOLD_CACHE) > FOLD_CACHE_SIZE:
             _FOLD_CACHE.popitem(last=False)
     return folded
