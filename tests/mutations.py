@@ -184,6 +184,22 @@ MUTATIONS: List[Mutation] = [
         "                tl.store(route_ptr + pid_m, 1)\n",
         ("tests/test_tuning.py", "-k", "folded_tma"),
     ),
+    # A module under a fused wrapper replaced, parametrized or given an instance forward after fuse: the
+    # fused path would read its weight and ignore its forward.
+    Mutation(
+        "swap-structure-unchecked",
+        "vit_kernels/swap/wrapper.py",
+        "        why = self.structure_reason() or self.hook_reason()\n",
+        "        why = self.hook_reason()\n",
+        ("tests/test_swap_fallbacks.py", "-k", "changed_after_fuse"),
+    ),
+    Mutation(
+        "swap-instance-forward-admitted",
+        "vit_kernels/swap/reasons.py",
+        '            if "forward" in sub.__dict__:\n',
+        "            if False:\n",
+        ("tests/test_swap_fallbacks.py", "-k", "changed_after_fuse"),
+    ),
     # Inference tensors keep no version counter: caching what is computed from them goes stale.
     Mutation(
         "version-key-caches-inference-tensors",

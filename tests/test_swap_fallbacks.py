@@ -6,6 +6,7 @@ wrapper, a note in fuse_report and ``last_decision(op).backend == "original"`` w
 Hooks registered before fuse leave the part unfused, with the reason in the report."""
 
 import copy
+import functools
 import logging
 
 import pytest
@@ -33,9 +34,11 @@ def _timm():
 
 def _torchvision():
     tv = pytest.importorskip("torchvision.models.vision_transformer")
-    return tv.VisionTransformer(
+    model = tv.VisionTransformer(
         image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128, num_classes=10
     )
+    nn.init.normal_(model.heads.head.weight, std=0.1)  # torchvision starts it at zero: every logit 0
+    return model
 
 
 def _hf():
@@ -171,3 +174,85 @@ def test_hf_output_attentions_served_fused_falls_back_visibly_under_autograd():
     assert d.backend == "original" and "output_attentions" in d.reasons["fused"]
     report = str(vk.fuse_report(model))
     assert "served fused 1 time(s)" in report and "under autograd" in report, report
+
+
+class _Doubled(nn.Linear):
+    """A Linear whose forward differs from nn.Linear's (as PEFT's LoRA layers and quantized Linears do)."""
+
+    def forward(self, t):
+        return super().forward(t) * 2
+
+
+def _doubled(linear, t):  # an instance forward (a partial: deepcopy gives the copy its own)
+    return nn.Linear.forward(linear, t) * 2
+
+
+class _Halved(nn.Module):
+    def forward(self, w):
+        return w * 0.5
+
+
+def _replace(model, path: str) -> None:
+    old = model.get_submodule(path)
+    new = _Doubled(old.in_features, old.out_features, bias=old.bias is not None)
+    new.load_state_dict(old.state_dict())
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent), name, new)
+
+
+CHANGES = {
+    "replaced": (_replace, "was replaced (Linear -> _Doubled) after fuse"),
+    "parametrized": (
+        lambda model, path: torch.nn.utils.parametrize.register_parametrization(
+            model.get_submodule(path), "weight", _Halved()
+        ),
+        "changed class (Linear -> ParametrizedLinear) after fuse",
+    ),
+    "forward set": (
+        lambda model, path: setattr(
+            model.get_submodule(path), "forward", functools.partial(_doubled, model.get_submodule(path))
+        ),
+        ".forward was set on the instance after fuse",
+    ),
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_module_changed_after_fuse_runs_the_original(family, change, caplog):
+    """A Linear the fused path bypasses (it reads its weight, never calls its forward), changed after
+    fuse: replaced by a module with another forward, parametrized, or given an instance forward. The
+    part runs the original modules, which call it (never the stale fused path), and says why; unfuse
+    and fuse again fuse what can be (the changed Linear's part is left, with its reason)."""
+    model = FAMILIES[family]().eval()
+    ref = copy.deepcopy(model)
+    vk.fuse(model, backend="torch")
+    w, _ = block_wrapper(model)
+    (name, lin) = [(n, m) for n, m in w.named_modules() if type(m) is nn.Linear][-1]  # the MLP's last
+    path = f"{w.vk_path}.{name}"
+    unchanged = copy.deepcopy(ref)
+    apply, expected = CHANGES[change]
+    apply(model, path)
+    apply(ref, path)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="vit_kernels"):
+        got = logits(model(images))
+        assert_close(got, logits(copy.deepcopy(ref).double()(images.double())), logits(ref(images)))
+        assert (logits(ref(images)) - logits(unchanged(images))).abs().max() > 1e-3  # the change matters
+    assert expected in w.last_fallback and path in w.last_fallback, w.last_fallback
+    d = vk.last_decision("qkv_attention")
+    assert d.backend == "original" and expected in d.reasons["fused"], d
+    assert any(expected in r.getMessage() for r in caplog.records)
+    assert expected in str(vk.fuse_report(model))
+
+    vk.unfuse(model)
+    vk.fuse(model, backend="torch")
+    with torch.no_grad():
+        again = logits(model(images))
+    assert_close(again, logits(copy.deepcopy(ref).double()(images.double())), logits(ref(images)))
+    assert all(
+        m.structure_reason() is None and m.last_fallback is None for m in model.modules() if isinstance(m, SwapWrapper)
+    )
+    left = [e.reason for e in vk.fuse_report(model).left if "_Doubled" in e.reason or "on the instance" in e.reason]
+    # a ParametrizedLinear is an nn.Linear whose weight (a property) the fused path reads parametrized
+    assert len(left) == (change != "parametrized"), str(vk.fuse_report(model))

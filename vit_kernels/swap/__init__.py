@@ -129,6 +129,7 @@ def fuse(model: nn.Module, *, backend: str = "auto", ops: Iterable[str] = OPS) -
             m.vk_fuse_excluded = excluded
             if excluded:
                 m.backend = "torch"
+    built = []
     for c in _candidates(model, backend, ops):
         if c.build is None:
             continue
@@ -144,6 +145,9 @@ def fuse(model: nn.Module, *, backend: str = "auto", ops: Iterable[str] = OPS) -
         w = c.build()
         w.vk_path = c.path  # names the part in fall-back messages
         _set(model, c.path, w)
+        built.append(w)
+    for w in built:  # once every part is in place: each call checks its modules are still these
+        w.remember_structure()
     _FUSE_OPS[model] = ops
     report = fuse_report(model, backend=backend, ops=ops)
     logger.info("%s", report)

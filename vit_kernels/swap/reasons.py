@@ -103,14 +103,17 @@ def head_dim_reason(backend: str, head_dim: int) -> Tuple[Optional[str], Optiona
 
 def bypassed_hooks(modules: Dict[str, nn.Module], ignore: Callable = lambda fn: False) -> Optional[str]:
     """A reason when any of ``modules`` (path -> module, each with its descendants) has forward
-    hooks that the fused path would bypass. ``ignore(hook_fn)`` exempts hooks handled otherwise."""
+    hooks, or a ``forward`` set on the instance (accelerate's hooks, a patched module), that the
+    fused path would bypass. ``ignore(hook_fn)`` exempts hooks handled otherwise."""
     for path, m in modules.items():
         for sub_name, sub in m.named_modules():
+            where = path + ("." + sub_name if sub_name else "")
             hooks = list(sub._forward_hooks.values()) + list(sub._forward_pre_hooks.values())
             hooks = [h for h in hooks if not ignore(h)]
             if hooks:
-                where = path + ("." + sub_name if sub_name else "")
                 return f"forward hooks are registered on {where}; the fused path would not run them"
+            if "forward" in sub.__dict__:
+                return f"{where}.forward is set on the instance; the fused path would not call it"
     return None
 
 
