@@ -43,9 +43,11 @@ def build(family: str) -> torch.nn.Module:
         ).eval()
     if family == "torchvision":
         torchvision = pytest.importorskip("torchvision")
-        return torchvision.models.VisionTransformer(
+        m = torchvision.models.VisionTransformer(
             image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128, num_classes=10
         ).eval()
+        torch.nn.init.normal_(m.heads.head.weight, std=0.1)  # torchvision starts it at zero: logits and grads 0
+        return m
     if family == "hf":
         transformers = pytest.importorskip("transformers")
         cfg = transformers.ViTConfig(
