@@ -152,29 +152,22 @@ MUTATIONS: List[Mutation] = [
         "    pass\n",
         ("tests/test_tuning.py", "-k", "tma"),
     ),
-    # A replay folds LayerNorm into the weight again per call: a fold cache blind to in-place updates.
+    # The LayerNorm fold is made on every call: a fold cached per parameter object goes stale after an
+    # in-place write (through .data, no version bump, or not).
     Mutation(
-        "tma-fold-ignores-versions",
+        "tma-fold-cached",
         "vit_kernels/triton/gemm_tma.py",
-        "    key = (bias is None, norm_bias is None, state)  # the versions in it: an in-place update misses\n",
-        "    key = (bias is None, norm_bias is None, tuple(s[:1] + s[2:] for s in state))\n",
-        ("tests/test_tuning.py", "-k", "folded_tma"),
+        "    f = fold_layernorm(weight, bias, norm_weight, norm_bias)\n",
+        "    f = _folded.__dict__.setdefault((id(weight), id(norm_weight)), fold_layernorm(weight, bias, norm_weight, norm_bias))\n",
+        ("tests/test_triton_gemm_tma.py", "tests/test_tuning.py", "-k", "writes_through_data or folded_tma"),
     ),
-    # An updated parameter's fold replaces the old one (a model updated every step would fill the cache).
+    # The fold's bias b + W @ beta taken from the rounded W * gamma.
     Mutation(
-        "tma-fold-keeps-old-versions",
-        "vit_kernels/triton/gemm_tma.py",
-        "            if _same(rs, params) or any(r is not None and r() is None for r in rs)\n",
-        "            if any(r is not None and r() is None for r in rs)\n",
-        ("tests/test_triton_gemm_tma.py", "-k", "fold_cache"),
-    ),
-    # Threads share the fold cache: its look-up and LRU update unlocked.
-    Mutation(
-        "tma-fold-cache-unlocked",
-        "vit_kernels/triton/gemm_tma.py",
-        "    with _FOLD_LOCK:  # threads share the cache (a fused model called from several)\n",
-        "    if True:\n",
-        ("tests/test_triton_gemm_tma.py", "-k", "threads"),
+        "tma-fold-bias-from-folded-weight",
+        "vit_kernels/triton/layernorm.py",
+        "            bias += tl.sum(w.to(tl.float64) * be[None, :], axis=1)\n",
+        "            bias += tl.sum(wf.to(tl.float64) * be[None, :], axis=1)\n",
+        ("tests/test_triton_gemm_tma.py", "-k", "fold_kernel"),
     ),
     # Each row tile flags its LayerNorm route; a tile that was not centred flagged as centred.
     Mutation(
@@ -199,30 +192,6 @@ MUTATIONS: List[Mutation] = [
         '            if "forward" in sub.__dict__:\n',
         "            if False:\n",
         ("tests/test_swap_fallbacks.py", "-k", "changed_after_fuse"),
-    ),
-    # Inference tensors keep no version counter: caching what is computed from them goes stale.
-    Mutation(
-        "version-key-caches-inference-tensors",
-        "vit_kernels/checks.py",
-        "            return None\n",
-        "            return ()\n",
-        ("tests/test_swap_dynamic_size.py", "tests/test_models.py", "-k", "inference"),
-    ),
-    # The parameter caches used while a CUDA graph captures: replays would read the captured value.
-    Mutation(
-        "version-key-cached-while-capturing",
-        "vit_kernels/checks.py",
-        "    if tensors and capturing(tensors[0]):\n",
-        "    if False:\n",
-        ("tests/test_swap_dynamic_size.py", "tests/test_triton_gemm_tma.py", "-k", "cuda_graph"),
-    ),
-    # The parameter caches' key (resampled position embeddings, q/k/v concatenated) without the version.
-    Mutation(
-        "version-key-without-version",
-        "vit_kernels/checks.py",
-        "        return tuple([(t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors])\n",
-        "        return tuple([(t.data_ptr(), t.dtype, t.device, t.shape) for t in tensors])\n",
-        ("tests/test_swap_dynamic_size.py", "tests/test_models.py", "-k", "until"),
     ),
     # The tuner times a Triton candidate as its launch plan runs it (the replay), not its launcher.
     Mutation(
@@ -625,25 +594,41 @@ MUTATIONS: List[Mutation] = [
         ("tests/test_swap_fallbacks.py",),
     ),
     Mutation(
-        "swap-hf-pos-cache-ignores-updates",
-        "vit_kernels/swap/hf.py",
-        "        if key is None or hit is None or hit[0] != key:",
-        "        if key is None or hit is None:",
-        ("tests/test_swap_dynamic_size.py",),
-    ),
-    Mutation(
         "swap-hf-weights-not-handed-to-hooks",
         "vit_kernels/swap/hf.py",
         "            hook(p.self_attn, (x,), (h, stats.weights))",
         "            hook(p.self_attn, (x,), (h, None))",
         ("tests/test_swap_hf.py", "-k", "output_attentions"),
     ),
+    # What is computed from parameters is made on every call: a copy kept per size (or per layer) misses
+    # writes through .data (no version bump).
     Mutation(
-        "swap-timm-pos-cache-ignores-updates",
+        "swap-timm-pos-embed-kept",
         "vit_kernels/swap/timm.py",
-        "        if hit is None or hit[0] != key:",
-        "        if hit is None:",
-        ("tests/test_swap_dynamic_size.py", "-k", "prefix_variants_resample"),
+        "        return self._embedding(root, grid)\n",
+        "        return self.__dict__.setdefault(('kept', tuple(grid)), self._embedding(root, grid))\n",
+        ("tests/test_swap_dynamic_size.py", "-k", "prefix_variants_resample or pos_embed_resampled"),
+    ),
+    Mutation(
+        "swap-hf-pos-embed-kept",
+        "vit_kernels/swap/hf.py",
+        "        return self._sync_original().interpolate_pos_encoding(probe, H, W)  # every call, as transformers does\n",
+        "        return self.__dict__.setdefault(('kept', H, W), self._sync_original().interpolate_pos_encoding(probe, H, W))\n",
+        ("tests/test_swap_dynamic_size.py", "-k", "hf_pos_encoding"),
+    ),
+    Mutation(
+        "swap-hf-qkv-concatenation-kept",
+        "vit_kernels/swap/hf.py",
+        "        return torch.cat((p.q.weight, p.k.weight, p.v.weight)), (torch.cat(bs) if bs[0] is not None else None)\n",
+        "        return self.__dict__.setdefault('kept', (torch.cat((p.q.weight, p.k.weight, p.v.weight)), (torch.cat(bs) if bs[0] is not None else None)))\n",
+        ("tests/test_swap_hf.py", "-k", "qkv_concatenation"),
+    ),
+    Mutation(
+        "vit-pos-embed-kept",
+        "vit_kernels/models/vit.py",
+        "        return resample_pos_embed(self.pos_embed, grid, (self.grid, self.grid), prefix)\n",
+        "        return self.__dict__.setdefault(('kept', grid), resample_pos_embed(self.pos_embed, grid, (self.grid, self.grid), prefix))\n",
+        ("tests/test_models.py", "-k", "dynamic_img_size_resamples"),
     ),
     Mutation(
         "swap-timm-register-rows-lose-pos-embed",
@@ -651,13 +636,6 @@ MUTATIONS: List[Mutation] = [
         "        return pos[:, n:].clone(), None, prefix + pos[:, :n]",
         "        return pos[:, n:].clone(), None, prefix",
         ("tests/test_swap_dynamic_size.py", "-k", "prefix_variants and torch"),
-    ),
-    Mutation(
-        "swap-timm-prefix-cache-ignores-tokens",
-        "vit_kernels/swap/timm.py",
-        "        used = [pe] if reg is None else [t for t in (pe, cls, reg) if t is not None]  # what the entry holds",
-        "        used = [pe]  # what the entry holds",
-        ("tests/test_swap_dynamic_size.py", "-k", "prefix_variants_resample"),
     ),
     # ------------------------------------------------------------------ tuning: the correctness check
     Mutation(

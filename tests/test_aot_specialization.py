@@ -192,6 +192,7 @@ def test_every_module_in_the_one_list_has_specs(report):
         "flash_attention_fwd",
         "qkv_attention_single",
         "row_stats",
+        "layernorm_fold",
     } <= kernels
     assert {
         "attention",
@@ -246,6 +247,9 @@ def test_gemm_tma_launches_of_a_vit_block_are_in_the_report(report, dtype):
         gemms = [la for la in launches if _name(la) == "_gemm_tma_kernel"]
         assert len(gemms) == 4
         assert_in_report(report, gemms, ["_gemm_tma_kernel"])
+        folds = [la for la in launches if _name(la) == "_fold_kernel"]  # QKV's and fc1's LayerNorm fold
+        assert len(folds) == 2
+        assert_in_report(report, folds, ["_fold_kernel"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -198,6 +198,13 @@ def test_kernel_time_is_the_largest_term():
     assert ck.Machine.of(peaks.by_key("h100")).sms == 132
 
 
+def test_fold_kernel_bytes_by_hand():
+    """W (8, 4) fp16 read and W * gamma written (64 + 64), gamma and beta (8 + 8), b (16), colsum and the
+    folded bias in fp32 (32 + 32): 224 bytes; without b, 208."""
+    assert ck.fold_kernel(8, 4, 2, True).dram_bytes == 224
+    assert ck.fold_kernel(8, 4, 2, False).dram_bytes == 208
+
+
 def test_paths_of_a_vit_b_block():
     """ViT-B/16 at batch 256 bf16: the single kernel loads x 7 x 12 = 84 times per image; the split path
     once per column tile of its QKV GEMM; every path writes the same output; the TMA GEMM (128x256 tiles)
@@ -209,7 +216,10 @@ def test_paths_of_a_vit_b_block():
     assert single.dram_bytes + single.l2_bytes >= 84 * s.A
     assert "single_kernel" not in ck.qkv_attention_paths(8, 1025, 768, 12, torch.bfloat16, sms=132)
     mlp = ck.mlp_paths(s.rows, 768, 3072, torch.bfloat16, sms=132)
-    assert mlp["tma"][1].l2_bytes < mlp["triton"][1].l2_bytes
+    fc1 = {path: next(k for k in mlp[path] if "fc1" in k.name) for path in ("tma", "triton")}
+    assert fc1["tma"].l2_bytes < fc1["triton"].l2_bytes
+    assert [k.name for k in mlp["tma"]][:2] == ["row stats", "layernorm fold"]  # the fold runs on every call
+    assert [k.name for k in qkv["split+tma"]][:2] == ["row stats", "layernorm fold"]
     for paths in (qkv, mlp, ck.linear_paths(s.rows, 768, 768, torch.bfloat16, sms=132)):
         assert all(k.dram_bytes > 0 for ks in paths.values() for k in ks)
     assert "tma" not in ck.linear_paths(64, 32, 32, torch.float32, sms=4)

@@ -73,21 +73,26 @@ def test_non_gelu_activation_is_left():
     )
 
 
-def test_qkv_cache_follows_parameter_changes():
+@pytest.mark.parametrize("write", ["in place", "through .data"])
+def test_qkv_concatenation_follows_parameter_writes(write):
+    """[Wq; Wk; Wv] is concatenated on every call: an in-place write to k/v, one through ``.data`` too (a
+    DINO teacher's EMA update, PEFT's merge: no version bump), shows in the next call."""
     model = ViTForImageClassification(config()).eval()
     vk.fuse(model, backend="torch")
     x = torch.randn(2, 3, 32, 32)
     layer = model.vit.layers[0]
     with torch.no_grad():
-        model(x)
-        w1, _ = layer.qkv_weights()
-        assert layer.qkv_weights()[0] is w1  # cached
-        model.vit.layers[0].attention.k_proj.weight.mul_(2.0)  # in place: bumps _version
-        w2, b2 = layer.qkv_weights()
-        assert w2 is not w1
+        before = model(x).logits
+        for name in ("k_proj", "v_proj"):
+            w = getattr(layer.attention, name).weight
+            version = w._version
+            (w if write == "in place" else w.data).mul_(-3.0)
+            assert (w._version == version) == (write == "through .data")
+        w2, _ = layer.qkv_weights()
         torch.testing.assert_close(w2[64:128], layer.attention.k_proj.weight, rtol=0, atol=0)
         got = model(x).logits
         want = vk.unfuse(copy.deepcopy(model))(x).logits
+    assert (want - before).abs().max() > 1e-3  # the write changed the result
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # the stored parameters are unchanged in kind: no qkv parameter appeared
     assert not any("qkv" in k for k in model.state_dict())

@@ -552,8 +552,8 @@ def test_tma_config_fastest_mlp_and_qkv_attention():
 
 def test_layernorm_folded_tma_calls_are_replayed(monkeypatch):
     """The LayerNorm-folded TMA GEMM (the MLP's fc1, the split qkv_attention's projection) is replayed
-    after the first call: the fold is looked up again per call (replay.derived), so a parameter updated
-    in place is folded again, and each replay flags its own LayerNorm route (last_ln_route); every
+    after the first call: the fold is made again per call (replay.derived), so a parameter written in place,
+    through ``.data`` too (no version bump), is folded as it is, and each replay flags its own LayerNorm route (last_ln_route); every
     result against the oracle."""
     from vit_kernels.triton import gemm_tma
 
@@ -609,9 +609,8 @@ def test_layernorm_folded_tma_calls_are_replayed(monkeypatch):
             assert gemm_tma.last_ln_route() == "epilogue"
             assert_close(call(x_far), *oracle(x_far))
             assert gemm_tma.last_ln_route().startswith("centred: 1 of 2 row tiles"), gemm_tma.last_ln_route()
-            with torch.no_grad():
-                nw.mul_(1.5)  # in place: the replay folds the new weight
-                nb.add_(0.25)
+            nw.data.mul_(1.5)  # through .data (the version counter does not move): the replay folds the new weight
+            nb.data.add_(0.25)
             assert_close(call(x), *oracle(x))
             assert launched == []  # every call above was a replay
 

@@ -269,9 +269,8 @@ def test_short_signatures():
 def test_on_a_gpu_the_tuned_rows_peak_is_a_steady_state_forwards(tmp_path):
     """The bench's tuned row against its sdpa row: the same peak-memory window, so about the same peak
     (before the fix it held the tuning's float64 oracle: 6081 MiB against 1422 on the H200 at batch 256);
-    and tuning leaves nothing allocated beyond the folded weights of TMA winners."""
+    and tuning leaves nothing allocated (nothing folded is cached)."""
     from vit_kernels.bench import throughput as tp
-    from vit_kernels.triton import gemm_tma
 
     cfg = tp.BenchConfig(
         models=["vit_small_patch16_224"],
@@ -296,16 +295,9 @@ def test_on_a_gpu_the_tuned_rows_peak_is_a_steady_state_forwards(tmp_path):
         torch.cuda.synchronize()
         gc.collect()
         held = torch.cuda.memory_allocated()
-        folds = set(gemm_tma._FOLD_CACHE)
         timed = tuner.timed
         vk.tune(model, images, fallback=False)
         assert tuner.timed > timed
         torch.cuda.synchronize()
         gc.collect()
-        new_folds = [v for k, v in gemm_tma._FOLD_CACHE.items() if k not in folds]
-        fold_bytes = sum(
-            t.numel() * t.element_size() for _, f in new_folds for t in (f.weight, f.bias, f.colsum) if t is not None
-        )
-        if not any(kw == "tma_config" for e in tuner.entries() for kw, _ in e.winner.config):
-            assert not new_folds
-        assert torch.cuda.memory_allocated() - held <= fold_bytes + 2**20 * len(tuner.entries())
+        assert torch.cuda.memory_allocated() - held <= 2**20 * len(tuner.entries())  # nothing folded is kept

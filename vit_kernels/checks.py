@@ -12,9 +12,6 @@ Three kinds of rule live here, all used by the ops' check functions (vit_kernels
 - :func:`contiguous_params`: 1-D parameters (bias, LayerNorm weight, layer scale, class token,
   position embedding) with other strides are copied to contiguous for the fused kernels, which
   read them with unit stride; each copy is listed in the op's ``last_decision(op).copied``.
-
-Beside them, :func:`version_key`: when a value computed from parameters (a resampled position
-embedding, concatenated q/k/v weights) may be reused.
 """
 
 from __future__ import annotations
@@ -252,27 +249,3 @@ def contiguous_params(
             t = t.contiguous()
         out[name] = t
     return out, notes
-
-
-def version_key(tensors: Sequence[torch.Tensor]) -> Optional[tuple]:
-    """The cache key of a value computed from ``tensors`` (a resampled position embedding, q/k/v
-    weights concatenated): per tensor its data_ptr, version counter (bumped by every in-place update:
-    optimizer steps, load_state_dict, ``add_``), dtype, device and shape. None when one is an inference
-    tensor (made under torch.inference_mode, a model built there): those keep no version counter, so
-    an in-place update of one could not be seen, and the caller computes the value again (caches
-    nothing). None too while a CUDA graph captures (:func:`capturing`): a graph replays kernels, not
-    the cache look-up, so the value's own kernels are captured and run again on every replay."""
-    if tensors and capturing(tensors[0]):
-        return None
-    try:
-        return tuple([(t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors])
-    except RuntimeError:  # "Inference tensors do not track version counter"
-        if any(t.is_inference() for t in tensors):
-            return None
-        raise
-
-
-def capturing(t: torch.Tensor) -> bool:
-    """Whether a CUDA graph is capturing on the current stream (``t`` on a CUDA device; torch.cuda.graph,
-    torch.compile's mode="reduce-overhead")."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()

@@ -194,6 +194,13 @@ def row_stats_kernel(rows: int, dim: int, elem: int) -> KernelCost:
     return KernelCost("row stats", 0.0, rows * dim * elem + rows * 8)
 
 
+def fold_kernel(N: int, K: int, elem: int, bias: bool) -> KernelCost:
+    """vit_kernels.triton.layernorm.fold_layernorm, launched on every call of a LayerNorm-folded TMA GEMM:
+    reads W (N, K), gamma and beta (K,) [and b (N,)], writes W * gamma (N, K) and the fp32 column sums and
+    folded bias (N,) each."""
+    return KernelCost("layernorm fold", 0.0, 2 * N * K * elem + 2 * K * elem + (N * elem if bias else 0) + 8 * N)
+
+
 def single_qkv_attention_kernel(
     batch: int,
     tokens: int,
@@ -353,32 +360,37 @@ def mlp_paths(
         t2, bps2 = _tma(dim, hidden)
         # folded fc1: bias b' in fp32 and the column sums c in fp32 per output column
         fold_vec = (4 if (bias or norm) else 0) + (4 if norm else 0)
-        out["tma"] = stats + [
-            gemm_kernel(
-                "fc1 gemm_tma (LN folded, GELU)",
-                rows,
-                hidden,
-                dim,
-                e,
-                t1,
-                sms=sms,
-                blocks_per_sm=bps1,
-                col_vec_bytes=fold_vec if norm else b,
-                row_vec_bytes=8 if norm else 0,
-            ),
-            gemm_kernel(
-                "fc2 gemm_tma (residual)",
-                rows,
-                dim,
-                hidden,
-                e,
-                t2,
-                sms=sms,
-                blocks_per_sm=bps2,
-                col_vec_bytes=fc2_vec,
-                residual=True,
-            ),
-        ]
+        fold = [fold_kernel(hidden, dim, e, bias)] if norm else []
+        out["tma"] = (
+            stats
+            + fold
+            + [
+                gemm_kernel(
+                    "fc1 gemm_tma (LN folded, GELU)",
+                    rows,
+                    hidden,
+                    dim,
+                    e,
+                    t1,
+                    sms=sms,
+                    blocks_per_sm=bps1,
+                    col_vec_bytes=fold_vec if norm else b,
+                    row_vec_bytes=8 if norm else 0,
+                ),
+                gemm_kernel(
+                    "fc2 gemm_tma (residual)",
+                    rows,
+                    dim,
+                    hidden,
+                    e,
+                    t2,
+                    sms=sms,
+                    blocks_per_sm=bps2,
+                    col_vec_bytes=fc2_vec,
+                    residual=True,
+                ),
+            ]
+        )
     return out
 
 
@@ -438,21 +450,26 @@ def qkv_attention_paths(
     }
     if _tma_ok(dtype):
         tiles, bps = _tma(3 * dim, dim)
-        out["split+tma"] = stats + [
-            gemm_kernel(
-                "qkv gemm_tma (LN folded, head split)",
-                rows,
-                3 * dim,
-                dim,
-                e,
-                tiles,
-                sms=sms,
-                blocks_per_sm=bps,
-                col_vec_bytes=8 if norm else b,
-                row_vec_bytes=8 if norm else 0,
-            ),
-            flash,
-        ]
+        fold = [fold_kernel(3 * dim, dim, e, qkv_bias)] if norm else []
+        out["split+tma"] = (
+            stats
+            + fold
+            + [
+                gemm_kernel(
+                    "qkv gemm_tma (LN folded, head split)",
+                    rows,
+                    3 * dim,
+                    dim,
+                    e,
+                    tiles,
+                    sms=sms,
+                    blocks_per_sm=bps,
+                    col_vec_bytes=8 if norm else b,
+                    row_vec_bytes=8 if norm else 0,
+                ),
+                flash,
+            ]
+        )
     if tq.single_kernel_fits(dtype, tokens, hd, 90):
         out["single_kernel"] = [
             single_qkv_attention_kernel(batch, tokens, dim, heads, e, dtype, sms=sms, norm=norm, qkv_bias=qkv_bias)

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import library
-from ..checks import version_key
 from ..nn import FusedAttention, FusedMlp, FusedPatchEmbed, set_backend
 from .registry import SIZES, preset
 
@@ -162,9 +161,9 @@ class VisionTransformer(nn.Module):
     def pos_embed_for(self, H: int, W: int) -> Tensor:
         """The position embedding for an H x W input: (1, prefix + (H/p)*(W/p), dim).
 
-        Another size (dynamic_img_size) resamples it (bicubic, antialiased as timm does) once per
-        patch grid and keeps it until pos_embed changes (an in-place update, load_state_dict, .to());
-        while autograd records (pos_embed requiring grad) it is resampled on every call instead.
+        Another size (dynamic_img_size) resamples it (bicubic, antialiased as timm does) on every
+        call, as timm does: never stale, whatever wrote pos_embed (a cache keyed on its version
+        counter would miss writes through ``.data``).
         """
         p = self.patch_size
         if (H, W) == (self.img_size, self.img_size):
@@ -177,18 +176,7 @@ class VisionTransformer(nn.Module):
         if H % p or W % p:
             raise ValueError(f"images: expected a size that is a multiple of patch_size={p}, got {H}x{W}")
         grid, prefix = (H // p, W // p), 1 if self.cls_token is not None else 0
-        pe = self.pos_embed
-        if torch.is_grad_enabled() and pe.requires_grad:
-            return resample_pos_embed(pe, grid, (self.grid, self.grid), prefix)
-        key = version_key((pe,))
-        if key is None:
-            return resample_pos_embed(pe.detach(), grid, (self.grid, self.grid), prefix)
-        cache = self.__dict__.setdefault("_pos_embed_cache", {})
-        hit = cache.get(grid)
-        if hit is None or hit[0] != key:
-            hit = (key, resample_pos_embed(pe.detach(), grid, (self.grid, self.grid), prefix))
-            cache[grid] = hit
-        return hit[1]
+        return resample_pos_embed(self.pos_embed, grid, (self.grid, self.grid), prefix)
 
     def forward_features(self, images: Tensor) -> Tensor:
         """images: (batch, in_chans, H, W), float (normalized) or uint8 (normalized on load with

@@ -18,19 +18,17 @@ It runs ``x = linear(qkv_attention(x, [Wq; Wk; Wv], layernorm_before), o_proj, r
 ``x = layernorm_gelu_mlp(x, layernorm_after, fc1, fc2, residual=x)``.
 ``ViTEmbeddings`` (its own forward) is replaced whole by :class:`FusedHFEmbeddings`: one
 ``patch_embed`` launch writes projection + class token + position embedding, the position embedding
-resampled by the module's own ``interpolate_pos_encoding`` once per image size and cached (dynamic
-resolution with ``interpolate_pos_encoding=True``). Other embeddings classes holding a
+resampled by the module's own ``interpolate_pos_encoding`` on every call at another image size, as
+transformers does (dynamic resolution with ``interpolate_pos_encoding=True``). Other embeddings classes holding a
 ``ViTPatchEmbeddings`` get only its ``projection`` (Conv2d) replaced by
 :class:`~vit_kernels.swap.patch.FusedPatchConv`. uint8 images are not served: ``ViTModel`` casts
 ``pixel_values`` to the weight's dtype before the embeddings.
 
-The separate q/k/v Linears feed the fused projection through a concatenated copy
-``[Wq; Wk; Wv]`` (and biases) that is NOT a parameter: the stored parameters do not change. The
-copy is cached and rebuilt when any of the six tensors changes: the cache key holds each
-tensor's ``data_ptr()``, ``_version`` counter (bumped by in-place updates: optimizer steps,
-``load_state_dict``, ``copy_`` under no_grad), dtype, device and shape. In-place writes through
-``.data`` bypass the version counter and are not seen. Under autograd (a parameter requires grad
-and grad mode is on) the concatenation is recomputed every call so gradients reach q/k/v.
+The separate q/k/v Linears feed the fused projection through a concatenation ``[Wq; Wk; Wv]``
+(and biases) made on every call (one copy of the three weights, ~2 weight reads more than HF's three
+projections): the stored parameters do not change, and it is never stale. A cache keyed on the
+version counters would miss in-place writes through ``.data`` (a DINO teacher's EMA update,
+PEFT's merge), which do not bump them.
 
 Attention weights (``output_attentions=True``, or the config's): transformers (5.x) collects them with
 forward hooks it installs on the attention modules, which the fused layer does not call. While its
@@ -61,7 +59,6 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..backends import needs_grad
-from ..checks import version_key
 from ..ops import attention_stats
 from ..ops.attention_stats import StatsRequest
 from .reasons import (
@@ -192,24 +189,11 @@ class FusedHFLayer(SwapWrapper):
         return out
 
     def qkv_weights(self) -> Tuple[Tensor, Optional[Tensor]]:
-        """[Wq; Wk; Wv] (3*inner, dim) and [bq; bk; bv] (or None): cached unless under autograd or
-        torch.compile (the concatenation is then part of the graph)."""
+        """[Wq; Wk; Wv] (3*inner, dim) and [bq; bk; bv] (or None), concatenated on every call (under
+        autograd and torch.compile part of the graph): never a stale copy (see the module docstring)."""
         p = self._parts()
-        ws = (p.q.weight, p.k.weight, p.v.weight)
         bs = (p.q.bias, p.k.bias, p.v.bias)
-        tensors = ws + tuple(b for b in bs if b is not None)
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-            return torch.cat(ws), (torch.cat(bs) if bs[0] is not None else None)
-        key = version_key(tensors)
-        cache = self.__dict__.get("_vk_qkv_cache")
-        if key is None or cache is None or cache[0] != key:
-            with torch.no_grad():
-                w = torch.cat(ws)
-                b = torch.cat(bs) if bs[0] is not None else None
-            cache = (key, w, b)
-            if key is not None:  # None: inference tensors, concatenated on every call
-                self.__dict__["_vk_qkv_cache"] = cache
-        return cache[1], cache[2]
+        return torch.cat((p.q.weight, p.k.weight, p.v.weight)), (torch.cat(bs) if bs[0] is not None else None)
 
     def bypassed(self):
         p = self._parts()
@@ -416,9 +400,8 @@ class FusedHFEmbeddings(SwapWrapper):
     """transformers' ``ViTEmbeddings`` as one ``patch_embed`` launch: patch projection, class token
     and position embedding written into the (batch, 1 + patches, dim) token buffer. With
     ``interpolate_pos_encoding=True`` another image size takes the module's own
-    ``interpolate_pos_encoding`` (bicubic, as transformers does), computed once per image size and
-    cached until ``position_embeddings`` changes (its data_ptr, version counter, dtype, device);
-    under autograd it is recomputed every call. ``bool_masked_pos``, active dropout and the
+    ``interpolate_pos_encoding`` (bicubic, as transformers does), computed on every call as
+    transformers does (never stale, whatever wrote the parameter). ``bool_masked_pos``, active dropout and the
     rest of the fall-backs run the original module (visibly).
     pixel_values: (batch, num_channels, H, W) -> (batch, 1 + (H/p)*(W/p), dim)."""
 
@@ -439,17 +422,7 @@ class FusedHFEmbeddings(SwapWrapper):
         if (H, W) == tuple(self.image_size):
             return pe
         probe = torch.empty((1, 1 + (H // p) * (W // p), dim), device="meta")  # only its shape is read
-        if torch.is_grad_enabled() and pe.requires_grad:
-            return self._sync_original().interpolate_pos_encoding(probe, H, W)
-        key = version_key((pe,))
-        cache = self.__dict__.setdefault("_vk_pos_cache", {})
-        hit = cache.get((H, W))
-        if key is None or hit is None or hit[0] != key:
-            with torch.no_grad():
-                hit = (key, self._sync_original().interpolate_pos_encoding(probe, H, W))
-            if key is not None:  # None: an inference tensor, resampled on every call
-                cache[(H, W)] = hit
-        return hit[1]
+        return self._sync_original().interpolate_pos_encoding(probe, H, W)  # every call, as transformers does
 
     def forward(
         self, pixel_values: Tensor, bool_masked_pos: Optional[Tensor] = None, interpolate_pos_encoding: bool = False
@@ -503,7 +476,7 @@ def _embeddings_candidate(path: str, m: nn.Module, backend: str, enabled: bool) 
     )
     notes = (
         "class token and position embedding written by the patch_embed kernel; with interpolate_pos_encoding "
-        "the position embedding is resampled once per image size and cached",
+        "the position embedding is resampled on every call at another size, as transformers does",
         "uint8 images not served: ViTModel casts pixel_values to the weight's dtype before the embeddings "
         "(normalize with the image processor)",
     )
@@ -562,7 +535,7 @@ def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
             why = "not requested (ops)"
         else:
             why, note = (base_why, None) if base_why else _attention_reason(path, m, parts, backend)
-        notes = ("q/k/v weights concatenated into a cached copy (rebuilt when they change)",) + (
+        notes = ("q/k/v weights concatenated on every call (one copy of the three weights)",) + (
             (note,) if note else ()
         )
         notes += (

@@ -18,9 +18,9 @@
 - With ``dynamic_img_size=True`` (a VisionTransformer that resamples its position embedding in
   ``_pos_embed`` on every call) the whole ``patch_embed`` is replaced by :class:`FusedTimmPatchEmbed`:
   one ``patch_embed`` launch writes the tokens with the class token and the position embedding,
-  resampled with timm's own ``resample_abs_pos_embed`` once per patch grid and cached until
-  ``pos_embed`` changes; register tokens and ``no_embed_class`` take the same cache (see that class
-  for how, and for how the root model's ``_pos_embed`` takes the tokens).
+  resampled with timm's own ``resample_abs_pos_embed`` on every call at another patch grid, as timm
+  does; register tokens and ``no_embed_class`` too (see that class for how, and for how the root
+  model's ``_pos_embed`` takes the tokens).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import torch
 from torch import Tensor, nn
 
 from .. import library, ops
-from ..checks import version_key
 from ..ops.patch_embed import check_pixel_norm, normalize_pixels, pixel_norm_tensors
 from .reasons import (
     bypassed_hooks,
@@ -224,11 +223,9 @@ class FusedTimmPatchEmbed(SwapWrapper):
     projection, class token and position embedding in one ``patch_embed`` launch at every image size.
 
     timm resamples ``pos_embed`` to the input's patch grid in the root model's ``_pos_embed`` on every
-    call. Here the resampled embedding (timm's own ``resample_abs_pos_embed``: bicubic, antialiased) is
-    computed once per grid and kept until ``pos_embed`` (or a prefix token baked into it, below)
-    changes: the cache key holds each one's data_ptr, version counter (bumped by optimizer steps,
-    ``load_state_dict``, in-place writes under no_grad), dtype and device. While autograd records (one
-    of them requires grad, grad mode on) it is resampled on every call, so gradients reach it.
+    call. Here too (timm's own ``resample_abs_pos_embed``: bicubic, antialiased), at another grid than
+    the native one, nothing cached: never stale, whatever wrote the parameters (a write through
+    ``.data`` bumps no version counter); under autograd gradients reach them through it.
 
     What the kernel gets, per variant (:meth:`embedding_for`):
     - a class token or none, ``pos_embed`` over prefix + patches (timm's default): the resampled
@@ -237,7 +234,7 @@ class FusedTimmPatchEmbed(SwapWrapper):
       embedding behind one zero row, which the kernel adds to the class token (x + 0 = x exactly);
     - register tokens (``reg_tokens > 0``, with or without a class token or ``no_embed_class``): the
       kernel writes the patch tokens with their position embedding; the prefix rows (class token,
-      registers, plus their ``pos_embed`` rows unless ``no_embed_class``), cached with it, are
+      registers, plus their ``pos_embed`` rows unless ``no_embed_class``) are
       concatenated in front: one copy of the token buffer, as timm's own concatenation costs.
 
     How the root model takes the tokens: fuse sets two attributes on the root instance (unfuse removes
@@ -275,27 +272,16 @@ class FusedTimmPatchEmbed(SwapWrapper):
         """(pos_embed, cls_token, prefix) for the patch grid ``grid`` (gh, gw): the kernel's
         ``pos_embed`` (1, [1 +] gh * gw, dim) and ``cls_token`` (1, 1, dim) or None, and the prefix
         rows (1, prefix_tokens, dim) to put in front of the kernel's output, or None (see the class
-        docstring). Cached per grid until a tensor it is made of changes (not under autograd)."""
+        docstring). Made on every call at another grid (or with registers), as timm's own _pos_embed does:
+        never stale, whatever wrote the parameters."""
         root = self.__dict__["_vk_root"]
         pe, cls, reg = root.pos_embed, root.cls_token, root.reg_token
         if reg is None and not root.no_embed_class and tuple(grid) == tuple(self.grid_size):
             return pe, cls, None  # the native grid: pos_embed as it is, nothing to cache
-        used = [pe] if reg is None else [t for t in (pe, cls, reg) if t is not None]  # what the entry holds
-        if torch.is_grad_enabled() and any(t.requires_grad for t in used):
-            return self._embedding(root, grid)
-        key = version_key(used)
-        if key is None:
-            with torch.no_grad():
-                return self._embedding(root, grid)
-        cache = self.__dict__.setdefault("_vk_pos_cache", {})
-        hit = cache.get(grid)
-        if hit is None or hit[0] != key:
-            with torch.no_grad():
-                hit = cache[grid] = (key, self._embedding(root, grid))
-        return hit[1]
+        return self._embedding(root, grid)
 
     def _embedding(self, root: nn.Module, grid) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-        """embedding_for without the cache: timm's resample_abs_pos_embed, then the variant's layout."""
+        """embedding_for off the native grid: timm's resample_abs_pos_embed, then the variant's layout."""
         from timm.layers import resample_abs_pos_embed
 
         pe, cls, reg = root.pos_embed, root.cls_token, root.reg_token
@@ -308,7 +294,7 @@ class FusedTimmPatchEmbed(SwapWrapper):
         prefix = torch.cat(([cls] if cls is not None else []) + [reg], dim=1)
         if not n:
             return pos, None, prefix
-        # clone: at the native grid pos is pos_embed itself, and the cache keeps no view of a parameter
+        # clone: the patch rows as a tensor of their own (at the native grid pos is pos_embed itself)
         return pos[:, n:].clone(), None, prefix + pos[:, :n]
 
     def forward(self, images: Tensor) -> Tensor:
@@ -379,7 +365,7 @@ class _FusedPosEmbed:
 
 
 def _dynamic_embed_reason(root: nn.Module, pe: nn.Module, path: str, VisionTransformer) -> Optional[str]:
-    """None when the root's dynamic-size embedding (cached pos_embed, class token) is served whole."""
+    """None when the root's dynamic-size embedding (resampled pos_embed, class token) is served whole."""
     for name in ("forward_features", "_pos_embed"):
         if getattr(type(root), name) is not getattr(VisionTransformer, name):
             return f"{type(root).__name__} overrides VisionTransformer.{name}"
@@ -413,12 +399,12 @@ def _dynamic_embed_candidate(
     cfg = data_config(root)
     notes = (
         "dynamic_img_size: class token and position embedding written by the patch_embed kernel; the position "
-        "embedding is resampled (timm's resample_abs_pos_embed) once per patch grid and cached until it changes",
+        "embedding is resampled (timm's resample_abs_pos_embed) on every call at another patch grid, as timm does",
     )
     if root.reg_token is not None:
         notes += (
             "register tokens: the kernel writes the patch tokens with their position embedding; the class and "
-            "register rows (cached with it) are concatenated in front (one copy of the token buffer)",
+            "register rows are concatenated in front (one copy of the token buffer)",
         )
     elif root.no_embed_class and root.cls_token is not None:
         notes += ("no_embed_class: the kernel adds a zero position-embedding row to the class token",)

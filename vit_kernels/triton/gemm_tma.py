@@ -30,7 +30,7 @@ strides and a unit last stride: :func:`tma_unsupported` says why a call cannot r
 launchers raise ValueError with that reason before any launch (the caller picks :mod:`gemm`, visibly).
 
 LayerNorm out of the main loop (``LN_EPI``). LayerNorm(x) @ W^T + b with gamma, beta folded into the
-weight once per parameter version: W' = W * gamma, b' = b + W @ beta, c = sum_k W'[:, k], and each row's
+weight by a small kernel on every call (:func:`fold_layernorm`, never cached): W' = W * gamma, b' = b + W @ beta, c = sum_k W'[:, k], and each row's
 (mean, rstd) applied in the epilogue: y = rstd * (x @ W'^T - mean * c) + b'. The subtraction cancels
 when a row's mean is large against its spread (|mean| * rstd large): the fp32 accumulator's rounding,
 ~eps_fp32 * |mean| * sum |W'|, is then multiplied by rstd. A row tile holding a row past
@@ -43,11 +43,9 @@ such rows keep the TMA -> shared memory -> wgmma loop. Each tile flags its row t
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import math
-import threading
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -55,7 +53,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import checks
 from ..replay import derived, launch
 from .aot import REPRESENTATIVE, AotSpec, dtype_name, recorded_spec
 from .gemm import (
@@ -70,7 +67,7 @@ from .gemm import (
     fp32_placeholder,
     mode_value,
 )
-from .layernorm import as_rows, row_stats, rows_per_batch, stats_pointer
+from .layernorm import as_rows, fold_layernorm, row_stats, rows_per_batch, stats_pointer
 
 logger = logging.getLogger("vit_kernels")
 
@@ -800,111 +797,24 @@ def _route_flags(a: Tensor, tiles: int, block_m: int, tau: float) -> Tuple[Tenso
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class FoldedLayerNorm:
-    """LayerNorm(gamma, beta) followed by Linear(W, b), folded: weight W' = W * gamma (N, K) in W's dtype;
-    bias b' = b + W @ beta (N,) fp32, or None when neither b nor beta exists; colsum c = W' summed over K
-    (N,) fp32, from the rounded W' the GEMM multiplies (so x @ W'^T - mean * c = (x - mean) @ W'^T)."""
-
-    weight: Tensor
-    bias: Optional[Tensor]
-    colsum: Tensor
-
-
-# (which of bias / norm_bias is None, checks.version_key of the parameters: data_ptr, version, dtype, device,
-# shape) -> (weak references, folded); an entry is used only while the same tensor objects are alive (an
-# in-place update bumps the version: a miss). Bounded: at each insert the entries of the same parameters
-# (older versions) and of dead ones are dropped, and beyond FOLD_CACHE_SIZE entries the least recently used
-# goes (a ViT-H has 64 folded projections: QKV and fc1 of 32 blocks).
-FOLD_CACHE_SIZE = 128
-_FOLD_CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
-_FOLD_LOCK = threading.Lock()
-
-
-def fold_layernorm(
-    weight: Tensor, bias: Optional[Tensor], norm_weight: Tensor, norm_bias: Optional[Tensor]
-) -> FoldedLayerNorm:
-    """Fold LayerNorm's affine (norm_weight gamma (K,), norm_bias beta (K,) or None) into the Linear that
-    follows (weight (N, K), bias (N,) or None), once per parameter version (cached). Where no version can
-    be trusted (inference tensors; a CUDA graph capturing, whose replays must fold the parameters as they
-    are then: :func:`vit_kernels.checks.version_key`) it is computed on every call, not cached."""
-    import weakref
-
-    params = (weight, bias, norm_weight, norm_bias)
-    state = checks.version_key([t for t in params if t is not None])
-    if state is None:
-        return _fold(*params)
-    key = (bias is None, norm_bias is None, state)  # the versions in it: an in-place update misses
-    with _FOLD_LOCK:  # threads share the cache (a fused model called from several)
-        hit = _FOLD_CACHE.get(key)
-        if hit is not None and _same(hit[0], params):
-            _FOLD_CACHE.move_to_end(key)
-            return hit[1]
-    folded = _fold(*params)
-    refs = tuple(None if t is None else weakref.ref(t) for t in params)
-    with _FOLD_LOCK:  # an updated parameter's entry is replaced, a dead one's dropped
-        stale = [
-            k
-            for k, (rs, _) in _FOLD_CACHE.items()
-            if _same(rs, params) or any(r is not None and r() is None for r in rs)
-        ]
-        for k in stale:
-            del _FOLD_CACHE[k]
-        _FOLD_CACHE[key] = (refs, folded)
-        while len(_FOLD_CACHE) > FOLD_CACHE_SIZE:
-            _FOLD_CACHE.popitem(last=False)
-    return folded
-
-
-def _fold(weight: Tensor, bias: Optional[Tensor], norm_weight: Tensor, norm_bias: Optional[Tensor]) -> FoldedLayerNorm:
-    with torch.no_grad():
-        w_fold = (weight.float() * norm_weight.float()[None, :]).to(weight.dtype)
-        colsum = w_fold.double().sum(1).float()
-        b = None
-        if bias is not None or norm_bias is not None:
-            b = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
-            if bias is not None:
-                b += bias.double()
-            if norm_bias is not None:
-                b += weight.double() @ norm_bias.double()
-            b = b.float()
-    return FoldedLayerNorm(w_fold, b, colsum)
-
-
-def _same(refs: tuple, params: tuple) -> bool:
-    """Whether the weak references ``refs`` (None for an absent parameter) point at ``params``."""
-    for r, t in zip(refs, params):
-        if (r() if r is not None else None) is not t:
-            return False
-    return True
-
-
 def _folded(
     weight: Tensor, bias: Optional[Tensor], norm_weight: Tensor, norm_bias: Optional[Tensor]
 ) -> Tuple[Tensor, Optional[Tensor], Tensor]:
-    """:func:`fold_layernorm`'s (weight, bias, colsum), as a launch plan's replay gets them again per call
-    (vit_kernels.replay.derived): a parameter updated in place is folded again."""
+    """:func:`fold_layernorm`'s (weight, bias, colsum), as a launch plan's replay makes them again per call
+    (vit_kernels.replay.derived)."""
     f = fold_layernorm(weight, bias, norm_weight, norm_bias)
     return (f.weight, f.bias, f.colsum)
 
 
-def tuning_state() -> tuple:
-    """What timing candidates leaves here (see :func:`restore_tuning_state`): the fold cache's keys and
-    the last LayerNorm route."""
-    with _FOLD_LOCK:
-        return set(_FOLD_CACHE), _LAST_LN_ROUTE[0]
+def tuning_state():
+    """What timing candidates leaves here: the last LayerNorm route (see :func:`restore_tuning_state`)."""
+    return _LAST_LN_ROUTE[0]
 
 
-def restore_tuning_state(state: tuple, keep_folds: bool) -> None:
+def restore_tuning_state(state) -> None:
     """After the tuner timed a signature's candidates (vit_kernels.tuning): the last LayerNorm route is
-    the caller's again (not a candidate's), and unless the winner runs on this GEMM (``keep_folds``) the
-    weights folded for the timing are dropped (a ViT-B/16 block's QKV and fc1: ~8 MB each)."""
-    keys, route = state
-    _LAST_LN_ROUTE[0] = route
-    if not keep_folds:
-        with _FOLD_LOCK:
-            for k in [k for k in _FOLD_CACHE if k not in keys]:
-                del _FOLD_CACHE[k]
+    the caller's again (not a candidate's)."""
+    _LAST_LN_ROUTE[0] = state
 
 
 def ln_cancel_threshold(K: int, dtype: torch.dtype) -> float:
@@ -978,7 +888,7 @@ def dense_forward(
 
     x: (..., K) float16/bfloat16 whose rows share one 16-byte-multiple row stride; weight: (N, K); bias,
     layer_scale: (N,); norm_weight: (K,) (with optional norm_bias (K,)) applies LayerNorm(x, eps): folded
-    into the weight (:func:`fold_layernorm`, cached), row statistics from :func:`row_stats` (or ``stats``
+    into the weight (:func:`fold_layernorm`, every call), row statistics from :func:`row_stats` (or ``stats``
     given), applied in the epilogue; act: ACT_NONE / ACT_GELU_ERF / ACT_GELU_TANH; residual: (..., N) with
     a unit last stride; config: one of :data:`CONFIGS` or its fields as a tuple (None:
     :func:`default_config`). Returns (..., N).
@@ -1156,8 +1066,7 @@ def _aot_call(config: TmaConfig, flags: Dict[str, object], tensors: Dict[str, Te
 
 
 def _aot_tensors(cls: str, dtype: torch.dtype) -> Dict[str, Tensor]:
-    """Empty CPU operands of class ``cls`` at aot.REPRESENTATIVE's ViT (B, T, dim); shared by a class's specs,
-    so the LayerNorm fold (cached per parameter) is computed once per class, dtype and bias."""
+    """Empty CPU operands of class ``cls`` at aot.REPRESENTATIVE's ViT (B, T, dim); shared by a class's specs."""
     B, T, dim = (REPRESENTATIVE[k] for k in ("batch", "tokens", "dim"))
     N, K = CLASS_SHAPES[cls](dim)
     return dict(

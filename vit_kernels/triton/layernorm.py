@@ -1,4 +1,5 @@
-"""LayerNorm row statistics: mean and 1/std of every row, in fp32.
+"""LayerNorm for the fused GEMMs: row statistics (mean and 1/std of every row, in fp32), and the fold of
+LayerNorm's affine into the weight of the Linear that follows (:func:`fold_layernorm`, sm_90's TMA GEMM).
 
 The fused GEMMs (QKV projection, fc1) apply LayerNorm while they load x; they need each row's
 mean and rstd first. This small pass reads x once (twice from cache: the mean is taken of x minus the row's first
@@ -8,7 +9,8 @@ and writes 8 bytes a row.
 
 from __future__ import annotations
 
-from typing import List, Tuple
+import dataclasses
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -153,9 +155,90 @@ def stats_pointer(mean: Tensor, rstd: Tensor) -> Tensor:
     return mean
 
 
+@dataclasses.dataclass(frozen=True)
+class FoldedLayerNorm:
+    """LayerNorm(gamma, beta) followed by Linear(W, b), folded: weight W' = W * gamma (N, K) in W's dtype;
+    bias b' = b + W @ beta (N,) fp32, or None when neither b nor beta exists; colsum c = W' summed over K
+    (N,) fp32, from the rounded W' the GEMM multiplies (so x @ W'^T - mean * c = (x - mean) @ W'^T)."""
+
+    weight: Tensor
+    bias: Optional[Tensor]
+    colsum: Tensor
+
+
+@triton.jit
+def _fold_kernel(
+    w_ptr, gamma_ptr, beta_ptr, b_ptr, wf_ptr, colsum_ptr, bias_ptr,
+    N, K,
+    stride_wn, stride_wk, stride_g, stride_be, stride_b,
+    HAS_BETA: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One program per BLOCK_N rows of W (N, K): wf = W * gamma rounded to W's dtype (row-major (N, K)),
+    colsum = sum_k wf (fp64 sum, stored fp32), bias = b + W @ beta (fp64, stored fp32; written when
+    HAS_BETA or HAS_B). Memory-bound: W is read once, wf written once."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    colsum = tl.zeros([BLOCK_N], dtype=tl.float64)
+    bias = tl.zeros([BLOCK_N], dtype=tl.float64)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cmask = cols < K
+        m = rmask[:, None] & cmask[None, :]
+        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :] * stride_wk, mask=m, other=0.0)
+        w = w.to(tl.float32)
+        g = tl.load(gamma_ptr + cols * stride_g, mask=cmask, other=0.0).to(tl.float32)
+        wf = (w * g[None, :]).to(wf_ptr.dtype.element_ty)
+        tl.store(wf_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], wf, mask=m)
+        colsum += tl.sum(wf.to(tl.float64), axis=1)
+        if HAS_BETA:
+            be = tl.load(beta_ptr + cols * stride_be, mask=cmask, other=0.0).to(tl.float64)
+            bias += tl.sum(w.to(tl.float64) * be[None, :], axis=1)
+    tl.store(colsum_ptr + rows, colsum.to(tl.float32), mask=rmask)
+    if HAS_BETA or HAS_B:
+        if HAS_B:
+            bias += tl.load(b_ptr + rows * stride_b, mask=rmask, other=0.0).to(tl.float64)
+        tl.store(bias_ptr + rows, bias.to(tl.float32), mask=rmask)
+
+
+FOLD_BLOCK_N, FOLD_BLOCK_K, FOLD_WARPS = 16, 128, 4
+
+
+def fold_layernorm(
+    weight: Tensor, bias: Optional[Tensor], norm_weight: Tensor, norm_bias: Optional[Tensor]
+) -> FoldedLayerNorm:
+    """Fold LayerNorm's affine (norm_weight gamma (K,), norm_bias beta (K,) or None) into the Linear that
+    follows (weight (N, K), bias (N,) or None): one launch of :func:`_fold_kernel`, made on every call
+    (replays included) and never cached: a cache keyed on the parameters' version counters would miss
+    writes through ``.data`` (a DINO teacher's EMA update, PEFT's merge), and inside a CUDA graph the
+    fold is captured with the GEMM, so every replay folds the parameters as they are then. Its cost: one
+    read of W and one write of W' (4.7 MB each for ViT-B's fc1 in bfloat16)."""
+    N, K = weight.shape
+    dev = weight.device
+    w_fold = torch.empty((N, K), dtype=weight.dtype, device=dev)
+    colsum = torch.empty(N, dtype=torch.float32, device=dev)
+    b = torch.empty(N, dtype=torch.float32, device=dev) if bias is not None or norm_bias is not None else None
+    if N and K:
+        beta, has_beta, has_b = norm_bias, norm_bias is not None, bias is not None
+        # run() with the constexprs positional: less binding work per call than kernel[grid](..., NAME=...)
+        _fold_kernel.run(
+            weight, norm_weight, beta if has_beta else colsum, bias if has_b else colsum, w_fold, colsum,
+            b if b is not None else colsum, N, K, *weight.stride(), norm_weight.stride(0),
+            beta.stride(0) if has_beta else 0, bias.stride(0) if has_b else 0,
+            has_beta, has_b, FOLD_BLOCK_N, FOLD_BLOCK_K,
+            grid=(triton.cdiv(N, FOLD_BLOCK_N),), warmup=False, num_warps=FOLD_WARPS,
+        )  # fmt: skip
+    else:  # nothing to read: the sums of nothing
+        colsum.zero_()
+        if b is not None:
+            b.zero_() if bias is None else b.copy_(bias)
+    return FoldedLayerNorm(w_fold, b, colsum)
+
+
 def aot_specs() -> List[AotSpec]:
-    """The launches row_stats makes: one block config per input dtype, recorded for an x of
-    aot.REPRESENTATIVE's (batch, tokens, dim), so each specialization is the launch's."""
+    """The launches row_stats makes (one block config per input dtype, for an x of aot.REPRESENTATIVE's
+    (batch, tokens, dim)) and fold_layernorm's (per dtype, with and without the Linear's bias), each
+    recorded from its launcher, so each specialization is the launch's."""
     B, T, dim = REPRESENTATIVE["batch"], REPRESENTATIVE["tokens"], REPRESENTATIVE["dim"]
     specs = []
     for dtype in DTYPES:
@@ -170,4 +253,19 @@ def aot_specs() -> List[AotSpec]:
                 shape=f"B={B},T={T},D={dim}",
             )
         )
+    N, K = 3 * dim, dim  # the QKV projection's weight (fc1's: 4 * dim rows, the same specialization)
+    for dtype in (torch.float16, torch.bfloat16):  # the TMA GEMM's (float32 stays on vit_kernels.triton.gemm)
+        w, b, ln = torch.empty(N, K, dtype=dtype), torch.empty(N, dtype=dtype), torch.empty(K, dtype=dtype)
+        for bias in (b, None):
+            specs.append(
+                recorded_spec(
+                    "layernorm_fold",
+                    _fold_kernel,
+                    lambda bias=bias: fold_layernorm(w, bias, ln, ln),
+                    f"BLOCK_N={FOLD_BLOCK_N},BLOCK_K={FOLD_BLOCK_K},HAS_B={int(bias is not None)},{dtype_name(dtype)}",
+                    False,
+                    archs=(90,),
+                    shape=f"N={N},K={K}",
+                )
+            )
     return specs
