@@ -187,6 +187,13 @@ MUTATIONS: List[Mutation] = [
         ("tests/test_swap_fallbacks.py", "-k", "changed_after_fuse"),
     ),
     Mutation(
+        "swap-gelu-approximate-at-fuse",
+        "vit_kernels/swap/reasons.py",
+        "    return act.approximate if isinstance(act, nn.GELU) else at_fuse\n",
+        "    return at_fuse\n",
+        ("tests/test_swap_fallbacks.py", "-k", "approximate"),
+    ),
+    Mutation(
         "swap-instance-forward-admitted",
         "vit_kernels/swap/reasons.py",
         '            if "forward" in sub.__dict__:\n',

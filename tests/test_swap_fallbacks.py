@@ -15,7 +15,7 @@ from torch import nn
 
 import vit_kernels as vk
 from vit_kernels.swap import SwapWrapper
-from vit_kernels.testing import assert_close
+from vit_kernels.testing import assert_close, compare
 
 
 def _timm():
@@ -256,3 +256,32 @@ def test_module_changed_after_fuse_runs_the_original(family, change, caplog):
     left = [e.reason for e in vk.fuse_report(model).left if "_Doubled" in e.reason or "on the instance" in e.reason]
     # a ParametrizedLinear is an nn.Linear whose weight (a property) the fused path reads parametrized
     assert len(left) == (change != "parametrized"), str(vk.fuse_report(model))
+
+
+@pytest.mark.parametrize("family", ["timm", "torchvision", "vit_pytorch"])  # HF's GELU is no nn.GELU
+def test_gelu_approximate_set_after_fuse_is_followed(family):
+    """An nn.GELU's ``approximate`` set after fuse ("none" -> "tanh"): the fused MLP computes the GELU the
+    module now computes, not the one it found at fuse (a fused block's output, its MLP weights drawn so that
+    GELU's inputs are of order 1, where tanh and erf differ, and its output of order 3)."""
+    model = FAMILIES[family]().eval()
+    for lin in model.modules():
+        if isinstance(lin, nn.Linear) and lin.out_features in (128, 256):  # the MLPs' first Linear
+            nn.init.normal_(lin.weight, std=lin.in_features**-0.5)
+        elif isinstance(lin, nn.Linear) and lin.in_features in (128, 256):  # and their second
+            nn.init.normal_(lin.weight, std=3 * lin.in_features**-0.5)
+    ref = copy.deepcopy(model)
+    vk.fuse(model, backend="torch")
+    w, _ = block_wrapper(model)
+    block, erf = ref.get_submodule(w.vk_path), copy.deepcopy(ref.get_submodule(w.vk_path))
+    for m in (w, block):
+        acts = [a for a in m.modules() if isinstance(a, nn.GELU)]
+        assert acts and all(a.approximate == "none" for a in acts)
+        for a in acts:
+            a.approximate = "tanh"
+    x = 3 * torch.randn(2, 17, 64)
+    with torch.no_grad():
+        got = w(x)
+        assert vk.last_decision("layernorm_gelu_mlp").backend == "torch"
+        oracle = copy.deepcopy(block).double()(x.double())
+        assert_close(got, oracle, block(x))
+        assert not compare(erf(x), oracle, block(x)).ok  # the GELU of fuse time would fail the check

@@ -66,6 +66,7 @@ from .reasons import (
     dropout_p,
     dropout_reason,
     first_reason,
+    approximate_now,
     gelu_approximate,
     head_dim_reason,
     join,
@@ -293,7 +294,7 @@ class FusedHFLayer(SwapWrapper):
                 p.fc2.weight,
                 p.fc2.bias,
                 eps=n.eps,
-                approximate=self.approximate,
+                approximate=approximate_now(p.act, self.approximate),
                 residual=x,
                 backend=self.backend,
             )

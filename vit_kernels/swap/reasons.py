@@ -58,6 +58,13 @@ def gelu_approximate(act: nn.Module) -> Tuple[Optional[str], Optional[str]]:
     return None, f"the activation is {cls.__name__}, not GELU (erf or tanh)"
 
 
+def approximate_now(act: nn.Module, at_fuse: str) -> str:
+    """The GELU variant ``act`` computes at this call: an nn.GELU's ``approximate`` attribute as it is now
+    (it may be set after fuse), else the one :func:`gelu_approximate` found at fuse (its class decides
+    it; a class change after fuse is caught by the wrappers' structure check)."""
+    return act.approximate if isinstance(act, nn.GELU) else at_fuse
+
+
 def linear_reason(name: str, m: nn.Module) -> Optional[str]:
     if not isinstance(m, nn.Linear) or type(m).forward is not nn.Linear.forward:
         return f"{name} is {type(m).__name__}, not an nn.Linear"

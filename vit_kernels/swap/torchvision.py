@@ -25,6 +25,7 @@ from .reasons import (
     dropout_p,
     dropout_reason,
     first_reason,
+    approximate_now,
     gelu_approximate,
     head_dim_reason,
     join,
@@ -108,7 +109,7 @@ class FusedEncoderBlock(SwapWrapper):
                 m[3].weight,
                 m[3].bias,
                 eps=n.eps,
-                approximate=self.approximate,
+                approximate=approximate_now(m[1], self.approximate),
                 residual=x,
                 backend=self.backend,
             )

@@ -33,6 +33,7 @@ from .reasons import (
     dropout_p,
     dropout_reason,
     first_reason,
+    approximate_now,
     gelu_approximate,
     head_dim_reason,
     join,
@@ -211,7 +212,7 @@ class FusedVitPytorchTransformer(SwapWrapper):
                     f.fc2.weight,
                     f.fc2.bias,
                     eps=f.norm.eps,
-                    approximate=approx,
+                    approximate=approximate_now(f.act, approx),
                     residual=x,
                     backend=self.backend,
                 )
