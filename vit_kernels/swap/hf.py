@@ -62,11 +62,11 @@ from ..backends import needs_grad
 from ..ops import attention_stats
 from ..ops.attention_stats import StatsRequest
 from .reasons import (
+    approximate_now,
     bypassed_hooks,
     dropout_p,
     dropout_reason,
     first_reason,
-    approximate_now,
     gelu_approximate,
     head_dim_reason,
     join,

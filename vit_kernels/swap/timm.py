@@ -34,11 +34,11 @@ from torch import Tensor, nn
 from .. import library, ops
 from ..ops.patch_embed import check_pixel_norm, normalize_pixels, pixel_norm_tensors
 from .reasons import (
+    approximate_now,
     bypassed_hooks,
     dropout_p,
     dropout_reason,
     first_reason,
-    approximate_now,
     gelu_approximate,
     head_dim_reason,
     join,

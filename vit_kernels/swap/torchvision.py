@@ -21,11 +21,11 @@ from torch import Tensor, nn
 
 from .. import library, ops
 from .reasons import (
+    approximate_now,
     bypassed_hooks,
     dropout_p,
     dropout_reason,
     first_reason,
-    approximate_now,
     gelu_approximate,
     head_dim_reason,
     join,

@@ -30,8 +30,9 @@ strides and a unit last stride: :func:`tma_unsupported` says why a call cannot r
 launchers raise ValueError with that reason before any launch (the caller picks :mod:`gemm`, visibly).
 
 LayerNorm out of the main loop (``LN_EPI``). LayerNorm(x) @ W^T + b with gamma, beta folded into the
-weight by a small kernel on every call (:func:`fold_layernorm`, never cached): W' = W * gamma, b' = b + W @ beta, c = sum_k W'[:, k], and each row's
-(mean, rstd) applied in the epilogue: y = rstd * (x @ W'^T - mean * c) + b'. The subtraction cancels
+weight by a small kernel on every call (:func:`~vit_kernels.triton.layernorm.fold_layernorm`, never
+cached): W' = W * gamma, b' = b + W @ beta, c = sum_k W'[:, k], and each row's (mean, rstd) applied in
+the epilogue: y = rstd * (x @ W'^T - mean * c) + b'. The subtraction cancels
 when a row's mean is large against its spread (|mean| * rstd large): the fp32 accumulator's rounding,
 ~eps_fp32 * |mean| * sum |W'|, is then multiplied by rstd. A row tile holding a row past
 :func:`ln_cancel_threshold` is centred in the kernel instead: its K loop takes A through registers as
