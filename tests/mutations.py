@@ -193,6 +193,14 @@ MUTATIONS: List[Mutation] = [
         "    return at_fuse\n",
         ("tests/test_swap_fallbacks.py", "-k", "approximate"),
     ),
+    # A fall-back traced by torch.compile: its lock cannot be traced (fullgraph raised Unsupported).
+    Mutation(
+        "swap-fallback-bookkeeping-traced",
+        "vit_kernels/swap/wrapper.py",
+        "        if torch.compiler.is_compiling():\n            return self.original_forward(*args, **kwargs)\n",
+        "",
+        ("tests/test_compile.py", "-k", "replaced"),
+    ),
     Mutation(
         "swap-instance-forward-admitted",
         "vit_kernels/swap/reasons.py",

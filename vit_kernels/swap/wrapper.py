@@ -272,7 +272,11 @@ class SwapWrapper(nn.Module):
         """Run the original module's forward for this call because ``why``, visibly: an INFO line on
         the ``vit_kernels`` logger the first time per reason, the reason in ``last_fallback`` and
         counted in ``fallbacks`` (fuse_report lists them), and ``last_decision(op)`` of each fused op
-        says backend "original" with the reason."""
+        says backend "original" with the reason. Traced by torch.compile, only the original's forward:
+        the bookkeeping (a lock, a log line, counters) stays out of the graph; fuse_report still names
+        the reason (:meth:`runtime_notes`)."""
+        if torch.compiler.is_compiling():
+            return self.original_forward(*args, **kwargs)
         with _LOCK:
             counts = self.fallbacks
             first = why not in counts
@@ -293,7 +297,7 @@ class SwapWrapper(nn.Module):
 
     def runtime_notes(self) -> List[str]:
         notes = []
-        why = self.hook_reason()
+        why = self.structure_reason() or self.hook_reason()
         if why:
             notes.append(why)
         with _LOCK:
