@@ -182,8 +182,8 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "swap-structure-unchecked",
         "vit_kernels/swap/wrapper.py",
-        "        why = self.structure_reason() or self.hook_reason()\n",
-        "        why = self.hook_reason()\n",
+        "        why = self.structure_reason() or self.hook_reason()\n        if why:\n            return why\n",
+        "        why = self.hook_reason()\n        if why:\n            return why\n",
         ("tests/test_swap_fallbacks.py", "-k", "changed_after_fuse"),
     ),
     Mutation(
