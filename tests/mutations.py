@@ -201,6 +201,14 @@ MUTATIONS: List[Mutation] = [
         "",
         ("tests/test_compile.py", "-k", "replaced"),
     ),
+    # A whole fused HF model pickled by its fused layer class, which no module defines by name.
+    Mutation(
+        "swap-hf-pickled-by-fused-class",
+        "vit_kernels/swap/hf.py",
+        "        return (_new_fused, (base,), self.__getstate__())\n",
+        "        return super().__reduce_ex__(protocol)\n",
+        ("tests/test_swap_hf.py", "-k", "saved_and_loaded"),
+    ),
     Mutation(
         "swap-instance-forward-admitted",
         "vit_kernels/swap/reasons.py",

@@ -365,3 +365,29 @@ def test_4x_layout_head_mask_runs_the_original(layout4):
 def test_4x_layout_grads_and_load_state_dict(layout4):
     check_grad(_init(Encoder4(config())), torch.randn(2, 5, 64))
     check_load_state_dict(_init(Encoder4(config())), torch.randn(2, 5, 64))
+
+
+def test_fused_model_saved_and_loaded_whole():
+    """torch.save of a whole fused model (not its state_dict) and torch.load: the fused layer classes are
+    made at fuse time and pickled by the layer's own class; the loaded model runs fused, with the same
+    logits, and its parts see no change of structure."""
+    import io
+
+    from vit_kernels.swap import SwapWrapper
+    from vit_kernels.swap.hf import FusedHFLayer
+
+    model = ViTForImageClassification(config()).eval()
+    vk.fuse(model, backend="torch")
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x).logits
+        got = loaded(x).logits
+    assert vk.last_decision("qkv_attention").backend == "torch"
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    layers = [m for m in loaded.modules() if isinstance(m, FusedHFLayer)]
+    assert len(layers) == 2 and all(type(m) is type(o) for m, o in zip(layers, model.vit.layers))
+    assert all(w.structure_reason() is None for w in loaded.modules() if isinstance(w, SwapWrapper))

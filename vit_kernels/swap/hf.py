@@ -178,6 +178,12 @@ class FusedHFLayer(SwapWrapper):
 
     family = FAMILY
 
+    def __reduce_ex__(self, protocol):
+        """Pickled (torch.save of the model, copy.deepcopy) by the layer's own class: the fused class,
+        made at fuse time, is not importable by name, so loading makes it again (:func:`_new_fused`)."""
+        (base,) = [c for c in type(self).__bases__ if c is not FusedHFLayer]
+        return (_new_fused, (base,), self.__getstate__())
+
     def _parts(self) -> _Parts:
         return _Parts(self, self.vk_layout)
 
@@ -334,6 +340,11 @@ def _fused_class(cls: type) -> type:
     if cls not in _FUSED_CLASSES:  # setdefault: threads fusing at once all get the first class made
         _FUSED_CLASSES.setdefault(cls, type(f"Fused{cls.__name__}", (FusedHFLayer, cls), {"__module__": __name__}))
     return _FUSED_CLASSES[cls]
+
+
+def _new_fused(cls: type) -> FusedHFLayer:
+    """An empty instance of the fused class of ``cls`` (its state set by pickle after)."""
+    return object.__new__(_fused_class(cls))
 
 
 def _attention_reason(path: str, layer: nn.Module, p: _Parts, backend: str):

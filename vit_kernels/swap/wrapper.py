@@ -206,18 +206,20 @@ class SwapWrapper(nn.Module):
         compares them (:meth:`structure_reason`): the fused path reads the parameters of modules whose
         forward it does not call, so a module replaced after fuse (PEFT's LoRA layers, a quantized
         Linear, ``register_parametrization``, a module of another class) would otherwise be
-        silently ignored."""
-        named = list(self.named_modules())
+        silently ignored. (The wrapper's own class is not kept: HF's fused classes are made at fuse
+        time, and a model holding one is pickled by the layer's own class.)"""
+        named = [(n, m) for n, m in self.named_modules() if m is not self]
         mods = [m for _, m in named]
-        parents = [m for m in mods if m._modules]
+        parents = [(self.vk_path, self)] + [(join(self.vk_path, n), m) for n, m in named if m._modules]
         self.__dict__["_vk_structure"] = (
-            [n for n, _ in named],
+            [join(self.vk_path, n) for n, _ in named],
             mods,
             list(map(type, mods)),
-            parents,
-            [dict(m._modules) for m in parents],
+            [m for _, m in parents],
+            [dict(m._modules) for _, m in parents],
             [m for m in mods if not m._modules],
             [m.__dict__.get("forward") for m in mods],
+            [n for n, _ in parents],
         )
 
     def structure_reason(self) -> Optional[str]:
@@ -227,7 +229,7 @@ class SwapWrapper(nn.Module):
         s = self.__dict__.get("_vk_structure")
         if s is None:
             return None
-        names, mods, classes, parents, children, leaves, forwards = s
+        names, mods, classes, parents, children, leaves, forwards, parent_names = s
         if (
             list(map(type, mods)) == classes
             and [m._modules for m in parents] == children
@@ -236,22 +238,23 @@ class SwapWrapper(nn.Module):
         ):
             return None
         change = "a module changed"
-        for name, m, cls, fwd in zip(names, mods, classes, forwards):
-            where = join(self.vk_path, name) or "the wrapper"
-            if type(m) is not cls:
-                change = f"{where} changed class ({cls.__name__} -> {type(m).__name__})"
-            elif m.__dict__.get("forward") is not fwd:
-                change = f"{where}.forward was set on the instance"
-            elif m in parents and m._modules != children[parents.index(m)]:
-                old = children[parents.index(m)]
+        for where, m, old in zip(parent_names, parents, children):
+            if m._modules != old:
                 k = next(k for k in {**old, **m._modules} if old.get(k) is not m._modules.get(k))
                 was, now = (type(d[k]).__name__ if d.get(k) is not None else "nothing" for d in (old, m._modules))
-                change = f"{join(where if name else self.vk_path, k)} was replaced ({was} -> {now})"
-            elif m not in parents and m._modules:
-                change = f"modules were added under {where} ({', '.join(m._modules)})"
-            else:
-                continue
-            break
+                change = f"{join(where, k)} was replaced ({was} -> {now})"
+                break
+        else:
+            for where, m, cls, fwd in zip(names, mods, classes, forwards):
+                if type(m) is not cls:
+                    change = f"{where} changed class ({cls.__name__} -> {type(m).__name__})"
+                elif m.__dict__.get("forward") is not fwd:
+                    change = f"{where}.forward was set on the instance"
+                elif m._modules and m in leaves:
+                    change = f"modules were added under {where} ({', '.join(m._modules)})"
+                else:
+                    continue
+                break
         return (
             f"{change} after fuse; calls run the original modules (vk.unfuse(model) then vk.fuse(model) "
             "fuses what can be)"
