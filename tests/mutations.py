@@ -209,6 +209,14 @@ MUTATIONS: List[Mutation] = [
         "        return super().__reduce_ex__(protocol)\n",
         ("tests/test_swap_hf.py", "-k", "saved_and_loaded"),
     ),
+    # Monte-Carlo dropout (an eval model whose dropout modules alone train): only the wrapper's mode read.
+    Mutation(
+        "swap-dropout-mode-of-the-wrapper-only",
+        "vit_kernels/swap/wrapper.py",
+        "        return (self.training or any([m.training for m in mods])) and any(p > 0 for _, p in self.dropouts())\n",
+        "        return self.training and any(p > 0 for _, p in self.dropouts())\n",
+        ("tests/test_swap_fallbacks.py", "-k", "monte_carlo"),
+    ),
     Mutation(
         "swap-instance-forward-admitted",
         "vit_kernels/swap/reasons.py",

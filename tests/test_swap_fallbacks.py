@@ -285,3 +285,30 @@ def test_gelu_approximate_set_after_fuse_is_followed(family):
         oracle = copy.deepcopy(block).double()(x.double())
         assert_close(got, oracle, block(x))
         assert not compare(erf(x), oracle, block(x)).ok  # the GELU of fuse time would fail the check
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_monte_carlo_dropout_in_an_eval_model_runs_the_original(family):
+    """Monte-Carlo dropout: an eval model whose dropout modules alone are set to training (p = 0.3). The
+    fused parts run the original modules, which drop: with one seed the fused model is bitwise the
+    unfused one, and two calls differ."""
+    model = FAMILIES[family]().eval()
+    ref = copy.deepcopy(model)
+    vk.fuse(model, backend="torch")
+    for m in (model, ref):
+        drops = [d for d in m.modules() if isinstance(d, nn.Dropout)]
+        assert drops
+        for d in drops:
+            d.p = 0.3
+            d.train()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        got = logits(model(images))
+        torch.manual_seed(1)
+        want = logits(ref(images))
+        again = logits(model(images))
+    assert torch.equal(got, want)
+    assert not torch.equal(got, again)
+    d = vk.last_decision("qkv_attention")
+    assert d.backend == "original" and "dropout is active" in d.reasons["fused"], d

@@ -159,7 +159,12 @@ class SwapWrapper(nn.Module):
         return []
 
     def dropout_active(self) -> bool:
-        return self.training and any(p > 0 for _, p in self.dropouts())
+        """Whether a dropout of the fused parts would drop at this call: one with p > 0 while the wrapper
+        or a module under it is in training mode (Monte-Carlo dropout sets only the dropout modules of
+        an eval model to training; the original modules then decide what drops)."""
+        s = self.__dict__.get("_vk_structure")
+        mods = s[1] if s is not None else list(self.modules())
+        return (self.training or any([m.training for m in mods])) and any(p > 0 for _, p in self.dropouts())
 
     def bypassed(self) -> Dict[str, nn.Module]:
         """name -> child whose forward the fused path does not call (its forward hooks would not
@@ -268,7 +273,7 @@ class SwapWrapper(nn.Module):
         if why:
             return why
         if self.dropout_active():
-            return "dropout is active (training mode, p > 0): calls run the original modules"
+            return "dropout is active (a module in training mode, p > 0): calls run the original modules"
         return None
 
     def fall_back(self, why: str, *args, **kwargs):
