@@ -357,6 +357,7 @@ def test_threshold_values():
         (50, 200, False, True, "contiguous"),  # ragged rows and a ragged second K block
         (17, 129, True, False, "strided"),  # W a transposed view, 1-D parameters strided
         (16, 128, False, False, "contiguous"),
+        (5, 0, True, True, "contiguous"),  # K = 0: nothing read, colsum 0, b' = b
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

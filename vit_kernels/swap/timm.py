@@ -278,7 +278,7 @@ class FusedTimmPatchEmbed(SwapWrapper):
         root = self.__dict__["_vk_root"]
         pe, cls, reg = root.pos_embed, root.cls_token, root.reg_token
         if reg is None and not root.no_embed_class and tuple(grid) == tuple(self.grid_size):
-            return pe, cls, None  # the native grid: pos_embed as it is, nothing to cache
+            return pe, cls, None  # the native grid: pos_embed as it is, nothing to resample
         return self._embedding(root, grid)
 
     def _embedding(self, root: nn.Module, grid) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:

@@ -34,7 +34,7 @@ import dataclasses
 import functools
 import logging
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -82,6 +82,22 @@ def autograd_note(backend: str) -> str:
         "(auto does not pick the unmeasured backward kernels; last_decision(op).backward == 'torch'); run under "
         "torch.no_grad() / torch.inference_mode() for the fused kernels, or fuse with backend='triton'",
     )
+
+
+class _Structure(NamedTuple):
+    """The modules under a wrapper as fuse admitted them (:meth:`SwapWrapper.remember_structure`): each
+    module below the wrapper with its path, class and instance ``forward`` (None: its class's); those
+    without children (``leaves``); and every module with children, the wrapper first, with its path and
+    a copy of its children (name -> module)."""
+
+    names: List[str]
+    mods: List[nn.Module]
+    classes: List[type]
+    forwards: List[object]
+    leaves: List[nn.Module]
+    parent_names: List[str]
+    parents: List[nn.Module]
+    children: List[Dict[str, nn.Module]]
 
 
 class SwapWrapper(nn.Module):
@@ -163,7 +179,7 @@ class SwapWrapper(nn.Module):
         or a module under it is in training mode (Monte-Carlo dropout sets only the dropout modules of
         an eval model to training; the original modules then decide what drops)."""
         s = self.__dict__.get("_vk_structure")
-        mods = s[1] if s is not None else list(self.modules())
+        mods = s.mods if s is not None else list(self.modules())
         return (self.training or any([m.training for m in mods])) and any(p > 0 for _, p in self.dropouts())
 
     def bypassed(self) -> Dict[str, nn.Module]:
@@ -216,46 +232,45 @@ class SwapWrapper(nn.Module):
         named = [(n, m) for n, m in self.named_modules() if m is not self]
         mods = [m for _, m in named]
         parents = [(self.vk_path, self)] + [(join(self.vk_path, n), m) for n, m in named if m._modules]
-        self.__dict__["_vk_structure"] = (
-            [join(self.vk_path, n) for n, _ in named],
-            mods,
-            list(map(type, mods)),
-            [m for _, m in parents],
-            [dict(m._modules) for _, m in parents],
-            [m for m in mods if not m._modules],
-            [m.__dict__.get("forward") for m in mods],
-            [n for n, _ in parents],
+        self.__dict__["_vk_structure"] = _Structure(
+            names=[join(self.vk_path, n) for n, _ in named],
+            mods=mods,
+            classes=list(map(type, mods)),
+            forwards=[m.__dict__.get("forward") for m in mods],
+            leaves=[m for m in mods if not m._modules],
+            parent_names=[n for n, _ in parents],
+            parents=[m for _, m in parents],
+            children=[dict(m._modules) for _, m in parents],
         )
 
     def structure_reason(self) -> Optional[str]:
         """Why the modules under this wrapper are no longer those fuse admitted (None: they are; see
         :meth:`remember_structure`). The per-call cost: a class, a children and an instance-forward
-        comparison per module (~1.6 us for a timm Block's 21 modules)."""
+        comparison per module (~2.5-3.5 us for a timm Block's 21 modules on this project's 2-core VM)."""
         s = self.__dict__.get("_vk_structure")
         if s is None:
             return None
-        names, mods, classes, parents, children, leaves, forwards, parent_names = s
         if (
-            list(map(type, mods)) == classes
-            and [m._modules for m in parents] == children
-            and not any(m._modules for m in leaves)
-            and [m.__dict__.get("forward") for m in mods] == forwards
+            list(map(type, s.mods)) == s.classes
+            and [m._modules for m in s.parents] == s.children
+            and not any([m._modules for m in s.leaves])  # a list: cheaper than a generator here
+            and [m.__dict__.get("forward") for m in s.mods] == s.forwards
         ):
             return None
         change = "a module changed"
-        for where, m, old in zip(parent_names, parents, children):
+        for where, m, old in zip(s.parent_names, s.parents, s.children):
             if m._modules != old:
                 k = next(k for k in {**old, **m._modules} if old.get(k) is not m._modules.get(k))
                 was, now = (type(d[k]).__name__ if d.get(k) is not None else "nothing" for d in (old, m._modules))
                 change = f"{join(where, k)} was replaced ({was} -> {now})"
                 break
         else:
-            for where, m, cls, fwd in zip(names, mods, classes, forwards):
+            for where, m, cls, fwd in zip(s.names, s.mods, s.classes, s.forwards):
                 if type(m) is not cls:
                     change = f"{where} changed class ({cls.__name__} -> {type(m).__name__})"
                 elif m.__dict__.get("forward") is not fwd:
                     change = f"{where}.forward was set on the instance"
-                elif m._modules and m in leaves:
+                elif m._modules and m in s.leaves:
                     change = f"modules were added under {where} ({', '.join(m._modules)})"
                 else:
                     continue

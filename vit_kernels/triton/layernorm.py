@@ -218,7 +218,7 @@ def fold_layernorm(
     w_fold = torch.empty((N, K), dtype=weight.dtype, device=dev)
     colsum = torch.empty(N, dtype=torch.float32, device=dev)
     b = torch.empty(N, dtype=torch.float32, device=dev) if bias is not None or norm_bias is not None else None
-    if N and K:
+    if N:  # K = 0 reads nothing: the sums of nothing are 0, and b' = b
         beta, has_beta, has_b = norm_bias, norm_bias is not None, bias is not None
         # run() with the constexprs positional: less binding work per call than kernel[grid](..., NAME=...)
         _fold_kernel.run(
@@ -228,10 +228,6 @@ def fold_layernorm(
             has_beta, has_b, FOLD_BLOCK_N, FOLD_BLOCK_K,
             grid=(triton.cdiv(N, FOLD_BLOCK_N),), warmup=False, num_warps=FOLD_WARPS,
         )  # fmt: skip
-    else:  # nothing to read: the sums of nothing
-        colsum.zero_()
-        if b is not None:
-            b.zero_() if bias is None else b.copy_(bias)
     return FoldedLayerNorm(w_fold, b, colsum)
 
 
