@@ -157,8 +157,8 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "tma-fold-cached",
         "vit_kernels/triton/gemm_tma.py",
-        "    f = fold_layernorm(weight, bias, norm_weight, norm_bias)\n",
-        "    f = _folded.__dict__.setdefault((id(weight), id(norm_weight)), fold_layernorm(weight, bias, norm_weight, norm_bias))\n",
+        "        f = fold_layernorm(weight, bias, norm_weight, norm_bias)\n",
+        "        f = fold_layernorm.__dict__.setdefault((id(weight), id(norm_weight)), fold_layernorm(weight, bias, norm_weight, norm_bias))\n",
         ("tests/test_triton_gemm_tma.py", "tests/test_tuning.py", "-k", "writes_through_data or folded_tma"),
     ),
     # The fold's bias b + W @ beta taken from the rounded W * gamma.

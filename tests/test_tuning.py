@@ -552,10 +552,10 @@ def test_tma_config_fastest_mlp_and_qkv_attention():
 
 def test_layernorm_folded_tma_calls_are_replayed(monkeypatch):
     """The LayerNorm-folded TMA GEMM (the MLP's fc1, the split qkv_attention's projection) is replayed
-    after the first call: the fold is made again per call (replay.derived), so a parameter written in place,
+    after the first call: the fold kernel is one of the replayed launches, so a parameter written in place,
     through ``.data`` too (no version bump), is folded as it is, and each replay flags its own LayerNorm route (last_ln_route); every
     result against the oracle."""
-    from vit_kernels.triton import gemm_tma
+    from vit_kernels.triton import gemm_tma, layernorm
 
     launched = []
     real = gemm_tma.launch_gemm_tma
@@ -603,7 +603,8 @@ def test_layernorm_folded_tma_calls_are_replayed(monkeypatch):
             assert dict(vk.last_decision(op).config) == {"tma_config": cfg}
             (plan,) = [p for key, p in library.FUNCTION_PLANS.items() if key[0] == op]
             assert plan.replay is not None, plan.replay_refused
-            assert gemm_tma._folded in [fn for fn, _ in plan.replay.derived]
+            # the fold is the plan's own launch (its allocations too), made again by every replay
+            assert layernorm._fold_kernel in [kernel for kernel, _ in plan.replay.kernels]
             launched.clear()
             assert_close(call(x), *oracle(x))
             assert gemm_tma.last_ln_route() == "epilogue"

@@ -8,8 +8,8 @@ recorded and later calls replay it:
 - the forward launchers start their kernels with :func:`launch` (``launch(kernel, grid, *args,
   **kwargs)`` is ``kernel[grid](*args, **kwargs)``) and allocate their outputs and intermediates
   with :func:`empty`; placeholders that live as long as the process are marked with
-  :func:`persistent`; tensors a launcher computes with caching or host state of its own (the TMA
-  GEMM's folded LayerNorm weight) come from :func:`derived`, which a replay calls again. Besides
+  :func:`persistent`; tensors a launcher computes with host state of its own (the TMA GEMM's
+  LayerNorm route flags) come from :func:`derived`, which a replay calls again. Besides
   those, a launcher's host work is checks and views: a tensor it computes otherwise with torch is
   refused here when it reaches a kernel, and it never writes with torch into what it
   allocated (a replay would not repeat that write; tests/test_launch_plans.py checks the launchers'
@@ -78,8 +78,8 @@ def empty(shape, dtype: torch.dtype, device) -> Tensor:
 
 def derived(fn, *args) -> Tuple[Optional[Tensor], ...]:
     """``fn(*args)``: a tuple of tensors (or None) that a launcher computes from the call's tensors
-    with work of its own, which keeps its own cache or host state (the TMA GEMM's LayerNorm folded into
-    the weight, cached per parameter version; its route flags). Kept by this thread's recording: a
+    with work of its own, which keeps host state (the TMA GEMM's LayerNorm route flags, kept as the last
+    route). Kept by this thread's recording: a
     replay calls ``fn`` again, on the new call's tensors (``args``: tensors named as launch arguments
     are, numbers and strings as they are), so a launch that reads its results is replayed, not
     refused. What ``fn`` itself launches or allocates is not the call's (not recorded)."""

@@ -798,15 +798,6 @@ def _route_flags(a: Tensor, tiles: int, block_m: int, tau: float) -> Tuple[Tenso
 # ---------------------------------------------------------------------------------------------
 
 
-def _folded(
-    weight: Tensor, bias: Optional[Tensor], norm_weight: Tensor, norm_bias: Optional[Tensor]
-) -> Tuple[Tensor, Optional[Tensor], Tensor]:
-    """:func:`fold_layernorm`'s (weight, bias, colsum), as a launch plan's replay makes them again per call
-    (vit_kernels.replay.derived)."""
-    f = fold_layernorm(weight, bias, norm_weight, norm_bias)
-    return (f.weight, f.bias, f.colsum)
-
-
 def tuning_state():
     """What timing candidates leaves here: the last LayerNorm route (see :func:`restore_tuning_state`)."""
     return _LAST_LN_ROUTE[0]
@@ -919,7 +910,8 @@ def dense_forward(
     stride_am, _ = _rows2d("x", x)
     a, w, ln = x, weight, None
     if norm_weight is not None and M:
-        w, bias, colsum = derived(_folded, weight, bias, norm_weight, norm_bias)
+        f = fold_layernorm(weight, bias, norm_weight, norm_bias)
+        w, bias, colsum = f.weight, f.bias, f.colsum
         mean, rstd = stats if stats is not None else row_stats(x, eps)
         ln = (mean, rstd, colsum)
     return launch_gemm_tma(
@@ -988,7 +980,8 @@ def qkv_projection_forward(
     stride_am, _ = _rows2d("x", x)
     a, w, bias, ln = x, qkv_weight, qkv_bias, None
     if norm_weight is not None and M:
-        w, bias, colsum = derived(_folded, qkv_weight, qkv_bias, norm_weight, norm_bias)
+        f = fold_layernorm(qkv_weight, qkv_bias, norm_weight, norm_bias)
+        w, bias, colsum = f.weight, f.bias, f.colsum
         mean, rstd = row_stats(x, eps)
         ln = (mean, rstd, colsum)
     return launch_gemm_tma(

@@ -215,18 +215,19 @@ def fold_layernorm(
     read of W and one write of W' (4.7 MB each for ViT-B's fc1 in bfloat16)."""
     N, K = weight.shape
     dev = weight.device
-    w_fold = torch.empty((N, K), dtype=weight.dtype, device=dev)
-    colsum = torch.empty(N, dtype=torch.float32, device=dev)
-    b = torch.empty(N, dtype=torch.float32, device=dev) if bias is not None or norm_bias is not None else None
+    # replay.empty / replay.launch: a launch plan records the fold as its own allocations and launch,
+    # and a replay makes both again (no Python between them)
+    w_fold = empty((N, K), weight.dtype, dev)
+    colsum = empty((N,), torch.float32, dev)
+    b = empty((N,), torch.float32, dev) if bias is not None or norm_bias is not None else None
     if N:  # K = 0 reads nothing: the sums of nothing are 0, and b' = b
         beta, has_beta, has_b = norm_bias, norm_bias is not None, bias is not None
-        # run() with the constexprs positional: less binding work per call than kernel[grid](..., NAME=...)
-        _fold_kernel.run(
+        launch(
+            _fold_kernel, (cdiv(N, FOLD_BLOCK_N),),
             weight, norm_weight, beta if has_beta else colsum, bias if has_b else colsum, w_fold, colsum,
             b if b is not None else colsum, N, K, *weight.stride(), norm_weight.stride(0),
             beta.stride(0) if has_beta else 0, bias.stride(0) if has_b else 0,
-            has_beta, has_b, FOLD_BLOCK_N, FOLD_BLOCK_K,
-            grid=(triton.cdiv(N, FOLD_BLOCK_N),), warmup=False, num_warps=FOLD_WARPS,
+            has_beta, has_b, FOLD_BLOCK_N, FOLD_BLOCK_K, num_warps=FOLD_WARPS,
         )  # fmt: skip
     return FoldedLayerNorm(w_fold, b, colsum)
 
