@@ -312,3 +312,5 @@ def test_monte_carlo_dropout_in_an_eval_model_runs_the_original(family):
     assert not torch.equal(got, again)
     d = vk.last_decision("qkv_attention")
     assert d.backend == "original" and "dropout is active" in d.reasons["fused"], d
+    notes = [n for e in vk.fuse_report(model).fused for n in e.notes if n.startswith("dropout ")]
+    assert notes and all("active now: a module under it is" in n for n in notes), notes

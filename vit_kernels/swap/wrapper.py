@@ -329,8 +329,14 @@ class SwapWrapper(nn.Module):
             notes.append(f"ran the original modules {n} time(s) since fuse: {reason}")
         active = [f"{n} p={p:g}" for n, p in self.dropouts() if p > 0]
         if active:
-            state = "active now: the model is in training mode" if self.training else "inactive in eval mode"
-            notes.append(f"dropout {', '.join(active)} ({state}); while training, calls run the original modules")
+            if self.dropout_active():
+                state = "active now: " + ("the model is in training mode" if self.training else "a module under it is")
+            else:
+                state = "inactive in eval mode"
+            notes.append(
+                f"dropout {', '.join(active)} ({state}); while any module of the part is training, calls run the "
+                "original modules"
+            )
         notes.append(
             "under torch.autocast the fused ops run at the autocast dtype (inputs and parameters cast as autocast "
             "casts a matmul's operands; LayerNorm statistics in fp32 inside the kernels)"
