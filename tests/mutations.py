@@ -182,9 +182,18 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "swap-structure-unchecked",
         "vit_kernels/swap/wrapper.py",
-        "        why = self.structure_reason() or self.hook_reason()\n        if why:\n            return why\n",
-        "        why = self.hook_reason()\n        if why:\n            return why\n",
+        "        why = self.structure_reason() or self.param_reason(x) or self.hook_reason()\n        if why:\n            return why\n",
+        "        why = self.param_reason(x) or self.hook_reason()\n        if why:\n            return why\n",
         ("tests/test_swap_fallbacks.py", "-k", "changed_after_fuse"),
+    ),
+    # A tensor subclass among the parameters (torchao's quantized weights): only the wrapper's own
+    # parameters looked at, not those of the modules under it.
+    Mutation(
+        "swap-subclass-params-unchecked",
+        "vit_kernels/swap/wrapper.py",
+        "            params=[d for d in [self._parameters] + [m._parameters for m in mods] if d],\n",
+        "            params=[self._parameters],\n",
+        ("tests/test_swap_fallbacks.py", "-k", "subclass"),
     ),
     Mutation(
         "swap-gelu-approximate-at-fuse",

@@ -258,6 +258,64 @@ def test_module_changed_after_fuse_runs_the_original(family, change, caplog):
     assert len(left) == (change != "parametrized"), str(vk.fuse_report(model))
 
 
+class _Packed(torch.Tensor):
+    """A weight stored apart from its value, as torchao's quantized weights are: its value is twice the
+    stored tensor, and it serves PyTorch's own (aten) ops only: another op (vit_kernels' fused ops)
+    raises NotImplementedError, as torchao's subclasses do for an op they do not implement."""
+
+    @staticmethod
+    def __new__(cls, stored):
+        return torch.Tensor._make_wrapper_subclass(cls, stored.shape, dtype=stored.dtype, device=stored.device)
+
+    def __init__(self, stored):
+        self.stored = stored
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func.namespace != "aten":
+            raise NotImplementedError(f"_Packed does not implement {func}")
+        if func is torch.ops.aten.detach.default:
+            return _Packed(args[0].stored)
+        value = functools.partial(torch.utils._pytree.tree_map, lambda t: t.stored * 2 if isinstance(t, _Packed) else t)
+        return func(*value(args), **value(kwargs or {}))
+
+
+def _pack(model, path: str) -> None:
+    lin = model.get_submodule(path)
+    lin.weight = nn.Parameter(_Packed(lin.weight.detach().clone()), requires_grad=False)
+
+
+@pytest.mark.parametrize("when", ["before fuse", "after fuse"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tensor_subclass_weight_runs_the_original(family, when, caplog):
+    """A weight the fused path reads, a tensor subclass that serves PyTorch's ops but not vit_kernels'
+    (torchao's quantized weights): set before or after fuse, the part runs the original modules, which
+    dispatch to it, and says why (before: a fused op raised NotImplementedError)."""
+    model = FAMILIES[family]().eval()
+    ref, unchanged = copy.deepcopy(model), copy.deepcopy(model)
+    w, _ = block_wrapper(vk.fuse(copy.deepcopy(model), backend="torch"))
+    (name, _) = [(n, m) for n, m in w.named_modules() if type(m) is nn.Linear][-1]  # the MLP's last
+    path = f"{w.vk_path}.{name}"
+    oracle = copy.deepcopy(model).double()
+    for m in (ref, oracle) + ((model,) if when == "before fuse" else ()):
+        _pack(m, path)
+    vk.fuse(model, backend="torch")
+    if when == "after fuse":
+        _pack(model, path)
+    w, _ = block_wrapper(model)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="vit_kernels"):
+        got = logits(model(images))
+        assert_close(got, logits(oracle(images.double())), logits(ref(images)))
+        assert (logits(ref(images)) - logits(unchanged(images))).abs().max() > 1e-3  # the subclass's value matters
+    expected = f"{path}.weight is a _Packed (a tensor subclass)"
+    assert w.last_fallback.startswith(expected), w.last_fallback
+    d = vk.last_decision("qkv_attention")
+    assert d.backend == "original" and expected in d.reasons["fused"], d
+    assert any(expected in r.getMessage() for r in caplog.records)
+    assert expected in str(vk.fuse_report(model))
+
+
 @pytest.mark.parametrize("family", ["timm", "torchvision", "vit_pytorch"])  # HF's GELU is no nn.GELU
 def test_gelu_approximate_set_after_fuse_is_followed(family):
     """An nn.GELU's ``approximate`` set after fuse ("none" -> "tanh"): the fused MLP computes the GELU the

@@ -541,18 +541,23 @@ def _scalars(op: str, args: Sequence) -> tuple:
     return tuple(a)
 
 
-def _plain_eager(tensors: Sequence) -> bool:
-    """True for an eager call that nothing traces or intercepts: no torch.compile / torch.jit.trace,
-    no torch function or dispatch mode (torch.export, FakeTensorMode, FlopCounterMode, ...), no
-    functorch transform (vmap, grad), plain tensors (or Parameters) only."""
+def intercepted() -> bool:
+    """True while something traces or intercepts eager calls: torch.compile / torch.jit.trace, a
+    torch function or dispatch mode (torch.export, FakeTensorMode, FlopCounterMode, ...), a functorch
+    transform (vmap, grad)."""
     return (
-        not torch.compiler.is_compiling()
-        and torch._C._get_tracing_state() is None
-        and not torch._C._is_torch_function_mode_enabled()
-        and torch._C._len_torch_dispatch_stack() == 0
-        and torch._C._functorch.peek_interpreter_stack() is None
-        and _PLAIN.issuperset(map(type, tensors))
+        torch.compiler.is_compiling()
+        or torch._C._get_tracing_state() is not None
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._len_torch_dispatch_stack() != 0
+        or torch._C._functorch.peek_interpreter_stack() is not None
     )
+
+
+def _plain_eager(tensors: Sequence) -> bool:
+    """True for an eager call that nothing traces or intercepts (:func:`intercepted`), with plain
+    tensors (or Parameters) only."""
+    return not intercepted() and _PLAIN.issuperset(map(type, tensors))
 
 
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))

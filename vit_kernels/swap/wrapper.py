@@ -12,6 +12,8 @@ How a swap keeps the model intact:
 - The modules under the wrapper are remembered as fuse admitted them; one replaced, parametrized
   or given an instance ``forward`` after fuse makes each call run the original modules
   (:meth:`SwapWrapper.structure_reason`): the fused path reads their weights, never their forward.
+  So does a tensor subclass among the parameters or the input (torchao's quantized weights,
+  :meth:`SwapWrapper.param_reason`): the original modules dispatch to it.
 - Plain attributes the wrapper lacks (``num_heads``, ``grid_size``, ...) are read from the
   original. ``unfuse`` puts the original module back with whatever children, parameters and
   buffers the wrapper holds then (``.to()``/``load_state_dict`` after fuse are kept).
@@ -49,6 +51,7 @@ _LOCK = threading.Lock()
 
 # report op -> the op whose last_decision records a fallback of that part
 OP_NAMES = {"attention": "qkv_attention", "mlp": "layernorm_gelu_mlp", "patch_embed": "patch_embed"}
+_PLAIN_PARAMETERS = frozenset((torch.Tensor, nn.Parameter, type(None)))
 
 
 # Module attributes holding hooks; the wrapper shares these dictionaries with the original.
@@ -87,8 +90,10 @@ def autograd_note(backend: str) -> str:
 class _Structure(NamedTuple):
     """The modules under a wrapper as fuse admitted them (:meth:`SwapWrapper.remember_structure`): each
     module below the wrapper with its path, class and instance ``forward`` (None: its class's); those
-    without children (``leaves``); and every module with children, the wrapper first, with its path and
-    a copy of its children (name -> module)."""
+    without children (``leaves``); every module with children, the wrapper first, with its path and
+    a copy of its children (name -> module); and the parameter dicts (``_parameters``) of the wrapper and
+    of the modules that held parameters at fuse (those the fused path reads), read at every call
+    (:meth:`SwapWrapper.param_reason`)."""
 
     names: List[str]
     mods: List[nn.Module]
@@ -98,6 +103,7 @@ class _Structure(NamedTuple):
     parent_names: List[str]
     parents: List[nn.Module]
     children: List[Dict[str, nn.Module]]
+    params: List[Dict[str, Optional[torch.Tensor]]]  # the wrapper's and the modules' non-empty parameter dicts
 
 
 class SwapWrapper(nn.Module):
@@ -241,6 +247,7 @@ class SwapWrapper(nn.Module):
             parent_names=[n for n, _ in parents],
             parents=[m for _, m in parents],
             children=[dict(m._modules) for _, m in parents],
+            params=[d for d in [self._parameters] + [m._parameters for m in mods] if d],
         )
 
     def structure_reason(self) -> Optional[str]:
@@ -280,11 +287,44 @@ class SwapWrapper(nn.Module):
             "fuses what can be)"
         )
 
+    def param_reason(self, x=None) -> Optional[str]:
+        """Why the fused path cannot read this call's tensors (None: it can): a parameter under the
+        wrapper, or the input ``x``, is a tensor subclass (torchao's quantized weights, a DTensor, ...),
+        set before or after fuse. The fused ops take plain tensors; the original modules dispatch to the
+        subclass (a subclass that does not implement vit_kernels' ops would raise inside a fused op).
+        Under torch.compile, export, fake tensors or other modes (their tensors are subclasses
+        too) nothing is refused here. Per call: a type check per parameter (~0.9 us for a timm Block here)."""
+        s = self.__dict__.get("_vk_structure")
+        if s is None or torch.compiler.is_compiling():
+            return None
+        odd = x is not None and x.__class__ is not torch.Tensor and isinstance(x, torch.Tensor)
+        if not odd:
+            for d in s.params:
+                for p in d.values():
+                    if p.__class__ not in _PLAIN_PARAMETERS:
+                        odd = True
+                        break
+        if not odd:
+            return None
+        from .. import library
+
+        if library.intercepted():
+            return None
+        named = [("x (the input)", x)] + [(join(self.vk_path, n), p) for n, p in self.named_parameters()]
+        for where, t in named:
+            if t is not None and t.__class__ not in _PLAIN_PARAMETERS:
+                return (
+                    f"{where} is a {type(t).__name__} (a tensor subclass): the fused kernels read plain tensors; "
+                    "calls run the original modules, which dispatch to it"
+                )
+        return None
+
     def original_reason(self, x) -> Optional[str]:
         """Why this call must run the original modules (None: the fused path serves it): a module
-        under it changed after fuse (:meth:`structure_reason`), forward hooks the fused path would
-        bypass, dropout active in training. (torch.autocast is served: see :func:`at_autocast`.)"""
-        why = self.structure_reason() or self.hook_reason()
+        under it changed after fuse (:meth:`structure_reason`), a tensor subclass among its parameters
+        or input (:meth:`param_reason`), forward hooks the fused path would bypass, dropout active in
+        training. (torch.autocast is served: see :func:`at_autocast`.)"""
+        why = self.structure_reason() or self.param_reason(x) or self.hook_reason()
         if why:
             return why
         if self.dropout_active():
@@ -320,7 +360,7 @@ class SwapWrapper(nn.Module):
 
     def runtime_notes(self) -> List[str]:
         notes = []
-        why = self.structure_reason() or self.hook_reason()
+        why = self.structure_reason() or self.param_reason() or self.hook_reason()
         if why:
             notes.append(why)
         with _LOCK:
