@@ -161,6 +161,22 @@ MUTATIONS: List[Mutation] = [
         "        f = fold_layernorm.__dict__.setdefault((id(weight), id(norm_weight)), fold_layernorm(weight, bias, norm_weight, norm_bias))\n",
         ("tests/test_triton_gemm_tma.py", "tests/test_tuning.py", "-k", "writes_through_data or folded_tma"),
     ),
+    # float16 rows of W * gamma past float16's range folded unscaled (inf in W'), or scaled and never
+    # scaled back in the epilogue.
+    Mutation(
+        "tma-fold-never-scaled",
+        "vit_kernels/triton/layernorm.py",
+        "            has_beta, has_b, weight.dtype == torch.float16, FOLD_BLOCK_N, FOLD_BLOCK_K, num_warps=FOLD_WARPS,\n",
+        "            has_beta, has_b, False, FOLD_BLOCK_N, FOLD_BLOCK_K, num_warps=FOLD_WARPS,\n",
+        ("tests/test_triton_gemm_tma.py", "-k", "scales_rows"),
+    ),
+    Mutation(
+        "tma-fold-unscale-dropped",
+        "vit_kernels/triton/gemm_tma.py",
+        "        acc = (acc - mean[:, None] * c[None, :]) * rstd[:, None] * u[None, :]\n",
+        "        acc = (acc - mean[:, None] * c[None, :]) * rstd[:, None]\n",
+        ("tests/test_triton_gemm_tma.py", "-k", "scales_rows"),
+    ),
     # The fold's bias b + W @ beta taken from the rounded W * gamma.
     Mutation(
         "tma-fold-bias-from-folded-weight",

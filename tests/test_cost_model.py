@@ -199,10 +199,13 @@ def test_kernel_time_is_the_largest_term():
 
 
 def test_fold_kernel_bytes_by_hand():
-    """W (8, 4) fp16 read and W * gamma written (64 + 64), gamma and beta (8 + 8), b (16), colsum and the
-    folded bias in fp32 (32 + 32): 224 bytes; without b, 208."""
-    assert ck.fold_kernel(8, 4, 2, True).dram_bytes == 224
-    assert ck.fold_kernel(8, 4, 2, False).dram_bytes == 208
+    """W (8, 4) fp16 read and W * gamma written (64 + 64), gamma and beta (8 + 8), b (16), the column sums,
+    unscale factors and folded bias in fp32 (32 + 32 + 32): 256 bytes; without b, 240; float16 reads W a
+    second time from L2 (64)."""
+    assert ck.fold_kernel(8, 4, 2, True).dram_bytes == 256
+    assert ck.fold_kernel(8, 4, 2, False).dram_bytes == 240
+    assert ck.fold_kernel(8, 4, 2, True, scaled=True).l2_bytes == 64
+    assert ck.fold_kernel(8, 4, 2, True).l2_bytes == 0
 
 
 def test_paths_of_a_vit_b_block():

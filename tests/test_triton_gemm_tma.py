@@ -374,11 +374,67 @@ def test_fold_kernel(N, K, bias, beta, layout, dtype):
     f = G.fold_layernorm(w, b, nw, nb)
     assert torch.equal(f.weight, (w.float() * nw.float()).to(dtype)) and f.weight.is_contiguous()
     assert_close(f.colsum, f.weight.double().sum(1), f.weight.float().sum(1), name="colsum")
+    assert torch.equal(f.unscale, torch.ones(N, device=DEVICE))  # nothing near float16's range: unscaled
     if not (bias or beta):
         assert f.bias is None
     else:
         want = (b.double() if bias else 0) + (w.double() @ nb.double() if beta else 0)
         assert_close(f.bias, want, (b.float() if bias else 0) + (w.float() @ nb.float() if beta else 0), name="bias")
+
+
+def overflowing_fold_case(T=40, K=64, N=128):
+    """float16 LayerNorm + Linear whose W * gamma passes float16's range in some rows (up to ~2e6, and one row
+    just past 2**15), while eager's result stays finite: the large gamma's channel is normalized to ~0 in
+    every row (it holds the row's mean), so only the fold would form the large products."""
+    dtype, k0 = torch.float16, 5
+    x = torch.randn(2, T, K, device=DEVICE)
+    x[..., k0] = (x.sum(-1) - x[..., k0]) / (K - 1)  # the mean of the others: the row's mean, z ~ 0
+    x = x.to(dtype)
+    w, b = randn(N, K, dtype=dtype, scale=K**-0.5), randn(N, dtype=dtype)
+    nw, nb = randn(K, dtype=dtype, scale=0.3, shift=1.0), randn(K, dtype=dtype)
+    nw[k0] = 1500.0
+    w[:3, k0] = torch.tensor([1400.0, -60.0, 22.0], dtype=dtype)  # W * gamma: 2.1e6, -9e4, 3.3e4 (just past 2**15)
+    return x, w, b, nw, nb
+
+
+def test_layernorm_fold_scales_rows_past_float16s_range():
+    """float16 rows of W * gamma past 2**15 are folded scaled by 2**-e (exactly, W' finite) and scaled back in
+    the epilogue; the other rows bitwise unscaled. Eager's result is finite; so is the fused one, within the
+    tolerance rule, on both LayerNorm routes (a cancelling row's tile centred) and for the QKV projection. (Unscaled,
+    W' held inf and every row of those columns came out inf or NaN.)"""
+    x, w, b, nw, nb = overflowing_fold_case()
+    f = G.fold_layernorm(w, b, nw, nb)
+    prod = w.float() * nw.float()
+    want_u = torch.ones(w.shape[0], device=DEVICE)
+    want_u[:3] = torch.tensor([2.0**7, 4.0, 2.0], device=DEVICE)  # 2.1e6 / 2**7, 9e4 / 4, 3.3e4 / 2 <= 2**15
+    assert torch.equal(f.unscale, want_u), f.unscale[:4]
+    assert torch.equal(f.weight, (prod / want_u[:, None]).to(torch.float16)) and f.weight.isfinite().all()
+    x_cancel = x.clone()
+    # a cancelling row (its tile centred): 1000 + steps of 0.5 that sum to 0, exact in float16, with 1000 (its
+    # mean, exactly) in the large gamma's channel; z = 0 there, as eager rounds no x it reads
+    d = 0.5 * torch.randint(1, 4, (31,), device=DEVICE).float()
+    steps = torch.cat([d, -d, d.new_zeros(1)])[torch.randperm(63, device=DEVICE)]
+    x_cancel[1, 3] = (1000 + torch.cat([steps[:5], steps.new_zeros(1), steps[5:]])).to(x.dtype)
+    for xi, route in ((x, "epilogue"), (x_cancel, "centred")):
+        oracle, base = dense_reference(xi, w, b, nw, nb, 1e-6, "erf", None, None)
+        assert base.isfinite().all()
+        got = G.dense_forward(
+            xi, w, b, norm_weight=nw, norm_bias=nb, act=G.ACT_GELU_ERF, out=nan_like(base.shape, x.dtype),
+            config=G.CONFIGS[3],
+        )  # fmt: skip
+        assert G.last_ln_route().startswith(route), G.last_ln_route()
+        assert_close(got, oracle, base, name=route)
+    B, T, dim = x.shape
+    H, hd = 2, dim // 2
+    wq, bq = randn(3 * dim, dim, dtype=x.dtype, scale=dim**-0.5), randn(3 * dim, dtype=x.dtype)
+    wq[:3, 5] = w[:3, 5]
+    got = G.qkv_projection_forward(
+        x, wq, bq, num_heads=H, scale=1.0, norm_weight=nw, norm_bias=nb, out=nan_like((3, B, H, T, hd), x.dtype),
+        config=G.CONFIGS[1],
+    )  # fmt: skip
+    oracle, base = dense_reference(x, wq, bq, nw, nb, 1e-6, "none", None, None)
+    split = lambda y: y.reshape(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)  # noqa: E731
+    assert_close(got, split(oracle), split(base), name="qkv")
 
 
 def test_layernorm_fold_follows_writes_through_data():

@@ -194,11 +194,13 @@ def row_stats_kernel(rows: int, dim: int, elem: int) -> KernelCost:
     return KernelCost("row stats", 0.0, rows * dim * elem + rows * 8)
 
 
-def fold_kernel(N: int, K: int, elem: int, bias: bool) -> KernelCost:
+def fold_kernel(N: int, K: int, elem: int, bias: bool, scaled: bool = False) -> KernelCost:
     """vit_kernels.triton.layernorm.fold_layernorm, launched on every call of a LayerNorm-folded TMA GEMM:
-    reads W (N, K), gamma and beta (K,) [and b (N,)], writes W * gamma (N, K) and the fp32 column sums and
-    folded bias (N,) each."""
-    return KernelCost("layernorm fold", 0.0, 2 * N * K * elem + 2 * K * elem + (N * elem if bias else 0) + 8 * N)
+    reads W (N, K), gamma and beta (K,) [and b (N,)], writes W * gamma (N, K) and the fp32 column sums,
+    unscale factors and folded bias (N,) each; ``scaled`` (float16): W read a second time, from L2 (each
+    row's largest |W * gamma| first)."""
+    dram = 2 * N * K * elem + 2 * K * elem + (N * elem if bias else 0) + 12 * N
+    return KernelCost("layernorm fold", 0.0, dram, l2_bytes=N * K * elem if scaled else 0.0)
 
 
 def single_qkv_attention_kernel(
@@ -358,9 +360,9 @@ def mlp_paths(
     if _tma_ok(dtype):
         t1, bps1 = _tma(hidden, dim)
         t2, bps2 = _tma(dim, hidden)
-        # folded fc1: bias b' in fp32 and the column sums c in fp32 per output column
-        fold_vec = (4 if (bias or norm) else 0) + (4 if norm else 0)
-        fold = [fold_kernel(hidden, dim, e, bias)] if norm else []
+        # folded fc1: bias b', the column sums c and the unscale factors u, in fp32 per output column
+        fold_vec = (4 if (bias or norm) else 0) + (8 if norm else 0)
+        fold = [fold_kernel(hidden, dim, e, bias, dtype == torch.float16)] if norm else []
         out["tma"] = (
             stats
             + fold
@@ -450,7 +452,7 @@ def qkv_attention_paths(
     }
     if _tma_ok(dtype):
         tiles, bps = _tma(3 * dim, dim)
-        fold = [fold_kernel(3 * dim, dim, e, qkv_bias)] if norm else []
+        fold = [fold_kernel(3 * dim, dim, e, qkv_bias, dtype == torch.float16)] if norm else []
         out["split+tma"] = (
             stats
             + fold
@@ -464,7 +466,7 @@ def qkv_attention_paths(
                     tiles,
                     sms=sms,
                     blocks_per_sm=bps,
-                    col_vec_bytes=8 if norm else b,
+                    col_vec_bytes=12 if norm else b,  # folded: b', the column sums and unscale factors
                     row_vec_bytes=8 if norm else 0,
                 ),
                 flash,

@@ -32,7 +32,9 @@ launchers raise ValueError with that reason before any launch (the caller picks 
 LayerNorm out of the main loop (``LN_EPI``). LayerNorm(x) @ W^T + b with gamma, beta folded into the
 weight by a small kernel on every call (:func:`~vit_kernels.triton.layernorm.fold_layernorm`, never
 cached): W' = W * gamma, b' = b + W @ beta, c = sum_k W'[:, k], and each row's (mean, rstd) applied in
-the epilogue: y = rstd * (x @ W'^T - mean * c) + b'. The subtraction cancels
+the epilogue: y = rstd * (x @ W'^T - mean * c) + b'. In float16 a row of W * gamma past 2**15 (which
+would overflow float16, where eager LayerNorm + Linear may not) is folded scaled down by a power of two
+and scaled back in the epilogue, exactly (the fold's ``sums[1]``). The subtraction cancels
 when a row's mean is large against its spread (|mean| * rstd large): the fp32 accumulator's rounding,
 ~eps_fp32 * |mean| * sum |W'|, is then multiplied by rstd. A row tile holding a row past
 :func:`ln_cancel_threshold` is centred in the kernel instead: its K loop takes A through registers as
@@ -138,9 +140,10 @@ def _epilogue(
     """One (BLOCK_M, SUB_N) fp32 sub-tile of the accumulator, columns n0 .. n0 + SUB_N: epilogue + store."""
     offs_n = n0 + tl.arange(0, SUB_N)
     n_mask = offs_n < N
-    if LN_EPI:  # y = rstd * (x @ W'^T - mean * c) + b'
+    if LN_EPI:  # y = rstd * (x @ W'^T - mean * c) * u + b' (u: the fold's power-of-two unscale, 1 for most columns)
         c = tl.load(colsum_ptr + offs_n, mask=n_mask, other=0.0)
-        acc = (acc - mean[:, None] * c[None, :]) * rstd[:, None]
+        u = tl.load(colsum_ptr + N + offs_n, mask=n_mask, other=1.0)
+        acc = (acc - mean[:, None] * c[None, :]) * rstd[:, None] * u[None, :]
     acc = bias_gelu(acc, bias_ptr, offs_n, n_mask, HAS_BIAS, ACT)
     if HAS_LS:
         acc *= tl.load(ls_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -184,7 +187,7 @@ def _gemm_tma_kernel(
     res_ptr,  # (M, N) as (b, t, n), strides (stride_rb, stride_rt, 1)   [HAS_RES]
     ls_ptr,  # (N,) layer scale             [HAS_LS]
     stats_ptr,  # (2, M) fp32: row means, then row 1/std  [LN_EPI]
-    colsum_ptr,  # (N,) fp32 column sums of W'  [LN_EPI]
+    colsum_ptr,  # (2, N) fp32: column sums of W', then the fold's unscale u  [LN_EPI]
     route_ptr,  # (cdiv(M, BLOCK_M),) int32: 1 where the row tile was centred before the dot, else 0  [LN_EPI]
     M,
     N,
@@ -706,8 +709,8 @@ def launch_gemm_tma(
 
     a: A rows with row stride stride_am (unit column stride); weight: (N, K) contiguous rows; out: (M, N) rows
     (row stride out.stride(-2)) or, with qkv = (INNER, HEAD_DIM, q_scale), a contiguous (3, B, H, T, hd);
-    residual: (b, t, n) rows through res_strides = (stride_b, stride_t), unit n stride; ln: (mean, rstd, colsum)
-    fp32 for LayerNorm in the epilogue (weight and bias already folded); row tiles with a row past
+    residual: (b, t, n) rows through res_strides = (stride_b, stride_t), unit n stride; ln: (mean, rstd, sums)
+    fp32 for LayerNorm in the epilogue (sums: the fold's (2, N) column sums and unscale) (weight and bias already folded); row tiles with a row past
     :func:`ln_cancel_threshold` are centred in the kernel and counted for :func:`last_ln_route`.
     """
     if M == 0 or N == 0:
@@ -911,7 +914,7 @@ def dense_forward(
     a, w, ln = x, weight, None
     if norm_weight is not None and M:
         f = fold_layernorm(weight, bias, norm_weight, norm_bias)
-        w, bias, colsum = f.weight, f.bias, f.colsum
+        w, bias, colsum = f.weight, f.bias, f.sums
         mean, rstd = stats if stats is not None else row_stats(x, eps)
         ln = (mean, rstd, colsum)
     return launch_gemm_tma(
@@ -981,7 +984,7 @@ def qkv_projection_forward(
     a, w, bias, ln = x, qkv_weight, qkv_bias, None
     if norm_weight is not None and M:
         f = fold_layernorm(qkv_weight, qkv_bias, norm_weight, norm_bias)
-        w, bias, colsum = f.weight, f.bias, f.colsum
+        w, bias, colsum = f.weight, f.bias, f.sums
         mean, rstd = row_stats(x, eps)
         ln = (mean, rstd, colsum)
     return launch_gemm_tma(

@@ -157,28 +157,66 @@ def stats_pointer(mean: Tensor, rstd: Tensor) -> Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class FoldedLayerNorm:
-    """LayerNorm(gamma, beta) followed by Linear(W, b), folded: weight W' = W * gamma (N, K) in W's dtype;
-    bias b' = b + W @ beta (N,) fp32, or None when neither b nor beta exists; colsum c = W' summed over K
-    (N,) fp32, from the rounded W' the GEMM multiplies (so x @ W'^T - mean * c = (x - mean) @ W'^T)."""
+    """LayerNorm(gamma, beta) followed by Linear(W, b), folded: weight W' = W * gamma * s (N, K) in W's
+    dtype, each row n scaled by a power of two s_n (1 unless float16 would overflow: see
+    :func:`_fold_kernel`); bias b' = b + W @ beta (N,) fp32, or None when neither b nor beta exists;
+    ``sums`` (2, N) fp32: the column sums c = W' summed over K, from the rounded W' the GEMM multiplies
+    (so x @ W'^T - mean * c = (x - mean) @ W'^T), then u = 1 / s, which the GEMM's epilogue multiplies
+    back (exactly: a power of two)."""
 
     weight: Tensor
     bias: Optional[Tensor]
-    colsum: Tensor
+    sums: Tensor
+
+    @property
+    def colsum(self) -> Tensor:
+        return self.sums[0]
+
+    @property
+    def unscale(self) -> Tensor:
+        return self.sums[1]
+
+
+FOLD_LIMIT = 32768.0  # float16 rows of W * gamma past this are scaled down by a power of two
 
 
 @triton.jit
 def _fold_kernel(
-    w_ptr, gamma_ptr, beta_ptr, b_ptr, wf_ptr, colsum_ptr, bias_ptr,
+    w_ptr, gamma_ptr, beta_ptr, b_ptr, wf_ptr, sums_ptr, bias_ptr,
     N, K,
     stride_wn, stride_wk, stride_g, stride_be, stride_b,
-    HAS_BETA: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_BETA: tl.constexpr, HAS_B: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One program per BLOCK_N rows of W (N, K): wf = W * gamma rounded to W's dtype (row-major (N, K)),
-    colsum = sum_k wf (fp64 sum, stored fp32), bias = b + W @ beta (fp64, stored fp32; written when
-    HAS_BETA or HAS_B). Memory-bound: W is read once, wf written once."""
+    """One program per BLOCK_N rows of W (N, K): wf = W * gamma * s rounded to W's dtype (row-major (N, K)),
+    sums[0] = sum_k wf (fp64 sum, stored fp32), sums[1] = 1 / s, bias = b + W @ beta (fp64, stored fp32;
+    written when HAS_BETA or HAS_B). Memory-bound: W is read once (twice when SCALED, the second time from
+    cache), wf written once.
+
+    SCALED (float16): a row whose largest |W * gamma| passes FOLD_LIMIT (2**15; float16 overflows at
+    65504, where eager LayerNorm + Linear, which never forms W * gamma, may not) is scaled by
+    s = 2**-e, the smallest e that brings it under the limit; exact, and undone by the GEMM's epilogue
+    (u = 2**e). Other rows (and every row of bfloat16/float32: their range is float32's) keep s = 1,
+    bitwise as unscaled. A row with an infinite or NaN W * gamma keeps s = 1 (its column is inf/NaN,
+    as eager's is)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
+    e = tl.zeros([BLOCK_N], dtype=tl.int32)
+    if SCALED:
+        big = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            cmask = cols < K
+            m = rmask[:, None] & cmask[None, :]
+            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :] * stride_wk, mask=m, other=0.0)
+            g = tl.load(gamma_ptr + cols * stride_g, mask=cmask, other=0.0).to(tl.float32)
+            big = tl.maximum(big, tl.max(tl.abs(w.to(tl.float32) * g[None, :]), axis=1))
+        over = (big > 32768.0) & (big < float("inf"))  # FOLD_LIMIT; NaN compares False
+        # log2 may be off by a little at a power of two: e one too large still fits (and e one too small
+        # leaves the row under 2**16 < 65504)
+        e = tl.where(over, tl.ceil(tl.log2(big / 32768.0)), 0.0).to(tl.int32)
+    s = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2**-e and 2**e, built from their exponent bits
+    u = ((127 + e) << 23).to(tl.float32, bitcast=True)
     colsum = tl.zeros([BLOCK_N], dtype=tl.float64)
     bias = tl.zeros([BLOCK_N], dtype=tl.float64)
     for k0 in range(0, K, BLOCK_K):
@@ -188,13 +226,14 @@ def _fold_kernel(
         w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :] * stride_wk, mask=m, other=0.0)
         w = w.to(tl.float32)
         g = tl.load(gamma_ptr + cols * stride_g, mask=cmask, other=0.0).to(tl.float32)
-        wf = (w * g[None, :]).to(wf_ptr.dtype.element_ty)
+        wf = ((w * g[None, :]) * s[:, None]).to(wf_ptr.dtype.element_ty)
         tl.store(wf_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], wf, mask=m)
         colsum += tl.sum(wf.to(tl.float64), axis=1)
         if HAS_BETA:
             be = tl.load(beta_ptr + cols * stride_be, mask=cmask, other=0.0).to(tl.float64)
             bias += tl.sum(w.to(tl.float64) * be[None, :], axis=1)
-    tl.store(colsum_ptr + rows, colsum.to(tl.float32), mask=rmask)
+    tl.store(sums_ptr + rows, colsum.to(tl.float32), mask=rmask)
+    tl.store(sums_ptr + N + rows, u, mask=rmask)
     if HAS_BETA or HAS_B:
         if HAS_B:
             bias += tl.load(b_ptr + rows * stride_b, mask=rmask, other=0.0).to(tl.float64)
@@ -212,24 +251,25 @@ def fold_layernorm(
     (replays included) and never cached: a cache keyed on the parameters' version counters would miss
     writes through ``.data`` (a DINO teacher's EMA update, PEFT's merge), and inside a CUDA graph the
     fold is captured with the GEMM, so every replay folds the parameters as they are then. Its cost: one
-    read of W and one write of W' (4.7 MB each for ViT-B's fc1 in bfloat16)."""
+    read of W and one write of W' (4.7 MB each for ViT-B's fc1 in bfloat16); for float16 a second read
+    of W from cache (the rows' largest |W * gamma|, for the scale s)."""
     N, K = weight.shape
     dev = weight.device
     # replay.empty / replay.launch: a launch plan records the fold as its own allocations and launch,
     # and a replay makes both again (no Python between them)
     w_fold = empty((N, K), weight.dtype, dev)
-    colsum = empty((N,), torch.float32, dev)
+    sums = empty((2, N), torch.float32, dev)
     b = empty((N,), torch.float32, dev) if bias is not None or norm_bias is not None else None
-    if N:  # K = 0 reads nothing: the sums of nothing are 0, and b' = b
+    if N:  # K = 0 reads nothing: the sums of nothing are 0, u = 1, and b' = b
         beta, has_beta, has_b = norm_bias, norm_bias is not None, bias is not None
         launch(
             _fold_kernel, (cdiv(N, FOLD_BLOCK_N),),
-            weight, norm_weight, beta if has_beta else colsum, bias if has_b else colsum, w_fold, colsum,
-            b if b is not None else colsum, N, K, *weight.stride(), norm_weight.stride(0),
+            weight, norm_weight, beta if has_beta else sums, bias if has_b else sums, w_fold, sums,
+            b if b is not None else sums, N, K, *weight.stride(), norm_weight.stride(0),
             beta.stride(0) if has_beta else 0, bias.stride(0) if has_b else 0,
-            has_beta, has_b, FOLD_BLOCK_N, FOLD_BLOCK_K, num_warps=FOLD_WARPS,
+            has_beta, has_b, weight.dtype == torch.float16, FOLD_BLOCK_N, FOLD_BLOCK_K, num_warps=FOLD_WARPS,
         )  # fmt: skip
-    return FoldedLayerNorm(w_fold, b, colsum)
+    return FoldedLayerNorm(w_fold, b, sums)
 
 
 def aot_specs() -> List[AotSpec]:
