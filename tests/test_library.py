@@ -201,6 +201,18 @@ def test_schemas_name_every_op():
         assert schema.startswith(f"vit_kernels::{op}(") and "str backend" in schema, schema
 
 
+def public_call(op):
+    """The public function of ``op`` (backend auto) as a function of :func:`inputs`' schema arguments."""
+    fn = getattr(vk.ops, op)
+    return {
+        "flash_attention": lambda a: fn(a[0], a[1], a[2], backend="auto"),
+        "qkv_attention": lambda a: fn(a[0], a[1], a[2], num_heads=a[5], norm_weight=a[3], norm_bias=a[4]),
+        "layernorm_gelu_mlp": lambda a: fn(*a[:7], residual=a[7], layer_scale=a[8]),
+        "patch_embed": lambda a: fn(a[0], a[1], a[2], patch_size=a[5], pos_embed=a[3], cls_token=a[4]),
+        "linear": lambda a: fn(a[0], a[1], a[2], residual=a[3], layer_scale=a[4]),
+    }[op]
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_public_function_runs_the_custom_op(op, monkeypatch):
     """Without autograd the public function runs the op's implementation once; with an input requiring
@@ -210,14 +222,7 @@ def test_public_function_runs_the_custom_op(op, monkeypatch):
     real = library.IMPLS[op]
     monkeypatch.setitem(library.IMPLS, op, lambda *a: called.append(op) or real(*a))
     args = inputs(op, "vit", torch.float32, "torch")
-    fn = getattr(vk.ops, op)
-    call = {
-        "flash_attention": lambda a: fn(a[0], a[1], a[2], backend="auto"),
-        "qkv_attention": lambda a: fn(a[0], a[1], a[2], num_heads=a[5], norm_weight=a[3], norm_bias=a[4]),
-        "layernorm_gelu_mlp": lambda a: fn(*a[:7], residual=a[7], layer_scale=a[8]),
-        "patch_embed": lambda a: fn(a[0], a[1], a[2], patch_size=a[5], pos_embed=a[3], cls_token=a[4]),
-        "linear": lambda a: fn(a[0], a[1], a[2], residual=a[3], layer_scale=a[4]),
-    }[op]
+    call = public_call(op)
     with torch.no_grad():
         out = call(args)
     assert called == [op] and backends.last_decision(op).backend == "torch"
@@ -297,6 +302,42 @@ def test_modes_and_tracers_see_the_custom_op():
     assert mode.ops == ["vit_kernels.linear.default"]
     assert "vit_kernels::linear" in str(traced.graph)
     assert torch.equal(plain, seen) and torch.equal(plain, traced(x))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_under_torch_func(op):
+    """torch.func.vmap and torch.func.grad through an op (its inputs requiring grad, as a model's
+    parameters do; before, a data-pointer error from inside the checks): backend auto runs the op's
+    PyTorch path, batched and differentiated by torch.func, against the oracle, and records why;
+    backend triton under vmap runs the custom op per sample; under grad it raises, naming the op and
+    what to use instead."""
+    args = inputs(op, "vit", torch.float32, "torch", requires_grad=True)
+    call = public_call(op)
+    stacked = torch.stack([args[0].detach(), args[0].detach() * 0.5])
+    vmapped = torch.func.vmap(lambda a: call((a,) + args[1:]))(stacked)
+    d = backends.last_decision(op)
+    assert d.backend == "torch" and d.path == "unfused" and "torch.func" in d.reasons["fused"], d
+    for i in range(2):  # the baseline: the oracle's code at float32
+        per_sample = (stacked[i],) + args[1:]
+        assert_close(vmapped[i], oracle(op, as_dtype(per_sample, torch.float64)), oracle(op, per_sample))
+    x = args[0].detach()
+    g = torch.func.grad(lambda a: call((a,) + args[1:]).sum())(x)
+    grads = []
+    for dtype in (torch.float64, torch.float32):
+        xd = x.to(dtype).requires_grad_()
+        grads += torch.autograd.grad(oracle(op, (xd,) + as_dtype(args[1:], dtype)).sum(), xd)
+    assert_close(g, *grads, factor=3.0, name="grad")
+    if backends.triton_unavailable(DEVICE) is None and op == "linear":
+        a = args[:-2] + ("triton", None)
+        out = torch.func.vmap(lambda x: torch.ops.vit_kernels.linear(x, *a[1:]))(stacked)
+        per_sample = (stacked[1],) + args[1:]
+        assert_close(out[1], oracle(op, as_dtype(per_sample, torch.float64)), oracle(op, per_sample))
+        with pytest.raises(
+            RuntimeError, match=r"^vit_kernels.linear: backend='triton' cannot run under torch.func.grad"
+        ):
+            torch.func.grad(
+                lambda x: vk.linear(x, a[1], a[2], residual=a[3], layer_scale=a[4], backend="triton").sum()
+            )(x)
 
 
 class _OnCuda1(torch.Tensor):

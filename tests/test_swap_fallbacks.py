@@ -316,6 +316,31 @@ def test_tensor_subclass_weight_runs_the_original(family, when, caplog):
     assert expected in str(vk.fuse_report(model))
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_torch_func_transforms_run_the_original(family):
+    """torch.func.vmap (per-sample logits) and torch.func.grad (of the logits' sum by the images) of a
+    fused model (its parameters requiring grad): the fused parts run the original modules, which
+    torch.func serves, and say why; the results are the unfused model's (before: a data-pointer error
+    from inside a fused op's checks)."""
+    model = FAMILIES[family]().eval()
+    ref = copy.deepcopy(model)
+    vk.fuse(model, backend="torch")
+    w, _ = block_wrapper(model)
+    images = torch.randn(2, 3, 32, 32)
+    for name, transform in (
+        ("vmap", lambda m, x: torch.func.vmap(lambda i: logits(m(i[None]))[0])(x)),
+        ("grad", lambda m, x: torch.func.grad(lambda i: logits(m(i)).sum())(x)),
+    ):
+        got, want = transform(model, images), transform(ref, images)
+        assert_close(got, transform(copy.deepcopy(ref).double(), images.double()), want, name=name)
+        assert "torch.func transform" in w.last_fallback, w.last_fallback
+        d = vk.last_decision("qkv_attention")
+        assert d.backend == "original" and "torch.func transform" in d.reasons["fused"], d
+    with torch.no_grad():
+        logits(model(images))
+    assert vk.last_decision("qkv_attention").backend == "torch"  # outside torch.func: fused again
+
+
 @pytest.mark.parametrize("family", ["timm", "torchvision", "vit_pytorch"])  # HF's GELU is no nn.GELU
 def test_gelu_approximate_set_after_fuse_is_followed(family):
     """An nn.GELU's ``approximate`` set after fuse ("none" -> "tanh"): the fused MLP computes the GELU the

@@ -735,6 +735,8 @@ def run(op: str, args: Sequence):
             with guard:  # launches on the tensors' device, with its current stream
                 return run(op, args)
     if torch.is_grad_enabled() and backends.needs_grad(tensors):
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            return _under_torch_func(op, args)
         args = _scalars(op, args)  # path, approximate, tune, ... checked as the op does
         if not torch.compiler.is_compiling():
             # eager autograd: the op's implementation decides (recorded): backend "triton" runs the
@@ -748,7 +750,34 @@ def run(op: str, args: Sequence):
         # made them: no tracer holds the fake's contiguous promise, so no copy of SDPA's output in eager)
         store = _PLANS.get()
         return _run_planned(op, args, tensors, FUNCTION_PLANS if store is None else store)
+    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+        return _under_torch_func(op, args)
     return getattr(torch.ops.vit_kernels, op)(*_scalars(op, args))
+
+
+def _under_torch_func(op: str, args: Sequence):
+    """``op`` inside a torch.func transform (vmap, grad, jacrev, ...): backend "auto" / "torch" run the op's
+    PyTorch path (torch.func batches and differentiates it; recorded as unfused, with the reason); an
+    explicit kernel backend runs the custom op (vmap: one call per sample, PyTorch's fallback), except
+    under torch.func.grad with an input requiring grad, which PyTorch's custom-op autograd does not
+    support: a RuntimeError that says so."""
+    args = _scalars(op, args)
+    backend = args[-2]
+    if backend in ("auto", "torch"):
+        backends.unfused(op, backend, FUNC_REASON, ran="torch")
+        return TORCH_PATHS[op](*args)
+    if torch._C._functorch.peek_interpreter_stack().key() == torch._C._functorch.TransformType.Grad:
+        if backends.needs_grad(args[: N_TENSORS[op]]):
+            raise RuntimeError(FUNC_GRAD_REFUSED.format(op=op, backend=backend))
+    return getattr(torch.ops.vit_kernels, op)(*args)
+
+
+FUNC_REASON = "under a torch.func transform (vmap, grad, ...): the op's PyTorch path, which torch.func serves"
+FUNC_GRAD_REFUSED = (
+    "vit_kernels.{op}: backend={backend!r} cannot run under torch.func.grad / jacrev / vjp (PyTorch's "
+    "custom-op autograd does not support torch.func transforms); use backend='auto' or 'torch' there (the "
+    "op's PyTorch path), or torch.autograd (loss.backward(), torch.autograd.grad)"
+)
 
 
 TORCHSCRIPT_REFUSED = (

@@ -322,11 +322,16 @@ class SwapWrapper(nn.Module):
     def original_reason(self, x) -> Optional[str]:
         """Why this call must run the original modules (None: the fused path serves it): a module
         under it changed after fuse (:meth:`structure_reason`), a tensor subclass among its parameters
-        or input (:meth:`param_reason`), forward hooks the fused path would bypass, dropout active in
-        training. (torch.autocast is served: see :func:`at_autocast`.)"""
+        or input (:meth:`param_reason`), forward hooks the fused path would bypass, a torch.func transform
+        (vmap, grad, ...), dropout active in training. (torch.autocast is served: see :func:`at_autocast`.)"""
         why = self.structure_reason() or self.param_reason(x) or self.hook_reason()
         if why:
             return why
+        if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+            return (
+                "under a torch.func transform (vmap, grad, jacrev, ...): calls run the original modules (the fused "
+                "ops have no batching rule, and PyTorch's custom-op autograd does not support torch.func)"
+            )
         if self.dropout_active():
             return "dropout is active (a module in training mode, p > 0): calls run the original modules"
         return None
