@@ -202,6 +202,15 @@ MUTATIONS: List[Mutation] = [
         "        why = self.param_reason(x) or self.hook_reason()\n        if why:\n            return why\n",
         ("tests/test_swap_fallbacks.py", "-k", "changed_after_fuse"),
     ),
+    # Inside a torch.func transform an op with inputs requiring grad took the eager autograd path (its checks
+    # read data pointers torch.func's tensors do not have).
+    Mutation(
+        "library-torch-func-as-eager-autograd",
+        "vit_kernels/library.py",
+        "        if torch._C._functorch.peek_interpreter_stack() is not None:\n            return _under_torch_func(op, args)\n",
+        "",
+        ("tests/test_library.py", "-k", "torch_func"),
+    ),
     # A tensor subclass among the parameters (torchao's quantized weights): only the wrapper's own
     # parameters looked at, not those of the modules under it.
     Mutation(
