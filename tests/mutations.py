@@ -207,9 +207,17 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "library-torch-func-as-eager-autograd",
         "vit_kernels/library.py",
-        "        if torch._C._functorch.peek_interpreter_stack() is not None:\n            return _under_torch_func(op, args)\n",
+        "        if transform() is not None:\n            return _under_transform(op, args)\n",
         "",
         ("tests/test_library.py", "-k", "torch_func"),
+    ),
+    # Forward-mode AD through an explicit kernel backend: the custom op returns the primal alone.
+    Mutation(
+        "library-forward-ad-tangent-dropped",
+        "vit_kernels/library.py",
+        "        if dual:  # the custom op would return the primal alone: the tangent dropped, silently\n",
+        "        if False:\n",
+        ("tests/test_library.py", "-k", "forward_ad"),
     ),
     # A tensor subclass among the parameters (torchao's quantized weights): only the wrapper's own
     # parameters looked at, not those of the modules under it.

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 import vit_kernels as vk
 from vit_kernels import backends, library, reference
@@ -338,6 +339,41 @@ def test_under_torch_func(op):
             torch.func.grad(
                 lambda x: vk.linear(x, a[1], a[2], residual=a[3], layer_scale=a[4], backend="triton").sum()
             )(x)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_under_forward_ad(op):
+    """Forward-mode AD (a dual level, the first input dual): backend auto runs the op's PyTorch path and the
+    output carries the tangent, against the float64 oracle's (the attention ops: PyTorch's SDPA raises
+    NotImplementedError, as for any SDPA user); backend triton raises, naming the op (the
+    custom op would return the primal alone: before, the tangent was dropped silently), and runs when no
+    input carries a tangent."""
+    args = inputs(op, "vit", torch.float32, "torch")
+    call = public_call(op)
+    tangent = torch.randn_like(args[0])
+
+    def jvp(call, a):
+        with torch.no_grad(), fwAD.dual_level():
+            out = call((fwAD.make_dual(a[0], tangent.to(a[0].dtype)),) + tuple(a[1:]))
+            return fwAD.unpack_dual(out).tangent
+
+    if op in ("flash_attention", "qkv_attention"):  # their PyTorch path is SDPA, which has no forward-AD formula
+        with pytest.raises(NotImplementedError, match="forward AD"):
+            jvp(call, args)
+        return
+    got = jvp(call, args)
+    d = backends.last_decision(op)
+    assert d.backend == "torch" and d.path == "unfused" and "forward-mode AD" in d.reasons["fused"], d
+    oracle_jvp = lambda a: jvp(lambda b: oracle(op, b), a)  # noqa: E731
+    assert_close(got, oracle_jvp(as_dtype(args, torch.float64)), oracle_jvp(args), name="tangent")
+    if backends.triton_unavailable(DEVICE) is None and op == "linear":
+        x, w, b, res, ls = args[:5]
+        triton = lambda a: vk.linear(a[0], w, b, residual=res, layer_scale=ls, backend="triton")  # noqa: E731
+        with pytest.raises(RuntimeError, match=r"^vit_kernels.linear: backend='triton' cannot carry forward-mode AD"):
+            jvp(triton, args)
+        with torch.no_grad(), fwAD.dual_level():
+            plain = triton(args)
+        assert_close(plain, oracle(op, as_dtype(args, torch.float64)), oracle(op, args))
 
 
 class _OnCuda1(torch.Tensor):

@@ -319,23 +319,40 @@ def test_tensor_subclass_weight_runs_the_original(family, when, caplog):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_torch_func_transforms_run_the_original(family):
     """torch.func.vmap (per-sample logits) and torch.func.grad (of the logits' sum by the images) of a
-    fused model (its parameters requiring grad): the fused parts run the original modules, which
-    torch.func serves, and say why; the results are the unfused model's (before: a data-pointer error
-    from inside a fused op's checks)."""
+    fused model (its parameters requiring grad), and forward-mode AD (the logits' tangent): the fused
+    parts run the original modules, which serve them, and say why; the results against the float64
+    oracle (before: a data-pointer error from inside a fused op's checks under torch.func; under forward
+    AD a kernel backend returned no tangent, silently)."""
     model = FAMILIES[family]().eval()
     ref = copy.deepcopy(model)
     vk.fuse(model, backend="torch")
     w, _ = block_wrapper(model)
-    images = torch.randn(2, 3, 32, 32)
-    for name, transform in (
-        ("vmap", lambda m, x: torch.func.vmap(lambda i: logits(m(i[None]))[0])(x)),
-        ("grad", lambda m, x: torch.func.grad(lambda i: logits(m(i)).sum())(x)),
+    images, tangent = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+
+    def forward_ad(m, x):  # the logits' tangent along ``tangent`` (forward-mode AD, no torch.func)
+        with torch.no_grad(), torch.autograd.forward_ad.dual_level():
+            out = logits(m(torch.autograd.forward_ad.make_dual(x, tangent.to(x.dtype))))
+            return torch.autograd.forward_ad.unpack_dual(out).tangent
+
+    for name, transform, why in (
+        ("vmap", lambda m, x: torch.func.vmap(lambda i: logits(m(i[None]))[0])(x), "torch.func transform"),
+        ("grad", lambda m, x: torch.func.grad(lambda i: logits(m(i)).sum())(x), "torch.func transform"),
+        ("forward AD", forward_ad, "forward-mode AD"),
     ):
-        got, want = transform(model, images), transform(ref, images)
+        try:
+            want = transform(ref, images)
+        except NotImplementedError as e:  # the original itself cannot (SDPA and MHA have no forward-AD formula)
+            with pytest.raises(NotImplementedError, match="forward AD"):
+                transform(model, images)
+            assert name == "forward AD" and "forward AD" in str(e), e
+            first = next(m for m in model.modules() if isinstance(m, SwapWrapper) and m.fused_ops.get("attention"))
+            assert why in first.last_fallback, first.last_fallback  # it ran the original, which raised
+            continue
+        got = transform(model, images)
         assert_close(got, transform(copy.deepcopy(ref).double(), images.double()), want, name=name)
-        assert "torch.func transform" in w.last_fallback, w.last_fallback
+        assert why in w.last_fallback, w.last_fallback
         d = vk.last_decision("qkv_attention")
-        assert d.backend == "original" and "torch.func transform" in d.reasons["fused"], d
+        assert d.backend == "original" and why in d.reasons["fused"], d
     with torch.no_grad():
         logits(model(images))
     assert vk.last_decision("qkv_attention").backend == "torch"  # outside torch.func: fused again

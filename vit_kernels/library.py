@@ -42,6 +42,7 @@ import importlib
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import autograd, backends, checks, replay, tuning
@@ -543,15 +544,26 @@ def _scalars(op: str, args: Sequence) -> tuple:
 
 def intercepted() -> bool:
     """True while something traces or intercepts eager calls: torch.compile / torch.jit.trace, a
-    torch function or dispatch mode (torch.export, FakeTensorMode, FlopCounterMode, ...), a functorch
-    transform (vmap, grad)."""
+    torch function or dispatch mode (torch.export, FakeTensorMode, FlopCounterMode, ...), a torch.func
+    transform (vmap, grad) or forward-mode AD (:func:`transform`)."""
     return (
         torch.compiler.is_compiling()
         or torch._C._get_tracing_state() is not None
         or torch._C._is_torch_function_mode_enabled()
         or torch._C._len_torch_dispatch_stack() != 0
-        or torch._C._functorch.peek_interpreter_stack() is not None
+        or transform() is not None
     )
+
+
+def transform() -> Optional[str]:
+    """What differentiates or batches eager calls now, outside torch.compile: "torch.func" (a vmap / grad /
+    jacrev / jvp level is active), "forward AD" (a ``torch.autograd.forward_ad.dual_level``: an input may
+    carry a tangent, which a kernel would drop), or None."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "torch.func"
+    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
+        return "forward AD"
+    return None
 
 
 def _plain_eager(tensors: Sequence) -> bool:
@@ -735,8 +747,8 @@ def run(op: str, args: Sequence):
             with guard:  # launches on the tensors' device, with its current stream
                 return run(op, args)
     if torch.is_grad_enabled() and backends.needs_grad(tensors):
-        if torch._C._functorch.peek_interpreter_stack() is not None:
-            return _under_torch_func(op, args)
+        if transform() is not None:
+            return _under_transform(op, args)
         args = _scalars(op, args)  # path, approximate, tune, ... checked as the op does
         if not torch.compiler.is_compiling():
             # eager autograd: the op's implementation decides (recorded): backend "triton" runs the
@@ -750,29 +762,45 @@ def run(op: str, args: Sequence):
         # made them: no tracer holds the fake's contiguous promise, so no copy of SDPA's output in eager)
         store = _PLANS.get()
         return _run_planned(op, args, tensors, FUNCTION_PLANS if store is None else store)
-    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
-        return _under_torch_func(op, args)
+    if not torch.compiler.is_compiling() and transform() is not None:
+        return _under_transform(op, args)
     return getattr(torch.ops.vit_kernels, op)(*_scalars(op, args))
 
 
-def _under_torch_func(op: str, args: Sequence):
-    """``op`` inside a torch.func transform (vmap, grad, jacrev, ...): backend "auto" / "torch" run the op's
-    PyTorch path (torch.func batches and differentiates it; recorded as unfused, with the reason); an
-    explicit kernel backend runs the custom op (vmap: one call per sample, PyTorch's fallback), except
-    under torch.func.grad with an input requiring grad, which PyTorch's custom-op autograd does not
-    support: a RuntimeError that says so."""
+def _under_transform(op: str, args: Sequence):
+    """``op`` inside a torch.func transform (vmap, grad, jacrev, ...) or a forward-AD dual level
+    (:func:`transform`): backend "auto" / "torch" run the op's PyTorch path (torch.func batches and
+    differentiates it, forward AD carries the tangents; recorded as unfused, with the reason); an explicit
+    kernel backend runs the custom op (vmap: one call per sample, PyTorch's fallback), except where it
+    would be wrong or fail, each a RuntimeError that says so: forward AD with an input carrying a tangent
+    (the custom op returns the primal alone, the tangent silently dropped), and torch.func.grad with an
+    input requiring grad (PyTorch's custom-op autograd does not support torch.func)."""
     args = _scalars(op, args)
     backend = args[-2]
+    kind = transform()
     if backend in ("auto", "torch"):
-        backends.unfused(op, backend, FUNC_REASON, ran="torch")
+        backends.unfused(op, backend, TRANSFORM_REASON.format(kind=TRANSFORM_KINDS[kind]), ran="torch")
         return TORCH_PATHS[op](*args)
+    if kind == "forward AD":
+        dual = [t for t in args[: N_TENSORS[op]] if t is not None and fwAD.unpack_dual(t).tangent is not None]
+        if dual:  # the custom op would return the primal alone: the tangent dropped, silently
+            raise RuntimeError(FORWARD_AD_REFUSED.format(op=op, backend=backend))
+        return getattr(torch.ops.vit_kernels, op)(*args)
     if torch._C._functorch.peek_interpreter_stack().key() == torch._C._functorch.TransformType.Grad:
         if backends.needs_grad(args[: N_TENSORS[op]]):
             raise RuntimeError(FUNC_GRAD_REFUSED.format(op=op, backend=backend))
     return getattr(torch.ops.vit_kernels, op)(*args)
 
 
-FUNC_REASON = "under a torch.func transform (vmap, grad, ...): the op's PyTorch path, which torch.func serves"
+TRANSFORM_KINDS = {
+    "torch.func": "a torch.func transform (vmap, grad, ...)",
+    "forward AD": "forward-mode AD (a dual level)",
+}
+TRANSFORM_REASON = "under {kind}: the op's PyTorch path, which serves it"
+FORWARD_AD_REFUSED = (
+    "vit_kernels.{op}: backend={backend!r} cannot carry forward-mode AD tangents (an input is a dual tensor: its "
+    "kernels compute the primal only); use backend='auto' or 'torch' there (the op's PyTorch path)"
+)
 FUNC_GRAD_REFUSED = (
     "vit_kernels.{op}: backend={backend!r} cannot run under torch.func.grad / jacrev / vjp (PyTorch's "
     "custom-op autograd does not support torch.func transforms); use backend='auto' or 'torch' there (the "

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
+from .. import library
 from ..backends import unfused
 from .reasons import join
 from .report import ReportEntry
@@ -146,8 +147,6 @@ class SwapWrapper(nn.Module):
 
     def __call__(self, *args, **kwargs):
         # the op calls of this part keep launch plans (vit_kernels.library.call_planned)
-        from .. import library
-
         return library.call_planned(self, super().__call__, args, kwargs)
 
     @property
@@ -306,8 +305,6 @@ class SwapWrapper(nn.Module):
                         break
         if not odd:
             return None
-        from .. import library
-
         if library.intercepted():
             return None
         named = [("x (the input)", x)] + [(join(self.vk_path, n), p) for n, p in self.named_parameters()]
@@ -323,15 +320,18 @@ class SwapWrapper(nn.Module):
         """Why this call must run the original modules (None: the fused path serves it): a module
         under it changed after fuse (:meth:`structure_reason`), a tensor subclass among its parameters
         or input (:meth:`param_reason`), forward hooks the fused path would bypass, a torch.func transform
-        (vmap, grad, ...), dropout active in training. (torch.autocast is served: see :func:`at_autocast`.)"""
+        (vmap, grad, ...) or forward-mode AD, dropout active in training. (torch.autocast is served: see
+        :func:`at_autocast`.)"""
         why = self.structure_reason() or self.param_reason(x) or self.hook_reason()
         if why:
             return why
-        if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
-            return (
-                "under a torch.func transform (vmap, grad, jacrev, ...): calls run the original modules (the fused "
-                "ops have no batching rule, and PyTorch's custom-op autograd does not support torch.func)"
-            )
+        if not torch.compiler.is_compiling():
+            kind = library.transform()
+            if kind is not None:
+                return (
+                    f"under {library.TRANSFORM_KINDS[kind]}: calls run the original modules (the fused kernels "
+                    "neither batch, nor carry tangents, nor differentiate under torch.func)"
+                )
         if self.dropout_active():
             return "dropout is active (a module in training mode, p > 0): calls run the original modules"
         return None
@@ -395,8 +395,6 @@ class SwapWrapper(nn.Module):
         return [dataclasses.replace(e, notes=e.notes + notes) if e.fused else e for e in self.vk_entries]
 
     def __prepare_scriptable__(self):
-        from .. import library
-
         library.refuse_torchscript(self)
 
     def extra_repr(self) -> str:
