@@ -551,7 +551,8 @@ def intercepted() -> bool:
         or torch._C._get_tracing_state() is not None
         or torch._C._is_torch_function_mode_enabled()
         or torch._C._len_torch_dispatch_stack() != 0
-        or transform() is not None
+        or torch._C._functorch.peek_interpreter_stack() is not None
+        or fwAD._current_level >= 0
     )
 
 
@@ -561,7 +562,7 @@ def transform() -> Optional[str]:
     carry a tangent, which a kernel would drop), or None."""
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return "torch.func"
-    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
+    if fwAD._current_level >= 0:
         return "forward AD"
     return None
 
