@@ -219,6 +219,15 @@ MUTATIONS: List[Mutation] = [
         "        if False:\n",
         ("tests/test_library.py", "-k", "forward_ad"),
     ),
+    # A Triton backward under create_graph=True: gradients without a graph, a second differentiation fails
+    # far away (or gives None with allow_unused).
+    Mutation(
+        "autograd-double-backward-unchecked",
+        "vit_kernels/autograd.py",
+        "            if torch.is_grad_enabled():\n                raise RuntimeError(DOUBLE_BACKWARD_REFUSED.format(op=op))\n",
+        "",
+        ("tests/test_library.py", "-k", "double_backward"),
+    ),
     # A tensor subclass among the parameters (torchao's quantized weights): only the wrapper's own
     # parameters looked at, not those of the modules under it.
     Mutation(

@@ -202,16 +202,43 @@ def test_schemas_name_every_op():
         assert schema.startswith(f"vit_kernels::{op}(") and "str backend" in schema, schema
 
 
-def public_call(op):
-    """The public function of ``op`` (backend auto) as a function of :func:`inputs`' schema arguments."""
+def public_call(op, backend="auto"):
+    """The public function of ``op`` as a function of :func:`inputs`' schema arguments."""
     fn = getattr(vk.ops, op)
     return {
-        "flash_attention": lambda a: fn(a[0], a[1], a[2], backend="auto"),
-        "qkv_attention": lambda a: fn(a[0], a[1], a[2], num_heads=a[5], norm_weight=a[3], norm_bias=a[4]),
-        "layernorm_gelu_mlp": lambda a: fn(*a[:7], residual=a[7], layer_scale=a[8]),
-        "patch_embed": lambda a: fn(a[0], a[1], a[2], patch_size=a[5], pos_embed=a[3], cls_token=a[4]),
-        "linear": lambda a: fn(a[0], a[1], a[2], residual=a[3], layer_scale=a[4]),
+        "flash_attention": lambda a: fn(a[0], a[1], a[2], backend=backend),
+        "qkv_attention": lambda a: fn(
+            a[0], a[1], a[2], num_heads=a[5], norm_weight=a[3], norm_bias=a[4], backend=backend
+        ),
+        "layernorm_gelu_mlp": lambda a: fn(*a[:7], residual=a[7], layer_scale=a[8], backend=backend),
+        "patch_embed": lambda a: fn(a[0], a[1], a[2], patch_size=a[5], pos_embed=a[3], cls_token=a[4], backend=backend),
+        "linear": lambda a: fn(a[0], a[1], a[2], residual=a[3], layer_scale=a[4], backend=backend),
     }[op]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_double_backward(op):
+    """A gradient penalty (d/dW of |d sum(y^2) / dx|^2, create_graph=True): backend auto gives it through
+    PyTorch's autograd path, against the float64 oracle's (3x rule; the attention ops: SDPA's backward has
+    no derivative, PyTorch raises, as for any SDPA user); backend triton, whose backward
+    kernels have no backward, raises naming the op (before: a later "appears to not have been used in
+    the graph", or None with allow_unused)."""
+
+    def penalty_grad(call, args):
+        (gx,) = torch.autograd.grad(call(args).square().sum(), args[0], create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), args[1])[0]
+
+    args = inputs(op, "vit", torch.float32, "auto", requires_grad=True)
+    if op in ("flash_attention", "qkv_attention"):  # their PyTorch path is SDPA: no double backward there
+        with pytest.raises(RuntimeError, match="derivative for .* is not implemented"):
+            penalty_grad(public_call(op), args)
+    else:
+        got = penalty_grad(public_call(op), args)
+        oracle_at = lambda dtype: penalty_grad(lambda a: oracle(op, a), as_dtype(args, dtype))  # noqa: E731
+        assert_close(got, oracle_at(torch.float64), oracle_at(torch.float32), factor=3.0, name="second order")
+    if backends.triton_unavailable(DEVICE) is None:
+        with pytest.raises(RuntimeError, match=f"^vit_kernels.{op}: backend='triton' cannot give higher-order"):
+            penalty_grad(public_call(op, "triton"), args)
 
 
 @pytest.mark.parametrize("op", OPS)

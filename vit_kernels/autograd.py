@@ -19,6 +19,8 @@ The ops call :class:`FlashAttention`, :class:`QkvAttention`, :class:`Linear`,
 
 from __future__ import annotations
 
+import functools
+
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -514,6 +516,32 @@ def mlp_hidden(
 # autograd.Functions: Triton forward (saving what the backward reads) + Triton backward
 # ---------------------------------------------------------------------------------------------
 
+DOUBLE_BACKWARD_REFUSED = (
+    "vit_kernels.{op}: backend='triton' cannot give higher-order gradients (a backward with create_graph=True): "
+    "its backward kernels have no backward themselves; use backend='torch' or 'auto' (PyTorch's autograd path) "
+    "for double backward (gradient penalties, MAML, Hessian-vector products)"
+)
+
+
+def first_order(op: str):
+    """A Triton backward's decorator: ``once_differentiable`` (the kernels have no backward), and under
+    ``create_graph=True`` (grad mode on during the backward) a RuntimeError naming the op, where
+    ``once_differentiable`` alone gives gradients no graph, so that a second differentiation fails far
+    away with "appears to not have been used in the graph", or returns None with ``allow_unused``."""
+
+    def wrap(backward):
+        inner = once_differentiable(backward)
+
+        @functools.wraps(backward)
+        def checked(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise RuntimeError(DOUBLE_BACKWARD_REFUSED.format(op=op))
+            return inner(ctx, *grads)
+
+        return checked
+
+    return wrap
+
 
 class FlashAttention(torch.autograd.Function):
     """flash_attention with backend="triton" under autograd. apply(q, k, v, scale, config)."""
@@ -526,7 +554,7 @@ class FlashAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable  # the backward kernels have no backward themselves
+    @first_order("flash_attention")
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         return (*flash_attention_backward(grad_out, q, k, v, out, lse, scale=ctx.scale), None, None)
@@ -546,7 +574,7 @@ class QkvAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable  # the backward kernels have no backward themselves
+    @first_order("qkv_attention")
     def backward(ctx, grad):
         x, w, b, nw, nb, qkv, out, lse = ctx.saved_tensors
         num_heads, scale, eps = ctx.args
@@ -579,7 +607,7 @@ class Linear(torch.autograd.Function):
         return linear_forward(x, weight, bias, residual=residual, layer_scale=layer_scale, **dict(config))
 
     @staticmethod
-    @once_differentiable  # the backward kernels have no backward themselves
+    @first_order("linear")
     def backward(ctx, grad):
         x, weight, bias, layer_scale = ctx.saved_tensors
         return (*linear_backward(grad, x, weight, bias, layer_scale, needs=ctx.needs_input_grad[:5]), None)
@@ -625,7 +653,7 @@ class LayerNormGeluMlp(torch.autograd.Function):
         return out.view(*x.shape[:-1], fc2_weight.shape[0])
 
     @staticmethod
-    @once_differentiable  # the backward kernels have no backward themselves
+    @first_order("layernorm_gelu_mlp")
     def backward(ctx, grad):
         x, nw, nb, w1, b1, w2, b2, ls, hidden, mean, rstd = ctx.saved_tensors
         eps, approximate = ctx.args
@@ -663,7 +691,7 @@ class PatchEmbed(torch.autograd.Function):
         )
 
     @staticmethod
-    @once_differentiable  # the backward kernels have no backward themselves
+    @first_order("patch_embed")
     def backward(ctx, grad):
         images, weight, bias, pos_embed, cls_token = ctx.saved_tensors
         return (
