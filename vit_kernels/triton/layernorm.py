@@ -181,6 +181,18 @@ FOLD_LIMIT = 32768.0  # float16 rows of W * gamma past this are scaled down by a
 
 
 @triton.jit
+def _fold_tile(w_ptr, gamma_ptr, rows, rmask, k0, K, stride_wn, stride_wk, stride_g, BLOCK_K: tl.constexpr):
+    """W's (BLOCK_N, BLOCK_K) tile at column k0 and gamma's columns, both fp32 (0 past the edges), with the
+    columns, their mask and the tile's mask."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    cmask = cols < K
+    m = rmask[:, None] & cmask[None, :]
+    w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :] * stride_wk, mask=m, other=0.0)
+    g = tl.load(gamma_ptr + cols * stride_g, mask=cmask, other=0.0)
+    return w.to(tl.float32), g.to(tl.float32), cols, cmask, m
+
+
+@triton.jit
 def _fold_kernel(
     w_ptr, gamma_ptr, beta_ptr, b_ptr, wf_ptr, sums_ptr, bias_ptr,
     N, K,
@@ -205,12 +217,10 @@ def _fold_kernel(
     if SCALED:
         big = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            cmask = cols < K
-            m = rmask[:, None] & cmask[None, :]
-            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :] * stride_wk, mask=m, other=0.0)
-            g = tl.load(gamma_ptr + cols * stride_g, mask=cmask, other=0.0).to(tl.float32)
-            big = tl.maximum(big, tl.max(tl.abs(w.to(tl.float32) * g[None, :]), axis=1))
+            w, g, cols, cmask, m = _fold_tile(
+                w_ptr, gamma_ptr, rows, rmask, k0, K, stride_wn, stride_wk, stride_g, BLOCK_K
+            )
+            big = tl.maximum(big, tl.max(tl.abs(w * g[None, :]), axis=1))
         over = (big > 32768.0) & (big < float("inf"))  # FOLD_LIMIT; NaN compares False
         # log2 may be off by a little at a power of two: e one too large still fits (and e one too small
         # leaves the row under 2**16 < 65504)
@@ -220,12 +230,7 @@ def _fold_kernel(
     colsum = tl.zeros([BLOCK_N], dtype=tl.float64)
     bias = tl.zeros([BLOCK_N], dtype=tl.float64)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        cmask = cols < K
-        m = rmask[:, None] & cmask[None, :]
-        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :] * stride_wk, mask=m, other=0.0)
-        w = w.to(tl.float32)
-        g = tl.load(gamma_ptr + cols * stride_g, mask=cmask, other=0.0).to(tl.float32)
+        w, g, cols, cmask, m = _fold_tile(w_ptr, gamma_ptr, rows, rmask, k0, K, stride_wn, stride_wk, stride_g, BLOCK_K)
         wf = ((w * g[None, :]) * s[:, None]).to(wf_ptr.dtype.element_ty)
         tl.store(wf_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], wf, mask=m)
         colsum += tl.sum(wf.to(tl.float64), axis=1)
