@@ -337,8 +337,9 @@ def test_under_torch_func(op):
     """torch.func.vmap and torch.func.grad through an op (its inputs requiring grad, as a model's
     parameters do; before, a data-pointer error from inside the checks): backend auto runs the op's
     PyTorch path, batched and differentiated by torch.func, against the oracle, and records why;
-    backend triton under vmap runs the custom op per sample; under grad it raises, naming the op and
-    what to use instead."""
+    backend triton under vmap runs the custom op per sample; under grad or jvp (any level of the
+    transform stack) it raises, naming the op and what to use instead (before: jvp's tangent came back
+    wrong, silently)."""
     args = inputs(op, "vit", torch.float32, "torch", requires_grad=True)
     call = public_call(op)
     stacked = torch.stack([args[0].detach(), args[0].detach() * 0.5])
@@ -360,12 +361,15 @@ def test_under_torch_func(op):
         out = torch.func.vmap(lambda x: torch.ops.vit_kernels.linear(x, *a[1:]))(stacked)
         per_sample = (stacked[1],) + args[1:]
         assert_close(out[1], oracle(op, as_dtype(per_sample, torch.float64)), oracle(op, per_sample))
-        with pytest.raises(
-            RuntimeError, match=r"^vit_kernels.linear: backend='triton' cannot run under torch.func.grad"
+        triton = lambda x: vk.linear(x, a[1], a[2], residual=a[3], layer_scale=a[4], backend="triton")  # noqa: E731
+        refused = r"^vit_kernels.linear: backend='triton' cannot run under a torch.func transform that differentiates"
+        for differentiate in (
+            lambda: torch.func.grad(lambda x: triton(x).sum())(x),
+            lambda: torch.func.jvp(triton, (x,), (torch.randn_like(x),)),  # before: the tangent dropped, silently
+            lambda: torch.func.grad(lambda s: torch.func.vmap(triton)(s).sum())(stacked),  # grad below a vmap
         ):
-            torch.func.grad(
-                lambda x: vk.linear(x, a[1], a[2], residual=a[3], layer_scale=a[4], backend="triton").sum()
-            )(x)
+            with pytest.raises(RuntimeError, match=refused):
+                differentiate()
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -774,8 +774,9 @@ def _under_transform(op: str, args: Sequence):
     differentiates it, forward AD carries the tangents; recorded as unfused, with the reason); an explicit
     kernel backend runs the custom op (vmap: one call per sample, PyTorch's fallback), except where it
     would be wrong or fail, each a RuntimeError that says so: forward AD with an input carrying a tangent
-    (the custom op returns the primal alone, the tangent silently dropped), and torch.func.grad with an
-    input requiring grad (PyTorch's custom-op autograd does not support torch.func)."""
+    (the custom op returns the primal alone, the tangent silently dropped), and any torch.func level that
+    differentiates, grad or jvp (PyTorch's custom-op autograd does not support torch.func; a jvp tangent
+    would be dropped silently)."""
     args = _scalars(op, args)
     backend = args[-2]
     kind = transform()
@@ -787,10 +788,15 @@ def _under_transform(op: str, args: Sequence):
         if dual:  # the custom op would return the primal alone: the tangent dropped, silently
             raise RuntimeError(FORWARD_AD_REFUSED.format(op=op, backend=backend))
         return getattr(torch.ops.vit_kernels, op)(*args)
-    if torch._C._functorch.peek_interpreter_stack().key() == torch._C._functorch.TransformType.Grad:
-        if backends.needs_grad(args[: N_TENSORS[op]]):
-            raise RuntimeError(FUNC_GRAD_REFUSED.format(op=op, backend=backend))
+    stack = getattr(
+        torch._C._functorch, "get_interpreter_stack", lambda: [torch._C._functorch.peek_interpreter_stack()]
+    )
+    if {level.key() for level in stack()} & _DIFFERENTIATING:
+        raise RuntimeError(FUNC_DIFF_REFUSED.format(op=op, backend=backend))
     return getattr(torch.ops.vit_kernels, op)(*args)
+
+
+_DIFFERENTIATING = {torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp}
 
 
 TRANSFORM_KINDS = {
@@ -802,9 +808,10 @@ FORWARD_AD_REFUSED = (
     "vit_kernels.{op}: backend={backend!r} cannot carry forward-mode AD tangents (an input is a dual tensor: its "
     "kernels compute the primal only); use backend='auto' or 'torch' there (the op's PyTorch path)"
 )
-FUNC_GRAD_REFUSED = (
-    "vit_kernels.{op}: backend={backend!r} cannot run under torch.func.grad / jacrev / vjp (PyTorch's "
-    "custom-op autograd does not support torch.func transforms); use backend='auto' or 'torch' there (the "
+FUNC_DIFF_REFUSED = (
+    "vit_kernels.{op}: backend={backend!r} cannot run under a torch.func transform that differentiates (grad, "
+    "vjp, jacrev, jvp, jacfwd, hessian): its kernels have no torch.func derivative (PyTorch's custom-op autograd "
+    "does not support torch.func, and a jvp tangent would be dropped); use backend='auto' or 'torch' there (the "
     "op's PyTorch path), or torch.autograd (loss.backward(), torch.autograd.grad)"
 )
 
