@@ -211,6 +211,14 @@ MUTATIONS: List[Mutation] = [
         "",
         ("tests/test_library.py", "-k", "torch_func"),
     ),
+    # torch.func.jvp through an explicit kernel backend: the custom op's tangent is dropped.
+    Mutation(
+        "library-torch-func-jvp-allowed",
+        "vit_kernels/library.py",
+        "_DIFFERENTIATING = {torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp}\n",
+        "_DIFFERENTIATING = {torch._C._functorch.TransformType.Grad}\n",
+        ("tests/test_library.py", "-k", "torch_func"),
+    ),
     # Forward-mode AD through an explicit kernel backend: the custom op returns the primal alone.
     Mutation(
         "library-forward-ad-tangent-dropped",
