@@ -111,6 +111,13 @@ def test_bench_train_under_torchrun(tmp_path):
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    aborted = "terminate called without an active exception"
+    if done.returncode != 0 and aborted in done.stderr and (tmp_path / "results.csv").exists():
+        # Both ranks aborted (SIGABRT) at exit after the results were written and the process group
+        # destroyed: seen in CI under load (2026-11-26 18:45 UTC, and once before), never reproduced here in
+        # 20+ runs, cause not found (PyTorch's gloo teardown). Run once more; the second run must pass whole.
+        (tmp_path / "results.csv").unlink()
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("vit_kernels bench on") == 1, done.stdout  # rank 0 alone prints
     with open(tmp_path / "results.csv") as f:
