@@ -570,10 +570,10 @@ def transform() -> Optional[str]:
 def _plain_eager(tensors: Sequence) -> bool:
     """True for an eager call that nothing traces or intercepts (:func:`intercepted`), with plain
     tensors (or Parameters) only."""
-    return not intercepted() and _PLAIN.issuperset(map(type, tensors))
+    return not intercepted() and PLAIN_TYPES.issuperset(map(type, tensors))
 
 
-_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))
+PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))  # what the kernels read directly
 
 
 # ------------------------------------------------------------------------------- launch plans

@@ -52,7 +52,6 @@ _LOCK = threading.Lock()
 
 # report op -> the op whose last_decision records a fallback of that part
 OP_NAMES = {"attention": "qkv_attention", "mlp": "layernorm_gelu_mlp", "patch_embed": "patch_embed"}
-_PLAIN_PARAMETERS = frozenset((torch.Tensor, nn.Parameter, type(None)))
 
 
 # Module attributes holding hooks; the wrapper shares these dictionaries with the original.
@@ -300,7 +299,7 @@ class SwapWrapper(nn.Module):
         if not odd:
             for d in s.params:
                 for p in d.values():
-                    if p.__class__ not in _PLAIN_PARAMETERS:
+                    if p.__class__ not in library.PLAIN_TYPES:
                         odd = True
                         break
         if not odd:
@@ -309,7 +308,7 @@ class SwapWrapper(nn.Module):
             return None
         named = [("x (the input)", x)] + [(join(self.vk_path, n), p) for n, p in self.named_parameters()]
         for where, t in named:
-            if t is not None and t.__class__ not in _PLAIN_PARAMETERS:
+            if t is not None and t.__class__ not in library.PLAIN_TYPES:
                 return (
                     f"{where} is a {type(t).__name__} (a tensor subclass): the fused kernels read plain tensors; "
                     "calls run the original modules, which dispatch to it"

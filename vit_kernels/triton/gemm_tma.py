@@ -113,7 +113,7 @@ def _epilogue(
     bias_ptr,
     res_ptr,
     ls_ptr,
-    colsum_ptr,
+    fold_sums_ptr,
     mean,
     rstd,
     M,
@@ -141,8 +141,8 @@ def _epilogue(
     offs_n = n0 + tl.arange(0, SUB_N)
     n_mask = offs_n < N
     if LN_EPI:  # y = rstd * (x @ W'^T - mean * c) * u + b' (u: the fold's power-of-two unscale, 1 for most columns)
-        c = tl.load(colsum_ptr + offs_n, mask=n_mask, other=0.0)
-        u = tl.load(colsum_ptr + N + offs_n, mask=n_mask, other=1.0)
+        c = tl.load(fold_sums_ptr + offs_n, mask=n_mask, other=0.0)
+        u = tl.load(fold_sums_ptr + N + offs_n, mask=n_mask, other=1.0)
         acc = (acc - mean[:, None] * c[None, :]) * rstd[:, None] * u[None, :]
     acc = bias_gelu(acc, bias_ptr, offs_n, n_mask, HAS_BIAS, ACT)
     if HAS_LS:
@@ -187,7 +187,7 @@ def _gemm_tma_kernel(
     res_ptr,  # (M, N) as (b, t, n), strides (stride_rb, stride_rt, 1)   [HAS_RES]
     ls_ptr,  # (N,) layer scale             [HAS_LS]
     stats_ptr,  # (2, M) fp32: row means, then row 1/std  [LN_EPI]
-    colsum_ptr,  # (2, N) fp32: column sums of W', then the fold's unscale u  [LN_EPI]
+    fold_sums_ptr,  # (2, N) fp32: column sums of W', then the fold's unscale u  [LN_EPI]
     route_ptr,  # (cdiv(M, BLOCK_M),) int32: 1 where the row tile was centred before the dot, else 0  [LN_EPI]
     M,
     N,
@@ -285,7 +285,7 @@ def _gemm_tma_kernel(
                 bias_ptr,
                 res_ptr,
                 ls_ptr,
-                colsum_ptr,
+                fold_sums_ptr,
                 mean,
                 rstd,
                 M,
@@ -320,7 +320,7 @@ def _gemm_tma_kernel(
                 bias_ptr,
                 res_ptr,
                 ls_ptr,
-                colsum_ptr,
+                fold_sums_ptr,
                 mean,
                 rstd,
                 M,
@@ -353,7 +353,7 @@ def _gemm_tma_kernel(
                 bias_ptr,
                 res_ptr,
                 ls_ptr,
-                colsum_ptr,
+                fold_sums_ptr,
                 mean,
                 rstd,
                 M,
@@ -389,7 +389,7 @@ def _gemm_tma_kernel(
                 bias_ptr,
                 res_ptr,
                 ls_ptr,
-                colsum_ptr,
+                fold_sums_ptr,
                 mean,
                 rstd,
                 M,
@@ -422,7 +422,7 @@ def _gemm_tma_kernel(
                 bias_ptr,
                 res_ptr,
                 ls_ptr,
-                colsum_ptr,
+                fold_sums_ptr,
                 mean,
                 rstd,
                 M,
@@ -456,7 +456,7 @@ def _gemm_tma_kernel(
                 bias_ptr,
                 res_ptr,
                 ls_ptr,
-                colsum_ptr,
+                fold_sums_ptr,
                 mean,
                 rstd,
                 M,
@@ -489,7 +489,7 @@ def _gemm_tma_kernel(
                 bias_ptr,
                 res_ptr,
                 ls_ptr,
-                colsum_ptr,
+                fold_sums_ptr,
                 mean,
                 rstd,
                 M,
@@ -710,7 +710,8 @@ def launch_gemm_tma(
     a: A rows with row stride stride_am (unit column stride); weight: (N, K) contiguous rows; out: (M, N) rows
     (row stride out.stride(-2)) or, with qkv = (INNER, HEAD_DIM, q_scale), a contiguous (3, B, H, T, hd);
     residual: (b, t, n) rows through res_strides = (stride_b, stride_t), unit n stride; ln: (mean, rstd, sums)
-    fp32 for LayerNorm in the epilogue (sums: the fold's (2, N) column sums and unscale) (weight and bias already folded); row tiles with a row past
+    fp32 for LayerNorm in the epilogue, sums the fold's (2, N) column sums and unscale factors (weight and
+    bias already folded); row tiles with a row past
     :func:`ln_cancel_threshold` are centred in the kernel and counted for :func:`last_ln_route`.
     """
     if M == 0 or N == 0:
@@ -734,7 +735,7 @@ def launch_gemm_tma(
     else:
         stride_om = _rows2d("out", out)[0]  # the row stride (a size-1 dim's stride says nothing)
     fp32_dummy = fp32_placeholder(a.device)  # never read without LN_EPI
-    stats, colsum = (stats_pointer(ln[0], ln[1]), ln[2]) if ln is not None else (fp32_dummy, fp32_dummy)
+    stats, fold_sums = (stats_pointer(ln[0], ln[1]), ln[2]) if ln is not None else (fp32_dummy, fp32_dummy)
     tau = 0.0
     route = fp32_dummy
     if ln is not None:
@@ -752,7 +753,7 @@ def launch_gemm_tma(
         _or(residual, weight),
         _or(layer_scale, weight),
         stats,
-        colsum,
+        fold_sums,
         route,
         M,
         N,
@@ -914,9 +915,9 @@ def dense_forward(
     a, w, ln = x, weight, None
     if norm_weight is not None and M:
         f = fold_layernorm(weight, bias, norm_weight, norm_bias)
-        w, bias, colsum = f.weight, f.bias, f.sums
+        w, bias, fold_sums = f.weight, f.bias, f.sums
         mean, rstd = stats if stats is not None else row_stats(x, eps)
-        ln = (mean, rstd, colsum)
+        ln = (mean, rstd, fold_sums)
     return launch_gemm_tma(
         a,
         w,
@@ -984,9 +985,9 @@ def qkv_projection_forward(
     a, w, bias, ln = x, qkv_weight, qkv_bias, None
     if norm_weight is not None and M:
         f = fold_layernorm(qkv_weight, qkv_bias, norm_weight, norm_bias)
-        w, bias, colsum = f.weight, f.bias, f.sums
+        w, bias, fold_sums = f.weight, f.bias, f.sums
         mean, rstd = row_stats(x, eps)
-        ln = (mean, rstd, colsum)
+        ln = (mean, rstd, fold_sums)
     return launch_gemm_tma(
         a,
         w,

@@ -177,7 +177,7 @@ class FoldedLayerNorm:
         return self.sums[1]
 
 
-FOLD_LIMIT = 32768.0  # float16 rows of W * gamma past this are scaled down by a power of two
+FOLD_LIMIT = tl.constexpr(32768.0)  # float16 rows of W * gamma past 2**15 are scaled down by a power of two
 
 
 @triton.jit
@@ -221,10 +221,10 @@ def _fold_kernel(
                 w_ptr, gamma_ptr, rows, rmask, k0, K, stride_wn, stride_wk, stride_g, BLOCK_K
             )
             big = tl.maximum(big, tl.max(tl.abs(w * g[None, :]), axis=1))
-        over = (big > 32768.0) & (big < float("inf"))  # FOLD_LIMIT; NaN compares False
+        over = (big > FOLD_LIMIT) & (big < float("inf"))  # NaN compares False
         # log2 may be off by a little at a power of two: e one too large still fits (and e one too small
         # leaves the row under 2**16 < 65504)
-        e = tl.where(over, tl.ceil(tl.log2(big / 32768.0)), 0.0).to(tl.int32)
+        e = tl.where(over, tl.ceil(tl.log2(big / FOLD_LIMIT)), 0.0).to(tl.int32)
     s = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2**-e and 2**e, built from their exponent bits
     u = ((127 + e) << 23).to(tl.float32, bitcast=True)
     colsum = tl.zeros([BLOCK_N], dtype=tl.float64)
