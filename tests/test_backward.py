@@ -49,14 +49,15 @@ def _id(v):
     return str(v).split(".")[-1] if isinstance(v, torch.dtype) else str(v)
 
 
-def check_grads(op, oracle, tensors, kw, dtype):
+def check_grads(op, oracle, tensors, kw, dtype, trainable=None):
     """Run ``op`` (backend="triton") and ``oracle`` on the same values and compare every gradient.
 
-    tensors: name -> float64 master or None; each becomes a dtype leaf requiring grad. The oracle
-    runs in float64 (the reference) and at dtype (the baseline: plain PyTorch's own error).
+    tensors: name -> float64 master or None; each becomes a dtype leaf, requiring grad when its name
+    is in ``trainable`` (None: every one; the others are frozen, as a frozen model's parameters). The
+    oracle runs in float64 (the reference) and at dtype (the baseline: plain PyTorch's own error).
     """
-    names = [n for n, t in tensors.items() if t is not None]
-    leaves = {n: (t.to(dtype).requires_grad_() if t is not None else None) for n, t in tensors.items()}
+    names = [n for n, t in tensors.items() if t is not None and (trainable is None or n in trainable)]
+    leaves = {n: (t.to(dtype).requires_grad_(n in names) if t is not None else None) for n, t in tensors.items()}
     out = op(**leaves, **kw, backend="triton")
     d = vk.last_decision(op.__name__)
     assert d.backend == "triton" and d.backward == "triton", str(d)
@@ -64,7 +65,10 @@ def check_grads(op, oracle, tensors, kw, dtype):
     out.backward(g)
     results = {}
     for label, cast in (("oracle", torch.float64), ("baseline", dtype)):
-        ts = {n: (leaves[n].detach().to(cast).requires_grad_() if leaves[n] is not None else None) for n in tensors}
+        ts = {
+            n: (leaves[n].detach().to(cast).requires_grad_(n in names) if leaves[n] is not None else None)
+            for n in tensors
+        }
         oracle(**ts, **kw).backward(g.to(cast))
         results[label] = ts
     for n in names:
@@ -72,6 +76,8 @@ def check_grads(op, oracle, tensors, kw, dtype):
         assert got is not None, f"d{n}: no gradient"
         assert got.dtype == dtype and got.shape == leaves[n].shape, f"d{n}: {got.dtype} {tuple(got.shape)}"
         assert_close(got, results["oracle"][n].grad, results["baseline"][n].grad, factor=3.0, name=f"d{n}")
+    for n in set(tensors) - set(names):
+        assert leaves[n] is None or leaves[n].grad is None, f"d{n}: a frozen tensor got a gradient"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +87,7 @@ ATTN_SHAPES = [(1, 2, 50, 64), (3, 1, 1, 72), (1, 1, 197, 80)]  # (batch, heads,
 ATTN_FULL = [(b, 2, n, hd) for b in (1, 3) for n in (1, 50, 197, 257) for hd in (64, 72, 80)]
 
 
-def _attention(shape, dtype, kv_tokens=None):
+def _attention(shape, dtype, kv_tokens=None, trainable=None):
     B, H, N, D = shape
     M = N if kv_tokens is None else kv_tokens
     check_grads(
@@ -90,6 +96,7 @@ def _attention(shape, dtype, kv_tokens=None):
         dict(q=rnd(B, H, N, D), k=rnd(B, H, M, D), v=rnd(B, H, M, D)),
         dict(scale=D**-0.5),
         dtype,
+        trainable,
     )
 
 
@@ -180,7 +187,7 @@ QKV_CASES = [(1, 50, 2, 64, True), (3, 1, 1, 72, False), (1, 17, 1, 80, True)]  
 QKV_FULL = [(b, n, 2, hd, True) for b in (1, 3) for n in (1, 50, 197, 257) for hd in (64, 72, 80)]
 
 
-def _qkv(case, dtype):
+def _qkv(case, dtype, trainable=None):
     B, N, H, hd, norm = case
     dim = H * hd
     tensors = dict(
@@ -190,7 +197,7 @@ def _qkv(case, dtype):
         norm_weight=rnd(dim) if norm else None,
         norm_bias=rnd(dim) if norm else None,
     )
-    check_grads(vk.qkv_attention, R.qkv_attention, tensors, dict(num_heads=H, eps=1e-5), dtype)
+    check_grads(vk.qkv_attention, R.qkv_attention, tensors, dict(num_heads=H, eps=1e-5), dtype, trainable)
     assert vk.last_decision("qkv_attention").path == "split"
 
 
@@ -213,7 +220,7 @@ def test_qkv_attention_grads_full(case, dtype):
 LINEAR_CASES = [(1, 50, 72, 200, "bias+res+ls"), (3, 1, 64, 96, "plain"), (2, 17, 80, 64, "bias")]
 
 
-def _linear(case, dtype):
+def _linear(case, dtype, trainable=None):
     B, N, K, O, variant = case
     tensors = dict(
         x=rnd(B, N, K),
@@ -222,7 +229,7 @@ def _linear(case, dtype):
         residual=rnd(B, N, O) if "res" in variant else None,
         layer_scale=rnd(O, scale=0.5) if "ls" in variant else None,
     )
-    check_grads(vk.linear, R.linear, tensors, {}, dtype)
+    check_grads(vk.linear, R.linear, tensors, {}, dtype, trainable)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
@@ -244,7 +251,7 @@ def test_linear_grads_full(case, dtype):
 MLP_CASES = [(1, 50, 64, 128, "norm+res+ls", "none"), (3, 1, 72, 96, "norm", "tanh"), (1, 17, 48, 80, "plain", "none")]
 
 
-def _mlp(case, dtype):
+def _mlp(case, dtype, trainable=None):
     B, N, dim, hidden, variant, approximate = case
     norm = "norm" in variant
     tensors = dict(
@@ -258,7 +265,8 @@ def _mlp(case, dtype):
         residual=rnd(B, N, dim) if "res" in variant else None,
         layer_scale=rnd(dim, scale=0.5) if "ls" in variant else None,
     )
-    check_grads(vk.layernorm_gelu_mlp, R.layernorm_gelu_mlp, tensors, dict(eps=1e-5, approximate=approximate), dtype)
+    kw = dict(eps=1e-5, approximate=approximate)
+    check_grads(vk.layernorm_gelu_mlp, R.layernorm_gelu_mlp, tensors, kw, dtype, trainable)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
@@ -285,7 +293,7 @@ PATCH_CASES = [(1, 3, 32, 32, 16, 64, True), (3, 3, 24, 16, 8, 72, False), (2, 1
 # (batch, channels, H, W, patch, dim, class token)
 
 
-def _patch(case, dtype, pos_shape="1td"):
+def _patch(case, dtype, pos_shape="1td", trainable=None):
     B, C, H, W, p, dim, cls = case
     T = (1 if cls else 0) + (H // p) * (W // p)
     tensors = dict(
@@ -295,7 +303,7 @@ def _patch(case, dtype, pos_shape="1td"):
         pos_embed=rnd(1, T, dim) if pos_shape == "1td" else rnd(T, dim),
         cls_token=rnd(1, 1, dim) if cls else None,
     )
-    check_grads(vk.patch_embed, R.patch_embed, tensors, dict(patch_size=p), dtype)
+    check_grads(vk.patch_embed, R.patch_embed, tensors, dict(patch_size=p), dtype, trainable)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
@@ -318,6 +326,24 @@ def test_patch_embed_grads_2d_pos_embed():
 )
 def test_patch_embed_grads_full(case, dtype):
     _patch(case, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# a frozen model: only the activation input requires grad (saliency maps, attribution, adversarial
+# inputs on a frozen fused ViT); its gradient still flows, through the backward kernels
+
+FROZEN = {
+    "flash_attention": lambda: _attention(ATTN_SHAPES[0], torch.float32, trainable=("q",)),
+    "qkv_attention": lambda: _qkv(QKV_CASES[0], torch.float32, trainable=("x",)),
+    "linear": lambda: _linear(LINEAR_CASES[0], torch.float32, trainable=("x",)),
+    "layernorm_gelu_mlp": lambda: _mlp(MLP_CASES[0], torch.float32, trainable=("x",)),
+    "patch_embed": lambda: _patch(PATCH_CASES[0], torch.float32, trainable=("images",)),
+}
+
+
+@pytest.mark.parametrize("op", list(FROZEN))
+def test_input_gradient_through_frozen_parameters(op):
+    FROZEN[op]()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -644,7 +670,9 @@ def test_qkv_forward_under_autograd_takes_the_tuned_tma_configs(dtype, monkeypat
 
     launched = []
     real_attn, real_gemm = attention_tma.launch, gemm_tma.launch_gemm_tma
-    monkeypatch.setattr(attention_tma, "launch", lambda *a: launched.append("attention_tma") or real_attn(*a))
+    monkeypatch.setattr(
+        attention_tma, "launch", lambda *a, **kw: launched.append("attention_tma") or real_attn(*a, **kw)
+    )
     monkeypatch.setattr(gemm_tma, "launch_gemm_tma", lambda *a, **k: launched.append("gemm_tma") or real_gemm(*a, **k))
     x = rnd(2, 50, 128).to(dtype)
     w = (rnd(384, 128) * 128**-0.5).to(dtype)

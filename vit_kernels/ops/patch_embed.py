@@ -255,7 +255,7 @@ def _launch(d, images, weight, bias, pos_embed, cls_token, patch_size, norm=None
     if norm is not None:
         kw.update(image_mean=norm[0], image_std=norm[1])
     if d.backend == "triton":
-        if needs_grad((weight, bias, pos_embed, cls_token)):  # forward and backward kernels
+        if needs_grad((images, weight, bias, pos_embed, cls_token)):  # forward and backward kernels
             from ..autograd import PatchEmbed
 
             if norm is not None:  # the backward kernels read float images: normalized once here
