@@ -32,7 +32,6 @@ reason instead and the plan keeps calling the launcher (``Plan.replay_refused``)
 from __future__ import annotations
 
 import functools
-import operator
 import threading
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
@@ -139,27 +138,41 @@ class Replay:
     """The launches of one recorded call. ``replay(tensors)`` (the op's schema tensors, of the
     recorded call's signature) makes them again and returns the new output.
 
-    Every launch argument is an entry of a pool made per call: the tensors, then fresh allocations
-    (``allocs``: (shape, strides, an empty tensor of the dtype and device) each, contiguous as
-    :func:`empty` made them), then the recorded numbers, strings and persistent placeholders
+    Every launch argument is an entry of a pool made per call: the ``n_inputs`` tensors, then fresh
+    allocations (``allocs``: (shape, strides, an empty tensor of the dtype and device) each, contiguous
+    as :func:`empty` made them), then the recorded numbers, strings and persistent placeholders
     (``consts``), then the results of the :func:`derived` calls (``derived``: (fn, pool indices of its
-    arguments) each, called again in order), then views of the allocations (``views``: (pool index,
-    size, stride, storage offset) each). ``steps``: (launcher,
-    getter) per launch: the launch with its grid and keyword arguments bound (:func:`_bound`), and an
-    ``operator.itemgetter`` that picks the launch's argument tuple out of the pool (the kernel's
-    constexprs among them, :func:`_positional`). ``out``: the pool index of the
+    arguments, how many tensors it returns) each, called again in order), then views of the
+    allocations (``views``: (pool index, size, stride, storage offset) each). ``steps``: (launcher,
+    indices) per launch: the launch with its grid and keyword arguments bound (:func:`_bound`), and the
+    pool indices of the launch's arguments (the kernel's constexprs among them, :func:`_positional`).
+    A call runs all of it as one generated function (``source``, :func:`_straight_line`); :meth:`launches`
+    builds the same pool step by step. ``out``: the pool index of the
     result; ``aliases``: (i, j) pairs of inputs that shared an address in the recorded call (a
     launch argument there is named by the first of them), which a replay needs to share one too
     (:meth:`serves`); ``kernels``: (kernel, grid) per launch (:meth:`launches`); ``descs``: (pool index
     of the base, the other fields) per host tensor descriptor (sm_90's TMA attention), made again on
     the new base after the views."""
 
-    __slots__ = ("allocs", "consts", "views", "steps", "out", "aliases", "kernels", "descs", "derived")
+    __slots__ = (
+        "allocs",
+        "consts",
+        "views",
+        "steps",
+        "out",
+        "aliases",
+        "kernels",
+        "descs",
+        "derived",
+        "source",
+        "_call",
+    )
 
-    def __init__(self, allocs, consts, views, steps, out, aliases, kernels, descs=(), derived=()):
+    def __init__(self, n_inputs, allocs, consts, views, steps, out, aliases, kernels, descs=(), derived=()):
         self.allocs, self.consts, self.views, self.steps = allocs, consts, views, steps
         self.out, self.aliases, self.kernels, self.descs = out, aliases, kernels, descs
         self.derived = derived
+        self.source, self._call = _straight_line(self, n_inputs)
 
     def serves(self, tensors: Sequence[Optional[Tensor]]) -> bool:
         """False when inputs that shared an address in the recorded call do not now."""
@@ -174,7 +187,7 @@ class Replay:
         for shape, stride, like in self.allocs:
             pool.append(like.new_empty_strided(shape, stride))
         pool += self.consts
-        for fn, idx in self.derived:
+        for fn, idx, _ in self.derived:
             pool += fn(*[pool[i] for i in idx])
         for base, size, stride, offset in self.views:
             pool.append(pool[base].as_strided(size, stride, offset))
@@ -183,19 +196,16 @@ class Replay:
         return pool
 
     def __call__(self, tensors: Sequence[Optional[Tensor]]) -> Tensor:
-        pool = self._pool(tensors)
-        for launcher, getter in self.steps:
-            launcher(*getter(pool))
-        return pool[self.out]
+        return self._call(*tensors)
 
     def launches(self, tensors: Sequence[Optional[Tensor]]) -> List[tuple]:
         """What a replay with ``tensors`` launches, without launching: (kernel, grid, args, kwargs)
         per launch, as ``kernel[grid](*args, **kwargs)`` (for tests and diagnostics)."""
         pool = self._pool(tensors)
         out = []
-        for (kernel, grid), (launcher, getter) in zip(self.kernels, self.steps):
+        for (kernel, grid), (launcher, idx) in zip(self.kernels, self.steps):
             kwargs = {k: v for k, v in launcher.keywords.items() if k not in ("grid", "warmup")}
-            out.append((kernel, grid, getter(pool), kwargs))
+            out.append((kernel, grid, tuple(pool[i] for i in idx), kwargs))
         return out
 
     @staticmethod
@@ -328,17 +338,56 @@ class Replay:
 
         steps = []
         for (kernel, grid, _, _), kwargs, row in zip(rec.launches, options, rows):
-            steps.append((_bound(kernel, grid, kwargs), operator.itemgetter(*map(final, row))))
+            steps.append((_bound(kernel, grid, kwargs), tuple(map(final, row))))
         out_j = n + next(k for k, a in enumerate(allocs) if a is out)
         # contiguous as empty() made them; like: an empty tensor of the dtype and device (new_empty_strided
         # takes them from it, a little cheaper than torch.empty_strided's keyword arguments)
         shapes = tuple((tuple(a.shape), a.stride(), a.new_empty(0)) for a in allocs)
         kernels = tuple((kernel, grid) for kernel, grid, _, _ in rec.launches)
         descs = tuple((final(base), fields) for base, fields in descs)
-        derived = tuple((fn, tuple(map(final, row))) for fn, row in derived_rows)
+        counts = [len(outs) for _, _, outs in rec.derived]
+        derived = tuple((fn, tuple(map(final, row)), c) for (fn, row), c in zip(derived_rows, counts))
         return Replay(
-            shapes, tuple(consts), tuple(views), tuple(steps), out_j, tuple(sorted(aliases)), kernels, descs, derived
+            n, shapes, tuple(consts), tuple(views), tuple(steps), out_j, tuple(sorted(aliases)), kernels, descs, derived
         )
+
+
+def _straight_line(r: "Replay", n: int) -> Tuple[str, Any]:
+    """``r``'s launches as one generated Python function of the call's tensors, and its source: what
+    :meth:`Replay._pool` and the steps do, written out (``p<i>`` is pool entry i: the first ``n``
+    the arguments, then the allocations, the derived results, the views and the descriptors as
+    locals; the constants as globals of the function), so a replay runs no loop, list or
+    ``itemgetter`` of its own (about 2 us of a 4-launch call's host time)."""
+    names: dict = {"_descriptor": _descriptor}
+    lines = [f"def replay({''.join(f'p{i}, ' for i in range(n))}):"]
+    j = n
+    for k, (shape, stride, like) in enumerate(r.allocs):
+        names[f"_new{k}"], names[f"_shape{k}"], names[f"_stride{k}"] = like.new_empty_strided, shape, stride
+        lines.append(f"    p{j} = _new{k}(_shape{k}, _stride{k})")
+        j += 1
+    for c in r.consts:
+        names[f"p{j}"] = c
+        j += 1
+    for k, (fn, idx, count) in enumerate(r.derived):
+        names[f"_derived{k}"] = fn
+        outs = "".join(f"p{j + i}, " for i in range(count))
+        lines.append(f"    ({outs}) = _derived{k}({', '.join(f'p{i}' for i in idx)})")
+        j += count
+    for k, (base, size, stride, offset) in enumerate(r.views):
+        names[f"_view{k}"] = (size, stride, offset)
+        lines.append(f"    p{j} = p{base}.as_strided(*_view{k})")
+        j += 1
+    for k, (base, fields) in enumerate(r.descs):
+        names[f"_fields{k}"] = fields
+        lines.append(f"    p{j} = _descriptor(p{base}, _fields{k})")
+        j += 1
+    for k, (launcher, idx) in enumerate(r.steps):
+        names[f"_launch{k}"] = launcher
+        lines.append(f"    _launch{k}({', '.join(f'p{i}' for i in idx)})")
+    lines.append(f"    return p{r.out}")
+    source = "\n".join(lines) + "\n"
+    exec(compile(source, "<vit_kernels.replay>", "exec"), names)
+    return source, names["replay"]
 
 
 def _descriptor(base: Tensor, fields: dict):
