@@ -189,8 +189,8 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "tma-route-flag-always-set",
         "vit_kernels/triton/gemm_tma.py",
-        "                tl.store(route_ptr + pid_m, 0)\n",
-        "                tl.store(route_ptr + pid_m, 1)\n",
+        "                tl.store(route_ptr + pid_m, 0.0)\n",
+        "                tl.store(route_ptr + pid_m, 1.0)\n",
         ("tests/test_tuning.py", "-k", "folded_tma"),
     ),
     # A module under a fused wrapper replaced, parametrized or given an instance forward after fuse: the
@@ -355,8 +355,16 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "triton-attn-tma-second-chunk-column",
         "vit_kernels/triton/attention_tma.py",
-        "        v1 = v1_desc.load([b, h, start_n, BLOCK_D0]).reshape(BLOCK_N, BLOCK_D1)\n",
-        "        v1 = v1_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, BLOCK_D1)\n",
+        "        v1 = v1_desc.load([bv, h, start_n, BLOCK_D0]).reshape(BLOCK_N, BLOCK_D1)\n",
+        "        v1 = v1_desc.load([bv, h, start_n, 0]).reshape(BLOCK_N, BLOCK_D1)\n",
+        T_ATTN_TMA,
+    ),
+    # q, k, v as the planes of one buffer (the split path): v read at k's images.
+    Mutation(
+        "triton-attn-tma-v-plane-as-k",
+        "vit_kernels/triton/attention_tma.py",
+        "    v = v_desc.load([bv, h, start_n, 0]).reshape(BLOCK_N, BLOCK_D0)\n",
+        "    v = v_desc.load([bk, h, start_n, 0]).reshape(BLOCK_N, BLOCK_D0)\n",
         T_ATTN_TMA,
     ),
     Mutation(
@@ -484,6 +492,15 @@ MUTATIONS: List[Mutation] = [
         T_QKV,
     ),
     # ------------------------------------------------------------------ Triton: backward kernels
+    # Images that need a gradient while the parameters are frozen (saliency on a frozen ViT): the
+    # forward-only kernel would cut the result off the graph (no gradient, silently).
+    Mutation(
+        "patch-embed-images-grad-ignored",
+        "vit_kernels/ops/patch_embed.py",
+        "        if needs_grad((images, weight, bias, pos_embed, cls_token)):  # forward and backward kernels\n",
+        "        if needs_grad((weight, bias, pos_embed, cls_token)):  # forward and backward kernels\n",
+        ("tests/test_backward.py", "-k", "frozen"),
+    ),
     Mutation(
         "triton-attn-bwd-dk-unscaled", "vit_kernels/triton/attention_bwd.py", "    dk = dk * scale\n", "", T_BWD_ATTN
     ),

@@ -407,6 +407,30 @@ def test_qkv_attention_split_path_on_tma_triton(case):
         )
 
 
+@pytest.mark.parametrize("shape", [(3, 2, 197, 64), (1, 3, 50, 80)], ids=ids)
+@pytest.mark.parametrize("tma_config", [TMA_CONFIGS[0], TMA_CONFIGS[3]], ids=ids)
+def test_planes_of_one_buffer_read_as_one_descriptor_triton_tma(shape, tma_config):
+    """q, k, v given as the planes of the split path's (3, B, H, N, D) buffer (``qkv=``): one descriptor
+    over 3 * B images, k's from image B on and v's from 2 * B; the result and LSE equal, bit for bit, the
+    launch on q, k, v as separate tensors (the same tiles of the same values), and match the oracle. A
+    buffer whose planes are not q, k, v is refused before any launch."""
+    require("triton")
+    from vit_kernels.triton.attention import flash_attention_forward
+
+    dtype = torch.bfloat16
+    qkv = rand(3, *shape, dtype=dtype)
+    q, k, v = qkv.unbind(0)
+    scale = shape[-1] ** -0.5
+    kw = dict(return_lse=True, attention_tma_config=tma_config)
+    out, lse = flash_attention_forward(q, k, v, scale, out=torch.full_like(q, float("nan")), qkv=qkv, **kw)
+    apart = [t.clone() for t in (q, k, v)]
+    want, want_lse = flash_attention_forward(*apart, scale, out=torch.full_like(q, float("nan")), **kw)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    check_attention(out, q, k, v, scale)
+    with pytest.raises(ValueError, match=r"qkv: expected the contiguous .* buffer whose planes are q, k and v"):
+        flash_attention_forward(q, v, k, scale, qkv=qkv, **kw)  # k and v swapped: plane 1 is not k
+
+
 # -------------------------------------------------------------------------------- CUDA only
 def cuda_layouts(B, H, N, D, dtype):
     """(name, q, k, v): the same attention read from different memory layouts, without copies (the

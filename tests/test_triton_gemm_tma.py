@@ -376,7 +376,7 @@ def test_fold_kernel(N, K, bias, beta, layout, dtype):
     assert_close(f.colsum, f.weight.double().sum(1), f.weight.float().sum(1), name="colsum")
     assert torch.equal(f.unscale, torch.ones(N, device=DEVICE))  # nothing near float16's range: unscaled
     if not (bias or beta):
-        assert f.bias is None
+        assert f.bias is None and torch.equal(f.sums[2], torch.zeros(N, device=DEVICE))  # written: 0, never garbage
     else:
         want = (b.double() if bias else 0) + (w.double() @ nb.double() if beta else 0)
         assert_close(f.bias, want, (b.float() if bias else 0) + (w.float() @ nb.float() if beta else 0), name="bias")

@@ -664,7 +664,7 @@ def test_attention_tma_config_fastest_runs_the_tma_kernel(dtype, monkeypatch):
 
     launched, gemms = [], []
     real, real_gemm = attention_tma.launch, gemm_tma.launch_gemm_tma
-    monkeypatch.setattr(attention_tma, "launch", lambda *a: launched.append(a[-1]) or real(*a))
+    monkeypatch.setattr(attention_tma, "launch", lambda *a, **kw: launched.append(a[-1]) or real(*a, **kw))
     monkeypatch.setattr(gemm_tma, "launch_gemm_tma", lambda *a, **k: gemms.append(k["config"]) or real_gemm(*a, **k))
     q, k, v = qkv0 = tuple(torch.randn(1, 2, 70, 64, dtype=torch.float64, device=DEVICE).to(dtype) for _ in range(3))
     oracle_qkv = reference.flash_attention(*(t.double() for t in qkv0))

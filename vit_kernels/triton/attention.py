@@ -275,7 +275,8 @@ def flash_attention_forward(
     raises ValueError with the reason before any launch.
     qkv: the buffer q, k and v are views of, q at its start (the split path's (3, batch, heads,
     tokens, head_dim) buffer): the pointer kernel then takes the buffer alone, k and v as element
-    offsets into it, so a replayed launch plan (vit_kernels.replay) makes no views per call.
+    offsets into it, and the TMA kernel one descriptor over its planes (attention_tma.launch), so a
+    replayed launch plan (vit_kernels.replay) makes no views per call.
     """
     if q.dim() != 4:
         raise ValueError(f"q: expected a 4-D tensor (batch, heads, tokens, head_dim), got shape {tuple(q.shape)}")
@@ -303,7 +304,7 @@ def flash_attention_forward(
     if attention_tma_config is not None:
         from . import attention_tma
 
-        attention_tma.launch(q, k, v, out, lse, scale, attention_tma_config)
+        attention_tma.launch(q, k, v, out, lse, scale, attention_tma_config, qkv=qkv)
     elif out.numel() > 0:
         BLOCK_M, BLOCK_N, num_warps, num_stages = attention_config or kernel_config(q.dtype, D)
         grid = (B * H, cdiv(NQ, BLOCK_M))

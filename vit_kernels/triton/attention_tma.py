@@ -62,7 +62,8 @@ def _attn_tma_step(
     k1_desc,
     v_desc,
     v1_desc,
-    b,
+    bk,
+    bv,
     h,
     start_n,
     NKV,
@@ -72,12 +73,13 @@ def _attn_tma_step(
     BLOCK_D1: tl.constexpr,
     MASK: tl.constexpr,
 ):
-    """One key/value tile (rows start_n .. start_n + BLOCK_N of head (b, h)) of the online softmax. MASK:
-    the tile runs past NKV (its padded keys were zero-filled by the descriptor: their scores become -inf)."""
-    k = k_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, BLOCK_D0)
+    """One key/value tile (rows start_n .. start_n + BLOCK_N of head h of batch index bk in k's descriptor,
+    bv in v's) of the online softmax. MASK: the tile runs past NKV (its padded keys were zero-filled by the
+    descriptor: their scores become -inf)."""
+    k = k_desc.load([bk, h, start_n, 0]).reshape(BLOCK_N, BLOCK_D0)
     s = tl.dot(q, k.T)
     if BLOCK_D1 > 0:
-        k1 = k1_desc.load([b, h, start_n, BLOCK_D0]).reshape(BLOCK_N, BLOCK_D1)
+        k1 = k1_desc.load([bk, h, start_n, BLOCK_D0]).reshape(BLOCK_N, BLOCK_D1)
         s = tl.dot(q1, k1.T, s)
     s = s * qk_scale
     if MASK:
@@ -86,15 +88,16 @@ def _attn_tma_step(
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = v_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, BLOCK_D0)
+    v = v_desc.load([bv, h, start_n, 0]).reshape(BLOCK_N, BLOCK_D0)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     if BLOCK_D1 > 0:
-        v1 = v1_desc.load([b, h, start_n, BLOCK_D0]).reshape(BLOCK_N, BLOCK_D1)
+        v1 = v1_desc.load([bv, h, start_n, BLOCK_D0]).reshape(BLOCK_N, BLOCK_D1)
         acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None])
     return acc, acc1, l_i, m_new
 
 
-@triton.jit
+# k_b0, v_b0: never specialized (0 for separate q, k, v; B and 2 * B for the split path's one buffer)
+@triton.jit(do_not_specialize=["k_b0", "v_b0"])
 def _attn_fwd_tma_kernel(
     q_desc,  # tensor descriptors over (B, H, NQ, D) q / out and (B, H, NKV, D) k, v; blocks (1, 1, rows, BLOCK_D0)
     k_desc,
@@ -109,6 +112,8 @@ def _attn_fwd_tma_kernel(
     kt1_desc,
     vt1_desc,
     lse_ptr,  # (B, H, NQ) fp32, contiguous  [STORE_LSE]
+    k_b0,  # batch index of k's image 0 in k's descriptors (q, k, v as planes of one (3 * B, H, N, D) descriptor)
+    v_b0,  # and of v's in v's
     H,
     NQ,
     NKV,  # heads, query tokens, key/value tokens
@@ -149,7 +154,8 @@ def _attn_fwd_tma_kernel(
                 k1_desc,
                 v_desc,
                 v1_desc,
-                b,
+                b + k_b0,
+                b + v_b0,
                 h,
                 start_n,
                 NKV,
@@ -173,7 +179,8 @@ def _attn_fwd_tma_kernel(
                 k1_desc,
                 v_desc,
                 v1_desc,
-                b,
+                b + k_b0,
+                b + v_b0,
                 h,
                 start_n,
                 NKV,
@@ -195,7 +202,8 @@ def _attn_fwd_tma_kernel(
                 kt1_desc,
                 vt_desc,
                 vt1_desc,
-                b,
+                b + k_b0,
+                b + v_b0,
                 h,
                 start_n,
                 NKV,
@@ -289,12 +297,16 @@ def launch(
     lse: Optional[Tensor],
     scale: float,
     config,
+    qkv: Optional[Tensor] = None,
 ) -> None:
     """Launch :func:`_attn_fwd_tma_kernel` once. q, k, v, out, lse as
     :func:`attention.flash_attention_forward` checked them (q: (batch, heads, q_tokens, head_dim); k, v:
     (batch, heads, kv_tokens, head_dim); out like q; lse (batch, heads, q_tokens) fp32 contiguous or None);
-    config: one of :data:`CONFIGS`. Raises ValueError with :func:`tma_unsupported`'s reason before any
-    launch."""
+    config: one of :data:`CONFIGS`; qkv: None, or the contiguous (3, batch, heads, tokens, head_dim) buffer
+    whose planes q, k and v are (the split path's): then one descriptor over its (3 * batch, heads, tokens,
+    head_dim) serves q, k and v (k's images from batch index batch on, v's from 2 * batch), so a replayed
+    launch plan (vit_kernels.replay) makes no views, and fewer descriptors, per call. Raises ValueError with
+    :func:`tma_unsupported`'s reason before any launch."""
     BLOCK_M, BLOCK_N, num_warps, num_stages, tail_n = _config(config)
     why = tma_unsupported(q, k, v, out)
     if why is not None:
@@ -304,8 +316,14 @@ def launch(
     if out.numel() == 0:
         return
     d0, d1 = dim_chunks(D, q.dtype)
+    k_b0 = v_b0 = 0
+    if qkv is not None:
+        _check_planes(qkv, q, k, v)
+        k_b0, v_b0 = B, 2 * B
 
     def desc(t: Tensor, rows: int, cols: int) -> TensorDescriptor:
+        if qkv is not None and t is not out:  # q, k, v: the buffer's planes as 3 * B images
+            return TensorDescriptor(qkv, [3 * B, H, NQ, D], list(qkv.stride()[1:]), [1, 1, rows, cols])
         # (B, H, tokens, D) with t's strides; a size-1 dim's stride says nothing about the layout (and may be
         # anything): any multiple of 16 bytes addresses its one index the same way.
         strides = [st if n > 1 else D for st, n in zip(t.stride()[:3], t.shape[:3])] + [1]
@@ -323,6 +341,8 @@ def launch(
         (B * H, cdiv(NQ, BLOCK_M)),
         *descs,
         lse if lse is not None else out,
+        k_b0,
+        v_b0,
         H,
         NQ,
         NKV,
@@ -336,6 +356,23 @@ def launch(
         num_warps=num_warps,
         num_stages=num_stages,
     )
+
+
+def _check_planes(qkv: Tensor, q: Tensor, k: Tensor, v: Tensor) -> None:
+    """Raises ValueError unless q, k, v are qkv[0], qkv[1], qkv[2] of a contiguous (3, B, H, N, D) qkv."""
+    want = (3,) + tuple(q.shape)
+    planes = all(
+        t.dtype == qkv.dtype
+        and t.shape == q.shape
+        and t.stride() == qkv.stride()[1:]
+        and t.data_ptr() == qkv.data_ptr() + i * qkv.stride(0) * qkv.element_size()
+        for i, t in enumerate((q, k, v))
+    )
+    if tuple(qkv.shape) != want or not qkv.is_contiguous() or not planes:
+        raise ValueError(
+            f"qkv: expected the contiguous {want} {q.dtype} buffer whose planes are q, k and v, got "
+            f"{qkv.dtype} {tuple(qkv.shape)} strides {qkv.stride()}"
+        )
 
 
 def aot_spec(dtype: torch.dtype, head_dim: int, config, store_lse: bool = False) -> AotSpec:
@@ -355,7 +392,7 @@ def aot_spec(dtype: torch.dtype, head_dim: int, config, store_lse: bool = False)
         f"lse={int(store_lse)}"
     )
     call = lambda: flash_attention_forward(  # noqa: E731
-        qkv[0], qkv[1], qkv[2], 1.0, out=out, return_lse=store_lse, attention_tma_config=config
+        qkv[0], qkv[1], qkv[2], 1.0, out=out, return_lse=store_lse, attention_tma_config=config, qkv=qkv
     )
     return recorded_spec(
         "flash_attention_fwd_tma",

@@ -70,7 +70,7 @@ from .gemm import (
     fp32_placeholder,
     mode_value,
 )
-from .layernorm import as_rows, fold_layernorm, row_stats, rows_per_batch, stats_pointer
+from .layernorm import FoldedLayerNorm, as_rows, fold_layernorm, row_stats, rows_per_batch, stats_pointer
 
 logger = logging.getLogger("vit_kernels")
 
@@ -183,12 +183,11 @@ def _gemm_tma_kernel(
     w_ptr,  # weight (N, K), row stride stride_wn, unit column stride (W' when LN_EPI)
     out_ptr,  # OUT_ROWS: (M, N) row stride stride_om;
     # OUT_QKV: (3, B, H, T, HEAD_DIM) strides (stride_o3, stride_ob, stride_oh, stride_ot, 1)
-    bias_ptr,  # (N,)                         [HAS_BIAS]  (fp32 b' when LN_EPI)
+    bias_ptr,  # (N,)                         [HAS_BIAS]  (unread when LN_EPI: b' is the fold's)
     res_ptr,  # (M, N) as (b, t, n), strides (stride_rb, stride_rt, 1)   [HAS_RES]
     ls_ptr,  # (N,) layer scale             [HAS_LS]
-    stats_ptr,  # (2, M) fp32: row means, then row 1/std  [LN_EPI]
-    fold_sums_ptr,  # (2, N) fp32: column sums of W', then the fold's unscale u  [LN_EPI]
-    route_ptr,  # (cdiv(M, BLOCK_M),) int32: 1 where the row tile was centred before the dot, else 0  [LN_EPI]
+    stats_ptr,  # (2 * M + cdiv(M, BLOCK_M),) fp32: row means, row 1/std, then the route flags  [LN_EPI]
+    fold_sums_ptr,  # (3, N) fp32: column sums of W', the fold's unscale u, the fp32 bias b'  [LN_EPI]
     M,
     N,
     K,
@@ -220,6 +219,10 @@ def _gemm_tma_kernel(
     LN_EPI: tl.constexpr,
 ):
     SUB_N: tl.constexpr = BLOCK_N // EPI_SPLIT
+    if LN_EPI:
+        bias_ptr = fold_sums_ptr + 2 * N  # b' = b + W @ beta, fp32 [HAS_BIAS]
+    # each row tile's LayerNorm route, after the statistics: 1.0 where it was centred before the dot, else 0.0
+    route_ptr = stats_ptr + 2 * M
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
     if OUT_MODE == OUT_ROWS:
@@ -253,14 +256,14 @@ def _gemm_tma_kernel(
                 a = (a.to(tl.float32) - mean_a[:, None]).to(a.dtype)
                 w = w_desc.load([off_wn, ki * BLOCK_K])
                 acc = tl.dot(a, w.T, acc)
-            tl.store(route_ptr + pid_m, 1)  # every tile of the row writes the same flag
+            tl.store(route_ptr + pid_m, 1.0)  # every tile of the row writes the same flag
         else:
             for ki in tl.range(k_tiles, num_stages=NUM_STAGES):
                 a = a_desc.load([off_am, ki * BLOCK_K])
                 w = w_desc.load([off_wn, ki * BLOCK_K])
                 acc = tl.dot(a, w.T, acc)
             if LN_EPI:
-                tl.store(route_ptr + pid_m, 0)
+                tl.store(route_ptr + pid_m, 0.0)
 
         tile_c += step
         pid_m, pid_n = _tile_coords(tile_c, num_m, num_n, GROUP_M)
@@ -702,24 +705,25 @@ def launch_gemm_tma(
     res_strides: Tuple[int, int] = (0, 0),
     layer_scale: Optional[Tensor] = None,
     act: int = ACT_NONE,
-    ln: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
+    ln: Optional[Tuple[Tensor, Tensor, FoldedLayerNorm]] = None,
     qkv: Optional[Tuple[int, int, float]] = None,
 ) -> Tensor:
     """Launch :func:`_gemm_tma_kernel` once; every argument already checked by the caller.
 
     a: A rows with row stride stride_am (unit column stride); weight: (N, K) contiguous rows; out: (M, N) rows
     (row stride out.stride(-2)) or, with qkv = (INNER, HEAD_DIM, q_scale), a contiguous (3, B, H, T, hd);
-    residual: (b, t, n) rows through res_strides = (stride_b, stride_t), unit n stride; ln: (mean, rstd, sums)
-    fp32 for LayerNorm in the epilogue, sums the fold's (2, N) column sums and unscale factors (weight and
-    bias already folded); row tiles with a row past
-    :func:`ln_cancel_threshold` are centred in the kernel and counted for :func:`last_ln_route`.
+    residual: (b, t, n) rows through res_strides = (stride_b, stride_t), unit n stride; ln: (mean, rstd, fold)
+    for LayerNorm in the epilogue: the statistics as :func:`row_stats` returns them with room for
+    cdiv(M, BLOCK_M) route flags after them, and the fold (:func:`fold_layernorm`: weight is its W', its
+    sums hold the bias, so ``bias`` is None); row tiles with a row past :func:`ln_cancel_threshold` are
+    centred in the kernel and counted for :func:`last_ln_route`.
     """
     if M == 0 or N == 0:
         return out
     _ensure_allocator(a.device)
     c = config
     flags = dict(
-        HAS_BIAS=bias is not None,
+        HAS_BIAS=bias is not None if ln is None else ln[2].has_bias,
         ACT=mode_value(act),
         HAS_LS=layer_scale is not None,
         HAS_RES=residual is not None,
@@ -734,13 +738,17 @@ def launch_gemm_tma(
         stride_om = 0
     else:
         stride_om = _rows2d("out", out)[0]  # the row stride (a size-1 dim's stride says nothing)
-    fp32_dummy = fp32_placeholder(a.device)  # never read without LN_EPI
-    stats, fold_sums = (stats_pointer(ln[0], ln[1]), ln[2]) if ln is not None else (fp32_dummy, fp32_dummy)
+    stats = fold_sums = fp32_placeholder(a.device)  # never read without LN_EPI
     tau = 0.0
-    route = fp32_dummy
     if ln is not None:
+        if bias is not None:
+            raise ValueError("bias: expected None with ln (the fold's sums hold the folded bias)")
+        stats, fold_sums, row_tiles = stats_pointer(ln[0], ln[1]), ln[2].sums, triton.cdiv(M, c.block_m)
+        room = stats.untyped_storage().nbytes() // 4 - stats.storage_offset() - 2 * M
+        if room < row_tiles:
+            raise ValueError(f"ln: expected room for {row_tiles} route flags after the statistics, got {room}")
         tau = ln_cancel_threshold(K, a.dtype)
-        (route,) = derived(_route_flags, a, triton.cdiv(M, c.block_m), c.block_m, tau)
+        derived(_note_route, stats, M, row_tiles, c.block_m, tau)
     tiles = triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n)
     grid = (min(tiles, _num_sms(a.device) * c.blocks_per_sm),)
     launch(
@@ -749,12 +757,11 @@ def launch_gemm_tma(
         a,
         weight,
         out,
-        _or(bias, weight),
+        fold_sums if ln is not None else _or(bias, weight),  # LN_EPI: the kernel reads b' from the fold's sums
         _or(residual, weight),
         _or(layer_scale, weight),
         stats,
         fold_sums,
-        route,
         M,
         N,
         K,
@@ -789,12 +796,12 @@ def _or(t: Optional[Tensor], placeholder: Tensor) -> Tensor:
     return placeholder if t is None else t
 
 
-def _route_flags(a: Tensor, tiles: int, block_m: int, tau: float) -> Tuple[Tensor]:
-    """The (tiles,) int32 flags an LN_EPI launch writes (every entry: each row tile's route), kept as the
-    last route (:func:`last_ln_route`). Made per launch, replays included (vit_kernels.replay.derived)."""
-    flags = torch.empty(tiles, device=a.device, dtype=torch.int32)
-    _LAST_LN_ROUTE[0] = (flags, tiles, block_m, tau)
-    return (flags,)
+def _note_route(stats: Tensor, M: int, tiles: int, block_m: int, tau: float) -> Tuple[()]:
+    """Keep the statistics buffer of this LN_EPI launch as the last route (:func:`last_ln_route` reads its
+    ``tiles`` flags after the 2 * M statistics). Called per launch, replays included
+    (vit_kernels.replay.derived, with the replay's buffer)."""
+    _LAST_LN_ROUTE[0] = (stats, 2 * M, tiles, block_m, tau)
+    return ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -824,7 +831,9 @@ def ln_cancel_threshold(K: int, dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / (4 * torch.finfo(torch.float32).eps * math.sqrt(max(K, 1)))
 
 
-_LAST_LN_ROUTE: List[object] = [""]  # (device flags, row tiles, BLOCK_M, threshold) of the last LN_EPI launch
+_LAST_LN_ROUTE: List[object] = [
+    ""
+]  # (statistics buffer, flags offset, row tiles, BLOCK_M, threshold) of the last LN_EPI launch
 
 
 def last_ln_route() -> str:
@@ -834,8 +843,9 @@ def last_ln_route() -> str:
     r = _LAST_LN_ROUTE[0]
     if not isinstance(r, tuple):
         return r
-    flags, tiles, block_m, tau = r
-    n = int(flags.sum().item())
+    stats, offset, tiles, block_m, tau = r
+    flags = stats.as_strided((tiles,), (1,), stats.storage_offset() + offset)
+    n = int((flags != 0).sum().item())
     if n == 0:
         return "epilogue"
     return (
@@ -873,7 +883,6 @@ def dense_forward(
     norm_weight: Optional[Tensor] = None,
     norm_bias: Optional[Tensor] = None,
     eps: float = 1e-6,
-    stats: Optional[Tuple[Tensor, Tensor]] = None,
     act: int = ACT_NONE,
     residual: Optional[Tensor] = None,
     layer_scale: Optional[Tensor] = None,
@@ -884,8 +893,8 @@ def dense_forward(
 
     x: (..., K) float16/bfloat16 whose rows share one 16-byte-multiple row stride; weight: (N, K); bias,
     layer_scale: (N,); norm_weight: (K,) (with optional norm_bias (K,)) applies LayerNorm(x, eps): folded
-    into the weight (:func:`fold_layernorm`, every call), row statistics from :func:`row_stats` (or ``stats``
-    given), applied in the epilogue; act: ACT_NONE / ACT_GELU_ERF / ACT_GELU_TANH; residual: (..., N) with
+    into the weight (:func:`fold_layernorm`, every call), row statistics from :func:`row_stats`, applied in
+    the epilogue; act: ACT_NONE / ACT_GELU_ERF / ACT_GELU_TANH; residual: (..., N) with
     a unit last stride; config: one of :data:`CONFIGS` or its fields as a tuple (None:
     :func:`default_config`). Returns (..., N).
     Raises ValueError (before any launch) when TMA cannot read or write these tensors.
@@ -915,9 +924,8 @@ def dense_forward(
     a, w, ln = x, weight, None
     if norm_weight is not None and M:
         f = fold_layernorm(weight, bias, norm_weight, norm_bias)
-        w, bias, fold_sums = f.weight, f.bias, f.sums
-        mean, rstd = stats if stats is not None else row_stats(x, eps)
-        ln = (mean, rstd, fold_sums)
+        mean, rstd = row_stats(x, eps, room=triton.cdiv(M, config.block_m))  # room: the route flags
+        w, bias, ln = f.weight, None, (mean, rstd, f)
     return launch_gemm_tma(
         a,
         w,
@@ -985,9 +993,8 @@ def qkv_projection_forward(
     a, w, bias, ln = x, qkv_weight, qkv_bias, None
     if norm_weight is not None and M:
         f = fold_layernorm(qkv_weight, qkv_bias, norm_weight, norm_bias)
-        w, bias, fold_sums = f.weight, f.bias, f.sums
-        mean, rstd = row_stats(x, eps)
-        ln = (mean, rstd, fold_sums)
+        mean, rstd = row_stats(x, eps, room=triton.cdiv(M, config.block_m))  # room: the route flags
+        w, bias, ln = f.weight, None, (mean, rstd, f)
     return launch_gemm_tma(
         a,
         w,

@@ -29,7 +29,7 @@ BLOCK_R, BLOCK_D, NUM_WARPS = 8, 256, 4
 @triton.jit
 def _row_stats_kernel(
     x_ptr,  # x viewed as (batch, T, D) with strides (stride_xb, stride_xt, stride_xd)
-    stats_ptr,  # (2, M) fp32 out: the row means, then the rows' 1/std; M = batch * T
+    stats_ptr,  # (2 * M [+ room],) fp32 out: the row means, then the rows' 1/std; M = batch * T
     M,
     D,
     T,  # rows, row width, rows per batch
@@ -96,14 +96,16 @@ def rows_per_batch(x: Tensor) -> int:
     return x.shape[-2] if x.dim() >= 2 else 1
 
 
-def row_stats(x2d: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+def row_stats(x2d: Tensor, eps: float, room: int = 0) -> Tuple[Tensor, Tensor]:
     """Per-row LayerNorm statistics.
 
     x2d: (..., D), any strides that address it as (-1, T, D) with T = x2d.shape[-2] (a 2-D
     tensor is one batch of rows); float32/float16/bfloat16. eps: added to the variance.
     Returns (mean, rstd), each fp32 (M,) with M = x2d.numel() // D: rstd = 1/sqrt(var + eps),
-    var the biased variance over the last dim. Both are rows of one (2, M) buffer, which the GEMMs
-    take as one pointer (:func:`stats_pointer`): one allocation per call.
+    var the biased variance over the last dim. Both lie in one fp32 buffer (2 * M + room,), mean
+    first, which the GEMMs take as one pointer (:func:`stats_pointer`): one allocation per call.
+    ``room``: fp32 entries after the statistics for the GEMM to write (sm_90's TMA GEMM: its row
+    tiles' LayerNorm route flags), left unwritten here.
     """
     if x2d.dtype not in DTYPES:
         raise TypeError(f"x2d: expected float32, float16 or bfloat16, got {x2d.dtype}")
@@ -111,9 +113,9 @@ def row_stats(x2d: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
         raise ValueError(f"x2d: expected at least 2 dims (rows, D), got shape {tuple(x2d.shape)}")
     D = x2d.shape[-1]
     M = x2d.numel() // D if D else 0
-    stats = empty((2, M), torch.float32, x2d.device)
+    stats = empty((2 * M + room,), torch.float32, x2d.device)
     if M == 0:
-        return stats[0], stats[1]
+        return stats[:0], stats[:0]
     T = rows_per_batch(x2d)
     stride_b, stride_t, stride_d = as_rows("x2d", x2d, T)
     grid = (cdiv(M, BLOCK_R),)
@@ -133,7 +135,7 @@ def row_stats(x2d: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
         BLOCK_D=BLOCK_D,
         num_warps=NUM_WARPS,
     )
-    return stats[0], stats[1]
+    return stats[:M], stats[M : 2 * M]
 
 
 def stats_pointer(mean: Tensor, rstd: Tensor) -> Tensor:
@@ -159,14 +161,14 @@ def stats_pointer(mean: Tensor, rstd: Tensor) -> Tensor:
 class FoldedLayerNorm:
     """LayerNorm(gamma, beta) followed by Linear(W, b), folded: weight W' = W * gamma * s (N, K) in W's
     dtype, each row n scaled by a power of two s_n (1 unless float16 would overflow: see
-    :func:`_fold_kernel`); bias b' = b + W @ beta (N,) fp32, or None when neither b nor beta exists;
-    ``sums`` (2, N) fp32: the column sums c = W' summed over K, from the rounded W' the GEMM multiplies
-    (so x @ W'^T - mean * c = (x - mean) @ W'^T), then u = 1 / s, which the GEMM's epilogue multiplies
-    back (exactly: a power of two)."""
+    :func:`_fold_kernel`); ``sums`` (3, N) fp32, one buffer the GEMM takes as one pointer: the column
+    sums c = W' summed over K, from the rounded W' the GEMM multiplies (so x @ W'^T - mean * c =
+    (x - mean) @ W'^T), then u = 1 / s, which the GEMM's epilogue multiplies back (exactly: a power of
+    two), then the bias b' = b + W @ beta (0 when neither b nor beta exists: ``has_bias`` False)."""
 
     weight: Tensor
-    bias: Optional[Tensor]
     sums: Tensor
+    has_bias: bool
 
     @property
     def colsum(self) -> Tensor:
@@ -175,6 +177,10 @@ class FoldedLayerNorm:
     @property
     def unscale(self) -> Tensor:
         return self.sums[1]
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.sums[2] if self.has_bias else None
 
 
 FOLD_LIMIT = tl.constexpr(32768.0)  # float16 rows of W * gamma past 2**15 are scaled down by a power of two
@@ -194,15 +200,15 @@ def _fold_tile(w_ptr, gamma_ptr, rows, rmask, k0, K, stride_wn, stride_wk, strid
 
 @triton.jit
 def _fold_kernel(
-    w_ptr, gamma_ptr, beta_ptr, b_ptr, wf_ptr, sums_ptr, bias_ptr,
+    w_ptr, gamma_ptr, beta_ptr, b_ptr, wf_ptr, sums_ptr,
     N, K,
     stride_wn, stride_wk, stride_g, stride_be, stride_b,
     HAS_BETA: tl.constexpr, HAS_B: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One program per BLOCK_N rows of W (N, K): wf = W * gamma * s rounded to W's dtype (row-major (N, K)),
-    sums[0] = sum_k wf (fp64 sum, stored fp32), sums[1] = 1 / s, bias = b + W @ beta (fp64, stored fp32;
-    written when HAS_BETA or HAS_B). Memory-bound: W is read once (twice when SCALED, the second time from
+    sums[0] = sum_k wf (fp64 sum, stored fp32), sums[1] = 1 / s, sums[2] = b + W @ beta (fp64, stored
+    fp32; without either term, 0). Memory-bound: W is read once (twice when SCALED, the second time from
     cache), wf written once.
 
     SCALED (float16): a row whose largest |W * gamma| passes FOLD_LIMIT (2**15; float16 overflows at
@@ -237,12 +243,11 @@ def _fold_kernel(
         if HAS_BETA:
             be = tl.load(beta_ptr + cols * stride_be, mask=cmask, other=0.0).to(tl.float64)
             bias += tl.sum(w.to(tl.float64) * be[None, :], axis=1)
+    if HAS_B:
+        bias += tl.load(b_ptr + rows * stride_b, mask=rmask, other=0.0).to(tl.float64)
     tl.store(sums_ptr + rows, colsum.to(tl.float32), mask=rmask)
     tl.store(sums_ptr + N + rows, u, mask=rmask)
-    if HAS_BETA or HAS_B:
-        if HAS_B:
-            bias += tl.load(b_ptr + rows * stride_b, mask=rmask, other=0.0).to(tl.float64)
-        tl.store(bias_ptr + rows, bias.to(tl.float32), mask=rmask)
+    tl.store(sums_ptr + 2 * N + rows, bias.to(tl.float32), mask=rmask)
 
 
 FOLD_BLOCK_N, FOLD_BLOCK_K, FOLD_WARPS = 16, 128, 4
@@ -263,18 +268,17 @@ def fold_layernorm(
     # replay.empty / replay.launch: a launch plan records the fold as its own allocations and launch,
     # and a replay makes both again (no Python between them)
     w_fold = empty((N, K), weight.dtype, dev)
-    sums = empty((2, N), torch.float32, dev)
-    b = empty((N,), torch.float32, dev) if bias is not None or norm_bias is not None else None
+    sums = empty((3, N), torch.float32, dev)
+    beta, has_beta, has_b = norm_bias, norm_bias is not None, bias is not None
     if N:  # K = 0 reads nothing: the sums of nothing are 0, u = 1, and b' = b
-        beta, has_beta, has_b = norm_bias, norm_bias is not None, bias is not None
         launch(
             _fold_kernel, (cdiv(N, FOLD_BLOCK_N),),
             weight, norm_weight, beta if has_beta else sums, bias if has_b else sums, w_fold, sums,
-            b if b is not None else sums, N, K, *weight.stride(), norm_weight.stride(0),
+            N, K, *weight.stride(), norm_weight.stride(0),
             beta.stride(0) if has_beta else 0, bias.stride(0) if has_b else 0,
             has_beta, has_b, weight.dtype == torch.float16, FOLD_BLOCK_N, FOLD_BLOCK_K, num_warps=FOLD_WARPS,
         )  # fmt: skip
-    return FoldedLayerNorm(w_fold, b, sums)
+    return FoldedLayerNorm(w_fold, sums, has_beta or has_b)
 
 
 def aot_specs() -> List[AotSpec]:
