@@ -275,6 +275,38 @@ def test_stats_take_every_layout_as_the_plain_call(op, arg, layout, backend, mon
     assert last_decision(op).copied == d.copied
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("rows, weights", [((0, 4), False), (None, True), ((2,), True)])
+def test_no_keys_with_stats(rows, weights, dtype, backend, monkeypatch):
+    """flash_attention with kv_tokens 0 and statistics: zeros, as the oracle gives, and the torch
+    path's (empty) statistics, on every backend, with nothing launched; inside recording() too."""
+    if backend == "cuda":
+        need_cuda_backend()
+    poison_empty(monkeypatch)
+    launches = Launches().install(monkeypatch)
+    q = torch.randn(2, 3, 5, 64, device=DEVICE).to(DTYPES[dtype])
+    k, v = (torch.randn(2, 3, 0, 64, device=DEVICE).to(DTYPES[dtype]) for _ in range(2))
+    req = StatsRequest(rows=rows, weights=weights)
+    out, st = ops.flash_attention(q, k, v, backend=backend, stats=req)
+    d = last_decision("flash_attention")
+    assert d.backend == backend and d.path == ("torch+stats" if backend == "torch" else "no_keys"), str(d)
+    assert launches.calls == []
+    assert_close(out, reference.flash_attention(q.double(), k.double(), v.double()), reference.flash_attention(q, k, v))
+    want_out, want = ops.flash_attention(q, k, v, backend="torch", stats=req)
+    assert out.dtype == want_out.dtype and torch.equal(out, want_out)
+    for name in ("rows", "distance", "weights"):
+        got, expected = getattr(st, name), getattr(want, name)
+        assert (got is None) == (expected is None), name
+        if got is not None:
+            assert got.shape == expected.shape and got.dtype == expected.dtype and got.numel() == 0, name
+    assert (st.rows is None) == (rows is None) and (st.weights is None) == (not weights)
+    with stats_mod.recording(req) as records:
+        again = ops.flash_attention(q, k, v, backend=backend)
+    assert torch.equal(again, out) and len(records) == 1
+    assert (records[0].rows is None) == (rows is None) and (records[0].weights is None) == (not weights)
+
+
 def test_no_request_is_the_fast_path():
     """Without a request nothing changes: one tensor back, the usual path."""
     q, k, v = make_qk(1, 2, 50, 64, torch.float32)

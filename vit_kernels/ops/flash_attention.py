@@ -71,7 +71,8 @@ def flash_attention(
     q: (batch, heads, q_tokens, head_dim); k, v: (batch, heads, kv_tokens, head_dim).
     Returns (batch, heads, q_tokens, head_dim). scale defaults to head_dim ** -0.5 (else a finite
     number > 0). batch, heads or q_tokens 0: an empty result. kv_tokens 0: zeros, as the oracle
-    (an empty softmax times an empty v) and SDPA give, on every backend.
+    (an empty softmax times an empty v) and SDPA give, on every backend (with ``stats``: the torch
+    path's empty rows and weights).
     tune: "on" | "off" | "cache-only" for backend="auto" on CUDA tensors (vit_kernels.tuning).
     stats: a :class:`~vit_kernels.ops.attention_stats.StatsRequest` makes it return
     ``(out, AttentionStats)`` (attention rows, mean attention distance, full weights). Inside
@@ -162,7 +163,11 @@ def _with_stats(q, k, v, scale, backend, request, record):
     statistics appended to the active recording when ``record``."""
     rows = attention_stats.check_request(request, q.shape[2], k.shape[2])
     d = resolve("flash_attention", backend, (q, k, v), unsupported=_unsupported(q, stats_layouts_unsupported(q, k, v)))
-    if d.backend in ("triton", "cuda"):
+    if d.backend in ("triton", "cuda") and k.shape[2] == 0:
+        d.with_path("no_keys")  # nothing to launch: zeros, as dispatch gives, and the torch path's (empty) statistics
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        st = attention_stats.attention_stats_torch(q, k, scale, request)
+    elif d.backend in ("triton", "cuda"):
         if d.backend == "triton":
             from ..triton import attention_stats as kernels
         else:
