@@ -57,8 +57,9 @@ class VerifyReport:
     the tolerance rule and every fused part ran the backend it was fused with; "FAIL" when an
     output is off, a part took another backend, or a problem was found; "NOT CHECKED" when the
     numbers agree but some fused part ran no fused op (or nothing is fused, or no attention or MLP
-    is: the model has no transformer block, or all are left). ``ok`` is ``status == "PASS"``. fuse_report: what was fused in the model
-    that was checked; decisions: which backend each op took in its last call (and why)."""
+    is: the model has no transformer block, or all are left). ``ok`` is ``status == "PASS"``.
+    fuse_report: what was fused in the model that was checked; decisions: which backend each op
+    took in its last call (and why)."""
 
     dtype: torch.dtype
     comparisons: List[Comparison]
