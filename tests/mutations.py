@@ -692,6 +692,21 @@ MUTATIONS: List[Mutation] = [
         "    if not path:\n        return F.scaled_dot_product_attention(q, k, v)\n",
         T_TORCH,
     ),
+    # ------------------------------------------------------------------ statistics path: as the plain call
+    Mutation(
+        "stats-qkv-params-not-copied",
+        "vit_kernels/ops/qkv_attention.py",
+        "        x, qkv_weight, qkv_bias, norm_weight, norm_bias = fused  # 1-D parameters as the kernels read them\n",
+        "        x, qkv_weight, qkv_bias, norm_weight, norm_bias = tensors  # 1-D parameters as the kernels read them\n",
+        ("tests/test_attention_stats.py", "-k", "every_layout and qkv_attention"),
+    ),
+    Mutation(
+        "stats-flash-no-keys-launches",
+        "vit_kernels/ops/flash_attention.py",
+        '    if d.backend in ("triton", "cuda") and k.shape[2] == 0:\n',
+        "    if False:\n",
+        ("tests/test_attention_stats.py", "-k", "no_keys"),
+    ),
     # ------------------------------------------------------------------ swap: fall-backs, cached resampling
     Mutation(
         "swap-hooks-after-fuse-ignored",
@@ -743,6 +758,20 @@ MUTATIONS: List[Mutation] = [
         "        return pos[:, n:].clone(), None, prefix + pos[:, :n]",
         "        return pos[:, n:].clone(), None, prefix",
         ("tests/test_swap_dynamic_size.py", "-k", "prefix_variants and torch"),
+    ),
+    Mutation(
+        "swap-timm-other-blocks-unreported",
+        "vit_kernels/swap/timm.py",
+        "    return out + _other_block_candidates(root, Block)\n",
+        "    return out\n",
+        ("tests/test_swap_timm.py", "tests/test_verify.py", "-k", "another_class or left_unfused"),
+    ),
+    Mutation(
+        "verify-all-blocks-left-passes",
+        "vit_kernels/verify.py",
+        "    elif not any(e.fused for e in blocks):\n",
+        "    elif False:\n",
+        ("tests/test_verify.py", "-k", "left_unfused"),
     ),
     # ------------------------------------------------------------------ tuning: the correctness check
     Mutation(

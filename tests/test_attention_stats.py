@@ -18,6 +18,7 @@ from vit_kernels.dtypes import SHORT_NAMES
 
 from conftest import DEVICE  # noqa: E402
 from poison import poison_empty  # noqa: E402
+from layouts import HEADS, REFUSED, SPECS, Launches, cases  # noqa: E402
 
 triton_stats = pytest.importorskip("vit_kernels.triton.attention_stats")
 attention = pytest.importorskip("vit_kernels.triton.attention")
@@ -213,6 +214,97 @@ def test_ops_stats(backend):
     )
     assert st.weights is None
     assert last_decision("qkv_attention").path == ("torch+stats" if backend == "torch" else "split+stats")
+
+
+STATS_OPS = ("flash_attention", "qkv_attention")
+STATS_LAYOUTS = ("gaps", "expanded", "transposed", "misaligned")  # tests/layouts.py's, where the op's dims allow
+# refused with statistics beside layouts.REFUSED: the CUDA statistics kernels read q and k with a unit
+# stride along head_dim (the CUDA flash kernel alone reads any strides)
+STATS_REFUSED = {("flash_attention", "cuda"): {"q": {"gaps", "transposed"}, "k": {"gaps", "transposed"}}}
+
+
+def _attention_qk(op, t):
+    """(q, k) whose softmax the statistics of a tests/layouts.py call of ``op`` describe; t: its
+    tensors (qkv_attention: LayerNorm, projection, head split; the scale is the default)."""
+    if op == "flash_attention":
+        return t["q"], t["k"]
+    h = reference.layer_norm(t["x"], t["norm_weight"], t["norm_bias"], 1e-6)
+    B, N, _ = h.shape
+    qkv = reference.linear(h, t["qkv_weight"], t["qkv_bias"]).reshape(B, N, 3, HEADS, -1).permute(2, 0, 3, 1, 4)
+    return qkv[0], qkv[1]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+@pytest.mark.parametrize("op, arg, layout", [c for c in cases(STATS_LAYOUTS) if c[0] in STATS_OPS])
+def test_stats_take_every_layout_as_the_plain_call(op, arg, layout, backend, monkeypatch):
+    """With stats= and inside recording(), every argument layout is served as the call without
+    statistics serves it (tests/test_layouts.py): a 1-D parameter of other strides is copied and listed
+    in the decision's ``copied``; a layout the backend's kernels cannot read is refused, naming the
+    argument and the backend, before any launch; otherwise the output and the statistics match the
+    float64 oracle. Outputs start as NaN."""
+    if backend == "cuda":
+        need_cuda_backend()
+    poison_empty(monkeypatch)
+    launches = Launches().install(monkeypatch)
+    spec = SPECS[op]
+    t = spec.make(torch.float32, DEVICE, arg, layout)
+    q, _ = _attention_qk(op, t)
+    rows = [0, q.shape[2] - 1]
+    req = StatsRequest(rows=tuple(rows), weights=True)
+    if any(layout in table.get((op, backend), {}).get(arg, ()) for table in (REFUSED, STATS_REFUSED)):
+        with pytest.raises(ValueError, match=rf"(?i)(^|\W){arg}: .*{backend}"):
+            spec.run(t, backend, stats=req)
+        with pytest.raises(ValueError, match=rf"(?i)(^|\W){arg}: .*{backend}"), stats_mod.recording(req):
+            spec.run(t, backend)
+        assert launches.calls == [], f"{op} launched {launches.calls} before refusing {arg}={layout}"
+        return
+    out, st = spec.run(t, backend, stats=req)
+    d = last_decision(op)
+    assert d.backend == backend, str(d)
+    copies = [arg] if backend != "torch" and arg in spec.params and not t[arg].is_contiguous() else []
+    assert [n.split(":")[0] for n in d.copied] == copies, str(d)
+    t64 = {name: v.double() for name, v in t.items()}
+    assert_close(out, spec.ref(t64), spec.ref(t), name=f"{op} {backend} {arg}={layout}")
+    p64 = reference.attention_probs(*_attention_qk(op, t64))
+    base = reference.attention_probs(*_attention_qk(op, t))
+    assert_close(st.rows, p64[:, :, rows], base[:, :, rows], name="rows")
+    assert_close(st.weights, p64, base, name="weights")
+    with stats_mod.recording(req) as records:
+        again = spec.run(t, backend)
+    assert torch.equal(again, out) and len(records) == 1 and torch.equal(records[0].rows, st.rows)
+    assert last_decision(op).copied == d.copied
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("rows, weights", [((0, 4), False), (None, True), ((2,), True)])
+def test_no_keys_with_stats(rows, weights, dtype, backend, monkeypatch):
+    """flash_attention with kv_tokens 0 and statistics: zeros, as the oracle gives, and the torch
+    path's (empty) statistics, on every backend, with nothing launched; inside recording() too."""
+    if backend == "cuda":
+        need_cuda_backend()
+    poison_empty(monkeypatch)
+    launches = Launches().install(monkeypatch)
+    q = torch.randn(2, 3, 5, 64, device=DEVICE).to(DTYPES[dtype])
+    k, v = (torch.randn(2, 3, 0, 64, device=DEVICE).to(DTYPES[dtype]) for _ in range(2))
+    req = StatsRequest(rows=rows, weights=weights)
+    out, st = ops.flash_attention(q, k, v, backend=backend, stats=req)
+    d = last_decision("flash_attention")
+    assert d.backend == backend and d.path == ("torch+stats" if backend == "torch" else "no_keys"), str(d)
+    assert launches.calls == []
+    assert_close(out, reference.flash_attention(q.double(), k.double(), v.double()), reference.flash_attention(q, k, v))
+    want_out, want = ops.flash_attention(q, k, v, backend="torch", stats=req)
+    assert out.dtype == want_out.dtype and torch.equal(out, want_out)
+    for name in ("rows", "distance", "weights"):
+        got, expected = getattr(st, name), getattr(want, name)
+        assert (got is None) == (expected is None), name
+        if got is not None:
+            assert got.shape == expected.shape and got.dtype == expected.dtype and got.numel() == 0, name
+    assert (st.rows is None) == (rows is None) and (st.weights is None) == (not weights)
+    with stats_mod.recording(req) as records:
+        again = ops.flash_attention(q, k, v, backend=backend)
+    assert torch.equal(again, out) and len(records) == 1
+    assert (records[0].rows is None) == (rows is None) and (records[0].weights is None) == (not weights)
 
 
 def test_no_request_is_the_fast_path():

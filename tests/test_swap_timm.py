@@ -115,6 +115,32 @@ def test_non_gelu_activation_is_left():
     )
 
 
+# timm ViTs whose blocks are not timm's Block: model name -> block class
+OTHER_BLOCKS = {
+    "vit_small_patch16_18x2_224": "ParallelThingsBlock",
+    "vit_base_patch16_xp_224": "ParallelScalingBlock",
+    "vit_base_patch16_rope_reg1_gap_256": "EvaBlock",  # timm's Eva, not a VisionTransformer
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(OTHER_BLOCKS))
+def test_blocks_of_another_class_are_reported_left(name, backend):
+    """Blocks of another class than timm's Block run as they are (the model still matches); the report
+    lists the attention and the MLP of each as left, naming the class, before and after fuse."""
+    cls = OTHER_BLOCKS[name]
+    model = timm.create_model(name, pretrained=False, **SMALL)
+    assert {type(b).__name__ for b in model.blocks} == {cls}
+    for report in (vk.fuse_report(model), None):
+        if report is None:
+            report = check_fuse(model, torch.randn(2, 3, 32, 32), backend=backend, expect_fused=["patch_embed"])
+        left = [e for e in report.left if e.path.startswith("blocks.")]
+        assert sorted((e.path.split(".")[1], e.op) for e in left) == [
+            (i, op) for i in ("0", "1") for op in ("attention", "mlp")
+        ], str(report)
+        assert all(f"is {cls}, not timm's Block" in e.reason for e in left), str(report)
+
+
 def test_ops_selection():
     model = make().eval()
     vk.fuse(model, backend="torch", ops=("mlp",))

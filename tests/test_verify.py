@@ -237,3 +237,27 @@ def test_verify_a_vit_kernels_model_keeps_its_backend():
     report = vk.verify(model)
     assert report.ok, str(report)
     assert {d.backend for p in report.parts for d in p.ran} == {"triton"} and len(report.parts) == 3
+
+
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("vit_small_patch16_18x2_224", "ParallelThingsBlock"),
+        ("vit_base_patch16_xp_224", "ParallelScalingBlock"),
+        ("vit_base_patch16_rope_reg1_gap_256", "EvaBlock"),
+    ],
+)
+def test_verify_names_the_blocks_left_unfused(name, cls):
+    """A model whose blocks are all left (timm blocks of another class than Block; the patch
+    embedding fused) is NOT CHECKED, saying how many attention / MLP parts were left and why, not
+    that the model has no transformer block."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(
+        name, pretrained=False, img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=5
+    ).eval()
+    report = vk.verify(model, backend="torch")
+    assert report.status == "NOT CHECKED" and all(c.ok for c in report.comparisons), str(report)
+    assert [p.op for p in report.parts] == ["patch_embed"], str(report)
+    (line,) = report.not_checked
+    assert "no transformer block" not in line and "4 attention / MLP parts were left" in line, line
+    assert f"blocks.0 is {cls}, not timm's Block" in line, line

@@ -56,9 +56,10 @@ class VerifyReport:
     """Per-output comparisons and per-part checks. ``status``: "PASS" when every output is within
     the tolerance rule and every fused part ran the backend it was fused with; "FAIL" when an
     output is off, a part took another backend, or a problem was found; "NOT CHECKED" when the
-    numbers agree but some fused part ran no fused op (or nothing is fused, or the model has no
-    transformer block). ``ok`` is ``status == "PASS"``. fuse_report: what was fused in the model
-    that was checked; decisions: which backend each op took in its last call (and why)."""
+    numbers agree but some fused part ran no fused op (or nothing is fused, or no attention or MLP
+    is: the model has no transformer block, or all are left). ``ok`` is ``status == "PASS"``.
+    fuse_report: what was fused in the model that was checked; decisions: which backend each op
+    took in its last call (and why)."""
 
     dtype: torch.dtype
     comparisons: List[Comparison]
@@ -267,7 +268,7 @@ def verify(
     Both models run in eval mode. Returns a :class:`VerifyReport` with the max abs/rel error of
     every output, pass/fail per output, per fused part the backend and kernel path its ops ran
     (FAIL when another backend ran, NOT CHECKED when no fused op ran), the fuse report and the
-    backend decisions. Never a PASS when nothing is fused or the model has no transformer block.
+    backend decisions. Never a PASS when nothing is fused or no attention or MLP is.
     """
     from . import fuse, fuse_report, unfuse
     from .backends import record_decisions
@@ -342,8 +343,15 @@ def verify(
     not_checked = []
     if not parts:
         not_checked.append("nothing in the fused model is fused: the comparison checked plain PyTorch only")
-    if not any(e.op in ("attention", "mlp") for e in report.entries):
+    blocks = [e for e in report.entries if e.op in ("attention", "mlp")]
+    if not blocks:
         not_checked.append(
-            "the model has no transformer block (no attention or MLP was found): its blocks were not checked"
+            "no attention or MLP was found (the model has no transformer block, or none of a kind "
+            "vit_kernels knows): no block was checked"
+        )
+    elif not any(e.fused for e in blocks):
+        not_checked.append(
+            f"no attention or MLP is fused: {len(blocks)} attention / MLP parts were left (first: "
+            f"{blocks[0].path}: {blocks[0].reason}); the blocks were not checked (see fuse_report)"
         )
     return VerifyReport(dtype, comps, report, decisions, problems, _judge(parts, runs), not_checked)

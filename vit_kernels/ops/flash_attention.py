@@ -33,6 +33,29 @@ def layouts_unsupported(q, k, v) -> dict:
     }
 
 
+def stats_layouts_unsupported(q, k, v) -> dict:
+    """:func:`layouts_unsupported` for a call with statistics: the CUDA statistics kernels
+    (csrc/attention/stats.cu) also read q and k with a unit stride along head_dim."""
+    layouts = layouts_unsupported(q, k, v)
+    for name, t in (("q", q), ("k", k)):
+        if layouts["cuda"] is None and t.numel() and t.stride(-1) != 1:
+            layouts["cuda"] = (
+                f"{name}: the CUDA statistics kernels read rows with unit stride along head_dim, got shape "
+                f"{tuple(t.shape)} with strides {t.stride()} (pass {name}.contiguous())"
+            )
+    return layouts
+
+
+def _unsupported(q, layouts) -> dict:
+    """backend -> why it cannot run this call (None: it can): q's head_dim and dtype, then ``layouts``
+    (:func:`layouts_unsupported`, or :func:`stats_layouts_unsupported`)."""
+    D = q.shape[-1]
+    return {
+        "triton": checks.head_dim_unsupported(D, "triton") or layouts["triton"],
+        "cuda": cuda_attention_unsupported(D, q.dtype) or layouts["cuda"],
+    }
+
+
 def flash_attention(
     q: Tensor,
     k: Tensor,
@@ -48,7 +71,8 @@ def flash_attention(
     q: (batch, heads, q_tokens, head_dim); k, v: (batch, heads, kv_tokens, head_dim).
     Returns (batch, heads, q_tokens, head_dim). scale defaults to head_dim ** -0.5 (else a finite
     number > 0). batch, heads or q_tokens 0: an empty result. kv_tokens 0: zeros, as the oracle
-    (an empty softmax times an empty v) and SDPA give, on every backend.
+    (an empty softmax times an empty v) and SDPA give, on every backend (with ``stats``: the torch
+    path's empty rows and weights).
     tune: "on" | "off" | "cache-only" for backend="auto" on CUDA tensors (vit_kernels.tuning).
     stats: a :class:`~vit_kernels.ops.attention_stats.StatsRequest` makes it return
     ``(out, AttentionStats)`` (attention rows, mean attention distance, full weights). Inside
@@ -66,17 +90,12 @@ def flash_attention(
 def dispatch(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], backend: str, tune: Optional[str]) -> Tensor:
     """The body of the custom op: checks, the backend decision (recorded), the launch."""
     scale = check_flash_attention(q, k, v, scale)
-    D = q.shape[-1]
-    layouts = layouts_unsupported(q, k, v)
     empty = q.numel() == 0 or k.shape[2] == 0  # nothing to time: the untimed rules pick the backend
     d = resolve(
         "flash_attention",
         backend,
         (q, k, v),
-        unsupported={
-            "triton": checks.head_dim_unsupported(D, "triton") or layouts["triton"],
-            "cuda": cuda_attention_unsupported(D, q.dtype) or layouts["cuda"],
-        },
+        unsupported=_unsupported(q, layouts_unsupported(q, k, v)),
         has_backward=("triton",),
         tune=tune,
         run=None if empty else _launch,
@@ -143,17 +162,12 @@ def _with_stats(q, k, v, scale, backend, request, record):
     """flash_attention plus the statistics of ``request``: (out, AttentionStats), or out with the
     statistics appended to the active recording when ``record``."""
     rows = attention_stats.check_request(request, q.shape[2], k.shape[2])
-    D = q.shape[-1]
-    d = resolve(
-        "flash_attention",
-        backend,
-        (q, k, v),
-        unsupported={
-            "triton": checks.head_dim_unsupported(D, "triton"),
-            "cuda": cuda_attention_unsupported(D, q.dtype),
-        },
-    )
-    if d.backend in ("triton", "cuda"):
+    d = resolve("flash_attention", backend, (q, k, v), unsupported=_unsupported(q, stats_layouts_unsupported(q, k, v)))
+    if d.backend in ("triton", "cuda") and k.shape[2] == 0:
+        d.with_path("no_keys")  # nothing to launch: zeros, as dispatch gives, and the torch path's (empty) statistics
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        st = attention_stats.attention_stats_torch(q, k, scale, request)
+    elif d.backend in ("triton", "cuda"):
         if d.backend == "triton":
             from ..triton import attention_stats as kernels
         else:

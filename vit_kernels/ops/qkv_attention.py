@@ -119,18 +119,14 @@ def dispatch(x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, 
     if path is None and single_kernel_layout(x, qkv_weight):
         path = "split"
     tensors = (x, qkv_weight, qkv_bias, norm_weight, norm_bias)
-    layouts = layouts_unsupported(x, qkv_weight)
-    p, notes = checks.contiguous_params(backend, qkv_bias=qkv_bias, norm_weight=norm_weight, norm_bias=norm_bias)
-    args = (x, qkv_weight, p["qkv_bias"], p["norm_weight"], p["norm_bias"], num_heads, scale, eps, path)
+    unsupported, fused, notes = _fused_inputs(tensors, head_dim, backend)
+    args = (*fused, num_heads, scale, eps, path)
     empty = x.shape[0] == 0 or x.shape[1] == 0  # nothing to time: the untimed rules pick the backend
     d = resolve(
         "qkv_attention",
         backend,
         tensors,
-        unsupported={
-            "triton": checks.head_dim_unsupported(head_dim, "triton") or layouts["triton"],
-            "cuda": cuda_attention_unsupported(head_dim, x.dtype) or layouts["cuda"],
-        },
+        unsupported=unsupported,
         has_backward=("triton",),
         tune=tune,
         run=None if empty else _launch,
@@ -152,6 +148,22 @@ def dispatch(x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, 
         return torch.empty((x.shape[0], x.shape[1], inner), dtype=x.dtype, device=x.device)
     offer(_launch, (num_heads, scale, eps, path))
     return _launch(d, *args)
+
+
+def _fused_inputs(tensors, head_dim, backend):
+    """What :func:`dispatch` and :func:`_with_stats` both need before resolving the backend:
+    (unsupported, fused, notes). unsupported: backend -> why it cannot run this call (head_dim, dtype,
+    :func:`layouts_unsupported`); fused: tensors (x, qkv_weight, qkv_bias, norm_weight, norm_bias) as
+    the fused kernels read them, 1-D parameters of other strides copied to contiguous; notes: the
+    copies, for ``Decision.copied`` (:func:`vit_kernels.checks.contiguous_params`)."""
+    x, qkv_weight, qkv_bias, norm_weight, norm_bias = tensors
+    layouts = layouts_unsupported(x, qkv_weight)
+    unsupported = {
+        "triton": checks.head_dim_unsupported(head_dim, "triton") or layouts["triton"],
+        "cuda": cuda_attention_unsupported(head_dim, x.dtype) or layouts["cuda"],
+    }
+    p, notes = checks.contiguous_params(backend, qkv_bias=qkv_bias, norm_weight=norm_weight, norm_bias=norm_bias)
+    return unsupported, (x, qkv_weight, p["qkv_bias"], p["norm_weight"], p["norm_bias"]), notes
 
 
 def _launch(d, x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps, path):
@@ -213,15 +225,8 @@ def _with_stats(tensors, num_heads, head_dim, scale, eps, backend, path, request
     statistics appended to the active recording when ``record``."""
     x, qkv_weight, qkv_bias, norm_weight, norm_bias = tensors
     rows = attention_stats.check_request(request, x.shape[1], x.shape[1])
-    d = resolve(
-        "qkv_attention",
-        backend,
-        tensors,
-        unsupported={
-            "triton": checks.head_dim_unsupported(head_dim, "triton"),
-            "cuda": cuda_attention_unsupported(head_dim, x.dtype),
-        },
-    )
+    unsupported, fused, notes = _fused_inputs(tensors, head_dim, backend)
+    d = resolve("qkv_attention", backend, tensors, unsupported=unsupported)
     if d.backend in ("triton", "cuda"):
         if path == "single_kernel":
             raise ValueError("path: 'single_kernel' keeps no softmax statistics; with stats use path=None or 'split'")
@@ -229,7 +234,8 @@ def _with_stats(tensors, num_heads, head_dim, scale, eps, backend, path, request
             from ..triton import attention_stats as kernels
         else:
             from ..cuda import attention_stats as kernels
-        d.with_path("split+stats")
+        d.with_copied(notes).with_path("split+stats")
+        x, qkv_weight, qkv_bias, norm_weight, norm_bias = fused  # 1-D parameters as the kernels read them
         out, st = kernels.qkv_attention_with_stats(
             x,
             qkv_weight,

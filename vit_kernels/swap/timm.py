@@ -9,7 +9,8 @@
   qkv bias on or off, LayerScale, any number of prefix tokens (class, register) are covered: the
   blocks see tokens only. Left (reported) per part: qk_norm, scale_norm (attn.norm), gated
   attention, an Attention/Mlp class other than timm's, a non-GELU activation, mlp.norm, a norm
-  that is not a LayerNorm.
+  that is not a LayerNorm. Blocks of other classes in a timm ViT's ``blocks`` (ParallelThingsBlock,
+  ParallelScalingBlock, EvaBlock, ...) run as they are; the report lists their attention and MLP as left.
 - A call with ``attn_mask`` or ``is_causal`` runs the Block's own forward; so does a call in
   training mode while a dropout / drop-path of the block has p > 0.
 - ``PatchEmbed.proj`` (the Conv2d) is replaced by :class:`~vit_kernels.swap.patch.FusedPatchConv`;
@@ -432,6 +433,33 @@ def data_config(model: nn.Module):
     return tuple(mean), tuple(std), "timm pretrained_cfg"
 
 
+def _other_block_candidates(root: nn.Module, Block) -> List[Candidate]:
+    """A candidate with nothing to build for each block of a timm ViT (a timm model holding
+    ``patch_embed`` and a ``blocks`` list) that is not timm's ``Block``: ParallelThingsBlock,
+    ParallelScalingBlock, EvaBlock, ... run as they are; their attention and MLP entries (the
+    ``attn`` / ``mlp`` child where the block has one, else the block) say so, naming the class."""
+    out: List[Candidate] = []
+    for path, m in root.named_modules():
+        blocks = m._modules.get("blocks")
+        if not (
+            type(m).__module__.startswith("timm.")
+            and "patch_embed" in m._modules
+            and isinstance(blocks, (nn.Sequential, nn.ModuleList))
+        ):
+            continue
+        for name, b in blocks.named_children():
+            if isinstance(b, (Block, SwapWrapper)):
+                continue
+            p = join(join(path, "blocks"), name)
+            why = f"{p} is {type(b).__name__}, not timm's Block: it runs unfused, as it is"
+            entries = [
+                ReportEntry(join(p, child) if child in b._modules else p, op, FAMILY, False, why)
+                for op, child in (("attention", "attn"), ("mlp", "mlp"))
+            ]
+            out.append(Candidate(p, b, entries, None))
+    return out
+
+
 def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
     found = _timm()
     if found is None:
@@ -471,4 +499,4 @@ def candidates(root: nn.Module, backend: str, ops_: tuple) -> List[Candidate]:
                 join(path, "proj"), m.proj, FAMILY, backend, "patch_embed" in ops_, data_config=data_config(owner)
             )
             out += [c] if c else []
-    return out
+    return out + _other_block_candidates(root, Block)
