@@ -707,6 +707,15 @@ MUTATIONS: List[Mutation] = [
         "    if False:\n",
         ("tests/test_attention_stats.py", "-k", "no_keys"),
     ),
+    # ------------------------------------------------------------------ analysis
+    # Registers in front of the patches taken for a class token (row 0 is register 0's attention).
+    Mutation(
+        "analysis-registers-as-class-token",
+        "vit_kernels/analysis.py",
+        "    if not geo.class_token or geo.prefix_tokens < 1:\n",
+        "    if geo.prefix_tokens < 1:\n",
+        ("tests/test_analysis.py", "-k", "no_class_token"),
+    ),
     # ------------------------------------------------------------------ swap: fall-backs, cached resampling
     Mutation(
         "swap-hooks-after-fuse-ignored",

@@ -75,6 +75,27 @@ def test_a_layer_not_fused_is_an_error():
         analysis.cls_attention(fused, torch.randn(1, 3, 32, 32))
 
 
+@pytest.mark.parametrize("family", ["vit_kernels", "timm"])
+@pytest.mark.parametrize("reg_tokens", [0, 2])
+def test_no_class_token_is_refused_registers_are_not_one(family, reg_tokens):
+    """Without a class token, CLS maps and rollout refuse (registers in front are not a class token: row 0
+    would be register 0's attention); the mean attention distance still runs, with the registers as prefix."""
+    kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10, reg_tokens=reg_tokens)
+    if family == "timm":
+        timm = pytest.importorskip("timm")
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, class_token=False, global_pool="avg", **kw)
+        model = vk.fuse(model.eval(), backend="torch")
+    else:
+        model = VisionTransformer(class_token=False, pool="mean", backend="torch", **kw).eval()
+    geo = analysis.geometry(model)
+    assert (geo.class_token, geo.prefix_tokens) == (False, reg_tokens)
+    x = torch.randn(1, 3, 32, 32)
+    for fn in (analysis.cls_attention, analysis.attention_rollout):
+        with pytest.raises(ValueError, match=r"model: has no class token"):
+            fn(model, x)
+    assert analysis.mean_attention_distance(model, x).shape == (2, 2)
+
+
 @pytest.fixture
 def image(tmp_path):
     """A synthetic 80x64 picture: a yellow disc and a red square on blue."""

@@ -32,13 +32,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclasses.dataclass(frozen=True)
 class Geometry:
     """img_size: input side in pixels; patch_size: pixels per patch; grid: (grid_h, grid_w);
-    prefix_tokens: class token + registers in front of the patches; depth: attention layers."""
+    prefix_tokens: class token + registers in front of the patches; depth: attention layers;
+    class_token: whether token 0 is a class token (False: the prefix, if any, is registers only)."""
 
     img_size: int
     patch_size: int
     grid: Tuple[int, int]
     prefix_tokens: int
     depth: int
+    class_token: bool = True
 
 
 def geometry(model: nn.Module, img_size: Optional[int] = None) -> Geometry:
@@ -47,18 +49,20 @@ def geometry(model: nn.Module, img_size: Optional[int] = None) -> Geometry:
 
     img = img_size or image_spec(model)[0]
     cfg = getattr(model, "config", None)
+    cls = True  # every family but timm's and the reference ViT's always has one
     if cfg is not None and hasattr(cfg, "patch_size"):  # transformers
         p, prefix, depth = cfg.patch_size, 1, cfg.num_hidden_layers
     elif hasattr(model, "blocks") and hasattr(model, "patch_embed"):  # timm, vit_kernels
         pe = model.patch_embed
         p = pe.patch_size if isinstance(pe.patch_size, int) else pe.patch_size[0]
         prefix, depth = model.num_prefix_tokens, len(model.blocks)
+        cls = getattr(model, "cls_token", None) is not None
     elif hasattr(model, "conv_proj") and hasattr(model, "encoder"):  # torchvision
         p, prefix, depth = model.patch_size, 1, len(model.encoder.layers)
     elif hasattr(model, "to_patch_embedding"):  # vit-pytorch
         p = model.to_patch_embedding[0].axes_lengths["p1"]
-        cls = model.cls_token
-        prefix = cls.shape[-2] if cls.dim() == 3 else cls.shape[0]
+        token = model.cls_token
+        prefix = token.shape[-2] if token.dim() == 3 else token.shape[0]
         depth = len(model.transformer.layers)
     else:
         raise ValueError(
@@ -68,7 +72,7 @@ def geometry(model: nn.Module, img_size: Optional[int] = None) -> Geometry:
     p = p[0] if isinstance(p, (tuple, list)) else p
     if img is None or img % p:
         raise ValueError(f"img_size: expected a multiple of the patch size {p}, got {img}")
-    return Geometry(img, p, (img // p, img // p), prefix, depth)
+    return Geometry(img, p, (img // p, img // p), prefix, depth, cls)
 
 
 def collect(model: nn.Module, images: Tensor, request: StatsRequest, geo: Geometry) -> List[AttentionStats]:
@@ -86,9 +90,10 @@ def collect(model: nn.Module, images: Tensor, request: StatsRequest, geo: Geomet
 
 
 def _need_class_token(geo: Geometry) -> None:
-    if geo.prefix_tokens < 1:
+    if not geo.class_token or geo.prefix_tokens < 1:
+        regs = f" (its {geo.prefix_tokens} prefix tokens are registers)" if geo.prefix_tokens else ""
         raise ValueError(
-            "model: has no class token (mean pooling): CLS attention maps need one; use attention-distance instead"
+            f"model: has no class token{regs}: CLS attention maps need one; use attention-distance instead"
         )
 
 
