@@ -707,6 +707,14 @@ MUTATIONS: List[Mutation] = [
         "    if False:\n",
         ("tests/test_attention_stats.py", "-k", "no_keys"),
     ),
+    # A channels_last model's patch weight on the CUDA backend: refused on every call instead of copied.
+    Mutation(
+        "patch-embed-cuda-weight-not-copied",
+        "vit_kernels/ops/patch_embed.py",
+        '    w = {"weight": weight} if backend == "cuda" else {}\n',
+        "    w = {}\n",
+        ("tests/test_layouts.py", "-k", "patch_embed and weight and cuda"),
+    ),
     # ------------------------------------------------------------------ analysis
     # Registers in front of the patches taken for a class token (row 0 is register 0's attention).
     Mutation(

@@ -82,7 +82,8 @@ def check_layout(op, arg, layout, backend, dtype, launches):
     assert d.backend == backend, d
     if backend != "torch":
         assert launches.calls, f"{op} on {backend} launched no kernel"
-        if arg in spec.params and not t[arg].is_contiguous():
+        copied = arg in spec.params or (op, arg, backend) == ("patch_embed", "weight", "cuda")
+        if copied and not t[arg].is_contiguous():
             assert any(note.startswith(f"{arg}: ") for note in d.copied), f"no copy of {arg} noted in {d}"
     oracle = spec.ref({k: v.double() for k, v in t.items()})
     baseline = spec.ref(t)  # the oracle run at the low precision

@@ -166,7 +166,8 @@ def patch_embed(
     weight: (dim, channels, p, p);
     bias: (dim,); cls_token: (1, 1, dim) or (dim,); pos_embed: (1, prefix + patches, dim).
     Returns (batch, prefix + (H/p)*(W/p), dim), prefix = 1 with cls_token else 0. batch 0: an
-    empty result. bias, cls_token, pos_embed of other strides are copied for the fused kernels
+    empty result. bias, cls_token, pos_embed of other strides are copied for the fused kernels, and
+    with backend="cuda" the weight too (a channels_last model's; the Triton kernel reads it in place)
     (``last_decision("patch_embed").copied``).
     tune: "on" | "off" | "cache-only" for backend="auto" on CUDA tensors (vit_kernels.tuning).
     The custom op ``torch.ops.vit_kernels.patch_embed`` (:mod:`vit_kernels.library`).
@@ -213,8 +214,12 @@ def dispatch(images, weight, bias, pos_embed, cls_token, patch_size, image_mean,
     patch_size = int(patch_size)  # a numpy integer, say, as the kernels' launch argument
     norm = None if pixel_norm is None else pixel_norm_tensors(pixel_norm, images.device)
     dtype = weight.dtype
+    # backend "cuda" asked for: its kernels read a contiguous weight, so a weight of other strides (a model
+    # moved to channels_last) is copied like the 1-D parameters (noted in Decision.copied)
+    w = {"weight": weight} if backend == "cuda" else {}
+    p, notes = checks.contiguous_params(backend, bias=bias, pos_embed=pos_embed, cls_token=cls_token, **w)
+    weight = p.get("weight", weight)
     layouts = layouts_unsupported(weight)
-    p, notes = checks.contiguous_params(backend, bias=bias, pos_embed=pos_embed, cls_token=cls_token)
     args = (images, weight, p["bias"], p["pos_embed"], p["cls_token"], patch_size, norm)
     empty = images.shape[0] == 0  # nothing to time: the untimed rules pick the backend
     d = resolve(
