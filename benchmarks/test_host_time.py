@@ -56,7 +56,7 @@ def stubbed(monkeypatch, request):
         (attention_tma, "_attn_fwd_tma_kernel"),
         (qkv_attention, "_qkv_attn_kernel"),
         (layernorm, "_row_stats_kernel"),
-        (layernorm, "_fold_kernel"),
+        (layernorm, "_ln_prologue_kernel"),
     ):
         monkeypatch.setattr(mod, name, StubKernel(getattr(mod, name)))
     monkeypatch.setattr(backends, "triton_unavailable", lambda device, dtypes=(): None)

@@ -152,13 +152,13 @@ MUTATIONS: List[Mutation] = [
         "    pass\n",
         ("tests/test_tuning.py", "-k", "tma"),
     ),
-    # The LayerNorm fold is made on every call: a fold cached per parameter object goes stale after an
-    # in-place write (through .data, no version bump, or not).
+    # The LayerNorm fold is made on every call: a fold of a weight kept per parameter object goes stale after
+    # an in-place write (through .data, no version bump, or not).
     Mutation(
         "tma-fold-cached",
         "vit_kernels/triton/gemm_tma.py",
-        "        f = fold_layernorm(weight, bias, norm_weight, norm_bias)\n",
-        "        f = fold_layernorm.__dict__.setdefault((id(weight), id(norm_weight)), fold_layernorm(weight, bias, norm_weight, norm_bias))\n",
+        "        ln = layernorm_prologue(x, eps, weight, bias, norm_weight, norm_bias, room=triton.cdiv(M, config.block_m))\n",
+        "        ln = layernorm_prologue(x, eps, layernorm_prologue.__dict__.setdefault(id(weight), weight.clone()), bias, norm_weight, norm_bias, room=triton.cdiv(M, config.block_m))\n",
         ("tests/test_triton_gemm_tma.py", "tests/test_tuning.py", "-k", "writes_through_data or folded_tma"),
     ),
     # float16 rows of W * gamma past float16's range folded unscaled (inf in W'), or scaled and never
@@ -166,8 +166,8 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "tma-fold-never-scaled",
         "vit_kernels/triton/layernorm.py",
-        "            has_beta, has_b, weight.dtype == torch.float16, FOLD_BLOCK_N, FOLD_BLOCK_K, num_warps=FOLD_WARPS,\n",
-        "            has_beta, has_b, False, FOLD_BLOCK_N, FOLD_BLOCK_K, num_warps=FOLD_WARPS,\n",
+        "            has_beta, has_b, weight.dtype == torch.float16, FOLD_BLOCK_N, FOLD_BLOCK_K, BLOCK_R, BLOCK_D,\n",
+        "            has_beta, has_b, False, FOLD_BLOCK_N, FOLD_BLOCK_K, BLOCK_R, BLOCK_D,\n",
         ("tests/test_triton_gemm_tma.py", "-k", "scales_rows"),
     ),
     Mutation(
@@ -189,8 +189,8 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "tma-route-flag-always-set",
         "vit_kernels/triton/gemm_tma.py",
-        "                tl.store(route_ptr + pid_m, 0.0)\n",
-        "                tl.store(route_ptr + pid_m, 1.0)\n",
+        "                tl.store(stats_ptr + 2 * M + pid_m, 0.0)\n",
+        "                tl.store(stats_ptr + 2 * M + pid_m, 1.0)\n",
         ("tests/test_tuning.py", "-k", "folded_tma"),
     ),
     # A module under a fused wrapper replaced, parametrized or given an instance forward after fuse: the

@@ -192,7 +192,7 @@ def test_every_module_in_the_one_list_has_specs(report):
         "flash_attention_fwd",
         "qkv_attention_single",
         "row_stats",
-        "layernorm_fold",
+        "layernorm_prologue",
     } <= kernels
     assert {
         "attention",
@@ -247,9 +247,10 @@ def test_gemm_tma_launches_of_a_vit_block_are_in_the_report(report, dtype):
         gemms = [la for la in launches if _name(la) == "_gemm_tma_kernel"]
         assert len(gemms) == 4
         assert_in_report(report, gemms, ["_gemm_tma_kernel"])
-        folds = [la for la in launches if _name(la) == "_fold_kernel"]  # QKV's and fc1's LayerNorm fold
+        # QKV's and fc1's LayerNorm prologue (the fold and the row statistics)
+        folds = [la for la in launches if _name(la) == "_ln_prologue_kernel"]
         assert len(folds) == 2
-        assert_in_report(report, folds, ["_fold_kernel"])
+        assert_in_report(report, folds, ["_ln_prologue_kernel"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -23,6 +23,7 @@ from vit_kernels.testing import assert_close, compare
 
 pytest.importorskip("triton")
 from vit_kernels.triton import gemm_tma as G  # noqa: E402
+from vit_kernels.triton.layernorm import row_stats  # noqa: E402
 
 from conftest import DEVICE  # noqa: E402
 
@@ -362,16 +363,27 @@ def test_threshold_values():
 )
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fold_kernel(N, K, bias, beta, layout, dtype):
-    """The fold kernel against torch: W' = W * gamma rounded once to W's dtype (bitwise), colsum and b' from
-    float64 sums (colsum of the rounded W')."""
+    """The LayerNorm prologue (one launch) against torch: W' = W * gamma rounded once to W's dtype (bitwise),
+    colsum and b' from float64 sums (colsum of the rounded W'); x's row statistics bit for bit row_stats',
+    in one workspace: mean, rstd, the room, then the fold's sums."""
     w = randn(N, K, dtype=dtype)
     vec = lambda n: randn(n, dtype=dtype, shift=0.5)  # noqa: E731
     b, nw, nb = vec(N) if bias else None, vec(K), vec(K) if beta else None
+    x = randn(2, 7, K, dtype=dtype, shift=3.0)
     if layout == "strided":
         w = randn(K, N, dtype=dtype).T
         nw = randn(2 * K, dtype=dtype, shift=0.5)[::2]
         b = randn(2 * N, dtype=dtype)[1::2] if bias else None
-    f = G.fold_layernorm(w, b, nw, nb)
+        x = randn(2, K, 7, dtype=dtype, shift=3.0).transpose(1, 2)
+    room, M = 3, 14 if K else 0
+    f, mean, rstd = G.layernorm_prologue(x, 1e-6, w, b, nw, nb, room=room)
+    assert f.sums.untyped_storage().data_ptr() == mean.untyped_storage().data_ptr()  # one workspace
+    fold_off = -(-(2 * M + room) // 16) * 16  # the sums from the next multiple of 16 floats
+    assert (mean.storage_offset(), rstd.storage_offset(), f.sums.storage_offset()) == (0, M, fold_off)
+    if K:
+        want_mean, want_rstd = row_stats(x, 1e-6)
+        assert torch.equal(mean, want_mean) and torch.equal(rstd, want_rstd)
+        assert_close(mean, x.double().mean(-1).flatten(), x.float().mean(-1).flatten(), name="mean")
     assert torch.equal(f.weight, (w.float() * nw.float()).to(dtype)) and f.weight.is_contiguous()
     assert_close(f.colsum, f.weight.double().sum(1), f.weight.float().sum(1), name="colsum")
     assert torch.equal(f.unscale, torch.ones(N, device=DEVICE))  # nothing near float16's range: unscaled
@@ -403,7 +415,7 @@ def test_layernorm_fold_scales_rows_past_float16s_range():
     tolerance rule, on both LayerNorm routes (a cancelling row's tile centred) and for the QKV projection. (Unscaled,
     W' held inf and every row of those columns came out inf or NaN.)"""
     x, w, b, nw, nb = overflowing_fold_case()
-    f = G.fold_layernorm(w, b, nw, nb)
+    f, _, _ = G.layernorm_prologue(x, 1e-6, w, b, nw, nb)
     prod = w.float() * nw.float()
     want_u = torch.ones(w.shape[0], device=DEVICE)
     want_u[:3] = torch.tensor([2.0**7, 4.0, 2.0], device=DEVICE)  # 2.1e6 / 2**7, 9e4 / 4, 3.3e4 / 2 <= 2**15

@@ -604,7 +604,7 @@ def test_layernorm_folded_tma_calls_are_replayed(monkeypatch):
             (plan,) = [p for key, p in library.FUNCTION_PLANS.items() if key[0] == op]
             assert plan.replay is not None, plan.replay_refused
             # the fold is the plan's own launch (its allocations too), made again by every replay
-            assert layernorm._fold_kernel in [kernel for kernel, _ in plan.replay.kernels]
+            assert layernorm._ln_prologue_kernel in [kernel for kernel, _ in plan.replay.kernels]
             launched.clear()
             assert_close(call(x), *oracle(x))
             assert gemm_tma.last_ln_route() == "epilogue"

@@ -195,12 +195,23 @@ def row_stats_kernel(rows: int, dim: int, elem: int) -> KernelCost:
 
 
 def fold_kernel(N: int, K: int, elem: int, bias: bool, scaled: bool = False) -> KernelCost:
-    """vit_kernels.triton.layernorm.fold_layernorm, launched on every call of a LayerNorm-folded TMA GEMM:
-    reads W (N, K), gamma and beta (K,) [and b (N,)], writes W * gamma (N, K) and the fp32 column sums,
-    unscale factors and folded bias (N,) each; ``scaled`` (float16): W read a second time, from L2 (each
-    row's largest |W * gamma| first)."""
+    """The fold's part of vit_kernels.triton.layernorm.layernorm_prologue: reads W (N, K), gamma and beta
+    (K,) [and b (N,)], writes W * gamma (N, K) and the fp32 column sums, unscale factors and folded bias
+    (N,) each; ``scaled`` (float16): W read a second time, from L2 (each row's largest |W * gamma| first)."""
     dram = 2 * N * K * elem + 2 * K * elem + (N * elem if bias else 0) + 12 * N
     return KernelCost("layernorm fold", 0.0, dram, l2_bytes=N * K * elem if scaled else 0.0)
+
+
+def prologue_kernel(rows: int, N: int, K: int, elem: int, bias: bool, scaled: bool = False) -> KernelCost:
+    """vit_kernels.triton.layernorm.layernorm_prologue, launched on every call of a LayerNorm-folded TMA
+    GEMM: x's row statistics (:func:`row_stats_kernel`) and the fold (:func:`fold_kernel`) in one launch."""
+    parts = (row_stats_kernel(rows, K, elem), fold_kernel(N, K, elem, bias, scaled))
+    return KernelCost(
+        "layernorm prologue (row stats + fold)",
+        0.0,
+        sum(k.dram_bytes for k in parts),
+        l2_bytes=sum(k.l2_bytes for k in parts),
+    )
 
 
 def single_qkv_attention_kernel(
@@ -318,7 +329,8 @@ def mlp_paths(
 ) -> Dict[str, List[KernelCost]]:
     """layernorm_gelu_mlp's paths (the residual is x, as in a ViT block): "torch" (LayerNorm, fc1, GELU,
     fc2, [layer scale], residual add), "triton" (row stats; fc1 with LayerNorm as A loads, bias + GELU
-    epilogue; fc2 with bias + [layer scale] + residual), "tma" (row stats; fc1 on the folded weight, the
+    epilogue; fc2 with bias + [layer scale] + residual), "tma" (the prologue: row stats and the fold in one
+    launch; fc1 on the folded weight, the
     row statistics and column sums applied in the epilogue; fc2 as triton's)."""
     e = dtype_bytes(dtype)
     X, Hd = rows * dim * e, rows * hidden * e
@@ -362,37 +374,33 @@ def mlp_paths(
         t2, bps2 = _tma(dim, hidden)
         # folded fc1: bias b', the column sums c and the unscale factors u, in fp32 per output column
         fold_vec = (4 if (bias or norm) else 0) + (8 if norm else 0)
-        fold = [fold_kernel(hidden, dim, e, bias, dtype == torch.float16)] if norm else []
-        out["tma"] = (
-            stats
-            + fold
-            + [
-                gemm_kernel(
-                    "fc1 gemm_tma (LN folded, GELU)",
-                    rows,
-                    hidden,
-                    dim,
-                    e,
-                    t1,
-                    sms=sms,
-                    blocks_per_sm=bps1,
-                    col_vec_bytes=fold_vec if norm else b,
-                    row_vec_bytes=8 if norm else 0,
-                ),
-                gemm_kernel(
-                    "fc2 gemm_tma (residual)",
-                    rows,
-                    dim,
-                    hidden,
-                    e,
-                    t2,
-                    sms=sms,
-                    blocks_per_sm=bps2,
-                    col_vec_bytes=fc2_vec,
-                    residual=True,
-                ),
-            ]
-        )
+        prologue = [prologue_kernel(rows, hidden, dim, e, bias, dtype == torch.float16)] if norm else []
+        out["tma"] = prologue + [
+            gemm_kernel(
+                "fc1 gemm_tma (LN folded, GELU)",
+                rows,
+                hidden,
+                dim,
+                e,
+                t1,
+                sms=sms,
+                blocks_per_sm=bps1,
+                col_vec_bytes=fold_vec if norm else b,
+                row_vec_bytes=8 if norm else 0,
+            ),
+            gemm_kernel(
+                "fc2 gemm_tma (residual)",
+                rows,
+                dim,
+                hidden,
+                e,
+                t2,
+                sms=sms,
+                blocks_per_sm=bps2,
+                col_vec_bytes=fc2_vec,
+                residual=True,
+            ),
+        ]
     return out
 
 
@@ -408,7 +416,7 @@ def qkv_attention_paths(
     qkv_bias: bool = True,
 ) -> Dict[str, List[KernelCost]]:
     """qkv_attention's paths: "torch" (LayerNorm, cuBLAS QKV, SDPA flash), "split" (row stats, gemm.py QKV
-    with LayerNorm on A loads and the head-split write, flash attention), "split+tma" (row stats, gemm_tma
+    with LayerNorm on A loads and the head-split write, flash attention), "split+tma" (the prologue, gemm_tma
     QKV on the folded weight, flash attention; float16/bfloat16), "single_kernel" (where it fits on sm_90)."""
     from ..triton import attention, qkv_attention as tq
 
@@ -452,26 +460,22 @@ def qkv_attention_paths(
     }
     if _tma_ok(dtype):
         tiles, bps = _tma(3 * dim, dim)
-        fold = [fold_kernel(3 * dim, dim, e, qkv_bias, dtype == torch.float16)] if norm else []
-        out["split+tma"] = (
-            stats
-            + fold
-            + [
-                gemm_kernel(
-                    "qkv gemm_tma (LN folded, head split)",
-                    rows,
-                    3 * dim,
-                    dim,
-                    e,
-                    tiles,
-                    sms=sms,
-                    blocks_per_sm=bps,
-                    col_vec_bytes=12 if norm else b,  # folded: b', the column sums and unscale factors
-                    row_vec_bytes=8 if norm else 0,
-                ),
-                flash,
-            ]
-        )
+        prologue = [prologue_kernel(rows, 3 * dim, dim, e, qkv_bias, dtype == torch.float16)] if norm else []
+        out["split+tma"] = prologue + [
+            gemm_kernel(
+                "qkv gemm_tma (LN folded, head split)",
+                rows,
+                3 * dim,
+                dim,
+                e,
+                tiles,
+                sms=sms,
+                blocks_per_sm=bps,
+                col_vec_bytes=12 if norm else b,  # folded: b', the column sums and unscale factors
+                row_vec_bytes=8 if norm else 0,
+            ),
+            flash,
+        ]
     if tq.single_kernel_fits(dtype, tokens, hd, 90):
         out["single_kernel"] = [
             single_qkv_attention_kernel(batch, tokens, dim, heads, e, dtype, sms=sms, norm=norm, qkv_bias=qkv_bias)

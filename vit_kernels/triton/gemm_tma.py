@@ -13,7 +13,7 @@ for Hopper:
 - An epilogue in fp32 that works on 1, 2 or 4 column sub-tiles of the accumulator (``EPI_SPLIT``), so its
   registers and the staging buffer of the store stay small: bias, GELU (erf or tanh), layer scale,
   residual, head split into (3, B, H, T, hd) with Q scaled, and LayerNorm applied after the product
-  (``LN_EPI``, see :func:`fold_layernorm`).
+  (``LN_EPI``, see :func:`~vit_kernels.triton.layernorm.layernorm_prologue`).
 
 | use | epilogue |
 |---|---|
@@ -30,9 +30,10 @@ strides and a unit last stride: :func:`tma_unsupported` says why a call cannot r
 launchers raise ValueError with that reason before any launch (the caller picks :mod:`gemm`, visibly).
 
 LayerNorm out of the main loop (``LN_EPI``). LayerNorm(x) @ W^T + b with gamma, beta folded into the
-weight by a small kernel on every call (:func:`~vit_kernels.triton.layernorm.fold_layernorm`, never
-cached): W' = W * gamma, b' = b + W @ beta, c = sum_k W'[:, k], and each row's (mean, rstd) applied in
-the epilogue: y = rstd * (x @ W'^T - mean * c) + b'. In float16 a row of W * gamma past 2**15 (which
+weight by a small kernel on every call, which also takes x's row statistics
+(:func:`~vit_kernels.triton.layernorm.layernorm_prologue`, one launch, never cached): W' = W * gamma,
+b' = b + W @ beta, c = sum_k W'[:, k], and each row's (mean, rstd) applied in the epilogue:
+y = rstd * (x @ W'^T - mean * c) + b'. In float16 a row of W * gamma past 2**15 (which
 would overflow float16, where eager LayerNorm + Linear may not) is folded scaled down by a power of two
 and scaled back in the epilogue, exactly (the fold's ``sums[1]``). The subtraction cancels
 when a row's mean is large against its spread (|mean| * rstd large): the fp32 accumulator's rounding,
@@ -70,7 +71,7 @@ from .gemm import (
     fp32_placeholder,
     mode_value,
 )
-from .layernorm import FoldedLayerNorm, as_rows, fold_layernorm, row_stats, rows_per_batch, stats_pointer
+from .layernorm import FoldedLayerNorm, as_rows, layernorm_prologue, rows_per_batch, stats_pointer
 
 logger = logging.getLogger("vit_kernels")
 
@@ -144,6 +145,7 @@ def _epilogue(
         c = tl.load(fold_sums_ptr + offs_n, mask=n_mask, other=0.0)
         u = tl.load(fold_sums_ptr + N + offs_n, mask=n_mask, other=1.0)
         acc = (acc - mean[:, None] * c[None, :]) * rstd[:, None] * u[None, :]
+        bias_ptr = fold_sums_ptr + 2 * N  # b' = b + W @ beta, fp32 [HAS_BIAS]
     acc = bias_gelu(acc, bias_ptr, offs_n, n_mask, HAS_BIAS, ACT)
     if HAS_LS:
         acc *= tl.load(ls_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -186,8 +188,11 @@ def _gemm_tma_kernel(
     bias_ptr,  # (N,)                         [HAS_BIAS]  (unread when LN_EPI: b' is the fold's)
     res_ptr,  # (M, N) as (b, t, n), strides (stride_rb, stride_rt, 1)   [HAS_RES]
     ls_ptr,  # (N,) layer scale             [HAS_LS]
-    stats_ptr,  # (2 * M + cdiv(M, BLOCK_M),) fp32: row means, row 1/std, then the route flags  [LN_EPI]
-    fold_sums_ptr,  # (3, N) fp32: column sums of W', the fold's unscale u, the fp32 bias b'  [LN_EPI]
+    # [LN_EPI] the LayerNorm prologue's fp32 workspace (layernorm_prologue): row means (M), row 1/std (M), the
+    # route flags (cdiv(M, BLOCK_M), written here), and from fold_off on the fold's (3, N) column sums of W',
+    # unscale u, bias b'
+    stats_ptr,
+    fold_off,  # a multiple of 16 (Triton specializes it so: the fold's loads stay vectorized)
     M,
     N,
     K,
@@ -219,10 +224,6 @@ def _gemm_tma_kernel(
     LN_EPI: tl.constexpr,
 ):
     SUB_N: tl.constexpr = BLOCK_N // EPI_SPLIT
-    if LN_EPI:
-        bias_ptr = fold_sums_ptr + 2 * N  # b' = b + W @ beta, fp32 [HAS_BIAS]
-    # each row tile's LayerNorm route, after the statistics: 1.0 where it was centred before the dot, else 0.0
-    route_ptr = stats_ptr + 2 * M
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
     if OUT_MODE == OUT_ROWS:
@@ -256,14 +257,16 @@ def _gemm_tma_kernel(
                 a = (a.to(tl.float32) - mean_a[:, None]).to(a.dtype)
                 w = w_desc.load([off_wn, ki * BLOCK_K])
                 acc = tl.dot(a, w.T, acc)
-            tl.store(route_ptr + pid_m, 1.0)  # every tile of the row writes the same flag
+            # the row tile's LayerNorm route, after the statistics: 1.0 (centred before the dot), else 0.0; every
+            # tile of the row writes the same flag
+            tl.store(stats_ptr + 2 * M + pid_m, 1.0)
         else:
             for ki in tl.range(k_tiles, num_stages=NUM_STAGES):
                 a = a_desc.load([off_am, ki * BLOCK_K])
                 w = w_desc.load([off_wn, ki * BLOCK_K])
                 acc = tl.dot(a, w.T, acc)
             if LN_EPI:
-                tl.store(route_ptr + pid_m, 0.0)
+                tl.store(stats_ptr + 2 * M + pid_m, 0.0)
 
         tile_c += step
         pid_m, pid_n = _tile_coords(tile_c, num_m, num_n, GROUP_M)
@@ -288,7 +291,7 @@ def _gemm_tma_kernel(
                 bias_ptr,
                 res_ptr,
                 ls_ptr,
-                fold_sums_ptr,
+                stats_ptr + fold_off,
                 mean,
                 rstd,
                 M,
@@ -323,7 +326,7 @@ def _gemm_tma_kernel(
                 bias_ptr,
                 res_ptr,
                 ls_ptr,
-                fold_sums_ptr,
+                stats_ptr + fold_off,
                 mean,
                 rstd,
                 M,
@@ -356,7 +359,7 @@ def _gemm_tma_kernel(
                 bias_ptr,
                 res_ptr,
                 ls_ptr,
-                fold_sums_ptr,
+                stats_ptr + fold_off,
                 mean,
                 rstd,
                 M,
@@ -392,7 +395,7 @@ def _gemm_tma_kernel(
                 bias_ptr,
                 res_ptr,
                 ls_ptr,
-                fold_sums_ptr,
+                stats_ptr + fold_off,
                 mean,
                 rstd,
                 M,
@@ -425,7 +428,7 @@ def _gemm_tma_kernel(
                 bias_ptr,
                 res_ptr,
                 ls_ptr,
-                fold_sums_ptr,
+                stats_ptr + fold_off,
                 mean,
                 rstd,
                 M,
@@ -459,7 +462,7 @@ def _gemm_tma_kernel(
                 bias_ptr,
                 res_ptr,
                 ls_ptr,
-                fold_sums_ptr,
+                stats_ptr + fold_off,
                 mean,
                 rstd,
                 M,
@@ -492,7 +495,7 @@ def _gemm_tma_kernel(
                 bias_ptr,
                 res_ptr,
                 ls_ptr,
-                fold_sums_ptr,
+                stats_ptr + fold_off,
                 mean,
                 rstd,
                 M,
@@ -705,25 +708,25 @@ def launch_gemm_tma(
     res_strides: Tuple[int, int] = (0, 0),
     layer_scale: Optional[Tensor] = None,
     act: int = ACT_NONE,
-    ln: Optional[Tuple[Tensor, Tensor, FoldedLayerNorm]] = None,
+    ln: Optional[Tuple[FoldedLayerNorm, Tensor, Tensor]] = None,
     qkv: Optional[Tuple[int, int, float]] = None,
 ) -> Tensor:
     """Launch :func:`_gemm_tma_kernel` once; every argument already checked by the caller.
 
     a: A rows with row stride stride_am (unit column stride); weight: (N, K) contiguous rows; out: (M, N) rows
     (row stride out.stride(-2)) or, with qkv = (INNER, HEAD_DIM, q_scale), a contiguous (3, B, H, T, hd);
-    residual: (b, t, n) rows through res_strides = (stride_b, stride_t), unit n stride; ln: (mean, rstd, fold)
-    for LayerNorm in the epilogue: the statistics as :func:`row_stats` returns them with room for
-    cdiv(M, BLOCK_M) route flags after them, and the fold (:func:`fold_layernorm`: weight is its W', its
-    sums hold the bias, so ``bias`` is None); row tiles with a row past :func:`ln_cancel_threshold` are
-    centred in the kernel and counted for :func:`last_ln_route`.
+    residual: (b, t, n) rows through res_strides = (stride_b, stride_t), unit n stride; ln: (fold, mean, rstd)
+    for LayerNorm in the epilogue, as :func:`layernorm_prologue` returns them with room for
+    cdiv(M, BLOCK_M) route flags (weight is the fold's W', its sums hold the bias, so ``bias`` is None);
+    row tiles with a row past :func:`ln_cancel_threshold` are centred in the kernel and counted for
+    :func:`last_ln_route`.
     """
     if M == 0 or N == 0:
         return out
     _ensure_allocator(a.device)
     c = config
     flags = dict(
-        HAS_BIAS=bias is not None if ln is None else ln[2].has_bias,
+        HAS_BIAS=bias is not None if ln is None else ln[0].has_bias,
         ACT=mode_value(act),
         HAS_LS=layer_scale is not None,
         HAS_RES=residual is not None,
@@ -738,15 +741,19 @@ def launch_gemm_tma(
         stride_om = 0
     else:
         stride_om = _rows2d("out", out)[0]  # the row stride (a size-1 dim's stride says nothing)
-    stats = fold_sums = fp32_placeholder(a.device)  # never read without LN_EPI
+    stats, fold_off = fp32_placeholder(a.device), 0  # never read without LN_EPI
     tau = 0.0
     if ln is not None:
+        fold, mean, rstd = ln
+        stats, row_tiles = stats_pointer(mean, rstd), triton.cdiv(M, c.block_m)
         if bias is not None:
             raise ValueError("bias: expected None with ln (the fold's sums hold the folded bias)")
-        stats, fold_sums, row_tiles = stats_pointer(ln[0], ln[1]), ln[2].sums, triton.cdiv(M, c.block_m)
-        room = stats.untyped_storage().nbytes() // 4 - stats.storage_offset() - 2 * M
-        if room < row_tiles:
-            raise ValueError(f"ln: expected room for {row_tiles} route flags after the statistics, got {room}")
+        fold_off = (fold.sums.data_ptr() - stats.data_ptr()) // 4
+        if fold_off < 2 * M + row_tiles or fold_off % 16 or not fold.sums.is_contiguous():
+            raise ValueError(
+                f"ln: expected layernorm_prologue's workspace with room for {row_tiles} route flags (the fold's "
+                f"sums at a multiple of 16 floats from the mean, past {2 * M + row_tiles}), got {fold_off}"
+            )
         tau = ln_cancel_threshold(K, a.dtype)
         derived(_note_route, stats, M, row_tiles, c.block_m, tau)
     tiles = triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n)
@@ -757,11 +764,11 @@ def launch_gemm_tma(
         a,
         weight,
         out,
-        fold_sums if ln is not None else _or(bias, weight),  # LN_EPI: the kernel reads b' from the fold's sums
+        stats if ln is not None else _or(bias, weight),  # LN_EPI: the kernel reads b' from the fold's sums
         _or(residual, weight),
         _or(layer_scale, weight),
         stats,
-        fold_sums,
+        fold_off,
         M,
         N,
         K,
@@ -893,8 +900,8 @@ def dense_forward(
 
     x: (..., K) float16/bfloat16 whose rows share one 16-byte-multiple row stride; weight: (N, K); bias,
     layer_scale: (N,); norm_weight: (K,) (with optional norm_bias (K,)) applies LayerNorm(x, eps): folded
-    into the weight (:func:`fold_layernorm`, every call), row statistics from :func:`row_stats`, applied in
-    the epilogue; act: ACT_NONE / ACT_GELU_ERF / ACT_GELU_TANH; residual: (..., N) with
+    into the weight and row statistics taken in one launch (:func:`layernorm_prologue`, every call), applied
+    in the epilogue; act: ACT_NONE / ACT_GELU_ERF / ACT_GELU_TANH; residual: (..., N) with
     a unit last stride; config: one of :data:`CONFIGS` or its fields as a tuple (None:
     :func:`default_config`). Returns (..., N).
     Raises ValueError (before any launch) when TMA cannot read or write these tensors.
@@ -923,9 +930,8 @@ def dense_forward(
     stride_am, _ = _rows2d("x", x)
     a, w, ln = x, weight, None
     if norm_weight is not None and M:
-        f = fold_layernorm(weight, bias, norm_weight, norm_bias)
-        mean, rstd = row_stats(x, eps, room=triton.cdiv(M, config.block_m))  # room: the route flags
-        w, bias, ln = f.weight, None, (mean, rstd, f)
+        ln = layernorm_prologue(x, eps, weight, bias, norm_weight, norm_bias, room=triton.cdiv(M, config.block_m))
+        w, bias = ln[0].weight, None
     return launch_gemm_tma(
         a,
         w,
@@ -992,9 +998,10 @@ def qkv_projection_forward(
     stride_am, _ = _rows2d("x", x)
     a, w, bias, ln = x, qkv_weight, qkv_bias, None
     if norm_weight is not None and M:
-        f = fold_layernorm(qkv_weight, qkv_bias, norm_weight, norm_bias)
-        mean, rstd = row_stats(x, eps, room=triton.cdiv(M, config.block_m))  # room: the route flags
-        w, bias, ln = f.weight, None, (mean, rstd, f)
+        ln = layernorm_prologue(
+            x, eps, qkv_weight, qkv_bias, norm_weight, norm_bias, room=triton.cdiv(M, config.block_m)
+        )
+        w, bias = ln[0].weight, None
     return launch_gemm_tma(
         a,
         w,

@@ -1,5 +1,6 @@
 """LayerNorm for the fused GEMMs: row statistics (mean and 1/std of every row, in fp32), and the fold of
-LayerNorm's affine into the weight of the Linear that follows (:func:`fold_layernorm`, sm_90's TMA GEMM).
+LayerNorm's affine into the weight of the Linear that follows, together with the statistics in one launch
+(:func:`layernorm_prologue`, sm_90's TMA GEMM).
 
 The fused GEMMs (QKV projection, fc1) apply LayerNorm while they load x; they need each row's
 mean and rstd first. This small pass reads x once (twice from cache: the mean is taken of x minus the row's first
@@ -40,7 +41,15 @@ def _row_stats_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    _row_stats_rows(tl.program_id(0), x_ptr, stats_ptr, M, D, T, stride_xb, stride_xt, stride_xd, eps, BLOCK_R, BLOCK_D)
+
+
+@triton.jit
+def _row_stats_rows(
+    pid, x_ptr, stats_ptr, M, D, T, stride_xb, stride_xt, stride_xd, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    """Rows pid * BLOCK_R .. + BLOCK_R of :func:`_row_stats_kernel` (arguments as there)."""
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < M
     row_off = (rows // T).to(tl.int64) * stride_xb + (rows % T).to(tl.int64) * stride_xt
     cols0 = tl.arange(0, BLOCK_D)
@@ -161,7 +170,7 @@ def stats_pointer(mean: Tensor, rstd: Tensor) -> Tensor:
 class FoldedLayerNorm:
     """LayerNorm(gamma, beta) followed by Linear(W, b), folded: weight W' = W * gamma * s (N, K) in W's
     dtype, each row n scaled by a power of two s_n (1 unless float16 would overflow: see
-    :func:`_fold_kernel`); ``sums`` (3, N) fp32, one buffer the GEMM takes as one pointer: the column
+    :func:`_fold_rows`); ``sums`` (3, N) fp32, one buffer the GEMM takes as one pointer: the column
     sums c = W' summed over K, from the rounded W' the GEMM multiplies (so x @ W'^T - mean * c =
     (x - mean) @ W'^T), then u = 1 / s, which the GEMM's epilogue multiplies back (exactly: a power of
     two), then the bias b' = b + W @ beta (0 when neither b nor beta exists: ``has_bias`` False)."""
@@ -199,14 +208,39 @@ def _fold_tile(w_ptr, gamma_ptr, rows, rmask, k0, K, stride_wn, stride_wk, strid
 
 
 @triton.jit
-def _fold_kernel(
-    w_ptr, gamma_ptr, beta_ptr, b_ptr, wf_ptr, sums_ptr,
+def _ln_prologue_kernel(
+    x_ptr, ws_ptr, M, T, stride_xb, stride_xt, stride_xd, eps,
+    w_ptr, gamma_ptr, beta_ptr, b_ptr, wf_ptr, N, K,
+    stride_wn, stride_wk, stride_g, stride_be, stride_b,
+    fold_programs, sums_off,
+    HAS_BETA: tl.constexpr, HAS_B: tl.constexpr, SCALED: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """What sm_90's TMA GEMM needs before a LayerNorm-folded launch, in one launch: programs
+    0 .. fold_programs - 1 fold (:func:`_fold_rows`: W (N, K) -> wf, the sums at ws_ptr + sums_off), the
+    others take the row statistics of x (M rows of width K, :func:`_row_stats_rows`: mean and 1/std
+    at ws_ptr, as :func:`_row_stats_kernel` writes them)."""
+    pid = tl.program_id(0)
+    if pid < fold_programs:
+        _fold_rows(
+            pid, w_ptr, gamma_ptr, beta_ptr, b_ptr, wf_ptr, ws_ptr + sums_off, N, K,
+            stride_wn, stride_wk, stride_g, stride_be, stride_b, HAS_BETA, HAS_B, SCALED, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+    else:
+        _row_stats_rows(
+            pid - fold_programs, x_ptr, ws_ptr, M, K, T, stride_xb, stride_xt, stride_xd, eps, BLOCK_R, BLOCK_D
+        )
+
+
+@triton.jit
+def _fold_rows(
+    pid, w_ptr, gamma_ptr, beta_ptr, b_ptr, wf_ptr, sums_ptr,
     N, K,
     stride_wn, stride_wk, stride_g, stride_be, stride_b,
     HAS_BETA: tl.constexpr, HAS_B: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One program per BLOCK_N rows of W (N, K): wf = W * gamma * s rounded to W's dtype (row-major (N, K)),
+    """Rows pid * BLOCK_N .. + BLOCK_N of W (N, K): wf = W * gamma * s rounded to W's dtype (row-major (N, K)),
     sums[0] = sum_k wf (fp64 sum, stored fp32), sums[1] = 1 / s, sums[2] = b + W @ beta (fp64, stored
     fp32; without either term, 0). Memory-bound: W is read once (twice when SCALED, the second time from
     cache), wf written once.
@@ -217,7 +251,7 @@ def _fold_kernel(
     (u = 2**e). Other rows (and every row of bfloat16/float32: their range is float32's) keep s = 1,
     bitwise as unscaled. A row with an infinite or NaN W * gamma keeps s = 1 (its column is inf/NaN,
     as eager's is)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     e = tl.zeros([BLOCK_N], dtype=tl.int32)
     if SCALED:
@@ -250,41 +284,64 @@ def _fold_kernel(
     tl.store(sums_ptr + 2 * N + rows, bias.to(tl.float32), mask=rmask)
 
 
-FOLD_BLOCK_N, FOLD_BLOCK_K, FOLD_WARPS = 16, 128, 4
+FOLD_BLOCK_N, FOLD_BLOCK_K = 16, 128  # the fold's rows and columns per step (the row statistics: BLOCK_R, BLOCK_D)
 
 
-def fold_layernorm(
-    weight: Tensor, bias: Optional[Tensor], norm_weight: Tensor, norm_bias: Optional[Tensor]
-) -> FoldedLayerNorm:
-    """Fold LayerNorm's affine (norm_weight gamma (K,), norm_bias beta (K,) or None) into the Linear that
-    follows (weight (N, K), bias (N,) or None): one launch of :func:`_fold_kernel`, made on every call
-    (replays included) and never cached: a cache keyed on the parameters' version counters would miss
-    writes through ``.data`` (a DINO teacher's EMA update, PEFT's merge), and inside a CUDA graph the
-    fold is captured with the GEMM, so every replay folds the parameters as they are then. Its cost: one
-    read of W and one write of W' (4.7 MB each for ViT-B's fc1 in bfloat16); for float16 a second read
-    of W from cache (the rows' largest |W * gamma|, for the scale s)."""
+def layernorm_prologue(
+    x: Tensor,
+    eps: float,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    norm_weight: Tensor,
+    norm_bias: Optional[Tensor],
+    room: int = 0,
+) -> Tuple[FoldedLayerNorm, Tensor, Tensor]:
+    """LayerNorm(x; norm_weight gamma (K,), norm_bias beta (K,) or None, eps) followed by Linear(weight
+    (N, K), bias (N,) or None), prepared for sm_90's TMA GEMM in one launch of :func:`_ln_prologue_kernel`:
+    the affine folded into the weight (:class:`FoldedLayerNorm`) and x's row statistics. x: (..., K)
+    addressed as (-1, T, K) rows (:func:`as_rows`); M = its rows.
+
+    Returns (fold, mean, rstd). Both live in one fp32 workspace: mean (M,), rstd (M,) as :func:`row_stats`
+    computes them (bit for bit: the same code), ``room`` entries for the GEMM to write (its row tiles'
+    LayerNorm route flags), then from the next multiple of 16 the fold's sums (3, N). So the GEMM takes one
+    pointer for all of it (and the sums' offset), and a replayed launch plan allocates twice (W' and the
+    workspace) and launches once.
+
+    Made on every call (replays included) and never cached: a cache keyed on the parameters' version
+    counters would miss writes through ``.data`` (a DINO teacher's EMA update, PEFT's merge), and inside a
+    CUDA graph the fold is captured with the GEMM, so every replay folds the parameters as they are then.
+    Its cost beside the statistics' read of x: one read of W and one write of W' (4.7 MB each for ViT-B's
+    fc1 in bfloat16); for float16 a second read of W from cache (the rows' largest |W * gamma|, for s)."""
     N, K = weight.shape
     dev = weight.device
-    # replay.empty / replay.launch: a launch plan records the fold as its own allocations and launch,
-    # and a replay makes both again (no Python between them)
+    T = rows_per_batch(x)
+    M = x.numel() // K if K else 0  # K = 0: no row statistics (the GEMM refuses it before)
+    stride_b, stride_t, stride_d = as_rows("x", x, T)
+    # replay.empty / replay.launch: a launch plan records these as its own allocations and launch, and a
+    # replay makes them again (no Python between them)
     w_fold = empty((N, K), weight.dtype, dev)
-    sums = empty((3, N), torch.float32, dev)
+    fold_off = cdiv(2 * M + room, 16) * 16  # 64-byte aligned sums: the GEMM's loads of them stay vectorized
+    ws = empty((fold_off + 3 * N,), torch.float32, dev)
     beta, has_beta, has_b = norm_bias, norm_bias is not None, bias is not None
-    if N:  # K = 0 reads nothing: the sums of nothing are 0, u = 1, and b' = b
+    fold_programs = cdiv(N, FOLD_BLOCK_N)  # K = 0 reads no W: the sums of nothing are 0, u = 1, and b' = b
+    if fold_programs + M:
         launch(
-            _fold_kernel, (cdiv(N, FOLD_BLOCK_N),),
-            weight, norm_weight, beta if has_beta else sums, bias if has_b else sums, w_fold, sums,
-            N, K, *weight.stride(), norm_weight.stride(0),
-            beta.stride(0) if has_beta else 0, bias.stride(0) if has_b else 0,
-            has_beta, has_b, weight.dtype == torch.float16, FOLD_BLOCK_N, FOLD_BLOCK_K, num_warps=FOLD_WARPS,
+            _ln_prologue_kernel, (fold_programs + cdiv(M, BLOCK_R),),
+            x, ws, M, T, stride_b, stride_t, stride_d, float(eps),
+            weight, norm_weight, beta if has_beta else ws, bias if has_b else ws, w_fold, N, K,
+            *weight.stride(), norm_weight.stride(0), beta.stride(0) if has_beta else 0, bias.stride(0) if has_b else 0,
+            fold_programs, fold_off,
+            has_beta, has_b, weight.dtype == torch.float16, FOLD_BLOCK_N, FOLD_BLOCK_K, BLOCK_R, BLOCK_D,
+            num_warps=NUM_WARPS,
         )  # fmt: skip
-    return FoldedLayerNorm(w_fold, sums, has_beta or has_b)
+    fold = FoldedLayerNorm(w_fold, ws[fold_off:].view(3, N), has_beta or has_b)
+    return fold, ws[:M], ws[M : 2 * M]
 
 
 def aot_specs() -> List[AotSpec]:
     """The launches row_stats makes (one block config per input dtype, for an x of aot.REPRESENTATIVE's
-    (batch, tokens, dim)) and fold_layernorm's (per dtype, with and without the Linear's bias), each
-    recorded from its launcher, so each specialization is the launch's."""
+    (batch, tokens, dim)) and layernorm_prologue's (per dtype, with and without the Linear's bias, at the
+    same x), each recorded from its launcher, so each specialization is the launch's."""
     B, T, dim = REPRESENTATIVE["batch"], REPRESENTATIVE["tokens"], REPRESENTATIVE["dim"]
     specs = []
     for dtype in DTYPES:
@@ -302,16 +359,18 @@ def aot_specs() -> List[AotSpec]:
     N, K = 3 * dim, dim  # the QKV projection's weight (fc1's: 4 * dim rows, the same specialization)
     for dtype in (torch.float16, torch.bfloat16):  # the TMA GEMM's (float32 stays on vit_kernels.triton.gemm)
         w, b, ln = torch.empty(N, K, dtype=dtype), torch.empty(N, dtype=dtype), torch.empty(K, dtype=dtype)
+        x = torch.empty(B, T, dim, dtype=dtype)
         for bias in (b, None):
             specs.append(
                 recorded_spec(
-                    "layernorm_fold",
-                    _fold_kernel,
-                    lambda bias=bias: fold_layernorm(w, bias, ln, ln),
-                    f"BLOCK_N={FOLD_BLOCK_N},BLOCK_K={FOLD_BLOCK_K},HAS_B={int(bias is not None)},{dtype_name(dtype)}",
+                    "layernorm_prologue",
+                    _ln_prologue_kernel,
+                    lambda bias=bias, x=x: layernorm_prologue(x, 1e-6, w, bias, ln, ln, room=cdiv(B * T, 128)),
+                    f"BLOCK_N={FOLD_BLOCK_N},BLOCK_K={FOLD_BLOCK_K},BLOCK_R={BLOCK_R},BLOCK_D={BLOCK_D},"
+                    f"HAS_B={int(bias is not None)},{dtype_name(dtype)}",
                     False,
                     archs=(90,),
-                    shape=f"N={N},K={K}",
+                    shape=f"B={B},T={T},N={N},K={K}",
                 )
             )
     return specs
