@@ -715,6 +715,14 @@ MUTATIONS: List[Mutation] = [
         "    w = {}\n",
         ("tests/test_layouts.py", "-k", "patch_embed and weight and cuda"),
     ),
+    # timm's dynamic-size patch embedding called without autocast's casts: fp32 under autocast.
+    Mutation(
+        "swap-timm-dynamic-embed-no-autocast",
+        "vit_kernels/swap/timm.py",
+        "        tokens = at_autocast(\n            ops.patch_embed, images,",
+        "        tokens = (lambda f, *a, out_dtype=None, **k: f(*a, **k))(\n            ops.patch_embed, images,",
+        ("tests/test_swap_autocast.py", "-k", "dynamic"),
+    ),
     # ------------------------------------------------------------------ analysis
     # Registers in front of the patches taken for a class token (row 0 is register 0's attention).
     Mutation(

@@ -16,7 +16,18 @@ from vit_kernels import backends
 from vit_kernels.swap import SwapWrapper
 from vit_kernels.testing import assert_close
 
-from test_swap_fallbacks import FAMILIES, logits
+from test_swap_fallbacks import FAMILIES as BASE_FAMILIES, logits
+
+
+def _timm_dynamic():
+    """timm with dynamic_img_size: its whole patch embedding (projection, position embedding, class token) is
+    one fused op call (vit_kernels.swap.timm.FusedTimmPatchEmbed)."""
+    timm = pytest.importorskip("timm")
+    kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, dynamic_img_size=True, **kw)
+
+
+FAMILIES = {**BASE_FAMILIES, "timm_dynamic": _timm_dynamic}
 
 DT = torch.bfloat16
 TRITON = pytest.mark.skipif(backends.triton_unavailable(torch.device("cpu"), [DT]) is not None, reason="no Triton")
@@ -88,6 +99,11 @@ def test_fused_parts_run_fused_at_the_autocast_dtype(family, backend, monkeypatc
         assert_close(g, want_parts[p], b, name=f"{family} {p} under autocast ({backend})")
     assert got.dtype == base.dtype
     assert_close(got, want, base, name=f"{family} logits under autocast ({backend})")
+    calls.clear()
+    unhooked = autocast(fused)  # without the hooks (a hooked timm patch_embed returns timm's own output)
+    assert all(dt == DT and not on for _, dt, on in calls) if backend != "torch" else calls, calls
+    assert unhooked.dtype == base.dtype
+    assert_close(unhooked, want, base, name=f"{family} logits under autocast, no hooks ({backend})")
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=TRITON)])

@@ -323,7 +323,15 @@ class FusedTimmPatchEmbed(SwapWrapper):
         embed = armed and not self._forward_hooks  # a hook on patch_embed sees timm's own output
         pos, cls, prefix = self.embedding_for(grid) if embed else (None, None, None)
         w, b = self.proj.weight, self.proj.bias
-        tokens = ops.patch_embed(images, w, b, patch_size=p, pos_embed=pos, cls_token=cls, backend=self.backend, **norm)
+        # under autocast at the autocast dtype, as timm's Conv2d runs; the tokens then in the dtype timm's
+        # _pos_embed leaves them in (its fp32 position embedding and class token promote the conv's output)
+        out_dtype = None
+        if embed and pos is not None and torch.is_autocast_enabled(images.device.type):
+            out_dtype = torch.promote_types(torch.get_autocast_dtype(images.device.type), pos.dtype)
+        tokens = at_autocast(
+            ops.patch_embed, images, w, b, patch_size=p, pos_embed=pos, cls_token=cls, backend=self.backend,
+            out_dtype=out_dtype, **norm,
+        )  # fmt: skip
         x = tokens[:, 1 if cls is not None else 0 :].unflatten(1, grid)  # (B, gh, gw, dim): timm's NHWC output
         if embed:  # the whole buffer, for the root's _pos_embed
             x.vk_tokens = tokens if prefix is None else torch.cat([prefix.expand(B, -1, -1), tokens], dim=1)
