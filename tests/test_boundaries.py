@@ -59,6 +59,27 @@ def test_non_positive_numbers_are_refused(argv, option, value, capsys):
     assert_one_line_error(cli.main(argv), capsys, f"argument {option}", "expected an integer >= 1", f"got {value}")
 
 
+@pytest.mark.parametrize(
+    "argv,option,value",
+    [
+        (["selftest", "--depth", "0"], "--depth", "0"),  # depth 0 checked the patch embedding alone and said OK
+        (["selftest", "--depth", "-1"], "--depth", "-1"),
+        (["selftest", "--batch-size", "0"], "--batch-size", "0"),  # 0 became the default batch, silently
+        (["selftest", "--img-size", "0"], "--img-size", "0"),
+    ],
+)
+def test_selftest_non_positive_numbers_are_refused(argv, option, value, capsys):
+    assert_one_line_error(cli.main(argv), capsys, f"argument {option}", "expected an integer >= 1", f"got {value}")
+
+
+@pytest.mark.parametrize("command", ["bench", "profile-attention"])
+@pytest.mark.parametrize("value", ["0", "-1", "inf"])
+def test_max_time_must_be_positive(command, value, capsys):
+    """A --max-time of 0 or less was read as 'the time is up' and ignored (at least 3 samples timed anyway)."""
+    line = assert_one_line_error(cli.main([command, "--max-time", value]), capsys, "argument --max-time", "expected")
+    assert "number > 0" in line, line
+
+
 @pytest.mark.parametrize("value", ["0", "50,-1"])
 def test_non_positive_tokens_are_refused(value, capsys):
     assert_one_line_error(cli.main(["profile-attention", "--tokens", value]), capsys, "tokens", "positive", repr(value))

@@ -33,7 +33,7 @@ from ..bench import peaks as bpeaks
 from ..bench import throughput as tp
 from ..models import registry
 from ..tuning import TABLE_COLUMNS, starts_group
-from .arguments import out_folder, positive_int
+from .arguments import out_folder, positive_float, positive_int
 
 GPU_DEFAULTS = dict(
     models=["vit_base_patch16_224"],
@@ -192,7 +192,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--max-time",
-        type=float,
+        type=positive_float,
         default=None,
         help="seconds of timing per row at most, target met or not (default 3 GPU / 1 CPU)",
     )

@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..dtypes import SHORT_NAMES
+from .arguments import positive_int
 
 OPS = ("patch_embed", "qkv_attention", "linear", "layernorm_gelu_mlp", "flash_attention")
 DTYPES = SHORT_NAMES  # vit_kernels.dtypes
@@ -56,11 +57,13 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--backend", action="append", choices=["triton", "cuda"], help="backend(s) to check (default: both)")
     p.add_argument("--dtype", default="fp16", choices=sorted(DTYPES), help="dtype of the model and the kernel calls")
-    p.add_argument("--batch-size", type=int, default=None, help=f"default: {GPU_BATCH} on a GPU, {CPU_BATCH} on a CPU")
     p.add_argument(
-        "--depth", type=int, default=None, help=f"blocks (default: the model's on a GPU, {CPU_DEPTH} on a CPU)"
+        "--batch-size", type=positive_int, default=None, help=f"default: {GPU_BATCH} on a GPU, {CPU_BATCH} on a CPU"
     )
-    p.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
+    p.add_argument(
+        "--depth", type=positive_int, default=None, help=f"blocks (default: the model's on a GPU, {CPU_DEPTH} on a CPU)"
+    )
+    p.add_argument("--img-size", type=positive_int, default=None, help="image size (default: the model's)")
     p.add_argument("--checkpoint", default=None, help="local weights, as for verify")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and of each call's random activations")
     p.add_argument("--json-out", default="selftest.json", help="where to write the JSON results")
@@ -307,7 +310,7 @@ def selftest(args) -> Dict[str, Any]:
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     dtype = DTYPES[args.dtype]
-    batch = args.batch_size or (GPU_BATCH if gpu else CPU_BATCH)
+    batch = args.batch_size if args.batch_size is not None else (GPU_BATCH if gpu else CPU_BATCH)
     if not gpu and args.depth is None:
         args.depth = CPU_DEPTH
     torch.manual_seed(args.seed)
