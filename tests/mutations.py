@@ -798,6 +798,15 @@ MUTATIONS: List[Mutation] = [
         "    elif False:\n",
         ("tests/test_verify.py", "-k", "left_unfused"),
     ),
+    # ------------------------------------------------------------------ tuning: the cache file
+    # An entry of the cache file launched as written: a backend, path or config no candidate has.
+    Mutation(
+        "tuning-cache-candidate-unchecked",
+        "vit_kernels/tuning.py",
+        "            why = unknown_candidate(op, c)\n",
+        "            why = None\n",
+        ("tests/test_tuning.py", "-k", "malformed"),
+    ),
     # ------------------------------------------------------------------ tuning: the correctness check
     Mutation(
         "tuning-check-first-entries-only",

@@ -322,6 +322,64 @@ def test_corrupt_cache_file_recovers_with_one_warning(tmp_path, content):
     assert len(data["entries"]) == 2 and data["versions"] == VERSIONS
 
 
+def _edit_winner(e):
+    e["winner"] = {"backend": "triton", "path": "", "config": [["gemm_config", [9, 9, 9, 9]]]}  # not among results
+
+
+BAD_ENTRIES = {
+    "winner not timed": _edit_winner,
+    "unknown backend": lambda e: e.update(winner={**e["winner"], "backend": "bogus"}),
+    "unknown path": lambda e: e.update(winner={**e["winner"], "path": "made_up"}),
+    "reference backend": lambda e: e.update(winner={**e["winner"], "backend": "reference"}),
+    "unknown config keyword": lambda e: (
+        [r.update(config=[["bogus_kw", [1]]]) for r in e["results"]] and e.update(winner=e["results"][0])
+    ),
+    "time a string": lambda e: [r.update(ms="fast") for r in e["results"]],
+    "op not the signature's": lambda e: e.update(op="flash_attention"),
+}
+
+
+@pytest.mark.parametrize("edit", list(BAD_ENTRIES))
+def test_malformed_cache_entry_is_skipped_alone_with_one_warning(tmp_path, edit):
+    """An entry of the right format and versions that this version could not have written (a winner that is
+    not among the timed results, a backend, path or config keyword no candidate has, a time that is not a
+    number, another op) is skipped with one warning and tuned again: never launched as written (nor
+    reported as what ran while another path did), never a crash in the op call; the other entries stay."""
+    path = tmp_path / "tuning.json"
+    x, w, b, r = linear_args()
+    with tuning.use_tuner(make_tuner(FakeTimer({"torch": 0.1}), str(path))):
+        vk.linear(x, w, b, residual=r)
+        vk.linear(x[:1], w, b, residual=r[:1])
+    data = json.loads(path.read_text())
+    first, second = sorted(data["entries"])
+    BAD_ENTRIES[edit](data["entries"][first])
+    path.write_text(json.dumps(data))
+    timer = FakeTimer({"torch": 0.1})
+    with pytest.warns(RuntimeWarning, match=r"1 malformed entry") as rec:
+        with tuning.use_tuner(make_tuner(timer, str(path))):
+            for xi, ri in ((x, r), (x[:1], r[:1])):
+                check_linear(vk.linear(xi, w, b, residual=ri), xi, w, b, ri)
+                assert vk.last_decision("linear").backend == "torch"
+    assert len(rec) == 1
+    assert len(timer.calls) == 3  # the skipped signature tuned again; the other one read from the file
+
+
+def test_unwritable_cache_keeps_the_choice_with_one_warning(tmp_path):
+    """A folder where the cache file should be: one warning that it is not readable, one that it cannot be
+    written; the op calls run and the choice is kept in memory (timed once)."""
+    path = tmp_path / "tuning.json"
+    path.mkdir()
+    x, w, b, r = linear_args()
+    timer = FakeTimer({"torch": 0.1})
+    with pytest.warns(RuntimeWarning) as rec:
+        with tuning.use_tuner(make_tuner(timer, str(path))):
+            for _ in range(2):
+                check_linear(vk.linear(x, w, b, residual=r), x, w, b, r)
+    assert len(timer.calls) == 3
+    messages = [str(w.message) for w in rec]
+    assert len(messages) == 2 and "cannot write" in messages[1] and "kept in this process" in messages[1], messages
+
+
 def test_eight_threads_time_one_signature_once(tmp_path):
     x, w, b, r = linear_args()
     # torch wins: after tuning all 8 threads run the winner at once, and Triton's interpreter

@@ -251,6 +251,31 @@ DECISION_PATHS = {("qkv_attention", "torch"): "torch", ("qkv_attention", "cuda")
 SDPA_PATHS = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
 
 
+def unknown_candidate(op: str, c: Candidate) -> Optional[str]:
+    """None when :func:`candidates` can make ``c`` for ``op`` (its backend, path and config keywords; a
+    config's values are tuples of ints), else why not. Read back from a cache file, anything else would be
+    launched as written (or reported as what ran while another path did)."""
+    ops = {fam.op for fam in FAMILIES}
+    if op not in ops:
+        return f"op {op!r} is not one of {sorted(ops)}"
+    if not (isinstance(c.backend, str) and isinstance(c.path, str)):
+        return "backend and path are not strings"
+    paths = {
+        "torch": {""} | (set(SDPA_PATHS) if op in ATTENTION_OPS else set()),
+        "triton": {""}
+        | {f.path for f in FAMILIES if f.op == op}
+        | ({"single_kernel"} if op == "qkv_attention" else set()),
+        "cuda": {"split" if op == "qkv_attention" else ""},
+    }
+    if c.path not in paths.get(c.backend, ()):
+        return f"backend {c.backend!r} with path {c.path!r} is not a candidate of {op}"
+    keywords = {f.keyword for f in FAMILIES if f.op == op} if c.backend == "triton" else set()
+    for kw, cfg in c.config:
+        if kw not in keywords or not all(type(v) is int for v in cfg):
+            return f"config {kw}={cfg!r} is not a tile config of {op}'s {c.backend} candidates"
+    return None
+
+
 def facts(op: str, tensors: Sequence[Optional[torch.Tensor]], key_extra: tuple, arch: int) -> Facts:
     """The :class:`Facts` of one call (tensors as the op passes them to resolve)."""
     t0 = tensors[0]
@@ -607,12 +632,26 @@ class Entry:
 
     @staticmethod
     def from_json(signature: str, d: Mapping[str, Any]) -> "Entry":
-        return Entry(
-            d["op"],
-            signature,
-            [Result(Candidate.from_json(r), r["ms"], r.get("dropped", "")) for r in d["results"]],
-            Candidate.from_json(d["winner"]),
-        )
+        """The entry a cache file holds for ``signature``. Raises ValueError (or KeyError / TypeError)
+        when it is not one this version could have written: an op other than the signature's, a
+        candidate :func:`unknown_candidate` refuses, a time that is not a number >= 0 or None, a winner
+        that is not among the timed results."""
+        op = d["op"]
+        if not isinstance(op, str) or signature.split("|", 1)[0] != op:
+            raise ValueError(f"op {op!r} is not the signature's")
+        results = [Result(Candidate.from_json(r), r["ms"], r.get("dropped", "")) for r in d["results"]]
+        winner = Candidate.from_json(d["winner"])
+        for c in [r.candidate for r in results] + [winner]:
+            why = unknown_candidate(op, c)
+            if why:
+                raise ValueError(f"candidate {c.name!r}: {why}")
+        for r in results:
+            ms_ok = r.ms is None or (type(r.ms) in (int, float) and 0 <= r.ms < float("inf"))
+            if not ms_ok or not isinstance(r.dropped, str):
+                raise ValueError(f"candidate {r.candidate.name!r}: ms {r.ms!r}, dropped {r.dropped!r}")
+        if not any(r.candidate == winner and r.ms is not None for r in results):
+            raise ValueError(f"the winner {winner.name!r} is not among the timed results")
+        return Entry(op, signature, results, winner)
 
     @property
     def short_of_memory(self) -> bool:
@@ -830,6 +869,7 @@ class Tuner:
         self._entries: Dict[str, Entry] = {}  # signature -> entry (this process + file)
         self._file_loaded = False
         self._warned = False
+        self._save_warned = False
         self._lock = threading.Lock()
         self._key_locks: Dict[tuple, threading.Lock] = {}
         self._misses: set = set()  # fast keys cache-only found no choice for (not looked up again)
@@ -1070,14 +1110,18 @@ class Tuner:
                 f"{head.get('versions')}; this is format {FORMAT}, {self.versions})"
             )
             return
+        bad = []  # (signature, why) of the entries this version could not have written: skipped, tuned again
         for sig, rec in data["entries"].items():
             if sig not in self._entries:
                 try:
                     self._entries[sig] = Entry.from_json(sig, rec)
                     self.generation += 1
-                except (KeyError, TypeError, ValueError) as e:
-                    self._warn(f"{self.path}: entry {sig!r} is malformed ({type(e).__name__}: {e})")
-                    return
+                except (KeyError, TypeError, ValueError, AttributeError) as e:
+                    bad.append((sig, f"{type(e).__name__}: {e}"))
+        if bad:
+            self._warn(
+                f"{self.path}: {len(bad)} malformed entr{'y' if len(bad) == 1 else 'ies'} (first: {bad[0][0]!r}, {bad[0][1]})"
+            )
 
     def _warn(self, what: str) -> None:
         if not self._warned:
@@ -1099,13 +1143,25 @@ class Tuner:
             "entries": {s: e.to_json() for s, e in sorted(self._entries.items()) if not e.short_of_memory},
         }
         d = os.path.dirname(os.path.abspath(self.path))
-        fd, tmp = tempfile.mkstemp(prefix=".tuning.", suffix=".tmp", dir=d)
+        tmp = None
         try:
+            fd, tmp = tempfile.mkstemp(prefix=".tuning.", suffix=".tmp", dir=d)
             with os.fdopen(fd, "w") as f:
                 json.dump(data, f, indent=1)
             os.replace(tmp, self.path)
+        except OSError as e:  # a folder in the file's place, a read-only disk, ...: the choices stay in memory
+            with contextlib.suppress(OSError, TypeError):
+                os.unlink(tmp)
+            if not self._save_warned:
+                self._save_warned = True
+                warnings.warn(
+                    f"vit_kernels tuning: cannot write {self.path} ({type(e).__name__}: {e}); the choices are "
+                    f"kept in this process only",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         except BaseException:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, TypeError):
                 os.unlink(tmp)
             raise
 
