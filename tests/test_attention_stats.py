@@ -264,11 +264,16 @@ def test_stats_take_every_layout_as_the_plain_call(op, arg, layout, backend, mon
     copies = [arg] if backend != "torch" and arg in spec.params and not t[arg].is_contiguous() else []
     assert [n.split(":")[0] for n in d.copied] == copies, str(d)
     t64 = {name: v.double() for name, v in t.items()}
-    assert_close(out, spec.ref(t64), spec.ref(t), name=f"{op} {backend} {arg}={layout}")
-    p64 = reference.attention_probs(*_attention_qk(op, t64))
-    base = reference.attention_probs(*_attention_qk(op, t))
-    assert_close(st.rows, p64[:, :, rows], base[:, :, rows], name="rows")
-    assert_close(st.weights, p64, base, name="weights")
+    q64, k64 = _attention_qk(op, t64)
+    # an expanded qkv_weight makes every projection row the same: scores ~100-160 apart in a row, where the
+    # CUDA kernel in float32 (fp16 hi/lo pairs) has its known limit, 5x (test_hard_inputs.score_range_factor)
+    scores = (q64 @ k64.transpose(-1, -2)) * q64.shape[-1] ** -0.5
+    hundreds = (scores.amax(-1) - scores.amin(-1)).max() > 50
+    factor = 5.0 if backend == "cuda" and hundreds else 2.0
+    assert_close(out, spec.ref(t64), spec.ref(t), name=f"{op} {backend} {arg}={layout}", factor=factor)
+    p64, base = reference.attention_probs(q64, k64), reference.attention_probs(*_attention_qk(op, t))
+    assert_close(st.rows, p64[:, :, rows], base[:, :, rows], name="rows", factor=factor)
+    assert_close(st.weights, p64, base, name="weights", factor=factor)
     with stats_mod.recording(req) as records:
         again = spec.run(t, backend)
     assert torch.equal(again, out) and len(records) == 1 and torch.equal(records[0].rows, st.rows)

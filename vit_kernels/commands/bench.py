@@ -33,7 +33,7 @@ from ..bench import peaks as bpeaks
 from ..bench import throughput as tp
 from ..models import registry
 from ..tuning import TABLE_COLUMNS, starts_group
-from .arguments import out_folder, positive_float, positive_int
+from .arguments import out_folder, non_negative_float, positive_int
 
 GPU_DEFAULTS = dict(
     models=["vit_base_patch16_224"],
@@ -192,9 +192,9 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--max-time",
-        type=positive_float,
+        type=non_negative_float,
         default=None,
-        help="seconds of timing per row at most, target met or not (default 3 GPU / 1 CPU)",
+        help="seconds of timing per row at most, target met or not (default 3 GPU / 1 CPU; 0: the fewest samples only)",
     )
     p.add_argument("--results-file", default=None, help="as timm: also write the results (timm's fields) to this file")
     p.add_argument(

@@ -24,7 +24,7 @@ from ..bench import peaks as bpeaks
 from ..bench.timer import timer_name
 from ..dtypes import SHORT_NAMES
 from ..models import registry
-from .arguments import out_folder, positive_float, positive_int
+from .arguments import out_folder, non_negative_float, positive_int
 from .bench import resolve_device
 
 DTYPES = SHORT_NAMES  # vit_kernels.dtypes
@@ -95,9 +95,9 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--max-time",
-        type=positive_float,
+        type=non_negative_float,
         default=None,
-        help="seconds of timing per case at most (default 3 on a GPU, 1 on a CPU)",
+        help="seconds of timing per case at most (default 3 on a GPU, 1 on a CPU; 0: the fewest samples only)",
     )
     p.add_argument("--gpu", default=None, help="GPU for %% of peak and bounds (default: this device)")
     p.add_argument(
