@@ -30,7 +30,7 @@ BLOCK_R, BLOCK_D, NUM_WARPS = 8, 256, 4
 @triton.jit
 def _row_stats_kernel(
     x_ptr,  # x viewed as (batch, T, D) with strides (stride_xb, stride_xt, stride_xd)
-    stats_ptr,  # (2 * M [+ room],) fp32 out: the row means, then the rows' 1/std; M = batch * T
+    stats_ptr,  # (2, M) fp32 out: the row means, then the rows' 1/std; M = batch * T
     M,
     D,
     T,  # rows, row width, rows per batch
@@ -105,16 +105,14 @@ def rows_per_batch(x: Tensor) -> int:
     return x.shape[-2] if x.dim() >= 2 else 1
 
 
-def row_stats(x2d: Tensor, eps: float, room: int = 0) -> Tuple[Tensor, Tensor]:
+def row_stats(x2d: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     """Per-row LayerNorm statistics.
 
     x2d: (..., D), any strides that address it as (-1, T, D) with T = x2d.shape[-2] (a 2-D
     tensor is one batch of rows); float32/float16/bfloat16. eps: added to the variance.
     Returns (mean, rstd), each fp32 (M,) with M = x2d.numel() // D: rstd = 1/sqrt(var + eps),
-    var the biased variance over the last dim. Both lie in one fp32 buffer (2 * M + room,), mean
-    first, which the GEMMs take as one pointer (:func:`stats_pointer`): one allocation per call.
-    ``room``: fp32 entries after the statistics for the GEMM to write (sm_90's TMA GEMM: its row
-    tiles' LayerNorm route flags), left unwritten here.
+    var the biased variance over the last dim. Both are rows of one (2, M) buffer, which the GEMMs
+    take as one pointer (:func:`stats_pointer`): one allocation per call.
     """
     if x2d.dtype not in DTYPES:
         raise TypeError(f"x2d: expected float32, float16 or bfloat16, got {x2d.dtype}")
@@ -122,9 +120,9 @@ def row_stats(x2d: Tensor, eps: float, room: int = 0) -> Tuple[Tensor, Tensor]:
         raise ValueError(f"x2d: expected at least 2 dims (rows, D), got shape {tuple(x2d.shape)}")
     D = x2d.shape[-1]
     M = x2d.numel() // D if D else 0
-    stats = empty((2 * M + room,), torch.float32, x2d.device)
+    stats = empty((2, M), torch.float32, x2d.device)
     if M == 0:
-        return stats[:0], stats[:0]
+        return stats[0], stats[1]
     T = rows_per_batch(x2d)
     stride_b, stride_t, stride_d = as_rows("x2d", x2d, T)
     grid = (cdiv(M, BLOCK_R),)
@@ -144,7 +142,7 @@ def row_stats(x2d: Tensor, eps: float, room: int = 0) -> Tuple[Tensor, Tensor]:
         BLOCK_D=BLOCK_D,
         num_warps=NUM_WARPS,
     )
-    return stats[:M], stats[M : 2 * M]
+    return stats[0], stats[1]
 
 
 def stats_pointer(mean: Tensor, rstd: Tensor) -> Tensor:
