@@ -792,6 +792,13 @@ MUTATIONS: List[Mutation] = [
         ("tests/test_swap_timm.py", "tests/test_verify.py", "-k", "another_class or left_unfused"),
     ),
     Mutation(
+        "swap-timm-stage-blocks-unreported",  # Swin's layers.N.blocks: only a blocks list beside patch_embed
+        "vit_kernels/swap/timm.py",
+        '            if sub.rpartition(".")[2] != "blocks" or not isinstance(blocks, (nn.Sequential, nn.ModuleList)):\n',
+        '            if sub != join(path, "blocks") or not isinstance(blocks, (nn.Sequential, nn.ModuleList)):\n',
+        ("tests/test_swap_timm.py", "-k", "hierarchical"),
+    ),
+    Mutation(
         "verify-all-blocks-left-passes",
         "vit_kernels/verify.py",
         "    elif not any(e.fused for e in blocks):\n",

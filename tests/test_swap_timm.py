@@ -141,6 +141,41 @@ def test_blocks_of_another_class_are_reported_left(name, backend):
         assert all(f"is {cls}, not timm's Block" in e.reason for e in left), str(report)
 
 
+# hierarchical timm ViTs, whose blocks sit in a blocks list per stage: name -> (small config, block class, block paths)
+HIERARCHICAL = {
+    "swin_tiny_patch4_window7_224": (
+        dict(img_size=32, patch_size=4, window_size=4, embed_dim=32, depths=(2, 1), num_heads=(1, 2)),
+        "SwinTransformerBlock",
+        ["layers.0.blocks.0", "layers.0.blocks.1", "layers.1.blocks.0"],
+    ),
+    "pvt_v2_b0": (  # its class is named Block too: the report names its module
+        dict(depths=(2, 1), embed_dims=(16, 32), num_heads=(1, 2), mlp_ratios=(2, 2), sr_ratios=(2, 1)),
+        "timm.models.pvt_v2.Block",
+        ["stages.0.blocks.0", "stages.0.blocks.1", "stages.1.blocks.0"],
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(HIERARCHICAL))
+def test_blocks_of_hierarchical_models_are_reported_left(name, backend):
+    """Blocks kept per stage (Swin's layers.N.blocks, PVTv2's stages.N.blocks) run as they are; the
+    report lists the attention and the MLP of every one as left, naming the class, before and after
+    fuse (not "0 left" beside a fused patch embedding), and the fused model still matches."""
+    cfg, cls, paths = HIERARCHICAL[name]
+    model = timm.create_model(name, pretrained=False, num_classes=5, **cfg)
+    for report in (vk.fuse_report(model), None):
+        if report is None:
+            report = check_fuse(model, torch.randn(2, 3, 32, 32), backend=backend)
+        left = sorted((e.path, e.op) for e in report.left if e.op in ("attention", "mlp"))
+        assert left == sorted((f"{p}.{c}", op) for p in paths for op, c in (("attention", "attn"), ("mlp", "mlp")))
+        assert all(
+            f"{e.path.rpartition('.')[0]} is {cls}, not timm's Block" in e.reason
+            for e in report.left
+            if e.op != "patch_embed"
+        ), str(report)
+
+
 def test_ops_selection():
     model = make().eval()
     vk.fuse(model, backend="torch", ops=("mlp",))

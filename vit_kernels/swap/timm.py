@@ -10,7 +10,8 @@
   blocks see tokens only. Left (reported) per part: qk_norm, scale_norm (attn.norm), gated
   attention, an Attention/Mlp class other than timm's, a non-GELU activation, mlp.norm, a norm
   that is not a LayerNorm. Blocks of other classes in a timm ViT's ``blocks`` (ParallelThingsBlock,
-  ParallelScalingBlock, EvaBlock, ...) run as they are; the report lists their attention and MLP as left.
+  ParallelScalingBlock, EvaBlock, ...) or in per-stage ``blocks`` lists (Swin, PVTv2) run as they are;
+  the report lists their attention and MLP as left.
 - A call with ``attn_mask`` or ``is_causal`` runs the Block's own forward; so does a call in
   training mode while a dropout / drop-path of the block has p > 0.
 - ``PatchEmbed.proj`` (the Conv2d) is replaced by :class:`~vit_kernels.swap.patch.FusedPatchConv`;
@@ -442,29 +443,41 @@ def data_config(model: nn.Module):
 
 
 def _other_block_candidates(root: nn.Module, Block) -> List[Candidate]:
-    """A candidate with nothing to build for each block of a timm ViT (a timm model holding
-    ``patch_embed`` and a ``blocks`` list) that is not timm's ``Block``: ParallelThingsBlock,
-    ParallelScalingBlock, EvaBlock, ... run as they are; their attention and MLP entries (the
-    ``attn`` / ``mlp`` child where the block has one, else the block) say so, naming the class."""
+    """A candidate with nothing to build for each block of a timm model with a patch embedding (a timm
+    model holding ``patch_embed``) that is not timm's ``Block``: blocks in its ``blocks`` list
+    (ParallelThingsBlock, ParallelScalingBlock, EvaBlock, ...) and in ``blocks`` lists deeper down, as
+    hierarchical models keep them per stage (Swin's ``layers.N.blocks``, PVTv2's ``stages.N.blocks``;
+    nested lists are walked). They run as they are; their attention and MLP entries (the ``attn`` /
+    ``mlp`` child where the block has one, else the block) say so, naming the class."""
     out: List[Candidate] = []
+    seen = set()  # the blocks lists reported (a timm model inside another is walked once)
     for path, m in root.named_modules():
-        blocks = m._modules.get("blocks")
-        if not (
-            type(m).__module__.startswith("timm.")
-            and "patch_embed" in m._modules
-            and isinstance(blocks, (nn.Sequential, nn.ModuleList))
-        ):
+        if not (type(m).__module__.startswith("timm.") and "patch_embed" in m._modules):
             continue
-        for name, b in blocks.named_children():
-            if isinstance(b, (Block, SwapWrapper)):
+        for sub, blocks in m.named_modules(prefix=path):
+            if sub.rpartition(".")[2] != "blocks" or not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
                 continue
-            p = join(join(path, "blocks"), name)
-            why = f"{p} is {type(b).__name__}, not timm's Block: it runs unfused, as it is"
-            entries = [
-                ReportEntry(join(p, child) if child in b._modules else p, op, FAMILY, False, why)
-                for op, child in (("attention", "attn"), ("mlp", "mlp"))
-            ]
-            out.append(Candidate(p, b, entries, None))
+            if sub in seen:
+                continue
+            seen.add(sub)
+            stack = list(blocks.named_children())[::-1]
+            while stack:
+                name, b = stack.pop()
+                p = join(sub, name)
+                if isinstance(b, (Block, SwapWrapper)):
+                    continue
+                if type(b) in (nn.Sequential, nn.ModuleList):  # a list of lists (one per stage or group)
+                    stack += [(join(name, n), c) for n, c in b.named_children()][::-1]
+                    continue
+                cls = type(b).__name__
+                if cls == Block.__name__:  # another model's class of that name (pvt_v2.Block)
+                    cls = f"{type(b).__module__}.{cls}"
+                why = f"{p} is {cls}, not timm's Block: it runs unfused, as it is"
+                entries = [
+                    ReportEntry(join(p, child) if child in b._modules else p, op, FAMILY, False, why)
+                    for op, child in (("attention", "attn"), ("mlp", "mlp"))
+                ]
+                out.append(Candidate(p, b, entries, None))
     return out
 
 
