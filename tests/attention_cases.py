@@ -119,3 +119,13 @@ def stride_args_widened(ttir: str, names) -> None:
             assert re.search(rf"arith.extsi %{name}\b.*: i32 to i64", use), (
                 f"{name} is used without widening to i64: {use}"
             )
+
+
+def score_range_factor(backend, dtype):
+    """The tolerance factor for scores in the hundreds: 2, except the CUDA kernel in float32. That one
+    (the stated method, csrc/attention/flash_fwd.cuh) multiplies fp16 hi/lo pairs, ~22 significant bits
+    per operand against fp32's 24: a score of 300 carries ~300 * 2^-21 of error, and its outputs were
+    measured at up to 3.2x fp32 eager's error (240 draws). A known limit of the method, not a bug the
+    rule should hide elsewhere: used only where scores reach the tens to hundreds (tests/test_hard_inputs.py's
+    score patterns, tests/test_attention_stats.py's layouts with an expanded qkv_weight)."""
+    return 5.0 if (backend, dtype) == ("cuda", torch.float32) else 2.0

@@ -35,6 +35,7 @@ from vit_kernels.dtypes import KERNEL_DTYPES
 
 from conftest import DEVICE
 from poison import poison_empty
+from attention_cases import score_range_factor
 
 BACKENDS = ["torch", "triton", "cuda"]
 DTYPES = list(KERNEL_DTYPES)  # vit_kernels.dtypes
@@ -309,15 +310,6 @@ def attention_case(op, pattern, B, N, dtype):
 
 
 PATTERNS = ["rising", "falling", "alternating", "last", "equal"]
-
-
-def score_range_factor(backend, dtype):
-    """The tolerance factor for scores in the hundreds: 2, except the CUDA kernel in float32. That one
-    (the stated method, csrc/attention/flash_fwd.cuh) multiplies fp16 hi/lo pairs, ~22 significant bits
-    per operand against fp32's 24: a score of 300 carries ~300 * 2^-21 of error, and its outputs were
-    measured at up to 3.2x fp32 eager's error (240 draws). A known limit of the method, not a bug the
-    rule should hide elsewhere: 5 here only."""
-    return 5.0 if (backend, dtype) == ("cuda", torch.float32) else 2.0
 
 
 @pytest.mark.parametrize("op,backend,dtype", with_op(ATTENTION_OPS, attention_backends()), ids=_dt)
