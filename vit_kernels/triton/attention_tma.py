@@ -136,10 +136,10 @@ def _attn_tma_pv(
     BLOCK_D1: tl.constexpr,
 ):
     """acc * alpha + p v of one value tile."""
-    v = v_desc.load([bv, h, start_n, 0]).reshape(BLOCK_N, BLOCK_D0)
+    v = v_desc.load([bv, h, start_n, 0]).reshape(BLOCK_N, BLOCK_D0)  # this tile's values
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     if BLOCK_D1 > 0:
-        v1 = v1_desc.load([bv, h, start_n, BLOCK_D0]).reshape(BLOCK_N, BLOCK_D1)
+        v1 = v1_desc.load([bv, h, start_n, BLOCK_D0]).reshape(BLOCK_N, BLOCK_D1)  # columns BLOCK_D0 on
         acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None])
     return acc, acc1
 
@@ -210,7 +210,7 @@ def _attn_fwd_tma_kernel(
             acc, acc1 = _attn_tma_pv(
                 acc, acc1, p, alpha, v_desc, v1_desc, b + v_b0, h, n_full - BLOCK_N, BLOCK_N, BLOCK_D0, BLOCK_D1
             )
-        for start_n in range(n_full, NKV, TAIL_N):  # the rest in TAIL_N-key tiles, masked
+        for start_n in range(n_full, NKV, TAIL_N):  # the rest in TAIL_N-key tiles, masked (as below)
             acc, acc1, l_i, m_i = _attn_tma_step(
                 acc,
                 acc1,
@@ -377,7 +377,7 @@ def _attn_fwd_tma_ws_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in tl.range(0, NKV, BLOCK_N, warp_specialize=True):
         s = _attn_tma_scores(q, q1, k_desc, k1_desc, b + k_b0, h, start_n, BLOCK_N, BLOCK_D0, BLOCK_D1)
-        s = tl.where((start_n + tl.arange(0, BLOCK_N) < NKV)[None, :], s, float("-inf"))
+        s = tl.where((start_n + tl.arange(0, BLOCK_N) < NKV)[None, :], s, float("-inf"))  # padded keys
         p, alpha, l_i, m_i = _attn_tma_softmax(s, l_i, m_i, qk_scale)
         acc, acc1 = _attn_tma_pv(
             acc, acc1, p, alpha, v_desc, v1_desc, b + v_b0, h, start_n, BLOCK_N, BLOCK_D0, BLOCK_D1
@@ -386,7 +386,7 @@ def _attn_fwd_tma_ws_kernel(
     if BLOCK_D1 > 0:
         o1_desc.store([off_m, BLOCK_D0], (acc1 / l_i[:, None]).to(o1_desc.dtype))
     if STORE_LSE:
-        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural log, as the other kernel
         offs_m = off_m + tl.arange(0, BLOCK_M)
         tl.store(lse_ptr + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=offs_m < NQ)
 
