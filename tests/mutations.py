@@ -374,6 +374,29 @@ MUTATIONS: List[Mutation] = [
         "        lse = m_i + tl.math.log2(l_i)\n",
         T_ATTN_TMA,
     ),
+    # the structure configs (issue 11): the rotated loop's p v one tile ahead; the head-major grid counting
+    # the key tiles; the warp-specialized kernel's second q chunk read at column 0
+    Mutation(
+        "triton-attn-tma-overlap-pv-tile",
+        "vit_kernels/triton/attention_tma.py",
+        "b + v_b0, h, start_n - BLOCK_N, BLOCK_N, BLOCK_D0, BLOCK_D1",
+        "b + v_b0, h, start_n, BLOCK_N, BLOCK_D0, BLOCK_D1",
+        T_ATTN_TMA,
+    ),
+    Mutation(
+        "triton-attn-tma-order-tiles-of-keys",
+        "vit_kernels/triton/attention_tma.py",
+        "        n_m = tl.cdiv(NQ, BLOCK_M)\n",
+        "        n_m = tl.cdiv(NKV, BLOCK_M)\n",
+        T_ATTN_TMA,
+    ),
+    Mutation(
+        "triton-attn-tma-ws-second-chunk-column",
+        "vit_kernels/triton/attention_tma.py",
+        "        q1 = q1_desc.load([off_m, BLOCK_D0])\n",
+        "        q1 = q1_desc.load([off_m, 0])\n",
+        T_ATTN_TMA,
+    ),
     # ------------------------------------------------------------------ Triton: GEMM, LayerNorm
     Mutation(
         "triton-gemm-k-mask-off-by-one",

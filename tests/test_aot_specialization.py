@@ -255,8 +255,9 @@ def test_gemm_tma_launches_of_a_vit_block_are_in_the_report(report, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_tma_attention_launches_are_in_the_report(report, dtype):
-    """sm_90's TMA attention as the tuner launches it, with each of its configs: flash_attention (without
-    and, under autograd, with the LSE) and qkv_attention's split path; every launch is listed."""
+    """sm_90's TMA attention as the tuner launches it, with each of its configs (the structure configs'
+    WARP_SPEC kernel included): flash_attention (without and, under autograd, with the LSE) and
+    qkv_attention's split path; every launch is listed."""
     from vit_kernels import autograd
     from vit_kernels.triton import attention, attention_tma
     from vit_kernels.triton import qkv_attention as triton_qkv
@@ -279,9 +280,11 @@ def test_tma_attention_launches_are_in_the_report(report, dtype):
                 path="split",
                 attention_tma_config=cfg,
             )
-        tma = [la for la in launches if _name(la) == "_attn_fwd_tma_kernel"]
+        # a WARP_SPEC config launches the warp-specialized kernel (attention_tma._attn_fwd_tma_ws_kernel)
+        name = "_attn_fwd_tma_ws_kernel" if cfg[7:8] == (1,) else "_attn_fwd_tma_kernel"
+        tma = [la for la in launches if _name(la) == name]
         assert len(tma) == 3
-        assert_in_report(report, tma, ["_attn_fwd_tma_kernel"])
+        assert_in_report(report, tma, [name])
 
 
 def test_a_batch_that_is_not_a_multiple_of_16_changes_only_the_row_count_fact(report):

@@ -60,6 +60,9 @@ def ids(v):
 # head dim x dtype once, batch alternating, the configs in turn (each meets 3 or 4 of the token counts).
 # attention_tma.CONFIGS, asserted below: (BLOCK_M, BLOCK_N, num_warps, num_stages, TAIL_N)
 TMA_CONFIGS = [(128, 64, 4, 3, 16), (128, 64, 8, 3, 16), (128, 128, 8, 2, 16), (128, 64, 8, 3, 0), (128, 128, 8, 2, 0)]
+# the configs with structure fields (ORDER, OVERLAP, WARP_SPEC), issue 11's study of tutorial 06 and FA3
+TMA_STRUCTURE_CONFIGS = [(128, 64, 8, 3, 16, 1, 0, 0), (128, 64, 8, 3, 16, 1, 1, 0), (128, 64, 4, 3, 0, 1, 0, 1)]
+TMA_STRUCTURE_CONFIGS += [(128, 128, 4, 2, 0, 1, 0, 1)]
 DEFAULT_CASES = {
     "triton": [
         (1, 2, 1, 64, torch.float32),
@@ -284,7 +287,7 @@ def test_tma_config_list_tuned_on_sm90_half_only_and_compiled():
     none elsewhere; inspect compiles each of them (sm_90, both dtypes, the LSE kept or not)."""
     from vit_kernels.triton import attention_tma
 
-    assert list(attention_tma.CONFIGS) == TMA_CONFIGS and TMA_CONFIG == TMA_CONFIGS[0]
+    assert list(attention_tma.CONFIGS) == TMA_CONFIGS + TMA_STRUCTURE_CONFIGS and TMA_CONFIG == TMA_CONFIGS[0]
     for dt in (torch.float16, torch.bfloat16):
         for hd in (16, 64, 72, 80, 128):
             assert attention_tma.tune_configs(dt, hd, 90) == attention_tma.CONFIGS
@@ -293,15 +296,20 @@ def test_tma_config_list_tuned_on_sm90_half_only_and_compiled():
     assert attention_tma.tune_configs(torch.float16, 256, 90) == ()
     specs = attention_tma.aot_specs()
     # (q's descriptor element type, lse kept, label)
-    compiled = {(s.signature["q_desc"].split("[")[0], s.constexprs["STORE_LSE"], s.config) for s in specs}
+    # (the warp-specialized kernel takes q as a pointer and makes its descriptors: its k's element type)
+    compiled = {(s.signature["k_desc"].split("[")[0], s.constexprs["STORE_LSE"], s.config) for s in specs}
     assert all(s.archs == (90,) for s in specs)
     for cfg in attention_tma.CONFIGS:
-        label = "BLOCK_M={},BLOCK_N={},num_warps={},num_stages={},TAIL_N={}".format(*cfg)
+        label = "BLOCK_M={},BLOCK_N={},num_warps={},num_stages={},TAIL_N={},".format(*cfg)
+        label += "ORDER={},OVERLAP={},WARP_SPEC={},".format(*cfg[5:]) if len(cfg) > 5 else ""
+        mine = [c for c in compiled if label in c[2] and (len(cfg) > 5 or "ORDER=" not in c[2])]
         for ty in ("tensordesc<fp16", "tensordesc<bf16"):
             for lse in (False, True):
-                assert any(c[:2] == (ty, lse) and "head_dim=64," in c[2] and label in c[2] for c in compiled), (cfg, ty)
+                assert any(c[:2] == (ty, lse) and "head_dim=64," in c[2] for c in mine), (cfg, ty)
         for hd in (80, 128):
-            assert any(c[0] == "tensordesc<fp16" and f"head_dim={hd}," in c[2] and label in c[2] for c in compiled)
+            assert any(c[0] == "tensordesc<fp16" and f"head_dim={hd}," in c[2] for c in mine)
+    # one spec per config x dtype x LSE at head_dim 64, per config at 80 and 128
+    assert len(specs) == len(attention_tma.CONFIGS) * 6
     # head_dim is in the descriptors, not the kernel: 72 launches what 80 compiles (the same chunks)
     same = [attention_tma.aot_spec(torch.float16, hd, TMA_CONFIG) for hd in (72, 80)]
     assert spec_key(same[0]) == spec_key(same[1])
@@ -429,6 +437,43 @@ def test_planes_of_one_buffer_read_as_one_descriptor_triton_tma(shape, tma_confi
     check_attention(out, q, k, v, scale)
     with pytest.raises(ValueError, match=r"qkv: expected the contiguous .* buffer whose planes are q, k and v"):
         flash_attention_forward(q, v, k, scale, qkv=qkv, **kw)  # k and v swapped: plane 1 is not k
+
+
+# (batch, heads, tokens, kv_tokens, head_dim, dtype): every config with structure fields meets each (one key
+# tile and less, 197 = 3 x 64 + 5 and 1 x 128 + 69, several tiles, cross attention; every head-dim shape)
+STRUCTURE_CASES = [
+    (1, 2, 1, 1, 64, torch.float16),
+    (1, 2, 50, 50, 72, torch.bfloat16),
+    (3, 2, 197, 197, 64, torch.bfloat16),
+    (1, 3, 197, 197, 80, torch.float16),
+    (1, 1, 257, 257, 128, torch.bfloat16),
+    (2, 1, 130, 300, 16, torch.float16),
+]
+
+
+@pytest.mark.parametrize("case", STRUCTURE_CASES, ids=ids)
+@pytest.mark.parametrize("tma_config", TMA_STRUCTURE_CONFIGS, ids=ids)
+def test_structure_configs_triton_tma(tma_config, case):
+    """The configs with structure fields (the head's query tiles adjacent; the next tile's q k^T before this
+    tile's p v; Triton's warp specialization with device-made q / out descriptors) against the float64
+    oracle, output and LSE, on separate q, k, v and on the split path's planes of one buffer (bit for bit
+    the same), into a merged-head out."""
+    require("triton")
+    from vit_kernels.triton.attention import flash_attention_forward
+
+    B, H, N, NKV, D, dtype = case
+    q, k, v = make_qkv(B, H, N, D, dtype, n_kv=NKV)
+    scale = D**-0.5
+    out, lse = flash_forward("triton_tma", q, k, v, scale, tma_config=tma_config)
+    check_attention(out, q, k, v, scale)
+    check_lse(lse, q, k, scale)
+    if N == NKV:
+        qkv = torch.stack([q, k, v])
+        merged = torch.full((B, N, H * D), float("nan"), dtype=dtype, device=q.device)
+        o2 = merged.view(B, N, H, D).transpose(1, 2)
+        kw = dict(return_lse=True, attention_tma_config=tma_config)
+        got, lse2 = flash_attention_forward(qkv[0], qkv[1], qkv[2], scale, out=o2, qkv=qkv, **kw)
+        assert torch.equal(got, out) and torch.equal(lse2, lse)
 
 
 # -------------------------------------------------------------------------------- CUDA only

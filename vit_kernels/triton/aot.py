@@ -436,7 +436,9 @@ def compile_spec(spec: AotSpec, arch: int) -> Dict[str, Any]:
         "backend": "triton",
         "arch": f"sm_{arch}",
         "config": spec.config,
-        "num_warps": spec.num_warps,
+        # the warps a block runs: num_warps, or more where Triton warp-specialized the kernel (tl.range(...,
+        # warp_specialize=True) adds its producer and consumer partitions' warps)
+        "num_warps": int(compiled.metadata.num_warps),
         "num_stages": spec.num_stages,
         "regs": facts["regs"],
         "spill_bytes": facts["spill_bytes"],
@@ -449,5 +451,5 @@ def compile_spec(spec: AotSpec, arch: int) -> Dict[str, Any]:
         "shape": spec.shape,
     }
     row.update(ptx_facts(compiled.asm["ptx"]))
-    row.update(blocks_per_sm(arch, row["regs"], shared, spec.num_warps))
+    row.update(blocks_per_sm(arch, row["regs"], shared, row["num_warps"]))
     return row
