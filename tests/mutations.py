@@ -207,9 +207,18 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "library-torch-func-as-eager-autograd",
         "vit_kernels/library.py",
-        "        if transform() is not None:\n            return _under_transform(op, args)\n",
+        "        if not compiling and transform() is not None:\n            return _under_transform(op, args)\n",
         "",
         ("tests/test_library.py", "-k", "torch_func"),
+    ),
+    # torch.compile of a fused model under autograd asked the eager torch.func check while dynamo traced (never
+    # None there): every op of an explicit kernel backend went to _under_transform, a graph break, a TypeError.
+    Mutation(
+        "library-compile-autograd-asks-transform",
+        "vit_kernels/library.py",
+        "        if not compiling and transform() is not None:\n",
+        "        if transform() is not None:\n",
+        ("tests/test_compile.py", "-k", "autograd_without_breaks and triton"),
     ),
     # torch.func.jvp through an explicit kernel backend: the custom op's tangent is dropped.
     Mutation(
