@@ -741,6 +741,14 @@ MUTATIONS: List[Mutation] = [
         "    if geo.prefix_tokens < 1:\n",
         ("tests/test_analysis.py", "-k", "no_class_token"),
     ),
+    # The patch grid read from the images' width alone (a square grid for a non-square input).
+    Mutation(
+        "analysis-grid-from-width",
+        "vit_kernels/analysis.py",
+        "    geo = geo or geometry(model, images.shape[-2:])\n",
+        "    geo = geo or geometry(model, images.shape[-1])\n",
+        ("tests/test_analysis.py", "-k", "non_square"),
+    ),
     # ------------------------------------------------------------------ swap: fall-backs, cached resampling
     Mutation(
         "swap-hooks-after-fuse-ignored",

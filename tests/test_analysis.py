@@ -6,6 +6,7 @@ import copy
 import csv
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ pytest.importorskip("vit_kernels.triton.attention_stats")
 Image = pytest.importorskip("PIL.Image")
 
 
-def tiny_vit(backend, reg_tokens=0):
+def tiny_vit(backend, reg_tokens=0, **kw):
     torch.manual_seed(0)
     return VisionTransformer(
         img_size=32,
@@ -30,6 +31,7 @@ def tiny_vit(backend, reg_tokens=0):
         num_classes=10,
         reg_tokens=reg_tokens,
         backend=backend,
+        **kw,
     ).eval()
 
 
@@ -53,6 +55,45 @@ def test_reference_vit_statistics_against_the_oracle(reg_tokens):
         got = fn(model, x)
         assert got.shape == shape
         assert_close(got, fn(m64, x.double()), fn(m32, x), name=fn.__name__)
+
+
+@pytest.mark.parametrize("size", [(32, 48), (56, 24)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_non_square_images_against_the_oracle(size, batch):
+    """A dynamic_img_size model on non-square images (a register token beside the class token): the
+    patch grid comes from the images' (H, W). It was read from the width alone, a square grid: a reshape
+    error for the maps and rollout, a token-count error for the distance."""
+    model = tiny_vit("triton", reg_tokens=1, dynamic_img_size=True)
+    m64 = copy.deepcopy(model).double()
+    vk.nn.set_backend(m64, "reference")
+    m32 = copy.deepcopy(model)
+    vk.nn.set_backend(m32, "torch")
+    x = torch.randn(batch, 3, *size)
+    gh, gw = size[0] // 8, size[1] // 8
+    assert analysis.geometry(model, size) == analysis.Geometry(size, 8, (gh, gw), 2, 2)
+    for fn, shape in (
+        (analysis.cls_attention, (2, batch, 2, gh, gw)),
+        (analysis.attention_rollout, (batch, gh, gw)),
+        (analysis.mean_attention_distance, (2, 2)),
+    ):
+        got = fn(model, x)
+        assert got.shape == shape
+        assert_close(got, fn(m64, x.double()), fn(m32, x), name=f"{fn.__name__} {size}")
+
+
+@pytest.mark.parametrize("fn", ["cls_attention", "attention_rollout", "mean_attention_distance"])
+def test_images_that_do_not_fit_are_refused(fn):
+    """Images of another size than an explicit Geometry (a reshape error after the model ran, before) and
+    images that are not 4-D (timm: "not enough values to unpack"): one ValueError naming images."""
+    model = tiny_vit("torch", dynamic_img_size=True)
+    said = "images: expected (batch, channels, 32, 32) for the geometry's 4x4 grid of 8-pixel patches, got shape "
+    with pytest.raises(ValueError, match=re.escape(said + "(1, 3, 32, 48)")):
+        getattr(analysis, fn)(model, torch.randn(1, 3, 32, 48), analysis.geometry(model))
+    timm = pytest.importorskip("timm")
+    kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+    model = vk.fuse(timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw).eval(), backend="torch")
+    with pytest.raises(ValueError, match=re.escape("images: expected (batch, channels, H, W), got shape (3, 32, 32)")):
+        getattr(analysis, fn)(model, torch.randn(3, 32, 32))
 
 
 def test_distance_is_the_papers_definition():
