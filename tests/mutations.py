@@ -749,6 +749,14 @@ MUTATIONS: List[Mutation] = [
         "    geo = geo or geometry(model, images.shape[-1])\n",
         ("tests/test_analysis.py", "-k", "non_square"),
     ),
+    # attention-map --out taken as given: a folder or a name Pillow cannot write found after the model ran.
+    Mutation(
+        "attention-map-out-unchecked",
+        "vit_kernels/commands/arguments.py",
+        '    if path.is_dir():\n        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}, which is a folder")\n',
+        "",
+        ("tests/test_analysis.py", "-k", "bad_arguments"),
+    ),
     # ------------------------------------------------------------------ swap: fall-backs, cached resampling
     Mutation(
         "swap-hooks-after-fuse-ignored",

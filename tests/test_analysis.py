@@ -18,6 +18,8 @@ from vit_kernels.testing import assert_close
 
 pytest.importorskip("vit_kernels.triton.attention_stats")
 Image = pytest.importorskip("PIL.Image")
+# a one-block reference ViT at 32 px on the torch backend: the CLI cases that need a model but not its kernels
+TINY = ["--model", "vit_kernels:vit_tiny_patch16_224", "--depth", "1", "--img-size", "32", "--backend", "torch"]
 
 
 def tiny_vit(backend, reg_tokens=0, **kw):
@@ -202,6 +204,15 @@ def test_attention_map_default_output_beside_the_image(image, capsys):
     assert os.path.isfile(image.replace("sample.png", "sample_attention.png"))
 
 
+def test_attention_map_out_folders_are_created(image, tmp_path, capsys):
+    """--out under folders that do not exist yet: created, as attention-distance's --out-dir (was: "No such
+    file or directory" once the model had run)."""
+    out = tmp_path / "new" / "folder" / "map.png"
+    assert cli.main(["attention-map", image, *TINY, "--out", str(out)]) == 0, capsys.readouterr().err
+    with Image.open(out) as im:
+        assert im.size == (2 * 228 + 4, 242 + 4)  # the original and layer 1's map
+
+
 def test_attention_distance_command(image, tmp_path, capsys):
     out = tmp_path / "dist"
     rc = cli.main(
@@ -256,12 +267,37 @@ def test_attention_distance_command(image, tmp_path, capsys):
             ["attention-map", "IMAGE", "--model", "timm:vit_tiny_patch16_224", "--backend", "gpu"],
             "argument --backend: invalid choice",
         ),
+        # --out, refused while the command line is parsed (it was found after the model ran: "unknown file extension")
+        (
+            ["attention-map", "IMAGE", *TINY, "--out", "FOLDER"],
+            "argument --out: expected an image file to write, named .png, .jpg or another extension Pillow writes, "
+            "got 'FOLDER', which is a folder",
+        ),
+        (
+            ["attention-map", "IMAGE", *TINY, "--out", "FOLDER/map"],
+            "argument --out: expected an image file to write, named .png, .jpg or another extension Pillow writes, "
+            "got 'FOLDER/map', which has no extension",
+        ),
+        (
+            ["attention-map", "IMAGE", *TINY, "--out", "FOLDER/map.txt"],
+            "got 'FOLDER/map.txt', whose extension '.txt' is not one",
+        ),
+        (
+            ["attention-map", "IMAGE", *TINY, "--out", "IMAGE/map.png"],
+            "got 'IMAGE/map.png', but IMAGE is a file",
+        ),
     ],
 )
 def test_bad_arguments_one_line_exit_2(argv, message, image, tmp_path, capsys):
     notimage = tmp_path / "x.png"
     notimage.write_text("not an image")
-    argv = [image if a == "IMAGE" else str(notimage) if a == "NOTIMAGE" else a for a in argv]
+    folder = str(tmp_path / "folder")
+    os.makedirs(folder)
+
+    def fill(a):
+        return a.replace("NOTIMAGE", str(notimage)).replace("IMAGE", image).replace("FOLDER", folder)
+
+    argv, message = [fill(a) for a in argv], fill(message)
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
