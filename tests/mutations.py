@@ -757,6 +757,23 @@ MUTATIONS: List[Mutation] = [
         "",
         ("tests/test_analysis.py", "-k", "bad_arguments"),
     ),
+    # ------------------------------------------------------------------ inspect
+    # A --config that matches no label let inspect report a clean run of nothing (exit 0).
+    Mutation(
+        "inspect-empty-config-selection-passes",
+        "vit_kernels/commands/inspect.py",
+        "    if not configs:\n        labels",
+        "    if False:\n        labels",
+        ("tests/test_boundaries.py", "-k", "inspect"),
+    ),
+    # --arch given twice compiled (and listed) every configuration twice.
+    Mutation(
+        "inspect-duplicate-archs",
+        "vit_kernels/commands/inspect.py",
+        "    archs = sorted(set(archs))\n",
+        "",
+        ("tests/test_inspect.py", "-k", "twice"),
+    ),
     # ------------------------------------------------------------------ swap: fall-backs, cached resampling
     Mutation(
         "swap-hooks-after-fuse-ignored",
