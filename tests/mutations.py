@@ -749,6 +749,14 @@ MUTATIONS: List[Mutation] = [
         "    geo = geo or geometry(model, images.shape[-1])\n",
         ("tests/test_analysis.py", "-k", "non_square"),
     ),
+    # A module compiled in place (module.compile()) not seen as compiled: the misleading "not fused" error.
+    Mutation(
+        "analysis-module-compile-not-seen",
+        "vit_kernels/analysis.py",
+        'isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None for m',
+        "isinstance(m, OptimizedModule) for m",
+        ("tests/test_analysis.py", "-k", "compiled"),
+    ),
     # attention-map --out taken as given: a folder or a name Pillow cannot write found after the model ran.
     Mutation(
         "attention-map-out-unchecked",

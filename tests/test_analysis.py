@@ -118,6 +118,30 @@ def test_a_layer_not_fused_is_an_error():
         analysis.cls_attention(fused, torch.randn(1, 3, 32, 32))
 
 
+@pytest.mark.parametrize("how", ["torch.compile(model)", "model.compile()"])
+def test_a_compiled_model_is_an_error_that_says_so(how):
+    """A torch.compile graph hands no statistics to the recording: the error names torch.compile and the way
+    out (it said the layers were not fused or ran their original modules, which they did not); under
+    torch.compiler.set_stance('force_eager') the compiled model gives the oracle's distances."""
+    model = tiny_vit("triton")
+    m64 = copy.deepcopy(model).double()
+    vk.nn.set_backend(m64, "reference")
+    m32 = copy.deepcopy(model)
+    vk.nn.set_backend(m32, "torch")
+    if how == "model.compile()":
+        compiled = model
+        compiled.compile(backend="eager")
+    else:
+        compiled = torch.compile(model, backend="eager")
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(RuntimeError, match=r"a graph made by torch.compile, which keeps none; pass the module it"):
+        analysis.mean_attention_distance(compiled, x)
+    with torch.compiler.set_stance("force_eager"):
+        got = analysis.mean_attention_distance(compiled, x)
+    want = analysis.mean_attention_distance(m64, x.double())
+    assert_close(got, want, analysis.mean_attention_distance(m32, x), name=f"{how} under force_eager")
+
+
 @pytest.mark.parametrize("family", ["vit_kernels", "timm"])
 @pytest.mark.parametrize("reg_tokens", [0, 2])
 def test_no_class_token_is_refused_registers_are_not_one(family, reg_tokens):

@@ -101,6 +101,12 @@ def collect(model: nn.Module, images: Tensor, request: StatsRequest, geo: Geomet
     AttentionStats per layer, in order. Raises when a layer ran no vit_kernels attention op."""
     with torch.no_grad(), recording(request) as records:
         model(images)
+    if len(records) != geo.depth and _compiled(model):
+        raise RuntimeError(
+            f"model: {len(records)} of its {geo.depth} attention layers handed their statistics to "
+            f"vit_kernels.analysis: it runs a graph made by torch.compile, which keeps none; pass the module "
+            f"it compiled (model._orig_mod) or call under torch.compiler.set_stance('force_eager')"
+        )
     if len(records) != geo.depth:
         raise RuntimeError(
             f"model: {len(records)} of its {geo.depth} attention layers ran a vit_kernels attention "
@@ -108,6 +114,16 @@ def collect(model: nn.Module, images: Tensor, request: StatsRequest, geo: Geomet
             f"vit_kernels.fuse_report(model)): no statistics for them"
         )
     return records
+
+
+def _compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or a module in it runs a torch.compile graph (torch.compile(module) or
+    module.compile())."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return any(
+        isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()
+    )
 
 
 def _need_class_token(geo: Geometry) -> None:
