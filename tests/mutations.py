@@ -782,6 +782,16 @@ MUTATIONS: List[Mutation] = [
         "",
         ("tests/test_inspect.py", "-k", "twice"),
     ),
+    # ------------------------------------------------------------------ swap: checkpoints
+    # The fused embeddings reading the original module's parameters: load_state_dict(assign=True) puts new
+    # Parameters in the wrapper (the original gets them only when it runs or is restored).
+    Mutation(
+        "swap-hf-embeddings-read-original-params",
+        "vit_kernels/swap/hf.py",
+        "            cls_token=self.cls_token,\n",
+        "            cls_token=self.original.cls_token,\n",
+        ("tests/test_swap_hf.py", "-k", "round_trip"),
+    ),
     # ------------------------------------------------------------------ swap: fall-backs, cached resampling
     Mutation(
         "swap-hooks-after-fuse-ignored",
