@@ -207,9 +207,18 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "library-torch-func-as-eager-autograd",
         "vit_kernels/library.py",
-        "        if transform() is not None:\n            return _under_transform(op, args)\n",
+        "        if not compiling and transform() is not None:\n            return _under_transform(op, args)\n",
         "",
         ("tests/test_library.py", "-k", "torch_func"),
+    ),
+    # torch.compile of a fused model under autograd asked the eager torch.func check while dynamo traced (never
+    # None there): every op of an explicit kernel backend went to _under_transform, a graph break, a TypeError.
+    Mutation(
+        "library-compile-autograd-asks-transform",
+        "vit_kernels/library.py",
+        "        if not compiling and transform() is not None:\n",
+        "        if transform() is not None:\n",
+        ("tests/test_compile.py", "-k", "autograd_without_breaks and triton"),
     ),
     # torch.func.jvp through an explicit kernel backend: the custom op's tangent is dropped.
     Mutation(
@@ -754,6 +763,57 @@ MUTATIONS: List[Mutation] = [
         "    if not geo.class_token or geo.prefix_tokens < 1:\n",
         "    if geo.prefix_tokens < 1:\n",
         ("tests/test_analysis.py", "-k", "no_class_token"),
+    ),
+    # The patch grid read from the images' width alone (a square grid for a non-square input).
+    Mutation(
+        "analysis-grid-from-width",
+        "vit_kernels/analysis.py",
+        "    geo = geo or geometry(model, images.shape[-2:])\n",
+        "    geo = geo or geometry(model, images.shape[-1])\n",
+        ("tests/test_analysis.py", "-k", "non_square"),
+    ),
+    # A module compiled in place (module.compile()) not seen as compiled: the misleading "not fused" error.
+    Mutation(
+        "analysis-module-compile-not-seen",
+        "vit_kernels/analysis.py",
+        'isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None for m',
+        "isinstance(m, OptimizedModule) for m",
+        ("tests/test_analysis.py", "-k", "compiled"),
+    ),
+    # attention-map --out taken as given: a folder or a name Pillow cannot write found after the model ran.
+    Mutation(
+        "attention-map-out-unchecked",
+        "vit_kernels/commands/arguments.py",
+        '    if path.is_dir():\n        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}, which is a folder")\n',
+        "",
+        ("tests/test_analysis.py", "-k", "bad_arguments"),
+    ),
+    # ------------------------------------------------------------------ inspect
+    # A --config that matches no label let inspect report a clean run of nothing (exit 0).
+    Mutation(
+        "inspect-empty-config-selection-passes",
+        "vit_kernels/commands/inspect.py",
+        "    if not configs:\n        labels",
+        "    if False:\n        labels",
+        ("tests/test_boundaries.py", "-k", "inspect"),
+    ),
+    # --arch given twice compiled (and listed) every configuration twice.
+    Mutation(
+        "inspect-duplicate-archs",
+        "vit_kernels/commands/inspect.py",
+        "    archs = sorted(set(archs))\n",
+        "",
+        ("tests/test_inspect.py", "-k", "twice"),
+    ),
+    # ------------------------------------------------------------------ swap: checkpoints
+    # The fused embeddings reading the original module's parameters: load_state_dict(assign=True) puts new
+    # Parameters in the wrapper (the original gets them only when it runs or is restored).
+    Mutation(
+        "swap-hf-embeddings-read-original-params",
+        "vit_kernels/swap/hf.py",
+        "            cls_token=self.cls_token,\n",
+        "            cls_token=self.original.cls_token,\n",
+        ("tests/test_swap_hf.py", "-k", "round_trip"),
     ),
     # ------------------------------------------------------------------ swap: fall-backs, cached resampling
     Mutation(

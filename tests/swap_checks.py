@@ -2,6 +2,7 @@
 test file: pytest collects nothing here)."""
 
 import copy
+import io
 
 import torch
 
@@ -87,6 +88,34 @@ def check_load_state_dict(model, images, **call_kw):
         got = _logits(model(images, **call_kw))
         want = _logits(other(images, **call_kw))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def check_checkpoint_round_trip(make, images, *, backend, **call_kw):
+    """Checkpoints between fused and unfused models of ``make()``: an unfused model's state_dict (through
+    torch.save / torch.load) loaded into a fused one, in place and with assign=True, runs fused with the
+    loaded weights (the source model in float64 under the tolerance rule, baseline: the source at float32);
+    the fused model's state_dict loaded into an unfused one gives the source's output bit for bit."""
+    torch.manual_seed(1)
+    source = make().eval()
+    buf = io.BytesIO()
+    torch.save(source.state_dict(), buf)
+    with torch.no_grad():
+        want = _logits(copy.deepcopy(source).double()(images.double(), **call_kw))
+        base = _logits(source(images, **call_kw))
+    for assign in (False, True):
+        torch.manual_seed(2)
+        fused = vk.fuse(make().eval(), backend=backend)
+        buf.seek(0)
+        fused.load_state_dict(torch.load(buf), assign=assign)
+        with torch.no_grad():
+            got = _logits(fused(images, **call_kw))
+        assert vk.last_decision("qkv_attention").backend == backend, vk.last_decision("qkv_attention")
+        assert_close(got, want, base, name=f"unfused checkpoint into fused {type(source).__name__} (assign={assign})")
+    torch.manual_seed(3)
+    plain = make().eval()
+    plain.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        assert torch.equal(_logits(plain(images, **call_kw)), base), "fused checkpoint into an unfused model"
 
 
 def check_grad(model, images, **call_kw):

@@ -6,6 +6,7 @@ import copy
 import csv
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -17,9 +18,11 @@ from vit_kernels.testing import assert_close
 
 pytest.importorskip("vit_kernels.triton.attention_stats")
 Image = pytest.importorskip("PIL.Image")
+# a one-block reference ViT at 32 px on the torch backend: the CLI cases that need a model but not its kernels
+TINY = ["--model", "vit_kernels:vit_tiny_patch16_224", "--depth", "1", "--img-size", "32", "--backend", "torch"]
 
 
-def tiny_vit(backend, reg_tokens=0):
+def tiny_vit(backend, reg_tokens=0, **kw):
     torch.manual_seed(0)
     return VisionTransformer(
         img_size=32,
@@ -30,6 +33,7 @@ def tiny_vit(backend, reg_tokens=0):
         num_classes=10,
         reg_tokens=reg_tokens,
         backend=backend,
+        **kw,
     ).eval()
 
 
@@ -55,6 +59,45 @@ def test_reference_vit_statistics_against_the_oracle(reg_tokens):
         assert_close(got, fn(m64, x.double()), fn(m32, x), name=fn.__name__)
 
 
+@pytest.mark.parametrize("size", [(32, 48), (56, 24)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_non_square_images_against_the_oracle(size, batch):
+    """A dynamic_img_size model on non-square images (a register token beside the class token): the
+    patch grid comes from the images' (H, W). It was read from the width alone, a square grid: a reshape
+    error for the maps and rollout, a token-count error for the distance."""
+    model = tiny_vit("triton", reg_tokens=1, dynamic_img_size=True)
+    m64 = copy.deepcopy(model).double()
+    vk.nn.set_backend(m64, "reference")
+    m32 = copy.deepcopy(model)
+    vk.nn.set_backend(m32, "torch")
+    x = torch.randn(batch, 3, *size)
+    gh, gw = size[0] // 8, size[1] // 8
+    assert analysis.geometry(model, size) == analysis.Geometry(size, 8, (gh, gw), 2, 2)
+    for fn, shape in (
+        (analysis.cls_attention, (2, batch, 2, gh, gw)),
+        (analysis.attention_rollout, (batch, gh, gw)),
+        (analysis.mean_attention_distance, (2, 2)),
+    ):
+        got = fn(model, x)
+        assert got.shape == shape
+        assert_close(got, fn(m64, x.double()), fn(m32, x), name=f"{fn.__name__} {size}")
+
+
+@pytest.mark.parametrize("fn", ["cls_attention", "attention_rollout", "mean_attention_distance"])
+def test_images_that_do_not_fit_are_refused(fn):
+    """Images of another size than an explicit Geometry (a reshape error after the model ran, before) and
+    images that are not 4-D (timm: "not enough values to unpack"): one ValueError naming images."""
+    model = tiny_vit("torch", dynamic_img_size=True)
+    said = "images: expected (batch, channels, 32, 32) for the geometry's 4x4 grid of 8-pixel patches, got shape "
+    with pytest.raises(ValueError, match=re.escape(said + "(1, 3, 32, 48)")):
+        getattr(analysis, fn)(model, torch.randn(1, 3, 32, 48), analysis.geometry(model))
+    timm = pytest.importorskip("timm")
+    kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+    model = vk.fuse(timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw).eval(), backend="torch")
+    with pytest.raises(ValueError, match=re.escape("images: expected (batch, channels, H, W), got shape (3, 32, 32)")):
+        getattr(analysis, fn)(model, torch.randn(3, 32, 32))
+
+
 def test_distance_is_the_papers_definition():
     """One layer by hand: the recorded distance equals the float64 oracle on the layer's own q, k."""
     model = tiny_vit("reference").double()
@@ -73,6 +116,30 @@ def test_a_layer_not_fused_is_an_error():
     fused = vk.fuse(model, ops=("mlp",), backend="torch")
     with pytest.raises(RuntimeError, match="0 of its 2 attention layers ran a vit_kernels attention op"):
         analysis.cls_attention(fused, torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("how", ["torch.compile(model)", "model.compile()"])
+def test_a_compiled_model_is_an_error_that_says_so(how):
+    """A torch.compile graph hands no statistics to the recording: the error names torch.compile and the way
+    out (it said the layers were not fused or ran their original modules, which they did not); under
+    torch.compiler.set_stance('force_eager') the compiled model gives the oracle's distances."""
+    model = tiny_vit("triton")
+    m64 = copy.deepcopy(model).double()
+    vk.nn.set_backend(m64, "reference")
+    m32 = copy.deepcopy(model)
+    vk.nn.set_backend(m32, "torch")
+    if how == "model.compile()":
+        compiled = model
+        compiled.compile(backend="eager")
+    else:
+        compiled = torch.compile(model, backend="eager")
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(RuntimeError, match=r"a graph made by torch.compile, which keeps none; pass the module it"):
+        analysis.mean_attention_distance(compiled, x)
+    with torch.compiler.set_stance("force_eager"):
+        got = analysis.mean_attention_distance(compiled, x)
+    want = analysis.mean_attention_distance(m64, x.double())
+    assert_close(got, want, analysis.mean_attention_distance(m32, x), name=f"{how} under force_eager")
 
 
 @pytest.mark.parametrize("family", ["vit_kernels", "timm"])
@@ -161,6 +228,15 @@ def test_attention_map_default_output_beside_the_image(image, capsys):
     assert os.path.isfile(image.replace("sample.png", "sample_attention.png"))
 
 
+def test_attention_map_out_folders_are_created(image, tmp_path, capsys):
+    """--out under folders that do not exist yet: created, as attention-distance's --out-dir (was: "No such
+    file or directory" once the model had run)."""
+    out = tmp_path / "new" / "folder" / "map.png"
+    assert cli.main(["attention-map", image, *TINY, "--out", str(out)]) == 0, capsys.readouterr().err
+    with Image.open(out) as im:
+        assert im.size == (2 * 228 + 4, 242 + 4)  # the original and layer 1's map
+
+
 def test_attention_distance_command(image, tmp_path, capsys):
     out = tmp_path / "dist"
     rc = cli.main(
@@ -215,12 +291,37 @@ def test_attention_distance_command(image, tmp_path, capsys):
             ["attention-map", "IMAGE", "--model", "timm:vit_tiny_patch16_224", "--backend", "gpu"],
             "argument --backend: invalid choice",
         ),
+        # --out, refused while the command line is parsed (it was found after the model ran: "unknown file extension")
+        (
+            ["attention-map", "IMAGE", *TINY, "--out", "FOLDER"],
+            "argument --out: expected an image file to write, named .png, .jpg or another extension Pillow writes, "
+            "got 'FOLDER', which is a folder",
+        ),
+        (
+            ["attention-map", "IMAGE", *TINY, "--out", "FOLDER/map"],
+            "argument --out: expected an image file to write, named .png, .jpg or another extension Pillow writes, "
+            "got 'FOLDER/map', which has no extension",
+        ),
+        (
+            ["attention-map", "IMAGE", *TINY, "--out", "FOLDER/map.txt"],
+            "got 'FOLDER/map.txt', whose extension '.txt' is not one",
+        ),
+        (
+            ["attention-map", "IMAGE", *TINY, "--out", "IMAGE/map.png"],
+            "got 'IMAGE/map.png', but IMAGE is a file",
+        ),
     ],
 )
 def test_bad_arguments_one_line_exit_2(argv, message, image, tmp_path, capsys):
     notimage = tmp_path / "x.png"
     notimage.write_text("not an image")
-    argv = [image if a == "IMAGE" else str(notimage) if a == "NOTIMAGE" else a for a in argv]
+    folder = str(tmp_path / "folder")
+    os.makedirs(folder)
+
+    def fill(a):
+        return a.replace("NOTIMAGE", str(notimage)).replace("IMAGE", image).replace("FOLDER", folder)
+
+    argv, message = [fill(a) for a in argv], fill(message)
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err

@@ -234,6 +234,29 @@ def test_inspect_kernel_that_matches_nothing(capsys):
     )
 
 
+NO_CONFIG = "got 'no_such_config', which matches none"
+
+
+@pytest.mark.parametrize(
+    "argv,parts",
+    [
+        (["--config", "no_such_config"], ("config: expected part of a configuration label of a kernel (", NO_CONFIG)),
+        (
+            ["--kernel", "row_stats", "--config", "no_such_config"],
+            ("config: expected part of a configuration label of the kernels matching 'row_stats' (", NO_CONFIG),
+        ),
+        (
+            ["--kernel", "gemm_tma_proj", "--arch", "sm_80"],
+            ("arch: expected an architecture the selected configurations are compiled for (sm_90), got sm_80",),
+        ),
+    ],
+)
+def test_inspect_selection_that_leaves_nothing(argv, parts, capsys):
+    """Filters or an --arch that leave no configuration to compile: one line naming the option that emptied
+    the selection, exit 2 (was exit 0 with "0 kernel configurations, 0 with problems": a clean run)."""
+    assert_one_line_error(cli.main(["inspect", "--backend", "triton", *argv]), capsys, *parts)
+
+
 # ------------------------------------------------------------------------------------- -v anywhere
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_verbose_before_or_after_the_command(where, capsys):

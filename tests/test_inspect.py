@@ -110,6 +110,39 @@ def test_cuda_kernels_are_listed_beside_the_triton_ones():
     assert all(r["backend"] == "cuda" and not problems(r) for r in rows)
 
 
+def test_cuda_config_that_matches_nothing_is_named():
+    """--backend cuda with a --kernel that matches and a --config that does not: the error names --config (it
+    said the kernel filter matched none, vk::row_stats_kernel listed beside it)."""
+    from vit_kernels import cuda as vk_cuda
+
+    root, how = vk_cuda.toolkit_root()
+    assert root is not None, f"no CUDA toolkit: {how}"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    argv = ["inspect", "--backend", "cuda", "--arch", "sm_80", "--kernel", "row_stats", "--config", "no_such_config"]
+    out = subprocess.run(
+        [sys.executable, "-m", "vit_kernels", *argv], env=env, capture_output=True, text=True, timeout=1200
+    )
+    assert out.returncode == 2, out.stderr
+    assert "error: config: expected part of a configuration label of the kernels matching 'row_stats'" in out.stderr
+    assert "got 'no_such_config', which matches none" in out.stderr
+
+
+def test_arch_given_twice_is_compiled_once():
+    """--arch sm_80 --arch sm_80: each configuration compiled and listed once (it was twice)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    argv = ["inspect", "--json", "--backend", "triton", "--kernel", "row_stats", "--arch", "sm_80", "--arch", "sm_80"]
+    out = subprocess.run(
+        [sys.executable, "-m", "vit_kernels", *argv, "--jobs", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    keys = [(r["kernel"], r["arch"], r["config"]) for r in json.loads(out.stdout)]
+    assert keys and {a for _, a, _ in keys} == {"sm_80"} and len(keys) == len(set(keys)), keys
+
+
 # ---------------------------------------------------------------------------------------------
 # The performance lint on sm_90 (issue 11): the facts of one launched configuration per hot kernel.
 

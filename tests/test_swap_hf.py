@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import vit_kernels as vk
-from swap_checks import check_fuse, check_grad, check_load_state_dict
+from swap_checks import check_checkpoint_round_trip, check_fuse, check_grad, check_load_state_dict
 from vit_kernels.testing import assert_close
 from vit_kernels.swap import hf as hf_adapter
 
@@ -225,6 +225,40 @@ def test_gradients_take_the_torch_path():
 
 def test_load_state_dict_after_fuse():
     check_load_state_dict(ViTForImageClassification(config()), torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_checkpoint_round_trip(backend):
+    check_checkpoint_round_trip(lambda: ViTForImageClassification(config()), torch.randn(3, 3, 32, 32), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_save_pretrained_from_pretrained(backend, tmp_path):
+    """save_pretrained of a fused model writes the unfused model's files (same names, same tensors);
+    from_pretrained of them gives the unfused model's output, and fused, the float64 one under the rule."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model = ViTForImageClassification(config()).eval()
+    ref = copy.deepcopy(model)
+    vk.fuse(model, backend=backend)
+    model.save_pretrained(tmp_path / "fused")
+    ref.save_pretrained(tmp_path / "plain")
+    got, want = (
+        {k: v for f in (tmp_path / d).glob("*.safetensors") for k, v in load_file(f).items()}
+        for d in ("fused", "plain")
+    )
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    loaded = ViTForImageClassification.from_pretrained(tmp_path / "fused").eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        base = ref(x).logits
+        assert torch.equal(loaded(x).logits, base)
+        vk.fuse(loaded, backend=backend)
+        out = loaded(x).logits
+        want = copy.deepcopy(ref).double()(x.double()).logits
+    assert vk.last_decision("qkv_attention").backend == backend
+    assert_close(out, want, base, name=f"from_pretrained, fused ({backend})")
 
 
 # --- the transformers 4.x layout (4.57.6), hand-built ------------------------------------------

@@ -6,7 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from swap_checks import check_dropout_runs_original, check_fuse, check_grad, check_load_state_dict
+from swap_checks import (
+    check_checkpoint_round_trip,
+    check_dropout_runs_original,
+    check_fuse,
+    check_grad,
+    check_load_state_dict,
+)
 from vit_kernels.swap import vit_pytorch as vp_adapter
 
 vit_pytorch = pytest.importorskip("vit_pytorch")
@@ -50,6 +56,11 @@ def test_dropout_in_training_runs_the_original():
 def test_gradients_and_load_state_dict():
     check_grad(make(), torch.randn(2, 3, 32, 32))
     check_load_state_dict(make(), torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_checkpoint_round_trip(backend):
+    check_checkpoint_round_trip(make, torch.randn(3, 3, 32, 32), backend=backend)
 
 
 # --- the older release (PreNorm; patch embedding = Rearrange + Linear) -------------------------
@@ -188,6 +199,13 @@ def test_prenorm_release_matches_with_patch_embed_fused(seed_classes, channels, 
         expect_fused=["attention", "attention", "mlp", "mlp", "patch_embed"],
     )
     assert not report.left
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prenorm_release_checkpoint_round_trip(seed_classes, backend):
+    """The patch embedding fused too (the Linear's weight viewed as a Conv2d weight on every call)."""
+    kw = dict(image_size=32, patch_size=8, num_classes=10, dim=64, depth=2, heads=2, dim_head=32, mlp_dim=128)
+    check_checkpoint_round_trip(lambda: SeedViT(**kw), torch.randn(3, 3, 32, 32), backend=backend)
 
 
 def test_prenorm_release_grads(seed_classes):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +31,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
-    """img_size: input side in pixels; patch_size: pixels per patch; grid: (grid_h, grid_w);
-    prefix_tokens: class token + registers in front of the patches; depth: attention layers;
-    class_token: whether token 0 is a class token (False: the prefix, if any, is registers only)."""
+    """img_size: input side in pixels ((height, width) for a non-square input); patch_size: pixels per
+    patch; grid: (grid_h, grid_w); prefix_tokens: class token + registers in front of the patches;
+    depth: attention layers; class_token: whether token 0 is a class token (False: the prefix, if any,
+    is registers only)."""
 
-    img_size: int
+    img_size: Union[int, Tuple[int, int]]
     patch_size: int
     grid: Tuple[int, int]
     prefix_tokens: int
@@ -43,11 +44,15 @@ class Geometry:
     class_token: bool = True
 
 
-def geometry(model: nn.Module, img_size: Optional[int] = None) -> Geometry:
-    """Image size, patch size, prefix tokens and depth read from a ViT of a known family."""
+def geometry(model: nn.Module, img_size: Union[int, Sequence[int], None] = None) -> Geometry:
+    """Image size, patch size, prefix tokens and depth read from a ViT of a known family. img_size: the
+    input's side or (height, width) (default: the model's image size)."""
     from .models.registry import image_spec
 
-    img = img_size or image_spec(model)[0]
+    if isinstance(img_size, (tuple, list, torch.Size)):
+        h, w = (int(v) for v in img_size)
+    else:
+        h = w = img_size or image_spec(model)[0]
     cfg = getattr(model, "config", None)
     cls = True  # every family but timm's and the reference ViT's always has one
     if cfg is not None and hasattr(cfg, "patch_size"):  # transformers
@@ -70,9 +75,25 @@ def geometry(model: nn.Module, img_size: Optional[int] = None) -> Geometry:
             f"vit-pytorch), got {type(model).__name__}"
         )
     p = p[0] if isinstance(p, (tuple, list)) else p
-    if img is None or img % p:
+    img = h if h == w else (h, w)
+    if h is None or h % p or w % p:
         raise ValueError(f"img_size: expected a multiple of the patch size {p}, got {img}")
-    return Geometry(img, p, (img // p, img // p), prefix, depth, cls)
+    return Geometry(img, p, (h // p, w // p), prefix, depth, cls)
+
+
+def _geometry_of(model: nn.Module, images: Tensor, geo: Optional[Geometry]) -> Geometry:
+    """``geo``, or the geometry of the images' (H, W); checked against the images' size."""
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        got = f"shape {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images: expected (batch, channels, H, W), got {got}")
+    geo = geo or geometry(model, images.shape[-2:])
+    want = tuple(g * geo.patch_size for g in geo.grid)
+    if tuple(images.shape[-2:]) != want:
+        raise ValueError(
+            f"images: expected (batch, channels, {want[0]}, {want[1]}) for the geometry's {geo.grid[0]}x"
+            f"{geo.grid[1]} grid of {geo.patch_size}-pixel patches, got shape {tuple(images.shape)}"
+        )
+    return geo
 
 
 def collect(model: nn.Module, images: Tensor, request: StatsRequest, geo: Geometry) -> List[AttentionStats]:
@@ -80,6 +101,12 @@ def collect(model: nn.Module, images: Tensor, request: StatsRequest, geo: Geomet
     AttentionStats per layer, in order. Raises when a layer ran no vit_kernels attention op."""
     with torch.no_grad(), recording(request) as records:
         model(images)
+    if len(records) != geo.depth and _compiled(model):
+        raise RuntimeError(
+            f"model: {len(records)} of its {geo.depth} attention layers handed their statistics to "
+            f"vit_kernels.analysis: it runs a graph made by torch.compile, which keeps none; pass the module "
+            f"it compiled (model._orig_mod) or call under torch.compiler.set_stance('force_eager')"
+        )
     if len(records) != geo.depth:
         raise RuntimeError(
             f"model: {len(records)} of its {geo.depth} attention layers ran a vit_kernels attention "
@@ -87,6 +114,16 @@ def collect(model: nn.Module, images: Tensor, request: StatsRequest, geo: Geomet
             f"vit_kernels.fuse_report(model)): no statistics for them"
         )
     return records
+
+
+def _compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or a module in it runs a torch.compile graph (torch.compile(module) or
+    module.compile())."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return any(
+        isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()
+    )
 
 
 def _need_class_token(geo: Geometry) -> None:
@@ -100,7 +137,7 @@ def _need_class_token(geo: Geometry) -> None:
 def cls_attention(model: nn.Module, images: Tensor, geo: Optional[Geometry] = None) -> Tensor:
     """The class token's attention to every patch, per layer and head:
     (layers, batch, heads, grid_h, grid_w) float32 (rows of probabilities, prefix keys dropped)."""
-    geo = geo or geometry(model, images.shape[-1])
+    geo = _geometry_of(model, images, geo)
     _need_class_token(geo)
     records = collect(model, images, StatsRequest(rows=(0,)), geo)
     gh, gw = geo.grid
@@ -114,7 +151,7 @@ def attention_rollout(model: nn.Module, images: Tensor, geo: Optional[Geometry] 
     (the residual), rows renormalised, multiplied from the first layer up; the class token's row of
     the product over the patches. Needs the full weights (the P-from-LSE kernel).
     Returns (batch, grid_h, grid_w) float32."""
-    geo = geo or geometry(model, images.shape[-1])
+    geo = _geometry_of(model, images, geo)
     _need_class_token(geo)
     records = collect(model, images, StatsRequest(rows=None, weights=True), geo)
     rollout = None
@@ -129,7 +166,7 @@ def attention_rollout(model: nn.Module, images: Tensor, geo: Optional[Geometry] 
 def mean_attention_distance(model: nn.Module, images: Tensor, geo: Optional[Geometry] = None) -> Tensor:
     """The ViT paper's mean attention distance of every head of every layer, averaged over the
     batch: (layers, heads) float32, pixels (see vit_kernels.reference.mean_attention_distance)."""
-    geo = geo or geometry(model, images.shape[-1])
+    geo = _geometry_of(model, images, geo)
     request = StatsRequest(rows=None, grid=geo.grid, patch_size=float(geo.patch_size), prefix_tokens=geo.prefix_tokens)
     return torch.stack([r.distance.mean(0) for r in collect(model, images, request, geo)])
 

@@ -748,10 +748,11 @@ def run(op: str, args: Sequence):
             with guard:  # launches on the tensors' device, with its current stream
                 return run(op, args)
     if torch.is_grad_enabled() and backends.needs_grad(tensors):
-        if transform() is not None:
+        compiling = torch.compiler.is_compiling()  # transform() means nothing while dynamo traces
+        if not compiling and transform() is not None:
             return _under_transform(op, args)
         args = _scalars(op, args)  # path, approximate, tune, ... checked as the op does
-        if not torch.compiler.is_compiling():
+        if not compiling:
             # eager autograd: the op's implementation decides (recorded): backend "triton" runs the
             # forward and backward kernels (vit_kernels.autograd), "torch" / "auto" PyTorch's autograd
             # path, "cuda" raises (forward-only kernels)

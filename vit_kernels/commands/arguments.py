@@ -30,17 +30,41 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def _file_in_the_way(path: Path):
+    """The nearest existing path among ``path`` and the folders above it when that is not a folder, else None."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
 def out_folder(text: str) -> str:
     """A folder to write into: it may not exist yet (it is created), but neither it nor any folder
     above it may be a file."""
     path = Path(text).expanduser()
-    for p in (path, *path.parents):
-        if p.exists():
-            if not p.is_dir():
-                what = "which is a file" if p == path else f"but {p} is a file"
-                raise argparse.ArgumentTypeError(f"expected a folder (created when missing), got {text!r}, {what}")
-            break
+    p = _file_in_the_way(path)
+    if p is not None:
+        what = "which is a file" if p == path else f"but {p} is a file"
+        raise argparse.ArgumentTypeError(f"expected a folder (created when missing), got {text!r}, {what}")
     return text
+
+
+def image_out_file(text: str) -> str:
+    """An image file to write, named with an extension Pillow writes (.png, .jpg, ...): not a folder; the
+    folders above it may not exist yet (they are created), but none may be a file."""
+    path = Path(text).expanduser()
+    expected = "expected an image file to write, named .png, .jpg or another extension Pillow writes"
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}, which is a folder")
+    from PIL import Image
+
+    if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+        what = f"whose extension {path.suffix!r} is not one" if path.suffix else "which has no extension"
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}, {what}")
+    p = _file_in_the_way(path.parent)
+    if p is not None:
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}, but {p} is a file")
+    return str(path)
 
 
 def image_file(text: str) -> str:

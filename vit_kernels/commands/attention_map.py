@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from .arguments import image_file, positive_int
+from .arguments import image_file, image_out_file, positive_int
 from ..models import registry
 
 DISPLAY = 224  # side of each panel in the PNG, pixels
@@ -76,7 +76,12 @@ def add_parser(sub) -> None:
         help="one map per layer averaged over heads (mean) or one per head (all)",
     )
     p.add_argument("--rollout", action="store_true", help="attention rollout across the layers instead")
-    p.add_argument("--out", default=None, help="PNG to write (default: IMAGE's folder, <name>_attention.png)")
+    p.add_argument(
+        "--out",
+        type=image_out_file,
+        default=None,
+        help="PNG to write, its folders created when missing (default: IMAGE's folder, <name>_attention.png)",
+    )
 
 
 def run(args) -> int:
@@ -113,6 +118,7 @@ def run(args) -> int:
         os.path.dirname(os.path.abspath(args.image)),
         os.path.splitext(os.path.basename(args.image))[0] + "_attention.png",
     )
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     analysis.panels(pictures, labels, columns).save(out)
     what = "rollout" if args.rollout else f"class-token attention, {geo.depth} layers, heads={args.heads}"
     print(

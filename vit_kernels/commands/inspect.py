@@ -14,7 +14,7 @@ import multiprocessing
 import os
 import re
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from ..arch import shared_limits_by_name
 from .arguments import positive_int
@@ -106,18 +106,21 @@ def collect(
     show_progress: bool = True,
 ) -> List[Dict]:
     """One row per (kernel configuration, architecture): the Triton configurations compiled in
-    ``jobs`` processes, the csrc kernels through nvcc; a progress bar on stderr (a terminal only)."""
+    ``jobs`` processes, the csrc kernels through nvcc; a progress bar on stderr (a terminal only).
+    A selection (filters, architectures) that leaves nothing to compile is an error naming the option
+    that emptied it (:func:`check_selection`); an architecture given twice is compiled once."""
     from ..backends import interpreter_enabled
     from ..bench.report import progress
 
+    archs = sorted(set(archs))
     rows: List[Dict] = []
-    names: List[str] = []  # every kernel name seen, for the message when --kernel matches none
+    offered: List[Tuple[str, str, Tuple[int, ...]]] = []  # (kernel, config, archs) of every configuration seen
     if backend in ("triton", "all"):
         specs = triton_specs()
-        names += [s.kernel for s in specs]
+        offered += [(s.kernel, s.config, tuple(s.archs)) for s in specs]
         _SPECS[:] = [s for s in specs if _selected(s.kernel, s.config, kernel_filter, config_filter)]
-        if backend == "triton" and kernel_filter and not any(kernel_filter in s.kernel for s in specs):
-            no_match(kernel_filter, names)
+        if backend == "triton":
+            check_selection(offered, kernel_filter, config_filter, archs)
         if interpreter_enabled():
             raise SystemExit(
                 "inspect: compiles Triton kernels ahead of time, which Triton's interpreter "
@@ -151,13 +154,41 @@ def collect(
                     None, f"inspect: compiling the csrc kernels with nvcc for sm_{arch}", enabled=show_progress
                 ):
                     found = usage(arch)
-                names += [r["kernel"] for r in found]
+                offered += [(r["kernel"], r["config"], (arch,)) for r in found]
                 rows.extend(
                     cuda_facts(r) for r in found if _selected(r["kernel"], r["config"], kernel_filter, config_filter)
                 )
-            if kernel_filter and not rows:
-                no_match(kernel_filter, names)
+            if not rows:
+                check_selection(offered, kernel_filter, config_filter, archs)
     return rows
+
+
+def check_selection(
+    offered: List[Tuple[str, str, Tuple[int, ...]]], kernel_filter: Optional[str], config_filter: Optional[str], archs
+) -> None:
+    """Raise SystemExit naming the option that leaves no configuration to compile: --kernel (no kernel
+    name contains it), --config (no label of the kernels it leaves contains it), --arch (the configurations
+    left are compiled for other architectures). offered: (kernel, config, archs) of every configuration
+    the chosen backends have. Nothing offered at all is left to the caller."""
+    kernels = [o for o in offered if not kernel_filter or kernel_filter in o[0]]
+    if not kernels:
+        if kernel_filter:
+            no_match(kernel_filter, [o[0] for o in offered])
+        return
+    configs = [o for o in kernels if not config_filter or config_filter in o[1]]
+    if not configs:
+        labels = sorted({o[1] for o in kernels})
+        which = f"the kernels matching {kernel_filter!r}" if kernel_filter else "a kernel"
+        raise SystemExit(
+            f"config: expected part of a configuration label of {which} ({len(labels)} labels, e.g. "
+            f"{'; '.join(labels[:3])}), got {config_filter!r}, which matches none"
+        )
+    if not any(a in o[2] for o in configs for a in archs):
+        have = sorted({a for o in configs for a in o[2]})
+        raise SystemExit(
+            f"arch: expected an architecture the selected configurations are compiled for "
+            f"({', '.join(f'sm_{a}' for a in have)}), got {', '.join(f'sm_{a}' for a in archs)}"
+        )
 
 
 def no_match(kernel_filter: str, names: List[str]) -> None:
