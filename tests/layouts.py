@@ -270,6 +270,10 @@ TRITON_KERNELS = (
     ("vit_kernels.triton.layernorm", "_row_stats_kernel"),
     ("vit_kernels.triton.attention", "_attn_fwd_kernel"),
     ("vit_kernels.triton.qkv_attention", "_qkv_attn_kernel"),
+    ("vit_kernels.triton.gemm_tma", "_gemm_tma_kernel"),
+    ("vit_kernels.triton.layernorm", "_ln_prologue_kernel"),
+    ("vit_kernels.triton.attention_tma", "_attn_fwd_tma_kernel"),
+    ("vit_kernels.triton.attention_tma", "_attn_fwd_tma_ws_kernel"),
 )
 CUDA_ENTRY_POINTS = ("gemm_rows", "gemm_qkv", "gemm_patch", "row_stats", "flash_attention_forward")
 

@@ -393,6 +393,13 @@ MUTATIONS: List[Mutation] = [
         T_ATTN_TMA,
     ),
     Mutation(
+        "triton-attn-tma-structure-softmax-no-running-max",  # the row max of this tile alone
+        "vit_kernels/triton/attention_tma.py",
+        "    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)\n",
+        "    m_new = tl.max(s, axis=1) * qk_scale\n",
+        ("tests/test_hard_inputs.py", "-k", "structure_configs"),
+    ),
+    Mutation(
         "triton-attn-tma-order-tiles-of-keys",
         "vit_kernels/triton/attention_tma.py",
         "        n_m = tl.cdiv(NQ, BLOCK_M)\n",

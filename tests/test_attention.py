@@ -39,6 +39,7 @@ from attention_cases import (
 )
 from conftest import DEVICE
 from poison import poison_empty
+from layouts import Launches
 
 
 @pytest.fixture(autouse=True)
@@ -474,6 +475,25 @@ def test_structure_configs_triton_tma(tma_config, case):
         kw = dict(return_lse=True, attention_tma_config=tma_config)
         got, lse2 = flash_attention_forward(qkv[0], qkv[1], qkv[2], scale, out=o2, qkv=qkv, **kw)
         assert torch.equal(got, out) and torch.equal(lse2, lse)
+
+
+@pytest.mark.parametrize("tma_config", TMA_CONFIGS + TMA_STRUCTURE_CONFIGS, ids=ids)
+def test_negative_scale_triton_tma(tma_config, monkeypatch):
+    """A scale <= 0 through the launcher (the ops refuse it): the configs that scale every score serve it
+    (against the oracle); those that take the row max of the unscaled scores (OVERLAP, WARP_SPEC: the max
+    times a negative scale is the min) refuse it, naming scale, before any launch."""
+    require("triton")
+    q, k, v = make_qkv(1, 2, 70, 64, torch.float16)
+    structured = len(tma_config) > 5 and (tma_config[6] or tma_config[7])
+    if structured:
+        launches = Launches().install(monkeypatch)
+        with pytest.raises(ValueError, match=r"^scale: .*scale > 0; got -0.125"):
+            flash_forward("triton_tma", q, k, v, -0.125, tma_config=tma_config)
+        assert launches.calls == []
+        return
+    out, lse = flash_forward("triton_tma", q, k, v, -0.125, tma_config=tma_config)
+    check_attention(out, q, k, v, -0.125)
+    check_lse(lse, q, k, -0.125)
 
 
 # -------------------------------------------------------------------------------- CUDA only

@@ -333,6 +333,26 @@ def test_attention_long_token_counts(op, backend):
             check(op, backend, args, kw, f"{pattern} N={N}")
 
 
+def structure_configs():
+    """attention_tma.CONFIGS with structure fields (the head's query tiles adjacent, the next tile's q k^T
+    before this tile's p v with the row max taken of the unscaled scores, warp specialization)."""
+    from vit_kernels.triton import attention_tma
+
+    return [c for c in attention_tma.CONFIGS if len(c) > 5]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dt)
+@pytest.mark.parametrize("config", structure_configs(), ids=_dt)
+def test_attention_score_ranges_structure_configs(config, dtype, monkeypatch):
+    """The score patterns on each structure config of the TMA kernel (flash_attention; 65 tokens, a last
+    key tile of one key, and 197, ViT-B's): their online softmax rescales as the other configs' does."""
+    monkeypatch.setitem(TMA_CONFIGS, "flash_attention", config)
+    for N in (65, 197):
+        for pattern in PATTERNS:
+            args, kw = attention_case("flash_attention", pattern, 2, N, dtype)
+            check("flash_attention", TMA, args, kw, f"{config} {pattern} N={N}")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("op,backend,dtype", with_op(ATTENTION_OPS, attention_backends()), ids=_dt)
 def test_attention_score_ranges_sweep(op, backend, dtype):

@@ -490,6 +490,11 @@ def launch(
     why = tma_unsupported(q, k, v, out)
     if why is not None:
         raise ValueError(why)
+    if (overlap or warp_spec) and not scale > 0:  # the ops' scale always is (checks.softmax_scale)
+        raise ValueError(
+            f"scale: attention_tma_config {config} takes the row max of the unscaled scores (OVERLAP / WARP_SPEC), "
+            f"which needs a scale > 0; got {scale}"
+        )
     B, H, NQ, D = q.shape
     NKV = k.shape[2]
     if out.numel() == 0:
