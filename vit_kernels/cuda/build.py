@@ -43,8 +43,8 @@ import torch
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 DEFAULT_ARCH_LIST = "8.0;9.0"
-# -std=c++20: the emulator's race checker names source lines with std::source_location; torch before 2.12
-# compiles extensions as C++17 (its flag comes first, ours wins)
+# -std=c++20: the emulator's race checker names source lines with std::source_location; torch 2.11 (seen)
+# compiles extensions as C++17, 2.14 as C++20 (torch's flag comes first, ours wins)
 EMULATOR_CFLAGS = ["-O2", "-g0", "-DVK_EMULATE", "-fno-strict-aliasing", "-Wno-unknown-pragmas", "-std=c++20"]
 GPU_CUDA_CFLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
 # what the user is told to expect before a build from scratch (the emulator took 175 s on 2 busy cores)
