@@ -400,6 +400,20 @@ MUTATIONS: List[Mutation] = [
         ("tests/test_hard_inputs.py", "-k", "structure_configs"),
     ),
     Mutation(
+        "triton-attn-order-tiles-of-keys",  # the pointer kernel's head-major grid counted in key tiles
+        "vit_kernels/triton/attention.py",
+        "    n_m = tl.cdiv(NQ, BLOCK_M)\n",
+        "    n_m = tl.cdiv(NKV, BLOCK_M)\n",
+        T_ATTN,
+    ),
+    Mutation(
+        "triton-attn-bwd-dkdv-order-tiles-of-queries",  # the dK/dV kernel's grid counted in query tiles
+        "vit_kernels/triton/attention_bwd.py",
+        "    n_n = tl.cdiv(NKV, BLOCK_N)  # one grid axis",
+        "    n_n = tl.cdiv(NQ, BLOCK_N)  # one grid axis",
+        ("tests/test_backward.py", "-k", "attention or flash"),
+    ),
+    Mutation(
         "triton-attn-tma-order-tiles-of-keys",
         "vit_kernels/triton/attention_tma.py",
         "        n_m = tl.cdiv(NQ, BLOCK_M)\n",

@@ -70,8 +70,12 @@ def _attn_fwd_kernel(
     STORE_LSE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # dot precision for fp32 inputs ("tf32x3")
 ):
-    pid_bh = tl.program_id(0)  # batch * heads on axis 0 (up to 2**31 - 1 programs)
-    pid_m = tl.program_id(1)
+    # one grid axis (up to 2**31 - 1 programs), the query tiles of a head adjacent (FlashAttention-2's order): a
+    # head's K and V, read by each of its query tiles, come from L2 after the first (with batch * heads on the
+    # outer axis, B * H programs apart, they came from HBM again at ViT batch sizes)
+    n_m = tl.cdiv(NQ, BLOCK_M)
+    pid_bh = tl.program_id(0) // n_m
+    pid_m = tl.program_id(0) % n_m
     # int64 offsets: batch * heads * tokens * head_dim can pass 2**31.
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -307,7 +311,7 @@ def flash_attention_forward(
         attention_tma.launch(q, k, v, out, lse, scale, attention_tma_config, qkv=qkv)
     elif out.numel() > 0:
         BLOCK_M, BLOCK_N, num_warps, num_stages = attention_config or kernel_config(q.dtype, D)
-        grid = (B * H, cdiv(NQ, BLOCK_M))
+        grid = (B * H * cdiv(NQ, BLOCK_M),)  # a head's query tiles adjacent (see the kernel)
         chunks = dim_chunks(D, q.dtype)
         # k and v as offsets into qkv (the kernel gets one buffer), else as they are
         k_off, v_off = _offsets_in(qkv, q, k, v) if qkv is not None else (0, 0)

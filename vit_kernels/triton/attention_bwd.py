@@ -105,10 +105,11 @@ def _attn_bwd_dkdv_kernel(
     INPUT_PRECISION: tl.constexpr,
     ACC: tl.constexpr,  # fp32 accumulators, fp64 for float64 inputs
 ):
-    pid_bh = tl.program_id(0)
+    n_n = tl.cdiv(NKV, BLOCK_N)  # one grid axis, a head's key tiles adjacent: its Q and dO re-read from L2
+    pid_bh = tl.program_id(0) // n_n
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (tl.program_id(0) % n_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < NKV
@@ -214,10 +215,11 @@ def _attn_bwd_dq_kernel(
     ACC: tl.constexpr,  # fp32 accumulators, fp64 for float64 inputs
     DELTA_ACC: tl.constexpr,  # delta's row sums: fp64 for fp32 and float64 inputs, fp32 for fp16/bf16
 ):
-    pid_bh = tl.program_id(0)
+    n_m = tl.cdiv(NQ, BLOCK_M)  # one grid axis, a head's query tiles adjacent: its K and V re-read from L2
+    pid_bh = tl.program_id(0) // n_m
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (tl.program_id(0) % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < NQ
@@ -411,7 +413,7 @@ def flash_attention_backward(
             f"recompute dP bit for bit, see the module docstring), got {tiles}"
         )
     # dQ first: it computes delta, which the dK/dV kernel reads
-    _attn_bwd_dq_kernel[(B * H, cdiv(NQ, dq_meta["BLOCK_M"]))](
+    _attn_bwd_dq_kernel[(B * H * cdiv(NQ, dq_meta["BLOCK_M"]),)](
         q,
         k,
         v,
@@ -429,7 +431,7 @@ def flash_attention_backward(
         DELTA_ACC=tl.float32 if q.dtype in (torch.float16, torch.bfloat16) else tl.float64,
         **dq_meta,
     )
-    _attn_bwd_dkdv_kernel[(B * H, cdiv(NKV, dkdv_meta["BLOCK_N"]))](
+    _attn_bwd_dkdv_kernel[(B * H * cdiv(NKV, dkdv_meta["BLOCK_N"]),)](
         q,
         k,
         v,
