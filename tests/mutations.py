@@ -388,8 +388,8 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "triton-attn-tma-overlap-pv-tile",
         "vit_kernels/triton/attention_tma.py",
-        "b + v_b0, h, start_n - BLOCK_N, BLOCK_N, BLOCK_D0, BLOCK_D1",
-        "b + v_b0, h, start_n, BLOCK_N, BLOCK_D0, BLOCK_D1",
+        "                        start_n - BLOCK_N,\n",
+        "                        start_n,\n",
         T_ATTN_TMA,
     ),
     Mutation(

@@ -196,44 +196,7 @@ def _attn_fwd_tma_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 domain)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2
-    if OVERLAP:
-        n_full = (NKV // BLOCK_N) * BLOCK_N
-        if n_full > 0:
-            s = _attn_tma_scores(q, q1, k_desc, k1_desc, b + k_b0, h, 0, BLOCK_N, BLOCK_D0, BLOCK_D1)
-            for start_n in range(BLOCK_N, n_full, BLOCK_N):  # pipelined (num_stages)
-                p, alpha, l_i, m_i = _attn_tma_softmax(s, l_i, m_i, qk_scale)
-                s = _attn_tma_scores(q, q1, k_desc, k1_desc, b + k_b0, h, start_n, BLOCK_N, BLOCK_D0, BLOCK_D1)
-                acc, acc1 = _attn_tma_pv(
-                    acc, acc1, p, alpha, v_desc, v1_desc, b + v_b0, h, start_n - BLOCK_N, BLOCK_N, BLOCK_D0, BLOCK_D1
-                )
-            p, alpha, l_i, m_i = _attn_tma_softmax(s, l_i, m_i, qk_scale)
-            acc, acc1 = _attn_tma_pv(
-                acc, acc1, p, alpha, v_desc, v1_desc, b + v_b0, h, n_full - BLOCK_N, BLOCK_N, BLOCK_D0, BLOCK_D1
-            )
-        for start_n in range(n_full, NKV, TAIL_N):  # the rest in TAIL_N-key tiles, masked (as below)
-            acc, acc1, l_i, m_i = _attn_tma_step(
-                acc,
-                acc1,
-                l_i,
-                m_i,
-                q,
-                q1,
-                kt_desc,
-                kt1_desc,
-                vt_desc,
-                vt1_desc,
-                b + k_b0,
-                b + v_b0,
-                h,
-                start_n,
-                NKV,
-                qk_scale,
-                TAIL_N,
-                BLOCK_D0,
-                BLOCK_D1,
-                True,
-            )
-    elif TAIL_N == 0:
+    if TAIL_N == 0:
         for start_n in range(0, NKV, BLOCK_N):  # every key tile, each masked; pipelined (num_stages)
             acc, acc1, l_i, m_i = _attn_tma_step(
                 acc,
@@ -259,29 +222,54 @@ def _attn_fwd_tma_kernel(
             )
     else:
         n_full = (NKV // BLOCK_N) * BLOCK_N
-        for start_n in range(0, n_full, BLOCK_N):  # the full key tiles: no mask; pipelined (num_stages)
-            acc, acc1, l_i, m_i = _attn_tma_step(
-                acc,
-                acc1,
-                l_i,
-                m_i,
-                q,
-                q1,
-                k_desc,
-                k1_desc,
-                v_desc,
-                v1_desc,
-                b + k_b0,
-                b + v_b0,
-                h,
-                start_n,
-                NKV,
-                qk_scale,
-                BLOCK_N,
-                BLOCK_D0,
-                BLOCK_D1,
-                False,
-            )
+        if OVERLAP:  # the full key tiles, the next tile's q k^T before this tile's p v
+            if n_full > 0:
+                s = _attn_tma_scores(q, q1, k_desc, k1_desc, b + k_b0, h, 0, BLOCK_N, BLOCK_D0, BLOCK_D1)
+                for start_n in range(BLOCK_N, n_full, BLOCK_N):  # pipelined (num_stages)
+                    p, alpha, l_i, m_i = _attn_tma_softmax(s, l_i, m_i, qk_scale)
+                    s = _attn_tma_scores(q, q1, k_desc, k1_desc, b + k_b0, h, start_n, BLOCK_N, BLOCK_D0, BLOCK_D1)
+                    acc, acc1 = _attn_tma_pv(
+                        acc,
+                        acc1,
+                        p,
+                        alpha,
+                        v_desc,
+                        v1_desc,
+                        b + v_b0,
+                        h,
+                        start_n - BLOCK_N,
+                        BLOCK_N,
+                        BLOCK_D0,
+                        BLOCK_D1,
+                    )
+                p, alpha, l_i, m_i = _attn_tma_softmax(s, l_i, m_i, qk_scale)
+                acc, acc1 = _attn_tma_pv(
+                    acc, acc1, p, alpha, v_desc, v1_desc, b + v_b0, h, n_full - BLOCK_N, BLOCK_N, BLOCK_D0, BLOCK_D1
+                )
+        else:
+            for start_n in range(0, n_full, BLOCK_N):  # the full key tiles: no mask; pipelined (num_stages)
+                acc, acc1, l_i, m_i = _attn_tma_step(
+                    acc,
+                    acc1,
+                    l_i,
+                    m_i,
+                    q,
+                    q1,
+                    k_desc,
+                    k1_desc,
+                    v_desc,
+                    v1_desc,
+                    b + k_b0,
+                    b + v_b0,
+                    h,
+                    start_n,
+                    NKV,
+                    qk_scale,
+                    BLOCK_N,
+                    BLOCK_D0,
+                    BLOCK_D1,
+                    False,
+                )
         for start_n in range(n_full, NKV, TAIL_N):  # the rest in TAIL_N-key tiles, masked
             acc, acc1, l_i, m_i = _attn_tma_step(
                 acc,
