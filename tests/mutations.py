@@ -795,6 +795,14 @@ MUTATIONS: List[Mutation] = [
         "",
         ("tests/test_analysis.py", "-k", "bad_arguments"),
     ),
+    # attention-map --rollout --heads all: the rollout drawn and --heads all ignored, exit 0.
+    Mutation(
+        "attention-map-rollout-ignores-heads",
+        "vit_kernels/commands/attention_map.py",
+        '    if args.rollout and args.heads == "all":\n',
+        '    if args.rollout and args.heads == "every":\n',
+        ("tests/test_analysis.py", "-k", "bad_arguments"),
+    ),
     # ------------------------------------------------------------------ inspect
     # A --config that matches no label let inspect report a clean run of nothing (exit 0).
     Mutation(

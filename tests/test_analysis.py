@@ -310,6 +310,12 @@ def test_attention_distance_command(image, tmp_path, capsys):
             ["attention-map", "IMAGE", *TINY, "--out", "IMAGE/map.png"],
             "got 'IMAGE/map.png', but IMAGE is a file",
         ),
+        # --rollout is one map from the head means: --heads all was ignored (one rollout panel, exit 0)
+        (
+            ["attention-map", "IMAGE", *TINY, "--rollout", "--heads", "all"],
+            "argument --heads: expected mean with --rollout (rollout is one map per image, from the head means "
+            "of every layer), got --heads all",
+        ),
     ],
 )
 def test_bad_arguments_one_line_exit_2(argv, message, image, tmp_path, capsys):
