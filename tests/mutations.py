@@ -803,6 +803,14 @@ MUTATIONS: List[Mutation] = [
         '    if args.rollout and args.heads == "every":\n',
         ("tests/test_analysis.py", "-k", "bad_arguments"),
     ),
+    # attention-distance --images ... --batch-size N: the files run and --batch-size ignored, exit 0.
+    Mutation(
+        "attention-distance-batch-size-ignored-with-images",
+        "vit_kernels/commands/attention_distance.py",
+        "    if args.images and args.batch_size is not None:\n",
+        "    if args.images and args.batch_size is None:\n",
+        ("tests/test_analysis.py", "-k", "bad_arguments"),
+    ),
     # ------------------------------------------------------------------ inspect
     # A --config that matches no label let inspect report a clean run of nothing (exit 0).
     Mutation(
