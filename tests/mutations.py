@@ -828,6 +828,14 @@ MUTATIONS: List[Mutation] = [
         "",
         ("tests/test_inspect.py", "-k", "twice"),
     ),
+    # --jobs N started N worker processes for fewer configurations.
+    Mutation(
+        "inspect-jobs-above-configurations",
+        "vit_kernels/commands/inspect.py",
+        ".Pool(min(jobs, len(work)))",
+        ".Pool(jobs)",
+        ("tests/test_inspect.py", "-k", "jobs_start"),
+    ),
     # ------------------------------------------------------------------ swap: checkpoints
     # The fused embeddings reading the original module's parameters: load_state_dict(assign=True) puts new
     # Parameters in the wrapper (the original gets them only when it runs or is restored).
