@@ -809,6 +809,22 @@ MUTATIONS: List[Mutation] = [
         "",
         ("tests/test_analysis.py", "-k", "bad_arguments"),
     ),
+    # attention-map --rollout --heads all: the rollout drawn and --heads all ignored, exit 0.
+    Mutation(
+        "attention-map-rollout-ignores-heads",
+        "vit_kernels/commands/attention_map.py",
+        '    if args.rollout and args.heads == "all":\n',
+        '    if args.rollout and args.heads == "every":\n',
+        ("tests/test_analysis.py", "-k", "bad_arguments"),
+    ),
+    # attention-distance --images ... --batch-size N: the files run and --batch-size ignored, exit 0.
+    Mutation(
+        "attention-distance-batch-size-ignored-with-images",
+        "vit_kernels/commands/attention_distance.py",
+        "    if args.images and args.batch_size is not None:\n",
+        "    if args.images and args.batch_size is None:\n",
+        ("tests/test_analysis.py", "-k", "bad_arguments"),
+    ),
     # ------------------------------------------------------------------ inspect
     # A --config that matches no label let inspect report a clean run of nothing (exit 0).
     Mutation(
@@ -825,6 +841,14 @@ MUTATIONS: List[Mutation] = [
         "    archs = sorted(set(archs))\n",
         "",
         ("tests/test_inspect.py", "-k", "twice"),
+    ),
+    # --jobs N started N worker processes for fewer configurations.
+    Mutation(
+        "inspect-jobs-above-configurations",
+        "vit_kernels/commands/inspect.py",
+        ".Pool(min(jobs, len(work)))",
+        ".Pool(jobs)",
+        ("tests/test_inspect.py", "-k", "jobs_start"),
     ),
     # ------------------------------------------------------------------ swap: checkpoints
     # The fused embeddings reading the original module's parameters: load_state_dict(assign=True) puts new

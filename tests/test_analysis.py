@@ -267,6 +267,15 @@ def test_attention_distance_command(image, tmp_path, capsys):
         assert im.size == (500, 400)
 
 
+@pytest.mark.parametrize("batch", [[], ["--batch-size", "2"]])
+def test_attention_distance_random_images(batch, tmp_path, capsys):
+    """Without --images: --batch-size random images, 4 when it is not given."""
+    out = tmp_path / "dist"
+    assert cli.main(["attention-distance", *TINY, *batch, "--out-dir", str(out)]) == 0, capsys.readouterr().err
+    meta = json.load(open(out / "attention_distance.json"))
+    assert meta["images"] == f"{batch[1] if batch else 4} random normal image(s)"
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
@@ -309,6 +318,18 @@ def test_attention_distance_command(image, tmp_path, capsys):
         (
             ["attention-map", "IMAGE", *TINY, "--out", "IMAGE/map.png"],
             "got 'IMAGE/map.png', but IMAGE is a file",
+        ),
+        # --batch-size is the number of random images: with --images it was ignored (the files ran, exit 0)
+        (
+            ["attention-distance", *TINY, "--images", "IMAGE", "IMAGE", "--batch-size", "1"],
+            "argument --batch-size: expected no --batch-size with --images (it sets the number of random images; "
+            "the files given are the batch), got --batch-size 1 with 2 image(s)",
+        ),
+        # --rollout is one map from the head means: --heads all was ignored (one rollout panel, exit 0)
+        (
+            ["attention-map", "IMAGE", *TINY, "--rollout", "--heads", "all"],
+            "argument --heads: expected mean with --rollout (rollout is one map per image, from the head means "
+            "of every layer), got --heads all",
         ),
     ],
 )

@@ -143,6 +143,42 @@ def test_arch_given_twice_is_compiled_once():
     assert keys and {a for _, a, _ in keys} == {"sm_80"} and len(keys) == len(set(keys)), keys
 
 
+def test_jobs_start_no_more_processes_than_configurations(monkeypatch):
+    """--jobs 8 with 6 configurations selected (row_stats on sm_80): 6 worker processes (it started 8). The
+    compiler is stubbed: this counts the processes, tests above compile."""
+    from types import SimpleNamespace
+
+    from vit_kernels import backends
+    from vit_kernels.commands import inspect as inspect_cmd
+
+    started = []
+
+    class Pool:
+        def __init__(self, processes):
+            started.append(processes)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def imap(self, fn, work, chunksize=1):
+            return map(fn, work)
+
+    monkeypatch.setattr(backends, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(
+        inspect_cmd, "multiprocessing", SimpleNamespace(get_context=lambda method: SimpleNamespace(Pool=Pool))
+    )
+    monkeypatch.setattr(
+        inspect_cmd, "_compile_one", lambda job: {"kernel": inspect_cmd._SPECS[job[0]].kernel, "arch": job[1]}
+    )
+    rows = inspect_cmd.collect([80], "triton", "row_stats", jobs=8, show_progress=False)
+    assert len(rows) == 6 and started == [6], (len(rows), started)
+    inspect_cmd.collect([80], "triton", "row_stats", jobs=4, show_progress=False)
+    assert started == [6, 4]
+
+
 # ---------------------------------------------------------------------------------------------
 # The performance lint on sm_90 (issue 11): the facts of one launched configuration per hot kernel.
 

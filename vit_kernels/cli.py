@@ -70,6 +70,16 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's parse, then the command's checks of option combinations
+        (:func:`vit_kernels.commands.arguments.refuse_combination`): a refused one is a usage error."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        for check in getattr(self, "combination_checks", ()):
+            message = check(namespace)
+            if message:
+                self.error(message)
+        return namespace, extras
+
 
 def build_parser():
     """The parser of every command; ``-v`` is accepted before or after the command name."""

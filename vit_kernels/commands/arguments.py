@@ -8,6 +8,13 @@ import argparse
 from pathlib import Path
 
 
+def refuse_combination(parser, check) -> None:
+    """A check of options that are each valid alone but not together, run by the CLI's parser
+    (``cli.Parser``) once the command line is parsed: ``check(args)`` returns the error, written
+    ``argument --x: expected ..., got ...``, or None; argparse prints it in one line, exit code 2."""
+    parser.combination_checks = (*getattr(parser, "combination_checks", ()), check)
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1 (depth, batch size, image size, tokens, jobs, repeats, ...)."""
     try:

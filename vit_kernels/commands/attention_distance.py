@@ -3,7 +3,8 @@ of every head of every layer, computed in the fused kernels from the softmax sta
 over a batch of images; written as CSV, JSON and a PNG plotted like the ViT paper's figure (layer on
 x, distance on y, one dot per head).
 
-Images: the files given with --images (read with Pillow), else --batch-size random normal images.
+Images: the files given with --images (read with Pillow), else --batch-size random normal images
+(--batch-size with --images is refused: the files are the batch).
 MODEL and the model options are those of ``attention-map`` and ``verify``.
 """
 
@@ -16,8 +17,10 @@ import os
 
 import torch
 
-from .arguments import image_file, out_folder, positive_int
+from .arguments import image_file, out_folder, positive_int, refuse_combination
 from .attention_map import add_model_arguments, build_fused
+
+RANDOM_IMAGES = 4  # --batch-size's default: the number of random images without --images
 
 
 def add_parser(sub) -> None:
@@ -29,8 +32,24 @@ def add_parser(sub) -> None:
     )
     add_model_arguments(p)
     p.add_argument("--images", type=image_file, nargs="+", default=None, help="image files (default: random images)")
-    p.add_argument("--batch-size", type=positive_int, default=4, help="random images when --images is not given")
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help=f"the number of random images, without --images (default: {RANDOM_IMAGES})",
+    )
     p.add_argument("--out-dir", type=out_folder, default=".", help="folder for attention_distance.{csv,json,png}")
+    refuse_combination(p, _batch_size_with_images)
+
+
+def _batch_size_with_images(args):
+    """--batch-size is the number of random images: with --images it would be ignored."""
+    if args.images and args.batch_size is not None:
+        return (
+            f"argument --batch-size: expected no --batch-size with --images (it sets the number of random images; "
+            f"the files given are the batch), got --batch-size {args.batch_size} with {len(args.images)} image(s)"
+        )
+    return None
 
 
 def run(args) -> int:
@@ -42,8 +61,9 @@ def run(args) -> int:
         source = f"{len(args.images)} image(s)"
     else:
         g = torch.Generator().manual_seed(args.seed)
-        x = torch.randn(args.batch_size, 3, geo.img_size, geo.img_size, generator=g)
-        source = f"{args.batch_size} random normal image(s)"
+        n = RANDOM_IMAGES if args.batch_size is None else args.batch_size
+        x = torch.randn(n, 3, geo.img_size, geo.img_size, generator=g)
+        source = f"{n} random normal image(s)"
     dist = analysis.mean_attention_distance(model, x, geo)  # (layers, heads)
     os.makedirs(args.out_dir, exist_ok=True)
     base = os.path.join(args.out_dir, "attention_distance")

@@ -1,7 +1,8 @@
 """``python -m vit_kernels attention-map IMAGE --model MODEL``: the class token's attention over the
-image, per layer (head mean, or every head with --heads all), or attention rollout (--rollout),
-read out of the fused kernels and saved as a PNG of overlays beside the original. Each overlay's
-colours ('jet') span that map's own range, printed in its label.
+image, per layer (head mean, or every head with --heads all), or attention rollout (--rollout, one
+map from the head means; refused with --heads all), read out of the fused kernels and saved as a
+PNG of overlays beside the original. Each overlay's colours ('jet') span that map's own range,
+printed in its label.
 
 MODEL takes the forms ``verify`` takes (vit_kernels:, timm:, torchvision:, hf:, vit_pytorch:); the
 model is built locally with random weights unless --checkpoint gives local ones (verify's safe
@@ -17,7 +18,7 @@ import os
 
 import torch
 
-from .arguments import image_file, image_out_file, positive_int
+from .arguments import image_file, image_out_file, positive_int, refuse_combination
 from ..models import registry
 
 DISPLAY = 224  # side of each panel in the PNG, pixels
@@ -75,13 +76,28 @@ def add_parser(sub) -> None:
         default="mean",
         help="one map per layer averaged over heads (mean) or one per head (all)",
     )
-    p.add_argument("--rollout", action="store_true", help="attention rollout across the layers instead")
+    p.add_argument(
+        "--rollout",
+        action="store_true",
+        help="attention rollout across the layers instead: one map of the head means (so not with --heads all)",
+    )
     p.add_argument(
         "--out",
         type=image_out_file,
         default=None,
         help="PNG to write, its folders created when missing (default: IMAGE's folder, <name>_attention.png)",
     )
+    refuse_combination(p, _rollout_with_heads)
+
+
+def _rollout_with_heads(args):
+    """--rollout draws one map from the head means of every layer: --heads all would be ignored."""
+    if args.rollout and args.heads == "all":
+        return (
+            "argument --heads: expected mean with --rollout (rollout is one map per image, from the head "
+            "means of every layer), got --heads all"
+        )
+    return None
 
 
 def run(args) -> int:

@@ -60,7 +60,8 @@ def add_parser(sub) -> None:
         "--jobs",
         type=positive_int,
         default=os.cpu_count() or 1,
-        help="compile in this many processes (default: the number of CPUs, %(default)s here)",
+        help="compile in this many processes, at most one per configuration selected "
+        "(default: the number of CPUs, %(default)s here)",
     )
     p.add_argument(
         "--no-progress", action="store_true", help="no progress bar on stderr (there is none without a terminal)"
@@ -132,7 +133,8 @@ def collect(
             contextlib.ExitStack() as stack,
         ):
             if jobs > 1 and len(work) > 1:
-                pool = stack.enter_context(multiprocessing.get_context("fork").Pool(jobs))
+                # no more processes than configurations to compile (each one forks a copy of this process)
+                pool = stack.enter_context(multiprocessing.get_context("fork").Pool(min(jobs, len(work))))
                 results = pool.imap(_compile_one, work, chunksize=1)
             else:
                 results = map(_compile_one, work)
