@@ -468,6 +468,11 @@ def test_structure_configs_triton_tma(tma_config, case):
     out, lse = flash_forward("triton_tma", q, k, v, scale, tma_config=tma_config)
     check_attention(out, q, k, v, scale)
     check_lse(lse, q, k, scale)
+    # the same read from (batch, tokens, heads, head_dim) buffers (timm's layout before its permute): strided views
+    qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    assert qt.is_contiguous() == (H == 1 or N == 1)  # strided unless a dim of size 1 makes it contiguous
+    got, _ = flash_forward("triton_tma", qt, kt, vt, scale, tma_config=tma_config)
+    assert torch.equal(got, out)
     if N == NKV:
         qkv = torch.stack([q, k, v])
         merged = torch.full((B, N, H * D), float("nan"), dtype=dtype, device=q.device)

@@ -476,16 +476,23 @@ def nonfinite_pattern(t):
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy in the interpreter
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # numpy in the interpreter
 @pytest.mark.parametrize(
-    "op,backend,dtype",
-    with_op(OPS, [(b, d) for b in BACKENDS for d in DTYPES])
-    + with_op(ATTENTION_OPS, TMA_HALF)
-    + with_op(GEMM_OPS, TMA_GEMM_HALF),
-    ids=_dt,
+    "op,backend,dtype,config",
+    [
+        (*c, None)
+        for c in with_op(OPS, [(b, d) for b in BACKENDS for d in DTYPES])
+        + with_op(ATTENTION_OPS, TMA_HALF)
+        + with_op(GEMM_OPS, TMA_GEMM_HALF)
+    ]
+    + [("flash_attention", TMA, torch.float16, c) for c in structure_configs()],
+    ids=lambda v: "" if v is None else _dt(v),
 )
-def test_nan_and_inf_stay_where_eager_puts_them(op, backend, dtype):
+def test_nan_and_inf_stay_where_eager_puts_them(op, backend, dtype, config, monkeypatch):
     """A NaN, +Inf or -Inf in one token of one sample (one head): eager's NaN/Inf pattern, element by
     element; the other samples all finite and within tolerance, bitwise the same as without the
-    poison; the finite outputs of the poisoned sample within tolerance too."""
+    poison; the finite outputs of the poisoned sample within tolerance too. config: a TMA attention
+    structure config run instead of TMA_CONFIGS' (None: theirs)."""
+    if config is not None:
+        monkeypatch.setitem(TMA_CONFIGS, "flash_attention", config)
     args, kw = poisoned_inputs(op, dtype)
     tma = backend in (TMA, TMA_GEMM)
     clean_out = run_tma(op, args, kw, backend) if tma else getattr(vk, op)(*args, **kw, backend=backend)
