@@ -1,6 +1,7 @@
 // Row statistics (for LayerNorm): mean[r] and rstd[r] = 1 / sqrt(var[r] + eps) of x: (rows, dim), row stride
 // ld, biased variance. One warp per row, two passes over the row (mean shifted by the row's first
-// element, then the centred sum of squares: no cancellation), fp32 throughout; 8 rows per 256-thread block.
+// element and summed in fp64, then the centred sum of squares in fp32: no cancellation); 8 rows per
+// 256-thread block.
 // The GEMM's layernorm loader applies them as the activations load.
 #include "vk/gemm.h"
 #include "vk/port.h"
@@ -18,13 +19,15 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32)
   const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   if (row >= rows) return;  // whole warps leave together
   const T* r = x + row * ld;
-  // mean = first + mean(x - first): for a row of large mean and small spread the differences are exact
-  // and small, so their sum keeps its bits (a plain fp32 sum loses the spread, and a constant row gets
-  // a nonzero x - mean that 1/sqrt(eps) then magnifies).
-  const float first = dim > 0 ? to_float(r[0]) : 0.f;
-  float s = 0.f;
-  for (int k = lane; k < dim; k += 32) s += to_float(r[k]) - first;
-  const float mu = first + warp_sum(s) / float(dim);
+  // mean = first + mean(x - first), summed in fp64: for a row of large mean and small spread the
+  // differences are exact and small, so their sum keeps its bits (a plain fp32 sum loses the spread, and a
+  // constant row gets a nonzero x - mean that 1/sqrt(eps) then magnifies); fp64 keeps the sum exact when
+  // |first| is far above the mean (an fp32 sum of x - first errs by ~eps_fp32 * |first|, which LayerNorm's
+  // z in a channel near the mean, times a large gamma and W, shows), so mu is the mean rounded once.
+  const double first = dim > 0 ? double(to_float(r[0])) : 0.0;
+  double s = 0.0;
+  for (int k = lane; k < dim; k += 32) s += double(to_float(r[k])) - first;
+  const float mu = float(first + warp_sum(s) / double(dim));
   float q = 0.f;
   for (int k = lane; k < dim; k += 32) {
     const float d = to_float(r[k]) - mu;
