@@ -185,13 +185,29 @@ MUTATIONS: List[Mutation] = [
         "            bias += tl.sum(wf.to(tl.float64) * be[None, :], axis=1)\n",
         ("tests/test_triton_gemm_tma.py", "-k", "fold_kernel"),
     ),
-    # Each row tile flags its LayerNorm route; a tile that was not centred flagged as centred.
+    # Each row tile flags its LayerNorm route; a tile whose rows do not cancel flagged as cancelling.
     Mutation(
         "tma-route-flag-always-set",
         "vit_kernels/triton/gemm_tma.py",
-        "                tl.store(stats_ptr + 2 * M + pid_m, 0.0)\n",
-        "                tl.store(stats_ptr + 2 * M + pid_m, 1.0)\n",
+        "                stats_ptr + 2 * M + pid_m, _cancel_tile(stats_ptr, off_am, M, ln_tau, BLOCK_M, LN_EPI).to(tl.float32)\n",
+        "                stats_ptr + 2 * M + pid_m, 1.0\n",
         ("tests/test_tuning.py", "-k", "folded_tma"),
+    ),
+    # The fold's dominance flags ignored by the GEMM: an outlier channel's outputs keep the fold.
+    Mutation(
+        "gemm-tma-fold-dominance-ignored",
+        "vit_kernels/triton/gemm_tma.py",
+        "        return _cancel_tile(stats_ptr, off_m, M, ln_tau, BLOCK_M, LN_EPI) | (tl.max(flag, axis=0) > 0)\n",
+        "        return _cancel_tile(stats_ptr, off_m, M, ln_tau, BLOCK_M, LN_EPI) | (tl.max(flag, axis=0) > 2)\n",
+        ("tests/test_triton_gemm_tma.py", "-k", "outlier_channel"),
+    ),
+    # The row statistics' mean summed in fp32 again: its error ~eps_fp32 * |first| shows in an outlier channel.
+    Mutation(
+        "row-stats-mean-fp32-sum",
+        "vit_kernels/triton/layernorm.py",
+        "    mean = (first + tl.sum(total, axis=1) / D).to(tl.float32)\n",
+        "    mean = (first + tl.sum(total.to(tl.float32), axis=1) / D).to(tl.float32)\n",
+        ("tests/test_triton_gemm_tma.py", "-k", "outlier_channel"),
     ),
     # A module under a fused wrapper replaced, parametrized or given an instance forward after fuse: the
     # fused path would read its weight and ignore its forward.

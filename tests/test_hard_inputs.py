@@ -19,7 +19,8 @@ kernel (vit_kernels.triton.attention_tma, a tuning candidate; float16/bfloat16),
 split path, every key tile masked in one loop). The LayerNorm, large-activation and NaN/Inf tests also
 run "triton_tma_gemm" for linear, the MLP and qkv_attention: the launchers with sm_90's TMA GEMM
 (vit_kernels.triton.gemm_tma, a tuning candidate; float16/bfloat16; LayerNorm folded into the weight,
-its cancelling row tiles centred in the kernel), 64-row tiles so that rows of two samples share one.
+its cancelling row tiles on the exact route, LayerNorm in the K loop), 64-row tiles so that rows of two
+samples share one.
 """
 
 import math

@@ -635,7 +635,8 @@ def test_layernorm_folded_tma_calls_are_replayed(monkeypatch):
             Candidate("triton", "split", (("tma_config", cfg),)).name: 0.1,
         }
     )
-    # a row whose mean is large against its spread (|mean| * rstd ~ 2000, past the threshold): its tile is centred
+    # a row whose mean is large against its spread (|mean| * rstd ~ 2000, past the threshold): its tile takes
+    # the exact route
     x_far = x.clone()
     x_far[1, -1] = (1000 + torch.randn(dim, device=DEVICE) * 0.5).to(dtype)
 
@@ -667,7 +668,7 @@ def test_layernorm_folded_tma_calls_are_replayed(monkeypatch):
             assert_close(call(x), *oracle(x))
             assert gemm_tma.last_ln_route() == "epilogue"
             assert_close(call(x_far), *oracle(x_far))
-            assert gemm_tma.last_ln_route().startswith("centred: 1 of 2 row tiles"), gemm_tma.last_ln_route()
+            assert gemm_tma.last_ln_route().startswith("exact: 1 of 2 row tiles"), gemm_tma.last_ln_route()
             nw.data.mul_(1.5)  # through .data (the version counter does not move): the replay folds the new weight
             nb.data.add_(0.25)
             assert_close(call(x), *oracle(x))

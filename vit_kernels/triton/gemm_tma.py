@@ -35,14 +35,21 @@ weight by a small kernel on every call, which also takes x's row statistics
 b' = b + W @ beta, c = sum_k W'[:, k], and each row's (mean, rstd) applied in the epilogue:
 y = rstd * (x @ W'^T - mean * c) + b'. In float16 a row of W * gamma past 2**15 (which
 would overflow float16, where eager LayerNorm + Linear may not) is folded scaled down by a power of two
-and scaled back in the epilogue, exactly (the fold's ``sums[1]``). The subtraction cancels
-when a row's mean is large against its spread (|mean| * rstd large): the fp32 accumulator's rounding,
-~eps_fp32 * |mean| * sum |W'|, is then multiplied by rstd. A row tile holding a row past
-:func:`ln_cancel_threshold` is centred in the kernel instead: its K loop takes A through registers as
-x - mean (rounded to the input dtype) and its epilogue uses mean 0. Same kernel, same folded weight, no
-extra pass over x and no host sync (the kernel decides per tile from the row statistics); tiles without
-such rows keep the TMA -> shared memory -> wgmma loop. Each tile flags its row tile's route on the device
-(no host sync); :func:`last_ln_route` counts the flags on request.
+and scaled back in the epilogue, exactly (the fold's ``sums[1]``). The fold is less exact than eager in
+two cases, and a tile meeting either takes the exact route instead:
+
+- the subtraction cancels when a row's mean is large against its spread (|mean| * rstd large): the fp32
+  accumulator's rounding, ~eps_fp32 * |mean| * sum |W'|, is then multiplied by rstd. Row tiles holding a
+  row past :func:`ln_cancel_threshold`.
+- the fold rounds W * gamma where eager rounds z * gamma + beta; when one channel dominates an output's
+  row of W * gamma (an outlier channel of gamma), beta cancelling z * gamma there leaves eager exact and
+  the fold not. Column tiles holding an output the fold flags (``FOLD_DOMINANCE``).
+
+The exact route applies LayerNorm in the K loop as eager does (A = x's LayerNorm rounded to x's dtype,
+in registers, times W itself) and its epilogue adds b. Same kernel, no extra pass over x and no host sync
+(each tile decides from the row statistics and the fold's flags); other tiles keep the TMA -> shared
+memory -> wgmma loop. Each tile flags its row tile's cancelling route on the device;
+:func:`last_ln_route` counts the flags on request.
 """
 
 from __future__ import annotations
@@ -71,7 +78,15 @@ from .gemm import (
     fp32_placeholder,
     mode_value,
 )
-from .layernorm import FoldedLayerNorm, as_rows, layernorm_prologue, rows_per_batch, stats_pointer
+from .layernorm import (
+    FOLD_DOMINANCE,
+    SUM_ROWS,
+    FoldedLayerNorm,
+    as_rows,
+    layernorm_prologue,
+    rows_per_batch,
+    stats_pointer,
+)
 
 logger = logging.getLogger("vit_kernels")
 
@@ -91,7 +106,7 @@ def _tile_coords(tile_id, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _centre_tile(stats_ptr, off_m, M, ln_tau, BLOCK_M: tl.constexpr, LN_EPI: tl.constexpr):
+def _cancel_tile(stats_ptr, off_m, M, ln_tau, BLOCK_M: tl.constexpr, LN_EPI: tl.constexpr):
     """Whether the row tile at off_m has a row with |mean| * rstd > ln_tau (always False without LN_EPI)."""
     if LN_EPI:
         offs_m = off_m + tl.arange(0, BLOCK_M)
@@ -100,6 +115,21 @@ def _centre_tile(stats_ptr, off_m, M, ln_tau, BLOCK_M: tl.constexpr, LN_EPI: tl.
         # compared row by row, then reduced: a NaN row (NaN or Inf in its sample) compares False and leaves
         # the tile's decision to its other rows, whatever tl.max does with NaN
         return tl.max((tl.abs(mean) * rstd > ln_tau).to(tl.int32), axis=0) > 0
+    else:
+        return False
+
+
+@triton.jit
+def _exact_tile(
+    stats_ptr, fold_off, off_m, off_n, M, N, ln_tau, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LN_EPI: tl.constexpr
+):
+    """Whether the tile at (off_m, off_n) applies LayerNorm in its K loop: its row tile would cancel
+    (:func:`_cancel_tile`) or one of its outputs is dominated by one channel (the fold's flag, sums[4];
+    always False without LN_EPI)."""
+    if LN_EPI:
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        flag = tl.load(stats_ptr + fold_off + 4 * N + offs_n, mask=offs_n < N, other=0.0)
+        return _cancel_tile(stats_ptr, off_m, M, ln_tau, BLOCK_M, LN_EPI) | (tl.max(flag, axis=0) > 0)
     else:
         return False
 
@@ -117,6 +147,7 @@ def _epilogue(
     fold_sums_ptr,
     mean,
     rstd,
+    exact,
     M,
     N,
     T,
@@ -141,11 +172,14 @@ def _epilogue(
     """One (BLOCK_M, SUB_N) fp32 sub-tile of the accumulator, columns n0 .. n0 + SUB_N: epilogue + store."""
     offs_n = n0 + tl.arange(0, SUB_N)
     n_mask = offs_n < N
-    if LN_EPI:  # y = rstd * (x @ W'^T - mean * c) * u + b' (u: the fold's power-of-two unscale, 1 for most columns)
-        c = tl.load(fold_sums_ptr + offs_n, mask=n_mask, other=0.0)
-        u = tl.load(fold_sums_ptr + N + offs_n, mask=n_mask, other=1.0)
-        acc = (acc - mean[:, None] * c[None, :]) * rstd[:, None] * u[None, :]
-        bias_ptr = fold_sums_ptr + 2 * N  # b' = b + W @ beta, fp32 [HAS_BIAS]
+    if LN_EPI:
+        if exact:  # LayerNorm was applied in the K loop, with W itself: y = acc + b (fp32, 0 without b)
+            bias_ptr = fold_sums_ptr + 3 * N
+        else:  # y = rstd * (x @ W'^T - mean * c) * u + b' (u: the fold's power-of-two unscale, 1 for most columns)
+            c = tl.load(fold_sums_ptr + offs_n, mask=n_mask, other=0.0)
+            u = tl.load(fold_sums_ptr + N + offs_n, mask=n_mask, other=1.0)
+            acc = (acc - mean[:, None] * c[None, :]) * rstd[:, None] * u[None, :]
+            bias_ptr = fold_sums_ptr + 2 * N  # b' = b + W @ beta, fp32 [HAS_BIAS]
     acc = bias_gelu(acc, bias_ptr, offs_n, n_mask, HAS_BIAS, ACT)
     if HAS_LS:
         acc *= tl.load(ls_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -183,14 +217,15 @@ def _epilogue(
 def _gemm_tma_kernel(
     a_ptr,  # A (M, K), row stride stride_am, unit column stride, 16-byte aligned
     w_ptr,  # weight (N, K), row stride stride_wn, unit column stride (W' when LN_EPI)
+    w0_ptr,  # [LN_EPI] W itself (N, K), strides (stride_w0n, stride_w0k): the exact route's weight
     out_ptr,  # OUT_ROWS: (M, N) row stride stride_om;
     # OUT_QKV: (3, B, H, T, HEAD_DIM) strides (stride_o3, stride_ob, stride_oh, stride_ot, 1)
     bias_ptr,  # (N,)                         [HAS_BIAS]  (unread when LN_EPI: b' is the fold's)
     res_ptr,  # (M, N) as (b, t, n), strides (stride_rb, stride_rt, 1)   [HAS_RES]
     ls_ptr,  # (N,) layer scale             [HAS_LS]
     # [LN_EPI] the LayerNorm prologue's fp32 workspace (layernorm_prologue): row means (M), row 1/std (M), the
-    # route flags (cdiv(M, BLOCK_M), written here), and from fold_off on the fold's (3, N) column sums of W',
-    # unscale u, bias b'
+    # route flags (cdiv(M, BLOCK_M), written here), and from fold_off on the fold's (5, N) column sums of W',
+    # unscale u, bias b', bias b, dominance flags, then gamma (K) and beta (K)
     stats_ptr,
     fold_off,  # a multiple of 16 (Triton specializes it so: the fold's loads stay vectorized)
     M,
@@ -199,6 +234,8 @@ def _gemm_tma_kernel(
     T,  # rows, output features, reduction length, rows per batch (residual, head split)
     stride_am,
     stride_wn,
+    stride_w0n,
+    stride_w0k,
     stride_om,
     stride_o3,
     stride_ob,
@@ -209,7 +246,7 @@ def _gemm_tma_kernel(
     INNER,
     HEAD_DIM,  # QKV: heads * head_dim, head_dim
     q_scale,  # fp32: QKV scales the Q columns (n < INNER) by this
-    ln_tau,  # fp32: a row tile with some |mean| * rstd > ln_tau is centred (ln_cancel_threshold)
+    ln_tau,  # fp32: a row tile with some |mean| * rstd > ln_tau takes the exact route (ln_cancel_threshold)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -247,26 +284,40 @@ def _gemm_tma_kernel(
         off_am = pid_m * BLOCK_M
         off_wn = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if _centre_tile(stats_ptr, off_am, M, ln_tau, BLOCK_M, LN_EPI):
-            # Rows whose fold would cancel: A centred in registers (x - mean, rounded to x's dtype), then the
-            # same dot; the epilogue takes mean 0 for this tile. Decided on the device: no host sync.
+        if _exact_tile(stats_ptr, fold_off, off_am, off_wn, M, N, ln_tau, BLOCK_M, BLOCK_N, LN_EPI):
+            # LayerNorm applied in the K loop, as eager applies it: A = x's LayerNorm rounded to x's dtype (in
+            # registers), times W itself (pointer loads); the epilogue adds b. For row tiles whose fold would
+            # cancel and outputs one channel dominates. Decided on the device: no host sync.
             offs_am = off_am + tl.arange(0, BLOCK_M)
             mean_a = tl.load(stats_ptr + offs_am, mask=offs_am < M, other=0.0)
+            rstd_a = tl.load(stats_ptr + M + offs_am, mask=offs_am < M, other=0.0)
+            offs_wn = off_wn + tl.arange(0, BLOCK_N)
+            affine_ptr = stats_ptr + fold_off + 5 * N  # gamma (K), then beta (K)
             for ki in tl.range(k_tiles, num_stages=NUM_STAGES):
+                offs_k = ki * BLOCK_K + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < K
+                g = tl.load(affine_ptr + offs_k, mask=k_mask, other=0.0)
+                be = tl.load(affine_ptr + K + offs_k, mask=k_mask, other=0.0)
                 a = a_desc.load([off_am, ki * BLOCK_K])
-                a = (a.to(tl.float32) - mean_a[:, None]).to(a.dtype)
-                w = w_desc.load([off_wn, ki * BLOCK_K])
+                z = (a.to(tl.float32) - mean_a[:, None]) * rstd_a[:, None]
+                a = (z * g[None, :] + be[None, :]).to(a.dtype)  # 0 past K (g = be = 0)
+                w = tl.load(
+                    w0_ptr + offs_wn.to(tl.int64)[:, None] * stride_w0n + offs_k.to(tl.int64)[None, :] * stride_w0k,
+                    mask=(offs_wn < N)[:, None] & k_mask[None, :],
+                    other=0.0,
+                )
                 acc = tl.dot(a, w.T, acc)
-            # the row tile's LayerNorm route, after the statistics: 1.0 (centred before the dot), else 0.0; every
-            # tile of the row writes the same flag
-            tl.store(stats_ptr + 2 * M + pid_m, 1.0)
         else:
             for ki in tl.range(k_tiles, num_stages=NUM_STAGES):
                 a = a_desc.load([off_am, ki * BLOCK_K])
                 w = w_desc.load([off_wn, ki * BLOCK_K])
                 acc = tl.dot(a, w.T, acc)
-            if LN_EPI:
-                tl.store(stats_ptr + 2 * M + pid_m, 0.0)
+        if LN_EPI:
+            # the row tile's cancelling route, after the statistics: 1.0 (its rows' LayerNorm applied in the K
+            # loop), else 0.0; every tile of the row writes the same flag (the outputs' flags are the fold's)
+            tl.store(
+                stats_ptr + 2 * M + pid_m, _cancel_tile(stats_ptr, off_am, M, ln_tau, BLOCK_M, LN_EPI).to(tl.float32)
+            )
 
         tile_c += step
         pid_m, pid_n = _tile_coords(tile_c, num_m, num_n, GROUP_M)
@@ -274,12 +325,11 @@ def _gemm_tma_kernel(
         off_n = pid_n * BLOCK_N
         mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
         rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        exact = _exact_tile(stats_ptr, fold_off, off_m, off_n, M, N, ln_tau, BLOCK_M, BLOCK_N, LN_EPI)
         if LN_EPI:
             offs_m = off_m + tl.arange(0, BLOCK_M)
             mean = tl.load(stats_ptr + offs_m, mask=offs_m < M, other=0.0)
             rstd = tl.load(stats_ptr + M + offs_m, mask=offs_m < M, other=0.0)
-            if _centre_tile(stats_ptr, off_m, M, ln_tau, BLOCK_M, LN_EPI):
-                mean = tl.zeros((BLOCK_M,), dtype=tl.float32)  # A was centred: nothing to take off
         # Sub-tiles: (BLOCK_M, BLOCK_N) -> (BLOCK_M, 2, BLOCK_N/2) -> split the halves (twice for 4).
         if EPI_SPLIT == 1:
             _epilogue(
@@ -294,6 +344,7 @@ def _gemm_tma_kernel(
                 stats_ptr + fold_off,
                 mean,
                 rstd,
+                exact,
                 M,
                 N,
                 T,
@@ -329,6 +380,7 @@ def _gemm_tma_kernel(
                 stats_ptr + fold_off,
                 mean,
                 rstd,
+                exact,
                 M,
                 N,
                 T,
@@ -362,6 +414,7 @@ def _gemm_tma_kernel(
                 stats_ptr + fold_off,
                 mean,
                 rstd,
+                exact,
                 M,
                 N,
                 T,
@@ -398,6 +451,7 @@ def _gemm_tma_kernel(
                 stats_ptr + fold_off,
                 mean,
                 rstd,
+                exact,
                 M,
                 N,
                 T,
@@ -431,6 +485,7 @@ def _gemm_tma_kernel(
                 stats_ptr + fold_off,
                 mean,
                 rstd,
+                exact,
                 M,
                 N,
                 T,
@@ -465,6 +520,7 @@ def _gemm_tma_kernel(
                 stats_ptr + fold_off,
                 mean,
                 rstd,
+                exact,
                 M,
                 N,
                 T,
@@ -498,6 +554,7 @@ def _gemm_tma_kernel(
                 stats_ptr + fold_off,
                 mean,
                 rstd,
+                exact,
                 M,
                 N,
                 T,
@@ -718,7 +775,7 @@ def launch_gemm_tma(
     residual: (b, t, n) rows through res_strides = (stride_b, stride_t), unit n stride; ln: (fold, mean, rstd)
     for LayerNorm in the epilogue, as :func:`layernorm_prologue` returns them with room for
     cdiv(M, BLOCK_M) route flags (weight is the fold's W', its sums hold the bias, so ``bias`` is None);
-    row tiles with a row past :func:`ln_cancel_threshold` are centred in the kernel and counted for
+    tiles whose fold would be inexact take the exact route (the module's docstring), counted for
     :func:`last_ln_route`.
     """
     if M == 0 or N == 0:
@@ -743,19 +800,30 @@ def launch_gemm_tma(
         stride_om = _rows2d("out", out)[0]  # the row stride (a size-1 dim's stride says nothing)
     stats, fold_off = fp32_placeholder(a.device), 0  # never read without LN_EPI
     tau = 0.0
+    w0, w0_strides = weight, (0, 0)  # W itself: the exact route's (LN_EPI)
     if ln is not None:
         fold, mean, rstd = ln
+        w0, w0_strides = fold.source, fold.source.stride()
         stats, row_tiles = stats_pointer(mean, rstd), triton.cdiv(M, c.block_m)
         if bias is not None:
             raise ValueError("bias: expected None with ln (the fold's sums hold the folded bias)")
         fold_off = (fold.sums.data_ptr() - stats.data_ptr()) // 4
-        if fold_off < 2 * M + row_tiles or fold_off % 16 or not fold.sums.is_contiguous():
+        affine_off = (fold.affine.data_ptr() - stats.data_ptr()) // 4
+        if (
+            fold_off < 2 * M + row_tiles
+            or fold_off % 16
+            or not fold.sums.is_contiguous()
+            or fold.sums.shape != (SUM_ROWS, N)
+            or affine_off != fold_off + SUM_ROWS * N
+            or not fold.affine.is_contiguous()
+        ):
             raise ValueError(
                 f"ln: expected layernorm_prologue's workspace with room for {row_tiles} route flags (the fold's "
-                f"sums at a multiple of 16 floats from the mean, past {2 * M + row_tiles}), got {fold_off}"
+                f"({SUM_ROWS}, {N}) sums at a multiple of 16 floats from the mean, past {2 * M + row_tiles}, then "
+                f"gamma and beta), got sums {tuple(fold.sums.shape)} at {fold_off}, gamma and beta at {affine_off}"
             )
         tau = ln_cancel_threshold(K, a.dtype)
-        derived(_note_route, stats, M, row_tiles, c.block_m, tau)
+        derived(_note_route, stats, M, row_tiles, c.block_m, tau, fold_off + 4 * N, N)
     tiles = triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n)
     grid = (min(tiles, _num_sms(a.device) * c.blocks_per_sm),)
     launch(
@@ -763,6 +831,7 @@ def launch_gemm_tma(
         grid,
         a,
         weight,
+        w0,
         out,
         stats if ln is not None else _or(bias, weight),  # LN_EPI: the kernel reads b' from the fold's sums
         _or(residual, weight),
@@ -775,6 +844,7 @@ def launch_gemm_tma(
         T,
         stride_am,
         weight.stride(0),
+        *w0_strides,
         stride_om,
         stride_o3,
         stride_ob,
@@ -803,11 +873,11 @@ def _or(t: Optional[Tensor], placeholder: Tensor) -> Tensor:
     return placeholder if t is None else t
 
 
-def _note_route(stats: Tensor, M: int, tiles: int, block_m: int, tau: float) -> Tuple[()]:
+def _note_route(stats: Tensor, M: int, tiles: int, block_m: int, tau: float, flags_off: int, N: int) -> Tuple[()]:
     """Keep the statistics buffer of this LN_EPI launch as the last route (:func:`last_ln_route` reads its
-    ``tiles`` flags after the 2 * M statistics). Called per launch, replays included
-    (vit_kernels.replay.derived, with the replay's buffer)."""
-    _LAST_LN_ROUTE[0] = (stats, 2 * M, tiles, block_m, tau)
+    ``tiles`` row-tile flags after the 2 * M statistics, and the fold's N dominance flags at ``flags_off``).
+    Called per launch, replays included (vit_kernels.replay.derived, with the replay's buffer)."""
+    _LAST_LN_ROUTE[0] = (stats, 2 * M, tiles, block_m, tau, flags_off, N)
     return ()
 
 
@@ -838,27 +908,35 @@ def ln_cancel_threshold(K: int, dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / (4 * torch.finfo(torch.float32).eps * math.sqrt(max(K, 1)))
 
 
-_LAST_LN_ROUTE: List[object] = [
-    ""
-]  # (statistics buffer, flags offset, row tiles, BLOCK_M, threshold) of the last LN_EPI launch
+_LAST_LN_ROUTE: List[object] = [""]  # _note_route's tuple for the last LN_EPI launch
 
 
 def last_ln_route() -> str:
-    """The LayerNorm route of the last LN_EPI launch: "epilogue", or "centred: ..." with how many row tiles
-    the kernel centred and why. Reads the launch's device flags, so it waits for that launch (the
-    forward itself never syncs)."""
+    """The LayerNorm route of the last LN_EPI launch: "epilogue", or "exact: ..." with how many row tiles
+    (rows whose fold would cancel) and outputs (one channel dominating W * gamma's row) applied LayerNorm in
+    the kernel instead, and why. Reads the launch's device flags, so it waits for that launch (the forward
+    itself never syncs)."""
     r = _LAST_LN_ROUTE[0]
     if not isinstance(r, tuple):
         return r
-    stats, offset, tiles, block_m, tau = r
-    flags = stats.as_strided((tiles,), (1,), stats.storage_offset() + offset)
-    n = int((flags != 0).sum().item())
-    if n == 0:
+    stats, offset, tiles, block_m, tau, flags_off, N = r
+    base = stats.storage_offset()
+    rows = int((stats.as_strided((tiles,), (1,), base + offset) != 0).sum().item())
+    outputs = int((stats.as_strided((N,), (1,), base + flags_off) != 0).sum().item())
+    if rows == outputs == 0:
         return "epilogue"
-    return (
-        f"centred: {n} of {tiles} row tiles ({block_m} rows) have a row with |mean| * rstd > {tau:.3g} (the "
-        f"folded epilogue would cancel); those tiles are centred in the kernel before the dot"
-    )
+    why = []
+    if rows:
+        why.append(
+            f"{rows} of {tiles} row tiles ({block_m} rows) have a row with |mean| * rstd > {tau:.3g} (the folded "
+            f"epilogue would cancel)"
+        )
+    if outputs:
+        why.append(
+            f"{outputs} of {N} outputs have one channel carrying over {FOLD_DOMINANCE.value} of their row of "
+            f"W * gamma's norm (the fold's rounding there is not LayerNorm's)"
+        )
+    return f"exact: {'; '.join(why)}; those tiles apply LayerNorm in the K loop with W itself (eager's rounding)"
 
 
 # ---------------------------------------------------------------------------------------------

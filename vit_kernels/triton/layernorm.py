@@ -4,7 +4,7 @@ LayerNorm's affine into the weight of the Linear that follows, together with the
 
 The fused GEMMs (QKV projection, fc1) apply LayerNorm while they load x; they need each row's
 mean and rstd first. This small pass reads x once (twice from cache: the mean is taken of x minus the row's first
-element and the variance around the mean, not as E[x^2] - mean^2, so large means do not cancel)
+element, summed in fp64, and the variance around the mean, not as E[x^2] - mean^2, so large means do not cancel)
 and writes 8 bytes a row.
 """
 
@@ -54,18 +54,20 @@ def _row_stats_rows(
     row_off = (rows // T).to(tl.int64) * stride_xb + (rows % T).to(tl.int64) * stride_xt
     cols0 = tl.arange(0, BLOCK_D)
 
-    # The mean as first + mean(x - first), first = the row's first element: for a row of large mean
-    # and small spread the differences are exact and small, so their sum keeps its bits (a plain sum
-    # of 3e4-sized fp32 values loses the spread; a constant row then gets a nonzero x - mean that
-    # 1/sqrt(eps) magnifies).
-    first = tl.load(x_ptr + row_off, mask=rmask & (D > 0), other=0.0).to(tl.float32)
-    total = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    # The mean as first + mean(x - first), first = the row's first element, summed in fp64: for a row of
+    # large mean and small spread the differences are exact and small, so their sum keeps its bits (a plain
+    # sum of 3e4-sized fp32 values loses the spread; a constant row then gets a nonzero x - mean that
+    # 1/sqrt(eps) magnifies); fp64 keeps the sum exact when |first| is far above the mean (an fp32 sum of
+    # x - first errs by ~eps_fp32 * |first|, which z in a channel near the mean, times a large gamma and W,
+    # shows: tests/test_triton_gemm_tma.py's outlier channel), so the mean is rounded to fp32 once.
+    first = tl.load(x_ptr + row_off, mask=rmask & (D > 0), other=0.0).to(tl.float64)
+    total = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float64)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + cols0
         mask = rmask[:, None] & (cols < D)[None, :]
         x = tl.load(x_ptr + row_off[:, None] + cols.to(tl.int64)[None, :] * stride_xd, mask=mask, other=0.0)
-        total += tl.where(mask, x.to(tl.float32) - first[:, None], 0.0)
-    mean = first + tl.sum(total, axis=1) / D
+        total += tl.where(mask, x.to(tl.float64) - first[:, None], 0.0)
+    mean = (first + tl.sum(total, axis=1) / D).to(tl.float32)
 
     sq = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -168,13 +170,19 @@ def stats_pointer(mean: Tensor, rstd: Tensor) -> Tensor:
 class FoldedLayerNorm:
     """LayerNorm(gamma, beta) followed by Linear(W, b), folded: weight W' = W * gamma * s (N, K) in W's
     dtype, each row n scaled by a power of two s_n (1 unless float16 would overflow: see
-    :func:`_fold_rows`); ``sums`` (3, N) fp32, one buffer the GEMM takes as one pointer: the column
+    :func:`_fold_rows`); ``sums`` (SUM_ROWS, N) fp32, one buffer the GEMM takes as one pointer: the column
     sums c = W' summed over K, from the rounded W' the GEMM multiplies (so x @ W'^T - mean * c =
     (x - mean) @ W'^T), then u = 1 / s, which the GEMM's epilogue multiplies back (exactly: a power of
-    two), then the bias b' = b + W @ beta (0 when neither b nor beta exists: ``has_bias`` False)."""
+    two), then the bias b' = b + W @ beta (0 when neither b nor beta exists: ``has_bias`` False), then
+    for the tiles that apply LayerNorm in the kernel instead (gemm_tma's exact route): b itself (0 when
+    absent) and each output's dominance flag (1.0 where one channel carries more than FOLD_DOMINANCE of
+    the norm of W * gamma's row: :func:`_fold_rows`). After the sums, gamma then beta (K each, fp32;
+    beta 0 when absent): ``affine``. ``source``: W itself (the exact route's weight)."""
 
     weight: Tensor
     sums: Tensor
+    affine: Tensor
+    source: Tensor
     has_bias: bool
 
     @property
@@ -189,8 +197,16 @@ class FoldedLayerNorm:
     def bias(self) -> Optional[Tensor]:
         return self.sums[2] if self.has_bias else None
 
+    @property
+    def dominated(self) -> Tensor:
+        """(N,) bool: the outputs whose column tiles take the exact route (:func:`_fold_rows`)."""
+        return self.sums[4] != 0
 
+
+SUM_ROWS = 5  # the fold's sums: colsum, unscale, b', b, dominance flag
 FOLD_LIMIT = tl.constexpr(32768.0)  # float16 rows of W * gamma past 2**15 are scaled down by a power of two
+# An output whose row of W * gamma has one entry above this share of its norm takes the exact route: see _fold_rows
+FOLD_DOMINANCE = tl.constexpr(0.75)
 
 
 @triton.jit
@@ -240,31 +256,45 @@ def _fold_rows(
 ):  # fmt: skip
     """Rows pid * BLOCK_N .. + BLOCK_N of W (N, K): wf = W * gamma * s rounded to W's dtype (row-major (N, K)),
     sums[0] = sum_k wf (fp64 sum, stored fp32), sums[1] = 1 / s, sums[2] = b + W @ beta (fp64, stored
-    fp32; without either term, 0). Memory-bound: W is read once (twice when SCALED, the second time from
-    cache), wf written once.
+    fp32; without either term, 0), sums[3] = b (0 without it), sums[4] = the dominance flag; program 0 also
+    writes gamma and beta (fp32) after the sums. Memory-bound: W is read twice (the rows' largest |W * gamma|
+    and norm first, the second time from cache), wf written once.
 
     SCALED (float16): a row whose largest |W * gamma| passes FOLD_LIMIT (2**15; float16 overflows at
     65504, where eager LayerNorm + Linear, which never forms W * gamma, may not) is scaled by
     s = 2**-e, the smallest e that brings it under the limit; exact, and undone by the GEMM's epilogue
     (u = 2**e). Other rows (and every row of bfloat16/float32: their range is float32's) keep s = 1,
     bitwise as unscaled. A row with an infinite or NaN W * gamma keeps s = 1 (its column is inf/NaN,
-    as eager's is)."""
+    as eager's is).
+
+    Dominance: the fold rounds each product W * gamma to W's dtype, where eager rounds LayerNorm's output
+    z * gamma + beta. Where beta cancels z * gamma in a channel, eager's rounding there vanishes and the
+    fold's, eps * |W * gamma * z|, stays; summed over a row's many channels this is noise of eager's own
+    size, but when one channel carries most of the row's norm it is that output's whole error (an outlier
+    channel of gamma: up to 7.6x eager's error, measured). A row with max_k |W * gamma| > FOLD_DOMINANCE *
+    ||W * gamma||_2 is flagged, and the GEMM applies LayerNorm in the kernel for its column tiles (eager's
+    rounding). The single-channel excess is then at most r / sqrt(1 - r^2) <= 1.13 times the other
+    channels' error; dense random rows at K = 64 reach r ~ 0.72, at K = 768 ~ 0.37."""
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     e = tl.zeros([BLOCK_N], dtype=tl.int32)
+    big = tl.zeros([BLOCK_N], dtype=tl.float32)
+    norm2 = tl.zeros([BLOCK_N], dtype=tl.float64)
+    for k0 in range(0, K, BLOCK_K):
+        w, g, cols, cmask, m = _fold_tile(w_ptr, gamma_ptr, rows, rmask, k0, K, stride_wn, stride_wk, stride_g, BLOCK_K)
+        wg = w * g[None, :]  # exact in fp32 (two 11- or 8-bit significands)
+        big = tl.maximum(big, tl.max(tl.abs(wg), axis=1))
+        norm2 += tl.sum(wg.to(tl.float64) * wg.to(tl.float64), axis=1)
     if SCALED:
-        big = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            w, g, cols, cmask, m = _fold_tile(
-                w_ptr, gamma_ptr, rows, rmask, k0, K, stride_wn, stride_wk, stride_g, BLOCK_K
-            )
-            big = tl.maximum(big, tl.max(tl.abs(w * g[None, :]), axis=1))
         over = (big > FOLD_LIMIT) & (big < float("inf"))  # NaN compares False
         # log2 may be off by a little at a power of two: e one too large still fits (and e one too small
         # leaves the row under 2**16 < 65504)
         e = tl.where(over, tl.ceil(tl.log2(big / FOLD_LIMIT)), 0.0).to(tl.int32)
     s = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2**-e and 2**e, built from their exponent bits
     u = ((127 + e) << 23).to(tl.float32, bitcast=True)
+    # NaN or Inf compare False: such a row keeps the fold (its output is NaN or Inf either way)
+    big64 = big.to(tl.float64)
+    dominated = big64 * big64 > norm2 * (FOLD_DOMINANCE * FOLD_DOMINANCE)
     colsum = tl.zeros([BLOCK_N], dtype=tl.float64)
     bias = tl.zeros([BLOCK_N], dtype=tl.float64)
     for k0 in range(0, K, BLOCK_K):
@@ -275,11 +305,21 @@ def _fold_rows(
         if HAS_BETA:
             be = tl.load(beta_ptr + cols * stride_be, mask=cmask, other=0.0).to(tl.float64)
             bias += tl.sum(w.to(tl.float64) * be[None, :], axis=1)
+        if pid == 0:  # gamma and beta for the exact route's tiles
+            tl.store(sums_ptr + 5 * N + cols, g, mask=cmask)
+            be32 = tl.zeros([BLOCK_K], dtype=tl.float32)
+            if HAS_BETA:
+                be32 = tl.load(beta_ptr + cols * stride_be, mask=cmask, other=0.0).to(tl.float32)
+            tl.store(sums_ptr + 5 * N + K + cols, be32, mask=cmask)
+    b = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_B:
-        bias += tl.load(b_ptr + rows * stride_b, mask=rmask, other=0.0).to(tl.float64)
+        b = tl.load(b_ptr + rows * stride_b, mask=rmask, other=0.0).to(tl.float32)
+        bias += b.to(tl.float64)
     tl.store(sums_ptr + rows, colsum.to(tl.float32), mask=rmask)
     tl.store(sums_ptr + N + rows, u, mask=rmask)
     tl.store(sums_ptr + 2 * N + rows, bias.to(tl.float32), mask=rmask)
+    tl.store(sums_ptr + 3 * N + rows, b, mask=rmask)
+    tl.store(sums_ptr + 4 * N + rows, dominated.to(tl.float32), mask=rmask)
 
 
 FOLD_BLOCK_N, FOLD_BLOCK_K = 16, 128  # the fold's rows and columns per step (the row statistics: BLOCK_R, BLOCK_D)
@@ -301,15 +341,16 @@ def layernorm_prologue(
 
     Returns (fold, mean, rstd). Both live in one fp32 workspace: mean (M,), rstd (M,) as :func:`row_stats`
     computes them (bit for bit: the same code), ``room`` entries for the GEMM to write (its row tiles'
-    LayerNorm route flags), then from the next multiple of 16 the fold's sums (3, N). So the GEMM takes one
-    pointer for all of it (and the sums' offset), and a replayed launch plan allocates twice (W' and the
-    workspace) and launches once.
+    LayerNorm route flags), then from the next multiple of 16 the fold's sums (SUM_ROWS, N) and its gamma and
+    beta (2, K). So the GEMM takes one pointer for all of it (and the sums' offset), and a replayed launch
+    plan allocates twice (W' and the workspace) and launches once.
 
     Made on every call (replays included) and never cached: a cache keyed on the parameters' version
     counters would miss writes through ``.data`` (a DINO teacher's EMA update, PEFT's merge), and inside a
     CUDA graph the fold is captured with the GEMM, so every replay folds the parameters as they are then.
     Its cost beside the statistics' read of x: one read of W and one write of W' (4.7 MB each for ViT-B's
-    fc1 in bfloat16); for float16 a second read of W from cache (the rows' largest |W * gamma|, for s)."""
+    fc1 in bfloat16), and a second read of W from cache (each row's largest |W * gamma| and norm: float16's
+    scale s and the dominance flag)."""
     N, K = weight.shape
     dev = weight.device
     T = rows_per_batch(x)
@@ -319,7 +360,7 @@ def layernorm_prologue(
     # replay makes them again (no Python between them)
     w_fold = empty((N, K), weight.dtype, dev)
     fold_off = cdiv(2 * M + room, 16) * 16  # 64-byte aligned sums: the GEMM's loads of them stay vectorized
-    ws = empty((fold_off + 3 * N,), torch.float32, dev)
+    ws = empty((fold_off + SUM_ROWS * N + 2 * K,), torch.float32, dev)
     beta, has_beta, has_b = norm_bias, norm_bias is not None, bias is not None
     fold_programs = cdiv(N, FOLD_BLOCK_N)  # K = 0 reads no W: the sums of nothing are 0, u = 1, and b' = b
     if fold_programs + M:
@@ -332,7 +373,10 @@ def layernorm_prologue(
             has_beta, has_b, weight.dtype == torch.float16, FOLD_BLOCK_N, FOLD_BLOCK_K, BLOCK_R, BLOCK_D,
             num_warps=NUM_WARPS,
         )  # fmt: skip
-    fold = FoldedLayerNorm(w_fold, ws[fold_off:].view(3, N), has_beta or has_b)
+    sums_end = fold_off + SUM_ROWS * N
+    fold = FoldedLayerNorm(
+        w_fold, ws[fold_off:sums_end].view(SUM_ROWS, N), ws[sums_end:].view(2, K), weight, has_beta or has_b
+    )
     return fold, ws[:M], ws[M : 2 * M]
 
 
