@@ -199,16 +199,15 @@ def test_kernel_time_is_the_largest_term():
 
 
 def test_fold_kernel_bytes_by_hand():
-    """W (8, 4) fp16 read and W * gamma written (64 + 64), gamma and beta (8 + 8), b (16), the column sums,
-    unscale factors and folded bias in fp32 (32 + 32 + 32): 256 bytes; without b, 240; float16 reads W a
-    second time from L2 (64)."""
-    assert ck.fold_kernel(8, 4, 2, True).dram_bytes == 256
-    assert ck.fold_kernel(8, 4, 2, False).dram_bytes == 240
-    assert ck.fold_kernel(8, 4, 2, True, scaled=True).l2_bytes == 64
-    assert ck.fold_kernel(8, 4, 2, True).l2_bytes == 0
+    """W (8, 4) fp16 read and W * gamma written (64 + 64), gamma and beta (8 + 8), b (16), the sums in fp32
+    (column sums, unscale factors, folded bias, bias, dominance flags: 5 x 32) and gamma and beta in fp32
+    (16 + 16): 352 bytes; without b, 336; W read a second time from L2 (64)."""
+    assert ck.fold_kernel(8, 4, 2, True).dram_bytes == 352
+    assert ck.fold_kernel(8, 4, 2, False).dram_bytes == 336
+    assert ck.fold_kernel(8, 4, 2, True).l2_bytes == 64
     # the prologue launch: the fold and the row statistics of x (16 rows of 4 fp16: 128 read, 128 written)
-    assert ck.prologue_kernel(16, 8, 4, 2, True).dram_bytes == 256 + 256
-    assert ck.prologue_kernel(16, 8, 4, 2, True, scaled=True).l2_bytes == 64
+    assert ck.prologue_kernel(16, 8, 4, 2, True).dram_bytes == 352 + 256
+    assert ck.prologue_kernel(16, 8, 4, 2, True).l2_bytes == 64
 
 
 def test_paths_of_a_vit_b_block():

@@ -194,18 +194,19 @@ def row_stats_kernel(rows: int, dim: int, elem: int) -> KernelCost:
     return KernelCost("row stats", 0.0, rows * dim * elem + rows * 8)
 
 
-def fold_kernel(N: int, K: int, elem: int, bias: bool, scaled: bool = False) -> KernelCost:
+def fold_kernel(N: int, K: int, elem: int, bias: bool) -> KernelCost:
     """The fold's part of vit_kernels.triton.layernorm.layernorm_prologue: reads W (N, K), gamma and beta
-    (K,) [and b (N,)], writes W * gamma (N, K) and the fp32 column sums, unscale factors and folded bias
-    (N,) each; ``scaled`` (float16): W read a second time, from L2 (each row's largest |W * gamma| first)."""
-    dram = 2 * N * K * elem + 2 * K * elem + (N * elem if bias else 0) + 12 * N
-    return KernelCost("layernorm fold", 0.0, dram, l2_bytes=N * K * elem if scaled else 0.0)
+    (K,) [and b (N,)], writes W * gamma (N, K), the fp32 sums (5, N: column sums, unscale factors, folded
+    bias, bias, dominance flags) and gamma and beta in fp32 (2, K); W read a second time, from L2 (each
+    row's largest |W * gamma| and norm first)."""
+    dram = 2 * N * K * elem + 2 * K * elem + (N * elem if bias else 0) + 20 * N + 8 * K
+    return KernelCost("layernorm fold", 0.0, dram, l2_bytes=N * K * elem)
 
 
-def prologue_kernel(rows: int, N: int, K: int, elem: int, bias: bool, scaled: bool = False) -> KernelCost:
+def prologue_kernel(rows: int, N: int, K: int, elem: int, bias: bool) -> KernelCost:
     """vit_kernels.triton.layernorm.layernorm_prologue, launched on every call of a LayerNorm-folded TMA
     GEMM: x's row statistics (:func:`row_stats_kernel`) and the fold (:func:`fold_kernel`) in one launch."""
-    parts = (row_stats_kernel(rows, K, elem), fold_kernel(N, K, elem, bias, scaled))
+    parts = (row_stats_kernel(rows, K, elem), fold_kernel(N, K, elem, bias))
     return KernelCost(
         "layernorm prologue (row stats + fold)",
         0.0,
@@ -374,7 +375,7 @@ def mlp_paths(
         t2, bps2 = _tma(dim, hidden)
         # folded fc1: bias b', the column sums c and the unscale factors u, in fp32 per output column
         fold_vec = (4 if (bias or norm) else 0) + (8 if norm else 0)
-        prologue = [prologue_kernel(rows, hidden, dim, e, bias, dtype == torch.float16)] if norm else []
+        prologue = [prologue_kernel(rows, hidden, dim, e, bias)] if norm else []
         out["tma"] = prologue + [
             gemm_kernel(
                 "fc1 gemm_tma (LN folded, GELU)",
@@ -460,7 +461,7 @@ def qkv_attention_paths(
     }
     if _tma_ok(dtype):
         tiles, bps = _tma(3 * dim, dim)
-        prologue = [prologue_kernel(rows, 3 * dim, dim, e, qkv_bias, dtype == torch.float16)] if norm else []
+        prologue = [prologue_kernel(rows, 3 * dim, dim, e, qkv_bias)] if norm else []
         out["split+tma"] = prologue + [
             gemm_kernel(
                 "qkv gemm_tma (LN folded, head split)",
