@@ -506,6 +506,33 @@ def test_layernorm_fold_outlier_channel_takes_the_exact_route(dtype):
     assert_close(got, oracle, base)
 
 
+@pytest.mark.parametrize("bias,beta", [(True, False), (False, True), (False, False)], ids=str)
+def test_layernorm_exact_route_edges(bias, beta):
+    """The exact route with b or beta absent, W a view with a wider row stride (dim + 16), K = 80 (a partial
+    K tile) and the QKV head split (Q scaled): every output dominated, so every tile takes it."""
+    dtype, B, T, H, hd = torch.float16, 2, 33, 2, 40
+    dim = H * hd
+    x, _, _, nw, nb = outlier_channel_case(dtype, T=T, K=dim, N=3 * dim)
+    w = randn(3 * dim, dim + 16, dtype=dtype, scale=dim**-0.5)[:, 8 : 8 + dim]  # strides (dim + 16, 1)
+    w[:, 5] = (torch.randint(100, 401, (3 * dim,), device=DEVICE) * 1.0).to(dtype)
+    b = randn(3 * dim, dtype=dtype) if bias else None
+    nb = nb if beta else None
+    f, _, _ = G.layernorm_prologue(x, 1e-6, w, b, nw, nb)
+    assert f.dominated.all()
+    got = G.qkv_projection_forward(
+        x, w, b, num_heads=H, scale=0.25, norm_weight=nw, norm_bias=nb, out=nan_like((3, B, H, T, hd), dtype),
+        config=G.CONFIGS[4],
+    )  # fmt: skip
+    assert G.last_ln_route().startswith(f"exact: {3 * dim} of {3 * dim} outputs"), G.last_ln_route()
+    oracle, base = dense_reference(x, w, b, nw, nb, 1e-6, "none", None, None)
+
+    def split(y):
+        y = y.reshape(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)
+        return torch.cat([y[:1] * 0.25, y[1:]])
+
+    assert_close(got, split(oracle), split(base))
+
+
 def test_layernorm_fold_follows_writes_through_data():
     """Writes through ``.data`` keep the version counter (a DINO teacher's EMA update, PEFT's merge): the fold
     is made on every call, so the next call uses the parameters as they are (a launch plan's replay:
