@@ -958,6 +958,21 @@ MUTATIONS: List[Mutation] = [
         "            why = None\n",
         ("tests/test_tuning.py", "-k", "malformed"),
     ),
+    # A choice made on 16-byte aligned inputs reused for a view at an offset (the TMA GEMM refuses it).
+    Mutation(
+        "tuning-key-ignores-alignment",
+        "vit_kernels/tuning.py",
+        "(t.shape, t.stride(), t.dtype, t.data_ptr() & 15)",
+        "(t.shape, t.stride(), t.dtype)",
+        ("tests/test_tuning.py", "-k", "misaligned"),
+    ),
+    Mutation(
+        "tuning-signature-ignores-alignment",
+        "vit_kernels/tuning.py",
+        '    return f"{cls} ptr%16={r}" if r else cls\n',
+        "    return cls\n",
+        ("tests/test_tuning.py", "-k", "misaligned"),
+    ),
     # ------------------------------------------------------------------ tuning: the correctness check
     Mutation(
         "tuning-check-first-entries-only",

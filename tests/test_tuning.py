@@ -567,6 +567,35 @@ def test_tma_config_fastest_runs_the_tma_gemm(dtype, monkeypatch):
         assert_close(o, oracle, torch.nn.functional.linear(x, w, b))
 
 
+def test_misaligned_input_is_its_own_signature(tmp_path):
+    """A choice made on inputs whose data starts on a 16-byte boundary is not reused for a view of the same
+    shape and strides at an offset (in memory nor from the cache file): the TMA GEMM cannot read it, and
+    auto tunes that call on its own (TMA dropped, named) instead of raising."""
+    from vit_kernels.triton import gemm_tma
+
+    x = torch.randn(2, 8, 32, device=DEVICE).half()
+    w = (torch.randn(96, 32, device=DEVICE) * 32**-0.5).half()
+    xm = torch.empty(x.numel() + 1, dtype=x.dtype, device=DEVICE)[1:].view(x.shape)
+    xm.copy_(x)
+    assert xm.stride() == x.stride() and xm.data_ptr() % 16
+    cfg = dataclasses.astuple(gemm_tma.configs_for(96, 32)[0])
+    name = Candidate("triton", "tma", (("tma_config", cfg),)).name
+    oracle = reference.linear(x.double(), w.double())
+    for same_process in (True, False):  # the choice in memory; in the file, read by a new process
+        path = str(tmp_path / f"tuning{same_process}.json")
+        with tuning.use_tuner(make_tuner(FakeTimer({name: 0.1}), path, candidate_list=tma_only)) as t:
+            vk.linear(x, w)
+            assert vk.last_decision("linear").path == "tma"
+            if not same_process:
+                t = make_tuner(FakeTimer({name: 0.1}), path, candidate_list=tma_only)
+            with tuning.use_tuner(t):
+                out = vk.linear(xm, w)
+        d = vk.last_decision("linear")
+        assert d.backend == "torch" and "TMA needs a 16-byte aligned base address" in d.reasons["triton"]
+        assert_close(out, oracle, torch.nn.functional.linear(x, w))
+    assert "ptr%16=2" in d.tuned.signature and "(x contiguous ptr%16=2)" in d.tuned.label
+
+
 def test_tma_config_fastest_mlp_and_qkv_attention():
     """The MLP (both GEMMs) and the split qkv_attention (its projection, LayerNorm folded) on the TMA
     GEMM when one of its configs measured fastest; each against the oracle."""

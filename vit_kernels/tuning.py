@@ -5,8 +5,9 @@ max-autotune do).
 Flow (``vit_kernels.backends.resolve`` calls :meth:`Tuner.decide` for every ``auto`` call):
 
 1. The signature of the call: op, shapes, dtypes, layout class (contiguous / channels_last /
-   strided) of every tensor argument, the op's scalars that change the kernels (``key_extra``),
-   device name, compute capability, and the versions of vit_kernels, torch and triton.
+   strided, and whether the data starts on a 16-byte boundary) of every tensor argument, the op's
+   scalars that change the kernels (``key_extra``), device name, compute capability, and the
+   versions of vit_kernels, torch and triton.
 2. In memory, then in the user cache file (:func:`cache_path`), a choice for that signature is
    reused: nothing is timed.
 3. Otherwise every candidate (:func:`candidates`) runs once on the call's own inputs: one that
@@ -403,12 +404,17 @@ def cache_path() -> str:
 
 
 def layout_class(t: torch.Tensor) -> str:
-    """ "contiguous", "channels_last" (4-D), or "strided:<strides>" for anything else."""
+    """ "contiguous", "channels_last" (4-D), or "strided:<strides>" for anything else; followed by
+    " ptr%16=<r>" when the data does not start on a 16-byte boundary (a view at an offset): the TMA
+    kernels cannot read it, so a choice made on aligned data is not one for it."""
     if t.is_contiguous():
-        return "contiguous"
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
-        return "channels_last"
-    return "strided:" + ",".join(map(str, t.stride()))
+        cls = "contiguous"
+    elif t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        cls = "channels_last"
+    else:
+        cls = "strided:" + ",".join(map(str, t.stride()))
+    r = t.data_ptr() & 15
+    return f"{cls} ptr%16={r}" if r else cls
 
 
 # ---------------------------------------------------------------------------------------------
@@ -912,7 +918,12 @@ class Tuner:
         if m == "off":
             reasons["tuning"] = "off (tune='off' or VIT_KERNELS_TUNE=off): untimed rules"
             return None
-        key = (op, device, key_extra, tuple(None if t is None else (t.shape, t.stride(), t.dtype) for t in tensors))
+        key = (
+            op,
+            device,
+            key_extra,
+            tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() & 15) for t in tensors),
+        )
         hit = self._mem.get(key)
         if hit is not None:
             return hit[1]
