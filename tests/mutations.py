@@ -973,6 +973,14 @@ MUTATIONS: List[Mutation] = [
         "    return cls\n",
         ("tests/test_tuning.py", "-k", "misaligned"),
     ),
+    # A cache folder that cannot be made or locked: the op call raises instead of one warning.
+    Mutation(
+        "tuning-cache-lock-error-raises",
+        "vit_kernels/tuning.py",
+        "        except OSError as e:  # filelock's Timeout too (a TimeoutError)\n",
+        "        except ValueError as e:\n",
+        ("tests/test_tuning.py", "-k", "unusable_cache"),
+    ),
     # ------------------------------------------------------------------ tuning: the correctness check
     Mutation(
         "tuning-check-first-entries-only",

@@ -380,6 +380,35 @@ def test_unwritable_cache_keeps_the_choice_with_one_warning(tmp_path):
     assert len(messages) == 2 and "cannot write" in messages[1] and "kept in this process" in messages[1], messages
 
 
+@pytest.mark.parametrize("where", ["folder is a file", "lock refused"])
+def test_unusable_cache_folder_keeps_the_choice_with_one_warning(tmp_path, monkeypatch, where):
+    """A regular file where the cache folder should be ($VIT_KERNELS_CACHE naming a file), or a lock file
+    that cannot be made (a read-only folder): one warning, the op calls run, the choice is kept in memory
+    (timed once); never an error from the op call."""
+    import filelock
+
+    monkeypatch.setenv("VIT_KERNELS_DISABLE_CUDA_BACKEND", "1")  # the CUDA build's own folder: not under test
+    folder = tmp_path / "cache"
+    if where == "folder is a file":
+        folder.write_text("")
+    else:
+
+        def refuse(self, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", self.lock_file)
+
+        monkeypatch.setattr(filelock.FileLock, "acquire", refuse)
+    x, w, b, r = linear_args()
+    timer = FakeTimer({"torch": 0.1})
+    with pytest.warns(RuntimeWarning) as rec:
+        with tuning.use_tuner(make_tuner(timer, str(folder / "tuning.json"))):
+            for _ in range(2):
+                check_linear(vk.linear(x, w, b, residual=r), x, w, b, r)
+            vk.linear(x[:1], w, b, residual=r[:1])
+    assert len(timer.calls) == 6
+    messages = [str(w.message) for w in rec]
+    assert len(messages) == 1 and "cannot use" in messages[0] and "kept in this process" in messages[0], messages
+
+
 def test_eight_threads_time_one_signature_once(tmp_path):
     x, w, b, r = linear_args()
     # torch wins: after tuning all 8 threads run the winner at once, and Triton's interpreter

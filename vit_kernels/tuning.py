@@ -1089,16 +1089,42 @@ class Tuner:
             e = self._entries.get(sig)
         return e
 
+    @contextlib.contextmanager
     def _file_lock(self):
+        """Hold the cache file's lock (a file beside it) inside the block. Where its folder cannot be made
+        or the lock cannot be taken (a regular file in the folder's place, a read-only folder): one warning,
+        and from then on the choices are kept in this process only (``path`` None)."""
         if self.path is None:
-            return contextlib.nullcontext()
+            yield
+            return
         from filelock import FileLock
 
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        return FileLock(self.path + ".lock", timeout=600)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            lock = FileLock(self.path + ".lock", timeout=600)
+            lock.acquire()
+        except OSError as e:  # filelock's Timeout too (a TimeoutError)
+            self._memory_only(e)
+            yield
+            return
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _memory_only(self, e: BaseException) -> None:
+        path, self.path = self.path, None
+        if not self._save_warned:
+            self._save_warned = True
+            warnings.warn(
+                f"vit_kernels tuning: cannot use {path} ({type(e).__name__}: {e}); the choices are kept in "
+                f"this process only",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _load_file(self, force: bool = False) -> None:
-        if self._file_loaded and not force:
+        if self.path is None or (self._file_loaded and not force):
             return
         self._file_loaded = True
         try:
