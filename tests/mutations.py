@@ -981,6 +981,13 @@ MUTATIONS: List[Mutation] = [
         "        except ValueError as e:\n",
         ("tests/test_tuning.py", "-k", "unusable_cache"),
     ),
+    Mutation(
+        "cuda-build-folder-error-raises",
+        "vit_kernels/cuda/build.py",
+        "    except OSError as e:  # a regular file where a folder should be ($VIT_KERNELS_CACHE), a read-only folder\n",
+        "    except ValueError as e:\n",
+        ("tests/test_cuda_build.py", "-k", "unusable_build_folder"),
+    ),
     # ------------------------------------------------------------------ tuning: the correctness check
     Mutation(
         "tuning-check-first-entries-only",

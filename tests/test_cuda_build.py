@@ -132,6 +132,18 @@ def test_disabled_backend_says_why(monkeypatch):
     assert "VIT_KERNELS_DISABLE_CUDA_BACKEND" in vk_cuda.unavailable_reason(torch.device("cpu"))
 
 
+def test_unusable_build_folder_is_a_build_error(tmp_path, monkeypatch):
+    """$VIT_KERNELS_CACHE naming a regular file: the build raises BuildError (the backend is unavailable,
+    with the reason; `auto` moves on), never the OSError of making its folder."""
+    from vit_kernels.cuda import build
+
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("VIT_KERNELS_CACHE", str(not_a_folder))
+    with pytest.raises(build.BuildError, match="cannot use the build folder"):
+        build.jit_load("emulator", "vit_kernels_emulator", [])
+
+
 @pytest.mark.slow
 def test_gpu_extension_jit_builds():
     """The GPU build (csrc/bindings/*.cpp with torch's CUDA headers + every .cu for the arch list) links and

@@ -257,19 +257,22 @@ def jit_load(kind: str, name: str, sources: List[Path]):
 
     cflags, cuda_cflags = flags(kind)
     build_dir = variant_dir(kind)
-    build_dir.mkdir(parents=True, exist_ok=True)
     # Other processes building this variant wait here. (torch 2.14's load() also locks its folder;
     # older torch used a lock file that a killed build left behind, blocking every later build.)
     lock = FileLock(str(build_dir / "build.lock"))
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        print(
-            f"vit_kernels: waiting for another process that builds {TITLE.get(kind, kind)} in {build_dir}",
-            file=sys.stderr,
-            flush=True,
-        )
-        lock.acquire()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(
+                f"vit_kernels: waiting for another process that builds {TITLE.get(kind, kind)} in {build_dir}",
+                file=sys.stderr,
+                flush=True,
+            )
+            lock.acquire()
+    except OSError as e:  # a regular file where a folder should be ($VIT_KERNELS_CACHE), a read-only folder
+        raise BuildError(f"cannot use the build folder {build_dir} ({type(e).__name__}: {e})") from e
     try:
         fresh = not any(build_dir.glob(f"{name}*.so"))
         with _announce(kind, build_dir, fresh):
