@@ -988,6 +988,21 @@ MUTATIONS: List[Mutation] = [
         "    except ValueError as e:\n",
         ("tests/test_cuda_build.py", "-k", "unusable_build_folder"),
     ),
+    # vk.tune again resets a part to auto that the user gave a backend after an earlier fallback.
+    Mutation(
+        "tune-resets-an-explicit-backend",
+        "vit_kernels/tuning.py",
+        '        if m.__dict__.pop("vk_tune_note", None) is not None and m.backend == "torch":',
+        '        if m.__dict__.pop("vk_tune_note", None) is not None:',
+        ("tests/test_tuning.py", "-k", "backend_set_after_a_fallback"),
+    ),
+    Mutation(
+        "fuse-report-stale-fallback-note",
+        "vit_kernels/swap/__init__.py",
+        '        fallback = getattr(m, "vk_tune_note", None) if getattr(m, "backend", None) == "torch" else None',
+        '        fallback = getattr(m, "vk_tune_note", None)',
+        ("tests/test_tuning.py", "-k", "backend_set_after_a_fallback"),
+    ),
     # ------------------------------------------------------------------ tuning: the correctness check
     Mutation(
         "tuning-check-first-entries-only",

@@ -947,6 +947,24 @@ def test_tune_model_not_faster_falls_back_to_torch_unless_explicit():
     assert result.fell_back == [] and model.blocks[0].attn.backend == "auto"
 
 
+def test_tune_again_keeps_a_backend_set_after_a_fallback():
+    """A backend the user sets on a part after vk.tune sent it to the torch path is theirs: fuse_report
+    no longer says the part runs the torch path, and the next vk.tune keeps it (never reset to auto)."""
+    model = tiny_vit()
+    images = torch.randn(2, 3, 32, 32, device=DEVICE)
+    timer = FakeTimer({"model:fused": 3.0, "model:unfused": 2.0})
+    with tuning.use_tuner(make_tuner(timer, candidate_list=paths_only)):
+        vk.tune(model, images)
+        assert model.blocks[0].attn.backend == "torch"
+        model.blocks[0].attn.backend = "triton"
+        notes = {e.path: e.notes for e in vk.fuse_report(model).entries}
+        assert not any("this part runs the torch path" in n for n in notes["blocks.0.attn"])
+        assert any("this part runs the torch path" in n for n in notes["blocks.0.mlp"])
+        result = vk.tune(model, images)
+    assert model.blocks[0].attn.backend == "triton" and "blocks.0.attn" not in result.fell_back
+    assert "kept as asked: blocks.0.attn (backend='triton')" in result.message
+
+
 def test_bench_tuned_provider_tunes_and_keeps_the_table(monkeypatch):
     """The bench's `tuned` row: vk.tune on the benchmarked model, its summary and table in the row
     (the device check is lifted here: on a real CPU run the row is 'not measured')."""

@@ -1362,7 +1362,7 @@ def tune(model, example_inputs, *, fallback: bool = True) -> ModelTuning:
     if not parts:
         raise ValueError(f"model: no fused part found in {type(model).__name__}; call vit_kernels.fuse(model) first")
     for m in parts.values():  # a part an earlier tune call sent to the torch path competes again
-        if m.__dict__.pop("vk_tune_note", None) is not None:
+        if m.__dict__.pop("vk_tune_note", None) is not None and m.backend == "torch":  # (not one set since)
             m.backend = "auto"
     tuner = get_tuner()
     device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))

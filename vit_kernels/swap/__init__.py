@@ -228,7 +228,8 @@ def _add_tuning_notes(model: nn.Module, entries: List[ReportEntry]) -> None:
     by_path = {e.path: e for e in entries if e.fused}
     for path, m in model.named_modules():
         decisions = getattr(m, "vk_decisions", ())
-        fallback = getattr(m, "vk_tune_note", None)
+        # vk.tune's fallback note, while the part still runs the torch path it set (not a backend set since)
+        fallback = getattr(m, "vk_tune_note", None) if getattr(m, "backend", None) == "torch" else None
         if not decisions and not fallback:
             continue
         for e in by_path.values():
