@@ -1003,6 +1003,14 @@ MUTATIONS: List[Mutation] = [
         '        fallback = getattr(m, "vk_tune_note", None)',
         ("tests/test_tuning.py", "-k", "backend_set_after_a_fallback"),
     ),
+    # A cached winner launched where its backend is not available (an error, or a disabled backend run).
+    Mutation(
+        "tuning-cached-winner-backend-unchecked",
+        "vit_kernels/tuning.py",
+        '        if b == "torch" or b in available((b,)):\n',
+        "        if True:\n",
+        ("tests/test_tuning.py", "-k", "cannot_run_here"),
+    ),
     # ------------------------------------------------------------------ tuning: the correctness check
     Mutation(
         "tuning-check-first-entries-only",

@@ -293,6 +293,37 @@ def test_cache_hit_times_nothing(tmp_path):
     assert len(timer3.calls) == 3
 
 
+def torch_and_cuda(op, facts, available, device_type):
+    return [Candidate("torch")] + [Candidate("cuda")] * ("cuda" in available)
+
+
+@pytest.mark.parametrize("where", ["extension missing", "backend disabled"])
+def test_cached_winner_whose_backend_cannot_run_here_is_not_launched(tmp_path, monkeypatch, where):
+    """A cache file whose winner is the CUDA backend, read by a process where that backend is not available
+    (the extension not built on this node, or VIT_KERNELS_DISABLE_CUDA_BACKEND): the fastest timed candidate
+    that can run here is taken, with the reason, never the cached backend (an error, or a disabled backend)."""
+    from vit_kernels import cuda as vk_cuda
+
+    path = str(tmp_path / "tuning.json")
+    x, w, b, r = linear_args()
+    with tuning.use_tuner(make_tuner(FakeTimer({"cuda": 0.1}), path, candidate_list=torch_and_cuda)):
+        vk.linear(x, w, b, residual=r)
+        assert vk.last_decision("linear").backend == "cuda"
+    if where == "extension missing":
+        kind = "gpu" if DEVICE.type == "cuda" else "emulator"
+        monkeypatch.delitem(vk_cuda._MODULES, kind, raising=False)
+        monkeypatch.setitem(vk_cuda._FAILURES, kind, "no CUDA toolkit found (this test)")
+    else:
+        monkeypatch.setenv("VIT_KERNELS_DISABLE_CUDA_BACKEND", "1")
+    timer = FakeTimer()
+    with tuning.use_tuner(make_tuner(timer, path, candidate_list=torch_and_cuda)) as t:
+        out = vk.linear(x, w, b, residual=r)
+    d = vk.last_decision("linear")
+    assert timer.calls == [] and d.backend == "torch" and "cannot run here" in d.reasons["cuda"]
+    assert t.entries()[0].winner == Candidate("cuda")  # the measurement stands; this process cannot use it
+    check_linear(out, x, w, b, r)
+
+
 def test_version_change_invalidates(tmp_path):
     path = str(tmp_path / "tuning.json")
     x, w, b, r = linear_args()

@@ -319,7 +319,7 @@ def resolve(
                 all_tensors,
                 key_extra,
                 tune,
-                lambda: [b for b in ("triton", "cuda") if why_not(b) is None],
+                lambda only=("triton", "cuda"): [b for b in only if why_not(b) is None],
                 run,
                 args,
                 reasons,

@@ -903,14 +903,15 @@ class Tuner:
         tensors: Sequence[Optional[torch.Tensor]],
         key_extra: tuple,
         tune: Optional[str],
-        available: Callable[[], Sequence[str]],
+        available: Callable[..., Sequence[str]],
         run: Runner,
         args: tuple,
         reasons: Dict[str, str],
     ):
         """The tuned Decision of this call, or None when nothing was timed nor cached (then
-        ``reasons["tuning"]`` says why and the untimed rules apply). available() -> the backends
-        besides torch that can run this call here (asked only when tuning)."""
+        ``reasons["tuning"]`` says why and the untimed rules apply). available(only=("triton", "cuda"))
+        -> those of the backends ``only`` that can run this call here (asked when tuning, and for a
+        choice's backend before it is used: :meth:`_runnable`)."""
         why = self.tunable(device)
         if why is not None:
             return None
@@ -944,7 +945,7 @@ class Tuner:
                 return None
             if entry is None:
                 entry = self._tune_and_save(op, sig, device, arch, tensors, key_extra, available(), run, args)
-            d = self._decision(op, entry)
+            d = self._runnable(op, entry, available)
             self._mem[key] = (entry, d)
             return d
 
@@ -961,6 +962,23 @@ class Tuner:
         parts.append(f"{name}:sm_{arch}")
         parts += [f"{k}={v}" for k, v in sorted(self.versions.items())]
         return "|".join(parts), arch
+
+    def _runnable(self, op: str, entry: Entry, available: Callable[..., Sequence[str]]):
+        """The Decision of ``entry`` for a call here: its winner, or where the winner's backend cannot run
+        here (a cache file written where the CUDA extension was built, read where it is not, or the
+        backend disabled since) the fastest timed candidate whose backend can (the torch path at least),
+        with the reason; never a launch of a backend that is not available."""
+        b = entry.winner.backend
+        if b == "torch" or b in available((b,)):
+            return self._decision(op, entry)
+        others = sorted({r.candidate.backend for r in entry.results} - {"torch", b})
+        ok = {"torch", *available(tuple(others))}
+        timed = [r for r in entry.results if r.ms is not None and r.candidate.backend in ok]
+        winner = min(timed, key=lambda r: r.ms).candidate if timed else Candidate("torch")
+        d = self._decision(op, dataclasses.replace(entry, winner=winner))
+        why = f"the cached choice {entry.winner.name} cannot run here: backend {b!r} is not available "
+        why += f"(backend={b!r} says why)"
+        return dataclasses.replace(d, reasons={**d.reasons, b: why})
 
     @staticmethod
     def _decision(op: str, entry: Entry):
