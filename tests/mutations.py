@@ -1011,6 +1011,14 @@ MUTATIONS: List[Mutation] = [
         "        if True:\n",
         ("tests/test_tuning.py", "-k", "cannot_run_here"),
     ),
+    # A misspelled VIT_KERNELS_TUNE accepted by the calls that never read it (autograd).
+    Mutation(
+        "tuning-env-mode-unchecked-under-autograd",
+        "vit_kernels/backends.py",
+        "        tuning.current_mode()\n",
+        "        pass\n",
+        ("tests/test_tuning.py", "-k", "misspelled_env"),
+    ),
     # ------------------------------------------------------------------ tuning: the correctness check
     Mutation(
         "tuning-check-first-entries-only",

@@ -499,6 +499,17 @@ def test_mode_argument_env_and_scope(tmp_path, monkeypatch):
             pass
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_misspelled_env_mode_is_refused_under_autograd_too(monkeypatch, backend):
+    """VIT_KERNELS_TUNE=of is refused, naming the variable, by a call that needs gradients as by one that
+    does not (autograd keeps the torch path and never reads the mode: a typo in a training script)."""
+    monkeypatch.setenv("VIT_KERNELS_TUNE", "of")
+    x, w, b, r = linear_args()
+    for xi in (x, x.clone().requires_grad_()):
+        with pytest.raises(ValueError, match=r"VIT_KERNELS_TUNE: expected one of .*got 'of'"):
+            vk.linear(xi, w, b, residual=r, backend=backend)
+
+
 def test_no_gpu_means_nothing_timed():
     """The default device check: CPU tensors are never tuned; auto keeps the untimed rules."""
     assert tuning.cuda_tunable(torch.device("cpu")) is not None

@@ -281,6 +281,8 @@ def resolve(
     check_backend(backend)
     if tune is not None:
         tuning.check_mode(tune)
+    else:  # VIT_KERNELS_TUNE of another value is refused by every call, also those that never read it (autograd)
+        tuning.current_mode()
     all_tensors = tuple(tensors)  # with None entries: the tuning signature counts them
     tensors = [t for t in all_tensors if t is not None]
     device = tensors[0].device if tensors else torch.device("cpu")
