@@ -1019,6 +1019,14 @@ MUTATIONS: List[Mutation] = [
         "        pass\n",
         ("tests/test_tuning.py", "-k", "misspelled_env"),
     ),
+    # A cached winner naming tiles this code does not offer, launched as written.
+    Mutation(
+        "tuning-cached-config-not-checked-offered",
+        "vit_kernels/tuning.py",
+        '        if w in self.candidate_list(op, f, [w.backend] if w.backend != "torch" else [], device_type):\n',
+        "        if True:\n",
+        ("tests/test_tuning.py", "-k", "does_not_offer"),
+    ),
     # ------------------------------------------------------------------ tuning: the correctness check
     Mutation(
         "tuning-check-first-entries-only",

@@ -395,6 +395,41 @@ def test_malformed_cache_entry_is_skipped_alone_with_one_warning(tmp_path, edit)
     assert len(timer.calls) == 3  # the skipped signature tuned again; the other one read from the file
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cached_config_this_code_does_not_offer_is_tuned_again(tmp_path, dtype):
+    """A cache entry whose winner names tiles no list of this code offers for the call (written by another
+    build of the same version string whose lists differed, or edited by hand): one warning, the signature
+    is tuned again; never launched as written (fp32: a gemm_config, launched silently; fp16: a TMA config
+    gemm_tma refuses, an error from the auto call)."""
+    from vit_kernels.triton import gemm_tma
+
+    path = tmp_path / "tuning.json"
+    x = torch.randn(2, 8, 32, device=DEVICE).to(dtype)
+    w = (torch.randn(96, 32, device=DEVICE) * 32**-0.5).to(dtype)
+    if dtype == torch.float32:
+        fast, cands, stale = Candidate("triton", "", (("gemm_config", gemm_alt()),)), no_cuda, [16, 16, 16, 1, 1]
+    else:
+        cfg = dataclasses.astuple(gemm_tma.configs_for(96, 32)[0])
+        fast, cands, stale = Candidate("triton", "tma", (("tma_config", cfg),)), tma_only, [128, 64, 64, 4, 3, 2, 1]
+        assert gemm_tma.TmaConfig(*stale) not in gemm_tma.CONFIGS
+    with tuning.use_tuner(make_tuner(FakeTimer({fast.name: 0.1}), str(path), candidate_list=cands)):
+        vk.linear(x, w)
+    data = json.loads(path.read_text())
+    [entry] = data["entries"].values()
+    for c in [entry["winner"]] + [r for r in entry["results"] if r["config"] == entry["winner"]["config"]]:
+        c["config"] = [[c["config"][0][0], stale]]
+    path.write_text(json.dumps(data))
+    timer = FakeTimer({fast.name: 0.1})
+    with pytest.warns(RuntimeWarning, match="is not one this code offers") as rec:
+        with tuning.use_tuner(make_tuner(timer, str(path), candidate_list=cands)):
+            out = vk.linear(x, w)
+    d = vk.last_decision("linear")
+    assert len(rec) == 1 and fast.name in timer.calls
+    assert (d.backend, d.path, d.config) == (fast.backend, fast.path, fast.config)
+    assert_close(out, reference.linear(x.double(), w.double()), torch.nn.functional.linear(x, w))
+    assert list(json.loads(path.read_text())["entries"].values())[0]["winner"] == fast.to_json()
+
+
 def test_unwritable_cache_keeps_the_choice_with_one_warning(tmp_path):
     """A folder where the cache file should be: one warning that it is not readable, one that it cannot be
     written; the op calls run and the choice is kept in memory (timed once)."""

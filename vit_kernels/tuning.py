@@ -938,13 +938,14 @@ class Tuner:
             if hit is not None:
                 return hit[1]
             sig, arch = self._signature(op, device, tensors, key_extra)
-            entry = self._lookup(sig)
+            f = facts(op, tensors, key_extra, arch)
+            entry = self._offered(op, self._lookup(sig), f, device.type)
             if entry is None and m == "cache-only":
                 self._misses.add(key)
                 reasons["tuning"] = CACHE_ONLY_MISS
                 return None
             if entry is None:
-                entry = self._tune_and_save(op, sig, device, arch, tensors, key_extra, available(), run, args)
+                entry = self._tune_and_save(op, sig, device, f, available(), run, args)
             d = self._runnable(op, entry, available)
             self._mem[key] = (entry, d)
             return d
@@ -989,17 +990,28 @@ class Tuner:
         return Decision(op, w.backend, "auto", entry.reasons(), path, w.config, entry)
 
     # -- tuning ------------------------------------------------------------------------------
-    def _tune_and_save(self, op, sig, device, arch, tensors, key_extra, available, run, args) -> Entry:
+    def _offered(self, op: str, entry: Optional[Entry], f: Facts, device_type: str) -> Optional[Entry]:
+        """``entry`` when its winner is a candidate this code offers for a call with facts ``f``, else None
+        (the signature is tuned again, after one warning). A cache file written by another build of the
+        same version (config lists changed since) or edited by hand can name tiles no launcher list has:
+        launched as written, or refused by the launcher (an error from an auto call)."""
+        if entry is None:
+            return None
+        w = entry.winner
+        if w in self.candidate_list(op, f, [w.backend] if w.backend != "torch" else [], device_type):
+            return entry
+        self._warn(f"{self.path}: the choice for {entry.label}, {w.name}, is not one this code offers")
+        return None
+
+    def _tune_and_save(self, op, sig, device, f: Facts, available, run, args) -> Entry:
         lock = self._file_lock()
         with lock:
             if self.path is not None:
                 self._load_file(force=True)  # another process may have tuned it meanwhile
-                entry = self._entries.get(sig)
+                entry = self._offered(op, self._entries.get(sig), f, device.type)
                 if entry is not None:
                     return entry
-            entry = self.tune_signature(
-                op, sig, self.candidate_list(op, facts(op, tensors, key_extra, arch), available, device.type), run, args
-            )
+            entry = self.tune_signature(op, sig, self.candidate_list(op, f, available, device.type), run, args)
             self._entries[sig] = entry
             self.generation += 1
             self._save()
