@@ -1129,18 +1129,18 @@ class Tuner:
             return
         from filelock import FileLock
 
+        lock: Optional[FileLock] = FileLock(self.path + ".lock", timeout=600)
         try:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            lock = FileLock(self.path + ".lock", timeout=600)
             lock.acquire()
         except OSError as e:  # filelock's Timeout too (a TimeoutError)
+            lock = None
             self._memory_only(e)
-            yield
-            return
         try:
             yield
         finally:
-            lock.release()
+            if lock is not None:
+                lock.release()
 
     def _memory_only(self, e: BaseException) -> None:
         path, self.path = self.path, None
