@@ -1424,7 +1424,8 @@ def tune(model, example_inputs, *, fallback: bool = True) -> ModelTuning:
     recorded = {p: [d for calls in lists for d in calls] for p, lists in recorded.items()}
     for p, ds in recorded.items():
         parts[p].vk_decisions = tuple(ds)
-    entries = [e for e in tuner.entries() if any(d.tuned is e for ds in recorded.values() for d in ds)]
+    tuned = {d.tuned.signature for ds in recorded.values() for d in ds if d.tuned is not None}  # (a copy: _runnable)
+    entries = [e for e in tuner.entries() if e.signature in tuned]
     why = tuner.tunable(device)
     if why is not None:
         return ModelTuning(None, None, entries, recorded, [], f"nothing timed: {why}")
