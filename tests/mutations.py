@@ -928,6 +928,14 @@ MUTATIONS: List[Mutation] = [
         "        return pos[:, n:].clone(), None, prefix",
         ("tests/test_swap_dynamic_size.py", "-k", "prefix_variants and torch"),
     ),
+    # set_input_size at another patch size replaces the original PatchEmbed's proj: the wrapper keeps the old one.
+    Mutation(
+        "swap-timm-set-input-size-proj-kept",
+        "vit_kernels/swap/timm.py",
+        "        self._modules.update(o._modules)\n",
+        "",
+        ("tests/test_swap_dynamic_size.py", "-k", "set_input_size"),
+    ),
     Mutation(
         "swap-timm-other-blocks-unreported",
         "vit_kernels/swap/timm.py",
