@@ -270,6 +270,14 @@ MUTATIONS: List[Mutation] = [
         "            params=[self._parameters],\n",
         ("tests/test_swap_fallbacks.py", "-k", "subclass"),
     ),
+    # A LayerNorm's weight set to None after fuse reached the fused ops, which read it as no LayerNorm.
+    Mutation(
+        "swap-layernorm-weight-none-unchecked",
+        "vit_kernels/swap/wrapper.py",
+        '            and all([m._parameters.get("weight") is not None for m in s.norms])\n',
+        "",
+        ("tests/test_swap_fallbacks.py", "-k", "set_to_none"),
+    ),
     Mutation(
         "swap-gelu-approximate-at-fuse",
         "vit_kernels/swap/reasons.py",
