@@ -915,6 +915,14 @@ MUTATIONS: List[Mutation] = [
         "        return self.__dict__.setdefault(('kept', H, W), self._sync_original().interpolate_pos_encoding(probe, H, W))\n",
         ("tests/test_swap_dynamic_size.py", "-k", "hf_pos_encoding"),
     ),
+    # The configured size taken for transformers' shortcut: a non-square image_size is resampled by transformers.
+    Mutation(
+        "swap-hf-pos-embed-native-size-kept",
+        "vit_kernels/swap/hf.py",
+        "        if not interpolate or (H == W and (H // p) * (W // p) == pe.shape[1] - 1):\n",
+        "        if not interpolate or (H, W) == tuple(self.image_size):\n",
+        ("tests/test_swap_dynamic_size.py", "-k", "non_square"),
+    ),
     Mutation(
         "swap-hf-qkv-concatenation-kept",
         "vit_kernels/swap/hf.py",

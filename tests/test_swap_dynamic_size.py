@@ -332,6 +332,35 @@ def test_hf_pos_encoding_resampled_at_another_size(monkeypatch):
         assert_close(got, want, base(images, interpolate_pos_encoding=True).last_hidden_state, name="after .data")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("size", [(16, 64), (32, 32), (24, 40)])
+def test_hf_non_square_image_size_pos_encoding(size, backend):
+    """A ViT configured for a non-square image_size (16, 64): with interpolate_pos_encoding=True transformers
+    keeps the position embedding as it is only for a square image of the same patch count ((32, 32) here)
+    and resamples it otherwise, the configured size included (from its square-root grid); the fused
+    embedding adds what transformers adds, against the unfused model in float64 under the tolerance rule."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=128,
+        image_size=(16, 64),
+        patch_size=8,
+    )
+    model = transformers.ViTModel(cfg).to(DEVICE).eval()
+    oracle, base = copy.deepcopy(model).double(), copy.deepcopy(model)
+    vk.fuse(model, backend=backend, ops=("patch_embed",))
+    images = torch.randn(2, 3, *size, device=DEVICE)
+    with torch.no_grad():
+        for interpolate in (True, False) if size == (16, 64) else (True,):
+            got = model(images, interpolate_pos_encoding=interpolate).last_hidden_state
+            assert vk.last_decision("patch_embed").backend == backend
+            want = oracle(images.double(), interpolate_pos_encoding=interpolate).last_hidden_state
+            baseline = base(images, interpolate_pos_encoding=interpolate).last_hidden_state
+            assert_close(got, want, baseline, name=f"{size}, interpolate_pos_encoding={interpolate}")
+
+
 def _hf_vit():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.ViTConfig(
