@@ -944,6 +944,14 @@ MUTATIONS: List[Mutation] = [
         "        return pos[:, n:].clone(), None, prefix",
         ("tests/test_swap_dynamic_size.py", "-k", "prefix_variants and torch"),
     ),
+    # attn.scale applied where timm's SDPA path (fused_attn, the default) ignores it.
+    Mutation(
+        "swap-timm-scale-on-sdpa-path",
+        "vit_kernels/swap/timm.py",
+        '                scale=None if getattr(a, "fused_attn", False) else a.scale,\n',
+        "                scale=a.scale,\n",
+        ("tests/test_swap_timm.py", "-k", "scale_set"),
+    ),
     # set_input_size at another patch size replaces the original PatchEmbed's proj: the wrapper keeps the old one.
     Mutation(
         "swap-timm-set-input-size-proj-kept",
