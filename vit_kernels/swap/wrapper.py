@@ -106,7 +106,7 @@ class _Structure(NamedTuple):
     parents: List[nn.Module]
     children: List[Dict[str, nn.Module]]
     params: List[Dict[str, Optional[torch.Tensor]]]  # the wrapper's and the modules' non-empty parameter dicts
-    norms: List[nn.LayerNorm]
+    norms: Tuple[nn.LayerNorm, ...] = ()  # a default: a wrapper pickled before this field loads (unchecked)
 
 
 class SwapWrapper(nn.Module):
@@ -249,7 +249,7 @@ class SwapWrapper(nn.Module):
             parents=[m for _, m in parents],
             children=[dict(m._modules) for _, m in parents],
             params=[d for d in [self._parameters] + [m._parameters for m in mods] if d],
-            norms=[m for m in mods if isinstance(m, nn.LayerNorm) and m._parameters.get("weight") is not None],
+            norms=tuple(m for m in mods if isinstance(m, nn.LayerNorm) and m._parameters.get("weight") is not None),
         )
 
     def structure_reason(self) -> Optional[str]:
