@@ -278,6 +278,15 @@ MUTATIONS: List[Mutation] = [
         "        why = why or (None if library.symbolic(input) else self.original_reason(input))\n",
         ("tests/test_compile.py", "-k", "train_graph"),
     ),
+    # A method of the original reached through the wrapper (timm's set_input_size, Sequential.append) changes the
+    # original's children: the wrapper keeps its own, the fused path ignores the change and the next sync undoes it.
+    Mutation(
+        "swap-original-method-children-not-taken",
+        "vit_kernels/swap/wrapper.py",
+        '            for name in ("_parameters", "_buffers", "_modules"):\n                mine, theirs',
+        "            for name in ():\n                mine, theirs",
+        ("tests/test_swap_dynamic_size.py", "tests/test_swap_vit_pytorch.py", "-k", "set_input_size or its_methods"),
+    ),
     # A LayerNorm's weight set to None after fuse reached the fused ops, which read it as no LayerNorm.
     Mutation(
         "swap-layernorm-weight-none-unchecked",
@@ -959,14 +968,6 @@ MUTATIONS: List[Mutation] = [
         '                scale=None if getattr(a, "fused_attn", False) else a.scale,\n',
         "                scale=a.scale,\n",
         ("tests/test_swap_timm.py", "-k", "scale_set"),
-    ),
-    # set_input_size at another patch size replaces the original PatchEmbed's proj: the wrapper keeps the old one.
-    Mutation(
-        "swap-timm-set-input-size-proj-kept",
-        "vit_kernels/swap/timm.py",
-        "        self._modules.update(o._modules)\n",
-        "",
-        ("tests/test_swap_dynamic_size.py", "-k", "set_input_size"),
     ),
     Mutation(
         "swap-timm-other-blocks-unreported",

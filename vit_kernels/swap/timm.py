@@ -272,16 +272,6 @@ class FusedTimmPatchEmbed(SwapWrapper):
                     del root.__dict__[name]
         return super().restore()
 
-    def set_input_size(self, *args, **kwargs):
-        """timm's ``PatchEmbed.set_input_size`` (the root's ``set_input_size`` calls it), run on the
-        original, which at another patch size replaces its ``proj`` by a new Conv2d; the wrapper then
-        takes the original's children, so the replaced ``proj`` makes calls run the original modules
-        (:meth:`structure_reason` says so) rather than the old projection's weights at the old patch size."""
-        o = self._sync_original()
-        out = o.set_input_size(*args, **kwargs)
-        self._modules.update(o._modules)
-        return out
-
     def embedding_for(self, grid) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
         """(pos_embed, cls_token, prefix) for the patch grid ``grid`` (gh, gw): the kernel's
         ``pos_embed`` (1, [1 +] gh * gw, dim) and ``cls_token`` (1, 1, dim) or None, and the prefix

@@ -16,7 +16,9 @@ How a swap keeps the model intact:
   So does a tensor subclass among the parameters or the input (torchao's quantized weights,
   :meth:`SwapWrapper.param_reason`): the original modules dispatch to it.
 - Plain attributes the wrapper lacks (``num_heads``, ``grid_size``, ...) are read from the
-  original. ``unfuse`` puts the original module back with whatever children, parameters and
+  original; its methods (timm's ``PatchEmbed.set_input_size``, ``nn.Sequential.append``, ...) run on
+  it, and the wrapper then takes its children, parameters and buffers (a module they replaced or added
+  makes calls run the original modules, as above). ``unfuse`` puts the original module back with whatever children, parameters and
   buffers the wrapper holds then (``.to()``/``load_state_dict`` after fuse are kept).
 - Under ``torch.autocast`` the fused parts run the fused ops at the autocast dtype
   (:func:`at_autocast`): for the kernel backends inputs and parameters cast as autocast casts a
@@ -145,7 +147,31 @@ class SwapWrapper(nn.Module):
             original = self.__dict__.get("_vk_original")
             if original is None:
                 raise
-            return getattr(original, name)
+            value = getattr(original, name)
+            if callable(value) and getattr(value, "__self__", None) is original:  # a method of the original's class
+                return self._on_original(value)
+            return value
+
+    def _on_original(self, method):
+        """``method``, bound to the original and reached through the wrapper (timm's
+        ``PatchEmbed.set_input_size``, an ``nn.Sequential``'s ``append``, ...), run on the original as the
+        wrapper holds it now; then the wrapper takes the original's children, parameters and buffers, so a
+        module the method replaced or added is seen by :meth:`structure_reason` (calls run the original
+        modules, saying so), never ignored by the fused path nor undone by the next sync."""
+
+        @functools.wraps(method)
+        def call(*args, **kwargs):
+            o = self._sync_original()
+            out = method(*args, **kwargs)
+            for name in ("_parameters", "_buffers", "_modules"):
+                mine, theirs = getattr(self, name), getattr(o, name)
+                for k in [k for k in mine if k not in theirs]:
+                    del mine[k]
+                mine.update(theirs)
+            self._non_persistent_buffers_set = set(o._non_persistent_buffers_set)
+            return self if out is o else out
+
+        return call
 
     def __call__(self, *args, **kwargs):
         # the op calls of this part keep launch plans (vit_kernels.library.call_planned)
