@@ -270,6 +270,31 @@ MUTATIONS: List[Mutation] = [
         "            params=[self._parameters],\n",
         ("tests/test_swap_fallbacks.py", "-k", "subclass"),
     ),
+    # torchvision's block traced by torch.fx skipped the fall-backs: the train-mode graph lost dropout.
+    Mutation(
+        "swap-torchvision-fx-fallbacks-skipped",
+        "vit_kernels/swap/torchvision.py",
+        "        why = why or self.original_reason(input)\n",
+        "        why = why or (None if library.symbolic(input) else self.original_reason(input))\n",
+        ("tests/test_compile.py", "-k", "train_graph"),
+    ),
+    # A method of the original reached through the wrapper (timm's set_input_size, Sequential.append) changes the
+    # original's children: the wrapper keeps its own, the fused path ignores the change and the next sync undoes it.
+    Mutation(
+        "swap-original-method-children-not-taken",
+        "vit_kernels/swap/wrapper.py",
+        '            for name in ("_parameters", "_buffers", "_modules"):\n                mine, theirs',
+        "            for name in ():\n                mine, theirs",
+        ("tests/test_swap_dynamic_size.py", "tests/test_swap_vit_pytorch.py", "-k", "set_input_size or its_methods"),
+    ),
+    # A LayerNorm's weight set to None after fuse reached the fused ops, which read it as no LayerNorm.
+    Mutation(
+        "swap-layernorm-weight-none-unchecked",
+        "vit_kernels/swap/wrapper.py",
+        '            and all([m._parameters.get("weight") is not None for m in s.norms])\n',
+        "",
+        ("tests/test_swap_fallbacks.py", "-k", "set_to_none"),
+    ),
     Mutation(
         "swap-gelu-approximate-at-fuse",
         "vit_kernels/swap/reasons.py",
@@ -907,6 +932,14 @@ MUTATIONS: List[Mutation] = [
         "        return self.__dict__.setdefault(('kept', H, W), self._sync_original().interpolate_pos_encoding(probe, H, W))\n",
         ("tests/test_swap_dynamic_size.py", "-k", "hf_pos_encoding"),
     ),
+    # The configured size taken for transformers' shortcut: a non-square image_size is resampled by transformers.
+    Mutation(
+        "swap-hf-pos-embed-native-size-kept",
+        "vit_kernels/swap/hf.py",
+        "        if not interpolate or (H == W and (H // p) * (W // p) == pe.shape[1] - 1):\n",
+        "        if not interpolate or (H, W) == tuple(self.image_size):\n",
+        ("tests/test_swap_dynamic_size.py", "-k", "non_square"),
+    ),
     Mutation(
         "swap-hf-qkv-concatenation-kept",
         "vit_kernels/swap/hf.py",
@@ -927,6 +960,14 @@ MUTATIONS: List[Mutation] = [
         "        return pos[:, n:].clone(), None, prefix + pos[:, :n]",
         "        return pos[:, n:].clone(), None, prefix",
         ("tests/test_swap_dynamic_size.py", "-k", "prefix_variants and torch"),
+    ),
+    # attn.scale applied where timm's SDPA path (fused_attn, the default) ignores it.
+    Mutation(
+        "swap-timm-scale-on-sdpa-path",
+        "vit_kernels/swap/timm.py",
+        '                scale=None if getattr(a, "fused_attn", False) else a.scale,\n',
+        "                scale=a.scale,\n",
+        ("tests/test_swap_timm.py", "-k", "scale_set"),
     ),
     Mutation(
         "swap-timm-other-blocks-unreported",

@@ -256,6 +256,34 @@ def test_create_feature_extractor(family):
         assert_close(got[k], want[k], base[k], name=f"{family} feature {k}")
 
 
+@pytest.mark.parametrize("family", ["timm", "torchvision"])
+def test_create_feature_extractor_train_graph_keeps_dropout(family):
+    """create_feature_extractor traces a train-mode graph beside the eval one. With dropout p > 0 the fused
+    blocks run the original modules there, as in eager (never the fused ops without dropout): with one seed
+    the train graph's features are bitwise the unfused model's; the eval graph holds the fused ops (the patch
+    embedding, which has no dropout, is fused in both)."""
+    fe_lib = pytest.importorskip("torchvision.models.feature_extraction")
+    model = build(family).to(DEVICE)
+    for d in model.modules():
+        if isinstance(d, torch.nn.Dropout):
+            d.p = 0.3
+    if family == "torchvision":
+        for layer in model.encoder.layers:
+            layer.self_attention.dropout = 0.3
+    m, x = fused(model, "torch"), images()
+    block = {"timm": "blocks.1", "torchvision": "encoder.layers.encoder_layer_1"}[family]
+    got_fe = fe_lib.create_feature_extractor(m, [block], concrete_args=CONCRETE.get(family)).train()
+    want_fe = fe_lib.create_feature_extractor(model, [block]).train()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        got = got_fe(x)[block]
+        torch.manual_seed(1)
+        want = want_fe(x)[block]
+        assert torch.equal(got, want), (got - want).abs().max()
+    assert vk_targets(got_fe) == ["vit_kernels.patch_embed"]  # no dropout in it: fused in both graphs
+    assert len(vk_targets(got_fe.eval())) == OPS_IN_GRAPH[family]
+
+
 def test_fx_refuses_dynamic_img_size_in_one_sentence():
     m = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, dynamic_img_size=True)
     with pytest.raises(ValueError, match=r"^dynamic_img_size: True cannot be traced by torch.fx"):

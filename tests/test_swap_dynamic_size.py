@@ -105,6 +105,34 @@ def test_timm_pos_embed_resampled_at_another_grid(monkeypatch):
     assert type(model.patch_embed).__name__ == "PatchEmbed"
 
 
+@pytest.mark.parametrize(
+    "change", [dict(img_size=(48, 40)), dict(patch_size=(4, 4)), dict(img_size=(48, 40), patch_size=(4, 4))]
+)
+def test_timm_set_input_size_after_fuse(change):
+    """model.set_input_size after fuse (timm resamples pos_embed; at another patch size PatchEmbed replaces
+    its proj): another image size alone stays fused; a new projection makes calls run the original modules,
+    saying so, never the old projection at the old patch size. The logits are the unfused model's (same
+    set_input_size) in float64 under the tolerance rule; after unfuse bit for bit, fused again after fuse."""
+    model = timm_dynamic(depth=1).eval()
+    base = copy.deepcopy(model)
+    vk.fuse(model, backend="torch")
+    model.set_input_size(**change)
+    base.set_input_size(**change)
+    oracle = copy.deepcopy(base).double()
+    images = torch.randn(2, 3, 48, 40, device=DEVICE)
+    with torch.no_grad():
+        want, baseline = oracle(images.double()), base(images)
+        assert_close(model(images), want, baseline, name=f"logits after set_input_size({change})")
+        ran = "original" if "patch_size" in change else "torch"
+        assert vk.last_decision("patch_embed").backend == ran, vk.last_decision("patch_embed")
+        if "patch_size" in change:
+            assert model.patch_embed.last_fallback.startswith("patch_embed.proj was replaced"), model.patch_embed
+        assert torch.equal(vk.unfuse(model)(images), baseline)
+        vk.fuse(model, backend="torch")
+        assert_close(model(images), want, baseline, name="fused again")
+        assert vk.last_decision("patch_embed").backend == "torch"
+
+
 def test_timm_hook_on_patch_embed_sees_timms_output():
     """A forward hook on the fused patch_embed (registered after fuse) sees what timm's PatchEmbed returns,
     the NHWC projection without the position embedding, and the logits stay the unfused model's."""
@@ -302,6 +330,35 @@ def test_hf_pos_encoding_resampled_at_another_size(monkeypatch):
         base = vk.unfuse(copy.deepcopy(model))
         want = copy.deepcopy(base).double()(images.double(), interpolate_pos_encoding=True).last_hidden_state
         assert_close(got, want, base(images, interpolate_pos_encoding=True).last_hidden_state, name="after .data")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("size", [(16, 64), (32, 32), (24, 40)])
+def test_hf_non_square_image_size_pos_encoding(size, backend):
+    """A ViT configured for a non-square image_size (16, 64): with interpolate_pos_encoding=True transformers
+    keeps the position embedding as it is only for a square image of the same patch count ((32, 32) here)
+    and resamples it otherwise, the configured size included (from its square-root grid); the fused
+    embedding adds what transformers adds, against the unfused model in float64 under the tolerance rule."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=128,
+        image_size=(16, 64),
+        patch_size=8,
+    )
+    model = transformers.ViTModel(cfg).to(DEVICE).eval()
+    oracle, base = copy.deepcopy(model).double(), copy.deepcopy(model)
+    vk.fuse(model, backend=backend, ops=("patch_embed",))
+    images = torch.randn(2, 3, *size, device=DEVICE)
+    with torch.no_grad():
+        for interpolate in (True, False) if size == (16, 64) else (True,):
+            got = model(images, interpolate_pos_encoding=interpolate).last_hidden_state
+            assert vk.last_decision("patch_embed").backend == backend
+            want = oracle(images.double(), interpolate_pos_encoding=interpolate).last_hidden_state
+            baseline = base(images, interpolate_pos_encoding=interpolate).last_hidden_state
+            assert_close(got, want, baseline, name=f"{size}, interpolate_pos_encoding={interpolate}")
 
 
 def _hf_vit():

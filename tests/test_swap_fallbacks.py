@@ -258,6 +258,35 @@ def test_module_changed_after_fuse_runs_the_original(family, change, caplog):
     assert len(left) == (change != "parametrized"), str(vk.fuse_report(model))
 
 
+@pytest.mark.parametrize("removed", ["weight", "weight and bias"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_layernorm_weight_set_to_none_after_fuse_runs_the_original(family, removed):
+    """The LayerNorm before a fused attention loses its affine weight after fuse (``norm.weight = None``,
+    as elementwise_affine=False leaves it; the bias too or not). The fused ops read a None norm weight as
+    no LayerNorm at all (or refuse a bias without it), so the part runs the original modules, which still
+    normalize, and says why; unfuse and fuse again leave the part (the report's reason)."""
+    model = FAMILIES[family]().eval()
+    ref = copy.deepcopy(model)
+    vk.fuse(model, backend="torch")
+    w, norm = block_wrapper(model)
+    path = next(f"{w.vk_path}.{n}" for n, m in w.named_modules() if m is norm)
+    for m in (model, ref):
+        m.get_submodule(path).weight = None
+        if removed == "weight and bias":
+            m.get_submodule(path).bias = None
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = logits(model(images))
+        assert_close(got, logits(copy.deepcopy(ref).double()(images.double())), logits(ref(images)))
+    expected = f"{path}.weight was set to None"
+    assert w.last_fallback.startswith(expected), w.last_fallback
+    d = vk.last_decision("qkv_attention")
+    assert d.backend == "original" and expected in d.reasons["fused"], d
+    vk.unfuse(model)
+    vk.fuse(model, backend="torch")
+    assert any("no affine weight" in e.reason for e in vk.fuse_report(model).left), str(vk.fuse_report(model))
+
+
 class _Packed(torch.Tensor):
     """A weight stored apart from its value, as torchao's quantized weights are: its value is twice the
     stored tensor, and it serves PyTorch's own (aten) ops only: another op (vit_kernels' fused ops)

@@ -213,6 +213,26 @@ def test_attn_mask_runs_the_original_block():
         assert not torch.allclose(model.blocks[0](x), block(x, attn_mask=mask))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused_attn", [True, False])
+def test_attention_scale_set_after_fuse_as_timm_applies_it(fused_attn, backend):
+    """attn.scale set after fuse (an attention temperature): timm applies it on its eager path only
+    (fused_attn=False); its SDPA path (the default) takes SDPA's 1/sqrt(head_dim). The fused blocks do the
+    same, against the unfused model in float64 under the tolerance rule."""
+    model = make().eval()
+    ref = copy.deepcopy(model)
+    vk.fuse(model, backend=backend)
+    for m in (model, ref):
+        for b in m.blocks:
+            b.attn.fused_attn = fused_attn
+            b.attn.scale = 0.5
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = model(images)
+        assert vk.last_decision("qkv_attention").backend == backend
+        assert_close(got, copy.deepcopy(ref).double()(images.double()), ref(images), name=f"fused_attn={fused_attn}")
+
+
 def test_dropout_in_training_runs_the_original_modules():
     report = check_dropout_runs_original(make(proj_drop_rate=0.2, drop_path_rate=0.1), torch.randn(2, 3, 32, 32))
     assert any("active now" in n for e in report.fused for n in e.notes), str(report)

@@ -2,10 +2,13 @@
 the project's ViT notes (its classes are copied below, as published, and registered with the
 adapter through EXTRA_TRANSFORMER_CLASSES / EXTRA_VIT_CLASSES)."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
+import vit_kernels as vk
 from swap_checks import (
     check_checkpoint_round_trip,
     check_dropout_runs_original,
@@ -14,6 +17,7 @@ from swap_checks import (
     check_load_state_dict,
 )
 from vit_kernels.swap import vit_pytorch as vp_adapter
+from vit_kernels.testing import assert_close
 
 vit_pytorch = pytest.importorskip("vit_pytorch")
 from einops import rearrange, repeat  # noqa: E402
@@ -211,3 +215,34 @@ def test_prenorm_release_checkpoint_round_trip(seed_classes, backend):
 def test_prenorm_release_grads(seed_classes):
     model = SeedViT(image_size=32, patch_size=8, num_classes=10, dim=64, depth=1, heads=2, dim_head=32, mlp_dim=128)
     check_grad(model, torch.randn(2, 3, 32, 32))
+
+
+# (how the fused patch embedding's Sequential is changed, the fall-back's reason)
+SEQUENTIAL_CHANGES = {
+    "append": (lambda seq: seq.append(nn.LayerNorm(64)), "to_patch_embedding.2 was replaced (nothing -> LayerNorm)"),
+    "insert": (lambda seq: seq.insert(1, nn.LayerNorm(192)), "to_patch_embedding.1 was replaced (Linear -> LayerNorm)"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(SEQUENTIAL_CHANGES))
+def test_prenorm_release_patch_embedding_changed_through_its_methods(seed_classes, method):
+    """nn.Sequential's methods reached through the fused patch embedding (``append``, ``insert``: the
+    wrapper holds no such method, the original Sequential runs it) change the module the model runs: the
+    fused path, which would compute the projection alone, gives way to the original modules, saying so,
+    and the logits are the unfused model's (same change) in float64 under the tolerance rule."""
+    model = SeedViT(image_size=32, patch_size=8, num_classes=10, dim=64, depth=1, heads=2, dim_head=32, mlp_dim=128)
+    model = model.eval()
+    ref = copy.deepcopy(model)
+    vk.fuse(model, backend="torch")
+    change, expected = SEQUENTIAL_CHANGES[method]
+    for m in (model, ref):
+        assert change(m.to_patch_embedding) is m.to_patch_embedding
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = model(images)
+        assert_close(got, copy.deepcopy(ref).double()(images.double()), ref(images), name=f"after {method}")
+    assert vk.last_decision("patch_embed").backend == "original"
+    why = model.to_patch_embedding.last_fallback
+    assert why.startswith(expected), why
+    vk.unfuse(model)
+    assert [type(m).__name__ for m in model.to_patch_embedding] == [type(m).__name__ for m in ref.to_patch_embedding]

@@ -428,10 +428,14 @@ class FusedHFEmbeddings(SwapWrapper):
     def hook_exempt(self, hook) -> bool:
         return _is_capture_hook(hook)
 
-    def pos_embed_for(self, H: int, W: int, dim: int) -> Tensor:
+    def pos_embed_for(self, H: int, W: int, dim: int, interpolate: bool) -> Tensor:
+        """The position embedding transformers adds to a (H, W) image: as it is without ``interpolate``
+        (forward admits only the configured size then), else what ``interpolate_pos_encoding`` returns,
+        which keeps it as it is only for a square image of the same patch count (a non-square configured
+        size is resampled too, as transformers does)."""
         pe = self.position_embeddings
         p = self.patch_size
-        if (H, W) == tuple(self.image_size):
+        if not interpolate or (H == W and (H // p) * (W // p) == pe.shape[1] - 1):
             return pe
         probe = torch.empty((1, 1 + (H // p) * (W // p), dim), device="meta")  # only its shape is read
         return self._sync_original().interpolate_pos_encoding(probe, H, W)  # every call, as transformers does
@@ -455,7 +459,7 @@ class FusedHFEmbeddings(SwapWrapper):
                 why, pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding
             )
         conv = pe.projection
-        pos = self.pos_embed_for(*pixel_values.shape[-2:], conv.out_channels)
+        pos = self.pos_embed_for(*pixel_values.shape[-2:], conv.out_channels, interpolate_pos_encoding)
         # under autocast: the result in the dtype eager gives (its class token and pos embedding's), the
         # kernel adding them at the autocast dtype (tests/test_swap_autocast.py: within 2x eager's error)
         return at_autocast(

@@ -122,7 +122,8 @@ class FusedTimmBlock(SwapWrapper):
                 a.qkv.weight,
                 a.qkv.bias,
                 num_heads=a.num_heads,
-                scale=a.scale,
+                # as timm: attn.scale on its eager path only; its SDPA path (fused_attn) takes SDPA's 1/sqrt(head_dim)
+                scale=None if getattr(a, "fused_attn", False) else a.scale,
                 norm_weight=n.weight,
                 norm_bias=n.bias,
                 eps=n.eps,

@@ -68,10 +68,12 @@ class FusedEncoderBlock(SwapWrapper):
         return {n: self._modules[n] for n in names if n in self._modules}
 
     def forward(self, input: Tensor) -> Tensor:
-        if not library.symbolic(input):  # torch.fx records the fused ops; they check sizes when the graph runs
-            why = "input is not (batch, tokens, dim)" if input.dim() != 3 else self.original_reason(input)
-            if why:
-                return self.fall_back(why, input)
+        # traced by torch.fx the fused ops check sizes when the graph runs; the rest is known at trace time
+        # (create_feature_extractor's train-mode graph: dropout active runs the original modules there too)
+        why = None if library.symbolic(input) or input.dim() == 3 else "input is not (batch, tokens, dim)"
+        why = why or self.original_reason(input)
+        if why:
+            return self.fall_back(why, input)
         if self.fused_ops.get("attention"):
             a, n = self.self_attention, self.ln_1
             o = at_autocast(

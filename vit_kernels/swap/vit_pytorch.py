@@ -235,11 +235,12 @@ class FusedVitPytorchPatchEmbed(SwapWrapper):
     def forward(self, images: Tensor) -> Tensor:
         lin = self[1]
         p = self.vk_patch
-        why = None
-        if images.dim() != 4 or images.shape[1] * p * p != lin.in_features:
-            why = f"images are not (batch, channels, H, W) with channels * {p} * {p} = {lin.in_features}"
-        elif images.shape[-2] % p or images.shape[-1] % p:
-            why = f"the image size {tuple(images.shape[-2:])} is not a multiple of the patch size {p}"
+        why = self.structure_reason()  # first: a module inserted after fuse may stand where the Linear was
+        if why is None:
+            if images.dim() != 4 or images.shape[1] * p * p != lin.in_features:
+                why = f"images are not (batch, channels, H, W) with channels * {p} * {p} = {lin.in_features}"
+            elif images.shape[-2] % p or images.shape[-1] % p:
+                why = f"the image size {tuple(images.shape[-2:])} is not a multiple of the patch size {p}"
         why = why or self.original_reason(images)
         if why:
             return self.fall_back(why, images)

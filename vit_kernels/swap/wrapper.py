@@ -12,10 +12,13 @@ How a swap keeps the model intact:
 - The modules under the wrapper are remembered as fuse admitted them; one replaced, parametrized
   or given an instance ``forward`` after fuse makes each call run the original modules
   (:meth:`SwapWrapper.structure_reason`): the fused path reads their weights, never their forward.
+  So does a LayerNorm whose weight was set to None after fuse (the fused ops read that as no LayerNorm).
   So does a tensor subclass among the parameters or the input (torchao's quantized weights,
   :meth:`SwapWrapper.param_reason`): the original modules dispatch to it.
 - Plain attributes the wrapper lacks (``num_heads``, ``grid_size``, ...) are read from the
-  original. ``unfuse`` puts the original module back with whatever children, parameters and
+  original; its methods (timm's ``PatchEmbed.set_input_size``, ``nn.Sequential.append``, ...) run on
+  it, and the wrapper then takes its children, parameters and buffers (a module they replaced or added
+  makes calls run the original modules, as above). ``unfuse`` puts the original module back with whatever children, parameters and
   buffers the wrapper holds then (``.to()``/``load_state_dict`` after fuse are kept).
 - Under ``torch.autocast`` the fused parts run the fused ops at the autocast dtype
   (:func:`at_autocast`): for the kernel backends inputs and parameters cast as autocast casts a
@@ -91,9 +94,10 @@ class _Structure(NamedTuple):
     """The modules under a wrapper as fuse admitted them (:meth:`SwapWrapper.remember_structure`): each
     module below the wrapper with its path, class and instance ``forward`` (None: its class's); those
     without children (``leaves``); every module with children, the wrapper first, with its path and
-    a copy of its children (name -> module); and the parameter dicts (``_parameters``) of the wrapper and
+    a copy of its children (name -> module); the parameter dicts (``_parameters``) of the wrapper and
     of the modules that held parameters at fuse (those the fused path reads), read at every call
-    (:meth:`SwapWrapper.param_reason`)."""
+    (:meth:`SwapWrapper.param_reason`); and the LayerNorms that had a weight at fuse (the fused ops read a
+    None norm weight as no LayerNorm at all, so one set to None after fuse must not reach them)."""
 
     names: List[str]
     mods: List[nn.Module]
@@ -104,6 +108,7 @@ class _Structure(NamedTuple):
     parents: List[nn.Module]
     children: List[Dict[str, nn.Module]]
     params: List[Dict[str, Optional[torch.Tensor]]]  # the wrapper's and the modules' non-empty parameter dicts
+    norms: Tuple[nn.LayerNorm, ...] = ()  # a default: a wrapper pickled before this field loads (unchecked)
 
 
 class SwapWrapper(nn.Module):
@@ -142,7 +147,31 @@ class SwapWrapper(nn.Module):
             original = self.__dict__.get("_vk_original")
             if original is None:
                 raise
-            return getattr(original, name)
+            value = getattr(original, name)
+            if callable(value) and getattr(value, "__self__", None) is original:  # a method of the original's class
+                return self._on_original(value)
+            return value
+
+    def _on_original(self, method):
+        """``method``, bound to the original and reached through the wrapper (timm's
+        ``PatchEmbed.set_input_size``, an ``nn.Sequential``'s ``append``, ...), run on the original as the
+        wrapper holds it now; then the wrapper takes the original's children, parameters and buffers, so a
+        module the method replaced or added is seen by :meth:`structure_reason` (calls run the original
+        modules, saying so), never ignored by the fused path nor undone by the next sync."""
+
+        @functools.wraps(method)
+        def call(*args, **kwargs):
+            o = self._sync_original()
+            out = method(*args, **kwargs)
+            for name in ("_parameters", "_buffers", "_modules"):
+                mine, theirs = getattr(self, name), getattr(o, name)
+                for k in [k for k in mine if k not in theirs]:
+                    del mine[k]
+                mine.update(theirs)
+            self._non_persistent_buffers_set = set(o._non_persistent_buffers_set)
+            return self if out is o else out
+
+        return call
 
     def __call__(self, *args, **kwargs):
         # the op calls of this part keep launch plans (vit_kernels.library.call_planned)
@@ -246,12 +275,14 @@ class SwapWrapper(nn.Module):
             parents=[m for _, m in parents],
             children=[dict(m._modules) for _, m in parents],
             params=[d for d in [self._parameters] + [m._parameters for m in mods] if d],
+            norms=tuple(m for m in mods if isinstance(m, nn.LayerNorm) and m._parameters.get("weight") is not None),
         )
 
     def structure_reason(self) -> Optional[str]:
         """Why the modules under this wrapper are no longer those fuse admitted (None: they are; see
-        :meth:`remember_structure`). The per-call cost: a class, a children and an instance-forward
-        comparison per module (~2.5-3.5 us for a timm Block's 21 modules on this project's 2-core VM)."""
+        :meth:`remember_structure`), or a LayerNorm under it lost its weight. The per-call cost: a class, a
+        children and an instance-forward comparison per module, a weight look-up per LayerNorm (~2.5-3.5 us for
+        a timm Block's 21 modules on this project's 2-core VM)."""
         s = self.__dict__.get("_vk_structure")
         if s is None:
             return None
@@ -260,6 +291,7 @@ class SwapWrapper(nn.Module):
             and [m._modules for m in s.parents] == s.children
             and not any([m._modules for m in s.leaves])  # a list: cheaper than a generator here
             and [m.__dict__.get("forward") for m in s.mods] == s.forwards
+            and all([m._parameters.get("weight") is not None for m in s.norms])
         ):
             return None
         change = "a module changed"
@@ -277,6 +309,8 @@ class SwapWrapper(nn.Module):
                     change = f"{where}.forward was set on the instance"
                 elif m._modules and m in s.leaves:
                     change = f"modules were added under {where} ({', '.join(m._modules)})"
+                elif m in s.norms and m._parameters.get("weight") is None:
+                    change = f"{where}.weight was set to None (a LayerNorm without its affine weight)"
                 else:
                     continue
                 break
