@@ -283,8 +283,8 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "swap-original-method-children-not-taken",
         "vit_kernels/swap/wrapper.py",
-        '            for name in ("_parameters", "_buffers", "_modules"):\n                mine, theirs',
-        "            for name in ():\n                mine, theirs",
+        "            _take_state(self, o)\n",
+        "            pass\n",
         ("tests/test_swap_dynamic_size.py", "tests/test_swap_vit_pytorch.py", "-k", "set_input_size or its_methods"),
     ),
     # A LayerNorm's weight set to None after fuse reached the fused ops, which read it as no LayerNorm.

@@ -111,6 +111,17 @@ class _Structure(NamedTuple):
     norms: Tuple[nn.LayerNorm, ...] = ()  # a default: a wrapper pickled before this field loads (unchecked)
 
 
+def _take_state(dst: nn.Module, src: nn.Module) -> None:
+    """dst's children, parameters and buffers become src's, never emptied on the way (another thread may be
+    running dst's forward): what src no longer holds is dropped, then the rest (re)set."""
+    for name in ("_parameters", "_buffers", "_modules"):
+        d, theirs = getattr(dst, name), getattr(src, name)
+        for k in [k for k in d if k not in theirs]:
+            del d[k]
+        d.update(theirs)
+    dst._non_persistent_buffers_set = set(src._non_persistent_buffers_set)
+
+
 class SwapWrapper(nn.Module):
     """Takes ``original``'s place in the model, holding its children, parameters, buffers and hooks
     (the same objects, under the same names). Subclasses implement ``forward`` with the fused ops
@@ -163,12 +174,7 @@ class SwapWrapper(nn.Module):
         def call(*args, **kwargs):
             o = self._sync_original()
             out = method(*args, **kwargs)
-            for name in ("_parameters", "_buffers", "_modules"):
-                mine, theirs = getattr(self, name), getattr(o, name)
-                for k in [k for k in mine if k not in theirs]:
-                    del mine[k]
-                mine.update(theirs)
-            self._non_persistent_buffers_set = set(o._non_persistent_buffers_set)
+            _take_state(self, o)
             return self if out is o else out
 
         return call
@@ -184,14 +190,7 @@ class SwapWrapper(nn.Module):
     def _sync_original(self) -> nn.Module:
         """Give the original whatever the wrapper holds now (children, parameters, buffers, mode)."""
         o = self.original
-        for name in ("_parameters", "_buffers", "_modules"):
-            d, mine = getattr(o, name), getattr(self, name)
-            # never emptied on the way (another thread may be running the original's forward):
-            # drop what the wrapper no longer holds, then (re)set the rest
-            for k in [k for k in d if k not in mine]:
-                del d[k]
-            d.update(mine)
-        o._non_persistent_buffers_set = set(self._non_persistent_buffers_set)
+        _take_state(o, self)
         o.training = self.training
         return o
 
