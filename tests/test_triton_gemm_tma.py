@@ -504,6 +504,16 @@ def test_layernorm_fold_outlier_channel_takes_the_exact_route(dtype):
     )  # 64-output column tiles: the first on the exact route, the second folded
     assert G.last_ln_route().startswith("exact: 64 of 128 outputs have one channel"), G.last_ln_route()
     assert_close(got, oracle, base)
+    # NaN in one token of sample 1: eager's NaN row there, on both routes; every other row as before
+    x[1, 7, 20] = float("nan")
+    nan_base = dense_reference(x, w, b, nw, nb, 1e-6, "erf", None, None)[1]
+    got_nan = G.dense_forward(
+        x, w, b, norm_weight=nw, norm_bias=nb, act=G.ACT_GELU_ERF, out=nan_like(base.shape, dtype), config=G.CONFIGS[4]
+    )
+    assert torch.equal(got_nan.isnan(), nan_base.isnan()) and nan_base[1, 7].isnan().all()
+    keep = torch.ones(got.shape[:2], dtype=torch.bool, device=DEVICE)
+    keep[1, 7] = False
+    assert torch.equal(got_nan[keep], got[keep])
 
 
 @pytest.mark.parametrize("bias,beta", [(True, False), (False, True), (False, False)], ids=str)

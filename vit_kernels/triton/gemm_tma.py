@@ -120,16 +120,13 @@ def _cancel_tile(stats_ptr, off_m, M, ln_tau, BLOCK_M: tl.constexpr, LN_EPI: tl.
 
 
 @triton.jit
-def _exact_tile(
-    stats_ptr, fold_off, off_m, off_n, M, N, ln_tau, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LN_EPI: tl.constexpr
-):
-    """Whether the tile at (off_m, off_n) applies LayerNorm in its K loop: its row tile would cancel
-    (:func:`_cancel_tile`) or one of its outputs is dominated by one channel (the fold's flag, sums[4];
-    always False without LN_EPI)."""
+def _dominated_tile(stats_ptr, fold_off, off_n, N, BLOCK_N: tl.constexpr, LN_EPI: tl.constexpr):
+    """Whether the column tile at off_n holds an output one channel dominates (the fold's flags, sums[4];
+    always False without LN_EPI). With :func:`_cancel_tile`, what sends a tile to the exact route."""
     if LN_EPI:
         offs_n = off_n + tl.arange(0, BLOCK_N)
         flag = tl.load(stats_ptr + fold_off + 4 * N + offs_n, mask=offs_n < N, other=0.0)
-        return _cancel_tile(stats_ptr, off_m, M, ln_tau, BLOCK_M, LN_EPI) | (tl.max(flag, axis=0) > 0)
+        return tl.max(flag, axis=0) > 0
     else:
         return False
 
@@ -284,7 +281,8 @@ def _gemm_tma_kernel(
         off_am = pid_m * BLOCK_M
         off_wn = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if _exact_tile(stats_ptr, fold_off, off_am, off_wn, M, N, ln_tau, BLOCK_M, BLOCK_N, LN_EPI):
+        cancel = _cancel_tile(stats_ptr, off_am, M, ln_tau, BLOCK_M, LN_EPI)
+        if cancel | _dominated_tile(stats_ptr, fold_off, off_wn, N, BLOCK_N, LN_EPI):
             # LayerNorm applied in the K loop, as eager applies it: A = x's LayerNorm rounded to x's dtype (in
             # registers), times W itself (pointer loads); the epilogue adds b. For row tiles whose fold would
             # cancel and outputs one channel dominates. Decided on the device: no host sync.
@@ -315,9 +313,7 @@ def _gemm_tma_kernel(
         if LN_EPI:
             # the row tile's cancelling route, after the statistics: 1.0 (its rows' LayerNorm applied in the K
             # loop), else 0.0; every tile of the row writes the same flag (the outputs' flags are the fold's)
-            tl.store(
-                stats_ptr + 2 * M + pid_m, _cancel_tile(stats_ptr, off_am, M, ln_tau, BLOCK_M, LN_EPI).to(tl.float32)
-            )
+            tl.store(stats_ptr + 2 * M + pid_m, cancel.to(tl.float32))
 
         tile_c += step
         pid_m, pid_n = _tile_coords(tile_c, num_m, num_n, GROUP_M)
@@ -325,7 +321,9 @@ def _gemm_tma_kernel(
         off_n = pid_n * BLOCK_N
         mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
         rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        exact = _exact_tile(stats_ptr, fold_off, off_m, off_n, M, N, ln_tau, BLOCK_M, BLOCK_N, LN_EPI)
+        exact = _cancel_tile(stats_ptr, off_m, M, ln_tau, BLOCK_M, LN_EPI) | _dominated_tile(
+            stats_ptr, fold_off, off_n, N, BLOCK_N, LN_EPI
+        )
         if LN_EPI:
             offs_m = off_m + tl.arange(0, BLOCK_M)
             mean = tl.load(stats_ptr + offs_m, mask=offs_m < M, other=0.0)
