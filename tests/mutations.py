@@ -261,6 +261,39 @@ MUTATIONS: List[Mutation] = [
         "",
         ("tests/test_library.py", "-k", "double_backward"),
     ),
+    # The same through the custom op itself (an FX graph or an exported program run eagerly).
+    Mutation(
+        "library-double-backward-unchecked",
+        "vit_kernels/library.py",
+        "        if torch.is_grad_enabled():  # create_graph=True: gradients without a graph would drop, silently\n"
+        "            raise RuntimeError(autograd.DOUBLE_BACKWARD_REFUSED.format(op=op))\n",
+        "",
+        ("tests/test_library.py", "-k", "double_backward"),
+    ),
+    # torch.compile with autograd: an explicit triton backend silently traced as the torch path, or
+    # the forward-only cuda backend running the torch path instead of raising.
+    Mutation(
+        "compile-grad-triton-as-torch",
+        "vit_kernels/library.py",
+        '    if backend == "triton":\n        return getattr(torch.ops.vit_kernels, op)(*args)\n',
+        '    if backend == "triton":\n        return TORCH_PATHS[op](*args)\n',
+        ("tests/test_compile.py", "-k", "autograd_without_breaks and triton and reference"),
+    ),
+    Mutation(
+        "compile-grad-forward-only-unrefused",
+        "vit_kernels/library.py",
+        '    if backend not in ("auto", "torch"):\n        raise RuntimeError(backends.forward_only_message(op, backend, ("triton",)))\n',
+        "",
+        ("tests/test_compile.py", "-k", "forward_only"),
+    ),
+    # The backward op returning the residual's gradient as grad itself (an output aliasing an input).
+    Mutation(
+        "backward-op-gradient-aliases-input",
+        "vit_kernels/library.py",
+        "    if any(t.untyped_storage().data_ptr() == ptr for t in inputs):\n",
+        "    if False:\n",
+        ("tests/test_library.py", "-k", "backward_custom_op"),
+    ),
     # A tensor subclass among the parameters (torchao's quantized weights): only the wrapper's own
     # parameters looked at, not those of the modules under it.
     Mutation(

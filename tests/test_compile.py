@@ -164,25 +164,58 @@ def test_compile_fullgraph_after_a_module_is_replaced(family):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_compile_with_autograd_without_breaks(family, backend):
-    """Parameters requiring grad (training): the ops take the torch path, traced op by op, an explicit
-    kernel backend too (the torch.func check of eager calls is not asked while dynamo traces: it took
-    every traced op for one under a transform, a graph break and then a TypeError); one graph, zero
-    breaks; the compiled forward and backward against the unfused model in float64."""
+def test_compile_with_autograd_without_breaks(family, backend, monkeypatch):
+    """Parameters requiring grad (training): backend torch traces the ops' torch path op by op;
+    backend triton the custom ops, whose traced backward is the custom op ``<op>_backward`` (the
+    Triton backward kernels; the torch path's recompute raises here). The torch.func check of eager
+    calls is not asked while dynamo traces (it took every traced op for one under a transform, a graph
+    break and then a TypeError). One graph, zero breaks; the compiled forward and backward against the
+    unfused model in float64."""
+    from vit_kernels import library
+
+    backward_ran = []  # ops whose Triton backward kernels ran
+    if backend == "triton":
+        monkeypatch.setattr(library, "_recompute_vjp", None)  # calling it fails the test
+        for op, fn in list(library.BACKWARDS.items()):
+            monkeypatch.setitem(
+                library.BACKWARDS, op, lambda ctx, g, fn=fn, op=op: backward_ran.append(op) or fn(ctx, g)
+            )
     model = build(family).to(DEVICE)
     m, x = fused(model, backend), images()
     torch._dynamo.reset()
     explained = torch._dynamo.explain(m)(x)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
-    out = compiled(x)
+    with backends.record_decisions() as calls:
+        out = compiled(x)
+    if backend == "triton":  # the custom ops ran their Triton forward kernels (recorded)
+        assert calls and {d.backend for d in calls} == {"triton"}, calls
+    else:  # the torch path, traced op by op: no op ran
+        assert not calls, calls
     check_against_unfused(logits(out).detach(), model, x, f"compiled {family} ({backend}) under autograd")
     logits(out).square().sum().backward()
+    assert set(backward_ran) == ({d.op for d in calls} if backend == "triton" else set())
     logits(model(x)).square().sum().backward()
     m64 = copy.deepcopy(model).double()
     logits(m64(x.double())).square().sum().backward()
     for (name, p), q, q64 in zip(m.named_parameters(), model.parameters(), m64.parameters()):
         assert_close(p.grad, q64.grad, q.grad, factor=3.0, name=f"{family} ({backend}) grad {name}")
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_compile_with_autograd_refuses_a_forward_only_backend(fullgraph):
+    """backend="cuda" (forward-only kernels) under torch.compile with an input requiring grad raises the
+    eager call's error (before: the torch path ran instead, silently); fullgraph=True: dynamo's error
+    quotes it."""
+    if backends.cuda_unavailable(DEVICE) is not None:
+        pytest.skip(backends.cuda_unavailable(DEVICE))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 16, generator=g).to(DEVICE).requires_grad_()
+    w = torch.randn(8, 16, generator=g).to(DEVICE)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, w: vk.ops.linear(x, w, backend="cuda"), backend="eager", fullgraph=fullgraph)
+    with pytest.raises(Exception, match="linear: backend='cuda' cannot serve this call: gradients are required"):
+        f(x, w)
 
 
 @pytest.mark.slow
@@ -212,6 +245,33 @@ def test_compile_reduce_overhead_cuda_graphs(backend):
             x = torch.randn(2, 3, 32, 32, device="cuda", dtype=torch.half)
             out = compiled(x).clone()
             check_against_unfused(out, model, x, f"reduce-overhead step {step} ({backend})")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's CUDA code needs a CUDA device")
+def test_compile_inductor_training_with_triton_kernels():
+    """torch.compile's default compiler (inductor) on a GPU, training the fused reference ViT with backend
+    triton: the forward and backward custom ops run inside the compiled graphs (the Triton backward
+    kernels, not the torch path's recompute); gradients against the unfused model in float64 (3x rule)."""
+    from vit_kernels import library
+
+    ran = []
+    real = dict(library.BACKWARDS)
+    model = build("reference").cuda()
+    m, x = fused(model, "triton"), images().cuda()
+    torch._dynamo.reset()
+    try:
+        for op, fn in real.items():
+            library.BACKWARDS[op] = lambda ctx, g, fn=fn, op=op: ran.append(op) or fn(ctx, g)
+        logits(torch.compile(m, fullgraph=True)(x)).square().sum().backward()
+    finally:
+        library.BACKWARDS.update(real)
+    assert set(ran) == {"patch_embed", "qkv_attention", "linear", "layernorm_gelu_mlp"}, ran
+    logits(model(x)).square().sum().backward()
+    m64 = copy.deepcopy(model).double()
+    logits(m64(x.double())).square().sum().backward()
+    for (name, p), q, q64 in zip(m.named_parameters(), model.parameters(), m64.parameters()):
+        assert_close(p.grad, q64.grad, q.grad, factor=3.0, name=f"inductor training grad {name}")
 
 
 # ----------------------------------------------------------------------------- torch.fx

@@ -167,6 +167,33 @@ def test_custom_op_output_and_backward_against_oracle(op, dtype, backend, monkey
 
 
 @TRITON
+@pytest.mark.parametrize("op", OPS)
+def test_backward_custom_op(op):
+    """The Triton backward as a custom op, ``<op>_backward`` (the node a traced backward holds:
+    torch.compile's AOT autograd): opcheck (schema, fake tensor, AOT dispatch), and its gradients
+    equal those of the eager Triton backward (the same kernels); bad flags refused by name."""
+    n = library.N_TENSORS[op]
+    args = inputs(op, "vit", torch.float32, "triton", requires_grad=True)
+    out = getattr(torch.ops.vit_kernels, op)(*args)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    present = [i for i in range(n) if args[i] is not None]
+    eager = torch.autograd.grad(out, [args[i] for i in present], grad)
+    saved = [None if t is None else t.detach() for t in args[:n]]
+    needs = [t is not None for t in saved]
+    backward = getattr(torch.ops.vit_kernels, op + "_backward")
+    got = backward(grad, saved, *args[n:], needs)
+    assert len(got) == len(present)
+    for i, g, e in zip(present, got, eager):
+        assert g.is_contiguous() and g.shape == saved[i].shape, i
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"{op}_backward: gradient of argument {i}")
+    torch.library.opcheck(backward.default, (grad, saved, *args[n:], needs))
+    with pytest.raises(ValueError, match=r"^saved, needs: expected"):
+        backward(grad, saved, *args[n:], needs[:-1])
+    with pytest.raises(ValueError, match=r"^backend: expected 'triton'"):
+        backward(grad, saved, *args[n:-2], "torch", None, needs)
+
+
+@TRITON
 def test_triton_backward_of_uint8_images(monkeypatch):
     """patch_embed on uint8 images with backend triton: the registered backward's weight, bias,
     pos_embed and class-token gradients (Triton kernels, pixels normalized as the forward did)
@@ -237,8 +264,11 @@ def test_double_backward(op):
         oracle_at = lambda dtype: penalty_grad(lambda a: oracle(op, a), as_dtype(args, dtype))  # noqa: E731
         assert_close(got, oracle_at(torch.float64), oracle_at(torch.float32), factor=3.0, name="second order")
     if backends.triton_unavailable(DEVICE) is None:
-        with pytest.raises(RuntimeError, match=f"^vit_kernels.{op}: backend='triton' cannot give higher-order"):
-            penalty_grad(public_call(op, "triton"), args)
+        triton_args = inputs(op, "vit", torch.float32, "triton", requires_grad=True)
+        # the public function, and the custom op itself (an FX graph or an exported program run eagerly)
+        for call in (public_call(op, "triton"), lambda a: getattr(torch.ops.vit_kernels, op)(*a)):
+            with pytest.raises(RuntimeError, match=f"^vit_kernels.{op}: backend='triton' cannot give higher-order"):
+                penalty_grad(call, triton_args)
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -7,12 +7,14 @@ Each op in vit_kernels/ops/ is one custom op with
   while torch.compile, torch.export or torch.fx trace it (a traced graph holds one node per call);
 - a fake (meta) implementation: the same argument checks, then an empty output of the right shape, so
   a tracer sees the same clear error an eager call gets;
-- a backward (``register_autograd``), one function per op (``_<op>_backward``). For backend
-  "triton" it runs the Triton backward kernels (vit_kernels.autograd) on the saved inputs, first
+- a backward (``register_autograd``, :func:`_backward`), one function per op (``_<op>_backward``). For
+  backend "triton" it runs the Triton backward kernels (vit_kernels.autograd) on the saved inputs, first
   recomputing with the Triton forward what they read that the op does not return (attention's row
-  log-sum-exp and q, k, v; the MLP's hidden activation and LayerNorm statistics); for the other
-  backends, and for a backward that is traced (AOT autograd under torch.compile), it recomputes the
-  op's plain PyTorch path and takes its vector-Jacobian product (torch.func.vjp).
+  log-sum-exp and q, k, v; the MLP's hidden activation and LayerNorm statistics); a backward that is
+  traced (AOT autograd under torch.compile) records them as one more custom op,
+  ``torch.ops.vit_kernels.<op>_backward``; under ``create_graph=True`` it raises (the kernels have no
+  backward). For the other backends it recomputes the op's plain PyTorch path and takes its
+  vector-Jacobian product (torch.func.vjp).
 
 Every output of the registered op is a new contiguous tensor (what the fake implementation promises
 the compiler): a backend whose result has other strides (SDPA's on some devices) is copied once
@@ -21,8 +23,9 @@ there. A plain eager call returns the backend's result as it is.
 The public functions (``vit_kernels.ops.flash_attention`` etc.) call :func:`run`: with autograd
 recording (an input requires grad) in eager mode they run the op's implementation, which takes
 Triton's forward and backward kernels for backend "triton" (vit_kernels.autograd), PyTorch's
-autograd path for "torch" and "auto", and raises for "cuda" (forward-only kernels); under
-torch.compile they run the plain PyTorch path, which the compiler traces op by op; a plain eager
+autograd path for "torch" and "auto", and raises for "cuda" (forward-only kernels); so does
+torch.compile with autograd recording (:func:`_compiled_with_grad`): "triton" traces the custom op
+(and its backward op), "torch" and "auto" the plain PyTorch path op by op, "cuda" raises; a plain eager
 call runs the op's implementation without the dispatcher's Python round trip; anything that traces or intercepts gets the custom op. Under ``torch.fx.symbolic_trace``
 (tensors are ``fx.Proxy``) they record the custom op as one node whatever the grad mode: the graph
 then runs the op and its backward above.
@@ -39,6 +42,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import importlib
+import types
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -265,16 +269,40 @@ def _recompute_vjp(op: str, ctx, grad: Tensor) -> tuple:
     return tuple(grads)
 
 
-def _triton(ctx) -> bool:
-    """True when the op ran with backend "triton" and the backward runs eagerly: the Triton backward
-    kernels. A backward that is traced (torch.compile's AOT autograd, opcheck: fake tensors, which no
-    kernel can take) records the plain PyTorch path instead, as the forward under the compiler does."""
-    return ctx.vk_rest[-2] == "triton" and _plain_eager(ctx.saved_tensors)
+def _backward(op: str) -> Callable:
+    """The backward registered for ``op`` (``register_autograd``). Backend "triton": run eagerly on
+    plain tensors, the Triton backward kernels (``BACKWARDS[op]``); traced (torch.compile's AOT
+    autograd, opcheck, a mode: fake or wrapped tensors, which no kernel can take), the custom op
+    ``<op>_backward`` (:func:`_traced_triton_backward`), one node of the backward graph that runs those
+    kernels when the graph runs; under ``create_graph=True`` a RuntimeError (the kernels have no
+    backward: the gradients would carry no graph, and a gradient penalty built on them would drop out
+    silently). The other backends: the plain PyTorch path's vector-Jacobian product
+    (:func:`_recompute_vjp`), differentiable again."""
+
+    def backward(ctx, grad):
+        if ctx.vk_rest[-2] != "triton":
+            return _recompute_vjp(op, ctx, grad)
+        if torch.is_grad_enabled():  # create_graph=True: gradients without a graph would drop, silently
+            raise RuntimeError(autograd.DOUBLE_BACKWARD_REFUSED.format(op=op))
+        if not _plain_eager(ctx.saved_tensors):
+            return _traced_triton_backward(op, ctx, grad)
+        return BACKWARDS[op](ctx, grad)
+
+    return backward
+
+
+def _traced_triton_backward(op: str, ctx, grad: Tensor) -> tuple:
+    """The gradients of ``op``'s inputs from the custom op ``<op>_backward`` (``grad``, the saved
+    tensors, the op's other arguments, which tensors need a gradient): one tensor per input that
+    needs one, None for the others."""
+    n = N_TENSORS[op]
+    saved = list(ctx.saved_tensors)
+    needs = [bool(g) and t is not None for g, t in zip(ctx.needs_input_grad[:n], saved)]
+    grads = iter(getattr(torch.ops.vit_kernels, op + "_backward")(grad, saved, *ctx.vk_rest, needs))
+    return tuple(next(grads) if i < n and needs[i] else None for i in range(len(ctx.needs_input_grad)))
 
 
 def _flash_attention_backward(ctx, grad):
-    if not _triton(ctx):
-        return _recompute_vjp("flash_attention", ctx, grad)
     q, k, v = ctx.saved_tensors
     scale = _fa.check_flash_attention(q, k, v, ctx.vk_rest[0])
     out, lse = autograd.flash_attention_forward(q, k, v, scale)  # the forward again, for its row log-sum-exp
@@ -282,8 +310,6 @@ def _flash_attention_backward(ctx, grad):
 
 
 def _qkv_attention_backward(ctx, grad):
-    if not _triton(ctx):
-        return _recompute_vjp("qkv_attention", ctx, grad)
     x, w, b, nw, nb = ctx.saved_tensors
     num_heads, scale, eps = ctx.vk_rest[:3]
     num_heads, _, _, scale, eps = _qkv.check_qkv_attention(x, w, b, num_heads, nw, nb, scale, eps)
@@ -296,8 +322,6 @@ def _qkv_attention_backward(ctx, grad):
 
 
 def _layernorm_gelu_mlp_backward(ctx, grad):
-    if not _triton(ctx):
-        return _recompute_vjp("layernorm_gelu_mlp", ctx, grad)
     x, nw, nb, w1, b1, w2, b2, residual, ls = ctx.saved_tensors
     eps, approximate = ctx.vk_rest[:2]
     eps = _mlp.check_mlp(x, nw, nb, w1, b1, w2, b2, approximate, residual, ls, eps)
@@ -322,8 +346,6 @@ def _layernorm_gelu_mlp_backward(ctx, grad):
 
 
 def _patch_embed_backward(ctx, grad):
-    if not _triton(ctx):
-        return _recompute_vjp("patch_embed", ctx, grad)
     images, weight, bias, pos_embed, cls_token = ctx.saved_tensors
     patch_size, image_mean, image_std = ctx.vk_rest[:3]
     needs = ctx.needs_input_grad[:5]
@@ -339,8 +361,6 @@ def _patch_embed_backward(ctx, grad):
 
 
 def _linear_backward(ctx, grad):
-    if not _triton(ctx):
-        return _recompute_vjp("linear", ctx, grad)
     x, weight, bias, residual, layer_scale = ctx.saved_tensors
     return (*autograd.linear_backward(grad, x, weight, bias, layer_scale, needs=ctx.needs_input_grad[:5]), None, None)
 
@@ -441,11 +461,66 @@ def _register(op: str) -> None:
 
     _LIB.impl(op, implementation, "CompositeExplicitAutograd")
     torch.library.register_fake(qualname, fake, lib=_LIB)
-    torch.library.register_autograd(qualname, BACKWARDS[op], setup_context=_setup_context(op), lib=_LIB)
+    torch.library.register_autograd(qualname, _backward(op), setup_context=_setup_context(op), lib=_LIB)
+
+
+def _backward_schema(op: str) -> str:
+    """The schema of ``<op>_backward``: the output's gradient, the forward's tensors (as saved), its other
+    arguments as the forward's schema has them, and which tensors need a gradient; it returns one
+    gradient per tensor that needs one, in order."""
+    params = SCHEMAS[op][1 : SCHEMAS[op].index(") -> ")].split(", ")
+    return f"(Tensor grad, Tensor?[] saved, {', '.join(params[N_TENSORS[op] :])}, bool[] needs) -> Tensor[]"
+
+
+def _register_backward(op: str) -> None:
+    """``torch.ops.vit_kernels.<op>_backward``: the Triton backward kernels of ``op`` as one custom op,
+    so a traced backward (torch.compile's AOT autograd) holds them as one node (:func:`_backward`)."""
+    name = op + "_backward"
+    _LIB.define(name + _backward_schema(op))
+    n = N_TENSORS[op]
+
+    def implementation(grad, saved, *rest):
+        *rest, needs = rest
+        if rest[-2] != "triton":
+            raise ValueError(f"backend: expected 'triton' (the op runs the Triton backward kernels), got {rest[-2]!r}")
+        if len(saved) != n or len(needs) != n or any(need and t is None for need, t in zip(needs, saved)):
+            raise ValueError(
+                f"saved, needs: expected {n} tensors and {n} flags, none set for an absent tensor, got "
+                f"{len(saved)} and {list(needs)}"
+            )
+        guard = device_guard(grad)
+        if guard is not None:
+            with guard:
+                return implementation(grad, saved, *rest, needs)
+        ctx = types.SimpleNamespace(
+            saved_tensors=tuple(saved), vk_rest=tuple(rest), needs_input_grad=(*needs, *[False] * len(rest))
+        )
+        grads = BACKWARDS[op](ctx, grad)
+        inputs = [grad, *(t for t in saved if t is not None)]
+        return [_own_gradient(grads[i], saved[i], inputs) for i in range(n) if needs[i]]
+
+    def fake(grad, saved, *rest):
+        return [t.new_empty(t.shape) for t, need in zip(saved, rest[-1]) if need]
+
+    _LIB.impl(name, implementation, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIB)
+
+
+def _own_gradient(g: Optional[Tensor], like: Tensor, inputs: Sequence[Tensor]) -> Tensor:
+    """A gradient as a custom op returns it: a new contiguous tensor of ``like``'s shape (zeros for
+    None; a copy where the backward returned an input or a view of one, as ``grad`` itself is the
+    residual's gradient)."""
+    if g is None:
+        return like.new_zeros(like.shape)
+    ptr = g.untyped_storage().data_ptr()
+    if any(t.untyped_storage().data_ptr() == ptr for t in inputs):
+        return g.clone(memory_format=torch.contiguous_format)
+    return g.contiguous()
 
 
 for _op in SCHEMAS:
     _register(_op)
+    _register_backward(_op)
 
 
 # ------------------------------------------------------------------------------ FLOP formulas
@@ -757,7 +832,7 @@ def run(op: str, args: Sequence):
             # forward and backward kernels (vit_kernels.autograd), "torch" / "auto" PyTorch's autograd
             # path, "cuda" raises (forward-only kernels)
             return IMPLS[op](*args)
-        return TORCH_PATHS[op](*args)  # traced by the compiler op by op; checks the tensors
+        return _compiled_with_grad(op, args)
     if _plain_eager(tensors):
         # a fused module's call: its own launch plans; a call of the public function: the process's.
         # The first call of a signature runs the op's implementation (every check; strides as the backend
@@ -767,6 +842,20 @@ def run(op: str, args: Sequence):
     if not torch.compiler.is_compiling() and transform() is not None:
         return _under_transform(op, args)
     return getattr(torch.ops.vit_kernels, op)(*_scalars(op, args))
+
+
+def _compiled_with_grad(op: str, args: tuple):
+    """``op`` traced by torch.compile with an input that requires grad, as eager autograd runs it:
+    backend "triton", the custom op (its Triton forward kernels, and its registered backward the Triton
+    backward kernels, each one node of the compiled graphs); "auto" and "torch", the plain PyTorch path,
+    traced op by op (auto keeps PyTorch's autograd path in eager too: no backward kernel has been
+    measured against it); a forward-only backend ("cuda") raises, as an eager call does."""
+    backend = args[-2]
+    if backend == "triton":
+        return getattr(torch.ops.vit_kernels, op)(*args)
+    if backend not in ("auto", "torch"):
+        raise RuntimeError(backends.forward_only_message(op, backend, ("triton",)))
+    return TORCH_PATHS[op](*args)  # checks the tensors
 
 
 def _under_transform(op: str, args: Sequence):
