@@ -195,6 +195,8 @@ def test_compile_with_autograd_without_breaks(family, backend, monkeypatch):
     check_against_unfused(logits(out).detach(), model, x, f"compiled {family} ({backend}) under autograd")
     logits(out).square().sum().backward()
     assert set(backward_ran) == ({d.op for d in calls} if backend == "triton" else set())
+    if backend == "triton":  # each op's last decision names the backward's backend, as in eager
+        assert {vk.last_decision(op).backward for op in backward_ran} == {"triton"}
     logits(model(x)).square().sum().backward()
     m64 = copy.deepcopy(model).double()
     logits(m64(x.double())).square().sum().backward()
