@@ -294,6 +294,14 @@ MUTATIONS: List[Mutation] = [
         "    if False:\n",
         ("tests/test_library.py", "-k", "backward_custom_op"),
     ),
+    # The backward kernels reading a strided, expanded or offset argument as if it were contiguous.
+    Mutation(
+        "autograd-dense-strided-as-is",
+        "vit_kernels/autograd.py",
+        "    if t.is_contiguous() and t.data_ptr() % 16 == 0:\n        return t\n",
+        "    return t\n",
+        ("tests/test_layouts.py", "-k", "layout_gradients"),
+    ),
     # A tensor subclass among the parameters (torchao's quantized weights): only the wrapper's own
     # parameters looked at, not those of the modules under it.
     Mutation(

@@ -106,6 +106,42 @@ def test_layout_sweep(op, arg, layout, backend, dtype, launches):
     check_layout(op, arg, layout, backend, dtype, launches)
 
 
+TRITON_GRADIENT_CASES = [
+    pytest.param(op, arg, layout, id=f"{op}-{arg}-{layout}")
+    for op, arg, layout in cases()
+    if arg is not None and layout not in REFUSED.get((op, "triton"), {}).get(arg, ())
+]
+
+
+@pytest.mark.parametrize("op, arg, layout", TRITON_GRADIENT_CASES)
+def test_layout_gradients(op, arg, layout, launches):
+    """Under autograd, backend triton (its forward and backward kernels): one argument in ``layout``,
+    every argument requiring grad; every gradient (the strided, expanded or offset argument's own, of
+    its shape, included) against the float64 oracle's under the 3x gradient rule, float32."""
+    spec = SPECS[op]
+    t = {k: v.requires_grad_() for k, v in spec.make(torch.float32, DEVICE, arg, layout).items()}
+    out = spec.run(t, "triton")
+    d = vk.last_decision(op)
+    assert (d.backend, d.backward) == ("triton", "triton"), d
+    assert launches.calls, f"{op} launched no kernel"
+    grad = torch.randn(out.shape, dtype=torch.float64, device=DEVICE)
+    out.backward(grad.float())
+    want = {}
+    for dtype in (torch.float64, torch.float32):  # the oracle, and plain PyTorch's error (the baseline)
+        ts = {k: v.detach().to(dtype).requires_grad_() for k, v in t.items()}
+        spec.ref(ts).backward(grad.to(dtype))
+        want[dtype] = ts
+    for k, v in t.items():
+        assert v.grad is not None and v.grad.shape == v.shape, f"d{k}"
+        assert_close(
+            v.grad,
+            want[torch.float64][k].grad,
+            want[torch.float32][k].grad,
+            factor=3.0,
+            name=f"{op} d{k} ({arg}={layout})",
+        )
+
+
 def test_layout_cases_cover_every_argument():
     """The generator reaches every tensor argument of every op with every layout its dims allow."""
     seen = {(op, arg) for op, arg, _ in cases()}
