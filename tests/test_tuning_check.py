@@ -107,14 +107,14 @@ def tuned(case, n, check_bytes, cands=(TORCH, GOOD, WRONG_FIRST, WRONG_LAST), ti
 @pytest.mark.parametrize("case", OPS)
 def test_a_large_call_is_checked_on_its_first_and_last_entries_and_a_wrong_end_is_dropped(case):
     """Above the budget the oracle and the torch baseline see the first and the last entry only (2 of
-    12; for attention also the first and the last head only, 2 of 4); a candidate wrong only in its
-    first, or only in its last element is still dropped, with the index of the wrong element in the
-    call (not in the checked part); a right one wins."""
+    12, on the draw as on the call's inputs; for attention also the first and the last head only, 2
+    of 4); a candidate wrong only in its first, or only in its last element is still dropped, with the
+    index of the wrong element in the call (not in the checked part); a right one wins."""
     n = 12
     entry, runs, res = tuned(case, n, check_bytes=1)  # 1 byte: keep = 1 (and keep_heads = 1)
     attention = case in ("qkv_attention", "flash_attention")
-    [checked] = [s for s in runs.seen if s[0] == "reference"]
-    assert checked == (("reference", 2, 2) if attention else ("reference", 2))
+    checked = [s for s in runs.seen if s[0] == "reference"]  # the draw's oracle, then the call's
+    assert checked == 2 * [("reference", 2, 2) if attention else ("reference", 2)]
     assert {s[1:] for s in runs.seen if s[0] == "triton"} == {(n, 4) if attention else (n,)}  # the whole call
     first, last = res[WRONG_FIRST], res[WRONG_LAST]
     assert first.ms is None and "disagrees with the oracle" in first.dropped
