@@ -10,14 +10,22 @@ Flow (``vit_kernels.backends.resolve`` calls :meth:`Tuner.decide` for every ``au
    versions of vit_kernels, torch and triton.
 2. In memory, then in the user cache file (:func:`cache_path`), a choice for that signature is
    reused: nothing is timed.
-3. Otherwise every candidate (:func:`candidates`) runs once on the call's own inputs: one that
-   fails to compile, launch or allocate, or whose result disagrees with the float64 oracle beyond
-   the tolerance rule (:mod:`vit_kernels.testing`, bound from the torch path's own error), is
-   dropped with its reason. The others are timed (:func:`cuda_timer`: ``triton.testing.do_bench``,
-   warm-up, L2 flushed before each repeat, the median) as a fused model runs them from the second
-   call of a signature on (:func:`steady_call`: a Triton candidate's recorded launches replayed, as
-   its launch plan does, not its launcher's host work), and the fastest is kept, in memory and
-   in the cache file (written atomically under a file lock).
+3. Otherwise every candidate (:func:`candidates`) is checked: each but the plain torch path runs
+   once on a random draw of the call's signature (:func:`draw`: new tensors of the same shapes,
+   strides, storage offsets, dtypes and device, new values), then every one once on the call's own
+   inputs. One that fails to compile, launch or allocate, or whose result disagrees with the float64
+   oracle beyond the tolerance rule (:mod:`vit_kernels.testing`, bound from the torch path's own
+   error on the same inputs) on either, is dropped with its reason: the call's own inputs' first,
+   else "... on a random draw of the call's signature". The call's own values alone can make the
+   check vacuous, and the choice is then kept for every later call of the signature, whatever its
+   values: all zeros or ones (``vk.tune(model, torch.zeros(...))``), samples all alike (a wrong batch
+   stride that reads sample 0 for every sample is right there), zero activations (a GEMM whose K loop
+   is broken returns just the bias). The others are timed on the call's own inputs
+   (:func:`cuda_timer`: ``triton.testing.do_bench``, warm-up, L2 flushed before each repeat, the
+   median) as a fused model runs them from the second call of a signature on (:func:`steady_call`: a
+   Triton candidate's recorded launches replayed, as its launch plan does, not its launcher's host
+   work), and the fastest is kept, in memory and in the cache file (written atomically under a file
+   lock).
 
 The correctness check's memory is bounded (:func:`check_plan`): its float64 working set (the
 oracle's inputs, intermediates and output, the comparison's float64 copies), estimated from the
@@ -29,13 +37,16 @@ tokens of one sample, the linear and the MLP are per row, the patch embedding pe
 check of a slice is the check of those entries of the whole call; its two ends hold the first and
 the last tile of a candidate's grid, where a wrong batch stride, offset or last partial tile shows.
 Where one entry alone is too big (attention over long sequences), the attention ops also keep the
-first and the last heads only (heads never mix).
+first and the last heads only (heads never mix). The draw is checked on the same entries, first: its
+tensors, oracle and baseline are freed before the call's own oracle runs, and each candidate's output
+once compared. So it adds to the check's peak one copy of the call's tensor arguments (at their
+dtypes; each over a storage as big as its view reaches), never a second oracle.
 
 An out-of-memory error (``torch.cuda.OutOfMemoryError``, a RuntimeError "out of memory") in a
 candidate's run, its check or its timing drops that candidate with that reason (in the tuning table
 and the Decision's reasons) and logs a warning; the tuner goes on with the next. When the oracle or
-the torch baseline themselves run out of memory, no candidate can be checked and only the torch
-path competes (said in every other candidate's reason, and in a warning). A choice made short of
+the torch baseline themselves (the draw's or the call's) run out of memory, no candidate can be
+checked and only the torch path competes (said in every other candidate's reason, and in a warning). A choice made short of
 memory is kept for the process but not written to the cache file: the next process tunes again.
 
 Candidates per op: the torch path (for attention ops also each SDPA backend: flash, efficient,
@@ -1090,8 +1101,10 @@ class Tuner:
         return entry
 
     def tune_signature(self, op: str, sig: str, cands: Sequence[Candidate], run: Runner, args: tuple) -> Entry:
-        """Run every candidate once, drop those that fail (an out-of-memory included) or disagree
-        with the oracle on the entries :func:`check_plan` picks, time the rest, keep the fastest.
+        """Run every candidate once on the call's inputs (and each but the torch path once on a
+        :func:`draw` of its signature before), drop those that fail (an out-of-memory included) or
+        disagree with the oracle on the entries :func:`check_plan` picks of either, time the rest on
+        the call's inputs, keep the fastest.
         The candidates' runs are not the caller's op calls: they record no Decision (a timer runs
         each hundreds of times; see backends.unrecorded)."""
         from .backends import unrecorded
