@@ -550,14 +550,16 @@ def test_draw_values_follow_the_calls_scale_and_the_signature_seeds_them():
     """uint8 images: uniform over 0..255. A floating tensor: normal at its own root mean square over its
     finite values; where that is 0 (all zeros; no finite value) a GEMM weight at 1 / sqrt(fan-in), any
     other tensor at 1. The pixel norm (non-tensor arguments) as it is. The same signature draws the same
-    values, another signature others."""
+    values, another signature others; torch's global generator is left alone."""
     images = torch.zeros(4, 3, 16, 16, dtype=torch.uint8, device=DEVICE)
     pos = 3 * torch.randn(1, 17, 32, device=DEVICE)
     pos[0, 1, 2] = float("inf")
     cls = torch.full((1, 1, 32), float("nan"), device=DEVICE)
     norm = (torch.rand(3, device=DEVICE), 0.5 + torch.rand(3, device=DEVICE))
     args = (images, torch.zeros(32, 3, 4, 4, device=DEVICE), torch.zeros(32, device=DEVICE), pos, cls, 4, norm)
+    rng = torch.get_rng_state()
     a = tuning.draw("patch_embed", "sig", args)
+    assert torch.equal(torch.get_rng_state(), rng)  # the draw's own generator
     assert a[5] == 4 and a[6] is norm
     assert a[0].dtype == torch.uint8 and (a[0].min(), a[0].max()) == (0, 255) and not torch.equal(a[0][0], a[0][1])
 

@@ -46,8 +46,9 @@ An out-of-memory error (``torch.cuda.OutOfMemoryError``, a RuntimeError "out of 
 candidate's run, its check or its timing drops that candidate with that reason (in the tuning table
 and the Decision's reasons) and logs a warning; the tuner goes on with the next. When the oracle or
 the torch baseline themselves (the draw's or the call's) run out of memory, no candidate can be
-checked and only the torch path competes (said in every other candidate's reason, and in a warning). A choice made short of
-memory is kept for the process but not written to the cache file: the next process tunes again.
+checked and only the torch path competes (said in every other candidate's reason, and in a warning).
+A choice made short of memory is kept for the process but not written to the cache file: the next
+process tunes again.
 
 Candidates per op: the torch path (for attention ops also each SDPA backend: flash, efficient,
 cudnn), each Triton path (qkv_attention: ``split``, and ``single_kernel`` where it fits) with its
@@ -621,8 +622,8 @@ def draw(op: str, sig: str, args: tuple) -> tuple:
     """A random draw of the call's signature: the op's run arguments ``args`` with each tensor
     replaced by a new one of the same shape, strides, storage offset (so the same ``data_ptr() & 15``),
     dtype and device (everything the signature and the kernels' specialization read), over a fresh
-    storage of its own just big enough for its view (an expanded or overlapping view is drawn as one);
-    the other arguments (scalars, patch_embed's pixel norm) as they are.
+    storage of its own just big enough for its view (an expanded, stride-0 view stays one: its
+    repeated entries alike); the other arguments (scalars, patch_embed's pixel norm) as they are.
 
     The tuner checks every candidate on it as well as on the call's own inputs, whose values may not
     tell a wrong candidate from a right one: all zeros or ones (``vk.tune(model, torch.zeros(...))``),
@@ -638,7 +639,8 @@ def draw(op: str, sig: str, args: tuple) -> tuple:
     (:data:`WEIGHT_ARGS`) by 1 / sqrt(fan-in) and anything else by 1: then each GEMM's output (the
     MLP's hidden and its output at any K, 5120 included; the QKV projection) has an RMS about 1 and
     attention's logits (q . k times the op's scale, about head_dim^-1/2) too, far from float16's
-    65504. The generator is seeded from the signature: tuning a signature is reproducible."""
+    65504. The generator is the draw's own (torch's global one is left alone), seeded from the
+    signature: tuning a signature is reproducible."""
     seed = zlib.crc32(sig.encode())
     weights = WEIGHT_ARGS.get(op, ())
     gens: Dict[torch.device, torch.Generator] = {}
@@ -666,7 +668,9 @@ def _drawn_like(t: torch.Tensor, g: torch.Generator, fan_in: int) -> torch.Tenso
 
 
 def _draw_scale(t: torch.Tensor, fan_in: int) -> float:
-    """The root mean square of ``t``'s finite values, or 1 / sqrt(fan_in) where that is 0 or overflows."""
+    """The root mean square of ``t``'s finite values, or 1 / sqrt(fan_in) where that is 0 or overflows.
+    Its temporaries (a float32 copy of ``t`` at most; a mask where ``t`` has a value not finite) live
+    one tensor at a time, before the draw's oracle runs."""
     v, acc = t.detach(), torch.promote_types(t.dtype, torch.float32)
     rms = float(torch.linalg.vector_norm(v, dtype=acc)) / math.sqrt(max(v.numel(), 1))
     if not math.isfinite(rms):  # inf or nan among the values: the finite ones'
@@ -1130,6 +1134,7 @@ class Tuner:
             logger.info("tuning %s: the check covers %s", label, plan)
         torch_c = Candidate("torch")
         checked = [c for c in cands if c != torch_c]
+        oracle = baseline = None
         failed: Dict[Candidate, str] = {}
         wrong: Dict[Candidate, str] = {}
         unchecked = ""  # why no candidate but torch can be checked (then none but torch is kept)
