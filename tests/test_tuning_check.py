@@ -611,3 +611,21 @@ def test_out_of_memory_in_the_draws_oracle_or_baseline_keeps_only_the_torch_path
     assert tuning.DRAWN in res[GOOD].dropped
     assert entry.winner == TORCH and res[TORCH].ms == 1.0 and timer.calls == ["torch"] and entry.short_of_memory
     assert any("only the torch path competes" in r.getMessage() for r in caplog.records)
+
+
+def test_a_model_tuned_on_zeros_keeps_its_right_kernels():
+    """vk.tune(model, torch.zeros(...)) with the real candidates (the Triton paths in the interpreter):
+    the draw (zero images drawn at scale 1) drops none of the right kernels of any op."""
+    from vit_kernels.models import VisionTransformer
+    from test_tuning import paths_only
+
+    model = VisionTransformer(
+        img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=4, num_classes=10, backend="auto"
+    ).eval()
+    timer = FakeTimer({"model:fused": 1.0, "model:unfused": 2.0})
+    with tuning.use_tuner(make_tuner(timer, candidate_list=paths_only)):
+        result = vk.tune(model, torch.zeros(3, 3, 32, 32, device=DEVICE))
+    assert {e.op for e in result.entries} == {"patch_embed", "qkv_attention", "linear", "layernorm_gelu_mlp"}
+    for e in result.entries:
+        assert all(r.ms is not None for r in e.results), e.table()
+        assert any(r.candidate.backend == "triton" for r in e.results), e.table()
