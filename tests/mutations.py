@@ -1131,6 +1131,22 @@ MUTATIONS: List[Mutation] = [
         "    if True:",
         ("tests/test_tuning_check.py",),
     ),
+    # The check on the call's own inputs only: a candidate right on zeros / alike samples alone is kept.
+    Mutation(
+        "tuning-check-no-draw",
+        "vit_kernels/tuning.py",
+        "        if checked:  # the draw first",
+        "        if False:  # the draw first",
+        ("tests/test_tuning_check.py", "-k", "own_values"),
+    ),
+    # The draw runs, but a candidate that disagrees only there is kept.
+    Mutation(
+        "tuning-check-draw-verdict-ignored",
+        "vit_kernels/tuning.py",
+        "self._disagrees(c, out, oracle, baseline, plan) or wrong.get(c)",
+        "self._disagrees(c, out, oracle, baseline, plan)",
+        ("tests/test_tuning_check.py", "-k", "own_values"),
+    ),
     Mutation(
         "tuning-oom-candidate-unreported",
         "vit_kernels/tuning.py",

@@ -153,16 +153,19 @@ def test_timer_times_what_the_launch_plan_runs(monkeypatch):
 
 def test_copied_parameters_reach_every_candidate_once(monkeypatch):
     """A strided bias / layer_scale is copied once per call, before tuning: every candidate (and the
-    launch of the winner) receives that one contiguous copy; the fused decision lists it."""
+    launch of the winner) receives that one contiguous copy on the call's inputs (the random draw of
+    the signature is another weight and bias, contiguous too); the fused decision lists it."""
     import importlib
 
     linear_op = importlib.import_module("vit_kernels.ops.linear")  # the module (vk.ops.linear is the op)
-    seen = []
+    seen, drawn = [], []
     real = linear_op._launch
 
     def spy(d, x, weight, bias, residual, layer_scale):
-        if d.backend != "reference":  # the oracle gets float64 copies of everything
+        if d.backend != "reference" and weight is w:  # the oracle gets float64 copies; the draw, new tensors
             seen.append((d.backend, bias, layer_scale))
+        elif d.backend != "reference":
+            drawn.append(bias.is_contiguous() and layer_scale.is_contiguous())
         return real(d, x, weight, bias, residual, layer_scale)
 
     monkeypatch.setattr(linear_op, "_launch", spy)
@@ -178,6 +181,7 @@ def test_copied_parameters_reach_every_candidate_once(monkeypatch):
     assert len(seen) > 2 and {be for be, _, _ in seen} >= {"torch", "triton"}
     assert all(sb is seen[0][1] and sl is seen[0][2] for _, sb, sl in seen)
     assert seen[0][1].is_contiguous() and seen[0][2].is_contiguous()
+    assert len(drawn) > 2 and all(drawn)
     assert_close(
         out,
         reference.linear(x.double(), w.double(), b.double(), residual=r.double(), layer_scale=ls.double()),

@@ -2,8 +2,10 @@
 batch (the oracle and the torch baseline see only the first and the last entries of dim 0 once the
 whole call would take more than the budget), a candidate wrong only in the first or only in the last
 sample is still dropped, and an out-of-memory error in a candidate's run, check or timing drops that
-candidate with the reason and the tuner goes on. Fake timers and fake candidates (each one the torch
-path's output, possibly corrupted) keep it fast; the oracle and the torch path are the real ones."""
+candidate with the reason and the tuner goes on. The check also runs each candidate on a random draw
+of the call's signature (tuning.draw): a candidate right only on the call's own values (zeros, alike
+samples) is dropped there. Fake timers and fake candidates (each one the torch path's output, possibly
+corrupted) keep it fast; the oracle and the torch path are the real ones."""
 
 import importlib
 import io
@@ -35,6 +37,7 @@ MODULES = {
 OPS = list(MODULES)
 TORCH = Candidate("torch")
 GOOD, WRONG_FIRST, WRONG_LAST = (Candidate("triton", p) for p in ("good", "wrong_first", "wrong_last"))
+SAMPLE0, IGNORES_X = Candidate("triton", "sample0"), Candidate("triton", "ignores_x")
 
 
 def op_args(case, n, dtype=torch.float32):
@@ -70,8 +73,10 @@ def launcher(case):
 class Runs:
     """The run function the tuner gets: torch and the oracle really run; candidate "triton:good" is
     the torch path's output, "triton:wrong_first" / "triton:wrong_last" that output with its first /
-    last element off by 1 (first / last entry of dim 0, and head for attention); records the size of
-    dim 0 (and the heads, for attention) each run saw, and the output's shape."""
+    last element off by 1 (first / last entry of dim 0, and head for attention), "triton:sample0" its
+    sample 0 for every sample (a wrong batch stride), "triton:ignores_x" the torch path's output with
+    the first argument zeroed (a GEMM whose K loop is broken); records the size of dim 0 (and the
+    heads, for attention) each run saw, and the output's shape."""
 
     def __init__(self, case, fail=None):
         self.case = case
@@ -87,9 +92,13 @@ class Runs:
             raise self.fail[d.path]
         if d.backend != "triton":
             return self.launch(d, *args)
+        if d.path == "ignores_x":
+            args = (torch.zeros_like(args[0]),) + args[1:]
         out = self.launch(Decision(d.op, "torch", "auto"), *args).clone()
         self.out_shape = tuple(out.shape)
-        if d.path == "wrong_first":
+        if d.path == "sample0":
+            out = out[:1].expand_as(out).clone()
+        elif d.path == "wrong_first":
             out.view(-1)[0] += 1.0
         elif d.path == "wrong_last":
             out.view(-1)[-1] += 1.0  # the last element: the last partial tile of the last sample
@@ -107,14 +116,14 @@ def tuned(case, n, check_bytes, cands=(TORCH, GOOD, WRONG_FIRST, WRONG_LAST), ti
 @pytest.mark.parametrize("case", OPS)
 def test_a_large_call_is_checked_on_its_first_and_last_entries_and_a_wrong_end_is_dropped(case):
     """Above the budget the oracle and the torch baseline see the first and the last entry only (2 of
-    12; for attention also the first and the last head only, 2 of 4); a candidate wrong only in its
-    first, or only in its last element is still dropped, with the index of the wrong element in the
-    call (not in the checked part); a right one wins."""
+    12, on the draw as on the call's inputs; for attention also the first and the last head only, 2
+    of 4); a candidate wrong only in its first, or only in its last element is still dropped, with the
+    index of the wrong element in the call (not in the checked part); a right one wins."""
     n = 12
     entry, runs, res = tuned(case, n, check_bytes=1)  # 1 byte: keep = 1 (and keep_heads = 1)
     attention = case in ("qkv_attention", "flash_attention")
-    [checked] = [s for s in runs.seen if s[0] == "reference"]
-    assert checked == (("reference", 2, 2) if attention else ("reference", 2))
+    checked = [s for s in runs.seen if s[0] == "reference"]  # the draw's oracle, then the call's
+    assert checked == 2 * [("reference", 2, 2) if attention else ("reference", 2)]
     assert {s[1:] for s in runs.seen if s[0] == "triton"} == {(n, 4) if attention else (n,)}  # the whole call
     first, last = res[WRONG_FIRST], res[WRONG_LAST]
     assert first.ms is None and "disagrees with the oracle" in first.dropped
@@ -418,3 +427,205 @@ def test_a_model_tuned_at_a_small_budget_checks_its_real_kernels_on_both_ends():
     assert checked == {("patch_embed", 2, None), ("qkv_attention", 2, 2), ("linear", 2, None),
                        ("layernorm_gelu_mlp", 2, None)}  # fmt: skip
     assert {n for op, backend, n, _ in seen if backend == "triton"} == {3}
+
+
+# ---------------------------------------------------------------------------------------------
+# The random draw of the call's signature: a check on the call's own values alone can be vacuous
+
+
+def alike_args(case, n, inputs):
+    """op_args with the samples of every batched argument alike: all zeros ("zeros"), or each a copy
+    of sample 0 ("alike"); the weights as they are."""
+    batched = tuning.BATCHED_ARGS[op_name(case)]
+
+    def alike(a):
+        return torch.zeros_like(a) if inputs == "zeros" else a[:1].repeat(n, *[1] * (a.dim() - 1))
+
+    return tuple(alike(a) if i in batched and a is not None else a for i, a in enumerate(op_args(case, n)))
+
+
+@pytest.mark.parametrize("inputs", ["zeros", "alike"])
+@pytest.mark.parametrize("case", OPS)
+def test_a_candidate_right_only_on_the_calls_own_values_is_dropped_on_the_draw(case, inputs):
+    """vk.tune(model, torch.zeros(...)), or a batch of alike samples, cannot tell a wrong candidate from
+    a right one: "triton:sample0" (a wrong batch stride) is right on both, "triton:ignores_x" (a broken
+    K loop) on zeros. The fastest though they are, each is dropped for disagreeing with the oracle on
+    the random draw of the call's signature, and the right candidate wins; a candidate wrong on the
+    call's own inputs too is dropped for that."""
+    runs = Runs(case)
+    timer = FakeTimer({SAMPLE0.name: 0.1, IGNORES_X.name: 0.1, GOOD.name: 0.5})
+    cands = [TORCH, SAMPLE0, IGNORES_X, GOOD]
+    entry = make_tuner(timer).tune_signature(op_name(case), "sig", cands, runs, alike_args(case, 3, inputs))
+    res = {r.candidate: r for r in entry.results}
+    rule = "disagrees with the oracle beyond the tolerance rule"
+    drawn = f"{rule} on a random draw of the call's signature, not on the call's own inputs: "
+    assert res[SAMPLE0].ms is None and res[SAMPLE0].dropped.startswith(drawn + SAMPLE0.name), res[SAMPLE0]
+    ignores_x = drawn if inputs == "zeros" else f"{rule}: "
+    assert res[IGNORES_X].ms is None and res[IGNORES_X].dropped.startswith(ignores_x + IGNORES_X.name)
+    assert entry.winner == GOOD and res[GOOD].ms == 0.5 and res[TORCH].ms == 1.0
+    assert sorted(timer.calls) == ["torch", "triton:good"]
+
+
+def odd_linear_args(dtype):
+    """linear's run arguments (3 samples) in odd layouts: x at a storage offset of one element (so
+    data_ptr() % 16 != 0), the weight transposed, the bias expanded (stride 0), the residual expanded
+    over the batch (stride 0: every sample alike)."""
+
+    def g(*shape):
+        return torch.randn(*shape, device=DEVICE).to(dtype)
+
+    x = g(3 * 5 * 16 + 1)[1:].view(3, 5, 16)
+    return (x, (g(16, 24) * 0.25).t(), g(1).expand(24), g(1, 5, 24).expand(3, 5, 24), g(24))
+
+
+def signature_of(args):
+    return [
+        (a.shape, a.stride(), a.storage_offset(), a.data_ptr() & 15, a.dtype, a.device)
+        if isinstance(a, torch.Tensor)
+        else a
+        for a in args
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_draw_has_the_calls_signature_new_values_and_is_freed_before_the_calls_check(dtype):
+    """A candidate runs on a draw of the call's signature: each tensor argument of the same shape,
+    strides (a transposed weight, expanded stride-0 views), storage offset and data_ptr() % 16, dtype
+    and device, over a new storage of its own just big enough for its view, with new values (each
+    sample its own, where the layout lets it); the other arguments as they are. The drawn tensors are
+    freed before the call's own oracle runs."""
+    args = odd_linear_args(dtype)
+    assert args[0].data_ptr() & 15 and args[2].stride() == (0,) and args[3].stride()[0] == 0
+    runs = Runs("linear")
+    drawn, alive = [], []  # the draw's arguments (weak references); drawn ones alive at each oracle run
+
+    def run(d, *a):
+        if d.backend == "reference":
+            alive.append(sum(r() is not None for r in drawn))
+        if d.path == "good" and a[0] is not args[0]:
+            assert signature_of(a) == signature_of(args)
+            storages = {t.untyped_storage().data_ptr() for t in a + args if t is not None}
+            assert len(storages) == 2 * len(args)  # each drawn tensor over a new storage of its own
+            for t, c in zip(a, args):
+                reach = t.storage_offset() + 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+                assert t.untyped_storage().nbytes() == reach * t.element_size()
+                assert not torch.equal(t, c)
+            assert not torch.equal(a[0][0], a[0][2])  # the samples differ (x is not expanded)
+            drawn.extend(weakref.ref(t) for t in a)
+        return runs(d, *a)
+
+    entry = make_tuner(FakeTimer()).tune_signature("linear", "sig", [TORCH, GOOD], run, args)
+    assert len(drawn) == len(args) and alive == [0, 0]  # the draw's oracle, the call's: the draw freed
+    assert entry.winner in (TORCH, GOOD) and all(r.ms is not None for r in entry.results)
+
+
+def test_a_right_candidate_still_wins_timed_on_the_calls_own_inputs():
+    """A right candidate passes both checks and wins as before; what the timer times runs on the
+    call's own tensors (the draw is for the check only)."""
+    args = odd_linear_args(torch.float32)
+    runs = Runs("linear")
+    timing, timed = [], []
+
+    def run(d, *a):
+        if timing:
+            timed.append((d.backend, all(x is y for x, y in zip(a, args))))
+        return runs(d, *a)
+
+    class Timer(FakeTimer):
+        def __call__(self, candidate, fn):
+            timing.append(candidate)
+            try:
+                return super().__call__(candidate, fn)
+            finally:
+                timing.clear()
+
+    entry = make_tuner(Timer({GOOD.name: 0.5})).tune_signature("linear", "sig", [TORCH, GOOD], run, args)
+    assert entry.winner == GOOD and [r.ms for r in entry.results] == [1.0, 0.5]
+    assert timed == [("torch", True), ("triton", True)]
+    draw_check, own_check = ["reference", "torch", "triton"], ["reference", "torch"]  # oracle, baseline, candidates
+    assert [s[0] for s in runs.seen] == draw_check + own_check + ["torch", "torch", "triton", "triton"]  # run, time
+
+
+def test_draw_values_follow_the_calls_scale_and_the_signature_seeds_them():
+    """uint8 images: uniform over 0..255. A floating tensor: normal at its own root mean square over its
+    finite values; where that is 0 (all zeros; no finite value) a GEMM weight at 1 / sqrt(fan-in), any
+    other tensor at 1. The pixel norm (non-tensor arguments) as it is. The same signature draws the same
+    values, another signature others; torch's global generator is left alone."""
+    images = torch.zeros(4, 3, 16, 16, dtype=torch.uint8, device=DEVICE)
+    pos = 3 * torch.randn(1, 17, 32, device=DEVICE)
+    pos[0, 1, 2] = float("inf")
+    cls = torch.full((1, 1, 32), float("nan"), device=DEVICE)
+    norm = (torch.rand(3, device=DEVICE), 0.5 + torch.rand(3, device=DEVICE))
+    args = (images, torch.zeros(32, 3, 4, 4, device=DEVICE), torch.zeros(32, device=DEVICE), pos, cls, 4, norm)
+    rng = torch.get_rng_state()
+    a = tuning.draw("patch_embed", "sig", args)
+    assert torch.equal(torch.get_rng_state(), rng)  # the draw's own generator
+    assert a[5] == 4 and a[6] is norm
+    assert a[0].dtype == torch.uint8 and (a[0].min(), a[0].max()) == (0, 255) and not torch.equal(a[0][0], a[0][1])
+
+    def rms(t):
+        return t.double().square().mean().sqrt().item()
+
+    assert rms(a[1]) == pytest.approx(48**-0.5, rel=0.1)  # the weight's fan-in: 3 x 4 x 4
+    assert rms(a[2]) == pytest.approx(1, rel=0.5) and rms(a[4]) == pytest.approx(1, rel=0.5)
+    assert rms(a[3]) == pytest.approx(rms(pos[pos.isfinite()]), rel=0.15)
+    assert all(t.isfinite().all() for t in a[:5])
+    again, other = tuning.draw("patch_embed", "sig", args), tuning.draw("patch_embed", "sig2", args)
+    assert all(torch.equal(x, y) for x, y in zip(a[:5], again[:5]))
+    assert not any(torch.equal(x, y) for x, y in zip(a[:5], other[:5]))
+
+
+def test_the_draw_of_an_all_zeros_float16_mlp_stays_in_range():
+    """An all-zeros float16 MLP call (ViT-H's 1280 -> 5120 -> 1280: fc2's K = 5120) draws each GEMM
+    weight at 1 / sqrt(fan-in) and the rest at 1: the torch path's output on the draw is finite and of
+    RMS about 1 (a weight drawn at 1 would overflow float16's 65504 in fc2)."""
+    z = torch.zeros
+    args = (z(2, 4, 1280), z(1280), z(1280), z(5120, 1280), z(5120), z(1280, 5120), z(1280), z(2, 4, 1280), z(1280))
+    args = tuple(a.to(device=DEVICE, dtype=torch.float16) for a in args) + (1e-6, "none")
+    out = launcher("layernorm_gelu_mlp")(
+        Decision("layernorm_gelu_mlp", "torch", "auto"), *tuning.draw("layernorm_gelu_mlp", "sig", args)
+    )
+    assert out.isfinite().all() and 0.3 < out.float().square().mean().sqrt().item() < 10
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_out_of_memory_in_the_draws_oracle_or_baseline_keeps_only_the_torch_path(backend, caplog):
+    """As on the call's own inputs: without the draw's oracle (or torch baseline) no candidate can be
+    checked; only the torch path competes, each other candidate says why, nothing is written to the
+    cache file."""
+    runs = Runs("linear")
+    failed = []
+
+    def run(d, *a):
+        if d.backend == backend and not failed:  # the first: the draw's
+            failed.append(d)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return runs(d, *a)
+
+    timer = FakeTimer({GOOD.name: 0.5})
+    with caplog.at_level(logging.WARNING, logger="vit_kernels"):
+        entry = make_tuner(timer).tune_signature("linear", "sig", [TORCH, GOOD], run, op_args("linear", 4))
+    res = {r.candidate: r for r in entry.results}
+    what = "the float64 oracle" if backend == "reference" else "the torch path (the tolerance rule's baseline)"
+    assert res[GOOD].ms is None and res[GOOD].dropped.startswith(f"{tuning.UNCHECKED}{what} ran out of memory")
+    assert tuning.DRAWN in res[GOOD].dropped
+    assert entry.winner == TORCH and res[TORCH].ms == 1.0 and timer.calls == ["torch"] and entry.short_of_memory
+    assert any("only the torch path competes" in r.getMessage() for r in caplog.records)
+
+
+def test_a_model_tuned_on_zeros_keeps_its_right_kernels():
+    """vk.tune(model, torch.zeros(...)) with the real candidates (the Triton paths in the interpreter):
+    the draw (zero images drawn at scale 1) drops none of the right kernels of any op."""
+    from vit_kernels.models import VisionTransformer
+    from test_tuning import paths_only
+
+    model = VisionTransformer(
+        img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=4, num_classes=10, backend="auto"
+    ).eval()
+    timer = FakeTimer({"model:fused": 1.0, "model:unfused": 2.0})
+    with tuning.use_tuner(make_tuner(timer, candidate_list=paths_only)):
+        result = vk.tune(model, torch.zeros(3, 3, 32, 32, device=DEVICE))
+    assert {e.op for e in result.entries} == {"patch_embed", "qkv_attention", "linear", "layernorm_gelu_mlp"}
+    for e in result.entries:
+        assert all(r.ms is not None for r in e.results), e.table()
+        assert any(r.candidate.backend == "triton" for r in e.results), e.table()

@@ -10,14 +10,22 @@ Flow (``vit_kernels.backends.resolve`` calls :meth:`Tuner.decide` for every ``au
    versions of vit_kernels, torch and triton.
 2. In memory, then in the user cache file (:func:`cache_path`), a choice for that signature is
    reused: nothing is timed.
-3. Otherwise every candidate (:func:`candidates`) runs once on the call's own inputs: one that
-   fails to compile, launch or allocate, or whose result disagrees with the float64 oracle beyond
-   the tolerance rule (:mod:`vit_kernels.testing`, bound from the torch path's own error), is
-   dropped with its reason. The others are timed (:func:`cuda_timer`: ``triton.testing.do_bench``,
-   warm-up, L2 flushed before each repeat, the median) as a fused model runs them from the second
-   call of a signature on (:func:`steady_call`: a Triton candidate's recorded launches replayed, as
-   its launch plan does, not its launcher's host work), and the fastest is kept, in memory and
-   in the cache file (written atomically under a file lock).
+3. Otherwise every candidate (:func:`candidates`) is checked: each but the plain torch path runs
+   once on a random draw of the call's signature (:func:`draw`: new tensors of the same shapes,
+   strides, storage offsets, dtypes and device, new values), then every one once on the call's own
+   inputs. One that fails to compile, launch or allocate, or whose result disagrees with the float64
+   oracle beyond the tolerance rule (:mod:`vit_kernels.testing`, bound from the torch path's own
+   error on the same inputs) on either, is dropped with its reason: the call's own inputs' first,
+   else "... on a random draw of the call's signature". The call's own values alone can make the
+   check vacuous, and the choice is then kept for every later call of the signature, whatever its
+   values: all zeros or ones (``vk.tune(model, torch.zeros(...))``), samples all alike (a wrong batch
+   stride that reads sample 0 for every sample is right there), zero activations (a GEMM whose K loop
+   is broken returns just the bias). The others are timed on the call's own inputs
+   (:func:`cuda_timer`: ``triton.testing.do_bench``, warm-up, L2 flushed before each repeat, the
+   median) as a fused model runs them from the second call of a signature on (:func:`steady_call`: a
+   Triton candidate's recorded launches replayed, as its launch plan does, not its launcher's host
+   work), and the fastest is kept, in memory and in the cache file (written atomically under a file
+   lock).
 
 The correctness check's memory is bounded (:func:`check_plan`): its float64 working set (the
 oracle's inputs, intermediates and output, the comparison's float64 copies), estimated from the
@@ -29,14 +37,18 @@ tokens of one sample, the linear and the MLP are per row, the patch embedding pe
 check of a slice is the check of those entries of the whole call; its two ends hold the first and
 the last tile of a candidate's grid, where a wrong batch stride, offset or last partial tile shows.
 Where one entry alone is too big (attention over long sequences), the attention ops also keep the
-first and the last heads only (heads never mix).
+first and the last heads only (heads never mix). The draw is checked on the same entries, first: its
+tensors, oracle and baseline are freed before the call's own oracle runs, and each candidate's output
+once compared. So it adds to the check's peak one copy of the call's tensor arguments (at their
+dtypes; each over a storage as big as its view reaches), never a second oracle.
 
 An out-of-memory error (``torch.cuda.OutOfMemoryError``, a RuntimeError "out of memory") in a
 candidate's run, its check or its timing drops that candidate with that reason (in the tuning table
 and the Decision's reasons) and logs a warning; the tuner goes on with the next. When the oracle or
-the torch baseline themselves run out of memory, no candidate can be checked and only the torch
-path competes (said in every other candidate's reason, and in a warning). A choice made short of
-memory is kept for the process but not written to the cache file: the next process tunes again.
+the torch baseline themselves (the draw's or the call's) run out of memory, no candidate can be
+checked and only the torch path competes (said in every other candidate's reason, and in a warning).
+A choice made short of memory is kept for the process but not written to the cache file: the next
+process tunes again.
 
 Candidates per op: the torch path (for attention ops also each SDPA backend: flash, efficient,
 cudnn), each Triton path (qkv_attention: ``split``, and ``single_kernel`` where it fits) with its
@@ -69,6 +81,7 @@ import os
 import tempfile
 import threading
 import warnings
+import zlib
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -593,6 +606,79 @@ def check_plan(op: str, args: tuple, budget: int = CHECK_BYTES) -> CheckPlan:
     return CheckPlan(op, n, keep, full, fixed + 8 * m * (shared + 2 * keep_heads * per_head), H, keep_heads, hd)
 
 
+# op -> the positions, in the op's run arguments, of its GEMM weights (out features, in features...):
+# where one is all zeros its draw is scaled by 1 / sqrt(fan-in), see :func:`draw`
+WEIGHT_ARGS: Dict[str, Tuple[int, ...]] = {
+    "linear": (1,),  # weight (O, K)
+    "layernorm_gelu_mlp": (3, 5),  # fc1_weight (Hd, K), fc2_weight (O, Hd)
+    "qkv_attention": (1,),  # qkv_weight (3 H hd, C)
+    "patch_embed": (1,),  # weight (dim, C, p, p)
+}
+
+DRAWN = "on a random draw of the call's signature"  # in the reason of a candidate that fails there
+
+
+def draw(op: str, sig: str, args: tuple) -> tuple:
+    """A random draw of the call's signature: the op's run arguments ``args`` with each tensor
+    replaced by a new one of the same shape, strides, storage offset (so the same ``data_ptr() & 15``),
+    dtype and device (everything the signature and the kernels' specialization read), over a fresh
+    storage of its own just big enough for its view (an expanded, stride-0 view stays one: its
+    repeated entries alike); the other arguments (scalars, patch_embed's pixel norm) as they are.
+
+    The tuner checks every candidate on it as well as on the call's own inputs, whose values may not
+    tell a wrong candidate from a right one: all zeros or ones (``vk.tune(model, torch.zeros(...))``),
+    samples all alike (a wrong batch stride reads sample 0 for every sample and is right there), zero
+    activations (a GEMM whose K loop is broken returns just the bias). A choice is cached for every
+    later call of the signature, so it must be right for any values, and for arguments that do not
+    alias each other (the signature does not say they do; here none do).
+
+    Values: integer tensors (uint8 images) uniform over 0..255; floating ones normal, scaled to the
+    tensor's own root mean square over its finite values (the call's magnitudes: a GEMM's output RMS
+    is sqrt(K) times its inputs', what the call's own values give unless they are correlated); where
+    that is 0 (all zeros; or no finite value, or its square overflows) a GEMM weight
+    (:data:`WEIGHT_ARGS`) by 1 / sqrt(fan-in) and anything else by 1: then each GEMM's output (the
+    MLP's hidden and its output at any K, 5120 included; the QKV projection) has an RMS about 1 and
+    attention's logits (q . k times the op's scale, about head_dim^-1/2) too, far from float16's
+    65504. The generator is the draw's own (torch's global one is left alone), seeded from the
+    signature: tuning a signature is reproducible."""
+    seed = zlib.crc32(sig.encode())
+    weights = WEIGHT_ARGS.get(op, ())
+    gens: Dict[torch.device, torch.Generator] = {}
+    out = []
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            g = gens.get(a.device)
+            if g is None:
+                g = gens[a.device] = torch.Generator(a.device).manual_seed(seed)
+            a = _drawn_like(a, g, math.prod(a.shape[1:]) if i in weights else 1)
+        out.append(a)
+    return tuple(out)
+
+
+def _drawn_like(t: torch.Tensor, g: torch.Generator, fan_in: int) -> torch.Tensor:
+    """A random tensor with ``t``'s signature (see :func:`draw`), drawn from ``g``."""
+    size = t.element_size()
+    offset = t.storage_offset() + (t.untyped_storage().data_ptr() & 15) // size  # new storages are aligned
+    n = offset + 1 + sum((d - 1) * s for d, s in zip(t.shape, t.stride())) if t.numel() else offset
+    if t.is_floating_point():
+        flat = torch.randn(n, generator=g, dtype=t.dtype, device=t.device).mul_(_draw_scale(t, fan_in))
+    else:
+        flat = torch.randint(0, 256, (n,), generator=g, dtype=t.dtype, device=t.device)
+    return flat.as_strided(t.shape, t.stride(), offset)
+
+
+def _draw_scale(t: torch.Tensor, fan_in: int) -> float:
+    """The root mean square of ``t``'s finite values, or 1 / sqrt(fan_in) where that is 0 or overflows.
+    Its temporaries (a float32 copy of ``t`` at most; a mask where ``t`` has a value not finite) live
+    one tensor at a time, before the draw's oracle runs."""
+    v, acc = t.detach(), torch.promote_types(t.dtype, torch.float32)
+    rms = float(torch.linalg.vector_norm(v, dtype=acc)) / math.sqrt(max(v.numel(), 1))
+    if not math.isfinite(rms):  # inf or nan among the values: the finite ones'
+        finite = torch.isfinite(v)
+        rms = float(torch.linalg.vector_norm(v.where(finite, 0), dtype=acc)) / math.sqrt(max(int(finite.sum()), 1))
+    return rms if 0 < rms < math.inf else fan_in**-0.5
+
+
 # ---------------------------------------------------------------------------------------------
 # The tuner
 
@@ -1019,8 +1105,10 @@ class Tuner:
         return entry
 
     def tune_signature(self, op: str, sig: str, cands: Sequence[Candidate], run: Runner, args: tuple) -> Entry:
-        """Run every candidate once, drop those that fail (an out-of-memory included) or disagree
-        with the oracle on the entries :func:`check_plan` picks, time the rest, keep the fastest.
+        """Run every candidate once on the call's inputs (and each but the torch path once on a
+        :func:`draw` of its signature before), drop those that fail (an out-of-memory included) or
+        disagree with the oracle on the entries :func:`check_plan` picks of either, time the rest on
+        the call's inputs, keep the fastest.
         The candidates' runs are not the caller's op calls: they record no Decision (a timer runs
         each hundreds of times; see backends.unrecorded)."""
         from .backends import unrecorded
@@ -1038,7 +1126,6 @@ class Tuner:
 
     def _tune_signature(self, op: str, sig: str, cands: Sequence[Candidate], run: Runner, args: tuple) -> Entry:
         from .backends import Decision
-        from .testing import compare
 
         sync = _synchronize(args)
         plan = check_plan(op, args, self.check_bytes)
@@ -1046,25 +1133,15 @@ class Tuner:
         if plan.covers != "the whole call":
             logger.info("tuning %s: the check covers %s", label, plan)
         torch_c = Candidate("torch")
+        checked = [c for c in cands if c != torch_c]
         oracle = baseline = None
+        failed: Dict[Candidate, str] = {}
+        wrong: Dict[Candidate, str] = {}
         unchecked = ""  # why no candidate but torch can be checked (then none but torch is kept)
-        try:
-            oracle = run(Decision(op, "reference", "auto"), *[_f64(a) for a in plan.inputs(args)])
-            sync()
-        except Exception as e:
-            if not out_of_memory(e):
-                raise
-            unchecked = f"{UNCHECKED}the float64 oracle ran {OUT_OF_MEMORY} on {plan} ({_first_line(e)})"
+        if checked:  # the draw first: its tensors, oracle and baseline are freed before the call's are made
+            failed, wrong, unchecked = self._check_draw(op, sig, label, checked, run, args, plan, sync)
         if not unchecked:
-            try:  # the tolerance rule's baseline: the torch path at the call's dtype, the same entries
-                baseline = plan.take(run(Decision(op, "torch", "auto"), *args))
-                sync()
-            except Exception as e:
-                if not out_of_memory(e):
-                    raise
-                unchecked = (
-                    f"{UNCHECKED}the torch path (the tolerance rule's baseline) ran {OUT_OF_MEMORY} ({_first_line(e)})"
-                )
+            oracle, baseline, unchecked = self._references(op, run, args, plan, sync)
         if unchecked:
             logger.warning("vit_kernels tuning %s: %s; only the torch path competes", label, unchecked)
         results: List[Result] = []
@@ -1072,20 +1149,20 @@ class Tuner:
             if unchecked and c != torch_c:
                 results.append(Result(c, None, unchecked))
                 continue
+            if c in failed:  # its run or check raised on the draw
+                results.append(Result(c, None, failed[c]))
+                continue
             d = Decision(op, c.backend, "auto", {}, c.path, c.config)
             try:
                 with replay.recording() as rec:
                     out = run(d, *args)
                 sync()
-                cmp = None if c == torch_c else compare(plan.take(out), oracle, baseline, name=c.name)
-                call = steady_call(run, d, args, rec, out) if cmp is None or cmp.ok else None
+                # wrong on the call's own inputs says so; else wrong on the draw (they could not tell)
+                why = None if c == torch_c else self._disagrees(c, out, oracle, baseline, plan) or wrong.get(c)
+                call = steady_call(run, d, args, rec, out) if why is None else None
                 out = None
-                if cmp is not None and not cmp.ok:
-                    why = "disagrees with the oracle beyond the tolerance rule"
-                    if plan.covers != "the whole call":  # the index in the call, not in the checked part
-                        cmp = dataclasses.replace(cmp, where=plan.where(cmp.where))
-                        why += f" (checked on {plan.covers})"
-                    results.append(Result(c, None, f"{why}: {cmp}"))
+                if why is not None:
+                    results.append(Result(c, None, why))
                     continue
                 ms = float(self.timer(c, call))
                 self.timed += 1
@@ -1097,6 +1174,75 @@ class Tuner:
         timed = [r for r in results if r.ms is not None]
         winner = min(timed, key=lambda r: r.ms).candidate if timed else torch_c
         return Entry(op, sig, results, winner)
+
+    def _check_draw(
+        self, op: str, sig: str, label: str, cands: Sequence[Candidate], run: Runner, args: tuple, plan, sync
+    ) -> Tuple[Dict[Candidate, str], Dict[Candidate, str], str]:
+        """The check of ``cands`` on :func:`draw` of the call's signature, on the entries ``plan``
+        picks: (failed, wrong, unchecked): candidate -> why its run or check raised; candidate -> why
+        its result disagrees with the oracle; why no candidate can be checked (the draw's oracle or
+        baseline ran out of memory), else "". The drawn tensors and each output are freed once checked."""
+        from .backends import Decision
+
+        drawn = draw(op, sig, args)
+        oracle, baseline, unchecked = self._references(op, run, drawn, plan, sync, f" {DRAWN}")
+        failed: Dict[Candidate, str] = {}
+        wrong: Dict[Candidate, str] = {}
+        if unchecked:
+            return failed, wrong, unchecked
+        for c in cands:
+            try:
+                out = run(Decision(op, c.backend, "auto", {}, c.path, c.config), *drawn)
+                sync()
+                why = self._disagrees(c, out, oracle, baseline, plan, f" {DRAWN}, not on the call's own inputs")
+            except Exception as e:  # as on the call's own inputs: this candidate only
+                failed[c] = self._dropped(label, c, e)
+                continue
+            finally:
+                out = None
+            if why is not None:
+                wrong[c] = why
+        return failed, wrong, ""
+
+    @staticmethod
+    def _references(op: str, run: Runner, args: tuple, plan, sync, on: str = "") -> Tuple[Any, Any, str]:
+        """(oracle, baseline, "") for the run arguments ``args`` (the call's, or the draw's: ``on`` says
+        which in a reason): the float64 oracle on the entries ``plan`` picks, and the tolerance rule's
+        baseline, the torch path at the call's dtype on the same entries. (None, None, why) when
+        either runs out of memory (then no candidate can be checked)."""
+        from .backends import Decision
+
+        try:
+            oracle = run(Decision(op, "reference", "auto"), *[_f64(a) for a in plan.inputs(args)])
+            sync()
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            return None, None, f"{UNCHECKED}the float64 oracle ran {OUT_OF_MEMORY} on {plan}{on} ({_first_line(e)})"
+        try:
+            baseline = plan.take(run(Decision(op, "torch", "auto"), *args))
+            sync()
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            why = f"{UNCHECKED}the torch path (the tolerance rule's baseline) ran {OUT_OF_MEMORY}{on}"
+            return None, None, f"{why} ({_first_line(e)})"
+        return oracle, baseline, ""
+
+    @staticmethod
+    def _disagrees(c: Candidate, out: torch.Tensor, oracle, baseline, plan, on: str = "") -> Optional[str]:
+        """Why candidate ``c``'s output ``out`` (of the call, or of the draw: ``on`` says which) fails the
+        tolerance rule on the entries ``plan`` picks, with the index in the call; None when it passes."""
+        from .testing import compare
+
+        cmp = compare(plan.take(out), oracle, baseline, name=c.name)
+        if cmp.ok:
+            return None
+        why = "disagrees with the oracle beyond the tolerance rule" + on
+        if plan.covers != "the whole call":  # the index in the call, not in the checked part
+            cmp = dataclasses.replace(cmp, where=plan.where(cmp.where))
+            why += f" (checked on {plan.covers})"
+        return f"{why}: {cmp}"
 
     @staticmethod
     def _dropped(label: str, c: Candidate, e: BaseException) -> str:
