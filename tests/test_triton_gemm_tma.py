@@ -594,6 +594,28 @@ def test_layernorm_large_eps(op, route, eps, dtype):
             assert not compare(other[..., cols], oracle[..., cols], base[..., cols]).ok, (name, wrong)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("eps", [1.0, 1e3])
+def test_layernorm_large_eps_near_constant_rows_take_the_exact_route(eps, dtype):
+    """Rows of spread far below sqrt(eps) (most round to one value) with |mean| * rstd at ~0.9 x
+    ln_cancel_threshold, no beta, no b: LayerNorm's z ~ 0 and eager's output ~0 (0 exactly for a constant
+    row), while the folded epilogue's x @ W'^T - mean * c still cancels ~|mean| * rstd * sum |W'| in fp32.
+    Before the cancel test weighed z's scale (|mean| * rstd > tau alone, eps ignored) these rows kept the
+    fold: float16 eps 1 erred by 5.9e-3 where eager gave 0 (bound 1e-3), bfloat16 eps 1 by 1.6e-2 (bound
+    8e-3), float16 eps 1e3 by 7.9e-3 (bound 2.5e-3); bfloat16 eps 1e3 met the rule but kept the fold.
+    W ~ N(0, 16) makes the fold's error (proportional to |W|) visible above the rule's absolute floor."""
+    B, T, K, N = 2, 5, 64, 128
+    s, tau = eps**0.5, G.ln_cancel_threshold(K, dtype)
+    sign = torch.randint(0, 2, (B, T, 1), device=DEVICE) * 2.0 - 1
+    x = sign * 0.9 * tau * s * (1 + 0.05 * torch.rand(B, T, 1, device=DEVICE))  # |mean| * rstd ~ 0.9-0.95 tau
+    x = (x + randn(B, T, K, dtype=torch.float32, scale=1e-3 * s)).to(dtype)
+    w, nw = randn(N, K, dtype=dtype, scale=4.0), randn(K, dtype=dtype, scale=0.3, shift=1.0)
+    got = G.dense_forward(x, w, None, norm_weight=nw, eps=eps, out=nan_like((B, T, N), dtype), config=G.CONFIGS[4])
+    oracle, base = dense_reference(x, w, None, nw, None, eps, "none", None, None)
+    assert_close(got, oracle, base)
+    assert G.last_ln_route().startswith("exact: 1 of 1 row tiles"), G.last_ln_route()
+
+
 def test_layernorm_fold_follows_writes_through_data():
     """Writes through ``.data`` keep the version counter (a DINO teacher's EMA update, PEFT's merge): the fold
     is made on every call, so the next call uses the parameters as they are (a launch plan's replay:
