@@ -601,9 +601,10 @@ def test_layernorm_large_eps_near_constant_rows_take_the_exact_route(eps, dtype)
     ln_cancel_threshold, no beta, no b: LayerNorm's z ~ 0 and eager's output ~0 (0 exactly for a constant
     row), while the folded epilogue's x @ W'^T - mean * c still cancels ~|mean| * rstd * sum |W'| in fp32.
     Before the cancel test weighed z's scale (|mean| * rstd > tau alone, eps ignored) these rows kept the
-    fold: float16 eps 1 erred by 5.9e-3 where eager gave 0 (bound 1e-3), bfloat16 eps 1 by 1.6e-2 (bound
-    8e-3), float16 eps 1e3 by 7.9e-3 (bound 2.5e-3); bfloat16 eps 1e3 met the rule but kept the fold.
-    W ~ N(0, 16) makes the fold's error (proportional to |W|) visible above the rule's absolute floor."""
+    fold and, in 8 draws per case, erred by 4.9e-3 to 9.8e-3 in float16 (bound 1e-3 where every row is
+    constant, eager exact) and 7.8e-3 to 3.1e-2 in bfloat16 (bound 8e-3 to 1.9e-2): the rule missed in 6,
+    5, 7 and 2 of 8 (float16 eps 1, 1e3; bfloat16 eps 1, 1e3), the route check in all. Now ~0 (the exact
+    route). W ~ N(0, 16) makes the fold's error (proportional to |W|) visible above the rule's floor."""
     B, T, K, N = 2, 5, 64, 128
     s, tau = eps**0.5, G.ln_cancel_threshold(K, dtype)
     sign = torch.randint(0, 2, (B, T, 1), device=DEVICE) * 2.0 - 1
