@@ -209,6 +209,15 @@ MUTATIONS: List[Mutation] = [
         "    mean = (first + tl.sum(total.to(tl.float32), axis=1) / D).to(tl.float32)\n",
         ("tests/test_triton_gemm_tma.py", "-k", "outlier_channel"),
     ),
+    # The cancel test without z's scale (|mean| * rstd > tau alone): rows of variance far below a large eps keep
+    # the fold with z ~ 0, where its cancellation is all the output (eps 1e-6 never shows it).
+    Mutation(
+        "tma-cancel-test-ignores-eps",
+        "vit_kernels/triton/gemm_tma.py",
+        "        z_rms = tl.sqrt(tl.maximum(1.0 - ln_eps * rstd * rstd, 0.0))\n",
+        "        z_rms = 1.0\n",
+        ("tests/test_triton_gemm_tma.py", "-k", "near_constant_rows_take"),
+    ),
     # A module under a fused wrapper replaced, parametrized or given an instance forward after fuse: the
     # fused path would read its weight and ignore its forward.
     Mutation(
@@ -776,6 +785,15 @@ MUTATIONS: List[Mutation] = [
         "    const float d = to_float(r[k]) - mu;\n",
         "    const float d = to_float(r[k]);\n",
         T_CUDA_GEMM,
+    ),
+    # The mean's sum of x - first in fp32 (as Triton's was): a small channel's x - first rounds to -first when
+    # first is huge, and the mean of such a row (~1e-5) comes out 0.
+    Mutation(
+        "cuda-rowstats-mean-fp32-sum",
+        "csrc/layernorm/row_stats.cu",
+        "  double s = 0.0;\n  for (int k = lane; k < dim; k += 32) s += double(to_float(r[k])) - first;\n",
+        "  float s = 0.f;\n  for (int k = lane; k < dim; k += 32) s += to_float(r[k]) - float(first);\n",
+        ("tests/test_gemm.py", "-k", "huge_first and cuda"),
     ),
     # ------------------------------------------------------------------ torch paths
     Mutation(

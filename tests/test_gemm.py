@@ -64,6 +64,42 @@ def test_row_stats(backend, case, dtype):
     assert_close(rstd, r64, floor=1e-6 * r64.abs().max().item())
 
 
+def huge_first_small_mean_rows(rows, dim, dtype):
+    """(rows, dim) rows whose mean is ~1e-5 and whose first element is huge: half the channels +-L pairs
+    (L = 129..255 * 2**8, up to 65280, exactly cancelling; the first channel +L), half multiples of 2**-18
+    below 1e-3 (the mean's bits), shuffled. Every value is exact in float16, bfloat16 and float32."""
+    half = dim // 2
+    big = torch.randint(129, 256, (rows, half // 2)).double() * 2**8
+    small = torch.randint(1, 256, (rows, half)).double() * 2**-18
+    small = small * (torch.randint(0, 2, (rows, half)) * 2 - 1)
+    rest = torch.cat([-big, big[:, 1:], small], 1)  # big[:, 0]'s +L is the first channel
+    rest = torch.gather(rest, 1, torch.rand(rows, dim - 1).argsort(1))
+    x = torch.cat([big[:, :1], rest], 1)
+    assert torch.equal(x.to(dtype).double(), x)
+    return x.to(dtype).to(G.DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("dim", [1024, 4096])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_stats_mean_of_a_huge_first_element(backend, dim, dtype):
+    """The mean is first + mean(x - first) summed in fp64 (csrc/layernorm/row_stats.cu; Triton's
+    _row_stats_rows alike). Summed in fp32, each small channel's x - first rounds to -first (|x| < 1e-3,
+    below half fp32's ulp at ~5e4: 2**-9 or more): every small channel's bits are lost and the mean comes
+    out 0, an error of its own size, ~1e-5, against a floor of ~1e-12 (tests/mutations.py:
+    cuda-rowstats-mean-fp32-sum; Triton's sum in fp32, row-stats-mean-fp32-sum, fails the same way). In
+    fp64 every partial sum is exact (multiples of 2**-18 below 2**25: 43 bits) and dim, a power of two,
+    makes the division exact, so the mean is rounded once, to fp32: within half an fp32 ulp of the float64
+    mean (itself exact). Floor: 2 ulps at the largest |mean|."""
+    G.require(backend)
+    x = huge_first_small_mean_rows(6, dim, dtype)
+    mean, _ = G.row_stats(backend, x, 1e-6)
+    m64 = x.double().mean(-1)
+    assert 1e-7 < m64.abs().max().item() < 1e-4  # the mean ~1e-5, the first element ~5e4
+    ulp = 2.0 ** (math.floor(math.log2(m64.abs().max().item())) - 23)  # fp32's spacing at the largest |mean|
+    assert_close(mean, m64, floor=2 * ulp)
+
+
 # ------------------------------------------------------------------ linear: residual + layer_scale * (x W^T + b)
 # (leading shape, in, out, bias, residual, layer_scale)
 TRITON_LINEAR_SHAPES = [(1, 1, 192, 384), (3, 50, 72, 200), (1, 197, 384, 192), (3, 257, 200, 72), (1, 577, 192, 192)]

@@ -543,6 +543,80 @@ def test_layernorm_exact_route_edges(bias, beta):
     assert_close(got, split(oracle), split(base))
 
 
+def eps_dominated_case(dtype, eps, exact, N, B=2, T=5, K=64, k0=5):
+    """LayerNorm + Linear on rows of spread 0.1 * sqrt(eps) about means up to ~sqrt(eps): var ~ 0.01 * eps,
+    so eps sets rstd (~1 / sqrt(eps): eps dropped would make it ~10x, eps added twice ~0.7x) and z ~ 0.1,
+    while |mean| * rstd ~ 1 stays far below ln_cancel_threshold. exact: the first 64 outputs' rows of
+    W * gamma dominated by channel k0 (W there +-8..16, gamma 1; the rest of a row ~1 in norm), so their
+    column tile takes the exact route and the other outputs the folded epilogue; else every tile folds."""
+    s = eps**0.5
+    x = (randn(B, T, K, dtype=torch.float32, scale=0.1 * s) + randn(B, T, 1, dtype=torch.float32, scale=s)).to(dtype)
+    w, b = randn(N, K, dtype=dtype, scale=K**-0.5), randn(N, dtype=dtype)
+    nw, nb = randn(K, dtype=dtype, scale=0.3, shift=1.0), randn(K, dtype=dtype)
+    if exact:
+        nw[k0] = 1.0
+        sign = torch.randint(0, 2, (64,), device=DEVICE) * 2 - 1
+        w[:64, k0] = (torch.randint(8, 17, (64,), device=DEVICE) * sign).to(dtype)
+    return x, w, b, nw, nb
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("eps", [1.0, 1e3])
+@pytest.mark.parametrize("route", ["epilogue", "exact"])
+@pytest.mark.parametrize("op", ["dense", "qkv"])
+def test_layernorm_large_eps(op, route, eps, dtype):
+    """eps far above the rows' variance, on both LayerNorm routes (route "exact": the first 64 outputs on the
+    exact route, the others folded), for dense_forward and the QKV projection: each column group against the
+    float64 oracle of this eps under the tolerance rule, and outside it for eps 1e-6 and 2 * eps (so an eps
+    dropped or added twice is seen). Every other LayerNorm test here runs eps 1e-6, which the variance
+    hides."""
+    H, hd = 2, 32
+    N = 3 * H * hd if op == "qkv" else 128
+    x, w, b, nw, nb = eps_dominated_case(dtype, eps, route == "exact", N)
+    B, T, K = x.shape
+    if op == "qkv":
+        got = G.qkv_projection_forward(
+            x, w, b, num_heads=H, scale=1.0, norm_weight=nw, norm_bias=nb, eps=eps,
+            out=nan_like((3, B, H, T, hd), dtype), config=G.CONFIGS[4],
+        )  # fmt: skip
+        got = got.permute(1, 3, 0, 2, 4).reshape(B, T, N)  # back to (B, T, [q; k; v]) (scale 1)
+    else:
+        got = G.dense_forward(
+            x, w, b, norm_weight=nw, norm_bias=nb, eps=eps, out=nan_like((B, T, N), dtype), config=G.CONFIGS[4]
+        )
+    want = f"exact: 64 of {N} outputs have one channel" if route == "exact" else "epilogue"
+    assert G.last_ln_route().startswith(want), G.last_ln_route()
+    oracle, base = dense_reference(x, w, b, nw, nb, eps, "none", None, None)
+    for name, cols in (("outputs 0-63", slice(0, 64)), ("outputs 64-", slice(64, N))):
+        assert_close(got[..., cols], oracle[..., cols], base[..., cols], name=name)
+        for wrong in (1e-6, 2 * eps):
+            other = dense_reference(x, w, b, nw, nb, wrong, "none", None, None)[0]
+            assert not compare(other[..., cols], oracle[..., cols], base[..., cols]).ok, (name, wrong)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("eps", [1.0, 1e3])
+def test_layernorm_large_eps_near_constant_rows_take_the_exact_route(eps, dtype):
+    """Rows of spread far below sqrt(eps) (most round to one value) with |mean| * rstd at ~0.9 x
+    ln_cancel_threshold, no beta, no b: LayerNorm's z ~ 0 and eager's output ~0 (0 exactly for a constant
+    row), while the folded epilogue's x @ W'^T - mean * c still cancels ~|mean| * rstd * sum |W'| in fp32.
+    Before the cancel test weighed z's scale (|mean| * rstd > tau alone, eps ignored) these rows kept the
+    fold and, in 8 draws per case, erred by 4.9e-3 to 9.8e-3 in float16 (bound 1e-3 where every row is
+    constant, eager exact) and 7.8e-3 to 3.1e-2 in bfloat16 (bound 8e-3 to 1.9e-2): the rule missed in 6,
+    5, 7 and 2 of 8 (float16 eps 1, 1e3; bfloat16 eps 1, 1e3), the route check in all. Now ~0 (the exact
+    route). W ~ N(0, 16) makes the fold's error (proportional to |W|) visible above the rule's floor."""
+    B, T, K, N = 2, 5, 64, 128
+    s, tau = eps**0.5, G.ln_cancel_threshold(K, dtype)
+    sign = torch.randint(0, 2, (B, T, 1), device=DEVICE) * 2.0 - 1
+    x = sign * 0.9 * tau * s * (1 + 0.05 * torch.rand(B, T, 1, device=DEVICE))  # |mean| * rstd ~ 0.9-0.95 tau
+    x = (x + randn(B, T, K, dtype=torch.float32, scale=1e-3 * s)).to(dtype)
+    w, nw = randn(N, K, dtype=dtype, scale=4.0), randn(K, dtype=dtype, scale=0.3, shift=1.0)
+    got = G.dense_forward(x, w, None, norm_weight=nw, eps=eps, out=nan_like((B, T, N), dtype), config=G.CONFIGS[4])
+    oracle, base = dense_reference(x, w, None, nw, None, eps, "none", None, None)
+    assert_close(got, oracle, base)
+    assert G.last_ln_route().startswith("exact: 1 of 1 row tiles"), G.last_ln_route()
+
+
 def test_layernorm_fold_follows_writes_through_data():
     """Writes through ``.data`` keep the version counter (a DINO teacher's EMA update, PEFT's merge): the fold
     is made on every call, so the next call uses the parameters as they are (a launch plan's replay:

@@ -38,9 +38,10 @@ would overflow float16, where eager LayerNorm + Linear may not) is folded scaled
 and scaled back in the epilogue, exactly (the fold's ``sums[1]``). The fold is less exact than eager in
 two cases, and a tile meeting either takes the exact route instead:
 
-- the subtraction cancels when a row's mean is large against its spread (|mean| * rstd large): the fp32
-  accumulator's rounding, ~eps_fp32 * |mean| * sum |W'|, is then multiplied by rstd. Row tiles holding a
-  row past :func:`ln_cancel_threshold`.
+- the subtraction cancels when a row's mean is large against its spread (|mean| / std large): the fp32
+  accumulator's rounding, ~eps_fp32 * |mean| * sum |W'|, is then multiplied by rstd, where LayerNorm's
+  output scales with z's rms, sqrt(var) * rstd (below 1 where eps is not small against var). Row tiles
+  holding a row past :func:`ln_cancel_threshold`.
 - the fold rounds W * gamma where eager rounds z * gamma + beta; when one channel dominates an output's
   row of W * gamma (an outlier channel of gamma), beta cancelling z * gamma there leaves eager exact and
   the fold not. Column tiles holding an output the fold flags (``FOLD_DOMINANCE``).
@@ -106,15 +107,18 @@ def _tile_coords(tile_id, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _cancel_tile(stats_ptr, off_m, M, ln_tau, BLOCK_M: tl.constexpr, LN_EPI: tl.constexpr):
-    """Whether the row tile at off_m has a row with |mean| * rstd > ln_tau (always False without LN_EPI)."""
+def _cancel_tile(stats_ptr, off_m, M, ln_tau, ln_eps, BLOCK_M: tl.constexpr, LN_EPI: tl.constexpr):
+    """Whether the row tile at off_m has a row with |mean| * rstd > ln_tau * sqrt(var) * rstd, i.e. |mean| >
+    ln_tau * std (always False without LN_EPI). sqrt(var) * rstd = sqrt(1 - ln_eps * rstd**2), z's rms: 1
+    unless eps is comparable to var, where LayerNorm's output shrinks and the fold's cancellation does not."""
     if LN_EPI:
         offs_m = off_m + tl.arange(0, BLOCK_M)
         mean = tl.load(stats_ptr + offs_m, mask=offs_m < M, other=0.0)
         rstd = tl.load(stats_ptr + M + offs_m, mask=offs_m < M, other=0.0)
+        z_rms = tl.sqrt(tl.maximum(1.0 - ln_eps * rstd * rstd, 0.0))
         # compared row by row, then reduced: a NaN row (NaN or Inf in its sample) compares False and leaves
         # the tile's decision to its other rows, whatever tl.max does with NaN
-        return tl.max((tl.abs(mean) * rstd > ln_tau).to(tl.int32), axis=0) > 0
+        return tl.max((tl.abs(mean) * rstd > ln_tau * z_rms).to(tl.int32), axis=0) > 0
     else:
         return False
 
@@ -243,7 +247,8 @@ def _gemm_tma_kernel(
     INNER,
     HEAD_DIM,  # QKV: heads * head_dim, head_dim
     q_scale,  # fp32: QKV scales the Q columns (n < INNER) by this
-    ln_tau,  # fp32: a row tile with some |mean| * rstd > ln_tau takes the exact route (ln_cancel_threshold)
+    ln_tau,  # fp32: a row tile with some |mean| > ln_tau * std takes the exact route (ln_cancel_threshold)
+    ln_eps,  # fp32: the LayerNorm's eps (std * rstd = sqrt(1 - ln_eps * rstd**2))
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -281,7 +286,7 @@ def _gemm_tma_kernel(
         off_am = pid_m * BLOCK_M
         off_wn = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        cancel = _cancel_tile(stats_ptr, off_am, M, ln_tau, BLOCK_M, LN_EPI)
+        cancel = _cancel_tile(stats_ptr, off_am, M, ln_tau, ln_eps, BLOCK_M, LN_EPI)
         if cancel | _dominated_tile(stats_ptr, fold_off, off_wn, N, BLOCK_N, LN_EPI):
             # LayerNorm applied in the K loop, as eager applies it: A = x's LayerNorm rounded to x's dtype (in
             # registers), times W itself (pointer loads); the epilogue adds b. For row tiles whose fold would
@@ -321,7 +326,7 @@ def _gemm_tma_kernel(
         off_n = pid_n * BLOCK_N
         mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
         rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        exact = _cancel_tile(stats_ptr, off_m, M, ln_tau, BLOCK_M, LN_EPI) | _dominated_tile(
+        exact = _cancel_tile(stats_ptr, off_m, M, ln_tau, ln_eps, BLOCK_M, LN_EPI) | _dominated_tile(
             stats_ptr, fold_off, off_n, N, BLOCK_N, LN_EPI
         )
         if LN_EPI:
@@ -797,7 +802,7 @@ def launch_gemm_tma(
     else:
         stride_om = _rows2d("out", out)[0]  # the row stride (a size-1 dim's stride says nothing)
     stats, fold_off = fp32_placeholder(a.device), 0  # never read without LN_EPI
-    tau = 0.0
+    tau = ln_eps = 0.0
     w0, w0_strides = weight, (0, 0)  # W itself: the exact route's (LN_EPI)
     if ln is not None:
         fold, mean, rstd = ln
@@ -820,7 +825,7 @@ def launch_gemm_tma(
                 f"({SUM_ROWS}, {N}) sums at a multiple of 16 floats from the mean, past {2 * M + row_tiles}, then "
                 f"gamma and beta), got sums {tuple(fold.sums.shape)} at {fold_off}, gamma and beta at {affine_off}"
             )
-        tau = ln_cancel_threshold(K, a.dtype)
+        tau, ln_eps = ln_cancel_threshold(K, a.dtype), fold.eps
         derived(_note_route, stats, M, row_tiles, c.block_m, tau, fold_off + 4 * N, N)
     tiles = triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n)
     grid = (min(tiles, _num_sms(a.device) * c.blocks_per_sm),)
@@ -854,6 +859,7 @@ def launch_gemm_tma(
         head_dim,
         q_scale,
         tau,
+        ln_eps,
         BLOCK_M=c.block_m,
         BLOCK_N=c.block_n,
         BLOCK_K=c.block_k,
@@ -896,13 +902,16 @@ def restore_tuning_state(state) -> None:
 
 
 def ln_cancel_threshold(K: int, dtype: torch.dtype) -> float:
-    """The largest |mean| * rstd a row may have for the folded route.
+    """The largest |mean| / std a row may have for the folded route.
 
     The epilogue's x @ W'^T - mean * c carries the fp32 accumulator's rounding, at most about
     eps_fp32 * |mean| * sum_k |W'_nk| (each partial sum is ~|mean| * |W'| large), times rstd; eager
-    LayerNorm + Linear errs by about eps_dtype * |y| with |y| ~ sum_k |W'_nk| / sqrt(K). Keeping the first
-    below a quarter of the second: |mean| * rstd <= eps_dtype / (4 * eps_fp32 * sqrt(K)) (~74 for float16
-    and ~590 for bfloat16 at K = 768)."""
+    LayerNorm + Linear errs by about eps_dtype * |y| with |y| ~ r * sum_k |W'_nk| / sqrt(K), r = std * rstd
+    = sqrt(1 - eps * rstd**2) z's rms (1 unless eps is comparable to the variance). Keeping the first below
+    a quarter of the second: |mean| * rstd <= r * eps_dtype / (4 * eps_fp32 * sqrt(K)), i.e. |mean| / std
+    at most this (~74 for float16 and ~590 for bfloat16 at K = 768). (Without r, rows of variance far
+    below a large eps kept the fold with |mean| * rstd just below it and z ~ 0: 5.9e-3 off where eager
+    gave 0, float16, eps 1, K = 64.)"""
     return torch.finfo(dtype).eps / (4 * torch.finfo(torch.float32).eps * math.sqrt(max(K, 1)))
 
 
@@ -926,7 +935,7 @@ def last_ln_route() -> str:
     why = []
     if rows:
         why.append(
-            f"{rows} of {tiles} row tiles ({block_m} rows) have a row with |mean| * rstd > {tau:.3g} (the folded "
+            f"{rows} of {tiles} row tiles ({block_m} rows) have a row with |mean| > {tau:.3g} * std (the folded "
             f"epilogue would cancel)"
         )
     if outputs:

@@ -177,13 +177,15 @@ class FoldedLayerNorm:
     for the tiles that apply LayerNorm in the kernel instead (gemm_tma's exact route): b itself (0 when
     absent) and each output's dominance flag (1.0 where one channel carries more than FOLD_DOMINANCE of
     the norm of W * gamma's row: :func:`_fold_rows`). After the sums, gamma then beta (K each, fp32;
-    beta 0 when absent): ``affine``. ``source``: W itself (the exact route's weight)."""
+    beta 0 when absent): ``affine``. ``source``: W itself (the exact route's weight). ``eps``: the
+    LayerNorm's (the GEMM's cancel test weighs z's scale, sqrt(1 - eps * rstd**2), with it)."""
 
     weight: Tensor
     sums: Tensor
     affine: Tensor
     source: Tensor
     has_bias: bool
+    eps: float
 
     @property
     def colsum(self) -> Tensor:
@@ -376,7 +378,12 @@ def layernorm_prologue(
         )  # fmt: skip
     sums_end = fold_off + SUM_ROWS * N
     fold = FoldedLayerNorm(
-        w_fold, ws[fold_off:sums_end].view(SUM_ROWS, N), ws[sums_end:].view(2, K), weight, has_beta or has_b
+        w_fold,
+        ws[fold_off:sums_end].view(SUM_ROWS, N),
+        ws[sums_end:].view(2, K),
+        weight,
+        has_beta or has_b,
+        float(eps),
     )
     return fold, ws[:M], ws[M : 2 * M]
 
