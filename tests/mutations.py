@@ -311,6 +311,14 @@ MUTATIONS: List[Mutation] = [
         "    return t\n",
         ("tests/test_layouts.py", "-k", "layout_gradients"),
     ),
+    # FlopCounterMode: the backward op's count of a GEMM ignoring which gradients are asked.
+    Mutation(
+        "backward-flops-needs-ignored",
+        "vit_kernels/library.py",
+        "    return _gemm_grads(fc2, any(needs[:5]), needs[5]) + _gemm_grads(fc1, any(needs[:3]), needs[3])\n",
+        "    return 2 * (fc1 + fc2)\n",
+        ("tests/test_library.py", "-k", "backward_custom_op_flops"),
+    ),
     # A tensor subclass among the parameters (torchao's quantized weights): only the wrapper's own
     # parameters looked at, not those of the modules under it.
     Mutation(

@@ -194,6 +194,50 @@ def test_backward_custom_op(op):
 
 
 @TRITON
+@pytest.mark.parametrize("needs", ["all", "input", "params"])
+@pytest.mark.parametrize("op", OPS)
+def test_backward_custom_op_flops(op, needs):
+    """FlopCounterMode over the backward of the custom op with backend triton (under the mode the
+    backward runs as the custom op ``<op>_backward``, whose FLOP formula it counts): what torch counts
+    for the plain path's backward. GEMM ops: the oracle's backward (its matmuls and convolution as aten
+    ops), as many products as the gradients asked need (every tensor; the activation input only, a frozen
+    model; the parameters only, a first layer). Attention: torch's own count of SDPA's fused backward
+    (torch.utils.flop_counter.sdpa_backward_flop_count: the scores recomputed, dV, dP, dQ, dK), plus for
+    qkv_attention the oracle's LayerNorm + projection backward."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count
+
+    args = inputs(op, "vit", torch.float32, "triton")
+    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    wrt = {"all": tensors, "input": tensors[:1], "params": tensors[1:]}[needs]
+
+    def leaves():
+        return tuple(a.detach().requires_grad_(i in wrt) if i in tensors else a for i, a in enumerate(args))
+
+    out = getattr(torch.ops.vit_kernels, op)(*leaves())
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    with FlopCounterMode(display=False) as counted:
+        out.backward(grad)
+    if op == "flash_attention":
+        q, k, v = args[:3]
+        want = sdpa_backward_flop_count(out.shape, q.shape, k.shape, v.shape)
+    else:
+        ref_args = leaves()
+        if op == "qkv_attention":  # the projection through the oracle; attention's backward as torch counts SDPA's
+            x, w, b, nw, nb, heads = ref_args[:6]
+            y = torch.nn.functional.linear(reference.layer_norm(x, nw, nb, 1e-6), w, b)
+            B, N, _ = x.shape
+            q = (B, heads, N, w.shape[0] // 3 // heads)
+            attention = sdpa_backward_flop_count(q, q, q, q)
+            grad, ref_out = torch.randn(y.shape), y
+        else:
+            attention, ref_out = 0, oracle(op, ref_args)
+        with FlopCounterMode(display=False) as torch_count:
+            ref_out.backward(grad)
+        want = torch_count.get_total_flops() + attention
+    assert counted.get_total_flops() == want > 0, (counted.get_flop_counts(), want)
+
+
+@TRITON
 def test_triton_backward_of_uint8_images(monkeypatch):
     """patch_embed on uint8 images with backend triton: the registered backward's weight, bias,
     pos_embed and class-token gradients (Triton kernels, pixels normalized as the forward did)

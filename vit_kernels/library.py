@@ -580,13 +580,64 @@ FLOPS: Dict[str, Callable] = {
     "patch_embed": _patch_embed_flops,
     "linear": _linear_flops,
 }
+
+
+# The backward ops (``<op>_backward``: saved shapes, the other arguments, which tensors need a gradient)
+# count what PyTorch's autograd counts for the plain path's backward: each GEMM's (and the patch
+# embedding's convolution's) input gradient where something before it needs a gradient and its weight
+# gradient where the weight needs one, as much as the forward product each; attention's backward as
+# torch counts SDPA's (the scores recomputed, then dV, dP, dQ, dK: 2.5 times the forward's two products).
+def _gemm_grads(flops: int, input_grad: bool, weight_grad: bool) -> int:
+    return flops * (int(input_grad) + int(weight_grad))
+
+
+def _flash_attention_backward_flops(grad, saved, *args, out_shape=None, **kwargs) -> int:
+    q, k, v = saved[:3]
+    return _flash_attention_flops(q, k, v) * 5 // 2
+
+
+def _qkv_attention_backward_flops(grad, saved, num_heads, *args, out_shape=None, **kwargs) -> int:
+    x, w, b, nw, nb = saved
+    needs = args[-1]
+    B, N, dim = x
+    projection = 2 * B * N * dim * w[0]
+    attention = 4 * B * N * N * (w[0] // 3) * 5 // 2
+    return attention + _gemm_grads(projection, needs[0] or needs[3] or needs[4], needs[1])
+
+
+def _layernorm_gelu_mlp_backward_flops(grad, saved, *args, out_shape=None, **kwargs) -> int:
+    x, nw, nb, w1, b1, w2 = saved[:6]
+    needs = args[-1]
+    rows = _numel(x[:-1])
+    fc1, fc2 = 2 * rows * w1[0] * w1[1], 2 * rows * w2[0] * w2[1]
+    return _gemm_grads(fc2, any(needs[:5]), needs[5]) + _gemm_grads(fc1, any(needs[:3]), needs[3])
+
+
+def _patch_embed_backward_flops(grad, saved, *args, out_shape=None, **kwargs) -> int:
+    needs = args[-1]
+    return _gemm_grads(_patch_embed_flops(saved[0], saved[1]), needs[0], needs[1])
+
+
+def _linear_backward_flops(grad, saved, *args, out_shape=None, **kwargs) -> int:
+    needs = args[-1]
+    return _gemm_grads(_linear_flops(saved[0], saved[1]), needs[0], needs[1])
+
+
+BACKWARD_FLOPS: Dict[str, Callable] = {
+    "flash_attention": _flash_attention_backward_flops,
+    "qkv_attention": _qkv_attention_backward_flops,
+    "layernorm_gelu_mlp": _layernorm_gelu_mlp_backward_flops,
+    "patch_embed": _patch_embed_backward_flops,
+    "linear": _linear_backward_flops,
+}
 try:
     from torch.utils.flop_counter import register_flop_formula
 except ImportError:  # pragma: no cover - torch without the flop counter's registry
     register_flop_formula = None
 if register_flop_formula is not None:
-    for _op, _formula in FLOPS.items():
-        register_flop_formula(getattr(torch.ops.vit_kernels, _op))(_formula)
+    for _op in FLOPS:
+        register_flop_formula(getattr(torch.ops.vit_kernels, _op))(FLOPS[_op])
+        register_flop_formula(getattr(torch.ops.vit_kernels, _op + "_backward"))(BACKWARD_FLOPS[_op])
 
 
 def symbolic(t) -> bool:
