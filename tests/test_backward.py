@@ -384,16 +384,41 @@ POISON_CASES = {
     "qkv_attention": (lambda: _qkv_case((3, 20, 2, 32, True)), "x", (1, 10, 3)),
     "linear": (lambda: _linear_case((3, 20, 64, 48, "bias+res+ls")), "x", (1, 10, 3)),
     "layernorm_gelu_mlp": (lambda: _mlp_case((3, 20, 64, 96, "norm+res+ls", "none")), "x", (1, 10, 3)),
+    # no LayerNorm: an Inf reaches fc1's output, GELU and its derivative with its sign (the norm makes it NaN)
+    **{
+        f"layernorm_gelu_mlp-plain-{a}": (lambda a=a: _mlp_case((3, 20, 64, 96, "res+ls", a)), "x", (1, 10, 3))
+        for a in ("none", "tanh")
+    },
     "patch_embed": (lambda: _patch_case((3, 3, 16, 24, 8, 64, True)), "images", (1, 2, 5, 11)),
 }
 PER_SAMPLE = ("q", "k", "v", "x", "images", "residual")  # activation inputs: dim 0 is the sample
+# The forward's tanh GELU (gemm.bias_gelu: x / (1 + exp(min(-2u, 80)))) gives -Inf for a -Inf input where eager's
+# 0.5 x (1 + tanh(u)) gives -Inf * 0 = NaN: the saved hidden row then has -Inf where eager's has NaN, and fc2's
+# weight gradient g^T hidden is +-Inf in those columns where eager's is NaN (one draw, fp32, +Inf: 0 NaN, 2946 +Inf,
+# 3198 -Inf of 6144; the oracle 3520 NaN, 1681 +Inf, 943 -Inf). Not a backward kernel's (GELU'(-Inf) is NaN in
+# both); strict, so that a fix of the forward's epilogue shows up here.
+TANH_GELU_NEG_INF = pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="the forward's tanh GELU gives -Inf for -Inf (eager: NaN); dfc2_weight Inf where eager NaN",
+)
+POISON_PARAMS = [
+    pytest.param(
+        case,
+        dtype,
+        value,
+        id=f"{case}-{_id(dtype)}-{'nan' if math.isnan(value) else f'{value:+}'}",
+        marks=[TANH_GELU_NEG_INF] if case.endswith("plain-tanh") and math.isinf(value) else [],
+    )
+    for case in POISON_CASES
+    for dtype in (torch.float32, torch.float16)
+    for value in (math.nan, math.inf, -math.inf)
+]
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy in the interpreter
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # numpy in the interpreter
-@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "+inf", "-inf"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=_id)
-@pytest.mark.parametrize("case", list(POISON_CASES))
+@pytest.mark.parametrize("case, dtype, value", POISON_PARAMS)
 def test_nan_and_inf_in_one_sample_stay_where_eager_puts_them(case, dtype, value):
     """A NaN, +Inf or -Inf in one element of one activation input of sample 1 of 3 (flash_attention: q,
     k or v, head 0), every gradient from the backward kernels under autograd, the incoming gradient
