@@ -2,7 +2,8 @@
 every fused op on backend="triton" against torch.autograd on the float64 oracle
 (vit_kernels.reference), under the 3x gradient rule of vit_kernels.testing with plain PyTorch (the
 oracle's code at the same dtype) as the baseline; torch.autograd.gradcheck in float64 of each
-backward function on tiny shapes; and the dispatch rules under autograd.
+backward function on tiny shapes; a NaN or Inf in one sample (every gradient keeps eager's non-finite
+pattern, the other samples untouched); and the dispatch rules under autograd.
 
 Inputs are fresh random values, the incoming gradient too; every tensor the launchers allocate
 starts as NaN (torch.empty / empty_like patched), so an element a kernel fails to write fails.
