@@ -665,6 +665,16 @@ MUTATIONS: List[Mutation] = [
         "    delta = p_dp_sum\n",
         T_BWD_ATTN,
     ),
+    # dK/dV skipping the keys a query gives no probability (an exact no-op for finite inputs: dS = P * (...)
+    # is 0 there anyway): a NaN score row (NaN or Inf in q or k) has P NaN, "p > 0" is False, and dk drops
+    # the NaN eager has in the whole head. Only the NaN/Inf test sees it (the rest of T_BWD_ATTN passes).
+    Mutation(
+        "triton-attn-bwd-dkdv-skips-zero-p",
+        "vit_kernels/triton/attention_bwd.py",
+        "        ds = p * (dp - delta[:, None])\n        dk = tl.dot(",
+        "        ds = tl.where(p > 0.0, p * (dp - delta[:, None]), 0.0)\n        dk = tl.dot(",
+        T_BWD_ATTN,
+    ),
     Mutation(
         "triton-dgelu-erf-no-pdf-term",
         "vit_kernels/triton/gemm.py",
