@@ -319,6 +319,14 @@ MUTATIONS: List[Mutation] = [
         "    return 2 * (fc1 + fc2)\n",
         ("tests/test_library.py", "-k", "backward_custom_op_flops"),
     ),
+    # The tanh GELU epilogue's exp capped (as it once was): -Inf for -Inf (eager: NaN), -1.8e-5 for -1e30.
+    Mutation(
+        "gelu-tanh-exp-capped",
+        "vit_kernels/triton/gemm.py",
+        "        acc = acc / (1.0 + tl.exp(-2.0 * u))\n",
+        "        acc = acc / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))\n",
+        ("tests/test_hard_inputs.py", "-k", "gelu_epilogue"),
+    ),
     # A tensor subclass among the parameters (torchao's quantized weights): only the wrapper's own
     # parameters looked at, not those of the modules under it.
     Mutation(

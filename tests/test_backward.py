@@ -393,23 +393,12 @@ POISON_CASES = {
     "patch_embed": (lambda: _patch_case((3, 3, 16, 24, 8, 64, True)), "images", (1, 2, 5, 11)),
 }
 PER_SAMPLE = ("q", "k", "v", "x", "images", "residual")  # activation inputs: dim 0 is the sample
-# The forward's tanh GELU (gemm.bias_gelu: x / (1 + exp(min(-2u, 80)))) gives -Inf for a -Inf input where eager's
-# 0.5 x (1 + tanh(u)) gives -Inf * 0 = NaN: the saved hidden row then has -Inf where eager's has NaN, and fc2's
-# weight gradient g^T hidden is +-Inf in those columns where eager's is NaN (one draw, fp32, +Inf: 0 NaN, 2946 +Inf,
-# 3198 -Inf of 6144; the oracle 3520 NaN, 1681 +Inf, 943 -Inf). Not a backward kernel's (GELU'(-Inf) is NaN in
-# both); strict, so that a fix of the forward's epilogue shows up here.
-TANH_GELU_NEG_INF = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the forward's tanh GELU gives -Inf for -Inf (eager: NaN); dfc2_weight Inf where eager NaN",
-)
 POISON_PARAMS = [
     pytest.param(
         case,
         dtype,
         value,
         id=f"{case}-{_id(dtype)}-{'nan' if math.isnan(value) else f'{value:+}'}",
-        marks=[TANH_GELU_NEG_INF] if case.endswith("plain-tanh") and math.isinf(value) else [],
     )
     for case in POISON_CASES
     for dtype in (torch.float32, torch.float16)

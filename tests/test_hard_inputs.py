@@ -523,3 +523,37 @@ def test_nan_and_inf_stay_where_eager_puts_them(op, backend, dtype, config, monk
             lowp = getattr(reference, op)(*bad, **kw)
             finite = (want == 0) & torch.isfinite(oracle) & torch.isfinite(lowp)
             assert_close(out[finite], oracle[finite], lowp[finite], name=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# GELU of infinite and huge pre-activations (fc1's epilogue, no LayerNorm in front to turn them into NaN)
+GELU_EDGES = [-math.inf, math.inf, math.nan, -1e30, 1e30, -30.0, 30.0, -3.0]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy in the interpreter
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy in the interpreter
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize(
+    "kernel, dtype", [("gemm", torch.float32), ("gemm", torch.bfloat16), ("gemm_tma", torch.bfloat16)]
+)
+def test_gelu_epilogue_of_infinite_and_huge_values(kernel, dtype, approximate):
+    """fc1 + GELU (the Triton GEMM's epilogue, and sm_90's TMA GEMM's) on pre-activations of -Inf, +Inf,
+    NaN, +-1e30 and moderate values, one per row in channel 0 (W the identity, so fc1's output is x; the
+    other channels of a non-finite row are 0 * Inf = NaN, as in eager): eager GELU's value element by
+    element, NaN where eager's is (-Inf * 0 for -Inf: the tanh form once gave -Inf; and -1.8e-5 for -1e30,
+    where eager gives -0), the finite ones within the rule."""
+    from vit_kernels.triton import gemm, gemm_tma
+
+    K = 64
+    x = rnd(len(GELU_EDGES), K, dtype=torch.float32, scale=0.5)
+    x[:, 0] = torch.tensor(GELU_EDGES)
+    x = x.to(dtype)
+    w = torch.eye(K, dtype=dtype, device=DEVICE)
+    act = gemm.ACTIVATIONS[approximate]
+    got = gemm.dense_forward(x, w, act=act) if kernel == "gemm" else gemm_tma.dense_forward(x, w, act=act)
+    want = F.gelu(F.linear(x.double(), w.double()), approximate=approximate)
+    base = F.gelu(F.linear(x.float(), w.float()), approximate=approximate).to(dtype)
+    assert torch.equal(nonfinite_pattern(got), nonfinite_pattern(want)), (got[:, :2], want[:, :2])
+    finite = torch.isfinite(want)
+    assert_close(got[finite], want[finite], base[finite], name=f"{kernel} GELU ({approximate}) {dtype}")
+    assert got[3, 0] == 0 and got[4, 0] == want[4, 0].to(dtype)  # -1e30 -> -0, 1e30 -> itself

@@ -104,8 +104,10 @@ def bias_gelu(acc, bias_ptr, offs_n, n_mask, HAS_BIAS: tl.constexpr, ACT: tl.con
     if ACT == ACT_GELU_ERF:  # GELU, exact: x * Phi(x)
         acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
     elif ACT == ACT_GELU_TANH:  # GELU, tanh approximation: 0.5x(1 + tanh(u)) = x / (1 + exp(-2u))
+        # exp(-2u) overflows to inf for very negative x: x / inf is -0 as eager's 0.5 x (1 + tanh(u)) is, and
+        # -inf / inf is NaN as eager's -inf * 0 is (a cap on exp left -inf for -inf, and -1.8e-5 for -1e30)
         u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
-        acc = acc / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))  # capped: no inf for very negative x
+        acc = acc / (1.0 + tl.exp(-2.0 * u))
     return acc
 
 
