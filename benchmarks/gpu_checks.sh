@@ -8,9 +8,10 @@
 # STEPS="gpu_tests bench_b256 ..." runs only the named steps (default: all but bench_large; a second
 # visit to a GPU reruns what changed); not in the default: bench_large (ViT-L/16 and ViT-H/14 bf16 at
 # batch 32), profile_attention_bwd_fp32 (the fp32 attention backward, 9 dots per tile pair since
-# its delta is taken from P, against SDPA's fp32 backends), bench_b1 (ViT-B/16 bf16 at batch 1) and
+# its delta is taken from P, against SDPA's fp32 backends), bench_b1 (ViT-B/16 bf16 at batch 1),
 # host_time_gpu (a ViT-B/16 block's op calls at batch 1 with Triton's real launches: host us per call
-# beside GPU us per call).
+# beside GPU us per call) and hard_inputs (the NaN/Inf and GELU-edge tests and the layout gradients on the
+# device: tests/ otherwise runs there only its gpu-marked tests).
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT/files"
@@ -61,6 +62,11 @@ step bench_large ${T_LARGE:-120} $PY -m vit_kernels bench vit_large_patch16_224 
   --batch-size 32 --mode inference --providers eager,sdpa,tuned --out "$OUT/files/bench_large" --no-progress
 step bench_b1 ${T_B1:-90} $PY -m vit_kernels bench vit_base_patch16_224 --dtype bf16 --batch-size 1 \
   --mode inference --providers ${B1_PROVIDERS:-eager,sdpa,compile,triton,tuned} --out "$OUT/files/bench_b1" --no-progress
+# Numerically hard inputs and the backward's NaN/Inf pattern on the device's own kernels (only the interpreter
+# has run them: an fp32 tf32x3 dot splits an Inf into Inf and Inf - Inf = NaN, so fp32 GEMMs may give NaN where
+# eager gives +-Inf), and the gradients of every argument layout
+step hard_inputs ${T_HARD:-120} $PY -m pytest -q -p no:cacheprovider tests/test_hard_inputs.py tests/test_backward.py \
+  tests/test_layouts.py -k "nan_and_inf or gelu_epilogue or layout_gradients" -x -rs --durations=5
 step host_time_gpu ${T_HOST:-60} $PY -m pytest -q -m gpu -p no:cacheprovider benchmarks/test_host_time.py \
   --benchmark-only -s -k real_launches
 wait $BUILD; tail -n 5 "$OUT/files/cuda_build.log" | tee -a "$LOG"
