@@ -64,7 +64,8 @@ step bench_b1 ${T_B1:-90} $PY -m vit_kernels bench vit_base_patch16_224 --dtype 
   --mode inference --providers ${B1_PROVIDERS:-eager,sdpa,compile,triton,tuned} --out "$OUT/files/bench_b1" --no-progress
 # Numerically hard inputs and the backward's NaN/Inf pattern on the device's own kernels (only the interpreter
 # has run them; an fp32 tf32x3 dot splits an Inf into Inf and Inf - Inf = NaN, which Triton's F32DotTC pass
-# masks out of the small parts' products, so Inf should stay Inf as in eager: not yet seen on a device), and
+# masks out of the small parts' products (Triton 3.8, sm_90 TTGIR: cmpf uno + select), so Inf should stay
+# Inf as in eager: not yet seen on a device), and
 # the gradients of every argument layout
 step hard_inputs ${T_HARD:-120} $PY -m pytest -q -p no:cacheprovider tests/test_hard_inputs.py tests/test_backward.py \
   tests/test_layouts.py -k "nan_and_inf or gelu_epilogue or layout_gradients" -x -rs --durations=5
