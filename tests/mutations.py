@@ -927,6 +927,30 @@ MUTATIONS: List[Mutation] = [
         "isinstance(m, OptimizedModule) for m",
         ("tests/test_analysis.py", "-k", "compiled"),
     ),
+    # geometry(model) of a non-square timm model (img_size=(32, 48)) from its height alone: a 4x4 grid for 4x6.
+    Mutation(
+        "analysis-model-size-from-height",
+        "vit_kernels/analysis.py",
+        "        return int(size[0]), int(size[1])\n",
+        "        return int(size[0]), int(size[0])\n",
+        ("tests/test_analysis_families.py", "-k", "non_square_32x48"),
+    ),
+    # DeiT's distillation token not counted as a prefix token: refused as a token-count mismatch / reshape error.
+    Mutation(
+        "analysis-deit-distillation-token-uncounted",
+        "vit_kernels/analysis.py",
+        "p, prefix, depth = cfg.patch_size, 1 + int(distill), cfg.num_hidden_layers",
+        "p, prefix, depth = cfg.patch_size, 1, cfg.num_hidden_layers",
+        ("tests/test_analysis_families.py", "-k", "hf_deit"),
+    ),
+    # vit-pytorch pool="mean" (no class token) reported as having one (class_token=True, 0 prefix tokens).
+    Mutation(
+        "analysis-vit-pytorch-mean-pool-class-token",
+        "vit_kernels/analysis.py",
+        "        depth, cls = len(model.transformer.layers), prefix > 0\n",
+        "        depth = len(model.transformer.layers)\n",
+        ("tests/test_analysis_families.py", "-k", "vit_pytorch_mean"),
+    ),
     # attention-map --out taken as given: a folder or a name Pillow cannot write found after the model ran.
     Mutation(
         "attention-map-out-unchecked",

@@ -32,9 +32,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclasses.dataclass(frozen=True)
 class Geometry:
     """img_size: input side in pixels ((height, width) for a non-square input); patch_size: pixels per
-    patch; grid: (grid_h, grid_w); prefix_tokens: class token + registers in front of the patches;
-    depth: attention layers; class_token: whether token 0 is a class token (False: the prefix, if any,
-    is registers only)."""
+    patch; grid: (grid_h, grid_w); prefix_tokens: class token + registers (or DeiT's distillation
+    token) in front of the patches; depth: attention layers; class_token: whether token 0 is a class
+    token (False: the prefix, if any, is registers only)."""
 
     img_size: Union[int, Tuple[int, int]]
     patch_size: int
@@ -47,16 +47,16 @@ class Geometry:
 def geometry(model: nn.Module, img_size: Union[int, Sequence[int], None] = None) -> Geometry:
     """Image size, patch size, prefix tokens and depth read from a ViT of a known family. img_size: the
     input's side or (height, width) (default: the model's image size)."""
-    from .models.registry import image_spec
-
     if isinstance(img_size, (tuple, list, torch.Size)):
         h, w = (int(v) for v in img_size)
     else:
-        h = w = img_size or image_spec(model)[0]
+        h, w = (img_size, img_size) if img_size else _image_size(model)
     cfg = getattr(model, "config", None)
-    cls = True  # every family but timm's and the reference ViT's always has one
+    cls = True  # every family but timm's, vit-pytorch's and the reference ViT's always has one
     if cfg is not None and hasattr(cfg, "patch_size"):  # transformers
-        p, prefix, depth = cfg.patch_size, 1, cfg.num_hidden_layers
+        # DeiT's embeddings put a distillation token after the class token
+        distill = any(isinstance(getattr(m, "distillation_token", None), Tensor) for m in model.modules())
+        p, prefix, depth = cfg.patch_size, 1 + int(distill), cfg.num_hidden_layers
     elif hasattr(model, "blocks") and hasattr(model, "patch_embed"):  # timm, vit_kernels
         pe = model.patch_embed
         p = pe.patch_size if isinstance(pe.patch_size, int) else pe.patch_size[0]
@@ -67,8 +67,8 @@ def geometry(model: nn.Module, img_size: Union[int, Sequence[int], None] = None)
     elif hasattr(model, "to_patch_embedding"):  # vit-pytorch
         p = model.to_patch_embedding[0].axes_lengths["p1"]
         token = model.cls_token
-        prefix = token.shape[-2] if token.dim() == 3 else token.shape[0]
-        depth = len(model.transformer.layers)
+        prefix = token.shape[-2] if token.dim() == 3 else token.shape[0]  # 0 with pool="mean"
+        depth, cls = len(model.transformer.layers), prefix > 0
     else:
         raise ValueError(
             f"model: expected a ViT of a known family (vit_kernels, timm, torchvision, transformers, "
@@ -79,6 +79,19 @@ def geometry(model: nn.Module, img_size: Union[int, Sequence[int], None] = None)
     if h is None or h % p or w % p:
         raise ValueError(f"img_size: expected a multiple of the patch size {p}, got {img}")
     return Geometry(img, p, (h // p, w // p), prefix, depth, cls)
+
+
+def _image_size(model: nn.Module) -> Tuple[Optional[int], Optional[int]]:
+    """The model's own input (height, width): timm's ``patch_embed.img_size`` and transformers'
+    ``config.image_size`` may be a pair; the other families have one side (registry.image_spec)."""
+    from .models.registry import image_spec
+
+    cfg = getattr(model, "config", None)
+    size = getattr(cfg, "image_size", None) or getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(size, (tuple, list)):
+        return int(size[0]), int(size[1])
+    side = image_spec(model)[0]
+    return side, side
 
 
 def _geometry_of(model: nn.Module, images: Tensor, geo: Optional[Geometry]) -> Geometry:
