@@ -190,7 +190,7 @@ def build_family(family, monkeypatch):
     if family.startswith("hf"):
         transformers = pytest.importorskip("transformers")
         kw = dict(hidden_size=DIM, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=128)
-        kw.update(image_size=32, patch_size=8)
+        kw.update(image_size=(32, 48) if family == "hf_vit_32x48" else 32, patch_size=8)
         if family == "hf_deit":  # class and distillation tokens; DeiTLayer is ViTLayer's copy (swap.hf)
             from transformers.models.deit.modeling_deit import DeiTLayer
 
@@ -204,7 +204,14 @@ def build_family(family, monkeypatch):
         make_heads_differ([(a.q_proj.weight, a.k_proj.weight) for a in (layer.attention for layer in base.layers)])
         if family == "hf_vit_24x40":
             return model, probs_hf, (24, 40), 1, True, dict(interpolate_pos_encoding=True)
-        return model, probs_hf, (32, 32), 2 if family == "hf_deit" else 1, True, {}
+        return (
+            model,
+            probs_hf,
+            (32, 48) if family == "hf_vit_32x48" else (32, 32),
+            2 if family == "hf_deit" else 1,
+            True,
+            {},
+        )
     if family == "torchvision":
         torchvision = pytest.importorskip("torchvision")
         model = torchvision.models.VisionTransformer(
@@ -225,11 +232,13 @@ def build_family(family, monkeypatch):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize(
-    "family", ["hf_vit", "hf_vit_24x40", "hf_deit", "torchvision", "vit_pytorch_cls", "vit_pytorch_mean"]
+    "family",
+    ["hf_vit", "hf_vit_32x48", "hf_vit_24x40", "hf_deit", "torchvision", "vit_pytorch_cls", "vit_pytorch_mean"],
 )
 def test_other_families_against_their_own_softmax(family, backend, monkeypatch):
-    """transformers' ViT (square; 24x40 with interpolate_pos_encoding, the fused model called through a
-    wrapper with an explicit Geometry), DeiT (class + distillation token: geometry said 1 prefix
+    """transformers' ViT (square; configured 32x48, whose geometry(model) took 32 for both sides;
+    24x40 with interpolate_pos_encoding, the fused model called through a wrapper with an explicit
+    Geometry), DeiT (class + distillation token: geometry said 1 prefix
     token, so the distance was refused as a token-count mismatch and the maps failed to reshape),
     torchvision's ViT, vit-pytorch with pool "cls" and "mean" (no class token: geometry said
     class_token=True with 0 prefix tokens) against the oracle."""
@@ -244,6 +253,8 @@ def test_other_families_against_their_own_softmax(family, backend, monkeypatch):
         class_token,
         2,
     )
+    if not call:  # the model's own size
+        assert analysis.geometry(fused) == geo
     want = oracle(probs(model.double(), x.double(), **call), prefix, geo.grid, 8)
     assert_oracle_tells_apart(want)
     check_against_oracle(Interpolating(fused) if call else fused, x, want, geo, class_token)
