@@ -951,6 +951,22 @@ MUTATIONS: List[Mutation] = [
         "        depth = len(model.transformer.layers)\n",
         ("tests/test_analysis_families.py", "-k", "vit_pytorch_mean"),
     ),
+    # attention-distance's random images square at the first side of a non-square model's (height, width).
+    Mutation(
+        "attention-distance-random-images-square",
+        "vit_kernels/commands/attention_distance.py",
+        "*(side * geo.patch_size for side in geo.grid)",
+        "geo.grid[0] * geo.patch_size, geo.grid[0] * geo.patch_size",
+        ("tests/test_analysis_families.py", "-k", "commands"),
+    ),
+    # attention-map's panels square whatever the input's aspect (a 4x6 map stretched over a square picture).
+    Mutation(
+        "attention-map-square-panels",
+        "vit_kernels/commands/attention_map.py",
+        "resize((DISPLAY * w // max(h, w), DISPLAY * h // max(h, w)), Image.BICUBIC)",
+        "resize((DISPLAY, DISPLAY), Image.BICUBIC)",
+        ("tests/test_analysis_families.py", "-k", "commands"),
+    ),
     # attention-map --out taken as given: a folder or a name Pillow cannot write found after the model ran.
     Mutation(
         "attention-map-out-unchecked",

@@ -11,6 +11,7 @@ so heads, layers or samples that changed places would show (the test checks the 
 apart). Tiny models (2 layers, dim 64, 2 heads, 8- to 16-pixel patches, 16-48 px images)."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -294,3 +295,33 @@ def test_per_sample_statistics_keep_batch_and_head_order(backend, dtype):
     rows = torch.stack([r.rows[:, :, 0, 3:].reshape(3, HEADS, 4, 4) for r in rec])
     assert_close(distance, want["per_sample"], base["per_sample"], name="per-sample distance")
     assert_close(rows, want["cls"], base["cls"], name="class-token rows")
+
+
+def test_attention_commands_on_a_non_square_model(tmp_path, capsys):
+    """attention-distance on a transformers config of image_size (32, 48): the random images are
+    32x48 and the JSON holds the oracle's distances on a 4x6 grid; attention-map draws 224x149 panels
+    (the input's aspect). They ran 32x32 images (the model refused them) while geometry read one side;
+    then randn and the image loader got the (height, width) pair as a side."""
+    transformers = pytest.importorskip("transformers")
+    Image = pytest.importorskip("PIL.Image")
+    from vit_kernels import cli
+    from vit_kernels.commands import verify as verify_cmd
+
+    cfg = dict(hidden_size=DIM, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=128, patch_size=8)
+    transformers.ViTConfig(image_size=[32, 48], **cfg).save_pretrained(tmp_path / "hf")
+    argv = ["attention-distance", "--model", f"hf:{tmp_path / 'hf'}", "--backend", "torch", "--batch-size", "2"]
+    argv += ["--seed", "3", "--out-dir", str(tmp_path / "out")]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    meta = json.load(open(tmp_path / "out" / "attention_distance.json"))
+    assert (meta["img_size"], meta["grid"], meta["prefix_tokens"]) == ([32, 48], [4, 6], 1)
+    torch.manual_seed(3)  # the model and the images as the command makes them
+    model = verify_cmd.build(meta["model"], cli.build_parser()[0].parse_args(argv)).eval()
+    x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(3))
+    want = oracle(probs_hf(model.double(), x.double()), 1, (4, 6), 8)["distance"]
+    assert_close(torch.tensor(meta["distance_px"]), want, name="attention_distance.json")
+    image = tmp_path / "a.png"
+    Image.new("RGB", (60, 40), (30, 60, 120)).save(image)
+    argv = ["attention-map", str(image), *argv[1:5], "--out", str(tmp_path / "map.png")]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    with Image.open(tmp_path / "map.png") as im:
+        assert im.size == (3 * (224 + 4) + 4, 149 + 14 + 4 + 4)  # the original and 2 layers' maps

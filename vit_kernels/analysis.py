@@ -185,14 +185,15 @@ def mean_attention_distance(model: nn.Module, images: Tensor, geo: Optional[Geom
 
 
 # ---------------------------------------------------------------------------- images and pictures
-def load_image(path: str, size: int):
-    """(PIL RGB image resized to size x size, (1, 3, size, size) float32 tensor normalised with
-    ImageNet's mean and std)."""
+def load_image(path: str, size: Union[int, Tuple[int, int]]):
+    """(PIL RGB image resized to size: a side, or (height, width); (1, 3, height, width) float32
+    tensor normalised with ImageNet's mean and std)."""
     from PIL import Image
 
+    h, w = (size, size) if isinstance(size, int) else size
     with Image.open(path) as im:
-        img = im.convert("RGB").resize((size, size), Image.BICUBIC)
-    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
+        img = im.convert("RGB").resize((w, h), Image.BICUBIC)
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(h, w, 3)
     x = x.permute(2, 0, 1).float().div(255)
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return img, ((x - mean) / std).unsqueeze(0)
@@ -229,9 +230,9 @@ def panels(images: Sequence, labels: Sequence[str], columns: int, scale: int = 1
     return sheet
 
 
-def plot_distances(distances: Tensor, path: str, title: str, img_size: int) -> None:
+def plot_distances(distances: Tensor, path: str, title: str, img_size: Union[int, Tuple[int, int]]) -> None:
     """The paper's figure: layer on x, mean attention distance (pixels) on y from 0, one dot per
-    head. The y axis runs to at least 0.6 x the image side (the paper's range at 224 px)."""
+    head. The y axis runs to at least 0.6 x the image's (longer) side (the paper's range at 224 px)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,7 +247,8 @@ def plot_distances(distances: Tensor, path: str, title: str, img_size: int) -> N
     ax.set_xlabel("network depth (layer)")
     ax.set_ylabel("mean attention distance (pixels)")
     ax.set_xticks(range(1, L + 1))
-    ax.set_ylim(0, max(0.6 * img_size, 1.1 * distances.max().item()))
+    side = img_size if isinstance(img_size, int) else max(img_size)
+    ax.set_ylim(0, max(0.6 * side, 1.1 * distances.max().item()))
     ax.set_title(title, fontsize=8, wrap=True)
     if H <= 16:
         ax.legend(fontsize=6, loc="lower right", ncol=2)
