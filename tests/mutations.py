@@ -951,6 +951,14 @@ MUTATIONS: List[Mutation] = [
         "        depth = len(model.transformer.layers)\n",
         ("tests/test_analysis_families.py", "-k", "vit_pytorch_mean"),
     ),
+    # The distance kernel's (batch * heads) programs writing in (heads, batch) order: samples and heads mixed.
+    Mutation(
+        "attention-stats-distance-batch-heads-order",
+        "vit_kernels/triton/attention_stats.py",
+        "    tl.store(dist_ptr + pid_bh.to(tl.int64) * NP + offs_m, acc, mask=mask_m)",
+        "    tl.store(dist_ptr + (h * (tl.num_programs(0) // H) + b) * NP + offs_m, acc, mask=mask_m)",
+        ("tests/test_analysis_families.py", "-k", "per_sample and triton"),
+    ),
     # attention-distance's random images square at the first side of a non-square model's (height, width).
     Mutation(
         "attention-distance-random-images-square",

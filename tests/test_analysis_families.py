@@ -263,7 +263,13 @@ def test_other_families_against_their_own_softmax(family, backend, monkeypatch):
 
 @pytest.mark.parametrize(
     "backend,dtype",
-    [("triton", torch.float32), ("triton", torch.float16), ("torch", torch.float32), ("torch", torch.bfloat16)],
+    [
+        ("triton", torch.float32),
+        ("triton", torch.float16),
+        ("cuda", torch.float32),  # csrc/attention/stats.cu (the host emulator on CPU tensors)
+        ("torch", torch.float32),
+        ("torch", torch.bfloat16),
+    ],
 )
 def test_per_sample_statistics_keep_batch_and_head_order(backend, dtype):
     """What the fused kernels record per layer, (batch, heads) distances and (batch, heads, 1, tokens)
@@ -272,6 +278,12 @@ def test_per_sample_statistics_keep_batch_and_head_order(backend, dtype):
     interpreter refuses it). Catches a (batch * heads) order mixed up between the kernels' grid and
     the host (the earlier tests average the distance over the batch)."""
     timm = pytest.importorskip("timm")
+    if backend == "cuda":
+        from vit_kernels import cuda
+
+        why = cuda.unavailable_reason(torch.device("cpu"))
+        if why:
+            pytest.skip(f"CUDA C++ backend unavailable on the CPU: {why}")
     torch.manual_seed(0)
     model = timm.create_model(
         "vit_tiny_patch16_224",
