@@ -951,6 +951,14 @@ MUTATIONS: List[Mutation] = [
         "        depth = len(model.transformer.layers)\n",
         ("tests/test_analysis_families.py", "-k", "vit_pytorch_mean"),
     ),
+    # Non-square patches taken at their height: a wrong grid, then token-count and reshape errors.
+    Mutation(
+        "analysis-non-square-patches-accepted",
+        "vit_kernels/analysis.py",
+        "        if p[0] != p[1]:  # the grid",
+        "        if False:  # the grid",
+        ("tests/test_analysis_families.py", "-k", "non_square_patches"),
+    ),
     # The distance kernel's (batch * heads) programs writing in (heads, batch) order: samples and heads mixed.
     Mutation(
         "attention-stats-distance-batch-heads-order",

@@ -337,3 +337,25 @@ def test_attention_commands_on_a_non_square_model(tmp_path, capsys):
     assert cli.main(argv) == 0, capsys.readouterr().err
     with Image.open(tmp_path / "map.png") as im:
         assert im.size == (3 * (224 + 4) + 4, 149 + 14 + 4 + 4)  # the original and 2 layers' maps
+
+
+@pytest.mark.parametrize("fn", ["geometry", "cls_attention", "attention_rollout", "mean_attention_distance"])
+def test_non_square_patches_are_refused(fn):
+    """timm with patch_size=(16, 8) (a 2x4 grid at 32x32): refused naming the patch size. geometry took
+    the height, 16, for both sides: a 2x2 grid, then a token-count error for the distance and a
+    reshape error for the maps."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=(16, 8),
+        embed_dim=DIM,
+        depth=2,
+        num_heads=HEADS,
+    )
+    fused = vk.fuse(model.eval(), backend="torch")
+    with pytest.raises(
+        ValueError, match=r"^model: expected square patches, got patch size \(16, 8\) \(height, width\)$"
+    ):
+        getattr(analysis, fn)(fused, *([] if fn == "geometry" else [torch.randn(1, 3, 32, 32)]))

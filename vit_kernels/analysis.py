@@ -59,7 +59,7 @@ def geometry(model: nn.Module, img_size: Union[int, Sequence[int], None] = None)
         p, prefix, depth = cfg.patch_size, 1 + int(distill), cfg.num_hidden_layers
     elif hasattr(model, "blocks") and hasattr(model, "patch_embed"):  # timm, vit_kernels
         pe = model.patch_embed
-        p = pe.patch_size if isinstance(pe.patch_size, int) else pe.patch_size[0]
+        p = pe.patch_size
         prefix, depth = model.num_prefix_tokens, len(model.blocks)
         cls = getattr(model, "cls_token", None) is not None
     elif hasattr(model, "conv_proj") and hasattr(model, "encoder"):  # torchvision
@@ -74,7 +74,10 @@ def geometry(model: nn.Module, img_size: Union[int, Sequence[int], None] = None)
             f"model: expected a ViT of a known family (vit_kernels, timm, torchvision, transformers, "
             f"vit-pytorch), got {type(model).__name__}"
         )
-    p = p[0] if isinstance(p, (tuple, list)) else p
+    if isinstance(p, (tuple, list)):
+        if p[0] != p[1]:  # the grid, the distance's unit and the kernels' patch centres take one side
+            raise ValueError(f"model: expected square patches, got patch size {tuple(p)} (height, width)")
+        p = p[0]
     img = h if h == w else (h, w)
     if h is None or h % p or w % p:
         raise ValueError(f"img_size: expected a multiple of the patch size {p}, got {img}")
