@@ -927,6 +927,62 @@ MUTATIONS: List[Mutation] = [
         "isinstance(m, OptimizedModule) for m",
         ("tests/test_analysis.py", "-k", "compiled"),
     ),
+    # geometry(model) of a non-square timm model (img_size=(32, 48)) from its height alone: a 4x4 grid for 4x6.
+    Mutation(
+        "analysis-model-size-from-height",
+        "vit_kernels/analysis.py",
+        "        return int(size[0]), int(size[1])\n",
+        "        return int(size[0]), int(size[0])\n",
+        ("tests/test_analysis_families.py", "-k", "non_square_32x48"),
+    ),
+    # DeiT's distillation token not counted as a prefix token: refused as a token-count mismatch / reshape error.
+    Mutation(
+        "analysis-deit-distillation-token-uncounted",
+        "vit_kernels/analysis.py",
+        "p, prefix, depth = cfg.patch_size, 1 + int(distill), cfg.num_hidden_layers",
+        "p, prefix, depth = cfg.patch_size, 1, cfg.num_hidden_layers",
+        ("tests/test_analysis_families.py", "-k", "hf_deit"),
+    ),
+    # vit-pytorch pool="mean" (no class token) reported as having one (class_token=True, 0 prefix tokens).
+    Mutation(
+        "analysis-vit-pytorch-mean-pool-class-token",
+        "vit_kernels/analysis.py",
+        "        depth, cls = len(model.transformer.layers), prefix > 0\n",
+        "        depth = len(model.transformer.layers)\n",
+        ("tests/test_analysis_families.py", "-k", "vit_pytorch_mean"),
+    ),
+    # Non-square patches taken at their height: a wrong grid, then token-count and reshape errors.
+    Mutation(
+        "analysis-non-square-patches-accepted",
+        "vit_kernels/analysis.py",
+        "        if p[0] != p[1]:  # the grid",
+        "        if False:  # the grid",
+        ("tests/test_analysis_families.py", "-k", "non_square_patches"),
+    ),
+    # The distance kernel's (batch * heads) programs writing in (heads, batch) order: samples and heads mixed.
+    Mutation(
+        "attention-stats-distance-batch-heads-order",
+        "vit_kernels/triton/attention_stats.py",
+        "    tl.store(dist_ptr + pid_bh.to(tl.int64) * NP + offs_m, acc, mask=mask_m)",
+        "    tl.store(dist_ptr + (h * (tl.num_programs(0) // H) + b) * NP + offs_m, acc, mask=mask_m)",
+        ("tests/test_analysis_families.py", "-k", "per_sample and triton"),
+    ),
+    # attention-distance's random images square at the first side of a non-square model's (height, width).
+    Mutation(
+        "attention-distance-random-images-square",
+        "vit_kernels/commands/attention_distance.py",
+        "*(side * geo.patch_size for side in geo.grid)",
+        "geo.grid[0] * geo.patch_size, geo.grid[0] * geo.patch_size",
+        ("tests/test_analysis_families.py", "-k", "commands"),
+    ),
+    # attention-map's panels square whatever the input's aspect (a 4x6 map stretched over a square picture).
+    Mutation(
+        "attention-map-square-panels",
+        "vit_kernels/commands/attention_map.py",
+        "resize((DISPLAY * w // max(h, w), DISPLAY * h // max(h, w)), Image.BICUBIC)",
+        "resize((DISPLAY, DISPLAY), Image.BICUBIC)",
+        ("tests/test_analysis_families.py", "-k", "commands"),
+    ),
     # attention-map --out taken as given: a folder or a name Pillow cannot write found after the model ran.
     Mutation(
         "attention-map-out-unchecked",

@@ -32,9 +32,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclasses.dataclass(frozen=True)
 class Geometry:
     """img_size: input side in pixels ((height, width) for a non-square input); patch_size: pixels per
-    patch; grid: (grid_h, grid_w); prefix_tokens: class token + registers in front of the patches;
-    depth: attention layers; class_token: whether token 0 is a class token (False: the prefix, if any,
-    is registers only)."""
+    patch; grid: (grid_h, grid_w); prefix_tokens: class token + registers (or DeiT's distillation
+    token) in front of the patches; depth: attention layers; class_token: whether token 0 is a class
+    token (False: the prefix, if any, is registers only)."""
 
     img_size: Union[int, Tuple[int, int]]
     patch_size: int
@@ -47,19 +47,19 @@ class Geometry:
 def geometry(model: nn.Module, img_size: Union[int, Sequence[int], None] = None) -> Geometry:
     """Image size, patch size, prefix tokens and depth read from a ViT of a known family. img_size: the
     input's side or (height, width) (default: the model's image size)."""
-    from .models.registry import image_spec
-
     if isinstance(img_size, (tuple, list, torch.Size)):
         h, w = (int(v) for v in img_size)
     else:
-        h = w = img_size or image_spec(model)[0]
+        h, w = (img_size, img_size) if img_size else _image_size(model)
     cfg = getattr(model, "config", None)
-    cls = True  # every family but timm's and the reference ViT's always has one
+    cls = True  # every family but timm's, vit-pytorch's and the reference ViT's always has one
     if cfg is not None and hasattr(cfg, "patch_size"):  # transformers
-        p, prefix, depth = cfg.patch_size, 1, cfg.num_hidden_layers
+        # DeiT's embeddings put a distillation token after the class token
+        distill = any(isinstance(getattr(m, "distillation_token", None), Tensor) for m in model.modules())
+        p, prefix, depth = cfg.patch_size, 1 + int(distill), cfg.num_hidden_layers
     elif hasattr(model, "blocks") and hasattr(model, "patch_embed"):  # timm, vit_kernels
         pe = model.patch_embed
-        p = pe.patch_size if isinstance(pe.patch_size, int) else pe.patch_size[0]
+        p = pe.patch_size
         prefix, depth = model.num_prefix_tokens, len(model.blocks)
         cls = getattr(model, "cls_token", None) is not None
     elif hasattr(model, "conv_proj") and hasattr(model, "encoder"):  # torchvision
@@ -67,18 +67,34 @@ def geometry(model: nn.Module, img_size: Union[int, Sequence[int], None] = None)
     elif hasattr(model, "to_patch_embedding"):  # vit-pytorch
         p = model.to_patch_embedding[0].axes_lengths["p1"]
         token = model.cls_token
-        prefix = token.shape[-2] if token.dim() == 3 else token.shape[0]
-        depth = len(model.transformer.layers)
+        prefix = token.shape[-2] if token.dim() == 3 else token.shape[0]  # 0 with pool="mean"
+        depth, cls = len(model.transformer.layers), prefix > 0
     else:
         raise ValueError(
             f"model: expected a ViT of a known family (vit_kernels, timm, torchvision, transformers, "
             f"vit-pytorch), got {type(model).__name__}"
         )
-    p = p[0] if isinstance(p, (tuple, list)) else p
+    if isinstance(p, (tuple, list)):
+        if p[0] != p[1]:  # the grid, the distance's unit and the kernels' patch centres take one side
+            raise ValueError(f"model: expected square patches, got patch size {tuple(p)} (height, width)")
+        p = p[0]
     img = h if h == w else (h, w)
     if h is None or h % p or w % p:
         raise ValueError(f"img_size: expected a multiple of the patch size {p}, got {img}")
     return Geometry(img, p, (h // p, w // p), prefix, depth, cls)
+
+
+def _image_size(model: nn.Module) -> Tuple[Optional[int], Optional[int]]:
+    """The model's own input (height, width): timm's ``patch_embed.img_size`` and transformers'
+    ``config.image_size`` may be a pair; the other families have one side (registry.image_spec)."""
+    from .models.registry import image_spec
+
+    cfg = getattr(model, "config", None)
+    size = getattr(cfg, "image_size", None) or getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(size, (tuple, list)):
+        return int(size[0]), int(size[1])
+    side = image_spec(model)[0]
+    return side, side
 
 
 def _geometry_of(model: nn.Module, images: Tensor, geo: Optional[Geometry]) -> Geometry:
@@ -172,14 +188,15 @@ def mean_attention_distance(model: nn.Module, images: Tensor, geo: Optional[Geom
 
 
 # ---------------------------------------------------------------------------- images and pictures
-def load_image(path: str, size: int):
-    """(PIL RGB image resized to size x size, (1, 3, size, size) float32 tensor normalised with
-    ImageNet's mean and std)."""
+def load_image(path: str, size: Union[int, Tuple[int, int]]):
+    """(PIL RGB image resized to size: a side, or (height, width); (1, 3, height, width) float32
+    tensor normalised with ImageNet's mean and std)."""
     from PIL import Image
 
+    h, w = (size, size) if isinstance(size, int) else size
     with Image.open(path) as im:
-        img = im.convert("RGB").resize((size, size), Image.BICUBIC)
-    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
+        img = im.convert("RGB").resize((w, h), Image.BICUBIC)
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(h, w, 3)
     x = x.permute(2, 0, 1).float().div(255)
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return img, ((x - mean) / std).unsqueeze(0)
@@ -216,9 +233,9 @@ def panels(images: Sequence, labels: Sequence[str], columns: int, scale: int = 1
     return sheet
 
 
-def plot_distances(distances: Tensor, path: str, title: str, img_size: int) -> None:
+def plot_distances(distances: Tensor, path: str, title: str, img_size: Union[int, Tuple[int, int]]) -> None:
     """The paper's figure: layer on x, mean attention distance (pixels) on y from 0, one dot per
-    head. The y axis runs to at least 0.6 x the image side (the paper's range at 224 px)."""
+    head. The y axis runs to at least 0.6 x the image's (longer) side (the paper's range at 224 px)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,7 +250,8 @@ def plot_distances(distances: Tensor, path: str, title: str, img_size: int) -> N
     ax.set_xlabel("network depth (layer)")
     ax.set_ylabel("mean attention distance (pixels)")
     ax.set_xticks(range(1, L + 1))
-    ax.set_ylim(0, max(0.6 * img_size, 1.1 * distances.max().item()))
+    side = img_size if isinstance(img_size, int) else max(img_size)
+    ax.set_ylim(0, max(0.6 * side, 1.1 * distances.max().item()))
     ax.set_title(title, fontsize=8, wrap=True)
     if H <= 16:
         ax.legend(fontsize=6, loc="lower right", ncol=2)

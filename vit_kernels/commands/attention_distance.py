@@ -62,7 +62,7 @@ def run(args) -> int:
     else:
         g = torch.Generator().manual_seed(args.seed)
         n = RANDOM_IMAGES if args.batch_size is None else args.batch_size
-        x = torch.randn(n, 3, geo.img_size, geo.img_size, generator=g)
+        x = torch.randn(n, 3, *(side * geo.patch_size for side in geo.grid), generator=g)
         source = f"{n} random normal image(s)"
     dist = analysis.mean_attention_distance(model, x, geo)  # (layers, heads)
     os.makedirs(args.out_dir, exist_ok=True)

@@ -21,7 +21,7 @@ import torch
 from .arguments import image_file, image_out_file, positive_int, refuse_combination
 from ..models import registry
 
-DISPLAY = 224  # side of each panel in the PNG, pixels
+DISPLAY = 224  # the longer side of each panel in the PNG, pixels
 
 
 def add_model_arguments(p) -> None:
@@ -108,7 +108,8 @@ def run(args) -> int:
     model, geo = build_fused(args)
     _, x = analysis.load_image(args.image, geo.img_size)
     with Image.open(args.image) as im:
-        shown = im.convert("RGB").resize((DISPLAY, DISPLAY), Image.BICUBIC)
+        h, w = geo.grid  # panels of DISPLAY pixels on the longer side, the input's aspect
+        shown = im.convert("RGB").resize((DISPLAY * w // max(h, w), DISPLAY * h // max(h, w)), Image.BICUBIC)
     if args.rollout:
         roll = analysis.attention_rollout(model, x, geo)[0]
         pictures = [shown, analysis.overlay(shown, roll)]
