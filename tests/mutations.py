@@ -295,6 +295,15 @@ MUTATIONS: List[Mutation] = [
         "",
         ("tests/test_compile.py", "-k", "forward_only"),
     ),
+    # The registered Triton backward reading a strided layer scale as the caller passed it (the forward read
+    # the dispatch's contiguous copy): wrong input and weight gradients, silently, under torch.compile.
+    Mutation(
+        "backward-strided-layer-scale",
+        "vit_kernels/library.py",
+        '    "linear": (2, 4),\n}\n',
+        '    "linear": (2,),\n}\n',
+        ("tests/test_library.py", "-k", "strided_params and linear"),
+    ),
     # The backward op returning the residual's gradient as grad itself (an output aliasing an input).
     Mutation(
         "backward-op-gradient-aliases-input",
