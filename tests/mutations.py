@@ -295,6 +295,15 @@ MUTATIONS: List[Mutation] = [
         "",
         ("tests/test_compile.py", "-k", "forward_only"),
     ),
+    # The Triton backward of linear taking the grad as AOT autograd passes it (loss = out.sum(): stride 0)
+    # instead of its dense copy.
+    Mutation(
+        "backward-grad-not-dense",
+        "vit_kernels/autograd.py",
+        "    g = dense(grad).reshape(-1, N)\n",
+        "    g = grad.reshape(-1, N)\n",
+        ("tests/test_library.py", "-k", "test_backward_custom_op and linear and not flops"),
+    ),
     # The registered Triton backward reading a strided layer scale as the caller passed it (the forward read
     # the dispatch's contiguous copy): wrong input and weight gradients, silently, under torch.compile.
     Mutation(

@@ -171,7 +171,9 @@ def test_custom_op_output_and_backward_against_oracle(op, dtype, backend, monkey
 def test_backward_custom_op(op):
     """The Triton backward as a custom op, ``<op>_backward`` (the node a traced backward holds:
     torch.compile's AOT autograd): opcheck (schema, fake tensor, AOT dispatch), and its gradients
-    equal those of the eager Triton backward (the same kernels); bad flags refused by name."""
+    equal those of the eager Triton backward (the same kernels), and those of a dense grad for a grad of
+    stride 0, offset or permuted (AOT passes ``out.sum()``'s expanded one as it is); bad flags refused by
+    name."""
     n = library.N_TENSORS[op]
     args = inputs(op, "vit", torch.float32, "triton", requires_grad=True)
     out = getattr(torch.ops.vit_kernels, op)(*args)
@@ -187,6 +189,18 @@ def test_backward_custom_op(op):
         assert g.is_contiguous() and g.shape == saved[i].shape, i
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"{op}_backward: gradient of argument {i}")
     torch.library.opcheck(backward.default, (grad, saved, *args[n:], needs))
+    # grads as AOT autograd may pass them: of stride 0 (loss = out.sum(): an expanded one), offset, permuted
+    row = torch.randn(out.shape[-1], generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    flat = torch.randn(out.numel() + 1, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    permuted = grad.permute(*reversed(range(grad.dim()))).contiguous().permute(*reversed(range(grad.dim())))
+    for name, g in (("expanded", row.expand(out.shape)), ("offset", flat[1:].view(out.shape)), ("permuted", permuted)):
+        assert not g.is_contiguous() or g.storage_offset() == 1, name
+        for i, got_g, want_g in zip(
+            present, backward(g, saved, *args[n:], needs), backward(g.contiguous(), saved, *args[n:], needs)
+        ):
+            torch.testing.assert_close(
+                got_g, want_g, rtol=1e-6, atol=1e-6, msg=f"{op}_backward, {name} grad: argument {i}"
+            )
     with pytest.raises(ValueError, match=r"^saved, needs: expected"):
         backward(grad, saved, *args[n:], needs[:-1])
     with pytest.raises(ValueError, match=r"^backend: expected 'triton'"):
