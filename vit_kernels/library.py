@@ -271,7 +271,8 @@ def _recompute_vjp(op: str, ctx, grad: Tensor) -> tuple:
 
 def _backward(op: str) -> Callable:
     """The backward registered for ``op`` (``register_autograd``). Backend "triton": run eagerly on
-    plain tensors, the Triton backward kernels (``BACKWARDS[op]``); traced (torch.compile's AOT
+    plain tensors, the Triton backward kernels (``BACKWARDS[op]``, on parameters of other strides copied
+    as the forward's dispatch copies them, :data:`UNIT_STRIDE_PARAMS`); traced (torch.compile's AOT
     autograd, opcheck, a mode: fake or wrapped tensors, which no kernel can take), the custom op
     ``<op>_backward`` (:func:`_traced_triton_backward`), one node of the backward graph that runs those
     kernels when the graph runs; under ``create_graph=True`` a RuntimeError (the kernels have no
