@@ -252,6 +252,29 @@ def test_compile_triton_gradients_of_some_inputs(which, dynamic):
 
 
 @TRITON
+def test_compile_mixed_backends_with_autograd():
+    """One model, its second block with backend torch (traced op by op), the rest triton (custom ops and
+    their backward ops), compiled together under autograd: the gradients meet the float64 unfused
+    model's under the 3x rule, and the Triton forward kernels ran for the triton parts only."""
+    model = build("reference").to(DEVICE)
+    m, x = fused(model, "triton"), images()
+    for mod in m.blocks[1].modules():
+        if hasattr(mod, "backend"):
+            mod.backend = "torch"
+    torch._dynamo.reset()
+    with backends.record_decisions() as calls:
+        out = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    assert [d.op for d in calls] == ["patch_embed", "qkv_attention", "linear", "layernorm_gelu_mlp"], calls
+    assert {d.backend for d in calls} == {"triton"}, calls
+    out.square().sum().backward()
+    model(x).square().sum().backward()
+    m64 = copy.deepcopy(model).double()
+    m64(x.double()).square().sum().backward()
+    for (name, p), q, q64 in zip(m.named_parameters(), model.parameters(), m64.parameters()):
+        assert_close(p.grad, q64.grad, q.grad, factor=3.0, name=f"mixed backends grad {name}")
+
+
+@TRITON
 def test_compile_triton_with_autocast():
     """torch.autocast (bfloat16) around a compiled fused model with backend triton under autograd: the
     output's dtype and values, and the gradients (dtype and values), are eager's."""
