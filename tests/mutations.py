@@ -295,6 +295,24 @@ MUTATIONS: List[Mutation] = [
         "",
         ("tests/test_compile.py", "-k", "forward_only"),
     ),
+    # The Triton backward of linear taking the grad as AOT autograd passes it (loss = out.sum(): stride 0)
+    # instead of its dense copy.
+    Mutation(
+        "backward-grad-not-dense",
+        "vit_kernels/autograd.py",
+        "    g = dense(grad).reshape(-1, N)\n",
+        "    g = grad.reshape(-1, N)\n",
+        ("tests/test_library.py", "-k", "test_backward_custom_op and linear and not flops"),
+    ),
+    # The registered Triton backward reading a strided layer scale as the caller passed it (the forward read
+    # the dispatch's contiguous copy): wrong input and weight gradients, silently, under torch.compile.
+    Mutation(
+        "backward-strided-layer-scale",
+        "vit_kernels/library.py",
+        '    "linear": (2, 4),\n}\n',
+        '    "linear": (2,),\n}\n',
+        ("tests/test_library.py", "-k", "strided_params and linear"),
+    ),
     # The backward op returning the residual's gradient as grad itself (an output aliasing an input).
     Mutation(
         "backward-op-gradient-aliases-input",

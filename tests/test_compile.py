@@ -204,6 +204,110 @@ def test_compile_with_autograd_without_breaks(family, backend, monkeypatch):
         assert_close(p.grad, q64.grad, q.grad, factor=3.0, name=f"{family} ({backend}) grad {name}")
 
 
+def _grads(model: torch.nn.Module) -> dict:
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def _trainable(model: torch.nn.Module, which: str) -> torch.nn.Module:
+    """``model`` with only some parameters requiring grad: "layernorm" (the norms' weights and biases,
+    inside the fused ops), "input" (none: a saliency map)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(which == "layernorm" and "norm" in name)
+    return model
+
+
+@TRITON
+@pytest.mark.parametrize("which, dynamic", [("layernorm", False), ("input", True)])
+def test_compile_triton_gradients_of_some_inputs(which, dynamic):
+    """Backend triton under torch.compile with gradients of only some inputs (the LayerNorm parameters
+    alone; the input image alone, a saliency map), at two batch sizes (dynamic=True: the backward
+    op's fake implementation on symbolic shapes; else the second batch size recompiles): the compiled
+    gradients equal eager's Triton gradients and meet the float64 unfused model's under the 3x rule;
+    a frozen parameter gets no gradient."""
+    model = _trainable(build("reference").to(DEVICE), which)
+    eager, m = _trainable(fused(model, "triton"), which), _trainable(fused(model, "triton"), which)
+    m64 = copy.deepcopy(model).double()
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for batch in (2, 3):
+        x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch)).to(DEVICE)
+        xs = [x.clone().requires_grad_(which == "input") for _ in range(3)] + [
+            x.double().requires_grad_(which == "input")
+        ]
+        for mod in (eager, m, model, m64):
+            mod.zero_grad(set_to_none=True)
+        for f, xi in zip((eager, compiled, model, m64), xs):
+            f(xi).square().sum().backward()
+        got, want, base, oracle = _grads(eager), _grads(m), _grads(model), _grads(m64)
+        for name, p in m.named_parameters():
+            if not p.requires_grad:
+                assert got[name] is None and want[name] is None, name
+                continue
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=f"batch {batch}: {name}")
+            assert_close(got[name], oracle[name], base[name], factor=3.0, name=f"{which}, batch {batch}: {name}")
+        if which == "input":
+            torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-5, atol=1e-5)
+            assert_close(xs[1].grad, xs[3].grad, xs[2].grad, factor=3.0, name=f"saliency, batch {batch}")
+    assert sum(p.grad is not None for p in m.parameters()) == {"layernorm": 10, "input": 0}[which]
+
+
+@TRITON
+def test_compile_mixed_backends_with_autograd():
+    """One model, its second block with backend torch (traced op by op), the rest triton (custom ops and
+    their backward ops), compiled together under autograd: the gradients meet the float64 unfused
+    model's under the 3x rule, and the Triton forward kernels ran for the triton parts only."""
+    model = build("reference").to(DEVICE)
+    m, x = fused(model, "triton"), images()
+    for mod in m.blocks[1].modules():
+        if hasattr(mod, "backend"):
+            mod.backend = "torch"
+    torch._dynamo.reset()
+    with backends.record_decisions() as calls:
+        out = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    assert [d.op for d in calls] == ["patch_embed", "qkv_attention", "linear", "layernorm_gelu_mlp"], calls
+    assert {d.backend for d in calls} == {"triton"}, calls
+    out.square().sum().backward()
+    model(x).square().sum().backward()
+    m64 = copy.deepcopy(model).double()
+    m64(x.double()).square().sum().backward()
+    for (name, p), q, q64 in zip(m.named_parameters(), model.parameters(), m64.parameters()):
+        assert_close(p.grad, q64.grad, q.grad, factor=3.0, name=f"mixed backends grad {name}")
+
+
+@TRITON
+def test_compile_triton_with_autocast():
+    """torch.autocast (bfloat16) around a compiled fused model with backend triton under autograd: the
+    output's dtype and values, and the gradients (dtype and values), are eager's."""
+    model = build("reference").to(DEVICE)
+    eager, m, x = fused(model, "triton"), fused(model, "triton"), images()
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        got, want = compiled(x), eager(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)
+    got.float().square().sum().backward()
+    want.float().square().sum().backward()
+    for (name, p), q in zip(m.named_parameters(), eager.parameters()):
+        assert p.grad.dtype == q.grad.dtype == torch.float32, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@TRITON
+def test_compile_triton_double_backward_raises():
+    """create_graph=True through a compiled backward with the Triton backward op: the second
+    differentiation raises (AOT autograd's own error: the compiled backward has no backward), never a
+    silent None or zero."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 16, generator=g).to(DEVICE).requires_grad_()
+    w = torch.randn(8, 16, generator=g).to(DEVICE).requires_grad_()
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, w: vk.ops.linear(x, w, backend="triton"), backend="aot_eager", fullgraph=True)
+    (gx,) = torch.autograd.grad(f(x, w).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(gx.square().sum(), w, allow_unused=True)
+
+
 @pytest.mark.parametrize("fullgraph", [False, True])
 def test_compile_with_autograd_refuses_a_forward_only_backend(fullgraph):
     """backend="cuda" (forward-only kernels) under torch.compile with an input requiring grad raises the
@@ -249,18 +353,17 @@ def test_compile_reduce_overhead_cuda_graphs(backend):
             check_against_unfused(out, model, x, f"reduce-overhead step {step} ({backend})")
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's CUDA code needs a CUDA device")
-def test_compile_inductor_training_with_triton_kernels():
-    """torch.compile's default compiler (inductor) on a GPU, training the fused reference ViT with backend
-    triton: the forward and backward custom ops run inside the compiled graphs (the Triton backward
-    kernels, not the torch path's recompute); gradients against the unfused model in float64 (3x rule)."""
+def _inductor_training(device):
+    """The fused reference ViT with backend triton trained through torch.compile's default compiler
+    (inductor) on ``device``: the forward and backward custom ops run inside the compiled graphs (the Triton
+    backward kernels, not the torch path's recompute); gradients against the unfused model in float64 (3x
+    rule)."""
     from vit_kernels import library
 
     ran = []
     real = dict(library.BACKWARDS)
-    model = build("reference").cuda()
-    m, x = fused(model, "triton"), images().cuda()
+    model = build("reference").to(device)
+    m, x = fused(model, "triton"), images().to(device)
     torch._dynamo.reset()
     try:
         for op, fn in real.items():
@@ -274,6 +377,21 @@ def test_compile_inductor_training_with_triton_kernels():
     logits(m64(x.double())).square().sum().backward()
     for (name, p), q, q64 in zip(m.named_parameters(), model.parameters(), m64.parameters()):
         assert_close(p.grad, q64.grad, q.grad, factor=3.0, name=f"inductor training grad {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's CUDA code needs a CUDA device")
+def test_compile_inductor_training_with_triton_kernels():
+    """Inductor training with the Triton kernels on a GPU (:func:`_inductor_training`)."""
+    _inductor_training("cuda")
+
+
+@pytest.mark.slow
+@TRITON
+def test_compile_inductor_training_with_triton_kernels_here():
+    """The same on the test device (CPU: inductor's C++ around the custom ops, the kernels in Triton's
+    interpreter; 20 to 40 s on 2 CPU cores)."""
+    _inductor_training(DEVICE)
 
 
 # ----------------------------------------------------------------------------- torch.fx
@@ -390,6 +508,26 @@ def test_export_reference(grad):
     check_against_unfused(out, model, x, f"exported reference (grad={grad})")
 
 
+@TRITON
+def test_export_triton_training():
+    """torch.export of the fused reference ViT with backend triton and parameters requiring grad: the
+    program holds the vit_kernels ops (their registered backward the Triton kernels), and run under
+    autograd its output and gradients equal eager's."""
+    model = build("reference").to(DEVICE)
+    m, eager, x = fused(model, "triton"), fused(model, "triton"), images()
+    ep = torch.export.export(m, (x,))
+    assert len(vk_targets(ep.graph_module)) == OPS_IN_GRAPH["reference"], ep.graph_module.code
+    exported = ep.module()
+    got, want = exported(x), eager(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got.square().sum().backward()
+    want.square().sum().backward()
+    grads = {name: p.grad for name, p in exported.named_parameters()}
+    assert len(grads) == len(list(eager.parameters()))
+    for name, q in eager.named_parameters():
+        torch.testing.assert_close(grads[name], q.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_export_and_compile_with_a_dynamic_batch():
     """torch.export with a symbolic batch dim runs other batch sizes; torch.compile's automatic
     dynamic shapes (a second batch size recompiles once, with a symbolic batch) stay one graph each."""
@@ -496,6 +634,24 @@ def test_timm_feature_apis_on_a_fused_model():
     model(x).square().sum().backward()
     for (name, p), r, q in zip(m.named_parameters(), ref.parameters(), model.parameters()):
         assert_close(p.grad, r.grad, q.grad, factor=3.0, name=f"checkpointed grad {name}")
+
+
+@TRITON
+def test_timm_grad_checkpointing_compiled_with_triton():
+    """timm's set_grad_checkpointing on a fused model with backend triton under torch.compile (the
+    checkpointed blocks' ops traced and recomputed in the backward graph): the gradients meet the
+    float64 unfused model's under the 3x rule."""
+    pytest.importorskip("timm")
+    model = build("timm").to(DEVICE)
+    m, ref, x = fused(model, "triton"), copy.deepcopy(model).double(), images()
+    for mod in (m, ref, model):
+        mod.train().set_grad_checkpointing(True)
+    torch._dynamo.reset()
+    torch.compile(m, fullgraph=True, backend="aot_eager")(x).square().sum().backward()
+    ref(x.double()).square().sum().backward()
+    model(x).square().sum().backward()
+    for (name, p), r, q in zip(m.named_parameters(), ref.parameters(), model.parameters()):
+        assert_close(p.grad, r.grad, q.grad, factor=3.0, name=f"compiled checkpointed grad {name}")
 
 
 def test_hf_output_hidden_states_on_a_fused_model():

@@ -171,7 +171,9 @@ def test_custom_op_output_and_backward_against_oracle(op, dtype, backend, monkey
 def test_backward_custom_op(op):
     """The Triton backward as a custom op, ``<op>_backward`` (the node a traced backward holds:
     torch.compile's AOT autograd): opcheck (schema, fake tensor, AOT dispatch), and its gradients
-    equal those of the eager Triton backward (the same kernels); bad flags refused by name."""
+    equal those of the eager Triton backward (the same kernels), and those of a dense grad for a grad of
+    stride 0, offset or permuted (AOT passes ``out.sum()``'s expanded one as it is); bad flags refused by
+    name."""
     n = library.N_TENSORS[op]
     args = inputs(op, "vit", torch.float32, "triton", requires_grad=True)
     out = getattr(torch.ops.vit_kernels, op)(*args)
@@ -187,6 +189,18 @@ def test_backward_custom_op(op):
         assert g.is_contiguous() and g.shape == saved[i].shape, i
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"{op}_backward: gradient of argument {i}")
     torch.library.opcheck(backward.default, (grad, saved, *args[n:], needs))
+    # grads as AOT autograd may pass them: of stride 0 (loss = out.sum(): an expanded one), offset, permuted
+    row = torch.randn(out.shape[-1], generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    flat = torch.randn(out.numel() + 1, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    permuted = grad.permute(*reversed(range(grad.dim()))).contiguous().permute(*reversed(range(grad.dim())))
+    for name, g in (("expanded", row.expand(out.shape)), ("offset", flat[1:].view(out.shape)), ("permuted", permuted)):
+        assert not g.is_contiguous() or g.storage_offset() == 1, name
+        for i, got_g, want_g in zip(
+            present, backward(g, saved, *args[n:], needs), backward(g.contiguous(), saved, *args[n:], needs)
+        ):
+            torch.testing.assert_close(
+                got_g, want_g, rtol=1e-6, atol=1e-6, msg=f"{op}_backward, {name} grad: argument {i}"
+            )
     with pytest.raises(ValueError, match=r"^saved, needs: expected"):
         backward(grad, saved, *args[n:], needs[:-1])
     with pytest.raises(ValueError, match=r"^backend: expected 'triton'"):
@@ -235,6 +249,46 @@ def test_backward_custom_op_flops(op, needs):
             ref_out.backward(grad)
         want = torch_count.get_total_flops() + attention
     assert counted.get_total_flops() == want > 0, (counted.get_flop_counts(), want)
+
+
+# op -> its parameter arguments that the dispatch copies to contiguous (checks.contiguous_params)
+STRIDED_PARAMS = {
+    "qkv_attention": (2, 3, 4),
+    "layernorm_gelu_mlp": (1, 2, 4, 6, 8),
+    "patch_embed": (2, 3, 4),
+    "linear": (2, 4),
+}
+
+
+@TRITON
+@pytest.mark.parametrize("op", list(STRIDED_PARAMS))
+def test_registered_backward_of_strided_params(op):
+    """Parameters of other strides (``layer_scale[::2]``, a slice of a packed bias): the dispatch copies
+    them to contiguous for the forward kernels; the registered Triton backward, eager (the custom op
+    itself, as an FX graph runs it; each parameter strided alone) and traced (torch.compile: the
+    ``<op>_backward`` node; all strided), reads the same copies. Its gradients equal the public
+    function's eager ones (the same kernels on the copies). Before: the layer scale was read with unit
+    stride (torch.compile of ``linear`` with ``layer_scale[::2]``: input and weight gradients off by 6
+    and 54, silently), a strided bias or LayerNorm weight raised."""
+    n = library.N_TENSORS[op]
+    args = inputs(op, "vit", torch.float32, "triton", requires_grad=True)
+    present = [i for i in range(n) if args[i] is not None]
+    leaves = [args[i] for i in present]
+    out = public_call(op, "triton")(args)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    want = torch.autograd.grad(out, leaves, grad)
+
+    def with_strided(a, which):  # the same values, the last dim's stride 2 on the parameters ``which``
+        return [t.repeat_interleave(2, -1)[..., ::2] if i in which and t is not None else t for i, t in enumerate(a)]
+
+    strided = STRIDED_PARAMS[op]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: public_call(op, "triton")(with_strided(a, strided)), backend="aot_eager")
+    runs = [(f"argument {j} strided, eager custom op", getattr(torch.ops.vit_kernels, op), j) for j in strided]
+    for name, call, which in runs + [("all strided, compiled", compiled, ())]:
+        out = call(*with_strided(args, (which,)))
+        for i, g, w in zip(present, torch.autograd.grad(out, leaves, grad), want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=f"{op} ({name}): gradient of argument {i}")
 
 
 @TRITON

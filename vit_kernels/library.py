@@ -271,7 +271,8 @@ def _recompute_vjp(op: str, ctx, grad: Tensor) -> tuple:
 
 def _backward(op: str) -> Callable:
     """The backward registered for ``op`` (``register_autograd``). Backend "triton": run eagerly on
-    plain tensors, the Triton backward kernels (``BACKWARDS[op]``); traced (torch.compile's AOT
+    plain tensors, the Triton backward kernels (``BACKWARDS[op]``, on parameters of other strides copied
+    as the forward's dispatch copies them, :data:`UNIT_STRIDE_PARAMS`); traced (torch.compile's AOT
     autograd, opcheck, a mode: fake or wrapped tensors, which no kernel can take), the custom op
     ``<op>_backward`` (:func:`_traced_triton_backward`), one node of the backward graph that runs those
     kernels when the graph runs; under ``create_graph=True`` a RuntimeError (the kernels have no
@@ -286,9 +287,36 @@ def _backward(op: str) -> Callable:
             raise RuntimeError(autograd.DOUBLE_BACKWARD_REFUSED.format(op=op))
         if not _plain_eager(ctx.saved_tensors):
             return _traced_triton_backward(op, ctx, grad)
-        return BACKWARDS[op](ctx, grad)
+        kernel_ctx = types.SimpleNamespace(
+            saved_tensors=_unit_stride_params(op, ctx.saved_tensors),
+            vk_rest=ctx.vk_rest,
+            needs_input_grad=ctx.needs_input_grad,
+        )
+        return BACKWARDS[op](kernel_ctx, grad)
 
     return backward
+
+
+# op -> the saved tensors its dispatch copies to contiguous for the kernels (checks.contiguous_params:
+# bias, LayerNorm weight and bias, layer scale, position embedding, class token). The forward read the
+# copies, the saved tensors are the caller's: the backward kernels need the copies too (a layer scale
+# of strides (2,) read with unit stride gave wrong gradients, silently).
+UNIT_STRIDE_PARAMS = {
+    "flash_attention": (),
+    "qkv_attention": (2, 3, 4),
+    "layernorm_gelu_mlp": (1, 2, 4, 6, 8),
+    "patch_embed": (2, 3, 4),
+    "linear": (2, 4),
+}
+
+
+def _unit_stride_params(op: str, saved: Sequence[Optional[Tensor]]) -> tuple:
+    """``saved`` with ``op``'s parameters of other strides copied to contiguous, as its dispatch copies
+    them for the forward (:data:`UNIT_STRIDE_PARAMS`); same shapes, so the gradients keep theirs."""
+    params = UNIT_STRIDE_PARAMS[op]
+    return tuple(
+        t.contiguous() if i in params and t is not None and not t.is_contiguous() else t for i, t in enumerate(saved)
+    )
 
 
 def _traced_triton_backward(op: str, ctx, grad: Tensor) -> tuple:
@@ -493,7 +521,9 @@ def _register_backward(op: str) -> None:
             with guard:
                 return implementation(grad, saved, *rest, needs)
         ctx = types.SimpleNamespace(
-            saved_tensors=tuple(saved), vk_rest=tuple(rest), needs_input_grad=(*needs, *[False] * len(rest))
+            saved_tensors=_unit_stride_params(op, saved),
+            vk_rest=tuple(rest),
+            needs_input_grad=(*needs, *[False] * len(rest)),
         )
         grads = BACKWARDS[op](ctx, grad)
         d = backends.last_decision(op)  # as _backward_served says it for an eager call of the op
