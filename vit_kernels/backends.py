@@ -139,6 +139,22 @@ class _Memo(dict):
 _LAST: Dict[str, Decision] = _Memo()
 
 
+def mark_backward(op: str, backend: str) -> None:
+    """Name ``backend`` as computing the gradients of ``op``'s latest call that names none, in
+    ``last_decision`` and in the open :func:`record_decisions` lists: a backward traced by torch.compile
+    runs as an op of its own after every forward call, one call's backward after another in reverse
+    order (an eager call names it at its forward, ``Decision.with_backward``)."""
+    state = _RECORDING.__dict__
+    d = _LAST.get(op)
+    if d is not None and not d.backward and not state.get("unrecorded"):
+        with _LOCK:
+            dict.__setitem__(_LAST, op, dataclasses.replace(d, backward=backend))
+    for rec in state.get("lists", ()):
+        at = next((i for i in range(len(rec) - 1, -1, -1) if rec[i].op == op and not rec[i].backward), None)
+        if at is not None:
+            rec[at] = dataclasses.replace(rec[at], backward=backend)
+
+
 def last_decision(op: Optional[str] = None):
     """The last :class:`Decision` of ``op`` (in any thread), or a dict of all ops' last decisions."""
     with _LOCK:

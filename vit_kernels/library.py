@@ -526,9 +526,7 @@ def _register_backward(op: str) -> None:
             needs_input_grad=(*needs, *[False] * len(rest)),
         )
         grads = BACKWARDS[op](ctx, grad)
-        d = backends.last_decision(op)  # as _backward_served says it for an eager call of the op
-        if d is not None and not d.backward:
-            d.with_backward("triton")
+        backends.mark_backward(op, "triton")  # as _backward_served says it for an eager call of the op
         inputs = [grad, *(t for t in saved if t is not None)]
         return [_own_gradient(grads[i], saved[i], inputs) for i in range(n) if needs[i]]
 
