@@ -345,6 +345,14 @@ MUTATIONS: List[Mutation] = [
         "        acc = acc / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))\n",
         ("tests/test_hard_inputs.py", "-k", "gelu_epilogue"),
     ),
+    # The gradient functions reading a strided layer_scale as contiguous (wrong dx, dweight, dbias).
+    Mutation(
+        "autograd-strided-params-unchecked",
+        "vit_kernels/autograd.py",
+        "    checks.unit_stride_params(bias=bias, layer_scale=layer_scale)  # before any launch (the kernels' reads)\n",
+        "",
+        ("tests/test_backward.py", "-k", "refuse_strided"),
+    ),
     # A tensor subclass among the parameters (torchao's quantized weights): only the wrapper's own
     # parameters looked at, not those of the modules under it.
     Mutation(

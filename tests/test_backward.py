@@ -597,6 +597,43 @@ def test_gradcheck_patch_embed():
 # torch backend of the gradient functions: the same gradients from the torch path
 
 
+def _strided(t):
+    """t's values with stride 2 (a view of every other element of a longer tensor)."""
+    return t.repeat_interleave(2)[::2]
+
+
+STRIDED_PARAM_CALLS = {
+    "linear_backward-bias": lambda g, x: vk_autograd.linear_backward(g, x, rnd(24, 16), _strided(rnd(24)), None),
+    "linear_backward-layer_scale": lambda g, x: vk_autograd.linear_backward(
+        g, x, rnd(24, 16), rnd(24), _strided(rnd(24))
+    ),
+    "layernorm_backward-norm_weight": lambda g, x: vk_autograd.layernorm_backward(
+        rnd(10, 16), x.reshape(10, 16), *_stats(x.reshape(10, 16), 1e-5), _strided(rnd(16)), rnd(16)
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(STRIDED_PARAM_CALLS))
+def test_gradient_functions_refuse_strided_parameters(case, monkeypatch):
+    """The gradient functions (vit_kernels.autograd, usable without the ops) on backend triton refuse a
+    1-D parameter the kernels read with unit stride but of another stride, naming it, before any launch
+    (the ops and the registered backward pass contiguous copies). Before: linear_backward read a
+    layer_scale[::2] as contiguous and returned wrong dx, dweight, dbias, silently."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    launched = []
+    for cls in (JITFunction, InterpretedFunction):  # compiled kernels, and the interpreter's
+        real = cls.run
+        monkeypatch.setattr(cls, "run", lambda self, *a, real=real, **k: launched.append(self) or real(self, *a, **k))
+    name = case.split("-")[1]
+    with pytest.raises(ValueError, match=rf"^{name}: the kernel reads it with unit stride, got strides \(2,\)"):
+        STRIDED_PARAM_CALLS[case](rnd(2, 5, 24), rnd(2, 5, 16))
+    assert launched == []
+    vk_autograd.linear_backward(rnd(2, 5, 24), rnd(2, 5, 16), rnd(24, 16), rnd(24), rnd(24))  # contiguous: runs
+    assert launched  # (the spy sees launches)
+
+
 def test_torch_backend_of_the_gradient_functions_matches_the_oracle():
     x, w, b, ls = rnd(2, 5, 16), rnd(24, 16), rnd(24), rnd(24)
     g = rnd(2, 5, 24)

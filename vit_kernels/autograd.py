@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import checks
+
 BACKWARD_BACKENDS = ("triton", "torch")
 
 
@@ -157,6 +159,7 @@ def linear_backward(
         return dx, dw, db, dres, dls
     from .triton import gemm_bwd
 
+    checks.unit_stride_params(bias=bias, layer_scale=layer_scale)  # before any launch (the kernels' reads)
     K, N = x.shape[-1], weight.shape[0]
     g = dense(grad).reshape(-1, N)
     a = x.reshape(-1, K)
@@ -206,6 +209,9 @@ def layernorm_gelu_mlp_backward(
     from .triton import gemm_bwd
     from .triton.layernorm_bwd import layernorm_apply
 
+    checks.unit_stride_params(
+        norm_weight=norm_weight, norm_bias=norm_bias, fc1_bias=fc1_bias, fc2_bias=fc2_bias, layer_scale=layer_scale
+    )
     dim, out = x.shape[-1], fc2_weight.shape[0]
     x2 = dense(x).reshape(-1, dim)
     g = dense(grad).reshape(-1, out)
@@ -325,6 +331,7 @@ def qkv_attention_backward(
     from .triton.layernorm import row_stats
     from .triton.layernorm_bwd import layernorm_apply
 
+    checks.unit_stride_params(qkv_bias=qkv_bias, norm_weight=norm_weight, norm_bias=norm_bias)
     B, N, dim = x.shape
     inner = qkv_weight.shape[0] // 3
     H, hd = num_heads, inner // num_heads

@@ -287,12 +287,7 @@ def _backward(op: str) -> Callable:
             raise RuntimeError(autograd.DOUBLE_BACKWARD_REFUSED.format(op=op))
         if not _plain_eager(ctx.saved_tensors):
             return _traced_triton_backward(op, ctx, grad)
-        kernel_ctx = types.SimpleNamespace(
-            saved_tensors=_unit_stride_params(op, ctx.saved_tensors),
-            vk_rest=ctx.vk_rest,
-            needs_input_grad=ctx.needs_input_grad,
-        )
-        return BACKWARDS[op](kernel_ctx, grad)
+        return _triton_grads(op, grad, ctx.saved_tensors, ctx.vk_rest, ctx.needs_input_grad)
 
     return backward
 
@@ -317,6 +312,15 @@ def _unit_stride_params(op: str, saved: Sequence[Optional[Tensor]]) -> tuple:
     return tuple(
         t.contiguous() if i in params and t is not None and not t.is_contiguous() else t for i, t in enumerate(saved)
     )
+
+
+def _triton_grads(op: str, grad: Tensor, saved: Sequence, rest: Sequence, needs_input_grad: Sequence[bool]) -> tuple:
+    """``BACKWARDS[op]``, the Triton backward kernels, on the saved tensors (parameters of other strides
+    copied: :func:`_unit_stride_params`), the op's other arguments and which inputs need a gradient."""
+    ctx = types.SimpleNamespace(
+        saved_tensors=_unit_stride_params(op, saved), vk_rest=tuple(rest), needs_input_grad=tuple(needs_input_grad)
+    )
+    return BACKWARDS[op](ctx, grad)
 
 
 def _traced_triton_backward(op: str, ctx, grad: Tensor) -> tuple:
@@ -520,12 +524,7 @@ def _register_backward(op: str) -> None:
         if guard is not None:
             with guard:
                 return implementation(grad, saved, *rest, needs)
-        ctx = types.SimpleNamespace(
-            saved_tensors=_unit_stride_params(op, saved),
-            vk_rest=tuple(rest),
-            needs_input_grad=(*needs, *[False] * len(rest)),
-        )
-        grads = BACKWARDS[op](ctx, grad)
+        grads = _triton_grads(op, grad, saved, rest, (*needs, *[False] * len(rest)))
         backends.mark_backward(op, "triton")  # as _backward_served says it for an eager call of the op
         inputs = [grad, *(t for t in saved if t is not None)]
         return [_own_gradient(grads[i], saved[i], inputs) for i in range(n) if needs[i]]

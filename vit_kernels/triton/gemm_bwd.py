@@ -28,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import cdiv
+from .. import checks
 from ..dtypes import FLOAT_DTYPES
 from .aot import REPRESENTATIVE, AotSpec, recorded_specs, unique_specs
 from .gemm import ACT_DGELU_ERF, ACT_DGELU_TANH, ACT_NONE, _gemm_kernel, launch_gemm
@@ -115,6 +116,7 @@ def column_sums(
     Returns (scaled g or None, colsum(ls * g) (N,), colsum(g * branch) (N,) or None), the sums in
     out_dtype (accumulated in fp32, fp64 for float64).
     """
+    checks.unit_stride_params(layer_scale=layer_scale)
     M = g.numel() // g.shape[-1] if g.shape[-1] else 0
     N = g.shape[-1]
     acc = _acc_dtype(g.dtype)

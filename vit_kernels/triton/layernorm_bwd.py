@@ -21,6 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import cdiv
+from .. import checks
 from .aot import REPRESENTATIVE, AotSpec, recorded_specs, unique_specs
 from .gemm_bwd import SUM_ROWS_PER_SPLIT, column_sums
 from .layernorm import _row_stats_kernel, row_stats
@@ -173,6 +174,7 @@ def layernorm_apply(
     """
     _check_rows("x", x)
     _check_stats(x, mean, rstd)
+    checks.unit_stride_params(norm_weight=norm_weight, norm_bias=norm_bias)
     M, D = x.shape
     y = torch.empty_like(x)
     if M and D:
@@ -216,6 +218,7 @@ def layernorm_backward(
     if grad.shape != x.shape or grad.dtype != x.dtype:
         raise ValueError(f"grad: expected {x.dtype} {tuple(x.shape)} (as x), got {grad.dtype} {tuple(grad.shape)}")
     _check_stats(x, mean, rstd)
+    checks.unit_stride_params(norm_weight=norm_weight)
     M, D = x.shape
     dx = dw = db = None
     if need_input:
