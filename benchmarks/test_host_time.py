@@ -124,7 +124,7 @@ def block_calls(device="cpu", dtype=torch.float16, B=2, **kw):
 )
 def test_host_time_per_call(benchmark, stubbed, op, via):
     raw = block_calls()[op]
-    store: dict = {}
+    store = library.PlanStore()
 
     def planned():
         with library.plans(store):

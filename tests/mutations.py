@@ -1288,6 +1288,42 @@ MUTATIONS: List[Mutation] = [
         "        if len(store) >= MAX_PLANS and store is not FUNCTION_PLANS:",
         ("tests/test_launch_plans.py", "-k", "store"),
     ),
+    # The quick test of a plan's signature (replay.matcher) must be as strict as the key on each part.
+    Mutation(
+        "matcher-alignment-unchecked",
+        "vit_kernels/replay.py",
+        "        tests.append(f\"not (({' | '.join(f'a{i}.data_ptr()' for i in aligned)}) & 15)\")",
+        "        pass",
+        ("tests/test_launch_plans.py", "-k", "quick or variant"),
+    ),
+    Mutation(
+        "matcher-none-unchecked",
+        "vit_kernels/replay.py",
+        '    tests = [f"a{i} is None" for i, t in enumerate(tensors) if t is None]',
+        "    tests = []",
+        ("tests/test_launch_plans.py", "-k", "quick or variant"),
+    ),
+    Mutation(
+        "matcher-sharing-unchecked",
+        "vit_kernels/replay.py",
+        '    tests += [f"a{i} is a{j}" for i, j in same]',
+        "    pass",
+        ("tests/test_launch_plans.py", "-k", "quick or variant or shared"),
+    ),
+    Mutation(
+        "matcher-number-type-unchecked",
+        "vit_kernels/replay.py",
+        '        tests.append(f"a{i}.__class__ is _type{i} and a{i} == _value{i}")',
+        '        tests.append(f"a{i} == _value{i}")',
+        ("tests/test_launch_plans.py", "-k", "quick or variant"),
+    ),
+    Mutation(
+        "recent-plan-tuner-state-ignored",
+        "vit_kernels/library.py",
+        "            if s == state and match(*args):",
+        "            if match(*args):",
+        ("tests/test_launch_plans.py", "-k", "tuning_mode"),
+    ),
     Mutation(
         "library-device-guard-never",
         "vit_kernels/library.py",

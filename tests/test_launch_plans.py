@@ -9,7 +9,7 @@ import pickle
 import pytest
 import torch
 
-from vit_kernels import backends, library, nn as vnn, testing, reference
+from vit_kernels import backends, library, nn as vnn, replay, testing, reference
 
 DIM, HEADS, HIDDEN = 32, 2, 64
 
@@ -371,7 +371,8 @@ def test_plan_made_while_launches_are_recorded_launches_after():
 
 def _linear_oracle_check(args, out, name):
     x, w, b, res, ls = args[:5]
-    oracle = reference.linear(*(t.double() for t in (x, w, b)), residual=res.double(), layer_scale=ls.double())
+    f64 = [None if t is None else t.double() for t in (x, w, b, res, ls)]
+    oracle = reference.linear(*f64[:3], residual=f64[3], layer_scale=f64[4])
     baseline = reference.linear(x, w, b, residual=res, layer_scale=ls)
     testing.assert_close(out, oracle, baseline, name=name)
 
@@ -397,6 +398,126 @@ def test_changed_signature_plans_anew_instead_of_replaying():
             assert len(store) == max(i, 1), (i, layout, dtype, B)
             _linear_oracle_check(args, out, f"linear call {i} ({layout}, {dtype}, batch {B})")
     assert all(p.replay is not None for p in store.values())
+
+
+class _Sub(torch.Tensor):
+    """A tensor subclass (its calls take the custom op, never a plan)."""
+
+
+def _variants(base):
+    """(name, schema arguments of a linear call, whether they have ``base``'s plan key) per way a later
+    call can differ from ``base`` (x, weight, bias, residual, layer_scale, backend, tune)."""
+    x, w, b, res, ls, backend, tune = base
+    r = lambda t: torch.randn_like(t)  # noqa: E731  (fresh values, the same signature)
+    same = (r(x), r(w), r(b), r(res), r(ls), backend, tune)
+    wide = torch.randn(*x.shape[:-1], x.shape[-1] + 8)[..., : x.shape[-1]]
+    misaligned = torch.randn(x.numel() + 1)[1:].view(x.shape)
+    offset = torch.randn(x.shape[0] + 1, *x.shape[1:])[1:]  # 16-byte aligned: the same key
+    return [
+        ("fresh tensors", same, True),
+        ("an offset but aligned x", (offset,) + same[1:], True),
+        ("another stride", (wide,) + same[1:], False),
+        ("another shape", (r(x)[:1],) + same[1:4][:2] + (r(res)[:1], same[4], backend, tune), False),
+        ("another dtype", (x.double(),) + same[1:], False),
+        ("a misaligned x", (misaligned,) + same[1:], False),
+        ("no bias", same[:2] + (None,) + same[3:], False),
+        ("no layer scale", same[:4] + (None,) + same[5:], False),
+        ("a Parameter", (torch.nn.Parameter(r(x), requires_grad=False),) + same[1:], False),
+        ("a weight that requires grad", (same[0], r(w).requires_grad_()) + same[2:], False),
+        ("a tensor subclass", (r(x).as_subclass(_Sub),) + same[1:], False),
+        ("a meta x", (torch.empty_like(x, device="meta"),) + same[1:], False),
+        ("residual is x", same[:3] + (same[0],) + same[4:], False),
+        ("another backend", same[:5] + ("torch", tune), False),
+        ("another tuning mode", same[:5] + (backend, "off"), False),
+    ]
+
+
+def test_quick_test_of_a_plan_is_true_only_for_its_key():
+    """The quick test a store tries before computing a call's plan key (replay.matcher, PyTorch's C++
+    tensor guard): True for fresh tensors of the same signature, False for every way the key differs,
+    and True only where the key is equal; in both directions of the tensor-sharing pattern."""
+    assert replay._probe_guard()  # this PyTorch's guard works: the quick path is what the tests run
+    base = _schema_args("linear", "contiguous", torch.float32)
+    match = replay.matcher(base, 5)
+    key = library._signature("linear", base, 5)
+    for name, args, quick in _variants(base):
+        assert match(*args) is quick, name
+        if quick:  # (it is stricter than the key: a Parameter, requires_grad or residual is x have base's key)
+            assert library._signature("linear", args, 5) == key, name
+    match = replay.matcher(base[:4] + (None,) + base[5:], 5)  # no layer scale, then one
+    assert match(*base[:4], None, *base[5:]) and not match(*base)
+    shared = _schema_args("linear", "contiguous", torch.float32, residual_is_x=True)
+    match = replay.matcher(shared, 5)
+    apart = _schema_args("linear", "contiguous", torch.float32)
+    assert match(*_schema_args("linear", "contiguous", torch.float32, residual_is_x=True)) and not match(*apart)
+    qkv = _schema_args("qkv_attention", "contiguous", torch.float32)
+    match = replay.matcher(qkv, 5)
+    assert match(*qkv) and not match(*qkv[:5], float(HEADS), *qkv[6:])  # 2.0 heads: another type, another key
+    assert not match(*qkv[:7], 1e-5, *qkv[8:])
+    embed = _schema_args("patch_embed", "contiguous", torch.float32)[:6] + ([0.5, 0.4, 0.3], None, "triton", None)
+    match = replay.matcher(embed, 5)
+    assert match(*embed) and not match(*embed[:6], [0.5, 0.4, 0.2], *embed[7:])
+    assert replay.matcher(embed[:6] + (object(),) + embed[7:], 5) is None  # not a plain value: no quick test
+
+
+def test_every_variant_is_served_right_and_the_same_signature_by_its_quick_test(monkeypatch):
+    """A store that served ``base`` gets each variant (_variants) in turn: the same signature is
+    served by its plan's quick test, every other call takes its own route (a new plan, or the custom op
+    for the subclass and meta tensors), and every result is right."""
+    quick = []
+    real = library._recent_plan
+    monkeypatch.setattr(library, "_recent_plan", lambda *a: quick.append(real(*a)) or quick[-1])
+    store = library.PlanStore()
+    base = _schema_args("linear", "contiguous", torch.float32)
+    with torch.no_grad(), library.plans(store):
+        library.run("linear", base)
+        for name, args, same_key in _variants(base):
+            if name in ("a meta x", "another dtype"):
+                continue  # (refused by the checks: mixed devices / dtypes)
+            quick.clear()
+            out = library.run("linear", args)
+            plain = [a.as_subclass(torch.Tensor) if isinstance(a, torch.Tensor) else a for a in args]
+            _linear_oracle_check([a.detach() if isinstance(a, torch.Tensor) else a for a in plain], out, name)
+            assert (quick[0] is not None if quick else False) is same_key, name
+        with pytest.raises(TypeError, match="dtype"):
+            library.run("linear", _variants(base)[4][1])  # float64 x, float32 weight: the checks' error
+    assert all(len(p.matchers) <= library.MAX_MATCHERS for p in store.values())
+
+
+def test_plans_without_a_quick_test_are_found_by_their_key(monkeypatch):
+    """Where PyTorch's tensor guard is missing (or behaves otherwise), no quick test is made: plans are
+    found by their key, and served right."""
+    monkeypatch.setattr(replay, "_GUARD_WORKS", [False])
+    served = []
+    real_call = replay.Replay.__call__
+    monkeypatch.setattr(replay.Replay, "__call__", lambda self, t: served.append(1) or real_call(self, t))
+    store = library.PlanStore()
+    with torch.no_grad(), library.plans(store):
+        for i in range(3):
+            args = _schema_args("linear", "contiguous", torch.float32)
+            _linear_oracle_check(args, library.run("linear", args), f"linear call {i}")
+    assert served == [1, 1] and not store.recent and [len(p.matchers) for p in store.values()] == [1]
+
+
+def test_quick_tests_follow_the_thread_dispatch_state():
+    """PyTorch's guard reads the thread's dispatch state: a plan made under no_grad gets a second quick
+    test under inference_mode (found by its key once), then each is served by its own; a plan keeps at
+    most MAX_MATCHERS."""
+    store = library.PlanStore()
+    args = _schema_args("linear", "contiguous", torch.float32)
+    with library.plans(store):
+        for _ in range(3):
+            with torch.no_grad():
+                library.run("linear", args)
+            with torch.inference_mode():
+                library.run("linear", args)
+    (plan,) = store.values()
+    assert len(plan.matchers) == 2 and len(store.recent["linear"]) == 2
+    for i in range(library.MAX_MATCHERS + 2):  # x and residual one object, then apart: new tests, bounded
+        shared = _schema_args("linear", "contiguous", torch.float32, residual_is_x=i % 2 == 0)
+        with torch.no_grad(), library.plans(store):
+            _linear_oracle_check(shared, library.run("linear", shared), f"call {i}")
+    assert all(len(p.matchers) <= library.MAX_MATCHERS for p in store.values())
 
 
 def test_inputs_that_shared_an_address_are_not_replayed_apart(monkeypatch):

@@ -126,7 +126,7 @@ class _Memo(dict):
         """Record ``d``; where ``old`` (the same call's earlier Decision) is the last recorded entry
         of a list, ``d`` takes its place. Inside :func:`unrecorded` only the lists opened there record."""
         state = _RECORDING.__dict__  # (a missing attribute of a thread-local costs ~1 us; a dict look-up does not)
-        if not state.get("unrecorded"):
+        if not state.get("unrecorded") and dict.get(self, d.op) is not d:  # (a replay records the same d again)
             with _LOCK:
                 dict.__setitem__(self, d.op, d)
         for rec in state.get("lists", ()):

@@ -748,6 +748,11 @@ PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))  # what 
 # strides, flags, grid and argument lists, depends on what it leaves out (values, the data pointers
 # themselves), so a replayed call would have passed the checks and launched the same kernels with the
 # same arguments.
+# Computing that key (about 0.5 us a tensor in Python) and hashing it cost more than the rest of a
+# replayed call's host work, so a store first tries the plans it served latest for the op
+# (``PlanStore.recent``) by a quick test of each one's signature (vit_kernels.replay.matcher: PyTorch's C++
+# tensor guard, the alignment classes, the numbers and strings), which is True only where the key is
+# equal; the key is computed when none says so.
 # A call that copied a parameter (``Decision.copied``), has an empty output, or needs gradients is
 # never planned: it takes the full dispatch every time.
 # A plain eager call of a public function outside any fused module keeps its plans the same way in the
@@ -767,11 +772,28 @@ class Plan:
     extras: tuple
     replay: Optional[replay.Replay] = None
     replay_refused: str = ""
+    # the quick tests of its signature made so far (vit_kernels.replay.matcher; None where none could be
+    # made), at most MAX_MATCHERS: one per thread dispatch state or tensor-sharing pattern it served
+    matchers: list = dataclasses.field(default_factory=list, compare=False)
+
+
+MAX_MATCHERS = 4
+RECENT = 8  # plans per op a store tries by their quick test before it computes the key
 
 
 class PlanStore(dict):
-    """A module's launch plans: signature key -> :class:`Plan`. Copies and pickles are empty (a plan
-    holds the tuner; a copied module makes its own plans on its first calls)."""
+    """A module's launch plans: signature key -> :class:`Plan`. ``recent``: op -> the plans it served
+    latest, each with a quick test of its signature ((match, tuner state, plan), newest first, at most
+    :data:`RECENT`), tried before the key is computed (:func:`_recent_plan`). Copies and pickles are
+    empty (a plan holds the tuner; a copied module makes its own plans on its first calls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.recent: Dict[str, list] = {}
+
+    def clear(self) -> None:
+        super().clear()
+        self.recent.clear()
 
     def __reduce__(self):
         return (PlanStore, ())
@@ -844,6 +866,48 @@ def _signature(op: str, args: Sequence, n: int) -> tuple:
     return (op, tuning.get_tuner().plan_state(args[-1]), types, rest, replay.signature(args[:n]))
 
 
+def _recent_plan(op: str, args: Sequence, store: dict) -> Optional[Plan]:
+    """The plan of ``args``' signature among the ones ``store`` served latest (``PlanStore.recent``),
+    found by their quick tests (vit_kernels.replay.matcher: True only where the key is equal); None
+    when none says so (then :func:`_run_planned` computes the key)."""
+    recent = getattr(store, "recent", None)
+    entries = recent.get(op) if recent else None
+    if entries:
+        state = tuning.get_tuner().plan_state(args[-1])
+        for match, s, p in entries:
+            if s == state and match(*args):
+                return p
+    return None
+
+
+def _serve(p: Plan, tensors: Sequence):
+    """A planned call: ``p``'s Decision recorded, then its recorded launches replayed with ``tensors``
+    (or, where they cannot be, its launcher run)."""
+    backends.record(p.decision)
+    r = p.replay
+    if r is not None and (not r.aliases or r.serves(tensors)):
+        return r(tensors)
+    return p.launch(p.decision, *tensors, *p.extras)
+
+
+def _remember(store: dict, op: str, args: Sequence, n: int, p: Plan, state: tuple) -> None:
+    """Put ``p`` first among ``store``'s recent plans of ``op`` with a quick test of its signature that
+    ``args`` passes: one made before, or a new one (at most :data:`MAX_MATCHERS` per plan)."""
+    recent = getattr(store, "recent", None)
+    if recent is None:
+        return
+    match = next((m for m in p.matchers if m is not None and m(*args)), None)
+    if match is None:
+        if len(p.matchers) >= MAX_MATCHERS or None in p.matchers:  # (None: none can be made for it)
+            return
+        match = replay.matcher(args, n)
+        p.matchers.append(match)
+        if match is None:
+            return
+    others = [e for e in recent.get(op, ()) if e[0] is not match]
+    recent[op] = [(match, state, p)] + others[: RECENT - 1]
+
+
 def _run_planned(op: str, args: Sequence, tensors: Sequence, store: dict):
     """``op`` with schema arguments ``args`` (``tensors``: its leading tensors) through the plan
     for its signature in ``store``, made by this call when there is none."""
@@ -854,11 +918,8 @@ def _run_planned(op: str, args: Sequence, tensors: Sequence, store: dict):
         return IMPLS[op](*args)
     p = store.get(key)
     if p is not None:
-        backends.record(p.decision)
-        r = p.replay
-        if r is not None and (not r.aliases or r.serves(tensors)):
-            return r(tensors)
-        return p.launch(p.decision, *tensors, *p.extras)
+        _remember(store, op, args, n, p, key[1])
+        return _serve(p, tensors)
     slot: list = []
     backends.OFFERS.slot = slot
     try:
@@ -879,7 +940,9 @@ def _run_planned(op: str, args: Sequence, tensors: Sequence, store: dict):
             r = replay.Replay.build(rec, tensors, out)
         kept = (r, "") if isinstance(r, replay.Replay) else (None, r)
         # keyed by the state after the call (tuning it added an entry: the tuner's generation moved)
-        store[_signature(op, args, n)] = Plan(d, *slot[0], *kept)
+        key = _signature(op, args, n)
+        store[key] = p = Plan(d, *slot[0], *kept)
+        _remember(store, op, args, n, p, key[1])
     return out
 
 
@@ -892,7 +955,8 @@ def run(op: str, args: Sequence):
       the dispatcher would call, without the dispatcher's Python round trip (its autograd wrapper
       and redispatch, several microseconds against the 15 us host budget of a call), through the
       launch plan of its signature: a fused module's own (:func:`call_planned`), else the process's
-      (:data:`FUNCTION_PLANS`), made by the first such call;
+      (:data:`FUNCTION_PLANS`), made by the first such call, found by its quick test
+      (:func:`_recent_plan`) or else by its key;
     - otherwise (torch.compile, torch.export, torch.fx, torch.jit.trace, modes, subclasses,
       functorch): the custom op, which they see as one node."""
     tensors = args[: N_TENSORS[op]]
@@ -914,12 +978,18 @@ def run(op: str, args: Sequence):
             # path, "cuda" raises (forward-only kernels)
             return IMPLS[op](*args)
         return _compiled_with_grad(op, args)
-    if _plain_eager(tensors):
+    if not intercepted():
         # a fused module's call: its own launch plans; a call of the public function: the process's.
         # The first call of a signature runs the op's implementation (every check; strides as the backend
         # made them: no tracer holds the fake's contiguous promise, so no copy of SDPA's output in eager)
         store = _PLANS.get()
-        return _run_planned(op, args, tensors, FUNCTION_PLANS if store is None else store)
+        if store is None:
+            store = FUNCTION_PLANS
+        p = _recent_plan(op, args, store)  # (its quick test checks the tensors' exact types)
+        if p is not None:
+            return _serve(p, tensors)
+        if PLAIN_TYPES.issuperset(map(type, tensors)):
+            return _run_planned(op, args, tensors, store)
     if not torch.compiler.is_compiling() and transform() is not None:
         return _under_transform(op, args)
     return getattr(torch.ops.vit_kernels, op)(*_scalars(op, args))
