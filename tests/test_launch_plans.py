@@ -520,6 +520,43 @@ def test_quick_tests_follow_the_thread_dispatch_state():
     assert all(len(p.matchers) <= library.MAX_MATCHERS for p in store.values())
 
 
+def _schema_names(op):
+    """The op's tensor argument names, in schema order."""
+    params = library.SCHEMAS[op].split(") ->")[0].strip("(").split(", ")
+    return [p.split()[-1] for p in params[: library.N_TENSORS[op]]]
+
+
+@pytest.mark.parametrize("op", ["linear", "layernorm_gelu_mlp", "qkv_attention", "patch_embed", "flash_attention"])
+def test_tensors_whose_memory_does_not_hold_their_values_are_refused_planned_or_not(op):
+    """A negative view (memory holds -t), an efficient zero tensor (no memory) or an old-style nested
+    tensor in any tensor argument: a clear TypeError naming it, on a first call and after a plan of the
+    same shapes (neither its quick test nor its key may serve it; a nested tensor made PyTorch's guard
+    abort the process). Before: a negative x gave linear's result of x, silently."""
+    import warnings
+
+    base = _schema_args(op, "contiguous", torch.float32)
+    kinds = {
+        "a negative view": torch._neg_view,
+        "an efficient zero tensor": lambda t: torch._efficientzerotensor(t.shape, dtype=t.dtype),
+        "a nested tensor": lambda t: torch.nested.nested_tensor(list(t.unsqueeze(0) if t.dim() < 2 else t)),
+    }
+    names = _schema_names(op)
+    for planned in (False, True):
+        store = library.PlanStore()
+        with torch.no_grad(), library.plans(store), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (nested tensors' prototype warning)
+            if planned:
+                library.run(op, base)
+                assert len(store) == 1
+            for i, t in enumerate(base[: library.N_TENSORS[op]]):
+                if t is None:
+                    continue
+                for kind, make in kinds.items():
+                    args = base[:i] + (make(t),) + base[i + 1 :]
+                    with pytest.raises(TypeError, match=rf"^{names[i]}: expected .*"):
+                        library.run(op, args)
+
+
 def test_inputs_that_shared_an_address_are_not_replayed_apart(monkeypatch):
     """Recorded with residual=x (one tensor for two arguments), the replay names both by x; a later
     call with a separate residual of the same signature takes the launcher, and is right."""

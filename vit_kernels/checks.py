@@ -44,6 +44,7 @@ def tensor(
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
         raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
+    in_memory(name, t)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating dtype (float32, float16, bfloat16, float64), got {t.dtype}")
     if ndim is not None and t.dim() != ndim:
@@ -57,6 +58,24 @@ def tensor(
         raise TypeError(f"{name}: expected dtype {dtype} (the dtype of the op's input), got {t.dtype}")
     if device is not None and t.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (the device of the op's input), got one on {t.device}")
+
+
+def in_memory(name: str, t: torch.Tensor) -> None:
+    """Check that ``t``'s memory holds its values as the kernels read them (data pointer and strides):
+    a nested tensor, a negative view (the negative bit, ``torch._neg_view``: memory holds -t) or an
+    efficient zero tensor (no memory) is refused, whatever the backend."""
+    if t.is_nested:
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got a nested tensor")
+    if t.is_neg():
+        raise TypeError(
+            f"{name}: expected a tensor whose memory holds its values, got a negative view (its negative bit is "
+            f"set, as torch._neg_view makes: the memory holds -{name}); pass {name}.resolve_neg()"
+        )
+    if t._is_zerotensor():
+        raise TypeError(
+            f"{name}: expected a tensor with memory, got an efficient zero tensor (torch._efficientzerotensor: no "
+            f"memory to read); pass torch.zeros(...) instead"
+        )
 
 
 def same(name_ref: str, ref: torch.Tensor, **others) -> None:

@@ -426,9 +426,17 @@ def _bound(kernel, grid, kwargs: dict):
 
 def signature(tensors: Sequence[Optional[Tensor]]) -> Tuple[Optional[tuple], ...]:
     """What a replay of a call with ``tensors`` depends on: each tensor's shape, strides, dtype,
-    device and 16-byte alignment class (Triton specializes pointers on it; some checks read it).
+    device and 16-byte alignment class (Triton specializes pointers on it; some checks read it), and
+    whether it is a negative view or a zero tensor (the checks refuse both: a call of them must reach them).
     Which tensors share an address is checked by :meth:`Replay.serves` instead."""
-    return tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15) for t in tensors])
+    return tuple(
+        [
+            None
+            if t is None
+            else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15, t.is_neg(), t._is_zerotensor())
+            for t in tensors
+        ]
+    )
 
 
 try:  # torch.compile's own C++ check of tensors' metadata (the guards of its compiled frames)
@@ -510,6 +518,8 @@ def matcher(args: Sequence, n: int):
     names: dict = {"_guard": guard}
     tests = [f"a{i} is None" for i, t in enumerate(tensors) if t is None]
     tests += [f"a{i} is a{j}" for i, j in same]
+    # (an old-style nested tensor makes the guard abort the process: refused before it)
+    tests.append(f"not ({' or '.join(f'a{i}.is_nested' for i in present)})")
     tests.append(f"_guard({', '.join(f'a{i}' for i in present)})")
     aligned = [i for i in present if tensors[i].data_ptr() & 15 == 0]
     if aligned:  # one bitwise or of their addresses
@@ -518,7 +528,9 @@ def matcher(args: Sequence, n: int):
     for i in range(n, len(args)):
         names[f"_type{i}"], names[f"_value{i}"] = type(args[i]), list(args[i]) if type(args[i]) is list else args[i]
         tests.append(f"a{i}.__class__ is _type{i} and a{i} == _value{i}")
-    source = f"def match({', '.join(f'a{i}' for i in range(len(args)))}):\n    return (\n        "
-    source += "\n        and ".join(tests) + "\n    )\n"
+    source = f"def match({', '.join(f'a{i}' for i in range(len(args)))}):\n    try:\n        return (\n            "
+    source += "\n            and ".join(tests) + "\n        )\n"
+    # None where a tensor was (no is_nested), a tensor without memory (data_ptr): not this signature
+    source += "    except (AttributeError, RuntimeError):\n        return False\n"
     exec(compile(source, "<vit_kernels.replay.matcher>", "exec"), names)
     return names["match"]

@@ -20,6 +20,8 @@ def check_patch_embed(images, weight, bias, patch_size, pos_embed, cls_token, im
     floats for uint8 images, else None."""
     if isinstance(images, torch.Tensor) and images.dtype == torch.uint8:
         checks.tensor("weight", weight, ndim=4)  # uint8 images: the weight's dtype is the op's dtype
+        if images.layout == torch.strided:
+            checks.in_memory("images", images)
         if images.layout != torch.strided or images.dim() != 4:
             raise ValueError(
                 f"images: expected a dense 4-D (batch, channels, H, W) uint8 tensor, got "
