@@ -1318,6 +1318,20 @@ MUTATIONS: List[Mutation] = [
         ("tests/test_launch_plans.py", "-k", "quick or variant"),
     ),
     Mutation(
+        "matcher-nested-unrefused",
+        "vit_kernels/replay.py",
+        "    tests.append(f\"not ({' or '.join(f'a{i}.is_nested' for i in present)})\")",
+        "    pass",
+        ("tests/test_launch_plans.py", "-k", "memory_does_not"),
+    ),
+    Mutation(
+        "checks-negative-view-unrefused",
+        "vit_kernels/checks.py",
+        "    if t.is_neg():",
+        "    if False:",
+        ("tests/test_launch_plans.py", "-k", "memory_does_not"),
+    ),
+    Mutation(
         "recent-plan-tuner-state-ignored",
         "vit_kernels/library.py",
         "            if s == state and match(*args):",
