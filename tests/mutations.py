@@ -1332,6 +1332,13 @@ MUTATIONS: List[Mutation] = [
         ("tests/test_launch_plans.py", "-k", "memory_does_not"),
     ),
     Mutation(
+        "autograd-memory-unchecked",
+        "vit_kernels/autograd.py",
+        '                checks.in_memory(f"{name}[{i}]" if isinstance(t, tuple) else name, u)',
+        "                pass",
+        ("tests/test_backward.py", "-k", "memory_does_not"),
+    ),
+    Mutation(
         "recent-plan-tuner-state-ignored",
         "vit_kernels/library.py",
         "            if s == state and match(*args):",

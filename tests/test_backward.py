@@ -634,6 +634,53 @@ def test_gradient_functions_refuse_strided_parameters(case, monkeypatch):
     assert launched  # (the spy sees launches)
 
 
+def _gradient_calls():
+    """Each gradient function's name and a call of it with the tensor arguments ``t`` (a dict) can replace."""
+    f32 = dict(dtype=torch.float32)
+    t = dict(
+        linear=dict(grad=rnd(2, 5, 24), x=rnd(2, 5, 16), weight=rnd(24, 16), bias=rnd(24), layer_scale=rnd(24)),
+        flash_attention=dict(
+            grad_out=rnd(1, 2, 5, 8), q=rnd(1, 2, 5, 8), k=rnd(1, 2, 5, 8), v=rnd(1, 2, 5, 8), out=rnd(1, 2, 5, 8),
+            lse=rnd(1, 2, 5, **f32),
+        ),
+        layernorm=dict(grad=rnd(10, 16), x=rnd(10, 16), mean=rnd(10, **f32), rstd=rnd(10, **f32),
+                       norm_weight=rnd(16), norm_bias=rnd(16)),
+        layernorm_gelu_mlp=dict(
+            grad=rnd(2, 5, 16), x=rnd(2, 5, 16), norm_weight=rnd(16), norm_bias=rnd(16), fc1_weight=rnd(32, 16),
+            fc1_bias=rnd(32), fc2_weight=rnd(16, 32), fc2_bias=rnd(16), layer_scale=rnd(16), hidden=rnd(10, 32),
+        ),
+        qkv_attention=dict(grad=rnd(2, 5, 16), x=rnd(2, 5, 16), qkv_weight=rnd(48, 16), qkv_bias=rnd(48),
+                           norm_weight=rnd(16), norm_bias=rnd(16)),
+        patch_embed=dict(grad=rnd(2, 5, 16), images=rnd(2, 3, 8, 8), weight=rnd(16, 3, 4, 4), bias=rnd(16),
+                         pos_embed=rnd(1, 5, 16), cls_token=rnd(1, 1, 16)),
+    )  # fmt: skip
+    extra = dict(
+        flash_attention=dict(scale=0.5),
+        qkv_attention=dict(num_heads=2, scale=0.5, eps=1e-6),
+        patch_embed=dict(patch_size=4),
+    )
+    return {op: (getattr(vk_autograd, f"{op}_backward"), kw, extra.get(op, {})) for op, kw in t.items()}
+
+
+@pytest.mark.parametrize("op", list(_gradient_calls()))
+def test_gradient_functions_refuse_tensors_whose_memory_does_not_hold_their_values(op, monkeypatch):
+    """A negative view (memory holds -t), or an efficient zero tensor (no memory), in any tensor argument of
+    a gradient function: a TypeError naming it before any launch (the kernels would read memory as it is)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    launched = []
+    for cls in (JITFunction, InterpretedFunction):
+        real = cls.run
+        monkeypatch.setattr(cls, "run", lambda self, *a, real=real, **k: launched.append(self) or real(self, *a, **k))
+    fn, tensors, extra = _gradient_calls()[op]
+    for name, t in tensors.items():
+        for bad in (torch._neg_view(t), torch._efficientzerotensor(t.shape, dtype=t.dtype)):
+            with pytest.raises(TypeError, match=rf"^{name}: expected a tensor"):
+                fn(**{**tensors, name: bad}, **extra)
+    assert launched == []
+
+
 def test_torch_backend_of_the_gradient_functions_matches_the_oracle():
     x, w, b, ls = rnd(2, 5, 16), rnd(24, 16), rnd(24), rnd(24)
     g = rnd(2, 5, 24)

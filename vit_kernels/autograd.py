@@ -32,9 +32,15 @@ from . import checks
 BACKWARD_BACKENDS = ("triton", "torch")
 
 
-def _check_backend(backend: str) -> None:
+def _check_call(backend: str, **tensors) -> None:
+    """The backend, and every tensor argument's memory (checks.in_memory: no negative view, zero tensor or
+    nested tensor, which the kernels would read as something else), before any launch."""
     if backend not in BACKWARD_BACKENDS:
         raise ValueError(f"backend: expected one of {BACKWARD_BACKENDS} for a backward, got {backend!r}")
+    for name, t in tensors.items():
+        for i, u in enumerate(t if isinstance(t, tuple) else (t,)):
+            if isinstance(u, Tensor):
+                checks.in_memory(f"{name}[{i}]" if isinstance(t, tuple) else name, u)
 
 
 def dense(t: Tensor) -> Tensor:
@@ -75,7 +81,7 @@ def flash_attention_backward(
     grad_out, q, out: (batch, heads, q_tokens, head_dim); k, v: (batch, heads, kv_tokens, head_dim);
     lse: (batch, heads, q_tokens) fp32 row log-sum-exp of the forward (fp64 allowed for float64 q).
     """
-    _check_backend(backend)
+    _check_call(backend, grad_out=grad_out, q=q, k=k, v=v, out=out, lse=lse)
     if backend == "torch":
         from .ops.flash_attention import sdpa
 
@@ -102,7 +108,7 @@ def layernorm_backward(
     grad, x: (rows, dim); mean, rstd: (rows,) the forward's statistics (triton); norm_weight, norm_bias:
     (dim,) or None; eps: the forward's (torch); needs: which of (x, norm_weight, norm_bias) need a gradient.
     """
-    _check_backend(backend)
+    _check_call(backend, grad=grad, x=x, mean=mean, rstd=rstd, norm_weight=norm_weight, norm_bias=norm_bias)
     nx, nw, nb = needs
     if backend == "torch":
         import torch.nn.functional as F
@@ -143,7 +149,7 @@ def linear_backward(
     grad: (..., out); x: (..., in); weight: (out, in); bias, layer_scale: (out,) or None;
     needs: which of (x, weight, bias, residual, layer_scale) need a gradient.
     """
-    _check_backend(backend)
+    _check_call(backend, grad=grad, x=x, weight=weight, bias=bias, layer_scale=layer_scale)
     nx, nw, nb, nr, nl = needs
     nb, nl = nb and bias is not None, nl and layer_scale is not None
     dres = grad if nr else None
@@ -194,7 +200,20 @@ def layernorm_gelu_mlp_backward(
     grad: (..., out); x: (..., dim); hidden: (rows, hidden) the forward's GELU output (triton);
     stats: (mean, rstd) of x's rows when norm_weight is given (triton); needs: which need a gradient.
     """
-    _check_backend(backend)
+    _check_call(
+        backend,
+        grad=grad,
+        x=x,
+        norm_weight=norm_weight,
+        norm_bias=norm_bias,
+        fc1_weight=fc1_weight,
+        fc1_bias=fc1_bias,
+        fc2_weight=fc2_weight,
+        fc2_bias=fc2_bias,
+        layer_scale=layer_scale,
+        hidden=hidden,
+        stats=stats,
+    )
     nx, nnw, nnb, nw1, nb1, nw2, nb2, nr, nl = needs
     params = (norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     dres = grad if nr else None
@@ -317,7 +336,19 @@ def qkv_attention_backward(
     head_dim) the projection as the forward wrote it (q pre-scaled); lse: (batch, heads, tokens);
     stats: (mean, rstd) of x's rows when norm_weight is given (triton: recomputed when None).
     """
-    _check_backend(backend)
+    _check_call(
+        backend,
+        grad=grad,
+        x=x,
+        qkv_weight=qkv_weight,
+        qkv_bias=qkv_bias,
+        norm_weight=norm_weight,
+        norm_bias=norm_bias,
+        qkv=qkv,
+        out=out,
+        lse=lse,
+        stats=stats,
+    )
     nx, nw, nb, nnw, nnb = needs
     if backend == "torch":
         from .ops.qkv_attention import qkv_attention_torch
@@ -397,7 +428,7 @@ def patch_embed_backward(
     images (a reshape; the class-token rows zero): the GEMM's patch loader gathers rows of its A
     operand, while here the patches are the reduction operand.
     """
-    _check_backend(backend)
+    _check_call(backend, grad=grad, images=images, weight=weight, bias=bias, pos_embed=pos_embed, cls_token=cls_token)
     ni, nw, nb, npos, ncls = needs
     nb, npos, ncls = nb and bias is not None, npos and pos_embed is not None, ncls and cls_token is not None
     if backend == "torch":
