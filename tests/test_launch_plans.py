@@ -404,6 +404,14 @@ class _Sub(torch.Tensor):
     """A tensor subclass (its calls take the custom op, never a plan)."""
 
 
+class _Refusing(torch.Tensor):
+    """A tensor subclass whose __torch_function__ refuses everything (is_nested, data_ptr, ...)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        raise TypeError(f"_Refusing: {func}")
+
+
 def _variants(base):
     """(name, schema arguments of a linear call, whether they have ``base``'s plan key) per way a later
     call can differ from ``base`` (x, weight, bias, residual, layer_scale, backend, tune)."""
@@ -425,6 +433,7 @@ def _variants(base):
         ("a Parameter", (torch.nn.Parameter(r(x), requires_grad=False),) + same[1:], False),
         ("a weight that requires grad", (same[0], r(w).requires_grad_()) + same[2:], False),
         ("a tensor subclass", (r(x).as_subclass(_Sub),) + same[1:], False),
+        ("a subclass that refuses every function", same[:2] + (r(b).as_subclass(_Refusing),) + same[3:], False),
         ("a meta x", (torch.empty_like(x, device="meta"),) + same[1:], False),
         ("residual is x", same[:3] + (same[0],) + same[4:], False),
         ("another backend", same[:5] + ("torch", tune), False),
@@ -472,8 +481,8 @@ def test_every_variant_is_served_right_and_the_same_signature_by_its_quick_test(
     with torch.no_grad(), library.plans(store):
         library.run("linear", base)
         for name, args, same_key in _variants(base):
-            if name in ("a meta x", "another dtype"):
-                continue  # (refused by the checks: mixed devices / dtypes)
+            if name in ("a meta x", "another dtype", "a subclass that refuses every function"):
+                continue  # (refused by the checks: mixed devices / dtypes; by the subclass itself)
             quick.clear()
             out = library.run("linear", args)
             plain = [a.as_subclass(torch.Tensor) if isinstance(a, torch.Tensor) else a for a in args]
