@@ -29,6 +29,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAYOUTS = ("contiguous", "strided", "offset", "misaligned", "expanded", "transposed", "last_two", "channels_last")
 # the grad mode of a call (with grad enabled, a call with a tensor that requires grad takes autograd's path,
 # one without is planned) and whether CPU autocast is on (the torch path follows it, Triton's kernels do not)
+BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 GRAD_MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "enable_grad": torch.enable_grad}
 AUTOCAST = {False: contextlib.nullcontext, True: lambda: torch.autocast("cpu", dtype=torch.bfloat16)}
 
@@ -74,7 +75,8 @@ class _Maker:
     """Makes a call's tensors: fresh ones, or (half the time, for the parameters) the very tensor
     objects an earlier call of the sequence got for the same name, shape, dtype, layout and kind, as a
     module's parameters come back call after call. ``kind``: "tensor", "param" (an nn.Parameter that does
-    not require grad) or "grad" (one that does: the calls run under no_grad / inference_mode)."""
+    not require grad) or "grad" (one that does: under no_grad / inference_mode a call is planned all the
+    same; with grad enabled it takes autograd's path, unplanned)."""
 
     def __init__(self, rng: random.Random):
         self.rng = rng
@@ -95,8 +97,11 @@ class _Maker:
 
 
 # --------------------------------------------------------------------------- each op's variations
-# knob -> its choices (repeated entries weigh a choice). A sequence draws a few base calls from these and
-# makes each call from one of them, often with a knob or two drawn again.
+# knob -> its choices (repeated entries weigh a choice). A tensor argument's knob is a layout of _tensor,
+# None (absent), "float64" (another dtype than x's: refused), "alone" (a LayerNorm bias without its weight,
+# a layer scale without a residual: refused), or names another argument a: "=a" (the very tensor object of
+# a), "@a" (another tensor object on a's data), "~a" (a fresh tensor with a's shape, strides, dtype and
+# alignment: a's signature).
 COMMON = {
     "dtype": DTYPES,
     "grad_mode": ("no_grad", "no_grad", "inference_mode", "enable_grad"),
@@ -105,85 +110,136 @@ COMMON = {
     "params": ("tensor", "tensor", "param", "grad"),  # the weights' and 1-D parameters' kind (_Maker)
     "store": ("module", "module", "module", "function"),  # the sequence's PlanStore, or library.FUNCTION_PLANS
 }
-PARAM_1D = ("contiguous", "contiguous", "offset", "misaligned", "strided", "expanded")  # strided, expanded: copied
+VECTOR = ("contiguous", "contiguous", "offset", "misaligned", "strided", "expanded")  # strided, expanded: copied
+WEIGHT = ("contiguous", "contiguous", "offset", "misaligned", "transposed", "strided", "expanded", "last_two")
+X = LAYOUTS[:7]
 KNOBS = {
     "linear": {
-        "B": (1, 2, 0),  # 0: an empty result (never planned)
-        "N": (1, 5, 7),
+        "B": (2, 1, 0),  # 0: an empty result (never planned)
+        "N": (5, 7, 1),
         "x_rank": (3, 3, 2, 4),
         "x_inference": (False, False, False, True),  # x made under inference_mode (an inference tensor)
-        "x": LAYOUTS[:7],
         "out": (DIM, DIM, 48),
-        "weight": ("contiguous", "contiguous", "offset", "misaligned", "transposed", "strided", "expanded"),
-        "bias": (None,) + PARAM_1D + ("float64",),  # float64: refused (another dtype than x's)
-        "residual": (None, "x", "x", "contiguous", "strided", "misaligned", "expanded", "transposed"),
-        "layer_scale": (None, None, "contiguous", "misaligned", "bias", "alone"),  # alone: without residual, refused
+        "x": X,
+        "weight": WEIGHT,
+        "bias": (None,) + VECTOR + ("float64",),
+        "residual": (None, "=x", "=x", "~x", "@x", "contiguous", "strided", "misaligned", "expanded", "float64"),
+        "layer_scale": (None, "contiguous", "misaligned", "=bias", "~bias", "alone"),
     },
     "layernorm_gelu_mlp": {
-        "B": (1, 2),
-        "N": (1, 5, 7),
+        "B": (2, 1),
+        "N": (5, 7, 1),
         "x_rank": (3, 3, 2),
         "x_inference": (False, False, False, True),
-        "x": LAYOUTS[:7],
-        "norm_weight": (None,) + PARAM_1D,
-        "norm_bias": (None, "contiguous", "misaligned", "norm_weight", "alone"),  # alone: refused
-        "fc1_weight": ("contiguous", "contiguous", "misaligned", "transposed", "strided"),
+        "x": X,
+        "norm_weight": (None,) + VECTOR,
+        "norm_bias": (None, "contiguous", "misaligned", "=norm_weight", "~norm_weight", "alone"),
+        "fc1_weight": WEIGHT,
         "fc1_bias": (None, "contiguous", "offset", "misaligned", "float64"),
-        "fc2_weight": ("contiguous", "contiguous", "offset", "transposed", "expanded"),
+        "fc2_weight": WEIGHT,
         "fc2_bias": (None, "contiguous", "misaligned"),
-        "residual": (None, "x", "x", "contiguous", "strided", "misaligned"),
-        "layer_scale": (None, None, "contiguous", "misaligned", "fc2_bias", "alone"),
+        "residual": (None, "=x", "=x", "~x", "@x", "contiguous", "strided", "misaligned", "float64"),
+        "layer_scale": (None, "contiguous", "misaligned", "=fc2_bias", "~fc2_bias", "alone"),
         "eps": (1e-6, 1e-6, 1e-5, 0.0, 0, -1.0),  # 0: an int (another key); -1.0: refused
         "approximate": ("none", "none", "tanh", "tanh", "exact"),  # "exact": refused
     },
     "qkv_attention": {
-        "B": (1, 2, 0),
-        "N": (1, 5, 7),
+        "B": (2, 1, 0),
+        "N": (5, 7, 1),
         "x_inference": (False, False, False, True),
-        "x": LAYOUTS[:7],
-        "qkv_weight": ("contiguous", "contiguous", "offset", "misaligned", "transposed", "strided", "last_two"),
+        "x": X,
+        "qkv_weight": WEIGHT,
         "qkv_bias": (None, "contiguous", "misaligned", "strided", "float64"),
         "norm_weight": (None, "contiguous", "contiguous", "offset", "misaligned"),
-        "norm_bias": (None, "contiguous", "norm_weight", "alone"),
+        "norm_bias": (None, "contiguous", "=norm_weight", "~norm_weight", "alone"),
         "num_heads": (HEADS, HEADS, 1, 4, 3, 2.0),  # 4: head_dim 8 (Triton refuses); 3, 2.0: refused
         "scale": (None, None, 0.25, 1, 0.0),  # 1: an int; 0.0: refused
         "eps": (1e-6, 1e-6, 1e-5),
         "path": (None, "split", "single_kernel"),
     },
     "patch_embed": {
-        "B": (1, 2, 3, 0),
+        "B": (2, 1, 3, 0),
         "patch_size": (4, 4, 2, 3, 4.0),  # 3 (8 x 8 images), 4.0: refused
         "uint8": (False, False, False, True),
+        "pos_shape": ("batch", "batch", "flat"),  # (1, T, dim) or (T, dim)
+        "cls_shape": ("1x1", "1x1", "flat"),  # (1, 1, dim) or (dim,)
         "images": ("contiguous", "contiguous", "channels_last", "strided", "offset", "misaligned", "expanded"),
-        "weight": ("contiguous", "contiguous", "channels_last", "misaligned", "transposed"),
+        "weight": ("contiguous", "contiguous", "channels_last", "misaligned", "transposed", "strided"),
         "bias": (None, "contiguous", "misaligned", "strided", "float64"),
-        "pos_embed": (None, "batch", "batch", "flat", "misaligned", "strided"),
-        "cls_token": (None, "1x1", "1x1", "flat", "misaligned"),
+        "pos_embed": (None, "contiguous", "contiguous", "misaligned", "strided", "expanded"),
+        "cls_token": (None, "contiguous", "contiguous", "misaligned", "=bias", "~bias"),
     },
     "flash_attention": {
-        "B": (1, 2),
-        "Nq": (1, 5, 7),
+        "B": (2, 1),
+        "Nq": (5, 7, 1),
         "Nk": ("q", "q", 5, 7),
         "head_dim": (16, 16, 32, 8),  # 8: refused by Triton
+        "packed": (False, False, False, True),  # q, k, v: views of one (3, ...) buffer (q's layout)
         "q": ("contiguous", "contiguous", "transposed", "offset", "misaligned", "strided", "expanded", "last_two"),
-        "k": ("contiguous", "contiguous", "transposed", "offset", "strided"),
-        "v": ("contiguous", "contiguous", "transposed", "misaligned", "expanded"),
-        "sharing": ("apart", "apart", "packed", "k_is_v", "one"),  # packed: views of one (3, ...) buffer
+        "k": ("contiguous", "contiguous", "transposed", "offset", "strided", "=q", "~q", "@q"),
+        "v": ("contiguous", "contiguous", "transposed", "misaligned", "expanded", "=k", "~k", "@k", "=q"),
         "scale": (None, None, 0.5, 1, 0.0),
     },
 }
 
 
+def _shapes(op, s):
+    """name -> shape of each tensor argument of the call ``s``, in schema order (the first: x, images or q; an
+    argument that refers to another, "=a", "~a" or "@a", gets the other's shape)."""
+    if op == "linear":
+        lead = {2: (s["B"] * s["N"],), 3: (s["B"], s["N"]), 4: (s["B"], 1, s["N"])}[s["x_rank"]]
+        o = s["out"]
+        return {"x": lead + (DIM,), "weight": (o, DIM), "bias": (o,), "residual": lead + (o,), "layer_scale": (o,)}
+    if op == "layernorm_gelu_mlp":
+        lead = (s["B"] * s["N"],) if s["x_rank"] == 2 else (s["B"], s["N"])
+        return {
+            "x": lead + (DIM,),
+            "norm_weight": (DIM,),
+            "norm_bias": (DIM,),
+            "fc1_weight": (HIDDEN, DIM),
+            "fc1_bias": (HIDDEN,),
+            "fc2_weight": (DIM, HIDDEN),
+            "fc2_bias": (DIM,),
+            "residual": lead + (DIM,),
+            "layer_scale": (DIM,),
+        }
+    if op == "qkv_attention":
+        x = (s["B"], s["N"], DIM)
+        return {
+            "x": x,
+            "qkv_weight": (3 * DIM, DIM),
+            "qkv_bias": (3 * DIM,),
+            "norm_weight": (DIM,),
+            "norm_bias": (DIM,),
+        }
+    if op == "patch_embed":
+        p = int(s["patch_size"])
+        cls = s["cls_token"] is not None and not (s["cls_token"][0] in "=~@" and s["bias"] is None)
+        T = (8 // p) ** 2 + cls
+        return {
+            "images": (s["B"], 3, 8, 8),
+            "weight": (DIM, 3, p, p),
+            "bias": (DIM,),
+            "pos_embed": (T, DIM) if s["pos_shape"] == "flat" else (1, T, DIM),
+            "cls_token": (DIM,) if s["cls_shape"] == "flat" else (1, 1, DIM),
+        }
+    same = s["Nk"] == "q" or s["packed"] or s["k"][0] in "=~@" or s["v"] == "=q"
+    Nk = s["Nq"] if same else s["Nk"]
+    q, kv = (s["B"], HEADS, s["Nq"], s["head_dim"]), (s["B"], HEADS, Nk, s["head_dim"])
+    return {"q": q, "k": kv, "v": kv}
+
+
 # per op, choices the checks refuse: a call drawn with one of them (REFUSING_SHARE of the calls) must
 # raise the same error with a plan as without
 REFUSED = {
-    "linear": (("bias", "float64"), ("layer_scale", "alone")),
+    "linear": (("bias", "float64"), ("layer_scale", "alone"), ("residual", "float64")),
     "layernorm_gelu_mlp": (
         ("eps", -1.0),
         ("approximate", "exact"),
         ("norm_bias", "alone"),
         ("layer_scale", "alone"),
         ("fc1_bias", "float64"),
+        ("residual", "float64"),
     ),
     "qkv_attention": (
         ("num_heads", 3),
@@ -196,28 +252,76 @@ REFUSED = {
     "flash_attention": (("scale", 0.0),),
 }
 REFUSING_SHARE = 0.12
-# choices a sequence's base calls never draw (refused, or copied per call: never planned; Triton refuses
-# head_dim 8); a call drawn again from a base may
-RARE = {
-    ("bias", "strided"),
-    ("bias", "expanded"),
-    ("norm_weight", "strided"),
-    ("norm_weight", "expanded"),
-    ("qkv_bias", "strided"),
-    ("pos_embed", "strided"),
-    ("num_heads", 4),
-    ("head_dim", 8),
-    ("B", 0),
-    *(c for choices in REFUSED.values() for c in choices),
-}
+# choices a sequence's base calls never draw (refused; Triton refuses head_dim 8 and 4 heads of 8; an
+# empty result), or seldom (1-D parameters of other strides, copied per call: never planned); the calls one
+# step from a base or from the call before draw them as often as the others. As (knob, type, choice): 2 and
+# 2.0 apart.
+COPIED = {(k, str, v) for k in ("bias", "norm_weight", "qkv_bias", "pos_embed") for v in ("strided", "expanded")}
+REFUSING = {(k, type(v), v) for choices in REFUSED.values() for k, v in choices}
+RARE = {("num_heads", int, 4), ("head_dim", int, 8), ("B", int, 0), *REFUSING}
+
+
+def _knobs(op, backends_):
+    return dict(COMMON, backend=backends_, **KNOBS[op])
 
 
 def _spec(op, rng, backends_):
-    """A base call: each knob its first choice half the time, else any choice but the RARE ones."""
-    knobs = dict(COMMON, backend=backends_, **KNOBS[op])
+    """A base call: each knob its first choice half the time, else any choice but the RARE ones (the
+    COPIED ones a quarter as often as the others)."""
+
+    def weight(k, c):
+        return 0 if (k, type(c), c) in RARE else 0.25 if (k, type(c), c) in COPIED else 1
+
     return {
-        k: v[0] if rng.random() < 0.5 else rng.choice([c for c in v if (k, c) not in RARE]) for k, v in knobs.items()
+        k: v[0] if rng.random() < 0.5 else rng.choices(v, weights=[weight(k, c) for c in v])[0]
+        for k, v in _knobs(op, backends_).items()
     }
+
+
+def _flipped(op, spec, rng, backends_):
+    """``spec`` with one knob drawn again (the op's own knobs three times as often as COMMON's): a call
+    whose signature is one step from ``spec``'s, or the same."""
+    knobs = _knobs(op, backends_)
+    names = sorted(knobs)
+    k = rng.choices(names, weights=[1 if k in COMMON or k == "backend" else 3 for k in names])[0]
+    return dict(spec, **{k: rng.choice(knobs[k])})
+
+
+ALIGNMENTS = ("contiguous", "offset", "misaligned")  # the first two one alignment class, the third another
+NUMBERS = ("eps", "scale", "num_heads", "patch_size")
+
+
+def _twin(op, spec, rng, backends_):
+    """``spec`` changed where a signature-keyed cache goes wrong most easily: tensors that were one object
+    (or on one address) now apart with the same signatures, or the other way ("=a" / "@a" <-> "~a"); a
+    tensor moved to another address of the same or of another alignment class; a number of another type
+    (1 <-> 1.0: refused where an int is required). Else one knob drawn again (:func:`_flipped`)."""
+    knobs = KNOBS[op]
+    kinds = [
+        "share" * any(isinstance(c, str) and c[:1] in "=~@" for v in knobs.values() for c in v),
+        "align",
+        "type" * any(k in NUMBERS for k in knobs),
+    ]
+    kind = rng.choice([k for k in kinds if k])
+    if kind == "share":
+        k = rng.choice(sorted(k for k, v in knobs.items() if any(isinstance(c, str) and c[:1] in "=~@" for c in v)))
+        v = spec[k]
+        if isinstance(v, str) and v[:1] in "=@":
+            return dict(spec, **{k: "~" + v[1:]})
+        if isinstance(v, str) and v[:1] == "~":
+            return dict(spec, **{k: rng.choice("=@") + v[1:]})
+        return dict(spec, **{k: rng.choice([c for c in knobs[k] if isinstance(c, str) and c[:1] in "=~@"])})
+    if kind == "align":
+        names = [k for k in _shapes(op, spec) if spec[k] in ALIGNMENTS]
+        if names:
+            k = rng.choice(names)
+            return dict(spec, **{k: rng.choice([a for a in ALIGNMENTS if a != spec[k]])})
+    if kind == "type":
+        names = [k for k in NUMBERS if type(spec.get(k)) is int or (type(spec.get(k)) is float and spec[k] % 1 == 0)]
+        if names:
+            k = rng.choice(names)
+            return dict(spec, **{k: float(spec[k]) if type(spec[k]) is int else int(spec[k])})
+    return _flipped(op, spec, rng, backends_)
 
 
 def _refusing(op, spec, rng):
@@ -226,104 +330,59 @@ def _refusing(op, spec, rng):
     return dict(spec, **{k: v})
 
 
-def _mutated(op, spec, rng, backends_):
-    knobs = dict(COMMON, backend=backends_, **KNOBS[op])
-    spec = dict(spec)
-    for k in rng.sample(sorted(knobs), rng.choice((1, 1, 2))):
-        spec[k] = rng.choice(knobs[k])
-    return spec
+def _like(t):
+    """A fresh random tensor with ``t``'s shape, strides, dtype and storage offset (so its alignment class)."""
+    elements = t.untyped_storage().nbytes() // t.element_size()
+    return torch.randn(elements, dtype=t.dtype).as_strided(t.shape, t.stride(), t.storage_offset())
 
 
-def _norm_bias(s, nw, param):
-    """The LayerNorm bias of call ``s``: only with a LayerNorm weight, but for "alone" (refused)."""
-    if s["norm_bias"] == "alone":
-        return param("norm_bias", (DIM,), "contiguous")
-    if nw is None:
-        return None
-    return nw if s["norm_bias"] == "norm_weight" else param("norm_bias", (DIM,), s["norm_bias"])
-
-
-def _layer_scale(s, residual, bias, param, shape):
-    """The layer scale of call ``s``: only with a residual, but for "alone" (refused); "bias", "fc2_bias": the
-    bias tensor itself."""
-    if s["layer_scale"] == "alone":
-        return param("layer_scale", shape, "contiguous")
-    if residual is None:
-        return None
-    return bias if s["layer_scale"] in ("bias", "fc2_bias") else param("layer_scale", shape, s["layer_scale"])
-
-
-_PARAM_LAYOUT = {"batch": "contiguous", "flat": "contiguous", "1x1": "contiguous"}
+CONDITIONS = {"norm_bias": "norm_weight", "layer_scale": "residual"}  # present only with the other (or "alone")
 
 
 def _args(op, s, make: _Maker) -> tuple:
     """The schema arguments of the call ``s`` (a spec of KNOBS[op]) describes."""
     dt, kind = s["dtype"], s["params"]
-
-    def param(name, shape, layout):
-        if layout == "float64":
-            return make(name, shape, torch.float64, "contiguous", kind)
-        return None if layout is None else make(name, shape, dt, layout, kind)
-
-    def x_tensor(shape):
-        with torch.inference_mode() if s["x_inference"] else contextlib.nullcontext():
-            return make("x", shape, dt, s["x"], reuse=False)
-
+    shapes = _shapes(op, s)
+    made: dict = {}
+    for name, shape in shapes.items():
+        choice, first = s[name], name == next(iter(shapes))
+        needs = CONDITIONS.get(name)
+        if choice is None or needs is not None and made[needs] is None and choice != "alone":
+            made[name] = None
+        elif choice == "float64" or choice == "alone":
+            made[name] = make(name, shape, torch.float64 if choice == "float64" else dt, "contiguous", kind)
+        elif choice[0] in "=~@":
+            other = made[choice[1:]]
+            made[name] = (
+                other
+                if other is None or choice[0] == "="
+                else _like(other)
+                if choice[0] == "~"
+                else other.view(other.shape)
+            )
+        elif first:  # x, images, q: fresh each call (an inference tensor with x_inference)
+            dtype = torch.uint8 if s.get("uint8") else dt
+            with torch.inference_mode() if s.get("x_inference") else contextlib.nullcontext():
+                made[name] = make(name, shape, dtype, choice, reuse=False)
+        elif name in ("residual", "k", "v"):  # activations: fresh each call
+            made[name] = make(name, shape, dt, choice, reuse=False)
+        else:
+            made[name] = make(name, shape, dt, choice, kind)
+    tensors = tuple(made.values())
     rest = (s["backend"], s["tune"])
-    if op == "linear":
-        lead = {2: (s["B"] * s["N"],), 3: (s["B"], s["N"]), 4: (s["B"], 1, s["N"])}[s["x_rank"]]
-        x = x_tensor(lead + (DIM,))
-        out = s["out"]
-        bias = param("bias", (out,), s["bias"])
-        residual = x if s["residual"] == "x" else None
-        if s["residual"] not in (None, "x"):
-            residual = make("residual", lead + (out,), dt, s["residual"], reuse=False)
-        ls = _layer_scale(s, residual, bias, param, (out,))
-        return (x, param("weight", (out, DIM), s["weight"]), bias, residual, ls) + rest
     if op == "layernorm_gelu_mlp":
-        lead = (s["B"] * s["N"],) if s["x_rank"] == 2 else (s["B"], s["N"])
-        x = x_tensor(lead + (DIM,))
-        nw = param("norm_weight", (DIM,), s["norm_weight"])
-        nb = _norm_bias(s, nw, param)
-        b2 = param("fc2_bias", (DIM,), s["fc2_bias"])
-        residual = x if s["residual"] == "x" else None
-        if s["residual"] not in (None, "x"):
-            residual = make("residual", lead + (DIM,), dt, s["residual"], reuse=False)
-        ls = _layer_scale(s, residual, b2, param, (DIM,))
-        w1 = param("fc1_weight", (HIDDEN, DIM), s["fc1_weight"])
-        b1 = param("fc1_bias", (HIDDEN,), s["fc1_bias"])
-        w2 = param("fc2_weight", (DIM, HIDDEN), s["fc2_weight"])
-        return (x, nw, nb, w1, b1, w2, b2, residual, ls, s["eps"], s["approximate"]) + rest
+        return tensors + (s["eps"], s["approximate"]) + rest
     if op == "qkv_attention":
-        x = x_tensor((s["B"], s["N"], DIM))
-        nw = param("norm_weight", (DIM,), s["norm_weight"])
-        nb = _norm_bias(s, nw, param)
-        w = param("qkv_weight", (3 * DIM, DIM), s["qkv_weight"])
-        b = param("qkv_bias", (3 * DIM,), s["qkv_bias"])
-        return (x, w, b, nw, nb, s["num_heads"], s["scale"], s["eps"], s["path"]) + rest
+        return tensors + (s["num_heads"], s["scale"], s["eps"], s["path"]) + rest
     if op == "patch_embed":
-        p, B = s["patch_size"], s["B"]
-        T = (8 // int(p)) ** 2 + (s["cls_token"] is not None)
-        images = make("images", (B, 3, 8, 8), torch.uint8 if s["uint8"] else dt, s["images"], reuse=False)
-        pos, cls = s["pos_embed"], s["cls_token"]  # "batch", "flat", "1x1": contiguous (1, T, dim), (T, dim), ...
-        pos = param("pos_embed", (T, DIM) if pos == "flat" else (1, T, DIM), _PARAM_LAYOUT.get(pos, pos))
-        cls = param("cls_token", (DIM,) if cls == "flat" else (1, 1, DIM), _PARAM_LAYOUT.get(cls, cls))
         norm = ([0.5, 0.4, 0.3], [0.2, 0.25, 0.3]) if s["uint8"] else (None, None)
-        weight = param("weight", (DIM, 3, int(p), int(p)), s["weight"])
-        return (images, weight, param("bias", (DIM,), s["bias"]), pos, cls, p) + norm + rest
-    assert op == "flash_attention"
-    B, Nq, D = s["B"], s["Nq"], s["head_dim"]
-    Nk = Nq if s["Nk"] == "q" or s["sharing"] in ("packed", "one") else s["Nk"]
-    if s["sharing"] == "packed":  # views of one buffer, as the split qkv_attention path makes them
-        qkv = _tensor(
-            (3, B, HEADS, Nq, D), dt, s["q"] if s["q"] in ("contiguous", "offset", "misaligned") else "contiguous"
-        )
-        q, k, v = qkv.unbind(0)
-    else:
-        q = make("q", (B, HEADS, Nq, D), dt, s["q"], reuse=False)
-        k = q if s["sharing"] == "one" else make("k", (B, HEADS, Nk, D), dt, s["k"], reuse=False)
-        v = k if s["sharing"] in ("one", "k_is_v") else make("v", (B, HEADS, Nk, D), dt, s["v"], reuse=False)
-    return (q, k, v, s["scale"]) + rest
+        return tensors + (s["patch_size"],) + norm + rest
+    if op == "flash_attention":
+        if s["packed"]:  # views of one buffer, as the split qkv_attention path makes them (k, v of q's shape)
+            layout = s["q"] if s["q"] in ("contiguous", "offset", "misaligned") else "contiguous"
+            tensors = tuple(_tensor((3,) + shapes["q"], dt, layout).unbind(0))
+        return tensors + (s["scale"],) + rest
+    return tensors + rest
 
 
 def _oracle(op, args, dtype):
@@ -391,13 +450,18 @@ def _check_call(op, args, spec, store, where):
     if err is not None:
         return "refused"
     assert out.dtype == want.dtype and out.shape == want.shape and out.stride() == want.stride(), msg
-    assert torch.equal(out, want), f"{msg}\nplanned and unplanned results differ: max abs diff " + str(
-        (out.double() - want.double()).abs().max().item()
+    bits = BITS[out.dtype]  # bitwise (NaN included: a LayerNorm of a constant row with eps 0)
+    same = torch.equal(out.detach().view(bits), want.detach().view(bits))
+    assert same, (
+        f"{msg}\nplanned and unplanned results differ: max abs diff {(out.double() - want.double()).abs().max()}"
     )
     # the error baseline: plain PyTorch at the result's dtype; under autocast at bfloat16 (the torch path's
     # products run in it: the differential above is this call's check, the oracle a sanity bound)
+    oracle = _oracle(op, args, torch.float64)
     baseline = _oracle(op, args, torch.bfloat16 if spec["autocast"] else out.dtype)
-    testing.assert_close(out, _oracle(op, args, torch.float64), baseline, name=msg)
+    finite = torch.isfinite(oracle)  # where the oracle is not, neither is the result
+    assert not torch.isfinite(out[~finite]).any(), msg
+    testing.assert_close(out[finite], oracle[finite], baseline[finite], name=msg)
     return out
 
 
@@ -412,8 +476,8 @@ MIXED = {  # the backends the calls of an op's mixed sequence draw
 }
 SEQUENCES = [  # (op, the backends its calls draw, calls, seed, the stores' bound): two sequences per op on
     # Triton (the second with stores that keep at most 4 plans: emptied and refilled), one mixed
-    *((op, ("triton",), 40, 10 * i + j, None if j == 1 else 4) for i, op in enumerate(OPS) for j in (1, 2)),
-    *((op, MIXED[op], 24, 10 * i + 3, None) for i, op in enumerate(OPS)),
+    *((op, ("triton",), 50, 10 * i + j, None if j == 1 else 4) for i, op in enumerate(OPS) for j in (1, 2)),
+    *((op, MIXED[op], 32, 10 * i + 3, None) for i, op in enumerate(OPS)),
 ]
 
 
@@ -424,10 +488,19 @@ def _run_sequence(op, backends_, calls, seed, store):
     make = _Maker(rng)
     bases = [_spec(op, rng, backends_) for _ in range(4)]
     refs, counts = [], {"calls": 0, "refused": 0}
+    prev = bases[0]
     for i in range(calls):
-        spec = rng.choice(bases)
-        if rng.random() < 0.4:
-            spec = _mutated(op, spec, rng, backends_)
+        # a base call again; the call before with a change where caches go wrong (_twin); it or a base one knob
+        # from where they were (_flipped)
+        r = rng.random()
+        if r < 0.25 or i == 0:
+            spec = rng.choice(bases)
+        elif r < 0.6:
+            spec = _twin(op, prev, rng, backends_)
+        else:
+            spec = _flipped(op, prev if r < 0.9 else rng.choice(bases), rng, backends_)
+        if not any((k, type(v), v) in REFUSING for k, v in spec.items()):
+            prev = spec  # (the calls after start from one the checks take)
         if rng.random() < REFUSING_SHARE:
             spec = _refusing(op, spec, rng)
         args = _args(op, spec, make)
@@ -443,6 +516,8 @@ def _run_sequence(op, backends_, calls, seed, store):
     return refs, counts
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy in the interpreter
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize(
     "op,backends_,calls,seed,bound",
     SEQUENCES,
@@ -456,8 +531,9 @@ def test_planned_calls_give_what_unplanned_calls_give(op, backends_, calls, seed
     default = "VK_PLAN_FUZZ_SEED" not in os.environ and "VK_PLAN_FUZZ_CALLS" not in os.environ
     seed = int(os.environ.get("VK_PLAN_FUZZ_SEED", seed))
     calls = int(os.environ.get("VK_PLAN_FUZZ_CALLS", calls))
-    # the interpreter's bf16 probe runs once per process, here rather than inside a call under autocast
-    # (there its float32 reference product is bfloat16 and the probe raises: see the report of this file)
+    # the interpreter's bf16 probe (vit_kernels.triton.interpreter.bf16_flaw) runs once per process: here,
+    # not in a call under CPU autocast, where its float32 product is bfloat16 and the probe raises
+    # "Float did not match BFloat16" (both ways alike: a flaw of the probe, not of the plans)
     backends.triton_unavailable(torch.device("cpu"), [torch.bfloat16])
     if bound is not None:
         monkeypatch.setattr(library, "MAX_PLANS", bound)
@@ -493,6 +569,7 @@ def test_planned_calls_give_what_unplanned_calls_give(op, backends_, calls, seed
     # the sequence exercised the plans: calls served by a plan (found by its quick test, or by its key),
     # replayed where Triton ran, and calls refused by the checks
     stats = (served, counts, len(store), len(library.FUNCTION_PLANS))
+    print(op, backends_, seed, *stats)  # (shown with a failure, or with -s)
     assert served["plan"] >= calls // 5 and 0 < served["quick"] <= served["plan"], stats
     assert counts["refused"] >= 1, stats
     if backends_ == ("triton",):
