@@ -84,3 +84,14 @@ def test_the_patched_interpreter_passes_the_bf16_probe():
     from vit_kernels.triton.interpreter import bf16_flaw
 
     assert bf16_flaw() is None
+
+
+def test_the_bf16_probe_under_cpu_autocast():
+    """The probe's fp32 reference is computed outside autocast: the first bf16 call of a process may come
+    under torch.autocast("cpu", dtype=bfloat16) (it raised "Float did not match BFloat16" there)."""
+    if torch.cuda.is_available():
+        pytest.skip("no interpreter on a GPU machine")
+    from vit_kernels.triton import interpreter
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert interpreter._bf16_probe.__wrapped__() is None

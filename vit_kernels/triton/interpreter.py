@@ -69,6 +69,11 @@ def bf16_flaw() -> Optional[str]:
 
 @functools.lru_cache(maxsize=None)
 def _bf16_probe() -> Optional[str]:
+    with torch.autocast("cpu", enabled=False):  # (the first bf16 call may come under autocast: fp32 reference)
+        return _bf16_probe_unscoped()
+
+
+def _bf16_probe_unscoped() -> Optional[str]:
     serialize_launches()
     n = 16
     g = torch.Generator().manual_seed(0)
