@@ -421,7 +421,8 @@ def _record(d: Decision) -> None:
 
 def record(d: Decision) -> None:
     """A launch plan's replay records its cached Decision (vit_kernels.library.plans)."""
-    _LAST.replace_call(None, d)
+    if dict.get(_LAST, d.op) is not d or _RECORDING.__dict__.get("lists"):  # (else replace_call would do nothing)
+        _LAST.replace_call(None, d)
 
 
 OFFERS = threading.local()  # .slot: the list a planned call's dispatch offers its launch to (library.plans)

@@ -358,7 +358,7 @@ def _straight_line(r: "Replay", n: int) -> Tuple[str, Any]:
     the arguments, then the allocations, the derived results, the views and the descriptors as
     locals; the constants as globals of the function), so a replay runs no loop, list or
     ``itemgetter`` of its own (about 2 us of a 4-launch call's host time)."""
-    names: dict = {"_descriptor": _descriptor}
+    names: dict = {"_object_new": object.__new__, "_TensorDescriptor": TensorDescriptor}
     lines = [f"def replay({''.join(f'p{i}, ' for i in range(n))}):"]
     j = n
     for k, (shape, stride, like) in enumerate(r.allocs):
@@ -371,15 +371,17 @@ def _straight_line(r: "Replay", n: int) -> Tuple[str, Any]:
     for k, (fn, idx, count) in enumerate(r.derived):
         names[f"_derived{k}"] = fn
         outs = "".join(f"p{j + i}, " for i in range(count))
-        lines.append(f"    ({outs}) = _derived{k}({', '.join(f'p{i}' for i in idx)})")
+        lines.append(f"    {f'({outs}) = ' if count else ''}_derived{k}({', '.join(f'p{i}' for i in idx)})")
         j += count
     for k, (base, size, stride, offset) in enumerate(r.views):
         names[f"_view{k}"] = (size, stride, offset)
         lines.append(f"    p{j} = p{base}.as_strided(*_view{k})")
         j += 1
-    for k, (base, fields) in enumerate(r.descs):
-        names[f"_fields{k}"] = fields
-        lines.append(f"    p{j} = _descriptor(p{base}, _fields{k})")
+    for k, (base, fields) in enumerate(r.descs):  # as _descriptor makes them, written out (no call)
+        names[f"_fields{k}"] = {"base": None, **fields}
+        lines.append(f"    p{j} = _object_new(_TensorDescriptor)")
+        lines.append(f"    p{j}.__dict__ = _d = _fields{k}.copy()")
+        lines.append(f"    _d['base'] = p{base}")
         j += 1
     for k, (launcher, idx) in enumerate(r.steps):
         names[f"_launch{k}"] = launcher
@@ -395,8 +397,7 @@ def _descriptor(base: Tensor, fields: dict):
     shape, padding). Not validated again: what its checks read (the shape, the strides, the base's
     16-byte alignment) is part of the plan's signature."""
     d = object.__new__(TensorDescriptor)
-    d.__dict__.update(fields)
-    d.base = base
+    d.__dict__ = {"base": base, **fields}
     return d
 
 
@@ -527,6 +528,9 @@ def matcher(args: Sequence, n: int):
         tests.append(f"not (({' | '.join(f'a{i}.data_ptr()' for i in aligned)}) & 15)")
     tests += [f"a{i}.data_ptr() & 15 == {tensors[i].data_ptr() & 15}" for i in present if i not in aligned]
     for i in range(n, len(args)):
+        if args[i] is None or type(args[i]) is bool:  # (None, True, False: one object each)
+            tests.append(f"a{i} is {args[i]!r}")
+            continue
         names[f"_type{i}"], names[f"_value{i}"] = type(args[i]), list(args[i]) if type(args[i]) is list else args[i]
         tests.append(f"a{i}.__class__ is _type{i} and a{i} == _value{i}")
     source = f"def match({', '.join(f'a{i}' for i in range(len(args)))}):\n    try:\n        return (\n            "
