@@ -144,12 +144,12 @@ MUTATIONS: List[Mutation] = [
         "    k_base = tl.multiple_of(k_ptr + b * stride_kb + h * stride_kh, 16)\n",
         T_QKV,
     ),
-    # A replayed TMA launch makes its tensor descriptors again on the call's tensors.
+    # A replayed TMA launch makes its tensor descriptors again on the call's tensors (not on another one).
     Mutation(
-        "replay-descriptor-base-not-set",
+        "replay-descriptor-wrong-base",
         "vit_kernels/replay.py",
-        "    d.base = base\n",
-        "    pass\n",
+        "        lines.append(f\"    _d['base'] = p{base}\")\n",
+        "        lines.append(\"    _d['base'] = p0\")\n",
         ("tests/test_tuning.py", "-k", "tma"),
     ),
     # The LayerNorm fold is made on every call: a fold of a weight kept per parameter object goes stale after
@@ -160,6 +160,27 @@ MUTATIONS: List[Mutation] = [
         "        ln = layernorm_prologue(x, eps, weight, bias, norm_weight, norm_bias, room=triton.cdiv(M, config.block_m))\n",
         "        ln = layernorm_prologue(x, eps, layernorm_prologue.__dict__.setdefault(id(weight), weight.clone()), bias, norm_weight, norm_bias, room=triton.cdiv(M, config.block_m))\n",
         ("tests/test_triton_gemm_tma.py", "tests/test_tuning.py", "-k", "writes_through_data or folded_tma"),
+    ),
+    # W' lives in the prologue's workspace: the GEMM reads it at its own offset there, and the launcher refuses
+    # a weight that is not the fold's (the kernel would read the workspace whatever weight says).
+    Mutation(
+        "tma-fold-weight-offset-wrong",
+        "vit_kernels/triton/gemm_tma.py",
+        "        w_ptr = (stats_ptr + wf_off).to(w0_ptr.dtype, bitcast=True)\n",
+        "        w_ptr = (stats_ptr + fold_off).to(w0_ptr.dtype, bitcast=True)\n",
+        ("tests/test_triton_gemm_tma.py", "-k", "layernorm"),
+    ),
+    Mutation(
+        "tma-fold-weight-unchecked",
+        "vit_kernels/triton/gemm_tma.py",
+        "            or weight is not fold.weight\n"
+        "            or wf_off < affine_off + 2 * K\n"
+        "            or wf_off % 64\n"
+        "            or weight.untyped_storage().data_ptr() != stats.untyped_storage().data_ptr()\n"
+        "            or not weight.is_contiguous()\n"
+        "            or weight.dtype != w0.dtype\n",
+        "",
+        ("tests/test_triton_gemm_tma.py", "-k", "folds_own_weight"),
     ),
     # float16 rows of W * gamma past float16's range folded unscaled (inf in W'), or scaled and never
     # scaled back in the epilogue.

@@ -365,7 +365,7 @@ def test_threshold_values():
 def test_fold_kernel(N, K, bias, beta, layout, dtype):
     """The LayerNorm prologue (one launch) against torch: W' = W * gamma rounded once to W's dtype (bitwise),
     colsum and b' from float64 sums (colsum of the rounded W'); x's row statistics bit for bit row_stats',
-    in one workspace: mean, rstd, the room, then the fold's sums."""
+    in one workspace: mean, rstd, the room, then the fold's sums, gamma and beta, then W'."""
     w = randn(N, K, dtype=dtype)
     vec = lambda n: randn(n, dtype=dtype, shift=0.5)  # noqa: E731
     b, nw, nb = vec(N) if bias else None, vec(K), vec(K) if beta else None
@@ -380,6 +380,9 @@ def test_fold_kernel(N, K, bias, beta, layout, dtype):
     assert f.sums.untyped_storage().data_ptr() == mean.untyped_storage().data_ptr()  # one workspace
     fold_off = -(-(2 * M + room) // 16) * 16  # the sums from the next multiple of 16 floats
     assert (mean.storage_offset(), rstd.storage_offset(), f.sums.storage_offset()) == (0, M, fold_off)
+    assert f.weight.untyped_storage().data_ptr() == mean.untyped_storage().data_ptr()  # W' in it too
+    wf_off = -(-(fold_off + G.SUM_ROWS * N + 2 * K) // 64) * 64  # from the next multiple of 64 floats
+    assert f.weight.storage_offset() * f.weight.element_size() == 4 * wf_off, f.weight.storage_offset()
     if K:
         want_mean, want_rstd = row_stats(x, 1e-6)
         assert torch.equal(mean, want_mean) and torch.equal(rstd, want_rstd)
@@ -392,6 +395,25 @@ def test_fold_kernel(N, K, bias, beta, layout, dtype):
     else:
         want = (b.double() if bias else 0) + (w.double() @ nb.double() if beta else 0)
         assert_close(f.bias, want, (b.float() if bias else 0) + (w.float() @ nb.float() if beta else 0), name="bias")
+
+
+def test_layernorm_folded_launch_takes_the_folds_own_weight():
+    """With ``ln`` the GEMM reads W' at its offset in the prologue's workspace, not through ``weight``: a
+    weight that is not the fold's own (a copy of W', W itself) raises before any launch, naming ln."""
+    N, K, dtype = 32, 64, torch.float16
+    x, w, nw = randn(2, 7, K, dtype=dtype), randn(N, K, dtype=dtype), randn(K, dtype=dtype, shift=0.5)
+    f, mean, rstd = G.layernorm_prologue(x, 1e-6, w, None, nw, None, room=1)
+    out = nan_like((2, 7, N), dtype)
+    launch = lambda weight: G.launch_gemm_tma(  # noqa: E731
+        x, weight, out, M=14, N=N, K=K, T=7, stride_am=K, config=G.default_config(N, K), ln=(f, mean, rstd)
+    )
+    for weight in (f.weight.clone(), w):
+        with pytest.raises(ValueError, match="ln: expected .* W' .* as weight"):
+            launch(weight)
+    assert out.isnan().all()  # nothing launched
+    launch(f.weight)
+    want = F.layer_norm(x.double(), (K,), nw.double(), None, 1e-6) @ w.double().T
+    assert_close(out, want, F.layer_norm(x.float(), (K,), nw.float(), None, 1e-6).to(dtype) @ w.T, name="out")
 
 
 def zero_mean_rows(B, T, K, zeros, dtype):

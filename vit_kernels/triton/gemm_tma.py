@@ -217,7 +217,7 @@ def _epilogue(
 @triton.jit
 def _gemm_tma_kernel(
     a_ptr,  # A (M, K), row stride stride_am, unit column stride, 16-byte aligned
-    w_ptr,  # weight (N, K), row stride stride_wn, unit column stride (W' when LN_EPI)
+    w_ptr,  # weight (N, K), row stride stride_wn, unit column stride (unread when LN_EPI: W' is in the workspace)
     w0_ptr,  # [LN_EPI] W itself (N, K), strides (stride_w0n, stride_w0k): the exact route's weight
     out_ptr,  # OUT_ROWS: (M, N) row stride stride_om;
     # OUT_QKV: (3, B, H, T, HEAD_DIM) strides (stride_o3, stride_ob, stride_oh, stride_ot, 1)
@@ -229,6 +229,7 @@ def _gemm_tma_kernel(
     # unscale u, bias b', bias b, dominance flags, then gamma (K) and beta (K)
     stats_ptr,
     fold_off,  # a multiple of 16 (Triton specializes it so: the fold's loads stay vectorized)
+    wf_off,  # [LN_EPI] W' (N, K) in W's dtype, row stride stride_wn, at stats_ptr + wf_off (a multiple of 64)
     M,
     N,
     K,
@@ -263,6 +264,8 @@ def _gemm_tma_kernel(
     LN_EPI: tl.constexpr,
 ):
     SUB_N: tl.constexpr = BLOCK_N // EPI_SPLIT
+    if LN_EPI:  # the fold's W', in the prologue's workspace (one allocation per call: layernorm_prologue)
+        w_ptr = (stats_ptr + wf_off).to(w0_ptr.dtype, bitcast=True)
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
     if OUT_MODE == OUT_ROWS:
@@ -801,7 +804,7 @@ def launch_gemm_tma(
         stride_om = 0
     else:
         stride_om = _rows2d("out", out)[0]  # the row stride (a size-1 dim's stride says nothing)
-    stats, fold_off = fp32_placeholder(a.device), 0  # never read without LN_EPI
+    stats, fold_off, wf_off = fp32_placeholder(a.device), 0, 0  # never read without LN_EPI
     tau = ln_eps = 0.0
     w0, w0_strides = weight, (0, 0)  # W itself: the exact route's (LN_EPI)
     if ln is not None:
@@ -812,6 +815,7 @@ def launch_gemm_tma(
             raise ValueError("bias: expected None with ln (the fold's sums hold the folded bias)")
         fold_off = (fold.sums.data_ptr() - stats.data_ptr()) // 4
         affine_off = (fold.affine.data_ptr() - stats.data_ptr()) // 4
+        wf_off = (weight.data_ptr() - stats.data_ptr()) // 4
         if (
             fold_off < 2 * M + row_tiles
             or fold_off % 16
@@ -819,11 +823,18 @@ def launch_gemm_tma(
             or fold.sums.shape != (SUM_ROWS, N)
             or affine_off != fold_off + SUM_ROWS * N
             or not fold.affine.is_contiguous()
+            or weight is not fold.weight
+            or wf_off < affine_off + 2 * K
+            or wf_off % 64
+            or weight.untyped_storage().data_ptr() != stats.untyped_storage().data_ptr()
+            or not weight.is_contiguous()
+            or weight.dtype != w0.dtype
         ):
             raise ValueError(
                 f"ln: expected layernorm_prologue's workspace with room for {row_tiles} route flags (the fold's "
                 f"({SUM_ROWS}, {N}) sums at a multiple of 16 floats from the mean, past {2 * M + row_tiles}, then "
-                f"gamma and beta), got sums {tuple(fold.sums.shape)} at {fold_off}, gamma and beta at {affine_off}"
+                f"gamma and beta, then the contiguous W' at a multiple of 64 floats, as weight), got sums "
+                f"{tuple(fold.sums.shape)} at {fold_off}, gamma and beta at {affine_off}, weight at {wf_off}"
             )
         tau, ln_eps = ln_cancel_threshold(K, a.dtype), fold.eps
         derived(_note_route, stats, M, row_tiles, c.block_m, tau, fold_off + 4 * N, N)
@@ -833,14 +844,15 @@ def launch_gemm_tma(
         _gemm_tma_kernel,
         grid,
         a,
-        weight,
+        stats if ln is not None else weight,  # LN_EPI: the kernel reads W' from the workspace
         w0,
         out,
-        stats if ln is not None else _or(bias, weight),  # LN_EPI: the kernel reads b' from the fold's sums
-        _or(residual, weight),
-        _or(layer_scale, weight),
+        stats if ln is not None else _or(bias, w0),  # LN_EPI: the kernel reads b' from the fold's sums
+        _or(residual, w0),  # (placeholders: W itself, an input; never W', a view of the workspace)
+        _or(layer_scale, w0),
         stats,
         fold_off,
+        wf_off,
         M,
         N,
         K,
@@ -880,7 +892,9 @@ def _or(t: Optional[Tensor], placeholder: Tensor) -> Tensor:
 def _note_route(stats: Tensor, M: int, tiles: int, block_m: int, tau: float, flags_off: int, N: int) -> Tuple[()]:
     """Keep the statistics buffer of this LN_EPI launch as the last route (:func:`last_ln_route` reads its
     ``tiles`` row-tile flags after the 2 * M statistics, and the fold's N dominance flags at ``flags_off``).
-    Called per launch, replays included (vit_kernels.replay.derived, with the replay's buffer)."""
+    Called per launch, replays included (vit_kernels.replay.derived, with the replay's buffer). Keeps that
+    workspace (W' with it: N * K elements in W's dtype, 4.7 MB for ViT-B's fc1 in bfloat16) until the next
+    LN_EPI launch."""
     _LAST_LN_ROUTE[0] = (stats, 2 * M, tiles, block_m, tau, flags_off, N)
     return ()
 

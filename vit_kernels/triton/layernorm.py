@@ -170,7 +170,8 @@ def stats_pointer(mean: Tensor, rstd: Tensor) -> Tensor:
 class FoldedLayerNorm:
     """LayerNorm(gamma, beta) followed by Linear(W, b), folded: weight W' = W * gamma * s (N, K) in W's
     dtype, each row n scaled by a power of two s_n (1 unless float16 would overflow: see
-    :func:`_fold_rows`); ``sums`` (SUM_ROWS, N) fp32, one buffer the GEMM takes as one pointer: the column
+    :func:`_fold_rows`; a view of :func:`layernorm_prologue`'s workspace, after ``affine``); ``sums``
+    (SUM_ROWS, N) fp32, in the workspace the GEMM takes as one pointer: the column
     sums c = W' summed over K, from the rounded W' the GEMM multiplies (so x @ W'^T - mean * c =
     (x - mean) @ W'^T), then u = 1 / s, which the GEMM's epilogue multiplies back (exactly: a power of
     two), then the bias b' = b + W @ beta (0 when neither b nor beta exists: ``has_bias`` False), then
@@ -226,20 +227,20 @@ def _fold_tile(w_ptr, gamma_ptr, rows, rmask, k0, K, stride_wn, stride_wk, strid
 @triton.jit
 def _ln_prologue_kernel(
     x_ptr, ws_ptr, M, T, stride_xb, stride_xt, stride_xd, eps,
-    w_ptr, gamma_ptr, beta_ptr, b_ptr, wf_ptr, N, K,
+    w_ptr, gamma_ptr, beta_ptr, b_ptr, wf_off, N, K,
     stride_wn, stride_wk, stride_g, stride_be, stride_b,
     fold_programs, sums_off,
     HAS_BETA: tl.constexpr, HAS_B: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """What sm_90's TMA GEMM needs before a LayerNorm-folded launch, in one launch: programs
-    0 .. fold_programs - 1 fold (:func:`_fold_rows`: W (N, K) -> wf, the sums at ws_ptr + sums_off), the
-    others take the row statistics of x (M rows of width K, :func:`_row_stats_rows`: mean and 1/std
-    at ws_ptr, as :func:`_row_stats_kernel` writes them)."""
+    0 .. fold_programs - 1 fold (:func:`_fold_rows`: W (N, K) -> W' at ws_ptr + wf_off in W's dtype, the sums
+    at ws_ptr + sums_off), the others take the row statistics of x (M rows of width K,
+    :func:`_row_stats_rows`: mean and 1/std at ws_ptr, as :func:`_row_stats_kernel` writes them)."""
     pid = tl.program_id(0)
     if pid < fold_programs:
         _fold_rows(
-            pid, w_ptr, gamma_ptr, beta_ptr, b_ptr, wf_ptr, ws_ptr + sums_off, N, K,
+            pid, w_ptr, gamma_ptr, beta_ptr, b_ptr, (ws_ptr + wf_off).to(w_ptr.dtype, bitcast=True), ws_ptr + sums_off, N, K,
             stride_wn, stride_wk, stride_g, stride_be, stride_b, HAS_BETA, HAS_B, SCALED, BLOCK_N, BLOCK_K,
         )  # fmt: skip
     else:
@@ -342,11 +343,12 @@ def layernorm_prologue(
     the affine folded into the weight (:class:`FoldedLayerNorm`) and x's row statistics. x: (..., K)
     addressed as (-1, T, K) rows (:func:`as_rows`); M = its rows.
 
-    Returns (fold, mean, rstd). Both live in one fp32 workspace: mean (M,), rstd (M,) as :func:`row_stats`
-    computes them (bit for bit: the same code), ``room`` entries for the GEMM to write (its row tiles'
-    LayerNorm route flags), then from the next multiple of 16 the fold's sums (SUM_ROWS, N) and its gamma and
-    beta (2, K). So the GEMM takes one pointer for all of it (and the sums' offset), and a replayed launch
-    plan allocates twice (W' and the workspace) and launches once.
+    Returns (fold, mean, rstd). All of it lives in one fp32 workspace: mean (M,), rstd (M,) as
+    :func:`row_stats` computes them (bit for bit: the same code), ``room`` entries for the GEMM to write (its
+    row tiles' LayerNorm route flags), then from the next multiple of 16 the fold's sums (SUM_ROWS, N) and its
+    gamma and beta (2, K), then from the next multiple of 64 (256 bytes) W' (N, K) in W's dtype (``fold.weight``,
+    a view). So the kernels take one pointer for all of it (and the sums' and W' offsets), and a replayed
+    launch plan allocates once (about 1 us of host time per allocation) and launches once.
 
     Made on every call (replays included) and never cached: a cache keyed on the parameters' version
     counters would miss writes through ``.data`` (a DINO teacher's EMA update, PEFT's merge), and inside a
@@ -361,16 +363,19 @@ def layernorm_prologue(
     stride_b, stride_t, stride_d = as_rows("x", x, T)
     # replay.empty / replay.launch: a launch plan records these as its own allocations and launch, and a
     # replay makes them again (no Python between them)
-    w_fold = empty((N, K), weight.dtype, dev)
     fold_off = cdiv(2 * M + room, 16) * 16  # 64-byte aligned sums: the GEMM's loads of them stay vectorized
-    ws = empty((fold_off + SUM_ROWS * N + 2 * K,), torch.float32, dev)
+    wf_off = cdiv(fold_off + SUM_ROWS * N + 2 * K, 64) * 64  # W' 256-byte aligned (TMA needs 16)
+    wf_floats = cdiv(N * K * weight.element_size(), 4)
+    ws = empty((wf_off + wf_floats,), torch.float32, dev)
+    # W' as a view (fold.weight, never a kernel argument: the kernels take ws and wf_off)
+    w_fold = ws[wf_off:].view(weight.dtype)[: N * K].view(N, K)
     beta, has_beta, has_b = norm_bias, norm_bias is not None, bias is not None
     fold_programs = cdiv(N, FOLD_BLOCK_N)  # K = 0 reads no W: the sums of nothing are 0, u = 1, and b' = b
     if fold_programs + M:
         launch(
             _ln_prologue_kernel, (fold_programs + cdiv(M, BLOCK_R),),
             x, ws, M, T, stride_b, stride_t, stride_d, float(eps),
-            weight, norm_weight, beta if has_beta else ws, bias if has_b else ws, w_fold, N, K,
+            weight, norm_weight, beta if has_beta else ws, bias if has_b else ws, wf_off, N, K,
             *weight.stride(), norm_weight.stride(0), beta.stride(0) if has_beta else 0, bias.stride(0) if has_b else 0,
             fold_programs, fold_off,
             has_beta, has_b, weight.dtype == torch.float16, FOLD_BLOCK_N, FOLD_BLOCK_K, BLOCK_R, BLOCK_D,
@@ -380,7 +385,7 @@ def layernorm_prologue(
     fold = FoldedLayerNorm(
         w_fold,
         ws[fold_off:sums_end].view(SUM_ROWS, N),
-        ws[sums_end:].view(2, K),
+        ws[sums_end : sums_end + 2 * K].view(2, K),
         weight,
         has_beta or has_b,
         float(eps),
