@@ -780,7 +780,8 @@ def launch_gemm_tma(
     (row stride out.stride(-2)) or, with qkv = (INNER, HEAD_DIM, q_scale), a contiguous (3, B, H, T, hd);
     residual: (b, t, n) rows through res_strides = (stride_b, stride_t), unit n stride; ln: (fold, mean, rstd)
     for LayerNorm in the epilogue, as :func:`layernorm_prologue` returns them with room for
-    cdiv(M, BLOCK_M) route flags (weight is the fold's W', its sums hold the bias, so ``bias`` is None);
+    cdiv(M, BLOCK_M) route flags (weight is the fold's W', a view of that workspace which the kernel reads
+    at its offset there; the fold's sums hold the bias, so ``bias`` is None);
     tiles whose fold would be inexact take the exact route (the module's docstring), counted for
     :func:`last_ln_route`.
     """
