@@ -10,8 +10,9 @@
 # batch 32), profile_attention_bwd_fp32 (the fp32 attention backward, 9 dots per tile pair since
 # its delta is taken from P, against SDPA's fp32 backends), bench_b1 (ViT-B/16 bf16 at batch 1),
 # host_time_gpu (a ViT-B/16 block's op calls at batch 1 with Triton's real launches: host us per call
-# beside GPU us per call) and hard_inputs (the NaN/Inf and GELU-edge tests and the layout gradients on the
-# device: tests/ otherwise runs there only its gpu-marked tests).
+# beside GPU us per call), hard_inputs (the NaN/Inf and GELU-edge tests and the layout gradients on the
+# device: tests/ otherwise runs there only its gpu-marked tests) and tma_gemm (tests/test_triton_gemm_tma.py
+# on the device, sm_90).
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT/files"
@@ -69,6 +70,9 @@ step bench_b1 ${T_B1:-90} $PY -m vit_kernels bench vit_base_patch16_224 --dtype 
 # the gradients of every argument layout
 step hard_inputs ${T_HARD:-120} $PY -m pytest -q -p no:cacheprovider tests/test_hard_inputs.py tests/test_backward.py \
   tests/test_layouts.py -k "nan_and_inf or gelu_epilogue or layout_gradients" -x -rs --durations=5
+# sm_90's TMA GEMM on the device (LayerNorm fold with W' in the prologue's workspace since 2026-11-27, only the
+# interpreter and the AOT compile have seen it): every config and epilogue against the float64 oracle
+step tma_gemm ${T_TMA:-150} $PY -m pytest -q -p no:cacheprovider tests/test_triton_gemm_tma.py -x -rs --durations=5
 step host_time_gpu ${T_HOST:-60} $PY -m pytest -q -m gpu -p no:cacheprovider benchmarks/test_host_time.py \
   --benchmark-only -s -k real_launches
 wait $BUILD; tail -n 5 "$OUT/files/cuda_build.log" | tee -a "$LOG"
