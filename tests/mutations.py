@@ -300,6 +300,30 @@ MUTATIONS: List[Mutation] = [
         "",
         ("tests/test_library.py", "-k", "double_backward"),
     ),
+    # Under torch.autocast the kernel backends compute at the autocast dtype (their tensors cast): through the
+    # public function, through the custom op's Autocast kernel; backend torch, compiled, its path traced op by
+    # op (a custom op node runs with autocast off).
+    Mutation(
+        "library-autocast-ignored",
+        "vit_kernels/library.py",
+        '    if _any_autocast() and args[-2] != "torch" and torch.is_autocast_enabled(args[0].device.type):',
+        '    if False and _any_autocast() and args[-2] != "torch" and torch.is_autocast_enabled(args[0].device.type):',
+        ("tests/test_library.py", "-k", "autocast"),
+    ),
+    Mutation(
+        "library-autocast-kernel-uncast",
+        "vit_kernels/library.py",
+        "                return overload(*_autocast_args(op, args, device_type))\n",
+        "                return overload(*args)\n",
+        ("tests/test_library.py", "-k", "autocast"),
+    ),
+    Mutation(
+        "library-autocast-compiled-torch-as-custom-op",
+        "vit_kernels/library.py",
+        '    if args[-2] == "torch" and torch.compiler.is_compiling() and torch.is_autocast_enabled(args[0].device.type):\n',
+        "    if False:\n",
+        ("tests/test_library.py", "-k", "autocast"),
+    ),
     # torch.compile with autograd: an explicit triton backend silently traced as the torch path, or
     # the forward-only cuda backend running the torch path instead of raising.
     Mutation(

@@ -28,7 +28,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # every layout of _tensor; the pools below repeat some entries to weigh them
 LAYOUTS = ("contiguous", "strided", "offset", "misaligned", "expanded", "transposed", "last_two", "channels_last")
 # the grad mode of a call (with grad enabled, a call with a tensor that requires grad takes autograd's path,
-# one without is planned) and whether CPU autocast is on (the torch path follows it, Triton's kernels do not)
+# one without is planned) and whether CPU autocast is on (backend torch: the PyTorch path follows it; the
+# others: the op's tensors cast to bfloat16, autocast off: vit_kernels.library._autocast)
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 GRAD_MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "enable_grad": torch.enable_grad}
 AUTOCAST = {False: contextlib.nullcontext, True: lambda: torch.autocast("cpu", dtype=torch.bfloat16)}
@@ -414,10 +415,14 @@ def _oracle(op, args, dtype):
 # ------------------------------------------------------------------------------------------ a call
 def _outcome(op, args, store):
     """(result or None, (error type, message) or None, the Decisions recorded) of one call of ``op``:
-    through ``store``'s plans (``store`` None: the op's implementation itself, no plan at all)."""
+    through ``store``'s plans (``store`` None: the op's implementation itself, no plan at all, on the
+    tensors autocast gives it)."""
     with backends.record_decisions() as calls:
         try:
-            if store is None:
+            if store is None and args[-2] != "torch" and torch.is_autocast_enabled("cpu"):
+                with torch.autocast("cpu", enabled=False):
+                    out = library.IMPLS[op](*library._autocast_args(op, args, "cpu"))
+            elif store is None:
                 out = library.IMPLS[op](*args)
             else:
                 with library.plans(store) if store is not library.FUNCTION_PLANS else contextlib.nullcontext():

@@ -30,6 +30,18 @@ call runs the op's implementation without the dispatcher's Python round trip; an
 (tensors are ``fx.Proxy``) they record the custom op as one node whatever the grad mode: the graph
 then runs the op and its backward above.
 
+Under ``torch.autocast`` (for the tensors' device) backends "auto", "triton" and "cuda" run the op as
+``torch.library.register_autocast`` makes a custom op run, at the autocast dtype of the moment: its
+floating tensors (float64 apart) cast to that dtype, the op run with autocast off (:func:`_autocast`:
+the public functions, and the custom op's own Autocast kernels, :func:`_register_autocast`). So they
+compute at that dtype and return it whichever path ``auto`` timed fastest (the kernels take one dtype;
+before, ``auto`` returned the PyTorch path's autocast result or the kernels' float32 one, by timing).
+Backend "torch" runs the op's PyTorch path under autocast itself, op by op as PyTorch runs it (LayerNorm
+in float32, the matmuls at the autocast dtype, a float32 residual added in float32); under torch.compile
+that path is traced op by op (a compiled graph runs its nodes with autocast off, so a custom op node
+would run it in float32). The swap wrappers call the ops the same way
+(vit_kernels.swap.wrapper.at_autocast); vit_kernels.nn's modules cast before they call.
+
 Under torch.compile the op's implementation runs when the compiled code runs, so ``last_decision``,
 ``record_decisions``, logging and tuning work as in eager; ``attention_stats.recording`` does not
 (statistics are eager-only). A timm model traced by torch.fx with its ``attn_mask`` argument
@@ -548,9 +560,55 @@ def _own_gradient(g: Optional[Tensor], like: Tensor, inputs: Sequence[Tensor]) -
     return g.contiguous()
 
 
+def _autocast_args(op: str, args: Sequence, device_type: str) -> tuple:
+    """``args`` with ``op``'s floating tensors on ``device_type`` (float64 apart, as autocast leaves it)
+    cast to the autocast dtype of that device type (a tensor already of it is passed as it is)."""
+    n, dt = N_TENSORS[op], torch.get_autocast_dtype(device_type)
+    return tuple(
+        a.to(dt)
+        if i < n
+        and isinstance(a, Tensor)
+        and a.is_floating_point()
+        and a.dtype is not torch.float64
+        and a.device.type == device_type
+        else a
+        for i, a in enumerate(args)
+    )
+
+
+def _autocast(op: str, args: Sequence):
+    """``op`` called with a kernel backend ("auto", "triton", "cuda") under torch.autocast for its
+    tensors' device (the module docstring): its floating tensors cast to the autocast dtype, then
+    :func:`run` with autocast off on that device."""
+    device_type = args[0].device.type
+    cast = _autocast_args(op, args, device_type)
+    with torch.autocast(device_type, enabled=False):
+        return run(op, cast)
+
+
+def _register_autocast(op: str) -> None:
+    """The custom op's AutocastCPU and AutocastCUDA kernels: for the kernel backends what
+    ``torch.library.register_autocast`` registers, with the autocast dtype of the call rather than a
+    fixed one (the floating tensors cast, the op called again below autocast); for backend "torch" the
+    dispatch goes on below autocast with autocast on (its PyTorch path follows autocast op by op)."""
+    overload = getattr(torch.ops.vit_kernels, op).default
+    for device_type in ("cpu", "cuda"):
+        key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+        below = torch._C._dispatch_keyset_full_after(key)
+
+        def autocast_kernel(keyset, *args, device_type=device_type, key=key, below=below):
+            if args[-2] == "torch":
+                return overload.redispatch(keyset & below, *args)
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+                return overload(*_autocast_args(op, args, device_type))
+
+        _LIB.impl(op, autocast_kernel, key.name, with_keyset=True)
+
+
 for _op in SCHEMAS:
     _register(_op)
     _register_backward(_op)
+    _register_autocast(_op)
 
 
 # ------------------------------------------------------------------------------ FLOP formulas
@@ -730,6 +788,7 @@ def _plain_eager(tensors: Sequence) -> bool:
 
 
 PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))  # what the kernels read directly
+_any_autocast = torch._C._is_any_autocast_enabled  # (torch.compile folds it to the traced region's state)
 
 
 # ------------------------------------------------------------------------------- launch plans
@@ -967,6 +1026,8 @@ def run(op: str, args: Sequence):
         if guard is not None:
             with guard:  # launches on the tensors' device, with its current stream
                 return run(op, args)
+    if _any_autocast() and args[-2] != "torch" and torch.is_autocast_enabled(args[0].device.type):  # (off: one C call)
+        return _autocast(op, args)
     if torch.is_grad_enabled() and backends.needs_grad(tensors):
         compiling = torch.compiler.is_compiling()  # transform() means nothing while dynamo traces
         if not compiling and transform() is not None:
@@ -992,7 +1053,12 @@ def run(op: str, args: Sequence):
             return _run_planned(op, args, tensors, store)
     if not torch.compiler.is_compiling() and transform() is not None:
         return _under_transform(op, args)
-    return getattr(torch.ops.vit_kernels, op)(*_scalars(op, args))
+    args = _scalars(op, args)
+    if args[-2] == "torch" and torch.compiler.is_compiling() and torch.is_autocast_enabled(args[0].device.type):
+        # the PyTorch path traced op by op, so the graph holds autocast's casts (a compiled graph runs
+        # its nodes with autocast off: the custom op would run that path in float32)
+        return TORCH_PATHS[op](*args)
+    return getattr(torch.ops.vit_kernels, op)(*args)
 
 
 def _compiled_with_grad(op: str, args: tuple):
