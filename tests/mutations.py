@@ -318,6 +318,13 @@ MUTATIONS: List[Mutation] = [
         ("tests/test_library.py", "-k", "autocast"),
     ),
     Mutation(
+        "library-autocast-kernel-torch-as-node",
+        "vit_kernels/library.py",
+        '            if args[-2] == "torch":  # (a new contiguous tensor, as the op\'s own implementation returns)\n',
+        "            if False:\n",
+        ("tests/test_library.py", "-k", "autocast"),
+    ),
+    Mutation(
         "library-autocast-compiled-torch-as-custom-op",
         "vit_kernels/library.py",
         '    if args[-2] == "torch" and torch.compiler.is_compiling() and torch.is_autocast_enabled(args[0].device.type):\n',

@@ -589,20 +589,20 @@ def _autocast(op: str, args: Sequence):
 def _register_autocast(op: str) -> None:
     """The custom op's AutocastCPU and AutocastCUDA kernels: for the kernel backends what
     ``torch.library.register_autocast`` registers, with the autocast dtype of the call rather than a
-    fixed one (the floating tensors cast, the op called again below autocast); for backend "torch" the
-    dispatch goes on below autocast with autocast on (its PyTorch path follows autocast op by op)."""
+    fixed one (the floating tensors cast, the op called again below autocast); for backend "torch" its
+    PyTorch path op by op, under autocast (so a traced graph holds autocast's casts: a compiled graph
+    runs its nodes with autocast off, where the op's own node would run that path in float32)."""
     overload = getattr(torch.ops.vit_kernels, op).default
     for device_type in ("cpu", "cuda"):
         key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
-        below = torch._C._dispatch_keyset_full_after(key)
 
-        def autocast_kernel(keyset, *args, device_type=device_type, key=key, below=below):
-            if args[-2] == "torch":
-                return overload.redispatch(keyset & below, *args)
+        def autocast_kernel(*args, device_type=device_type, key=key):
+            if args[-2] == "torch":  # (a new contiguous tensor, as the op's own implementation returns)
+                return TORCH_PATHS[op](*_scalars(op, args)).contiguous()
             with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
                 return overload(*_autocast_args(op, args, device_type))
 
-        _LIB.impl(op, autocast_kernel, key.name, with_keyset=True)
+        _LIB.impl(op, autocast_kernel, key.name)
 
 
 for _op in SCHEMAS:
