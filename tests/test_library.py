@@ -625,14 +625,15 @@ def test_under_autocast(op, backend):
     assert out is None or out.dtype == torch.float64
 
 
+@pytest.mark.parametrize("via", ["function", "custom op"])
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=TRITON)])
 @pytest.mark.parametrize("op", ["linear", "qkv_attention"])
-def test_under_autocast_compiled_is_eager(op, backend):
-    """torch.compile's graph of an op under autocast computes what eager computes (before, backend
-    torch: the fake implementation said float32 where the PyTorch path returned bfloat16, and the
-    compiled call returned float32, 0.03 off eager's result)."""
+def test_under_autocast_compiled_is_eager(op, backend, via):
+    """torch.compile's graph of an op under autocast computes what eager computes, through the public
+    function and through the custom op itself (before, backend torch: the op's node ran its PyTorch path
+    with autocast off, as a compiled graph runs its nodes, and returned float32, 0.01-0.03 off eager)."""
     args = inputs(op, "vit", torch.float32, backend)
-    f = public_call(op, backend)
+    f = public_call(op, backend) if via == "function" else lambda a: getattr(torch.ops.vit_kernels, op)(*a)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         eager = f(args)
         compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(args)

@@ -37,9 +37,10 @@ the public functions, and the custom op's own Autocast kernels, :func:`_register
 compute at that dtype and return it whichever path ``auto`` timed fastest (the kernels take one dtype;
 before, ``auto`` returned the PyTorch path's autocast result or the kernels' float32 one, by timing).
 Backend "torch" runs the op's PyTorch path under autocast itself, op by op as PyTorch runs it (LayerNorm
-in float32, the matmuls at the autocast dtype, a float32 residual added in float32); under torch.compile
-that path is traced op by op (a compiled graph runs its nodes with autocast off, so a custom op node
-would run it in float32). The swap wrappers call the ops the same way
+in float32, the matmuls at the autocast dtype, a float32 residual added in float32); the custom op's
+Autocast kernel runs that path op by op too, so a traced graph holds autocast's casts (a compiled graph
+runs its nodes with autocast off: the op's own node would run the path in float32). The swap wrappers
+call the ops the same way
 (vit_kernels.swap.wrapper.at_autocast); vit_kernels.nn's modules cast before they call.
 
 Under torch.compile the op's implementation runs when the compiled code runs, so ``last_decision``,
@@ -589,20 +590,20 @@ def _autocast(op: str, args: Sequence):
 def _register_autocast(op: str) -> None:
     """The custom op's AutocastCPU and AutocastCUDA kernels: for the kernel backends what
     ``torch.library.register_autocast`` registers, with the autocast dtype of the call rather than a
-    fixed one (the floating tensors cast, the op called again below autocast); for backend "torch" the
-    dispatch goes on below autocast with autocast on (its PyTorch path follows autocast op by op)."""
+    fixed one (the floating tensors cast, the op called again below autocast); for backend "torch" its
+    PyTorch path op by op, under autocast (so a traced graph holds autocast's casts: a compiled graph
+    runs its nodes with autocast off, where the op's own node would run that path in float32)."""
     overload = getattr(torch.ops.vit_kernels, op).default
     for device_type in ("cpu", "cuda"):
         key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
-        below = torch._C._dispatch_keyset_full_after(key)
 
-        def autocast_kernel(keyset, *args, device_type=device_type, key=key, below=below):
-            if args[-2] == "torch":
-                return overload.redispatch(keyset & below, *args)
+        def autocast_kernel(*args, device_type=device_type, key=key):
+            if args[-2] == "torch":  # (a new contiguous tensor, as the op's own implementation returns)
+                return TORCH_PATHS[op](*_scalars(op, args)).contiguous()
             with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
                 return overload(*_autocast_args(op, args, device_type))
 
-        _LIB.impl(op, autocast_kernel, key.name, with_keyset=True)
+        _LIB.impl(op, autocast_kernel, key.name)
 
 
 for _op in SCHEMAS:
@@ -1053,12 +1054,7 @@ def run(op: str, args: Sequence):
             return _run_planned(op, args, tensors, store)
     if not torch.compiler.is_compiling() and transform() is not None:
         return _under_transform(op, args)
-    args = _scalars(op, args)
-    if args[-2] == "torch" and torch.compiler.is_compiling() and torch.is_autocast_enabled(args[0].device.type):
-        # the PyTorch path traced op by op, so the graph holds autocast's casts (a compiled graph runs
-        # its nodes with autocast off: the custom op would run that path in float32)
-        return TORCH_PATHS[op](*args)
-    return getattr(torch.ops.vit_kernels, op)(*args)
+    return getattr(torch.ops.vit_kernels, op)(*_scalars(op, args))
 
 
 def _compiled_with_grad(op: str, args: tuple):
