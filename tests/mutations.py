@@ -306,9 +306,16 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "library-autocast-ignored",
         "vit_kernels/library.py",
-        '    if _any_autocast() and args[-2] != "torch" and torch.is_autocast_enabled(args[0].device.type):',
-        '    if False and _any_autocast() and args[-2] != "torch" and torch.is_autocast_enabled(args[0].device.type):',
+        "    if _any_autocast() and autocast_device(args[0], args[-2]) is not None:",
+        "    if False and _any_autocast() and autocast_device(args[0], args[-2]) is not None:",
         ("tests/test_library.py", "-k", "autocast"),
+    ),
+    Mutation(
+        "qkv-statistics-autocast-ignored",
+        "vit_kernels/ops/qkv_attention.py",
+        "    device_type = library.autocast_device(x, backend)\n",
+        "    device_type = None\n",
+        ("tests/test_library.py", "-k", "autocast_with_statistics"),
     ),
     Mutation(
         "library-autocast-kernel-uncast",

@@ -612,6 +612,17 @@ def test_under_autocast(op, backend):
     dt = torch.bfloat16
     with torch.autocast(DEVICE.type, dtype=dt):
         outs = {"function": public_call(op, backend)(args), "custom op": getattr(torch.ops.vit_kernels, op)(*args)}
+    _assert_autocast_results(op, args, backend, dt, outs)
+    with torch.autocast(DEVICE.type, dtype=dt):  # float64 is not lowered (as autocast leaves it)
+        out = public_call(op, backend)(as_dtype(args, torch.float64)) if backend in ("torch", "auto") else None
+    assert out is None or out.dtype == torch.float64
+
+
+def _assert_autocast_results(op, args, backend, dt, outs):
+    """Each of ``outs`` (name -> result of ``op`` on ``args`` under autocast at ``dt``) in the dtype and
+    within the tolerance rule of what the rule says: backend torch, plain PyTorch under autocast; the
+    others, the op on its tensors cast to ``dt``."""
+    with torch.autocast(DEVICE.type, dtype=dt):
         eager = oracle(op, args)  # plain PyTorch under autocast
     cast = as_dtype(args, dt)  # what the kernel backends compute on
     base = eager if backend == "torch" else oracle(op, cast)
@@ -620,9 +631,24 @@ def test_under_autocast(op, backend):
         assert out.dtype == base.dtype, (name, out.dtype, base.dtype)
         assert_close(out, want, base, name=name)
     assert backend == "torch" or base.dtype == dt
-    with torch.autocast(DEVICE.type, dtype=dt):  # float64 is not lowered (as autocast leaves it)
-        out = public_call(op, backend)(as_dtype(args, torch.float64)) if backend in ("torch", "auto") else None
-    assert out is None or out.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
+@pytest.mark.parametrize("op", ["qkv_attention", "flash_attention"])
+def test_under_autocast_with_statistics(op, backend):
+    """The attention ops' statistics path (``stats=``, which does not go through the custom op) follows
+    the same rule (before: triton and cuda returned float32 there too)."""
+    args = inputs(op, "vit", torch.float32, backend)
+    request = vk.ops.StatsRequest()
+    a = args
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        if op == "qkv_attention":
+            kw = dict(num_heads=a[5], norm_weight=a[3], norm_bias=a[4], backend=backend, stats=request)
+            out, stats = vk.ops.qkv_attention(a[0], a[1], a[2], **kw)
+        else:
+            out, stats = vk.ops.flash_attention(a[0], a[1], a[2], backend=backend, stats=request)
+    assert stats is not None
+    _assert_autocast_results(op, args, backend, torch.bfloat16, {"with statistics": out})
 
 
 @pytest.mark.parametrize("via", ["function", "custom op"])

@@ -33,7 +33,8 @@ then runs the op and its backward above.
 Under ``torch.autocast`` (for the tensors' device) backends "auto", "triton" and "cuda" run the op as
 ``torch.library.register_autocast`` makes a custom op run, at the autocast dtype of the moment: its
 floating tensors (float64 apart) cast to that dtype, the op run with autocast off (:func:`_autocast`:
-the public functions, and the custom op's own Autocast kernels, :func:`_register_autocast`). So they
+the public functions, their statistics path included, and the custom op's own Autocast kernels,
+:func:`_register_autocast`). So they
 compute at that dtype and return it whichever path ``auto`` timed fastest (the kernels take one dtype;
 before, ``auto`` returned the PyTorch path's autocast result or the kernels' float32 one, by timing).
 Backend "torch" runs the op's PyTorch path under autocast itself, op by op as PyTorch runs it (LayerNorm
@@ -561,20 +562,34 @@ def _own_gradient(g: Optional[Tensor], like: Tensor, inputs: Sequence[Tensor]) -
     return g.contiguous()
 
 
-def _autocast_args(op: str, args: Sequence, device_type: str) -> tuple:
-    """``args`` with ``op``'s floating tensors on ``device_type`` (float64 apart, as autocast leaves it)
-    cast to the autocast dtype of that device type (a tensor already of it is passed as it is)."""
-    n, dt = N_TENSORS[op], torch.get_autocast_dtype(device_type)
+def autocast_device(x, backend: str) -> Optional[str]:
+    """The device type of ``x`` (an op's first tensor) when a call with ``backend`` runs under the kernel
+    backends' autocast rule (the module docstring: torch.autocast on for that device, a backend other
+    than "torch"), else None."""
+    if backend == "torch" or not _any_autocast() or not isinstance(x, Tensor):
+        return None
+    return x.device.type if torch.is_autocast_enabled(x.device.type) else None
+
+
+def autocast_tensors(tensors: Sequence, device_type: str) -> tuple:
+    """``tensors`` with the floating ones on ``device_type`` (float64 apart, as autocast leaves it) cast to
+    the autocast dtype of that device type (a tensor already of it, or None, passed as it is)."""
+    dt = torch.get_autocast_dtype(device_type)
     return tuple(
-        a.to(dt)
-        if i < n
-        and isinstance(a, Tensor)
-        and a.is_floating_point()
-        and a.dtype is not torch.float64
-        and a.device.type == device_type
-        else a
-        for i, a in enumerate(args)
+        t.to(dt)
+        if isinstance(t, Tensor)
+        and t.is_floating_point()
+        and t.dtype is not torch.float64
+        and t.device.type == device_type
+        else t
+        for t in tensors
     )
+
+
+def _autocast_args(op: str, args: Sequence, device_type: str) -> tuple:
+    """``args`` with ``op``'s tensors cast as :func:`autocast_tensors` casts them."""
+    n = N_TENSORS[op]
+    return (*autocast_tensors(args[:n], device_type), *args[n:])
 
 
 def _autocast(op: str, args: Sequence):
@@ -1027,7 +1042,7 @@ def run(op: str, args: Sequence):
         if guard is not None:
             with guard:  # launches on the tensors' device, with its current stream
                 return run(op, args)
-    if _any_autocast() and args[-2] != "torch" and torch.is_autocast_enabled(args[0].device.type):  # (off: one C call)
+    if _any_autocast() and autocast_device(args[0], args[-2]) is not None:  # (autocast off: one C call)
         return _autocast(op, args)
     if torch.is_grad_enabled() and backends.needs_grad(tensors):
         compiling = torch.compiler.is_compiling()  # transform() means nothing while dynamo traces

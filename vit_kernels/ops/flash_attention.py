@@ -83,6 +83,11 @@ def flash_attention(
     request = stats if stats is not None else attention_stats.active_request()
     if request is None:
         return library.run("flash_attention", (q, k, v, scale, backend, tune))
+    device_type = library.autocast_device(q, backend)
+    if device_type is not None:  # the kernel backends under autocast, as library.run calls them
+        q, k, v = library.autocast_tensors((q, k, v), device_type)
+        with torch.autocast(device_type, enabled=False):
+            return flash_attention(q, k, v, scale=scale, backend=backend, tune=tune, stats=stats)
     scale = check_flash_attention(q, k, v, scale)
     return _with_stats(q, k, v, scale, backend, request, record=stats is None)
 

@@ -100,6 +100,14 @@ def qkv_attention(
             "qkv_attention",
             (x, qkv_weight, qkv_bias, norm_weight, norm_bias, num_heads, scale, eps, path, backend, tune),
         )
+    device_type = library.autocast_device(x, backend)
+    if device_type is not None:  # the kernel backends under autocast, as library.run calls them
+        x, qkv_weight, qkv_bias, norm_weight, norm_bias = library.autocast_tensors(
+            (x, qkv_weight, qkv_bias, norm_weight, norm_bias), device_type
+        )
+        with torch.autocast(device_type, enabled=False):
+            kw = dict(num_heads=num_heads, scale=scale, norm_weight=norm_weight, norm_bias=norm_bias, eps=eps)
+            return qkv_attention(x, qkv_weight, qkv_bias, **kw, backend=backend, path=path, tune=tune, stats=stats)
     num_heads, inner, head_dim, scale, eps = check_qkv_attention(
         x, qkv_weight, qkv_bias, num_heads, norm_weight, norm_bias, scale, eps
     )
