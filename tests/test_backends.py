@@ -59,7 +59,13 @@ def test_triton_on_cpu_without_interpreter_says_how_to_enable_it():
     assert "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter's bf16 probe; a GPU runs Triton natively")
+# the bf16 probe is the CPU interpreter's: on a CUDA machine the tests run Triton's compiled kernels
+INTERPRETER_ONLY = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the interpreter's bf16 probe; a GPU runs Triton natively"
+)
+
+
+@INTERPRETER_ONLY
 def test_bf16_on_an_unpatched_interpreter_is_refused_with_the_reason():
     """Without the test-only patch of tests/conftest.py, Triton 3.8's interpreter gets bf16 wrong:
     the probe sees it and a bf16 triton call says so instead of returning garbage."""
@@ -78,19 +84,17 @@ def test_bf16_on_an_unpatched_interpreter_is_refused_with_the_reason():
     assert "interpreter mishandles bf16" in out.stdout, out.stdout + out.stderr
 
 
+@INTERPRETER_ONLY
 def test_the_patched_interpreter_passes_the_bf16_probe():
-    if torch.cuda.is_available():
-        pytest.skip("no interpreter on a GPU machine")
     from vit_kernels.triton.interpreter import bf16_flaw
 
     assert bf16_flaw() is None
 
 
+@INTERPRETER_ONLY
 def test_the_bf16_probe_under_cpu_autocast():
     """The probe's fp32 reference is computed outside autocast: the first bf16 call of a process may come
     under torch.autocast("cpu", dtype=bfloat16) (it raised "Float did not match BFloat16" there)."""
-    if torch.cuda.is_available():
-        pytest.skip("no interpreter on a GPU machine")
     from vit_kernels.triton import interpreter
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
